@@ -1,0 +1,332 @@
+//! Email over SMTP (lettre), or into a local outbox folder as `.eml` files when no SMTP host is
+//! configured, so Herald runs on a laptop without a mail server.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_nats::Channel;
+use lettre::{
+    AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    message::{Mailbox, MultiPart, SinglePart, header::ContentType},
+    transport::smtp::{PoolConfig, authentication::Credentials},
+};
+use serde::Deserialize;
+
+use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// Plain TCP (local relays and test sinks only).
+    None,
+    /// Upgrade with STARTTLS (port 587).
+    #[default]
+    Starttls,
+    /// Implicit TLS (port 465).
+    Tls,
+}
+
+/// Email provider configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct EmailConfig {
+    /// SMTP host; when unset, mail is written to `outbox_dir` instead.
+    pub smtp_host: Option<String>,
+    /// SMTP port; defaults by `security` (25, 587, 465).
+    pub smtp_port: Option<u16>,
+    /// Connection security.
+    pub security: SmtpSecurity,
+    /// SMTP user name.
+    pub username: Option<String>,
+    /// SMTP password.
+    pub password: Option<String>,
+    /// Sender mailbox, e.g. `Shop <noreply@shop.example>`.
+    pub from: String,
+    /// Folder for `.eml` files when no SMTP host is set.
+    pub outbox_dir: PathBuf,
+    /// Per-send timeout in milliseconds.
+    pub timeout_ms: u64,
+    /// Pooled SMTP connections.
+    pub pool_size: u32,
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        Self {
+            smtp_host: None,
+            smtp_port: None,
+            security: SmtpSecurity::default(),
+            username: None,
+            password: None,
+            from: "Herald <herald@localhost>".into(),
+            outbox_dir: PathBuf::from("data/outbox"),
+            timeout_ms: 10_000,
+            pool_size: 8,
+        }
+    }
+}
+
+impl std::fmt::Debug for EmailConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmailConfig")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("security", &self.security)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("from", &self.from)
+            .field("outbox_dir", &self.outbox_dir)
+            .finish()
+    }
+}
+
+/// Why an email provider could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum EmailConfigError {
+    /// `from` is not a mailbox.
+    #[error("email.from {from:?} is not a valid mailbox: {reason}")]
+    From {
+        /// The configured value.
+        from: String,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// The SMTP transport could not be set up.
+    #[error("cannot set up SMTP transport to {host}: {reason}")]
+    Transport {
+        /// The configured host.
+        host: String,
+        /// lettre's reason.
+        reason: String,
+    },
+    /// The outbox folder could not be created.
+    #[error("cannot create outbox folder {dir}: {reason}")]
+    Outbox {
+        /// The folder.
+        dir: String,
+        /// The OS's reason.
+        reason: String,
+    },
+}
+
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Outbox(AsyncFileTransport<Tokio1Executor>),
+}
+
+/// Sends email over SMTP or into the outbox folder.
+pub struct EmailProvider {
+    name: String,
+    from: Mailbox,
+    transport: Transport,
+}
+
+impl EmailProvider {
+    /// Builds the provider; SMTP connections are opened lazily on the first send.
+    pub fn new(name: String, config: &EmailConfig) -> Result<Self, EmailConfigError> {
+        let from = config
+            .from
+            .parse::<Mailbox>()
+            .map_err(|e| EmailConfigError::From {
+                from: config.from.clone(),
+                reason: e.to_string(),
+            })?;
+        let transport = match &config.smtp_host {
+            Some(host) => Transport::Smtp(smtp_transport(host, config)?),
+            None => {
+                std::fs::create_dir_all(&config.outbox_dir).map_err(|e| {
+                    EmailConfigError::Outbox {
+                        dir: config.outbox_dir.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                Transport::Outbox(AsyncFileTransport::new(&config.outbox_dir))
+            }
+        };
+        Ok(Self {
+            name,
+            from,
+            transport,
+        })
+    }
+
+    fn build(&self, message: &OutboundMessage) -> Result<Message, ProviderError> {
+        let address = message
+            .contacts
+            .email
+            .as_deref()
+            .ok_or(ProviderError::MissingContact(Channel::Email))?;
+        let to = address
+            .parse::<Mailbox>()
+            .map_err(|e| ProviderError::permanent(format!("invalid email address: {e}")))?;
+        let builder = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(message.content.subject.clone().unwrap_or_default())
+            // The notification id as Message-ID: receivers and relays can drop a resend.
+            .message_id(Some(format!(
+                "<{}@herald>",
+                message.notification_id.as_simple()
+            )));
+        let text = message.content.text.clone();
+        let built = match &message.content.html {
+            Some(html) => builder.multipart(MultiPart::alternative_plain_html(text, html.clone())),
+            None => builder.singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_PLAIN)
+                    .body(text),
+            ),
+        };
+        built.map_err(|e| ProviderError::permanent(format!("cannot build email: {e}")))
+    }
+}
+
+fn smtp_transport(
+    host: &str,
+    config: &EmailConfig,
+) -> Result<AsyncSmtpTransport<Tokio1Executor>, EmailConfigError> {
+    let failed = |e: lettre::transport::smtp::Error| EmailConfigError::Transport {
+        host: host.to_string(),
+        reason: e.to_string(),
+    };
+    let (mut builder, default_port) = match config.security {
+        SmtpSecurity::None => (
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
+            25,
+        ),
+        SmtpSecurity::Starttls => (
+            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host).map_err(failed)?,
+            587,
+        ),
+        SmtpSecurity::Tls => (
+            AsyncSmtpTransport::<Tokio1Executor>::relay(host).map_err(failed)?,
+            465,
+        ),
+    };
+    builder = builder
+        .port(config.smtp_port.unwrap_or(default_port))
+        .timeout(Some(Duration::from_millis(config.timeout_ms)))
+        .pool_config(PoolConfig::new().max_size(config.pool_size.max(1)));
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+    }
+    Ok(builder.build())
+}
+
+fn classify(error: lettre::transport::smtp::Error) -> ProviderError {
+    if error.is_permanent() {
+        ProviderError::permanent(error.to_string())
+    } else {
+        ProviderError::transient(error.to_string())
+    }
+}
+
+impl Provider for EmailProvider {
+    fn channel(&self) -> Channel {
+        Channel::Email
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        Box::pin(async move {
+            let email = self.build(message)?;
+            let provider_message_id = match &self.transport {
+                Transport::Smtp(smtp) => {
+                    let reply = smtp.send(email).await.map_err(classify)?;
+                    reply.message().next().map(str::to_string)
+                }
+                Transport::Outbox(outbox) => {
+                    let id = outbox
+                        .send(email)
+                        .await
+                        .map_err(|e| ProviderError::transient(format!("outbox: {e}")))?;
+                    Some(id.to_string())
+                }
+            };
+            Ok(Receipt {
+                provider_message_id,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_nats::{Contacts, Content};
+    use uuid::Uuid;
+
+    fn message(email: Option<&str>, html: Option<&str>) -> OutboundMessage {
+        OutboundMessage {
+            notification_id: Uuid::now_v7(),
+            contacts: Contacts {
+                email: email.map(str::to_string),
+                ..Contacts::default()
+            },
+            content: Content {
+                subject: Some("Your order #1001".into()),
+                text: "Thanks for your order.".into(),
+                html: html.map(str::to_string),
+            },
+            category: "transactional",
+        }
+    }
+
+    fn outbox_provider(dir: &std::path::Path) -> EmailProvider {
+        let config = EmailConfig {
+            outbox_dir: dir.to_path_buf(),
+            ..EmailConfig::default()
+        };
+        EmailProvider::new("outbox".into(), &config).unwrap()
+    }
+
+    #[tokio::test]
+    async fn writes_multipart_eml_with_message_id_to_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = outbox_provider(dir.path());
+        let msg = message(Some("ada@example.com"), Some("<p>Thanks</p>"));
+        let receipt = provider.send(&msg).await.unwrap();
+        let id = receipt.provider_message_id.unwrap();
+        let eml = std::fs::read_to_string(dir.path().join(format!("{id}.eml"))).unwrap();
+        assert!(eml.contains("To: ada@example.com"), "{eml}");
+        assert!(eml.contains(&format!("{}@herald", msg.notification_id.as_simple())));
+        assert!(eml.contains("multipart/alternative"));
+        assert!(eml.contains("Subject: Your order #1001"));
+    }
+
+    #[tokio::test]
+    async fn missing_and_invalid_addresses_are_classified() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = outbox_provider(dir.path());
+        assert_eq!(
+            provider.send(&message(None, None)).await,
+            Err(ProviderError::MissingContact(Channel::Email))
+        );
+        assert!(matches!(
+            provider.send(&message(Some("not an address"), None)).await,
+            Err(ProviderError::Permanent { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_sender_is_a_config_error_and_password_is_redacted() {
+        let config = EmailConfig {
+            from: "nope".into(),
+            password: Some("hunter2".into()),
+            ..EmailConfig::default()
+        };
+        assert!(matches!(
+            EmailProvider::new("smtp".into(), &config),
+            Err(EmailConfigError::From { .. })
+        ));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Channels: the provider trait, one file per provider, the circuit breaker, and the actors that
+//! own them.
+
+pub mod actor;
+pub mod circuit;
+pub mod email;
+pub mod provider;
+pub mod supervisor;
+
+pub use actor::{
+    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, SendOutcome,
+    SendReport,
+};
+pub use provider::{OutboundMessage, Provider, ProviderError, Receipt};
+pub use supervisor::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};

@@ -1,0 +1,96 @@
+//! The one trait every provider implements, and what a send returns.
+//!
+//! A provider is a configured way to deliver on one channel (an SMTP relay, a Telegram bot, a
+//! Twilio account, ...). It does the network I/O of one send and classifies the outcome; the
+//! [`ChannelActor`](super::ChannelActor) around it owns timeouts, concurrency and the circuit
+//! breaker. Adding a provider is one file implementing [`Provider`] plus its configuration.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_nats::{Channel, Contacts, Content};
+use uuid::Uuid;
+
+/// What a provider is asked to deliver.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage {
+    /// The notification's id; providers pass it as their idempotency key where they have one
+    /// (SMTP Message-ID, webhook-id).
+    pub notification_id: Uuid,
+    /// How to reach the recipient (already merged: request contacts over stored ones).
+    pub contacts: Contacts,
+    /// The rendered message.
+    pub content: Content,
+    /// Category name, for providers that label messages.
+    pub category: &'static str,
+}
+
+/// A provider accepted the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The provider's id for the message, when it returns one.
+    pub provider_message_id: Option<String>,
+}
+
+/// Why a provider did not accept the message. The class decides what the dispatcher does next.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The recipient has no contact for this channel: next channel at once; not a provider fault
+    /// (does not count against the circuit).
+    #[error("recipient has no {0} contact")]
+    MissingContact(Channel),
+    /// Worth retrying later: timeouts, connection errors, 5xx, 429.
+    #[error("transient: {reason}")]
+    Transient {
+        /// What happened.
+        reason: String,
+        /// How long the provider asked us to wait (Retry-After, `retry_after`).
+        retry_after: Option<Duration>,
+    },
+    /// Will not succeed on retry: bad address, rejected content, other 4xx.
+    #[error("permanent: {reason}")]
+    Permanent {
+        /// What happened.
+        reason: String,
+        /// A push token or address the provider declared dead, to be removed from the customer.
+        dead_contact: Option<String>,
+    },
+}
+
+impl ProviderError {
+    /// A transient error without a provider-given delay.
+    pub fn transient(reason: impl Into<String>) -> Self {
+        Self::Transient {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A permanent error without a dead contact.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self::Permanent {
+            reason: reason.into(),
+            dead_contact: None,
+        }
+    }
+
+    /// Whether this outcome is the provider's fault and counts as a failure for its circuit.
+    pub fn counts_against_circuit(&self) -> bool {
+        matches!(self, Self::Transient { .. })
+    }
+}
+
+/// A configured way to deliver on one channel.
+pub trait Provider: Send + Sync + 'static {
+    /// The channel this provider delivers on.
+    fn channel(&self) -> Channel;
+
+    /// The provider's configured name (e.g. `smtp`, `telegram`), recorded on every attempt.
+    fn name(&self) -> &str;
+
+    /// Sends one message. Implementations do not retry; they classify the outcome.
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
+}

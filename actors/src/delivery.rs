@@ -1,0 +1,487 @@
+//! The delivery of one send command: the policy the Dispatcher applies.
+//!
+//! Decode (poison ⇒ dead letter) → skip if a redelivery finds the notification already final →
+//! mark `processing` → resolve contacts → walk the channel chain, asking each channel actor →
+//! record every attempt → `sent`, or NAK with backoff when a channel failed transiently and
+//! deliveries remain, or `dead` (copied to the DLQ) after the last one, or `failed` when every
+//! channel refused for good.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::Acker};
+use bytes::Bytes;
+use chrono::Utc;
+use herald_entities::{
+    NotificationStatus, customer,
+    repo::{
+        self,
+        status_batch::{NewAttempt, StatusChange},
+    },
+};
+use herald_nats::{Channel, Contacts, Publisher, SendCommand};
+use ractor::{ActorRef, rpc::CallResult};
+
+use crate::slot::ActorSlot;
+use sea_orm::DatabaseConnection;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::channel::{
+    ChannelDirectory, ChannelMsg, OutboundMessage, ProviderError, SendOutcome, SendReport,
+};
+use crate::retry::RetryPolicy;
+use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
+
+/// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
+const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a delivery needs; shared by all delivery tasks.
+pub struct DeliveryContext {
+    /// Database pool (customer lookups, redelivery checks).
+    pub db: DatabaseConnection,
+    /// Publisher (dead letters).
+    pub publisher: Publisher,
+    /// Live channel actors.
+    pub channels: ChannelDirectory,
+    /// The status writer.
+    pub status_writer: ActorSlot<StatusWriterMsg>,
+    /// Retry schedule.
+    pub retry: RetryPolicy,
+}
+
+/// Delivers one command message end to end. Never panics on message content; every path ends in a
+/// record handed to the StatusWriter (which acks or NAKs after writing) or a NAK.
+pub async fn deliver(
+    ctx: Arc<DeliveryContext>,
+    message: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let delivered = message
+        .info()
+        .map(|i| i.delivered.max(1) as u64)
+        .unwrap_or(1);
+    let (message, acker) = message.split();
+    let command = match SendCommand::decode(&message.payload) {
+        Ok(command) => command,
+        Err(err) => {
+            let source = format!("{}:{delivered}", message.subject);
+            dead_letter_poison(&ctx, &message, acker, delivered, &err.to_string(), &source).await;
+            return;
+        }
+    };
+    let id = command.notification_id;
+    if delivered > 1 && already_final(&ctx.db, id).await {
+        let _ = acker.ack().await;
+        return;
+    }
+    write(
+        &ctx,
+        vec![StatusChange::to(id, NotificationStatus::Processing)],
+        vec![],
+        AfterWrite::Nothing,
+        None,
+    );
+
+    let contacts = match resolve_contacts(&ctx.db, &command).await {
+        Ok(contacts) => contacts,
+        Err(Resolve::Db(err)) => {
+            tracing::warn!(%id, error = %err, "cannot load the customer; retrying later");
+            let delay = ctx.retry.delay(delivered, None, rand::random());
+            write(
+                &ctx,
+                vec![],
+                vec![],
+                AfterWrite::Nak(acker, delay),
+                Some(permit),
+            );
+            return;
+        }
+        Err(Resolve::UnknownCustomer(customer)) => {
+            let reason = format!("unknown customer {customer:?} and no contacts given");
+            dead(
+                &ctx,
+                &command,
+                message.payload,
+                &message.subject,
+                acker,
+                delivered,
+                reason,
+                vec![],
+                permit,
+            )
+            .await;
+            return;
+        }
+    };
+
+    let walk = walk_chain(&ctx.channels, &command, &contacts, delivered).await;
+    finish(
+        &ctx,
+        command,
+        walk,
+        message.payload,
+        &message.subject,
+        acker,
+        delivered,
+        permit,
+    )
+    .await;
+}
+
+enum Resolve {
+    Db(String),
+    UnknownCustomer(String),
+}
+
+/// The request's contacts over the stored customer's.
+async fn resolve_contacts(
+    db: &DatabaseConnection,
+    command: &SendCommand,
+) -> Result<Contacts, Resolve> {
+    let Some(customer_id) = &command.customer_id else {
+        return Ok(command.contacts.clone());
+    };
+    match repo::customers::find_by_external_id(db, customer_id).await {
+        Ok(Some(customer)) => Ok(command.contacts.clone().or(&stored_contacts(&customer))),
+        Ok(None)
+            if command
+                .channels
+                .iter()
+                .any(|c| command.contacts.reaches(*c)) =>
+        {
+            Ok(command.contacts.clone())
+        }
+        Ok(None) => Err(Resolve::UnknownCustomer(customer_id.clone())),
+        Err(err) => Err(Resolve::Db(err.to_string())),
+    }
+}
+
+/// A stored customer's contacts in wire form.
+pub fn stored_contacts(customer: &customer::Model) -> Contacts {
+    Contacts {
+        email: customer.email.clone(),
+        phone: customer.phone.clone(),
+        telegram_chat_id: customer.telegram_chat_id.clone(),
+        push_tokens: serde_json::from_value(customer.push_tokens.clone()).unwrap_or_default(),
+        webhook_url: customer.webhook_url.clone(),
+    }
+}
+
+async fn already_final(db: &DatabaseConnection, id: uuid::Uuid) -> bool {
+    matches!(repo::notifications::find(db, id).await, Ok(Some(n)) if n.status.is_final())
+}
+
+/// The result of walking the chain once.
+struct Walk {
+    attempts: Vec<NewAttempt>,
+    sent_on: Option<Channel>,
+    /// Some channel failed in a way that may pass later (transient error, open circuit).
+    retryable: bool,
+    retry_after: Option<Duration>,
+    last_error: Option<String>,
+}
+
+async fn walk_chain(
+    channels: &ChannelDirectory,
+    command: &SendCommand,
+    contacts: &Contacts,
+    delivered: u64,
+) -> Walk {
+    let mut walk = Walk {
+        attempts: Vec::new(),
+        sent_on: None,
+        retryable: false,
+        retry_after: None,
+        last_error: None,
+    };
+    let first_no = (delivered - 1) * command.channels.len() as u64;
+    for (index, &channel) in command.channels.iter().enumerate() {
+        let attempt_no = (first_no + index as u64 + 1).min(i32::MAX as u64) as i32;
+        let attempt =
+            |provider: &str, status: &str, error: Option<String>, report: Option<&SendReport>| {
+                NewAttempt {
+                    notification_id: command.notification_id,
+                    attempt_no,
+                    channel: channel.as_str().to_string(),
+                    provider: provider.to_string(),
+                    status: status.to_string(),
+                    error,
+                    provider_message_id: report.and_then(|r| match &r.outcome {
+                        SendOutcome::Accepted(receipt) => receipt.provider_message_id.clone(),
+                        _ => None,
+                    }),
+                    latency_ms: report.map_or(0, |r| r.latency.as_millis() as i64),
+                    at: Utc::now(),
+                }
+            };
+        let Some(actor) = channels.get(channel) else {
+            let error = format!("no provider configured for {channel}");
+            walk.attempts
+                .push(attempt("-", "unavailable", Some(error.clone()), None));
+            walk.last_error = Some(error);
+            continue;
+        };
+        if !contacts.reaches(channel) {
+            let error = ProviderError::MissingContact(channel).to_string();
+            walk.attempts
+                .push(attempt("-", "no_contact", Some(error.clone()), None));
+            walk.last_error = Some(error);
+            continue;
+        }
+        let report = ask_channel(&actor, command, contacts).await;
+        let (status, error) = match &report.outcome {
+            SendOutcome::Accepted(_) => ("sent", None),
+            SendOutcome::CircuitOpen => {
+                walk.retryable = true;
+                ("circuit_open", Some(format!("{channel} circuit open")))
+            }
+            SendOutcome::Failed(err @ ProviderError::Transient { retry_after, .. }) => {
+                walk.retryable = true;
+                walk.retry_after = walk.retry_after.max(*retry_after);
+                ("failed", Some(err.to_string()))
+            }
+            SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {
+                ("no_contact", Some(err.to_string()))
+            }
+            SendOutcome::Failed(err @ ProviderError::Permanent { .. }) => {
+                ("rejected", Some(err.to_string()))
+            }
+        };
+        metrics::counter!("herald_attempts_total", "channel" => channel.as_str(), "status" => status)
+            .increment(1);
+        metrics::histogram!("herald_attempt_seconds", "channel" => channel.as_str())
+            .record(report.latency.as_secs_f64());
+        walk.attempts.push(attempt(
+            &report.provider,
+            status,
+            error.clone(),
+            Some(&report),
+        ));
+        if error.is_none() {
+            walk.sent_on = Some(channel);
+            break;
+        }
+        walk.last_error = error;
+    }
+    walk
+}
+
+async fn ask_channel(
+    actor: &ActorRef<ChannelMsg>,
+    command: &SendCommand,
+    contacts: &Contacts,
+) -> SendReport {
+    let outbound = OutboundMessage {
+        notification_id: command.notification_id,
+        contacts: contacts.clone(),
+        content: command.content.clone(),
+        category: command.category.as_str(),
+    };
+    let unanswered = |why: &str| SendReport {
+        provider: "-".into(),
+        outcome: SendOutcome::Failed(ProviderError::transient(why.to_string())),
+        latency: Duration::ZERO,
+    };
+    match actor
+        .call(
+            |port| ChannelMsg::Send(Box::new(outbound), port),
+            Some(CHANNEL_ANSWER_TIMEOUT),
+        )
+        .await
+    {
+        Ok(CallResult::Success(report)) => report,
+        Ok(CallResult::Timeout) => unanswered("channel actor did not answer in time"),
+        Ok(CallResult::SenderError) | Err(_) => {
+            unanswered("channel actor stopped before answering")
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    ctx: &DeliveryContext,
+    command: SendCommand,
+    walk: Walk,
+    payload: Bytes,
+    subject: &str,
+    acker: Acker,
+    delivered: u64,
+    permit: OwnedSemaphorePermit,
+) {
+    let id = command.notification_id;
+    let attempts_made = walk.attempts.last().map(|a| a.attempt_no);
+    if let Some(channel) = walk.sent_on {
+        metrics::counter!("herald_notifications_sent_total", "channel" => channel.as_str())
+            .increment(1);
+        let change = StatusChange {
+            final_channel: Some(channel.as_str().to_string()),
+            attempts: attempts_made,
+            ..StatusChange::to(id, NotificationStatus::Sent)
+        };
+        write(
+            ctx,
+            vec![change],
+            walk.attempts,
+            AfterWrite::Ack(acker),
+            Some(permit),
+        );
+        return;
+    }
+    let error = walk
+        .last_error
+        .clone()
+        .unwrap_or_else(|| "empty channel chain".into());
+    if walk.retryable && !ctx.retry.is_last(delivered) {
+        let delay = ctx.retry.delay(delivered, walk.retry_after, rand::random());
+        tracing::info!(%id, delivered, delay_ms = delay.as_millis() as u64, %error, "no channel took it; retrying later");
+        let change = StatusChange {
+            error: Some(error),
+            attempts: attempts_made,
+            reason: Some(format!("retrying in {} s", delay.as_secs())),
+            ..StatusChange::to(id, NotificationStatus::Processing)
+        };
+        write(
+            ctx,
+            vec![change],
+            walk.attempts,
+            AfterWrite::Nak(acker, delay),
+            Some(permit),
+        );
+    } else if walk.retryable {
+        let reason = format!("gave up after {delivered} deliveries: {error}");
+        dead(
+            ctx,
+            &command,
+            payload,
+            subject,
+            acker,
+            delivered,
+            reason,
+            walk.attempts,
+            permit,
+        )
+        .await;
+    } else {
+        metrics::counter!("herald_notifications_failed_total").increment(1);
+        let change = StatusChange {
+            error: Some(error),
+            attempts: attempts_made,
+            reason: Some(
+                "every channel refused permanently or could not reach the recipient".into(),
+            ),
+            ..StatusChange::to(id, NotificationStatus::Failed)
+        };
+        write(
+            ctx,
+            vec![change],
+            walk.attempts,
+            AfterWrite::Ack(acker),
+            Some(permit),
+        );
+    }
+}
+
+/// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached the
+/// command is NAKed instead, so it is neither lost nor acked without its dead letter.
+#[allow(clippy::too_many_arguments)]
+async fn dead(
+    ctx: &DeliveryContext,
+    command: &SendCommand,
+    payload: Bytes,
+    subject: &str,
+    acker: Acker,
+    delivered: u64,
+    reason: String,
+    attempts: Vec<NewAttempt>,
+    permit: OwnedSemaphorePermit,
+) {
+    let id = command.notification_id;
+    let published = ctx
+        .publisher
+        .publish_dead_letter("cmd", subject, delivered, &reason, payload, &id.to_string())
+        .await;
+    if let Err(err) = published {
+        tracing::warn!(%id, error = %err, "cannot dead-letter; retrying later");
+        write(
+            ctx,
+            vec![],
+            attempts,
+            AfterWrite::Nak(acker, Duration::from_secs(5)),
+            Some(permit),
+        );
+        return;
+    }
+    metrics::counter!("herald_notifications_dead_total").increment(1);
+    let change = StatusChange {
+        error: Some(reason.clone()),
+        reason: Some(reason),
+        attempts: attempts.last().map(|a| a.attempt_no),
+        ..StatusChange::to(id, NotificationStatus::Dead)
+    };
+    write(
+        ctx,
+        vec![change],
+        attempts,
+        AfterWrite::Ack(acker),
+        Some(permit),
+    );
+}
+
+/// A message that is not a command this build can read: to the DLQ with the reason, then acked so
+/// it never blocks the stream.
+async fn dead_letter_poison(
+    ctx: &DeliveryContext,
+    message: &async_nats::Message,
+    acker: Acker,
+    delivered: u64,
+    reason: &str,
+    msg_id: &str,
+) {
+    tracing::warn!(subject = %message.subject, %reason, "poison message; dead-lettering");
+    metrics::counter!("herald_poison_messages_total", "consumer" => "dispatch").increment(1);
+    let published = ctx
+        .publisher
+        .publish_dead_letter(
+            "cmd",
+            &message.subject,
+            delivered,
+            reason,
+            message.payload.clone(),
+            msg_id,
+        )
+        .await;
+    let settled = match published {
+        Ok(()) => acker.ack().await,
+        Err(_) => {
+            acker
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
+                .await
+        }
+    };
+    if let Err(err) = settled {
+        tracing::warn!(error = %err, "cannot settle poison message");
+    }
+}
+
+fn write(
+    ctx: &DeliveryContext,
+    changes: Vec<StatusChange>,
+    attempts: Vec<NewAttempt>,
+    then: AfterWrite,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let record = StatusRecord {
+        changes,
+        attempts,
+        then,
+        permit,
+    };
+    let sent = ctx
+        .status_writer
+        .get()
+        .map(|writer| writer.cast(StatusWriterMsg::Record(Box::new(record))));
+    if !matches!(sent, Some(Ok(()))) {
+        // The writer is restarting; the message stays unacked and JetStream redelivers it.
+        tracing::warn!("status writer unavailable; message left for redelivery");
+    }
+}

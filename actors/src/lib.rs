@@ -1,0 +1,20 @@
+//! Herald's actors: the supervision tree that turns send commands into delivered notifications.
+//!
+//! ```text
+//! EngineSupervisor
+//! ├── StatusWriter        batched status + attempt writes; acks after commit
+//! ├── ChannelSupervisor
+//! │   └── ChannelActor    one per provider: circuit breaker, concurrency, timeout
+//! └── Dispatcher          pulls notify.cmd.>, runs each delivery as a task
+//! ```
+//!
+//! Pure decision logic lives beside the actors in plain types with unit tests:
+//! [`channel::circuit`] (circuit breaker) and [`retry`] (backoff schedule).
+
+pub mod channel;
+pub mod delivery;
+pub mod dispatcher;
+pub mod engine_supervisor;
+pub mod retry;
+pub mod slot;
+pub mod status_writer;

@@ -1,0 +1,305 @@
+//! `StatusWriter`: batches status changes and attempt rows into one transaction, and only then
+//! acknowledges (or NAKs) the JetStream messages they belong to — nothing is acked before its
+//! status is written.
+//!
+//! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
+//! record; while a flush is in flight the next batch gathers (group commit). The flush runs as a
+//! task, so the mailbox keeps taking records during a slow write. If the database is unreachable
+//! the flush retries with backoff and tells JetStream the messages are still in progress, so they
+//! are neither redelivered (and resent) nor acked; in-flight permits stay held, which pauses the
+//! consumer until the database is back.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, message::Acker};
+use herald_entities::{
+    NotificationStatus,
+    repo::status_batch::{self, NewAttempt, StatusChange},
+};
+use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sea_orm::{DatabaseConnection, DbErr};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Batching limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StatusWriterSettings {
+    /// Records per transaction at most.
+    pub max_batch: usize,
+    /// Longest a record waits for its batch to fill, in milliseconds.
+    pub flush_interval_ms: u64,
+}
+
+impl Default for StatusWriterSettings {
+    fn default() -> Self {
+        Self {
+            max_batch: 1_000,
+            flush_interval_ms: 5,
+        }
+    }
+}
+
+/// What to tell JetStream once the record is written.
+pub enum AfterWrite {
+    /// Nothing (an intermediate status such as `processing`).
+    Nothing,
+    /// Acknowledge: the message is done.
+    Ack(Acker),
+    /// Redeliver after the delay (retry with backoff).
+    Nak(Acker, Duration),
+}
+
+/// Everything one delivery step wants written.
+pub struct StatusRecord {
+    /// Status changes, applied in order.
+    pub changes: Vec<StatusChange>,
+    /// Attempt rows.
+    pub attempts: Vec<NewAttempt>,
+    /// The JetStream follow-up.
+    pub then: AfterWrite,
+    /// The dispatcher's in-flight permit, released once the record is written and acked.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+/// Messages of the [`StatusWriter`].
+pub enum StatusWriterMsg {
+    /// Write this record.
+    Record(Box<StatusRecord>),
+    /// The batch timer fired (internal).
+    Tick,
+    /// A flush finished (internal).
+    Written,
+    /// Reply once everything received so far is written (shutdown).
+    Flush(RpcReplyPort<()>),
+}
+
+/// Arguments of the [`StatusWriter`].
+#[derive(Clone)]
+pub struct StatusWriterArgs {
+    /// Database pool.
+    pub db: DatabaseConnection,
+    /// Publisher for `notify.status.*`.
+    pub publisher: Publisher,
+    /// Batching limits.
+    pub settings: StatusWriterSettings,
+}
+
+/// State of the [`StatusWriter`].
+pub struct StatusWriterState {
+    args: StatusWriterArgs,
+    pending: Vec<StatusRecord>,
+    flushing: bool,
+    tick_scheduled: bool,
+    waiters: Vec<RpcReplyPort<()>>,
+}
+
+/// The batching writer.
+pub struct StatusWriter;
+
+impl Actor for StatusWriter {
+    type Msg = StatusWriterMsg;
+    type State = StatusWriterState;
+    type Arguments = StatusWriterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: StatusWriterArgs,
+    ) -> Result<StatusWriterState, ActorProcessingErr> {
+        Ok(StatusWriterState {
+            args,
+            pending: Vec::new(),
+            flushing: false,
+            tick_scheduled: false,
+            waiters: Vec::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: StatusWriterMsg,
+        state: &mut StatusWriterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            StatusWriterMsg::Record(record) => {
+                state.pending.push(*record);
+                if state.pending.len() >= state.args.settings.max_batch {
+                    start_flush(&myself, state);
+                } else if !state.tick_scheduled && !state.flushing {
+                    state.tick_scheduled = true;
+                    let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
+                    myself.send_after(interval, || StatusWriterMsg::Tick);
+                }
+            }
+            StatusWriterMsg::Tick => {
+                state.tick_scheduled = false;
+                start_flush(&myself, state);
+            }
+            StatusWriterMsg::Written => {
+                state.flushing = false;
+                start_flush(&myself, state);
+            }
+            StatusWriterMsg::Flush(reply) => {
+                state.waiters.push(reply);
+                start_flush(&myself, state);
+            }
+        }
+        if !state.flushing && state.pending.is_empty() {
+            for waiter in state.waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
+    if state.flushing || state.pending.is_empty() {
+        return;
+    }
+    let take = state.pending.len().min(state.args.settings.max_batch);
+    let batch: Vec<StatusRecord> = state.pending.drain(..take).collect();
+    state.flushing = true;
+    let args = state.args.clone();
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        write_batch(&args, batch).await;
+        let _ = myself.cast(StatusWriterMsg::Written);
+    });
+}
+
+/// Writes a batch, then settles its messages. Retries while the database is unreachable; a record
+/// that fails on its own (not an outage) is isolated so it cannot block the others.
+async fn write_batch(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
+    let started = std::time::Instant::now();
+    let changes: Vec<StatusChange> = batch.iter().flat_map(|r| r.changes.clone()).collect();
+    let attempts: Vec<NewAttempt> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match status_batch::apply(&args.db, &changes, &attempts).await {
+            Ok(()) => break,
+            Err(herald_entities::RepoError::Db(err)) if is_outage(&err) => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", batch.len());
+                metrics::counter!("herald_status_write_retries_total").increment(1);
+                for record in &batch {
+                    keep_in_progress(&record.then).await;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "batch write failed; writing its records one by one");
+                write_one_by_one(args, batch).await;
+                return;
+            }
+        }
+    }
+    metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("herald_status_batch_records").record(batch.len() as f64);
+    let events: Vec<StatusEvent> = changes.iter().filter_map(status_event).collect();
+    for record in batch {
+        settle(record).await;
+    }
+    publish_events(&args.publisher, events);
+}
+
+async fn write_one_by_one(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
+    for record in batch {
+        match status_batch::apply(&args.db, &record.changes, &record.attempts).await {
+            Ok(()) => {
+                let events: Vec<StatusEvent> =
+                    record.changes.iter().filter_map(status_event).collect();
+                settle(record).await;
+                publish_events(&args.publisher, events);
+            }
+            Err(err) => {
+                // Not an outage: this record cannot be written as it is (e.g. a command for a
+                // notification that was never stored). Redelivering would only repeat the send, so
+                // the message is terminated and the fault is made loud.
+                tracing::error!(error = %err, ids = ?record.changes.iter().map(|c| c.id).collect::<Vec<_>>(), "status record rejected by the database; message terminated");
+                metrics::counter!("herald_status_records_rejected_total").increment(1);
+                if let AfterWrite::Ack(acker) | AfterWrite::Nak(acker, _) = &record.then {
+                    let _ = acker.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+    }
+}
+
+fn is_outage(err: &DbErr) -> bool {
+    matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
+        || err
+            .to_string()
+            .to_lowercase()
+            .contains("database is locked")
+        || matches!(err, DbErr::Exec(_) | DbErr::Query(_) if err.sql_err().is_none() && is_io(err))
+}
+
+fn is_io(err: &DbErr) -> bool {
+    let text = err.to_string().to_lowercase();
+    [
+        "connection",
+        "broken pipe",
+        "closed",
+        "i/o",
+        "io error",
+        "timed out",
+        "shutting down",
+    ]
+    .iter()
+    .any(|needle| text.contains(needle))
+}
+
+async fn keep_in_progress(then: &AfterWrite) {
+    if let AfterWrite::Ack(acker) | AfterWrite::Nak(acker, _) = then {
+        let _ = acker.ack_with(AckKind::Progress).await;
+    }
+}
+
+async fn settle(record: StatusRecord) {
+    let result = match &record.then {
+        AfterWrite::Nothing => Ok(()),
+        AfterWrite::Ack(acker) => acker.ack().await,
+        AfterWrite::Nak(acker, delay) => acker.ack_with(AckKind::Nak(Some(*delay))).await,
+    };
+    if let Err(err) = result {
+        // The status is written; a lost ack only means a redelivery, which the dispatcher
+        // recognises by the stored final status.
+        tracing::warn!(error = %err, "could not acknowledge a written message");
+    }
+    drop(record.permit);
+}
+
+fn status_event(change: &StatusChange) -> Option<StatusEvent> {
+    use NotificationStatus::*;
+    matches!(
+        change.status,
+        Sent | Delivered | Failed | Skipped | Dead | Cancelled
+    )
+    .then(|| StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: change.id,
+        status: change.status.as_str().to_string(),
+        channel: change.final_channel.as_deref().and_then(Channel::parse),
+        error: change.error.clone(),
+        at: change.at,
+    })
+}
+
+fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
+    if events.is_empty() {
+        return;
+    }
+    let publisher = publisher.clone();
+    tokio::spawn(async move {
+        let results =
+            futures::future::join_all(events.iter().map(|e| publisher.publish_status(e))).await;
+        let failed = results.iter().filter(|r| r.is_err()).count();
+        if failed > 0 {
+            tracing::warn!(failed, "could not publish status events");
+        }
+    });
+}

@@ -1,0 +1,116 @@
+//! One JSON error shape for every error the API returns, and its mapping to HTTP statuses.
+
+use poem::{Response, http::StatusCode};
+use poem_openapi::{ApiResponse, Object, payload::Json};
+
+/// The body of every error response.
+#[derive(Debug, Clone, Object, serde::Serialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `invalid_request`, `not_found`, `unavailable`.
+    pub code: String,
+    /// What went wrong, for humans.
+    pub message: String,
+    /// The request field at fault, when there is one.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// The errors of the API.
+#[derive(Debug, ApiResponse)]
+pub enum ApiError {
+    /// The request is invalid; `field` names the culprit.
+    #[oai(status = 400)]
+    BadRequest(Json<ErrorBody>),
+    /// No such resource.
+    #[oai(status = 404)]
+    NotFound(Json<ErrorBody>),
+    /// A dependency (NATS, database) is unavailable; nothing was accepted. Retry later with the
+    /// same `request_id`.
+    #[oai(status = 503)]
+    Unavailable(Json<ErrorBody>),
+    /// An unexpected error; details are in the server log.
+    #[oai(status = 500)]
+    Internal(Json<ErrorBody>),
+}
+
+impl ApiError {
+    /// 400 naming the field at fault.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::BadRequest(Json(ErrorBody {
+            code: "invalid_request".into(),
+            message: message.into(),
+            field: Some(field.into()),
+        }))
+    }
+
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::NotFound(Json(body("not_found", message)))
+    }
+
+    /// 503.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::Unavailable(Json(body("unavailable", message)))
+    }
+
+    /// 500; the cause is logged, not returned.
+    pub fn internal(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::Internal(Json(body("internal", "internal error; see the server log")))
+    }
+}
+
+impl From<herald_entities::RepoError> for ApiError {
+    fn from(err: herald_entities::RepoError) -> Self {
+        match err {
+            herald_entities::RepoError::Db(
+                sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_),
+            ) => {
+                tracing::warn!(error = %err, "database unavailable");
+                Self::unavailable("database unavailable")
+            }
+            other => Self::internal(&other),
+        }
+    }
+}
+
+fn body(code: &str, message: impl Into<String>) -> ErrorBody {
+    ErrorBody {
+        code: code.into(),
+        message: message.into(),
+        field: None,
+    }
+}
+
+/// Renders any error that escaped the typed responses (unparsable JSON, unknown route, body too
+/// large, ...) in the same JSON shape.
+pub async fn render_error(err: poem::Error) -> Response {
+    if err.is_from_response() {
+        // A typed ApiError: its response already has the documented shape.
+        return err.into_response();
+    }
+    let status = err.status();
+    let code = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "invalid_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    };
+    let message = if status.is_server_error() {
+        tracing::error!(error = %err, "unhandled server error");
+        "internal error; see the server log".to_string()
+    } else {
+        err.to_string()
+    };
+    let json = serde_json::to_string(&body(code, message)).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .content_type("application/json; charset=utf-8")
+        .body(json)
+}

@@ -1,0 +1,21 @@
+//! What every endpoint shares.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use herald_nats::{Category, Channel, Publisher};
+use metrics_exporter_prometheus::PrometheusHandle;
+use sea_orm::DatabaseConnection;
+
+/// Shared state of the HTTP façade. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Database pool.
+    pub db: DatabaseConnection,
+    /// NATS publisher.
+    pub publisher: Publisher,
+    /// Channel chain used when a request names none, per category.
+    pub default_chains: Arc<HashMap<Category, Vec<Channel>>>,
+    /// Renders `/metrics`, when a recorder is installed.
+    pub metrics: Option<PrometheusHandle>,
+}

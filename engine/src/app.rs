@@ -1,0 +1,328 @@
+//! Wiring: connects the database and NATS, provisions streams, starts the actor tree and the HTTP
+//! server, and shuts them down in the order that loses nothing.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_actors::{
+    channel::{ChannelArgs, ChannelDirectory, Provider, email::EmailProvider},
+    delivery::DeliveryContext,
+    dispatcher::{DispatcherArgs, DispatcherMsg},
+    engine_supervisor::{EngineArgs, EngineSupervisor},
+    slot::ActorSlot,
+    status_writer::{StatusWriterArgs, StatusWriterMsg},
+};
+use herald_api::AppState;
+use herald_migration::{Migrator, MigratorTrait};
+use herald_nats::{Publisher, StreamSettings};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use poem::listener::{Acceptor, Listener, TcpListener};
+use ractor::{Actor, ActorRef};
+use sea_orm::DatabaseConnection;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+/// A running Herald: HTTP server and engine.
+pub struct Herald {
+    http_addr: SocketAddr,
+    http_stop: CancellationToken,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    engine: Engine,
+    nats: async_nats::Client,
+}
+
+struct Engine {
+    supervisor: ActorRef<()>,
+    intake: CancellationToken,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    status_writer: ActorSlot<StatusWriterMsg>,
+    dispatcher: ActorSlot<DispatcherMsg>,
+    channels: ChannelDirectory,
+    grace: Duration,
+}
+
+/// Installs process-wide things once: the rustls crypto provider (ring; see STACK.md) and the
+/// Prometheus recorder.
+pub fn process_init() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed by an embedding program; ours then stays unused.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Opens the database and applies pending migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    ensure_sqlite_dir(&config.database.url)?;
+    let db = herald_entities::connect(&config.database.url, config.database.max_connections)
+        .await
+        .with_context(|| format!("cannot open database {}", redact(&config.database.url)))?;
+    Migrator::up(&db, None)
+        .await
+        .context("cannot apply migrations")?;
+    Ok(db)
+}
+
+impl Herald {
+    /// Starts everything; returns once Herald serves HTTP and consumes commands.
+    pub async fn start(config: Config) -> anyhow::Result<Herald> {
+        let metrics = process_init();
+        let db = if config.database.migrate_on_start {
+            migrate(&config).await?
+        } else {
+            ensure_sqlite_dir(&config.database.url)?;
+            herald_entities::connect(&config.database.url, config.database.max_connections)
+                .await
+                .with_context(|| format!("cannot open database {}", redact(&config.database.url)))?
+        };
+        let nats = herald_nats::connect(&config.nats.url, "herald")
+            .await
+            .context("cannot connect to NATS")?;
+        let js = async_nats::jetstream::new(nats.clone());
+        let provisioned = herald_nats::provision(&js, &stream_settings(&config))
+            .await
+            .context("cannot provision JetStream")?;
+        let publisher = Publisher::new(js, config.nats.partitions);
+
+        let engine =
+            start_engine(&config, db.clone(), publisher.clone(), provisioned.dispatch).await?;
+        let state = AppState {
+            db,
+            publisher,
+            default_chains: Arc::new(config.default_chains()?),
+            metrics: Some(metrics),
+        };
+        let acceptor = TcpListener::bind(config.http.bind.clone())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.bind))?;
+        let http_addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .context("listener has no TCP address")?;
+        let public_url = config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{http_addr}"));
+        let app = herald_api::app(state, &public_url);
+        let http_stop = CancellationToken::new();
+        let stop = http_stop.clone();
+        let http_task = tokio::spawn(async move {
+            poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(
+                    app,
+                    stop.cancelled_owned(),
+                    Some(Duration::from_secs(10)),
+                )
+                .await
+        });
+        Ok(Herald {
+            http_addr,
+            http_stop,
+            http_task,
+            engine,
+            nats,
+        })
+    }
+
+    /// The HTTP address Herald listens on.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The live channel actors (for introspection and fault injection).
+    pub fn channels(&self) -> &ChannelDirectory {
+        &self.engine.channels
+    }
+
+    /// The live dispatcher (for fault injection).
+    pub fn dispatcher(&self) -> Option<ActorRef<DispatcherMsg>> {
+        self.engine.dispatcher.get()
+    }
+
+    /// Stops in the order that loses nothing: HTTP stops taking requests and finishes the ones in
+    /// progress; the dispatcher stops pulling; in-flight deliveries get the grace period to finish
+    /// (those that do not are redelivered by JetStream, never acked unwritten); the status writer
+    /// flushes; the actors stop; NATS flushes.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + self.engine.grace;
+        self.http_stop.cancel();
+        match self.http_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "HTTP server stopped with an error"),
+            Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
+        }
+        self.engine.intake.cancel();
+        let permits = u32::try_from(self.engine.max_in_flight).unwrap_or(u32::MAX);
+        match tokio::time::timeout_at(deadline, self.engine.in_flight.acquire_many(permits)).await {
+            Ok(_) => tracing::info!("in-flight deliveries finished"),
+            Err(_) => tracing::warn!(
+                unfinished = self.engine.max_in_flight - self.engine.in_flight.available_permits(),
+                "grace period over; unfinished deliveries will be redelivered"
+            ),
+        }
+        if let Some(writer) = self.engine.status_writer.get() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let flushed = writer
+                .call(
+                    StatusWriterMsg::Flush,
+                    Some(left.max(Duration::from_secs(1))),
+                )
+                .await;
+            if !matches!(flushed, Ok(ractor::rpc::CallResult::Success(()))) {
+                tracing::warn!("status writer did not flush in time");
+            }
+        }
+        self.engine
+            .supervisor
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
+            .await
+            .ok();
+        self.nats.flush().await.ok();
+        tracing::info!("herald stopped");
+        Ok(())
+    }
+}
+
+async fn start_engine(
+    config: &Config,
+    db: DatabaseConnection,
+    publisher: Publisher,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+) -> anyhow::Result<Engine> {
+    let channels = ChannelDirectory::default();
+    let status_writer = ActorSlot::default();
+    let dispatcher = ActorSlot::default();
+    let intake = CancellationToken::new();
+    let max_in_flight = config.dispatch.max_in_flight;
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let context = Arc::new(DeliveryContext {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        channels: channels.clone(),
+        status_writer: status_writer.clone(),
+        retry: config.dispatch.retry,
+    });
+    let args = EngineArgs {
+        status_writer: StatusWriterArgs {
+            db,
+            publisher,
+            settings: config.status_writer,
+        },
+        status_writer_slot: status_writer.clone(),
+        channels: providers(config)?
+            .into_iter()
+            .map(|provider| ChannelArgs {
+                provider,
+                settings: config.channels.limits,
+            })
+            .collect(),
+        directory: channels.clone(),
+        dispatcher: DispatcherArgs {
+            consumer,
+            context,
+            in_flight: in_flight.clone(),
+            intake: intake.clone(),
+        },
+        dispatcher_slot: dispatcher.clone(),
+    };
+    let (supervisor, _) = Actor::spawn(None, EngineSupervisor, args)
+        .await
+        .context("cannot start the actor tree")?;
+    Ok(Engine {
+        supervisor,
+        intake,
+        in_flight,
+        max_in_flight,
+        status_writer,
+        dispatcher,
+        channels,
+        grace: Duration::from_secs(config.dispatch.shutdown_grace_secs),
+    })
+}
+
+/// The configured providers.
+fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
+    let email = EmailProvider::new(
+        if config.channels.email.smtp_host.is_some() {
+            "smtp".into()
+        } else {
+            "outbox".into()
+        },
+        &config.channels.email,
+    )?;
+    Ok(vec![Arc::new(email)])
+}
+
+fn stream_settings(config: &Config) -> StreamSettings {
+    StreamSettings {
+        replicas: config.nats.replicas,
+        dedup_window: Duration::from_secs(config.nats.dedup_window_secs),
+        ack_wait: Duration::from_secs(config.nats.ack_wait_secs),
+        max_ack_pending: config.nats.max_ack_pending,
+        ..StreamSettings::default()
+    }
+}
+
+/// SQLite creates the file but not its folder.
+fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
+    let Some(rest) = url.strip_prefix("sqlite://") else {
+        return Ok(());
+    };
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    if let Some(dir) = std::path::Path::new(path).parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create database folder {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://herald:s3cret@db:5432/herald"),
+            "postgres://herald:***@db:5432/herald"
+        );
+        assert_eq!(redact("sqlite://data/herald.db"), "sqlite://data/herald.db");
+        assert_eq!(
+            redact("postgres://root@/herald?host=/var/run/postgresql"),
+            "postgres://root@/herald?host=/var/run/postgresql"
+        );
+    }
+}

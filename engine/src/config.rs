@@ -1,0 +1,336 @@
+//! Configuration: defaults that run, overridden by a TOML file, overridden by `HERALD_*`
+//! environment variables (`__` separates levels: `HERALD_DATABASE__URL`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use herald_actors::{
+    channel::{ChannelSettings, email::EmailConfig},
+    retry::RetryPolicy,
+    status_writer::StatusWriterSettings,
+};
+use herald_nats::{Category, Channel};
+use serde::{Deserialize, Serialize};
+
+/// Herald's whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct Config {
+    /// HTTP façade.
+    pub http: HttpConfig,
+    /// Database.
+    pub database: DatabaseConfig,
+    /// NATS and JetStream.
+    pub nats: NatsConfig,
+    /// Dispatching: concurrency and retries.
+    pub dispatch: DispatchConfig,
+    /// Status writer batching.
+    pub status_writer: StatusWriterSettings,
+    /// Providers.
+    pub channels: ChannelsConfig,
+    /// Default channel chains.
+    pub routing: RoutingConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// HTTP façade settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub bind: String,
+    /// URL clients use to reach Herald (for the spec's server entry); derived from `bind` when unset.
+    pub public_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            public_url: None,
+        }
+    }
+}
+
+/// Database settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    /// `sqlite://data/herald.db` or `postgres://user@/herald?host=/var/run/postgresql`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Run migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/herald.db".into(),
+            max_connections: 8,
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// NATS settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Send-command partitions (`notify.cmd.<n>`); fixed for the life of a deployment.
+    pub partitions: u32,
+    /// Stream replicas (3 on a cluster).
+    pub replicas: usize,
+    /// `Nats-Msg-Id` de-duplication window on `NOTIFY`, seconds.
+    pub dedup_window_secs: u64,
+    /// Redelivery after this many seconds without an ack.
+    pub ack_wait_secs: u64,
+    /// Unacknowledged commands allowed across all instances.
+    pub max_ack_pending: i64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            partitions: 8,
+            replicas: 1,
+            dedup_window_secs: 120,
+            ack_wait_secs: 30,
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// Dispatching settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DispatchConfig {
+    /// Commands in flight in this instance (pulled, not yet written and acked).
+    pub max_in_flight: usize,
+    /// Retry schedule.
+    pub retry: RetryPolicy,
+    /// Seconds to finish in-flight work on shutdown.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1_024,
+            retry: RetryPolicy::default(),
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+/// Provider settings; a provider runs when its section is present (email always runs, into the
+/// local outbox unless an SMTP host is set).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ChannelsConfig {
+    /// Limits applied to every channel actor.
+    pub limits: ChannelSettings,
+    /// Email.
+    #[serde(skip_serializing)]
+    pub email: EmailConfig,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        Self {
+            limits: ChannelSettings::default(),
+            email: EmailConfig::default(),
+        }
+    }
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RoutingConfig {
+    /// Chain per category used when a request names no channels, e.g.
+    /// `transactional = ["telegram", "email", "sms"]`.
+    pub default_chains: HashMap<String, Vec<String>>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        let email = || vec!["email".to_string()];
+        Self {
+            default_chains: Category::ALL
+                .into_iter()
+                .map(|c| (c.as_str().to_string(), email()))
+                .collect(),
+        }
+    }
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, coloured when a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// Format.
+    pub format: LogFormat,
+    /// Filter directives (`info`, `herald=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading or parsing failed.
+    #[error(transparent)]
+    Load(#[from] Box<figment::Error>),
+    /// A value is out of range or unknown.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, then the TOML file (if given), then `HERALD_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("HERALD_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.nats.partitions == 0 || self.nats.partitions > 1024 {
+            return invalid("nats.partitions must be 1..=1024".into());
+        }
+        if self.dispatch.max_in_flight == 0 {
+            return invalid("dispatch.max_in_flight must be at least 1".into());
+        }
+        if self.nats.dedup_window_secs < 120 {
+            return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
+        }
+        self.default_chains().map(|_| ())
+    }
+
+    /// The default chains, parsed.
+    pub fn default_chains(&self) -> Result<HashMap<Category, Vec<Channel>>, ConfigError> {
+        let mut chains = HashMap::new();
+        for (category, names) in &self.routing.default_chains {
+            let category = Category::parse(category).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "routing.default_chains: unknown category {category:?}"
+                ))
+            })?;
+            let channels = names
+                .iter()
+                .map(|n| {
+                    Channel::parse(n).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "routing.default_chains: unknown channel {n:?}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if channels.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "routing.default_chains.{}: empty chain",
+                    category.as_str()
+                )));
+            }
+            chains.insert(category, channels);
+        }
+        Ok(chains)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_and_file_and_env_override() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [database]
+                url = "sqlite://other.db"
+                [nats]
+                partitions = 4
+                [channels.email]
+                smtp_host = "mail.example.com"
+                "#,
+            )?;
+            jail.set_env("HERALD_NATS__PARTITIONS", "16");
+            jail.set_env("HERALD_LOG__FORMAT", "json");
+            let config = Config::load(Some(Path::new("herald.toml"))).expect("loads");
+            assert_eq!(config.database.url, "sqlite://other.db");
+            assert_eq!(config.nats.partitions, 16, "env wins over file");
+            assert_eq!(config.log.format, LogFormat::Json);
+            assert_eq!(
+                config.channels.email.smtp_host.as_deref(),
+                Some("mail.example.com")
+            );
+            assert_eq!(config.http.bind, "127.0.0.1:8080", "untouched default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_NATS__PARTITIONS", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("nats.partitions"), "{err}");
+            jail.set_env("HERALD_NATS__PARTITIONS", "eight");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("partitions"), "{err}");
+            Ok(())
+        });
+        let mut config = Config::default();
+        config
+            .routing
+            .default_chains
+            .insert("marketing".into(), vec!["pigeon".into()]);
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("pigeon")
+        );
+    }
+}

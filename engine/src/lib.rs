@@ -1,0 +1,9 @@
+//! The `herald` binary's library: configuration, wiring and shutdown, so that tests and benchmarks
+//! start the very same application the binary runs.
+
+pub mod app;
+pub mod config;
+pub mod telemetry;
+
+pub use app::Herald;
+pub use config::Config;

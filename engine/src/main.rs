@@ -1,0 +1,83 @@
+//! `herald`: the notification engine's command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use herald_engine::{Config, Herald, app, telemetry};
+
+/// Herald: a notification engine on NATS JetStream.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML configuration file (values from `HERALD_*` variables win).
+    #[arg(short, long, env = "HERALD_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API and the delivery engine until SIGINT/SIGTERM.
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Print the effective configuration (secrets omitted) and exit.
+    Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
+    telemetry::init(&config.log);
+    match cli.command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            app::migrate(&config).await?;
+            tracing::info!(database = %app::redact(&config.database.url), "migrations applied");
+            Ok(())
+        }
+        Command::Config => {
+            println!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let herald = Herald::start(config).await?;
+    let base = format!("http://{}", herald.http_addr());
+    tracing::info!("Herald is running");
+    println!("Herald is running:");
+    println!("  API          {base}/api/v1");
+    println!("  Swagger UI   {base}/api/docs");
+    println!("  OpenAPI spec {base}/api/openapi.json");
+    println!("  Health       {base}/health");
+    println!("  Metrics      {base}/metrics");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    herald.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,135 @@
+//! Queries on `notifications` and their attempts.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+};
+use uuid::Uuid;
+
+use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
+
+/// A notification to store as accepted.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    /// Id (UUIDv7).
+    pub id: Uuid,
+    /// The caller's idempotency key.
+    pub request_id: Option<String>,
+    /// Known customer's external id.
+    pub customer_id: Option<String>,
+    /// Partitioning key.
+    pub recipient_key: String,
+    /// Inline contacts (JSON).
+    pub contacts: serde_json::Value,
+    /// Category name.
+    pub category: String,
+    /// Channel chain (JSON array).
+    pub channels: serde_json::Value,
+    /// Content (JSON).
+    pub content: serde_json::Value,
+    /// Initial status (`queued`, or `scheduled`).
+    pub status: NotificationStatus,
+    /// When due, for scheduled ones.
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Acceptance time.
+    pub created_at: DateTime<Utc>,
+}
+
+/// The outcome of storing a new notification.
+#[derive(Debug)]
+pub enum Inserted {
+    /// Stored as new.
+    New(notification::Model),
+    /// A notification with the same request id exists already; here it is.
+    Duplicate(notification::Model),
+}
+
+/// Stores a new notification. A repeated request id is detected by the unique constraint (not by a
+/// check before inserting), so concurrent duplicates resolve to one row.
+pub async fn insert(
+    db: &impl ConnectionTrait,
+    new: NewNotification,
+) -> Result<Inserted, RepoError> {
+    let request_id = new.request_id.clone();
+    let row = notification::ActiveModel {
+        id: Set(new.id),
+        request_id: Set(new.request_id),
+        customer_id: Set(new.customer_id),
+        recipient_key: Set(new.recipient_key),
+        contacts: Set(new.contacts),
+        category: Set(new.category),
+        channels: Set(new.channels),
+        content: Set(new.content),
+        status: Set(new.status),
+        status_reason: Set(None),
+        scheduled_at: Set(new.scheduled_at),
+        final_channel: Set(None),
+        attempts: Set(0),
+        error: Set(None),
+        created_at: Set(new.created_at),
+        updated_at: Set(new.created_at),
+        sent_at: Set(None),
+    };
+    match notification::Entity::insert(row)
+        .exec_with_returning(db)
+        .await
+    {
+        Ok(model) => Ok(Inserted::New(model)),
+        Err(err) => match (err.sql_err(), request_id) {
+            (Some(SqlErr::UniqueConstraintViolation(_)), Some(request_id)) => {
+                match find_by_request_id(db, &request_id).await? {
+                    Some(existing) => Ok(Inserted::Duplicate(existing)),
+                    None => Err(err.into()),
+                }
+            }
+            _ => Err(err.into()),
+        },
+    }
+}
+
+/// The notification with this request id, if any.
+pub async fn find_by_request_id(
+    db: &impl ConnectionTrait,
+    request_id: &str,
+) -> Result<Option<notification::Model>, RepoError> {
+    Ok(notification::Entity::find()
+        .filter(notification::Column::RequestId.eq(request_id))
+        .one(db)
+        .await?)
+}
+
+/// The notification with this id, if any.
+pub async fn find(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<notification::Model>, RepoError> {
+    Ok(notification::Entity::find_by_id(id).one(db).await?)
+}
+
+/// The notification and its attempts in the order they were made.
+pub async fn find_with_attempts(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<(notification::Model, Vec<delivery_attempt::Model>)>, RepoError> {
+    let Some(found) = find(db, id).await? else {
+        return Ok(None);
+    };
+    let attempts = delivery_attempt::Entity::find()
+        .filter(delivery_attempt::Column::NotificationId.eq(id))
+        .order_by_asc(delivery_attempt::Column::AttemptNo)
+        .all(db)
+        .await?;
+    Ok(Some((found, attempts)))
+}
+
+/// Removes a notification that was stored but could not be published, so the caller's retry with
+/// the same request id is accepted afresh rather than answered with a notification that never went
+/// out.
+pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
+    notification::Entity::delete_many()
+        .filter(notification::Column::Id.eq(id))
+        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .exec(db)
+        .await?;
+    Ok(())
+}

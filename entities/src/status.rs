@@ -1,0 +1,107 @@
+//! Notification statuses and the transitions allowed between them.
+
+use sea_orm::{DeriveActiveEnum, EnumIter, sea_query::StringLen};
+use serde::{Deserialize, Serialize};
+
+/// Where a notification stands. `queued → processing → sent → delivered`, or one of the other
+/// terminal states.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+#[serde(rename_all = "lowercase")]
+pub enum NotificationStatus {
+    /// Accepted and published, not yet picked up.
+    #[sea_orm(string_value = "queued")]
+    Queued,
+    /// Waiting for its `scheduled_at`.
+    #[sea_orm(string_value = "scheduled")]
+    Scheduled,
+    /// Picked up by a dispatcher; retries keep it here.
+    #[sea_orm(string_value = "processing")]
+    Processing,
+    /// A provider accepted it.
+    #[sea_orm(string_value = "sent")]
+    Sent,
+    /// The provider confirmed delivery (receipt).
+    #[sea_orm(string_value = "delivered")]
+    Delivered,
+    /// Permanently failed on every channel, or bounced.
+    #[sea_orm(string_value = "failed")]
+    Failed,
+    /// Not sent on purpose (opt-out, rate limit); the reason is recorded.
+    #[sea_orm(string_value = "skipped")]
+    Skipped,
+    /// Cancelled before it went out.
+    #[sea_orm(string_value = "cancelled")]
+    Cancelled,
+    /// Gave up after the last retry; a copy is in the dead-letter stream.
+    #[sea_orm(string_value = "dead")]
+    Dead,
+}
+
+impl NotificationStatus {
+    /// The lowercase name, as stored and published.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Scheduled => "scheduled",
+            Self::Processing => "processing",
+            Self::Sent => "sent",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Cancelled => "cancelled",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// Whether nothing more will happen to the notification (a receipt may still move `sent`).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Sent
+                | Self::Delivered
+                | Self::Failed
+                | Self::Skipped
+                | Self::Cancelled
+                | Self::Dead
+        )
+    }
+
+    /// The statuses a notification may move to `self` from. Writes are conditional on these, so a
+    /// late or repeated update (after a redelivery) never moves a notification backwards.
+    pub fn allowed_from(self) -> &'static [NotificationStatus] {
+        use NotificationStatus::*;
+        match self {
+            Queued => &[],
+            Scheduled => &[],
+            Processing => &[Queued, Scheduled, Processing],
+            Sent => &[Queued, Scheduled, Processing],
+            Delivered => &[Sent],
+            Failed => &[Queued, Scheduled, Processing, Sent],
+            Skipped | Dead => &[Queued, Scheduled, Processing],
+            Cancelled => &[Queued, Scheduled],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NotificationStatus::*;
+
+    #[test]
+    fn transitions_only_move_forward() {
+        assert!(Sent.allowed_from().contains(&Processing));
+        assert!(!Processing.allowed_from().contains(&Sent));
+        assert!(!Sent.allowed_from().contains(&Dead));
+        assert!(Delivered.allowed_from() == [Sent]);
+        assert!(!Cancelled.allowed_from().contains(&Processing));
+    }
+
+    #[test]
+    fn final_statuses() {
+        assert!(Sent.is_final() && Dead.is_final() && Skipped.is_final());
+        assert!(!Queued.is_final() && !Processing.is_final() && !Scheduled.is_final());
+    }
+}

@@ -1,0 +1,24 @@
+//! Herald's database migrations, for SQLite and PostgreSQL alike.
+//!
+//! One migration per file (`DeriveMigrationName` names a migration after its file). Run them with
+//! `herald migrate`, or let `herald serve` run them at start-up.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_create_customers;
+mod m20261122_000002_create_notifications;
+mod m20261122_000003_create_delivery_attempts;
+
+/// All of Herald's migrations, in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261122_000001_create_customers::Migration),
+            Box::new(m20261122_000002_create_notifications::Migration),
+            Box::new(m20261122_000003_create_delivery_attempts::Migration),
+        ]
+    }
+}

@@ -1,0 +1,321 @@
+//! Versioned wire messages.
+//!
+//! Every envelope carries `v`, its schema version. A consumer decodes the version first and only
+//! then the body, so an unknown version is told apart from a malformed message: both go to the
+//! dead-letter stream with a precise reason instead of crashing a consumer.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// A delivery channel; a notification walks a chain of these until one carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// Email over SMTP.
+    Email,
+    /// Telegram Bot API message.
+    Telegram,
+    /// SMS through a Twilio-compatible API.
+    Sms,
+    /// Mobile push through an FCM-compatible API.
+    Push,
+    /// Signed HTTP webhook.
+    Webhook,
+}
+
+impl Channel {
+    /// Every channel, in a stable order.
+    pub const ALL: [Channel; 5] = [
+        Channel::Email,
+        Channel::Telegram,
+        Channel::Sms,
+        Channel::Push,
+        Channel::Webhook,
+    ];
+
+    /// The lowercase name used on the wire, in the database and in configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Telegram => "telegram",
+            Channel::Sms => "sms",
+            Channel::Push => "push",
+            Channel::Webhook => "webhook",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(name: &str) -> Option<Channel> {
+        Channel::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a notification is about; preferences, limits and default chains are set per category.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Category {
+    /// Order placed, shipped, delivered: expected by the customer.
+    Transactional,
+    /// Security alerts: critical, never opted out of, never delayed.
+    Security,
+    /// Account matters (welcome, password changed).
+    Account,
+    /// Campaigns and sales: opt-out-able, rate-limited.
+    Marketing,
+}
+
+impl Category {
+    /// Every category, in a stable order.
+    pub const ALL: [Category; 4] = [
+        Category::Transactional,
+        Category::Security,
+        Category::Account,
+        Category::Marketing,
+    ];
+
+    /// The lowercase name used on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Transactional => "transactional",
+            Category::Security => "security",
+            Category::Account => "account",
+            Category::Marketing => "marketing",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(name: &str) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+/// How to reach a recipient on each channel. Absent contacts make that channel unusable, and the
+/// chain moves on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contacts {
+    /// Email address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Phone number in E.164 form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telegram_chat_id: Option<String>,
+    /// Device tokens for push.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push_tokens: Vec<String>,
+    /// URL that receives signed webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+impl Contacts {
+    /// Fills every contact missing here from `other`.
+    pub fn or(mut self, other: &Contacts) -> Contacts {
+        self.email = self.email.or_else(|| other.email.clone());
+        self.phone = self.phone.or_else(|| other.phone.clone());
+        self.telegram_chat_id = self
+            .telegram_chat_id
+            .or_else(|| other.telegram_chat_id.clone());
+        if self.push_tokens.is_empty() {
+            self.push_tokens = other.push_tokens.clone();
+        }
+        self.webhook_url = self.webhook_url.or_else(|| other.webhook_url.clone());
+        self
+    }
+
+    /// Whether this set holds a way to reach the recipient on `channel`.
+    pub fn reaches(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Email => self.email.is_some(),
+            Channel::Telegram => self.telegram_chat_id.is_some(),
+            Channel::Sms => self.phone.is_some(),
+            Channel::Push => !self.push_tokens.is_empty(),
+            Channel::Webhook => self.webhook_url.is_some(),
+        }
+    }
+}
+
+/// The rendered message: a subject for channels that have one, a plain text that every channel can
+/// carry, and an optional HTML body for email.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    /// Subject line (email, push title).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Plain text body.
+    pub text: String,
+    /// HTML body for email.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+}
+
+/// A command to deliver one notification, published on `notify.cmd.<partition>` with the
+/// notification id as `Nats-Msg-Id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendCommand {
+    /// Schema version, [`SCHEMA_VERSION`] when written by this build.
+    pub v: u16,
+    /// The notification's id; also the provider idempotency key.
+    pub notification_id: Uuid,
+    /// The customer's external id, when the recipient is a known customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    /// Contacts given with the request; they take precedence over the customer's stored ones.
+    #[serde(default)]
+    pub contacts: Contacts,
+    /// What the notification is about.
+    pub category: Category,
+    /// Channels to try, in order.
+    pub channels: Vec<Channel>,
+    /// The message to send.
+    pub content: Content,
+    /// When the notification was accepted.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Why a message could not be decoded; the reason goes into the dead letter's headers.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandDecodeError {
+    /// Not JSON, or JSON without a numeric `v`.
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// A version this build does not read.
+    #[error("unknown schema version {0} (this build reads {SCHEMA_VERSION})")]
+    UnknownVersion(u64),
+    /// The right version but a body that does not fit it.
+    #[error("invalid body for schema version {SCHEMA_VERSION}: {0}")]
+    InvalidBody(String),
+}
+
+impl SendCommand {
+    /// Encodes the command as JSON.
+    pub fn encode(&self) -> Result<bytes::Bytes, serde_json::Error> {
+        serde_json::to_vec(self).map(bytes::Bytes::from)
+    }
+
+    /// Decodes a command, telling a malformed message from an unknown version.
+    pub fn decode(payload: &[u8]) -> Result<SendCommand, CommandDecodeError> {
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            v: u64,
+        }
+        let version: VersionOnly = serde_json::from_slice(payload)
+            .map_err(|e| CommandDecodeError::Malformed(e.to_string()))?;
+        if version.v != u64::from(SCHEMA_VERSION) {
+            return Err(CommandDecodeError::UnknownVersion(version.v));
+        }
+        serde_json::from_slice(payload).map_err(|e| CommandDecodeError::InvalidBody(e.to_string()))
+    }
+}
+
+/// A status transition, published on `notify.status.<status>` for observers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    /// Schema version.
+    pub v: u16,
+    /// The notification concerned.
+    pub notification_id: Uuid,
+    /// The new status (`sent`, `failed`, `dead`, ...).
+    pub status: String,
+    /// The channel that carried it, when sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the transition happened.
+    pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command() -> SendCommand {
+        SendCommand {
+            v: SCHEMA_VERSION,
+            notification_id: Uuid::now_v7(),
+            customer_id: Some("c-1".into()),
+            contacts: Contacts {
+                email: Some("a@example.com".into()),
+                ..Contacts::default()
+            },
+            category: Category::Transactional,
+            channels: vec![Channel::Telegram, Channel::Email],
+            content: Content {
+                subject: Some("Hi".into()),
+                text: "Hello".into(),
+                html: None,
+            },
+            created_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn command_round_trips() {
+        let cmd = command();
+        let bytes = cmd.encode().unwrap();
+        assert_eq!(SendCommand::decode(&bytes).unwrap(), cmd);
+    }
+
+    #[test]
+    fn decode_tells_malformed_from_unknown_version_from_bad_body() {
+        assert!(matches!(
+            SendCommand::decode(b"not json"),
+            Err(CommandDecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            SendCommand::decode(br#"{"v": 99, "anything": 1}"#),
+            Err(CommandDecodeError::UnknownVersion(99))
+        ));
+        assert!(matches!(
+            SendCommand::decode(br#"{"v": 1, "notification_id": "nope"}"#),
+            Err(CommandDecodeError::InvalidBody(_))
+        ));
+        assert!(matches!(
+            SendCommand::decode(&[0xff, 0xfe, 0x00]),
+            Err(CommandDecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn channel_and_category_names_round_trip() {
+        for c in Channel::ALL {
+            assert_eq!(Channel::parse(c.as_str()), Some(c));
+            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{c}\""));
+        }
+        for c in Category::ALL {
+            assert_eq!(Category::parse(c.as_str()), Some(c));
+        }
+        assert_eq!(Channel::parse("pigeon"), None);
+    }
+
+    #[test]
+    fn contacts_merge_prefers_own_values() {
+        let own = Contacts {
+            email: Some("own@example.com".into()),
+            ..Contacts::default()
+        };
+        let stored = Contacts {
+            email: Some("stored@example.com".into()),
+            phone: Some("+4915100000".into()),
+            ..Contacts::default()
+        };
+        let merged = own.or(&stored);
+        assert_eq!(merged.email.as_deref(), Some("own@example.com"));
+        assert_eq!(merged.phone.as_deref(), Some("+4915100000"));
+        assert!(merged.reaches(Channel::Sms) && !merged.reaches(Channel::Telegram));
+    }
+}

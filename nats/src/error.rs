@@ -1,0 +1,28 @@
+//! Errors of the NATS layer.
+
+/// What can go wrong talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// The client could not connect to the server.
+    #[error("cannot connect to NATS: {0}")]
+    Connect(String),
+    /// A stream or consumer could not be created or read.
+    #[error("cannot provision JetStream {what}: {reason}")]
+    Provision {
+        /// The stream or consumer concerned.
+        what: String,
+        /// The server's or client's reason.
+        reason: String,
+    },
+    /// A publish was not acknowledged by JetStream.
+    #[error("JetStream did not accept the message on {subject}: {reason}")]
+    Publish {
+        /// The subject published to.
+        subject: String,
+        /// The server's or client's reason.
+        reason: String,
+    },
+    /// A message could not be encoded.
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] serde_json::Error),
+}

@@ -1,0 +1,32 @@
+//! Herald's NATS layer.
+//!
+//! Everything that knows a subject name, a stream's shape or the bytes of a message lives here:
+//! [`subjects`] names the subjects, [`streams`] provisions the JetStream streams and durable
+//! consumers of the design idempotently, [`envelope`] defines the versioned wire messages, and
+//! [`publish`] publishes them with `Nats-Msg-Id` so JetStream de-duplicates repeats.
+
+pub mod envelope;
+pub mod error;
+pub mod publish;
+pub mod streams;
+pub mod subjects;
+
+pub use envelope::{
+    Category, Channel, CommandDecodeError, Contacts, Content, SCHEMA_VERSION, SendCommand,
+    StatusEvent,
+};
+pub use error::NatsError;
+pub use publish::Publisher;
+pub use streams::{Provisioned, StreamSettings, provision};
+
+/// Connects to NATS with a client name and unlimited reconnects, so the engine rides out a
+/// restart of the server instead of failing.
+pub async fn connect(url: &str, client_name: &str) -> Result<async_nats::Client, NatsError> {
+    async_nats::ConnectOptions::new()
+        .name(client_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(|e| NatsError::Connect(e.to_string()))
+}

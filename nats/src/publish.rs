@@ -1,0 +1,133 @@
+//! Publishing with JetStream acknowledgement and `Nats-Msg-Id` de-duplication.
+
+use async_nats::{HeaderMap, jetstream};
+use bytes::Bytes;
+
+use crate::{NatsError, SendCommand, StatusEvent, subjects};
+
+/// Publishes Herald's messages on JetStream. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    partitions: u32,
+}
+
+impl Publisher {
+    /// A publisher over `js` that spreads send commands over `partitions` subjects.
+    pub fn new(js: jetstream::Context, partitions: u32) -> Self {
+        Self {
+            js,
+            partitions: partitions.max(1),
+        }
+    }
+
+    /// The JetStream context underneath.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Number of command partitions.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Publishes a send command on its recipient's partition, with the notification id as
+    /// `Nats-Msg-Id`, and waits until JetStream has stored it.
+    pub async fn publish_command(
+        &self,
+        recipient_key: &str,
+        command: &SendCommand,
+    ) -> Result<(), NatsError> {
+        let subject =
+            subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
+        let id = command.notification_id.to_string();
+        self.publish_with_id(subject, &id, HeaderMap::new(), command.encode()?)
+            .await
+    }
+
+    /// Publishes a status transition for observers. The id makes a repeated transition (after a
+    /// redelivery) a duplicate that JetStream drops.
+    pub async fn publish_status(&self, event: &StatusEvent) -> Result<(), NatsError> {
+        let id = format!("{}:{}", event.notification_id, event.status);
+        let payload = Bytes::from(serde_json::to_vec(event)?);
+        self.publish_with_id(
+            subjects::status_subject(&event.status),
+            &id,
+            HeaderMap::new(),
+            payload,
+        )
+        .await
+    }
+
+    /// Copies a message to the dead-letter stream with its reason and origin in headers.
+    pub async fn publish_dead_letter(
+        &self,
+        source: &str,
+        original_subject: &str,
+        deliveries: u64,
+        reason: &str,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), NatsError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::HEADER_DLQ_REASON, header_safe(reason).as_str());
+        headers.insert(
+            subjects::HEADER_DLQ_ORIGINAL_SUBJECT,
+            header_safe(original_subject).as_str(),
+        );
+        headers.insert(
+            subjects::HEADER_DLQ_DELIVERIES,
+            deliveries.to_string().as_str(),
+        );
+        self.publish_with_id(subjects::dlq_subject(source), msg_id, headers, payload)
+            .await
+    }
+
+    async fn publish_with_id(
+        &self,
+        subject: String,
+        msg_id: &str,
+        mut headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<(), NatsError> {
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        let failed = |reason: String| NatsError::Publish {
+            subject: subject.clone(),
+            reason,
+        };
+        self.js
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Header values are one line of visible ASCII; reasons and subjects from outside may not be.
+fn header_safe(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(512)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_safe;
+
+    #[test]
+    fn header_values_are_single_line_ascii() {
+        assert_eq!(header_safe("bad\r\nInjected: x"), "bad??Injected: x");
+        assert_eq!(header_safe("caf\u{e9}"), "caf?");
+        assert_eq!(header_safe(&"x".repeat(600)).len(), 512);
+    }
+}

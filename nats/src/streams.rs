@@ -1,0 +1,158 @@
+//! Idempotent provisioning of the streams and durable consumers of the design.
+//!
+//! Provisioning runs at every start-up of every instance: streams are created or updated to the
+//! configured shape, consumers are created if absent and bound otherwise, so instances that start
+//! together converge on the same objects.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{self, AckPolicy, PullConsumer},
+    stream::{self, RetentionPolicy, StorageType},
+};
+
+use crate::{NatsError, subjects};
+
+/// Shape of the streams and consumers, from configuration.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Replicas per stream (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+    /// How long JetStream remembers a `Nats-Msg-Id` on `NOTIFY` (design: at least two minutes).
+    pub dedup_window: Duration,
+    /// How long domain events are kept on `EVENTS`.
+    pub events_max_age: Duration,
+    /// How long dead letters are kept on `NOTIFY_DLQ`.
+    pub dlq_max_age: Duration,
+    /// How long status transitions are kept on `NOTIFY_STATUS`.
+    pub status_max_age: Duration,
+    /// How long a delivered command may stay unacknowledged before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// Most unacknowledged commands the dispatch consumer allows at once (across instances).
+    pub max_ack_pending: i64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            dedup_window: Duration::from_secs(120),
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            status_max_age: Duration::from_secs(24 * 3600),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// The consumers Herald pulls from once provisioning is done.
+pub struct Provisioned {
+    /// `herald-dispatch` on `NOTIFY`.
+    pub dispatch: PullConsumer,
+    /// `herald-router` on `EVENTS`.
+    pub router: PullConsumer,
+}
+
+/// The four stream configurations of the design.
+pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
+    let base = |name: &str, subject: &str, max_age: Duration| stream::Config {
+        name: name.to_string(),
+        subjects: vec![subject.to_string()],
+        storage: StorageType::File,
+        num_replicas: settings.replicas,
+        max_age,
+        duplicate_window: settings.dedup_window,
+        ..Default::default()
+    };
+    [
+        base(
+            subjects::EVENTS_STREAM,
+            subjects::EVENTS_ALL,
+            settings.events_max_age,
+        ),
+        stream::Config {
+            retention: RetentionPolicy::WorkQueue,
+            ..base(
+                subjects::NOTIFY_STREAM,
+                subjects::COMMANDS_ALL,
+                Duration::ZERO,
+            )
+        },
+        base(
+            subjects::DLQ_STREAM,
+            subjects::DLQ_ALL,
+            settings.dlq_max_age,
+        ),
+        base(
+            subjects::STATUS_STREAM,
+            subjects::STATUS_ALL,
+            settings.status_max_age,
+        ),
+    ]
+}
+
+/// Creates or updates the streams and creates or binds the durable consumers.
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<Provisioned, NatsError> {
+    for config in stream_configs(settings) {
+        let name = config.name.clone();
+        js.create_or_update_stream(config)
+            .await
+            .map_err(|e| NatsError::Provision {
+                what: format!("stream {name}"),
+                reason: e.to_string(),
+            })?;
+    }
+    let dispatch = durable(
+        js,
+        subjects::NOTIFY_STREAM,
+        subjects::DISPATCH_CONSUMER,
+        subjects::COMMANDS_ALL,
+        settings,
+    )
+    .await?;
+    let router = durable(
+        js,
+        subjects::EVENTS_STREAM,
+        subjects::ROUTER_CONSUMER,
+        subjects::EVENTS_ALL,
+        settings,
+    )
+    .await?;
+    Ok(Provisioned { dispatch, router })
+}
+
+async fn durable(
+    js: &jetstream::Context,
+    stream_name: &str,
+    durable_name: &str,
+    filter: &str,
+    settings: &StreamSettings,
+) -> Result<PullConsumer, NatsError> {
+    let failed = |e: &dyn std::fmt::Display| NatsError::Provision {
+        what: format!("consumer {durable_name} on {stream_name}"),
+        reason: e.to_string(),
+    };
+    let stream = js.get_stream(stream_name).await.map_err(|e| failed(&e))?;
+    stream
+        .get_or_create_consumer(
+            durable_name,
+            consumer::pull::Config {
+                durable_name: Some(durable_name.to_string()),
+                filter_subject: filter.to_string(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: settings.ack_wait,
+                // Herald counts attempts itself (delivery count) and dead-letters after its own
+                // maximum, so JetStream never silently drops a message.
+                max_deliver: -1,
+                max_ack_pending: settings.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| failed(&e))
+}

@@ -1,0 +1,100 @@
+//! Subject and stream names, and the partitioning of send commands by recipient.
+
+/// Stream of domain events from producers (`events.>`).
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// Work-queue stream of send commands (`notify.cmd.>`).
+pub const NOTIFY_STREAM: &str = "NOTIFY";
+/// Stream of dead letters (`notify.dlq.>`).
+pub const DLQ_STREAM: &str = "NOTIFY_DLQ";
+/// Stream of status transitions for observers (`notify.status.>`).
+pub const STATUS_STREAM: &str = "NOTIFY_STATUS";
+
+/// Wildcard of all domain events.
+pub const EVENTS_ALL: &str = "events.>";
+/// Wildcard of all send commands.
+pub const COMMANDS_ALL: &str = "notify.cmd.>";
+/// Wildcard of all dead letters.
+pub const DLQ_ALL: &str = "notify.dlq.>";
+/// Wildcard of all status transitions.
+pub const STATUS_ALL: &str = "notify.status.>";
+
+/// Durable consumer of the router on [`EVENTS_STREAM`].
+pub const ROUTER_CONSUMER: &str = "herald-router";
+/// Durable consumer of the dispatchers on [`NOTIFY_STREAM`].
+pub const DISPATCH_CONSUMER: &str = "herald-dispatch";
+
+/// Header naming why a message was dead-lettered.
+pub const HEADER_DLQ_REASON: &str = "Herald-Dlq-Reason";
+/// Header naming the subject a dead letter was first published on.
+pub const HEADER_DLQ_ORIGINAL_SUBJECT: &str = "Herald-Original-Subject";
+/// Header carrying how many times the message had been delivered when it was dead-lettered.
+pub const HEADER_DLQ_DELIVERIES: &str = "Herald-Deliveries";
+
+/// Subject of the send commands of one partition: `notify.cmd.<partition>`.
+pub fn command_subject(partition: u32) -> String {
+    format!("notify.cmd.{partition}")
+}
+
+/// Subject a status transition is published on: `notify.status.<status>`.
+pub fn status_subject(status: &str) -> String {
+    format!("notify.status.{status}")
+}
+
+/// Subject a dead letter is published on: `notify.dlq.<source>`, where source names the consumer
+/// that gave up on it (`cmd` for send commands, `events` for domain events).
+pub fn dlq_subject(source: &str) -> String {
+    format!("notify.dlq.{source}")
+}
+
+/// The partition a recipient's commands go to, stable across processes and releases
+/// (FNV-1a; `std`'s hasher is randomly seeded per process and would move users between partitions).
+pub fn partition_for(recipient_key: &str, partitions: u32) -> u32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = recipient_key
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_stable_and_in_range() {
+        // Fixed expectations: a change here would move users between partitions on upgrade.
+        assert_eq!(
+            partition_for("customer-42", 8),
+            partition_for("customer-42", 8)
+        );
+        assert_eq!(partition_for("", 8), 0xcbf2_9ce4_8422_2325_u64 as u32 % 8);
+        for key in ["a", "b", "customer-1", "x@example.com"] {
+            assert!(partition_for(key, 8) < 8);
+        }
+        assert_eq!(
+            partition_for("anything", 0),
+            0,
+            "zero partitions is treated as one"
+        );
+    }
+
+    #[test]
+    fn partitions_spread_recipients() {
+        let mut counts = [0u32; 8];
+        for i in 0..8000 {
+            counts[partition_for(&format!("customer-{i}"), 8) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn subjects_have_the_designed_shape() {
+        assert_eq!(command_subject(3), "notify.cmd.3");
+        assert_eq!(status_subject("sent"), "notify.status.sent");
+        assert_eq!(dlq_subject("cmd"), "notify.dlq.cmd");
+    }
+}
