@@ -70,9 +70,27 @@ pub async fn deliver(
         }
     };
     let id = command.notification_id;
-    if delivered > 1 && already_final(&ctx.db, id).await {
-        let _ = acker.ack().await;
-        return;
+    match stored_status(&ctx.db, id).await {
+        Ok(Some(status)) if !status.is_final() => {}
+        Ok(Some(_)) => {
+            // A redelivery of a command whose outcome is already written.
+            let _ = acker.ack().await;
+            return;
+        }
+        Ok(None) => {
+            // Never stored, or not accepted (the API answered 503 and removed it): sending would
+            // deliver something nobody was promised.
+            tracing::warn!(%id, "command for an unknown notification; dropped");
+            metrics::counter!("herald_unknown_commands_total").increment(1);
+            let _ = acker.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot read the notification; retrying later");
+            let delay = ctx.retry.delay(delivered, None, rand::random());
+            let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+            return;
+        }
     }
     write(
         &ctx,
@@ -167,8 +185,11 @@ pub fn stored_contacts(customer: &customer::Model) -> Contacts {
     }
 }
 
-async fn already_final(db: &DatabaseConnection, id: uuid::Uuid) -> bool {
-    matches!(repo::notifications::find(db, id).await, Ok(Some(n)) if n.status.is_final())
+async fn stored_status(
+    db: &DatabaseConnection,
+    id: uuid::Uuid,
+) -> Result<Option<NotificationStatus>, herald_entities::RepoError> {
+    repo::notifications::status_of(db, id).await
 }
 
 /// The result of walking the chain once.

@@ -30,7 +30,7 @@ enum NotificationTags {
 
 /// A delivery channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "Channel", rename_all = "lowercase")]
 pub enum ApiChannel {
     /// Email.
     Email,
@@ -58,7 +58,7 @@ impl From<ApiChannel> for Channel {
 
 /// What a notification is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
+#[oai(rename = "Category", rename_all = "lowercase")]
 pub enum ApiCategory {
     /// Orders and payments.
     Transactional,

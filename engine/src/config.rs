@@ -8,6 +8,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+pub use herald_actors::channel::email::SmtpSecurity;
 use herald_actors::{
     channel::{ChannelSettings, email::EmailConfig},
     retry::RetryPolicy,

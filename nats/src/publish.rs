@@ -83,6 +83,11 @@ impl Publisher {
             .await
     }
 
+    /// Whether the client is connected to a server right now.
+    pub fn is_connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
     async fn publish_with_id(
         &self,
         subject: String,
@@ -95,6 +100,11 @@ impl Publisher {
             subject: subject.clone(),
             reason,
         };
+        // While disconnected the client would buffer the message and send it after reconnecting,
+        // possibly long after the caller was told it failed. Refuse at once instead.
+        if !self.is_connected() {
+            return Err(failed("not connected to NATS".into()));
+        }
         self.js
             .publish_with_headers(subject.clone(), headers, payload)
             .await

@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, SqlErr,
 };
 use uuid::Uuid;
 
@@ -104,6 +105,19 @@ pub async fn find(
     id: Uuid,
 ) -> Result<Option<notification::Model>, RepoError> {
     Ok(notification::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Only the status of a notification (the dispatcher's check before sending).
+pub async fn status_of(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<NotificationStatus>, RepoError> {
+    Ok(notification::Entity::find_by_id(id)
+        .select_only()
+        .column(notification::Column::Status)
+        .into_tuple::<NotificationStatus>()
+        .one(db)
+        .await?)
 }
 
 /// The notification and its attempts in the order they were made.

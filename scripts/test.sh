@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs Herald's whole test suite: formatting, lints, unit tests, and the end-to-end suite against
+# real nats-server processes, a real SMTP sink, SQLite and PostgreSQL. Installs and starts what
+# the tests need (nats-server, PostgreSQL, a Rust toolchain) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+
+ensure_rust
+ensure_packages nats-server postgresql
+if ! pg_lsclusters -h 2>/dev/null | grep -q online; then
+  log "starting PostgreSQL"
+  cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')
+  [ -n "$cluster" ] || die "no PostgreSQL cluster found"
+  # shellcheck disable=SC2086
+  as_root pg_ctlcluster --skip-systemctl-redirect $cluster start
+fi
+pg_user=${HERALD_TEST_PG_USER:-$(id -un)}
+if ! psql -h /var/run/postgresql -U "$pg_user" -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+  log "creating PostgreSQL role $pg_user"
+  as_root su postgres -c "createuser --superuser '$pg_user'" || true
+fi
+export HERALD_TEST_PG_USER=$pg_user
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "tests (SQLite)"
+HERALD_TEST_DB=sqlite cargo test --workspace --locked
+log "end-to-end tests (PostgreSQL)"
+HERALD_TEST_DB=postgres cargo test --locked -p herald-tests
+log "all tests passed"

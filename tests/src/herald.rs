@@ -1,0 +1,138 @@
+//! Herald itself, started in-process on port 0 against the harness's real servers, with a small
+//! HTTP client for its API.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_engine::{Config, Herald, config::SmtpSecurity};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::{NatsServer, SmtpSink, TestDatabase, eventually};
+
+/// How long end-to-end waits last before failing.
+pub const E2E_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A configuration for a test: HTTP on a free port, the given NATS and database, email to the SMTP
+/// sink over plain TCP, fast retries and short circuit cool-downs so failure paths finish quickly.
+pub fn test_config(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Config {
+    let mut config = Config::default();
+    config.http.bind = "127.0.0.1:0".into();
+    config.nats.url = nats.url();
+    config.database.url = db.url().to_string();
+    config.channels.email.smtp_host = Some(smtp.host().to_string());
+    config.channels.email.smtp_port = Some(smtp.port());
+    config.channels.email.security = SmtpSecurity::None;
+    config.channels.email.from = "Shop <shop@example.com>".into();
+    config.channels.email.timeout_ms = 5_000;
+    config.dispatch.retry.base_delay_ms = 200;
+    config.dispatch.retry.max_delay_ms = 1_000;
+    config.dispatch.shutdown_grace_secs = 5;
+    config
+}
+
+/// A running Herald and a client for its API.
+pub struct TestHerald {
+    herald: Option<Herald>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl TestHerald {
+    /// Starts Herald with `config`.
+    pub async fn start(config: Config) -> anyhow::Result<TestHerald> {
+        crate::init_tracing();
+        herald_engine::app::process_init();
+        let herald = Herald::start(config)
+            .await
+            .context("herald did not start")?;
+        let base = format!("http://{}", herald.http_addr());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("http client")?;
+        Ok(TestHerald {
+            herald: Some(herald),
+            base,
+            http,
+        })
+    }
+
+    /// The running application.
+    pub fn app(&self) -> &Herald {
+        self.herald
+            .as_ref()
+            .expect("herald is running until shutdown")
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `POST /api/v1/notifications`; returns the status and the JSON body.
+    pub async fn send(&self, body: &Value) -> (StatusCode, Value) {
+        self.post("/api/v1/notifications", body).await
+    }
+
+    /// POSTs JSON to a path; returns the status and the JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
+        let status = response.status();
+        let json = response.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    /// GETs a path; returns the status and the JSON body.
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
+        let status = response.status();
+        let json = response.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    /// Sends and asserts 202; returns the notification id.
+    pub async fn send_accepted(&self, body: &Value) -> String {
+        let (status, json) = self.send(body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "send not accepted: {json}");
+        json["id"].as_str().expect("id in answer").to_string()
+    }
+
+    /// Waits until the notification reaches `status`; returns its JSON.
+    pub async fn wait_status(&self, id: &str, status: &str) -> Value {
+        let path = format!("/api/v1/notifications/{id}");
+        eventually(
+            &format!("notification {id} to become {status}"),
+            E2E_TIMEOUT,
+            || async {
+                let (_, json) = self.get(&path).await;
+                (json["status"] == status).then_some(json)
+            },
+        )
+        .await
+    }
+
+    /// Graceful shutdown.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        match self.herald.take() {
+            Some(herald) => herald.shutdown().await,
+            None => Ok(()),
+        }
+    }
+}

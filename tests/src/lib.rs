@@ -1,0 +1,49 @@
+//! End-to-end test harness for Herald: real external parts, one set per test.
+//!
+//! Each piece is started by the test that needs it and torn down when dropped, so
+//! tests run in parallel without sharing state:
+//!
+//! - [`NatsServer`]: a `nats-server -js` child process on a free loopback port, with
+//!   its file store in a temporary directory; it can be killed and restarted on the same
+//!   port and store to test recovery.
+//! - [`SmtpSink`]: a real SMTP server on `127.0.0.1:0` that keeps every accepted message
+//!   ([`ReceivedMail`]), with injectable rejections and outages.
+//! - [`TestDatabase`]: a fresh SQLite file or a fresh PostgreSQL database, chosen with
+//!   `HERALD_TEST_DB=sqlite|postgres` so the same suite runs against both.
+//! - [`eventually`]: the bounded wait for a state of an external system.
+//!
+//! Waiting is always bounded and fails with a message saying what was awaited; nothing
+//! sleeps to synchronise.
+//!
+//! Environment: `NATS_SERVER_BIN` (default `/usr/sbin/nats-server`), `HERALD_TEST_DB`,
+//! `HERALD_TEST_PG_HOST` (default `/var/run/postgresql`), `HERALD_TEST_PG_USER`
+//! (default `root`), `RUST_LOG` (default `warn`, see [`init_tracing`]).
+
+pub mod database;
+pub mod herald;
+pub mod nats_server;
+pub mod smtp_sink;
+pub mod wait;
+
+pub use database::{DatabaseKind, PgServer, TestDatabase};
+pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
+pub use nats_server::NatsServer;
+pub use smtp_sink::{ReceivedMail, RejectStage, SmtpSink};
+pub use wait::{eventually, free_port};
+
+use std::sync::Once;
+
+/// Installs a tracing subscriber that writes through the test harness's captured
+/// output, filtered by `RUST_LOG` (default `warn`). Safe to call from every test.
+pub fn init_tracing() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        // Another subscriber may already be installed by the test itself: keep it.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}

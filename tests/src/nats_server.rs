@@ -1,0 +1,332 @@
+//! A real `nats-server` process with JetStream, one per test.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use crate::wait::free_port;
+
+/// Environment variable naming the `nats-server` binary to run.
+pub const NATS_SERVER_BIN_ENV: &str = "NATS_SERVER_BIN";
+/// Where Debian's `nats-server` package installs the binary.
+const DEBIAN_BIN: &str = "/usr/sbin/nats-server";
+/// How long a start may take until JetStream answers.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a graceful stop may take before the process is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many fresh ports [`NatsServer::start`] tries when the chosen one was taken.
+const PORT_ATTEMPTS: usize = 5;
+/// How many lines of the server log an error message carries.
+const LOG_TAIL_LINES: usize = 30;
+
+/// A `nats-server -js` child process listening on a loopback port, with its
+/// JetStream file store and log in a temporary directory that lives as long as this value.
+///
+/// The process is killed when the value is dropped. [`NatsServer::kill`] and
+/// [`NatsServer::restart`] simulate a crash and recovery: the port and the store
+/// directory stay the same, so file-backed streams survive.
+#[derive(Debug)]
+pub struct NatsServer {
+    bin: PathBuf,
+    port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+/// Why one attempt to bring the server up failed.
+enum StartError {
+    /// The port was taken by someone else between choosing and binding it.
+    PortInUse(anyhow::Error),
+    /// Anything else: not worth retrying.
+    Other(anyhow::Error),
+}
+
+impl NatsServer {
+    /// Starts a server on a free loopback port and waits (at most 10 s) until it
+    /// accepts connections and JetStream answers an account query.
+    ///
+    /// The binary is `$NATS_SERVER_BIN`, else `/usr/sbin/nats-server` when it exists,
+    /// else `nats-server` from `PATH`.
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("herald-nats-")
+            .tempdir()
+            .context("creating a temporary directory for nats-server")?;
+        let mut server = Self {
+            bin: server_binary(),
+            port: 0,
+            dir,
+            child: None,
+        };
+        let mut last_error = None;
+        for _ in 0..PORT_ATTEMPTS {
+            server.port = free_port()?;
+            match server.spawn_and_wait().await {
+                Ok(()) => return Ok(server),
+                Err(StartError::PortInUse(error)) => last_error = Some(error),
+                Err(StartError::Other(error)) => return Err(error),
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context(format!(
+                "nats-server found no free port in {PORT_ATTEMPTS} attempts"
+            )))
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The loopback port the server listens on; it stays the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory (`-sd`), kept across restarts.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The file that collects the server's stdout and stderr across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    /// The last `lines` lines of the server log (empty when there is none yet).
+    pub fn log_tail(&self, lines: usize) -> String {
+        log_tail(&self.log_path(), lines)
+    }
+
+    /// Connects a plain client to the server.
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        async_nats::connect(self.url())
+            .await
+            .with_context(|| format!("connecting to nats-server at {}", self.url()))
+    }
+
+    /// Whether the server process is running (it was started and has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and waits until it has exited.
+    /// Does nothing when the server is not running.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.context("killing nats-server")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the process gracefully (SIGINT: nats-server flushes and exits) and waits
+    /// until it has exited; kills it if it is still running after 10 s.
+    /// Does nothing when the server is not running.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = child.id() {
+            let pid = i32::try_from(pid).context("nats-server pid does not fit in i32")?;
+            // ESRCH means it already exited; wait() below reaps it either way.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGINT);
+        }
+        match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+            Ok(status) => {
+                status.context("waiting for nats-server to exit")?;
+                Ok(())
+            }
+            Err(_) => {
+                child.kill().await.context("killing nats-server")?;
+                bail!(
+                    "nats-server did not stop within {STOP_TIMEOUT:?} of SIGINT and was killed; log tail:\n{}",
+                    self.log_tail(LOG_TAIL_LINES)
+                )
+            }
+        }
+    }
+
+    /// Starts the server again on the same port with the same store directory, after
+    /// stopping it gracefully if it is still running, and waits until JetStream answers.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await?;
+        let mut last_error = None;
+        // The old socket is closed, but a client elsewhere may grab the port in the
+        // short window; a few attempts make a transient clash visible in the error.
+        for _ in 0..3 {
+            match self.spawn_and_wait().await {
+                Ok(()) => return Ok(()),
+                Err(StartError::PortInUse(error)) => last_error = Some(error),
+                Err(StartError::Other(error)) => return Err(error),
+            }
+        }
+        Err(last_error
+            .unwrap_or_else(|| anyhow!("no attempt made"))
+            .context(format!("restarting nats-server on port {}", self.port)))
+    }
+
+    /// Spawns the process on `self.port` and waits until JetStream answers.
+    async fn spawn_and_wait(&mut self) -> Result<(), StartError> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("opening {}", self.log_path().display()))
+            .map_err(StartError::Other)?;
+        let log_start = log
+            .metadata()
+            .map(|metadata| metadata.len())
+            .unwrap_or_default();
+        let stderr = log
+            .try_clone()
+            .context("duplicating the log file handle")
+            .map_err(StartError::Other)?;
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "spawning {} (install Debian's nats-server package or set {NATS_SERVER_BIN_ENV})",
+                    self.bin.display()
+                )
+            })
+            .map_err(StartError::Other)?;
+        self.child = Some(child);
+        match self.wait_ready().await {
+            Ok(()) => Ok(()),
+            Err(exited) => {
+                // Never leave a half-started process behind.
+                if let Some(mut child) = self.child.take() {
+                    let _ = child.kill().await;
+                }
+                let new_log = log_since(&self.log_path(), log_start);
+                let error = anyhow!(
+                    "nats-server on port {} did not become ready: {exited}; log tail:\n{}",
+                    self.port,
+                    self.log_tail(LOG_TAIL_LINES)
+                );
+                if new_log.contains("address already in use") {
+                    Err(StartError::PortInUse(error))
+                } else {
+                    Err(StartError::Other(error))
+                }
+            }
+        }
+    }
+
+    /// Polls until a client can connect and query the JetStream account, the process
+    /// exits, or [`READY_TIMEOUT`] passes. The error is a short reason.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut backoff = Duration::from_millis(10);
+        let mut last_failure = String::from("not tried");
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Err(format!("the process exited with {status}"));
+            }
+            match tokio::time::timeout_at(deadline, jetstream_answers(&self.url())).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(error)) => last_failure = format!("{error:#}"),
+                Err(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "no JetStream answer within {READY_TIMEOUT:?} (last failure: {last_failure})"
+                ));
+            }
+            tokio::time::sleep(backoff.min(deadline - now)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// The exit status when the process has exited.
+    fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            // kill_on_drop would do it too; this makes the intent explicit.
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Connects once and asks JetStream for the account info.
+///
+/// The raw `$JS.API.INFO` request is used rather than `query_account()`: async-nats
+/// 0.51 cannot deserialise the account info of nats-server 2.9.
+async fn jetstream_answers(url: &str) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(1))
+        .connect(url)
+        .await
+        .context("connect")?;
+    let reply = client
+        .request("$JS.API.INFO", "".into())
+        .await
+        .context("JetStream account info request")?;
+    let info: serde_json::Value =
+        serde_json::from_slice(&reply.payload).context("JetStream account info reply")?;
+    if let Some(error) = info.get("error") {
+        bail!("JetStream answered with an error: {error}");
+    }
+    Ok(())
+}
+
+/// `$NATS_SERVER_BIN`, else Debian's path when it exists, else `nats-server` from `PATH`.
+fn server_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os(NATS_SERVER_BIN_ENV).filter(|bin| !bin.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    if Path::new(DEBIAN_BIN).exists() {
+        return PathBuf::from(DEBIAN_BIN);
+    }
+    PathBuf::from("nats-server")
+}
+
+/// The last `lines` lines of the file at `path`, or a note when it cannot be read.
+fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+/// The log written after byte offset `start`, i.e. by the latest process.
+fn log_since(path: &Path, start: u64) -> String {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path)
+        && file.seek(SeekFrom::Start(start)).is_ok()
+    {
+        let mut bytes = Vec::new();
+        if file.read_to_end(&mut bytes).is_ok() {
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+    }
+    text
+}

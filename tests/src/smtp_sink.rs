@@ -1,0 +1,666 @@
+//! A small, real SMTP server (RFC 5321 without TLS or AUTH) that keeps every message
+//! it accepts, so tests can check what Herald's email provider sent.
+//!
+//! It speaks EHLO/HELO, MAIL FROM, RCPT TO, DATA (dot-unstuffing, `CRLF.CRLF`), RSET,
+//! NOOP and QUIT, advertises `8BITMIME`, `SIZE` and `PIPELINING`, answers anything else
+//! with 502 and keeps the connection. Failures can be injected: rejected recipients or
+//! messages ([`SmtpSink::set_reject_next`]) and an outage ([`SmtpSink::set_pause`]).
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Largest message the sink accepts, advertised with `SIZE`.
+pub const MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+/// Longest command line accepted (RFC 5321 asks for at least 512 octets).
+const MAX_COMMAND_LINE: u64 = 4096;
+/// Name the sink uses in its greeting and EHLO reply.
+const SERVER_NAME: &str = "herald-smtp-sink";
+
+/// One message the sink accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMail {
+    /// The envelope sender (`MAIL FROM`), empty for the null sender `<>`.
+    pub from: String,
+    /// The envelope recipients (`RCPT TO`) that were accepted, in order.
+    pub to: Vec<String>,
+    /// The raw RFC 5322 message after dot-unstuffing, CRLF line endings kept
+    /// (bytes that are not UTF-8 are replaced with U+FFFD).
+    pub data: String,
+    /// The `Message-ID` header without its angle brackets.
+    pub message_id: Option<String>,
+    /// The `Subject` header with RFC 2047 encoded words decoded.
+    pub subject: Option<String>,
+}
+
+impl ReceivedMail {
+    /// Builds a record from the envelope and the raw message, parsing the headers.
+    fn new(from: String, to: Vec<String>, data: String) -> Self {
+        let parsed = mail_parser::MessageParser::default().parse(data.as_bytes());
+        let message_id = parsed
+            .as_ref()
+            .and_then(|message| message.message_id())
+            .map(str::to_owned);
+        let subject = parsed
+            .as_ref()
+            .and_then(|message| message.subject())
+            .map(str::to_owned);
+        Self {
+            from,
+            to,
+            data,
+            message_id,
+            subject,
+        }
+    }
+
+    /// Parses the raw message with `mail-parser`, for checks the helpers below lack.
+    pub fn parsed(&self) -> Option<mail_parser::Message<'_>> {
+        mail_parser::MessageParser::default().parse(self.data.as_bytes())
+    }
+
+    /// The first text/plain body, with its transfer encoding (quoted-printable, base64)
+    /// and charset decoded; derived from the HTML body when there is no text part.
+    pub fn text_body(&self) -> Option<String> {
+        let message = self.parsed()?;
+        message.body_text(0).map(|body| body.into_owned())
+    }
+
+    /// The first text/html body, decoded like [`ReceivedMail::text_body`].
+    pub fn html_body(&self) -> Option<String> {
+        let message = self.parsed()?;
+        message.body_html(0).map(|body| body.into_owned())
+    }
+
+    /// The raw (undecoded, unfolded as sent) value of the first header called `name`,
+    /// trimmed; the name is case-insensitive.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let message = self.parsed()?;
+        message
+            .headers_raw()
+            .find(|(header, _)| header.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.trim().to_owned())
+    }
+}
+
+/// Where an injected rejection is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectStage {
+    /// The reply to `RCPT TO`: the recipient is refused (e.g. 451 greylisting, 550 no such user).
+    Rcpt,
+    /// The final reply after the message content (`CRLF.CRLF`): the message is refused
+    /// and not stored.
+    Data,
+}
+
+/// A pending injected rejection.
+#[derive(Debug, Clone)]
+struct Rejection {
+    stage: RejectStage,
+    code: u16,
+    text: String,
+}
+
+/// State shared by the sink handle, the accept loop and the sessions.
+#[derive(Debug)]
+struct Shared {
+    messages: Mutex<Vec<ReceivedMail>>,
+    /// Number of stored messages, for event-driven waits.
+    count: watch::Sender<usize>,
+    /// One entry per command still to reject, in order.
+    rejections: Mutex<VecDeque<Rejection>>,
+    paused: AtomicBool,
+    connections: AtomicU64,
+    queue_ids: AtomicU64,
+}
+
+impl Shared {
+    /// Takes the next injected rejection for `stage`, if one is pending.
+    fn take_rejection(&self, stage: RejectStage) -> Option<Rejection> {
+        let mut rejections = lock(&self.rejections);
+        if rejections.front().is_some_and(|next| next.stage == stage) {
+            rejections.pop_front()
+        } else {
+            None
+        }
+    }
+
+    /// Stores a message and wakes the waiters.
+    fn store(&self, mail: ReceivedMail) {
+        let count = {
+            let mut messages = lock(&self.messages);
+            messages.push(mail);
+            messages.len()
+        };
+        self.count.send_replace(count);
+    }
+}
+
+/// Requests from the handle to the accept loop.
+enum Control {
+    /// Close the listener; acknowledged once it is closed.
+    Pause(oneshot::Sender<()>),
+    /// Accept again on this listener.
+    Resume(TcpListener, oneshot::Sender<()>),
+}
+
+/// An SMTP server on `127.0.0.1` (random port) that stores what it receives.
+///
+/// Connections are served concurrently. Dropping the sink closes the listener and
+/// every open connection.
+#[derive(Debug)]
+pub struct SmtpSink {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    control: mpsc::Sender<Control>,
+    accept_task: JoinHandle<()>,
+}
+
+impl SmtpSink {
+    /// Binds `127.0.0.1:0` and starts serving.
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .context("binding the SMTP sink on 127.0.0.1:0")?;
+        let addr = listener
+            .local_addr()
+            .context("reading the SMTP sink address")?;
+        let (count, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            messages: Mutex::new(Vec::new()),
+            count,
+            rejections: Mutex::new(VecDeque::new()),
+            paused: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            queue_ids: AtomicU64::new(0),
+        });
+        let (control, control_rx) = mpsc::channel(4);
+        let accept_task = tokio::spawn(accept_loop(listener, control_rx, Arc::clone(&shared)));
+        Ok(Self {
+            addr,
+            shared,
+            control,
+            accept_task,
+        })
+    }
+
+    /// The host to connect to, `127.0.0.1`.
+    pub fn host(&self) -> &'static str {
+        "127.0.0.1"
+    }
+
+    /// The port the sink listens on; it stays the same across pauses.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The socket address the sink listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A copy of every message accepted so far, in arrival order.
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        lock(&self.shared.messages).clone()
+    }
+
+    /// How many messages were accepted so far.
+    pub fn count(&self) -> usize {
+        lock(&self.shared.messages).len()
+    }
+
+    /// How many TCP connections were accepted so far (to observe connection reuse).
+    pub fn connection_count(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` messages were accepted and returns all of them.
+    /// Wakes on each stored message (no polling); fails after `timeout` with what did arrive.
+    pub async fn wait_for_count(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<ReceivedMail>> {
+        let mut count = self.shared.count.subscribe();
+        let reached = tokio::time::timeout(timeout, count.wait_for(|count| *count >= n)).await;
+        match reached {
+            Ok(Ok(_)) => Ok(self.messages()),
+            Ok(Err(_)) => bail!("the SMTP sink stopped while waiting for {n} messages"),
+            Err(_) => {
+                let messages = self.messages();
+                let subjects: Vec<_> = messages
+                    .iter()
+                    .map(|mail| mail.subject.as_deref().unwrap_or("(no subject)"))
+                    .collect();
+                Err(anyhow!(
+                    "timed out after {timeout:?} waiting for {n} messages in the SMTP sink; got {}: {subjects:?}",
+                    messages.len()
+                ))
+            }
+        }
+    }
+
+    /// Makes the next `n` `RCPT TO` commands (on any connection) answer `code text`
+    /// instead of 250: a 4xx code is a transient failure (e.g. 451), a 5xx code a
+    /// permanent one (e.g. 550). Replaces any rejection still pending.
+    ///
+    /// # Panics
+    ///
+    /// When `code` is not a 4xx or 5xx reply code.
+    pub fn set_reject_next(&self, n: usize, code: u16, text: &str) {
+        self.set_reject_next_at(RejectStage::Rcpt, n, code, text);
+    }
+
+    /// Like [`SmtpSink::set_reject_next`], choosing where the rejection is answered.
+    ///
+    /// # Panics
+    ///
+    /// When `code` is not a 4xx or 5xx reply code.
+    pub fn set_reject_next_at(&self, stage: RejectStage, n: usize, code: u16, text: &str) {
+        assert!(
+            (400..600).contains(&code),
+            "an injected rejection needs a 4xx or 5xx code, got {code}"
+        );
+        let rejection = Rejection {
+            stage,
+            code,
+            text: text.replace(['\r', '\n'], " "),
+        };
+        let mut rejections = lock(&self.shared.rejections);
+        rejections.clear();
+        rejections.extend(std::iter::repeat_n(rejection, n));
+    }
+
+    /// Simulates an outage. `true` closes the listener (new connections are refused)
+    /// and makes open connections answer their next command with 421 and close;
+    /// `false` listens again on the same port. Returns once the change is in effect.
+    pub async fn set_pause(&self, paused: bool) -> anyhow::Result<()> {
+        let (ack, acked) = oneshot::channel();
+        let control = if paused {
+            self.shared.paused.store(true, Ordering::SeqCst);
+            Control::Pause(ack)
+        } else {
+            let listener = TcpListener::bind(self.addr)
+                .await
+                .with_context(|| format!("binding the SMTP sink again on {}", self.addr))?;
+            self.shared.paused.store(false, Ordering::SeqCst);
+            Control::Resume(listener, ack)
+        };
+        self.control
+            .send(control)
+            .await
+            .map_err(|_| anyhow!("the SMTP sink accept loop has stopped"))?;
+        acked
+            .await
+            .map_err(|_| anyhow!("the SMTP sink accept loop has stopped"))
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        // The accept task owns the sessions' JoinSet, so this ends them all.
+        self.accept_task.abort();
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (a panicking test thread must not hide the data).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Accepts connections and obeys pause/resume requests until the sink is dropped.
+async fn accept_loop(
+    listener: TcpListener,
+    mut control: mpsc::Receiver<Control>,
+    shared: Arc<Shared>,
+) {
+    let mut listener = Some(listener);
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = accept(listener.as_ref()) => match accepted {
+                Ok((stream, _)) => {
+                    shared.connections.fetch_add(1, Ordering::Relaxed);
+                    sessions.spawn(serve(stream, Arc::clone(&shared)));
+                }
+                Err(error) => tracing::warn!(%error, "SMTP sink accept failed"),
+            },
+            Some(finished) = sessions.join_next() => {
+                if let Err(error) = finished
+                    && error.is_panic()
+                {
+                    tracing::error!(%error, "SMTP sink session panicked");
+                }
+            }
+            request = control.recv() => match request {
+                Some(Control::Pause(ack)) => {
+                    listener = None;
+                    let _ = ack.send(());
+                }
+                Some(Control::Resume(new_listener, ack)) => {
+                    listener = Some(new_listener);
+                    let _ = ack.send(());
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// Accepts on the listener, or never completes while there is none (paused).
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The mail transaction in progress on a connection.
+#[derive(Debug, Default)]
+struct Transaction {
+    from: Option<String>,
+    to: Vec<String>,
+}
+
+/// Serves one connection until QUIT, EOF, an I/O error or a pause.
+async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    if let Err(error) = Session::new(stream, shared).run().await {
+        tracing::debug!(error = %format!("{error:#}"), "SMTP sink session ended with an error");
+    }
+}
+
+/// One SMTP connection.
+struct Session {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    shared: Arc<Shared>,
+    greeted: bool,
+    transaction: Transaction,
+}
+
+/// What the session does after a command.
+enum Next {
+    Continue,
+    Close,
+}
+
+impl Session {
+    fn new(stream: TcpStream, shared: Arc<Shared>) -> Self {
+        // Replies are small and must go out at once.
+        let _ = stream.set_nodelay(true);
+        let (read, writer) = stream.into_split();
+        Self {
+            reader: BufReader::new(read),
+            writer,
+            shared,
+            greeted: false,
+            transaction: Transaction::default(),
+        }
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        self.reply(&format!("220 {SERVER_NAME} ESMTP ready"))
+            .await?;
+        loop {
+            let Some(line) = self.read_command_line().await? else {
+                return Ok(());
+            };
+            if self.shared.paused.load(Ordering::SeqCst) {
+                self.reply("421 4.3.2 Service not available, closing transmission channel")
+                    .await?;
+                return Ok(());
+            }
+            let Some(line) = line else {
+                self.reply("500 5.5.6 Line too long").await?;
+                continue;
+            };
+            if let Next::Close = self.command(&line).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads one command line without its line ending. `Ok(None)` on EOF,
+    /// `Ok(Some(None))` for a line longer than [`MAX_COMMAND_LINE`] (discarded).
+    async fn read_command_line(&mut self) -> anyhow::Result<Option<Option<String>>> {
+        let mut bytes = Vec::new();
+        let read = (&mut self.reader)
+            .take(MAX_COMMAND_LINE)
+            .read_until(b'\n', &mut bytes)
+            .await
+            .context("reading a command")?;
+        if read == 0 {
+            return Ok(None);
+        }
+        if bytes.last() != Some(&b'\n') {
+            if (read as u64) < MAX_COMMAND_LINE {
+                // EOF in the middle of a line.
+                return Ok(None);
+            }
+            let mut rest = Vec::new();
+            if self.reader.read_until(b'\n', &mut rest).await? == 0 {
+                return Ok(None);
+            }
+            return Ok(Some(None));
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        Ok(Some(Some(text.trim_end_matches(['\r', '\n']).to_owned())))
+    }
+
+    async fn reply(&mut self, line: &str) -> anyhow::Result<()> {
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .context("writing a reply")
+    }
+
+    async fn command(&mut self, line: &str) -> anyhow::Result<Next> {
+        let (verb, argument) = match line.split_once(' ') {
+            Some((verb, argument)) => (verb, argument.trim()),
+            None => (line, ""),
+        };
+        match verb.to_ascii_uppercase().as_str() {
+            "EHLO" | "HELO" if argument.is_empty() => {
+                self.reply(&format!("501 5.5.4 Syntax: {verb} hostname"))
+                    .await?;
+            }
+            "EHLO" => {
+                self.greeted = true;
+                self.transaction = Transaction::default();
+                let reply = format!(
+                    "250-{SERVER_NAME} greets {argument}\r\n250-8BITMIME\r\n250-SIZE {MAX_MESSAGE_SIZE}\r\n250 PIPELINING"
+                );
+                self.reply(&reply).await?;
+            }
+            "HELO" => {
+                self.greeted = true;
+                self.transaction = Transaction::default();
+                self.reply(&format!("250 {SERVER_NAME}")).await?;
+            }
+            "MAIL" => self.mail(argument).await?,
+            "RCPT" => self.rcpt(argument).await?,
+            "DATA" if !argument.is_empty() => {
+                self.reply("501 5.5.4 Syntax: DATA takes no argument")
+                    .await?;
+            }
+            "DATA" => self.data().await?,
+            "RSET" => {
+                self.transaction = Transaction::default();
+                self.reply("250 2.0.0 Ok").await?;
+            }
+            "NOOP" => self.reply("250 2.0.0 Ok").await?,
+            "QUIT" => {
+                self.reply("221 2.0.0 Bye").await?;
+                return Ok(Next::Close);
+            }
+            "" => self.reply("500 5.5.2 Syntax error, empty command").await?,
+            _ => {
+                self.reply("502 5.5.1 Command not implemented").await?;
+            }
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn mail(&mut self, argument: &str) -> anyhow::Result<()> {
+        if !self.greeted {
+            return self.reply("503 5.5.1 Send EHLO or HELO first").await;
+        }
+        if self.transaction.from.is_some() {
+            return self.reply("503 5.5.1 Nested MAIL command").await;
+        }
+        let Some((address, parameters)) = parse_path(argument, "FROM:") else {
+            return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>").await;
+        };
+        for parameter in parameters.split_whitespace() {
+            let (key, value) = parameter.split_once('=').unwrap_or((parameter, ""));
+            match key.to_ascii_uppercase().as_str() {
+                "SIZE" => match value.parse::<usize>() {
+                    Ok(size) if size > MAX_MESSAGE_SIZE => {
+                        return self
+                            .reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                            .await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return self.reply("501 5.5.4 Bad SIZE parameter").await,
+                },
+                "BODY"
+                    if value.eq_ignore_ascii_case("7BIT")
+                        || value.eq_ignore_ascii_case("8BITMIME") => {}
+                _ => {
+                    return self
+                        .reply("555 5.5.4 MAIL FROM parameters not recognized or not implemented")
+                        .await;
+                }
+            }
+        }
+        self.transaction.from = Some(address);
+        self.reply("250 2.1.0 Ok").await
+    }
+
+    async fn rcpt(&mut self, argument: &str) -> anyhow::Result<()> {
+        if self.transaction.from.is_none() {
+            return self.reply("503 5.5.1 Need MAIL command first").await;
+        }
+        let Some((address, parameters)) = parse_path(argument, "TO:") else {
+            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>").await;
+        };
+        if address.is_empty() {
+            return self.reply("501 5.1.3 Empty recipient address").await;
+        }
+        if !parameters.is_empty() {
+            return self
+                .reply("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+                .await;
+        }
+        if let Some(rejection) = self.shared.take_rejection(RejectStage::Rcpt) {
+            return self
+                .reply(&format!("{} {}", rejection.code, rejection.text))
+                .await;
+        }
+        self.transaction.to.push(address);
+        self.reply("250 2.1.5 Ok").await
+    }
+
+    async fn data(&mut self) -> anyhow::Result<()> {
+        let Some(from) = self.transaction.from.clone() else {
+            return self.reply("503 5.5.1 Need MAIL command first").await;
+        };
+        if self.transaction.to.is_empty() {
+            return self.reply("554 5.5.1 No valid recipients").await;
+        }
+        self.reply("354 End data with <CR><LF>.<CR><LF>").await?;
+        let mut message = Vec::new();
+        let mut too_big = false;
+        loop {
+            let mut line = Vec::new();
+            if self
+                .reader
+                .read_until(b'\n', &mut line)
+                .await
+                .context("reading message content")?
+                == 0
+            {
+                bail!("connection closed in the middle of DATA");
+            }
+            if line == b".\r\n" || line == b".\n" {
+                break;
+            }
+            // Dot-unstuffing (RFC 5321 4.5.2): a leading dot was doubled by the client.
+            let content = line.strip_prefix(b".").unwrap_or(&line);
+            if message.len() + content.len() > MAX_MESSAGE_SIZE {
+                too_big = true;
+            } else if !too_big {
+                message.extend_from_slice(content);
+            }
+        }
+        let to = std::mem::take(&mut self.transaction.to);
+        self.transaction = Transaction::default();
+        if too_big {
+            return self
+                .reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                .await;
+        }
+        if let Some(rejection) = self.shared.take_rejection(RejectStage::Data) {
+            return self
+                .reply(&format!("{} {}", rejection.code, rejection.text))
+                .await;
+        }
+        let data = String::from_utf8_lossy(&message).into_owned();
+        self.shared.store(ReceivedMail::new(from, to, data));
+        let queue_id = self.shared.queue_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        self.reply(&format!("250 2.0.0 Ok: queued as {queue_id:08X}"))
+            .await
+    }
+}
+
+/// Parses `FROM:<address> params` / `TO:<address> params` (prefix case-insensitive,
+/// spaces after the colon tolerated). Returns the address without brackets and the
+/// parameter text.
+fn parse_path<'a>(argument: &'a str, prefix: &str) -> Option<(String, &'a str)> {
+    let head = argument.get(..prefix.len())?;
+    if !head.eq_ignore_ascii_case(prefix) {
+        return None;
+    }
+    let rest = argument[prefix.len()..].trim_start();
+    let rest = rest.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    let address = &rest[..end];
+    if address.contains(char::is_whitespace) {
+        return None;
+    }
+    // A source route (`@a,@b:user@c`) is obsolete; keep only the mailbox.
+    let address = match address.split_once(':') {
+        Some((route, mailbox)) if route.starts_with('@') => mailbox,
+        _ => address,
+    };
+    Some((address.to_owned(), rest[end + 1..].trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_path_reads_address_and_parameters() {
+        assert_eq!(
+            parse_path("FROM:<a@b.c> SIZE=10 BODY=8BITMIME", "FROM:"),
+            Some(("a@b.c".to_owned(), "SIZE=10 BODY=8BITMIME"))
+        );
+        assert_eq!(parse_path("from: <>", "FROM:"), Some((String::new(), "")));
+        assert_eq!(
+            parse_path("TO:<@relay.example:u@d.example>", "TO:"),
+            Some(("u@d.example".to_owned(), ""))
+        );
+        assert_eq!(parse_path("TO:u@d.example", "TO:"), None);
+        assert_eq!(parse_path("FROM:<a@b.c>", "TO:"), None);
+        assert_eq!(parse_path("T", "TO:"), None);
+    }
+}

@@ -1,0 +1,307 @@
+//! The walking skeleton end to end: API → NATS → dispatcher → email over real SMTP → status and
+//! attempts in the database → JetStream ack; and the first failure paths.
+
+use std::time::Duration;
+
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct World {
+    nats: NatsServer,
+    smtp: SmtpSink,
+    _db: TestDatabase,
+    herald: TestHerald,
+}
+
+async fn world() -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald starts");
+    World {
+        nats,
+        smtp,
+        _db: db,
+        herald,
+    }
+}
+
+fn order_email(to: &str, request_id: Option<&str>) -> Value {
+    json!({
+        "request_id": request_id,
+        "recipient": { "email": to },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": {
+            "subject": "Your order #1001 is confirmed",
+            "text": "Thanks for your order of 42.00 EUR.",
+            "html": "<p>Thanks for your order of <b>42.00 EUR</b>.</p>"
+        }
+    })
+}
+
+async fn stream_messages(nats: &NatsServer, stream: &str) -> u64 {
+    let client = nats.client().await.expect("nats client");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    stream.info().await.expect("stream info").state.messages
+}
+
+#[tokio::test]
+async fn an_email_travels_the_whole_path() {
+    let w = world().await;
+    let id = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "email");
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "{sent}");
+    assert_eq!(attempts[0]["status"], "sent");
+    assert_eq!(attempts[0]["provider"], "smtp");
+    assert!(sent["sent_at"].is_string());
+
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    let mail = &mails[0];
+    assert_eq!(mail.to, vec!["ada@example.com".to_string()]);
+    assert_eq!(
+        mail.subject.as_deref(),
+        Some("Your order #1001 is confirmed")
+    );
+    let simple_id = id.replace('-', "");
+    assert!(
+        mail.message_id
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&simple_id),
+        "Message-ID carries the notification id: {:?}",
+        mail.message_id
+    );
+    assert!(mail.text_body().unwrap_or_default().contains("42.00 EUR"));
+    assert!(
+        mail.html_body()
+            .unwrap_or_default()
+            .contains("<b>42.00 EUR</b>")
+    );
+
+    // Acked: the work-queue stream is empty; the transition was published for observers.
+    eventually("NOTIFY to be drained", E2E_TIMEOUT, || async {
+        (stream_messages(&w.nats, "NOTIFY").await == 0).then_some(())
+    })
+    .await;
+    eventually("a status event", E2E_TIMEOUT, || async {
+        (stream_messages(&w.nats, "NOTIFY_STATUS").await >= 1).then_some(())
+    })
+    .await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_answers_the_original_and_sends_once() {
+    let w = world().await;
+    let body = order_email("grace@example.com", Some("order-1001-confirmation"));
+    let first = w.herald.send_accepted(&body).await;
+    let (status, again) = w.herald.send(&body).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], first.as_str());
+
+    // The header works as well as the field.
+    let mut by_header = body.clone();
+    by_header["request_id"] = Value::Null;
+    let response = w
+        .herald
+        .http()
+        .post(format!("{}/api/v1/notifications", w.herald.base()))
+        .header("Idempotency-Key", "order-1001-confirmation")
+        .json(&by_header)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // A different notification after it: once it is delivered, the sink holds exactly two mails.
+    let other = w
+        .herald
+        .send_accepted(&order_email("other@example.com", None))
+        .await;
+    w.herald.wait_status(&first, "sent").await;
+    w.herald.wait_status(&other, "sent").await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert_eq!(mails.len(), 2);
+    assert_eq!(w.smtp.count(), 2, "the repeat sent nothing");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_in_one_shape() {
+    let w = world().await;
+    let mut bad_email = order_email("not-an-address", None);
+    let (status, body) = w.herald.send(&bad_email).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_request");
+    assert_eq!(body["field"], "recipient.email");
+
+    bad_email["recipient"] = json!({});
+    let (status, body) = w.herald.send(&bad_email).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "recipient");
+
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/notifications",
+            &json!({"recipient": {"email": "a@example.com"}, "category": "gossip", "content": {"text": "x"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["code"], "invalid_request");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"Category\", found \"gossip\""),
+        "names the type and the bad value: {body}"
+    );
+
+    let (status, body) = w
+        .herald
+        .get("/api/v1/notifications/01a20513-0c86-7293-a642-1788284568f8")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not_found");
+
+    let (status, body) = w.herald.get("/api/v1/notifications/not-a-uuid").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["code"], "invalid_request");
+    assert_eq!(w.smtp.count(), 0);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn with_nats_down_nothing_is_accepted_and_a_retry_later_works() {
+    let mut w = world().await;
+    w.nats.kill().await.expect("kill nats");
+    let body = order_email("lin@example.com", Some("while-nats-is-down"));
+    let (status, answer) = w.herald.send(&body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "unavailable");
+
+    w.nats.restart().await.expect("restart nats");
+    // The same request id is accepted afresh (nothing was kept from the failed attempt) once the
+    // client has reconnected by itself.
+    let id = eventually(
+        "a send to be accepted after NATS is back",
+        E2E_TIMEOUT,
+        || async {
+            let (status, answer) = w.herald.send(&body).await;
+            (status == StatusCode::ACCEPTED)
+                .then(|| answer["id"].as_str().unwrap_or_default().to_string())
+        },
+    )
+    .await;
+    w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        w.smtp
+            .wait_for_count(1, E2E_TIMEOUT)
+            .await
+            .expect("mail")
+            .len(),
+        1
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_transient_smtp_failure_is_retried_with_backoff_then_sent() {
+    let w = world().await;
+    w.smtp.set_reject_next(1, 451, "4.3.0 try again later");
+    let id = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{sent}");
+    assert_eq!(attempts[0]["status"], "failed");
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("451"),
+        "{sent}"
+    );
+    assert_eq!(attempts[1]["status"], "sent");
+    assert!(attempts[1]["attempt_no"].as_i64() > attempts[0]["attempt_no"].as_i64());
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_permanent_smtp_rejection_fails_without_retry() {
+    let w = world().await;
+    w.smtp.set_reject_next(1, 550, "5.1.1 no such user");
+    let id = w
+        .herald
+        .send_accepted(&order_email("nobody@example.com", None))
+        .await;
+    let failed = w.herald.wait_status(&id, "failed").await;
+    let attempts = failed["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "{failed}");
+    assert_eq!(attempts[0]["status"], "rejected");
+    assert!(failed["error"].as_str().unwrap_or_default().contains("550"));
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_crashed_channel_actor_is_restarted_and_keeps_delivering() {
+    let w = world().await;
+    let channels = w.herald.app().channels().clone();
+    let before = channels
+        .get(herald_nats::Channel::Email)
+        .expect("email actor")
+        .get_id();
+    channels
+        .get(herald_nats::Channel::Email)
+        .expect("email actor")
+        .cast(herald_actors::channel::ChannelMsg::Crash)
+        .expect("cast");
+    eventually(
+        "the email actor to be restarted",
+        Duration::from_secs(10),
+        || async {
+            channels
+                .get(herald_nats::Channel::Email)
+                .filter(|actor| actor.get_id() != before)
+                .map(|_| ())
+        },
+    )
+    .await;
+    let id = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    w.herald.wait_status(&id, "sent").await;
+    let (_, metrics) = (
+        StatusCode::OK,
+        w.herald
+            .http()
+            .get(format!("{}/metrics", w.herald.base()))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+    assert!(
+        metrics.contains("herald_actor_restarts_total{actor=\"channel\"}"),
+        "restart counted: {metrics}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
