@@ -135,7 +135,7 @@ impl Default for DispatchConfig {
 
 /// Provider settings; a provider runs when its section is present (email always runs, into the
 /// local outbox unless an SMTP host is set).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ChannelsConfig {
     /// Limits applied to every channel actor.
@@ -143,15 +143,6 @@ pub struct ChannelsConfig {
     /// Email.
     #[serde(skip_serializing)]
     pub email: EmailConfig,
-}
-
-impl Default for ChannelsConfig {
-    fn default() -> Self {
-        Self {
-            limits: ChannelSettings::default(),
-            email: EmailConfig::default(),
-        }
-    }
 }
 
 /// Routing settings.
@@ -278,6 +269,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// figment::Jail's closure must return figment's (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
