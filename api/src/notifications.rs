@@ -108,6 +108,8 @@ pub struct MessageContent {
     pub text: String,
     /// HTML body for email.
     pub html: Option<String>,
+    /// Short text for SMS, Telegram and push (at most 1600 characters); `text` when absent.
+    pub short: Option<String>,
 }
 
 /// A request to send one notification.
@@ -465,10 +467,21 @@ fn validate_content(content: MessageContent) -> Result<Content, ApiError> {
             format!("subject must be one line of at most {MAX_SUBJECT} bytes"),
         ));
     }
+    if content
+        .short
+        .as_ref()
+        .is_some_and(|s| s.chars().count() > 1600 || s.trim().is_empty())
+    {
+        return Err(ApiError::invalid(
+            "content.short",
+            "short must be 1 to 1600 characters",
+        ));
+    }
     Ok(Content {
         subject: content.subject,
         text: content.text,
         html: content.html,
+        short: content.short,
     })
 }
 
@@ -543,6 +556,7 @@ mod tests {
             subject: subject.map(str::to_string),
             text: text.into(),
             html: None,
+            short: None,
         };
         assert!(validate_content(content(None, "  ")).is_err());
         assert!(validate_content(content(Some("a\r\nBcc: x"), "hi")).is_err());

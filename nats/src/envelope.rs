@@ -159,6 +159,16 @@ pub struct Content {
     /// HTML body for email.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub html: Option<String>,
+    /// A short text for SMS, Telegram and push; `text` is used when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub short: Option<String>,
+}
+
+impl Content {
+    /// The text for short-message channels (SMS, Telegram, push).
+    pub fn short_text(&self) -> &str {
+        self.short.as_deref().unwrap_or(&self.text)
+    }
 }
 
 /// A command to deliver one notification, published on `notify.cmd.<partition>` with the
@@ -258,6 +268,7 @@ mod tests {
                 subject: Some("Hi".into()),
                 text: "Hello".into(),
                 html: None,
+                short: Some("Hi!".into()),
             },
             created_at: Utc::now(),
         }

@@ -275,6 +275,7 @@ mod tests {
                 subject: Some("Your order #1001".into()),
                 text: "Thanks for your order.".into(),
                 html: html.map(str::to_string),
+                short: None,
             },
             category: "transactional",
         }
