@@ -1,6 +1,14 @@
-//! Liveness.
+//! Liveness and readiness.
+//!
+//! `GET /health` answers while the process serves HTTP (restart it if not). `GET /health/ready`
+//! answers 200 only when this instance can do its job: NATS connected, Herald's streams present,
+//! database reachable; it reports the command backlog and circuit states too, and answers 503 with
+//! the same body when a check fails (take the instance out of the load balancer, do not restart).
 
-use poem_openapi::{Object, OpenApi, Tags, payload::Json};
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
+use sea_orm::ConnectionTrait;
+
+use crate::{AppState, engine_view::ChannelView};
 
 #[derive(Tags)]
 enum HealthTags {
@@ -17,8 +25,55 @@ pub struct Liveness {
     pub version: String,
 }
 
+/// One readiness check.
+#[derive(Debug, Clone, Object)]
+pub struct Check {
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+/// Readiness answer.
+#[derive(Debug, Clone, Object)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// NATS connection.
+    pub nats: Check,
+    /// Herald's JetStream streams.
+    pub streams: Check,
+    /// Database.
+    pub database: Check,
+    /// Send commands waiting in `NOTIFY` for this consumer, when known.
+    pub pending_commands: Option<u64>,
+    /// Providers and their circuits (an open circuit does not make an instance unready: failover
+    /// carries the traffic).
+    pub channels: Vec<ChannelView>,
+}
+
+/// Responses of the readiness check.
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// Ready.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// Not ready; the body says which check failed.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
 /// Health endpoints.
-pub struct HealthApi;
+pub struct HealthApi {
+    state: AppState,
+}
+
+impl HealthApi {
+    /// Health endpoints over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
 
 #[OpenApi(tag = "HealthTags::Health")]
 impl HealthApi {
@@ -29,5 +84,73 @@ impl HealthApi {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),
         })
+    }
+
+    /// Readiness: NATS connected, streams present, database reachable; with backlog and circuits.
+    #[oai(path = "/health/ready", method = "get")]
+    async fn ready(&self) -> ReadyResponse {
+        let nats = if self.state.publisher.is_connected() {
+            pass("connected")
+        } else {
+            fail("not connected")
+        };
+        let (streams, pending_commands) = self.streams().await;
+        let database = match self.state.db.execute_unprepared("SELECT 1").await {
+            Ok(_) => pass("reachable"),
+            Err(err) => fail(&err.to_string()),
+        };
+        let ready = nats.ok && streams.ok && database.ok;
+        let body = Readiness {
+            status: if ready { "ready" } else { "not_ready" }.into(),
+            nats,
+            streams,
+            database,
+            pending_commands,
+            channels: self.state.engine.channels().await,
+        };
+        if ready {
+            ReadyResponse::Ready(Json(body))
+        } else {
+            ReadyResponse::NotReady(Json(body))
+        }
+    }
+}
+
+impl HealthApi {
+    async fn streams(&self) -> (Check, Option<u64>) {
+        if !self.state.publisher.is_connected() {
+            return (fail("NATS not connected"), None);
+        }
+        let js = self.state.publisher.jetstream();
+        for name in herald_nats::subjects::ALL_STREAMS {
+            if let Err(err) = js.get_stream(name).await {
+                return (fail(&format!("{name}: {err}")), None);
+            }
+        }
+        let pending = match js.get_stream(herald_nats::subjects::NOTIFY_STREAM).await {
+            Ok(stream) => match stream
+                .consumer_info(herald_nats::subjects::DISPATCH_CONSUMER)
+                .await
+            {
+                Ok(info) => Some(info.num_pending),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
+        (pass("EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS"), pending)
+    }
+}
+
+fn pass(detail: &str) -> Check {
+    Check {
+        ok: true,
+        detail: detail.into(),
+    }
+}
+
+fn fail(detail: &str) -> Check {
+    Check {
+        ok: false,
+        detail: detail.into(),
     }
 }

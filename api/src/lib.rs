@@ -6,6 +6,8 @@
 //! the spec at `/api/openapi.json`.
 
 mod body_limit;
+pub mod channels;
+pub mod engine_view;
 pub mod error;
 pub mod health;
 pub mod notifications;
@@ -24,11 +26,12 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub fn openapi_service(
     state: AppState,
     server_url: &str,
-) -> OpenApiService<(notifications::NotificationsApi, health::HealthApi), ()> {
+) -> OpenApiService<impl poem_openapi::OpenApi + use<>, ()> {
     OpenApiService::new(
         (
-            notifications::NotificationsApi::new(state),
-            health::HealthApi,
+            notifications::NotificationsApi::new(state.clone()),
+            channels::ChannelsApi::new(state.clone()),
+            health::HealthApi::new(state),
         ),
         "Herald",
         env!("CARGO_PKG_VERSION"),

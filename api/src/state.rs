@@ -16,6 +16,8 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Channel chain used when a request names none, per category.
     pub default_chains: Arc<HashMap<Category, Vec<Channel>>>,
+    /// The engine's live state.
+    pub engine: Arc<dyn crate::engine_view::EngineView>,
     /// Renders `/metrics`, when a recorder is installed.
     pub metrics: Option<PrometheusHandle>,
 }

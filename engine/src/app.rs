@@ -100,6 +100,9 @@ impl Herald {
         let state = AppState {
             db,
             publisher,
+            engine: Arc::new(crate::engine_view::LiveEngine {
+                channels: engine.channels.clone(),
+            }),
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
         };

@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod engine_view;
 pub mod telemetry;
 
 pub use app::Herald;

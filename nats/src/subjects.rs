@@ -9,6 +9,9 @@ pub const DLQ_STREAM: &str = "NOTIFY_DLQ";
 /// Stream of status transitions for observers (`notify.status.>`).
 pub const STATUS_STREAM: &str = "NOTIFY_STATUS";
 
+/// Every stream Herald provisions.
+pub const ALL_STREAMS: [&str; 4] = [EVENTS_STREAM, NOTIFY_STREAM, DLQ_STREAM, STATUS_STREAM];
+
 /// Wildcard of all domain events.
 pub const EVENTS_ALL: &str = "events.>";
 /// Wildcard of all send commands.

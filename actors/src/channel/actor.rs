@@ -136,7 +136,7 @@ impl Actor for ChannelActor {
         _myself: ActorRef<Self::Msg>,
         args: ChannelArgs,
     ) -> Result<ChannelState, ActorProcessingErr> {
-        Ok(ChannelState {
+        let state = ChannelState {
             provider: args.provider,
             timeout: Duration::from_millis(args.settings.timeout_ms),
             breaker: CircuitBreaker::new(args.settings.circuit),
@@ -146,7 +146,9 @@ impl Actor for ChannelActor {
             failed: 0,
             refused: 0,
             last_error: None,
-        })
+        };
+        record_circuit(&state);
+        Ok(state)
     }
 
     async fn handle(
@@ -175,6 +177,7 @@ impl Actor for ChannelActor {
                 } else {
                     state.breaker.on_success(admission);
                 }
+                record_circuit(state);
             }
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
@@ -192,6 +195,9 @@ fn start_send(
     reply: RpcReplyPort<SendReport>,
 ) {
     let admission = state.breaker.admit(Instant::now());
+    if admission == Admission::Probe {
+        record_circuit(state);
+    }
     if admission == Admission::Refused {
         state.refused += 1;
         let _ = reply.send(SendReport {
@@ -236,6 +242,21 @@ fn start_send(
             latency,
         });
     });
+}
+
+/// Publishes the circuit state as `herald_circuit_state` (0 closed, 1 half-open, 2 open).
+fn record_circuit(state: &ChannelState) {
+    let value = match state.breaker.state() {
+        CircuitState::Closed => 0.0,
+        CircuitState::HalfOpen => 1.0,
+        CircuitState::Open => 2.0,
+    };
+    metrics::gauge!(
+        "herald_circuit_state",
+        "channel" => state.provider.channel().as_str(),
+        "provider" => state.provider.name().to_string()
+    )
+    .set(value);
 }
 
 fn snapshot(state: &ChannelState) -> ChannelSnapshot {

@@ -1,0 +1,44 @@
+//! The engine's side of [`herald_api::engine_view::EngineView`]: live channel state for the API.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_actors::channel::{ChannelDirectory, ChannelSnapshot};
+use herald_api::engine_view::{ChannelView, EngineView};
+
+/// How long the API waits for a channel actor's snapshot.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Reads the live actors of this instance.
+pub struct LiveEngine {
+    /// The channel actors.
+    pub channels: ChannelDirectory,
+}
+
+impl EngineView for LiveEngine {
+    fn channels(&self) -> BoxFuture<'_, Vec<ChannelView>> {
+        Box::pin(async move {
+            self.channels
+                .snapshots(SNAPSHOT_TIMEOUT)
+                .await
+                .into_iter()
+                .map(view)
+                .collect()
+        })
+    }
+}
+
+fn view(s: ChannelSnapshot) -> ChannelView {
+    ChannelView {
+        channel: s.channel.as_str().into(),
+        provider: s.provider,
+        circuit: s.circuit.as_str().into(),
+        recent_failures: s.recent_failures as u64,
+        times_opened: s.times_opened,
+        in_flight: s.in_flight as u64,
+        sent: s.sent,
+        failed: s.failed,
+        refused: s.refused,
+        last_error: s.last_error,
+    }
+}

@@ -1,0 +1,105 @@
+//! Health, readiness, channel status, metrics and the published API description.
+
+use herald_tests::{NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config};
+use reqwest::StatusCode;
+use std::time::Duration;
+
+#[tokio::test]
+async fn readiness_follows_nats_and_reports_channels() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+
+    let (status, live) = herald.get("/health").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(live["status"], "ok");
+
+    let (status, ready) = herald.get("/health/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["database"]["ok"], true);
+    assert_eq!(ready["pending_commands"], 0);
+    assert_eq!(ready["channels"][0]["channel"], "email");
+    assert_eq!(ready["channels"][0]["circuit"], "closed");
+
+    nats.kill().await.expect("kill nats");
+    let (status, not_ready) = eventually("readiness to fail", Duration::from_secs(15), || async {
+        let (status, body) = herald.get("/health/ready").await;
+        (status == StatusCode::SERVICE_UNAVAILABLE).then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(not_ready["nats"]["ok"], false, "{not_ready}");
+    // Liveness is unaffected: the process is fine, it waits for NATS.
+    assert_eq!(herald.get("/health").await.0, StatusCode::OK);
+
+    nats.restart().await.expect("restart nats");
+    eventually("readiness to recover", Duration::from_secs(20), || async {
+        (herald.get("/health/ready").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn channels_metrics_and_the_openapi_spec_are_served() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+
+    let (status, channels) = herald.get("/api/v1/channels").await;
+    assert_eq!(status, StatusCode::OK);
+    let email = &channels[0];
+    assert_eq!(email["channel"], "email");
+    assert_eq!(email["provider"], "smtp");
+    assert_eq!(email["circuit"], "closed");
+
+    let (status, spec) = herald.get("/api/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        spec["openapi"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("3.")
+    );
+    for path in [
+        "/api/v1/notifications",
+        "/api/v1/notifications/{id}",
+        "/api/v1/channels",
+        "/health",
+        "/health/ready",
+    ] {
+        assert!(spec["paths"].get(path).is_some(), "spec documents {path}");
+    }
+    assert!(
+        spec["components"]["schemas"].get("ErrorBody").is_some(),
+        "the error shape is documented"
+    );
+
+    let docs = herald
+        .http()
+        .get(format!("{}/api/docs", herald.base()))
+        .send()
+        .await
+        .expect("docs");
+    assert_eq!(docs.status(), StatusCode::OK);
+    assert!(docs.text().await.unwrap_or_default().contains("swagger"));
+
+    let metrics = herald
+        .http()
+        .get(format!("{}/metrics", herald.base()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("herald_circuit_state"), "{metrics}");
+    herald.shutdown().await.expect("shutdown");
+}
