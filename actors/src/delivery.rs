@@ -133,6 +133,9 @@ pub async fn deliver(
     };
 
     let walk = walk_chain(&ctx.channels, &command, &contacts, delivered).await;
+    if let Some(customer_id) = &command.customer_id {
+        forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
+    }
     finish(
         &ctx,
         command,
@@ -185,6 +188,31 @@ pub fn stored_contacts(customer: &customer::Model) -> Contacts {
     }
 }
 
+/// Removes contacts providers declared dead from the stored customer, so later notifications do
+/// not try them again. Failures are logged: the delivery outcome does not depend on this.
+async fn forget_dead_contacts(
+    db: &DatabaseConnection,
+    customer_id: &str,
+    dead: &[(Channel, String)],
+) {
+    for (channel, contact) in dead {
+        let result = match channel {
+            Channel::Push => repo::customers::remove_push_token(db, customer_id, contact).await,
+            Channel::Webhook => repo::customers::clear_webhook_url(db, customer_id, contact).await,
+            _ => Ok(false),
+        };
+        match result {
+            Ok(true) => {
+                tracing::info!(customer_id, %channel, "forgot a contact the provider declared dead")
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(customer_id, %channel, error = %err, "cannot forget a dead contact")
+            }
+        }
+    }
+}
+
 async fn stored_status(
     db: &DatabaseConnection,
     id: uuid::Uuid,
@@ -196,6 +224,8 @@ async fn stored_status(
 struct Walk {
     attempts: Vec<NewAttempt>,
     sent_on: Option<Channel>,
+    /// Contacts a provider declared dead, to forget.
+    dead_contacts: Vec<(Channel, String)>,
     /// Some channel failed in a way that may pass later (transient error, open circuit).
     retryable: bool,
     retry_after: Option<Duration>,
@@ -211,6 +241,7 @@ async fn walk_chain(
     let mut walk = Walk {
         attempts: Vec::new(),
         sent_on: None,
+        dead_contacts: Vec::new(),
         retryable: false,
         retry_after: None,
         last_error: None,
@@ -264,7 +295,14 @@ async fn walk_chain(
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {
                 ("no_contact", Some(err.to_string()))
             }
-            SendOutcome::Failed(err @ ProviderError::Permanent { .. }) => {
+            SendOutcome::Failed(
+                err @ ProviderError::Permanent {
+                    dead_contact: dead, ..
+                },
+            ) => {
+                if let Some(contact) = dead {
+                    walk.dead_contacts.push((channel, contact.clone()));
+                }
                 ("rejected", Some(err.to_string()))
             }
         };
