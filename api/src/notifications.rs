@@ -281,20 +281,32 @@ struct ValidSend {
 
 impl ValidSend {
     fn row(&self) -> NewNotification {
-        let c = &self.command;
-        NewNotification {
-            id: c.notification_id,
-            request_id: self.request_id.clone(),
-            customer_id: c.customer_id.clone(),
-            recipient_key: self.recipient_key.clone(),
-            contacts: serde_json::to_value(&c.contacts).unwrap_or_default(),
-            category: c.category.as_str().into(),
-            channels: serde_json::to_value(&c.channels).unwrap_or_default(),
-            content: serde_json::to_value(&c.content).unwrap_or_default(),
-            status: NotificationStatus::Queued,
-            scheduled_at: None,
-            created_at: c.created_at,
-        }
+        new_notification(
+            &self.command,
+            self.recipient_key.clone(),
+            self.request_id.clone(),
+        )
+    }
+}
+
+/// The row that records an accepted command as `queued`.
+pub fn new_notification(
+    command: &SendCommand,
+    recipient_key: String,
+    request_id: Option<String>,
+) -> NewNotification {
+    NewNotification {
+        id: command.notification_id,
+        request_id,
+        customer_id: command.customer_id.clone(),
+        recipient_key,
+        contacts: serde_json::to_value(&command.contacts).unwrap_or_default(),
+        category: command.category.as_str().into(),
+        channels: serde_json::to_value(&command.channels).unwrap_or_default(),
+        content: serde_json::to_value(&command.content).unwrap_or_default(),
+        status: NotificationStatus::Queued,
+        scheduled_at: None,
+        created_at: command.created_at,
     }
 }
 

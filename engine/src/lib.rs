@@ -2,6 +2,7 @@
 //! start the very same application the binary runs.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod engine_view;
 pub mod telemetry;

@@ -25,18 +25,28 @@ enum Command {
     Migrate,
     /// Print the effective configuration (secrets omitted) and exit.
     Config,
+    /// Measure end-to-end throughput and latency against instant sinks.
+    Bench(herald_engine::bench::BenchArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
+    let mut config = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
+    if matches!(cli.command, Command::Bench(_)) {
+        // The bench prints its own progress; the engine's info logs would drown it.
+        config.log.level = "warn".into();
+    }
     telemetry::init(&config.log);
     match cli.command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
             app::migrate(&config).await?;
             tracing::info!(database = %app::redact(&config.database.url), "migrations applied");
+            Ok(())
+        }
+        Command::Bench(args) => {
+            herald_engine::bench::run(args).await?;
             Ok(())
         }
         Command::Config => {

@@ -52,7 +52,41 @@ pub async fn insert(
     new: NewNotification,
 ) -> Result<Inserted, RepoError> {
     let request_id = new.request_id.clone();
-    let row = notification::ActiveModel {
+    let row = active(new);
+    match notification::Entity::insert(row)
+        .exec_with_returning(db)
+        .await
+    {
+        Ok(model) => Ok(Inserted::New(model)),
+        Err(err) => match (err.sql_err(), request_id) {
+            (Some(SqlErr::UniqueConstraintViolation(_)), Some(request_id)) => {
+                match find_by_request_id(db, &request_id).await? {
+                    Some(existing) => Ok(Inserted::Duplicate(existing)),
+                    None => Err(err.into()),
+                }
+            }
+            _ => Err(err.into()),
+        },
+    }
+}
+
+/// Stores many new notifications in multi-row INSERTs (bulk and bench paths; no request ids).
+pub async fn insert_many(
+    db: &impl ConnectionTrait,
+    rows: Vec<NewNotification>,
+) -> Result<(), RepoError> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<notification::ActiveModel> = rows.by_ref().take(500).map(active).collect();
+        notification::Entity::insert_many(chunk)
+            .exec_without_returning(db)
+            .await?;
+    }
+    Ok(())
+}
+
+fn active(new: NewNotification) -> notification::ActiveModel {
+    notification::ActiveModel {
         id: Set(new.id),
         request_id: Set(new.request_id),
         customer_id: Set(new.customer_id),
@@ -70,21 +104,6 @@ pub async fn insert(
         created_at: Set(new.created_at),
         updated_at: Set(new.created_at),
         sent_at: Set(None),
-    };
-    match notification::Entity::insert(row)
-        .exec_with_returning(db)
-        .await
-    {
-        Ok(model) => Ok(Inserted::New(model)),
-        Err(err) => match (err.sql_err(), request_id) {
-            (Some(SqlErr::UniqueConstraintViolation(_)), Some(request_id)) => {
-                match find_by_request_id(db, &request_id).await? {
-                    Some(existing) => Ok(Inserted::Duplicate(existing)),
-                    None => Err(err.into()),
-                }
-            }
-            _ => Err(err.into()),
-        },
     }
 }
 

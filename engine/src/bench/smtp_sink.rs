@@ -1,0 +1,94 @@
+//! An SMTP server that accepts every message at once and only counts it: the bench measures
+//! Herald, not a mail server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A counting SMTP sink on loopback.
+pub struct CountingSmtpSink {
+    port: u16,
+    accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingSmtpSink {
+    /// Listens on `127.0.0.1:0`.
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(session(stream, counter.clone()));
+            }
+        });
+        Ok(Self {
+            port,
+            accepted,
+            task,
+        })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Messages accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CountingSmtpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One SMTP session: every command is accepted; the body is read up to the lone dot.
+async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    if write.write_all(b"220 bench ESMTP\r\n").await.is_err() {
+        return;
+    }
+    let mut line = String::new();
+    let mut in_data = false;
+    loop {
+        line.clear();
+        match lines.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply: &[u8] = if in_data {
+            if line != ".\r\n" {
+                continue;
+            }
+            in_data = false;
+            accepted.fetch_add(1, Ordering::Relaxed);
+            b"250 queued\r\n"
+        } else {
+            let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
+            match verb.as_str() {
+                "EHLO" => b"250-bench\r\n250 8BITMIME\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go ahead\r\n"
+                }
+                "QUIT" => {
+                    let _ = write.write_all(b"221 bye\r\n").await;
+                    return;
+                }
+                _ => b"250 ok\r\n",
+            }
+        };
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
