@@ -26,6 +26,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log "building the herald binary (the reliability tests run it as a process)"
+cargo build --locked --bin herald
 log "tests (SQLite)"
 HERALD_TEST_DB=sqlite cargo test --workspace --locked
 log "end-to-end tests (PostgreSQL)"

@@ -22,12 +22,14 @@
 pub mod database;
 pub mod herald;
 pub mod nats_server;
+pub mod process;
 pub mod smtp_sink;
 pub mod wait;
 
 pub use database::{DatabaseKind, PgServer, TestDatabase};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::NatsServer;
+pub use process::HeraldProcess;
 pub use smtp_sink::{ReceivedMail, RejectStage, SmtpSink};
 pub use wait::{eventually, free_port};
 

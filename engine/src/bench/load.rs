@@ -28,7 +28,7 @@ pub async fn generate(
     base_url: &str,
 ) -> anyhow::Result<()> {
     match args.via {
-        Via::Nats => via_nats(args, db, nats_url).await,
+        Via::Nats => accept_via_nats(db, nats_url, args.notifications, args.customers).await,
         Via::Http => via_http(args, base_url).await,
     }
 }
@@ -58,17 +58,25 @@ fn command(i: u64, customers: u64) -> SendCommand {
     }
 }
 
-async fn via_nats(args: &BenchArgs, db: &DatabaseConnection, nats_url: &str) -> anyhow::Result<()> {
+/// Accepts `count` email notifications for `customers` recipients the way the API does (stored
+/// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks. Also
+/// used by the reliability tests to load an engine quickly.
+pub async fn accept_via_nats(
+    db: &DatabaseConnection,
+    nats_url: &str,
+    count: u64,
+    customers: u64,
+) -> anyhow::Result<()> {
     let client = herald_nats::connect(nats_url, "herald-bench").await?;
     let publisher = Publisher::new(
         async_nats::jetstream::new(client),
         crate::Config::default().nats.partitions,
     );
     let mut next = 0;
-    while next < args.notifications {
-        let end = (next + CHUNK).min(args.notifications);
+    while next < count {
+        let end = (next + CHUNK).min(count);
         let commands: Vec<(String, SendCommand)> = (next..end)
-            .map(|i| (recipient(i, args.customers), command(i, args.customers)))
+            .map(|i| (recipient(i, customers), command(i, customers)))
             .collect();
         let rows = commands
             .iter()

@@ -7,7 +7,7 @@
 //! The run ends when every notification is `sent` in the database; latency is accept → provider
 //! accepted, as recorded in `created_at`/`sent_at`.
 
-mod load;
+pub mod load;
 mod nats_server;
 mod reference;
 mod smtp_sink;

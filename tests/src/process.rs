@@ -1,0 +1,135 @@
+//! `herald serve` as a separate OS process, configured through `HERALD_*` variables, so tests can
+//! kill it with SIGKILL or stop it with SIGTERM like an operator or the kernel would.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::{eventually, free_port};
+
+/// Path of the `herald` binary built beside the test executable (`target/<profile>/herald`);
+/// `HERALD_BIN` overrides it. `scripts/test.sh` builds it before the tests run.
+pub fn herald_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("HERALD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/herald
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .context("test executable has no target folder")?;
+    let bin = dir.join("herald");
+    if !bin.exists() {
+        bail!(
+            "{} not found: run `cargo build --bin herald` first (scripts/test.sh does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running `herald serve` child process.
+pub struct HeraldProcess {
+    child: Child,
+    env: Vec<(String, String)>,
+    port: u16,
+    log: PathBuf,
+}
+
+impl HeraldProcess {
+    /// Starts `herald serve` with these `HERALD_*` variables (HTTP port chosen here) and waits
+    /// until it is ready.
+    pub async fn start(env: Vec<(String, String)>, log: PathBuf) -> anyhow::Result<Self> {
+        // The readiness client needs the process-wide rustls provider.
+        herald_engine::app::process_init();
+        let port = free_port()?;
+        let child = spawn(&env, port, &log)?;
+        let process = Self {
+            child,
+            env,
+            port,
+            log,
+        };
+        process.wait_ready().await;
+        Ok(process)
+    }
+
+    /// The base URL of its API.
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit; returns how long the exit took.
+    pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let pid = self.child.id().context("process already gone")?;
+        let started = std::time::Instant::now();
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| format!("herald did not exit within {limit:?} of SIGTERM"))??;
+        if !status.success() {
+            bail!("herald exited with {status}; log: {}", self.log_tail());
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Starts the same configuration again (same port) after a kill or stop.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn(&self.env, self.port, &self.log)?;
+        self.wait_ready().await;
+        Ok(())
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("{}/health/ready", self.base());
+        let client = reqwest::Client::new();
+        eventually(
+            &format!("herald on port {} to be ready", self.port),
+            Duration::from_secs(60),
+            || async {
+                let response = client.get(&url).send().await.ok()?;
+                response.status().is_success().then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn spawn(env: &[(String, String)], port: u16, log: &PathBuf) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let child = Command::new(herald_bin()?)
+        .arg("serve")
+        .envs(env.iter().cloned())
+        .env("HERALD_HTTP__BIND", format!("127.0.0.1:{port}"))
+        .env("HERALD_LOG__FORMAT", "json")
+        .env("HERALD_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start herald")?;
+    Ok(child)
+}
