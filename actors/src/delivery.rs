@@ -35,6 +35,9 @@ use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 /// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
 const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Largest command accepted: the API's limits (256 KiB text and HTML each) plus headroom.
+pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
+
 /// What a delivery needs; shared by all delivery tasks.
 pub struct DeliveryContext {
     /// Database pool (customer lookups, redelivery checks).
@@ -56,16 +59,27 @@ pub async fn deliver(
     message: jetstream::Message,
     permit: OwnedSemaphorePermit,
 ) {
-    let delivered = message
+    let (delivered, sequence) = message
         .info()
-        .map(|i| i.delivered.max(1) as u64)
-        .unwrap_or(1);
+        .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
+        .unwrap_or((1, 0));
     let (message, acker) = message.split();
+    if message.payload.len() > MAX_COMMAND_BYTES {
+        let reason = format!(
+            "oversized command: {} bytes (limit {MAX_COMMAND_BYTES})",
+            message.payload.len()
+        );
+        let msg_id = format!("poison:{sequence}");
+        dead_letter_poison(&ctx, &message, acker, delivered, &reason, &msg_id).await;
+        return;
+    }
     let command = match SendCommand::decode(&message.payload) {
         Ok(command) => command,
         Err(err) => {
-            let source = format!("{}:{delivered}", message.subject);
-            dead_letter_poison(&ctx, &message, acker, delivered, &err.to_string(), &source).await;
+            // The stream sequence identifies the message, so distinct poison messages are not
+            // taken for duplicates of each other by the DLQ's de-duplication.
+            let msg_id = format!("poison:{sequence}");
+            dead_letter_poison(&ctx, &message, acker, delivered, &err.to_string(), &msg_id).await;
             return;
         }
     };

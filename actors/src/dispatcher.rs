@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::delivery::{self, DeliveryContext};
 
@@ -40,7 +40,10 @@ pub struct DispatcherArgs {
 pub struct DispatcherState {
     context: Arc<DeliveryContext>,
     pull: JoinHandle<()>,
-    stop: CancellationToken,
+    /// Cancels the pull loop when the state is dropped, which also happens when the actor panics
+    /// (ractor runs no `post_stop` then): a loop must not outlive its dispatcher and keep pulling
+    /// messages nobody will handle.
+    _stop: DropGuard,
 }
 
 /// The dispatcher.
@@ -66,7 +69,7 @@ impl Actor for Dispatcher {
         Ok(DispatcherState {
             context: args.context,
             pull,
-            stop,
+            _stop: stop.drop_guard(),
         })
     }
 
@@ -90,8 +93,8 @@ impl Actor for Dispatcher {
         _myself: ActorRef<Self::Msg>,
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
-        state.stop.cancel();
-        state.pull.abort();
+        // Dropping the state cancels the loop; give it a moment to return what it holds.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut state.pull).await;
         Ok(())
     }
 }
@@ -119,24 +122,26 @@ async fn pull_loop(
         };
         loop {
             let permit = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => return release_buffered(messages).await,
                 permit = permits.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
-                    Err(_) => return,
+                    Err(_) => return release_buffered(messages).await,
                 },
             };
             let next = tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => return release_buffered(messages).await,
                 next = messages.next() => next,
             };
             match next {
                 Some(Ok(message)) => {
                     backoff = Duration::from_millis(100);
-                    if dispatcher
-                        .cast(DispatcherMsg::Deliver(Box::new(message), permit))
-                        .is_err()
+                    let delivery = DispatcherMsg::Deliver(Box::new(message), permit);
+                    if let Err(ractor::MessagingErr::SendErr(DispatcherMsg::Deliver(message, _))) =
+                        dispatcher.cast(delivery)
                     {
-                        return;
+                        // The dispatcher is gone: hand the message back at once.
+                        let _ = message.ack_with(AckKind::Nak(None)).await;
+                        return release_buffered(messages).await;
                     }
                 }
                 Some(Err(err)) => {
@@ -147,6 +152,22 @@ async fn pull_loop(
                 None => break,
             }
         }
+    }
+}
+
+/// How long to look for messages already delivered to this client when a loop stops.
+const RELEASE_WINDOW: Duration = Duration::from_millis(50);
+
+/// NAKs the messages the client had already fetched for this loop, so JetStream redelivers them
+/// at once (to this instance's next loop or another instance) instead of after `ack_wait`.
+async fn release_buffered(mut messages: jetstream::consumer::pull::Stream) {
+    let mut released = 0u32;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(RELEASE_WINDOW, messages.next()).await {
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        released += 1;
+    }
+    if released > 0 {
+        tracing::info!(released, "returned prefetched commands to JetStream");
     }
 }
 

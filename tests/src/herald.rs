@@ -114,6 +114,11 @@ impl TestHerald {
         json["id"].as_str().expect("id in answer").to_string()
     }
 
+    /// Like [`TestHerald::send_accepted`], owning its body (for `join_all`).
+    pub async fn send_accepted_owned(&self, body: Value) -> String {
+        self.send_accepted(&body).await
+    }
+
     /// Waits until the notification reaches `status`; returns its JSON.
     pub async fn wait_status(&self, id: &str, status: &str) -> Value {
         let path = format!("/api/v1/notifications/{id}");

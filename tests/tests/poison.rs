@@ -1,0 +1,184 @@
+//! Poison messages and injected actor panics: the consumer keeps going, nothing is lost.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use serde_json::json;
+
+fn email(to: &str) -> serde_json::Value {
+    json!({
+        "recipient": { "email": to },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "subject": "Order shipped", "text": "Your parcel is on its way." }
+    })
+}
+
+/// Reads every message of NOTIFY_DLQ with its reason header.
+async fn dead_letters(nats: &NatsServer) -> Vec<(String, String)> {
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let stream = js.get_stream("NOTIFY_DLQ").await.expect("dlq stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let reason = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Herald-Dlq-Reason"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        out.push((message.subject.to_string(), reason));
+    }
+    out
+}
+
+#[tokio::test]
+async fn poison_commands_go_to_the_dlq_with_reasons_and_the_consumer_keeps_going() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+
+    let oversized = format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(700 * 1024));
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed", b"{not json".to_vec()),
+        ("unknown version", br#"{"v": 99, "future": true}"#.to_vec()),
+        (
+            "invalid body",
+            br#"{"v": 1, "notification_id": 7}"#.to_vec(),
+        ),
+        ("invalid utf-8", vec![0xff, 0xfe, 0xfd, b'{']),
+        ("oversized", oversized.into_bytes()),
+    ];
+    for (i, (_, payload)) in poison.iter().enumerate() {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("poison-{i}").as_str());
+        js.publish_with_headers("notify.cmd.3", headers, payload.clone().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    // A good notification after the poison still goes out.
+    let id = herald
+        .send_accepted(&email("after-poison@example.com"))
+        .await;
+    herald.wait_status(&id, "sent").await;
+
+    let letters = eventually("five dead letters", E2E_TIMEOUT, || async {
+        let letters = dead_letters(&nats).await;
+        (letters.len() >= 5).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), 5, "{letters:?}");
+    let reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
+    for needle in [
+        "malformed",
+        "unknown schema version 99",
+        "invalid body",
+        "oversized",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(needle)),
+            "a reason mentions {needle:?}: {reasons:?}"
+        );
+    }
+    assert!(
+        letters
+            .iter()
+            .all(|(subject, _)| subject == "notify.dlq.cmd")
+    );
+    assert_eq!(smtp.count(), 1, "only the good notification was sent");
+    herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_crashed_dispatcher_is_restarted_and_deliveries_continue() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let before = herald.app().dispatcher().expect("dispatcher").get_id();
+    herald
+        .app()
+        .dispatcher()
+        .expect("dispatcher")
+        .cast(herald_actors::dispatcher::DispatcherMsg::Crash)
+        .expect("cast");
+    eventually("a new dispatcher", Duration::from_secs(10), || async {
+        herald
+            .app()
+            .dispatcher()
+            .filter(|d| d.get_id() != before)
+            .map(|_| ())
+    })
+    .await;
+    let ids = futures::future::join_all(
+        (0..20).map(|i| herald.send_accepted_owned(email(&format!("c{i}@example.com")))),
+    )
+    .await;
+    for id in &ids {
+        herald.wait_status(id, "sent").await;
+    }
+    assert_eq!(
+        smtp.wait_for_count(20, E2E_TIMEOUT)
+            .await
+            .expect("mails")
+            .len(),
+        20
+    );
+    let metrics = herald
+        .http()
+        .get(format!("{}/metrics", herald.base()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("herald_actor_restarts_total{actor=\"dispatcher\"}"));
+    herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn nats_restarted_mid_run_loses_nothing() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let conn = herald_entities::connect(db.url(), 2).await.expect("db");
+    herald_engine::bench::load::accept_via_nats(&conn, &nats.url(), 2_000, 200)
+        .await
+        .expect("accepted");
+    smtp.wait_for_count(200, E2E_TIMEOUT)
+        .await
+        .expect("under way");
+    nats.kill().await.expect("kill nats");
+    nats.restart().await.expect("restart nats");
+    // The engine reconnects by itself and drains the rest.
+    let mails = smtp
+        .wait_for_count(2_000, Duration::from_secs(120))
+        .await
+        .expect("all delivered after NATS came back");
+    let distinct: std::collections::HashSet<_> =
+        mails.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert_eq!(distinct.len(), 2_000, "every notification delivered");
+    herald.shutdown().await.expect("shutdown");
+}
