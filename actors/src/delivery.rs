@@ -40,8 +40,10 @@ pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 
 /// What a delivery needs; shared by all delivery tasks.
 pub struct DeliveryContext {
-    /// Database pool (customer lookups, redelivery checks).
+    /// Database pool (customer lookups).
     pub db: DatabaseConnection,
+    /// Batched status reads (the check before sending).
+    pub statuses: crate::status_lookup::StatusLookup,
     /// Publisher (dead letters).
     pub publisher: Publisher,
     /// Live channel actors.
@@ -84,7 +86,7 @@ pub async fn deliver(
         }
     };
     let id = command.notification_id;
-    match stored_status(&ctx.db, id).await {
+    match ctx.statuses.status(id).await {
         Ok(Some(status)) if !status.is_final() => {}
         Ok(Some(_)) => {
             // A redelivery of a command whose outcome is already written.
@@ -225,13 +227,6 @@ async fn forget_dead_contacts(
             }
         }
     }
-}
-
-async fn stored_status(
-    db: &DatabaseConnection,
-    id: uuid::Uuid,
-) -> Result<Option<NotificationStatus>, herald_entities::RepoError> {
-    repo::notifications::status_of(db, id).await
 }
 
 /// The result of walking the chain once.

@@ -17,4 +17,5 @@ pub mod dispatcher;
 pub mod engine_supervisor;
 pub mod retry;
 pub mod slot;
+pub mod status_lookup;
 pub mod status_writer;

@@ -213,6 +213,7 @@ async fn start_engine(
     let max_in_flight = config.dispatch.max_in_flight;
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let context = Arc::new(DeliveryContext {
+        statuses: herald_actors::status_lookup::StatusLookup::spawn(db.clone()),
         db: db.clone(),
         publisher: publisher.clone(),
         channels: channels.clone(),

@@ -139,6 +139,22 @@ pub async fn status_of(
         .await?)
 }
 
+/// The statuses of many notifications in one query; unknown ids are absent from the map.
+pub async fn statuses_of(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, NotificationStatus>, RepoError> {
+    let rows: Vec<(Uuid, NotificationStatus)> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .column(notification::Column::Status)
+        .filter(notification::Column::Id.is_in(ids.to_vec()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().collect())
+}
+
 /// The notification and its attempts in the order they were made.
 pub async fn find_with_attempts(
     db: &impl ConnectionTrait,

@@ -93,29 +93,149 @@ pub async fn apply(
             .exec_without_returning(&txn)
             .await?;
     }
-    for change in changes {
-        let mut update = notification::Entity::update_many()
-            .col_expr(notification::Column::Status, Expr::value(change.status))
-            .col_expr(notification::Column::UpdatedAt, Expr::value(change.at))
-            .filter(notification::Column::Id.eq(change.id))
-            .filter(notification::Column::Status.is_in(change.status.allowed_from().to_vec()));
-        if let Some(reason) = &change.reason {
-            update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
+    for (shape, at, ids) in plan(changes) {
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            shape.update(at, chunk).exec(&txn).await?;
         }
-        if let Some(channel) = &change.final_channel {
-            update = update.col_expr(notification::Column::FinalChannel, Expr::value(channel));
-        }
-        if let Some(error) = &change.error {
-            update = update.col_expr(notification::Column::Error, Expr::value(error));
-        }
-        if let Some(attempts) = change.attempts {
-            update = update.col_expr(notification::Column::Attempts, Expr::value(attempts));
-        }
-        if change.status == NotificationStatus::Sent {
-            update = update.col_expr(notification::Column::SentAt, Expr::value(change.at));
-        }
-        update.exec(&txn).await?;
     }
     txn.commit().await?;
     Ok(())
+}
+
+/// The new values of a status change; changes with equal shapes share one UPDATE.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Shape {
+    status: NotificationStatus,
+    reason: Option<String>,
+    final_channel: Option<String>,
+    error: Option<String>,
+    attempts: Option<i32>,
+}
+
+impl Shape {
+    fn of(change: &StatusChange) -> Self {
+        Self {
+            status: change.status,
+            reason: change.reason.clone(),
+            final_channel: change.final_channel.clone(),
+            error: change.error.clone(),
+            attempts: change.attempts,
+        }
+    }
+
+    /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
+    fn update(&self, at: DateTime<Utc>, ids: &[Uuid]) -> sea_orm::UpdateMany<notification::Entity> {
+        let mut update = notification::Entity::update_many()
+            .col_expr(notification::Column::Status, Expr::value(self.status))
+            .col_expr(notification::Column::UpdatedAt, Expr::value(at))
+            .filter(notification::Column::Id.is_in(ids.to_vec()))
+            .filter(notification::Column::Status.is_in(self.status.allowed_from().to_vec()));
+        if let Some(reason) = &self.reason {
+            update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
+        }
+        if let Some(channel) = &self.final_channel {
+            update = update.col_expr(notification::Column::FinalChannel, Expr::value(channel));
+        }
+        if let Some(error) = &self.error {
+            update = update.col_expr(notification::Column::Error, Expr::value(error));
+        }
+        if let Some(attempts) = self.attempts {
+            update = update.col_expr(notification::Column::Attempts, Expr::value(attempts));
+        }
+        if self.status == NotificationStatus::Sent {
+            update = update.col_expr(notification::Column::SentAt, Expr::value(at));
+        }
+        update
+    }
+}
+
+/// Turns a batch of changes into few UPDATEs without changing the outcome:
+/// - a `processing` change followed in the same batch by another change of the same notification
+///   is dropped (the later one overwrites it anyway);
+/// - the remaining changes are grouped by round (a notification's first, second, … change in the
+///   batch, so each notification's changes still apply in order) and by shape; a group's time is
+///   its latest change's.
+fn plan(changes: &[StatusChange]) -> Vec<(Shape, DateTime<Utc>, Vec<Uuid>)> {
+    use std::collections::HashMap;
+    let mut last_index: HashMap<Uuid, usize> = HashMap::new();
+    for (i, change) in changes.iter().enumerate() {
+        last_index.insert(change.id, i);
+    }
+    let mut round_of: HashMap<Uuid, usize> = HashMap::new();
+    let mut groups: Vec<((usize, Shape), DateTime<Utc>, Vec<Uuid>)> = Vec::new();
+    let mut index_of: HashMap<(usize, Shape), usize> = HashMap::new();
+    for (i, change) in changes.iter().enumerate() {
+        let superseded = change.status == NotificationStatus::Processing
+            && last_index.get(&change.id).is_some_and(|&last| last > i);
+        if superseded {
+            continue;
+        }
+        let round = round_of.entry(change.id).or_insert(0);
+        let key = (*round, Shape::of(change));
+        *round += 1;
+        match index_of.get(&key) {
+            Some(&g) => {
+                let group = &mut groups[g];
+                group.1 = group.1.max(change.at);
+                group.2.push(change.id);
+            }
+            None => {
+                index_of.insert(key.clone(), groups.len());
+                groups.push((key, change.at, vec![change.id]));
+            }
+        }
+    }
+    groups.sort_by_key(|((round, _), _, _)| *round);
+    groups
+        .into_iter()
+        .map(|((_, shape), at, ids)| (shape, at, ids))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(id: Uuid, status: NotificationStatus) -> StatusChange {
+        StatusChange::to(id, status)
+    }
+
+    #[test]
+    fn processing_followed_by_a_final_status_is_one_update() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let changes = vec![
+            change(a, NotificationStatus::Processing),
+            change(b, NotificationStatus::Processing),
+            change(a, NotificationStatus::Sent),
+            change(b, NotificationStatus::Sent),
+        ];
+        let plan = plan(&changes);
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert_eq!(plan[0].0.status, NotificationStatus::Sent);
+        assert_eq!(plan[0].2, vec![a, b]);
+    }
+
+    #[test]
+    fn different_values_are_different_updates_and_order_per_notification_is_kept() {
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut failed = change(b, NotificationStatus::Failed);
+        failed.error = Some("550".into());
+        let changes = vec![
+            change(a, NotificationStatus::Sent),
+            failed,
+            change(a, NotificationStatus::Delivered),
+        ];
+        let plan = plan(&changes);
+        assert_eq!(plan.len(), 3);
+        let position = |status| plan.iter().position(|p| p.0.status == status).unwrap();
+        assert!(position(NotificationStatus::Sent) < position(NotificationStatus::Delivered));
+    }
+
+    #[test]
+    fn a_lone_processing_change_is_kept() {
+        let a = Uuid::now_v7();
+        let plan = plan(&[change(a, NotificationStatus::Processing)]);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].0.status, NotificationStatus::Processing);
+    }
 }
