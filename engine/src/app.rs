@@ -7,7 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_actors::{
-    channel::{ChannelArgs, ChannelDirectory, Provider, email::EmailProvider},
+    channel::{
+        ChannelArgs, ChannelDirectory, Provider, email::EmailProvider, push::PushProvider,
+        sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
+    },
+
     delivery::DeliveryContext,
     dispatcher::{DispatcherArgs, DispatcherMsg},
     engine_supervisor::{EngineArgs, EngineSupervisor},
@@ -258,17 +262,31 @@ async fn start_engine(
     })
 }
 
-/// The configured providers.
+/// The configured providers: email always (SMTP or the outbox), the others when configured.
 fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
-    let email = EmailProvider::new(
-        if config.channels.email.smtp_host.is_some() {
-            "smtp".into()
-        } else {
-            "outbox".into()
-        },
-        &config.channels.email,
-    )?;
-    Ok(vec![Arc::new(email)])
+    let channels = &config.channels;
+    let email_name = if channels.email.smtp_host.is_some() {
+        "smtp"
+    } else {
+        "outbox"
+    };
+    let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(EmailProvider::new(
+        email_name.into(),
+        &channels.email,
+    )?)];
+    if let Some(telegram) = &channels.telegram {
+        providers.push(Arc::new(TelegramProvider::new("telegram".into(), telegram.clone())?));
+    }
+    if let Some(sms) = &channels.sms {
+        providers.push(Arc::new(SmsProvider::new("twilio".into(), sms.clone())?));
+    }
+    if let Some(push) = &channels.push {
+        providers.push(Arc::new(PushProvider::new("fcm".into(), push.clone())?));
+    }
+    if let Some(webhook) = &channels.webhook {
+        providers.push(Arc::new(WebhookProvider::new("webhook".into(), webhook.clone())?));
+    }
+    Ok(providers)
 }
 
 fn stream_settings(config: &Config) -> StreamSettings {

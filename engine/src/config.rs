@@ -10,7 +10,10 @@ use figment::{
 };
 pub use herald_actors::channel::email::SmtpSecurity;
 use herald_actors::{
-    channel::{ChannelSettings, email::EmailConfig},
+    channel::{
+        ChannelSettings, email::EmailConfig, push::PushConfig, sms::SmsConfig,
+        telegram::TelegramConfig, webhook::WebhookConfig,
+    },
     retry::RetryPolicy,
     status_writer::StatusWriterSettings,
 };
@@ -143,6 +146,18 @@ pub struct ChannelsConfig {
     /// Email.
     #[serde(skip_serializing)]
     pub email: EmailConfig,
+    /// Telegram Bot API; runs when the section is present.
+    #[serde(skip_serializing)]
+    pub telegram: Option<TelegramConfig>,
+    /// SMS through a Twilio-compatible API; runs when the section is present.
+    #[serde(skip_serializing)]
+    pub sms: Option<SmsConfig>,
+    /// Push through FCM HTTP v1; runs when the section is present.
+    #[serde(skip_serializing)]
+    pub push: Option<PushConfig>,
+    /// Signed webhooks; runs when the section is present.
+    #[serde(skip_serializing)]
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// Routing settings.

@@ -4,8 +4,13 @@
 pub mod actor;
 pub mod circuit;
 pub mod email;
+mod http;
 pub mod provider;
+pub mod push;
+pub mod sms;
 pub mod supervisor;
+pub mod telegram;
+pub mod webhook;
 
 pub use actor::{
     ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, SendOutcome,

@@ -94,3 +94,29 @@ pub trait Provider: Send + Sync + 'static {
         message: &'a OutboundMessage,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A message with every contact set, for provider tests.
+    pub(crate) fn outbound() -> OutboundMessage {
+        OutboundMessage {
+            notification_id: Uuid::now_v7(),
+            contacts: Contacts {
+                email: Some("ada@example.com".into()),
+                phone: Some("+4915112345678".into()),
+                telegram_chat_id: Some("4242".into()),
+                push_tokens: vec!["device-token-1".into()],
+                webhook_url: None,
+            },
+            content: Content {
+                subject: Some("Order shipped".into()),
+                text: "Your order #1001 is on its way.".into(),
+                html: None,
+                short: Some("Order #1001 shipped".into()),
+            },
+            category: "transactional",
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! What the HTTP providers share: a client with a timeout, and the classification of transport
+//! errors, status codes and `Retry-After` into [`ProviderError`] classes.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+use super::ProviderError;
+
+/// The `User-Agent` every provider sends.
+const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
+
+/// A client builder with Herald's user agent and a whole-request timeout.
+///
+/// Building the client needs a process-wide rustls crypto provider (the engine installs ring at
+/// start-up): reqwest is compiled without one.
+pub(crate) fn client_builder(timeout_ms: u64) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .timeout(Duration::from_millis(timeout_ms))
+}
+
+/// Classifies an error from sending a request or reading its reply.
+///
+/// The URL is stripped first: some providers (Telegram) carry credentials in it. Everything but a
+/// request that could not even be built is worth retrying: timeouts, refused connections, resets
+/// and truncated bodies are the provider's or the network's passing trouble.
+pub(crate) fn request_error(error: reqwest::Error) -> ProviderError {
+    let error = error.without_url();
+    let reason = describe(&error);
+    if error.is_builder() {
+        ProviderError::permanent(reason)
+    } else if error.is_timeout() {
+        ProviderError::transient(format!("timed out: {reason}"))
+    } else {
+        ProviderError::transient(reason)
+    }
+}
+
+/// reqwest's own message is terse ("error sending request"); the cause chain says what happened.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !reason.ends_with(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        source = cause.source();
+    }
+    reason
+}
+
+/// Whether a failed status is worth retrying: 408, 429 and every 5xx.
+pub(crate) fn is_transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error()
+}
+
+/// Classifies a non-success status: transient per [`is_transient`], otherwise permanent.
+pub(crate) fn status_error(
+    status: StatusCode,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    if is_transient(status) {
+        ProviderError::Transient {
+            reason,
+            retry_after,
+        }
+    } else {
+        ProviderError::permanent(reason)
+    }
+}
+
+/// The `Retry-After` of a reply, as a delay from now.
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, Utc::now())
+}
+
+/// Parses a `Retry-After` value: delta-seconds (`120`) or an HTTP-date
+/// (`Wed, 21 Oct 2015 07:28:00 GMT`), which counts from `now`. A date in the past means "now".
+pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = DateTime::parse_from_rfc2822(value).ok()?;
+    Some(
+        date.with_timezone(&Utc)
+            .signed_duration_since(now)
+            .to_std()
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The first `max` characters of a reply body, for error reasons.
+pub(crate) fn snippet(body: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        let now = Utc.with_ymd_and_hms(2015, 10, 21, 7, 27, 0).unwrap();
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        for code in [429, 408, 500, 502, 503] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(matches!(
+                status_error(status, "x".into(), Some(Duration::from_secs(3))),
+                ProviderError::Transient {
+                    retry_after: Some(d),
+                    ..
+                } if d == Duration::from_secs(3)
+            ));
+        }
+        for code in [400, 401, 403, 404, 410, 422] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert!(matches!(
+                status_error(status, "x".into(), None),
+                ProviderError::Permanent { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn snippets_are_cut_on_character_boundaries() {
+        assert_eq!(snippet(b"  short  ", 10), "short");
+        assert_eq!(snippet("ééééé".as_bytes(), 3), "ééé…");
+    }
+}

@@ -1,0 +1,720 @@
+//! Mobile push through the FCM HTTP v1 API: `POST {base}/v1/projects/{project}/messages:send`,
+//! one request per device token.
+//!
+//! A recipient may have several devices. The send succeeds when at least one token is accepted
+//! (the receipt carries the first accepted message name). When every token fails, the "worst"
+//! outcome wins: a transient failure on any token makes the whole send transient so it is
+//! retried; otherwise the send is permanent and names the first token FCM declared dead.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use herald_nats::Channel;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http;
+use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+/// Push provider configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct PushConfig {
+    /// API root; an FCM-compatible service or a test fake can stand in.
+    pub base_url: String,
+    /// Firebase project id.
+    pub project_id: String,
+    /// OAuth 2.0 access token sent as a bearer token.
+    pub access_token: String,
+    /// Per-request timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://fcm.googleapis.com".into(),
+            project_id: String::new(),
+            access_token: String::new(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field("base_url", &self.base_url)
+            .field("project_id", &self.project_id)
+            .field("access_token", &"<redacted>")
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Why a push provider could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum PushConfigError {
+    /// A required setting is empty.
+    #[error("push.{0} is required")]
+    Missing(&'static str),
+    /// The HTTP client could not be built.
+    #[error("cannot build the push HTTP client: {0}")]
+    Client(String),
+}
+
+/// Sends push notifications through FCM.
+pub struct PushProvider {
+    name: String,
+    client: reqwest::Client,
+    send_url: String,
+    access_token: String,
+}
+
+impl std::fmt::Debug for PushProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushProvider")
+            .field("name", &self.name)
+            .field("send_url", &self.send_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A successful send: `{"name": "projects/p/messages/ID"}`.
+#[derive(Deserialize)]
+struct SentMessage {
+    name: String,
+}
+
+/// Google's error envelope: `{"error": {"code", "message", "status", "details": [...]}}`.
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    details: Vec<ErrorDetail>,
+}
+
+/// One entry of `details`: an `FcmError` carries `errorCode`, a `BadRequest` carries
+/// `fieldViolations`.
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "errorCode")]
+    error_code: Option<String>,
+    #[serde(rename = "fieldViolations", default)]
+    field_violations: Vec<FieldViolation>,
+}
+
+#[derive(Deserialize)]
+struct FieldViolation {
+    #[serde(default)]
+    field: String,
+}
+
+impl PushProvider {
+    /// Builds the provider. Needs a process-wide rustls crypto provider installed.
+    pub fn new(name: String, config: PushConfig) -> Result<Self, PushConfigError> {
+        for (setting, value) in [
+            ("project_id", &config.project_id),
+            ("access_token", &config.access_token),
+        ] {
+            if value.trim().is_empty() {
+                return Err(PushConfigError::Missing(setting));
+            }
+        }
+        let client = http::client_builder(config.timeout_ms)
+            .build()
+            .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
+        let send_url = format!(
+            "{}/v1/projects/{}/messages:send",
+            config.base_url.trim_end_matches('/'),
+            config.project_id
+        );
+        Ok(Self {
+            name,
+            client,
+            send_url,
+            access_token: config.access_token,
+        })
+    }
+
+    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+        let tokens = &message.contacts.push_tokens;
+        if tokens.is_empty() {
+            return Err(ProviderError::MissingContact(Channel::Push));
+        }
+        let outcomes =
+            futures::future::join_all(tokens.iter().map(|token| self.send_one(token, message)))
+                .await;
+        let outcome = combine(tokens, outcomes);
+        if let Ok(receipt) = &outcome.receipt
+            && !outcome.dead.is_empty()
+        {
+            // The receipt has no room for dead tokens; they are reported again on the next send.
+            tracing::warn!(
+                provider = %self.name,
+                message_id = ?receipt.provider_message_id,
+                dead_tokens = %abbreviate(&outcome.dead),
+                "push delivered, but FCM declared some device tokens dead"
+            );
+        }
+        outcome.receipt
+    }
+
+    async fn send_one(&self, token: &str, message: &OutboundMessage) -> Result<String, Failure> {
+        let mut notification = serde_json::Map::new();
+        if let Some(subject) = &message.content.subject {
+            notification.insert("title".into(), json!(subject));
+        }
+        notification.insert("body".into(), json!(message.content.short_text()));
+        let body = json!({
+            "message": {
+                "token": token,
+                "notification": notification,
+                // FCM data values must be strings.
+                "data": {
+                    "notification_id": message.notification_id.to_string(),
+                    "category": message.category,
+                },
+            }
+        });
+        let response = self
+            .client
+            .post(&self.send_url)
+            .bearer_auth(&self.access_token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| Failure::new(http::request_error(e)))?;
+        let status = response.status();
+        let retry_after = http::retry_after(response.headers());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| Failure::new(http::request_error(e)))?;
+        if status.is_success() {
+            return serde_json::from_slice::<SentMessage>(&bytes)
+                .map(|sent| sent.name)
+                .map_err(|_| {
+                    Failure::new(ProviderError::permanent(format!(
+                        "unexpected FCM reply: {}",
+                        http::snippet(&bytes, 200)
+                    )))
+                });
+        }
+        Err(classify(status, &bytes, retry_after, token))
+    }
+}
+
+/// One token's failure, with whether FCM declared that token dead.
+struct Failure {
+    error: ProviderError,
+    dead: bool,
+}
+
+impl Failure {
+    fn new(error: ProviderError) -> Self {
+        Self { error, dead: false }
+    }
+}
+
+/// Classifies an FCM error reply for one token.
+fn classify(
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    token: &str,
+) -> Failure {
+    let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(body) else {
+        let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
+        return Failure::new(http::status_error(status, reason, retry_after));
+    };
+    let fcm_code = error
+        .details
+        .iter()
+        .find_map(|d| d.error_code.as_deref())
+        .unwrap_or(error.status.as_str());
+    let reason = format!(
+        "FCM {} {fcm_code}: {}",
+        status.as_u16(),
+        if error.message.is_empty() {
+            "no message"
+        } else {
+            &error.message
+        }
+    );
+    // INVALID_ARGUMENT also covers a malformed payload; only a complaint about the token (a
+    // BadRequest on `message.token`, or FCM's "registration token" wording) condemns the token.
+    let token_rejected = error
+        .details
+        .iter()
+        .flat_map(|d| &d.field_violations)
+        .any(|v| v.field == "message.token")
+        || error.message.contains("registration token");
+    let dead = match fcm_code {
+        "UNREGISTERED" => true,
+        "INVALID_ARGUMENT" => token_rejected,
+        _ => false,
+    };
+    if dead {
+        return Failure {
+            error: ProviderError::Permanent {
+                reason,
+                dead_contact: Some(token.to_string()),
+            },
+            dead: true,
+        };
+    }
+    let transient = matches!(fcm_code, "UNAVAILABLE" | "QUOTA_EXCEEDED" | "INTERNAL")
+        || http::is_transient(status);
+    Failure::new(if transient {
+        ProviderError::Transient {
+            reason,
+            retry_after,
+        }
+    } else {
+        ProviderError::permanent(reason)
+    })
+}
+
+/// The result over all tokens, plus the tokens FCM declared dead.
+struct Combined {
+    receipt: Result<Receipt, ProviderError>,
+    dead: Vec<String>,
+}
+
+/// Combines per-token outcomes (in token order): any success wins; else any transient failure
+/// (with the longest `retry_after` asked for); else a permanent failure naming the first dead
+/// token.
+fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combined {
+    let mut first_sent = None;
+    let mut dead = Vec::new();
+    let mut transient: Option<(String, Option<Duration>)> = None;
+    let mut permanent: Option<String> = None;
+    for (token, outcome) in tokens.iter().zip(outcomes) {
+        match outcome {
+            Ok(name) => {
+                first_sent.get_or_insert(name);
+            }
+            Err(failure) => {
+                if failure.dead {
+                    dead.push(token.clone());
+                }
+                match failure.error {
+                    ProviderError::Transient {
+                        reason,
+                        retry_after,
+                    } => {
+                        transient = Some(match transient {
+                            None => (reason, retry_after),
+                            Some((first, longest)) => (first, longest.max(retry_after)),
+                        });
+                    }
+                    ProviderError::Permanent { reason, .. } => {
+                        permanent.get_or_insert(reason);
+                    }
+                    ProviderError::MissingContact(_) => {}
+                }
+            }
+        }
+    }
+    let dead_note = if dead.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} of {} tokens dead: {}",
+            dead.len(),
+            tokens.len(),
+            abbreviate(&dead)
+        )
+    };
+    let receipt = match (first_sent, transient, permanent) {
+        (Some(name), _, _) => Ok(Receipt {
+            provider_message_id: Some(name),
+        }),
+        (None, Some((reason, retry_after)), _) => Err(ProviderError::Transient {
+            reason: format!("{reason}{dead_note}"),
+            retry_after,
+        }),
+        (None, None, reason) => Err(ProviderError::Permanent {
+            reason: format!(
+                "{}{dead_note}",
+                reason.unwrap_or_else(|| "no token accepted".into())
+            ),
+            dead_contact: dead.first().cloned(),
+        }),
+    };
+    Combined { receipt, dead }
+}
+
+/// Token prefixes for reasons and logs: enough to recognise a device, short enough to read.
+fn abbreviate(tokens: &[String]) -> String {
+    tokens
+        .iter()
+        .map(|t| match t.char_indices().nth(12) {
+            Some((end, _)) => format!("{}…", &t[..end]),
+            None => t.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Provider for PushProvider {
+    fn channel(&self) -> Channel {
+        Channel::Push
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        Box::pin(self.deliver(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::provider::tests::outbound;
+    use wiremock::matchers::{bearer_token, body_partial_json, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const SEND_PATH: &str = "/v1/projects/shop-app/messages:send";
+
+    fn provider(base_url: &str, timeout_ms: u64) -> PushProvider {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        PushProvider::new(
+            "fcm".into(),
+            PushConfig {
+                base_url: base_url.into(),
+                project_id: "shop-app".into(),
+                access_token: "ya29.secret-access-token".into(),
+                timeout_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    fn message(tokens: &[&str]) -> OutboundMessage {
+        let mut message = outbound();
+        message.contacts.push_tokens = tokens.iter().map(|t| t.to_string()).collect();
+        message
+    }
+
+    /// Mounts a reply for the request addressed to `token`.
+    async fn reply_for(server: &MockServer, token: &str, template: ResponseTemplate) {
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_partial_json(json!({"message": {"token": token}})))
+            .respond_with(template)
+            .expect(1)
+            .mount(server)
+            .await;
+    }
+
+    fn sent(id: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"name": format!("projects/shop-app/messages/{id}")}))
+    }
+
+    fn fcm_error(http: u16, status: &str, error_code: &str, message: &str) -> ResponseTemplate {
+        ResponseTemplate::new(http).set_body_json(json!({
+            "error": {
+                "code": http,
+                "message": message,
+                "status": status,
+                "details": [{
+                    "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                    "errorCode": error_code,
+                }],
+            }
+        }))
+    }
+
+    fn unregistered() -> ResponseTemplate {
+        fcm_error(
+            404,
+            "NOT_FOUND",
+            "UNREGISTERED",
+            "Requested entity was not found.",
+        )
+    }
+
+    fn invalid_token() -> ResponseTemplate {
+        ResponseTemplate::new(400).set_body_json(json!({
+            "error": {
+                "code": 400,
+                "message": "The registration token is not a valid FCM registration token",
+                "status": "INVALID_ARGUMENT",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                        "errorCode": "INVALID_ARGUMENT",
+                    },
+                    {
+                        "@type": "type.googleapis.com/google.rpc.BadRequest",
+                        "fieldViolations": [{
+                            "field": "message.token",
+                            "description": "The registration token is not a valid FCM registration token",
+                        }],
+                    },
+                ],
+            }
+        }))
+    }
+
+    #[tokio::test]
+    async fn sends_the_v1_shape_with_bearer_auth_and_returns_the_message_name() {
+        let server = MockServer::start().await;
+        let msg = message(&["device-a"]);
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(bearer_token("ya29.secret-access-token"))
+            .and(wiremock::matchers::body_json(json!({
+                "message": {
+                    "token": "device-a",
+                    "notification": {"title": "Order shipped", "body": "Order #1001 shipped"},
+                    "data": {
+                        "notification_id": msg.notification_id.to_string(),
+                        "category": "transactional",
+                    },
+                }
+            })))
+            .respond_with(sent("0:1500415314455276%31bd1c96f9fd7ecd"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let receipt = provider(&server.uri(), 2_000).send(&msg).await.unwrap();
+        assert_eq!(
+            receipt.provider_message_id.as_deref(),
+            Some("projects/shop-app/messages/0:1500415314455276%31bd1c96f9fd7ecd")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unregistered_token_is_a_dead_contact() {
+        let server = MockServer::start().await;
+        reply_for(&server, "stale-device", unregistered()).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["stale-device"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contact: Some(t) }
+                if t == "stale-device" && reason.contains("UNREGISTERED")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_token_is_a_dead_contact_but_an_invalid_payload_is_not() {
+        let server = MockServer::start().await;
+        reply_for(&server, "garbage", invalid_token()).await;
+        reply_for(
+            &server,
+            "fine-device",
+            fcm_error(
+                400,
+                "INVALID_ARGUMENT",
+                "INVALID_ARGUMENT",
+                "Invalid JSON payload received.",
+            ),
+        )
+        .await;
+        let provider = provider(&server.uri(), 2_000);
+        let error = provider.send(&message(&["garbage"])).await.unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { dead_contact: Some(t), .. } if t == "garbage"),
+            "{error:?}"
+        );
+        let error = provider.send(&message(&["fine-device"])).await.unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                ProviderError::Permanent {
+                    dead_contact: None,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn quota_exceeded_is_transient_and_honours_retry_after() {
+        let server = MockServer::start().await;
+        reply_for(
+            &server,
+            "device-a",
+            fcm_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "QUOTA_EXCEEDED",
+                "Quota exceeded.",
+            )
+            .insert_header("retry-after", "42"),
+        )
+        .await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+                if *d == Duration::from_secs(42) && reason.contains("QUOTA_EXCEEDED")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unavailable_is_transient() {
+        let server = MockServer::start().await;
+        reply_for(
+            &server,
+            "device-a",
+            fcm_error(
+                503,
+                "UNAVAILABLE",
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
+            ),
+        )
+        .await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("UNAVAILABLE")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_accepted_token_is_enough_and_its_name_is_the_receipt() {
+        let server = MockServer::start().await;
+        reply_for(&server, "stale-device", unregistered()).await;
+        reply_for(&server, "device-b", sent("b")).await;
+        reply_for(&server, "device-c", sent("c")).await;
+        let receipt = provider(&server.uri(), 2_000)
+            .send(&message(&["stale-device", "device-b", "device-c"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt.provider_message_id.as_deref(),
+            Some("projects/shop-app/messages/b")
+        );
+    }
+
+    #[tokio::test]
+    async fn all_failed_with_one_transient_is_transient_and_mentions_dead_tokens() {
+        let server = MockServer::start().await;
+        reply_for(&server, "stale-device-with-a-long-token", unregistered()).await;
+        reply_for(
+            &server,
+            "device-b",
+            fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", "try later")
+                .insert_header("retry-after", "7"),
+        )
+        .await;
+        reply_for(
+            &server,
+            "device-c",
+            fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", "try later")
+                .insert_header("retry-after", "20"),
+        )
+        .await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&[
+                "stale-device-with-a-long-token",
+                "device-b",
+                "device-c",
+            ]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+                if *d == Duration::from_secs(20)
+                    && reason.contains("1 of 3 tokens dead: stale-device…")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn all_permanent_names_the_first_dead_token() {
+        let server = MockServer::start().await;
+        reply_for(
+            &server,
+            "device-a",
+            fcm_error(403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH", "mismatch"),
+        )
+        .await;
+        reply_for(&server, "dead-1", unregistered()).await;
+        reply_for(&server, "dead-2", invalid_token()).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a", "dead-1", "dead-2"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contact: Some(t) }
+                if t == "dead-1" && reason.contains("2 of 3 tokens dead")
+                    && reason.contains("SENDER_ID_MISMATCH")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_transient() {
+        let server = MockServer::start().await;
+        reply_for(
+            &server,
+            "device-a",
+            sent("late").set_delay(Duration::from_secs(5)),
+        )
+        .await;
+        let error = provider(&server.uri(), 100)
+            .send(&message(&["device-a"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("timed out")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn no_tokens_is_a_missing_contact() {
+        let server = MockServer::start().await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&[]))
+            .await
+            .unwrap_err();
+        assert_eq!(error, ProviderError::MissingContact(Channel::Push));
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn config_debug_redacts_the_access_token() {
+        let config = PushConfig {
+            access_token: "ya29.secret-access-token".into(),
+            ..PushConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("secret"));
+        assert!(matches!(
+            PushProvider::new("fcm".into(), config),
+            Err(PushConfigError::Missing("project_id"))
+        ));
+    }
+}

@@ -1,0 +1,372 @@
+//! SMS through a Twilio-compatible API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json`
+//! with a form body and HTTP basic auth.
+
+use futures::future::BoxFuture;
+use herald_nats::Channel;
+use serde::Deserialize;
+
+use super::http;
+use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+/// SMS provider configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct SmsConfig {
+    /// API root; a Twilio-compatible service or a test fake can stand in.
+    pub base_url: String,
+    /// Account SID (`AC…`), also the basic-auth user.
+    pub account_sid: String,
+    /// Auth token, the basic-auth password.
+    pub auth_token: String,
+    /// Sender: a phone number in E.164 form, or an alphanumeric sender id where allowed.
+    pub from: String,
+    /// Per-request timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for SmsConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.twilio.com".into(),
+            account_sid: String::new(),
+            auth_token: String::new(),
+            from: String::new(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for SmsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsConfig")
+            .field("base_url", &self.base_url)
+            .field("account_sid", &self.account_sid)
+            .field("auth_token", &"<redacted>")
+            .field("from", &self.from)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Why an SMS provider could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SmsConfigError {
+    /// A required setting is empty.
+    #[error("sms.{0} is required")]
+    Missing(&'static str),
+    /// The HTTP client could not be built.
+    #[error("cannot build the SMS HTTP client: {0}")]
+    Client(String),
+}
+
+/// Sends SMS through a Twilio-compatible API.
+pub struct SmsProvider {
+    name: String,
+    client: reqwest::Client,
+    messages_url: String,
+    account_sid: String,
+    auth_token: String,
+    from: String,
+}
+
+impl std::fmt::Debug for SmsProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmsProvider")
+            .field("name", &self.name)
+            .field("messages_url", &self.messages_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The created message (HTTP 201).
+#[derive(Deserialize)]
+struct CreatedMessage {
+    sid: String,
+}
+
+/// Twilio's error body: `{"code":21211,"message":"…","more_info":"…","status":400}`.
+#[derive(Deserialize)]
+struct ApiError {
+    code: Option<u32>,
+    message: Option<String>,
+}
+
+impl SmsProvider {
+    /// Builds the provider. Needs a process-wide rustls crypto provider installed.
+    pub fn new(name: String, config: SmsConfig) -> Result<Self, SmsConfigError> {
+        for (setting, value) in [
+            ("account_sid", &config.account_sid),
+            ("auth_token", &config.auth_token),
+            ("from", &config.from),
+        ] {
+            if value.trim().is_empty() {
+                return Err(SmsConfigError::Missing(setting));
+            }
+        }
+        let client = http::client_builder(config.timeout_ms)
+            .build()
+            .map_err(|e| SmsConfigError::Client(e.without_url().to_string()))?;
+        let messages_url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            config.base_url.trim_end_matches('/'),
+            config.account_sid
+        );
+        Ok(Self {
+            name,
+            client,
+            messages_url,
+            account_sid: config.account_sid,
+            auth_token: config.auth_token,
+            from: config.from,
+        })
+    }
+
+    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+        let to = message
+            .contacts
+            .phone
+            .as_deref()
+            .ok_or(ProviderError::MissingContact(Channel::Sms))?;
+        let form = [
+            ("To", to),
+            ("From", self.from.as_str()),
+            ("Body", message.content.short_text()),
+        ];
+        let response = self
+            .client
+            .post(&self.messages_url)
+            .basic_auth(&self.account_sid, Some(&self.auth_token))
+            .form(&form)
+            .send()
+            .await
+            .map_err(http::request_error)?;
+        let status = response.status();
+        let retry_after = http::retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(http::request_error)?;
+        if status.is_success() {
+            return match serde_json::from_slice::<CreatedMessage>(&bytes) {
+                Ok(created) => Ok(Receipt {
+                    provider_message_id: Some(created.sid),
+                }),
+                // Accepted, but we cannot tell which message it became; sending again would
+                // duplicate it, so this is a success without an id.
+                Err(_) => {
+                    tracing::warn!(provider = %self.name, %status, "SMS accepted without a sid in the reply");
+                    Ok(Receipt {
+                        provider_message_id: None,
+                    })
+                }
+            };
+        }
+        let reason = match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(ApiError {
+                code: Some(code),
+                message,
+            }) => format!(
+                "SMS API error {code} (HTTP {}): {}",
+                status.as_u16(),
+                message.as_deref().unwrap_or("no message")
+            ),
+            _ => format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
+        };
+        Err(http::status_error(status, reason, retry_after))
+    }
+}
+
+impl Provider for SmsProvider {
+    fn channel(&self) -> Channel {
+        Channel::Sms
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        Box::pin(self.deliver(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::provider::tests::outbound;
+    use std::collections::HashMap;
+    use std::time::Duration;
+    use wiremock::matchers::{basic_auth, header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const SID: &str = "AC0123456789abcdef";
+    const MESSAGES_PATH: &str = "/2010-04-01/Accounts/AC0123456789abcdef/Messages.json";
+
+    fn provider(base_url: &str, timeout_ms: u64) -> SmsProvider {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        SmsProvider::new(
+            "twilio".into(),
+            SmsConfig {
+                base_url: base_url.into(),
+                account_sid: SID.into(),
+                auth_token: "s3cret-auth-token".into(),
+                from: "+15005550006".into(),
+                timeout_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    fn message(phone: Option<&str>) -> OutboundMessage {
+        let mut message = outbound();
+        message.contacts.phone = phone.map(str::to_string);
+        message
+    }
+
+    async fn reply_with(template: ResponseTemplate) -> (MockServer, SmsProvider) {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(MESSAGES_PATH))
+            .respond_with(template)
+            .expect(1)
+            .mount(&server)
+            .await;
+        let provider = provider(&server.uri(), 2_000);
+        (server, provider)
+    }
+
+    fn twilio_error(code: u32, message: &str, status: u16) -> serde_json::Value {
+        serde_json::json!({
+            "code": code,
+            "message": message,
+            "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+            "status": status,
+        })
+    }
+
+    #[tokio::test]
+    async fn posts_a_form_with_basic_auth_and_returns_the_sid() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(MESSAGES_PATH))
+            .and(basic_auth(SID, "s3cret-auth-token"))
+            .and(header("content-type", "application/x-www-form-urlencoded"))
+            .respond_with(ResponseTemplate::new(201).set_body_json(serde_json::json!({
+                "sid": "SM1234567890abcdef",
+                "status": "queued",
+                "to": "+14155552671",
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let receipt = provider(&server.uri(), 2_000)
+            .send(&message(Some("+14155552671")))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt.provider_message_id.as_deref(),
+            Some("SM1234567890abcdef")
+        );
+        let requests = server.received_requests().await.unwrap();
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&requests[0].body)
+            .into_owned()
+            .collect();
+        assert_eq!(form["To"], "+14155552671");
+        assert_eq!(form["From"], "+15005550006");
+        assert_eq!(form["Body"], "Order #1001 shipped");
+        assert_eq!(form.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_permanent_with_the_code() {
+        let (_server, provider) =
+            reply_with(ResponseTemplate::new(400).set_body_json(twilio_error(
+                21211,
+                "The 'To' number +1555 is not a valid phone number.",
+                400,
+            )))
+            .await;
+        let error = provider.send(&message(Some("+1555"))).await.unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contact: None }
+                if reason.contains("21211") && reason.contains("not a valid phone number")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_requests_is_transient_and_honours_retry_after() {
+        let (_server, provider) = reply_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "30")
+                .set_body_json(twilio_error(20429, "Too Many Requests", 429)),
+        )
+        .await;
+        let error = provider
+            .send(&message(Some("+14155552671")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+                if *d == Duration::from_secs(30) && reason.contains("20429")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_transient() {
+        let (_server, provider) =
+            reply_with(ResponseTemplate::new(503).set_body_string("upstream unavailable")).await;
+        let error = provider
+            .send(&message(Some("+14155552671")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: None }
+                if reason.contains("503") && reason.contains("upstream unavailable")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_transient() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(201).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let error = provider(&server.uri(), 100)
+            .send(&message(Some("+14155552671")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("timed out")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_phone_is_a_missing_contact() {
+        let server = MockServer::start().await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(None))
+            .await
+            .unwrap_err();
+        assert_eq!(error, ProviderError::MissingContact(Channel::Sms));
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn config_debug_redacts_the_token_and_required_settings_are_checked() {
+        let config = SmsConfig {
+            account_sid: SID.into(),
+            auth_token: "s3cret-auth-token".into(),
+            ..SmsConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+        assert!(matches!(
+            SmsProvider::new("twilio".into(), config),
+            Err(SmsConfigError::Missing("from"))
+        ));
+    }
+}

@@ -1,0 +1,486 @@
+//! Telegram through the Bot API: `POST {base}/bot{token}/sendMessage`.
+//!
+//! The bot token is part of the URL, so it is kept out of every error and log line: reqwest errors
+//! lose their URL before they become reasons, and any reason is scrubbed of the token once more.
+
+use futures::future::BoxFuture;
+use herald_nats::Channel;
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use super::http;
+use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+/// Telegram provider configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct TelegramConfig {
+    /// Bot API root; a local Bot API server or a test fake can stand in.
+    pub base_url: String,
+    /// The bot's token from @BotFather.
+    pub bot_token: String,
+    /// `parse_mode` sent with every message (`HTML`, `MarkdownV2`); plain text when unset.
+    pub parse_mode: Option<String>,
+    /// Per-request timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.telegram.org".into(),
+            bot_token: String::new(),
+            parse_mode: None,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for TelegramConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelegramConfig")
+            .field("base_url", &self.base_url)
+            .field("bot_token", &"<redacted>")
+            .field("parse_mode", &self.parse_mode)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Why a Telegram provider could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TelegramConfigError {
+    /// `bot_token` is empty.
+    #[error("telegram.bot_token is required")]
+    MissingToken,
+    /// The HTTP client could not be built.
+    #[error("cannot build the Telegram HTTP client: {0}")]
+    Client(String),
+}
+
+/// Sends Telegram messages through a bot.
+pub struct TelegramProvider {
+    name: String,
+    client: reqwest::Client,
+    /// `{base}/bot{token}/sendMessage`; never logged.
+    send_url: String,
+    token: String,
+    parse_mode: Option<String>,
+}
+
+impl std::fmt::Debug for TelegramProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelegramProvider")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct SendMessage<'a> {
+    chat_id: &'a str,
+    text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parse_mode: Option<&'a str>,
+}
+
+/// The Bot API's reply envelope, success or failure.
+#[derive(Deserialize)]
+struct BotReply {
+    ok: bool,
+    result: Option<SentMessage>,
+    error_code: Option<u16>,
+    description: Option<String>,
+    parameters: Option<ResponseParameters>,
+}
+
+#[derive(Deserialize)]
+struct SentMessage {
+    message_id: i64,
+}
+
+#[derive(Deserialize)]
+struct ResponseParameters {
+    retry_after: Option<u64>,
+    migrate_to_chat_id: Option<i64>,
+}
+
+impl TelegramProvider {
+    /// Builds the provider. Needs a process-wide rustls crypto provider installed.
+    pub fn new(name: String, config: TelegramConfig) -> Result<Self, TelegramConfigError> {
+        if config.bot_token.trim().is_empty() {
+            return Err(TelegramConfigError::MissingToken);
+        }
+        let client = http::client_builder(config.timeout_ms)
+            .build()
+            .map_err(|e| TelegramConfigError::Client(e.without_url().to_string()))?;
+        let send_url = format!(
+            "{}/bot{}/sendMessage",
+            config.base_url.trim_end_matches('/'),
+            config.bot_token
+        );
+        Ok(Self {
+            name,
+            client,
+            send_url,
+            token: config.bot_token,
+            parse_mode: config.parse_mode,
+        })
+    }
+
+    /// Removes the token from a reason, whatever put it there.
+    fn scrub(&self, error: ProviderError) -> ProviderError {
+        let clean = |reason: String| reason.replace(&self.token, "<redacted>");
+        match error {
+            ProviderError::Transient {
+                reason,
+                retry_after,
+            } => ProviderError::Transient {
+                reason: clean(reason),
+                retry_after,
+            },
+            ProviderError::Permanent {
+                reason,
+                dead_contact,
+            } => ProviderError::Permanent {
+                reason: clean(reason),
+                dead_contact,
+            },
+            other => other,
+        }
+    }
+
+    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+        let chat_id = message
+            .contacts
+            .telegram_chat_id
+            .as_deref()
+            .ok_or(ProviderError::MissingContact(Channel::Telegram))?;
+        let body = SendMessage {
+            chat_id,
+            text: text_of(message),
+            parse_mode: self.parse_mode.as_deref(),
+        };
+        let response = self
+            .client
+            .post(&self.send_url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(http::request_error)?;
+        let status = response.status();
+        let header_retry_after = http::retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(http::request_error)?;
+        let reply = serde_json::from_slice::<BotReply>(&bytes).ok();
+        match reply {
+            Some(BotReply {
+                ok: true,
+                result: Some(sent),
+                ..
+            }) if status.is_success() => Ok(Receipt {
+                provider_message_id: Some(sent.message_id.to_string()),
+            }),
+            Some(reply) if !reply.ok => Err(reply_error(status, reply, header_retry_after)),
+            _ if status.is_success() => Err(ProviderError::permanent(format!(
+                "unexpected Bot API reply: {}",
+                http::snippet(&bytes, 200)
+            ))),
+            _ => Err(http::status_error(
+                status,
+                format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
+                header_retry_after,
+            )),
+        }
+    }
+}
+
+/// The message text: the subject as a first paragraph when there is one.
+fn text_of(message: &OutboundMessage) -> String {
+    let text = message.content.short_text();
+    match message.content.subject.as_deref() {
+        Some(subject) if !subject.is_empty() => format!("{subject}\n\n{text}"),
+        _ => text.to_string(),
+    }
+}
+
+/// Classifies an `ok: false` reply: by `error_code` (the HTTP status when absent), with the
+/// `retry_after` Telegram gives on flood control taking precedence over the header.
+fn reply_error(
+    status: StatusCode,
+    reply: BotReply,
+    header_retry_after: Option<std::time::Duration>,
+) -> ProviderError {
+    let code = reply
+        .error_code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .filter(|code| code.is_client_error() || code.is_server_error())
+        .unwrap_or(status);
+    let parameters = reply.parameters;
+    let retry_after = parameters
+        .as_ref()
+        .and_then(|p| p.retry_after)
+        .map(std::time::Duration::from_secs)
+        .or(header_retry_after);
+    let mut reason = format!(
+        "Telegram {}: {}",
+        code.as_u16(),
+        reply.description.as_deref().unwrap_or("no description")
+    );
+    if let Some(chat) = parameters.and_then(|p| p.migrate_to_chat_id) {
+        reason.push_str(&format!(" (group moved to chat {chat})"));
+    }
+    if http::is_transient(code) {
+        ProviderError::Transient {
+            reason,
+            retry_after,
+        }
+    } else {
+        ProviderError::permanent(reason)
+    }
+}
+
+impl Provider for TelegramProvider {
+    fn channel(&self) -> Channel {
+        Channel::Telegram
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        Box::pin(async move { self.deliver(message).await.map_err(|e| self.scrub(e)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::provider::tests::outbound;
+    use std::time::Duration;
+    use wiremock::matchers::{body_json, header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    const TOKEN: &str = "123456:SECRET-bot-token";
+    const SEND_PATH: &str = "/bot123456:SECRET-bot-token/sendMessage";
+
+    fn provider(base_url: &str, timeout_ms: u64) -> TelegramProvider {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        TelegramProvider::new(
+            "telegram".into(),
+            TelegramConfig {
+                base_url: format!("{base_url}/"),
+                bot_token: TOKEN.into(),
+                parse_mode: None,
+                timeout_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    fn message(chat_id: Option<&str>) -> OutboundMessage {
+        let mut message = outbound();
+        message.contacts.telegram_chat_id = chat_id.map(str::to_string);
+        message
+    }
+
+    async fn reply_with(template: ResponseTemplate) -> (MockServer, TelegramProvider) {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(template)
+            .expect(1)
+            .mount(&server)
+            .await;
+        let provider = provider(&server.uri(), 2_000);
+        (server, provider)
+    }
+
+    fn assert_no_token(error: &ProviderError) {
+        assert!(!error.to_string().contains("SECRET"), "{error}");
+        assert!(!format!("{error:?}").contains("SECRET"), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn sends_subject_and_short_text_and_returns_the_message_id() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(header("content-type", "application/json"))
+            .and(body_json(serde_json::json!({
+                "chat_id": "42",
+                "text": "Order shipped\n\nOrder #1001 shipped",
+            })))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "ok": true,
+                "result": {"message_id": 777, "chat": {"id": 42}, "date": 1700000000}
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let receipt = provider(&server.uri(), 2_000)
+            .send(&message(Some("42")))
+            .await
+            .unwrap();
+        assert_eq!(receipt.provider_message_id.as_deref(), Some("777"));
+    }
+
+    #[tokio::test]
+    async fn parse_mode_is_sent_when_configured_and_full_text_alone_without_subject_or_short() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_json(serde_json::json!({
+                "chat_id": "@shop_news",
+                "text": "Your order #1001 is on its way.",
+                "parse_mode": "HTML",
+            })))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 1}})),
+            )
+            .expect(1)
+            .mount(&server)
+            .await;
+        let provider = TelegramProvider::new(
+            "telegram".into(),
+            TelegramConfig {
+                base_url: server.uri(),
+                bot_token: TOKEN.into(),
+                parse_mode: Some("HTML".into()),
+                timeout_ms: 2_000,
+            },
+        )
+        .unwrap();
+        let mut msg = message(Some("@shop_news"));
+        msg.content.subject = None;
+        msg.content.short = None;
+        assert!(provider.send(&msg).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn flood_control_is_transient_with_telegrams_retry_after() {
+        let (_server, provider) = reply_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "5")
+                .set_body_json(serde_json::json!({
+                    "ok": false,
+                    "error_code": 429,
+                    "description": "Too Many Requests: retry after 17",
+                    "parameters": {"retry_after": 17}
+                })),
+        )
+        .await;
+        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        assert_no_token(&error);
+        match error {
+            ProviderError::Transient {
+                reason,
+                retry_after,
+            } => {
+                assert_eq!(retry_after, Some(Duration::from_secs(17)));
+                assert!(reason.contains("Too Many Requests"), "{reason}");
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_transient_even_without_a_json_body() {
+        let (_server, provider) =
+            reply_with(ResponseTemplate::new(502).set_body_string("<html>Bad Gateway</html>"))
+                .await;
+        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        assert_no_token(&error);
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("502")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn blocked_bot_and_unknown_chat_are_permanent() {
+        for (status, description) in [
+            (403, "Forbidden: bot was blocked by the user"),
+            (400, "Bad Request: chat not found"),
+        ] {
+            let (_server, provider) = reply_with(ResponseTemplate::new(status).set_body_json(
+                serde_json::json!({
+                    "ok": false,
+                    "error_code": status,
+                    "description": description,
+                }),
+            ))
+            .await;
+            let error = provider.send(&message(Some("42"))).await.unwrap_err();
+            assert_no_token(&error);
+            assert!(
+                matches!(&error, ProviderError::Permanent { reason, .. } if reason.contains(description)),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_transient_and_do_not_leak_the_token() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let error = provider(&server.uri(), 100)
+            .send(&message(Some("42")))
+            .await
+            .unwrap_err();
+        assert_no_token(&error);
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("timed out")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_transient_and_do_not_leak_the_token() {
+        // A port nobody listens on: bound, then released.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let error = provider(&uri, 2_000)
+            .send(&message(Some("42")))
+            .await
+            .unwrap_err();
+        assert_no_token(&error);
+        assert!(
+            matches!(error, ProviderError::Transient { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_chat_id_is_a_missing_contact() {
+        let server = MockServer::start().await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(None))
+            .await
+            .unwrap_err();
+        assert_eq!(error, ProviderError::MissingContact(Channel::Telegram));
+        assert!(server.received_requests().await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn config_debug_redacts_the_token_and_an_empty_token_is_rejected() {
+        let config = TelegramConfig {
+            bot_token: TOKEN.into(),
+            ..TelegramConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("SECRET"));
+        assert!(matches!(
+            TelegramProvider::new("telegram".into(), TelegramConfig::default()),
+            Err(TelegramConfigError::MissingToken)
+        ));
+    }
+}

@@ -1,0 +1,470 @@
+//! Signed HTTP webhooks per [Standard Webhooks](https://www.standardwebhooks.com/).
+//!
+//! Each notification is `POST`ed as JSON to the recipient's `webhook_url` with three headers:
+//! `webhook-id` (the notification id: the same on every retry, so receivers can drop repeats),
+//! `webhook-timestamp` (unix seconds) and `webhook-signature`
+//! (`v1,` + base64 of HMAC-SHA256 over `{id}.{timestamp}.{body}`). Receivers verify with any
+//! Standard Webhooks library, or with [`verify`].
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::future::BoxFuture;
+use herald_nats::Channel;
+use hmac::{Hmac, Mac};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use sha2::Sha256;
+
+use super::http;
+use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The prefix of a Standard Webhooks secret.
+const SECRET_PREFIX: &str = "whsec_";
+/// Shortest key accepted: the Standard Webhooks specification asks for 24 to 64 bytes.
+const MIN_KEY_BYTES: usize = 24;
+
+/// Webhook provider configuration.
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct WebhookConfig {
+    /// Signing secret: `whsec_` followed by the base64 of a 24–64 byte key.
+    pub secret: String,
+    /// Per-request timeout in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            secret: String::new(),
+            timeout_ms: 10_000,
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("secret", &"<redacted>")
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Why a webhook provider could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookConfigError {
+    /// The secret does not start with `whsec_`.
+    #[error("webhook.secret must start with \"whsec_\" followed by a base64 key")]
+    SecretPrefix,
+    /// The part after `whsec_` is not base64.
+    #[error("webhook.secret is not valid base64 after \"whsec_\": {0}")]
+    SecretEncoding(String),
+    /// The key is too short to be safe.
+    #[error("webhook.secret key is {0} bytes; at least 24 are required")]
+    SecretTooShort(usize),
+    /// The HTTP client could not be built.
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(String),
+}
+
+/// Decodes a `whsec_…` secret into the HMAC key.
+pub fn decode_secret(secret: &str) -> Result<Vec<u8>, WebhookConfigError> {
+    let encoded = secret
+        .trim()
+        .strip_prefix(SECRET_PREFIX)
+        .ok_or(WebhookConfigError::SecretPrefix)?;
+    let key = BASE64
+        .decode(encoded)
+        .map_err(|e| WebhookConfigError::SecretEncoding(e.to_string()))?;
+    if key.len() < MIN_KEY_BYTES {
+        return Err(WebhookConfigError::SecretTooShort(key.len()));
+    }
+    Ok(key)
+}
+
+fn mac(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// The `webhook-signature` value for a message: `v1,` + base64(HMAC-SHA256(secret,
+/// `{id}.{timestamp}.{body}`)). `secret` is the decoded key (see [`decode_secret`]).
+pub fn sign(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let tag = mac(secret, id, timestamp, body).finalize().into_bytes();
+    format!("v1,{}", BASE64.encode(tag))
+}
+
+/// Whether a `webhook-signature` header holds a valid `v1` signature for the message. The header
+/// may list several space-separated signatures (during key rotation); one valid one suffices.
+/// Comparison is constant-time.
+///
+/// This checks the signature only: receivers should also reject a `webhook-timestamp` too far
+/// from their clock (Standard Webhooks suggests five minutes) to stop replays.
+pub fn verify(secret: &[u8], id: &str, timestamp: i64, body: &[u8], signatures: &str) -> bool {
+    signatures.split_whitespace().any(|signature| {
+        let Some(encoded) = signature.strip_prefix("v1,") else {
+            return false;
+        };
+        let Ok(tag) = BASE64.decode(encoded) else {
+            return false;
+        };
+        mac(secret, id, timestamp, body).verify_slice(&tag).is_ok()
+    })
+}
+
+/// Delivers notifications as signed webhooks.
+pub struct WebhookProvider {
+    name: String,
+    client: reqwest::Client,
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for WebhookProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookProvider")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookProvider {
+    /// Builds the provider; fails on a missing or malformed secret. Needs a process-wide rustls
+    /// crypto provider installed.
+    pub fn new(name: String, config: WebhookConfig) -> Result<Self, WebhookConfigError> {
+        let key = decode_secret(&config.secret)?;
+        // A redirected POST turns into a GET on most redirects and would reach a URL the customer
+        // did not register: redirects are failures, as in other webhook senders.
+        let client = http::client_builder(config.timeout_ms)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| WebhookConfigError::Client(e.without_url().to_string()))?;
+        Ok(Self { name, client, key })
+    }
+
+    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+        let url = message
+            .contacts
+            .webhook_url
+            .as_deref()
+            .ok_or(ProviderError::MissingContact(Channel::Webhook))?;
+        let parsed = url::Url::parse(url)
+            .map_err(|e| ProviderError::permanent(format!("invalid webhook URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ProviderError::permanent(format!(
+                "webhook URL scheme {:?} is not http or https",
+                parsed.scheme()
+            )));
+        }
+        let now = Utc::now();
+        let id = message.notification_id.to_string();
+        let body = payload(message, now);
+        let timestamp = now.timestamp();
+        let signature = sign(&self.key, &id, timestamp, &body);
+        let response = self
+            .client
+            .post(parsed)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("webhook-id", &id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .map_err(http::request_error)?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(Receipt {
+                provider_message_id: None,
+            });
+        }
+        // The receiver's body is not read: it is not ours to store, and could be anything.
+        Err(classify(status, http::retry_after(response.headers()), url))
+    }
+}
+
+/// The JSON body: `{"type": "notification.<category>", "timestamp", "data": {...}}`.
+fn payload(message: &OutboundMessage, now: DateTime<Utc>) -> Vec<u8> {
+    let body = serde_json::json!({
+        "type": format!("notification.{}", message.category),
+        "timestamp": now.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "data": {
+            "notification_id": message.notification_id,
+            "subject": message.content.subject,
+            "text": message.content.text,
+        },
+    });
+    body.to_string().into_bytes()
+}
+
+fn classify(status: StatusCode, retry_after: Option<Duration>, url: &str) -> ProviderError {
+    let reason = format!("webhook receiver answered HTTP {status}");
+    if status == StatusCode::GONE {
+        ProviderError::Permanent {
+            reason,
+            dead_contact: Some(url.to_string()),
+        }
+    } else if status.is_redirection() {
+        ProviderError::permanent(format!("{reason}; redirects are not followed"))
+    } else {
+        http::status_error(status, reason, retry_after)
+    }
+}
+
+impl Provider for WebhookProvider {
+    fn channel(&self) -> Channel {
+        Channel::Webhook
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn send<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        Box::pin(self.deliver(message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::provider::tests::outbound;
+    use wiremock::matchers::{header, header_exists, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    /// The Standard Webhooks example secret (a 24-byte key).
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn provider(timeout_ms: u64) -> WebhookProvider {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        WebhookProvider::new(
+            "webhook".into(),
+            WebhookConfig {
+                secret: SECRET.into(),
+                timeout_ms,
+            },
+        )
+        .unwrap()
+    }
+
+    fn message(url: Option<String>) -> OutboundMessage {
+        let mut message = outbound();
+        message.contacts.webhook_url = url;
+        message
+    }
+
+    async fn reply_with(template: ResponseTemplate) -> (MockServer, OutboundMessage) {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/hooks/herald"))
+            .respond_with(template)
+            .expect(1)
+            .mount(&server)
+            .await;
+        let msg = message(Some(format!("{}/hooks/herald", server.uri())));
+        (server, msg)
+    }
+
+    #[test]
+    fn signatures_match_the_standard_webhooks_test_vector() {
+        // The vector published with the Standard Webhooks reference libraries; also checked with
+        // python3's hmac module.
+        let key = decode_secret(SECRET).unwrap();
+        let id = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+        let body = br#"{"test": 2432232314}"#;
+        let expected = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+        assert_eq!(sign(&key, id, 1_614_265_330, body), expected);
+        assert!(verify(&key, id, 1_614_265_330, body, expected));
+        assert!(verify(
+            &key,
+            id,
+            1_614_265_330,
+            body,
+            &format!("v1,bm9wZQ== v2,xyz {expected}")
+        ));
+        assert!(!verify(&key, id, 1_614_265_331, body, expected));
+        assert!(!verify(&key, id, 1_614_265_330, b"{\"test\": 1}", expected));
+        assert!(!verify(&key, id, 1_614_265_330, body, "v1,not base64!"));
+        assert!(!verify(&key, id, 1_614_265_330, body, ""));
+    }
+
+    #[test]
+    fn invalid_secrets_are_rejected_at_construction() {
+        let build = |secret: &str| {
+            WebhookProvider::new(
+                "webhook".into(),
+                WebhookConfig {
+                    secret: secret.into(),
+                    timeout_ms: 1_000,
+                },
+            )
+        };
+        assert!(matches!(build(""), Err(WebhookConfigError::SecretPrefix)));
+        assert!(matches!(
+            build("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+            Err(WebhookConfigError::SecretPrefix)
+        ));
+        assert!(matches!(
+            build("whsec_not*base64"),
+            Err(WebhookConfigError::SecretEncoding(_))
+        ));
+        assert!(matches!(
+            build("whsec_c2hvcnQ="),
+            Err(WebhookConfigError::SecretTooShort(5))
+        ));
+        let config = WebhookConfig {
+            secret: SECRET.into(),
+            ..WebhookConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("MfKQ"));
+    }
+
+    #[tokio::test]
+    async fn posts_a_signed_standard_webhook() {
+        let server = MockServer::start().await;
+        let msg = message(Some(format!("{}/hooks/herald", server.uri())));
+        let id = msg.notification_id.to_string();
+        Mock::given(method("POST"))
+            .and(path("/hooks/herald"))
+            .and(header("content-type", "application/json"))
+            .and(header("webhook-id", id.as_str()))
+            .and(header_exists("webhook-timestamp"))
+            .and(header_exists("webhook-signature"))
+            .respond_with(ResponseTemplate::new(204))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let before = Utc::now().timestamp();
+        let receipt = provider(2_000).send(&msg).await.unwrap();
+        let after = Utc::now().timestamp();
+        assert_eq!(receipt.provider_message_id, None);
+
+        let requests = server.received_requests().await.unwrap();
+        let request = &requests[0];
+        let get = |name: &str| request.headers.get(name).unwrap().to_str().unwrap();
+        let timestamp: i64 = get("webhook-timestamp").parse().unwrap();
+        assert!((before..=after).contains(&timestamp));
+        let key = decode_secret(SECRET).unwrap();
+        assert!(verify(
+            &key,
+            &id,
+            timestamp,
+            &request.body,
+            get("webhook-signature")
+        ));
+        assert!(!verify(
+            &key,
+            &id,
+            timestamp + 1,
+            &request.body,
+            get("webhook-signature")
+        ));
+
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(body["type"], "notification.transactional");
+        assert_eq!(body["data"]["notification_id"], id);
+        assert_eq!(body["data"]["subject"], "Order shipped");
+        assert_eq!(body["data"]["text"], "Your order #1001 is on its way.");
+        let sent_at = DateTime::parse_from_rfc3339(body["timestamp"].as_str().unwrap()).unwrap();
+        assert_eq!(sent_at.timestamp(), timestamp);
+    }
+
+    #[tokio::test]
+    async fn gone_is_permanent_and_declares_the_url_dead() {
+        let (_server, msg) = reply_with(ResponseTemplate::new(410)).await;
+        let error = provider(2_000).send(&msg).await.unwrap_err();
+        assert_eq!(
+            error,
+            ProviderError::Permanent {
+                reason: "webhook receiver answered HTTP 410 Gone".into(),
+                dead_contact: msg.contacts.webhook_url.clone(),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn other_client_errors_and_redirects_are_permanent_without_dead_contact() {
+        for template in [
+            ResponseTemplate::new(400),
+            ResponseTemplate::new(401),
+            ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"),
+        ] {
+            let (_server, msg) = reply_with(template).await;
+            let error = provider(2_000).send(&msg).await.unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ProviderError::Permanent {
+                        dead_contact: None,
+                        ..
+                    }
+                ),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn throttling_is_transient_and_honours_retry_after() {
+        let (_server, msg) =
+            reply_with(ResponseTemplate::new(429).insert_header("retry-after", "90")).await;
+        let error = provider(2_000).send(&msg).await.unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(90)),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_transient() {
+        let (_server, msg) = reply_with(ResponseTemplate::new(500)).await;
+        let error = provider(2_000).send(&msg).await.unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("500")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeouts_are_transient() {
+        let (_server, msg) =
+            reply_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5))).await;
+        let error = provider(100).send(&msg).await.unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("timed out")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_and_malformed_urls_are_classified() {
+        let provider = provider(2_000);
+        assert_eq!(
+            provider.send(&message(None)).await,
+            Err(ProviderError::MissingContact(Channel::Webhook))
+        );
+        for url in ["not a url", "ftp://example.com/hook"] {
+            assert!(matches!(
+                provider.send(&message(Some(url.into()))).await,
+                Err(ProviderError::Permanent {
+                    dead_contact: None,
+                    ..
+                })
+            ));
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Channels and resilience end to end: providers over real HTTP to local servers speaking their
+//! wire formats (wiremock), failover chains, the circuit breaker, retries with Retry-After, and
+//! dead letters.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use herald_actors::channel::{
+    push::PushConfig, sms::SmsConfig, telegram::TelegramConfig, webhook, webhook::WebhookConfig,
+};
+use herald_engine::Config;
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path, path_regex};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+struct World {
+    _nats: NatsServer,
+    smtp: SmtpSink,
+    _db: TestDatabase,
+    provider: MockServer,
+    herald: TestHerald,
+}
+
+/// Herald with every provider pointed at one local mock server, tuned by `tune`.
+async fn world(tune: impl FnOnce(&mut Config)) -> World {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let provider = MockServer::start().await;
+    let mut config = test_config(&nats, &db, &smtp);
+    config.channels.telegram = Some(TelegramConfig {
+        base_url: provider.uri(),
+        bot_token: "42:TESTTOKEN".into(),
+        timeout_ms: 2_000,
+        ..TelegramConfig::default()
+    });
+    config.channels.sms = Some(SmsConfig {
+        base_url: provider.uri(),
+        account_sid: "AC1".into(),
+        auth_token: "secret".into(),
+        from: "+15005550006".into(),
+        timeout_ms: 2_000,
+    });
+    config.channels.push = Some(PushConfig {
+        base_url: provider.uri(),
+        project_id: "shop".into(),
+        access_token: "token".into(),
+        timeout_ms: 2_000,
+    });
+    config.channels.webhook = Some(WebhookConfig {
+        secret: WEBHOOK_SECRET.into(),
+        timeout_ms: 2_000,
+    });
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald");
+    World {
+        _nats: nats,
+        smtp,
+        _db: db,
+        provider,
+        herald,
+    }
+}
+
+fn notification(channels: &[&str], recipient: Value) -> Value {
+    json!({
+        "recipient": recipient,
+        "category": "transactional",
+        "channels": channels,
+        "content": { "subject": "Order shipped", "text": "Your order #1001 is on its way.", "short": "Order #1001 shipped" }
+    })
+}
+
+fn everyone() -> Value {
+    json!({
+        "email": "ada@example.com",
+        "phone": "+4915112345678",
+        "telegram_chat_id": "4242",
+        "push_tokens": ["device-1"]
+    })
+}
+
+fn telegram_path() -> wiremock::matchers::PathExactMatcher {
+    path("/bot42:TESTTOKEN/sendMessage")
+}
+
+fn telegram_ok() -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({"ok": true, "result": {"message_id": 9}}))
+}
+
+fn statuses(notification: &Value) -> Vec<(String, String)> {
+    notification["attempts"]
+        .as_array()
+        .map(|attempts| {
+            attempts
+                .iter()
+                .map(|a| {
+                    (
+                        a["channel"].as_str().unwrap_or_default().to_string(),
+                        a["status"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_failing_telegram_fails_over_to_email() {
+    let w = world(|_| {}).await;
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(500).set_body_string("internal error"))
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram", "email"], everyone()))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "email");
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "failed".to_string()),
+            ("email".to_string(), "sent".to_string())
+        ]
+    );
+    assert!(
+        sent["attempts"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("500")
+    );
+    assert!(
+        !sent.to_string().contains("TESTTOKEN"),
+        "the bot token never leaks"
+    );
+    assert_eq!(
+        w.smtp
+            .wait_for_count(1, E2E_TIMEOUT)
+            .await
+            .expect("mail")
+            .len(),
+        1
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_probe() {
+    let w = world(|c| {
+        c.channels.limits.circuit.failure_threshold = 2;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = 1_500;
+    })
+    .await;
+    let outage = Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(503))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let mut last = Value::Null;
+    for _ in 0..5 {
+        let id = w
+            .herald
+            .send_accepted(&notification(&["telegram", "email"], everyone()))
+            .await;
+        last = w.herald.wait_status(&id, "sent").await;
+    }
+    assert_eq!(
+        outage.received_requests().await.len(),
+        2,
+        "after two failures the open circuit keeps Telegram from being called"
+    );
+    assert_eq!(
+        statuses(&last)[0],
+        ("telegram".to_string(), "circuit_open".to_string())
+    );
+    let (_, channels) = w.herald.get("/api/v1/channels").await;
+    let telegram = channels
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == "telegram"))
+        .cloned()
+        .expect("telegram listed");
+    assert_eq!(telegram["circuit"], "open", "{telegram}");
+    assert!(telegram["refused"].as_u64() >= Some(3));
+
+    // Telegram recovers; after the cool-down one probe goes through and closes the circuit.
+    drop(outage);
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(telegram_ok())
+        .mount(&w.provider)
+        .await;
+    eventually(
+        "the circuit to close after a good probe",
+        Duration::from_secs(20),
+        || async {
+            let id = w
+                .herald
+                .send_accepted(&notification(&["telegram", "email"], everyone()))
+                .await;
+            let sent = w.herald.wait_status(&id, "sent").await;
+            (sent["final_channel"] == "telegram").then_some(())
+        },
+    )
+    .await;
+    let (_, channels) = w.herald.get("/api/v1/channels").await;
+    let closed = channels.as_array().is_some_and(|list| {
+        list.iter()
+            .any(|c| c["channel"] == "telegram" && c["circuit"] == "closed")
+    });
+    assert!(closed, "{channels}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn retries_honour_retry_after_then_deliver() {
+    let w = world(|_| {}).await;
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(429).set_body_json(json!({
+            "ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1",
+            "parameters": {"retry_after": 1}
+        })))
+        .up_to_n_times(1)
+        .mount(&w.provider)
+        .await;
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(telegram_ok())
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram"], everyone()))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "failed".to_string()),
+            ("telegram".to_string(), "sent".to_string())
+        ]
+    );
+    let at = |i: usize| {
+        sent["attempts"][i]["at"]
+            .as_str()
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .expect("attempt time")
+    };
+    let waited = at(1) - at(0);
+    assert!(
+        waited >= chrono::Duration::milliseconds(950),
+        "the retry waited for Retry-After (1 s), waited {waited}"
+    );
+    assert_eq!(sent["attempts"][1]["provider_message_id"], "9");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn exhausted_retries_end_dead_in_the_dlq() {
+    let w = world(|c| c.dispatch.retry.max_deliveries = 3).await;
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram"], everyone()))
+        .await;
+    let dead = w.herald.wait_status(&id, "dead").await;
+    assert_eq!(statuses(&dead).len(), 3, "{dead}");
+    assert!(
+        dead["status_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("gave up after 3 deliveries"),
+        "{dead}"
+    );
+    let js = async_nats::jetstream::new(w._nats.client().await.expect("client"));
+    let dlq = js.get_stream("NOTIFY_DLQ").await.expect("dlq");
+    let message = dlq
+        .get_last_raw_message_by_subject("notify.dlq.cmd")
+        .await
+        .expect("dead letter");
+    let reason = message
+        .headers
+        .get("Herald-Dlq-Reason")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    assert!(reason.contains("503"), "{reason}");
+    let payload: Value = serde_json::from_slice(&message.payload).expect("original command");
+    assert_eq!(payload["notification_id"], id.as_str());
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_permanent_error_moves_on_without_retrying_that_channel() {
+    let w = world(|_| {}).await;
+    let blocked = Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(403).set_body_json(json!({
+            "ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"
+        })))
+        .mount_as_scoped(&w.provider)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram", "sms"], everyone()))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "rejected".to_string()),
+            ("sms".to_string(), "sent".to_string())
+        ]
+    );
+    assert_eq!(sent["attempts"][1]["provider_message_id"], "SM1");
+    assert_eq!(blocked.received_requests().await.len(), 1);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn push_and_signed_webhooks_are_delivered() {
+    let w = world(|_| {}).await;
+    Mock::given(method("POST"))
+        .and(path("/v1/projects/shop/messages:send"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/1"})),
+        )
+        .mount(&w.provider)
+        .await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/hooks/.*"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&w.provider)
+        .await;
+    let push = w
+        .herald
+        .send_accepted(&notification(&["push"], everyone()))
+        .await;
+    let hook = w
+        .herald
+        .send_accepted(&notification(
+            &["webhook"],
+            json!({"webhook_url": format!("{}/hooks/shop-1", w.provider.uri())}),
+        ))
+        .await;
+    let pushed = w.herald.wait_status(&push, "sent").await;
+    assert_eq!(
+        pushed["attempts"][0]["provider_message_id"],
+        "projects/shop/messages/1"
+    );
+    w.herald.wait_status(&hook, "sent").await;
+
+    let requests = w.provider.received_requests().await.unwrap_or_default();
+    let request = requests
+        .iter()
+        .find(|r| r.url.path().starts_with("/hooks/"))
+        .expect("webhook request");
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        header("webhook-id"),
+        hook,
+        "the notification id is the receiver's idempotency key"
+    );
+    let key = webhook::decode_secret(WEBHOOK_SECRET).expect("secret");
+    let body = String::from_utf8(request.body.clone()).expect("utf-8 body");
+    let timestamp: i64 = header("webhook-timestamp").parse().expect("timestamp");
+    assert!(
+        webhook::verify(&key, &hook, timestamp, body.as_bytes(), &header("webhook-signature")),
+        "the receiver can verify the signature"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
