@@ -21,6 +21,13 @@ if ! psql -h /var/run/postgresql -U "$pg_user" -d postgres -Atc 'select 1' >/dev
   as_root su postgres -c "createuser --superuser '$pg_user'" || true
 fi
 export HERALD_TEST_PG_USER=$pg_user
+if ! command -v schemathesis >/dev/null; then
+  log "installing schemathesis (hostile-input tests)"
+  command -v pip3 >/dev/null || ensure_packages python3-pip
+  # Debian's system Python refuses plain installs (PEP 668).
+  pip3 install --quiet schemathesis 2>/dev/null || pip3 install --quiet --user --break-system-packages schemathesis
+  export PATH="$HOME/.local/bin:$PATH"
+fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

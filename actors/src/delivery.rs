@@ -26,9 +26,12 @@ use crate::slot::ActorSlot;
 use sea_orm::DatabaseConnection;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::lease::{InFlight, Lease};
+
 use crate::channel::{
     ChannelDirectory, ChannelMsg, OutboundMessage, ProviderError, SendOutcome, SendReport,
 };
+use crate::policy::Gate;
 use crate::retry::RetryPolicy;
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 
@@ -52,6 +55,10 @@ pub struct DeliveryContext {
     pub status_writer: ActorSlot<StatusWriterMsg>,
     /// Retry schedule.
     pub retry: RetryPolicy,
+    /// Recipients' wishes and limits.
+    pub policy: crate::policy::PolicyContext,
+    /// Notifications being delivered by this process.
+    pub in_flight: InFlight,
 }
 
 /// Delivers one command message end to end. Never panics on message content; every path ends in a
@@ -61,6 +68,7 @@ pub async fn deliver(
     message: jetstream::Message,
     permit: OwnedSemaphorePermit,
 ) {
+    let permit = Lease::new(permit);
     let (delivered, sequence) = message
         .info()
         .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
@@ -86,6 +94,15 @@ pub async fn deliver(
         }
     };
     let id = command.notification_id;
+    let Some(claim) = ctx.in_flight.claim(id) else {
+        // Another copy of this command (a redelivery after a NATS restart) is being worked on
+        // here; its outcome decides. Come back later in case it NAKs.
+        let _ = acker
+            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
+            .await;
+        return;
+    };
+    let permit = permit.with_claim(claim);
     match ctx.statuses.status(id).await {
         Ok(Some(status)) if !status.is_final() => {}
         Ok(Some(_)) => {
@@ -148,7 +165,27 @@ pub async fn deliver(
         }
     };
 
-    let walk = walk_chain(&ctx.channels, &command, &contacts, delivered).await;
+    let opted_out = match crate::policy::gate(&ctx.policy, &ctx.db, &command).await {
+        Ok(Gate::Go { opted_out }) => opted_out,
+        Ok(gate) => {
+            hold(&ctx, &command, gate, acker, delivered, permit);
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot load the recipient's wishes; retrying later");
+            let delay = ctx.retry.delay(delivered, None, rand::random());
+            write(
+                &ctx,
+                vec![],
+                vec![],
+                AfterWrite::Nak(acker, delay),
+                Some(permit),
+            );
+            return;
+        }
+    };
+
+    let walk = walk_chain(&ctx.channels, &command, &contacts, delivered, &opted_out).await;
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
     }
@@ -163,6 +200,78 @@ pub async fn deliver(
         permit,
     )
     .await;
+}
+
+/// Records a notification the policy stopped (`skipped`) or held (NAK with delay, still
+/// `processing`), with the reason, so "why was this not sent?" has an answer.
+fn hold(
+    ctx: &DeliveryContext,
+    command: &SendCommand,
+    gate: Gate,
+    acker: Acker,
+    delivered: u64,
+    permit: Lease,
+) {
+    let id = command.notification_id;
+    match gate {
+        Gate::Go { .. } => {}
+        Gate::Skip { reason, opted_out } => {
+            metrics::counter!("herald_notifications_skipped_total").increment(1);
+            let first_no = (delivered - 1) * command.channels.len() as u64;
+            let attempts: Vec<NewAttempt> = opted_out
+                .iter()
+                .enumerate()
+                .map(|(index, channel)| {
+                    opted_out_attempt(command, *channel, first_no + index as u64 + 1)
+                })
+                .collect();
+            let change = StatusChange {
+                reason: Some(reason),
+                attempts: attempts.last().map(|a| a.attempt_no),
+                ..StatusChange::to(id, NotificationStatus::Skipped)
+            };
+            write(
+                ctx,
+                vec![change],
+                attempts,
+                AfterWrite::Ack(acker),
+                Some(permit),
+            );
+        }
+        Gate::Defer { delay, reason } => {
+            metrics::counter!("herald_notifications_deferred_total").increment(1);
+            tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
+            let change = StatusChange {
+                reason: Some(reason),
+                ..StatusChange::to(id, NotificationStatus::Processing)
+            };
+            write(
+                ctx,
+                vec![change],
+                vec![],
+                AfterWrite::Nak(acker, delay),
+                Some(permit),
+            );
+        }
+    }
+}
+
+/// The attempt recorded for a channel skipped because the customer opted out of it.
+fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -> NewAttempt {
+    NewAttempt {
+        notification_id: command.notification_id,
+        attempt_no: attempt_no.min(i32::MAX as u64) as i32,
+        channel: channel.as_str().to_string(),
+        provider: "-".into(),
+        status: "opted_out".into(),
+        error: Some(format!(
+            "the customer opted out of {} on {channel}",
+            command.category.as_str()
+        )),
+        provider_message_id: None,
+        latency_ms: 0,
+        at: Utc::now(),
+    }
 }
 
 enum Resolve {
@@ -246,6 +355,7 @@ async fn walk_chain(
     command: &SendCommand,
     contacts: &Contacts,
     delivered: u64,
+    opted_out: &[Channel],
 ) -> Walk {
     let mut walk = Walk {
         attempts: Vec::new(),
@@ -275,6 +385,14 @@ async fn walk_chain(
                     at: Utc::now(),
                 }
             };
+        if opted_out.contains(&channel) {
+            walk.attempts.push(opted_out_attempt(
+                command,
+                channel,
+                u64::from(attempt_no as u32),
+            ));
+            continue;
+        }
         let Some(actor) = channels.get(channel) else {
             let error = format!("no provider configured for {channel}");
             walk.attempts
@@ -374,7 +492,7 @@ async fn finish(
     subject: &str,
     acker: Acker,
     delivered: u64,
-    permit: OwnedSemaphorePermit,
+    permit: Lease,
 ) {
     let id = command.notification_id;
     let attempts_made = walk.attempts.last().map(|a| a.attempt_no);
@@ -461,7 +579,7 @@ async fn dead(
     delivered: u64,
     reason: String,
     attempts: Vec<NewAttempt>,
-    permit: OwnedSemaphorePermit,
+    permit: Lease,
 ) {
     let id = command.notification_id;
     let published = ctx
@@ -536,7 +654,7 @@ fn write(
     changes: Vec<StatusChange>,
     attempts: Vec<NewAttempt>,
     then: AfterWrite,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Lease>,
 ) {
     let record = StatusRecord {
         changes,

@@ -1,11 +1,17 @@
-//! `EngineSupervisor`: starts the StatusWriter, the ChannelSupervisor and the Dispatcher, and
-//! restarts whichever fails. Messages a failed actor had in flight were not acked, so JetStream
+//! `EngineSupervisor`: starts the StatusWriter, the ChannelSupervisor, the
+//! RateLimiterSupervisor, the Dispatcher, the Scheduler, the Router and the OutboxRelay, and restarts whichever fails. Messages a failed actor had in flight were not acked, so JetStream
 //! redelivers them; every restart is counted in `herald_actor_restarts_total`.
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::channel::{ChannelArgs, ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
+use crate::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
+use crate::rate_limit::supervisor::{
+    RateLimiterSupervisor, RateLimiterSupervisorArgs, RateLimiterSupervisorMsg,
+};
+use crate::router::{Router, RouterArgs, RouterMsg};
+use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg};
 use crate::slot::ActorSlot;
 use crate::status_writer::{StatusWriter, StatusWriterArgs, StatusWriterMsg};
 
@@ -23,6 +29,20 @@ pub struct EngineArgs {
     pub dispatcher: DispatcherArgs,
     /// Filled with the live dispatcher (for fault injection and introspection).
     pub dispatcher_slot: ActorSlot<DispatcherMsg>,
+    /// Rate limiter registry arguments.
+    pub rate_limiter: RateLimiterSupervisorArgs,
+    /// Filled with the live rate limiter registry (deliveries ask it).
+    pub rate_limiter_slot: ActorSlot<RateLimiterSupervisorMsg>,
+    /// Scheduler arguments.
+    pub scheduler: SchedulerArgs,
+    /// Filled with the live scheduler.
+    pub scheduler_slot: ActorSlot<SchedulerMsg>,
+    /// Router arguments.
+    pub router: RouterArgs,
+    /// Filled with the live router (for fault injection).
+    pub router_slot: ActorSlot<RouterMsg>,
+    /// Outbox relay arguments.
+    pub outbox_relay: OutboxRelayArgs,
 }
 
 /// Children of the engine and how to restart them.
@@ -32,6 +52,16 @@ pub struct EngineState {
     dispatcher: (ActorRef<DispatcherMsg>, DispatcherArgs),
     dispatcher_slot: ActorSlot<DispatcherMsg>,
     channels: ActorCell,
+    rate_limiter: (
+        ActorRef<RateLimiterSupervisorMsg>,
+        RateLimiterSupervisorArgs,
+    ),
+    rate_limiter_slot: ActorSlot<RateLimiterSupervisorMsg>,
+    scheduler: (ActorRef<SchedulerMsg>, SchedulerArgs),
+    scheduler_slot: ActorSlot<SchedulerMsg>,
+    router: (ActorRef<RouterMsg>, RouterArgs),
+    router_slot: ActorSlot<RouterMsg>,
+    outbox_relay: (ActorRef<OutboxRelayMsg>, OutboxRelayArgs),
 }
 
 /// The root supervisor.
@@ -65,11 +95,39 @@ impl Actor for EngineSupervisor {
             myself.get_cell(),
         )
         .await?;
+        let (rate_limiter, _) = Actor::spawn_linked(
+            None,
+            RateLimiterSupervisor,
+            args.rate_limiter.clone(),
+            myself.get_cell(),
+        )
+        .await?;
+        args.rate_limiter_slot.set(rate_limiter.clone());
         let (dispatcher, _) =
             Actor::spawn_linked(None, Dispatcher, args.dispatcher.clone(), myself.get_cell())
                 .await?;
         args.dispatcher_slot.set(dispatcher.clone());
+        let (scheduler, _) =
+            Actor::spawn_linked(None, Scheduler, args.scheduler.clone(), myself.get_cell()).await?;
+        args.scheduler_slot.set(scheduler.clone());
+        let (router, _) =
+            Actor::spawn_linked(None, Router, args.router.clone(), myself.get_cell()).await?;
+        args.router_slot.set(router.clone());
+        let (relay, _) = Actor::spawn_linked(
+            None,
+            OutboxRelay,
+            args.outbox_relay.clone(),
+            myself.get_cell(),
+        )
+        .await?;
         Ok(EngineState {
+            router: (router, args.router),
+            router_slot: args.router_slot,
+            outbox_relay: (relay, args.outbox_relay),
+            rate_limiter: (rate_limiter, args.rate_limiter),
+            rate_limiter_slot: args.rate_limiter_slot,
+            scheduler: (scheduler, args.scheduler),
+            scheduler_slot: args.scheduler_slot,
             status_writer: (writer, args.status_writer),
             status_writer_slot: args.status_writer_slot,
             dispatcher: (dispatcher, args.dispatcher),
@@ -101,6 +159,21 @@ impl Actor for EngineSupervisor {
                 Actor::spawn_linked(None, Dispatcher, args, myself.get_cell()).await?;
             state.dispatcher_slot.set(dispatcher.clone());
             state.dispatcher.0 = dispatcher;
+        } else if id == state.router.0.get_id() {
+            tracing::warn!(%why, "router stopped; restarting");
+            metrics::counter!("herald_actor_restarts_total", "actor" => "router").increment(1);
+            let args = state.router.1.clone();
+            let (router, _) = Actor::spawn_linked(None, Router, args, myself.get_cell()).await?;
+            state.router_slot.set(router.clone());
+            state.router.0 = router;
+        } else if id == state.outbox_relay.0.get_id() {
+            tracing::warn!(%why, "outbox relay stopped; restarting");
+            metrics::counter!("herald_actor_restarts_total", "actor" => "outbox_relay")
+                .increment(1);
+            let args = state.outbox_relay.1.clone();
+            let (relay, _) =
+                Actor::spawn_linked(None, OutboxRelay, args, myself.get_cell()).await?;
+            state.outbox_relay.0 = relay;
         } else if id == state.status_writer.0.get_id() {
             tracing::warn!(%why, "status writer stopped; restarting");
             metrics::counter!("herald_actor_restarts_total", "actor" => "status_writer")
@@ -110,6 +183,23 @@ impl Actor for EngineSupervisor {
                 Actor::spawn_linked(None, StatusWriter, args, myself.get_cell()).await?;
             state.status_writer_slot.set(writer.clone());
             state.status_writer.0 = writer;
+        } else if id == state.rate_limiter.0.get_id() {
+            tracing::warn!(%why, "rate limiter registry stopped; restarting");
+            metrics::counter!("herald_actor_restarts_total", "actor" => "rate_limiter_supervisor")
+                .increment(1);
+            let args = state.rate_limiter.1.clone();
+            let (limiter, _) =
+                Actor::spawn_linked(None, RateLimiterSupervisor, args, myself.get_cell()).await?;
+            state.rate_limiter_slot.set(limiter.clone());
+            state.rate_limiter.0 = limiter;
+        } else if id == state.scheduler.0.get_id() {
+            tracing::warn!(%why, "scheduler stopped; restarting");
+            metrics::counter!("herald_actor_restarts_total", "actor" => "scheduler").increment(1);
+            let args = state.scheduler.1.clone();
+            let (scheduler, _) =
+                Actor::spawn_linked(None, Scheduler, args, myself.get_cell()).await?;
+            state.scheduler_slot.set(scheduler.clone());
+            state.scheduler.0 = scheduler;
         } else if id == state.channels.get_id() {
             // The channel supervisor only fails if it cannot restart a channel actor; that is
             // fatal for the engine, and the process supervisor (systemd, Kubernetes) restarts it.

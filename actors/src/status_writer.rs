@@ -20,7 +20,6 @@ use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::{DatabaseConnection, DbErr};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// Batching limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -59,8 +58,8 @@ pub struct StatusRecord {
     pub attempts: Vec<NewAttempt>,
     /// The JetStream follow-up.
     pub then: AfterWrite,
-    /// The dispatcher's in-flight permit, released once the record is written and acked.
-    pub permit: Option<OwnedSemaphorePermit>,
+    /// The delivery's in-flight permit and claim, released once the record is written and acked.
+    pub permit: Option<crate::lease::Lease>,
 }
 
 /// Messages of the [`StatusWriter`].

@@ -2,7 +2,7 @@
 
 use poem_openapi::{OpenApi, Tags, payload::Json};
 
-use crate::{AppState, engine_view::ChannelView};
+use crate::{ApiError, AppState, auth::ReadKey, engine_view::ChannelView};
 
 #[derive(Tags)]
 enum ChannelTags {
@@ -27,7 +27,7 @@ impl ChannelsApi {
     /// Every configured provider of this instance: circuit state, in-flight sends, counters and
     /// the last error.
     #[oai(path = "/channels", method = "get")]
-    async fn list(&self) -> Json<Vec<ChannelView>> {
-        Json(self.state.engine.channels().await)
+    async fn list(&self, _auth: ReadKey) -> Result<Json<Vec<ChannelView>>, ApiError> {
+        Ok(Json(self.state.engine.channels().await))
     }
 }

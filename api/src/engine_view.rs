@@ -6,6 +6,8 @@ use poem_openapi::Object;
 
 /// One provider's live state.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct ChannelView {
     /// Channel name (`email`, `telegram`, ...).
     pub channel: String,

@@ -22,9 +22,18 @@ pub enum ApiError {
     /// The request is invalid; `field` names the culprit.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// No valid API key: missing, malformed, unknown or revoked (code `unauthorized`).
+    #[oai(status = 401)]
+    Unauthorized(Json<ErrorBody>),
+    /// The API key is valid but lacks the scope the operation needs (code `forbidden`).
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// No such resource.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The resource is not in a state that allows the operation (code `conflict`).
+    #[oai(status = 409)]
+    Conflict(Json<ErrorBody>),
     /// A dependency (NATS, database) is unavailable; nothing was accepted. Retry later with the
     /// same `request_id`.
     #[oai(status = 503)]
@@ -47,6 +56,21 @@ impl ApiError {
     /// 404.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::NotFound(Json(body("not_found", message)))
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::Unauthorized(Json(body("unauthorized", message)))
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::Forbidden(Json(body("forbidden", message)))
+    }
+
+    /// 409.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::Conflict(Json(body("conflict", message)))
     }
 
     /// 503.
@@ -108,7 +132,15 @@ pub async fn render_error(err: poem::Error) -> Response {
     } else {
         err.to_string()
     };
-    let json = serde_json::to_string(&body(code, message)).unwrap_or_default();
+    // A parameter that failed to parse or validate is named, like the typed 400s do.
+    let field = err
+        .downcast_ref::<poem_openapi::error::ParseParamError>()
+        .map(|e| e.name.to_string());
+    let json = serde_json::to_string(&ErrorBody {
+        field,
+        ..body(code, message)
+    })
+    .unwrap_or_default();
     Response::builder()
         .status(status)
         .content_type("application/json; charset=utf-8")

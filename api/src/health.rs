@@ -36,6 +36,8 @@ pub struct Check {
 
 /// Readiness answer.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
@@ -138,6 +140,30 @@ impl HealthApi {
             Err(_) => None,
         };
         (pass("EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS"), pending)
+    }
+}
+
+/// Sets `herald_queue_pending_commands` (commands in `NOTIFY` not yet delivered to a dispatcher)
+/// before a scrape of `/metrics`; left unchanged when NATS does not answer within a second.
+pub async fn record_queue_depth(publisher: &herald_nats::Publisher) {
+    if !publisher.is_connected() {
+        return;
+    }
+    let js = publisher.jetstream();
+    let pending = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let stream = js
+            .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+            .await
+            .ok()?;
+        let info = stream
+            .consumer_info(herald_nats::subjects::DISPATCH_CONSUMER)
+            .await
+            .ok()?;
+        Some(info.num_pending)
+    })
+    .await;
+    if let Ok(Some(pending)) = pending {
+        metrics::gauge!("herald_queue_pending_commands").set(pending as f64);
     }
 }
 

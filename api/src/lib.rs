@@ -5,13 +5,24 @@
 //! Routes: `/api/v1/...` (see [`notifications`]), `/health`, `/metrics`, Swagger UI at `/api/docs`,
 //! the spec at `/api/openapi.json`.
 
+pub mod auth;
 mod body_limit;
+pub mod bulk;
 pub mod channels;
+mod cursor;
+pub mod customers;
+pub mod dlq;
 pub mod engine_view;
 pub mod error;
 pub mod health;
+pub mod history;
 pub mod notifications;
+pub mod orders;
+pub mod preferences;
+pub mod receipts;
 pub mod state;
+pub mod templates;
+pub mod validate;
 
 use poem::{Endpoint, EndpointExt, Route, get};
 use poem_openapi::OpenApiService;
@@ -30,7 +41,15 @@ pub fn openapi_service(
     OpenApiService::new(
         (
             notifications::NotificationsApi::new(state.clone()),
+            preferences::PreferencesApi::new(state.clone()),
+            bulk::BulkApi::new(state.clone()),
             channels::ChannelsApi::new(state.clone()),
+            history::HistoryApi::new(state.clone()),
+            receipts::ReceiptsApi::new(state.clone()),
+            dlq::DlqApi::new(state.clone()),
+            customers::CustomersApi::new(state.clone()),
+            orders::OrdersApi::new(state.clone()),
+            templates::TemplatesApi::new(state.clone()),
             health::HealthApi::new(state),
         ),
         "Herald",
@@ -46,6 +65,9 @@ pub fn openapi_service(
 /// The whole HTTP application.
 pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let metrics = state.metrics.clone();
+    let publisher = state.publisher.clone();
+    let auth = state.auth.clone();
+    let auth_enabled = auth.enabled();
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
@@ -55,11 +77,20 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
         .at("/api/openapi.json", spec)
         .at(
             "/metrics",
-            get(poem::endpoint::make_sync(move |_| match &metrics {
-                Some(handle) => handle.render(),
-                None => String::new(),
+            get(poem::endpoint::make(move |_| {
+                let metrics = metrics.clone();
+                let publisher = publisher.clone();
+                async move {
+                    health::record_queue_depth(&publisher).await;
+                    match &metrics {
+                        Some(handle) => handle.render(),
+                        None => String::new(),
+                    }
+                }
             })),
         )
         .around(|next, req| body_limit::limit_body(next, req, MAX_BODY_BYTES))
+        .around(move |next, req| auth::fill_when_disabled(next, req, auth_enabled))
+        .data(auth)
         .catch_all_error(error::render_error)
 }

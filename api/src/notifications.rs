@@ -13,7 +13,14 @@ use poem_openapi::{
 };
 use uuid::Uuid;
 
-use crate::{ApiError, AppState};
+use crate::{
+    ApiError, AppState,
+    auth::{ReadKey, SendKey},
+    validate::{self, RawContacts},
+};
+// The property tests (`notifications_props.rs`) check these shape validators too.
+#[cfg(test)]
+use crate::validate::{is_e164, looks_like_email};
 
 /// Longest subject accepted.
 const MAX_SUBJECT: usize = 998;
@@ -21,6 +28,8 @@ const MAX_SUBJECT: usize = 998;
 const MAX_BODY: usize = 256 * 1024;
 /// Longest request id accepted.
 const MAX_REQUEST_ID: usize = 200;
+/// Furthest ahead a send may be scheduled, in days.
+const MAX_SCHEDULE_DAYS: i64 = 366;
 
 #[derive(Tags)]
 enum NotificationTags {
@@ -126,6 +135,9 @@ pub struct SendRequest {
     pub channels: Option<Vec<ApiChannel>>,
     /// The message.
     pub content: MessageContent,
+    /// Send at this time (RFC 3339) instead of now: stored as `scheduled`, published when due,
+    /// cancellable until then. A time not in the future sends at once.
+    pub scheduled_at: Option<DateTime<Utc>>,
 }
 
 /// The answer to an accepted send.
@@ -150,6 +162,8 @@ pub enum SendResponse {
 
 /// One delivery attempt.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct AttemptView {
     /// Attempt number within the notification.
     pub attempt_no: i32,
@@ -171,6 +185,8 @@ pub struct AttemptView {
 
 /// A notification with its attempts.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct NotificationView {
     /// Id.
     pub id: Uuid,
@@ -196,6 +212,10 @@ pub struct NotificationView {
     pub updated_at: DateTime<Utc>,
     /// When a provider accepted it.
     pub sent_at: Option<DateTime<Utc>>,
+    /// When a scheduled notification is (or was) due.
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// The bulk send it belongs to.
+    pub batch_id: Option<Uuid>,
     /// Every attempt, in order.
     pub attempts: Vec<AttemptView>,
 }
@@ -223,6 +243,7 @@ impl NotificationsApi {
     #[oai(path = "/notifications", method = "post")]
     async fn send(
         &self,
+        _auth: SendKey,
         body: Json<SendRequest>,
         /// Idempotency key; used when the body has no `request_id`.
         #[oai(name = "Idempotency-Key")]
@@ -235,11 +256,19 @@ impl NotificationsApi {
         let accepted = validate(request, &self.state)?;
         let new = accepted.row();
         let command = accepted.command;
+        let scheduled = new.status == NotificationStatus::Scheduled;
         match repo::insert(&self.state.db, new).await? {
             Inserted::Duplicate(existing) => Ok(SendResponse::Repeated(Json(Accepted {
                 id: existing.id,
                 status: existing.status.as_str().into(),
             }))),
+            Inserted::New(row) if scheduled => {
+                metrics::counter!("herald_notifications_scheduled_total").increment(1);
+                Ok(SendResponse::Accepted(Json(Accepted {
+                    id: row.id,
+                    status: row.status.as_str().into(),
+                })))
+            }
             Inserted::New(row) => {
                 if let Err(err) = self
                     .state
@@ -264,10 +293,43 @@ impl NotificationsApi {
 
     /// Read a notification's status and every delivery attempt.
     #[oai(path = "/notifications/:id", method = "get")]
-    async fn get(&self, id: Path<Uuid>) -> Result<Json<NotificationView>, ApiError> {
+    async fn get(
+        &self,
+        _auth: ReadKey,
+        id: Path<Uuid>,
+    ) -> Result<Json<NotificationView>, ApiError> {
         match repo::find_with_attempts(&self.state.db, id.0).await? {
             Some((row, attempts)) => Ok(Json(view(row, attempts))),
             None => Err(ApiError::not_found(format!("no notification {}", id.0))),
+        }
+    }
+
+    /// Cancel a notification before it goes out.
+    ///
+    /// Only a `scheduled` notification, or a `queued` one no dispatcher has picked up yet, can be
+    /// cancelled; any other status answers 409 naming it.
+    #[oai(path = "/notifications/:id/cancel", method = "post")]
+    async fn cancel(
+        &self,
+        _auth: SendKey,
+        id: Path<Uuid>,
+    ) -> Result<Json<NotificationView>, ApiError> {
+        use herald_entities::repo::schedule::{self, Cancel};
+        match schedule::cancel(&self.state.db, id.0, "cancelled by API request").await? {
+            Cancel::Cancelled(_) => {
+                metrics::counter!("herald_notifications_cancelled_total").increment(1);
+                match repo::find_with_attempts(&self.state.db, id.0).await? {
+                    Some((row, attempts)) => Ok(Json(view(row, attempts))),
+                    None => Err(ApiError::not_found(format!("no notification {}", id.0))),
+                }
+            }
+            Cancel::NotFound => Err(ApiError::not_found(format!("no notification {}", id.0))),
+            Cancel::NotCancellable(status) => Err(ApiError::conflict(format!(
+                "notification {} is {}; only scheduled notifications and queued ones not yet \
+                 picked up can be cancelled",
+                id.0,
+                status.as_str()
+            ))),
         }
     }
 }
@@ -275,17 +337,26 @@ impl NotificationsApi {
 /// A validated request, ready to store and publish.
 struct ValidSend {
     command: SendCommand,
+    scheduled_at: Option<DateTime<Utc>>,
     request_id: Option<String>,
     recipient_key: String,
 }
 
 impl ValidSend {
     fn row(&self) -> NewNotification {
-        new_notification(
+        let row = new_notification(
             &self.command,
             self.recipient_key.clone(),
             self.request_id.clone(),
-        )
+        );
+        match self.scheduled_at {
+            Some(at) => NewNotification {
+                status: NotificationStatus::Scheduled,
+                scheduled_at: Some(at),
+                ..row
+            },
+            None => row,
+        }
     }
 }
 
@@ -359,7 +430,19 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
             .unwrap_or_else(|| vec![Channel::Email]),
     };
     let content = validate_content(request.content)?;
+    let now = Utc::now();
+    let scheduled_at = match request.scheduled_at {
+        Some(at) if at > now + chrono::Duration::days(MAX_SCHEDULE_DAYS) => {
+            return Err(ApiError::invalid(
+                "scheduled_at",
+                format!("scheduled_at must be within {MAX_SCHEDULE_DAYS} days"),
+            ));
+        }
+        Some(at) if at > now => Some(at),
+        _ => None,
+    };
     Ok(ValidSend {
+        scheduled_at,
         command: SendCommand {
             v: SCHEMA_VERSION,
             notification_id: Uuid::now_v7(),
@@ -375,7 +458,7 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
     })
 }
 
-fn dedup(channels: impl Iterator<Item = Channel>) -> Vec<Channel> {
+pub(crate) fn dedup(channels: impl Iterator<Item = Channel>) -> Vec<Channel> {
     let mut out: Vec<Channel> = Vec::new();
     for channel in channels {
         if !out.contains(&channel) {
@@ -385,77 +468,20 @@ fn dedup(channels: impl Iterator<Item = Channel>) -> Vec<Channel> {
     out
 }
 
-fn validate_recipient(recipient: &Recipient) -> Result<Contacts, ApiError> {
-    let trimmed = |v: &Option<String>| {
-        v.as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    let email = trimmed(&recipient.email);
-    if let Some(email) = &email
-        && (email.len() > 254 || !looks_like_email(email))
-    {
-        return Err(ApiError::invalid("recipient.email", "not an email address"));
-    }
-    let phone = trimmed(&recipient.phone);
-    if let Some(phone) = &phone
-        && !is_e164(phone)
-    {
-        return Err(ApiError::invalid(
-            "recipient.phone",
-            "phone must be in E.164 form, e.g. +4915112345678",
-        ));
-    }
-    let webhook_url = trimmed(&recipient.webhook_url);
-    if let Some(url) = &webhook_url
-        && !(url.starts_with("https://") || url.starts_with("http://"))
-    {
-        return Err(ApiError::invalid(
-            "recipient.webhook_url",
-            "webhook_url must be an http(s) URL",
-        ));
-    }
-    let push_tokens: Vec<String> = recipient
-        .push_tokens
-        .iter()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect();
-    if push_tokens.len() > 20 || push_tokens.iter().any(|t| t.len() > 4096) {
-        return Err(ApiError::invalid(
-            "recipient.push_tokens",
-            "at most 20 push tokens of at most 4096 characters",
-        ));
-    }
-    Ok(Contacts {
-        email,
-        phone,
-        telegram_chat_id: trimmed(&recipient.telegram_chat_id),
-        push_tokens,
-        webhook_url,
-    })
+pub(crate) fn validate_recipient(recipient: &Recipient) -> Result<Contacts, ApiError> {
+    validate::contacts(
+        "recipient.",
+        RawContacts {
+            email: &recipient.email,
+            phone: &recipient.phone,
+            telegram_chat_id: &recipient.telegram_chat_id,
+            push_tokens: &recipient.push_tokens,
+            webhook_url: &recipient.webhook_url,
+        },
+    )
 }
 
-fn looks_like_email(s: &str) -> bool {
-    match s.rsplit_once('@') {
-        Some((local, domain)) => {
-            !local.is_empty()
-                && domain.contains('.')
-                && !domain.starts_with('.')
-                && !domain.ends_with('.')
-                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
-        }
-        None => false,
-    }
-}
-
-fn is_e164(s: &str) -> bool {
-    let digits = s.strip_prefix('+').unwrap_or("");
-    (8..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit())
-}
-
-fn validate_content(content: MessageContent) -> Result<Content, ApiError> {
+pub(crate) fn validate_content(content: MessageContent) -> Result<Content, ApiError> {
     if content.text.trim().is_empty() {
         return Err(ApiError::invalid("content.text", "text must not be empty"));
     }
@@ -511,6 +537,8 @@ fn view(row: notification::Model, attempts: Vec<delivery_attempt::Model>) -> Not
         created_at: row.created_at,
         updated_at: row.updated_at,
         sent_at: row.sent_at,
+        scheduled_at: row.scheduled_at,
+        batch_id: row.batch_id,
         attempts: attempts
             .into_iter()
             .map(|a| AttemptView {
@@ -528,19 +556,12 @@ fn view(row: notification::Model, attempts: Vec<delivery_attempt::Model>) -> Not
 }
 
 #[cfg(test)]
+#[path = "notifications_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn email_and_phone_checks() {
-        assert!(looks_like_email("ada@example.com"));
-        assert!(!looks_like_email("ada@example"));
-        assert!(!looks_like_email("@example.com"));
-        assert!(!looks_like_email("a da@example.com"));
-        assert!(is_e164("+4915112345678"));
-        assert!(!is_e164("015112345678"));
-        assert!(!is_e164("+49 151 1234"));
-    }
 
     #[test]
     fn recipient_needs_a_valid_contact_shape() {

@@ -20,4 +20,8 @@ pub struct AppState {
     pub engine: Arc<dyn crate::engine_view::EngineView>,
     /// Renders `/metrics`, when a recorder is installed.
     pub metrics: Option<PrometheusHandle>,
+    /// Verifies API keys.
+    pub auth: Arc<crate::auth::KeyVerifier>,
+    /// The engine's templates (list and preview).
+    pub templates: Arc<dyn crate::templates::TemplateCatalog>,
 }

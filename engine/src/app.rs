@@ -11,7 +11,6 @@ use herald_actors::{
         ChannelArgs, ChannelDirectory, Provider, email::EmailProvider, push::PushProvider,
         sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
     },
-
     delivery::DeliveryContext,
     dispatcher::{DispatcherArgs, DispatcherMsg},
     engine_supervisor::{EngineArgs, EngineSupervisor},
@@ -48,6 +47,8 @@ struct Engine {
     dispatcher: ActorSlot<DispatcherMsg>,
     channels: ChannelDirectory,
     grace: Duration,
+    rate_limiter: ActorSlot<herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg>,
+    scheduler: ActorSlot<herald_actors::scheduler::SchedulerMsg>,
 }
 
 /// Installs process-wide things once: the rustls crypto provider (ring; see STACK.md) and the
@@ -99,9 +100,16 @@ impl Herald {
             .context("cannot provision JetStream")?;
         let publisher = Publisher::new(js, config.nats.partitions);
 
-        let engine =
-            start_engine(&config, db.clone(), publisher.clone(), provisioned.dispatch).await?;
+        let engine = start_engine(&config, db.clone(), publisher.clone(), provisioned).await?;
+        let auth = Arc::new(herald_api::auth::KeyVerifier::new(
+            db.clone(),
+            config.auth.settings(),
+        ));
+        if !config.auth.enabled {
+            tracing::warn!("API authentication is disabled: every request acts as admin");
+        }
         let state = AppState {
+            auth,
             db,
             publisher,
             engine: Arc::new(crate::engine_view::LiveEngine {
@@ -109,6 +117,7 @@ impl Herald {
             }),
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
+            templates: Arc::new(crate::template_catalog::CompiledTemplates),
         };
         let acceptor = TcpListener::bind(config.http.bind.clone())
             .into_acceptor()
@@ -160,6 +169,18 @@ impl Herald {
         self.engine.dispatcher.get()
     }
 
+    /// The live rate limiter registry (for introspection and fault injection).
+    pub fn rate_limiter(
+        &self,
+    ) -> Option<ActorRef<herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg>> {
+        self.engine.rate_limiter.get()
+    }
+
+    /// The live scheduler (to run a round now).
+    pub fn scheduler(&self) -> Option<ActorRef<herald_actors::scheduler::SchedulerMsg>> {
+        self.engine.scheduler.get()
+    }
+
     /// Stops in the order that loses nothing: HTTP stops taking requests and finishes the ones in
     /// progress; the dispatcher stops pulling; in-flight deliveries get the grace period to finish
     /// (those that do not are redelivered by JetStream, never acked unwritten); the status writer
@@ -208,7 +229,7 @@ async fn start_engine(
     config: &Config,
     db: DatabaseConnection,
     publisher: Publisher,
-    consumer: async_nats::jetstream::consumer::PullConsumer,
+    consumers: herald_nats::Provisioned,
 ) -> anyhow::Result<Engine> {
     let channels = ChannelDirectory::default();
     let status_writer = ActorSlot::default();
@@ -216,15 +237,47 @@ async fn start_engine(
     let intake = CancellationToken::new();
     let max_in_flight = config.dispatch.max_in_flight;
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let rate_limiter = ActorSlot::default();
+    let scheduler = ActorSlot::default();
+    let rate_limits = Arc::new(config.rate_limits()?);
     let context = Arc::new(DeliveryContext {
         statuses: herald_actors::status_lookup::StatusLookup::spawn(db.clone()),
+        in_flight: herald_actors::lease::InFlight::default(),
         db: db.clone(),
         publisher: publisher.clone(),
         channels: channels.clone(),
         status_writer: status_writer.clone(),
         retry: config.dispatch.retry,
+        policy: herald_actors::policy::PolicyContext {
+            rate_limiter: rate_limiter.clone(),
+            limits: rate_limits.clone(),
+            ask_timeout: Duration::from_millis(config.rate_limiter.ask_timeout_ms),
+            clock: herald_actors::policy::system_clock(),
+        },
     });
+    let router = router_args(config, &db, &publisher, consumers.router, &intake)?;
+    let outbox_relay = herald_actors::outbox_relay::OutboxRelayArgs {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        settings: Default::default(),
+    };
     let args = EngineArgs {
+        router,
+        router_slot: ActorSlot::default(),
+        outbox_relay,
+        rate_limiter: herald_actors::rate_limit::supervisor::RateLimiterSupervisorArgs {
+            limits: rate_limits,
+            settings: config.rate_limiter,
+            clock: Arc::new(std::time::Instant::now),
+        },
+        rate_limiter_slot: rate_limiter.clone(),
+        scheduler: herald_actors::scheduler::SchedulerArgs {
+            db: db.clone(),
+            publisher: publisher.clone(),
+            settings: config.scheduler,
+            clock: herald_actors::policy::system_clock(),
+        },
+        scheduler_slot: scheduler.clone(),
         status_writer: StatusWriterArgs {
             db,
             publisher,
@@ -240,7 +293,7 @@ async fn start_engine(
             .collect(),
         directory: channels.clone(),
         dispatcher: DispatcherArgs {
-            consumer,
+            consumer: consumers.dispatch,
             context,
             in_flight: in_flight.clone(),
             intake: intake.clone(),
@@ -251,6 +304,8 @@ async fn start_engine(
         .await
         .context("cannot start the actor tree")?;
     Ok(Engine {
+        rate_limiter,
+        scheduler,
         supervisor,
         intake,
         in_flight,
@@ -259,6 +314,32 @@ async fn start_engine(
         dispatcher,
         channels,
         grace: Duration::from_secs(config.dispatch.shutdown_grace_secs),
+    })
+}
+
+/// Events routed at once by this instance.
+const ROUTER_IN_FLIGHT: usize = 256;
+
+/// The Router's arguments: the `herald-router` consumer, the rules in force and the default chains.
+fn router_args(
+    config: &Config,
+    db: &DatabaseConnection,
+    publisher: &Publisher,
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    intake: &CancellationToken,
+) -> anyhow::Result<herald_actors::router::RouterArgs> {
+    let context = herald_actors::router::RouterContext {
+        db: db.clone(),
+        publisher: publisher.clone(),
+        rules: config.routing_rules()?,
+        default_chains: config.default_chains()?,
+        retry: config.dispatch.retry,
+    };
+    Ok(herald_actors::router::RouterArgs {
+        consumer,
+        context: Arc::new(context),
+        in_flight: Arc::new(Semaphore::new(ROUTER_IN_FLIGHT)),
+        intake: intake.clone(),
     })
 }
 
@@ -275,7 +356,10 @@ fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
         &channels.email,
     )?)];
     if let Some(telegram) = &channels.telegram {
-        providers.push(Arc::new(TelegramProvider::new("telegram".into(), telegram.clone())?));
+        providers.push(Arc::new(TelegramProvider::new(
+            "telegram".into(),
+            telegram.clone(),
+        )?));
     }
     if let Some(sms) = &channels.sms {
         providers.push(Arc::new(SmsProvider::new("twilio".into(), sms.clone())?));
@@ -284,7 +368,10 @@ fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
         providers.push(Arc::new(PushProvider::new("fcm".into(), push.clone())?));
     }
     if let Some(webhook) = &channels.webhook {
-        providers.push(Arc::new(WebhookProvider::new("webhook".into(), webhook.clone())?));
+        providers.push(Arc::new(WebhookProvider::new(
+            "webhook".into(),
+            webhook.clone(),
+        )?));
     }
     Ok(providers)
 }

@@ -14,7 +14,9 @@ use herald_actors::{
         ChannelSettings, email::EmailConfig, push::PushConfig, sms::SmsConfig,
         telegram::TelegramConfig, webhook::WebhookConfig,
     },
+    rate_limit::{CategoryLimit, RateLimiterSettings},
     retry::RetryPolicy,
+    scheduler::SchedulerSettings,
     status_writer::StatusWriterSettings,
 };
 use herald_nats::{Category, Channel};
@@ -40,6 +42,62 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Logging.
     pub log: LogConfig,
+    /// API authentication.
+    pub auth: AuthConfig,
+    /// Per-user limits by category: `[rate_limits.marketing] capacity = 3, per_secs = 86400,
+    /// policy = "drop"` (`defer` or `drop`; capacity 0 turns a limit off).
+    pub rate_limits: RateLimitsConfig,
+    /// The per-user rate limiter registry.
+    pub rate_limiter: RateLimiterSettings,
+    /// Scheduled sends, bulk fan-out and retention.
+    pub scheduler: SchedulerSettings,
+}
+
+/// Rate limits by category name; defaults: marketing 3 a day (`drop`), transactional 30 a
+/// minute (`defer`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct RateLimitsConfig(pub HashMap<String, CategoryLimit>);
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self(herald_actors::rate_limit::default_limits())
+    }
+}
+
+/// API authentication settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    /// Require an API key (`Authorization: Bearer ...`) on every `/api/v1` route. Turn off only
+    /// for local development: every request then acts with every scope.
+    pub enabled: bool,
+    /// Seconds a verified key is remembered without asking the database; a revoked key may keep
+    /// working this long on an instance that verified it recently.
+    pub cache_ttl_secs: u64,
+    /// Most keys remembered at once.
+    pub cache_capacity: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cache_ttl_secs: 10,
+            cache_capacity: 10_000,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The API's view of these settings.
+    pub fn settings(&self) -> herald_api::auth::AuthSettings {
+        herald_api::auth::AuthSettings {
+            enabled: self.enabled,
+            cache_ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
+            cache_capacity: self.cache_capacity.max(1),
+        }
+    }
 }
 
 /// HTTP façade settings.
@@ -167,6 +225,9 @@ pub struct RoutingConfig {
     /// Chain per category used when a request names no channels, e.g.
     /// `transactional = ["telegram", "email", "sms"]`.
     pub default_chains: HashMap<String, Vec<String>>,
+    /// Event routing rules (`[[routing.rules]]`): a rule named like a built-in one replaces it,
+    /// `enabled = false` switches it off, other names are added. See `herald_actors::rules`.
+    pub rules: Vec<herald_actors::rules::Rule>,
 }
 
 impl Default for RoutingConfig {
@@ -177,6 +238,7 @@ impl Default for RoutingConfig {
                 .into_iter()
                 .map(|c| (c.as_str().to_string(), email()))
                 .collect(),
+            rules: Vec::new(),
         }
     }
 }
@@ -249,7 +311,22 @@ impl Config {
         if self.nats.dedup_window_secs < 120 {
             return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
         }
+        self.rate_limits()?;
+        self.routing_rules()?;
         self.default_chains().map(|_| ())
+    }
+
+    /// The routing rules in force: the built-in ones with `routing.rules` applied, checked.
+    pub fn routing_rules(&self) -> Result<Vec<herald_actors::rules::Rule>, ConfigError> {
+        use herald_actors::rules;
+        let merged = rules::with_overrides(rules::default_rules(), &self.routing.rules);
+        rules::validate(&merged).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(merged)
+    }
+
+    /// The rate limits, parsed (categories without a limit are absent).
+    pub fn rate_limits(&self) -> Result<HashMap<Category, CategoryLimit>, ConfigError> {
+        herald_actors::rate_limit::parse_limits(&self.rate_limits.0).map_err(ConfigError::Invalid)
     }
 
     /// The default chains, parsed.
@@ -325,7 +402,8 @@ mod tests {
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("nats.partitions"), "{err}");
             jail.set_env("HERALD_NATS__PARTITIONS", "eight");
-            let err = Config::load(None).unwrap_err().to_string();
+            // figment names the key as the environment spelled it.
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(err.contains("partitions"), "{err}");
             Ok(())
         });

@@ -1,11 +1,13 @@
 //! The `herald` binary's library: configuration, wiring and shutdown, so that tests and benchmarks
 //! start the very same application the binary runs.
 
+pub mod apikey;
 pub mod app;
 pub mod bench;
 pub mod config;
 pub mod engine_view;
 pub mod telemetry;
+pub mod template_catalog;
 
 pub use app::Herald;
 pub use config::Config;

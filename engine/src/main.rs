@@ -27,6 +27,9 @@ enum Command {
     Config,
     /// Measure end-to-end throughput and latency against instant sinks.
     Bench(herald_engine::bench::BenchArgs),
+    /// Manage API keys (applies pending migrations first).
+    #[command(subcommand)]
+    Apikey(herald_engine::apikey::ApiKeyCommand),
 }
 
 #[tokio::main]
@@ -48,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench(args) => {
             herald_engine::bench::run(args).await?;
             Ok(())
+        }
+        Command::Apikey(command) => {
+            let db = app::migrate(&config).await?;
+            herald_engine::apikey::run(&db, command).await
         }
         Command::Config => {
             println!("{}", toml::to_string_pretty(&config)?);

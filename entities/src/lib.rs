@@ -3,9 +3,15 @@
 //! Entities are the database's shape; wire types (NATS envelopes, API bodies) live elsewhere and are
 //! converted at the edges. Queries are grouped per table in [`repo`].
 
+pub mod api_key;
+pub mod batch;
 pub mod customer;
 pub mod delivery_attempt;
 pub mod notification;
+pub mod order;
+pub mod outbox_event;
+pub mod preference;
+pub mod quiet_hours;
 pub mod repo;
 pub mod status;
 

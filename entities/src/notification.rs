@@ -44,6 +44,8 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
     /// When a provider accepted it.
     pub sent_at: Option<DateTimeUtc>,
+    /// The bulk send it belongs to, if any.
+    pub batch_id: Option<Uuid>,
 }
 
 /// A notification has many delivery attempts.

@@ -8,6 +8,12 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_create_customers;
 mod m20261122_000002_create_notifications;
 mod m20261122_000003_create_delivery_attempts;
+mod m20261122_000004_create_orders;
+mod m20261122_000005_create_outbox_events;
+mod m20261122_000101_create_preferences;
+mod m20261122_000102_create_batches;
+mod m20261122_000201_create_api_keys;
+mod m20261122_000202_index_attempts_provider_message;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -19,6 +25,12 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_create_customers::Migration),
             Box::new(m20261122_000002_create_notifications::Migration),
             Box::new(m20261122_000003_create_delivery_attempts::Migration),
+            Box::new(m20261122_000004_create_orders::Migration),
+            Box::new(m20261122_000005_create_outbox_events::Migration),
+            Box::new(m20261122_000101_create_preferences::Migration),
+            Box::new(m20261122_000102_create_batches::Migration),
+            Box::new(m20261122_000201_create_api_keys::Migration),
+            Box::new(m20261122_000202_index_attempts_provider_message::Migration),
         ]
     }
 }

@@ -22,6 +22,14 @@ pub enum NatsError {
         /// The server's or client's reason.
         reason: String,
     },
+    /// A stream or message could not be read or removed.
+    #[error("cannot read JetStream {what}: {reason}")]
+    Read {
+        /// The stream or message concerned.
+        what: String,
+        /// The server's or client's reason.
+        reason: String,
+    },
     /// A message could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(#[from] serde_json::Error),

@@ -5,17 +5,22 @@
 //! consumers of the design idempotently, [`envelope`] defines the versioned wire messages, and
 //! [`publish`] publishes them with `Nats-Msg-Id` so JetStream de-duplicates repeats.
 
+pub mod batch;
+pub mod dead_letters;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod publish;
 pub mod streams;
 pub mod subjects;
 
+pub use dead_letters::{DeadLetter, DeadLetters};
 pub use envelope::{
     Category, Channel, CommandDecodeError, Contacts, Content, SCHEMA_VERSION, SendCommand,
     StatusEvent,
 };
 pub use error::NatsError;
+pub use events::{DomainEvent, EventData, EventDecodeError};
 pub use publish::Publisher;
 pub use streams::{Provisioned, StreamSettings, provision};
 

@@ -45,6 +45,34 @@ impl Publisher {
             .await
     }
 
+    /// Publishes an existing command's bytes again on its recipient's partition (a replay from
+    /// the dead-letter stream) under a new `Nats-Msg-Id`: the original id may still be in the
+    /// de-duplication window, where JetStream would drop the replay silently.
+    pub async fn republish_command(
+        &self,
+        recipient_key: &str,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), NatsError> {
+        let subject =
+            subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
+        self.publish_with_id(subject, msg_id, HeaderMap::new(), payload)
+            .await
+    }
+
+    /// Publishes a domain event's bytes on `subject` with the event id as `Nats-Msg-Id`, and waits
+    /// until JetStream has stored it; publishing the same event again within the de-duplication
+    /// window is a no-op, so an outbox may re-publish freely.
+    pub async fn publish_event(
+        &self,
+        subject: &str,
+        event_id: &str,
+        payload: Bytes,
+    ) -> Result<(), NatsError> {
+        self.publish_with_id(subject.to_string(), event_id, HeaderMap::new(), payload)
+            .await
+    }
+
     /// Publishes a status transition for observers. The id makes a repeated transition (after a
     /// redelivery) a duplicate that JetStream drops.
     pub async fn publish_status(&self, event: &StatusEvent) -> Result<(), NatsError> {

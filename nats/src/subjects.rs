@@ -33,6 +33,11 @@ pub const HEADER_DLQ_ORIGINAL_SUBJECT: &str = "Herald-Original-Subject";
 /// Header carrying how many times the message had been delivered when it was dead-lettered.
 pub const HEADER_DLQ_DELIVERIES: &str = "Herald-Deliveries";
 
+/// Subject a domain event of `event_type` is published on: `events.<type>`.
+pub fn event_subject(event_type: &str) -> String {
+    format!("events.{event_type}")
+}
+
 /// Subject of the send commands of one partition: `notify.cmd.<partition>`.
 pub fn command_subject(partition: u32) -> String {
     format!("notify.cmd.{partition}")

@@ -28,6 +28,8 @@ pub fn test_config(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Con
     config.dispatch.retry.base_delay_ms = 200;
     config.dispatch.retry.max_delay_ms = 1_000;
     config.dispatch.shutdown_grace_secs = 5;
+    // A revoked key stops working within a second, so tests need not wait long.
+    config.auth.cache_ttl_secs = 1;
     config
 }
 
@@ -35,7 +37,12 @@ pub fn test_config(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Con
 pub struct TestHerald {
     herald: Option<Herald>,
     base: String,
+    /// Sends the admin key on every request.
     http: reqwest::Client,
+    /// Sends no key.
+    anonymous: reqwest::Client,
+    admin_key: String,
+    db: sea_orm::DatabaseConnection,
 }
 
 impl TestHerald {
@@ -43,11 +50,29 @@ impl TestHerald {
     pub async fn start(config: Config) -> anyhow::Result<TestHerald> {
         crate::init_tracing();
         herald_engine::app::process_init();
+        let database_url = config.database.url.clone();
         let herald = Herald::start(config)
             .await
             .context("herald did not start")?;
         let base = format!("http://{}", herald.http_addr());
+        // The database is migrated by now; an admin key goes on every request of `http`.
+        let db = herald_entities::connect(&database_url, 2)
+            .await
+            .context("test database")?;
+        let admin_key = herald_engine::apikey::create(&db, "test admin", "admin")
+            .await?
+            .token;
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut bearer = reqwest::header::HeaderValue::from_str(&format!("Bearer {admin_key}"))
+            .context("key as header")?;
+        bearer.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, bearer);
         let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .default_headers(headers)
+            .build()
+            .context("http client")?;
+        let anonymous = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .context("http client")?;
@@ -55,7 +80,52 @@ impl TestHerald {
             herald: Some(herald),
             base,
             http,
+            anonymous,
+            admin_key,
+            db,
         })
+    }
+
+    /// The admin key `http()` sends.
+    pub fn admin_key(&self) -> &str {
+        &self.admin_key
+    }
+
+    /// A connection to Herald's database.
+    pub fn db(&self) -> &sea_orm::DatabaseConnection {
+        &self.db
+    }
+
+    /// An HTTP client that sends no key.
+    pub fn anonymous(&self) -> &reqwest::Client {
+        &self.anonymous
+    }
+
+    /// Sends `method path` with `key` (none when `None`) and an optional JSON body; returns the
+    /// status and the JSON body.
+    pub async fn request_with_key(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .anonymous
+            .request(method.clone(), format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path} failed: {e}"));
+        let status = response.status();
+        let json = response.json().await.unwrap_or(Value::Null);
+        (status, json)
     }
 
     /// The running application.

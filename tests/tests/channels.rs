@@ -389,7 +389,13 @@ async fn push_and_signed_webhooks_are_delivered() {
     let body = String::from_utf8(request.body.clone()).expect("utf-8 body");
     let timestamp: i64 = header("webhook-timestamp").parse().expect("timestamp");
     assert!(
-        webhook::verify(&key, &hook, timestamp, body.as_bytes(), &header("webhook-signature")),
+        webhook::verify(
+            &key,
+            &hook,
+            timestamp,
+            body.as_bytes(),
+            &header("webhook-signature")
+        ),
         "the receiver can verify the signature"
     );
     w.herald.shutdown().await.expect("shutdown");

@@ -55,10 +55,10 @@ pub async fn jetstream_rate(nats_url: &str, count: u64, size: usize) -> anyhow::
     });
     let mut acks = FuturesUnordered::new();
     for _ in 0..count {
-        if acks.len() >= ACK_WINDOW {
-            if let Some(ack) = acks.next().await {
-                ack?;
-            }
+        if acks.len() >= ACK_WINDOW
+            && let Some(ack) = acks.next().await
+        {
+            ack?;
         }
         let ack = js.publish("herald_bench.ref", payload.clone()).await?;
         acks.push(async move { ack.await.map(|_| ()).map_err(anyhow::Error::from) });

@@ -2,7 +2,7 @@
 
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    sea_query::Expr,
+    SqlErr, sea_query::Expr,
 };
 
 use crate::{RepoError, customer};
@@ -60,4 +60,82 @@ pub async fn clear_webhook_url(
         .exec(db)
         .await?;
     Ok(result.rows_affected > 0)
+}
+
+/// What a customer record says about a recipient: everything but ids and timestamps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerFields {
+    /// Display name.
+    pub name: Option<String>,
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number (E.164).
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: Option<String>,
+    /// Push device tokens.
+    pub push_tokens: Vec<String>,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
+    /// Locale, e.g. `de-DE`.
+    pub locale: String,
+    /// IANA time zone.
+    pub timezone: String,
+}
+
+/// Stores a new customer. `Ok(None)` when a customer with this external id exists already (the
+/// unique constraint decides, so concurrent creations resolve to one row).
+pub async fn create(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    fields: CustomerFields,
+) -> Result<Option<customer::Model>, RepoError> {
+    let now = chrono::Utc::now();
+    let row = customer::ActiveModel {
+        id: Set(uuid::Uuid::now_v7()),
+        external_id: Set(external_id.to_string()),
+        name: Set(fields.name),
+        email: Set(fields.email),
+        phone: Set(fields.phone),
+        telegram_chat_id: Set(fields.telegram_chat_id),
+        push_tokens: Set(serde_json::json!(fields.push_tokens)),
+        webhook_url: Set(fields.webhook_url),
+        locale: Set(fields.locale),
+        timezone: Set(fields.timezone),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    match customer::Entity::insert(row).exec_with_returning(db).await {
+        Ok(model) => Ok(Some(model)),
+        Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Replaces a customer's contacts, name, locale and time zone. `Ok(None)` when there is no such
+/// customer.
+pub async fn update(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    fields: CustomerFields,
+) -> Result<Option<customer::Model>, RepoError> {
+    let Some(found) = find_by_external_id(db, external_id).await? else {
+        return Ok(None);
+    };
+    let mut row: customer::ActiveModel = found.into();
+    row.name = Set(fields.name);
+    row.email = Set(fields.email);
+    row.phone = Set(fields.phone);
+    row.telegram_chat_id = Set(fields.telegram_chat_id);
+    row.push_tokens = Set(serde_json::json!(fields.push_tokens));
+    row.webhook_url = Set(fields.webhook_url);
+    row.locale = Set(fields.locale);
+    row.timezone = Set(fields.timezone);
+    row.updated_at = Set(chrono::Utc::now());
+    Ok(Some(row.update(db).await?))
+}
+
+/// A stored customer's push tokens (an unreadable column reads as none).
+pub fn push_tokens(customer: &customer::Model) -> Vec<String> {
+    serde_json::from_value(customer.push_tokens.clone()).unwrap_or_default()
 }

@@ -1,7 +1,16 @@
 //! Queries, one module per table.
 
+pub mod api_keys;
+pub mod batches;
 pub mod customers;
+pub mod dead_letters;
+pub mod history;
 pub mod notifications;
+pub mod orders;
+pub mod outbox;
+pub mod preferences;
+pub mod receipts;
+pub mod schedule;
 pub mod status_batch;
 
 use sea_orm::DbErr;

@@ -104,6 +104,7 @@ fn active(new: NewNotification) -> notification::ActiveModel {
         created_at: Set(new.created_at),
         updated_at: Set(new.created_at),
         sent_at: Set(None),
+        batch_id: Set(None),
     }
 }
 

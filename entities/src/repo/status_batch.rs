@@ -93,9 +93,9 @@ pub async fn apply(
             .exec_without_returning(&txn)
             .await?;
     }
-    for (shape, at, ids) in plan(changes) {
-        for chunk in ids.chunks(INSERT_CHUNK) {
-            shape.update(at, chunk).exec(&txn).await?;
+    for group in plan(changes) {
+        for chunk in group.ids.chunks(INSERT_CHUNK) {
+            group.shape.update(group.at, chunk).exec(&txn).await?;
         }
     }
     txn.commit().await?;
@@ -149,20 +149,31 @@ impl Shape {
     }
 }
 
+/// One UPDATE: a shape applied to several notifications.
+#[derive(Debug)]
+struct UpdateGroup {
+    /// Which of its notifications' changes this is (0 = first in the batch).
+    round: usize,
+    shape: Shape,
+    /// The latest change time in the group.
+    at: DateTime<Utc>,
+    ids: Vec<Uuid>,
+}
+
 /// Turns a batch of changes into few UPDATEs without changing the outcome:
 /// - a `processing` change followed in the same batch by another change of the same notification
 ///   is dropped (the later one overwrites it anyway);
 /// - the remaining changes are grouped by round (a notification's first, second, … change in the
 ///   batch, so each notification's changes still apply in order) and by shape; a group's time is
 ///   its latest change's.
-fn plan(changes: &[StatusChange]) -> Vec<(Shape, DateTime<Utc>, Vec<Uuid>)> {
+fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
     use std::collections::HashMap;
     let mut last_index: HashMap<Uuid, usize> = HashMap::new();
     for (i, change) in changes.iter().enumerate() {
         last_index.insert(change.id, i);
     }
     let mut round_of: HashMap<Uuid, usize> = HashMap::new();
-    let mut groups: Vec<((usize, Shape), DateTime<Utc>, Vec<Uuid>)> = Vec::new();
+    let mut groups: Vec<UpdateGroup> = Vec::new();
     let mut index_of: HashMap<(usize, Shape), usize> = HashMap::new();
     for (i, change) in changes.iter().enumerate() {
         let superseded = change.status == NotificationStatus::Processing
@@ -175,21 +186,22 @@ fn plan(changes: &[StatusChange]) -> Vec<(Shape, DateTime<Utc>, Vec<Uuid>)> {
         *round += 1;
         match index_of.get(&key) {
             Some(&g) => {
-                let group = &mut groups[g];
-                group.1 = group.1.max(change.at);
-                group.2.push(change.id);
+                groups[g].at = groups[g].at.max(change.at);
+                groups[g].ids.push(change.id);
             }
             None => {
                 index_of.insert(key.clone(), groups.len());
-                groups.push((key, change.at, vec![change.id]));
+                groups.push(UpdateGroup {
+                    round: key.0,
+                    shape: key.1,
+                    at: change.at,
+                    ids: vec![change.id],
+                });
             }
         }
     }
-    groups.sort_by_key(|((round, _), _, _)| *round);
+    groups.sort_by_key(|group| group.round);
     groups
-        .into_iter()
-        .map(|((_, shape), at, ids)| (shape, at, ids))
-        .collect()
 }
 
 #[cfg(test)]
@@ -211,8 +223,8 @@ mod tests {
         ];
         let plan = plan(&changes);
         assert_eq!(plan.len(), 1, "{plan:?}");
-        assert_eq!(plan[0].0.status, NotificationStatus::Sent);
-        assert_eq!(plan[0].2, vec![a, b]);
+        assert_eq!(plan[0].shape.status, NotificationStatus::Sent);
+        assert_eq!(plan[0].ids, vec![a, b]);
     }
 
     #[test]
@@ -227,7 +239,7 @@ mod tests {
         ];
         let plan = plan(&changes);
         assert_eq!(plan.len(), 3);
-        let position = |status| plan.iter().position(|p| p.0.status == status).unwrap();
+        let position = |status| plan.iter().position(|p| p.shape.status == status).unwrap();
         assert!(position(NotificationStatus::Sent) < position(NotificationStatus::Delivered));
     }
 
@@ -236,6 +248,6 @@ mod tests {
         let a = Uuid::now_v7();
         let plan = plan(&[change(a, NotificationStatus::Processing)]);
         assert_eq!(plan.len(), 1);
-        assert_eq!(plan[0].0.status, NotificationStatus::Processing);
+        assert_eq!(plan[0].shape.status, NotificationStatus::Processing);
     }
 }

@@ -1,0 +1,99 @@
+//! What a delivery holds until its outcome is written and acknowledged: an in-flight permit (the
+//! dispatcher's bound on concurrent work) and a claim on its notification id.
+//!
+//! The claim keeps a second copy of the same command out while the first is being worked on: after
+//! a NATS restart, JetStream redelivers messages whose processing is still under way here, and
+//! without the claim both copies would pass the status check (`processing` is not final) and send.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
+
+/// Notification ids being delivered by this process.
+#[derive(Clone, Default)]
+pub struct InFlight {
+    ids: Arc<Mutex<HashSet<Uuid>>>,
+}
+
+impl InFlight {
+    /// Claims `id`; `None` when another delivery of it is under way.
+    pub fn claim(&self, id: Uuid) -> Option<Claim> {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.insert(id).then(|| Claim {
+            id,
+            ids: self.ids.clone(),
+        })
+    }
+
+    /// How many notifications are being delivered.
+    pub fn len(&self) -> usize {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A claim on one notification id, released when dropped.
+pub struct Claim {
+    id: Uuid,
+    ids: Arc<Mutex<HashSet<Uuid>>>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// The permit and, once the command is decoded, the claim; both released together.
+pub struct Lease {
+    _permit: OwnedSemaphorePermit,
+    claim: Option<Claim>,
+}
+
+impl Lease {
+    /// A lease holding only the permit.
+    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            _permit: permit,
+            claim: None,
+        }
+    }
+
+    /// Adds the claim on the notification.
+    pub fn with_claim(mut self, claim: Claim) -> Self {
+        self.claim = Some(claim);
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_claim_waits_for_the_first_to_be_dropped() {
+        let in_flight = InFlight::default();
+        let id = Uuid::now_v7();
+        let first = in_flight.claim(id).expect("first claim");
+        assert!(
+            in_flight.claim(id).is_none(),
+            "a copy is refused while in flight"
+        );
+        assert!(
+            in_flight.claim(Uuid::now_v7()).is_some(),
+            "other ids are free"
+        );
+        drop(first);
+        assert!(in_flight.claim(id).is_some(), "released with the first");
+        assert!(in_flight.is_empty());
+    }
+}

@@ -1,0 +1,176 @@
+//! The recipient's wishes and limits, applied by the Dispatcher before it walks the chain:
+//! preferences (opt-outs), quiet hours, and the per-user rate limit.
+//!
+//! The decisions themselves are pure ([`preferences`], [`quiet_hours`], [`token_bucket`]); this
+//! module loads what they need and combines them into a [`Gate`].
+
+pub mod preferences;
+pub mod quiet_hours;
+pub mod token_bucket;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use herald_entities::repo;
+use herald_nats::{Category, Channel, SendCommand};
+use sea_orm::DatabaseConnection;
+
+use crate::rate_limit::{CategoryLimit, Verdict, actor::Acquire, supervisor};
+use crate::slot::ActorSlot;
+use preferences::{PreferenceSet, is_critical};
+use quiet_hours::QuietHours;
+
+/// The wall clock; injectable so tests can stand anywhere in time.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// What the policy needs.
+pub struct PolicyContext {
+    /// The rate limiter registry.
+    pub rate_limiter: ActorSlot<supervisor::RateLimiterSupervisorMsg>,
+    /// Limits by category (to word the reasons).
+    pub limits: Arc<HashMap<Category, CategoryLimit>>,
+    /// How long to wait for the rate limiter.
+    pub ask_timeout: Duration,
+    /// Wall clock (quiet hours).
+    pub clock: Clock,
+}
+
+/// What to do with a notification before walking its chain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// Walk the chain, skipping the channels opted out of.
+    Go {
+        /// Channels of the chain the customer opted out of.
+        opted_out: Vec<Channel>,
+    },
+    /// Do not send: status `skipped` with the reason.
+    Skip {
+        /// Why, in words (starts with `opted_out` or `rate_limited`).
+        reason: String,
+        /// Channels opted out of (recorded as attempts).
+        opted_out: Vec<Channel>,
+    },
+    /// Not now: NAK with this delay; status stays `processing` with the reason.
+    Defer {
+        /// How long to hold it.
+        delay: Duration,
+        /// Why, in words (starts with `deferred:`).
+        reason: String,
+    },
+}
+
+/// The key a recipient's rate limit is kept under: the customer id, else the first contact.
+pub fn recipient_key(command: &SendCommand) -> Option<String> {
+    let c = &command.contacts;
+    command
+        .customer_id
+        .clone()
+        .or_else(|| c.email.clone())
+        .or_else(|| c.phone.clone())
+        .or_else(|| c.telegram_chat_id.clone())
+        .or_else(|| c.push_tokens.first().cloned())
+        .or_else(|| c.webhook_url.clone())
+}
+
+/// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
+/// by quiet hours does not spend a token). `Err` when the database cannot be read.
+pub async fn gate(
+    ctx: &PolicyContext,
+    db: &DatabaseConnection,
+    command: &SendCommand,
+) -> Result<Gate, String> {
+    let critical = is_critical(command.category);
+    let wishes = match &command.customer_id {
+        Some(customer) => repo::preferences::load(db, customer)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => repo::preferences::Wishes::default(),
+    };
+    let opted_out = PreferenceSet::from_rows(&wishes.preferences)
+        .opted_out(command.category, &command.channels);
+    if !command.channels.is_empty() && opted_out.len() == command.channels.len() {
+        let names: Vec<&str> = opted_out.iter().map(|c| c.as_str()).collect();
+        return Ok(Gate::Skip {
+            reason: format!(
+                "opted_out: the customer opted out of {} on every channel of the chain ({})",
+                command.category.as_str(),
+                names.join(", ")
+            ),
+            opted_out,
+        });
+    }
+    if !critical && let Some(quiet) = &wishes.quiet_hours {
+        match QuietHours::parse(&quiet.starts, &quiet.ends, &quiet.timezone) {
+            Ok(window) => {
+                let now = (ctx.clock)();
+                if let Some(end) = window.ends_after(now) {
+                    let delay = (end - now).to_std().unwrap_or_default();
+                    return Ok(Gate::Defer {
+                        delay: delay.max(Duration::from_millis(50)),
+                        reason: format!(
+                            "deferred: quiet hours until {}",
+                            end.to_rfc3339_opts(SecondsFormat::Secs, true)
+                        ),
+                    });
+                }
+            }
+            Err(err) => {
+                tracing::warn!(customer = ?command.customer_id, error = %err, "unreadable quiet hours ignored")
+            }
+        }
+    }
+    if critical || !ctx.limits.contains_key(&command.category) {
+        return Ok(Gate::Go { opted_out });
+    }
+    let Some(user) = recipient_key(command) else {
+        return Ok(Gate::Go { opted_out });
+    };
+    let request = Acquire {
+        category: command.category,
+        notification_id: command.notification_id,
+    };
+    let verdict = match ctx.rate_limiter.get() {
+        Some(limiter) => supervisor::ask(&limiter, &user, request, ctx.ask_timeout).await,
+        None => None,
+    };
+    let limit = ctx.limits.get(&command.category);
+    let words = |limit: Option<&CategoryLimit>| {
+        limit.map_or_else(String::new, |l| {
+            format!(
+                "{} limit of {} per {} s",
+                command.category.as_str(),
+                l.capacity,
+                l.per_secs
+            )
+        })
+    };
+    Ok(match verdict {
+        Some(Verdict::Allow) => Gate::Go { opted_out },
+        Some(Verdict::Drop) => Gate::Skip {
+            reason: format!("rate_limited: {} reached", words(limit)),
+            opted_out: Vec::new(),
+        },
+        Some(Verdict::Defer(delay)) => {
+            let until = (ctx.clock)() + chrono::Duration::from_std(delay).unwrap_or_default();
+            Gate::Defer {
+                delay: delay.max(Duration::from_millis(50)),
+                reason: format!(
+                    "deferred: rate limited ({} reached) until {}",
+                    words(limit),
+                    until.to_rfc3339_opts(SecondsFormat::Secs, true)
+                ),
+            }
+        }
+        None => Gate::Defer {
+            delay: Duration::from_secs(1),
+            reason: "deferred: the rate limiter did not answer in time".into(),
+        },
+    })
+}

@@ -1,0 +1,169 @@
+//! `RateLimiterActor`: one user's token buckets, one per limited category.
+//!
+//! It answers each request at once from memory (no I/O). A notification that was allowed once is
+//! allowed again without a token (a retry after a transient failure is the same send). When idle
+//! with every bucket full, it tells its supervisor, which stops it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_nats::Category;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use uuid::Uuid;
+
+use super::supervisor::RateLimiterSupervisorMsg;
+use super::{CategoryLimit, Verdict};
+use crate::policy::token_bucket::TokenBucket;
+
+/// Notifications remembered as allowed, per user.
+const REMEMBERED_GRANTS: usize = 16;
+
+/// A request for a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquire {
+    /// The notification's category.
+    pub category: Category,
+    /// The notification.
+    pub notification_id: Uuid,
+}
+
+/// Messages of the [`RateLimiterActor`].
+pub enum RateLimiterMsg {
+    /// May this notification go now?
+    Acquire(Acquire, RpcReplyPort<Verdict>),
+    /// Time to check for idleness (internal).
+    IdleCheck,
+    /// Panic on purpose (fault injection in tests).
+    Crash,
+}
+
+/// A monotonic clock; injectable for tests.
+pub type MonotonicClock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
+/// Arguments of the [`RateLimiterActor`].
+#[derive(Clone)]
+pub struct RateLimiterArgs {
+    /// The user.
+    pub user: String,
+    /// Limits by category.
+    pub limits: Arc<HashMap<Category, CategoryLimit>>,
+    /// Idle time after which the actor offers to stop.
+    pub idle_after: Duration,
+    /// The supervisor, told when the actor is idle.
+    pub supervisor: ActorRef<RateLimiterSupervisorMsg>,
+    /// Clock.
+    pub clock: MonotonicClock,
+}
+
+/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category.
+pub struct RateLimiterState {
+    args: RateLimiterArgs,
+    buckets: Vec<(Category, TokenBucket)>,
+    granted: VecDeque<Uuid>,
+    handled: u64,
+    last_used: Instant,
+}
+
+/// One user's rate limiter.
+pub struct RateLimiterActor;
+
+impl Actor for RateLimiterActor {
+    type Msg = RateLimiterMsg;
+    type State = RateLimiterState;
+    type Arguments = RateLimiterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: RateLimiterArgs,
+    ) -> Result<RateLimiterState, ActorProcessingErr> {
+        myself.send_after(args.idle_after, || RateLimiterMsg::IdleCheck);
+        let now = (args.clock)();
+        Ok(RateLimiterState {
+            args,
+            buckets: Vec::new(),
+            granted: VecDeque::new(),
+            handled: 0,
+            last_used: now,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: RateLimiterMsg,
+        state: &mut RateLimiterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RateLimiterMsg::Acquire(request, reply) => {
+                state.handled += 1;
+                let now = (state.args.clock)();
+                state.last_used = now;
+                let _ = reply.send(state.decide(request, now));
+            }
+            RateLimiterMsg::IdleCheck => {
+                let now = (state.args.clock)();
+                if state.is_idle(now) {
+                    let _ = state.args.supervisor.cast(RateLimiterSupervisorMsg::Idle {
+                        user: state.args.user.clone(),
+                        actor: myself.get_id(),
+                        handled: state.handled,
+                    });
+                }
+                myself.send_after(state.args.idle_after, || RateLimiterMsg::IdleCheck);
+            }
+            RateLimiterMsg::Crash => panic!("fault injected into a rate limiter"),
+        }
+        Ok(())
+    }
+}
+
+impl RateLimiterState {
+    fn decide(&mut self, request: Acquire, now: Instant) -> Verdict {
+        let Some(limit) = self.args.limits.get(&request.category).copied() else {
+            return Verdict::Allow;
+        };
+        if self.granted.contains(&request.notification_id) {
+            return Verdict::Allow;
+        }
+        let spec = limit.spec();
+        let bucket = match self
+            .buckets
+            .iter_mut()
+            .find(|(c, _)| *c == request.category)
+        {
+            Some((_, bucket)) => bucket,
+            None => {
+                self.buckets
+                    .push((request.category, TokenBucket::full(&spec, now)));
+                &mut self.buckets.last_mut().expect("just pushed").1
+            }
+        };
+        match bucket.take(&spec, now) {
+            Ok(()) => {
+                if self.granted.len() == REMEMBERED_GRANTS {
+                    self.granted.pop_front();
+                }
+                self.granted.push_back(request.notification_id);
+                Verdict::Allow
+            }
+            Err(wait) => match limit.policy {
+                super::OverLimit::Defer => Verdict::Defer(wait),
+                super::OverLimit::Drop => Verdict::Drop,
+            },
+        }
+    }
+
+    fn is_idle(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last_used) < self.args.idle_after {
+            return false;
+        }
+        let limits = self.args.limits.clone();
+        self.buckets.iter_mut().all(|(category, bucket)| {
+            limits
+                .get(category)
+                .is_none_or(|limit| bucket.is_full(&limit.spec(), now))
+        })
+    }
+}

@@ -1,0 +1,123 @@
+//! Per-user rate limiting: a [`supervisor::RateLimiterSupervisor`] owns one
+//! [`actor::RateLimiterActor`] per active user, each holding a token bucket per limited category.
+//!
+//! Actors are spawned on first use and stopped once idle with full buckets (a stopped actor then
+//! loses nothing: a new one starts full). The registry is bounded: at `max_users` the least
+//! recently used actor is evicted, losing its partly drained buckets (counted in
+//! `herald_rate_limiter_evictions_total`).
+
+pub mod actor;
+pub mod supervisor;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald_nats::Category;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::token_bucket::BucketSpec;
+
+/// What to do with a notification over its category's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverLimit {
+    /// Hold it until a token is free (NAK with that delay).
+    Defer,
+    /// Do not send it: status `skipped`, reason `rate_limited`.
+    Drop,
+}
+
+/// The limit of one category: `capacity` notifications per `per_secs` seconds per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CategoryLimit {
+    /// Notifications allowed per period (and the burst); 0 turns the limit off.
+    pub capacity: u32,
+    /// The period in seconds.
+    pub per_secs: u64,
+    /// Over the limit: `defer` or `drop`.
+    pub policy: OverLimit,
+}
+
+impl CategoryLimit {
+    /// The bucket shape.
+    pub fn spec(&self) -> BucketSpec {
+        BucketSpec {
+            capacity: self.capacity,
+            period: Duration::from_secs(self.per_secs.max(1)),
+        }
+    }
+}
+
+/// The default limits by category name: marketing 3 a day (dropped over the limit), transactional
+/// 30 a minute (deferred over the limit). Security and account are not limited.
+pub fn default_limits() -> HashMap<String, CategoryLimit> {
+    HashMap::from([
+        (
+            "marketing".to_string(),
+            CategoryLimit {
+                capacity: 3,
+                per_secs: 86_400,
+                policy: OverLimit::Drop,
+            },
+        ),
+        (
+            "transactional".to_string(),
+            CategoryLimit {
+                capacity: 30,
+                per_secs: 60,
+                policy: OverLimit::Defer,
+            },
+        ),
+    ])
+}
+
+/// Reads limits keyed by category name; a capacity of 0 means unlimited.
+pub fn parse_limits(
+    by_name: &HashMap<String, CategoryLimit>,
+) -> Result<HashMap<Category, CategoryLimit>, String> {
+    let mut limits = HashMap::new();
+    for (name, limit) in by_name {
+        let category = Category::parse(name)
+            .ok_or_else(|| format!("rate_limits: unknown category {name:?}"))?;
+        if limit.per_secs == 0 {
+            return Err(format!("rate_limits.{name}.per_secs must be at least 1"));
+        }
+        if limit.capacity > 0 {
+            limits.insert(category, *limit);
+        }
+    }
+    Ok(limits)
+}
+
+/// Registry and timing settings of the rate limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RateLimiterSettings {
+    /// Seconds without use after which a user's actor with full buckets stops.
+    pub idle_secs: u64,
+    /// Most user actors alive at once; beyond, the least recently used is evicted.
+    pub max_users: usize,
+    /// How long a delivery waits for the limiter's answer, in milliseconds.
+    pub ask_timeout_ms: u64,
+}
+
+impl Default for RateLimiterSettings {
+    fn default() -> Self {
+        Self {
+            idle_secs: 300,
+            max_users: 200_000,
+            ask_timeout_ms: 2_000,
+        }
+    }
+}
+
+/// A user actor's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send now (a token was taken, or the category is not limited).
+    Allow,
+    /// Over the limit, policy `defer`: a token is free after this long.
+    Defer(Duration),
+    /// Over the limit, policy `drop`.
+    Drop,
+}

@@ -1,0 +1,370 @@
+//! `Router`: turns domain events into notifications. Pulls `events.>` from the `herald-router`
+//! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
+//!
+//! decode (malformed, unknown version or type ⇒ dead letter) → matching [`rules`](crate::rules) →
+//! for each rule: load the customer (unknown ⇒ dead letter) → render the template in the
+//! customer's locale (render error ⇒ dead letter) → store the notification under an id derived
+//! from event id and rule (a second delivery of the event finds it) → publish its send command →
+//! ack. A database or NATS failure NAKs with backoff; nothing is acked before it is stored and
+//! published, and nothing is notified twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acker};
+use bytes::Bytes;
+use chrono::Utc;
+use herald_entities::{
+    NotificationStatus, customer, notification,
+    repo::{
+        self,
+        notifications::{Inserted, NewNotification},
+    },
+};
+use herald_nats::{
+    Category, Channel, Contacts, Content, DomainEvent, Publisher, SCHEMA_VERSION, SendCommand,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::retry::RetryPolicy;
+use crate::rules::{self, Rule};
+use crate::templates::{self, variables};
+
+/// Largest event accepted.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// The dead-letter source of events: `notify.dlq.events`.
+pub const DLQ_SOURCE: &str = "events";
+
+/// Messages of the [`Router`].
+pub enum RouterMsg {
+    /// Route this event (from the pull loop).
+    Route(Box<jetstream::Message>, OwnedSemaphorePermit),
+    /// Panic on purpose, to exercise supervision (fault injection in tests).
+    Crash,
+}
+
+/// What routing needs; shared by all routing tasks.
+pub struct RouterContext {
+    /// Database pool (customers, notifications).
+    pub db: DatabaseConnection,
+    /// Publisher (send commands, dead letters).
+    pub publisher: Publisher,
+    /// The rules in force.
+    pub rules: Vec<Rule>,
+    /// Chain per category for rules that name none.
+    pub default_chains: HashMap<Category, Vec<Channel>>,
+    /// Backoff when the database or NATS fails.
+    pub retry: RetryPolicy,
+}
+
+/// Arguments of the [`Router`].
+#[derive(Clone)]
+pub struct RouterArgs {
+    /// The `herald-router` consumer.
+    pub consumer: PullConsumer,
+    /// What routing needs.
+    pub context: Arc<RouterContext>,
+    /// In-flight bound.
+    pub in_flight: Arc<Semaphore>,
+    /// Cancelled when the engine stops taking messages.
+    pub intake: CancellationToken,
+}
+
+/// State of the [`Router`].
+pub struct RouterState {
+    context: Arc<RouterContext>,
+    pull: JoinHandle<()>,
+    /// Cancels the pull loop when the state is dropped (also on a panic, when ractor runs no
+    /// `post_stop`), so no loop outlives its router.
+    _stop: DropGuard,
+}
+
+/// The router.
+pub struct Router;
+
+impl Actor for Router {
+    type Msg = RouterMsg;
+    type State = RouterState;
+    type Arguments = RouterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RouterMsg>,
+        args: RouterArgs,
+    ) -> Result<RouterState, ActorProcessingErr> {
+        let stop = args.intake.child_token();
+        let pull = tokio::spawn(crate::pull::pull_loop(
+            args.consumer,
+            args.in_flight,
+            stop.clone(),
+            "events",
+            move |message, permit| match myself.cast(RouterMsg::Route(message, permit)) {
+                Ok(()) => Ok(()),
+                Err(ractor::MessagingErr::SendErr(RouterMsg::Route(message, _))) => Err(message),
+                // Any other failure lost the message inside ractor; JetStream redelivers it.
+                Err(_) => Ok(()),
+            },
+        ));
+        Ok(RouterState {
+            context: args.context,
+            pull,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        message: RouterMsg,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RouterMsg::Route(message, permit) => {
+                tokio::spawn(route(state.context.clone(), *message, permit));
+            }
+            RouterMsg::Crash => panic!("fault injected into router"),
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<RouterMsg>,
+        state: &mut RouterState,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut state.pull).await;
+        Ok(())
+    }
+}
+
+/// Why one rule did not produce its notification.
+enum Failure {
+    /// Will not work however often it is tried: dead-letter with this reason.
+    DeadLetter(String),
+    /// May work later (database or NATS down): NAK with backoff.
+    Retry(String),
+}
+
+/// Routes one event message end to end; the permit is held until it is acked or NAKed.
+pub async fn route(
+    ctx: Arc<RouterContext>,
+    message: jetstream::Message,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (delivered, sequence) = message
+        .info()
+        .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
+        .unwrap_or((1, 0));
+    let (message, acker) = message.split();
+    let poison = |reason: String| Poison {
+        payload: message.payload.clone(),
+        subject: message.subject.to_string(),
+        delivered,
+        reason,
+        msg_id: format!("event-poison:{sequence}"),
+    };
+    if message.payload.len() > MAX_EVENT_BYTES {
+        let reason = format!(
+            "oversized event: {} bytes (limit {MAX_EVENT_BYTES})",
+            message.payload.len()
+        );
+        return dead_letter_and_ack(&ctx, poison(reason), acker).await;
+    }
+    let event = match DomainEvent::decode(&message.payload) {
+        Ok(event) => event,
+        Err(err) => return dead_letter_and_ack(&ctx, poison(err.to_string()), acker).await,
+    };
+    let data = event.data.to_json();
+    let matched = rules::matching(&ctx.rules, event.event_type(), &data);
+    if matched.is_empty() {
+        metrics::counter!("herald_events_total", "outcome" => "unrouted").increment(1);
+        let _ = acker.ack().await;
+        return;
+    }
+    for rule in matched {
+        match notify(&ctx, &event, &data, rule).await {
+            Ok(()) => {
+                metrics::counter!("herald_events_total", "outcome" => "notified").increment(1);
+            }
+            Err(Failure::DeadLetter(reason)) => {
+                let letter = Poison {
+                    reason: format!("rule {}: {reason}", rule.name),
+                    msg_id: format!("{}:{}:dead", event.id, rule.name),
+                    ..poison(String::new())
+                };
+                if !dead_letter(&ctx, letter).await {
+                    return nak(&ctx, acker, delivered).await;
+                }
+            }
+            Err(Failure::Retry(reason)) => {
+                tracing::warn!(event = %event.id, rule = %rule.name, %reason, "cannot route yet; retrying");
+                return nak(&ctx, acker, delivered).await;
+            }
+        }
+    }
+    let _ = acker.ack().await;
+}
+
+/// Makes (or finds) the notification `rule` derives from `event` and publishes its command.
+async fn notify(
+    ctx: &RouterContext,
+    event: &DomainEvent,
+    data: &serde_json::Value,
+    rule: &Rule,
+) -> Result<(), Failure> {
+    let retry = |e: &dyn std::fmt::Display| Failure::Retry(e.to_string());
+    let id = rule.notification_id(event.id);
+    // A redelivered or re-published event: the notification exists, only its command may be
+    // missing (a crash between storing and publishing).
+    if let Some(existing) = repo::notifications::find(&ctx.db, id)
+        .await
+        .map_err(|e| retry(&e))?
+    {
+        return publish_if_queued(ctx, &existing).await;
+    }
+    let customer_id = rule.recipient_in(data).ok_or_else(|| {
+        Failure::DeadLetter(format!(
+            "the event has no recipient field `{}`",
+            rule.recipient
+        ))
+    })?;
+    let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
+        .await
+        .map_err(|e| retry(&e))?
+        .ok_or_else(|| Failure::DeadLetter(format!("unknown customer {customer_id:?}")))?;
+    let vars = variables::from_event(event, &customer);
+    let (content, _) = templates::render(&rule.template, &customer.locale, &vars)
+        .map_err(|e| Failure::DeadLetter(e.to_string()))?;
+    let row = new_notification(ctx, event, rule, &customer, content);
+    match repo::notifications::insert(&ctx.db, row)
+        .await
+        .map_err(|e| retry(&e))?
+    {
+        Inserted::New(stored) | Inserted::Duplicate(stored) => {
+            publish_if_queued(ctx, &stored).await
+        }
+    }
+}
+
+/// The notification row for `rule` and `event`, addressed to `customer`.
+fn new_notification(
+    ctx: &RouterContext,
+    event: &DomainEvent,
+    rule: &Rule,
+    customer: &customer::Model,
+    content: Content,
+) -> NewNotification {
+    let channels = rule
+        .channels
+        .clone()
+        .or_else(|| ctx.default_chains.get(&rule.category).cloned())
+        .unwrap_or_else(|| vec![Channel::Email]);
+    NewNotification {
+        id: rule.notification_id(event.id),
+        // The event and rule are the idempotency key, like a caller's request id.
+        request_id: Some(format!("event:{}:{}", event.id, rule.name)),
+        customer_id: Some(customer.external_id.clone()),
+        recipient_key: customer.external_id.clone(),
+        contacts: serde_json::json!({}),
+        category: rule.category.as_str().into(),
+        channels: serde_json::json!(channels),
+        content: serde_json::to_value(&content).unwrap_or_default(),
+        status: NotificationStatus::Queued,
+        scheduled_at: None,
+        created_at: Utc::now(),
+    }
+}
+
+/// Publishes the stored notification's command unless it is already past `queued` (then a
+/// dispatcher has it). JetStream's `Nats-Msg-Id` de-duplication and the dispatcher's status check
+/// make a second publish harmless.
+async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Result<(), Failure> {
+    if row.status != NotificationStatus::Queued {
+        return Ok(());
+    }
+    let command = command_from_row(row).map_err(Failure::DeadLetter)?;
+    ctx.publisher
+        .publish_command(&row.recipient_key, &command)
+        .await
+        .map_err(|e| Failure::Retry(e.to_string()))
+}
+
+/// The send command of a stored notification.
+fn command_from_row(row: &notification::Model) -> Result<SendCommand, String> {
+    let contacts: Contacts = column(row, "contacts", &row.contacts)?;
+    let channels: Vec<Channel> = column(row, "channels", &row.channels)?;
+    let content: Content = column(row, "content", &row.content)?;
+    let category = Category::parse(&row.category)
+        .ok_or_else(|| format!("notification {}: bad category {:?}", row.id, row.category))?;
+    Ok(SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        customer_id: row.customer_id.clone(),
+        contacts,
+        category,
+        channels,
+        content,
+        created_at: row.created_at,
+    })
+}
+
+fn column<T: serde::de::DeserializeOwned>(
+    row: &notification::Model,
+    name: &str,
+    value: &serde_json::Value,
+) -> Result<T, String> {
+    serde_json::from_value(value.clone())
+        .map_err(|e| format!("notification {}: bad {name}: {e}", row.id))
+}
+
+/// A message to dead-letter.
+struct Poison {
+    payload: Bytes,
+    subject: String,
+    delivered: u64,
+    reason: String,
+    msg_id: String,
+}
+
+/// Copies the message to the dead-letter stream; `false` when that failed.
+async fn dead_letter(ctx: &RouterContext, letter: Poison) -> bool {
+    tracing::warn!(subject = %letter.subject, reason = %letter.reason, "event dead-lettered");
+    metrics::counter!("herald_events_total", "outcome" => "dead_letter").increment(1);
+    match ctx
+        .publisher
+        .publish_dead_letter(
+            DLQ_SOURCE,
+            &letter.subject,
+            letter.delivered,
+            &letter.reason,
+            letter.payload,
+            &letter.msg_id,
+        )
+        .await
+    {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot dead-letter an event; retrying later");
+            false
+        }
+    }
+}
+
+async fn dead_letter_and_ack(ctx: &RouterContext, letter: Poison, acker: Acker) {
+    let delivered = letter.delivered;
+    if dead_letter(ctx, letter).await {
+        let _ = acker.ack().await;
+    } else {
+        nak(ctx, acker, delivered).await;
+    }
+}
+
+async fn nak(ctx: &RouterContext, acker: Acker, delivered: u64) {
+    let delay = ctx.retry.delay(delivered, None, rand::random());
+    let _ = acker.ack_with(AckKind::Nak(Some(delay))).await;
+}

@@ -1,0 +1,453 @@
+//! `Scheduler`: turns stored intentions into commands, so they survive restarts.
+//!
+//! Each round (every `poll_interval_ms`, one at a time, run as a task so the mailbox never waits
+//! on the database or NATS):
+//! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
+//!    instances never both take one), publishes their commands rebuilt from the row, then clears
+//!    the claim mark; a failed publish gives the claim back. Claims left unconfirmed by an
+//!    instance that stopped mid-way are published again after `stale_claim_secs`
+//!    (`Nats-Msg-Id` de-duplication drops the copy if the first one did go out);
+//! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
+//!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
+//!    left alone) and published, then the batch's cursor advances — a page redone after a restart
+//!    duplicates nothing;
+//! 3. deletes final notifications older than `retention_days` (0 keeps everything), at most every
+//!    `retention_interval_secs`.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use herald_entities::{
+    NotificationStatus, notification,
+    repo::{
+        self,
+        batches::CustomerFilter,
+        status_batch::{self, StatusChange},
+    },
+};
+use herald_nats::{
+    Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand,
+    batch::{BatchSpec, BatchTarget, batch_notification_id},
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sea_orm::{ActiveValue::Set, DatabaseConnection};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use uuid::Uuid;
+
+use crate::policy::Clock;
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SchedulerSettings {
+    /// Pause between rounds, in milliseconds.
+    pub poll_interval_ms: u64,
+    /// Scheduled notifications claimed per round at most.
+    pub claim_limit: u64,
+    /// Seconds after which an unconfirmed claim is published again.
+    pub stale_claim_secs: u64,
+    /// Recipients per bulk page.
+    pub bulk_page_size: u64,
+    /// Longest a round spends on bulk pages, in milliseconds (then the next round goes on).
+    pub bulk_round_ms: u64,
+    /// Seconds a bulk lease lasts; renewed with every page.
+    pub bulk_lease_secs: u64,
+    /// Days final notifications and their attempts are kept; 0 keeps them forever.
+    pub retention_days: u32,
+    /// Seconds between two clean-ups.
+    pub retention_interval_secs: u64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval_ms: 1_000,
+            claim_limit: 500,
+            stale_claim_secs: 30,
+            bulk_page_size: 500,
+            bulk_round_ms: 5_000,
+            bulk_lease_secs: 60,
+            retention_days: 0,
+            retention_interval_secs: 3_600,
+        }
+    }
+}
+
+/// Messages of the [`Scheduler`].
+pub enum SchedulerMsg {
+    /// Time for a round (internal).
+    Tick,
+    /// A round finished (internal).
+    RoundDone,
+    /// Run a round now and reply when it is done (tests, operations).
+    RunNow(RpcReplyPort<()>),
+}
+
+/// Arguments of the [`Scheduler`].
+#[derive(Clone)]
+pub struct SchedulerArgs {
+    /// Database pool.
+    pub db: DatabaseConnection,
+    /// Publisher of commands.
+    pub publisher: Publisher,
+    /// Settings.
+    pub settings: SchedulerSettings,
+    /// Wall clock (what is due).
+    pub clock: Clock,
+}
+
+/// State of the [`Scheduler`].
+pub struct SchedulerState {
+    args: SchedulerArgs,
+    running: bool,
+    waiters: Vec<RpcReplyPort<()>>,
+    last_retention: Option<Instant>,
+    stop: CancellationToken,
+    /// Cancels a running round if the actor dies.
+    _guard: DropGuard,
+}
+
+/// The scheduler.
+pub struct Scheduler;
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SchedulerArgs,
+    ) -> Result<SchedulerState, ActorProcessingErr> {
+        let _ = myself.cast(SchedulerMsg::Tick);
+        let stop = CancellationToken::new();
+        Ok(SchedulerState {
+            args,
+            running: false,
+            waiters: Vec::new(),
+            last_retention: None,
+            _guard: stop.clone().drop_guard(),
+            stop,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: SchedulerMsg,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SchedulerMsg::Tick => start_round(&myself, state),
+            SchedulerMsg::RunNow(reply) => {
+                state.waiters.push(reply);
+                start_round(&myself, state);
+            }
+            SchedulerMsg::RoundDone => {
+                state.running = false;
+                for waiter in state.waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+                let interval = Duration::from_millis(state.args.settings.poll_interval_ms.max(10));
+                myself.send_after(interval, || SchedulerMsg::Tick);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn start_round(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
+    if state.running {
+        return;
+    }
+    state.running = true;
+    let settings = state.args.settings;
+    let retention = settings.retention_days > 0
+        && state
+            .last_retention
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(settings.retention_interval_secs));
+    if retention {
+        state.last_retention = Some(Instant::now());
+    }
+    let args = state.args.clone();
+    let stop = state.stop.clone();
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = round(&args, retention) => {}
+        }
+        let _ = myself.cast(SchedulerMsg::RoundDone);
+    });
+}
+
+async fn round(args: &SchedulerArgs, retention: bool) {
+    if let Err(err) = release_due(args).await {
+        tracing::warn!(error = %err, "scheduler: releasing due notifications failed");
+    }
+    if let Err(err) = fan_out(args).await {
+        tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
+    }
+    if retention && let Err(err) = purge(args).await {
+        tracing::warn!(error = %err, "scheduler: retention clean-up failed");
+    }
+}
+
+async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
+    let now = (args.clock)();
+    let mut rows = repo::schedule::claim_due(&args.db, now, args.settings.claim_limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stale_before = now - chrono::Duration::seconds(args.settings.stale_claim_secs as i64);
+    rows.extend(
+        repo::schedule::stale_claims(&args.db, stale_before, args.settings.claim_limit)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut unreadable = Vec::new();
+    let mut commands = Vec::new();
+    for row in &rows {
+        match command_from_row(row) {
+            Ok(command) => commands.push((row.recipient_key.clone(), command)),
+            Err(reason) => unreadable.push(StatusChange {
+                reason: Some(format!("scheduled notification unreadable: {reason}")),
+                error: Some(reason),
+                ..StatusChange::to(row.id, NotificationStatus::Failed)
+            }),
+        }
+    }
+    if !unreadable.is_empty() {
+        status_batch::apply(&args.db, &unreadable, &[])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let (published, failed) = publish_all(&args.publisher, &commands).await;
+    metrics::counter!("herald_scheduled_released_total").increment(published.len() as u64);
+    repo::schedule::confirm_published(&args.db, &published)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !failed.is_empty() {
+        tracing::warn!(
+            failed = failed.len(),
+            "scheduler: could not publish; will retry"
+        );
+        repo::schedule::unclaim(&args.db, &failed)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Publishes commands concurrently (acks pipelined); returns the ids published and those not.
+async fn publish_all(
+    publisher: &Publisher,
+    commands: &[(String, SendCommand)],
+) -> (Vec<Uuid>, Vec<Uuid>) {
+    let results = futures::future::join_all(
+        commands
+            .iter()
+            .map(|(key, command)| publisher.publish_command(key, command)),
+    )
+    .await;
+    let mut published = Vec::new();
+    let mut failed = Vec::new();
+    for ((_, command), result) in commands.iter().zip(results) {
+        match result {
+            Ok(()) => published.push(command.notification_id),
+            Err(_) => failed.push(command.notification_id),
+        }
+    }
+    (published, failed)
+}
+
+/// Rebuilds the send command of a stored notification.
+pub fn command_from_row(row: &notification::Model) -> Result<SendCommand, String> {
+    let category = Category::parse(&row.category)
+        .ok_or_else(|| format!("unknown category {:?}", row.category))?;
+    let channels: Vec<Channel> =
+        serde_json::from_value(row.channels.clone()).map_err(|e| format!("channels: {e}"))?;
+    let contacts: Contacts =
+        serde_json::from_value(row.contacts.clone()).map_err(|e| format!("contacts: {e}"))?;
+    let content: Content =
+        serde_json::from_value(row.content.clone()).map_err(|e| format!("content: {e}"))?;
+    Ok(SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        customer_id: row.customer_id.clone(),
+        contacts,
+        category,
+        channels,
+        content,
+        created_at: row.created_at,
+    })
+}
+
+async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
+    let started = Instant::now();
+    let budget = Duration::from_millis(args.settings.bulk_round_ms);
+    let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
+    let now = (args.clock)();
+    let Some(mut batch) = repo::batches::lease_next(&args.db, now, now + lease)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    let spec: BatchSpec = match serde_json::from_value(batch.spec.clone()) {
+        Ok(spec) => spec,
+        Err(err) => {
+            let reason = format!("unreadable batch: {err}");
+            repo::batches::fail(&args.db, batch.id, &reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Err(reason);
+        }
+    };
+    loop {
+        let (page, cursor) = next_page(args, &spec, batch.cursor.as_deref()).await?;
+        let done = (page.len() as u64) < args.settings.bulk_page_size.max(1);
+        let created_at = Utc::now();
+        let mut rows = Vec::with_capacity(page.len());
+        let mut commands = Vec::with_capacity(page.len());
+        for (key, customer_id, contacts) in page {
+            let command = SendCommand {
+                v: SCHEMA_VERSION,
+                notification_id: batch_notification_id(batch.id, &key),
+                customer_id,
+                contacts,
+                category: spec.category,
+                channels: spec.channels.clone(),
+                content: spec.content.clone(),
+                created_at,
+            };
+            rows.push(row_for(&command, &key, batch.id));
+            commands.push((key, command));
+        }
+        repo::batches::insert_notifications(&args.db, rows)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (published, failed) = publish_all(&args.publisher, &commands).await;
+        if !failed.is_empty() {
+            // The page is redone on the next round; ids make that harmless.
+            return Err(format!(
+                "batch {}: {} commands not published",
+                batch.id,
+                failed.len()
+            ));
+        }
+        let count = batch.published + published.len() as i64;
+        let now = (args.clock)();
+        let cursor = cursor.unwrap_or_else(|| batch.cursor.clone().unwrap_or_default());
+        repo::batches::advance(&args.db, batch.id, &cursor, count, done, now + lease)
+            .await
+            .map_err(|e| e.to_string())?;
+        metrics::counter!("herald_bulk_published_total").increment(published.len() as u64);
+        batch.published = count;
+        batch.cursor = Some(cursor);
+        if done {
+            tracing::info!(batch = %batch.id, published = count, "bulk fan-out finished");
+            return Ok(());
+        }
+        if started.elapsed() >= budget {
+            // Let the next round (here or on another instance) go on at once.
+            return repo::batches::release(&args.db, batch.id)
+                .await
+                .map_err(|e| e.to_string());
+        }
+    }
+}
+
+type PageEntry = (String, Option<String>, Contacts);
+
+/// The recipients after `cursor`, and the cursor after them (`None` for an empty page).
+async fn next_page(
+    args: &SchedulerArgs,
+    spec: &BatchSpec,
+    cursor: Option<&str>,
+) -> Result<(Vec<PageEntry>, Option<String>), String> {
+    let size = args.settings.bulk_page_size.max(1);
+    match &spec.target {
+        BatchTarget::Recipients { recipients } => {
+            let from: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
+            let to = (from + size as usize).min(recipients.len());
+            let page = recipients
+                .get(from..to)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| (r.key.clone(), r.customer_id.clone(), r.contacts.clone()))
+                .collect();
+            Ok((page, Some(to.to_string())))
+        }
+        BatchTarget::Filter {
+            locale,
+            external_id_prefix,
+        } => {
+            let filter = CustomerFilter {
+                locale: locale.clone(),
+                external_id_prefix: external_id_prefix.clone(),
+            };
+            let customers = repo::batches::customers_page(&args.db, &filter, cursor, size)
+                .await
+                .map_err(|e| e.to_string())?;
+            let next = customers.last().map(|c| c.external_id.clone());
+            let page = customers
+                .into_iter()
+                .map(|c| {
+                    (
+                        c.external_id.clone(),
+                        Some(c.external_id),
+                        Contacts::default(),
+                    )
+                })
+                .collect();
+            Ok((page, next))
+        }
+    }
+}
+
+fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::ActiveModel {
+    notification::ActiveModel {
+        id: Set(command.notification_id),
+        request_id: Set(None),
+        customer_id: Set(command.customer_id.clone()),
+        recipient_key: Set(key.to_string()),
+        contacts: Set(serde_json::to_value(&command.contacts).unwrap_or_default()),
+        category: Set(command.category.as_str().to_string()),
+        channels: Set(serde_json::to_value(&command.channels).unwrap_or_default()),
+        content: Set(serde_json::to_value(&command.content).unwrap_or_default()),
+        status: Set(NotificationStatus::Queued),
+        status_reason: Set(None),
+        scheduled_at: Set(None),
+        final_channel: Set(None),
+        attempts: Set(0),
+        error: Set(None),
+        created_at: Set(command.created_at),
+        updated_at: Set(command.created_at),
+        sent_at: Set(None),
+        batch_id: Set(Some(batch_id)),
+    }
+}
+
+async fn purge(args: &SchedulerArgs) -> Result<(), String> {
+    let cutoff = (args.clock)() - chrono::Duration::days(i64::from(args.settings.retention_days));
+    let mut total = 0u64;
+    for _ in 0..100 {
+        let removed = repo::schedule::purge_before(&args.db, cutoff, 1_000)
+            .await
+            .map_err(|e| e.to_string())?;
+        total += removed;
+        if removed < 1_000 {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(removed = total, %cutoff, "retention: removed old notifications");
+        metrics::counter!("herald_retention_removed_total").increment(total);
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The variables a domain event offers its templates: the event's data in display form, plus the
+//! customer's name. Money is formatted from minor units; times in the customer's time zone.
+
+use chrono::{DateTime, Utc};
+use herald_entities::customer;
+use herald_nats::{DomainEvent, EventData};
+use serde_json::{Map, Value, json};
+
+/// Currencies without minor units (ISO 4217 exponent 0).
+const ZERO_DECIMAL: [&str; 8] = ["JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"];
+
+/// `4200, "EUR"` → `42.00 EUR`; `-5, "EUR"` → `-0.05 EUR`; `1200, "JPY"` → `1200 JPY`.
+pub fn format_money(minor: i64, currency: &str) -> String {
+    if ZERO_DECIMAL.contains(&currency) {
+        return format!("{minor} {currency}");
+    }
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", abs / 100, abs % 100)
+}
+
+/// `occurred_at` in the customer's time zone (UTC when unknown), e.g. `2026-11-22 14:05 CET`.
+pub fn format_time(at: DateTime<Utc>, timezone: &str) -> String {
+    match timezone.parse::<chrono_tz::Tz>() {
+        Ok(tz) => at
+            .with_timezone(&tz)
+            .format("%Y-%m-%d %H:%M %Z")
+            .to_string(),
+        Err(_) => at.format("%Y-%m-%d %H:%M UTC").to_string(),
+    }
+}
+
+/// The variables for rendering `event`'s notifications to `customer`.
+pub fn from_event(event: &DomainEvent, customer: &customer::Model) -> Map<String, Value> {
+    let mut vars = Map::new();
+    vars.insert("customer_id".into(), json!(customer.external_id));
+    if let Some(name) = &customer.name {
+        vars.insert("customer_name".into(), json!(name));
+    }
+    vars.insert("event_id".into(), json!(event.id));
+    vars.insert(
+        "occurred_at".into(),
+        json!(format_time(event.occurred_at, &customer.timezone)),
+    );
+    let data = match &event.data {
+        EventData::OrderCreated(d) => json!({
+            "order_number": d.order_number,
+            "total": format_money(d.total_minor, &d.currency),
+            "items": d.items.iter().map(|i| json!({
+                "name": i.name,
+                "quantity": i.quantity,
+                "price": format_money(i.unit_price_minor.saturating_mul(i64::from(i.quantity)), &d.currency),
+            })).collect::<Vec<_>>(),
+        }),
+        EventData::OrderStatusChanged(d) => json!({
+            "order_number": d.order_number,
+            "status": d.status.as_str(),
+            "tracking_number": d.tracking_number,
+            "delivery_estimate": d.delivery_estimate.map(|e| e.format("%Y-%m-%d").to_string()),
+            "review_url": d.review_url,
+            "reason": d.reason,
+        }),
+        EventData::CustomerCreated(d) => json!({ "name": d.name }),
+        EventData::LoginAlert(d) => json!({
+            "ip": d.ip,
+            "location": d.location,
+            "device": d.device,
+        }),
+        EventData::MarketingCampaign(d) => json!({
+            "campaign_id": d.campaign_id,
+            "headline": d.headline,
+            "body": d.body,
+            "url": d.url,
+        }),
+    };
+    if let Value::Object(data) = data {
+        vars.extend(data.into_iter().filter(|(_, v)| !v.is_null()));
+    }
+    vars
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_formatted_from_minor_units() {
+        assert_eq!(format_money(4200, "EUR"), "42.00 EUR");
+        assert_eq!(format_money(5, "USD"), "0.05 USD");
+        assert_eq!(format_money(-1999, "EUR"), "-19.99 EUR");
+        assert_eq!(format_money(1200, "JPY"), "1200 JPY");
+    }
+
+    #[test]
+    fn times_are_shown_in_the_customer_zone() {
+        let at = "2026-11-22T13:05:00Z".parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(format_time(at, "Europe/Berlin"), "2026-11-22 14:05 CET");
+        assert_eq!(format_time(at, "Nowhere/Else"), "2026-11-22 13:05 UTC");
+    }
+}

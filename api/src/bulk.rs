@@ -1,0 +1,282 @@
+//! `/api/v1/notifications/bulk` and `/api/v1/batches/{id}`: one message to many recipients.
+//!
+//! The API only validates and stores the batch (202 with its id); the Scheduler fans it out page
+//! by page, so a 100k-recipient batch neither blocks the request nor sits in memory. Each
+//! recipient's notification id is derived from the batch id and the recipient, so a fan-out
+//! redone after a restart sends nobody anything twice.
+
+use chrono::{DateTime, Utc};
+use herald_entities::repo::{self, batches::CustomerFilter};
+use herald_nats::{
+    Category, Channel, SCHEMA_VERSION,
+    batch::{BatchRecipient, BatchSpec, BatchTarget},
+};
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
+use uuid::Uuid;
+
+use crate::{
+    ApiError, AppState,
+    auth::{ReadKey, SendKey},
+    notifications::{
+        ApiCategory, ApiChannel, MessageContent, Recipient, dedup, validate_content,
+        validate_recipient,
+    },
+};
+
+/// Most recipients listed in one request (use a filter beyond).
+const MAX_LISTED: usize = 10_000;
+
+#[derive(Tags)]
+enum BulkTags {
+    /// Bulk sends and their progress.
+    Bulk,
+}
+
+/// Customers to send to: every stored customer matching all the given conditions.
+#[derive(Debug, Clone, Object)]
+pub struct CustomerFilterBody {
+    /// Only customers with this locale, e.g. `de`.
+    pub locale: Option<String>,
+    /// Only customers whose external id starts with this.
+    pub external_id_prefix: Option<String>,
+}
+
+/// One message to many recipients: give `recipients` or `filter`, not both.
+#[derive(Debug, Clone, Object)]
+pub struct BulkRequest {
+    /// The recipients (at most 10 000; repeated ones get one notification).
+    pub recipients: Option<Vec<Recipient>>,
+    /// Or: the stored customers matching this filter.
+    pub filter: Option<CustomerFilterBody>,
+    /// What it is about.
+    pub category: ApiCategory,
+    /// Channels to try in order; the category's default chain when absent.
+    pub channels: Option<Vec<ApiChannel>>,
+    /// The message.
+    pub content: MessageContent,
+}
+
+/// The answer to an accepted bulk send.
+#[derive(Debug, Clone, Object)]
+pub struct BatchAccepted {
+    /// The batch's id, for `GET /api/v1/batches/{id}`.
+    pub batch_id: Uuid,
+    /// `pending`.
+    pub status: String,
+    /// Recipients in the batch (for a filter: those matching now).
+    pub total: i64,
+}
+
+/// How many of a batch's notifications are in a status.
+#[derive(Debug, Clone, Object)]
+pub struct BatchStatusCount {
+    /// The status.
+    pub status: String,
+    /// How many.
+    pub count: i64,
+}
+
+/// A batch's progress.
+#[derive(Debug, Clone, Object)]
+#[oai(skip_serializing_if_is_none)]
+pub struct BatchView {
+    /// Id.
+    pub id: Uuid,
+    /// `pending`, `running` (fanning out), `done` (every notification created and queued) or
+    /// `failed`.
+    pub status: String,
+    /// Recipients in the batch.
+    pub total: i64,
+    /// Notifications created and queued so far.
+    pub published: i64,
+    /// The notifications by status.
+    pub counts: Vec<BatchStatusCount>,
+    /// Why the batch failed.
+    pub error: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Bulk endpoints.
+pub struct BulkApi {
+    state: AppState,
+}
+
+impl BulkApi {
+    /// The endpoints over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "BulkTags::Bulk")]
+impl BulkApi {
+    /// Send one message to many recipients.
+    ///
+    /// Answers 202 with a batch id at once; the notifications are created and queued in the
+    /// background. Follow the batch with `GET /api/v1/batches/{id}`.
+    #[oai(path = "/notifications/bulk", method = "post")]
+    async fn bulk(
+        &self,
+        _auth: SendKey,
+        body: Json<BulkRequest>,
+    ) -> Result<BulkResponse, ApiError> {
+        let request = body.0;
+        let category: Category = request.category.into();
+        let channels: Vec<Channel> = match request.channels {
+            Some(list) if list.is_empty() => {
+                return Err(ApiError::invalid("channels", "channels must not be empty"));
+            }
+            Some(list) => dedup(list.into_iter().map(Channel::from)),
+            None => self
+                .state
+                .default_chains
+                .get(&category)
+                .cloned()
+                .unwrap_or_else(|| vec![Channel::Email]),
+        };
+        let content = validate_content(request.content)?;
+        let (target, total) = match (request.recipients, request.filter) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ApiError::invalid(
+                    "recipients",
+                    "give either recipients or filter",
+                ));
+            }
+            (Some(list), None) => {
+                let recipients = listed(list)?;
+                let total = recipients.len() as i64;
+                (BatchTarget::Recipients { recipients }, total)
+            }
+            (None, Some(filter)) => {
+                let filter = CustomerFilter {
+                    locale: non_empty(filter.locale),
+                    external_id_prefix: non_empty(filter.external_id_prefix),
+                };
+                let total = repo::batches::count_customers(&self.state.db, &filter).await?;
+                (
+                    BatchTarget::Filter {
+                        locale: filter.locale,
+                        external_id_prefix: filter.external_id_prefix,
+                    },
+                    total,
+                )
+            }
+        };
+        let spec = BatchSpec {
+            v: SCHEMA_VERSION,
+            category,
+            channels,
+            content,
+            target,
+        };
+        let spec = serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?;
+        let batch = repo::batches::create(&self.state.db, Uuid::now_v7(), spec, total).await?;
+        metrics::counter!("herald_batches_accepted_total").increment(1);
+        Ok(BulkResponse::Accepted(Json(BatchAccepted {
+            batch_id: batch.id,
+            status: batch.status,
+            total: batch.total,
+        })))
+    }
+
+    /// A batch's progress: fan-out and the notifications by status.
+    #[oai(path = "/batches/:id", method = "get")]
+    async fn batch(&self, _auth: ReadKey, id: Path<Uuid>) -> Result<Json<BatchView>, ApiError> {
+        let Some(batch) = repo::batches::find(&self.state.db, id.0).await? else {
+            return Err(ApiError::not_found(format!("no batch {}", id.0)));
+        };
+        let mut counts: Vec<BatchStatusCount> = repo::batches::status_counts(&self.state.db, id.0)
+            .await?
+            .into_iter()
+            .map(|(status, count)| BatchStatusCount {
+                status: status.as_str().to_string(),
+                count,
+            })
+            .collect();
+        counts.sort_by(|a, b| a.status.cmp(&b.status));
+        Ok(Json(BatchView {
+            id: batch.id,
+            status: batch.status,
+            total: batch.total,
+            published: batch.published,
+            counts,
+            error: batch.error,
+            created_at: batch.created_at,
+            updated_at: batch.updated_at,
+        }))
+    }
+}
+
+/// Responses of `POST /api/v1/notifications/bulk`.
+#[derive(ApiResponse)]
+pub enum BulkResponse {
+    /// Accepted: the batch is stored and will be fanned out.
+    #[oai(status = 202)]
+    Accepted(Json<BatchAccepted>),
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Validates listed recipients; repeated recipients (same key) are kept once.
+fn listed(list: Vec<Recipient>) -> Result<Vec<BatchRecipient>, ApiError> {
+    if list.is_empty() || list.len() > MAX_LISTED {
+        return Err(ApiError::invalid(
+            "recipients",
+            format!("give 1 to {MAX_LISTED} recipients, or a filter"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut recipients = Vec::with_capacity(list.len());
+    for (index, recipient) in list.iter().enumerate() {
+        let contacts = validate_recipient(recipient).map_err(|err| renamed(err, index))?;
+        let customer_id = non_empty(recipient.customer_id.clone());
+        let key = customer_id
+            .clone()
+            .or_else(|| contacts.email.clone())
+            .or_else(|| contacts.phone.clone())
+            .or_else(|| contacts.telegram_chat_id.clone())
+            .or_else(|| contacts.push_tokens.first().cloned())
+            .or_else(|| contacts.webhook_url.clone())
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    &format!("recipients[{index}]"),
+                    "name a customer_id or give at least one contact",
+                )
+            })?;
+        if key.len() > 200 {
+            return Err(ApiError::invalid(
+                &format!("recipients[{index}]"),
+                "customer_id must be at most 200 characters",
+            ));
+        }
+        if seen.insert(key.clone()) {
+            recipients.push(BatchRecipient {
+                key,
+                customer_id,
+                contacts,
+            });
+        }
+    }
+    Ok(recipients)
+}
+
+/// Points a recipient error at its place in the list (`recipient.email` → `recipients[3].email`).
+fn renamed(err: ApiError, index: usize) -> ApiError {
+    match err {
+        ApiError::BadRequest(mut body) => {
+            body.0.field = body
+                .0
+                .field
+                .map(|f| f.replacen("recipient", &format!("recipients[{index}]"), 1));
+            ApiError::BadRequest(body)
+        }
+        other => other,
+    }
+}

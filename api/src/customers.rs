@@ -1,0 +1,286 @@
+//! `/api/v1/customers`: the recipients Herald knows — create, read and replace one, by the
+//! producer's own id.
+
+use chrono::{DateTime, Utc};
+use herald_entities::{
+    customer,
+    repo::customers::{self as repo, CustomerFields},
+};
+use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
+
+use crate::{
+    ApiError, AppState,
+    auth::{ReadKey, SendKey},
+    validate::{self, RawContacts},
+};
+
+/// Locale when none is given.
+const DEFAULT_LOCALE: &str = "en";
+/// Time zone when none is given.
+const DEFAULT_TIMEZONE: &str = "UTC";
+/// Longest display name.
+const MAX_NAME: usize = 200;
+
+#[derive(Tags)]
+enum CustomerTags {
+    /// Recipients: contacts, locale and time zone.
+    Customers,
+}
+
+/// A new customer.
+#[derive(Debug, Clone, Object)]
+pub struct CreateCustomer {
+    /// Your id for the customer (1 to 200 characters, no `/`); events and notifications name the
+    /// customer by it.
+    pub id: String,
+    /// Display name, used in greetings.
+    pub name: Option<String>,
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number in E.164 form (`+4915112345678`).
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: Option<String>,
+    /// Push device tokens.
+    #[oai(default)]
+    pub push_tokens: Vec<String>,
+    /// URL for signed webhooks.
+    pub webhook_url: Option<String>,
+    /// Language tag for templates (`en`, `de-DE`); `en` when absent.
+    pub locale: Option<String>,
+    /// IANA time zone for quiet hours (`Europe/Berlin`); `UTC` when absent.
+    pub timezone: Option<String>,
+}
+
+/// A customer's record as a whole; `PUT` replaces the stored one (absent contacts are removed).
+#[derive(Debug, Clone, Object)]
+pub struct UpdateCustomer {
+    /// Display name.
+    pub name: Option<String>,
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number in E.164 form.
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: Option<String>,
+    /// Push device tokens.
+    #[oai(default)]
+    pub push_tokens: Vec<String>,
+    /// URL for signed webhooks.
+    pub webhook_url: Option<String>,
+    /// Language tag; `en` when absent.
+    pub locale: Option<String>,
+    /// IANA time zone; `UTC` when absent.
+    pub timezone: Option<String>,
+}
+
+/// A stored customer.
+#[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
+pub struct CustomerView {
+    /// Your id for the customer.
+    pub id: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number.
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: Option<String>,
+    /// Push device tokens.
+    pub push_tokens: Vec<String>,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
+    /// Language tag.
+    pub locale: String,
+    /// IANA time zone.
+    pub timezone: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Responses of `POST /api/v1/customers`.
+#[derive(ApiResponse)]
+pub enum CreatedCustomer {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Json<CustomerView>),
+}
+
+/// Customer endpoints.
+pub struct CustomersApi {
+    state: AppState,
+}
+
+impl CustomersApi {
+    /// The endpoints over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "CustomerTags::Customers")]
+impl CustomersApi {
+    /// Create a customer (scope `send`).
+    ///
+    /// 409 `conflict` when a customer with this id exists already; use `PUT` to change it.
+    #[oai(path = "/customers", method = "post")]
+    async fn create(
+        &self,
+        _auth: SendKey,
+        body: Json<CreateCustomer>,
+    ) -> Result<CreatedCustomer, ApiError> {
+        let body = body.0;
+        let id = validate::external_id("id", &body.id)?;
+        let fields = fields(&UpdateCustomer {
+            name: body.name,
+            email: body.email,
+            phone: body.phone,
+            telegram_chat_id: body.telegram_chat_id,
+            push_tokens: body.push_tokens,
+            webhook_url: body.webhook_url,
+            locale: body.locale,
+            timezone: body.timezone,
+        })?;
+        match repo::create(&self.state.db, &id, fields).await? {
+            Some(row) => Ok(CreatedCustomer::Created(Json(view(row)))),
+            None => Err(ApiError::conflict(format!(
+                "customer {id:?} exists already; use PUT /api/v1/customers/{id} to change it"
+            ))),
+        }
+    }
+
+    /// Read a customer (scope `read`).
+    #[oai(path = "/customers/:id", method = "get")]
+    async fn get(&self, _auth: ReadKey, id: Path<String>) -> Result<Json<CustomerView>, ApiError> {
+        match repo::find_by_external_id(&self.state.db, &id.0).await? {
+            Some(row) => Ok(Json(view(row))),
+            None => Err(not_found(&id.0)),
+        }
+    }
+
+    /// Replace a customer's contacts, name, locale and time zone (scope `send`).
+    #[oai(path = "/customers/:id", method = "put")]
+    async fn update(
+        &self,
+        _auth: SendKey,
+        id: Path<String>,
+        body: Json<UpdateCustomer>,
+    ) -> Result<Json<CustomerView>, ApiError> {
+        let fields = fields(&body.0)?;
+        match repo::update(&self.state.db, &id.0, fields).await? {
+            Some(row) => Ok(Json(view(row))),
+            None => Err(not_found(&id.0)),
+        }
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("no customer {id:?}"))
+}
+
+/// Checks a request's fields and fills the defaults.
+fn fields(body: &UpdateCustomer) -> Result<CustomerFields, ApiError> {
+    let contacts = validate::contacts(
+        "",
+        RawContacts {
+            email: &body.email,
+            phone: &body.phone,
+            telegram_chat_id: &body.telegram_chat_id,
+            push_tokens: &body.push_tokens,
+            webhook_url: &body.webhook_url,
+        },
+    )?;
+    let name = body
+        .name
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    if name
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > MAX_NAME || n.contains(['\r', '\n']))
+    {
+        return Err(ApiError::invalid(
+            "name",
+            format!("name must be one line of at most {MAX_NAME} characters"),
+        ));
+    }
+    let locale = validate::locale("locale", body.locale.as_deref().unwrap_or(DEFAULT_LOCALE))?;
+    let timezone = validate::timezone(
+        "timezone",
+        body.timezone.as_deref().unwrap_or(DEFAULT_TIMEZONE),
+    )?;
+    Ok(CustomerFields {
+        name,
+        email: contacts.email,
+        phone: contacts.phone,
+        telegram_chat_id: contacts.telegram_chat_id,
+        push_tokens: contacts.push_tokens,
+        webhook_url: contacts.webhook_url,
+        locale,
+        timezone,
+    })
+}
+
+fn view(row: customer::Model) -> CustomerView {
+    CustomerView {
+        push_tokens: repo::push_tokens(&row),
+        id: row.external_id,
+        name: row.name,
+        email: row.email,
+        phone: row.phone,
+        telegram_chat_id: row.telegram_chat_id,
+        webhook_url: row.webhook_url,
+        locale: row.locale,
+        timezone: row.timezone,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> UpdateCustomer {
+        UpdateCustomer {
+            name: Some(" Ada ".into()),
+            email: Some("ada@example.com".into()),
+            phone: None,
+            telegram_chat_id: None,
+            push_tokens: vec![],
+            webhook_url: None,
+            locale: None,
+            timezone: None,
+        }
+    }
+
+    #[test]
+    fn defaults_and_trimming() {
+        let f = fields(&body()).unwrap();
+        assert_eq!(f.name.as_deref(), Some("Ada"));
+        assert_eq!((f.locale.as_str(), f.timezone.as_str()), ("en", "UTC"));
+    }
+
+    #[test]
+    fn bad_time_zone_and_locale_name_their_field() {
+        let field = |b: UpdateCustomer| match fields(&b) {
+            Err(ApiError::BadRequest(e)) => e.0.field,
+            _ => None,
+        };
+        let mut bad = body();
+        bad.timezone = Some("Europe/Atlantis".into());
+        assert_eq!(field(bad).as_deref(), Some("timezone"));
+        let mut bad = body();
+        bad.locale = Some("german".into());
+        assert_eq!(field(bad).as_deref(), Some("locale"));
+        let mut bad = body();
+        bad.email = Some("nope".into());
+        assert_eq!(field(bad).as_deref(), Some("email"));
+    }
+}

@@ -1,0 +1,328 @@
+//! `/api/v1/dlq`: the dead-letter stream — list entries with their reasons, replay one, or replay
+//! every entry matching a filter.
+//!
+//! A replay puts the notification back to `queued` (the only way out of `dead`), republishes the
+//! original command on its partition under a new `Nats-Msg-Id` (`<id>:replay:<seq>`, so
+//! JetStream's de-duplication neither drops it nor lets a concurrent replay of the same entry
+//! through twice) and deletes the entry. If the publish fails the notification goes back to
+//! `dead` and the entry stays.
+
+use chrono::{DateTime, Utc};
+use herald_entities::repo::{dead_letters, notifications};
+use herald_nats::{DeadLetter, DeadLetters, SendCommand};
+use poem_openapi::{
+    Object, OpenApi, Tags,
+    param::{Path, Query},
+    payload::Json,
+};
+use uuid::Uuid;
+
+use crate::{
+    ApiError, AppState,
+    auth::{AdminKey, ReadKey},
+    notifications::ApiChannel,
+};
+
+/// Entries listed when no limit is asked for.
+const DEFAULT_LIMIT: u32 = 50;
+/// Largest page of entries.
+const MAX_LIMIT: u32 = 500;
+/// Most entries a filtered replay handles in one call.
+const MAX_REPLAY: u32 = 1_000;
+/// Most entries looked at per call while filtering.
+const MAX_SCAN: usize = 10_000;
+
+#[derive(Tags)]
+enum DlqTags {
+    /// Dead letters: list and replay.
+    DeadLetters,
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
+pub struct DeadLetterView {
+    /// Sequence number in `NOTIFY_DLQ`; replay it with `POST /api/v1/dlq/{seq}/replay`.
+    pub seq: u64,
+    /// The dead-letter subject (`notify.dlq.cmd` for send commands).
+    pub subject: String,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    /// The subject the message was first published on.
+    pub original_subject: Option<String>,
+    /// Deliveries before it was given up.
+    pub deliveries: Option<u64>,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+    /// The notification, when the message is a readable send command.
+    pub notification_id: Option<Uuid>,
+    /// Its category.
+    pub category: Option<String>,
+    /// Its channel chain.
+    pub channels: Vec<String>,
+    /// Its customer.
+    pub customer_id: Option<String>,
+    /// Whether it can be replayed (a readable send command).
+    pub replayable: bool,
+}
+
+/// A page of dead letters, oldest first.
+#[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
+pub struct DeadLetterPage {
+    /// Entries.
+    pub items: Vec<DeadLetterView>,
+    /// Pass as `after_seq` for the next page; absent when the stream has no more.
+    pub next_after_seq: Option<u64>,
+}
+
+/// The result of replaying one entry.
+#[derive(Debug, Clone, Object)]
+pub struct Replayed {
+    /// The entry's sequence number (now deleted).
+    pub seq: u64,
+    /// The notification, `queued` again.
+    pub notification_id: Uuid,
+    /// Its status now.
+    pub status: String,
+}
+
+/// Which entries to replay; filters combine with AND.
+#[derive(Debug, Clone, Object)]
+pub struct ReplayFilter {
+    /// Only commands whose chain includes this channel.
+    pub channel: Option<ApiChannel>,
+    /// Dead-lettered at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Dead-lettered before.
+    pub to: Option<DateTime<Utc>>,
+    /// At most this many (1 to 1000, default 100).
+    #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
+    pub limit: Option<u32>,
+}
+
+/// An entry a filtered replay left alone.
+#[derive(Debug, Clone, Object)]
+pub struct ReplaySkipped {
+    /// Sequence number.
+    pub seq: u64,
+    /// Why.
+    pub reason: String,
+}
+
+/// The result of a filtered replay.
+#[derive(Debug, Clone, Object)]
+pub struct ReplayReport {
+    /// Entries replayed.
+    pub replayed: Vec<Replayed>,
+    /// Matching entries left in the stream, with the reason.
+    pub skipped: Vec<ReplaySkipped>,
+}
+
+/// Dead-letter endpoints.
+pub struct DlqApi {
+    state: AppState,
+}
+
+impl DlqApi {
+    /// The endpoints over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "DlqTags::DeadLetters")]
+impl DlqApi {
+    /// List dead letters, oldest first, with the reason each was given up (scope `read`).
+    #[oai(path = "/dlq", method = "get")]
+    async fn list(
+        &self,
+        _auth: ReadKey,
+        /// Start after this sequence number (`next_after_seq` of the previous page).
+        after_seq: Query<Option<u64>>,
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+        /// Only commands whose chain includes this channel.
+        channel: Query<Option<ApiChannel>>,
+        /// Dead-lettered at or after (RFC 3339).
+        from: Query<Option<DateTime<Utc>>>,
+        /// Dead-lettered before (RFC 3339).
+        to: Query<Option<DateTime<Utc>>>,
+    ) -> Result<Json<DeadLetterPage>, ApiError> {
+        let limit = limit.0.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as usize;
+        let filter = EntryFilter {
+            channel: channel.0,
+            from: from.0,
+            to: to.0,
+        };
+        let start = after_seq.0.unwrap_or(0).saturating_add(1);
+        let (letters, next) = self
+            .stream()
+            .await?
+            .page(start, limit, MAX_SCAN, |l| filter.matches(l))
+            .await
+            .map_err(unavailable)?;
+        let next_after_seq = next.map(|n| n.saturating_sub(1));
+        Ok(Json(DeadLetterPage {
+            items: letters.iter().map(view).collect(),
+            next_after_seq,
+        }))
+    }
+
+    /// Replay one dead letter (scope `admin`): the notification goes back to `queued`, its
+    /// original command is published again, and the entry is deleted. 404: no such entry; 409:
+    /// not a replayable send command, or its notification is no longer `dead`.
+    #[oai(path = "/dlq/:seq/replay", method = "post")]
+    async fn replay(&self, _auth: AdminKey, seq: Path<u64>) -> Result<Json<Replayed>, ApiError> {
+        let stream = self.stream().await?;
+        let Some(letter) = stream.get(seq.0).await.map_err(unavailable)? else {
+            return Err(ApiError::not_found(format!("no dead letter {}", seq.0)));
+        };
+        match self.replay_letter(&stream, &letter).await? {
+            Ok(replayed) => Ok(Json(replayed)),
+            Err(why) => Err(ApiError::conflict(why)),
+        }
+    }
+
+    /// Replay every dead letter matching a filter (scope `admin`), oldest first, at most `limit`.
+    #[oai(path = "/dlq/replay", method = "post")]
+    async fn replay_matching(
+        &self,
+        _auth: AdminKey,
+        body: Json<ReplayFilter>,
+    ) -> Result<Json<ReplayReport>, ApiError> {
+        let limit = body.0.limit.unwrap_or(100).clamp(1, MAX_REPLAY) as usize;
+        let filter = EntryFilter {
+            channel: body.0.channel,
+            from: body.0.from,
+            to: body.0.to,
+        };
+        let stream = self.stream().await?;
+        let (letters, _) = stream
+            .page(1, limit, MAX_SCAN, |l| filter.matches(l))
+            .await
+            .map_err(unavailable)?;
+        let mut report = ReplayReport {
+            replayed: Vec::new(),
+            skipped: Vec::new(),
+        };
+        for letter in &letters {
+            match self.replay_letter(&stream, letter).await? {
+                Ok(replayed) => report.replayed.push(replayed),
+                Err(reason) => report.skipped.push(ReplaySkipped {
+                    seq: letter.seq,
+                    reason,
+                }),
+            }
+        }
+        Ok(Json(report))
+    }
+}
+
+impl DlqApi {
+    async fn stream(&self) -> Result<DeadLetters, ApiError> {
+        DeadLetters::open(self.state.publisher.jetstream())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Replays one entry: `Ok(Err(why))` when it cannot be replayed.
+    async fn replay_letter(
+        &self,
+        stream: &DeadLetters,
+        letter: &DeadLetter,
+    ) -> Result<Result<Replayed, String>, ApiError> {
+        let command = match SendCommand::decode(&letter.payload) {
+            Ok(command) => command,
+            Err(err) => return Ok(Err(format!("not a replayable send command: {err}"))),
+        };
+        let id = command.notification_id;
+        let Some(row) = notifications::find(&self.state.db, id).await? else {
+            return Ok(Err(format!("notification {id} is not stored")));
+        };
+        let reason = format!("replayed from dead letter {}", letter.seq);
+        if !dead_letters::requeue_dead(&self.state.db, id, &reason).await? {
+            return Ok(Err(format!(
+                "notification {id} is {}, not dead",
+                row.status.as_str()
+            )));
+        }
+        let msg_id = format!("{id}:replay:{}", letter.seq);
+        if let Err(err) = self
+            .state
+            .publisher
+            .republish_command(&row.recipient_key, letter.payload.clone(), &msg_id)
+            .await
+        {
+            tracing::warn!(%id, error = %err, "cannot republish a dead letter");
+            let back = row.status_reason.as_deref().unwrap_or("dead");
+            dead_letters::return_to_dead(&self.state.db, id, back).await?;
+            return Err(unavailable(err));
+        }
+        if let Err(err) = stream.delete(letter.seq).await {
+            // Replayed all the same; the stale entry's notification is no longer dead, so a
+            // second replay of it is refused.
+            tracing::warn!(%id, seq = letter.seq, error = %err, "cannot delete a replayed dead letter");
+        }
+        metrics::counter!("herald_dlq_replayed_total").increment(1);
+        Ok(Ok(Replayed {
+            seq: letter.seq,
+            notification_id: id,
+            status: "queued".into(),
+        }))
+    }
+}
+
+struct EntryFilter {
+    channel: Option<ApiChannel>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+impl EntryFilter {
+    fn matches(&self, letter: &DeadLetter) -> bool {
+        if self.from.is_some_and(|from| letter.at < from)
+            || self.to.is_some_and(|to| letter.at >= to)
+        {
+            return false;
+        }
+        match self.channel {
+            None => true,
+            Some(channel) => SendCommand::decode(&letter.payload)
+                .is_ok_and(|c| c.channels.contains(&channel.into())),
+        }
+    }
+}
+
+fn view(letter: &DeadLetter) -> DeadLetterView {
+    let command = SendCommand::decode(&letter.payload).ok();
+    DeadLetterView {
+        seq: letter.seq,
+        subject: letter.subject.clone(),
+        reason: letter.reason.clone(),
+        original_subject: letter.original_subject.clone(),
+        deliveries: letter.deliveries,
+        dead_at: letter.at,
+        notification_id: command.as_ref().map(|c| c.notification_id),
+        category: command.as_ref().map(|c| c.category.as_str().to_string()),
+        channels: command
+            .as_ref()
+            .map(|c| {
+                c.channels
+                    .iter()
+                    .map(|ch| ch.as_str().to_string())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        customer_id: command.as_ref().and_then(|c| c.customer_id.clone()),
+        replayable: command.is_some(),
+    }
+}
+
+fn unavailable(err: herald_nats::NatsError) -> ApiError {
+    tracing::warn!(error = %err, "dead-letter stream unavailable");
+    ApiError::unavailable("the dead-letter stream is unavailable; retry later")
+}

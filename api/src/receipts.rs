@@ -1,0 +1,210 @@
+//! `/api/v1/providers/{provider}/callbacks`: delivery receipts from providers.
+//!
+//! A receipt moves a `sent` notification to `delivered` (or `failed` on a bounce or a late
+//! failure) under the usual transition rules, and publishes the transition on
+//! `notify.status.<status>`. A repeated receipt answers 200 with `applied: false` and publishes
+//! the event again (JetStream drops the duplicate), so a provider that retries after a failed
+//! publish still gets the event out.
+
+use chrono::{DateTime, Utc};
+use herald_entities::{
+    NotificationStatus, notification,
+    repo::receipts::{self as repo, ReceiptOutcome},
+};
+use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
+use poem_openapi::{Enum, Object, OpenApi, Tags, param::Path, payload::Json};
+use uuid::Uuid;
+
+use crate::{ApiError, AppState, auth::CallbackKey, history::plain_text};
+
+/// Longest error text kept from a receipt.
+const MAX_ERROR: usize = 2_000;
+
+#[derive(Tags)]
+enum ReceiptTags {
+    /// Delivery receipts from providers.
+    Receipts,
+}
+
+/// What the provider reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename = "ReceiptEvent", rename_all = "lowercase")]
+pub enum ReceiptEvent {
+    /// Delivered to the recipient: `sent → delivered`.
+    Delivered,
+    /// Bounced: `sent → failed`.
+    Bounced,
+    /// Failed after acceptance: `sent → failed`.
+    Failed,
+}
+
+/// A delivery receipt. Name the notification by `notification_id` (Herald's id, which providers
+/// receive as the idempotency key / message id) or by `provider_message_id` (the provider's own
+/// id, as recorded on the successful attempt).
+#[derive(Debug, Clone, Object)]
+pub struct Receipt {
+    /// Herald's notification id.
+    pub notification_id: Option<Uuid>,
+    /// The provider's message id.
+    #[oai(validator(min_length = 1, max_length = 500))]
+    pub provider_message_id: Option<String>,
+    /// What happened.
+    pub event: ReceiptEvent,
+    /// When it happened, by the provider's clock; now when absent.
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The provider's error or bounce reason.
+    pub error: Option<String>,
+}
+
+/// The result of a receipt.
+#[derive(Debug, Clone, Object)]
+pub struct ReceiptResult {
+    /// The notification concerned.
+    pub notification_id: Uuid,
+    /// Its status now.
+    pub status: String,
+    /// Whether this receipt changed it (`false` for a repeat).
+    pub applied: bool,
+}
+
+/// Receipt endpoints.
+pub struct ReceiptsApi {
+    state: AppState,
+}
+
+impl ReceiptsApi {
+    /// The endpoints over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+#[OpenApi(prefix_path = "/api/v1", tag = "ReceiptTags::Receipts")]
+impl ReceiptsApi {
+    /// Report a delivery receipt (scope `callbacks`).
+    ///
+    /// `delivered` moves a `sent` notification to `delivered`; `bounced` and `failed` move it to
+    /// `failed` with the error. 404: unknown provider or notification; 409: the notification is
+    /// not in a status the receipt applies to (e.g. still `processing`: retry later).
+    #[oai(path = "/providers/:provider/callbacks", method = "post")]
+    async fn callback(
+        &self,
+        _auth: CallbackKey,
+        /// The provider's name, as configured (see `GET /api/v1/channels`).
+        #[oai(validator(min_length = 1, max_length = 64))]
+        provider: Path<String>,
+        body: Json<Receipt>,
+    ) -> Result<Json<ReceiptResult>, ApiError> {
+        let provider = provider.0;
+        let receipt = body.0;
+        let known = self.state.engine.channels().await;
+        let Some(channel) = known.iter().find(|c| c.provider == provider) else {
+            return Err(ApiError::not_found(format!("no provider {provider:?}")));
+        };
+        let channel = Channel::parse(&channel.channel);
+        let error = match &receipt.error {
+            Some(error) => {
+                plain_text("error", error)?;
+                Some(error.chars().take(MAX_ERROR).collect::<String>())
+            }
+            None => None,
+        };
+        let id = match (receipt.notification_id, &receipt.provider_message_id) {
+            (Some(id), _) => id,
+            (None, Some(message_id)) => {
+                plain_text("provider_message_id", message_id)?;
+                repo::find_by_provider_message_id(&self.state.db, &provider, message_id)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "no notification sent by {provider} as {message_id:?}"
+                        ))
+                    })?
+            }
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "notification_id",
+                    "give notification_id or provider_message_id",
+                ));
+            }
+        };
+        let at = receipt.timestamp.unwrap_or_else(Utc::now);
+        let (status, reason) = match receipt.event {
+            ReceiptEvent::Delivered => (
+                NotificationStatus::Delivered,
+                format!("delivery confirmed by {provider}"),
+            ),
+            ReceiptEvent::Bounced => (NotificationStatus::Failed, format!("bounced ({provider})")),
+            ReceiptEvent::Failed => (
+                NotificationStatus::Failed,
+                format!("failed after acceptance ({provider})"),
+            ),
+        };
+        let outcome =
+            repo::apply(&self.state.db, id, status, &reason, error.as_deref(), at).await?;
+        let (row, applied) = match outcome {
+            ReceiptOutcome::Applied(row) => (row, true),
+            ReceiptOutcome::Unchanged(row) => (row, false),
+            ReceiptOutcome::NotAllowed(row) => {
+                return Err(ApiError::conflict(format!(
+                    "notification {id} is {}; this receipt does not apply to it",
+                    row.status.as_str()
+                )));
+            }
+            ReceiptOutcome::NotFound => {
+                return Err(ApiError::not_found(format!("no notification {id}")));
+            }
+        };
+        metrics::counter!(
+            "herald_receipts_total",
+            "event" => event_name(receipt.event),
+            "applied" => if applied { "true" } else { "false" }
+        )
+        .increment(1);
+        self.publish(&row, channel, at).await?;
+        Ok(Json(ReceiptResult {
+            notification_id: row.id,
+            status: row.status.as_str().into(),
+            applied,
+        }))
+    }
+}
+
+impl ReceiptsApi {
+    async fn publish(
+        &self,
+        row: &notification::Model,
+        channel: Option<Channel>,
+        at: DateTime<Utc>,
+    ) -> Result<(), ApiError> {
+        let event = StatusEvent {
+            v: SCHEMA_VERSION,
+            notification_id: row.id,
+            status: row.status.as_str().into(),
+            channel: row
+                .final_channel
+                .as_deref()
+                .and_then(Channel::parse)
+                .or(channel),
+            error: row
+                .error
+                .clone()
+                .filter(|_| row.status == NotificationStatus::Failed),
+            at,
+        };
+        self.state.publisher.publish_status(&event).await.map_err(|err| {
+            tracing::warn!(id = %row.id, error = %err, "receipt recorded but its event not published");
+            ApiError::unavailable(
+                "the receipt is recorded but its status event could not be published; repeat it",
+            )
+        })
+    }
+}
+
+fn event_name(event: ReceiptEvent) -> &'static str {
+    match event {
+        ReceiptEvent::Delivered => "delivered",
+        ReceiptEvent::Bounced => "bounced",
+        ReceiptEvent::Failed => "failed",
+    }
+}

@@ -1,0 +1,211 @@
+//! Field checks shared by the endpoints: contacts (email, phone, Telegram, push tokens, webhook
+//! URL), external ids, locales and time zones. Each failure is a 400 naming the field.
+
+use herald_nats::Contacts;
+
+use crate::ApiError;
+
+/// Longest external id (customer id, order number) accepted.
+pub const MAX_EXTERNAL_ID: usize = 200;
+/// Most push tokens per recipient.
+const MAX_PUSH_TOKENS: usize = 20;
+/// Longest push token.
+const MAX_PUSH_TOKEN: usize = 4096;
+
+/// Contacts as they arrive in a request, before trimming and checking.
+#[derive(Debug, Clone, Copy)]
+pub struct RawContacts<'a> {
+    /// Email address.
+    pub email: &'a Option<String>,
+    /// Phone number.
+    pub phone: &'a Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: &'a Option<String>,
+    /// Push device tokens.
+    pub push_tokens: &'a [String],
+    /// Webhook URL.
+    pub webhook_url: &'a Option<String>,
+}
+
+/// Trims and checks contacts; blank values count as absent. `prefix` is prepended to the field
+/// names in errors (`recipient.` gives `recipient.email`).
+pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError> {
+    let field = |name: &str| format!("{prefix}{name}");
+    let email = trimmed(raw.email);
+    if let Some(email) = &email
+        && (email.len() > 254 || !looks_like_email(email))
+    {
+        return Err(ApiError::invalid(&field("email"), "not an email address"));
+    }
+    let phone = trimmed(raw.phone);
+    if let Some(phone) = &phone
+        && !is_e164(phone)
+    {
+        return Err(ApiError::invalid(
+            &field("phone"),
+            "phone must be in E.164 form, e.g. +4915112345678",
+        ));
+    }
+    let webhook_url = trimmed(raw.webhook_url);
+    if let Some(url) = &webhook_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(ApiError::invalid(
+            &field("webhook_url"),
+            "webhook_url must be an http(s) URL",
+        ));
+    }
+    let push_tokens: Vec<String> = raw
+        .push_tokens
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if push_tokens.len() > MAX_PUSH_TOKENS || push_tokens.iter().any(|t| t.len() > MAX_PUSH_TOKEN) {
+        return Err(ApiError::invalid(
+            &field("push_tokens"),
+            format!("at most {MAX_PUSH_TOKENS} push tokens of at most {MAX_PUSH_TOKEN} characters"),
+        ));
+    }
+    Ok(Contacts {
+        email,
+        phone,
+        telegram_chat_id: trimmed(raw.telegram_chat_id),
+        push_tokens,
+        webhook_url,
+    })
+}
+
+fn trimmed(value: &Option<String>) -> Option<String> {
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Whether `s` has the shape of an email address (`local@domain.tld`, no spaces).
+pub fn looks_like_email(s: &str) -> bool {
+    match s.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+                && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+        }
+        None => false,
+    }
+}
+
+/// Whether `s` is a phone number in E.164 form (`+` and 8 to 15 digits).
+pub fn is_e164(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or("");
+    (8..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit())
+}
+
+/// An external id (customer id, order number): 1 to [`MAX_EXTERNAL_ID`] visible characters,
+/// without `/` (it is a path segment).
+pub fn external_id(field: &str, value: &str) -> Result<String, ApiError> {
+    let value = value.trim();
+    if value.is_empty()
+        || value.len() > MAX_EXTERNAL_ID
+        || value.chars().any(|c| c.is_control() || c == '/')
+    {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be 1 to {MAX_EXTERNAL_ID} characters, without '/'"),
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// A BCP 47 language tag such as `en`, `de-DE` or `zh-Hant-TW` (shape only).
+pub fn locale(field: &str, value: &str) -> Result<String, ApiError> {
+    let mut parts = value.split('-');
+    let language = parts.next().unwrap_or_default();
+    let language_ok =
+        (2..=3).contains(&language.len()) && language.chars().all(|c| c.is_ascii_alphabetic());
+    let rest_ok =
+        parts.all(|p| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_alphanumeric()));
+    if !language_ok || !rest_ok || value.len() > 35 {
+        return Err(ApiError::invalid(
+            field,
+            "locale must be a language tag such as en or de-DE",
+        ));
+    }
+    Ok(value.to_string())
+}
+
+/// An IANA time zone name known to this build, e.g. `Europe/Berlin`.
+pub fn timezone(field: &str, value: &str) -> Result<String, ApiError> {
+    match value.parse::<chrono_tz::Tz>() {
+        Ok(tz) => Ok(tz.name().to_string()),
+        Err(_) => Err(ApiError::invalid(
+            field,
+            format!("unknown time zone {value:?}; use an IANA name such as Europe/Berlin"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: ApiError) -> Option<String> {
+        match err {
+            ApiError::BadRequest(body) => body.0.field,
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn email_and_phone_checks() {
+        assert!(looks_like_email("ada@example.com"));
+        assert!(!looks_like_email("ada@example"));
+        assert!(!looks_like_email("@example.com"));
+        assert!(!looks_like_email("a da@example.com"));
+        assert!(is_e164("+4915112345678"));
+        assert!(!is_e164("015112345678"));
+        assert!(!is_e164("+49 151 1234"));
+    }
+
+    #[test]
+    fn contact_errors_name_the_prefixed_field() {
+        let bad = Some("+49 nope".to_string());
+        let none = None;
+        let raw = RawContacts {
+            email: &none,
+            phone: &bad,
+            telegram_chat_id: &none,
+            push_tokens: &[],
+            webhook_url: &none,
+        };
+        assert_eq!(
+            field_of(contacts("", raw).unwrap_err()).as_deref(),
+            Some("phone")
+        );
+        assert_eq!(
+            field_of(contacts("recipient.", raw).unwrap_err()).as_deref(),
+            Some("recipient.phone")
+        );
+    }
+
+    #[test]
+    fn locales_time_zones_and_ids() {
+        assert!(locale("locale", "de-DE").is_ok());
+        assert!(locale("locale", "en").is_ok());
+        assert!(locale("locale", "zh-Hant-TW").is_ok());
+        assert!(locale("locale", "").is_err());
+        assert!(locale("locale", "de_DE").is_err());
+        assert!(locale("locale", "deutsch").is_err());
+        assert_eq!(timezone("tz", "Europe/Berlin").unwrap(), "Europe/Berlin");
+        assert_eq!(
+            field_of(timezone("timezone", "Mars/Olympus").unwrap_err()).as_deref(),
+            Some("timezone")
+        );
+        assert_eq!(external_id("id", " c-1 ").unwrap(), "c-1");
+        assert!(external_id("id", "a/b").is_err());
+        assert!(external_id("id", &"x".repeat(201)).is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! `batches`: bulk sends, fanned out page by page into notifications by the Scheduler.
+
+use sea_orm::entity::prelude::*;
+
+/// A bulk send.
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+#[sea_orm(table_name = "batches")]
+pub struct Model {
+    /// Id (UUIDv7); notification ids of the batch are derived from it.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: Uuid,
+    /// `pending`, `running`, `done` or `failed`.
+    pub status: String,
+    /// What to send and to whom (JSON: category, channels, content, recipients or filter).
+    pub spec: Json,
+    /// Recipients in the batch (for a filter: counted when the batch was accepted).
+    pub total: i64,
+    /// Notifications created and published so far.
+    pub published: i64,
+    /// Where the fan-out stands: the last customer external id (filter) or list index done.
+    pub cursor: Option<String>,
+    /// An instance working on the batch holds it until then; others leave it alone.
+    pub lease_until: Option<DateTimeUtc>,
+    /// Why the batch failed.
+    pub error: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTimeUtc,
+    /// When it last changed.
+    pub updated_at: DateTimeUtc,
+}
+
+/// No relations are navigated.
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

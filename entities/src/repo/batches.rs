@@ -1,0 +1,227 @@
+//! Queries on `batches`, and the customer pages a batch's filter selects.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+    sea_query::{Expr, OnConflict},
+};
+use uuid::Uuid;
+
+use crate::{NotificationStatus, RepoError, batch, customer, notification};
+
+/// Stores a new batch as `pending`.
+pub async fn create(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    spec: serde_json::Value,
+    total: i64,
+) -> Result<batch::Model, RepoError> {
+    let now = Utc::now();
+    Ok(batch::Entity::insert(batch::ActiveModel {
+        id: Set(id),
+        status: Set("pending".into()),
+        spec: Set(spec),
+        total: Set(total),
+        published: Set(0),
+        cursor: Set(None),
+        lease_until: Set(None),
+        error: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_with_returning(db)
+    .await?)
+}
+
+/// The batch with this id.
+pub async fn find(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<batch::Model>, RepoError> {
+    Ok(batch::Entity::find_by_id(id).one(db).await?)
+}
+
+/// How many of the batch's notifications are in each status.
+pub async fn status_counts(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Vec<(NotificationStatus, i64)>, RepoError> {
+    Ok(notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Status)
+        .column_as(notification::Column::Id.count(), "n")
+        .filter(notification::Column::BatchId.eq(id))
+        .group_by(notification::Column::Status)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Takes the lease of an unfinished batch nobody holds (or whose holder's lease ran out) until
+/// `until`. The conditional UPDATE makes two instances never hold one batch at once.
+pub async fn lease_next(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Option<batch::Model>, RepoError> {
+    let free = || {
+        sea_orm::Condition::any()
+            .add(batch::Column::LeaseUntil.is_null())
+            .add(batch::Column::LeaseUntil.lt(now))
+    };
+    let candidates = batch::Entity::find()
+        .filter(batch::Column::Status.is_in(["pending", "running"]))
+        .filter(free())
+        .order_by_asc(batch::Column::CreatedAt)
+        .limit(4)
+        .all(db)
+        .await?;
+    for candidate in candidates {
+        let taken = batch::Entity::update_many()
+            .col_expr(batch::Column::LeaseUntil, Expr::value(until))
+            .col_expr(batch::Column::Status, Expr::value("running"))
+            .filter(batch::Column::Id.eq(candidate.id))
+            .filter(free())
+            .exec(db)
+            .await?;
+        if taken.rows_affected == 1 {
+            return find(db, candidate.id).await;
+        }
+    }
+    Ok(None)
+}
+
+/// Stores notifications of a batch page; rows whose id exists already (a page redone after a
+/// restart) are left as they are.
+pub async fn insert_notifications(
+    db: &impl ConnectionTrait,
+    rows: Vec<notification::ActiveModel>,
+) -> Result<(), RepoError> {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<notification::ActiveModel> = rows.by_ref().take(500).collect();
+        let inserted = notification::Entity::insert_many(chunk)
+            .on_conflict(
+                OnConflict::column(notification::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
+            )
+            .exec_without_returning(db)
+            .await;
+        match inserted {
+            Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Records a finished page: the new cursor, the running count, a renewed lease, and `done` when
+/// it was the last page.
+pub async fn advance(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    cursor: &str,
+    published: i64,
+    done: bool,
+    lease_until: DateTime<Utc>,
+) -> Result<(), RepoError> {
+    batch::Entity::update_many()
+        .col_expr(batch::Column::Cursor, Expr::value(cursor))
+        .col_expr(batch::Column::Published, Expr::value(published))
+        .col_expr(
+            batch::Column::Status,
+            Expr::value(if done { "done" } else { "running" }),
+        )
+        .col_expr(
+            batch::Column::LeaseUntil,
+            Expr::value((!done).then_some(lease_until)),
+        )
+        .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(batch::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Gives up the lease of a batch still in progress, so the next round anywhere takes it at once.
+pub async fn release(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
+    batch::Entity::update_many()
+        .col_expr(
+            batch::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .filter(batch::Column::Id.eq(id))
+        .filter(batch::Column::Status.eq("running"))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Marks a batch failed with the reason.
+pub async fn fail(db: &impl ConnectionTrait, id: Uuid, error: &str) -> Result<(), RepoError> {
+    batch::Entity::update_many()
+        .col_expr(batch::Column::Status, Expr::value("failed"))
+        .col_expr(batch::Column::Error, Expr::value(error))
+        .col_expr(
+            batch::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(batch::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// A filter over customers for a bulk send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerFilter {
+    /// Only customers with this locale.
+    pub locale: Option<String>,
+    /// Only customers whose external id starts with this.
+    pub external_id_prefix: Option<String>,
+}
+
+impl CustomerFilter {
+    fn condition(&self) -> sea_orm::Condition {
+        let mut condition = sea_orm::Condition::all();
+        if let Some(locale) = &self.locale {
+            condition = condition.add(customer::Column::Locale.eq(locale.as_str()));
+        }
+        if let Some(prefix) = &self.external_id_prefix {
+            condition = condition.add(customer::Column::ExternalId.starts_with(prefix.as_str()));
+        }
+        condition
+    }
+}
+
+/// How many customers the filter selects.
+pub async fn count_customers(
+    db: &impl ConnectionTrait,
+    filter: &CustomerFilter,
+) -> Result<i64, RepoError> {
+    let n = customer::Entity::find()
+        .filter(filter.condition())
+        .count(db)
+        .await?;
+    Ok(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// The next page of customers the filter selects, by external id after `after` (keyset paging:
+/// stable while customers are added, and cheap at any depth).
+pub async fn customers_page(
+    db: &impl ConnectionTrait,
+    filter: &CustomerFilter,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<customer::Model>, RepoError> {
+    let mut query = customer::Entity::find().filter(filter.condition());
+    if let Some(after) = after {
+        query = query.filter(customer::Column::ExternalId.gt(after));
+    }
+    Ok(query
+        .order_by_asc(customer::Column::ExternalId)
+        .limit(limit)
+        .all(db)
+        .await?)
+}

@@ -1,0 +1,153 @@
+//! Reading notification history: filtered, cursor-paginated listing and the numbers behind the
+//! stats endpoint.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    sea_query::{Expr, ExprTrait},
+};
+use uuid::Uuid;
+
+use crate::{NotificationStatus, RepoError, notification};
+
+/// Which notifications to list. Every filter is optional; they combine with AND.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryFilter {
+    /// The customer's external id.
+    pub customer_id: Option<String>,
+    /// Current status.
+    pub status: Option<NotificationStatus>,
+    /// The channel that carried it (`final_channel`).
+    pub channel: Option<String>,
+    /// Category name.
+    pub category: Option<String>,
+    /// Accepted at or after this time.
+    pub created_from: Option<DateTime<Utc>>,
+    /// Accepted before this time.
+    pub created_to: Option<DateTime<Utc>>,
+}
+
+impl HistoryFilter {
+    fn apply(&self, mut query: Select<notification::Entity>) -> Select<notification::Entity> {
+        use notification::Column;
+        if let Some(customer) = &self.customer_id {
+            query = query.filter(Column::CustomerId.eq(customer.as_str()));
+        }
+        if let Some(status) = self.status {
+            query = query.filter(Column::Status.eq(status));
+        }
+        if let Some(channel) = &self.channel {
+            query = query.filter(Column::FinalChannel.eq(channel.as_str()));
+        }
+        if let Some(category) = &self.category {
+            query = query.filter(Column::Category.eq(category.as_str()));
+        }
+        if let Some(from) = self.created_from {
+            query = query.filter(Column::CreatedAt.gte(from));
+        }
+        if let Some(to) = self.created_to {
+            query = query.filter(Column::CreatedAt.lt(to));
+        }
+        query
+    }
+}
+
+/// Up to `limit` notifications matching `filter`, newest first (ids are UUIDv7, so id order is
+/// acceptance order), starting after the notification `after` of a previous page.
+pub async fn list(
+    db: &impl ConnectionTrait,
+    filter: &HistoryFilter,
+    after: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<notification::Model>, RepoError> {
+    let mut query = filter.apply(notification::Entity::find());
+    if let Some(after) = after {
+        query = query.filter(notification::Column::Id.lt(after));
+    }
+    Ok(query
+        .order_by_desc(notification::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Counts of notifications created in a time range.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusCounts {
+    /// Notifications per status.
+    pub by_status: Vec<(NotificationStatus, i64)>,
+    /// Notifications per (carrying channel, status), for those a channel carried.
+    pub by_channel: Vec<(String, NotificationStatus, i64)>,
+}
+
+/// Counts per status and per carrying channel of the notifications created in `[from, to)`.
+pub async fn counts(
+    db: &impl ConnectionTrait,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<StatusCounts, RepoError> {
+    use notification::Column;
+    let range = HistoryFilter {
+        created_from: Some(from),
+        created_to: Some(to),
+        ..HistoryFilter::default()
+    };
+    let by_status = range
+        .apply(notification::Entity::find())
+        .select_only()
+        .column(Column::Status)
+        .column_as(Expr::col(Column::Id).count(), "n")
+        .group_by(Column::Status)
+        .into_tuple::<(NotificationStatus, i64)>()
+        .all(db)
+        .await?;
+    let by_channel = range
+        .apply(notification::Entity::find())
+        .filter(Column::FinalChannel.is_not_null())
+        .select_only()
+        .column(Column::FinalChannel)
+        .column(Column::Status)
+        .column_as(Expr::col(Column::Id).count(), "n")
+        .group_by(Column::FinalChannel)
+        .group_by(Column::Status)
+        .into_tuple::<(String, NotificationStatus, i64)>()
+        .all(db)
+        .await?;
+    Ok(StatusCounts {
+        by_status,
+        by_channel,
+    })
+}
+
+/// Delivery latencies (`sent_at - created_at`, milliseconds) of the most recent notifications
+/// created in `[from, to)` that a provider accepted, at most `sample` of them. Percentiles are
+/// computed by the caller over this bounded sample: SQLite has no percentile function, and a
+/// bounded sample keeps the cost flat however large the range.
+pub async fn latency_sample(
+    db: &impl ConnectionTrait,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    sample: u64,
+) -> Result<Vec<i64>, RepoError> {
+    use notification::Column;
+    let range = HistoryFilter {
+        created_from: Some(from),
+        created_to: Some(to),
+        ..HistoryFilter::default()
+    };
+    let rows = range
+        .apply(notification::Entity::find())
+        .filter(Column::SentAt.is_not_null())
+        .select_only()
+        .column(Column::CreatedAt)
+        .column(Column::SentAt)
+        .order_by_desc(Column::Id)
+        .limit(sample)
+        .into_tuple::<(DateTime<Utc>, Option<DateTime<Utc>>)>()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(created, sent)| sent.map(|s| Ord::max((s - created).num_milliseconds(), 0)))
+        .collect())
+}

@@ -1,0 +1,83 @@
+//! Queries on `outbox_events`.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, sea_query::Expr,
+};
+use uuid::Uuid;
+
+use crate::{RepoError, outbox_event};
+
+/// An event to write into the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOutboxEvent {
+    /// The event's id.
+    pub id: Uuid,
+    /// Subject to publish on.
+    pub subject: String,
+    /// The event (JSON).
+    pub payload: serde_json::Value,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Writes an event into the outbox; call it inside the transaction of the change it describes.
+pub async fn insert(db: &impl ConnectionTrait, event: NewOutboxEvent) -> Result<(), RepoError> {
+    outbox_event::Entity::insert(outbox_event::ActiveModel {
+        id: Set(event.id),
+        subject: Set(event.subject),
+        payload: Set(event.payload),
+        created_at: Set(event.created_at),
+        published_at: Set(None),
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(())
+}
+
+/// Records that JetStream has stored the event.
+pub async fn mark_published(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
+    outbox_event::Entity::update_many()
+        .col_expr(outbox_event::Column::PublishedAt, Expr::value(Utc::now()))
+        .filter(outbox_event::Column::Id.eq(id))
+        .filter(outbox_event::Column::PublishedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Unpublished events written before `before`, oldest first, at most `limit`.
+pub async fn unpublished(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<outbox_event::Model>, RepoError> {
+    Ok(outbox_event::Entity::find()
+        .filter(outbox_event::Column::PublishedAt.is_null())
+        .filter(outbox_event::Column::CreatedAt.lt(before))
+        .order_by_asc(outbox_event::Column::CreatedAt)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Removes events published before `before` (retention); returns how many.
+pub async fn delete_published_before(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+) -> Result<u64, RepoError> {
+    let result = outbox_event::Entity::delete_many()
+        .filter(outbox_event::Column::PublishedAt.lt(before))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
+/// The outbox row of an event, if any.
+pub async fn find(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<outbox_event::Model>, RepoError> {
+    Ok(outbox_event::Entity::find_by_id(id).one(db).await?)
+}

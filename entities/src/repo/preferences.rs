@@ -1,0 +1,99 @@
+//! Queries on `preferences` and `quiet_hours`.
+
+use chrono::Utc;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    TransactionTrait,
+};
+
+use crate::{RepoError, preference, quiet_hours};
+
+/// One preference to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPreference {
+    /// Category name.
+    pub category: String,
+    /// Channel name, or [`preference::ALL_CHANNELS`].
+    pub channel: String,
+    /// Whether wanted.
+    pub enabled: bool,
+}
+
+/// Quiet hours to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewQuietHours {
+    /// `HH:MM[:SS]`.
+    pub starts: String,
+    /// `HH:MM[:SS]`.
+    pub ends: String,
+    /// IANA time zone.
+    pub timezone: String,
+}
+
+/// A customer's stored wishes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wishes {
+    /// Preference rows.
+    pub preferences: Vec<preference::Model>,
+    /// Quiet hours, if set.
+    pub quiet_hours: Option<quiet_hours::Model>,
+}
+
+/// The customer's preferences and quiet hours (empty when none are stored).
+pub async fn load(db: &impl ConnectionTrait, customer_id: &str) -> Result<Wishes, RepoError> {
+    let preferences = preference::Entity::find()
+        .filter(preference::Column::CustomerId.eq(customer_id))
+        .all(db)
+        .await?;
+    let quiet_hours = quiet_hours::Entity::find_by_id(customer_id.to_string())
+        .one(db)
+        .await?;
+    Ok(Wishes {
+        preferences,
+        quiet_hours,
+    })
+}
+
+/// Replaces the customer's preferences and quiet hours with the given ones, atomically.
+pub async fn replace(
+    db: &DatabaseConnection,
+    customer_id: &str,
+    preferences: Vec<NewPreference>,
+    quiet: Option<NewQuietHours>,
+) -> Result<(), RepoError> {
+    let now = Utc::now();
+    let txn = db.begin().await?;
+    preference::Entity::delete_many()
+        .filter(preference::Column::CustomerId.eq(customer_id))
+        .exec(&txn)
+        .await?;
+    quiet_hours::Entity::delete_many()
+        .filter(quiet_hours::Column::CustomerId.eq(customer_id))
+        .exec(&txn)
+        .await?;
+    if !preferences.is_empty() {
+        let rows = preferences.into_iter().map(|p| preference::ActiveModel {
+            customer_id: Set(customer_id.to_string()),
+            category: Set(p.category),
+            channel: Set(p.channel),
+            enabled: Set(p.enabled),
+            updated_at: Set(now),
+        });
+        preference::Entity::insert_many(rows)
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    if let Some(quiet) = quiet {
+        quiet_hours::Entity::insert(quiet_hours::ActiveModel {
+            customer_id: Set(customer_id.to_string()),
+            starts: Set(quiet.starts),
+            ends: Set(quiet.ends),
+            timezone: Set(quiet.timezone),
+            updated_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(())
+}

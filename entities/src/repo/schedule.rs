@@ -1,0 +1,186 @@
+//! The Scheduler's queries: claiming due scheduled notifications, cancelling, and retention.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::Expr,
+};
+use uuid::Uuid;
+
+use crate::{NotificationStatus, RepoError, batch, delivery_attempt, notification};
+
+/// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
+/// published; followed by the claim's token.
+pub const CLAIM_PREFIX: &str = "claimed by scheduler ";
+
+/// Claims up to `limit` scheduled notifications due at `now`: moves them `scheduled → queued`
+/// with a conditional UPDATE marked with a fresh token, then reads back the rows carrying the
+/// token. Two instances claiming at once each get only the rows their UPDATE moved.
+pub async fn claim_due(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<notification::Model>, RepoError> {
+    let due: Vec<Uuid> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
+        .filter(notification::Column::ScheduledAt.lte(now))
+        .order_by_asc(notification::Column::ScheduledAt)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?;
+    if due.is_empty() {
+        return Ok(Vec::new());
+    }
+    let token = format!("{CLAIM_PREFIX}{}", Uuid::new_v4());
+    notification::Entity::update_many()
+        .col_expr(
+            notification::Column::Status,
+            Expr::value(NotificationStatus::Queued),
+        )
+        .col_expr(notification::Column::StatusReason, Expr::value(&token))
+        .col_expr(notification::Column::UpdatedAt, Expr::value(now))
+        .filter(notification::Column::Id.is_in(due))
+        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
+        .exec(db)
+        .await?;
+    Ok(notification::Entity::find()
+        .filter(notification::Column::StatusReason.eq(token))
+        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .all(db)
+        .await?)
+}
+
+/// Claims that were never confirmed published (the instance stopped between claim and publish)
+/// and are older than `before`. Publishing them again is safe: `Nats-Msg-Id` de-duplication drops
+/// a command that did go out, and a processed one is no longer `queued`.
+pub async fn stale_claims(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<notification::Model>, RepoError> {
+    Ok(notification::Entity::find()
+        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+        .filter(notification::Column::UpdatedAt.lt(before))
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Confirms that the commands of claimed notifications are published: clears the claim mark
+/// (unless a dispatcher has moved them on already).
+pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
+    for chunk in ids.chunks(500) {
+        notification::Entity::update_many()
+            .col_expr(
+                notification::Column::StatusReason,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(notification::Column::Id.is_in(chunk.to_vec()))
+            .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+            .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gives claimed notifications back (their publish failed): `queued → scheduled`, to be claimed
+/// again on a later poll.
+pub async fn unclaim(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
+    for chunk in ids.chunks(500) {
+        notification::Entity::update_many()
+            .col_expr(
+                notification::Column::Status,
+                Expr::value(NotificationStatus::Scheduled),
+            )
+            .col_expr(
+                notification::Column::StatusReason,
+                Expr::value("publishing failed; will retry"),
+            )
+            .filter(notification::Column::Id.is_in(chunk.to_vec()))
+            .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+            .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+            .exec(db)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The result of a cancel request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancel {
+    /// Cancelled now.
+    Cancelled(Box<notification::Model>),
+    /// No such notification.
+    NotFound,
+    /// Too late (or already final): its current status.
+    NotCancellable(NotificationStatus),
+}
+
+/// Cancels a notification that is `scheduled`, or `queued` and not yet picked up by a dispatcher.
+pub async fn cancel(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    reason: &str,
+) -> Result<Cancel, RepoError> {
+    let moved = notification::Entity::update_many()
+        .col_expr(
+            notification::Column::Status,
+            Expr::value(NotificationStatus::Cancelled),
+        )
+        .col_expr(notification::Column::StatusReason, Expr::value(reason))
+        .col_expr(notification::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(notification::Column::Id.eq(id))
+        .filter(
+            notification::Column::Status
+                .is_in(NotificationStatus::Cancelled.allowed_from().to_vec()),
+        )
+        .exec(db)
+        .await?;
+    match notification::Entity::find_by_id(id).one(db).await? {
+        None => Ok(Cancel::NotFound),
+        Some(row) if moved.rows_affected > 0 => Ok(Cancel::Cancelled(Box::new(row))),
+        Some(row) => Ok(Cancel::NotCancellable(row.status)),
+    }
+}
+
+/// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts,
+/// and done batches older than `cutoff`. Returns how many notifications went.
+pub async fn purge_before(
+    db: &impl ConnectionTrait,
+    cutoff: DateTime<Utc>,
+    limit: u64,
+) -> Result<u64, RepoError> {
+    use NotificationStatus::*;
+    let ids: Vec<Uuid> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(
+            notification::Column::Status.is_in([Sent, Delivered, Failed, Skipped, Cancelled, Dead]),
+        )
+        .filter(notification::Column::UpdatedAt.lt(cutoff))
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?;
+    if !ids.is_empty() {
+        delivery_attempt::Entity::delete_many()
+            .filter(delivery_attempt::Column::NotificationId.is_in(ids.clone()))
+            .exec(db)
+            .await?;
+        notification::Entity::delete_many()
+            .filter(notification::Column::Id.is_in(ids.clone()))
+            .exec(db)
+            .await?;
+    }
+    batch::Entity::delete_many()
+        .filter(batch::Column::Status.is_in(["done", "failed"]))
+        .filter(batch::Column::UpdatedAt.lt(cutoff))
+        .exec(db)
+        .await?;
+    Ok(ids.len() as u64)
+}

@@ -1,0 +1,619 @@
+//! The production API end to end: API keys (401 vs 403, CLI-created and revoked keys), history
+//! with filters and cursor pagination, stats, provider delivery receipts, and dead-letter listing
+//! and replay.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+struct World {
+    nats: NatsServer,
+    smtp: SmtpSink,
+    _db: TestDatabase,
+    herald: TestHerald,
+}
+
+async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let mut config = test_config(&nats, &db, &smtp);
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald starts");
+    World {
+        nats,
+        smtp,
+        _db: db,
+        herald,
+    }
+}
+
+async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+fn email(to: &str, customer: Option<&str>, category: &str) -> Value {
+    json!({
+        "recipient": { "email": to, "customer_id": customer },
+        "category": category,
+        "channels": ["email"],
+        "content": { "subject": "Hello", "text": "Hello there." }
+    })
+}
+
+async fn new_key(herald: &TestHerald, name: &str, scopes: &str) -> String {
+    herald_engine::apikey::create(herald.db(), name, scopes)
+        .await
+        .expect("key created")
+        .token
+}
+
+#[tokio::test]
+async fn keys_are_required_and_scoped_401_vs_403() {
+    let w = world().await;
+    let h = &w.herald;
+    let list = "/api/v1/notifications";
+    let body = email("ada@example.com", None, "transactional");
+
+    // No key, a malformed key, a well-formed unknown key: 401 in the error shape.
+    let unknown = format!("hk_{}_{}", "0".repeat(16), "0".repeat(64));
+    for key in [None, Some("nonsense"), Some(unknown.as_str())] {
+        let (status, answer) = h.request_with_key(Method::GET, list, key, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{key:?}: {answer}");
+        assert_eq!(answer["code"], "unauthorized", "{answer}");
+        assert!(answer["message"].is_string());
+    }
+    let (status, _) = h
+        .request_with_key(Method::POST, list, None, Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A key created by the CLI's logic works within its scopes, and only there: 403.
+    let reader = new_key(h, "dashboard", "read").await;
+    let sender = new_key(h, "shop backend", "send").await;
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&reader), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = h
+        .request_with_key(Method::POST, list, Some(&reader), Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(answer["code"], "forbidden");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("send")
+    );
+    let (status, _) = h
+        .request_with_key(Method::POST, list, Some(&sender), Some(&body))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&sender), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = h
+        .request_with_key(Method::POST, "/api/v1/dlq/1/replay", Some(&reader), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "replay needs admin");
+    // A wrong secret for an existing prefix is unknown, not forbidden.
+    let forged = format!("{}{}", &reader[..reader.len() - 1], "0");
+    let forged = if forged == reader {
+        format!("{}{}", &reader[..reader.len() - 1], "1")
+    } else {
+        forged
+    };
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&forged), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Revoked by the CLI's logic (by prefix): refused once the short cache period is over.
+    let prefix = reader.split('_').nth(1).expect("prefix").to_string();
+    herald_engine::apikey::revoke(h.db(), &prefix)
+        .await
+        .expect("revoked");
+    assert!(
+        herald_engine::apikey::revoke(h.db(), &prefix)
+            .await
+            .is_err(),
+        "revoking twice says so"
+    );
+    eventually(
+        "the revoked key to be refused",
+        Duration::from_secs(10),
+        || async {
+            let (status, _) = h
+                .request_with_key(Method::GET, list, Some(&reader), None)
+                .await;
+            (status == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&sender), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "other keys are untouched");
+
+    // Health, metrics and the spec stay open.
+    for open in [
+        "/health",
+        "/health/ready",
+        "/metrics",
+        "/api/openapi.json",
+        "/api/docs",
+    ] {
+        let response = h
+            .anonymous()
+            .get(format!("{}{open}", h.base()))
+            .send()
+            .await
+            .expect("open route");
+        assert_eq!(response.status(), StatusCode::OK, "{open} is open");
+    }
+
+    let metrics = h
+        .anonymous()
+        .get(format!("{}/metrics", h.base()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("herald_queue_pending_commands"),
+        "queue depth is exported: {metrics}"
+    );
+
+    // The spec documents the scheme on every /api/v1 operation, with 401 and 403 answers.
+    let (_, spec) = h.get("/api/openapi.json").await;
+    assert_eq!(
+        spec["components"]["securitySchemes"]["ApiKey"]["scheme"],
+        "bearer"
+    );
+    let paths = spec["paths"].as_object().expect("paths");
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().expect("path item") {
+            if path.starts_with("/api/v1") {
+                operations += 1;
+                assert_eq!(
+                    operation["security"],
+                    json!([{ "ApiKey": [] }]),
+                    "{method} {path} declares the key"
+                );
+                for code in ["401", "403"] {
+                    assert!(
+                        operation["responses"].get(code).is_some(),
+                        "{method} {path} documents {code}"
+                    );
+                }
+            } else {
+                assert!(operation.get("security").is_none(), "{path} is open");
+            }
+        }
+    }
+    assert!(operations >= 8, "{operations} operations under /api/v1");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn history_filters_and_cursor_pages_visit_every_row_once() {
+    let w = world().await;
+    let h = &w.herald;
+    let mut a_ids = Vec::new();
+    for i in 0..7 {
+        a_ids.push(
+            h.send_accepted(&email(
+                &format!("a{i}@example.com"),
+                Some("cust-a"),
+                "transactional",
+            ))
+            .await,
+        );
+    }
+    let mut b_ids = Vec::new();
+    for i in 0..3 {
+        b_ids.push(
+            h.send_accepted(&email(
+                &format!("b{i}@example.com"),
+                Some("cust-b"),
+                "marketing",
+            ))
+            .await,
+        );
+    }
+    for id in a_ids.iter().chain(&b_ids) {
+        h.wait_status(id, "sent").await;
+    }
+
+    // Pages of 3 over customer A: every notification exactly once, newest first.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 10, "pagination terminates");
+        let mut path = "/api/v1/notifications?customer_id=cust-a&limit=3".to_string();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, page) = h.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let items = page["items"].as_array().expect("items");
+        assert!(items.len() <= 3);
+        for item in items {
+            assert_eq!(item["customer_id"], "cust-a");
+            seen.push(item["id"].as_str().expect("id").to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3, "7 rows in pages of 3");
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no row twice: {seen:?}");
+    let expected: HashSet<&String> = a_ids.iter().collect();
+    assert_eq!(unique, expected, "every row of customer A");
+    let mut newest_first = a_ids.clone();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "newest first (UUIDv7 order)");
+
+    // Filters.
+    let count = |path: String| async move {
+        let (status, page) = h.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {page}");
+        page["items"].as_array().expect("items").len()
+    };
+    assert_eq!(
+        count("/api/v1/notifications?category=marketing".into()).await,
+        3
+    );
+    assert_eq!(
+        count("/api/v1/notifications?status=sent&channel=email&limit=500".into()).await,
+        10
+    );
+    assert_eq!(count("/api/v1/notifications?status=failed".into()).await, 0);
+    assert_eq!(
+        count("/api/v1/notifications?customer_id=cust-b&category=transactional".into()).await,
+        0
+    );
+    let (_, first) = h.get(&format!("/api/v1/notifications/{}", a_ids[0])).await;
+    let created: chrono::DateTime<chrono::Utc> = first["created_at"]
+        .as_str()
+        .expect("created_at")
+        .parse()
+        .expect("time");
+    let from = (created + chrono::Duration::microseconds(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let from = from.replace('+', "%2B");
+    assert_eq!(
+        count(format!(
+            "/api/v1/notifications?customer_id=cust-a&created_from={from}"
+        ))
+        .await,
+        6,
+        "created_from is inclusive of later rows only"
+    );
+    assert_eq!(
+        count(format!(
+            "/api/v1/notifications?customer_id=cust-a&created_to={from}"
+        ))
+        .await,
+        1
+    );
+
+    // Bad parameters name the field.
+    for (path, field) in [
+        ("/api/v1/notifications?limit=501", "limit"),
+        ("/api/v1/notifications?limit=0", "limit"),
+        ("/api/v1/notifications?cursor=not-a-cursor", "cursor"),
+        ("/api/v1/notifications?status=lost", "status"),
+        (
+            "/api/v1/notifications?created_from=2030-01-02T00:00:00Z&created_to=2030-01-01T00:00:00Z",
+            "created_to",
+        ),
+        ("/api/v1/notifications?customer_id=a%00b", "customer_id"),
+    ] {
+        let (status, body) = h.get(path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["code"], "invalid_request", "{path}: {body}");
+        assert_eq!(body["field"], field, "{path}: {body}");
+    }
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn stats_match_what_was_sent() {
+    let w = world().await;
+    let h = &w.herald;
+    let start = chrono::Utc::now() - chrono::Duration::seconds(1);
+    w.smtp.set_reject_next(1, 550, "5.1.1 no such user");
+    let failed = h
+        .send_accepted(&email("nobody@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&failed, "failed").await;
+    let mut sent = Vec::new();
+    for i in 0..4 {
+        sent.push(
+            h.send_accepted(&email(&format!("s{i}@example.com"), None, "account"))
+                .await,
+        );
+    }
+    for id in &sent {
+        h.wait_status(id, "sent").await;
+    }
+    let from = start
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+        .replace('+', "%2B");
+    let (status, stats) = h
+        .get(&format!("/api/v1/notifications/stats?from={from}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_eq!(stats["total"], 5, "{stats}");
+    let by_status = |name: &str| {
+        stats["by_status"]
+            .as_array()
+            .expect("by_status")
+            .iter()
+            .find(|s| s["status"] == name)
+            .map(|s| s["count"].as_i64().unwrap_or(-1))
+    };
+    assert_eq!(by_status("sent"), Some(4));
+    assert_eq!(by_status("failed"), Some(1));
+    assert_eq!(by_status("dead"), Some(0), "every status is listed");
+    assert_eq!(stats["success_rate"], 0.8);
+    assert_eq!(
+        stats["by_channel"],
+        json!([{ "channel": "email", "sent": 4, "delivered": 0, "failed": 0 }])
+    );
+    assert_eq!(stats["latency"]["sample_size"], 4);
+    let p50 = stats["latency"]["p50_ms"].as_i64().expect("p50");
+    let p95 = stats["latency"]["p95_ms"].as_i64().expect("p95");
+    assert!(0 <= p50 && p50 <= p95 && p95 < 30_000, "{stats}");
+
+    // A range before everything is empty.
+    let (_, empty) = h
+        .get("/api/v1/notifications/stats?from=2020-01-01T00:00:00Z&to=2020-01-02T00:00:00Z")
+        .await;
+    assert_eq!(empty["total"], 0);
+    assert!(empty["success_rate"].is_null());
+    assert!(empty["latency"]["p50_ms"].is_null());
+    let (status, body) = h
+        .get("/api/v1/notifications/stats?from=2020-01-02T00:00:00Z&to=2020-01-01T00:00:00Z")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "to");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+async fn last_status_event(nats: &NatsServer, status: &str) -> Option<Value> {
+    let client = nats.client().await.ok()?;
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("NOTIFY_STATUS").await.ok()?;
+    let message = stream
+        .get_last_raw_message_by_subject(&format!("notify.status.{status}"))
+        .await
+        .ok()?;
+    serde_json::from_slice(&message.payload).ok()
+}
+
+#[tokio::test]
+async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
+    let w = world().await;
+    let h = &w.herald;
+    let provider_key = new_key(h, "smtp provider webhook", "callbacks").await;
+    let callback = "/api/v1/providers/smtp/callbacks";
+
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "sent").await;
+    let receipt =
+        json!({ "notification_id": id, "event": "delivered", "timestamp": "2030-01-01T00:00:00Z" });
+    let (status, answer) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&receipt))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "delivered");
+    assert_eq!(answer["applied"], true);
+    let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(now["status"], "delivered");
+    let event = eventually("the delivered event", E2E_TIMEOUT, || async {
+        last_status_event(&w.nats, "delivered").await
+    })
+    .await;
+    assert_eq!(event["notification_id"], id.as_str());
+    assert_eq!(event["status"], "delivered");
+    assert_eq!(event["channel"], "email");
+
+    // A repeat changes nothing; a bounce after delivery is refused.
+    let (status, again) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&receipt))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["applied"], false);
+    let bounce = json!({ "notification_id": id, "event": "bounced", "error": "550 mailbox gone" });
+    let (status, body) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&bounce))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict");
+
+    // A bounce named by the provider's message id fails a sent notification.
+    let other = h
+        .send_accepted(&email("bob@example.com", None, "transactional"))
+        .await;
+    let sent = h.wait_status(&other, "sent").await;
+    let message_id = sent["attempts"][0]["provider_message_id"]
+        .as_str()
+        .expect("smtp message id")
+        .to_string();
+    let bounce = json!({ "provider_message_id": message_id, "event": "bounced", "error": "550 mailbox gone" });
+    let (status, answer) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&bounce))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["notification_id"], other.as_str());
+    assert_eq!(answer["status"], "failed");
+    let (_, failed) = h.get(&format!("/api/v1/notifications/{other}")).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["error"], "550 mailbox gone");
+    let event = eventually("the failed event", E2E_TIMEOUT, || async {
+        last_status_event(&w.nats, "failed").await
+    })
+    .await;
+    assert_eq!(event["notification_id"], other.as_str());
+    assert_eq!(event["error"], "550 mailbox gone");
+
+    // Unknown provider, unknown notification, nothing named, wrong scope.
+    let (status, _) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/pigeon/callbacks",
+            Some(&provider_key),
+            Some(&receipt),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let stranger =
+        json!({ "notification_id": "01a20513-0c86-7293-a642-1788284568f8", "event": "delivered" });
+    let (status, _) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&stranger))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            callback,
+            Some(&provider_key),
+            Some(&json!({ "event": "delivered" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "notification_id");
+    let sender = new_key(h, "shop", "send").await;
+    let (status, _) = h
+        .request_with_key(Method::POST, callback, Some(&sender), Some(&receipt))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // The receipt-only key cannot send.
+    let (status, _) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/notifications",
+            Some(&provider_key),
+            Some(&email("x@example.com", None, "transactional")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
+    let w = world_with(|config| {
+        config.dispatch.retry.max_deliveries = 2;
+        config.channels.limits.circuit.cool_down_ms = 200;
+    })
+    .await;
+    let h = &w.herald;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let first = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    let second = h
+        .send_accepted(&email("bob@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&first, "dead").await;
+    h.wait_status(&second, "dead").await;
+
+    let (status, page) = h.get("/api/v1/dlq").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let items = page["items"].as_array().expect("items").clone();
+    assert_eq!(items.len(), 2, "{page}");
+    assert!(page["next_after_seq"].is_null(), "{page}");
+    let entry_of = |id: &str| {
+        items
+            .iter()
+            .find(|e| e["notification_id"] == id)
+            .unwrap_or_else(|| panic!("{id} is listed: {items:?}"))
+            .clone()
+    };
+    let entry = entry_of(&first);
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("gave up after 2 deliveries"),
+        "{entry}"
+    );
+    assert_eq!(entry["deliveries"], 2);
+    assert_eq!(entry["replayable"], true);
+    assert_eq!(entry["channels"], json!(["email"]));
+    assert!(
+        entry["original_subject"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("notify.cmd.")
+    );
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (_, filtered) = h.get("/api/v1/dlq?channel=sms").await;
+    assert_eq!(filtered["items"], json!([]), "no dead letter for sms");
+    let (_, paged) = h.get("/api/v1/dlq?limit=1").await;
+    assert_eq!(paged["items"].as_array().map(Vec::len), Some(1));
+    let after = paged["next_after_seq"]
+        .as_u64()
+        .expect("more after the first");
+    let (_, rest) = h.get(&format!("/api/v1/dlq?after_seq={after}")).await;
+    assert_eq!(rest["items"].as_array().map(Vec::len), Some(1));
+    assert_ne!(rest["items"][0]["seq"], paged["items"][0]["seq"]);
+
+    // Provider back: replaying one entry delivers it, and the entry is gone.
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    assert_eq!(replayed["notification_id"], first.as_str());
+    assert_eq!(replayed["status"], "queued");
+    let delivered = h.wait_status(&first, "sent").await;
+    assert_eq!(delivered["final_channel"], "email");
+    let (status, again) = h
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{again}");
+    let (_, page) = h.get("/api/v1/dlq").await;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
+
+    // Replay by filter: the other one.
+    let (status, report) = h
+        .post("/api/v1/dlq/replay", &json!({ "channel": "email" }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(
+        report["replayed"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert_eq!(report["replayed"][0]["notification_id"], second.as_str());
+    h.wait_status(&second, "sent").await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, vec!["ada@example.com", "bob@example.com"]);
+    let (_, page) = h.get("/api/v1/dlq").await;
+    assert_eq!(page["items"], json!([]));
+    let (status, _) = h.post("/api/v1/dlq/999999/replay", &json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    w.herald.shutdown().await.expect("shutdown");
+}

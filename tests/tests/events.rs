@@ -1,0 +1,575 @@
+//! Domain events end to end: a real NATS client (or the orders API, through the outbox) publishes
+//! events; the router turns them into notifications that arrive at the SMTP sink; duplicates
+//! notify once; unknown customers and malformed events go to the dead-letter stream with a
+//! reason and the router keeps going. Also the customers, orders and templates APIs.
+
+use std::time::Duration;
+
+use async_nats::{HeaderMap, jetstream};
+use futures::StreamExt;
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+struct World {
+    nats: NatsServer,
+    smtp: SmtpSink,
+    _db: TestDatabase,
+    herald: TestHerald,
+}
+
+async fn world() -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald starts");
+    World {
+        nats,
+        smtp,
+        _db: db,
+        herald,
+    }
+}
+
+impl World {
+    /// Creates a customer through the API and asserts 201.
+    async fn customer(&self, id: &str, email: &str, locale: &str) {
+        let (status, body) = self
+            .herald
+            .post(
+                "/api/v1/customers",
+                &json!({"id": id, "name": "Ada", "email": email, "locale": locale,
+                        "timezone": "Europe/Berlin"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+
+    async fn put(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.herald
+            .request_with_key(Method::PUT, path, Some(self.herald.admin_key()), Some(body))
+            .await
+    }
+
+    async fn js(&self) -> jetstream::Context {
+        jetstream::new(self.nats.client().await.expect("nats client"))
+    }
+
+    /// Publishes raw bytes on `subject` with `msg_id`, as a producer would, and waits for the
+    /// stream's acknowledgement.
+    async fn publish(&self, subject: &str, msg_id: &str, payload: Vec<u8>) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        self.js()
+            .await
+            .publish_with_headers(subject.to_string(), headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored by JetStream");
+    }
+
+    async fn publish_event(&self, event: &Value, msg_id: &str) {
+        let subject = format!("events.{}", event["type"].as_str().expect("type"));
+        self.publish(&subject, msg_id, event.to_string().into_bytes())
+            .await;
+    }
+
+    /// Waits until the router has acknowledged every event published so far.
+    async fn router_idle(&self) {
+        let js = self.js().await;
+        eventually("the router to ack every event", E2E_TIMEOUT, || async {
+            let stream = js.get_stream("EVENTS").await.ok()?;
+            let mut consumer: jetstream::consumer::PullConsumer =
+                stream.get_consumer("herald-router").await.ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until every send command was acknowledged by the dispatcher.
+    async fn commands_drained(&self) {
+        let js = self.js().await;
+        eventually("NOTIFY to be drained", E2E_TIMEOUT, || async {
+            let mut stream = js.get_stream("NOTIFY").await.ok()?;
+            (stream.info().await.ok()?.state.messages == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+fn order_created(event_id: Uuid, customer: &str, number: &str) -> Value {
+    json!({
+        "v": 1,
+        "id": event_id,
+        "type": "orders.created",
+        "occurred_at": "2026-11-22T10:00:00Z",
+        "data": {
+            "customer_id": customer,
+            "order_number": number,
+            "total_minor": 4200,
+            "currency": "EUR",
+            "items": [{"name": "Green tea <organic>", "quantity": 2, "unit_price_minor": 2100}]
+        }
+    })
+}
+
+/// Every dead letter on `notify.dlq.events`, as (reason, payload).
+async fn event_dead_letters(nats: &NatsServer) -> Vec<(String, String)> {
+    let js = jetstream::new(nats.client().await.expect("client"));
+    let stream = js.get_stream("NOTIFY_DLQ").await.expect("dlq stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "notify.dlq.events".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let reason = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Herald-Dlq-Reason"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        out.push((
+            reason,
+            String::from_utf8_lossy(&message.payload).into_owned(),
+        ));
+    }
+    out
+}
+
+/// Waits until `n` event dead letters exist; returns them.
+async fn wait_dead_letters(nats: &NatsServer, n: usize) -> Vec<(String, String)> {
+    eventually(&format!("{n} event dead letters"), E2E_TIMEOUT, || async {
+        let letters = event_dead_letters(nats).await;
+        (letters.len() >= n).then_some(letters)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_order_created_event_emails_the_order_placed_template() {
+    let w = world().await;
+    w.customer("c-ada", "ada@example.com", "en-GB").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-ada", "1001"),
+        &event_id.to_string(),
+    )
+    .await;
+
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    let mail = &mails[0];
+    assert_eq!(mail.to, vec!["ada@example.com".to_string()]);
+    assert_eq!(
+        mail.subject.as_deref(),
+        Some("Your order 1001 is confirmed")
+    );
+    let text = mail.text_body().unwrap_or_default();
+    assert!(text.contains("Hello Ada,"), "{text}");
+    assert!(text.contains("Total: 42.00 EUR"), "{text}");
+    assert!(
+        text.contains("2 x Green tea <organic>: 42.00 EUR"),
+        "{text}"
+    );
+    let html = mail.html_body().unwrap_or_default();
+    assert!(html.contains("<strong>1001</strong>"), "{html}");
+    assert!(html.contains("42.00 EUR"), "{html}");
+    assert!(
+        !html.contains("<organic>"),
+        "the item name is escaped: {html}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn orders_through_the_api_notify_placed_then_shipped_in_the_customer_locale() {
+    let w = world().await;
+    w.customer("c-jonas", "jonas@example.com", "de-DE").await;
+    let (status, order) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "A-2002", "customer_id": "c-jonas", "total_minor": 1999,
+                    "currency": "EUR", "items": [{"name": "Tee", "quantity": 1, "unit_price_minor": 1999}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    assert_eq!(order["status"], "placed");
+    let placed = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("placed");
+    assert_eq!(
+        placed[0].subject.as_deref(),
+        Some("Ihre Bestellung A-2002 ist bestätigt"),
+        "German for de-DE"
+    );
+    assert!(
+        placed[0]
+            .text_body()
+            .unwrap_or_default()
+            .contains("Summe: 19.99 EUR")
+    );
+
+    let (status, shipped) = w
+        .put(
+            "/api/v1/orders/A-2002/status",
+            &json!({"status": "shipped", "tracking_number": "1Z999AA10123456784",
+                    "delivery_estimate": "2026-12-01"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{shipped}");
+    assert_eq!(shipped["status"], "shipped");
+    let mails = w
+        .smtp
+        .wait_for_count(2, E2E_TIMEOUT)
+        .await
+        .expect("shipped");
+    let mail = &mails[1];
+    assert_eq!(
+        mail.subject.as_deref(),
+        Some("Ihre Bestellung A-2002 wurde versandt")
+    );
+    let text = mail.text_body().unwrap_or_default();
+    assert!(
+        text.contains("Sendungsnummer: 1Z999AA10123456784"),
+        "{text}"
+    );
+    assert!(text.contains("2026-12-01"), "{text}");
+
+    let (_, stored) = w.herald.get("/api/v1/orders/A-2002").await;
+    assert_eq!(stored["tracking_number"], "1Z999AA10123456784");
+    // Delivered twice is a conflict the second time, and sends nothing.
+    let (status, _) = w
+        .put(
+            "/api/v1/orders/A-2002/status",
+            &json!({"status": "delivered"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = w
+        .put(
+            "/api/v1/orders/A-2002/status",
+            &json!({"status": "delivered"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict");
+    let mails = w
+        .smtp
+        .wait_for_count(3, E2E_TIMEOUT)
+        .await
+        .expect("delivered");
+    assert_eq!(
+        mails[2].subject.as_deref(),
+        Some("Your order A-2002 has arrived"),
+        "no German variant: English"
+    );
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 3);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn the_same_event_published_twice_sends_one_email() {
+    let w = world().await;
+    w.customer("c-grace", "grace@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    let event = order_created(event_id, "c-grace", "3003");
+    // The same Nats-Msg-Id is dropped by JetStream; a different one (a re-publish after the
+    // de-duplication window) reaches the router, which finds the notification already made.
+    w.publish_event(&event, &event_id.to_string()).await;
+    w.publish_event(&event, &event_id.to_string()).await;
+    w.publish_event(&event, &format!("{event_id}-again")).await;
+
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 1, "one email for one event");
+    let js = w.js().await;
+    let mut events = js.get_stream("EVENTS").await.expect("events");
+    assert_eq!(
+        events.info().await.expect("info").state.messages,
+        2,
+        "the repeat with the same id was de-duplicated by JetStream"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
+    let w = world().await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-ghost", "4004"),
+        &event_id.to_string(),
+    )
+    .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    let (reason, payload) = &letters[0];
+    assert!(
+        reason.contains("unknown customer") && reason.contains("c-ghost"),
+        "{reason}"
+    );
+    assert!(reason.contains("order_placed"), "names the rule: {reason}");
+    assert!(
+        payload.contains(&event_id.to_string()),
+        "the original event"
+    );
+    w.router_idle().await;
+    assert_eq!(w.smtp.count(), 0);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn malformed_events_are_dead_lettered_and_the_router_keeps_going() {
+    let w = world().await;
+    w.customer("c-lin", "lin@example.com", "en").await;
+    let unknown_type = json!({"v": 1, "id": Uuid::now_v7(), "type": "orders.exploded",
+                              "occurred_at": "2026-11-22T10:00:00Z", "data": {}});
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("events.orders.created", b"{not json".to_vec()),
+        (
+            "events.orders.created",
+            br#"{"v": 9, "id": "x", "type": "orders.created"}"#.to_vec(),
+        ),
+        (
+            "events.orders.exploded",
+            unknown_type.to_string().into_bytes(),
+        ),
+    ];
+    for (i, (subject, payload)) in poison.into_iter().enumerate() {
+        w.publish(subject, &format!("poison-{i}"), payload).await;
+    }
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-lin", "5005"),
+        &event_id.to_string(),
+    )
+    .await;
+
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["lin@example.com".to_string()]);
+    let letters = wait_dead_letters(&w.nats, 3).await;
+    let reasons: Vec<&str> = letters.iter().map(|(r, _)| r.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("malformed event")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown event schema version 9")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown event type")),
+        "{reasons:?}"
+    );
+    w.router_idle().await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_order_stored_while_nats_is_down_is_published_by_the_outbox_relay() {
+    let mut w = world().await;
+    w.customer("c-mo", "mo@example.com", "en").await;
+    w.nats.kill().await.expect("kill nats");
+    let (status, order) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "6006", "customer_id": "c-mo", "total_minor": 500,
+                    "currency": "USD"}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "stored, event in the outbox: {order}"
+    );
+    w.nats.restart().await.expect("restart nats");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 6006 is confirmed")
+    );
+    assert!(
+        mails[0]
+            .text_body()
+            .unwrap_or_default()
+            .contains("5.00 USD")
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn customers_api_creates_reads_and_replaces() {
+    let w = world().await;
+    w.customer("c-1", "one@example.com", "en").await;
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-1", "email": "x@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict");
+
+    let (status, got) = w.herald.get("/api/v1/customers/c-1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(got["email"], "one@example.com");
+    assert_eq!(got["timezone"], "Europe/Berlin");
+
+    let (status, body) = w
+        .put(
+            "/api/v1/customers/c-1",
+            &json!({"timezone": "Mars/Olympus"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "timezone");
+    let (status, body) = w
+        .put("/api/v1/customers/c-1", &json!({"phone": "0151 123"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "phone");
+
+    let (status, updated) = w
+        .put(
+            "/api/v1/customers/c-1",
+            &json!({"name": "Uno", "phone": "+4915112345678", "telegram_chat_id": "42",
+                    "push_tokens": ["tok-1"], "locale": "de-AT", "timezone": "Europe/Vienna"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{updated}");
+    let (_, got) = w.herald.get("/api/v1/customers/c-1").await;
+    assert_eq!(got["phone"], "+4915112345678");
+    assert_eq!(got["push_tokens"], json!(["tok-1"]));
+    assert_eq!(got["locale"], "de-AT");
+    assert!(got.get("email").is_none(), "PUT replaces: {got}");
+
+    let (status, body) = w.herald.get("/api/v1/customers/nobody").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "not_found");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn orders_api_refuses_unknown_customers_and_bad_transitions() {
+    let w = world().await;
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "7", "customer_id": "nobody", "total_minor": 1, "currency": "EUR"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "customer_id");
+
+    w.customer("c-7", "seven@example.com", "en").await;
+    let order =
+        json!({"order_number": "7", "customer_id": "c-7", "total_minor": 1, "currency": "EUR"});
+    let (status, _) = w.herald.post("/api/v1/orders", &order).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = w.herald.post("/api/v1/orders", &order).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    let (status, body) = w
+        .put("/api/v1/orders/7/status", &json!({"status": "delivered"}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("placed; it cannot become delivered"),
+        "{body}"
+    );
+    let (status, body) = w
+        .put("/api/v1/orders/7/status", &json!({"status": "shipped"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "tracking_number");
+    let (status, _) = w
+        .put("/api/v1/orders/nope/status", &json!({"status": "paid"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn templates_api_lists_and_previews() {
+    let w = world().await;
+    let (status, list) = w.herald.get("/api/v1/templates").await;
+    assert_eq!(status, StatusCode::OK);
+    let shipped = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|t| t["code"] == "order_shipped")
+        .expect("order_shipped listed")
+        .clone();
+    assert_eq!(shipped["locales"], json!(["en", "de"]));
+    assert!(
+        shipped["variables"]
+            .as_array()
+            .expect("variables")
+            .iter()
+            .any(|v| v["name"] == "tracking_number" && v["required"] == true)
+    );
+
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/templates/order_shipped/preview",
+            &json!({"variables": {"order_number": "1"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "variables.tracking_number");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tracking_number")
+    );
+
+    let (status, preview) = w
+        .herald
+        .post(
+            "/api/v1/templates/order_shipped/preview",
+            &json!({"locale": "de-CH", "variables": {"order_number": "1", "tracking_number": "<b>T1</b>"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["locale"], "de");
+    let html = preview["html"].as_str().unwrap_or_default();
+    assert!(!html.contains("<b>T1</b>"), "escaped: {html}");
+    assert!(
+        preview["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Sendungsnummer: <b>T1</b>")
+    );
+
+    let (status, _) = w
+        .herald
+        .post("/api/v1/templates/nope/preview", &json!({"variables": {}}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    w.herald.shutdown().await.expect("clean shutdown");
+}

@@ -1,0 +1,637 @@
+//! Recipients' wishes and limits end to end: preferences (opt-outs, failover, all-out ⇒ skipped),
+//! quiet hours (deferred, then delivered; critical at once), per-user rate limits (drop and
+//! defer), scheduled sends across an engine restart, cancel, bulk fan-out to 10k customers
+//! exactly once, and retention.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{Duration as ChronoDuration, Utc};
+use herald_actors::channel::webhook::WebhookConfig;
+use herald_actors::rate_limit::{CategoryLimit, OverLimit};
+use herald_engine::Config;
+use herald_entities::{NotificationStatus, customer, notification};
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
+use reqwest::StatusCode;
+use sea_orm::{ActiveValue::Set, EntityTrait};
+use serde_json::{Value, json};
+use uuid::Uuid;
+use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
+
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+struct World {
+    nats: NatsServer,
+    smtp: SmtpSink,
+    db: TestDatabase,
+    hooks: MockServer,
+    herald: TestHerald,
+}
+
+impl World {
+    fn config(&self, tune: impl FnOnce(&mut Config)) -> Config {
+        config(&self.nats, &self.db, &self.smtp, tune)
+    }
+}
+
+fn config(
+    nats: &NatsServer,
+    db: &TestDatabase,
+    smtp: &SmtpSink,
+    tune: impl FnOnce(&mut Config),
+) -> Config {
+    let mut config = test_config(nats, db, smtp);
+    config.channels.webhook = Some(WebhookConfig {
+        secret: WEBHOOK_SECRET.into(),
+        timeout_ms: 2_000,
+    });
+    config.scheduler.poll_interval_ms = 100;
+    tune(&mut config);
+    config
+}
+
+async fn world(tune: impl FnOnce(&mut Config)) -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let hooks = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&hooks)
+        .await;
+    let herald = TestHerald::start(config(&nats, &db, &smtp, tune))
+        .await
+        .expect("herald starts");
+    World {
+        nats,
+        smtp,
+        db,
+        hooks,
+        herald,
+    }
+}
+
+fn customer_row(external_id: &str, locale: &str, webhook: Option<String>) -> customer::ActiveModel {
+    let now = Utc::now();
+    customer::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        external_id: Set(external_id.to_string()),
+        name: Set(Some(format!("Customer {external_id}"))),
+        email: Set(Some(format!("{external_id}@example.com"))),
+        phone: Set(None),
+        telegram_chat_id: Set(None),
+        push_tokens: Set(json!([])),
+        webhook_url: Set(webhook),
+        locale: Set(locale.to_string()),
+        timezone: Set("UTC".into()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    }
+}
+
+/// Stores customers directly, 500 per INSERT.
+async fn add_customers(herald: &TestHerald, rows: Vec<customer::ActiveModel>) {
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<_> = rows.by_ref().take(500).collect();
+        customer::Entity::insert_many(chunk)
+            .exec_without_returning(herald.db())
+            .await
+            .expect("customers stored");
+    }
+}
+
+fn to_customer(id: &str, category: &str, channels: &[&str]) -> Value {
+    json!({
+        "recipient": { "customer_id": id },
+        "category": category,
+        "channels": channels,
+        "content": { "subject": format!("A {category} message"), "text": "Hello from the shop." }
+    })
+}
+
+async fn put_preferences(herald: &TestHerald, id: &str, body: &Value) -> (StatusCode, Value) {
+    let response = herald
+        .http()
+        .put(format!(
+            "{}/api/v1/customers/{id}/preferences",
+            herald.base()
+        ))
+        .json(body)
+        .send()
+        .await
+        .expect("PUT preferences");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn notification_json(herald: &TestHerald, id: &str) -> Value {
+    herald.get(&format!("/api/v1/notifications/{id}")).await.1
+}
+
+#[tokio::test]
+async fn preferences_round_trip_and_security_cannot_be_opted_out_of() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("ada", "en", None)]).await;
+
+    let (status, empty) = w.herald.get("/api/v1/customers/ada/preferences").await;
+    assert_eq!(status, StatusCode::OK, "{empty}");
+    assert_eq!(empty["preferences"], json!([]));
+    assert_eq!(empty["critical_categories"], json!(["security"]));
+
+    let wishes = json!({
+        "preferences": [
+            { "category": "marketing", "enabled": false },
+            { "category": "marketing", "channel": "email", "enabled": true }
+        ],
+        "quiet_hours": { "start": "22:00", "end": "07:30", "timezone": "Europe/Berlin" }
+    });
+    let (status, stored) = put_preferences(&w.herald, "ada", &wishes).await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+    let (_, read) = w.herald.get("/api/v1/customers/ada/preferences").await;
+    assert_eq!(
+        read["preferences"].as_array().map(Vec::len),
+        Some(2),
+        "{read}"
+    );
+    assert_eq!(read["quiet_hours"]["end"], "07:30");
+    assert_eq!(read["quiet_hours"]["timezone"], "Europe/Berlin");
+
+    let opt_out_of_security = json!({
+        "preferences": [
+            { "category": "marketing", "enabled": false },
+            { "category": "security", "channel": "email", "enabled": false }
+        ]
+    });
+    let (status, error) = put_preferences(&w.herald, "ada", &opt_out_of_security).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["field"], "preferences[1].enabled");
+    assert_eq!(error["code"], "invalid_request");
+
+    let bad_zone =
+        json!({ "quiet_hours": { "start": "22:00", "end": "07:00", "timezone": "Mars/Base" } });
+    let (status, error) = put_preferences(&w.herald, "ada", &bad_zone).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["field"], "quiet_hours.timezone");
+
+    let (status, _) = put_preferences(&w.herald, "nobody", &wishes).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_opted_out_channel_is_skipped_and_all_out_is_skipped_with_the_reason() {
+    let w = world(|_| {}).await;
+    let hook = format!("{}/hooks/grace", w.hooks.uri());
+    add_customers(&w.herald, vec![customer_row("grace", "en", Some(hook))]).await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "grace",
+        &json!({ "preferences": [
+            { "category": "transactional", "channel": "webhook", "enabled": false },
+            { "category": "marketing", "enabled": false },
+            { "category": "security", "enabled": true }
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Webhook opted out: the chain moves on to email.
+    let id = w
+        .herald
+        .send_accepted(&to_customer(
+            "grace",
+            "transactional",
+            &["webhook", "email"],
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "email");
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts[0]["channel"], "webhook");
+    assert_eq!(attempts[0]["status"], "opted_out");
+    assert_eq!(attempts[1]["status"], "sent");
+
+    // Marketing opted out everywhere: skipped, with the reason.
+    let id = w
+        .herald
+        .send_accepted(&to_customer("grace", "marketing", &["webhook", "email"]))
+        .await;
+    let skipped = w.herald.wait_status(&id, "skipped").await;
+    let reason = skipped["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("opted_out"), "{skipped}");
+    assert!(reason.contains("marketing"), "{skipped}");
+    assert_eq!(skipped["attempts"].as_array().map(Vec::len), Some(2));
+
+    // Security is critical: delivered on the first channel whatever the preferences.
+    let id = w
+        .herald
+        .send_accepted(&to_customer("grace", "security", &["webhook", "email"]))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "webhook");
+
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails.len(), 1, "only the transactional one went by email");
+    let hooks = w.hooks.received_requests().await.unwrap_or_default();
+    assert_eq!(hooks.len(), 1, "only the security alert went by webhook");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("linus", "en", None)]).await;
+    // A window that started an hour ago and ends in 3 seconds (UTC wall clock).
+    let now = Utc::now();
+    let end = now + ChronoDuration::seconds(3);
+    let (status, body) = put_preferences(
+        &w.herald,
+        "linus",
+        &json!({ "quiet_hours": {
+            "start": (now - ChronoDuration::hours(1)).format("%H:%M:%S").to_string(),
+            "end": end.format("%H:%M:%S").to_string(),
+            "timezone": "UTC"
+        }}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let held = w
+        .herald
+        .send_accepted(&to_customer("linus", "transactional", &["email"]))
+        .await;
+    let alert = w
+        .herald
+        .send_accepted(&to_customer("linus", "security", &["email"]))
+        .await;
+    let deferred = eventually("the deferral to be recorded", E2E_TIMEOUT, || async {
+        let json = notification_json(&w.herald, &held).await;
+        json["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferred: quiet hours until"))
+            .then_some(json)
+    })
+    .await;
+    assert_eq!(deferred["status"], "processing", "{deferred}");
+    let sent_alert = w.herald.wait_status(&alert, "sent").await;
+    let alert_at = sent_alert["sent_at"].as_str().expect("sent_at").to_string();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&alert_at).expect("time") < end,
+        "the security alert did not wait for the window"
+    );
+
+    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, window ended {end}"
+    );
+    w.smtp
+        .wait_for_count(2, E2E_TIMEOUT)
+        .await
+        .expect("both mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn the_fourth_marketing_message_is_dropped_while_transactional_ones_pass() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("mia", "en", None)]).await;
+    let mut marketing = Vec::new();
+    for _ in 0..4 {
+        let id = w
+            .herald
+            .send_accepted(&to_customer("mia", "marketing", &["email"]))
+            .await;
+        marketing.push(id);
+    }
+    let mut transactional = Vec::new();
+    for _ in 0..5 {
+        let id = w
+            .herald
+            .send_accepted(&to_customer("mia", "transactional", &["email"]))
+            .await;
+        transactional.push(id);
+    }
+    for id in &transactional {
+        w.herald.wait_status(id, "sent").await;
+    }
+    let mut outcomes = Vec::new();
+    for id in &marketing {
+        let done = eventually("a marketing outcome", E2E_TIMEOUT, || async {
+            let json = notification_json(&w.herald, id).await;
+            matches!(json["status"].as_str(), Some("sent" | "skipped")).then_some(json)
+        })
+        .await;
+        outcomes.push(done);
+    }
+    let skipped: Vec<&Value> = outcomes
+        .iter()
+        .filter(|j| j["status"] == "skipped")
+        .collect();
+    assert_eq!(skipped.len(), 1, "{outcomes:?}");
+    let reason = skipped[0]["status_reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("rate_limited"), "{reason}");
+    w.smtp
+        .wait_for_count(8, E2E_TIMEOUT)
+        .await
+        .expect("3 + 5 mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn over_the_limit_with_policy_defer_waits_for_a_token() {
+    let w = world(|config| {
+        config.rate_limits.0.insert(
+            "marketing".into(),
+            CategoryLimit {
+                capacity: 2,
+                per_secs: 2,
+                policy: OverLimit::Defer,
+            },
+        );
+    })
+    .await;
+    add_customers(&w.herald, vec![customer_row("noor", "en", None)]).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            w.herald
+                .send_accepted(&to_customer("noor", "marketing", &["email"]))
+                .await,
+        );
+    }
+    let mut deferred = 0;
+    for id in &ids {
+        let sent = w.herald.wait_status(id, "sent").await;
+        if sent["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferred: rate limited"))
+        {
+            deferred += 1;
+        }
+    }
+    assert!(deferred >= 1, "one had to wait for a token");
+    w.smtp
+        .wait_for_count(3, E2E_TIMEOUT)
+        .await
+        .expect("3 mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_scheduled_notification_is_delivered_after_an_engine_restart_and_cancel_works() {
+    let mut w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("olga", "en", None)]).await;
+    let mut body = to_customer("olga", "transactional", &["email"]);
+    body["scheduled_at"] = json!((Utc::now() + ChronoDuration::seconds(3)).to_rfc3339());
+    let (status, accepted) = w.herald.send(&body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["status"], "scheduled");
+    let due = accepted["id"].as_str().expect("id").to_string();
+
+    let mut later = to_customer("olga", "transactional", &["email"]);
+    later["scheduled_at"] = json!((Utc::now() + ChronoDuration::hours(1)).to_rfc3339());
+    let cancelled = w.herald.send_accepted(&later).await;
+
+    // Stop the engine before it is due, start a new one on the same database and NATS.
+    let restart_config = w.config(|_| {});
+    w.herald.shutdown().await.expect("clean shutdown");
+    assert_eq!(w.smtp.count(), 0, "nothing went out early");
+    w.herald = TestHerald::start(restart_config).await.expect("restarts");
+    let json = notification_json(&w.herald, &due).await;
+    assert!(
+        matches!(
+            json["status"].as_str(),
+            Some("scheduled" | "queued" | "processing" | "sent")
+        ),
+        "{json}"
+    );
+    let sent = w.herald.wait_status(&due, "sent").await;
+    assert!(sent["scheduled_at"].is_string());
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+
+    let cancel = |id: String| {
+        let herald = &w.herald;
+        async move {
+            herald
+                .post(&format!("/api/v1/notifications/{id}/cancel"), &json!({}))
+                .await
+        }
+    };
+    let (status, view) = cancel(cancelled.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["status_reason"], "cancelled by API request");
+    let (status, error) = cancel(cancelled.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error}");
+    assert_eq!(error["code"], "conflict");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled")
+    );
+    let (status, error) = cancel(due.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sent")
+    );
+    let (status, _) = cancel(Uuid::now_v7().to_string()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // The cancelled one never goes out, even once due: the scheduler only takes `scheduled`.
+    if let Some(scheduler) = w.herald.app().scheduler() {
+        let _ = scheduler
+            .call(
+                herald_actors::scheduler::SchedulerMsg::RunNow,
+                Some(Duration::from_secs(5)),
+            )
+            .await;
+    }
+    assert_eq!(w.smtp.count(), 1);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_bulk_list_sends_once_per_recipient_and_reports_progress() {
+    let w = world(|_| {}).await;
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [
+                    { "email": "a@example.com" },
+                    { "email": "b@example.com" },
+                    { "email": "a@example.com" }
+                ],
+                "category": "account",
+                "channels": ["email"],
+                "content": { "subject": "Terms updated", "text": "We updated our terms." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], 2, "the repeated recipient counts once");
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+    let progress = eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(json)
+    })
+    .await;
+    assert_eq!(progress["published"], 2);
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert_eq!(mails.len(), 2);
+
+    let (status, error) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "nope" }],
+                "category": "account",
+                "content": { "text": "x" }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["field"], "recipients[0].email");
+    let (status, _) = w
+        .herald
+        .get(&format!("/api/v1/batches/{}", Uuid::now_v7()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_bulk_send_to_10k_customers_delivers_10k_emails_exactly_once() {
+    const CUSTOMERS: usize = 10_000;
+    let w = world(|_| {}).await;
+    let started = std::time::Instant::now();
+    let mut rows: Vec<_> = (0..CUSTOMERS)
+        .map(|i| customer_row(&format!("bulk-{i:05}"), "de", None))
+        .collect();
+    rows.extend((0..50).map(|i| customer_row(&format!("other-{i:02}"), "en", None)));
+    add_customers(&w.herald, rows).await;
+    let stored = started.elapsed();
+
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "filter": { "locale": "de" },
+                "category": "marketing",
+                "channels": ["email"],
+                "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], CUSTOMERS);
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+
+    let mails = w
+        .smtp
+        .wait_for_count(CUSTOMERS, Duration::from_secs(240))
+        .await
+        .expect("every mail");
+    let delivered = started.elapsed();
+    let progress = eventually(
+        "the batch to be done and sent",
+        Duration::from_secs(60),
+        || async {
+            let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+            (json["status"] == "done"
+                && json["counts"] == json!([{ "status": "sent", "count": CUSTOMERS }]))
+            .then_some(json)
+        },
+    )
+    .await;
+    assert_eq!(progress["published"], CUSTOMERS);
+    // Nothing more arrives once every notification is final.
+    let mails_after = w.smtp.messages();
+    assert_eq!(mails_after.len(), CUSTOMERS, "exactly once");
+    let ids: HashSet<_> = mails.iter().filter_map(|m| m.message_id.clone()).collect();
+    assert_eq!(ids.len(), CUSTOMERS, "no duplicate Message-IDs");
+    let recipients: HashSet<_> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    assert_eq!(recipients.len(), CUSTOMERS, "each customer once");
+    assert!(
+        !recipients.contains("other-00@example.com"),
+        "the filter holds"
+    );
+    eprintln!(
+        "bulk: {CUSTOMERS} customers stored in {stored:.2?}; all delivered {:.2?} after start",
+        delivered
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
+    let w = world(|config| {
+        config.scheduler.retention_days = 7;
+        config.scheduler.retention_interval_secs = 1;
+    })
+    .await;
+    let recent = w
+        .herald
+        .send_accepted(&json!({
+            "recipient": { "email": "ada@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "text": "recent" }
+        }))
+        .await;
+    w.herald.wait_status(&recent, "sent").await;
+    let old = Uuid::now_v7();
+    let long_ago = Utc::now() - ChronoDuration::days(10);
+    notification::Entity::insert(notification::ActiveModel {
+        id: Set(old),
+        request_id: Set(None),
+        customer_id: Set(None),
+        recipient_key: Set("old@example.com".into()),
+        contacts: Set(json!({ "email": "old@example.com" })),
+        category: Set("transactional".into()),
+        channels: Set(json!(["email"])),
+        content: Set(json!({ "text": "old" })),
+        status: Set(NotificationStatus::Sent),
+        status_reason: Set(None),
+        scheduled_at: Set(None),
+        final_channel: Set(Some("email".into())),
+        attempts: Set(1),
+        error: Set(None),
+        created_at: Set(long_ago),
+        updated_at: Set(long_ago),
+        sent_at: Set(Some(long_ago)),
+        batch_id: Set(None),
+    })
+    .exec_without_returning(w.herald.db())
+    .await
+    .expect("old row");
+    eventually(
+        "the old notification to be removed",
+        E2E_TIMEOUT,
+        || async {
+            let (status, _) = w.herald.get(&format!("/api/v1/notifications/{old}")).await;
+            (status == StatusCode::NOT_FOUND).then_some(())
+        },
+    )
+    .await;
+    let (status, _) = w
+        .herald
+        .get(&format!("/api/v1/notifications/{recent}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "recent ones stay");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
