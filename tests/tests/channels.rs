@@ -110,6 +110,101 @@ fn statuses(notification: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// The Standard Webhooks signature computed from the specification alone (RustCrypto HMAC and
+/// base64), not with Herald's code: `v1,` + base64(HMAC-SHA256(base64-decoded key after `whsec_`,
+/// "{id}.{timestamp}.{body}")).
+fn independent_signature(id: &str, timestamp: i64, body: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let key = engine
+        .decode(WEBHOOK_SECRET.trim_start_matches("whsec_"))
+        .expect("key");
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).expect("hmac key");
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    format!("v1,{}", engine.encode(mac.finalize().into_bytes()))
+}
+
+#[tokio::test]
+async fn a_recipient_without_a_chat_id_fails_over_to_email_without_calling_telegram() {
+    let w = world(|_| {}).await;
+    let id = w
+        .herald
+        .send_accepted(&notification(
+            &["telegram", "email"],
+            json!({"email": "ada@example.com"}),
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "no_contact".to_string()),
+            ("email".to_string(), "sent".to_string())
+        ]
+    );
+    assert!(
+        w.provider
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "Telegram was not called"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_channel_actor_crashing_under_traffic_loses_no_notification() {
+    let w = world(|_| {}).await;
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(telegram_ok().set_delay(Duration::from_millis(50)))
+        .mount(&w.provider)
+        .await;
+    let channels = w.herald.app().channels().clone();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        if i == 20 {
+            channels
+                .get(herald_nats::Channel::Telegram)
+                .expect("telegram actor")
+                .cast(herald_actors::channel::ChannelMsg::Crash)
+                .expect("crash");
+        }
+        ids.push(
+            w.herald
+                .send_accepted(&notification(&["telegram"], everyone()))
+                .await,
+        );
+    }
+    for id in &ids {
+        w.herald.wait_status(id, "sent").await;
+    }
+    let requests = w
+        .provider
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .len();
+    assert!(
+        requests >= 40,
+        "every notification reached Telegram ({requests} requests)"
+    );
+    let metrics = w
+        .herald
+        .http()
+        .get(format!("{}/metrics", w.herald.base()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("herald_actor_restarts_total{actor=\"channel\"}"));
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_failing_telegram_fails_over_to_email() {
     let w = world(|_| {}).await;
@@ -397,6 +492,11 @@ async fn push_and_signed_webhooks_are_delivered() {
             &header("webhook-signature")
         ),
         "the receiver can verify the signature"
+    );
+    assert_eq!(
+        header("webhook-signature"),
+        independent_signature(&hook, timestamp, &body),
+        "an independent implementation of the scheme computes the same signature"
     );
     w.herald.shutdown().await.expect("shutdown");
 }
