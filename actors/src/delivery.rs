@@ -582,9 +582,23 @@ async fn dead(
     permit: Lease,
 ) {
     let id = command.notification_id;
+    let mut providers: Vec<String> = attempts
+        .iter()
+        .map(|a| a.provider.clone())
+        .filter(|p| p != "-")
+        .collect();
+    providers.dedup();
     let published = ctx
         .publisher
-        .publish_dead_letter("cmd", subject, delivered, &reason, payload, &id.to_string())
+        .publish_dead_letter(
+            "cmd",
+            subject,
+            delivered,
+            &reason,
+            payload,
+            &id.to_string(),
+            &providers,
+        )
         .await;
     if let Err(err) = published {
         tracing::warn!(%id, error = %err, "cannot dead-letter; retrying later");
@@ -634,6 +648,7 @@ async fn dead_letter_poison(
             reason,
             message.payload.clone(),
             msg_id,
+            &[],
         )
         .await;
     let settled = match published {

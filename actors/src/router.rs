@@ -344,6 +344,7 @@ async fn dead_letter(ctx: &RouterContext, letter: Poison) -> bool {
             &letter.reason,
             letter.payload,
             &letter.msg_id,
+            &[],
         )
         .await
     {

@@ -61,6 +61,8 @@ pub struct DeadLetterView {
     pub category: Option<String>,
     /// Its channel chain.
     pub channels: Vec<String>,
+    /// Providers tried on its last delivery.
+    pub providers: Vec<String>,
     /// Its customer.
     pub customer_id: Option<String>,
     /// Whether it can be replayed (a readable send command).
@@ -94,6 +96,8 @@ pub struct Replayed {
 pub struct ReplayFilter {
     /// Only commands whose chain includes this channel.
     pub channel: Option<ApiChannel>,
+    /// Only commands whose last delivery tried this provider (e.g. `telegram`, `smtp`).
+    pub provider: Option<String>,
     /// Dead-lettered at or after.
     pub from: Option<DateTime<Utc>>,
     /// Dead-lettered before.
@@ -147,6 +151,8 @@ impl DlqApi {
         limit: Query<Option<u32>>,
         /// Only commands whose chain includes this channel.
         channel: Query<Option<ApiChannel>>,
+        /// Only commands whose last delivery tried this provider (e.g. `telegram`, `smtp`).
+        provider: Query<Option<String>>,
         /// Dead-lettered at or after (RFC 3339).
         from: Query<Option<DateTime<Utc>>>,
         /// Dead-lettered before (RFC 3339).
@@ -155,6 +161,7 @@ impl DlqApi {
         let limit = limit.0.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as usize;
         let filter = EntryFilter {
             channel: channel.0,
+            provider: provider.0,
             from: from.0,
             to: to.0,
         };
@@ -197,6 +204,7 @@ impl DlqApi {
         let limit = body.0.limit.unwrap_or(100).clamp(1, MAX_REPLAY) as usize;
         let filter = EntryFilter {
             channel: body.0.channel,
+            provider: body.0.provider,
             from: body.0.from,
             to: body.0.to,
         };
@@ -278,6 +286,7 @@ impl DlqApi {
 
 struct EntryFilter {
     channel: Option<ApiChannel>,
+    provider: Option<String>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 }
@@ -286,6 +295,11 @@ impl EntryFilter {
     fn matches(&self, letter: &DeadLetter) -> bool {
         if self.from.is_some_and(|from| letter.at < from)
             || self.to.is_some_and(|to| letter.at >= to)
+        {
+            return false;
+        }
+        if let Some(provider) = &self.provider
+            && !letter.providers.iter().any(|p| p == provider)
         {
             return false;
         }
@@ -318,6 +332,7 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
             })
             .unwrap_or_default(),
         customer_id: command.as_ref().and_then(|c| c.customer_id.clone()),
+        providers: letter.providers.clone(),
         replayable: command.is_some(),
     }
 }
@@ -325,4 +340,36 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
 fn unavailable(err: herald_nats::NatsError) -> ApiError {
     tracing::warn!(error = %err, "dead-letter stream unavailable");
     ApiError::unavailable("the dead-letter stream is unavailable; retry later")
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::*;
+
+    fn letter(providers: &[&str]) -> DeadLetter {
+        DeadLetter {
+            seq: 1,
+            subject: "notify.dlq.cmd".into(),
+            reason: Some("gave up".into()),
+            original_subject: Some("notify.cmd.1".into()),
+            deliveries: Some(3),
+            providers: providers.iter().map(|p| p.to_string()).collect(),
+            at: Utc::now(),
+            payload: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_provider_filter_matches_providers_tried() {
+        let filter = |provider: Option<&str>| EntryFilter {
+            channel: None,
+            provider: provider.map(str::to_string),
+            from: None,
+            to: None,
+        };
+        assert!(filter(None).matches(&letter(&[])));
+        assert!(filter(Some("telegram")).matches(&letter(&["telegram", "smtp"])));
+        assert!(!filter(Some("twilio")).matches(&letter(&["telegram", "smtp"])));
+        assert!(!filter(Some("telegram")).matches(&letter(&[])));
+    }
 }

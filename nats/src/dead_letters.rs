@@ -23,6 +23,8 @@ pub struct DeadLetter {
     pub original_subject: Option<String>,
     /// How many times it had been delivered (`Herald-Deliveries`).
     pub deliveries: Option<u64>,
+    /// Providers tried on its last delivery (`Herald-Providers`).
+    pub providers: Vec<String>,
     /// When it was dead-lettered.
     pub at: DateTime<Utc>,
     /// The original message, unchanged.
@@ -125,6 +127,9 @@ fn convert(message: async_nats::jetstream::message::StreamMessage) -> DeadLetter
         reason: header(subjects::HEADER_DLQ_REASON),
         original_subject: header(subjects::HEADER_DLQ_ORIGINAL_SUBJECT),
         deliveries: header(subjects::HEADER_DLQ_DELIVERIES).and_then(|d| d.parse().ok()),
+        providers: header(subjects::HEADER_DLQ_PROVIDERS)
+            .map(|p| p.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
         at,
         payload: message.payload,
     }

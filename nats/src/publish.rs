@@ -96,9 +96,16 @@ impl Publisher {
         reason: &str,
         payload: Bytes,
         msg_id: &str,
+        providers: &[String],
     ) -> Result<(), NatsError> {
         let mut headers = HeaderMap::new();
         headers.insert(subjects::HEADER_DLQ_REASON, header_safe(reason).as_str());
+        if !providers.is_empty() {
+            headers.insert(
+                subjects::HEADER_DLQ_PROVIDERS,
+                header_safe(&providers.join(",")).as_str(),
+            );
+        }
         headers.insert(
             subjects::HEADER_DLQ_ORIGINAL_SUBJECT,
             header_safe(original_subject).as_str(),

@@ -30,6 +30,9 @@ pub const DISPATCH_CONSUMER: &str = "herald-dispatch";
 pub const HEADER_DLQ_REASON: &str = "Herald-Dlq-Reason";
 /// Header naming the subject a dead letter was first published on.
 pub const HEADER_DLQ_ORIGINAL_SUBJECT: &str = "Herald-Original-Subject";
+/// Header naming the providers tried on the last delivery of a dead-lettered command,
+/// comma-separated.
+pub const HEADER_DLQ_PROVIDERS: &str = "Herald-Providers";
 /// Header carrying how many times the message had been delivered when it was dead-lettered.
 pub const HEADER_DLQ_DELIVERIES: &str = "Herald-Deliveries";
 

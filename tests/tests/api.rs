@@ -560,6 +560,11 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     assert_eq!(entry["deliveries"], 2);
     assert_eq!(entry["replayable"], true);
     assert_eq!(entry["channels"], json!(["email"]));
+    assert_eq!(
+        entry["providers"],
+        json!(["smtp"]),
+        "the provider tried is recorded"
+    );
     assert!(
         entry["original_subject"]
             .as_str()
@@ -569,6 +574,14 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     let seq = entry["seq"].as_u64().expect("seq");
     let (_, filtered) = h.get("/api/v1/dlq?channel=sms").await;
     assert_eq!(filtered["items"], json!([]), "no dead letter for sms");
+    let (_, by_provider) = h.get("/api/v1/dlq?provider=telegram").await;
+    assert_eq!(by_provider["items"], json!([]), "none tried telegram");
+    let (_, by_smtp) = h.get("/api/v1/dlq?provider=smtp").await;
+    assert_eq!(
+        by_smtp["items"].as_array().map(Vec::len),
+        Some(2),
+        "{by_smtp}"
+    );
     let (_, paged) = h.get("/api/v1/dlq?limit=1").await;
     assert_eq!(paged["items"].as_array().map(Vec::len), Some(1));
     let after = paged["next_after_seq"]
@@ -597,7 +610,10 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
 
     // Replay by filter: the other one.
     let (status, report) = h
-        .post("/api/v1/dlq/replay", &json!({ "channel": "email" }))
+        .post(
+            "/api/v1/dlq/replay",
+            &json!({ "channel": "email", "provider": "smtp" }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{report}");
     assert_eq!(
