@@ -19,7 +19,7 @@ use herald_entities::{
         status_batch::{NewAttempt, StatusChange},
     },
 };
-use herald_nats::{Channel, Contacts, Publisher, SendCommand};
+use herald_nats::{Channel, Contacts, DeadLetterHeaders, Publisher, SendCommand};
 use ractor::{ActorRef, rpc::CallResult};
 
 use crate::slot::ActorSlot;
@@ -591,13 +591,15 @@ async fn dead(
     let published = ctx
         .publisher
         .publish_dead_letter(
-            "cmd",
-            subject,
-            delivered,
-            &reason,
+            &DeadLetterHeaders {
+                source: "cmd",
+                original_subject: subject,
+                deliveries: delivered,
+                reason: &reason,
+                providers: &providers,
+            },
             payload,
             &id.to_string(),
-            &providers,
         )
         .await;
     if let Err(err) = published {
@@ -642,13 +644,15 @@ async fn dead_letter_poison(
     let published = ctx
         .publisher
         .publish_dead_letter(
-            "cmd",
-            &message.subject,
-            delivered,
-            reason,
+            &DeadLetterHeaders {
+                source: "cmd",
+                original_subject: &message.subject,
+                deliveries: delivered,
+                reason,
+                providers: &[],
+            },
             message.payload.clone(),
             msg_id,
-            &[],
         )
         .await;
     let settled = match published {

@@ -23,7 +23,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, Contacts, Content, DomainEvent, Publisher, SCHEMA_VERSION, SendCommand,
+    Category, Channel, Contacts, Content, DeadLetterHeaders, DomainEvent, Publisher,
+    SCHEMA_VERSION, SendCommand,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -338,13 +339,15 @@ async fn dead_letter(ctx: &RouterContext, letter: Poison) -> bool {
     match ctx
         .publisher
         .publish_dead_letter(
-            DLQ_SOURCE,
-            &letter.subject,
-            letter.delivered,
-            &letter.reason,
+            &DeadLetterHeaders {
+                source: DLQ_SOURCE,
+                original_subject: &letter.subject,
+                deliveries: letter.delivered,
+                reason: &letter.reason,
+                providers: &[],
+            },
             letter.payload,
             &letter.msg_id,
-            &[],
         )
         .await
     {

@@ -140,6 +140,8 @@ impl DlqApi {
 #[OpenApi(prefix_path = "/api/v1", tag = "DlqTags::DeadLetters")]
 impl DlqApi {
     /// List dead letters, oldest first, with the reason each was given up (scope `read`).
+    // One parameter per documented query field, as poem-openapi declares them.
+    #[allow(clippy::too_many_arguments)]
     #[oai(path = "/dlq", method = "get")]
     async fn list(
         &self,

@@ -21,7 +21,7 @@ pub use envelope::{
 };
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
-pub use publish::Publisher;
+pub use publish::{DeadLetterHeaders, Publisher};
 pub use streams::{Provisioned, StreamSettings, provision};
 
 /// Connects to NATS with a client name and unlimited reconnects, so the engine rides out a

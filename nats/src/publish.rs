@@ -5,6 +5,21 @@ use bytes::Bytes;
 
 use crate::{NatsError, SendCommand, StatusEvent, subjects};
 
+/// What a dead letter says about itself, in its headers.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetterHeaders<'a> {
+    /// The consumer that gave up (`cmd`, `events`): the subject is `notify.dlq.<source>`.
+    pub source: &'a str,
+    /// Where the message was first published.
+    pub original_subject: &'a str,
+    /// How many times it had been delivered.
+    pub deliveries: u64,
+    /// Why it is dead.
+    pub reason: &'a str,
+    /// Providers tried on the last delivery (commands only).
+    pub providers: &'a [String],
+}
+
 /// Publishes Herald's messages on JetStream. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -90,32 +105,36 @@ impl Publisher {
     /// Copies a message to the dead-letter stream with its reason and origin in headers.
     pub async fn publish_dead_letter(
         &self,
-        source: &str,
-        original_subject: &str,
-        deliveries: u64,
-        reason: &str,
+        letter: &DeadLetterHeaders<'_>,
         payload: Bytes,
         msg_id: &str,
-        providers: &[String],
     ) -> Result<(), NatsError> {
         let mut headers = HeaderMap::new();
-        headers.insert(subjects::HEADER_DLQ_REASON, header_safe(reason).as_str());
-        if !providers.is_empty() {
+        headers.insert(
+            subjects::HEADER_DLQ_REASON,
+            header_safe(letter.reason).as_str(),
+        );
+        if !letter.providers.is_empty() {
             headers.insert(
                 subjects::HEADER_DLQ_PROVIDERS,
-                header_safe(&providers.join(",")).as_str(),
+                header_safe(&letter.providers.join(",")).as_str(),
             );
         }
         headers.insert(
             subjects::HEADER_DLQ_ORIGINAL_SUBJECT,
-            header_safe(original_subject).as_str(),
+            header_safe(letter.original_subject).as_str(),
         );
         headers.insert(
             subjects::HEADER_DLQ_DELIVERIES,
-            deliveries.to_string().as_str(),
+            letter.deliveries.to_string().as_str(),
         );
-        self.publish_with_id(subjects::dlq_subject(source), msg_id, headers, payload)
-            .await
+        self.publish_with_id(
+            subjects::dlq_subject(letter.source),
+            msg_id,
+            headers,
+            payload,
+        )
+        .await
     }
 
     /// Whether the client is connected to a server right now.
