@@ -127,19 +127,6 @@ pub async fn find(
     Ok(notification::Entity::find_by_id(id).one(db).await?)
 }
 
-/// Only the status of a notification (the dispatcher's check before sending).
-pub async fn status_of(
-    db: &impl ConnectionTrait,
-    id: Uuid,
-) -> Result<Option<NotificationStatus>, RepoError> {
-    Ok(notification::Entity::find_by_id(id)
-        .select_only()
-        .column(notification::Column::Status)
-        .into_tuple::<NotificationStatus>()
-        .one(db)
-        .await?)
-}
-
 /// The statuses of many notifications in one query; unknown ids are absent from the map.
 pub async fn statuses_of(
     db: &impl ConnectionTrait,
