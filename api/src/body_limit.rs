@@ -1,30 +1,56 @@
-//! Request body size limit. Unlike poem's `SizeLimit`, bodies without `Content-Length` (GET,
-//! chunked uploads) are allowed; a chunked body is read up to the limit and refused beyond it.
+//! Request screening before any endpoint runs:
+//! - bodies are limited in size (unlike poem's `SizeLimit`, bodies without `Content-Length` are
+//!   allowed: they are read up to the limit and refused beyond it);
+//! - NUL characters are refused in bodies (`\u0000` in JSON), paths and queries (`%00`).
+//!   No database stores them in text (PostgreSQL refuses them outright), so they could only come
+//!   back as a server error; refusing them here gives every endpoint one clear 400.
 
 use poem::{Body, Endpoint, Error, Request, Result, http::StatusCode};
 
-/// Refuses bodies larger than `max` bytes with 413.
+/// Refuses bodies larger than `max` bytes with 413 and NUL characters with 400.
 pub async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> Result<E::Output> {
     let declared = req
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(len) if len > max as u64 => return Err(too_large(max)),
-        Some(_) => {}
-        None => {
-            let body = req.take_body();
-            if !body.is_empty() {
-                let bytes = body
-                    .into_bytes_limit(max)
-                    .await
-                    .map_err(|_| too_large(max))?;
-                req.set_body(Body::from_bytes(bytes));
-            }
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large(max));
+    }
+    if req
+        .uri()
+        .path_and_query()
+        .is_some_and(|pq| pq.as_str().to_ascii_lowercase().contains("%00"))
+    {
+        return Err(nul_refused("the URL"));
+    }
+    let body = req.take_body();
+    if !body.is_empty() {
+        let bytes = body
+            .into_bytes_limit(max)
+            .await
+            .map_err(|_| too_large(max))?;
+        if has_json_nul(&bytes) {
+            return Err(nul_refused("the body"));
         }
+        req.set_body(Body::from_bytes(bytes));
     }
     next.call(req).await
+}
+
+/// Whether JSON text holds a NUL character: a raw 0 byte, or a `\u0000` escape (one preceded by an
+/// odd number of backslashes would be a literal backslash followed by `u0000`, which is fine).
+fn has_json_nul(bytes: &[u8]) -> bool {
+    if bytes.contains(&0) {
+        return true;
+    }
+    let needle = b"u0000";
+    bytes.windows(needle.len()).enumerate().any(|(i, window)| {
+        window == needle && {
+            let backslashes = bytes[..i].iter().rev().take_while(|&&b| b == b'\\').count();
+            backslashes % 2 == 1
+        }
+    })
 }
 
 fn too_large(max: usize) -> Error {
@@ -32,4 +58,32 @@ fn too_large(max: usize) -> Error {
         format!("request body is larger than {max} bytes"),
         StatusCode::PAYLOAD_TOO_LARGE,
     )
+}
+
+fn nul_refused(place: &str) -> Error {
+    Error::from_string(
+        format!("{place} contains a NUL character (\\u0000), which Herald does not store"),
+        StatusCode::BAD_REQUEST,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_json_nul;
+
+    #[test]
+    fn escaped_nul_is_found_but_a_literal_backslash_u_is_not() {
+        assert!(has_json_nul(br#"{"name":"a\u0000b"}"#));
+        assert!(
+            has_json_nul(br#"{"name":"\\\u0000"}"#),
+            "escaped backslash, then NUL"
+        );
+        assert!(
+            !has_json_nul(br#"{"name":"\\u0000"}"#),
+            "the text backslash-u0000, not a NUL"
+        );
+        assert!(!has_json_nul(br#"{"name":"u0000"}"#));
+        assert!(has_json_nul(b"{\"a\":\"\x00\"}"));
+        assert!(!has_json_nul(br#"{"name":"plain"}"#));
+    }
 }
