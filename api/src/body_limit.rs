@@ -17,12 +17,11 @@ pub async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> R
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large(max));
     }
-    if req
-        .uri()
-        .path_and_query()
-        .is_some_and(|pq| pq.as_str().to_ascii_lowercase().contains("%00"))
-    {
-        return Err(nul_refused("the URL"));
+    if let Some(field) = nul_query_field(req.uri().query().unwrap_or_default()) {
+        return Err(crate::ApiError::invalid(&field, nul_message(&field)).into());
+    }
+    if req.uri().path().to_ascii_lowercase().contains("%00") {
+        return Err(nul_refused("the path"));
     }
     let body = req.take_body();
     if !body.is_empty() {
@@ -53,6 +52,25 @@ fn has_json_nul(bytes: &[u8]) -> bool {
     })
 }
 
+/// The first query parameter whose name or value holds an encoded NUL (`%00`).
+fn nul_query_field(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .find(|pair| pair.to_ascii_lowercase().contains("%00"))
+        .map(|pair| {
+            let name = pair.split('=').next().unwrap_or_default();
+            if name.to_ascii_lowercase().contains("%00") {
+                "query".to_string()
+            } else {
+                name.to_string()
+            }
+        })
+}
+
+fn nul_message(place: &str) -> String {
+    format!("{place} contains a NUL character (\\u0000), which Herald does not store")
+}
+
 fn too_large(max: usize) -> Error {
     Error::from_string(
         format!("request body is larger than {max} bytes"),
@@ -61,15 +79,22 @@ fn too_large(max: usize) -> Error {
 }
 
 fn nul_refused(place: &str) -> Error {
-    Error::from_string(
-        format!("{place} contains a NUL character (\\u0000), which Herald does not store"),
-        StatusCode::BAD_REQUEST,
-    )
+    Error::from_string(nul_message(place), StatusCode::BAD_REQUEST)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::has_json_nul;
+    use super::{has_json_nul, nul_query_field};
+
+    #[test]
+    fn the_query_parameter_holding_a_nul_is_named() {
+        assert_eq!(
+            nul_query_field("limit=5&customer_id=a%00b"),
+            Some("customer_id".into())
+        );
+        assert_eq!(nul_query_field("a%00=1"), Some("query".into()));
+        assert_eq!(nul_query_field("limit=5"), None);
+    }
 
     #[test]
     fn escaped_nul_is_found_but_a_literal_backslash_u_is_not() {
