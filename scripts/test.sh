@@ -38,5 +38,6 @@ cargo build --locked --bin herald
 log "tests (SQLite)"
 HERALD_TEST_DB=sqlite cargo test --workspace --locked
 log "end-to-end tests (PostgreSQL)"
-HERALD_TEST_DB=postgres cargo test --locked -p herald-tests
+# Same package set as above, so nothing is rebuilt: every integration test, now on PostgreSQL.
+HERALD_TEST_DB=postgres cargo test --locked --workspace --test '*'
 log "all tests passed"
