@@ -24,9 +24,8 @@ use ractor::{ActorRef, rpc::CallResult};
 
 use crate::slot::ActorSlot;
 use sea_orm::DatabaseConnection;
-use tokio::sync::OwnedSemaphorePermit;
 
-use crate::lease::{InFlight, Lease};
+use crate::lease::{DeliveryPermit, InFlight, Lease};
 
 use crate::channel::{
     ChannelDirectory, ChannelMsg, OutboundMessage, ProviderError, SendOutcome, SendReport,
@@ -66,7 +65,7 @@ pub struct DeliveryContext {
 pub async fn deliver(
     ctx: Arc<DeliveryContext>,
     message: jetstream::Message,
-    permit: OwnedSemaphorePermit,
+    permit: DeliveryPermit,
 ) {
     let permit = Lease::new(permit);
     let (delivered, sequence) = message

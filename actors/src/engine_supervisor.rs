@@ -1,5 +1,6 @@
 //! `EngineSupervisor`: starts the StatusWriter, the ChannelSupervisor, the
-//! RateLimiterSupervisor, the Dispatcher, the Scheduler, the Router and the OutboxRelay, and restarts whichever fails. Messages a failed actor had in flight were not acked, so JetStream
+//! RateLimiterSupervisor, the Dispatcher, the LeaseKeeper, the Scheduler, the Router and the
+//! OutboxRelay, and restarts whichever fails. Messages a failed actor had in flight were not acked, so JetStream
 //! redelivers them; every restart is counted in `herald_actor_restarts_total`.
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -7,6 +8,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use crate::channel::{ChannelArgs, ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 use crate::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
+use crate::partitions::{LeaseKeeper, LeaseKeeperArgs, LeaseKeeperMsg};
 use crate::rate_limit::supervisor::{
     RateLimiterSupervisor, RateLimiterSupervisorArgs, RateLimiterSupervisorMsg,
 };
@@ -29,6 +31,10 @@ pub struct EngineArgs {
     pub dispatcher: DispatcherArgs,
     /// Filled with the live dispatcher (for fault injection and introspection).
     pub dispatcher_slot: ActorSlot<DispatcherMsg>,
+    /// Partition lease keeper arguments.
+    pub lease_keeper: LeaseKeeperArgs,
+    /// Filled with the live lease keeper (shutdown asks it to hand the leases back).
+    pub lease_keeper_slot: ActorSlot<LeaseKeeperMsg>,
     /// Rate limiter registry arguments.
     pub rate_limiter: RateLimiterSupervisorArgs,
     /// Filled with the live rate limiter registry (deliveries ask it).
@@ -52,6 +58,8 @@ pub struct EngineState {
     dispatcher: (ActorRef<DispatcherMsg>, DispatcherArgs),
     dispatcher_slot: ActorSlot<DispatcherMsg>,
     channels: ActorCell,
+    lease_keeper: (ActorRef<LeaseKeeperMsg>, LeaseKeeperArgs),
+    lease_keeper_slot: ActorSlot<LeaseKeeperMsg>,
     rate_limiter: (
         ActorRef<RateLimiterSupervisorMsg>,
         RateLimiterSupervisorArgs,
@@ -107,6 +115,14 @@ impl Actor for EngineSupervisor {
             Actor::spawn_linked(None, Dispatcher, args.dispatcher.clone(), myself.get_cell())
                 .await?;
         args.dispatcher_slot.set(dispatcher.clone());
+        let (lease_keeper, _) = Actor::spawn_linked(
+            None,
+            LeaseKeeper,
+            args.lease_keeper.clone(),
+            myself.get_cell(),
+        )
+        .await?;
+        args.lease_keeper_slot.set(lease_keeper.clone());
         let (scheduler, _) =
             Actor::spawn_linked(None, Scheduler, args.scheduler.clone(), myself.get_cell()).await?;
         args.scheduler_slot.set(scheduler.clone());
@@ -133,6 +149,8 @@ impl Actor for EngineSupervisor {
             dispatcher: (dispatcher, args.dispatcher),
             dispatcher_slot: args.dispatcher_slot,
             channels: channels.get_cell(),
+            lease_keeper: (lease_keeper, args.lease_keeper),
+            lease_keeper_slot: args.lease_keeper_slot,
         })
     }
 
@@ -159,6 +177,15 @@ impl Actor for EngineSupervisor {
                 Actor::spawn_linked(None, Dispatcher, args, myself.get_cell()).await?;
             state.dispatcher_slot.set(dispatcher.clone());
             state.dispatcher.0 = dispatcher;
+        } else if id == state.lease_keeper.0.get_id() {
+            tracing::warn!(%why, "lease keeper stopped; restarting");
+            metrics::counter!("herald_actor_restarts_total", "actor" => "lease_keeper")
+                .increment(1);
+            let args = state.lease_keeper.1.clone();
+            let (keeper, _) =
+                Actor::spawn_linked(None, LeaseKeeper, args, myself.get_cell()).await?;
+            state.lease_keeper_slot.set(keeper.clone());
+            state.lease_keeper.0 = keeper;
         } else if id == state.router.0.get_id() {
             tracing::warn!(%why, "router stopped; restarting");
             metrics::counter!("herald_actor_restarts_total", "actor" => "router").increment(1);

@@ -9,7 +9,17 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
+
+/// What the dispatcher hands a delivery: a slot of the in-flight bound, and a token of its
+/// partition's tracker (a partition being handed to another instance waits for its tokens).
+pub struct DeliveryPermit {
+    /// The in-flight slot.
+    pub slot: OwnedSemaphorePermit,
+    /// Held while the delivery runs.
+    pub partition: TaskTrackerToken,
+}
 
 /// Notification ids being delivered by this process.
 #[derive(Clone, Default)]
@@ -55,13 +65,13 @@ impl Drop for Claim {
 
 /// The permit and, once the command is decoded, the claim; both released together.
 pub struct Lease {
-    _permit: OwnedSemaphorePermit,
+    _permit: DeliveryPermit,
     claim: Option<Claim>,
 }
 
 impl Lease {
     /// A lease holding only the permit.
-    pub fn new(permit: OwnedSemaphorePermit) -> Self {
+    pub fn new(permit: DeliveryPermit) -> Self {
         Self {
             _permit: permit,
             claim: None,

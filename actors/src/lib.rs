@@ -20,6 +20,7 @@ pub mod dispatcher;
 pub mod engine_supervisor;
 pub mod lease;
 pub mod outbox_relay;
+pub mod partitions;
 pub mod policy;
 pub mod pull;
 pub mod rate_limit;

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use herald_actors::rate_limit::{
-    CategoryLimit, OverLimit, RateLimiterSettings, Verdict,
+    CategoryLimit, OverLimit, RateLimiterSettings, SendHistory, Verdict,
     actor::{Acquire, MonotonicClock},
     supervisor::{RateLimiterSupervisor, RateLimiterSupervisorArgs, RateLimiterSupervisorMsg, ask},
 };
@@ -56,6 +57,14 @@ async fn start(
     settings: RateLimiterSettings,
     clock: MonotonicClock,
 ) -> ActorRef<RateLimiterSupervisorMsg> {
+    start_with_history(settings, clock, None).await
+}
+
+async fn start_with_history(
+    settings: RateLimiterSettings,
+    clock: MonotonicClock,
+    history: Option<Arc<dyn SendHistory>>,
+) -> ActorRef<RateLimiterSupervisorMsg> {
     let (supervisor, _) = Actor::spawn(
         None,
         RateLimiterSupervisor,
@@ -63,6 +72,7 @@ async fn start(
             limits: Arc::new(limits()),
             settings,
             clock,
+            history,
         },
     )
     .await
@@ -98,6 +108,78 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Recent sends as another instance (or an earlier run) recorded them; `None` = unreachable.
+struct RecordedSends(Option<HashMap<Category, u32>>);
+
+impl SendHistory for RecordedSends {
+    fn sent_within<'a>(
+        &'a self,
+        _user: &'a str,
+        windows: &'a [(Category, Duration)],
+    ) -> BoxFuture<'a, Result<HashMap<Category, u32>, String>> {
+        Box::pin(async move {
+            assert!(
+                windows
+                    .iter()
+                    .any(|(c, w)| *c == Category::Marketing && *w == Duration::from_secs(86_400)),
+                "asks for each limited category over its period: {windows:?}"
+            );
+            self.0
+                .clone()
+                .ok_or_else(|| "database unreachable".to_string())
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_starting_limiter_counts_recent_sends_as_spent() {
+    let time = ManualClock::new();
+    let history = RecordedSends(Some(HashMap::from([(Category::Marketing, 2)])));
+    let supervisor = start_with_history(
+        RateLimiterSettings::default(),
+        time.clock(),
+        Some(Arc::new(history)),
+    )
+    .await;
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Allow,
+        "3 a day, 2 already sent: one left"
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Transactional).await,
+        Verdict::Allow,
+        "no transactional sends recorded"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_history_spends_every_token() {
+    let time = ManualClock::new();
+    let supervisor = start_with_history(
+        RateLimiterSettings::default(),
+        time.clock(),
+        Some(Arc::new(RecordedSends(None))),
+    )
+    .await;
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop,
+        "never looser than the limit when the history cannot be read"
+    );
+    assert!(
+        matches!(
+            verdict(&supervisor, "ada", Category::Transactional).await,
+            Verdict::Defer(_)
+        ),
+        "transactional waits for a token"
+    );
 }
 
 #[tokio::test]

@@ -31,8 +31,21 @@ pub struct ChannelView {
     pub last_error: Option<String>,
 }
 
+/// Which command partitions this instance consumes (it holds their leases).
+#[derive(Debug, Clone, Default, Object)]
+pub struct PartitionsView {
+    /// This instance's name in the lease bucket.
+    pub instance: String,
+    /// Command partitions in all.
+    pub total: u32,
+    /// Partitions whose lease this instance holds, ascending.
+    pub owned: Vec<u32>,
+}
+
 /// Read access to the engine's live state.
 pub trait EngineView: Send + Sync + 'static {
     /// Every configured provider's state (of this instance).
     fn channels(&self) -> BoxFuture<'_, Vec<ChannelView>>;
+    /// The partitions this instance owns.
+    fn partitions(&self) -> PartitionsView;
 }

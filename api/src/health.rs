@@ -8,7 +8,10 @@
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
 use sea_orm::ConnectionTrait;
 
-use crate::{AppState, engine_view::ChannelView};
+use crate::{
+    AppState,
+    engine_view::{ChannelView, PartitionsView},
+};
 
 #[derive(Tags)]
 enum HealthTags {
@@ -47,8 +50,11 @@ pub struct Readiness {
     pub streams: Check,
     /// Database.
     pub database: Check,
-    /// Send commands waiting in `NOTIFY` for this consumer, when known.
+    /// Send commands in `NOTIFY` not yet completed (waiting or in flight, all instances), when
+    /// known.
     pub pending_commands: Option<u64>,
+    /// The command partitions this instance consumes.
+    pub partitions: PartitionsView,
     /// Providers and their circuits (an open circuit does not make an instance unready: failover
     /// carries the traffic).
     pub channels: Vec<ChannelView>,
@@ -108,6 +114,7 @@ impl HealthApi {
             streams,
             database,
             pending_commands,
+            partitions: self.state.engine.partitions(),
             channels: self.state.engine.channels().await,
         };
         if ready {
@@ -130,20 +137,14 @@ impl HealthApi {
             }
         }
         let pending = match js.get_stream(herald_nats::subjects::NOTIFY_STREAM).await {
-            Ok(stream) => match stream
-                .consumer_info(herald_nats::subjects::DISPATCH_CONSUMER)
-                .await
-            {
-                Ok(info) => Some(info.num_pending),
-                Err(_) => None,
-            },
+            Ok(mut stream) => stream.info().await.ok().map(|info| info.state.messages),
             Err(_) => None,
         };
         (pass("EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS"), pending)
     }
 }
 
-/// Sets `herald_queue_pending_commands` (commands in `NOTIFY` not yet delivered to a dispatcher)
+/// Sets `herald_queue_pending_commands` (commands in the `NOTIFY` work queue not yet completed)
 /// before a scrape of `/metrics`; left unchanged when NATS does not answer within a second.
 pub async fn record_queue_depth(publisher: &herald_nats::Publisher) {
     if !publisher.is_connected() {
@@ -151,15 +152,12 @@ pub async fn record_queue_depth(publisher: &herald_nats::Publisher) {
     }
     let js = publisher.jetstream();
     let pending = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let stream = js
+        let mut stream = js
             .get_stream(herald_nats::subjects::NOTIFY_STREAM)
             .await
             .ok()?;
-        let info = stream
-            .consumer_info(herald_nats::subjects::DISPATCH_CONSUMER)
-            .await
-            .ok()?;
-        Some(info.num_pending)
+        let info = stream.info().await.ok()?;
+        Some(info.state.messages)
     })
     .await;
     if let Ok(Some(pending)) = pending {

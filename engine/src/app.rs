@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_actors::{
     channel::{
-        ChannelArgs, ChannelDirectory, Provider, email::EmailProvider, push::PushProvider,
-        sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
+        ChannelArgs, ChannelDirectory, Provider, announce::CircuitAnnouncer, email::EmailProvider,
+        push::PushProvider, sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
     },
     delivery::DeliveryContext,
     dispatcher::{DispatcherArgs, DispatcherMsg},
     engine_supervisor::{EngineArgs, EngineSupervisor},
+    partitions::{LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
     slot::ActorSlot,
     status_writer::{StatusWriterArgs, StatusWriterMsg},
 };
@@ -49,6 +50,8 @@ struct Engine {
     grace: Duration,
     rate_limiter: ActorSlot<herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg>,
     scheduler: ActorSlot<herald_actors::scheduler::SchedulerMsg>,
+    lease_keeper: ActorSlot<LeaseKeeperMsg>,
+    ownership: OwnershipView,
 }
 
 /// Installs process-wide things once: the rustls crypto provider (ring; see STACK.md) and the
@@ -98,9 +101,27 @@ impl Herald {
         let provisioned = herald_nats::provision(&js, &stream_settings(&config))
             .await
             .context("cannot provision JetStream")?;
-        let publisher = Publisher::new(js, config.nats.partitions);
+        let publisher = Publisher::new(js.clone(), config.nats.partitions);
+        let instance = config.cluster.instance_name();
+        let leases = herald_nats::LeaseTable::open(
+            &js,
+            &instance,
+            Duration::from_millis(config.cluster.lease_ttl_ms),
+            config.nats.replicas,
+        )
+        .await
+        .context("cannot open the partition lease bucket")?;
+        tracing::info!(%instance, "joining as cluster member");
 
-        let engine = start_engine(&config, db.clone(), publisher.clone(), provisioned).await?;
+        let engine = start_engine(
+            &config,
+            db.clone(),
+            publisher.clone(),
+            provisioned,
+            leases,
+            nats.clone(),
+        )
+        .await?;
         let auth = Arc::new(herald_api::auth::KeyVerifier::new(
             db.clone(),
             config.auth.settings(),
@@ -114,6 +135,7 @@ impl Herald {
             publisher,
             engine: Arc::new(crate::engine_view::LiveEngine {
                 channels: engine.channels.clone(),
+                ownership: engine.ownership.clone(),
             }),
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
@@ -214,6 +236,19 @@ impl Herald {
                 tracing::warn!("status writer did not flush in time");
             }
         }
+        // Everything pulled is written and acked (or handed back): give the partitions to the
+        // other instances now rather than after the lease TTL.
+        if let Some(keeper) = self.engine.lease_keeper.get() {
+            let left = deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_secs(2));
+            if !matches!(
+                keeper.call(LeaseKeeperMsg::Leave, Some(left)).await,
+                Ok(ractor::rpc::CallResult::Success(()))
+            ) {
+                tracing::warn!("partition leases not handed back; they expire");
+            }
+        }
         self.engine
             .supervisor
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
@@ -230,7 +265,10 @@ async fn start_engine(
     db: DatabaseConnection,
     publisher: Publisher,
     consumers: herald_nats::Provisioned,
+    leases: herald_nats::LeaseTable,
+    nats: async_nats::Client,
 ) -> anyhow::Result<Engine> {
+    let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
     let status_writer = ActorSlot::default();
     let dispatcher = ActorSlot::default();
@@ -239,6 +277,8 @@ async fn start_engine(
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let rate_limiter = ActorSlot::default();
     let scheduler = ActorSlot::default();
+    let lease_keeper = ActorSlot::default();
+    let ownership = OwnershipView::default();
     let rate_limits = Arc::new(config.rate_limits()?);
     let context = Arc::new(DeliveryContext {
         statuses: herald_actors::status_lookup::StatusLookup::spawn(db.clone()),
@@ -256,6 +296,7 @@ async fn start_engine(
         },
     });
     let router = router_args(config, &db, &publisher, consumers.router, &intake)?;
+    let publisher_js = publisher.jetstream().clone();
     let outbox_relay = herald_actors::outbox_relay::OutboxRelayArgs {
         db: db.clone(),
         publisher: publisher.clone(),
@@ -269,6 +310,9 @@ async fn start_engine(
             limits: rate_limits,
             settings: config.rate_limiter,
             clock: Arc::new(std::time::Instant::now),
+            history: Some(Arc::new(herald_actors::rate_limit::DbSendHistory(
+                db.clone(),
+            ))),
         },
         rate_limiter_slot: rate_limiter.clone(),
         scheduler: herald_actors::scheduler::SchedulerArgs {
@@ -289,21 +333,41 @@ async fn start_engine(
             .map(|provider| ChannelArgs {
                 provider,
                 settings: config.channels.limits,
+                announcer: Some(announcer.clone()),
             })
             .collect(),
         directory: channels.clone(),
         dispatcher: DispatcherArgs {
-            consumer: consumers.dispatch,
+            js: publisher_js,
+            streams: stream_settings(config),
             context,
             in_flight: in_flight.clone(),
             intake: intake.clone(),
+            drain_timeout: Duration::from_secs(config.dispatch.shutdown_grace_secs),
         },
         dispatcher_slot: dispatcher.clone(),
+        lease_keeper: LeaseKeeperArgs {
+            table: leases,
+            partitions: config.nats.partitions,
+            ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
+            dispatcher: dispatcher.clone(),
+            ownership: ownership.clone(),
+        },
+        lease_keeper_slot: lease_keeper.clone(),
     };
+    let instance = args.lease_keeper.table.instance().to_string();
     let (supervisor, _) = Actor::spawn(None, EngineSupervisor, args)
         .await
         .context("cannot start the actor tree")?;
+    tokio::spawn(herald_actors::channel::announce::listen(
+        nats,
+        instance,
+        channels.clone(),
+        intake.clone(),
+    ));
     Ok(Engine {
+        lease_keeper,
+        ownership,
         rate_limiter,
         scheduler,
         supervisor,

@@ -51,6 +51,65 @@ pub struct Config {
     pub rate_limiter: RateLimiterSettings,
     /// Scheduled sends, bulk fan-out and retention.
     pub scheduler: SchedulerSettings,
+    /// Several instances: partition leases.
+    pub cluster: ClusterConfig,
+}
+
+/// Cluster settings: how instances share the command partitions.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// This instance's name in the lease bucket (letters, digits, `-`, `_`); default: host name,
+    /// process id and a random suffix, unique per start.
+    pub instance: Option<String>,
+    /// Partition lease time-to-live, milliseconds: a dead instance's partitions are taken over
+    /// after at most this long (plus one lease round, a quarter of it). Fixed when the lease
+    /// bucket is first created.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            instance: None,
+            lease_ttl_ms: 10_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The instance name to use.
+    pub fn instance_name(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = hostname();
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+        })
+    }
+}
+
+/// The host name, reduced to the characters a key-value key allows.
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "herald".into());
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "herald".into()
+    } else {
+        name
+    }
 }
 
 /// Rate limits by category name; defaults: marketing 3 a day (`drop`), transactional 30 a
@@ -155,7 +214,7 @@ pub struct NatsConfig {
     pub dedup_window_secs: u64,
     /// Redelivery after this many seconds without an ack.
     pub ack_wait_secs: u64,
-    /// Unacknowledged commands allowed across all instances.
+    /// Unacknowledged commands allowed per partition consumer (across instances).
     pub max_ack_pending: i64,
 }
 
@@ -304,6 +363,17 @@ impl Config {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if self.nats.partitions == 0 || self.nats.partitions > 1024 {
             return invalid("nats.partitions must be 1..=1024".into());
+        }
+        if self.cluster.lease_ttl_ms < 1_000 {
+            return invalid("cluster.lease_ttl_ms must be at least 1000".into());
+        }
+        if let Some(name) = &self.cluster.instance
+            && (name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return invalid("cluster.instance may hold only letters, digits, '-' and '_'".into());
         }
         if self.dispatch.max_in_flight == 0 {
             return invalid("dispatch.max_in_flight must be at least 1".into());

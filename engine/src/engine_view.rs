@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use herald_actors::channel::{ChannelDirectory, ChannelSnapshot};
-use herald_api::engine_view::{ChannelView, EngineView};
+use herald_actors::partitions::OwnershipView;
+use herald_api::engine_view::{ChannelView, EngineView, PartitionsView};
 
 /// How long the API waits for a channel actor's snapshot.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -13,6 +14,8 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct LiveEngine {
     /// The channel actors.
     pub channels: ChannelDirectory,
+    /// The partitions this instance owns.
+    pub ownership: OwnershipView,
 }
 
 impl EngineView for LiveEngine {
@@ -25,6 +28,15 @@ impl EngineView for LiveEngine {
                 .map(view)
                 .collect()
         })
+    }
+
+    fn partitions(&self) -> PartitionsView {
+        let ownership = self.ownership.read().unwrap_or_else(|p| p.into_inner());
+        PartitionsView {
+            instance: ownership.instance.clone(),
+            total: ownership.total,
+            owned: ownership.owned.clone(),
+        }
     }
 }
 

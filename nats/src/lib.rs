@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod envelope;
 pub mod error;
 pub mod events;
+pub mod leases;
 pub mod publish;
 pub mod streams;
 pub mod subjects;
@@ -21,8 +22,9 @@ pub use envelope::{
 };
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
+pub use leases::{Held, LeaseTable, LeaseView};
 pub use publish::{DeadLetterHeaders, Publisher};
-pub use streams::{Provisioned, StreamSettings, provision};
+pub use streams::{Provisioned, StreamSettings, dispatch_consumer, provision};
 
 /// Connects to NATS with a client name and unlimited reconnects, so the engine rides out a
 /// restart of the server instead of failing. `urls` may list several servers of a cluster,

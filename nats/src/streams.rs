@@ -47,10 +47,10 @@ impl Default for StreamSettings {
     }
 }
 
-/// The consumers Herald pulls from once provisioning is done.
+/// The consumers Herald pulls from once provisioning is done. The dispatch consumers, one per
+/// command partition, are bound by whichever instance holds the partition's lease
+/// ([`dispatch_consumer`]).
 pub struct Provisioned {
-    /// `herald-dispatch` on `NOTIFY`.
-    pub dispatch: PullConsumer,
     /// `herald-router` on `EVENTS`.
     pub router: PullConsumer,
 }
@@ -107,14 +107,7 @@ pub async fn provision(
                 reason: e.to_string(),
             })?;
     }
-    let dispatch = durable(
-        js,
-        subjects::NOTIFY_STREAM,
-        subjects::DISPATCH_CONSUMER,
-        subjects::COMMANDS_ALL,
-        settings,
-    )
-    .await?;
+    remove_legacy_dispatch_consumer(js).await?;
     let router = durable(
         js,
         subjects::EVENTS_STREAM,
@@ -123,7 +116,51 @@ pub async fn provision(
         settings,
     )
     .await?;
-    Ok(Provisioned { dispatch, router })
+    Ok(Provisioned { router })
+}
+
+/// Creates or binds the durable consumer of one command partition (`herald-dispatch-<n>` on
+/// `notify.cmd.<n>`). Partition filters do not overlap, as a work-queue stream requires.
+pub async fn dispatch_consumer(
+    js: &jetstream::Context,
+    partition: u32,
+    settings: &StreamSettings,
+) -> Result<PullConsumer, NatsError> {
+    durable(
+        js,
+        subjects::NOTIFY_STREAM,
+        &subjects::dispatch_consumer(partition),
+        &subjects::command_subject(partition),
+        settings,
+    )
+    .await
+}
+
+/// Deletes the single `herald-dispatch` consumer of releases before partition leases: its filter
+/// (`notify.cmd.>`) overlaps the per-partition consumers, which a work-queue stream refuses.
+async fn remove_legacy_dispatch_consumer(js: &jetstream::Context) -> Result<(), NatsError> {
+    let stream =
+        js.get_stream(subjects::NOTIFY_STREAM)
+            .await
+            .map_err(|e| NatsError::Provision {
+                what: format!("stream {}", subjects::NOTIFY_STREAM),
+                reason: e.to_string(),
+            })?;
+    if stream
+        .consumer_info(subjects::LEGACY_DISPATCH_CONSUMER)
+        .await
+        .is_ok()
+    {
+        tracing::info!("removing the legacy herald-dispatch consumer (now one per partition)");
+        stream
+            .delete_consumer(subjects::LEGACY_DISPATCH_CONSUMER)
+            .await
+            .map_err(|e| NatsError::Provision {
+                what: format!("consumer {}", subjects::LEGACY_DISPATCH_CONSUMER),
+                reason: e.to_string(),
+            })?;
+    }
+    Ok(())
 }
 
 async fn durable(

@@ -23,8 +23,21 @@ pub const STATUS_ALL: &str = "notify.status.>";
 
 /// Durable consumer of the router on [`EVENTS_STREAM`].
 pub const ROUTER_CONSUMER: &str = "herald-router";
-/// Durable consumer of the dispatchers on [`NOTIFY_STREAM`].
-pub const DISPATCH_CONSUMER: &str = "herald-dispatch";
+/// The single dispatch consumer of releases before partition leases; removed at provisioning.
+pub const LEGACY_DISPATCH_CONSUMER: &str = "herald-dispatch";
+/// Subject on which an instance announces that a provider's circuit opened:
+/// `herald.circuit.<provider>` (core NATS, not persisted).
+pub const CIRCUIT_ALL: &str = "herald.circuit.*";
+
+/// Durable consumer of one command partition on [`NOTIFY_STREAM`]: `herald-dispatch-<n>`.
+pub fn dispatch_consumer(partition: u32) -> String {
+    format!("herald-dispatch-{partition}")
+}
+
+/// Subject of a circuit announcement for one provider.
+pub fn circuit_subject(provider: &str) -> String {
+    format!("herald.circuit.{provider}")
+}
 
 /// Header naming why a message was dead-lettered.
 pub const HEADER_DLQ_REASON: &str = "Herald-Dlq-Reason";

@@ -10,6 +10,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use super::announce::CircuitAnnouncer;
 use super::circuit::{Admission, CircuitBreaker, CircuitSettings, CircuitState};
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
@@ -97,6 +98,12 @@ pub enum ChannelMsg {
     },
     /// Report the current state.
     Snapshot(RpcReplyPort<ChannelSnapshot>),
+    /// Another instance's circuit for this channel opened: open ours too if it names our provider
+    /// and ours is closed.
+    PeerOpened {
+        /// The provider it opened for.
+        provider: String,
+    },
     /// Panic on purpose, to exercise supervision (fault-injection in tests).
     Crash,
 }
@@ -108,11 +115,14 @@ pub struct ChannelArgs {
     pub provider: Arc<dyn Provider>,
     /// Its limits.
     pub settings: ChannelSettings,
+    /// Tells the other instances when this circuit opens; `None` on a lone instance.
+    pub announcer: Option<CircuitAnnouncer>,
 }
 
 /// State of a [`ChannelActor`].
 pub struct ChannelState {
     provider: Arc<dyn Provider>,
+    announcer: Option<CircuitAnnouncer>,
     timeout: Duration,
     breaker: CircuitBreaker,
     permits: Arc<Semaphore>,
@@ -138,6 +148,7 @@ impl Actor for ChannelActor {
     ) -> Result<ChannelState, ActorProcessingErr> {
         let state = ChannelState {
             provider: args.provider,
+            announcer: args.announcer,
             timeout: Duration::from_millis(args.settings.timeout_ms),
             breaker: CircuitBreaker::new(args.settings.circuit),
             permits: Arc::new(Semaphore::new(args.settings.concurrency.max(1))),
@@ -173,7 +184,11 @@ impl Actor for ChannelActor {
                     }
                 }
                 if provider_failure {
+                    let was = state.breaker.state();
                     state.breaker.on_failure(admission, Instant::now());
+                    if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
+                        announce(state);
+                    }
                 } else {
                     state.breaker.on_success(admission);
                 }
@@ -181,6 +196,17 @@ impl Actor for ChannelActor {
             }
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
+            }
+            ChannelMsg::PeerOpened { provider } => {
+                if provider == state.provider.name()
+                    && state.breaker.state() == CircuitState::Closed
+                {
+                    tracing::warn!(%provider, "another instance opened this circuit; opening ours");
+                    metrics::counter!("herald_circuit_peer_opens_total", "provider" => provider)
+                        .increment(1);
+                    state.breaker.open(Instant::now());
+                    record_circuit(state);
+                }
             }
             ChannelMsg::Crash => panic!("fault injected into channel actor"),
         }
@@ -242,6 +268,13 @@ fn start_send(
             latency,
         });
     });
+}
+
+/// Tells the other instances this circuit just opened (a hint; see [`super::announce`]).
+fn announce(state: &ChannelState) {
+    if let Some(announcer) = &state.announcer {
+        announcer.opened(state.provider.channel(), state.provider.name());
+    }
 }
 
 /// Publishes the circuit state as `herald_circuit_state` (0 closed, 1 half-open, 2 open).

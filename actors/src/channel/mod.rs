@@ -2,6 +2,7 @@
 //! own them.
 
 pub mod actor;
+pub mod announce;
 pub mod circuit;
 pub mod email;
 mod http;

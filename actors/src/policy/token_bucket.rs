@@ -36,6 +36,14 @@ impl TokenBucket {
         }
     }
 
+    /// A bucket at `now` with `spent` tokens already used (none left if `spent >= capacity`).
+    pub fn spent(spec: &BucketSpec, now: Instant, spent: u32) -> Self {
+        Self {
+            tokens: f64::from(spec.capacity.saturating_sub(spent)),
+            at: now,
+        }
+    }
+
     fn refill(&mut self, spec: &BucketSpec, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at);
         let rate = f64::from(spec.capacity) / spec.period.as_secs_f64().max(f64::MIN_POSITIVE);

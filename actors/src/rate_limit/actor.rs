@@ -1,8 +1,10 @@
 //! `RateLimiterActor`: one user's token buckets, one per limited category.
 //!
-//! It answers each request at once from memory (no I/O). A notification that was allowed once is
-//! allowed again without a token (a retry after a transient failure is the same send). When idle
-//! with every bucket full, it tells its supervisor, which stops it.
+//! On start it reads the user's recent sends from the [`SendHistory`] (without blocking its
+//! supervisor; requests that arrive meanwhile wait for it), then answers each request at once from
+//! memory. A notification that was allowed once is allowed again without a token (a retry after a
+//! transient failure is the same send). When idle with every bucket full, it tells its supervisor,
+//! which stops it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use uuid::Uuid;
 
 use super::supervisor::RateLimiterSupervisorMsg;
-use super::{CategoryLimit, Verdict};
+use super::{CategoryLimit, SendHistory, Verdict};
 use crate::policy::token_bucket::TokenBucket;
 
 /// Notifications remembered as allowed, per user.
@@ -34,6 +36,9 @@ pub enum RateLimiterMsg {
     Acquire(Acquire, RpcReplyPort<Verdict>),
     /// Time to check for idleness (internal).
     IdleCheck,
+    /// The user's recent sends by category, read at start (internal); an error counts every
+    /// token as spent.
+    Seeded(Result<HashMap<Category, u32>, String>),
     /// Panic on purpose (fault injection in tests).
     Crash,
 }
@@ -54,6 +59,8 @@ pub struct RateLimiterArgs {
     pub supervisor: ActorRef<RateLimiterSupervisorMsg>,
     /// Clock.
     pub clock: MonotonicClock,
+    /// Where the user's recent sends are read at start; `None` starts with full buckets.
+    pub history: Option<Arc<dyn SendHistory>>,
 }
 
 /// State of the [`RateLimiterActor`]: a few dozen bytes per limited category.
@@ -63,6 +70,8 @@ pub struct RateLimiterState {
     granted: VecDeque<Uuid>,
     handled: u64,
     last_used: Instant,
+    /// Requests that arrived before the history was read.
+    waiting: Option<Vec<(Acquire, RpcReplyPort<Verdict>)>>,
 }
 
 /// One user's rate limiter.
@@ -80,12 +89,17 @@ impl Actor for RateLimiterActor {
     ) -> Result<RateLimiterState, ActorProcessingErr> {
         myself.send_after(args.idle_after, || RateLimiterMsg::IdleCheck);
         let now = (args.clock)();
+        let waiting = args.history.clone().map(|history| {
+            read_history(history, args.user.clone(), &args.limits, myself.clone());
+            Vec::new()
+        });
         Ok(RateLimiterState {
             args,
             buckets: Vec::new(),
             granted: VecDeque::new(),
             handled: 0,
             last_used: now,
+            waiting,
         })
     }
 
@@ -100,8 +114,14 @@ impl Actor for RateLimiterActor {
                 state.handled += 1;
                 let now = (state.args.clock)();
                 state.last_used = now;
-                let _ = reply.send(state.decide(request, now));
+                match &mut state.waiting {
+                    Some(waiting) => waiting.push((request, reply)),
+                    None => {
+                        let _ = reply.send(state.decide(request, now));
+                    }
+                }
             }
+            RateLimiterMsg::Seeded(sent) => state.seed(sent),
             RateLimiterMsg::IdleCheck => {
                 let now = (state.args.clock)();
                 if state.is_idle(now) {
@@ -119,7 +139,50 @@ impl Actor for RateLimiterActor {
     }
 }
 
+/// Reads the user's sends within each limited category's period, off the actor's loop.
+fn read_history(
+    history: Arc<dyn SendHistory>,
+    user: String,
+    limits: &HashMap<Category, CategoryLimit>,
+    myself: ActorRef<RateLimiterMsg>,
+) {
+    let windows: Vec<(Category, Duration)> = limits
+        .iter()
+        .map(|(category, limit)| (*category, limit.spec().period))
+        .collect();
+    tokio::spawn(async move {
+        let sent = history.sent_within(&user, &windows).await;
+        let _ = myself.cast(RateLimiterMsg::Seeded(sent));
+    });
+}
+
 impl RateLimiterState {
+    /// Starts each limited bucket with the user's recent sends spent, then answers the requests
+    /// that waited.
+    fn seed(&mut self, sent: Result<HashMap<Category, u32>, String>) {
+        let now = (self.args.clock)();
+        let sent = sent.unwrap_or_else(|err| {
+            tracing::warn!(user = %self.args.user, error = %err, "cannot read recent sends; starting with empty buckets");
+            self.args
+                .limits
+                .iter()
+                .map(|(category, limit)| (*category, limit.capacity))
+                .collect()
+        });
+        self.buckets = self
+            .args
+            .limits
+            .iter()
+            .map(|(category, limit)| {
+                let spent = sent.get(category).copied().unwrap_or(0);
+                (*category, TokenBucket::spent(&limit.spec(), now, spent))
+            })
+            .collect();
+        for (request, reply) in self.waiting.take().unwrap_or_default() {
+            let _ = reply.send(self.decide(request, now));
+        }
+    }
+
     fn decide(&mut self, request: Acquire, now: Instant) -> Verdict {
         let Some(limit) = self.args.limits.get(&request.category).copied() else {
             return Verdict::Allow;
@@ -156,6 +219,9 @@ impl RateLimiterState {
     }
 
     fn is_idle(&mut self, now: Instant) -> bool {
+        if self.waiting.is_some() {
+            return false;
+        }
         if now.saturating_duration_since(self.last_used) < self.args.idle_after {
             return false;
         }

@@ -1,16 +1,21 @@
 //! Per-user rate limiting: a [`supervisor::RateLimiterSupervisor`] owns one
 //! [`actor::RateLimiterActor`] per active user, each holding a token bucket per limited category.
 //!
-//! Actors are spawned on first use and stopped once idle with full buckets (a stopped actor then
-//! loses nothing: a new one starts full). The registry is bounded: at `max_users` the least
-//! recently used actor is evicted, losing its partly drained buckets (counted in
-//! `herald_rate_limiter_evictions_total`).
+//! Actors are spawned on first use and stopped once idle with full buckets. A new actor starts from
+//! the user's [`SendHistory`]: every send of the last period of a category counts as a spent token
+//! (`capacity - sent`), which is never looser than the bucket the previous owner had. That keeps
+//! a limit across restarts, evictions (bounded registry: at `max_users` the least recently used
+//! actor is evicted, counted in `herald_rate_limiter_evictions_total`) and partition hand-overs
+//! between instances.
 
 pub mod actor;
 pub mod supervisor;
 
 use std::collections::HashMap;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sea_orm::DatabaseConnection;
 
 use herald_nats::Category;
 use serde::{Deserialize, Serialize};
@@ -120,4 +125,44 @@ pub enum Verdict {
     Defer(Duration),
     /// Over the limit, policy `drop`.
     Drop,
+}
+
+/// Where a starting limiter reads a user's recent sends.
+pub trait SendHistory: Send + Sync + 'static {
+    /// Sends to `user` within each category's window, by category (absent: none).
+    fn sent_within<'a>(
+        &'a self,
+        user: &'a str,
+        windows: &'a [(Category, Duration)],
+    ) -> BoxFuture<'a, Result<HashMap<Category, u32>, String>>;
+}
+
+/// [`SendHistory`] read from the `notifications` table (`sent_at` by recipient).
+pub struct DbSendHistory(pub DatabaseConnection);
+
+impl SendHistory for DbSendHistory {
+    fn sent_within<'a>(
+        &'a self,
+        user: &'a str,
+        windows: &'a [(Category, Duration)],
+    ) -> BoxFuture<'a, Result<HashMap<Category, u32>, String>> {
+        Box::pin(async move {
+            let now = chrono::Utc::now();
+            let cutoffs: Vec<(String, chrono::DateTime<chrono::Utc>)> = windows
+                .iter()
+                .map(|(category, window)| {
+                    let window =
+                        chrono::Duration::from_std(*window).unwrap_or(chrono::Duration::MAX);
+                    (category.as_str().to_string(), now - window)
+                })
+                .collect();
+            let counts = herald_entities::repo::send_history::sent_since(&self.0, user, &cutoffs)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(counts
+                .into_iter()
+                .filter_map(|(name, sent)| Category::parse(&name).map(|c| (c, sent)))
+                .collect())
+        })
+    }
 }

@@ -51,6 +51,8 @@ pub struct RateLimiterSupervisorArgs {
     pub settings: RateLimiterSettings,
     /// Clock for the buckets.
     pub clock: MonotonicClock,
+    /// Where starting user actors read recent sends; `None` starts them with full buckets.
+    pub history: Option<Arc<dyn super::SendHistory>>,
 }
 
 struct Entry {
@@ -244,6 +246,7 @@ impl RateLimiterSupervisorState {
             idle_after: Duration::from_secs(self.args.settings.idle_secs.max(1)),
             supervisor: myself.clone(),
             clock: self.args.clock.clone(),
+            history: self.args.history.clone(),
         };
         match Actor::spawn_linked(None, RateLimiterActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {

@@ -11,6 +11,7 @@ pub mod outbox;
 pub mod preferences;
 pub mod receipts;
 pub mod schedule;
+pub mod send_history;
 pub mod status_batch;
 
 use sea_orm::DbErr;

@@ -1,0 +1,121 @@
+//! Circuit announcements between instances.
+//!
+//! Circuit state stays per instance, but when a provider's circuit opens on one instance it says
+//! so on `herald.circuit.<channel>` (core NATS: fire and forget, not persisted). The other
+//! instances open their circuit for that provider at once instead of each paying its own
+//! failure threshold against a provider that is down; each then probes on its own after the cool
+//! down. An announcement is only a hint: a lost one costs a few failed sends, nothing else.
+
+use async_nats::Client;
+use futures::StreamExt;
+use herald_nats::{Channel, subjects};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{ChannelDirectory, ChannelMsg};
+
+/// The message on `herald.circuit.<channel>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CircuitOpened {
+    /// The instance whose circuit opened.
+    pub instance: String,
+    /// The provider.
+    pub provider: String,
+}
+
+/// Publishes this instance's circuit openings.
+#[derive(Clone)]
+pub struct CircuitAnnouncer {
+    client: Client,
+    instance: String,
+}
+
+impl CircuitAnnouncer {
+    /// An announcer for `instance` over `client`.
+    pub fn new(client: Client, instance: String) -> Self {
+        Self { client, instance }
+    }
+
+    /// Says that `provider`'s circuit (on `channel`) just opened here.
+    pub fn opened(&self, channel: Channel, provider: &str) {
+        let message = CircuitOpened {
+            instance: self.instance.clone(),
+            provider: provider.to_string(),
+        };
+        let Ok(payload) = serde_json::to_vec(&message) else {
+            return;
+        };
+        let client = self.client.clone();
+        let subject = subjects::circuit_subject(channel.as_str());
+        tokio::spawn(async move {
+            if let Err(err) = client.publish(subject, payload.into()).await {
+                tracing::debug!(error = %err, "cannot announce an open circuit");
+            }
+        });
+    }
+}
+
+/// Listens for other instances' announcements and opens the matching local circuits, until `stop`.
+pub async fn listen(
+    client: Client,
+    instance: String,
+    directory: ChannelDirectory,
+    stop: CancellationToken,
+) {
+    let mut announcements = match client.subscribe(subjects::CIRCUIT_ALL).await {
+        Ok(subscription) => subscription,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for circuit announcements");
+            return;
+        }
+    };
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = announcements.next() => match next {
+                Some(message) => message,
+                None => return,
+            },
+        };
+        let Some(channel) = message
+            .subject
+            .as_str()
+            .rsplit('.')
+            .next()
+            .and_then(Channel::parse)
+        else {
+            continue;
+        };
+        let Ok(opened) = serde_json::from_slice::<CircuitOpened>(&message.payload) else {
+            tracing::debug!(subject = %message.subject, "ignoring a malformed circuit announcement");
+            continue;
+        };
+        if opened.instance == instance {
+            continue;
+        }
+        if let Some(actor) = directory.get(channel) {
+            let _ = actor.cast(ChannelMsg::PeerOpened {
+                provider: opened.provider,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_are_small_json() {
+        let message = CircuitOpened {
+            instance: "a-1".into(),
+            provider: "telegram".into(),
+        };
+        let json = serde_json::to_string(&message).expect("encodes");
+        assert_eq!(json, r#"{"instance":"a-1","provider":"telegram"}"#);
+        assert_eq!(
+            serde_json::from_str::<CircuitOpened>(&json).expect("decodes"),
+            message
+        );
+    }
+}

@@ -1,0 +1,451 @@
+//! `LeaseKeeper`: holds this instance's leases on command partitions and tells the
+//! [`crate::dispatcher::Dispatcher`] which partitions to pull.
+//!
+//! Every round (a quarter of the lease TTL) it refreshes its membership record, renews the leases it
+//! holds, reads the bucket, and moves towards its fair share, `ceil(partitions / live instances)`:
+//! it takes free partitions while under its share, and hands partitions back while over it
+//! (draining each first, so no delivery of a partition runs on two instances at once). A lease it
+//! could not renew for longer than the TTL minus one round is dropped locally before it can expire
+//! on the server, so two instances never pull one partition: the old owner has stopped before the
+//! new one can take it. See [`herald_nats::leases`] for the bucket.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use herald_nats::{Held, LeaseTable, LeaseView};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::dispatcher::DispatcherMsg;
+use crate::slot::ActorSlot;
+
+/// What this instance should do with its leases this round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Free partitions to try to take.
+    pub acquire: Vec<u32>,
+    /// Held partitions to hand back.
+    pub release: Vec<u32>,
+}
+
+/// This instance's fair share of `partitions` among `members` instances.
+pub fn fair_share(partitions: u32, members: usize) -> usize {
+    let members = members.max(1);
+    (partitions as usize).div_ceil(members)
+}
+
+/// Decides the round's moves. `held` includes partitions being drained (`leaving`), which count as
+/// already on their way out.
+pub fn plan(
+    me: &str,
+    partitions: u32,
+    view: &LeaseView,
+    held: &BTreeSet<u32>,
+    leaving: &BTreeSet<u32>,
+) -> Plan {
+    let mut members: BTreeSet<&str> = view.members.iter().map(String::as_str).collect();
+    members.insert(me);
+    let share = fair_share(partitions, members.len());
+    let staying: Vec<u32> = held.difference(leaving).copied().collect();
+    if staying.len() > share {
+        return Plan {
+            acquire: Vec::new(),
+            release: staying[share..].to_vec(),
+        };
+    }
+    if held.len() >= share {
+        return Plan::default();
+    }
+    // Start looking at an offset of our own, so instances starting together try different keys.
+    let offset = stable_offset(me, partitions);
+    let acquire = (0..partitions)
+        .map(|i| (i + offset) % partitions)
+        .filter(|p| !held.contains(p) && !view.owners.contains_key(p))
+        .take(share - held.len())
+        .collect();
+    Plan {
+        acquire,
+        release: Vec::new(),
+    }
+}
+
+fn stable_offset(instance: &str, partitions: u32) -> u32 {
+    herald_nats::subjects::partition_for(instance, partitions)
+}
+
+/// Partition ownership as the API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// This instance's name.
+    pub instance: String,
+    /// Partitions in all.
+    pub total: u32,
+    /// Partitions held (including any being handed back).
+    pub owned: Vec<u32>,
+}
+
+/// Shared, always-current copy of this instance's [`Ownership`].
+pub type OwnershipView = Arc<RwLock<Ownership>>;
+
+/// Messages of the [`LeaseKeeper`].
+pub enum LeaseKeeperMsg {
+    /// Run a round now (also sent by the keeper's own timer).
+    Round,
+    /// A partition finished draining: hand its lease back.
+    Drained(u32),
+    /// Stop taking partitions, hand every lease back and leave the membership (graceful shutdown,
+    /// after the dispatcher has stopped and in-flight work is written).
+    Leave(RpcReplyPort<()>),
+}
+
+/// Arguments of the [`LeaseKeeper`].
+#[derive(Clone)]
+pub struct LeaseKeeperArgs {
+    /// The lease bucket, bound as this instance.
+    pub table: LeaseTable,
+    /// Command partitions in all.
+    pub partitions: u32,
+    /// Lease TTL (the bucket's max age).
+    pub ttl: Duration,
+    /// The dispatcher to steer.
+    pub dispatcher: ActorSlot<DispatcherMsg>,
+    /// Where ownership is published for the API.
+    pub ownership: OwnershipView,
+}
+
+/// State of the [`LeaseKeeper`].
+pub struct LeaseKeeperState {
+    args: LeaseKeeperArgs,
+    held: BTreeMap<u32, (Held, Instant)>,
+    leaving: BTreeSet<u32>,
+    left: bool,
+}
+
+/// Keeper of this instance's partition leases.
+pub struct LeaseKeeper;
+
+impl LeaseKeeper {
+    /// Time between rounds for a TTL.
+    pub fn round_interval(ttl: Duration) -> Duration {
+        (ttl / 4).max(Duration::from_millis(100))
+    }
+}
+
+impl Actor for LeaseKeeper {
+    type Msg = LeaseKeeperMsg;
+    type State = LeaseKeeperState;
+    type Arguments = LeaseKeeperArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: LeaseKeeperArgs,
+    ) -> Result<LeaseKeeperState, ActorProcessingErr> {
+        let _ = myself.cast(LeaseKeeperMsg::Round);
+        Ok(LeaseKeeperState {
+            args,
+            held: BTreeMap::new(),
+            leaving: BTreeSet::new(),
+            left: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: LeaseKeeperMsg,
+        state: &mut LeaseKeeperState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            LeaseKeeperMsg::Round if !state.left => {
+                state.round(&myself).await;
+                myself.send_after(LeaseKeeper::round_interval(state.args.ttl), || {
+                    LeaseKeeperMsg::Round
+                });
+            }
+            LeaseKeeperMsg::Round => {}
+            LeaseKeeperMsg::Drained(partition) => state.hand_back(partition).await,
+            LeaseKeeperMsg::Leave(reply) => {
+                state.leave().await;
+                let _ = reply.send(());
+            }
+        }
+        state.publish();
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut LeaseKeeperState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !state.left {
+            state.leave().await;
+        }
+        Ok(())
+    }
+}
+
+impl LeaseKeeperState {
+    async fn round(&mut self, myself: &ActorRef<LeaseKeeperMsg>) {
+        let table = self.args.table.clone();
+        if let Err(err) = table.heartbeat().await {
+            tracing::warn!(error = %err, "cannot refresh membership");
+        }
+        self.renew_all().await;
+        match table.view().await {
+            Ok(view) => {
+                self.adopt(&view).await;
+                let held: BTreeSet<u32> = self.held.keys().copied().collect();
+                let plan = plan(
+                    table.instance(),
+                    self.args.partitions,
+                    &view,
+                    &held,
+                    &self.leaving,
+                );
+                self.take(&plan.acquire).await;
+                for partition in plan.release {
+                    self.start_drain(myself, partition);
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot read partition leases"),
+        }
+        self.assign();
+    }
+
+    /// Renews every held lease; drops (locally) those lost or not renewed for too long.
+    async fn renew_all(&mut self) {
+        let fence = self
+            .args
+            .ttl
+            .saturating_sub(LeaseKeeper::round_interval(self.args.ttl));
+        let partitions: Vec<u32> = self.held.keys().copied().collect();
+        for partition in partitions {
+            let Some((held, renewed_at)) = self.held.get(&partition).copied() else {
+                continue;
+            };
+            match self.args.table.renew(held).await {
+                Ok(Some(renewed)) => {
+                    self.held.insert(partition, (renewed, Instant::now()));
+                }
+                Ok(None) => {
+                    tracing::warn!(partition, "partition lease lost to another instance");
+                    self.drop_lease(partition);
+                }
+                Err(err) if renewed_at.elapsed() >= fence => {
+                    tracing::warn!(partition, error = %err, "cannot renew partition lease before it expires; stopping");
+                    self.drop_lease(partition);
+                }
+                Err(err) => tracing::warn!(partition, error = %err, "cannot renew partition lease"),
+            }
+        }
+    }
+
+    /// Takes back leases the bucket says are this instance's but this keeper does not know of (it
+    /// was restarted after a panic). A lease is adopted only by renewing it, so one that is about
+    /// to age out is not pulled from.
+    async fn adopt(&mut self, view: &LeaseView) {
+        let me = self.args.table.instance().to_string();
+        for (&partition, owner) in &view.owners {
+            if *owner != me || self.held.contains_key(&partition) {
+                continue;
+            }
+            let Some(&revision) = view.revisions.get(&partition) else {
+                continue;
+            };
+            if let Ok(Some(renewed)) = self
+                .args
+                .table
+                .renew(Held {
+                    partition,
+                    revision,
+                })
+                .await
+            {
+                tracing::info!(partition, "adopted this instance's partition lease");
+                self.held.insert(partition, (renewed, Instant::now()));
+            }
+        }
+    }
+
+    async fn take(&mut self, partitions: &[u32]) {
+        for &partition in partitions {
+            match self.args.table.try_acquire(partition).await {
+                Ok(Some(held)) => {
+                    tracing::info!(partition, "took partition lease");
+                    metrics::counter!("herald_partition_takeovers_total").increment(1);
+                    self.held.insert(partition, (held, Instant::now()));
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(partition, error = %err, "cannot take partition lease");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self, myself: &ActorRef<LeaseKeeperMsg>, partition: u32) {
+        let Some(dispatcher) = self.args.dispatcher.get() else {
+            return;
+        };
+        tracing::info!(partition, "handing partition back (rebalancing)");
+        self.leaving.insert(partition);
+        let keeper = myself.clone();
+        tokio::spawn(async move {
+            let _ = ractor::call!(dispatcher, DispatcherMsg::Drain, partition);
+            let _ = keeper.cast(LeaseKeeperMsg::Drained(partition));
+        });
+    }
+
+    async fn hand_back(&mut self, partition: u32) {
+        self.leaving.remove(&partition);
+        if let Some((held, _)) = self.held.remove(&partition)
+            && let Err(err) = self.args.table.release(held).await
+        {
+            tracing::warn!(partition, error = %err, "cannot hand partition lease back; it expires");
+        }
+        self.assign();
+    }
+
+    fn drop_lease(&mut self, partition: u32) {
+        self.held.remove(&partition);
+        self.leaving.remove(&partition);
+    }
+
+    /// Tells the dispatcher the partitions to pull: held and not being handed back.
+    fn assign(&self) {
+        if self.left {
+            return;
+        }
+        if let Some(dispatcher) = self.args.dispatcher.get() {
+            let pull = self
+                .held
+                .keys()
+                .filter(|p| !self.leaving.contains(p))
+                .copied()
+                .collect();
+            let _ = dispatcher.cast(DispatcherMsg::Assign(pull));
+        }
+    }
+
+    async fn leave(&mut self) {
+        self.left = true;
+        for (partition, (held, _)) in std::mem::take(&mut self.held) {
+            if let Err(err) = self.args.table.release(held).await {
+                tracing::warn!(partition, error = %err, "cannot hand partition lease back; it expires");
+            }
+        }
+        self.leaving.clear();
+        if let Err(err) = self.args.table.leave().await {
+            tracing::warn!(error = %err, "cannot remove membership record; it expires");
+        }
+        tracing::info!("handed every partition lease back");
+    }
+
+    fn publish(&self) {
+        let mut ownership = self
+            .args
+            .ownership
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        ownership.instance = self.args.table.instance().to_string();
+        ownership.total = self.args.partitions;
+        ownership.owned = self.held.keys().copied().collect();
+        metrics::gauge!("herald_partitions_owned").set(ownership.owned.len() as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(owners: &[(u32, &str)], members: &[&str]) -> LeaseView {
+        LeaseView {
+            owners: owners.iter().map(|(p, o)| (*p, o.to_string())).collect(),
+            revisions: owners.iter().map(|(p, _)| (*p, 1)).collect(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn set(items: &[u32]) -> BTreeSet<u32> {
+        items.iter().copied().collect()
+    }
+
+    #[test]
+    fn fair_share_rounds_up() {
+        assert_eq!(fair_share(8, 1), 8);
+        assert_eq!(fair_share(8, 3), 3);
+        assert_eq!(fair_share(8, 0), 8, "no members counts as one");
+    }
+
+    #[test]
+    fn a_lone_instance_takes_every_free_partition() {
+        let plan = plan("a", 4, &view(&[], &[]), &set(&[]), &set(&[]));
+        let mut acquire = plan.acquire.clone();
+        acquire.sort();
+        assert_eq!(acquire, vec![0, 1, 2, 3]);
+        assert!(plan.release.is_empty());
+    }
+
+    #[test]
+    fn an_instance_over_its_share_hands_the_surplus_back() {
+        let owners: Vec<(u32, &str)> = (0..8).map(|p| (p, "a")).collect();
+        let held = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+        let plan = plan("a", 8, &view(&owners, &["a", "b"]), &held, &set(&[]));
+        assert_eq!(plan.release, vec![4, 5, 6, 7]);
+        assert!(plan.acquire.is_empty());
+    }
+
+    #[test]
+    fn partitions_already_leaving_are_not_released_twice() {
+        let owners: Vec<(u32, &str)> = (0..8).map(|p| (p, "a")).collect();
+        let held = set(&[0, 1, 2, 3, 4, 5, 6, 7]);
+        let plan = plan(
+            "a",
+            8,
+            &view(&owners, &["a", "b"]),
+            &held,
+            &set(&[4, 5, 6, 7]),
+        );
+        assert_eq!(plan, Plan::default());
+    }
+
+    #[test]
+    fn a_newcomer_takes_only_free_partitions_up_to_its_share() {
+        let owners = [(0, "a"), (1, "a"), (2, "a"), (3, "a")];
+        let plan = plan("b", 8, &view(&owners, &["a"]), &set(&[]), &set(&[]));
+        let mut acquire = plan.acquire.clone();
+        acquire.sort();
+        assert_eq!(acquire, vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn survivors_take_over_a_dead_instances_partitions() {
+        // "c" died: its leases and membership aged out; 6 and 7 are free.
+        let owners = [(0, "a"), (1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "b")];
+        let plan_a = plan(
+            "a",
+            8,
+            &view(&owners, &["a", "b"]),
+            &set(&[0, 1, 2]),
+            &set(&[]),
+        );
+        assert_eq!(plan_a.acquire.len(), 1, "{plan_a:?}");
+        assert!(plan_a.acquire.iter().all(|p| *p == 6 || *p == 7));
+    }
+
+    #[test]
+    fn an_instance_at_its_share_does_nothing() {
+        let owners = [(0, "a"), (1, "a"), (2, "b"), (3, "b")];
+        let plan = plan(
+            "a",
+            4,
+            &view(&owners, &["a", "b"]),
+            &set(&[0, 1]),
+            &set(&[]),
+        );
+        assert_eq!(plan, Plan::default());
+    }
+}

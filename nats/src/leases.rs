@@ -1,0 +1,236 @@
+//! Partition leases in a JetStream key-value bucket.
+//!
+//! Each command partition (`notify.cmd.<n>`) is consumed by exactly one instance at a time: the
+//! owner holds the key `partition.<n>` in the [`LEASE_BUCKET`] bucket. A lease is taken with
+//! create-if-absent, renewed with an update that names the revision the owner last wrote (so a
+//! lease that expired and was taken by someone else cannot be renewed by accident), and handed back
+//! with a delete that names the revision too. The bucket's `max_age` is the lease TTL: an owner that
+//! stops renewing (crashed, partitioned away) loses its keys when they age out, and the survivors
+//! take the partitions over.
+//!
+//! Instances also keep a `member.<instance>` key fresh, so that each can compute its fair share of
+//! the partitions (`ceil(partitions / members)`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    kv::{self, CreateErrorKind, UpdateErrorKind},
+};
+use bytes::Bytes;
+use futures::TryStreamExt;
+
+use crate::NatsError;
+
+/// The key-value bucket holding partition leases and instance membership.
+pub const LEASE_BUCKET: &str = "herald_partitions";
+
+/// Key of a partition's lease.
+pub fn partition_key(partition: u32) -> String {
+    format!("partition.{partition}")
+}
+
+/// Key of an instance's membership record.
+pub fn member_key(instance: &str) -> String {
+    format!("member.{instance}")
+}
+
+/// Who holds what, as read from the bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseView {
+    /// Partition → owning instance.
+    pub owners: BTreeMap<u32, String>,
+    /// Partition → revision of its lease key.
+    pub revisions: BTreeMap<u32, u64>,
+    /// Live instances (their membership keys have not aged out).
+    pub members: Vec<String>,
+}
+
+/// A lease held by this instance: the revision it last wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// The partition.
+    pub partition: u32,
+    /// The key's revision as this instance last wrote it.
+    pub revision: u64,
+}
+
+/// Handle on the lease bucket for one instance.
+#[derive(Clone)]
+pub struct LeaseTable {
+    store: kv::Store,
+    instance: String,
+}
+
+impl LeaseTable {
+    /// Creates the bucket if absent (TTL `ttl`, `replicas` copies) and binds to it as `instance`.
+    pub async fn open(
+        js: &jetstream::Context,
+        instance: &str,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<LeaseTable, NatsError> {
+        // The bucket's stream is created the way a key-value bucket's is, but through the stream
+        // API: it updates the TTL when the configuration changes, and it works on servers whose
+        // account-info answer this client cannot parse (nats-server 2.9).
+        let provision_error = |e: &dyn std::fmt::Display| NatsError::Provision {
+            what: format!("key-value bucket {LEASE_BUCKET}"),
+            reason: e.to_string(),
+        };
+        js.create_or_update_stream(bucket_stream(ttl, replicas))
+            .await
+            .map_err(|e| provision_error(&e))?;
+        let store = js
+            .get_key_value(LEASE_BUCKET)
+            .await
+            .map_err(|e| provision_error(&e))?;
+        Ok(LeaseTable {
+            store,
+            instance: instance.to_string(),
+        })
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Takes the partition if nobody holds it; `None` if somebody does.
+    pub async fn try_acquire(&self, partition: u32) -> Result<Option<Held>, NatsError> {
+        match self
+            .store
+            .create(partition_key(partition), self.owner_value())
+            .await
+        {
+            Ok(revision) => Ok(Some(Held {
+                partition,
+                revision,
+            })),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(lease_error(partition, e)),
+        }
+    }
+
+    /// Renews a held lease; `None` if it was lost (it aged out and someone else wrote the key).
+    pub async fn renew(&self, held: Held) -> Result<Option<Held>, NatsError> {
+        match self
+            .store
+            .update(
+                partition_key(held.partition),
+                self.owner_value(),
+                held.revision,
+            )
+            .await
+        {
+            Ok(revision) => Ok(Some(Held { revision, ..held })),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(lease_error(held.partition, e)),
+        }
+    }
+
+    /// Hands a lease back at once (graceful shutdown, rebalancing). A lease that was already lost
+    /// is left to its new owner.
+    pub async fn release(&self, held: Held) -> Result<(), NatsError> {
+        self.store
+            .delete_expect_revision(partition_key(held.partition), Some(held.revision))
+            .await
+            .or_else(|e| {
+                // A newer revision means another instance owns it now: nothing to hand back.
+                if e.to_string().contains("wrong last sequence") {
+                    Ok(())
+                } else {
+                    Err(lease_error(held.partition, e))
+                }
+            })
+    }
+
+    /// Refreshes this instance's membership record.
+    pub async fn heartbeat(&self) -> Result<(), NatsError> {
+        self.store
+            .put(member_key(&self.instance), self.owner_value())
+            .await
+            .map(|_| ())
+            .map_err(|e| NatsError::Publish {
+                subject: member_key(&self.instance),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Removes this instance's membership record (graceful shutdown).
+    pub async fn leave(&self) -> Result<(), NatsError> {
+        self.store
+            .delete(member_key(&self.instance))
+            .await
+            .map_err(|e| NatsError::Publish {
+                subject: member_key(&self.instance),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Reads every live lease and membership record.
+    pub async fn view(&self) -> Result<LeaseView, NatsError> {
+        let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
+            what: format!("key-value bucket {LEASE_BUCKET}"),
+            reason: e.to_string(),
+        };
+        let keys: Vec<String> = self
+            .store
+            .keys()
+            .await
+            .map_err(|e| read_error(&e))?
+            .try_collect()
+            .await
+            .map_err(|e| read_error(&e))?;
+        let mut view = LeaseView::default();
+        for key in keys {
+            if let Some(instance) = key.strip_prefix("member.") {
+                view.members.push(instance.to_string());
+            } else if let Some(partition) = key
+                .strip_prefix("partition.")
+                .and_then(|p| p.parse::<u32>().ok())
+            {
+                // The key may age out between listing and reading it.
+                let entry = self.store.entry(&key).await.map_err(|e| read_error(&e))?;
+                if let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) {
+                    view.owners.insert(
+                        partition,
+                        String::from_utf8_lossy(&entry.value).into_owned(),
+                    );
+                    view.revisions.insert(partition, entry.revision);
+                }
+            }
+        }
+        view.members.sort();
+        Ok(view)
+    }
+
+    fn owner_value(&self) -> Bytes {
+        Bytes::from(self.instance.clone())
+    }
+}
+
+/// The stream behind the lease bucket: one value per key, entries aging out after `ttl`.
+fn bucket_stream(ttl: Duration, replicas: usize) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{LEASE_BUCKET}"),
+        description: Some("Herald partition leases and instance membership".to_string()),
+        subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        max_age: ttl,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+fn lease_error(partition: u32, e: impl std::fmt::Display) -> NatsError {
+    NatsError::Publish {
+        subject: partition_key(partition),
+        reason: e.to_string(),
+    }
+}
