@@ -17,6 +17,7 @@ use herald_nats::{Held, LeaseTable, LeaseView};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::dispatcher::DispatcherMsg;
+use crate::rate_limit::supervisor::RateLimiterSupervisorMsg;
 use crate::slot::ActorSlot;
 
 /// What this instance should do with its leases this round.
@@ -109,6 +110,8 @@ pub struct LeaseKeeperArgs {
     pub ttl: Duration,
     /// The dispatcher to steer.
     pub dispatcher: ActorSlot<DispatcherMsg>,
+    /// The rate limiter registry, told about partitions taken so it drops stale buckets.
+    pub rate_limiter: ActorSlot<RateLimiterSupervisorMsg>,
     /// Where ownership is published for the API.
     pub ownership: OwnershipView,
 }
@@ -118,6 +121,8 @@ pub struct LeaseKeeperState {
     args: LeaseKeeperArgs,
     held: BTreeMap<u32, (Held, Instant)>,
     leaving: BTreeSet<u32>,
+    /// Partitions taken this round, not yet announced to the rate limiter.
+    taken: BTreeSet<u32>,
     left: bool,
 }
 
@@ -146,6 +151,7 @@ impl Actor for LeaseKeeper {
             args,
             held: BTreeMap::new(),
             leaving: BTreeSet::new(),
+            taken: BTreeSet::new(),
             left: false,
         })
     }
@@ -265,6 +271,7 @@ impl LeaseKeeperState {
             {
                 tracing::info!(partition, "adopted this instance's partition lease");
                 self.held.insert(partition, (renewed, Instant::now()));
+                self.taken.insert(partition);
             }
         }
     }
@@ -276,6 +283,7 @@ impl LeaseKeeperState {
                     tracing::info!(partition, "took partition lease");
                     metrics::counter!("herald_partition_takeovers_total").increment(1);
                     self.held.insert(partition, (held, Instant::now()));
+                    self.taken.insert(partition);
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -314,10 +322,19 @@ impl LeaseKeeperState {
         self.leaving.remove(&partition);
     }
 
-    /// Tells the dispatcher the partitions to pull: held and not being handed back.
-    fn assign(&self) {
+    /// Tells the dispatcher the partitions to pull: held and not being handed back. Partitions
+    /// just taken are first announced to the rate limiter (before any of their commands is pulled).
+    fn assign(&mut self) {
         if self.left {
             return;
+        }
+        if !self.taken.is_empty()
+            && let Some(limiter) = self.args.rate_limiter.get()
+        {
+            let _ = limiter.cast(RateLimiterSupervisorMsg::ForgetPartitions {
+                partitions: std::mem::take(&mut self.taken),
+                total: self.args.partitions,
+            });
         }
         if let Some(dispatcher) = self.args.dispatcher.get() {
             let pull = self

@@ -351,6 +351,7 @@ async fn start_engine(
             partitions: config.nats.partitions,
             ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             dispatcher: dispatcher.clone(),
+            rate_limiter: rate_limiter.clone(),
             ownership: ownership.clone(),
         },
         lease_keeper_slot: lease_keeper.clone(),

@@ -39,6 +39,8 @@ pub struct ReceivedMail {
     pub message_id: Option<String>,
     /// The `Subject` header with RFC 2047 encoded words decoded.
     pub subject: Option<String>,
+    /// When the sink accepted it (end of `DATA`).
+    pub received_at: std::time::Instant,
 }
 
 impl ReceivedMail {
@@ -59,6 +61,7 @@ impl ReceivedMail {
             data,
             message_id,
             subject,
+            received_at: std::time::Instant::now(),
         }
     }
 

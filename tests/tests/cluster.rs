@@ -1,12 +1,15 @@
-//! Several Herald instances on one NATS and one database share the durable consumers: the work is
-//! split between them, and when one dies the others finish its part.
+//! Several Herald instances on one NATS and one database share the work: each command partition is
+//! leased to one instance at a time, when one dies the others take its partitions over, per-user
+//! rate limits hold across the cluster, and a rolling restart loses nothing.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use herald_entities::{NotificationStatus, notification};
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
+};
 
 fn env(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Vec<(String, String)> {
     [
@@ -97,4 +100,393 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
         .terminate(Duration::from_secs(20))
         .await
         .expect("clean exit");
+}
+
+/// Command partitions (the default).
+const PARTITIONS: u32 = 8;
+/// Lease TTL of the three-instance tests: a dead instance's partitions move within about this.
+const LEASE_TTL_MS: u64 = 3_000;
+/// The per-user limit of the three-instance tests: 5 transactional notifications per minute,
+/// dropped over the limit (so every notification ends `sent` or `skipped` quickly).
+const LIMIT: u32 = 5;
+const LIMIT_PERIOD_SECS: f64 = 60.0;
+
+fn cluster_env(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Vec<(String, String)> {
+    let mut vars = env(nats, db, smtp);
+    vars.extend(
+        [
+            ("HERALD_CLUSTER__LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
+            (
+                "HERALD_RATE_LIMITS__TRANSACTIONAL__CAPACITY",
+                LIMIT.to_string(),
+            ),
+            (
+                "HERALD_RATE_LIMITS__TRANSACTIONAL__PER_SECS",
+                (LIMIT_PERIOD_SECS as u64).to_string(),
+            ),
+            (
+                "HERALD_RATE_LIMITS__TRANSACTIONAL__POLICY",
+                "drop".to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    vars
+}
+
+async fn start_three(
+    nats: &NatsServer,
+    db: &TestDatabase,
+    smtp: &SmtpSink,
+    logs: &std::path::Path,
+) -> Vec<HeraldProcess> {
+    let mut instances = Vec::new();
+    for name in ["a", "b", "c"] {
+        instances.push(
+            HeraldProcess::start(
+                cluster_env(nats, db, smtp),
+                logs.join(format!("{name}.log")),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("instance {name} starts: {e}")),
+        );
+    }
+    instances
+}
+
+/// The partitions each instance says it owns (`None` for an instance that does not answer).
+async fn ownership(instances: &[&HeraldProcess]) -> Vec<Option<BTreeSet<u32>>> {
+    let client = reqwest::Client::new();
+    let mut owned = Vec::new();
+    for instance in instances {
+        let body: Option<serde_json::Value> = match client
+            .get(format!("{}/health/ready", instance.base()))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            Ok(response) => response.json().await.ok(),
+            Err(_) => None,
+        };
+        owned.push(body.map(|b| {
+            b["partitions"]["owned"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_u64())
+                        .map(|p| p as u32)
+                        .collect()
+                })
+                .unwrap_or_default()
+        }));
+    }
+    owned
+}
+
+/// Waits until `instances` own every partition between them, none twice, each at least one.
+async fn wait_for_split(instances: &[&HeraldProcess], within: Duration) -> Vec<BTreeSet<u32>> {
+    eventually(
+        "the partitions to be split between the instances, each owned once",
+        within,
+        || async {
+            let owned: Option<Vec<BTreeSet<u32>>> =
+                ownership(instances).await.into_iter().collect();
+            let owned = owned?;
+            let total: usize = owned.iter().map(BTreeSet::len).sum();
+            let union: BTreeSet<u32> = owned.iter().flatten().copied().collect();
+            let split = total == PARTITIONS as usize
+                && union.len() == PARTITIONS as usize
+                && owned.iter().all(|o| !o.is_empty());
+            split.then_some(owned)
+        },
+    )
+    .await
+}
+
+/// Notifications not yet in a final state.
+async fn unfinished(conn: &DatabaseConnection) -> u64 {
+    notification::Entity::find()
+        .filter(
+            notification::Column::Status
+                .is_in([NotificationStatus::Queued, NotificationStatus::Processing]),
+        )
+        .count(conn)
+        .await
+        .unwrap_or(u64::MAX)
+}
+
+async fn count_with(conn: &DatabaseConnection, status: NotificationStatus) -> u64 {
+    notification::Entity::find()
+        .filter(notification::Column::Status.eq(status))
+        .count(conn)
+        .await
+        .expect("count")
+}
+
+/// Checks that sends at `times` (seconds, any order) fit a token bucket of [`LIMIT`] per
+/// [`LIMIT_PERIOD_SECS`] that starts full: any `k` consecutive sends spanning `dt` seconds need
+/// `k <= LIMIT + dt * LIMIT / period`. `slack` covers clock skew between decision and record.
+fn over_limit(mut times: Vec<f64>, slack: f64) -> Option<String> {
+    times.sort_by(f64::total_cmp);
+    let rate = f64::from(LIMIT) / LIMIT_PERIOD_SECS;
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let sends = (j - i + 1) as f64;
+            let allowed = f64::from(LIMIT) + (times[j] - times[i] + slack) * rate;
+            if sends > allowed.floor() + f64::EPSILON && sends > f64::from(LIMIT) {
+                return Some(format!(
+                    "{sends} sends within {:.1} s (allowed {:.2})",
+                    times[j] - times[i],
+                    allowed
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The `sent_at` times of every sent notification, by recipient.
+async fn recorded_sends(conn: &DatabaseConnection) -> HashMap<String, Vec<f64>> {
+    let rows: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::RecipientKey)
+        .column(notification::Column::SentAt)
+        .filter(notification::Column::Status.eq(NotificationStatus::Sent))
+        .into_tuple()
+        .all(conn)
+        .await
+        .expect("sent notifications");
+    let mut by_recipient: HashMap<String, Vec<f64>> = HashMap::new();
+    for (recipient, sent_at) in rows {
+        let at = sent_at.expect("a sent notification has sent_at");
+        by_recipient
+            .entry(recipient)
+            .or_default()
+            .push(at.timestamp_micros() as f64 / 1e6);
+    }
+    by_recipient
+}
+
+/// Arrival times at the sink of each recipient's distinct notifications (first copy).
+fn arrivals(smtp: &SmtpSink, origin: Instant) -> HashMap<String, Vec<f64>> {
+    let mut seen = HashSet::new();
+    let mut by_recipient: HashMap<String, Vec<f64>> = HashMap::new();
+    for mail in smtp.messages() {
+        let Some(id) = mail.message_id.clone() else {
+            continue;
+        };
+        if !seen.insert(id) {
+            continue;
+        }
+        for to in &mail.to {
+            by_recipient
+                .entry(to.clone())
+                .or_default()
+                .push(mail.received_at.duration_since(origin).as_secs_f64());
+        }
+    }
+    by_recipient
+}
+
+fn assert_within_limits(by_recipient: HashMap<String, Vec<f64>>, what: &str) {
+    let offenders: Vec<String> = by_recipient
+        .into_iter()
+        .filter_map(|(recipient, times)| {
+            over_limit(times, 1.0).map(|why| format!("{recipient}: {why}"))
+        })
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "{} recipients over the limit ({what}), e.g. {:?}",
+        offenders.len(),
+        &offenders[..offenders.len().min(5)]
+    );
+}
+
+#[test]
+fn the_limit_check_catches_a_burst_over_the_bucket() {
+    assert_eq!(over_limit(vec![0.0, 0.1, 0.2, 0.3, 0.4], 1.0), None);
+    assert!(over_limit(vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 1.0).is_some());
+    // One token back every 12 s.
+    assert_eq!(over_limit(vec![0.0, 0.1, 0.2, 0.3, 0.4, 12.5], 1.0), None);
+    assert!(over_limit(vec![0.0, 0.1, 0.2, 0.3, 0.4, 5.0, 12.5], 1.0).is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_keep_per_user_limits_and_take_over_a_dead_ones_partitions() {
+    herald_tests::init_tracing();
+    const TOTAL: u64 = 30_000;
+    const CUSTOMERS: u64 = 1_000;
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("logs");
+    let mut instances = start_three(&nats, &db, &smtp, logs.path()).await;
+    let refs: Vec<&HeraldProcess> = instances.iter().collect();
+    let split = wait_for_split(&refs, Duration::from_secs(60)).await;
+    println!("partitions split: {split:?}");
+    let conn = herald_entities::connect(db.url(), 4).await.expect("db");
+
+    herald_engine::bench::load::accept_via_nats(&conn, &nats.url(), TOTAL, CUSTOMERS)
+        .await
+        .expect("accepted");
+    eventually(
+        "a third of the work to be done",
+        Duration::from_secs(180),
+        || async {
+            let done = TOTAL - unfinished(&conn).await.min(TOTAL);
+            (done >= TOTAL / 3).then_some(())
+        },
+    )
+    .await;
+
+    let victim_partitions = ownership(&refs[..1]).await[0].clone().unwrap_or_default();
+    let killed_at = Instant::now();
+    instances[0]
+        .kill9()
+        .await
+        .expect("kill -9 the first instance");
+    let survivors: Vec<&HeraldProcess> = instances[1..].iter().collect();
+    let after = wait_for_split(&survivors, Duration::from_secs(60)).await;
+    let takeover = killed_at.elapsed();
+    println!(
+        "partitions {victim_partitions:?} of the killed instance taken over in {:.2} s \
+         (lease TTL {LEASE_TTL_MS} ms); now {after:?}",
+        takeover.as_secs_f64()
+    );
+
+    eventually(
+        "every notification to reach a final state",
+        Duration::from_secs(300),
+        || async { (unfinished(&conn).await == 0).then_some(()) },
+    )
+    .await;
+    let sent = count_with(&conn, NotificationStatus::Sent).await;
+    let skipped = count_with(&conn, NotificationStatus::Skipped).await;
+    assert_eq!(sent + skipped, TOTAL, "none lost, none failed or dead");
+    assert!(
+        skipped > 0 && sent >= CUSTOMERS * u64::from(LIMIT),
+        "the limit applied (sent {sent}, skipped {skipped})"
+    );
+    let distinct: HashSet<String> = smtp
+        .messages()
+        .into_iter()
+        .filter_map(|m| m.message_id)
+        .collect();
+    assert_eq!(
+        distinct.len() as u64,
+        sent,
+        "every sent notification reached the sink"
+    );
+    assert_within_limits(recorded_sends(&conn).await, "recorded sends");
+    let at_sink = arrivals(&smtp, killed_at - Duration::from_secs(3_600));
+    let over_at_sink = at_sink
+        .values()
+        .filter(|times| over_limit((*times).clone(), 1.0).is_some())
+        .count();
+    println!(
+        "sent {sent}, skipped {skipped}, {} duplicate deliveries at the sink; {over_at_sink} \
+         recipients over the limit at the sink (sends the killed instance made but never recorded)",
+        smtp.count() as u64 - sent
+    );
+    for instance in &mut instances[1..] {
+        instance
+            .terminate(Duration::from_secs(20))
+            .await
+            .expect("clean exit");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_three_instances_loses_nothing_and_keeps_limits() {
+    herald_tests::init_tracing();
+    const TOTAL: u64 = 15_000;
+    const CUSTOMERS: u64 = 1_000;
+    const WAVE_PAUSE: Duration = Duration::from_millis(1_500);
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("logs");
+    let origin = Instant::now();
+    let mut instances = start_three(&nats, &db, &smtp, logs.path()).await;
+    {
+        let refs: Vec<&HeraldProcess> = instances.iter().collect();
+        wait_for_split(&refs, Duration::from_secs(60)).await;
+    }
+    let conn = herald_entities::connect(db.url(), 4).await.expect("db");
+    // Load keeps arriving in waves (one notification per customer each) while the instances
+    // restart, so partitions change hands with work in flight and limits partly spent.
+    let loader = {
+        let (conn, url) = (conn.clone(), nats.url());
+        tokio::spawn(async move {
+            for _ in 0..TOTAL / CUSTOMERS {
+                herald_engine::bench::load::accept_via_nats(&conn, &url, CUSTOMERS, CUSTOMERS)
+                    .await
+                    .expect("accepted");
+                tokio::time::sleep(WAVE_PAUSE).await;
+            }
+        })
+    };
+
+    for i in 0..instances.len() {
+        let stopped = instances[i]
+            .terminate(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("instance {i} stops cleanly: {e}"));
+        {
+            let others: Vec<&HeraldProcess> = instances
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, p)| p)
+                .collect();
+            // Handed back at once on a graceful stop: no lease TTL to wait for.
+            wait_for_split(&others, Duration::from_secs(30)).await;
+        }
+        instances[i]
+            .restart()
+            .await
+            .unwrap_or_else(|e| panic!("instance {i} restarts: {e}"));
+        println!(
+            "instance {i} restarted (stop took {:.2} s)",
+            stopped.as_secs_f64()
+        );
+    }
+    loader.await.expect("every wave accepted");
+    {
+        let refs: Vec<&HeraldProcess> = instances.iter().collect();
+        wait_for_split(&refs, Duration::from_secs(60)).await;
+    }
+
+    eventually(
+        "every notification to reach a final state",
+        Duration::from_secs(300),
+        || async { (unfinished(&conn).await == 0).then_some(()) },
+    )
+    .await;
+    let sent = count_with(&conn, NotificationStatus::Sent).await;
+    let skipped = count_with(&conn, NotificationStatus::Skipped).await;
+    assert_eq!(sent + skipped, TOTAL, "none lost, none failed or dead");
+    let distinct: HashSet<String> = smtp
+        .messages()
+        .into_iter()
+        .filter_map(|m| m.message_id)
+        .collect();
+    assert_eq!(
+        distinct.len() as u64,
+        sent,
+        "every sent notification reached the sink"
+    );
+    println!(
+        "rolling restart: sent {sent}, skipped {skipped}, {} duplicates at the sink",
+        smtp.count() as u64 - sent
+    );
+    assert_within_limits(recorded_sends(&conn).await, "recorded sends");
+    assert_within_limits(arrivals(&smtp, origin), "arrivals at the sink");
+    for instance in &mut instances {
+        instance
+            .terminate(Duration::from_secs(20))
+            .await
+            .expect("clean exit");
+    }
 }

@@ -36,8 +36,9 @@ pub enum RateLimiterMsg {
     Acquire(Acquire, RpcReplyPort<Verdict>),
     /// Time to check for idleness (internal).
     IdleCheck,
-    /// The user's recent sends by category, read at start (internal); an error counts every
-    /// token as spent.
+    /// The user's recent sends by category, read at start (internal). When they cannot be read
+    /// the actor answers nothing and stops: callers hold their notifications briefly and ask
+    /// again, and the next request starts a new actor that reads again.
     Seeded(Result<HashMap<Category, u32>, String>),
     /// Panic on purpose (fault injection in tests).
     Crash,
@@ -121,7 +122,11 @@ impl Actor for RateLimiterActor {
                     }
                 }
             }
-            RateLimiterMsg::Seeded(sent) => state.seed(sent),
+            RateLimiterMsg::Seeded(Ok(sent)) => state.seed(&sent),
+            RateLimiterMsg::Seeded(Err(err)) => {
+                tracing::warn!(user = %state.args.user, error = %err, "cannot read recent sends; holding this user's notifications");
+                myself.stop(Some("send history unreadable".into()));
+            }
             RateLimiterMsg::IdleCheck => {
                 let now = (state.args.clock)();
                 if state.is_idle(now) {
@@ -159,16 +164,8 @@ fn read_history(
 impl RateLimiterState {
     /// Starts each limited bucket with the user's recent sends spent, then answers the requests
     /// that waited.
-    fn seed(&mut self, sent: Result<HashMap<Category, u32>, String>) {
+    fn seed(&mut self, sent: &HashMap<Category, u32>) {
         let now = (self.args.clock)();
-        let sent = sent.unwrap_or_else(|err| {
-            tracing::warn!(user = %self.args.user, error = %err, "cannot read recent sends; starting with empty buckets");
-            self.args
-                .limits
-                .iter()
-                .map(|(category, limit)| (*category, limit.capacity))
-                .collect()
-        });
         self.buckets = self
             .args
             .limits

@@ -4,7 +4,7 @@
 //! evicts the least recently used one when the registry is full, and restarts an actor that
 //! panicked (with fresh, full buckets).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,15 @@ pub enum RateLimiterSupervisorMsg {
     },
     /// How many user actors are alive.
     Users(RpcReplyPort<usize>),
+    /// This instance just took these command partitions (of `total`): stop the actors of their
+    /// users, whose buckets may be stale (another instance sent for them meanwhile); the next
+    /// request starts a fresh actor from the send history.
+    ForgetPartitions {
+        /// The partitions taken.
+        partitions: BTreeSet<u32>,
+        /// Command partitions in all.
+        total: u32,
+    },
     /// Makes the user's actor panic (fault injection in tests).
     CrashUser(String),
 }
@@ -126,6 +135,19 @@ impl Actor for RateLimiterSupervisor {
             }
             RateLimiterSupervisorMsg::Users(reply) => {
                 let _ = reply.send(state.users.len());
+            }
+            RateLimiterSupervisorMsg::ForgetPartitions { partitions, total } => {
+                let stale: Vec<String> = state
+                    .users
+                    .keys()
+                    .filter(|user| {
+                        partitions.contains(&herald_nats::subjects::partition_for(user, total))
+                    })
+                    .cloned()
+                    .collect();
+                for user in stale {
+                    state.remove(&user, "partition taken over");
+                }
             }
             RateLimiterSupervisorMsg::CrashUser(user) => {
                 if let Some(entry) = state.users.get(&user) {
