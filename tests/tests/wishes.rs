@@ -46,6 +46,8 @@ fn config(
     config.channels.webhook = Some(WebhookConfig {
         secret: WEBHOOK_SECRET.into(),
         timeout_ms: 2_000,
+        // The receivers are local mock servers.
+        allow_private_targets: true,
     });
     config.scheduler.poll_interval_ms = 100;
     tune(&mut config);
