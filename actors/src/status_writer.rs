@@ -18,7 +18,7 @@ use herald_entities::{
 };
 use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::{DatabaseConnection, DbErr, RuntimeErr};
 use serde::{Deserialize, Serialize};
 
 /// Batching limits.
@@ -170,31 +170,16 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     });
 }
 
-/// Writes a batch, then settles its messages. Retries while the database is unreachable; a record
-/// that fails on its own (not an outage) is isolated so it cannot block the others.
+/// Writes a batch, then settles its messages. Rides out database outages; a record that fails on
+/// its own (not an outage) is isolated so it cannot block the others.
 async fn write_batch(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
     let started = std::time::Instant::now();
     let changes: Vec<StatusChange> = batch.iter().flat_map(|r| r.changes.clone()).collect();
     let attempts: Vec<NewAttempt> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match status_batch::apply(&args.db, &changes, &attempts).await {
-            Ok(()) => break,
-            Err(herald_entities::RepoError::Db(err)) if is_outage(&err) => {
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", batch.len());
-                metrics::counter!("herald_status_write_retries_total").increment(1);
-                for record in &batch {
-                    keep_in_progress(&record.then).await;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "batch write failed; writing its records one by one");
-                write_one_by_one(args, batch).await;
-                return;
-            }
-        }
+    if let Err(err) = apply_riding_outages(args, &changes, &attempts, &batch).await {
+        tracing::warn!(error = %err, "batch write failed; writing its records one by one");
+        write_one_by_one(args, batch).await;
+        return;
     }
     metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("herald_status_batch_records").record(batch.len() as f64);
@@ -205,9 +190,36 @@ async fn write_batch(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
     publish_events(&args.publisher, events);
 }
 
+/// Applies `changes` and `attempts` in one transaction. While the database is unavailable it
+/// retries with backoff and tells JetStream that the messages of `records` are still in progress;
+/// any other error is returned.
+async fn apply_riding_outages(
+    args: &StatusWriterArgs,
+    changes: &[StatusChange],
+    attempts: &[NewAttempt],
+    records: &[StatusRecord],
+) -> Result<(), herald_entities::RepoError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match status_batch::apply(&args.db, changes, attempts).await {
+            Err(herald_entities::RepoError::Db(err)) if is_outage(&err) => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", records.len());
+                metrics::counter!("herald_status_write_retries_total").increment(1);
+                for record in records {
+                    keep_in_progress(&record.then).await;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 async fn write_one_by_one(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
     for record in batch {
-        match status_batch::apply(&args.db, &record.changes, &record.attempts).await {
+        let records = std::slice::from_ref(&record);
+        match apply_riding_outages(args, &record.changes, &record.attempts, records).await {
             Ok(()) => {
                 let events: Vec<StatusEvent> =
                     record.changes.iter().filter_map(status_event).collect();
@@ -228,28 +240,44 @@ async fn write_one_by_one(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
     }
 }
 
+/// Whether `err` means the database is unavailable (unreachable, restarting, locked by someone
+/// else) rather than that this write is wrong: only then is waiting and retrying right.
 fn is_outage(err: &DbErr) -> bool {
-    matches!(err, DbErr::ConnectionAcquire(_) | DbErr::Conn(_))
-        || err
+    match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
+            is_sqlx_outage(cause)
+        }
+        _ => err
             .to_string()
             .to_lowercase()
-            .contains("database is locked")
-        || matches!(err, DbErr::Exec(_) | DbErr::Query(_) if err.sql_err().is_none() && is_io(err))
+            .contains("database is locked"),
+    }
 }
 
-fn is_io(err: &DbErr) -> bool {
-    let text = err.to_string().to_lowercase();
-    [
-        "connection",
-        "broken pipe",
-        "closed",
-        "i/o",
-        "io error",
-        "timed out",
-        "shutting down",
-    ]
-    .iter()
-    .any(|needle| text.contains(needle))
+fn is_sqlx_outage(err: &sea_orm::sqlx::Error) -> bool {
+    use sea_orm::sqlx::Error;
+    match err {
+        Error::Io(_)
+        | Error::Tls(_)
+        | Error::Protocol(_)
+        | Error::PoolTimedOut
+        | Error::PoolClosed
+        | Error::WorkerCrashed => true,
+        Error::Database(db) => db.code().is_some_and(|code| is_outage_code(&code)),
+        _ => false,
+    }
+}
+
+/// PostgreSQL (five-character SQLSTATE): a connection exception (class 08), the server shutting
+/// down or starting (57P01–57P03), too many connections (53300). SQLite (a number): busy or
+/// locked (primary codes 5 and 6, with their extended codes).
+fn is_outage_code(code: &str) -> bool {
+    if code.len() == 5 {
+        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
+    }
+    code.parse::<i32>()
+        .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6))
 }
 
 async fn keep_in_progress(then: &AfterWrite) {
@@ -301,4 +329,45 @@ fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
             tracing::warn!(failed, "could not publish status events");
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn exec(cause: sea_orm::sqlx::Error) -> DbErr {
+        DbErr::Exec(RuntimeErr::SqlxError(Arc::new(cause)))
+    }
+
+    #[test]
+    fn a_dropped_connection_is_an_outage_whatever_its_message() {
+        let eof = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "expected to read 5 bytes, got 0 bytes at EOF",
+        );
+        assert!(is_outage(&exec(sea_orm::sqlx::Error::Io(eof))));
+        assert!(is_outage(&exec(sea_orm::sqlx::Error::PoolTimedOut)));
+        assert!(is_outage(&DbErr::ConnectionAcquire(
+            sea_orm::ConnAcquireErr::Timeout
+        )));
+    }
+
+    #[test]
+    fn a_wrong_write_is_not_an_outage() {
+        assert!(!is_outage(&exec(sea_orm::sqlx::Error::RowNotFound)));
+        assert!(!is_outage(&DbErr::Custom("no such notification".into())));
+        assert!(!is_outage(&DbErr::RecordNotInserted));
+    }
+
+    #[test]
+    fn busy_locked_and_server_state_codes_are_outages_constraint_codes_are_not() {
+        for code in ["5", "6", "517", "262", "08006", "57P01", "57P03", "53300"] {
+            assert!(is_outage_code(code), "{code}");
+        }
+        for code in ["19", "2067", "23505", "23503", "42P01"] {
+            assert!(!is_outage_code(code), "{code}");
+        }
+    }
 }

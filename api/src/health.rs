@@ -5,6 +5,8 @@
 //! database reachable; it reports the command backlog and circuit states too, and answers 503 with
 //! the same body when a check fails (take the instance out of the load balancer, do not restart).
 
+use std::time::Duration;
+
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
 use sea_orm::ConnectionTrait;
 
@@ -12,6 +14,10 @@ use crate::{
     AppState,
     engine_view::{ChannelView, PartitionsView},
 };
+
+/// How long readiness waits for the database: an unreachable server can otherwise hold a request
+/// for the pool's whole acquire timeout, longer than a probe waits.
+const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Tags)]
 enum HealthTags {
@@ -103,10 +109,7 @@ impl HealthApi {
             fail("not connected")
         };
         let (streams, pending_commands) = self.streams().await;
-        let database = match self.state.db.execute_unprepared("SELECT 1").await {
-            Ok(_) => pass("reachable"),
-            Err(err) => fail(&err.to_string()),
-        };
+        let database = self.database().await;
         let ready = nats.ok && streams.ok && database.ok;
         let body = Readiness {
             status: if ready { "ready" } else { "not_ready" }.into(),
@@ -126,6 +129,22 @@ impl HealthApi {
 }
 
 impl HealthApi {
+    async fn database(&self) -> Check {
+        let answer = tokio::time::timeout(
+            DATABASE_CHECK_TIMEOUT,
+            self.state.db.execute_unprepared("SELECT 1"),
+        )
+        .await;
+        match answer {
+            Ok(Ok(_)) => pass("reachable"),
+            Ok(Err(err)) => fail(&err.to_string()),
+            Err(_) => fail(&format!(
+                "no answer within {} s",
+                DATABASE_CHECK_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
     async fn streams(&self) -> (Check, Option<u64>) {
         if !self.state.publisher.is_connected() {
             return (fail("NATS not connected"), None);

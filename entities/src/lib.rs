@@ -18,11 +18,19 @@ pub mod status;
 pub use repo::RepoError;
 pub use status::NotificationStatus;
 
+use std::time::Duration;
+
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+
+/// Longest a query waits for a pooled connection. When the server is unreachable every new
+/// connection is refused and the pool keeps trying until this passes: the caller then gets an
+/// error it can act on (the API a 503, the StatusWriter a retry that keeps its messages in
+/// progress) instead of hanging for sqlx's default 30 s, as long as JetStream's default ack wait.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens a connection pool. SQLite files are created if missing and run in WAL mode with
 /// `synchronous=NORMAL` (durable across process crashes, fast batched writes) and a busy timeout,
-/// so readers never block the writer.
+/// so readers never block the writer. A query waits at most [`ACQUIRE_TIMEOUT`] for a connection.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -31,7 +39,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         url.to_string()
     };
     let mut options = ConnectOptions::new(url.clone());
-    options.max_connections(max_connections).sqlx_logging(false);
+    options
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .sqlx_logging(false);
     let db = Database::connect(options).await?;
     if url.starts_with("sqlite:") {
         for pragma in [

@@ -10,6 +10,8 @@
 //!   ([`ReceivedMail`]), with injectable rejections and outages.
 //! - [`TestDatabase`]: a fresh SQLite file or a fresh PostgreSQL database, chosen with
 //!   `HERALD_TEST_DB=sqlite|postgres` so the same suite runs against both.
+//! - [`DatabaseOutage`]: takes that database away from Herald for a while (a [`TcpProxy`] cut for
+//!   PostgreSQL, a held write lock for SQLite).
 //! - [`eventually`]: the bounded wait for a state of an external system.
 //!
 //! Waiting is always bounded and fails with a message saying what was awaited; nothing
@@ -20,6 +22,7 @@
 //! (default `root`), `RUST_LOG` (default `warn`, see [`init_tracing`]).
 
 pub mod database;
+pub mod db_outage;
 pub mod herald;
 pub mod nats_server;
 pub mod process;
@@ -27,6 +30,7 @@ pub mod smtp_sink;
 pub mod wait;
 
 pub use database::{DatabaseKind, PgServer, TestDatabase};
+pub use db_outage::{DatabaseOutage, TcpProxy, Upstream};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::NatsServer;
 pub use process::HeraldProcess;

@@ -55,6 +55,8 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
     config.channels.webhook = Some(WebhookConfig {
         secret: WEBHOOK_SECRET.into(),
         timeout_ms: 2_000,
+        // The receivers are local mock servers.
+        allow_private_targets: true,
     });
     tune(&mut config);
     let herald = TestHerald::start(config).await.expect("herald");
@@ -497,6 +499,55 @@ async fn push_and_signed_webhooks_are_delivered() {
         header("webhook-signature"),
         independent_signature(&hook, timestamp, &body),
         "an independent implementation of the scheme computes the same signature"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
+    let w = world(|c| {
+        if let Some(webhook) = c.channels.webhook.as_mut() {
+            webhook.allow_private_targets = false;
+        }
+    })
+    .await;
+    Mock::given(method("POST"))
+        .and(path_regex("^/hooks/.*"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(
+            &["webhook", "email"],
+            json!({
+                "webhook_url": format!("{}/hooks/shop-1", w.provider.uri()),
+                "email": "ada@example.com"
+            }),
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("webhook".to_string(), "rejected".to_string()),
+            ("email".to_string(), "sent".to_string())
+        ]
+    );
+    assert!(
+        sent["attempts"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("internal address"),
+        "{sent}"
+    );
+    assert!(
+        w.provider
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "the internal address was not called"
     );
     w.herald.shutdown().await.expect("shutdown");
 }

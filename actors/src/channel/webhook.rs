@@ -5,7 +5,15 @@
 //! `webhook-timestamp` (unix seconds) and `webhook-signature`
 //! (`v1,` + base64 of HMAC-SHA256 over `{id}.{timestamp}.{body}`). Receivers verify with any
 //! Standard Webhooks library, or with [`verify`].
+//!
+//! A `webhook_url` comes from API callers, so by default Herald refuses to POST to internal
+//! addresses (loopback, private, link-local such as cloud metadata endpoints, unique-local): an
+//! IP-literal or a host that resolves only to such addresses fails permanently, and the client's
+//! resolver drops internal addresses at connect time too, so a name that changes its answer in
+//! between (DNS rebinding) cannot reach them. `allow_private_targets` lifts this for deployments
+//! (and tests) that deliver inside their own network.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
@@ -36,6 +44,8 @@ pub struct WebhookConfig {
     pub secret: String,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,
+    /// Whether webhooks may go to internal addresses (loopback, private, link-local).
+    pub allow_private_targets: bool,
 }
 
 impl Default for WebhookConfig {
@@ -43,6 +53,7 @@ impl Default for WebhookConfig {
         Self {
             secret: String::new(),
             timeout_ms: 10_000,
+            allow_private_targets: false,
         }
     }
 }
@@ -52,6 +63,7 @@ impl std::fmt::Debug for WebhookConfig {
         f.debug_struct("WebhookConfig")
             .field("secret", &"<redacted>")
             .field("timeout_ms", &self.timeout_ms)
+            .field("allow_private_targets", &self.allow_private_targets)
             .finish()
     }
 }
@@ -124,11 +136,88 @@ pub fn verify(secret: &[u8], id: &str, timestamp: i64, body: &[u8], signatures: 
     })
 }
 
+/// Whether Herald refuses to send webhooks to `ip` unless private targets are allowed: loopback,
+/// unspecified, private (RFC 1918), shared (100.64/10), link-local (including 169.254.169.254, the
+/// cloud metadata endpoint), broadcast, multicast, IPv6 unique-local and link-local, and IPv4
+/// addresses mapped into IPv6.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_internal_v4(v4),
+            None => {
+                let first = v6.segments()[0];
+                v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || first & 0xfe00 == 0xfc00
+                    || first & 0xffc0 == 0xfe80
+            }
+        },
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || (a == 100 && b & 0xc0 == 64)
+}
+
+/// Resolves host names to their public addresses only, so a connection never reaches an internal
+/// one whatever the name answered earlier.
+struct PublicAddresses;
+
+impl reqwest::dns::Resolve for PublicAddresses {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let public: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|addr| !is_internal(addr.ip()))
+                .collect();
+            if public.is_empty() {
+                return Err(format!("{host} resolves only to internal addresses").into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Fails permanently when `url`'s host is an internal address or a name that resolves only to
+/// internal addresses. A name that cannot be resolved now is left to the request (and its retries).
+async fn refuse_internal(url: &url::Url) -> Result<(), ProviderError> {
+    let internal = match url.host() {
+        Some(url::Host::Ipv4(ip)) => is_internal(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => is_internal(IpAddr::V6(ip)),
+        Some(url::Host::Domain(host)) => match tokio::net::lookup_host((host, 0)).await {
+            Ok(addrs) => {
+                let ips: Vec<IpAddr> = addrs.map(|addr| addr.ip()).collect();
+                !ips.is_empty() && ips.into_iter().all(is_internal)
+            }
+            Err(_) => false,
+        },
+        None => false,
+    };
+    if internal {
+        return Err(ProviderError::permanent(format!(
+            "webhook URL host {} is an internal address; set channels.webhook.allow_private_targets to allow it",
+            url.host_str().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
 /// Delivers notifications as signed webhooks.
 pub struct WebhookProvider {
     name: String,
     client: reqwest::Client,
     key: Vec<u8>,
+    allow_private_targets: bool,
 }
 
 impl std::fmt::Debug for WebhookProvider {
@@ -146,11 +235,20 @@ impl WebhookProvider {
         let key = decode_secret(&config.secret)?;
         // A redirected POST turns into a GET on most redirects and would reach a URL the customer
         // did not register: redirects are failures, as in other webhook senders.
-        let client = http::client_builder(config.timeout_ms)
-            .redirect(reqwest::redirect::Policy::none())
+        let mut builder =
+            http::client_builder(config.timeout_ms).redirect(reqwest::redirect::Policy::none());
+        if !config.allow_private_targets {
+            builder = builder.dns_resolver(PublicAddresses);
+        }
+        let client = builder
             .build()
             .map_err(|e| WebhookConfigError::Client(e.without_url().to_string()))?;
-        Ok(Self { name, client, key })
+        Ok(Self {
+            name,
+            client,
+            key,
+            allow_private_targets: config.allow_private_targets,
+        })
     }
 
     async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
@@ -166,6 +264,9 @@ impl WebhookProvider {
                 "webhook URL scheme {:?} is not http or https",
                 parsed.scheme()
             )));
+        }
+        if !self.allow_private_targets {
+            refuse_internal(&parsed).await?;
         }
         let now = Utc::now();
         let id = message.notification_id.to_string();
@@ -256,6 +357,8 @@ mod tests {
             WebhookConfig {
                 secret: SECRET.into(),
                 timeout_ms,
+                // The receivers here are local mock servers.
+                allow_private_targets: true,
             },
         )
         .unwrap()
@@ -310,6 +413,7 @@ mod tests {
                 WebhookConfig {
                     secret: secret.into(),
                     timeout_ms: 1_000,
+                    allow_private_targets: false,
                 },
             )
         };
@@ -466,5 +570,66 @@ mod tests {
                 })
             ));
         }
+    }
+
+    #[test]
+    fn internal_addresses_are_recognised() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["93.184.216.34", "8.8.8.8", "172.32.0.1", "2606:4700::1111"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[tokio::test]
+    async fn internal_targets_are_refused_for_good_without_a_request() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let guarded = WebhookProvider::new(
+            "webhook".into(),
+            WebhookConfig {
+                secret: SECRET.into(),
+                ..WebhookConfig::default()
+            },
+        )
+        .unwrap();
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(204))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let port = server.address().port();
+        for url in [
+            format!("{}/hooks/herald", server.uri()),
+            format!("http://localhost:{port}/hooks/herald"),
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "http://[::1]/hooks".to_string(),
+        ] {
+            match guarded.deliver(&message(Some(url.clone()))).await {
+                Err(ProviderError::Permanent { reason, .. }) => {
+                    assert!(reason.contains("internal address"), "{url}: {reason}")
+                }
+                other => panic!("{url}: expected a permanent refusal, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn allowed_private_targets_are_delivered() {
+        let (_server, msg) = reply_with(ResponseTemplate::new(204)).await;
+        assert!(provider(1_000).deliver(&msg).await.is_ok());
     }
 }

@@ -130,8 +130,22 @@ impl Shape {
             .col_expr(notification::Column::UpdatedAt, Expr::value(at))
             .filter(notification::Column::Id.is_in(ids.to_vec()))
             .filter(notification::Column::Status.is_in(self.status.allowed_from().to_vec()));
-        if let Some(reason) = &self.reason {
-            update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
+        match &self.reason {
+            Some(reason) => {
+                update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
+            }
+            // A deferral's or a retry's reason is history once the notification went out.
+            None if matches!(
+                self.status,
+                NotificationStatus::Sent | NotificationStatus::Delivered
+            ) =>
+            {
+                update = update.col_expr(
+                    notification::Column::StatusReason,
+                    Expr::value(Option::<String>::None),
+                );
+            }
+            None => {}
         }
         if let Some(channel) = &self.final_channel {
             update = update.col_expr(notification::Column::FinalChannel, Expr::value(channel));
