@@ -20,7 +20,11 @@ pub use status::NotificationStatus;
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+
+/// How long a SQLite statement waits for another connection's write lock.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest a query waits for a pooled connection. When the server is unreachable every new
 /// connection is refused and the pool keeps trying until this passes: the caller then gets an
@@ -38,21 +42,19 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     } else {
         url.to_string()
     };
-    let mut options = ConnectOptions::new(url.clone());
+    let mut options = ConnectOptions::new(url);
     options
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)
-        .sqlx_logging(false);
-    let db = Database::connect(options).await?;
-    if url.starts_with("sqlite:") {
-        for pragma in [
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            "PRAGMA busy_timeout=5000",
-            "PRAGMA foreign_keys=ON",
-        ] {
-            db.execute_unprepared(pragma).await?;
-        }
-    }
-    Ok(db)
+        .sqlx_logging(false)
+        // Pragmas such as `synchronous` hold per connection: they are set on every connection
+        // the pool opens (a `PRAGMA` statement would reach only the one connection running it).
+        .map_sqlx_sqlite_opts(|sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true)
+        });
+    Database::connect(options).await
 }
