@@ -102,8 +102,10 @@ pub async fn deliver(
         return;
     };
     let permit = permit.with_claim(claim);
-    match ctx.statuses.status(id).await {
-        Ok(Some(status)) if !status.is_final() => {}
+    let round = match ctx.statuses.progress(id).await {
+        Ok(Some(progress)) if !progress.status.is_final() => {
+            Round::after(progress.attempts, command.channels.len())
+        }
         Ok(Some(_)) => {
             // A redelivery of a command whose outcome is already written.
             let _ = acker.ack().await;
@@ -123,7 +125,7 @@ pub async fn deliver(
             let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
             return;
         }
-    }
+    };
     write(
         &ctx,
         vec![StatusChange::to(id, NotificationStatus::Processing)],
@@ -167,7 +169,7 @@ pub async fn deliver(
     let opted_out = match crate::policy::gate(&ctx.policy, &ctx.db, &command).await {
         Ok(Gate::Go { opted_out }) => opted_out,
         Ok(gate) => {
-            hold(&ctx, &command, gate, acker, delivered, permit);
+            hold(&ctx, &command, gate, acker, round, permit);
             return;
         }
         Err(err) => {
@@ -184,7 +186,7 @@ pub async fn deliver(
         }
     };
 
-    let walk = walk_chain(&ctx.channels, &command, &contacts, delivered, &opted_out).await;
+    let walk = walk_chain(&ctx.channels, &command, &contacts, round, &opted_out).await;
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
     }
@@ -195,10 +197,32 @@ pub async fn deliver(
         message.payload,
         &message.subject,
         acker,
-        delivered,
+        (delivered, round),
         permit,
     )
     .await;
+}
+
+/// Which pass over the channel chain a delivery is. JetStream's delivery count also counts
+/// deliveries that never reached the chain (rate-limit and quiet-hours deferrals, database
+/// outages), so rounds are counted from the attempts recorded: every failed round records one
+/// attempt per channel of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Round {
+    /// 1 for the first pass.
+    number: u64,
+    /// Attempt numbers of this round start after this one.
+    first_attempt_no: u64,
+}
+
+impl Round {
+    fn after(attempts_recorded: i32, chain_len: usize) -> Self {
+        let recorded = u64::try_from(attempts_recorded).unwrap_or(0);
+        Round {
+            number: recorded.div_ceil(chain_len.max(1) as u64) + 1,
+            first_attempt_no: recorded,
+        }
+    }
 }
 
 /// Records a notification the policy stopped (`skipped`) or held (NAK with delay, still
@@ -208,7 +232,7 @@ fn hold(
     command: &SendCommand,
     gate: Gate,
     acker: Acker,
-    delivered: u64,
+    round: Round,
     permit: Lease,
 ) {
     let id = command.notification_id;
@@ -216,7 +240,7 @@ fn hold(
         Gate::Go { .. } => {}
         Gate::Skip { reason, opted_out } => {
             metrics::counter!("herald_notifications_skipped_total").increment(1);
-            let first_no = (delivered - 1) * command.channels.len() as u64;
+            let first_no = round.first_attempt_no;
             let attempts: Vec<NewAttempt> = opted_out
                 .iter()
                 .enumerate()
@@ -353,7 +377,7 @@ async fn walk_chain(
     channels: &ChannelDirectory,
     command: &SendCommand,
     contacts: &Contacts,
-    delivered: u64,
+    round: Round,
     opted_out: &[Channel],
 ) -> Walk {
     let mut walk = Walk {
@@ -364,7 +388,7 @@ async fn walk_chain(
         retry_after: None,
         last_error: None,
     };
-    let first_no = (delivered - 1) * command.channels.len() as u64;
+    let first_no = round.first_attempt_no;
     for (index, &channel) in command.channels.iter().enumerate() {
         let attempt_no = (first_no + index as u64 + 1).min(i32::MAX as u64) as i32;
         let attempt =
@@ -490,9 +514,10 @@ async fn finish(
     payload: Bytes,
     subject: &str,
     acker: Acker,
-    delivered: u64,
+    delivery: (u64, Round),
     permit: Lease,
 ) {
+    let (delivered, round) = delivery;
     let id = command.notification_id;
     let attempts_made = walk.attempts.last().map(|a| a.attempt_no);
     if let Some(channel) = walk.sent_on {
@@ -516,9 +541,11 @@ async fn finish(
         .last_error
         .clone()
         .unwrap_or_else(|| "empty channel chain".into());
-    if walk.retryable && !ctx.retry.is_last(delivered) {
-        let delay = ctx.retry.delay(delivered, walk.retry_after, rand::random());
-        tracing::info!(%id, delivered, delay_ms = delay.as_millis() as u64, %error, "no channel took it; retrying later");
+    if walk.retryable && !ctx.retry.is_last(round.number) {
+        let delay = ctx
+            .retry
+            .delay(round.number, walk.retry_after, rand::random());
+        tracing::info!(%id, round = round.number, delay_ms = delay.as_millis() as u64, %error, "no channel took it; retrying later");
         let change = StatusChange {
             error: Some(error),
             attempts: attempts_made,
@@ -533,7 +560,7 @@ async fn finish(
             Some(permit),
         );
     } else if walk.retryable {
-        let reason = format!("gave up after {delivered} deliveries: {error}");
+        let reason = format!("gave up after {} rounds: {error}", round.number);
         dead(
             ctx,
             &command,
@@ -687,5 +714,29 @@ fn write(
     if !matches!(sent, Some(Ok(()))) {
         // The writer is restarting; the message stays unacked and JetStream redelivers it.
         tracing::warn!("status writer unavailable; message left for redelivery");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Round;
+
+    #[test]
+    fn rounds_count_recorded_attempts_not_deliveries() {
+        assert_eq!(
+            Round::after(0, 3),
+            Round {
+                number: 1,
+                first_attempt_no: 0
+            }
+        );
+        let third = Round::after(6, 3);
+        assert_eq!((third.number, third.first_attempt_no), (3, 6));
+        assert_eq!(
+            Round::after(4, 3).number,
+            3,
+            "a partial round counts as a round"
+        );
+        assert_eq!(Round::after(-1, 0).number, 1, "nonsense counts as none");
     }
 }

@@ -1,11 +1,11 @@
-//! Group reads of notification statuses: the dispatcher checks every command's stored status
-//! before sending (never send what is unknown or already final), and doing that one query per
+//! Group reads of notification progress (status and attempts made): the dispatcher checks every
+//! command's stored status before sending (never send what is unknown or already final), and doing that one query per
 //! command costs more than the send. Lookups that arrive together are answered by one query;
 //! an idle lookup is answered at once.
 
 use std::collections::HashMap;
 
-use herald_entities::{NotificationStatus, repo};
+use herald_entities::repo::{self, notifications::Progress};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -13,7 +13,7 @@ use uuid::Uuid;
 /// Most ids per query.
 const MAX_BATCH: usize = 500;
 
-type Reply = oneshot::Sender<Result<Option<NotificationStatus>, String>>;
+type Reply = oneshot::Sender<Result<Option<Progress>, String>>;
 
 /// Handle to the lookup task; cheap to clone. The task ends when every handle is dropped.
 #[derive(Clone)]
@@ -29,8 +29,8 @@ impl StatusLookup {
         Self { requests }
     }
 
-    /// The stored status of `id`, `None` if there is no such notification.
-    pub async fn status(&self, id: Uuid) -> Result<Option<NotificationStatus>, String> {
+    /// The stored progress of `id`, `None` if there is no such notification.
+    pub async fn progress(&self, id: Uuid) -> Result<Option<Progress>, String> {
         let (reply, answer) = oneshot::channel();
         self.requests
             .send((id, reply))
@@ -46,8 +46,8 @@ async fn serve(db: DatabaseConnection, mut receiver: mpsc::Receiver<(Uuid, Reply
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-        let found: Result<HashMap<Uuid, NotificationStatus>, String> =
-            repo::notifications::statuses_of(&db, &ids)
+        let found: Result<HashMap<Uuid, Progress>, String> =
+            repo::notifications::progress_of(&db, &ids)
                 .await
                 .map_err(|e| e.to_string());
         for (id, reply) in batch.drain(..) {

@@ -371,20 +371,29 @@ async fn over_the_limit_with_policy_defer_waits_for_a_token() {
                 .await,
         );
     }
-    let mut deferred = 0;
+    let mut sent_times = Vec::new();
     for id in &ids {
         let sent = w.herald.wait_status(id, "sent").await;
         assert!(
             sent["status_reason"].is_null(),
             "the deferral's reason is history once sent: {sent}"
         );
-        // A deferred command comes back as a later delivery, which numbers its attempt after the
-        // chain's first pass.
-        if sent["attempts"][0]["attempt_no"].as_i64() > Some(1) {
-            deferred += 1;
-        }
+        // A deferral is not a delivery round: the send that waited for a token is still the
+        // chain's first pass, so it keeps every retry the policy allows.
+        assert_eq!(
+            sent["attempts"][0]["attempt_no"], 1,
+            "deferrals do not use up delivery rounds: {sent}"
+        );
+        let at = sent["sent_at"].as_str().expect("sent_at");
+        sent_times.push(chrono::DateTime::parse_from_rfc3339(at).expect("an RFC 3339 time"));
     }
-    assert!(deferred >= 1, "one had to wait for a token");
+    let first = sent_times.iter().min().expect("three sends");
+    let last = sent_times.iter().max().expect("three sends");
+    // Two tokens, refilled one a second: the third send had to wait for one.
+    assert!(
+        *last - *first >= ChronoDuration::milliseconds(500),
+        "one had to wait for a token: sent at {sent_times:?}"
+    );
     w.smtp
         .wait_for_count(3, E2E_TIMEOUT)
         .await

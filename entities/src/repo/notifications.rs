@@ -127,20 +127,33 @@ pub async fn find(
     Ok(notification::Entity::find_by_id(id).one(db).await?)
 }
 
-/// The statuses of many notifications in one query; unknown ids are absent from the map.
-pub async fn statuses_of(
+/// Where a notification stands, as the dispatcher needs it before a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Current status.
+    pub status: NotificationStatus,
+    /// Delivery attempts recorded so far (the highest attempt number).
+    pub attempts: i32,
+}
+
+/// The progress of each of `ids` that exists, in one query.
+pub async fn progress_of(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
-) -> Result<std::collections::HashMap<Uuid, NotificationStatus>, RepoError> {
-    let rows: Vec<(Uuid, NotificationStatus)> = notification::Entity::find()
+) -> Result<std::collections::HashMap<Uuid, Progress>, RepoError> {
+    let rows: Vec<(Uuid, NotificationStatus, i32)> = notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
         .column(notification::Column::Status)
+        .column(notification::Column::Attempts)
         .filter(notification::Column::Id.is_in(ids.to_vec()))
         .into_tuple()
         .all(db)
         .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, status, attempts)| (id, Progress { status, attempts }))
+        .collect())
 }
 
 /// The notification and its attempts in the order they were made.
