@@ -18,6 +18,7 @@ use herald_actors::{
     retry::RetryPolicy,
     scheduler::SchedulerSettings,
     status_writer::StatusWriterSettings,
+    templates::runtime::{Limits, RuntimeSettings},
 };
 use herald_nats::{Category, Channel};
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,49 @@ pub struct Config {
     pub rate_limiter: RateLimiterSettings,
     /// Scheduled sends, bulk fan-out and retention.
     pub scheduler: SchedulerSettings,
+    /// Runtime templates: default locale, cache, sandbox limits.
+    pub templates: TemplatesConfig,
+}
+
+/// Runtime template settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TemplatesConfig {
+    /// Locale a template falls back to when it has no variant for the recipient's.
+    pub default_locale: String,
+    /// Seconds an instance reuses the variants it read for a template code (0: read every time);
+    /// an edit reaches every instance within this time.
+    pub cache_ttl_secs: u64,
+    /// Instructions one render of one part may execute.
+    pub fuel: u64,
+    /// Bytes one rendered part may have.
+    pub max_output_bytes: usize,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        let defaults = RuntimeSettings::default();
+        Self {
+            default_locale: defaults.default_locale,
+            cache_ttl_secs: defaults.cache_ttl.as_secs(),
+            fuel: defaults.limits.fuel,
+            max_output_bytes: defaults.limits.max_output_bytes,
+        }
+    }
+}
+
+impl TemplatesConfig {
+    /// The actors' view of these settings.
+    pub fn settings(&self) -> RuntimeSettings {
+        RuntimeSettings {
+            default_locale: self.default_locale.clone(),
+            cache_ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
+            limits: Limits {
+                fuel: self.fuel,
+                max_output_bytes: self.max_output_bytes,
+            },
+        }
+    }
 }
 
 /// Rate limits by category name; defaults: marketing 3 a day (`drop`), transactional 30 a
@@ -310,6 +354,14 @@ impl Config {
         }
         if self.nats.dedup_window_secs < 120 {
             return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
+        }
+        if self.templates.fuel == 0 || self.templates.max_output_bytes == 0 {
+            return invalid(
+                "templates.fuel and templates.max_output_bytes must be positive".into(),
+            );
+        }
+        if self.templates.default_locale.trim().is_empty() {
+            return invalid("templates.default_locale must be a language tag such as en".into());
         }
         self.rate_limits()?;
         self.routing_rules()?;

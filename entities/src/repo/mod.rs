@@ -12,6 +12,7 @@ pub mod preferences;
 pub mod receipts;
 pub mod schedule;
 pub mod status_batch;
+pub mod templates;
 
 use sea_orm::DbErr;
 
