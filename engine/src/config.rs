@@ -472,4 +472,22 @@ mod tests {
                 .contains("pigeon")
         );
     }
+
+    #[test]
+    fn template_settings_come_from_the_environment_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_TEMPLATES__DEFAULT_LOCALE", "de");
+            jail.set_env("HERALD_TEMPLATES__CACHE_TTL_SECS", "0");
+            let settings = Config::load(None)
+                .map_err(|e| e.to_string())?
+                .templates
+                .settings();
+            assert_eq!(settings.default_locale, "de");
+            assert!(settings.cache_ttl.is_zero());
+            jail.set_env("HERALD_TEMPLATES__FUEL", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("templates.fuel"), "{err}");
+            Ok(())
+        });
+    }
 }
