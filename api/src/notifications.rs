@@ -270,16 +270,8 @@ impl NotificationsApi {
             request.request_id = idempotency_key.0;
         }
         let accepted = validate(request, &self.state)?;
-        if let Some(template) = &accepted.command.content.template
-            && !crate::templates::exists(&self.state, &template.code).await?
-        {
-            return Err(ApiError::invalid(
-                "template.code",
-                format!(
-                    "unknown template {:?}; GET /api/v1/templates lists them",
-                    template.code
-                ),
-            ));
+        if let Some(template) = &accepted.command.content.template {
+            crate::templates::check_send(&self.state, template).await?;
         }
         let new = accepted.row();
         let command = accepted.command;

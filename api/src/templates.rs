@@ -11,7 +11,7 @@ use herald_entities::{
     repo::templates::{self as repo, Saved, TemplateVariant},
     template,
 };
-use herald_nats::Category;
+use herald_nats::{Category, TemplateRef};
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
 use serde_json::{Map, Value};
 
@@ -383,9 +383,34 @@ impl TemplatesApi {
     }
 }
 
-/// Whether a template with this code exists, compiled or runtime.
-pub async fn exists(state: &AppState, code: &str) -> Result<bool, ApiError> {
-    Ok(state.templates.is_compiled(code) || !repo::variants(&state.db, code).await?.is_empty())
+/// Checks a send's template before it is accepted: the code must exist (`field` =
+/// `template.code`); a compiled template's typed variables are checked too (`field` =
+/// `template.variables.<name>`). A runtime template's variables are checked at delivery, since its
+/// locale variants may use different ones.
+pub async fn check_send(state: &AppState, template: &TemplateRef) -> Result<(), ApiError> {
+    let code = &template.code;
+    if !state.templates.is_compiled(code) {
+        if repo::variants(&state.db, code).await?.is_empty() {
+            return Err(ApiError::invalid(
+                "template.code",
+                format!("unknown template {code:?}; GET /api/v1/templates lists them"),
+            ));
+        }
+        return Ok(());
+    }
+    let locale = template.locale.as_deref().unwrap_or("en");
+    match state.templates.preview(code, locale, &template.variables) {
+        Ok(_) => Ok(()),
+        Err(PreviewError::MissingVariable(name)) => Err(ApiError::invalid(
+            &format!("template.variables.{name}"),
+            format!("template {code:?} needs variable `{name}`"),
+        )),
+        Err(PreviewError::Invalid(reason)) => Err(ApiError::invalid("template.variables", reason)),
+        Err(PreviewError::UnknownTemplate) => Err(ApiError::invalid(
+            "template.code",
+            format!("unknown template {code:?}"),
+        )),
+    }
 }
 
 fn unknown(code: &str) -> ApiError {

@@ -3,7 +3,9 @@
 //! invalid sources, unknown codes and render errors refused or failed with clear messages;
 //! preview and delete.
 
-use herald_tests::{E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, test_config};
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -15,12 +17,16 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     let nats = NatsServer::start().await.expect("nats-server starts");
     let smtp = SmtpSink::start().await.expect("smtp sink starts");
     let db = TestDatabase::from_env().await.expect("database");
-    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
-        .await
-        .expect("herald starts");
+    let mut config = test_config(&nats, &db, &smtp);
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald starts");
     World {
         _nats: nats,
         smtp,
@@ -140,6 +146,69 @@ async fn a_runtime_template_is_sent_in_the_customer_locale_with_fallback() {
     assert_eq!(mail.subject.as_deref(), Some("Welcome aboard, Luca"));
     let text = mail.text_body().unwrap_or_default();
     assert!(text.contains("Hello Luca, your code is Y2."), "{text}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn an_edit_reaches_delivery_once_the_cache_expires() {
+    let w = world_with(|c| c.templates.cache_ttl_secs = 1).await;
+    let (status, _) = w
+        .put_variant("welcome", "en", &welcome("Welcome", "Hi"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    w.customer("c-1", "ada@example.com", "en").await;
+    let send = templated_send("c-1", json!({"name": "Ada", "code": "A"}));
+    let id = w.herald.send_accepted(&send).await;
+    w.herald.wait_status(&id, "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].subject.as_deref(), Some("Welcome, Ada"));
+
+    let (status, _) = w
+        .put_variant("welcome", "en", &welcome("Welcome back", "Hi"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Within the cache's TTL a send may still render the old version; after it, the new one.
+    eventually(
+        "a send rendered with the edited subject",
+        E2E_TIMEOUT,
+        || async {
+            let id = w.herald.send_accepted(&send).await;
+            w.herald.wait_status(&id, "sent").await;
+            let latest = w.smtp.messages().last()?.subject.clone();
+            (latest.as_deref() == Some("Welcome back, Ada")).then_some(())
+        },
+    )
+    .await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_send_can_name_a_compiled_template_too() {
+    let w = world().await;
+    w.customer("c-de", "anna@example.com", "de-DE").await;
+    let send = |variables: Value| {
+        json!({
+            "recipient": { "customer_id": "c-de" },
+            "category": "transactional",
+            "channels": ["email"],
+            "template": { "code": "order_placed", "variables": variables }
+        })
+    };
+    // Its typed variables are checked when the send is accepted.
+    let (status, body) = w.herald.send(&send(json!({"total": "42.00 EUR"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "template.variables.order_number", "{body}");
+
+    let id = w
+        .herald
+        .send_accepted(&send(json!({"order_number": "1001", "total": "42.00 EUR"})))
+        .await;
+    w.herald.wait_status(&id, "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Ihre Bestellung 1001 ist bestätigt")
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
