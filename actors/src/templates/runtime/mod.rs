@@ -2,8 +2,9 @@
 //! rendered in a [`sandbox`] (minijinja) at delivery, in the recipient's locale with fallback to
 //! the default locale, then to any variant ([`locale::pick`]).
 //!
-//! Several Herald instances share the database, so the variants read for a code are cached only
-//! for [`RuntimeSettings::cache_ttl`]: an edit reaches every instance within that time.
+//! Several Herald instances share the database, so the variants read for a code are cached
+//! (compiled) only for [`RuntimeSettings::cache_ttl`]: an edit reaches every instance within that
+//! time.
 
 pub mod locale;
 pub mod sandbox;
@@ -17,7 +18,7 @@ use herald_nats::{Content, TemplateRef};
 use sea_orm::DatabaseConnection;
 use serde_json::{Map, Value};
 
-pub use sandbox::{Limits, Part, SandboxError, Sources};
+pub use sandbox::{Compiled, Limits, Part, SandboxError, Sources};
 
 /// Codes cached at most; past it, expired entries are dropped.
 const CACHE_CAPACITY: usize = 1024;
@@ -86,16 +87,26 @@ pub fn render_variants(
 ) -> Option<Result<(Content, String), SandboxError>> {
     let locales: Vec<&str> = variants.iter().map(|v| v.locale.as_str()).collect();
     let variant = &variants[locale::pick(&locales, requested, &settings.default_locale)?];
-    let sources = Sources {
+    Some(
+        sandbox::render(&sources_of(variant), vars, settings.limits)
+            .map(|content| (content, variant.locale.clone())),
+    )
+}
+
+fn sources_of(variant: &template::Model) -> Sources<'_> {
+    Sources {
         subject: variant.subject.as_deref(),
         text: &variant.text,
         html: variant.html.as_deref(),
         short: variant.short.as_deref(),
-    };
-    Some(
-        sandbox::render(&sources, vars, settings.limits)
-            .map(|content| (content, variant.locale.clone())),
-    )
+    }
+}
+
+/// A stored variant, compiled (or why it does not compile: it did when it was saved, but the
+/// limits may have changed since).
+struct CompiledVariant {
+    locale: String,
+    compiled: Result<Compiled, SandboxError>,
 }
 
 /// The runtime templates as the dispatcher sees them: read from the database, cached briefly.
@@ -107,7 +118,7 @@ pub struct RuntimeTemplates {
 
 struct Cached {
     read_at: Instant,
-    variants: Arc<Vec<template::Model>>,
+    variants: Arc<Vec<CompiledVariant>>,
 }
 
 impl RuntimeTemplates {
@@ -149,32 +160,43 @@ impl RuntimeTemplates {
                 });
         }
         let variants = self.variants(code).await?;
-        match render_variants(&variants, locale, &reference.variables, &self.settings) {
-            None => Err(TemplateError::Unknown(code.clone())),
-            Some(Ok((content, _))) => Ok(content),
-            Some(Err(err)) => Err(TemplateError::Render {
+        let locales: Vec<&str> = variants.iter().map(|v| v.locale.as_str()).collect();
+        let chosen = locale::pick(&locales, locale, &self.settings.default_locale)
+            .map(|at| &variants[at])
+            .ok_or_else(|| TemplateError::Unknown(code.clone()))?;
+        chosen
+            .compiled
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|compiled| compiled.render(&reference.variables))
+            .map_err(|err| TemplateError::Render {
                 code: code.clone(),
-                locale: locale.to_string(),
+                locale: chosen.locale.clone(),
                 reason: err.to_string(),
-            }),
-        }
+            })
     }
 
-    /// The variants of `code`, from the cache while fresh.
-    async fn variants(&self, code: &str) -> Result<Arc<Vec<template::Model>>, TemplateError> {
+    /// The compiled variants of `code`, from the cache while fresh.
+    async fn variants(&self, code: &str) -> Result<Arc<Vec<CompiledVariant>>, TemplateError> {
         let ttl = self.settings.cache_ttl;
         if let Some(hit) = lock(&self.cache).get(code)
             && hit.read_at.elapsed() < ttl
         {
             return Ok(hit.variants.clone());
         }
-        let variants = Arc::new(
-            repo::templates::variants(&self.db, code)
-                .await
-                .map_err(|e| TemplateError::Unavailable {
-                    code: code.to_string(),
-                    reason: e.to_string(),
-                })?,
+        let rows = repo::templates::variants(&self.db, code)
+            .await
+            .map_err(|e| TemplateError::Unavailable {
+                code: code.to_string(),
+                reason: e.to_string(),
+            })?;
+        let variants: Arc<Vec<CompiledVariant>> = Arc::new(
+            rows.iter()
+                .map(|row| CompiledVariant {
+                    locale: row.locale.clone(),
+                    compiled: Compiled::new(&sources_of(row), self.settings.limits),
+                })
+                .collect(),
         );
         if !ttl.is_zero() {
             let mut cache = lock(&self.cache);

@@ -170,55 +170,79 @@ fn environment(limits: Limits) -> Environment<'static> {
     env
 }
 
-/// Compiles every part; returns the variables the template uses (top-level names, sorted).
-pub fn compile(sources: &Sources<'_>) -> Result<Vec<String>, SandboxError> {
-    let env = environment(Limits::default());
-    let mut variables = BTreeSet::new();
-    for (part, source) in sources.parts() {
-        if source.len() > MAX_SOURCE_BYTES {
-            return Err(SandboxError::SourceTooLarge { part });
-        }
-        let template = env
-            .template_from_named_str(part.as_str(), source)
-            .map_err(|e| syntax(part, &e))?;
-        variables.extend(template.undeclared_variables(false));
-    }
-    Ok(variables.into_iter().collect())
+/// A locale variant's parts, compiled once and rendered many times. Each part has its own
+/// environment holding only itself, so one part cannot include another.
+pub struct Compiled {
+    parts: Vec<(Part, Environment<'static>)>,
+    limits: Limits,
 }
 
-/// Renders every part with `vars`; subject and short text are made single lines.
+impl Compiled {
+    /// Compiles every part under `limits`.
+    pub fn new(sources: &Sources<'_>, limits: Limits) -> Result<Self, SandboxError> {
+        let mut parts = Vec::new();
+        for (part, source) in sources.parts() {
+            if source.len() > MAX_SOURCE_BYTES {
+                return Err(SandboxError::SourceTooLarge { part });
+            }
+            let mut env = environment(limits);
+            env.add_template_owned(part.as_str(), source.to_string())
+                .map_err(|e| syntax(part, &e))?;
+            parts.push((part, env));
+        }
+        Ok(Self { parts, limits })
+    }
+
+    /// The variables the parts use (top-level names, sorted).
+    pub fn variables(&self) -> Vec<String> {
+        let mut variables = BTreeSet::new();
+        for (part, env) in &self.parts {
+            if let Ok(template) = env.get_template(part.as_str()) {
+                variables.extend(template.undeclared_variables(false));
+            }
+        }
+        variables.into_iter().collect()
+    }
+
+    /// Renders every part with `vars`; subject and short text are made single lines.
+    pub fn render(&self, vars: &Map<String, Value>) -> Result<Content, SandboxError> {
+        let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut content = Content::default();
+        for (part, env) in &self.parts {
+            let out = render_part(env, *part, vars, self.limits)?;
+            match part {
+                Part::Subject => content.subject = Some(one_line(out)),
+                Part::Text => content.text = out,
+                Part::Html => content.html = Some(out),
+                Part::Short => content.short = Some(one_line(out)),
+            }
+        }
+        Ok(content)
+    }
+}
+
+/// Compiles every part; returns the variables the template uses (top-level names, sorted).
+pub fn compile(sources: &Sources<'_>) -> Result<Vec<String>, SandboxError> {
+    Ok(Compiled::new(sources, Limits::default())?.variables())
+}
+
+/// Compiles and renders every part with `vars`.
 pub fn render(
     sources: &Sources<'_>,
     vars: &Map<String, Value>,
     limits: Limits,
 ) -> Result<Content, SandboxError> {
-    let env = environment(limits);
-    let render = |part: Part, source: &str| render_part(&env, part, source, vars, limits);
-    let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
-    Ok(Content {
-        subject: sources
-            .subject
-            .map(|s| render(Part::Subject, s).map(one_line))
-            .transpose()?,
-        text: render(Part::Text, sources.text)?,
-        html: sources.html.map(|s| render(Part::Html, s)).transpose()?,
-        short: sources
-            .short
-            .map(|s| render(Part::Short, s).map(one_line))
-            .transpose()?,
-        template: None,
-    })
+    Compiled::new(sources, limits)?.render(vars)
 }
 
 fn render_part(
     env: &Environment<'static>,
     part: Part,
-    source: &str,
     vars: &Map<String, Value>,
     limits: Limits,
 ) -> Result<String, SandboxError> {
     let template = env
-        .template_from_named_str(part.as_str(), source)
+        .get_template(part.as_str())
         .map_err(|e| syntax(part, &e))?;
     let mut out = CappedWriter::new(limits.max_output_bytes);
     match template.render_captured_to(vars, &mut out) {
