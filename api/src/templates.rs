@@ -278,7 +278,7 @@ impl TemplatesApi {
                 "{code:?} is a compiled template; choose another code for a runtime template"
             )));
         }
-        let locale = validate::locale("locale", &locale.0)?;
+        let locale = canonical_locale(&validate::locale("locale", &locale.0)?);
         let source = checked_source(body.0)?;
         let variables = self
             .state
@@ -310,10 +310,11 @@ impl TemplatesApi {
         code: Path<String>,
         locale: Path<String>,
     ) -> Result<Deleted, ApiError> {
-        match repo::delete(&self.state.db, &code.0, Some(&locale.0)).await? {
+        let locale = canonical_locale(&locale.0);
+        match repo::delete(&self.state.db, &code.0, Some(&locale)).await? {
             0 => Err(ApiError::not_found(format!(
                 "template {:?} has no locale {:?}",
-                code.0, locale.0
+                code.0, locale
             ))),
             _ => Ok(Deleted::Deleted),
         }
@@ -433,6 +434,26 @@ fn template_code(code: &str) -> Result<String, ApiError> {
     Ok(code.to_string())
 }
 
+/// A language tag in its usual case (`de-de` → `de-DE`, `zh-hant-tw` → `zh-Hant-TW`), so one
+/// locale has one variant.
+fn canonical_locale(tag: &str) -> String {
+    tag.split('-')
+        .enumerate()
+        .map(|(at, part)| match (at, part.len()) {
+            (0, _) => part.to_ascii_lowercase(),
+            (_, 2) => part.to_ascii_uppercase(),
+            (_, 4) => {
+                let mut chars = part.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + &chars.as_str().to_ascii_lowercase()
+                })
+            }
+            _ => part.to_ascii_lowercase(),
+        })
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
 /// Checks the fields the sandbox does not: description length, category name, a text.
 fn checked_source(source: TemplateSource) -> Result<TemplateSource, ApiError> {
     if source.description.len() > MAX_DESCRIPTION {
@@ -543,6 +564,16 @@ mod tests {
         assert_eq!(info.description, "welcome in en");
         let names: Vec<&str> = info.variables.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["coupon", "name"]);
+    }
+
+    #[test]
+    fn locales_are_stored_in_their_usual_case() {
+        assert_eq!(canonical_locale("de-de"), "de-DE");
+        assert_eq!(canonical_locale("EN"), "en");
+        assert_eq!(canonical_locale("zh-hant-tw"), "zh-Hant-TW");
+        assert_eq!(canonical_locale("es-419"), "es-419");
+        // Not a valid tag, but a path may hold anything: no panic on non-ASCII.
+        assert_eq!(canonical_locale("x-éé"), "x-éé");
     }
 
     #[test]

@@ -287,6 +287,20 @@ async fn preview_renders_runtime_templates_and_delete_removes_them() {
         .put_variant("welcome", "de", &welcome("Willkommen", "Hallo"))
         .await;
     assert_eq!(status, StatusCode::CREATED);
+    // A locale is stored in its usual case, so `de-at` and `de-AT` are one variant.
+    let (status, body) = w
+        .put_variant("welcome", "de-at", &welcome("Servus", "Servus"))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["locale"], "de-AT");
+    let (status, _) = w
+        .admin(
+            Method::DELETE,
+            "/api/v1/templates/welcome/locales/de-AT",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 
     let preview = "/api/v1/templates/welcome/preview";
     let (status, body) = w
