@@ -1,10 +1,11 @@
 //! The delivery of one send command: the policy the Dispatcher applies.
 //!
 //! Decode (poison ⇒ dead letter) → skip if a redelivery finds the notification already final →
-//! mark `processing` → resolve contacts → walk the channel chain, asking each channel actor →
-//! record every attempt → `sent`, or NAK with backoff when a channel failed transiently and
-//! deliveries remain, or `dead` (copied to the DLQ) after the last one, or `failed` when every
-//! channel refused for good.
+//! mark `processing` → resolve contacts → render the template the notification names, if any, in
+//! the recipient's locale (a render error ⇒ `failed`, no retry) → walk the channel chain, asking
+//! each channel actor → record every attempt → `sent`, or NAK with backoff when a channel failed
+//! transiently and deliveries remain, or `dead` (copied to the DLQ) after the last one, or
+//! `failed` when every channel refused for good.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,7 @@ use crate::channel::{
 use crate::policy::Gate;
 use crate::retry::RetryPolicy;
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
+use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 
 /// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
 const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -58,6 +60,8 @@ pub struct DeliveryContext {
     pub policy: crate::policy::PolicyContext,
     /// Notifications being delivered by this process.
     pub in_flight: InFlight,
+    /// Templates named by notifications, rendered before the chain is walked.
+    pub templates: Arc<RuntimeTemplates>,
 }
 
 /// Delivers one command message end to end. Never panics on message content; every path ends in a
@@ -82,7 +86,7 @@ pub async fn deliver(
         dead_letter_poison(&ctx, &message, acker, delivered, &reason, &msg_id).await;
         return;
     }
-    let command = match SendCommand::decode(&message.payload) {
+    let mut command = match SendCommand::decode(&message.payload) {
         Ok(command) => command,
         Err(err) => {
             // The stream sequence identifies the message, so distinct poison messages are not
@@ -134,8 +138,8 @@ pub async fn deliver(
         None,
     );
 
-    let contacts = match resolve_contacts(&ctx.db, &command).await {
-        Ok(contacts) => contacts,
+    let (contacts, locale) = match resolve_contacts(&ctx.db, &command).await {
+        Ok(resolved) => resolved,
         Err(Resolve::Db(err)) => {
             tracing::warn!(%id, error = %err, "cannot load the customer; retrying later");
             let delay = ctx.retry.delay(delivered, None, rand::random());
@@ -186,6 +190,10 @@ pub async fn deliver(
         }
     };
 
+    if let Err(err) = render_template(&ctx, &mut command, locale.as_deref()).await {
+        template_failed(&ctx, id, err, acker, delivered, permit);
+        return;
+    }
     let walk = walk_chain(&ctx.channels, &command, &contacts, round, &opted_out).await;
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
@@ -302,27 +310,81 @@ enum Resolve {
     UnknownCustomer(String),
 }
 
-/// The request's contacts over the stored customer's.
+/// The request's contacts over the stored customer's, and the customer's locale.
 async fn resolve_contacts(
     db: &DatabaseConnection,
     command: &SendCommand,
-) -> Result<Contacts, Resolve> {
+) -> Result<(Contacts, Option<String>), Resolve> {
     let Some(customer_id) = &command.customer_id else {
-        return Ok(command.contacts.clone());
+        return Ok((command.contacts.clone(), None));
     };
     match repo::customers::find_by_external_id(db, customer_id).await {
-        Ok(Some(customer)) => Ok(command.contacts.clone().or(&stored_contacts(&customer))),
+        Ok(Some(customer)) => Ok((
+            command.contacts.clone().or(&stored_contacts(&customer)),
+            Some(customer.locale),
+        )),
         Ok(None)
             if command
                 .channels
                 .iter()
                 .any(|c| command.contacts.reaches(*c)) =>
         {
-            Ok(command.contacts.clone())
+            Ok((command.contacts.clone(), None))
         }
         Ok(None) => Err(Resolve::UnknownCustomer(customer_id.clone())),
         Err(err) => Err(Resolve::Db(err.to_string())),
     }
+}
+
+/// Replaces the command's template reference, if it has one, by the rendered content.
+async fn render_template(
+    ctx: &DeliveryContext,
+    command: &mut SendCommand,
+    locale: Option<&str>,
+) -> Result<(), TemplateError> {
+    if let Some(reference) = &command.content.template {
+        command.content = ctx.templates.render(reference, locale).await?;
+    }
+    Ok(())
+}
+
+/// A template that cannot render: `failed` with the reason (a retry would render the same), or a
+/// NAK with backoff when the template could not be read.
+fn template_failed(
+    ctx: &DeliveryContext,
+    id: uuid::Uuid,
+    err: TemplateError,
+    acker: Acker,
+    delivered: u64,
+    permit: Lease,
+) {
+    if err.is_transient() {
+        tracing::warn!(%id, error = %err, "cannot read the template; retrying later");
+        let delay = ctx.retry.delay(delivered, None, rand::random());
+        write(
+            ctx,
+            vec![],
+            vec![],
+            AfterWrite::Nak(acker, delay),
+            Some(permit),
+        );
+        return;
+    }
+    tracing::info!(%id, error = %err, "template did not render; failed");
+    metrics::counter!("herald_notifications_failed_total").increment(1);
+    metrics::counter!("herald_template_errors_total").increment(1);
+    let change = StatusChange {
+        error: Some(err.to_string()),
+        reason: Some(err.to_string()),
+        ..StatusChange::to(id, NotificationStatus::Failed)
+    };
+    write(
+        ctx,
+        vec![change],
+        vec![],
+        AfterWrite::Ack(acker),
+        Some(permit),
+    );
 }
 
 /// A stored customer's contacts in wire form.

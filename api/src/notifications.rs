@@ -11,6 +11,7 @@ use poem_openapi::{
     param::{Header, Path},
     payload::Json,
 };
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::{
@@ -28,6 +29,8 @@ const MAX_SUBJECT: usize = 998;
 const MAX_BODY: usize = 256 * 1024;
 /// Longest request id accepted.
 const MAX_REQUEST_ID: usize = 200;
+/// Largest template variables object accepted, as JSON.
+const MAX_VARIABLES: usize = 64 * 1024;
 /// Furthest ahead a send may be scheduled, in days.
 const MAX_SCHEDULE_DAYS: i64 = 366;
 
@@ -121,6 +124,17 @@ pub struct MessageContent {
     pub short: Option<String>,
 }
 
+/// A template to render at delivery instead of literal content.
+#[derive(Debug, Clone, Object)]
+pub struct TemplateUse {
+    /// The template's code (`GET /api/v1/templates` lists them).
+    pub code: String,
+    /// Its variables, as a JSON object.
+    pub variables: Option<Value>,
+    /// Locale to render in; the recipient customer's locale, then the default locale, when absent.
+    pub locale: Option<String>,
+}
+
 /// A request to send one notification.
 #[derive(Debug, Clone, Object)]
 pub struct SendRequest {
@@ -133,8 +147,10 @@ pub struct SendRequest {
     pub category: ApiCategory,
     /// Channels to try in order; the category's default chain when absent.
     pub channels: Option<Vec<ApiChannel>>,
-    /// The message.
-    pub content: MessageContent,
+    /// The message; give either this or `template`.
+    pub content: Option<MessageContent>,
+    /// A template rendered at delivery in the recipient's locale; give either this or `content`.
+    pub template: Option<TemplateUse>,
     /// Send at this time (RFC 3339) instead of now: stored as `scheduled`, published when due,
     /// cancellable until then. A time not in the future sends at once.
     pub scheduled_at: Option<DateTime<Utc>>,
@@ -254,6 +270,9 @@ impl NotificationsApi {
             request.request_id = idempotency_key.0;
         }
         let accepted = validate(request, &self.state)?;
+        if let Some(template) = &accepted.command.content.template {
+            crate::templates::check_send(&self.state, template).await?;
+        }
         let new = accepted.row();
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
@@ -429,7 +448,16 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
             .cloned()
             .unwrap_or_else(|| vec![Channel::Email]),
     };
-    let content = validate_content(request.content)?;
+    let content = match (request.content, request.template) {
+        (Some(content), None) => validate_content(content)?,
+        (None, Some(template)) => validate_template(template)?,
+        _ => {
+            return Err(ApiError::invalid(
+                "content",
+                "give either content or template, not both",
+            ));
+        }
+    };
     let now = Utc::now();
     let scheduled_at = match request.scheduled_at {
         Some(at) if at > now + chrono::Duration::days(MAX_SCHEDULE_DAYS) => {
@@ -520,6 +548,45 @@ pub(crate) fn validate_content(content: MessageContent) -> Result<Content, ApiEr
         text: content.text,
         html: content.html,
         short: content.short,
+        template: None,
+    })
+}
+
+/// A template send: its content is the reference the dispatcher renders.
+fn validate_template(template: TemplateUse) -> Result<Content, ApiError> {
+    if template.code.trim().is_empty() || template.code.len() > 200 {
+        return Err(ApiError::invalid(
+            "template.code",
+            "code must be 1 to 200 characters",
+        ));
+    }
+    let locale = template
+        .locale
+        .map(|l| validate::locale("template.locale", &l))
+        .transpose()?;
+    let variables = match template.variables {
+        None => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "template.variables",
+                "variables must be a JSON object",
+            ));
+        }
+    };
+    if serde_json::to_vec(&variables).map_or(0, |v| v.len()) > MAX_VARIABLES {
+        return Err(ApiError::invalid(
+            "template.variables",
+            format!("variables are larger than {MAX_VARIABLES} bytes of JSON"),
+        ));
+    }
+    Ok(Content {
+        template: Some(herald_nats::TemplateRef {
+            code: template.code,
+            variables,
+            locale,
+        }),
+        ..Content::default()
     })
 }
 

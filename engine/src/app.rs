@@ -17,6 +17,7 @@ use herald_actors::{
     partitions::{LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
     slot::ActorSlot,
     status_writer::{StatusWriterArgs, StatusWriterMsg},
+    templates::runtime::RuntimeTemplates,
 };
 use herald_api::AppState;
 use herald_migration::{Migrator, MigratorTrait};
@@ -139,7 +140,9 @@ impl Herald {
             }),
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
-            templates: Arc::new(crate::template_catalog::CompiledTemplates),
+            templates: Arc::new(crate::template_catalog::EngineTemplates {
+                settings: config.templates.settings(),
+            }),
         };
         let acceptor = TcpListener::bind(config.http.bind.clone())
             .into_acceptor()
@@ -294,6 +297,10 @@ async fn start_engine(
             ask_timeout: Duration::from_millis(config.rate_limiter.ask_timeout_ms),
             clock: herald_actors::policy::system_clock(),
         },
+        templates: Arc::new(RuntimeTemplates::new(
+            db.clone(),
+            config.templates.settings(),
+        )),
     });
     let router = router_args(config, &db, &publisher, consumers.router, &intake)?;
     let publisher_js = publisher.jetstream().clone();

@@ -18,6 +18,7 @@ use herald_actors::{
     retry::RetryPolicy,
     scheduler::SchedulerSettings,
     status_writer::StatusWriterSettings,
+    templates::runtime::{Limits, RuntimeSettings},
 };
 use herald_nats::{Category, Channel};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,8 @@ pub struct Config {
     pub scheduler: SchedulerSettings,
     /// Several instances: partition leases.
     pub cluster: ClusterConfig,
+    /// Runtime templates: default locale, cache, sandbox limits.
+    pub templates: TemplatesConfig,
 }
 
 /// Cluster settings: how instances share the command partitions.
@@ -73,6 +76,33 @@ impl Default for ClusterConfig {
         Self {
             instance: None,
             lease_ttl_ms: 10_000,
+        }
+    }
+}
+
+/// Runtime template settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TemplatesConfig {
+    /// Locale a template falls back to when it has no variant for the recipient's.
+    pub default_locale: String,
+    /// Seconds an instance reuses the variants it read for a template code (0: read every time);
+    /// an edit reaches every instance within this time.
+    pub cache_ttl_secs: u64,
+    /// Instructions one render of one part may execute.
+    pub fuel: u64,
+    /// Bytes one rendered part may have.
+    pub max_output_bytes: usize,
+}
+
+impl Default for TemplatesConfig {
+    fn default() -> Self {
+        let defaults = RuntimeSettings::default();
+        Self {
+            default_locale: defaults.default_locale,
+            cache_ttl_secs: defaults.cache_ttl.as_secs(),
+            fuel: defaults.limits.fuel,
+            max_output_bytes: defaults.limits.max_output_bytes,
         }
     }
 }
@@ -109,6 +139,20 @@ fn hostname() -> String {
         "herald".into()
     } else {
         name
+    }
+}
+
+impl TemplatesConfig {
+    /// The actors' view of these settings.
+    pub fn settings(&self) -> RuntimeSettings {
+        RuntimeSettings {
+            default_locale: self.default_locale.clone(),
+            cache_ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
+            limits: Limits {
+                fuel: self.fuel,
+                max_output_bytes: self.max_output_bytes,
+            },
+        }
     }
 }
 
@@ -381,6 +425,14 @@ impl Config {
         if self.nats.dedup_window_secs < 120 {
             return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
         }
+        if self.templates.fuel == 0 || self.templates.max_output_bytes == 0 {
+            return invalid(
+                "templates.fuel and templates.max_output_bytes must be positive".into(),
+            );
+        }
+        if self.templates.default_locale.trim().is_empty() {
+            return invalid("templates.default_locale must be a language tag such as en".into());
+        }
         self.rate_limits()?;
         self.routing_rules()?;
         self.default_chains().map(|_| ())
@@ -489,5 +541,23 @@ mod tests {
                 .to_string()
                 .contains("pigeon")
         );
+    }
+
+    #[test]
+    fn template_settings_come_from_the_environment_and_are_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_TEMPLATES__DEFAULT_LOCALE", "de");
+            jail.set_env("HERALD_TEMPLATES__CACHE_TTL_SECS", "0");
+            let settings = Config::load(None)
+                .map_err(|e| e.to_string())?
+                .templates
+                .settings();
+            assert_eq!(settings.default_locale, "de");
+            assert!(settings.cache_ttl.is_zero());
+            jail.set_env("HERALD_TEMPLATES__FUEL", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("templates.fuel"), "{err}");
+            Ok(())
+        });
     }
 }

@@ -1,21 +1,32 @@
 //! The engine's side of [`herald_api::templates::TemplateCatalog`]: the compiled templates of the
-//! actors crate, for the API's list and preview.
+//! actors crate, and the sandbox runtime templates compile and render in, for the API's list,
+//! preview and validation.
 
-use herald_actors::templates::{self, RenderError};
-use herald_api::templates::{
-    PreviewError, RenderedTemplate, TemplateCatalog, TemplateInfo, VariableInfo,
+use herald_actors::templates::{
+    self, RenderError,
+    runtime::{self, RuntimeSettings, SandboxError, Sources},
 };
+use herald_api::templates::{
+    PreviewError, RenderedTemplate, SourceError, TemplateCatalog, TemplateInfo, TemplateSource,
+    VariableInfo,
+};
+use herald_entities::template;
+use herald_nats::Content;
 use serde_json::{Map, Value};
 
-/// The compiled templates.
-pub struct CompiledTemplates;
+/// The compiled templates and the runtime templates' sandbox.
+pub struct EngineTemplates {
+    /// Default locale and sandbox limits of runtime templates.
+    pub settings: RuntimeSettings,
+}
 
-impl TemplateCatalog for CompiledTemplates {
+impl TemplateCatalog for EngineTemplates {
     fn list(&self) -> Vec<TemplateInfo> {
         templates::catalog()
             .iter()
             .map(|t| TemplateInfo {
                 code: t.code.into(),
+                kind: "compiled".into(),
                 description: t.description.into(),
                 locales: t.locales.iter().map(|l| l.to_string()).collect(),
                 variables: t
@@ -31,6 +42,10 @@ impl TemplateCatalog for CompiledTemplates {
             .collect()
     }
 
+    fn is_compiled(&self, code: &str) -> bool {
+        templates::find(code).is_some()
+    }
+
     fn preview(
         &self,
         code: &str,
@@ -38,19 +53,60 @@ impl TemplateCatalog for CompiledTemplates {
         variables: &Map<String, Value>,
     ) -> Result<RenderedTemplate, PreviewError> {
         match templates::render(code, locale, variables) {
-            Ok((content, used)) => Ok(RenderedTemplate {
-                code: code.into(),
-                locale: used.into(),
-                subject: content.subject,
-                text: content.text,
-                html: content.html,
-                short: content.short,
-            }),
+            Ok((content, used)) => Ok(rendered(code, used, content)),
             Err(RenderError::UnknownTemplate(_)) => Err(PreviewError::UnknownTemplate),
             Err(RenderError::MissingVariable { name, .. }) => {
                 Err(PreviewError::MissingVariable(name.into()))
             }
             Err(other) => Err(PreviewError::Invalid(other.to_string())),
         }
+    }
+
+    fn compile(&self, source: &TemplateSource) -> Result<Vec<String>, SourceError> {
+        runtime::sandbox::compile(&Sources {
+            subject: source.subject.as_deref(),
+            text: &source.text,
+            html: source.html.as_deref(),
+            short: source.short.as_deref(),
+        })
+        .map_err(|e| SourceError {
+            part: e.part().as_str().into(),
+            message: e.to_string(),
+        })
+    }
+
+    fn preview_runtime(
+        &self,
+        variants: &[template::Model],
+        locale: &str,
+        variables: &Map<String, Value>,
+    ) -> Result<RenderedTemplate, PreviewError> {
+        let code = variants
+            .first()
+            .map(|v| v.code.as_str())
+            .unwrap_or_default();
+        match runtime::render_variants(variants, locale, variables, &self.settings) {
+            None => Err(PreviewError::UnknownTemplate),
+            Some(Ok((content, used))) => Ok(rendered(code, &used, content)),
+            Some(Err(SandboxError::MissingVariable { name, .. })) => {
+                Err(PreviewError::MissingVariable(name))
+            }
+            Some(Err(other)) => Err(PreviewError::Invalid(other.to_string())),
+        }
+    }
+
+    fn default_locale(&self) -> &str {
+        &self.settings.default_locale
+    }
+}
+
+fn rendered(code: &str, locale: &str, content: Content) -> RenderedTemplate {
+    RenderedTemplate {
+        code: code.into(),
+        locale: locale.into(),
+        subject: content.subject,
+        text: content.text,
+        html: content.html,
+        short: content.short,
     }
 }

@@ -14,6 +14,7 @@ pub mod preference;
 pub mod quiet_hours;
 pub mod repo;
 pub mod status;
+pub mod template;
 
 pub use repo::RepoError;
 pub use status::NotificationStatus;

@@ -14,6 +14,7 @@ mod m20261122_000101_create_preferences;
 mod m20261122_000102_create_batches;
 mod m20261122_000201_create_api_keys;
 mod m20261122_000202_index_attempts_provider_message;
+mod m20261123_000301_create_templates;
 mod m20261123_000401_index_notifications_recipient_sent;
 
 /// All of Herald's migrations, in order.
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000102_create_batches::Migration),
             Box::new(m20261122_000201_create_api_keys::Migration),
             Box::new(m20261122_000202_index_attempts_provider_message::Migration),
+            Box::new(m20261123_000301_create_templates::Migration),
             Box::new(m20261123_000401_index_notifications_recipient_sent::Migration),
         ]
     }

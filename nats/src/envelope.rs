@@ -147,8 +147,21 @@ impl Contacts {
     }
 }
 
-/// The rendered message: a subject for channels that have one, a plain text that every channel can
-/// carry, and an optional HTML body for email.
+/// A template to render at delivery, in the recipient's locale.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    /// The template's code (a compiled template or a runtime one).
+    pub code: String,
+    /// Its variables.
+    #[serde(default)]
+    pub variables: serde_json::Map<String, serde_json::Value>,
+    /// A locale that overrides the recipient's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+}
+
+/// The message: a subject for channels that have one, a plain text that every channel can carry,
+/// and an optional HTML body for email — or, before delivery, a template that renders to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Content {
     /// Subject line (email, push title).
@@ -162,6 +175,10 @@ pub struct Content {
     /// A short text for SMS, Telegram and push; `text` is used when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub short: Option<String>,
+    /// A template the dispatcher renders into the fields above at delivery (then `text` is empty
+    /// until it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateRef>,
 }
 
 impl Content {
@@ -269,6 +286,7 @@ mod tests {
                 text: "Hello".into(),
                 html: None,
                 short: Some("Hi!".into()),
+                template: None,
             },
             created_at: Utc::now(),
         }

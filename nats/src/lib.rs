@@ -18,7 +18,7 @@ pub mod subjects;
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use envelope::{
     Category, Channel, CommandDecodeError, Contacts, Content, SCHEMA_VERSION, SendCommand,
-    StatusEvent,
+    StatusEvent, TemplateRef,
 };
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};

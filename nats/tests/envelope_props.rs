@@ -52,6 +52,7 @@ fn content() -> impl Strategy<Value = Content> {
             text,
             html,
             short,
+            template: None,
         })
 }
 

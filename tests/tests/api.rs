@@ -554,7 +554,7 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
         entry["reason"]
             .as_str()
             .unwrap_or_default()
-            .contains("gave up after 2 deliveries"),
+            .contains("gave up after 2 rounds"),
         "{entry}"
     );
     assert_eq!(entry["deliveries"], 2);

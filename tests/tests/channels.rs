@@ -379,7 +379,7 @@ async fn exhausted_retries_end_dead_in_the_dlq() {
         dead["status_reason"]
             .as_str()
             .unwrap_or_default()
-            .contains("gave up after 3 deliveries"),
+            .contains("gave up after 3 rounds"),
         "{dead}"
     );
     let js = async_nats::jetstream::new(w._nats.client().await.expect("client"));

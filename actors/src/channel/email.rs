@@ -276,6 +276,7 @@ mod tests {
                 text: "Thanks for your order.".into(),
                 html: html.map(str::to_string),
                 short: None,
+                template: None,
             },
             category: "transactional",
         }

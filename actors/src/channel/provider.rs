@@ -115,6 +115,7 @@ pub(crate) mod tests {
                 text: "Your order #1001 is on its way.".into(),
                 html: None,
                 short: Some("Order #1001 shipped".into()),
+                template: None,
             },
             category: "transactional",
         }

@@ -8,9 +8,13 @@
 //! output is not (it is not HTML).
 //!
 //! Locales fall back from the most specific to the template's default: `de-DE` → `de` → `en`.
+//!
+//! Templates created at run time through the API live in the database and render in a sandbox:
+//! see [`runtime`].
 
 mod marketing;
 mod orders;
+pub mod runtime;
 mod security;
 pub mod variables;
 
@@ -187,6 +191,7 @@ fn content(
         text: text.map_err(engine)?.trim().to_string() + "\n",
         html: Some(html.map_err(engine)?),
         short: Some(one_line(short.map_err(engine)?)),
+        template: None,
     })
 }
 

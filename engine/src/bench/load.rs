@@ -53,6 +53,7 @@ fn command(i: u64, customers: u64) -> SendCommand {
             text: format!("Thanks for your order #{i}. We'll tell you when it ships."),
             html: None,
             short: None,
+            template: None,
         },
         created_at: Utc::now(),
     }

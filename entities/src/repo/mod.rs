@@ -13,6 +13,7 @@ pub mod receipts;
 pub mod schedule;
 pub mod send_history;
 pub mod status_batch;
+pub mod templates;
 
 use sea_orm::DbErr;
 

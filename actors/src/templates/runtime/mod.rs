@@ -1,0 +1,274 @@
+//! Runtime templates: stored in the `templates` table, created and edited through the API, and
+//! rendered in a [`sandbox`] (minijinja) at delivery, in the recipient's locale with fallback to
+//! the default locale, then to any variant ([`locale::pick`]).
+//!
+//! Several Herald instances share the database, so the variants read for a code are cached
+//! (compiled) only for [`RuntimeSettings::cache_ttl`]: an edit reaches every instance within that
+//! time.
+
+pub mod locale;
+pub mod sandbox;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use herald_entities::{repo, template};
+use herald_nats::{Content, TemplateRef};
+use sea_orm::DatabaseConnection;
+use serde_json::{Map, Value};
+
+pub use sandbox::{Compiled, Limits, Part, SandboxError, Sources};
+
+/// Codes cached at most; past it, expired entries are dropped.
+const CACHE_CAPACITY: usize = 1024;
+
+/// How runtime templates are chosen and rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    /// Locale used when a template has no variant for the recipient's.
+    pub default_locale: String,
+    /// How long the variants of a code are reused before they are read again.
+    pub cache_ttl: Duration,
+    /// The sandbox's limits.
+    pub limits: Limits,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self {
+            default_locale: "en".into(),
+            cache_ttl: Duration::from_secs(5),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Why a notification's template could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The database could not be read; worth retrying.
+    #[error("cannot read template {code:?}: {reason}")]
+    Unavailable {
+        /// The template.
+        code: String,
+        /// The database's reason.
+        reason: String,
+    },
+    /// No compiled or runtime template has this code (it was deleted after the send was accepted).
+    #[error("unknown template {0:?}")]
+    Unknown(String),
+    /// The template did not render with the notification's variables.
+    #[error("template {code:?} ({locale}): {reason}")]
+    Render {
+        /// The template.
+        code: String,
+        /// The locale variant used.
+        locale: String,
+        /// Why (names the variable, the part, the limit).
+        reason: String,
+    },
+}
+
+impl TemplateError {
+    /// Whether a later attempt may succeed (only a database failure).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, TemplateError::Unavailable { .. })
+    }
+}
+
+/// The variant of `variants` for `requested` (see [`locale::pick`]) rendered with `vars`; returns
+/// the content and the locale used. `None` when there is no variant at all.
+pub fn render_variants(
+    variants: &[template::Model],
+    requested: &str,
+    vars: &Map<String, Value>,
+    settings: &RuntimeSettings,
+) -> Option<Result<(Content, String), SandboxError>> {
+    let locales: Vec<&str> = variants.iter().map(|v| v.locale.as_str()).collect();
+    let variant = &variants[locale::pick(&locales, requested, &settings.default_locale)?];
+    Some(
+        sandbox::render(&sources_of(variant), vars, settings.limits)
+            .map(|content| (content, variant.locale.clone())),
+    )
+}
+
+fn sources_of(variant: &template::Model) -> Sources<'_> {
+    Sources {
+        subject: variant.subject.as_deref(),
+        text: &variant.text,
+        html: variant.html.as_deref(),
+        short: variant.short.as_deref(),
+    }
+}
+
+/// A stored variant, compiled (or why it does not compile: it did when it was saved, but the
+/// limits may have changed since).
+struct CompiledVariant {
+    locale: String,
+    compiled: Result<Compiled, SandboxError>,
+}
+
+/// The runtime templates as the dispatcher sees them: read from the database, cached briefly.
+pub struct RuntimeTemplates {
+    db: DatabaseConnection,
+    settings: RuntimeSettings,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+struct Cached {
+    read_at: Instant,
+    variants: Arc<Vec<CompiledVariant>>,
+}
+
+impl RuntimeTemplates {
+    /// Runtime templates read from `db`.
+    pub fn new(db: DatabaseConnection, settings: RuntimeSettings) -> Self {
+        Self {
+            db,
+            settings,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &RuntimeSettings {
+        &self.settings
+    }
+
+    /// Renders the template a notification names: a compiled template when one has the code,
+    /// else the runtime template. The locale is the reference's own, else `recipient_locale`,
+    /// else the default locale.
+    pub async fn render(
+        &self,
+        reference: &TemplateRef,
+        recipient_locale: Option<&str>,
+    ) -> Result<Content, TemplateError> {
+        let locale = reference
+            .locale
+            .as_deref()
+            .or(recipient_locale)
+            .unwrap_or(&self.settings.default_locale);
+        let code = &reference.code;
+        if super::find(code).is_some() {
+            return super::render(code, locale, &reference.variables)
+                .map(|(content, _)| content)
+                .map_err(|e| TemplateError::Render {
+                    code: code.clone(),
+                    locale: locale.to_string(),
+                    reason: e.to_string(),
+                });
+        }
+        let variants = self.variants(code).await?;
+        let locales: Vec<&str> = variants.iter().map(|v| v.locale.as_str()).collect();
+        let chosen = locale::pick(&locales, locale, &self.settings.default_locale)
+            .map(|at| &variants[at])
+            .ok_or_else(|| TemplateError::Unknown(code.clone()))?;
+        chosen
+            .compiled
+            .as_ref()
+            .map_err(Clone::clone)
+            .and_then(|compiled| compiled.render(&reference.variables))
+            .map_err(|err| TemplateError::Render {
+                code: code.clone(),
+                locale: chosen.locale.clone(),
+                reason: err.to_string(),
+            })
+    }
+
+    /// The compiled variants of `code`, from the cache while fresh.
+    async fn variants(&self, code: &str) -> Result<Arc<Vec<CompiledVariant>>, TemplateError> {
+        let ttl = self.settings.cache_ttl;
+        if let Some(hit) = lock(&self.cache).get(code)
+            && hit.read_at.elapsed() < ttl
+        {
+            return Ok(hit.variants.clone());
+        }
+        let rows = repo::templates::variants(&self.db, code)
+            .await
+            .map_err(|e| TemplateError::Unavailable {
+                code: code.to_string(),
+                reason: e.to_string(),
+            })?;
+        let variants: Arc<Vec<CompiledVariant>> = Arc::new(
+            rows.iter()
+                .map(|row| CompiledVariant {
+                    locale: row.locale.clone(),
+                    compiled: Compiled::new(&sources_of(row), self.settings.limits),
+                })
+                .collect(),
+        );
+        if !ttl.is_zero() {
+            let mut cache = lock(&self.cache);
+            if cache.len() >= CACHE_CAPACITY {
+                cache.retain(|_, c| c.read_at.elapsed() < ttl);
+            }
+            cache.insert(
+                code.to_string(),
+                Cached {
+                    read_at: Instant::now(),
+                    variants: variants.clone(),
+                },
+            );
+        }
+        Ok(variants)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn variant(locale: &str, text: &str) -> template::Model {
+        template::Model {
+            code: "welcome".into(),
+            locale: locale.into(),
+            description: String::new(),
+            category: None,
+            subject: Some(format!("{locale}: {{{{ name }}}}")),
+            text: text.into(),
+            html: None,
+            short: None,
+            variables: json!(["name"]),
+            version: 1,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn locale_variants_fall_back_to_the_default_locale() {
+        let variants = [
+            variant("de", "Hallo {{ name }}"),
+            variant("en", "Hello {{ name }}"),
+            variant("fr", "Bonjour {{ name }}"),
+        ];
+        let vars = json!({"name": "Ada"}).as_object().cloned().unwrap();
+        let settings = RuntimeSettings::default();
+        let render = |locale: &str| {
+            render_variants(&variants, locale, &vars, &settings)
+                .unwrap()
+                .unwrap()
+        };
+        let (content, used) = render("de-AT");
+        assert_eq!((content.text.as_str(), used.as_str()), ("Hallo Ada", "de"));
+        assert_eq!(content.subject.as_deref(), Some("de: Ada"));
+        assert_eq!(render("it-IT").1, "en");
+        let french_default = RuntimeSettings {
+            default_locale: "fr".into(),
+            ..RuntimeSettings::default()
+        };
+        let (_, used) = render_variants(&variants, "it", &vars, &french_default)
+            .unwrap()
+            .unwrap();
+        assert_eq!(used, "fr");
+        assert!(render_variants(&[], "en", &vars, &settings).is_none());
+    }
+}
