@@ -118,6 +118,7 @@ impl Herald {
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
             templates: Arc::new(crate::template_catalog::CompiledTemplates),
+            dashboard: Arc::new(config.dashboard.settings()?),
         };
         let acceptor = TcpListener::bind(config.http.bind.clone())
             .into_acceptor()

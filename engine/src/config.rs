@@ -51,6 +51,8 @@ pub struct Config {
     pub rate_limiter: RateLimiterSettings,
     /// Scheduled sends, bulk fan-out and retention.
     pub scheduler: SchedulerSettings,
+    /// The operator dashboard at `/`.
+    pub dashboard: DashboardConfig,
 }
 
 /// Rate limits by category name; defaults: marketing 3 a day (`drop`), transactional 30 a
@@ -97,6 +99,47 @@ impl AuthConfig {
             cache_ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
             cache_capacity: self.cache_capacity.max(1),
         }
+    }
+}
+
+/// Operator dashboard settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DashboardConfig {
+    /// Hours a dashboard login lasts.
+    pub session_ttl_hours: u64,
+    /// Mark the session cookie `Secure`: set it when the dashboard is served over HTTPS.
+    pub secure_cookie: bool,
+    /// Secret (at least 32 bytes) the session cookie is signed with. Give every instance the same
+    /// one so sessions survive restarts and work behind a load balancer; unset, a random one is
+    /// made at start.
+    pub session_secret: Option<String>,
+    /// Seconds between automatic reloads of the activity feed.
+    pub refresh_secs: u32,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl_hours: 12,
+            secure_cookie: false,
+            session_secret: None,
+            refresh_secs: 10,
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// The API's view of these settings; refuses a session secret shorter than 32 bytes.
+    pub fn settings(&self) -> Result<herald_api::dashboard::DashboardSettings, ConfigError> {
+        let cookie_key = herald_api::dashboard::cookie_key(self.session_secret.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(herald_api::dashboard::DashboardSettings {
+            session_ttl: std::time::Duration::from_secs(self.session_ttl_hours.max(1) * 3600),
+            secure_cookie: self.secure_cookie,
+            cookie_key,
+            refresh_secs: self.refresh_secs.max(1),
+        })
     }
 }
 
@@ -313,6 +356,7 @@ impl Config {
         }
         self.rate_limits()?;
         self.routing_rules()?;
+        self.dashboard.settings()?;
         self.default_chains().map(|_| ())
     }
 
