@@ -196,7 +196,28 @@ async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() 
         .unwrap_or_default()
         .to_string();
     assert!(csp.contains("default-src 'none'"), "{csp}");
-    let csrf = csrf_in(&feed.text().await.expect("feed"));
+    let feed = feed.text().await.expect("feed");
+    assert!(
+        feed.contains("http-equiv=\"refresh\""),
+        "the feed reloads itself"
+    );
+    let csrf = csrf_in(&feed);
+    let still = get_page(&base, "/?refresh=off&status=dead", Some(&cookie)).await;
+    let still = still.text().await.expect("feed");
+    assert!(
+        !still.contains("http-equiv=\"refresh\""),
+        "?refresh=off stops it"
+    );
+    assert!(
+        still.contains("<option value=\"dead\" selected>"),
+        "the filter is kept"
+    );
+    let bad_filter = get_page(&base, "/?status=lost", Some(&cookie)).await;
+    assert_eq!(bad_filter.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        bad_filter.text().await.expect("page").contains("no status"),
+        "an HTML page says what was wrong"
+    );
     let mut tampered = cookie.clone();
     tampered.pop();
     tampered.push(if cookie.ends_with('A') { 'B' } else { 'A' });

@@ -70,6 +70,10 @@ pub(crate) async fn page(
         ))));
     };
     let content = row.content.clone();
+    let recipient = row
+        .customer_id
+        .clone()
+        .unwrap_or_else(|| row.recipient_key.clone());
     let payload = serde_json::json!({
         "contacts": row.contacts,
         "content": row.content,
@@ -109,7 +113,7 @@ pub(crate) async fn page(
         status_reason: n.status_reason.unwrap_or_default(),
         error: n.error.unwrap_or_default(),
         category: n.category,
-        customer: n.customer_id.unwrap_or_default(),
+        customer: recipient,
         chain: n.channels.join(" → "),
         final_channel: n.final_channel.unwrap_or_default(),
         created: when(n.created_at),

@@ -54,13 +54,24 @@ pub(crate) struct Bar {
     pub title: String,
 }
 
-/// A polyline with a legend name.
+/// A polyline with a legend name; each point is also drawn as a dot, so a lone minute shows.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Line {
     /// CSS class and legend name (`p50`, `p95`).
     pub class: &'static str,
-    /// SVG `points`.
-    pub points: String,
+    /// The points, left to right.
+    pub points: Vec<(f64, f64)>,
+}
+
+impl Line {
+    /// The SVG `points` attribute.
+    pub fn svg_points(&self) -> String {
+        self.points
+            .iter()
+            .map(|(x, y)| format!("{x:.1},{y:.1}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// An axis label.
@@ -68,6 +79,8 @@ pub(crate) struct Line {
 pub(crate) struct Label {
     pub x: f64,
     pub y: f64,
+    /// CSS class: `y` (right-aligned values) or `x` (times).
+    pub class: &'static str,
     pub text: String,
 }
 
@@ -225,15 +238,8 @@ pub(crate) fn latency(window: &Window, per_minute: &[Option<(i64, i64)>]) -> Plo
             .iter()
             .enumerate()
             .filter_map(|(minute, p)| p.as_ref().map(|p| (minute, pick(p))))
-            .map(|(minute, ms)| {
-                format!(
-                    "{:.1},{:.1}",
-                    window.x(minute) + half,
-                    base - ms as f64 * scale
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
+            .map(|(minute, ms)| (window.x(minute) + half, base - ms as f64 * scale))
+            .collect(),
     };
     Plot {
         lines: vec![line("p50", |p| p.0), line("p95", |p| p.1)],
@@ -280,11 +286,13 @@ fn axis_labels(window: &Window, max: i64, unit: &str) -> Vec<Label> {
         Label {
             x: LEFT - 4.0,
             y: TOP + 8.0,
+            class: "y",
             text: format!("{max}{unit}"),
         },
         Label {
             x: LEFT - 4.0,
             y: HEIGHT - BOTTOM,
+            class: "y",
             text: "0".into(),
         },
     ];
@@ -294,6 +302,7 @@ fn axis_labels(window: &Window, max: i64, unit: &str) -> Vec<Label> {
             .map(|minute| Label {
                 x: window.x(minute),
                 y: HEIGHT - 4.0,
+                class: "x",
                 text: window.label(minute),
             }),
     );
@@ -379,7 +388,10 @@ mod tests {
         assert_eq!(p[0], None);
         let plot = latency(&w, &p);
         assert_eq!(plot.lines.len(), 2);
-        assert_eq!(plot.lines[1].points.split(' ').count(), 2);
+        assert_eq!(plot.lines[1].points.len(), 2);
+        assert_eq!(plot.lines[1].svg_points().split(' ').count(), 2);
+        let (_, top) = plot.lines[1].points[0];
+        assert!((top - TOP).abs() < 1e-9, "the highest p95 reaches the top");
         assert!(plot.labels.iter().any(|l| l.text == "95 ms"));
         let table = rows(&w, &grouped(&w, &[]), &p);
         assert_eq!(table.len(), 2);
