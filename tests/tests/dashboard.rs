@@ -372,14 +372,31 @@ async fn screenshot(browser: &Client, name: &str, db: &TestDatabase) {
     std::fs::write(&file, png).expect("screenshot written");
 }
 
+/// The text of the element `css`, once the page shows it (a page still loading after a click
+/// may answer with a stale element first).
 async fn text_of(browser: &Client, css: &str) -> String {
-    browser
-        .find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css} on the page: {e}"))
-        .text()
-        .await
-        .expect("text")
+    eventually(&format!("{css} on the page"), E2E_TIMEOUT, || async {
+        browser
+            .find(Locator::Css(css))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    })
+    .await
+}
+
+/// The texts of every element `css`, once the page shows `n` of them.
+async fn texts_of(browser: &Client, css: &str, n: usize) -> Vec<String> {
+    eventually(&format!("{n} × {css} on the page"), E2E_TIMEOUT, || async {
+        let mut texts = Vec::new();
+        for element in browser.find_all(Locator::Css(css)).await.ok()? {
+            texts.push(element.text().await.ok()?);
+        }
+        (texts.len() == n).then_some(texts)
+    })
+    .await
 }
 
 async fn path_of(browser: &Client) -> String {
@@ -497,13 +514,8 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     wait_path(&browser, &format!("/notifications/{failover}")).await;
     assert_eq!(text_of(&browser, "#story").await, "telegram ✗ → email ✓");
     assert_eq!(text_of(&browser, "#final-channel").await, "email");
-    let attempts = browser
-        .find_all(Locator::Css("#attempts tr.attempt"))
-        .await
-        .expect("attempt rows");
-    assert_eq!(attempts.len(), 2);
-    let first = attempts[0].text().await.expect("text");
-    let second = attempts[1].text().await.expect("text");
+    let attempts = texts_of(&browser, "#attempts tr.attempt", 2).await;
+    let (first, second) = (&attempts[0], &attempts[1]);
     assert!(
         first.contains("telegram") && first.contains("failed") && first.contains("500"),
         "{first}"
@@ -626,5 +638,64 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     assert_eq!(path_of(&browser).await, "/login", "the session ended");
 
     browser.close().await.expect("browser closed");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// The plots' per-minute query buckets by minute on this database (SQLite or PostgreSQL).
+#[tokio::test]
+async fn notifications_are_counted_per_minute_and_status() {
+    use herald_entities::{
+        NotificationStatus,
+        repo::{activity, notifications},
+    };
+    let w = world(|_| {}).await;
+    let start = chrono::DateTime::parse_from_rfc3339("2025-03-01T10:00:00Z")
+        .expect("time")
+        .with_timezone(&chrono::Utc);
+    let at = |seconds: i64| start + chrono::Duration::seconds(seconds);
+    let stored = [
+        (at(-1), NotificationStatus::Queued),
+        (at(0), NotificationStatus::Queued),
+        (at(59), NotificationStatus::Queued),
+        (at(5 * 60 + 30), NotificationStatus::Scheduled),
+        (at(5 * 60 + 31), NotificationStatus::Queued),
+        (at(59 * 60 + 59), NotificationStatus::Queued),
+        (at(60 * 60), NotificationStatus::Queued),
+    ];
+    for (created_at, status) in stored {
+        let row = notifications::NewNotification {
+            id: uuid::Uuid::now_v7(),
+            request_id: None,
+            customer_id: None,
+            recipient_key: "ada@example.com".into(),
+            contacts: json!({}),
+            category: "transactional".into(),
+            channels: json!(["email"]),
+            content: json!({"text": "hi"}),
+            status,
+            scheduled_at: None,
+            created_at,
+        };
+        notifications::insert(w.herald.db(), row)
+            .await
+            .expect("stored");
+    }
+    let mut counts: Vec<_> = activity::per_minute(w.herald.db(), start, 60)
+        .await
+        .expect("counts")
+        .into_iter()
+        .map(|c| (c.minute, c.status, c.count))
+        .collect();
+    counts.sort_by_key(|(minute, status, _)| (*minute, status.as_str()));
+    assert_eq!(
+        counts,
+        vec![
+            (0, NotificationStatus::Queued, 2),
+            (5, NotificationStatus::Queued, 1),
+            (5, NotificationStatus::Scheduled, 1),
+            (59, NotificationStatus::Queued, 1),
+        ],
+        "the window is [start, start + 60 min), one bucket per minute"
+    );
     w.herald.shutdown().await.expect("shutdown");
 }
