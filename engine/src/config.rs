@@ -464,4 +464,23 @@ mod tests {
                 .contains("pigeon")
         );
     }
+
+    #[test]
+    fn the_dashboard_needs_a_long_enough_session_secret() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "short");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("dashboard.session_secret"), "{err}");
+            jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "x".repeat(32));
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
+            let config = Config::load(None).expect("loads");
+            let settings = config.dashboard.settings().expect("valid");
+            assert!(settings.secure_cookie);
+            assert_eq!(
+                settings.session_ttl,
+                std::time::Duration::from_secs(12 * 3600)
+            );
+            Ok(())
+        });
+    }
 }

@@ -56,6 +56,8 @@ pub(crate) struct FeedRow {
     pub category: String,
     pub customer: String,
     pub subject: String,
+    /// Why it is in its status (skipped, deferred, dead), shortened.
+    pub reason: String,
 }
 
 #[derive(askama::Template)]
@@ -212,6 +214,12 @@ fn row(n: notification::Model) -> FeedRow {
         category: n.category,
         customer: n.customer_id.unwrap_or_else(|| n.recipient_key.clone()),
         subject: subject.chars().take(80).collect(),
+        reason: n
+            .status_reason
+            .unwrap_or_default()
+            .chars()
+            .take(80)
+            .collect(),
     }
 }
 

@@ -1,10 +1,7 @@
 //! `/scheduled`: notifications waiting for their time, soonest first, each with a cancel button
 //! (the API's cancel, as a CSRF-protected form).
 
-use herald_entities::{
-    NotificationStatus,
-    repo::history::{self, HistoryFilter},
-};
+use herald_entities::repo::activity;
 use poem::{
     Response,
     web::{Data, Form, Path},
@@ -44,14 +41,9 @@ pub(crate) async fn page(
     session: Session,
     Data(dashboard): Data<&Dashboard>,
 ) -> poem::Result<Response> {
-    let filter = HistoryFilter {
-        status: Some(NotificationStatus::Scheduled),
-        ..HistoryFilter::default()
-    };
-    let mut rows = history::list(&dashboard.state.db, &filter, None, PAGE_SIZE)
+    let rows = activity::scheduled(&dashboard.state.db, PAGE_SIZE)
         .await
         .map_err(|e| page_error(e.into()))?;
-    rows.sort_by_key(|n| n.scheduled_at);
     let rows = rows
         .into_iter()
         .map(|n| ScheduledRow {

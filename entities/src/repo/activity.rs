@@ -101,6 +101,21 @@ pub async fn latencies(
         .collect())
 }
 
+/// Up to `limit` notifications waiting for their time, soonest due first.
+pub async fn scheduled(
+    db: &impl ConnectionTrait,
+    limit: u64,
+) -> Result<Vec<notification::Model>, RepoError> {
+    use notification::Column;
+    Ok(notification::Entity::find()
+        .filter(Column::Status.eq(NotificationStatus::Scheduled))
+        .order_by_asc(Column::ScheduledAt)
+        .order_by_asc(Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
 /// Delivery attempts of one provider with one outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptOutcome {
