@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 
 ensure_rust
-ensure_packages nats-server postgresql
+ensure_packages nats-server postgresql chromium chromium-driver
 if ! pg_lsclusters -h 2>/dev/null | grep -q online; then
   log "starting PostgreSQL"
   cluster=$(pg_lsclusters -h | awk 'NR==1 {print $1" "$2}')

@@ -145,7 +145,7 @@ pub fn split_token(token: &str) -> Option<(&str, &str)> {
 }
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -257,6 +257,25 @@ impl KeyVerifier {
             name: key.name,
             scopes: key.scopes,
         })
+    }
+
+    /// Whether the key with this prefix and id is still usable (not revoked) and grants `needed`,
+    /// without its secret: for sessions begun with a verified key (the dashboard). Answers from
+    /// the cache like [`KeyVerifier::verify`], so a revocation shows within the cache period.
+    pub async fn still_grants(
+        &self,
+        prefix: &str,
+        key_id: Uuid,
+        needed: Scope,
+    ) -> Result<bool, ApiError> {
+        if !self.settings.enabled {
+            return Ok(true);
+        }
+        let stored = match self.cached(prefix) {
+            Some(hit) => hit,
+            None => self.load(prefix).await?,
+        };
+        Ok(stored.is_some_and(|key| key.id == key_id && grants(&key.scopes, needed)))
     }
 
     fn cached(&self, prefix: &str) -> Option<Option<StoredKey>> {

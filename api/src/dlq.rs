@@ -167,18 +167,9 @@ impl DlqApi {
             from: from.0,
             to: to.0,
         };
-        let start = after_seq.0.unwrap_or(0).saturating_add(1);
-        let (letters, next) = self
-            .stream()
-            .await?
-            .page(start, limit, MAX_SCAN, |l| filter.matches(l))
+        list_page(&self.state, after_seq.0, limit, &filter)
             .await
-            .map_err(unavailable)?;
-        let next_after_seq = next.map(|n| n.saturating_sub(1));
-        Ok(Json(DeadLetterPage {
-            items: letters.iter().map(view).collect(),
-            next_after_seq,
-        }))
+            .map(Json)
     }
 
     /// Replay one dead letter (scope `admin`): the notification goes back to `queued`, its
@@ -186,14 +177,7 @@ impl DlqApi {
     /// not a replayable send command, or its notification is no longer `dead`.
     #[oai(path = "/dlq/:seq/replay", method = "post")]
     async fn replay(&self, _auth: AdminKey, seq: Path<u64>) -> Result<Json<Replayed>, ApiError> {
-        let stream = self.stream().await?;
-        let Some(letter) = stream.get(seq.0).await.map_err(unavailable)? else {
-            return Err(ApiError::not_found(format!("no dead letter {}", seq.0)));
-        };
-        match self.replay_letter(&stream, &letter).await? {
-            Ok(replayed) => Ok(Json(replayed)),
-            Err(why) => Err(ApiError::conflict(why)),
-        }
+        replay_one(&self.state, seq.0).await.map(Json)
     }
 
     /// Replay every dead letter matching a filter (scope `admin`), oldest first, at most `limit`.
@@ -210,7 +194,7 @@ impl DlqApi {
             from: body.0.from,
             to: body.0.to,
         };
-        let stream = self.stream().await?;
+        let stream = open_stream(&self.state).await?;
         let (letters, _) = stream
             .page(1, limit, MAX_SCAN, |l| filter.matches(l))
             .await
@@ -220,7 +204,7 @@ impl DlqApi {
             skipped: Vec::new(),
         };
         for letter in &letters {
-            match self.replay_letter(&stream, letter).await? {
+            match replay_letter(&self.state, &stream, letter).await? {
                 Ok(replayed) => report.replayed.push(replayed),
                 Err(reason) => report.skipped.push(ReplaySkipped {
                     seq: letter.seq,
@@ -232,61 +216,92 @@ impl DlqApi {
     }
 }
 
-impl DlqApi {
-    async fn stream(&self) -> Result<DeadLetters, ApiError> {
-        DeadLetters::open(self.state.publisher.jetstream())
-            .await
-            .map_err(unavailable)
-    }
-
-    /// Replays one entry: `Ok(Err(why))` when it cannot be replayed.
-    async fn replay_letter(
-        &self,
-        stream: &DeadLetters,
-        letter: &DeadLetter,
-    ) -> Result<Result<Replayed, String>, ApiError> {
-        let command = match SendCommand::decode(&letter.payload) {
-            Ok(command) => command,
-            Err(err) => return Ok(Err(format!("not a replayable send command: {err}"))),
-        };
-        let id = command.notification_id;
-        let Some(row) = notifications::find(&self.state.db, id).await? else {
-            return Ok(Err(format!("notification {id} is not stored")));
-        };
-        let reason = format!("replayed from dead letter {}", letter.seq);
-        if !dead_letters::requeue_dead(&self.state.db, id, &reason).await? {
-            return Ok(Err(format!(
-                "notification {id} is {}, not dead",
-                row.status.as_str()
-            )));
-        }
-        let msg_id = format!("{id}:replay:{}", letter.seq);
-        if let Err(err) = self
-            .state
-            .publisher
-            .republish_command(&row.recipient_key, letter.payload.clone(), &msg_id)
-            .await
-        {
-            tracing::warn!(%id, error = %err, "cannot republish a dead letter");
-            let back = row.status_reason.as_deref().unwrap_or("dead");
-            dead_letters::return_to_dead(&self.state.db, id, back).await?;
-            return Err(unavailable(err));
-        }
-        if let Err(err) = stream.delete(letter.seq).await {
-            // Replayed all the same; the stale entry's notification is no longer dead, so a
-            // second replay of it is refused.
-            tracing::warn!(%id, seq = letter.seq, error = %err, "cannot delete a replayed dead letter");
-        }
-        metrics::counter!("herald_dlq_replayed_total").increment(1);
-        Ok(Ok(Replayed {
-            seq: letter.seq,
-            notification_id: id,
-            status: "queued".into(),
-        }))
-    }
+/// A page of dead letters matching `filter`, oldest first, after sequence `after_seq`; shared by
+/// the API and the dashboard.
+pub(crate) async fn list_page(
+    state: &AppState,
+    after_seq: Option<u64>,
+    limit: usize,
+    filter: &EntryFilter,
+) -> Result<DeadLetterPage, ApiError> {
+    let start = after_seq.unwrap_or(0).saturating_add(1);
+    let (letters, next) = open_stream(state)
+        .await?
+        .page(start, limit, MAX_SCAN, |l| filter.matches(l))
+        .await
+        .map_err(unavailable)?;
+    Ok(DeadLetterPage {
+        items: letters.iter().map(view).collect(),
+        next_after_seq: next.map(|n| n.saturating_sub(1)),
+    })
 }
 
-struct EntryFilter {
+/// Replays the entry `seq`; shared by the API and the dashboard. 404: no such entry; 409: not a
+/// replayable send command, or its notification is no longer `dead`.
+pub(crate) async fn replay_one(state: &AppState, seq: u64) -> Result<Replayed, ApiError> {
+    let stream = open_stream(state).await?;
+    let Some(letter) = stream.get(seq).await.map_err(unavailable)? else {
+        return Err(ApiError::not_found(format!("no dead letter {seq}")));
+    };
+    replay_letter(state, &stream, &letter)
+        .await?
+        .map_err(ApiError::conflict)
+}
+
+async fn open_stream(state: &AppState) -> Result<DeadLetters, ApiError> {
+    DeadLetters::open(state.publisher.jetstream())
+        .await
+        .map_err(unavailable)
+}
+
+/// Replays one entry: `Ok(Err(why))` when it cannot be replayed.
+async fn replay_letter(
+    state: &AppState,
+    stream: &DeadLetters,
+    letter: &DeadLetter,
+) -> Result<Result<Replayed, String>, ApiError> {
+    let command = match SendCommand::decode(&letter.payload) {
+        Ok(command) => command,
+        Err(err) => return Ok(Err(format!("not a replayable send command: {err}"))),
+    };
+    let id = command.notification_id;
+    let Some(row) = notifications::find(&state.db, id).await? else {
+        return Ok(Err(format!("notification {id} is not stored")));
+    };
+    let reason = format!("replayed from dead letter {}", letter.seq);
+    if !dead_letters::requeue_dead(&state.db, id, &reason).await? {
+        return Ok(Err(format!(
+            "notification {id} is {}, not dead",
+            row.status.as_str()
+        )));
+    }
+    let msg_id = format!("{id}:replay:{}", letter.seq);
+    if let Err(err) = state
+        .publisher
+        .republish_command(&row.recipient_key, letter.payload.clone(), &msg_id)
+        .await
+    {
+        tracing::warn!(%id, error = %err, "cannot republish a dead letter");
+        let back = row.status_reason.as_deref().unwrap_or("dead");
+        dead_letters::return_to_dead(&state.db, id, back).await?;
+        return Err(unavailable(err));
+    }
+    if let Err(err) = stream.delete(letter.seq).await {
+        // Replayed all the same; the stale entry's notification is no longer dead, so a
+        // second replay of it is refused.
+        tracing::warn!(%id, seq = letter.seq, error = %err, "cannot delete a replayed dead letter");
+    }
+    metrics::counter!("herald_dlq_replayed_total").increment(1);
+    Ok(Ok(Replayed {
+        seq: letter.seq,
+        notification_id: id,
+        status: "queued".into(),
+    }))
+}
+
+/// Which dead letters to list or replay; filters combine with AND.
+#[derive(Debug, Default)]
+pub(crate) struct EntryFilter {
     channel: Option<ApiChannel>,
     provider: Option<String>,
     from: Option<DateTime<Utc>>,

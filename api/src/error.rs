@@ -78,6 +78,19 @@ impl ApiError {
         Self::Unavailable(Json(body("unavailable", message)))
     }
 
+    /// The HTTP status and the body of this error.
+    pub fn status_and_body(&self) -> (StatusCode, &ErrorBody) {
+        match self {
+            Self::BadRequest(body) => (StatusCode::BAD_REQUEST, &body.0),
+            Self::Unauthorized(body) => (StatusCode::UNAUTHORIZED, &body.0),
+            Self::Forbidden(body) => (StatusCode::FORBIDDEN, &body.0),
+            Self::NotFound(body) => (StatusCode::NOT_FOUND, &body.0),
+            Self::Conflict(body) => (StatusCode::CONFLICT, &body.0),
+            Self::Unavailable(body) => (StatusCode::SERVICE_UNAVAILABLE, &body.0),
+            Self::Internal(body) => (StatusCode::INTERNAL_SERVER_ERROR, &body.0),
+        }
+    }
+
     /// 500; the cause is logged, not returned.
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

@@ -372,7 +372,7 @@ fn stats(
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[i64], p: u32) -> Option<i64> {
+pub(crate) fn percentile(sorted: &[i64], p: u32) -> Option<i64> {
     if sorted.is_empty() {
         return None;
     }

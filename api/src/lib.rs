@@ -3,7 +3,7 @@
 //! provider.
 //!
 //! Routes: `/api/v1/...` (see [`notifications`]), `/health`, `/metrics`, Swagger UI at `/api/docs`,
-//! the spec at `/api/openapi.json`.
+//! the spec at `/api/openapi.json`, and the operator dashboard's pages at `/` (see [`dashboard`]).
 
 pub mod auth;
 mod body_limit;
@@ -11,6 +11,7 @@ pub mod bulk;
 pub mod channels;
 mod cursor;
 pub mod customers;
+pub mod dashboard;
 pub mod dlq;
 pub mod engine_view;
 pub mod error;
@@ -68,11 +69,12 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let publisher = state.publisher.clone();
     let auth = state.auth.clone();
     let auth_enabled = auth.enabled();
+    let pages = state.clone();
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
-    Route::new()
-        .nest("/", service)
+    let route = Route::new().nest("/", dashboard::with_feed_at_root(service, pages.clone()));
+    dashboard::mount(route, pages)
         .nest("/api/docs", docs)
         .at("/api/openapi.json", spec)
         .at(

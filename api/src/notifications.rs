@@ -317,10 +317,7 @@ impl NotificationsApi {
         _auth: ReadKey,
         id: Path<Uuid>,
     ) -> Result<Json<NotificationView>, ApiError> {
-        match repo::find_with_attempts(&self.state.db, id.0).await? {
-            Some((row, attempts)) => Ok(Json(view(row, attempts))),
-            None => Err(ApiError::not_found(format!("no notification {}", id.0))),
-        }
+        find_view(&self.state, id.0).await.map(Json)
     }
 
     /// Cancel a notification before it goes out.
@@ -333,23 +330,39 @@ impl NotificationsApi {
         _auth: SendKey,
         id: Path<Uuid>,
     ) -> Result<Json<NotificationView>, ApiError> {
-        use herald_entities::repo::schedule::{self, Cancel};
-        match schedule::cancel(&self.state.db, id.0, "cancelled by API request").await? {
-            Cancel::Cancelled(_) => {
-                metrics::counter!("herald_notifications_cancelled_total").increment(1);
-                match repo::find_with_attempts(&self.state.db, id.0).await? {
-                    Some((row, attempts)) => Ok(Json(view(row, attempts))),
-                    None => Err(ApiError::not_found(format!("no notification {}", id.0))),
-                }
-            }
-            Cancel::NotFound => Err(ApiError::not_found(format!("no notification {}", id.0))),
-            Cancel::NotCancellable(status) => Err(ApiError::conflict(format!(
-                "notification {} is {}; only scheduled notifications and queued ones not yet \
-                 picked up can be cancelled",
-                id.0,
-                status.as_str()
-            ))),
+        cancel(&self.state, id.0, "cancelled by API request")
+            .await
+            .map(Json)
+    }
+}
+
+/// A notification with its attempts; 404 when there is none. Shared by the API and the dashboard.
+pub(crate) async fn find_view(state: &AppState, id: Uuid) -> Result<NotificationView, ApiError> {
+    match repo::find_with_attempts(&state.db, id).await? {
+        Some((row, attempts)) => Ok(view(row, attempts)),
+        None => Err(ApiError::not_found(format!("no notification {id}"))),
+    }
+}
+
+/// Cancels a notification before it goes out, recording `reason`; shared by the API and the
+/// dashboard. 404: no such notification; 409: it is past cancelling.
+pub(crate) async fn cancel(
+    state: &AppState,
+    id: Uuid,
+    reason: &str,
+) -> Result<NotificationView, ApiError> {
+    use herald_entities::repo::schedule::{self, Cancel};
+    match schedule::cancel(&state.db, id, reason).await? {
+        Cancel::Cancelled(_) => {
+            metrics::counter!("herald_notifications_cancelled_total").increment(1);
+            find_view(state, id).await
         }
+        Cancel::NotFound => Err(ApiError::not_found(format!("no notification {id}"))),
+        Cancel::NotCancellable(status) => Err(ApiError::conflict(format!(
+            "notification {id} is {}; only scheduled notifications and queued ones not yet \
+             picked up can be cancelled",
+            status.as_str()
+        ))),
     }
 }
 
@@ -590,7 +603,10 @@ fn validate_template(template: TemplateUse) -> Result<Content, ApiError> {
     })
 }
 
-fn view(row: notification::Model, attempts: Vec<delivery_attempt::Model>) -> NotificationView {
+pub(crate) fn view(
+    row: notification::Model,
+    attempts: Vec<delivery_attempt::Model>,
+) -> NotificationView {
     NotificationView {
         id: row.id,
         request_id: row.request_id,

@@ -24,4 +24,6 @@ pub struct AppState {
     pub auth: Arc<crate::auth::KeyVerifier>,
     /// The engine's templates (list and preview).
     pub templates: Arc<dyn crate::templates::TemplateCatalog>,
+    /// The operator dashboard's settings.
+    pub dashboard: Arc<crate::dashboard::DashboardSettings>,
 }

@@ -143,6 +143,7 @@ impl Herald {
             templates: Arc::new(crate::template_catalog::EngineTemplates {
                 settings: config.templates.settings(),
             }),
+            dashboard: Arc::new(config.dashboard.settings()?),
         };
         let acceptor = TcpListener::bind(config.http.bind.clone())
             .into_acceptor()

@@ -56,6 +56,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Runtime templates: default locale, cache, sandbox limits.
     pub templates: TemplatesConfig,
+    /// The operator dashboard at `/`.
+    pub dashboard: DashboardConfig,
 }
 
 /// Cluster settings: how instances share the command partitions.
@@ -200,6 +202,47 @@ impl AuthConfig {
             cache_ttl: std::time::Duration::from_secs(self.cache_ttl_secs),
             cache_capacity: self.cache_capacity.max(1),
         }
+    }
+}
+
+/// Operator dashboard settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DashboardConfig {
+    /// Hours a dashboard login lasts.
+    pub session_ttl_hours: u64,
+    /// Mark the session cookie `Secure`: set it when the dashboard is served over HTTPS.
+    pub secure_cookie: bool,
+    /// Secret (at least 32 bytes) the session cookie is signed with. Give every instance the same
+    /// one so sessions survive restarts and work behind a load balancer; unset, a random one is
+    /// made at start.
+    pub session_secret: Option<String>,
+    /// Seconds between automatic reloads of the activity feed.
+    pub refresh_secs: u32,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl_hours: 12,
+            secure_cookie: false,
+            session_secret: None,
+            refresh_secs: 10,
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// The API's view of these settings; refuses a session secret shorter than 32 bytes.
+    pub fn settings(&self) -> Result<herald_api::dashboard::DashboardSettings, ConfigError> {
+        let cookie_key = herald_api::dashboard::cookie_key(self.session_secret.as_deref())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(herald_api::dashboard::DashboardSettings {
+            session_ttl: std::time::Duration::from_secs(self.session_ttl_hours.max(1) * 3600),
+            secure_cookie: self.secure_cookie,
+            cookie_key,
+            refresh_secs: self.refresh_secs.max(1),
+        })
     }
 }
 
@@ -435,6 +478,7 @@ impl Config {
         }
         self.rate_limits()?;
         self.routing_rules()?;
+        self.dashboard.settings()?;
         self.default_chains().map(|_| ())
     }
 
@@ -557,6 +601,25 @@ mod tests {
             jail.set_env("HERALD_TEMPLATES__FUEL", "0");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("templates.fuel"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_dashboard_needs_a_long_enough_session_secret() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "short");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("dashboard.session_secret"), "{err}");
+            jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "x".repeat(32));
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
+            let config = Config::load(None).expect("loads");
+            let settings = config.dashboard.settings().expect("valid");
+            assert!(settings.secure_cookie);
+            assert_eq!(
+                settings.session_ttl,
+                std::time::Duration::from_secs(12 * 3600)
+            );
             Ok(())
         });
     }

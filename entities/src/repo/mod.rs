@@ -1,5 +1,6 @@
 //! Queries, one module per table.
 
+pub mod activity;
 pub mod api_keys;
 pub mod batches;
 pub mod customers;

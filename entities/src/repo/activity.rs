@@ -1,0 +1,160 @@
+//! Recent activity in numbers, for the operator dashboard: notifications per minute and status,
+//! accept-to-sent latencies with their time, and provider outcomes.
+//!
+//! Every query here runs unchanged on SQLite and PostgreSQL: minutes are bucketed with a `CASE`
+//! over bound timestamps (no `strftime`/`date_trunc`), and percentiles are left to the caller
+//! over a bounded sample, as SQLite has no percentile function.
+
+use chrono::{DateTime, Duration, Utc};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{Alias, CaseStatement, Expr, ExprTrait},
+};
+
+use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
+
+/// Most minutes one bucketing query spans (one `CASE` branch each).
+pub const MAX_MINUTES: u32 = 240;
+
+/// Notifications created in one minute with one status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinuteCount {
+    /// Minutes after the start of the window (0 is the first minute).
+    pub minute: u32,
+    /// The notifications' current status.
+    pub status: NotificationStatus,
+    /// How many.
+    pub count: i64,
+}
+
+/// Counts of the notifications created in the `minutes` minutes from `from`, per minute and
+/// current status (one SQL `GROUP BY`). `minutes` is capped at [`MAX_MINUTES`].
+pub async fn per_minute(
+    db: &impl ConnectionTrait,
+    from: DateTime<Utc>,
+    minutes: u32,
+) -> Result<Vec<MinuteCount>, RepoError> {
+    use notification::Column;
+    let minutes = minutes.clamp(1, MAX_MINUTES);
+    let to = from + Duration::minutes(i64::from(minutes));
+    let rows = notification::Entity::find()
+        .filter(Column::CreatedAt.gte(from))
+        .filter(Column::CreatedAt.lt(to))
+        .select_only()
+        .column_as(Into::<Expr>::into(minute_of(from, minutes)), "minute")
+        .column(Column::Status)
+        .column_as(Expr::col(Column::Id).count(), "n")
+        // By the output name: the same expression written twice would bind its timestamps twice,
+        // and PostgreSQL cannot tell the two are equal.
+        .group_by(Expr::col(Alias::new("minute")))
+        .group_by(Column::Status)
+        .into_tuple::<(i32, NotificationStatus, i64)>()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(minute, status, count)| MinuteCount {
+            minute: u32::try_from(minute).unwrap_or(0),
+            status,
+            count,
+        })
+        .collect())
+}
+
+/// `CASE WHEN created_at < from+1m THEN 0 WHEN created_at < from+2m THEN 1 ... ELSE last END`.
+fn minute_of(from: DateTime<Utc>, minutes: u32) -> CaseStatement {
+    let last = i32::try_from(minutes - 1).unwrap_or(0);
+    (0..last)
+        .fold(CaseStatement::new(), |case, minute| {
+            let end = from + Duration::minutes(i64::from(minute) + 1);
+            case.case(notification::Column::CreatedAt.lt(end), minute)
+        })
+        .finally(last)
+}
+
+/// When each of the most recent (at most `sample`) notifications created in `[from, to)` that a
+/// provider accepted was created, and its accept-to-sent latency in milliseconds.
+pub async fn latencies(
+    db: &impl ConnectionTrait,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    sample: u64,
+) -> Result<Vec<(DateTime<Utc>, i64)>, RepoError> {
+    use notification::Column;
+    let rows = notification::Entity::find()
+        .filter(Column::CreatedAt.gte(from))
+        .filter(Column::CreatedAt.lt(to))
+        .filter(Column::SentAt.is_not_null())
+        .select_only()
+        .column(Column::CreatedAt)
+        .column(Column::SentAt)
+        .order_by_desc(Column::Id)
+        .limit(sample)
+        .into_tuple::<(DateTime<Utc>, Option<DateTime<Utc>>)>()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(created, sent)| {
+            sent.map(|s| (created, Ord::max((s - created).num_milliseconds(), 0)))
+        })
+        .collect())
+}
+
+/// Up to `limit` notifications waiting for their time, soonest due first.
+pub async fn scheduled(
+    db: &impl ConnectionTrait,
+    limit: u64,
+) -> Result<Vec<notification::Model>, RepoError> {
+    use notification::Column;
+    Ok(notification::Entity::find()
+        .filter(Column::Status.eq(NotificationStatus::Scheduled))
+        .order_by_asc(Column::ScheduledAt)
+        .order_by_asc(Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Delivery attempts of one provider with one outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptOutcome {
+    /// Channel name.
+    pub channel: String,
+    /// Provider name.
+    pub provider: String,
+    /// Attempt status (`sent`, `failed`, `rejected`, ...).
+    pub status: String,
+    /// How many.
+    pub count: i64,
+}
+
+/// Attempts finished at or after `since`, per channel, provider and outcome.
+pub async fn attempt_outcomes(
+    db: &impl ConnectionTrait,
+    since: DateTime<Utc>,
+) -> Result<Vec<AttemptOutcome>, RepoError> {
+    use delivery_attempt::Column;
+    let rows = delivery_attempt::Entity::find()
+        .filter(Column::CreatedAt.gte(since))
+        .select_only()
+        .column(Column::Channel)
+        .column(Column::Provider)
+        .column(Column::Status)
+        .column_as(Expr::col(Column::Id).count(), "n")
+        .group_by(Column::Channel)
+        .group_by(Column::Provider)
+        .group_by(Column::Status)
+        .into_tuple::<(String, String, String, i64)>()
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(channel, provider, status, count)| AttemptOutcome {
+            channel,
+            provider,
+            status,
+            count,
+        })
+        .collect())
+}

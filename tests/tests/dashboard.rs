@@ -1,0 +1,706 @@
+//! The operator dashboard end to end: its auth boundary over plain HTTP, and the pages driven in
+//! a real headless Chromium (chromedriver + fantoccini) — log in, read a telegram → email failover
+//! with both attempts, replay a dead letter and watch it go out, cancel a scheduled send, and check
+//! that HTML in a notification is shown as text, never run. Screenshots of every page go to
+//! `target/test-artifacts/dashboard/`.
+//!
+//! Needs `chromium` and `chromium-driver` (`scripts/test.sh` installs them); without chromedriver
+//! the browser test fails saying so. `CHROMEDRIVER` and `CHROMIUM` override the binaries' paths.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use herald_engine::Config;
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, free_port, test_config,
+};
+use reqwest::{StatusCode, header};
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+/// Script and markup an attacker might put in a notification's variables.
+const INJECTION: &str = "<script>alert('xss')</script><img src=x onerror=\"alert('img');document.body.dataset.pwned=1\">";
+
+struct World {
+    _nats: NatsServer,
+    smtp: SmtpSink,
+    db: TestDatabase,
+    provider: MockServer,
+    herald: TestHerald,
+}
+
+/// Herald with Telegram pointed at a local fake, two deliveries before a dead letter, and a short
+/// circuit cool-down.
+async fn world(tune: impl FnOnce(&mut Config)) -> World {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let provider = MockServer::start().await;
+    let mut config = test_config(&nats, &db, &smtp);
+    config.channels.telegram = Some(herald_actors::channel::telegram::TelegramConfig {
+        base_url: provider.uri(),
+        bot_token: "42:TESTTOKEN".into(),
+        timeout_ms: 2_000,
+        ..Default::default()
+    });
+    config.dispatch.retry.max_deliveries = 2;
+    config.channels.limits.circuit.cool_down_ms = 200;
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald");
+    World {
+        _nats: nats,
+        smtp,
+        db,
+        provider,
+        herald,
+    }
+}
+
+fn email(to: &str, subject: &str) -> Value {
+    json!({
+        "recipient": { "email": to },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "subject": subject, "text": "Your order #1001 is on its way." }
+    })
+}
+
+/// A browser-less client that keeps no cookies and follows no redirects.
+fn raw_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// Logs in with `key` over plain HTTP; returns the status, the `Set-Cookie` header and the body.
+async fn login(base: &str, key: &str) -> (StatusCode, Option<String>, String) {
+    let response = raw_client()
+        .post(format!("{base}/login"))
+        .form(&[("api_key", key)])
+        .send()
+        .await
+        .expect("POST /login");
+    let status = response.status();
+    let cookie = response
+        .headers()
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, cookie, response.text().await.unwrap_or_default())
+}
+
+/// GETs `path` with the session cookie (`name=value` part of a `Set-Cookie`).
+async fn get_page(base: &str, path: &str, cookie: Option<&str>) -> reqwest::Response {
+    let mut request = raw_client().get(format!("{base}{path}"));
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    request.send().await.expect("GET page")
+}
+
+/// POSTs a form to `path` with the session cookie.
+async fn post_form(base: &str, path: &str, cookie: &str, form: &[(&str, &str)]) -> StatusCode {
+    raw_client()
+        .post(format!("{base}{path}"))
+        .header(header::COOKIE, cookie)
+        .form(form)
+        .send()
+        .await
+        .expect("POST form")
+        .status()
+}
+
+fn location(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The CSRF token in a page's forms.
+fn csrf_in(html: &str) -> String {
+    let start = html
+        .find("name=\"csrf\" value=\"")
+        .map(|i| i + "name=\"csrf\" value=\"".len())
+        .unwrap_or_else(|| panic!("no CSRF field in the page: {html}"));
+    html[start..].chars().take_while(|c| *c != '"').collect()
+}
+
+#[tokio::test]
+async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() {
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let id = uuid::Uuid::now_v7();
+    for path in [
+        "/".to_string(),
+        "/channels".into(),
+        "/dead-letters".into(),
+        "/scheduled".into(),
+        format!("/notifications/{id}"),
+    ] {
+        let response = get_page(&base, &path, None).await;
+        assert_eq!(response.status(), StatusCode::SEE_OTHER, "{path}");
+        assert_eq!(location(&response), "/login", "{path}");
+    }
+    let forged = get_page(&base, "/", Some("herald_session=%7B%22key_id%22%3A1%7D")).await;
+    assert_eq!(forged.status(), StatusCode::SEE_OTHER, "an unsigned cookie");
+
+    let (status, cookie, body) = login(&base, "hk_nope").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(cookie.is_none(), "no session for a wrong key");
+    assert!(body.contains("unknown or revoked API key"), "{body}");
+    let reader = herald_engine::apikey::create(w.herald.db(), "reader", "send,read")
+        .await
+        .expect("key")
+        .token;
+    let (status, cookie, body) = login(&base, &reader).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(cookie.is_none(), "no session for a key without admin");
+    assert!(body.contains("admin"), "{body}");
+
+    let (status, set_cookie, _) = login(&base, w.herald.admin_key()).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let set_cookie = set_cookie.expect("a session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(
+            set_cookie.contains(attribute),
+            "{attribute} in {set_cookie}"
+        );
+    }
+    assert!(
+        !set_cookie.contains("Secure"),
+        "Secure is off unless configured"
+    );
+    assert!(
+        !set_cookie.contains(&w.herald.admin_key()[20..]),
+        "the key's secret never goes into the cookie"
+    );
+    let cookie = set_cookie
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string();
+    let feed = get_page(&base, "/", Some(&cookie)).await;
+    assert_eq!(feed.status(), StatusCode::OK);
+    let csp = feed
+        .headers()
+        .get(header::CONTENT_SECURITY_POLICY)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+    let feed = feed.text().await.expect("feed");
+    assert!(
+        feed.contains("http-equiv=\"refresh\""),
+        "the feed reloads itself"
+    );
+    let csrf = csrf_in(&feed);
+    let still = get_page(&base, "/?refresh=off&status=dead", Some(&cookie)).await;
+    let still = still.text().await.expect("feed");
+    assert!(
+        !still.contains("http-equiv=\"refresh\""),
+        "?refresh=off stops it"
+    );
+    assert!(
+        still.contains("<option value=\"dead\" selected>"),
+        "the filter is kept"
+    );
+    let bad_filter = get_page(&base, "/?status=lost", Some(&cookie)).await;
+    assert_eq!(bad_filter.status(), StatusCode::BAD_REQUEST);
+    assert!(
+        bad_filter.text().await.expect("page").contains("no status"),
+        "an HTML page says what was wrong"
+    );
+    let mut tampered = cookie.clone();
+    tampered.pop();
+    tampered.push(if cookie.ends_with('A') { 'B' } else { 'A' });
+    assert_eq!(
+        get_page(&base, "/", Some(&tampered)).await.status(),
+        StatusCode::SEE_OTHER,
+        "an altered cookie is no session"
+    );
+
+    // Forms without the session's CSRF token are refused and change nothing.
+    let mut later = email("ada@example.com", "Later");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled = w.herald.send_accepted(&later).await;
+    let cancel = format!("/scheduled/{scheduled}/cancel");
+    assert_eq!(
+        post_form(&base, &cancel, &cookie, &[]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post_form(&base, &cancel, &cookie, &[("csrf", "0123")]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post_form(&base, "/dead-letters/1/replay", &cookie, &[]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post_form(&base, "/logout", &cookie, &[]).await,
+        StatusCode::FORBIDDEN
+    );
+    let (_, still) = w
+        .herald
+        .get(&format!("/api/v1/notifications/{scheduled}"))
+        .await;
+    assert_eq!(still["status"], "scheduled");
+    assert_eq!(
+        post_form(&base, &cancel, &cookie, &[("csrf", &csrf)]).await,
+        StatusCode::SEE_OTHER
+    );
+    let (_, cancelled) = w
+        .herald
+        .get(&format!("/api/v1/notifications/{scheduled}"))
+        .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    assert!(
+        cancelled["status_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("dashboard"),
+        "{cancelled}"
+    );
+
+    // The API, docs and probes are where they were.
+    for path in [
+        "/health",
+        "/api/openapi.json",
+        "/metrics",
+        "/api/v1/channels",
+    ] {
+        let (status, _) = w.herald.get(path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+    }
+    let (status, _) = w
+        .herald
+        .request_with_key(reqwest::Method::GET, "/api/v1/channels", None, None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a session is no API credential"
+    );
+
+    // Revoking the key ends its sessions (within the key cache period).
+    let (prefix, _) = herald_api::auth::split_token(w.herald.admin_key()).expect("key shape");
+    herald_entities::repo::api_keys::revoke(w.herald.db(), prefix)
+        .await
+        .expect("revoke");
+    eventually("the revoked key's session to end", E2E_TIMEOUT, || async {
+        (get_page(&base, "/", Some(&cookie)).await.status() == StatusCode::SEE_OTHER).then_some(())
+    })
+    .await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A chromedriver child process, killed on drop.
+struct ChromeDriver {
+    _child: tokio::process::Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    async fn start() -> ChromeDriver {
+        let binary =
+            std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
+        let port = free_port().expect("free port");
+        let child = tokio::process::Command::new(&binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start chromedriver ({binary}): {e}. Install Debian's `chromium` and \
+                     `chromium-driver` (scripts/test.sh does), or set CHROMEDRIVER"
+                )
+            });
+        let url = format!("http://127.0.0.1:{port}");
+        let status = format!("{url}/status");
+        eventually("chromedriver to answer /status", E2E_TIMEOUT, || async {
+            let response = reqwest::get(&status).await.ok()?;
+            let body: Value = response.json().await.ok()?;
+            (body["value"]["ready"] == true).then_some(())
+        })
+        .await;
+        ChromeDriver { _child: child, url }
+    }
+
+    async fn browser(&self) -> Client {
+        let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                         "--disable-gpu", "--window-size=1400,1000"]
+            }),
+        );
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("a headless Chromium session")
+    }
+}
+
+/// Where screenshots go: `target/test-artifacts/dashboard/`.
+fn artifacts() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let dir = target.join("test-artifacts").join("dashboard");
+    std::fs::create_dir_all(&dir).expect("artifact directory");
+    dir
+}
+
+async fn screenshot(browser: &Client, name: &str, db: &TestDatabase) {
+    let png = browser.screenshot().await.expect("screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot of {name}");
+    let file = artifacts().join(format!("{name}-{}.png", db.kind()));
+    std::fs::write(&file, png).expect("screenshot written");
+}
+
+/// The text of the element `css`, once the page shows it (a page still loading after a click
+/// may answer with a stale element first).
+async fn text_of(browser: &Client, css: &str) -> String {
+    eventually(&format!("{css} on the page"), E2E_TIMEOUT, || async {
+        browser
+            .find(Locator::Css(css))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()
+    })
+    .await
+}
+
+/// The texts of every element `css`, once the page shows `n` of them.
+async fn texts_of(browser: &Client, css: &str, n: usize) -> Vec<String> {
+    eventually(&format!("{n} × {css} on the page"), E2E_TIMEOUT, || async {
+        let mut texts = Vec::new();
+        for element in browser.find_all(Locator::Css(css)).await.ok()? {
+            texts.push(element.text().await.ok()?);
+        }
+        (texts.len() == n).then_some(texts)
+    })
+    .await
+}
+
+async fn path_of(browser: &Client) -> String {
+    browser.current_url().await.expect("url").path().to_string()
+}
+
+/// Waits until the browser shows `expected` (after a form submission navigates).
+async fn wait_path(browser: &Client, expected: &str) {
+    eventually(
+        &format!("the browser to show {expected}"),
+        E2E_TIMEOUT,
+        || async { (path_of(browser).await == expected).then_some(()) },
+    )
+    .await;
+}
+
+/// Asserts the page holds no element or alert the injected HTML could have made.
+async fn assert_nothing_injected(browser: &Client, page: &str) {
+    let injected = browser
+        .execute(
+            "return {scripts: document.querySelectorAll('script').length, \
+                     images: document.querySelectorAll('img').length, \
+                     pwned: document.body.dataset.pwned || null};",
+            vec![],
+        )
+        .await
+        .expect("DOM query");
+    assert_eq!(
+        injected,
+        json!({"scripts": 0, "images": 0, "pwned": null}),
+        "injected markup became DOM on {page}"
+    );
+    assert!(
+        browser.get_alert_text().await.is_err(),
+        "an alert fired on {page}"
+    );
+}
+
+#[tokio::test]
+async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
+    let w = world(|_| {}).await;
+    let driver = ChromeDriver::start().await;
+    Mock::given(method("POST"))
+        .and(path("/bot42:TESTTOKEN/sendMessage"))
+        .respond_with(ResponseTemplate::new(500).set_body_string("internal error"))
+        .mount(&w.provider)
+        .await;
+    let failover = w
+        .herald
+        .send_accepted(&json!({
+            "recipient": { "email": "ada@example.com", "telegram_chat_id": "4242" },
+            "category": "transactional",
+            "channels": ["telegram", "email"],
+            "content": { "subject": "Order shipped", "text": "Your order #1001 is on its way." }
+        }))
+        .await;
+    let hostile = w
+        .herald
+        .send_accepted(&json!({
+            "request_id": INJECTION,
+            "recipient": { "email": "eve@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": INJECTION, "text": INJECTION, "html": INJECTION }
+        }))
+        .await;
+    w.herald.wait_status(&failover, "sent").await;
+    w.herald.wait_status(&hostile, "sent").await;
+    w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    // With the SMTP server down, a third notification runs out of deliveries.
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let doomed = w
+        .herald
+        .send_accepted(&email("carol@example.com", "Invoice"))
+        .await;
+    w.herald.wait_status(&doomed, "dead").await;
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+    let base = w.herald.base().to_string();
+    let browser = driver.browser().await;
+
+    // Log in.
+    browser.goto(&format!("{base}/")).await.expect("open");
+    assert_eq!(path_of(&browser).await, "/login", "sent to the login page");
+    screenshot(&browser, "login", &w.db).await;
+    let form = browser
+        .form(Locator::Css("form.login"))
+        .await
+        .expect("login form");
+    form.set_by_name("api_key", w.herald.admin_key())
+        .await
+        .expect("key typed");
+    form.submit().await.expect("login submitted");
+    wait_path(&browser, "/").await;
+    let feed = text_of(&browser, "table.feed").await;
+    assert!(feed.contains("Order shipped"), "{feed}");
+    assert!(feed.contains("dead"), "{feed}");
+    screenshot(&browser, "feed", &w.db).await;
+    assert_nothing_injected(&browser, "the feed").await;
+    let bars = browser
+        .find_all(Locator::Css("svg.plot rect"))
+        .await
+        .expect("bars");
+    assert!(!bars.is_empty(), "the throughput plot has bars");
+
+    // The failover, read at a glance.
+    browser
+        .find(Locator::Css(&format!(
+            "a[href='/notifications/{failover}']"
+        )))
+        .await
+        .expect("the failover is listed")
+        .click()
+        .await
+        .expect("opened");
+    wait_path(&browser, &format!("/notifications/{failover}")).await;
+    assert_eq!(text_of(&browser, "#story").await, "telegram ✗ → email ✓");
+    assert_eq!(text_of(&browser, "#final-channel").await, "email");
+    let attempts = texts_of(&browser, "#attempts tr.attempt", 2).await;
+    let (first, second) = (&attempts[0], &attempts[1]);
+    assert!(
+        first.contains("telegram") && first.contains("failed") && first.contains("500"),
+        "{first}"
+    );
+    assert!(
+        second.contains("email") && second.contains("sent"),
+        "{second}"
+    );
+    assert!(
+        !browser
+            .source()
+            .await
+            .expect("source")
+            .contains("TESTTOKEN"),
+        "the bot token never shows"
+    );
+    screenshot(&browser, "detail", &w.db).await;
+
+    // Hostile HTML is shown as text, never run.
+    browser
+        .goto(&format!("{base}/notifications/{hostile}"))
+        .await
+        .expect("open");
+    assert_eq!(text_of(&browser, "#subject").await, INJECTION);
+    assert_eq!(text_of(&browser, "#text").await, INJECTION);
+    assert_nothing_injected(&browser, "the detail page").await;
+    screenshot(&browser, "escaped", &w.db).await;
+
+    // Providers.
+    browser
+        .goto(&format!("{base}/channels"))
+        .await
+        .expect("open");
+    let channels = text_of(&browser, "#channels").await;
+    assert!(
+        channels.contains("telegram") && channels.contains("email"),
+        "{channels}"
+    );
+    assert!(
+        channels.contains("500"),
+        "telegram's last failure: {channels}"
+    );
+    let partitions = text_of(&browser, "#partitions").await;
+    assert!(
+        partitions.contains("8 of 8 partitions: 0, 1, 2, 3, 4, 5, 6, 7"),
+        "a lone instance owns every partition: {partitions}"
+    );
+    screenshot(&browser, "channels", &w.db).await;
+
+    // Replay the dead letter and watch it go out.
+    browser
+        .goto(&format!("{base}/dead-letters"))
+        .await
+        .expect("open");
+    let letters = text_of(&browser, "#dead-letters").await;
+    assert!(letters.contains(&doomed), "{letters}");
+    assert!(letters.contains("gave up after 2 deliveries"), "{letters}");
+    screenshot(&browser, "dead-letters", &w.db).await;
+    browser
+        .find(Locator::Css("#dead-letters button"))
+        .await
+        .expect("a replay button")
+        .click()
+        .await
+        .expect("replayed");
+    wait_path(&browser, &format!("/notifications/{doomed}")).await;
+    eventually(
+        "the replayed notification to show sent",
+        E2E_TIMEOUT,
+        || async {
+            browser.refresh().await.ok()?;
+            let status = browser.find(Locator::Css("#status")).await.ok()?;
+            (status.text().await.ok()? == "sent").then_some(())
+        },
+    )
+    .await;
+    let mails = w.smtp.wait_for_count(3, E2E_TIMEOUT).await.expect("mail");
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.to.iter().any(|to| to.contains("carol@example.com"))),
+        "the replay reached the SMTP server"
+    );
+    screenshot(&browser, "replayed", &w.db).await;
+    browser
+        .goto(&format!("{base}/dead-letters"))
+        .await
+        .expect("open");
+    assert!(
+        !text_of(&browser, "#dead-letters").await.contains(&doomed),
+        "the replayed entry is gone"
+    );
+
+    // Cancel a scheduled send.
+    let mut later = email("dan@example.com", "Later");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled = w.herald.send_accepted(&later).await;
+    browser
+        .goto(&format!("{base}/scheduled"))
+        .await
+        .expect("open");
+    assert!(text_of(&browser, "#scheduled").await.contains(&scheduled));
+    screenshot(&browser, "scheduled", &w.db).await;
+    browser
+        .find(Locator::Css("#scheduled button"))
+        .await
+        .expect("a cancel button")
+        .click()
+        .await
+        .expect("cancelled");
+    wait_path(&browser, "/scheduled").await;
+    assert!(!text_of(&browser, "#scheduled").await.contains(&scheduled));
+    w.herald.wait_status(&scheduled, "cancelled").await;
+
+    // Log out.
+    browser
+        .find(Locator::Css("form.account button"))
+        .await
+        .expect("log out button")
+        .click()
+        .await
+        .expect("logged out");
+    wait_path(&browser, "/login").await;
+    browser.goto(&format!("{base}/")).await.expect("open");
+    assert_eq!(path_of(&browser).await, "/login", "the session ended");
+
+    browser.close().await.expect("browser closed");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// The plots' per-minute query buckets by minute on this database (SQLite or PostgreSQL).
+#[tokio::test]
+async fn notifications_are_counted_per_minute_and_status() {
+    use herald_entities::{
+        NotificationStatus,
+        repo::{activity, notifications},
+    };
+    let w = world(|_| {}).await;
+    let start = chrono::DateTime::parse_from_rfc3339("2025-03-01T10:00:00Z")
+        .expect("time")
+        .with_timezone(&chrono::Utc);
+    let at = |seconds: i64| start + chrono::Duration::seconds(seconds);
+    let stored = [
+        (at(-1), NotificationStatus::Queued),
+        (at(0), NotificationStatus::Queued),
+        (at(59), NotificationStatus::Queued),
+        (at(5 * 60 + 30), NotificationStatus::Scheduled),
+        (at(5 * 60 + 31), NotificationStatus::Queued),
+        (at(59 * 60 + 59), NotificationStatus::Queued),
+        (at(60 * 60), NotificationStatus::Queued),
+    ];
+    for (created_at, status) in stored {
+        let row = notifications::NewNotification {
+            id: uuid::Uuid::now_v7(),
+            request_id: None,
+            customer_id: None,
+            recipient_key: "ada@example.com".into(),
+            contacts: json!({}),
+            category: "transactional".into(),
+            channels: json!(["email"]),
+            content: json!({"text": "hi"}),
+            status,
+            scheduled_at: None,
+            created_at,
+        };
+        notifications::insert(w.herald.db(), row)
+            .await
+            .expect("stored");
+    }
+    let mut counts: Vec<_> = activity::per_minute(w.herald.db(), start, 60)
+        .await
+        .expect("counts")
+        .into_iter()
+        .map(|c| (c.minute, c.status, c.count))
+        .collect();
+    counts.sort_by_key(|(minute, status, _)| (*minute, status.as_str()));
+    assert_eq!(
+        counts,
+        vec![
+            (0, NotificationStatus::Queued, 2),
+            (5, NotificationStatus::Queued, 1),
+            (5, NotificationStatus::Scheduled, 1),
+            (59, NotificationStatus::Queued, 1),
+        ],
+        "the window is [start, start + 60 min), one bucket per minute"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
