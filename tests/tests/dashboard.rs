@@ -572,7 +572,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
         .expect("open");
     let letters = text_of(&browser, "#dead-letters").await;
     assert!(letters.contains(&doomed), "{letters}");
-    assert!(letters.contains("gave up after 2 deliveries"), "{letters}");
+    assert!(letters.contains("gave up after 2 rounds"), "{letters}");
     screenshot(&browser, "dead-letters", &w.db).await;
     browser
         .find(Locator::Css("#dead-letters button"))
