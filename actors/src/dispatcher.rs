@@ -57,6 +57,11 @@ pub struct DispatcherArgs {
     pub intake: CancellationToken,
     /// Longest a drain waits for a partition's deliveries before handing the partition over.
     pub drain_timeout: Duration,
+    /// Messages one pull request of a partition's loop asks for. Fetched messages wait in the
+    /// client for a permit while their ack wait runs, so this stays near the in-flight bound
+    /// divided by the partitions: a large buffer would let JetStream redeliver messages that
+    /// merely waited here.
+    pub pull_batch: usize,
 }
 
 /// One partition's pull loop.
@@ -163,6 +168,7 @@ impl DispatcherState {
                     js: self.args.js.clone(),
                     streams: self.args.streams.clone(),
                     deliveries: deliveries.clone(),
+                    batch: self.args.pull_batch.max(1),
                 },
                 myself.clone(),
                 self.args.in_flight.clone(),
@@ -212,6 +218,7 @@ struct Partition {
     js: jetstream::Context,
     streams: StreamSettings,
     deliveries: TaskTracker,
+    batch: usize,
 }
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
@@ -237,7 +244,7 @@ async fn pull_loop(
         };
         let mut messages = tokio::select! {
             _ = stop.cancelled() => return,
-            subscribed = bound.messages() => match subscribed {
+            subscribed = bound.stream().max_messages_per_batch(partition.batch).messages() => match subscribed {
                 Ok(messages) => messages,
                 Err(err) => {
                     tracing::warn!(partition = partition.number, error = %err, "cannot pull commands; retrying");

@@ -352,6 +352,8 @@ async fn start_engine(
             in_flight: in_flight.clone(),
             intake: intake.clone(),
             drain_timeout: Duration::from_secs(config.dispatch.shutdown_grace_secs),
+            pull_batch: (config.dispatch.max_in_flight / config.nats.partitions.max(1) as usize)
+                .clamp(8, 200),
         },
         dispatcher_slot: dispatcher.clone(),
         lease_keeper: LeaseKeeperArgs {

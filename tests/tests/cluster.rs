@@ -18,8 +18,9 @@ fn env(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Vec<(String, St
         ("HERALD_CHANNELS__EMAIL__SMTP_HOST", smtp.host().to_string()),
         ("HERALD_CHANNELS__EMAIL__SMTP_PORT", smtp.port().to_string()),
         ("HERALD_CHANNELS__EMAIL__SECURITY", "none".to_string()),
-        ("HERALD_DISPATCH__MAX_IN_FLIGHT", "128".to_string()),
+        ("HERALD_DISPATCH__MAX_IN_FLIGHT", IN_FLIGHT.to_string()),
         ("HERALD_NATS__ACK_WAIT_SECS", "3".to_string()),
+        ("HERALD_CLUSTER__LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -54,6 +55,7 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
     let mut second = HeraldProcess::start(env(&nats, &db, &smtp), logs.path().join("b.log"))
         .await
         .expect("second instance");
+    wait_for_split(&[&first, &second], Duration::from_secs(60)).await;
     let conn = herald_entities::connect(db.url(), 4).await.expect("db");
 
     herald_engine::bench::load::accept_via_nats(&conn, &nats.url(), TOTAL, 1_000)
@@ -102,6 +104,8 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
         .expect("clean exit");
 }
 
+/// Commands one instance works on at once.
+const IN_FLIGHT: usize = 128;
 /// Command partitions (the default).
 const PARTITIONS: u32 = 8;
 /// Lease TTL of the three-instance tests: a dead instance's partitions move within about this.
@@ -110,12 +114,16 @@ const LEASE_TTL_MS: u64 = 3_000;
 /// dropped over the limit (so every notification ends `sent` or `skipped` quickly).
 const LIMIT: u32 = 5;
 const LIMIT_PERIOD_SECS: f64 = 60.0;
+/// A send is observed (recorded, or arriving at the sink) after the provider answered, which
+/// under this load takes from milliseconds to a couple of seconds: observed intervals may be
+/// shorter than the limiter's by that much. Without the history seeding the tests find bursts
+/// well beyond this slack (e.g. 7 sends in 13.7 s, 8 in 30.7 s).
+const SLACK_SECS: f64 = 3.0;
 
 fn cluster_env(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Vec<(String, String)> {
     let mut vars = env(nats, db, smtp);
     vars.extend(
         [
-            ("HERALD_CLUSTER__LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
             (
                 "HERALD_RATE_LIMITS__TRANSACTIONAL__CAPACITY",
                 LIMIT.to_string(),
@@ -245,6 +253,31 @@ fn over_limit(mut times: Vec<f64>, slack: f64) -> Option<String> {
     None
 }
 
+/// Ids of the notifications in `status`.
+async fn ids_with(conn: &DatabaseConnection, status: NotificationStatus) -> HashSet<String> {
+    let ids: Vec<uuid::Uuid> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(notification::Column::Status.eq(status))
+        .into_tuple()
+        .all(conn)
+        .await
+        .expect("ids");
+    ids.into_iter().map(|id| id.to_string()).collect()
+}
+
+/// Notification ids of the mails at the sink (`Message-ID: <id@herald>`).
+fn ids_at_sink(smtp: &SmtpSink) -> HashSet<String> {
+    smtp.messages()
+        .into_iter()
+        .filter_map(|m| m.message_id)
+        .filter_map(|id| {
+            let local = id.split('@').next().unwrap_or_default();
+            uuid::Uuid::parse_str(local).ok().map(|id| id.to_string())
+        })
+        .collect()
+}
+
 /// The `sent_at` times of every sent notification, by recipient.
 async fn recorded_sends(conn: &DatabaseConnection) -> HashMap<String, Vec<f64>> {
     let rows: Vec<(String, Option<chrono::DateTime<chrono::Utc>>)> = notification::Entity::find()
@@ -292,7 +325,7 @@ fn assert_within_limits(by_recipient: HashMap<String, Vec<f64>>, what: &str) {
     let offenders: Vec<String> = by_recipient
         .into_iter()
         .filter_map(|(recipient, times)| {
-            over_limit(times, 1.0).map(|why| format!("{recipient}: {why}"))
+            over_limit(times, SLACK_SECS).map(|why| format!("{recipient}: {why}"))
         })
         .collect();
     assert!(
@@ -321,6 +354,7 @@ async fn three_instances_keep_per_user_limits_and_take_over_a_dead_ones_partitio
     let smtp = SmtpSink::start().await.expect("smtp");
     let db = TestDatabase::from_env().await.expect("db");
     let logs = tempfile::tempdir().expect("logs");
+    let origin = Instant::now();
     let mut instances = start_three(&nats, &db, &smtp, logs.path()).await;
     let refs: Vec<&HeraldProcess> = instances.iter().collect();
     let split = wait_for_split(&refs, Duration::from_secs(60)).await;
@@ -368,26 +402,31 @@ async fn three_instances_keep_per_user_limits_and_take_over_a_dead_ones_partitio
         skipped > 0 && sent >= CUSTOMERS * u64::from(LIMIT),
         "the limit applied (sent {sent}, skipped {skipped})"
     );
-    let distinct: HashSet<String> = smtp
-        .messages()
-        .into_iter()
-        .filter_map(|m| m.message_id)
-        .collect();
-    assert_eq!(
-        distinct.len() as u64,
-        sent,
-        "every sent notification reached the sink"
+    let sent_ids = ids_with(&conn, NotificationStatus::Sent).await;
+    let at_sink = ids_at_sink(&smtp);
+    assert!(
+        sent_ids.is_subset(&at_sink),
+        "every sent notification reached the sink ({} missing)",
+        sent_ids.difference(&at_sink).count()
+    );
+    // Sends the killed instance made but never recorded: on redelivery the next owner's limiter
+    // (which counts recorded sends) may skip them. Bounded by the dead instance's in-flight window.
+    let unrecorded = at_sink.difference(&sent_ids).count();
+    assert!(
+        unrecorded <= IN_FLIGHT,
+        "{unrecorded} mails at the sink for notifications not recorded as sent"
     );
     assert_within_limits(recorded_sends(&conn).await, "recorded sends");
-    let at_sink = arrivals(&smtp, killed_at - Duration::from_secs(3_600));
-    let over_at_sink = at_sink
+    let arrived = arrivals(&smtp, origin);
+    let over_at_sink = arrived
         .values()
-        .filter(|times| over_limit((*times).clone(), 1.0).is_some())
+        .filter(|times| over_limit((*times).clone(), SLACK_SECS).is_some())
         .count();
     println!(
-        "sent {sent}, skipped {skipped}, {} duplicate deliveries at the sink; {over_at_sink} \
-         recipients over the limit at the sink (sends the killed instance made but never recorded)",
-        smtp.count() as u64 - sent
+        "sent {sent}, skipped {skipped}, {} duplicate deliveries at the sink, {unrecorded} mails \
+         for notifications that ended skipped; {over_at_sink} recipients over the limit at the \
+         sink (sends the killed instance made but never recorded)",
+        smtp.count() - at_sink.len()
     );
     for instance in &mut instances[1..] {
         instance
