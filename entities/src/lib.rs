@@ -18,11 +18,21 @@ pub mod status;
 pub use repo::RepoError;
 pub use status::NotificationStatus;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+
+/// How long an SQLite statement waits for a competing writer before failing with "locked".
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens a connection pool. SQLite files are created if missing and run in WAL mode with
-/// `synchronous=NORMAL` (durable across process crashes, fast batched writes) and a busy timeout,
-/// so readers never block the writer.
+/// `synchronous=NORMAL` (durable across process crashes, fast batched writes), foreign keys on and
+/// a busy timeout, so readers never block the writer.
+///
+/// These are per-connection settings, so they go into the connect options that every pooled
+/// connection is opened with: a `PRAGMA` run on the pool reaches one connection only, and the
+/// others would commit with `synchronous=FULL` (an fsync per transaction).
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -30,18 +40,16 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     } else {
         url.to_string()
     };
-    let mut options = ConnectOptions::new(url.clone());
-    options.max_connections(max_connections).sqlx_logging(false);
-    let db = Database::connect(options).await?;
-    if url.starts_with("sqlite:") {
-        for pragma in [
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=NORMAL",
-            "PRAGMA busy_timeout=5000",
-            "PRAGMA foreign_keys=ON",
-        ] {
-            db.execute_unprepared(pragma).await?;
-        }
-    }
-    Ok(db)
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(max_connections)
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+                .foreign_keys(true)
+        });
+    Database::connect(options).await
 }
