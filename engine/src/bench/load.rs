@@ -56,7 +56,8 @@ pub async fn generate(
             None
         }
         (Via::Http, Some(rate)) => {
-            Some(open_loop::send_at_rate(base_url, total, customers, rate).await?)
+            let connections = args.concurrency;
+            Some(open_loop::send_at_rate(base_url, total, customers, rate, connections).await?)
         }
     };
     Ok(LoadOutcome {

@@ -15,8 +15,9 @@ const PLATEAU_MIB: f64 = 8.0;
 pub struct MemorySample {
     /// Seconds since the load started.
     pub at_secs: f64,
-    /// Resident set size of this process (engine, sinks and load generator), MiB.
-    pub rss_mib: f64,
+    /// Resident set size of this process (engine, sinks and load generator), MiB; absent when
+    /// `/proc` could not be read (e.g. out of file descriptors).
+    pub rss_mib: Option<f64>,
     /// Live per-user rate limiter actors, when the registry answered.
     pub rate_limiter_users: Option<usize>,
     /// Notifications `sent` so far.
@@ -47,7 +48,7 @@ impl MemoryReport {
                 plateaued: None,
             };
         }
-        let peak = |s: &[MemorySample]| s.iter().map(|s| s.rss_mib).fold(0.0, f64::max);
+        let peak = |s: &[MemorySample]| s.iter().filter_map(|s| s.rss_mib).fold(0.0, f64::max);
         let middle = peak(&samples[third..samples.len() - third]);
         let late = peak(&samples[samples.len() - third..]);
         let growth = late - middle;
@@ -59,17 +60,17 @@ impl MemoryReport {
     }
 }
 
-/// Resident set size of this process now (Linux `VmRSS`), MiB; 0 where unknown.
-pub fn current_rss_mib() -> f64 {
+/// Resident set size of this process now (Linux `VmRSS`), MiB.
+pub fn current_rss_mib() -> Option<f64> {
     proc_status_mib("VmRSS:")
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), MiB; 0 where unknown.
 pub fn peak_rss_mib() -> f64 {
-    proc_status_mib("VmHWM:")
+    proc_status_mib("VmHWM:").unwrap_or(0.0)
 }
 
-fn proc_status_mib(field: &str) -> f64 {
+fn proc_status_mib(field: &str) -> Option<f64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -79,7 +80,7 @@ fn proc_status_mib(field: &str) -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .map(|kb| kb / 1024.0)
 }
 
 #[cfg(test)]
@@ -91,7 +92,7 @@ mod tests {
             .enumerate()
             .map(|(i, &rss_mib)| MemorySample {
                 at_secs: i as f64 * 5.0,
-                rss_mib,
+                rss_mib: Some(rss_mib),
                 rate_limiter_users: Some(100),
                 sent: i as u64 * 1000,
             })
@@ -122,6 +123,7 @@ mod tests {
 
     #[test]
     fn this_process_has_a_resident_set() {
-        assert!(current_rss_mib() > 0.0 && peak_rss_mib() >= current_rss_mib());
+        let now = current_rss_mib().expect("Linux has /proc/self/status");
+        assert!(now > 0.0 && peak_rss_mib() >= now);
     }
 }

@@ -67,7 +67,8 @@ pub struct BenchArgs {
     /// How notifications enter Herald.
     #[arg(long, value_enum, default_value_t = Via::Nats)]
     pub via: Via,
-    /// Concurrent HTTP clients (with `--via http`, without `--rate`).
+    /// Concurrent HTTP clients with `--via http`: closed-loop workers, or with `--rate` the most
+    /// requests in flight (pooled connections).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Open-loop: accept this many notifications per second, scheduled by the clock.
@@ -79,7 +80,7 @@ pub struct BenchArgs {
     /// How often memory and the rate limiter registry are sampled with `--rate`.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub sample_every: Duration,
-    /// Database URL; a fresh SQLite file in a temporary folder when absent.
+    /// Database URL (an empty database); a fresh SQLite file in a temporary folder when absent.
     #[arg(long)]
     pub database: Option<String>,
     /// NATS URL; a private nats-server is started when absent.
@@ -197,6 +198,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 
     let herald = Herald::start(bench_config(&nats_url, &database, sink.port())).await?;
     let db = herald_entities::connect(&database, 4).await?;
+    let existing = notification::Entity::find().count(&db).await?;
+    anyhow::ensure!(
+        existing == 0,
+        "the bench needs an empty database; {} holds {existing} notifications",
+        crate::app::redact(&database)
+    );
     let started = Instant::now();
     let load = {
         let args = args.clone();
@@ -397,8 +404,11 @@ fn print_memory(m: &MemoryReport) {
             .rate_limiter_users
             .map_or_else(|| "-".to_string(), |u| u.to_string());
         println!(
-            "                   {:>7.1}   {:>7.1}   {users:>13}   {:>7}",
-            s.at_secs, s.rss_mib, s.sent
+            "                   {:>7.1}   {:>7}   {users:>13}   {:>7}",
+            s.at_secs,
+            s.rss_mib
+                .map_or_else(|| "-".to_string(), |rss| format!("{rss:.1}")),
+            s.sent
         );
     }
     let verdict = match m.plateaued {

@@ -5,13 +5,19 @@
 //! the requests it did not send meanwhile — coordinated omission. Here request `i` is due at
 //! `start + i / rate` whatever happened before, runs as its own task, and its latency is counted
 //! from when it was *due*, so a stall shows up in the percentiles of every request it delayed.
+//! At most `--concurrency` requests are on the wire at once (as many pooled connections, like a
+//! fleet of clients with keep-alive); a request that finds them all busy waits, and that wait is
+//! part of its latency. Without the cap a stalled server would be hit by a connection storm that
+//! exhausts file descriptors and measures the client instead.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::Percentiles;
@@ -41,14 +47,17 @@ pub struct HttpReport {
 type Outcome = (Duration, Option<String>);
 
 /// Sends `count` requests to `{base_url}/api/v1/notifications` at `rate` per second over one
-/// pooled HTTP client; answers when the last one has answered.
+/// pooled HTTP client with at most `connections` requests in flight; answers when the last one has
+/// answered.
 pub async fn send_at_rate(
     base_url: &str,
     count: u64,
     customers: u64,
     rate: f64,
+    connections: usize,
 ) -> anyhow::Result<HttpReport> {
     anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    let wire = Arc::new(Semaphore::new(connections.max(1)));
     let http = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .build()?;
@@ -61,8 +70,12 @@ pub async fn send_at_rate(
             tokio::time::sleep_until(due).await;
             let request = http.post(&url).json(&http_body(i, customers));
             let outcomes = outcomes.clone();
+            let wire = wire.clone();
             tokio::spawn(async move {
-                let error = classify(request.send().await);
+                let error = match wire.acquire_owned().await {
+                    Ok(_on_the_wire) => classify(request.send().await),
+                    Err(_) => Some("client closed".into()),
+                };
                 let _ = outcomes.send((due.elapsed(), error));
             });
         }
