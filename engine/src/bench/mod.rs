@@ -309,8 +309,10 @@ async fn await_sent(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "timed out with {sent} of {} sent",
-            args.total()
+            "timed out with {sent} of {} sent after {:.0} s (peak RSS {:.0} MiB)",
+            args.total(),
+            started.elapsed().as_secs_f64(),
+            memory::peak_rss_mib()
         );
         tokio::time::sleep(POLL).await;
     }
