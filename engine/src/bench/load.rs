@@ -1,8 +1,10 @@
 //! The bench's load: notifications accepted through NATS (as the API does it) or HTTP, and the
 //! latency read back from the database.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -13,24 +15,55 @@ use herald_nats::{Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSIO
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
+use super::open_loop::{self, HttpReport};
 use super::{BenchArgs, Percentiles, Via};
 
 /// Size of a typical encoded command, for the JetStream reference.
 pub const TYPICAL_COMMAND_BYTES: usize = 420;
 /// Rows stored and commands published per step with `--via nats`.
 const CHUNK: u64 = 1_000;
+/// How often an open-loop NATS load accepts what is due.
+const PACE_TICK: Duration = Duration::from_millis(10);
 
-/// Accepts `args.notifications` notifications spread over `args.customers` recipients.
+/// What a load accepted.
+pub struct LoadOutcome {
+    /// Notifications accepted: the run ends when this many are `sent`.
+    pub accepted: u64,
+    /// What the HTTP calls saw, for an open-loop HTTP load.
+    pub http: Option<HttpReport>,
+}
+
+/// Accepts `args.total()` notifications spread over `args.customers` recipients: as fast as
+/// possible, or open-loop at `--rate`.
 pub async fn generate(
     args: &BenchArgs,
     db: &DatabaseConnection,
     nats_url: &str,
     base_url: &str,
-) -> anyhow::Result<()> {
-    match args.via {
-        Via::Nats => accept_via_nats(db, nats_url, args.notifications, args.customers).await,
-        Via::Http => via_http(args, base_url).await,
-    }
+) -> anyhow::Result<LoadOutcome> {
+    let (total, customers) = (args.total(), args.customers);
+    let http = match (args.via, args.rate) {
+        (Via::Nats, None) => {
+            accept_via_nats(db, nats_url, total, customers).await?;
+            None
+        }
+        (Via::Nats, Some(rate)) => {
+            accept_via_nats_at_rate(db, nats_url, total, customers, rate).await?;
+            None
+        }
+        (Via::Http, None) => {
+            via_http(args, base_url).await?;
+            None
+        }
+        (Via::Http, Some(rate)) => {
+            let connections = args.concurrency;
+            Some(open_loop::send_at_rate(base_url, total, customers, rate, connections).await?)
+        }
+    };
+    Ok(LoadOutcome {
+        accepted: http.as_ref().map_or(total, |h| h.accepted),
+        http,
+    })
 }
 
 fn recipient(i: u64, customers: u64) -> String {
@@ -68,32 +101,84 @@ pub async fn accept_via_nats(
     count: u64,
     customers: u64,
 ) -> anyhow::Result<()> {
-    let client = herald_nats::connect(nats_url, "herald-bench").await?;
-    let publisher = Publisher::new(
-        async_nats::jetstream::new(client),
-        crate::Config::default().nats.partitions,
-    );
+    let publisher = bench_publisher(nats_url).await?;
     let mut next = 0;
     while next < count {
         let end = (next + CHUNK).min(count);
-        let commands: Vec<(String, SendCommand)> = (next..end)
-            .map(|i| (recipient(i, customers), command(i, customers)))
-            .collect();
-        let rows = commands
-            .iter()
-            .map(|(key, c)| herald_api::notifications::new_notification(c, key.clone(), None))
-            .collect();
-        repo::notifications::insert_many(db, rows).await?;
-        let mut publishes: FuturesUnordered<_> = commands
-            .iter()
-            .map(|(key, c)| publisher.publish_command(key, c))
-            .collect();
-        while let Some(published) = publishes.next().await {
-            published?;
-        }
+        accept_chunk(db, &publisher, next..end, customers).await?;
         next = end;
     }
     Ok(())
+}
+
+/// Like [`accept_via_nats`], but open-loop at `rate` notifications per second: every tick
+/// accepts what the clock says is due, so a slow engine cannot slow the load down.
+pub async fn accept_via_nats_at_rate(
+    db: &DatabaseConnection,
+    nats_url: &str,
+    count: u64,
+    customers: u64,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let publisher = bench_publisher(nats_url).await?;
+    let started = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval(PACE_TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next = 0;
+    while next < count {
+        ticks.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(count);
+        while next < due {
+            let end = (next + CHUNK).min(due);
+            accept_chunk(db, &publisher, next..end, customers).await?;
+            next = end;
+        }
+    }
+    Ok(())
+}
+
+async fn bench_publisher(nats_url: &str) -> anyhow::Result<Publisher> {
+    let client = herald_nats::connect(nats_url, "herald-bench").await?;
+    Ok(Publisher::new(
+        async_nats::jetstream::new(client),
+        crate::Config::default().nats.partitions,
+    ))
+}
+
+/// Stores notifications `range` as `queued` in one go, then publishes their commands with
+/// pipelined acks.
+async fn accept_chunk(
+    db: &DatabaseConnection,
+    publisher: &Publisher,
+    range: Range<u64>,
+    customers: u64,
+) -> anyhow::Result<()> {
+    let commands: Vec<(String, SendCommand)> = range
+        .map(|i| (recipient(i, customers), command(i, customers)))
+        .collect();
+    let rows = commands
+        .iter()
+        .map(|(key, c)| herald_api::notifications::new_notification(c, key.clone(), None))
+        .collect();
+    repo::notifications::insert_many(db, rows).await?;
+    let mut publishes: FuturesUnordered<_> = commands
+        .iter()
+        .map(|(key, c)| publisher.publish_command(key, c))
+        .collect();
+    while let Some(published) = publishes.next().await {
+        published?;
+    }
+    Ok(())
+}
+
+/// The body of the `i`th `POST /api/v1/notifications`.
+pub(super) fn http_body(i: u64, customers: u64) -> serde_json::Value {
+    serde_json::json!({
+        "recipient": { "email": recipient(i, customers) },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "subject": format!("Your order #{i} is confirmed"), "text": "Thanks for your order." }
+    })
 }
 
 async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
@@ -104,20 +189,18 @@ async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
         let http = http.clone();
         let counter = counter.clone();
         let url = url.clone();
-        let (total, customers) = (args.notifications, args.customers);
+        let (total, customers) = (args.total(), args.customers);
         tokio::spawn(async move {
             loop {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
                     return anyhow::Ok(());
                 }
-                let body = serde_json::json!({
-                    "recipient": { "email": recipient(i, customers) },
-                    "category": "transactional",
-                    "channels": ["email"],
-                    "content": { "subject": format!("Your order #{i} is confirmed"), "text": "Thanks for your order." }
-                });
-                let response = http.post(&url).json(&body).send().await?;
+                let response = http
+                    .post(&url)
+                    .json(&http_body(i, customers))
+                    .send()
+                    .await?;
                 anyhow::ensure!(
                     response.status() == reqwest::StatusCode::ACCEPTED,
                     "send answered {}",
@@ -161,11 +244,5 @@ pub async fn latency_percentiles(db: &DatabaseConnection) -> anyhow::Result<Perc
             }
         }
     }
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Percentiles {
-        p50: ms(0.50),
-        p95: ms(0.95),
-        p99: ms(0.99),
-        max: histogram.max() as f64 / 1000.0,
-    })
+    Ok(Percentiles::from_micros(&histogram))
 }

@@ -6,9 +6,16 @@
 //! (stored `queued`, then published; `--via nats`) or through the HTTP API itself (`--via http`).
 //! The run ends when every notification is `sent` in the database; latency is accept → provider
 //! accepted, as recorded in `created_at`/`sent_at`.
+//!
+//! With `--rate R --duration D` the load is open-loop instead: `R × D` notifications accepted at a
+//! steady `R` per second whatever the engine does ([`open_loop`] for HTTP, where the latency of
+//! every HTTP call is measured from when it was due), and the resident memory and the rate limiter
+//! registry are sampled every `--sample-every` ([`memory`]): a long run of that is the soak test.
 
 pub mod load;
+pub mod memory;
 mod nats_server;
+pub mod open_loop;
 mod reference;
 mod smtp_sink;
 
@@ -17,14 +24,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
 use herald_entities::{NotificationStatus, notification};
 use indicatif::{ProgressBar, ProgressStyle};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 use serde::Serialize;
 
 use crate::{Config, Herald, config::SmtpSecurity};
+use load::LoadOutcome;
+use memory::{MemoryReport, MemorySample};
 use nats_server::BenchNats;
+use open_loop::HttpReport;
 use smtp_sink::CountingSmtpSink;
+
+/// The reference run publishes and consumes at most this many messages (a long soak would
+/// otherwise spend minutes on it).
+const MAX_REFERENCE_MESSAGES: u64 = 200_000;
+/// How often the run checks how many notifications are `sent`.
+const POLL: Duration = Duration::from_millis(500);
+/// How long a memory sample waits for the rate limiter registry's answer.
+const REGISTRY_ASK_MS: u64 = 1_000;
 
 /// How notifications enter Herald during a bench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -39,8 +58,8 @@ pub enum Via {
 /// Options of `herald bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Notifications to send.
-    #[arg(short = 'n', long, default_value_t = 100_000)]
+    /// Notifications to send (without `--rate`).
+    #[arg(short = 'n', long, default_value_t = 100_000, conflicts_with = "rate")]
     pub notifications: u64,
     /// Distinct recipients they are spread over.
     #[arg(short = 'm', long, default_value_t = 10_000)]
@@ -48,10 +67,20 @@ pub struct BenchArgs {
     /// How notifications enter Herald.
     #[arg(long, value_enum, default_value_t = Via::Nats)]
     pub via: Via,
-    /// Concurrent HTTP clients (with `--via http`).
+    /// Concurrent HTTP clients with `--via http`: closed-loop workers, or with `--rate` the most
+    /// requests in flight (pooled connections).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// Database URL; a fresh SQLite file in a temporary folder when absent.
+    /// Open-loop: accept this many notifications per second, scheduled by the clock.
+    #[arg(long, requires = "duration")]
+    pub rate: Option<f64>,
+    /// Open-loop: for this long (`30s`, `10m`); `--rate` × this many notifications.
+    #[arg(long, requires = "rate", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// How often memory and the rate limiter registry are sampled with `--rate`.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sample_every: Duration,
+    /// Database URL (an empty database); a fresh SQLite file in a temporary folder when absent.
     #[arg(long)]
     pub database: Option<String>,
     /// NATS URL; a private nats-server is started when absent.
@@ -66,6 +95,16 @@ pub struct BenchArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+}
+
+impl BenchArgs {
+    /// Notifications the run accepts: `-n`, or `--rate` × `--duration`.
+    pub fn total(&self) -> u64 {
+        match (self.rate, self.duration) {
+            (Some(rate), Some(duration)) => (rate * duration.as_secs_f64()).round() as u64,
+            _ => self.notifications,
+        }
+    }
 }
 
 /// The result of a bench run.
@@ -95,6 +134,10 @@ pub struct BenchReport {
     pub share_of_reference: Option<f64>,
     /// Messages the SMTP sink accepted (equals `notifications` when nothing was duplicated).
     pub smtp_accepted: u64,
+    /// The HTTP calls of an open-loop `--via http --rate` run.
+    pub http: Option<HttpReport>,
+    /// Memory over time, for a `--rate` run.
+    pub memory: Option<MemoryReport>,
 }
 
 /// Latency percentiles.
@@ -110,10 +153,25 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+impl Percentiles {
+    /// Reads a histogram of microseconds as milliseconds.
+    pub fn from_micros(histogram: &Histogram<u64>) -> Percentiles {
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        Percentiles {
+            p50: ms(0.50),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            max: histogram.max() as f64 / 1000.0,
+        }
+    }
+}
+
 /// Runs the bench and prints its report.
 pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(args.notifications > 0, "--notifications must be at least 1");
+    let total = args.total();
+    anyhow::ensure!(total > 0, "the run must accept at least 1 notification");
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
+    warn_about_rate_limits(&args);
     let own_nats = match &args.nats_url {
         Some(_) => None,
         None => Some(BenchNats::start().await?),
@@ -133,20 +191,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     let reference = if args.no_reference {
         None
     } else {
-        eprintln!(
-            "reference: raw JetStream publish + consume of {} messages …",
-            args.notifications
-        );
-        Some(
-            reference::jetstream_rate(&nats_url, args.notifications, load::TYPICAL_COMMAND_BYTES)
-                .await?,
-        )
+        let messages = total.min(MAX_REFERENCE_MESSAGES);
+        eprintln!("reference: raw JetStream publish + consume of {messages} messages …");
+        Some(reference::jetstream_rate(&nats_url, messages, load::TYPICAL_COMMAND_BYTES).await?)
     };
 
     let herald = Herald::start(bench_config(&nats_url, &database, sink.port())).await?;
     let db = herald_entities::connect(&database, 4).await?;
+    let existing = notification::Entity::find().count(&db).await?;
+    anyhow::ensure!(
+        existing == 0,
+        "the bench needs an empty database; {} holds {existing} notifications",
+        crate::app::redact(&database)
+    );
     let started = Instant::now();
-    let bar = progress_bar(args.notifications);
     let load = {
         let args = args.clone();
         let base = format!("http://{}", herald.http_addr());
@@ -154,47 +212,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         let nats_url = nats_url.clone();
         tokio::spawn(async move { load::generate(&args, &db, &nats_url, &base).await })
     };
-    let deadline = started + Duration::from_secs(args.timeout_secs);
-    let mut accepted_after = None;
-    loop {
-        let sent = notification::Entity::find()
-            .filter(notification::Column::Status.eq(NotificationStatus::Sent))
-            .count(&db)
-            .await?;
-        bar.set_position(sent);
-        if accepted_after.is_none() && load.is_finished() {
-            accepted_after = Some(started.elapsed());
-        }
-        if sent >= args.notifications {
-            break;
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out with {sent} of {} sent",
-            args.notifications
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    bar.finish();
-    load.await??;
-    let accepted_secs = accepted_after.unwrap_or(started.elapsed()).as_secs_f64();
+    let progress = await_sent(&args, &herald, &db, load, started).await?;
     let latency_ms = load::latency_percentiles(&db).await?;
     herald.shutdown().await?;
-    let throughput = args.notifications as f64 / seconds;
+    let throughput = progress.outcome.accepted as f64 / progress.seconds;
     let report = BenchReport {
-        notifications: args.notifications,
+        notifications: progress.outcome.accepted,
         customers: args.customers,
         via: args.via,
         database: database.split(':').next().unwrap_or_default().to_string(),
-        seconds,
+        seconds: progress.seconds,
         notifications_per_sec: throughput,
-        accepted_per_sec: args.notifications as f64 / accepted_secs,
+        accepted_per_sec: progress.outcome.accepted as f64 / progress.accepted_secs,
         latency_ms,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: memory::peak_rss_mib(),
         jetstream_reference_per_sec: reference,
         share_of_reference: reference.map(|r| throughput / r),
         smtp_accepted: sink.accepted(),
+        http: progress.outcome.http,
+        memory: args
+            .rate
+            .map(|_| MemoryReport::from_samples(progress.samples)),
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -202,6 +240,100 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// The transactional limit (30 a minute per recipient by default) defers whatever goes beyond it,
+/// which would measure the limiter's patience rather than the engine.
+fn warn_about_rate_limits(args: &BenchArgs) {
+    let per_recipient = args.total() as f64 / args.customers as f64;
+    let per_minute = match args.duration {
+        Some(d) => per_recipient * 60.0 / d.as_secs_f64().max(1.0),
+        None => per_recipient,
+    };
+    if per_minute > 30.0 {
+        eprintln!(
+            "warning: {per_minute:.0} notifications per recipient per minute exceed the default \
+             transactional limit of 30; raise --customers or expect deferrals"
+        );
+    }
+}
+
+/// How the run went until every accepted notification was `sent`.
+struct Progress {
+    outcome: LoadOutcome,
+    /// Load start → last `sent` persisted.
+    seconds: f64,
+    /// Load start → load finished.
+    accepted_secs: f64,
+    samples: Vec<MemorySample>,
+}
+
+/// Watches the `sent` count (with a progress bar) until the load has finished and everything it
+/// accepted is sent; with `--rate`, samples memory on the way.
+async fn await_sent(
+    args: &BenchArgs,
+    herald: &Herald,
+    db: &DatabaseConnection,
+    mut load: tokio::task::JoinHandle<anyhow::Result<LoadOutcome>>,
+    started: Instant,
+) -> anyhow::Result<Progress> {
+    let bar = progress_bar(args.total());
+    let deadline =
+        started + args.duration.unwrap_or_default() + Duration::from_secs(args.timeout_secs);
+    let mut finished: Option<(LoadOutcome, Duration)> = None;
+    let mut samples = Vec::new();
+    let mut next_sample = started;
+    loop {
+        let sent = notification::Entity::find()
+            .filter(notification::Column::Status.eq(NotificationStatus::Sent))
+            .count(db)
+            .await?;
+        bar.set_position(sent);
+        if args.rate.is_some() && Instant::now() >= next_sample {
+            samples.push(sample(herald, started, sent).await);
+            next_sample += args.sample_every;
+        }
+        if finished.is_none() && load.is_finished() {
+            finished = Some(((&mut load).await.context("load task")??, started.elapsed()));
+        }
+        if let Some((outcome, accepted_after)) =
+            finished.take_if(|(outcome, _)| sent >= outcome.accepted)
+        {
+            bar.finish();
+            return Ok(Progress {
+                outcome,
+                seconds: started.elapsed().as_secs_f64(),
+                accepted_secs: accepted_after.as_secs_f64(),
+                samples,
+            });
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out with {sent} of {} sent after {:.0} s (peak RSS {:.0} MiB)",
+            args.total(),
+            started.elapsed().as_secs_f64(),
+            memory::peak_rss_mib()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn sample(herald: &Herald, started: Instant, sent: u64) -> MemorySample {
+    let users = match herald.rate_limiter() {
+        Some(registry) => ractor::call_t!(
+            registry,
+            herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg::Users,
+            REGISTRY_ASK_MS
+        )
+        .ok(),
+        None => None,
+    };
+    MemorySample {
+        at_secs: started.elapsed().as_secs_f64(),
+        rss_mib: memory::current_rss_mib(),
+        rate_limiter_users: users,
+        sent,
+    }
 }
 
 fn bench_config(nats_url: &str, database: &str, smtp_port: u16) -> Config {
@@ -230,20 +362,6 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), MiB; 0 where unknown.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 fn print_report(r: &BenchReport) {
     println!(
         "notifications      {} for {} recipients via {:?} on {}",
@@ -269,4 +387,39 @@ fn print_report(r: &BenchReport) {
         );
     }
     println!("SMTP sink accepted {}", r.smtp_accepted);
+    if let Some(http) = &r.http {
+        println!("HTTP calls         {}", open_loop::describe(http));
+        println!(
+            "HTTP latency (ms)  p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+            http.latency_ms.p50, http.latency_ms.p95, http.latency_ms.p99, http.latency_ms.max
+        );
+    }
+    if let Some(memory) = &r.memory {
+        print_memory(memory);
+    }
+}
+
+fn print_memory(m: &MemoryReport) {
+    println!("memory over time   seconds   RSS MiB   limiter users      sent");
+    for s in &m.samples {
+        let users = s
+            .rate_limiter_users
+            .map_or_else(|| "-".to_string(), |u| u.to_string());
+        println!(
+            "                   {:>7.1}   {:>7}   {users:>13}   {:>7}",
+            s.at_secs,
+            s.rss_mib
+                .map_or_else(|| "-".to_string(), |rss| format!("{rss:.1}")),
+            s.sent
+        );
+    }
+    let verdict = match m.plateaued {
+        Some(true) => "plateaued",
+        Some(false) => "still growing",
+        None => "too few samples to tell",
+    };
+    println!(
+        "memory verdict     {verdict} (late growth {:+.1} MiB)",
+        m.late_growth_mib
+    );
 }
