@@ -30,6 +30,7 @@ fn command() -> SendCommand {
             text: "Thanks for your order #100042. We'll tell you when it ships.".into(),
             html: Some("<p>Thanks for your order <b>#100042</b>.</p>".into()),
             short: None,
+            template: None,
         },
         created_at: Utc::now(),
     }
