@@ -58,7 +58,7 @@ pub fn plan(
         return Plan::default();
     }
     // Start looking at an offset of our own, so instances starting together try different keys.
-    let offset = stable_offset(me, partitions);
+    let offset = herald_nats::subjects::partition_for(me, partitions);
     let acquire = (0..partitions)
         .map(|i| (i + offset) % partitions)
         .filter(|p| !held.contains(p) && !view.owners.contains_key(p))
@@ -68,10 +68,6 @@ pub fn plan(
         acquire,
         release: Vec::new(),
     }
-}
-
-fn stable_offset(instance: &str, partitions: u32) -> u32 {
-    herald_nats::subjects::partition_for(instance, partitions)
 }
 
 /// Partition ownership as the API shows it.

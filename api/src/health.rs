@@ -150,15 +150,17 @@ impl HealthApi {
             return (fail("NATS not connected"), None);
         }
         let js = self.state.publisher.jetstream();
+        let mut pending = None;
         for name in herald_nats::subjects::ALL_STREAMS {
-            if let Err(err) = js.get_stream(name).await {
-                return (fail(&format!("{name}: {err}")), None);
+            match js.get_stream(name).await {
+                // `get_stream` already read the stream's info: the backlog comes with it.
+                Ok(stream) if name == herald_nats::subjects::NOTIFY_STREAM => {
+                    pending = Some(stream.cached_info().state.messages);
+                }
+                Ok(_) => {}
+                Err(err) => return (fail(&format!("{name}: {err}")), None),
             }
         }
-        let pending = match js.get_stream(herald_nats::subjects::NOTIFY_STREAM).await {
-            Ok(mut stream) => stream.info().await.ok().map(|info| info.state.messages),
-            Err(_) => None,
-        };
         (pass("EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS"), pending)
     }
 }
@@ -171,12 +173,11 @@ pub async fn record_queue_depth(publisher: &herald_nats::Publisher) {
     }
     let js = publisher.jetstream();
     let pending = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let mut stream = js
+        let stream = js
             .get_stream(herald_nats::subjects::NOTIFY_STREAM)
             .await
             .ok()?;
-        let info = stream.info().await.ok()?;
-        Some(info.state.messages)
+        Some(stream.cached_info().state.messages)
     })
     .await;
     if let Ok(Some(pending)) = pending {
