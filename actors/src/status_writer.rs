@@ -18,7 +18,7 @@ use herald_entities::{
 };
 use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use sea_orm::{DatabaseConnection, DbBackend, DbErr, RuntimeErr};
+use sea_orm::{DatabaseConnection, DbErr, RuntimeErr};
 use serde::{Deserialize, Serialize};
 
 /// Batching limits.
@@ -29,10 +29,6 @@ pub struct StatusWriterSettings {
     pub max_batch: usize,
     /// Longest a record waits for its batch to fill, in milliseconds.
     pub flush_interval_ms: u64,
-    /// Batches written at the same time, each by its own transaction; a notification's records
-    /// always go to the same lane, so they are written in order. `0` picks by database: 1 on
-    /// SQLite (one writer at a time anyway), 4 on PostgreSQL.
-    pub lanes: usize,
 }
 
 impl Default for StatusWriterSettings {
@@ -40,18 +36,6 @@ impl Default for StatusWriterSettings {
         Self {
             max_batch: 1_000,
             flush_interval_ms: 5,
-            lanes: 0,
-        }
-    }
-}
-
-impl StatusWriterSettings {
-    /// The lanes to run on `backend`.
-    pub fn lanes_for(&self, backend: DbBackend) -> usize {
-        match (self.lanes, backend) {
-            (0, DbBackend::Sqlite) => 1,
-            (0, _) => 4,
-            (lanes, _) => lanes,
         }
     }
 }
@@ -84,8 +68,8 @@ pub enum StatusWriterMsg {
     Record(Box<StatusRecord>),
     /// The batch timer fired (internal).
     Tick,
-    /// A lane's flush finished (internal).
-    Written(usize),
+    /// A flush finished (internal).
+    Written,
     /// Reply once everything received so far is written (shutdown).
     Flush(RpcReplyPort<()>),
 }
@@ -104,35 +88,10 @@ pub struct StatusWriterArgs {
 /// State of the [`StatusWriter`].
 pub struct StatusWriterState {
     args: StatusWriterArgs,
-    lanes: Vec<Lane>,
-    tick_scheduled: bool,
-    waiters: Vec<RpcReplyPort<()>>,
-}
-
-/// Records waiting for one lane's next transaction.
-#[derive(Default)]
-struct Lane {
     pending: Vec<StatusRecord>,
     flushing: bool,
-}
-
-impl StatusWriterState {
-    fn idle(&self) -> bool {
-        self.lanes
-            .iter()
-            .all(|lane| !lane.flushing && lane.pending.is_empty())
-    }
-}
-
-/// The lane of a record among `lanes`: by notification, so one notification's records stay in
-/// order. A record with nothing to write (a NAK alone) goes to the first.
-fn lane_of(record: &StatusRecord, lanes: usize) -> usize {
-    let id = record
-        .changes
-        .first()
-        .map(|change| change.id)
-        .or_else(|| record.attempts.first().map(|a| a.notification_id));
-    id.map_or(0, |id| (id.as_u128() % lanes.max(1) as u128) as usize)
+    tick_scheduled: bool,
+    waiters: Vec<RpcReplyPort<()>>,
 }
 
 /// The batching writer.
@@ -148,13 +107,10 @@ impl Actor for StatusWriter {
         _myself: ActorRef<Self::Msg>,
         args: StatusWriterArgs,
     ) -> Result<StatusWriterState, ActorProcessingErr> {
-        let lanes = args
-            .settings
-            .lanes_for(args.db.get_database_backend())
-            .max(1);
         Ok(StatusWriterState {
             args,
-            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            pending: Vec::new(),
+            flushing: false,
             tick_scheduled: false,
             waiters: Vec::new(),
         })
@@ -168,11 +124,10 @@ impl Actor for StatusWriter {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             StatusWriterMsg::Record(record) => {
-                let lane = lane_of(&record, state.lanes.len());
-                state.lanes[lane].pending.push(*record);
-                if state.lanes[lane].pending.len() >= state.args.settings.max_batch {
-                    start_flush(&myself, state, lane);
-                } else if !state.tick_scheduled && !state.lanes[lane].flushing {
+                state.pending.push(*record);
+                if state.pending.len() >= state.args.settings.max_batch {
+                    start_flush(&myself, state);
+                } else if !state.tick_scheduled && !state.flushing {
                     state.tick_scheduled = true;
                     let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
                     myself.send_after(interval, || StatusWriterMsg::Tick);
@@ -180,18 +135,18 @@ impl Actor for StatusWriter {
             }
             StatusWriterMsg::Tick => {
                 state.tick_scheduled = false;
-                flush_all(&myself, state);
+                start_flush(&myself, state);
             }
-            StatusWriterMsg::Written(lane) => {
-                state.lanes[lane].flushing = false;
-                start_flush(&myself, state, lane);
+            StatusWriterMsg::Written => {
+                state.flushing = false;
+                start_flush(&myself, state);
             }
             StatusWriterMsg::Flush(reply) => {
                 state.waiters.push(reply);
-                flush_all(&myself, state);
+                start_flush(&myself, state);
             }
         }
-        if state.idle() {
+        if !state.flushing && state.pending.is_empty() {
             for waiter in state.waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -200,28 +155,18 @@ impl Actor for StatusWriter {
     }
 }
 
-fn flush_all(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
-    for lane in 0..state.lanes.len() {
-        start_flush(myself, state, lane);
-    }
-}
-
-fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState, lane: usize) {
-    let max_batch = state.args.settings.max_batch;
-    let Some(waiting) = state.lanes.get_mut(lane) else {
-        return;
-    };
-    if waiting.flushing || waiting.pending.is_empty() {
+fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
+    if state.flushing || state.pending.is_empty() {
         return;
     }
-    let take = waiting.pending.len().min(max_batch);
-    let batch: Vec<StatusRecord> = waiting.pending.drain(..take).collect();
-    waiting.flushing = true;
+    let take = state.pending.len().min(state.args.settings.max_batch);
+    let batch: Vec<StatusRecord> = state.pending.drain(..take).collect();
+    state.flushing = true;
     let args = state.args.clone();
     let myself = myself.clone();
     tokio::spawn(async move {
         write_batch(&args, batch).await;
-        let _ = myself.cast(StatusWriterMsg::Written(lane));
+        let _ = myself.cast(StatusWriterMsg::Written);
     });
 }
 
@@ -407,41 +352,6 @@ mod tests {
         assert!(is_outage(&DbErr::ConnectionAcquire(
             sea_orm::ConnAcquireErr::Timeout
         )));
-    }
-
-    fn record(changes: Vec<StatusChange>, attempts: Vec<NewAttempt>) -> StatusRecord {
-        StatusRecord {
-            changes,
-            attempts,
-            then: AfterWrite::Nothing,
-            permit: None,
-        }
-    }
-
-    #[test]
-    fn a_notifications_records_share_a_lane_and_lanes_are_used() {
-        let mut used = std::collections::HashSet::new();
-        for _ in 0..64 {
-            let id = uuid::Uuid::now_v7();
-            let processing = record(
-                vec![StatusChange::to(id, NotificationStatus::Processing)],
-                vec![],
-            );
-            let sent = record(vec![StatusChange::to(id, NotificationStatus::Sent)], vec![]);
-            assert_eq!(lane_of(&processing, 4), lane_of(&sent, 4));
-            used.insert(lane_of(&sent, 4));
-        }
-        assert_eq!(used.len(), 4, "ids spread over every lane: {used:?}");
-        assert_eq!(lane_of(&record(vec![], vec![]), 4), 0);
-    }
-
-    #[test]
-    fn lanes_default_by_database() {
-        let auto = StatusWriterSettings::default();
-        assert_eq!(auto.lanes_for(DbBackend::Sqlite), 1);
-        assert_eq!(auto.lanes_for(DbBackend::Postgres), 4);
-        let fixed = StatusWriterSettings { lanes: 2, ..auto };
-        assert_eq!(fixed.lanes_for(DbBackend::Sqlite), 2);
     }
 
     #[test]
