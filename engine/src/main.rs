@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
-            herald_engine::bench::run(args).await?;
+            herald_engine::bench::run(args, config).await?;
             Ok(())
         }
         Command::Apikey(command) => {

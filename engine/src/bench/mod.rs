@@ -170,8 +170,10 @@ impl Percentiles {
     }
 }
 
-/// Runs the bench and prints its report.
-pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+/// Runs the bench on an engine configured like `base` (the configuration file and `HERALD_*`
+/// variables, e.g. `HERALD_STATUS_WRITER__LANES`), with the endpoints and sizing of
+/// [`bench_config`], and prints its report.
+pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let total = args.total();
     anyhow::ensure!(total > 0, "the run must accept at least 1 notification");
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
@@ -200,7 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         Some(reference::jetstream_rate(&nats_url, messages, load::TYPICAL_COMMAND_BYTES).await?)
     };
 
-    let herald = Herald::start(bench_config(&nats_url, &database, sink.port())).await?;
+    let herald = Herald::start(bench_config(base, &nats_url, &database, sink.port())).await?;
     let db = herald_entities::connect(&database, 4).await?;
     let existing = notification::Entity::find().count(&db).await?;
     anyhow::ensure!(
@@ -354,8 +356,10 @@ async fn sample(herald: &Herald, started: Instant, sent: u64) -> MemorySample {
     }
 }
 
-fn bench_config(nats_url: &str, database: &str, smtp_port: u16) -> Config {
-    let mut config = Config::default();
+/// `base` pointed at the bench's NATS, database and SMTP sink, sized for throughput, without API
+/// authentication.
+fn bench_config(base: Config, nats_url: &str, database: &str, smtp_port: u16) -> Config {
+    let mut config = base;
     config.http.bind = "127.0.0.1:0".into();
     config.nats.url = nats_url.into();
     config.database.url = database.into();
