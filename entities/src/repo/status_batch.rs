@@ -2,8 +2,9 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
-    sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
+    sea_query::{Expr, ExprTrait, Func},
 };
 use uuid::Uuid;
 
@@ -129,7 +130,7 @@ impl Shape {
             .col_expr(notification::Column::Status, Expr::value(self.status))
             .col_expr(notification::Column::UpdatedAt, Expr::value(at))
             .filter(notification::Column::Id.is_in(ids.to_vec()))
-            .filter(notification::Column::Status.is_in(self.status.allowed_from().to_vec()));
+            .filter(status_among(self.status.allowed_from()));
         match &self.reason {
             Some(reason) => {
                 update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
@@ -161,6 +162,22 @@ impl Shape {
         }
         update
     }
+}
+
+/// `status IN (allowed)`, written so that no index on `status` can serve it.
+///
+/// Without statistics on a table that grows by the second, SQLite's and PostgreSQL's planners
+/// preferred the `(status, scheduled_at)` index over the primary key for `id IN (…500 ids) AND
+/// status IN (…)`, and so scanned every queued and processing row for each batch: a batch took
+/// longer the longer the backlog (with 30,000 queued rows, a 500-row change took 23.5 ms in
+/// SQLite instead of 7.5 ms). Behind `COALESCE` the condition is only checked on the rows the
+/// primary key finds.
+fn status_among(allowed: &[NotificationStatus]) -> Expr {
+    Expr::expr(Func::coalesce([
+        Expr::col(notification::Column::Status),
+        Expr::val(""),
+    ]))
+    .is_in(allowed.iter().map(|status| status.as_str()))
 }
 
 /// One UPDATE: a shape applied to several notifications.
@@ -200,7 +217,7 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
         *round += 1;
         match index_of.get(&key) {
             Some(&g) => {
-                groups[g].at = groups[g].at.max(change.at);
+                groups[g].at = Ord::max(groups[g].at, change.at);
                 groups[g].ids.push(change.id);
             }
             None => {
