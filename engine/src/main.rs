@@ -8,7 +8,7 @@ use herald_engine::{Config, Herald, app, telemetry};
 
 /// mimalloc instead of glibc's allocator: the engine allocates and frees small buffers across
 /// threads (tokio workers, SQLite worker threads), where glibc's arenas spend a fifth of the CPU
-/// (`herald bench`: 2,824 → 3,719 notifications/s, see the README's *Performance*).
+/// (`herald bench`: 2,824 → 3,480–3,719 notifications/s, see the README's *Performance*).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

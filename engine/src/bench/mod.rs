@@ -171,7 +171,7 @@ impl Percentiles {
 }
 
 /// Runs the bench on an engine configured like `base` (the configuration file and `HERALD_*`
-/// variables, e.g. `HERALD_STATUS_WRITER__LANES`), with the endpoints and sizing of
+/// variables, e.g. `HERALD_STATUS_WRITER__MAX_BATCH`), with the endpoints and sizing of
 /// [`bench_config`], and prints its report.
 pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let total = args.total();
@@ -367,6 +367,9 @@ fn bench_config(base: Config, nats_url: &str, database: &str, smtp_port: u16) ->
     config.channels.email.smtp_host = Some("127.0.0.1".into());
     config.channels.email.smtp_port = Some(smtp_port);
     config.channels.email.security = SmtpSecurity::None;
+    // The sink is not the configured mail server: its credentials would only make lettre try AUTH.
+    config.channels.email.username = None;
+    config.channels.email.password = None;
     // As many pooled SMTP connections as concurrent sends: lettre opens a fresh connection for a
     // send that finds the pool empty and closes it afterwards if the pool is full, and that
     // connect + EHLO + QUIT per message cost 6–10% of the throughput with 32 for 256.
