@@ -13,6 +13,11 @@ use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 /// Rows per multi-row INSERT; well under SQLite's and PostgreSQL's bind-parameter limits.
 const INSERT_CHUNK: usize = 500;
 
+/// Changes of one shape share an UPDATE only if they happened within the same window of this
+/// many milliseconds, so a recorded time (`sent_at`, `updated_at`) is at most this much later
+/// than the change itself, however long the batch gathered.
+const TIME_WINDOW_MS: i64 = 10;
+
 /// A status to move a notification to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusChange {
@@ -186,7 +191,7 @@ struct UpdateGroup {
     /// Which of its notifications' changes this is (0 = first in the batch).
     round: usize,
     shape: Shape,
-    /// The latest change time in the group.
+    /// The latest change time in the group (all within [`TIME_WINDOW_MS`]).
     at: DateTime<Utc>,
     ids: Vec<Uuid>,
 }
@@ -195,8 +200,10 @@ struct UpdateGroup {
 /// - a `processing` change followed in the same batch by another change of the same notification
 ///   is dropped (the later one overwrites it anyway);
 /// - the remaining changes are grouped by round (a notification's first, second, … change in the
-///   batch, so each notification's changes still apply in order) and by shape; a group's time is
-///   its latest change's.
+///   batch, so each notification's changes still apply in order), by shape and by
+///   [`TIME_WINDOW_MS`] window of their time; a group's time is its latest change's. Without the
+///   window a batch gathered during a slow flush stamped its first sends with its last send's
+///   time, seconds late under load.
 fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
     use std::collections::HashMap;
     let mut last_index: HashMap<Uuid, usize> = HashMap::new();
@@ -205,7 +212,7 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
     }
     let mut round_of: HashMap<Uuid, usize> = HashMap::new();
     let mut groups: Vec<UpdateGroup> = Vec::new();
-    let mut index_of: HashMap<(usize, Shape), usize> = HashMap::new();
+    let mut index_of: HashMap<(usize, Shape, i64), usize> = HashMap::new();
     for (i, change) in changes.iter().enumerate() {
         let superseded = change.status == NotificationStatus::Processing
             && last_index.get(&change.id).is_some_and(|&last| last > i);
@@ -213,7 +220,8 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
             continue;
         }
         let round = round_of.entry(change.id).or_insert(0);
-        let key = (*round, Shape::of(change));
+        let window = change.at.timestamp_millis().div_euclid(TIME_WINDOW_MS);
+        let key = (*round, Shape::of(change), window);
         *round += 1;
         match index_of.get(&key) {
             Some(&g) => {
@@ -240,7 +248,16 @@ mod tests {
     use super::*;
 
     fn change(id: Uuid, status: NotificationStatus) -> StatusChange {
-        StatusChange::to(id, status)
+        at(id, status, 0)
+    }
+
+    /// A change at `millis` past a fixed instant (on a window boundary).
+    fn at(id: Uuid, status: NotificationStatus, millis: i64) -> StatusChange {
+        let base = DateTime::from_timestamp_millis(1_790_000_000_000).expect("valid instant");
+        StatusChange {
+            at: base + chrono::Duration::milliseconds(millis),
+            ..StatusChange::to(id, status)
+        }
     }
 
     #[test]
@@ -272,6 +289,22 @@ mod tests {
         assert_eq!(plan.len(), 3);
         let position = |status| plan.iter().position(|p| p.shape.status == status).unwrap();
         assert!(position(NotificationStatus::Sent) < position(NotificationStatus::Delivered));
+    }
+
+    #[test]
+    fn changes_far_apart_in_time_keep_their_own_times() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let changes = vec![
+            at(a, NotificationStatus::Sent, 0),
+            at(b, NotificationStatus::Sent, TIME_WINDOW_MS - 1),
+            at(c, NotificationStatus::Sent, 2_000),
+        ];
+        let plan = plan(&changes);
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(plan[0].ids, vec![a, b]);
+        assert_eq!(plan[0].at, changes[1].at);
+        assert_eq!(plan[1].ids, vec![c]);
+        assert_eq!(plan[1].at, changes[2].at);
     }
 
     #[test]
