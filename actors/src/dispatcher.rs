@@ -34,7 +34,7 @@ pub enum DispatcherMsg {
     /// Pull exactly these partitions: start loops for new ones, stop loops for the others.
     Assign(BTreeSet<u32>),
     /// Stop pulling this partition; reply once its in-flight deliveries have finished (or the
-    /// drain timeout passed).
+    /// drain timeout passed), including those of a loop an earlier `Assign` already stopped.
     Drain(u32, RpcReplyPort<()>),
     /// The partitions being pulled.
     Pulling(RpcReplyPort<BTreeSet<u32>>),
@@ -71,10 +71,80 @@ struct PartitionLoop {
     pull: JoinHandle<()>,
 }
 
+impl PartitionLoop {
+    /// Stops pulling; the deliveries already started run on.
+    fn stop(&self) {
+        self.stop.cancel();
+        self.deliveries.close();
+    }
+
+    /// Whether the loop has returned and its deliveries have finished.
+    fn is_done(&self) -> bool {
+        self.pull.is_finished() && self.deliveries.is_empty()
+    }
+
+    /// Waits until the loop has returned (its buffered messages handed back) and its deliveries
+    /// have finished.
+    async fn finished(self) {
+        let _ = self.pull.await;
+        self.deliveries.wait().await;
+    }
+}
+
+/// The dispatcher's pull loops: those running, and those stopped whose deliveries may still run.
+///
+/// A partition's loop can be stopped by an [`DispatcherMsg::Assign`] that no longer lists it (the
+/// lease keeper publishes its pulling set every round) before the [`DispatcherMsg::Drain`] that
+/// hands the partition over arrives. The drain must still wait for those deliveries: otherwise
+/// the lease goes to another instance while this one is still sending, and the new owner's rate
+/// limiter, seeded from the recorded sends, misses them.
+#[derive(Default)]
+struct PartitionLoops {
+    running: BTreeMap<u32, PartitionLoop>,
+    /// Stopped loops by partition (a partition may have been stopped more than once), kept until
+    /// they are done.
+    stopped: BTreeMap<u32, Vec<PartitionLoop>>,
+}
+
+impl PartitionLoops {
+    /// Stops the running loops of partitions not in `keep` (and those already cancelled), keeping
+    /// them until their deliveries finish; forgets stopped loops that are done.
+    fn retain(&mut self, keep: &BTreeSet<u32>) {
+        self.stopped.retain(|_, loops| {
+            loops.retain(|l| !l.is_done());
+            !loops.is_empty()
+        });
+        let stopping: Vec<u32> = self
+            .running
+            .iter()
+            .filter(|(partition, running)| !keep.contains(partition) || running.stop.is_cancelled())
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in stopping {
+            if let Some(running) = self.running.remove(&partition) {
+                tracing::info!(partition, "no longer pulling partition");
+                running.stop();
+                self.stopped.entry(partition).or_default().push(running);
+            }
+        }
+    }
+
+    /// Stops the partition's running loop, if any, and takes every loop of the partition whose
+    /// deliveries may still run.
+    fn drain(&mut self, partition: u32) -> Vec<PartitionLoop> {
+        let mut loops = self.stopped.remove(&partition).unwrap_or_default();
+        if let Some(running) = self.running.remove(&partition) {
+            running.stop();
+            loops.push(running);
+        }
+        loops
+    }
+}
+
 /// State of the [`Dispatcher`].
 pub struct DispatcherState {
     args: DispatcherArgs,
-    loops: BTreeMap<u32, PartitionLoop>,
+    loops: PartitionLoops,
     /// Cancels every pull loop when the state is dropped, which also happens when the actor panics
     /// (ractor runs no `post_stop` then): a loop must not outlive its dispatcher and keep pulling
     /// messages nobody will handle.
@@ -98,7 +168,7 @@ impl Actor for Dispatcher {
         let stop_all = args.intake.child_token();
         Ok(DispatcherState {
             args,
-            loops: BTreeMap::new(),
+            loops: PartitionLoops::default(),
             _stop_all: stop_all.clone().drop_guard(),
             stop_all,
         })
@@ -121,7 +191,7 @@ impl Actor for Dispatcher {
             DispatcherMsg::Assign(partitions) => state.assign(&myself, &partitions),
             DispatcherMsg::Drain(partition, reply) => state.drain(partition, reply),
             DispatcherMsg::Pulling(reply) => {
-                let _ = reply.send(state.loops.keys().copied().collect());
+                let _ = reply.send(state.loops.running.keys().copied().collect());
             }
             DispatcherMsg::Crash => panic!("fault injected into dispatcher"),
         }
@@ -134,7 +204,7 @@ impl Actor for Dispatcher {
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
         state.stop_all.cancel();
-        for (_, partition) in std::mem::take(&mut state.loops) {
+        for (_, partition) in std::mem::take(&mut state.loops.running) {
             // Give each loop a moment to return what it holds.
             let _ = tokio::time::timeout(Duration::from_secs(2), partition.pull).await;
         }
@@ -144,19 +214,12 @@ impl Actor for Dispatcher {
 
 impl DispatcherState {
     fn assign(&mut self, myself: &ActorRef<DispatcherMsg>, partitions: &BTreeSet<u32>) {
-        self.loops.retain(|partition, running| {
-            let keep = partitions.contains(partition) && !running.stop.is_cancelled();
-            if !keep {
-                tracing::info!(partition, "no longer pulling partition");
-                running.stop.cancel();
-            }
-            keep
-        });
+        self.loops.retain(partitions);
         if self.stop_all.is_cancelled() {
             return;
         }
         for &partition in partitions {
-            if self.loops.contains_key(&partition) {
+            if self.loops.running.contains_key(&partition) {
                 continue;
             }
             tracing::info!(partition, "pulling partition");
@@ -174,7 +237,7 @@ impl DispatcherState {
                 self.args.in_flight.clone(),
                 stop.clone(),
             ));
-            self.loops.insert(
+            self.loops.running.insert(
                 partition,
                 PartitionLoop {
                     stop,
@@ -183,24 +246,22 @@ impl DispatcherState {
                 },
             );
         }
-        metrics::gauge!("herald_partitions_pulled").set(self.loops.len() as f64);
+        metrics::gauge!("herald_partitions_pulled").set(self.loops.running.len() as f64);
     }
 
     fn drain(&mut self, partition: u32, reply: RpcReplyPort<()>) {
-        let Some(running) = self.loops.remove(&partition) else {
+        let loops = self.loops.drain(partition);
+        metrics::gauge!("herald_partitions_pulled").set(self.loops.running.len() as f64);
+        if loops.is_empty() {
             let _ = reply.send(());
             return;
-        };
+        }
         tracing::info!(partition, "draining partition");
-        running.stop.cancel();
-        running.deliveries.close();
         let timeout = self.args.drain_timeout;
         tokio::spawn(async move {
-            let _ = running.pull.await;
-            if tokio::time::timeout(timeout, running.deliveries.wait())
-                .await
-                .is_err()
-            {
+            let finished =
+                futures::future::join_all(loops.into_iter().map(PartitionLoop::finished));
+            if tokio::time::timeout(timeout, finished).await.is_err() {
                 tracing::warn!(
                     partition,
                     "deliveries still running after the drain timeout; JetStream redelivers them"
@@ -208,7 +269,6 @@ impl DispatcherState {
             }
             let _ = reply.send(());
         });
-        metrics::gauge!("herald_partitions_pulled").set(self.loops.len() as f64);
     }
 }
 
@@ -335,4 +395,93 @@ async fn pause(stop: &CancellationToken, backoff: &mut Duration) {
         _ = tokio::time::sleep(*backoff) => {}
     }
     *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loop that "pulls" until it is stopped.
+    fn running_loop() -> PartitionLoop {
+        let stop = CancellationToken::new();
+        let pull = tokio::spawn({
+            let stop = stop.clone();
+            async move { stop.cancelled().await }
+        });
+        PartitionLoop {
+            stop,
+            deliveries: TaskTracker::new(),
+            pull,
+        }
+    }
+
+    async fn assert_waits_for(loops: Vec<PartitionLoop>, delivery: impl FnOnce()) {
+        let mut finished = Box::pin(futures::future::join_all(
+            loops.into_iter().map(PartitionLoop::finished),
+        ));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut finished)
+                .await
+                .is_err(),
+            "the drain ended while a delivery was still running"
+        );
+        delivery();
+        tokio::time::timeout(Duration::from_secs(5), finished)
+            .await
+            .expect("the drain ends once the delivery has finished");
+    }
+
+    #[tokio::test]
+    async fn a_drain_after_an_assign_without_the_partition_still_waits_for_its_deliveries() {
+        let mut loops = PartitionLoops::default();
+        loops.running.insert(1, running_loop());
+        loops.running.insert(7, running_loop());
+        let delivery = loops.running[&7].deliveries.token();
+
+        // The lease keeper's round stops pulling 7 before its drain request arrives.
+        loops.retain(&BTreeSet::from([1]));
+        assert_eq!(loops.running.keys().copied().collect::<Vec<_>>(), vec![1]);
+
+        let draining = loops.drain(7);
+        assert_eq!(draining.len(), 1, "the stopped loop is drained");
+        assert_waits_for(draining, move || drop(delivery)).await;
+        assert!(loops.drain(7).is_empty(), "nothing left of partition 7");
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_every_generation_of_the_partition() {
+        let mut loops = PartitionLoops::default();
+        loops.running.insert(3, running_loop());
+        let first = loops.running[&3].deliveries.token();
+        loops.retain(&BTreeSet::new());
+        // Assigned again while the first loop's delivery still runs.
+        loops.running.insert(3, running_loop());
+        let second = loops.running[&3].deliveries.token();
+
+        let draining = loops.drain(3);
+        assert_eq!(draining.len(), 2);
+        drop(second);
+        assert_waits_for(draining, move || drop(first)).await;
+    }
+
+    #[tokio::test]
+    async fn stopped_loops_are_forgotten_once_done() {
+        let mut loops = PartitionLoops::default();
+        loops.running.insert(2, running_loop());
+        let delivery = loops.running[&2].deliveries.token();
+        loops.retain(&BTreeSet::new());
+        loops.retain(&BTreeSet::new());
+        assert_eq!(loops.stopped.len(), 1, "kept while its delivery runs");
+
+        drop(delivery);
+        // The stopped pull task ends as soon as it runs again.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            loops.retain(&BTreeSet::new());
+            if loops.stopped.is_empty() {
+                return;
+            }
+        }
+        panic!("a stopped loop with no delivery left is still kept");
+    }
 }

@@ -2,7 +2,6 @@
 //! kill it with SIGKILL or stop it with SIGTERM like an operator or the kernel would.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -125,8 +124,9 @@ fn spawn(env: &[(String, String)], port: u16, log: &PathBuf) -> anyhow::Result<C
         .envs(env.iter().cloned())
         .env("HERALD_HTTP__BIND", format!("127.0.0.1:{port}"))
         .env("HERALD_LOG__FORMAT", "json")
-        .env("HERALD_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
+        .env("HERALD_LOG__LEVEL", "info")
+        // Herald logs to stdout; panics and start-up errors go to stderr. Both go to the log.
+        .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
