@@ -122,6 +122,7 @@ struct Shared {
     rejections: Mutex<VecDeque<Rejection>>,
     paused: AtomicBool,
     connections: AtomicU64,
+    noops: AtomicU64,
     queue_ids: AtomicU64,
 }
 
@@ -183,6 +184,7 @@ impl SmtpSink {
             rejections: Mutex::new(VecDeque::new()),
             paused: AtomicBool::new(false),
             connections: AtomicU64::new(0),
+            noops: AtomicU64::new(0),
             queue_ids: AtomicU64::new(0),
         });
         let (control, control_rx) = mpsc::channel(4);
@@ -223,6 +225,11 @@ impl SmtpSink {
     /// How many TCP connections were accepted so far (to observe connection reuse).
     pub fn connection_count(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// How many NOOP commands were received so far (to observe connection checks).
+    pub fn noop_count(&self) -> u64 {
+        self.shared.noops.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` messages were accepted and returns all of them.
@@ -499,7 +506,10 @@ impl Session {
                 self.transaction = Transaction::default();
                 self.reply("250 2.0.0 Ok").await?;
             }
-            "NOOP" => self.reply("250 2.0.0 Ok").await?,
+            "NOOP" => {
+                self.shared.noops.fetch_add(1, Ordering::Relaxed);
+                self.reply("250 2.0.0 Ok").await?
+            }
             "QUIT" => {
                 self.reply("221 2.0.0 Bye").await?;
                 return Ok(Next::Close);

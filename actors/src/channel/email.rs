@@ -7,12 +7,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use herald_nats::Channel;
 use lettre::{
-    AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor,
+    AsyncFileTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Mailbox, MultiPart, SinglePart, header::ContentType},
-    transport::smtp::{PoolConfig, authentication::Credentials},
+    transport::smtp::{authentication::Credentials, client::TlsParameters, extension::ClientId},
 };
 use serde::Deserialize;
 
+use super::smtp_pool::{Encryption, SmtpPool, SmtpSendError, SmtpServer};
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 /// How the SMTP connection is secured.
@@ -46,9 +47,9 @@ pub struct EmailConfig {
     pub from: String,
     /// Folder for `.eml` files when no SMTP host is set.
     pub outbox_dir: PathBuf,
-    /// Per-send timeout in milliseconds.
+    /// Longest an SMTP connect may take, in milliseconds.
     pub timeout_ms: u64,
-    /// Pooled SMTP connections.
+    /// Most SMTP connections open at once; a send that finds them all busy waits for one.
     pub pool_size: u32,
 }
 
@@ -63,7 +64,7 @@ impl Default for EmailConfig {
             from: "Herald <herald@localhost>".into(),
             outbox_dir: PathBuf::from("data/outbox"),
             timeout_ms: 10_000,
-            pool_size: 8,
+            pool_size: 32,
         }
     }
 }
@@ -112,7 +113,7 @@ pub enum EmailConfigError {
 }
 
 enum Transport {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(SmtpPool),
     Outbox(AsyncFileTransport<Tokio1Executor>),
 }
 
@@ -183,43 +184,38 @@ impl EmailProvider {
     }
 }
 
-fn smtp_transport(
-    host: &str,
-    config: &EmailConfig,
-) -> Result<AsyncSmtpTransport<Tokio1Executor>, EmailConfigError> {
-    let failed = |e: lettre::transport::smtp::Error| EmailConfigError::Transport {
+fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailConfigError> {
+    let failed = |reason: String| EmailConfigError::Transport {
         host: host.to_string(),
-        reason: e.to_string(),
+        reason,
     };
-    let (mut builder, default_port) = match config.security {
-        SmtpSecurity::None => (
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host),
-            25,
-        ),
-        SmtpSecurity::Starttls => (
-            AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(host).map_err(failed)?,
-            587,
-        ),
-        SmtpSecurity::Tls => (
-            AsyncSmtpTransport::<Tokio1Executor>::relay(host).map_err(failed)?,
-            465,
-        ),
+    let tls = || TlsParameters::new(host.to_string()).map_err(|e| failed(e.to_string()));
+    let (encryption, default_port) = match config.security {
+        SmtpSecurity::None => (Encryption::None, 25),
+        SmtpSecurity::Starttls => (Encryption::Starttls(tls()?), 587),
+        SmtpSecurity::Tls => (Encryption::Implicit(tls()?), 465),
     };
-    builder = builder
-        .port(config.smtp_port.unwrap_or(default_port))
-        .timeout(Some(Duration::from_millis(config.timeout_ms)))
-        .pool_config(PoolConfig::new().max_size(config.pool_size.max(1)));
-    if let (Some(user), Some(password)) = (&config.username, &config.password) {
-        builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
-    }
-    Ok(builder.build())
+    let credentials = match (&config.username, &config.password) {
+        (Some(user), Some(password)) => Some(Credentials::new(user.clone(), password.clone())),
+        _ => None,
+    };
+    let server = SmtpServer {
+        host: host.to_string(),
+        port: config.smtp_port.unwrap_or(default_port),
+        encryption,
+        credentials,
+        connect_timeout: Duration::from_millis(config.timeout_ms),
+        hello: ClientId::default(),
+    };
+    SmtpPool::new(server, config.pool_size as usize).map_err(failed)
 }
 
-fn classify(error: lettre::transport::smtp::Error) -> ProviderError {
-    if error.is_permanent() {
-        ProviderError::permanent(error.to_string())
-    } else {
-        ProviderError::transient(error.to_string())
+fn classify(error: SmtpSendError) -> ProviderError {
+    match error {
+        SmtpSendError::Smtp(error) if error.is_permanent() => {
+            ProviderError::permanent(error.to_string())
+        }
+        other => ProviderError::transient(other.to_string()),
     }
 }
 
@@ -240,7 +236,10 @@ impl Provider for EmailProvider {
             let email = self.build(message)?;
             let provider_message_id = match &self.transport {
                 Transport::Smtp(smtp) => {
-                    let reply = smtp.send(email).await.map_err(classify)?;
+                    let reply = smtp
+                        .send(email.envelope(), &email.formatted())
+                        .await
+                        .map_err(classify)?;
                     reply.message().next().map(str::to_string)
                 }
                 Transport::Outbox(outbox) => {

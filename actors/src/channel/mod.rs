@@ -9,6 +9,7 @@ mod http;
 pub mod provider;
 pub mod push;
 pub mod sms;
+pub mod smtp_pool;
 pub mod supervisor;
 pub mod telegram;
 pub mod webhook;

@@ -1,0 +1,137 @@
+//! The email provider's SMTP connection pool against real SMTP servers: connections are reused
+//! without a NOOP before every message, never exceed the pool size, and a connection whose session
+//! failed or was cut short is not handed to the next message.
+
+use std::time::Duration;
+
+use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
+use herald_actors::channel::{OutboundMessage, Provider, ProviderError};
+use herald_nats::{Contacts, Content};
+use herald_tests::SmtpSink;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use uuid::Uuid;
+
+fn provider(host: &str, port: u16, pool_size: u32) -> EmailProvider {
+    let config = EmailConfig {
+        smtp_host: Some(host.to_string()),
+        smtp_port: Some(port),
+        security: SmtpSecurity::None,
+        pool_size,
+        ..EmailConfig::default()
+    };
+    EmailProvider::new("smtp".into(), &config).expect("provider")
+}
+
+fn message(i: usize) -> OutboundMessage {
+    OutboundMessage {
+        notification_id: Uuid::now_v7(),
+        contacts: Contacts {
+            email: Some(format!("customer-{i}@example.com")),
+            ..Contacts::default()
+        },
+        content: Content {
+            subject: Some(format!("Order #{i}")),
+            text: format!("Your order #{i} is confirmed."),
+            html: None,
+            short: None,
+            template: None,
+        },
+        category: "transactional",
+    }
+}
+
+#[tokio::test]
+async fn one_connection_carries_many_messages_without_a_noop_before_each() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 4);
+    for i in 0..20 {
+        email.send(&message(i)).await.expect("sent");
+    }
+    assert_eq!(sink.count(), 20);
+    assert_eq!(sink.connection_count(), 1, "one connection, reused");
+    assert_eq!(sink.noop_count(), 0, "no NOOP check between messages");
+}
+
+#[tokio::test]
+async fn concurrent_sends_never_open_more_connections_than_the_pool_size() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 3);
+    let sends = (0..40).map(|i| {
+        let email = &email;
+        async move { email.send(&message(i)).await }
+    });
+    let results = futures::future::join_all(sends).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(sink.count(), 40);
+    assert!(
+        sink.connection_count() <= 3,
+        "{} connections for a pool of 3",
+        sink.connection_count()
+    );
+}
+
+#[tokio::test]
+async fn after_a_refused_message_the_next_goes_through_on_a_fresh_session() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    email.send(&message(0)).await.expect("first sent");
+    sink.set_reject_next(1, 550, "5.1.1 no such user");
+    let refused = email.send(&message(1)).await;
+    assert!(
+        matches!(refused, Err(ProviderError::Permanent { .. })),
+        "{refused:?}"
+    );
+    email.send(&message(2)).await.expect("next sent");
+    let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
+    assert_eq!(
+        subjects,
+        vec![Some("Order #0".to_string()), Some("Order #2".to_string())]
+    );
+    assert_eq!(
+        sink.connection_count(),
+        2,
+        "the refused session was closed, not reused"
+    );
+}
+
+/// An SMTP server that greets and answers EHLO, then never answers another command; counts the
+/// connections it accepted.
+async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (connections, seen) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            connections.send_modify(|n| *n += 1);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 stall ESMTP\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.to_ascii_uppercase().starts_with("EHLO") {
+                        let _ = write.write_all(b"250 stall\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_send_cut_short_by_its_timeout_does_not_leave_its_connection_to_the_next() {
+    let (port, mut connections) = stalling_server().await;
+    let email = provider("127.0.0.1", port, 1);
+    for attempt in 1..=2 {
+        let outbound = message(attempt);
+        let cut = tokio::time::timeout(Duration::from_millis(300), email.send(&outbound)).await;
+        assert!(cut.is_err(), "attempt {attempt} should have stalled");
+    }
+    // With the first session reused, the second MAIL FROM would have been written into it (and
+    // answered later by the reply meant for the first); a fresh session is a second connection.
+    tokio::time::timeout(Duration::from_secs(5), connections.wait_for(|n| *n >= 2))
+        .await
+        .expect("a second connection for the second message")
+        .expect("server running");
+}
