@@ -215,6 +215,17 @@ async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// When the last notification was sent (the latest `sent_at`), if any was.
+pub async fn last_sent_at(db: &DatabaseConnection) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let last: Option<Option<DateTime<Utc>>> = notification::Entity::find()
+        .select_only()
+        .column_as(notification::Column::SentAt.max(), "last")
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(last.flatten())
+}
+
 /// Accept → sent latency over every sent notification, read in pages.
 pub async fn latency_percentiles(db: &DatabaseConnection) -> anyhow::Result<Percentiles> {
     let mut histogram = Histogram::<u64>::new(3)?;

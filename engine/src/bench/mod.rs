@@ -211,6 +211,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         crate::app::redact(&database)
     );
     let started = Instant::now();
+    let started_at = chrono::Utc::now();
     let load = {
         let args = args.clone();
         let base = format!("http://{}", herald.http_addr());
@@ -218,7 +219,14 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let nats_url = nats_url.clone();
         tokio::spawn(async move { load::generate(&args, &db, &nats_url, &base).await })
     };
-    let progress = await_sent(&args, &herald, &db, load, started).await?;
+    let mut progress = await_sent(&args, &herald, &db, load, started).await?;
+    // The poll that noticed the end is up to `POLL` late; the last send's own time is exact.
+    if let Some(last) = load::last_sent_at(&db).await? {
+        let exact = (last - started_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        if exact > 0.0 {
+            progress.seconds = exact;
+        }
+    }
     let latency_ms = load::latency_percentiles(&db).await?;
     if let Some(path) = &args.metrics {
         save_metrics(&format!("http://{}/metrics", herald.http_addr()), path).await?;
@@ -281,7 +289,7 @@ fn warn_about_rate_limits(args: &BenchArgs) {
 /// How the run went until every accepted notification was `sent`.
 struct Progress {
     outcome: LoadOutcome,
-    /// Load start → last `sent` persisted.
+    /// Load start → the last notification sent (its recorded `sent_at`).
     seconds: f64,
     /// Load start → load finished.
     accepted_secs: f64,
