@@ -217,7 +217,10 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let base = format!("http://{}", herald.http_addr());
         let db = db.clone();
         let nats_url = nats_url.clone();
-        tokio::spawn(async move { load::generate(&args, &db, &nats_url, &base).await })
+        tokio::spawn(async move {
+            let outcome = load::generate(&args, &db, &nats_url, &base).await;
+            outcome.map(|outcome| (outcome, started.elapsed()))
+        })
     };
     let mut progress = await_sent(&args, &herald, &db, load, started).await?;
     // The poll that noticed the end is up to `POLL` late; the last send's own time is exact.
@@ -302,7 +305,7 @@ async fn await_sent(
     args: &BenchArgs,
     herald: &Herald,
     db: &DatabaseConnection,
-    mut load: tokio::task::JoinHandle<anyhow::Result<LoadOutcome>>,
+    mut load: tokio::task::JoinHandle<anyhow::Result<(LoadOutcome, Duration)>>,
     started: Instant,
 ) -> anyhow::Result<Progress> {
     let bar = progress_bar(args.total());
@@ -322,7 +325,7 @@ async fn await_sent(
             next_sample += args.sample_every;
         }
         if finished.is_none() && load.is_finished() {
-            finished = Some(((&mut load).await.context("load task")??, started.elapsed()));
+            finished = Some((&mut load).await.context("load task")??);
         }
         if let Some((outcome, accepted_after)) =
             finished.take_if(|(outcome, _)| sent >= outcome.accepted)
