@@ -131,11 +131,6 @@ impl SmtpPool {
         checkout.release();
         Ok(reply)
     }
-
-    /// Connections open now (idle or in use).
-    pub fn open(&self) -> usize {
-        self.pool.status().size
-    }
 }
 
 /// A connection taken from the pool. It goes back only through [`Checkout::release`], after a
