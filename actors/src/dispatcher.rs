@@ -415,6 +415,17 @@ mod tests {
         }
     }
 
+    /// Starts a loop for `partition` with one delivery under way; dropping the token ends it.
+    fn start_with_delivery(
+        loops: &mut PartitionLoops,
+        partition: u32,
+    ) -> tokio_util::task::task_tracker::TaskTrackerToken {
+        let running = running_loop();
+        let delivery = running.deliveries.token();
+        loops.running.insert(partition, running);
+        delivery
+    }
+
     async fn assert_waits_for(loops: Vec<PartitionLoop>, delivery: impl FnOnce()) {
         let mut finished = Box::pin(futures::future::join_all(
             loops.into_iter().map(PartitionLoop::finished),
@@ -435,8 +446,7 @@ mod tests {
     async fn a_drain_after_an_assign_without_the_partition_still_waits_for_its_deliveries() {
         let mut loops = PartitionLoops::default();
         loops.running.insert(1, running_loop());
-        loops.running.insert(7, running_loop());
-        let delivery = loops.running[&7].deliveries.token();
+        let delivery = start_with_delivery(&mut loops, 7);
 
         // The lease keeper's round stops pulling 7 before its drain request arrives.
         loops.retain(&BTreeSet::from([1]));
@@ -451,12 +461,10 @@ mod tests {
     #[tokio::test]
     async fn a_drain_waits_for_every_generation_of_the_partition() {
         let mut loops = PartitionLoops::default();
-        loops.running.insert(3, running_loop());
-        let first = loops.running[&3].deliveries.token();
+        let first = start_with_delivery(&mut loops, 3);
         loops.retain(&BTreeSet::new());
         // Assigned again while the first loop's delivery still runs.
-        loops.running.insert(3, running_loop());
-        let second = loops.running[&3].deliveries.token();
+        let second = start_with_delivery(&mut loops, 3);
 
         let draining = loops.drain(3);
         assert_eq!(draining.len(), 2);
@@ -467,8 +475,7 @@ mod tests {
     #[tokio::test]
     async fn stopped_loops_are_forgotten_once_done() {
         let mut loops = PartitionLoops::default();
-        loops.running.insert(2, running_loop());
-        let delivery = loops.running[&2].deliveries.token();
+        let delivery = start_with_delivery(&mut loops, 2);
         loops.retain(&BTreeSet::new());
         loops.retain(&BTreeSet::new());
         assert_eq!(loops.stopped.len(), 1, "kept while its delivery runs");
