@@ -215,20 +215,18 @@ async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// When the last notification was sent (the latest `sent_at`), if any was.
-pub async fn last_sent_at(db: &DatabaseConnection) -> anyhow::Result<Option<DateTime<Utc>>> {
-    let last: Option<Option<DateTime<Utc>>> = notification::Entity::find()
-        .select_only()
-        .column_as(notification::Column::SentAt.max(), "last")
-        .into_tuple()
-        .one(db)
-        .await?;
-    Ok(last.flatten())
+/// What the sent notifications' recorded times say.
+pub struct SentTimes {
+    /// Accept → sent latency over every sent notification.
+    pub latency_ms: Percentiles,
+    /// When the last one was sent.
+    pub last: Option<DateTime<Utc>>,
 }
 
-/// Accept → sent latency over every sent notification, read in pages.
-pub async fn latency_percentiles(db: &DatabaseConnection) -> anyhow::Result<Percentiles> {
+/// Reads every sent notification's `created_at`/`sent_at` once, in pages.
+pub async fn sent_times(db: &DatabaseConnection) -> anyhow::Result<SentTimes> {
     let mut histogram = Histogram::<u64>::new(3)?;
+    let mut last: Option<DateTime<Utc>> = None;
     let mut after: Option<Uuid> = None;
     loop {
         let mut query = notification::Entity::find()
@@ -246,14 +244,18 @@ pub async fn latency_percentiles(db: &DatabaseConnection) -> anyhow::Result<Perc
         }
         let page: Vec<(Uuid, DateTime<Utc>, Option<DateTime<Utc>>)> =
             query.into_tuple().all(db).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.0);
+        let Some(end) = page.last() else { break };
+        after = Some(end.0);
         for (_, created, sent) in &page {
             if let Some(sent) = sent {
                 let micros = (*sent - *created).num_microseconds().unwrap_or(0).max(0) as u64;
                 histogram.record(micros.max(1))?;
+                last = last.max(Some(*sent));
             }
         }
     }
-    Ok(Percentiles::from_micros(&histogram))
+    Ok(SentTimes {
+        latency_ms: Percentiles::from_micros(&histogram),
+        last,
+    })
 }

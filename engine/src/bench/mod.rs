@@ -222,29 +222,28 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
             outcome.map(|outcome| (outcome, started.elapsed()))
         })
     };
-    let mut progress = await_sent(&args, &herald, &db, load, started).await?;
+    let progress = await_sent(&args, &herald, &db, load, started).await?;
+    let sent = load::sent_times(&db).await?;
     // The poll that noticed the end is up to `POLL` late; the last send's own time is exact.
-    if let Some(last) = load::last_sent_at(&db).await? {
-        let exact = (last - started_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        if exact > 0.0 {
-            progress.seconds = exact;
-        }
-    }
-    let latency_ms = load::latency_percentiles(&db).await?;
+    let seconds = sent
+        .last
+        .and_then(|last| (last - started_at).to_std().ok())
+        .filter(|exact| !exact.is_zero())
+        .map_or(progress.seconds, |exact| exact.as_secs_f64());
     if let Some(path) = &args.metrics {
         save_metrics(&format!("http://{}/metrics", herald.http_addr()), path).await?;
     }
     herald.shutdown().await?;
-    let throughput = progress.outcome.accepted as f64 / progress.seconds;
+    let throughput = progress.outcome.accepted as f64 / seconds;
     let report = BenchReport {
         notifications: progress.outcome.accepted,
         customers: args.customers,
         via: args.via,
         database: database.split(':').next().unwrap_or_default().to_string(),
-        seconds: progress.seconds,
+        seconds,
         notifications_per_sec: throughput,
         accepted_per_sec: progress.outcome.accepted as f64 / progress.accepted_secs,
-        latency_ms,
+        latency_ms: sent.latency_ms,
         peak_rss_mib: memory::peak_rss_mib(),
         jetstream_reference_per_sec: reference,
         share_of_reference: reference.map(|r| throughput / r),
@@ -292,7 +291,7 @@ fn warn_about_rate_limits(args: &BenchArgs) {
 /// How the run went until every accepted notification was `sent`.
 struct Progress {
     outcome: LoadOutcome,
-    /// Load start → the last notification sent (its recorded `sent_at`).
+    /// Load start → the poll that saw every notification sent (up to `POLL` late).
     seconds: f64,
     /// Load start → load finished.
     accepted_secs: f64,
