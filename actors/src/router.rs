@@ -19,6 +19,7 @@ use herald_entities::{
     NotificationStatus, customer, notification,
     repo::{
         self,
+        insert_queue::InsertQueue,
         notifications::{Inserted, NewNotification},
     },
 };
@@ -53,6 +54,8 @@ pub enum RouterMsg {
 pub struct RouterContext {
     /// Database pool (customers, notifications).
     pub db: DatabaseConnection,
+    /// Stores new notifications (group commit with the API's).
+    pub inserts: InsertQueue,
     /// Publisher (send commands, dead letters).
     pub publisher: Publisher,
     /// The rules in force.
@@ -242,10 +245,7 @@ async fn notify(
     let (content, _) = templates::render(&rule.template, &customer.locale, &vars)
         .map_err(|e| Failure::DeadLetter(e.to_string()))?;
     let row = new_notification(ctx, event, rule, &customer, content);
-    match repo::notifications::insert(&ctx.db, row)
-        .await
-        .map_err(|e| retry(&e))?
-    {
+    match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
         Inserted::New(stored) | Inserted::Duplicate(stored) => {
             publish_if_queued(ctx, &stored).await
         }

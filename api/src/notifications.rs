@@ -276,7 +276,7 @@ impl NotificationsApi {
         let new = accepted.row();
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
-        match repo::insert(&self.state.db, new).await? {
+        match self.state.inserts.insert(new).await? {
             Inserted::Duplicate(existing) => Ok(SendResponse::Repeated(Json(Accepted {
                 id: existing.id,
                 status: existing.status.as_str().into(),

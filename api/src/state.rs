@@ -12,6 +12,8 @@ use sea_orm::DatabaseConnection;
 pub struct AppState {
     /// Database pool.
     pub db: DatabaseConnection,
+    /// Stores new notifications (group commit with the Router's).
+    pub inserts: herald_entities::repo::insert_queue::InsertQueue,
     /// NATS publisher.
     pub publisher: Publisher,
     /// Channel chain used when a request names none, per category.

@@ -20,6 +20,7 @@ use herald_actors::{
     templates::runtime::RuntimeTemplates,
 };
 use herald_api::AppState;
+use herald_entities::repo::insert_queue::InsertQueue;
 use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Publisher, StreamSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -114,9 +115,12 @@ impl Herald {
         .context("cannot open the partition lease bucket")?;
         tracing::info!(%instance, "joining as cluster member");
 
+        // One writer for new notifications, shared by the API and the Router (group commit).
+        let inserts = InsertQueue::start(db.clone());
         let engine = start_engine(
             &config,
             db.clone(),
+            inserts.clone(),
             publisher.clone(),
             provisioned,
             leases,
@@ -133,6 +137,7 @@ impl Herald {
         let state = AppState {
             auth,
             db,
+            inserts,
             publisher,
             engine: Arc::new(crate::engine_view::LiveEngine {
                 channels: engine.channels.clone(),
@@ -267,6 +272,7 @@ impl Herald {
 async fn start_engine(
     config: &Config,
     db: DatabaseConnection,
+    inserts: InsertQueue,
     publisher: Publisher,
     consumers: herald_nats::Provisioned,
     leases: herald_nats::LeaseTable,
@@ -303,7 +309,7 @@ async fn start_engine(
             config.templates.settings(),
         )),
     });
-    let router = router_args(config, &db, &publisher, consumers.router, &intake)?;
+    let router = router_args(config, &db, inserts, &publisher, consumers.router, &intake)?;
     let publisher_js = publisher.jetstream().clone();
     let outbox_relay = herald_actors::outbox_relay::OutboxRelayArgs {
         db: db.clone(),
@@ -399,12 +405,14 @@ const ROUTER_IN_FLIGHT: usize = 256;
 fn router_args(
     config: &Config,
     db: &DatabaseConnection,
+    inserts: InsertQueue,
     publisher: &Publisher,
     consumer: async_nats::jetstream::consumer::PullConsumer,
     intake: &CancellationToken,
 ) -> anyhow::Result<herald_actors::router::RouterArgs> {
     let context = herald_actors::router::RouterContext {
         db: db.clone(),
+        inserts,
         publisher: publisher.clone(),
         rules: config.routing_rules()?,
         default_chains: config.default_chains()?,

@@ -6,6 +6,7 @@ pub mod batches;
 pub mod customers;
 pub mod dead_letters;
 pub mod history;
+pub mod insert_queue;
 pub mod notifications;
 pub mod orders;
 pub mod outbox;
@@ -19,7 +20,7 @@ pub mod templates;
 use sea_orm::DbErr;
 
 /// What can go wrong in a query.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RepoError {
     /// The database refused or could not be reached.
     #[error("database error: {0}")]
@@ -32,4 +33,7 @@ pub enum RepoError {
         /// The decoder's reason.
         reason: String,
     },
+    /// The [`insert_queue::InsertQueue`]'s writer task is gone (the process is shutting down).
+    #[error("the notification writer has stopped")]
+    WriterStopped,
 }

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, sea_query::OnConflict,
 };
 use uuid::Uuid;
 
@@ -46,28 +46,34 @@ pub enum Inserted {
 }
 
 /// Stores a new notification. A repeated request id is detected by the unique constraint (not by a
-/// check before inserting), so concurrent duplicates resolve to one row.
+/// check before inserting), so concurrent duplicates resolve to one row. The conflict is skipped
+/// (`ON CONFLICT (request_id) DO NOTHING`) rather than raised, so this can run inside a larger
+/// transaction (see [`super::insert_queue`]) without aborting it on PostgreSQL.
 pub async fn insert(
     db: &impl ConnectionTrait,
     new: NewNotification,
 ) -> Result<Inserted, RepoError> {
     let request_id = new.request_id.clone();
-    let row = active(new);
-    match notification::Entity::insert(row)
+    let skip_repeats = OnConflict::column(notification::Column::RequestId)
+        .do_nothing()
+        .to_owned();
+    match notification::Entity::insert(active(new))
+        .on_conflict(skip_repeats)
         .exec_with_returning(db)
         .await
     {
-        Ok(model) => Ok(Inserted::New(model)),
-        Err(err) => match (err.sql_err(), request_id) {
-            (Some(SqlErr::UniqueConstraintViolation(_)), Some(request_id)) => {
-                match find_by_request_id(db, &request_id).await? {
-                    Some(existing) => Ok(Inserted::Duplicate(existing)),
-                    None => Err(err.into()),
-                }
-            }
-            _ => Err(err.into()),
-        },
+        Ok(model) => return Ok(Inserted::New(model)),
+        // `DO NOTHING` skipped the row, so `RETURNING` gave none back (SeaORM reports either).
+        Err(DbErr::RecordNotFound(_) | DbErr::RecordNotInserted) => {}
+        Err(err) => return Err(err.into()),
     }
+    let existing = match request_id {
+        Some(request_id) => find_by_request_id(db, &request_id).await?,
+        None => None,
+    };
+    existing
+        .map(Inserted::Duplicate)
+        .ok_or_else(|| DbErr::RecordNotInserted.into())
 }
 
 /// Stores many new notifications in multi-row INSERTs (bulk and bench paths; no request ids).

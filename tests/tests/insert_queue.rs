@@ -1,0 +1,174 @@
+//! The group-commit writer of new notifications against the suite's database (SQLite or
+//! PostgreSQL, as `HERALD_TEST_DB` says): concurrent callers each get their own answer, a repeated
+//! request id resolves to one row even within one batch, a row that breaks a constraint fails
+//! alone, and an unavailable database fails every waiting caller and stores nothing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use herald_entities::repo::insert_queue::InsertQueue;
+use herald_entities::repo::notifications::{Inserted, NewNotification};
+use herald_entities::{NotificationStatus, RepoError, notification};
+use herald_tests::{DatabaseOutage, TestDatabase};
+use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
+use serde_json::json;
+use uuid::Uuid;
+
+/// How long one insert may take before the test reports it stuck.
+const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn migrated(url: &str) -> DatabaseConnection {
+    let mut config = herald_engine::Config::default();
+    config.database.url = url.to_string();
+    herald_engine::app::migrate(&config)
+        .await
+        .expect("database migrated")
+}
+
+fn row(request_id: Option<String>) -> NewNotification {
+    NewNotification {
+        id: Uuid::now_v7(),
+        request_id,
+        customer_id: None,
+        recipient_key: "ada@example.com".into(),
+        contacts: json!({"email": "ada@example.com"}),
+        category: "transactional".into(),
+        channels: json!(["email"]),
+        content: json!({"text": "Your order shipped."}),
+        status: NotificationStatus::Queued,
+        scheduled_at: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
+async fn insert_all(
+    queue: &InsertQueue,
+    rows: Vec<NewNotification>,
+) -> Vec<Result<Inserted, RepoError>> {
+    let inserts = rows.into_iter().map(|row| {
+        let queue = queue.clone();
+        async move {
+            tokio::time::timeout(INSERT_TIMEOUT, queue.insert(row))
+                .await
+                .expect("an insert answers")
+        }
+    });
+    join_all(inserts).await
+}
+
+async fn stored(db: &DatabaseConnection) -> u64 {
+    notification::Entity::find()
+        .count(db)
+        .await
+        .expect("rows counted")
+}
+
+#[tokio::test]
+async fn concurrent_callers_get_one_row_per_request_id() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await;
+    let queue = InsertQueue::start(db.clone());
+
+    // 100 request ids, each sent three times at once (so repeats meet within one batch), and 50
+    // rows without a request id.
+    let mut rows: Vec<_> = (0..300)
+        .map(|i| row(Some(format!("order-{}", i % 100))))
+        .collect();
+    rows.extend((0..50).map(|_| row(None)));
+    let outcomes = insert_all(&queue, rows).await;
+
+    let mut per_request: HashMap<String, (Vec<Uuid>, Vec<Uuid>)> = HashMap::new();
+    let mut anonymous = 0;
+    for outcome in outcomes {
+        match outcome.expect("every insert succeeds") {
+            Inserted::New(model) if model.request_id.is_none() => anonymous += 1,
+            Inserted::New(model) => {
+                let key = model.request_id.clone().expect("request id");
+                per_request.entry(key).or_default().0.push(model.id);
+            }
+            Inserted::Duplicate(model) => {
+                let key = model.request_id.clone().expect("request id");
+                per_request.entry(key).or_default().1.push(model.id);
+            }
+        }
+    }
+    assert_eq!(anonymous, 50, "rows without a request id are all new");
+    assert_eq!(per_request.len(), 100, "every request id answered");
+    for (request_id, (new, duplicates)) in &per_request {
+        assert_eq!(new.len(), 1, "{request_id}: exactly one caller stored it");
+        assert_eq!(
+            duplicates.len(),
+            2,
+            "{request_id}: the repeats are duplicates"
+        );
+        assert!(
+            duplicates.iter().all(|id| *id == new[0]),
+            "{request_id}: the duplicates name the stored row"
+        );
+    }
+    assert_eq!(
+        stored(&db).await,
+        150,
+        "one row per request id, plus the anonymous ones"
+    );
+}
+
+#[tokio::test]
+async fn a_row_that_breaks_a_constraint_fails_alone() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await;
+    let queue = InsertQueue::start(db.clone());
+    let first = row(Some("first".into()));
+    let taken_id = first.id;
+    assert!(matches!(
+        queue.insert(first).await.expect("first stored"),
+        Inserted::New(_)
+    ));
+
+    // A different request id under an id already taken: a primary key violation, not a repeat.
+    let mut clash = row(Some("clash".into()));
+    clash.id = taken_id;
+    let mut rows: Vec<_> = (0..20).map(|i| row(Some(format!("fine-{i}")))).collect();
+    rows.insert(10, clash);
+    let outcomes = insert_all(&queue, rows).await;
+
+    let (failed, fine): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_err);
+    assert_eq!(failed.len(), 1, "only the clashing row fails");
+    assert!(
+        fine.iter()
+            .all(|outcome| matches!(outcome, Ok(Inserted::New(_)))),
+        "the other rows are stored"
+    );
+    match &failed[0] {
+        Err(RepoError::Db(err)) => assert!(err.sql_err().is_some(), "a constraint error: {err}"),
+        other => panic!("expected a database error, got {other:?}"),
+    }
+    assert_eq!(stored(&db).await, 21);
+}
+
+#[tokio::test]
+async fn an_unavailable_database_fails_every_waiting_caller_and_stores_nothing() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let mut outage = DatabaseOutage::new(&database).await.expect("outage setup");
+    let db = migrated(outage.url()).await;
+    let queue = InsertQueue::start(db.clone());
+
+    outage.begin().await.expect("outage begins");
+    let rows: Vec<_> = (0..10).map(|i| row(Some(format!("during-{i}")))).collect();
+    let outcomes = insert_all(&queue, rows).await;
+    for outcome in &outcomes {
+        assert!(
+            matches!(outcome, Err(RepoError::Db(_))),
+            "an insert during the outage fails: {outcome:?}"
+        );
+    }
+    outage.end().await.expect("outage ends");
+
+    let after = queue
+        .insert(row(Some("after".into())))
+        .await
+        .expect("stored after the outage");
+    assert!(matches!(after, Inserted::New(_)));
+    assert_eq!(stored(&db).await, 1, "nothing of the outage was stored");
+}
