@@ -23,10 +23,7 @@ use herald_entities::{
         notifications::{Inserted, NewNotification},
     },
 };
-use herald_nats::{
-    Category, Channel, Contacts, Content, DeadLetterHeaders, DomainEvent, Publisher,
-    SCHEMA_VERSION, SendCommand,
-};
+use herald_nats::{Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -288,39 +285,12 @@ async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Re
     if row.status != NotificationStatus::Queued {
         return Ok(());
     }
-    let command = command_from_row(row).map_err(Failure::DeadLetter)?;
+    let command = repo::notifications::send_command(row)
+        .map_err(|e| Failure::DeadLetter(format!("notification {}: {e}", row.id)))?;
     ctx.publisher
         .publish_command(&row.recipient_key, &command)
         .await
         .map_err(|e| Failure::Retry(e.to_string()))
-}
-
-/// The send command of a stored notification.
-fn command_from_row(row: &notification::Model) -> Result<SendCommand, String> {
-    let contacts: Contacts = column(row, "contacts", &row.contacts)?;
-    let channels: Vec<Channel> = column(row, "channels", &row.channels)?;
-    let content: Content = column(row, "content", &row.content)?;
-    let category = Category::parse(&row.category)
-        .ok_or_else(|| format!("notification {}: bad category {:?}", row.id, row.category))?;
-    Ok(SendCommand {
-        v: SCHEMA_VERSION,
-        notification_id: row.id,
-        customer_id: row.customer_id.clone(),
-        contacts,
-        category,
-        channels,
-        content,
-        created_at: row.created_at,
-    })
-}
-
-fn column<T: serde::de::DeserializeOwned>(
-    row: &notification::Model,
-    name: &str,
-    value: &serde_json::Value,
-) -> Result<T, String> {
-    serde_json::from_value(value.clone())
-        .map_err(|e| format!("notification {}: bad {name}: {e}", row.id))
 }
 
 /// A message to dead-letter.

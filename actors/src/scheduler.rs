@@ -26,7 +26,7 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand,
+    Contacts, Publisher, SCHEMA_VERSION, SendCommand,
     batch::{BatchSpec, BatchTarget, batch_notification_id},
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -212,7 +212,7 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     let mut unreadable = Vec::new();
     let mut commands = Vec::new();
     for row in &rows {
-        match command_from_row(row) {
+        match repo::notifications::send_command(row).map_err(|e| e.to_string()) {
             Ok(command) => commands.push((row.recipient_key.clone(), command)),
             Err(reason) => unreadable.push(StatusChange {
                 reason: Some(format!("scheduled notification unreadable: {reason}")),
@@ -263,28 +263,6 @@ async fn publish_all(
         }
     }
     (published, failed)
-}
-
-/// Rebuilds the send command of a stored notification.
-pub fn command_from_row(row: &notification::Model) -> Result<SendCommand, String> {
-    let category = Category::parse(&row.category)
-        .ok_or_else(|| format!("unknown category {:?}", row.category))?;
-    let channels: Vec<Channel> =
-        serde_json::from_value(row.channels.clone()).map_err(|e| format!("channels: {e}"))?;
-    let contacts: Contacts =
-        serde_json::from_value(row.contacts.clone()).map_err(|e| format!("contacts: {e}"))?;
-    let content: Content =
-        serde_json::from_value(row.content.clone()).map_err(|e| format!("content: {e}"))?;
-    Ok(SendCommand {
-        v: SCHEMA_VERSION,
-        notification_id: row.id,
-        customer_id: row.customer_id.clone(),
-        contacts,
-        category,
-        channels,
-        content,
-        created_at: row.created_at,
-    })
 }
 
 async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {

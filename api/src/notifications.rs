@@ -254,8 +254,11 @@ impl NotificationsApi {
     ///
     /// Validates the request, stores the notification as `queued`, publishes its send command to
     /// NATS and answers 202 with its id. A repeated `request_id` (or `Idempotency-Key` header)
-    /// answers 200 with the original notification and sends nothing. If NATS or the database is
-    /// unavailable nothing is accepted (503): retry with the same request id.
+    /// answers 200 with the original notification and sends nothing new; if the original is still
+    /// `queued`, its command is published again (JetStream drops it when the first publish
+    /// arrived), so a retry completes a send whose first attempt stopped between storing and
+    /// publishing. If NATS or the database is unavailable nothing is accepted (503): retry with
+    /// the same request id.
     #[oai(path = "/notifications", method = "post")]
     async fn send(
         &self,
@@ -277,10 +280,15 @@ impl NotificationsApi {
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
         match self.state.inserts.insert(new).await? {
-            Inserted::Duplicate(existing) => Ok(SendResponse::Repeated(Json(Accepted {
-                id: existing.id,
-                status: existing.status.as_str().into(),
-            }))),
+            Inserted::Duplicate(existing) => {
+                if existing.status == NotificationStatus::Queued {
+                    publish_again(&self.state, &existing).await?;
+                }
+                Ok(SendResponse::Repeated(Json(Accepted {
+                    id: existing.id,
+                    status: existing.status.as_str().into(),
+                })))
+            }
             Inserted::New(row) if scheduled => {
                 metrics::counter!("herald_notifications_scheduled_total").increment(1);
                 Ok(SendResponse::Accepted(Json(Accepted {
@@ -334,6 +342,22 @@ impl NotificationsApi {
             .await
             .map(Json)
     }
+}
+
+/// Publishes a stored `queued` notification's command again: its first request may have stopped
+/// between storing and publishing (a crash, a dropped connection, NATS and the database failing
+/// together). A command that did arrive is dropped by JetStream's de-duplication within its
+/// window, and after it by the dispatcher's status check.
+async fn publish_again(state: &AppState, row: &notification::Model) -> Result<(), ApiError> {
+    let command = repo::send_command(row).map_err(|err| ApiError::internal(&err))?;
+    state
+        .publisher
+        .publish_command(&row.recipient_key, &command)
+        .await
+        .map_err(|err| {
+            tracing::warn!(id = %row.id, error = %err, "cannot publish a repeated request");
+            ApiError::unavailable("the message queue is unavailable; retry later")
+        })
 }
 
 /// A notification with its attempts; 404 when there is none. Shared by the API and the dashboard.

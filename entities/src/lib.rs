@@ -1,7 +1,8 @@
 //! Herald's SeaORM entities and the queries on them.
 //!
 //! Entities are the database's shape; wire types (NATS envelopes, API bodies) live elsewhere and are
-//! converted at the edges. Queries are grouped per table in [`repo`].
+//! converted at the edges (a stored notification's send command is rebuilt in one place,
+//! [`repo::notifications::send_command`], for the Router, the scheduler and the API). Queries are grouped per table in [`repo`].
 
 pub mod api_key;
 pub mod batch;

@@ -140,6 +140,54 @@ async fn a_repeated_request_id_answers_the_original_and_sends_once() {
 }
 
 #[tokio::test]
+async fn a_retry_sends_a_notification_stored_but_never_published() {
+    use herald_entities::{NotificationStatus, repo::notifications};
+    let w = world().await;
+    // A first request that stopped between storing its row and publishing its command (the
+    // process died, or the connection dropped mid-request).
+    let stored = notifications::NewNotification {
+        id: uuid::Uuid::now_v7(),
+        request_id: Some("order-2002-confirmation".into()),
+        customer_id: None,
+        recipient_key: "hopper@example.com".into(),
+        contacts: json!({ "email": "hopper@example.com" }),
+        category: "transactional".into(),
+        channels: json!(["email"]),
+        content: json!({ "subject": "Your order #2002 is confirmed", "text": "Thanks." }),
+        status: NotificationStatus::Queued,
+        scheduled_at: None,
+        created_at: chrono::Utc::now(),
+    };
+    let id = stored.id.to_string();
+    notifications::insert(w.herald.db(), stored)
+        .await
+        .expect("row stored");
+
+    let (status, again) = w
+        .herald
+        .send(&order_email(
+            "hopper@example.com",
+            Some("order-2002-confirmation"),
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(
+        again["id"],
+        id.as_str(),
+        "the retry names the stored notification"
+    );
+    w.herald.wait_status(&id, "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["hopper@example.com".to_string()]);
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order #2002 is confirmed"),
+        "the stored content is sent, not the retry's"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn bad_input_gets_a_clear_error_in_one_shape() {
     let w = world().await;
     let mut bad_email = order_email("not-an-address", None);

@@ -1,6 +1,7 @@
 //! Queries on `notifications` and their attempts.
 
 use chrono::{DateTime, Utc};
+use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, sea_query::OnConflict,
@@ -74,6 +75,34 @@ pub async fn insert(
     existing
         .map(Inserted::Duplicate)
         .ok_or_else(|| DbErr::RecordNotInserted.into())
+}
+
+/// Rebuilds the send command of a stored notification (to publish it again, or when it is due).
+pub fn send_command(row: &notification::Model) -> Result<SendCommand, RepoError> {
+    let category = Category::parse(&row.category).ok_or_else(|| RepoError::Json {
+        column: "category",
+        reason: format!("unknown category {:?}", row.category),
+    })?;
+    Ok(SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        customer_id: row.customer_id.clone(),
+        contacts: json_column("contacts", &row.contacts)?,
+        category,
+        channels: json_column("channels", &row.channels)?,
+        content: json_column("content", &row.content)?,
+        created_at: row.created_at,
+    })
+}
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    column: &'static str,
+    value: &serde_json::Value,
+) -> Result<T, RepoError> {
+    serde_json::from_value(value.clone()).map_err(|e| RepoError::Json {
+        column,
+        reason: e.to_string(),
+    })
 }
 
 /// Stores many new notifications in multi-row INSERTs (bulk and bench paths; no request ids).
