@@ -2,7 +2,8 @@
 //!
 //! Entities are the database's shape; wire types (NATS envelopes, API bodies) live elsewhere and are
 //! converted at the edges (a stored notification's send command is rebuilt in one place,
-//! [`repo::notifications::send_command`], for the Router, the scheduler and the API). Queries are grouped per table in [`repo`].
+//! [`repo::notifications::send_command`], for the Router, the scheduler and the API). Queries are
+//! grouped per table in [`repo`].
 
 pub mod api_key;
 pub mod batch;

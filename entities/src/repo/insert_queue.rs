@@ -2,11 +2,11 @@
 //!
 //! Every API send and every routed event stores one notification. Committed one transaction per
 //! row, they queue for SQLite's single write lock: measured on 2 cores with 2,000 API sends/s
-//! offered, an insert took 28–32 ms on average and the API fell behind, at 1,370–1,570 sends/s
-//! (with this queue, in the same runs: 14–23 ms and 1,730–2,000 sends/s). An [`InsertQueue`]
-//! hands the rows to one task that stores everything waiting in one transaction: a commit serves
-//! every caller that arrived while the previous one ran, with no timer, so an idle queue adds no
-//! delay. On PostgreSQL the WAL is flushed once per batch instead of once per row.
+//! offered, an insert took 28–32 ms on average and the API fell behind at 1,293–1,333 sends/s
+//! (with this queue, interleaved: 1,763–1,998 sends/s). An [`InsertQueue`] hands the rows to one
+//! task that stores everything waiting in one transaction: a commit serves every caller that
+//! arrived while the previous one ran, with no timer, so an idle queue adds no delay. On
+//! PostgreSQL the WAL is flushed once per batch instead of once per row.
 //!
 //! Each row is inserted with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id
 //! (also one repeated within a batch) answers [`Inserted::Duplicate`] without aborting the
