@@ -274,6 +274,8 @@ fn new_notification(
         content: serde_json::to_value(&content).unwrap_or_default(),
         status: NotificationStatus::Queued,
         scheduled_at: None,
+        // A redelivered event publishes a command that never went out; no mark is needed.
+        status_reason: None,
         created_at: Utc::now(),
     }
 }

@@ -5,8 +5,10 @@
 //! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
 //!    instances never both take one), publishes their commands rebuilt from the row, then clears
 //!    the claim mark; a failed publish gives the claim back. Claims left unconfirmed by an
-//!    instance that stopped mid-way are published again after `stale_claim_secs`
-//!    (`Nats-Msg-Id` de-duplication drops the copy if the first one did go out);
+//!    instance that stopped mid-way, and API sends still marked as not yet published (their
+//!    request stopped between storing and publishing), are published again after
+//!    `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did go
+//!    out);
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
 //!    left alone) and published, then the batch's cursor advances — a page redone after a restart
@@ -45,7 +47,8 @@ pub struct SchedulerSettings {
     pub poll_interval_ms: u64,
     /// Scheduled notifications claimed per round at most.
     pub claim_limit: u64,
-    /// Seconds after which an unconfirmed claim is published again.
+    /// Seconds after which an unconfirmed claim or API send is published again; below
+    /// `nats.dedup_window_secs`, so that the copy of a command that did go out is dropped.
     pub stale_claim_secs: u64,
     /// Recipients per bulk page.
     pub bulk_page_size: u64,

@@ -3,7 +3,10 @@
 use chrono::{DateTime, Utc};
 use herald_entities::{
     NotificationStatus, delivery_attempt, notification,
-    repo::notifications::{self as repo, Inserted, NewNotification},
+    repo::{
+        notifications::{self as repo, Inserted, NewNotification},
+        schedule::PUBLISH_PENDING,
+    },
 };
 use herald_nats::{Category, Channel, Contacts, Content, SCHEMA_VERSION, SendCommand};
 use poem_openapi::{
@@ -257,8 +260,9 @@ impl NotificationsApi {
     /// answers 200 with the original notification and sends nothing new; if the original is still
     /// `queued`, its command is published again (JetStream drops it when the first publish
     /// arrived), so a retry completes a send whose first attempt stopped between storing and
-    /// publishing. If NATS or the database is unavailable nothing is accepted (503): retry with
-    /// the same request id.
+    /// publishing; without a retry the Scheduler publishes such a command after
+    /// `scheduler.stale_claim_secs`. If NATS or the database is unavailable nothing is accepted
+    /// (503): retry with the same request id.
     #[oai(path = "/notifications", method = "post")]
     async fn send(
         &self,
@@ -283,6 +287,7 @@ impl NotificationsApi {
             Inserted::Duplicate(existing) => {
                 if existing.status == NotificationStatus::Queued {
                     publish_again(&self.state, &existing).await?;
+                    self.state.inserts.confirm_published(existing.id);
                 }
                 Ok(SendResponse::Repeated(Json(Accepted {
                     id: existing.id,
@@ -309,6 +314,7 @@ impl NotificationsApi {
                         "the message queue is unavailable; nothing was accepted, retry later",
                     ));
                 }
+                self.state.inserts.confirm_published(row.id);
                 metrics::counter!("herald_notifications_accepted_total").increment(1);
                 Ok(SendResponse::Accepted(Json(Accepted {
                     id: row.id,
@@ -411,7 +417,12 @@ impl ValidSend {
                 scheduled_at: Some(at),
                 ..row
             },
-            None => row,
+            // Marked until its command is published, so that a request stopping in between
+            // leaves a notification the Scheduler finishes.
+            None => NewNotification {
+                status_reason: Some(PUBLISH_PENDING.into()),
+                ..row
+            },
         }
     }
 }
@@ -433,6 +444,7 @@ pub fn new_notification(
         content: serde_json::to_value(&command.content).unwrap_or_default(),
         status: NotificationStatus::Queued,
         scheduled_at: None,
+        status_reason: None,
         created_at: command.created_at,
     }
 }

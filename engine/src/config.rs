@@ -468,6 +468,15 @@ impl Config {
         if self.nats.dedup_window_secs < 120 {
             return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
         }
+        if self.scheduler.stale_claim_secs == 0
+            || self.scheduler.stale_claim_secs >= self.nats.dedup_window_secs
+        {
+            // A republished command that did go out must fall into the de-duplication window.
+            return invalid(
+                "scheduler.stale_claim_secs must be at least 1 and below nats.dedup_window_secs"
+                    .into(),
+            );
+        }
         if self.templates.fuel == 0 || self.templates.max_output_bytes == 0 {
             return invalid(
                 "templates.fuel and templates.max_output_bytes must be positive".into(),
@@ -585,6 +594,19 @@ mod tests {
                 .to_string()
                 .contains("pigeon")
         );
+    }
+
+    #[test]
+    fn a_stale_claim_must_be_republished_within_the_dedup_window() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_SCHEDULER__STALE_CLAIM_SECS", "120");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("scheduler.stale_claim_secs"), "{err}");
+            jail.set_env("HERALD_NATS__DEDUP_WINDOW_SECS", "300");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.scheduler.stale_claim_secs, 120);
+            Ok(())
+        });
     }
 
     #[test]

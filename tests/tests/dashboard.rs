@@ -679,6 +679,7 @@ async fn notifications_are_counted_per_minute_and_status() {
             content: json!({"text": "hi"}),
             status,
             scheduled_at: None,
+            status_reason: None,
             created_at,
         };
         notifications::insert(w.herald.db(), row)

@@ -139,24 +139,34 @@ async fn a_repeated_request_id_answers_the_original_and_sends_once() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A `queued` email row as the API stores it, written straight to the database (the request that
+/// stored it is taken to have stopped before publishing).
+fn queued_email(to: &str, subject: &str) -> herald_entities::repo::notifications::NewNotification {
+    herald_entities::repo::notifications::NewNotification {
+        id: uuid::Uuid::now_v7(),
+        request_id: None,
+        customer_id: None,
+        recipient_key: to.into(),
+        contacts: json!({ "email": to }),
+        category: "transactional".into(),
+        channels: json!(["email"]),
+        content: json!({ "subject": subject, "text": "Thanks." }),
+        status: herald_entities::NotificationStatus::Queued,
+        scheduled_at: None,
+        status_reason: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
 #[tokio::test]
 async fn a_retry_sends_a_notification_stored_but_never_published() {
-    use herald_entities::{NotificationStatus, repo::notifications};
+    use herald_entities::repo::notifications;
     let w = world().await;
     // A first request that stopped between storing its row and publishing its command (the
     // process died, or the connection dropped mid-request).
     let stored = notifications::NewNotification {
-        id: uuid::Uuid::now_v7(),
         request_id: Some("order-2002-confirmation".into()),
-        customer_id: None,
-        recipient_key: "hopper@example.com".into(),
-        contacts: json!({ "email": "hopper@example.com" }),
-        category: "transactional".into(),
-        channels: json!(["email"]),
-        content: json!({ "subject": "Your order #2002 is confirmed", "text": "Thanks." }),
-        status: NotificationStatus::Queued,
-        scheduled_at: None,
-        created_at: chrono::Utc::now(),
+        ..queued_email("hopper@example.com", "Your order #2002 is confirmed")
     };
     let id = stored.id.to_string();
     notifications::insert(w.herald.db(), stored)
@@ -185,6 +195,38 @@ async fn a_retry_sends_a_notification_stored_but_never_published() {
         "the stored content is sent, not the retry's"
     );
     w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_send_stored_but_never_published_goes_out_without_a_retry() {
+    use herald_entities::repo::{notifications, schedule::PUBLISH_PENDING};
+    let w = world().await;
+    // An API send whose process died between storing the row and publishing its command, longer
+    // ago than `scheduler.stale_claim_secs` (30 s by default); its client never retries.
+    let stored = notifications::NewNotification {
+        status_reason: Some(PUBLISH_PENDING.into()),
+        created_at: chrono::Utc::now() - chrono::Duration::seconds(60),
+        ..queued_email("lovelace@example.com", "Your order #2003 is confirmed")
+    };
+    let id = stored.id.to_string();
+    notifications::insert(w.herald.db(), stored)
+        .await
+        .expect("row stored");
+
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        sent["status_reason"],
+        Value::Null,
+        "the mark is gone once sent: {sent}"
+    );
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["lovelace@example.com".to_string()]);
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order #2003 is confirmed")
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+    assert_eq!(w.smtp.count(), 1, "sent once");
 }
 
 #[tokio::test]

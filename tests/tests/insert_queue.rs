@@ -1,7 +1,8 @@
 //! The group-commit writer of new notifications against the suite's database (SQLite or
 //! PostgreSQL, as `HERALD_TEST_DB` says): concurrent callers each get their own answer, a repeated
 //! request id resolves to one row even within one batch, a row that breaks a constraint fails
-//! alone, and an unavailable database fails every waiting caller and stores nothing.
+//! alone, an unavailable database fails every waiting caller and stores nothing, and a confirmed
+//! publish clears the API's "not yet published" mark and nothing else.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use futures::future::join_all;
 use herald_entities::repo::insert_queue::InsertQueue;
 use herald_entities::repo::notifications::{Inserted, NewNotification};
+use herald_entities::repo::schedule::PUBLISH_PENDING;
+use herald_entities::repo::status_batch::{self, StatusChange};
 use herald_entities::{NotificationStatus, RepoError, notification};
 use herald_tests::{DatabaseOutage, TestDatabase};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
@@ -38,6 +41,7 @@ fn row(request_id: Option<String>) -> NewNotification {
         content: json!({"text": "Your order shipped."}),
         status: NotificationStatus::Queued,
         scheduled_at: None,
+        status_reason: None,
         created_at: chrono::Utc::now(),
     }
 }
@@ -171,4 +175,67 @@ async fn an_unavailable_database_fails_every_waiting_caller_and_stores_nothing()
         .expect("stored after the outage");
     assert!(matches!(after, Inserted::New(_)));
     assert_eq!(stored(&db).await, 1, "nothing of the outage was stored");
+}
+
+async fn reason(db: &DatabaseConnection, id: Uuid) -> Option<String> {
+    notification::Entity::find_by_id(id)
+        .one(db)
+        .await
+        .expect("row read")
+        .expect("row exists")
+        .status_reason
+}
+
+#[tokio::test]
+async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await;
+    let queue = InsertQueue::start(db.clone());
+    let marked = || NewNotification {
+        status_reason: Some(PUBLISH_PENDING.into()),
+        ..row(None)
+    };
+    let (confirmed, unconfirmed, deferred) = (marked(), marked(), row(None));
+    let ids = (confirmed.id, unconfirmed.id, deferred.id);
+    let deferred = NewNotification {
+        status_reason: Some("quiet hours until 07:00".into()),
+        ..deferred
+    };
+    insert_all(&queue, vec![confirmed, unconfirmed, deferred]).await;
+
+    queue.confirm_published(ids.0);
+    queue.confirm_published(ids.2);
+    // The writer takes its jobs in order: once a later insert is stored, the confirmations are.
+    queue.insert(row(None)).await.expect("later row stored");
+    assert_eq!(
+        reason(&db, ids.0).await,
+        None,
+        "the confirmed mark is cleared"
+    );
+    assert_eq!(
+        reason(&db, ids.1).await.as_deref(),
+        Some(PUBLISH_PENDING),
+        "an unconfirmed send keeps its mark"
+    );
+    assert_eq!(
+        reason(&db, ids.2).await.as_deref(),
+        Some("quiet hours until 07:00"),
+        "a confirmation clears only the mark"
+    );
+
+    // A dispatcher picking a command up proves it was published: `processing` clears the mark,
+    // but keeps another reason.
+    let changes = [
+        StatusChange::to(ids.1, NotificationStatus::Processing),
+        StatusChange::to(ids.2, NotificationStatus::Processing),
+    ];
+    status_batch::apply(&db, &changes, &[])
+        .await
+        .expect("changes written");
+    assert_eq!(reason(&db, ids.1).await, None, "processing clears the mark");
+    assert_eq!(
+        reason(&db, ids.2).await.as_deref(),
+        Some("quiet hours until 07:00"),
+        "processing keeps another reason"
+    );
 }

@@ -14,14 +14,21 @@
 //! that row's caller alone gets the error. Any other failure (the database unreachable or locked)
 //! would fail each row the same way, so every caller of the batch gets it at once rather than
 //! after one timeout per row.
+//!
+//! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API sends whose commands JetStream
+//! acknowledged ([`InsertQueue::confirm_published`]), in the transaction of the next rows, so the
+//! mark costs no commit of its own. A confirmation that is lost (the process died, the database
+//! failed) costs one command the Scheduler publishes again and JetStream's de-duplication drops.
 
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use super::notifications::{Inserted, NewNotification, insert};
+use super::schedule::confirm_published;
 use crate::RepoError;
 
-/// Rows per transaction at most.
+/// Rows (and confirmations) per transaction at most.
 const MAX_BATCH: usize = 256;
 /// Rows waiting for the writer before callers wait to hand theirs over.
 const QUEUE_CAPACITY: usize = 4_096;
@@ -32,11 +39,21 @@ struct Pending {
     reply: oneshot::Sender<Result<Inserted, RepoError>>,
 }
 
+/// What the writer is asked to do.
+// Most jobs are inserts: boxing them to shrink the rare confirmation would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    /// Store a new notification.
+    Insert(Pending),
+    /// Clear the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of this notification.
+    Confirm(Uuid),
+}
+
 /// Stores new notifications through one writer task that batches concurrent callers into shared
 /// transactions. Cloning is cheap; the task ends when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct InsertQueue {
-    sender: mpsc::Sender<Pending>,
+    sender: mpsc::Sender<Job>,
 }
 
 impl InsertQueue {
@@ -51,18 +68,34 @@ impl InsertQueue {
     pub async fn insert(&self, row: NewNotification) -> Result<Inserted, RepoError> {
         let (reply, outcome) = oneshot::channel();
         self.sender
-            .send(Pending { row, reply })
+            .send(Job::Insert(Pending { row, reply }))
             .await
             .map_err(|_| RepoError::WriterStopped)?;
         outcome.await.map_err(|_| RepoError::WriterStopped)?
     }
+
+    /// Records that the command of `id`, stored with the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark, is published;
+    /// the mark is cleared with the next transaction. Never waits: when the queue is full the
+    /// confirmation is dropped, and the Scheduler's republish of the still-marked row is a
+    /// duplicate JetStream drops.
+    pub fn confirm_published(&self, id: Uuid) {
+        let _ = self.sender.try_send(Job::Confirm(id));
+    }
 }
 
-/// The writer task: every round takes what is waiting (at least one row) and stores it.
-async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Pending>) {
+/// The writer task: every round takes what is waiting (at least one job) and stores it.
+async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match store_together(&db, &batch).await {
+    let mut confirmed = Vec::with_capacity(MAX_BATCH);
+    while receiver.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        for job in jobs.drain(..) {
+            match job {
+                Job::Insert(pending) => batch.push(pending),
+                Job::Confirm(id) => confirmed.push(id),
+            }
+        }
+        match store_together(&db, &batch, &confirmed).await {
             Ok(outcomes) => {
                 for (pending, outcome) in batch.drain(..).zip(outcomes) {
                     let _ = pending.reply.send(Ok(outcome));
@@ -72,6 +105,8 @@ async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Pend
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(insert(&db, pending.row).await);
                 }
+                // Not a confirmation's fault (they break no constraint): they go on their own.
+                let _ = confirm_published(&db, &confirmed).await;
             }
             Err(err) => {
                 for pending in batch.drain(..) {
@@ -79,19 +114,23 @@ async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Pend
                 }
             }
         }
+        confirmed.clear();
     }
 }
 
-/// Stores the rows of `batch` in one transaction; their outcomes in the same order.
+/// Stores the rows of `batch` and clears the marks of `confirmed` in one transaction; the rows'
+/// outcomes in the same order.
 async fn store_together(
     db: &DatabaseConnection,
     batch: &[Pending],
+    confirmed: &[Uuid],
 ) -> Result<Vec<Inserted>, RepoError> {
     let txn = db.begin().await?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for pending in batch {
         outcomes.push(insert(&txn, pending.row.clone()).await?);
     }
+    confirm_published(&txn, confirmed).await?;
     txn.commit().await?;
     Ok(outcomes)
 }

@@ -33,6 +33,9 @@ pub struct NewNotification {
     pub status: NotificationStatus,
     /// When due, for scheduled ones.
     pub scheduled_at: Option<DateTime<Utc>>,
+    /// Initial reason, such as [`super::schedule::PUBLISH_PENDING`] for an API send whose command
+    /// is yet to be published.
+    pub status_reason: Option<String>,
     /// Acceptance time.
     pub created_at: DateTime<Utc>,
 }
@@ -131,7 +134,7 @@ fn active(new: NewNotification) -> notification::ActiveModel {
         channels: Set(new.channels),
         content: Set(new.content),
         status: Set(new.status),
-        status_reason: Set(None),
+        status_reason: Set(new.status_reason),
         scheduled_at: Set(new.scheduled_at),
         final_channel: Set(None),
         attempts: Set(0),

@@ -1,9 +1,10 @@
-//! The Scheduler's queries: claiming due scheduled notifications, cancelling, and retention.
+//! The Scheduler's queries: claiming due scheduled notifications, republishing commands that were
+//! never confirmed published, cancelling, and retention.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::Expr,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{CaseStatement, Expr, SimpleExpr},
 };
 use uuid::Uuid;
 
@@ -12,6 +13,28 @@ use crate::{NotificationStatus, RepoError, batch, delivery_attempt, notification
 /// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
 /// published; followed by the claim's token.
 pub const CLAIM_PREFIX: &str = "claimed by scheduler ";
+
+/// The `status_reason` an API send is stored with until its command is confirmed published. A
+/// request that stops in between (the process dies, the client's connection drops) leaves the
+/// mark, and the Scheduler publishes the command after `stale_claim_secs` like a stale claim.
+pub const PUBLISH_PENDING: &str = "stored; command not yet confirmed published";
+
+/// `status_reason` marks a command that may not have been published: a Scheduler's claim, or an
+/// API send awaiting its confirmation.
+fn unconfirmed() -> Condition {
+    Condition::any()
+        .add(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+        .add(notification::Column::StatusReason.eq(PUBLISH_PENDING))
+}
+
+/// `status_reason` without an unconfirmed-publish mark (for a dispatcher's `processing` change:
+/// the command evidently arrived); any other reason, such as a deferral's, is kept.
+pub fn reason_without_publish_mark() -> SimpleExpr {
+    CaseStatement::new()
+        .case(unconfirmed(), Expr::value(Option::<String>::None))
+        .finally(Expr::col(notification::Column::StatusReason))
+        .into()
+}
 
 /// Claims up to `limit` scheduled notifications due at `now`: moves them `scheduled → queued`
 /// with a conditional UPDATE marked with a fresh token, then reads back the rows carrying the
@@ -53,9 +76,9 @@ pub async fn claim_due(
         .await?)
 }
 
-/// Claims that were never confirmed published (the instance stopped between claim and publish)
-/// and are older than `before`. Publishing them again is safe: `Nats-Msg-Id` de-duplication drops
-/// a command that did go out, and a processed one is no longer `queued`.
+/// Claims and API sends that were never confirmed published (the instance stopped between storing
+/// and publishing) and are older than `before`. Publishing them again is safe: `Nats-Msg-Id`
+/// de-duplication drops a command that did go out, and a processed one is no longer `queued`.
 pub async fn stale_claims(
     db: &impl ConnectionTrait,
     before: DateTime<Utc>,
@@ -63,15 +86,15 @@ pub async fn stale_claims(
 ) -> Result<Vec<notification::Model>, RepoError> {
     Ok(notification::Entity::find()
         .filter(notification::Column::Status.eq(NotificationStatus::Queued))
-        .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+        .filter(unconfirmed())
         .filter(notification::Column::UpdatedAt.lt(before))
         .limit(limit)
         .all(db)
         .await?)
 }
 
-/// Confirms that the commands of claimed notifications are published: clears the claim mark
-/// (unless a dispatcher has moved them on already).
+/// Confirms that the commands of claimed notifications or API sends are published: clears the
+/// mark (unless a dispatcher has moved them on already).
 pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
     for chunk in ids.chunks(500) {
         notification::Entity::update_many()
@@ -81,7 +104,7 @@ pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Resul
             )
             .filter(notification::Column::Id.is_in(chunk.to_vec()))
             .filter(notification::Column::Status.eq(NotificationStatus::Queued))
-            .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
+            .filter(unconfirmed())
             .exec(db)
             .await?;
     }
@@ -89,7 +112,8 @@ pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Resul
 }
 
 /// Gives claimed notifications back (their publish failed): `queued → scheduled`, to be claimed
-/// again on a later poll.
+/// again on a later poll. API sends among `ids` keep their mark and stay `queued`: the next round
+/// finds them stale again.
 pub async fn unclaim(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
     for chunk in ids.chunks(500) {
         notification::Entity::update_many()

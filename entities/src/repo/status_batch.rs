@@ -151,6 +151,13 @@ impl Shape {
                     Expr::value(Option::<String>::None),
                 );
             }
+            // The command arrived, so a mark saying it might not have is obsolete.
+            None if self.status == NotificationStatus::Processing => {
+                update = update.col_expr(
+                    notification::Column::StatusReason,
+                    super::schedule::reason_without_publish_mark(),
+                );
+            }
             None => {}
         }
         if let Some(channel) = &self.final_channel {
