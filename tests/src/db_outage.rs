@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use sea_orm::sqlx::{Connection as _, Executor as _, SqliteConnection};
+use sea_orm::sqlx::{Connection as _, Executor as _, PgConnection, SqliteConnection};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -102,6 +102,53 @@ impl DatabaseOutage {
                 Ok(())
             }
         }
+    }
+}
+
+/// Holds writes to `notifications` up without failing them, as a long transaction of another
+/// client would: on SQLite the write lock (`BEGIN IMMEDIATE` on a second connection; Herald's
+/// writes wait up to their 5 s busy timeout), on PostgreSQL `LOCK TABLE notifications IN SHARE
+/// MODE` in an open transaction (writes wait, reads go on).
+pub enum WriteHold {
+    /// The SQLite connection holding the write lock.
+    Sqlite(SqliteConnection),
+    /// The PostgreSQL connection holding the table lock.
+    Postgres(PgConnection),
+}
+
+impl WriteHold {
+    /// Takes the lock on `db` (after Herald's current write transaction, if any).
+    pub async fn take(db: &TestDatabase) -> anyhow::Result<Self> {
+        match db.kind() {
+            DatabaseKind::Sqlite => {
+                let mut connection = SqliteConnection::connect(db.url()).await?;
+                connection.execute("BEGIN IMMEDIATE").await?;
+                Ok(Self::Sqlite(connection))
+            }
+            DatabaseKind::Postgres => {
+                let mut connection = PgConnection::connect(db.url()).await?;
+                connection.execute("BEGIN").await?;
+                connection
+                    .execute("LOCK TABLE notifications IN SHARE MODE")
+                    .await?;
+                Ok(Self::Postgres(connection))
+            }
+        }
+    }
+
+    /// Lets the waiting writes through.
+    pub async fn release(self) -> anyhow::Result<()> {
+        match self {
+            Self::Sqlite(mut connection) => {
+                connection.execute("ROLLBACK").await?;
+                connection.close().await?;
+            }
+            Self::Postgres(mut connection) => {
+                connection.execute("ROLLBACK").await?;
+                connection.close().await?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -30,7 +30,7 @@ pub mod smtp_sink;
 pub mod wait;
 
 pub use database::{DatabaseKind, PgServer, TestDatabase};
-pub use db_outage::{DatabaseOutage, TcpProxy, Upstream};
+pub use db_outage::{DatabaseOutage, TcpProxy, Upstream, WriteHold};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::NatsServer;
 pub use process::HeraldProcess;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, WriteHold, eventually, test_config,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 struct World {
     nats: NatsServer,
     smtp: SmtpSink,
-    _db: TestDatabase,
+    db: TestDatabase,
     herald: TestHerald,
 }
 
@@ -20,13 +20,14 @@ async fn world() -> World {
     let nats = NatsServer::start().await.expect("nats-server starts");
     let smtp = SmtpSink::start().await.expect("smtp sink starts");
     let db = TestDatabase::from_env().await.expect("database");
-    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
-        .await
-        .expect("herald starts");
+    let mut config = test_config(&nats, &db, &smtp);
+    // A send whose request stopped before publishing goes out 2 s later, not 30 s.
+    config.scheduler.stale_claim_secs = 2;
+    let herald = TestHerald::start(config).await.expect("herald starts");
     World {
         nats,
         smtp,
-        _db: db,
+        db,
         herald,
     }
 }
@@ -225,6 +226,48 @@ async fn a_send_stored_but_never_published_goes_out_without_a_retry() {
         mails[0].subject.as_deref(),
         Some("Your order #2003 is confirmed")
     );
+    w.herald.shutdown().await.expect("clean shutdown");
+    assert_eq!(w.smtp.count(), 1, "sent once");
+}
+
+#[tokio::test]
+async fn a_send_whose_client_gave_up_mid_request_is_still_completed() {
+    use herald_entities::notification;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    let w = world().await;
+    // The database holds the write up; the client gives up first and closes its connection. The
+    // server still finishes the request once the database lets the write through: it stores the
+    // notification and publishes its command (measured: sent within about a second, before the
+    // Scheduler's 2 s stale time could have published it).
+    let hold = WriteHold::take(&w.db).await.expect("writes held up");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .expect("client");
+    let gave_up = impatient
+        .post(format!("{}/api/v1/notifications", w.herald.base()))
+        .bearer_auth(w.herald.admin_key())
+        .json(&order_email("curie@example.com", None))
+        .send()
+        .await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_timeout()),
+        "the client gave up: {gave_up:?}"
+    );
+    hold.release().await.expect("writes go on");
+
+    let stored = eventually("the abandoned send to be stored", E2E_TIMEOUT, || async {
+        notification::Entity::find()
+            .filter(notification::Column::RecipientKey.eq("curie@example.com"))
+            .one(w.herald.db())
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    w.herald.wait_status(&stored.id.to_string(), "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["curie@example.com".to_string()]);
     w.herald.shutdown().await.expect("clean shutdown");
     assert_eq!(w.smtp.count(), 1, "sent once");
 }

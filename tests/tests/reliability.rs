@@ -4,9 +4,11 @@
 //! These tests run `herald serve` as a separate process and kill it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use herald_entities::{NotificationStatus, notification};
+use herald_entities::{NotificationStatus, notification, repo::schedule::PUBLISH_PENDING};
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
@@ -181,6 +183,119 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     assert_eq!(
         outcome.duplicates, 0,
         "a graceful stop finishes or returns its work: no duplicate sends"
+    );
+    herald
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("clean exit");
+}
+
+/// Posts sends without request ids (a client that never retries) until `stop`; counts the `202`s.
+async fn api_client(base: String, key: String, stop: Arc<AtomicBool>, accepted: Arc<AtomicU64>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("http client");
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let to = format!("api-{}-{n}@example.com", Uuid::now_v7().simple());
+        let body = serde_json::json!({
+            "recipient": { "email": to },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Your order shipped", "text": "It is on its way." }
+        });
+        let answer = http
+            .post(format!("{base}/api/v1/notifications"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await;
+        match answer {
+            Ok(answer) if answer.status() == reqwest::StatusCode::ACCEPTED => {
+                accepted.fetch_add(1, Ordering::Relaxed);
+            }
+            // The process is gone: this request's fate is unknown to the client.
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_api_load_leaves_nothing_stored_unsent() {
+    herald_tests::init_tracing();
+    const CLIENTS: usize = 32;
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut env = engine_env(&nats, &db, &smtp);
+    // Requests the kill cut off between storing and publishing are published 2 s later.
+    env.push(("HERALD_SCHEDULER__STALE_CLAIM_SECS".into(), "2".into()));
+    let mut herald = HeraldProcess::start(env, logs.path().join("herald.log"))
+        .await
+        .expect("herald starts");
+    let conn = herald_entities::connect(db.url(), 4)
+        .await
+        .expect("db conn");
+    let key = herald_engine::apikey::create(&conn, "load", "send")
+        .await
+        .expect("key")
+        .token;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(api_client(
+                herald.base(),
+                key.clone(),
+                stop.clone(),
+                accepted.clone(),
+            ))
+        })
+        .collect();
+    eventually("500 sends accepted", Duration::from_secs(120), || async {
+        (accepted.load(Ordering::Relaxed) >= 500).then_some(())
+    })
+    .await;
+    herald.kill9().await.expect("SIGKILL");
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let accepted = accepted.load(Ordering::Relaxed);
+    // Cut off between storing and publishing, or published but not yet confirmed.
+    let marked = notification::Entity::find()
+        .filter(notification::Column::StatusReason.eq(PUBLISH_PENDING))
+        .count(&conn)
+        .await
+        .expect("marked rows counted");
+
+    herald.restart().await.expect("restart");
+    let stored = all_ids(&conn).await.len() as u64;
+    assert!(
+        stored >= accepted,
+        "every 202 is stored ({stored} < {accepted})"
+    );
+    eventually(
+        "every stored notification to be sent",
+        Duration::from_secs(180),
+        || async { (count_sent(&conn).await == stored).then_some(()) },
+    )
+    .await;
+    let outcome = audit(&conn, &smtp, stored as usize).await;
+    println!(
+        "kill -9 under API load: {accepted} answered 202, {stored} stored, {marked} marked \
+         unpublished at the kill, {} delivered, {} duplicates",
+        outcome.delivered_distinct, outcome.duplicates
+    );
+    assert!(
+        outcome.duplicates as u64 <= MAX_IN_FLIGHT + MAX_BATCH,
+        "duplicates {} exceed the in-flight window {}",
+        outcome.duplicates,
+        MAX_IN_FLIGHT + MAX_BATCH
     );
     herald
         .terminate(Duration::from_secs(20))
