@@ -238,4 +238,16 @@ async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
         Some("quiet hours until 07:00"),
         "processing keeps another reason"
     );
+
+    // With no rows after it, a confirmation is written on its own within a moment.
+    let last = marked();
+    let last_id = last.id;
+    queue.insert(last).await.expect("last row stored");
+    queue.confirm_published(last_id);
+    herald_tests::eventually(
+        "a lone confirmation to be written",
+        INSERT_TIMEOUT,
+        || async { reason(&db, last_id).await.is_none().then_some(()) },
+    )
+    .await;
 }

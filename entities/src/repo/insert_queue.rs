@@ -15,13 +15,17 @@
 //! would fail each row the same way, so every caller of the batch gets it at once rather than
 //! after one timeout per row.
 //!
-//! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API sends whose commands JetStream
-//! acknowledged ([`InsertQueue::confirm_published`]), in the transaction of the next rows, so the
-//! mark costs no commit of its own. A confirmation that is lost (the process died, the database
+//! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API
+//! sends whose commands JetStream acknowledged ([`InsertQueue::confirm_published`]), in the
+//! transaction of the next rows (or on their own after [`CONFIRM_DELAY`]), so under load the mark
+//! costs no commit of its own. A confirmation that is lost (the process died, the database
 //! failed) costs one command the Scheduler publishes again and JetStream's de-duplication drops.
+
+use std::time::Duration;
 
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, timeout_at};
 use uuid::Uuid;
 
 use super::notifications::{Inserted, NewNotification, insert};
@@ -30,6 +34,10 @@ use crate::RepoError;
 
 /// Rows (and confirmations) per transaction at most.
 const MAX_BATCH: usize = 256;
+/// Longest a confirmation waits for new rows to share their transaction before it is written on
+/// its own. Without the wait, the confirmations of each batch, arriving while the writer was
+/// idle, took a write transaction of their own.
+const CONFIRM_DELAY: Duration = Duration::from_millis(500);
 /// Rows waiting for the writer before callers wait to hand theirs over.
 const QUEUE_CAPACITY: usize = 4_096;
 
@@ -74,47 +82,79 @@ impl InsertQueue {
         outcome.await.map_err(|_| RepoError::WriterStopped)?
     }
 
-    /// Records that the command of `id`, stored with the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark, is published;
-    /// the mark is cleared with the next transaction. Never waits: when the queue is full the
-    /// confirmation is dropped, and the Scheduler's republish of the still-marked row is a
-    /// duplicate JetStream drops.
+    /// Records that the command of `id`, stored with the
+    /// [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark, is published; the mark is
+    /// cleared with the next transaction. Never waits: when the queue is full the confirmation is
+    /// dropped, and the Scheduler's republish of the still-marked row is a duplicate JetStream
+    /// drops.
     pub fn confirm_published(&self, id: Uuid) {
         let _ = self.sender.try_send(Job::Confirm(id));
     }
 }
 
 /// The writer task: every round takes what is waiting (at least one job) and stores it.
+/// Confirmations wait up to [`CONFIRM_DELAY`] for rows to share a transaction with.
 async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut confirmed = Vec::with_capacity(MAX_BATCH);
-    while receiver.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    let mut confirm_by = None;
+    loop {
+        let received = match confirm_by {
+            None => receiver.recv_many(&mut jobs, MAX_BATCH).await,
+            // `recv_many` is cancel safe: a timeout loses no job.
+            Some(deadline) => {
+                match timeout_at(deadline, receiver.recv_many(&mut jobs, MAX_BATCH)).await {
+                    Ok(received) => received,
+                    Err(_) => {
+                        let _ = confirm_published(&db, &confirmed).await;
+                        confirmed.clear();
+                        confirm_by = None;
+                        continue;
+                    }
+                }
+            }
+        };
+        if received == 0 {
+            let _ = confirm_published(&db, &confirmed).await;
+            return;
+        }
         for job in jobs.drain(..) {
             match job {
                 Job::Insert(pending) => batch.push(pending),
                 Job::Confirm(id) => confirmed.push(id),
             }
         }
-        match store_together(&db, &batch, &confirmed).await {
-            Ok(outcomes) => {
-                for (pending, outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = pending.reply.send(Ok(outcome));
-                }
-            }
-            Err(err) if one_row_at_fault(&err) => {
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(insert(&db, pending.row).await);
-                }
-                // Not a confirmation's fault (they break no constraint): they go on their own.
-                let _ = confirm_published(&db, &confirmed).await;
-            }
-            Err(err) => {
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(err.clone()));
-                }
+        if batch.is_empty() && confirmed.len() < MAX_BATCH {
+            confirm_by.get_or_insert_with(|| Instant::now() + CONFIRM_DELAY);
+            continue;
+        }
+        store_and_answer(&db, &mut batch, &confirmed).await;
+        confirmed.clear();
+        confirm_by = None;
+    }
+}
+
+/// Stores `batch` with `confirmed` and answers each row's caller; empties `batch`.
+async fn store_and_answer(db: &DatabaseConnection, batch: &mut Vec<Pending>, confirmed: &[Uuid]) {
+    match store_together(db, batch, confirmed).await {
+        Ok(outcomes) => {
+            for (pending, outcome) in batch.drain(..).zip(outcomes) {
+                let _ = pending.reply.send(Ok(outcome));
             }
         }
-        confirmed.clear();
+        Err(err) if one_row_at_fault(&err) => {
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(insert(db, pending.row).await);
+            }
+            // Not a confirmation's fault (they break no constraint): they go on their own.
+            let _ = confirm_published(db, confirmed).await;
+        }
+        Err(err) => {
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(Err(err.clone()));
+            }
+        }
     }
 }
 

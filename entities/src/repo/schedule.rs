@@ -8,6 +8,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::status_batch::status_among;
 use crate::{NotificationStatus, RepoError, batch, delivery_attempt, notification};
 
 /// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
@@ -103,7 +104,7 @@ pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Resul
                 Expr::value(Option::<String>::None),
             )
             .filter(notification::Column::Id.is_in(chunk.to_vec()))
-            .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+            .filter(status_among(&[NotificationStatus::Queued]))
             .filter(unconfirmed())
             .exec(db)
             .await?;
@@ -126,7 +127,7 @@ pub async fn unclaim(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), Repo
                 Expr::value("publishing failed; will retry"),
             )
             .filter(notification::Column::Id.is_in(chunk.to_vec()))
-            .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+            .filter(status_among(&[NotificationStatus::Queued]))
             .filter(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
             .exec(db)
             .await?;

@@ -184,7 +184,7 @@ impl Shape {
 /// longer the longer the backlog (with 30,000 queued rows, a 500-row change took 23.5 ms in
 /// SQLite instead of 7.5 ms). Behind `COALESCE` the condition is only checked on the rows the
 /// primary key finds.
-fn status_among(allowed: &[NotificationStatus]) -> Expr {
+pub(crate) fn status_among(allowed: &[NotificationStatus]) -> Expr {
     Expr::expr(Func::coalesce([
         Expr::col(notification::Column::Status),
         Expr::val(""),
