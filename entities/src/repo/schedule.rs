@@ -3,8 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{CaseStatement, Expr, SimpleExpr},
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+    sea_query::{CaseStatement, Expr, LockBehavior, LockType, Query, SimpleExpr},
 };
 use uuid::Uuid;
 
@@ -96,16 +97,37 @@ pub async fn stale_claims(
 
 /// Confirms that the commands of claimed notifications or API sends are published: clears the
 /// mark (unless a dispatcher has moved them on already).
+///
+/// On PostgreSQL, rows a concurrent transaction holds are skipped (`FOR UPDATE SKIP LOCKED`):
+/// that is the StatusWriter moving them to `processing`, which clears the mark itself. Waiting
+/// for them deadlocked against its multi-row UPDATEs (each locks rows in its own order), and the
+/// 1 s until PostgreSQL broke the deadlock stalled every insert behind the confirmation. SQLite
+/// has one writer and no row locks.
 pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
     for chunk in ids.chunks(500) {
+        let marked = Condition::all()
+            .add(notification::Column::Id.is_in(chunk.to_vec()))
+            .add(status_among(&[NotificationStatus::Queued]))
+            .add(unconfirmed());
+        let rows = match db.get_database_backend() {
+            DbBackend::Postgres => Condition::all().add(
+                notification::Column::Id.in_subquery(
+                    Query::select()
+                        .column(notification::Column::Id)
+                        .from(notification::Entity)
+                        .cond_where(marked)
+                        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+                        .to_owned(),
+                ),
+            ),
+            _ => marked,
+        };
         notification::Entity::update_many()
             .col_expr(
                 notification::Column::StatusReason,
                 Expr::value(Option::<String>::None),
             )
-            .filter(notification::Column::Id.is_in(chunk.to_vec()))
-            .filter(status_among(&[NotificationStatus::Queued]))
-            .filter(unconfirmed())
+            .filter(rows)
             .exec(db)
             .await?;
     }
