@@ -120,17 +120,13 @@ async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Job>
             store_and_answer(&db, &mut batch).await;
         }
         let closed = received == Some(0);
-        if confirmed.is_empty() {
-            if closed {
-                return;
+        if !confirmed.is_empty() {
+            let deadline = *confirm_by.get_or_insert_with(|| Instant::now() + CONFIRM_DELAY);
+            if closed || confirmed.len() >= CONFIRM_BATCH || Instant::now() >= deadline {
+                let _ = confirm_published(&db, &confirmed).await;
+                confirmed.clear();
+                confirm_by = None;
             }
-            continue;
-        }
-        let deadline = *confirm_by.get_or_insert_with(|| Instant::now() + CONFIRM_DELAY);
-        if closed || confirmed.len() >= CONFIRM_BATCH || Instant::now() >= deadline {
-            let _ = confirm_published(&db, &confirmed).await;
-            confirmed.clear();
-            confirm_by = None;
         }
         if closed {
             return;

@@ -17,8 +17,9 @@ use crate::{NotificationStatus, RepoError, batch, delivery_attempt, notification
 pub const CLAIM_PREFIX: &str = "claimed by scheduler ";
 
 /// The `status_reason` an API send is stored with until its command is confirmed published. A
-/// request that stops in between (the process dies, the client's connection drops) leaves the
-/// mark, and the Scheduler publishes the command after `stale_claim_secs` like a stale claim.
+/// request that stops in between (the process dies, or NATS and the database fail together)
+/// leaves the mark, and the Scheduler publishes the command after `stale_claim_secs` like a stale
+/// claim.
 pub const PUBLISH_PENDING: &str = "stored; command not yet confirmed published";
 
 /// `status_reason` marks a command that may not have been published: a Scheduler's claim, or an
@@ -31,7 +32,7 @@ fn unconfirmed() -> Condition {
 
 /// `status_reason` without an unconfirmed-publish mark (for a dispatcher's `processing` change:
 /// the command evidently arrived); any other reason, such as a deferral's, is kept.
-pub fn reason_without_publish_mark() -> SimpleExpr {
+pub(crate) fn reason_without_publish_mark() -> SimpleExpr {
     CaseStatement::new()
         .case(unconfirmed(), Expr::value(Option::<String>::None))
         .finally(Expr::col(notification::Column::StatusReason))
