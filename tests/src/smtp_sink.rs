@@ -2,7 +2,8 @@
 //! it accepts, so tests can check what Herald's email provider sent.
 //!
 //! It speaks EHLO/HELO, MAIL FROM, RCPT TO, DATA (dot-unstuffing, `CRLF.CRLF`), RSET,
-//! NOOP and QUIT, advertises `8BITMIME`, `SIZE` and `PIPELINING`, answers anything else
+//! NOOP and QUIT, advertises `8BITMIME`, `SIZE` and `PIPELINING` (unless started with
+//! [`SmtpSink::start_without_pipelining`]), answers anything else
 //! with 502 and keeps the connection. Failures can be injected: rejected recipients or
 //! messages ([`SmtpSink::set_reject_next`]) and an outage ([`SmtpSink::set_pause`]).
 
@@ -123,7 +124,12 @@ struct Shared {
     paused: AtomicBool,
     connections: AtomicU64,
     noops: AtomicU64,
+    /// Commands read while the client had already sent the next one (see
+    /// [`SmtpSink::pipelined_count`]).
+    pipelined: AtomicU64,
     queue_ids: AtomicU64,
+    /// Whether EHLO offers PIPELINING.
+    offers_pipelining: bool,
 }
 
 impl Shared {
@@ -171,6 +177,16 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Binds `127.0.0.1:0` and starts serving.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_offering(true).await
+    }
+
+    /// Like [`SmtpSink::start`], but EHLO does not offer PIPELINING, so a client must wait for
+    /// every reply before its next command.
+    pub async fn start_without_pipelining() -> anyhow::Result<Self> {
+        Self::start_offering(false).await
+    }
+
+    async fn start_offering(offers_pipelining: bool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("binding the SMTP sink on 127.0.0.1:0")?;
@@ -185,7 +201,9 @@ impl SmtpSink {
             paused: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
+            pipelined: AtomicU64::new(0),
             queue_ids: AtomicU64::new(0),
+            offers_pipelining,
         });
         let (control, control_rx) = mpsc::channel(4);
         let accept_task = tokio::spawn(accept_loop(listener, control_rx, Arc::clone(&shared)));
@@ -230,6 +248,13 @@ impl SmtpSink {
     /// How many NOOP commands were received so far (to observe connection checks).
     pub fn noop_count(&self) -> u64 {
         self.shared.noops.load(Ordering::Relaxed)
+    }
+
+    /// How many commands arrived together with the client's next one, i.e. before their reply
+    /// was sent: zero for a client that waits for every reply, one or more per message for a
+    /// client that pipelines MAIL, RCPT and DATA.
+    pub fn pipelined_count(&self) -> u64 {
+        self.shared.pipelined.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` messages were accepted and returns all of them.
@@ -432,6 +457,9 @@ impl Session {
                 self.reply("500 5.5.6 Line too long").await?;
                 continue;
             };
+            if !self.reader.buffer().is_empty() {
+                self.shared.pipelined.fetch_add(1, Ordering::Relaxed);
+            }
             if let Next::Close = self.command(&line).await? {
                 return Ok(());
             }
@@ -485,10 +513,22 @@ impl Session {
             "EHLO" => {
                 self.greeted = true;
                 self.transaction = Transaction::default();
-                let reply = format!(
-                    "250-{SERVER_NAME} greets {argument}\r\n250-8BITMIME\r\n250-SIZE {MAX_MESSAGE_SIZE}\r\n250 PIPELINING"
-                );
-                self.reply(&reply).await?;
+                let size = format!("SIZE {MAX_MESSAGE_SIZE}");
+                let mut lines = vec![
+                    format!("{SERVER_NAME} greets {argument}"),
+                    "8BITMIME".into(),
+                    size,
+                ];
+                if self.shared.offers_pipelining {
+                    lines.push("PIPELINING".into());
+                }
+                let last = lines.len() - 1;
+                let reply: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, line)| format!("250{}{line}", if i == last { ' ' } else { '-' }))
+                    .collect();
+                self.reply(&reply.join("\r\n")).await?;
             }
             "HELO" => {
                 self.greeted = true;

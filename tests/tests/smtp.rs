@@ -7,7 +7,7 @@ use std::time::Duration;
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::{OutboundMessage, Provider, ProviderError};
 use herald_nats::{Contacts, Content};
-use herald_tests::SmtpSink;
+use herald_tests::{RejectStage, SmtpSink};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -93,6 +93,61 @@ async fn after_a_refused_message_the_next_goes_through_on_a_fresh_session() {
         2,
         "the refused session was closed, not reused"
     );
+}
+
+/// Sends five messages one after another through a pool of one connection; all must arrive.
+async fn send_five_on_one_connection(sink: &SmtpSink) {
+    let email = provider(sink.host(), sink.port(), 1);
+    for i in 0..5 {
+        email.send(&message(i)).await.expect("sent");
+    }
+    assert_eq!(sink.count(), 5);
+}
+
+#[tokio::test]
+async fn a_server_offering_pipelining_gets_mail_rcpt_and_data_without_waiting_for_replies() {
+    let sink = SmtpSink::start().await.expect("sink");
+    send_five_on_one_connection(&sink).await;
+    // MAIL and RCPT arrive with the commands after them; one write per group, so on loopback
+    // both are read with DATA already buffered.
+    assert!(
+        sink.pipelined_count() >= 5,
+        "only {} commands arrived ahead of their replies for 5 messages",
+        sink.pipelined_count()
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_pipelining_gets_one_command_at_a_time() {
+    let sink = SmtpSink::start_without_pipelining().await.expect("sink");
+    send_five_on_one_connection(&sink).await;
+    assert_eq!(
+        sink.pipelined_count(),
+        0,
+        "a command was sent before its reply"
+    );
+}
+
+#[tokio::test]
+async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_bad_sequence_after_it() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    // The recipient is greylisted (451, try later); the DATA pipelined behind it is then refused
+    // for want of recipients (554), which must not turn the temporary refusal into a permanent one.
+    sink.set_reject_next_at(
+        RejectStage::Rcpt,
+        1,
+        451,
+        "4.7.1 greylisted, try again later",
+    );
+    let refused = email.send(&message(0)).await;
+    assert!(
+        matches!(&refused, Err(ProviderError::Transient { .. })),
+        "{refused:?}"
+    );
+    email.send(&message(1)).await.expect("next sent");
+    let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
+    assert_eq!(subjects, vec![Some("Order #1".to_string())]);
 }
 
 /// An SMTP server that greets and answers EHLO, then never answers another command; counts the

@@ -88,6 +88,10 @@ pub enum Extension {
     StartTls,
     /// AUTH mechanism
     Authentication(Mechanism),
+    /// PIPELINING keyword
+    ///
+    /// Defined in [RFC 2920](https://tools.ietf.org/html/rfc2920)
+    Pipelining,
 }
 
 impl Display for Extension {
@@ -97,6 +101,7 @@ impl Display for Extension {
             Extension::SmtpUtfEight => f.write_str("SMTPUTF8"),
             Extension::StartTls => f.write_str("STARTTLS"),
             Extension::Authentication(mechanism) => write!(f, "AUTH {mechanism}"),
+            Extension::Pipelining => f.write_str("PIPELINING"),
         }
     }
 }
@@ -150,6 +155,9 @@ impl ServerInfo {
                 }
                 "STARTTLS" => {
                     features.insert(Extension::StartTls);
+                }
+                "PIPELINING" => {
+                    features.insert(Extension::Pipelining);
                 }
                 "AUTH" => {
                     for mechanism in split {
