@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A counting SMTP sink on loopback.
@@ -51,10 +51,15 @@ impl Drop for CountingSmtpSink {
 }
 
 /// One SMTP session: every command is accepted; the body is read up to the lone dot.
+///
+/// It offers PIPELINING and, like a real server (Postfix's `smtpd`), sends its replies only
+/// when it has read everything the client sent so far: pipelined commands get their replies in
+/// one write.
 async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
     let mut lines = BufReader::new(read);
-    if write.write_all(b"220 bench ESMTP\r\n").await.is_err() {
+    let mut write = BufWriter::new(write);
+    if write.write_all(b"220 bench ESMTP\r\n").await.is_err() || write.flush().await.is_err() {
         return;
     }
     let mut line = String::new();
@@ -75,19 +80,23 @@ async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
         } else {
             let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
             match verb.as_str() {
-                "EHLO" => b"250-bench\r\n250 8BITMIME\r\n",
+                "EHLO" => b"250-bench\r\n250-8BITMIME\r\n250 PIPELINING\r\n",
                 "DATA" => {
                     in_data = true;
                     b"354 go ahead\r\n"
                 }
                 "QUIT" => {
                     let _ = write.write_all(b"221 bye\r\n").await;
+                    let _ = write.flush().await;
                     return;
                 }
                 _ => b"250 ok\r\n",
             }
         };
         if write.write_all(reply).await.is_err() {
+            return;
+        }
+        if lines.buffer().is_empty() && write.flush().await.is_err() {
             return;
         }
     }
