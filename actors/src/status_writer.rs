@@ -9,12 +9,14 @@
 //! are neither redelivered (and resent) nor acked; in-flight permits stay held, which pauses the
 //! consumer until the database is back.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
     NotificationStatus,
     repo::status_batch::{self, NewAttempt, StatusChange},
+    repo::writer_thread::WriterThread,
 };
 use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -74,11 +76,15 @@ pub enum StatusWriterMsg {
     Flush(RpcReplyPort<()>),
 }
 
+/// Connections in the StatusWriter's own pool: one transaction at a time, and one spare.
+const WRITER_CONNECTIONS: u32 = 2;
+
 /// Arguments of the [`StatusWriter`].
 #[derive(Clone)]
 pub struct StatusWriterArgs {
-    /// Database pool.
-    pub db: DatabaseConnection,
+    /// The database to write to. The StatusWriter opens its own small pool on its
+    /// [`WriterThread`], so that its connections belong to that thread's runtime.
+    pub database_url: String,
     /// Publisher for `notify.status.*`.
     pub publisher: Publisher,
     /// Batching limits.
@@ -88,6 +94,8 @@ pub struct StatusWriterArgs {
 /// State of the [`StatusWriter`].
 pub struct StatusWriterState {
     args: StatusWriterArgs,
+    /// Where and through which pool the batch transactions run.
+    writer: BatchWriter,
     pending: Vec<StatusRecord>,
     flushing: bool,
     tick_scheduled: bool,
@@ -107,8 +115,10 @@ impl Actor for StatusWriter {
         _myself: ActorRef<Self::Msg>,
         args: StatusWriterArgs,
     ) -> Result<StatusWriterState, ActorProcessingErr> {
+        let writer = BatchWriter::start(&args.database_url).await?;
         Ok(StatusWriterState {
             args,
+            writer,
             pending: Vec::new(),
             flushing: false,
             tick_scheduled: false,
@@ -155,6 +165,40 @@ impl Actor for StatusWriter {
     }
 }
 
+/// The batch transactions' thread and their pool, which lives on that thread's runtime (see
+/// [`WriterThread`]: a transaction's statements are sent as soon as the previous one is done,
+/// however busy the main runtime is).
+#[derive(Clone)]
+struct BatchWriter {
+    db: DatabaseConnection,
+    thread: WriterThread,
+}
+
+impl BatchWriter {
+    /// Starts the thread and creates the pool there; opens no connection yet, so a database that
+    /// is down delays the first batch (which rides it out) rather than the actor's start.
+    async fn start(database_url: &str) -> Result<Self, ActorProcessingErr> {
+        let thread = WriterThread::start("herald-status-db")?;
+        let url = database_url.to_owned();
+        let db = thread
+            .run(async move { Ok(herald_entities::connect_lazy(&url, WRITER_CONNECTIONS).await?) })
+            .await?;
+        Ok(Self { db, thread })
+    }
+
+    /// Applies `changes` and `attempts` in one transaction on the thread.
+    async fn apply(
+        &self,
+        changes: &Arc<[StatusChange]>,
+        attempts: &Arc<[NewAttempt]>,
+    ) -> Result<(), herald_entities::RepoError> {
+        let (db, changes, attempts) = (self.db.clone(), changes.clone(), attempts.clone());
+        self.thread
+            .run(async move { status_batch::apply(&db, &changes, &attempts).await })
+            .await
+    }
+}
+
 fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
     if state.flushing || state.pending.is_empty() {
         return;
@@ -163,22 +207,23 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     let batch: Vec<StatusRecord> = state.pending.drain(..take).collect();
     state.flushing = true;
     let args = state.args.clone();
+    let writer = state.writer.clone();
     let myself = myself.clone();
     tokio::spawn(async move {
-        write_batch(&args, batch).await;
+        write_batch(&args, &writer, batch).await;
         let _ = myself.cast(StatusWriterMsg::Written);
     });
 }
 
 /// Writes a batch, then settles its messages. Rides out database outages; a record that fails on
 /// its own (not an outage) is isolated so it cannot block the others.
-async fn write_batch(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
+async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<StatusRecord>) {
     let started = std::time::Instant::now();
-    let changes: Vec<StatusChange> = batch.iter().flat_map(|r| r.changes.clone()).collect();
-    let attempts: Vec<NewAttempt> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
-    if let Err(err) = apply_riding_outages(args, &changes, &attempts, &batch).await {
+    let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
+    let attempts: Arc<[NewAttempt]> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
+    if let Err(err) = apply_riding_outages(writer, &changes, &attempts, &batch).await {
         tracing::warn!(error = %err, "batch write failed; writing its records one by one");
-        write_one_by_one(args, batch).await;
+        write_one_by_one(args, writer, batch).await;
         return;
     }
     metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -194,14 +239,14 @@ async fn write_batch(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
 /// retries with backoff and tells JetStream that the messages of `records` are still in progress;
 /// any other error is returned.
 async fn apply_riding_outages(
-    args: &StatusWriterArgs,
-    changes: &[StatusChange],
-    attempts: &[NewAttempt],
+    writer: &BatchWriter,
+    changes: &Arc<[StatusChange]>,
+    attempts: &Arc<[NewAttempt]>,
     records: &[StatusRecord],
 ) -> Result<(), herald_entities::RepoError> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match status_batch::apply(&args.db, changes, attempts).await {
+        match writer.apply(changes, attempts).await {
             Err(herald_entities::RepoError::Db(err)) if is_outage(&err) => {
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", records.len());
                 metrics::counter!("herald_status_write_retries_total").increment(1);
@@ -216,10 +261,12 @@ async fn apply_riding_outages(
     }
 }
 
-async fn write_one_by_one(args: &StatusWriterArgs, batch: Vec<StatusRecord>) {
+async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<StatusRecord>) {
     for record in batch {
         let records = std::slice::from_ref(&record);
-        match apply_riding_outages(args, &record.changes, &record.attempts, records).await {
+        let changes: Arc<[StatusChange]> = record.changes.as_slice().into();
+        let attempts: Arc<[NewAttempt]> = record.attempts.as_slice().into();
+        match apply_riding_outages(writer, &changes, &attempts, records).await {
             Ok(()) => {
                 let events: Vec<StatusEvent> =
                     record.changes.iter().filter_map(status_event).collect();

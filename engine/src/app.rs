@@ -337,7 +337,7 @@ async fn start_engine(
         },
         scheduler_slot: scheduler.clone(),
         status_writer: StatusWriterArgs {
-            db,
+            database_url: config.database.url.clone(),
             publisher,
             settings: config.status_writer,
         },

@@ -39,6 +39,19 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `synchronous=NORMAL` (durable across process crashes, fast batched writes) and a busy timeout,
 /// so readers never block the writer. A query waits at most [`ACQUIRE_TIMEOUT`] for a connection.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    Database::connect(options(url, max_connections)).await
+}
+
+/// Like [`connect`], but opens no connection until the first query needs one, so it succeeds
+/// while the database is down. The pool's connections and upkeep belong to the runtime it is
+/// created on (see [`repo::writer_thread::WriterThread`]).
+pub async fn connect_lazy(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
+    let mut options = options(url, max_connections);
+    options.connect_lazy(true);
+    Database::connect(options).await
+}
+
+fn options(url: &str, max_connections: u32) -> ConnectOptions {
     let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}mode=rwc")
@@ -59,5 +72,5 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true)
         });
-    Database::connect(options).await
+    options
 }

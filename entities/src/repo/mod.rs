@@ -16,6 +16,7 @@ pub mod schedule;
 pub mod send_history;
 pub mod status_batch;
 pub mod templates;
+pub mod writer_thread;
 
 use sea_orm::DbErr;
 
@@ -33,7 +34,8 @@ pub enum RepoError {
         /// The decoder's reason.
         reason: String,
     },
-    /// The [`insert_queue::InsertQueue`]'s writer task is gone (the process is shutting down).
-    #[error("the notification writer has stopped")]
+    /// The [`insert_queue::InsertQueue`]'s writer task or a [`writer_thread::WriterThread`] is
+    /// gone (the process is shutting down).
+    #[error("the database writer has stopped")]
     WriterStopped,
 }
