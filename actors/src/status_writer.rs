@@ -175,8 +175,8 @@ struct BatchWriter {
 }
 
 impl BatchWriter {
-    /// Starts the thread and creates the pool there; opens no connection yet, so a database that
-    /// is down delays the first batch (which rides it out) rather than the actor's start.
+    /// Starts the thread and creates the pool there, lazily: a PostgreSQL server that is down
+    /// delays the first batch (which rides it out) rather than the actor's start.
     async fn start(database_url: &str) -> Result<Self, ActorProcessingErr> {
         let thread = WriterThread::start("herald-status-db")?;
         let url = database_url.to_owned();
@@ -208,11 +208,22 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     state.flushing = true;
     let args = state.args.clone();
     let writer = state.writer.clone();
-    let myself = myself.clone();
+    let written = WhenWritten(myself.clone());
     tokio::spawn(async move {
         write_batch(&args, &writer, batch).await;
-        let _ = myself.cast(StatusWriterMsg::Written);
+        drop(written);
     });
+}
+
+/// Tells the writer its flush is over when dropped: when the batch is written, and also when
+/// the flush panicked (its messages, never acknowledged, are redelivered), so that one bad
+/// batch cannot stop every later one.
+struct WhenWritten(ActorRef<StatusWriterMsg>);
+
+impl Drop for WhenWritten {
+    fn drop(&mut self) {
+        let _ = self.0.cast(StatusWriterMsg::Written);
+    }
 }
 
 /// Writes a batch, then settles its messages. Rides out database outages; a record that fails on
@@ -222,6 +233,14 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
     let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
     let attempts: Arc<[NewAttempt]> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
     if let Err(err) = apply_riding_outages(writer, &changes, &attempts, &batch).await {
+        if matches!(err, herald_entities::RepoError::WriterStopped) {
+            // Nothing was decided about these records: unacknowledged, they are redelivered.
+            tracing::error!(
+                "the status writer's thread is gone; {} records left for redelivery",
+                batch.len()
+            );
+            return;
+        }
         tracing::warn!(error = %err, "batch write failed; writing its records one by one");
         write_one_by_one(args, writer, batch).await;
         return;
@@ -273,6 +292,8 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
                 settle(record).await;
                 publish_events(&args.publisher, events);
             }
+            // Nothing was decided: this record and the rest are left for redelivery.
+            Err(herald_entities::RepoError::WriterStopped) => return,
             Err(err) => {
                 // Not an outage: this record cannot be written as it is (e.g. a command for a
                 // notification that was never stored). Redelivering would only repeat the send, so

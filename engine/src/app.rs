@@ -475,7 +475,7 @@ fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
         return Ok(());
     };
     let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
+    if path.is_empty() {
         return Ok(());
     }
     if let Some(dir) = std::path::Path::new(path).parent()

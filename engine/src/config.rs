@@ -477,6 +477,13 @@ impl Config {
                     .into(),
             );
         }
+        if is_in_memory_sqlite(&self.database.url) {
+            // Each pool would see a database of its own (the StatusWriter has its own pool), and
+            // everything stored would be gone at exit.
+            return invalid(
+                "database.url: an in-memory SQLite database is not supported; name a file".into(),
+            );
+        }
         if self.templates.fuel == 0 || self.templates.max_output_bytes == 0 {
             return invalid(
                 "templates.fuel and templates.max_output_bytes must be positive".into(),
@@ -533,6 +540,16 @@ impl Config {
         }
         Ok(chains)
     }
+}
+
+/// Whether `url` names an in-memory SQLite database (`sqlite::memory:`, `sqlite://:memory:`,
+/// `mode=memory`).
+fn is_in_memory_sqlite(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("sqlite:") else {
+        return false;
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    path.trim_start_matches('/') == ":memory:" || query.split('&').any(|pair| pair == "mode=memory")
 }
 
 #[cfg(test)]
@@ -594,6 +611,24 @@ mod tests {
                 .to_string()
                 .contains("pigeon")
         );
+    }
+
+    #[test]
+    fn an_in_memory_sqlite_database_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            for url in [
+                "sqlite::memory:",
+                "sqlite://:memory:",
+                "sqlite://x.db?mode=memory",
+            ] {
+                jail.set_env("HERALD_DATABASE__URL", url);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains("in-memory"), "{url}: {err}");
+            }
+            jail.set_env("HERALD_DATABASE__URL", "sqlite://data/memory.db");
+            Config::load(None).map_err(|e| e.to_string())?;
+            Ok(())
+        });
     }
 
     #[test]

@@ -42,9 +42,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     Database::connect(options(url, max_connections)).await
 }
 
-/// Like [`connect`], but opens no connection until the first query needs one, so it succeeds
-/// while the database is down. The pool's connections and upkeep belong to the runtime it is
-/// created on (see [`repo::writer_thread::WriterThread`]).
+/// Like [`connect`], but on PostgreSQL opens no connection until the first query needs one, so it
+/// succeeds while the server is down (on SQLite sea-orm opens one at once to read the library's
+/// version). The pool's connections and upkeep belong to the runtime it is created on (see
+/// [`repo::writer_thread::WriterThread`]).
 pub async fn connect_lazy(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     let mut options = options(url, max_connections);
     options.connect_lazy(true);

@@ -129,7 +129,7 @@ async fn a_server_without_pipelining_gets_one_command_at_a_time() {
 }
 
 #[tokio::test]
-async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_bad_sequence_after_it() {
+async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_one_after_it() {
     let sink = SmtpSink::start().await.expect("sink");
     let email = provider(sink.host(), sink.port(), 1);
     // The recipient is greylisted (451, try later); the DATA pipelined behind it is then refused
@@ -148,6 +148,11 @@ async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_bad_sequence_a
     email.send(&message(1)).await.expect("next sent");
     let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
     assert_eq!(subjects, vec![Some("Order #1".to_string())]);
+    assert_eq!(
+        sink.connection_count(),
+        2,
+        "the refused pipelined session was closed, not reused"
+    );
 }
 
 /// An SMTP server that greets and answers EHLO, then never answers another command; counts the

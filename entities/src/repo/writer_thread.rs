@@ -1,11 +1,15 @@
 //! A thread of its own for a serial database writer (the StatusWriter's batches).
 //!
-//! A batch transaction is a chain of statements, and each one is awaited: sqlx runs it on its
-//! connection's worker thread and wakes the waiting task when it is done. On a busy runtime the
-//! woken task queues behind every other ready task before it can send the next statement, so a
-//! writer that everything else waits for spent most of its time in that queue rather than in the
-//! database. On a single-threaded runtime of its own the writer is polled as soon as its
-//! statement is done.
+//! A batch transaction is a chain of statements, and each one is awaited: on SQLite sqlx runs it
+//! on the connection's worker thread and wakes the waiting task when it is done; on PostgreSQL the
+//! task waits for the server's reply on its socket. On a busy runtime the woken task queues behind
+//! every other ready task before it can send the next statement, so a writer that everything else
+//! waits for spent most of its time in that queue rather than in the database. On a
+//! single-threaded runtime of its own the writer is polled as soon as its statement is done.
+//!
+//! A PostgreSQL connection's socket belongs to the runtime that opened it, so a writer on this
+//! thread uses a pool created here ([`WriterThread::run`] with
+//! [`connect_lazy`](crate::connect_lazy)), not the main runtime's.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,18 +34,29 @@ struct Inner {
 }
 
 impl WriterThread {
-    /// Starts the thread, named `name` (visible in `top -H` and profiles).
+    /// Starts the thread, named `name` (visible in `top -H` and profiles). The runtime is built
+    /// on the new thread, so it is never dropped inside the caller's async context.
     pub fn start(name: &str) -> std::io::Result<Self> {
-        let runtime = Builder::new_current_thread().enable_all().build()?;
-        let handle = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (started, handle) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                let runtime = match Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                        return;
+                    }
+                };
+                let _ = started.send(Ok(runtime.handle().clone()));
                 runtime.block_on(async {
                     let _ = stopped.await;
                 });
             })?;
+        let handle = handle.recv().map_err(|_| {
+            std::io::Error::other("the writer thread ended before its runtime ran")
+        })??;
         Ok(Self {
             inner: Arc::new(Inner {
                 handle,
