@@ -233,14 +233,6 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
     let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
     let attempts: Arc<[NewAttempt]> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
     if let Err(err) = apply_riding_outages(writer, &changes, &attempts, &batch).await {
-        if matches!(err, herald_entities::RepoError::WriterStopped) {
-            // Nothing was decided about these records: unacknowledged, they are redelivered.
-            tracing::error!(
-                "the status writer's thread is gone; {} records left for redelivery",
-                batch.len()
-            );
-            return;
-        }
         tracing::warn!(error = %err, "batch write failed; writing its records one by one");
         write_one_by_one(args, writer, batch).await;
         return;
@@ -292,8 +284,11 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
                 settle(record).await;
                 publish_events(&args.publisher, events);
             }
-            // Nothing was decided: this record and the rest are left for redelivery.
-            Err(herald_entities::RepoError::WriterStopped) => return,
+            Err(herald_entities::RepoError::WriterStopped) => {
+                // Nothing was decided: unacknowledged, this record and the rest are redelivered.
+                tracing::error!("the status writer's thread is gone; records left for redelivery");
+                return;
+            }
             Err(err) => {
                 // Not an outage: this record cannot be written as it is (e.g. a command for a
                 // notification that was never stored). Redelivering would only repeat the send, so

@@ -352,8 +352,8 @@ impl NotificationsApi {
 
 /// Publishes a stored `queued` notification's command again: its first request may have stopped
 /// between storing and publishing (a crash, or NATS and the database failing together; a client
-/// that disconnects does not stop it). A command that did arrive is dropped by JetStream's de-duplication within its
-/// window, and after it by the dispatcher's status check.
+/// that disconnects does not stop it). A command that did arrive is dropped by JetStream's
+/// de-duplication within its window, and after it by the dispatcher's status check.
 async fn publish_again(state: &AppState, row: &notification::Model) -> Result<(), ApiError> {
     let command = repo::send_command(row).map_err(|err| ApiError::internal(&err))?;
     state

@@ -513,22 +513,15 @@ impl Session {
             "EHLO" => {
                 self.greeted = true;
                 self.transaction = Transaction::default();
-                let size = format!("SIZE {MAX_MESSAGE_SIZE}");
-                let mut lines = vec![
-                    format!("{SERVER_NAME} greets {argument}"),
-                    "8BITMIME".into(),
-                    size,
-                ];
-                if self.shared.offers_pipelining {
-                    lines.push("PIPELINING".into());
-                }
-                let last = lines.len() - 1;
-                let reply: Vec<String> = lines
-                    .iter()
-                    .enumerate()
-                    .map(|(i, line)| format!("250{}{line}", if i == last { ' ' } else { '-' }))
-                    .collect();
-                self.reply(&reply.join("\r\n")).await?;
+                let pipelining = if self.shared.offers_pipelining {
+                    "250-PIPELINING\r\n"
+                } else {
+                    ""
+                };
+                let reply = format!(
+                    "250-{SERVER_NAME} greets {argument}\r\n250-8BITMIME\r\n{pipelining}250 SIZE {MAX_MESSAGE_SIZE}"
+                );
+                self.reply(&reply).await?;
             }
             "HELO" => {
                 self.greeted = true;

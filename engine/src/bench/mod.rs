@@ -202,7 +202,10 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         Some(reference::jetstream_rate(&nats_url, messages, load::TYPICAL_COMMAND_BYTES).await?)
     };
 
-    let herald = Herald::start(bench_config(base, &nats_url, &database, sink.port())).await?;
+    let config = bench_config(base, &nats_url, &database, sink.port());
+    // `--database` is checked like a configured URL (an in-memory SQLite database is refused).
+    config.validate()?;
+    let herald = Herald::start(config).await?;
     let db = herald_entities::connect(&database, 4).await?;
     let existing = notification::Entity::find().count(&db).await?;
     anyhow::ensure!(
