@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::delivery::{self, DeliveryContext};
 use crate::lease::DeliveryPermit;
+use crate::partitions::LeaseDeadlines;
 
 /// Messages of the [`Dispatcher`].
 pub enum DispatcherMsg {
@@ -57,6 +58,8 @@ pub struct DispatcherArgs {
     pub intake: CancellationToken,
     /// Longest a drain waits for a partition's deliveries before handing the partition over.
     pub drain_timeout: Duration,
+    /// Until when each partition's lease lets this instance deliver (moved by the lease keeper).
+    pub leases: LeaseDeadlines,
     /// Messages one pull request of a partition's loop asks for. Fetched messages wait in the
     /// client for a permit while their ack wait runs, so this stays near the in-flight bound
     /// divided by the partitions: a large buffer would let JetStream redeliver messages that
@@ -232,6 +235,7 @@ impl DispatcherState {
                     streams: self.args.streams.clone(),
                     deliveries: deliveries.clone(),
                     batch: self.args.pull_batch.max(1),
+                    leases: self.args.leases.clone(),
                 },
                 myself.clone(),
                 self.args.in_flight.clone(),
@@ -279,6 +283,7 @@ struct Partition {
     streams: StreamSettings,
     deliveries: TaskTracker,
     batch: usize,
+    leases: LeaseDeadlines,
 }
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
@@ -327,6 +332,22 @@ async fn pull_loop(
                 next = messages.next() => next,
             };
             match next {
+                Some(Ok(message)) if !partition.leases.holds(partition.number) => {
+                    // The lease was not renewed in time (this instance is starved or cut off from
+                    // NATS): another instance may own the partition any moment, so nothing more
+                    // of it is delivered here until the lease is renewed or taken again.
+                    tracing::warn!(
+                        partition = partition.number,
+                        "partition lease not renewed in time; its deliveries wait"
+                    );
+                    metrics::counter!("herald_partition_lease_pauses_total").increment(1);
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    release_buffered(messages).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = partition.leases.held_again(partition.number) => break,
+                    }
+                }
                 Some(Ok(message)) => {
                     backoff = Duration::from_millis(100);
                     let permit = DeliveryPermit {

@@ -4,10 +4,12 @@
 //! Every round (a quarter of the lease TTL) it refreshes its membership record, renews the leases it
 //! holds, reads the bucket, and moves towards its fair share, `ceil(partitions / live instances)`:
 //! it takes free partitions while under its share, and hands partitions back while over it
-//! (draining each first, so no delivery of a partition runs on two instances at once). A lease it
-//! could not renew for longer than the TTL minus one round is dropped locally before it can expire
-//! on the server, so two instances never pull one partition: the old owner has stopped before the
-//! new one can take it. See [`herald_nats::leases`] for the bucket.
+//! (draining each first, so no delivery of a partition runs on two instances at once). Each held
+//! lease has a deadline, the TTL minus one round after its last write was sent ([`LeaseDeadlines`]):
+//! past it the dispatcher delivers none of the partition's commands until the lease is renewed, so
+//! an instance whose rounds run late stops before the server can let the lease expire, and two
+//! instances never deliver one partition's commands at once. A lease it could not renew by then is
+//! also dropped locally. See [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use herald_nats::{Held, LeaseTable, LeaseView};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
 
 use crate::dispatcher::DispatcherMsg;
 use crate::rate_limit::supervisor::RateLimiterSupervisorMsg;
@@ -84,6 +87,56 @@ pub struct Ownership {
 /// Shared, always-current copy of this instance's [`Ownership`].
 pub type OwnershipView = Arc<RwLock<Ownership>>;
 
+/// Until when this instance may deliver each partition's commands: the send time of the lease's
+/// last successful write (take or renewal) plus the TTL minus one round. The server lets the lease
+/// age out no earlier than that write plus the TTL, so no other instance can own the partition
+/// before the deadline.
+///
+/// The [`LeaseKeeper`] moves the deadlines; the dispatcher's pull loops check them before handing
+/// a command to a delivery, so an instance whose renewals are late (starved of CPU, cut off from
+/// NATS) stops on time by itself, whenever its next round runs.
+#[derive(Clone)]
+pub struct LeaseDeadlines(Arc<watch::Sender<BTreeMap<u32, Instant>>>);
+
+impl Default for LeaseDeadlines {
+    fn default() -> Self {
+        Self(Arc::new(watch::Sender::new(BTreeMap::new())))
+    }
+}
+
+impl LeaseDeadlines {
+    /// Whether this instance may deliver `partition`'s commands now.
+    pub fn holds(&self, partition: u32) -> bool {
+        Self::valid(&self.0.borrow(), partition)
+    }
+
+    /// Waits until this instance may deliver `partition`'s commands (the lease was renewed or
+    /// taken again).
+    pub async fn held_again(&self, partition: u32) {
+        let mut deadlines = self.0.subscribe();
+        let _ = deadlines
+            .wait_for(|deadlines| Self::valid(deadlines, partition))
+            .await;
+    }
+
+    fn valid(deadlines: &BTreeMap<u32, Instant>, partition: u32) -> bool {
+        deadlines
+            .get(&partition)
+            .is_some_and(|&until| Instant::now() < until)
+    }
+
+    fn set(&self, partition: u32, until: Instant) {
+        self.0.send_modify(|deadlines| {
+            deadlines.insert(partition, until);
+        });
+    }
+
+    fn remove(&self, partition: u32) {
+        self.0
+            .send_if_modified(|deadlines| deadlines.remove(&partition).is_some());
+    }
+}
+
 /// Messages of the [`LeaseKeeper`].
 pub enum LeaseKeeperMsg {
     /// Run a round now (also sent by the keeper's own timer).
@@ -110,6 +163,8 @@ pub struct LeaseKeeperArgs {
     pub rate_limiter: ActorSlot<RateLimiterSupervisorMsg>,
     /// Where ownership is published for the API.
     pub ownership: OwnershipView,
+    /// Until when each held partition may be delivered (shared with the dispatcher).
+    pub deadlines: LeaseDeadlines,
 }
 
 /// State of the [`LeaseKeeper`].
@@ -160,10 +215,15 @@ impl Actor for LeaseKeeper {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             LeaseKeeperMsg::Round if !state.left => {
-                state.round(&myself).await;
+                // Timed from the round's start, so a slow round (a loaded machine, a slow NATS)
+                // delays the next renewal by its overrun only, not by its whole length.
                 myself.send_after(LeaseKeeper::round_interval(state.args.ttl), || {
                     LeaseKeeperMsg::Round
                 });
+                let started = Instant::now();
+                state.round(&myself).await;
+                metrics::histogram!("herald_lease_round_seconds")
+                    .record(started.elapsed().as_secs_f64());
             }
             LeaseKeeperMsg::Round => {}
             LeaseKeeperMsg::Drained(partition) => state.hand_back(partition).await,
@@ -216,21 +276,21 @@ impl LeaseKeeperState {
         self.assign();
     }
 
-    /// Renews every held lease; drops (locally) those lost or not renewed for too long.
+    /// Renews every held lease, all at once; drops (locally) those lost or not renewed for too
+    /// long. A renewal counts from when it was sent: the server's expiry is at least that late.
     async fn renew_all(&mut self) {
-        let fence = self
-            .args
-            .ttl
-            .saturating_sub(LeaseKeeper::round_interval(self.args.ttl));
-        let partitions: Vec<u32> = self.held.keys().copied().collect();
-        for partition in partitions {
-            let Some((held, renewed_at)) = self.held.get(&partition).copied() else {
-                continue;
-            };
-            match self.args.table.renew(held).await {
-                Ok(Some(renewed)) => {
-                    self.held.insert(partition, (renewed, Instant::now()));
-                }
+        let fence = self.fence();
+        let sent = Instant::now();
+        let table = &self.args.table;
+        let renewals = futures::future::join_all(self.held.iter().map(
+            |(&partition, &(held, renewed_at))| async move {
+                (partition, renewed_at, table.renew(held).await)
+            },
+        ))
+        .await;
+        for (partition, renewed_at, renewal) in renewals {
+            match renewal {
+                Ok(Some(renewed)) => self.hold(partition, renewed, sent),
                 Ok(None) => {
                     tracing::warn!(partition, "partition lease lost to another instance");
                     self.drop_lease(partition);
@@ -256,6 +316,7 @@ impl LeaseKeeperState {
             let Some(&revision) = view.revisions.get(&partition) else {
                 continue;
             };
+            let sent = Instant::now();
             if let Ok(Some(renewed)) = self
                 .args
                 .table
@@ -266,7 +327,7 @@ impl LeaseKeeperState {
                 .await
             {
                 tracing::info!(partition, "adopted this instance's partition lease");
-                self.held.insert(partition, (renewed, Instant::now()));
+                self.hold(partition, renewed, sent);
                 self.taken.insert(partition);
             }
         }
@@ -274,11 +335,12 @@ impl LeaseKeeperState {
 
     async fn take(&mut self, partitions: &[u32]) {
         for &partition in partitions {
+            let sent = Instant::now();
             match self.args.table.try_acquire(partition).await {
                 Ok(Some(held)) => {
                     tracing::info!(partition, "took partition lease");
                     metrics::counter!("herald_partition_takeovers_total").increment(1);
-                    self.held.insert(partition, (held, Instant::now()));
+                    self.hold(partition, held, sent);
                     self.taken.insert(partition);
                 }
                 Ok(None) => {}
@@ -305,6 +367,7 @@ impl LeaseKeeperState {
 
     async fn hand_back(&mut self, partition: u32) {
         self.leaving.remove(&partition);
+        self.args.deadlines.remove(partition);
         if let Some((held, _)) = self.held.remove(&partition)
             && let Err(err) = self.args.table.release(held).await
         {
@@ -314,8 +377,23 @@ impl LeaseKeeperState {
     }
 
     fn drop_lease(&mut self, partition: u32) {
+        self.args.deadlines.remove(partition);
         self.held.remove(&partition);
         self.leaving.remove(&partition);
+    }
+
+    /// How long after a lease write was sent this instance may still act on it: the TTL minus one
+    /// round, so that it stops before the server can let the lease age out.
+    fn fence(&self) -> Duration {
+        self.args
+            .ttl
+            .saturating_sub(LeaseKeeper::round_interval(self.args.ttl))
+    }
+
+    /// Records a lease written (taken or renewed) by a request sent at `sent`.
+    fn hold(&mut self, partition: u32, held: Held, sent: Instant) {
+        self.held.insert(partition, (held, sent));
+        self.args.deadlines.set(partition, sent + self.fence());
     }
 
     /// Tells the dispatcher the partitions to pull: held and not being handed back. Partitions
@@ -346,6 +424,7 @@ impl LeaseKeeperState {
     async fn leave(&mut self) {
         self.left = true;
         for (partition, (held, _)) in std::mem::take(&mut self.held) {
+            self.args.deadlines.remove(partition);
             if let Err(err) = self.args.table.release(held).await {
                 tracing::warn!(partition, error = %err, "cannot hand partition lease back; it expires");
             }
@@ -384,6 +463,35 @@ mod tests {
 
     fn set(items: &[u32]) -> BTreeSet<u32> {
         items.iter().copied().collect()
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_held_until_its_deadline_and_waiters_wake_when_it_is_renewed() {
+        let deadlines = LeaseDeadlines::default();
+        assert!(!deadlines.holds(3), "a partition never taken is not held");
+        deadlines.set(3, Instant::now() + Duration::from_secs(60));
+        assert!(deadlines.holds(3));
+        assert!(!deadlines.holds(4), "only the partition written");
+        deadlines.set(3, Instant::now());
+        assert!(
+            !deadlines.holds(3),
+            "past its deadline, a lease is not acted on"
+        );
+
+        let waiter = tokio::spawn({
+            let deadlines = deadlines.clone();
+            async move { deadlines.held_again(3).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing renewed yet");
+        deadlines.set(3, Instant::now() + Duration::from_secs(60));
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the renewal wakes the waiting loop")
+            .expect("waiter");
+
+        deadlines.remove(3);
+        assert!(!deadlines.holds(3), "a dropped lease is not held");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use herald_actors::{
     delivery::DeliveryContext,
     dispatcher::{DispatcherArgs, DispatcherMsg},
     engine_supervisor::{EngineArgs, EngineSupervisor},
-    partitions::{LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
+    partitions::{LeaseDeadlines, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
     slot::ActorSlot,
     status_writer::{StatusWriterArgs, StatusWriterMsg},
     templates::runtime::RuntimeTemplates,
@@ -289,6 +289,7 @@ async fn start_engine(
     let scheduler = ActorSlot::default();
     let lease_keeper = ActorSlot::default();
     let ownership = OwnershipView::default();
+    let deadlines = LeaseDeadlines::default();
     let rate_limits = Arc::new(config.rate_limits()?);
     let context = Arc::new(DeliveryContext {
         statuses: herald_actors::status_lookup::StatusLookup::spawn(db.clone()),
@@ -360,6 +361,7 @@ async fn start_engine(
             drain_timeout: Duration::from_secs(config.dispatch.shutdown_grace_secs),
             pull_batch: (config.dispatch.max_in_flight / config.nats.partitions.max(1) as usize)
                 .clamp(8, 200),
+            leases: deadlines.clone(),
         },
         dispatcher_slot: dispatcher.clone(),
         lease_keeper: LeaseKeeperArgs {
@@ -369,6 +371,7 @@ async fn start_engine(
             dispatcher: dispatcher.clone(),
             rate_limiter: rate_limiter.clone(),
             ownership: ownership.clone(),
+            deadlines,
         },
         lease_keeper_slot: lease_keeper.clone(),
     };

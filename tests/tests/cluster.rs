@@ -2,10 +2,11 @@
 //! leased to one instance at a time, when one dies the others take its partitions over, per-user
 //! rate limits hold across the cluster, and a rolling restart loses nothing.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use herald_entities::{NotificationStatus, notification};
+use herald_nats::LeaseTable;
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
@@ -528,4 +529,50 @@ async fn a_rolling_restart_of_three_instances_loses_nothing_and_keeps_limits() {
             .await
             .expect("clean exit");
     }
+}
+
+#[tokio::test]
+async fn the_lease_view_lists_live_leases_and_members_only() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let ttl = Duration::from_millis(1_000);
+    let a = LeaseTable::open(&js, "a", ttl, 1).await.expect("bucket");
+    let b = LeaseTable::open(&js, "b", ttl, 1).await.expect("bucket");
+    a.heartbeat().await.expect("a joins");
+    b.heartbeat().await.expect("b joins");
+    let zero = a.try_acquire(0).await.expect("take").expect("0 is free");
+    let one = b.try_acquire(1).await.expect("take").expect("1 is free");
+    assert!(b.try_acquire(0).await.expect("take").is_none(), "0 is a's");
+
+    let view = a.view().await.expect("view");
+    assert_eq!(view.members, vec!["a", "b"]);
+    assert_eq!(
+        view.owners,
+        BTreeMap::from([(0, "a".to_string()), (1, "b".to_string())])
+    );
+    assert_eq!(view.revisions[&0], zero.revision);
+
+    // Handed back and left: delete markers, which the view must not count.
+    b.release(one).await.expect("release");
+    b.leave().await.expect("leave");
+    let view = a.view().await.expect("view");
+    assert_eq!(view.members, vec!["a"]);
+    assert_eq!(view.owners, BTreeMap::from([(0, "a".to_string())]));
+
+    // Not renewed: aged out.
+    let view = eventually(
+        "a's records to age out",
+        Duration::from_secs(10),
+        || async {
+            let view = a.view().await.expect("view");
+            (view.owners.is_empty() && view.members.is_empty()).then_some(view)
+        },
+    )
+    .await;
+    assert!(view.revisions.is_empty());
+    assert!(
+        a.renew(zero).await.expect("renew").is_none(),
+        "an aged-out lease cannot be renewed"
+    );
 }
