@@ -287,7 +287,8 @@ struct Partition {
 }
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
-/// stopped; binds and re-subscribes after errors (a NATS restart) with a bounded backoff.
+/// stopped; binds and re-subscribes after errors (a NATS restart) with a bounded backoff. Past the
+/// partition's lease deadline it hands commands back instead and waits for the lease to be renewed.
 async fn pull_loop(
     partition: Partition,
     dispatcher: ActorRef<DispatcherMsg>,
@@ -341,6 +342,7 @@ async fn pull_loop(
                         "partition lease not renewed in time; its deliveries wait"
                     );
                     metrics::counter!("herald_partition_lease_pauses_total").increment(1);
+                    drop(slot);
                     let _ = message.ack_with(AckKind::Nak(None)).await;
                     release_buffered(messages).await;
                     tokio::select! {

@@ -6,10 +6,10 @@
 //! it takes free partitions while under its share, and hands partitions back while over it
 //! (draining each first, so no delivery of a partition runs on two instances at once). Each held
 //! lease has a deadline, the TTL minus one round after its last write was sent ([`LeaseDeadlines`]):
-//! past it the dispatcher delivers none of the partition's commands until the lease is renewed, so
-//! an instance whose rounds run late stops before the server can let the lease expire, and two
-//! instances never deliver one partition's commands at once. A lease it could not renew by then is
-//! also dropped locally. See [`herald_nats::leases`] for the bucket.
+//! past it the dispatcher starts no delivery of the partition's commands until the lease is
+//! renewed, so an instance whose rounds run late stops taking the partition's work before the
+//! server can let the lease expire (deliveries it had already started still finish). A lease it
+//! could not renew by then is also dropped locally. See [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -94,7 +94,9 @@ pub type OwnershipView = Arc<RwLock<Ownership>>;
 ///
 /// The [`LeaseKeeper`] moves the deadlines; the dispatcher's pull loops check them before handing
 /// a command to a delivery, so an instance whose renewals are late (starved of CPU, cut off from
-/// NATS) stops on time by itself, whenever its next round runs.
+/// NATS) starts no more of the partition's deliveries, whenever its next round runs. The clock is
+/// monotonic: it does not advance while the machine is suspended, so a whole virtual machine
+/// paused past the TTL is not covered.
 #[derive(Clone)]
 pub struct LeaseDeadlines(Arc<watch::Sender<BTreeMap<u32, Instant>>>);
 
@@ -327,8 +329,8 @@ impl LeaseKeeperState {
                 .await
             {
                 tracing::info!(partition, "adopted this instance's partition lease");
-                self.hold(partition, renewed, sent);
                 self.taken.insert(partition);
+                self.hold(partition, renewed, sent);
             }
         }
     }
@@ -340,8 +342,8 @@ impl LeaseKeeperState {
                 Ok(Some(held)) => {
                     tracing::info!(partition, "took partition lease");
                     metrics::counter!("herald_partition_takeovers_total").increment(1);
-                    self.hold(partition, held, sent);
                     self.taken.insert(partition);
+                    self.hold(partition, held, sent);
                 }
                 Ok(None) => {}
                 Err(err) => {
@@ -390,25 +392,37 @@ impl LeaseKeeperState {
             .saturating_sub(LeaseKeeper::round_interval(self.args.ttl))
     }
 
-    /// Records a lease written (taken or renewed) by a request sent at `sent`.
+    /// Records a lease written (taken or renewed) by a request sent at `sent`. A partition just
+    /// taken gets its deadline in [`Self::assign`], once the rate limiter has been told.
     fn hold(&mut self, partition: u32, held: Held, sent: Instant) {
         self.held.insert(partition, (held, sent));
-        self.args.deadlines.set(partition, sent + self.fence());
+        if !self.taken.contains(&partition) {
+            self.args.deadlines.set(partition, sent + self.fence());
+        }
     }
 
     /// Tells the dispatcher the partitions to pull: held and not being handed back. Partitions
-    /// just taken are first announced to the rate limiter (before any of their commands is pulled).
+    /// just taken are first announced to the rate limiter, and only then get their deadlines, so
+    /// none of their commands is delivered before (a loop paused on a partition this instance
+    /// lost and took back in the same round waits for this too). A rate limiter that is not
+    /// running holds no stale buckets to forget.
     fn assign(&mut self) {
         if self.left {
             return;
         }
-        if !self.taken.is_empty()
-            && let Some(limiter) = self.args.rate_limiter.get()
-        {
-            let _ = limiter.cast(RateLimiterSupervisorMsg::ForgetPartitions {
-                partitions: std::mem::take(&mut self.taken),
-                total: self.args.partitions,
-            });
+        if !self.taken.is_empty() {
+            let taken = std::mem::take(&mut self.taken);
+            if let Some(limiter) = self.args.rate_limiter.get() {
+                let _ = limiter.cast(RateLimiterSupervisorMsg::ForgetPartitions {
+                    partitions: taken.clone(),
+                    total: self.args.partitions,
+                });
+            }
+            for partition in taken {
+                if let Some(&(_, sent)) = self.held.get(&partition) {
+                    self.args.deadlines.set(partition, sent + self.fence());
+                }
+            }
         }
         if let Some(dispatcher) = self.args.dispatcher.get() {
             let pull = self

@@ -179,7 +179,7 @@ impl LeaseTable {
             what: format!("key-value bucket {LEASE_BUCKET}"),
             reason: e.to_string(),
         };
-        let prefix = format!("$KV.{LEASE_BUCKET}.");
+        let prefix = &self.store.prefix;
         let keys: Vec<String> = self
             .store
             .stream
@@ -191,7 +191,7 @@ impl LeaseTable {
             .await
             .map_err(|e| read_error(&e))?
             .into_iter()
-            .filter_map(|subject| subject.strip_prefix(&prefix).map(str::to_owned))
+            .filter_map(|subject| subject.strip_prefix(prefix.as_str()).map(str::to_owned))
             .collect();
         let entries =
             futures::future::try_join_all(keys.iter().map(|key| self.store.entry(key.as_str())))
