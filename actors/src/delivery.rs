@@ -170,6 +170,13 @@ pub async fn deliver(
         }
     };
 
+    if !permit.partition_held() {
+        // The partition's lease deadline passed while this delivery read the database: another
+        // instance may own the partition by now, and its rate limiter would not see this send.
+        metrics::counter!("herald_partition_lease_pauses_total").increment(1);
+        let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
+        return;
+    }
     let opted_out = match crate::policy::gate(&ctx.policy, &ctx.db, &command).await {
         Ok(Gate::Go { opted_out }) => opted_out,
         Ok(gate) => {

@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::{self, DeliveryContext};
-use crate::lease::DeliveryPermit;
+use crate::lease::{DeliveryPermit, PartitionLease};
 use crate::partitions::LeaseDeadlines;
 
 /// Messages of the [`Dispatcher`].
@@ -355,6 +355,10 @@ async fn pull_loop(
                     let permit = DeliveryPermit {
                         slot,
                         partition: partition.deliveries.token(),
+                        lease: PartitionLease {
+                            partition: partition.number,
+                            deadlines: partition.leases.clone(),
+                        },
                     };
                     let delivery = DispatcherMsg::Deliver(Box::new(message), permit);
                     if let Err(ractor::MessagingErr::SendErr(DispatcherMsg::Deliver(message, _))) =

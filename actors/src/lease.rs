@@ -9,16 +9,29 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
+
+use crate::partitions::LeaseDeadlines;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
-/// What the dispatcher hands a delivery: a slot of the in-flight bound, and a token of its
-/// partition's tracker (a partition being handed to another instance waits for its tokens).
+/// What the dispatcher hands a delivery: a slot of the in-flight bound, a token of its
+/// partition's tracker (a partition being handed to another instance waits for its tokens), and
+/// the partition's lease deadline.
 pub struct DeliveryPermit {
     /// The in-flight slot.
     pub slot: OwnedSemaphorePermit,
     /// Held while the delivery runs.
     pub partition: TaskTrackerToken,
+    /// The partition's lease, checked again before the rate-limit decision.
+    pub lease: PartitionLease,
+}
+
+/// One partition's lease deadline, as the delivery of one of its commands sees it.
+pub struct PartitionLease {
+    /// The partition.
+    pub partition: u32,
+    /// The deadlines the lease keeper moves.
+    pub deadlines: LeaseDeadlines,
 }
 
 /// Notification ids being delivered by this process.
@@ -65,7 +78,7 @@ impl Drop for Claim {
 
 /// The permit and, once the command is decoded, the claim; both released together.
 pub struct Lease {
-    _permit: DeliveryPermit,
+    permit: DeliveryPermit,
     claim: Option<Claim>,
 }
 
@@ -73,7 +86,7 @@ impl Lease {
     /// A lease holding only the permit.
     pub fn new(permit: DeliveryPermit) -> Self {
         Self {
-            _permit: permit,
+            permit,
             claim: None,
         }
     }
@@ -82,6 +95,13 @@ impl Lease {
     pub fn with_claim(mut self, claim: Claim) -> Self {
         self.claim = Some(claim);
         self
+    }
+
+    /// Whether this instance still holds the command's partition (its lease deadline has not
+    /// passed while the delivery waited).
+    pub fn partition_held(&self) -> bool {
+        let lease = &self.permit.lease;
+        lease.deadlines.holds(lease.partition)
     }
 }
 

@@ -8,8 +8,9 @@
 //! lease has a deadline, the TTL minus one round after its last write was sent ([`LeaseDeadlines`]):
 //! past it the dispatcher starts no delivery of the partition's commands until the lease is
 //! renewed, so an instance whose rounds run late stops taking the partition's work before the
-//! server can let the lease expire (deliveries it had already started still finish). A lease it
-//! could not renew by then is also dropped locally. See [`herald_nats::leases`] for the bucket.
+//! server can let the lease expire (a delivery checks again before its rate-limit decision; those
+//! past it still finish). A lease it could not renew by then is also dropped locally. See
+//! [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
