@@ -2,7 +2,9 @@
 //!
 //! Decode (poison ⇒ dead letter) → skip if a redelivery finds the notification already final →
 //! mark `processing` → resolve contacts → render the template the notification names, if any, in
-//! the recipient's locale (a render error ⇒ `failed`, no retry) → walk the channel chain, asking
+//! the recipient's locale (a render error ⇒ `failed`, no retry) → hand the command back if this
+//! instance's lease on its partition ran out meanwhile (see [`crate::partitions::LeaseDeadlines`])
+//! → walk the channel chain, asking
 //! each channel actor → record every attempt → `sent`, or NAK with backoff when a channel failed
 //! transiently and deliveries remain, or `dead` (copied to the DLQ) after the last one, or
 //! `failed` when every channel refused for good.
@@ -170,13 +172,6 @@ pub async fn deliver(
         }
     };
 
-    if !permit.partition_held() {
-        // The partition's lease deadline passed while this delivery read the database: another
-        // instance may own the partition by now, and its rate limiter would not see this send.
-        metrics::counter!("herald_partition_lease_pauses_total").increment(1);
-        let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
-        return;
-    }
     let opted_out = match crate::policy::gate(&ctx.policy, &ctx.db, &command).await {
         Ok(Gate::Go { opted_out }) => opted_out,
         Ok(gate) => {
@@ -199,6 +194,14 @@ pub async fn deliver(
 
     if let Err(err) = render_template(&ctx, &mut command, locale.as_deref()).await {
         template_failed(&ctx, id, err, acker, delivered, permit);
+        return;
+    }
+    if !permit.partition_held() {
+        // The partition's lease deadline passed while this delivery read the database or waited
+        // for the rate limiter: another instance may own the partition by now, and its rate
+        // limiter would not see this send. (The token spent here errs on the safe side.)
+        metrics::counter!("herald_partition_lease_pauses_total").increment(1);
+        let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
         return;
     }
     let walk = walk_chain(&ctx.channels, &command, &contacts, round, &opted_out).await;

@@ -1,5 +1,6 @@
 //! What a delivery holds until its outcome is written and acknowledged: an in-flight permit (the
-//! dispatcher's bound on concurrent work) and a claim on its notification id.
+//! dispatcher's bound on concurrent work, with the partition's lease deadline) and a claim on its
+//! notification id.
 //!
 //! The claim keeps a second copy of the same command out while the first is being worked on: after
 //! a NATS restart, JetStream redelivers messages whose processing is still under way here, and
@@ -9,10 +10,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedSemaphorePermit;
-
-use crate::partitions::LeaseDeadlines;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
+
+use crate::partitions::LeaseDeadlines;
 
 /// What the dispatcher hands a delivery: a slot of the in-flight bound, a token of its
 /// partition's tracker (a partition being handed to another instance waits for its tokens), and
@@ -22,7 +23,7 @@ pub struct DeliveryPermit {
     pub slot: OwnedSemaphorePermit,
     /// Held while the delivery runs.
     pub partition: TaskTrackerToken,
-    /// The partition's lease, checked again before the rate-limit decision.
+    /// The partition's lease, checked again right before the channels are tried.
     pub lease: PartitionLease,
 }
 

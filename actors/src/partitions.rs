@@ -8,8 +8,8 @@
 //! lease has a deadline, the TTL minus one round after its last write was sent ([`LeaseDeadlines`]):
 //! past it the dispatcher starts no delivery of the partition's commands until the lease is
 //! renewed, so an instance whose rounds run late stops taking the partition's work before the
-//! server can let the lease expire (a delivery checks again before its rate-limit decision; those
-//! past it still finish). A lease it could not renew by then is also dropped locally. See
+//! server can let the lease expire (a delivery checks again right before it tries the channels;
+//! one already past that still finishes). A lease it could not renew by then is also dropped locally. See
 //! [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -94,8 +94,9 @@ pub type OwnershipView = Arc<RwLock<Ownership>>;
 /// before the deadline.
 ///
 /// The [`LeaseKeeper`] moves the deadlines; the dispatcher's pull loops check them before handing
-/// a command to a delivery, so an instance whose renewals are late (starved of CPU, cut off from
-/// NATS) starts no more of the partition's deliveries, whenever its next round runs. The clock is
+/// a command to a delivery, and each delivery again right before it tries the channels, so an
+/// instance whose renewals are late (starved of CPU, cut off from NATS) sends no more of the
+/// partition's commands, whenever its next round runs. The clock is
 /// monotonic: it does not advance while the machine is suspended, so a whole virtual machine
 /// paused past the TTL is not covered.
 #[derive(Clone)]
