@@ -25,8 +25,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::{self, DeliveryContext};
-use crate::lease::{DeliveryPermit, PartitionLease};
-use crate::partitions::LeaseDeadlines;
+use crate::lease::DeliveryPermit;
+use crate::partitions::{LeaseDeadlines, PartitionLease};
 
 /// Messages of the [`Dispatcher`].
 pub enum DispatcherMsg {
@@ -235,7 +235,10 @@ impl DispatcherState {
                     streams: self.args.streams.clone(),
                     deliveries: deliveries.clone(),
                     batch: self.args.pull_batch.max(1),
-                    leases: self.args.leases.clone(),
+                    lease: PartitionLease {
+                        partition,
+                        deadlines: self.args.leases.clone(),
+                    },
                 },
                 myself.clone(),
                 self.args.in_flight.clone(),
@@ -283,7 +286,7 @@ struct Partition {
     streams: StreamSettings,
     deliveries: TaskTracker,
     batch: usize,
-    leases: LeaseDeadlines,
+    lease: PartitionLease,
 }
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
@@ -333,7 +336,7 @@ async fn pull_loop(
                 next = messages.next() => next,
             };
             match next {
-                Some(Ok(message)) if !partition.leases.holds(partition.number) => {
+                Some(Ok(message)) if !partition.lease.holds() => {
                     // The lease was not renewed in time (this instance is starved or cut off from
                     // NATS): another instance may own the partition any moment, so nothing more
                     // of it is delivered here until the lease is renewed or taken again.
@@ -347,7 +350,7 @@ async fn pull_loop(
                     release_buffered(messages).await;
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = partition.leases.held_again(partition.number) => break,
+                        _ = partition.lease.held_again() => break,
                     }
                 }
                 Some(Ok(message)) => {
@@ -355,10 +358,7 @@ async fn pull_loop(
                     let permit = DeliveryPermit {
                         slot,
                         partition: partition.deliveries.token(),
-                        lease: PartitionLease {
-                            partition: partition.number,
-                            deadlines: partition.leases.clone(),
-                        },
+                        lease: partition.lease.clone(),
                     };
                     let delivery = DispatcherMsg::Deliver(Box::new(message), permit);
                     if let Err(ractor::MessagingErr::SendErr(DispatcherMsg::Deliver(message, _))) =

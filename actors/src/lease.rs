@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
-use crate::partitions::LeaseDeadlines;
+use crate::partitions::PartitionLease;
 
 /// What the dispatcher hands a delivery: a slot of the in-flight bound, a token of its
 /// partition's tracker (a partition being handed to another instance waits for its tokens), and
@@ -25,14 +25,6 @@ pub struct DeliveryPermit {
     pub partition: TaskTrackerToken,
     /// The partition's lease, checked again right before the channels are tried.
     pub lease: PartitionLease,
-}
-
-/// One partition's lease deadline, as the delivery of one of its commands sees it.
-pub struct PartitionLease {
-    /// The partition.
-    pub partition: u32,
-    /// The deadlines the lease keeper moves.
-    pub deadlines: LeaseDeadlines,
 }
 
 /// Notification ids being delivered by this process.
@@ -101,8 +93,7 @@ impl Lease {
     /// Whether this instance still holds the command's partition (its lease deadline has not
     /// passed while the delivery waited).
     pub fn partition_held(&self) -> bool {
-        let lease = &self.permit.lease;
-        lease.deadlines.holds(lease.partition)
+        self.permit.lease.holds()
     }
 }
 

@@ -5,12 +5,12 @@
 //! holds, reads the bucket, and moves towards its fair share, `ceil(partitions / live instances)`:
 //! it takes free partitions while under its share, and hands partitions back while over it
 //! (draining each first, so no delivery of a partition runs on two instances at once). Each held
-//! lease has a deadline, the TTL minus one round after its last write was sent ([`LeaseDeadlines`]):
-//! past it the dispatcher starts no delivery of the partition's commands until the lease is
-//! renewed, so an instance whose rounds run late stops taking the partition's work before the
-//! server can let the lease expire (a delivery checks again right before it tries the channels;
-//! one already past that still finishes). A lease it could not renew by then is also dropped locally. See
-//! [`herald_nats::leases`] for the bucket.
+//! lease has a deadline, the TTL minus one round after its last write was sent
+//! ([`LeaseDeadlines`]): past it the dispatcher starts no delivery of the partition's commands
+//! until the lease is renewed, so an instance whose rounds run late stops taking the partition's
+//! work before the server can let the lease expire (a delivery checks again right before it tries
+//! the channels; one already past that still finishes). A lease it could not renew by then is
+//! also dropped locally. See [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -96,9 +96,9 @@ pub type OwnershipView = Arc<RwLock<Ownership>>;
 /// The [`LeaseKeeper`] moves the deadlines; the dispatcher's pull loops check them before handing
 /// a command to a delivery, and each delivery again right before it tries the channels, so an
 /// instance whose renewals are late (starved of CPU, cut off from NATS) sends no more of the
-/// partition's commands, whenever its next round runs. The clock is
-/// monotonic: it does not advance while the machine is suspended, so a whole virtual machine
-/// paused past the TTL is not covered.
+/// partition's commands, whenever its next round runs. The clock is monotonic: it does not
+/// advance while the machine is suspended, so a whole virtual machine paused past the TTL is not
+/// covered.
 #[derive(Clone)]
 pub struct LeaseDeadlines(Arc<watch::Sender<BTreeMap<u32, Instant>>>);
 
@@ -138,6 +138,27 @@ impl LeaseDeadlines {
     fn remove(&self, partition: u32) {
         self.0
             .send_if_modified(|deadlines| deadlines.remove(&partition).is_some());
+    }
+}
+
+/// One partition's lease deadline, as its pull loop and the deliveries of its commands see it.
+#[derive(Clone)]
+pub struct PartitionLease {
+    /// The partition.
+    pub partition: u32,
+    /// The deadlines the lease keeper moves.
+    pub deadlines: LeaseDeadlines,
+}
+
+impl PartitionLease {
+    /// Whether this instance may deliver the partition's commands now.
+    pub fn holds(&self) -> bool {
+        self.deadlines.holds(self.partition)
+    }
+
+    /// Waits until this instance may deliver the partition's commands again.
+    pub async fn held_again(&self) {
+        self.deadlines.held_again(self.partition).await;
     }
 }
 
@@ -399,6 +420,13 @@ impl LeaseKeeperState {
     fn hold(&mut self, partition: u32, held: Held, sent: Instant) {
         self.held.insert(partition, (held, sent));
         if !self.taken.contains(&partition) {
+            self.set_deadline(partition);
+        }
+    }
+
+    /// Publishes the deadline of a held lease: its last write's send time plus [`Self::fence`].
+    fn set_deadline(&self, partition: u32) {
+        if let Some(&(_, sent)) = self.held.get(&partition) {
             self.args.deadlines.set(partition, sent + self.fence());
         }
     }
@@ -421,9 +449,7 @@ impl LeaseKeeperState {
                 });
             }
             for partition in taken {
-                if let Some(&(_, sent)) = self.held.get(&partition) {
-                    self.args.deadlines.set(partition, sent + self.fence());
-                }
+                self.set_deadline(partition);
             }
         }
         if let Some(dispatcher) = self.args.dispatcher.get() {

@@ -3,11 +3,12 @@
 //!
 //! lettre's own pool checks every connection with a NOOP before each message (a round trip more
 //! than the two a pipelined message costs) and, under load, opens connections beyond its size
-//! that it closes after a single message: connect, EHLO, STARTTLS, AUTH and QUIT for one mail. This pool (deadpool over
-//! lettre's [`AsyncSmtpConnection`]) lets a send wait for a free connection instead, checks a
-//! connection with a NOOP only after it sat idle for [`IDLE_CHECK`], and never reuses one whose
-//! session failed or was cut short: a send cancelled by its timeout leaves the session at an
-//! unknown step, where the next message's commands would be answered by the last one's replies.
+//! that it closes after a single message: connect, EHLO, STARTTLS, AUTH and QUIT for one mail.
+//! This pool (deadpool over lettre's [`AsyncSmtpConnection`]) lets a send wait for a free
+//! connection instead, checks a connection with a NOOP only after it sat idle for [`IDLE_CHECK`],
+//! and never reuses one whose session failed or was cut short: a send cancelled by its timeout
+//! leaves the session at an unknown step, where the next message's commands would be answered by
+//! the last one's replies.
 
 use std::time::Duration;
 
