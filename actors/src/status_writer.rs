@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
-    NotificationStatus,
+    Checkpoints, NotificationStatus,
     repo::status_batch::{self, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
@@ -85,6 +85,8 @@ pub struct StatusWriterArgs {
     /// The database to write to. The StatusWriter opens its own small pool on its
     /// [`WriterThread`], so that its connections belong to that thread's runtime.
     pub database_url: String,
+    /// Who checkpoints an SQLite log (see [`herald_entities::checkpoint`]).
+    pub checkpoints: Checkpoints,
     /// Publisher for `notify.status.*`.
     pub publisher: Publisher,
     /// Batching limits.
@@ -115,7 +117,7 @@ impl Actor for StatusWriter {
         _myself: ActorRef<Self::Msg>,
         args: StatusWriterArgs,
     ) -> Result<StatusWriterState, ActorProcessingErr> {
-        let writer = BatchWriter::start(&args.database_url).await?;
+        let writer = BatchWriter::start(&args.database_url, args.checkpoints).await?;
         Ok(StatusWriterState {
             args,
             writer,
@@ -177,11 +179,16 @@ struct BatchWriter {
 impl BatchWriter {
     /// Starts the thread and creates the pool there, lazily: a PostgreSQL server that is down
     /// delays the first batch (which rides it out) rather than the actor's start.
-    async fn start(database_url: &str) -> Result<Self, ActorProcessingErr> {
+    async fn start(
+        database_url: &str,
+        checkpoints: Checkpoints,
+    ) -> Result<Self, ActorProcessingErr> {
         let thread = WriterThread::start("herald-status-db")?;
         let url = database_url.to_owned();
         let db = thread
-            .run(async move { Ok(herald_entities::connect_lazy(&url, WRITER_CONNECTIONS).await?) })
+            .run(async move {
+                Ok(herald_entities::connect_lazy(&url, WRITER_CONNECTIONS, checkpoints).await?)
+            })
             .await?;
         Ok(Self { db, thread })
     }

@@ -21,6 +21,7 @@ use herald_actors::{
 };
 use herald_api::AppState;
 use herald_entities::repo::insert_queue::InsertQueue;
+use herald_entities::{Checkpointer, Checkpoints};
 use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Publisher, StreamSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -39,6 +40,8 @@ pub struct Herald {
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     engine: Engine,
     nats: async_nats::Client,
+    /// Checkpoints the SQLite log while Herald runs (`None` on PostgreSQL).
+    _checkpointer: Option<Checkpointer>,
 }
 
 struct Engine {
@@ -74,28 +77,41 @@ pub fn process_init() -> PrometheusHandle {
 
 /// Opens the database and applies pending migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
-    ensure_sqlite_dir(&config.database.url)?;
-    let db = herald_entities::connect(&config.database.url, config.database.max_connections)
-        .await
-        .with_context(|| format!("cannot open database {}", redact(&config.database.url)))?;
+    let db = open(config, Checkpoints::OnCommit).await?;
     Migrator::up(&db, None)
         .await
         .context("cannot apply migrations")?;
     Ok(db)
 }
 
+/// Opens the database (creating an SQLite file's directory), without migrating it.
+async fn open(config: &Config, checkpoints: Checkpoints) -> anyhow::Result<DatabaseConnection> {
+    ensure_sqlite_dir(&config.database.url)?;
+    herald_entities::connect_with(
+        &config.database.url,
+        config.database.max_connections,
+        checkpoints,
+    )
+    .await
+    .with_context(|| format!("cannot open database {}", redact(&config.database.url)))
+}
+
 impl Herald {
     /// Starts everything; returns once Herald serves HTTP and consumes commands.
     pub async fn start(config: Config) -> anyhow::Result<Herald> {
         let metrics = process_init();
-        let db = if config.database.migrate_on_start {
-            migrate(&config).await?
-        } else {
-            ensure_sqlite_dir(&config.database.url)?;
-            herald_entities::connect(&config.database.url, config.database.max_connections)
-                .await
-                .with_context(|| format!("cannot open database {}", redact(&config.database.url)))?
+        if config.database.migrate_on_start {
+            migrate(&config).await?;
+        }
+        // SQLite's log is checkpointed by a task of its own, not inside the engine's commits.
+        let checkpointer = Checkpointer::start(&config.database.url)
+            .await
+            .context("cannot start the SQLite checkpointer")?;
+        let checkpoints = match checkpointer {
+            Some(_) => Checkpoints::Background,
+            None => Checkpoints::OnCommit,
         };
+        let db = open(&config, checkpoints).await?;
         let nats = herald_nats::connect(&config.nats.url, "herald")
             .await
             .context("cannot connect to NATS")?;
@@ -125,6 +141,7 @@ impl Herald {
             provisioned,
             leases,
             nats.clone(),
+            checkpoints,
         )
         .await?;
         let auth = Arc::new(herald_api::auth::KeyVerifier::new(
@@ -182,6 +199,7 @@ impl Herald {
             http_task,
             engine,
             nats,
+            _checkpointer: checkpointer,
         })
     }
 
@@ -277,6 +295,7 @@ async fn start_engine(
     consumers: herald_nats::Provisioned,
     leases: herald_nats::LeaseTable,
     nats: async_nats::Client,
+    checkpoints: Checkpoints,
 ) -> anyhow::Result<Engine> {
     let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
@@ -339,6 +358,7 @@ async fn start_engine(
         scheduler_slot: scheduler.clone(),
         status_writer: StatusWriterArgs {
             database_url: config.database.url.clone(),
+            checkpoints,
             publisher,
             settings: config.status_writer,
         },

@@ -7,6 +7,7 @@
 
 pub mod api_key;
 pub mod batch;
+pub mod checkpoint;
 pub mod customer;
 pub mod delivery_attempt;
 pub mod notification;
@@ -18,6 +19,7 @@ pub mod repo;
 pub mod status;
 pub mod template;
 
+pub use checkpoint::{Checkpointer, Checkpoints};
 pub use repo::RepoError;
 pub use status::NotificationStatus;
 
@@ -39,20 +41,34 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `synchronous=NORMAL` (durable across process crashes, fast batched writes) and a busy timeout,
 /// so readers never block the writer. A query waits at most [`ACQUIRE_TIMEOUT`] for a connection.
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
-    Database::connect(options(url, max_connections)).await
+    connect_with(url, max_connections, Checkpoints::OnCommit).await
+}
+
+/// Like [`connect`], with SQLite's log checkpointed as `checkpoints` says: a long-running engine
+/// opens its pools with [`Checkpoints::Background`] and runs a [`Checkpointer`].
+pub async fn connect_with(
+    url: &str,
+    max_connections: u32,
+    checkpoints: Checkpoints,
+) -> Result<DatabaseConnection, DbErr> {
+    Database::connect(options(url, max_connections, checkpoints)).await
 }
 
 /// Like [`connect`], but on PostgreSQL opens no connection until the first query needs one, so it
 /// succeeds while the server is down (on SQLite sea-orm opens one at once to read the library's
 /// version). The pool's connections and upkeep belong to the runtime it is created on (see
 /// [`repo::writer_thread::WriterThread`]).
-pub async fn connect_lazy(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
-    let mut options = options(url, max_connections);
+pub async fn connect_lazy(
+    url: &str,
+    max_connections: u32,
+    checkpoints: Checkpoints,
+) -> Result<DatabaseConnection, DbErr> {
+    let mut options = options(url, max_connections, checkpoints);
     options.connect_lazy(true);
     Database::connect(options).await
 }
 
-fn options(url: &str, max_connections: u32) -> ConnectOptions {
+fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> ConnectOptions {
     let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}mode=rwc")
@@ -66,12 +82,16 @@ fn options(url: &str, max_connections: u32) -> ConnectOptions {
         .sqlx_logging(false)
         // Pragmas such as `synchronous` hold per connection: they are set on every connection
         // the pool opens (a `PRAGMA` statement would reach only the one connection running it).
-        .map_sqlx_sqlite_opts(|sqlite| {
-            sqlite
+        .map_sqlx_sqlite_opts(move |sqlite| {
+            let sqlite = sqlite
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                .foreign_keys(true)
+                .foreign_keys(true);
+            match checkpoints {
+                Checkpoints::OnCommit => sqlite,
+                Checkpoints::Background => sqlite.pragma("wal_autocheckpoint", "0"),
+            }
         });
     options
 }
