@@ -133,15 +133,18 @@ impl Herald {
 
         // One writer for new notifications, shared by the API and the Router (group commit).
         let inserts = InsertQueue::start(db.clone());
+        let storage = Storage {
+            db: db.clone(),
+            inserts: inserts.clone(),
+            checkpoints,
+        };
         let engine = start_engine(
             &config,
-            db.clone(),
-            inserts.clone(),
+            storage,
             publisher.clone(),
             provisioned,
             leases,
             nats.clone(),
-            checkpoints,
         )
         .await?;
         let auth = Arc::new(herald_api::auth::KeyVerifier::new(
@@ -287,16 +290,27 @@ impl Herald {
     }
 }
 
-async fn start_engine(
-    config: &Config,
+/// The engine's database: its pool, the writer of new notifications, and who checkpoints an
+/// SQLite log.
+struct Storage {
     db: DatabaseConnection,
     inserts: InsertQueue,
+    checkpoints: Checkpoints,
+}
+
+async fn start_engine(
+    config: &Config,
+    storage: Storage,
     publisher: Publisher,
     consumers: herald_nats::Provisioned,
     leases: herald_nats::LeaseTable,
     nats: async_nats::Client,
-    checkpoints: Checkpoints,
 ) -> anyhow::Result<Engine> {
+    let Storage {
+        db,
+        inserts,
+        checkpoints,
+    } = storage;
     let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
     let status_writer = ActorSlot::default();
