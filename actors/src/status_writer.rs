@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
-    Checkpoints, NotificationStatus,
+    Checkpoints, NotificationStatus, WriteGate,
     repo::status_batch::{self, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
@@ -87,6 +87,8 @@ pub struct StatusWriterArgs {
     pub database_url: String,
     /// Who checkpoints an SQLite log (see [`herald_entities::checkpoint`]).
     pub checkpoints: Checkpoints,
+    /// Whose turn it is to write (shared with the API's inserts; see [`WriteGate`]).
+    pub gate: WriteGate,
     /// Publisher for `notify.status.*`.
     pub publisher: Publisher,
     /// Batching limits.
@@ -119,7 +121,8 @@ impl Actor for StatusWriter {
         _myself: ActorRef<Self::Msg>,
         args: StatusWriterArgs,
     ) -> Result<StatusWriterState, ActorProcessingErr> {
-        let writer = BatchWriter::start(&args.database_url, args.checkpoints).await?;
+        let writer =
+            BatchWriter::start(&args.database_url, args.checkpoints, args.gate.clone()).await?;
         Ok(StatusWriterState {
             args,
             writer,
@@ -177,6 +180,7 @@ impl Actor for StatusWriter {
 struct BatchWriter {
     db: DatabaseConnection,
     thread: WriterThread,
+    gate: WriteGate,
 }
 
 impl BatchWriter {
@@ -185,6 +189,7 @@ impl BatchWriter {
     async fn start(
         database_url: &str,
         checkpoints: Checkpoints,
+        gate: WriteGate,
     ) -> Result<Self, ActorProcessingErr> {
         let thread = WriterThread::start("herald-status-db")?;
         let url = database_url.to_owned();
@@ -193,18 +198,22 @@ impl BatchWriter {
                 Ok(herald_entities::connect_lazy(&url, WRITER_CONNECTIONS, checkpoints).await?)
             })
             .await?;
-        Ok(Self { db, thread })
+        Ok(Self { db, thread, gate })
     }
 
-    /// Applies `changes` and `attempts` in one transaction on the thread.
+    /// Applies `changes` and `attempts` in one transaction on the thread, in the gate's turn.
     async fn apply(
         &self,
         changes: &Arc<[StatusChange]>,
         attempts: &Arc<[NewAttempt]>,
     ) -> Result<(), herald_entities::RepoError> {
         let (db, changes, attempts) = (self.db.clone(), changes.clone(), attempts.clone());
+        let gate = self.gate.clone();
         self.thread
-            .run(async move { status_batch::apply(&db, &changes, &attempts).await })
+            .run(async move {
+                let _turn = gate.enter().await;
+                status_batch::apply(&db, &changes, &attempts).await
+            })
             .await
     }
 }

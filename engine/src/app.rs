@@ -21,7 +21,7 @@ use herald_actors::{
 };
 use herald_api::AppState;
 use herald_entities::repo::insert_queue::InsertQueue;
-use herald_entities::{Checkpointer, Checkpoints};
+use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Publisher, StreamSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -132,11 +132,13 @@ impl Herald {
         tracing::info!(%instance, "joining as cluster member");
 
         // One writer for new notifications, shared by the API and the Router (group commit).
-        let inserts = InsertQueue::start(db.clone());
+        let gate = WriteGate::for_url(&config.database.url);
+        let inserts = InsertQueue::start(db.clone(), gate.clone());
         let storage = Storage {
             db: db.clone(),
             inserts: inserts.clone(),
             checkpoints,
+            gate,
         };
         let engine = start_engine(
             &config,
@@ -290,12 +292,13 @@ impl Herald {
     }
 }
 
-/// The engine's database: its pool, the writer of new notifications, and who checkpoints an
-/// SQLite log.
+/// The engine's database: its pool, the writer of new notifications, who checkpoints an SQLite
+/// log, and the batch writers' turns.
 struct Storage {
     db: DatabaseConnection,
     inserts: InsertQueue,
     checkpoints: Checkpoints,
+    gate: WriteGate,
 }
 
 async fn start_engine(
@@ -310,6 +313,7 @@ async fn start_engine(
         db,
         inserts,
         checkpoints,
+        gate,
     } = storage;
     let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
@@ -373,6 +377,7 @@ async fn start_engine(
         status_writer: StatusWriterArgs {
             database_url: config.database.url.clone(),
             checkpoints,
+            gate,
             publisher,
             settings: config.status_writer,
         },

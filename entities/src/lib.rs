@@ -18,10 +18,12 @@ pub mod quiet_hours;
 pub mod repo;
 pub mod status;
 pub mod template;
+pub mod write_gate;
 
 pub use checkpoint::{Checkpointer, Checkpoints};
 pub use repo::RepoError;
 pub use status::NotificationStatus;
+pub use write_gate::WriteGate;
 
 use std::time::Duration;
 

@@ -12,7 +12,7 @@ use herald_entities::repo::insert_queue::InsertQueue;
 use herald_entities::repo::notifications::{Inserted, NewNotification};
 use herald_entities::repo::schedule::PUBLISH_PENDING;
 use herald_entities::repo::status_batch::{self, StatusChange};
-use herald_entities::{NotificationStatus, RepoError, notification};
+use herald_entities::{NotificationStatus, RepoError, WriteGate, notification};
 use herald_tests::{DatabaseOutage, TestDatabase};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use serde_json::json;
@@ -72,7 +72,7 @@ async fn stored(db: &DatabaseConnection) -> u64 {
 async fn concurrent_callers_get_one_row_per_request_id() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await;
-    let queue = InsertQueue::start(db.clone());
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
 
     // 100 request ids, each sent three times at once (so repeats meet within one batch), and 50
     // rows without a request id.
@@ -122,7 +122,7 @@ async fn concurrent_callers_get_one_row_per_request_id() {
 async fn a_row_that_breaks_a_constraint_fails_alone() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await;
-    let queue = InsertQueue::start(db.clone());
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
     let first = row(Some("first".into()));
     let taken_id = first.id;
     assert!(matches!(
@@ -156,7 +156,7 @@ async fn an_unavailable_database_fails_every_waiting_caller_and_stores_nothing()
     let database = TestDatabase::from_env().await.expect("test database");
     let mut outage = DatabaseOutage::new(&database).await.expect("outage setup");
     let db = migrated(outage.url()).await;
-    let queue = InsertQueue::start(db.clone());
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(outage.url()));
 
     outage.begin().await.expect("outage begins");
     let rows: Vec<_> = (0..10).map(|i| row(Some(format!("during-{i}")))).collect();
@@ -190,7 +190,7 @@ async fn reason(db: &DatabaseConnection, id: Uuid) -> Option<String> {
 async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await;
-    let queue = InsertQueue::start(db.clone());
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
     let marked = || NewNotification {
         status_reason: Some(PUBLISH_PENDING.into()),
         ..row(None)

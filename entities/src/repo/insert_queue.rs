@@ -31,7 +31,7 @@ use uuid::Uuid;
 
 use super::notifications::{Inserted, NewNotification, insert};
 use super::schedule::confirm_published;
-use crate::RepoError;
+use crate::{RepoError, WriteGate};
 
 /// Rows per transaction (and jobs taken per round) at most.
 const MAX_BATCH: usize = 256;
@@ -68,10 +68,11 @@ pub struct InsertQueue {
 }
 
 impl InsertQueue {
-    /// Starts the writer task on the current tokio runtime.
-    pub fn start(db: DatabaseConnection) -> Self {
+    /// Starts the writer task on the current tokio runtime; its transactions take turns with
+    /// the other writers of `gate`.
+    pub fn start(db: DatabaseConnection, gate: WriteGate) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(write_batches(db, receiver));
+        tokio::spawn(write_batches(db, gate, receiver));
         Self { sender }
     }
 
@@ -98,7 +99,7 @@ impl InsertQueue {
 /// The writer task: every round takes what is waiting (at least one job) and stores the rows.
 /// Confirmations are gathered and written together once [`CONFIRM_BATCH`] are waiting or the
 /// oldest has waited [`CONFIRM_DELAY`].
-async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Job>) {
+async fn write_batches(db: DatabaseConnection, gate: WriteGate, mut receiver: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut confirmed = Vec::with_capacity(CONFIRM_BATCH);
@@ -117,12 +118,14 @@ async fn write_batches(db: DatabaseConnection, mut receiver: mpsc::Receiver<Job>
             }
         }
         if !batch.is_empty() {
+            let _turn = gate.enter().await;
             store_and_answer(&db, &mut batch).await;
         }
         let closed = received == Some(0);
         if !confirmed.is_empty() {
             let deadline = *confirm_by.get_or_insert_with(|| Instant::now() + CONFIRM_DELAY);
             if closed || confirmed.len() >= CONFIRM_BATCH || Instant::now() >= deadline {
+                let _turn = gate.enter().await;
                 let _ = confirm_published(&db, &confirmed).await;
                 confirmed.clear();
                 confirm_by = None;
