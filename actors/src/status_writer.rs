@@ -4,7 +4,9 @@
 //!
 //! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
 //! record; while a flush is in flight the next batch gathers (group commit). The flush runs as a
-//! task, so the mailbox keeps taking records during a slow write. If the database is unreachable
+//! task, so the mailbox keeps taking records during a slow write. A bare `processing` mark waits
+//! one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
+//! database is unreachable
 //! the flush retries with backoff and tells JetStream the messages are still in progress, so they
 //! are neither redelivered (and resent) nor acked; in-flight permits stay held, which pauses the
 //! consumer until the database is back.
@@ -29,7 +31,8 @@ use serde::{Deserialize, Serialize};
 pub struct StatusWriterSettings {
     /// Records per transaction at most.
     pub max_batch: usize,
-    /// Longest a record waits for its batch to fill, in milliseconds.
+    /// Longest a record waits for its batch to fill, in milliseconds (a bare `processing` mark
+    /// waits one batch more).
     pub flush_interval_ms: u64,
 }
 
@@ -222,7 +225,13 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     if state.flushing || (state.pending.is_empty() && state.held.is_empty()) {
         return;
     }
-    let take = state.pending.len().min(state.args.settings.max_batch);
+    // Held marks count towards the batch's size.
+    let room = state
+        .args
+        .settings
+        .max_batch
+        .saturating_sub(state.held.len());
+    let take = state.pending.len().min(room);
     let arrived: Vec<StatusRecord> = state.pending.drain(..take).collect();
     // Nothing is held back while someone waits for everything to be written (shutdown).
     let hold = state.waiters.is_empty();
@@ -267,15 +276,18 @@ fn next_batch(
         batch.extend(arrived);
         return (batch, Vec::new());
     }
-    let concluded: std::collections::HashSet<uuid::Uuid> = arrived
+    let concluded_here: std::collections::HashSet<uuid::Uuid> = arrived
         .iter()
         .filter(|record| !record.is_bare_mark())
         .flat_map(|record| record.changes.iter().map(|change| change.id))
         .collect();
     let mut hold_next = Vec::new();
     for record in arrived {
-        let mentioned_later = record.changes.iter().any(|c| concluded.contains(&c.id));
-        if record.is_bare_mark() && !mentioned_later {
+        let moot_already = record
+            .changes
+            .iter()
+            .any(|c| concluded_here.contains(&c.id));
+        if record.is_bare_mark() && !moot_already {
             hold_next.push(record);
         } else {
             batch.push(record);

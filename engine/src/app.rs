@@ -104,7 +104,9 @@ impl Herald {
             migrate(&config).await?;
         }
         // SQLite's log is checkpointed by a task of its own, not inside the engine's commits.
-        let checkpointer = Checkpointer::start(&config.database.url)
+        ensure_sqlite_dir(&config.database.url)?;
+        let gate = WriteGate::for_url(&config.database.url);
+        let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
         let checkpoints = match checkpointer {
@@ -132,7 +134,6 @@ impl Herald {
         tracing::info!(%instance, "joining as cluster member");
 
         // One writer for new notifications, shared by the API and the Router (group commit).
-        let gate = WriteGate::for_url(&config.database.url);
         let inserts = InsertQueue::start(db.clone(), gate.clone());
         let storage = Storage {
             db: db.clone(),

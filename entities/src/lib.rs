@@ -92,7 +92,10 @@ fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> Connect
                 .foreign_keys(true);
             match checkpoints {
                 Checkpoints::OnCommit => sqlite,
-                Checkpoints::Background => sqlite.pragma("wal_autocheckpoint", "0"),
+                Checkpoints::Background => sqlite.pragma("wal_autocheckpoint", "0").pragma(
+                    "journal_size_limit",
+                    checkpoint::JOURNAL_SIZE_LIMIT.to_string(),
+                ),
             }
         });
     options

@@ -1,0 +1,111 @@
+//! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
+//! a bare `processing` mark is held back one batch (in case the notification's final status makes
+//! it moot) but never lost: alone it is written by the next batch, and a flush writes it at once.
+
+use std::time::Duration;
+
+use herald_actors::status_writer::{
+    AfterWrite, StatusRecord, StatusWriter, StatusWriterArgs, StatusWriterMsg, StatusWriterSettings,
+};
+use herald_entities::repo::{self, notifications::NewNotification, status_batch::StatusChange};
+use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
+use herald_nats::Publisher;
+use herald_tests::{TestDatabase, nats_server::NatsServer, wait::eventually};
+use ractor::{Actor, ActorRef};
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+use uuid::Uuid;
+
+/// Longest the test waits for a mark to be written, or for the writer to answer.
+const WAIT: Duration = Duration::from_secs(10);
+
+fn queued() -> NewNotification {
+    NewNotification {
+        id: Uuid::now_v7(),
+        request_id: None,
+        customer_id: None,
+        recipient_key: "ada@example.com".into(),
+        contacts: json!({"email": "ada@example.com"}),
+        category: "transactional".into(),
+        channels: json!(["email"]),
+        content: json!({"text": "Your order shipped."}),
+        status: NotificationStatus::Queued,
+        scheduled_at: None,
+        status_reason: None,
+        created_at: chrono::Utc::now(),
+    }
+}
+
+fn bare_mark(id: Uuid) -> StatusWriterMsg {
+    StatusWriterMsg::Record(Box::new(StatusRecord {
+        changes: vec![StatusChange::to(id, NotificationStatus::Processing)],
+        attempts: vec![],
+        then: AfterWrite::Nothing,
+        permit: None,
+    }))
+}
+
+async fn status(db: &DatabaseConnection, id: Uuid) -> NotificationStatus {
+    repo::notifications::find(db, id)
+        .await
+        .expect("read")
+        .expect("stored")
+        .status
+}
+
+async fn writer(
+    database: &TestDatabase,
+    nats: &NatsServer,
+    flush_interval_ms: u64,
+) -> ActorRef<StatusWriterMsg> {
+    let client = nats.client().await.expect("NATS client");
+    let args = StatusWriterArgs {
+        database_url: database.url().to_owned(),
+        checkpoints: Checkpoints::OnCommit,
+        gate: WriteGate::for_url(database.url()),
+        // Marks publish no status event: no stream is needed.
+        publisher: Publisher::new(async_nats::jetstream::new(client), 8),
+        settings: StatusWriterSettings {
+            max_batch: 1_000,
+            flush_interval_ms,
+        },
+    };
+    let (writer, _) = Actor::spawn(None, StatusWriter, args)
+        .await
+        .expect("writer started");
+    writer
+}
+
+#[tokio::test]
+async fn a_held_processing_mark_is_written_by_the_next_batch_or_at_once_by_a_flush() {
+    let database = TestDatabase::from_env().await.expect("database");
+    let nats = NatsServer::start().await.expect("nats-server");
+    let mut config = herald_engine::Config::default();
+    config.database.url = database.url().to_owned();
+    let db = herald_engine::app::migrate(&config)
+        .await
+        .expect("migrated");
+    let rows = vec![queued(), queued()];
+    let (alone, flushed) = (rows[0].id, rows[1].id);
+    repo::notifications::insert_many(&db, rows)
+        .await
+        .expect("stored");
+
+    // Nothing else arrives: the next batch, one interval later, writes the mark.
+    let ticking = writer(&database, &nats, 5).await;
+    ticking.cast(bare_mark(alone)).expect("sent");
+    eventually("the lone mark written", WAIT, || async {
+        (status(&db, alone).await == NotificationStatus::Processing).then_some(())
+    })
+    .await;
+
+    // No batch would come for a minute: the flush (as at shutdown) writes the held mark itself.
+    let slow = writer(&database, &nats, 60_000).await;
+    slow.cast(bare_mark(flushed)).expect("sent");
+    let flush = ractor::call_t!(slow, StatusWriterMsg::Flush, WAIT.as_millis() as u64);
+    flush.expect("flushed");
+    assert_eq!(status(&db, flushed).await, NotificationStatus::Processing);
+
+    ticking.stop(None);
+    slow.stop(None);
+}
