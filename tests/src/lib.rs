@@ -53,3 +53,23 @@ pub fn init_tracing() {
             .try_init();
     });
 }
+
+/// A `queued` email notification for ada@example.com, as the API stores one, ready to insert.
+pub fn queued_notification(
+    request_id: Option<String>,
+) -> herald_entities::repo::notifications::NewNotification {
+    herald_entities::repo::notifications::NewNotification {
+        id: uuid::Uuid::now_v7(),
+        request_id,
+        customer_id: None,
+        recipient_key: "ada@example.com".into(),
+        contacts: serde_json::json!({"email": "ada@example.com"}),
+        category: "transactional".into(),
+        channels: serde_json::json!(["email"]),
+        content: serde_json::json!({"text": "Your order shipped."}),
+        status: herald_entities::NotificationStatus::Queued,
+        scheduled_at: None,
+        status_reason: None,
+        created_at: chrono::Utc::now(),
+    }
+}

@@ -15,7 +15,6 @@ use herald_entities::repo::status_batch::{self, StatusChange};
 use herald_entities::{NotificationStatus, RepoError, WriteGate, notification};
 use herald_tests::{DatabaseOutage, TestDatabase};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
-use serde_json::json;
 use uuid::Uuid;
 
 /// How long one insert may take before the test reports it stuck.
@@ -30,20 +29,7 @@ async fn migrated(url: &str) -> DatabaseConnection {
 }
 
 fn row(request_id: Option<String>) -> NewNotification {
-    NewNotification {
-        id: Uuid::now_v7(),
-        request_id,
-        customer_id: None,
-        recipient_key: "ada@example.com".into(),
-        contacts: json!({"email": "ada@example.com"}),
-        category: "transactional".into(),
-        channels: json!(["email"]),
-        content: json!({"text": "Your order shipped."}),
-        status: NotificationStatus::Queued,
-        scheduled_at: None,
-        status_reason: None,
-        created_at: chrono::Utc::now(),
-    }
+    herald_tests::queued_notification(request_id)
 }
 
 async fn insert_all(

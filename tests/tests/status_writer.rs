@@ -7,34 +7,16 @@ use std::time::Duration;
 use herald_actors::status_writer::{
     AfterWrite, StatusRecord, StatusWriter, StatusWriterArgs, StatusWriterMsg, StatusWriterSettings,
 };
-use herald_entities::repo::{self, notifications::NewNotification, status_batch::StatusChange};
+use herald_entities::repo::{self, status_batch::StatusChange};
 use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
 use herald_nats::Publisher;
-use herald_tests::{TestDatabase, nats_server::NatsServer, wait::eventually};
+use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification};
 use ractor::{Actor, ActorRef};
 use sea_orm::DatabaseConnection;
-use serde_json::json;
 use uuid::Uuid;
 
 /// Longest the test waits for a mark to be written, or for the writer to answer.
 const WAIT: Duration = Duration::from_secs(10);
-
-fn queued() -> NewNotification {
-    NewNotification {
-        id: Uuid::now_v7(),
-        request_id: None,
-        customer_id: None,
-        recipient_key: "ada@example.com".into(),
-        contacts: json!({"email": "ada@example.com"}),
-        category: "transactional".into(),
-        channels: json!(["email"]),
-        content: json!({"text": "Your order shipped."}),
-        status: NotificationStatus::Queued,
-        scheduled_at: None,
-        status_reason: None,
-        created_at: chrono::Utc::now(),
-    }
-}
 
 fn bare_mark(id: Uuid) -> StatusWriterMsg {
     StatusWriterMsg::Record(Box::new(StatusRecord {
@@ -85,7 +67,7 @@ async fn a_held_processing_mark_is_written_by_the_next_batch_or_at_once_by_a_flu
     let db = herald_engine::app::migrate(&config)
         .await
         .expect("migrated");
-    let rows = vec![queued(), queued()];
+    let rows = vec![queued_notification(None), queued_notification(None)];
     let (alone, flushed) = (rows[0].id, rows[1].id);
     repo::notifications::insert_many(&db, rows)
         .await
