@@ -6,10 +6,9 @@
 //! record; while a flush is in flight the next batch gathers (group commit). The flush runs as a
 //! task, so the mailbox keeps taking records during a slow write. A bare `processing` mark waits
 //! one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
-//! database is unreachable
-//! the flush retries with backoff and tells JetStream the messages are still in progress, so they
-//! are neither redelivered (and resent) nor acked; in-flight permits stay held, which pauses the
-//! consumer until the database is back.
+//! database is unreachable the flush retries with backoff and tells JetStream the messages are
+//! still in progress, so they are neither redelivered (and resent) nor acked; in-flight permits
+//! stay held, which pauses the consumer until the database is back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,10 +147,8 @@ impl Actor for StatusWriter {
                 state.pending.push(*record);
                 if state.pending.len() >= state.args.settings.max_batch {
                     start_flush(&myself, state);
-                } else if !state.tick_scheduled && !state.flushing {
-                    state.tick_scheduled = true;
-                    let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
-                    myself.send_after(interval, || StatusWriterMsg::Tick);
+                } else if !state.flushing {
+                    schedule_tick(&myself, state);
                 }
             }
             StatusWriterMsg::Tick => {
@@ -221,6 +218,15 @@ impl BatchWriter {
     }
 }
 
+/// Flushes one interval from now, unless a flush is already due then.
+fn schedule_tick(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
+    if !state.tick_scheduled {
+        state.tick_scheduled = true;
+        let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
+        myself.send_after(interval, || StatusWriterMsg::Tick);
+    }
+}
+
 fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
     if state.flushing || (state.pending.is_empty() && state.held.is_empty()) {
         return;
@@ -239,11 +245,7 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     state.held = held;
     if batch.is_empty() {
         // Only marks to hold: they go into the next batch, at the latest one interval from now.
-        if !state.tick_scheduled {
-            state.tick_scheduled = true;
-            let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
-            myself.send_after(interval, || StatusWriterMsg::Tick);
-        }
+        schedule_tick(myself, state);
         return;
     }
     state.flushing = true;

@@ -78,10 +78,14 @@ pub fn process_init() -> PrometheusHandle {
 /// Opens the database and applies pending migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
     let db = open(config, Checkpoints::OnCommit).await?;
-    Migrator::up(&db, None)
-        .await
-        .context("cannot apply migrations")?;
+    apply_migrations(&db).await?;
     Ok(db)
+}
+
+async fn apply_migrations(db: &DatabaseConnection) -> anyhow::Result<()> {
+    Migrator::up(db, None)
+        .await
+        .context("cannot apply migrations")
 }
 
 /// Opens the database (creating an SQLite file's directory), without migrating it.
@@ -100,20 +104,16 @@ impl Herald {
     /// Starts everything; returns once Herald serves HTTP and consumes commands.
     pub async fn start(config: Config) -> anyhow::Result<Herald> {
         let metrics = process_init();
-        if config.database.migrate_on_start {
-            migrate(&config).await?;
-        }
-        // SQLite's log is checkpointed by a task of its own, not inside the engine's commits.
-        ensure_sqlite_dir(&config.database.url)?;
+        // SQLite's log is checkpointed by a task of its own, not inside the engine's commits
+        // (on PostgreSQL there is neither the log nor the task).
+        let db = open(&config, Checkpoints::Background).await?;
         let gate = WriteGate::for_url(&config.database.url);
         let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
-        let checkpoints = match checkpointer {
-            Some(_) => Checkpoints::Background,
-            None => Checkpoints::OnCommit,
-        };
-        let db = open(&config, checkpoints).await?;
+        if config.database.migrate_on_start {
+            apply_migrations(&db).await?;
+        }
         let nats = herald_nats::connect(&config.nats.url, "herald")
             .await
             .context("cannot connect to NATS")?;
@@ -138,7 +138,6 @@ impl Herald {
         let storage = Storage {
             db: db.clone(),
             inserts: inserts.clone(),
-            checkpoints,
             gate,
         };
         let engine = start_engine(
@@ -293,12 +292,11 @@ impl Herald {
     }
 }
 
-/// The engine's database: its pool, the writer of new notifications, who checkpoints an SQLite
-/// log, and the batch writers' turns.
+/// The engine's database: its pool, the writer of new notifications, and the batch writers'
+/// turns.
 struct Storage {
     db: DatabaseConnection,
     inserts: InsertQueue,
-    checkpoints: Checkpoints,
     gate: WriteGate,
 }
 
@@ -310,12 +308,7 @@ async fn start_engine(
     leases: herald_nats::LeaseTable,
     nats: async_nats::Client,
 ) -> anyhow::Result<Engine> {
-    let Storage {
-        db,
-        inserts,
-        checkpoints,
-        gate,
-    } = storage;
+    let Storage { db, inserts, gate } = storage;
     let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
     let status_writer = ActorSlot::default();
@@ -377,7 +370,7 @@ async fn start_engine(
         scheduler_slot: scheduler.clone(),
         status_writer: StatusWriterArgs {
             database_url: config.database.url.clone(),
-            checkpoints,
+            checkpoints: Checkpoints::Background,
             gate,
             publisher,
             settings: config.status_writer,

@@ -56,7 +56,7 @@ impl Checkpointer {
     /// Starts checkpointing the SQLite database at `url`, whose batch writers take turns at
     /// `gate`; `None` for other databases, which have no write-ahead log of this kind.
     pub async fn start(url: &str, gate: WriteGate) -> Result<Option<Self>, DbErr> {
-        if !url.starts_with("sqlite:") {
+        if !crate::is_sqlite(url) {
             return Ok(None);
         }
         let db = crate::connect(url, 1).await?;

@@ -70,8 +70,13 @@ pub async fn connect_lazy(
     Database::connect(options).await
 }
 
+/// Whether `url` names an SQLite database.
+pub fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
 fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> ConnectOptions {
-    let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
+    let url = if is_sqlite(url) && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}mode=rwc")
     } else {

@@ -36,7 +36,7 @@ impl WriteGate {
     /// A gate for the database at `url`: one turn at a time on SQLite, open on anything else.
     pub fn for_url(url: &str) -> Self {
         Self {
-            turn: url.starts_with("sqlite:").then(|| Arc::new(Mutex::new(()))),
+            turn: crate::is_sqlite(url).then(|| Arc::new(Mutex::new(()))),
         }
     }
 
