@@ -40,6 +40,8 @@ pub struct Herald {
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     engine: Engine,
     nats: async_nats::Client,
+    /// The turn the engine's batch writers take on SQLite.
+    gate: WriteGate,
     /// Checkpoints the SQLite log while Herald runs (`None` on PostgreSQL).
     _checkpointer: Option<Checkpointer>,
 }
@@ -138,7 +140,7 @@ impl Herald {
         let storage = Storage {
             db: db.clone(),
             inserts: inserts.clone(),
-            gate,
+            gate: gate.clone(),
         };
         let engine = start_engine(
             &config,
@@ -204,6 +206,7 @@ impl Herald {
             http_task,
             engine,
             nats,
+            gate,
             _checkpointer: checkpointer,
         })
     }
@@ -211,6 +214,12 @@ impl Herald {
     /// The HTTP address Herald listens on.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The turn the engine's batch writers take on SQLite, for another writer in this process
+    /// (the bench's inserts) to take too.
+    pub fn write_gate(&self) -> WriteGate {
+        self.gate.clone()
     }
 
     /// The live channel actors (for introspection and fault injection).

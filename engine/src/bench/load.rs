@@ -10,7 +10,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
-use herald_entities::{NotificationStatus, notification, repo};
+use herald_entities::{NotificationStatus, WriteGate, notification, repo};
 use herald_nats::{Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
@@ -38,17 +38,18 @@ pub struct LoadOutcome {
 pub async fn generate(
     args: &BenchArgs,
     db: &DatabaseConnection,
+    gate: &WriteGate,
     nats_url: &str,
     base_url: &str,
 ) -> anyhow::Result<LoadOutcome> {
     let (total, customers) = (args.total(), args.customers);
     let http = match (args.via, args.rate) {
         (Via::Nats, None) => {
-            accept_via_nats(db, nats_url, total, customers).await?;
+            accept_in_turns(db, gate, nats_url, total, customers).await?;
             None
         }
         (Via::Nats, Some(rate)) => {
-            accept_via_nats_at_rate(db, nats_url, total, customers, rate).await?;
+            accept_via_nats_at_rate(db, gate, nats_url, total, customers, rate).await?;
             None
         }
         (Via::Http, None) => {
@@ -93,10 +94,22 @@ fn command(i: u64, customers: u64) -> SendCommand {
 }
 
 /// Accepts `count` email notifications for `customers` recipients the way the API does (stored
-/// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks. Also
-/// used by the reliability tests to load an engine quickly.
+/// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks. Used by
+/// the reliability tests to load an engine of another process quickly.
 pub async fn accept_via_nats(
     db: &DatabaseConnection,
+    nats_url: &str,
+    count: u64,
+    customers: u64,
+) -> anyhow::Result<()> {
+    accept_in_turns(db, &WriteGate::default(), nats_url, count, customers).await
+}
+
+/// Like [`accept_via_nats`], storing each chunk in a turn of `gate`, as the API's inserts take
+/// turns with the engine's StatusWriter on SQLite: the bench passes its engine's gate.
+async fn accept_in_turns(
+    db: &DatabaseConnection,
+    gate: &WriteGate,
     nats_url: &str,
     count: u64,
     customers: u64,
@@ -105,16 +118,17 @@ pub async fn accept_via_nats(
     let mut next = 0;
     while next < count {
         let end = (next + CHUNK).min(count);
-        accept_chunk(db, &publisher, next..end, customers).await?;
+        accept_chunk(db, gate, &publisher, next..end, customers).await?;
         next = end;
     }
     Ok(())
 }
 
-/// Like [`accept_via_nats`], but open-loop at `rate` notifications per second: every tick
+/// Like [`accept_in_turns`], but open-loop at `rate` notifications per second: every tick
 /// accepts what the clock says is due, so a slow engine cannot slow the load down.
-pub async fn accept_via_nats_at_rate(
+async fn accept_via_nats_at_rate(
     db: &DatabaseConnection,
+    gate: &WriteGate,
     nats_url: &str,
     count: u64,
     customers: u64,
@@ -130,7 +144,7 @@ pub async fn accept_via_nats_at_rate(
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(count);
         while next < due {
             let end = (next + CHUNK).min(due);
-            accept_chunk(db, &publisher, next..end, customers).await?;
+            accept_chunk(db, gate, &publisher, next..end, customers).await?;
             next = end;
         }
     }
@@ -145,10 +159,11 @@ async fn bench_publisher(nats_url: &str) -> anyhow::Result<Publisher> {
     ))
 }
 
-/// Stores notifications `range` as `queued` in one go, then publishes their commands with
-/// pipelined acks.
+/// Stores notifications `range` as `queued` in one go (in a turn of `gate`), then publishes their
+/// commands with pipelined acks.
 async fn accept_chunk(
     db: &DatabaseConnection,
+    gate: &WriteGate,
     publisher: &Publisher,
     range: Range<u64>,
     customers: u64,
@@ -160,7 +175,9 @@ async fn accept_chunk(
         .iter()
         .map(|(key, c)| herald_api::notifications::new_notification(c, key.clone(), None))
         .collect();
+    let turn = gate.enter().await;
     repo::notifications::insert_many(db, rows).await?;
+    drop(turn);
     let mut publishes: FuturesUnordered<_> = commands
         .iter()
         .map(|(key, c)| publisher.publish_command(key, c))

@@ -207,8 +207,9 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     config.validate()?;
     let herald = Herald::start(config).await?;
     // The bench's inserts stand in for the API's: they leave SQLite's log to the engine's
-    // checkpointer, as the engine's own pool does.
+    // checkpointer, as the engine's own pool does, and take the engine's write turns.
     let db = herald_entities::connect_with(&database, 4, Checkpoints::Background).await?;
+    let gate = herald.write_gate();
     let existing = notification::Entity::find().count(&db).await?;
     anyhow::ensure!(
         existing == 0,
@@ -223,7 +224,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let db = db.clone();
         let nats_url = nats_url.clone();
         tokio::spawn(async move {
-            let outcome = load::generate(&args, &db, &nats_url, &base).await;
+            let outcome = load::generate(&args, &db, &gate, &nats_url, &base).await;
             outcome.map(|outcome| (outcome, started.elapsed()))
         })
     };
