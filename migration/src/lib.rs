@@ -16,6 +16,7 @@ mod m20261122_000201_create_api_keys;
 mod m20261122_000202_index_attempts_provider_message;
 mod m20261123_000301_create_templates;
 mod m20261123_000401_index_notifications_recipient_sent;
+mod m20261203_000501_partial_status_indexes;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000202_index_attempts_provider_message::Migration),
             Box::new(m20261123_000301_create_templates::Migration),
             Box::new(m20261123_000401_index_notifications_recipient_sent::Migration),
+            Box::new(m20261203_000501_partial_status_indexes::Migration),
         ]
     }
 }

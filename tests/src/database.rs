@@ -238,3 +238,11 @@ impl Drop for TestDatabase {
         }
     }
 }
+
+/// A pool on the database at `url` with every migration applied, as `herald serve` applies them
+/// at start-up.
+pub async fn migrated(url: &str) -> anyhow::Result<sea_orm::DatabaseConnection> {
+    let mut config = herald_engine::Config::default();
+    config.database.url = url.to_string();
+    herald_engine::app::migrate(&config).await
+}

@@ -29,7 +29,7 @@ pub mod process;
 pub mod smtp_sink;
 pub mod wait;
 
-pub use database::{DatabaseKind, PgServer, TestDatabase};
+pub use database::{DatabaseKind, PgServer, TestDatabase, migrated};
 pub use db_outage::{DatabaseOutage, TcpProxy, Upstream, WriteHold};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::NatsServer;

@@ -13,20 +13,12 @@ use herald_entities::repo::notifications::{Inserted, NewNotification};
 use herald_entities::repo::schedule::PUBLISH_PENDING;
 use herald_entities::repo::status_batch::{self, StatusChange};
 use herald_entities::{NotificationStatus, RepoError, WriteGate, notification};
-use herald_tests::{DatabaseOutage, TestDatabase};
+use herald_tests::{DatabaseOutage, TestDatabase, migrated};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use uuid::Uuid;
 
 /// How long one insert may take before the test reports it stuck.
 const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn migrated(url: &str) -> DatabaseConnection {
-    let mut config = herald_engine::Config::default();
-    config.database.url = url.to_string();
-    herald_engine::app::migrate(&config)
-        .await
-        .expect("database migrated")
-}
 
 fn row(request_id: Option<String>) -> NewNotification {
     herald_tests::queued_notification(request_id)
@@ -57,7 +49,7 @@ async fn stored(db: &DatabaseConnection) -> u64 {
 #[tokio::test]
 async fn concurrent_callers_get_one_row_per_request_id() {
     let database = TestDatabase::from_env().await.expect("test database");
-    let db = migrated(database.url()).await;
+    let db = migrated(database.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
 
     // 100 request ids, each sent three times at once (so repeats meet within one batch), and 50
@@ -107,7 +99,7 @@ async fn concurrent_callers_get_one_row_per_request_id() {
 #[tokio::test]
 async fn a_row_that_breaks_a_constraint_fails_alone() {
     let database = TestDatabase::from_env().await.expect("test database");
-    let db = migrated(database.url()).await;
+    let db = migrated(database.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
     let first = row(Some("first".into()));
     let taken_id = first.id;
@@ -141,7 +133,7 @@ async fn a_row_that_breaks_a_constraint_fails_alone() {
 async fn an_unavailable_database_fails_every_waiting_caller_and_stores_nothing() {
     let database = TestDatabase::from_env().await.expect("test database");
     let mut outage = DatabaseOutage::new(&database).await.expect("outage setup");
-    let db = migrated(outage.url()).await;
+    let db = migrated(outage.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(outage.url()));
 
     outage.begin().await.expect("outage begins");
@@ -175,7 +167,7 @@ async fn reason(db: &DatabaseConnection, id: Uuid) -> Option<String> {
 #[tokio::test]
 async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
     let database = TestDatabase::from_env().await.expect("test database");
-    let db = migrated(database.url()).await;
+    let db = migrated(database.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
     let marked = || NewNotification {
         status_reason: Some(PUBLISH_PENDING.into()),

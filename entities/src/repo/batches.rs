@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, Select,
     sea_query::{Expr, OnConflict},
 };
 use uuid::Uuid;
@@ -45,15 +45,17 @@ pub async fn status_counts(
     db: &impl ConnectionTrait,
     id: Uuid,
 ) -> Result<Vec<(NotificationStatus, i64)>, RepoError> {
-    Ok(notification::Entity::find()
+    Ok(progress(id).into_tuple().all(db).await?)
+}
+
+/// The query behind [`status_counts`] (public so that tests can check how databases plan it).
+pub fn progress(id: Uuid) -> Select<notification::Entity> {
+    notification::Entity::find()
         .select_only()
         .column(notification::Column::Status)
         .column_as(notification::Column::Id.count(), "n")
         .filter(notification::Column::BatchId.eq(id))
         .group_by(notification::Column::Status)
-        .into_tuple()
-        .all(db)
-        .await?)
 }
 
 /// Takes the lease of an unfinished batch nobody holds (or whose holder's lease ran out) until

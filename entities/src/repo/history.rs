@@ -60,15 +60,20 @@ pub async fn list(
     after: Option<Uuid>,
     limit: u64,
 ) -> Result<Vec<notification::Model>, RepoError> {
+    Ok(page(filter, after, limit).all(db).await?)
+}
+
+/// The query behind [`list`] (public so that tests can check how databases plan it).
+pub fn page(
+    filter: &HistoryFilter,
+    after: Option<Uuid>,
+    limit: u64,
+) -> Select<notification::Entity> {
     let mut query = filter.apply(notification::Entity::find());
     if let Some(after) = after {
         query = query.filter(notification::Column::Id.lt(after));
     }
-    Ok(query
-        .order_by_desc(notification::Column::Id)
-        .limit(limit)
-        .all(db)
-        .await?)
+    query.order_by_desc(notification::Column::Id).limit(limit)
 }
 
 /// Counts of notifications created in a time range.

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, Select,
     sea_query::{CaseStatement, Expr, LockBehavior, LockType, Query, SimpleExpr},
 };
 use uuid::Uuid;
@@ -47,16 +47,7 @@ pub async fn claim_due(
     now: DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<notification::Model>, RepoError> {
-    let due: Vec<Uuid> = notification::Entity::find()
-        .select_only()
-        .column(notification::Column::Id)
-        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
-        .filter(notification::Column::ScheduledAt.lte(now))
-        .order_by_asc(notification::Column::ScheduledAt)
-        .limit(limit)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let due: Vec<Uuid> = due(now, limit).into_tuple().all(db).await?;
     if due.is_empty() {
         return Ok(Vec::new());
     }
@@ -79,6 +70,18 @@ pub async fn claim_due(
         .await?)
 }
 
+/// The ids of up to `limit` scheduled notifications due at `now`, soonest first: the scan behind
+/// [`claim_due`] (public so that tests can check how databases plan it).
+pub fn due(now: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
+    notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
+        .filter(notification::Column::ScheduledAt.lte(now))
+        .order_by_asc(notification::Column::ScheduledAt)
+        .limit(limit)
+}
+
 /// Claims and API sends that were never confirmed published (the instance stopped between storing
 /// and publishing) and are older than `before`. Publishing them again is safe: `Nats-Msg-Id`
 /// de-duplication drops a command that did go out, and a processed one is no longer `queued`.
@@ -87,13 +90,16 @@ pub async fn stale_claims(
     before: DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<notification::Model>, RepoError> {
-    Ok(notification::Entity::find()
+    Ok(stale(before, limit).all(db).await?)
+}
+
+/// The query behind [`stale_claims`] (public so that tests can check how databases plan it).
+pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
+    notification::Entity::find()
         .filter(notification::Column::Status.eq(NotificationStatus::Queued))
         .filter(unconfirmed())
         .filter(notification::Column::UpdatedAt.lt(before))
         .limit(limit)
-        .all(db)
-        .await?)
 }
 
 /// Confirms that the commands of claimed notifications or API sends are published: clears the

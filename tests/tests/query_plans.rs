@@ -1,0 +1,163 @@
+//! The lookups that must not scan `notifications` are planned on their indexes, against the
+//! suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
+//!
+//! Status changes keep most rows out of the partial indexes on `notifications` (migration
+//! `m20261203_000501`), so a query is served by one only if the database can tell that its rows
+//! all satisfy the index's condition, with the values bound as parameters as the application
+//! binds them. PostgreSQL prefers to read an empty table whole, so these checks turn sequential
+//! scans off there: the plan still reads the table whole when no index can serve. The migration
+//! is also rolled back and applied again.
+
+use chrono::{Duration, Utc};
+use herald_entities::NotificationStatus;
+use herald_entities::repo::{batches, history, schedule};
+use herald_tests::{DatabaseKind, TestDatabase, migrated};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Select, Statement,
+    TransactionTrait,
+};
+use uuid::Uuid;
+
+/// The database's plan for `query`, one line per step.
+async fn plan<E: sea_orm::EntityTrait>(
+    txn: &DatabaseTransaction,
+    kind: DatabaseKind,
+    query: Select<E>,
+) -> String {
+    let backend = txn.get_database_backend();
+    let statement = query.build(backend);
+    let explain = match kind {
+        DatabaseKind::Sqlite => "EXPLAIN QUERY PLAN",
+        DatabaseKind::Postgres => "EXPLAIN",
+    };
+    let explained = Statement::from_sql_and_values(
+        backend,
+        format!("{explain} {}", statement.sql),
+        statement.values.map(|v| v.0).unwrap_or_default(),
+    );
+    let rows = txn.query_all_raw(explained).await.expect("plan read");
+    let column = match kind {
+        DatabaseKind::Sqlite => "detail",
+        DatabaseKind::Postgres => "QUERY PLAN",
+    };
+    rows.iter()
+        .map(|row| row.try_get::<String>("", column).expect("plan line"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn assert_uses(plan: &str, index: &str, what: &str) {
+    assert!(
+        plan.contains(index),
+        "{what} is not planned on {index}:\n{plan}"
+    );
+}
+
+/// A connection opened now, in a transaction that (on PostgreSQL) plans without sequential scans.
+///
+/// SQLite explains a query with the schema its connection last read, and a pooled connection may
+/// have read it before the latest migration ran.
+async fn planning(url: &str, kind: DatabaseKind) -> (DatabaseConnection, DatabaseTransaction) {
+    let db = herald_entities::connect(url, 1)
+        .await
+        .expect("database opened");
+    let txn = db.begin().await.expect("transaction");
+    if kind == DatabaseKind::Postgres {
+        txn.execute_unprepared("SET LOCAL enable_seqscan = off")
+            .await
+            .expect("sequential scans off");
+    }
+    (db, txn)
+}
+
+#[tokio::test]
+async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let kind = database.kind();
+    migrated(database.url()).await.expect("database migrated");
+    let (_db, txn) = planning(database.url(), kind).await;
+    let now = Utc::now();
+
+    let due = plan(&txn, kind, schedule::due(now, 100)).await;
+    assert_uses(
+        &due,
+        "idx_notifications_scheduled_due",
+        "the scheduler's due scan",
+    );
+
+    let stale = plan(
+        &txn,
+        kind,
+        schedule::stale(now - Duration::seconds(30), 100),
+    )
+    .await;
+    assert_uses(
+        &stale,
+        "idx_notifications_queued_updated",
+        "the stale-claim sweep",
+    );
+
+    for status in [NotificationStatus::Dead, NotificationStatus::Failed] {
+        let filter = history::HistoryFilter {
+            status: Some(status),
+            ..Default::default()
+        };
+        let listed = plan(&txn, kind, history::page(&filter, None, 50)).await;
+        assert_uses(
+            &listed,
+            "idx_notifications_attention",
+            &format!("listing {status:?}"),
+        );
+    }
+
+    let filter = history::HistoryFilter {
+        customer_id: Some("customer-1".into()),
+        status: Some(NotificationStatus::Sent),
+        ..Default::default()
+    };
+    let customer = plan(&txn, kind, history::page(&filter, Some(Uuid::now_v7()), 50)).await;
+    assert_uses(
+        &customer,
+        "idx_notifications_customer_id",
+        "a customer's history",
+    );
+
+    let progress = plan(&txn, kind, batches::progress(Uuid::now_v7())).await;
+    assert_uses(
+        &progress,
+        "idx_notifications_batch_status",
+        "a bulk send's progress",
+    );
+}
+
+#[tokio::test]
+async fn the_partial_indexes_migration_rolls_back_and_forward() {
+    use herald_migration::MigratorTrait;
+    let database = TestDatabase::from_env().await.expect("test database");
+    let kind = database.kind();
+    let db = migrated(database.url()).await.expect("database migrated");
+    let due = || schedule::due(Utc::now(), 100);
+
+    herald_migration::Migrator::down(&db, Some(1))
+        .await
+        .expect("the latest migration rolled back");
+    let (_planner, txn) = planning(database.url(), kind).await;
+    let before = plan(&txn, kind, due()).await;
+    assert_uses(
+        &before,
+        "idx_notifications_status_scheduled",
+        "the due scan, rolled back",
+    );
+    drop(txn);
+
+    herald_migration::Migrator::up(&db, None)
+        .await
+        .expect("migrated forward again");
+    let (_planner, txn) = planning(database.url(), kind).await;
+    let after = plan(&txn, kind, due()).await;
+    assert_uses(
+        &after,
+        "idx_notifications_scheduled_due",
+        "the due scan, migrated again",
+    );
+}
