@@ -97,7 +97,13 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         "the stale-claim sweep",
     );
 
-    for status in [NotificationStatus::Dead, NotificationStatus::Failed] {
+    for status in [
+        NotificationStatus::Processing,
+        NotificationStatus::Failed,
+        NotificationStatus::Dead,
+        NotificationStatus::Skipped,
+        NotificationStatus::Cancelled,
+    ] {
         let filter = history::HistoryFilter {
             status: Some(status),
             ..Default::default()
@@ -105,7 +111,7 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         let listed = plan(&txn, kind, history::page(&filter, None, 50)).await;
         assert_uses(
             &listed,
-            "idx_notifications_attention",
+            "idx_notifications_watched",
             &format!("listing {status:?}"),
         );
     }

@@ -95,7 +95,8 @@ fn command(i: u64, customers: u64) -> SendCommand {
 
 /// Accepts `count` email notifications for `customers` recipients the way the API does (stored
 /// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks. Used by
-/// the reliability tests to load an engine of another process quickly.
+/// the reliability tests to load an engine quickly; its inserts meet the engine's writers at
+/// SQLite's lock, not in their turns.
 pub async fn accept_via_nats(
     db: &DatabaseConnection,
     nats_url: &str,
@@ -159,8 +160,8 @@ async fn bench_publisher(nats_url: &str) -> anyhow::Result<Publisher> {
     ))
 }
 
-/// Stores notifications `range` as `queued` in one go (in a turn of `gate`), then publishes their
-/// commands with pipelined acks.
+/// Stores notifications `range` as `queued` (multi-row INSERTs, in a turn of `gate`), then
+/// publishes their commands with pipelined acks.
 async fn accept_chunk(
     db: &DatabaseConnection,
     gate: &WriteGate,

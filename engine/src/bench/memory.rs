@@ -20,7 +20,7 @@ pub struct MemorySample {
     pub rss_mib: Option<f64>,
     /// Live per-user rate limiter actors, when the registry answered.
     pub rate_limiter_users: Option<usize>,
-    /// Notifications `sent` so far.
+    /// Notifications the SMTP sink accepted so far.
     pub sent: u64,
 }
 

@@ -183,7 +183,8 @@ impl Shape {
 /// status IN (…)`, and so scanned every queued and processing row for each batch: a batch took
 /// longer the longer the backlog (with 30,000 queued rows, a 500-row change took 23.5 ms in
 /// SQLite instead of 7.5 ms). Behind `COALESCE` the condition is only checked on the rows the
-/// primary key finds.
+/// primary key finds. That index is gone (migration `m20261203_000501`), but the partial indexes
+/// on status that replaced it could tempt a planner the same way.
 pub(crate) fn status_among(allowed: &[NotificationStatus]) -> Expr {
     Expr::expr(Func::coalesce([
         Expr::col(notification::Column::Status),
