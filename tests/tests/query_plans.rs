@@ -3,15 +3,17 @@
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migration
 //! `m20261203_000501`), so a query is served by one only if the database can tell that its rows
-//! all satisfy the index's condition, with the values bound as parameters as the application
-//! binds them. PostgreSQL prefers to read an empty table whole, so these checks turn sequential
-//! scans off there: the plan still reads the table whole when no index can serve. The migration
-//! is also rolled back and applied again.
+//! all satisfy the index's condition, with the values bound as the application binds them. On
+//! PostgreSQL the plans are generic ones, made without the bound values, as a prepared statement
+//! may switch to after five runs; and since PostgreSQL prefers to read an empty table whole,
+//! sequential scans are off: the plan still reads the table whole when no index can serve. The
+//! migration is also rolled back and applied again.
 
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
 use herald_entities::repo::{batches, history, schedule};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
+use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Select, Statement,
     TransactionTrait,
@@ -26,16 +28,35 @@ async fn plan<E: sea_orm::EntityTrait>(
 ) -> String {
     let backend = txn.get_database_backend();
     let statement = query.build(backend);
-    let explain = match kind {
-        DatabaseKind::Sqlite => "EXPLAIN QUERY PLAN",
-        DatabaseKind::Postgres => "EXPLAIN",
+    let values = statement.values.map(|v| v.0).unwrap_or_default();
+    let explained = match kind {
+        DatabaseKind::Sqlite => Statement::from_sql_and_values(
+            backend,
+            format!("EXPLAIN QUERY PLAN {}", statement.sql),
+            values,
+        ),
+        DatabaseKind::Postgres => {
+            // Through a prepared statement, so that `plan_cache_mode` applies: a plain EXPLAIN
+            // plans with the values it is given.
+            txn.execute_unprepared(&format!("PREPARE herald_plan AS {}", statement.sql))
+                .await
+                .expect("statement prepared");
+            let arguments: Vec<String> = values
+                .iter()
+                .map(|value| PostgresQueryBuilder.value_to_string(value))
+                .collect();
+            Statement::from_string(
+                backend,
+                format!("EXPLAIN EXECUTE herald_plan({})", arguments.join(", ")),
+            )
+        }
     };
-    let explained = Statement::from_sql_and_values(
-        backend,
-        format!("{explain} {}", statement.sql),
-        statement.values.map(|v| v.0).unwrap_or_default(),
-    );
     let rows = txn.query_all_raw(explained).await.expect("plan read");
+    if kind == DatabaseKind::Postgres {
+        txn.execute_unprepared("DEALLOCATE herald_plan")
+            .await
+            .expect("statement deallocated");
+    }
     let column = match kind {
         DatabaseKind::Sqlite => "detail",
         DatabaseKind::Postgres => "QUERY PLAN",
@@ -53,7 +74,8 @@ fn assert_uses(plan: &str, index: &str, what: &str) {
     );
 }
 
-/// A connection opened now, in a transaction that (on PostgreSQL) plans without sequential scans.
+/// A connection opened now, in a transaction that (on PostgreSQL) makes generic plans without
+/// sequential scans.
 ///
 /// SQLite explains a query with the schema its connection last read, and a pooled connection may
 /// have read it before the latest migration ran.
@@ -63,9 +85,11 @@ async fn planning(url: &str, kind: DatabaseKind) -> (DatabaseConnection, Databas
         .expect("database opened");
     let txn = db.begin().await.expect("transaction");
     if kind == DatabaseKind::Postgres {
-        txn.execute_unprepared("SET LOCAL enable_seqscan = off")
-            .await
-            .expect("sequential scans off");
+        txn.execute_unprepared(
+            "SET LOCAL enable_seqscan = off; SET LOCAL plan_cache_mode = force_generic_plan",
+        )
+        .await
+        .expect("sequential scans off, generic plans");
     }
     (db, txn)
 }
@@ -131,7 +155,7 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let progress = plan(&txn, kind, batches::progress(Uuid::now_v7())).await;
     assert_uses(
         &progress,
-        "idx_notifications_batch_status",
+        "idx_notifications_bulk_status",
         "a bulk send's progress",
     );
 }
@@ -154,7 +178,7 @@ async fn the_partial_indexes_migration_rolls_back_and_forward() {
         "idx_notifications_status_scheduled",
         "the due scan, rolled back",
     );
-    drop(txn);
+    txn.rollback().await.expect("planning transaction ended");
 
     herald_migration::Migrator::up(&db, None)
         .await

@@ -108,7 +108,7 @@ pub async fn scheduled(
 ) -> Result<Vec<notification::Model>, RepoError> {
     use notification::Column;
     Ok(notification::Entity::find()
-        .filter(Column::Status.eq(NotificationStatus::Scheduled))
+        .filter(super::status_is(NotificationStatus::Scheduled))
         .order_by_asc(Column::ScheduledAt)
         .order_by_asc(Column::Id)
         .limit(limit)

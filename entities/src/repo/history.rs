@@ -34,7 +34,7 @@ impl HistoryFilter {
             query = query.filter(Column::CustomerId.eq(customer.as_str()));
         }
         if let Some(status) = self.status {
-            query = query.filter(Column::Status.eq(status));
+            query = query.filter(super::status_is(status));
         }
         if let Some(channel) = &self.channel {
             query = query.filter(Column::FinalChannel.eq(channel.as_str()));

@@ -39,3 +39,16 @@ pub enum RepoError {
     #[error("the database writer has stopped")]
     WriterStopped,
 }
+
+/// `status = '<status>'`, with the name written into the SQL rather than bound.
+///
+/// Partial indexes on `notifications` hold the rows of a few statuses (migration
+/// `m20261203_000501`), and a database uses one only where it can tell from the query that every
+/// row it wants meets the index's condition. With the status bound as a parameter, SQLite can tell
+/// only by planning again with the bound value, and PostgreSQL only in a plan made for that
+/// value, not in the generic plan it may switch a prepared statement to; with the name in the SQL,
+/// both can always. The name comes from a fixed set, never from outside.
+pub(crate) fn status_is(status: crate::NotificationStatus) -> sea_orm::sea_query::Expr {
+    use sea_orm::sea_query::{Expr, ExprTrait};
+    Expr::col(crate::notification::Column::Status).eq(Expr::Constant(status.as_str().into()))
+}

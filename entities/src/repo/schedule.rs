@@ -76,7 +76,7 @@ pub fn due(now: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
     notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
-        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
+        .filter(super::status_is(NotificationStatus::Scheduled))
         .filter(notification::Column::ScheduledAt.lte(now))
         .order_by_asc(notification::Column::ScheduledAt)
         .limit(limit)
@@ -96,7 +96,7 @@ pub async fn stale_claims(
 /// The query behind [`stale_claims`] (public so that tests can check how databases plan it).
 pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
     notification::Entity::find()
-        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .filter(super::status_is(NotificationStatus::Queued))
         .filter(unconfirmed())
         .filter(notification::Column::UpdatedAt.lt(before))
         .limit(limit)
