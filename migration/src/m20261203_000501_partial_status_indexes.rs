@@ -26,7 +26,8 @@ use sea_orm_migration::prelude::*;
 /// The new indexes are built before the old ones go, each statement on its own and, on
 /// PostgreSQL, `CONCURRENTLY` (outside a transaction): the table stays readable and writable
 /// throughout, and every lookup has an index at every moment. An interrupted build leaves
-/// PostgreSQL's index marked invalid; the README's upgrade notes say how to go on.
+/// PostgreSQL's index marked invalid and the migration unrecorded; the next run drops such an
+/// index and builds it again.
 ///
 /// The queries write the status into their SQL (`repo::status_is` in `herald-entities`), so both
 /// databases can match these conditions in any plan; `tests/tests/query_plans.rs` checks each
@@ -56,6 +57,7 @@ const WATCHED: [&str; 5] = ["processing", "failed", "dead", "skipped", "cancelle
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        drop_invalid(manager).await?;
         for index in new_indexes() {
             manager.create_index(index).await?;
         }
@@ -88,6 +90,36 @@ impl MigrationTrait for Migration {
     fn use_transaction(&self) -> Option<bool> {
         Some(false)
     }
+}
+
+/// Drops what an interrupted run left of the new indexes on PostgreSQL: a `CREATE INDEX
+/// CONCURRENTLY` that did not finish leaves its index marked invalid, which `IF NOT EXISTS` would
+/// keep, and the lookup it serves would have no usable index once the old ones are dropped.
+async fn drop_invalid(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let names: Vec<String> = new_indexes()
+        .iter()
+        .filter_map(|index| index.get_index_spec().get_name())
+        .map(|name| format!("'{name}'"))
+        .collect();
+    let invalid = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE NOT i.indisvalid AND c.relname IN ({})",
+                names.join(", ")
+            ),
+        ))
+        .await?;
+    for row in invalid {
+        let name: String = row.try_get("", "relname")?;
+        manager.drop_index(drop_index(&name)).await?;
+    }
+    Ok(())
 }
 
 /// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.

@@ -179,6 +179,16 @@ async fn the_partial_indexes_migration_rolls_back_and_forward() {
         "the due scan, rolled back",
     );
     txn.rollback().await.expect("planning transaction ended");
+    if kind == DatabaseKind::Postgres {
+        // What an interrupted `CREATE INDEX CONCURRENTLY` leaves: the index, marked invalid.
+        db.execute_unprepared(
+            "CREATE INDEX idx_notifications_scheduled_due ON notifications (scheduled_at); \
+             UPDATE pg_index SET indisvalid = false \
+             WHERE indexrelid = 'idx_notifications_scheduled_due'::regclass",
+        )
+        .await
+        .expect("an invalid index left behind");
+    }
 
     herald_migration::Migrator::up(&db, None)
         .await
