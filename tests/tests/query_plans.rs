@@ -67,11 +67,26 @@ async fn plan<E: sea_orm::EntityTrait>(
         .join("\n")
 }
 
-fn assert_uses(plan: &str, index: &str, what: &str) {
+/// Asserts that the database plans `query` on `index`; `what` names the lookup in the failure.
+async fn assert_planned_on<E: sea_orm::EntityTrait>(
+    txn: &DatabaseTransaction,
+    kind: DatabaseKind,
+    query: Select<E>,
+    index: &str,
+    what: &str,
+) {
+    let plan = plan(txn, kind, query).await;
     assert!(
         plan.contains(index),
         "{what} is not planned on {index}:\n{plan}"
     );
+}
+
+/// Asserts that the scheduler's due scan is planned on `index`, on a connection opened now.
+async fn assert_due_scan_on(url: &str, kind: DatabaseKind, index: &str, what: &str) {
+    let (_db, txn) = planning(url, kind).await;
+    assert_planned_on(&txn, kind, schedule::due(Utc::now(), 100), index, what).await;
+    txn.rollback().await.expect("planning transaction ended");
 }
 
 /// A connection opened now, in a transaction that (on PostgreSQL) makes generic plans without
@@ -102,24 +117,19 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let (_db, txn) = planning(database.url(), kind).await;
     let now = Utc::now();
 
-    let due = plan(&txn, kind, schedule::due(now, 100)).await;
-    assert_uses(
-        &due,
-        "idx_notifications_scheduled_due",
-        "the scheduler's due scan",
-    );
-
-    let stale = plan(
+    let due = schedule::due(now, 100);
+    assert_planned_on(
         &txn,
         kind,
-        schedule::stale(now - Duration::seconds(30), 100),
+        due,
+        "idx_notifications_scheduled_due",
+        "the due scan",
     )
     .await;
-    assert_uses(
-        &stale,
-        "idx_notifications_queued_updated",
-        "the stale-claim sweep",
-    );
+
+    let stale = schedule::stale(now - Duration::seconds(30), 100);
+    let index = "idx_notifications_queued_updated";
+    assert_planned_on(&txn, kind, stale, index, "the stale-claim sweep").await;
 
     for status in [
         NotificationStatus::Processing,
@@ -132,12 +142,9 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
             status: Some(status),
             ..Default::default()
         };
-        let listed = plan(&txn, kind, history::page(&filter, None, 50)).await;
-        assert_uses(
-            &listed,
-            "idx_notifications_watched",
-            &format!("listing {status:?}"),
-        );
+        let listed = history::page(&filter, None, 50);
+        let what = format!("listing {status:?}");
+        assert_planned_on(&txn, kind, listed, "idx_notifications_watched", &what).await;
     }
 
     let filter = history::HistoryFilter {
@@ -145,19 +152,13 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         status: Some(NotificationStatus::Sent),
         ..Default::default()
     };
-    let customer = plan(&txn, kind, history::page(&filter, Some(Uuid::now_v7()), 50)).await;
-    assert_uses(
-        &customer,
-        "idx_notifications_customer_id",
-        "a customer's history",
-    );
+    let customer = history::page(&filter, Some(Uuid::now_v7()), 50);
+    let index = "idx_notifications_customer_id";
+    assert_planned_on(&txn, kind, customer, index, "a customer's history").await;
 
-    let progress = plan(&txn, kind, batches::progress(Uuid::now_v7())).await;
-    assert_uses(
-        &progress,
-        "idx_notifications_bulk_status",
-        "a bulk send's progress",
-    );
+    let progress = batches::progress(Uuid::now_v7());
+    let index = "idx_notifications_bulk_status";
+    assert_planned_on(&txn, kind, progress, index, "a bulk send's progress").await;
 }
 
 #[tokio::test]
@@ -166,19 +167,12 @@ async fn the_partial_indexes_migration_rolls_back_and_forward() {
     let database = TestDatabase::from_env().await.expect("test database");
     let kind = database.kind();
     let db = migrated(database.url()).await.expect("database migrated");
-    let due = || schedule::due(Utc::now(), 100);
 
     herald_migration::Migrator::down(&db, Some(1))
         .await
         .expect("the latest migration rolled back");
-    let (_planner, txn) = planning(database.url(), kind).await;
-    let before = plan(&txn, kind, due()).await;
-    assert_uses(
-        &before,
-        "idx_notifications_status_scheduled",
-        "the due scan, rolled back",
-    );
-    txn.rollback().await.expect("planning transaction ended");
+    let old = "idx_notifications_status_scheduled";
+    assert_due_scan_on(database.url(), kind, old, "the due scan, rolled back").await;
     if kind == DatabaseKind::Postgres {
         // What an interrupted `CREATE INDEX CONCURRENTLY` leaves: the index, marked invalid.
         db.execute_unprepared(
@@ -193,11 +187,6 @@ async fn the_partial_indexes_migration_rolls_back_and_forward() {
     herald_migration::Migrator::up(&db, None)
         .await
         .expect("migrated forward again");
-    let (_planner, txn) = planning(database.url(), kind).await;
-    let after = plan(&txn, kind, due()).await;
-    assert_uses(
-        &after,
-        "idx_notifications_scheduled_due",
-        "the due scan, migrated again",
-    );
+    let new = "idx_notifications_scheduled_due";
+    assert_due_scan_on(database.url(), kind, new, "the due scan, migrated again").await;
 }
