@@ -45,10 +45,12 @@ pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 
 /// What a delivery needs; shared by all delivery tasks.
 pub struct DeliveryContext {
-    /// Database pool (customer lookups).
+    /// Database pool (forgetting dead contacts).
     pub db: DatabaseConnection,
     /// Batched status reads (the check before sending).
-    pub statuses: crate::status_lookup::StatusLookup,
+    pub statuses: crate::lookup::StatusLookup,
+    /// Batched reads of recipients (contacts, locale, preferences, quiet hours).
+    pub recipients: crate::lookup::RecipientLookup,
     /// Publisher (dead letters).
     pub publisher: Publisher,
     /// Live channel actors.
@@ -107,7 +109,7 @@ pub async fn deliver(
         return;
     };
     let permit = permit.with_claim(claim);
-    let round = match ctx.statuses.progress(id).await {
+    let round = match ctx.statuses.get(id).await {
         Ok(Some(progress)) if !progress.status.is_final() => {
             Round::after(progress.attempts, command.channels.len())
         }
@@ -139,10 +141,14 @@ pub async fn deliver(
         None,
     );
 
-    let (contacts, locale) = match resolve_contacts(&ctx.db, &command).await {
-        Ok(resolved) => resolved,
-        Err(Resolve::Db(err)) => {
-            tracing::warn!(%id, error = %err, "cannot load the customer; retrying later");
+    let recipient = match &command.customer_id {
+        Some(customer_id) => ctx.recipients.get(customer_id.clone()).await,
+        None => Ok(None),
+    };
+    let recipient = match recipient {
+        Ok(recipient) => recipient.unwrap_or_default(),
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot load the recipient; retrying later");
             let delay = ctx.retry.delay(delivered, None, rand::random());
             write(
                 &ctx,
@@ -153,7 +159,10 @@ pub async fn deliver(
             );
             return;
         }
-        Err(Resolve::UnknownCustomer(customer)) => {
+    };
+    let (contacts, locale) = match resolve_contacts(&command, recipient.customer) {
+        Ok(resolved) => resolved,
+        Err(UnknownCustomer(customer)) => {
             let reason = format!("unknown customer {customer:?} and no contacts given");
             dead(
                 &ctx,
@@ -171,22 +180,10 @@ pub async fn deliver(
         }
     };
 
-    let opted_out = match crate::policy::gate(&ctx.policy, &ctx.db, &command).await {
-        Ok(Gate::Go { opted_out }) => opted_out,
-        Ok(gate) => {
+    let opted_out = match crate::policy::gate(&ctx.policy, &recipient.wishes, &command).await {
+        Gate::Go { opted_out } => opted_out,
+        gate => {
             hold(&ctx, &command, gate, acker, round, permit);
-            return;
-        }
-        Err(err) => {
-            tracing::warn!(%id, error = %err, "cannot load the recipient's wishes; retrying later");
-            let delay = ctx.retry.delay(delivered, None, rand::random());
-            write(
-                &ctx,
-                vec![],
-                vec![],
-                AfterWrite::Nak(acker, delay),
-                Some(permit),
-            );
             return;
         }
     };
@@ -314,34 +311,30 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
     }
 }
 
-enum Resolve {
-    Db(String),
-    UnknownCustomer(String),
-}
+/// A command for a customer id nobody stored, with no contacts of its own for its chain.
+struct UnknownCustomer(String);
 
 /// The request's contacts over the stored customer's, and the customer's locale.
-async fn resolve_contacts(
-    db: &DatabaseConnection,
+fn resolve_contacts(
     command: &SendCommand,
-) -> Result<(Contacts, Option<String>), Resolve> {
+    customer: Option<customer::Model>,
+) -> Result<(Contacts, Option<String>), UnknownCustomer> {
     let Some(customer_id) = &command.customer_id else {
         return Ok((command.contacts.clone(), None));
     };
-    match repo::customers::find_by_external_id(db, customer_id).await {
-        Ok(Some(customer)) => Ok((
+    match customer {
+        Some(customer) => Ok((
             command.contacts.clone().or(&stored_contacts(&customer)),
             Some(customer.locale),
         )),
-        Ok(None)
-            if command
-                .channels
-                .iter()
-                .any(|c| command.contacts.reaches(*c)) =>
+        None if command
+            .channels
+            .iter()
+            .any(|c| command.contacts.reaches(*c)) =>
         {
             Ok((command.contacts.clone(), None))
         }
-        Ok(None) => Err(Resolve::UnknownCustomer(customer_id.clone())),
-        Err(err) => Err(Resolve::Db(err.to_string())),
+        None => Err(UnknownCustomer(customer_id.clone())),
     }
 }
 

@@ -94,7 +94,11 @@ fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> Connect
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // A multi-row statement inside a transaction keeps a statement journal (to undo
+                // itself alone); in a temporary file that is an open, writes and a close per
+                // statement, a tenth of the StatusWriter's SQLite time in a profile.
+                .pragma("temp_store", "memory");
             match checkpoints {
                 Checkpoints::OnCommit => sqlite,
                 Checkpoints::Background => sqlite.pragma("wal_autocheckpoint", "0").pragma(

@@ -653,3 +653,77 @@ async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     assert_eq!(status, StatusCode::OK, "recent ones stay");
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// The dispatcher reads recipients in batches: each customer of a batch gets their own row,
+/// preferences and quiet hours, and an id with nothing stored gets an empty answer.
+#[tokio::test]
+async fn recipients_read_together_keep_their_own_wishes() {
+    use herald_entities::repo::{customers, preferences};
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    for id in ["ada", "cyd"] {
+        customer::Entity::insert(customer_row(id, "de", None))
+            .exec_without_returning(&conn)
+            .await
+            .expect("customer stored");
+    }
+    let opt_out = |category: &str| preferences::NewPreference {
+        category: category.into(),
+        channel: "email".into(),
+        enabled: false,
+    };
+    let night = preferences::NewQuietHours {
+        starts: "22:00".into(),
+        ends: "07:00".into(),
+        timezone: "Europe/Berlin".into(),
+    };
+    preferences::replace(&conn, "ada", vec![opt_out("marketing")], Some(night))
+        .await
+        .expect("ada's wishes stored");
+    // Wishes may be stored for an id no customer row has.
+    preferences::replace(
+        &conn,
+        "bob",
+        vec![opt_out("transactional"), opt_out("marketing")],
+        None,
+    )
+    .await
+    .expect("bob's wishes stored");
+
+    let ids: Vec<String> = ["ada", "bob", "cyd", "dan"].map(String::from).into();
+    let found = customers::find_many_by_external_id(&conn, &ids)
+        .await
+        .expect("customers read");
+    let mut found_ids: Vec<&str> = found.keys().map(String::as_str).collect();
+    found_ids.sort_unstable();
+    assert_eq!(found_ids, ["ada", "cyd"]);
+    assert_eq!(found["cyd"].external_id, "cyd");
+
+    let wishes = preferences::load_many(&conn, &ids)
+        .await
+        .expect("wishes read");
+    assert_eq!(wishes.len(), 4, "every id asked for has an answer");
+    for id in ["ada", "bob", "cyd", "dan"] {
+        let by_category = |mut w: preferences::Wishes| {
+            w.preferences.sort_by(|a, b| a.category.cmp(&b.category));
+            w
+        };
+        let one = preferences::load(&conn, id).await.expect("wishes read");
+        assert_eq!(
+            by_category(wishes[id].clone()),
+            by_category(one),
+            "{id}'s wishes read together as read alone"
+        );
+    }
+    assert_eq!(wishes["ada"].preferences.len(), 1);
+    assert_eq!(
+        wishes["ada"]
+            .quiet_hours
+            .as_ref()
+            .map(|q| q.timezone.as_str()),
+        Some("Europe/Berlin")
+    );
+    assert_eq!(wishes["bob"].preferences.len(), 2);
+    assert!(wishes["bob"].quiet_hours.is_none());
+    assert_eq!(wishes["dan"], Default::default());
+}

@@ -2,7 +2,7 @@
 //! preferences (opt-outs), quiet hours, and the per-user rate limit.
 //!
 //! The decisions themselves are pure ([`preferences`], [`quiet_hours`], [`token_bucket`]); this
-//! module loads what they need and combines them into a [`Gate`].
+//! module combines them, over the recipient's stored wishes, into a [`Gate`].
 
 pub mod preferences;
 pub mod quiet_hours;
@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use herald_entities::repo;
+use herald_entities::repo::preferences::Wishes;
 use herald_nats::{Category, Channel, SendCommand};
-use sea_orm::DatabaseConnection;
 
 use crate::rate_limit::{CategoryLimit, Verdict, actor::Acquire, supervisor};
 use crate::slot::ActorSlot;
@@ -80,31 +79,21 @@ pub fn recipient_key(command: &SendCommand) -> Option<String> {
 }
 
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
-/// by quiet hours does not spend a token). `Err` when the database cannot be read.
-pub async fn gate(
-    ctx: &PolicyContext,
-    db: &DatabaseConnection,
-    command: &SendCommand,
-) -> Result<Gate, String> {
+/// by quiet hours does not spend a token), given the recipient's stored `wishes`.
+pub async fn gate(ctx: &PolicyContext, wishes: &Wishes, command: &SendCommand) -> Gate {
     let critical = is_critical(command.category);
-    let wishes = match &command.customer_id {
-        Some(customer) => repo::preferences::load(db, customer)
-            .await
-            .map_err(|e| e.to_string())?,
-        None => repo::preferences::Wishes::default(),
-    };
     let opted_out = PreferenceSet::from_rows(&wishes.preferences)
         .opted_out(command.category, &command.channels);
     if !command.channels.is_empty() && opted_out.len() == command.channels.len() {
         let names: Vec<&str> = opted_out.iter().map(|c| c.as_str()).collect();
-        return Ok(Gate::Skip {
+        return Gate::Skip {
             reason: format!(
                 "opted_out: the customer opted out of {} on every channel of the chain ({})",
                 command.category.as_str(),
                 names.join(", ")
             ),
             opted_out,
-        });
+        };
     }
     if !critical && let Some(quiet) = &wishes.quiet_hours {
         match QuietHours::parse(&quiet.starts, &quiet.ends, &quiet.timezone) {
@@ -112,13 +101,13 @@ pub async fn gate(
                 let now = (ctx.clock)();
                 if let Some(end) = window.ends_after(now) {
                     let delay = (end - now).to_std().unwrap_or_default();
-                    return Ok(Gate::Defer {
+                    return Gate::Defer {
                         delay: delay.max(Duration::from_millis(50)),
                         reason: format!(
                             "deferred: quiet hours until {}",
                             end.to_rfc3339_opts(SecondsFormat::Secs, true)
                         ),
-                    });
+                    };
                 }
             }
             Err(err) => {
@@ -127,10 +116,10 @@ pub async fn gate(
         }
     }
     if critical || !ctx.limits.contains_key(&command.category) {
-        return Ok(Gate::Go { opted_out });
+        return Gate::Go { opted_out };
     }
     let Some(user) = recipient_key(command) else {
-        return Ok(Gate::Go { opted_out });
+        return Gate::Go { opted_out };
     };
     let request = Acquire {
         category: command.category,
@@ -151,7 +140,7 @@ pub async fn gate(
             )
         })
     };
-    Ok(match verdict {
+    match verdict {
         Some(Verdict::Allow) => Gate::Go { opted_out },
         Some(Verdict::Drop) => Gate::Skip {
             reason: format!("rate_limited: {} reached", words(limit)),
@@ -172,5 +161,5 @@ pub async fn gate(
             delay: Duration::from_secs(1),
             reason: "deferred: the rate limiter did not answer in time".into(),
         },
-    })
+    }
 }

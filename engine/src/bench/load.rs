@@ -10,13 +10,16 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
-use herald_entities::{NotificationStatus, WriteGate, notification, repo};
+use herald_entities::{NotificationStatus, WriteGate, customer, notification, repo};
 use herald_nats::{Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand};
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
 use uuid::Uuid;
 
 use super::open_loop::{self, HttpReport};
-use super::{BenchArgs, Percentiles, Via};
+use super::{BenchArgs, Percentiles, RecipientKind, Via};
 
 /// Size of a typical encoded command, for the JetStream reference.
 pub const TYPICAL_COMMAND_BYTES: usize = 420;
@@ -42,14 +45,14 @@ pub async fn generate(
     nats_url: &str,
     base_url: &str,
 ) -> anyhow::Result<LoadOutcome> {
-    let (total, customers) = (args.total(), args.customers);
+    let (total, recipients) = (args.total(), Recipients::of(args));
     let http = match (args.via, args.rate) {
         (Via::Nats, None) => {
-            accept_in_turns(db, gate, nats_url, total, customers).await?;
+            accept_in_turns(db, gate, nats_url, total, recipients).await?;
             None
         }
         (Via::Nats, Some(rate)) => {
-            accept_via_nats_at_rate(db, gate, nats_url, total, customers, rate).await?;
+            accept_via_nats_at_rate(db, gate, nats_url, total, recipients, rate).await?;
             None
         }
         (Via::Http, None) => {
@@ -58,7 +61,7 @@ pub async fn generate(
         }
         (Via::Http, Some(rate)) => {
             let connections = args.concurrency;
-            Some(open_loop::send_at_rate(base_url, total, customers, rate, connections).await?)
+            Some(open_loop::send_at_rate(base_url, total, recipients, rate, connections).await?)
         }
     };
     Ok(LoadOutcome {
@@ -67,19 +70,108 @@ pub async fn generate(
     })
 }
 
-fn recipient(i: u64, customers: u64) -> String {
-    format!("customer-{}@bench.invalid", i % customers)
+/// Whom the `i`th notification of a load is for: one of `count` recipients, named by their
+/// address in the request or by the id of a stored customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipients {
+    /// Distinct recipients.
+    pub count: u64,
+    /// How the notifications name them.
+    pub kind: RecipientKind,
 }
 
-fn command(i: u64, customers: u64) -> SendCommand {
+impl Recipients {
+    pub(super) fn of(args: &BenchArgs) -> Self {
+        Self {
+            count: args.customers,
+            kind: args.recipients,
+        }
+    }
+
+    /// Addresses in the requests, the reliability tests' load.
+    fn contacts(count: u64) -> Self {
+        Self {
+            count,
+            kind: RecipientKind::Contacts,
+        }
+    }
+
+    fn email(n: u64) -> String {
+        format!("customer-{n}@bench.invalid")
+    }
+
+    fn customer_id(n: u64) -> String {
+        format!("customer-{n}")
+    }
+
+    /// The recipient key of the `i`th notification (customer id, else address), as the API
+    /// derives it.
+    fn key(&self, i: u64) -> String {
+        let n = i % self.count;
+        match self.kind {
+            RecipientKind::Contacts => Self::email(n),
+            RecipientKind::Customers => Self::customer_id(n),
+        }
+    }
+
+    /// The customer id and contacts of the `i`th notification.
+    fn of_notification(&self, i: u64) -> (Option<String>, Contacts) {
+        match self.kind {
+            RecipientKind::Contacts => (
+                None,
+                Contacts {
+                    email: Some(self.key(i)),
+                    ..Contacts::default()
+                },
+            ),
+            RecipientKind::Customers => (Some(self.key(i)), Contacts::default()),
+        }
+    }
+}
+
+/// With [`RecipientKind::Customers`], stores the customers the load names, each with an email
+/// address, in chunks; nothing otherwise.
+pub async fn store_customers(
+    db: &DatabaseConnection,
+    recipients: Recipients,
+) -> anyhow::Result<()> {
+    if recipients.kind != RecipientKind::Customers {
+        return Ok(());
+    }
+    let now = Utc::now();
+    let mut next = 0;
+    while next < recipients.count {
+        let end = (next + CHUNK).min(recipients.count);
+        let rows = (next..end).map(|n| customer::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            external_id: Set(Recipients::customer_id(n)),
+            name: Set(None),
+            email: Set(Some(Recipients::email(n))),
+            phone: Set(None),
+            telegram_chat_id: Set(None),
+            push_tokens: Set(serde_json::json!([])),
+            webhook_url: Set(None),
+            locale: Set("en".into()),
+            timezone: Set("UTC".into()),
+            created_at: Set(now),
+            updated_at: Set(now),
+        });
+        customer::Entity::insert_many(rows)
+            .exec_without_returning(db)
+            .await
+            .context("cannot store the bench's customers")?;
+        next = end;
+    }
+    Ok(())
+}
+
+fn command(i: u64, recipients: Recipients) -> SendCommand {
+    let (customer_id, contacts) = recipients.of_notification(i);
     SendCommand {
         v: SCHEMA_VERSION,
         notification_id: Uuid::now_v7(),
-        customer_id: None,
-        contacts: Contacts {
-            email: Some(recipient(i, customers)),
-            ..Contacts::default()
-        },
+        customer_id,
+        contacts,
         category: Category::Transactional,
         channels: vec![Channel::Email],
         content: Content {
@@ -103,7 +195,8 @@ pub async fn accept_via_nats(
     count: u64,
     customers: u64,
 ) -> anyhow::Result<()> {
-    accept_in_turns(db, &WriteGate::default(), nats_url, count, customers).await
+    let recipients = Recipients::contacts(customers);
+    accept_in_turns(db, &WriteGate::default(), nats_url, count, recipients).await
 }
 
 /// Like [`accept_via_nats`], storing each chunk in a turn of `gate`, as the API's inserts take
@@ -113,13 +206,13 @@ async fn accept_in_turns(
     gate: &WriteGate,
     nats_url: &str,
     count: u64,
-    customers: u64,
+    recipients: Recipients,
 ) -> anyhow::Result<()> {
     let publisher = bench_publisher(nats_url).await?;
     let mut next = 0;
     while next < count {
         let end = (next + CHUNK).min(count);
-        accept_chunk(db, gate, &publisher, next..end, customers).await?;
+        accept_chunk(db, gate, &publisher, next..end, recipients).await?;
         next = end;
     }
     Ok(())
@@ -132,7 +225,7 @@ async fn accept_via_nats_at_rate(
     gate: &WriteGate,
     nats_url: &str,
     count: u64,
-    customers: u64,
+    recipients: Recipients,
     rate: f64,
 ) -> anyhow::Result<()> {
     let publisher = bench_publisher(nats_url).await?;
@@ -145,7 +238,7 @@ async fn accept_via_nats_at_rate(
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(count);
         while next < due {
             let end = (next + CHUNK).min(due);
-            accept_chunk(db, gate, &publisher, next..end, customers).await?;
+            accept_chunk(db, gate, &publisher, next..end, recipients).await?;
             next = end;
         }
     }
@@ -167,10 +260,10 @@ async fn accept_chunk(
     gate: &WriteGate,
     publisher: &Publisher,
     range: Range<u64>,
-    customers: u64,
+    recipients: Recipients,
 ) -> anyhow::Result<()> {
     let commands: Vec<(String, SendCommand)> = range
-        .map(|i| (recipient(i, customers), command(i, customers)))
+        .map(|i| (recipients.key(i), command(i, recipients)))
         .collect();
     let rows = commands
         .iter()
@@ -190,9 +283,13 @@ async fn accept_chunk(
 }
 
 /// The body of the `i`th `POST /api/v1/notifications`.
-pub(super) fn http_body(i: u64, customers: u64) -> serde_json::Value {
+pub(super) fn http_body(i: u64, recipients: Recipients) -> serde_json::Value {
+    let recipient = match recipients.of_notification(i) {
+        (Some(customer_id), _) => serde_json::json!({ "customer_id": customer_id }),
+        (None, contacts) => serde_json::json!({ "email": contacts.email }),
+    };
     serde_json::json!({
-        "recipient": { "email": recipient(i, customers) },
+        "recipient": recipient,
         "category": "transactional",
         "channels": ["email"],
         "content": { "subject": format!("Your order #{i} is confirmed"), "text": "Thanks for your order." }
@@ -207,7 +304,7 @@ async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
         let http = http.clone();
         let counter = counter.clone();
         let url = url.clone();
-        let (total, customers) = (args.total(), args.customers);
+        let (total, recipients) = (args.total(), Recipients::of(args));
         tokio::spawn(async move {
             loop {
                 let i = counter.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +313,7 @@ async fn via_http(args: &BenchArgs, base_url: &str) -> anyhow::Result<()> {
                 }
                 let response = http
                     .post(&url)
-                    .json(&http_body(i, customers))
+                    .json(&http_body(i, recipients))
                     .send()
                     .await?;
                 anyhow::ensure!(

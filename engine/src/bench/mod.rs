@@ -55,6 +55,17 @@ pub enum Via {
     Http,
 }
 
+/// How the bench's notifications name their recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientKind {
+    /// By email address in the request: nothing about the recipient is read.
+    Contacts,
+    /// By the id of a customer stored before the run: every delivery reads the customer, their
+    /// preferences and quiet hours, as for the Router's events.
+    Customers,
+}
+
 /// Options of `herald bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -64,6 +75,9 @@ pub struct BenchArgs {
     /// Distinct recipients they are spread over.
     #[arg(short = 'm', long, default_value_t = 10_000)]
     pub customers: u64,
+    /// How notifications name their recipients.
+    #[arg(long, value_enum, default_value_t = RecipientKind::Contacts)]
+    pub recipients: RecipientKind,
     /// How notifications enter Herald.
     #[arg(long, value_enum, default_value_t = Via::Nats)]
     pub via: Via,
@@ -118,6 +132,8 @@ pub struct BenchReport {
     pub notifications: u64,
     /// Distinct recipients.
     pub customers: u64,
+    /// How the notifications named them.
+    pub recipients: RecipientKind,
     /// How they entered.
     pub via: Via,
     /// `sqlite` or `postgres`.
@@ -216,6 +232,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         "the bench needs an empty database; {} holds {existing} notifications",
         crate::app::redact(&database)
     );
+    load::store_customers(&db, load::Recipients::of(&args)).await?;
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let load = {
@@ -244,6 +261,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let report = BenchReport {
         notifications: progress.outcome.accepted,
         customers: args.customers,
+        recipients: args.recipients,
         via: args.via,
         database: database.split(':').next().unwrap_or_default().to_string(),
         seconds,
@@ -415,8 +433,8 @@ fn progress_bar(total: u64) -> ProgressBar {
 
 fn print_report(r: &BenchReport) {
     println!(
-        "notifications      {} for {} recipients via {:?} on {}",
-        r.notifications, r.customers, r.via, r.database
+        "notifications      {} for {} recipients ({:?}) via {:?} on {}",
+        r.notifications, r.customers, r.recipients, r.via, r.database
     );
     println!(
         "end to end         {:.0} notifications/s ({:.2} s)",

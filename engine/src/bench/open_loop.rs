@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::Percentiles;
-use super::load::http_body;
+use super::load::{Recipients, http_body};
 
 /// A request that has not answered within this counts as an error (`timeout`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ type Outcome = (Duration, Option<String>);
 pub async fn send_at_rate(
     base_url: &str,
     count: u64,
-    customers: u64,
+    recipients: Recipients,
     rate: f64,
     connections: usize,
 ) -> anyhow::Result<HttpReport> {
@@ -68,7 +68,7 @@ pub async fn send_at_rate(
         for i in 0..count {
             let due = started + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(due).await;
-            let request = http.post(&url).json(&http_body(i, customers));
+            let request = http.post(&url).json(&http_body(i, recipients));
             let outcomes = outcomes.clone();
             let wire = wire.clone();
             tokio::spawn(async move {

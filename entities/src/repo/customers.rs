@@ -1,5 +1,7 @@
 //! Queries on `customers`.
 
+use std::collections::HashMap;
+
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
     SqlErr, sea_query::Expr,
@@ -16,6 +18,20 @@ pub async fn find_by_external_id(
         .filter(customer::Column::ExternalId.eq(external_id))
         .one(db)
         .await?)
+}
+
+/// The customers with these external ids, by external id (unknown ids are absent).
+pub async fn find_many_by_external_id(
+    db: &impl ConnectionTrait,
+    external_ids: &[String],
+) -> Result<HashMap<String, customer::Model>, RepoError> {
+    Ok(customer::Entity::find()
+        .filter(customer::Column::ExternalId.is_in(external_ids.iter().cloned()))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|customer| (customer.external_id.clone(), customer))
+        .collect())
 }
 
 /// Removes a push token a provider declared dead (unregistered app, invalid token).

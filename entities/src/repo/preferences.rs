@@ -1,5 +1,7 @@
 //! Queries on `preferences` and `quiet_hours`.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
@@ -52,6 +54,36 @@ pub async fn load(db: &impl ConnectionTrait, customer_id: &str) -> Result<Wishes
         preferences,
         quiet_hours,
     })
+}
+
+/// The wishes of each of `customer_ids`, in two queries; every id asked for has an entry.
+pub async fn load_many(
+    db: &impl ConnectionTrait,
+    customer_ids: &[String],
+) -> Result<HashMap<String, Wishes>, RepoError> {
+    let mut wishes: HashMap<String, Wishes> = customer_ids
+        .iter()
+        .map(|id| (id.clone(), Wishes::default()))
+        .collect();
+    let preferences = preference::Entity::find()
+        .filter(preference::Column::CustomerId.is_in(customer_ids.iter().cloned()))
+        .all(db)
+        .await?;
+    for row in preferences {
+        if let Some(entry) = wishes.get_mut(&row.customer_id) {
+            entry.preferences.push(row);
+        }
+    }
+    let quiet = quiet_hours::Entity::find()
+        .filter(quiet_hours::Column::CustomerId.is_in(customer_ids.iter().cloned()))
+        .all(db)
+        .await?;
+    for row in quiet {
+        if let Some(entry) = wishes.get_mut(&row.customer_id) {
+            entry.quiet_hours = Some(row);
+        }
+    }
+    Ok(wishes)
 }
 
 /// Replaces the customer's preferences and quiet hours with the given ones, atomically.
