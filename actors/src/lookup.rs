@@ -6,7 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
 
+use futures::FutureExt;
 use herald_entities::{
     customer,
     repo::{self, notifications::Progress, preferences::Wishes},
@@ -73,7 +75,11 @@ where
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let keys: HashSet<&K> = batch.iter().map(|(key, _)| key).collect();
-        let found = load(keys.into_iter().cloned().collect()).await;
+        // A load that panics answers its batch with an error; the task goes on serving.
+        let found = AssertUnwindSafe(load(keys.into_iter().cloned().collect()))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err("the lookup failed unexpectedly (it panicked)".to_string()));
         for (key, reply) in batch.drain(..) {
             let answer = match &found {
                 Ok(values) => Ok(values.get(&key).cloned()),
@@ -147,19 +153,33 @@ mod tests {
 
     type Calls = Arc<Mutex<Vec<Vec<u32>>>>;
 
+    /// How the load numbered `.1` (from 0) goes wrong.
+    #[derive(Clone, Copy)]
+    enum Fault {
+        None,
+        Fails(usize),
+        Panics(usize),
+    }
+
     /// A lookup whose loads record the keys they were asked for, then wait for a permit each;
     /// every key `k` is found with the value `k * 10`, except 0, which is never found.
-    fn recording(permits: Arc<Semaphore>, fail: bool) -> (BatchLookup<u32, u32>, Calls) {
+    fn recording(permits: Arc<Semaphore>, fault: Fault) -> (BatchLookup<u32, u32>, Calls) {
         let calls = Calls::default();
         let seen = calls.clone();
         let lookup = BatchLookup::spawn(move |mut keys: Vec<u32>| {
             let (permits, seen) = (permits.clone(), seen.clone());
             async move {
                 keys.sort_unstable();
-                seen.lock().expect("not poisoned").push(keys.clone());
+                let load = {
+                    let mut seen = seen.lock().expect("not poisoned");
+                    seen.push(keys.clone());
+                    seen.len() - 1
+                };
                 permits.acquire().await.expect("open").forget();
-                if fail {
-                    return Err("database is down".to_string());
+                match fault {
+                    Fault::Fails(n) if n == load => return Err("database is down".to_string()),
+                    Fault::Panics(n) if n == load => panic!("a bug in load {n}"),
+                    _ => {}
                 }
                 Ok(keys
                     .into_iter()
@@ -182,45 +202,72 @@ mod tests {
         .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
     }
 
-    #[tokio::test]
-    async fn lookups_that_arrive_during_a_load_share_the_next_load_with_keys_once() {
-        let permits = Arc::new(Semaphore::new(0));
-        let (lookup, calls) = recording(permits.clone(), false);
+    /// Holds a first load of key 9 until `keys` are queued behind it, then lets the loads run;
+    /// answers the queued lookups.
+    async fn queued_behind_a_load(
+        lookup: &BatchLookup<u32, u32>,
+        calls: &Calls,
+        permits: &Semaphore,
+        keys: &[u32],
+    ) -> Vec<Result<Option<u32>, String>> {
         let get = |key| {
             let lookup = lookup.clone();
             tokio::spawn(async move { lookup.get(key).await })
         };
-        let first = get(1);
+        let first = get(9);
         until("the first load started", || {
             calls.lock().unwrap().len() == 1
         })
         .await;
-        let rest: Vec<_> = [2, 3, 2, 0].into_iter().map(get).collect();
+        let rest: Vec<_> = keys.iter().copied().map(get).collect();
         let queued = || lookup.requests.max_capacity() - lookup.requests.capacity();
-        until("four lookups queued behind it", || queued() == 4).await;
+        until("the lookups queued behind it", || queued() == keys.len()).await;
         permits.add_permits(2);
-        assert_eq!(first.await.expect("joined"), Ok(Some(10)));
+        assert_eq!(first.await.expect("joined"), Ok(Some(90)));
         let mut answers = Vec::new();
         for task in rest {
             answers.push(task.await.expect("joined"));
         }
+        answers
+    }
+
+    #[tokio::test]
+    async fn lookups_that_arrive_during_a_load_share_the_next_load_with_keys_once() {
+        let permits = Arc::new(Semaphore::new(0));
+        let (lookup, calls) = recording(permits.clone(), Fault::None);
+        let answers = queued_behind_a_load(&lookup, &calls, &permits, &[2, 3, 2, 0]).await;
         assert_eq!(
             answers,
             vec![Ok(Some(20)), Ok(Some(30)), Ok(Some(20)), Ok(None)]
         );
         assert_eq!(
             *calls.lock().expect("not poisoned"),
-            vec![vec![1], vec![0, 2, 3]],
+            vec![vec![9], vec![0, 2, 3]],
             "one load for the first lookup, one for the four that waited, each key once"
         );
     }
 
     #[tokio::test]
-    async fn a_failed_load_answers_every_lookup_of_its_batch_with_the_error() {
-        let permits = Arc::new(Semaphore::new(10));
-        let (lookup, _) = recording(permits, true);
-        let (a, b) = tokio::join!(lookup.get(1), lookup.get(2));
-        assert_eq!(a, Err("database is down".to_string()));
-        assert_eq!(b, Err("database is down".to_string()));
+    async fn a_failing_or_panicking_load_answers_its_batch_with_an_error_and_the_next_runs() {
+        for fault in [Fault::Fails(1), Fault::Panics(1)] {
+            let permits = Arc::new(Semaphore::new(0));
+            let (lookup, calls) = recording(permits.clone(), fault);
+            let answers = queued_behind_a_load(&lookup, &calls, &permits, &[1, 2]).await;
+            assert_eq!(answers.len(), 2);
+            for answer in answers {
+                let err = answer.expect_err("the failed load's lookups get its error");
+                assert!(err.contains("down") || err.contains("panicked"), "{err}");
+            }
+            permits.add_permits(1);
+            assert_eq!(
+                lookup.get(3).await,
+                Ok(Some(30)),
+                "the task goes on serving"
+            );
+            assert_eq!(
+                *calls.lock().expect("not poisoned"),
+                vec![vec![9], vec![1, 2], vec![3]]
+            );
+        }
     }
 }

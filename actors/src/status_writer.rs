@@ -195,7 +195,10 @@ impl BatchWriter {
         let url = database_url.to_owned();
         let db = thread
             .run(async move {
-                Ok(herald_entities::connect_lazy(&url, WRITER_CONNECTIONS, checkpoints).await?)
+                Ok(
+                    herald_entities::connect_batch_writer(&url, WRITER_CONNECTIONS, checkpoints)
+                        .await?,
+                )
             })
             .await?;
         Ok(Self { db, thread, gate })

@@ -53,19 +53,33 @@ pub async fn connect_with(
     max_connections: u32,
     checkpoints: Checkpoints,
 ) -> Result<DatabaseConnection, DbErr> {
-    Database::connect(options(url, max_connections, checkpoints)).await
+    Database::connect(options(
+        url,
+        max_connections,
+        checkpoints,
+        TempStore::Default,
+    ))
+    .await
 }
 
-/// Like [`connect`], but on PostgreSQL opens no connection until the first query needs one, so it
-/// succeeds while the server is down (on SQLite sea-orm opens one at once to read the library's
-/// version). The pool's connections and upkeep belong to the runtime it is created on (see
+/// The pool of a batch writer (the StatusWriter): like [`connect`], but on PostgreSQL it opens no
+/// connection until the first query needs one, so it succeeds while the server is down (on SQLite
+/// sea-orm opens one at once to read the library's version), and SQLite keeps its temporary data
+/// in memory. The pool's connections and upkeep belong to the runtime it is created on (see
 /// [`repo::writer_thread::WriterThread`]).
-pub async fn connect_lazy(
+///
+/// Each multi-row statement of a batch transaction keeps a statement journal (to undo itself
+/// alone); beyond 64 KiB SQLite moves it to a temporary file, which cost an open, writes and a
+/// close per statement, about a tenth of the SQLite worker threads' time in a profile. A batch is
+/// bounded (`status_writer.max_batch` records), and so is its journal. Other pools keep SQLite's
+/// default, under which a large sort (an index built by a migration, an unindexed `GROUP BY`)
+/// spills to disk instead of growing in memory.
+pub async fn connect_batch_writer(
     url: &str,
     max_connections: u32,
     checkpoints: Checkpoints,
 ) -> Result<DatabaseConnection, DbErr> {
-    let mut options = options(url, max_connections, checkpoints);
+    let mut options = options(url, max_connections, checkpoints, TempStore::Memory);
     options.connect_lazy(true);
     Database::connect(options).await
 }
@@ -75,7 +89,21 @@ pub fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
 
-fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> ConnectOptions {
+/// Where an SQLite connection keeps temporary data (statement journals, sorts).
+#[derive(Debug, Clone, Copy)]
+enum TempStore {
+    /// SQLite's default: in files, once past a small size.
+    Default,
+    /// In memory (`temp_store=memory`).
+    Memory,
+}
+
+fn options(
+    url: &str,
+    max_connections: u32,
+    checkpoints: Checkpoints,
+    temp: TempStore,
+) -> ConnectOptions {
     let url = if is_sqlite(url) && !url.contains("mode=") {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}mode=rwc")
@@ -94,11 +122,11 @@ fn options(url: &str, max_connections: u32, checkpoints: Checkpoints) -> Connect
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(SQLITE_BUSY_TIMEOUT)
-                .foreign_keys(true)
-                // A multi-row statement inside a transaction keeps a statement journal (to undo
-                // itself alone); in a temporary file that is an open, writes and a close per
-                // statement, a tenth of the StatusWriter's SQLite time in a profile.
-                .pragma("temp_store", "memory");
+                .foreign_keys(true);
+            let sqlite = match temp {
+                TempStore::Default => sqlite,
+                TempStore::Memory => sqlite.pragma("temp_store", "memory"),
+            };
             match checkpoints {
                 Checkpoints::OnCommit => sqlite,
                 Checkpoints::Background => sqlite.pragma("wal_autocheckpoint", "0").pragma(

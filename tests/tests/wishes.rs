@@ -726,4 +726,24 @@ async fn recipients_read_together_keep_their_own_wishes() {
     assert_eq!(wishes["bob"].preferences.len(), 2);
     assert!(wishes["bob"].quiet_hours.is_none());
     assert_eq!(wishes["dan"], Default::default());
+
+    // The dispatcher's lookup joins the two reads per id.
+    let lookup = herald_actors::lookup::recipients(conn.clone());
+    let (ada, bob, dan) = tokio::join!(
+        lookup.get("ada".into()),
+        lookup.get("bob".into()),
+        lookup.get("dan".into())
+    );
+    let ada = ada.expect("read").expect("every id has an answer");
+    assert_eq!(ada.customer.map(|c| c.locale), Some("de".to_string()));
+    assert_eq!(ada.wishes.preferences.len(), 1);
+    assert!(ada.wishes.quiet_hours.is_some());
+    let bob = bob.expect("read").expect("every id has an answer");
+    assert!(bob.customer.is_none());
+    assert_eq!(
+        bob.wishes.preferences.len(),
+        2,
+        "wishes without a customer row are kept"
+    );
+    assert_eq!(dan, Ok(Some(Default::default())));
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use herald_entities::{Checkpoints, NotificationStatus, notification};
+use herald_entities::{Checkpoints, NotificationStatus, customer, notification};
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 use serde::Serialize;
@@ -227,9 +227,11 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let db = herald_entities::connect_with(&database, 4, Checkpoints::Background).await?;
     let gate = herald.write_gate();
     let existing = notification::Entity::find().count(&db).await?;
+    let customers = customer::Entity::find().count(&db).await?;
     anyhow::ensure!(
-        existing == 0,
-        "the bench needs an empty database; {} holds {existing} notifications",
+        existing == 0 && customers == 0,
+        "the bench needs an empty database; {} holds {existing} notifications and {customers} \
+         customers",
         crate::app::redact(&database)
     );
     load::store_customers(&db, load::Recipients::of(&args)).await?;

@@ -9,7 +9,7 @@
 //!
 //! A PostgreSQL connection's socket belongs to the runtime that opened it, so a writer on this
 //! thread uses a pool created here ([`WriterThread::run`] with
-//! [`connect_lazy`](crate::connect_lazy)), not the main runtime's.
+//! [`connect_batch_writer`](crate::connect_batch_writer)), not the main runtime's.
 
 use std::future::Future;
 use std::sync::Arc;
