@@ -32,6 +32,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::migration_lock::MigrationLock;
 
 /// A running Herald: HTTP server and engine.
 pub struct Herald {
@@ -80,14 +81,19 @@ pub fn process_init() -> PrometheusHandle {
 /// Opens the database and applies pending migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
     let db = open(config, Checkpoints::OnCommit).await?;
-    apply_migrations(&db).await?;
+    apply_migrations(config, &db).await?;
     Ok(db)
 }
 
-async fn apply_migrations(db: &DatabaseConnection) -> anyhow::Result<()> {
-    Migrator::up(db, None)
+/// Applies pending migrations holding the database's [`MigrationLock`], so instances starting
+/// together apply each migration once.
+async fn apply_migrations(config: &Config, db: &DatabaseConnection) -> anyhow::Result<()> {
+    let lock = MigrationLock::acquire(&config.database.url).await?;
+    let applied = Migrator::up(db, None)
         .await
-        .context("cannot apply migrations")
+        .context("cannot apply migrations");
+    lock.release().await;
+    applied
 }
 
 /// Opens the database (creating an SQLite file's directory), without migrating it.
@@ -114,7 +120,7 @@ impl Herald {
             .await
             .context("cannot start the SQLite checkpointer")?;
         if config.database.migrate_on_start {
-            apply_migrations(&db).await?;
+            apply_migrations(&config, &db).await?;
         }
         let nats = herald_nats::connect(&config.nats.url, "herald")
             .await
@@ -517,14 +523,10 @@ fn stream_settings(config: &Config) -> StreamSettings {
 
 /// SQLite creates the file but not its folder.
 fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
-    let Some(rest) = url.strip_prefix("sqlite://") else {
+    let Some(path) = crate::migration_lock::sqlite_path(url) else {
         return Ok(());
     };
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() {
-        return Ok(());
-    }
-    if let Some(dir) = std::path::Path::new(path).parent()
+    if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
         std::fs::create_dir_all(dir)

@@ -6,6 +6,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod engine_view;
+pub mod migration_lock;
 pub mod telemetry;
 pub mod template_catalog;
 

@@ -1,0 +1,38 @@
+//! Migrations applied by several instances at once.
+
+use std::time::Duration;
+
+use herald_migration::{Migrator, MigratorTrait};
+use herald_tests::TestDatabase;
+
+/// Instances of a cluster started together each apply pending migrations on start
+/// (`database.migrate_on_start`); all of them must come up, and each migration is applied once.
+#[tokio::test]
+async fn instances_migrating_one_database_at_once_all_succeed() {
+    let db = TestDatabase::from_env().await.expect("database");
+    let mut config = herald_engine::Config::default();
+    config.database.url = db.url().to_string();
+    let runs = (0..4).map(|_| {
+        let config = config.clone();
+        tokio::spawn(async move { herald_engine::app::migrate(&config).await.map(|_| ()) })
+    });
+    // Bounded: instances that wait for each other forever must fail the test, not hang it.
+    let outcomes = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(runs))
+        .await
+        .expect("the instances finished migrating within 120 s (did they wait for each other?)");
+    for (i, run) in outcomes.into_iter().enumerate() {
+        let outcome = run.expect("joined");
+        if let Err(err) = outcome {
+            panic!("instance {i} did not start: {err:#}");
+        }
+    }
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let status = Migrator::get_migration_models(&conn)
+        .await
+        .expect("migration records read");
+    assert_eq!(
+        status.len(),
+        Migrator::migrations().len(),
+        "each migration recorded once"
+    );
+}
