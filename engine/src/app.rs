@@ -80,16 +80,17 @@ pub fn process_init() -> PrometheusHandle {
 
 /// Opens the database and applies pending migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    let lock = MigrationLock::acquire(&config.database.url).await?;
     let db = open(config, Checkpoints::OnCommit).await?;
-    apply_migrations(config, &db).await?;
+    apply_migrations(lock, &db).await?;
     Ok(db)
 }
 
-/// Applies pending migrations holding the database's [`MigrationLock`], so instances starting
-/// together apply each migration once.
-async fn apply_migrations(config: &Config, db: &DatabaseConnection) -> anyhow::Result<()> {
-    let lock = MigrationLock::acquire(&config.database.url).await?;
-    let applied = Migrator::up(db, None)
+/// Applies pending migrations holding the database's [`MigrationLock`], taken before the database
+/// was opened (two processes creating one SQLite file at once could find it locked), so that
+/// instances starting together apply each migration once; then gives the lock back.
+async fn apply_migrations(lock: MigrationLock, db: &DatabaseConnection) -> anyhow::Result<()> {
+    let applied = Migrator::up(lock.session().unwrap_or(db), None)
         .await
         .context("cannot apply migrations");
     lock.release().await;
@@ -114,13 +115,17 @@ impl Herald {
         let metrics = process_init();
         // SQLite's log is checkpointed by a task of its own, not inside the engine's commits
         // (on PostgreSQL there is neither the log nor the task).
+        let migration_lock = match config.database.migrate_on_start {
+            true => Some(MigrationLock::acquire(&config.database.url).await?),
+            false => None,
+        };
         let db = open(&config, Checkpoints::Background).await?;
         let gate = WriteGate::for_url(&config.database.url);
         let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
-        if config.database.migrate_on_start {
-            apply_migrations(&config, &db).await?;
+        if let Some(lock) = migration_lock {
+            apply_migrations(lock, &db).await?;
         }
         let nats = herald_nats::connect(&config.nats.url, "herald")
             .await
@@ -522,7 +527,7 @@ fn stream_settings(config: &Config) -> StreamSettings {
 }
 
 /// SQLite creates the file but not its folder.
-fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
+pub(crate) fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
     let Some(path) = crate::migration_lock::sqlite_path(url) else {
         return Ok(());
     };

@@ -4,8 +4,10 @@
 //! migrating and released afterwards; an instance that finds it taken waits, then finds nothing
 //! left to apply.
 //!
-//! PostgreSQL: a session advisory lock, on a connection of its own (the migrations' statements,
-//! some of which run outside a transaction, use the pool's), tried until it is free. SQLite: an exclusive lock on the file
+//! PostgreSQL: a session advisory lock, tried until it is free, on a session that the pool never
+//! closes for idleness or age; the migrations run on that same session, so if it is lost (the
+//! server or the network closed it), so is the migration in progress, and no other instance
+//! migrates beside it (the next run finishes the job). SQLite: an exclusive lock on the file
 //! `<database>-migrations.lock` beside the database. An in-memory SQLite database has one user.
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -39,12 +41,13 @@ impl MigrationLock {
     /// Takes the lock of the database at `url`, waiting while another migrator holds it.
     pub async fn acquire(url: &str) -> anyhow::Result<Self> {
         if let Some(path) = sqlite_path(url) {
+            crate::app::ensure_sqlite_dir(url)?;
             return lock_file(lock_file_path(path)).await;
         }
         if herald_entities::is_sqlite(url) {
             return Ok(Self::None);
         }
-        let session = herald_entities::connect(url, 1)
+        let session = herald_entities::connect_session(url)
             .await
             .context("cannot open a session for the migration lock")?;
         let mut waited = false;
@@ -58,12 +61,27 @@ impl MigrationLock {
         Ok(Self::Postgres(session))
     }
 
+    /// The session to migrate on, when the lock belongs to one (PostgreSQL).
+    pub fn session(&self) -> Option<&DatabaseConnection> {
+        match self {
+            Self::Postgres(session) => Some(session),
+            Self::Sqlite(_) | Self::None => None,
+        }
+    }
+
     /// Gives the lock back.
     pub async fn release(self) {
         match self {
             Self::Postgres(session) => {
                 // Closing the session releases the lock in any case.
-                let _ = advisory(&session, "pg_advisory_unlock").await;
+                match advisory(&session, "pg_advisory_unlock").await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::error!(
+                        "the migration lock was no longer held when migrating ended: the session \
+                         holding it was lost"
+                    ),
+                    Err(err) => tracing::warn!(error = %err, "cannot release the migration lock"),
+                }
                 let _ = session.close().await;
             }
             Self::Sqlite(file) => {
@@ -113,10 +131,15 @@ async fn lock_file(path: PathBuf) -> anyhow::Result<MigrationLock> {
     .await?
 }
 
-/// The file of an `sqlite://PATH[?options]` URL.
+/// The file of an `sqlite://PATH[?options]` or `sqlite:PATH[?options]` URL, read as sqlx reads
+/// it; `None` for an in-memory database and for other databases.
 pub(crate) fn sqlite_path(url: &str) -> Option<&Path> {
-    let path = url.strip_prefix("sqlite://")?.split('?').next()?;
-    (!path.is_empty()).then(|| Path::new(path))
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path == ":memory:" || options.split('&').any(|o| o == "mode=memory");
+    (!path.is_empty() && !in_memory).then(|| Path::new(path))
 }
 
 fn lock_file_path(database: &Path) -> PathBuf {
@@ -137,7 +160,20 @@ mod tests {
             lock_file_path(path),
             PathBuf::from("data/herald.db-migrations.lock")
         );
+        assert_eq!(
+            sqlite_path("sqlite:data/herald.db"),
+            Some(Path::new("data/herald.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///var/lib/herald/herald.db"),
+            Some(Path::new("/var/lib/herald/herald.db"))
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("sqlite://:memory:"), None);
+        assert_eq!(
+            sqlite_path("sqlite://shared?mode=memory&cache=shared"),
+            None
+        );
         assert_eq!(sqlite_path("postgres://db/herald"), None);
     }
 }

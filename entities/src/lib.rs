@@ -84,6 +84,18 @@ pub async fn connect_batch_writer(
     Database::connect(options).await
 }
 
+/// A single session that the pool never closes for idleness or age, for state that lives as long
+/// as the session, such as an advisory lock (a pool otherwise closes a connection idle for 10
+/// minutes or older than 30, and a new one would not hold the lock).
+pub async fn connect_session(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let mut options = options(url, 1, Checkpoints::OnCommit, TempStore::Default);
+    options
+        .min_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None);
+    Database::connect(options).await
+}
+
 /// Whether `url` names an SQLite database.
 pub fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
