@@ -113,20 +113,17 @@ impl Herald {
     /// Starts everything; returns once Herald serves HTTP and consumes commands.
     pub async fn start(config: Config) -> anyhow::Result<Herald> {
         let metrics = process_init();
+        if config.database.migrate_on_start {
+            // On a pool of their own, which checkpoints SQLite's log as it commits.
+            migrate(&config).await?.close().await?;
+        }
         // SQLite's log is checkpointed by a task of its own, not inside the engine's commits
         // (on PostgreSQL there is neither the log nor the task).
-        let migration_lock = match config.database.migrate_on_start {
-            true => Some(MigrationLock::acquire(&config.database.url).await?),
-            false => None,
-        };
         let db = open(&config, Checkpoints::Background).await?;
         let gate = WriteGate::for_url(&config.database.url);
         let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
-        if let Some(lock) = migration_lock {
-            apply_migrations(lock, &db).await?;
-        }
         let nats = herald_nats::connect(&config.nats.url, "herald")
             .await
             .context("cannot connect to NATS")?;
@@ -528,7 +525,7 @@ fn stream_settings(config: &Config) -> StreamSettings {
 
 /// SQLite creates the file but not its folder.
 pub(crate) fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
-    let Some(path) = crate::migration_lock::sqlite_path(url) else {
+    let Some(path) = herald_entities::sqlite_file(url) else {
         return Ok(());
     };
     if let Some(dir) = path.parent()

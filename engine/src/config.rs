@@ -477,7 +477,7 @@ impl Config {
                     .into(),
             );
         }
-        if is_in_memory_sqlite(&self.database.url) {
+        if herald_entities::is_in_memory_sqlite(&self.database.url) {
             // Each pool would see a database of its own (the StatusWriter has its own pool), and
             // everything stored would be gone at exit.
             return invalid(
@@ -540,16 +540,6 @@ impl Config {
         }
         Ok(chains)
     }
-}
-
-/// Whether `url` names an in-memory SQLite database (`sqlite::memory:`, `sqlite://:memory:`,
-/// `mode=memory`).
-fn is_in_memory_sqlite(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("sqlite:") else {
-        return false;
-    };
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    path.trim_start_matches('/') == ":memory:" || query.split('&').any(|pair| pair == "mode=memory")
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@
 //! left to apply.
 //!
 //! PostgreSQL: a session advisory lock, tried until it is free, on a session that the pool never
-//! closes for idleness or age; the migrations run on that same session, so if it is lost (the
-//! server or the network closed it), so is the migration in progress, and no other instance
-//! migrates beside it (the next run finishes the job). SQLite: an exclusive lock on the file
+//! closes for idleness or age nor quietly replaces ([`herald_entities::connect_session`]); the
+//! migrations run on that same session, so if it is lost (the server or the network closed it),
+//! the migration's next statement fails instead of going on without the lock (the next run
+//! finishes the job). SQLite: an exclusive lock on the file
 //! `<database>-migrations.lock` beside the database. An in-memory SQLite database has one user.
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -33,23 +34,28 @@ pub enum MigrationLock {
     Postgres(DatabaseConnection),
     /// The locked lock file.
     Sqlite(File),
-    /// Nothing to lock.
-    None,
+    /// Nothing to lock (an in-memory database has one user).
+    NotNeeded,
 }
 
 impl MigrationLock {
     /// Takes the lock of the database at `url`, waiting while another migrator holds it.
     pub async fn acquire(url: &str) -> anyhow::Result<Self> {
-        if let Some(path) = sqlite_path(url) {
+        if let Some(path) = herald_entities::sqlite_file(url) {
             crate::app::ensure_sqlite_dir(url)?;
             return lock_file(lock_file_path(path)).await;
         }
         if herald_entities::is_sqlite(url) {
-            return Ok(Self::None);
+            return Ok(Self::NotNeeded);
         }
         let session = herald_entities::connect_session(url)
             .await
-            .context("cannot open a session for the migration lock")?;
+            .with_context(|| {
+                format!(
+                    "cannot open a session on {} for the migration lock",
+                    crate::app::redact(url)
+                )
+            })?;
         let mut waited = false;
         while !advisory(&session, "pg_try_advisory_lock").await? {
             if !waited {
@@ -65,7 +71,7 @@ impl MigrationLock {
     pub fn session(&self) -> Option<&DatabaseConnection> {
         match self {
             Self::Postgres(session) => Some(session),
-            Self::Sqlite(_) | Self::None => None,
+            Self::Sqlite(_) | Self::NotNeeded => None,
         }
     }
 
@@ -87,7 +93,7 @@ impl MigrationLock {
             Self::Sqlite(file) => {
                 let _ = file.unlock();
             }
-            Self::None => {}
+            Self::NotNeeded => {}
         }
     }
 }
@@ -131,17 +137,6 @@ async fn lock_file(path: PathBuf) -> anyhow::Result<MigrationLock> {
     .await?
 }
 
-/// The file of an `sqlite://PATH[?options]` or `sqlite:PATH[?options]` URL, read as sqlx reads
-/// it; `None` for an in-memory database and for other databases.
-pub(crate) fn sqlite_path(url: &str) -> Option<&Path> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
-    let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
-    let in_memory = path == ":memory:" || options.split('&').any(|o| o == "mode=memory");
-    (!path.is_empty() && !in_memory).then(|| Path::new(path))
-}
-
 fn lock_file_path(database: &Path) -> PathBuf {
     let mut name = database.as_os_str().to_owned();
     name.push("-migrations.lock");
@@ -153,27 +148,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_lock_file_sits_beside_the_database() {
-        let path = sqlite_path("sqlite://data/herald.db?mode=rwc").expect("a file");
-        assert_eq!(path, Path::new("data/herald.db"));
+    fn the_lock_file_sits_beside_the_database_file() {
         assert_eq!(
-            lock_file_path(path),
+            lock_file_path(Path::new("data/herald.db")),
             PathBuf::from("data/herald.db-migrations.lock")
         );
-        assert_eq!(
-            sqlite_path("sqlite:data/herald.db"),
-            Some(Path::new("data/herald.db"))
-        );
-        assert_eq!(
-            sqlite_path("sqlite:///var/lib/herald/herald.db"),
-            Some(Path::new("/var/lib/herald/herald.db"))
-        );
-        assert_eq!(sqlite_path("sqlite::memory:"), None);
-        assert_eq!(sqlite_path("sqlite://:memory:"), None);
-        assert_eq!(
-            sqlite_path("sqlite://shared?mode=memory&cache=shared"),
-            None
-        );
-        assert_eq!(sqlite_path("postgres://db/herald"), None);
     }
 }

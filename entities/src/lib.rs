@@ -62,7 +62,7 @@ pub async fn connect_with(
     .await
 }
 
-/// The pool of a batch writer (the StatusWriter): like [`connect`], but on PostgreSQL it opens no
+/// The pool of a batch writer (the StatusWriter): like [`connect_with`], but on PostgreSQL it opens no
 /// connection until the first query needs one, so it succeeds while the server is down (on SQLite
 /// sea-orm opens one at once to read the library's version), and SQLite keeps its temporary data
 /// in memory. The pool's connections and upkeep belong to the runtime it is created on (see
@@ -84,21 +84,41 @@ pub async fn connect_batch_writer(
     Database::connect(options).await
 }
 
-/// A single session that the pool never closes for idleness or age, for state that lives as long
-/// as the session, such as an advisory lock (a pool otherwise closes a connection idle for 10
-/// minutes or older than 30, and a new one would not hold the lock).
+/// A single PostgreSQL session for state that lives as long as the session, such as an advisory
+/// lock: the pool never closes it for idleness or age (sqlx's defaults close a connection idle
+/// for 10 minutes or older than 30), and never quietly replaces it (no test before each use, no
+/// minimum number of connections), so a statement after the session was lost fails instead of
+/// running on a new session without the lock.
 pub async fn connect_session(url: &str) -> Result<DatabaseConnection, DbErr> {
     let mut options = options(url, 1, Checkpoints::OnCommit, TempStore::Default);
     options
-        .min_connections(1)
         .idle_timeout(None)
-        .max_lifetime(None);
+        .max_lifetime(None)
+        .test_before_acquire(false);
     Database::connect(options).await
 }
 
 /// Whether `url` names an SQLite database.
 pub fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
+}
+
+/// The database file an SQLite URL names (`sqlite://PATH` or `sqlite:PATH`, options after `?`),
+/// as written (sqlx also decodes `%` escapes); `None` for an in-memory database (`:memory:`,
+/// `mode=memory`) and for other databases.
+pub fn sqlite_file(url: &str) -> Option<&std::path::Path> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path.trim_start_matches('/') == ":memory:"
+        || options.split('&').any(|option| option == "mode=memory");
+    (!path.is_empty() && !in_memory).then(|| std::path::Path::new(path))
+}
+
+/// Whether `url` names an in-memory SQLite database.
+pub fn is_in_memory_sqlite(url: &str) -> bool {
+    is_sqlite(url) && sqlite_file(url).is_none()
 }
 
 /// Where an SQLite connection keeps temporary data (statement journals, sorts).
@@ -148,4 +168,36 @@ fn options(
             }
         });
     options
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_their_file_or_memory() {
+        let file = |url| sqlite_file(url).and_then(Path::to_str);
+        assert_eq!(
+            file("sqlite://data/herald.db?mode=rwc"),
+            Some("data/herald.db")
+        );
+        assert_eq!(file("sqlite:data/herald.db"), Some("data/herald.db"));
+        assert_eq!(
+            file("sqlite:///var/lib/herald.db"),
+            Some("/var/lib/herald.db")
+        );
+        for memory in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://shared?mode=memory&cache=shared",
+        ] {
+            assert_eq!(file(memory), None, "{memory}");
+            assert!(is_in_memory_sqlite(memory), "{memory}");
+        }
+        assert!(!is_in_memory_sqlite("sqlite://data/herald.db"));
+        assert!(!is_in_memory_sqlite("postgres://db/herald"));
+        assert_eq!(file("postgres://db/herald"), None);
+    }
 }

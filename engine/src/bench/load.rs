@@ -12,10 +12,7 @@ use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use herald_entities::{NotificationStatus, WriteGate, customer, notification, repo};
 use herald_nats::{Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
 use super::open_loop::{self, HttpReport};
@@ -23,8 +20,16 @@ use super::{BenchArgs, Percentiles, RecipientKind, Via};
 
 /// Size of a typical encoded command, for the JetStream reference.
 pub const TYPICAL_COMMAND_BYTES: usize = 420;
-/// Rows stored and commands published per step with `--via nats`.
+/// Rows stored (customers; notifications and their commands with `--via nats`) per step.
 const CHUNK: u64 = 1_000;
+
+/// `range` in consecutive pieces of at most [`CHUNK`].
+fn chunks(range: Range<u64>) -> impl Iterator<Item = Range<u64>> {
+    range
+        .clone()
+        .step_by(CHUNK as usize)
+        .map(move |start| start..(start + CHUNK).min(range.end))
+}
 /// How often an open-loop NATS load accepts what is due.
 const PACE_TICK: Duration = Duration::from_millis(10);
 
@@ -75,9 +80,9 @@ pub async fn generate(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recipients {
     /// Distinct recipients.
-    pub count: u64,
+    count: u64,
     /// How the notifications name them.
-    pub kind: RecipientKind,
+    kind: RecipientKind,
 }
 
 impl Recipients {
@@ -139,28 +144,20 @@ pub async fn store_customers(
         return Ok(());
     }
     let now = Utc::now();
-    let mut next = 0;
-    while next < recipients.count {
-        let end = (next + CHUNK).min(recipients.count);
-        let rows = (next..end).map(|n| customer::ActiveModel {
-            id: Set(Uuid::now_v7()),
-            external_id: Set(Recipients::customer_id(n)),
-            name: Set(None),
-            email: Set(Some(Recipients::email(n))),
-            phone: Set(None),
-            telegram_chat_id: Set(None),
-            push_tokens: Set(serde_json::json!([])),
-            webhook_url: Set(None),
-            locale: Set("en".into()),
-            timezone: Set("UTC".into()),
-            created_at: Set(now),
-            updated_at: Set(now),
+    for chunk in chunks(0..recipients.count) {
+        let rows = chunk.map(|n| {
+            let fields = repo::customers::CustomerFields {
+                email: Some(Recipients::email(n)),
+                locale: "en".into(),
+                timezone: "UTC".into(),
+                ..Default::default()
+            };
+            repo::customers::new_row(&Recipients::customer_id(n), fields, now)
         });
         customer::Entity::insert_many(rows)
             .exec_without_returning(db)
             .await
             .context("cannot store the bench's customers")?;
-        next = end;
     }
     Ok(())
 }
@@ -209,11 +206,8 @@ async fn accept_in_turns(
     recipients: Recipients,
 ) -> anyhow::Result<()> {
     let publisher = bench_publisher(nats_url).await?;
-    let mut next = 0;
-    while next < count {
-        let end = (next + CHUNK).min(count);
-        accept_chunk(db, gate, &publisher, next..end, recipients).await?;
-        next = end;
+    for chunk in chunks(0..count) {
+        accept_chunk(db, gate, &publisher, chunk, recipients).await?;
     }
     Ok(())
 }
@@ -236,11 +230,10 @@ async fn accept_via_nats_at_rate(
     while next < count {
         ticks.tick().await;
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(count);
-        while next < due {
-            let end = (next + CHUNK).min(due);
-            accept_chunk(db, gate, &publisher, next..end, recipients).await?;
-            next = end;
+        for chunk in chunks(next..due) {
+            accept_chunk(db, gate, &publisher, chunk, recipients).await?;
         }
+        next = next.max(due);
     }
     Ok(())
 }

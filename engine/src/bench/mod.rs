@@ -66,6 +66,16 @@ pub enum RecipientKind {
     Customers,
 }
 
+impl RecipientKind {
+    /// The name on the command line and in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Contacts => "contacts",
+            Self::Customers => "customers",
+        }
+    }
+}
+
 /// Options of `herald bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -133,7 +143,7 @@ pub struct BenchReport {
     /// Distinct recipients.
     pub customers: u64,
     /// How the notifications named them.
-    pub recipients: RecipientKind,
+    pub recipient_kind: RecipientKind,
     /// How they entered.
     pub via: Via,
     /// `sqlite` or `postgres`.
@@ -263,7 +273,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let report = BenchReport {
         notifications: progress.outcome.accepted,
         customers: args.customers,
-        recipients: args.recipients,
+        recipient_kind: args.recipients,
         via: args.via,
         database: database.split(':').next().unwrap_or_default().to_string(),
         seconds,
@@ -435,8 +445,12 @@ fn progress_bar(total: u64) -> ProgressBar {
 
 fn print_report(r: &BenchReport) {
     println!(
-        "notifications      {} for {} recipients ({:?}) via {:?} on {}",
-        r.notifications, r.customers, r.recipients, r.via, r.database
+        "notifications      {} for {} recipients ({}) via {:?} on {}",
+        r.notifications,
+        r.customers,
+        r.recipient_kind.as_str(),
+        r.via,
+        r.database
     );
     println!(
         "end to end         {:.0} notifications/s ({:.2} s)",

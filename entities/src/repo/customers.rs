@@ -99,15 +99,13 @@ pub struct CustomerFields {
     pub timezone: String,
 }
 
-/// Stores a new customer. `Ok(None)` when a customer with this external id exists already (the
-/// unique constraint decides, so concurrent creations resolve to one row).
-pub async fn create(
-    db: &impl ConnectionTrait,
+/// A new customer row with a fresh id, created and updated at `now`.
+pub fn new_row(
     external_id: &str,
     fields: CustomerFields,
-) -> Result<Option<customer::Model>, RepoError> {
-    let now = chrono::Utc::now();
-    let row = customer::ActiveModel {
+    now: chrono::DateTime<chrono::Utc>,
+) -> customer::ActiveModel {
+    customer::ActiveModel {
         id: Set(uuid::Uuid::now_v7()),
         external_id: Set(external_id.to_string()),
         name: Set(fields.name),
@@ -120,7 +118,17 @@ pub async fn create(
         timezone: Set(fields.timezone),
         created_at: Set(now),
         updated_at: Set(now),
-    };
+    }
+}
+
+/// Stores a new customer. `Ok(None)` when a customer with this external id exists already (the
+/// unique constraint decides, so concurrent creations resolve to one row).
+pub async fn create(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    fields: CustomerFields,
+) -> Result<Option<customer::Model>, RepoError> {
+    let row = new_row(external_id, fields, chrono::Utc::now());
     match customer::Entity::insert(row).exec_with_returning(db).await {
         Ok(model) => Ok(Some(model)),
         Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => Ok(None),

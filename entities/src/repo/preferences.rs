@@ -43,17 +43,9 @@ pub struct Wishes {
 
 /// The customer's preferences and quiet hours (empty when none are stored).
 pub async fn load(db: &impl ConnectionTrait, customer_id: &str) -> Result<Wishes, RepoError> {
-    let preferences = preference::Entity::find()
-        .filter(preference::Column::CustomerId.eq(customer_id))
-        .all(db)
-        .await?;
-    let quiet_hours = quiet_hours::Entity::find_by_id(customer_id.to_string())
-        .one(db)
-        .await?;
-    Ok(Wishes {
-        preferences,
-        quiet_hours,
-    })
+    let id = customer_id.to_string();
+    let mut wishes = load_many(db, std::slice::from_ref(&id)).await?;
+    Ok(wishes.remove(&id).unwrap_or_default())
 }
 
 /// The wishes of each of `customer_ids`, in two queries; every id asked for has an entry.
