@@ -103,12 +103,12 @@ async fn advisory(session: &DatabaseConnection, function: &str) -> anyhow::Resul
     let row = session
         .query_one_raw(sea_orm::Statement::from_string(
             session.get_database_backend(),
-            format!("SELECT {function}({ADVISORY_KEY})::text AS held"),
+            format!("SELECT {function}({ADVISORY_KEY}) AS held"),
         ))
         .await
         .with_context(|| format!("{function} failed"))?;
-    let held: Option<String> = row.map(|r| r.try_get("", "held")).transpose()?;
-    Ok(held.as_deref() == Some("true"))
+    let held: Option<bool> = row.map(|r| r.try_get("", "held")).transpose()?;
+    Ok(held == Some(true))
 }
 
 /// Locks `path` exclusively, creating it if missing; waits (off the runtime's threads) while

@@ -66,16 +66,6 @@ pub enum RecipientKind {
     Customers,
 }
 
-impl RecipientKind {
-    /// The name on the command line and in the JSON report.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Contacts => "contacts",
-            Self::Customers => "customers",
-        }
-    }
-}
-
 /// Options of `herald bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -448,7 +438,9 @@ fn print_report(r: &BenchReport) {
         "notifications      {} for {} recipients ({}) via {:?} on {}",
         r.notifications,
         r.customers,
-        r.recipient_kind.as_str(),
+        r.recipient_kind
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
         r.via,
         r.database
     );
