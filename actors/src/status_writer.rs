@@ -3,7 +3,9 @@
 //! status is written.
 //!
 //! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
-//! record; while a flush is in flight the next batch gathers (group commit). The flush runs as a
+//! record; while a flush is in flight the next batch gathers (group commit), and it is flushed
+//! when it is full or its first record is an interval old, not as soon as the previous flush ends
+//! ([`next_flush_in`]). The flush runs as a
 //! task, so the mailbox keeps taking records during a slow write. A bare `processing` mark waits
 //! one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
 //! database is unreachable the flush retries with backoff and tells JetStream the messages are
@@ -11,7 +13,7 @@
 //! stay held, which pauses the consumer until the database is back.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
@@ -106,6 +108,8 @@ pub struct StatusWriterState {
     /// `processing` marks held back from the last batch (see [`next_batch`]).
     held: Vec<StatusRecord>,
     flushing: bool,
+    /// When the oldest record in `pending` arrived.
+    oldest_pending: Option<Instant>,
     tick_scheduled: bool,
     waiters: Vec<RpcReplyPort<()>>,
 }
@@ -131,6 +135,7 @@ impl Actor for StatusWriter {
             pending: Vec::new(),
             held: Vec::new(),
             flushing: false,
+            oldest_pending: None,
             tick_scheduled: false,
             waiters: Vec::new(),
         })
@@ -144,6 +149,9 @@ impl Actor for StatusWriter {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             StatusWriterMsg::Record(record) => {
+                if state.pending.is_empty() {
+                    state.oldest_pending = Some(Instant::now());
+                }
                 state.pending.push(*record);
                 if state.pending.len() >= state.args.settings.max_batch {
                     start_flush(&myself, state);
@@ -157,7 +165,17 @@ impl Actor for StatusWriter {
             }
             StatusWriterMsg::Written => {
                 state.flushing = false;
-                start_flush(&myself, state);
+                let waiting = Waiting {
+                    pending: state.pending.len(),
+                    oldest_waited: state.oldest_pending.map(|oldest| oldest.elapsed()),
+                    held: !state.held.is_empty(),
+                    drain: !state.waiters.is_empty(),
+                };
+                match next_flush_in(&state.args.settings, &waiting) {
+                    Some(Duration::ZERO) => start_flush(&myself, state),
+                    Some(wait) => schedule_tick_in(&myself, state, wait),
+                    None => {}
+                }
             }
             StatusWriterMsg::Flush(reply) => {
                 state.waiters.push(reply);
@@ -223,11 +241,49 @@ impl BatchWriter {
 
 /// Flushes one interval from now, unless a flush is already due then.
 fn schedule_tick(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
+    let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
+    schedule_tick_in(myself, state, interval);
+}
+
+/// Flushes after `wait`, unless a flush is already due by then.
+fn schedule_tick_in(
+    myself: &ActorRef<StatusWriterMsg>,
+    state: &mut StatusWriterState,
+    wait: Duration,
+) {
     if !state.tick_scheduled {
         state.tick_scheduled = true;
-        let interval = Duration::from_millis(state.args.settings.flush_interval_ms);
-        myself.send_after(interval, || StatusWriterMsg::Tick);
+        myself.send_after(wait, || StatusWriterMsg::Tick);
     }
+}
+
+/// What a flush that just ended finds waiting.
+struct Waiting {
+    /// Records arrived meanwhile.
+    pending: usize,
+    /// How long the oldest of them has waited.
+    oldest_waited: Option<Duration>,
+    /// Whether `processing` marks are held for the next batch.
+    held: bool,
+    /// Whether someone waits for everything to be written (shutdown).
+    drain: bool,
+}
+
+/// How long after a flush ended the next one should start (`None`: nothing to write): at once
+/// when the batch is full, everything is to be written, or the oldest record has waited an
+/// interval; otherwise when it will have (held marks alone: one interval from now). Under steady
+/// load this paces flushes an interval apart instead of back to back, so the write turn
+/// ([`WriteGate`]) is free most of the time for the API's inserts, which a caller waits for, and
+/// each batch carries more records for its fixed cost.
+fn next_flush_in(settings: &StatusWriterSettings, waiting: &Waiting) -> Option<Duration> {
+    let interval = Duration::from_millis(settings.flush_interval_ms);
+    if waiting.pending == 0 {
+        return waiting.held.then_some(interval);
+    }
+    if waiting.pending >= settings.max_batch || waiting.drain {
+        return Some(Duration::ZERO);
+    }
+    Some(interval.saturating_sub(waiting.oldest_waited.unwrap_or(interval)))
 }
 
 fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
@@ -242,6 +298,8 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
         .saturating_sub(state.held.len());
     let take = state.pending.len().min(room);
     let arrived: Vec<StatusRecord> = state.pending.drain(..take).collect();
+    // What stays (beyond `max_batch`) is due with the next batch.
+    state.oldest_pending = (!state.pending.is_empty()).then(Instant::now);
     // Nothing is held back while someone waits for everything to be written (shutdown).
     let hold = state.waiters.is_empty();
     let (batch, held) = next_batch(std::mem::take(&mut state.held), arrived, hold);
@@ -573,6 +631,39 @@ mod tests {
             at: chrono::Utc::now(),
         });
         assert!(!with_attempt.is_bare_mark());
+    }
+
+    fn waiting(pending: usize, oldest_waited_ms: u64) -> Waiting {
+        Waiting {
+            pending,
+            oldest_waited: Some(Duration::from_millis(oldest_waited_ms)),
+            held: false,
+            drain: false,
+        }
+    }
+
+    #[test]
+    fn after_a_flush_the_next_waits_until_its_oldest_record_is_an_interval_old() {
+        let settings = StatusWriterSettings {
+            max_batch: 100,
+            flush_interval_ms: 5,
+        };
+        let after = |waiting: Waiting| next_flush_in(&settings, &waiting);
+        assert_eq!(after(waiting(10, 2)), Some(Duration::from_millis(3)));
+        assert_eq!(after(waiting(10, 5)), Some(Duration::ZERO));
+        assert_eq!(after(waiting(10, 40)), Some(Duration::ZERO), "overdue");
+        assert_eq!(after(waiting(100, 0)), Some(Duration::ZERO), "full");
+        let draining = Waiting {
+            drain: true,
+            ..waiting(1, 0)
+        };
+        assert_eq!(after(draining), Some(Duration::ZERO), "shutdown waits");
+        let only_marks = Waiting {
+            held: true,
+            ..waiting(0, 0)
+        };
+        assert_eq!(after(only_marks), Some(Duration::from_millis(5)));
+        assert_eq!(after(waiting(0, 0)), None, "nothing to write");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! `/api/v1/notifications`: send one, read one.
 
+use std::time::Instant;
+
 use chrono::{DateTime, Utc};
 use herald_entities::{
     NotificationStatus, delivery_attempt, notification,
@@ -283,7 +285,10 @@ impl NotificationsApi {
         let new = accepted.row();
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
-        match self.state.inserts.insert(new).await? {
+        let storing = Instant::now();
+        let inserted = self.state.inserts.insert(new).await;
+        record_stage("store", storing);
+        match inserted? {
             Inserted::Duplicate(existing) => {
                 if existing.status == NotificationStatus::Queued {
                     publish_again(&self.state, &existing).await?;
@@ -302,12 +307,14 @@ impl NotificationsApi {
                 })))
             }
             Inserted::New(row) => {
-                if let Err(err) = self
+                let publishing = Instant::now();
+                let published = self
                     .state
                     .publisher
                     .publish_command(&row.recipient_key, &command)
-                    .await
-                {
+                    .await;
+                record_stage("publish", publishing);
+                if let Err(err) = published {
                     tracing::warn!(id = %row.id, error = %err, "cannot publish; not accepted");
                     repo::delete_unpublished(&self.state.db, row.id).await?;
                     return Err(ApiError::unavailable(
@@ -350,6 +357,13 @@ impl NotificationsApi {
             .await
             .map(Json)
     }
+}
+
+/// Records how long a stage of `POST /notifications` took (`store`: the insert queue's commit;
+/// `publish`: JetStream's acknowledgement), so an operator can tell which one a slow send waits on.
+fn record_stage(stage: &'static str, started: Instant) {
+    metrics::histogram!("herald_api_send_stage_seconds", "stage" => stage)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// Publishes a stored `queued` notification's command again: its first request may have stopped

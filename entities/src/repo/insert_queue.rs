@@ -8,9 +8,12 @@
 //! arrived while the previous one ran, with no timer, so an idle queue adds no delay. On
 //! PostgreSQL the WAL is flushed once per batch instead of once per row.
 //!
-//! Each row is inserted with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id
-//! (also one repeated within a batch) answers [`Inserted::Duplicate`] without aborting the
-//! transaction. If one row breaks another constraint, the batch is stored again row by row, so
+//! The batch is one multi-row INSERT ([`insert_together`]), not one statement per row: at 2,000
+//! API sends/s that made the wait for the store 2.5–2.9 → 1.6–2.1 ms on average (3 interleaved
+//! pairs), a statement's round trip to SQLite's thread being most of a small batch's cost. Rows
+//! go in with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one repeated
+//! within a batch) answers [`Inserted::Duplicate`] without failing the statement. If one row
+//! breaks another constraint, the batch is stored again row by row, so
 //! that row's caller alone gets the error. Any other failure (the database unreachable or locked)
 //! would fail each row the same way, so every caller of the batch gets it at once rather than
 //! after one timeout per row.
@@ -24,16 +27,17 @@
 
 use std::time::Duration;
 
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout_at};
 use uuid::Uuid;
 
-use super::notifications::{Inserted, NewNotification, insert};
+use super::notifications::{Inserted, NewNotification, insert, insert_together};
 use super::schedule::confirm_published;
 use crate::{RepoError, WriteGate};
 
-/// Rows per transaction (and jobs taken per round) at most.
+/// Rows per statement (and jobs taken per round) at most; with every column a bound value, well
+/// within SQLite's 32,766 and PostgreSQL's 65,535 bound values per statement.
 const MAX_BATCH: usize = 256;
 /// Confirmations written together at most (one UPDATE).
 const CONFIRM_BATCH: usize = 500;
@@ -76,7 +80,7 @@ impl InsertQueue {
         Self { sender }
     }
 
-    /// Stores `row` as [`insert`] does, sharing a transaction with the rows of concurrent callers.
+    /// Stores `row` as [`insert`] does, sharing a statement with the rows of concurrent callers.
     pub async fn insert(&self, row: NewNotification) -> Result<Inserted, RepoError> {
         let (reply, outcome) = oneshot::channel();
         self.sender
@@ -158,18 +162,13 @@ async fn store_and_answer(db: &DatabaseConnection, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Stores the rows of `batch` in one transaction; their outcomes in the same order.
+/// Stores the rows of `batch` in one statement; their outcomes in the same order.
 async fn store_together(
     db: &DatabaseConnection,
     batch: &[Pending],
 ) -> Result<Vec<Inserted>, RepoError> {
-    let txn = db.begin().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for pending in batch {
-        outcomes.push(insert(&txn, pending.row.clone()).await?);
-    }
-    txn.commit().await?;
-    Ok(outcomes)
+    let rows = batch.iter().map(|pending| pending.row.clone()).collect();
+    insert_together(db, rows).await
 }
 
 /// Whether `err` is a constraint one row broke (the others may be fine on their own).

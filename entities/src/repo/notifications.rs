@@ -1,5 +1,7 @@
 //! Queries on `notifications` and their attempts.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
@@ -58,11 +60,8 @@ pub async fn insert(
     new: NewNotification,
 ) -> Result<Inserted, RepoError> {
     let request_id = new.request_id.clone();
-    let skip_repeats = OnConflict::column(notification::Column::RequestId)
-        .do_nothing()
-        .to_owned();
     match notification::Entity::insert(active(new))
-        .on_conflict(skip_repeats)
+        .on_conflict(skip_repeats())
         .exec_with_returning(db)
         .await
     {
@@ -78,6 +77,66 @@ pub async fn insert(
     existing
         .map(Inserted::Duplicate)
         .ok_or_else(|| DbErr::RecordNotInserted.into())
+}
+
+/// Stores `rows` as [`insert`] stores one, in one multi-row statement (one transaction of its
+/// own, or part of the caller's): each row's outcome, in the order given. A request id stored
+/// before, or repeated within `rows`, answers [`Inserted::Duplicate`] with the stored row. One
+/// statement instead of one per row is what makes the API's group commit short (see
+/// [`super::insert_queue`]).
+pub async fn insert_together(
+    db: &impl ConnectionTrait,
+    rows: Vec<NewNotification>,
+) -> Result<Vec<Inserted>, RepoError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<(Uuid, Option<String>)> = rows
+        .iter()
+        .map(|row| (row.id, row.request_id.clone()))
+        .collect();
+    let mut stored: HashMap<Uuid, notification::Model> =
+        notification::Entity::insert_many(rows.into_iter().map(active))
+            .on_conflict(skip_repeats())
+            .exec_with_returning(db)
+            .await?
+            .into_iter()
+            .map(|model| (model.id, model))
+            .collect();
+    let skipped: Vec<&str> = keys
+        .iter()
+        .filter(|(id, _)| !stored.contains_key(id))
+        .filter_map(|(_, request_id)| request_id.as_deref())
+        .collect();
+    let existing: HashMap<String, notification::Model> = if skipped.is_empty() {
+        HashMap::new()
+    } else {
+        notification::Entity::find()
+            .filter(notification::Column::RequestId.is_in(skipped))
+            .all(db)
+            .await?
+            .into_iter()
+            .filter_map(|model| Some((model.request_id.clone()?, model)))
+            .collect()
+    };
+    keys.into_iter()
+        .map(|(id, request_id)| {
+            if let Some(model) = stored.remove(&id) {
+                return Ok(Inserted::New(model));
+            }
+            request_id
+                .and_then(|request_id| existing.get(&request_id).cloned())
+                .map(Inserted::Duplicate)
+                .ok_or_else(|| DbErr::RecordNotInserted.into())
+        })
+        .collect()
+}
+
+/// `ON CONFLICT (request_id) DO NOTHING`: a repeated request id is skipped, not an error.
+fn skip_repeats() -> OnConflict {
+    OnConflict::column(notification::Column::RequestId)
+        .do_nothing()
+        .to_owned()
 }
 
 /// Rebuilds the send command of a stored notification (to publish it again, or when it is due).
