@@ -5,9 +5,8 @@
 //! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
 //! record; while a flush is in flight the next batch gathers (group commit), and it is flushed
 //! when it is full or its first record is an interval old, not as soon as the previous flush ends
-//! ([`next_flush_in`]). The flush runs as a
-//! task, so the mailbox keeps taking records during a slow write. A bare `processing` mark waits
-//! one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
+//! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a
+//! slow write. A bare `processing` mark waits one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
 //! database is unreachable the flush retries with backoff and tells JetStream the messages are
 //! still in progress, so they are neither redelivered (and resent) nor acked; in-flight permits
 //! stay held, which pauses the consumer until the database is back.
@@ -277,11 +276,14 @@ struct Waiting {
 /// each batch carries more records for its fixed cost.
 fn next_flush_in(settings: &StatusWriterSettings, waiting: &Waiting) -> Option<Duration> {
     let interval = Duration::from_millis(settings.flush_interval_ms);
-    if waiting.pending == 0 {
-        return waiting.held.then_some(interval);
+    if waiting.pending == 0 && !waiting.held {
+        return None;
     }
     if waiting.pending >= settings.max_batch || waiting.drain {
         return Some(Duration::ZERO);
+    }
+    if waiting.pending == 0 {
+        return Some(interval);
     }
     Some(interval.saturating_sub(waiting.oldest_waited.unwrap_or(interval)))
 }
@@ -298,8 +300,10 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
         .saturating_sub(state.held.len());
     let take = state.pending.len().min(room);
     let arrived: Vec<StatusRecord> = state.pending.drain(..take).collect();
-    // What stays (beyond `max_batch`) is due with the next batch.
-    state.oldest_pending = (!state.pending.is_empty()).then(Instant::now);
+    // What stays (beyond `max_batch`) keeps the batch's time, so it is due at once.
+    if state.pending.is_empty() {
+        state.oldest_pending = None;
+    }
     // Nothing is held back while someone waits for everything to be written (shutdown).
     let hold = state.waiters.is_empty();
     let (batch, held) = next_batch(std::mem::take(&mut state.held), arrived, hold);
@@ -663,6 +667,12 @@ mod tests {
             ..waiting(0, 0)
         };
         assert_eq!(after(only_marks), Some(Duration::from_millis(5)));
+        let marks_at_shutdown = Waiting {
+            held: true,
+            drain: true,
+            ..waiting(0, 0)
+        };
+        assert_eq!(after(marks_at_shutdown), Some(Duration::ZERO));
         assert_eq!(after(waiting(0, 0)), None, "nothing to write");
     }
 

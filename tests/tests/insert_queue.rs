@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use herald_entities::repo::insert_queue::InsertQueue;
-use herald_entities::repo::notifications::{Inserted, NewNotification};
+use herald_entities::repo::notifications::{Inserted, NewNotification, insert_together};
 use herald_entities::repo::schedule::PUBLISH_PENDING;
 use herald_entities::repo::status_batch::{self, StatusChange};
 use herald_entities::{NotificationStatus, RepoError, WriteGate, notification};
@@ -94,6 +94,56 @@ async fn concurrent_callers_get_one_row_per_request_id() {
         150,
         "one row per request id, plus the anonymous ones"
     );
+}
+
+#[tokio::test]
+async fn rows_stored_together_answer_each_repeat_with_the_stored_row() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let earlier = row(Some("earlier".into()));
+    insert_together(&db, vec![earlier.clone()])
+        .await
+        .expect("earlier row stored");
+
+    // The same routed event handled twice at once: the same id and request id, twice in one
+    // statement; a repeat under a new id; a row stored before; a row without a request id.
+    let routed = row(Some("event:1:rule".into()));
+    let mut retried = row(Some("event:1:rule".into()));
+    retried.id = Uuid::now_v7();
+    let anonymous = row(None);
+    let batch = vec![
+        routed.clone(),
+        routed.clone(),
+        retried,
+        row(Some("earlier".into())),
+        anonymous.clone(),
+    ];
+    let outcomes: Vec<Inserted> = insert_together(&db, batch)
+        .await
+        .expect("the batch is stored")
+        .into_iter()
+        .map(|outcome| outcome.expect("every row is answered"))
+        .collect();
+
+    let answered: Vec<(bool, Uuid)> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Inserted::New(model) => (true, model.id),
+            Inserted::Duplicate(model) => (false, model.id),
+        })
+        .collect();
+    assert_eq!(
+        answered,
+        vec![
+            (true, routed.id),
+            (false, routed.id),
+            (false, routed.id),
+            (false, earlier.id),
+            (true, anonymous.id),
+        ],
+        "(new, id) of each row, in order"
+    );
+    assert_eq!(stored(&db).await, 3, "earlier, routed and anonymous");
 }
 
 #[tokio::test]

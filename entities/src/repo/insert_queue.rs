@@ -8,13 +8,13 @@
 //! arrived while the previous one ran, with no timer, so an idle queue adds no delay. On
 //! PostgreSQL the WAL is flushed once per batch instead of once per row.
 //!
-//! The batch is one multi-row INSERT ([`insert_together`]), not one statement per row: at 2,000
-//! API sends/s that made the wait for the store 2.5–2.9 → 1.6–2.1 ms on average (3 interleaved
-//! pairs), a statement's round trip to SQLite's thread being most of a small batch's cost. Rows
-//! go in with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one repeated
-//! within a batch) answers [`Inserted::Duplicate`] without failing the statement. If one row
-//! breaks another constraint, the batch is stored again row by row, so
-//! that row's caller alone gets the error. Any other failure (the database unreachable or locked)
+//! The batch's rows go in one multi-row INSERT ([`insert_together`]), not one statement per row:
+//! at 2,000 API sends/s that made the wait for the store 2.5–2.9 → 1.6–2.1 ms on average (3
+//! interleaved pairs), a statement's round trip to SQLite's thread being most of a small batch's
+//! cost. Rows go in with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one
+//! repeated within a batch) answers [`Inserted::Duplicate`] without failing the statement. If one
+//! row breaks another constraint, the batch is stored again row by row, so that row's caller alone
+//! gets the error. Any other failure (the database unreachable or locked)
 //! would fail each row the same way, so every caller of the batch gets it at once rather than
 //! after one timeout per row.
 //!
@@ -146,7 +146,7 @@ async fn store_and_answer(db: &DatabaseConnection, batch: &mut Vec<Pending>) {
     match store_together(db, batch).await {
         Ok(outcomes) => {
             for (pending, outcome) in batch.drain(..).zip(outcomes) {
-                let _ = pending.reply.send(Ok(outcome));
+                let _ = pending.reply.send(outcome);
             }
         }
         Err(err) if one_row_at_fault(&err) => {
@@ -162,11 +162,11 @@ async fn store_and_answer(db: &DatabaseConnection, batch: &mut Vec<Pending>) {
     }
 }
 
-/// Stores the rows of `batch` in one statement; their outcomes in the same order.
+/// Stores the rows of `batch` in one transaction; their outcomes in the same order.
 async fn store_together(
     db: &DatabaseConnection,
     batch: &[Pending],
-) -> Result<Vec<Inserted>, RepoError> {
+) -> Result<Vec<Result<Inserted, RepoError>>, RepoError> {
     let rows = batch.iter().map(|pending| pending.row.clone()).collect();
     insert_together(db, rows).await
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, sea_query::OnConflict,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::OnConflict,
 };
 use uuid::Uuid;
 
@@ -54,7 +54,7 @@ pub enum Inserted {
 /// Stores a new notification. A repeated request id is detected by the unique constraint (not by a
 /// check before inserting), so concurrent duplicates resolve to one row. The conflict is skipped
 /// (`ON CONFLICT (request_id) DO NOTHING`) rather than raised, so this can run inside a larger
-/// transaction (see [`super::insert_queue`]) without aborting it on PostgreSQL.
+/// transaction without aborting it on PostgreSQL. [`insert_together`] stores many at once.
 pub async fn insert(
     db: &impl ConnectionTrait,
     new: NewNotification,
@@ -79,57 +79,69 @@ pub async fn insert(
         .ok_or_else(|| DbErr::RecordNotInserted.into())
 }
 
-/// Stores `rows` as [`insert`] stores one, in one multi-row statement (one transaction of its
-/// own, or part of the caller's): each row's outcome, in the order given. A request id stored
-/// before, or repeated within `rows`, answers [`Inserted::Duplicate`] with the stored row. One
-/// statement instead of one per row is what makes the API's group commit short (see
-/// [`super::insert_queue`]).
+/// Stores `rows` as [`insert`] stores one, in one multi-row statement: each row's outcome, in the
+/// order given. A request id stored before, or repeated within `rows` (also under the same id, as
+/// a routed event handled twice at once), answers [`Inserted::Duplicate`] with the stored row.
+/// The statement and the read-back of those repeats share a transaction, so an `Err` means
+/// nothing was stored; a row that was neither stored nor finds a stored row with its request id
+/// (it was deleted meanwhile) gets its own error. One statement instead of one per row is what
+/// makes the API's group commit short (see [`super::insert_queue`]).
 pub async fn insert_together(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     rows: Vec<NewNotification>,
-) -> Result<Vec<Inserted>, RepoError> {
+) -> Result<Vec<Result<Inserted, RepoError>>, RepoError> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let keys: Vec<(Uuid, Option<String>)> = rows
-        .iter()
-        .map(|row| (row.id, row.request_id.clone()))
-        .collect();
+    let request_ids: Vec<Option<String>> = rows.iter().map(|row| row.request_id.clone()).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let txn = db.begin().await?;
     let mut stored: HashMap<Uuid, notification::Model> =
         notification::Entity::insert_many(rows.into_iter().map(active))
             .on_conflict(skip_repeats())
-            .exec_with_returning(db)
+            .exec_with_returning(&txn)
             .await?
             .into_iter()
             .map(|model| (model.id, model))
             .collect();
-    let skipped: Vec<&str> = keys
+    // A returned row answers the first row with its id; every other row was skipped.
+    let new: Vec<Option<notification::Model>> = ids.iter().map(|id| stored.remove(id)).collect();
+    let skipped: Vec<&str> = new
         .iter()
-        .filter(|(id, _)| !stored.contains_key(id))
+        .zip(&request_ids)
+        .filter(|(new, _)| new.is_none())
         .filter_map(|(_, request_id)| request_id.as_deref())
         .collect();
-    let existing: HashMap<String, notification::Model> = if skipped.is_empty() {
-        HashMap::new()
-    } else {
-        notification::Entity::find()
-            .filter(notification::Column::RequestId.is_in(skipped))
-            .all(db)
-            .await?
-            .into_iter()
-            .filter_map(|model| Some((model.request_id.clone()?, model)))
-            .collect()
-    };
-    keys.into_iter()
-        .map(|(id, request_id)| {
-            if let Some(model) = stored.remove(&id) {
-                return Ok(Inserted::New(model));
-            }
-            request_id
+    let existing = find_many_by_request_id(&txn, skipped).await?;
+    txn.commit().await?;
+    Ok(new
+        .into_iter()
+        .zip(request_ids)
+        .map(|(new, request_id)| match new {
+            Some(model) => Ok(Inserted::New(model)),
+            None => request_id
                 .and_then(|request_id| existing.get(&request_id).cloned())
                 .map(Inserted::Duplicate)
-                .ok_or_else(|| DbErr::RecordNotInserted.into())
+                .ok_or_else(|| DbErr::RecordNotInserted.into()),
         })
-        .collect()
+        .collect())
+}
+
+/// The stored notifications with these request ids, by request id.
+async fn find_many_by_request_id(
+    db: &impl ConnectionTrait,
+    request_ids: Vec<&str>,
+) -> Result<HashMap<String, notification::Model>, RepoError> {
+    if request_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(notification::Entity::find()
+        .filter(notification::Column::RequestId.is_in(request_ids))
+        .all(db)
+        .await?
+        .into_iter()
+        .filter_map(|model| Some((model.request_id.clone()?, model)))
+        .collect())
 }
 
 /// `ON CONFLICT (request_id) DO NOTHING`: a repeated request id is skipped, not an error.
