@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait, sea_query::OnConflict,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select, TransactionTrait,
+    sea_query::OnConflict,
 };
 use uuid::Uuid;
 
@@ -136,7 +137,11 @@ async fn find_many_by_request_id(
         return Ok(HashMap::new());
     }
     Ok(notification::Entity::find()
-        .filter(notification::Column::RequestId.is_in(request_ids))
+        .filter(super::among(
+            db.get_database_backend(),
+            notification::Column::RequestId,
+            request_ids.into_iter().map(str::to_owned).collect(),
+        ))
         .all(db)
         .await?
         .into_iter()
@@ -245,17 +250,26 @@ pub struct Progress {
     pub attempts: i32,
 }
 
+/// The query of [`progress_of`]: id, status and attempts of `ids`, for `backend`.
+pub fn progress_query(backend: DbBackend, ids: &[Uuid]) -> Select<notification::Entity> {
+    notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .column(notification::Column::Status)
+        .column(notification::Column::Attempts)
+        .filter(super::among(
+            backend,
+            notification::Column::Id,
+            ids.to_vec(),
+        ))
+}
+
 /// The progress of each of `ids` that exists, in one query.
 pub async fn progress_of(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Progress>, RepoError> {
-    let rows: Vec<(Uuid, NotificationStatus, i32)> = notification::Entity::find()
-        .select_only()
-        .column(notification::Column::Id)
-        .column(notification::Column::Status)
-        .column(notification::Column::Attempts)
-        .filter(notification::Column::Id.is_in(ids.to_vec()))
+    let rows: Vec<(Uuid, NotificationStatus, i32)> = progress_query(db.get_database_backend(), ids)
         .into_tuple()
         .all(db)
         .await?;

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
+    DatabaseConnection, DbBackend, EntityTrait, QueryFilter, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func},
 };
 use uuid::Uuid;
@@ -81,6 +81,7 @@ pub async fn apply(
     changes: &[StatusChange],
     attempts: &[NewAttempt],
 ) -> Result<(), RepoError> {
+    let backend = db.get_database_backend();
     let txn = db.begin().await?;
     for chunk in attempts.chunks(INSERT_CHUNK) {
         let rows = chunk.iter().map(|a| delivery_attempt::ActiveModel {
@@ -101,7 +102,11 @@ pub async fn apply(
     }
     for group in plan(changes) {
         for chunk in group.ids.chunks(INSERT_CHUNK) {
-            group.shape.update(group.at, chunk).exec(&txn).await?;
+            group
+                .shape
+                .update(backend, group.at, chunk)
+                .exec(&txn)
+                .await?;
         }
     }
     txn.commit().await?;
@@ -130,11 +135,20 @@ impl Shape {
     }
 
     /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
-    fn update(&self, at: DateTime<Utc>, ids: &[Uuid]) -> sea_orm::UpdateMany<notification::Entity> {
+    fn update(
+        &self,
+        backend: DbBackend,
+        at: DateTime<Utc>,
+        ids: &[Uuid],
+    ) -> sea_orm::UpdateMany<notification::Entity> {
         let mut update = notification::Entity::update_many()
             .col_expr(notification::Column::Status, Expr::value(self.status))
             .col_expr(notification::Column::UpdatedAt, Expr::value(at))
-            .filter(notification::Column::Id.is_in(ids.to_vec()))
+            .filter(super::among(
+                backend,
+                notification::Column::Id,
+                ids.to_vec(),
+            ))
             .filter(status_among(self.status.allowed_from()));
         match &self.reason {
             Some(reason) => {
