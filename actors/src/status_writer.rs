@@ -3,13 +3,14 @@
 //! status is written.
 //!
 //! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
-//! record; while a flush is in flight the next batch gathers (group commit), and it is flushed
-//! when it is full or its first record is an interval old, not as soon as the previous flush ends
-//! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a
-//! slow write. A bare `processing` mark waits one batch more, in case its notification's final status makes it moot ([`next_batch`]). If the
-//! database is unreachable the flush retries with backoff and tells JetStream the messages are
-//! still in progress, so they are neither redelivered (and resent) nor acked; in-flight permits
-//! stay held, which pauses the consumer until the database is back.
+//! record; while a flush is in flight the next batch gathers (group commit), and it is flushed when
+//! it is full or its first record is an interval old, not as soon as the previous flush ends
+//! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a slow
+//! write. A bare `processing` mark waits one batch more, in case its notification's final status
+//! makes it moot ([`next_batch`]). If the database is unreachable the flush retries with backoff
+//! and tells JetStream the messages are still in progress, so they are neither redelivered (and
+//! resent) nor acked; in-flight permits stay held, which pauses the consumer until the database is
+//! back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -300,7 +301,7 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
         .saturating_sub(state.held.len());
     let take = state.pending.len().min(room);
     let arrived: Vec<StatusRecord> = state.pending.drain(..take).collect();
-    // What stays (beyond `max_batch`) keeps the batch's time, so it is due at once.
+    // What stays (beyond `max_batch`) keeps the time of the batch's first record.
     if state.pending.is_empty() {
         state.oldest_pending = None;
     }

@@ -106,15 +106,13 @@ async fn rows_stored_together_answer_each_repeat_with_the_stored_row() {
         .expect("earlier row stored");
 
     // The same routed event handled twice at once: the same id and request id, twice in one
-    // statement; a repeat under a new id; a row stored before; a row without a request id.
+    // statement (nothing else in the batch names that request id); a row stored before; a row
+    // without a request id.
     let routed = row(Some("event:1:rule".into()));
-    let mut retried = row(Some("event:1:rule".into()));
-    retried.id = Uuid::now_v7();
     let anonymous = row(None);
     let batch = vec![
         routed.clone(),
         routed.clone(),
-        retried,
         row(Some("earlier".into())),
         anonymous.clone(),
     ];
@@ -137,11 +135,24 @@ async fn rows_stored_together_answer_each_repeat_with_the_stored_row() {
         vec![
             (true, routed.id),
             (false, routed.id),
-            (false, routed.id),
             (false, earlier.id),
             (true, anonymous.id),
         ],
         "(new, id) of each row, in order"
+    );
+
+    // A repeat under a new id answers the stored row too.
+    let mut retried = row(Some("event:1:rule".into()));
+    retried.id = Uuid::now_v7();
+    let outcome = insert_together(&db, vec![retried])
+        .await
+        .expect("the repeat is answered")
+        .pop()
+        .expect("one outcome")
+        .expect("the repeat finds the stored row");
+    assert!(
+        matches!(&outcome, Inserted::Duplicate(model) if model.id == routed.id),
+        "a repeat under a new id names the stored row: {outcome:?}"
     );
     assert_eq!(stored(&db).await, 3, "earlier, routed and anonymous");
 }

@@ -65,12 +65,10 @@ pub(crate) fn among<C, V>(
 ) -> sea_orm::sea_query::Expr
 where
     C: sea_orm::ColumnTrait,
-    V: Into<sea_orm::Value>,
-    Vec<V>: Into<sea_orm::Value>,
+    V: Into<sea_orm::Value> + sea_orm::sea_query::postgres_array::NotU8,
 {
-    use sea_orm::sea_query::{Expr, ExprTrait, extension::postgres::PgFunc};
     match backend {
-        sea_orm::DbBackend::Postgres => Expr::col(column).eq(PgFunc::any(Expr::val(values))),
-        _ => Expr::col(column).is_in(values),
+        sea_orm::DbBackend::Postgres => column.eq_any(values),
+        _ => column.is_in(values),
     }
 }

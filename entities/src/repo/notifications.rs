@@ -105,8 +105,15 @@ pub async fn insert_together(
             .into_iter()
             .map(|model| (model.id, model))
             .collect();
-    // A returned row answers the first row with its id; every other row was skipped.
-    let new: Vec<Option<notification::Model>> = ids.iter().map(|id| stored.remove(id)).collect();
+    // A returned row answers the first row with its id and request id; every other row was skipped.
+    let new: Vec<Option<notification::Model>> = ids
+        .iter()
+        .zip(&request_ids)
+        .map(|(id, request_id)| match stored.get(id) {
+            Some(model) if model.request_id == *request_id => stored.remove(id),
+            _ => None,
+        })
+        .collect();
     let skipped: Vec<&str> = new
         .iter()
         .zip(&request_ids)

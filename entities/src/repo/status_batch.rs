@@ -134,7 +134,8 @@ impl Shape {
         }
     }
 
-    /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
+    /// `UPDATE notifications SET … WHERE id among ids AND status IN (allowed_from)` (see
+    /// [`super::among`]).
     fn update(
         &self,
         backend: DbBackend,
