@@ -13,7 +13,7 @@ use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
 use herald_entities::repo::{batches, history, notifications, schedule};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
-use sea_orm::sea_query::{ArrayType, PostgresQueryBuilder, QueryBuilder, Value};
+use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Select, Statement,
     TransactionTrait,
@@ -43,13 +43,7 @@ async fn plan<E: sea_orm::EntityTrait>(
                 .expect("statement prepared");
             let arguments: Vec<String> = values
                 .iter()
-                .map(|value| match value {
-                    // A literal array is text[]; the statement's parameter is uuid[].
-                    Value::Array(ArrayType::Uuid, _) => {
-                        format!("{}::uuid[]", PostgresQueryBuilder.value_to_string(value))
-                    }
-                    _ => PostgresQueryBuilder.value_to_string(value),
-                })
+                .map(|value| PostgresQueryBuilder.value_to_string(value))
                 .collect();
             Statement::from_string(
                 backend,
@@ -163,7 +157,7 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     assert_planned_on(&txn, kind, customer, index, "a customer's history").await;
 
     let ids = [Uuid::now_v7(), Uuid::now_v7()];
-    let statuses = notifications::progress_query(txn.get_database_backend(), &ids);
+    let statuses = notifications::progress_query(&ids);
     let index = match kind {
         DatabaseKind::Sqlite => "sqlite_autoindex_notifications_1",
         DatabaseKind::Postgres => "notifications_pkey",

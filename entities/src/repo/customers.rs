@@ -26,11 +26,7 @@ pub async fn find_many_by_external_id(
     external_ids: &[String],
 ) -> Result<HashMap<String, customer::Model>, RepoError> {
     Ok(customer::Entity::find()
-        .filter(super::among(
-            db.get_database_backend(),
-            customer::Column::ExternalId,
-            external_ids.to_vec(),
-        ))
+        .filter(customer::Column::ExternalId.is_in(external_ids.iter().cloned()))
         .all(db)
         .await?
         .into_iter()

@@ -52,23 +52,3 @@ pub(crate) fn status_is(status: crate::NotificationStatus) -> sea_orm::sea_query
     use sea_orm::sea_query::{Expr, ExprTrait};
     Expr::col(crate::notification::Column::Status).eq(Expr::Constant(status.as_str().into()))
 }
-
-/// `column IN (values)`; on PostgreSQL `column = ANY($1)`, one bound array, so that the statement's
-/// text is the same however many values there are, and PostgreSQL parses it once per connection
-/// (sqlx keeps it prepared). With one parameter per value every list length is a new statement:
-/// of the StatusWriter's 355 UPDATEs in a 20,000-notification run, 248 were parsed (parse and
-/// bind 102 ms of the run; with `ANY`, 3 parses, 9 ms).
-pub(crate) fn among<C, V>(
-    backend: sea_orm::DbBackend,
-    column: C,
-    values: Vec<V>,
-) -> sea_orm::sea_query::Expr
-where
-    C: sea_orm::ColumnTrait,
-    V: Into<sea_orm::Value> + sea_orm::sea_query::postgres_array::NotU8,
-{
-    match backend {
-        sea_orm::DbBackend::Postgres => column.eq_any(values),
-        _ => column.is_in(values),
-    }
-}

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select, TransactionTrait,
-    sea_query::OnConflict,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, Select, TransactionTrait, sea_query::OnConflict,
 };
 use uuid::Uuid;
 
@@ -144,11 +143,7 @@ async fn find_many_by_request_id(
         return Ok(HashMap::new());
     }
     Ok(notification::Entity::find()
-        .filter(super::among(
-            db.get_database_backend(),
-            notification::Column::RequestId,
-            request_ids.into_iter().map(str::to_owned).collect(),
-        ))
+        .filter(notification::Column::RequestId.is_in(request_ids))
         .all(db)
         .await?
         .into_iter()
@@ -257,18 +252,14 @@ pub struct Progress {
     pub attempts: i32,
 }
 
-/// The query of [`progress_of`]: id, status and attempts of `ids`, for `backend`.
-pub fn progress_query(backend: DbBackend, ids: &[Uuid]) -> Select<notification::Entity> {
+/// The query of [`progress_of`]: id, status and attempts of `ids`.
+pub fn progress_query(ids: &[Uuid]) -> Select<notification::Entity> {
     notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
         .column(notification::Column::Status)
         .column(notification::Column::Attempts)
-        .filter(super::among(
-            backend,
-            notification::Column::Id,
-            ids.to_vec(),
-        ))
+        .filter(notification::Column::Id.is_in(ids.iter().copied()))
 }
 
 /// The progress of each of `ids` that exists, in one query.
@@ -276,10 +267,8 @@ pub async fn progress_of(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Progress>, RepoError> {
-    let rows: Vec<(Uuid, NotificationStatus, i32)> = progress_query(db.get_database_backend(), ids)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let rows: Vec<(Uuid, NotificationStatus, i32)> =
+        progress_query(ids).into_tuple().all(db).await?;
     Ok(rows
         .into_iter()
         .map(|(id, status, attempts)| (id, Progress { status, attempts }))

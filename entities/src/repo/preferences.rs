@@ -58,11 +58,7 @@ pub async fn load_many(
         .map(|id| (id.clone(), Wishes::default()))
         .collect();
     let preferences = preference::Entity::find()
-        .filter(super::among(
-            db.get_database_backend(),
-            preference::Column::CustomerId,
-            customer_ids.to_vec(),
-        ))
+        .filter(preference::Column::CustomerId.is_in(customer_ids.iter().cloned()))
         .all(db)
         .await?;
     for row in preferences {
@@ -71,11 +67,7 @@ pub async fn load_many(
         }
     }
     let quiet = quiet_hours::Entity::find()
-        .filter(super::among(
-            db.get_database_backend(),
-            quiet_hours::Column::CustomerId,
-            customer_ids.to_vec(),
-        ))
+        .filter(quiet_hours::Column::CustomerId.is_in(customer_ids.iter().cloned()))
         .all(db)
         .await?;
     for row in quiet {

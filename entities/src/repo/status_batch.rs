@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    DatabaseConnection, DbBackend, EntityTrait, QueryFilter, TransactionTrait,
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func},
 };
 use uuid::Uuid;
@@ -81,7 +81,6 @@ pub async fn apply(
     changes: &[StatusChange],
     attempts: &[NewAttempt],
 ) -> Result<(), RepoError> {
-    let backend = db.get_database_backend();
     let txn = db.begin().await?;
     for chunk in attempts.chunks(INSERT_CHUNK) {
         let rows = chunk.iter().map(|a| delivery_attempt::ActiveModel {
@@ -102,11 +101,7 @@ pub async fn apply(
     }
     for group in plan(changes) {
         for chunk in group.ids.chunks(INSERT_CHUNK) {
-            group
-                .shape
-                .update(backend, group.at, chunk)
-                .exec(&txn)
-                .await?;
+            group.shape.update(group.at, chunk).exec(&txn).await?;
         }
     }
     txn.commit().await?;
@@ -134,22 +129,12 @@ impl Shape {
         }
     }
 
-    /// `UPDATE notifications SET … WHERE id among ids AND status IN (allowed_from)` (see
-    /// [`super::among`]).
-    fn update(
-        &self,
-        backend: DbBackend,
-        at: DateTime<Utc>,
-        ids: &[Uuid],
-    ) -> sea_orm::UpdateMany<notification::Entity> {
+    /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
+    fn update(&self, at: DateTime<Utc>, ids: &[Uuid]) -> sea_orm::UpdateMany<notification::Entity> {
         let mut update = notification::Entity::update_many()
             .col_expr(notification::Column::Status, Expr::value(self.status))
             .col_expr(notification::Column::UpdatedAt, Expr::value(at))
-            .filter(super::among(
-                backend,
-                notification::Column::Id,
-                ids.to_vec(),
-            ))
+            .filter(notification::Column::Id.is_in(ids.to_vec()))
             .filter(status_among(self.status.allowed_from()));
         match &self.reason {
             Some(reason) => {
