@@ -1,10 +1,11 @@
 //! A small, real SMTP server (RFC 5321 without TLS or AUTH) that keeps every message
 //! it accepts, so tests can check what Herald's email provider sent.
 //!
-//! It speaks EHLO/HELO, MAIL FROM, RCPT TO, DATA (dot-unstuffing, `CRLF.CRLF`), RSET,
-//! NOOP and QUIT, advertises `8BITMIME`, `SIZE` and `PIPELINING` (unless started with
-//! [`SmtpSink::start_without_pipelining`]), answers anything else
-//! with 502 and keeps the connection. Failures can be injected: rejected recipients or
+//! It speaks EHLO/HELO, MAIL FROM, RCPT TO, DATA (dot-unstuffing, `CRLF.CRLF`), BDAT
+//! (RFC 3030 chunks), RSET, NOOP and QUIT, advertises `8BITMIME`, `SIZE`, `PIPELINING` and
+//! `CHUNKING` as Postfix does (fewer with [`SmtpSink::start_without_chunking`] and
+//! [`SmtpSink::start_without_pipelining`]), answers anything else with 502 and keeps the
+//! connection. Failures can be injected: rejected recipients or
 //! messages ([`SmtpSink::set_reject_next`]) and an outage ([`SmtpSink::set_pause`]).
 
 use std::collections::VecDeque;
@@ -100,8 +101,8 @@ impl ReceivedMail {
 pub enum RejectStage {
     /// The reply to `RCPT TO`: the recipient is refused (e.g. 451 greylisting, 550 no such user).
     Rcpt,
-    /// The final reply after the message content (`CRLF.CRLF`): the message is refused
-    /// and not stored.
+    /// The final reply after the message content (`CRLF.CRLF`, the last BDAT chunk): the
+    /// message is refused and not stored.
     Data,
 }
 
@@ -127,9 +128,18 @@ struct Shared {
     /// Commands read while the client had already sent the next one (see
     /// [`SmtpSink::pipelined_count`]).
     pipelined: AtomicU64,
+    /// Messages stored from BDAT chunks rather than DATA.
+    chunked: AtomicU64,
     queue_ids: AtomicU64,
-    /// Whether EHLO offers PIPELINING.
-    offers_pipelining: bool,
+    /// What EHLO offers.
+    offers: Offers,
+}
+
+/// The optional extensions EHLO offers.
+#[derive(Debug, Clone, Copy)]
+struct Offers {
+    pipelining: bool,
+    chunking: bool,
 }
 
 impl Shared {
@@ -175,18 +185,36 @@ pub struct SmtpSink {
 }
 
 impl SmtpSink {
-    /// Binds `127.0.0.1:0` and starts serving.
+    /// Binds `127.0.0.1:0` and starts serving, offering PIPELINING and CHUNKING.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_offering(true).await
+        Self::start_offering(Offers {
+            pipelining: true,
+            chunking: true,
+        })
+        .await
     }
 
-    /// Like [`SmtpSink::start`], but EHLO does not offer PIPELINING, so a client must wait for
-    /// every reply before its next command.
+    /// Like [`SmtpSink::start`], but EHLO does not offer CHUNKING, so a client sends its
+    /// messages with DATA.
+    pub async fn start_without_chunking() -> anyhow::Result<Self> {
+        Self::start_offering(Offers {
+            pipelining: true,
+            chunking: false,
+        })
+        .await
+    }
+
+    /// Like [`SmtpSink::start`], but EHLO offers neither PIPELINING nor CHUNKING, so a client
+    /// must wait for every reply before its next command.
     pub async fn start_without_pipelining() -> anyhow::Result<Self> {
-        Self::start_offering(false).await
+        Self::start_offering(Offers {
+            pipelining: false,
+            chunking: false,
+        })
+        .await
     }
 
-    async fn start_offering(offers_pipelining: bool) -> anyhow::Result<Self> {
+    async fn start_offering(offers: Offers) -> anyhow::Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("binding the SMTP sink on 127.0.0.1:0")?;
@@ -202,8 +230,9 @@ impl SmtpSink {
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
             pipelined: AtomicU64::new(0),
+            chunked: AtomicU64::new(0),
             queue_ids: AtomicU64::new(0),
-            offers_pipelining,
+            offers,
         });
         let (control, control_rx) = mpsc::channel(4);
         let accept_task = tokio::spawn(accept_loop(listener, control_rx, Arc::clone(&shared)));
@@ -255,6 +284,11 @@ impl SmtpSink {
     /// client that pipelines MAIL, RCPT and DATA.
     pub fn pipelined_count(&self) -> u64 {
         self.shared.pipelined.load(Ordering::Relaxed)
+    }
+
+    /// How many of the accepted messages came in BDAT chunks (RFC 3030) rather than with DATA.
+    pub fn chunked_count(&self) -> u64 {
+        self.shared.chunked.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` messages were accepted and returns all of them.
@@ -403,6 +437,10 @@ async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, S
 struct Transaction {
     from: Option<String>,
     to: Vec<String>,
+    /// The BDAT chunks received so far.
+    chunks: Vec<u8>,
+    /// Whether the chunks outgrew [`MAX_MESSAGE_SIZE`] (the rest is read and dropped).
+    too_big: bool,
 }
 
 /// Serves one connection until QUIT, EOF, an I/O error or a pause.
@@ -513,13 +551,19 @@ impl Session {
             "EHLO" => {
                 self.greeted = true;
                 self.transaction = Transaction::default();
-                let pipelining = if self.shared.offers_pipelining {
+                let offers = self.shared.offers;
+                let pipelining = if offers.pipelining {
                     "250-PIPELINING\r\n"
                 } else {
                     ""
                 };
+                let chunking = if offers.chunking {
+                    "250-CHUNKING\r\n"
+                } else {
+                    ""
+                };
                 let reply = format!(
-                    "250-{SERVER_NAME} greets {argument}\r\n250-8BITMIME\r\n{pipelining}250 SIZE {MAX_MESSAGE_SIZE}"
+                    "250-{SERVER_NAME} greets {argument}\r\n250-8BITMIME\r\n{pipelining}{chunking}250 SIZE {MAX_MESSAGE_SIZE}"
                 );
                 self.reply(&reply).await?;
             }
@@ -535,6 +579,7 @@ impl Session {
                     .await?;
             }
             "DATA" => self.data().await?,
+            "BDAT" if self.shared.offers.chunking => return self.bdat(argument).await,
             "RSET" => {
                 self.transaction = Transaction::default();
                 self.reply("250 2.0.0 Ok").await?;
@@ -649,21 +694,95 @@ impl Session {
         }
         let to = std::mem::take(&mut self.transaction.to);
         self.transaction = Transaction::default();
+        self.finish(from, to, &message, too_big).await.map(drop)
+    }
+
+    /// `BDAT <size> [LAST]` (RFC 3030): reads the chunk's `size` octets as they are, whatever
+    /// the state of the transaction (the client does not wait for a reply before sending them),
+    /// then answers; the last chunk completes the message as the end of DATA does. A malformed
+    /// BDAT leaves the chunk's end unknown, so the connection is closed.
+    async fn bdat(&mut self, argument: &str) -> anyhow::Result<Next> {
+        let mut words = argument.split_whitespace();
+        let size = words.next().and_then(|size| size.parse::<u64>().ok());
+        let last = words.next().map(|word| word.eq_ignore_ascii_case("LAST"));
+        let (Some(size), None | Some(true), None) = (size, last, words.next()) else {
+            self.reply("501 5.5.4 Syntax: BDAT size [LAST]").await?;
+            return Ok(Next::Close);
+        };
+        let mut chunk = Vec::new();
+        let room = MAX_MESSAGE_SIZE.saturating_sub(self.transaction.chunks.len()) as u64;
+        let mut content = (&mut self.reader).take(size);
+        if size > room {
+            tokio::io::copy(&mut content, &mut tokio::io::sink()).await
+        } else {
+            content
+                .read_to_end(&mut chunk)
+                .await
+                .map(|read| read as u64)
+        }
+        .context("reading a BDAT chunk")
+        .and_then(|read| match read == size {
+            true => Ok(()),
+            false => Err(anyhow!("connection closed in the middle of a BDAT chunk")),
+        })?;
+        self.transaction.too_big |= size > room;
+        self.transaction.chunks.extend_from_slice(&chunk);
+
+        let Some(from) = self.transaction.from.clone() else {
+            self.transaction = Transaction::default();
+            self.reply("503 5.5.1 Need MAIL command first").await?;
+            return Ok(Next::Continue);
+        };
+        if self.transaction.to.is_empty() {
+            self.transaction = Transaction::default();
+            self.reply("554 5.5.1 No valid recipients").await?;
+            return Ok(Next::Continue);
+        }
+        if last.is_none() {
+            self.reply(&format!("250 2.0.0 {size} octets received"))
+                .await?;
+            return Ok(Next::Continue);
+        }
+        let transaction = std::mem::take(&mut self.transaction);
+        if self
+            .finish(
+                from,
+                transaction.to,
+                &transaction.chunks,
+                transaction.too_big,
+            )
+            .await?
+        {
+            self.shared.chunked.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Answers a complete message (end of DATA, last BDAT chunk): refuses it if it was too big
+    /// or a rejection is pending, stores it otherwise. Returns whether it was stored.
+    async fn finish(
+        &mut self,
+        from: String,
+        to: Vec<String>,
+        message: &[u8],
+        too_big: bool,
+    ) -> anyhow::Result<bool> {
         if too_big {
-            return self
-                .reply("552 5.3.4 Message size exceeds fixed maximum message size")
-                .await;
+            self.reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                .await?;
+            return Ok(false);
         }
         if let Some(rejection) = self.shared.take_rejection(RejectStage::Data) {
-            return self
-                .reply(&format!("{} {}", rejection.code, rejection.text))
-                .await;
+            self.reply(&format!("{} {}", rejection.code, rejection.text))
+                .await?;
+            return Ok(false);
         }
-        let data = String::from_utf8_lossy(&message).into_owned();
+        let data = String::from_utf8_lossy(message).into_owned();
         self.shared.store(ReceivedMail::new(from, to, data));
         let queue_id = self.shared.queue_ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id:08X}"))
-            .await
+            .await?;
+        Ok(true)
     }
 }
 

@@ -1,6 +1,8 @@
 //! The email provider's SMTP connection pool against real SMTP servers: connections are reused
 //! without a NOOP before every message, never exceed the pool size, and a connection whose session
-//! failed or was cut short is not handed to the next message.
+//! failed or was cut short is not handed to the next message. A message goes in one round trip
+//! (BDAT) to a server offering CHUNKING and PIPELINING, in two (pipelined DATA) to one offering
+//! PIPELINING alone, and one command at a time to others.
 
 use std::time::Duration;
 
@@ -105,16 +107,50 @@ async fn send_five_on_one_connection(sink: &SmtpSink) {
 }
 
 #[tokio::test]
-async fn a_server_offering_pipelining_gets_mail_rcpt_and_data_without_waiting_for_replies() {
+async fn a_server_offering_chunking_gets_each_message_in_one_bdat_chunk_as_written() {
     let sink = SmtpSink::start().await.expect("sink");
-    send_five_on_one_connection(&sink).await;
-    // MAIL and RCPT arrive with the commands after them; one write per group, so on loopback
-    // both are read with DATA already buffered.
+    let email = provider(sink.host(), sink.port(), 1);
+    // Lines that DATA would have to dot-stuff: BDAT carries them as they are.
+    let mut dotted = message(0);
+    dotted.content.text = ".leading dot\r\n.\r\nafter a lone dot".to_string();
+    email.send(&dotted).await.expect("sent");
+    for i in 1..5 {
+        email.send(&message(i)).await.expect("sent");
+    }
+    let received = sink.messages();
+    assert_eq!(received.len(), 5);
+    assert_eq!(
+        sink.chunked_count(),
+        5,
+        "every message came in a BDAT chunk"
+    );
+    assert_eq!(sink.connection_count(), 1, "one connection, reused");
+    assert_eq!(
+        received[0].text_body().as_deref().map(str::trim_end),
+        Some(".leading dot\r\n.\r\nafter a lone dot")
+    );
+    assert_eq!(received[4].subject.as_deref(), Some("Order #4"));
+    // MAIL, RCPT and BDAT go in one write: each is read with the next already buffered.
+    assert_pipelined(&sink, 10);
+}
+
+/// At least `commands` of the 5 messages' commands arrived ahead of their replies.
+fn assert_pipelined(sink: &SmtpSink, commands: u64) {
     assert!(
-        sink.pipelined_count() >= 5,
+        sink.pipelined_count() >= commands,
         "only {} commands arrived ahead of their replies for 5 messages",
         sink.pipelined_count()
     );
+}
+
+#[tokio::test]
+async fn a_server_offering_pipelining_gets_mail_rcpt_and_data_without_waiting_for_replies() {
+    let sink = SmtpSink::start_without_chunking().await.expect("sink");
+    send_five_on_one_connection(&sink).await;
+    assert_eq!(sink.chunked_count(), 0, "DATA, not BDAT");
+    // MAIL and RCPT arrive with the commands after them; one write per group, so on loopback
+    // both are read with DATA already buffered.
+    assert_pipelined(&sink, 5);
 }
 
 #[tokio::test]
@@ -126,33 +162,63 @@ async fn a_server_without_pipelining_gets_one_command_at_a_time() {
         0,
         "a command was sent before its reply"
     );
+    assert_eq!(sink.chunked_count(), 0, "DATA, not BDAT");
 }
 
 #[tokio::test]
 async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_one_after_it() {
-    let sink = SmtpSink::start().await.expect("sink");
-    let email = provider(sink.host(), sink.port(), 1);
-    // The recipient is greylisted (451, try later); the DATA pipelined behind it is then refused
-    // for want of recipients (554), which must not turn the temporary refusal into a permanent one.
-    sink.set_reject_next_at(
-        RejectStage::Rcpt,
-        1,
-        451,
-        "4.7.1 greylisted, try again later",
-    );
-    let refused = email.send(&message(0)).await;
+    a_greylisted_recipient_is_a_transient_failure(SmtpSink::start_without_chunking().await).await;
+}
+
+#[tokio::test]
+async fn a_refusal_before_a_chunk_is_reported_by_its_own_reply_not_the_chunks() {
+    a_greylisted_recipient_is_a_transient_failure(SmtpSink::start().await).await;
+}
+
+/// The recipient is greylisted (451, try later); the DATA or BDAT pipelined behind it is then
+/// refused for want of recipients (554), which must not turn the temporary refusal into a
+/// permanent one.
+async fn a_greylisted_recipient_is_a_transient_failure(sink: anyhow::Result<SmtpSink>) {
+    let sink = sink.expect("sink");
+    let refused =
+        refuse_one_then_send_the_next(&sink, RejectStage::Rcpt, 451, "4.7.1 greylisted").await;
     assert!(
         matches!(&refused, Err(ProviderError::Transient { .. })),
         "{refused:?}"
     );
+}
+
+#[tokio::test]
+async fn a_refused_chunk_is_a_permanent_failure_and_the_next_message_goes_through() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let refused = refuse_one_then_send_the_next(&sink, RejectStage::Data, 554, "5.7.1 spam").await;
+    assert!(
+        matches!(&refused, Err(ProviderError::Permanent { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(sink.chunked_count(), 1, "the next message came in a chunk");
+}
+
+/// Makes the sink refuse a message at `stage`, then sends another, which must arrive alone and on
+/// a fresh session (the refused one is closed, not reused); returns the refused send's outcome.
+async fn refuse_one_then_send_the_next(
+    sink: &SmtpSink,
+    stage: RejectStage,
+    code: u16,
+    text: &str,
+) -> Result<herald_actors::channel::Receipt, ProviderError> {
+    let email = provider(sink.host(), sink.port(), 1);
+    sink.set_reject_next_at(stage, 1, code, text);
+    let refused = email.send(&message(0)).await;
     email.send(&message(1)).await.expect("next sent");
     let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
     assert_eq!(subjects, vec![Some("Order #1".to_string())]);
     assert_eq!(
         sink.connection_count(),
         2,
-        "the refused pipelined session was closed, not reused"
+        "the refused session was closed, not reused"
     );
+    refused
 }
 
 /// An SMTP server that greets and answers EHLO, then never answers another command; counts the

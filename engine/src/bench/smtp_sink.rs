@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 
 /// A counting SMTP sink on loopback.
@@ -50,11 +51,13 @@ impl Drop for CountingSmtpSink {
     }
 }
 
-/// One SMTP session: every command is accepted; the body is read up to the lone dot.
+/// One SMTP session: every command is accepted; the body is read up to the lone dot, or as
+/// many octets as a BDAT chunk announces (every chunk counts as a message: Herald sends each in
+/// one `BDAT <size> LAST`).
 ///
-/// It offers PIPELINING and, like a real server (Postfix's `smtpd`), sends its replies only
-/// when it has read everything the client sent so far: pipelined commands get their replies in
-/// one write.
+/// It offers PIPELINING and CHUNKING and, like a real server (Postfix's `smtpd`), sends its
+/// replies only when it has read everything the client sent so far: pipelined commands get their
+/// replies in one write.
 async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
     let (read, write) = stream.into_split();
     let mut lines = BufReader::new(read);
@@ -80,10 +83,17 @@ async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
         } else {
             let verb = line.get(..4).unwrap_or_default().to_ascii_uppercase();
             match verb.as_str() {
-                "EHLO" => b"250-bench\r\n250-8BITMIME\r\n250 PIPELINING\r\n",
+                "EHLO" => b"250-bench\r\n250-8BITMIME\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
                 "DATA" => {
                     in_data = true;
                     b"354 go ahead\r\n"
+                }
+                "BDAT" => {
+                    if !read_chunk(&mut lines, &line).await {
+                        return;
+                    }
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                    b"250 queued\r\n"
                 }
                 "QUIT" => {
                     let _ = write.write_all(b"221 bye\r\n").await;
@@ -100,4 +110,18 @@ async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
             return;
         }
     }
+}
+
+/// Reads and drops the chunk a `BDAT <size> …` line announces; `false` if the size is unreadable
+/// or the connection ends first.
+async fn read_chunk(reader: &mut BufReader<OwnedReadHalf>, command: &str) -> bool {
+    let Some(size) = command
+        .split_whitespace()
+        .nth(1)
+        .and_then(|size| size.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let mut chunk = reader.take(size);
+    matches!(tokio::io::copy(&mut chunk, &mut tokio::io::sink()).await, Ok(read) if read == size)
 }

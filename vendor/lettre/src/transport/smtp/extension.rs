@@ -92,6 +92,10 @@ pub enum Extension {
     ///
     /// Defined in [RFC 2920](https://tools.ietf.org/html/rfc2920)
     Pipelining,
+    /// CHUNKING keyword (the BDAT command)
+    ///
+    /// Defined in [RFC 3030](https://tools.ietf.org/html/rfc3030)
+    Chunking,
 }
 
 impl Display for Extension {
@@ -102,6 +106,7 @@ impl Display for Extension {
             Extension::StartTls => f.write_str("STARTTLS"),
             Extension::Authentication(mechanism) => write!(f, "AUTH {mechanism}"),
             Extension::Pipelining => f.write_str("PIPELINING"),
+            Extension::Chunking => f.write_str("CHUNKING"),
         }
     }
 }
@@ -161,6 +166,9 @@ impl ServerInfo {
                 }
                 "PIPELINING" => {
                     features.insert(Extension::Pipelining);
+                }
+                "CHUNKING" => {
+                    features.insert(Extension::Chunking);
                 }
                 "AUTH" => {
                     for mechanism in split {
