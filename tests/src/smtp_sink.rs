@@ -280,8 +280,9 @@ impl SmtpSink {
     }
 
     /// How many commands arrived together with the client's next one, i.e. before their reply
-    /// was sent: zero for a client that waits for every reply, one or more per message for a
-    /// client that pipelines MAIL, RCPT and DATA.
+    /// was sent: zero for a client that waits for every reply, two per message for a client
+    /// that pipelines MAIL, RCPT and DATA or BDAT (a BDAT line, always followed by its chunk, is
+    /// not counted itself).
     pub fn pipelined_count(&self) -> u64 {
         self.shared.pipelined.load(Ordering::Relaxed)
     }
@@ -459,6 +460,13 @@ struct Session {
     transaction: Transaction,
 }
 
+/// The command that carried a message's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Data,
+    Bdat,
+}
+
 /// What the session does after a command.
 enum Next {
     Continue,
@@ -495,7 +503,12 @@ impl Session {
                 self.reply("500 5.5.6 Line too long").await?;
                 continue;
             };
-            if !self.reader.buffer().is_empty() {
+            // A BDAT line always has its chunk behind it: it counts only through the commands
+            // before it.
+            let is_bdat = line
+                .get(..4)
+                .is_some_and(|verb| verb.eq_ignore_ascii_case("BDAT"));
+            if !self.reader.buffer().is_empty() && !is_bdat {
                 self.shared.pipelined.fetch_add(1, Ordering::Relaxed);
             }
             if let Next::Close = self.command(&line).await? {
@@ -664,6 +677,11 @@ impl Session {
         let Some(from) = self.transaction.from.clone() else {
             return self.reply("503 5.5.1 Need MAIL command first").await;
         };
+        if !self.transaction.chunks.is_empty() {
+            // RFC 3030 section 2: DATA may not follow BDAT in a transaction.
+            self.transaction = Transaction::default();
+            return self.reply("503 5.5.1 DATA after BDAT").await;
+        }
         if self.transaction.to.is_empty() {
             return self.reply("554 5.5.1 No valid recipients").await;
         }
@@ -694,7 +712,8 @@ impl Session {
         }
         let to = std::mem::take(&mut self.transaction.to);
         self.transaction = Transaction::default();
-        self.finish(from, to, &message, too_big).await.map(drop)
+        self.finish(from, to, &message, too_big, Command::Data)
+            .await
     }
 
     /// `BDAT <size> [LAST]` (RFC 3030): reads the chunk's `size` octets as they are, whatever
@@ -744,45 +763,46 @@ impl Session {
             return Ok(Next::Continue);
         }
         let transaction = std::mem::take(&mut self.transaction);
-        if self
-            .finish(
-                from,
-                transaction.to,
-                &transaction.chunks,
-                transaction.too_big,
-            )
-            .await?
-        {
-            self.shared.chunked.fetch_add(1, Ordering::Relaxed);
-        }
+        self.finish(
+            from,
+            transaction.to,
+            &transaction.chunks,
+            transaction.too_big,
+            Command::Bdat,
+        )
+        .await?;
         Ok(Next::Continue)
     }
 
     /// Answers a complete message (end of DATA, last BDAT chunk): refuses it if it was too big
-    /// or a rejection is pending, stores it otherwise. Returns whether it was stored.
+    /// or a rejection is pending, stores and counts it otherwise (before the reply, so a client
+    /// that has its reply finds it counted).
     async fn finish(
         &mut self,
         from: String,
         to: Vec<String>,
         message: &[u8],
         too_big: bool,
-    ) -> anyhow::Result<bool> {
+        command: Command,
+    ) -> anyhow::Result<()> {
         if too_big {
-            self.reply("552 5.3.4 Message size exceeds fixed maximum message size")
-                .await?;
-            return Ok(false);
+            return self
+                .reply("552 5.3.4 Message size exceeds fixed maximum message size")
+                .await;
         }
         if let Some(rejection) = self.shared.take_rejection(RejectStage::Data) {
-            self.reply(&format!("{} {}", rejection.code, rejection.text))
-                .await?;
-            return Ok(false);
+            return self
+                .reply(&format!("{} {}", rejection.code, rejection.text))
+                .await;
+        }
+        if command == Command::Bdat {
+            self.shared.chunked.fetch_add(1, Ordering::Relaxed);
         }
         let data = String::from_utf8_lossy(message).into_owned();
         self.shared.store(ReceivedMail::new(from, to, data));
         let queue_id = self.shared.queue_ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id:08X}"))
-            .await?;
-        Ok(true)
+            .await
     }
 }
 

@@ -182,7 +182,11 @@ impl AsyncSmtpConnection {
         }
 
         if self.server_info().supports_feature(Extension::Pipelining) {
-            if self.server_info().supports_feature(Extension::Chunking) {
+            // One recipient only: with several, a chunk is delivered to those accepted even
+            // when another is refused, and the refusal would report a delivered message as failed.
+            if envelope.to().len() == 1
+                && self.server_info().supports_feature(Extension::Chunking)
+            {
                 return self.send_chunked(envelope, mail_options, email).await;
             }
             return self.send_pipelined(envelope, mail_options, email).await;
@@ -243,7 +247,9 @@ impl AsyncSmtpConnection {
     ///
     /// Replies are handled as on the pipelined DATA path: the first negative one is the error
     /// and the connection is aborted. A server reads a chunk even after refusing its
-    /// transaction (RFC 3030 section 2), so the session stays in step until then.
+    /// transaction (RFC 3030 section 2), so the session stays in step until then. Used for one
+    /// recipient only (see [`AsyncSmtpConnection::send`]). Content that does not end a line gets
+    /// a final CRLF, as DATA's terminator would give it.
     async fn send_chunked(
         &mut self,
         envelope: &Envelope,
@@ -251,10 +257,17 @@ impl AsyncSmtpConnection {
         email: &[u8],
     ) -> Result<Response, Error> {
         let mut commands = envelope_commands(envelope, mail_options);
-        commands.push_str(&format!("BDAT {} LAST\r\n", email.len()));
-        let mut out = Vec::with_capacity(commands.len() + email.len());
+        let line_end: &[u8] = if email.is_empty() || email.ends_with(b"\r\n") {
+            b""
+        } else {
+            b"\r\n"
+        };
+        let size = email.len() + line_end.len();
+        commands.push_str(&format!("BDAT {size} LAST\r\n"));
+        let mut out = Vec::with_capacity(commands.len() + size);
         out.extend_from_slice(commands.as_bytes());
         out.extend_from_slice(email);
+        out.extend_from_slice(line_end);
         try_smtp!(self.write(&out).await, self);
 
         // MAIL and the RCPTs, then the chunk's reply, which is the message's.
