@@ -728,24 +728,19 @@ impl Session {
             self.reply("501 5.5.4 Syntax: BDAT size [LAST]").await?;
             return Ok(Next::Close);
         };
-        let mut chunk = Vec::new();
         let room = MAX_MESSAGE_SIZE.saturating_sub(self.transaction.chunks.len()) as u64;
         let mut content = (&mut self.reader).take(size);
-        if size > room {
-            tokio::io::copy(&mut content, &mut tokio::io::sink()).await
+        let read = if size > room {
+            tokio::io::copy_buf(&mut content, &mut tokio::io::sink()).await
         } else {
-            content
-                .read_to_end(&mut chunk)
-                .await
-                .map(|read| read as u64)
+            let chunks = &mut self.transaction.chunks;
+            content.read_to_end(chunks).await.map(|read| read as u64)
         }
-        .context("reading a BDAT chunk")
-        .and_then(|read| match read == size {
-            true => Ok(()),
-            false => Err(anyhow!("connection closed in the middle of a BDAT chunk")),
-        })?;
+        .context("reading a BDAT chunk")?;
+        if read < size {
+            bail!("connection closed in the middle of a BDAT chunk");
+        }
         self.transaction.too_big |= size > room;
-        self.transaction.chunks.extend_from_slice(&chunk);
 
         let Some(from) = self.transaction.from.clone() else {
             self.transaction = Transaction::default();

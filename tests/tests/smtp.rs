@@ -167,25 +167,22 @@ async fn a_server_without_pipelining_gets_one_command_at_a_time() {
 
 #[tokio::test]
 async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_one_after_it() {
-    let sink = SmtpSink::start_without_chunking().await;
-    a_greylisted_recipient_is_a_transient_failure(sink, 0).await;
+    let sink = SmtpSink::start_without_chunking().await.expect("sink");
+    a_greylisted_recipient_is_a_transient_failure(&sink, 0).await;
 }
 
 #[tokio::test]
 async fn a_refusal_before_a_chunk_is_reported_by_its_own_reply_not_the_chunks() {
-    a_greylisted_recipient_is_a_transient_failure(SmtpSink::start().await, 1).await;
+    let sink = SmtpSink::start().await.expect("sink");
+    a_greylisted_recipient_is_a_transient_failure(&sink, 1).await;
 }
 
 /// The recipient is greylisted (451, try later); the DATA or BDAT pipelined behind it is then
 /// refused for want of recipients (554), which must not turn the temporary refusal into a
 /// permanent one. `chunked` of the two messages come in BDAT chunks (the next one, or none).
-async fn a_greylisted_recipient_is_a_transient_failure(
-    sink: anyhow::Result<SmtpSink>,
-    chunked: u64,
-) {
-    let sink = sink.expect("sink");
+async fn a_greylisted_recipient_is_a_transient_failure(sink: &SmtpSink, chunked: u64) {
     let refused =
-        refuse_one_then_send_the_next(&sink, RejectStage::Rcpt, 451, "4.7.1 greylisted").await;
+        refuse_one_then_send_the_next(sink, RejectStage::Rcpt, 451, "4.7.1 greylisted").await;
     assert!(
         matches!(&refused, Err(ProviderError::Transient { .. })),
         "{refused:?}"

@@ -123,5 +123,5 @@ async fn read_chunk(reader: &mut BufReader<OwnedReadHalf>, command: &str) -> boo
         return false;
     };
     let mut chunk = reader.take(size);
-    matches!(tokio::io::copy(&mut chunk, &mut tokio::io::sink()).await, Ok(read) if read == size)
+    matches!(tokio::io::copy_buf(&mut chunk, &mut tokio::io::sink()).await, Ok(read) if read == size)
 }

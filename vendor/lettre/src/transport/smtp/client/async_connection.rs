@@ -256,16 +256,16 @@ impl AsyncSmtpConnection {
         mail_options: Vec<MailParameter>,
         email: &[u8],
     ) -> Result<Response, Error> {
-        let mut commands = envelope_commands(envelope, mail_options);
         let line_end: &[u8] = if email.is_empty() || email.ends_with(b"\r\n") {
             b""
         } else {
             b"\r\n"
         };
         let size = email.len() + line_end.len();
+        let mut commands = envelope_commands(envelope, mail_options);
         commands.push_str(&format!("BDAT {size} LAST\r\n"));
-        let mut out = Vec::with_capacity(commands.len() + size);
-        out.extend_from_slice(commands.as_bytes());
+        let mut out = commands.into_bytes();
+        out.reserve_exact(size);
         out.extend_from_slice(email);
         out.extend_from_slice(line_end);
         try_smtp!(self.write(&out).await, self);
