@@ -47,8 +47,8 @@ pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 pub struct DeliveryContext {
     /// Database pool (forgetting dead contacts).
     pub db: DatabaseConnection,
-    /// Batched status reads (the check before sending).
-    pub statuses: crate::lookup::StatusLookup,
+    /// Batched claims (the check before sending, which also marks the notification picked up).
+    pub claims: crate::lookup::ClaimLookup,
     /// Batched reads of recipients (contacts, locale, preferences, quiet hours).
     pub recipients: crate::lookup::RecipientLookup,
     /// Publisher (dead letters).
@@ -109,12 +109,12 @@ pub async fn deliver(
         return;
     };
     let permit = permit.with_claim(claim);
-    let round = match ctx.statuses.get(id).await {
+    let round = match ctx.claims.get(id).await {
         Ok(Some(progress)) if !progress.status.is_final() => {
             Round::after(progress.attempts, command.channels.len())
         }
         Ok(Some(_)) => {
-            // A redelivery of a command whose outcome is already written.
+            // Final already: cancelled, or a redelivery of a command whose outcome is written.
             let _ = acker.ack().await;
             return;
         }
@@ -127,20 +127,12 @@ pub async fn deliver(
             return;
         }
         Err(err) => {
-            tracing::warn!(%id, error = %err, "cannot read the notification; retrying later");
+            tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
             let delay = ctx.retry.delay(delivered, None, rand::random());
             let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
             return;
         }
     };
-    write(
-        &ctx,
-        vec![StatusChange::to(id, NotificationStatus::Processing)],
-        vec![],
-        AfterWrite::Nothing,
-        None,
-    );
-
     let recipient = match &command.customer_id {
         Some(customer_id) => ctx.recipients.get(customer_id.clone()).await,
         None => Ok(None),

@@ -10,7 +10,7 @@ use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
 use herald_entities::{
-    customer,
+    WriteGate, customer,
     repo::{self, notifications::Progress, preferences::Wishes},
 };
 use sea_orm::DatabaseConnection;
@@ -90,16 +90,19 @@ where
     }
 }
 
-/// Stored progress (status and attempts made) by notification id: the dispatcher checks every
-/// command's status before sending, and never sends what is unknown or already final.
-pub type StatusLookup = BatchLookup<Uuid, Progress>;
+/// Claims by notification id: the dispatcher claims every command's notification before
+/// delivering it ([`repo::notifications::claim`]), and never sends what is unknown or already
+/// final. The answer is the notification's progress (status and attempts made).
+pub type ClaimLookup = BatchLookup<Uuid, Progress>;
 
-/// Starts a [`StatusLookup`] on `db`.
-pub fn statuses(db: DatabaseConnection) -> StatusLookup {
+/// Starts a [`ClaimLookup`] on `db`; each batch's claim takes a turn at `gate`.
+pub fn claims(db: DatabaseConnection, gate: WriteGate) -> ClaimLookup {
     BatchLookup::spawn(move |ids: Vec<Uuid>| {
         let db = db.clone();
+        let gate = gate.clone();
         async move {
-            repo::notifications::progress_of(&db, &ids)
+            let _turn = gate.enter().await;
+            repo::notifications::claim(&db, &ids)
                 .await
                 .map_err(|e| e.to_string())
         }

@@ -6,8 +6,7 @@
 //! record; while a flush is in flight the next batch gathers (group commit), and it is flushed when
 //! it is full or its first record is an interval old, not as soon as the previous flush ends
 //! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a slow
-//! write. A bare `processing` mark waits one batch more, in case its notification's final status
-//! makes it moot ([`next_batch`]). If the database is unreachable the flush retries with backoff
+//! write. If the database is unreachable the flush retries with backoff
 //! and tells JetStream the messages are still in progress, so they are neither redelivered (and
 //! resent) nor acked; in-flight permits stay held, which pauses the consumer until the database is
 //! back.
@@ -32,8 +31,7 @@ use serde::{Deserialize, Serialize};
 pub struct StatusWriterSettings {
     /// Records per transaction at most.
     pub max_batch: usize,
-    /// Longest a record waits for its batch to fill, in milliseconds (a bare `processing` mark
-    /// waits one batch more).
+    /// Longest a record waits for its batch to fill, in milliseconds.
     pub flush_interval_ms: u64,
 }
 
@@ -105,8 +103,6 @@ pub struct StatusWriterState {
     /// Where and through which pool the batch transactions run.
     writer: BatchWriter,
     pending: Vec<StatusRecord>,
-    /// `processing` marks held back from the last batch (see [`next_batch`]).
-    held: Vec<StatusRecord>,
     flushing: bool,
     /// When the oldest record in `pending` arrived.
     oldest_pending: Option<Instant>,
@@ -133,7 +129,6 @@ impl Actor for StatusWriter {
             args,
             writer,
             pending: Vec::new(),
-            held: Vec::new(),
             flushing: false,
             oldest_pending: None,
             tick_scheduled: false,
@@ -168,7 +163,6 @@ impl Actor for StatusWriter {
                 let waiting = Waiting {
                     pending: state.pending.len(),
                     oldest_waited: state.oldest_pending.map(|oldest| oldest.elapsed()),
-                    held: !state.held.is_empty(),
                     drain: !state.waiters.is_empty(),
                 };
                 match next_flush_in(&state.args.settings, &waiting) {
@@ -182,7 +176,7 @@ impl Actor for StatusWriter {
                 start_flush(&myself, state);
             }
         }
-        if !state.flushing && state.pending.is_empty() && state.held.is_empty() {
+        if !state.flushing && state.pending.is_empty() {
             for waiter in state.waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -263,56 +257,36 @@ struct Waiting {
     pending: usize,
     /// How long the oldest of them has waited.
     oldest_waited: Option<Duration>,
-    /// Whether `processing` marks are held for the next batch.
-    held: bool,
     /// Whether someone waits for everything to be written (shutdown).
     drain: bool,
 }
 
 /// How long after a flush ended the next one should start (`None`: nothing to write): at once
 /// when the batch is full, everything is to be written, or the oldest record has waited an
-/// interval; otherwise when it will have (held marks alone: one interval from now). Under steady
+/// interval; otherwise when it will have. Under steady
 /// load this paces flushes an interval apart instead of back to back, so the write turn
 /// ([`WriteGate`]) is free most of the time for the API's inserts, which a caller waits for, and
 /// each batch carries more records for its fixed cost.
 fn next_flush_in(settings: &StatusWriterSettings, waiting: &Waiting) -> Option<Duration> {
     let interval = Duration::from_millis(settings.flush_interval_ms);
-    if waiting.pending == 0 && !waiting.held {
+    if waiting.pending == 0 {
         return None;
     }
     if waiting.pending >= settings.max_batch || waiting.drain {
         return Some(Duration::ZERO);
     }
-    if waiting.pending == 0 {
-        return Some(interval);
-    }
     Some(interval.saturating_sub(waiting.oldest_waited.unwrap_or(interval)))
 }
 
 fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState) {
-    if state.flushing || (state.pending.is_empty() && state.held.is_empty()) {
+    if state.flushing || state.pending.is_empty() {
         return;
     }
-    // Held marks count towards the batch's size.
-    let room = state
-        .args
-        .settings
-        .max_batch
-        .saturating_sub(state.held.len());
-    let take = state.pending.len().min(room);
-    let arrived: Vec<StatusRecord> = state.pending.drain(..take).collect();
+    let take = state.pending.len().min(state.args.settings.max_batch);
+    let batch: Vec<StatusRecord> = state.pending.drain(..take).collect();
     // What stays (beyond `max_batch`) keeps the time of the batch's first record.
     if state.pending.is_empty() {
         state.oldest_pending = None;
-    }
-    // Nothing is held back while someone waits for everything to be written (shutdown).
-    let hold = state.waiters.is_empty();
-    let (batch, held) = next_batch(std::mem::take(&mut state.held), arrived, hold);
-    state.held = held;
-    if batch.is_empty() {
-        // Only marks to hold: they go into the next batch, at the latest one interval from now.
-        schedule_tick(myself, state);
-        return;
     }
     state.flushing = true;
     let args = state.args.clone();
@@ -322,60 +296,6 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
         write_batch(&args, &writer, batch).await;
         drop(written);
     });
-}
-
-/// Splits what is to be written into this batch and the `processing` marks to hold back for the
-/// next one. Most deliveries end within a batch or two of starting, and a `processing` change
-/// followed by the notification's final change in the same batch is not written at all
-/// ([`status_batch::apply`] drops it). So a mark that arrived with nothing else for its
-/// notification waits one batch, in case its final change comes meanwhile; marks held from the
-/// last batch are written in this one, first, whatever else arrived. Without holding, half the
-/// marks were written only to be overwritten a batch later: a third of the rows a batch updated.
-///
-/// Only a bare mark is held: a `processing` change with nothing to acknowledge, no attempt and no
-/// permit (a deferral's `processing` with its reason NAKs its message, so it is not held).
-fn next_batch(
-    held: Vec<StatusRecord>,
-    arrived: Vec<StatusRecord>,
-    hold: bool,
-) -> (Vec<StatusRecord>, Vec<StatusRecord>) {
-    let mut batch = held;
-    if !hold {
-        batch.extend(arrived);
-        return (batch, Vec::new());
-    }
-    let concluded_here: std::collections::HashSet<uuid::Uuid> = arrived
-        .iter()
-        .filter(|record| !record.is_bare_mark())
-        .flat_map(|record| record.changes.iter().map(|change| change.id))
-        .collect();
-    let mut hold_next = Vec::new();
-    for record in arrived {
-        let moot_already = record
-            .changes
-            .iter()
-            .any(|c| concluded_here.contains(&c.id));
-        if record.is_bare_mark() && !moot_already {
-            hold_next.push(record);
-        } else {
-            batch.push(record);
-        }
-    }
-    (batch, hold_next)
-}
-
-impl StatusRecord {
-    /// A `processing` mark alone: nothing to acknowledge, no attempt, no permit.
-    fn is_bare_mark(&self) -> bool {
-        matches!(self.then, AfterWrite::Nothing)
-            && self.attempts.is_empty()
-            && self.permit.is_none()
-            && !self.changes.is_empty()
-            && self
-                .changes
-                .iter()
-                .all(|change| change.status == NotificationStatus::Processing)
-    }
 }
 
 /// Tells the writer its flush is over when dropped: when the batch is written, and also when
@@ -567,82 +487,10 @@ mod tests {
         DbErr::Exec(RuntimeErr::SqlxError(Arc::new(cause)))
     }
 
-    fn record(id: uuid::Uuid, status: NotificationStatus) -> StatusRecord {
-        StatusRecord {
-            changes: vec![StatusChange::to(id, status)],
-            attempts: vec![],
-            then: AfterWrite::Nothing,
-            permit: None,
-        }
-    }
-
-    fn ids(records: &[StatusRecord]) -> Vec<(uuid::Uuid, NotificationStatus)> {
-        records
-            .iter()
-            .flat_map(|r| r.changes.iter().map(|c| (c.id, c.status)))
-            .collect()
-    }
-
-    #[test]
-    fn a_bare_processing_mark_waits_one_batch_for_its_final_change() {
-        use NotificationStatus::{Processing, Sent};
-        let (a, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-        let (batch, held) = next_batch(vec![], vec![record(a, Processing), record(b, Sent)], true);
-        assert_eq!(ids(&batch), vec![(b, Sent)]);
-        assert_eq!(ids(&held), vec![(a, Processing)]);
-
-        // The next batch writes the held mark first, before its final change, whatever arrives.
-        let (batch, held) = next_batch(held, vec![record(a, Sent)], true);
-        assert_eq!(ids(&batch), vec![(a, Processing), (a, Sent)]);
-        assert!(held.is_empty());
-        let (batch, held) = next_batch(vec![record(a, Processing)], vec![], true);
-        assert_eq!(ids(&batch), vec![(a, Processing)]);
-        assert!(held.is_empty());
-    }
-
-    #[test]
-    fn a_mark_whose_final_change_came_with_it_is_not_held() {
-        use NotificationStatus::{Processing, Sent};
-        let a = uuid::Uuid::now_v7();
-        let (batch, held) = next_batch(vec![], vec![record(a, Processing), record(a, Sent)], true);
-        assert_eq!(ids(&batch), vec![(a, Processing), (a, Sent)]);
-        assert!(held.is_empty());
-    }
-
-    #[test]
-    fn nothing_is_held_when_everything_must_be_written() {
-        use NotificationStatus::Processing;
-        let a = uuid::Uuid::now_v7();
-        let (batch, held) = next_batch(vec![], vec![record(a, Processing)], false);
-        assert_eq!(ids(&batch), vec![(a, Processing)]);
-        assert!(held.is_empty());
-    }
-
-    #[test]
-    fn only_bare_marks_are_held() {
-        let id = uuid::Uuid::now_v7();
-        assert!(record(id, NotificationStatus::Processing).is_bare_mark());
-        assert!(!record(id, NotificationStatus::Sent).is_bare_mark());
-        let mut with_attempt = record(id, NotificationStatus::Processing);
-        with_attempt.attempts.push(NewAttempt {
-            notification_id: id,
-            attempt_no: 1,
-            channel: "email".into(),
-            provider: "smtp".into(),
-            status: "failed".into(),
-            error: None,
-            provider_message_id: None,
-            latency_ms: 1,
-            at: chrono::Utc::now(),
-        });
-        assert!(!with_attempt.is_bare_mark());
-    }
-
     fn waiting(pending: usize, oldest_waited_ms: u64) -> Waiting {
         Waiting {
             pending,
             oldest_waited: Some(Duration::from_millis(oldest_waited_ms)),
-            held: false,
             drain: false,
         }
     }
@@ -663,17 +511,6 @@ mod tests {
             ..waiting(1, 0)
         };
         assert_eq!(after(draining), Some(Duration::ZERO), "shutdown waits");
-        let only_marks = Waiting {
-            held: true,
-            ..waiting(0, 0)
-        };
-        assert_eq!(after(only_marks), Some(Duration::from_millis(5)));
-        let marks_at_shutdown = Waiting {
-            held: true,
-            drain: true,
-            ..waiting(0, 0)
-        };
-        assert_eq!(after(marks_at_shutdown), Some(Duration::ZERO));
         assert_eq!(after(waiting(0, 0)), None, "nothing to write");
     }
 

@@ -344,9 +344,8 @@ impl NotificationsApi {
     /// Cancel a notification before it goes out.
     ///
     /// Only a `scheduled` notification, or a `queued` one no dispatcher has picked up yet, can be
-    /// cancelled; any other status answers 409 naming it. The pick-up is recorded in batches: a
-    /// cancel within tens of milliseconds of it can answer `cancelled` while the message still goes
-    /// out (its attempt is recorded).
+    /// cancelled; any other status answers 409 naming it. A dispatcher marks a notification
+    /// `processing` before it sends, so a `cancelled` answer means it is not sent.
     #[oai(path = "/notifications/:id/cancel", method = "post")]
     async fn cancel(
         &self,

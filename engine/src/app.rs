@@ -340,7 +340,7 @@ async fn start_engine(
     let deadlines = LeaseDeadlines::default();
     let rate_limits = Arc::new(config.rate_limits()?);
     let context = Arc::new(DeliveryContext {
-        statuses: herald_actors::lookup::statuses(db.clone()),
+        claims: herald_actors::lookup::claims(db.clone(), gate.clone()),
         recipients: herald_actors::lookup::recipients(db.clone()),
         in_flight: herald_actors::lease::InFlight::default(),
         db: db.clone(),

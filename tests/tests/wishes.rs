@@ -735,3 +735,51 @@ async fn recipients_read_together_keep_their_own_wishes() {
     );
     assert_eq!(dan, Ok(Some(Default::default())));
 }
+
+/// The dispatcher claims a notification (marks it `processing`) before it walks the chain, so a
+/// cancel that comes while the provider is being called is refused instead of answering
+/// `cancelled` for a message that goes out. The StatusWriter's batches here come only every 2 s:
+/// a pick-up recorded in them would still read `queued` when the cancel arrives.
+#[tokio::test]
+async fn a_cancel_while_the_provider_is_called_is_refused_and_the_message_goes_out() {
+    let w = world(|config| {
+        config.status_writer.flush_interval_ms = 2_000;
+        if let Some(webhook) = config.channels.webhook.as_mut() {
+            webhook.timeout_ms = 20_000;
+        }
+    })
+    .await;
+    let slow_hooks = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(3)))
+        .mount(&slow_hooks)
+        .await;
+    let hook = format!("{}/hooks/hana", slow_hooks.uri());
+    add_customers(&w.herald, vec![customer_row("hana", "en", Some(hook))]).await;
+    let id = w
+        .herald
+        .send_accepted(&to_customer("hana", "transactional", &["webhook"]))
+        .await;
+
+    eventually("the webhook to be called", E2E_TIMEOUT, || async {
+        let received = slow_hooks.received_requests().await.unwrap_or_default();
+        (!received.is_empty()).then_some(())
+    })
+    .await;
+    let (status, error) = w
+        .herald
+        .post(&format!("/api/v1/notifications/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("processing"),
+        "{error}"
+    );
+
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "webhook", "{sent}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}

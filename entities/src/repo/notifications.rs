@@ -275,6 +275,38 @@ pub async fn progress_of(
         .collect())
 }
 
+/// Claims `ids` for delivery: each that may still go out (`queued`, `scheduled` or `processing`)
+/// is marked `processing` in one statement, so a cancel that comes after the claim finds it
+/// picked up (and a claim after a cancel finds it `cancelled`). Returns the progress of every one
+/// of `ids` that exists: `processing` for those claimed, the stored status (final) for the rest.
+///
+/// On SQLite the caller holds the write turn.
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Progress>, RepoError> {
+    use sea_orm::{QueryTrait, sea_query::Query};
+    let mut update = super::status_batch::processing_update(Utc::now(), ids).into_query();
+    update.returning(
+        Query::returning().columns([notification::Column::Id, notification::Column::Attempts]),
+    );
+    let mut found = HashMap::with_capacity(ids.len());
+    for row in db.query_all(&update).await? {
+        let (id, attempts): (Uuid, i32) = row.try_get_many_by_index()?;
+        let status = NotificationStatus::Processing;
+        found.insert(id, Progress { status, attempts });
+    }
+    if found.len() < ids.len() {
+        let rest: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !found.contains_key(id))
+            .copied()
+            .collect();
+        found.extend(progress_of(db, &rest).await?);
+    }
+    Ok(found)
+}
+
 /// The notification and its attempts in the order they were made.
 pub async fn find_with_attempts(
     db: &impl ConnectionTrait,

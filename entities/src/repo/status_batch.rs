@@ -176,6 +176,19 @@ impl Shape {
     }
 }
 
+/// The UPDATE that marks `ids` `processing` (those whose status allows it), as a batched
+/// `processing` change would.
+pub(crate) fn processing_update(
+    at: DateTime<Utc>,
+    ids: &[Uuid],
+) -> sea_orm::UpdateMany<notification::Entity> {
+    Shape::of(&StatusChange::to(
+        Uuid::nil(),
+        NotificationStatus::Processing,
+    ))
+    .update(at, ids)
+}
+
 /// `status IN (allowed)`, written so that no index on `status` can serve it.
 ///
 /// Without statistics on a table that grows by the second, SQLite's and PostgreSQL's planners
