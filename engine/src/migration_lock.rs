@@ -43,7 +43,7 @@ impl MigrationLock {
     pub async fn acquire(url: &str) -> anyhow::Result<Self> {
         if let Some(path) = herald_entities::sqlite_file(url) {
             crate::app::ensure_sqlite_dir(url)?;
-            return lock_file(lock_file_path(path)).await;
+            return lock_file(lock_file_path(&path)).await;
         }
         if herald_entities::is_sqlite(url) {
             return Ok(Self::NotNeeded);

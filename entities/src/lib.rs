@@ -104,16 +104,17 @@ pub fn is_sqlite(url: &str) -> bool {
 }
 
 /// The database file an SQLite URL names (`sqlite://PATH` or `sqlite:PATH`, options after `?`),
-/// as written (sqlx also decodes `%` escapes); `None` for an in-memory database (`:memory:`,
-/// `mode=memory`) and for other databases.
-pub fn sqlite_file(url: &str) -> Option<&std::path::Path> {
+/// with `%` escapes decoded as sqlx decodes them (`my%20data.db` is `my data.db`); `None` for an
+/// in-memory database (`:memory:`, `mode=memory`) and for other databases.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let (path, options) = rest.split_once('?').unwrap_or((rest, ""));
     let in_memory = path.trim_start_matches('/') == ":memory:"
         || options.split('&').any(|option| option == "mode=memory");
-    (!path.is_empty() && !in_memory).then(|| std::path::Path::new(path))
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    (!path.is_empty() && !in_memory).then(|| std::path::PathBuf::from(decoded.as_ref()))
 }
 
 /// Whether `url` names an in-memory SQLite database.
@@ -172,21 +173,30 @@ fn options(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     #[test]
     fn sqlite_urls_name_their_file_or_memory() {
-        let file = |url| sqlite_file(url).and_then(Path::to_str);
+        let file = |url| {
+            let path = sqlite_file(url)?;
+            Some(path.to_str().expect("UTF-8").to_owned())
+        };
         assert_eq!(
-            file("sqlite://data/herald.db?mode=rwc"),
+            file("sqlite://data/herald.db?mode=rwc").as_deref(),
             Some("data/herald.db")
         );
-        assert_eq!(file("sqlite:data/herald.db"), Some("data/herald.db"));
         assert_eq!(
-            file("sqlite:///var/lib/herald.db"),
+            file("sqlite:data/herald.db").as_deref(),
+            Some("data/herald.db")
+        );
+        assert_eq!(
+            file("sqlite:///var/lib/herald.db").as_deref(),
             Some("/var/lib/herald.db")
+        );
+        assert_eq!(
+            file("sqlite://data/my%20data%3F.db?mode=rwc").as_deref(),
+            Some("data/my data?.db"),
+            "escapes decoded as sqlx decodes them"
         );
         for memory in [
             "sqlite::memory:",

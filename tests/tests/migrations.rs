@@ -26,3 +26,29 @@ async fn instances_migrating_one_database_at_once_all_succeed() {
         }
     }
 }
+
+/// An SQLite URL may escape characters of its path (`%20` for a space), as sqlx decodes them:
+/// the folder Herald creates and the migration lock beside the file are at the decoded path, the
+/// one sqlx opens.
+#[tokio::test]
+async fn an_escaped_sqlite_path_is_created_and_locked_where_sqlx_opens_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = herald_engine::Config::default();
+    config.database.url = format!(
+        "sqlite://{}/new%20folder/herald%20data.db?mode=rwc",
+        dir.path().display()
+    );
+    herald_engine::app::migrate(&config)
+        .await
+        .expect("migrated at the decoded path");
+    let folder = dir.path().join("new folder");
+    assert!(folder.join("herald data.db").is_file(), "the database file");
+    assert!(
+        folder.join("herald data.db-migrations.lock").is_file(),
+        "the migration lock beside it"
+    );
+    assert!(
+        !dir.path().join("new%20folder").exists(),
+        "no folder named with the escape"
+    );
+}
