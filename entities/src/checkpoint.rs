@@ -19,8 +19,11 @@
 //! `TRUNCATE` checkpoint in that turn held the writers for 20–60 ms each time, and the API's p95
 //! at 2,000 requests/s went from 4 to 40 ms.) [`JOURNAL_SIZE_LIMIT`] then shrinks the file.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
 use tokio::task::JoinHandle;
 
@@ -60,7 +63,7 @@ impl Checkpointer {
             return Ok(None);
         }
         let db = crate::connect(url, 1).await?;
-        let task = tokio::spawn(run(db, gate));
+        let task = tokio::spawn(run(move || checkpoint(db.clone()), gate));
         Ok(Some(Self { task }))
     }
 }
@@ -74,37 +77,68 @@ impl Drop for Checkpointer {
 /// Takes a passive checkpoint every [`CHECKPOINT_INTERVAL`], and a second one in a writers' turn
 /// when the log is large. A failure is counted and logged (once until a checkpoint succeeds
 /// again), and the next round tries again; until then the log grows, and nothing else is affected.
-async fn run(db: DatabaseConnection, gate: WriteGate) {
+/// A round that panics is counted as a restart (`herald_actor_restarts_total{actor="checkpointer"}`)
+/// and the next round runs as usual: without checkpoints the log would grow without bound.
+async fn run<C, F>(checkpoint: C, gate: WriteGate)
+where
+    C: Fn() -> F,
+    F: Future<Output = Result<Logged, DbErr>>,
+{
     let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut large, mut failing) = (false, false);
+    let mut state = RoundState::default();
     loop {
         ticks.tick().await;
-        let started = Instant::now();
-        let mut result = checkpoint(&db).await;
-        if large && result.is_ok() {
-            // What was committed during that one, copied while no batch commit lands: the log is
-            // then all copied, and the next batch writer starts it from its beginning again.
-            let _turn = gate.enter().await;
-            result = checkpoint(&db).await;
+        let round = AssertUnwindSafe(round(&checkpoint, &gate, &mut state))
+            .catch_unwind()
+            .await;
+        if round.is_err() {
+            metrics::counter!("herald_actor_restarts_total", "actor" => "checkpointer")
+                .increment(1);
+            tracing::error!("an SQLite checkpoint round panicked; checkpointing goes on");
+            state = RoundState::default();
         }
-        match result {
-            // Another connection is checkpointing (another engine on the same file): its turn.
-            Ok(Logged { busy: true, .. }) => {}
-            Ok(logged) => {
-                failing = false;
-                large = logged.pages > LARGE_LOG_PAGES;
-                metrics::histogram!("herald_sqlite_checkpoint_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::gauge!("herald_sqlite_wal_pages").set(logged.pages.max(0) as f64);
+    }
+}
+
+/// What one checkpoint round leaves for the next.
+#[derive(Debug, Default)]
+struct RoundState {
+    /// The log was over [`LARGE_LOG_PAGES`] at the last checkpoint.
+    large: bool,
+    /// The last checkpoint failed (its failure is logged once).
+    failing: bool,
+}
+
+async fn round<C, F>(checkpoint: &C, gate: &WriteGate, state: &mut RoundState)
+where
+    C: Fn() -> F,
+    F: Future<Output = Result<Logged, DbErr>>,
+{
+    let started = Instant::now();
+    let mut result = checkpoint().await;
+    if state.large && result.is_ok() {
+        // What was committed during that one, copied while no batch commit lands: the log is
+        // then all copied, and the next batch writer starts it from its beginning again.
+        let _turn = gate.enter().await;
+        result = checkpoint().await;
+    }
+    match result {
+        // Another connection is checkpointing (another engine on the same file): its turn.
+        Ok(Logged { busy: true, .. }) => {}
+        Ok(logged) => {
+            state.failing = false;
+            state.large = logged.pages > LARGE_LOG_PAGES;
+            metrics::histogram!("herald_sqlite_checkpoint_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::gauge!("herald_sqlite_wal_pages").set(logged.pages.max(0) as f64);
+        }
+        Err(err) => {
+            metrics::counter!("herald_sqlite_checkpoint_failures_total").increment(1);
+            if !state.failing {
+                tracing::warn!(error = %err, "SQLite checkpoint failed; retrying");
             }
-            Err(err) => {
-                metrics::counter!("herald_sqlite_checkpoint_failures_total").increment(1);
-                if !failing {
-                    tracing::warn!(error = %err, "SQLite checkpoint failed; retrying");
-                }
-                failing = true;
-            }
+            state.failing = true;
         }
     }
 }
@@ -121,7 +155,7 @@ struct Logged {
 }
 
 /// One `PASSIVE` checkpoint: it copies what it can without waiting for anyone.
-async fn checkpoint(db: &DatabaseConnection) -> Result<Logged, DbErr> {
+async fn checkpoint(db: DatabaseConnection) -> Result<Logged, DbErr> {
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -156,7 +190,7 @@ mod tests {
                 .await
                 .expect("write");
         }
-        checkpoint(&db).await.expect("checkpoint")
+        checkpoint(db).await.expect("checkpoint")
     }
 
     #[tokio::test]
@@ -168,6 +202,34 @@ mod tests {
 
         let on_commit = pages_logged_after_writes(Checkpoints::OnCommit, 6).await;
         assert!(on_commit.pages < 1_000, "{on_commit:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_round_that_panics_does_not_stop_the_checkpoints() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let checkpoint = move || {
+            let call = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                assert!(call != 0, "the first checkpoint panics");
+                Ok(Logged {
+                    busy: false,
+                    pages: 10,
+                    copied: 10,
+                })
+            }
+        };
+        let task = tokio::spawn(run(checkpoint, WriteGate::default()));
+        tokio::time::sleep(CHECKPOINT_INTERVAL * 4).await;
+        assert!(!task.is_finished(), "the checkpointer ended");
+        assert!(
+            calls.load(Ordering::SeqCst) >= 4,
+            "rounds after the panic: {}",
+            calls.load(Ordering::SeqCst)
+        );
+        task.abort();
     }
 
     #[tokio::test]
