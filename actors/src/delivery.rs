@@ -1,7 +1,7 @@
 //! The delivery of one send command: the policy the Dispatcher applies.
 //!
-//! Decode (poison ⇒ dead letter) → skip if a redelivery finds the notification already final →
-//! mark `processing` → resolve contacts → render the template the notification names, if any, in
+//! Decode (poison ⇒ dead letter) → claim the notification (mark it `processing`, so a cancel from
+//! then on is refused; skip it if it is already final, cancelled included) → resolve contacts → render the template the notification names, if any, in
 //! the recipient's locale (a render error ⇒ `failed`, no retry) → hand the command back if this
 //! instance's lease on its partition ran out meanwhile (see [`crate::partitions::LeaseDeadlines`])
 //! → walk the channel chain, asking each channel actor → record every attempt → `sent`, or NAK
@@ -18,6 +18,7 @@ use herald_entities::{
     NotificationStatus, customer,
     repo::{
         self,
+        notifications::Claimed,
         status_batch::{NewAttempt, StatusChange},
     },
 };
@@ -39,6 +40,9 @@ use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 
 /// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
 const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// When a notification whose status changed while it was being claimed is claimed again.
+const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);
 
 /// Largest command accepted: the API's limits (256 KiB text and HTML each) plus headroom.
 pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
@@ -110,12 +114,17 @@ pub async fn deliver(
     };
     let permit = permit.with_claim(claim);
     let round = match ctx.claims.get(id).await {
-        Ok(Some(progress)) if !progress.status.is_final() => {
-            Round::after(progress.attempts, command.channels.len())
-        }
-        Ok(Some(_)) => {
-            // Final already: cancelled, or a redelivery of a command whose outcome is written.
+        Ok(Some(Claimed::Yours { attempts })) => Round::after(attempts, command.channels.len()),
+        Ok(Some(Claimed::Final(_))) => {
+            // Cancelled, or a redelivery of a command whose outcome is written.
             let _ = acker.ack().await;
+            return;
+        }
+        Ok(Some(Claimed::Moved(status))) => {
+            tracing::info!(%id, status = status.as_str(), "status changed while claiming; later");
+            let _ = acker
+                .ack_with(jetstream::AckKind::Nak(Some(CLAIM_AGAIN_IN)))
+                .await;
             return;
         }
         Ok(None) => {

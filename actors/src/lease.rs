@@ -4,7 +4,8 @@
 //!
 //! The claim keeps a second copy of the same command out while the first is being worked on: after
 //! a NATS restart, JetStream redelivers messages whose processing is still under way here, and
-//! without the claim both copies would pass the status check (`processing` is not final) and send.
+//! without it both copies would pass the database claim (a `processing` notification is claimed
+//! again, for the redelivery of a delivery that stopped) and send.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

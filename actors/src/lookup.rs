@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use herald_entities::{
     WriteGate, customer,
-    repo::{self, notifications::Progress, preferences::Wishes},
+    repo::{self, notifications::Claimed, preferences::Wishes},
 };
 use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
@@ -91,9 +91,8 @@ where
 }
 
 /// Claims by notification id: the dispatcher claims every command's notification before
-/// delivering it ([`repo::notifications::claim`]), and never sends what is unknown or already
-/// final. The answer is the notification's progress (status and attempts made).
-pub type ClaimLookup = BatchLookup<Uuid, Progress>;
+/// delivering it ([`repo::notifications::claim`]) and sends only what it claimed.
+pub type ClaimLookup = BatchLookup<Uuid, Claimed>;
 
 /// Starts a [`ClaimLookup`] on `db`; each batch's claim takes a turn at `gate`.
 pub fn claims(db: DatabaseConnection, gate: WriteGate) -> ClaimLookup {

@@ -281,8 +281,8 @@ fn new_notification(
 }
 
 /// Publishes the stored notification's command unless it is already past `queued` (then a
-/// dispatcher has it). JetStream's `Nats-Msg-Id` de-duplication and the dispatcher's status check
-/// make a second publish harmless.
+/// dispatcher has it). JetStream's `Nats-Msg-Id` de-duplication and the dispatcher's claim (which
+/// drops a command whose notification is final) make a second publish harmless.
 async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Result<(), Failure> {
     if row.status != NotificationStatus::Queued {
         return Ok(());

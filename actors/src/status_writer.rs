@@ -46,7 +46,7 @@ impl Default for StatusWriterSettings {
 
 /// What to tell JetStream once the record is written.
 pub enum AfterWrite {
-    /// Nothing (an intermediate status such as `processing`).
+    /// Nothing: no JetStream message waits for this record.
     Nothing,
     /// Acknowledge: the message is done.
     Ack(Acker),

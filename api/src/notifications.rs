@@ -345,7 +345,9 @@ impl NotificationsApi {
     ///
     /// Only a `scheduled` notification, or a `queued` one no dispatcher has picked up yet, can be
     /// cancelled; any other status answers 409 naming it. A dispatcher marks a notification
-    /// `processing` before it sends, so a `cancelled` answer means it is not sent.
+    /// `processing` before it sends, so a `cancelled` answer means it is not sent. A notification
+    /// held back by the recipient's quiet hours or rate limit stays `processing` while it waits, and
+    /// cannot be cancelled.
     #[oai(path = "/notifications/:id/cancel", method = "post")]
     async fn cancel(
         &self,
@@ -368,7 +370,7 @@ fn record_stage(stage: &'static str, started: Instant) {
 /// Publishes a stored `queued` notification's command again: its first request may have stopped
 /// between storing and publishing (a crash, or NATS and the database failing together; a client
 /// that disconnects does not stop it). A command that did arrive is dropped by JetStream's
-/// de-duplication within its window, and after it by the dispatcher's status check.
+/// de-duplication within its window, and after it by the dispatcher's claim.
 async fn publish_again(state: &AppState, row: &notification::Model) -> Result<(), ApiError> {
     let command = repo::send_command(row).map_err(|err| ApiError::internal(&err))?;
     state

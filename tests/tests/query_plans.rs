@@ -15,19 +15,19 @@ use herald_entities::repo::{batches, history, notifications, schedule};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
 use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Select, Statement,
-    TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Statement,
+    StatementBuilder, TransactionTrait,
 };
 use uuid::Uuid;
 
-/// The database's plan for `query`, one line per step.
-async fn plan<E: sea_orm::EntityTrait>(
+/// The database's plan for `query` (a SELECT, or an UPDATE as the claim), one line per step.
+async fn plan(
     txn: &DatabaseTransaction,
     kind: DatabaseKind,
-    query: Select<E>,
+    query: &impl StatementBuilder,
 ) -> String {
     let backend = txn.get_database_backend();
-    let statement = query.build(backend);
+    let statement = query.build(&backend);
     let values = statement.values.map(|v| v.0).unwrap_or_default();
     let explained = match kind {
         DatabaseKind::Sqlite => Statement::from_sql_and_values(
@@ -68,10 +68,10 @@ async fn plan<E: sea_orm::EntityTrait>(
 }
 
 /// Asserts that the database plans `query` on `index`; `what` names the lookup in the failure.
-async fn assert_planned_on<E: sea_orm::EntityTrait>(
+async fn assert_planned_on(
     txn: &DatabaseTransaction,
     kind: DatabaseKind,
-    query: Select<E>,
+    query: &impl StatementBuilder,
     index: &str,
     what: &str,
 ) {
@@ -85,7 +85,8 @@ async fn assert_planned_on<E: sea_orm::EntityTrait>(
 /// Asserts that the scheduler's due scan is planned on `index`, on a connection opened now.
 async fn assert_due_scan_on(url: &str, kind: DatabaseKind, index: &str, what: &str) {
     let (_db, txn) = planning(url, kind).await;
-    assert_planned_on(&txn, kind, schedule::due(Utc::now(), 100), index, what).await;
+    let due = schedule::due(Utc::now(), 100).into_query();
+    assert_planned_on(&txn, kind, &due, index, what).await;
     txn.rollback().await.expect("planning transaction ended");
 }
 
@@ -117,19 +118,19 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let (_db, txn) = planning(database.url(), kind).await;
     let now = Utc::now();
 
-    let due = schedule::due(now, 100);
+    let due = schedule::due(now, 100).into_query();
     assert_planned_on(
         &txn,
         kind,
-        due,
+        &due,
         "idx_notifications_scheduled_due",
         "the due scan",
     )
     .await;
 
-    let stale = schedule::stale(now - Duration::seconds(30), 100);
+    let stale = schedule::stale(now - Duration::seconds(30), 100).into_query();
     let index = "idx_notifications_queued_updated";
-    assert_planned_on(&txn, kind, stale, index, "the stale-claim sweep").await;
+    assert_planned_on(&txn, kind, &stale, index, "the stale-claim sweep").await;
 
     for status in [
         NotificationStatus::Processing,
@@ -144,7 +145,14 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         };
         let listed = history::page(&filter, None, 50);
         let what = format!("listing {status:?}");
-        assert_planned_on(&txn, kind, listed, "idx_notifications_watched", &what).await;
+        assert_planned_on(
+            &txn,
+            kind,
+            &listed.into_query(),
+            "idx_notifications_watched",
+            &what,
+        )
+        .await;
     }
 
     let filter = history::HistoryFilter {
@@ -154,20 +162,36 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     };
     let customer = history::page(&filter, Some(Uuid::now_v7()), 50);
     let index = "idx_notifications_customer_id";
-    assert_planned_on(&txn, kind, customer, index, "a customer's history").await;
+    assert_planned_on(
+        &txn,
+        kind,
+        &customer.into_query(),
+        index,
+        "a customer's history",
+    )
+    .await;
 
     let ids = [Uuid::now_v7(), Uuid::now_v7()];
-    let statuses = notifications::progress_query(&ids);
     let index = match kind {
         DatabaseKind::Sqlite => "sqlite_autoindex_notifications_1",
         DatabaseKind::Postgres => "notifications_pkey",
     };
-    let what = "the status check before sending";
-    assert_planned_on(&txn, kind, statuses, index, what).await;
+    let claim = notifications::claim_query(now, &ids);
+    assert_planned_on(&txn, kind, &claim, index, "the claim before sending").await;
+    let statuses = notifications::status_query(&ids).into_query();
+    let what = "the claim's read of what it left";
+    assert_planned_on(&txn, kind, &statuses, index, what).await;
 
     let progress = batches::progress(Uuid::now_v7());
     let index = "idx_notifications_bulk_status";
-    assert_planned_on(&txn, kind, progress, index, "a bulk send's progress").await;
+    assert_planned_on(
+        &txn,
+        kind,
+        &progress.into_query(),
+        index,
+        "a bulk send's progress",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -1,19 +1,13 @@
-//! Status writes against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says): a
-//! record that arrives alone at the StatusWriter is written by the next batch, one interval later,
-//! and a flush (as at shutdown) writes it at once; the dispatcher's claim and a cancel exclude each
-//! other.
+//! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
+//! a record that arrives alone is written by the next batch, one interval later, and a flush (as at
+//! shutdown) writes it at once.
 
 use std::time::Duration;
 
 use herald_actors::status_writer::{
     AfterWrite, StatusRecord, StatusWriter, StatusWriterArgs, StatusWriterMsg, StatusWriterSettings,
 };
-use herald_entities::repo::{
-    self,
-    notifications::Progress,
-    schedule::Cancel,
-    status_batch::{self, StatusChange},
-};
+use herald_entities::repo::{self, status_batch::StatusChange};
 use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
 use herald_nats::Publisher;
 use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification};
@@ -96,54 +90,4 @@ async fn a_lone_record_is_written_by_the_next_batch_or_at_once_by_a_flush() {
 
     ticking.stop(None);
     slow.stop(None);
-}
-
-#[tokio::test]
-async fn a_claim_and_a_cancel_exclude_each_other() {
-    use NotificationStatus::{Cancelled, Processing};
-    let database = TestDatabase::from_env().await.expect("database");
-    let mut config = herald_engine::Config::default();
-    config.database.url = database.url().to_owned();
-    let db = herald_engine::app::migrate(&config)
-        .await
-        .expect("migrated");
-    let rows = vec![queued_notification(None), queued_notification(None)];
-    let (claimed, cancelled, unknown) = (rows[0].id, rows[1].id, Uuid::now_v7());
-    repo::notifications::insert_many(&db, rows)
-        .await
-        .expect("stored");
-
-    let cancel = |id| repo::schedule::cancel(&db, id, "cancelled by the test");
-    assert!(matches!(cancel(cancelled).await, Ok(Cancel::Cancelled(_))));
-    let progress = repo::notifications::claim(&db, &[claimed, cancelled, unknown])
-        .await
-        .expect("claimed");
-    let processing = |attempts| Progress {
-        status: Processing,
-        attempts,
-    };
-    assert_eq!(progress.get(&claimed), Some(&processing(0)));
-    assert_eq!(progress.get(&cancelled).map(|p| p.status), Some(Cancelled));
-    assert_eq!(progress.get(&unknown), None);
-    assert_eq!(status(&db, claimed).await, Processing);
-    assert_eq!(
-        status(&db, cancelled).await,
-        Cancelled,
-        "a claim never undoes a cancel"
-    );
-    assert!(matches!(
-        cancel(claimed).await,
-        Ok(Cancel::NotCancellable(Processing))
-    ));
-
-    // A redelivery claims it again, with the attempts recorded meanwhile.
-    let mut tried = StatusChange::to(claimed, Processing);
-    tried.attempts = Some(2);
-    status_batch::apply(&db, &[tried], &[])
-        .await
-        .expect("attempts recorded");
-    let again = repo::notifications::claim(&db, &[claimed])
-        .await
-        .expect("claimed again");
-    assert_eq!(again.get(&claimed), Some(&processing(2)));
 }

@@ -781,5 +781,7 @@ async fn a_cancel_while_the_provider_is_called_is_refused_and_the_message_goes_o
 
     let sent = w.herald.wait_status(&id, "sent").await;
     assert_eq!(sent["final_channel"], "webhook", "{sent}");
+    let calls = slow_hooks.received_requests().await.unwrap_or_default();
+    assert_eq!(calls.len(), 1, "sent once");
     w.herald.shutdown().await.expect("clean shutdown");
 }

@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, Select, TransactionTrait, sea_query::OnConflict,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, Select, TransactionTrait,
+    sea_query::{OnConflict, Query, UpdateStatement},
 };
 use uuid::Uuid;
 
@@ -243,58 +245,54 @@ pub async fn find(
     Ok(notification::Entity::find_by_id(id).one(db).await?)
 }
 
-/// Where a notification stands, as the dispatcher needs it before a delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    /// Current status.
-    pub status: NotificationStatus,
-    /// Delivery attempts recorded so far (the highest attempt number).
-    pub attempts: i32,
-}
-
-/// The query of [`progress_of`]: id, status and attempts of `ids`.
-pub fn progress_query(ids: &[Uuid]) -> Select<notification::Entity> {
+/// The second read of [`claim`]: id and status of `ids`, those it did not claim.
+pub fn status_query(ids: &[Uuid]) -> Select<notification::Entity> {
     notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
         .column(notification::Column::Status)
-        .column(notification::Column::Attempts)
         .filter(notification::Column::Id.is_in(ids.iter().copied()))
 }
 
-/// The progress of each of `ids` that exists, in one query.
-pub async fn progress_of(
-    db: &impl ConnectionTrait,
-    ids: &[Uuid],
-) -> Result<std::collections::HashMap<Uuid, Progress>, RepoError> {
-    let rows: Vec<(Uuid, NotificationStatus, i32)> =
-        progress_query(ids).into_tuple().all(db).await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, status, attempts)| (id, Progress { status, attempts }))
-        .collect())
+/// What a claim found for one notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// Marked `processing` by this claim: deliver it. `attempts` were recorded before.
+    Yours {
+        /// Delivery attempts recorded so far (the highest attempt number).
+        attempts: i32,
+    },
+    /// Already final (`cancelled`, or sent or given up by an earlier delivery): never send it.
+    Final(NotificationStatus),
+    /// Not final, yet not claimed: its status changed between the claim and the read of what the
+    /// claim left (a dead letter requeued meanwhile, say). Claim it again later.
+    Moved(NotificationStatus),
+}
+
+/// The claim's statement: `UPDATE notifications SET status = 'processing' … WHERE id IN (ids)
+/// AND status IN ('queued', 'scheduled', 'processing') RETURNING id, attempts`.
+pub fn claim_query(at: DateTime<Utc>, ids: &[Uuid]) -> UpdateStatement {
+    let mut update = super::status_batch::processing_update(at, ids).into_query();
+    update.returning(
+        Query::returning().columns([notification::Column::Id, notification::Column::Attempts]),
+    );
+    update
 }
 
 /// Claims `ids` for delivery: each that may still go out (`queued`, `scheduled` or `processing`)
-/// is marked `processing` in one statement, so a cancel that comes after the claim finds it
-/// picked up (and a claim after a cancel finds it `cancelled`). Returns the progress of every one
-/// of `ids` that exists: `processing` for those claimed, the stored status (final) for the rest.
+/// is marked `processing` in one statement ([`claim_query`]), so a cancel that comes after the
+/// claim finds it picked up, and a claim after a cancel finds it `cancelled`. Every one of `ids`
+/// that exists has an answer; the rest are unknown.
 ///
 /// On SQLite the caller holds the write turn.
 pub async fn claim(
     db: &impl ConnectionTrait,
     ids: &[Uuid],
-) -> Result<HashMap<Uuid, Progress>, RepoError> {
-    use sea_orm::{QueryTrait, sea_query::Query};
-    let mut update = super::status_batch::processing_update(Utc::now(), ids).into_query();
-    update.returning(
-        Query::returning().columns([notification::Column::Id, notification::Column::Attempts]),
-    );
+) -> Result<HashMap<Uuid, Claimed>, RepoError> {
     let mut found = HashMap::with_capacity(ids.len());
-    for row in db.query_all(&update).await? {
+    for row in db.query_all(&claim_query(Utc::now(), ids)).await? {
         let (id, attempts): (Uuid, i32) = row.try_get_many_by_index()?;
-        let status = NotificationStatus::Processing;
-        found.insert(id, Progress { status, attempts });
+        found.insert(id, Claimed::Yours { attempts });
     }
     if found.len() < ids.len() {
         let rest: Vec<Uuid> = ids
@@ -302,7 +300,15 @@ pub async fn claim(
             .filter(|id| !found.contains_key(id))
             .copied()
             .collect();
-        found.extend(progress_of(db, &rest).await?);
+        let statuses: Vec<(Uuid, NotificationStatus)> =
+            status_query(&rest).into_tuple().all(db).await?;
+        for (id, status) in statuses {
+            let claimed = match status.is_final() {
+                true => Claimed::Final(status),
+                false => Claimed::Moved(status),
+            };
+            found.insert(id, claimed);
+        }
     }
     Ok(found)
 }

@@ -106,7 +106,8 @@ pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> 
 /// mark (unless a dispatcher has moved them on already).
 ///
 /// On PostgreSQL, rows a concurrent transaction holds are skipped (`FOR UPDATE SKIP LOCKED`):
-/// that is the StatusWriter moving them to `processing`, which clears the mark itself. Waiting
+/// that is a dispatcher's claim moving them to `processing`, or the StatusWriter moving them on,
+/// and either clears the mark itself. Waiting
 /// for them deadlocked against its multi-row UPDATEs (each locks rows in its own order), and the
 /// 1 s until PostgreSQL broke the deadlock stalled every insert behind the confirmation. SQLite
 /// has one writer and no row locks.

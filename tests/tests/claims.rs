@@ -1,0 +1,136 @@
+//! The dispatcher's claim against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB`
+//! says): a claim and a cancel of one notification exclude each other, one after the other and
+//! racing, so a cancel that answers `cancelled` means the notification is never sent.
+
+use herald_entities::NotificationStatus;
+use herald_entities::repo::{
+    self,
+    notifications::Claimed,
+    schedule::Cancel,
+    status_batch::{self, StatusChange},
+};
+use herald_tests::{TestDatabase, queued_notification};
+use sea_orm::DatabaseConnection;
+use uuid::Uuid;
+
+async fn migrated(database: &TestDatabase) -> DatabaseConnection {
+    let mut config = herald_engine::Config::default();
+    config.database.url = database.url().to_owned();
+    herald_engine::app::migrate(&config)
+        .await
+        .expect("migrated")
+}
+
+async fn status(db: &DatabaseConnection, id: Uuid) -> NotificationStatus {
+    repo::notifications::find(db, id)
+        .await
+        .expect("read")
+        .expect("stored")
+        .status
+}
+
+async fn cancel(db: &DatabaseConnection, id: Uuid) -> Cancel {
+    repo::schedule::cancel(db, id, "cancelled by the test")
+        .await
+        .expect("cancel ran")
+}
+
+#[tokio::test]
+async fn a_claim_takes_what_may_go_out_and_never_undoes_a_cancel() {
+    use NotificationStatus::{Cancelled, Processing, Scheduled, Sent};
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = migrated(&database).await;
+    let mut scheduled = queued_notification(None);
+    scheduled.status = Scheduled;
+    let rows = vec![
+        queued_notification(None),
+        queued_notification(None),
+        queued_notification(None),
+        scheduled,
+    ];
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let (queued, cancelled, sent, scheduled, unknown) =
+        (ids[0], ids[1], ids[2], ids[3], Uuid::now_v7());
+    repo::notifications::insert_many(&db, rows)
+        .await
+        .expect("stored");
+    status_batch::apply(&db, &[StatusChange::to(sent, Sent)], &[])
+        .await
+        .expect("one sent");
+
+    assert!(matches!(cancel(&db, cancelled).await, Cancel::Cancelled(_)));
+    let claimed = repo::notifications::claim(&db, &[queued, cancelled, sent, scheduled, unknown])
+        .await
+        .expect("claimed");
+    let yours = Claimed::Yours { attempts: 0 };
+    assert_eq!(claimed.get(&queued), Some(&yours));
+    assert_eq!(claimed.get(&scheduled), Some(&yours));
+    assert_eq!(claimed.get(&cancelled), Some(&Claimed::Final(Cancelled)));
+    assert_eq!(claimed.get(&sent), Some(&Claimed::Final(Sent)));
+    assert_eq!(claimed.get(&unknown), None);
+    assert_eq!(status(&db, queued).await, Processing);
+    assert_eq!(status(&db, scheduled).await, Processing);
+    assert_eq!(
+        status(&db, cancelled).await,
+        Cancelled,
+        "a claim never undoes a cancel"
+    );
+    assert_eq!(status(&db, sent).await, Sent);
+    assert_eq!(
+        cancel(&db, queued).await,
+        Cancel::NotCancellable(Processing)
+    );
+
+    // A redelivery claims it again, with the attempts recorded meanwhile.
+    let mut tried = StatusChange::to(queued, Processing);
+    tried.attempts = Some(2);
+    status_batch::apply(&db, &[tried], &[])
+        .await
+        .expect("attempts recorded");
+    let again = repo::notifications::claim(&db, &[queued])
+        .await
+        .expect("claimed again");
+    assert_eq!(again.get(&queued), Some(&Claimed::Yours { attempts: 2 }));
+}
+
+/// Cancels race one claim of all the rows: each row is either cancelled and not claimed, or
+/// claimed and not cancellable — never both, never neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_cancels_and_a_claim_each_row_has_one_winner() {
+    const ROWS: usize = 200;
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = migrated(&database).await;
+    let rows: Vec<_> = (0..ROWS).map(|_| queued_notification(None)).collect();
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    repo::notifications::insert_many(&db, rows)
+        .await
+        .expect("stored");
+
+    let cancels: Vec<_> = ids
+        .iter()
+        .map(|&id| {
+            let db = db.clone();
+            tokio::spawn(async move { (id, cancel(&db, id).await) })
+        })
+        .collect();
+    let claim = {
+        let (db, ids) = (db.clone(), ids.clone());
+        tokio::spawn(async move { repo::notifications::claim(&db, &ids).await })
+    };
+    let claimed = claim.await.expect("joined").expect("claimed");
+    let mut winners = (0, 0);
+    for cancel in cancels {
+        let (id, outcome) = cancel.await.expect("joined");
+        match (outcome, claimed.get(&id)) {
+            (Cancel::Cancelled(_), Some(Claimed::Final(NotificationStatus::Cancelled))) => {
+                winners.0 += 1;
+            }
+            (
+                Cancel::NotCancellable(NotificationStatus::Processing),
+                Some(Claimed::Yours { .. }),
+            ) => winners.1 += 1,
+            (outcome, claim) => panic!("{id}: cancel {outcome:?} and claim {claim:?}"),
+        }
+    }
+    assert_eq!(winners.0 + winners.1, ROWS, "{winners:?}");
+}
