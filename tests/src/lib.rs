@@ -54,6 +54,18 @@ pub fn init_tracing() {
     });
 }
 
+/// The stored status of notification `id`; panics if it is not stored.
+pub async fn stored_status(
+    db: &sea_orm::DatabaseConnection,
+    id: uuid::Uuid,
+) -> herald_entities::NotificationStatus {
+    herald_entities::repo::notifications::find(db, id)
+        .await
+        .expect("notification read")
+        .expect("notification stored")
+        .status
+}
+
 /// A `queued` email notification for ada@example.com, as the API stores one, ready to insert.
 pub fn queued_notification(
     request_id: Option<String>,

@@ -9,7 +9,7 @@ use herald_entities::repo::{
     schedule::Cancel,
     status_batch::{self, StatusChange},
 };
-use herald_tests::{TestDatabase, queued_notification};
+use herald_tests::{TestDatabase, queued_notification, stored_status};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
@@ -19,14 +19,6 @@ async fn migrated(database: &TestDatabase) -> DatabaseConnection {
     herald_engine::app::migrate(&config)
         .await
         .expect("migrated")
-}
-
-async fn status(db: &DatabaseConnection, id: Uuid) -> NotificationStatus {
-    repo::notifications::find(db, id)
-        .await
-        .expect("read")
-        .expect("stored")
-        .status
 }
 
 async fn cancel(db: &DatabaseConnection, id: Uuid) -> Cancel {
@@ -68,14 +60,14 @@ async fn a_claim_takes_what_may_go_out_and_never_undoes_a_cancel() {
     assert_eq!(claimed.get(&cancelled), Some(&Claimed::Final(Cancelled)));
     assert_eq!(claimed.get(&sent), Some(&Claimed::Final(Sent)));
     assert_eq!(claimed.get(&unknown), None);
-    assert_eq!(status(&db, queued).await, Processing);
-    assert_eq!(status(&db, scheduled).await, Processing);
+    assert_eq!(stored_status(&db, queued).await, Processing);
+    assert_eq!(stored_status(&db, scheduled).await, Processing);
     assert_eq!(
-        status(&db, cancelled).await,
+        stored_status(&db, cancelled).await,
         Cancelled,
         "a claim never undoes a cancel"
     );
-    assert_eq!(status(&db, sent).await, Sent);
+    assert_eq!(stored_status(&db, sent).await, Sent);
     assert_eq!(
         cancel(&db, queued).await,
         Cancel::NotCancellable(Processing)

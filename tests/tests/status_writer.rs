@@ -10,9 +10,8 @@ use herald_actors::status_writer::{
 use herald_entities::repo::{self, status_batch::StatusChange};
 use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
 use herald_nats::Publisher;
-use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification};
+use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification, stored_status};
 use ractor::{Actor, ActorRef};
-use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
 /// Longest the test waits for a mark to be written, or for the writer to answer.
@@ -25,14 +24,6 @@ fn mark(id: Uuid) -> StatusWriterMsg {
         then: AfterWrite::Nothing,
         permit: None,
     }))
-}
-
-async fn status(db: &DatabaseConnection, id: Uuid) -> NotificationStatus {
-    repo::notifications::find(db, id)
-        .await
-        .expect("read")
-        .expect("stored")
-        .status
 }
 
 async fn writer(
@@ -77,7 +68,7 @@ async fn a_lone_record_is_written_by_the_next_batch_or_at_once_by_a_flush() {
     let ticking = writer(&database, &nats, 5).await;
     ticking.cast(mark(alone)).expect("sent");
     eventually("the lone mark written", WAIT, || async {
-        (status(&db, alone).await == NotificationStatus::Processing).then_some(())
+        (stored_status(&db, alone).await == NotificationStatus::Processing).then_some(())
     })
     .await;
 
@@ -86,7 +77,10 @@ async fn a_lone_record_is_written_by_the_next_batch_or_at_once_by_a_flush() {
     slow.cast(mark(flushed)).expect("sent");
     let flush = ractor::call_t!(slow, StatusWriterMsg::Flush, WAIT.as_millis() as u64);
     flush.expect("flushed");
-    assert_eq!(status(&db, flushed).await, NotificationStatus::Processing);
+    assert_eq!(
+        stored_status(&db, flushed).await,
+        NotificationStatus::Processing
+    );
 
     ticking.stop(None);
     slow.stop(None);
