@@ -64,6 +64,12 @@ impl HeraldProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Its `/proc/<pid>/status` (Linux), for what the kernel says about the process.
+    pub fn proc_status(&self) -> anyhow::Result<String> {
+        let pid = self.child.id().context("the process has exited")?;
+        Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?)
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub async fn kill9(&mut self) -> anyhow::Result<()> {
         self.child.start_kill()?;

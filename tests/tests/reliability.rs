@@ -163,6 +163,12 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
     )
     .await
     .expect("herald starts");
+    // `herald` turns transparent huge pages off for itself (see engine/src/main.rs).
+    let status = herald.proc_status().expect("/proc status");
+    assert!(
+        status.lines().any(|line| line == "THP_enabled:\t0"),
+        "THP not disabled:\n{status}"
+    );
     let conn = herald_entities::connect(db.url(), 4)
         .await
         .expect("db conn");
