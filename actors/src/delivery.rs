@@ -104,7 +104,7 @@ pub async fn deliver(
         }
     };
     let id = command.notification_id;
-    let Some(claim) = ctx.in_flight.claim(id) else {
+    let Some(reservation) = ctx.in_flight.reserve(id) else {
         // Another copy of this command (a redelivery after a NATS restart) is being worked on
         // here; its outcome decides. Come back later in case it NAKs.
         let _ = acker
@@ -112,7 +112,7 @@ pub async fn deliver(
             .await;
         return;
     };
-    let permit = permit.with_claim(claim);
+    let permit = permit.with_reservation(reservation);
     let round = match ctx.claims.get(id).await {
         Ok(Some(Claimed::Yours { attempts })) => Round::after(attempts, command.channels.len()),
         Ok(Some(Claimed::Final(_))) => {

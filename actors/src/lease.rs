@@ -1,11 +1,11 @@
 //! What a delivery holds until its outcome is written and acknowledged: an in-flight permit (the
-//! dispatcher's bound on concurrent work, with the partition's lease deadline) and a claim on its
-//! notification id.
+//! dispatcher's bound on concurrent work, with the partition's lease deadline) and a reservation
+//! of its notification id in this process.
 //!
-//! The claim keeps a second copy of the same command out while the first is being worked on: after
-//! a NATS restart, JetStream redelivers messages whose processing is still under way here, and
-//! without it both copies would pass the database claim (a `processing` notification is claimed
-//! again, for the redelivery of a delivery that stopped) and send.
+//! The reservation keeps a second copy of the same command out while the first is being worked
+//! on: after a NATS restart, JetStream redelivers messages whose processing is still under way
+//! here, and without it both copies would pass the database claim (a `processing` notification is
+//! claimed again, for the redelivery of a delivery that stopped) and send.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -35,10 +35,10 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Claims `id`; `None` when another delivery of it is under way.
-    pub fn claim(&self, id: Uuid) -> Option<Claim> {
+    /// Reserves `id`; `None` when another delivery of it is under way.
+    pub fn reserve(&self, id: Uuid) -> Option<Reservation> {
         let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        ids.insert(id).then(|| Claim {
+        ids.insert(id).then(|| Reservation {
             id,
             ids: self.ids.clone(),
         })
@@ -55,13 +55,13 @@ impl InFlight {
     }
 }
 
-/// A claim on one notification id, released when dropped.
-pub struct Claim {
+/// A reservation of one notification id, released when dropped.
+pub struct Reservation {
     id: Uuid,
     ids: Arc<Mutex<HashSet<Uuid>>>,
 }
 
-impl Drop for Claim {
+impl Drop for Reservation {
     fn drop(&mut self) {
         self.ids
             .lock()
@@ -70,10 +70,10 @@ impl Drop for Claim {
     }
 }
 
-/// The permit and, once the command is decoded, the claim; both released together.
+/// The permit and, once the command is decoded, the reservation; both released together.
 pub struct Lease {
     permit: DeliveryPermit,
-    claim: Option<Claim>,
+    reservation: Option<Reservation>,
 }
 
 impl Lease {
@@ -81,13 +81,13 @@ impl Lease {
     pub fn new(permit: DeliveryPermit) -> Self {
         Self {
             permit,
-            claim: None,
+            reservation: None,
         }
     }
 
-    /// Adds the claim on the notification.
-    pub fn with_claim(mut self, claim: Claim) -> Self {
-        self.claim = Some(claim);
+    /// Adds the reservation of the notification.
+    pub fn with_reservation(mut self, reservation: Reservation) -> Self {
+        self.reservation = Some(reservation);
         self
     }
 
@@ -103,20 +103,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_second_claim_waits_for_the_first_to_be_dropped() {
+    fn a_second_reservation_waits_for_the_first_to_be_dropped() {
         let in_flight = InFlight::default();
         let id = Uuid::now_v7();
-        let first = in_flight.claim(id).expect("first claim");
+        let first = in_flight.reserve(id).expect("first reservation");
         assert!(
-            in_flight.claim(id).is_none(),
+            in_flight.reserve(id).is_none(),
             "a copy is refused while in flight"
         );
         assert!(
-            in_flight.claim(Uuid::now_v7()).is_some(),
+            in_flight.reserve(Uuid::now_v7()).is_some(),
             "other ids are free"
         );
         drop(first);
-        assert!(in_flight.claim(id).is_some(), "released with the first");
+        assert!(in_flight.reserve(id).is_some(), "released with the first");
         assert!(in_flight.is_empty());
     }
 }

@@ -62,7 +62,8 @@ pub struct StatusRecord {
     pub attempts: Vec<NewAttempt>,
     /// The JetStream follow-up.
     pub then: AfterWrite,
-    /// The delivery's in-flight permit and claim, released once the record is written and acked.
+    /// The delivery's in-flight permit and reservation, released once the record is written and
+    /// acked.
     pub permit: Option<crate::lease::Lease>,
 }
 
