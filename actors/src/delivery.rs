@@ -1,12 +1,13 @@
 //! The delivery of one send command: the policy the Dispatcher applies.
 //!
 //! Decode (poison ⇒ dead letter) → claim the notification (mark it `processing`, so a cancel from
-//! then on is refused; skip it if it is already final, cancelled included) → resolve contacts → render the template the notification names, if any, in
-//! the recipient's locale (a render error ⇒ `failed`, no retry) → hand the command back if this
-//! instance's lease on its partition ran out meanwhile (see [`crate::partitions::LeaseDeadlines`])
-//! → walk the channel chain, asking each channel actor → record every attempt → `sent`, or NAK
-//! with backoff when a channel failed transiently and deliveries remain, or `dead` (copied to the
-//! DLQ) after the last one, or `failed` when every channel refused for good.
+//! then on is refused; skip it if it is already final, cancelled included) → resolve contacts →
+//! render the template the notification names, if any, in the recipient's locale (a render error ⇒
+//! `failed`, no retry) → hand the command back if this instance's lease on its partition ran out
+//! meanwhile (see [`crate::partitions::LeaseDeadlines`]) → walk the channel chain, asking each
+//! channel actor → record every attempt → `sent`, or NAK with backoff when a channel failed
+//! transiently and deliveries remain, or `dead` (copied to the DLQ) after the last one, or `failed`
+//! when every channel refused for good.
 
 use std::sync::Arc;
 use std::time::Duration;

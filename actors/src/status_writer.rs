@@ -6,10 +6,9 @@
 //! record; while a flush is in flight the next batch gathers (group commit), and it is flushed when
 //! it is full or its first record is an interval old, not as soon as the previous flush ends
 //! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a slow
-//! write. If the database is unreachable the flush retries with backoff
-//! and tells JetStream the messages are still in progress, so they are neither redelivered (and
-//! resent) nor acked; in-flight permits stay held, which pauses the consumer until the database is
-//! back.
+//! write. If the database is unreachable the flush retries with backoff and tells JetStream the
+//! messages are still in progress, so they are neither redelivered (and resent) nor acked;
+//! in-flight permits stay held, which pauses the consumer until the database is back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,12 +261,11 @@ struct Waiting {
     drain: bool,
 }
 
-/// How long after a flush ended the next one should start (`None`: nothing to write): at once
-/// when the batch is full, everything is to be written, or the oldest record has waited an
-/// interval; otherwise when it will have. Under steady
-/// load this paces flushes an interval apart instead of back to back, so the write turn
-/// ([`WriteGate`]) is free most of the time for the API's inserts, which a caller waits for, and
-/// each batch carries more records for its fixed cost.
+/// How long after a flush ended the next one should start (`None`: nothing to write): at once when
+/// the batch is full, everything is to be written, or the oldest record has waited an interval;
+/// otherwise when it will have. Under steady load this paces flushes an interval apart instead of
+/// back to back, so the write turn ([`WriteGate`]) is free most of the time for the API's inserts,
+/// which a caller waits for, and each batch carries more records for its fixed cost.
 fn next_flush_in(settings: &StatusWriterSettings, waiting: &Waiting) -> Option<Duration> {
     let interval = Duration::from_millis(settings.flush_interval_ms);
     if waiting.pending == 0 {

@@ -346,8 +346,8 @@ impl NotificationsApi {
     /// Only a `scheduled` notification, or a `queued` one no dispatcher has picked up yet, can be
     /// cancelled; any other status answers 409 naming it. A dispatcher marks a notification
     /// `processing` before it sends, so a `cancelled` answer means it is not sent. A notification
-    /// held back by the recipient's quiet hours or rate limit stays `processing` while it waits, and
-    /// cannot be cancelled.
+    /// held back by the recipient's quiet hours or rate limit stays `processing` while it waits,
+    /// and cannot be cancelled.
     #[oai(path = "/notifications/:id/cancel", method = "post")]
     async fn cancel(
         &self,

@@ -75,10 +75,10 @@ impl Drop for Checkpointer {
 }
 
 /// Takes a passive checkpoint every [`CHECKPOINT_INTERVAL`], and a second one in a writers' turn
-/// when the log is large. A failure is counted and logged (once until a checkpoint succeeds
-/// again), and the next round tries again; until then the log grows, and nothing else is affected.
-/// A round that panics is counted as a restart (`herald_actor_restarts_total{actor="checkpointer"}`)
-/// and the next round runs as usual: without checkpoints the log would grow without bound.
+/// when the log is large. A failure is counted and logged (once until a checkpoint succeeds again),
+/// and the next round tries again; until then the log grows, and nothing else is affected. A round
+/// that panics is counted as a restart (`herald_actor_restarts_total{actor="checkpointer"}`) and
+/// the next round runs as usual: without checkpoints the log would grow without bound.
 async fn run<C, F>(checkpoint: C, gate: WriteGate)
 where
     C: Fn() -> F,

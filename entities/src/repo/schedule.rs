@@ -105,12 +105,11 @@ pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> 
 /// Confirms that the commands of claimed notifications or API sends are published: clears the
 /// mark (unless a dispatcher has moved them on already).
 ///
-/// On PostgreSQL, rows a concurrent transaction holds are skipped (`FOR UPDATE SKIP LOCKED`):
-/// that is a dispatcher's claim moving them to `processing`, or the StatusWriter moving them on,
-/// and either clears the mark itself. Waiting
-/// for them deadlocked against its multi-row UPDATEs (each locks rows in its own order), and the
-/// 1 s until PostgreSQL broke the deadlock stalled every insert behind the confirmation. SQLite
-/// has one writer and no row locks.
+/// On PostgreSQL, rows a concurrent transaction holds are skipped (`FOR UPDATE SKIP LOCKED`): that
+/// is a dispatcher's claim moving them to `processing`, or the StatusWriter moving them on, and
+/// either clears the mark itself. Waiting for them deadlocked against its multi-row UPDATEs (each
+/// locks rows in its own order), and the 1 s until PostgreSQL broke the deadlock stalled every
+/// insert behind the confirmation. SQLite has one writer and no row locks.
 pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<(), RepoError> {
     for chunk in ids.chunks(500) {
         let marked = Condition::all()
