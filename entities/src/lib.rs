@@ -33,6 +33,16 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
 /// How long a SQLite statement waits for another connection's write lock.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A pooled connection idle this long is tested (pinged) before it is handed out again.
+///
+/// sqlx tests every connection when it is given back (a ping, off the caller's path) and, by
+/// default, again every time it is taken: a second round trip, on the caller's path, before each
+/// query or transaction (to SQLite's worker thread, or to the PostgreSQL server). A connection that
+/// failed while in use is closed by the first test; one taken again within this time skips the
+/// second. Only a connection left idle longer (which a server restart or a firewall may have cut
+/// meanwhile) is tested before use.
+pub const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// Longest a query waits for a pooled connection. When the server is unreachable every new
 /// connection is refused and the pool keeps trying until this passes: the caller then gets an
 /// error it can act on (the API a 503, the StatusWriter a retry that keeps its messages in
@@ -53,13 +63,9 @@ pub async fn connect_with(
     max_connections: u32,
     checkpoints: Checkpoints,
 ) -> Result<DatabaseConnection, DbErr> {
-    Database::connect(options(
-        url,
-        max_connections,
-        checkpoints,
-        TempStore::Default,
-    ))
-    .await
+    let mut options = options(url, max_connections, checkpoints, TempStore::Default);
+    options.test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
+    Database::connect(options).await
 }
 
 /// The pool of a batch writer (the StatusWriter): like [`connect_with`], but on PostgreSQL it opens no
@@ -80,7 +86,9 @@ pub async fn connect_batch_writer(
     checkpoints: Checkpoints,
 ) -> Result<DatabaseConnection, DbErr> {
     let mut options = options(url, max_connections, checkpoints, TempStore::Memory);
-    options.connect_lazy(true);
+    options
+        .connect_lazy(true)
+        .test_before_acquire_if_idle_for(PING_WHEN_IDLE_FOR);
     Database::connect(options).await
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use herald_actors::channel::telegram::TelegramConfig;
-use herald_entities::{NotificationStatus, notification};
+use herald_entities::{NotificationStatus, PING_WHEN_IDLE_FOR, notification};
 use herald_nats::SendCommand;
 use herald_tests::{
     DatabaseKind, DatabaseOutage, E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald,
@@ -18,7 +18,8 @@ use herald_tests::{
 };
 use reqwest::StatusCode;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, QuerySelect, Statement,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -301,6 +302,65 @@ struct ProviderTimeline {
     outage_ended: Instant,
     circuit_closed: Instant,
     telegram_calls_during_outage: usize,
+}
+
+/// A PostgreSQL connection the server ended while it sat idle in Herald's pool (a server restart,
+/// a firewall's cut of idle connections) is found dead before it is used and replaced: the next
+/// query succeeds, on a new session. (Pooled connections are not tested before every use, only
+/// after [`PING_WHEN_IDLE_FOR`] idle.) SQLite has no server to end a connection.
+#[tokio::test]
+async fn a_pooled_connection_ended_by_the_server_while_idle_is_replaced_before_use() {
+    let db = TestDatabase::from_env().await.expect("db");
+    if db.kind() != DatabaseKind::Postgres {
+        return;
+    }
+    let pool = herald_entities::connect(db.url(), 1).await.expect("pool");
+    let admin = herald_entities::connect(db.url(), 1)
+        .await
+        .expect("admin connection");
+    let ended = backend_pid(&pool).await.expect("first session");
+    admin
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_terminate_backend($1)",
+            [ended.into()],
+        ))
+        .await
+        .expect("session ended");
+    eventually(
+        "the ended session to leave pg_stat_activity",
+        E2E_TIMEOUT,
+        || async {
+            let row = admin
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1",
+                    [ended.into()],
+                ))
+                .await
+                .ok()??;
+            (row.try_get::<i64>("", "n").ok()? == 0).then_some(())
+        },
+    )
+    .await;
+    // The idle time is the condition under test, not a wait for an event.
+    tokio::time::sleep(PING_WHEN_IDLE_FOR + Duration::from_millis(200)).await;
+    let replacement = backend_pid(&pool)
+        .await
+        .expect("the pool replaced the ended session before running the query");
+    assert_ne!(replacement, ended, "the query ran on a new session");
+}
+
+/// The server process (session) id of the connection `db` runs a query on.
+async fn backend_pid(db: &DatabaseConnection) -> Result<i32, sea_orm::DbErr> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_backend_pid() AS pid",
+        ))
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::RecordNotFound("pg_backend_pid".into()))?;
+    row.try_get("", "pid")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
