@@ -7,7 +7,7 @@ use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Select, TransactionTrait,
+    QuerySelect, QueryTrait, Select,
     sea_query::{OnConflict, Query, UpdateStatement},
 };
 use uuid::Uuid;
@@ -83,11 +83,13 @@ pub async fn insert(
 
 /// Stores `rows` as [`insert`] stores one, in one multi-row statement: each row's outcome, in the
 /// order given. A request id stored before, or repeated within `rows` (also under the same id, as
-/// a routed event handled twice at once), answers [`Inserted::Duplicate`] with the stored row.
-/// The statement and the read-back of those repeats share a transaction, so an `Err` means
-/// nothing was stored; a row that was neither stored nor finds a stored row with its request id
-/// (it was deleted meanwhile) gets its own error. One statement instead of one per row is what
-/// makes the API's group commit short (see [`super::insert_queue`]).
+/// a routed event handled twice at once), answers [`Inserted::Duplicate`] with the stored row,
+/// read back after the statement. An `Err` means nothing was stored; an `Err` for one row means
+/// that row was not stored: its repeat's stored row could not be read, or was deleted meanwhile.
+/// One statement instead of one per row is what makes the API's group commit short (see
+/// [`super::insert_queue`]), and it runs on its own, not in a transaction: a statement is atomic
+/// by itself, and a BEGIN and a COMMIT would be two more round trips to the database inside the
+/// batch writers' turn.
 pub async fn insert_together(
     db: &DatabaseConnection,
     rows: Vec<NewNotification>,
@@ -97,11 +99,10 @@ pub async fn insert_together(
     }
     let request_ids: Vec<Option<String>> = rows.iter().map(|row| row.request_id.clone()).collect();
     let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
-    let txn = db.begin().await?;
     let mut stored: HashMap<Uuid, notification::Model> =
         notification::Entity::insert_many(rows.into_iter().map(active))
             .on_conflict(skip_repeats())
-            .exec_with_returning(&txn)
+            .exec_with_returning(db)
             .await?
             .into_iter()
             .map(|model| (model.id, model))
@@ -121,17 +122,17 @@ pub async fn insert_together(
         .filter(|(new, _)| new.is_none())
         .filter_map(|(_, request_id)| request_id.as_deref())
         .collect();
-    let existing = find_many_by_request_id(&txn, skipped).await?;
-    txn.commit().await?;
+    let existing = find_many_by_request_id(db, skipped).await;
     Ok(new
         .into_iter()
         .zip(request_ids)
-        .map(|(new, request_id)| match new {
-            Some(model) => Ok(Inserted::New(model)),
-            None => request_id
+        .map(|(new, request_id)| match (new, &existing) {
+            (Some(model), _) => Ok(Inserted::New(model)),
+            (None, Ok(existing)) => request_id
                 .and_then(|request_id| existing.get(&request_id).cloned())
                 .map(Inserted::Duplicate)
                 .ok_or_else(|| DbErr::RecordNotInserted.into()),
+            (None, Err(err)) => Err(err.clone()),
         })
         .collect())
 }
