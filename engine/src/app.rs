@@ -374,7 +374,7 @@ async fn start_engine(
             limits: rate_limits,
             settings: config.rate_limiter,
             clock: Arc::new(std::time::Instant::now),
-            history: Some(Arc::new(herald_actors::rate_limit::DbSendHistory(
+            history: Some(Arc::new(herald_actors::rate_limit::DbSendHistory::new(
                 db.clone(),
             ))),
         },

@@ -11,7 +11,7 @@
 
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
-use herald_entities::repo::{batches, history, notifications, schedule};
+use herald_entities::repo::{batches, history, notifications, schedule, send_history};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
 use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
 use sea_orm::{
@@ -181,6 +181,16 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let statuses = notifications::status_query(&ids).into_query();
     let what = "the claim's read of what it left";
     assert_planned_on(&txn, kind, &statuses, index, what).await;
+
+    let users = ["ada@example.com".to_string(), "bob@example.com".to_string()];
+    let cutoffs = [
+        ("marketing".to_string(), now - Duration::days(1)),
+        ("transactional".to_string(), now - Duration::minutes(1)),
+    ];
+    let histories = send_history::sent_since_query(&users, &cutoffs).into_query();
+    let index = "idx_notifications_recipient_sent";
+    let what = "the send histories of starting rate limiters";
+    assert_planned_on(&txn, kind, &histories, index, what).await;
 
     let progress = batches::progress(Uuid::now_v7());
     let index = "idx_notifications_bulk_status";

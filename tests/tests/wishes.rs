@@ -736,6 +736,68 @@ async fn recipients_read_together_keep_their_own_wishes() {
     assert_eq!(dan, Ok(Some(Default::default())));
 }
 
+/// Rate limiters that start together read their users' send histories in one query: each user
+/// gets their own sends, per category, counted within that category's window only.
+#[tokio::test]
+async fn send_histories_read_together_count_each_users_own_recent_sends() {
+    use herald_actors::rate_limit::{DbSendHistory, SendHistory};
+    use herald_entities::repo::{notifications, status_batch};
+    use herald_nats::Category::{Marketing, Transactional};
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let now = Utc::now();
+    let sends = [
+        ("ada", "marketing", ChronoDuration::hours(1)),
+        ("ada", "marketing", ChronoDuration::hours(2)),
+        ("ada", "marketing", ChronoDuration::days(2)),
+        ("ada", "transactional", ChronoDuration::seconds(10)),
+        ("bob", "transactional", ChronoDuration::minutes(2)),
+        ("bob", "marketing", ChronoDuration::minutes(5)),
+    ];
+    for (user, category, ago) in sends {
+        let mut row = herald_tests::queued_notification(None);
+        row.recipient_key = user.into();
+        row.category = category.into();
+        let id = row.id;
+        notifications::insert_many(&conn, vec![row])
+            .await
+            .expect("stored");
+        let mut sent = status_batch::StatusChange::to(id, NotificationStatus::Sent);
+        sent.at = now - ago;
+        status_batch::apply(&conn, &[sent], &[])
+            .await
+            .expect("sent");
+    }
+
+    let history = DbSendHistory::new(conn.clone());
+    let windows = [
+        (Marketing, Duration::from_secs(86_400)),
+        (Transactional, Duration::from_secs(60)),
+    ];
+    let (ada, bob, cyd) = tokio::join!(
+        history.sent_within("ada", &windows),
+        history.sent_within("bob", &windows),
+        history.sent_within("cyd", &windows)
+    );
+    let ada = ada.expect("ada's history read");
+    assert_eq!(
+        (ada.get(&Marketing), ada.get(&Transactional)),
+        (Some(&2), Some(&1)),
+        "ada: two marketing sends within a day (not the one two days ago), one transactional \
+         within a minute"
+    );
+    let bob = bob.expect("bob's history read");
+    assert_eq!(
+        (bob.get(&Marketing), bob.get(&Transactional)),
+        (Some(&1), None),
+        "bob: his own marketing send, no transactional one within a minute"
+    );
+    assert!(
+        cyd.expect("cyd's history read").is_empty(),
+        "cyd sent nothing"
+    );
+}
+
 /// The dispatcher claims a notification (marks it `processing`) before it walks the chain, so a
 /// cancel that comes while the provider is being called is refused instead of answering
 /// `cancelled` for a message that goes out. The StatusWriter's batches here come only every 2 s:

@@ -20,6 +20,7 @@ use sea_orm::DatabaseConnection;
 use herald_nats::Category;
 use serde::{Deserialize, Serialize};
 
+use crate::lookup::BatchLookup;
 use crate::policy::token_bucket::BucketSpec;
 
 /// What to do with a notification over its category's limit.
@@ -137,8 +138,26 @@ pub trait SendHistory: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<HashMap<Category, u32>, String>>;
 }
 
-/// [`SendHistory`] read from the `notifications` table (`sent_at` by recipient).
-pub struct DbSendHistory(pub DatabaseConnection);
+/// Windows to count sends within, by category.
+type Windows = Vec<(Category, Duration)>;
+
+/// [`SendHistory`] read from the `notifications` table (`sent_at` by recipient). The histories of
+/// limiters that start together (a burst of new users, a partition taken over) are read by one
+/// query, as the dispatcher's lookups are ([`BatchLookup`]).
+pub struct DbSendHistory {
+    lookup: BatchLookup<(String, Windows), HashMap<Category, u32>>,
+}
+
+impl DbSendHistory {
+    /// Reads histories from `db`; starts the lookup task on the current tokio runtime.
+    pub fn new(db: DatabaseConnection) -> Self {
+        let lookup = BatchLookup::spawn(move |keys: Vec<(String, Windows)>| {
+            let db = db.clone();
+            async move { read_histories(&db, keys).await }
+        });
+        Self { lookup }
+    }
+}
 
 impl SendHistory for DbSendHistory {
     fn sent_within<'a>(
@@ -147,22 +166,47 @@ impl SendHistory for DbSendHistory {
         windows: &'a [(Category, Duration)],
     ) -> BoxFuture<'a, Result<HashMap<Category, u32>, String>> {
         Box::pin(async move {
-            let now = chrono::Utc::now();
-            let cutoffs: Vec<(String, chrono::DateTime<chrono::Utc>)> = windows
-                .iter()
-                .map(|(category, window)| {
-                    let window =
-                        chrono::Duration::from_std(*window).unwrap_or(chrono::Duration::MAX);
-                    (category.as_str().to_string(), now - window)
-                })
-                .collect();
-            let counts = herald_entities::repo::send_history::sent_since(&self.0, user, &cutoffs)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok(counts
-                .into_iter()
-                .filter_map(|(name, sent)| Category::parse(&name).map(|c| (c, sent)))
-                .collect())
+            let sent = self
+                .lookup
+                .get((user.to_string(), windows.to_vec()))
+                .await?;
+            Ok(sent.unwrap_or_default())
         })
     }
+}
+
+/// The send counts of each (user, windows) key: one query per distinct set of windows (all
+/// limiters share one, the configured limits).
+async fn read_histories(
+    db: &DatabaseConnection,
+    keys: Vec<(String, Windows)>,
+) -> Result<HashMap<(String, Windows), HashMap<Category, u32>>, String> {
+    let mut users_by_windows: HashMap<Windows, Vec<String>> = HashMap::new();
+    for (user, windows) in keys {
+        users_by_windows.entry(windows).or_default().push(user);
+    }
+    let now = chrono::Utc::now();
+    let mut found = HashMap::new();
+    for (windows, users) in users_by_windows {
+        let cutoffs: Vec<(String, chrono::DateTime<chrono::Utc>)> = windows
+            .iter()
+            .map(|(category, window)| {
+                let window = chrono::Duration::from_std(*window).unwrap_or(chrono::Duration::MAX);
+                (category.as_str().to_string(), now - window)
+            })
+            .collect();
+        let mut sent = herald_entities::repo::send_history::sent_since(db, &users, &cutoffs)
+            .await
+            .map_err(|e| e.to_string())?;
+        for user in users {
+            let counts = sent
+                .remove(&user)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(name, sends)| Category::parse(&name).map(|c| (c, sends)))
+                .collect();
+            found.insert((user, windows.clone()), counts);
+        }
+    }
+    Ok(found)
 }
