@@ -12,12 +12,12 @@
 //! at 2,000 API sends/s that made the wait for the store 2.5–2.9 → 1.6–2.1 ms on average (3
 //! interleaved pairs), a statement's round trip to SQLite's thread being most of a small batch's
 //! cost. The INSERT runs without BEGIN and COMMIT (a statement is atomic by itself), two round
-//! trips fewer: HTTP p50 at 2,000 sends/s 1.9–2.4 → 1.5–1.9 ms on SQLite. Rows go in with `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one
-//! repeated within a batch) answers [`Inserted::Duplicate`] without failing the statement. If one
-//! row breaks another constraint, the batch is stored again row by row, so that row's caller alone
-//! gets the error. Any other failure (the database unreachable or locked) would fail each row
-//! the same way, so every caller of the batch gets it at once rather than after one timeout per
-//! row.
+//! trips fewer: HTTP p50 at 2,000 sends/s 1.9–2.4 → 1.5–1.9 ms on SQLite. Rows go in with
+//! `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one repeated within a
+//! batch) answers [`Inserted::Duplicate`] without failing the statement. If one row breaks
+//! another constraint, the batch is stored again row by row, so that row's caller alone gets the
+//! error. Any other failure (the database unreachable or locked) would fail each row the same
+//! way, so every caller of the batch gets it at once rather than after one timeout per row.
 //!
 //! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API
 //! sends whose commands JetStream acknowledged ([`InsertQueue::confirm_published`]), gathered
