@@ -403,12 +403,28 @@ async fn path_of(browser: &Client) -> String {
     browser.current_url().await.expect("url").path().to_string()
 }
 
-/// Waits until the browser shows `expected` (after a form submission navigates).
+/// Marks the page the browser shows now, so that `wait_path` waits for the page a click leads to
+/// even when that is the same path again (a form that returns to its own list).
+async fn mark_page(browser: &Client) {
+    browser
+        .execute("window.heraldLeftBehind = true; return null;", vec![])
+        .await
+        .expect("page marked");
+}
+
+/// Waits until the browser shows `expected` on a page loaded after the last `mark_page` (after a
+/// form submission navigates).
 async fn wait_path(browser: &Client, expected: &str) {
     eventually(
-        &format!("the browser to show {expected}"),
+        &format!("the browser to show a new page at {expected}"),
         E2E_TIMEOUT,
-        || async { (path_of(browser).await == expected).then_some(()) },
+        || async {
+            let marked = browser
+                .execute("return window.heraldLeftBehind === true;", vec![])
+                .await
+                .ok()?;
+            (marked == json!(false) && path_of(browser).await == expected).then_some(())
+        },
     )
     .await;
 }
@@ -488,6 +504,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     form.set_by_name("api_key", w.herald.admin_key())
         .await
         .expect("key typed");
+    mark_page(&browser).await;
     form.submit().await.expect("login submitted");
     wait_path(&browser, "/").await;
     let feed = text_of(&browser, "table.feed").await;
@@ -502,6 +519,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     assert!(!bars.is_empty(), "the throughput plot has bars");
 
     // The failover, read at a glance.
+    mark_page(&browser).await;
     browser
         .find(Locator::Css(&format!(
             "a[href='/notifications/{failover}']"
@@ -574,6 +592,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     assert!(letters.contains(&doomed), "{letters}");
     assert!(letters.contains("gave up after 2 rounds"), "{letters}");
     screenshot(&browser, "dead-letters", &w.db).await;
+    mark_page(&browser).await;
     browser
         .find(Locator::Css("#dead-letters button"))
         .await
@@ -619,6 +638,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
         .expect("open");
     assert!(text_of(&browser, "#scheduled").await.contains(&scheduled));
     screenshot(&browser, "scheduled", &w.db).await;
+    mark_page(&browser).await;
     browser
         .find(Locator::Css("#scheduled button"))
         .await
@@ -631,6 +651,7 @@ async fn operators_read_failovers_replay_dead_letters_and_see_html_as_text() {
     w.herald.wait_status(&scheduled, "cancelled").await;
 
     // Log out.
+    mark_page(&browser).await;
     browser
         .find(Locator::Css("form.account button"))
         .await
