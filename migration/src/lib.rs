@@ -5,6 +5,7 @@
 
 pub use sea_orm_migration::prelude::*;
 
+mod concurrent_index;
 mod m20261122_000001_create_customers;
 mod m20261122_000002_create_notifications;
 mod m20261122_000003_create_delivery_attempts;
@@ -17,6 +18,7 @@ mod m20261122_000202_index_attempts_provider_message;
 mod m20261123_000301_create_templates;
 mod m20261123_000401_index_notifications_recipient_sent;
 mod m20261203_000501_partial_status_indexes;
+mod m20261204_000601_partial_recipient_sent_index;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -37,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261123_000301_create_templates::Migration),
             Box::new(m20261123_000401_index_notifications_recipient_sent::Migration),
             Box::new(m20261203_000501_partial_status_indexes::Migration),
+            Box::new(m20261204_000601_partial_recipient_sent_index::Migration),
         ]
     }
 }

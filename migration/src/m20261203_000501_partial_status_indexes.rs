@@ -1,5 +1,7 @@
 use sea_orm_migration::prelude::*;
 
+use crate::concurrent_index;
+
 /// Status changes stop rewriting index entries they do not need.
 ///
 /// A notification moves `queued → processing → sent` within a second. In SQLite every index
@@ -57,12 +59,19 @@ const WATCHED: [&str; 5] = ["processing", "failed", "dead", "skipped", "cancelle
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        drop_invalid(manager).await?;
-        for index in new_indexes() {
+        let new = new_indexes();
+        let names: Vec<&str> = new
+            .iter()
+            .filter_map(|index| index.get_index_spec().get_name())
+            .collect();
+        concurrent_index::drop_invalid(manager, Notifications::Table, &names).await?;
+        for index in new {
             manager.create_index(index).await?;
         }
         for (name, _) in OLD {
-            manager.drop_index(drop_index(name)).await?;
+            manager
+                .drop_index(concurrent_index::drop(name, Notifications::Table))
+                .await?;
         }
         Ok(())
     }
@@ -81,7 +90,9 @@ impl MigrationTrait for Migration {
         }
         for index in new_indexes() {
             let name = index.get_index_spec().get_name().unwrap_or_default();
-            manager.drop_index(drop_index(name)).await?;
+            manager
+                .drop_index(concurrent_index::drop(name, Notifications::Table))
+                .await?;
         }
         Ok(())
     }
@@ -90,46 +101,6 @@ impl MigrationTrait for Migration {
     fn use_transaction(&self) -> Option<bool> {
         Some(false)
     }
-}
-
-/// Drops what an interrupted run left of the new indexes on PostgreSQL: a `CREATE INDEX
-/// CONCURRENTLY` that did not finish leaves its index marked invalid, which `IF NOT EXISTS` would
-/// keep, and the lookup it serves would have no usable index once the old ones are dropped.
-async fn drop_invalid(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return Ok(());
-    }
-    let names: Vec<String> = new_indexes()
-        .iter()
-        .filter_map(|index| index.get_index_spec().get_name())
-        .map(|name| format!("'{name}'"))
-        .collect();
-    let invalid = db
-        .query_all_raw(sea_orm::Statement::from_string(
-            sea_orm::DbBackend::Postgres,
-            format!(
-                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                 WHERE NOT i.indisvalid AND c.relname IN ({})",
-                names.join(", ")
-            ),
-        ))
-        .await?;
-    for row in invalid {
-        let name: String = row.try_get("", "relname")?;
-        manager.drop_index(drop_index(&name)).await?;
-    }
-    Ok(())
-}
-
-/// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.
-fn drop_index(name: &str) -> IndexDropStatement {
-    Index::drop()
-        .name(name)
-        .table(Notifications::Table)
-        .if_exists()
-        .concurrently()
-        .to_owned()
 }
 
 fn new_indexes() -> Vec<IndexCreateStatement> {

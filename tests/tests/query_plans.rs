@@ -1,13 +1,13 @@
 //! The lookups that must not scan `notifications` are planned on their indexes, against the
 //! suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
-//! Status changes keep most rows out of the partial indexes on `notifications` (migration
-//! `m20261203_000501`), so a query is served by one only if the database can tell that its rows
-//! all satisfy the index's condition, with the values bound as the application binds them. On
-//! PostgreSQL the plans are generic ones, made without the bound values, as a prepared statement
-//! may switch to after five runs; and since PostgreSQL prefers to read an empty table whole,
-//! sequential scans are off: the plan still reads the table whole when no index can serve. The
-//! migration is also rolled back and applied again.
+//! Status changes keep most rows out of the partial indexes on `notifications` (migrations
+//! `m20261203_000501` and `m20261204_000601`), so a query is served by one only if the database
+//! can tell that its rows all satisfy the index's condition, with the values bound as the
+//! application binds them. On PostgreSQL the plans are generic ones, made without the bound
+//! values, as a prepared statement may switch to after five runs; and since PostgreSQL prefers to
+//! read an empty table whole, sequential scans are off: the plan still reads the table whole when
+//! no index can serve. The migrations are also rolled back and applied again.
 
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
@@ -87,6 +87,16 @@ async fn assert_due_scan_on(url: &str, kind: DatabaseKind, index: &str, what: &s
     let (_db, txn) = planning(url, kind).await;
     let due = schedule::due(Utc::now(), 100).into_query();
     assert_planned_on(&txn, kind, &due, index, what).await;
+    txn.rollback().await.expect("planning transaction ended");
+}
+
+/// Asserts that the send histories' read is planned on `index`, on a connection opened now.
+async fn assert_histories_on(url: &str, kind: DatabaseKind, index: &str, what: &str) {
+    let (_db, txn) = planning(url, kind).await;
+    let users = ["ada@example.com".to_string()];
+    let cutoffs = [("marketing".to_string(), Utc::now() - Duration::days(1))];
+    let histories = send_history::sent_since_query(&users, &cutoffs).into_query();
+    assert_planned_on(&txn, kind, &histories, index, what).await;
     txn.rollback().await.expect("planning transaction ended");
 }
 
@@ -188,7 +198,7 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         ("transactional".to_string(), now - Duration::minutes(1)),
     ];
     let histories = send_history::sent_since_query(&users, &cutoffs).into_query();
-    let index = "idx_notifications_recipient_sent";
+    let index = "idx_notifications_recipient_sent_at";
     let what = "the send histories of starting rate limiters";
     assert_planned_on(&txn, kind, &histories, index, what).await;
 
@@ -205,26 +215,32 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
 }
 
 #[tokio::test]
-async fn the_partial_indexes_migration_rolls_back_and_forward() {
+async fn the_partial_indexes_migrations_roll_back_and_forward() {
     use herald_migration::MigratorTrait;
     let database = TestDatabase::from_env().await.expect("test database");
     let kind = database.kind();
     let db = migrated(database.url()).await.expect("database migrated");
 
-    herald_migration::Migrator::down(&db, Some(1))
+    herald_migration::Migrator::down(&db, Some(2))
         .await
-        .expect("the latest migration rolled back");
+        .expect("the two partial-index migrations rolled back");
     let old = "idx_notifications_status_scheduled";
     assert_due_scan_on(database.url(), kind, old, "the due scan, rolled back").await;
+    let old = "idx_notifications_recipient_sent";
+    assert_histories_on(database.url(), kind, old, "the send histories, rolled back").await;
     if kind == DatabaseKind::Postgres {
         // What an interrupted `CREATE INDEX CONCURRENTLY` leaves: the index, marked invalid.
-        db.execute_unprepared(
-            "CREATE INDEX idx_notifications_scheduled_due ON notifications (scheduled_at); \
-             UPDATE pg_index SET indisvalid = false \
-             WHERE indexrelid = 'idx_notifications_scheduled_due'::regclass",
-        )
-        .await
-        .expect("an invalid index left behind");
+        for (index, column) in [
+            ("idx_notifications_scheduled_due", "scheduled_at"),
+            ("idx_notifications_recipient_sent_at", "sent_at"),
+        ] {
+            db.execute_unprepared(&format!(
+                "CREATE INDEX {index} ON notifications ({column}); \
+                 UPDATE pg_index SET indisvalid = false WHERE indexrelid = '{index}'::regclass"
+            ))
+            .await
+            .expect("an invalid index left behind");
+        }
     }
 
     herald_migration::Migrator::up(&db, None)
@@ -232,4 +248,7 @@ async fn the_partial_indexes_migration_rolls_back_and_forward() {
         .expect("migrated forward again");
     let new = "idx_notifications_scheduled_due";
     assert_due_scan_on(database.url(), kind, new, "the due scan, migrated again").await;
+    let new = "idx_notifications_recipient_sent_at";
+    let what = "the send histories, migrated again";
+    assert_histories_on(database.url(), kind, new, what).await;
 }

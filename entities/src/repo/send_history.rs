@@ -37,7 +37,7 @@ pub async fn sent_since(
 }
 
 /// The query of [`sent_since`]: `(recipient_key, category, sends)` rows, planned on the
-/// recipient's `(recipient_key, sent_at)` index.
+/// recipient's `(recipient_key, sent_at)` index of sent notifications.
 pub fn sent_since_query(
     recipient_keys: &[String],
     cutoffs: &[(String, DateTime<Utc>)],

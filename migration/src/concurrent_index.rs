@@ -1,0 +1,45 @@
+//! Index changes that keep a live table readable and writable: on PostgreSQL each index is built
+//! and dropped `CONCURRENTLY` (outside a transaction); SQLite has no such option and locks the
+//! table for the moment the statement takes.
+
+use sea_orm_migration::prelude::*;
+
+/// Drops what an interrupted run left of `names` on PostgreSQL: a `CREATE INDEX CONCURRENTLY`
+/// that did not finish leaves its index marked invalid, which `IF NOT EXISTS` would keep, and the
+/// lookup it serves would have no usable index once the index it replaces is dropped.
+pub(crate) async fn drop_invalid(
+    manager: &SchemaManager<'_>,
+    table: impl IntoTableRef + Clone,
+    names: &[&str],
+) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres || names.is_empty() {
+        return Ok(());
+    }
+    let quoted: Vec<String> = names.iter().map(|name| format!("'{name}'")).collect();
+    let invalid = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE NOT i.indisvalid AND c.relname IN ({})",
+                quoted.join(", ")
+            ),
+        ))
+        .await?;
+    for row in invalid {
+        let name: String = row.try_get("", "relname")?;
+        manager.drop_index(drop(&name, table.clone())).await?;
+    }
+    Ok(())
+}
+
+/// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.
+pub(crate) fn drop(name: &str, table: impl IntoTableRef) -> IndexDropStatement {
+    Index::drop()
+        .name(name)
+        .table(table)
+        .if_exists()
+        .concurrently()
+        .to_owned()
+}
