@@ -307,13 +307,7 @@ impl NotificationsApi {
                 })))
             }
             Inserted::New(row) => {
-                let publishing = Instant::now();
-                let published = self
-                    .state
-                    .publisher
-                    .publish_command(&row.recipient_key, &command)
-                    .await;
-                record_stage("publish", publishing);
+                let published = publish(&self.state, &row.recipient_key, &command).await;
                 if let Err(err) = published {
                     tracing::warn!(id = %row.id, error = %err, "cannot publish; not accepted");
                     repo::delete_unpublished(&self.state.db, row.id).await?;
@@ -361,10 +355,27 @@ impl NotificationsApi {
 }
 
 /// Records how long a stage of `POST /notifications` took (`store`: the insert queue's commit;
-/// `publish`: JetStream's acknowledgement), so an operator can tell which one a slow send waits on.
+/// `publish`: JetStream's acknowledgement, also for a repeated request published again), failed
+/// or not, so an operator can tell which one a slow send waits on.
 fn record_stage(stage: &'static str, started: Instant) {
     metrics::histogram!("herald_api_send_stage_seconds", "stage" => stage)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// Publishes `command` and records the wait for JetStream's acknowledgement as the `publish`
+/// stage.
+async fn publish(
+    state: &AppState,
+    recipient_key: &str,
+    command: &SendCommand,
+) -> Result<(), herald_nats::NatsError> {
+    let publishing = Instant::now();
+    let published = state
+        .publisher
+        .publish_command(recipient_key, command)
+        .await;
+    record_stage("publish", publishing);
+    published
 }
 
 /// Publishes a stored `queued` notification's command again: its first request may have stopped
@@ -373,9 +384,7 @@ fn record_stage(stage: &'static str, started: Instant) {
 /// de-duplication within its window, and after it by the dispatcher's claim.
 async fn publish_again(state: &AppState, row: &notification::Model) -> Result<(), ApiError> {
     let command = repo::send_command(row).map_err(|err| ApiError::internal(&err))?;
-    state
-        .publisher
-        .publish_command(&row.recipient_key, &command)
+    publish(state, &row.recipient_key, &command)
         .await
         .map_err(|err| {
             tracing::warn!(id = %row.id, error = %err, "cannot publish a repeated request");
