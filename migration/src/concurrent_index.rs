@@ -29,13 +29,13 @@ pub(crate) async fn drop_invalid(
         .await?;
     for row in invalid {
         let name: String = row.try_get("", "relname")?;
-        manager.drop_index(drop(&name, table.clone())).await?;
+        manager.drop_index(drop_index(&name, table.clone())).await?;
     }
     Ok(())
 }
 
 /// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.
-pub(crate) fn drop(name: &str, table: impl IntoTableRef) -> IndexDropStatement {
+pub(crate) fn drop_index(name: &str, table: impl IntoTableRef) -> IndexDropStatement {
     Index::drop()
         .name(name)
         .table(table)

@@ -70,7 +70,7 @@ impl MigrationTrait for Migration {
         }
         for (name, _) in OLD {
             manager
-                .drop_index(concurrent_index::drop(name, Notifications::Table))
+                .drop_index(concurrent_index::drop_index(name, Notifications::Table))
                 .await?;
         }
         Ok(())
@@ -91,7 +91,7 @@ impl MigrationTrait for Migration {
         for index in new_indexes() {
             let name = index.get_index_spec().get_name().unwrap_or_default();
             manager
-                .drop_index(concurrent_index::drop(name, Notifications::Table))
+                .drop_index(concurrent_index::drop_index(name, Notifications::Table))
                 .await?;
         }
         Ok(())

@@ -36,7 +36,7 @@ impl MigrationTrait for Migration {
         new.cond_where(Expr::col(Notifications::SentAt).is_not_null());
         manager.create_index(new).await?;
         manager
-            .drop_index(concurrent_index::drop(OLD, Notifications::Table))
+            .drop_index(concurrent_index::drop_index(OLD, Notifications::Table))
             .await
     }
 
@@ -44,7 +44,7 @@ impl MigrationTrait for Migration {
         concurrent_index::drop_invalid(manager, Notifications::Table, &[OLD]).await?;
         manager.create_index(recipient_sent(OLD)).await?;
         manager
-            .drop_index(concurrent_index::drop(NEW, Notifications::Table))
+            .drop_index(concurrent_index::drop_index(NEW, Notifications::Table))
             .await
     }
 
