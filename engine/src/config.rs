@@ -564,6 +564,7 @@ mod tests {
             )?;
             jail.set_env("HERALD_NATS__PARTITIONS", "16");
             jail.set_env("HERALD_LOG__FORMAT", "json");
+            jail.set_env("HERALD_CHANNELS__EMAIL__CHUNKING", "false");
             let config = Config::load(Some(Path::new("herald.toml"))).expect("loads");
             assert_eq!(config.database.url, "sqlite://other.db");
             assert_eq!(config.nats.partitions, 16, "env wins over file");
@@ -571,6 +572,11 @@ mod tests {
             assert_eq!(
                 config.channels.email.smtp_host.as_deref(),
                 Some("mail.example.com")
+            );
+            assert!(!config.channels.email.chunking, "switched off by env");
+            assert!(
+                config.channels.email.pipelining,
+                "default beside the file's section"
             );
             assert_eq!(config.http.bind, "127.0.0.1:8080", "untouched default");
             Ok(())

@@ -2,7 +2,8 @@
 //! without a NOOP before every message, never exceed the pool size, and a connection whose session
 //! failed or was cut short is not handed to the next message. A message goes in one round trip
 //! (BDAT) to a server offering CHUNKING and PIPELINING, in two (pipelined DATA) to one offering
-//! PIPELINING alone, and one command at a time to others.
+//! PIPELINING alone, and one command at a time to others; configuration turns either extension
+//! off.
 
 use std::time::Duration;
 
@@ -15,14 +16,17 @@ use tokio::net::TcpListener;
 use uuid::Uuid;
 
 fn provider(host: &str, port: u16, pool_size: u32) -> EmailProvider {
-    let config = EmailConfig {
+    EmailProvider::new("smtp".into(), &config(host, port, pool_size)).expect("provider")
+}
+
+fn config(host: &str, port: u16, pool_size: u32) -> EmailConfig {
+    EmailConfig {
         smtp_host: Some(host.to_string()),
         smtp_port: Some(port),
         security: SmtpSecurity::None,
         pool_size,
         ..EmailConfig::default()
-    };
-    EmailProvider::new("smtp".into(), &config).expect("provider")
+    }
 }
 
 fn message(i: usize) -> OutboundMessage {
@@ -99,11 +103,7 @@ async fn after_a_refused_message_the_next_goes_through_on_a_fresh_session() {
 
 /// Sends five messages one after another through a pool of one connection; all must arrive.
 async fn send_five_on_one_connection(sink: &SmtpSink) {
-    let email = provider(sink.host(), sink.port(), 1);
-    for i in 0..5 {
-        email.send(&message(i)).await.expect("sent");
-    }
-    assert_eq!(sink.count(), 5);
+    send_five_configured(sink, |_| {}).await;
 }
 
 #[tokio::test]
@@ -163,6 +163,42 @@ async fn a_server_without_pipelining_gets_one_command_at_a_time() {
         "a command was sent before its reply"
     );
     assert_eq!(sink.chunked_count(), 0, "DATA, not BDAT");
+}
+
+/// Sends five messages one after another through a pool of one connection configured by
+/// `configure`; all must arrive.
+async fn send_five_configured(sink: &SmtpSink, configure: impl FnOnce(&mut EmailConfig)) {
+    let mut config = config(sink.host(), sink.port(), 1);
+    configure(&mut config);
+    let email = EmailProvider::new("smtp".into(), &config).expect("provider");
+    for i in 0..5 {
+        email.send(&message(i)).await.expect("sent");
+    }
+    assert_eq!(sink.count(), 5);
+}
+
+#[tokio::test]
+async fn with_chunking_off_a_server_offering_it_gets_pipelined_data() {
+    let sink = SmtpSink::start().await.expect("sink");
+    send_five_configured(&sink, |config| config.chunking = false).await;
+    assert_eq!(sink.chunked_count(), 0, "DATA, not BDAT");
+    assert_pipelined(&sink, 5);
+}
+
+#[tokio::test]
+async fn with_pipelining_off_a_server_offering_it_gets_one_command_at_a_time() {
+    let sink = SmtpSink::start().await.expect("sink");
+    send_five_configured(&sink, |config| config.pipelining = false).await;
+    assert_eq!(
+        sink.pipelined_count(),
+        0,
+        "a command was sent before its reply"
+    );
+    assert_eq!(
+        sink.chunked_count(),
+        0,
+        "DATA, not BDAT (it needs pipelining)"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,11 @@ use herald_nats::Channel;
 use lettre::{
     AsyncFileTransport, AsyncTransport, Message, Tokio1Executor,
     message::{Mailbox, MultiPart, SinglePart, header::ContentType},
-    transport::smtp::{authentication::Credentials, client::TlsParameters, extension::ClientId},
+    transport::smtp::{
+        authentication::Credentials,
+        client::TlsParameters,
+        extension::{ClientId, Extension},
+    },
 };
 use serde::Deserialize;
 
@@ -51,6 +55,12 @@ pub struct EmailConfig {
     pub timeout_ms: u64,
     /// Most SMTP connections open at once; a send that finds them all busy waits for one.
     pub pool_size: u32,
+    /// Use PIPELINING (RFC 2920) where the server offers it; `false` sends one command at a
+    /// time (and so no CHUNKING either), for a server or proxy that offers it and mishandles it.
+    pub pipelining: bool,
+    /// Use CHUNKING (RFC 3030, `BDAT`) where the server offers it with PIPELINING; `false` sends
+    /// the message with DATA.
+    pub chunking: bool,
 }
 
 impl Default for EmailConfig {
@@ -65,6 +75,8 @@ impl Default for EmailConfig {
             outbox_dir: PathBuf::from("data/outbox"),
             timeout_ms: 10_000,
             pool_size: 32,
+            pipelining: true,
+            chunking: true,
         }
     }
 }
@@ -79,6 +91,10 @@ impl std::fmt::Debug for EmailConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("from", &self.from)
             .field("outbox_dir", &self.outbox_dir)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("pool_size", &self.pool_size)
+            .field("pipelining", &self.pipelining)
+            .field("chunking", &self.chunking)
             .finish()
     }
 }
@@ -206,8 +222,20 @@ fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailCon
         credentials,
         connect_timeout: Duration::from_millis(config.timeout_ms),
         hello: ClientId::default(),
+        ignored: ignored_extensions(config),
     };
     SmtpPool::new(server, config.pool_size as usize).map_err(failed)
+}
+
+/// The extensions `config` turns off.
+fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
+    [
+        (!config.pipelining).then_some(Extension::Pipelining),
+        (!config.chunking).then_some(Extension::Chunking),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn classify(error: SmtpSendError) -> ProviderError {

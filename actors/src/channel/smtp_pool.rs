@@ -18,7 +18,7 @@ use lettre::transport::smtp::{
     self,
     authentication::{Credentials, DEFAULT_MECHANISMS},
     client::{AsyncSmtpConnection, TlsParameters},
-    extension::ClientId,
+    extension::{ClientId, Extension},
     response::Response,
 };
 
@@ -51,6 +51,8 @@ pub struct SmtpServer {
     pub connect_timeout: Duration,
     /// The name this client gives in EHLO.
     pub hello: ClientId,
+    /// Extensions not to use even where the server offers them.
+    pub ignored: Vec<Extension>,
 }
 
 impl managed::Manager for SmtpServer {
@@ -75,6 +77,9 @@ impl managed::Manager for SmtpServer {
         }
         if let Some(credentials) = &self.credentials {
             connection.auth(DEFAULT_MECHANISMS, credentials).await?;
+        }
+        for extension in &self.ignored {
+            connection.ignore_extension(*extension);
         }
         Ok(connection)
     }

@@ -201,6 +201,12 @@ impl ServerInfo {
         self.features.contains(&keyword)
     }
 
+    /// Treats `keyword` as not offered by the server, so the client does not use it
+    /// (Herald's addition).
+    pub(crate) fn ignore_feature(&mut self, keyword: Extension) {
+        self.features.remove(&keyword);
+    }
+
     /// Checks if the server supports an ESMTP feature
     pub fn supports_auth_mechanism(&self, mechanism: Mechanism) -> bool {
         self.features

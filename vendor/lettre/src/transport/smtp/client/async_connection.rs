@@ -53,6 +53,13 @@ impl AsyncSmtpConnection {
         &self.server_info
     }
 
+    /// Does not use `extension` on this connection even though the server offered it, for a
+    /// server that offers an extension it mishandles (Herald's addition). Call it after
+    /// STARTTLS, whose second EHLO reads the server's offer again.
+    pub fn ignore_extension(&mut self, extension: Extension) {
+        self.server_info.ignore_feature(extension);
+    }
+
     /// Connects with existing async stream
     ///
     /// Sends EHLO and parses server information
