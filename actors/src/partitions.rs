@@ -180,7 +180,8 @@ pub struct LeaseKeeperArgs {
     pub table: LeaseTable,
     /// Command partitions in all.
     pub partitions: u32,
-    /// Lease TTL (the bucket's max age).
+    /// Lease TTL from the configuration, set on the bucket at start-up; the keeper then follows
+    /// the bucket's (another instance may have set a different one).
     pub ttl: Duration,
     /// The dispatcher to steer.
     pub dispatcher: ActorSlot<DispatcherMsg>,
@@ -195,6 +196,8 @@ pub struct LeaseKeeperArgs {
 /// State of the [`LeaseKeeper`].
 pub struct LeaseKeeperState {
     args: LeaseKeeperArgs,
+    /// The TTL the bucket applies, as last read (the configured one until the first read).
+    ttl: Duration,
     held: BTreeMap<u32, (Held, Instant)>,
     leaving: BTreeSet<u32>,
     /// Partitions taken this round, not yet announced to the rate limiter.
@@ -224,6 +227,7 @@ impl Actor for LeaseKeeper {
     ) -> Result<LeaseKeeperState, ActorProcessingErr> {
         let _ = myself.cast(LeaseKeeperMsg::Round);
         Ok(LeaseKeeperState {
+            ttl: args.ttl,
             args,
             held: BTreeMap::new(),
             leaving: BTreeSet::new(),
@@ -242,7 +246,7 @@ impl Actor for LeaseKeeper {
             LeaseKeeperMsg::Round if !state.left => {
                 // Timed from the round's start, so a slow round (a loaded machine, a slow NATS)
                 // delays the next renewal by its overrun only, not by its whole length.
-                myself.send_after(LeaseKeeper::round_interval(state.args.ttl), || {
+                myself.send_after(LeaseKeeper::round_interval(state.ttl), || {
                     LeaseKeeperMsg::Round
                 });
                 let started = Instant::now();
@@ -282,6 +286,7 @@ impl LeaseKeeperState {
         self.renew_all().await;
         match table.view().await {
             Ok(view) => {
+                self.follow_ttl(view.ttl);
                 self.adopt(&view).await;
                 let held: BTreeSet<u32> = self.held.keys().copied().collect();
                 let plan = plan(
@@ -326,6 +331,30 @@ impl LeaseKeeperState {
                 }
                 Err(err) => tracing::warn!(partition, error = %err, "cannot renew partition lease"),
             }
+        }
+    }
+
+    /// Times leases by the TTL the bucket applies when it is not the one this keeper used (an
+    /// instance configured differently started since): the leases renewed this round get their
+    /// deadlines again, and later rounds come at its pace.
+    fn follow_ttl(&mut self, bucket_ttl: Duration) {
+        if bucket_ttl == self.ttl || bucket_ttl.is_zero() {
+            return;
+        }
+        tracing::warn!(
+            bucket_ttl_ms = bucket_ttl.as_millis() as u64,
+            configured_ttl_ms = self.args.ttl.as_millis() as u64,
+            "the lease bucket's TTL differs from the one in use (set by an instance configured differently); following the bucket's"
+        );
+        self.ttl = bucket_ttl;
+        let renewed: Vec<u32> = self
+            .held
+            .keys()
+            .filter(|partition| !self.taken.contains(partition))
+            .copied()
+            .collect();
+        for partition in renewed {
+            self.set_deadline(partition);
         }
     }
 
@@ -410,9 +439,8 @@ impl LeaseKeeperState {
     /// How long after a lease write was sent this instance may still act on it: the TTL minus one
     /// round, so that it stops before the server can let the lease age out.
     fn fence(&self) -> Duration {
-        self.args
-            .ttl
-            .saturating_sub(LeaseKeeper::round_interval(self.args.ttl))
+        self.ttl
+            .saturating_sub(LeaseKeeper::round_interval(self.ttl))
     }
 
     /// Records a lease written (taken or renewed) by a request sent at `sent`. A partition just
@@ -500,6 +528,7 @@ mod tests {
             owners: owners.iter().map(|(p, o)| (*p, o.to_string())).collect(),
             revisions: owners.iter().map(|(p, _)| (*p, 1)).collect(),
             members: members.iter().map(|m| m.to_string()).collect(),
+            ttl: Duration::from_secs(10),
         }
     }
 

@@ -8,6 +8,10 @@
 //! stops renewing (crashed, partitioned away) loses its keys when they age out, and the survivors
 //! take the partitions over.
 //!
+//! Every instance sets the TTL from its configuration when it starts, and all follow the one the
+//! bucket applies (read with each [`LeaseTable::view`]), so instances configured differently (a
+//! rolling change of the TTL) never time their leases by a TTL the server does not apply.
+//!
 //! Instances also keep a `member.<instance>` key fresh, so that each can compute its fair share of
 //! the partitions (`ceil(partitions / members)`).
 
@@ -45,6 +49,8 @@ pub struct LeaseView {
     pub revisions: BTreeMap<u32, u64>,
     /// Live instances (their membership keys have not aged out).
     pub members: Vec<String>,
+    /// The lease TTL the bucket applies: its `max_age`, as the last instance to start set it.
+    pub ttl: Duration,
 }
 
 /// A lease held by this instance: the revision it last wrote.
@@ -180,12 +186,14 @@ impl LeaseTable {
             reason: e.to_string(),
         };
         let prefix = &self.store.prefix;
-        let keys: Vec<String> = self
+        let listing = self
             .store
             .stream
             .info_with_subjects(format!("{prefix}>"))
             .await
-            .map_err(|e| read_error(&e))?
+            .map_err(|e| read_error(&e))?;
+        let ttl = listing.info.config.max_age;
+        let keys: Vec<String> = listing
             .map_ok(|(subject, _)| subject)
             .try_collect::<Vec<String>>()
             .await
@@ -197,7 +205,10 @@ impl LeaseTable {
             futures::future::try_join_all(keys.iter().map(|key| self.store.entry(key.as_str())))
                 .await
                 .map_err(|e| read_error(&e))?;
-        let mut view = LeaseView::default();
+        let mut view = LeaseView {
+            ttl,
+            ..LeaseView::default()
+        };
         for (key, entry) in keys.iter().zip(entries) {
             // A key handed back leaves a delete marker; a key may also age out after listing.
             let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {

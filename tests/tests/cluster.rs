@@ -5,9 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use herald_actors::partitions::{LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, OwnershipView};
+use herald_actors::slot::ActorSlot;
 use herald_entities::{NotificationStatus, notification};
-use herald_nats::LeaseTable;
+use herald_nats::{LeaseTable, LeaseView};
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
+use ractor::Actor;
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
@@ -575,4 +578,74 @@ async fn the_lease_view_lists_live_leases_and_members_only() {
         a.renew(zero).await.expect("renew").is_none(),
         "an aged-out lease cannot be renewed"
     );
+}
+
+/// Instances configured with different lease TTLs (a rolling change of it): the bucket applies the
+/// TTL of the last one to start, and a keeper configured with a longer one follows the bucket's,
+/// renewing at its pace, so its leases do not age out between its renewals.
+#[tokio::test]
+async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let configured = Duration::from_secs(12);
+    let table = LeaseTable::open(&js, "a", configured, 1)
+        .await
+        .expect("bucket");
+    let args = LeaseKeeperArgs {
+        table: table.clone(),
+        partitions: 2,
+        ttl: configured,
+        dispatcher: ActorSlot::default(),
+        rate_limiter: ActorSlot::default(),
+        ownership: OwnershipView::default(),
+        deadlines: LeaseDeadlines::default(),
+    };
+    let (keeper, handle) = Actor::spawn(None, LeaseKeeper, args).await.expect("keeper");
+    let owned_by_a =
+        |view: &LeaseView| view.owners.len() == 2 && view.owners.values().all(|o| o == "a");
+    eventually(
+        "a to take both partitions",
+        Duration::from_secs(10),
+        || async { table.view().await.ok().filter(owned_by_a) },
+    )
+    .await;
+
+    // Another instance starts with a 2 s TTL: the bucket ages leases out after 2 s now, while
+    // rounds timed by a's configuration come every 3 s.
+    let shorter = Duration::from_secs(2);
+    let b = LeaseTable::open(&js, "b", shorter, 1)
+        .await
+        .expect("bucket");
+    assert_eq!(b.view().await.expect("view").ttl, shorter);
+
+    // Two renewals of every lease within 1.2 s: a renews at the bucket's pace (every 0.5 s).
+    eventually(
+        "a to renew at the pace of the bucket's TTL",
+        Duration::from_secs(15),
+        || async {
+            let first = table.view().await.ok().filter(owned_by_a)?;
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            let second = table.view().await.ok().filter(owned_by_a)?;
+            first
+                .revisions
+                .iter()
+                .all(|(partition, revision)| second.revisions[partition] >= revision + 2)
+                .then_some(())
+        },
+    )
+    .await;
+    // And a's leases stay in the bucket: none ages out between renewals.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(3) {
+        let view = table.view().await.expect("view");
+        assert!(
+            owned_by_a(&view),
+            "a lease of a's aged out between its renewals: {:?}",
+            view.owners
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    keeper.stop(None);
+    handle.await.expect("keeper stopped");
 }
