@@ -131,6 +131,7 @@ impl Herald {
         let provisioned = herald_nats::provision(&js, &stream_settings(&config))
             .await
             .context("cannot provision JetStream")?;
+        herald_nats::check_command_partitions(&js, config.nats.partitions).await?;
         let publisher = Publisher::new(js.clone(), config.nats.partitions);
         let instance = config.cluster.instance_name();
         let leases = herald_nats::LeaseTable::open(
@@ -138,6 +139,7 @@ impl Herald {
             &instance,
             Duration::from_millis(config.cluster.lease_ttl_ms),
             config.nats.replicas,
+            config.nats.partitions,
         )
         .await
         .context("cannot open the partition lease bucket")?;

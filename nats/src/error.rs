@@ -30,6 +30,15 @@ pub enum NatsError {
         /// The server's or client's reason.
         reason: String,
     },
+    /// The configured number of command partitions cannot be used with this NATS: running
+    /// instances use another, or commands wait on partitions it would never consume.
+    #[error("nats.partitions = {configured} cannot be used here: {reason}")]
+    Partitions {
+        /// The configured count.
+        configured: u32,
+        /// What stands against it, and what to do.
+        reason: String,
+    },
     /// A message could not be encoded.
     #[error("cannot encode message: {0}")]
     Encode(#[from] serde_json::Error),

@@ -40,6 +40,10 @@ pub fn member_key(instance: &str) -> String {
     format!("member.{instance}")
 }
 
+/// Key holding the number of command partitions the running instances use; written when an
+/// instance joins and with every heartbeat, so it ages out only when every instance has stopped.
+pub const PARTITIONS_KEY: &str = "deployment.partitions";
+
 /// Who holds what, as read from the bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseView {
@@ -67,15 +71,20 @@ pub struct Held {
 pub struct LeaseTable {
     store: kv::Store,
     instance: String,
+    partitions: u32,
 }
 
 impl LeaseTable {
-    /// Creates the bucket if absent (TTL `ttl`, `replicas` copies) and binds to it as `instance`.
+    /// Creates the bucket if absent (TTL `ttl`, `replicas` copies) and binds to it as `instance`,
+    /// an instance that spreads commands over `partitions` partitions. Refused
+    /// ([`NatsError::Partitions`]) while running instances use another count: they would put one
+    /// user's commands on two partitions, owned by two instances.
     pub async fn open(
         js: &jetstream::Context,
         instance: &str,
         ttl: Duration,
         replicas: usize,
+        partitions: u32,
     ) -> Result<LeaseTable, NatsError> {
         // The bucket's stream is created the way a key-value bucket's is, but through the stream
         // API: it updates the TTL when the configuration changes, and it works on servers whose
@@ -91,9 +100,52 @@ impl LeaseTable {
             .get_key_value(LEASE_BUCKET)
             .await
             .map_err(|e| provision_error(&e))?;
-        Ok(LeaseTable {
+        let table = LeaseTable {
             store,
             instance: instance.to_string(),
+            partitions,
+        };
+        table.join_partition_count().await?;
+        Ok(table)
+    }
+
+    /// Records this instance's partition count where none is, or checks it against the one
+    /// recorded by running instances.
+    async fn join_partition_count(&self) -> Result<(), NatsError> {
+        let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
+            what: format!("key {PARTITIONS_KEY} of bucket {LEASE_BUCKET}"),
+            reason: e.to_string(),
+        };
+        match self
+            .store
+            .create(PARTITIONS_KEY, self.partitions_value())
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(read_error(&e)),
+        }
+        let recorded = self
+            .store
+            .get(PARTITIONS_KEY)
+            .await
+            .map_err(|e| read_error(&e))?;
+        // Aged out since (every instance stopped), or not a number (written by hand): no
+        // running instance stands against this count, and this instance's heartbeat rewrites it.
+        let Some(live) = recorded.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
+        else {
+            return Ok(());
+        };
+        if live == self.partitions {
+            return Ok(());
+        }
+        Err(NatsError::Partitions {
+            configured: self.partitions,
+            reason: format!(
+                "running instances use {live}, and one user's commands must stay on one \
+                 partition; to change the count, stop every instance, wait for the lease TTL to \
+                 pass, and start them all with the new one"
+            ),
         })
     }
 
@@ -151,16 +203,23 @@ impl LeaseTable {
             })
     }
 
-    /// Refreshes this instance's membership record.
+    /// Refreshes this instance's membership record and the partition count it uses.
     pub async fn heartbeat(&self) -> Result<(), NatsError> {
-        self.store
-            .put(member_key(&self.instance), self.owner_value())
-            .await
-            .map(|_| ())
-            .map_err(|e| NatsError::Publish {
-                subject: member_key(&self.instance),
-                reason: e.to_string(),
-            })
+        let put = |key: String, value: Bytes| async move {
+            self.store
+                .put(key.as_str(), value)
+                .await
+                .map(|_| ())
+                .map_err(|e| NatsError::Publish {
+                    subject: key.clone(),
+                    reason: e.to_string(),
+                })
+        };
+        let (member, count) = futures::join!(
+            put(member_key(&self.instance), self.owner_value()),
+            put(PARTITIONS_KEY.to_string(), self.partitions_value())
+        );
+        member.and(count)
     }
 
     /// Removes this instance's membership record (graceful shutdown).
@@ -233,6 +292,10 @@ impl LeaseTable {
 
     fn owner_value(&self) -> Bytes {
         Bytes::from(self.instance.clone())
+    }
+
+    fn partitions_value(&self) -> Bytes {
+        Bytes::from(self.partitions.to_string())
     }
 }
 

@@ -24,7 +24,9 @@ pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
 pub use leases::{Held, LeaseTable, LeaseView};
 pub use publish::{DeadLetterHeaders, Publisher};
-pub use streams::{Provisioned, StreamSettings, dispatch_consumer, provision};
+pub use streams::{
+    Provisioned, StreamSettings, check_command_partitions, dispatch_consumer, provision,
+};
 
 /// Connects to NATS with a client name and unlimited reconnects, so the engine rides out a
 /// restart of the server instead of failing. `urls` may list several servers of a cluster,

@@ -4,6 +4,7 @@
 //! configured shape, consumers are created if absent and bound otherwise, so instances that start
 //! together converge on the same objects.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -11,6 +12,8 @@ use async_nats::jetstream::{
     consumer::{self, AckPolicy, PullConsumer},
     stream::{self, RetentionPolicy, StorageType},
 };
+
+use futures::TryStreamExt;
 
 use crate::{NatsError, subjects};
 
@@ -117,6 +120,48 @@ pub async fn provision(
     )
     .await?;
     Ok(Provisioned { router })
+}
+
+/// Refuses `partitions` when commands wait on partitions at or beyond it (`notify.cmd.<n>`,
+/// `n >= partitions`): the count was lowered while they waited, and no instance using it would
+/// ever deliver them.
+pub async fn check_command_partitions(
+    js: &jetstream::Context,
+    partitions: u32,
+) -> Result<(), NatsError> {
+    let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
+        what: format!("stream {}", subjects::NOTIFY_STREAM),
+        reason: e.to_string(),
+    };
+    let stream = js
+        .get_stream(subjects::NOTIFY_STREAM)
+        .await
+        .map_err(|e| read_error(&e))?;
+    let waiting: BTreeMap<u32, usize> = stream
+        .info_with_subjects(subjects::COMMANDS_ALL)
+        .await
+        .map_err(|e| read_error(&e))?
+        .try_collect::<Vec<(String, usize)>>()
+        .await
+        .map_err(|e| read_error(&e))?
+        .into_iter()
+        .filter_map(|(subject, count)| Some((subjects::command_partition(&subject)?, count)))
+        .filter(|&(partition, count)| partition >= partitions && count > 0)
+        .collect();
+    let (Some((&first, _)), Some((&last, _))) =
+        (waiting.first_key_value(), waiting.last_key_value())
+    else {
+        return Ok(());
+    };
+    let commands: usize = waiting.values().sum();
+    Err(NatsError::Partitions {
+        configured: partitions,
+        reason: format!(
+            "{commands} commands wait on partitions {first} to {last}, which no instance using \
+             it would deliver; keep nats.partitions = {} until they are delivered",
+            last + 1
+        ),
+    })
 }
 
 /// Creates or binds the durable consumer of one command partition (`herald-dispatch-<n>` on

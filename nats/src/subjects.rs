@@ -59,6 +59,11 @@ pub fn command_subject(partition: u32) -> String {
     format!("notify.cmd.{partition}")
 }
 
+/// The partition a command subject names (`notify.cmd.<partition>`), if it names one.
+pub fn command_partition(subject: &str) -> Option<u32> {
+    subject.strip_prefix("notify.cmd.")?.parse().ok()
+}
+
 /// Subject a status transition is published on: `notify.status.<status>`.
 pub fn status_subject(status: &str) -> String {
     format!("notify.status.{status}")
@@ -118,6 +123,9 @@ mod tests {
     #[test]
     fn subjects_have_the_designed_shape() {
         assert_eq!(command_subject(3), "notify.cmd.3");
+        assert_eq!(command_partition("notify.cmd.3"), Some(3));
+        assert_eq!(command_partition("notify.cmd.x"), None);
+        assert_eq!(command_partition("notify.dlq.cmd"), None);
         assert_eq!(status_subject("sent"), "notify.status.sent");
         assert_eq!(dlq_subject("cmd"), "notify.dlq.cmd");
     }

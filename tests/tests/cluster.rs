@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use herald_actors::partitions::{LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, OwnershipView};
 use herald_actors::slot::ActorSlot;
 use herald_entities::{NotificationStatus, notification};
-use herald_nats::{LeaseTable, LeaseView};
+use herald_nats::{LeaseTable, LeaseView, NatsError, StreamSettings};
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
 use ractor::Actor;
 use sea_orm::{
@@ -540,8 +540,8 @@ async fn the_lease_view_lists_live_leases_and_members_only() {
     let nats = NatsServer::start().await.expect("nats");
     let js = async_nats::jetstream::new(nats.client().await.expect("client"));
     let ttl = Duration::from_millis(1_000);
-    let a = LeaseTable::open(&js, "a", ttl, 1).await.expect("bucket");
-    let b = LeaseTable::open(&js, "b", ttl, 1).await.expect("bucket");
+    let a = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("bucket");
+    let b = LeaseTable::open(&js, "b", ttl, 1, 8).await.expect("bucket");
     a.heartbeat().await.expect("a joins");
     b.heartbeat().await.expect("b joins");
     let zero = a.try_acquire(0).await.expect("take").expect("0 is free");
@@ -589,7 +589,7 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
     let nats = NatsServer::start().await.expect("nats");
     let js = async_nats::jetstream::new(nats.client().await.expect("client"));
     let configured = Duration::from_secs(12);
-    let table = LeaseTable::open(&js, "a", configured, 1)
+    let table = LeaseTable::open(&js, "a", configured, 1, 2)
         .await
         .expect("bucket");
     let args = LeaseKeeperArgs {
@@ -614,7 +614,7 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
     // Another instance starts with a 2 s TTL: the bucket ages leases out after 2 s now, while
     // rounds timed by a's configuration come every 3 s.
     let shorter = Duration::from_secs(2);
-    let b = LeaseTable::open(&js, "b", shorter, 1)
+    let b = LeaseTable::open(&js, "b", shorter, 1, 2)
         .await
         .expect("bucket");
     assert_eq!(b.view().await.expect("view").ttl, shorter);
@@ -648,4 +648,85 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
     }
     keeper.stop(None);
     handle.await.expect("keeper stopped");
+}
+
+/// Instances spreading commands over different numbers of partitions would put one user's
+/// commands on two partitions with two owners: an instance is refused while running ones use
+/// another count, and accepted once they have all stopped (their record aged out).
+#[tokio::test]
+async fn an_instance_with_another_partition_count_is_refused_while_others_run() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let ttl = Duration::from_millis(1_000);
+    let running = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("first");
+    match LeaseTable::open(&js, "b", ttl, 1, 16).await {
+        Err(NatsError::Partitions { configured, reason }) => {
+            assert_eq!(configured, 16);
+            assert!(reason.contains("running instances use 8"), "{reason}");
+        }
+        other => panic!(
+            "16 partitions beside 8 must be refused, got {:?}",
+            other.err()
+        ),
+    }
+    LeaseTable::open(&js, "c", ttl, 1, 8)
+        .await
+        .expect("the same count joins");
+    running.heartbeat().await.expect("heartbeat");
+
+    // Every instance stopped: the record ages out and the new count is taken.
+    eventually(
+        "a changed count to be taken once the record aged out",
+        Duration::from_secs(10),
+        || async { LeaseTable::open(&js, "d", ttl, 1, 16).await.ok() },
+    )
+    .await;
+    match LeaseTable::open(&js, "e", ttl, 1, 8).await {
+        Err(NatsError::Partitions { reason, .. }) => {
+            assert!(reason.contains("running instances use 16"), "{reason}")
+        }
+        other => panic!("the new count stands, got {:?}", other.err()),
+    }
+}
+
+/// Lowering the partition count while commands wait on the partitions it drops would leave them
+/// undelivered: the count is refused until they are delivered.
+#[tokio::test]
+async fn a_partition_count_that_strands_waiting_commands_is_refused() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    herald_nats::provision(&js, &StreamSettings::default())
+        .await
+        .expect("streams");
+    for subject in [
+        "notify.cmd.3",
+        "notify.cmd.12",
+        "notify.cmd.12",
+        "notify.cmd.14",
+    ] {
+        js.publish(subject, "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    herald_nats::check_command_partitions(&js, 16)
+        .await
+        .expect("16 partitions consume every waiting command");
+    herald_nats::check_command_partitions(&js, 15)
+        .await
+        .expect("15 still do");
+    match herald_nats::check_command_partitions(&js, 8).await {
+        Err(NatsError::Partitions { configured, reason }) => {
+            assert_eq!(configured, 8);
+            assert!(
+                reason.contains("3 commands wait on partitions 12 to 14"),
+                "{reason}"
+            );
+            assert!(reason.contains("nats.partitions = 15"), "{reason}");
+        }
+        other => panic!("8 partitions strand commands, got {:?}", other.err()),
+    }
 }
