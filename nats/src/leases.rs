@@ -123,7 +123,12 @@ impl LeaseTable {
         {
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
-            Err(e) => return Err(read_error(&e)),
+            Err(e) => {
+                return Err(NatsError::Publish {
+                    subject: PARTITIONS_KEY.to_string(),
+                    reason: e.to_string(),
+                });
+            }
         }
         let recorded = self
             .store
