@@ -43,21 +43,25 @@ pub struct LoadOutcome {
 
 /// Accepts `args.total()` notifications spread over `args.customers` recipients: as fast as
 /// possible, or open-loop at `--rate`.
+/// Commands go to NATS at `nats_url`, spread over `partitions` as the engine's are.
 pub async fn generate(
     args: &BenchArgs,
     db: &DatabaseConnection,
     gate: &WriteGate,
     nats_url: &str,
+    partitions: u32,
     base_url: &str,
 ) -> anyhow::Result<LoadOutcome> {
     let (total, recipients) = (args.total(), Recipients::of(args));
     let http = match (args.via, args.rate) {
         (Via::Nats, None) => {
-            accept_in_turns(db, gate, nats_url, total, recipients).await?;
+            let publisher = bench_publisher(nats_url, partitions).await?;
+            accept_in_turns(db, gate, &publisher, total, recipients).await?;
             None
         }
         (Via::Nats, Some(rate)) => {
-            accept_via_nats_at_rate(db, gate, nats_url, total, recipients, rate).await?;
+            let publisher = bench_publisher(nats_url, partitions).await?;
+            accept_via_nats_at_rate(db, gate, &publisher, total, recipients, rate).await?;
             None
         }
         (Via::Http, None) => {
@@ -183,9 +187,9 @@ fn command(i: u64, recipients: Recipients) -> SendCommand {
 }
 
 /// Accepts `count` email notifications for `customers` recipients the way the API does (stored
-/// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks. Used by
-/// the reliability tests to load an engine quickly; its inserts meet the engine's writers at
-/// SQLite's lock, not in their turns.
+/// `queued`, then published with the id as `Nats-Msg-Id`), in chunks with pipelined acks, for
+/// engines with the default number of partitions. Used by the reliability tests to load an
+/// engine quickly; its inserts meet the engine's writers at SQLite's lock, not in their turns.
 pub async fn accept_via_nats(
     db: &DatabaseConnection,
     nats_url: &str,
@@ -193,7 +197,8 @@ pub async fn accept_via_nats(
     customers: u64,
 ) -> anyhow::Result<()> {
     let recipients = Recipients::contacts(customers);
-    accept_in_turns(db, &WriteGate::default(), nats_url, count, recipients).await
+    let publisher = bench_publisher(nats_url, crate::Config::default().nats.partitions).await?;
+    accept_in_turns(db, &WriteGate::default(), &publisher, count, recipients).await
 }
 
 /// Like [`accept_via_nats`], storing each chunk in a turn of `gate`, as the API's inserts take
@@ -201,13 +206,12 @@ pub async fn accept_via_nats(
 async fn accept_in_turns(
     db: &DatabaseConnection,
     gate: &WriteGate,
-    nats_url: &str,
+    publisher: &Publisher,
     count: u64,
     recipients: Recipients,
 ) -> anyhow::Result<()> {
-    let publisher = bench_publisher(nats_url).await?;
     for chunk in chunks(0..count) {
-        accept_chunk(db, gate, &publisher, chunk, recipients).await?;
+        accept_chunk(db, gate, publisher, chunk, recipients).await?;
     }
     Ok(())
 }
@@ -217,12 +221,11 @@ async fn accept_in_turns(
 async fn accept_via_nats_at_rate(
     db: &DatabaseConnection,
     gate: &WriteGate,
-    nats_url: &str,
+    publisher: &Publisher,
     count: u64,
     recipients: Recipients,
     rate: f64,
 ) -> anyhow::Result<()> {
-    let publisher = bench_publisher(nats_url).await?;
     let started = tokio::time::Instant::now();
     let mut ticks = tokio::time::interval(PACE_TICK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -231,18 +234,19 @@ async fn accept_via_nats_at_rate(
         ticks.tick().await;
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(count);
         for chunk in chunks(next..due) {
-            accept_chunk(db, gate, &publisher, chunk, recipients).await?;
+            accept_chunk(db, gate, publisher, chunk, recipients).await?;
         }
         next = next.max(due);
     }
     Ok(())
 }
 
-async fn bench_publisher(nats_url: &str) -> anyhow::Result<Publisher> {
+/// A NATS connection of the load's own, publishing over `partitions` command partitions.
+async fn bench_publisher(nats_url: &str, partitions: u32) -> anyhow::Result<Publisher> {
     let client = herald_nats::connect(nats_url, "herald-bench").await?;
     Ok(Publisher::new(
         async_nats::jetstream::new(client),
-        crate::Config::default().nats.partitions,
+        partitions,
     ))
 }
 

@@ -221,6 +221,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let config = bench_config(base, &nats_url, &database, sink.port());
     // `--database` is checked like a configured URL (an in-memory SQLite database is refused).
     config.validate()?;
+    let partitions = config.nats.partitions;
     let herald = Herald::start(config).await?;
     // The bench's inserts stand in for the API's: they leave SQLite's log to the engine's
     // checkpointer, as the engine's own pool does, and take the engine's write turns.
@@ -243,7 +244,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let db = db.clone();
         let nats_url = nats_url.clone();
         tokio::spawn(async move {
-            let outcome = load::generate(&args, &db, &gate, &nats_url, &base).await;
+            let outcome = load::generate(&args, &db, &gate, &nats_url, partitions, &base).await;
             outcome.map(|outcome| (outcome, started.elapsed()))
         })
     };
