@@ -521,7 +521,9 @@ fn stream_settings(config: &Config) -> StreamSettings {
         dedup_window: Duration::from_secs(config.nats.dedup_window_secs),
         ack_wait: Duration::from_secs(config.nats.ack_wait_secs),
         max_ack_pending: config.nats.max_ack_pending,
-        ..StreamSettings::default()
+        events: config.nats.retention.events.limits(),
+        dead_letters: config.nats.retention.dead_letters.limits(),
+        status: config.nats.retention.status.limits(),
     }
 }
 

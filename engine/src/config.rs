@@ -60,6 +60,9 @@ pub struct Config {
     pub dashboard: DashboardConfig,
 }
 
+/// The smallest size limit a stream may have: smaller ones would refuse ordinary messages.
+const MIN_STREAM_BYTES: u64 = 1 << 20;
+
 /// Cluster settings: how instances share the command partitions.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -68,8 +71,8 @@ pub struct ClusterConfig {
     /// process id and a random suffix, unique per start.
     pub instance: Option<String>,
     /// Partition lease time-to-live, milliseconds: a dead instance's partitions are taken over
-    /// after at most this long (plus one lease round, a quarter of it). Fixed when the lease
-    /// bucket is first created.
+    /// after at most this long (plus one lease round, a quarter of it). Set on the lease bucket
+    /// when an instance starts; every instance follows the bucket's.
     pub lease_ttl_ms: u64,
 }
 
@@ -293,7 +296,7 @@ impl Default for DatabaseConfig {
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
     pub url: String,
-    /// Send-command partitions (`notify.cmd.<n>`); fixed for the life of a deployment.
+    /// Send-command partitions (`notify.cmd.<n>`); equal on every instance of a deployment.
     pub partitions: u32,
     /// Stream replicas (3 on a cluster).
     pub replicas: usize,
@@ -303,6 +306,54 @@ pub struct NatsConfig {
     pub ack_wait_secs: u64,
     /// Unacknowledged commands allowed per partition consumer (across instances).
     pub max_ack_pending: i64,
+    /// What the streams of domain events, dead letters and status transitions keep.
+    pub retention: RetentionConfig,
+}
+
+/// What each limits stream keeps (`[nats.retention.events]`, `dead_letters`, `status`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RetentionConfig {
+    /// `EVENTS`: domain events, replayable by the Router.
+    pub events: StreamRetention,
+    /// `NOTIFY_DLQ`: dead letters, replayable from the API and the dashboard.
+    pub dead_letters: StreamRetention,
+    /// `NOTIFY_STATUS`: status transitions for observers.
+    pub status: StreamRetention,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        let days = |days: u64| StreamRetention {
+            max_age_secs: days * 24 * 3600,
+            max_bytes: 0,
+        };
+        Self {
+            events: days(7),
+            dead_letters: days(30),
+            status: days(1),
+        }
+    }
+}
+
+/// How much one stream keeps.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StreamRetention {
+    /// Messages older than this many seconds are removed; 0 keeps them whatever their age.
+    pub max_age_secs: u64,
+    /// When the stream holds more bytes than this, its oldest messages are removed; 0: no limit.
+    pub max_bytes: u64,
+}
+
+impl StreamRetention {
+    /// The stream limits these settings stand for.
+    pub fn limits(&self) -> herald_nats::Retention {
+        herald_nats::Retention {
+            max_age: std::time::Duration::from_secs(self.max_age_secs),
+            max_bytes: (self.max_bytes > 0).then_some(self.max_bytes),
+        }
+    }
 }
 
 impl Default for NatsConfig {
@@ -314,6 +365,7 @@ impl Default for NatsConfig {
             dedup_window_secs: 120,
             ack_wait_secs: 30,
             max_ack_pending: 20_000,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -468,6 +520,19 @@ impl Config {
         if self.nats.dedup_window_secs < 120 {
             return invalid("nats.dedup_window_secs must be at least 120 (design)".into());
         }
+        let retention = &self.nats.retention;
+        for (name, stream) in [
+            ("events", retention.events),
+            ("dead_letters", retention.dead_letters),
+            ("status", retention.status),
+        ] {
+            if stream.max_bytes != 0 && stream.max_bytes < MIN_STREAM_BYTES {
+                return invalid(format!(
+                    "nats.retention.{name}.max_bytes must be 0 (no limit) or at least \
+                     {MIN_STREAM_BYTES} (1 MiB)"
+                ));
+            }
+        }
         if self.scheduler.stale_claim_secs == 0
             || self.scheduler.stale_claim_secs >= self.nats.dedup_window_secs
         {
@@ -546,6 +611,8 @@ impl Config {
 // figment::Jail's closure must return figment's (large) error type.
 #[allow(clippy::result_large_err)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -607,6 +674,36 @@ mod tests {
                 .to_string()
                 .contains("pigeon")
         );
+    }
+
+    #[test]
+    fn stream_retention_comes_from_the_environment_and_is_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_NATS__RETENTION__DEAD_LETTERS__MAX_AGE_SECS", "0");
+            jail.set_env(
+                "HERALD_NATS__RETENTION__DEAD_LETTERS__MAX_BYTES",
+                "1073741824",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let dead_letters = config.nats.retention.dead_letters.limits();
+            assert_eq!(
+                dead_letters.max_age,
+                Duration::ZERO,
+                "kept whatever their age"
+            );
+            assert_eq!(dead_letters.max_bytes, Some(1 << 30));
+            let events = config.nats.retention.events.limits();
+            assert_eq!(
+                events.max_age,
+                Duration::from_secs(7 * 24 * 3600),
+                "default"
+            );
+            assert_eq!(events.max_bytes, None, "no size limit by default");
+            jail.set_env("HERALD_NATS__RETENTION__STATUS__MAX_BYTES", "4096");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("nats.retention.status.max_bytes"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

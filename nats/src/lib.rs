@@ -25,7 +25,7 @@ pub use events::{DomainEvent, EventData, EventDecodeError};
 pub use leases::{Held, LeaseTable, LeaseView};
 pub use publish::{DeadLetterHeaders, Publisher};
 pub use streams::{
-    Provisioned, StreamSettings, check_command_partitions, dispatch_consumer, provision,
+    Provisioned, Retention, StreamSettings, check_command_partitions, dispatch_consumer, provision,
 };
 
 /// Connects to NATS with a client name and unlimited reconnects, so the engine rides out a

@@ -24,12 +24,12 @@ pub struct StreamSettings {
     pub replicas: usize,
     /// How long JetStream remembers a `Nats-Msg-Id` on `NOTIFY` (design: at least two minutes).
     pub dedup_window: Duration,
-    /// How long domain events are kept on `EVENTS`.
-    pub events_max_age: Duration,
-    /// How long dead letters are kept on `NOTIFY_DLQ`.
-    pub dlq_max_age: Duration,
-    /// How long status transitions are kept on `NOTIFY_STATUS`.
-    pub status_max_age: Duration,
+    /// How much of the domain events `EVENTS` keeps.
+    pub events: Retention,
+    /// How much of the dead letters `NOTIFY_DLQ` keeps.
+    pub dead_letters: Retention,
+    /// How much of the status transitions `NOTIFY_STATUS` keeps.
+    pub status: Retention,
     /// How long a delivered command may stay unacknowledged before JetStream redelivers it.
     pub ack_wait: Duration,
     /// Most unacknowledged commands the dispatch consumer allows at once (across instances).
@@ -41,11 +41,31 @@ impl Default for StreamSettings {
         Self {
             replicas: 1,
             dedup_window: Duration::from_secs(120),
-            events_max_age: Duration::from_secs(7 * 24 * 3600),
-            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
-            status_max_age: Duration::from_secs(24 * 3600),
+            events: Retention::for_days(7),
+            dead_letters: Retention::for_days(30),
+            status: Retention::for_days(1),
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// How much a stream keeps: messages older than `max_age` go, and the oldest go when it holds
+/// more than `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Age limit; zero keeps messages whatever their age.
+    pub max_age: Duration,
+    /// Size limit; `None` keeps messages whatever their size.
+    pub max_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// Messages kept for `days`, with no size limit.
+    pub fn for_days(days: u64) -> Self {
+        Self {
+            max_age: Duration::from_secs(days * 24 * 3600),
+            max_bytes: None,
         }
     }
 }
@@ -60,12 +80,15 @@ pub struct Provisioned {
 
 /// The four stream configurations of the design.
 pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
-    let base = |name: &str, subject: &str, max_age: Duration| stream::Config {
+    let base = |name: &str, subject: &str, retention: Retention| stream::Config {
         name: name.to_string(),
         subjects: vec![subject.to_string()],
         storage: StorageType::File,
         num_replicas: settings.replicas,
-        max_age,
+        max_age: retention.max_age,
+        max_bytes: retention
+            .max_bytes
+            .map_or(-1, |bytes| i64::try_from(bytes).unwrap_or(i64::MAX)),
         duplicate_window: settings.dedup_window,
         ..Default::default()
     };
@@ -73,25 +96,29 @@ pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
         base(
             subjects::EVENTS_STREAM,
             subjects::EVENTS_ALL,
-            settings.events_max_age,
+            settings.events,
         ),
         stream::Config {
             retention: RetentionPolicy::WorkQueue,
+            // Commands are never dropped for age or size: a full server refuses new ones.
             ..base(
                 subjects::NOTIFY_STREAM,
                 subjects::COMMANDS_ALL,
-                Duration::ZERO,
+                Retention {
+                    max_age: Duration::ZERO,
+                    max_bytes: None,
+                },
             )
         },
         base(
             subjects::DLQ_STREAM,
             subjects::DLQ_ALL,
-            settings.dlq_max_age,
+            settings.dead_letters,
         ),
         base(
             subjects::STATUS_STREAM,
             subjects::STATUS_ALL,
-            settings.status_max_age,
+            settings.status,
         ),
     ]
 }
@@ -237,4 +264,32 @@ async fn durable(
         )
         .await
         .map_err(|e| failed(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_limits_stream_keeps_what_its_retention_says_and_commands_are_never_dropped() {
+        let settings = StreamSettings {
+            dead_letters: Retention {
+                max_age: Duration::ZERO,
+                max_bytes: Some(1 << 30),
+            },
+            ..StreamSettings::default()
+        };
+        let [events, commands, dead_letters, status] = stream_configs(&settings);
+        assert_eq!(events.max_age, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(events.max_bytes, -1, "no size limit");
+        assert_eq!(
+            dead_letters.max_age,
+            Duration::ZERO,
+            "kept whatever their age"
+        );
+        assert_eq!(dead_letters.max_bytes, 1 << 30);
+        assert_eq!(status.max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(commands.retention, RetentionPolicy::WorkQueue);
+        assert_eq!((commands.max_age, commands.max_bytes), (Duration::ZERO, -1));
+    }
 }

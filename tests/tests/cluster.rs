@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use herald_actors::partitions::{LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, OwnershipView};
 use herald_actors::slot::ActorSlot;
 use herald_entities::{NotificationStatus, notification};
-use herald_nats::{LeaseTable, LeaseView, NatsError, StreamSettings};
+use herald_nats::{LeaseTable, LeaseView, NatsError, Retention, StreamSettings};
 use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
 use ractor::Actor;
 use sea_orm::{
@@ -729,4 +729,41 @@ async fn a_partition_count_that_strands_waiting_commands_is_refused() {
         }
         other => panic!("8 partitions strand commands, got {:?}", other.err()),
     }
+}
+
+/// Retention is set on the streams when an instance starts, also on streams an earlier start
+/// created: an operator's change takes effect with the next start.
+#[tokio::test]
+async fn a_changed_retention_applies_to_existing_streams_at_the_next_start() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let dlq_config = || async {
+        js.get_stream("NOTIFY_DLQ")
+            .await
+            .expect("dead-letter stream")
+            .cached_info()
+            .config
+            .clone()
+    };
+    herald_nats::provision(&js, &StreamSettings::default())
+        .await
+        .expect("streams");
+    let before = dlq_config().await;
+    assert_eq!(before.max_age, Duration::from_secs(30 * 24 * 3600));
+    assert_eq!(before.max_bytes, -1);
+
+    let changed = StreamSettings {
+        dead_letters: Retention {
+            max_age: Duration::ZERO,
+            max_bytes: Some(1 << 30),
+        },
+        ..StreamSettings::default()
+    };
+    herald_nats::provision(&js, &changed)
+        .await
+        .expect("streams");
+    let after = dlq_config().await;
+    assert_eq!(after.max_age, Duration::ZERO, "kept whatever their age");
+    assert_eq!(after.max_bytes, 1 << 30);
 }
