@@ -13,7 +13,7 @@ use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
 use serde_json::{Value, json};
-use wiremock::matchers::{method, path, path_regex};
+use wiremock::matchers::{bearer_token, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -49,6 +49,7 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
     config.channels.push = Some(PushConfig {
         base_url: provider.uri(),
         project_id: "shop".into(),
+        service_account_file: None,
         access_token: "token".into(),
         timeout_ms: 2_000,
     });
@@ -431,11 +432,42 @@ async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A throwaway key, also used by the provider's own tests.
+const SERVICE_ACCOUNT_KEY: &str =
+    include_str!("../../actors/src/channel/testdata/service_account_key.pem");
+
+/// Points push at a service account key in `dir` whose token endpoint is the provider fake's
+/// `/token`, in place of the fixed token.
+fn authenticate_push_with_a_service_account(config: &mut Config, dir: &std::path::Path) {
+    let push = config.channels.push.as_mut().expect("push configured");
+    let key = dir.join("service-account.json");
+    let file = json!({
+        "type": "service_account",
+        "client_email": "herald@shop.iam.gserviceaccount.com",
+        "private_key": SERVICE_ACCOUNT_KEY,
+        "token_uri": format!("{}/token", push.base_url),
+    });
+    std::fs::write(&key, file.to_string()).expect("key file");
+    push.service_account_file = Some(key);
+    push.access_token.clear();
+}
+
 #[tokio::test]
 async fn push_and_signed_webhooks_are_delivered() {
-    let w = world(|_| {}).await;
+    let keys = tempfile::tempdir().expect("dir");
+    let w = world(|config| authenticate_push_with_a_service_account(config, keys.path())).await;
+    Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "ya29.e2e", "expires_in": 3599})),
+        )
+        .expect(1)
+        .mount(&w.provider)
+        .await;
     Mock::given(method("POST"))
         .and(path("/v1/projects/shop/messages:send"))
+        .and(bearer_token("ya29.e2e"))
         .respond_with(
             ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/1"})),
         )

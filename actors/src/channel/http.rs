@@ -22,6 +22,30 @@ pub(crate) fn client_builder(timeout_ms: u64) -> reqwest::ClientBuilder {
         .timeout(Duration::from_millis(timeout_ms))
 }
 
+/// A provider's reply, read whole.
+pub(crate) struct Reply {
+    /// Its status.
+    pub status: StatusCode,
+    /// The wait its `Retry-After` header asks for, if any.
+    pub retry_after: Option<Duration>,
+    /// Its body.
+    pub bytes: bytes::Bytes,
+}
+
+/// Sends `request` and reads the whole reply; failing to do either is classified by
+/// [`request_error`].
+pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, ProviderError> {
+    let response = request.send().await.map_err(request_error)?;
+    let status = response.status();
+    let retry_after = retry_after(response.headers());
+    let bytes = response.bytes().await.map_err(request_error)?;
+    Ok(Reply {
+        status,
+        retry_after,
+        bytes,
+    })
+}
+
 /// Classifies an error from sending a request or reading its reply.
 ///
 /// The URL is stripped first: some providers (Telegram) carry credentials in it. Everything but a

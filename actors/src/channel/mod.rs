@@ -5,6 +5,7 @@ pub mod actor;
 pub mod announce;
 pub mod circuit;
 pub mod email;
+pub mod google_auth;
 mod http;
 pub mod provider;
 pub mod push;

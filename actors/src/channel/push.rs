@@ -6,6 +6,7 @@
 //! outcome wins: a transient failure on any token makes the whole send transient so it is
 //! retried; otherwise the send is permanent and names the first token FCM declared dead.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -14,8 +15,12 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::google_auth::{ServiceAccountError, TokenSource};
 use super::http;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
+
+/// The OAuth scope FCM's send API needs.
+const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 
 /// Push provider configuration.
 #[derive(Clone, Deserialize)]
@@ -25,7 +30,11 @@ pub struct PushConfig {
     pub base_url: String,
     /// Firebase project id.
     pub project_id: String,
-    /// OAuth 2.0 access token sent as a bearer token.
+    /// A service account key file (JSON, from Google Cloud): access tokens are fetched with it
+    /// and renewed before they expire. The way to run in production.
+    pub service_account_file: Option<PathBuf>,
+    /// A fixed OAuth 2.0 access token instead (Google's expire within an hour: for tests and
+    /// FCM-compatible services with long-lived tokens).
     pub access_token: String,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,
@@ -36,6 +45,7 @@ impl Default for PushConfig {
         Self {
             base_url: "https://fcm.googleapis.com".into(),
             project_id: String::new(),
+            service_account_file: None,
             access_token: String::new(),
             timeout_ms: 10_000,
         }
@@ -47,6 +57,7 @@ impl std::fmt::Debug for PushConfig {
         f.debug_struct("PushConfig")
             .field("base_url", &self.base_url)
             .field("project_id", &self.project_id)
+            .field("service_account_file", &self.service_account_file)
             .field("access_token", &"<redacted>")
             .field("timeout_ms", &self.timeout_ms)
             .finish()
@@ -59,6 +70,12 @@ pub enum PushConfigError {
     /// A required setting is empty.
     #[error("push.{0} is required")]
     Missing(&'static str),
+    /// Both ways of authenticating are configured.
+    #[error("push.service_account_file and push.access_token are both set; set one")]
+    TwoCredentials,
+    /// The service account key cannot be used.
+    #[error(transparent)]
+    ServiceAccount(#[from] ServiceAccountError),
     /// The HTTP client could not be built.
     #[error("cannot build the push HTTP client: {0}")]
     Client(String),
@@ -69,7 +86,31 @@ pub struct PushProvider {
     name: String,
     client: reqwest::Client,
     send_url: String,
-    access_token: String,
+    credentials: Credentials,
+}
+
+/// Where the bearer token of a send comes from.
+enum Credentials {
+    /// Configured as it is.
+    Fixed(String),
+    /// Fetched with a service account key.
+    ServiceAccount(TokenSource),
+}
+
+impl Credentials {
+    async fn bearer(&self) -> Result<String, ProviderError> {
+        match self {
+            Credentials::Fixed(token) => Ok(token.clone()),
+            Credentials::ServiceAccount(source) => source.token().await,
+        }
+    }
+
+    /// FCM refused the token (revoked, or expired early): the next send fetches another.
+    async fn refused(&self) {
+        if let Credentials::ServiceAccount(source) = self {
+            source.forget().await;
+        }
+    }
 }
 
 impl std::fmt::Debug for PushProvider {
@@ -122,17 +163,27 @@ struct FieldViolation {
 impl PushProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: PushConfig) -> Result<Self, PushConfigError> {
-        for (setting, value) in [
-            ("project_id", &config.project_id),
-            ("access_token", &config.access_token),
-        ] {
-            if value.trim().is_empty() {
-                return Err(PushConfigError::Missing(setting));
-            }
+        if config.project_id.trim().is_empty() {
+            return Err(PushConfigError::Missing("project_id"));
         }
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
+        let fixed = Some(config.access_token.trim()).filter(|t| !t.is_empty());
+        let credentials = match (&config.service_account_file, fixed) {
+            (Some(_), Some(_)) => return Err(PushConfigError::TwoCredentials),
+            (Some(file), None) => Credentials::ServiceAccount(TokenSource::from_file(
+                file,
+                FCM_SCOPE,
+                client.clone(),
+            )?),
+            (None, Some(token)) => Credentials::Fixed(token.to_string()),
+            (None, None) => {
+                return Err(PushConfigError::Missing(
+                    "service_account_file (or access_token)",
+                ));
+            }
+        };
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             config.base_url.trim_end_matches('/'),
@@ -142,7 +193,7 @@ impl PushProvider {
             name,
             client,
             send_url,
-            access_token: config.access_token,
+            credentials,
         })
     }
 
@@ -151,9 +202,13 @@ impl PushProvider {
         if tokens.is_empty() {
             return Err(ProviderError::MissingContact(Channel::Push));
         }
-        let outcomes =
-            futures::future::join_all(tokens.iter().map(|token| self.send_one(token, message)))
-                .await;
+        let bearer = self.credentials.bearer().await?;
+        let outcomes = futures::future::join_all(
+            tokens
+                .iter()
+                .map(|token| self.send_one(&bearer, token, message)),
+        )
+        .await;
         let outcome = combine(tokens, outcomes);
         if let Ok(receipt) = &outcome.receipt
             && !outcome.dead.is_empty()
@@ -169,7 +224,12 @@ impl PushProvider {
         outcome.receipt
     }
 
-    async fn send_one(&self, token: &str, message: &OutboundMessage) -> Result<String, Failure> {
+    async fn send_one(
+        &self,
+        bearer: &str,
+        token: &str,
+        message: &OutboundMessage,
+    ) -> Result<String, Failure> {
         let mut notification = serde_json::Map::new();
         if let Some(subject) = &message.content.subject {
             notification.insert("title".into(), json!(subject));
@@ -186,20 +246,19 @@ impl PushProvider {
                 },
             }
         });
-        let response = self
+        let request = self
             .client
             .post(&self.send_url)
-            .bearer_auth(&self.access_token)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| Failure::new(http::request_error(e)))?;
-        let status = response.status();
-        let retry_after = http::retry_after(response.headers());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| Failure::new(http::request_error(e)))?;
+            .bearer_auth(bearer)
+            .json(&body);
+        let http::Reply {
+            status,
+            retry_after,
+            bytes,
+        } = http::exchange(request).await.map_err(Failure::new)?;
+        if status == StatusCode::UNAUTHORIZED {
+            self.credentials.refused().await;
+        }
         if status.is_success() {
             return serde_json::from_slice::<SentMessage>(&bytes)
                 .map(|sent| sent.name)
@@ -400,6 +459,7 @@ mod tests {
             PushConfig {
                 base_url: base_url.into(),
                 project_id: "shop-app".into(),
+                service_account_file: None,
                 access_token: "ya29.secret-access-token".into(),
                 timeout_ms,
             },
@@ -716,5 +776,122 @@ mod tests {
             PushProvider::new("fcm".into(), config),
             Err(PushConfigError::Missing("project_id"))
         ));
+    }
+
+    /// A provider authenticating with a service account key whose token endpoint is `server`'s
+    /// `/token`, which answers `token_reply`.
+    async fn with_service_account(
+        server: &MockServer,
+        dir: &std::path::Path,
+        token_reply: ResponseTemplate,
+    ) -> PushProvider {
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(token_reply)
+            .mount(server)
+            .await;
+        let key =
+            crate::channel::google_auth::tests::key_file(dir, &format!("{}/token", server.uri()));
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        PushProvider::new(
+            "fcm".into(),
+            PushConfig {
+                base_url: server.uri(),
+                project_id: "shop-app".into(),
+                service_account_file: Some(key),
+                ..PushConfig::default()
+            },
+        )
+        .expect("provider")
+    }
+
+    /// The token endpoint's answer granting `access_token` for an hour.
+    fn granted(access_token: &str) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": access_token,
+            "expires_in": 3599,
+            "token_type": "Bearer",
+        }))
+    }
+
+    async fn token_requests(server: &MockServer) -> usize {
+        let requests = server.received_requests().await.expect("recorded");
+        requests.iter().filter(|r| r.url.path() == "/token").count()
+    }
+
+    #[tokio::test]
+    async fn a_service_account_s_token_authorises_the_sends_and_is_fetched_once() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let fcm = with_service_account(&server, dir.path(), granted("ya29.from-the-key")).await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(bearer_token("ya29.from-the-key"))
+            .respond_with(sent("1"))
+            .expect(3)
+            .mount(&server)
+            .await;
+        fcm.send(&message(&["device-a", "device-b"]))
+            .await
+            .expect("sent");
+        fcm.send(&message(&["device-c"])).await.expect("sent");
+        assert_eq!(token_requests(&server).await, 1, "one token for every send");
+    }
+
+    #[tokio::test]
+    async fn a_token_fcm_refuses_is_replaced_for_the_next_send() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let fcm = with_service_account(&server, dir.path(), granted("ya29.revoked")).await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(fcm_error(
+                401,
+                "UNAUTHENTICATED",
+                "THIRD_PARTY_AUTH_ERROR",
+                "Request had invalid authentication credentials.",
+            ))
+            .mount(&server)
+            .await;
+        assert!(fcm.send(&message(&["device-a"])).await.is_err());
+        assert!(fcm.send(&message(&["device-a"])).await.is_err());
+        assert_eq!(
+            token_requests(&server).await,
+            2,
+            "the refused token was not used again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_endpoint_that_is_down_makes_the_send_transient() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let fcm = with_service_account(&server, dir.path(), ResponseTemplate::new(503)).await;
+        match fcm.send(&message(&["device-a"])).await {
+            Err(ProviderError::Transient { reason, .. }) => {
+                assert!(reason.contains("OAuth token endpoint"), "{reason}")
+            }
+            other => panic!("a token endpoint that is down is transient, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_way_of_authenticating_is_required() {
+        let config = |file: Option<&str>, token: &str| PushConfig {
+            project_id: "shop-app".into(),
+            service_account_file: file.map(PathBuf::from),
+            access_token: token.into(),
+            ..PushConfig::default()
+        };
+        let err = PushProvider::new("fcm".into(), config(None, " ")).unwrap_err();
+        assert!(
+            err.to_string().contains("push.service_account_file"),
+            "{err}"
+        );
+        let err = PushProvider::new("fcm".into(), config(Some("key.json"), "ya29")).unwrap_err();
+        assert!(matches!(err, PushConfigError::TwoCredentials), "{err}");
+        let err =
+            PushProvider::new("fcm".into(), config(Some("/absent/key.json"), "")).unwrap_err();
+        assert!(err.to_string().contains("/absent/key.json"), "{err}");
     }
 }

@@ -132,17 +132,16 @@ impl SmsProvider {
             ("From", self.from.as_str()),
             ("Body", message.content.short_text()),
         ];
-        let response = self
+        let request = self
             .client
             .post(&self.messages_url)
             .basic_auth(&self.account_sid, Some(&self.auth_token))
-            .form(&form)
-            .send()
-            .await
-            .map_err(http::request_error)?;
-        let status = response.status();
-        let retry_after = http::retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(http::request_error)?;
+            .form(&form);
+        let http::Reply {
+            status,
+            retry_after,
+            bytes,
+        } = http::exchange(request).await?;
         if status.is_success() {
             return match serde_json::from_slice::<CreatedMessage>(&bytes) {
                 Ok(created) => Ok(Receipt {

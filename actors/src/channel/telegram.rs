@@ -161,16 +161,12 @@ impl TelegramProvider {
             text: text_of(message),
             parse_mode: self.parse_mode.as_deref(),
         };
-        let response = self
-            .client
-            .post(&self.send_url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(http::request_error)?;
-        let status = response.status();
-        let header_retry_after = http::retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(http::request_error)?;
+        let request = self.client.post(&self.send_url).json(&body);
+        let http::Reply {
+            status,
+            retry_after: header_retry_after,
+            bytes,
+        } = http::exchange(request).await?;
         let reply = serde_json::from_slice::<BotReply>(&bytes).ok();
         match reply {
             Some(BotReply {

@@ -1,0 +1,333 @@
+//! OAuth 2.0 access tokens for Google APIs from a service account key, the JSON file Google Cloud
+//! hands out: a JWT signed with the account's private key (RS256) is exchanged at the key's
+//! `token_uri` for an access token (RFC 7523), which is reused until shortly before it expires.
+//! Google's tokens last an hour, so a static token in the configuration stops working within one.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::ProviderError;
+use super::http;
+
+/// The grant type of a signed-JWT token request (RFC 7523 section 2.1).
+const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// How long a signed assertion is valid (Google's maximum).
+const ASSERTION_LIFETIME_SECS: i64 = 3600;
+
+/// A token is fetched again when it has less than this left, so that no request carries a token
+/// that expires on its way.
+const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+/// The fields of a service account key file that the token exchange needs.
+#[derive(Deserialize)]
+struct KeyFile {
+    client_email: String,
+    private_key: String,
+    token_uri: String,
+}
+
+/// Why a service account key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceAccountError {
+    /// The file cannot be read.
+    #[error("cannot read service account key {path}: {reason}")]
+    Read {
+        /// The configured path.
+        path: String,
+        /// The OS's reason.
+        reason: String,
+    },
+    /// The file is not a service account key.
+    #[error(
+        "{path} is not a service account key (JSON with client_email, private_key, token_uri): \
+         {reason}"
+    )]
+    Format {
+        /// The configured path.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The claims of the assertion Google's token endpoint expects.
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    scope: &'a str,
+    aud: &'a str,
+    iat: i64,
+    exp: i64,
+}
+
+/// The token endpoint's answer.
+#[derive(Deserialize)]
+struct TokenReply {
+    access_token: String,
+    expires_in: u64,
+}
+
+/// Access tokens for one service account and scope, fetched when needed and shared by every
+/// request until shortly before they expire.
+pub struct TokenSource {
+    client_email: String,
+    key: EncodingKey,
+    token_uri: String,
+    scope: &'static str,
+    client: reqwest::Client,
+    /// The current token and when to stop using it; the lock also makes concurrent requests
+    /// wait for one exchange instead of each starting their own.
+    cached: Mutex<Option<(String, Instant)>>,
+}
+
+impl TokenSource {
+    /// Reads the key file at `path`; tokens are for `scope` and fetched with `client`.
+    pub fn from_file(
+        path: &Path,
+        scope: &'static str,
+        client: reqwest::Client,
+    ) -> Result<Self, ServiceAccountError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ServiceAccountError::Read {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        let format = |reason: String| ServiceAccountError::Format {
+            path: shown.clone(),
+            reason,
+        };
+        let file: KeyFile = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes())
+            .map_err(|e| format(format!("private_key: {e}")))?;
+        Ok(Self {
+            client_email: file.client_email,
+            key,
+            token_uri: file.token_uri,
+            scope,
+            client,
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// A valid access token: the cached one, or a new one from the token endpoint. A refused
+    /// exchange is a [`ProviderError`] like a refused send: transient when the endpoint is
+    /// unavailable, permanent when it rejects the account.
+    pub async fn token(&self) -> Result<String, ProviderError> {
+        let mut cached = self.cached.lock().await;
+        if let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(token.clone());
+        }
+        let fetched = Instant::now();
+        let reply = self.exchange().await?;
+        let lifetime = Duration::from_secs(reply.expires_in).saturating_sub(REFRESH_MARGIN);
+        *cached = Some((reply.access_token.clone(), fetched + lifetime));
+        Ok(reply.access_token)
+    }
+
+    /// Forgets the cached token (the API refused it), so the next request fetches another.
+    pub async fn forget(&self) {
+        *self.cached.lock().await = None;
+    }
+
+    async fn exchange(&self) -> Result<TokenReply, ProviderError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            iss: &self.client_email,
+            scope: self.scope,
+            aud: &self.token_uri,
+            iat: now,
+            exp: now + ASSERTION_LIFETIME_SECS,
+        };
+        let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
+            .map_err(|e| ProviderError::permanent(format!("cannot sign the token request: {e}")))?;
+        let request = self.client.post(&self.token_uri).form(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", assertion.as_str()),
+        ]);
+        let http::Reply {
+            status,
+            retry_after,
+            bytes,
+        } = http::exchange(request).await?;
+        let reply = || format!("HTTP {status}: {}", http::snippet(&bytes, 200));
+        if !status.is_success() {
+            let reason = format!(
+                "OAuth token endpoint refused the service account, {}",
+                reply()
+            );
+            return Err(http::status_error(status, reason, retry_after));
+        }
+        serde_json::from_slice(&bytes).map_err(|_| {
+            ProviderError::transient(format!("unexpected OAuth token reply, {}", reply()))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation};
+    use wiremock::matchers::{body_string_contains, method, path};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+    const PRIVATE_KEY: &str = include_str!("testdata/service_account_key.pem");
+    const PUBLIC_KEY: &str = include_str!("testdata/service_account_key.pub.pem");
+    const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
+
+    /// Writes a service account key file naming `token_uri`.
+    pub(crate) fn key_file(dir: &Path, token_uri: &str) -> std::path::PathBuf {
+        let file = dir.join("service-account.json");
+        let key = serde_json::json!({
+            "type": "service_account",
+            "project_id": "shop-app",
+            "client_email": "herald@shop-app.iam.gserviceaccount.com",
+            "private_key": PRIVATE_KEY,
+            "token_uri": token_uri,
+        });
+        std::fs::write(&file, key.to_string()).expect("key file");
+        file
+    }
+
+    fn source(file: &Path) -> TokenSource {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = http::client_builder(5_000).build().expect("client");
+        TokenSource::from_file(file, SCOPE, client).expect("key")
+    }
+
+    /// The claims of the assertion a token request carried, checked against the public key.
+    fn assertion_claims(request: &Request) -> serde_json::Value {
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(&request.body)
+            .into_owned()
+            .collect();
+        let field = |name: &str| {
+            form.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no {name} in the token request"))
+        };
+        assert_eq!(field("grant_type"), JWT_BEARER);
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.validate_aud = false; // checked by the caller
+        let key = DecodingKey::from_rsa_pem(PUBLIC_KEY.as_bytes()).expect("public key");
+        jsonwebtoken::decode::<serde_json::Value>(&field("assertion"), &key, &validation)
+            .expect("a valid RS256 assertion signed by the account's key")
+            .claims
+    }
+
+    #[tokio::test]
+    async fn a_signed_assertion_buys_a_token_that_is_reused_until_near_its_expiry() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(body_string_contains("grant_type="))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": "ya29.fresh",
+                "expires_in": 3599,
+                "token_type": "Bearer",
+            })))
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let token_uri = format!("{}/token", server.uri());
+        let tokens = source(&key_file(dir.path(), &token_uri));
+
+        assert_eq!(tokens.token().await.expect("token"), "ya29.fresh");
+        assert_eq!(tokens.token().await.expect("token"), "ya29.fresh");
+        let requests = server.received_requests().await.expect("recorded");
+        assert_eq!(requests.len(), 1, "the second call reused the token");
+        let claims = assertion_claims(&requests[0]);
+        assert_eq!(claims["iss"], "herald@shop-app.iam.gserviceaccount.com");
+        assert_eq!(claims["scope"], SCOPE);
+        assert_eq!(claims["aud"], token_uri.as_str());
+        let lifetime = claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat");
+        assert_eq!(lifetime, ASSERTION_LIFETIME_SECS);
+
+        tokens.forget().await;
+        tokens.token().await.expect("token");
+        let requests = server.received_requests().await.expect("recorded");
+        assert_eq!(requests.len(), 2, "a forgotten token is fetched again");
+    }
+
+    #[tokio::test]
+    async fn a_token_about_to_expire_is_not_reused() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "access_token": "ya29.short",
+                "expires_in": 60,
+            })))
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let tokens = source(&key_file(dir.path(), &format!("{}/token", server.uri())));
+        tokens.token().await.expect("token");
+        tokens.token().await.expect("token");
+        let requests = server.received_requests().await.expect("recorded");
+        assert_eq!(requests.len(), 2, "60 s left is inside the refresh margin");
+    }
+
+    #[tokio::test]
+    async fn a_rejected_account_is_permanent_an_unavailable_endpoint_transient() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/rejects"))
+            .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
+                "error": "invalid_grant",
+                "error_description": "Invalid JWT Signature.",
+            })))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/unavailable"))
+            .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "7"))
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let rejecting = source(&key_file(dir.path(), &format!("{}/rejects", server.uri())));
+        match rejecting.token().await {
+            Err(ProviderError::Permanent { reason, .. }) => {
+                assert!(reason.contains("invalid_grant"), "{reason}")
+            }
+            other => panic!("a rejected account is permanent, got {other:?}"),
+        }
+        let unavailable = source(&key_file(
+            dir.path(),
+            &format!("{}/unavailable", server.uri()),
+        ));
+        match unavailable.token().await {
+            Err(ProviderError::Transient { retry_after, .. }) => {
+                assert_eq!(retry_after, Some(Duration::from_secs(7)))
+            }
+            other => panic!("an unavailable endpoint is transient, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_key_is_a_clear_error() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("dir");
+        let missing = dir.path().join("absent.json");
+        let err = TokenSource::from_file(&missing, SCOPE, reqwest::Client::new())
+            .err()
+            .expect("refused");
+        assert!(matches!(err, ServiceAccountError::Read { .. }), "{err}");
+        let file = dir.path().join("bad.json");
+        std::fs::write(
+            &file,
+            r#"{"client_email":"x","private_key":"nope","token_uri":"u"}"#,
+        )
+        .expect("write");
+        let err = TokenSource::from_file(&file, SCOPE, reqwest::Client::new())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("private_key"), "{err}");
+    }
+}
