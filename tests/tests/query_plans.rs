@@ -2,7 +2,7 @@
 //! suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migrations
-//! `m20261203_000501` and `m20261204_000601`), so a query is served by one only if the database
+//! `m20261203_000501`, `m20261204_000601` and `m20261204_000701`), so a query is served by one only if the database
 //! can tell that its rows all satisfy the index's condition, with the values bound as the
 //! application binds them. On PostgreSQL the plans are generic ones, made without the bound
 //! values, as a prepared statement may switch to after five runs; and since PostgreSQL prefers to
@@ -13,7 +13,7 @@ use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
 use herald_entities::repo::{batches, history, notifications, schedule, send_history};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
-use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder};
+use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder, SelectStatement};
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Statement,
     StatementBuilder, TransactionTrait,
@@ -82,22 +82,38 @@ async fn assert_planned_on(
     );
 }
 
-/// Asserts that the scheduler's due scan is planned on `index`, on a connection opened now.
-async fn assert_due_scan_on(url: &str, kind: DatabaseKind, index: &str, what: &str) {
+/// Asserts that `query` is planned on `index` on a connection opened now.
+async fn assert_planned_afresh(
+    url: &str,
+    kind: DatabaseKind,
+    query: &SelectStatement,
+    index: &str,
+    what: &str,
+) {
     let (_db, txn) = planning(url, kind).await;
-    let due = schedule::due(Utc::now(), 100).into_query();
-    assert_planned_on(&txn, kind, &due, index, what).await;
+    assert_planned_on(&txn, kind, query, index, what).await;
     txn.rollback().await.expect("planning transaction ended");
 }
 
-/// Asserts that the send histories' read is planned on `index`, on a connection opened now.
-async fn assert_histories_on(url: &str, kind: DatabaseKind, index: &str, what: &str) {
-    let (_db, txn) = planning(url, kind).await;
+/// The scheduler's scan for due notifications.
+fn due_scan() -> SelectStatement {
+    schedule::due(Utc::now(), 100).into_query()
+}
+
+/// A starting rate limiter's read of its user's recent sends.
+fn histories() -> SelectStatement {
     let users = ["ada@example.com".to_string()];
     let cutoffs = [("marketing".to_string(), Utc::now() - Duration::days(1))];
-    let histories = send_history::sent_since_query(&users, &cutoffs).into_query();
-    assert_planned_on(&txn, kind, &histories, index, what).await;
-    txn.rollback().await.expect("planning transaction ended");
+    send_history::sent_since_query(&users, &cutoffs).into_query()
+}
+
+/// The first page of delivered notifications, of all customers.
+fn delivered_listing() -> SelectStatement {
+    let filter = history::HistoryFilter {
+        status: Some(NotificationStatus::Delivered),
+        ..Default::default()
+    };
+    history::page(&filter, None, 50).into_query()
 }
 
 /// A connection opened now, in a transaction that (on PostgreSQL) makes generic plans without
@@ -165,6 +181,9 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         .await;
     }
 
+    let index = "idx_notifications_delivered";
+    assert_planned_on(&txn, kind, &delivered_listing(), index, "listing Delivered").await;
+
     let filter = history::HistoryFilter {
         customer_id: Some("customer-1".into()),
         status: Some(NotificationStatus::Sent),
@@ -221,18 +240,21 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let kind = database.kind();
     let db = migrated(database.url()).await.expect("database migrated");
 
-    herald_migration::Migrator::down(&db, Some(2))
+    herald_migration::Migrator::down(&db, Some(3))
         .await
-        .expect("the two partial-index migrations rolled back");
+        .expect("the three partial-index migrations rolled back");
+    let url = database.url();
     let old = "idx_notifications_status_scheduled";
-    assert_due_scan_on(database.url(), kind, old, "the due scan, rolled back").await;
+    assert_planned_afresh(url, kind, &due_scan(), old, "the due scan, rolled back").await;
     let old = "idx_notifications_recipient_sent";
-    assert_histories_on(database.url(), kind, old, "the send histories, rolled back").await;
+    let what = "the send histories, rolled back";
+    assert_planned_afresh(url, kind, &histories(), old, what).await;
     if kind == DatabaseKind::Postgres {
         // What an interrupted `CREATE INDEX CONCURRENTLY` leaves: the index, marked invalid.
         for (index, column) in [
             ("idx_notifications_scheduled_due", "scheduled_at"),
             ("idx_notifications_recipient_sent_at", "sent_at"),
+            ("idx_notifications_delivered", "id"),
         ] {
             db.execute_unprepared(&format!(
                 "CREATE INDEX {index} ON notifications ({column}); \
@@ -247,8 +269,11 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
         .await
         .expect("migrated forward again");
     let new = "idx_notifications_scheduled_due";
-    assert_due_scan_on(database.url(), kind, new, "the due scan, migrated again").await;
+    assert_planned_afresh(url, kind, &due_scan(), new, "the due scan, migrated again").await;
     let new = "idx_notifications_recipient_sent_at";
     let what = "the send histories, migrated again";
-    assert_histories_on(database.url(), kind, new, what).await;
+    assert_planned_afresh(url, kind, &histories(), new, what).await;
+    let new = "idx_notifications_delivered";
+    let what = "listing Delivered, migrated again";
+    assert_planned_afresh(url, kind, &delivered_listing(), new, what).await;
 }
