@@ -33,6 +33,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo doc (every intra-doc link resolves)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 log "building the herald binary (the reliability tests run it as a process)"
 cargo build --locked --bin herald
 log "tests (SQLite)"

@@ -1,7 +1,7 @@
 //! `Router`: turns domain events into notifications. Pulls `events.>` from the `herald-router`
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
-//! decode (malformed, unknown version or type ⇒ dead letter) → matching [`rules`](crate::rules) →
+//! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ dead letter) → render the template in the
 //! customer's locale (render error ⇒ dead letter) → store the notification under an id derived
 //! from event id and rule (a second delivery of the event finds it) → publish its send command →

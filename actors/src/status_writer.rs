@@ -5,7 +5,7 @@
 //! A batch is flushed when it reaches `max_batch` records or `flush_interval_ms` after its first
 //! record; while a flush is in flight the next batch gathers (group commit), and it is flushed when
 //! it is full or its first record is an interval old, not as soon as the previous flush ends
-//! ([`next_flush_in`]). The flush runs as a task, so the mailbox keeps taking records during a slow
+//! (`next_flush_in`). The flush runs as a task, so the mailbox keeps taking records during a slow
 //! write. If the database is unreachable the flush retries with backoff and tells JetStream the
 //! messages are still in progress, so they are neither redelivered (and resent) nor acked;
 //! in-flight permits stay held, which pauses the consumer until the database is back.

@@ -5,7 +5,7 @@
 //! letters with replay (`/dead-letters`) and scheduled sends with cancel (`/scheduled`).
 //!
 //! Operators log in by pasting an admin API key; the session lives in a signed, HttpOnly,
-//! SameSite=Strict cookie ([`session`]). Mutating actions are POST forms carrying the session's
+//! SameSite=Strict cookie (`session`). Mutating actions are POST forms carrying the session's
 //! CSRF token. Every page reads without JavaScript; askama escapes all data, and a
 //! Content-Security-Policy forbids scripts as a second line of defence.
 

@@ -188,7 +188,7 @@ impl Percentiles {
 
 /// Runs the bench on an engine configured like `base` (the configuration file and `HERALD_*`
 /// variables, e.g. `HERALD_STATUS_WRITER__MAX_BATCH`), with the endpoints and sizing of
-/// [`bench_config`], and prints its report.
+/// `bench_config`, and prints its report.
 pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     let total = args.total();
     anyhow::ensure!(total > 0, "the run must accept at least 1 notification");

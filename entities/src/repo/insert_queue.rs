@@ -21,7 +21,7 @@
 //!
 //! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API
 //! sends whose commands JetStream acknowledged ([`InsertQueue::confirm_published`]), gathered
-//! into one UPDATE every [`CONFIRM_DELAY`] (or [`CONFIRM_BATCH`] confirmations), so the mark
+//! into one UPDATE every `CONFIRM_DELAY` (or `CONFIRM_BATCH` confirmations), so the mark
 //! costs a few statements a second rather than one per send. A confirmation that is lost (the
 //! process died, the database failed) costs one command the Scheduler publishes again and
 //! JetStream's de-duplication drops.
@@ -93,7 +93,7 @@ impl InsertQueue {
 
     /// Records that the command of `id`, stored with the
     /// [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark, is published; the mark is
-    /// cleared within [`CONFIRM_DELAY`]. Never waits: when the queue is full the confirmation is
+    /// cleared within `CONFIRM_DELAY`. Never waits: when the queue is full the confirmation is
     /// dropped, and the Scheduler's republish of the still-marked row is a duplicate JetStream
     /// drops.
     pub fn confirm_published(&self, id: Uuid) {
