@@ -323,15 +323,22 @@ pub struct RetentionConfig {
 }
 
 impl Default for RetentionConfig {
+    /// The streams' own defaults ([`herald_nats::StreamSettings`]).
     fn default() -> Self {
-        let days = |days: u64| StreamRetention {
-            max_age_secs: days * 24 * 3600,
-            max_bytes: 0,
-        };
+        let streams = herald_nats::StreamSettings::default();
         Self {
-            events: days(7),
-            dead_letters: days(30),
-            status: days(1),
+            events: streams.events.into(),
+            dead_letters: streams.dead_letters.into(),
+            status: streams.status.into(),
+        }
+    }
+}
+
+impl From<herald_nats::Retention> for StreamRetention {
+    fn from(limits: herald_nats::Retention) -> Self {
+        Self {
+            max_age_secs: limits.max_age.as_secs(),
+            max_bytes: limits.max_bytes.unwrap_or(0),
         }
     }
 }

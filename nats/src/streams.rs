@@ -61,6 +61,12 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// Messages kept whatever their age and size.
+    pub const UNLIMITED: Retention = Retention {
+        max_age: Duration::ZERO,
+        max_bytes: None,
+    };
+
     /// Messages kept for `days`, with no size limit.
     pub fn for_days(days: u64) -> Self {
         Self {
@@ -104,10 +110,7 @@ pub fn stream_configs(settings: &StreamSettings) -> [stream::Config; 4] {
             ..base(
                 subjects::NOTIFY_STREAM,
                 subjects::COMMANDS_ALL,
-                Retention {
-                    max_age: Duration::ZERO,
-                    max_bytes: None,
-                },
+                Retention::UNLIMITED,
             )
         },
         base(
@@ -160,8 +163,9 @@ pub async fn check_command_partitions(
         what: format!("stream {}", subjects::NOTIFY_STREAM),
         reason: e.to_string(),
     };
+    // The subject listing is a stream info request of its own: no need for `get_stream`'s.
     let stream = js
-        .get_stream(subjects::NOTIFY_STREAM)
+        .get_stream_no_info(subjects::NOTIFY_STREAM)
         .await
         .map_err(|e| read_error(&e))?;
     let waiting: BTreeMap<u32, usize> = stream

@@ -534,11 +534,18 @@ async fn a_rolling_restart_of_three_instances_loses_nothing_and_keeps_limits() {
     }
 }
 
-#[tokio::test]
-async fn the_lease_view_lists_live_leases_and_members_only() {
+/// A nats-server of the test's own and a JetStream context on it; the server stops when the
+/// first value is dropped.
+async fn private_jetstream() -> (NatsServer, async_nats::jetstream::Context) {
     herald_tests::init_tracing();
     let nats = NatsServer::start().await.expect("nats");
     let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    (nats, js)
+}
+
+#[tokio::test]
+async fn the_lease_view_lists_live_leases_and_members_only() {
+    let (_nats, js) = private_jetstream().await;
     let ttl = Duration::from_millis(1_000);
     let a = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("bucket");
     let b = LeaseTable::open(&js, "b", ttl, 1, 8).await.expect("bucket");
@@ -585,9 +592,7 @@ async fn the_lease_view_lists_live_leases_and_members_only() {
 /// renewing at its pace, so its leases do not age out between its renewals.
 #[tokio::test]
 async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
-    herald_tests::init_tracing();
-    let nats = NatsServer::start().await.expect("nats");
-    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let (_nats, js) = private_jetstream().await;
     let configured = Duration::from_secs(12);
     let table = LeaseTable::open(&js, "a", configured, 1, 2)
         .await
@@ -655,9 +660,7 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
 /// another count, and accepted once they have all stopped (their record aged out).
 #[tokio::test]
 async fn an_instance_with_another_partition_count_is_refused_while_others_run() {
-    herald_tests::init_tracing();
-    let nats = NatsServer::start().await.expect("nats");
-    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let (_nats, js) = private_jetstream().await;
     let ttl = Duration::from_millis(1_000);
     let running = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("first");
     match LeaseTable::open(&js, "b", ttl, 1, 16).await {
@@ -694,9 +697,7 @@ async fn an_instance_with_another_partition_count_is_refused_while_others_run() 
 /// undelivered: the count is refused until they are delivered.
 #[tokio::test]
 async fn a_partition_count_that_strands_waiting_commands_is_refused() {
-    herald_tests::init_tracing();
-    let nats = NatsServer::start().await.expect("nats");
-    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let (_nats, js) = private_jetstream().await;
     herald_nats::provision(&js, &StreamSettings::default())
         .await
         .expect("streams");
@@ -735,9 +736,7 @@ async fn a_partition_count_that_strands_waiting_commands_is_refused() {
 /// created: an operator's change takes effect with the next start.
 #[tokio::test]
 async fn a_changed_retention_applies_to_existing_streams_at_the_next_start() {
-    herald_tests::init_tracing();
-    let nats = NatsServer::start().await.expect("nats");
-    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let (_nats, js) = private_jetstream().await;
     let dlq_config = || async {
         js.get_stream("NOTIFY_DLQ")
             .await

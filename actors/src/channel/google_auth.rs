@@ -174,7 +174,7 @@ impl TokenSource {
 pub(crate) mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
-    use wiremock::matchers::{body_string_contains, method, path};
+    use wiremock::matchers::{method, path};
     use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
     const PRIVATE_KEY: &str = include_str!("testdata/service_account_key.pem");
@@ -221,19 +221,24 @@ pub(crate) mod tests {
             .claims
     }
 
+    /// Makes `server` answer token requests at `at` with `reply`.
+    async fn token_endpoint(server: &MockServer, at: &str, reply: ResponseTemplate) {
+        Mock::given(method("POST"))
+            .and(path(at))
+            .respond_with(reply)
+            .mount(server)
+            .await;
+    }
+
     #[tokio::test]
     async fn a_signed_assertion_buys_a_token_that_is_reused_until_near_its_expiry() {
         let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .and(body_string_contains("grant_type="))
-            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
-                "access_token": "ya29.fresh",
-                "expires_in": 3599,
-                "token_type": "Bearer",
-            })))
-            .mount(&server)
-            .await;
+        let granted = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "ya29.fresh",
+            "expires_in": 3599,
+            "token_type": "Bearer",
+        }));
+        token_endpoint(&server, "/token", granted).await;
         let dir = tempfile::tempdir().expect("dir");
         let token_uri = format!("{}/token", server.uri());
         let tokens = source(&key_file(dir.path(), &token_uri));
@@ -258,14 +263,11 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_token_about_to_expire_is_not_reused() {
         let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/token"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
-                "access_token": "ya29.short",
-                "expires_in": 60,
-            })))
-            .mount(&server)
-            .await;
+        let short = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "ya29.short",
+            "expires_in": 60,
+        }));
+        token_endpoint(&server, "/token", short).await;
         let dir = tempfile::tempdir().expect("dir");
         let tokens = source(&key_file(dir.path(), &format!("{}/token", server.uri())));
         tokens.token().await.expect("token");
@@ -277,19 +279,13 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_rejected_account_is_permanent_an_unavailable_endpoint_transient() {
         let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .and(path("/rejects"))
-            .respond_with(ResponseTemplate::new(400).set_body_json(serde_json::json!({
-                "error": "invalid_grant",
-                "error_description": "Invalid JWT Signature.",
-            })))
-            .mount(&server)
-            .await;
-        Mock::given(method("POST"))
-            .and(path("/unavailable"))
-            .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "7"))
-            .mount(&server)
-            .await;
+        let rejected = ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant",
+            "error_description": "Invalid JWT Signature.",
+        }));
+        token_endpoint(&server, "/rejects", rejected).await;
+        let down = ResponseTemplate::new(503).insert_header("Retry-After", "7");
+        token_endpoint(&server, "/unavailable", down).await;
         let dir = tempfile::tempdir().expect("dir");
         let rejecting = source(&key_file(dir.path(), &format!("{}/rejects", server.uri())));
         match rejecting.token().await {
