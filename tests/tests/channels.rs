@@ -49,9 +49,9 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
     config.channels.push = Some(PushConfig {
         base_url: provider.uri(),
         project_id: "shop".into(),
-        service_account_file: None,
         access_token: "token".into(),
         timeout_ms: 2_000,
+        ..PushConfig::default()
     });
     config.channels.webhook = Some(WebhookConfig {
         secret: WEBHOOK_SECRET.into(),

@@ -1,7 +1,10 @@
-//! OAuth 2.0 access tokens for Google APIs from a service account key, the JSON file Google Cloud
-//! hands out: a JWT signed with the account's private key (RS256) is exchanged at the key's
-//! `token_uri` for an access token (RFC 7523), which is reused until shortly before it expires.
-//! Google's tokens last an hour, so a static token in the configuration stops working within one.
+//! OAuth 2.0 access tokens for Google APIs, reused until shortly before they expire (Google's
+//! last an hour, so a static token in the configuration stops working within one). Two grants:
+//! - a service account key, the JSON file Google Cloud hands out: a JWT signed with the account's
+//!   private key (RS256) is exchanged at the key's `token_uri` (RFC 7523);
+//! - the metadata server of the machine Herald runs on (Compute Engine, GKE with Workload
+//!   Identity, Cloud Run), which hands out tokens of the service account attached to it, so no
+//!   key file exists to leak.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,7 +68,22 @@ struct Claims<'a> {
     exp: i64,
 }
 
-/// The token endpoint's answer.
+/// The metadata server's token path for the attached service account.
+const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+
+/// How a token is obtained.
+enum Grant {
+    /// A JWT signed with a service account key, exchanged at the key's `token_uri`.
+    ServiceAccount {
+        client_email: String,
+        key: EncodingKey,
+        token_uri: String,
+    },
+    /// Asked of the metadata server at this URL (the scope in its query).
+    MetadataServer { token_url: reqwest::Url },
+}
+
+/// The token endpoint's answer (the same shape from both grants).
 #[derive(Deserialize)]
 struct TokenReply {
     access_token: String,
@@ -75,9 +93,7 @@ struct TokenReply {
 /// Access tokens for one service account and scope, fetched when needed and shared by every
 /// request until shortly before they expire.
 pub struct TokenSource {
-    client_email: String,
-    key: EncodingKey,
-    token_uri: String,
+    grant: Grant,
     scope: &'static str,
     client: reqwest::Client,
     /// The current token and when to stop using it; the lock also makes concurrent requests
@@ -104,14 +120,40 @@ impl TokenSource {
         let file: KeyFile = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
         let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes())
             .map_err(|e| format(format!("private_key: {e}")))?;
-        Ok(Self {
+        let grant = Grant::ServiceAccount {
             client_email: file.client_email,
             key,
             token_uri: file.token_uri,
+        };
+        Ok(Self::new(grant, scope, client))
+    }
+
+    /// Tokens of the service account attached to the machine, from its metadata server at
+    /// `base_url` (`http://metadata.google.internal` on Google Cloud); an error if that is not a
+    /// URL.
+    pub fn from_metadata_server(
+        base_url: &str,
+        scope: &'static str,
+        client: reqwest::Client,
+    ) -> Result<Self, url::ParseError> {
+        let token_url = reqwest::Url::parse_with_params(
+            &format!("{}{METADATA_TOKEN_PATH}", base_url.trim_end_matches('/')),
+            &[("scopes", scope)],
+        )?;
+        Ok(Self::new(
+            Grant::MetadataServer { token_url },
+            scope,
+            client,
+        ))
+    }
+
+    fn new(grant: Grant, scope: &'static str, client: reqwest::Client) -> Self {
+        Self {
+            grant,
             scope,
             client,
             cached: Mutex::new(None),
-        })
+        }
     }
 
     /// A valid access token: the cached one, or a new one from the token endpoint. A refused
@@ -137,20 +179,22 @@ impl TokenSource {
     }
 
     async fn exchange(&self) -> Result<TokenReply, ProviderError> {
-        let now = chrono::Utc::now().timestamp();
-        let claims = Claims {
-            iss: &self.client_email,
-            scope: self.scope,
-            aud: &self.token_uri,
-            iat: now,
-            exp: now + ASSERTION_LIFETIME_SECS,
+        let (request, endpoint) = match &self.grant {
+            Grant::ServiceAccount {
+                client_email,
+                key,
+                token_uri,
+            } => (
+                self.assertion_request(client_email, key, token_uri)?,
+                "OAuth token endpoint refused the service account",
+            ),
+            Grant::MetadataServer { token_url } => (
+                self.client
+                    .get(token_url.clone())
+                    .header("Metadata-Flavor", "Google"),
+                "metadata server refused a token",
+            ),
         };
-        let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &self.key)
-            .map_err(|e| ProviderError::permanent(format!("cannot sign the token request: {e}")))?;
-        let request = self.client.post(&self.token_uri).form(&[
-            ("grant_type", JWT_BEARER),
-            ("assertion", assertion.as_str()),
-        ]);
         let http::Reply {
             status,
             retry_after,
@@ -158,15 +202,35 @@ impl TokenSource {
         } = http::exchange(request).await?;
         let reply = || format!("HTTP {status}: {}", http::snippet(&bytes, 200));
         if !status.is_success() {
-            let reason = format!(
-                "OAuth token endpoint refused the service account, {}",
-                reply()
-            );
+            let reason = format!("{endpoint}, {}", reply());
             return Err(http::status_error(status, reason, retry_after));
         }
         serde_json::from_slice(&bytes).map_err(|_| {
             ProviderError::transient(format!("unexpected OAuth token reply, {}", reply()))
         })
+    }
+
+    /// The token request of a service account key: a signed assertion (RFC 7523).
+    fn assertion_request(
+        &self,
+        client_email: &str,
+        key: &EncodingKey,
+        token_uri: &str,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            iss: client_email,
+            scope: self.scope,
+            aud: token_uri,
+            iat: now,
+            exp: now + ASSERTION_LIFETIME_SECS,
+        };
+        let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key)
+            .map_err(|e| ProviderError::permanent(format!("cannot sign the token request: {e}")))?;
+        Ok(self.client.post(token_uri).form(&[
+            ("grant_type", JWT_BEARER),
+            ("assertion", assertion.as_str()),
+        ]))
     }
 }
 
@@ -174,7 +238,7 @@ impl TokenSource {
 pub(crate) mod tests {
     use super::*;
     use jsonwebtoken::{DecodingKey, Validation};
-    use wiremock::matchers::{method, path};
+    use wiremock::matchers::{header, method, path, query_param};
     use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
     const PRIVATE_KEY: &str = include_str!("testdata/service_account_key.pem");
@@ -303,6 +367,56 @@ pub(crate) mod tests {
                 assert_eq!(retry_after, Some(Duration::from_secs(7)))
             }
             other => panic!("an unavailable endpoint is transient, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metadata_server_grants_the_attached_account_s_token_for_the_scope() {
+        let server = MockServer::start().await;
+        let granted = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "ya29.attached",
+            "expires_in": 3599,
+            "token_type": "Bearer",
+        }));
+        Mock::given(method("GET"))
+            .and(path(METADATA_TOKEN_PATH))
+            .and(query_param("scopes", SCOPE))
+            .and(header("Metadata-Flavor", "Google"))
+            .respond_with(granted)
+            .expect(1)
+            .mount(&server)
+            .await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = http::client_builder(5_000).build().expect("client");
+        let tokens = TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL");
+        assert_eq!(tokens.token().await.expect("token"), "ya29.attached");
+        assert_eq!(
+            tokens.token().await.expect("token"),
+            "ya29.attached",
+            "reused (the mock expects one request)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_machine_without_an_attached_account_is_permanent() {
+        let server = MockServer::start().await;
+        let absent = ResponseTemplate::new(404).set_body_string(
+            "The service account was not found, or it is not attached to this instance.",
+        );
+        Mock::given(method("GET"))
+            .and(path(METADATA_TOKEN_PATH))
+            .respond_with(absent)
+            .mount(&server)
+            .await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = http::client_builder(5_000).build().expect("client");
+        let tokens = TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL");
+        match tokens.token().await {
+            Err(ProviderError::Permanent { reason, .. }) => {
+                assert!(reason.contains("metadata server"), "{reason}");
+                assert!(reason.contains("404"), "{reason}");
+            }
+            other => panic!("no attached account is permanent, got {other:?}"),
         }
     }
 

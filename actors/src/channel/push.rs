@@ -33,6 +33,10 @@ pub struct PushConfig {
     /// A service account key file (JSON, from Google Cloud): access tokens are fetched with it
     /// and renewed before they expire. The way to run in production.
     pub service_account_file: Option<PathBuf>,
+    /// The metadata server of the machine Herald runs on (`http://metadata.google.internal` on
+    /// Compute Engine, GKE with Workload Identity and Cloud Run): access tokens of the service
+    /// account attached to it, renewed before they expire, with no key file.
+    pub metadata_server: Option<String>,
     /// A fixed OAuth 2.0 access token instead (Google's expire within an hour: for tests and
     /// FCM-compatible services with long-lived tokens).
     pub access_token: String,
@@ -46,6 +50,7 @@ impl Default for PushConfig {
             base_url: "https://fcm.googleapis.com".into(),
             project_id: String::new(),
             service_account_file: None,
+            metadata_server: None,
             access_token: String::new(),
             timeout_ms: 10_000,
         }
@@ -58,6 +63,7 @@ impl std::fmt::Debug for PushConfig {
             .field("base_url", &self.base_url)
             .field("project_id", &self.project_id)
             .field("service_account_file", &self.service_account_file)
+            .field("metadata_server", &self.metadata_server)
             .field("access_token", &"<redacted>")
             .field("timeout_ms", &self.timeout_ms)
             .finish()
@@ -70,9 +76,17 @@ pub enum PushConfigError {
     /// A required setting is empty.
     #[error("push.{0} is required")]
     Missing(&'static str),
-    /// Both ways of authenticating are configured.
-    #[error("push.service_account_file and push.access_token are both set; set one")]
-    TwoCredentials,
+    /// More than one way of authenticating is configured.
+    #[error("{0} are set; set one of them")]
+    TwoCredentials(String),
+    /// The metadata server's address is not a URL.
+    #[error("push.metadata_server {url:?} is not a URL: {reason}")]
+    MetadataServer {
+        /// The configured address.
+        url: String,
+        /// Why it is not one.
+        reason: url::ParseError,
+    },
     /// The service account key cannot be used.
     #[error(transparent)]
     ServiceAccount(#[from] ServiceAccountError),
@@ -93,21 +107,21 @@ pub struct PushProvider {
 enum Credentials {
     /// Configured as it is.
     Fixed(String),
-    /// Fetched with a service account key.
-    ServiceAccount(TokenSource),
+    /// Fetched with a service account key or from the metadata server.
+    Fetched(TokenSource),
 }
 
 impl Credentials {
     async fn bearer(&self) -> Result<String, ProviderError> {
         match self {
             Credentials::Fixed(token) => Ok(token.clone()),
-            Credentials::ServiceAccount(source) => source.token().await,
+            Credentials::Fetched(source) => source.token().await,
         }
     }
 
     /// FCM refused the token (revoked, or expired early): the next send fetches another.
     async fn refused(&self) {
-        if let Credentials::ServiceAccount(source) = self {
+        if let Credentials::Fetched(source) = self {
             source.forget().await;
         }
     }
@@ -160,6 +174,51 @@ struct FieldViolation {
     field: String,
 }
 
+/// The one way of authenticating `config` names.
+fn credentials(
+    config: &PushConfig,
+    client: &reqwest::Client,
+) -> Result<Credentials, PushConfigError> {
+    let fixed = Some(config.access_token.trim()).filter(|t| !t.is_empty());
+    let metadata = config
+        .metadata_server
+        .as_deref()
+        .map(str::trim)
+        .filter(|url| !url.is_empty());
+    let set: Vec<&str> = [
+        config
+            .service_account_file
+            .is_some()
+            .then_some("push.service_account_file"),
+        metadata.is_some().then_some("push.metadata_server"),
+        fixed.is_some().then_some("push.access_token"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if set.len() > 1 {
+        return Err(PushConfigError::TwoCredentials(set.join(" and ")));
+    }
+    if let Some(file) = &config.service_account_file {
+        let source = TokenSource::from_file(file, FCM_SCOPE, client.clone())?;
+        return Ok(Credentials::Fetched(source));
+    }
+    if let Some(url) = metadata {
+        let source = TokenSource::from_metadata_server(url, FCM_SCOPE, client.clone()).map_err(
+            |reason| PushConfigError::MetadataServer {
+                url: url.to_string(),
+                reason,
+            },
+        )?;
+        return Ok(Credentials::Fetched(source));
+    }
+    fixed
+        .map(|token| Credentials::Fixed(token.to_string()))
+        .ok_or(PushConfigError::Missing(
+            "service_account_file (or metadata_server, or access_token)",
+        ))
+}
+
 impl PushProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: PushConfig) -> Result<Self, PushConfigError> {
@@ -169,21 +228,7 @@ impl PushProvider {
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
-        let fixed = Some(config.access_token.trim()).filter(|t| !t.is_empty());
-        let credentials = match (&config.service_account_file, fixed) {
-            (Some(_), Some(_)) => return Err(PushConfigError::TwoCredentials),
-            (Some(file), None) => Credentials::ServiceAccount(TokenSource::from_file(
-                file,
-                FCM_SCOPE,
-                client.clone(),
-            )?),
-            (None, Some(token)) => Credentials::Fixed(token.to_string()),
-            (None, None) => {
-                return Err(PushConfigError::Missing(
-                    "service_account_file (or access_token)",
-                ));
-            }
-        };
+        let credentials = credentials(&config, &client)?;
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             config.base_url.trim_end_matches('/'),
@@ -447,7 +492,7 @@ impl Provider for PushProvider {
 mod tests {
     use super::*;
     use crate::channel::provider::tests::outbound;
-    use wiremock::matchers::{bearer_token, body_partial_json, method, path};
+    use wiremock::matchers::{bearer_token, body_partial_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     const SEND_PATH: &str = "/v1/projects/shop-app/messages:send";
@@ -459,9 +504,9 @@ mod tests {
             PushConfig {
                 base_url: base_url.into(),
                 project_id: "shop-app".into(),
-                service_account_file: None,
                 access_token: "ya29.secret-access-token".into(),
                 timeout_ms,
+                ..PushConfig::default()
             },
         )
         .unwrap()
@@ -875,23 +920,70 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn the_metadata_server_s_token_authorises_the_sends() {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path(
+                "/computeMetadata/v1/instance/service-accounts/default/token",
+            ))
+            .and(header("Metadata-Flavor", "Google"))
+            .respond_with(granted("ya29.from-the-machine"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(bearer_token("ya29.from-the-machine"))
+            .respond_with(sent("1"))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let fcm = PushProvider::new(
+            "fcm".into(),
+            PushConfig {
+                base_url: server.uri(),
+                project_id: "shop-app".into(),
+                metadata_server: Some(format!("{}/", server.uri())),
+                ..PushConfig::default()
+            },
+        )
+        .expect("provider");
+        fcm.send(&message(&["device-a"])).await.expect("sent");
+        fcm.send(&message(&["device-b"])).await.expect("sent");
+    }
+
     #[test]
     fn one_way_of_authenticating_is_required() {
-        let config = |file: Option<&str>, token: &str| PushConfig {
+        let config = |file: Option<&str>, metadata: Option<&str>, token: &str| PushConfig {
             project_id: "shop-app".into(),
             service_account_file: file.map(PathBuf::from),
+            metadata_server: metadata.map(String::from),
             access_token: token.into(),
             ..PushConfig::default()
         };
-        let err = PushProvider::new("fcm".into(), config(None, " ")).unwrap_err();
+        let refused = |config| PushProvider::new("fcm".into(), config).unwrap_err();
+        let err = refused(config(None, Some(" "), " "));
+        assert!(matches!(err, PushConfigError::Missing(_)), "{err}");
+        assert!(err.to_string().contains("metadata_server"), "{err}");
+        let err = refused(config(Some("key.json"), None, "ya29"));
+        assert_eq!(
+            err.to_string(),
+            "push.service_account_file and push.access_token are set; set one of them"
+        );
+        let err = refused(config(
+            None,
+            Some("http://metadata.google.internal"),
+            "ya29",
+        ));
+        assert!(matches!(err, PushConfigError::TwoCredentials(_)), "{err}");
+        let err = refused(config(None, Some("metadata.google.internal"), ""));
         assert!(
-            err.to_string().contains("push.service_account_file"),
+            matches!(err, PushConfigError::MetadataServer { .. }),
             "{err}"
         );
-        let err = PushProvider::new("fcm".into(), config(Some("key.json"), "ya29")).unwrap_err();
-        assert!(matches!(err, PushConfigError::TwoCredentials), "{err}");
-        let err =
-            PushProvider::new("fcm".into(), config(Some("/absent/key.json"), "")).unwrap_err();
+        let err = refused(config(Some("/absent/key.json"), None, ""));
         assert!(err.to_string().contains("/absent/key.json"), "{err}");
     }
 }
