@@ -23,7 +23,7 @@ use herald_api::AppState;
 use herald_entities::repo::insert_queue::InsertQueue;
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
-use herald_nats::{Publisher, StreamSettings};
+use herald_nats::{Connection, Publisher, StreamSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::listener::{Acceptor, Listener, TcpListener};
 use ractor::{Actor, ActorRef};
@@ -124,9 +124,14 @@ impl Herald {
         let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
-        let nats = herald_nats::connect(&config.nats.url, "herald")
-            .await
-            .context("cannot connect to NATS")?;
+        let nats = herald_nats::connect(Connection {
+            urls: &config.nats.url,
+            name: "herald",
+            auth: &config.nats.auth,
+            tls: &config.nats.tls,
+        })
+        .await
+        .context("cannot connect to NATS")?;
         let js = async_nats::jetstream::new(nats.clone());
         let provisioned = herald_nats::provision(&js, &stream_settings(&config))
             .await
@@ -555,9 +560,34 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// NATS server URLs without their passwords or tokens (`nats://token@host` carries one as its
+/// user), for `herald config`.
+pub fn redact_nats_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let url = url.trim();
+            match (url.find("://"), url.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains(':') => {
+                    format!("{}***{}", &url[..scheme + 3], &url[at..])
+                }
+                _ => redact(url),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{redact, redact_nats_urls};
+
+    #[test]
+    fn nats_passwords_and_tokens_are_redacted() {
+        assert_eq!(
+            redact_nats_urls("nats://herald:s3cret@n1:4222, nats://t0ken@n2:4222,nats://n3"),
+            "nats://herald:***@n1:4222,nats://***@n2:4222,nats://n3"
+        );
+    }
 
     #[test]
     fn passwords_are_redacted() {

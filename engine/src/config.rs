@@ -20,7 +20,7 @@ use herald_actors::{
     status_writer::StatusWriterSettings,
     templates::runtime::{Limits, RuntimeSettings},
 };
-use herald_nats::{Category, Channel};
+use herald_nats::{Category, Channel, NatsAuth, NatsTls};
 use serde::{Deserialize, Serialize};
 
 /// Herald's whole configuration.
@@ -218,7 +218,8 @@ pub struct DashboardConfig {
     pub secure_cookie: bool,
     /// Secret (at least 32 bytes) the session cookie is signed with. Give every instance the same
     /// one so sessions survive restarts and work behind a load balancer; unset, a random one is
-    /// made at start.
+    /// made at start. `herald config` omits it.
+    #[serde(skip_serializing)]
     pub session_secret: Option<String>,
     /// Seconds between automatic reloads of the activity feed.
     pub refresh_secs: u32,
@@ -308,6 +309,10 @@ pub struct NatsConfig {
     pub max_ack_pending: i64,
     /// What the streams of domain events, dead letters and status transitions keep.
     pub retention: RetentionConfig,
+    /// How Herald authenticates to NATS (`[nats.auth]`).
+    pub auth: NatsAuth,
+    /// TLS to NATS (`[nats.tls]`).
+    pub tls: NatsTls,
 }
 
 /// What each limits stream keeps (`[nats.retention.events]`, `dead_letters`, `status`).
@@ -373,6 +378,8 @@ impl Default for NatsConfig {
             ack_wait_secs: 30,
             max_ack_pending: 20_000,
             retention: RetentionConfig::default(),
+            auth: NatsAuth::default(),
+            tls: NatsTls::default(),
         }
     }
 }
@@ -681,6 +688,27 @@ mod tests {
                 .to_string()
                 .contains("pigeon")
         );
+    }
+
+    #[test]
+    fn nats_credentials_come_from_the_environment_and_are_not_shown() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_NATS__AUTH__USER", "herald");
+            jail.set_env("HERALD_NATS__AUTH__PASSWORD", "s3cret");
+            jail.set_env("HERALD_NATS__TLS__REQUIRED", "true");
+            jail.set_env("HERALD_NATS__TLS__CA_FILE", "/etc/herald/nats-ca.pem");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.nats.auth.user.as_deref(), Some("herald"));
+            assert_eq!(config.nats.auth.password.as_deref(), Some("s3cret"));
+            assert!(config.nats.tls.required);
+            assert_eq!(
+                config.nats.tls.ca_file.as_deref(),
+                Some(Path::new("/etc/herald/nats-ca.pem"))
+            );
+            let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+            assert!(!shown.contains("s3cret"), "{shown}");
+            Ok(())
+        });
     }
 
     #[test]

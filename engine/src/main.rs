@@ -64,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
             herald_engine::apikey::run(&db, command).await
         }
         Command::Config => {
-            println!("{}", toml::to_string_pretty(&config)?);
+            let mut shown = config;
+            shown.database.url = app::redact(&shown.database.url);
+            shown.nats.url = app::redact_nats_urls(&shown.nats.url);
+            println!("{}", toml::to_string_pretty(&shown)?);
             Ok(())
         }
     }

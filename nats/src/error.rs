@@ -3,6 +3,9 @@
 /// What can go wrong talking to NATS.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
+    /// The connection settings cannot work (refused before trying).
+    #[error("invalid NATS settings: {0}")]
+    Config(String),
     /// The client could not connect to the server.
     #[error("cannot connect to NATS: {0}")]
     Connect(String),

@@ -39,6 +39,8 @@ pub struct NatsServer {
     port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// A configuration file (`-c`) that may ask clients to authenticate or speak TLS.
+    config: Option<PathBuf>,
 }
 
 /// Why one attempt to bring the server up failed.
@@ -56,15 +58,45 @@ impl NatsServer {
     /// The binary is `$NATS_SERVER_BIN`, else `/usr/sbin/nats-server` when it exists,
     /// else `nats-server` from `PATH`.
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
+        Self::start_in(Self::scratch_dir()?, None).await
+    }
+
+    /// Starts a server that also reads `config` (nats-server's configuration format: say, an
+    /// `authorization` or `tls` block; the command line's address, port and store win). `files`
+    /// are written beside it first (name, contents), and `{dir}` in `config` names their
+    /// directory. Such a server may refuse plain clients, so it counts as ready once its log says
+    /// so.
+    pub async fn start_with_config(config: &str, files: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let dir = Self::scratch_dir()?;
+        for (name, contents) in files {
+            std::fs::write(dir.path().join(name), contents)
+                .with_context(|| format!("writing {name} for nats-server"))?;
+        }
+        let path = dir.path().join("nats.conf");
+        let config = config.replace("{dir}", &dir.path().display().to_string());
+        std::fs::write(&path, config).context("writing the nats-server configuration")?;
+        Self::start_in(dir, Some(path)).await
+    }
+
+    /// A file in the server's directory (as written by [`NatsServer::start_with_config`]).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn scratch_dir() -> anyhow::Result<TempDir> {
+        tempfile::Builder::new()
             .prefix("herald-nats-")
             .tempdir()
-            .context("creating a temporary directory for nats-server")?;
+            .context("creating a temporary directory for nats-server")
+    }
+
+    async fn start_in(dir: TempDir, config: Option<PathBuf>) -> anyhow::Result<Self> {
         let mut server = Self {
             bin: server_binary(),
             port: 0,
             dir,
             child: None,
+            config,
         };
         let mut last_error = None;
         for _ in 0..PORT_ATTEMPTS {
@@ -192,7 +224,11 @@ impl NatsServer {
             .try_clone()
             .context("duplicating the log file handle")
             .map_err(StartError::Other)?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store_dir())
             .stdin(Stdio::null())
@@ -208,7 +244,7 @@ impl NatsServer {
             })
             .map_err(StartError::Other)?;
         self.child = Some(child);
-        match self.wait_ready().await {
+        match self.wait_ready(log_start).await {
             Ok(()) => Ok(()),
             Err(exited) => {
                 // Never leave a half-started process behind.
@@ -230,9 +266,10 @@ impl NatsServer {
         }
     }
 
-    /// Polls until a client can connect and query the JetStream account, the process
+    /// Polls until a client can connect and query the JetStream account (or, for a server with a
+    /// configuration file, until the log written since `log_start` says it is ready), the process
     /// exits, or [`READY_TIMEOUT`] passes. The error is a short reason.
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&mut self, log_start: u64) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut backoff = Duration::from_millis(10);
         let mut last_failure = String::from("not tried");
@@ -240,10 +277,17 @@ impl NatsServer {
             if let Some(status) = self.exit_status() {
                 return Err(format!("the process exited with {status}"));
             }
-            match tokio::time::timeout_at(deadline, jetstream_answers(&self.url())).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(error)) => last_failure = format!("{error:#}"),
-                Err(_) => {}
+            if self.config.is_some() {
+                if log_since(&self.log_path(), log_start).contains("Server is ready") {
+                    return Ok(());
+                }
+                last_failure = "the log does not say \"Server is ready\" yet".into();
+            } else {
+                match tokio::time::timeout_at(deadline, jetstream_answers(&self.url())).await {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(error)) => last_failure = format!("{error:#}"),
+                    Err(_) => {}
+                }
             }
             let now = Instant::now();
             if now >= deadline {

@@ -11,7 +11,9 @@ use chrono::{DateTime, Utc};
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use herald_entities::{NotificationStatus, WriteGate, customer, notification, repo};
-use herald_nats::{Category, Channel, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand};
+use herald_nats::{
+    Category, Channel, Connection, Contacts, Content, Publisher, SCHEMA_VERSION, SendCommand,
+};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
@@ -243,7 +245,7 @@ async fn accept_via_nats_at_rate(
 
 /// A NATS connection of the load's own, publishing over `partitions` command partitions.
 async fn bench_publisher(nats_url: &str, partitions: u32) -> anyhow::Result<Publisher> {
-    let client = herald_nats::connect(nats_url, "herald-bench").await?;
+    let client = herald_nats::connect(Connection::plain(nats_url, "herald-bench")).await?;
     Ok(Publisher::new(
         async_nats::jetstream::new(client),
         partitions,

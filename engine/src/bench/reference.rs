@@ -7,6 +7,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
+use herald_nats::Connection;
 
 const STREAM: &str = "HERALD_BENCH_REFERENCE";
 /// Publish acks outstanding at once.
@@ -15,7 +16,8 @@ const ACK_WINDOW: usize = 1_000;
 /// Publishes `count` messages of `size` bytes with pipelined acks while a durable pull consumer
 /// consumes and acks them; returns messages per second over the whole exchange.
 pub async fn jetstream_rate(nats_url: &str, count: u64, size: usize) -> anyhow::Result<f64> {
-    let client = async_nats::connect(nats_url).await?;
+    let client =
+        herald_nats::connect(Connection::plain(nats_url, "herald-bench-reference")).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream(STREAM).await;
     let stream = js

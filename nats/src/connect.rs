@@ -1,0 +1,349 @@
+//! Connecting to NATS: the servers, how Herald authenticates, and TLS.
+//!
+//! A secured NATS deployment asks for one of: a user and password, a token, an NKey (the server
+//! knows the public key, the client signs the server's nonce with the seed), or a credentials file
+//! (a user JWT and its NKey seed, as `nsc` and Synadia Cloud hand out). TLS can be required, with
+//! a private certificate authority and a client certificate for mutual TLS.
+
+use std::path::{Path, PathBuf};
+
+use async_nats::{ConnectOptions, Event, ServerAddr};
+use serde::{Deserialize, Serialize};
+
+use crate::NatsError;
+
+/// How Herald authenticates to NATS (`[nats.auth]`); at most one way. Without any, the user and
+/// password (or token) of the first server URL that carries them are used
+/// (`nats://user:password@host:4222`, `nats://token@host:4222`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`); `herald config` omits it.
+    #[serde(skip_serializing)]
+    pub password: Option<String>,
+    /// Authentication token; `herald config` omits it.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// A file holding an NKey seed (`SU…`), whose public key the server's configuration names.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A credentials file (`.creds`: a user JWT and its NKey seed), for servers in operator mode.
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// TLS to NATS (`[nats.tls]`). A `tls://` server URL requires TLS too; a server that requires it
+/// is met with TLS whatever these say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NatsTls {
+    /// Refuse servers that do not offer TLS.
+    pub required: bool,
+    /// PEM file of the certificate authorities to trust, instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// Server URL(s) of one cluster, comma-separated.
+    pub urls: &'a str,
+    /// The client name the server shows in its connection list.
+    pub name: &'a str,
+    /// Authentication.
+    pub auth: &'a NatsAuth,
+    /// TLS.
+    pub tls: &'a NatsTls,
+}
+
+impl<'a> Connection<'a> {
+    /// A connection to `urls` with neither authentication nor TLS settings (the URL's own
+    /// credentials still apply).
+    pub fn plain(urls: &'a str, name: &'a str) -> Self {
+        static NO_AUTH: NatsAuth = NatsAuth {
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed_file: None,
+            credentials_file: None,
+        };
+        static NO_TLS: NatsTls = NatsTls {
+            required: false,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        Self {
+            urls,
+            name,
+            auth: &NO_AUTH,
+            tls: &NO_TLS,
+        }
+    }
+}
+
+/// Connects with a client name and unlimited reconnects, so the engine rides out a restart of the
+/// server instead of failing. Settings that cannot work (two ways of authenticating, a file that
+/// cannot be read, a seed that is not one) are refused here, at once, rather than retried;
+/// connection trouble afterwards (a refused login included) is logged as it happens.
+pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, NatsError> {
+    let servers = server_list(connection.urls)?;
+    let options = ConnectOptions::new()
+        .name(connection.name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move { log_event(&event) });
+    let options = authenticate(options, connection.auth, &servers).await?;
+    let options = secure(options, connection.tls)?;
+    options
+        .connect(servers)
+        .await
+        .map_err(|e| NatsError::Connect(e.to_string()))
+}
+
+/// `"nats://a:4222, nats://b:4222"` → the two servers; an entry that is not a NATS URL is refused.
+fn server_list(urls: &str) -> Result<Vec<ServerAddr>, NatsError> {
+    // The error names the entry, not its text: a URL may carry a password.
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .enumerate()
+        .map(|(n, url)| {
+            url.parse::<ServerAddr>().map_err(|e| {
+                NatsError::Config(format!("nats.url: entry {} is not a NATS URL: {e}", n + 1))
+            })
+        })
+        .collect()
+}
+
+/// Applies the one configured way of authenticating, or the first URL's credentials.
+async fn authenticate(
+    options: ConnectOptions,
+    auth: &NatsAuth,
+    servers: &[ServerAddr],
+) -> Result<ConnectOptions, NatsError> {
+    let configured: Vec<&str> = [
+        (auth.user.is_some() || auth.password.is_some()).then_some("user/password"),
+        auth.token.is_some().then_some("token"),
+        auth.nkey_seed_file.is_some().then_some("nkey_seed_file"),
+        auth.credentials_file
+            .is_some()
+            .then_some("credentials_file"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if configured.len() > 1 {
+        return Err(NatsError::Config(format!(
+            "nats.auth: {} are set; set one of them",
+            configured.join(" and ")
+        )));
+    }
+    match auth {
+        NatsAuth {
+            user: Some(user),
+            password: Some(password),
+            ..
+        } => Ok(options.user_and_password(user.clone(), password.clone())),
+        NatsAuth { user: Some(_), .. }
+        | NatsAuth {
+            password: Some(_), ..
+        } => Err(NatsError::Config(
+            "nats.auth.user and nats.auth.password go together".into(),
+        )),
+        NatsAuth {
+            token: Some(token), ..
+        } => Ok(options.token(token.clone())),
+        NatsAuth {
+            nkey_seed_file: Some(file),
+            ..
+        } => Ok(options.nkey(nkey_seed(file)?)),
+        NatsAuth {
+            credentials_file: Some(file),
+            ..
+        } => options.credentials_file(file).await.map_err(|e| {
+            NatsError::Config(format!(
+                "nats.auth.credentials_file {}: {e}",
+                file.display()
+            ))
+        }),
+        _ => Ok(from_url(options, servers)),
+    }
+}
+
+/// The user and password, or the token, of the first server URL that carries them: the client
+/// library does not use them by itself.
+fn from_url(options: ConnectOptions, servers: &[ServerAddr]) -> ConnectOptions {
+    let Some(server) = servers.iter().find(|s| s.username().is_some()) else {
+        return options;
+    };
+    let user = decode(server.username().unwrap_or_default());
+    match server.password() {
+        Some(password) => options.user_and_password(user, decode(password)),
+        None => options.token(user),
+    }
+}
+
+/// A URL's user or password with its percent-escapes undone (`p%40ss` → `p@ss`).
+fn decode(part: &str) -> String {
+    let bytes = part.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| part.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads and checks an NKey seed file.
+fn nkey_seed(file: &Path) -> Result<String, NatsError> {
+    let shown = file.display();
+    let seed = std::fs::read_to_string(file)
+        .map_err(|e| NatsError::Config(format!("nats.auth.nkey_seed_file {shown}: {e}")))?;
+    let seed = seed.trim().to_string();
+    nkeys::KeyPair::from_seed(&seed).map_err(|e| {
+        NatsError::Config(format!(
+            "nats.auth.nkey_seed_file {shown} holds no NKey seed: {e}"
+        ))
+    })?;
+    Ok(seed)
+}
+
+/// Applies the TLS settings; their files must be readable now (the client reads them only when it
+/// connects, and would retry a missing file forever).
+fn secure(options: ConnectOptions, tls: &NatsTls) -> Result<ConnectOptions, NatsError> {
+    let readable = |key: &str, file: &PathBuf| {
+        std::fs::File::open(file)
+            .map(|_| file.clone())
+            .map_err(|e| NatsError::Config(format!("nats.tls.{key} {}: {e}", file.display())))
+    };
+    let mut options = options.require_tls(tls.required);
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(readable("ca_file", ca)?);
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Ok(options
+            .add_client_certificate(readable("cert_file", cert)?, readable("key_file", key)?)),
+        (None, None) => Ok(options),
+        _ => Err(NatsError::Config(
+            "nats.tls.cert_file and nats.tls.key_file go together".into(),
+        )),
+    }
+}
+
+/// Logs what happens to the connection, so that a refused login or a lost server shows in the
+/// log rather than only as requests that time out.
+fn log_event(event: &Event) {
+    match event {
+        Event::Connected => tracing::info!("connected to NATS"),
+        Event::Disconnected => tracing::warn!("disconnected from NATS; reconnecting"),
+        Event::LameDuckMode => tracing::warn!("the NATS server is shutting down (lame duck mode)"),
+        Event::ServerError(err) => tracing::error!(error = %err, "NATS server error"),
+        Event::ClientError(err) => tracing::error!(error = %err, "cannot connect to NATS"),
+        Event::SlowConsumer(_) | Event::Draining | Event::Closed => {
+            tracing::debug!(%event, "NATS connection event")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_list_names_every_server() {
+        let list = server_list("nats://n1:4222, nats://n2:4222,,tls://n3:4222").expect("valid");
+        let hosts: Vec<&str> = list.iter().map(|s| s.host()).collect();
+        assert_eq!(hosts, ["n1", "n2", "n3"]);
+        let err = server_list("nats://n1:4222, http://user:s3cret@n2").unwrap_err();
+        assert!(err.to_string().contains("entry 2"), "{err}");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn url_credentials_are_decoded() {
+        assert_eq!(decode("p%40ss%3Aword"), "p@ss:word");
+        assert_eq!(decode("plain"), "plain");
+        assert_eq!(decode("100%"), "100%", "a lone percent sign stays");
+    }
+
+    #[tokio::test]
+    async fn two_ways_of_authenticating_are_refused() {
+        let auth = NatsAuth {
+            token: Some("t".into()),
+            nkey_seed_file: Some("seed.nk".into()),
+            ..NatsAuth::default()
+        };
+        let err = authenticate(ConnectOptions::new(), &auth, &[])
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "invalid NATS settings: nats.auth: token and nkey_seed_file are set; set one of them"
+        );
+        let half = NatsAuth {
+            user: Some("herald".into()),
+            ..NatsAuth::default()
+        };
+        let err = authenticate(ConnectOptions::new(), &half, &[])
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains("go together"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_files_and_bad_seeds_are_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("herald-nats-connect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let seed = dir.join("seed.nk");
+        std::fs::write(&seed, "not a seed\n").expect("write");
+        let err = nkey_seed(&seed).unwrap_err();
+        assert!(err.to_string().contains("holds no NKey seed"), "{err}");
+        let tls = NatsTls {
+            ca_file: Some(dir.join("absent-ca.pem")),
+            ..NatsTls::default()
+        };
+        let err = secure(ConnectOptions::new(), &tls).expect_err("refused");
+        assert!(err.to_string().contains("nats.tls.ca_file"), "{err}");
+        let lone = NatsTls {
+            cert_file: Some(seed.clone()),
+            ..NatsTls::default()
+        };
+        let err = secure(ConnectOptions::new(), &lone).expect_err("refused");
+        assert!(err.to_string().contains("go together"), "{err}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn secrets_are_not_shown() {
+        let auth = NatsAuth {
+            user: Some("herald".into()),
+            password: Some("s3cret".into()),
+            token: Some("t0ken".into()),
+            ..NatsAuth::default()
+        };
+        let shown = serde_json::to_string(&auth).expect("serialize");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+        assert!(shown.contains("herald"), "{shown}");
+    }
+}

@@ -1,0 +1,183 @@
+//! Herald connects to a secured NATS: a user and password (in the configuration or the URL), an
+//! NKey, mutual TLS with a private certificate authority; a refused login never connects.
+//! Real nats-server processes with `authorization` and `tls` configuration blocks.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use herald_nats::{Connection, NatsAuth, NatsTls, StreamSettings};
+use herald_tests::nats_server::NatsServer;
+use herald_tests::wait::eventually;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects as Herald does and provisions Herald's streams: what `herald serve` needs of NATS.
+async fn provisions(url: &str, auth: &NatsAuth, tls: &NatsTls) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = herald_nats::connect(Connection {
+        urls: url,
+        name: "herald-test",
+        auth,
+        tls,
+    })
+    .await?;
+    let js = async_nats::jetstream::new(client);
+    tokio::time::timeout(
+        LOGIN_TIMEOUT,
+        herald_nats::provision(&js, &StreamSettings::default()),
+    )
+    .await
+    .context("provisioning timed out")??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn passwords_from_the_configuration_or_the_url_and_nkeys_log_in() -> anyhow::Result<()> {
+    let nkey = nkeys::KeyPair::new_user();
+    let config = format!(
+        r#"authorization {{
+            users = [
+                {{ user: herald, password: "p@ss:word" }}
+                {{ nkey: {} }}
+            ]
+        }}"#,
+        nkey.public_key()
+    );
+    let seed = nkey.seed().context("seed")?;
+    let server = NatsServer::start_with_config(&config, &[("herald.nk", &seed)]).await?;
+    let url = server.url();
+    let tls = NatsTls::default();
+
+    let password = NatsAuth {
+        user: Some("herald".into()),
+        password: Some("p@ss:word".into()),
+        ..NatsAuth::default()
+    };
+    provisions(&url, &password, &tls)
+        .await
+        .context("user and password")?;
+    let in_url = url.replace("nats://", "nats://herald:p%40ss%3Aword@");
+    provisions(&in_url, &NatsAuth::default(), &tls)
+        .await
+        .context("user and password in the URL")?;
+    let seed_file = NatsAuth {
+        nkey_seed_file: Some(server.file("herald.nk")),
+        ..NatsAuth::default()
+    };
+    provisions(&url, &seed_file, &tls).await.context("NKey")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_login_never_connects_and_the_server_says_why() -> anyhow::Result<()> {
+    let config = r#"authorization { user: herald, password: right }"#;
+    let server = NatsServer::start_with_config(config, &[]).await?;
+    let wrong = NatsAuth {
+        user: Some("herald".into()),
+        password: Some("wrong".into()),
+        ..NatsAuth::default()
+    };
+    let client = herald_nats::connect(Connection {
+        urls: &server.url(),
+        name: "herald-test",
+        auth: &wrong,
+        tls: &NatsTls::default(),
+    })
+    .await?;
+    eventually("the server refuses the login", LOGIN_TIMEOUT, || async {
+        server
+            .log_tail(50)
+            .contains("authentication error")
+            .then_some(())
+    })
+    .await;
+    assert_ne!(
+        client.connection_state(),
+        async_nats::connection::State::Connected,
+        "a refused login must not count as connected"
+    );
+    Ok(())
+}
+
+/// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, as PEM
+/// files (name, contents).
+fn certificates() -> anyhow::Result<Vec<(&'static str, String)>> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Herald test CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issue = |names: Vec<String>, common_name: &str| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = issue(vec!["127.0.0.1".into()], "nats")?;
+    let (client_cert, client_key) = issue(Vec::new(), "herald")?;
+    Ok(vec![
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server_cert),
+        ("server-key.pem", server_key),
+        ("client.pem", client_cert),
+        ("client-key.pem", client_key),
+    ])
+}
+
+#[tokio::test]
+async fn mutual_tls_with_a_private_authority() -> anyhow::Result<()> {
+    let files = certificates()?;
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    let config = r#"tls {
+        cert_file: "{dir}/server.pem"
+        key_file: "{dir}/server-key.pem"
+        ca_file: "{dir}/ca.pem"
+        verify: true
+    }"#;
+    let server = NatsServer::start_with_config(config, &files).await?;
+    let file = |name: &str| -> Option<PathBuf> { Some(server.file(name)) };
+    let tls = NatsTls {
+        required: true,
+        ca_file: file("ca.pem"),
+        cert_file: file("client.pem"),
+        key_file: file("client-key.pem"),
+    };
+    provisions(&server.url(), &NatsAuth::default(), &tls)
+        .await
+        .context("mutual TLS")?;
+
+    let without_certificate = NatsTls {
+        cert_file: None,
+        key_file: None,
+        ..tls
+    };
+    let client = herald_nats::connect(Connection {
+        urls: &server.url(),
+        name: "herald-test",
+        auth: &NatsAuth::default(),
+        tls: &without_certificate,
+    })
+    .await?;
+    eventually(
+        "the server refuses a client without a certificate",
+        LOGIN_TIMEOUT,
+        || async {
+            server
+                .log_tail(50)
+                .contains("TLS handshake error")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_ne!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    Ok(())
+}
