@@ -1,11 +1,14 @@
 //! Herald connects to a secured NATS: a user and password (in the configuration or the URL), an
-//! NKey, mutual TLS with a private certificate authority; a refused login never connects.
-//! Real nats-server processes with `authorization` and `tls` configuration blocks.
+//! NKey, a credentials file on a server in operator mode, mutual TLS with a private certificate
+//! authority; a refused login never connects. Real nats-server processes with `authorization`,
+//! `operator` and `tls` configuration blocks.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use herald_nats::{Connection, NatsAuth, NatsTls, StreamSettings};
 use herald_tests::nats_server::NatsServer;
 use herald_tests::wait::eventually;
@@ -179,5 +182,92 @@ async fn mutual_tls_with_a_private_authority() -> anyhow::Result<()> {
         client.connection_state(),
         async_nats::connection::State::Connected
     );
+    Ok(())
+}
+
+/// A JWT of the NATS decentralised auth model (`alg` `ed25519-nkey`) for `subject`, issued and
+/// signed by `issuer`, with `nats` as its NATS-specific claims.
+fn nats_jwt(
+    issuer: &nkeys::KeyPair,
+    subject: &str,
+    name: &str,
+    nats: serde_json::Value,
+) -> anyhow::Result<String> {
+    let header = serde_json::json!({"typ": "JWT", "alg": "ed25519-nkey"});
+    let claims = serde_json::json!({
+        "jti": format!("{subject}{name}").to_uppercase(),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = issuer.sign(signed.as_bytes())?;
+    Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
+}
+
+#[tokio::test]
+async fn a_credentials_file_logs_in_to_a_server_in_operator_mode() -> anyhow::Result<()> {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let system = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "herald-test-operator",
+        serde_json::json!({"type": "operator", "version": 2}),
+    )?;
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "herald",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    )?;
+    // JetStream needs a system account for its internal subscriptions.
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    )?;
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "herald",
+        serde_json::json!({
+            "type": "user", "version": 2, "pub": {}, "sub": {},
+            "subs": -1, "data": -1, "payload": -1,
+        }),
+    )?;
+    let config = format!(
+        "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {account}: {account_jwt}\n  {system}: {system_jwt}\n}}\n",
+        system = system.public_key(),
+        account = account.public_key(),
+    );
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed()?
+    );
+    let server = NatsServer::start_with_config(&config, &[("herald.creds", &creds)]).await?;
+    let auth = NatsAuth {
+        credentials_file: Some(server.file("herald.creds")),
+        ..NatsAuth::default()
+    };
+    provisions(&server.url(), &auth, &NatsTls::default())
+        .await
+        .with_context(|| format!("credentials file; server log:\n{}", server.log_tail(20)))?;
     Ok(())
 }
