@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use herald_nats::Channel;
 use lettre::{
     AsyncFileTransport, AsyncTransport, Message, Tokio1Executor,
+    address::Envelope,
     message::{Mailbox, MultiPart, SinglePart, header::ContentType},
     transport::smtp::{
         authentication::Credentials,
@@ -178,7 +179,12 @@ impl EmailProvider {
         let to = address
             .parse::<Mailbox>()
             .map_err(|e| ProviderError::permanent(format!("invalid email address: {e}")))?;
+        // The envelope given, not derived: lettre would parse the From and To headers it has just
+        // written back into addresses (about 1.5% of the engine's CPU in a bench run).
+        let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()])
+            .map_err(|e| ProviderError::permanent(format!("invalid email envelope: {e}")))?;
         let builder = Message::builder()
+            .envelope(envelope)
             .from(self.from.clone())
             .to(to)
             .subject(message.content.subject.clone().unwrap_or_default())
