@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use herald_nats::{Held, LeaseTable, LeaseView};
+use herald_nats::{Held, LeaseTable, LeaseView, ttl_step};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
@@ -180,8 +180,8 @@ pub struct LeaseKeeperArgs {
     pub table: LeaseTable,
     /// Command partitions in all.
     pub partitions: u32,
-    /// Lease TTL from the configuration, set on the bucket at start-up; the keeper then follows
-    /// the bucket's (another instance may have set a different one).
+    /// Lease TTL from the configuration. The keeper follows the bucket's (another instance may
+    /// have set a different one), and lowers a longer one to this a step at a time.
     pub ttl: Duration,
     /// The dispatcher to steer.
     pub dispatcher: ActorSlot<DispatcherMsg>,
@@ -196,8 +196,10 @@ pub struct LeaseKeeperArgs {
 /// State of the [`LeaseKeeper`].
 pub struct LeaseKeeperState {
     args: LeaseKeeperArgs,
-    /// The TTL the bucket applies, as last read (the configured one until the first read).
+    /// The TTL the bucket applies, as last read (the one it had at opening until the first read).
     ttl: Duration,
+    /// Since when the bucket's TTL has been `ttl`, as far as this keeper knows.
+    ttl_since: Instant,
     held: BTreeMap<u32, (Held, Instant)>,
     leaving: BTreeSet<u32>,
     /// Partitions taken this round, not yet announced to the rate limiter.
@@ -227,7 +229,8 @@ impl Actor for LeaseKeeper {
     ) -> Result<LeaseKeeperState, ActorProcessingErr> {
         let _ = myself.cast(LeaseKeeperMsg::Round);
         Ok(LeaseKeeperState {
-            ttl: args.ttl,
+            ttl: args.table.opened_ttl(),
+            ttl_since: Instant::now(),
             args,
             held: BTreeMap::new(),
             leaving: BTreeSet::new(),
@@ -287,6 +290,7 @@ impl LeaseKeeperState {
         match table.view().await {
             Ok(view) => {
                 self.follow_ttl(view.ttl);
+                self.lower_ttl().await;
                 self.adopt(&view).await;
                 let held: BTreeSet<u32> = self.held.keys().copied().collect();
                 let plan = plan(
@@ -335,18 +339,26 @@ impl LeaseKeeperState {
     }
 
     /// Times leases by the TTL the bucket applies when it is not the one this keeper used (an
-    /// instance configured differently started since): the leases renewed this round get their
-    /// deadlines again, and later rounds come at its pace.
+    /// instance configured differently started or lowered it since): the leases renewed this
+    /// round get their deadlines again, and later rounds come at its pace.
     fn follow_ttl(&mut self, bucket_ttl: Duration) {
         if bucket_ttl == self.ttl || bucket_ttl.is_zero() {
             return;
         }
-        tracing::warn!(
-            bucket_ttl_ms = bucket_ttl.as_millis() as u64,
-            configured_ttl_ms = self.args.ttl.as_millis() as u64,
-            "the lease bucket's TTL differs from the one in use (set by an instance configured differently); following the bucket's"
-        );
-        self.ttl = bucket_ttl;
+        if bucket_ttl != self.args.ttl {
+            tracing::warn!(
+                bucket_ttl_ms = bucket_ttl.as_millis() as u64,
+                configured_ttl_ms = self.args.ttl.as_millis() as u64,
+                "the lease bucket's TTL differs from the configured one (set by an instance configured differently); following the bucket's"
+            );
+        }
+        self.adopt_ttl(bucket_ttl);
+    }
+
+    /// Times leases by `ttl` from now on, the leases renewed this round included.
+    fn adopt_ttl(&mut self, ttl: Duration) {
+        self.ttl = ttl;
+        self.ttl_since = Instant::now();
         let renewed: Vec<u32> = self
             .held
             .keys()
@@ -355,6 +367,30 @@ impl LeaseKeeperState {
             .collect();
         for partition in renewed {
             self.set_deadline(partition);
+        }
+    }
+
+    /// Lowers the bucket's TTL towards the configured one, by one [`ttl_step`], once it has been
+    /// what it is for a whole TTL: every other instance has then renewed at its pace (its rounds
+    /// come every quarter of the one before), so none still renews at a pace the step could
+    /// outrun. An instance that started since with a longer TTL raised it; that one stands until
+    /// this keeper has seen it for a whole TTL too.
+    async fn lower_ttl(&mut self) {
+        if self.args.ttl >= self.ttl || self.ttl_since.elapsed() < self.ttl {
+            return;
+        }
+        let next = ttl_step(self.ttl, self.args.ttl);
+        match self.args.table.set_ttl(next).await {
+            Ok(()) => {
+                tracing::info!(
+                    from_ms = self.ttl.as_millis() as u64,
+                    to_ms = next.as_millis() as u64,
+                    configured_ttl_ms = self.args.ttl.as_millis() as u64,
+                    "lowered the lease bucket's TTL a step towards the configured one"
+                );
+                self.adopt_ttl(next);
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot lower the lease bucket's TTL"),
         }
     }
 

@@ -71,8 +71,9 @@ pub struct ClusterConfig {
     /// process id and a random suffix, unique per start.
     pub instance: Option<String>,
     /// Partition lease time-to-live, milliseconds: a dead instance's partitions are taken over
-    /// after at most this long (plus one lease round, a quarter of it). Set on the lease bucket
-    /// when an instance starts; every instance follows the bucket's.
+    /// after at most this long (plus one lease round, a quarter of it). A longer one is set on the
+    /// lease bucket when an instance starts, a shorter one is reached by halvings while it runs;
+    /// every instance follows the bucket's.
     pub lease_ttl_ms: u64,
 }
 

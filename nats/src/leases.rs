@@ -8,9 +8,13 @@
 //! stops renewing (crashed, partitioned away) loses its keys when they age out, and the survivors
 //! take the partitions over.
 //!
-//! Every instance sets the TTL from its configuration when it starts, and all follow the one the
-//! bucket applies (read with each [`LeaseTable::view`]), so instances configured differently (a
-//! rolling change of the TTL) never time their leases by a TTL the server does not apply.
+//! The bucket's TTL changes safely while instances run: one configured with a longer TTL raises it
+//! when it starts; one configured with a shorter TTL lowers it from its rounds, a halving at a
+//! time ([`ttl_step`]), each once every instance has had time to follow the last. All follow the
+//! one the bucket applies (read with each [`LeaseTable::view`]), so instances configured
+//! differently (a rolling change of the TTL) never time their leases by a TTL the server does not
+//! apply, and a lease renewed at the pace of the TTL before a step never ages out under the one
+//! after it.
 //!
 //! Instances also keep a `member.<instance>` key fresh, so that each can compute its fair share of
 //! the partitions (`ceil(partitions / members)`).
@@ -44,6 +48,13 @@ pub fn member_key(instance: &str) -> String {
 /// instance joins and with every heartbeat, so it ages out only when every instance has stopped.
 pub const PARTITIONS_KEY: &str = "deployment.partitions";
 
+/// The next TTL on the way from the bucket's `current` to a `wanted` shorter one: at most half as
+/// long, so that a lease renewed every quarter of `current` (an instance that has not followed the
+/// step yet) still has a quarter of `current` left when its next renewal comes.
+pub fn ttl_step(current: Duration, wanted: Duration) -> Duration {
+    wanted.max(current / 2)
+}
+
 /// Who holds what, as read from the bucket.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseView {
@@ -53,7 +64,7 @@ pub struct LeaseView {
     pub revisions: BTreeMap<u32, u64>,
     /// Live instances (their membership keys have not aged out).
     pub members: Vec<String>,
-    /// The lease TTL the bucket applies: its `max_age`, as the last instance to start set it.
+    /// The lease TTL the bucket applies: its `max_age`, as the instances raised or lowered it.
     pub ttl: Duration,
 }
 
@@ -69,14 +80,20 @@ pub struct Held {
 /// Handle on the lease bucket for one instance.
 #[derive(Clone)]
 pub struct LeaseTable {
+    js: jetstream::Context,
     store: kv::Store,
     instance: String,
     partitions: u32,
+    replicas: usize,
+    /// The TTL the bucket had once this instance opened it.
+    opened_ttl: Duration,
 }
 
 impl LeaseTable {
     /// Creates the bucket if absent (TTL `ttl`, `replicas` copies) and binds to it as `instance`,
-    /// an instance that spreads commands over `partitions` partitions. Refused
+    /// an instance that spreads commands over `partitions` partitions. An existing bucket's TTL is
+    /// raised to `ttl` at once, never lowered here: a shorter one is approached a step at a time
+    /// by the caller ([`ttl_step`], [`LeaseTable::set_ttl`]). Refused
     /// ([`NatsError::Partitions`]) while running instances use another count: they would put one
     /// user's commands on two partitions, owned by two instances.
     pub async fn open(
@@ -93,7 +110,13 @@ impl LeaseTable {
             what: format!("key-value bucket {LEASE_BUCKET}"),
             reason: e.to_string(),
         };
-        js.create_or_update_stream(bucket_stream(ttl, replicas))
+        let current = match js.get_stream(format!("KV_{LEASE_BUCKET}")).await {
+            Ok(stream) => stream.cached_info().config.max_age,
+            Err(e) if is_stream_not_found(&e) => Duration::ZERO,
+            Err(e) => return Err(provision_error(&e)),
+        };
+        let opened_ttl = ttl.max(current);
+        js.create_or_update_stream(bucket_stream(opened_ttl, replicas))
             .await
             .map_err(|e| provision_error(&e))?;
         let store = js
@@ -101,9 +124,12 @@ impl LeaseTable {
             .await
             .map_err(|e| provision_error(&e))?;
         let table = LeaseTable {
+            js: js.clone(),
             store,
             instance: instance.to_string(),
             partitions,
+            replicas,
+            opened_ttl,
         };
         table.join_partition_count().await?;
         Ok(table)
@@ -157,6 +183,24 @@ impl LeaseTable {
     /// This instance's name.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// The TTL the bucket had once this instance opened it: the configured one, or an existing
+    /// bucket's longer one.
+    pub fn opened_ttl(&self) -> Duration {
+        self.opened_ttl
+    }
+
+    /// Sets the bucket's TTL (its `max_age`). Lower it by [`ttl_step`]s only.
+    pub async fn set_ttl(&self, ttl: Duration) -> Result<(), NatsError> {
+        self.js
+            .update_stream(bucket_stream(ttl, self.replicas))
+            .await
+            .map(|_| ())
+            .map_err(|e| NatsError::Provision {
+                what: format!("key-value bucket {LEASE_BUCKET}"),
+                reason: e.to_string(),
+            })
     }
 
     /// Takes the partition if nobody holds it; `None` if somebody does.
@@ -322,9 +366,36 @@ fn bucket_stream(ttl: Duration, replicas: usize) -> jetstream::stream::Config {
     }
 }
 
+/// Whether the bucket does not exist yet.
+fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(err)
+            if err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 fn lease_error(partition: u32, e: impl std::fmt::Display) -> NatsError {
     NatsError::Publish {
         subject: partition_key(partition),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shorter_ttl_is_approached_by_halvings() {
+        let s = Duration::from_secs;
+        assert_eq!(ttl_step(s(10), s(1)), s(5));
+        assert_eq!(ttl_step(s(5), s(1)), Duration::from_millis(2_500));
+        assert_eq!(
+            ttl_step(s(2), s(1)),
+            s(1),
+            "the last step lands on the wanted TTL"
+        );
+        assert_eq!(ttl_step(s(10), s(7)), s(7), "less than half: at once");
     }
 }

@@ -587,26 +587,29 @@ async fn the_lease_view_lists_live_leases_and_members_only() {
     );
 }
 
-/// Instances configured with different lease TTLs (a rolling change of it): the bucket applies the
-/// TTL of the last one to start, and a keeper configured with a longer one follows the bucket's,
-/// renewing at its pace, so its leases do not age out between its renewals.
+/// Instances configured with different lease TTLs (a rolling change of it): an instance with a
+/// shorter TTL does not cut the bucket's at start, it lowers it a halving at a time, each after
+/// the last has stood for a whole TTL; a keeper configured with a longer one follows the bucket's,
+/// renewing at its pace, so none of its leases ages out on the way down.
 #[tokio::test]
-async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
+async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow() {
     let (_nats, js) = private_jetstream().await;
-    let configured = Duration::from_secs(12);
-    let table = LeaseTable::open(&js, "a", configured, 1, 2)
-        .await
-        .expect("bucket");
-    let args = LeaseKeeperArgs {
+    let keeper = |table: &LeaseTable, ttl: Duration| LeaseKeeperArgs {
         table: table.clone(),
         partitions: 2,
-        ttl: configured,
+        ttl,
         dispatcher: ActorSlot::default(),
         rate_limiter: ActorSlot::default(),
         ownership: OwnershipView::default(),
         deadlines: LeaseDeadlines::default(),
     };
-    let (keeper, handle) = Actor::spawn(None, LeaseKeeper, args).await.expect("keeper");
+    let longer = Duration::from_secs(8);
+    let table = LeaseTable::open(&js, "a", longer, 1, 2)
+        .await
+        .expect("bucket");
+    let (a, a_handle) = Actor::spawn(None, LeaseKeeper, keeper(&table, longer))
+        .await
+        .expect("keeper a");
     let owned_by_a =
         |view: &LeaseView| view.owners.len() == 2 && view.owners.values().all(|o| o == "a");
     eventually(
@@ -616,21 +619,62 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
     )
     .await;
 
-    // Another instance starts with a 2 s TTL: the bucket ages leases out after 2 s now, while
-    // rounds timed by a's configuration come every 3 s.
-    let shorter = Duration::from_secs(2);
-    let b = LeaseTable::open(&js, "b", shorter, 1, 2)
+    // Another instance starts with a TTL an eighth as long. Cut at once, a's leases (renewed
+    // every 2 s) would age out after 1 s.
+    let shorter = Duration::from_secs(1);
+    let b_table = LeaseTable::open(&js, "b", shorter, 1, 2)
         .await
         .expect("bucket");
-    assert_eq!(b.view().await.expect("view").ttl, shorter);
+    assert_eq!(
+        b_table.view().await.expect("view").ttl,
+        longer,
+        "not lowered at start"
+    );
+    // b takes no partition: a holds both and, without a dispatcher, hands none back.
+    let (b, b_handle) = Actor::spawn(None, LeaseKeeper, keeper(&b_table, shorter))
+        .await
+        .expect("keeper b");
 
-    // Two renewals of every lease within 1.2 s: a renews at the bucket's pace (every 0.5 s).
+    // Until 3 s after the bucket's TTL is b's, a's leases stay in the bucket, and each TTL the
+    // bucket applies is half the one before.
+    let mut ttls = vec![longer];
+    let watched = Instant::now();
+    let mut reached: Option<Instant> = None;
+    while reached.is_none_or(|at| at.elapsed() < Duration::from_secs(3)) {
+        assert!(
+            watched.elapsed() < Duration::from_secs(40),
+            "the TTL did not come down to b's in 40 s: {ttls:?}"
+        );
+        let view = table.view().await.expect("view");
+        assert!(
+            owned_by_a(&view),
+            "a lease of a's aged out between its renewals at TTL {:?}: {:?}",
+            view.ttl,
+            view.owners
+        );
+        if view.ttl != *ttls.last().expect("one") {
+            ttls.push(view.ttl);
+        }
+        if view.ttl == shorter && reached.is_none() {
+            reached = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seconds = |d: &Duration| d.as_secs_f64();
+    assert_eq!(
+        ttls.iter().map(seconds).collect::<Vec<_>>(),
+        [8.0, 4.0, 2.0, 1.0],
+        "halvings"
+    );
+
+    // Two renewals of every lease within 0.6 s: a renews at the pace of the final TTL (every
+    // 0.25 s), and its leases stay in the bucket.
     eventually(
         "a to renew at the pace of the bucket's TTL",
-        Duration::from_secs(15),
+        Duration::from_secs(10),
         || async {
             let first = table.view().await.ok().filter(owned_by_a)?;
-            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
             let second = table.view().await.ok().filter(owned_by_a)?;
             first
                 .revisions
@@ -640,19 +684,10 @@ async fn a_lease_keeper_follows_the_ttl_the_bucket_applies() {
         },
     )
     .await;
-    // And a's leases stay in the bucket: none ages out between renewals.
-    let watched = Instant::now();
-    while watched.elapsed() < Duration::from_secs(3) {
-        let view = table.view().await.expect("view");
-        assert!(
-            owned_by_a(&view),
-            "a lease of a's aged out between its renewals: {:?}",
-            view.owners
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
+        keeper.stop(None);
+        handle.await.expect("keeper stopped");
     }
-    keeper.stop(None);
-    handle.await.expect("keeper stopped");
 }
 
 /// Instances spreading commands over different numbers of partitions would put one user's
