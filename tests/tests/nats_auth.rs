@@ -9,14 +9,18 @@ use std::time::Duration;
 use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use herald_nats::{Connection, NatsAuth, NatsTls, StreamSettings};
+use herald_nats::{
+    Connection, LeaseTable, NatsAuth, NatsTls, Publisher, SCHEMA_VERSION, StatusEvent,
+    StreamSettings,
+};
 use herald_tests::nats_server::NatsServer;
 use herald_tests::wait::eventually;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects as Herald does and provisions Herald's streams: what `herald serve` needs of NATS.
+/// Connects as Herald does, provisions Herald's streams and consumers, takes a partition lease and
+/// publishes a command: what `herald serve` needs of NATS.
 async fn provisions(url: &str, auth: &NatsAuth, tls: &NatsTls) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = herald_nats::connect(Connection {
@@ -33,16 +37,37 @@ async fn provisions(url: &str, auth: &NatsAuth, tls: &NatsTls) -> anyhow::Result
     )
     .await
     .context("provisioning timed out")??;
+    let leases = LeaseTable::open(&js, "herald-test", Duration::from_secs(5), 1, 8).await?;
+    leases.try_acquire(0).await?;
+    leases.view().await?;
+    let publisher = Publisher::new(js, 8);
+    tokio::time::timeout(LOGIN_TIMEOUT, publisher.publish_status(&status_event()))
+        .await
+        .context("publishing timed out")??;
     Ok(())
+}
+
+fn status_event() -> StatusEvent {
+    StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: uuid::Uuid::new_v4(),
+        status: "sent".into(),
+        channel: None,
+        error: None,
+        at: chrono::Utc::now(),
+    }
 }
 
 #[tokio::test]
 async fn passwords_from_the_configuration_or_the_url_and_nkeys_log_in() -> anyhow::Result<()> {
     let nkey = nkeys::KeyPair::new_user();
+    // The password user may use only the subjects the README lists for a restricted user.
     let config = format!(
         r#"authorization {{
+            herald_subjects = ["events.>", "notify.>", "herald.>", "$JS.>", "$KV.herald_partitions.>", "_INBOX.>"]
             users = [
-                {{ user: herald, password: "p@ss:word" }}
+                {{ user: herald, password: "p@ss:word", permissions: {{
+                    publish: $herald_subjects, subscribe: $herald_subjects }} }}
                 {{ nkey: {} }}
             ]
         }}"#,
