@@ -548,15 +548,12 @@ pub(crate) fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
 
 /// A database URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
+    match userinfo(url) {
+        Some((start, end)) => match url[start..end].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..start], &url[end..]),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
     }
 }
 
@@ -566,15 +563,22 @@ pub fn redact_nats_urls(urls: &str) -> String {
     urls.split(',')
         .map(|url| {
             let url = url.trim();
-            match (url.find("://"), url.rfind('@')) {
-                (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains(':') => {
-                    format!("{}***{}", &url[..scheme + 3], &url[at..])
+            match userinfo(url) {
+                Some((start, end)) if !url[start..end].contains(':') => {
+                    format!("{}***{}", &url[..start], &url[end..])
                 }
                 _ => redact(url),
             }
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Where a URL's `user:password` (or `token`) lies: from after `://` to its last `@`.
+fn userinfo(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let end = url.rfind('@')?;
+    (end >= start).then_some((start, end))
 }
 
 #[cfg(test)]

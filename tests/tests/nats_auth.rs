@@ -107,24 +107,34 @@ async fn a_refused_login_never_connects_and_the_server_says_why() -> anyhow::Res
         password: Some("wrong".into()),
         ..NatsAuth::default()
     };
+    refused(&server, &wrong, &NatsTls::default(), "authentication error").await
+}
+
+/// Connects with `auth` and `tls`, which `server` refuses: its log says `reason`, and the client
+/// does not count itself connected.
+async fn refused(
+    server: &NatsServer,
+    auth: &NatsAuth,
+    tls: &NatsTls,
+    reason: &str,
+) -> anyhow::Result<()> {
     let client = herald_nats::connect(Connection {
         urls: &server.url(),
         name: "herald-test",
-        auth: &wrong,
-        tls: &NatsTls::default(),
+        auth,
+        tls,
     })
     .await?;
-    eventually("the server refuses the login", LOGIN_TIMEOUT, || async {
-        server
-            .log_tail(50)
-            .contains("authentication error")
-            .then_some(())
-    })
+    eventually(
+        &format!("the server to log {reason:?}"),
+        LOGIN_TIMEOUT,
+        || async { server.log_tail(50).contains(reason).then_some(()) },
+    )
     .await;
     assert_ne!(
         client.connection_state(),
         async_nats::connection::State::Connected,
-        "a refused login must not count as connected"
+        "a refused client must not count as connected"
     );
     Ok(())
 }
@@ -185,29 +195,13 @@ async fn mutual_tls_with_a_private_authority() -> anyhow::Result<()> {
         key_file: None,
         ..tls
     };
-    let client = herald_nats::connect(Connection {
-        urls: &server.url(),
-        name: "herald-test",
-        auth: &NatsAuth::default(),
-        tls: &without_certificate,
-    })
-    .await?;
-    eventually(
-        "the server refuses a client without a certificate",
-        LOGIN_TIMEOUT,
-        || async {
-            server
-                .log_tail(50)
-                .contains("TLS handshake error")
-                .then_some(())
-        },
+    refused(
+        &server,
+        &NatsAuth::default(),
+        &without_certificate,
+        "TLS handshake error",
     )
-    .await;
-    assert_ne!(
-        client.connection_state(),
-        async_nats::connection::State::Connected
-    );
-    Ok(())
+    .await
 }
 
 /// A JWT of the NATS decentralised auth model (`alg` `ed25519-nkey`) for `subject`, issued and

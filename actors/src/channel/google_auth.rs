@@ -370,6 +370,12 @@ pub(crate) mod tests {
         }
     }
 
+    fn metadata_source(server: &MockServer) -> TokenSource {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = http::client_builder(5_000).build().expect("client");
+        TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL")
+    }
+
     #[tokio::test]
     async fn the_metadata_server_grants_the_attached_account_s_token_for_the_scope() {
         let server = MockServer::start().await;
@@ -386,9 +392,7 @@ pub(crate) mod tests {
             .expect(1)
             .mount(&server)
             .await;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = http::client_builder(5_000).build().expect("client");
-        let tokens = TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL");
+        let tokens = metadata_source(&server);
         assert_eq!(tokens.token().await.expect("token"), "ya29.attached");
         assert_eq!(
             tokens.token().await.expect("token"),
@@ -408,9 +412,7 @@ pub(crate) mod tests {
             .respond_with(absent)
             .mount(&server)
             .await;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = http::client_builder(5_000).build().expect("client");
-        let tokens = TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL");
+        let tokens = metadata_source(&server);
         match tokens.token().await {
             Err(ProviderError::Permanent { reason, .. }) => {
                 assert!(reason.contains("metadata server"), "{reason}");

@@ -78,7 +78,7 @@ pub enum PushConfigError {
     Missing(&'static str),
     /// More than one way of authenticating is configured.
     #[error("{0} are set; set one of them")]
-    TwoCredentials(String),
+    ConflictingCredentials(String),
     /// The metadata server's address is not a URL.
     #[error("push.metadata_server {url:?} is not a URL: {reason}")]
     MetadataServer {
@@ -197,7 +197,7 @@ fn credentials(
     .flatten()
     .collect();
     if set.len() > 1 {
-        return Err(PushConfigError::TwoCredentials(set.join(" and ")));
+        return Err(PushConfigError::ConflictingCredentials(set.join(" and ")));
     }
     if let Some(file) = &config.service_account_file {
         let source = TokenSource::from_file(file, FCM_SCOPE, client.clone())?;
@@ -977,7 +977,10 @@ mod tests {
             Some("http://metadata.google.internal"),
             "ya29",
         ));
-        assert!(matches!(err, PushConfigError::TwoCredentials(_)), "{err}");
+        assert!(
+            matches!(err, PushConfigError::ConflictingCredentials(_)),
+            "{err}"
+        );
         let err = refused(config(None, Some("metadata.google.internal"), ""));
         assert!(
             matches!(err, PushConfigError::MetadataServer { .. }),
