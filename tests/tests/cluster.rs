@@ -696,7 +696,8 @@ async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow(
 #[tokio::test]
 async fn an_instance_with_another_partition_count_is_refused_while_others_run() {
     let (_nats, js) = private_jetstream().await;
-    let ttl = Duration::from_millis(1_000);
+    // Long enough that a record outlives the few requests of the next open on a loaded machine.
+    let ttl = Duration::from_millis(2_000);
     let running = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("first");
     match LeaseTable::open(&js, "b", ttl, 1, 16).await {
         Err(NatsError::Partitions { configured, reason }) => {
@@ -714,12 +715,14 @@ async fn an_instance_with_another_partition_count_is_refused_while_others_run() 
     running.heartbeat().await.expect("heartbeat");
 
     // Every instance stopped: the record ages out and the new count is taken.
-    eventually(
+    let d = eventually(
         "a changed count to be taken once the record aged out",
         Duration::from_secs(10),
         || async { LeaseTable::open(&js, "d", ttl, 1, 16).await.ok() },
     )
     .await;
+    // d runs (its heartbeat refreshes the record, as its keeper's rounds do).
+    d.heartbeat().await.expect("heartbeat");
     match LeaseTable::open(&js, "e", ttl, 1, 8).await {
         Err(NatsError::Partitions { reason, .. }) => {
             assert!(reason.contains("running instances use 16"), "{reason}")
