@@ -88,21 +88,53 @@ impl<'a> Connection<'a> {
 
 /// Connects with a client name and unlimited reconnects, so the engine rides out a restart of the
 /// server instead of failing. Settings that cannot work (two ways of authenticating, a file that
-/// cannot be read, a seed that is not one) are refused here, at once, rather than retried;
-/// connection trouble afterwards (a refused login included) is logged as it happens.
+/// cannot be read, a seed that is not one) are refused here, at once, rather than retried, and so
+/// is a first connection whose login the server rejects: retrying would not change its answer. A
+/// server that cannot be reached yet is tried again in the background (so is a failed TLS
+/// handshake, which the client library reports as an I/O error); connection trouble afterwards
+/// (a login refused later included) is logged as it happens.
 pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
-    let options = ConnectOptions::new()
-        .name(connection.name)
+    match options(connection, &servers)
+        .await?
+        .connect(servers.clone())
+        .await
+    {
+        Ok(client) => return Ok(client),
+        Err(e) if is_refusal(&e) => {
+            return Err(NatsError::Connect(format!(
+                "the server refused Herald: {e}"
+            )));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach NATS yet; trying again in the background")
+        }
+    }
+    options(connection, &servers)
+        .await?
         .retry_on_initial_connect()
-        .max_reconnects(None)
-        .event_callback(|event| async move { log_event(&event) });
-    let options = authenticate(options, connection.auth, &servers).await?;
-    let options = secure(options, connection.tls)?;
-    options
         .connect(servers)
         .await
         .map_err(|e| NatsError::Connect(e.to_string()))
+}
+
+/// The client's options for `connection`: name, reconnects, event log, authentication, TLS.
+async fn options(
+    connection: Connection<'_>,
+    servers: &[ServerAddr],
+) -> Result<ConnectOptions, NatsError> {
+    let options = ConnectOptions::new()
+        .name(connection.name)
+        .max_reconnects(None)
+        .event_callback(|event| async move { log_event(&event) });
+    let options = authenticate(options, connection.auth, servers).await?;
+    secure(options, connection.tls)
+}
+
+/// Whether the server answered and refused: a login it rejects, a TLS handshake that fails.
+fn is_refusal(error: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind::*;
+    matches!(error.kind(), Authentication | AuthorizationViolation | Tls)
 }
 
 /// `"nats://a:4222, nats://b:4222"` → the two servers; an entry that is not a NATS URL is refused.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use herald_nats::{
-    Connection, LeaseTable, NatsAuth, NatsTls, Publisher, SCHEMA_VERSION, StatusEvent,
+    Connection, LeaseTable, NatsAuth, NatsError, NatsTls, Publisher, SCHEMA_VERSION, StatusEvent,
     StreamSettings,
 };
 use herald_tests::nats_server::NatsServer;
@@ -99,7 +99,7 @@ async fn passwords_from_the_configuration_or_the_url_and_nkeys_log_in() -> anyho
 }
 
 #[tokio::test]
-async fn a_refused_login_never_connects_and_the_server_says_why() -> anyhow::Result<()> {
+async fn a_refused_login_fails_the_connection_with_the_server_s_reason() -> anyhow::Result<()> {
     let config = r#"authorization { user: herald, password: right }"#;
     let server = NatsServer::start_with_config(config, &[]).await?;
     let wrong = NatsAuth {
@@ -107,11 +107,28 @@ async fn a_refused_login_never_connects_and_the_server_says_why() -> anyhow::Res
         password: Some("wrong".into()),
         ..NatsAuth::default()
     };
-    refused(&server, &wrong, &NatsTls::default(), "authentication error").await
+    let connection = Connection {
+        urls: &server.url(),
+        name: "herald-test",
+        auth: &wrong,
+        tls: &NatsTls::default(),
+    };
+    // Err at all means no retrying in the background: that would hand back a client.
+    match herald_nats::connect(connection).await {
+        Err(NatsError::Connect(reason)) => {
+            assert!(reason.contains("authorization violation"), "{reason}")
+        }
+        other => panic!(
+            "a refused login must fail the connection, got {:?}",
+            other.map(|_| "a client")
+        ),
+    }
+    Ok(())
 }
 
-/// Connects with `auth` and `tls`, which `server` refuses: its log says `reason`, and the client
-/// does not count itself connected.
+/// Connects with `auth` and `tls`, which `server` refuses after the client's side of the handshake
+/// (so the client keeps trying in the background): its log says `reason`, and the client does not
+/// count itself connected.
 async fn refused(
     server: &NatsServer,
     auth: &NatsAuth,
