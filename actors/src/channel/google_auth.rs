@@ -69,7 +69,8 @@ struct Claims<'a> {
 }
 
 /// The metadata server's token path for the attached service account.
-const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+pub(crate) const METADATA_TOKEN_PATH: &str =
+    "/computeMetadata/v1/instance/service-accounts/default/token";
 
 /// How a token is obtained.
 enum Grant {
@@ -285,6 +286,15 @@ pub(crate) mod tests {
             .claims
     }
 
+    /// A token endpoint's answer granting `access_token` for `expires_in` seconds.
+    pub(crate) fn granted(access_token: &str, expires_in: u64) -> ResponseTemplate {
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": access_token,
+            "expires_in": expires_in,
+            "token_type": "Bearer",
+        }))
+    }
+
     /// Makes `server` answer token requests at `at` with `reply`.
     async fn token_endpoint(server: &MockServer, at: &str, reply: ResponseTemplate) {
         Mock::given(method("POST"))
@@ -297,12 +307,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_signed_assertion_buys_a_token_that_is_reused_until_near_its_expiry() {
         let server = MockServer::start().await;
-        let granted = ResponseTemplate::new(200).set_body_json(serde_json::json!({
-            "access_token": "ya29.fresh",
-            "expires_in": 3599,
-            "token_type": "Bearer",
-        }));
-        token_endpoint(&server, "/token", granted).await;
+        token_endpoint(&server, "/token", granted("ya29.fresh", 3599)).await;
         let dir = tempfile::tempdir().expect("dir");
         let token_uri = format!("{}/token", server.uri());
         let tokens = source(&key_file(dir.path(), &token_uri));
@@ -327,11 +332,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_token_about_to_expire_is_not_reused() {
         let server = MockServer::start().await;
-        let short = ResponseTemplate::new(200).set_body_json(serde_json::json!({
-            "access_token": "ya29.short",
-            "expires_in": 60,
-        }));
-        token_endpoint(&server, "/token", short).await;
+        token_endpoint(&server, "/token", granted("ya29.short", 60)).await;
         let dir = tempfile::tempdir().expect("dir");
         let tokens = source(&key_file(dir.path(), &format!("{}/token", server.uri())));
         tokens.token().await.expect("token");
@@ -379,16 +380,11 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn the_metadata_server_grants_the_attached_account_s_token_for_the_scope() {
         let server = MockServer::start().await;
-        let granted = ResponseTemplate::new(200).set_body_json(serde_json::json!({
-            "access_token": "ya29.attached",
-            "expires_in": 3599,
-            "token_type": "Bearer",
-        }));
         Mock::given(method("GET"))
             .and(path(METADATA_TOKEN_PATH))
             .and(query_param("scopes", SCOPE))
             .and(header("Metadata-Flavor", "Google"))
-            .respond_with(granted)
+            .respond_with(granted("ya29.attached", 3599))
             .expect(1)
             .mount(&server)
             .await;

@@ -491,25 +491,34 @@ impl Provider for PushProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::google_auth;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{bearer_token, body_partial_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
     const SEND_PATH: &str = "/v1/projects/shop-app/messages:send";
 
-    fn provider(base_url: &str, timeout_ms: u64) -> PushProvider {
+    /// A provider for project `shop-app` at `base_url`, authenticated as `config` says.
+    fn fcm_at(base_url: &str, config: PushConfig) -> PushProvider {
         let _ = rustls::crypto::ring::default_provider().install_default();
         PushProvider::new(
             "fcm".into(),
             PushConfig {
                 base_url: base_url.into(),
                 project_id: "shop-app".into(),
-                access_token: "ya29.secret-access-token".into(),
-                timeout_ms,
-                ..PushConfig::default()
+                ..config
             },
         )
-        .unwrap()
+        .expect("provider")
+    }
+
+    fn provider(base_url: &str, timeout_ms: u64) -> PushProvider {
+        let config = PushConfig {
+            access_token: "ya29.secret-access-token".into(),
+            timeout_ms,
+            ..PushConfig::default()
+        };
+        fcm_at(base_url, config)
     }
 
     fn message(tokens: &[&str]) -> OutboundMessage {
@@ -835,28 +844,17 @@ mod tests {
             .respond_with(token_reply)
             .mount(server)
             .await;
-        let key =
-            crate::channel::google_auth::tests::key_file(dir, &format!("{}/token", server.uri()));
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        PushProvider::new(
-            "fcm".into(),
-            PushConfig {
-                base_url: server.uri(),
-                project_id: "shop-app".into(),
-                service_account_file: Some(key),
-                ..PushConfig::default()
-            },
-        )
-        .expect("provider")
+        let key = google_auth::tests::key_file(dir, &format!("{}/token", server.uri()));
+        let config = PushConfig {
+            service_account_file: Some(key),
+            ..PushConfig::default()
+        };
+        fcm_at(&server.uri(), config)
     }
 
     /// The token endpoint's answer granting `access_token` for an hour.
     fn granted(access_token: &str) -> ResponseTemplate {
-        ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": access_token,
-            "expires_in": 3599,
-            "token_type": "Bearer",
-        }))
+        google_auth::tests::granted(access_token, 3599)
     }
 
     async fn token_requests(server: &MockServer) -> usize {
@@ -924,9 +922,7 @@ mod tests {
     async fn the_metadata_server_s_token_authorises_the_sends() {
         let server = MockServer::start().await;
         Mock::given(method("GET"))
-            .and(path(
-                "/computeMetadata/v1/instance/service-accounts/default/token",
-            ))
+            .and(path(google_auth::METADATA_TOKEN_PATH))
             .and(header("Metadata-Flavor", "Google"))
             .respond_with(granted("ya29.from-the-machine"))
             .expect(1)
@@ -939,17 +935,11 @@ mod tests {
             .expect(2)
             .mount(&server)
             .await;
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let fcm = PushProvider::new(
-            "fcm".into(),
-            PushConfig {
-                base_url: server.uri(),
-                project_id: "shop-app".into(),
-                metadata_server: Some(format!("{}/", server.uri())),
-                ..PushConfig::default()
-            },
-        )
-        .expect("provider");
+        let config = PushConfig {
+            metadata_server: Some(format!("{}/", server.uri())),
+            ..PushConfig::default()
+        };
+        let fcm = fcm_at(&server.uri(), config);
         fcm.send(&message(&["device-a"])).await.expect("sent");
         fcm.send(&message(&["device-b"])).await.expect("sent");
     }
