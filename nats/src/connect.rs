@@ -89,10 +89,10 @@ impl<'a> Connection<'a> {
 /// Connects with a client name and unlimited reconnects, so the engine rides out a restart of the
 /// server instead of failing. Settings that cannot work (two ways of authenticating, a file that
 /// cannot be read, a seed that is not one) are refused here, at once, rather than retried, and so
-/// is a first connection whose login the server rejects: retrying would not change its answer. A
-/// server that cannot be reached yet is tried again in the background (so is a failed TLS
-/// handshake, which the client library reports as an I/O error); connection trouble afterwards
-/// (a login refused later included) is logged as it happens.
+/// is a first connection whose login or TLS handshake fails (a certificate either side does not
+/// accept): retrying would not change the answer. A server that cannot be reached yet is tried
+/// again in the background; connection trouble afterwards (a login refused later included) is
+/// logged as it happens.
 pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
     match options(connection, &servers)
@@ -101,11 +101,7 @@ pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, N
         .await
     {
         Ok(client) => return Ok(client),
-        Err(e) if is_refusal(&e) => {
-            return Err(NatsError::Connect(format!(
-                "the server refused Herald: {e}"
-            )));
-        }
+        Err(e) if is_refusal(&e) => return Err(refusal(&e)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot reach NATS yet; trying again in the background")
         }
@@ -131,10 +127,35 @@ async fn options(
     secure(options, connection.tls)
 }
 
+/// The error of a connection the server answered and refused, with its reason (for a TLS
+/// handshake, the certificate problem: "invalid peer certificate: UnknownIssuer").
+fn refusal(error: &async_nats::ConnectError) -> NatsError {
+    use async_nats::ConnectErrorKind::*;
+    NatsError::Connect(match (error.kind(), tls_failure(error)) {
+        (Authentication | AuthorizationViolation, _) => {
+            format!("the server refused Herald's login: {error}")
+        }
+        (_, Some(tls)) => format!("the TLS handshake with the server failed: {tls}"),
+        _ => format!("the TLS handshake with the server failed: {error}"),
+    })
+}
+
 /// Whether the server answered and refused: a login it rejects, a TLS handshake that fails.
 fn is_refusal(error: &async_nats::ConnectError) -> bool {
     use async_nats::ConnectErrorKind::*;
-    matches!(error.kind(), Authentication | AuthorizationViolation | Tls)
+    match error.kind() {
+        Authentication | AuthorizationViolation | Tls => true,
+        Io => tls_failure(error).is_some(),
+        _ => false,
+    }
+}
+
+/// The TLS error behind an I/O error of the client library: a certificate either side does not
+/// accept fails the handshake, which async-nats reports as I/O (a reset or a refused connection,
+/// also I/O, carries no TLS error).
+fn tls_failure(error: &async_nats::ConnectError) -> Option<&async_nats::rustls::Error> {
+    let io = std::error::Error::source(error)?.downcast_ref::<std::io::Error>()?;
+    io.get_ref()?.downcast_ref::<async_nats::rustls::Error>()
 }
 
 /// `"nats://a:4222, nats://b:4222"` → the two servers; an entry that is not a NATS URL is refused.

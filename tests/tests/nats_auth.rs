@@ -1,7 +1,7 @@
 //! Herald connects to a secured NATS: a user and password (in the configuration or the URL), an
 //! NKey, a credentials file on a server in operator mode, mutual TLS with a private certificate
-//! authority; a refused login never connects. Real nats-server processes with `authorization`,
-//! `operator` and `tls` configuration blocks.
+//! authority; a refused login or a failed TLS handshake fails the connection at once. Real
+//! nats-server processes with `authorization`, `operator` and `tls` configuration blocks.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +14,6 @@ use herald_nats::{
     StreamSettings,
 };
 use herald_tests::nats_server::NatsServer;
-use herald_tests::wait::eventually;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,53 +106,40 @@ async fn a_refused_login_fails_the_connection_with_the_server_s_reason() -> anyh
         password: Some("wrong".into()),
         ..NatsAuth::default()
     };
-    let connection = Connection {
-        urls: &server.url(),
-        name: "herald-test",
-        auth: &wrong,
-        tls: &NatsTls::default(),
-    };
-    // Err at all means no retrying in the background: that would hand back a client.
-    match herald_nats::connect(connection).await {
-        Err(NatsError::Connect(reason)) => {
-            assert!(reason.contains("authorization violation"), "{reason}")
-        }
-        other => panic!(
-            "a refused login must fail the connection, got {:?}",
-            other.map(|_| "a client")
-        ),
-    }
+    refused(
+        &server,
+        &wrong,
+        &NatsTls::default(),
+        "the server refused Herald's login: authorization violation",
+    )
+    .await;
     Ok(())
 }
 
-/// Connects with `auth` and `tls`, which `server` refuses after the client's side of the handshake
-/// (so the client keeps trying in the background): its log says `reason`, and the client does not
-/// count itself connected.
-async fn refused(
-    server: &NatsServer,
-    auth: &NatsAuth,
-    tls: &NatsTls,
-    reason: &str,
-) -> anyhow::Result<()> {
-    let client = herald_nats::connect(Connection {
+/// Connects with `auth` and `tls` to `server`, which refuses them: the connection fails at once
+/// with a reason containing `reason`. Failing at all means no retrying in the background, which
+/// would hand back a client.
+async fn refused(server: &NatsServer, auth: &NatsAuth, tls: &NatsTls, reason: &str) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let connection = Connection {
         urls: &server.url(),
         name: "herald-test",
         auth,
         tls,
-    })
-    .await?;
-    eventually(
-        &format!("the server to log {reason:?}"),
-        LOGIN_TIMEOUT,
-        || async { server.log_tail(50).contains(reason).then_some(()) },
-    )
-    .await;
-    assert_ne!(
-        client.connection_state(),
-        async_nats::connection::State::Connected,
-        "a refused client must not count as connected"
-    );
-    Ok(())
+    };
+    match tokio::time::timeout(LOGIN_TIMEOUT, herald_nats::connect(connection)).await {
+        Ok(Err(NatsError::Connect(message))) => {
+            assert!(
+                message.contains(reason),
+                "expected {reason:?} in {message:?}"
+            )
+        }
+        Ok(other) => panic!(
+            "a refused connection must fail at once with {reason:?}, got {:?}",
+            other.map(|_| "a client")
+        ),
+        Err(_) => panic!("connect did not answer within {LOGIN_TIMEOUT:?}"),
+    }
 }
 
 /// A certificate authority, a server certificate for 127.0.0.1 and a client certificate, as PEM
@@ -187,7 +173,9 @@ fn certificates() -> anyhow::Result<Vec<(&'static str, String)>> {
 
 #[tokio::test]
 async fn mutual_tls_with_a_private_authority() -> anyhow::Result<()> {
-    let files = certificates()?;
+    let mut files = certificates()?;
+    let other_ca = certificates()?.swap_remove(0).1;
+    files.push(("other-ca.pem", other_ca));
     let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (*n, c.as_str())).collect();
     let config = r#"tls {
         cert_file: "{dir}/server.pem"
@@ -210,15 +198,27 @@ async fn mutual_tls_with_a_private_authority() -> anyhow::Result<()> {
     let without_certificate = NatsTls {
         cert_file: None,
         key_file: None,
-        ..tls
+        ..tls.clone()
     };
     refused(
         &server,
         &NatsAuth::default(),
         &without_certificate,
-        "TLS handshake error",
+        "the TLS handshake with the server failed: received fatal alert: BadCertificate",
     )
-    .await
+    .await;
+    let trusting_another_authority = NatsTls {
+        ca_file: file("other-ca.pem"),
+        ..tls
+    };
+    refused(
+        &server,
+        &NatsAuth::default(),
+        &trusting_another_authority,
+        "the TLS handshake with the server failed: invalid peer certificate",
+    )
+    .await;
+    Ok(())
 }
 
 /// A JWT of the NATS decentralised auth model (`alg` `ed25519-nkey`) for `subject`, issued and
