@@ -23,7 +23,7 @@ use herald_api::AppState;
 use herald_entities::repo::insert_queue::InsertQueue;
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
-use herald_nats::{Connection, Publisher, StreamSettings};
+use herald_nats::{Publisher, StreamSettings};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use poem::listener::{Acceptor, Listener, TcpListener};
 use ractor::{Actor, ActorRef};
@@ -124,14 +124,9 @@ impl Herald {
         let checkpointer = Checkpointer::start(&config.database.url, gate.clone())
             .await
             .context("cannot start the SQLite checkpointer")?;
-        let nats = herald_nats::connect(Connection {
-            urls: &config.nats.url,
-            name: "herald",
-            auth: &config.nats.auth,
-            tls: &config.nats.tls,
-        })
-        .await
-        .context("cannot connect to NATS")?;
+        let nats = herald_nats::connect(config.nats.connection("herald"))
+            .await
+            .context("cannot connect to NATS")?;
         let js = async_nats::jetstream::new(nats.clone());
         let provisioned = herald_nats::provision(&js, &stream_settings(&config))
             .await

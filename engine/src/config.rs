@@ -20,7 +20,7 @@ use herald_actors::{
     status_writer::StatusWriterSettings,
     templates::runtime::{Limits, RuntimeSettings},
 };
-use herald_nats::{Category, Channel, NatsAuth, NatsTls};
+use herald_nats::{Category, Channel, Connection, NatsAuth, NatsTls};
 use serde::{Deserialize, Serialize};
 
 /// Herald's whole configuration.
@@ -365,6 +365,18 @@ impl StreamRetention {
         herald_nats::Retention {
             max_age: std::time::Duration::from_secs(self.max_age_secs),
             max_bytes: (self.max_bytes > 0).then_some(self.max_bytes),
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Where and how to connect, as the client `name`.
+    pub fn connection<'a>(&'a self, name: &'a str) -> Connection<'a> {
+        Connection {
+            urls: &self.url,
+            name,
+            auth: &self.auth,
+            tls: &self.tls,
         }
     }
 }

@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use super::open_loop::{self, HttpReport};
 use super::{BenchArgs, Percentiles, RecipientKind, Via};
+use crate::config::NatsConfig;
 
 /// Size of a typical encoded command, for the JetStream reference.
 pub const TYPICAL_COMMAND_BYTES: usize = 420;
@@ -45,24 +46,25 @@ pub struct LoadOutcome {
 
 /// Accepts `args.total()` notifications spread over `args.customers` recipients: as fast as
 /// possible, or open-loop at `--rate`.
-/// Commands go to NATS at `nats_url`, spread over `partitions` as the engine's are.
+/// Commands go to the engine's NATS, as it connects, spread over its partitions.
 pub async fn generate(
     args: &BenchArgs,
     db: &DatabaseConnection,
     gate: &WriteGate,
-    nats_url: &str,
-    partitions: u32,
+    nats: &NatsConfig,
     base_url: &str,
 ) -> anyhow::Result<LoadOutcome> {
     let (total, recipients) = (args.total(), Recipients::of(args));
     let http = match (args.via, args.rate) {
         (Via::Nats, None) => {
-            let publisher = bench_publisher(nats_url, partitions).await?;
+            let publisher =
+                bench_publisher(nats.connection("herald-bench"), nats.partitions).await?;
             accept_in_turns(db, gate, &publisher, total, recipients).await?;
             None
         }
         (Via::Nats, Some(rate)) => {
-            let publisher = bench_publisher(nats_url, partitions).await?;
+            let publisher =
+                bench_publisher(nats.connection("herald-bench"), nats.partitions).await?;
             accept_via_nats_at_rate(db, gate, &publisher, total, recipients, rate).await?;
             None
         }
@@ -199,7 +201,9 @@ pub async fn accept_via_nats(
     customers: u64,
 ) -> anyhow::Result<()> {
     let recipients = Recipients::contacts(customers);
-    let publisher = bench_publisher(nats_url, crate::Config::default().nats.partitions).await?;
+    let partitions = crate::Config::default().nats.partitions;
+    let publisher =
+        bench_publisher(Connection::plain(nats_url, "herald-bench"), partitions).await?;
     accept_in_turns(db, &WriteGate::default(), &publisher, count, recipients).await
 }
 
@@ -244,8 +248,8 @@ async fn accept_via_nats_at_rate(
 }
 
 /// A NATS connection of the load's own, publishing over `partitions` command partitions.
-async fn bench_publisher(nats_url: &str, partitions: u32) -> anyhow::Result<Publisher> {
-    let client = herald_nats::connect(Connection::plain(nats_url, "herald-bench")).await?;
+async fn bench_publisher(nats: Connection<'_>, partitions: u32) -> anyhow::Result<Publisher> {
+    let client = herald_nats::connect(nats).await?;
     Ok(Publisher::new(
         async_nats::jetstream::new(client),
         partitions,

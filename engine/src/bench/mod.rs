@@ -26,6 +26,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use herald_entities::{Checkpoints, NotificationStatus, customer, notification};
+use herald_nats::{NatsAuth, NatsTls};
 use indicatif::{ProgressBar, ProgressStyle};
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 use serde::Serialize;
@@ -97,7 +98,8 @@ pub struct BenchArgs {
     /// Database URL (an empty database); a fresh SQLite file in a temporary folder when absent.
     #[arg(long)]
     pub database: Option<String>,
-    /// NATS URL; a private nats-server is started when absent.
+    /// NATS URL, reached with the configuration's `nats.auth` and `nats.tls`; a private
+    /// nats-server (without either) is started when absent.
     #[arg(long)]
     pub nats_url: Option<String>,
     /// Skip the raw JetStream reference run.
@@ -210,18 +212,25 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
     let sink = CountingSmtpSink::start().await?;
 
+    let mut config = bench_config(base, &nats_url, &database, sink.port());
+    if own_nats.is_some() {
+        // The bench's own server asks for neither a login nor TLS.
+        config.nats.auth = NatsAuth::default();
+        config.nats.tls = NatsTls::default();
+    }
+    // `--database` is checked like a configured URL (an in-memory SQLite database is refused).
+    config.validate()?;
+    let nats = config.nats.clone();
+
     let reference = if args.no_reference {
         None
     } else {
         let messages = total.min(MAX_REFERENCE_MESSAGES);
         eprintln!("reference: raw JetStream publish + consume of {messages} messages …");
-        Some(reference::jetstream_rate(&nats_url, messages, load::TYPICAL_COMMAND_BYTES).await?)
+        let connection = nats.connection("herald-bench-reference");
+        Some(reference::jetstream_rate(connection, messages, load::TYPICAL_COMMAND_BYTES).await?)
     };
 
-    let config = bench_config(base, &nats_url, &database, sink.port());
-    // `--database` is checked like a configured URL (an in-memory SQLite database is refused).
-    config.validate()?;
-    let partitions = config.nats.partitions;
     let herald = Herald::start(config).await?;
     // The bench's inserts stand in for the API's: they leave SQLite's log to the engine's
     // checkpointer, as the engine's own pool does, and take the engine's write turns.
@@ -242,9 +251,8 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let args = args.clone();
         let base = format!("http://{}", herald.http_addr());
         let db = db.clone();
-        let nats_url = nats_url.clone();
         tokio::spawn(async move {
-            let outcome = load::generate(&args, &db, &gate, &nats_url, partitions, &base).await;
+            let outcome = load::generate(&args, &db, &gate, &nats, &base).await;
             outcome.map(|outcome| (outcome, started.elapsed()))
         })
     };
