@@ -26,6 +26,13 @@ const ASSERTION_LIFETIME_SECS: i64 = 3600;
 /// that expires on its way.
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
+/// The kind of a Google credentials file (`service_account`, `authorized_user`, …).
+#[derive(Deserialize)]
+struct FileKind {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
 /// The fields of a service account key file that the token exchange needs.
 #[derive(Deserialize)]
 struct KeyFile {
@@ -118,6 +125,13 @@ impl TokenSource {
             path: shown.clone(),
             reason,
         };
+        let kind: FileKind = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        if let Some(kind) = kind.kind.filter(|kind| kind != "service_account") {
+            return Err(format(format!(
+                "its type is {kind:?} (such as gcloud's user credentials); create a key of a \
+                 service account instead"
+            )));
+        }
         let file: KeyFile = serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
         let key = EncodingKey::from_rsa_pem(file.private_key.as_bytes())
             .map_err(|e| format(format!("private_key: {e}")))?;
@@ -437,5 +451,18 @@ pub(crate) mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("private_key"), "{err}");
+        let user = dir.path().join("application_default_credentials.json");
+        std::fs::write(
+            &user,
+            r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#,
+        )
+        .expect("write");
+        let err = TokenSource::from_file(&user, SCOPE, reqwest::Client::new())
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string().contains(r#"its type is "authorized_user""#),
+            "{err}"
+        );
     }
 }

@@ -31,7 +31,9 @@ pub struct PushConfig {
     /// Firebase project id.
     pub project_id: String,
     /// A service account key file (JSON, from Google Cloud): access tokens are fetched with it
-    /// and renewed before they expire. The way to run in production.
+    /// and renewed before they expire. The way to run in production. When none of this,
+    /// `metadata_server` and `access_token` is set, the file `GOOGLE_APPLICATION_CREDENTIALS`
+    /// names is used, as Google's client libraries do.
     pub service_account_file: Option<PathBuf>,
     /// The metadata server of the machine Herald runs on (`http://metadata.google.internal` on
     /// Compute Engine, GKE with Workload Identity and Cloud Run): access tokens of the service
@@ -90,6 +92,9 @@ pub enum PushConfigError {
     /// The service account key cannot be used.
     #[error(transparent)]
     ServiceAccount(#[from] ServiceAccountError),
+    /// The key file `GOOGLE_APPLICATION_CREDENTIALS` names cannot be used.
+    #[error("{ADC_VARIABLE}: {0}")]
+    FromEnvironment(ServiceAccountError),
     /// The HTTP client could not be built.
     #[error("cannot build the push HTTP client: {0}")]
     Client(String),
@@ -174,10 +179,16 @@ struct FieldViolation {
     field: String,
 }
 
-/// The one way of authenticating `config` names.
+/// The variable naming a service account key file, as Google's client libraries read it
+/// (application default credentials).
+const ADC_VARIABLE: &str = "GOOGLE_APPLICATION_CREDENTIALS";
+
+/// The one way of authenticating `config` names; without any, the key file `from_environment`
+/// names (the value of [`ADC_VARIABLE`]).
 fn credentials(
     config: &PushConfig,
     client: &reqwest::Client,
+    from_environment: Option<PathBuf>,
 ) -> Result<Credentials, PushConfigError> {
     let fixed = Some(config.access_token.trim()).filter(|t| !t.is_empty());
     let metadata = config
@@ -212,11 +223,19 @@ fn credentials(
         )?;
         return Ok(Credentials::Fetched(source));
     }
-    fixed
-        .map(|token| Credentials::Fixed(token.to_string()))
+    if let Some(token) = fixed {
+        return Ok(Credentials::Fixed(token.to_string()));
+    }
+    let file = from_environment
+        .filter(|file| !file.as_os_str().is_empty())
         .ok_or(PushConfigError::Missing(
-            "service_account_file (or metadata_server, or access_token)",
-        ))
+            "service_account_file (or metadata_server, or access_token, or a key file named by \
+             GOOGLE_APPLICATION_CREDENTIALS)",
+        ))?;
+    tracing::info!(file = %file.display(), "push: service account key from {ADC_VARIABLE}");
+    let source = TokenSource::from_file(&file, FCM_SCOPE, client.clone())
+        .map_err(PushConfigError::FromEnvironment)?;
+    Ok(Credentials::Fetched(source))
 }
 
 impl PushProvider {
@@ -228,7 +247,8 @@ impl PushProvider {
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
-        let credentials = credentials(&config, &client)?;
+        let from_environment = std::env::var_os(ADC_VARIABLE).map(PathBuf::from);
+        let credentials = credentials(&config, &client, from_environment)?;
         let send_url = format!(
             "{}/v1/projects/{}/messages:send",
             config.base_url.trim_end_matches('/'),
@@ -954,9 +974,13 @@ mod tests {
             ..PushConfig::default()
         };
         let refused = |config| PushProvider::new("fcm".into(), config).unwrap_err();
-        let err = refused(config(None, Some(" "), " "));
+        let client = reqwest::Client::new();
+        let err = credentials(&config(None, Some(" "), " "), &client, None)
+            .err()
+            .expect("refused");
         assert!(matches!(err, PushConfigError::Missing(_)), "{err}");
         assert!(err.to_string().contains("metadata_server"), "{err}");
+        assert!(err.to_string().contains(ADC_VARIABLE), "{err}");
         let err = refused(config(Some("key.json"), None, "ya29"));
         assert_eq!(
             err.to_string(),
@@ -978,5 +1002,43 @@ mod tests {
         );
         let err = refused(config(Some("/absent/key.json"), None, ""));
         assert!(err.to_string().contains("/absent/key.json"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_key_file_the_environment_names_is_used_when_none_is_configured() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .respond_with(granted("ya29.from-the-environment"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let key = google_auth::tests::key_file(dir.path(), &format!("{}/token", server.uri()));
+        let client = reqwest::Client::new();
+        let unconfigured = PushConfig::default();
+        let found = credentials(&unconfigured, &client, Some(key.clone())).expect("found");
+        assert_eq!(
+            found.bearer().await.expect("token"),
+            "ya29.from-the-environment"
+        );
+
+        let configured = PushConfig {
+            access_token: "ya29.configured".into(),
+            ..PushConfig::default()
+        };
+        let chosen = credentials(&configured, &client, Some(key)).expect("configured");
+        assert_eq!(chosen.bearer().await.expect("token"), "ya29.configured");
+
+        let absent = dir.path().join("absent.json");
+        let err = credentials(&unconfigured, &client, Some(absent))
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string()
+                .starts_with("GOOGLE_APPLICATION_CREDENTIALS: cannot read service account key"),
+            "{err}"
+        );
     }
 }
