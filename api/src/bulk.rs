@@ -18,7 +18,7 @@ use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
     notifications::{
-        ApiCategory, ApiChannel, MessageContent, Recipient, dedup, validate_content,
+        ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, dedup, message,
         validate_recipient,
     },
 };
@@ -52,8 +52,11 @@ pub struct BulkRequest {
     pub category: ApiCategory,
     /// Channels to try in order; the category's default chain when absent.
     pub channels: Option<Vec<ApiChannel>>,
-    /// The message.
-    pub content: MessageContent,
+    /// The message; give either this or `template`.
+    pub content: Option<MessageContent>,
+    /// A template, rendered for each recipient at delivery in their locale (a customer's stored
+    /// locale, unless `template.locale` is given); give either this or `content`.
+    pub template: Option<TemplateUse>,
 }
 
 /// The answer to an accepted bulk send.
@@ -115,7 +118,8 @@ impl BulkApi {
 impl BulkApi {
     /// Send one message to many recipients.
     ///
-    /// Answers 202 with a batch id at once; the notifications are created and queued in the
+    /// The message is literal `content` or a `template`, as for a single send. Answers 202 with a
+    /// batch id at once; the notifications are created and queued in the
     /// background. Follow the batch with `GET /api/v1/batches/{id}`.
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
@@ -137,7 +141,10 @@ impl BulkApi {
                 .cloned()
                 .unwrap_or_else(|| vec![Channel::Email]),
         };
-        let content = validate_content(request.content)?;
+        let content = message(request.content, request.template)?;
+        if let Some(template) = &content.template {
+            crate::templates::check_send(&self.state, template).await?;
+        }
         let (target, total) = match (request.recipients, request.filter) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(ApiError::invalid(

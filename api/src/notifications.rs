@@ -523,16 +523,7 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
             .cloned()
             .unwrap_or_else(|| vec![Channel::Email]),
     };
-    let content = match (request.content, request.template) {
-        (Some(content), None) => validate_content(content)?,
-        (None, Some(template)) => validate_template(template)?,
-        _ => {
-            return Err(ApiError::invalid(
-                "content",
-                "give either content or template, not both",
-            ));
-        }
-    };
+    let content = message(request.content, request.template)?;
     let now = Utc::now();
     let scheduled_at = match request.scheduled_at {
         Some(at) if at > now + chrono::Duration::days(MAX_SCHEDULE_DAYS) => {
@@ -625,6 +616,23 @@ pub(crate) fn validate_content(content: MessageContent) -> Result<Content, ApiEr
         short: content.short,
         template: None,
     })
+}
+
+/// The message of a send: literal `content` or a `template` to render at delivery, exactly one.
+/// A template's existence (and a compiled one's variables) is checked apart, by
+/// [`crate::templates::check_send`], which reads the database.
+pub(crate) fn message(
+    content: Option<MessageContent>,
+    template: Option<TemplateUse>,
+) -> Result<Content, ApiError> {
+    match (content, template) {
+        (Some(content), None) => validate_content(content),
+        (None, Some(template)) => validate_template(template),
+        _ => Err(ApiError::invalid(
+            "content",
+            "give either content or template, not both",
+        )),
+    }
 }
 
 /// A template send: its content is the reference the dispatcher renders.

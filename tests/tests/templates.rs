@@ -213,6 +213,82 @@ async fn a_send_can_name_a_compiled_template_too() {
 }
 
 #[tokio::test]
+async fn a_bulk_send_renders_its_template_for_each_recipient_in_their_locale() {
+    let w = world().await;
+    let bulk = |template: Value| {
+        json!({
+            "recipients": [{ "customer_id": "c-de" }, { "customer_id": "c-it" }],
+            "category": "account",
+            "channels": ["email"],
+            "template": template
+        })
+    };
+    // Refused before anything is stored: an unknown template, content beside a template, a
+    // compiled template's missing variable.
+    let welcome_use = json!({ "code": "welcome", "variables": {"name": "friend", "code": "SALE"} });
+    let (status, body) = w
+        .herald
+        .post("/api/v1/notifications/bulk", &bulk(welcome_use.clone()))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "template.code", "{body}");
+    let mut both = bulk(welcome_use.clone());
+    both["content"] = json!({"text": "hello"});
+    let (status, body) = w.herald.post("/api/v1/notifications/bulk", &both).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "content", "{body}");
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &bulk(json!({ "code": "order_placed", "variables": {"total": "1 EUR"} })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "template.variables.order_number", "{body}");
+
+    for (locale, subject, greeting) in [("en", "Welcome", "Hello"), ("de", "Willkommen", "Hallo")] {
+        let (status, body) = w
+            .put_variant("welcome", locale, &welcome(subject, greeting))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    w.customer("c-de", "anna@example.com", "de-DE").await;
+    w.customer("c-it", "luca@example.com", "it-IT").await;
+    let (status, accepted) = w
+        .herald
+        .post("/api/v1/notifications/bulk", &bulk(welcome_use))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(())
+    })
+    .await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let to = |address: &str| {
+        mails
+            .iter()
+            .find(|m| m.to == [address])
+            .unwrap_or_else(|| panic!("a mail to {address}"))
+    };
+    // German for the German customer; the default locale for the Italian one (no variant).
+    assert_eq!(
+        to("anna@example.com").subject.as_deref(),
+        Some("Willkommen, friend")
+    );
+    let text = to("anna@example.com").text_body().unwrap_or_default();
+    assert!(text.contains("Hallo friend, your code is SALE."), "{text}");
+    assert_eq!(
+        to("luca@example.com").subject.as_deref(),
+        Some("Welcome, friend")
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn invalid_templates_unknown_codes_and_render_errors_are_clear() {
     let w = world().await;
     let mut broken = welcome("Welcome", "Hi");
