@@ -29,7 +29,7 @@ use herald_entities::{
 };
 use herald_nats::{
     Contacts, Publisher, SCHEMA_VERSION, SendCommand,
-    batch::{BatchSpec, BatchTarget, batch_notification_id},
+    batch::{BatchRecipient, BatchSpec, BatchTarget, batch_notification_id},
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::{ActiveValue::Set, DatabaseConnection};
@@ -295,19 +295,19 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         let created_at = Utc::now();
         let mut rows = Vec::with_capacity(page.len());
         let mut commands = Vec::with_capacity(page.len());
-        for (key, customer_id, contacts) in page {
+        for recipient in page {
             let command = SendCommand {
                 v: SCHEMA_VERSION,
-                notification_id: batch_notification_id(batch.id, &key),
-                customer_id,
-                contacts,
+                notification_id: batch_notification_id(batch.id, &recipient.key),
+                customer_id: recipient.customer_id,
+                contacts: recipient.contacts,
                 category: spec.category,
                 channels: spec.channels.clone(),
-                content: spec.content.clone(),
+                content: spec.content.for_recipient(&recipient.variables),
                 created_at,
             };
-            rows.push(row_for(&command, &key, batch.id));
-            commands.push((key, command));
+            rows.push(row_for(&command, &recipient.key, batch.id));
+            commands.push((recipient.key, command));
         }
         repo::batches::insert_notifications(&args.db, rows)
             .await
@@ -343,25 +343,18 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
     }
 }
 
-type PageEntry = (String, Option<String>, Contacts);
-
 /// The recipients after `cursor`, and the cursor after them (`None` for an empty page).
 async fn next_page(
     args: &SchedulerArgs,
     spec: &BatchSpec,
     cursor: Option<&str>,
-) -> Result<(Vec<PageEntry>, Option<String>), String> {
+) -> Result<(Vec<BatchRecipient>, Option<String>), String> {
     let size = args.settings.bulk_page_size.max(1);
     match &spec.target {
         BatchTarget::Recipients { recipients } => {
             let from: usize = cursor.and_then(|c| c.parse().ok()).unwrap_or(0);
             let to = (from + size as usize).min(recipients.len());
-            let page = recipients
-                .get(from..to)
-                .unwrap_or_default()
-                .iter()
-                .map(|r| (r.key.clone(), r.customer_id.clone(), r.contacts.clone()))
-                .collect();
+            let page = recipients.get(from..to).unwrap_or_default().to_vec();
             Ok((page, Some(to.to_string())))
         }
         BatchTarget::Filter {
@@ -378,12 +371,11 @@ async fn next_page(
             let next = customers.last().map(|c| c.external_id.clone());
             let page = customers
                 .into_iter()
-                .map(|c| {
-                    (
-                        c.external_id.clone(),
-                        Some(c.external_id),
-                        Contacts::default(),
-                    )
+                .map(|c| BatchRecipient {
+                    key: c.external_id.clone(),
+                    customer_id: Some(c.external_id),
+                    contacts: Contacts::default(),
+                    variables: Default::default(),
                 })
                 .collect();
             Ok((page, next))

@@ -8,17 +8,18 @@
 use chrono::{DateTime, Utc};
 use herald_entities::repo::{self, batches::CustomerFilter};
 use herald_nats::{
-    Category, Channel, SCHEMA_VERSION,
+    Category, Channel, Content, SCHEMA_VERSION,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
     notifications::{
-        ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, dedup, message,
+        self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, dedup, message,
         validate_recipient,
     },
 };
@@ -41,11 +42,22 @@ pub struct CustomerFilterBody {
     pub external_id_prefix: Option<String>,
 }
 
+/// One recipient of a bulk send.
+#[derive(Debug, Clone, Object)]
+pub struct BulkRecipient {
+    /// Who.
+    #[oai(flatten)]
+    pub recipient: Recipient,
+    /// This recipient's template variables (a JSON object), over `template.variables`: a variable
+    /// given in both takes this value. Only with `template`.
+    pub variables: Option<Value>,
+}
+
 /// One message to many recipients: give `recipients` or `filter`, not both.
 #[derive(Debug, Clone, Object)]
 pub struct BulkRequest {
     /// The recipients (at most 10 000; repeated ones get one notification).
-    pub recipients: Option<Vec<Recipient>>,
+    pub recipients: Option<Vec<BulkRecipient>>,
     /// Or: the stored customers matching this filter.
     pub filter: Option<CustomerFilterBody>,
     /// What it is about.
@@ -142,9 +154,6 @@ impl BulkApi {
                 .unwrap_or_else(|| vec![Channel::Email]),
         };
         let content = message(request.content, request.template)?;
-        if let Some(template) = &content.template {
-            crate::templates::check_send(&self.state, template).await?;
-        }
         let (target, total) = match (request.recipients, request.filter) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(ApiError::invalid(
@@ -153,7 +162,7 @@ impl BulkApi {
                 ));
             }
             (Some(list), None) => {
-                let recipients = listed(list)?;
+                let recipients = listed(list, content.template.is_some())?;
                 let total = recipients.len() as i64;
                 (BatchTarget::Recipients { recipients }, total)
             }
@@ -172,6 +181,7 @@ impl BulkApi {
                 )
             }
         };
+        check_template(&self.state, &content, &target).await?;
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -231,8 +241,50 @@ fn non_empty(value: Option<String>) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-/// Validates listed recipients; repeated recipients (same key) are kept once.
-fn listed(list: Vec<Recipient>) -> Result<Vec<BatchRecipient>, ApiError> {
+/// Checks a batch's template as a single send's is checked: that it exists and, for a compiled
+/// template, that every recipient has its variables (the shared ones with the recipient's over
+/// them, as the fan-out renders it).
+async fn check_template(
+    state: &AppState,
+    content: &Content,
+    target: &BatchTarget,
+) -> Result<(), ApiError> {
+    let Some(template) = &content.template else {
+        return Ok(());
+    };
+    let personal = match target {
+        BatchTarget::Recipients { recipients }
+            if state.templates.is_compiled(&template.code)
+                && recipients.iter().any(|r| !r.variables.is_empty()) =>
+        {
+            recipients
+        }
+        _ => return crate::templates::check_send(state, template).await,
+    };
+    for recipient in personal {
+        if let Some(theirs) = content.for_recipient(&recipient.variables).template {
+            crate::templates::check_send(state, &theirs)
+                .await
+                .map_err(|err| naming_recipient(err, &recipient.key))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds the recipient a refusal concerns to its message.
+fn naming_recipient(err: ApiError, key: &str) -> ApiError {
+    match err {
+        ApiError::BadRequest(mut body) => {
+            body.0.message = format!("{} (recipient {key})", body.0.message);
+            ApiError::BadRequest(body)
+        }
+        other => other,
+    }
+}
+
+/// Validates listed recipients; repeated recipients (same key) are kept once. Their own
+/// variables need a template (`templated`).
+fn listed(list: Vec<BulkRecipient>, templated: bool) -> Result<Vec<BatchRecipient>, ApiError> {
     if list.is_empty() || list.len() > MAX_LISTED {
         return Err(ApiError::invalid(
             "recipients",
@@ -241,8 +293,20 @@ fn listed(list: Vec<Recipient>) -> Result<Vec<BatchRecipient>, ApiError> {
     }
     let mut seen = std::collections::HashSet::new();
     let mut recipients = Vec::with_capacity(list.len());
-    for (index, recipient) in list.iter().enumerate() {
-        let contacts = validate_recipient(recipient).map_err(|err| renamed(err, index))?;
+    for (
+        index,
+        BulkRecipient {
+            recipient,
+            variables,
+        },
+    ) in list.into_iter().enumerate()
+    {
+        let contacts = validate_recipient(&recipient).map_err(|err| renamed(err, index))?;
+        let field = format!("recipients[{index}].variables");
+        if variables.is_some() && !templated {
+            return Err(ApiError::invalid(&field, "variables need a template"));
+        }
+        let variables = notifications::variables(&field, variables)?;
         let customer_id = non_empty(recipient.customer_id.clone());
         let key = customer_id
             .clone()
@@ -268,6 +332,7 @@ fn listed(list: Vec<Recipient>) -> Result<Vec<BatchRecipient>, ApiError> {
                 key,
                 customer_id,
                 contacts,
+                variables,
             });
         }
     }

@@ -647,22 +647,7 @@ fn validate_template(template: TemplateUse) -> Result<Content, ApiError> {
         .locale
         .map(|l| validate::locale("template.locale", &l))
         .transpose()?;
-    let variables = match template.variables {
-        None => Map::new(),
-        Some(Value::Object(map)) => map,
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "template.variables",
-                "variables must be a JSON object",
-            ));
-        }
-    };
-    if serde_json::to_vec(&variables).map_or(0, |v| v.len()) > MAX_VARIABLES {
-        return Err(ApiError::invalid(
-            "template.variables",
-            format!("variables are larger than {MAX_VARIABLES} bytes of JSON"),
-        ));
-    }
+    let variables = variables("template.variables", template.variables)?;
     Ok(Content {
         template: Some(herald_nats::TemplateRef {
             code: template.code,
@@ -671,6 +656,23 @@ fn validate_template(template: TemplateUse) -> Result<Content, ApiError> {
         }),
         ..Content::default()
     })
+}
+
+/// Template variables given as `field`: a JSON object of at most [`MAX_VARIABLES`] bytes; none
+/// when absent.
+pub(crate) fn variables(field: &str, value: Option<Value>) -> Result<Map<String, Value>, ApiError> {
+    let variables = match value {
+        None => Map::new(),
+        Some(Value::Object(map)) => map,
+        Some(_) => return Err(ApiError::invalid(field, "variables must be a JSON object")),
+    };
+    if serde_json::to_vec(&variables).map_or(0, |v| v.len()) > MAX_VARIABLES {
+        return Err(ApiError::invalid(
+            field,
+            format!("variables are larger than {MAX_VARIABLES} bytes of JSON"),
+        ));
+    }
+    Ok(variables)
 }
 
 pub(crate) fn view(

@@ -2,6 +2,7 @@
 //! that fans it out. Versioned like the envelopes.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::{Category, Channel, Contacts, Content};
@@ -52,6 +53,26 @@ pub struct BatchRecipient {
     /// Contacts given with the request.
     #[serde(default)]
     pub contacts: Contacts,
+    /// Template variables of this recipient, over the batch template's.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub variables: Map<String, Value>,
+}
+
+impl Content {
+    /// This content for one recipient of a batch: a template's variables with the recipient's
+    /// `variables` over them (a variable of both takes the recipient's value). Literal content is
+    /// the same for everyone.
+    pub fn for_recipient(&self, variables: &Map<String, Value>) -> Content {
+        let mut content = self.clone();
+        if let Some(template) = &mut content.template {
+            template.variables.extend(
+                variables
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.clone())),
+            );
+        }
+        content
+    }
 }
 
 /// The id of the batch's notification for a recipient: the same on every run of the fan-out, so
@@ -79,6 +100,46 @@ mod tests {
             batch_notification_id(batch, "c-1"),
             batch_notification_id(Uuid::now_v7(), "c-1")
         );
+    }
+
+    #[test]
+    fn a_recipient_s_variables_win_over_the_batch_s() {
+        let shared = serde_json::json!({"name": "friend", "code": "SALE"});
+        let content = Content {
+            template: Some(crate::TemplateRef {
+                code: "welcome".into(),
+                variables: shared.as_object().unwrap().clone(),
+                locale: None,
+            }),
+            ..Content::default()
+        };
+        let own = serde_json::json!({"name": "Anna"});
+        let theirs = content.for_recipient(own.as_object().unwrap());
+        assert_eq!(
+            Value::Object(theirs.template.unwrap().variables),
+            serde_json::json!({"name": "Anna", "code": "SALE"})
+        );
+        assert_eq!(content.for_recipient(&Map::new()), content);
+        let literal = Content {
+            text: "Sale".into(),
+            ..Content::default()
+        };
+        assert_eq!(literal.for_recipient(own.as_object().unwrap()), literal);
+    }
+
+    #[test]
+    fn a_spec_without_recipient_variables_reads_as_before() {
+        let stored = serde_json::json!({
+            "v": 1, "category": "marketing", "channels": ["email"], "content": {"text": "Sale"},
+            "target": {"kind": "recipients", "recipients": [{"key": "a@example.com"}]}
+        });
+        let spec: BatchSpec = serde_json::from_value(stored).unwrap();
+        let BatchTarget::Recipients { recipients } = &spec.target else {
+            panic!("recipients")
+        };
+        assert!(recipients[0].variables.is_empty());
+        let json = serde_json::to_value(&spec).unwrap();
+        assert!(json["target"]["recipients"][0].get("variables").is_none());
     }
 
     #[test]

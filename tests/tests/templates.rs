@@ -215,16 +215,21 @@ async fn a_send_can_name_a_compiled_template_too() {
 #[tokio::test]
 async fn a_bulk_send_renders_its_template_for_each_recipient_in_their_locale() {
     let w = world().await;
+    // Anna's own name wins over the batch's; Luca has no variables of his own.
     let bulk = |template: Value| {
         json!({
-            "recipients": [{ "customer_id": "c-de" }, { "customer_id": "c-it" }],
+            "recipients": [
+                { "customer_id": "c-de", "variables": { "name": "Anna" } },
+                { "customer_id": "c-it" }
+            ],
             "category": "account",
             "channels": ["email"],
             "template": template
         })
     };
     // Refused before anything is stored: an unknown template, content beside a template, a
-    // compiled template's missing variable.
+    // compiled template's variable missing for one recipient, a recipient's variables without a
+    // template.
     let welcome_use = json!({ "code": "welcome", "variables": {"name": "friend", "code": "SALE"} });
     let (status, body) = w
         .herald
@@ -237,15 +242,19 @@ async fn a_bulk_send_renders_its_template_for_each_recipient_in_their_locale() {
     let (status, body) = w.herald.post("/api/v1/notifications/bulk", &both).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["field"], "content", "{body}");
-    let (status, body) = w
-        .herald
-        .post(
-            "/api/v1/notifications/bulk",
-            &bulk(json!({ "code": "order_placed", "variables": {"total": "1 EUR"} })),
-        )
-        .await;
+    let mut orders = bulk(json!({ "code": "order_placed", "variables": {"total": "1 EUR"} }));
+    orders["recipients"][0]["variables"] = json!({ "order_number": "1001" });
+    let (status, body) = w.herald.post("/api/v1/notifications/bulk", &orders).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["field"], "template.variables.order_number", "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.ends_with("(recipient c-it)"), "{body}");
+    let mut literal = bulk(json!(null));
+    literal["content"] = json!({"text": "hello"});
+    literal.as_object_mut().expect("object").remove("template");
+    let (status, body) = w.herald.post("/api/v1/notifications/bulk", &literal).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "recipients[0].variables", "{body}");
 
     for (locale, subject, greeting) in [("en", "Welcome", "Hello"), ("de", "Willkommen", "Hallo")] {
         let (status, body) = w
@@ -277,10 +286,10 @@ async fn a_bulk_send_renders_its_template_for_each_recipient_in_their_locale() {
     // German for the German customer; the default locale for the Italian one (no variant).
     assert_eq!(
         to("anna@example.com").subject.as_deref(),
-        Some("Willkommen, friend")
+        Some("Willkommen, Anna")
     );
     let text = to("anna@example.com").text_body().unwrap_or_default();
-    assert!(text.contains("Hallo friend, your code is SALE."), "{text}");
+    assert!(text.contains("Hallo Anna, your code is SALE."), "{text}");
     assert_eq!(
         to("luca@example.com").subject.as_deref(),
         Some("Welcome, friend")
