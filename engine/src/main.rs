@@ -8,7 +8,9 @@ use herald_engine::{Config, Herald, app, telemetry};
 
 /// mimalloc instead of glibc's allocator: the engine allocates and frees small buffers across
 /// threads (tokio workers, SQLite worker threads), where glibc's arenas spend a fifth of the CPU
-/// (`herald bench`: 2,824 → 3,480–3,719 notifications/s, see the README's *Performance*).
+/// (`herald bench`: 2,824 → 3,480–3,719 notifications/s, see the README's *Performance*). The
+/// crate's `override` feature makes `malloc` and `free` mimalloc's too, so SQLite's own
+/// allocations (C code, which the global allocator does not reach) leave glibc as well.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
