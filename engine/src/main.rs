@@ -16,7 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Herald: a notification engine on NATS JetStream.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// TOML configuration file (values from `HERALD_*` variables win).
     #[arg(short, long, env = "HERALD_CONFIG", global = true)]
