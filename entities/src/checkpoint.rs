@@ -29,8 +29,11 @@ use tokio::task::JoinHandle;
 
 use crate::WriteGate;
 
-/// How often the [`Checkpointer`] copies the log into the database file.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the [`Checkpointer`] copies the log into the database file. Often and little at a
+/// time: a checkpoint's writes and `fsync` slow the commits that meet them, and smaller ones slow
+/// fewer (at 2,000 API sends a second, 50 ms instead of 250 ms took about 0.5 ms off the p99,
+/// throughput unchanged; 1 s added 1–2 ms).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A log larger than this (16 MiB of 4 KiB pages) is checkpointed again in a writers' turn.
 pub const LARGE_LOG_PAGES: i64 = 4_000;
