@@ -131,8 +131,8 @@ impl BulkApi {
     /// Send one message to many recipients.
     ///
     /// The message is literal `content` or a `template`, as for a single send. Answers 202 with a
-    /// batch id at once; the notifications are created and queued in the
-    /// background. Follow the batch with `GET /api/v1/batches/{id}`.
+    /// batch id at once; the notifications are created and queued in the background. Follow the
+    /// batch with `GET /api/v1/batches/{id}`.
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
         &self,

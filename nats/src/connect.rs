@@ -101,10 +101,12 @@ pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, N
         .await
     {
         Ok(client) => return Ok(client),
-        Err(e) if is_refusal(&e) => return Err(refusal(&e)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot reach NATS yet; trying again in the background")
-        }
+        Err(e) => match refusal(&e) {
+            Some(refused) => return Err(refused),
+            None => {
+                tracing::warn!(error = %e, "cannot reach NATS yet; trying again in the background")
+            }
+        },
     }
     options(connection, &servers)
         .await?
@@ -127,27 +129,20 @@ async fn options(
     secure(options, connection.tls)
 }
 
-/// The error of a connection the server answered and refused, with its reason (for a TLS
-/// handshake, the certificate problem: "invalid peer certificate: UnknownIssuer").
-fn refusal(error: &async_nats::ConnectError) -> NatsError {
+/// The error to fail with when the server answered and refused (a login it rejects, a TLS
+/// handshake that fails, with the certificate problem: "invalid peer certificate:
+/// UnknownIssuer"); `None` for a server that could not be reached, which is worth retrying.
+fn refusal(error: &async_nats::ConnectError) -> Option<NatsError> {
     use async_nats::ConnectErrorKind::*;
-    NatsError::Connect(match (error.kind(), tls_failure(error)) {
+    let reason = match (error.kind(), tls_failure(error)) {
         (Authentication | AuthorizationViolation, _) => {
             format!("the server refused Herald's login: {error}")
         }
-        (_, Some(tls)) => format!("the TLS handshake with the server failed: {tls}"),
-        _ => format!("the TLS handshake with the server failed: {error}"),
-    })
-}
-
-/// Whether the server answered and refused: a login it rejects, a TLS handshake that fails.
-fn is_refusal(error: &async_nats::ConnectError) -> bool {
-    use async_nats::ConnectErrorKind::*;
-    match error.kind() {
-        Authentication | AuthorizationViolation | Tls => true,
-        Io => tls_failure(error).is_some(),
-        _ => false,
-    }
+        (Io, Some(tls)) => format!("the TLS handshake with the server failed: {tls}"),
+        (Tls, _) => format!("the TLS handshake with the server failed: {error}"),
+        _ => return None,
+    };
+    Some(NatsError::Connect(reason))
 }
 
 /// The TLS error behind an I/O error of the client library: a certificate either side does not
