@@ -106,23 +106,19 @@ impl LeaseTable {
         // The bucket's stream is created the way a key-value bucket's is, but through the stream
         // API: it updates the TTL when the configuration changes, and it works on servers whose
         // account-info answer this client cannot parse (nats-server 2.9).
-        let provision_error = |e: &dyn std::fmt::Display| NatsError::Provision {
-            what: format!("key-value bucket {LEASE_BUCKET}"),
-            reason: e.to_string(),
-        };
         let current = match js.get_stream(format!("KV_{LEASE_BUCKET}")).await {
             Ok(stream) => stream.cached_info().config.max_age,
             Err(e) if is_stream_not_found(&e) => Duration::ZERO,
-            Err(e) => return Err(provision_error(&e)),
+            Err(e) => return Err(provision_error(e)),
         };
         let opened_ttl = ttl.max(current);
         js.create_or_update_stream(bucket_stream(opened_ttl, replicas))
             .await
-            .map_err(|e| provision_error(&e))?;
+            .map_err(provision_error)?;
         let store = js
             .get_key_value(LEASE_BUCKET)
             .await
-            .map_err(|e| provision_error(&e))?;
+            .map_err(provision_error)?;
         let table = LeaseTable {
             js: js.clone(),
             store,
@@ -197,10 +193,7 @@ impl LeaseTable {
             .update_stream(bucket_stream(ttl, self.replicas))
             .await
             .map(|_| ())
-            .map_err(|e| NatsError::Provision {
-                what: format!("key-value bucket {LEASE_BUCKET}"),
-                reason: e.to_string(),
-            })
+            .map_err(provision_error)
     }
 
     /// Takes the partition if nobody holds it; `None` if somebody does.
@@ -363,6 +356,14 @@ fn bucket_stream(ttl: Duration, replicas: usize) -> jetstream::stream::Config {
         allow_direct: true,
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
+    }
+}
+
+/// The bucket could not be created, read or changed.
+fn provision_error(e: impl std::fmt::Display) -> NatsError {
+    NatsError::Provision {
+        what: format!("key-value bucket {LEASE_BUCKET}"),
+        reason: e.to_string(),
     }
 }
 
