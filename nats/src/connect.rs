@@ -135,9 +135,11 @@ async fn options(
 fn refusal(error: &async_nats::ConnectError) -> Option<NatsError> {
     use async_nats::ConnectErrorKind::*;
     let reason = match (error.kind(), tls_failure(error)) {
-        (Authentication | AuthorizationViolation, _) => {
-            format!("the server refused Herald's login: {error}")
+        // The server's own text only repeats it ("nats: authorization violation").
+        (AuthorizationViolation, _) => {
+            format!("the server refused Herald's login: {}", error.kind())
         }
+        (Authentication, _) => format!("the server refused Herald's login: {error}"),
         (Io, Some(tls)) => format!("the TLS handshake with the server failed: {tls}"),
         (Tls, _) => format!("the TLS handshake with the server failed: {error}"),
         _ => return None,

@@ -106,20 +106,24 @@ async fn a_refused_login_fails_the_connection_with_the_server_s_reason() -> anyh
         password: Some("wrong".into()),
         ..NatsAuth::default()
     };
-    refused(
+    let message = refused(
         &server,
         &wrong,
         &NatsTls::default(),
-        "the server refused Herald's login: authorization violation",
+        "the server refused Herald's login",
     )
     .await;
+    assert_eq!(
+        message,
+        "the server refused Herald's login: authorization violation"
+    );
     Ok(())
 }
 
 /// Connects with `auth` and `tls` to `server`, which refuses them: the connection fails at once
-/// with a reason containing `reason`. Failing at all means no retrying in the background, which
-/// would hand back a client.
-async fn refused(server: &NatsServer, auth: &NatsAuth, tls: &NatsTls, reason: &str) {
+/// with a reason containing `reason`, which is returned. Failing at all means no retrying in the
+/// background, which would hand back a client.
+async fn refused(server: &NatsServer, auth: &NatsAuth, tls: &NatsTls, reason: &str) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let connection = Connection {
         urls: &server.url(),
@@ -132,7 +136,8 @@ async fn refused(server: &NatsServer, auth: &NatsAuth, tls: &NatsTls, reason: &s
             assert!(
                 message.contains(reason),
                 "expected {reason:?} in {message:?}"
-            )
+            );
+            message
         }
         Ok(other) => panic!(
             "a refused connection must fail at once with {reason:?}, got {:?}",
