@@ -78,6 +78,12 @@ pub enum PushConfigError {
     /// A required setting is empty.
     #[error("push.{0} is required")]
     Missing(&'static str),
+    /// No way of authenticating is configured, and the environment names no key file.
+    #[error(
+        "push.service_account_file (or push.metadata_server, or push.access_token, or a key file \
+         named by {ADC_VARIABLE}) is required"
+    )]
+    NoCredentials,
     /// More than one way of authenticating is configured.
     #[error("{0} are set; set one of them")]
     ConflictingCredentials(String),
@@ -228,10 +234,7 @@ fn credentials(
     }
     let file = from_environment
         .filter(|file| !file.as_os_str().is_empty())
-        .ok_or(PushConfigError::Missing(
-            "service_account_file (or metadata_server, or access_token, or a key file named by \
-             GOOGLE_APPLICATION_CREDENTIALS)",
-        ))?;
+        .ok_or(PushConfigError::NoCredentials)?;
     tracing::info!(file = %file.display(), "push: service account key from {ADC_VARIABLE}");
     let source = TokenSource::from_file(&file, FCM_SCOPE, client.clone())
         .map_err(PushConfigError::FromEnvironment)?;
@@ -978,7 +981,7 @@ mod tests {
         let err = credentials(&config(None, Some(" "), " "), &client, None)
             .err()
             .expect("refused");
-        assert!(matches!(err, PushConfigError::Missing(_)), "{err}");
+        assert!(matches!(err, PushConfigError::NoCredentials), "{err}");
         assert!(err.to_string().contains("metadata_server"), "{err}");
         assert!(err.to_string().contains(ADC_VARIABLE), "{err}");
         let err = refused(config(Some("key.json"), None, "ya29"));
