@@ -2,8 +2,8 @@
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
 //! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
-//! for each rule: load the customer (unknown ⇒ dead letter) → render the template in the
-//! customer's locale (render error ⇒ dead letter) → store the notification under an id derived
+//! for each rule: load the customer (unknown ⇒ dead letter) → render the template, compiled or
+//! runtime, in the customer's locale (unknown template or render error ⇒ dead letter) → store the notification under an id derived
 //! from event id and rule (a second delivery of the event finds it) → publish its send command →
 //! ack. A database or NATS failure NAKs with backoff; nothing is acked before it is stored and
 //! published, and nothing is notified twice.
@@ -23,7 +23,9 @@ use herald_entities::{
         notifications::{Inserted, NewNotification},
     },
 };
-use herald_nats::{Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher};
+use herald_nats::{
+    Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher, TemplateRef,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,7 +34,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::retry::RetryPolicy;
 use crate::rules::{self, Rule};
-use crate::templates::{self, variables};
+use crate::templates::{runtime::RuntimeTemplates, variables};
 
 /// Largest event accepted.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
@@ -57,6 +59,8 @@ pub struct RouterContext {
     pub publisher: Publisher,
     /// The rules in force.
     pub rules: Vec<Rule>,
+    /// The templates they name: compiled, or runtime ones (shared with the dispatcher's cache).
+    pub templates: Arc<RuntimeTemplates>,
     /// Chain per category for rules that name none.
     pub default_chains: HashMap<Category, Vec<Channel>>,
     /// Backoff when the database or NATS fails.
@@ -238,15 +242,36 @@ async fn notify(
         .await
         .map_err(|e| retry(&e))?
         .ok_or_else(|| Failure::DeadLetter(format!("unknown customer {customer_id:?}")))?;
-    let vars = variables::from_event(event, &customer);
-    let (content, _) = templates::render(&rule.template, &customer.locale, &vars)
-        .map_err(|e| Failure::DeadLetter(e.to_string()))?;
+    let content = render(ctx, &rule.template, event, &customer).await?;
     let row = new_notification(ctx, event, rule, &customer, content);
     match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
         Inserted::New(stored) | Inserted::Duplicate(stored) => {
             publish_if_queued(ctx, &stored).await
         }
     }
+}
+
+/// Renders the template `code` for `event` in `customer`'s locale. An unknown template or one that
+/// cannot render dead-letters the event (once the template is created or mended, the dead letter
+/// can be replayed); runtime templates that cannot be read are retried.
+async fn render(
+    ctx: &RouterContext,
+    code: &str,
+    event: &DomainEvent,
+    customer: &customer::Model,
+) -> Result<Content, Failure> {
+    let reference = TemplateRef {
+        code: code.to_string(),
+        variables: variables::from_event(event, customer),
+        locale: None,
+    };
+    ctx.templates
+        .render(&reference, Some(&customer.locale))
+        .await
+        .map_err(|err| match err.is_transient() {
+            true => Failure::Retry(err.to_string()),
+            false => Failure::DeadLetter(err.to_string()),
+        })
 }
 
 /// The notification row for `rule` and `event`, addressed to `customer`.

@@ -15,12 +15,13 @@ use herald_actors::{
     dispatcher::{DispatcherArgs, DispatcherMsg},
     engine_supervisor::{EngineArgs, EngineSupervisor},
     partitions::{LeaseDeadlines, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
+    rules::Rule,
     slot::ActorSlot,
     status_writer::{StatusWriterArgs, StatusWriterMsg},
     templates::runtime::RuntimeTemplates,
 };
 use herald_api::AppState;
-use herald_entities::repo::insert_queue::InsertQueue;
+use herald_entities::repo::{self, insert_queue::InsertQueue};
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Publisher, StreamSettings};
@@ -341,6 +342,11 @@ async fn start_engine(
     let ownership = OwnershipView::default();
     let deadlines = LeaseDeadlines::default();
     let rate_limits = Arc::new(config.rate_limits()?);
+    // One cache of runtime templates for the router and the dispatcher.
+    let templates = Arc::new(RuntimeTemplates::new(
+        db.clone(),
+        config.templates.settings(),
+    ));
     let context = Arc::new(DeliveryContext {
         claims: herald_actors::lookup::claims(db.clone(), gate.clone()),
         recipients: herald_actors::lookup::recipients(db.clone()),
@@ -356,12 +362,18 @@ async fn start_engine(
             ask_timeout: Duration::from_millis(config.rate_limiter.ask_timeout_ms),
             clock: herald_actors::policy::system_clock(),
         },
-        templates: Arc::new(RuntimeTemplates::new(
-            db.clone(),
-            config.templates.settings(),
-        )),
+        templates: templates.clone(),
     });
-    let router = router_args(config, &db, inserts, &publisher, consumers.router, &intake)?;
+    let router = router_args(
+        config,
+        &db,
+        inserts,
+        templates,
+        &publisher,
+        consumers.router,
+        &intake,
+    )
+    .await?;
     let publisher_js = publisher.jetstream().clone();
     let outbox_relay = herald_actors::outbox_relay::OutboxRelayArgs {
         db: db.clone(),
@@ -457,20 +469,25 @@ async fn start_engine(
 /// Events routed at once by this instance.
 const ROUTER_IN_FLIGHT: usize = 256;
 
-/// The Router's arguments: the `herald-router` consumer, the rules in force and the default chains.
-fn router_args(
+/// The Router's arguments: the `herald-router` consumer, the rules in force (warning of those
+/// whose template does not exist yet) and the default chains.
+async fn router_args(
     config: &Config,
     db: &DatabaseConnection,
     inserts: InsertQueue,
+    templates: Arc<RuntimeTemplates>,
     publisher: &Publisher,
     consumer: async_nats::jetstream::consumer::PullConsumer,
     intake: &CancellationToken,
 ) -> anyhow::Result<herald_actors::router::RouterArgs> {
+    let rules = config.routing_rules()?;
+    warn_of_missing_templates(db, &rules).await;
     let context = herald_actors::router::RouterContext {
         db: db.clone(),
         inserts,
         publisher: publisher.clone(),
-        rules: config.routing_rules()?,
+        rules,
+        templates,
         default_chains: config.default_chains()?,
         retry: config.dispatch.retry,
     };
@@ -480,6 +497,31 @@ fn router_args(
         in_flight: Arc::new(Semaphore::new(ROUTER_IN_FLIGHT)),
         intake: intake.clone(),
     })
+}
+
+/// Warns of each enabled rule whose template is neither compiled nor stored: its events are
+/// dead-lettered until the runtime template is created.
+async fn warn_of_missing_templates(db: &DatabaseConnection, rules: &[Rule]) {
+    let runtime = rules
+        .iter()
+        .filter(|rule| rule.enabled && herald_actors::templates::find(&rule.template).is_none());
+    for rule in runtime {
+        match repo::templates::variants(db, &rule.template).await {
+            Ok(variants) if variants.is_empty() => tracing::warn!(
+                rule = %rule.name,
+                template = %rule.template,
+                "the rule names a template that is neither compiled nor stored; its events are \
+                 dead-lettered until the template is created"
+            ),
+            Ok(_) => {}
+            Err(err) => tracing::warn!(
+                rule = %rule.name,
+                template = %rule.template,
+                error = %err,
+                "cannot check that the rule's template exists"
+            ),
+        }
+    }
 }
 
 /// The configured providers: email always (SMTP or the outbox), the others when configured.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
+use herald_actors::rules::Rule;
+use herald_nats::{Category, Channel};
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
@@ -22,12 +24,16 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     let nats = NatsServer::start().await.expect("nats-server starts");
     let smtp = SmtpSink::start().await.expect("smtp sink starts");
     let db = TestDatabase::from_env().await.expect("database");
-    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
-        .await
-        .expect("herald starts");
+    let mut config = test_config(&nats, &db, &smtp);
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald starts");
     World {
         nats,
         smtp,
@@ -329,6 +335,69 @@ async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
     );
     w.router_idle().await;
     assert_eq!(w.smtp.count(), 0);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_renders_it() {
+    // The built-in `order_placed` rule replaced by one naming a runtime template; no cache, so the
+    // template is found as soon as it is created.
+    let w = world_with(|config| {
+        config.templates.cache_ttl_secs = 0;
+        config.routing.rules.push(Rule {
+            name: "order_placed".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_note".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "customer_id".into(),
+            enabled: true,
+        })
+    })
+    .await;
+    w.customer("c-jonas", "jonas@example.com", "de-DE").await;
+    let early = Uuid::now_v7();
+    w.publish_event(&order_created(early, "c-jonas", "1001"), &early.to_string())
+        .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    assert!(
+        letters[0].0.contains("order_note"),
+        "the reason names the template: {letters:?}"
+    );
+    assert!(letters[0].1.contains(&early.to_string()), "{letters:?}");
+
+    for (locale, greeting) in [("en", "Thanks"), ("de", "Danke")] {
+        let (status, body) = w
+            .put(
+                &format!("/api/v1/templates/order_note/locales/{locale}"),
+                &json!({
+                    "description": "A note on a new order",
+                    "category": "transactional",
+                    "subject": format!("{greeting}: {{{{ order_number }}}}"),
+                    "text": format!("{greeting} {{{{ customer_name }}}}, {{{{ total }}}}."),
+                }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-jonas", "1002"),
+        &event_id.to_string(),
+    )
+    .await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, ["jonas@example.com"]);
+    assert_eq!(mails[0].subject.as_deref(), Some("Danke: 1002"));
+    let text = mails[0].text_body().unwrap_or_default();
+    assert!(text.contains("Danke Ada, 42.00 EUR."), "{text}");
+    w.router_idle().await;
+    assert_eq!(
+        w.smtp.messages().len(),
+        1,
+        "the dead-lettered event sent nothing"
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }
 

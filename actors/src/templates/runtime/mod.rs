@@ -55,7 +55,8 @@ pub enum TemplateError {
         /// The database's reason.
         reason: String,
     },
-    /// No compiled or runtime template has this code (it was deleted after the send was accepted).
+    /// No compiled or runtime template has this code (it was deleted after the send was accepted,
+    /// or a routing rule names one not created yet).
     #[error("unknown template {0:?}")]
     Unknown(String),
     /// The template did not render with the notification's variables.
