@@ -38,6 +38,7 @@ use crate::policy::Gate;
 use crate::retry::RetryPolicy;
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
+use crate::templates::variables;
 
 /// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
 const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -162,7 +163,7 @@ pub async fn deliver(
             return;
         }
     };
-    let (contacts, locale) = match resolve_contacts(&command, recipient.customer) {
+    let (contacts, customer) = match resolve_contacts(&command, recipient.customer) {
         Ok(resolved) => resolved,
         Err(UnknownCustomer(customer)) => {
             let reason = format!("unknown customer {customer:?} and no contacts given");
@@ -190,7 +191,7 @@ pub async fn deliver(
         }
     };
 
-    if let Err(err) = render_template(&ctx, &mut command, locale.as_deref()).await {
+    if let Err(err) = render_template(&ctx, &mut command, customer.as_ref()).await {
         template_failed(&ctx, id, err, acker, delivered, permit);
         return;
     }
@@ -316,18 +317,18 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
 /// A command for a customer id nobody stored, with no contacts of its own for its chain.
 struct UnknownCustomer(String);
 
-/// The request's contacts over the stored customer's, and the customer's locale.
+/// The request's contacts over the stored customer's, and the stored customer.
 fn resolve_contacts(
     command: &SendCommand,
     customer: Option<customer::Model>,
-) -> Result<(Contacts, Option<String>), UnknownCustomer> {
+) -> Result<(Contacts, Option<customer::Model>), UnknownCustomer> {
     let Some(customer_id) = &command.customer_id else {
         return Ok((command.contacts.clone(), None));
     };
     match customer {
         Some(customer) => Ok((
             command.contacts.clone().or(&stored_contacts(&customer)),
-            Some(customer.locale),
+            Some(customer),
         )),
         None if command
             .channels
@@ -340,13 +341,18 @@ fn resolve_contacts(
     }
 }
 
-/// Replaces the command's template reference, if it has one, by the rendered content.
+/// Replaces the command's template reference, if it has one, by the rendered content: in the
+/// stored customer's locale, with their id and name among the variables unless the send gave them.
 async fn render_template(
     ctx: &DeliveryContext,
     command: &mut SendCommand,
-    locale: Option<&str>,
+    customer: Option<&customer::Model>,
 ) -> Result<(), TemplateError> {
-    if let Some(reference) = &command.content.template {
+    if let Some(reference) = &mut command.content.template {
+        if let Some(customer) = customer {
+            variables::add_customer(&mut reference.variables, customer);
+        }
+        let locale = customer.map(|customer| customer.locale.as_str());
         command.content = ctx.templates.render(reference, locale).await?;
     }
     Ok(())

@@ -213,6 +213,55 @@ async fn a_send_can_name_a_compiled_template_too() {
 }
 
 #[tokio::test]
+async fn a_template_sent_to_a_stored_customer_knows_their_id_and_name() {
+    let w = world().await;
+    let (status, body) = w
+        .put_variant(
+            "hello",
+            "en",
+            &json!({
+                "description": "A greeting",
+                "subject": "Hello {{ customer_name }}",
+                "text": "Your customer id is {{ customer_id }}."
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-anna", "name": "Anna", "email": "anna@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let send = |variables: Value| {
+        json!({
+            "recipient": { "customer_id": "c-anna" },
+            "category": "account",
+            "channels": ["email"],
+            "template": { "code": "hello", "variables": variables }
+        })
+    };
+    let plain = w.herald.send_accepted(&send(json!({}))).await;
+    w.herald.wait_status(&plain, "sent").await;
+    // The send's own value wins over the stored one.
+    let titled = w
+        .herald
+        .send_accepted(&send(json!({"customer_name": "Dr. Anna"})))
+        .await;
+    w.herald.wait_status(&titled, "sent").await;
+
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mail");
+    let mut subjects: Vec<_> = mails.iter().filter_map(|m| m.subject.clone()).collect();
+    subjects.sort();
+    assert_eq!(subjects, ["Hello Anna", "Hello Dr. Anna"]);
+    let text = mails[0].text_body().unwrap_or_default();
+    assert!(text.contains("Your customer id is c-anna."), "{text}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn a_bulk_send_renders_its_template_for_each_recipient_in_their_locale() {
     let w = world().await;
     // Anna's own name wins over the batch's; Luca has no variables of his own.

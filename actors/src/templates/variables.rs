@@ -1,5 +1,6 @@
 //! The variables a domain event offers its templates: the event's data in display form, plus the
-//! customer's name. Money is formatted from minor units; times in the customer's time zone.
+//! customer's id and name (which every template sent to a stored customer gets, see
+//! [`add_customer`]). Money is formatted from minor units; times in the customer's time zone.
 
 use chrono::{DateTime, Utc};
 use herald_entities::customer;
@@ -30,13 +31,20 @@ pub fn format_time(at: DateTime<Utc>, timezone: &str) -> String {
     }
 }
 
+/// Adds what a template may say about a stored `customer` — `customer_id` and, when known,
+/// `customer_name` — to `vars`, keeping any value `vars` already has.
+pub fn add_customer(vars: &mut Map<String, Value>, customer: &customer::Model) {
+    vars.entry("customer_id")
+        .or_insert_with(|| json!(customer.external_id));
+    if let Some(name) = &customer.name {
+        vars.entry("customer_name").or_insert_with(|| json!(name));
+    }
+}
+
 /// The variables for rendering `event`'s notifications to `customer`.
 pub fn from_event(event: &DomainEvent, customer: &customer::Model) -> Map<String, Value> {
     let mut vars = Map::new();
-    vars.insert("customer_id".into(), json!(customer.external_id));
-    if let Some(name) = &customer.name {
-        vars.insert("customer_name".into(), json!(name));
-    }
+    add_customer(&mut vars, customer);
     vars.insert("event_id".into(), json!(event.id));
     vars.insert(
         "occurred_at".into(),
