@@ -3,10 +3,10 @@
 //!
 //! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ dead letter) → render the template, compiled or
-//! runtime, in the customer's locale (unknown template or render error ⇒ dead letter) → store the notification under an id derived
-//! from event id and rule (a second delivery of the event finds it) → publish its send command →
-//! ack. A database or NATS failure NAKs with backoff; nothing is acked before it is stored and
-//! published, and nothing is notified twice.
+//! runtime, in the customer's locale (unknown template or render error ⇒ dead letter) → store the
+//! notification under an id derived from event id and rule (a second delivery of the event finds
+//! it) → publish its send command → ack. A database or NATS failure NAKs with backoff; nothing is
+//! acked before it is stored and published, and nothing is notified twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -268,9 +268,12 @@ async fn render(
     ctx.templates
         .render(&reference, Some(&customer.locale))
         .await
-        .map_err(|err| match err.is_transient() {
-            true => Failure::Retry(err.to_string()),
-            false => Failure::DeadLetter(err.to_string()),
+        .map_err(|err| {
+            if err.is_transient() {
+                Failure::Retry(err.to_string())
+            } else {
+                Failure::DeadLetter(err.to_string())
+            }
         })
 }
 
