@@ -177,7 +177,9 @@ impl RuntimeTemplates {
             })
     }
 
-    /// The compiled variants of `code`, from the cache while fresh.
+    /// The compiled variants of `code`, from the cache while fresh. A code without variants is not
+    /// cached, so a template created after a miss (say, for a routing rule whose events were
+    /// dead-lettered meanwhile) is found at once.
     async fn variants(&self, code: &str) -> Result<Arc<Vec<CompiledVariant>>, TemplateError> {
         let ttl = self.settings.cache_ttl;
         if let Some(hit) = lock(&self.cache).get(code)
@@ -199,7 +201,7 @@ impl RuntimeTemplates {
                 })
                 .collect(),
         );
-        if !ttl.is_zero() {
+        if !ttl.is_zero() && !variants.is_empty() {
             let mut cache = lock(&self.cache);
             if cache.len() >= CACHE_CAPACITY {
                 cache.retain(|_, c| c.read_at.elapsed() < ttl);
