@@ -70,12 +70,18 @@ fn welcome(subject: &str, greeting: &str) -> Value {
     })
 }
 
+/// An `account` email to `customer` of the `welcome` template.
 fn templated_send(customer: &str, variables: Value) -> Value {
+    send_of("welcome", customer, variables)
+}
+
+/// An `account` email to `customer` of the template `code`.
+fn send_of(code: &str, customer: &str, variables: Value) -> Value {
     json!({
         "recipient": { "customer_id": customer },
         "category": "account",
         "channels": ["email"],
-        "template": { "code": "welcome", "variables": variables }
+        "template": { "code": code, "variables": variables }
     })
 }
 
@@ -235,14 +241,7 @@ async fn a_template_sent_to_a_stored_customer_knows_their_id_and_name() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let send = |variables: Value| {
-        json!({
-            "recipient": { "customer_id": "c-anna" },
-            "category": "account",
-            "channels": ["email"],
-            "template": { "code": "hello", "variables": variables }
-        })
-    };
+    let send = |variables: Value| send_of("hello", "c-anna", variables);
     let plain = w.herald.send_accepted(&send(json!({}))).await;
     w.herald.wait_status(&plain, "sent").await;
     // The send's own value wins over the stored one.
