@@ -35,8 +35,11 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo doc (every intra-doc link resolves)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
-log "building the herald binary (the reliability tests run it as a process)"
-cargo build --locked --bin herald
+# The herald binary (the reliability tests run it as a process) and every test target in one
+# build: built alone, the binary resolves its dependencies' features without the dev-dependencies
+# (criterion, fantoccini), so most of the tree would be compiled a second time for the tests.
+log "building the herald binary and the tests"
+cargo build --workspace --locked --bins --tests
 log "tests (SQLite)"
 HERALD_TEST_DB=sqlite cargo test --workspace --locked
 log "end-to-end tests (PostgreSQL)"
