@@ -7,6 +7,7 @@
 //! dashboard::`.
 
 mod api;
+mod bench;
 mod channels;
 mod claims;
 mod cluster;

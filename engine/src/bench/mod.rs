@@ -12,6 +12,7 @@
 //! every HTTP call is measured from when it was due), and the resident memory and the rate limiter
 //! registry are sampled every `--sample-every` ([`memory`]): a long run of that is the soak test.
 
+pub mod cpu;
 pub mod load;
 pub mod memory;
 mod nats_server;
@@ -32,6 +33,7 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, Quer
 use serde::Serialize;
 
 use crate::{Config, Herald, config::SmtpSecurity};
+use cpu::{CpuReport, CpuSnapshot};
 use load::LoadOutcome;
 use memory::{MemoryReport, MemorySample};
 use nats_server::BenchNats;
@@ -150,6 +152,8 @@ pub struct BenchReport {
     pub latency_ms: Percentiles,
     /// Peak resident memory of this process (engine, sinks and load generator), MiB.
     pub peak_rss_mib: f64,
+    /// CPU time per notification, from the first accept to the last `sent`.
+    pub cpu: CpuReport,
     /// Raw JetStream publish + consume rate on the same server, messages/s.
     pub jetstream_reference_per_sec: Option<f64>,
     /// End-to-end throughput as a share of the reference.
@@ -245,6 +249,8 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         crate::app::redact(&database)
     );
     load::store_customers(&db, load::Recipients::of(&args)).await?;
+    let nats_pid = own_nats.as_ref().and_then(BenchNats::pid);
+    let cpu_at_start = CpuSnapshot::now(nats_pid);
     let started = Instant::now();
     let started_at = chrono::Utc::now();
     let load = {
@@ -257,6 +263,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         })
     };
     let progress = await_sent(&args, &herald, &db, &sink, load, started).await?;
+    let cpu = cpu_at_start.report_until(&CpuSnapshot::now(nats_pid), progress.outcome.accepted);
     let sent = load::sent_times(&db).await?;
     // The poll that noticed the end is up to `POLL` late; the last send's own time is exact.
     let seconds = sent
@@ -280,6 +287,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         accepted_per_sec: progress.outcome.accepted as f64 / progress.accepted_secs,
         latency_ms: sent.latency_ms,
         peak_rss_mib: memory::peak_rss_mib(),
+        cpu,
         jetstream_reference_per_sec: reference,
         share_of_reference: reference.map(|r| throughput / r),
         smtp_accepted: sink.accepted(),
@@ -466,6 +474,7 @@ fn print_report(r: &BenchReport) {
         r.latency_ms.p50, r.latency_ms.p95, r.latency_ms.p99, r.latency_ms.max
     );
     println!("peak RSS           {:.0} MiB", r.peak_rss_mib);
+    println!("CPU (µs/notif.)    {}", describe_cpu(&r.cpu));
     if let (Some(reference), Some(share)) = (r.jetstream_reference_per_sec, r.share_of_reference) {
         println!(
             "JetStream raw      {reference:.0} msg/s publish+consume; Herald reaches {:.0}%",
@@ -483,6 +492,21 @@ fn print_report(r: &BenchReport) {
     if let Some(memory) = &r.memory {
         print_memory(memory);
     }
+}
+
+fn describe_cpu(cpu: &CpuReport) -> String {
+    let micros = |us: Option<f64>| us.map_or_else(|| "-".to_string(), |us| format!("{us:.0}"));
+    let percent = |share: Option<f64>| {
+        share.map_or_else(|| "-".to_string(), |share| format!("{:.0}%", share * 100.0))
+    };
+    format!(
+        "this process {}, nats-server {}, machine {} (busy {}, steal {})",
+        micros(cpu.process_us),
+        micros(cpu.nats_server_us),
+        micros(cpu.machine_us),
+        percent(cpu.machine_busy),
+        percent(cpu.machine_steal)
+    )
 }
 
 fn print_memory(m: &MemoryReport) {

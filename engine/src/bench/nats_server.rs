@@ -54,6 +54,11 @@ impl BenchNats {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
 }
 
 impl Drop for BenchNats {
