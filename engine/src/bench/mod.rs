@@ -158,6 +158,8 @@ pub struct BenchReport {
     pub jetstream_reference_per_sec: Option<f64>,
     /// End-to-end throughput as a share of the reference.
     pub share_of_reference: Option<f64>,
+    /// CPU time per message of the reference run.
+    pub jetstream_reference_cpu: Option<CpuReport>,
     /// Messages the SMTP sink accepted (equals `notifications` when nothing was duplicated).
     pub smtp_accepted: u64,
     /// The HTTP calls of an open-loop `--via http --rate` run.
@@ -225,6 +227,7 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     // `--database` is checked like a configured URL (an in-memory SQLite database is refused).
     config.validate()?;
     let nats = config.nats.clone();
+    let nats_pid = own_nats.as_ref().and_then(BenchNats::pid);
 
     let reference = if args.no_reference {
         None
@@ -232,7 +235,13 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         let messages = total.min(MAX_REFERENCE_MESSAGES);
         eprintln!("reference: raw JetStream publish + consume of {messages} messages …");
         let connection = nats.connection("herald-bench-reference");
-        Some(reference::jetstream_rate(connection, messages, load::TYPICAL_COMMAND_BYTES).await?)
+        let cpu_at_start = CpuSnapshot::now(nats_pid);
+        let rate =
+            reference::jetstream_rate(connection, messages, load::TYPICAL_COMMAND_BYTES).await?;
+        Some((
+            rate,
+            cpu_at_start.report_until(&CpuSnapshot::now(nats_pid), messages),
+        ))
     };
 
     let herald = Herald::start(config).await?;
@@ -249,7 +258,6 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         crate::app::redact(&database)
     );
     load::store_customers(&db, load::Recipients::of(&args)).await?;
-    let nats_pid = own_nats.as_ref().and_then(BenchNats::pid);
     let cpu_at_start = CpuSnapshot::now(nats_pid);
     let started = Instant::now();
     let started_at = chrono::Utc::now();
@@ -288,8 +296,9 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         latency_ms: sent.latency_ms,
         peak_rss_mib: memory::peak_rss_mib(),
         cpu,
-        jetstream_reference_per_sec: reference,
-        share_of_reference: reference.map(|r| throughput / r),
+        jetstream_reference_per_sec: reference.as_ref().map(|(rate, _)| *rate),
+        share_of_reference: reference.as_ref().map(|(rate, _)| throughput / rate),
+        jetstream_reference_cpu: reference.map(|(_, cpu)| cpu),
         smtp_accepted: sink.accepted(),
         http: progress.outcome.http,
         memory: args
@@ -480,6 +489,9 @@ fn print_report(r: &BenchReport) {
             "JetStream raw      {reference:.0} msg/s publish+consume; Herald reaches {:.0}%",
             share * 100.0
         );
+    }
+    if let Some(cpu) = &r.jetstream_reference_cpu {
+        println!("  CPU (µs/msg)     {}", describe_cpu(cpu));
     }
     println!("SMTP sink accepted {}", r.smtp_accepted);
     if let Some(http) = &r.http {
