@@ -969,6 +969,8 @@ mod tests {
 
     #[test]
     fn one_way_of_authenticating_is_required() {
+        // The client below needs a TLS provider; installed here, not by whichever test ran first.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let config = |file: Option<&str>, metadata: Option<&str>, token: &str| PushConfig {
             project_id: "shop-app".into(),
             service_account_file: file.map(PathBuf::from),
