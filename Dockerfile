@@ -1,15 +1,16 @@
-# Herald: build a release binary, run it on a slim Debian with curl for health checks.
+# Herald: build the production profile (release with link-time optimisation), run it on a slim
+# Debian with curl for health checks.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin herald
+RUN cargo build --profile production --locked --bin herald
 
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --home /var/lib/herald --create-home herald
-COPY --from=build /src/target/release/herald /usr/local/bin/herald
+COPY --from=build /src/target/production/herald /usr/local/bin/herald
 USER herald
 WORKDIR /var/lib/herald
 ENV HERALD_HTTP__BIND=0.0.0.0:8080 \
