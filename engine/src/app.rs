@@ -146,10 +146,18 @@ impl Herald {
         .context("cannot open the partition lease bucket")?;
         tracing::info!(%instance, "joining as cluster member");
 
+        let writers = herald_entities::connect_gated_writers(
+            &db,
+            &config.database.url,
+            Checkpoints::Background,
+        )
+        .await
+        .context("cannot open the database for the insert queue and the claims")?;
         // One writer for new notifications, shared by the API and the Router (group commit).
-        let inserts = InsertQueue::start(db.clone(), gate.clone());
+        let inserts = InsertQueue::start(writers.clone(), gate.clone());
         let storage = Storage {
             db: db.clone(),
+            writers,
             inserts: inserts.clone(),
             gate: gate.clone(),
         };
@@ -312,10 +320,11 @@ impl Herald {
     }
 }
 
-/// The engine's database: its pool, the writer of new notifications, and the batch writers'
-/// turns.
+/// The engine's database: its pool, the pool of the writers that take turns (see
+/// [`herald_entities::connect_gated_writers`]), the writer of new notifications, and the turns.
 struct Storage {
     db: DatabaseConnection,
+    writers: DatabaseConnection,
     inserts: InsertQueue,
     gate: WriteGate,
 }
@@ -328,7 +337,12 @@ async fn start_engine(
     leases: herald_nats::LeaseTable,
     nats: async_nats::Client,
 ) -> anyhow::Result<Engine> {
-    let Storage { db, inserts, gate } = storage;
+    let Storage {
+        db,
+        writers,
+        inserts,
+        gate,
+    } = storage;
     let announcer = CircuitAnnouncer::new(nats.clone(), leases.instance().to_string());
     let channels = ChannelDirectory::default();
     let status_writer = ActorSlot::default();
@@ -348,7 +362,7 @@ async fn start_engine(
         config.templates.settings(),
     ));
     let context = Arc::new(DeliveryContext {
-        claims: herald_actors::lookup::claims(db.clone(), gate.clone()),
+        claims: herald_actors::lookup::claims(writers, gate.clone()),
         recipients: herald_actors::lookup::recipients(db.clone()),
         in_flight: herald_actors::lease::InFlight::default(),
         db: db.clone(),

@@ -92,6 +92,27 @@ pub async fn connect_batch_writer(
     Database::connect(options).await
 }
 
+/// The pool of the writers that take turns at a [`WriteGate`] on the engine's runtime (the
+/// [`InsertQueue`](repo::insert_queue::InsertQueue), the dispatcher's claims). On SQLite it is
+/// one connection of their own: SQLite drops a connection's page cache whenever another
+/// connection has committed, so writers taking turns on `main`'s connections read back nearly
+/// every page they touched, from the log or the file, at the start of each transaction. Sharing
+/// one connection (they never write at the same time), they find the pages of each other's last
+/// transactions still cached. A writer that stops waiting for its turn
+/// ([`LONGEST_WAIT`](write_gate::LONGEST_WAIT)) waits for the connection instead, until the writer
+/// holding it is done. On PostgreSQL, whose pages are cached by the server, it is `main`.
+pub async fn connect_gated_writers(
+    main: &DatabaseConnection,
+    url: &str,
+    checkpoints: Checkpoints,
+) -> Result<DatabaseConnection, DbErr> {
+    if is_sqlite(url) {
+        connect_with(url, 1, checkpoints).await
+    } else {
+        Ok(main.clone())
+    }
+}
+
 /// A single PostgreSQL session for state that lives as long as the session, such as an advisory
 /// lock: the pool never closes it for idleness or age (sqlx's defaults close a connection idle
 /// for 10 minutes or older than 30), and never quietly replaces it (no test before each use, no
@@ -217,5 +238,22 @@ mod tests {
         assert!(!is_in_memory_sqlite("sqlite://data/herald.db"));
         assert!(!is_in_memory_sqlite("postgres://db/herald"));
         assert_eq!(file("postgres://db/herald"), None);
+    }
+
+    #[tokio::test]
+    async fn gated_writers_share_one_sqlite_connection_of_their_own() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+        let main = connect(&url, 8).await.expect("main pool");
+        let writers = connect_gated_writers(&main, &url, Checkpoints::OnCommit)
+            .await
+            .expect("writers' pool");
+        let max = |db: &DatabaseConnection| {
+            db.get_sqlite_connection_pool()
+                .options()
+                .get_max_connections()
+        };
+        assert_eq!(max(&writers), 1);
+        assert_eq!(max(&main), 8, "the main pool is left as it was");
     }
 }
