@@ -47,8 +47,26 @@ where
         L: Fn(Vec<K>) -> F + Send + 'static,
         F: Future<Output = Result<HashMap<K, V>, String>> + Send + 'static,
     {
+        Self::start(load, None)
+    }
+
+    /// Like [`BatchLookup::spawn`], for a `load` that writes: each load runs in a turn at `gate`,
+    /// and the keys that arrived while it waited for the turn join its batch.
+    pub fn spawn_gated<L, F>(gate: WriteGate, load: L) -> Self
+    where
+        L: Fn(Vec<K>) -> F + Send + 'static,
+        F: Future<Output = Result<HashMap<K, V>, String>> + Send + 'static,
+    {
+        Self::start(load, Some(gate))
+    }
+
+    fn start<L, F>(load: L, gate: Option<WriteGate>) -> Self
+    where
+        L: Fn(Vec<K>) -> F + Send + 'static,
+        F: Future<Output = Result<HashMap<K, V>, String>> + Send + 'static,
+    {
         let (requests, receiver) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(serve(load, receiver));
+        tokio::spawn(serve(load, receiver, gate));
         Self { requests }
     }
 
@@ -65,8 +83,11 @@ where
     }
 }
 
-async fn serve<K, V, L, F>(load: L, mut receiver: mpsc::Receiver<(K, Reply<V>)>)
-where
+async fn serve<K, V, L, F>(
+    load: L,
+    mut receiver: mpsc::Receiver<(K, Reply<V>)>,
+    gate: Option<WriteGate>,
+) where
     K: Eq + Hash + Clone,
     V: Clone,
     L: Fn(Vec<K>) -> F,
@@ -74,12 +95,21 @@ where
 {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let turn = match &gate {
+            Some(gate) => {
+                let turn = gate.enter().await;
+                take_waiting(&mut receiver, &mut batch);
+                Some(turn)
+            }
+            None => None,
+        };
         let keys: HashSet<&K> = batch.iter().map(|(key, _)| key).collect();
         // A load that panics answers its batch with an error; the task goes on serving.
         let found = AssertUnwindSafe(load(keys.into_iter().cloned().collect()))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err("the lookup failed unexpectedly (it panicked)".to_string()));
+        drop(turn);
         for (key, reply) in batch.drain(..) {
             let answer = match &found {
                 Ok(values) => Ok(values.get(&key).cloned()),
@@ -90,17 +120,26 @@ where
     }
 }
 
+/// Moves the requests already waiting into `batch`, up to [`MAX_BATCH`].
+fn take_waiting<T>(receiver: &mut mpsc::Receiver<T>, batch: &mut Vec<T>) {
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => return,
+        }
+    }
+}
+
 /// Claims by notification id: the dispatcher claims every command's notification before
 /// delivering it ([`repo::notifications::claim`]) and sends only what it claimed.
 pub type ClaimLookup = BatchLookup<Uuid, Claimed>;
 
-/// Starts a [`ClaimLookup`] on `db`; each batch's claim takes a turn at `gate`.
+/// Starts a [`ClaimLookup`] on `db`; each batch's claim takes a turn at `gate`, and the ids that
+/// arrived while it waited for the turn are claimed with it.
 pub fn claims(db: DatabaseConnection, gate: WriteGate) -> ClaimLookup {
-    BatchLookup::spawn(move |ids: Vec<Uuid>| {
+    BatchLookup::spawn_gated(gate, move |ids: Vec<Uuid>| {
         let db = db.clone();
-        let gate = gate.clone();
         async move {
-            let _turn = gate.enter().await;
             repo::notifications::claim(&db, &ids)
                 .await
                 .map_err(|e| e.to_string())
@@ -246,6 +285,44 @@ mod tests {
             *calls.lock().expect("not poisoned"),
             vec![vec![9], vec![0, 2, 3]],
             "one load for the first lookup, one for the four that waited, each key once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gated_load_takes_the_keys_that_arrived_while_it_waited_for_its_turn() {
+        let gate = WriteGate::for_url("sqlite::memory:");
+        let calls = Calls::default();
+        let seen = calls.clone();
+        let lookup = BatchLookup::spawn_gated(gate.clone(), move |mut keys: Vec<u32>| {
+            let seen = seen.clone();
+            async move {
+                keys.sort_unstable();
+                seen.lock().expect("not poisoned").push(keys.clone());
+                Ok(keys.into_iter().map(|k| (k, k * 10)).collect())
+            }
+        });
+        let queued = || lookup.requests.max_capacity() - lookup.requests.capacity();
+        let held = gate.enter().await;
+        let (reply, first) = oneshot::channel();
+        lookup.requests.send((1, reply)).await.expect("serving");
+        until("the first lookup is taken and waits for the turn", || {
+            queued() == 0
+        })
+        .await;
+        let get = |key| {
+            let lookup = lookup.clone();
+            tokio::spawn(async move { lookup.get(key).await })
+        };
+        let (second, third) = (get(2), get(3));
+        until("two more lookups wait behind it", || queued() == 2).await;
+        drop(held);
+        assert_eq!(first.await.expect("answered"), Ok(Some(10)));
+        assert_eq!(second.await.expect("joined"), Ok(Some(20)));
+        assert_eq!(third.await.expect("joined"), Ok(Some(30)));
+        assert_eq!(
+            *calls.lock().expect("not poisoned"),
+            vec![vec![1, 2, 3]],
+            "one load in the turn, for the key that waited for it and the two that came meanwhile"
         );
     }
 
