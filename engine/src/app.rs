@@ -153,11 +153,12 @@ impl Herald {
         )
         .await
         .context("cannot open the database for the insert queue and the claims")?;
-        // One writer for new notifications, shared by the API and the Router (group commit).
+        // One writer for new notifications, shared by the API and the Router (group commit), and
+        // the dispatcher's claims, on the same connection.
         let inserts = InsertQueue::start(writers.clone(), gate.clone());
         let storage = Storage {
             db: db.clone(),
-            writers,
+            claims: herald_actors::lookup::claims(writers, gate.clone()),
             inserts: inserts.clone(),
             gate: gate.clone(),
         };
@@ -320,11 +321,12 @@ impl Herald {
     }
 }
 
-/// The engine's database: its pool, the pool of the writers that take turns (see
-/// [`herald_entities::connect_gated_writers`]), the writer of new notifications, and the turns.
+/// The engine's database: its pool, the two writers that take turns on a pool of their own (see
+/// [`herald_entities::connect_gated_writers`]), the dispatcher's claims and the writer of new
+/// notifications, and the turns.
 struct Storage {
     db: DatabaseConnection,
-    writers: DatabaseConnection,
+    claims: herald_actors::lookup::ClaimLookup,
     inserts: InsertQueue,
     gate: WriteGate,
 }
@@ -339,7 +341,7 @@ async fn start_engine(
 ) -> anyhow::Result<Engine> {
     let Storage {
         db,
-        writers,
+        claims,
         inserts,
         gate,
     } = storage;
@@ -362,7 +364,7 @@ async fn start_engine(
         config.templates.settings(),
     ));
     let context = Arc::new(DeliveryContext {
-        claims: herald_actors::lookup::claims(writers, gate.clone()),
+        claims,
         recipients: herald_actors::lookup::recipients(db.clone()),
         in_flight: herald_actors::lease::InFlight::default(),
         db: db.clone(),

@@ -118,10 +118,7 @@ async fn write_batches(db: DatabaseConnection, gate: WriteGate, mut receiver: mp
             Some(deadline) => timeout_at(deadline, wait).await.ok(),
         };
         for job in jobs.drain(..) {
-            match job {
-                Job::Insert(pending) => batch.push(pending),
-                Job::Confirm(id) => confirmed.push(id),
-            }
+            sort(job, &mut batch, &mut confirmed);
         }
         if !batch.is_empty() {
             let _turn = gate.enter().await;
@@ -153,10 +150,17 @@ fn take_waiting(
 ) {
     while batch.len() < MAX_BATCH {
         match receiver.try_recv() {
-            Ok(Job::Insert(pending)) => batch.push(pending),
-            Ok(Job::Confirm(id)) => confirmed.push(id),
+            Ok(job) => sort(job, batch, confirmed),
             Err(_) => return,
         }
+    }
+}
+
+/// Puts a row to store into `batch`, a confirmation into `confirmed`.
+fn sort(job: Job, batch: &mut Vec<Pending>, confirmed: &mut Vec<Uuid>) {
+    match job {
+        Job::Insert(pending) => batch.push(pending),
+        Job::Confirm(id) => confirmed.push(id),
     }
 }
 
