@@ -114,6 +114,14 @@ pub struct BenchArgs {
     /// attempt latencies, …: where the time went).
     #[arg(long)]
     pub metrics: Option<PathBuf>,
+    /// The SMTP sink waits this long before each batch of replies, as a relay across a network
+    /// would (`5ms`); it answers at once by default.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub smtp_delay: Duration,
+    /// SMTP connections the engine keeps open to the sink (`channels.email.pool_size`); as many
+    /// as the 256 sends in flight by default, so none waits for a connection.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub smtp_connections: u32,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
@@ -216,9 +224,9 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
-    let sink = CountingSmtpSink::start().await?;
+    let sink = CountingSmtpSink::start(args.smtp_delay).await?;
 
-    let mut config = bench_config(base, &nats_url, &database, sink.port());
+    let mut config = bench_config(base, &args, &nats_url, &database, sink.port());
     if own_nats.is_some() {
         // The bench's own server asks for neither a login nor TLS.
         config.nats.auth = NatsAuth::default();
@@ -428,7 +436,13 @@ async fn sample(herald: &Herald, started: Instant, sent: u64) -> MemorySample {
 
 /// `base` pointed at the bench's NATS, database and SMTP sink, sized for throughput, without API
 /// authentication.
-fn bench_config(base: Config, nats_url: &str, database: &str, smtp_port: u16) -> Config {
+fn bench_config(
+    base: Config,
+    args: &BenchArgs,
+    nats_url: &str,
+    database: &str,
+    smtp_port: u16,
+) -> Config {
     let mut config = base;
     config.http.bind = "127.0.0.1:0".into();
     config.nats.url = nats_url.into();
@@ -440,10 +454,9 @@ fn bench_config(base: Config, nats_url: &str, database: &str, smtp_port: u16) ->
     // The sink is not the configured mail server: its credentials would only make lettre try AUTH.
     config.channels.email.username = None;
     config.channels.email.password = None;
-    // As many pooled SMTP connections as concurrent sends, so no send waits for a connection:
-    // the sink answers at once, and a pool smaller than the concurrency would measure the pool.
+    // By default as many pooled SMTP connections as concurrent sends, so no send waits for one.
     config.channels.limits.concurrency = 256;
-    config.channels.email.pool_size = 256;
+    config.channels.email.pool_size = args.smtp_connections;
     config.dispatch.max_in_flight = 4_096;
     // `--via http` measures the pipeline; a verified key costs one cached SHA-256 per request.
     config.auth.enabled = false;

@@ -1,8 +1,10 @@
-//! An SMTP server that accepts every message at once and only counts it: the bench measures
-//! Herald, not a mail server.
+//! An SMTP server that accepts every message and only counts it: the bench measures Herald, not a
+//! mail server. It answers at once, or after a set delay per round trip, as a relay across a
+//! network would.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedReadHalf;
@@ -16,15 +18,15 @@ pub struct CountingSmtpSink {
 }
 
 impl CountingSmtpSink {
-    /// Listens on `127.0.0.1:0`.
-    pub async fn start() -> std::io::Result<Self> {
+    /// Listens on `127.0.0.1:0`; every batch of replies waits `delay` before it is sent.
+    pub async fn start(delay: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let accepted = Arc::new(AtomicU64::new(0));
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(session(stream, counter.clone()));
+                tokio::spawn(session(stream, counter.clone(), delay));
             }
         });
         Ok(Self {
@@ -57,10 +59,12 @@ impl Drop for CountingSmtpSink {
 ///
 /// It offers PIPELINING and CHUNKING and, like a real server (Postfix's `smtpd`), sends its
 /// replies only when it has read everything the client sent so far: pipelined commands get their
-/// replies in one write.
-async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
+/// replies in one write, `delay` after the last of them was read.
+async fn session(stream: TcpStream, accepted: Arc<AtomicU64>, delay: Duration) {
     let (read, write) = stream.into_split();
-    let mut lines = BufReader::new(read);
+    // Room for a whole pipelined write, so the replies wait for `delay` once per client write
+    // rather than at each refill of a smaller buffer.
+    let mut lines = BufReader::with_capacity(256 * 1024, read);
     let mut write = BufWriter::new(write);
     if write.write_all(b"220 bench ESMTP\r\n").await.is_err() || write.flush().await.is_err() {
         return;
@@ -106,8 +110,13 @@ async fn session(stream: TcpStream, accepted: Arc<AtomicU64>) {
         if write.write_all(reply).await.is_err() {
             return;
         }
-        if lines.buffer().is_empty() && write.flush().await.is_err() {
-            return;
+        if lines.buffer().is_empty() {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if write.flush().await.is_err() {
+                return;
+            }
         }
     }
 }
