@@ -130,6 +130,8 @@ struct Shared {
     pipelined: AtomicU64,
     /// Messages stored from BDAT chunks rather than DATA.
     chunked: AtomicU64,
+    /// Messages whose chunk had the next transaction behind it (see [`SmtpSink::grouped_count`]).
+    grouped: AtomicU64,
     queue_ids: AtomicU64,
     /// What EHLO offers.
     offers: Offers,
@@ -230,6 +232,7 @@ impl SmtpSink {
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
             pipelined: AtomicU64::new(0),
+            grouped: AtomicU64::new(0),
             chunked: AtomicU64::new(0),
             queue_ids: AtomicU64::new(0),
             offers,
@@ -290,6 +293,12 @@ impl SmtpSink {
     /// How many of the accepted messages came in BDAT chunks (RFC 3030) rather than with DATA.
     pub fn chunked_count(&self) -> u64 {
         self.shared.chunked.load(Ordering::Relaxed)
+    }
+
+    /// How many accepted messages had the client's next transaction already behind their chunk,
+    /// sent before their reply: zero for a client that sends one message per round trip.
+    pub fn grouped_count(&self) -> u64 {
+        self.shared.grouped.load(Ordering::Relaxed)
     }
 
     /// Waits until at least `n` messages were accepted and returns all of them.
@@ -792,6 +801,9 @@ impl Session {
         }
         if command == Command::Bdat {
             self.shared.chunked.fetch_add(1, Ordering::Relaxed);
+            if !self.reader.buffer().is_empty() {
+                self.shared.grouped.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let data = String::from_utf8_lossy(message).into_owned();
         self.shared.store(ReceivedMail::new(from, to, data));

@@ -1,9 +1,10 @@
 //! The email provider's SMTP connection pool against real SMTP servers: connections are reused
 //! without a NOOP before every message, never exceed the pool size, and a connection whose session
-//! failed or was cut short is not handed to the next message. A message goes in one round trip
-//! (BDAT) to a server offering CHUNKING and PIPELINING, in two (pipelined DATA) to one offering
-//! PIPELINING alone, and one command at a time to others; configuration turns either extension
-//! off.
+//! failed or was cut short is not handed to the next message. Messages that wait for a connection
+//! go out together in one write, each with its own outcome, and one whose caller gave up while it
+//! waited is not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
+//! PIPELINING, in two (pipelined DATA) to one offering PIPELINING alone, and one command at a
+//! time to others; configuration turns either extension off.
 
 use std::time::Duration;
 
@@ -74,6 +75,53 @@ async fn concurrent_sends_never_open_more_connections_than_the_pool_size() {
         sink.connection_count() <= 3,
         "{} connections for a pool of 3",
         sink.connection_count()
+    );
+}
+
+/// Sends `count` messages at once through one provider and returns their outcomes in order.
+async fn send_at_once(
+    email: &EmailProvider,
+    count: usize,
+) -> Vec<Result<herald_actors::channel::Receipt, ProviderError>> {
+    let sends = (0..count).map(|i| async move { email.send(&message(i)).await });
+    futures::future::join_all(sends).await
+}
+
+#[tokio::test]
+async fn sends_that_wait_for_a_connection_go_out_together_in_one_write() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    let results = send_at_once(&email, 40).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(sink.count(), 40);
+    assert_eq!(sink.connection_count(), 1, "one connection, reused");
+    // All 40 wait while the one connection opens; the send that gets it takes them all along.
+    assert!(
+        sink.grouped_count() >= 20,
+        "{} of 40 messages had the next one behind them in the same write",
+        sink.grouped_count()
+    );
+}
+
+#[tokio::test]
+async fn a_refusal_within_a_group_fails_its_own_message_only() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    sink.set_reject_next_at(RejectStage::Rcpt, 1, 550, "5.1.1 no such user");
+    let results = send_at_once(&email, 10).await;
+    let refused: Vec<_> = results.iter().filter(|result| result.is_err()).collect();
+    assert_eq!(refused.len(), 1, "{results:?}");
+    assert!(
+        matches!(refused[0], Err(ProviderError::Permanent { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(sink.count(), 9, "the other nine were delivered");
+    assert!(sink.grouped_count() >= 5, "they went as a group");
+    email.send(&message(10)).await.expect("next sent");
+    assert_eq!(
+        sink.connection_count(),
+        2,
+        "the session with a refusal was closed after its group, not reused"
     );
 }
 
@@ -263,43 +311,125 @@ async fn refuse_one_then_send_the_next(
     refused
 }
 
-/// An SMTP server that greets and answers EHLO, then never answers another command; counts the
-/// connections it accepted.
-async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<usize>) {
+/// What a [`stalling_server`] saw: connections accepted, and the command lines read after EHLO.
+#[derive(Debug, Default, Clone)]
+struct Stalled {
+    connections: usize,
+    commands: Vec<String>,
+}
+
+/// An SMTP server that greets and answers EHLO (offering PIPELINING, so a client writes a
+/// message's RCPT along with its MAIL), then never answers another command; reports what it saw.
+async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<Stalled>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (connections, seen) = tokio::sync::watch::channel(0usize);
+    let (seen, watch) = tokio::sync::watch::channel(Stalled::default());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            connections.send_modify(|n| *n += 1);
+            seen.send_modify(|stalled| stalled.connections += 1);
+            let seen = seen.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();
                 let mut lines = BufReader::new(read).lines();
                 let _ = write.write_all(b"220 stall ESMTP\r\n").await;
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.to_ascii_uppercase().starts_with("EHLO") {
-                        let _ = write.write_all(b"250 stall\r\n").await;
+                        let _ = write.write_all(b"250-stall\r\n250 PIPELINING\r\n").await;
+                    } else {
+                        seen.send_modify(|stalled| stalled.commands.push(line));
                     }
                 }
             });
         }
     });
-    (port, seen)
+    (port, watch)
+}
+
+/// A provider whose groups are given up after 300 ms.
+fn impatient_provider(port: u16) -> EmailProvider {
+    let config = EmailConfig {
+        timeout_ms: 300,
+        ..config("127.0.0.1", port, 1)
+    };
+    EmailProvider::new("smtp".into(), &config).expect("provider")
 }
 
 #[tokio::test]
-async fn a_send_cut_short_by_its_timeout_does_not_leave_its_connection_to_the_next() {
-    let (port, mut connections) = stalling_server().await;
+async fn a_send_cut_short_by_its_caller_does_not_leave_its_connection_to_the_next() {
+    let (port, mut seen) = stalling_server().await;
     let email = provider("127.0.0.1", port, 1);
     for attempt in 1..=2 {
         let outbound = message(attempt);
         let cut = tokio::time::timeout(Duration::from_millis(300), email.send(&outbound)).await;
         assert!(cut.is_err(), "attempt {attempt} should have stalled");
     }
-    // With the first session reused, the second MAIL FROM would have been written into it (and
-    // answered later by the reply meant for the first); a fresh session is a second connection.
-    tokio::time::timeout(Duration::from_secs(5), connections.wait_for(|n| *n >= 2))
-        .await
-        .expect("a second connection for the second message")
-        .expect("server running");
+    expect_a_second_connection(&mut seen).await;
+}
+
+#[tokio::test]
+async fn a_send_the_server_never_answers_fails_after_the_timeout_and_its_connection_is_closed() {
+    let (port, mut seen) = stalling_server().await;
+    let email = impatient_provider(port);
+    for attempt in 1..=2 {
+        let outbound = message(attempt);
+        let cut = tokio::time::timeout(Duration::from_secs(5), email.send(&outbound))
+            .await
+            .expect("the send's own timeout answers");
+        assert!(
+            matches!(cut, Err(ProviderError::Transient { .. })),
+            "attempt {attempt}: {cut:?}"
+        );
+    }
+    expect_a_second_connection(&mut seen).await;
+}
+
+/// Waits for the second message's connection. With the first session reused, the second MAIL FROM
+/// would have been written into it (and answered later by the reply meant for the first); a
+/// fresh session is a second connection.
+async fn expect_a_second_connection(seen: &mut tokio::sync::watch::Receiver<Stalled>) {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        seen.wait_for(|s| s.connections >= 2),
+    )
+    .await
+    .expect("a second connection for the second message")
+    .expect("server running");
+}
+
+#[tokio::test]
+async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_sent() {
+    let (port, mut seen) = stalling_server().await;
+    let email = impatient_provider(port);
+    let recipient = |i: usize| format!("RCPT TO:<customer-{i}@example.com>");
+    let first = async {
+        let _ = email.send(&message(1)).await;
+    };
+    let abandoned = async {
+        // Once the first holds the only connection, the second waits for it, and gives up.
+        seen.clone()
+            .wait_for(|s| s.commands.contains(&recipient(1)))
+            .await
+            .expect("server running");
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), email.send(&message(2))).await;
+        assert!(
+            gave_up.is_err(),
+            "the second should still have been waiting"
+        );
+    };
+    tokio::join!(first, abandoned);
+    let _ = email.send(&message(3)).await;
+    let seen = tokio::time::timeout(
+        Duration::from_secs(5),
+        seen.wait_for(|s| s.commands.contains(&recipient(3))),
+    )
+    .await
+    .expect("the third message reached the server")
+    .expect("server running")
+    .clone();
+    assert!(
+        !seen.commands.contains(&recipient(2)),
+        "the abandoned message was sent: {:?}",
+        seen.commands
+    );
 }

@@ -52,9 +52,12 @@ pub struct EmailConfig {
     pub from: String,
     /// Folder for `.eml` files when no SMTP host is set.
     pub outbox_dir: PathBuf,
-    /// Longest an SMTP connect may take, in milliseconds.
+    /// Longest an SMTP connect may take, and a group of messages sent over one connection (see
+    /// `pool_size`), in milliseconds.
     pub timeout_ms: u64,
-    /// Most SMTP connections open at once; a send that finds them all busy waits for one.
+    /// Most SMTP connections open at once. Messages that find them all busy wait, and go out
+    /// together over the next one free: up to 64 in one write where the server offers
+    /// PIPELINING and CHUNKING.
     pub pool_size: u32,
     /// Use PIPELINING (RFC 2920) where the server offers it; `false` sends one command at a
     /// time (and so no CHUNKING either), for a server or proxy that offers it and mishandles it.
@@ -230,16 +233,17 @@ fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailCon
         (Some(user), Some(password)) => Some(Credentials::new(user.clone(), password.clone())),
         _ => None,
     };
+    let timeout = Duration::from_millis(config.timeout_ms);
     let server = SmtpServer {
         host: host.to_string(),
         port: config.smtp_port.unwrap_or(default_port),
         encryption,
         credentials,
-        connect_timeout: Duration::from_millis(config.timeout_ms),
+        connect_timeout: timeout,
         hello: ClientId::default(),
         ignored: ignored_extensions(config),
     };
-    SmtpPool::new(server, config.pool_size as usize).map_err(failed)
+    SmtpPool::new(server, config.pool_size as usize, timeout).map_err(failed)
 }
 
 /// The extensions `config` turns off.
@@ -280,7 +284,7 @@ impl Provider for EmailProvider {
             let provider_message_id = match &self.transport {
                 Transport::Smtp(smtp) => {
                     let reply = smtp
-                        .send(email.envelope(), &email.formatted())
+                        .send(email.envelope(), email.formatted())
                         .await
                         .map_err(classify)?;
                     reply.message().next().map(str::to_string)

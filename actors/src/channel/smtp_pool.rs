@@ -6,10 +6,13 @@
 //! that it closes after a single message: connect, EHLO, STARTTLS, AUTH and QUIT for one mail.
 //! This pool (deadpool over lettre's [`AsyncSmtpConnection`]) lets a send wait for a free
 //! connection instead, checks a connection with a NOOP only after it sat idle for [`IDLE_CHECK`],
-//! and never reuses one whose session failed or was cut short: a send cancelled by its timeout
-//! leaves the session at an unknown step, where the next message's commands would be answered by
-//! the last one's replies.
+//! and never reuses one whose session failed or was cut short: a group of messages given up after
+//! its timeout leaves the session at an unknown step, where the next message's commands would be
+//! answered by the last one's replies. Messages that wait for a connection go out together over
+//! the next one free, in one write where the server pipelines ([`SmtpPool::send`]).
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
@@ -21,6 +24,7 @@ use lettre::transport::smtp::{
     extension::{ClientId, Extension},
     response::Response,
 };
+use tokio::sync::oneshot;
 
 /// A pooled connection idle for this long is checked with a NOOP before it is used again: the
 /// server may have closed it meanwhile (servers end idle sessions after a few minutes).
@@ -55,11 +59,8 @@ pub struct SmtpServer {
     pub ignored: Vec<Extension>,
 }
 
-impl managed::Manager for SmtpServer {
-    type Type = AsyncSmtpConnection;
-    type Error = smtp::Error;
-
-    async fn create(&self) -> Result<AsyncSmtpConnection, smtp::Error> {
+impl SmtpServer {
+    async fn connect(&self) -> Result<AsyncSmtpConnection, smtp::Error> {
         let implicit = match &self.encryption {
             Encryption::Implicit(tls) => Some(tls.clone()),
             Encryption::None | Encryption::Starttls(_) => None,
@@ -83,12 +84,43 @@ impl managed::Manager for SmtpServer {
         }
         Ok(connection)
     }
+}
+
+/// Opens the pool's connections, but only while a message waits for one: the pool hands the room
+/// of a closed connection to the next caller in line, whose message another connection may have
+/// taken meanwhile.
+struct Connector {
+    server: SmtpServer,
+    queue: Arc<Mutex<Queue>>,
+}
+
+/// Why the pool gave no connection.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// Connecting failed, or the server refused the session.
+    #[error(transparent)]
+    Smtp(#[from] smtp::Error),
+    /// No message waits for a connection.
+    #[error("no message waits for a connection")]
+    Unneeded,
+}
+
+impl managed::Manager for Connector {
+    type Type = AsyncSmtpConnection;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<AsyncSmtpConnection, ConnectError> {
+        if lock(&self.queue).waiting.is_empty() {
+            return Err(ConnectError::Unneeded);
+        }
+        Ok(self.server.connect().await?)
+    }
 
     async fn recycle(
         &self,
         connection: &mut AsyncSmtpConnection,
         metrics: &Metrics,
-    ) -> RecycleResult<smtp::Error> {
+    ) -> RecycleResult<ConnectError> {
         if connection.has_broken() {
             return Err(RecycleError::message("the SMTP session failed"));
         }
@@ -110,49 +142,233 @@ pub enum SmtpSendError {
     Pool(String),
 }
 
+/// The most messages one connection carries in one write (see [`SmtpPool::send`]).
+pub const MAX_GROUP: usize = 64;
+
+/// A message waiting for a connection, and where its outcome goes.
+struct Waiting {
+    id: u64,
+    envelope: Envelope,
+    email: Vec<u8>,
+    reply: oneshot::Sender<Result<Response, SmtpSendError>>,
+}
+
+/// The messages waiting for a connection, oldest first.
+#[derive(Default)]
+struct Queue {
+    next_id: u64,
+    waiting: VecDeque<Waiting>,
+}
+
 /// A pool of SMTP connections to one server.
 pub struct SmtpPool {
-    pool: Pool<SmtpServer>,
+    pool: Pool<Connector>,
+    queue: Arc<Mutex<Queue>>,
+    group_timeout: Duration,
 }
 
 impl SmtpPool {
     /// A pool of at most `size` connections to `server`; none is opened before the first send.
-    pub fn new(server: SmtpServer, size: usize) -> Result<Self, String> {
-        Pool::builder(server)
+    /// A group of messages sent over one connection is given up (and the connection closed)
+    /// after `group_timeout`.
+    pub fn new(server: SmtpServer, size: usize, group_timeout: Duration) -> Result<Self, String> {
+        let queue = Arc::<Mutex<Queue>>::default();
+        let connector = Connector {
+            server,
+            queue: queue.clone(),
+        };
+        Pool::builder(connector)
             .max_size(size.max(1))
             .build()
-            .map(|pool| Self { pool })
+            .map(|pool| Self {
+                pool,
+                queue,
+                group_timeout,
+            })
             .map_err(|e| e.to_string())
     }
 
-    /// Sends one message over a pooled connection (waiting for one if all are busy) and returns
-    /// the server's final reply.
-    pub async fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<Response, SmtpSendError> {
-        let object = self.pool.get().await.map_err(|err| match err {
-            PoolError::Backend(err) => SmtpSendError::Smtp(err),
-            other => SmtpSendError::Pool(other.to_string()),
-        })?;
-        let mut checkout = Checkout(Some(object));
-        let reply = checkout.send(envelope, email).await?;
-        checkout.release();
-        Ok(reply)
+    /// Sends one message and returns the server's final reply.
+    ///
+    /// The message waits in a queue for a connection. Whoever gets one next takes up to
+    /// [`MAX_GROUP`] of the waiting messages with it, its own among them unless another took it
+    /// first, and sends them in one write where the server pipelines (see
+    /// [`AsyncSmtpConnection::send_many`]): under load a round trip and a pair of system calls
+    /// carry many messages instead of one. The group runs in a task of its own, so a caller that
+    /// gives up does not cut the others' messages short; a caller that gives up while its
+    /// message still waits takes it out of the queue, and it is not sent.
+    pub async fn send(
+        &self,
+        envelope: &Envelope,
+        email: Vec<u8>,
+    ) -> Result<Response, SmtpSendError> {
+        let (reply, mut outcome) = oneshot::channel();
+        let queued = Queued::push(&self.queue, envelope.clone(), email, reply);
+        // Another caller's connection may take the message and answer it first.
+        let connection = tokio::select! {
+            answered = &mut outcome => {
+                return answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)));
+            }
+            connection = self.pool.get() => connection,
+        };
+        match connection {
+            Ok(object) => {
+                let limit = if groups(&object) { MAX_GROUP } else { 1 };
+                let mut group = self.take(limit);
+                if let [alone] = group.as_slice()
+                    && alone.id == queued.id
+                {
+                    // Nobody else waited: sent here, as a cancellable part of this call.
+                    let alone = group.pop().expect("one message");
+                    return send_alone(Checkout(Some(object)), alone, self.group_timeout).await;
+                }
+                if !group.is_empty() {
+                    tokio::spawn(send_group(
+                        Checkout(Some(object)),
+                        group,
+                        self.group_timeout,
+                    ));
+                }
+            }
+            Err(err) if queued.withdraw() => {
+                return Err(match err {
+                    PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Smtp(err),
+                    other => SmtpSendError::Pool(other.to_string()),
+                });
+            }
+            // Another caller's connection took the message meanwhile.
+            Err(_) => {}
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(gave_up(self.group_timeout)))
     }
+
+    /// Takes up to `limit` of the oldest waiting messages.
+    fn take(&self, limit: usize) -> Vec<Waiting> {
+        let mut queue = lock(&self.queue);
+        let n = limit.min(queue.waiting.len());
+        queue.waiting.drain(..n).collect()
+    }
+}
+
+/// Whether `connection` sends a group in one write (the server pipelines and takes chunks);
+/// without, a group would go one message after another while other connections could take them.
+fn groups(connection: &AsyncSmtpConnection) -> bool {
+    let server = connection.server_info();
+    server.supports_feature(Extension::Pipelining) && server.supports_feature(Extension::Chunking)
+}
+
+/// Sends one message over `checkout`'s connection and gives the connection back if the server
+/// accepted it; on any error, a timeout or the caller giving up, the connection is closed.
+async fn send_alone(
+    mut checkout: Checkout,
+    message: Waiting,
+    timeout: Duration,
+) -> Result<Response, SmtpSendError> {
+    metrics::histogram!("herald_smtp_group_messages").record(1.0);
+    let connection = checkout
+        .0
+        .as_deref_mut()
+        .ok_or_else(|| SmtpSendError::Pool("connection already released".into()))?;
+    let sent = tokio::time::timeout(timeout, connection.send(&message.envelope, &message.email))
+        .await
+        .map_err(|_| gave_up(timeout))??;
+    checkout.release();
+    Ok(sent)
+}
+
+/// The error of a message whose send (alone or in a group) took longer than `timeout`.
+fn gave_up(timeout: Duration) -> SmtpSendError {
+    SmtpSendError::Pool(format!(
+        "no reply within {} ms; the connection was closed",
+        timeout.as_millis()
+    ))
+}
+
+/// Sends `group` over `checkout`'s connection, answers each message's caller, and gives the
+/// connection back if its session is still sound.
+async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Duration) {
+    let Some(connection) = checkout.0.as_deref_mut() else {
+        return;
+    };
+    metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
+    let messages: Vec<(&Envelope, &[u8])> = group
+        .iter()
+        .map(|waiting| (&waiting.envelope, waiting.email.as_slice()))
+        .collect();
+    // On timeout the callers' reply senders are dropped with the group, and the connection closed.
+    let Ok(results) = tokio::time::timeout(timeout, connection.send_many(&messages)).await else {
+        return;
+    };
+    let sound = !connection.has_broken();
+    for (waiting, result) in group.into_iter().zip(results) {
+        let _ = waiting.reply.send(result.map_err(SmtpSendError::Smtp));
+    }
+    if sound {
+        checkout.release();
+    }
+}
+
+/// A caller's message in the queue: taken out again when the caller gives up before a connection
+/// took it.
+struct Queued<'a> {
+    queue: &'a Mutex<Queue>,
+    id: u64,
+}
+
+impl<'a> Queued<'a> {
+    fn push(
+        queue: &'a Mutex<Queue>,
+        envelope: Envelope,
+        email: Vec<u8>,
+        reply: oneshot::Sender<Result<Response, SmtpSendError>>,
+    ) -> Self {
+        let mut locked = lock(queue);
+        let id = locked.next_id;
+        locked.next_id += 1;
+        locked.waiting.push_back(Waiting {
+            id,
+            envelope,
+            email,
+            reply,
+        });
+        Self { queue, id }
+    }
+
+    /// Takes the message out of the queue; `false` if a connection took it already.
+    fn withdraw(&self) -> bool {
+        let mut queue = lock(self.queue);
+        match queue
+            .waiting
+            .iter()
+            .position(|waiting| waiting.id == self.id)
+        {
+            Some(at) => queue.waiting.remove(at).is_some(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
+}
+
+fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    // The queue is consistent between statements: a panic elsewhere cannot leave it half-changed.
+    queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A connection taken from the pool. It goes back only through [`Checkout::release`], after a
 /// message went through; dropped otherwise (an error, or the send cancelled half-way), the
 /// connection is taken out of the pool and closed.
-struct Checkout(Option<Object<SmtpServer>>);
+struct Checkout(Option<Object<Connector>>);
 
 impl Checkout {
-    async fn send(&mut self, envelope: &Envelope, email: &[u8]) -> Result<Response, SmtpSendError> {
-        let connection = self
-            .0
-            .as_deref_mut()
-            .ok_or_else(|| SmtpSendError::Pool("connection already released".into()))?;
-        Ok(connection.send(envelope, email).await?)
-    }
-
     fn release(mut self) {
         // Dropping the object hands it back to the pool.
         drop(self.0.take());

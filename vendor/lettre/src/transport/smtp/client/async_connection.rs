@@ -159,40 +159,12 @@ impl AsyncSmtpConnection {
     }
 
     pub async fn send(&mut self, envelope: &Envelope, email: &[u8]) -> Result<Response, Error> {
-        // Mail
-        let mut mail_options = vec![];
-
-        // Internationalization handling
-        //
-        // * 8BITMIME: https://tools.ietf.org/html/rfc6152
-        // * SMTPUTF8: https://tools.ietf.org/html/rfc653
-
-        // Check for non-ascii addresses and use the SMTPUTF8 option if any.
-        if envelope.has_non_ascii_addresses() {
-            if !self.server_info().supports_feature(Extension::SmtpUtfEight) {
-                // don't try to send non-ascii addresses (per RFC)
-                return Err(error::client(
-                    "Envelope contains non-ascii chars but server does not support SMTPUTF8",
-                ));
-            }
-            mail_options.push(MailParameter::SmtpUtfEight);
-        }
-
-        // Check for non-ascii content in the message
-        if !email.is_ascii() {
-            if !self.server_info().supports_feature(Extension::EightBitMime) {
-                return Err(error::client(
-                    "Message contains non-ascii chars but server does not support 8BITMIME",
-                ));
-            }
-            mail_options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
-        }
+        let mail_options = self.mail_options(envelope, email)?;
 
         if self.server_info().supports_feature(Extension::Pipelining) {
             // One recipient only: with several, a chunk is delivered to those accepted even
             // when another is refused, and the refusal would report a delivered message as failed.
-            if envelope.to().len() == 1
-                && self.server_info().supports_feature(Extension::Chunking)
+            if envelope.to().len() == 1 && self.server_info().supports_feature(Extension::Chunking)
             {
                 return self.send_chunked(envelope, mail_options, email).await;
             }
@@ -263,18 +235,8 @@ impl AsyncSmtpConnection {
         mail_options: Vec<MailParameter>,
         email: &[u8],
     ) -> Result<Response, Error> {
-        let line_end: &[u8] = if email.is_empty() || email.ends_with(b"\r\n") {
-            b""
-        } else {
-            b"\r\n"
-        };
-        let size = email.len() + line_end.len();
-        let mut commands = envelope_commands(envelope, mail_options);
-        commands.push_str(&format!("BDAT {size} LAST\r\n"));
-        let mut out = commands.into_bytes();
-        out.reserve_exact(size);
-        out.extend_from_slice(email);
-        out.extend_from_slice(line_end);
+        let mut out = Vec::new();
+        chunk_commands(&mut out, envelope, mail_options, email);
         try_smtp!(self.write(&out).await, self);
 
         // MAIL and the RCPTs, then the chunk's reply, which is the message's.
@@ -283,6 +245,140 @@ impl AsyncSmtpConnection {
         }
         let result = try_smtp!(self.read_response().await, self);
         Ok(result)
+    }
+
+    /// The MAIL parameters `envelope` and `email` need, or why this server cannot take them.
+    fn mail_options(&self, envelope: &Envelope, email: &[u8]) -> Result<Vec<MailParameter>, Error> {
+        let mut mail_options = vec![];
+
+        // Internationalization handling
+        //
+        // * 8BITMIME: https://tools.ietf.org/html/rfc6152
+        // * SMTPUTF8: https://tools.ietf.org/html/rfc653
+
+        // Check for non-ascii addresses and use the SMTPUTF8 option if any.
+        if envelope.has_non_ascii_addresses() {
+            if !self.server_info().supports_feature(Extension::SmtpUtfEight) {
+                // don't try to send non-ascii addresses (per RFC)
+                return Err(error::client(
+                    "Envelope contains non-ascii chars but server does not support SMTPUTF8",
+                ));
+            }
+            mail_options.push(MailParameter::SmtpUtfEight);
+        }
+
+        // Check for non-ascii content in the message
+        if !email.is_ascii() {
+            if !self.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(error::client(
+                    "Message contains non-ascii chars but server does not support 8BITMIME",
+                ));
+            }
+            mail_options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        Ok(mail_options)
+    }
+
+    /// Sends several messages, each with its own result in the order given. Where the server
+    /// offers PIPELINING and CHUNKING and every message has one recipient, all their
+    /// transactions (MAIL, RCPT, `BDAT <size> LAST` and the content, as [`Self::send`] writes
+    /// one) go out in one write and their replies are read in order: one round trip for them
+    /// all ([RFC 2920](https://tools.ietf.org/html/rfc2920) lets a group end with any command
+    /// but DATA, VRFY, EXPN, TURN, QUIT and NOOP). Otherwise they are sent one after the other.
+    ///
+    /// A negative reply fails its own message only: the server reads a chunk even after refusing
+    /// its transaction (RFC 3030 section 2), which leaves the next transaction in step. The
+    /// connection is aborted after the group, as a single message's failure aborts it. A write
+    /// or read that fails, or a reply that cannot be parsed, fails the message it was for and
+    /// every later one, and aborts the connection.
+    pub async fn send_many(
+        &mut self,
+        messages: &[(&Envelope, &[u8])],
+    ) -> Vec<Result<Response, Error>> {
+        let grouped = messages.len() > 1
+            && self.server_info().supports_feature(Extension::Pipelining)
+            && self.server_info().supports_feature(Extension::Chunking)
+            && messages
+                .iter()
+                .all(|(envelope, _)| envelope.to().len() == 1);
+        if !grouped {
+            let mut results = Vec::with_capacity(messages.len());
+            for (envelope, email) in messages {
+                results.push(if self.panic {
+                    Err(error::client(
+                        "an earlier message's failure closed the connection",
+                    ))
+                } else {
+                    self.send(envelope, email).await
+                });
+            }
+            return results;
+        }
+        let mut out = Vec::new();
+        let written: Vec<Result<(), Error>> = messages
+            .iter()
+            .map(|(envelope, email)| {
+                let mail_options = self.mail_options(envelope, email)?;
+                chunk_commands(&mut out, envelope, mail_options, email);
+                Ok(())
+            })
+            .collect();
+        if let Err(err) = self.write(&out).await {
+            self.abort().await;
+            let reason = err.to_string();
+            return written
+                .into_iter()
+                .map(|_| Err(error::network(reason.clone())))
+                .collect();
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        let mut refused = false;
+        for written in written {
+            if let Err(err) = written {
+                results.push(Err(err));
+                continue;
+            }
+            match self.read_transaction().await {
+                Ok(Ok(reply)) => results.push(Ok(reply)),
+                Ok(Err(refusal)) => {
+                    refused = true;
+                    results.push(Err(refusal));
+                }
+                Err(broken) => {
+                    self.abort().await;
+                    let reason = broken.to_string();
+                    results.push(Err(broken));
+                    while results.len() < messages.len() {
+                        results.push(Err(error::network(reason.clone())));
+                    }
+                    return results;
+                }
+            }
+        }
+        if refused {
+            self.abort().await;
+        }
+        results
+    }
+
+    /// Reads the three replies to a transaction [`chunk_commands`] wrote (MAIL, RCPT, BDAT):
+    /// the last one, or the first refusal among them (the inner error); the outer error when the
+    /// connection failed or a reply could not be parsed.
+    async fn read_transaction(&mut self) -> Result<Result<Response, Error>, Error> {
+        let (mut last, mut refusal) = (None, None);
+        for _ in 0..3 {
+            match self.read_response().await {
+                Ok(reply) => last = Some(reply),
+                Err(err) if err.is_transient() || err.is_permanent() => {
+                    refusal.get_or_insert(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(match refusal {
+            Some(err) => Err(err),
+            None => last.ok_or_else(|| error::response("no reply")),
+        })
     }
 
     pub fn has_broken(&self) -> bool {
@@ -524,6 +620,29 @@ impl AsyncSmtpConnection {
 }
 
 /// MAIL and one RCPT per recipient, as one string for a pipelined write.
+/// Appends a transaction that sends `email` as one `BDAT <size> LAST` chunk: MAIL, the RCPTs,
+/// the BDAT line and the content. Content that does not end a line gets a final CRLF, as DATA's
+/// terminator would give it.
+fn chunk_commands(
+    out: &mut Vec<u8>,
+    envelope: &Envelope,
+    mail_options: Vec<MailParameter>,
+    email: &[u8],
+) {
+    let line_end: &[u8] = if email.is_empty() || email.ends_with(b"\r\n") {
+        b""
+    } else {
+        b"\r\n"
+    };
+    let size = email.len() + line_end.len();
+    let mut commands = envelope_commands(envelope, mail_options);
+    commands.push_str(&format!("BDAT {size} LAST\r\n"));
+    out.reserve(commands.len() + size);
+    out.extend_from_slice(commands.as_bytes());
+    out.extend_from_slice(email);
+    out.extend_from_slice(line_end);
+}
+
 fn envelope_commands(envelope: &Envelope, mail_options: Vec<MailParameter>) -> String {
     let mut commands = Mail::new(envelope.from().cloned(), mail_options).to_string();
     for to_address in envelope.to() {
