@@ -104,6 +104,21 @@ async fn sends_that_wait_for_a_connection_go_out_together_in_one_write() {
 }
 
 #[tokio::test]
+async fn more_messages_than_a_group_holds_all_go_out_over_one_connection() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    let results = send_at_once(&email, 150).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(sink.count(), 150);
+    assert_eq!(sink.connection_count(), 1, "one connection, reused");
+    assert!(
+        sink.grouped_count() >= 100,
+        "{} of 150 messages had the next one behind them in the same write",
+        sink.grouped_count()
+    );
+}
+
+#[tokio::test]
 async fn a_refusal_within_a_group_fails_its_own_message_only() {
     let sink = SmtpSink::start().await.expect("sink");
     let email = provider(sink.host(), sink.port(), 1);

@@ -191,8 +191,9 @@ impl SmtpPool {
     /// Sends one message and returns the server's final reply.
     ///
     /// The message waits in a queue for a connection. Whoever gets one next takes up to
-    /// [`MAX_GROUP`] of the waiting messages with it, its own among them unless another took it
-    /// first, and sends them in one write where the server pipelines (see
+    /// [`MAX_GROUP`] of the oldest waiting messages with it (its own among them unless another
+    /// took it first or the group is full, when it competes for a connection again) and sends
+    /// them in one write where the server pipelines (see
     /// [`AsyncSmtpConnection::send_many`]): under load a round trip and a pair of system calls
     /// carry many messages instead of one. The group runs in a task of its own, so a caller that
     /// gives up does not cut the others' messages short; a caller that gives up while its
@@ -204,44 +205,60 @@ impl SmtpPool {
     ) -> Result<Response, SmtpSendError> {
         let (reply, mut outcome) = oneshot::channel();
         let queued = Queued::push(&self.queue, envelope.clone(), email, reply);
-        // Another caller's connection may take the message and answer it first.
-        let connection = tokio::select! {
-            answered = &mut outcome => {
-                return answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)));
-            }
-            connection = self.pool.get() => connection,
-        };
-        match connection {
-            Ok(object) => {
-                let limit = if groups(&object) { MAX_GROUP } else { 1 };
-                let mut group = self.take(limit);
-                if let [alone] = group.as_slice()
-                    && alone.id == queued.id
-                {
-                    // Nobody else waited: sent here, as a cancellable part of this call.
-                    let alone = group.pop().expect("one message");
-                    return send_alone(Checkout(Some(object)), alone, self.group_timeout).await;
+        // Compete for a connection until one takes the message, this caller's or another's.
+        while queued.is_waiting() {
+            let connection = tokio::select! {
+                answered = &mut outcome => {
+                    return answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)));
                 }
-                if !group.is_empty() {
-                    tokio::spawn(send_group(
-                        Checkout(Some(object)),
-                        group,
-                        self.group_timeout,
-                    ));
+                connection = self.pool.get() => connection,
+            };
+            match connection {
+                Ok(object) => {
+                    if let Some(sent) = self.lead(object, &queued).await {
+                        return sent;
+                    }
                 }
+                Err(err) if queued.withdraw() => {
+                    return Err(match err {
+                        PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Smtp(err),
+                        other => SmtpSendError::Pool(other.to_string()),
+                    });
+                }
+                // Another caller's connection took the message meanwhile.
+                Err(_) => {}
             }
-            Err(err) if queued.withdraw() => {
-                return Err(match err {
-                    PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Smtp(err),
-                    other => SmtpSendError::Pool(other.to_string()),
-                });
-            }
-            // Another caller's connection took the message meanwhile.
-            Err(_) => {}
         }
         outcome
             .await
             .unwrap_or_else(|_| Err(gave_up(self.group_timeout)))
+    }
+
+    /// Sends the oldest waiting messages over `object`: the caller's own message alone, here,
+    /// as a cancellable part of its call (its outcome is returned), or a group in a task of its
+    /// own (`None`; the caller's message may be in it, or still wait if the group was full).
+    async fn lead(
+        &self,
+        object: Object<Connector>,
+        queued: &Queued<'_>,
+    ) -> Option<Result<Response, SmtpSendError>> {
+        let limit = if groups(&object) { MAX_GROUP } else { 1 };
+        let mut group = self.take(limit);
+        match group.as_slice() {
+            [alone] if alone.id == queued.id => {
+                let alone = group.pop()?;
+                Some(send_alone(Checkout(Some(object)), alone, self.group_timeout).await)
+            }
+            [] => None,
+            _ => {
+                tokio::spawn(send_group(
+                    Checkout(Some(object)),
+                    group,
+                    self.group_timeout,
+                ));
+                None
+            }
+        }
     }
 
     /// Takes up to `limit` of the oldest waiting messages.
@@ -334,6 +351,14 @@ impl<'a> Queued<'a> {
             reply,
         });
         Self { queue, id }
+    }
+
+    /// Whether the message still waits for a connection.
+    fn is_waiting(&self) -> bool {
+        lock(self.queue)
+            .waiting
+            .iter()
+            .any(|waiting| waiting.id == self.id)
     }
 
     /// Takes the message out of the queue; `false` if a connection took it already.
