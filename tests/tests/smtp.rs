@@ -118,6 +118,56 @@ async fn more_messages_than_a_group_holds_all_go_out_over_one_connection() {
     );
 }
 
+/// A plain SMTP server (no extensions: one command at a time) that accepts every message; its
+/// first connection greets 500 ms late.
+async fn late_first_greeting_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((stream, _)) = listener.accept().await {
+            let late = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                if late {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 late ESMTP\r\n").await;
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply: &[u8] = match (in_data, line.to_ascii_uppercase().as_str()) {
+                        (true, ".") => {
+                            in_data = false;
+                            b"250 queued\r\n"
+                        }
+                        (true, _) => continue,
+                        (false, "DATA") => {
+                            in_data = true;
+                            b"354 go ahead\r\n"
+                        }
+                        _ => b"250 ok\r\n",
+                    };
+                    let _ = write.write_all(reply).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_caller_whose_message_another_connection_did_not_take_still_gets_it_sent() {
+    // The first caller's connection greets late, so the second caller's connection takes the
+    // oldest waiting message, the first caller's; the second's must still go out.
+    let port = late_first_greeting_server().await;
+    let email = provider("127.0.0.1", port, 2);
+    let results = tokio::time::timeout(Duration::from_secs(3), send_at_once(&email, 2))
+        .await
+        .expect("both sends answered well before the 10 s timeouts");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
 #[tokio::test]
 async fn a_refusal_within_a_group_fails_its_own_message_only() {
     let sink = SmtpSink::start().await.expect("sink");
@@ -360,10 +410,10 @@ async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<Stalled>) {
     (port, watch)
 }
 
-/// A provider whose groups are given up after 300 ms.
-fn impatient_provider(port: u16) -> EmailProvider {
+/// A provider whose sends are given up after `timeout_ms`.
+fn impatient_provider(port: u16, timeout_ms: u64) -> EmailProvider {
     let config = EmailConfig {
-        timeout_ms: 300,
+        timeout_ms,
         ..config("127.0.0.1", port, 1)
     };
     EmailProvider::new("smtp".into(), &config).expect("provider")
@@ -384,7 +434,7 @@ async fn a_send_cut_short_by_its_caller_does_not_leave_its_connection_to_the_nex
 #[tokio::test]
 async fn a_send_the_server_never_answers_fails_after_the_timeout_and_its_connection_is_closed() {
     let (port, mut seen) = stalling_server().await;
-    let email = impatient_provider(port);
+    let email = impatient_provider(port, 300);
     for attempt in 1..=2 {
         let outbound = message(attempt);
         let cut = tokio::time::timeout(Duration::from_secs(5), email.send(&outbound))
@@ -414,7 +464,7 @@ async fn expect_a_second_connection(seen: &mut tokio::sync::watch::Receiver<Stal
 #[tokio::test]
 async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_sent() {
     let (port, mut seen) = stalling_server().await;
-    let email = impatient_provider(port);
+    let email = impatient_provider(port, 1_000);
     let recipient = |i: usize| format!("RCPT TO:<customer-{i}@example.com>");
     let first = async {
         let _ = email.send(&message(1)).await;

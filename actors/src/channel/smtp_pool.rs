@@ -24,7 +24,7 @@ use lettre::transport::smtp::{
     extension::{ClientId, Extension},
     response::Response,
 };
-use tokio::sync::oneshot;
+use tokio::sync::oneshot::{self, error::RecvError};
 
 /// A pooled connection idle for this long is checked with a NOOP before it is used again: the
 /// server may have closed it meanwhile (servers end idle sessions after a few minutes).
@@ -145,13 +145,21 @@ pub enum SmtpSendError {
 /// The most messages one connection carries in one write (see [`SmtpPool::send`]).
 pub const MAX_GROUP: usize = 64;
 
+/// The most bytes of messages one write carries (beyond a single message): a group must fit well
+/// within `channels.email.timeout_ms` on a slow link, or its messages would time out as a whole,
+/// some of them already delivered.
+pub const MAX_GROUP_BYTES: usize = 1 << 20;
+
 /// A message waiting for a connection, and where its outcome goes.
 struct Waiting {
     id: u64,
     envelope: Envelope,
     email: Vec<u8>,
-    reply: oneshot::Sender<Result<Response, SmtpSendError>>,
+    reply: oneshot::Sender<Outcome>,
 }
+
+/// What became of a message: the server's final reply, or why it was not sent.
+type Outcome = Result<Response, SmtpSendError>;
 
 /// The messages waiting for a connection, oldest first.
 #[derive(Default)]
@@ -208,9 +216,7 @@ impl SmtpPool {
         // Compete for a connection until one takes the message, this caller's or another's.
         while queued.is_waiting() {
             let connection = tokio::select! {
-                answered = &mut outcome => {
-                    return answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)));
-                }
+                answered = &mut outcome => return self.answer(answered),
                 connection = self.pool.get() => connection,
             };
             match connection {
@@ -229,9 +235,13 @@ impl SmtpPool {
                 Err(_) => {}
             }
         }
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(gave_up(self.group_timeout)))
+        self.answer(outcome.await)
+    }
+
+    /// A caller's outcome from the group that took its message; none means the group was given
+    /// up after its timeout.
+    fn answer(&self, answered: Result<Outcome, RecvError>) -> Outcome {
+        answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)))
     }
 
     /// Sends the oldest waiting messages over `object`: the caller's own message alone, here,
@@ -242,14 +252,18 @@ impl SmtpPool {
         object: Object<Connector>,
         queued: &Queued<'_>,
     ) -> Option<Result<Response, SmtpSendError>> {
-        let limit = if groups(&object) { MAX_GROUP } else { 1 };
+        let limit = if sends_groups_in_one_write(&object) {
+            MAX_GROUP
+        } else {
+            1
+        };
         let mut group = self.take(limit);
-        match group.as_slice() {
-            [alone] if alone.id == queued.id => {
-                let alone = group.pop()?;
+        match group.len() {
+            1 if group[0].id == queued.id => {
+                let alone = group.remove(0);
                 Some(send_alone(Checkout(Some(object)), alone, self.group_timeout).await)
             }
-            [] => None,
+            0 => None,
             _ => {
                 tokio::spawn(send_group(
                     Checkout(Some(object)),
@@ -261,17 +275,29 @@ impl SmtpPool {
         }
     }
 
-    /// Takes up to `limit` of the oldest waiting messages.
+    /// Takes up to `limit` of the oldest waiting messages, and no more than [`MAX_GROUP_BYTES`]
+    /// of them unless the first alone is larger.
     fn take(&self, limit: usize) -> Vec<Waiting> {
         let mut queue = lock(&self.queue);
-        let n = limit.min(queue.waiting.len());
+        let mut bytes = 0;
+        let n = queue
+            .waiting
+            .iter()
+            .take(limit)
+            .take_while(|waiting| {
+                bytes += waiting.email.len();
+                bytes <= MAX_GROUP_BYTES
+            })
+            .count()
+            .max(1)
+            .min(queue.waiting.len());
         queue.waiting.drain(..n).collect()
     }
 }
 
 /// Whether `connection` sends a group in one write (the server pipelines and takes chunks);
 /// without, a group would go one message after another while other connections could take them.
-fn groups(connection: &AsyncSmtpConnection) -> bool {
+fn sends_groups_in_one_write(connection: &AsyncSmtpConnection) -> bool {
     let server = connection.server_info();
     server.supports_feature(Extension::Pipelining) && server.supports_feature(Extension::Chunking)
 }
@@ -284,10 +310,7 @@ async fn send_alone(
     timeout: Duration,
 ) -> Result<Response, SmtpSendError> {
     metrics::histogram!("herald_smtp_group_messages").record(1.0);
-    let connection = checkout
-        .0
-        .as_deref_mut()
-        .ok_or_else(|| SmtpSendError::Pool("connection already released".into()))?;
+    let connection = checkout.connection();
     let sent = tokio::time::timeout(timeout, connection.send(&message.envelope, &message.email))
         .await
         .map_err(|_| gave_up(timeout))??;
@@ -306,9 +329,7 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 /// Sends `group` over `checkout`'s connection, answers each message's caller, and gives the
 /// connection back if its session is still sound.
 async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Duration) {
-    let Some(connection) = checkout.0.as_deref_mut() else {
-        return;
-    };
+    let connection = checkout.connection();
     metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
     let messages: Vec<(&Envelope, &[u8])> = group
         .iter()
@@ -339,7 +360,7 @@ impl<'a> Queued<'a> {
         queue: &'a Mutex<Queue>,
         envelope: Envelope,
         email: Vec<u8>,
-        reply: oneshot::Sender<Result<Response, SmtpSendError>>,
+        reply: oneshot::Sender<Outcome>,
     ) -> Self {
         let mut locked = lock(queue);
         let id = locked.next_id;
@@ -394,6 +415,13 @@ fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
 struct Checkout(Option<Object<Connector>>);
 
 impl Checkout {
+    /// The connection, held from the checkout until it is released or dropped.
+    fn connection(&mut self) -> &mut AsyncSmtpConnection {
+        self.0
+            .as_deref_mut()
+            .expect("a checkout holds its connection until it is released")
+    }
+
     fn release(mut self) {
         // Dropping the object hands it back to the pool.
         drop(self.0.take());

@@ -328,17 +328,17 @@ impl AsyncSmtpConnection {
             let reason = err.to_string();
             return written
                 .into_iter()
-                .map(|_| Err(error::network(reason.clone())))
+                .map(|written| written.and_then(|()| Err(error::network(reason.clone()))))
                 .collect();
         }
         let mut results = Vec::with_capacity(messages.len());
         let mut refused = false;
-        for written in written {
+        for (written, (envelope, _)) in written.into_iter().zip(messages) {
             if let Err(err) = written {
                 results.push(Err(err));
                 continue;
             }
-            match self.read_transaction().await {
+            match self.read_transaction(envelope.to().len() + 2).await {
                 Ok(Ok(reply)) => results.push(Ok(reply)),
                 Ok(Err(refusal)) => {
                     refused = true;
@@ -361,18 +361,19 @@ impl AsyncSmtpConnection {
         results
     }
 
-    /// Reads the three replies to a transaction [`chunk_commands`] wrote (MAIL, RCPT, BDAT):
-    /// the last one, or the first refusal among them (the inner error); the outer error when the
-    /// connection failed or a reply could not be parsed.
-    async fn read_transaction(&mut self) -> Result<Result<Response, Error>, Error> {
+    /// Reads the `replies` replies to a transaction [`chunk_commands`] wrote (MAIL, the RCPTs,
+    /// BDAT): the last one, or the first refusal among them (the inner error); the outer error
+    /// when the connection failed or a reply could not be parsed (the refusal before it, if any:
+    /// a `421` closes the connection after saying why).
+    async fn read_transaction(&mut self, replies: usize) -> Result<Result<Response, Error>, Error> {
         let (mut last, mut refusal) = (None, None);
-        for _ in 0..3 {
+        for _ in 0..replies {
             match self.read_response().await {
                 Ok(reply) => last = Some(reply),
                 Err(err) if err.is_transient() || err.is_permanent() => {
                     refusal.get_or_insert(err);
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(refusal.unwrap_or(err)),
             }
         }
         Ok(match refusal {
@@ -619,7 +620,6 @@ impl AsyncSmtpConnection {
     }
 }
 
-/// MAIL and one RCPT per recipient, as one string for a pipelined write.
 /// Appends a transaction that sends `email` as one `BDAT <size> LAST` chunk: MAIL, the RCPTs,
 /// the BDAT line and the content. Content that does not end a line gets a final CRLF, as DATA's
 /// terminator would give it.
@@ -643,6 +643,7 @@ fn chunk_commands(
     out.extend_from_slice(line_end);
 }
 
+/// MAIL and one RCPT per recipient, as one string for a pipelined write.
 fn envelope_commands(envelope: &Envelope, mail_options: Vec<MailParameter>) -> String {
     let mut commands = Mail::new(envelope.from().cloned(), mail_options).to_string();
     for to_address in envelope.to() {
