@@ -247,11 +247,7 @@ impl SmtpPool {
     /// Sends the oldest waiting messages over `object`: the caller's own message alone, here,
     /// as a cancellable part of its call (its outcome is returned), or a group in a task of its
     /// own (`None`; the caller's message may be in it, or still wait if the group was full).
-    async fn lead(
-        &self,
-        object: Object<Connector>,
-        queued: &Queued<'_>,
-    ) -> Option<Result<Response, SmtpSendError>> {
+    async fn lead(&self, object: Object<Connector>, queued: &Queued<'_>) -> Option<Outcome> {
         let limit = if sends_groups_in_one_write(&object) {
             MAX_GROUP
         } else {
@@ -304,11 +300,7 @@ fn sends_groups_in_one_write(connection: &AsyncSmtpConnection) -> bool {
 
 /// Sends one message over `checkout`'s connection and gives the connection back if the server
 /// accepted it; on any error, a timeout or the caller giving up, the connection is closed.
-async fn send_alone(
-    mut checkout: Checkout,
-    message: Waiting,
-    timeout: Duration,
-) -> Result<Response, SmtpSendError> {
+async fn send_alone(mut checkout: Checkout, message: Waiting, timeout: Duration) -> Outcome {
     metrics::histogram!("herald_smtp_group_messages").record(1.0);
     let connection = checkout.connection();
     let sent = tokio::time::timeout(timeout, connection.send(&message.envelope, &message.email))
