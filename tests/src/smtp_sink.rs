@@ -106,12 +106,12 @@ pub enum RejectStage {
     Data,
 }
 
-/// A pending injected rejection.
+/// A planned answer to a command at `stage`: the injected reply (`code text`), or `None` for
+/// the usual one.
 #[derive(Debug, Clone)]
 struct Rejection {
     stage: RejectStage,
-    code: u16,
-    text: String,
+    reply: Option<String>,
 }
 
 /// State shared by the sink handle, the accept loop and the sessions.
@@ -145,11 +145,11 @@ struct Offers {
 }
 
 impl Shared {
-    /// Takes the next injected rejection for `stage`, if one is pending.
-    fn take_rejection(&self, stage: RejectStage) -> Option<Rejection> {
+    /// Takes the next planned answer for `stage`: the injected reply, if one is due.
+    fn take_rejection(&self, stage: RejectStage) -> Option<String> {
         let mut rejections = lock(&self.rejections);
         if rejections.front().is_some_and(|next| next.stage == stage) {
-            rejections.pop_front()
+            rejections.pop_front().and_then(|planned| planned.reply)
         } else {
             None
         }
@@ -329,7 +329,8 @@ impl SmtpSink {
 
     /// Makes the next `n` `RCPT TO` commands (on any connection) answer `code text`
     /// instead of 250: a 4xx code is a transient failure (e.g. 451), a 5xx code a
-    /// permanent one (e.g. 550). Replaces any rejection still pending.
+    /// permanent one (e.g. 550); a 421 also closes the connection. Replaces any rejection
+    /// still pending.
     ///
     /// # Panics
     ///
@@ -344,18 +345,33 @@ impl SmtpSink {
     ///
     /// When `code` is not a 4xx or 5xx reply code.
     pub fn set_reject_next_at(&self, stage: RejectStage, n: usize, code: u16, text: &str) {
+        self.plan(stage, 0, n, code, text);
+    }
+
+    /// Makes the `n`-th `RCPT TO` command from now (counting from 1, on any connection) answer
+    /// `code text`, the ones before it 250 as usual. Replaces any rejection still pending.
+    ///
+    /// # Panics
+    ///
+    /// When `code` is not a 4xx or 5xx reply code, or `n` is 0.
+    pub fn set_reject_nth(&self, n: usize, code: u16, text: &str) {
+        assert!(n > 0, "commands are counted from 1");
+        self.plan(RejectStage::Rcpt, n - 1, 1, code, text);
+    }
+
+    /// Plans the next `accepted + rejected` answers at `stage`: `accepted` usual ones, then
+    /// `rejected` times `code text`.
+    fn plan(&self, stage: RejectStage, accepted: usize, rejected: usize, code: u16, text: &str) {
         assert!(
             (400..600).contains(&code),
             "an injected rejection needs a 4xx or 5xx code, got {code}"
         );
-        let rejection = Rejection {
-            stage,
-            code,
-            text: text.replace(['\r', '\n'], " "),
-        };
+        let answer = |reply| Rejection { stage, reply };
+        let reply = format!("{code} {}", text.replace(['\r', '\n'], " "));
         let mut rejections = lock(&self.shared.rejections);
         rejections.clear();
-        rejections.extend(std::iter::repeat_n(rejection, n));
+        rejections.extend(std::iter::repeat_n(answer(None), accepted));
+        rejections.extend(std::iter::repeat_n(answer(Some(reply)), rejected));
     }
 
     /// Simulates an outage. `true` closes the listener (new connections are refused)
@@ -595,7 +611,7 @@ impl Session {
                 self.reply(&format!("250 {SERVER_NAME}")).await?;
             }
             "MAIL" => self.mail(argument).await?,
-            "RCPT" => self.rcpt(argument).await?,
+            "RCPT" => return self.rcpt(argument).await,
             "DATA" if !argument.is_empty() => {
                 self.reply("501 5.5.4 Syntax: DATA takes no argument")
                     .await?;
@@ -658,28 +674,42 @@ impl Session {
         self.reply("250 2.1.0 Ok").await
     }
 
-    async fn rcpt(&mut self, argument: &str) -> anyhow::Result<()> {
+    /// Answers `RCPT TO`; an injected 421 closes the connection after its reply, as a server
+    /// shutting down does (RFC 5321 section 3.8).
+    async fn rcpt(&mut self, argument: &str) -> anyhow::Result<Next> {
+        let reply = match self.rcpt_reply(argument) {
+            Ok(address) => {
+                self.transaction.to.push(address);
+                "250 2.1.5 Ok".to_owned()
+            }
+            Err(reply) => reply,
+        };
+        self.reply(&reply).await?;
+        Ok(if reply.starts_with("421") {
+            Next::Close
+        } else {
+            Next::Continue
+        })
+    }
+
+    /// The recipient `RCPT TO` names, or the reply refusing it.
+    fn rcpt_reply(&self, argument: &str) -> Result<String, String> {
         if self.transaction.from.is_none() {
-            return self.reply("503 5.5.1 Need MAIL command first").await;
+            return Err("503 5.5.1 Need MAIL command first".into());
         }
         let Some((address, parameters)) = parse_path(argument, "TO:") else {
-            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>").await;
+            return Err("501 5.5.4 Syntax: RCPT TO:<address>".into());
         };
         if address.is_empty() {
-            return self.reply("501 5.1.3 Empty recipient address").await;
+            return Err("501 5.1.3 Empty recipient address".into());
         }
         if !parameters.is_empty() {
-            return self
-                .reply("555 5.5.4 RCPT TO parameters not recognized or not implemented")
-                .await;
+            return Err("555 5.5.4 RCPT TO parameters not recognized or not implemented".into());
         }
-        if let Some(rejection) = self.shared.take_rejection(RejectStage::Rcpt) {
-            return self
-                .reply(&format!("{} {}", rejection.code, rejection.text))
-                .await;
+        if let Some(reply) = self.shared.take_rejection(RejectStage::Rcpt) {
+            return Err(reply);
         }
-        self.transaction.to.push(address);
-        self.reply("250 2.1.5 Ok").await
+        Ok(address)
     }
 
     async fn data(&mut self) -> anyhow::Result<()> {
@@ -794,10 +824,8 @@ impl Session {
                 .reply("552 5.3.4 Message size exceeds fixed maximum message size")
                 .await;
         }
-        if let Some(rejection) = self.shared.take_rejection(RejectStage::Data) {
-            return self
-                .reply(&format!("{} {}", rejection.code, rejection.text))
-                .await;
+        if let Some(reply) = self.shared.take_rejection(RejectStage::Data) {
+            return self.reply(&reply).await;
         }
         if command == Command::Bdat {
             self.shared.chunked.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! The email provider's SMTP connection pool against real SMTP servers: connections are reused
 //! without a NOOP before every message, never exceed the pool size, and a connection whose session
 //! failed or was cut short is not handed to the next message. Messages that wait for a connection
-//! go out together in one write, each with its own outcome, and one whose caller gave up while it
-//! waited is not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
+//! go out together in one write, each with its own outcome (a 421 in the middle of a group fails
+//! the rest of it, a group never answered fails as a whole after the timeout), and one whose
+//! caller gave up while it waited is not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
 //! PIPELINING, in two (pipelined DATA) to one offering PIPELINING alone, and one command at a
 //! time to others; configuration turns either extension off.
 
@@ -180,6 +181,41 @@ async fn a_refusal_within_a_group_fails_its_own_message_only() {
         2,
         "the session with a refusal was closed after its group, not reused"
     );
+}
+
+#[tokio::test]
+async fn a_421_within_a_group_fails_the_rest_transiently_and_a_retry_sends_each_once() {
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    // The fifth recipient is answered 421, and the server closes the connection.
+    sink.set_reject_nth(5, 421, "4.3.2 shutting down");
+    let results = send_at_once(&email, 10).await;
+    let failed: Vec<usize> = (0..10).filter(|&i| results[i].is_err()).collect();
+    assert!(
+        !failed.is_empty()
+            && failed
+                .iter()
+                .all(|&i| matches!(results[i], Err(ProviderError::Transient { .. }))),
+        "{results:?}"
+    );
+    assert!(
+        format!("{:?}", results[failed[0]]).contains("shutting down"),
+        "the first failure carries the server's reason: {results:?}"
+    );
+    assert_eq!(sink.count(), 10 - failed.len(), "the others were delivered");
+    assert!(sink.count() >= 4, "the four before the 421 were delivered");
+    for &i in &failed {
+        email.send(&message(i)).await.expect("retry sent");
+    }
+    let mut subjects: Vec<String> = sink
+        .messages()
+        .into_iter()
+        .filter_map(|m| m.subject)
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 10, "each of the ten arrived exactly once");
+    assert_eq!(sink.count(), 10);
 }
 
 #[tokio::test]
@@ -375,9 +411,17 @@ struct Stalled {
     commands: Vec<String>,
 }
 
-/// An SMTP server that greets and answers EHLO (offering PIPELINING, so a client writes a
-/// message's RCPT along with its MAIL), then never answers another command; reports what it saw.
-async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<Stalled>) {
+/// What a [`stalling_server`]'s EHLO offers: PIPELINING alone, so a client writes a message's
+/// RCPT along with its MAIL.
+const PIPELINING: &[u8] = b"250-stall\r\n250 PIPELINING\r\n";
+
+/// What a [`stalling_server`]'s EHLO offers: PIPELINING and CHUNKING, so a client writes a whole
+/// group of messages at once.
+const PIPELINING_AND_CHUNKING: &[u8] = b"250-stall\r\n250-PIPELINING\r\n250 CHUNKING\r\n";
+
+/// An SMTP server that greets and answers EHLO with `ehlo`, then never answers another command;
+/// reports what it saw.
+async fn stalling_server(ehlo: &'static [u8]) -> (u16, tokio::sync::watch::Receiver<Stalled>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (seen, watch) = tokio::sync::watch::channel(Stalled::default());
@@ -391,7 +435,7 @@ async fn stalling_server() -> (u16, tokio::sync::watch::Receiver<Stalled>) {
                 let _ = write.write_all(b"220 stall ESMTP\r\n").await;
                 while let Ok(Some(line)) = lines.next_line().await {
                     if line.to_ascii_uppercase().starts_with("EHLO") {
-                        let _ = write.write_all(b"250-stall\r\n250 PIPELINING\r\n").await;
+                        let _ = write.write_all(ehlo).await;
                     } else {
                         seen.send_modify(|stalled| stalled.commands.push(line));
                     }
@@ -413,7 +457,7 @@ fn impatient_provider(port: u16, timeout_ms: u64) -> EmailProvider {
 
 #[tokio::test]
 async fn a_send_cut_short_by_its_caller_does_not_leave_its_connection_to_the_next() {
-    let (port, mut seen) = stalling_server().await;
+    let (port, mut seen) = stalling_server(PIPELINING).await;
     let email = provider("127.0.0.1", port, 1);
     for attempt in 1..=2 {
         let outbound = message(attempt);
@@ -425,7 +469,7 @@ async fn a_send_cut_short_by_its_caller_does_not_leave_its_connection_to_the_nex
 
 #[tokio::test]
 async fn a_send_the_server_never_answers_fails_after_the_timeout_and_its_connection_is_closed() {
-    let (port, mut seen) = stalling_server().await;
+    let (port, mut seen) = stalling_server(PIPELINING).await;
     let email = impatient_provider(port, 300);
     for attempt in 1..=2 {
         let outbound = message(attempt);
@@ -437,6 +481,35 @@ async fn a_send_the_server_never_answers_fails_after_the_timeout_and_its_connect
             "attempt {attempt}: {cut:?}"
         );
     }
+    expect_a_second_connection(&mut seen).await;
+}
+
+#[tokio::test]
+async fn a_group_the_server_never_answers_fails_every_message_after_the_timeout() {
+    let (port, mut seen) = stalling_server(PIPELINING_AND_CHUNKING).await;
+    let email = impatient_provider(port, 300);
+    // All ten wait while the one connection opens, and go out together over it.
+    let results = tokio::time::timeout(Duration::from_secs(5), send_at_once(&email, 10))
+        .await
+        .expect("the group's timeout answers every caller");
+    assert!(
+        results
+            .iter()
+            .all(|result| matches!(result, Err(ProviderError::Transient { .. }))),
+        "{results:?}"
+    );
+    let stalled = seen.borrow().clone();
+    let recipients = stalled
+        .commands
+        .iter()
+        .filter(|command| command.starts_with("RCPT TO:"))
+        .count();
+    assert_eq!(
+        (stalled.connections, recipients),
+        (1, 10),
+        "all ten written unanswered over one connection, as one group"
+    );
+    let _ = email.send(&message(10)).await;
     expect_a_second_connection(&mut seen).await;
 }
 
@@ -455,7 +528,7 @@ async fn expect_a_second_connection(seen: &mut tokio::sync::watch::Receiver<Stal
 
 #[tokio::test]
 async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_sent() {
-    let (port, mut seen) = stalling_server().await;
+    let (port, mut seen) = stalling_server(PIPELINING).await;
     let email = impatient_provider(port, 1_000);
     let recipient = |i: usize| format!("RCPT TO:<customer-{i}@example.com>");
     let first = async {
