@@ -1,7 +1,8 @@
 //! The group-commit writer of new notifications against the suite's database (SQLite or
 //! PostgreSQL, as `HERALD_TEST_DB` says): concurrent callers each get their own answer, a repeated
 //! request id resolves to one row even within one batch, a row that breaks a constraint fails
-//! alone, an unavailable database fails every waiting caller and stores nothing, and a confirmed
+//! alone, a new row is answered as it reads back (times as the database keeps them), an
+//! unavailable database fails every waiting caller and stores nothing, and a confirmed
 //! publish clears the API's "not yet published" mark and nothing else.
 
 use std::collections::HashMap;
@@ -155,6 +156,31 @@ async fn rows_stored_together_answer_each_repeat_with_the_stored_row() {
         "a repeat under a new id names the stored row: {outcome:?}"
     );
     assert_eq!(stored(&db).await, 3, "earlier, routed and anonymous");
+}
+
+#[tokio::test]
+async fn a_new_row_is_answered_as_it_reads_back() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    // Times finer than PostgreSQL keeps (nanoseconds).
+    let mut new = row(Some("read back".into()));
+    new.created_at = "2026-12-05T10:00:00.123456789Z".parse().expect("time");
+    new.scheduled_at = Some("2026-12-06T08:30:00.987654321Z".parse().expect("time"));
+    let answered = match insert_together(&db, vec![new])
+        .await
+        .expect("stored")
+        .pop()
+        .expect("one outcome")
+        .expect("the row is answered")
+    {
+        Inserted::New(model) => model,
+        other => panic!("a new row: {other:?}"),
+    };
+    let read = notification::Entity::find_by_id(answered.id)
+        .one(&db)
+        .await
+        .expect("read back");
+    assert_eq!(Some(answered), read, "the answer is the stored row");
 }
 
 #[tokio::test]
