@@ -109,7 +109,7 @@ pub enum RejectStage {
 /// A planned answer to a command at `stage`: the injected reply (`code text`), or `None` for
 /// the usual one.
 #[derive(Debug, Clone)]
-struct Rejection {
+struct Planned {
     stage: RejectStage,
     reply: Option<String>,
 }
@@ -120,8 +120,8 @@ struct Shared {
     messages: Mutex<Vec<ReceivedMail>>,
     /// Number of stored messages, for event-driven waits.
     count: watch::Sender<usize>,
-    /// One entry per command still to reject, in order.
-    rejections: Mutex<VecDeque<Rejection>>,
+    /// The planned answers still to give, in order.
+    rejections: Mutex<VecDeque<Planned>>,
     paused: AtomicBool,
     connections: AtomicU64,
     noops: AtomicU64,
@@ -366,7 +366,7 @@ impl SmtpSink {
             (400..600).contains(&code),
             "an injected rejection needs a 4xx or 5xx code, got {code}"
         );
-        let answer = |reply| Rejection { stage, reply };
+        let answer = |reply| Planned { stage, reply };
         let reply = format!("{code} {}", text.replace(['\r', '\n'], " "));
         let mut rejections = lock(&self.shared.rejections);
         rejections.clear();
@@ -483,6 +483,8 @@ struct Session {
     shared: Arc<Shared>,
     greeted: bool,
     transaction: Transaction,
+    /// A 421 was answered: the session ends.
+    closing: bool,
 }
 
 /// The command that carried a message's content.
@@ -509,6 +511,7 @@ impl Session {
             shared,
             greeted: false,
             transaction: Transaction::default(),
+            closing: false,
         }
     }
 
@@ -536,7 +539,8 @@ impl Session {
             if !self.reader.buffer().is_empty() && !is_bdat {
                 self.shared.pipelined.fetch_add(1, Ordering::Relaxed);
             }
-            if let Next::Close = self.command(&line).await? {
+            let next = self.command(&line).await?;
+            if matches!(next, Next::Close) || self.closing {
                 return Ok(());
             }
         }
@@ -569,11 +573,15 @@ impl Session {
         Ok(Some(Some(text.trim_end_matches(['\r', '\n']).to_owned())))
     }
 
+    /// Writes a reply; a 421 ends the session after it, as a server shutting down does (RFC 5321
+    /// section 3.8).
     async fn reply(&mut self, line: &str) -> anyhow::Result<()> {
         self.writer
             .write_all(format!("{line}\r\n").as_bytes())
             .await
-            .context("writing a reply")
+            .context("writing a reply")?;
+        self.closing |= line.starts_with("421");
+        Ok(())
     }
 
     async fn command(&mut self, line: &str) -> anyhow::Result<Next> {
@@ -611,7 +619,7 @@ impl Session {
                 self.reply(&format!("250 {SERVER_NAME}")).await?;
             }
             "MAIL" => self.mail(argument).await?,
-            "RCPT" => return self.rcpt(argument).await,
+            "RCPT" => self.rcpt(argument).await?,
             "DATA" if !argument.is_empty() => {
                 self.reply("501 5.5.4 Syntax: DATA takes no argument")
                     .await?;
@@ -674,42 +682,26 @@ impl Session {
         self.reply("250 2.1.0 Ok").await
     }
 
-    /// Answers `RCPT TO`; an injected 421 closes the connection after its reply, as a server
-    /// shutting down does (RFC 5321 section 3.8).
-    async fn rcpt(&mut self, argument: &str) -> anyhow::Result<Next> {
-        let reply = match self.rcpt_reply(argument) {
-            Ok(address) => {
-                self.transaction.to.push(address);
-                "250 2.1.5 Ok".to_owned()
-            }
-            Err(reply) => reply,
-        };
-        self.reply(&reply).await?;
-        Ok(if reply.starts_with("421") {
-            Next::Close
-        } else {
-            Next::Continue
-        })
-    }
-
-    /// The recipient `RCPT TO` names, or the reply refusing it.
-    fn rcpt_reply(&self, argument: &str) -> Result<String, String> {
+    async fn rcpt(&mut self, argument: &str) -> anyhow::Result<()> {
         if self.transaction.from.is_none() {
-            return Err("503 5.5.1 Need MAIL command first".into());
+            return self.reply("503 5.5.1 Need MAIL command first").await;
         }
         let Some((address, parameters)) = parse_path(argument, "TO:") else {
-            return Err("501 5.5.4 Syntax: RCPT TO:<address>".into());
+            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>").await;
         };
         if address.is_empty() {
-            return Err("501 5.1.3 Empty recipient address".into());
+            return self.reply("501 5.1.3 Empty recipient address").await;
         }
         if !parameters.is_empty() {
-            return Err("555 5.5.4 RCPT TO parameters not recognized or not implemented".into());
+            return self
+                .reply("555 5.5.4 RCPT TO parameters not recognized or not implemented")
+                .await;
         }
         if let Some(reply) = self.shared.take_rejection(RejectStage::Rcpt) {
-            return Err(reply);
+            return self.reply(&reply).await;
         }
-        Ok(address)
+        self.transaction.to.push(address);
+        self.reply("250 2.1.5 Ok").await
     }
 
     async fn data(&mut self) -> anyhow::Result<()> {
