@@ -4,9 +4,9 @@
 //! On the wire an event is a versioned envelope,
 //! `{"v": 1, "id": "<uuid>", "type": "orders.created", "occurred_at": "<RFC 3339>", "data": {...}}`,
 //! whose `data` has one shape per `type` (the structs of this module; their JSON Schemas are in
-//! `docs/events/`). [`DomainEvent::decode`] reads the version first, then the envelope, then the
-//! type, then the data, so every way a message can be wrong gets its own reason on the way to the
-//! dead-letter stream. Unknown fields are ignored, so producers may add fields without breaking
+//! `docs/events/`). [`DomainEvent::decode`] reads the envelope (and, when it does not fit, the
+//! version alone), then the type, then the data, so every way a message can be wrong gets its own
+//! reason on the way to the dead-letter stream. Unknown fields are ignored, so producers may add fields without breaking
 //! Herald.
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -14,6 +14,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use uuid::Uuid;
+
+use crate::versioned::{self, Versioned, VersionedError};
 
 /// The event schema version this build writes and reads.
 pub const EVENT_SCHEMA_VERSION: u16 = 1;
@@ -299,6 +301,14 @@ struct WireEvent {
     data: Value,
 }
 
+impl Versioned for WireEvent {
+    const VERSION: u16 = EVENT_SCHEMA_VERSION;
+
+    fn version(&self) -> u16 {
+        self.v
+    }
+}
+
 /// Why an event could not be read; the reason goes into the dead letter's headers.
 #[derive(Debug, thiserror::Error)]
 pub enum EventDecodeError {
@@ -364,17 +374,11 @@ impl DomainEvent {
     /// Decodes an event, telling a malformed message from an unknown version, an unknown type and
     /// data that does not fit its type.
     pub fn decode(payload: &[u8]) -> Result<DomainEvent, EventDecodeError> {
-        #[derive(Deserialize)]
-        struct VersionOnly {
-            v: u64,
-        }
-        let version: VersionOnly = serde_json::from_slice(payload)
-            .map_err(|e| EventDecodeError::Malformed(e.to_string()))?;
-        if version.v != u64::from(EVENT_SCHEMA_VERSION) {
-            return Err(EventDecodeError::UnknownVersion(version.v));
-        }
-        let wire: WireEvent = serde_json::from_slice(payload)
-            .map_err(|e| EventDecodeError::InvalidEnvelope(e.to_string()))?;
+        let wire: WireEvent = versioned::decode(payload).map_err(|err| match err {
+            VersionedError::Malformed(e) => EventDecodeError::Malformed(e.to_string()),
+            VersionedError::UnknownVersion(v) => EventDecodeError::UnknownVersion(v),
+            VersionedError::InvalidBody(e) => EventDecodeError::InvalidEnvelope(e.to_string()),
+        })?;
         Ok(DomainEvent {
             v: wire.v,
             id: wire.id,
@@ -501,6 +505,12 @@ mod tests {
         ));
         assert!(matches!(
             err(r#"{"v": 2, "whatever": true}"#),
+            EventDecodeError::UnknownVersion(2)
+        ));
+        assert!(matches!(
+            err(
+                r#"{"v": 2, "id": "01a2483e-0000-7000-8000-000000000000", "type": "orders.created", "occurred_at": "2026-01-01T00:00:00Z", "data": {}}"#
+            ),
             EventDecodeError::UnknownVersion(2)
         ));
         assert!(matches!(

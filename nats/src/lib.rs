@@ -15,6 +15,7 @@ pub mod leases;
 pub mod publish;
 pub mod streams;
 pub mod subjects;
+mod versioned;
 
 pub use connect::{Connection, NatsAuth, NatsTls, connect};
 pub use dead_letters::{DeadLetter, DeadLetters};
