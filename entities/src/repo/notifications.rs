@@ -89,8 +89,8 @@ pub async fn insert(
 /// [`super::insert_queue`]), and it runs on its own, not in a transaction: a statement is atomic
 /// by itself, and a BEGIN and a COMMIT would be two more round trips to the database inside the
 /// batch writers' turn. The statement returns the ids of the rows it stored, not the rows: a new
-/// row is what was written ([`stored`]); reading the rows back (three JSON columns each) cost 3%
-/// of the process's CPU at 2,000 API sends/s on SQLite.
+/// row is what was written; reading the rows back (three JSON columns each) cost 3% of the
+/// process's CPU at 2,000 API sends/s on SQLite.
 pub async fn insert_together(
     db: &DatabaseConnection,
     rows: Vec<NewNotification>,
