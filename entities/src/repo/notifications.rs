@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, SubsecRound, Utc};
 use herald_nats::{Category, SCHEMA_VERSION, SendCommand};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Select,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, Select,
     sea_query::{OnConflict, Query, UpdateStatement},
 };
 use uuid::Uuid;
@@ -55,29 +55,16 @@ pub enum Inserted {
 /// Stores a new notification. A repeated request id is detected by the unique constraint (not by a
 /// check before inserting), so concurrent duplicates resolve to one row. The conflict is skipped
 /// (`ON CONFLICT (request_id) DO NOTHING`) rather than raised, so this can run inside a larger
-/// transaction without aborting it on PostgreSQL. [`insert_together`] stores many at once.
+/// transaction without aborting it on PostgreSQL. [`insert_together`] stores many at once; this
+/// is its one-row case.
 pub async fn insert(
     db: &impl ConnectionTrait,
     new: NewNotification,
 ) -> Result<Inserted, RepoError> {
-    let request_id = new.request_id.clone();
-    match notification::Entity::insert(active(new))
-        .on_conflict(skip_repeats())
-        .exec_with_returning(db)
-        .await
-    {
-        Ok(model) => return Ok(Inserted::New(model)),
-        // `DO NOTHING` skipped the row, so `RETURNING` gave none back (SeaORM reports either).
-        Err(DbErr::RecordNotFound(_) | DbErr::RecordNotInserted) => {}
-        Err(err) => return Err(err.into()),
-    }
-    let existing = match request_id {
-        Some(request_id) => find_by_request_id(db, &request_id).await?,
-        None => None,
-    };
-    existing
-        .map(Inserted::Duplicate)
-        .ok_or_else(|| DbErr::RecordNotInserted.into())
+    insert_together(db, vec![new])
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(DbErr::RecordNotInserted.into()))
 }
 
 /// Stores `rows` as [`insert`] stores one, in one multi-row statement: each row's outcome, in the
@@ -92,7 +79,7 @@ pub async fn insert(
 /// row is what was written; reading the rows back (three JSON columns each) cost 3% of the
 /// process's CPU at 2,000 API sends/s on SQLite.
 pub async fn insert_together(
-    db: &DatabaseConnection,
+    db: &impl ConnectionTrait,
     rows: Vec<NewNotification>,
 ) -> Result<Vec<Result<Inserted, RepoError>>, RepoError> {
     if rows.is_empty() {
@@ -234,17 +221,6 @@ fn stored(new: NewNotification) -> notification::Model {
         sent_at: None,
         batch_id: None,
     }
-}
-
-/// The notification with this request id, if any.
-pub async fn find_by_request_id(
-    db: &impl ConnectionTrait,
-    request_id: &str,
-) -> Result<Option<notification::Model>, RepoError> {
-    Ok(notification::Entity::find()
-        .filter(notification::Column::RequestId.eq(request_id))
-        .one(db)
-        .await?)
 }
 
 /// The notification with this id, if any.
