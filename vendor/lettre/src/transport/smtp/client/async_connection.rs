@@ -224,10 +224,10 @@ impl AsyncSmtpConnection {
     /// with [RFC 2920](https://tools.ietf.org/html/rfc2920) PIPELINING): one round trip per
     /// message. The content goes as it is: BDAT has neither dot-stuffing nor a terminator.
     ///
-    /// Replies are handled as on the pipelined DATA path: the first negative one is the error
-    /// and the connection is aborted. A server reads a chunk even after refusing its
-    /// transaction (RFC 3030 section 2), so the session stays in step until then. Used for one
-    /// recipient only (see [`AsyncSmtpConnection::send`]). Content that does not end a line gets
+    /// Replies are read as [`Self::send_many`] reads each transaction of a group: the first
+    /// negative one is the error and the connection is aborted. A server reads a chunk even after
+    /// refusing its transaction (RFC 3030 section 2), so the session stays in step until then.
+    /// Used for one recipient only (see [`AsyncSmtpConnection::send`]). Content that does not end a line gets
     /// a final CRLF, as DATA's terminator would give it.
     async fn send_chunked(
         &mut self,
@@ -239,11 +239,14 @@ impl AsyncSmtpConnection {
         chunk_commands(&mut out, envelope, mail_options, email);
         try_smtp!(self.write(&out).await, self);
 
-        // MAIL and the RCPTs, then the chunk's reply, which is the message's.
-        for _ in 0..envelope.to().len() + 1 {
-            try_smtp!(self.read_response().await, self);
-        }
-        let result = try_smtp!(self.read_response().await, self);
+        // MAIL and the RCPTs, then the chunk's reply, which is the message's: read as a group
+        // reads each of its transactions.
+        let result = try_smtp!(
+            self.read_transaction(envelope.to().len() + 2)
+                .await
+                .and_then(|replied| replied),
+            self
+        );
         Ok(result)
     }
 
