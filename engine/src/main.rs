@@ -8,9 +8,9 @@ use herald_engine::{Config, Herald, app, telemetry};
 
 /// mimalloc instead of glibc's allocator: the engine allocates and frees small buffers across
 /// threads (tokio workers, SQLite worker threads), where glibc's arenas spend a fifth of the CPU
-/// (`herald bench`: 2,824 → 3,480–3,719 notifications/s, see the README's *Performance*). The
-/// crate's `override` feature makes `malloc` and `free` mimalloc's too, so SQLite's own
-/// allocations (C code, which the global allocator does not reach) leave glibc as well.
+/// (`herald bench`: 2,824 → 3,480–3,719 notifications/s, see docs/performance.md, *What
+/// changed*). The crate's `override` feature makes `malloc` and `free` mimalloc's too, so SQLite's
+/// own allocations (C code, which the global allocator does not reach) leave glibc as well.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
 /// (and, where the kernel's THP defrag setting is `madvise`, Debian's default, compacted for
 /// first): the kernel's page zeroing was 17.6% of all CPU samples of a `herald bench` run. Without
 /// them, 7 interleaved pairs on SQLite ran 16–36% faster, with half the system time and a fifth
-/// less memory (README, *Performance*).
+/// less memory (docs/performance.md, *What changed*).
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(err) = nix::sys::prctl::set_thp_disable(true) {
