@@ -23,7 +23,7 @@
 //! so under heavy writes frequent checkpoints copy the same pages again and again. Each round is
 //! therefore followed by a rest [`REST_PER_ROUND`] times as long as the round took: light loads
 //! keep their small checkpoints every [`CHECKPOINT_INTERVAL`], heavy ones get fewer, larger ones
-//! (at most [`LONGEST_INTERVAL`] apart), and the checkpointer works at most a fifth of the time.
+//! (at most [`LONGEST_INTERVAL`] apart).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -44,8 +44,8 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How many times as long as a round took the [`Checkpointer`] waits before the next one (when
 /// that is longer than [`CHECKPOINT_INTERVAL`]). At 2,000 API sends a second a round takes about 3
-/// ms, so nothing changes there; via NATS as fast as the engine goes, rounds of 30 ms and more
-/// became rounds every 350 ms on average, and 100,000 notifications for 10,000 recipients ran at
+/// ms, so nothing changes there. Via NATS as fast as the engine goes, rounds then took 75 ms on
+/// average and came 350 ms apart, and 100,000 notifications for 10,000 recipients ran at
 /// 13,563–16,144 /s instead of 12,547–14,466 /s (six interleaved rounds on 2 cores, means +5%; the
 /// bench process's CPU 91 instead of 97 µs per notification); 9 measured the same.
 pub const REST_PER_ROUND: u32 = 4;
@@ -95,12 +95,12 @@ impl Drop for Checkpointer {
     }
 }
 
-/// Takes a passive checkpoint every [`CHECKPOINT_INTERVAL`] or, once rounds take longer, after a
-/// rest in proportion ([`interval_after`]), and a second one in a writers' turn when the log is
-/// large. A failure is counted and logged (once until a checkpoint succeeds again),
-/// and the next round tries again; until then the log grows, and nothing else is affected. A round
-/// that panics is counted as a restart (`herald_actor_restarts_total{actor="checkpointer"}`) and
-/// the next round runs as usual: without checkpoints the log would grow without bound.
+/// Takes a passive checkpoint every [`CHECKPOINT_INTERVAL`] or, once rounds take longer, after
+/// a rest in proportion ([`interval_after`]), and a second one in a writers' turn when the log
+/// is large. A failure is counted and logged (once until a checkpoint succeeds again), and the
+/// next round tries again; until then the log grows, and nothing else is affected. A round that
+/// panics is counted as a restart (`herald_actor_restarts_total{actor="checkpointer"}`) and the
+/// next round runs as usual: without checkpoints the log would grow without bound.
 async fn run<C, F>(checkpoint: C, gate: WriteGate)
 where
     C: Fn() -> F,
