@@ -44,15 +44,18 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How many times as long as a round took the [`Checkpointer`] waits before the next one (when
 /// that is longer than [`CHECKPOINT_INTERVAL`]). At 2,000 API sends a second a round takes about 3
-/// ms, so nothing changes there. Via NATS as fast as the engine goes, rounds then took 75 ms on
-/// average and came 350 ms apart, and 100,000 notifications for 10,000 recipients ran at
-/// 13,563–16,144 /s instead of 12,547–14,466 /s (six interleaved rounds on 2 cores, means +5%; the
-/// bench process's CPU 91 instead of 97 µs per notification); 9 measured the same. The log grows
-/// longer between such rounds: 153 MB at its peak in 300,000 for 30,000, against 42 MB.
+/// ms, so nothing changes there. Via NATS as fast as the engine goes, 100,000 notifications for
+/// 10,000 recipients ran at 13,563–16,144 /s instead of 12,547–14,466 /s (six interleaved rounds
+/// on 2 cores, means +5%; the bench process's CPU 91 instead of 97 µs per notification, with
+/// rounds up to 1 s apart); 9 measured the same.
 pub const REST_PER_ROUND: u32 = 4;
 
-/// Longest wait from one checkpoint round's start to the next, however long rounds take.
-pub const LONGEST_INTERVAL: Duration = Duration::from_secs(1);
+/// Longest wait from one checkpoint round's start to the next, however long rounds take; it bounds
+/// how long the log grows between them. 300,000 notifications for 30,000 as fast as the engine
+/// goes, four interleaved pairs: 1 s 10,412–12,559 /s with the log file peaking at 129–156 MB,
+/// 500 ms 11,237–13,101 /s (means +7%) at 74–91 MB (rounds of 60 ms on average, 230 ms apart),
+/// 250 ms within the noise of 500 ms at 41–65 MB; every 50 ms, 42 MB.
+pub const LONGEST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A log larger than this (16 MiB of 4 KiB pages) is checkpointed again in a writers' turn.
 pub const LARGE_LOG_PAGES: i64 = 4_000;
@@ -303,7 +306,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn longer_checkpoints_come_less_often() {
-        let span = LONGEST_INTERVAL + CHECKPOINT_INTERVAL / 2;
+        let span = Duration::from_millis(1_025);
         let quick = rounds_in(span, Duration::from_millis(1)).await;
         let slow = rounds_in(span, Duration::from_millis(40)).await;
         // One at once, then one per interval.
