@@ -6,8 +6,8 @@
 //! whose `data` has one shape per `type` (the structs of this module; their JSON Schemas are in
 //! `docs/events/`). [`DomainEvent::decode`] reads the envelope (and, when it does not fit, the
 //! version alone), then the type, then the data, so every way a message can be wrong gets its own
-//! reason on the way to the dead-letter stream. Unknown fields are ignored, so producers may add fields without breaking
-//! Herald.
+//! reason on the way to the dead-letter stream. Unknown fields are ignored, so producers may add
+//! fields without breaking Herald.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use schemars::JsonSchema;

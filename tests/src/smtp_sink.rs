@@ -121,7 +121,7 @@ struct Shared {
     /// Number of stored messages, for event-driven waits.
     count: watch::Sender<usize>,
     /// The planned answers still to give, in order.
-    rejections: Mutex<VecDeque<Planned>>,
+    planned: Mutex<VecDeque<Planned>>,
     paused: AtomicBool,
     connections: AtomicU64,
     noops: AtomicU64,
@@ -147,9 +147,9 @@ struct Offers {
 impl Shared {
     /// Takes the next planned answer for `stage`: the injected reply, if one is due.
     fn take_rejection(&self, stage: RejectStage) -> Option<String> {
-        let mut rejections = lock(&self.rejections);
-        if rejections.front().is_some_and(|next| next.stage == stage) {
-            rejections.pop_front().and_then(|planned| planned.reply)
+        let mut planned = lock(&self.planned);
+        if planned.front().is_some_and(|next| next.stage == stage) {
+            planned.pop_front().and_then(|answer| answer.reply)
         } else {
             None
         }
@@ -227,7 +227,7 @@ impl SmtpSink {
         let shared = Arc::new(Shared {
             messages: Mutex::new(Vec::new()),
             count,
-            rejections: Mutex::new(VecDeque::new()),
+            planned: Mutex::new(VecDeque::new()),
             paused: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
@@ -368,10 +368,10 @@ impl SmtpSink {
         );
         let answer = |reply| Planned { stage, reply };
         let reply = format!("{code} {}", text.replace(['\r', '\n'], " "));
-        let mut rejections = lock(&self.shared.rejections);
-        rejections.clear();
-        rejections.extend(std::iter::repeat_n(answer(None), accepted));
-        rejections.extend(std::iter::repeat_n(answer(Some(reply)), rejected));
+        let mut planned = lock(&self.shared.planned);
+        planned.clear();
+        planned.extend(std::iter::repeat_n(answer(None), accepted));
+        planned.extend(std::iter::repeat_n(answer(Some(reply)), rejected));
     }
 
     /// Simulates an outage. `true` closes the listener (new connections are refused)

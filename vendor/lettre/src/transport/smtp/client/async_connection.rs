@@ -227,8 +227,8 @@ impl AsyncSmtpConnection {
     /// Replies are read as [`Self::send_many`] reads each transaction of a group: the first
     /// negative one is the error and the connection is aborted. A server reads a chunk even after
     /// refusing its transaction (RFC 3030 section 2), so the session stays in step until then.
-    /// Used for one recipient only (see [`AsyncSmtpConnection::send`]). Content that does not end a line gets
-    /// a final CRLF, as DATA's terminator would give it.
+    /// Used for one recipient only (see [`AsyncSmtpConnection::send`]). Content that does not end
+    /// a line gets a final CRLF, as DATA's terminator would give it.
     async fn send_chunked(
         &mut self,
         envelope: &Envelope,
