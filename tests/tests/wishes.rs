@@ -596,6 +596,42 @@ async fn a_bulk_send_to_10k_customers_delivers_10k_emails_exactly_once() {
 }
 
 #[tokio::test]
+async fn a_bulk_filter_by_id_prefix_takes_the_prefix_literally() {
+    let w = world(|_| {}).await;
+    let ids = ["acme_1", "acme-2", "ACME_3", "acmex_4"];
+    add_customers(
+        &w.herald,
+        ids.map(|id| customer_row(id, "en", None)).to_vec(),
+    )
+    .await;
+    let bulk = |prefix: &str| {
+        json!({
+            "filter": { "external_id_prefix": prefix },
+            "category": "account",
+            "channels": ["email"],
+            "content": { "subject": "Terms updated", "text": "We updated our terms." }
+        })
+    };
+    let (status, upper) = w
+        .herald
+        .post("/api/v1/notifications/bulk", &bulk("ACME"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{upper}");
+    assert_eq!(upper["total"], 1, "the case counts: {upper}");
+    let (status, accepted) = w
+        .herald
+        .post("/api/v1/notifications/bulk", &bulk("acme_"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], 1, "`_` is no wildcard: {accepted}");
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["ACME_3@example.com", "acme_1@example.com"]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {
         config.scheduler.retention_days = 7;

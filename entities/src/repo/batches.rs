@@ -5,7 +5,7 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
     QuerySelect, Select,
-    sea_query::{Expr, OnConflict},
+    sea_query::{Expr, ExprTrait, Func, OnConflict},
 };
 use uuid::Uuid;
 
@@ -191,10 +191,24 @@ impl CustomerFilter {
             condition = condition.add(customer::Column::Locale.eq(locale.as_str()));
         }
         if let Some(prefix) = &self.external_id_prefix {
-            condition = condition.add(customer::Column::ExternalId.starts_with(prefix.as_str()));
+            condition = condition.add(begins_with(customer::Column::ExternalId, prefix));
         }
         condition
     }
+}
+
+/// `column` begins with `prefix`, character for character, on both databases. Not `LIKE
+/// 'prefix%'`: that reads a `_` or `%` in the prefix as a wildcard (`acme_` would select
+/// `acme-2`), and SQLite's `LIKE` ignores the case of ASCII letters (`ACME_3`).
+fn begins_with(column: customer::Column, prefix: &str) -> Expr {
+    let length = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
+    Expr::expr(
+        Func::cust("substr")
+            .arg(Expr::col(column))
+            .arg(1)
+            .arg(length),
+    )
+    .eq(prefix)
 }
 
 /// How many customers the filter selects.
