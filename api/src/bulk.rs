@@ -19,8 +19,8 @@ use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
     notifications::{
-        self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, dedup, message,
-        validate_recipient,
+        self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, ValidRecipient,
+        dedup, message, validate_recipient,
     },
 };
 
@@ -301,32 +301,16 @@ fn listed(list: Vec<BulkRecipient>, templated: bool) -> Result<Vec<BatchRecipien
         },
     ) in list.into_iter().enumerate()
     {
-        let contacts = validate_recipient(&recipient).map_err(|err| renamed(err, index))?;
+        let ValidRecipient {
+            customer_id,
+            contacts,
+            key,
+        } = validate_recipient(&recipient).map_err(|err| renamed(err, index))?;
         let field = format!("recipients[{index}].variables");
         if variables.is_some() && !templated {
             return Err(ApiError::invalid(&field, "variables need a template"));
         }
         let variables = notifications::variables(&field, variables)?;
-        let customer_id = non_empty(recipient.customer_id.clone());
-        let key = customer_id
-            .clone()
-            .or_else(|| contacts.email.clone())
-            .or_else(|| contacts.phone.clone())
-            .or_else(|| contacts.telegram_chat_id.clone())
-            .or_else(|| contacts.push_tokens.first().cloned())
-            .or_else(|| contacts.webhook_url.clone())
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    &format!("recipients[{index}]"),
-                    "name a customer_id or give at least one contact",
-                )
-            })?;
-        if key.len() > 200 {
-            return Err(ApiError::invalid(
-                &format!("recipients[{index}]"),
-                "customer_id must be at most 200 characters",
-            ));
-        }
         if seen.insert(key.clone()) {
             recipients.push(BatchRecipient {
                 key,

@@ -101,18 +101,18 @@ impl From<ApiCategory> for Category {
 /// Who receives the notification: a known customer, contacts, or both (contacts given here win).
 #[derive(Debug, Clone, Default, Object)]
 pub struct Recipient {
-    /// The customer's external id.
+    /// The customer's external id (1 to 200 characters, no `/`; surrounding spaces are dropped).
     pub customer_id: Option<String>,
     /// Email address.
     pub email: Option<String>,
     /// Phone number in E.164 form (`+4915112345678`).
     pub phone: Option<String>,
-    /// Telegram chat id.
+    /// Telegram chat id (at most 2,048 characters).
     pub telegram_chat_id: Option<String>,
-    /// Push device tokens.
+    /// Push device tokens (at most 20, each at most 2,048 characters).
     #[oai(default)]
     pub push_tokens: Vec<String>,
-    /// URL for signed webhooks (http or https).
+    /// URL for signed webhooks (http or https, at most 2,048 characters).
     pub webhook_url: Option<String>,
 }
 
@@ -485,29 +485,11 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         }
         other => other,
     };
-    let contacts = validate_recipient(&request.recipient)?;
-    let customer_id = request.recipient.customer_id.clone();
-    if let Some(id) = &customer_id
-        && (id.trim().is_empty() || id.len() > 200)
-    {
-        return Err(ApiError::invalid(
-            "recipient.customer_id",
-            "customer_id must be 1 to 200 characters",
-        ));
-    }
-    let recipient_key = customer_id
-        .clone()
-        .or_else(|| contacts.email.clone())
-        .or_else(|| contacts.phone.clone())
-        .or_else(|| contacts.telegram_chat_id.clone())
-        .or_else(|| contacts.push_tokens.first().cloned())
-        .or_else(|| contacts.webhook_url.clone())
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "recipient",
-                "name a customer_id or give at least one contact",
-            )
-        })?;
+    let ValidRecipient {
+        customer_id,
+        contacts,
+        key: recipient_key,
+    } = validate_recipient(&request.recipient)?;
     let category: Category = request.category.into();
     let channels: Vec<Channel> = match request.channels {
         Some(list) if list.is_empty() => {
@@ -562,8 +544,21 @@ pub(crate) fn dedup(channels: impl Iterator<Item = Channel>) -> Vec<Channel> {
     out
 }
 
-pub(crate) fn validate_recipient(recipient: &Recipient) -> Result<Contacts, ApiError> {
-    validate::contacts(
+/// A request's recipient, checked.
+#[derive(Debug)]
+pub(crate) struct ValidRecipient {
+    /// The stored customer it names, trimmed.
+    pub customer_id: Option<String>,
+    /// Its inline contacts, trimmed.
+    pub contacts: Contacts,
+    /// What its sends are partitioned and rate-limited by: the customer id, else the first
+    /// contact given.
+    pub key: String,
+}
+
+/// Checks a recipient; errors name fields under `recipient`.
+pub(crate) fn validate_recipient(recipient: &Recipient) -> Result<ValidRecipient, ApiError> {
+    let contacts = validate::contacts(
         "recipient.",
         RawContacts {
             email: &recipient.email,
@@ -572,7 +567,30 @@ pub(crate) fn validate_recipient(recipient: &Recipient) -> Result<Contacts, ApiE
             push_tokens: &recipient.push_tokens,
             webhook_url: &recipient.webhook_url,
         },
-    )
+    )?;
+    let customer_id = recipient
+        .customer_id
+        .as_deref()
+        .map(|id| validate::external_id("recipient.customer_id", id))
+        .transpose()?;
+    let key = customer_id
+        .clone()
+        .or_else(|| contacts.email.clone())
+        .or_else(|| contacts.phone.clone())
+        .or_else(|| contacts.telegram_chat_id.clone())
+        .or_else(|| contacts.push_tokens.first().cloned())
+        .or_else(|| contacts.webhook_url.clone())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "recipient",
+                "name a customer_id or give at least one contact",
+            )
+        })?;
+    Ok(ValidRecipient {
+        customer_id,
+        contacts,
+        key,
+    })
 }
 
 pub(crate) fn validate_content(content: MessageContent) -> Result<Content, ApiError> {
@@ -733,9 +751,53 @@ mod tests {
             push_tokens: vec!["".into(), "tok".into()],
             ..Recipient::default()
         };
-        let contacts = validate_recipient(&ok).unwrap();
-        assert_eq!(contacts.email.as_deref(), Some("ada@example.com"));
-        assert_eq!(contacts.push_tokens, vec!["tok".to_string()]);
+        let valid = validate_recipient(&ok).unwrap();
+        assert_eq!(valid.contacts.email.as_deref(), Some("ada@example.com"));
+        assert_eq!(valid.contacts.push_tokens, vec!["tok".to_string()]);
+        assert_eq!(valid.key, "ada@example.com");
+    }
+
+    #[test]
+    fn a_customer_id_is_trimmed_and_checked_as_an_external_id() {
+        let named = |id: &str| Recipient {
+            customer_id: Some(id.into()),
+            email: Some("ada@example.com".into()),
+            ..Recipient::default()
+        };
+        let valid = validate_recipient(&named(" c-1 ")).unwrap();
+        assert_eq!(valid.customer_id.as_deref(), Some("c-1"));
+        assert_eq!(
+            valid.key, "c-1",
+            "the customer's key, as its stored sends have"
+        );
+        for bad in ["  ", "a/b", "tab\there", &"x".repeat(201)] {
+            let err = validate_recipient(&named(bad)).err();
+            assert!(
+                matches!(&err, Some(ApiError::BadRequest(body))
+                    if body.0.field.as_deref() == Some("recipient.customer_id")),
+                "{bad:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn contacts_that_key_a_recipient_fit_an_index_entry() {
+        let long = format!("https://hooks.example.com/{}", "x".repeat(2048));
+        let hook = Recipient {
+            webhook_url: Some(long),
+            ..Recipient::default()
+        };
+        let err = validate_recipient(&hook).err();
+        assert!(
+            matches!(&err, Some(ApiError::BadRequest(body))
+                if body.0.field.as_deref() == Some("recipient.webhook_url")),
+            "{err:?}"
+        );
+        let chat = Recipient {
+            telegram_chat_id: Some("1".repeat(2049)),
+            ..Recipient::default()
+        };
+        assert!(validate_recipient(&chat).is_err());
     }
 
     #[test]

@@ -49,7 +49,9 @@ proptest! {
 
     #[test]
     fn recipient_validation_never_panics_and_keeps_its_promises(r in recipient()) {
-        if let Ok(contacts) = validate_recipient(&r) {
+        if let Ok(ValidRecipient { contacts, customer_id, key }) = validate_recipient(&r) {
+            prop_assert!(customer_id.is_none_or(|id| id.trim() == id && id.len() <= 200));
+            prop_assert!(key.len() <= 2048, "a key PostgreSQL can index");
             if let Some(email) = &contacts.email {
                 prop_assert!(looks_like_email(email) && email.len() <= 254);
                 prop_assert_eq!(email.trim(), email.as_str());
@@ -61,7 +63,7 @@ proptest! {
                 prop_assert!(url.starts_with("http://") || url.starts_with("https://"));
             }
             prop_assert!(contacts.push_tokens.len() <= 20);
-            prop_assert!(contacts.push_tokens.iter().all(|t| !t.is_empty() && t.len() <= 4096));
+            prop_assert!(contacts.push_tokens.iter().all(|t| !t.is_empty() && t.len() <= 2048));
         }
     }
 

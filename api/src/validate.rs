@@ -9,8 +9,9 @@ use crate::ApiError;
 pub const MAX_EXTERNAL_ID: usize = 200;
 /// Most push tokens per recipient.
 const MAX_PUSH_TOKENS: usize = 20;
-/// Longest push token.
-const MAX_PUSH_TOKEN: usize = 4096;
+/// Longest push token, webhook URL or Telegram chat id. A recipient without a customer id is
+/// keyed by its first contact, and PostgreSQL must fit the key in an index entry (2,704 bytes).
+const MAX_CONTACT: usize = 2048;
 
 /// Contacts as they arrive in a request, before trimming and checking.
 #[derive(Debug, Clone, Copy)]
@@ -48,11 +49,21 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
     }
     let webhook_url = trimmed(raw.webhook_url);
     if let Some(url) = &webhook_url
-        && !(url.starts_with("https://") || url.starts_with("http://"))
+        && (url.len() > MAX_CONTACT || !(url.starts_with("https://") || url.starts_with("http://")))
     {
         return Err(ApiError::invalid(
             &field("webhook_url"),
-            "webhook_url must be an http(s) URL",
+            format!("webhook_url must be an http(s) URL of at most {MAX_CONTACT} characters"),
+        ));
+    }
+    let telegram_chat_id = trimmed(raw.telegram_chat_id);
+    if telegram_chat_id
+        .as_ref()
+        .is_some_and(|id| id.len() > MAX_CONTACT)
+    {
+        return Err(ApiError::invalid(
+            &field("telegram_chat_id"),
+            format!("telegram_chat_id must be at most {MAX_CONTACT} characters"),
         ));
     }
     let push_tokens: Vec<String> = raw
@@ -61,16 +72,16 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty())
         .collect();
-    if push_tokens.len() > MAX_PUSH_TOKENS || push_tokens.iter().any(|t| t.len() > MAX_PUSH_TOKEN) {
+    if push_tokens.len() > MAX_PUSH_TOKENS || push_tokens.iter().any(|t| t.len() > MAX_CONTACT) {
         return Err(ApiError::invalid(
             &field("push_tokens"),
-            format!("at most {MAX_PUSH_TOKENS} push tokens of at most {MAX_PUSH_TOKEN} characters"),
+            format!("at most {MAX_PUSH_TOKENS} push tokens of at most {MAX_CONTACT} characters"),
         ));
     }
     Ok(Contacts {
         email,
         phone,
-        telegram_chat_id: trimmed(raw.telegram_chat_id),
+        telegram_chat_id,
         push_tokens,
         webhook_url,
     })
