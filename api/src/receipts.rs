@@ -50,7 +50,8 @@ pub struct Receipt {
     pub provider_message_id: Option<String>,
     /// What happened.
     pub event: ReceiptEvent,
-    /// When it happened, by the provider's clock; now when absent.
+    /// When it happened, by the provider's clock (a time ahead of Herald's counts as now); now
+    /// when absent.
     pub timestamp: Option<DateTime<Utc>>,
     /// The provider's error or bounce reason.
     pub error: Option<String>,
@@ -128,7 +129,11 @@ impl ReceiptsApi {
                 ));
             }
         };
-        let at = receipt.timestamp.unwrap_or_else(Utc::now);
+        // A provider's clock ahead of ours must not date the change in the future (retention
+        // counts from it).
+        let at = receipt
+            .timestamp
+            .map_or_else(Utc::now, |at| at.min(Utc::now()));
         let (status, reason) = match receipt.event {
             ReceiptEvent::Delivered => (
                 NotificationStatus::Delivered,

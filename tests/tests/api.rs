@@ -428,6 +428,14 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     assert_eq!(answer["applied"], true);
     let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
     assert_eq!(now["status"], "delivered");
+    let updated: chrono::DateTime<chrono::Utc> = now["updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("updated_at");
+    assert!(
+        updated <= chrono::Utc::now(),
+        "a provider's clock ahead is not believed: {now}"
+    );
     let event = eventually("the delivered event", E2E_TIMEOUT, || async {
         last_status_event(&w.nats, "delivered").await
     })
@@ -474,6 +482,18 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     .await;
     assert_eq!(event["notification_id"], other.as_str());
     assert_eq!(event["error"], "550 mailbox gone");
+
+    // A receipt is about a sent message: one for a notification not sent yet is refused.
+    let mut later = email("cy@example.com", None, "transactional");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled = h.send_accepted(&later).await;
+    let early = json!({ "notification_id": scheduled, "event": "bounced", "error": "550 gone" });
+    let (status, body) = h
+        .request_with_key(Method::POST, callback, Some(&provider_key), Some(&early))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, still) = h.get(&format!("/api/v1/notifications/{scheduled}")).await;
+    assert_eq!(still["status"], "scheduled", "{still}");
 
     // Unknown provider, unknown notification, nothing named, wrong scope.
     let (status, _) = h

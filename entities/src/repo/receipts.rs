@@ -40,9 +40,12 @@ pub async fn find_by_provider_message_id(
         .await?)
 }
 
-/// Moves notification `id` to `status` (`delivered` or `failed`) if the transition rules
-/// ([`NotificationStatus::allowed_from`]) allow it, in one conditional UPDATE, so concurrent or
-/// repeated receipts cannot move it backwards.
+/// Moves notification `id` to `status` (`delivered` or `failed`) if it is `sent`, in one
+/// conditional UPDATE, so concurrent or repeated receipts cannot move it backwards. A receipt is
+/// about a message a provider accepted, so it applies only once the notification is recorded
+/// `sent`: a bounce applied earlier would end a queued or scheduled notification `failed`
+/// unsent, or one whose `sent` is still on its way to the database `failed` without its
+/// channel and time.
 pub async fn apply(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -56,7 +59,7 @@ pub async fn apply(
         .col_expr(notification::Column::StatusReason, Expr::value(reason))
         .col_expr(notification::Column::UpdatedAt, Expr::value(at))
         .filter(notification::Column::Id.eq(id))
-        .filter(notification::Column::Status.is_in(status.allowed_from().to_vec()));
+        .filter(notification::Column::Status.eq(NotificationStatus::Sent));
     if let Some(error) = error {
         update = update.col_expr(notification::Column::Error, Expr::value(error));
     }
