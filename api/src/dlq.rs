@@ -105,6 +105,9 @@ pub struct ReplayFilter {
     /// At most this many (1 to 1000, default 100).
     #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
     pub limit: Option<u32>,
+    /// Only entries after this sequence number: a previous call's `next_after_seq`, to go past
+    /// the entries it skipped.
+    pub after_seq: Option<u64>,
 }
 
 /// An entry a filtered replay left alone.
@@ -123,6 +126,9 @@ pub struct ReplayReport {
     pub replayed: Vec<Replayed>,
     /// Matching entries left in the stream, with the reason.
     pub skipped: Vec<ReplaySkipped>,
+    /// The last sequence number looked at, when more entries may follow: pass it as `after_seq`
+    /// to continue past these. Absent at the end of the stream.
+    pub next_after_seq: Option<u64>,
 }
 
 /// Dead-letter endpoints.
@@ -181,6 +187,9 @@ impl DlqApi {
     }
 
     /// Replay every dead letter matching a filter (scope `admin`), oldest first, at most `limit`.
+    /// Only send commands are replayed; entries that are not (such as events the Router gave up
+    /// on) are passed over. Entries that cannot be replayed now are reported as skipped and stay;
+    /// `next_after_seq` continues past them.
     #[oai(path = "/dlq/replay", method = "post")]
     async fn replay_matching(
         &self,
@@ -194,14 +203,18 @@ impl DlqApi {
             from: body.0.from,
             to: body.0.to,
         };
+        let start = body.0.after_seq.unwrap_or(0).saturating_add(1);
         let stream = open_stream(&self.state).await?;
-        let (letters, _) = stream
-            .page(1, limit, MAX_SCAN, |l| filter.matches(l))
+        let (letters, next) = stream
+            .page(start, limit, MAX_SCAN, |l| {
+                SendCommand::decode(&l.payload).is_ok() && filter.matches(l)
+            })
             .await
             .map_err(unavailable)?;
         let mut report = ReplayReport {
             replayed: Vec::new(),
             skipped: Vec::new(),
+            next_after_seq: next.map(|n| n.saturating_sub(1)),
         };
         for letter in &letters {
             match replay_letter(&self.state, &stream, letter).await? {

@@ -653,3 +653,87 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// Publishes `payload` on the dead-letter stream, as a consumer that gave up on it would.
+async fn dead_letter(nats: &NatsServer, source: &str, payload: Vec<u8>) {
+    let js = async_nats::jetstream::new(nats.client().await.expect("nats client"));
+    js.publish(herald_nats::subjects::dlq_subject(source), payload.into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+#[tokio::test]
+async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
+    let w = world_with(|config| {
+        config.dispatch.retry.max_deliveries = 2;
+        config.channels.limits.circuit.cool_down_ms = 200;
+    })
+    .await;
+    let h = &w.herald;
+    // Ahead of the one to replay: events the Router gave up on, and a command whose
+    // notification is not stored (purged, say).
+    for _ in 0..2 {
+        dead_letter(&w.nats, "router", br#"{"v":1,"event":"x"}"#.to_vec()).await;
+    }
+    let orphan = herald_nats::SendCommand {
+        v: herald_nats::SCHEMA_VERSION,
+        notification_id: uuid::Uuid::now_v7(),
+        customer_id: None,
+        contacts: herald_nats::Contacts {
+            email: Some("gone@example.com".into()),
+            ..Default::default()
+        },
+        category: herald_nats::Category::Transactional,
+        channels: vec![herald_nats::Channel::Email],
+        content: herald_nats::Content {
+            subject: None,
+            text: "gone".into(),
+            html: None,
+            short: None,
+            template: None,
+        },
+        created_at: chrono::Utc::now(),
+    };
+    dead_letter(
+        &w.nats,
+        "dispatch",
+        orphan.encode().expect("encoded").to_vec(),
+    )
+    .await;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let dead = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&dead, "dead").await;
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+
+    let (status, first) = h.post("/api/v1/dlq/replay", &json!({ "limit": 1 })).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["replayed"], json!([]), "{first}");
+    let skipped = first["skipped"].as_array().expect("skipped");
+    assert_eq!(skipped.len(), 1, "only commands are candidates: {first}");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is not stored"),
+        "{first}"
+    );
+    let after = first["next_after_seq"].as_u64().expect("where to go on");
+    let (status, second) = h
+        .post(
+            "/api/v1/dlq/replay",
+            &json!({ "limit": 1, "after_seq": after }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{second}");
+    assert_eq!(
+        second["replayed"][0]["notification_id"],
+        dead.as_str(),
+        "{second}"
+    );
+    h.wait_status(&dead, "sent").await;
+    w.herald.shutdown().await.expect("shutdown");
+}
