@@ -21,7 +21,7 @@ use herald_entities::{
 };
 use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use sea_orm::{DatabaseConnection, DbErr, RuntimeErr};
+use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 
 /// Batching limits.
@@ -340,7 +340,7 @@ async fn apply_riding_outages(
     let mut delay = Duration::from_millis(100);
     loop {
         match writer.apply(changes, attempts).await {
-            Err(herald_entities::RepoError::Db(err)) if is_outage(&err) => {
+            Err(err) if err.is_outage() => {
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", records.len());
                 metrics::counter!("herald_status_write_retries_total").increment(1);
                 for record in records {
@@ -383,46 +383,6 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
             }
         }
     }
-}
-
-/// Whether `err` means the database is unavailable (unreachable, restarting, locked by someone
-/// else) rather than that this write is wrong: only then is waiting and retrying right.
-fn is_outage(err: &DbErr) -> bool {
-    match err {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
-        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
-            is_sqlx_outage(cause)
-        }
-        _ => err
-            .to_string()
-            .to_lowercase()
-            .contains("database is locked"),
-    }
-}
-
-fn is_sqlx_outage(err: &sea_orm::sqlx::Error) -> bool {
-    use sea_orm::sqlx::Error;
-    match err {
-        Error::Io(_)
-        | Error::Tls(_)
-        | Error::Protocol(_)
-        | Error::PoolTimedOut
-        | Error::PoolClosed
-        | Error::WorkerCrashed => true,
-        Error::Database(db) => db.code().is_some_and(|code| is_outage_code(&code)),
-        _ => false,
-    }
-}
-
-/// PostgreSQL (five-character SQLSTATE): a connection exception (class 08), the server shutting
-/// down or starting (57P01–57P03), too many connections (53300). SQLite (a number): busy or
-/// locked (primary codes 5 and 6, with their extended codes).
-fn is_outage_code(code: &str) -> bool {
-    if code.len() == 5 {
-        return code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300");
-    }
-    code.parse::<i32>()
-        .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6))
 }
 
 async fn keep_in_progress(then: &AfterWrite) {
@@ -478,13 +438,7 @@ fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    fn exec(cause: sea_orm::sqlx::Error) -> DbErr {
-        DbErr::Exec(RuntimeErr::SqlxError(Arc::new(cause)))
-    }
 
     fn waiting(pending: usize, oldest_waited_ms: u64) -> Waiting {
         Waiting {
@@ -511,35 +465,5 @@ mod tests {
         };
         assert_eq!(after(draining), Some(Duration::ZERO), "shutdown waits");
         assert_eq!(after(waiting(0, 0)), None, "nothing to write");
-    }
-
-    #[test]
-    fn a_dropped_connection_is_an_outage_whatever_its_message() {
-        let eof = std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "expected to read 5 bytes, got 0 bytes at EOF",
-        );
-        assert!(is_outage(&exec(sea_orm::sqlx::Error::Io(eof))));
-        assert!(is_outage(&exec(sea_orm::sqlx::Error::PoolTimedOut)));
-        assert!(is_outage(&DbErr::ConnectionAcquire(
-            sea_orm::ConnAcquireErr::Timeout
-        )));
-    }
-
-    #[test]
-    fn a_wrong_write_is_not_an_outage() {
-        assert!(!is_outage(&exec(sea_orm::sqlx::Error::RowNotFound)));
-        assert!(!is_outage(&DbErr::Custom("no such notification".into())));
-        assert!(!is_outage(&DbErr::RecordNotInserted));
-    }
-
-    #[test]
-    fn busy_locked_and_server_state_codes_are_outages_constraint_codes_are_not() {
-        for code in ["5", "6", "517", "262", "08006", "57P01", "57P03", "53300"] {
-            assert!(is_outage_code(code), "{code}");
-        }
-        for code in ["19", "2067", "23505", "23503", "42P01"] {
-            assert!(!is_outage_code(code), "{code}");
-        }
     }
 }

@@ -99,15 +99,14 @@ impl ApiError {
 }
 
 impl From<herald_entities::RepoError> for ApiError {
+    /// 503 when the database is unavailable (unreachable, restarting, read-only, out of room:
+    /// the same request may succeed later), else 500.
     fn from(err: herald_entities::RepoError) -> Self {
-        match err {
-            herald_entities::RepoError::Db(
-                sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_),
-            ) => {
-                tracing::warn!(error = %err, "database unavailable");
-                Self::unavailable("database unavailable")
-            }
-            other => Self::internal(&other),
+        if err.is_outage() {
+            tracing::warn!(error = %err, "database unavailable");
+            Self::unavailable("database unavailable")
+        } else {
+            Self::internal(&err)
         }
     }
 }
@@ -158,4 +157,27 @@ pub async fn render_error(err: poem::Error) -> Response {
         .status(status)
         .content_type("application/json; charset=utf-8")
         .body(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use herald_entities::RepoError;
+    use sea_orm::{DbErr, RuntimeErr, sqlx};
+
+    use super::*;
+
+    fn status_of(err: sqlx::Error) -> StatusCode {
+        let err = RepoError::Db(DbErr::Query(RuntimeErr::SqlxError(Arc::new(err))));
+        ApiError::from(err).status_and_body().0
+    }
+
+    #[test]
+    fn a_database_lost_mid_query_is_unavailable_a_wrong_query_is_internal() {
+        let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        assert_eq!(status_of(sqlx::Error::Io(cut)), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_of(sqlx::Error::PoolTimedOut), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status_of(sqlx::Error::RowNotFound), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

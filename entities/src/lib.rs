@@ -12,6 +12,7 @@ pub mod customer;
 pub mod delivery_attempt;
 pub mod notification;
 pub mod order;
+pub mod outage;
 pub mod outbox_event;
 pub mod preference;
 pub mod quiet_hours;
@@ -21,6 +22,7 @@ pub mod template;
 pub mod write_gate;
 
 pub use checkpoint::{Checkpointer, Checkpoints};
+pub use outage::is_outage;
 pub use repo::RepoError;
 pub use status::NotificationStatus;
 pub use write_gate::WriteGate;
