@@ -176,8 +176,17 @@ mod tests {
     #[test]
     fn a_database_lost_mid_query_is_unavailable_a_wrong_query_is_internal() {
         let cut = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
-        assert_eq!(status_of(sqlx::Error::Io(cut)), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(status_of(sqlx::Error::PoolTimedOut), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(status_of(sqlx::Error::RowNotFound), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status_of(sqlx::Error::Io(cut)),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(sqlx::Error::PoolTimedOut),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(sqlx::Error::RowNotFound),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

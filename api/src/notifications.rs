@@ -290,9 +290,15 @@ impl NotificationsApi {
         record_stage("store", storing);
         match inserted? {
             Inserted::Duplicate(existing) => {
+                // Queued: the first request may still be publishing, or have failed to and be
+                // removing the row; publishing again and confirming it at once decides which.
                 if existing.status == NotificationStatus::Queued {
                     publish_again(&self.state, &existing).await?;
-                    self.state.inserts.confirm_published(existing.id);
+                    if !repo::confirm_published_now(&self.state.db, existing.id).await? {
+                        return Err(ApiError::unavailable(
+                            "the message queue is unavailable; nothing was accepted, retry later",
+                        ));
+                    }
                 }
                 Ok(SendResponse::Repeated(Json(Accepted {
                     id: existing.id,

@@ -2,8 +2,9 @@
 //! PostgreSQL, as `HERALD_TEST_DB` says): concurrent callers each get their own answer, a repeated
 //! request id resolves to one row even within one batch, a row that breaks a constraint fails
 //! alone, a new row is answered as it reads back (times as the database keeps them), an
-//! unavailable database fails every waiting caller and stores nothing, and a confirmed
-//! publish clears the API's "not yet published" mark and nothing else.
+//! unavailable database fails every waiting caller and stores nothing, a confirmed publish
+//! clears the API's "not yet published" mark and nothing else, and a row whose publish failed is
+//! removed only while nothing confirmed it.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -302,5 +303,44 @@ async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
         reason(&db, ids.2).await.as_deref(),
         Some("quiet hours until 07:00"),
         "processing keeps another reason"
+    );
+}
+
+/// A send whose publish failed removes its row, unless a repeat of the request published the
+/// command meanwhile and answered with it: whichever of the two writes first decides.
+#[tokio::test]
+async fn a_failed_publish_removes_its_row_unless_a_repeat_confirmed_it_first() {
+    use herald_entities::repo::notifications::{confirm_published_now, delete_unpublished};
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
+    let marked = || NewNotification {
+        status_reason: Some(PUBLISH_PENDING.into()),
+        ..row(None)
+    };
+    let (repeated, abandoned) = (marked(), marked());
+    let ids = (repeated.id, abandoned.id);
+    insert_all(&queue, vec![repeated, abandoned]).await;
+
+    assert!(confirm_published_now(&db, ids.0).await.expect("confirmed"));
+    delete_unpublished(&db, ids.0).await.expect("delete ran");
+    assert_eq!(
+        reason(&db, ids.0).await,
+        None,
+        "the confirmed row stays, unmarked"
+    );
+
+    delete_unpublished(&db, ids.1).await.expect("deleted");
+    let gone = notification::Entity::find_by_id(ids.1)
+        .one(&db)
+        .await
+        .expect("read");
+    assert!(
+        gone.is_none(),
+        "an unconfirmed row whose publish failed is removed"
+    );
+    assert!(
+        !confirm_published_now(&db, ids.1).await.expect("ran"),
+        "a repeat learns that the row is gone"
     );
 }

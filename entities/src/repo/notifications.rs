@@ -11,6 +11,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::schedule::PUBLISH_PENDING;
 use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 
 /// A notification to store as accepted.
@@ -317,12 +318,31 @@ pub async fn find_with_attempts(
 
 /// Removes a notification that was stored but could not be published, so the caller's retry with
 /// the same request id is accepted afresh rather than answered with a notification that never went
-/// out.
+/// out. Only while it is `queued` with its [`PUBLISH_PENDING`] mark: a repeat of the request that
+/// published the command meanwhile has cleared the mark ([`confirm_published_now`]) and answered
+/// with this notification, which must then stay.
 pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
     notification::Entity::delete_many()
         .filter(notification::Column::Id.eq(id))
         .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .filter(notification::Column::StatusReason.eq(PUBLISH_PENDING))
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// Clears notification `id`'s unconfirmed-publish mark at once, after a repeated request
+/// published its command again. `false` when the notification is gone: the request that stored
+/// it removed it after its own publish failed ([`delete_unpublished`]), so the repeat must not
+/// answer with it.
+pub async fn confirm_published_now(db: &impl ConnectionTrait, id: Uuid) -> Result<bool, RepoError> {
+    let updated = notification::Entity::update_many()
+        .col_expr(
+            notification::Column::StatusReason,
+            super::schedule::reason_without_publish_mark(),
+        )
+        .filter(notification::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected > 0)
 }
