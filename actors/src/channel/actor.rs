@@ -1,6 +1,7 @@
 //! `ChannelActor`: one per configured provider. Holds the circuit breaker, a concurrency limit and
 //! the send timeout. Sends run as tasks under a semaphore and report back, so the mailbox never
-//! waits on the network and an open circuit is answered at once.
+//! waits on the network and an open circuit is answered at once. A send whose caller stopped
+//! waiting before a permit was free is dropped unsent: the caller has already moved on.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -85,7 +86,8 @@ pub struct ChannelSnapshot {
 
 /// Messages of a [`ChannelActor`].
 pub enum ChannelMsg {
-    /// Send one message; the reply comes when the provider answers (or at once if refused).
+    /// Send one message; the reply comes when the provider answers (or at once if refused). Not
+    /// sent if the reply port is closed by the time a concurrency permit is free.
     Send(Box<OutboundMessage>, RpcReplyPort<SendReport>),
     /// A send task finished (internal).
     Finished {
@@ -95,6 +97,12 @@ pub enum ChannelMsg {
         provider_failure: bool,
         /// The error text, if it failed.
         error: Option<String>,
+    },
+    /// A send task gave up before sending, as its caller no longer waited for the answer
+    /// (internal).
+    Abandoned {
+        /// How the send was admitted.
+        admission: Admission,
     },
     /// Report the current state.
     Snapshot(RpcReplyPort<ChannelSnapshot>),
@@ -194,6 +202,16 @@ impl Actor for ChannelActor {
                 }
                 record_circuit(state);
             }
+            ChannelMsg::Abandoned { admission } => {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                metrics::counter!(
+                    "herald_channel_sends_abandoned_total",
+                    "provider" => state.provider.name().to_string()
+                )
+                .increment(1);
+                state.breaker.on_abandoned(admission);
+                record_circuit(state);
+            }
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
             }
@@ -239,6 +257,13 @@ fn start_send(
     let timeout = state.timeout;
     tokio::spawn(async move {
         let _permit = permits.acquire_owned().await;
+        if reply.is_closed() {
+            // The caller stopped waiting while this send queued for a permit, and took it for a
+            // transient failure: it has failed over or will retry, so sending now would deliver
+            // the message twice.
+            let _ = myself.cast(ChannelMsg::Abandoned { admission });
+            return;
+        }
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, provider.send(&outbound)).await {
             Ok(result) => result,
@@ -304,5 +329,144 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
         failed: state.failed,
         refused: state.refused,
         last_error: state.last_error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::BoxFuture;
+    use ractor::rpc::CallResult;
+    use tokio::sync::mpsc;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::channel::provider::tests::outbound;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// A provider that reports each send as it starts and answers once the test opens its gate.
+    struct GatedProvider {
+        started: mpsc::UnboundedSender<Uuid>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Provider for GatedProvider {
+        fn channel(&self) -> Channel {
+            Channel::Email
+        }
+
+        fn name(&self) -> &str {
+            "gated"
+        }
+
+        fn send<'a>(
+            &'a self,
+            message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            Box::pin(async move {
+                let _ = self.started.send(message.notification_id);
+                self.gate.acquire().await.expect("gate open").forget();
+                Ok(Receipt {
+                    provider_message_id: None,
+                })
+            })
+        }
+    }
+
+    async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {
+        let args = ChannelArgs {
+            provider: Arc::new(provider),
+            settings,
+            announcer: None,
+        };
+        Actor::spawn(None, ChannelActor, args)
+            .await
+            .expect("channel actor starts")
+            .0
+    }
+
+    async fn snapshot_when(
+        actor: &ActorRef<ChannelMsg>,
+        what: &str,
+        done: impl Fn(&ChannelSnapshot) -> bool,
+    ) -> ChannelSnapshot {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let snapshot = actor
+                .call(ChannelMsg::Snapshot, Some(WAIT))
+                .await
+                .expect("actor alive")
+                .expect("snapshot");
+            if done(&snapshot) {
+                return snapshot;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {WAIT:?} for {what}: {snapshot:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_whose_caller_gave_up_while_queued_is_not_sent() {
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let settings = ChannelSettings {
+            concurrency: 1,
+            ..ChannelSettings::default()
+        };
+        let actor = spawn(
+            GatedProvider {
+                started,
+                gate: gate.clone(),
+            },
+            settings,
+        )
+        .await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let answer = tokio::spawn({
+            let actor = actor.clone();
+            async move {
+                actor
+                    .call(|port| ChannelMsg::Send(Box::new(first), port), Some(WAIT))
+                    .await
+            }
+        });
+        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
+        assert_eq!(sending.expect("the first send starts"), Some(first_id));
+
+        // The second send queues behind the first for the only permit; its caller gives up.
+        let second = outbound();
+        let gave_up = actor
+            .call(
+                |port| ChannelMsg::Send(Box::new(second), port),
+                Some(Duration::from_millis(100)),
+            )
+            .await
+            .expect("actor alive");
+        assert!(matches!(gave_up, CallResult::Timeout), "{gave_up:?}");
+
+        // Room for both sends: without the check the abandoned one would go out too.
+        gate.add_permits(2);
+        let answered = tokio::time::timeout(WAIT, answer)
+            .await
+            .expect("the first send is answered")
+            .expect("caller task")
+            .expect("actor alive");
+        assert!(
+            matches!(&answered, CallResult::Success(r) if matches!(r.outcome, SendOutcome::Accepted(_))),
+            "{answered:?}"
+        );
+        let settled = snapshot_when(&actor, "both sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.sent, 1, "{settled:?}");
+        assert_eq!(settled.failed, 0, "{settled:?}");
+        assert_eq!(settled.circuit, CircuitState::Closed);
+        assert!(
+            starts.try_recv().is_err(),
+            "the send nobody waited for went out"
+        );
+        actor.stop(None);
     }
 }

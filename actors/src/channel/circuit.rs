@@ -153,6 +153,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// Reports a send that was admitted but never reached the provider (its caller stopped
+    /// waiting): an abandoned probe tested nothing, so the circuit goes back to open with its
+    /// cool-down already over, and the next send is the probe.
+    pub fn on_abandoned(&mut self, admission: Admission) {
+        if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
+            self.state = CircuitState::Open;
+        }
+    }
+
     /// Opens the circuit now (also used when another instance reports the provider down).
     pub fn open(&mut self, now: Instant) {
         if self.state != CircuitState::Open {
@@ -235,6 +244,24 @@ mod tests {
         assert_eq!(cb.admit(t0 + ms(9_000)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(10_100)), Admission::Probe);
         assert_eq!(cb.times_opened(), 2);
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_send_probe() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.open(t0);
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        cb.on_abandoned(Admission::Allowed);
+        assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe");
+        cb.on_abandoned(Admission::Probe);
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(
+            cb.admit(t0 + ms(5_001)),
+            Admission::Probe,
+            "no new cool-down"
+        );
+        assert_eq!(cb.times_opened(), 1, "it did not open again");
     }
 
     #[test]
