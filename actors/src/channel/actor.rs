@@ -3,9 +3,11 @@
 //! waits on the network and an open circuit is answered at once. A send whose caller stopped
 //! waiting before a permit was free is dropped unsent: the caller has already moved on.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use herald_nats::Channel;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -265,8 +267,14 @@ fn start_send(
             return;
         }
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, provider.send(&outbound)).await {
-            Ok(result) => result,
+        let sending = AssertUnwindSafe(provider.send(&outbound)).catch_unwind();
+        let result = match tokio::time::timeout(timeout, sending).await {
+            Ok(Ok(result)) => result,
+            // A provider bug: answered and reported like any provider failure, so the circuit
+            // counts it and in_flight (or a half-open probe) is not left waiting for ever.
+            Ok(Err(_panic)) => Err(ProviderError::transient(
+                "the provider failed unexpectedly (it panicked)",
+            )),
             Err(_) => Err(ProviderError::transient(format!(
                 "no answer within {} ms",
                 timeout.as_millis()
@@ -373,6 +381,26 @@ mod tests {
         }
     }
 
+    /// A provider with a bug: every send panics.
+    struct PanickingProvider;
+
+    impl Provider for PanickingProvider {
+        fn channel(&self) -> Channel {
+            Channel::Email
+        }
+
+        fn name(&self) -> &str {
+            "panicking"
+        }
+
+        fn send<'a>(
+            &'a self,
+            _message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            Box::pin(async { panic!("provider bug") })
+        }
+    }
+
     async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {
         let args = ChannelArgs {
             provider: Arc::new(provider),
@@ -467,6 +495,47 @@ mod tests {
             starts.try_recv().is_err(),
             "the send nobody waited for went out"
         );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_provider_counts_as_a_failure_and_probes_go_on() {
+        let settings = ChannelSettings {
+            circuit: CircuitSettings {
+                failure_threshold: 1,
+                window_ms: 60_000,
+                cool_down_ms: 0,
+            },
+            ..ChannelSettings::default()
+        };
+        let actor = spawn(PanickingProvider, settings).await;
+        // The first send opens the circuit; with no cool-down each later send is the half-open
+        // probe, which must be answered and reopen the circuit rather than leave it half-open.
+        for send in 1..=3 {
+            let answer = actor
+                .call(
+                    |port| ChannelMsg::Send(Box::new(outbound()), port),
+                    Some(WAIT),
+                )
+                .await
+                .expect("actor alive");
+            let CallResult::Success(report) = answer else {
+                panic!("send {send} was not answered: {answer:?}");
+            };
+            assert!(
+                matches!(&report.outcome, SendOutcome::Failed(ProviderError::Transient { reason, .. })
+                    if reason.contains("panicked")),
+                "send {send}: {report:?}"
+            );
+            let snapshot = actor
+                .call(ChannelMsg::Snapshot, Some(WAIT))
+                .await
+                .expect("actor alive")
+                .expect("snapshot");
+            assert_eq!(snapshot.in_flight, 0, "send {send}: {snapshot:?}");
+            assert_eq!(snapshot.failed, send, "{snapshot:?}");
+            assert_eq!(snapshot.circuit, CircuitState::Open, "{snapshot:?}");
+        }
         actor.stop(None);
     }
 }
