@@ -85,6 +85,10 @@ pub async fn deliver(
         .info()
         .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
         .unwrap_or((1, 0));
+    let copy = Delivery {
+        count: delivered,
+        sequence,
+    };
     let (message, acker) = message.split();
     if message.payload.len() > MAX_COMMAND_BYTES {
         let reason = format!(
@@ -173,7 +177,7 @@ pub async fn deliver(
                 message.payload,
                 &message.subject,
                 acker,
-                delivered,
+                copy,
                 reason,
                 vec![],
                 permit,
@@ -214,10 +218,20 @@ pub async fn deliver(
         message.payload,
         &message.subject,
         acker,
-        (delivered, round),
+        (copy, round),
         permit,
     )
     .await;
+}
+
+/// Which copy of a command a delivery works on, as JetStream tells it.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    /// JetStream's delivery count of the stream message (1 for the first).
+    count: u64,
+    /// The stream message's sequence. A replay from the DLQ publishes the command again as a new
+    /// message, so the sequence tells one notification's generations apart (see [`dead`]).
+    sequence: u64,
 }
 
 /// Which pass over the channel chain a delivery is. JetStream's delivery count also counts
@@ -586,10 +600,10 @@ async fn finish(
     payload: Bytes,
     subject: &str,
     acker: Acker,
-    delivery: (u64, Round),
+    delivery: (Delivery, Round),
     permit: Lease,
 ) {
-    let (delivered, round) = delivery;
+    let (copy, round) = delivery;
     let id = command.notification_id;
     let attempts_made = walk.attempts.last().map(|a| a.attempt_no);
     if let Some(channel) = walk.sent_on {
@@ -639,7 +653,7 @@ async fn finish(
             payload,
             subject,
             acker,
-            delivered,
+            copy,
             reason,
             walk.attempts,
             permit,
@@ -667,6 +681,11 @@ async fn finish(
 
 /// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached the
 /// command is NAKed instead, so it is neither lost nor acked without its dead letter.
+///
+/// The dead letter's `Nats-Msg-Id` names the notification and the stream message that died: a
+/// redelivery of that message dead-letters it again as a duplicate JetStream drops, while a
+/// replayed command that dies again (a new message) gets a dead letter of its own even within
+/// the duplicate window, rather than being `dead` with nothing left to replay.
 #[allow(clippy::too_many_arguments)]
 async fn dead(
     ctx: &DeliveryContext,
@@ -674,7 +693,7 @@ async fn dead(
     payload: Bytes,
     subject: &str,
     acker: Acker,
-    delivered: u64,
+    copy: Delivery,
     reason: String,
     attempts: Vec<NewAttempt>,
     permit: Lease,
@@ -692,12 +711,12 @@ async fn dead(
             &DeadLetterHeaders {
                 source: "cmd",
                 original_subject: subject,
-                deliveries: delivered,
+                deliveries: copy.count,
                 reason: &reason,
                 providers: &providers,
             },
             payload,
-            &id.to_string(),
+            &format!("{id}:dead:{}", copy.sequence),
         )
         .await;
     if let Err(err) = published {

@@ -737,3 +737,49 @@ async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
     h.wait_status(&dead, "sent").await;
     w.herald.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
+    let w = world_with(|config| {
+        config.dispatch.retry.max_deliveries = 2;
+        config.channels.limits.circuit.cool_down_ms = 200;
+    })
+    .await;
+    let h = &w.herald;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "dead").await;
+    let (_, page) = h.get("/api/v1/dlq").await;
+    let first_seq = page["items"][0]["seq"].as_u64().expect("a dead letter");
+    assert_eq!(page["items"][0]["notification_id"], id.as_str(), "{page}");
+
+    // Replayed while the provider is still down, well within JetStream's duplicate window: it
+    // dies again and must leave a dead letter to replay, not vanish as a duplicate.
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{first_seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    h.wait_status(&id, "dead").await;
+    let (_, page) = h.get("/api/v1/dlq").await;
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(
+        items.len(),
+        1,
+        "the second death has its dead letter: {page}"
+    );
+    assert_eq!(items[0]["notification_id"], id.as_str(), "{page}");
+    let second_seq = items[0]["seq"].as_u64().expect("seq");
+    assert_ne!(second_seq, first_seq, "{page}");
+
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{second_seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    h.wait_status(&id, "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("shutdown");
+}
