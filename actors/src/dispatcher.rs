@@ -290,7 +290,8 @@ struct Partition {
 }
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
-/// stopped; binds and re-subscribes after errors (a NATS restart) with a bounded backoff. Past the
+/// stopped; binds again and re-subscribes after errors (a NATS restart, a deleted consumer) with a
+/// bounded backoff. Past the
 /// partition's lease deadline it hands commands back instead and waits for the lease to be renewed.
 async fn pull_loop(
     partition: Partition,
@@ -370,7 +371,10 @@ async fn pull_loop(
                     }
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(partition = partition.number, error = %err, "pulling commands failed; re-subscribing");
+                    tracing::warn!(partition = partition.number, error = %err, "pulling commands failed; binding again");
+                    // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
+                    // pulling from a stale handle would fail for good: bind (create) it again.
+                    consumer = None;
                     pause(&stop, &mut backoff).await;
                     break;
                 }

@@ -3,13 +3,16 @@
 //!
 //! A permit is taken before a message is pulled and travels with it, released only when its
 //! handling is done, so slow handling slows the pulling instead of filling memory. Errors (a NATS
-//! restart) re-subscribe with a bounded backoff; a stopped loop hands back what it had prefetched.
+//! restart, a deleted consumer) bind the consumer again and re-subscribe with a bounded backoff; a
+//! stopped loop hands back what it had prefetched.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
+use herald_nats::NatsError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -18,24 +21,44 @@ const RELEASE_WINDOW: Duration = Duration::from_millis(50);
 
 /// Pulls messages from `consumer` while permits are free and `stop` is not cancelled, handing
 /// each to `hand_off` with its permit. `hand_off` returns the message when its receiver is gone;
-/// the message is then NAKed and the loop ends. `what` names the messages in logs.
-pub async fn pull_loop<F>(
+/// the message is then NAKed and the loop ends. After an error the consumer is bound again with
+/// `bind` (which creates it if it was deleted). `what` names the messages in logs.
+pub async fn pull_loop<F, B, Bound>(
     consumer: PullConsumer,
+    bind: B,
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     what: &'static str,
     hand_off: F,
 ) where
     F: Fn(Box<jetstream::Message>, OwnedSemaphorePermit) -> Result<(), Box<jetstream::Message>>,
+    B: Fn() -> Bound,
+    Bound: Future<Output = Result<PullConsumer, NatsError>>,
 {
     let mut backoff = Duration::from_millis(100);
+    let mut consumer = Some(consumer);
     while !stop.is_cancelled() {
+        let bound = match &consumer {
+            Some(bound) => bound.clone(),
+            None => tokio::select! {
+                _ = stop.cancelled() => return,
+                bound = bind() => match bound {
+                    Ok(bound) => consumer.insert(bound).clone(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, what, "cannot bind the consumer; retrying");
+                        pause(&stop, &mut backoff).await;
+                        continue;
+                    }
+                },
+            },
+        };
         let mut messages = tokio::select! {
             _ = stop.cancelled() => return,
-            subscribed = consumer.messages() => match subscribed {
+            subscribed = bound.messages() => match subscribed {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(error = %err, what, "cannot pull; retrying");
+                    tracing::warn!(error = %err, what, "cannot pull; binding again");
+                    consumer = None;
                     pause(&stop, &mut backoff).await;
                     continue;
                 }
@@ -62,7 +85,10 @@ pub async fn pull_loop<F>(
                     }
                 }
                 Some(Err(err)) => {
-                    tracing::warn!(error = %err, what, "pulling failed; re-subscribing");
+                    tracing::warn!(error = %err, what, "pulling failed; binding again");
+                    // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
+                    // pulling from a stale handle would fail for good.
+                    consumer = None;
                     pause(&stop, &mut backoff).await;
                     break;
                 }

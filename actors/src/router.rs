@@ -24,7 +24,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher, TemplateRef,
+    Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher, StreamSettings,
+    TemplateRef,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -72,6 +73,10 @@ pub struct RouterContext {
 pub struct RouterArgs {
     /// The `herald-router` consumer.
     pub consumer: PullConsumer,
+    /// JetStream, to bind the consumer again when pulling from it fails (it may be deleted).
+    pub js: jetstream::Context,
+    /// The consumer's shape, for binding it again.
+    pub streams: StreamSettings,
     /// What routing needs.
     pub context: Arc<RouterContext>,
     /// In-flight bound.
@@ -103,8 +108,13 @@ impl Actor for Router {
         args: RouterArgs,
     ) -> Result<RouterState, ActorProcessingErr> {
         let stop = args.intake.child_token();
+        let (js, streams) = (args.js, args.streams);
         let pull = tokio::spawn(crate::pull::pull_loop(
             args.consumer,
+            move || {
+                let (js, streams) = (js.clone(), streams.clone());
+                async move { herald_nats::router_consumer(&js, &streams).await }
+            },
             args.in_flight,
             stop.clone(),
             "events",

@@ -509,6 +509,8 @@ async fn router_args(
     };
     Ok(herald_actors::router::RouterArgs {
         consumer,
+        js: publisher.jetstream().clone(),
+        streams: stream_settings(config),
         context: Arc::new(context),
         in_flight: Arc::new(Semaphore::new(ROUTER_IN_FLIGHT)),
         intake: intake.clone(),

@@ -29,4 +29,5 @@ pub use leases::{Held, LeaseTable, LeaseView, ttl_step};
 pub use publish::{DeadLetterHeaders, Publisher};
 pub use streams::{
     Provisioned, Retention, StreamSettings, check_command_partitions, dispatch_consumer, provision,
+    router_consumer,
 };

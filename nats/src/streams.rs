@@ -141,14 +141,7 @@ pub async fn provision(
             })?;
     }
     remove_legacy_dispatch_consumer(js).await?;
-    let router = durable(
-        js,
-        subjects::EVENTS_STREAM,
-        subjects::ROUTER_CONSUMER,
-        subjects::EVENTS_ALL,
-        settings,
-    )
-    .await?;
+    let router = router_consumer(js, settings).await?;
     Ok(Provisioned { router })
 }
 
@@ -193,6 +186,21 @@ pub async fn check_command_partitions(
             last + 1
         ),
     })
+}
+
+/// Creates or binds the router's durable consumer (`herald-router` on `events.>`).
+pub async fn router_consumer(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<PullConsumer, NatsError> {
+    durable(
+        js,
+        subjects::EVENTS_STREAM,
+        subjects::ROUTER_CONSUMER,
+        subjects::EVENTS_ALL,
+        settings,
+    )
+    .await
 }
 
 /// Creates or binds the durable consumer of one command partition (`herald-dispatch-<n>` on

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, WriteHold, eventually, test_config,
 };
@@ -436,5 +437,45 @@ async fn a_crashed_channel_actor_is_restarted_and_keeps_delivering() {
         metrics.contains("herald_actor_restarts_total{actor=\"channel\"}"),
         "restart counted: {metrics}"
     );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_deleted_dispatch_consumer_is_bound_again() {
+    let w = world().await;
+    let first = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    w.herald.wait_status(&first, "sent").await;
+
+    // An operator removes the partitions' durable consumers (`nats consumer rm`) while Herald runs.
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    let stream = js.get_stream("NOTIFY").await.expect("stream exists");
+    let names: Vec<String> = stream
+        .consumer_names()
+        .try_collect()
+        .await
+        .expect("consumer names");
+    let dispatch: Vec<&String> = names
+        .iter()
+        .filter(|name| name.starts_with("herald-dispatch-"))
+        .collect();
+    assert!(!dispatch.is_empty(), "no dispatch consumer among {names:?}");
+    for name in dispatch {
+        stream
+            .delete_consumer(name)
+            .await
+            .expect("consumer deleted");
+    }
+
+    // The same recipient, so the same partition as the first send, whose consumer was bound.
+    let second = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    w.herald.wait_status(&second, "sent").await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert_eq!(mails[1].to, vec!["ada@example.com".to_string()]);
     w.herald.shutdown().await.expect("clean shutdown");
 }

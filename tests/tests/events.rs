@@ -642,3 +642,35 @@ async fn templates_api_lists_and_previews() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test]
+async fn a_deleted_router_consumer_is_bound_again() {
+    let w = world().await;
+    w.customer("c-ada", "ada@example.com", "en-GB").await;
+    let first = Uuid::now_v7();
+    w.publish_event(&order_created(first, "c-ada", "1001"), &first.to_string())
+        .await;
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.router_idle().await;
+
+    // An operator removes the router's durable consumer (`nats consumer rm`) while Herald runs.
+    let js = w.js().await;
+    let stream = js.get_stream("EVENTS").await.expect("events");
+    stream
+        .delete_consumer("herald-router")
+        .await
+        .expect("consumer deleted");
+
+    let second = Uuid::now_v7();
+    w.publish_event(&order_created(second, "c-ada", "1002"), &second.to_string())
+        .await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert_eq!(
+        mails[1].subject.as_deref(),
+        Some("Your order 1002 is confirmed")
+    );
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 2, "the first event was not notified again");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
