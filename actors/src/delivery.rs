@@ -119,8 +119,11 @@ pub async fn deliver(
         return;
     };
     let permit = permit.with_reservation(reservation);
+    let replay_base = replay_base(&message);
     let round = match ctx.claims.get(id).await {
-        Ok(Some(Claimed::Yours { attempts })) => Round::after(attempts, command.channels.len()),
+        Ok(Some(Claimed::Yours { attempts })) => {
+            Round::after(attempts, replay_base, command.channels.len())
+        }
         Ok(Some(Claimed::Final(_))) => {
             // Cancelled, or a redelivery of a command whose outcome is written.
             let _ = acker.ack().await;
@@ -234,10 +237,22 @@ struct Delivery {
     sequence: u64,
 }
 
+/// The attempts recorded before a command was replayed from the dead-letter stream (its
+/// [`HEADER_REPLAY_BASE`](herald_nats::subjects::HEADER_REPLAY_BASE)); 0 for any other command.
+fn replay_base(message: &async_nats::Message) -> i32 {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(herald_nats::subjects::HEADER_REPLAY_BASE))
+        .and_then(|value| value.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Which pass over the channel chain a delivery is. JetStream's delivery count also counts
 /// deliveries that never reached the chain (rate-limit and quiet-hours deferrals, database
 /// outages), so rounds are counted from the attempts recorded: every failed round records one
-/// attempt per channel of the chain.
+/// attempt per channel of the chain. A replayed command counts only the attempts made since its
+/// replay, so it gets every round again; its attempts are still numbered on from the last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Round {
     /// 1 for the first pass.
@@ -247,10 +262,13 @@ struct Round {
 }
 
 impl Round {
-    fn after(attempts_recorded: i32, chain_len: usize) -> Self {
+    fn after(attempts_recorded: i32, replay_base: i32, chain_len: usize) -> Self {
         let recorded = u64::try_from(attempts_recorded).unwrap_or(0);
+        let since_replay = u64::try_from(attempts_recorded.saturating_sub(replay_base))
+            .unwrap_or(0)
+            .min(recorded);
         Round {
-            number: recorded.div_ceil(chain_len.max(1) as u64) + 1,
+            number: since_replay.div_ceil(chain_len.max(1) as u64) + 1,
             first_attempt_no: recorded,
         }
     }
@@ -815,19 +833,32 @@ mod tests {
     #[test]
     fn rounds_count_recorded_attempts_not_deliveries() {
         assert_eq!(
-            Round::after(0, 3),
+            Round::after(0, 0, 3),
             Round {
                 number: 1,
                 first_attempt_no: 0
             }
         );
-        let third = Round::after(6, 3);
+        let third = Round::after(6, 0, 3);
         assert_eq!((third.number, third.first_attempt_no), (3, 6));
         assert_eq!(
-            Round::after(4, 3).number,
+            Round::after(4, 0, 3).number,
             3,
             "a partial round counts as a round"
         );
-        assert_eq!(Round::after(-1, 0).number, 1, "nonsense counts as none");
+        assert_eq!(Round::after(-1, 0, 0).number, 1, "nonsense counts as none");
+    }
+
+    #[test]
+    fn a_replayed_command_counts_its_rounds_from_the_replay() {
+        let first = Round::after(12, 12, 2);
+        assert_eq!((first.number, first.first_attempt_no), (1, 12));
+        assert_eq!(Round::after(14, 12, 2).number, 2);
+        assert_eq!(Round::after(3, 12, 2).number, 1, "a base past the attempts");
+        assert_eq!(
+            Round::after(4, -5, 2).number,
+            3,
+            "a negative base counts as none"
+        );
     }
 }

@@ -291,7 +291,12 @@ async fn replay_letter(
     let msg_id = format!("{id}:replay:{}", letter.seq);
     if let Err(err) = state
         .publisher
-        .republish_command(&row.recipient_key, letter.payload.clone(), &msg_id)
+        .republish_command(
+            &row.recipient_key,
+            letter.payload.clone(),
+            &msg_id,
+            row.attempts,
+        )
         .await
     {
         tracing::warn!(%id, error = %err, "cannot republish a dead letter");

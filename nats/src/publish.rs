@@ -62,16 +62,21 @@ impl Publisher {
 
     /// Publishes an existing command's bytes again on its recipient's partition (a replay from
     /// the dead-letter stream) under a new `Nats-Msg-Id`: the original id may still be in the
-    /// de-duplication window, where JetStream would drop the replay silently.
+    /// de-duplication window, where JetStream would drop the replay silently. `attempts_before`
+    /// (the attempts its notification has recorded) goes along as
+    /// [`subjects::HEADER_REPLAY_BASE`].
     pub async fn republish_command(
         &self,
         recipient_key: &str,
         payload: Bytes,
         msg_id: &str,
+        attempts_before: i32,
     ) -> Result<(), NatsError> {
         let subject =
             subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
-        self.publish_with_id(subject, msg_id, HeaderMap::new(), payload)
+        let mut headers = HeaderMap::new();
+        headers.insert(subjects::HEADER_REPLAY_BASE, attempts_before.to_string());
+        self.publish_with_id(subject, msg_id, headers, payload)
             .await
     }
 

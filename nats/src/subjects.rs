@@ -48,6 +48,10 @@ pub const HEADER_DLQ_ORIGINAL_SUBJECT: &str = "Herald-Original-Subject";
 pub const HEADER_DLQ_PROVIDERS: &str = "Herald-Providers";
 /// Header carrying how many times the message had been delivered when it was dead-lettered.
 pub const HEADER_DLQ_DELIVERIES: &str = "Herald-Deliveries";
+/// Header of a command replayed from the dead-letter stream: the delivery attempts its
+/// notification had recorded by then. Its rounds over the channel chain count from there, so a
+/// replay gets the whole retry schedule again.
+pub const HEADER_REPLAY_BASE: &str = "Herald-Replay-Base";
 
 /// Subject a domain event of `event_type` is published on: `events.<type>`.
 pub fn event_subject(event_type: &str) -> String {

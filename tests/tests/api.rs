@@ -761,7 +761,14 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
         .post(&format!("/api/v1/dlq/{first_seq}/replay"), &json!({}))
         .await;
     assert_eq!(status, StatusCode::OK, "{replayed}");
-    h.wait_status(&id, "dead").await;
+    let again = h.wait_status(&id, "dead").await;
+    let attempts = again["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        4,
+        "the replay had its two rounds again, numbered on: {again}"
+    );
+    assert_eq!(attempts[3]["attempt_no"], 4, "{again}");
     let (_, page) = h.get("/api/v1/dlq").await;
     let items = page["items"].as_array().expect("items");
     assert_eq!(
