@@ -291,8 +291,8 @@ struct Partition {
 
 /// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
 /// stopped; binds again and re-subscribes after errors (a NATS restart, a deleted consumer) with a
-/// bounded backoff. Past the
-/// partition's lease deadline it hands commands back instead and waits for the lease to be renewed.
+/// bounded backoff. Past the partition's lease deadline it hands commands back instead and waits
+/// for the lease to be renewed.
 async fn pull_loop(
     partition: Partition,
     dispatcher: ActorRef<DispatcherMsg>,

@@ -296,7 +296,8 @@ impl NotificationsApi {
                     publish_again(&self.state, &existing).await?;
                     if !repo::confirm_published_now(&self.state.db, existing.id).await? {
                         return Err(ApiError::unavailable(
-                            "the message queue is unavailable; nothing was accepted, retry later",
+                            "the first request with this request_id could not be published and \
+                             was withdrawn; nothing was accepted, retry",
                         ));
                     }
                 }

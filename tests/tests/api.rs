@@ -539,13 +539,18 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test]
-async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
-    let w = world_with(|config| {
+/// A world whose sends die after two rounds, with a circuit that cools down quickly.
+async fn dead_letter_world() -> World {
+    world_with(|config| {
         config.dispatch.retry.max_deliveries = 2;
         config.channels.limits.circuit.cool_down_ms = 200;
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
+    let w = dead_letter_world().await;
     let h = &w.herald;
     w.smtp.set_pause(true).await.expect("smtp paused");
     let first = h
@@ -666,11 +671,7 @@ async fn dead_letter(nats: &NatsServer, source: &str, payload: Vec<u8>) {
 
 #[tokio::test]
 async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
-    let w = world_with(|config| {
-        config.dispatch.retry.max_deliveries = 2;
-        config.channels.limits.circuit.cool_down_ms = 200;
-    })
-    .await;
+    let w = dead_letter_world().await;
     let h = &w.herald;
     // Ahead of the one to replay: events the Router gave up on, and a command whose
     // notification is not stored (purged, say).
@@ -740,11 +741,7 @@ async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
 
 #[tokio::test]
 async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
-    let w = world_with(|config| {
-        config.dispatch.retry.max_deliveries = 2;
-        config.channels.limits.circuit.cool_down_ms = 200;
-    })
-    .await;
+    let w = dead_letter_world().await;
     let h = &w.herald;
     w.smtp.set_pause(true).await.expect("smtp paused");
     let id = h

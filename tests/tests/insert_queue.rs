@@ -26,6 +26,14 @@ fn row(request_id: Option<String>) -> NewNotification {
     herald_tests::queued_notification(request_id)
 }
 
+/// A new API send, marked as not yet published.
+fn marked() -> NewNotification {
+    NewNotification {
+        status_reason: Some(PUBLISH_PENDING.into()),
+        ..row(None)
+    }
+}
+
 async fn insert_all(
     queue: &InsertQueue,
     rows: Vec<NewNotification>,
@@ -257,10 +265,6 @@ async fn a_confirmed_publish_clears_the_mark_and_nothing_else() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
-    let marked = || NewNotification {
-        status_reason: Some(PUBLISH_PENDING.into()),
-        ..row(None)
-    };
     let (confirmed, unconfirmed, deferred) = (marked(), marked(), row(None));
     let ids = (confirmed.id, unconfirmed.id, deferred.id);
     let deferred = NewNotification {
@@ -314,10 +318,6 @@ async fn a_failed_publish_removes_its_row_unless_a_repeat_confirmed_it_first() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await.expect("database migrated");
     let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
-    let marked = || NewNotification {
-        status_reason: Some(PUBLISH_PENDING.into()),
-        ..row(None)
-    };
     let (repeated, abandoned) = (marked(), marked());
     let ids = (repeated.id, abandoned.id);
     insert_all(&queue, vec![repeated, abandoned]).await;
