@@ -65,6 +65,12 @@ pub struct DeliveryContext {
     pub status_writer: ActorSlot<StatusWriterMsg>,
     /// Retry schedule.
     pub retry: RetryPolicy,
+    /// A deferral at least this long (quiet hours, a rate limit) waits as a `scheduled`
+    /// notification, its command acknowledged, rather than as a command held back in JetStream:
+    /// a held-back command counts against its consumer's `max_ack_pending` until it is
+    /// redelivered, so a night's worth of them would stop its partition, critical sends
+    /// included.
+    pub schedule_deferrals_after: Duration,
     /// Recipients' wishes and limits.
     pub policy: crate::policy::PolicyContext,
     /// Notifications being delivered by this process.
@@ -313,17 +319,24 @@ fn hold(
         Gate::Defer { delay, reason } => {
             metrics::counter!("herald_notifications_deferred_total").increment(1);
             tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
+            let (change, then) = match chrono::Duration::from_std(delay) {
+                Ok(wait) if delay >= ctx.schedule_deferrals_after => (
+                    StatusChange {
+                        scheduled_at: Some(Utc::now() + wait),
+                        ..StatusChange::to(id, NotificationStatus::Scheduled)
+                    },
+                    AfterWrite::Ack(acker),
+                ),
+                _ => (
+                    StatusChange::to(id, NotificationStatus::Processing),
+                    AfterWrite::Nak(acker, delay),
+                ),
+            };
             let change = StatusChange {
                 reason: Some(reason),
-                ..StatusChange::to(id, NotificationStatus::Processing)
+                ..change
             };
-            write(
-                ctx,
-                vec![change],
-                vec![],
-                AfterWrite::Nak(acker, delay),
-                Some(permit),
-            );
+            write(ctx, vec![change], vec![], then, Some(permit));
         }
     }
 }

@@ -348,7 +348,8 @@ impl NotificationsApi {
     /// cancelled; any other status answers 409 naming it. A dispatcher marks a notification
     /// `processing` before it sends, so a `cancelled` answer means it is not sent. A notification
     /// held back by the recipient's quiet hours or rate limit stays `processing` while it waits,
-    /// and cannot be cancelled.
+    /// and cannot be cancelled, unless the hold is long enough for it to wait as `scheduled`
+    /// (`dispatch.schedule_deferrals_after_secs`).
     #[oai(path = "/notifications/:id/cancel", method = "post")]
     async fn cancel(
         &self,

@@ -372,6 +372,9 @@ async fn start_engine(
         channels: channels.clone(),
         status_writer: status_writer.clone(),
         retry: config.dispatch.retry,
+        schedule_deferrals_after: Duration::from_secs(
+            config.dispatch.schedule_deferrals_after_secs,
+        ),
         policy: herald_actors::policy::PolicyContext {
             rate_limiter: rate_limiter.clone(),
             limits: rate_limits.clone(),

@@ -407,6 +407,11 @@ pub struct DispatchConfig {
     pub retry: RetryPolicy,
     /// Seconds to finish in-flight work on shutdown.
     pub shutdown_grace_secs: u64,
+    /// A deferral (quiet hours, a rate limit) at least this many seconds long waits as a
+    /// `scheduled` notification instead of a command held back in JetStream; above
+    /// `nats.dedup_window_secs`, so that its command published again when due is not taken for
+    /// a duplicate.
+    pub schedule_deferrals_after_secs: u64,
 }
 
 impl Default for DispatchConfig {
@@ -415,6 +420,7 @@ impl Default for DispatchConfig {
             max_in_flight: 1_024,
             retry: RetryPolicy::default(),
             shutdown_grace_secs: 20,
+            schedule_deferrals_after_secs: 300,
         }
     }
 }
@@ -566,6 +572,13 @@ impl Config {
             // A republished command that did go out must fall into the de-duplication window.
             return invalid(
                 "scheduler.stale_claim_secs must be at least 1 and below nats.dedup_window_secs"
+                    .into(),
+            );
+        }
+        if self.dispatch.schedule_deferrals_after_secs <= self.nats.dedup_window_secs {
+            // The Scheduler publishes the command again under the notification's id.
+            return invalid(
+                "dispatch.schedule_deferrals_after_secs must be above nats.dedup_window_secs"
                     .into(),
             );
         }
@@ -778,9 +791,25 @@ mod tests {
             jail.set_env("HERALD_SCHEDULER__STALE_CLAIM_SECS", "120");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("scheduler.stale_claim_secs"), "{err}");
-            jail.set_env("HERALD_NATS__DEDUP_WINDOW_SECS", "300");
+            jail.set_env("HERALD_NATS__DEDUP_WINDOW_SECS", "200");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.scheduler.stale_claim_secs, 120);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_deferral_is_scheduled_only_beyond_the_dedup_window() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_NATS__DEDUP_WINDOW_SECS", "600");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("dispatch.schedule_deferrals_after_secs"),
+                "{err}"
+            );
+            jail.set_env("HERALD_DISPATCH__SCHEDULE_DEFERRALS_AFTER_SECS", "601");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.dispatch.schedule_deferrals_after_secs, 601);
             Ok(())
         });
     }

@@ -75,7 +75,8 @@ impl NotificationStatus {
         use NotificationStatus::*;
         match self {
             Queued => &[],
-            Scheduled => &[],
+            // A long deferral (quiet hours, a rate limit) waits as a scheduled notification.
+            Scheduled => &[Processing],
             Processing => &[Queued, Scheduled, Processing],
             Sent => &[Queued, Scheduled, Processing],
             Delivered => &[Sent],
@@ -97,6 +98,10 @@ mod tests {
         assert!(!Sent.allowed_from().contains(&Dead));
         assert!(Delivered.allowed_from() == [Sent]);
         assert!(!Cancelled.allowed_from().contains(&Processing));
+        assert!(
+            Scheduled.allowed_from() == [Processing],
+            "only a long hold schedules again"
+        );
     }
 
     #[test]

@@ -303,6 +303,103 @@ async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Commands acknowledged to JetStream but not yet settled, over every dispatch consumer.
+async fn commands_held_in_jetstream(w: &World) -> i64 {
+    use futures::TryStreamExt;
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    let stream = js.get_stream("NOTIFY").await.expect("stream");
+    let names: Vec<String> = stream.consumer_names().try_collect().await.expect("names");
+    let mut pending = 0;
+    for name in names.iter().filter(|n| n.starts_with("herald-dispatch-")) {
+        let info = stream.consumer_info(name).await.expect("consumer info");
+        pending += info.num_ack_pending as i64;
+    }
+    pending
+}
+
+#[tokio::test]
+async fn a_long_deferral_waits_as_a_scheduled_notification_not_in_jetstream() {
+    // Small windows, so that a deferral of seconds counts as long.
+    let w = world(|config| {
+        config.nats.dedup_window_secs = 2;
+        config.scheduler.stale_claim_secs = 1;
+        config.dispatch.schedule_deferrals_after_secs = 3;
+    })
+    .await;
+    add_customers(
+        &w.herald,
+        vec![
+            customer_row("nina", "en", None),
+            customer_row("otto", "en", None),
+        ],
+    )
+    .await;
+    let now = Utc::now();
+    let end = now + ChronoDuration::seconds(6);
+    for customer in ["nina", "otto"] {
+        let (status, body) = put_preferences(
+            &w.herald,
+            customer,
+            &json!({ "quiet_hours": {
+                "start": (now - ChronoDuration::hours(1)).format("%H:%M:%S").to_string(),
+                "end": end.format("%H:%M:%S").to_string(),
+                "timezone": "UTC"
+            }}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let held = w
+        .herald
+        .send_accepted(&to_customer("nina", "transactional", &["email"]))
+        .await;
+    let withdrawn = w
+        .herald
+        .send_accepted(&to_customer("otto", "transactional", &["email"]))
+        .await;
+    for id in [&held, &withdrawn] {
+        let scheduled = w.herald.wait_status(id, "scheduled").await;
+        let reason = scheduled["status_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.starts_with("deferred: quiet hours until"),
+            "{scheduled}"
+        );
+        let due = chrono::DateTime::parse_from_rfc3339(
+            scheduled["scheduled_at"].as_str().expect("scheduled_at"),
+        )
+        .expect("time");
+        assert!(
+            (due.with_timezone(&Utc) - end).num_milliseconds().abs() < 1_500,
+            "due {due}, window ends {end}"
+        );
+    }
+    eventually("the commands to be acknowledged", E2E_TIMEOUT, || async {
+        (commands_held_in_jetstream(&w).await == 0).then_some(())
+    })
+    .await;
+    // Waiting as a scheduled notification, it can be cancelled.
+    let (status, body) = w
+        .herald
+        .post(
+            &format!("/api/v1/notifications/{withdrawn}/cancel"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "cancelled", "{body}");
+
+    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, window ended {end}"
+    );
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["nina@example.com".to_string()]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn the_fourth_marketing_message_is_dropped_while_transactional_ones_pass() {
     let w = world(|_| {}).await;

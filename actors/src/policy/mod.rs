@@ -56,7 +56,8 @@ pub enum Gate {
         /// Channels opted out of (recorded as attempts).
         opted_out: Vec<Channel>,
     },
-    /// Not now: NAK with this delay; status stays `processing` with the reason.
+    /// Not now: held back this long, the notification `processing` (its command NAKed with the
+    /// delay) or, for a long hold, `scheduled` until it ends; with the reason.
     Defer {
         /// How long to hold it.
         delay: Duration,

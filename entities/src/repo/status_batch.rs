@@ -33,6 +33,8 @@ pub struct StatusChange {
     pub error: Option<String>,
     /// Attempts made so far, when known.
     pub attempts: Option<i32>,
+    /// When a change to `scheduled` is due.
+    pub scheduled_at: Option<DateTime<Utc>>,
     /// When the change happened.
     pub at: DateTime<Utc>,
 }
@@ -47,6 +49,7 @@ impl StatusChange {
             final_channel: None,
             error: None,
             attempts: None,
+            scheduled_at: None,
             at: Utc::now(),
         }
     }
@@ -116,6 +119,7 @@ struct Shape {
     final_channel: Option<String>,
     error: Option<String>,
     attempts: Option<i32>,
+    scheduled_at: Option<DateTime<Utc>>,
 }
 
 impl Shape {
@@ -126,6 +130,7 @@ impl Shape {
             final_channel: change.final_channel.clone(),
             error: change.error.clone(),
             attempts: change.attempts,
+            scheduled_at: change.scheduled_at,
         }
     }
 
@@ -168,6 +173,9 @@ impl Shape {
         }
         if let Some(attempts) = self.attempts {
             update = update.col_expr(notification::Column::Attempts, Expr::value(attempts));
+        }
+        if let Some(due) = self.scheduled_at {
+            update = update.col_expr(notification::Column::ScheduledAt, Expr::value(due));
         }
         if self.status == NotificationStatus::Sent {
             update = update.col_expr(notification::Column::SentAt, Expr::value(at));
