@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, message::Acker};
 use bytes::Bytes;
-use chrono::Utc;
+use chrono::{DurationRound, Utc};
 use herald_entities::{
     NotificationStatus, customer,
     repo::{
@@ -319,10 +319,10 @@ fn hold(
         Gate::Defer { delay, reason } => {
             metrics::counter!("herald_notifications_deferred_total").increment(1);
             tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
-            let (change, then) = match chrono::Duration::from_std(delay) {
-                Ok(wait) if delay >= ctx.schedule_deferrals_after => (
+            let (change, then) = match due_after(delay) {
+                Some(due) if delay >= ctx.schedule_deferrals_after => (
                     StatusChange {
-                        scheduled_at: Some(Utc::now() + wait),
+                        scheduled_at: Some(due),
                         ..StatusChange::to(id, NotificationStatus::Scheduled)
                     },
                     AfterWrite::Ack(acker),
@@ -339,6 +339,13 @@ fn hold(
             write(ctx, vec![change], vec![], then, Some(permit));
         }
     }
+}
+
+/// When a hold of `delay` from now ends, rounded up to the second: holds that end together
+/// (quiet hours in one time zone) share one UPDATE in a StatusWriter batch.
+fn due_after(delay: Duration) -> Option<chrono::DateTime<Utc>> {
+    let end = Utc::now() + chrono::Duration::from_std(delay).ok()?;
+    end.duration_round_up(chrono::TimeDelta::seconds(1)).ok()
 }
 
 /// The attempt recorded for a channel skipped because the customer opted out of it.
@@ -841,7 +848,11 @@ fn write(
 
 #[cfg(test)]
 mod tests {
-    use super::Round;
+    use std::time::Duration;
+
+    use chrono::Utc;
+
+    use super::{Round, due_after};
 
     #[test]
     fn rounds_count_recorded_attempts_not_deliveries() {
@@ -860,6 +871,23 @@ mod tests {
             "a partial round counts as a round"
         );
         assert_eq!(Round::after(-1, 0, 0).number, 1, "nonsense counts as none");
+    }
+
+    #[test]
+    fn a_long_hold_is_due_on_the_whole_second_after_it_ends() {
+        use chrono::Timelike;
+        let before = Utc::now();
+        let due = due_after(Duration::from_millis(1_500)).expect("a time");
+        assert_eq!(due.nanosecond(), 0, "{due}");
+        assert!(
+            due >= before + chrono::Duration::milliseconds(1_500),
+            "{due}"
+        );
+        assert!(
+            due <= Utc::now() + chrono::Duration::milliseconds(2_500),
+            "{due}"
+        );
+        assert_eq!(due_after(Duration::MAX), None, "no time that far");
     }
 
     #[test]
