@@ -581,13 +581,8 @@ pub(crate) fn validate_recipient(recipient: &Recipient) -> Result<ValidRecipient
         .as_deref()
         .map(|id| validate::external_id("recipient.customer_id", id))
         .transpose()?;
-    let key = customer_id
-        .clone()
-        .or_else(|| contacts.email.clone())
-        .or_else(|| contacts.phone.clone())
-        .or_else(|| contacts.telegram_chat_id.clone())
-        .or_else(|| contacts.push_tokens.first().cloned())
-        .or_else(|| contacts.webhook_url.clone())
+    let key = contacts
+        .recipient_key(customer_id.as_deref())
         .ok_or_else(|| {
             ApiError::invalid(
                 "recipient",

@@ -123,6 +123,18 @@ pub struct Contacts {
 }
 
 impl Contacts {
+    /// The key a recipient's sends are partitioned and rate-limited by: its customer id, else its
+    /// first contact (email, phone, Telegram chat, push token, webhook URL).
+    pub fn recipient_key(&self, customer_id: Option<&str>) -> Option<String> {
+        customer_id
+            .or(self.email.as_deref())
+            .or(self.phone.as_deref())
+            .or(self.telegram_chat_id.as_deref())
+            .or(self.push_tokens.first().map(String::as_str))
+            .or(self.webhook_url.as_deref())
+            .map(str::to_string)
+    }
+
     /// Fills every contact missing here from `other`.
     pub fn or(mut self, other: &Contacts) -> Contacts {
         self.email = self.email.or_else(|| other.email.clone());

@@ -129,6 +129,29 @@ async fn put_preferences(herald: &TestHerald, id: &str, body: &Value) -> (Status
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Gives `customer` quiet hours that started an hour ago and end `for_` from now (UTC wall
+/// clock, to the second); returns when they end.
+async fn quiet_for(
+    herald: &TestHerald,
+    customer: &str,
+    for_: ChronoDuration,
+) -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    let end = now + for_;
+    let (status, body) = put_preferences(
+        herald,
+        customer,
+        &json!({ "quiet_hours": {
+            "start": (now - ChronoDuration::hours(1)).format("%H:%M:%S").to_string(),
+            "end": end.format("%H:%M:%S").to_string(),
+            "timezone": "UTC"
+        }}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    end
+}
+
 async fn notification_json(herald: &TestHerald, id: &str) -> Value {
     herald.get(&format!("/api/v1/notifications/{id}")).await.1
 }
@@ -246,20 +269,7 @@ async fn an_opted_out_channel_is_skipped_and_all_out_is_skipped_with_the_reason(
 async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
     let w = world(|_| {}).await;
     add_customers(&w.herald, vec![customer_row("linus", "en", None)]).await;
-    // A window that started an hour ago and ends in 3 seconds (UTC wall clock).
-    let now = Utc::now();
-    let end = now + ChronoDuration::seconds(3);
-    let (status, body) = put_preferences(
-        &w.herald,
-        "linus",
-        &json!({ "quiet_hours": {
-            "start": (now - ChronoDuration::hours(1)).format("%H:%M:%S").to_string(),
-            "end": end.format("%H:%M:%S").to_string(),
-            "timezone": "UTC"
-        }}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let end = quiet_for(&w.herald, "linus", ChronoDuration::seconds(3)).await;
 
     let held = w
         .herald
@@ -334,21 +344,8 @@ async fn a_long_deferral_waits_as_a_scheduled_notification_not_in_jetstream() {
         ],
     )
     .await;
-    let now = Utc::now();
-    let end = now + ChronoDuration::seconds(6);
-    for customer in ["nina", "otto"] {
-        let (status, body) = put_preferences(
-            &w.herald,
-            customer,
-            &json!({ "quiet_hours": {
-                "start": (now - ChronoDuration::hours(1)).format("%H:%M:%S").to_string(),
-                "end": end.format("%H:%M:%S").to_string(),
-                "timezone": "UTC"
-            }}),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-    }
+    let end = quiet_for(&w.herald, "nina", ChronoDuration::seconds(6)).await;
+    quiet_for(&w.herald, "otto", ChronoDuration::seconds(6)).await;
     let held = w
         .herald
         .send_accepted(&to_customer("nina", "transactional", &["email"]))

@@ -66,19 +66,6 @@ pub enum Gate {
     },
 }
 
-/// The key a recipient's rate limit is kept under: the customer id, else the first contact.
-pub fn recipient_key(command: &SendCommand) -> Option<String> {
-    let c = &command.contacts;
-    command
-        .customer_id
-        .clone()
-        .or_else(|| c.email.clone())
-        .or_else(|| c.phone.clone())
-        .or_else(|| c.telegram_chat_id.clone())
-        .or_else(|| c.push_tokens.first().cloned())
-        .or_else(|| c.webhook_url.clone())
-}
-
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
 /// by quiet hours does not spend a token), given the recipient's stored `wishes`.
 pub async fn gate(ctx: &PolicyContext, wishes: &Wishes, command: &SendCommand) -> Gate {
@@ -119,7 +106,11 @@ pub async fn gate(ctx: &PolicyContext, wishes: &Wishes, command: &SendCommand) -
     if critical || !ctx.limits.contains_key(&command.category) {
         return Gate::Go { opted_out };
     }
-    let Some(user) = recipient_key(command) else {
+    // The rate limit is kept under the recipient's key: the customer id, else the first contact.
+    let Some(user) = command
+        .contacts
+        .recipient_key(command.customer_id.as_deref())
+    else {
         return Gate::Go { opted_out };
     };
     let request = Acquire {
