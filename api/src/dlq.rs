@@ -121,6 +121,8 @@ pub struct ReplaySkipped {
 
 /// The result of a filtered replay.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct ReplayReport {
     /// Entries replayed.
     pub replayed: Vec<Replayed>,
