@@ -37,7 +37,9 @@ impl RetryPolicy {
     /// The exponential ceiling is `base · 2^(delivered-1)` capped at `max_delay`; the delay is drawn
     /// from the upper half of it (`jitter` in `[0, 1)` picks where), so retries of many
     /// notifications spread out without ever coming back sooner than half the schedule. A
-    /// provider's `retry_after` is a floor.
+    /// provider's `retry_after` is a floor up to `max_delay`: a receiver asking for a day would
+    /// otherwise hold the command in JetStream for a day, a place of its consumer's
+    /// `max_ack_pending` taken all along.
     pub fn delay(&self, delivered: u64, retry_after: Option<Duration>, jitter: f64) -> Duration {
         let exponent = delivered.saturating_sub(1).min(32) as u32;
         let ceiling = self
@@ -46,7 +48,8 @@ impl RetryPolicy {
             .min(self.max_delay_ms);
         let jitter = jitter.clamp(0.0, 1.0);
         let backoff = Duration::from_millis(ceiling / 2 + ((ceiling / 2) as f64 * jitter) as u64);
-        retry_after.map_or(backoff, |floor| backoff.max(floor))
+        let most = Duration::from_millis(self.max_delay_ms);
+        retry_after.map_or(backoff, |floor| backoff.max(floor.min(most)))
     }
 }
 
@@ -81,11 +84,16 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_a_floor() {
+    fn retry_after_is_a_floor_up_to_the_ceiling() {
         let p = policy();
         assert_eq!(
-            p.delay(1, Some(Duration::from_secs(30)), 0.0),
-            Duration::from_secs(30)
+            p.delay(1, Some(Duration::from_secs(8)), 0.0),
+            Duration::from_secs(8)
+        );
+        assert_eq!(
+            p.delay(1, Some(Duration::from_secs(86_400)), 0.0),
+            Duration::from_millis(10_000),
+            "a provider's day is capped at max_delay"
         );
         assert_eq!(
             p.delay(3, Some(Duration::from_millis(10)), 1.0),
