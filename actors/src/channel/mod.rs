@@ -13,6 +13,7 @@ pub mod sms;
 pub mod smtp_pool;
 pub mod supervisor;
 pub mod telegram;
+mod text;
 pub mod webhook;
 
 pub use actor::{

@@ -5,8 +5,11 @@ use futures::future::BoxFuture;
 use herald_nats::Channel;
 use serde::Deserialize;
 
-use super::http;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
+use super::{http, text};
+
+/// Longest message body Twilio takes, in characters (it refuses longer ones, error 21617).
+const MAX_BODY_CHARS: usize = 1_600;
 
 /// SMS provider configuration.
 #[derive(Clone, Deserialize)]
@@ -127,11 +130,8 @@ impl SmsProvider {
             .phone
             .as_deref()
             .ok_or(ProviderError::MissingContact(Channel::Sms))?;
-        let form = [
-            ("To", to),
-            ("From", self.from.as_str()),
-            ("Body", message.content.short_text()),
-        ];
+        let body = text::cut(message.content.short_text(), MAX_BODY_CHARS, |_| 1);
+        let form = [("To", to), ("From", self.from.as_str()), ("Body", &body)];
         let request = self
             .client
             .post(&self.messages_url)
@@ -274,6 +274,23 @@ mod tests {
         assert_eq!(form["From"], "+15005550006");
         assert_eq!(form["Body"], "Order #1001 shipped");
         assert_eq!(form.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_long_text_goes_out_cut_to_twilios_limit() {
+        let (server, provider) =
+            reply_with(ResponseTemplate::new(201).set_body_json(serde_json::json!({"sid": "SM1"})))
+                .await;
+        let mut msg = message(Some("+4915112345678"));
+        msg.content.short = Some("é".repeat(2_000));
+        provider.send(&msg).await.expect("sent");
+        let requests = server.received_requests().await.expect("recorded");
+        let body = url::form_urlencoded::parse(&requests[0].body)
+            .find(|(key, _)| key == "Body")
+            .map(|(_, value)| value)
+            .expect("Body");
+        assert_eq!(body.chars().count(), MAX_BODY_CHARS);
+        assert!(body.ends_with('…'), "cut");
     }
 
     #[tokio::test]

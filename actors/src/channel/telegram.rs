@@ -19,7 +19,8 @@ pub struct TelegramConfig {
     pub base_url: String,
     /// The bot's token from @BotFather.
     pub bot_token: String,
-    /// `parse_mode` sent with every message (`HTML`, `MarkdownV2`); plain text when unset.
+    /// `parse_mode` sent with every message (`HTML`, `MarkdownV2` or the legacy `Markdown`);
+    /// plain text when unset. The text is escaped for it, so it shows as written.
     pub parse_mode: Option<String>,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,
@@ -56,7 +57,60 @@ pub enum TelegramConfigError {
     /// The HTTP client could not be built.
     #[error("cannot build the Telegram HTTP client: {0}")]
     Client(String),
+    /// `parse_mode` is not one the Bot API knows.
+    #[error("telegram.parse_mode must be HTML, MarkdownV2 or Markdown, not {0:?}")]
+    UnknownParseMode(String),
 }
+
+/// How the Bot API reads a message's text, and so what the text must escape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ParseMode {
+    Html,
+    MarkdownV2,
+    Markdown,
+}
+
+impl ParseMode {
+    fn parse(name: &str) -> Result<Self, TelegramConfigError> {
+        match name {
+            "HTML" => Ok(Self::Html),
+            "MarkdownV2" => Ok(Self::MarkdownV2),
+            "Markdown" => Ok(Self::Markdown),
+            other => Err(TelegramConfigError::UnknownParseMode(other.to_string())),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Html => "HTML",
+            Self::MarkdownV2 => "MarkdownV2",
+            Self::Markdown => "Markdown",
+        }
+    }
+
+    /// `text` as this mode shows it literally.
+    fn escape(self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len() + text.len() / 8);
+        for c in text.chars() {
+            match (self, c) {
+                (Self::Html, '&') => out.push_str("&amp;"),
+                (Self::Html, '<') => out.push_str("&lt;"),
+                (Self::Html, '>') => out.push_str("&gt;"),
+                (Self::MarkdownV2, '_' | '*' | '[' | ']' | '(' | ')' | '~' | '`' | '>' | '#')
+                | (Self::MarkdownV2, '+' | '-' | '=' | '|' | '{' | '}' | '.' | '!' | '\\')
+                | (Self::Markdown, '_' | '*' | '`' | '[') => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+}
+
+/// Longest message text the Bot API takes, in UTF-16 code units after entities are parsed.
+const MAX_TEXT_UTF16: usize = 4_096;
 
 /// Sends Telegram messages through a bot.
 pub struct TelegramProvider {
@@ -65,7 +119,7 @@ pub struct TelegramProvider {
     /// `{base}/bot{token}/sendMessage`; never logged.
     send_url: String,
     token: String,
-    parse_mode: Option<String>,
+    parse_mode: Option<ParseMode>,
 }
 
 impl std::fmt::Debug for TelegramProvider {
@@ -119,12 +173,17 @@ impl TelegramProvider {
             config.base_url.trim_end_matches('/'),
             config.bot_token
         );
+        let parse_mode = config
+            .parse_mode
+            .as_deref()
+            .map(ParseMode::parse)
+            .transpose()?;
         Ok(Self {
             name,
             client,
             send_url,
             token: config.bot_token,
-            parse_mode: config.parse_mode,
+            parse_mode,
         })
     }
 
@@ -156,10 +215,15 @@ impl TelegramProvider {
             .telegram_chat_id
             .as_deref()
             .ok_or(ProviderError::MissingContact(Channel::Telegram))?;
+        let text = text_of(message);
+        let text = super::text::cut(&text, MAX_TEXT_UTF16, char::len_utf16);
         let body = SendMessage {
             chat_id,
-            text: text_of(message),
-            parse_mode: self.parse_mode.as_deref(),
+            text: match self.parse_mode {
+                Some(mode) => mode.escape(&text),
+                None => text.into_owned(),
+            },
+            parse_mode: self.parse_mode.map(ParseMode::name),
         };
         let request = self.client.post(&self.send_url).json(&body);
         let http::Reply {
@@ -356,6 +420,52 @@ mod tests {
         msg.content.subject = None;
         msg.content.short = None;
         assert!(provider.send(&msg).await.is_ok());
+    }
+
+    #[test]
+    fn text_is_escaped_for_the_parse_mode_and_unknown_modes_are_refused() {
+        assert_eq!(
+            ParseMode::Html.escape("Smith & Sons <b>"),
+            "Smith &amp; Sons &lt;b&gt;"
+        );
+        assert_eq!(
+            ParseMode::MarkdownV2.escape("Order 1001 (12.50 EUR)!"),
+            "Order 1001 \\(12\\.50 EUR\\)\\!"
+        );
+        assert_eq!(ParseMode::Markdown.escape("a_b*c"), "a\\_b\\*c");
+        let config = |mode: &str| TelegramConfig {
+            bot_token: TOKEN.into(),
+            parse_mode: Some(mode.into()),
+            ..TelegramConfig::default()
+        };
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let refused = TelegramProvider::new("telegram".into(), config("html"));
+        assert!(
+            matches!(refused, Err(TelegramConfigError::UnknownParseMode(_))),
+            "{refused:?}"
+        );
+        assert!(TelegramProvider::new("telegram".into(), config("MarkdownV2")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_long_text_goes_out_cut_to_telegrams_limit_then_escaped() {
+        let (server, mut provider) = reply_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 1}})),
+        )
+        .await;
+        provider.parse_mode = Some(ParseMode::Html);
+        let mut msg = message(Some("42"));
+        msg.content.subject = Some("Smith & Sons".into());
+        msg.content.short = Some("x".repeat(5_000));
+        provider.send(&msg).await.expect("sent");
+        let requests = server.received_requests().await.expect("recorded");
+        let body: serde_json::Value = serde_json::from_slice(&requests[0].body).expect("json");
+        let text = body["text"].as_str().expect("text");
+        assert!(text.starts_with("Smith &amp; Sons\n\n"), "{}", &text[..40]);
+        assert!(text.ends_with('…'), "cut");
+        let shown = text.replace("&amp;", "&");
+        assert_eq!(shown.encode_utf16().count(), MAX_TEXT_UTF16);
     }
 
     #[tokio::test]
