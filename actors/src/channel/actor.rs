@@ -284,7 +284,7 @@ fn start_send(
         let (outcome, provider_failure, error) = match result {
             Ok(receipt) => (SendOutcome::Accepted(receipt), false, None),
             Err(err) => {
-                let failure = err.counts_against_circuit();
+                let failure = err.counts_against_circuit() && provider.one_endpoint();
                 let text = err.to_string();
                 (SendOutcome::Failed(err), failure, Some(text))
             }
@@ -401,6 +401,30 @@ mod tests {
         }
     }
 
+    /// A provider every send fails at for a while, such as a customer's webhook receiver.
+    struct FailingEndpoints;
+
+    impl Provider for FailingEndpoints {
+        fn channel(&self) -> Channel {
+            Channel::Webhook
+        }
+
+        fn name(&self) -> &str {
+            "endpoints"
+        }
+
+        fn send<'a>(
+            &'a self,
+            _message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            Box::pin(async { Err(ProviderError::transient("HTTP 503")) })
+        }
+
+        fn one_endpoint(&self) -> bool {
+            false
+        }
+    }
+
     async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {
         let args = ChannelArgs {
             provider: Arc::new(provider),
@@ -495,6 +519,37 @@ mod tests {
             starts.try_recv().is_err(),
             "the send nobody waited for went out"
         );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn failures_at_recipients_own_endpoints_do_not_open_the_circuit() {
+        let settings = ChannelSettings {
+            circuit: CircuitSettings {
+                failure_threshold: 1,
+                window_ms: 60_000,
+                cool_down_ms: 60_000,
+            },
+            ..ChannelSettings::default()
+        };
+        let actor = spawn(FailingEndpoints, settings).await;
+        for send in 1..=3 {
+            let answer = actor
+                .call(
+                    |port| ChannelMsg::Send(Box::new(outbound()), port),
+                    Some(WAIT),
+                )
+                .await
+                .expect("actor alive");
+            assert!(
+                matches!(&answer, CallResult::Success(r)
+                    if matches!(r.outcome, SendOutcome::Failed(ProviderError::Transient { .. }))),
+                "send {send}: {answer:?}"
+            );
+        }
+        let settled = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.failed, 3, "{settled:?}");
+        assert_eq!(settled.circuit, CircuitState::Closed, "{settled:?}");
         actor.stop(None);
     }
 

@@ -93,6 +93,14 @@ pub trait Provider: Send + Sync + 'static {
         &'a self,
         message: &'a OutboundMessage,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
+
+    /// Whether a failed send says something about the provider as a whole, and so counts
+    /// against its circuit (announced to every instance). A provider whose every recipient names
+    /// an endpoint of their own (webhooks) answers `false`: one customer's broken receiver must
+    /// not stop the sends to everyone else's.
+    fn one_endpoint(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

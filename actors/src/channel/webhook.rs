@@ -332,6 +332,11 @@ impl Provider for WebhookProvider {
         &self.name
     }
 
+    /// Every recipient names an endpoint of their own.
+    fn one_endpoint(&self) -> bool {
+        false
+    }
+
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
