@@ -69,7 +69,8 @@ pub struct DeliveryContext {
     /// notification, its command acknowledged, rather than as a command held back in JetStream:
     /// a held-back command counts against its consumer's `max_ack_pending` until it is
     /// redelivered, so a night's worth of them would stop its partition, critical sends
-    /// included.
+    /// included. A command replayed from the dead-letter stream is held back in JetStream
+    /// whatever the length: the Scheduler's republish would not carry its replay base.
     pub schedule_deferrals_after: Duration,
     /// Recipients' wishes and limits.
     pub policy: crate::policy::PolicyContext,
@@ -265,6 +266,9 @@ struct Round {
     number: u64,
     /// Attempt numbers of this round start after this one.
     first_attempt_no: u64,
+    /// Whether the command was replayed from the dead-letter stream: its rounds count from the
+    /// replay only as long as its own message (which carries where they start) is delivered.
+    replayed: bool,
 }
 
 impl Round {
@@ -276,6 +280,7 @@ impl Round {
         Round {
             number: since_replay.div_ceil(chain_len.max(1) as u64) + 1,
             first_attempt_no: recorded,
+            replayed: replay_base > 0,
         }
     }
 }
@@ -319,8 +324,11 @@ fn hold(
         Gate::Defer { delay, reason } => {
             metrics::counter!("herald_notifications_deferred_total").increment(1);
             tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
+            // A replayed command keeps its message: the Scheduler's republish of a scheduled
+            // notification would not carry its replay base, and its retries would be gone.
+            let long = delay >= ctx.schedule_deferrals_after && !round.replayed;
             let (change, then) = match due_after(delay) {
-                Some(due) if delay >= ctx.schedule_deferrals_after => (
+                Some(due) if long => (
                     StatusChange {
                         scheduled_at: Some(due),
                         ..StatusChange::to(id, NotificationStatus::Scheduled)
@@ -860,7 +868,8 @@ mod tests {
             Round::after(0, 0, 3),
             Round {
                 number: 1,
-                first_attempt_no: 0
+                first_attempt_no: 0,
+                replayed: false,
             }
         );
         let third = Round::after(6, 0, 3);
@@ -894,6 +903,7 @@ mod tests {
     fn a_replayed_command_counts_its_rounds_from_the_replay() {
         let first = Round::after(12, 12, 2);
         assert_eq!((first.number, first.first_attempt_no), (1, 12));
+        assert!(first.replayed && !Round::after(12, 0, 2).replayed);
         assert_eq!(Round::after(14, 12, 2).number, 2);
         assert_eq!(Round::after(3, 12, 2).number, 1, "a base past the attempts");
         assert_eq!(
