@@ -7,17 +7,51 @@ use herald_entities::customer;
 use herald_nats::{DomainEvent, EventData};
 use serde_json::{Map, Value, json};
 
-/// Currencies without minor units (ISO 4217 exponent 0).
-const ZERO_DECIMAL: [&str; 8] = ["JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"];
+/// Currencies whose minor unit is not a hundredth (ISO 4217 exponents other than 2).
+const EXPONENTS: [(&str, u32); 26] = [
+    ("BIF", 0),
+    ("CLP", 0),
+    ("DJF", 0),
+    ("GNF", 0),
+    ("ISK", 0),
+    ("JPY", 0),
+    ("KMF", 0),
+    ("KRW", 0),
+    ("PYG", 0),
+    ("RWF", 0),
+    ("UGX", 0),
+    ("UYI", 0),
+    ("VND", 0),
+    ("VUV", 0),
+    ("XAF", 0),
+    ("XOF", 0),
+    ("XPF", 0),
+    ("BHD", 3),
+    ("IQD", 3),
+    ("JOD", 3),
+    ("KWD", 3),
+    ("LYD", 3),
+    ("OMR", 3),
+    ("TND", 3),
+    ("CLF", 4),
+    ("UYW", 4),
+];
 
-/// `4200, "EUR"` → `42.00 EUR`; `-5, "EUR"` → `-0.05 EUR`; `1200, "JPY"` → `1200 JPY`.
+/// `4200, "EUR"` → `42.00 EUR`; `-5, "EUR"` → `-0.05 EUR`; `1200, "JPY"` → `1200 JPY`;
+/// `12345, "KWD"` → `12.345 KWD`: as many decimals as the currency's minor unit has.
 pub fn format_money(minor: i64, currency: &str) -> String {
-    if ZERO_DECIMAL.contains(&currency) {
+    let exponent = EXPONENTS
+        .iter()
+        .find(|(code, _)| *code == currency)
+        .map_or(2, |(_, exponent)| *exponent);
+    if exponent == 0 {
         return format!("{minor} {currency}");
     }
     let sign = if minor < 0 { "-" } else { "" };
     let abs = minor.unsigned_abs();
-    format!("{sign}{}.{:02} {currency}", abs / 100, abs % 100)
+    let unit = 10u64.pow(exponent);
+    let width = exponent as usize;
+    format!("{sign}{}.{:0width$} {currency}", abs / unit, abs % unit)
 }
 
 /// `occurred_at` in the customer's time zone (UTC when unknown), e.g. `2026-11-22 14:05 CET`.
@@ -97,6 +131,11 @@ mod tests {
         assert_eq!(format_money(5, "USD"), "0.05 USD");
         assert_eq!(format_money(-1999, "EUR"), "-19.99 EUR");
         assert_eq!(format_money(1200, "JPY"), "1200 JPY");
+        assert_eq!(format_money(50_000, "PYG"), "50000 PYG");
+        assert_eq!(format_money(12_345, "KWD"), "12.345 KWD", "three decimals");
+        assert_eq!(format_money(-7, "BHD"), "-0.007 BHD");
+        assert_eq!(format_money(10_000, "CLF"), "1.0000 CLF");
+        assert_eq!(format_money(i64::MIN, "EUR"), "-92233720368547758.08 EUR");
     }
 
     #[test]
