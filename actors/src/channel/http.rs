@@ -85,6 +85,32 @@ pub(crate) fn is_transient(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
+/// Whether a failed status is worth retrying for a request made with the provider account's
+/// credentials (a bot token, an API key, an OAuth token): [`is_transient`], and 401. A 401 refuses
+/// the account, not the message, so every send fails alike until the credentials are fixed:
+/// transient, it counts against the circuit, and the message is retried, then dead-lettered (and
+/// can be replayed), rather than ending `failed` as if its address were wrong.
+pub(crate) fn is_transient_for_account(status: StatusCode) -> bool {
+    is_transient(status) || status == StatusCode::UNAUTHORIZED
+}
+
+/// Classifies a non-success status of a request made with the provider account's credentials:
+/// transient per [`is_transient_for_account`], otherwise permanent.
+pub(crate) fn account_status_error(
+    status: StatusCode,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    if is_transient_for_account(status) {
+        ProviderError::Transient {
+            reason,
+            retry_after,
+        }
+    } else {
+        ProviderError::permanent(reason)
+    }
+}
+
 /// Classifies a non-success status: transient per [`is_transient`], otherwise permanent.
 pub(crate) fn status_error(
     status: StatusCode,

@@ -362,7 +362,7 @@ fn classify(
 ) -> Failure {
     let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(body) else {
         let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
-        return Failure::new(http::status_error(status, reason, retry_after));
+        return Failure::new(http::account_status_error(status, reason, retry_after));
     };
     let fcm_code = error
         .details
@@ -401,7 +401,7 @@ fn classify(
         };
     }
     let transient = matches!(fcm_code, "UNAVAILABLE" | "QUOTA_EXCEEDED" | "INTERNAL")
-        || http::is_transient(status);
+        || http::is_transient_for_account(status);
     Failure::new(if transient {
         ProviderError::Transient {
             reason,
@@ -919,8 +919,13 @@ mod tests {
             ))
             .mount(&server)
             .await;
-        assert!(fcm.send(&message(&["device-a"])).await.is_err());
-        assert!(fcm.send(&message(&["device-a"])).await.is_err());
+        for _ in 0..2 {
+            let refused = fcm.send(&message(&["device-a"])).await;
+            assert!(
+                matches!(refused, Err(ProviderError::Transient { .. })),
+                "a refused token fails the account, not the message: {refused:?}"
+            );
+        }
         assert_eq!(
             token_requests(&server).await,
             2,

@@ -168,7 +168,7 @@ impl SmsProvider {
             ),
             _ => format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
         };
-        Err(http::status_error(status, reason, retry_after))
+        Err(http::account_status_error(status, reason, retry_after))
     }
 }
 
@@ -307,6 +307,22 @@ mod tests {
             matches!(&error, ProviderError::Permanent { reason, dead_contact: None }
                 if reason.contains("21211") && reason.contains("not a valid phone number")),
             "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_transient() {
+        let (_server, provider) = reply_with(
+            ResponseTemplate::new(401).set_body_json(twilio_error(20003, "Authenticate", 401)),
+        )
+        .await;
+        let error = provider
+            .send(&message(Some("+4915112345678")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("20003")),
+            "the account is refused, not the message: {error:?}"
         );
     }
 

@@ -245,7 +245,7 @@ impl TelegramProvider {
                 "unexpected Bot API reply: {}",
                 http::snippet(&bytes, 200)
             ))),
-            _ => Err(http::status_error(
+            _ => Err(http::account_status_error(
                 status,
                 format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
                 header_retry_after,
@@ -289,14 +289,7 @@ fn reply_error(
     if let Some(chat) = parameters.and_then(|p| p.migrate_to_chat_id) {
         reason.push_str(&format!(" (group moved to chat {chat})"));
     }
-    if http::is_transient(code) {
-        ProviderError::Transient {
-            reason,
-            retry_after,
-        }
-    } else {
-        ProviderError::permanent(reason)
-    }
+    http::account_status_error(code, reason, retry_after)
 }
 
 impl Provider for TelegramProvider {
@@ -529,6 +522,20 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_bot_token_is_transient() {
+        let (_server, provider) = reply_with(ResponseTemplate::new(401).set_body_json(
+            serde_json::json!({ "ok": false, "error_code": 401, "description": "Unauthorized" }),
+        ))
+        .await;
+        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        assert_no_token(&error);
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("401")),
+            "the account is refused, not the message: {error:?}"
+        );
     }
 
     #[tokio::test]
