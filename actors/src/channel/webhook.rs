@@ -13,7 +13,7 @@
 //! between (DNS rebinding) cannot reach them. `allow_private_targets` lifts this for deployments
 //! (and tests) that deliver inside their own network.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use base64::Engine;
@@ -138,12 +138,14 @@ pub fn verify(secret: &[u8], id: &str, timestamp: i64, body: &[u8], signatures: 
 
 /// Whether Herald refuses to send webhooks to `ip` unless private targets are allowed: loopback,
 /// unspecified, private (RFC 1918), shared (100.64/10), link-local (including 169.254.169.254, the
-/// cloud metadata endpoint), broadcast, multicast, IPv6 unique-local and link-local, and IPv4
-/// addresses mapped into IPv6.
+/// cloud metadata endpoint), broadcast, multicast, reserved (0/8, 198.18/15 for benchmarks,
+/// 240/4), IPv6 unique-local and link-local, the local-use NAT64 prefix (`64:ff9b:1::/48`), and
+/// internal IPv4 addresses mapped into IPv6 or behind the well-known NAT64 prefix (`64:ff9b::/96`,
+/// which a NAT64 gateway forwards to the IPv4 address in its last 32 bits).
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_internal_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| nat64_inner(v6)) {
             Some(v4) => is_internal_v4(v4),
             None => {
                 let first = v6.segments()[0];
@@ -152,6 +154,7 @@ pub fn is_internal(ip: IpAddr) -> bool {
                     || v6.is_multicast()
                     || first & 0xfe00 == 0xfc00
                     || first & 0xffc0 == 0xfe80
+                    || v6.segments()[..3] == [0x64, 0xff9b, 1]
             }
         },
     }
@@ -165,7 +168,17 @@ fn is_internal_v4(ip: Ipv4Addr) -> bool {
         || ip.is_unspecified()
         || ip.is_broadcast()
         || ip.is_multicast()
+        || a == 0
+        || a >= 240
         || (a == 100 && b & 0xc0 == 64)
+        || (a == 198 && b & 0xfe == 18)
+}
+
+/// The IPv4 address inside an address of the well-known NAT64 prefix `64:ff9b::/96`.
+fn nat64_inner(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0])
+        .then(|| Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7])))
 }
 
 /// Resolves host names to their public addresses only, so a connection never reaches an internal
@@ -591,10 +604,21 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::a00:5",
+            "64:ff9b:1::a00:5",
+            "198.18.0.1",
+            "240.0.0.1",
         ] {
             assert!(is_internal(internal.parse().unwrap()), "{internal}");
         }
-        for public in ["93.184.216.34", "8.8.8.8", "172.32.0.1", "2606:4700::1111"] {
+        for public in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "64:ff9b::5db8:d822",
+        ] {
             assert!(!is_internal(public.parse().unwrap()), "{public}");
         }
     }
