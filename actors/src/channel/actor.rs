@@ -522,29 +522,44 @@ mod tests {
         actor.stop(None);
     }
 
-    #[tokio::test]
-    async fn failures_at_recipients_own_endpoints_do_not_open_the_circuit() {
-        let settings = ChannelSettings {
+    /// A circuit that opens at the first failure, cooling down for `cool_down_ms`.
+    fn opening_at_once(cool_down_ms: u64) -> ChannelSettings {
+        ChannelSettings {
             circuit: CircuitSettings {
                 failure_threshold: 1,
                 window_ms: 60_000,
-                cool_down_ms: 60_000,
+                cool_down_ms,
             },
             ..ChannelSettings::default()
-        };
-        let actor = spawn(FailingEndpoints, settings).await;
+        }
+    }
+
+    /// Sends one message through `actor` and returns the report.
+    async fn send_one(actor: &ActorRef<ChannelMsg>, send: u64) -> SendReport {
+        let answer = actor
+            .call(
+                |port| ChannelMsg::Send(Box::new(outbound()), port),
+                Some(WAIT),
+            )
+            .await
+            .expect("actor alive");
+        match answer {
+            CallResult::Success(report) => report,
+            other => panic!("send {send} was not answered: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_at_recipients_own_endpoints_do_not_open_the_circuit() {
+        let actor = spawn(FailingEndpoints, opening_at_once(60_000)).await;
         for send in 1..=3 {
-            let answer = actor
-                .call(
-                    |port| ChannelMsg::Send(Box::new(outbound()), port),
-                    Some(WAIT),
-                )
-                .await
-                .expect("actor alive");
+            let report = send_one(&actor, send).await;
             assert!(
-                matches!(&answer, CallResult::Success(r)
-                    if matches!(r.outcome, SendOutcome::Failed(ProviderError::Transient { .. }))),
-                "send {send}: {answer:?}"
+                matches!(
+                    report.outcome,
+                    SendOutcome::Failed(ProviderError::Transient { .. })
+                ),
+                "send {send}: {report:?}"
             );
         }
         let settled = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
@@ -555,28 +570,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_provider_counts_as_a_failure_and_probes_go_on() {
-        let settings = ChannelSettings {
-            circuit: CircuitSettings {
-                failure_threshold: 1,
-                window_ms: 60_000,
-                cool_down_ms: 0,
-            },
-            ..ChannelSettings::default()
-        };
-        let actor = spawn(PanickingProvider, settings).await;
+        let actor = spawn(PanickingProvider, opening_at_once(0)).await;
         // The first send opens the circuit; with no cool-down each later send is the half-open
         // probe, which must be answered and reopen the circuit rather than leave it half-open.
         for send in 1..=3 {
-            let answer = actor
-                .call(
-                    |port| ChannelMsg::Send(Box::new(outbound()), port),
-                    Some(WAIT),
-                )
-                .await
-                .expect("actor alive");
-            let CallResult::Success(report) = answer else {
-                panic!("send {send} was not answered: {answer:?}");
-            };
+            let report = send_one(&actor, send).await;
             assert!(
                 matches!(&report.outcome, SendOutcome::Failed(ProviderError::Transient { reason, .. })
                     if reason.contains("panicked")),

@@ -101,14 +101,7 @@ pub(crate) fn account_status_error(
     reason: String,
     retry_after: Option<Duration>,
 ) -> ProviderError {
-    if is_transient_for_account(status) {
-        ProviderError::Transient {
-            reason,
-            retry_after,
-        }
-    } else {
-        ProviderError::permanent(reason)
-    }
+    failure(is_transient_for_account(status), reason, retry_after)
 }
 
 /// Classifies a non-success status: transient per [`is_transient`], otherwise permanent.
@@ -117,7 +110,16 @@ pub(crate) fn status_error(
     reason: String,
     retry_after: Option<Duration>,
 ) -> ProviderError {
-    if is_transient(status) {
+    failure(is_transient(status), reason, retry_after)
+}
+
+/// A transient failure (with the provider's `retry_after`) or a permanent one.
+pub(crate) fn failure(
+    transient: bool,
+    reason: String,
+    retry_after: Option<Duration>,
+) -> ProviderError {
+    if transient {
         ProviderError::Transient {
             reason,
             retry_after,

@@ -402,14 +402,7 @@ fn classify(
     }
     let transient = matches!(fcm_code, "UNAVAILABLE" | "QUOTA_EXCEEDED" | "INTERNAL")
         || http::is_transient_for_account(status);
-    Failure::new(if transient {
-        ProviderError::Transient {
-            reason,
-            retry_after,
-        }
-    } else {
-        ProviderError::permanent(reason)
-    })
+    Failure::new(http::failure(transient, reason, retry_after))
 }
 
 /// The result over all tokens, plus the tokens FCM declared dead.
