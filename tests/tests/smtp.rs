@@ -150,6 +150,27 @@ async fn late_first_greeting_server() -> u16 {
 }
 
 #[tokio::test]
+async fn a_server_refusing_the_session_fails_the_message_transiently() {
+    // A relay that greets with 554 (RFC 5321: no SMTP service here), as one whose login the
+    // account lost would answer AUTH with 535: every message fails alike until someone fixes it.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"554 5.3.2 no service for you\r\n").await;
+        }
+    });
+    let email = provider("127.0.0.1", port, 1);
+    let refused = tokio::time::timeout(Duration::from_secs(10), email.send(&message(1)))
+        .await
+        .expect("answered");
+    assert!(
+        matches!(&refused, Err(ProviderError::Transient { reason, .. }) if reason.contains("554")),
+        "the session is refused, not the message: {refused:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_caller_whose_message_another_connection_did_not_take_still_gets_it_sent() {
     // The first caller's connection greets late, so the second caller's connection takes the
     // oldest waiting message, the first caller's; the second's must still go out.

@@ -134,9 +134,14 @@ impl managed::Manager for Connector {
 /// Why a message was not handed to the server.
 #[derive(Debug, thiserror::Error)]
 pub enum SmtpSendError {
-    /// The server refused, or the connection failed.
+    /// The server refused the message, or the connection failed while carrying it.
     #[error(transparent)]
     Smtp(#[from] smtp::Error),
+    /// No connection could be opened: the server was unreachable, or refused the session or the
+    /// login (a 554 greeting, `535` to AUTH). Whatever the reply's code, every message fails alike
+    /// until that is fixed, so it is not this message's fault.
+    #[error("cannot open an SMTP session: {0}")]
+    Connect(smtp::Error),
     /// No connection could be had from the pool.
     #[error("SMTP connection pool: {0}")]
     Pool(String),
@@ -227,7 +232,7 @@ impl SmtpPool {
                 }
                 Err(err) if queued.withdraw() => {
                     return Err(match err {
-                        PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Smtp(err),
+                        PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Connect(err),
                         other => SmtpSendError::Pool(other.to_string()),
                     });
                 }
