@@ -150,6 +150,31 @@ async fn late_first_greeting_server() -> u16 {
 }
 
 #[tokio::test]
+async fn an_international_domain_goes_in_ascii_and_a_local_part_needing_smtputf8_fails_for_good() {
+    // The sink does not offer SMTPUTF8, as many relays do not.
+    let sink = SmtpSink::start().await.expect("sink");
+    let email = provider(sink.host(), sink.port(), 1);
+    let to = |address: &str| OutboundMessage {
+        contacts: Contacts {
+            email: Some(address.into()),
+            ..Contacts::default()
+        },
+        ..message(1)
+    };
+    email.send(&to("ada@bücher.de")).await.expect("sent");
+    let mails = sink
+        .wait_for_count(1, Duration::from_secs(10))
+        .await
+        .expect("mail");
+    assert_eq!(mails[0].to, vec!["ada@xn--bcher-kva.de".to_string()]);
+    let refused = email.send(&to("josé@example.com")).await;
+    assert!(
+        matches!(&refused, Err(ProviderError::Permanent { reason, .. }) if reason.contains("SMTPUTF8")),
+        "no retry makes this server take it: {refused:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_server_refusing_the_session_fails_the_message_transiently() {
     // A relay that greets with 554 (RFC 5321: no SMTP service here), as one whose login the
     // account lost would answer AUTH with 535: every message fails alike until someone fixes it.
