@@ -88,22 +88,24 @@ pub async fn deliver(
     permit: DeliveryPermit,
 ) {
     let permit = Lease::new(permit);
-    let (delivered, sequence) = message
-        .info()
-        .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
-        .unwrap_or((1, 0));
-    let copy = Delivery {
-        count: delivered,
-        sequence,
-    };
+    let copy = message.info().map_or(
+        Delivery {
+            count: 1,
+            sequence: 0,
+        },
+        |i| Delivery {
+            count: i.delivered.max(1) as u64,
+            sequence: i.stream_sequence,
+        },
+    );
     let (message, acker) = message.split();
     if message.payload.len() > MAX_COMMAND_BYTES {
         let reason = format!(
             "oversized command: {} bytes (limit {MAX_COMMAND_BYTES})",
             message.payload.len()
         );
-        let msg_id = format!("poison:{sequence}");
-        dead_letter_poison(&ctx, &message, acker, delivered, &reason, &msg_id).await;
+        let msg_id = format!("poison:{}", copy.sequence);
+        dead_letter_poison(&ctx, &message, acker, copy.count, &reason, &msg_id).await;
         return;
     }
     let mut command = match SendCommand::decode(&message.payload) {
@@ -111,8 +113,8 @@ pub async fn deliver(
         Err(err) => {
             // The stream sequence identifies the message, so distinct poison messages are not
             // taken for duplicates of each other by the DLQ's de-duplication.
-            let msg_id = format!("poison:{sequence}");
-            dead_letter_poison(&ctx, &message, acker, delivered, &err.to_string(), &msg_id).await;
+            let msg_id = format!("poison:{}", copy.sequence);
+            dead_letter_poison(&ctx, &message, acker, copy.count, &err.to_string(), &msg_id).await;
             return;
         }
     };
@@ -153,7 +155,7 @@ pub async fn deliver(
         }
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
-            let delay = ctx.retry.delay(delivered, None, rand::random());
+            let delay = ctx.retry.delay(copy.count, None, rand::random());
             let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
             return;
         }
@@ -166,7 +168,7 @@ pub async fn deliver(
         Ok(recipient) => recipient.unwrap_or_default(),
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot load the recipient; retrying later");
-            let delay = ctx.retry.delay(delivered, None, rand::random());
+            let delay = ctx.retry.delay(copy.count, None, rand::random());
             write(
                 &ctx,
                 vec![],
@@ -206,7 +208,7 @@ pub async fn deliver(
     };
 
     if let Err(err) = render_template(&ctx, &mut command, customer.as_ref()).await {
-        template_failed(&ctx, id, err, acker, delivered, permit);
+        template_failed(&ctx, id, err, acker, copy.count, permit);
         return;
     }
     if !permit.partition_held() {
@@ -327,8 +329,8 @@ fn hold(
             // A replayed command keeps its message: the Scheduler's republish of a scheduled
             // notification would not carry its replay base, and its retries would be gone.
             let long = delay >= ctx.schedule_deferrals_after && !round.replayed;
-            let (change, then) = match due_after(delay) {
-                Some(due) if long => (
+            let (change, then) = match long.then(|| due_after(delay)).flatten() {
+                Some(due) => (
                     StatusChange {
                         scheduled_at: Some(due),
                         ..StatusChange::to(id, NotificationStatus::Scheduled)

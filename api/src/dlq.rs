@@ -208,9 +208,7 @@ impl DlqApi {
         let start = body.0.after_seq.unwrap_or(0).saturating_add(1);
         let stream = open_stream(&self.state).await?;
         let (letters, next) = stream
-            .page(start, limit, MAX_SCAN, |l| {
-                SendCommand::decode(&l.payload).is_ok() && filter.matches(l)
-            })
+            .page(start, limit, MAX_SCAN, |l| filter.matches_command(l))
             .await
             .map_err(unavailable)?;
         let mut report = ReplayReport {
@@ -329,22 +327,34 @@ pub(crate) struct EntryFilter {
 }
 
 impl EntryFilter {
+    /// Whether a listing shows `letter`: entries that are not send commands too, unless a
+    /// channel is asked for.
     fn matches(&self, letter: &DeadLetter) -> bool {
-        if self.from.is_some_and(|from| letter.at < from)
-            || self.to.is_some_and(|to| letter.at >= to)
-        {
-            return false;
-        }
-        if let Some(provider) = &self.provider
-            && !letter.providers.iter().any(|p| p == provider)
-        {
-            return false;
-        }
-        match self.channel {
-            None => true,
-            Some(channel) => SendCommand::decode(&letter.payload)
-                .is_ok_and(|c| c.channels.contains(&channel.into())),
-        }
+        self.matches_headers(letter) && (self.channel.is_none() || self.matches_payload(letter))
+    }
+
+    /// Whether a filtered replay takes `letter`: a send command the filter selects.
+    fn matches_command(&self, letter: &DeadLetter) -> bool {
+        self.matches_headers(letter) && self.matches_payload(letter)
+    }
+
+    /// The dead-lettering time and the providers tried.
+    fn matches_headers(&self, letter: &DeadLetter) -> bool {
+        let in_time = self.from.is_none_or(|from| letter.at >= from)
+            && self.to.is_none_or(|to| letter.at < to);
+        let tried = self
+            .provider
+            .as_ref()
+            .is_none_or(|provider| letter.providers.iter().any(|p| p == provider));
+        in_time && tried
+    }
+
+    /// A send command whose chain includes the channel asked for, if any (decoded once).
+    fn matches_payload(&self, letter: &DeadLetter) -> bool {
+        SendCommand::decode(&letter.payload).is_ok_and(|command| {
+            self.channel
+                .is_none_or(|channel| command.channels.contains(&channel.into()))
+        })
     }
 }
 

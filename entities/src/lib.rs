@@ -22,7 +22,6 @@ pub mod template;
 pub mod write_gate;
 
 pub use checkpoint::{Checkpointer, Checkpoints};
-pub use outage::is_outage;
 pub use repo::RepoError;
 pub use status::NotificationStatus;
 pub use write_gate::WriteGate;
