@@ -179,8 +179,8 @@ pub async fn deliver(
             return;
         }
     };
-    let (contacts, customer) = match resolve_contacts(&command, recipient.customer) {
-        Ok(resolved) => resolved,
+    let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
+        Ok(contacts) => contacts,
         Err(UnknownCustomer(customer)) => {
             let reason = format!("unknown customer {customer:?} and no contacts given");
             dead(
@@ -199,7 +199,7 @@ pub async fn deliver(
         }
     };
 
-    let opted_out = match crate::policy::gate(&ctx.policy, &recipient.wishes, &command).await {
+    let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command).await {
         Gate::Go { opted_out } => opted_out,
         gate => {
             hold(&ctx, &command, gate, acker, round, permit);
@@ -207,7 +207,7 @@ pub async fn deliver(
         }
     };
 
-    if let Err(err) = render_template(&ctx, &mut command, customer.as_ref()).await {
+    if let Err(err) = render_template(&ctx, &mut command, recipient.customer.as_ref()).await {
         template_failed(&ctx, id, err, acker, copy.count, permit);
         return;
     }
@@ -379,25 +379,22 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
 /// A command for a customer id nobody stored, with no contacts of its own for its chain.
 struct UnknownCustomer(String);
 
-/// The request's contacts over the stored customer's, and the stored customer.
+/// The request's contacts over the stored customer's.
 fn resolve_contacts(
     command: &SendCommand,
-    customer: Option<customer::Model>,
-) -> Result<(Contacts, Option<customer::Model>), UnknownCustomer> {
+    customer: Option<&customer::Model>,
+) -> Result<Contacts, UnknownCustomer> {
     let Some(customer_id) = &command.customer_id else {
-        return Ok((command.contacts.clone(), None));
+        return Ok(command.contacts.clone());
     };
     match customer {
-        Some(customer) => Ok((
-            command.contacts.clone().or(&stored_contacts(&customer)),
-            Some(customer),
-        )),
+        Some(customer) => Ok(command.contacts.clone().or(&stored_contacts(customer))),
         None if command
             .channels
             .iter()
             .any(|c| command.contacts.reaches(*c)) =>
         {
-            Ok((command.contacts.clone(), None))
+            Ok(command.contacts.clone())
         }
         None => Err(UnknownCustomer(customer_id.clone())),
     }

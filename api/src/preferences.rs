@@ -20,6 +20,7 @@ use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
     notifications::{ApiCategory, ApiChannel},
+    validate,
 };
 
 /// Categories that cannot be opted out of.
@@ -51,7 +52,9 @@ pub struct QuietHoursBody {
     pub start: String,
     /// Local end, `HH:MM` or `HH:MM:SS`; before `start` when the window crosses midnight.
     pub end: String,
-    /// IANA time zone, e.g. `Europe/Berlin`; the customer's own when absent.
+    /// IANA time zone, e.g. `Europe/Berlin`. When absent, the customer's own time zone at the
+    /// time of each delivery: the window moves with the customer.
+    #[oai(skip_serializing_if_is_none)]
     pub timezone: Option<String>,
 }
 
@@ -101,7 +104,7 @@ impl PreferencesApi {
         _auth: ReadKey,
         id: Path<String>,
     ) -> Result<Json<PreferencesView>, ApiError> {
-        self.customer_timezone(&id.0).await?;
+        self.require_customer(&id.0).await?;
         self.view(&id.0).await.map(Json)
     }
 
@@ -115,18 +118,18 @@ impl PreferencesApi {
         id: Path<String>,
         body: Json<PreferencesBody>,
     ) -> Result<Json<PreferencesView>, ApiError> {
-        let timezone = self.customer_timezone(&id.0).await?;
-        let (preferences, quiet) = validate(body.0, &timezone)?;
+        self.require_customer(&id.0).await?;
+        let (preferences, quiet) = validate(body.0)?;
         repo::preferences::replace(&self.state.db, &id.0, preferences, quiet).await?;
         self.view(&id.0).await.map(Json)
     }
 }
 
 impl PreferencesApi {
-    /// The customer's own time zone; 404 for an unknown customer.
-    async fn customer_timezone(&self, id: &str) -> Result<String, ApiError> {
+    /// 404 for an unknown customer.
+    async fn require_customer(&self, id: &str) -> Result<(), ApiError> {
         match repo::customers::find_by_external_id(&self.state.db, id).await? {
-            Some(customer) => Ok(customer.timezone),
+            Some(_) => Ok(()),
             None => Err(ApiError::not_found(format!("no customer {id:?}"))),
         }
     }
@@ -162,7 +165,7 @@ impl PreferencesApi {
             quiet_hours: wishes.quiet_hours.map(|q| QuietHoursBody {
                 start: q.starts,
                 end: q.ends,
-                timezone: Some(q.timezone),
+                timezone: q.timezone,
             }),
             critical_categories: CRITICAL.into_iter().map(api_category).collect(),
         })
@@ -171,7 +174,6 @@ impl PreferencesApi {
 
 fn validate(
     body: PreferencesBody,
-    customer_timezone: &str,
 ) -> Result<(Vec<NewPreference>, Option<NewQuietHours>), ApiError> {
     let mut seen: Vec<(Category, Option<Channel>)> = Vec::new();
     let mut preferences = Vec::with_capacity(body.preferences.len());
@@ -217,15 +219,8 @@ fn validate(
             }
             let timezone = quiet
                 .timezone
-                .unwrap_or_else(|| customer_timezone.to_string());
-            if timezone.parse::<chrono_tz::Tz>().is_err() {
-                return Err(ApiError::invalid(
-                    "quiet_hours.timezone",
-                    format!(
-                        "unknown time zone {timezone:?}; use an IANA name such as Europe/Berlin"
-                    ),
-                ));
-            }
+                .map(|zone| validate::timezone("quiet_hours.timezone", &zone))
+                .transpose()?;
             Some(NewQuietHours {
                 starts: quiet.start,
                 ends: quiet.end,
@@ -289,13 +284,13 @@ mod tests {
             ],
             quiet_hours: None,
         };
-        let err = validate(body, "UTC").unwrap_err();
+        let err = validate(body).unwrap_err();
         assert_eq!(field(err).as_deref(), Some("preferences[1].enabled"));
         let ok = PreferencesBody {
             preferences: vec![entry(ApiCategory::Security, None, true)],
             quiet_hours: None,
         };
-        assert!(validate(ok, "UTC").is_ok());
+        assert!(validate(ok).is_ok());
     }
 
     #[test]
@@ -308,7 +303,7 @@ mod tests {
             quiet_hours: None,
         };
         assert_eq!(
-            field(validate(dup, "UTC").unwrap_err()).as_deref(),
+            field(validate(dup).unwrap_err()).as_deref(),
             Some("preferences[1]")
         );
         let quiet = |start: &str, end: &str, tz: Option<&str>| PreferencesBody {
@@ -320,18 +315,24 @@ mod tests {
             }),
         };
         assert_eq!(
-            field(validate(quiet("22:00", "8am", None), "UTC").unwrap_err()).as_deref(),
+            field(validate(quiet("22:00", "8am", None)).unwrap_err()).as_deref(),
             Some("quiet_hours.end")
         );
         assert_eq!(
-            field(validate(quiet("22:00", "08:00", Some("Berlin")), "UTC").unwrap_err()).as_deref(),
+            field(validate(quiet("22:00", "08:00", Some("Berlin"))).unwrap_err()).as_deref(),
             Some("quiet_hours.timezone")
         );
-        let (_, stored) = validate(quiet("22:00", "08:00", None), "Europe/Berlin").unwrap();
+        let (_, stored) = validate(quiet("22:00", "08:00", None)).unwrap();
         assert_eq!(
             stored.unwrap().timezone,
-            "Europe/Berlin",
-            "the customer's zone by default"
+            None,
+            "no zone of their own: the customer's, read at delivery"
+        );
+        let (_, stored) = validate(quiet("22:00", "08:00", Some("Europe/Berlin"))).unwrap();
+        assert_eq!(
+            stored.unwrap().timezone.as_deref(),
+            Some("Europe/Berlin"),
+            "a zone of their own"
         );
     }
 }

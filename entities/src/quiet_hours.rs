@@ -14,8 +14,9 @@ pub struct Model {
     /// Local wall-clock end, `HH:MM` or `HH:MM:SS`; before `starts` when the window crosses
     /// midnight.
     pub ends: String,
-    /// IANA time zone the times are read in, e.g. `Europe/Berlin`.
-    pub timezone: String,
+    /// IANA time zone the times are read in, e.g. `Europe/Berlin`; `None` for the customer's own
+    /// at delivery time.
+    pub timezone: Option<String>,
     /// When it was last set.
     pub updated_at: DateTimeUtc,
 }

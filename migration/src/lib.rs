@@ -20,6 +20,7 @@ mod m20261123_000401_index_notifications_recipient_sent;
 mod m20261203_000501_partial_status_indexes;
 mod m20261204_000601_partial_recipient_sent_index;
 mod m20261204_000701_delivered_index;
+mod m20261206_000801_quiet_hours_follow_customer_timezone;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -42,6 +43,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000501_partial_status_indexes::Migration),
             Box::new(m20261204_000601_partial_recipient_sent_index::Migration),
             Box::new(m20261204_000701_delivered_index::Migration),
+            Box::new(m20261206_000801_quiet_hours_follow_customer_timezone::Migration),
         ]
     }
 }

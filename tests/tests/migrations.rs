@@ -52,3 +52,87 @@ async fn an_escaped_sqlite_path_is_created_and_locked_where_sqlx_opens_it() {
         "no folder named with the escape"
     );
 }
+
+/// `m20261206_000801` lets quiet hours go without a time zone of their own, keeping the rows
+/// stored before; rolled back, the ones without take their customer's zone (UTC without a
+/// customer) and the column is required again.
+#[tokio::test]
+async fn quiet_hours_time_zones_become_optional_and_back() {
+    use herald_entities::{customer, quiet_hours};
+    use herald_migration::{Migrator, MigratorTrait};
+    use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let night = |customer: &str, timezone: Option<&str>| quiet_hours::ActiveModel {
+        customer_id: Set(customer.to_string()),
+        starts: Set("22:00".into()),
+        ends: Set("07:00".into()),
+        timezone: Set(timezone.map(str::to_string)),
+        updated_at: Set(chrono::Utc::now()),
+    };
+    let now = chrono::Utc::now();
+    customer::Entity::insert(customer::ActiveModel {
+        id: Set(uuid::Uuid::now_v7()),
+        external_id: Set("ada".into()),
+        name: Set(None),
+        email: Set(None),
+        phone: Set(None),
+        telegram_chat_id: Set(None),
+        push_tokens: Set(serde_json::json!([])),
+        webhook_url: Set(None),
+        locale: Set("en".into()),
+        timezone: Set("Asia/Tokyo".into()),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(&conn)
+    .await
+    .expect("customer stored");
+    for row in [
+        night("ada", None),
+        night("bob", None),
+        night("cyd", Some("Europe/Berlin")),
+    ] {
+        quiet_hours::Entity::insert(row)
+            .exec_without_returning(&conn)
+            .await
+            .expect("quiet hours stored");
+    }
+    let zones = |conn: sea_orm::DatabaseConnection| async move {
+        let mut rows: Vec<(String, Option<String>)> = quiet_hours::Entity::find()
+            .all(&conn)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|q| (q.customer_id, q.timezone))
+            .collect();
+        rows.sort();
+        rows
+    };
+
+    Migrator::down(&conn, Some(1)).await.expect("rolled back");
+    let own = |zone: &str| Some(zone.to_string());
+    assert_eq!(
+        zones(conn.clone()).await,
+        [
+            ("ada".into(), own("Asia/Tokyo")),
+            ("bob".into(), own("UTC")),
+            ("cyd".into(), own("Europe/Berlin")),
+        ]
+    );
+    let without = conn
+        .execute_unprepared(
+            "INSERT INTO quiet_hours (customer_id, starts, ends, updated_at) \
+             VALUES ('dan', '22:00', '07:00', '2026-01-01')",
+        )
+        .await;
+    assert!(without.is_err(), "a zone is required again");
+
+    Migrator::up(&conn, None).await.expect("migrated again");
+    assert_eq!(zones(conn.clone()).await.len(), 3, "every row kept");
+    quiet_hours::Entity::insert(night("dan", None))
+        .exec_without_returning(&conn)
+        .await
+        .expect("a night without a zone of its own");
+}

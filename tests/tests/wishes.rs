@@ -313,6 +313,56 @@ async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Quiet hours set without a time zone follow the customer's as it is at delivery: a customer
+/// who moves keeps their night where they now live, not where they lived when they set it.
+#[tokio::test]
+async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("mia", "en", None)]).await;
+    // A window that started an hour ago and ends in 3 s on Kolkata's clock (UTC+5:30, no
+    // daylight saving time), while the customer still lives in UTC.
+    let zone = chrono::FixedOffset::east_opt(5 * 3_600 + 1_800).expect("UTC+5:30");
+    let now = Utc::now();
+    let end = now + ChronoDuration::seconds(3);
+    let local = |at: chrono::DateTime<Utc>| at.with_timezone(&zone).format("%H:%M:%S").to_string();
+    let (status, body) = put_preferences(
+        &w.herald,
+        "mia",
+        &json!({ "quiet_hours": {
+            "start": local(now - ChronoDuration::hours(1)),
+            "end": local(end),
+        }}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["quiet_hours"].get("timezone").is_none(),
+        "no zone of their own is stored: {body}"
+    );
+    let moved = w
+        .herald
+        .http()
+        .put(format!("{}/api/v1/customers/mia", w.herald.base()))
+        .json(&json!({ "email": "mia@example.com", "timezone": "Asia/Kolkata" }))
+        .send()
+        .await
+        .expect("PUT customer");
+    assert_eq!(moved.status(), StatusCode::OK);
+
+    let held = w
+        .herald
+        .send_accepted(&to_customer("mia", "transactional", &["email"]))
+        .await;
+    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, before the night in the customer's new zone ended at {end}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// Commands acknowledged to JetStream but not yet settled, over every dispatch consumer.
 async fn commands_held_in_jetstream(w: &World) -> i64 {
     use futures::TryStreamExt;
@@ -805,7 +855,7 @@ async fn recipients_read_together_keep_their_own_wishes() {
     let night = preferences::NewQuietHours {
         starts: "22:00".into(),
         ends: "07:00".into(),
-        timezone: "Europe/Berlin".into(),
+        timezone: Some("Europe/Berlin".into()),
     };
     preferences::replace(&conn, "ada", vec![opt_out("marketing")], Some(night))
         .await
@@ -838,7 +888,7 @@ async fn recipients_read_together_keep_their_own_wishes() {
         wishes["ada"]
             .quiet_hours
             .as_ref()
-            .map(|q| q.timezone.as_str()),
+            .and_then(|q| q.timezone.as_deref()),
         Some("Europe/Berlin")
     );
     assert_eq!(wishes["bob"].preferences.len(), 2);

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use herald_entities::repo::preferences::Wishes;
 use herald_nats::{Category, Channel, SendCommand};
 
+use crate::lookup::Recipient;
 use crate::rate_limit::{CategoryLimit, Verdict, actor::Acquire, supervisor};
 use crate::slot::ActorSlot;
 use preferences::{PreferenceSet, is_critical};
@@ -67,8 +67,9 @@ pub enum Gate {
 }
 
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
-/// by quiet hours does not spend a token), given the recipient's stored `wishes`.
-pub async fn gate(ctx: &PolicyContext, wishes: &Wishes, command: &SendCommand) -> Gate {
+/// by quiet hours does not spend a token), given what is stored about the recipient.
+pub async fn gate(ctx: &PolicyContext, recipient: &Recipient, command: &SendCommand) -> Gate {
+    let wishes = &recipient.wishes;
     let critical = is_critical(command.category);
     let opted_out = PreferenceSet::from_rows(&wishes.preferences)
         .opted_out(command.category, &command.channels);
@@ -84,7 +85,13 @@ pub async fn gate(ctx: &PolicyContext, wishes: &Wishes, command: &SendCommand) -
         };
     }
     if !critical && let Some(quiet) = &wishes.quiet_hours {
-        match QuietHours::parse(&quiet.starts, &quiet.ends, &quiet.timezone) {
+        // Quiet hours without a zone of their own follow the customer's, as it is now.
+        let timezone = quiet
+            .timezone
+            .as_deref()
+            .or(recipient.customer.as_ref().map(|c| c.timezone.as_str()))
+            .unwrap_or("UTC");
+        match QuietHours::parse(&quiet.starts, &quiet.ends, timezone) {
             Ok(window) => {
                 let now = (ctx.clock)();
                 if let Some(end) = window.ends_after(now) {

@@ -28,8 +28,8 @@ pub struct NewQuietHours {
     pub starts: String,
     /// `HH:MM[:SS]`.
     pub ends: String,
-    /// IANA time zone.
-    pub timezone: String,
+    /// IANA time zone; `None` to follow the customer's.
+    pub timezone: Option<String>,
 }
 
 /// A customer's stored wishes.
