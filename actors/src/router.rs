@@ -233,7 +233,7 @@ async fn notify(
     rule: &Rule,
 ) -> Result<(), Failure> {
     let retry = |e: &dyn std::fmt::Display| Failure::Retry(e.to_string());
-    let id = rule.notification_id(event.id);
+    let id = rule.notification_id(event);
     // A redelivered or re-published event: the notification exists, only its command may be
     // missing (a crash between storing and publishing).
     if let Some(existing) = repo::notifications::find(&ctx.db, id)
@@ -301,7 +301,7 @@ fn new_notification(
         .or_else(|| ctx.default_chains.get(&rule.category).cloned())
         .unwrap_or_else(|| vec![Channel::Email]);
     NewNotification {
-        id: rule.notification_id(event.id),
+        id: rule.notification_id(event),
         // The event and rule are the idempotency key, like a caller's request id.
         request_id: Some(format!("event:{}:{}", event.id, rule.name)),
         customer_id: Some(customer.external_id.clone()),

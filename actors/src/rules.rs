@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 
-use herald_nats::{Category, Channel, events};
+use herald_nats::{Category, Channel, DomainEvent, events};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Namespace of notification ids derived from events (UUIDv5).
+/// Namespace of notification ids derived from events (see [`herald_nats::ids`]).
 const NOTIFICATION_NAMESPACE: Uuid = Uuid::from_u128(0x6865_7261_6c64_4e6f_7469_6679_4576_7473);
 
 /// One routing rule.
@@ -72,11 +72,13 @@ impl Rule {
             .filter(|s| !s.trim().is_empty())
     }
 
-    /// The id of the notification this rule makes for event `event_id`: the same every time.
-    pub fn notification_id(&self, event_id: Uuid) -> Uuid {
-        Uuid::new_v5(
+    /// The id of the notification this rule makes for `event`: the same every time, sorting
+    /// among the API's ids at the time the event occurred.
+    pub fn notification_id(&self, event: &DomainEvent) -> Uuid {
+        herald_nats::ids::derived_id(
+            event.occurred_at,
             &NOTIFICATION_NAMESPACE,
-            format!("{event_id}:{}", self.name).as_bytes(),
+            format!("{}:{}", event.id, self.name).as_bytes(),
         )
     }
 }
@@ -259,29 +261,42 @@ mod tests {
 
     #[test]
     fn notification_ids_are_stable_per_event_and_rule() {
+        // (A change of how ids are made re-notifies nothing: the event and rule are also the
+        // notification's request id, which the insert de-duplicates on.)
         let rules = default_rules();
-        let event = Uuid::now_v7();
+        let event = |id: Uuid, occurred_at| DomainEvent {
+            id,
+            occurred_at,
+            ..DomainEvent::new(events::EventData::CustomerCreated(
+                events::CustomerCreated {
+                    customer_id: "ada".into(),
+                    name: None,
+                },
+            ))
+        };
+        let occurred = chrono::Utc::now() - chrono::Duration::minutes(5);
+        let first = event(Uuid::now_v7(), occurred);
+        let again = event(first.id, occurred);
         assert_eq!(
-            rules[0].notification_id(event),
-            rules[0].notification_id(event)
+            rules[0].notification_id(&first),
+            rules[0].notification_id(&again)
         );
         assert_ne!(
-            rules[0].notification_id(event),
-            rules[1].notification_id(event)
+            rules[0].notification_id(&first),
+            rules[1].notification_id(&first)
         );
         assert_ne!(
-            rules[0].notification_id(event),
-            rules[0].notification_id(Uuid::now_v7())
+            rules[0].notification_id(&first),
+            rules[0].notification_id(&event(Uuid::now_v7(), occurred))
         );
-        // Fixed expectation: a change here would re-notify every replayed event after an upgrade.
-        let fixed = Uuid::parse_str("00000000-0000-7000-8000-000000000001").unwrap();
-        assert_eq!(
-            rules[0].notification_id(fixed),
-            Uuid::new_v5(
-                &NOTIFICATION_NAMESPACE,
-                b"00000000-0000-7000-8000-000000000001:order_placed"
-            )
+        // Newest first means by the time the event occurred, among the API's UUIDv7s.
+        let id = rules[0].notification_id(&first);
+        assert!(
+            Uuid::now_v7() > id,
+            "{id} sorts before a notification accepted now"
         );
+        let earlier = chrono::Utc::now() - chrono::Duration::minutes(6);
+        assert!(rules[0].notification_id(&event(Uuid::now_v7(), earlier)) < id);
     }
 
     #[test]

@@ -298,7 +298,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         for recipient in page {
             let command = SendCommand {
                 v: SCHEMA_VERSION,
-                notification_id: batch_notification_id(batch.id, &recipient.key),
+                notification_id: batch_notification_id(batch.id, batch.created_at, &recipient.key),
                 customer_id: recipient.customer_id,
                 contacts: recipient.contacts,
                 category: spec.category,

@@ -1,4 +1,4 @@
-//! Opaque pagination cursors: the base64url form of the last id of a page. Ids are UUIDv7, so
+//! Opaque pagination cursors: the base64url form of the last id of a page. Ids are time-ordered, so
 //! "after this id" in descending id order is "older than this notification".
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};

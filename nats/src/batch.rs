@@ -1,6 +1,7 @@
 //! The stored form of a bulk send (`batches.spec`): written by the API, read by the Scheduler
 //! that fans it out. Versioned like the envelopes.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -76,9 +77,14 @@ impl Content {
 }
 
 /// The id of the batch's notification for a recipient: the same on every run of the fan-out, so
-/// a fan-out redone after a restart creates and publishes nothing twice.
-pub fn batch_notification_id(batch_id: Uuid, recipient_key: &str) -> Uuid {
-    Uuid::new_v5(&batch_id, recipient_key.as_bytes())
+/// a fan-out redone after a restart creates and publishes nothing twice. It sorts among the
+/// API's ids at the time the batch was accepted (`accepted_at`).
+pub fn batch_notification_id(
+    batch_id: Uuid,
+    accepted_at: DateTime<Utc>,
+    recipient_key: &str,
+) -> Uuid {
+    crate::ids::derived_id(accepted_at, &batch_id, recipient_key.as_bytes())
 }
 
 #[cfg(test)]
@@ -88,17 +94,14 @@ mod tests {
     #[test]
     fn ids_are_stable_per_batch_and_recipient() {
         let batch = Uuid::now_v7();
-        assert_eq!(
-            batch_notification_id(batch, "c-1"),
-            batch_notification_id(batch, "c-1")
-        );
-        assert_ne!(
-            batch_notification_id(batch, "c-1"),
-            batch_notification_id(batch, "c-2")
-        );
-        assert_ne!(
-            batch_notification_id(batch, "c-1"),
-            batch_notification_id(Uuid::now_v7(), "c-1")
+        let accepted = Utc::now() - chrono::Duration::milliseconds(1);
+        let id = |batch, key| batch_notification_id(batch, accepted, key);
+        assert_eq!(id(batch, "c-1"), id(batch, "c-1"));
+        assert_ne!(id(batch, "c-1"), id(batch, "c-2"));
+        assert_ne!(id(batch, "c-1"), id(Uuid::now_v7(), "c-1"));
+        assert!(
+            id(batch, "c-1") < Uuid::now_v7(),
+            "sorted among the API's ids at the batch's acceptance"
         );
     }
 

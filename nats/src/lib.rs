@@ -11,6 +11,7 @@ pub mod dead_letters;
 pub mod envelope;
 pub mod error;
 pub mod events;
+pub mod ids;
 pub mod leases;
 pub mod publish;
 pub mod streams;

@@ -200,6 +200,48 @@ async fn an_order_created_event_emails_the_order_placed_template() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Notifications made from events list among the API's in the order they came: the history and
+/// the dashboard's feed are newest first by id, and an event's notification id (the same every
+/// time the event is routed) sorts at the time the event occurred.
+#[tokio::test]
+async fn an_event_s_notification_lists_before_a_send_accepted_after_it() {
+    let w = world().await;
+    w.customer("c-ida", "ida@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-ida", "1002"),
+        &event_id.to_string(),
+    )
+    .await;
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    let later = w
+        .herald
+        .send_accepted(&json!({
+            "recipient": { "customer_id": "c-ida" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Later", "text": "Accepted after the order's." }
+        }))
+        .await;
+    let (status, page) = w
+        .herald
+        .get("/api/v1/notifications?customer_id=c-ida&limit=10")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let ids: Vec<&str> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| item["id"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(ids.len(), 2, "{page}");
+    assert_eq!(ids[0], later, "newest first: {page}");
+    let (status, all) = w.herald.get("/api/v1/notifications?limit=1").await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all["items"][0]["id"], later.as_str(), "{all}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn orders_through_the_api_notify_placed_then_shipped_in_the_customer_locale() {
     let w = world().await;

@@ -52,8 +52,8 @@ impl HistoryFilter {
     }
 }
 
-/// Up to `limit` notifications matching `filter`, newest first (ids are UUIDv7, so id order is
-/// acceptance order), starting after the notification `after` of a previous page.
+/// Up to `limit` notifications matching `filter`, newest first (ids begin with the time a
+/// notification was accepted: see `herald_nats::ids`), starting after the notification `after` of a previous page.
 pub async fn list(
     db: &impl ConnectionTrait,
     filter: &HistoryFilter,

@@ -17,7 +17,7 @@ use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 /// A notification to store as accepted.
 #[derive(Debug, Clone)]
 pub struct NewNotification {
-    /// Id (UUIDv7).
+    /// Id, time-ordered (see [`crate::notification::Model::id`]).
     pub id: Uuid,
     /// The caller's idempotency key.
     pub request_id: Option<String>,
