@@ -8,20 +8,26 @@ as_root() {
 }
 
 apt_updated=""
-# Installs Debian packages that are missing.
+installed_now=()
+# Installs Debian packages that are missing (listed in installed_now afterwards).
 ensure_packages() {
   local missing=()
   for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
+  installed_now+=("${missing[@]}")
   command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get to install them"
   if [ -z "$apt_updated" ]; then log "apt-get update"; as_root apt-get update -qq; apt_updated=1; fi
   log "installing ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-# Makes sure a Rust toolchain (edition 2024: Rust >= 1.85) is on PATH, installing rustup if not.
+# The oldest Rust the workspace builds with (Cargo.toml's rust-version).
+RUST_MIN_MINOR=90
+
+# Makes sure a Rust toolchain of at least 1.$RUST_MIN_MINOR with rustfmt and clippy is on PATH,
+# installing rustup if there is none (or updating rustup's when it is older).
 ensure_rust() {
   [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
   if ! command -v cargo >/dev/null; then
@@ -29,6 +35,17 @@ ensure_rust() {
     log "installing Rust with rustup"
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy >/dev/null
     . "$HOME/.cargo/env"
+  fi
+  local minor
+  minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+  if [ "${minor:-0}" -lt "$RUST_MIN_MINOR" ]; then
+    command -v rustup >/dev/null \
+      || die "$(rustc --version) is older than 1.$RUST_MIN_MINOR; install a newer Rust (rustup)"
+    log "updating Rust (found $(rustc --version))"
+    rustup update stable >/dev/null && rustup default stable >/dev/null
+  fi
+  if command -v rustup >/dev/null; then
+    rustup component add rustfmt clippy >/dev/null 2>&1 || true
   fi
   command -v cc >/dev/null || ensure_packages build-essential
 }
@@ -43,12 +60,35 @@ wait_port() {
   return 1
 }
 
-# Starts nats-server with JetStream on 127.0.0.1:$1 with its store under $2, unless one answers.
+# Whether the NATS server on 127.0.0.1:$1 has JetStream (its INFO line says so).
+jetstream_on() {
+  local info=""
+  { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
+  read -r -t 5 info <&3 || true
+  exec 3>&-
+  [[ $info == *'"jetstream":true'* ]]
+}
+
+# Starts nats-server with JetStream on 127.0.0.1:$1 with its store under $2, unless one with
+# JetStream answers there.
 ensure_nats() {
   local port=$1 store=$2
   ensure_packages nats-server
+  if port_open 127.0.0.1 "$port" && ! jetstream_on "$port"; then
+    # Debian's package starts its own service (no JetStream, port 4222) where systemd runs.
+    if [[ " ${installed_now[*]} " == *" nats-server "* ]] \
+      && systemctl is-active --quiet nats-server 2>/dev/null; then
+      log "stopping the nats-server service the package started (it runs without JetStream)"
+      as_root systemctl disable --now nats-server >/dev/null 2>&1
+      local i
+      for ((i = 0; i < 50; i++)); do port_open 127.0.0.1 "$port" || break; sleep 0.1; done
+    else
+      die "a NATS server without JetStream listens on 127.0.0.1:$port; give it JetStream, stop it \
+(systemctl disable --now nats-server) or point HERALD_NATS__URL at one with JetStream"
+    fi
+  fi
   if port_open 127.0.0.1 "$port"; then
-    log "NATS already listening on 127.0.0.1:$port"
+    log "NATS with JetStream already listening on 127.0.0.1:$port"
     return 0
   fi
   mkdir -p "$store"

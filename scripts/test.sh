@@ -24,8 +24,10 @@ export HERALD_TEST_PG_USER=$pg_user
 if ! command -v schemathesis >/dev/null; then
   log "installing schemathesis (hostile-input tests)"
   command -v pip3 >/dev/null || ensure_packages python3-pip
-  # Debian's system Python refuses plain installs (PEP 668).
-  pip3 install --quiet schemathesis 2>/dev/null || pip3 install --quiet --user --break-system-packages schemathesis
+  # The version the tests' flags and schemathesis.toml were written for. Debian's system Python
+  # refuses plain installs (PEP 668).
+  pkg=schemathesis==4.32.5
+  pip3 install --quiet "$pkg" 2>/dev/null || pip3 install --quiet --user --break-system-packages "$pkg"
   export PATH="$HOME/.local/bin:$PATH"
 fi
 
