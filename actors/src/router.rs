@@ -207,9 +207,12 @@ pub async fn route(
                 metrics::counter!("herald_events_total", "outcome" => "notified").increment(1);
             }
             Err(Failure::DeadLetter(reason)) => {
+                // The stream message's sequence in the id: a redelivery of this message is a
+                // duplicate the DLQ drops, while the same event replayed (a new message) that
+                // fails again gets an entry of its own even within the de-duplication window.
                 let letter = Poison {
                     reason: format!("rule {}: {reason}", rule.name),
-                    msg_id: format!("{}:{}:dead", event.id, rule.name),
+                    msg_id: format!("{}:{}:dead:{sequence}", event.id, rule.name),
                     ..poison(String::new())
                 };
                 if !dead_letter(&ctx, letter).await {

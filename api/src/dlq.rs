@@ -6,10 +6,15 @@
 //! JetStream's de-duplication neither drops it nor lets a concurrent replay of the same entry
 //! through twice) and deletes the entry. If the publish fails the notification goes back to
 //! `dead` and the entry stays.
+//!
+//! An event the Router gave up on (an unknown customer, a missing template) is replayed by
+//! publishing it again on its subject, under `<event id>:replay:<seq>`, once the cause is mended:
+//! the Router routes it as new. Rules that had made their notification find it (its id and
+//! request id derive from the event), so nothing is sent twice.
 
 use chrono::{DateTime, Utc};
 use herald_entities::repo::{dead_letters, notifications};
-use herald_nats::{DeadLetter, DeadLetters, SendCommand};
+use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand};
 use poem_openapi::{
     Object, OpenApi, Tags,
     param::{Path, Query},
@@ -57,6 +62,8 @@ pub struct DeadLetterView {
     pub dead_at: DateTime<Utc>,
     /// The notification, when the message is a readable send command.
     pub notification_id: Option<Uuid>,
+    /// The event, when the message is a readable domain event.
+    pub event_id: Option<Uuid>,
     /// Its category.
     pub category: Option<String>,
     /// Its channel chain.
@@ -65,7 +72,7 @@ pub struct DeadLetterView {
     pub providers: Vec<String>,
     /// Its customer.
     pub customer_id: Option<String>,
-    /// Whether it can be replayed (a readable send command).
+    /// Whether it can be replayed (a readable send command or domain event).
     pub replayable: bool,
 }
 
@@ -82,12 +89,16 @@ pub struct DeadLetterPage {
 
 /// The result of replaying one entry.
 #[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct Replayed {
     /// The entry's sequence number (now deleted).
     pub seq: u64,
-    /// The notification, `queued` again.
-    pub notification_id: Uuid,
-    /// Its status now.
+    /// The notification, `queued` again (a send command's entry).
+    pub notification_id: Option<Uuid>,
+    /// The event, published again for the Router (an event's entry).
+    pub event_id: Option<Uuid>,
+    /// `queued` for a notification, `republished` for an event.
     pub status: String,
 }
 
@@ -181,8 +192,10 @@ impl DlqApi {
     }
 
     /// Replay one dead letter (scope `admin`): the notification goes back to `queued`, its
-    /// original command is published again, and the entry is deleted. 404: no such entry; 409:
-    /// not a replayable send command, or its notification is no longer `dead`.
+    /// original command is published again, and the entry is deleted. An event the Router gave
+    /// up on is published again on its subject, to be routed anew (mend the cause first: create
+    /// the customer or the template). 404: no such entry; 409: neither a readable send command
+    /// nor a readable event, or its notification is no longer `dead`.
     #[oai(path = "/dlq/:seq/replay", method = "post")]
     async fn replay(&self, _auth: AdminKey, seq: Path<u64>) -> Result<Json<Replayed>, ApiError> {
         replay_one(&self.state, seq.0).await.map(Json)
@@ -249,8 +262,8 @@ pub(crate) async fn list_page(
     })
 }
 
-/// Replays the entry `seq`; shared by the API and the dashboard. 404: no such entry; 409: not a
-/// replayable send command, or its notification is no longer `dead`.
+/// Replays the entry `seq`; shared by the API and the dashboard. 404: no such entry; 409: not
+/// replayable, or its notification is no longer `dead`.
 pub(crate) async fn replay_one(state: &AppState, seq: u64) -> Result<Replayed, ApiError> {
     let stream = open_stream(state).await?;
     let Some(letter) = stream.get(seq).await.map_err(unavailable)? else {
@@ -275,7 +288,10 @@ async fn replay_letter(
 ) -> Result<Result<Replayed, String>, ApiError> {
     let command = match SendCommand::decode(&letter.payload) {
         Ok(command) => command,
-        Err(err) => return Ok(Err(format!("not a replayable send command: {err}"))),
+        Err(err) => match DomainEvent::decode(&letter.payload) {
+            Ok(event) => return replay_event(state, stream, letter, &event).await.map(Ok),
+            Err(_) => return Ok(Err(format!("not a replayable send command: {err}"))),
+        },
     };
     let id = command.notification_id;
     let Some(row) = notifications::find(&state.db, id).await? else {
@@ -312,9 +328,37 @@ async fn replay_letter(
     metrics::counter!("herald_dlq_replayed_total").increment(1);
     Ok(Ok(Replayed {
         seq: letter.seq,
-        notification_id: id,
+        notification_id: Some(id),
+        event_id: None,
         status: "queued".into(),
     }))
+}
+
+/// Publishes a dead-lettered event again on its subject, then deletes the entry.
+async fn replay_event(
+    state: &AppState,
+    stream: &DeadLetters,
+    letter: &DeadLetter,
+    event: &DomainEvent,
+) -> Result<Replayed, ApiError> {
+    let msg_id = format!("{}:replay:{}", event.id, letter.seq);
+    state
+        .publisher
+        .publish_event(&event.subject(), &msg_id, letter.payload.clone())
+        .await
+        .map_err(unavailable)?;
+    if let Err(err) = stream.delete(letter.seq).await {
+        // Replayed all the same; replaying the stale entry again routes the event again, which
+        // makes nothing twice.
+        tracing::warn!(event = %event.id, seq = letter.seq, error = %err, "cannot delete a replayed dead letter");
+    }
+    metrics::counter!("herald_dlq_replayed_total").increment(1);
+    Ok(Replayed {
+        seq: letter.seq,
+        notification_id: None,
+        event_id: Some(event.id),
+        status: "republished".into(),
+    })
 }
 
 /// Which dead letters to list or replay; filters combine with AND.
@@ -360,6 +404,10 @@ impl EntryFilter {
 
 fn view(letter: &DeadLetter) -> DeadLetterView {
     let command = SendCommand::decode(&letter.payload).ok();
+    let event = command
+        .is_none()
+        .then(|| DomainEvent::decode(&letter.payload).ok())
+        .flatten();
     DeadLetterView {
         seq: letter.seq,
         subject: letter.subject.clone(),
@@ -380,7 +428,8 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
             .unwrap_or_default(),
         customer_id: command.as_ref().and_then(|c| c.customer_id.clone()),
         providers: letter.providers.clone(),
-        replayable: command.is_some(),
+        event_id: event.as_ref().map(|e| e.id),
+        replayable: command.is_some() || event.is_some(),
     }
 }
 

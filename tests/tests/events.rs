@@ -380,6 +380,65 @@ async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// An event given up for an unknown customer is replayed from the dead-letter stream once the
+/// customer exists; a replay that fails again (the customer still missing) leaves a dead letter
+/// of its own rather than vanishing as a duplicate of the first.
+#[tokio::test]
+async fn an_event_dead_lettered_for_an_unknown_customer_is_replayed_once_it_exists() {
+    let w = world().await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-late", "4005"),
+        &event_id.to_string(),
+    )
+    .await;
+    let dead_entry = |page: &Value| {
+        page["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|e| e["event_id"] == event_id.to_string()))
+            .cloned()
+    };
+    let listed = |what: &'static str| {
+        eventually(what, E2E_TIMEOUT, || async {
+            dead_entry(&w.herald.get("/api/v1/dlq").await.1)
+        })
+    };
+    let entry = listed("the event's dead letter").await;
+    assert_eq!(entry["replayable"], true, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+
+    // Replayed too early: routed again, and given up again with an entry of its own.
+    let (status, replayed) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    assert_eq!(replayed["event_id"], event_id.to_string());
+    assert_eq!(replayed["status"], "republished");
+    assert!(replayed.get("notification_id").is_none(), "{replayed}");
+    let again = eventually("a second dead letter", E2E_TIMEOUT, || async {
+        dead_entry(&w.herald.get("/api/v1/dlq").await.1).filter(|e| e["seq"] != seq)
+    })
+    .await;
+
+    w.customer("c-late", "late@example.com", "en").await;
+    let next = again["seq"].as_u64().expect("seq");
+    let (status, replayed) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{next}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["late@example.com".to_string()]);
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 4005 is confirmed")
+    );
+    let (_, page) = w.herald.get("/api/v1/dlq").await;
+    assert_eq!(dead_entry(&page), None, "replayed entries are gone: {page}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_renders_it() {
     // The built-in `order_placed` rule replaced by one naming a runtime template. The template

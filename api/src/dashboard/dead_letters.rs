@@ -3,7 +3,7 @@
 
 use poem::{
     Response,
-    web::{Data, Form, Path},
+    web::{Data, Form, Path, Query},
 };
 
 use super::{
@@ -29,16 +29,26 @@ struct DeadLettersPage {
     signed_in: bool,
     session: Session,
     rows: Vec<LetterRow>,
-    more: bool,
+    /// The sequence number the next page starts after, when there is one.
+    next_after: Option<u64>,
 }
 
-/// `GET /dead-letters`: the oldest entries first.
+/// Where a page of entries starts.
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct PageQuery {
+    /// After this sequence number (the previous page's last).
+    after: Option<u64>,
+}
+
+/// `GET /dead-letters[?after=<seq>]`: the oldest entries first, a page at a time.
 #[poem::handler]
 pub(crate) async fn page(
     session: Session,
     Data(dashboard): Data<&Dashboard>,
+    Query(query): Query<PageQuery>,
 ) -> poem::Result<Response> {
-    let page = dlq::list_page(&dashboard.state, None, PAGE_SIZE, &EntryFilter::default())
+    let filter = EntryFilter::default();
+    let page = dlq::list_page(&dashboard.state, query.after, PAGE_SIZE, &filter)
         .await
         .map_err(page_error)?;
     let rows = page
@@ -57,11 +67,12 @@ pub(crate) async fn page(
         signed_in: true,
         session,
         rows,
-        more: page.next_after_seq.is_some(),
+        next_after: page.next_after_seq,
     })
 }
 
-/// `POST /dead-letters/{seq}/replay`: replays the entry and shows its notification.
+/// `POST /dead-letters/{seq}/replay`: replays the entry and shows its notification (the list,
+/// for an event).
 #[poem::handler]
 pub(crate) async fn replay(
     session: Session,
@@ -73,9 +84,9 @@ pub(crate) async fn replay(
     let replayed = dlq::replay_one(&dashboard.state, seq)
         .await
         .map_err(page_error)?;
-    tracing::info!(seq, id = %replayed.notification_id, "dead letter replayed from the dashboard");
-    Ok(see_other(&format!(
-        "/notifications/{}",
-        replayed.notification_id
+    tracing::info!(seq, notification = ?replayed.notification_id, event = ?replayed.event_id, "dead letter replayed from the dashboard");
+    Ok(see_other(&replayed.notification_id.map_or_else(
+        || "/dead-letters".to_string(),
+        |id| format!("/notifications/{id}"),
     )))
 }
