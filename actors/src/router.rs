@@ -37,8 +37,7 @@ use crate::retry::RetryPolicy;
 use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
 
-/// Largest event accepted.
-pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+use herald_nats::events::MAX_EVENT_BYTES;
 /// The dead-letter source of events: `notify.dlq.events`.
 pub const DLQ_SOURCE: &str = "events";
 

@@ -17,7 +17,9 @@ use herald_entities::{
 };
 use herald_nats::{
     DomainEvent, EventData,
-    events::{self, OrderCreated, OrderEventStatus, OrderItem, OrderStatusChanged},
+    events::{
+        self, MAX_EVENT_BYTES, OrderCreated, OrderEventStatus, OrderItem, OrderStatusChanged,
+    },
 };
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags, param::Path, payload::Json};
 use uuid::Uuid;
@@ -61,7 +63,7 @@ pub struct CreateOrder {
     pub total_minor: i64,
     /// ISO 4217 currency code (`EUR`).
     pub currency: String,
-    /// The order's lines.
+    /// The order's lines, at most 500; their event (the order as JSON) must stay within 256 KiB.
     #[oai(default)]
     pub items: Vec<OrderLine>,
 }
@@ -186,6 +188,7 @@ impl OrdersApi {
             ));
         }
         let event = DomainEvent::new(EventData::OrderCreated(data.clone()));
+        within_event_limit(&event)?;
         let row = repo::placed(
             Uuid::now_v7(),
             data.order_number.clone(),
@@ -295,6 +298,22 @@ impl OrdersApi {
             }
         }
     }
+}
+
+/// 400 for an order whose event the Router would refuse as too large (many long item names):
+/// stored and published, it would notify nobody.
+fn within_event_limit(event: &DomainEvent) -> Result<(), ApiError> {
+    let size = event.encode().map_err(|e| ApiError::internal(&e))?.len();
+    if size > MAX_EVENT_BYTES {
+        return Err(ApiError::invalid(
+            "items",
+            format!(
+                "the order is too large to notify about: its event would be {size} bytes, \
+                 the limit is {MAX_EVENT_BYTES}; shorten the item names or split the order"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn outbox_row(event: &DomainEvent) -> NewOutboxEvent {

@@ -334,6 +334,10 @@ pub enum EventDecodeError {
     },
 }
 
+/// Largest event the Router routes; a larger one is dead-lettered unread. The orders API refuses
+/// an order whose event would be larger.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+
 impl DomainEvent {
     /// A new event of this build's version with a fresh id, happening now.
     pub fn new(data: EventData) -> Self {

@@ -658,6 +658,23 @@ async fn orders_api_refuses_unknown_customers_and_bad_transitions() {
     let (status, body) = w.herald.post("/api/v1/orders", &order).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
 
+    // Each line within the limits, but an event too large for the Router as a whole.
+    let items: Vec<Value> = (0..300)
+        .map(|i| json!({"name": format!("{i:03} {}", "x".repeat(990)), "quantity": 1, "unit_price_minor": 1}))
+        .collect();
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "8", "customer_id": "c-7", "total_minor": 300,
+                    "currency": "EUR", "items": items}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "items");
+    let (status, _) = w.herald.get("/api/v1/orders/8").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "nothing stored");
+
     let (status, body) = w
         .put("/api/v1/orders/7/status", &json!({"status": "delivered"}))
         .await;
