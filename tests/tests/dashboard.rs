@@ -227,6 +227,30 @@ async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() 
         "an altered cookie is no session"
     );
 
+    // A send naming a template is shown by its template (it is rendered at delivery).
+    let templated = w
+        .herald
+        .send_accepted(&json!({
+            "recipient": { "email": "ada@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "template": { "code": "order_placed", "locale": "de",
+                          "variables": { "order_number": "1001", "total": "42.00 EUR" } }
+        }))
+        .await;
+    let detail = get_page(&base, &format!("/notifications/{templated}"), Some(&cookie)).await;
+    let detail = detail.text().await.expect("detail");
+    assert!(
+        detail.contains("template order_placed, locale de"),
+        "the template is named: {detail}"
+    );
+    let feed = get_page(&base, "/?refresh=off", Some(&cookie)).await;
+    let feed = feed.text().await.expect("feed");
+    assert!(
+        feed.contains("template order_placed"),
+        "the feed names it too: {feed}"
+    );
+
     // Forms without the session's CSRF token are refused and change nothing.
     let mut later = email("ada@example.com", "Later");
     later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());

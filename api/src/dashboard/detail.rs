@@ -44,6 +44,8 @@ struct DetailPage {
     /// `telegram ✗ → email ✓`.
     story: String,
     attempts: Vec<AttemptRow>,
+    /// The template a send named, rendered only at delivery (empty for rendered content).
+    template: String,
     subject: String,
     text: String,
     short: String,
@@ -121,12 +123,24 @@ pub(crate) async fn page(
         scheduled: n.scheduled_at.map(when).unwrap_or_default(),
         story: story(&attempts),
         attempts,
+        template: template_of(&content).unwrap_or_default(),
         subject: text_of("subject"),
         text: text_of("text"),
         short: text_of("short"),
         html_body: text_of("html"),
         payload: serde_json::to_string_pretty(&payload).unwrap_or_default(),
         cancellable,
+    })
+}
+
+/// The template stored content names (`order_placed, locale de`), if it names one: a send with
+/// a template is stored so and rendered at each delivery, its variables in the payload.
+pub(crate) fn template_of(content: &Value) -> Option<String> {
+    let template = content.get("template")?;
+    let code = template.get("code")?.as_str()?;
+    Some(match template.get("locale").and_then(Value::as_str) {
+        Some(locale) => format!("template {code}, locale {locale}"),
+        None => format!("template {code}"),
     })
 }
 

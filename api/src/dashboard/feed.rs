@@ -201,6 +201,9 @@ fn row(n: notification::Model) -> FeedRow {
         .get("subject")
         .and_then(|s| s.as_str())
         .or_else(|| n.content.get("text").and_then(|s| s.as_str()))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .or_else(|| super::detail::template_of(&n.content))
         .unwrap_or_default();
     FeedRow {
         id: n.id.to_string(),
