@@ -1,5 +1,6 @@
 //! `Dispatcher`: pulls send commands from the durable consumers of the command partitions this
-//! instance owns (`herald-dispatch-<n>`, one pull loop each) and runs each delivery as a task.
+//! instance owns (`herald-dispatch-<n>`, one [`crate::pull`] loop each) and runs each delivery as
+//! a task.
 //!
 //! Which partitions it pulls is decided by the [`crate::partitions::LeaseKeeper`], which holds their
 //! leases and tells the dispatcher with [`DispatcherMsg::Assign`] (repeated on every lease round,
@@ -12,21 +13,23 @@
 //! or database slows the pulling instead of filling memory.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use herald_nats::StreamSettings;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::delivery::{self, DeliveryContext};
 use crate::lease::DeliveryPermit;
 use crate::partitions::{LeaseDeadlines, PartitionLease};
+use crate::pull::{Pull, pull_loop};
 
 /// Messages of the [`Dispatcher`].
 pub enum DispatcherMsg {
@@ -228,22 +231,16 @@ impl DispatcherState {
             tracing::info!(partition, "pulling partition");
             let stop = self.stop_all.child_token();
             let deliveries = TaskTracker::new();
-            let pull = tokio::spawn(pull_loop(
-                Partition {
-                    number: partition,
-                    js: self.args.js.clone(),
-                    streams: self.args.streams.clone(),
-                    deliveries: deliveries.clone(),
-                    batch: self.args.pull_batch.max(1),
-                    lease: PartitionLease {
-                        partition,
-                        deadlines: self.args.leases.clone(),
-                    },
-                },
-                myself.clone(),
-                self.args.in_flight.clone(),
-                stop.clone(),
-            ));
+            let pull = tokio::spawn(
+                pull_partition(
+                    &self.args,
+                    partition,
+                    myself.clone(),
+                    deliveries.clone(),
+                    stop.clone(),
+                )
+                .instrument(tracing::info_span!("partition", partition)),
+            );
             self.loops.running.insert(
                 partition,
                 PartitionLoop {
@@ -279,153 +276,45 @@ impl DispatcherState {
     }
 }
 
-/// What a pull loop needs to know about its partition.
-struct Partition {
-    number: u32,
-    js: jetstream::Context,
-    streams: StreamSettings,
-    deliveries: TaskTracker,
-    batch: usize,
-    lease: PartitionLease,
-}
-
-/// Binds the partition's consumer, then pulls messages while permits are free and the loop is not
-/// stopped; binds again and re-subscribes after errors (a NATS restart, a deleted consumer) with a
-/// bounded backoff. Past the partition's lease deadline it hands commands back instead and waits
-/// for the lease to be renewed.
-async fn pull_loop(
-    partition: Partition,
+/// Pulls one partition's commands (see [`crate::pull`]) and casts each to the dispatcher with a
+/// [`DeliveryPermit`], while the partition's lease is held.
+fn pull_partition(
+    args: &DispatcherArgs,
+    partition: u32,
     dispatcher: ActorRef<DispatcherMsg>,
-    permits: Arc<Semaphore>,
+    deliveries: TaskTracker,
     stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut consumer: Option<PullConsumer> = None;
-    while !stop.is_cancelled() {
-        let bound = match &consumer {
-            Some(bound) => bound.clone(),
-            None => match bind(&partition, &stop).await {
-                Some(bound) => {
-                    consumer = Some(bound.clone());
-                    bound
-                }
-                None => return,
-            },
+) -> impl Future<Output = ()> + Send + 'static {
+    let (js, streams) = (args.js.clone(), args.streams.clone());
+    let lease = PartitionLease {
+        partition,
+        deadlines: args.leases.clone(),
+    };
+    let pull = Pull {
+        what: "commands",
+        consumer: None,
+        bind: move || {
+            let (js, streams) = (js.clone(), streams.clone());
+            async move { herald_nats::dispatch_consumer(&js, partition, &streams).await }
+        },
+        batch: Some(args.pull_batch.max(1)),
+        gate: lease.clone(),
+        permits: args.in_flight.clone(),
+        stop,
+    };
+    pull_loop(pull, move |message, slot| {
+        let permit = DeliveryPermit {
+            slot,
+            partition: deliveries.token(),
+            lease: lease.clone(),
         };
-        let mut messages = tokio::select! {
-            _ = stop.cancelled() => return,
-            subscribed = bound.stream().max_messages_per_batch(partition.batch).messages() => match subscribed {
-                Ok(messages) => messages,
-                Err(err) => {
-                    tracing::warn!(partition = partition.number, error = %err, "cannot pull commands; retrying");
-                    consumer = None;
-                    pause(&stop, &mut backoff).await;
-                    continue;
-                }
-            },
-        };
-        loop {
-            let slot = tokio::select! {
-                _ = stop.cancelled() => return release_buffered(messages).await,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return release_buffered(messages).await,
-                },
-            };
-            let next = tokio::select! {
-                _ = stop.cancelled() => return release_buffered(messages).await,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) if !partition.lease.holds() => {
-                    // The lease was not renewed in time (this instance is starved or cut off from
-                    // NATS): another instance may own the partition any moment, so nothing more
-                    // of it is delivered here until the lease is renewed or taken again.
-                    tracing::warn!(
-                        partition = partition.number,
-                        "partition lease not renewed in time; its deliveries wait"
-                    );
-                    metrics::counter!("herald_partition_lease_pauses_total").increment(1);
-                    drop(slot);
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    release_buffered(messages).await;
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = partition.lease.held_again() => break,
-                    }
-                }
-                Some(Ok(message)) => {
-                    backoff = Duration::from_millis(100);
-                    let permit = DeliveryPermit {
-                        slot,
-                        partition: partition.deliveries.token(),
-                        lease: partition.lease.clone(),
-                    };
-                    let delivery = DispatcherMsg::Deliver(Box::new(message), permit);
-                    if let Err(ractor::MessagingErr::SendErr(DispatcherMsg::Deliver(message, _))) =
-                        dispatcher.cast(delivery)
-                    {
-                        // The dispatcher is gone: hand the message back at once.
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                        return release_buffered(messages).await;
-                    }
-                }
-                Some(Err(err)) => {
-                    tracing::warn!(partition = partition.number, error = %err, "pulling commands failed; binding again");
-                    // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
-                    // pulling from a stale handle would fail for good: bind (create) it again.
-                    consumer = None;
-                    pause(&stop, &mut backoff).await;
-                    break;
-                }
-                None => break,
-            }
+        match dispatcher.cast(DispatcherMsg::Deliver(message, permit)) {
+            Ok(()) => Ok(()),
+            Err(ractor::MessagingErr::SendErr(DispatcherMsg::Deliver(message, _))) => Err(message),
+            // Any other failure lost the message inside ractor; JetStream redelivers it.
+            Err(_) => Ok(()),
         }
-    }
-}
-
-/// Binds (creating if absent) the partition's durable consumer, retrying until it works or the
-/// loop is stopped.
-async fn bind(partition: &Partition, stop: &CancellationToken) -> Option<PullConsumer> {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match herald_nats::dispatch_consumer(&partition.js, partition.number, &partition.streams)
-            .await
-        {
-            Ok(consumer) => return Some(consumer),
-            Err(err) => {
-                tracing::warn!(partition = partition.number, error = %err, "cannot bind the partition's consumer; retrying");
-                pause(stop, &mut backoff).await;
-                if stop.is_cancelled() {
-                    return None;
-                }
-            }
-        }
-    }
-}
-
-/// How long to look for messages already delivered to this client when a loop stops.
-const RELEASE_WINDOW: Duration = Duration::from_millis(50);
-
-/// NAKs the messages the client had already fetched for this loop, so JetStream redelivers them
-/// at once (to this instance's next loop or another instance) instead of after `ack_wait`.
-async fn release_buffered(mut messages: jetstream::consumer::pull::Stream) {
-    let mut released = 0u32;
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(RELEASE_WINDOW, messages.next()).await {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
-        released += 1;
-    }
-    if released > 0 {
-        tracing::info!(released, "returned prefetched commands to JetStream");
-    }
-}
-
-async fn pause(stop: &CancellationToken, backoff: &mut Duration) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(*backoff) => {}
-    }
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+    })
 }
 
 #[cfg(test)]

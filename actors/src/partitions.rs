@@ -162,6 +162,28 @@ impl PartitionLease {
     }
 }
 
+/// A partition's pull loop hands commands on only while the lease is held.
+impl crate::pull::Gate for PartitionLease {
+    fn is_open(&self) -> bool {
+        self.holds()
+    }
+
+    async fn opened(&self) {
+        self.held_again().await;
+    }
+
+    fn held_back(&self) {
+        // The lease was not renewed in time (this instance is starved or cut off from NATS):
+        // another instance may own the partition any moment, so nothing more of it is delivered
+        // here until the lease is renewed or taken again.
+        tracing::warn!(
+            partition = self.partition,
+            "partition lease not renewed in time; its deliveries wait"
+        );
+        metrics::counter!("herald_partition_lease_pauses_total").increment(1);
+    }
+}
+
 /// Messages of the [`LeaseKeeper`].
 pub enum LeaseKeeperMsg {
     /// Run a round now (also sent by the keeper's own timer).

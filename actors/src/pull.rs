@@ -1,106 +1,237 @@
-//! A bounded pull loop over a durable JetStream consumer, for actors that handle each message as
-//! a task (the Router; the Dispatcher has its own copy of the same shape).
+//! The bounded pull loop over a durable JetStream consumer that the Router (events) and the
+//! Dispatcher (one loop per command partition) both run; each hands every message on as a task.
 //!
 //! A permit is taken before a message is pulled and travels with it, released only when its
 //! handling is done, so slow handling slows the pulling instead of filling memory. Errors (a NATS
-//! restart, a deleted consumer) bind the consumer again and re-subscribe with a bounded backoff; a
-//! stopped loop hands back what it had prefetched.
+//! restart, a deleted consumer, a missed idle heartbeat after a consumer-leader change) bind the
+//! consumer again and re-subscribe with a bounded backoff. A [`Gate`] can hold the loop back (the
+//! Dispatcher's is the partition's lease); a stopped or held-back loop hands back what it had
+//! fetched.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, consumer::pull::Stream};
 use futures::StreamExt;
 use herald_nats::NatsError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// How long the server may stay silent on a pull request before the loop takes the subscription
+/// for dead and subscribes again (after two missed heartbeats: a consumer-leader change in a
+/// cluster leaves the old request unanswered).
+const IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
+
 /// How long to look for messages already delivered to this client when a loop stops.
 const RELEASE_WINDOW: Duration = Duration::from_millis(50);
 
-/// Pulls messages from `consumer` while permits are free and `stop` is not cancelled, handing
+/// First pause after a failure; it doubles up to [`MAX_BACKOFF`] and resets on a message.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause after failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// When a loop may hand messages on. The Dispatcher's gate is the partition's lease: past its
+/// deadline another instance may own the partition any moment.
+pub trait Gate: Send + Sync {
+    /// Whether messages may be handed on now.
+    fn is_open(&self) -> bool;
+
+    /// Waits until messages may be handed on again.
+    fn opened(&self) -> impl Future<Output = ()> + Send;
+
+    /// Called when a message arrived while the gate was closed (it is handed back): for logs and
+    /// metrics.
+    fn held_back(&self) {}
+}
+
+/// The gate of a loop that is never held back (the Router's).
+pub struct Open;
+
+impl Gate for Open {
+    fn is_open(&self) -> bool {
+        true
+    }
+
+    async fn opened(&self) {}
+}
+
+/// What a [`pull_loop`] pulls and how.
+pub struct Pull<B, G> {
+    /// Names the messages in logs ("events", "commands").
+    pub what: &'static str,
+    /// The consumer when already bound; otherwise the loop binds it first.
+    pub consumer: Option<PullConsumer>,
+    /// Binds the consumer (creating it if it was deleted), first and again after an error.
+    pub bind: B,
+    /// Messages one pull request asks for; `None` for async-nats's default (200, capped by the
+    /// consumer's `max_batch`).
+    pub batch: Option<usize>,
+    /// When messages may be handed on.
+    pub gate: G,
+    /// The in-flight bound: a permit is taken before each message is pulled.
+    pub permits: Arc<Semaphore>,
+    /// Ends the loop.
+    pub stop: CancellationToken,
+}
+
+/// How one subscription ended.
+enum Ended {
+    /// The loop was stopped (or whoever takes its messages is gone): return.
+    Stopped,
+    /// A message arrived while the gate was closed: wait for it to open.
+    HeldBack,
+    /// Pulling failed: bind the consumer again.
+    Failed,
+    /// The subscription ended on its own: subscribe again.
+    Finished,
+}
+
+/// Pulls messages while permits are free, the gate is open and `stop` is not cancelled, handing
 /// each to `hand_off` with its permit. `hand_off` returns the message when its receiver is gone;
-/// the message is then NAKed and the loop ends. After an error the consumer is bound again with
-/// `bind` (which creates it if it was deleted). `what` names the messages in logs.
-pub async fn pull_loop<F, B, Bound>(
-    consumer: PullConsumer,
-    bind: B,
-    permits: Arc<Semaphore>,
-    stop: CancellationToken,
-    what: &'static str,
-    hand_off: F,
-) where
-    F: Fn(Box<jetstream::Message>, OwnedSemaphorePermit) -> Result<(), Box<jetstream::Message>>,
+/// the message is then handed back to JetStream and the loop ends.
+pub async fn pull_loop<B, Bound, G, F>(pull: Pull<B, G>, hand_off: F)
+where
     B: Fn() -> Bound,
     Bound: Future<Output = Result<PullConsumer, NatsError>>,
+    G: Gate,
+    F: Fn(Box<jetstream::Message>, OwnedSemaphorePermit) -> Result<(), Box<jetstream::Message>>,
 {
-    let mut backoff = Duration::from_millis(100);
-    let mut consumer = Some(consumer);
-    while !stop.is_cancelled() {
+    let mut consumer = pull.consumer.clone();
+    let mut backoff = Backoff::default();
+    while !pull.stop.is_cancelled() {
         let bound = match &consumer {
             Some(bound) => bound.clone(),
-            None => tokio::select! {
-                _ = stop.cancelled() => return,
-                bound = bind() => match bound {
-                    Ok(bound) => consumer.insert(bound).clone(),
-                    Err(err) => {
-                        tracing::warn!(error = %err, what, "cannot bind the consumer; retrying");
-                        pause(&stop, &mut backoff).await;
-                        continue;
-                    }
-                },
-            },
+            None => {
+                let Some(bound) = bind(&pull, &mut backoff).await else {
+                    return;
+                };
+                consumer.insert(bound).clone()
+            }
         };
-        let mut messages = tokio::select! {
-            _ = stop.cancelled() => return,
-            subscribed = bound.messages() => match subscribed {
+        let messages = tokio::select! {
+            _ = pull.stop.cancelled() => return,
+            subscribed = subscribe(&bound, pull.batch) => match subscribed {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(error = %err, what, "cannot pull; binding again");
+                    tracing::warn!(error = %err, what = pull.what, "cannot pull; binding again");
                     consumer = None;
-                    pause(&stop, &mut backoff).await;
+                    backoff.pause(&pull.stop).await;
                     continue;
                 }
             },
         };
-        loop {
-            let permit = tokio::select! {
-                _ = stop.cancelled() => return release_buffered(messages, what).await,
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return release_buffered(messages, what).await,
-                },
-            };
-            let next = tokio::select! {
-                _ = stop.cancelled() => return release_buffered(messages, what).await,
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    backoff = Duration::from_millis(100);
-                    if let Err(message) = hand_off(Box::new(message), permit) {
-                        let _ = message.ack_with(AckKind::Nak(None)).await;
-                        return release_buffered(messages, what).await;
-                    }
-                }
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, what, "pulling failed; binding again");
-                    // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
-                    // pulling from a stale handle would fail for good.
-                    consumer = None;
-                    pause(&stop, &mut backoff).await;
-                    break;
-                }
-                None => break,
+        match take(messages, &pull, &hand_off, &mut backoff).await {
+            Ended::Stopped => return,
+            Ended::HeldBack => tokio::select! {
+                _ = pull.stop.cancelled() => return,
+                _ = pull.gate.opened() => {}
+            },
+            Ended::Failed => {
+                // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
+                // pulling from a stale handle would fail for good.
+                consumer = None;
+                backoff.pause(&pull.stop).await;
             }
+            Ended::Finished => {}
+        }
+    }
+}
+
+/// Binds the consumer, retrying with the backoff until it works; `None` once the loop is stopped.
+async fn bind<B, Bound, G>(pull: &Pull<B, G>, backoff: &mut Backoff) -> Option<PullConsumer>
+where
+    B: Fn() -> Bound,
+    Bound: Future<Output = Result<PullConsumer, NatsError>>,
+{
+    loop {
+        let bound = tokio::select! {
+            _ = pull.stop.cancelled() => return None,
+            bound = (pull.bind)() => bound,
+        };
+        match bound {
+            Ok(bound) => return Some(bound),
+            Err(err) => {
+                tracing::warn!(error = %err, what = pull.what, "cannot bind the consumer; retrying");
+                backoff.pause(&pull.stop).await;
+            }
+        }
+    }
+}
+
+/// Opens a pull subscription: pull requests of `batch` messages (async-nats's default when
+/// `None`) with an idle heartbeat, so a request the server stopped answering is noticed.
+async fn subscribe(
+    consumer: &PullConsumer,
+    batch: Option<usize>,
+) -> Result<Stream, jetstream::consumer::StreamError> {
+    let builder = consumer.stream().heartbeat(IDLE_HEARTBEAT);
+    match batch {
+        Some(batch) => {
+            builder
+                .max_messages_per_batch(batch.max(1))
+                .messages()
+                .await
+        }
+        None => builder.messages().await,
+    }
+}
+
+/// Hands on the messages of one subscription until it ends, the loop stops or the gate closes.
+async fn take<B, G, F>(
+    mut messages: Stream,
+    pull: &Pull<B, G>,
+    hand_off: &F,
+    backoff: &mut Backoff,
+) -> Ended
+where
+    G: Gate,
+    F: Fn(Box<jetstream::Message>, OwnedSemaphorePermit) -> Result<(), Box<jetstream::Message>>,
+{
+    loop {
+        let permit = tokio::select! {
+            _ = pull.stop.cancelled() => None,
+            permit = pull.permits.clone().acquire_owned() => permit.ok(),
+        };
+        let Some(permit) = permit else {
+            release_buffered(messages, pull.what).await;
+            return Ended::Stopped;
+        };
+        let next = tokio::select! {
+            _ = pull.stop.cancelled() => {
+                release_buffered(messages, pull.what).await;
+                return Ended::Stopped;
+            }
+            next = messages.next() => next,
+        };
+        match next {
+            Some(Ok(message)) if !pull.gate.is_open() => {
+                pull.gate.held_back();
+                drop(permit);
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                release_buffered(messages, pull.what).await;
+                return Ended::HeldBack;
+            }
+            Some(Ok(message)) => {
+                backoff.reset();
+                if let Err(message) = hand_off(Box::new(message), permit) {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    release_buffered(messages, pull.what).await;
+                    return Ended::Stopped;
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, what = pull.what, "pulling failed; binding again");
+                return Ended::Failed;
+            }
+            None => return Ended::Finished,
         }
     }
 }
 
 /// NAKs the messages the client had already fetched for this loop, so JetStream redelivers them
 /// at once instead of after `ack_wait`.
-async fn release_buffered(mut messages: jetstream::consumer::pull::Stream, what: &'static str) {
+async fn release_buffered(mut messages: Stream, what: &'static str) {
     let mut released = 0u32;
     while let Ok(Some(Ok(message))) = tokio::time::timeout(RELEASE_WINDOW, messages.next()).await {
         let _ = message.ack_with(AckKind::Nak(None)).await;
@@ -111,10 +242,27 @@ async fn release_buffered(mut messages: jetstream::consumer::pull::Stream, what:
     }
 }
 
-async fn pause(stop: &CancellationToken, backoff: &mut Duration) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(*backoff) => {}
+/// The pause after a failure: doubles each time, up to [`MAX_BACKOFF`].
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(FIRST_BACKOFF)
     }
-    *backoff = (*backoff * 2).min(Duration::from_secs(5));
+}
+
+impl Backoff {
+    /// Waits the current pause (or until `stop`) and doubles it.
+    async fn pause(&mut self, stop: &CancellationToken) {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+    }
+
+    /// Back to the first pause, after a message came through.
+    fn reset(&mut self) {
+        self.0 = FIRST_BACKOFF;
+    }
 }

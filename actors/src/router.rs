@@ -109,14 +109,18 @@ impl Actor for Router {
         let stop = args.intake.child_token();
         let (js, streams) = (args.js, args.streams);
         let pull = tokio::spawn(crate::pull::pull_loop(
-            args.consumer,
-            move || {
-                let (js, streams) = (js.clone(), streams.clone());
-                async move { herald_nats::router_consumer(&js, &streams).await }
+            crate::pull::Pull {
+                what: "events",
+                consumer: Some(args.consumer),
+                bind: move || {
+                    let (js, streams) = (js.clone(), streams.clone());
+                    async move { herald_nats::router_consumer(&js, &streams).await }
+                },
+                batch: None,
+                gate: crate::pull::Open,
+                permits: args.in_flight,
+                stop: stop.clone(),
             },
-            args.in_flight,
-            stop.clone(),
-            "events",
             move |message, permit| match myself.cast(RouterMsg::Route(message, permit)) {
                 Ok(()) => Ok(()),
                 Err(ractor::MessagingErr::SendErr(RouterMsg::Route(message, _))) => Err(message),
