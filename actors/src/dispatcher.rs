@@ -210,10 +210,12 @@ impl Actor for Dispatcher {
         state: &mut DispatcherState,
     ) -> Result<(), ActorProcessingErr> {
         state.stop_all.cancel();
-        for (_, partition) in std::mem::take(&mut state.loops.running) {
-            // Give each loop a moment to return what it holds.
-            let _ = tokio::time::timeout(Duration::from_secs(2), partition.pull).await;
-        }
+        // Give the loops a moment to return what they hold.
+        let pulls = std::mem::take(&mut state.loops.running)
+            .into_values()
+            .map(|partition| partition.pull);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(pulls)).await;
         Ok(())
     }
 }

@@ -5,8 +5,13 @@
 //! handling is done, so slow handling slows the pulling instead of filling memory. Errors (a NATS
 //! restart, a deleted consumer, a missed idle heartbeat after a consumer-leader change) bind the
 //! consumer again and re-subscribe with a bounded backoff. A [`Gate`] can hold the loop back (the
-//! Dispatcher's is the partition's lease); a stopped or held-back loop hands back what it had
-//! fetched.
+//! Dispatcher's is the partition's lease): it does not pull while the gate is closed.
+//!
+//! A stopped or held-back loop hands back what it had fetched, NAKed with a short delay: its pull
+//! stream keeps a pull request open on the server (and tops it up as messages are taken), so a
+//! message NAKed without delay would come straight back into the same stream. The hand-back is
+//! bounded in time, and dropping the stream afterwards ends its pull requests (the server drops
+//! requests nobody listens to any more), so JetStream offers the messages to the next puller.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,8 +28,13 @@ use tokio_util::sync::CancellationToken;
 /// cluster leaves the old request unanswered).
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// How long to look for messages already delivered to this client when a loop stops.
-const RELEASE_WINDOW: Duration = Duration::from_millis(50);
+/// A hand-back ends once no message has arrived for this long...
+const RELEASE_QUIET: Duration = Duration::from_millis(50);
+/// ...or after this long in all, so messages that keep arriving cannot hold it.
+const RELEASE_LIMIT: Duration = Duration::from_millis(500);
+/// How long JetStream waits before offering a handed-back message again: longer than a hand-back
+/// lasts, so the message cannot come back into the stream it is handed back from.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// First pause after a failure; it doubles up to [`MAX_BACKOFF`] and resets on a message.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -79,7 +89,7 @@ pub struct Pull<B, G> {
 enum Ended {
     /// The loop was stopped (or whoever takes its messages is gone): return.
     Stopped,
-    /// A message arrived while the gate was closed: wait for it to open.
+    /// A message arrived while the gate was closed (it was handed back).
     HeldBack,
     /// Pulling failed: bind the consumer again.
     Failed,
@@ -88,8 +98,9 @@ enum Ended {
 }
 
 /// Pulls messages while permits are free, the gate is open and `stop` is not cancelled, handing
-/// each to `hand_off` with its permit. `hand_off` returns the message when its receiver is gone;
-/// the message is then handed back to JetStream and the loop ends.
+/// each to `hand_off` with its permit; returns once `stop` is cancelled. `hand_off` returns the
+/// message when its receiver is gone; the message is then handed back to JetStream and the loop
+/// ends.
 pub async fn pull_loop<B, Bound, G, F>(pull: Pull<B, G>, hand_off: F)
 where
     B: Fn() -> Bound,
@@ -100,6 +111,12 @@ where
     let mut consumer = pull.consumer.clone();
     let mut backoff = Backoff::default();
     while !pull.stop.is_cancelled() {
+        if !pull.gate.is_open() {
+            tokio::select! {
+                _ = pull.stop.cancelled() => return,
+                _ = pull.gate.opened() => continue,
+            }
+        }
         let bound = match &consumer {
             Some(bound) => bound.clone(),
             None => {
@@ -123,10 +140,8 @@ where
         };
         match take(messages, &pull, &hand_off, &mut backoff).await {
             Ended::Stopped => return,
-            Ended::HeldBack => tokio::select! {
-                _ = pull.stop.cancelled() => return,
-                _ = pull.gate.opened() => {}
-            },
+            // The loop waits for the gate to open again at the top.
+            Ended::HeldBack => {}
             Ended::Failed => {
                 // The consumer may be gone (deleted: `ConsumerDeleted`, `NoResponders`), and
                 // pulling from a stale handle would fail for good.
@@ -194,12 +209,12 @@ where
             permit = pull.permits.clone().acquire_owned() => permit.ok(),
         };
         let Some(permit) = permit else {
-            release_buffered(messages, pull.what).await;
+            release(messages, pull.what).await;
             return Ended::Stopped;
         };
         let next = tokio::select! {
             _ = pull.stop.cancelled() => {
-                release_buffered(messages, pull.what).await;
+                release(messages, pull.what).await;
                 return Ended::Stopped;
             }
             next = messages.next() => next,
@@ -208,15 +223,15 @@ where
             Some(Ok(message)) if !pull.gate.is_open() => {
                 pull.gate.held_back();
                 drop(permit);
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-                release_buffered(messages, pull.what).await;
+                hand_back(&message).await;
+                release(messages, pull.what).await;
                 return Ended::HeldBack;
             }
             Some(Ok(message)) => {
                 backoff.reset();
                 if let Err(message) = hand_off(Box::new(message), permit) {
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                    release_buffered(messages, pull.what).await;
+                    hand_back(&message).await;
+                    release(messages, pull.what).await;
                     return Ended::Stopped;
                 }
             }
@@ -229,16 +244,28 @@ where
     }
 }
 
-/// NAKs the messages the client had already fetched for this loop, so JetStream redelivers them
-/// at once instead of after `ack_wait`.
-async fn release_buffered(mut messages: Stream, what: &'static str) {
+/// Hands back the messages the client had already fetched for this subscription, so JetStream
+/// offers them again after [`HAND_BACK_DELAY`] instead of after `ack_wait`; then drops the
+/// subscription, which ends its pull requests. Takes at most [`RELEASE_LIMIT`].
+async fn release(mut messages: Stream, what: &'static str) {
+    let until = tokio::time::Instant::now() + RELEASE_LIMIT;
     let mut released = 0u32;
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(RELEASE_WINDOW, messages.next()).await {
-        let _ = message.ack_with(AckKind::Nak(None)).await;
+    while let Ok(Ok(Some(Ok(message)))) =
+        tokio::time::timeout_at(until, tokio::time::timeout(RELEASE_QUIET, messages.next())).await
+    {
+        hand_back(&message).await;
         released += 1;
     }
+    drop(messages);
     if released > 0 {
-        tracing::info!(released, what, "returned prefetched messages to JetStream");
+        tracing::info!(released, what, "returned fetched messages to JetStream");
+    }
+}
+
+/// NAKs `message` with [`HAND_BACK_DELAY`]: not to be redelivered into the stream it came from.
+async fn hand_back(message: &jetstream::Message) {
+    if let Err(err) = message.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await {
+        tracing::debug!(error = %err, "cannot hand a message back; it is redelivered after ack_wait");
     }
 }
 

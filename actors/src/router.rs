@@ -88,6 +88,8 @@ pub struct RouterArgs {
 pub struct RouterState {
     context: Arc<RouterContext>,
     pull: JoinHandle<()>,
+    /// Stops the pull loop.
+    stop: CancellationToken,
     /// Cancels the pull loop when the state is dropped (also on a panic, when ractor runs no
     /// `post_stop`), so no loop outlives its router.
     _stop: DropGuard,
@@ -131,7 +133,8 @@ impl Actor for Router {
         Ok(RouterState {
             context: args.context,
             pull,
-            _stop: stop.drop_guard(),
+            _stop: stop.clone().drop_guard(),
+            stop,
         })
     }
 
@@ -155,6 +158,8 @@ impl Actor for Router {
         _myself: ActorRef<RouterMsg>,
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
+        // Stop pulling and give the loop a moment to return what it holds.
+        state.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut state.pull).await;
         Ok(())
     }

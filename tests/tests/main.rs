@@ -21,6 +21,7 @@ mod migrations;
 mod nats_auth;
 mod outages;
 mod poison;
+mod pull;
 mod query_plans;
 mod reliability;
 mod schemathesis;

@@ -1,0 +1,271 @@
+//! The pull loop that the Router and the Dispatcher run (`herald_actors::pull`), against a real
+//! nats-server: a loop held back by its gate (the Dispatcher's partition lease) or stopped hands
+//! its messages back to JetStream once, returns, and delivers them when let through, instead of
+//! NAKing them back into its own pull request thousands of times a second.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull, stream};
+use futures::StreamExt;
+use herald_actors::pull::{Gate, Open, Pull, pull_loop};
+use herald_nats::NatsError;
+use herald_tests::{NatsServer, eventually};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(10);
+const STREAM: &str = "PULL_LOOP";
+const CONSUMER: &str = "loop";
+/// Far longer than any wait here: a message seen again within it was handed back, not timed out.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+/// Deliveries of one message that a hand-back may cost: the one held back, the one delivered,
+/// and one to spare.
+const MAX_DELIVERIES: i64 = 3;
+
+/// A message handed on by the loop, with its permit.
+type Handed = (Box<jetstream::Message>, OwnedSemaphorePermit);
+
+/// A gate the test opens and closes; it counts how often the loop found it closed.
+#[derive(Clone)]
+struct Switch {
+    open: Arc<watch::Sender<bool>>,
+    refusals: Arc<watch::Sender<usize>>,
+}
+
+impl Switch {
+    fn new(open: bool) -> Self {
+        Self {
+            open: Arc::new(watch::Sender::new(open)),
+            refusals: Arc::new(watch::Sender::new(0)),
+        }
+    }
+
+    fn set(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+
+    /// Waits until the loop has found the gate closed at least `times` times.
+    async fn refused(&self, times: usize) {
+        let mut refusals = self.refusals.subscribe();
+        tokio::time::timeout(WAIT, refusals.wait_for(|&n| n >= times))
+            .await
+            .unwrap_or_else(|_| panic!("the loop never found the gate closed {times} time(s)"))
+            .expect("the gate is alive");
+    }
+}
+
+impl Gate for Switch {
+    fn is_open(&self) -> bool {
+        let open = *self.open.borrow();
+        if !open {
+            self.refusals.send_modify(|n| *n += 1);
+        }
+        open
+    }
+
+    fn opened(&self) -> impl Future<Output = ()> + Send {
+        let mut open = self.open.subscribe();
+        async move {
+            let _ = open.wait_for(|&open| open).await;
+        }
+    }
+}
+
+/// A file-backed stream with one durable pull consumer (explicit acks, ack wait [`ACK_WAIT`]).
+async fn consumer(nats: &NatsServer) -> (jetstream::Context, PullConsumer) {
+    let js = jetstream::new(nats.client().await.expect("nats client"));
+    let stream = js
+        .create_stream(stream::Config {
+            name: STREAM.into(),
+            subjects: vec!["pull.>".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream created");
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer created");
+    (js, consumer)
+}
+
+async fn publish(js: &jetstream::Context, count: usize) {
+    for i in 0..count {
+        js.publish("pull.one", format!("message {i}").into())
+            .await
+            .expect("published")
+            .await
+            .expect("stored");
+    }
+}
+
+/// Starts a loop over `consumer` that sends what it hands on to the returned receiver.
+fn start<G: Gate + 'static>(
+    consumer: &PullConsumer,
+    gate: G,
+    permits: usize,
+    stop: &CancellationToken,
+) -> (JoinHandle<()>, mpsc::UnboundedReceiver<Handed>) {
+    let (handed, received) = mpsc::unbounded_channel();
+    let bound = consumer.clone();
+    let pull = Pull {
+        what: "test messages",
+        consumer: Some(consumer.clone()),
+        bind: move || std::future::ready(Ok::<_, NatsError>(bound.clone())),
+        batch: Some(10),
+        gate,
+        permits: Arc::new(Semaphore::new(permits)),
+        stop: stop.clone(),
+    };
+    let running = tokio::spawn(pull_loop(pull, move |message, permit| {
+        handed
+            .send((message, permit))
+            .map_err(|mpsc::error::SendError((message, _))| message)
+    }));
+    (running, received)
+}
+
+/// The next message the loop hands on, within [`WAIT`].
+async fn handed_on(received: &mut mpsc::UnboundedReceiver<Handed>, what: &str) -> Handed {
+    tokio::time::timeout(WAIT, received.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing handed on within {WAIT:?}"))
+        .expect("the loop is running")
+}
+
+fn deliveries(message: &jetstream::Message) -> i64 {
+    message.info().expect("a JetStream message").delivered
+}
+
+/// Waits until the loop has a pull request waiting on the server.
+async fn wait_pulling(js: &jetstream::Context) {
+    let stream = js.get_stream(STREAM).await.expect("stream");
+    eventually("the loop's pull request on the server", WAIT, || {
+        let stream = stream.clone();
+        async move {
+            let info = stream.consumer_info(CONSUMER).await.ok()?;
+            (info.num_waiting > 0).then_some(())
+        }
+    })
+    .await;
+}
+
+async fn ends(running: JoinHandle<()>, what: &str) {
+    tokio::time::timeout(WAIT, running)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: the loop did not return within {WAIT:?}"))
+        .expect("the loop did not panic");
+}
+
+#[tokio::test]
+async fn a_loop_started_while_held_back_delivers_once_let_through() {
+    let nats = NatsServer::start().await.expect("nats");
+    let (js, consumer) = consumer(&nats).await;
+    publish(&js, 1).await;
+    let gate = Switch::new(false);
+    let stop = CancellationToken::new();
+    let (running, mut received) = start(&consumer, gate.clone(), 4, &stop);
+
+    gate.refused(1).await;
+    gate.set(true);
+    let (message, _permit) = handed_on(&mut received, "after the gate opened").await;
+    assert!(
+        deliveries(&message) <= MAX_DELIVERIES,
+        "delivered {} times: the held-back message went round in a loop",
+        deliveries(&message)
+    );
+    message.ack().await.expect("acked");
+
+    stop.cancel();
+    ends(running, "stopped").await;
+}
+
+#[tokio::test]
+async fn a_message_arriving_while_held_back_is_handed_back_once_and_delivered_later() {
+    let nats = NatsServer::start().await.expect("nats");
+    let (js, consumer) = consumer(&nats).await;
+    let gate = Switch::new(true);
+    let stop = CancellationToken::new();
+    let (running, mut received) = start(&consumer, gate.clone(), 4, &stop);
+
+    wait_pulling(&js).await;
+    // The lease runs out while the loop waits for messages; then one arrives.
+    gate.set(false);
+    publish(&js, 1).await;
+    gate.refused(1).await;
+    gate.set(true);
+
+    let (message, _permit) = handed_on(&mut received, "after the gate opened again").await;
+    assert!(
+        (2..=MAX_DELIVERIES).contains(&deliveries(&message)),
+        "delivered {} times: held back once, then delivered",
+        deliveries(&message)
+    );
+    message.ack().await.expect("acked");
+
+    stop.cancel();
+    ends(running, "stopped").await;
+}
+
+#[tokio::test]
+async fn a_held_back_loop_returns_when_stopped() {
+    let nats = NatsServer::start().await.expect("nats");
+    let (js, consumer) = consumer(&nats).await;
+    publish(&js, 1).await;
+    let gate = Switch::new(false);
+    let stop = CancellationToken::new();
+    let (running, _received) = start(&consumer, gate.clone(), 4, &stop);
+
+    gate.refused(1).await;
+    stop.cancel();
+    ends(running, "stopped while held back").await;
+}
+
+#[tokio::test]
+async fn a_stopped_loop_returns_and_hands_back_what_it_had_fetched() {
+    let nats = NatsServer::start().await.expect("nats");
+    let (js, consumer) = consumer(&nats).await;
+    publish(&js, 3).await;
+    let stop = CancellationToken::new();
+    // One permit: the loop fetches all three but hands on only the first while it is held.
+    let (running, mut received) = start(&consumer, Open, 1, &stop);
+    let (first, _permit) = handed_on(&mut received, "the first message").await;
+
+    stop.cancel();
+    ends(running, "stopped with fetched messages").await;
+
+    // Another reader gets the two others well before their ack wait: they were handed back.
+    let mut rest = consumer
+        .stream()
+        .max_messages_per_batch(10)
+        .messages()
+        .await
+        .expect("a second reader");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let message = tokio::time::timeout(WAIT, rest.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {seen:?} handed back within {WAIT:?}"))
+            .expect("the second reader is open")
+            .expect("a message");
+        assert!(
+            deliveries(&message) <= MAX_DELIVERIES,
+            "{:?} delivered {} times: handed back into the loop's own pull request",
+            message.payload,
+            deliveries(&message)
+        );
+        seen.push(String::from_utf8_lossy(&message.payload).into_owned());
+        message.ack().await.expect("acked");
+    }
+    seen.sort();
+    assert_eq!(seen, ["message 1", "message 2"]);
+    assert_eq!(first.payload.as_ref(), b"message 0");
+}
