@@ -167,7 +167,8 @@ where
         match bound {
             Ok(bound) => return Some(bound),
             Err(err) => {
-                tracing::warn!(error = %err, what = pull.what, "cannot bind the consumer; retrying");
+                let what = pull.what;
+                tracing::warn!(error = %err, what, "cannot bind the consumer; retrying");
                 backoff.pause(&pull.stop).await;
             }
         }
@@ -265,7 +266,7 @@ async fn release(mut messages: Stream, what: &'static str) {
 /// NAKs `message` with [`HAND_BACK_DELAY`]: not to be redelivered into the stream it came from.
 async fn hand_back(message: &jetstream::Message) {
     if let Err(err) = message.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await {
-        tracing::debug!(error = %err, "cannot hand a message back; it is redelivered after ack_wait");
+        tracing::debug!(error = %err, "cannot hand a message back; redelivered after ack_wait");
     }
 }
 
