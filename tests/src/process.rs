@@ -77,6 +77,23 @@ impl HeraldProcess {
         Ok(())
     }
 
+    /// SIGSTOP: the process is frozen (as a CPU-starved instance or a suspended VM would be)
+    /// until [`HeraldProcess::resume`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT: a frozen process runs again.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
     /// SIGTERM and wait for the exit; returns how long the exit took.
     pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<Duration> {
         let pid = self.child.id().context("process already gone")?;

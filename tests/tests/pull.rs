@@ -1,7 +1,8 @@
 //! The pull loop that the Router and the Dispatcher run (`herald_actors::pull`), against a real
 //! nats-server: a loop held back by its gate (the Dispatcher's partition lease) or stopped hands
 //! its messages back to JetStream once, returns, and delivers them when let through, instead of
-//! NAKing them back into its own pull request thousands of times a second.
+//! NAKing them back into its own pull request thousands of times a second. The last test freezes a
+//! whole instance past its lease deadline.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,8 +11,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull, stream};
 use futures::StreamExt;
 use herald_actors::pull::{Gate, Open, Pull, pull_loop};
-use herald_nats::NatsError;
-use herald_tests::{NatsServer, eventually};
+use herald_entities::{NotificationStatus, repo};
+use herald_nats::subjects::{self, partition_for};
+use herald_nats::{Category, Channel, Contacts, Content, NatsError, SCHEMA_VERSION, SendCommand};
+use herald_tests::{
+    HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually, migrated, queued_notification,
+    stored_status,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -268,4 +274,134 @@ async fn a_stopped_loop_returns_and_hands_back_what_it_had_fetched() {
     seen.sort();
     assert_eq!(seen, ["message 1", "message 2"]);
     assert_eq!(first.payload.as_ref(), b"message 0");
+}
+
+/// Lease time-to-live of the instance below: short, so its leases run out within the test.
+const LEASE_TTL_MS: u64 = 3_000;
+/// Command partitions (the default).
+const PARTITIONS: u32 = 8;
+
+/// The production case: an instance frozen past its lease deadline (starved of CPU, a suspended
+/// VM) while a command waits in its partition's pull request. Once it runs again its pull loop
+/// finds the lease not renewed and hands the command back; it must deliver it once the lease is
+/// renewed, rather than NAK it back into its own pull request for ever while the lease keeper
+/// keeps the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_frozen_past_its_lease_delivers_the_waiting_command_once_it_runs_again() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("logs");
+    let env = [
+        ("HERALD_NATS__URL", nats.url()),
+        ("HERALD_DATABASE__URL", db.url().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SMTP_HOST", smtp.host().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SMTP_PORT", smtp.port().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SECURITY", "none".to_string()),
+        // Far longer than the waits below: only a hand-back can bring the command round again.
+        ("HERALD_NATS__ACK_WAIT_SECS", ACK_WAIT.as_secs().to_string()),
+        ("HERALD_CLUSTER__LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
+    let instance = HeraldProcess::start(env, logs.path().join("herald.log"))
+        .await
+        .expect("herald starts");
+    let conn = migrated(db.url()).await.expect("database");
+    let js = jetstream::new(nats.client().await.expect("nats client"));
+
+    let notification = queued_notification(None);
+    let (id, partition) = (
+        notification.id,
+        partition_for(&notification.recipient_key, PARTITIONS),
+    );
+    let consumer_name = subjects::dispatch_consumer(partition);
+    let commands = js
+        .get_stream(subjects::NOTIFY_STREAM)
+        .await
+        .expect("commands stream");
+    eventually("the instance pulling the partition", WAIT, || {
+        let commands = commands.clone();
+        let name = consumer_name.clone();
+        async move {
+            let info = commands.consumer_info(&name).await.ok()?;
+            (info.num_waiting > 0).then_some(())
+        }
+    })
+    .await;
+    repo::notifications::insert(&conn, notification)
+        .await
+        .expect("notification stored");
+
+    instance.freeze().expect("SIGSTOP");
+    let command = SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: id,
+        customer_id: None,
+        contacts: Contacts {
+            email: Some("ada@example.com".into()),
+            ..Default::default()
+        },
+        category: Category::Transactional,
+        channels: vec![Channel::Email],
+        content: Content {
+            subject: Some("Order shipped".into()),
+            text: "Your order shipped.".into(),
+            html: None,
+            short: None,
+            template: None,
+        },
+        created_at: chrono::Utc::now(),
+    };
+    js.publish(
+        subjects::command_subject(partition),
+        command.encode().expect("encoded"),
+    )
+    .await
+    .expect("published")
+    .await
+    .expect("stored");
+    eventually(
+        "the command sent into the frozen instance's pull request",
+        WAIT,
+        || {
+            let commands = commands.clone();
+            let name = consumer_name.clone();
+            async move {
+                let info = commands.consumer_info(&name).await.ok()?;
+                (info.num_ack_pending == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    // Its lease runs out of the bucket while it is frozen.
+    let leases = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("lease bucket");
+    eventually("the frozen instance's lease to expire", WAIT, || {
+        let leases = leases.clone();
+        async move {
+            let key = herald_nats::leases::partition_key(partition);
+            matches!(leases.get(&key).await, Ok(None)).then_some(())
+        }
+    })
+    .await;
+    instance.resume().expect("SIGCONT");
+
+    eventually("the command sent once the instance runs again", WAIT, || {
+        let conn = conn.clone();
+        async move { (stored_status(&conn, id).await == NotificationStatus::Sent).then_some(()) }
+    })
+    .await;
+    let info = commands
+        .consumer_info(&consumer_name)
+        .await
+        .expect("consumer info");
+    assert!(
+        info.delivered.consumer_sequence <= MAX_DELIVERIES as u64,
+        "the command was delivered {} times",
+        info.delivered.consumer_sequence
+    );
+    assert_eq!(smtp.messages().len(), 1, "sent once");
 }
