@@ -40,8 +40,10 @@ use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 use crate::templates::variables;
 
-/// How long the dispatcher waits for a channel actor's answer beyond the channel's own timeout.
-const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the dispatcher waits for a channel actor's answer. Every channel timeout
+/// (`channels.limits.timeout_ms`, each provider's `timeout_ms`) must stay below it: a send still
+/// running then is abandoned as failed while it may yet go out, and is sent again.
+pub const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// When a notification whose status changed while it was being claimed is claimed again.
 const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);

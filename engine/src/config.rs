@@ -14,6 +14,7 @@ use herald_actors::{
         ChannelSettings, email::EmailConfig, push::PushConfig, sms::SmsConfig,
         telegram::TelegramConfig, webhook::WebhookConfig,
     },
+    delivery::CHANNEL_ANSWER_TIMEOUT,
     rate_limit::{CategoryLimit, RateLimiterSettings},
     retry::RetryPolicy,
     scheduler::SchedulerSettings,
@@ -565,7 +566,44 @@ impl Config {
                      {MIN_STREAM_BYTES} (1 MiB)"
                 ));
             }
+            // Every one of these streams de-duplicates over the window, and NATS refuses a
+            // stream whose messages would leave before it ends: no instance would start.
+            if stream.max_age_secs != 0 && stream.max_age_secs < self.nats.dedup_window_secs {
+                return invalid(format!(
+                    "nats.retention.{name}.max_age_secs must be 0 (no limit) or at least \
+                     nats.dedup_window_secs ({})",
+                    self.nats.dedup_window_secs
+                ));
+            }
         }
+        if self.nats.ack_wait_secs == 0 {
+            return invalid("nats.ack_wait_secs must be at least 1".into());
+        }
+        if self.status_writer.max_batch == 0 {
+            // Each flush would take no record: nothing written, nothing acked.
+            return invalid("status_writer.max_batch must be at least 1".into());
+        }
+        if self.status_writer.flush_interval_ms >= self.nats.ack_wait_secs.saturating_mul(1_000) {
+            // A command whose record waits this long is redelivered before it is acked.
+            return invalid(format!(
+                "status_writer.flush_interval_ms must be below nats.ack_wait_secs ({} ms)",
+                self.nats.ack_wait_secs.saturating_mul(1_000)
+            ));
+        }
+        if self.rate_limiter.ask_timeout_ms == 0 {
+            // Every rate-limited delivery would find the limiter silent.
+            return invalid("rate_limiter.ask_timeout_ms must be at least 1".into());
+        }
+        if self.scheduler.claim_limit == 0 {
+            // No scheduled notification would ever be claimed.
+            return invalid("scheduler.claim_limit must be at least 1".into());
+        }
+        if self.dispatch.shutdown_grace_secs == 0 {
+            // Sends in progress would be abandoned at every shutdown and partition hand-over,
+            // and sent again by the instance that takes the partition.
+            return invalid("dispatch.shutdown_grace_secs must be at least 1".into());
+        }
+        self.check_channel_timeouts()?;
         if self.scheduler.stale_claim_secs == 0
             || self.scheduler.stale_claim_secs >= self.nats.dedup_window_secs
         {
@@ -601,6 +639,33 @@ impl Config {
         self.routing_rules()?;
         self.dashboard.settings()?;
         self.default_chains().map(|_| ())
+    }
+
+    /// Refuses a channel timeout of 0 (every send would time out) or not below the
+    /// dispatcher's [`CHANNEL_ANSWER_TIMEOUT`] (a send still running then is abandoned and sent
+    /// again).
+    fn check_channel_timeouts(&self) -> Result<(), ConfigError> {
+        let channels = &self.channels;
+        let bound = CHANNEL_ANSWER_TIMEOUT.as_millis();
+        let timeouts = [
+            ("limits", Some(channels.limits.timeout_ms)),
+            ("email", Some(channels.email.timeout_ms)),
+            ("telegram", channels.telegram.as_ref().map(|c| c.timeout_ms)),
+            ("sms", channels.sms.as_ref().map(|c| c.timeout_ms)),
+            ("push", channels.push.as_ref().map(|c| c.timeout_ms)),
+            ("webhook", channels.webhook.as_ref().map(|c| c.timeout_ms)),
+        ];
+        for (name, timeout) in timeouts {
+            if let Some(timeout) = timeout
+                && (timeout == 0 || u128::from(timeout) >= bound)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "channels.{name}.timeout_ms must be at least 1 and below {bound} (the \
+                     dispatcher waits {bound} ms for a channel's answer, then sends again)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The routing rules in force: the built-in ones with `routing.rules` applied, checked.
@@ -849,5 +914,140 @@ mod tests {
             );
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    /// A default configuration changed by `change`, validated: the error's text.
+    fn refusal(change: impl FnOnce(&mut Config)) -> Option<String> {
+        let mut config = Config::default();
+        change(&mut config);
+        config.validate().err().map(|e| e.to_string())
+    }
+
+    /// A change to a configuration.
+    type Change = Box<dyn FnOnce(&mut Config)>;
+
+    #[test]
+    fn values_that_would_silently_stop_work_are_refused() {
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "status_writer.max_batch",
+                Box::new(|c| c.status_writer.max_batch = 0),
+            ),
+            (
+                "status_writer.flush_interval_ms",
+                Box::new(|c| c.status_writer.flush_interval_ms = 30_000),
+            ),
+            (
+                "rate_limiter.ask_timeout_ms",
+                Box::new(|c| c.rate_limiter.ask_timeout_ms = 0),
+            ),
+            (
+                "scheduler.claim_limit",
+                Box::new(|c| c.scheduler.claim_limit = 0),
+            ),
+            (
+                "dispatch.shutdown_grace_secs",
+                Box::new(|c| c.dispatch.shutdown_grace_secs = 0),
+            ),
+            (
+                "channels.limits.timeout_ms",
+                Box::new(|c| c.channels.limits.timeout_ms = 0),
+            ),
+            (
+                "channels.limits.timeout_ms",
+                Box::new(|c| c.channels.limits.timeout_ms = 60_000),
+            ),
+            (
+                "channels.email.timeout_ms",
+                Box::new(|c| c.channels.email.timeout_ms = 0),
+            ),
+            (
+                "channels.email.timeout_ms",
+                Box::new(|c| c.channels.email.timeout_ms = 60_000),
+            ),
+            (
+                "channels.telegram.timeout_ms",
+                Box::new(|c| {
+                    c.channels.telegram = Some(TelegramConfig {
+                        timeout_ms: 0,
+                        ..TelegramConfig::default()
+                    })
+                }),
+            ),
+            (
+                "channels.sms.timeout_ms",
+                Box::new(|c| {
+                    c.channels.sms = Some(SmsConfig {
+                        timeout_ms: 90_000,
+                        ..SmsConfig::default()
+                    })
+                }),
+            ),
+            (
+                "channels.push.timeout_ms",
+                Box::new(|c| {
+                    c.channels.push = Some(PushConfig {
+                        timeout_ms: 0,
+                        ..PushConfig::default()
+                    })
+                }),
+            ),
+            (
+                "channels.webhook.timeout_ms",
+                Box::new(|c| {
+                    c.channels.webhook = Some(WebhookConfig {
+                        timeout_ms: 60_000,
+                        ..WebhookConfig::default()
+                    })
+                }),
+            ),
+            (
+                "nats.retention.status.max_age_secs",
+                Box::new(|c| c.nats.retention.status.max_age_secs = 60),
+            ),
+            (
+                "nats.retention.events.max_age_secs",
+                Box::new(|c| {
+                    c.nats.dedup_window_secs = 600;
+                    c.dispatch.schedule_deferrals_after_secs = 601;
+                    c.nats.retention.events.max_age_secs = 599;
+                }),
+            ),
+        ];
+        for (key, change) in cases {
+            let err = refusal(change).unwrap_or_else(|| panic!("{key}: accepted"));
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn channel_timeouts_name_the_dispatchers_bound() {
+        let err = refusal(|c| c.channels.limits.timeout_ms = 60_000).expect("refused");
+        assert!(err.contains("60000"), "{err}");
+    }
+
+    #[test]
+    fn values_at_the_edges_are_accepted() {
+        let accepted = refusal(|c| {
+            c.status_writer.max_batch = 1;
+            c.status_writer.flush_interval_ms = 29_999;
+            c.rate_limiter.ask_timeout_ms = 1;
+            c.scheduler.claim_limit = 1;
+            c.dispatch.shutdown_grace_secs = 1;
+            c.channels.limits.timeout_ms = 59_999;
+            c.channels.email.timeout_ms = 59_999;
+            c.channels.telegram = Some(TelegramConfig::default());
+            c.channels.sms = Some(SmsConfig::default());
+            c.channels.push = Some(PushConfig::default());
+            c.channels.webhook = Some(WebhookConfig::default());
+            c.nats.retention.status.max_age_secs = 120;
+            c.nats.retention.events.max_age_secs = 0;
+        });
+        assert_eq!(accepted, None);
     }
 }
