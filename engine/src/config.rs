@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use figment::{
-    Figment,
+    Figment, Metadata, Profile, Provider,
     providers::{Env, Format, Serialized, Toml},
+    value::{Dict, Map, Value},
 };
 pub use herald_actors::channel::email::SmtpSecurity;
 use herald_actors::{
@@ -505,6 +506,48 @@ impl Default for LogConfig {
     }
 }
 
+/// Environment variables with each value kept as the text it is, unless it is an array or a
+/// dictionary. figment's [`Env`] reads `+15005550006`, `007` or `1` as a number and `true` as a
+/// boolean, which a text setting (an SMS sender, a password, an instance name) then refuses;
+/// [`Figment::extract_lossy`] reads the text back as the number or boolean a setting needs.
+struct EnvText(Env);
+
+impl Provider for EnvText {
+    fn metadata(&self) -> Metadata {
+        self.0.metadata()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut data = self.0.data()?;
+        for (key, text) in self.0.iter() {
+            let path: Vec<&str> = key.as_str().split('.').collect();
+            for dict in data.values_mut() {
+                keep_as_text(dict, &path, text.trim());
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// Puts `text` back in place of the number, boolean or character [`Env`] read it as at `path`.
+fn keep_as_text(dict: &mut Dict, path: &[&str], text: &str) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut dict = dict;
+    for key in parents {
+        match dict.get_mut(*key) {
+            Some(Value::Dict(_, inner)) => dict = inner,
+            _ => return,
+        }
+    }
+    if let Some(value) = dict.get_mut(*last)
+        && matches!(value, Value::Num(..) | Value::Bool(..) | Value::Char(..))
+    {
+        *value = Value::String(value.tag(), text.to_string());
+    }
+}
+
 /// A configuration that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -523,9 +566,10 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
+        // Lossy: a number or a boolean setting reads the text the variables are kept as.
         let config: Config = figment
-            .merge(Env::prefixed("HERALD_").split("__"))
-            .extract()
+            .merge(EnvText(Env::prefixed("HERALD_").split("__")))
+            .extract_lossy()
             .map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -751,6 +795,40 @@ mod tests {
                 "default beside the file's section"
             );
             assert_eq!(config.http.bind, "127.0.0.1:8080", "untouched default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn text_settings_take_digits_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_CHANNELS__SMS__FROM", "+15005550006");
+            jail.set_env("HERALD_CHANNELS__SMS__ACCOUNT_SID", "AC1");
+            jail.set_env("HERALD_CHANNELS__SMS__AUTH_TOKEN", "0123456789");
+            jail.set_env("HERALD_CHANNELS__PUSH__PROJECT_ID", "123456789012");
+            jail.set_env("HERALD_CHANNELS__PUSH__ACCESS_TOKEN", "true");
+            jail.set_env("HERALD_CHANNELS__EMAIL__PASSWORD", "007");
+            jail.set_env("HERALD_NATS__AUTH__PASSWORD", "123456");
+            jail.set_env("HERALD_CLUSTER__INSTANCE", "1");
+            // Numbers and booleans still read as such.
+            jail.set_env("HERALD_NATS__PARTITIONS", "16");
+            jail.set_env("HERALD_NATS__MAX_ACK_PENDING", "-1");
+            jail.set_env("HERALD_CHANNELS__EMAIL__SMTP_PORT", "2525");
+            jail.set_env("HERALD_AUTH__ENABLED", "false");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let sms = config.channels.sms.as_ref().expect("sms section");
+            assert_eq!(sms.from, "+15005550006");
+            assert_eq!(sms.auth_token, "0123456789");
+            let push = config.channels.push.as_ref().expect("push section");
+            assert_eq!(push.project_id, "123456789012");
+            assert_eq!(push.access_token, "true");
+            assert_eq!(config.channels.email.password.as_deref(), Some("007"));
+            assert_eq!(config.nats.auth.password.as_deref(), Some("123456"));
+            assert_eq!(config.cluster.instance.as_deref(), Some("1"));
+            assert_eq!(config.nats.partitions, 16);
+            assert_eq!(config.nats.max_ack_pending, -1);
+            assert_eq!(config.channels.email.smtp_port, Some(2525));
+            assert!(!config.auth.enabled);
             Ok(())
         });
     }
