@@ -604,15 +604,36 @@ pub(crate) fn ensure_sqlite_dir(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A database URL without its password, for messages.
+/// A database URL without its password, for messages: the one of `user:password@` and a
+/// `password=` query parameter's.
 pub fn redact(url: &str) -> String {
-    match userinfo(url) {
+    let url = match userinfo(url) {
         Some((start, end)) => match url[start..end].split_once(':') {
             Some((user, _)) => format!("{}{user}:***{}", &url[..start], &url[end..]),
             None => url.to_string(),
         },
         None => url.to_string(),
-    }
+    };
+    redact_query_password(&url)
+}
+
+/// `url` with the value of its `password=` query parameters (any case) replaced by `***`.
+fn redact_query_password(url: &str) -> String {
+    let Some(query_start) = url.find('?') else {
+        return url.to_string();
+    };
+    let query_end = url[query_start..]
+        .find('#')
+        .map_or(url.len(), |at| query_start + at);
+    let query = url[query_start + 1..query_end]
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{}?{query}{}", &url[..query_start], &url[query_end..])
 }
 
 /// NATS server URLs without their passwords or tokens (`nats://token@host` carries one as its
@@ -632,10 +653,12 @@ pub fn redact_nats_urls(urls: &str) -> String {
         .join(",")
 }
 
-/// Where a URL's `user:password` (or `token`) lies: from after `://` to its last `@`.
+/// Where a URL's `user:password` (or `token`) lies: from after `://` to its last `@` before the
+/// query string (whose values may hold an `@` too).
 fn userinfo(url: &str) -> Option<(usize, usize)> {
     let start = url.find("://")? + 3;
-    let end = url.rfind('@')?;
+    let before_query = url[start..].find('?').map_or(url.len(), |at| start + at);
+    let end = url[..before_query].rfind('@')?;
     (end >= start).then_some((start, end))
 }
 
@@ -661,6 +684,26 @@ mod tests {
         assert_eq!(
             redact("postgres://root@/herald?host=/var/run/postgresql"),
             "postgres://root@/herald?host=/var/run/postgresql"
+        );
+    }
+
+    #[test]
+    fn passwords_in_the_query_string_are_redacted() {
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=s3cret"),
+            "postgres://h/db?user=u&password=***"
+        );
+        assert_eq!(
+            redact("postgres://h/db?PASSWORD=s3cret&sslmode=require"),
+            "postgres://h/db?PASSWORD=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("postgres://u:pw@h/db?password=p@ss&host=/run"),
+            "postgres://u:***@h/db?password=***&host=/run"
+        );
+        assert_eq!(
+            redact("postgres://h/db?user=u#password=x"),
+            "postgres://h/db?user=u#password=x"
         );
     }
 }
