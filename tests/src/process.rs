@@ -148,7 +148,7 @@ fn spawn(env: &[(String, String)], port: u16, log: &PathBuf) -> anyhow::Result<C
         .env("HERALD_HTTP__BIND", format!("127.0.0.1:{port}"))
         .env("HERALD_LOG__FORMAT", "json")
         .env("HERALD_LOG__LEVEL", "info")
-        // Herald logs to stdout; panics and start-up errors go to stderr. Both go to the log.
+        // Herald logs, panics and start-up errors go to stderr. Both streams go to the log.
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .kill_on_drop(true)

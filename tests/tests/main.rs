@@ -26,6 +26,7 @@ mod query_plans;
 mod reliability;
 mod schemathesis;
 mod smtp;
+mod startup;
 mod status_writer;
 mod templates;
 mod wishes;
