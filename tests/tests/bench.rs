@@ -73,3 +73,46 @@ fn assert_plausible_cpu(cpu: &serde_json::Value, min_us: f64) {
         "machine_busy: {cpu}"
     );
 }
+
+/// A `--database` that already holds tables (a mistaken production URL) is refused before anything
+/// starts: it is neither migrated nor worked on by the bench's engine (scheduler, retention).
+#[tokio::test]
+async fn the_bench_refuses_a_database_that_is_not_empty_and_leaves_it_untouched() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let url = format!("sqlite://{}", dir.path().join("production.db").display());
+    let db = sea_orm::Database::connect(format!("{url}?mode=rwc"))
+        .await
+        .expect("a new SQLite file");
+    db.execute_unprepared("CREATE TABLE precious (x INTEGER)")
+        .await
+        .expect("a table of its own");
+    db.close().await.expect("closed");
+
+    let mut command = tokio::process::Command::new(herald_bin().expect("the herald binary"));
+    command
+        .args(["bench", "-n", "10", "--no-reference", "--database", &url])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(E2E_TIMEOUT, command.output())
+        .await
+        .expect("herald bench finished within the timeout")
+        .expect("herald bench started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the bench ran on it: {stderr}");
+    assert!(stderr.contains("empty database"), "{stderr}");
+
+    let db = sea_orm::Database::connect(&url).await.expect("reopened");
+    let tables: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+        ))
+        .await
+        .expect("tables listed")
+        .iter()
+        .map(|row| row.try_get_by_index(0).expect("a name"))
+        .collect();
+    assert_eq!(tables, ["precious"], "nothing migrated into it");
+}

@@ -212,6 +212,14 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     anyhow::ensure!(total > 0, "the run must accept at least 1 notification");
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
     warn_about_rate_limits(&args);
+    let scratch = tempfile::tempdir()?;
+    let database = args
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
+    // Before anything starts: a mistaken `--database` (production's) must not be migrated nor
+    // worked on by the bench's engine (its scheduler, its retention).
+    ensure_empty(&database).await?;
     let own_nats = match &args.nats_url {
         Some(_) => None,
         None => Some(BenchNats::start().await?),
@@ -221,11 +229,6 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
         .clone()
         .or_else(|| own_nats.as_ref().map(|n| n.url().to_string()))
         .context("no NATS")?;
-    let scratch = tempfile::tempdir()?;
-    let database = args
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", scratch.path().join("bench.db").display()));
     let sink = CountingSmtpSink::start(args.smtp_delay).await?;
 
     let mut config = bench_config(base, &args, &nats_url, &database, sink.port());
@@ -259,14 +262,6 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     // checkpointer, as the engine's own pool does, and take the engine's write turns.
     let db = herald_entities::connect_with(&database, 4, Checkpoints::Background).await?;
     let gate = herald.write_gate();
-    let existing = notification::Entity::find().count(&db).await?;
-    let customers = customer::Entity::find().count(&db).await?;
-    anyhow::ensure!(
-        existing == 0 && customers == 0,
-        "the bench needs an empty database; {} holds {existing} notifications and {customers} \
-         customers",
-        crate::app::redact(&database)
-    );
     load::store_customers(&db, load::Recipients::of(&args)).await?;
     let cpu_at_start = CpuSnapshot::now(nats_pid);
     let started = Instant::now();
@@ -436,6 +431,77 @@ async fn sample(herald: &Herald, started: Instant, sent: u64) -> MemorySample {
     }
 }
 
+/// Refuses a database that holds anything: one with tables is either another program's or a
+/// Herald database, which must hold no notification and no customer (an empty one left by an
+/// earlier bench run is fine). Reads only; a new SQLite file is created.
+async fn ensure_empty(database: &str) -> anyhow::Result<()> {
+    crate::app::ensure_sqlite_dir(database)?;
+    let shown = crate::app::redact(database);
+    let db = herald_entities::connect_with(database, 1, Checkpoints::OnCommit)
+        .await
+        .with_context(|| format!("cannot open database {shown}"))?;
+    let holds = what_it_holds(&db).await;
+    db.close().await.ok();
+    match holds.with_context(|| format!("cannot read what database {shown} holds"))? {
+        Holds::Nothing => Ok(()),
+        Holds::Herald {
+            notifications: 0,
+            customers: 0,
+        } => Ok(()),
+        Holds::Herald {
+            notifications,
+            customers,
+        } => anyhow::bail!(
+            "the bench needs an empty database; {shown} holds {notifications} notifications and \
+             {customers} customers"
+        ),
+        Holds::Other(tables) => anyhow::bail!(
+            "the bench needs an empty database; {shown} holds {tables} tables, and is not a \
+             Herald database"
+        ),
+    }
+}
+
+/// What a database holds.
+enum Holds {
+    /// No table at all.
+    Nothing,
+    /// Herald's tables, with this many notifications and customers.
+    Herald { notifications: u64, customers: u64 },
+    /// This many tables, not Herald's.
+    Other(i64),
+}
+
+async fn what_it_holds(db: &DatabaseConnection) -> anyhow::Result<Holds> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Sqlite => "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table'",
+        _ => {
+            "SELECT count(*) AS n FROM information_schema.tables \
+             WHERE table_schema = current_schema()"
+        }
+    };
+    let tables: i64 = db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .context("no table count")?
+        .try_get("", "n")?;
+    if tables == 0 {
+        return Ok(Holds::Nothing);
+    }
+    let notifications = notification::Entity::find().count(db).await;
+    let customers = customer::Entity::find().count(db).await;
+    Ok(match (notifications, customers) {
+        (Ok(notifications), Ok(customers)) => Holds::Herald {
+            notifications,
+            customers,
+        },
+        _ => Holds::Other(tables),
+    })
+}
+
 /// `base` pointed at the bench's NATS, database and SMTP sink, sized for throughput, without API
 /// authentication.
 fn bench_config(
@@ -447,6 +513,13 @@ fn bench_config(
 ) -> Config {
     let mut config = base;
     config.http.bind = "127.0.0.1:0".into();
+    // A name of its own in the lease bucket (the configured one belongs to a running instance),
+    // and no provider the bench does not measure: their sends would go to real services.
+    config.cluster.instance = None;
+    config.channels.telegram = None;
+    config.channels.sms = None;
+    config.channels.push = None;
+    config.channels.webhook = None;
     config.nats.url = nats_url.into();
     config.database.url = database.into();
     config.database.max_connections = 8;
@@ -562,4 +635,48 @@ fn print_memory(m: &MemoryReport) {
         "memory verdict     {verdict} (late growth {:+.1} MiB)",
         m.late_growth_mib
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    #[test]
+    fn the_bench_config_drops_the_instance_name_and_the_other_providers() {
+        let base: Config = toml::from_str(
+            r#"
+            [cluster]
+            instance = "production-1"
+            [channels.telegram]
+            bot_token = "t"
+            [channels.sms]
+            account_sid = "AC1"
+            auth_token = "t"
+            from = "+15005550006"
+            [channels.push]
+            project_id = "p"
+            access_token = "t"
+            [channels.webhook]
+            secret = "whsec_x"
+            "#,
+        )
+        .expect("a base configuration");
+        assert!(base.channels.sms.is_some() && base.cluster.instance.is_some());
+        let args = Cli::parse_from(["bench"]).bench;
+        let config = bench_config(base, &args, "nats://127.0.0.1:1", "sqlite://b.db", 2525);
+        assert_eq!(config.cluster.instance, None);
+        assert!(config.channels.telegram.is_none());
+        assert!(config.channels.sms.is_none());
+        assert!(config.channels.push.is_none());
+        assert!(config.channels.webhook.is_none());
+        assert_eq!(config.channels.email.smtp_port, Some(2525));
+    }
 }
