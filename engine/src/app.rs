@@ -114,6 +114,13 @@ impl Herald {
     /// Starts everything; returns once Herald serves HTTP and consumes commands.
     pub async fn start(config: Config) -> anyhow::Result<Herald> {
         let metrics = process_init();
+        // First, so that an address in use stops the start before anything is provisioned or
+        // leased: the engine takes partitions from the running instances as it starts. Served
+        // once the engine runs; connections meanwhile wait in the listen queue.
+        let acceptor = TcpListener::bind(config.http.bind.clone())
+            .into_acceptor()
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http.bind))?;
         if config.database.migrate_on_start {
             // On a pool of their own, which checkpoints SQLite's log as it commits.
             migrate(&config).await?.close().await?;
@@ -194,10 +201,6 @@ impl Herald {
             }),
             dashboard: Arc::new(config.dashboard.settings()?),
         };
-        let acceptor = TcpListener::bind(config.http.bind.clone())
-            .into_acceptor()
-            .await
-            .with_context(|| format!("cannot listen on {}", config.http.bind))?;
         let http_addr = acceptor
             .local_addr()
             .first()

@@ -1,6 +1,10 @@
-//! Starting up: what the command line prints.
+//! Starting up: what the command line prints, and what a start that cannot finish leaves behind
+//! (nothing taken).
 
-use herald_tests::{E2E_TIMEOUT, process::herald_bin};
+use async_nats::jetstream;
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, init_tracing, process::herald_bin, test_config,
+};
 
 /// `KEY=$(herald apikey create …)` (README) captures the key alone: logs go to stderr.
 #[tokio::test]
@@ -32,5 +36,37 @@ async fn apikey_create_prints_only_the_key_on_stdout() {
     assert!(
         stderr.to_lowercase().contains("migration"),
         "the migration logs went to stderr: {stderr}"
+    );
+}
+
+/// A listen address in use stops the start before anything is provisioned or leased in NATS, so
+/// that the failed process takes no partition from the running ones.
+#[tokio::test]
+async fn a_listen_address_in_use_stops_the_start_before_the_engine() {
+    init_tracing();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let db = TestDatabase::from_env().await.expect("test database");
+    let smtp = SmtpSink::start().await.expect("SMTP sink");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let mut config = test_config(&nats, &db, &smtp);
+    config.http.bind = taken.local_addr().expect("its address").to_string();
+    herald_engine::app::process_init();
+    let err = match herald_engine::Herald::start(config).await {
+        Ok(_) => panic!("Herald started on an address in use"),
+        Err(err) => format!("{err:#}"),
+    };
+    assert!(err.contains("cannot listen"), "{err}");
+    let js = jetstream::new(nats.client().await.expect("NATS client"));
+    assert!(
+        js.get_stream(herald_nats::subjects::NOTIFY_STREAM)
+            .await
+            .is_err(),
+        "no stream provisioned"
+    );
+    assert!(
+        js.get_key_value(herald_nats::leases::LEASE_BUCKET)
+            .await
+            .is_err(),
+        "no partition lease bucket opened"
     );
 }
