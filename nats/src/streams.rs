@@ -259,23 +259,43 @@ async fn durable(
         reason: e.to_string(),
     };
     let stream = js.get_stream(stream_name).await.map_err(|e| failed(&e))?;
-    stream
-        .get_or_create_consumer(
-            durable_name,
-            consumer::pull::Config {
-                durable_name: Some(durable_name.to_string()),
-                filter_subject: filter.to_string(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: settings.ack_wait,
-                // Herald counts attempts itself (delivery count) and dead-letters after its own
-                // maximum, so JetStream never silently drops a message.
-                max_deliver: -1,
-                max_ack_pending: settings.max_ack_pending,
-                ..Default::default()
-            },
-        )
+    // Read first only to tell what changes: the create below also updates.
+    let before = stream
+        .consumer_info(durable_name)
         .await
-        .map_err(|e| failed(&e))
+        .ok()
+        .map(|info| (info.config.ack_wait, info.config.max_ack_pending));
+    let wanted = (settings.ack_wait, settings.max_ack_pending);
+    // Create or update: an existing consumer takes the configured `ack_wait` and
+    // `max_ack_pending` (both editable), rather than keeping those it was created with.
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(durable_name.to_string()),
+            filter_subject: filter.to_string(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: settings.ack_wait,
+            // Herald counts attempts itself (delivery count) and dead-letters after its own
+            // maximum, so JetStream never silently drops a message.
+            max_deliver: -1,
+            max_ack_pending: settings.max_ack_pending,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| failed(&e))?;
+    if let Some((ack_wait, max_ack_pending)) = before
+        && (ack_wait, max_ack_pending) != wanted
+    {
+        tracing::info!(
+            consumer = durable_name,
+            stream = stream_name,
+            ack_wait_secs_was = ack_wait.as_secs(),
+            ack_wait_secs = settings.ack_wait.as_secs(),
+            max_ack_pending_was = max_ack_pending,
+            max_ack_pending = settings.max_ack_pending,
+            "consumer settings changed"
+        );
+    }
+    Ok(consumer)
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! Starting up: what the command line prints, and what a start that cannot finish leaves behind
-//! (nothing taken).
+//! (nothing taken), and what a start with new settings changes on existing NATS consumers.
+
+use std::time::Duration;
 
 use async_nats::jetstream;
+use herald_nats::StreamSettings;
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, init_tracing, process::herald_bin, test_config,
 };
@@ -69,4 +72,56 @@ async fn a_listen_address_in_use_stops_the_start_before_the_engine() {
             .is_err(),
         "no partition lease bucket opened"
     );
+}
+
+/// `nats.ack_wait_secs` and `nats.max_ack_pending` changed reach the consumers a previous start
+/// created, which a start used to bind unchanged.
+#[tokio::test]
+async fn changed_consumer_settings_reach_existing_consumers() {
+    init_tracing();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let js = jetstream::new(nats.client().await.expect("NATS client"));
+    let before = StreamSettings {
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 1_000,
+        ..StreamSettings::default()
+    };
+    herald_nats::provision(&js, &before)
+        .await
+        .expect("provision");
+    herald_nats::dispatch_consumer(&js, 0, &before)
+        .await
+        .expect("dispatch consumer");
+    let after = StreamSettings {
+        ack_wait: Duration::from_secs(60),
+        max_ack_pending: 2_000,
+        ..before
+    };
+    herald_nats::provision(&js, &after)
+        .await
+        .expect("provision");
+    herald_nats::dispatch_consumer(&js, 0, &after)
+        .await
+        .expect("dispatch consumer");
+    for (stream, consumer) in [
+        (
+            herald_nats::subjects::EVENTS_STREAM,
+            herald_nats::subjects::ROUTER_CONSUMER.to_string(),
+        ),
+        (
+            herald_nats::subjects::NOTIFY_STREAM,
+            herald_nats::subjects::dispatch_consumer(0),
+        ),
+    ] {
+        let info = js
+            .get_stream(stream)
+            .await
+            .expect("stream")
+            .consumer_info(&consumer)
+            .await
+            .expect("consumer info")
+            .clone();
+        assert_eq!(info.config.ack_wait, Duration::from_secs(60), "{consumer}");
+        assert_eq!(info.config.max_ack_pending, 2_000, "{consumer}");
+    }
 }
