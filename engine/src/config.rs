@@ -428,26 +428,22 @@ impl Default for DispatchConfig {
 }
 
 /// Provider settings; a provider runs when its section is present (email always runs, into the
-/// local outbox unless an SMTP host is set).
+/// local outbox unless an SMTP host is set). Serialised without their secrets (passwords, tokens,
+/// signing secrets), for `herald config`.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default)]
 pub struct ChannelsConfig {
     /// Limits applied to every channel actor.
     pub limits: ChannelSettings,
     /// Email.
-    #[serde(skip_serializing)]
     pub email: EmailConfig,
     /// Telegram Bot API; runs when the section is present.
-    #[serde(skip_serializing)]
     pub telegram: Option<TelegramConfig>,
     /// SMS through a Twilio-compatible API; runs when the section is present.
-    #[serde(skip_serializing)]
     pub sms: Option<SmsConfig>,
     /// Push through FCM HTTP v1; runs when the section is present.
-    #[serde(skip_serializing)]
     pub push: Option<PushConfig>,
     /// Signed webhooks; runs when the section is present.
-    #[serde(skip_serializing)]
     pub webhook: Option<WebhookConfig>,
 }
 
@@ -875,6 +871,31 @@ mod tests {
                 Some(Path::new("/etc/herald/nats-ca.pem"))
             );
             let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+            assert!(!shown.contains("s3cret"), "{shown}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn provider_sections_are_shown_without_their_secrets() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_CHANNELS__EMAIL__PASSWORD", "mail-s3cret");
+            jail.set_env("HERALD_CHANNELS__TELEGRAM__BOT_TOKEN", "bot-s3cret");
+            jail.set_env("HERALD_CHANNELS__SMS__ACCOUNT_SID", "AC123");
+            jail.set_env("HERALD_CHANNELS__SMS__AUTH_TOKEN", "sms-s3cret");
+            jail.set_env("HERALD_CHANNELS__SMS__FROM", "Shop");
+            jail.set_env("HERALD_CHANNELS__PUSH__PROJECT_ID", "shop-app");
+            jail.set_env("HERALD_CHANNELS__PUSH__ACCESS_TOKEN", "push-s3cret");
+            jail.set_env("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_s3cret");
+            jail.set_env("HERALD_CHANNELS__WEBHOOK__TIMEOUT_MS", "4000");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
+            for section in ["email", "telegram", "sms", "push", "webhook"] {
+                assert!(shown.contains(&format!("[channels.{section}]")), "{shown}");
+            }
+            for setting in ["AC123", "Shop", "shop-app", "timeout_ms = 4000", "starttls"] {
+                assert!(shown.contains(setting), "{setting}: {shown}");
+            }
             assert!(!shown.contains("s3cret"), "{shown}");
             Ok(())
         });

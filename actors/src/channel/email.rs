@@ -16,13 +16,13 @@ use lettre::{
         extension::{ClientId, Extension},
     },
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::smtp_pool::{Encryption, SmtpPool, SmtpSendError, SmtpServer};
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 /// How the SMTP connection is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SmtpSecurity {
     /// Plain TCP (local relays and test sinks only).
@@ -35,7 +35,7 @@ pub enum SmtpSecurity {
 }
 
 /// Email provider configuration.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct EmailConfig {
     /// SMTP host; when unset, mail is written to `outbox_dir` instead.
@@ -47,6 +47,8 @@ pub struct EmailConfig {
     /// SMTP user name.
     pub username: Option<String>,
     /// SMTP password.
+    /// Not serialised: `herald config` omits it.
+    #[serde(skip_serializing)]
     pub password: Option<String>,
     /// Sender mailbox, e.g. `Shop <noreply@shop.example>`.
     pub from: String,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use herald_nats::Channel;
 use reqwest::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::google_auth::{ServiceAccountError, TokenSource};
@@ -23,7 +23,7 @@ use super::{OutboundMessage, Provider, ProviderError, Receipt};
 const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 
 /// Push provider configuration.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct PushConfig {
     /// API root; an FCM-compatible service or a test fake can stand in.
@@ -41,6 +41,8 @@ pub struct PushConfig {
     pub metadata_server: Option<String>,
     /// A fixed OAuth 2.0 access token instead (Google's expire within an hour: for tests and
     /// FCM-compatible services with long-lived tokens).
+    /// Not serialised: `herald config` omits it.
+    #[serde(skip_serializing)]
     pub access_token: String,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,

@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 use herald_nats::Channel;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 use super::{http, text};
@@ -12,7 +12,7 @@ use super::{http, text};
 const MAX_BODY_CHARS: usize = 1_600;
 
 /// SMS provider configuration.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SmsConfig {
     /// API root; a Twilio-compatible service or a test fake can stand in.
@@ -20,6 +20,8 @@ pub struct SmsConfig {
     /// Account SID (`AC…`), also the basic-auth user.
     pub account_sid: String,
     /// Auth token, the basic-auth password.
+    /// Not serialised: `herald config` omits it.
+    #[serde(skip_serializing)]
     pub auth_token: String,
     /// Sender: a phone number in E.164 form, or an alphanumeric sender id where allowed.
     pub from: String,

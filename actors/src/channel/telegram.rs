@@ -12,12 +12,14 @@ use super::http;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 /// Telegram provider configuration.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct TelegramConfig {
     /// Bot API root; a local Bot API server or a test fake can stand in.
     pub base_url: String,
     /// The bot's token from @BotFather.
+    /// Not serialised: `herald config` omits it.
+    #[serde(skip_serializing)]
     pub bot_token: String,
     /// `parse_mode` sent with every message (`HTML`, `MarkdownV2` or the legacy `Markdown`);
     /// plain text when unset. The text is escaped for it, so it shows as written.

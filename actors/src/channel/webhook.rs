@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use herald_nats::Channel;
 use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::http;
@@ -37,10 +37,12 @@ const SECRET_PREFIX: &str = "whsec_";
 const MIN_KEY_BYTES: usize = 24;
 
 /// Webhook provider configuration.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct WebhookConfig {
     /// Signing secret: `whsec_` followed by the base64 of a 24–64 byte key.
+    /// Not serialised: `herald config` omits it.
+    #[serde(skip_serializing)]
     pub secret: String,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,
