@@ -50,20 +50,31 @@ fn is_sqlx_outage(err: &sea_orm::sqlx::Error) -> bool {
 /// down or starting (57P01–57P03) or out of resources (class 53: disk full, out of memory, too
 /// many connections), a read-only server (25006: a failover's old primary, or a replica still
 /// being promoted), a statement cancelled (57014), a serialization failure or deadlock (40001,
-/// 40P01: the same write succeeds when tried again). SQLite (a number): busy or locked (primary
-/// codes 5 and 6), out of memory (7), an I/O error (10) or a full disk (13), with their extended
-/// codes.
+/// 40P01: the same write succeeds when tried again), a lock not had in time (55P03, under
+/// `lock_timeout`), a system or I/O error of the server (58000, 58030). SQLite (a number): busy
+/// or locked (primary codes 5 and 6), out of memory (7), a read-only database (8: its file or
+/// file system turned read-only), an I/O error (10), a full disk (13), a file it cannot open
+/// (14) or a locking protocol error (15), with their extended codes.
 fn is_outage_code(code: &str) -> bool {
     if code.len() == 5 {
         return code.starts_with("08")
             || code.starts_with("53")
             || matches!(
                 code,
-                "57P01" | "57P02" | "57P03" | "25006" | "57014" | "40001" | "40P01"
+                "57P01"
+                    | "57P02"
+                    | "57P03"
+                    | "25006"
+                    | "57014"
+                    | "40001"
+                    | "40P01"
+                    | "55P03"
+                    | "58000"
+                    | "58030"
             );
     }
     code.parse::<i32>()
-        .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6 | 7 | 10 | 13))
+        .is_ok_and(|sqlite| matches!(sqlite & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
 }
 
 #[cfg(test)]
@@ -105,6 +116,22 @@ mod tests {
             assert!(is_outage_code(code), "{code}");
         }
         for code in ["1", "19", "2067", "23505", "23503", "42P01", "22001"] {
+            assert!(!is_outage_code(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_lock_timeout_a_system_error_and_an_unopenable_or_read_only_file_are_outages() {
+        // PostgreSQL: lock_not_available, system_error, io_error (classes 55P03, 58).
+        // SQLite: READONLY, CANTOPEN, PROTOCOL, and extended codes of them.
+        for code in [
+            "55P03", "58000", "58030", "8", "14", "15", "264", "520", "1032", "270",
+        ] {
+            assert!(is_outage_code(code), "{code}");
+        }
+        for code in [
+            "55000", "55006", "58P01", "22021", "22P05", "54000", "11", "12",
+        ] {
             assert!(!is_outage_code(code), "{code}");
         }
     }
