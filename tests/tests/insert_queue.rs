@@ -4,7 +4,8 @@
 //! alone, a new row is answered as it reads back (times as the database keeps them), an
 //! unavailable database fails every waiting caller and stores nothing, a confirmed publish
 //! clears the API's "not yet published" mark and nothing else, and a row whose publish failed is
-//! removed only while nothing confirmed it.
+//! removed only while nothing confirmed it. A row the database refuses for one of its values fails
+//! alone.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use herald_entities::repo::notifications::{Inserted, NewNotification, insert_tog
 use herald_entities::repo::schedule::PUBLISH_PENDING;
 use herald_entities::repo::status_batch::{self, StatusChange};
 use herald_entities::{NotificationStatus, RepoError, WriteGate, notification};
-use herald_tests::{DatabaseOutage, TestDatabase, migrated};
+use herald_tests::{DatabaseKind, DatabaseOutage, TestDatabase, migrated};
 use sea_orm::{DatabaseConnection, EntityTrait, PaginatorTrait};
 use uuid::Uuid;
 
@@ -223,6 +224,37 @@ async fn a_row_that_breaks_a_constraint_fails_alone() {
         other => panic!("expected a database error, got {other:?}"),
     }
     assert_eq!(stored(&db).await, 21);
+}
+
+/// On PostgreSQL a request id longer than a B-tree index entry may be (about 2.7 kB) is refused
+/// with 54000 program_limit_exceeded: no constraint violation, yet one row's fault. It used to
+/// fail every caller of the batch; now the batch is stored again row by row and that row alone
+/// fails. SQLite stores the row.
+#[tokio::test]
+async fn a_row_the_database_refuses_for_a_value_fails_alone() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
+
+    let oversized: String = (0..400)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    let mut rows: Vec<_> = (0..20).map(|i| row(Some(format!("fine-{i}")))).collect();
+    rows.insert(10, row(Some(oversized)));
+    let outcomes = insert_all(&queue, rows).await;
+
+    let (failed, fine): (Vec<_>, Vec<_>) = outcomes.into_iter().partition(Result::is_err);
+    let expected_failures = match database.kind() {
+        DatabaseKind::Postgres => 1,
+        DatabaseKind::Sqlite => 0,
+    };
+    assert_eq!(failed.len(), expected_failures, "{failed:?}");
+    assert!(
+        fine.iter()
+            .all(|outcome| matches!(outcome, Ok(Inserted::New(_)))),
+        "the other rows are stored"
+    );
+    assert_eq!(stored(&db).await, fine.len() as u64);
 }
 
 #[tokio::test]

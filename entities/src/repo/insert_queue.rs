@@ -15,10 +15,12 @@
 //! cost. The INSERT runs without BEGIN and COMMIT (a statement is atomic by itself), two round
 //! trips fewer: HTTP p50 at 2,000 sends/s 1.9–2.4 → 1.5–1.9 ms on SQLite. Rows go in with
 //! `ON CONFLICT (request_id) DO NOTHING`, so a repeated request id (also one repeated within a
-//! batch) answers [`Inserted::Duplicate`] without failing the statement. If one row breaks
-//! another constraint, the batch is stored again row by row, so that row's caller alone gets the
-//! error. Any other failure (the database unreachable or locked) would fail each row the same
-//! way, so every caller of the batch gets it at once rather than after one timeout per row.
+//! batch) answers [`Inserted::Duplicate`] without failing the statement. If the statement fails
+//! for anything but an outage ([`RepoError::is_outage`]: one row breaks another constraint, or
+//! has a value the database refuses, such as a request id too long for PostgreSQL's index on it),
+//! the batch is stored again row by row, so that row's caller alone gets the error. An outage
+//! (the database unreachable or locked) would fail each row the same way, so every caller of the
+//! batch gets it at once rather than after one timeout per row.
 //!
 //! The same writer clears the [`PUBLISH_PENDING`](super::schedule::PUBLISH_PENDING) mark of API
 //! sends whose commands JetStream acknowledged ([`InsertQueue::confirm_published`]), gathered
@@ -172,7 +174,7 @@ async fn store_and_answer(db: &DatabaseConnection, batch: &mut Vec<Pending>) {
                 let _ = pending.reply.send(outcome);
             }
         }
-        Err(err) if one_row_at_fault(&err) => {
+        Err(err) if !err.is_outage() => {
             for pending in batch.drain(..) {
                 let _ = pending.reply.send(insert(db, pending.row).await);
             }
@@ -192,9 +194,4 @@ async fn store_together(
 ) -> Result<Vec<Result<Inserted, RepoError>>, RepoError> {
     let rows = batch.iter().map(|pending| pending.row.clone()).collect();
     insert_together(db, rows).await
-}
-
-/// Whether `err` is a constraint one row broke (the others may be fine on their own).
-fn one_row_at_fault(err: &RepoError) -> bool {
-    matches!(err, RepoError::Db(db) if db.sql_err().is_some())
 }
