@@ -5,7 +5,7 @@
 //! unavailable database fails every waiting caller and stores nothing, a confirmed publish
 //! clears the API's "not yet published" mark and nothing else, and a row whose publish failed is
 //! removed only while nothing confirmed it. A row the database refuses for one of its values fails
-//! alone.
+//! alone, and a NUL byte in a row (PostgreSQL refuses it in text and JSON) is stored as U+FFFD.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -255,6 +255,59 @@ async fn a_row_the_database_refuses_for_a_value_fails_alone() {
         "the other rows are stored"
     );
     assert_eq!(stored(&db).await, fine.len() as u64);
+}
+
+/// Event variables rendered into a notification's content skip the API's NUL check: PostgreSQL
+/// refuses `\u0000` in jsonb (22P05) and NUL in text (22021). Every NUL of the row, in its strings
+/// and in the strings and keys of its JSON, is stored as U+FFFD, and the answer is the stored row.
+#[tokio::test]
+async fn a_nul_in_a_new_row_is_stored_as_a_replacement_character() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
+
+    let new = NewNotification {
+        customer_id: Some("cust\0omer".into()),
+        recipient_key: "ada\0@example.com".into(),
+        contacts: serde_json::json!({"email": "ada@example.com\0"}),
+        channels: serde_json::json!(["email\0"]),
+        content: serde_json::json!({
+            "text": "Order \0 shipped",
+            "data": {"note\0": ["a\0b", 1, null, {"deep": "\0"}]},
+        }),
+        status_reason: Some(format!("{PUBLISH_PENDING}\0")),
+        ..row(Some("request\0id".into()))
+    };
+    let id = new.id;
+    let answered = match queue.insert(new).await.expect("stored") {
+        Inserted::New(model) => model,
+        other => panic!("expected a new row, got {other:?}"),
+    };
+    let read = notification::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .expect("read back")
+        .expect("stored");
+    assert_eq!(answered, read, "the answer is the stored row");
+    assert_eq!(read.request_id.as_deref(), Some("request\u{FFFD}id"));
+    assert_eq!(read.customer_id.as_deref(), Some("cust\u{FFFD}omer"));
+    assert_eq!(read.recipient_key, "ada\u{FFFD}@example.com");
+    assert_eq!(
+        read.contacts,
+        serde_json::json!({"email": "ada@example.com\u{FFFD}"})
+    );
+    assert_eq!(read.channels, serde_json::json!(["email\u{FFFD}"]));
+    assert_eq!(
+        read.content,
+        serde_json::json!({
+            "text": "Order \u{FFFD} shipped",
+            "data": {"note\u{FFFD}": ["a\u{FFFD}b", 1, null, {"deep": "\u{FFFD}"}]},
+        })
+    );
+    assert_eq!(
+        read.status_reason,
+        Some(format!("{PUBLISH_PENDING}\u{FFFD}"))
+    );
 }
 
 #[tokio::test]

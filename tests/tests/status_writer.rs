@@ -1,13 +1,17 @@
 //! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
 //! a record that arrives alone is written by the next batch, one interval later, and a flush (as at
-//! shutdown) writes it at once.
+//! shutdown) writes it at once. A provider's reply with a NUL byte in it is stored with U+FFFD in
+//! its place.
 
 use std::time::Duration;
 
 use herald_actors::status_writer::{
     AfterWrite, StatusRecord, StatusWriter, StatusWriterArgs, StatusWriterMsg, StatusWriterSettings,
 };
-use herald_entities::repo::{self, status_batch::StatusChange};
+use herald_entities::repo::{
+    self,
+    status_batch::{NewAttempt, StatusChange},
+};
 use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
 use herald_nats::Publisher;
 use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification, stored_status};
@@ -84,4 +88,66 @@ async fn a_lone_record_is_written_by_the_next_batch_or_at_once_by_a_flush() {
 
     ticking.stop(None);
     slow.stop(None);
+}
+
+/// A Telegram 500 whose body held a NUL byte: PostgreSQL refuses NUL in text (22021), so the
+/// whole batch failed, row by row too, and the notification stayed `processing`. The NUL is
+/// stored as U+FFFD, in the status change and in the attempt alike.
+#[tokio::test]
+async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let row = queued_notification(None);
+    let id = row.id;
+    repo::notifications::insert(&db, row).await.expect("stored");
+
+    let change = StatusChange {
+        error: Some("HTTP 500: {\"ok\":false}\0".into()),
+        reason: Some("every channel refused\0".into()),
+        final_channel: Some("tele\0gram".into()),
+        attempts: Some(1),
+        ..StatusChange::to(id, NotificationStatus::Failed)
+    };
+    let attempt = NewAttempt {
+        notification_id: id,
+        attempt_no: 1,
+        channel: "telegram\0".into(),
+        provider: "telegram\0".into(),
+        status: "failed\0".into(),
+        error: Some("HTTP 500: {\"ok\":false}\0".into()),
+        provider_message_id: Some("\0".into()),
+        latency_ms: 12,
+        at: chrono::Utc::now(),
+    };
+    repo::status_batch::apply(&db, &[change], &[attempt])
+        .await
+        .expect("the batch is written");
+
+    let (stored, attempts) = repo::notifications::find_with_attempts(&db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status, NotificationStatus::Failed);
+    assert_eq!(
+        stored.error.as_deref(),
+        Some("HTTP 500: {\"ok\":false}\u{FFFD}")
+    );
+    assert_eq!(
+        stored.status_reason.as_deref(),
+        Some("every channel refused\u{FFFD}")
+    );
+    assert_eq!(stored.final_channel.as_deref(), Some("tele\u{FFFD}gram"));
+    let [attempt] = attempts.as_slice() else {
+        panic!("one attempt: {attempts:?}");
+    };
+    assert_eq!(attempt.channel, "telegram\u{FFFD}");
+    assert_eq!(attempt.provider, "telegram\u{FFFD}");
+    assert_eq!(attempt.status, "failed\u{FFFD}");
+    assert_eq!(
+        attempt.error.as_deref(),
+        Some("HTTP 500: {\"ok\":false}\u{FFFD}")
+    );
+    assert_eq!(attempt.provider_message_id.as_deref(), Some("\u{FFFD}"));
 }

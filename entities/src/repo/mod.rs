@@ -52,3 +52,69 @@ pub(crate) fn status_is(status: crate::NotificationStatus) -> sea_orm::sea_query
     use sea_orm::sea_query::{Expr, ExprTrait};
     Expr::col(crate::notification::Column::Status).eq(Expr::Constant(status.as_str().into()))
 }
+
+/// `text` with every NUL character replaced by U+FFFD, the replacement character.
+///
+/// PostgreSQL refuses NUL in text (SQLSTATE 22021) and `\u0000` in `jsonb` (22P05); SQLite stores
+/// them. Text that reaches a write without the API's check for NUL (a provider's reply copied into
+/// an error, an event's variables rendered into content) would fail the whole statement on
+/// PostgreSQL, and with it every row of its batch. Replaced, it is stored alike on both.
+pub(crate) fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+/// `value` with [`without_nul`] applied to every string in it, object keys included; returned as
+/// it is (not rebuilt) when it has no NUL.
+pub(crate) fn json_without_nul(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    fn has_nul(value: &Value) -> bool {
+        match value {
+            Value::String(text) => text.contains('\0'),
+            Value::Array(items) => items.iter().any(has_nul),
+            Value::Object(map) => map
+                .iter()
+                .any(|(key, value)| key.contains('\0') || has_nul(value)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => false,
+        }
+    }
+    fn replace(value: Value) -> Value {
+        match value {
+            Value::String(text) => Value::String(without_nul(text)),
+            Value::Array(items) => Value::Array(items.into_iter().map(replace).collect()),
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(key, value)| (without_nul(key), replace(value)))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+    if has_nul(&value) {
+        replace(value)
+    } else {
+        value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn nul_characters_are_replaced_in_text_and_in_json() {
+        assert_eq!(without_nul("a\0b\0".into()), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(without_nul("plain".into()), "plain");
+        assert_eq!(
+            json_without_nul(json!({"k\0": ["x\0", 1, null, true, {"deep": "\0"}], "n": 2})),
+            json!({"k\u{FFFD}": ["x\u{FFFD}", 1, null, true, {"deep": "\u{FFFD}"}], "n": 2})
+        );
+        let clean = json!({"text": "Your order shipped.", "n": [1, 2]});
+        assert_eq!(json_without_nul(clean.clone()), clean);
+    }
+}

@@ -12,6 +12,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::schedule::PUBLISH_PENDING;
+use super::{json_without_nul, without_nul};
 use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 
 /// A notification to store as accepted.
@@ -198,21 +199,23 @@ fn active(new: NewNotification) -> notification::ActiveModel {
     stored(new).into()
 }
 
-/// The row `new` is stored as. Times are kept to the microsecond, as PostgreSQL stores them, so
-/// the row is the same whether it was written or read back.
+/// The row `new` is stored as. Times are kept to the microsecond, as PostgreSQL stores them, and
+/// a NUL in its text or JSON (an event's variable rendered into content) becomes U+FFFD, which
+/// PostgreSQL takes, so the row is the same whether it was written or read back, on either
+/// database.
 fn stored(new: NewNotification) -> notification::Model {
     let created_at = new.created_at.trunc_subsecs(6);
     notification::Model {
         id: new.id,
-        request_id: new.request_id,
-        customer_id: new.customer_id,
-        recipient_key: new.recipient_key,
-        contacts: new.contacts,
-        category: new.category,
-        channels: new.channels,
-        content: new.content,
+        request_id: new.request_id.map(without_nul),
+        customer_id: new.customer_id.map(without_nul),
+        recipient_key: without_nul(new.recipient_key),
+        contacts: json_without_nul(new.contacts),
+        category: without_nul(new.category),
+        channels: json_without_nul(new.channels),
+        content: json_without_nul(new.content),
         status: new.status,
-        status_reason: new.status_reason,
+        status_reason: new.status_reason.map(without_nul),
         scheduled_at: new.scheduled_at.map(|at| at.trunc_subsecs(6)),
         final_channel: None,
         attempts: 0,

@@ -8,6 +8,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
+use super::without_nul;
 use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 
 /// Rows per multi-row INSERT; well under SQLite's and PostgreSQL's bind-parameter limits.
@@ -78,7 +79,8 @@ pub struct NewAttempt {
     pub at: DateTime<Utc>,
 }
 
-/// Writes attempts and applies status changes in one transaction, in the order given.
+/// Writes attempts and applies status changes in one transaction, in the order given. A NUL in
+/// their text (a provider's reply) is stored as U+FFFD, which PostgreSQL takes.
 pub async fn apply(
     db: &DatabaseConnection,
     changes: &[StatusChange],
@@ -90,11 +92,11 @@ pub async fn apply(
             id: Set(Uuid::now_v7()),
             notification_id: Set(a.notification_id),
             attempt_no: Set(a.attempt_no),
-            channel: Set(a.channel.clone()),
-            provider: Set(a.provider.clone()),
-            status: Set(a.status.clone()),
-            error: Set(a.error.clone()),
-            provider_message_id: Set(a.provider_message_id.clone()),
+            channel: Set(without_nul(a.channel.clone())),
+            provider: Set(without_nul(a.provider.clone())),
+            status: Set(without_nul(a.status.clone())),
+            error: Set(a.error.clone().map(without_nul)),
+            provider_message_id: Set(a.provider_message_id.clone().map(without_nul)),
             latency_ms: Set(a.latency_ms),
             created_at: Set(a.at),
         });
@@ -126,9 +128,9 @@ impl Shape {
     fn of(change: &StatusChange) -> Self {
         Self {
             status: change.status,
-            reason: change.reason.clone(),
-            final_channel: change.final_channel.clone(),
-            error: change.error.clone(),
+            reason: change.reason.clone().map(without_nul),
+            final_channel: change.final_channel.clone().map(without_nul),
+            error: change.error.clone().map(without_nul),
             attempts: change.attempts,
             scheduled_at: change.scheduled_at,
         }
