@@ -80,8 +80,10 @@ impl NotificationStatus {
             Processing => &[Queued, Scheduled, Processing],
             Sent => &[Queued, Scheduled, Processing],
             Delivered => &[Sent],
-            Failed => &[Queued, Scheduled, Processing, Sent],
-            Skipped | Dead => &[Queued, Scheduled, Processing],
+            // Not from `sent`: a dispatcher's failure on a redelivered command would undo a
+            // delivery. A receipt's bounce moves `sent` to `failed` by its own UPDATE
+            // (`repo::receipts::apply`).
+            Failed | Skipped | Dead => &[Queued, Scheduled, Processing],
             Cancelled => &[Queued, Scheduled],
         }
     }
@@ -102,6 +104,13 @@ mod tests {
             Scheduled.allowed_from() == [Processing],
             "only a long hold schedules again"
         );
+    }
+
+    #[test]
+    fn a_dispatcher_result_never_turns_sent_into_failed() {
+        // A receipt's bounce moves `sent` to `failed` with its own conditional UPDATE.
+        assert!(!Failed.allowed_from().contains(&Sent));
+        assert!(Failed.allowed_from().contains(&Processing));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
 //! a record that arrives alone is written by the next batch, one interval later, and a flush (as at
 //! shutdown) writes it at once. A provider's reply with a NUL byte in it is stored with U+FFFD in
-//! its place.
+//! its place, and a late failure never turns a `sent` notification `failed`.
 
 use std::time::Duration;
 
@@ -150,4 +150,42 @@ async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
         Some("HTTP 500: {\"ok\":false}\u{FFFD}")
     );
     assert_eq!(attempt.provider_message_id.as_deref(), Some("\u{FFFD}"));
+}
+
+/// A redelivered command's dispatcher result (a failure on another channel, say) arrives after
+/// the first delivery recorded `sent`: the notification stays `sent`. Only a receipt's bounce
+/// moves `sent` to `failed`, with its own UPDATE.
+#[tokio::test]
+async fn a_late_failure_never_turns_sent_into_failed() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let row = queued_notification(None);
+    let id = row.id;
+    repo::notifications::insert(&db, row).await.expect("stored");
+
+    let sent = StatusChange {
+        final_channel: Some("email".into()),
+        ..StatusChange::to(id, NotificationStatus::Sent)
+    };
+    repo::status_batch::apply(&db, &[sent], &[])
+        .await
+        .expect("sent written");
+    let failed = StatusChange {
+        error: Some("550 mailbox unavailable".into()),
+        reason: Some("every channel refused permanently".into()),
+        ..StatusChange::to(id, NotificationStatus::Failed)
+    };
+    repo::status_batch::apply(&db, &[failed], &[])
+        .await
+        .expect("the late failure is a no-op, not an error");
+
+    let stored = repo::notifications::find(&db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status, NotificationStatus::Sent);
+    assert_eq!(stored.error, None);
+    assert_eq!(stored.final_channel.as_deref(), Some("email"));
 }
