@@ -23,6 +23,7 @@ mod outages;
 mod poison;
 mod pull;
 mod query_plans;
+mod races;
 mod reliability;
 mod schemathesis;
 mod smtp;

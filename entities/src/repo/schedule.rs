@@ -10,7 +10,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::status_batch::status_among;
-use crate::{NotificationStatus, RepoError, batch, delivery_attempt, notification};
+use crate::{NotificationStatus, RepoError, batch, notification};
 
 /// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
 /// published; followed by the claim's token.
@@ -202,39 +202,45 @@ pub async fn cancel(
     }
 }
 
-/// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts,
-/// and done batches older than `cutoff`. Returns how many notifications went.
+/// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts
+/// (`ON DELETE CASCADE`), and done batches older than `cutoff`. Returns how many notifications
+/// went. The DELETE repeats the conditions of the read that chose them, so a notification that
+/// moved meanwhile (a dead letter replayed to `queued`) is kept.
 pub async fn purge_before(
     db: &impl ConnectionTrait,
     cutoff: DateTime<Utc>,
     limit: u64,
 ) -> Result<u64, RepoError> {
     use NotificationStatus::*;
+    let old_and_final = || {
+        sea_orm::Condition::all()
+            .add(
+                notification::Column::Status
+                    .is_in([Sent, Delivered, Failed, Skipped, Cancelled, Dead]),
+            )
+            .add(notification::Column::UpdatedAt.lt(cutoff))
+    };
     let ids: Vec<Uuid> = notification::Entity::find()
         .select_only()
         .column(notification::Column::Id)
-        .filter(
-            notification::Column::Status.is_in([Sent, Delivered, Failed, Skipped, Cancelled, Dead]),
-        )
-        .filter(notification::Column::UpdatedAt.lt(cutoff))
+        .filter(old_and_final())
         .limit(limit)
         .into_tuple()
         .all(db)
         .await?;
+    let mut removed = 0;
     if !ids.is_empty() {
-        delivery_attempt::Entity::delete_many()
-            .filter(delivery_attempt::Column::NotificationId.is_in(ids.clone()))
+        removed = notification::Entity::delete_many()
+            .filter(notification::Column::Id.is_in(ids))
+            .filter(old_and_final())
             .exec(db)
-            .await?;
-        notification::Entity::delete_many()
-            .filter(notification::Column::Id.is_in(ids.clone()))
-            .exec(db)
-            .await?;
+            .await?
+            .rows_affected;
     }
     batch::Entity::delete_many()
         .filter(batch::Column::Status.is_in(["done", "failed"]))
         .filter(batch::Column::UpdatedAt.lt(cutoff))
         .exec(db)
         .await?;
-    Ok(ids.len() as u64)
+    Ok(removed)
 }

@@ -1,0 +1,100 @@
+//! Writes that race another writer on the same rows, against the suite's database (SQLite or
+//! PostgreSQL, as `HERALD_TEST_DB` says): retention deletes only what is still old and final when
+//! it deletes, not what it read a moment before.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use herald_entities::repo::{
+    self,
+    status_batch::{NewAttempt, StatusChange},
+};
+use herald_entities::{NotificationStatus, delivery_attempt};
+use herald_tests::{TestDatabase, migrated, queued_notification};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
+
+/// A dead notification replayed (`dead → queued`) between retention's read of old final rows and
+/// its delete used to be deleted while its replayed command was on its way: the delete filtered
+/// by id alone. The delete now repeats the status and age conditions, so the replayed
+/// notification stays; the old `sent` one goes, with its attempts.
+#[tokio::test]
+async fn a_notification_replayed_while_retention_runs_is_kept() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let (dead, sent) = (queued_notification(None), queued_notification(None));
+    let (dead_id, sent_id) = (dead.id, sent.id);
+    repo::notifications::insert_many(&db, vec![dead, sent])
+        .await
+        .expect("stored");
+    let month_ago = Utc::now() - chrono::Duration::days(30);
+    let changes = [
+        StatusChange {
+            at: month_ago,
+            ..StatusChange::to(dead_id, NotificationStatus::Dead)
+        },
+        StatusChange {
+            at: month_ago,
+            ..StatusChange::to(sent_id, NotificationStatus::Sent)
+        },
+    ];
+    let attempt = NewAttempt {
+        notification_id: sent_id,
+        attempt_no: 1,
+        channel: "email".into(),
+        provider: "smtp".into(),
+        status: "sent".into(),
+        error: None,
+        provider_message_id: None,
+        latency_ms: 3,
+        at: month_ago,
+    };
+    repo::status_batch::apply(&db, &changes, &[attempt])
+        .await
+        .expect("old final rows written");
+
+    // A replay on another connection, not yet committed when retention reads.
+    let replayer = herald_entities::connect(database.url(), 1)
+        .await
+        .expect("second pool");
+    let replay = replayer.begin().await.expect("replay begins");
+    assert!(
+        repo::dead_letters::requeue_dead(&replay, dead_id, "replayed")
+            .await
+            .expect("requeued"),
+    );
+    let purge = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let cutoff = Utc::now() - chrono::Duration::days(1);
+            repo::schedule::purge_before(&db, cutoff, 100).await
+        }
+    });
+    // Retention has read both rows and waits for the replay's lock to delete them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!purge.is_finished(), "retention waits for the replay");
+    replay.commit().await.expect("replay committed");
+    purge
+        .await
+        .expect("retention ran")
+        .expect("retention succeeded");
+
+    let replayed = repo::notifications::find(&db, dead_id)
+        .await
+        .expect("read")
+        .expect("the replayed notification is kept");
+    assert_eq!(replayed.status, NotificationStatus::Queued);
+    assert!(
+        repo::notifications::find(&db, sent_id)
+            .await
+            .expect("read")
+            .is_none(),
+        "the old sent notification is gone"
+    );
+    let attempts = delivery_attempt::Entity::find()
+        .filter(delivery_attempt::Column::NotificationId.eq(sent_id))
+        .count(&db)
+        .await
+        .expect("attempts counted");
+    assert_eq!(attempts, 0, "its attempts went with it");
+}
+
