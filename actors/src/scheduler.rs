@@ -273,7 +273,9 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
     let budget = Duration::from_millis(args.settings.bulk_round_ms);
     let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
     let now = (args.clock)();
-    let Some(mut batch) = repo::batches::lease_next(&args.db, now, now + lease)
+    // The lease this instance holds: the batch is changed only while it is still the stored one.
+    let mut held = now + lease;
+    let Some(mut batch) = repo::batches::lease_next(&args.db, now, held)
         .await
         .map_err(|e| e.to_string())?
     else {
@@ -283,7 +285,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         Ok(spec) => spec,
         Err(err) => {
             let reason = format!("unreadable batch: {err}");
-            repo::batches::fail(&args.db, batch.id, &reason)
+            repo::batches::fail(&args.db, batch.id, held, &reason)
                 .await
                 .map_err(|e| e.to_string())?;
             return Err(reason);
@@ -324,9 +326,19 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         let count = batch.published + published.len() as i64;
         let now = (args.clock)();
         let cursor = cursor.unwrap_or_else(|| batch.cursor.clone().unwrap_or_default());
-        repo::batches::advance(&args.db, batch.id, &cursor, count, done, now + lease)
-            .await
-            .map_err(|e| e.to_string())?;
+        let renewed = now + lease;
+        let advanced =
+            repo::batches::advance(&args.db, batch.id, held, &cursor, count, done, renewed)
+                .await
+                .map_err(|e| e.to_string())?;
+        if !advanced {
+            // The page outlived the lease and another instance took the batch: it goes on from
+            // the cursor it read (this page's notifications are stored and published under the
+            // same ids, so redoing it is harmless).
+            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance");
+            return Ok(());
+        }
+        held = renewed;
         metrics::counter!("herald_bulk_published_total").increment(published.len() as u64);
         batch.published = count;
         batch.cursor = Some(cursor);
@@ -336,8 +348,9 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         }
         if started.elapsed() >= budget {
             // Let the next round (here or on another instance) go on at once.
-            return repo::batches::release(&args.db, batch.id)
+            return repo::batches::release(&args.db, batch.id, held)
                 .await
+                .map(|_| ())
                 .map_err(|e| e.to_string());
         }
     }

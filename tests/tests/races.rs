@@ -1,10 +1,11 @@
 //! Writes that race another writer on the same rows, against the suite's database (SQLite or
 //! PostgreSQL, as `HERALD_TEST_DB` says): retention deletes only what is still old and final when
-//! it deletes, not what it read a moment before.
+//! it deletes, not what it read a moment before, and an instance whose bulk batch lease was taken
+//! over changes the batch no more.
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use herald_entities::repo::{
     self,
     status_batch::{NewAttempt, StatusChange},
@@ -12,6 +13,7 @@ use herald_entities::repo::{
 use herald_entities::{NotificationStatus, delivery_attempt};
 use herald_tests::{TestDatabase, migrated, queued_notification};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
+use uuid::Uuid;
 
 /// A dead notification replayed (`dead → queued`) between retention's read of old final rows and
 /// its delete used to be deleted while its replayed command was on its way: the delete filtered
@@ -98,3 +100,90 @@ async fn a_notification_replayed_while_retention_runs_is_kept() {
     assert_eq!(attempts, 0, "its attempts went with it");
 }
 
+/// An instance whose page outlived its lease, while another took the batch over, changed the
+/// batch as if it still held it: its `advance` turned the other's `done` back into `running` with
+/// its own older cursor, its `release` freed the other's lease. Each now changes nothing and says
+/// so, and the holder's changes apply.
+#[tokio::test]
+async fn an_instance_that_lost_its_batch_lease_changes_nothing() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let id = Uuid::now_v7();
+    repo::batches::create(&db, id, serde_json::json!({}), 20)
+        .await
+        .expect("batch created");
+
+    let lease = chrono::Duration::seconds(30);
+    let first_at = Utc::now();
+    let first = first_at + lease;
+    repo::batches::lease_next(&db, first_at, first)
+        .await
+        .expect("lease read")
+        .expect("the first instance takes the batch");
+    // Its page takes longer than the lease: the second instance takes the batch over.
+    let second_at = first + chrono::Duration::seconds(1);
+    let second = second_at + lease;
+    let taken = repo::batches::lease_next(&db, second_at, second)
+        .await
+        .expect("lease read")
+        .expect("the second instance takes the batch over");
+    assert_eq!(taken.id, id);
+
+    let later = second + lease;
+    assert!(
+        !repo::batches::advance(&db, id, first, "5", 5, false, later)
+            .await
+            .expect("advance ran"),
+        "the first instance's page is not recorded"
+    );
+    assert!(
+        !repo::batches::release(&db, id, first)
+            .await
+            .expect("release ran"),
+        "nor is its release"
+    );
+    let batch = repo::batches::find(&db, id)
+        .await
+        .expect("read")
+        .expect("batch");
+    // PostgreSQL keeps times to the microsecond.
+    assert_eq!(
+        batch.lease_until.map(|at| at.trunc_subsecs(6)),
+        Some(second.trunc_subsecs(6)),
+        "the second instance keeps its lease"
+    );
+    assert_eq!(batch.cursor, None);
+
+    assert!(
+        repo::batches::advance(&db, id, second, "10", 10, false, later)
+            .await
+            .expect("advance ran"),
+        "the holder's page is recorded"
+    );
+    assert!(
+        repo::batches::advance(&db, id, later, "20", 20, true, later + lease)
+            .await
+            .expect("advance ran"),
+        "the renewed lease is the holder's token"
+    );
+    assert!(
+        !repo::batches::advance(&db, id, second, "15", 15, false, later)
+            .await
+            .expect("advance ran"),
+        "a finished batch stays finished"
+    );
+    assert!(
+        !repo::batches::fail(&db, id, first, "late failure")
+            .await
+            .expect("fail ran"),
+        "nor does a lost lease fail it"
+    );
+    let batch = repo::batches::find(&db, id)
+        .await
+        .expect("read")
+        .expect("batch");
+    assert_eq!(batch.status, "done");
+    assert_eq!(batch.published, 20);
+    assert_eq!(batch.cursor.as_deref(), Some("20"));
+    assert_eq!(batch.error, None);
+}

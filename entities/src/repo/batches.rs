@@ -59,7 +59,10 @@ pub fn progress(id: Uuid) -> Select<notification::Entity> {
 }
 
 /// Takes the lease of an unfinished batch nobody holds (or whose holder's lease ran out) until
-/// `until`. The conditional UPDATE makes two instances never hold one batch at once.
+/// `until`. The conditional UPDATE makes two instances never take one batch at once. `until` is
+/// the holder's token: [`advance`], [`release`] and [`fail`] change the batch only while its
+/// `lease_until` is still the one the holder set, so an instance whose lease ran out while it
+/// worked, and was taken over, changes nothing.
 pub async fn lease_next(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
@@ -117,17 +120,21 @@ pub async fn insert_notifications(
     Ok(())
 }
 
-/// Records a finished page: the new cursor, the running count, a renewed lease, and `done` when
-/// it was the last page.
+/// Records a finished page of the batch whose lease `held` the caller holds (the `lease_until` it
+/// set, by [`lease_next`] or its last [`advance`]): the new cursor, the running count, the lease
+/// renewed until `lease_until`, which is the holder's token from then on, and `done` when it was
+/// the last page. `false` when the lease is no longer `held`: it ran out and another instance
+/// took the batch, which goes on from the cursor it read; the caller must stop.
 pub async fn advance(
     db: &impl ConnectionTrait,
     id: Uuid,
+    held: DateTime<Utc>,
     cursor: &str,
     published: i64,
     done: bool,
     lease_until: DateTime<Utc>,
-) -> Result<(), RepoError> {
-    batch::Entity::update_many()
+) -> Result<bool, RepoError> {
+    let updated = batch::Entity::update_many()
         .col_expr(batch::Column::Cursor, Expr::value(cursor))
         .col_expr(batch::Column::Published, Expr::value(published))
         .col_expr(
@@ -140,28 +147,41 @@ pub async fn advance(
         )
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))
+        .filter(batch::Column::LeaseUntil.eq(held))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(updated.rows_affected > 0)
 }
 
-/// Gives up the lease of a batch still in progress, so the next round anywhere takes it at once.
-pub async fn release(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
-    batch::Entity::update_many()
+/// Gives up the lease `held` of a batch still in progress, so the next round anywhere takes it at
+/// once. `false` when the lease was no longer `held` (see [`advance`]); the batch is left alone.
+pub async fn release(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    held: DateTime<Utc>,
+) -> Result<bool, RepoError> {
+    let updated = batch::Entity::update_many()
         .col_expr(
             batch::Column::LeaseUntil,
             Expr::value(Option::<DateTime<Utc>>::None),
         )
         .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::Status.eq("running"))
+        .filter(batch::Column::LeaseUntil.eq(held))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(updated.rows_affected > 0)
 }
 
-/// Marks a batch failed with the reason.
-pub async fn fail(db: &impl ConnectionTrait, id: Uuid, error: &str) -> Result<(), RepoError> {
-    batch::Entity::update_many()
+/// Marks the batch whose lease `held` the caller holds failed, with the reason. `false` when the
+/// lease was no longer `held` (see [`advance`]); the batch is left alone.
+pub async fn fail(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    held: DateTime<Utc>,
+    error: &str,
+) -> Result<bool, RepoError> {
+    let updated = batch::Entity::update_many()
         .col_expr(batch::Column::Status, Expr::value("failed"))
         .col_expr(batch::Column::Error, Expr::value(error))
         .col_expr(
@@ -170,9 +190,10 @@ pub async fn fail(db: &impl ConnectionTrait, id: Uuid, error: &str) -> Result<()
         )
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))
+        .filter(batch::Column::LeaseUntil.eq(held))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(updated.rows_affected > 0)
 }
 
 /// A filter over customers for a bulk send.
