@@ -104,18 +104,14 @@ pub async fn insert_notifications(
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<notification::ActiveModel> = rows.by_ref().take(500).collect();
-        let inserted = notification::Entity::insert_many(chunk)
+        notification::Entity::insert_many(chunk)
             .on_conflict(
                 OnConflict::column(notification::Column::Id)
                     .do_nothing()
                     .to_owned(),
             )
             .exec_without_returning(db)
-            .await;
-        match inserted {
-            Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => {}
-            Err(err) => return Err(err.into()),
-        }
+            .await?;
     }
     Ok(())
 }

@@ -73,11 +73,3 @@ pub async fn delete_published_before(
         .await?;
     Ok(result.rows_affected)
 }
-
-/// The outbox row of an event, if any.
-pub async fn find(
-    db: &impl ConnectionTrait,
-    id: Uuid,
-) -> Result<Option<outbox_event::Model>, RepoError> {
-    Ok(outbox_event::Entity::find_by_id(id).one(db).await?)
-}
