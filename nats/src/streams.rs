@@ -131,6 +131,17 @@ pub async fn provision(
     js: &jetstream::Context,
     settings: &StreamSettings,
 ) -> Result<Provisioned, NatsError> {
+    create_streams(js, settings).await?;
+    remove_legacy_dispatch_consumer(js).await?;
+    let router = router_consumer(js, settings).await?;
+    Ok(Provisioned { router })
+}
+
+/// Creates Herald's streams, or updates them to `settings`.
+async fn create_streams(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), NatsError> {
     for config in stream_configs(settings) {
         let name = config.name.clone();
         js.create_or_update_stream(config)
@@ -140,9 +151,7 @@ pub async fn provision(
                 reason: e.to_string(),
             })?;
     }
-    remove_legacy_dispatch_consumer(js).await?;
-    let router = router_consumer(js, settings).await?;
-    Ok(Provisioned { router })
+    Ok(())
 }
 
 /// Refuses `partitions` when commands wait on partitions at or beyond it (`notify.cmd.<n>`,
@@ -258,7 +267,20 @@ async fn durable(
         what: format!("consumer {durable_name} on {stream_name}"),
         reason: e.to_string(),
     };
-    let stream = js.get_stream(stream_name).await.map_err(|e| failed(&e))?;
+    let stream = match js.get_stream(stream_name).await {
+        Err(err) if is_stream_not_found(&err) => {
+            // Lost with the server's store (a NATS without a persistent volume restarted, an R1
+            // stream's node is gone): every instance would wait for it for ever, and sends would
+            // fail, until one restarted. What the stream held is lost; say so loudly.
+            tracing::error!(
+                stream = stream_name,
+                "stream missing: creating Herald's streams again (messages it held are lost)"
+            );
+            create_streams(js, settings).await?;
+            js.get_stream(stream_name).await.map_err(|e| failed(&e))?
+        }
+        got => got.map_err(|e| failed(&e))?,
+    };
     // Read first only to tell what changes: the create below also updates.
     let before = stream
         .consumer_info(durable_name)
@@ -296,6 +318,15 @@ async fn durable(
         );
     }
     Ok(consumer)
+}
+
+/// Whether `err` says the stream does not exist.
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(js_err)
+            if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 #[cfg(test)]

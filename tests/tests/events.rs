@@ -792,3 +792,42 @@ async fn a_deleted_router_consumer_is_bound_again() {
     assert_eq!(w.smtp.count(), 2, "the first event was not notified again");
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// Streams lost with the server's store (a NATS without a persistent volume restarted) are
+/// created again by the running instance, which then routes events and delivers sends as before:
+/// it waited for them for ever, every send failing with 503, until it was restarted.
+#[tokio::test]
+async fn lost_streams_are_created_again_without_a_restart() {
+    let w = world().await;
+    w.customer("c-ada", "ada@example.com", "en-GB").await;
+    let js = w.js().await;
+    for stream in ["EVENTS", "NOTIFY"] {
+        js.delete_stream(stream).await.expect("stream deleted");
+    }
+    let id = eventually("a send to be accepted again", E2E_TIMEOUT, || async {
+        let (status, body) = w
+            .herald
+            .send(&json!({
+                "recipient": { "customer_id": "c-ada" },
+                "category": "transactional",
+                "channels": ["email"],
+                "content": { "subject": "Still here", "text": "After the streams came back." }
+            }))
+            .await;
+        (status == StatusCode::ACCEPTED).then(|| body["id"].as_str().map(str::to_string))
+    })
+    .await
+    .expect("id in answer");
+    w.herald.wait_status(&id, "sent").await;
+    let event = Uuid::now_v7();
+    w.publish_event(&order_created(event, "c-ada", "1003"), &event.to_string())
+        .await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.subject.as_deref() == Some("Your order 1003 is confirmed")),
+        "the event was routed"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
