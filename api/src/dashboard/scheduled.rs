@@ -33,6 +33,8 @@ struct ScheduledPage {
     signed_in: bool,
     session: Session,
     rows: Vec<ScheduledRow>,
+    /// Whether more are scheduled than listed.
+    more: bool,
 }
 
 /// `GET /scheduled`.
@@ -41,9 +43,12 @@ pub(crate) async fn page(
     session: Session,
     Data(dashboard): Data<&Dashboard>,
 ) -> poem::Result<Response> {
-    let rows = activity::scheduled(&dashboard.state.db, PAGE_SIZE)
+    // One more than shown, to tell whether more follow.
+    let mut rows = activity::scheduled(&dashboard.state.db, PAGE_SIZE + 1)
         .await
         .map_err(|e| page_error(e.into()))?;
+    let more = rows.len() as u64 > PAGE_SIZE;
+    rows.truncate(PAGE_SIZE as usize);
     let rows = rows
         .into_iter()
         .map(|n| ScheduledRow {
@@ -60,6 +65,7 @@ pub(crate) async fn page(
         signed_in: true,
         session,
         rows,
+        more,
     })
 }
 
