@@ -16,6 +16,7 @@ use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
 use herald_nats::Publisher;
 use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification, stored_status};
 use ractor::{Actor, ActorRef};
+use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
 /// Longest the test waits for a mark to be written, or for the writer to answer.
@@ -90,11 +91,8 @@ async fn a_lone_record_is_written_by_the_next_batch_or_at_once_by_a_flush() {
     slow.stop(None);
 }
 
-/// A Telegram 500 whose body held a NUL byte: PostgreSQL refuses NUL in text (22021), so the
-/// whole batch failed, row by row too, and the notification stayed `processing`. The NUL is
-/// stored as U+FFFD, in the status change and in the attempt alike.
-#[tokio::test]
-async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
+/// A migrated test database holding one `queued` notification, and its id.
+async fn one_queued_notification() -> (TestDatabase, DatabaseConnection, Uuid) {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = herald_tests::migrated(database.url())
         .await
@@ -102,6 +100,15 @@ async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
     let row = queued_notification(None);
     let id = row.id;
     repo::notifications::insert(&db, row).await.expect("stored");
+    (database, db, id)
+}
+
+/// A Telegram 500 whose body held a NUL byte: PostgreSQL refuses NUL in text (22021), so the
+/// whole batch failed, row by row too, and the notification stayed `processing`. The NUL is
+/// stored as U+FFFD, in the status change and in the attempt alike.
+#[tokio::test]
+async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
+    let (_database, db, id) = one_queued_notification().await;
 
     let change = StatusChange {
         error: Some("HTTP 500: {\"ok\":false}\0".into()),
@@ -157,13 +164,7 @@ async fn a_nul_in_a_provider_reply_is_stored_as_a_replacement_character() {
 /// moves `sent` to `failed`, with its own UPDATE.
 #[tokio::test]
 async fn a_late_failure_never_turns_sent_into_failed() {
-    let database = TestDatabase::from_env().await.expect("test database");
-    let db = herald_tests::migrated(database.url())
-        .await
-        .expect("migrated");
-    let row = queued_notification(None);
-    let id = row.id;
-    repo::notifications::insert(&db, row).await.expect("stored");
+    let (_database, db, id) = one_queued_notification().await;
 
     let sent = StatusChange {
         final_channel: Some("email".into()),
