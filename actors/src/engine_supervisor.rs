@@ -1,13 +1,22 @@
 //! `EngineSupervisor`: starts the StatusWriter, the ChannelSupervisor, the
 //! RateLimiterSupervisor, the Dispatcher, the LeaseKeeper, the Scheduler, the Router and the
-//! OutboxRelay, and restarts whichever fails. Messages a failed actor had in flight were not acked, so JetStream
-//! redelivers them; every restart is counted in `herald_actor_restarts_total`.
+//! OutboxRelay, and restarts whichever fails, at once the first time and after a growing delay
+//! when it fails again soon ([`RestartBackoff`]). Messages a failed actor had in flight were not
+//! acked, so JetStream redelivers them; every restart is counted in `herald_actor_restarts_total`.
+//!
+//! The supervisor itself fails when a child cannot be restarted (its `pre_start` fails) or when
+//! the ChannelSupervisor stops; its children stop with it, and `herald serve` exits with an error
+//! (the engine's end is watched, see `Herald::engine_stopped`) for the process supervisor to
+//! restart it.
+
+use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::time::Instant;
 
 use crate::channel::{ChannelArgs, ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
-use crate::outbox_relay::{OutboxRelay, OutboxRelayArgs, OutboxRelayMsg};
+use crate::outbox_relay::{OutboxRelay, OutboxRelayArgs};
 use crate::partitions::{LeaseKeeper, LeaseKeeperArgs, LeaseKeeperMsg};
 use crate::rate_limit::supervisor::{
     RateLimiterSupervisor, RateLimiterSupervisorArgs, RateLimiterSupervisorMsg,
@@ -51,25 +60,116 @@ pub struct EngineArgs {
     pub outbox_relay: OutboxRelayArgs,
 }
 
+/// A supervised child: its current reference, what it was started with, where it is published,
+/// and the pace of its restarts.
+struct Child<A: Actor> {
+    /// Its label in logs and in `herald_actor_restarts_total`.
+    name: &'static str,
+    actor: ActorRef<A::Msg>,
+    args: A::Arguments,
+    slot: Option<ActorSlot<A::Msg>>,
+    backoff: RestartBackoff,
+}
+
+impl<A> Child<A>
+where
+    A: Actor,
+    A::Arguments: Clone,
+{
+    async fn start(
+        name: &'static str,
+        actor: A,
+        args: A::Arguments,
+        slot: Option<ActorSlot<A::Msg>>,
+        supervisor: ActorCell,
+    ) -> Result<Self, ActorProcessingErr> {
+        let (started, _) = Actor::spawn_linked(None, actor, args.clone(), supervisor).await?;
+        if let Some(slot) = &slot {
+            slot.set(started.clone());
+        }
+        Ok(Child {
+            name,
+            actor: started,
+            args,
+            slot,
+            backoff: RestartBackoff::default(),
+        })
+    }
+
+    fn is(&self, cell: &ActorCell) -> bool {
+        self.actor.get_id() == cell.get_id()
+    }
+
+    /// Starts it again after its backoff delay; an error (it failed in `pre_start`) fails the
+    /// engine.
+    async fn restart(
+        &mut self,
+        actor: A,
+        supervisor: ActorCell,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
+        let delay = self.backoff.next(Instant::now());
+        tracing::warn!(
+            actor = self.name,
+            %why,
+            delay_ms = delay.as_millis() as u64,
+            "actor stopped; restarting"
+        );
+        metrics::counter!("herald_actor_restarts_total", "actor" => self.name).increment(1);
+        tokio::time::sleep(delay).await;
+        let (started, _) = Actor::spawn_linked(None, actor, self.args.clone(), supervisor)
+            .await
+            .map_err(|err| format!("{} could not be restarted: {err}", self.name))?;
+        if let Some(slot) = &self.slot {
+            slot.set(started.clone());
+        }
+        self.actor = started;
+        Ok(())
+    }
+}
+
+/// The first restart of a child that has run for [`RestartBackoff::RESET_AFTER`] is immediate;
+/// each further one within that time waits twice as long as the last, from
+/// [`RestartBackoff::FIRST_DELAY`] up to [`RestartBackoff::MAX_DELAY`]. A child failing as it
+/// starts is so restarted a few times a second at first and then every few seconds, not in a
+/// tight loop.
+#[derive(Debug, Default)]
+pub struct RestartBackoff {
+    last: Option<(Instant, Duration)>,
+}
+
+impl RestartBackoff {
+    /// A child that ran this long since its last restart is restarted at once.
+    pub const RESET_AFTER: Duration = Duration::from_secs(30);
+    /// The delay of the second restart in a row.
+    pub const FIRST_DELAY: Duration = Duration::from_millis(100);
+    /// The longest delay.
+    pub const MAX_DELAY: Duration = Duration::from_secs(5);
+
+    /// How long to wait before the restart asked for `now`.
+    pub fn next(&mut self, now: Instant) -> Duration {
+        let delay = match self.last {
+            Some((at, delay)) if now.saturating_duration_since(at) < Self::RESET_AFTER => {
+                (delay * 2).clamp(Self::FIRST_DELAY, Self::MAX_DELAY)
+            }
+            _ => Duration::ZERO,
+        };
+        // Counted from when the restarted child runs.
+        self.last = Some((now + delay, delay));
+        delay
+    }
+}
+
 /// Children of the engine and how to restart them.
 pub struct EngineState {
-    status_writer: (ActorRef<StatusWriterMsg>, StatusWriterArgs),
-    status_writer_slot: ActorSlot<StatusWriterMsg>,
-    dispatcher: (ActorRef<DispatcherMsg>, DispatcherArgs),
-    dispatcher_slot: ActorSlot<DispatcherMsg>,
+    status_writer: Child<StatusWriter>,
+    dispatcher: Child<Dispatcher>,
     channels: ActorCell,
-    lease_keeper: (ActorRef<LeaseKeeperMsg>, LeaseKeeperArgs),
-    lease_keeper_slot: ActorSlot<LeaseKeeperMsg>,
-    rate_limiter: (
-        ActorRef<RateLimiterSupervisorMsg>,
-        RateLimiterSupervisorArgs,
-    ),
-    rate_limiter_slot: ActorSlot<RateLimiterSupervisorMsg>,
-    scheduler: (ActorRef<SchedulerMsg>, SchedulerArgs),
-    scheduler_slot: ActorSlot<SchedulerMsg>,
-    router: (ActorRef<RouterMsg>, RouterArgs),
-    router_slot: ActorSlot<RouterMsg>,
-    outbox_relay: (ActorRef<OutboxRelayMsg>, OutboxRelayArgs),
+    lease_keeper: Child<LeaseKeeper>,
+    rate_limiter: Child<RateLimiterSupervisor>,
+    scheduler: Child<Scheduler>,
+    router: Child<Router>,
+    outbox_relay: Child<OutboxRelay>,
 }
 
 /// The root supervisor.
@@ -85,14 +185,15 @@ impl Actor for EngineSupervisor {
         myself: ActorRef<()>,
         args: EngineArgs,
     ) -> Result<EngineState, ActorProcessingErr> {
-        let (writer, _) = Actor::spawn_linked(
-            None,
+        let me = myself.get_cell();
+        let status_writer = Child::start(
+            "status_writer",
             StatusWriter,
-            args.status_writer.clone(),
-            myself.get_cell(),
+            args.status_writer,
+            Some(args.status_writer_slot),
+            me.clone(),
         )
         .await?;
-        args.status_writer_slot.set(writer.clone());
         let (channels, _) = Actor::spawn_linked(
             None,
             ChannelSupervisor,
@@ -100,57 +201,60 @@ impl Actor for EngineSupervisor {
                 channels: args.channels,
                 directory: args.directory,
             },
-            myself.get_cell(),
+            me.clone(),
         )
         .await?;
-        let (rate_limiter, _) = Actor::spawn_linked(
-            None,
+        let rate_limiter = Child::start(
+            "rate_limiter_supervisor",
             RateLimiterSupervisor,
-            args.rate_limiter.clone(),
-            myself.get_cell(),
+            args.rate_limiter,
+            Some(args.rate_limiter_slot),
+            me.clone(),
         )
         .await?;
-        args.rate_limiter_slot.set(rate_limiter.clone());
-        let (dispatcher, _) =
-            Actor::spawn_linked(None, Dispatcher, args.dispatcher.clone(), myself.get_cell())
-                .await?;
-        args.dispatcher_slot.set(dispatcher.clone());
-        let (lease_keeper, _) = Actor::spawn_linked(
-            None,
+        let dispatcher = Child::start(
+            "dispatcher",
+            Dispatcher,
+            args.dispatcher,
+            Some(args.dispatcher_slot),
+            me.clone(),
+        )
+        .await?;
+        let lease_keeper = Child::start(
+            "lease_keeper",
             LeaseKeeper,
-            args.lease_keeper.clone(),
-            myself.get_cell(),
+            args.lease_keeper,
+            Some(args.lease_keeper_slot),
+            me.clone(),
         )
         .await?;
-        args.lease_keeper_slot.set(lease_keeper.clone());
-        let (scheduler, _) =
-            Actor::spawn_linked(None, Scheduler, args.scheduler.clone(), myself.get_cell()).await?;
-        args.scheduler_slot.set(scheduler.clone());
-        let (router, _) =
-            Actor::spawn_linked(None, Router, args.router.clone(), myself.get_cell()).await?;
-        args.router_slot.set(router.clone());
-        let (relay, _) = Actor::spawn_linked(
-            None,
-            OutboxRelay,
-            args.outbox_relay.clone(),
-            myself.get_cell(),
+        let scheduler = Child::start(
+            "scheduler",
+            Scheduler,
+            args.scheduler,
+            Some(args.scheduler_slot),
+            me.clone(),
         )
         .await?;
+        let router = Child::start(
+            "router",
+            Router,
+            args.router,
+            Some(args.router_slot),
+            me.clone(),
+        )
+        .await?;
+        let outbox_relay =
+            Child::start("outbox_relay", OutboxRelay, args.outbox_relay, None, me).await?;
         Ok(EngineState {
-            router: (router, args.router),
-            router_slot: args.router_slot,
-            outbox_relay: (relay, args.outbox_relay),
-            rate_limiter: (rate_limiter, args.rate_limiter),
-            rate_limiter_slot: args.rate_limiter_slot,
-            scheduler: (scheduler, args.scheduler),
-            scheduler_slot: args.scheduler_slot,
-            status_writer: (writer, args.status_writer),
-            status_writer_slot: args.status_writer_slot,
-            dispatcher: (dispatcher, args.dispatcher),
-            dispatcher_slot: args.dispatcher_slot,
+            status_writer,
+            dispatcher,
             channels: channels.get_cell(),
-            lease_keeper: (lease_keeper, args.lease_keeper),
-            lease_keeper_slot: args.lease_keeper_slot,
+            lease_keeper,
+            rate_limiter,
+            scheduler,
+            router,
+            outbox_relay,
         })
     }
 
@@ -168,70 +272,61 @@ impl Actor for EngineSupervisor {
             ),
             _ => return Ok(()),
         };
-        let id = cell.get_id();
-        if id == state.dispatcher.0.get_id() {
-            tracing::warn!(%why, "dispatcher stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "dispatcher").increment(1);
-            let args = state.dispatcher.1.clone();
-            let (dispatcher, _) =
-                Actor::spawn_linked(None, Dispatcher, args, myself.get_cell()).await?;
-            state.dispatcher_slot.set(dispatcher.clone());
-            state.dispatcher.0 = dispatcher;
-        } else if id == state.lease_keeper.0.get_id() {
-            tracing::warn!(%why, "lease keeper stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "lease_keeper")
-                .increment(1);
-            let args = state.lease_keeper.1.clone();
-            let (keeper, _) =
-                Actor::spawn_linked(None, LeaseKeeper, args, myself.get_cell()).await?;
-            state.lease_keeper_slot.set(keeper.clone());
-            state.lease_keeper.0 = keeper;
-        } else if id == state.router.0.get_id() {
-            tracing::warn!(%why, "router stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "router").increment(1);
-            let args = state.router.1.clone();
-            let (router, _) = Actor::spawn_linked(None, Router, args, myself.get_cell()).await?;
-            state.router_slot.set(router.clone());
-            state.router.0 = router;
-        } else if id == state.outbox_relay.0.get_id() {
-            tracing::warn!(%why, "outbox relay stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "outbox_relay")
-                .increment(1);
-            let args = state.outbox_relay.1.clone();
-            let (relay, _) =
-                Actor::spawn_linked(None, OutboxRelay, args, myself.get_cell()).await?;
-            state.outbox_relay.0 = relay;
-        } else if id == state.status_writer.0.get_id() {
-            tracing::warn!(%why, "status writer stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "status_writer")
-                .increment(1);
-            let args = state.status_writer.1.clone();
-            let (writer, _) =
-                Actor::spawn_linked(None, StatusWriter, args, myself.get_cell()).await?;
-            state.status_writer_slot.set(writer.clone());
-            state.status_writer.0 = writer;
-        } else if id == state.rate_limiter.0.get_id() {
-            tracing::warn!(%why, "rate limiter registry stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "rate_limiter_supervisor")
-                .increment(1);
-            let args = state.rate_limiter.1.clone();
-            let (limiter, _) =
-                Actor::spawn_linked(None, RateLimiterSupervisor, args, myself.get_cell()).await?;
-            state.rate_limiter_slot.set(limiter.clone());
-            state.rate_limiter.0 = limiter;
-        } else if id == state.scheduler.0.get_id() {
-            tracing::warn!(%why, "scheduler stopped; restarting");
-            metrics::counter!("herald_actor_restarts_total", "actor" => "scheduler").increment(1);
-            let args = state.scheduler.1.clone();
-            let (scheduler, _) =
-                Actor::spawn_linked(None, Scheduler, args, myself.get_cell()).await?;
-            state.scheduler_slot.set(scheduler.clone());
-            state.scheduler.0 = scheduler;
-        } else if id == state.channels.get_id() {
+        let me = myself.get_cell();
+        if state.dispatcher.is(&cell) {
+            state.dispatcher.restart(Dispatcher, me, &why).await?;
+        } else if state.lease_keeper.is(&cell) {
+            state.lease_keeper.restart(LeaseKeeper, me, &why).await?;
+        } else if state.router.is(&cell) {
+            state.router.restart(Router, me, &why).await?;
+        } else if state.outbox_relay.is(&cell) {
+            state.outbox_relay.restart(OutboxRelay, me, &why).await?;
+        } else if state.status_writer.is(&cell) {
+            state.status_writer.restart(StatusWriter, me, &why).await?;
+        } else if state.rate_limiter.is(&cell) {
+            state
+                .rate_limiter
+                .restart(RateLimiterSupervisor, me, &why)
+                .await?;
+        } else if state.scheduler.is(&cell) {
+            state.scheduler.restart(Scheduler, me, &why).await?;
+        } else if cell.get_id() == state.channels.get_id() {
             // The channel supervisor only fails if it cannot restart a channel actor; that is
             // fatal for the engine, and the process supervisor (systemd, Kubernetes) restarts it.
             return Err(format!("channel supervisor stopped: {why}").into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_in_a_row_back_off_up_to_a_bound_and_reset_after_a_quiet_run() {
+        let mut backoff = RestartBackoff::default();
+        let mut now = Instant::now();
+        assert_eq!(
+            backoff.next(now),
+            Duration::ZERO,
+            "the first restart is immediate"
+        );
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            let delay = backoff.next(now);
+            delays.push(delay);
+            now += delay;
+        }
+        assert_eq!(delays[0], RestartBackoff::FIRST_DELAY);
+        assert_eq!(delays[1], RestartBackoff::FIRST_DELAY * 2);
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert_eq!(delays[9], RestartBackoff::MAX_DELAY, "{delays:?}");
+        now += RestartBackoff::RESET_AFTER;
+        assert_eq!(
+            backoff.next(now),
+            Duration::ZERO,
+            "a quiet run resets the backoff"
+        );
     }
 }

@@ -48,4 +48,6 @@ pub trait EngineView: Send + Sync + 'static {
     fn channels(&self) -> BoxFuture<'_, Vec<ChannelView>>;
     /// The partitions this instance owns.
     fn partitions(&self) -> PartitionsView;
+    /// Whether the engine (the actor tree that delivers) still runs.
+    fn running(&self) -> bool;
 }

@@ -1,9 +1,10 @@
 //! Liveness and readiness.
 //!
 //! `GET /health` answers while the process serves HTTP (restart it if not). `GET /health/ready`
-//! answers 200 only when this instance can do its job: NATS connected, Herald's streams present,
-//! database reachable; it reports the command backlog and circuit states too, and answers 503 with
-//! the same body when a check fails (take the instance out of the load balancer, do not restart).
+//! answers 200 only when this instance can do its job: engine running, NATS connected, Herald's
+//! streams present, database reachable; it reports the command backlog and circuit states too,
+//! and answers 503 with the same body when a check fails (take the instance out of the load
+//! balancer, do not restart; a stopped engine makes `herald serve` exit by itself).
 
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Check {
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: String,
+    /// The delivery engine (the actor tree); once it has stopped, the process exits.
+    pub engine: Check,
     /// NATS connection.
     pub nats: Check,
     /// Herald's JetStream streams.
@@ -100,7 +103,8 @@ impl HealthApi {
         })
     }
 
-    /// Readiness: NATS connected, streams present, database reachable; with backlog and circuits.
+    /// Readiness: engine running, NATS connected, streams present, database reachable; with
+    /// backlog and circuits.
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
         let nats = if self.state.publisher.is_connected() {
@@ -110,9 +114,15 @@ impl HealthApi {
         };
         let (streams, pending_commands) = self.streams().await;
         let database = self.database().await;
-        let ready = nats.ok && streams.ok && database.ok;
+        let engine = if self.state.engine.running() {
+            pass("running")
+        } else {
+            fail("stopped")
+        };
+        let ready = engine.ok && nats.ok && streams.ok && database.ok;
         let body = Readiness {
             status: if ready { "ready" } else { "not_ready" }.into(),
+            engine,
             nats,
             streams,
             database,

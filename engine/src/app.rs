@@ -50,6 +50,8 @@ pub struct Herald {
 
 struct Engine {
     supervisor: ActorRef<()>,
+    /// Cancelled once the supervisor has stopped, whether asked to or not.
+    stopped: CancellationToken,
     intake: CancellationToken,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
@@ -193,6 +195,7 @@ impl Herald {
             engine: Arc::new(crate::engine_view::LiveEngine {
                 channels: engine.channels.clone(),
                 ownership: engine.ownership.clone(),
+                stopped: engine.stopped.clone(),
             }),
             default_chains: Arc::new(config.default_chains()?),
             metrics: Some(metrics),
@@ -232,6 +235,13 @@ impl Herald {
             gate,
             _checkpointer: checkpointer,
         })
+    }
+
+    /// Resolves once the engine (the actor tree) has stopped. Before [`Herald::shutdown`] that is a
+    /// failure: nothing delivers any more, and `herald serve` exits with an error for the process
+    /// supervisor to restart it; `/health/ready` answers 503 meanwhile.
+    pub async fn engine_stopped(&self) {
+        self.engine.stopped.cancelled().await;
     }
 
     /// The HTTP address Herald listens on.
@@ -463,9 +473,16 @@ async fn start_engine(
         lease_keeper_slot: lease_keeper.clone(),
     };
     let instance = args.lease_keeper.table.instance().to_string();
-    let (supervisor, _) = Actor::spawn(None, EngineSupervisor, args)
+    let (supervisor, handle) = Actor::spawn(None, EngineSupervisor, args)
         .await
         .context("cannot start the actor tree")?;
+    // The supervisor's children stop with it: nothing would deliver any more.
+    let stopped = CancellationToken::new();
+    let watch = stopped.clone();
+    tokio::spawn(async move {
+        let _ = handle.await;
+        watch.cancel();
+    });
     tokio::spawn(herald_actors::channel::announce::listen(
         nats,
         instance,
@@ -478,6 +495,7 @@ async fn start_engine(
         rate_limiter,
         scheduler,
         supervisor,
+        stopped,
         intake,
         in_flight,
         max_in_flight,

@@ -16,6 +16,8 @@ pub struct LiveEngine {
     pub channels: ChannelDirectory,
     /// The partitions this instance owns.
     pub ownership: OwnershipView,
+    /// Cancelled once the engine's supervisor has stopped.
+    pub stopped: tokio_util::sync::CancellationToken,
 }
 
 impl EngineView for LiveEngine {
@@ -28,6 +30,10 @@ impl EngineView for LiveEngine {
                 .map(view)
                 .collect()
         })
+    }
+
+    fn running(&self) -> bool {
+        !self.stopped.is_cancelled()
     }
 
     fn partitions(&self) -> PartitionsView {

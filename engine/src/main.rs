@@ -99,7 +99,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("  OpenAPI spec {base}/api/openapi.json");
     println!("  Health       {base}/health");
     println!("  Metrics      {base}/metrics");
-    shutdown_signal().await;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = herald.engine_stopped() => {
+            // Nothing delivers any more; serving HTTP on would accept sends that wait until a
+            // restart. Unacked commands are redelivered, leases age out.
+            tracing::error!("the delivery engine stopped; exiting for a restart");
+            anyhow::bail!(
+                "the delivery engine stopped (its supervisor failed, see the log above); \
+                 restart herald"
+            );
+        }
+    }
     tracing::info!("shutting down");
     herald.shutdown().await
 }

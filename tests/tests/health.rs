@@ -21,6 +21,7 @@ async fn readiness_follows_nats_and_reports_channels() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["database"]["ok"], true);
+    assert_eq!(ready["engine"]["ok"], true, "{ready}");
     assert_eq!(ready["pending_commands"], 0);
     assert_eq!(ready["channels"][0]["channel"], "email");
     assert_eq!(ready["channels"][0]["circuit"], "closed");
@@ -41,6 +42,48 @@ async fn readiness_follows_nats_and_reports_channels() {
         (herald.get("/health/ready").await.0 == StatusCode::OK).then_some(())
     })
     .await;
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// The engine's root supervisor dying took every actor with it while the API went on answering 202
+/// and readiness 200: nothing noticed. Readiness now reports the engine, and the engine's end is
+/// watched (`herald serve` exits on it).
+#[tokio::test]
+async fn a_stopped_engine_turns_readiness_503_and_is_noticed() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let (status, ready) = herald.get("/health/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    // The engine's root supervisor fails (killed: no shutdown asked for it).
+    let supervisor = herald
+        .app()
+        .dispatcher()
+        .expect("dispatcher")
+        .get_cell()
+        .try_get_supervisor()
+        .expect("the dispatcher is supervised by the engine supervisor");
+    supervisor.kill();
+
+    tokio::time::timeout(Duration::from_secs(10), herald.app().engine_stopped())
+        .await
+        .expect("the engine's end is noticed within 10 s");
+    let (status, not_ready) = eventually(
+        "readiness to report the stopped engine",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = herald.get("/health/ready").await;
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some((status, body))
+        },
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(not_ready["engine"]["ok"], false, "{not_ready}");
+    assert_eq!(not_ready["nats"]["ok"], true, "{not_ready}");
     herald.shutdown().await.expect("shutdown");
 }
 
