@@ -305,8 +305,14 @@ impl Actor for LeaseKeeper {
 impl LeaseKeeperState {
     async fn round(&mut self, myself: &ActorRef<LeaseKeeperMsg>) {
         let table = self.args.table.clone();
-        if let Err(err) = table.heartbeat().await {
-            tracing::warn!(error = %err, "cannot refresh membership");
+        match table.heartbeat().await {
+            Ok(false) => {}
+            Ok(true) => tracing::error!(
+                instance = table.instance(),
+                "another live process runs under this instance name: cluster.instance must be \
+                 unique per process; each delivers only the partitions it took itself"
+            ),
+            Err(err) => tracing::warn!(error = %err, "cannot refresh membership"),
         }
         self.renew_all().await;
         match table.view().await {
@@ -416,13 +422,12 @@ impl LeaseKeeperState {
         }
     }
 
-    /// Takes back leases the bucket says are this instance's but this keeper does not know of (it
-    /// was restarted after a panic). A lease is adopted only by renewing it, so one that is about
-    /// to age out is not pulled from.
+    /// Takes back leases this process wrote but this keeper does not know of (it was restarted
+    /// after a panic); never one another process wrote under the same instance name. A lease is
+    /// adopted only by renewing it, so one that is about to age out is not pulled from.
     async fn adopt(&mut self, view: &LeaseView) {
-        let me = self.args.table.instance().to_string();
-        for (&partition, owner) in &view.owners {
-            if *owner != me || self.held.contains_key(&partition) {
+        for &partition in &view.mine {
+            if self.held.contains_key(&partition) {
                 continue;
             }
             let Some(&revision) = view.revisions.get(&partition) else {
@@ -587,6 +592,7 @@ mod tests {
             revisions: owners.iter().map(|(p, _)| (*p, 1)).collect(),
             members: members.iter().map(|m| m.to_string()).collect(),
             ttl: Duration::from_secs(10),
+            ..LeaseView::default()
         }
     }
 

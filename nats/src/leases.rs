@@ -18,8 +18,18 @@
 //!
 //! Instances also keep a `member.<instance>` key fresh, so that each can compute its fair share of
 //! the partitions (`ceil(partitions / members)`).
+//!
+//! Every value names the instance and a token drawn by the process that wrote it
+//! (`<instance>/<token>`). An instance adopts only the leases its own process wrote (its lease
+//! keeper was restarted after a panic), never one written under its name by another process: two
+//! processes given one name (a shared env file) adopted each other's leases in turn and both pulled
+//! the same partitions. Such a process finds the other's token on its membership record and says
+//! so ([`LeaseTable::heartbeat`]). A process restarted after a crash draws a new token: its old
+//! leases age out after the TTL, and it takes them again as free ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{
@@ -66,6 +76,14 @@ pub struct LeaseView {
     pub members: Vec<String>,
     /// The lease TTL the bucket applies: its `max_age`, as the instances raised or lowered it.
     pub ttl: Duration,
+    /// Partitions whose lease this process wrote (its name and its token).
+    pub mine: BTreeSet<u32>,
+}
+
+/// The instance name in a lease or membership value (`<instance>/<token>`, or a bare name as
+/// written before tokens).
+pub fn owner_name(value: &str) -> &str {
+    value.rsplit_once('/').map_or(value, |(name, _)| name)
 }
 
 /// A lease held by this instance: the revision it last wrote.
@@ -83,6 +101,10 @@ pub struct LeaseTable {
     js: jetstream::Context,
     store: kv::Store,
     instance: String,
+    /// Drawn when this process opened the table; written beside the name in every value.
+    token: String,
+    /// Revision of this process's last write of its membership record (0: none yet).
+    member_revision: Arc<AtomicU64>,
     partitions: u32,
     replicas: usize,
     /// The TTL the bucket had once this instance opened it.
@@ -123,6 +145,8 @@ impl LeaseTable {
             js: js.clone(),
             store,
             instance: instance.to_string(),
+            token: uuid::Uuid::new_v4().simple().to_string(),
+            member_revision: Arc::new(AtomicU64::new(0)),
             partitions,
             replicas,
             opened_ttl,
@@ -245,23 +269,58 @@ impl LeaseTable {
             })
     }
 
-    /// Refreshes this instance's membership record and the partition count it uses.
-    pub async fn heartbeat(&self) -> Result<(), NatsError> {
-        let put = |key: String, value: Bytes| async move {
+    /// Refreshes this instance's membership record and the partition count it uses. Answers
+    /// `true` when another live process wrote the membership record since this one's last
+    /// heartbeat: two processes run under one instance name.
+    pub async fn heartbeat(&self) -> Result<bool, NatsError> {
+        let publish_error = |key: &str, e: &dyn std::fmt::Display| NatsError::Publish {
+            subject: key.to_string(),
+            reason: e.to_string(),
+        };
+        let member = async {
+            let key = member_key(&self.instance);
+            let last = self.member_revision.load(Ordering::Relaxed);
+            let mut shared = false;
+            if last != 0 {
+                match self.store.update(&key, self.owner_value(), last).await {
+                    Ok(revision) => {
+                        self.member_revision.store(revision, Ordering::Relaxed);
+                        return Ok(false);
+                    }
+                    // Written since (or aged out, when this process stalled past the TTL).
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                        let entry = self
+                            .store
+                            .entry(&key)
+                            .await
+                            .map_err(|e| publish_error(&key, &e))?;
+                        shared = entry.is_some_and(|entry| {
+                            entry.operation == kv::Operation::Put
+                                && entry.value != self.owner_value()
+                        });
+                    }
+                    Err(e) => return Err(publish_error(&key, &e)),
+                }
+            }
+            let revision = self
+                .store
+                .put(key.as_str(), self.owner_value())
+                .await
+                .map_err(|e| publish_error(&key, &e))?;
+            self.member_revision.store(revision, Ordering::Relaxed);
+            Ok(shared)
+        };
+        let count = async {
             self.store
-                .put(key.as_str(), value)
+                .put(PARTITIONS_KEY, self.partitions_value())
                 .await
                 .map(|_| ())
-                .map_err(|e| NatsError::Publish {
-                    subject: key.clone(),
-                    reason: e.to_string(),
-                })
+                .map_err(|e| publish_error(PARTITIONS_KEY, &e))
         };
-        let (member, count) = futures::join!(
-            put(member_key(&self.instance), self.owner_value()),
-            put(PARTITIONS_KEY.to_string(), self.partitions_value())
-        );
-        member.and(count)
+        let (member, count) = futures::join!(member, count);
+        let shared = member?;
+        count?;
+        Ok(shared)
     }
 
     /// Removes this instance's membership record (graceful shutdown).
@@ -310,21 +369,24 @@ impl LeaseTable {
             ttl,
             ..LeaseView::default()
         };
+        let mine = self.owner_value();
         for (key, entry) in keys.iter().zip(entries) {
             // A key handed back leaves a delete marker; a key may also age out after listing.
             let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
                 continue;
             };
+            let value = String::from_utf8_lossy(&entry.value);
             if let Some(instance) = key.strip_prefix("member.") {
                 view.members.push(instance.to_string());
             } else if let Some(partition) = key
                 .strip_prefix("partition.")
                 .and_then(|p| p.parse::<u32>().ok())
             {
-                view.owners.insert(
-                    partition,
-                    String::from_utf8_lossy(&entry.value).into_owned(),
-                );
+                if entry.value == mine {
+                    view.mine.insert(partition);
+                }
+                view.owners
+                    .insert(partition, owner_name(&value).to_string());
                 view.revisions.insert(partition, entry.revision);
             }
         }
@@ -333,7 +395,7 @@ impl LeaseTable {
     }
 
     fn owner_value(&self) -> Bytes {
-        Bytes::from(self.instance.clone())
+        Bytes::from(format!("{}/{}", self.instance, self.token))
     }
 
     fn partitions_value(&self) -> Bytes {

@@ -543,6 +543,98 @@ async fn private_jetstream() -> (NatsServer, async_nats::jetstream::Context) {
     (nats, js)
 }
 
+/// The error a process logs each round while another live process runs under its instance name.
+const NAME_SHARED: &str = "another live process runs under this instance name";
+
+/// Two processes given one `cluster.instance` (a shared env file) each renewed ("adopted") every
+/// lease written under that name, the other's included, so they took the partitions from each
+/// other every round and both pulled them, each with its own rate limiter. Now a process adopts
+/// only the leases it wrote itself: the second one owns nothing while the first holds them all,
+/// and both say that the name is shared. A process restarted after a crash under the same name
+/// comes up at once and takes its partitions again once the old leases have aged out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_instance_name_never_own_one_partition_together() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("logs");
+    let mut vars = env(&nats, &db, &smtp);
+    vars.push(("HERALD_CLUSTER__INSTANCE".into(), "twin".into()));
+    let all: BTreeSet<u32> = (0..PARTITIONS).collect();
+    let mut first = HeraldProcess::start(vars.clone(), logs.path().join("first.log"))
+        .await
+        .expect("first process");
+    eventually(
+        "the first process to own every partition",
+        Duration::from_secs(30),
+        || async { (ownership(&[&first]).await[0].as_ref() == Some(&all)).then_some(()) },
+    )
+    .await;
+
+    let second_log = logs.path().join("second.log");
+    let mut second = HeraldProcess::start(vars.clone(), second_log.clone())
+        .await
+        .expect("second process");
+    // Each of the second process's rounds logs the shared name once; every poll until it has
+    // done three (it adopted in its first, before) checks that no partition has two owners.
+    eventually(
+        "the second process to report the shared name in three rounds",
+        Duration::from_secs(30),
+        || async {
+            let owned: Vec<BTreeSet<u32>> = ownership(&[&first, &second])
+                .await
+                .into_iter()
+                .map(Option::unwrap_or_default)
+                .collect();
+            let both: BTreeSet<&u32> = owned[0].intersection(&owned[1]).collect();
+            assert!(
+                both.is_empty(),
+                "partitions {both:?} owned by both processes named twin: {owned:?}"
+            );
+            let reports = std::fs::read_to_string(&second_log)
+                .unwrap_or_default()
+                .matches(NAME_SHARED)
+                .count();
+            (reports >= 3).then_some(())
+        },
+    )
+    .await;
+    let owned = ownership(&[&first, &second]).await;
+    assert_eq!(
+        owned[0].as_ref(),
+        Some(&all),
+        "the first keeps every partition"
+    );
+    assert_eq!(
+        owned[1].as_ref(),
+        Some(&BTreeSet::new()),
+        "the second took none of the first's"
+    );
+
+    // A crash and a restart under the same name: the old leases age out, the new process takes
+    // them (the second, stopped first, does not compete).
+    second
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("the second exits cleanly");
+    first.kill9().await.expect("kill -9 the first");
+    first
+        .restart()
+        .await
+        .expect("the first comes up again under its name");
+    eventually(
+        "the restarted process to own every partition again",
+        Duration::from_secs(30),
+        || async { (ownership(&[&first]).await[0].as_ref() == Some(&all)).then_some(()) },
+    )
+    .await;
+    first
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("clean exit");
+}
+
 #[tokio::test]
 async fn the_lease_view_lists_live_leases_and_members_only() {
     let (_nats, js) = private_jetstream().await;
