@@ -80,6 +80,12 @@ pub struct DeliveryContext {
     pub in_flight: InFlight,
     /// Templates named by notifications, rendered before the chain is walked.
     pub templates: Arc<RuntimeTemplates>,
+    /// How often a delivery walking its chain tells JetStream it is still working on the command
+    /// (`AckKind::Progress`), which restarts the consumer's `ack_wait`: a third of it, so that a
+    /// chain of slow channels (each up to its timeout, plus a wait for a concurrency permit)
+    /// never outlasts `ack_wait` and gets the command redelivered while it is being worked on.
+    /// `None` sends none.
+    pub progress_every: Option<Duration>,
 }
 
 /// Delivers one command message end to end. Never panics on message content; every path ends in a
@@ -90,6 +96,7 @@ pub async fn deliver(
     permit: DeliveryPermit,
 ) {
     let permit = Lease::new(permit);
+    let started = tokio::time::Instant::now();
     let copy = message.info().map_or(
         Delivery {
             count: 1,
@@ -221,7 +228,13 @@ pub async fn deliver(
         let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
         return;
     }
-    let walk = walk_chain(&ctx.channels, &command, &contacts, round, &opted_out).await;
+    let walk = with_progress(
+        &acker,
+        ctx.progress_every,
+        started,
+        walk_chain(&ctx.channels, &command, &contacts, round, &opted_out),
+    )
+    .await;
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
     }
@@ -606,6 +619,34 @@ async fn walk_chain(
         walk.last_error = error;
     }
     walk
+}
+
+/// Runs `work` (a walk of the chain), telling JetStream every `every`, counted from `started`
+/// (when the delivery took the command), that the command is still being worked on. A walk that
+/// starts after `every` has passed (a slow claim, a template render) tells it at once.
+async fn with_progress<F: Future>(
+    acker: &Acker,
+    every: Option<Duration>,
+    started: tokio::time::Instant,
+    work: F,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let Some(every) = every.filter(|every| !every.is_zero()) else {
+        return work.await;
+    };
+    let mut ticks = tokio::time::interval_at(started + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = ticks.tick() => {
+                metrics::counter!("herald_command_progress_total").increment(1);
+                if let Err(err) = acker.ack_with(jetstream::AckKind::Progress).await {
+                    tracing::debug!(error = %err, "cannot extend a command's ack deadline");
+                }
+            }
+        }
+    }
 }
 
 async fn ask_channel(

@@ -395,6 +395,7 @@ async fn start_engine(
             clock: herald_actors::policy::system_clock(),
         },
         templates: templates.clone(),
+        progress_every: Some(Duration::from_secs(config.nats.ack_wait_secs) / 3),
     });
     let router = router_args(
         config,

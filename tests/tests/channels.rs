@@ -583,3 +583,93 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
     );
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// How many times JetStream had delivered the command an ack, progress or NAK answers, read from
+/// its reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or with a domain and account
+/// hash before the stream.
+fn delivered_of_ack(subject: &str) -> Option<(String, u64)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let (stream, delivered) = match tokens.len() {
+        9 => (tokens[2], tokens[4]),
+        n if n >= 11 => (tokens[4], tokens[6]),
+        _ => return None,
+    };
+    Some((stream.to_string(), delivered.parse().ok()?))
+}
+
+#[tokio::test]
+async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
+    // Three channels of 1.2 s each outlast a 2 s ack_wait: only the delivery's progress
+    // signals keep JetStream from offering the command again while its chain is walked.
+    let w = world(|config| config.nats.ack_wait_secs = 2).await;
+    let slow = Duration::from_millis(1_200);
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(500).set_delay(slow))
+        .mount(&w.provider)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .respond_with(ResponseTemplate::new(500).set_delay(slow))
+        .mount(&w.provider)
+        .await;
+    let push = Mock::given(method("POST"))
+        .and(path("/v1/projects/shop/messages:send"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"name": "projects/shop/messages/1"}))
+                .set_delay(slow),
+        )
+        .mount_as_scoped(&w.provider)
+        .await;
+    let client = w._nats.client().await.expect("nats client");
+    let mut acks = client
+        .subscribe("$JS.ACK.>")
+        .await
+        .expect("subscribe to acks");
+    client.flush().await.expect("flush");
+
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram", "sms", "push"], everyone()))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "failed".to_string()),
+            ("sms".to_string(), "failed".to_string()),
+            ("push".to_string(), "sent".to_string())
+        ]
+    );
+
+    // Every answer to the command until its ack, with the delivery it answers.
+    let mut answers: Vec<(u64, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + E2E_TIMEOUT;
+    while !answers
+        .iter()
+        .any(|(_, body)| body.is_empty() || body == "+ACK")
+    {
+        let next = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut acks)).await;
+        let Ok(Some(message)) = next else {
+            panic!("no ack of the command within {E2E_TIMEOUT:?}; answers seen: {answers:?}");
+        };
+        let Some((stream, delivered)) = delivered_of_ack(message.subject.as_str()) else {
+            continue;
+        };
+        if stream == "NOTIFY" {
+            let body = String::from_utf8_lossy(&message.payload).to_string();
+            answers.push((delivered, body));
+        }
+    }
+    assert!(
+        answers.iter().all(|(delivered, _)| *delivered == 1),
+        "the command was delivered again while its chain was walked: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|(_, body)| body == "+WPI"),
+        "the delivery told JetStream it was still working: {answers:?}"
+    );
+    assert_eq!(push.received_requests().await.len(), 1, "sent once");
+    w.herald.shutdown().await.expect("shutdown");
+}
