@@ -9,6 +9,7 @@
 //! transiently and deliveries remain, or `dead` (copied to the DLQ) after the last one, or `failed`
 //! when every channel refused for good.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,10 @@ use crate::templates::variables;
 /// (`channels.limits.timeout_ms`, each provider's `timeout_ms`) must stay below it: a send still
 /// running then is abandoned as failed while it may yet go out, and is sent again.
 pub const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The status of the attempt recorded for a channel not called because it refused the
+/// notification for good (`rejected`, `no_contact`) in an earlier round.
+pub const REFUSED_EARLIER: &str = "refused_earlier";
 
 /// When a notification whose status changed while it was being claimed is claimed again.
 const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);
@@ -228,11 +233,16 @@ pub async fn deliver(
         let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
         return;
     }
+    let refused = refused_earlier(&ctx, id, round, replay_base).await;
+    let skip = Skip {
+        opted_out: &opted_out,
+        refused: &refused,
+    };
     let walk = with_progress(
         &acker,
         ctx.progress_every,
         started,
-        walk_chain(&ctx.channels, &command, &contacts, round, &opted_out),
+        walk_chain(&ctx.channels, &command, &contacts, round, skip),
     )
     .await;
     if let Some(customer_id) = &command.customer_id {
@@ -519,12 +529,42 @@ struct Walk {
     last_error: Option<String>,
 }
 
+/// The channels of the chain a walk does not call.
+#[derive(Clone, Copy)]
+struct Skip<'a> {
+    /// The customer opted out of the notification's category on these.
+    opted_out: &'a [Channel],
+    /// These refused the notification for good in an earlier round (by channel name).
+    refused: &'a HashSet<String>,
+}
+
+/// The channels that refused the notification for good in an earlier round since its last replay
+/// from the dead-letter stream, if any: none in the first round, which reads nothing for it.
+/// A failed read costs only provider calls, so it is logged and the whole chain walked.
+async fn refused_earlier(
+    ctx: &DeliveryContext,
+    id: uuid::Uuid,
+    round: Round,
+    replay_base: i32,
+) -> HashSet<String> {
+    if round.number <= 1 {
+        return HashSet::new();
+    }
+    match repo::notifications::refused_channels(&ctx.db, id, replay_base.max(0)).await {
+        Ok(refused) => refused,
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot read earlier refusals; calling all");
+            HashSet::new()
+        }
+    }
+}
+
 async fn walk_chain(
     channels: &ChannelDirectory,
     command: &SendCommand,
     contacts: &Contacts,
     round: Round,
-    opted_out: &[Channel],
+    skip: Skip<'_>,
 ) -> Walk {
     let mut walk = Walk {
         attempts: Vec::new(),
@@ -554,12 +594,21 @@ async fn walk_chain(
                     at: Utc::now(),
                 }
             };
-        if opted_out.contains(&channel) {
+        if skip.opted_out.contains(&channel) {
             walk.attempts.push(opted_out_attempt(
                 command,
                 channel,
                 u64::from(attempt_no as u32),
             ));
+            continue;
+        }
+        if skip.refused.contains(channel.as_str()) {
+            // Called again it would refuse again: a provider call, a `rejected` attempt and a
+            // failure against its circuit for nothing. The attempt still counts in the round.
+            let error = format!("{channel} refused this notification for good in an earlier round");
+            walk.attempts
+                .push(attempt("-", REFUSED_EARLIER, Some(error.clone()), None));
+            walk.last_error = Some(error);
             continue;
         }
         let Some(actor) = channels.get(channel) else {

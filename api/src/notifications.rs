@@ -192,7 +192,10 @@ pub struct AttemptView {
     pub channel: String,
     /// Provider.
     pub provider: String,
-    /// `sent`, `failed`, `rejected`, `circuit_open`, `no_contact`, `unavailable`.
+    /// `sent`, `failed` (transient), `rejected` (permanent), `circuit_open`, `no_contact`,
+    /// `unavailable` (no provider configured), `opted_out` (the customer opted out of the
+    /// category on that channel), `refused_earlier` (not called: it refused the notification for
+    /// good, `rejected` or `no_contact`, in an earlier round of its retries).
     pub status: String,
     /// Error text.
     pub error: Option<String>,

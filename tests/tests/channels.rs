@@ -673,3 +673,56 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
     assert_eq!(push.received_requests().await.len(), 1, "sent once");
     w.herald.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn a_retry_round_does_not_call_a_channel_that_refused_for_good() {
+    let w = world(|_| {}).await;
+    let unknown_chat = Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "ok": false, "error_code": 400, "description": "Bad Request: chat not found"
+        })))
+        .mount_as_scoped(&w.provider)
+        .await;
+    // SMS is down for the first round only.
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&w.provider)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
+        .mount(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram", "sms"], everyone()))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "rejected".to_string()),
+            ("sms".to_string(), "failed".to_string()),
+            ("telegram".to_string(), "refused_earlier".to_string()),
+            ("sms".to_string(), "sent".to_string())
+        ],
+        "{sent}"
+    );
+    let numbers: Vec<i64> = sent["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["attempt_no"].as_i64())
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 3, 4], "{sent}");
+    assert_eq!(
+        unknown_chat.received_requests().await.len(),
+        1,
+        "Telegram was called in the first round only"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}

@@ -303,6 +303,30 @@ pub async fn claim(
     Ok(found)
 }
 
+/// Statuses of an attempt on a channel that refused the notification for good: the provider
+/// rejected it permanently, or the recipient has no contact on that channel.
+pub const REFUSED_FOR_GOOD: [&str; 2] = ["rejected", "no_contact"];
+
+/// The channels that refused notification `id` for good ([`REFUSED_FOR_GOOD`]) in its attempts
+/// numbered after `after_attempt_no`: a later round of its delivery does not call them again.
+pub async fn refused_channels(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    after_attempt_no: i32,
+) -> Result<HashSet<String>, RepoError> {
+    let channels: Vec<String> = delivery_attempt::Entity::find()
+        .select_only()
+        .column(delivery_attempt::Column::Channel)
+        .distinct()
+        .filter(delivery_attempt::Column::NotificationId.eq(id))
+        .filter(delivery_attempt::Column::AttemptNo.gt(after_attempt_no))
+        .filter(delivery_attempt::Column::Status.is_in(REFUSED_FOR_GOOD))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(channels.into_iter().collect())
+}
+
 /// The notification and its attempts in the order they were made.
 pub async fn find_with_attempts(
     db: &impl ConnectionTrait,
