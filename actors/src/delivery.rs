@@ -1,6 +1,7 @@
 //! The delivery of one send command: the policy the Dispatcher applies.
 //!
-//! Decode (poison ⇒ dead letter) → claim the notification (mark it `processing`, so a cancel from
+//! Decode (poison ⇒ dead letter; a newer schema version is handed back for a while first, see
+//! [`NewerVersionHold`]) → claim the notification (mark it `processing`, so a cancel from
 //! then on is refused; skip it if it is already final, cancelled included) → resolve contacts →
 //! render the template the notification names, if any, in the recipient's locale (a render error ⇒
 //! `failed`, no retry) → hand the command back if this instance's lease on its partition ran out
@@ -24,7 +25,10 @@ use herald_entities::{
         status_batch::{NewAttempt, StatusChange},
     },
 };
-use herald_nats::{Channel, Contacts, DeadLetterHeaders, Publisher, SendCommand};
+use herald_nats::{
+    Channel, CommandDecodeError, Contacts, DeadLetterHeaders, Publisher, SCHEMA_VERSION,
+    SendCommand,
+};
 use ractor::{ActorRef, rpc::CallResult};
 
 use crate::slot::ActorSlot;
@@ -91,6 +95,31 @@ pub struct DeliveryContext {
     /// never outlasts `ack_wait` and gets the command redelivered while it is being worked on.
     /// `None` sends none.
     pub progress_every: Option<Duration>,
+    /// What becomes of a command of a schema version newer than this build's.
+    pub newer_version: NewerVersionHold,
+}
+
+/// A command of a schema version newer than this build's (written by an upgraded instance during
+/// a rolling upgrade) is handed back to JetStream, NAKed with `delay`, for an upgraded instance to
+/// take once it holds the command's partition; only its `max_deliveries`-th delivery is
+/// dead-lettered as poison, acked so that it no longer blocks its partition. A command of an
+/// older or unknown lower version is poison at once: no build will read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewerVersionHold {
+    /// How long each hand-back waits before the command is offered again.
+    pub delay: Duration,
+    /// The delivery (1-based) at which the command is dead-lettered after all.
+    pub max_deliveries: u64,
+}
+
+impl Default for NewerVersionHold {
+    /// 20 deliveries 30 s apart: about ten minutes for the upgrade to reach the partition.
+    fn default() -> Self {
+        Self {
+            delay: Duration::from_secs(30),
+            max_deliveries: 20,
+        }
+    }
 }
 
 /// Delivers one command message end to end. Never panics on message content; every path ends in a
@@ -124,6 +153,22 @@ pub async fn deliver(
     }
     let mut command = match SendCommand::decode(&message.payload) {
         Ok(command) => command,
+        Err(CommandDecodeError::UnknownVersion(v))
+            if v > u64::from(SCHEMA_VERSION) && copy.count < ctx.newer_version.max_deliveries =>
+        {
+            // Written by a newer build during a rolling upgrade: an upgraded instance may take
+            // the partition and read it, so it is offered again rather than destroyed here.
+            tracing::info!(
+                version = v,
+                delivered = copy.count,
+                "command of a newer schema version; handed back for an upgraded instance"
+            );
+            metrics::counter!("herald_newer_version_commands_total").increment(1);
+            let _ = acker
+                .ack_with(jetstream::AckKind::Nak(Some(ctx.newer_version.delay)))
+                .await;
+            return;
+        }
         Err(err) => {
             // The stream sequence identifies the message, so distinct poison messages are not
             // taken for duplicates of each other by the DLQ's de-duplication.

@@ -396,6 +396,10 @@ async fn start_engine(
         },
         templates: templates.clone(),
         progress_every: Some(Duration::from_secs(config.nats.ack_wait_secs) / 3),
+        newer_version: herald_actors::delivery::NewerVersionHold {
+            delay: Duration::from_millis(config.dispatch.newer_version_delay_ms),
+            max_deliveries: config.dispatch.newer_version_max_deliveries,
+        },
     });
     let router = router_args(
         config,

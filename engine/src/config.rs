@@ -414,6 +414,12 @@ pub struct DispatchConfig {
     /// `nats.dedup_window_secs`, so that its command published again when due is not taken for
     /// a duplicate.
     pub schedule_deferrals_after_secs: u64,
+    /// A command of a schema version newer than this build's (a rolling upgrade) is handed back
+    /// to JetStream this many milliseconds at a time, for an upgraded instance to take.
+    pub newer_version_delay_ms: u64,
+    /// The delivery of a newer-version command at which it is dead-lettered as unreadable after
+    /// all; 1 or less dead-letters it at once.
+    pub newer_version_max_deliveries: u64,
 }
 
 impl Default for DispatchConfig {
@@ -423,6 +429,8 @@ impl Default for DispatchConfig {
             retry: RetryPolicy::default(),
             shutdown_grace_secs: 20,
             schedule_deferrals_after_secs: 300,
+            newer_version_delay_ms: 30_000,
+            newer_version_max_deliveries: 20,
         }
     }
 }

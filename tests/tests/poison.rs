@@ -55,7 +55,8 @@ async fn poison_commands_go_to_the_dlq_with_reasons_and_the_consumer_keeps_going
     let oversized = format!(r#"{{"v":1,"pad":"{}"}}"#, "x".repeat(700 * 1024));
     let poison: Vec<(&str, Vec<u8>)> = vec![
         ("malformed", b"{not json".to_vec()),
-        ("unknown version", br#"{"v": 99, "future": true}"#.to_vec()),
+        // An older version (a newer one is held for an upgraded instance, see below).
+        ("unknown version", br#"{"v": 0, "past": true}"#.to_vec()),
         (
             "invalid body",
             br#"{"v": 1, "notification_id": 7}"#.to_vec(),
@@ -87,7 +88,7 @@ async fn poison_commands_go_to_the_dlq_with_reasons_and_the_consumer_keeps_going
     let reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
     for needle in [
         "malformed",
-        "unknown schema version 99",
+        "unknown schema version 0",
         "invalid body",
         "oversized",
     ] {
@@ -190,5 +191,124 @@ async fn nats_restarted_mid_run_loses_nothing() {
     // A copy redelivered while this process still works on the original is refused (in-flight
     // claim), so a server restart does not make the engine send twice.
     assert_eq!(duplicates, 0, "no notification sent twice");
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// How many times JetStream had delivered the command an answer (ack, NAK) is for, with the stream,
+/// read from the answer's subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or with a domain
+/// and account hash before the stream.
+fn delivered_of_ack(subject: &str) -> Option<(String, u64)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let (stream, delivered) = match tokens.len() {
+        9 => (tokens[2], tokens[4]),
+        n if n >= 11 => (tokens[4], tokens[6]),
+        _ => return None,
+    };
+    Some((stream.to_string(), delivered.parse().ok()?))
+}
+
+#[tokio::test]
+async fn a_command_of_a_newer_version_waits_for_an_upgraded_instance_then_dies() {
+    const HOLDS: u64 = 4;
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut config = test_config(&nats, &db, &smtp);
+    config.dispatch.newer_version_delay_ms = 300;
+    config.dispatch.newer_version_max_deliveries = HOLDS;
+    let herald = TestHerald::start(config).await.expect("herald");
+    let client = nats.client().await.expect("client");
+    let mut answers = client.subscribe("$JS.ACK.>").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let js = async_nats::jetstream::new(client);
+
+    // A stored notification whose command a newer build wrote, in a form this build would read
+    // but for its version.
+    let stored = herald_tests::queued_notification(None);
+    let id = stored.id;
+    herald_entities::repo::notifications::insert(herald.db(), stored)
+        .await
+        .expect("stored");
+    let newer = u64::from(herald_nats::SCHEMA_VERSION) + 1;
+    let command = json!({
+        "v": newer,
+        "notification_id": id,
+        "contacts": { "email": "ada@example.com" },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "text": "Your order shipped." },
+        "created_at": chrono::Utc::now(),
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.to_string().as_str());
+    js.publish_with_headers("notify.cmd.3", headers, command.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    // Every answer to the command until it is acked, with the delivery it answers.
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + E2E_TIMEOUT;
+    while !seen
+        .iter()
+        .any(|(_, body)| body.is_empty() || body == "+ACK")
+    {
+        let next = tokio::time::timeout_at(deadline, answers.next()).await;
+        let Ok(Some(message)) = next else {
+            panic!("the command was not acked within {E2E_TIMEOUT:?}; answers: {seen:?}");
+        };
+        if let Some((stream, delivered)) = delivered_of_ack(message.subject.as_str())
+            && stream == "NOTIFY"
+        {
+            seen.push((delivered, String::from_utf8_lossy(&message.payload).into()));
+        }
+    }
+    let held: Vec<u64> = seen
+        .iter()
+        .filter(|(_, body)| body.starts_with("-NAK"))
+        .map(|(delivered, _)| *delivered)
+        .collect();
+    assert_eq!(
+        held,
+        (1..HOLDS).collect::<Vec<_>>(),
+        "every delivery before the last was handed back: {seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(|(delivered, _)| *delivered),
+        Some(HOLDS),
+        "the last delivery dead-lettered and acked it: {seen:?}"
+    );
+
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let stream = js.get_stream("NOTIFY_DLQ").await.expect("dlq stream");
+    let letter = eventually("the dead letter", E2E_TIMEOUT, || async {
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .ok()?;
+        let mut messages = consumer.messages().await.ok()?;
+        let message = tokio::time::timeout(Duration::from_millis(500), messages.next())
+            .await
+            .ok()??
+            .ok()?;
+        Some(message)
+    })
+    .await;
+    let header = |name: &str| {
+        letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        header("Herald-Dlq-Reason").contains(&format!("unknown schema version {newer}")),
+        "{}",
+        header("Herald-Dlq-Reason")
+    );
+    assert_eq!(header("Herald-Deliveries"), HOLDS.to_string());
+    assert_eq!(smtp.count(), 0, "nothing was sent");
     herald.shutdown().await.expect("shutdown");
 }
