@@ -1,5 +1,5 @@
-//! The lookups that must not scan `notifications` are planned on their indexes, against the
-//! suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
+//! The lookups that must not scan `notifications` (or `delivery_attempts`) are planned on their
+//! indexes, against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migrations
 //! `m20261203_000501`, `m20261204_000601` and `m20261204_000701`), so a query is served by one only if the database
@@ -11,7 +11,7 @@
 
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
-use herald_entities::repo::{batches, history, notifications, schedule, send_history};
+use herald_entities::repo::{activity, batches, history, notifications, schedule, send_history};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
 use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder, SelectStatement};
 use sea_orm::{
@@ -114,6 +114,11 @@ fn delivered_listing() -> SelectStatement {
         ..Default::default()
     };
     history::page(&filter, None, 50).into_query()
+}
+
+/// The dashboard's provider outcomes of the last hour (its `/channels` page).
+fn attempt_outcomes() -> SelectStatement {
+    activity::attempt_outcomes_query(Utc::now() - Duration::hours(1)).into_query()
 }
 
 /// A connection opened now, in a transaction that (on PostgreSQL) makes generic plans without
@@ -231,6 +236,25 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         "a bulk send's progress",
     )
     .await;
+
+    // Searched by time, not read whole: PostgreSQL without sequential scans would rather walk
+    // a whole index than the table.
+    let (index, range) = match kind {
+        DatabaseKind::Sqlite => ("idx_delivery_attempts_created_at", "(created_at>?)"),
+        DatabaseKind::Postgres => ("idx_delivery_attempts_created_at", "(created_at >= $1)"),
+    };
+    let what = "the dashboard's provider outcomes";
+    assert_planned_on(&txn, kind, &attempt_outcomes(), index, what).await;
+    assert_planned_on(&txn, kind, &attempt_outcomes(), range, what).await;
+
+    let retention = schedule::purge_query(now - Duration::days(30), 1_000).into_query();
+    let (index, range) = match kind {
+        DatabaseKind::Sqlite => ("idx_notifications_created_at", "(created_at<?)"),
+        DatabaseKind::Postgres => ("idx_notifications_created_at", "Index Cond: (created_at <"),
+    };
+    let what = "retention's read of old final notifications";
+    assert_planned_on(&txn, kind, &retention, index, what).await;
+    assert_planned_on(&txn, kind, &retention, range, what).await;
 }
 
 #[tokio::test]
@@ -269,6 +293,13 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
             .await
             .expect("an invalid index left behind");
         }
+        db.execute_unprepared(
+            "CREATE INDEX idx_delivery_attempts_created_at ON delivery_attempts (created_at); \
+             UPDATE pg_index SET indisvalid = false \
+             WHERE indexrelid = 'idx_delivery_attempts_created_at'::regclass",
+        )
+        .await
+        .expect("an invalid index left behind");
     }
 
     herald_migration::Migrator::up(&db, None)
@@ -282,4 +313,7 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let new = "idx_notifications_delivered";
     let what = "listing Delivered, migrated again";
     assert_planned_afresh(url, kind, &delivered_listing(), new, what).await;
+    let new = "idx_delivery_attempts_created_at";
+    let what = "the provider outcomes, migrated again";
+    assert_planned_afresh(url, kind, &attempt_outcomes(), new, what).await;
 }

@@ -23,12 +23,17 @@ use uuid::Uuid;
 async fn a_notification_replayed_while_retention_runs_is_kept() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await.expect("database migrated");
-    let (dead, sent) = (queued_notification(None), queued_notification(None));
+    let month_ago = Utc::now() - chrono::Duration::days(30);
+    // Created when they were last changed (retention asks for both to be old).
+    let old = || herald_entities::repo::notifications::NewNotification {
+        created_at: month_ago,
+        ..queued_notification(None)
+    };
+    let (dead, sent) = (old(), old());
     let (dead_id, sent_id) = (dead.id, sent.id);
     repo::notifications::insert_many(&db, vec![dead, sent])
         .await
         .expect("stored");
-    let month_ago = Utc::now() - chrono::Duration::days(30);
     let changes = [
         StatusChange {
             at: month_ago,

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
     sea_query::{Alias, CaseStatement, Expr, ExprTrait},
 };
 
@@ -129,13 +129,11 @@ pub struct AttemptOutcome {
     pub count: i64,
 }
 
-/// Attempts finished at or after `since`, per channel, provider and outcome.
-pub async fn attempt_outcomes(
-    db: &impl ConnectionTrait,
-    since: DateTime<Utc>,
-) -> Result<Vec<AttemptOutcome>, RepoError> {
+/// The count of [`attempt_outcomes`]: attempts since `since` (found in
+/// `idx_delivery_attempts_created_at`) grouped by channel, provider and status.
+pub fn attempt_outcomes_query(since: DateTime<Utc>) -> Select<delivery_attempt::Entity> {
     use delivery_attempt::Column;
-    let rows = delivery_attempt::Entity::find()
+    delivery_attempt::Entity::find()
         .filter(Column::CreatedAt.gte(since))
         .select_only()
         .column(Column::Channel)
@@ -145,6 +143,14 @@ pub async fn attempt_outcomes(
         .group_by(Column::Channel)
         .group_by(Column::Provider)
         .group_by(Column::Status)
+}
+
+/// Attempts finished at or after `since`, per channel, provider and outcome.
+pub async fn attempt_outcomes(
+    db: &impl ConnectionTrait,
+    since: DateTime<Utc>,
+) -> Result<Vec<AttemptOutcome>, RepoError> {
+    let rows = attempt_outcomes_query(since)
         .into_tuple::<(String, String, String, i64)>()
         .all(db)
         .await?;

@@ -202,6 +202,32 @@ pub async fn cancel(
     }
 }
 
+/// Final notifications last changed before `cutoff`, as [`purge_before`] reads and deletes them.
+///
+/// A notification is changed no earlier than it is created, so `created_at < cutoff` holds for
+/// every such row; written out, it lets the database find them in `idx_notifications_created_at`
+/// among the rows older than the retention (which retention keeps few) instead of reading the
+/// whole table. A row created by one instance a moment (clock skew) after another recorded its
+/// change waits for the next run.
+fn old_and_final(cutoff: DateTime<Utc>) -> Condition {
+    use NotificationStatus::*;
+    Condition::all()
+        .add(
+            notification::Column::Status.is_in([Sent, Delivered, Failed, Skipped, Cancelled, Dead]),
+        )
+        .add(notification::Column::UpdatedAt.lt(cutoff))
+        .add(notification::Column::CreatedAt.lt(cutoff))
+}
+
+/// The ids of up to `limit` final notifications last changed before `cutoff`: retention's read.
+pub fn purge_query(cutoff: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
+    notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(old_and_final(cutoff))
+        .limit(limit)
+}
+
 /// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts
 /// (`ON DELETE CASCADE`), and done batches older than `cutoff`. Returns how many notifications
 /// went. The DELETE repeats the conditions of the read that chose them, so a notification that
@@ -211,28 +237,12 @@ pub async fn purge_before(
     cutoff: DateTime<Utc>,
     limit: u64,
 ) -> Result<u64, RepoError> {
-    use NotificationStatus::*;
-    let old_and_final = || {
-        sea_orm::Condition::all()
-            .add(
-                notification::Column::Status
-                    .is_in([Sent, Delivered, Failed, Skipped, Cancelled, Dead]),
-            )
-            .add(notification::Column::UpdatedAt.lt(cutoff))
-    };
-    let ids: Vec<Uuid> = notification::Entity::find()
-        .select_only()
-        .column(notification::Column::Id)
-        .filter(old_and_final())
-        .limit(limit)
-        .into_tuple()
-        .all(db)
-        .await?;
+    let ids: Vec<Uuid> = purge_query(cutoff, limit).into_tuple().all(db).await?;
     let mut removed = 0;
     if !ids.is_empty() {
         removed = notification::Entity::delete_many()
             .filter(notification::Column::Id.is_in(ids))
-            .filter(old_and_final())
+            .filter(old_and_final(cutoff))
             .exec(db)
             .await?
             .rows_affected;
