@@ -1,7 +1,8 @@
 //! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
 //! a record that arrives alone is written by the next batch, one interval later, and a flush (as at
 //! shutdown) writes it at once. A provider's reply with a NUL byte in it is stored with U+FFFD in
-//! its place, and a late failure never turns a `sent` notification `failed`.
+//! its place, a late failure never turns a `sent` notification `failed`, and a batch written
+//! again (its commit unconfirmed) records each attempt once.
 
 use std::time::Duration;
 
@@ -189,4 +190,85 @@ async fn a_late_failure_never_turns_sent_into_failed() {
     assert_eq!(stored.status, NotificationStatus::Sent);
     assert_eq!(stored.error, None);
     assert_eq!(stored.final_channel.as_deref(), Some("email"));
+}
+
+/// A batch whose `COMMIT` went through while the connection broke is an outage to the
+/// StatusWriter, which writes the batch again: every attempt in it used to be inserted a second
+/// time, under a fresh id. Written again, the batch leaves one row per attempt, and two attempts
+/// that share a number (a race between two deliveries) stay two rows.
+#[tokio::test]
+async fn a_batch_written_again_records_each_attempt_once() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let (first, second) = (queued_notification(None), queued_notification(None));
+    let (first_id, second_id) = (first.id, second.id);
+    repo::notifications::insert_many(&db, vec![first, second])
+        .await
+        .expect("stored");
+    let now = chrono::Utc::now();
+    let attempt = |notification_id: Uuid, attempt_no: i32, channel: &str, millis: i64| NewAttempt {
+        notification_id,
+        attempt_no,
+        channel: channel.into(),
+        provider: channel.into(),
+        status: "failed".into(),
+        error: Some("timed out".into()),
+        provider_message_id: None,
+        latency_ms: 30,
+        at: now + chrono::Duration::milliseconds(millis),
+    };
+    let attempts = [
+        attempt(first_id, 1, "email", 0),
+        attempt(first_id, 2, "sms", 5),
+        attempt(second_id, 1, "email", 7),
+    ];
+    let changes = [
+        StatusChange {
+            attempts: Some(2),
+            ..StatusChange::to(first_id, NotificationStatus::Sent)
+        },
+        StatusChange {
+            attempts: Some(1),
+            ..StatusChange::to(second_id, NotificationStatus::Sent)
+        },
+    ];
+    for _ in 0..2 {
+        repo::status_batch::apply(&db, &changes, &attempts)
+            .await
+            .expect("the batch is written");
+    }
+    let stored = |id| {
+        let db = db.clone();
+        async move {
+            let (_, attempts) = repo::notifications::find_with_attempts(&db, id)
+                .await
+                .expect("read")
+                .expect("stored");
+            let mut numbers: Vec<(i32, String)> = attempts
+                .into_iter()
+                .map(|a| (a.attempt_no, a.channel))
+                .collect();
+            numbers.sort();
+            numbers
+        }
+    };
+    assert_eq!(
+        stored(first_id).await,
+        [(1, "email".to_string()), (2, "sms".to_string())],
+        "one row per attempt of the first notification"
+    );
+    assert_eq!(stored(second_id).await, [(1, "email".to_string())]);
+
+    // Another attempt numbered 1 of the second notification, finished later: a second row.
+    let raced = attempt(second_id, 1, "email", 9);
+    repo::status_batch::apply(&db, &[], std::slice::from_ref(&raced))
+        .await
+        .expect("written");
+    assert_eq!(
+        stored(second_id).await.len(),
+        2,
+        "a distinct attempt is kept"
+    );
 }

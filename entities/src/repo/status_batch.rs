@@ -1,10 +1,11 @@
 //! Batched status changes and attempt rows, written in one transaction by the StatusWriter.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+use herald_nats::ids::derived_id;
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
-    sea_query::{Expr, ExprTrait, Func},
+    sea_query::{Expr, ExprTrait, Func, OnConflict},
 };
 use uuid::Uuid;
 
@@ -80,8 +81,27 @@ pub struct NewAttempt {
     pub at: DateTime<Utc>,
 }
 
+impl NewAttempt {
+    /// The attempt's row id, the same each time this attempt is written: made of its
+    /// notification, its number and when it finished (so two attempts that a race gave the same
+    /// number stay two rows), sorting among UUIDv7s at that time.
+    pub fn id(&self) -> Uuid {
+        let name = format!(
+            "attempt {} {}",
+            self.attempt_no,
+            self.at.to_rfc3339_opts(SecondsFormat::Nanos, true)
+        );
+        derived_id(self.at, &self.notification_id, name.as_bytes())
+    }
+}
+
 /// Writes attempts and applies status changes in one transaction, in the order given. A NUL in
 /// their text (a provider's reply) is stored as U+FFFD, which PostgreSQL takes.
+///
+/// Applying the same changes and attempts again changes nothing more: an attempt's id is derived
+/// from it ([`NewAttempt::id`]) and an attempt already stored is skipped, so a batch whose commit
+/// went through unconfirmed (the connection lost during `COMMIT`), written again, records each
+/// attempt once.
 pub async fn apply(
     db: &DatabaseConnection,
     changes: &[StatusChange],
@@ -90,7 +110,7 @@ pub async fn apply(
     let txn = db.begin().await?;
     for chunk in attempts.chunks(INSERT_CHUNK) {
         let rows = chunk.iter().map(|a| delivery_attempt::ActiveModel {
-            id: Set(Uuid::now_v7()),
+            id: Set(a.id()),
             notification_id: Set(a.notification_id),
             attempt_no: Set(a.attempt_no),
             channel: Set(without_nul(a.channel.clone())),
@@ -102,6 +122,11 @@ pub async fn apply(
             created_at: Set(a.at),
         });
         delivery_attempt::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(delivery_attempt::Column::Id)
+                    .do_nothing()
+                    .to_owned(),
+            )
             .exec_without_returning(&txn)
             .await?;
     }
