@@ -1,7 +1,8 @@
 //! Writes that race another writer on the same rows, against the suite's database (SQLite or
 //! PostgreSQL, as `HERALD_TEST_DB` says): retention deletes only what is still old and final when
-//! it deletes, not what it read a moment before, and an instance whose bulk batch lease was taken
-//! over changes the batch no more.
+//! it deletes, not what it read a moment before, an instance whose bulk batch lease was taken
+//! over changes the batch no more, a dead push token's removal keeps what another write changed
+//! meanwhile, and concurrent saves of a template each get a version of their own.
 
 use std::time::Duration;
 
@@ -191,4 +192,120 @@ async fn an_instance_that_lost_its_batch_lease_changes_nothing() {
     assert_eq!(batch.published, 20);
     assert_eq!(batch.cursor.as_deref(), Some("20"));
     assert_eq!(batch.error, None);
+}
+
+/// A push token a provider declared dead was removed by reading the customer's list and writing
+/// it back without the token, whatever happened in between: a token a `PUT /customers/{id}`
+/// added meanwhile was lost. The write now applies only to the list it read, and reads again
+/// otherwise. Here the PUT holds its write open while the removal reads, and commits before the
+/// removal writes.
+#[tokio::test]
+async fn a_push_token_added_while_a_dead_one_is_removed_is_kept() {
+    use repo::customers::{self, CustomerFields};
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let fields = |tokens: &[&str]| CustomerFields {
+        push_tokens: tokens.iter().map(|t| t.to_string()).collect(),
+        locale: "en".into(),
+        timezone: "UTC".into(),
+        ..Default::default()
+    };
+    customers::create(&db, "ada", fields(&["dead", "old"]))
+        .await
+        .expect("customer stored")
+        .expect("a new customer");
+
+    let other = herald_entities::connect(database.url(), 1)
+        .await
+        .expect("second pool");
+    let put = other.begin().await.expect("PUT begins");
+    customers::update(&put, "ada", fields(&["dead", "old", "new"]))
+        .await
+        .expect("PUT written")
+        .expect("the customer exists");
+    let removal = tokio::spawn({
+        let db = db.clone();
+        async move { customers::remove_push_token(&db, "ada", "dead").await }
+    });
+    // The removal has read the list and waits for the PUT's lock to write it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!removal.is_finished(), "the removal waits for the PUT");
+    put.commit().await.expect("PUT committed");
+    let removed = removal
+        .await
+        .expect("removal ran")
+        .expect("removal succeeded");
+    assert!(removed, "the dead token was there to remove");
+
+    let stored = customers::find_by_external_id(&db, "ada")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        customers::push_tokens(&stored),
+        ["old", "new"],
+        "the token the PUT added is kept, the dead one is gone"
+    );
+}
+
+/// Two saves of one template variant at once both read version N and both stored N + 1: the
+/// second replaced the first's sources under the same version. The version is now incremented in
+/// the UPDATE itself. Here one save holds its write open while the other reads.
+#[tokio::test]
+async fn concurrent_saves_of_a_template_each_get_a_version() {
+    use repo::templates::{self, Saved, TemplateVariant};
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let variant = |text: &str| TemplateVariant {
+        code: "welcome".into(),
+        locale: "en".into(),
+        description: "Welcome".into(),
+        category: None,
+        subject: None,
+        text: text.into(),
+        html: None,
+        short: None,
+        variables: vec![],
+    };
+    let Saved::Created(created) = templates::save(&db, variant("v1")).await.expect("saved") else {
+        panic!("a new template");
+    };
+    assert_eq!(created.version, 1);
+
+    let other = herald_entities::connect(database.url(), 1)
+        .await
+        .expect("second pool");
+    let first = other.begin().await.expect("first save begins");
+    let Saved::Updated(first_saved) = templates::save(&first, variant("first"))
+        .await
+        .expect("first save written")
+    else {
+        panic!("an update");
+    };
+    let second = tokio::spawn({
+        let db = db.clone();
+        async move { templates::save(&db, variant("second")).await }
+    });
+    // The second save has read the variant and waits for the first's lock to write it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "the second save waits for the first");
+    first.commit().await.expect("first save committed");
+    let Saved::Updated(second_saved) = second
+        .await
+        .expect("second save ran")
+        .expect("second save succeeded")
+    else {
+        panic!("an update");
+    };
+    assert_eq!(first_saved.version, 2);
+    assert_eq!(
+        second_saved.version, 3,
+        "each save gets a version of its own"
+    );
+
+    let stored = templates::find(&db, "welcome", "en")
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!((stored.version, stored.text.as_str()), (3, "second"));
 }

@@ -34,29 +34,54 @@ pub async fn find_many_by_external_id(
         .collect())
 }
 
-/// Removes a push token a provider declared dead (unregistered app, invalid token).
+/// Times [`remove_push_token`] reads the customer again after another write changed it first.
+const REMOVE_TOKEN_TRIES: usize = 5;
+
+/// Removes a push token a provider declared dead (unregistered app, invalid token). `false` when
+/// the customer or the token is gone already.
+///
+/// The list is read, then written back without the token only if the customer was not changed
+/// meanwhile (`updated_at` as read); otherwise it is read again. A token a `PUT /customers/{id}`
+/// added in between, or another dead token removed in between, is kept (removed) as it was.
+/// After [`REMOVE_TOKEN_TRIES`] reads each outrun by another write it gives up, keeping the token
+/// (`false`): its next failed send reports it dead again.
 pub async fn remove_push_token(
     db: &impl ConnectionTrait,
     external_id: &str,
     token: &str,
 ) -> Result<bool, RepoError> {
-    let Some(found) = find_by_external_id(db, external_id).await? else {
-        return Ok(false);
-    };
-    let tokens: Vec<String> =
-        serde_json::from_value(found.push_tokens.clone()).map_err(|e| RepoError::Json {
-            column: "push_tokens",
-            reason: e.to_string(),
-        })?;
-    if !tokens.iter().any(|t| t == token) {
-        return Ok(false);
+    for _ in 0..REMOVE_TOKEN_TRIES {
+        let Some(found) = find_by_external_id(db, external_id).await? else {
+            return Ok(false);
+        };
+        let tokens: Vec<String> =
+            serde_json::from_value(found.push_tokens.clone()).map_err(|e| RepoError::Json {
+                column: "push_tokens",
+                reason: e.to_string(),
+            })?;
+        if !tokens.iter().any(|t| t == token) {
+            return Ok(false);
+        }
+        let kept: Vec<String> = tokens.into_iter().filter(|t| t != token).collect();
+        let written = customer::Entity::update_many()
+            .col_expr(
+                customer::Column::PushTokens,
+                Expr::value(serde_json::json!(kept)),
+            )
+            .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+            .filter(customer::Column::Id.eq(found.id))
+            .filter(customer::Column::UpdatedAt.eq(found.updated_at))
+            .exec(db)
+            .await?;
+        if written.rows_affected > 0 {
+            return Ok(true);
+        }
     }
-    let kept: Vec<String> = tokens.into_iter().filter(|t| t != token).collect();
-    let mut row: customer::ActiveModel = found.into();
-    row.push_tokens = Set(serde_json::json!(kept));
-    row.updated_at = Set(chrono::Utc::now());
-    row.update(db).await?;
-    Ok(true)
+    tracing::warn!(
+        customer = external_id,
+        "dead push token kept: the customer kept changing while it was removed"
+    );
+    Ok(false)
 }
 
 /// Forgets a webhook URL that answered 410 Gone.

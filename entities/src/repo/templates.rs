@@ -2,7 +2,9 @@
 
 use chrono::Utc;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, SqlErr,
+    sea_query::{Expr, ExprTrait},
 };
 
 use crate::{RepoError, template};
@@ -40,46 +42,48 @@ pub enum Saved {
 }
 
 /// Creates the variant, or replaces the stored one with the same code and locale.
+///
+/// A replacement increments the stored version in its own UPDATE (`version = version + 1`), so
+/// concurrent saves of one variant each get a version of their own, the last written the highest.
 pub async fn save(db: &impl ConnectionTrait, variant: TemplateVariant) -> Result<Saved, RepoError> {
-    match find(db, &variant.code, &variant.locale).await? {
-        Some(existing) => update(db, existing, variant).await.map(Saved::Updated),
-        None => {
-            let now = Utc::now();
-            let row = template::ActiveModel {
-                code: Set(variant.code.clone()),
-                locale: Set(variant.locale.clone()),
-                version: Set(1),
-                created_at: Set(now),
-                ..active(&variant)
-            };
-            match template::Entity::insert(row).exec_with_returning(db).await {
-                Ok(model) => Ok(Saved::Created(model)),
-                // Created concurrently by another request: replace that one.
-                Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                    match find(db, &variant.code, &variant.locale).await? {
-                        Some(existing) => update(db, existing, variant).await.map(Saved::Updated),
-                        None => Err(err.into()),
-                    }
-                }
-                Err(err) => Err(err.into()),
+    if let Some(updated) = update(db, &variant).await? {
+        return Ok(Saved::Updated(updated));
+    }
+    let now = Utc::now();
+    let row = template::ActiveModel {
+        code: Set(variant.code.clone()),
+        locale: Set(variant.locale.clone()),
+        version: Set(1),
+        created_at: Set(now),
+        ..active(&variant)
+    };
+    match template::Entity::insert(row).exec_with_returning(db).await {
+        Ok(model) => Ok(Saved::Created(model)),
+        // Created concurrently by another request: replace that one.
+        Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            match update(db, &variant).await? {
+                Some(updated) => Ok(Saved::Updated(updated)),
+                None => Err(err.into()),
             }
         }
+        Err(err) => Err(err.into()),
     }
 }
 
+/// Replaces the stored variant, if there is one, with the next version.
 async fn update(
     db: &impl ConnectionTrait,
-    existing: template::Model,
-    variant: TemplateVariant,
-) -> Result<template::Model, RepoError> {
-    let row = template::ActiveModel {
-        code: sea_orm::ActiveValue::Unchanged(existing.code),
-        locale: sea_orm::ActiveValue::Unchanged(existing.locale),
-        version: Set(existing.version.saturating_add(1)),
-        created_at: sea_orm::ActiveValue::Unchanged(existing.created_at),
-        ..active(&variant)
-    };
-    Ok(template::Entity::update(row).exec(db).await?)
+    variant: &TemplateVariant,
+) -> Result<Option<template::Model>, RepoError> {
+    let version = template::Column::Version;
+    Ok(template::Entity::update_many()
+        .set(active(variant))
+        .col_expr(version, Expr::col(version).add(1))
+        .filter(template::Column::Code.eq(&variant.code))
+        .filter(template::Column::Locale.eq(&variant.locale))
+        .exec_with_returning(db)
+        .await?
+        .pop())
 }
 
 /// The columns every save sets.
