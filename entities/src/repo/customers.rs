@@ -43,7 +43,7 @@ const REMOVE_TOKEN_TRIES: usize = 5;
 /// The list is read, then written back without the token only if the customer was not changed
 /// meanwhile (`updated_at` as read); otherwise it is read again. A token a `PUT /customers/{id}`
 /// added in between, or another dead token removed in between, is kept (removed) as it was.
-/// After [`REMOVE_TOKEN_TRIES`] reads each outrun by another write it gives up, keeping the token
+/// After `REMOVE_TOKEN_TRIES` reads each outrun by another write it gives up, keeping the token
 /// (`false`): its next failed send reports it dead again.
 pub async fn remove_push_token(
     db: &impl ConnectionTrait,
