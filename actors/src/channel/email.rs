@@ -165,6 +165,13 @@ impl EmailProvider {
                         reason: e.to_string(),
                     }
                 })?;
+                // Said at every start: a misspelt SMTP setting would otherwise turn every email
+                // into a file, recorded `sent`, without a word.
+                tracing::warn!(
+                    outbox = %config.outbox_dir.display(),
+                    "channels.email.smtp_host is not set: email is written to the outbox folder \
+                     as .eml files and recorded sent, not delivered to anyone"
+                );
                 Transport::Outbox(AsyncFileTransport::new(&config.outbox_dir))
             }
         };
