@@ -818,11 +818,18 @@ async fn lost_streams_are_created_again_without_a_restart() {
     })
     .await
     .expect("id in answer");
-    w.herald.wait_status(&id, "sent").await;
+    // A pull loop told nothing of the deletion (its pull request just goes unanswered) notices
+    // after two missed idle heartbeats (15 s each), binds again and finds the new stream.
+    let recovery = Duration::from_secs(60);
+    eventually("the send to be sent", recovery, || async {
+        let (_, body) = w.herald.get(&format!("/api/v1/notifications/{id}")).await;
+        (body["status"] == "sent").then_some(())
+    })
+    .await;
     let event = Uuid::now_v7();
     w.publish_event(&order_created(event, "c-ada", "1003"), &event.to_string())
         .await;
-    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mails = w.smtp.wait_for_count(2, recovery).await.expect("mails");
     assert!(
         mails
             .iter()
