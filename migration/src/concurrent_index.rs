@@ -34,6 +34,27 @@ pub(crate) async fn drop_invalid(
     Ok(())
 }
 
+/// Builds `index` (named, on its table) if it does not exist, concurrently on PostgreSQL, after
+/// dropping what an interrupted run left of it; the migration must run outside a transaction.
+pub(crate) async fn create(
+    manager: &SchemaManager<'_>,
+    table: impl IntoTableRef + Clone,
+    name: &str,
+    mut index: IndexCreateStatement,
+) -> Result<(), DbErr> {
+    drop_invalid(manager, table.clone(), &[name]).await?;
+    manager
+        .create_index(
+            index
+                .name(name)
+                .table(table)
+                .if_not_exists()
+                .concurrently()
+                .to_owned(),
+        )
+        .await
+}
+
 /// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.
 pub(crate) fn drop_index(name: &str, table: impl IntoTableRef) -> IndexDropStatement {
     Index::drop()

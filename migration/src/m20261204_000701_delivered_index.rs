@@ -21,19 +21,11 @@ const NAME: &str = "idx_notifications_delivered";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        concurrent_index::drop_invalid(manager, Notifications::Table, &[NAME]).await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name(NAME)
-                    .table(Notifications::Table)
-                    .col(Notifications::Id)
-                    .cond_where(Expr::col(Notifications::Status).eq("delivered"))
-                    .if_not_exists()
-                    .concurrently()
-                    .to_owned(),
-            )
-            .await
+        let index = Index::create()
+            .col(Notifications::Id)
+            .cond_where(Expr::col(Notifications::Status).eq("delivered"))
+            .to_owned();
+        concurrent_index::create(manager, Notifications::Table, NAME, index).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

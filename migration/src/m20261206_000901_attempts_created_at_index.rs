@@ -26,18 +26,8 @@ const NAME: &str = "idx_delivery_attempts_created_at";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        concurrent_index::drop_invalid(manager, DeliveryAttempts::Table, &[NAME]).await?;
-        manager
-            .create_index(
-                Index::create()
-                    .name(NAME)
-                    .table(DeliveryAttempts::Table)
-                    .col(DeliveryAttempts::CreatedAt)
-                    .if_not_exists()
-                    .concurrently()
-                    .to_owned(),
-            )
-            .await
+        let index = Index::create().col(DeliveryAttempts::CreatedAt).to_owned();
+        concurrent_index::create(manager, DeliveryAttempts::Table, NAME, index).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
