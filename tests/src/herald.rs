@@ -177,6 +177,37 @@ impl TestHerald {
         (status, json)
     }
 
+    /// The text of `GET /metrics` (Prometheus exposition format).
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .and_then(|response| response.error_for_status())
+            .unwrap_or_else(|e| panic!("GET /metrics failed: {e}"))
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// The sum of the samples of metric `name` in `/metrics` that carry every label of `labels`
+    /// (0 when there are none).
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.metrics_text().await;
+        let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        text.lines()
+            .filter(|line| line.split([' ', '{']).next() == Some(name))
+            .filter(|line| {
+                let labels = line
+                    .split_once('{')
+                    .and_then(|(_, rest)| rest.split_once('}'))
+                    .map_or("", |(labels, _)| labels);
+                wanted.iter().all(|w| labels.split(',').any(|l| l == w))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Sends and asserts 202; returns the notification id.
     pub async fn send_accepted(&self, body: &Value) -> String {
         let (status, json) = self.send(body).await;

@@ -194,16 +194,7 @@ async fn a_channel_actor_crashing_under_traffic_loses_no_notification() {
         requests >= 40,
         "every notification reached Telegram ({requests} requests)"
     );
-    let metrics = w
-        .herald
-        .http()
-        .get(format!("{}/metrics", w.herald.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = w.herald.metrics_text().await;
     assert!(metrics.contains("herald_actor_restarts_total{actor=\"channel\"}"));
     w.herald.shutdown().await.expect("shutdown");
 }

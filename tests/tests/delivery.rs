@@ -421,18 +421,7 @@ async fn a_crashed_channel_actor_is_restarted_and_keeps_delivering() {
         .send_accepted(&order_email("ada@example.com", None))
         .await;
     w.herald.wait_status(&id, "sent").await;
-    let (_, metrics) = (
-        StatusCode::OK,
-        w.herald
-            .http()
-            .get(format!("{}/metrics", w.herald.base()))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text"),
-    );
+    let metrics = w.herald.metrics_text().await;
     assert!(
         metrics.contains("herald_actor_restarts_total{actor=\"channel\"}"),
         "restart counted: {metrics}"

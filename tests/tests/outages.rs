@@ -79,7 +79,11 @@ async fn a_database_outage_holds_unwritten_work_and_recovers_without_loss() {
         "the status writer to meet the outage",
         E2E_TIMEOUT,
         || async {
-            (metric(&herald, "herald_status_write_retries_total").await > 0.0).then_some(())
+            (herald
+                .metric("herald_status_write_retries_total", &[])
+                .await
+                > 0.0)
+                .then_some(())
         },
     )
     .await;
@@ -249,23 +253,6 @@ async fn audit_mail(db: &DatabaseConnection, smtp: &SmtpSink, expected: usize) -
         &lost[..lost.len().min(5)]
     );
     mailed.values().map(|n| n - 1).sum()
-}
-
-/// The sum of a metric's samples in `/metrics` (0 when absent).
-async fn metric(herald: &TestHerald, name: &str) -> f64 {
-    let text = herald
-        .http()
-        .get(format!("{}/metrics", herald.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|line| line.split([' ', '{']).next() == Some(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn telegram_path() -> wiremock::matchers::PathExactMatcher {
