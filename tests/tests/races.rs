@@ -12,9 +12,35 @@ use herald_entities::repo::{
     status_batch::{NewAttempt, StatusChange},
 };
 use herald_entities::{NotificationStatus, delivery_attempt};
-use herald_tests::{TestDatabase, migrated, queued_notification};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, TransactionTrait};
+use herald_tests::{
+    DatabaseKind, E2E_TIMEOUT, TestDatabase, eventually, migrated, queued_notification,
+};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, Statement, TransactionTrait,
+};
 use uuid::Uuid;
+
+/// Returns once a writer of the test waits for a lock another transaction holds. PostgreSQL shows
+/// it (a lock not granted in `pg_locks`); SQLite does not (a waiting writer sleeps in its busy
+/// handler), so there the writer is given half a second to reach the lock.
+async fn a_writer_waits_for_a_lock(database: &TestDatabase, db: &DatabaseConnection) {
+    if database.kind() == DatabaseKind::Sqlite {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        return;
+    }
+    let waiting = Statement::from_string(
+        DbBackend::Postgres,
+        "SELECT count(*) AS waiting FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE NOT l.granted AND a.datname = current_database()",
+    );
+    eventually("a writer waiting for a lock", E2E_TIMEOUT, || async {
+        let row = db.query_one_raw(waiting.clone()).await.ok()??;
+        let count: i64 = row.try_get("", "waiting").ok()?;
+        (count > 0).then_some(())
+    })
+    .await;
+}
 
 /// A dead notification replayed (`dead → queued`) between retention's read of old final rows and
 /// its delete used to be deleted while its replayed command was on its way: the delete filtered
@@ -78,7 +104,7 @@ async fn a_notification_replayed_while_retention_runs_is_kept() {
         }
     });
     // Retention has read both rows and waits for the replay's lock to delete them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a_writer_waits_for_a_lock(&database, &db).await;
     assert!(!purge.is_finished(), "retention waits for the replay");
     replay.commit().await.expect("replay committed");
     purge
@@ -228,7 +254,7 @@ async fn a_push_token_added_while_a_dead_one_is_removed_is_kept() {
         async move { customers::remove_push_token(&db, "ada", "dead").await }
     });
     // The removal has read the list and waits for the PUT's lock to write it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a_writer_waits_for_a_lock(&database, &db).await;
     assert!(!removal.is_finished(), "the removal waits for the PUT");
     put.commit().await.expect("PUT committed");
     let removed = removal
@@ -287,7 +313,7 @@ async fn concurrent_saves_of_a_template_each_get_a_version() {
         async move { templates::save(&db, variant("second")).await }
     });
     // The second save has read the variant and waits for the first's lock to write it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a_writer_waits_for_a_lock(&database, &db).await;
     assert!(!second.is_finished(), "the second save waits for the first");
     first.commit().await.expect("first save committed");
     let Saved::Updated(second_saved) = second
