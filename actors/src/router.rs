@@ -2,10 +2,11 @@
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
 //! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
-//! for each rule: load the customer (unknown ⇒ dead letter) → render the template, compiled or
-//! runtime, in the customer's locale (unknown template or render error ⇒ dead letter) → store the
-//! notification under an id derived from event id and rule (a second delivery of the event finds
-//! it) → publish its send command → ack. A database or NATS failure NAKs with backoff; nothing is
+//! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
+//! be created a moment after the event that names it, then dead letter) → render the template,
+//! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
+//! → store the notification under an id derived from event id and rule (a second delivery of the
+//! event finds it) → publish its send command → ack. A database or NATS failure NAKs with backoff; nothing is
 //! acked before it is stored and published, and nothing is notified twice.
 
 use std::collections::HashMap;
@@ -63,7 +64,7 @@ pub struct RouterContext {
     pub templates: Arc<RuntimeTemplates>,
     /// Chain per category for rules that name none.
     pub default_chains: HashMap<Category, Vec<Channel>>,
-    /// Backoff when the database or NATS fails.
+    /// Backoff when the database or NATS fails, and how long an unknown customer is waited for.
     pub retry: RetryPolicy,
 }
 
@@ -210,7 +211,7 @@ pub async fn route(
         return;
     }
     for rule in matched {
-        match notify(&ctx, &event, &data, rule).await {
+        match notify(&ctx, &event, &data, rule, delivered).await {
             Ok(()) => {
                 metrics::counter!("herald_events_total", "outcome" => "notified").increment(1);
             }
@@ -228,6 +229,7 @@ pub async fn route(
                 }
             }
             Err(Failure::Retry(reason)) => {
+                metrics::counter!("herald_events_total", "outcome" => "retried").increment(1);
                 tracing::warn!(event = %event.id, rule = %rule.name, %reason, "cannot route yet; retrying");
                 return nak(&ctx, acker, delivered).await;
             }
@@ -237,11 +239,14 @@ pub async fn route(
 }
 
 /// Makes (or finds) the notification `rule` derives from `event` and publishes its command.
+/// `delivered` is the event message's delivery number: an unknown customer is waited for until the
+/// last delivery the retry policy allows.
 async fn notify(
     ctx: &RouterContext,
     event: &DomainEvent,
     data: &serde_json::Value,
     rule: &Rule,
+    delivered: u64,
 ) -> Result<(), Failure> {
     let retry = |e: &dyn std::fmt::Display| Failure::Retry(e.to_string());
     let id = rule.notification_id(event);
@@ -262,13 +267,25 @@ async fn notify(
     let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
         .await
         .map_err(|e| retry(&e))?
-        .ok_or_else(|| Failure::DeadLetter(format!("unknown customer {customer_id:?}")))?;
+        .ok_or_else(|| unknown_customer(ctx, customer_id, delivered))?;
     let content = render(ctx, &rule.template, event, &customer).await?;
     let row = new_notification(ctx, event, rule, &customer, content);
     match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
         Inserted::New(stored) | Inserted::Duplicate(stored) => {
             publish_if_queued(ctx, &stored).await
         }
+    }
+}
+
+/// What an event for a customer Herald does not know gets: a retry (the producer may create the
+/// customer a moment after publishing the event), or a dead letter once the retry policy's
+/// deliveries are spent (replayable once the customer exists).
+fn unknown_customer(ctx: &RouterContext, customer_id: &str, delivered: u64) -> Failure {
+    let reason = format!("unknown customer {customer_id:?}");
+    if ctx.retry.is_last(delivered) {
+        Failure::DeadLetter(format!("{reason} (given up at delivery {delivered})"))
+    } else {
+        Failure::Retry(reason)
     }
 }
 

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use herald_entities::repo::{dead_letters, notifications};
 use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand};
 use poem_openapi::{
-    Object, OpenApi, Tags,
+    Enum, Object, OpenApi, Tags,
     param::{Path, Query},
     payload::Json,
 };
@@ -102,13 +102,29 @@ pub struct Replayed {
     pub status: String,
 }
 
+/// What a dead letter holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[oai(rename_all = "snake_case")]
+pub enum DlqKind {
+    /// Send commands a dispatcher gave up on (retries spent, or unreadable as a notification).
+    Commands,
+    /// Domain events the Router gave up on (an unknown customer, a missing template).
+    Events,
+}
+
 /// Which entries to replay; filters combine with AND.
 #[derive(Debug, Clone, Object)]
 pub struct ReplayFilter {
-    /// Only commands whose chain includes this channel.
+    /// `commands` (the default) or `events`: a filtered replay takes one kind.
+    pub kind: Option<DlqKind>,
+    /// Only commands whose chain includes this channel (not with `kind: events`).
     pub channel: Option<ApiChannel>,
-    /// Only commands whose last delivery tried this provider (e.g. `telegram`, `smtp`).
+    /// Only commands whose last delivery tried this provider, e.g. `telegram`, `smtp` (not with
+    /// `kind: events`).
     pub provider: Option<String>,
+    /// Only entries whose reason contains this text, e.g. `unknown customer`.
+    #[oai(validator(min_length = 1, max_length = 200))]
+    pub reason: Option<String>,
     /// Dead-lettered at or after.
     pub from: Option<DateTime<Utc>>,
     /// Dead-lettered before.
@@ -178,14 +194,22 @@ impl DlqApi {
         from: Query<Option<DateTime<Utc>>>,
         /// Dead-lettered before (RFC 3339).
         to: Query<Option<DateTime<Utc>>>,
+        /// Only send commands, or only events (default: every entry).
+        kind: Query<Option<DlqKind>>,
+        /// Only entries whose reason contains this text, e.g. `unknown customer`.
+        #[oai(validator(min_length = 1, max_length = 200))]
+        reason: Query<Option<String>>,
     ) -> Result<Json<DeadLetterPage>, ApiError> {
         let limit = limit.0.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT) as usize;
         let filter = EntryFilter {
+            kind: kind.0,
             channel: channel.0,
             provider: provider.0,
+            reason: reason.0,
             from: from.0,
             to: to.0,
-        };
+        }
+        .checked()?;
         list_page(&self.state, after_seq.0, limit, &filter)
             .await
             .map(Json)
@@ -202,26 +226,31 @@ impl DlqApi {
     }
 
     /// Replay every dead letter matching a filter (scope `admin`), oldest first, at most `limit`.
-    /// Only send commands are replayed; entries that are not (such as events the Router gave up
-    /// on) are passed over. Entries that cannot be replayed now are reported as skipped and stay;
-    /// `next_after_seq` continues past them.
+    /// One kind per call: send commands (the default), or with `kind: events` the events the
+    /// Router gave up on; entries of the other kind are passed over. Entries that cannot be
+    /// replayed now are reported as skipped and stay; `next_after_seq` continues past them.
+    /// 400: `channel` or `provider` with `kind: events`.
     #[oai(path = "/dlq/replay", method = "post")]
     async fn replay_matching(
         &self,
         _auth: AdminKey,
         body: Json<ReplayFilter>,
     ) -> Result<Json<ReplayReport>, ApiError> {
-        let limit = body.0.limit.unwrap_or(100).clamp(1, MAX_REPLAY) as usize;
+        let body = body.0;
+        let limit = body.limit.unwrap_or(100).clamp(1, MAX_REPLAY) as usize;
         let filter = EntryFilter {
-            channel: body.0.channel,
-            provider: body.0.provider,
-            from: body.0.from,
-            to: body.0.to,
-        };
-        let start = body.0.after_seq.unwrap_or(0).saturating_add(1);
+            kind: Some(body.kind.unwrap_or(DlqKind::Commands)),
+            channel: body.channel,
+            provider: body.provider,
+            reason: body.reason,
+            from: body.from,
+            to: body.to,
+        }
+        .checked()?;
+        let start = body.after_seq.unwrap_or(0).saturating_add(1);
         let stream = open_stream(&self.state).await?;
         let (letters, next) = stream
-            .page(start, limit, MAX_SCAN, |l| filter.matches_command(l))
+            .page(start, limit, MAX_SCAN, |l| filter.matches(l))
             .await
             .map_err(unavailable)?;
         let mut report = ReplayReport {
@@ -364,25 +393,44 @@ async fn replay_event(
 /// Which dead letters to list or replay; filters combine with AND.
 #[derive(Debug, Default)]
 pub(crate) struct EntryFilter {
+    /// One kind of entry only; every entry when absent (unless a channel is asked for).
+    kind: Option<DlqKind>,
     channel: Option<ApiChannel>,
     provider: Option<String>,
+    reason: Option<String>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 }
 
 impl EntryFilter {
-    /// Whether a listing shows `letter`: entries that are not send commands too, unless a
-    /// channel is asked for.
+    /// The filter, or 400 when it asks events for what only send commands have.
+    fn checked(self) -> Result<Self, ApiError> {
+        if self.kind == Some(DlqKind::Events) {
+            let only_commands = "filters send commands only; events have no channels or providers";
+            if self.channel.is_some() {
+                return Err(ApiError::invalid("channel", only_commands));
+            }
+            if self.provider.is_some() {
+                return Err(ApiError::invalid("provider", only_commands));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Whether `letter` is selected: its headers, then what its payload holds (decoded only
+    /// when the filter asks about it).
     fn matches(&self, letter: &DeadLetter) -> bool {
-        self.matches_headers(letter) && (self.channel.is_none() || self.matches_payload(letter))
+        if !self.matches_headers(letter) {
+            return false;
+        }
+        match (self.kind, self.channel) {
+            (Some(DlqKind::Events), _) => DomainEvent::decode(&letter.payload).is_ok(),
+            (Some(DlqKind::Commands), _) | (None, Some(_)) => self.matches_command(letter),
+            (None, None) => true,
+        }
     }
 
-    /// Whether a filtered replay takes `letter`: a send command the filter selects.
-    fn matches_command(&self, letter: &DeadLetter) -> bool {
-        self.matches_headers(letter) && self.matches_payload(letter)
-    }
-
-    /// The dead-lettering time and the providers tried.
+    /// The dead-lettering time, the providers tried and the reason.
     fn matches_headers(&self, letter: &DeadLetter) -> bool {
         let in_time = self.from.is_none_or(|from| letter.at >= from)
             && self.to.is_none_or(|to| letter.at < to);
@@ -390,11 +438,17 @@ impl EntryFilter {
             .provider
             .as_ref()
             .is_none_or(|provider| letter.providers.iter().any(|p| p == provider));
-        in_time && tried
+        let because = self.reason.as_deref().is_none_or(|wanted| {
+            letter
+                .reason
+                .as_deref()
+                .is_some_and(|reason| reason.contains(wanted))
+        });
+        in_time && tried && because
     }
 
-    /// A send command whose chain includes the channel asked for, if any (decoded once).
-    fn matches_payload(&self, letter: &DeadLetter) -> bool {
+    /// A send command whose chain includes the channel asked for, if any.
+    fn matches_command(&self, letter: &DeadLetter) -> bool {
         SendCommand::decode(&letter.payload).is_ok_and(|command| {
             self.channel
                 .is_none_or(|channel| command.channels.contains(&channel.into()))
@@ -458,14 +512,48 @@ mod filter_tests {
     #[test]
     fn the_provider_filter_matches_providers_tried() {
         let filter = |provider: Option<&str>| EntryFilter {
-            channel: None,
             provider: provider.map(str::to_string),
-            from: None,
-            to: None,
+            ..EntryFilter::default()
         };
         assert!(filter(None).matches(&letter(&[])));
         assert!(filter(Some("telegram")).matches(&letter(&["telegram", "smtp"])));
         assert!(!filter(Some("twilio")).matches(&letter(&["telegram", "smtp"])));
         assert!(!filter(Some("telegram")).matches(&letter(&[])));
+    }
+
+    #[test]
+    fn the_reason_filter_matches_text_within_the_reason() {
+        let filter = |reason: &str| EntryFilter {
+            reason: Some(reason.into()),
+            ..EntryFilter::default()
+        };
+        assert!(filter("gave").matches(&letter(&[])));
+        assert!(filter("gave up").matches(&letter(&[])));
+        assert!(!filter("unknown customer").matches(&letter(&[])));
+        let without_reason = DeadLetter {
+            reason: None,
+            ..letter(&[])
+        };
+        assert!(!filter("gave").matches(&without_reason));
+    }
+
+    #[test]
+    fn events_cannot_be_filtered_by_what_only_commands_have() {
+        let events = |channel: Option<ApiChannel>, provider: Option<&str>| EntryFilter {
+            kind: Some(DlqKind::Events),
+            channel,
+            provider: provider.map(str::to_string),
+            ..EntryFilter::default()
+        };
+        assert!(events(None, None).checked().is_ok());
+        assert!(events(Some(ApiChannel::Email), None).checked().is_err());
+        assert!(events(None, Some("smtp")).checked().is_err());
+        let commands = EntryFilter {
+            kind: Some(DlqKind::Commands),
+            channel: Some(ApiChannel::Email),
+            provider: Some("smtp".into()),
+            ..EntryFilter::default()
+        };
+        assert!(commands.checked().is_ok());
     }
 }

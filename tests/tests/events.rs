@@ -1,7 +1,7 @@
 //! Domain events end to end: a real NATS client (or the orders API, through the outbox) publishes
 //! events; the router turns them into notifications that arrive at the SMTP sink; duplicates
-//! notify once; unknown customers and malformed events go to the dead-letter stream with a
-//! reason and the router keeps going. Also the customers, orders and templates APIs.
+//! notify once; unknown customers (once their retries are spent) and malformed events go to the
+//! dead-letter stream with a reason and the router keeps going. Also the customers, orders and templates APIs.
 
 use std::time::Duration;
 
@@ -372,11 +372,54 @@ async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
     );
     assert!(reason.contains("order_placed"), "names the rule: {reason}");
     assert!(
+        reason.contains("given up at delivery 6"),
+        "given up only when the retry policy's deliveries are spent: {reason}"
+    );
+    assert!(
         payload.contains(&event_id.to_string()),
         "the original event"
     );
     w.router_idle().await;
     assert_eq!(w.smtp.count(), 0);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A customer created a moment after the event that names it (the producer wrote the order before
+/// registering its customer): the event is retried rather than dead-lettered at once, and the
+/// customer gets the email once it exists.
+#[tokio::test]
+async fn an_event_for_a_customer_created_a_moment_later_is_notified_without_a_dead_letter() {
+    // Room for many retries, so that the customer is created well inside the retry window.
+    let w = world_with(|config| config.dispatch.retry.max_deliveries = 50).await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-soon", "4006"),
+        &event_id.to_string(),
+    )
+    .await;
+    // Delivered a second time: the first delivery was handed back, not dead-lettered and acked.
+    let js = w.js().await;
+    eventually("the router to retry the event", E2E_TIMEOUT, || async {
+        let stream = js.get_stream("EVENTS").await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("herald-router").await.ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.delivered.consumer_sequence >= 2).then_some(())
+    })
+    .await;
+
+    w.customer("c-soon", "soon@example.com", "en").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["soon@example.com".to_string()]);
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 4006 is confirmed")
+    );
+    w.router_idle().await;
+    assert!(
+        event_dead_letters(&w.nats).await.is_empty(),
+        "no dead letter for an event that was routed in the end"
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
@@ -436,6 +479,90 @@ async fn an_event_dead_lettered_for_an_unknown_customer_is_replayed_once_it_exis
     );
     let (_, page) = w.herald.get("/api/v1/dlq").await;
     assert_eq!(dead_entry(&page), None, "replayed entries are gone: {page}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Customers registered late, after their events were given up on: one filtered replay of the
+/// events dead-lettered for an unknown customer routes them all; an event dead-lettered for
+/// another reason, and send commands, are left alone.
+#[tokio::test]
+async fn a_filtered_replay_of_events_routes_those_given_up_for_unknown_customers() {
+    // Given up at the first delivery, to keep the test short.
+    let w = world_with(|config| config.dispatch.retry.max_deliveries = 1).await;
+    for (customer, number) in [("c-x", "5001"), ("c-y", "5002")] {
+        let event_id = Uuid::now_v7();
+        w.publish_event(
+            &order_created(event_id, customer, number),
+            &event_id.to_string(),
+        )
+        .await;
+    }
+    wait_dead_letters(&w.nats, 2).await;
+    // A readable event another consumer gave up on, with no reason given.
+    let js = w.js().await;
+    js.publish(
+        herald_nats::subjects::dlq_subject("events"),
+        order_created(Uuid::now_v7(), "c-z", "5003")
+            .to_string()
+            .into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    let (status, refused) = w
+        .herald
+        .post(
+            "/api/v1/dlq/replay",
+            &json!({"kind": "events", "channel": "email"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "channel", "{refused}");
+
+    for customer in ["c-x", "c-y", "c-z"] {
+        w.customer(customer, &format!("{customer}@example.com"), "en")
+            .await;
+    }
+    let (status, commands) = w.herald.post("/api/v1/dlq/replay", &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{commands}");
+    assert_eq!(
+        commands["replayed"],
+        json!([]),
+        "commands by default: {commands}"
+    );
+    let (status, report) = w
+        .herald
+        .post(
+            "/api/v1/dlq/replay",
+            &json!({"kind": "events", "reason": "unknown customer"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    let replayed = report["replayed"].as_array().expect("replayed");
+    assert_eq!(replayed.len(), 2, "{report}");
+    assert!(
+        replayed
+            .iter()
+            .all(|r| r["status"] == "republished" && r["event_id"].is_string()),
+        "{report}"
+    );
+
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, vec!["c-x@example.com", "c-y@example.com"]);
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(
+        w.smtp.count(),
+        2,
+        "the event without a reason was left alone"
+    );
+    let (_, left) = w.herald.get("/api/v1/dlq?kind=events").await;
+    let left = left["items"].as_array().expect("items").clone();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].get("reason").is_none(), "{left:?}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
