@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use figment::{
-    Figment, Metadata, Profile, Provider,
+    Figment, Metadata, Profile, Provider, Source,
     providers::{Env, Format, Serialized, Toml},
-    value::{Dict, Map, Value},
+    value::{Dict, Map, UncasedStr, Value},
 };
 pub use herald_actors::channel::email::SmtpSecurity;
 use herald_actors::{
@@ -510,6 +510,47 @@ impl Default for LogConfig {
     }
 }
 
+/// The prefix of Herald's configuration variables.
+const ENV_PREFIX: &str = "HERALD_";
+
+/// `HERALD_*` environment variables that are not configuration: they are not read as settings,
+/// so a start does not report them as unknown keys. A trailing `*` stands for any rest.
+///
+/// - `HERALD_CONFIG`: the configuration file (`--config`).
+/// - `HERALD_TEST_*`: the test suite's database (`HERALD_TEST_DB`, `HERALD_TEST_PG_HOST`,
+///   `HERALD_TEST_PG_USER`; `tests/src/database.rs`, `scripts/test.sh`).
+/// - `HERALD_BIN`: the `herald` binary the end-to-end tests start (`tests/src/process.rs`).
+/// - `HERALD_WRITE_EVENT_SCHEMAS`: regenerates `docs/events/` (herald-nats' tests).
+/// - `HERALD_SESSION_SECRET`: the shell variable `docker-compose.yml` hands to its replicas as
+///   `HERALD_DASHBOARD__SESSION_SECRET`.
+const NOT_CONFIGURATION: &[&str] = &[
+    "HERALD_CONFIG",
+    "HERALD_TEST_*",
+    "HERALD_BIN",
+    "HERALD_WRITE_EVENT_SCHEMAS",
+    "HERALD_SESSION_SECRET",
+];
+
+/// Whether the variable `HERALD_{rest}` is configuration (see [`NOT_CONFIGURATION`]).
+fn is_configuration(rest: &UncasedStr) -> bool {
+    let name = format!("{ENV_PREFIX}{rest}").to_ascii_uppercase();
+    !NOT_CONFIGURATION
+        .iter()
+        .any(|excluded| match excluded.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *excluded,
+        })
+}
+
+/// The configuration variables, levels split on `__`, values kept as text ([`EnvText`]).
+fn environment() -> EnvText {
+    EnvText(
+        Env::prefixed(ENV_PREFIX)
+            .filter(is_configuration)
+            .split("__"),
+    )
+}
+
 /// Environment variables with each value kept as the text it is, unless it is an array or a
 /// dictionary. figment's [`Env`] reads `+15005550006`, `007` or `1` as a number and `true` as a
 /// boolean, which a text setting (an SMS sender, a password, an instance name) then refuses;
@@ -563,20 +604,170 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// A key a configuration source set that no setting reads: misspelt, or a setting of another
+/// version of Herald. It is ignored; [`LoadedConfig::log_warnings`] names it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKey {
+    /// The key's path, such as `channels.emial.smtp_host`.
+    pub path: String,
+    /// Where it was set: `file herald.toml`, `environment variable HERALD_DISPATCH__MAX_INFLIGHT`.
+    pub origin: String,
+}
+
+impl std::fmt::Display for UnknownKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.path, self.origin)
+    }
+}
+
+impl UnknownKey {
+    /// The key at `path` (its levels), set by the source `metadata` describes.
+    fn new(path: &[String], metadata: Option<&Metadata>, env: &Metadata) -> Self {
+        let origin = match metadata {
+            Some(metadata) if metadata == env => format!(
+                "environment variable {ENV_PREFIX}{}",
+                path.join("__").to_ascii_uppercase()
+            ),
+            Some(Metadata {
+                source: Some(Source::File(file)),
+                ..
+            }) => format!("file {}", file.display()),
+            Some(metadata) => metadata.name.to_string(),
+            None => "unknown source".into(),
+        };
+        Self {
+            path: path.join("."),
+            origin,
+        }
+    }
+
+    /// The keys set under the ignored `path`, each with its source: every key of an unknown
+    /// section (`channels.emial.smtp_host`), so that each names its file or its variable.
+    fn under(figment: &Figment, env: &Metadata, path: &[String]) -> Vec<Self> {
+        let mut keys = Vec::new();
+        match figment.find_value(&path.join(".")) {
+            Ok(value) => Self::leaves(figment, env, &mut path.to_vec(), &value, &mut keys),
+            // figment finds no path into an array (`routing.rules.0`): the source of the
+            // longest prefix it finds.
+            Err(_) => {
+                let metadata = (1..path.len())
+                    .rev()
+                    .find_map(|len| figment.find_metadata(&path[..len].join(".")));
+                keys.push(Self::new(path, metadata, env));
+            }
+        }
+        keys
+    }
+
+    /// Each key set at or under `path`, whose value is `value`, into `keys`.
+    fn leaves(
+        figment: &Figment,
+        env: &Metadata,
+        path: &mut Vec<String>,
+        value: &Value,
+        keys: &mut Vec<Self>,
+    ) {
+        match value {
+            Value::Dict(_, dict) if !dict.is_empty() => {
+                for (key, value) in dict {
+                    path.push(key.clone());
+                    Self::leaves(figment, env, path, value, keys);
+                    path.pop();
+                }
+            }
+            _ => keys.push(Self::new(path, figment.get_metadata(value.tag()), env)),
+        }
+    }
+}
+
+/// A configuration as [`Config::load`] read it, with what the operator should hear about.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// The valid configuration.
+    pub config: Config,
+    /// Keys the file or the environment set that no setting reads, ignored.
+    pub unknown_keys: Vec<UnknownKey>,
+}
+
+impl LoadedConfig {
+    /// Logs the unknown keys, in one warning naming them all.
+    pub fn log_warnings(&self) {
+        if !self.unknown_keys.is_empty() {
+            let keys: Vec<String> = self.unknown_keys.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                unknown_keys = %keys.join(", "),
+                "configuration keys that no setting has are ignored (misspelt, or for another \
+                 version of Herald)"
+            );
+        }
+    }
+}
+
+/// A [`Config`] deserialised with the paths (levels) of the keys it ignored.
+struct ConfigAndIgnored {
+    config: Config,
+    ignored: Vec<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for ConfigAndIgnored {
+    /// Wraps figment's own deserialiser, so [`Figment::extract_lossy`] still converts text to the
+    /// numbers and booleans settings need.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut ignored = Vec::new();
+        let config = serde_ignored::deserialize(deserializer, |path| {
+            ignored.push(levels(&path));
+        })?;
+        Ok(Self { config, ignored })
+    }
+}
+
+/// The map keys and array indices of `path`, outermost first.
+fn levels(path: &serde_ignored::Path<'_>) -> Vec<String> {
+    use serde_ignored::Path;
+    let mut levels = Vec::new();
+    let mut at = path;
+    loop {
+        at = match at {
+            Path::Root => break,
+            Path::Seq { parent, index } => {
+                levels.push(index.to_string());
+                parent
+            }
+            Path::Map { parent, key } => {
+                levels.push(key.clone());
+                parent
+            }
+            Path::Some { parent }
+            | Path::NewtypeStruct { parent }
+            | Path::NewtypeVariant { parent } => parent,
+        };
+    }
+    levels.reverse();
+    levels
+}
+
 impl Config {
-    /// Defaults, then the TOML file (if given), then `HERALD_*` variables.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    /// Defaults, then the TOML file (if given), then `HERALD_*` variables; checked, with the keys
+    /// no setting reads.
+    pub fn load(file: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
+        let env = environment();
+        let env_metadata = env.metadata();
+        let figment = figment.merge(env);
         // Lossy: a number or a boolean setting reads the text the variables are kept as.
-        let config: Config = figment
-            .merge(EnvText(Env::prefixed("HERALD_").split("__")))
-            .extract_lossy()
-            .map_err(Box::new)?;
+        let ConfigAndIgnored { config, ignored } = figment.extract_lossy().map_err(Box::new)?;
         config.validate()?;
-        Ok(config)
+        let unknown_keys = ignored
+            .iter()
+            .flat_map(|path| UnknownKey::under(&figment, &env_metadata, path))
+            .collect();
+        Ok(LoadedConfig {
+            config,
+            unknown_keys,
+        })
     }
 
     /// Checks values that parse but cannot work.
@@ -785,7 +976,9 @@ mod tests {
             jail.set_env("HERALD_NATS__PARTITIONS", "16");
             jail.set_env("HERALD_LOG__FORMAT", "json");
             jail.set_env("HERALD_CHANNELS__EMAIL__CHUNKING", "false");
-            let config = Config::load(Some(Path::new("herald.toml"))).expect("loads");
+            let config = Config::load(Some(Path::new("herald.toml")))
+                .expect("loads")
+                .config;
             assert_eq!(config.database.url, "sqlite://other.db");
             assert_eq!(config.nats.partitions, 16, "env wins over file");
             assert_eq!(config.log.format, LogFormat::Json);
@@ -819,7 +1012,7 @@ mod tests {
             jail.set_env("HERALD_NATS__MAX_ACK_PENDING", "-1");
             jail.set_env("HERALD_CHANNELS__EMAIL__SMTP_PORT", "2525");
             jail.set_env("HERALD_AUTH__ENABLED", "false");
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             let sms = config.channels.sms.as_ref().expect("sms section");
             assert_eq!(sms.from, "+15005550006");
             assert_eq!(sms.auth_token, "0123456789");
@@ -870,7 +1063,7 @@ mod tests {
             jail.set_env("HERALD_NATS__AUTH__PASSWORD", "s3cret");
             jail.set_env("HERALD_NATS__TLS__REQUIRED", "true");
             jail.set_env("HERALD_NATS__TLS__CA_FILE", "/etc/herald/nats-ca.pem");
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             assert_eq!(config.nats.auth.user.as_deref(), Some("herald"));
             assert_eq!(config.nats.auth.password.as_deref(), Some("s3cret"));
             assert!(config.nats.tls.required);
@@ -896,7 +1089,7 @@ mod tests {
             jail.set_env("HERALD_CHANNELS__PUSH__ACCESS_TOKEN", "push-s3cret");
             jail.set_env("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_s3cret");
             jail.set_env("HERALD_CHANNELS__WEBHOOK__TIMEOUT_MS", "4000");
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
             for section in ["email", "telegram", "sms", "push", "webhook"] {
                 assert!(shown.contains(&format!("[channels.{section}]")), "{shown}");
@@ -917,7 +1110,7 @@ mod tests {
                 "HERALD_NATS__RETENTION__DEAD_LETTERS__MAX_BYTES",
                 "1073741824",
             );
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             let dead_letters = config.nats.retention.dead_letters.limits();
             assert_eq!(
                 dead_letters.max_age,
@@ -964,7 +1157,7 @@ mod tests {
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("scheduler.stale_claim_secs"), "{err}");
             jail.set_env("HERALD_NATS__DEDUP_WINDOW_SECS", "200");
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             assert_eq!(config.scheduler.stale_claim_secs, 120);
             Ok(())
         });
@@ -980,7 +1173,7 @@ mod tests {
                 "{err}"
             );
             jail.set_env("HERALD_DISPATCH__SCHEDULE_DEFERRALS_AFTER_SECS", "601");
-            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
             assert_eq!(config.dispatch.schedule_deferrals_after_secs, 601);
             Ok(())
         });
@@ -993,6 +1186,7 @@ mod tests {
             jail.set_env("HERALD_TEMPLATES__CACHE_TTL_SECS", "0");
             let settings = Config::load(None)
                 .map_err(|e| e.to_string())?
+                .config
                 .templates
                 .settings();
             assert_eq!(settings.default_locale, "de");
@@ -1012,13 +1206,140 @@ mod tests {
             assert!(err.contains("dashboard.session_secret"), "{err}");
             jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "x".repeat(32));
             jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
-            let config = Config::load(None).expect("loads");
+            let config = Config::load(None).expect("loads").config;
             let settings = config.dashboard.settings().expect("valid");
             assert!(settings.secure_cookie);
             assert_eq!(
                 settings.session_ttl,
                 std::time::Duration::from_secs(12 * 3600)
             );
+            Ok(())
+        });
+    }
+
+    /// The unknown keys of a load, as `path (origin)`, sorted.
+    fn unknown(loaded: &LoadedConfig) -> Vec<String> {
+        let mut keys: Vec<String> = loaded
+            .unknown_keys
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn misspelt_keys_in_the_file_and_the_environment_are_reported() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [channels.emial]
+                smtp_host = "typo.example.com"
+                smtp_port = 25
+                [channels.email]
+                smtp_host = "mail.example.com"
+                smtp_prot = 2525
+                [rate_limits.marketing]
+                capacty = 5
+                [nats.retention.events]
+                max_age = 60
+                "#,
+            )?;
+            jail.set_env("HERALD_DISPATCH__MAX_INFLIGHT", "64");
+            jail.set_env("HERALD_DISPATCHER__MAX_IN_FLIGHT", "16");
+            jail.set_env("HERALD_DISPATCH__MAX_IN_FLIGHT", "32");
+            let loaded = Config::load(Some(Path::new("herald.toml"))).map_err(|e| e.to_string())?;
+            let file = "file herald.toml";
+            assert_eq!(
+                unknown(&loaded),
+                [
+                    format!("channels.email.smtp_prot ({file})"),
+                    format!("channels.emial.smtp_host ({file})"),
+                    format!("channels.emial.smtp_port ({file})"),
+                    "dispatch.max_inflight (environment variable HERALD_DISPATCH__MAX_INFLIGHT)"
+                        .to_string(),
+                    "dispatcher.max_in_flight (environment variable \
+                     HERALD_DISPATCHER__MAX_IN_FLIGHT)"
+                        .to_string(),
+                    format!("nats.retention.events.max_age ({file})"),
+                    format!("rate_limits.marketing.capacty ({file})"),
+                ]
+            );
+            // Ignored, not refused: the known keys beside them apply.
+            let config = &loaded.config;
+            assert_eq!(config.dispatch.max_in_flight, 32);
+            assert_eq!(
+                config.channels.email.smtp_host.as_deref(),
+                Some("mail.example.com")
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn known_keys_and_variables_that_are_not_configuration_are_not_reported() {
+        figment::Jail::expect_with(|jail| {
+            let defaults = Config::load(None).map_err(|e| e.to_string())?;
+            assert!(
+                defaults.unknown_keys.is_empty(),
+                "{:?}",
+                defaults.unknown_keys
+            );
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [channels.email]
+                smtp_host = "mail.example.com"
+                [channels.telegram]
+                bot_token = "123:abc"
+                [cluster]
+                instance = "herald-1"
+                [routing.default_chains]
+                transactional = ["telegram", "email"]
+                [[routing.rules]]
+                name = "order_placed"
+                event = "orders.created"
+                template = "order_placed"
+                category = "transactional"
+                enabled = false
+                [[routing.rules]]
+                name = "welcome"
+                event = "customers.created"
+                template = "welcome"
+                category = "transactional"
+                channels = ["email"]
+                when = { name = "Ada" }
+                [rate_limits.transactional]
+                capacity = 10
+                per_secs = 60
+                policy = "defer"
+                [nats.retention.dead_letters]
+                max_age_secs = 0
+                "#,
+            )?;
+            for excluded in [
+                "HERALD_CONFIG",
+                "HERALD_TEST_DB",
+                "HERALD_TEST_PG_HOST",
+                "HERALD_TEST_PG_USER",
+                "HERALD_BIN",
+                "HERALD_WRITE_EVENT_SCHEMAS",
+                "HERALD_SESSION_SECRET",
+            ] {
+                jail.set_env(excluded, "1");
+            }
+            jail.set_env("HERALD_CHANNELS__SMS__ACCOUNT_SID", "AC1");
+            jail.set_env("HERALD_CHANNELS__SMS__AUTH_TOKEN", "token");
+            jail.set_env("HERALD_CHANNELS__SMS__FROM", "+15005550006");
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "https://herald.example.com");
+            jail.set_env("HERALD_RATE_LIMITS__MARKETING__CAPACITY", "0");
+            let loaded = Config::load(Some(Path::new("herald.toml"))).map_err(|e| e.to_string())?;
+            assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
+            let config = &loaded.config;
+            assert_eq!(config.routing.rules.len(), 2);
+            assert!(config.channels.telegram.is_some() && config.channels.sms.is_some());
+            assert_eq!(config.rate_limits.0["marketing"].capacity, 0);
             Ok(())
         });
     }

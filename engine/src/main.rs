@@ -43,12 +43,15 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let mut config = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
+    let mut loaded = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
     if matches!(cli.command, Command::Bench(_)) {
         // The bench prints its own progress; the engine's info logs would drown it.
-        config.log.level = "warn".into();
+        loaded.config.log.level = "warn".into();
     }
-    telemetry::init(&config.log);
+    telemetry::init(&loaded.config.log);
+    // Every command, `herald config` too: a misspelt key is what that one is run to find.
+    loaded.log_warnings();
+    let config = loaded.config;
     disable_transparent_huge_pages();
     match cli.command {
         Command::Serve => serve(config).await,

@@ -42,6 +42,47 @@ async fn apikey_create_prints_only_the_key_on_stdout() {
     );
 }
 
+/// A misspelt key is named in one warning on stderr, by `herald config` too, and stops nothing;
+/// variables that are not configuration (the suite's own) are not named.
+#[tokio::test]
+async fn config_warns_of_unknown_keys_and_still_prints() {
+    let mut command = tokio::process::Command::new(herald_bin().expect("the herald binary"));
+    command
+        .arg("config")
+        .env("HERALD_DISPATCH__MAX_INFLIGHT", "64")
+        .env("HERALD_TEST_DB", "sqlite")
+        .env("HERALD_LOG__FORMAT", "json")
+        .env("HERALD_LOG__LEVEL", "info")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(E2E_TIMEOUT, command.output())
+        .await
+        .expect("herald config finished within the timeout")
+        .expect("herald config started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "failed: {stderr}");
+    let named: Vec<String> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|log| log["level"] == "WARN")
+        .filter_map(|log| log["unknown_keys"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        named,
+        ["dispatch.max_inflight (environment variable HERALD_DISPATCH__MAX_INFLIGHT)"],
+        "one warning names the key and its variable: {stderr}"
+    );
+    assert!(
+        !stderr.to_lowercase().contains("test_db"),
+        "the suite's variable is not configuration: {stderr}"
+    );
+    let stdout = String::from_utf8(output.stdout).expect("stdout is UTF-8");
+    assert!(
+        stdout.contains("max_in_flight = 1024"),
+        "the default applies: {stdout}"
+    );
+}
+
 /// A listen address in use stops the start before anything is provisioned or leased in NATS, so
 /// that the failed process takes no partition from the running ones.
 #[tokio::test]
