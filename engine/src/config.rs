@@ -65,6 +65,9 @@ pub struct Config {
 /// The smallest size limit a stream may have: smaller ones would refuse ordinary messages.
 const MIN_STREAM_BYTES: u64 = 1 << 20;
 
+/// Seconds in a day: `scheduler.retention_days` against stream ages in seconds.
+const SECS_PER_DAY: u64 = 24 * 3600;
+
 /// Cluster settings: how instances share the command partitions.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -687,10 +690,12 @@ pub struct LoadedConfig {
     pub config: Config,
     /// Keys the file or the environment set that no setting reads, ignored.
     pub unknown_keys: Vec<UnknownKey>,
+    /// Settings that work but may not do what was meant ([`Config::warnings`]).
+    pub warnings: Vec<String>,
 }
 
 impl LoadedConfig {
-    /// Logs the unknown keys, in one warning naming them all.
+    /// Logs the unknown keys (one warning naming them all) and each warning.
     pub fn log_warnings(&self) {
         if !self.unknown_keys.is_empty() {
             let keys: Vec<String> = self.unknown_keys.iter().map(ToString::to_string).collect();
@@ -699,6 +704,9 @@ impl LoadedConfig {
                 "configuration keys that no setting has are ignored (misspelt, or for another \
                  version of Herald)"
             );
+        }
+        for warning in &self.warnings {
+            tracing::warn!("{warning}");
         }
     }
 }
@@ -748,7 +756,7 @@ fn levels(path: &serde_ignored::Path<'_>) -> Vec<String> {
 
 impl Config {
     /// Defaults, then the TOML file (if given), then `HERALD_*` variables; checked, with the keys
-    /// no setting reads.
+    /// no setting reads and the warnings.
     pub fn load(file: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
@@ -764,10 +772,27 @@ impl Config {
             .iter()
             .flat_map(|path| UnknownKey::under(&figment, &env_metadata, path))
             .collect();
+        let warnings = config.warnings();
         Ok(LoadedConfig {
             config,
             unknown_keys,
+            warnings,
         })
+    }
+
+    /// Settings that work but that may not do what was meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.scheduler.retention_days > 0 && self.nats.retention.events.max_age_secs == 0 {
+            warnings.push(format!(
+                "scheduler.retention_days is {} while nats.retention.events.max_age_secs is 0 \
+                 (events kept for ever): an event routed again after retention deleted its \
+                 notification (the Router's consumer recreated, or the event published again) \
+                 notifies its recipient again",
+                self.scheduler.retention_days
+            ));
+        }
+        warnings
     }
 
     /// Checks values that parse but cannot work.
@@ -814,6 +839,20 @@ impl Config {
                     self.nats.dedup_window_secs
                 ));
             }
+        }
+        let kept_secs = u64::from(self.scheduler.retention_days).saturating_mul(SECS_PER_DAY);
+        let events_secs = retention.events.max_age_secs;
+        if kept_secs > 0 && events_secs > 0 && kept_secs < events_secs {
+            // The Router finds an event's notification by its id to notify once; one deleted
+            // while the event is still in the stream is made and sent again when the event is
+            // routed again (a recreated consumer delivers the stream from its start).
+            return invalid(format!(
+                "scheduler.retention_days ({} days) must be 0 (keep) or cover \
+                 nats.retention.events.max_age_secs ({events_secs} s, at least {} days): an \
+                 event routed again after its notification was deleted would notify again",
+                self.scheduler.retention_days,
+                events_secs.div_ceil(SECS_PER_DAY)
+            ));
         }
         if self.nats.ack_wait_secs == 0 {
             return invalid("nats.ack_wait_secs must be at least 1".into());
@@ -1343,6 +1382,28 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn keeping_notifications_while_events_are_kept_for_ever_is_a_warning() {
+        figment::Jail::expect_with(|jail| {
+            let warnings = || Config::load(None).map(|loaded| loaded.warnings);
+            assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            jail.set_env("HERALD_SCHEDULER__RETENTION_DAYS", "30");
+            assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            jail.set_env("HERALD_NATS__RETENTION__EVENTS__MAX_AGE_SECS", "0");
+            let warned = warnings().map_err(|e| e.to_string())?;
+            assert_eq!(warned.len(), 1, "{warned:?}");
+            for key in [
+                "scheduler.retention_days is 30",
+                "nats.retention.events.max_age_secs is 0",
+            ] {
+                assert!(warned[0].contains(key), "{key}: {warned:?}");
+            }
+            jail.set_env("HERALD_SCHEDULER__RETENTION_DAYS", "0");
+            assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1446,11 +1507,50 @@ mod limits_tests {
                     c.nats.retention.events.max_age_secs = 599;
                 }),
             ),
+            (
+                "scheduler.retention_days",
+                Box::new(|c| c.scheduler.retention_days = 6),
+            ),
         ];
         for (key, change) in cases {
             let err = refusal(change).unwrap_or_else(|| panic!("{key}: accepted"));
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn retention_shorter_than_the_events_stream_is_refused() {
+        // The default EVENTS stream keeps 7 days.
+        let err = refusal(|c| c.scheduler.retention_days = 6).expect("refused");
+        for named in [
+            "scheduler.retention_days (6 days)",
+            "nats.retention.events.max_age_secs (604800 s, at least 7 days)",
+            "notify again",
+        ] {
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        let err = refusal(|c| {
+            c.scheduler.retention_days = 1;
+            c.nats.retention.events.max_age_secs = 86_401;
+        })
+        .expect("a second longer is refused");
+        assert!(err.contains("at least 2 days"), "{err}");
+        assert_eq!(refusal(|c| c.scheduler.retention_days = 7), None);
+        assert_eq!(
+            refusal(|c| {
+                c.scheduler.retention_days = 1;
+                c.nats.retention.events.max_age_secs = 86_400;
+            }),
+            None
+        );
+        let forever = |c: &mut Config| {
+            c.scheduler.retention_days = 1;
+            c.nats.retention.events.max_age_secs = 0;
+        };
+        assert_eq!(refusal(forever), None, "events kept for ever: a warning");
+        let mut config = Config::default();
+        forever(&mut config);
+        assert_eq!(config.warnings().len(), 1);
     }
 
     #[test]
