@@ -22,6 +22,7 @@ use crate::{
         self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, ValidRecipient,
         dedup, message, validate_recipient,
     },
+    validate,
 };
 
 /// Most recipients listed in one request (use a filter beyond).
@@ -36,7 +37,8 @@ enum BulkTags {
 /// Customers to send to: every stored customer matching all the given conditions.
 #[derive(Debug, Clone, Object)]
 pub struct CustomerFilterBody {
-    /// Only customers with this locale, e.g. `de`.
+    /// Only customers whose locale is this language tag or one under it, in any case: `de`
+    /// selects `de`, `de-DE` and `de-AT`; `de-DE` selects `de-DE` only.
     pub locale: Option<String>,
     /// Only customers whose external id starts with this.
     pub external_id_prefix: Option<String>,
@@ -167,8 +169,11 @@ impl BulkApi {
                 (BatchTarget::Recipients { recipients }, total)
             }
             (None, Some(filter)) => {
+                let locale = non_empty(filter.locale)
+                    .map(|tag| validate::locale("filter.locale", &tag))
+                    .transpose()?;
                 let filter = CustomerFilter {
-                    locale: non_empty(filter.locale),
+                    locale,
                     external_id_prefix: non_empty(filter.external_id_prefix),
                 };
                 let total = repo::batches::count_customers(&self.state.db, &filter).await?;

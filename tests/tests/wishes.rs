@@ -675,6 +675,52 @@ async fn a_bulk_list_sends_once_per_recipient_and_reports_progress() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A bulk filter's locale is a language tag: it selects customers whose locale is the tag or one
+/// under it, whatever the case (`de` takes `de-DE`, the form customers are stored with), not a
+/// tag that merely starts with the same letters; a malformed tag is refused.
+#[tokio::test]
+async fn a_bulk_locale_filter_selects_the_language_and_its_regions() {
+    let w = world(|_| {}).await;
+    let locales = [
+        ("c-de", "de"),
+        ("c-de-de", "de-DE"),
+        ("c-de-at", "DE-at"),
+        ("c-den", "den"),
+        ("c-en-de", "en-DE"),
+    ];
+    add_customers(
+        &w.herald,
+        locales
+            .iter()
+            .map(|(id, locale)| customer_row(id, locale, None))
+            .collect(),
+    )
+    .await;
+    let bulk = |locale: &str| {
+        json!({
+            "filter": { "locale": locale },
+            "category": "marketing",
+            "channels": ["email"],
+            "content": { "text": "Winter sale" }
+        })
+    };
+    for (locale, selected) in [("de", 3), ("DE", 3), ("de-DE", 1), ("de-at", 1), ("en", 1)] {
+        let (status, accepted) = w
+            .herald
+            .post("/api/v1/notifications/bulk", &bulk(locale))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{locale}: {accepted}");
+        assert_eq!(accepted["total"], selected, "{locale}: {accepted}");
+    }
+    let (status, error) = w
+        .herald
+        .post("/api/v1/notifications/bulk", &bulk("de_DE"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["field"], "filter.locale", "{error}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn a_bulk_send_to_10k_customers_delivers_10k_emails_exactly_once() {
     const CUSTOMERS: usize = 10_000;

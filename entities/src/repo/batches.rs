@@ -195,7 +195,8 @@ pub async fn fail(
 /// A filter over customers for a bulk send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CustomerFilter {
-    /// Only customers with this locale.
+    /// Only customers whose locale is this language tag or one under it, in any case: `de`
+    /// selects `de`, `de-DE` and `de-AT`; `de-DE` selects `de-DE` (RFC 4647 basic filtering).
     pub locale: Option<String>,
     /// Only customers whose external id starts with this.
     pub external_id_prefix: Option<String>,
@@ -205,27 +206,27 @@ impl CustomerFilter {
     fn condition(&self) -> sea_orm::Condition {
         let mut condition = sea_orm::Condition::all();
         if let Some(locale) = &self.locale {
-            condition = condition.add(customer::Column::Locale.eq(locale.as_str()));
+            let tag = locale.to_ascii_lowercase();
+            let stored = || Expr::expr(Func::lower(Expr::col(customer::Column::Locale)));
+            condition = condition.add(
+                sea_orm::Condition::any()
+                    .add(stored().eq(tag.as_str()))
+                    .add(begins_with(stored(), &format!("{tag}-"))),
+            );
         }
         if let Some(prefix) = &self.external_id_prefix {
-            condition = condition.add(begins_with(customer::Column::ExternalId, prefix));
+            condition = condition.add(begins_with(Expr::col(customer::Column::ExternalId), prefix));
         }
         condition
     }
 }
 
-/// `column` begins with `prefix`, character for character, on both databases. Not `LIKE
+/// `value` begins with `prefix`, character for character, on both databases. Not `LIKE
 /// 'prefix%'`: that reads a `_` or `%` in the prefix as a wildcard (`acme_` would select
 /// `acme-2`), and SQLite's `LIKE` ignores the case of ASCII letters (`ACME_3`).
-fn begins_with(column: customer::Column, prefix: &str) -> Expr {
+fn begins_with(value: Expr, prefix: &str) -> Expr {
     let length = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
-    Expr::expr(
-        Func::cust("substr")
-            .arg(Expr::col(column))
-            .arg(1)
-            .arg(length),
-    )
-    .eq(prefix)
+    Expr::expr(Func::cust("substr").arg(value).arg(1).arg(length)).eq(prefix)
 }
 
 /// How many customers the filter selects.
