@@ -228,7 +228,8 @@ pub struct NotificationView {
     pub status_reason: Option<String>,
     /// The channel that carried it.
     pub final_channel: Option<String>,
-    /// Last error.
+    /// The error that ended the last round over the chain: while it waits for a retry, or why it
+    /// failed or died. Cleared once it is sent (every attempt keeps its own error).
     pub error: Option<String>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,

@@ -37,7 +37,7 @@ pub struct Model {
     pub final_channel: Option<String>,
     /// Delivery attempts made so far.
     pub attempts: i32,
-    /// Last error.
+    /// The error that ended the last round over the chain; cleared once it is sent.
     pub error: Option<String>,
     /// When it was accepted.
     pub created_at: DateTimeUtc,

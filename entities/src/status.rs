@@ -56,6 +56,11 @@ impl NotificationStatus {
         }
     }
 
+    /// Whether a provider took the notification: `sent`, or `delivered` by a receipt.
+    pub fn is_sent(self) -> bool {
+        matches!(self, Self::Sent | Self::Delivered)
+    }
+
     /// Whether nothing more will happen to the notification (a receipt may still move `sent`).
     pub fn is_final(self) -> bool {
         matches!(

@@ -626,6 +626,10 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     assert_eq!(replayed["status"], "queued");
     let delivered = h.wait_status(&first, "sent").await;
     assert_eq!(delivered["final_channel"], "email");
+    assert!(
+        delivered.get("error").is_none_or(Value::is_null),
+        "the error of the rounds that failed is not the sent notification's: {delivered}"
+    );
     let (status, again) = h
         .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
         .await;

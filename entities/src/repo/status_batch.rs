@@ -174,11 +174,7 @@ impl Shape {
                 update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
             }
             // A deferral's or a retry's reason is history once the notification went out.
-            None if matches!(
-                self.status,
-                NotificationStatus::Sent | NotificationStatus::Delivered
-            ) =>
-            {
+            None if self.status.is_sent() => {
                 update = update.col_expr(
                     notification::Column::StatusReason,
                     Expr::value(Option::<String>::None),
@@ -196,8 +192,19 @@ impl Shape {
         if let Some(channel) = &self.final_channel {
             update = update.col_expr(notification::Column::FinalChannel, Expr::value(channel));
         }
-        if let Some(error) = &self.error {
-            update = update.col_expr(notification::Column::Error, Expr::value(error));
+        match &self.error {
+            Some(error) => {
+                update = update.col_expr(notification::Column::Error, Expr::value(error));
+            }
+            // The error of a round that failed is history once the notification went out (each
+            // attempt keeps its own).
+            None if self.status.is_sent() => {
+                update = update.col_expr(
+                    notification::Column::Error,
+                    Expr::value(Option::<String>::None),
+                );
+            }
+            None => {}
         }
         if let Some(attempts) = self.attempts {
             update = update.col_expr(notification::Column::Attempts, Expr::value(attempts));
