@@ -9,7 +9,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --home /var/lib/herald --create-home herald
+    && useradd --system --home /var/lib/herald --create-home herald \
+    && install -d -o herald -g herald /var/lib/herald/outbox
 COPY --from=build /src/target/production/herald /usr/local/bin/herald
 USER herald
 WORKDIR /var/lib/herald

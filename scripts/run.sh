@@ -17,4 +17,4 @@ log "building herald (release)"
 cargo build --release --locked --bin herald
 config_args=()
 [ -f herald.toml ] && config_args=(--config herald.toml)
-exec ./target/release/herald "${config_args[@]}" serve
+exec "${CARGO_TARGET_DIR:-target}/release/herald" "${config_args[@]}" serve

@@ -97,6 +97,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let base = format!("http://{}", herald.http_addr());
     tracing::info!("Herald is running");
     println!("Herald is running:");
+    println!("  Dashboard    {base}/");
     println!("  API          {base}/api/v1");
     println!("  Swagger UI   {base}/api/docs");
     println!("  OpenAPI spec {base}/api/openapi.json");
