@@ -134,25 +134,6 @@ pub async fn latency_sample(
     to: DateTime<Utc>,
     sample: u64,
 ) -> Result<Vec<i64>, RepoError> {
-    use notification::Column;
-    let range = HistoryFilter {
-        created_from: Some(from),
-        created_to: Some(to),
-        ..HistoryFilter::default()
-    };
-    let rows = range
-        .apply(notification::Entity::find())
-        .filter(Column::SentAt.is_not_null())
-        .select_only()
-        .column(Column::CreatedAt)
-        .column(Column::SentAt)
-        .order_by_desc(Column::Id)
-        .limit(sample)
-        .into_tuple::<(DateTime<Utc>, Option<DateTime<Utc>>)>()
-        .all(db)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(created, sent)| sent.map(|s| Ord::max((s - created).num_milliseconds(), 0)))
-        .collect())
+    let latencies = super::activity::latencies(db, from, to, sample).await?;
+    Ok(latencies.into_iter().map(|(_, ms)| ms).collect())
 }
