@@ -25,7 +25,7 @@ use herald_entities::repo::{self, insert_queue::InsertQueue};
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Publisher, StreamSettings};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use ractor::{Actor, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -66,13 +66,15 @@ struct Engine {
 }
 
 /// Installs process-wide things once: the rustls crypto provider (ring; see STACK.md) and the
-/// Prometheus recorder.
+/// Prometheus recorder (with the histogram buckets of [`crate::prometheus::builder`]).
 pub fn process_init() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let _ = rustls::crypto::ring::default_provider().install_default();
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = crate::prometheus::builder()
+                .expect("the histogram bucket constants are not empty")
+                .build_recorder();
             let handle = recorder.handle();
             // Another recorder may be installed by an embedding program; ours then stays unused.
             let _ = metrics::set_global_recorder(recorder);

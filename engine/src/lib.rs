@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod engine_view;
 pub mod migration_lock;
+pub mod prometheus;
 pub mod telemetry;
 pub mod template_catalog;
 

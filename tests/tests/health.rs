@@ -146,3 +146,62 @@ async fn channels_metrics_and_the_openapi_spec_are_served() {
     assert!(metrics.contains("herald_circuit_state"), "{metrics}");
     herald.shutdown().await.expect("shutdown");
 }
+
+/// `/metrics` exposed every histogram as a summary (quantiles of one process, no buckets), which
+/// cannot be added up across instances and which `histogram_quantile()` does not read. They are
+/// Prometheus histograms now, labels kept on every bucket.
+#[tokio::test]
+async fn durations_are_exposed_as_prometheus_histograms() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let id = herald
+        .send_accepted(&serde_json::json!({
+            "recipient": { "email": "ada@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Hello", "text": "Hello there." }
+        }))
+        .await;
+    herald.wait_status(&id, "sent").await;
+
+    let text = herald.metrics_text().await;
+    assert!(!text.contains(" summary\n"), "no summaries: {text}");
+    assert!(!text.contains("quantile="), "no summaries: {text}");
+    let bucket = |name: &str, label: &str| {
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{name}_bucket{{")))
+            .filter(|line| line.contains(label) && line.contains("le=\"+Inf\""))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert!(
+        text.contains("# TYPE herald_attempt_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        bucket("herald_attempt_seconds", "channel=\"email\"") >= 1.0,
+        "an email attempt in the +Inf bucket: {text}"
+    );
+    assert!(
+        text.contains("# TYPE herald_api_send_stage_seconds histogram"),
+        "{text}"
+    );
+    for stage in ["stage=\"store\"", "stage=\"publish\""] {
+        assert!(
+            bucket("herald_api_send_stage_seconds", stage) >= 1.0,
+            "a send's {stage} in the +Inf bucket: {text}"
+        );
+    }
+    assert!(
+        herald
+            .metric("herald_attempt_seconds_count", &[("channel", "email")])
+            .await
+            >= 1.0,
+        "{text}"
+    );
+    herald.shutdown().await.expect("shutdown");
+}
