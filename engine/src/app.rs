@@ -78,6 +78,7 @@ pub fn process_init() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may be installed by an embedding program; ours then stays unused.
             let _ = metrics::set_global_recorder(recorder);
+            crate::prometheus::spawn_upkeep(handle.clone());
             handle
         })
         .clone()

@@ -3,7 +3,9 @@
 //! quantiles computed by one process: they cannot be added up across Herald's instances, and
 //! `histogram_quantile()` finds nothing in them.
 
-use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Upper bounds, in seconds, of the buckets of every histogram whose name ends in `_seconds`
 /// (provider latency, the API's send stages, StatusWriter batches, lease rounds, SQLite
@@ -43,6 +45,27 @@ pub fn builder() -> Result<PrometheusBuilder, BuildError> {
             Matcher::Full("herald_smtp_group_messages".into()),
             &SMTP_GROUP_BUCKETS,
         )
+}
+
+/// How often [`spawn_upkeep`] folds the samples recorded since into the histograms.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every [`UPKEEP_INTERVAL`], on a thread of
+/// its own for the life of the process. A recorder made with `build_recorder` (Herald serves
+/// `/metrics` itself) keeps every sample until a scrape renders it: an instance nobody scrapes
+/// grew by each notification's samples for ever.
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start the metrics upkeep thread; histogram samples are folded only when /metrics is scraped");
+    }
 }
 
 #[cfg(test)]
