@@ -458,6 +458,30 @@ pub struct ChannelsConfig {
     pub webhook: Option<WebhookConfig>,
 }
 
+impl ChannelsConfig {
+    /// Refuses provider settings their provider would refuse when it is built (a missing token,
+    /// a webhook secret that is not `whsec_` and base64, …), with the provider's own checks, so
+    /// that a start stops before it migrates or connects to anything. Key files are read only
+    /// when the providers are built.
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
+        self.email.check().map_err(|e| invalid(&e))?;
+        if let Some(telegram) = &self.telegram {
+            telegram.check().map_err(|e| invalid(&e))?;
+        }
+        if let Some(sms) = &self.sms {
+            sms.check().map_err(|e| invalid(&e))?;
+        }
+        if let Some(push) = &self.push {
+            push.check().map_err(|e| invalid(&e))?;
+        }
+        if let Some(webhook) = &self.webhook {
+            webhook.check().map_err(|e| invalid(&e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Routing settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -882,6 +906,7 @@ impl Config {
             return invalid("dispatch.shutdown_grace_secs must be at least 1".into());
         }
         self.check_channel_timeouts()?;
+        self.channels.check()?;
         if self.scheduler.stale_claim_secs == 0
             || self.scheduler.stale_claim_secs >= self.nats.dedup_window_secs
         {
@@ -1126,7 +1151,10 @@ mod tests {
             jail.set_env("HERALD_CHANNELS__SMS__FROM", "Shop");
             jail.set_env("HERALD_CHANNELS__PUSH__PROJECT_ID", "shop-app");
             jail.set_env("HERALD_CHANNELS__PUSH__ACCESS_TOKEN", "push-s3cret");
-            jail.set_env("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_s3cret");
+            jail.set_env(
+                "HERALD_CHANNELS__WEBHOOK__SECRET",
+                "whsec_s3cretS3cretS3cretS3cretS3cretS3",
+            );
             jail.set_env("HERALD_CHANNELS__WEBHOOK__TIMEOUT_MS", "4000");
             let config = Config::load(None).map_err(|e| e.to_string())?.config;
             let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
@@ -1420,6 +1448,40 @@ mod limits_tests {
     /// A change to a configuration.
     type Change = Box<dyn FnOnce(&mut Config)>;
 
+    /// A valid Standard Webhooks secret (a 24-byte key).
+    const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn webhook(secret: &str) -> WebhookConfig {
+        WebhookConfig {
+            secret: secret.into(),
+            ..WebhookConfig::default()
+        }
+    }
+
+    fn telegram() -> TelegramConfig {
+        TelegramConfig {
+            bot_token: "123:abc".into(),
+            ..TelegramConfig::default()
+        }
+    }
+
+    fn sms() -> SmsConfig {
+        SmsConfig {
+            account_sid: "AC1".into(),
+            auth_token: "token".into(),
+            from: "+15005550006".into(),
+            ..SmsConfig::default()
+        }
+    }
+
+    fn push() -> PushConfig {
+        PushConfig {
+            project_id: "shop-app".into(),
+            access_token: "ya29.token".into(),
+            ..PushConfig::default()
+        }
+    }
+
     #[test]
     fn values_that_would_silently_stop_work_are_refused() {
         let cases: Vec<(&str, Change)> = vec![
@@ -1511,6 +1573,74 @@ mod limits_tests {
                 "scheduler.retention_days",
                 Box::new(|c| c.scheduler.retention_days = 6),
             ),
+            // Provider settings their provider refuses, found before a start connects to
+            // anything, by the provider's own checks.
+            (
+                "channels.webhook.secret is not valid base64 after \"whsec_\"",
+                Box::new(|c| c.channels.webhook = Some(webhook("whsec_abc"))),
+            ),
+            (
+                "channels.webhook.secret must start with \"whsec_\"",
+                Box::new(|c| c.channels.webhook = Some(WebhookConfig::default())),
+            ),
+            (
+                "channels.webhook.secret key is 5 bytes",
+                Box::new(|c| c.channels.webhook = Some(webhook("whsec_c2hvcnQ="))),
+            ),
+            (
+                "channels.email.from",
+                Box::new(|c| c.channels.email.from = "Shop".into()),
+            ),
+            (
+                "channels.telegram.bot_token is required",
+                Box::new(|c| c.channels.telegram = Some(TelegramConfig::default())),
+            ),
+            (
+                "channels.telegram.parse_mode",
+                Box::new(|c| {
+                    c.channels.telegram = Some(TelegramConfig {
+                        parse_mode: Some("html".into()),
+                        ..telegram()
+                    })
+                }),
+            ),
+            (
+                "channels.sms.from is required",
+                Box::new(|c| {
+                    c.channels.sms = Some(SmsConfig {
+                        from: " ".into(),
+                        ..sms()
+                    })
+                }),
+            ),
+            (
+                "channels.push.project_id is required",
+                Box::new(|c| {
+                    c.channels.push = Some(PushConfig {
+                        project_id: String::new(),
+                        ..push()
+                    })
+                }),
+            ),
+            (
+                "channels.push.metadata_server and channels.push.access_token are set",
+                Box::new(|c| {
+                    c.channels.push = Some(PushConfig {
+                        metadata_server: Some("http://metadata.google.internal".into()),
+                        ..push()
+                    })
+                }),
+            ),
+            (
+                "channels.push.metadata_server \"metadata.google.internal\" is not a URL",
+                Box::new(|c| {
+                    c.channels.push = Some(PushConfig {
+                        metadata_server: Some("metadata.google.internal".into()),
+                        access_token: String::new(),
+                        ..push()
+                    })
+                }),
+            ),
         ];
         for (key, change) in cases {
             let err = refusal(change).unwrap_or_else(|| panic!("{key}: accepted"));
@@ -1569,10 +1699,10 @@ mod limits_tests {
             c.dispatch.shutdown_grace_secs = 1;
             c.channels.limits.timeout_ms = 59_999;
             c.channels.email.timeout_ms = 59_999;
-            c.channels.telegram = Some(TelegramConfig::default());
-            c.channels.sms = Some(SmsConfig::default());
-            c.channels.push = Some(PushConfig::default());
-            c.channels.webhook = Some(WebhookConfig::default());
+            c.channels.telegram = Some(telegram());
+            c.channels.sms = Some(sms());
+            c.channels.push = Some(push());
+            c.channels.webhook = Some(webhook(WEBHOOK_SECRET));
             c.nats.retention.status.max_age_secs = 120;
             c.nats.retention.events.max_age_secs = 0;
         });

@@ -42,31 +42,48 @@ async fn apikey_create_prints_only_the_key_on_stdout() {
     );
 }
 
+/// Runs `herald <args>` with JSON logs at info and the variables `env`, until it exits.
+async fn run_herald(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(herald_bin().expect("the herald binary"));
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("HERALD_LOG__FORMAT", "json")
+        .env("HERALD_LOG__LEVEL", "info")
+        .env_remove("HERALD_CONFIG")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true);
+    tokio::time::timeout(E2E_TIMEOUT, command.output())
+        .await
+        .expect("herald finished within the timeout")
+        .expect("herald started")
+}
+
+/// The field `field` (`message`, `unknown_keys`) of each warning a JSON log holds that has it.
+fn warnings(stderr: &str, field: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|log| log["level"] == "WARN")
+        .filter_map(|log| log[field].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// A misspelt key is named in one warning on stderr, by `herald config` too, and stops nothing;
 /// variables that are not configuration (the suite's own) are not named.
 #[tokio::test]
 async fn config_warns_of_unknown_keys_and_still_prints() {
-    let mut command = tokio::process::Command::new(herald_bin().expect("the herald binary"));
-    command
-        .arg("config")
-        .env("HERALD_DISPATCH__MAX_INFLIGHT", "64")
-        .env("HERALD_TEST_DB", "sqlite")
-        .env("HERALD_LOG__FORMAT", "json")
-        .env("HERALD_LOG__LEVEL", "info")
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(E2E_TIMEOUT, command.output())
-        .await
-        .expect("herald config finished within the timeout")
-        .expect("herald config started");
+    let output = run_herald(
+        &["config"],
+        &[
+            ("HERALD_DISPATCH__MAX_INFLIGHT", "64"),
+            ("HERALD_TEST_DB", "sqlite"),
+        ],
+    )
+    .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "failed: {stderr}");
-    let named: Vec<String> = stderr
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|log| log["level"] == "WARN")
-        .filter_map(|log| log["unknown_keys"].as_str().map(str::to_owned))
-        .collect();
+    let named = warnings(&stderr, "unknown_keys");
     assert_eq!(
         named,
         ["dispatch.max_inflight (environment variable HERALD_DISPATCH__MAX_INFLIGHT)"],
@@ -81,6 +98,39 @@ async fn config_warns_of_unknown_keys_and_still_prints() {
         stdout.contains("max_in_flight = 1024"),
         "the default applies: {stdout}"
     );
+}
+
+/// A provider setting its provider would refuse stops `herald config` and `serve` at once, named
+/// by its key: `serve` used to find it only after the migrations and the NATS connection.
+#[tokio::test]
+async fn a_provider_setting_the_provider_refuses_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let db_file = dir.path().join("herald.db");
+    let url = format!("sqlite://{}", db_file.display());
+    let secret = ("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_abc");
+    for command in ["config", "serve"] {
+        let output = run_herald(
+            &[command],
+            &[
+                secret,
+                ("HERALD_DATABASE__URL", &url),
+                // Nothing answers there: a start that went on would fail on it, not the secret.
+                ("HERALD_NATS__URL", "nats://127.0.0.1:1"),
+                ("HERALD_HTTP__BIND", "127.0.0.1:0"),
+            ],
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} accepted it: {stderr}");
+        assert!(
+            stderr.contains("channels.webhook.secret is not valid base64 after \"whsec_\""),
+            "{command}: {stderr}"
+        );
+        assert!(
+            !db_file.exists(),
+            "{command} opened the database first: {stderr}"
+        );
+    }
 }
 
 /// A listen address in use stops the start before anything is provisioned or leased in NATS, so

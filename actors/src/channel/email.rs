@@ -105,11 +105,30 @@ impl std::fmt::Debug for EmailConfig {
     }
 }
 
+impl EmailConfig {
+    /// Checks what can be checked without building the provider (the sender is a mailbox), so
+    /// that a start refuses it before it connects to anything: [`EmailProvider::new`] checks the
+    /// same.
+    pub fn check(&self) -> Result<(), EmailConfigError> {
+        self.sender().map(|_| ())
+    }
+
+    /// The sender, parsed.
+    fn sender(&self) -> Result<Mailbox, EmailConfigError> {
+        self.from
+            .parse::<Mailbox>()
+            .map_err(|e| EmailConfigError::From {
+                from: self.from.clone(),
+                reason: e.to_string(),
+            })
+    }
+}
+
 /// Why an email provider could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum EmailConfigError {
     /// `from` is not a mailbox.
-    #[error("email.from {from:?} is not a valid mailbox: {reason}")]
+    #[error("channels.email.from {from:?} is not a valid mailbox: {reason}")]
     From {
         /// The configured value.
         from: String,
@@ -149,13 +168,7 @@ pub struct EmailProvider {
 impl EmailProvider {
     /// Builds the provider; SMTP connections are opened lazily on the first send.
     pub fn new(name: String, config: &EmailConfig) -> Result<Self, EmailConfigError> {
-        let from = config
-            .from
-            .parse::<Mailbox>()
-            .map_err(|e| EmailConfigError::From {
-                from: config.from.clone(),
-                reason: e.to_string(),
-            })?;
+        let from = config.sender()?;
         let transport = match &config.smtp_host {
             Some(host) => Transport::Smtp(smtp_transport(host, config)?),
             None => {

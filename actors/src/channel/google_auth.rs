@@ -79,6 +79,15 @@ struct Claims<'a> {
 pub(crate) const METADATA_TOKEN_PATH: &str =
     "/computeMetadata/v1/instance/service-accounts/default/token";
 
+/// The address of the token for `scope` on the metadata server at `base_url`
+/// (`http://metadata.google.internal` on Google Cloud); an error if that is not a URL.
+pub fn metadata_token_url(base_url: &str, scope: &str) -> Result<reqwest::Url, url::ParseError> {
+    reqwest::Url::parse_with_params(
+        &format!("{}{METADATA_TOKEN_PATH}", base_url.trim_end_matches('/')),
+        &[("scopes", scope)],
+    )
+}
+
 /// How a token is obtained.
 enum Grant {
     /// A JWT signed with a service account key, exchanged at the key's `token_uri`.
@@ -143,23 +152,14 @@ impl TokenSource {
         Ok(Self::new(grant, scope, client))
     }
 
-    /// Tokens of the service account attached to the machine, from its metadata server at
-    /// `base_url` (`http://metadata.google.internal` on Google Cloud); an error if that is not a
-    /// URL.
+    /// Tokens of the service account attached to the machine, from its metadata server's
+    /// `token_url` (see [`metadata_token_url`]).
     pub fn from_metadata_server(
-        base_url: &str,
+        token_url: reqwest::Url,
         scope: &'static str,
         client: reqwest::Client,
-    ) -> Result<Self, url::ParseError> {
-        let token_url = reqwest::Url::parse_with_params(
-            &format!("{}{METADATA_TOKEN_PATH}", base_url.trim_end_matches('/')),
-            &[("scopes", scope)],
-        )?;
-        Ok(Self::new(
-            Grant::MetadataServer { token_url },
-            scope,
-            client,
-        ))
+    ) -> Self {
+        Self::new(Grant::MetadataServer { token_url }, scope, client)
     }
 
     fn new(grant: Grant, scope: &'static str, client: reqwest::Client) -> Self {
@@ -388,7 +388,8 @@ pub(crate) mod tests {
     fn metadata_source(server: &MockServer) -> TokenSource {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = http::client_builder(5_000).build().expect("client");
-        TokenSource::from_metadata_server(&server.uri(), SCOPE, client).expect("URL")
+        let token_url = metadata_token_url(&server.uri(), SCOPE).expect("URL");
+        TokenSource::from_metadata_server(token_url, SCOPE, client)
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 //! outcome wins: a transient failure on any token makes the whole send transient so it is
 //! retried; otherwise the send is permanent and names the first token FCM declared dead.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::google_auth::{ServiceAccountError, TokenSource};
+use super::google_auth::{self, ServiceAccountError, TokenSource};
 use super::http;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
@@ -78,19 +78,19 @@ impl std::fmt::Debug for PushConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PushConfigError {
     /// A required setting is empty.
-    #[error("push.{0} is required")]
+    #[error("channels.push.{0} is required")]
     Missing(&'static str),
     /// No way of authenticating is configured, and the environment names no key file.
     #[error(
-        "push.service_account_file (or push.metadata_server, or push.access_token, or a key file \
-         named by {ADC_VARIABLE}) is required"
+        "channels.push.service_account_file (or channels.push.metadata_server, or \
+         channels.push.access_token, or a key file named by {ADC_VARIABLE}) is required"
     )]
     NoCredentials,
     /// More than one way of authenticating is configured.
     #[error("{0} are set; set one of them")]
     ConflictingCredentials(String),
     /// The metadata server's address is not a URL.
-    #[error("push.metadata_server {url:?} is not a URL: {reason}")]
+    #[error("channels.push.metadata_server {url:?} is not a URL: {reason}")]
     MetadataServer {
         /// The configured address.
         url: String,
@@ -191,6 +191,69 @@ struct FieldViolation {
 /// (application default credentials).
 const ADC_VARIABLE: &str = "GOOGLE_APPLICATION_CREDENTIALS";
 
+/// The way of authenticating a [`PushConfig`] names.
+enum CredentialSetting<'a> {
+    /// `service_account_file`.
+    KeyFile(&'a Path),
+    /// `metadata_server`: the token's address on it.
+    MetadataServer(reqwest::Url),
+    /// `access_token`.
+    Fixed(&'a str),
+    /// None: the key file [`ADC_VARIABLE`] names, if it names one.
+    Unset,
+}
+
+impl PushConfig {
+    /// Checks what can be checked without building the provider (the project is set, at most
+    /// one way of authenticating is, the metadata server's address is a URL), so that a start
+    /// refuses them before it connects to anything: [`PushProvider::new`] checks the same. A key
+    /// file is read only by the provider.
+    pub fn check(&self) -> Result<(), PushConfigError> {
+        if self.project_id.trim().is_empty() {
+            return Err(PushConfigError::Missing("project_id"));
+        }
+        self.credential_setting().map(|_| ())
+    }
+
+    /// The one way of authenticating this configuration names.
+    fn credential_setting(&self) -> Result<CredentialSetting<'_>, PushConfigError> {
+        let fixed = Some(self.access_token.trim()).filter(|t| !t.is_empty());
+        let metadata = self
+            .metadata_server
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty());
+        let set: Vec<&str> = [
+            self.service_account_file
+                .is_some()
+                .then_some("channels.push.service_account_file"),
+            metadata
+                .is_some()
+                .then_some("channels.push.metadata_server"),
+            fixed.is_some().then_some("channels.push.access_token"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.len() > 1 {
+            return Err(PushConfigError::ConflictingCredentials(set.join(" and ")));
+        }
+        if let Some(file) = &self.service_account_file {
+            return Ok(CredentialSetting::KeyFile(file));
+        }
+        if let Some(url) = metadata {
+            let token_url = google_auth::metadata_token_url(url, FCM_SCOPE).map_err(|reason| {
+                PushConfigError::MetadataServer {
+                    url: url.to_string(),
+                    reason,
+                }
+            })?;
+            return Ok(CredentialSetting::MetadataServer(token_url));
+        }
+        Ok(fixed.map_or(CredentialSetting::Unset, CredentialSetting::Fixed))
+    }
+}
+
 /// The one way of authenticating `config` names; without any, the key file `from_environment`
 /// names (the value of [`ADC_VARIABLE`]).
 fn credentials(
@@ -198,57 +261,31 @@ fn credentials(
     client: &reqwest::Client,
     from_environment: Option<PathBuf>,
 ) -> Result<Credentials, PushConfigError> {
-    let fixed = Some(config.access_token.trim()).filter(|t| !t.is_empty());
-    let metadata = config
-        .metadata_server
-        .as_deref()
-        .map(str::trim)
-        .filter(|url| !url.is_empty());
-    let set: Vec<&str> = [
-        config
-            .service_account_file
-            .is_some()
-            .then_some("push.service_account_file"),
-        metadata.is_some().then_some("push.metadata_server"),
-        fixed.is_some().then_some("push.access_token"),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if set.len() > 1 {
-        return Err(PushConfigError::ConflictingCredentials(set.join(" and ")));
+    match config.credential_setting()? {
+        CredentialSetting::KeyFile(file) => {
+            let source = TokenSource::from_file(file, FCM_SCOPE, client.clone())?;
+            Ok(Credentials::Fetched(source))
+        }
+        CredentialSetting::MetadataServer(token_url) => Ok(Credentials::Fetched(
+            TokenSource::from_metadata_server(token_url, FCM_SCOPE, client.clone()),
+        )),
+        CredentialSetting::Fixed(token) => Ok(Credentials::Fixed(token.to_string())),
+        CredentialSetting::Unset => {
+            let file = from_environment
+                .filter(|file| !file.as_os_str().is_empty())
+                .ok_or(PushConfigError::NoCredentials)?;
+            tracing::info!(file = %file.display(), "push: service account key from {ADC_VARIABLE}");
+            let source = TokenSource::from_file(&file, FCM_SCOPE, client.clone())
+                .map_err(PushConfigError::FromEnvironment)?;
+            Ok(Credentials::Fetched(source))
+        }
     }
-    if let Some(file) = &config.service_account_file {
-        let source = TokenSource::from_file(file, FCM_SCOPE, client.clone())?;
-        return Ok(Credentials::Fetched(source));
-    }
-    if let Some(url) = metadata {
-        let source = TokenSource::from_metadata_server(url, FCM_SCOPE, client.clone()).map_err(
-            |reason| PushConfigError::MetadataServer {
-                url: url.to_string(),
-                reason,
-            },
-        )?;
-        return Ok(Credentials::Fetched(source));
-    }
-    if let Some(token) = fixed {
-        return Ok(Credentials::Fixed(token.to_string()));
-    }
-    let file = from_environment
-        .filter(|file| !file.as_os_str().is_empty())
-        .ok_or(PushConfigError::NoCredentials)?;
-    tracing::info!(file = %file.display(), "push: service account key from {ADC_VARIABLE}");
-    let source = TokenSource::from_file(&file, FCM_SCOPE, client.clone())
-        .map_err(PushConfigError::FromEnvironment)?;
-    Ok(Credentials::Fetched(source))
 }
 
 impl PushProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: PushConfig) -> Result<Self, PushConfigError> {
-        if config.project_id.trim().is_empty() {
-            return Err(PushConfigError::Missing("project_id"));
-        }
+        config.check()?;
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
@@ -989,7 +1026,8 @@ mod tests {
         let err = refused(config(Some("key.json"), None, "ya29"));
         assert_eq!(
             err.to_string(),
-            "push.service_account_file and push.access_token are set; set one of them"
+            "channels.push.service_account_file and channels.push.access_token are set; set one \
+             of them"
         );
         let err = refused(config(
             None,

@@ -53,11 +53,29 @@ impl std::fmt::Debug for SmsConfig {
     }
 }
 
+impl SmsConfig {
+    /// Checks what can be checked without building the provider (the account, token and sender
+    /// are set), so that a start refuses them before it connects to anything:
+    /// [`SmsProvider::new`] checks the same.
+    pub fn check(&self) -> Result<(), SmsConfigError> {
+        for (setting, value) in [
+            ("account_sid", &self.account_sid),
+            ("auth_token", &self.auth_token),
+            ("from", &self.from),
+        ] {
+            if value.trim().is_empty() {
+                return Err(SmsConfigError::Missing(setting));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why an SMS provider could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum SmsConfigError {
     /// A required setting is empty.
-    #[error("sms.{0} is required")]
+    #[error("channels.sms.{0} is required")]
     Missing(&'static str),
     /// The HTTP client could not be built.
     #[error("cannot build the SMS HTTP client: {0}")]
@@ -99,15 +117,7 @@ struct ApiError {
 impl SmsProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: SmsConfig) -> Result<Self, SmsConfigError> {
-        for (setting, value) in [
-            ("account_sid", &config.account_sid),
-            ("auth_token", &config.auth_token),
-            ("from", &config.from),
-        ] {
-            if value.trim().is_empty() {
-                return Err(SmsConfigError::Missing(setting));
-            }
-        }
+        config.check()?;
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| SmsConfigError::Client(e.without_url().to_string()))?;

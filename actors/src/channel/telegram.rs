@@ -50,17 +50,34 @@ impl std::fmt::Debug for TelegramConfig {
     }
 }
 
+impl TelegramConfig {
+    /// Checks what can be checked without building the provider (the token is set, the parse
+    /// mode is known), so that a start refuses them before it connects to anything:
+    /// [`TelegramProvider::new`] checks the same.
+    pub fn check(&self) -> Result<(), TelegramConfigError> {
+        self.checked_parse_mode().map(|_| ())
+    }
+
+    /// The parse mode, after checking that the token is set.
+    fn checked_parse_mode(&self) -> Result<Option<ParseMode>, TelegramConfigError> {
+        if self.bot_token.trim().is_empty() {
+            return Err(TelegramConfigError::MissingToken);
+        }
+        self.parse_mode.as_deref().map(ParseMode::parse).transpose()
+    }
+}
+
 /// Why a Telegram provider could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TelegramConfigError {
     /// `bot_token` is empty.
-    #[error("telegram.bot_token is required")]
+    #[error("channels.telegram.bot_token is required")]
     MissingToken,
     /// The HTTP client could not be built.
     #[error("cannot build the Telegram HTTP client: {0}")]
     Client(String),
     /// `parse_mode` is not one the Bot API knows.
-    #[error("telegram.parse_mode must be HTML, MarkdownV2 or Markdown, not {0:?}")]
+    #[error("channels.telegram.parse_mode must be HTML, MarkdownV2 or Markdown, not {0:?}")]
     UnknownParseMode(String),
 }
 
@@ -164,9 +181,7 @@ struct ResponseParameters {
 impl TelegramProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: TelegramConfig) -> Result<Self, TelegramConfigError> {
-        if config.bot_token.trim().is_empty() {
-            return Err(TelegramConfigError::MissingToken);
-        }
+        let parse_mode = config.checked_parse_mode()?;
         let client = http::client_builder(config.timeout_ms)
             .build()
             .map_err(|e| TelegramConfigError::Client(e.without_url().to_string()))?;
@@ -175,11 +190,6 @@ impl TelegramProvider {
             config.base_url.trim_end_matches('/'),
             config.bot_token
         );
-        let parse_mode = config
-            .parse_mode
-            .as_deref()
-            .map(ParseMode::parse)
-            .transpose()?;
         Ok(Self {
             name,
             client,

@@ -70,17 +70,26 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
+impl WebhookConfig {
+    /// Checks what can be checked without building the provider (the secret), so that a start
+    /// refuses a bad one before it connects to anything: [`WebhookProvider::new`] checks the
+    /// same.
+    pub fn check(&self) -> Result<(), WebhookConfigError> {
+        decode_secret(&self.secret).map(|_| ())
+    }
+}
+
 /// Why a webhook provider could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookConfigError {
     /// The secret does not start with `whsec_`.
-    #[error("webhook.secret must start with \"whsec_\" followed by a base64 key")]
+    #[error("channels.webhook.secret must start with \"whsec_\" followed by a base64 key")]
     SecretPrefix,
     /// The part after `whsec_` is not base64.
-    #[error("webhook.secret is not valid base64 after \"whsec_\": {0}")]
+    #[error("channels.webhook.secret is not valid base64 after \"whsec_\": {0}")]
     SecretEncoding(String),
     /// The key is too short to be safe.
-    #[error("webhook.secret key is {0} bytes; at least 24 are required")]
+    #[error("channels.webhook.secret key is {0} bytes; at least 24 are required")]
     SecretTooShort(usize),
     /// The HTTP client could not be built.
     #[error("cannot build the webhook HTTP client: {0}")]
