@@ -459,6 +459,18 @@ pub struct ChannelsConfig {
 }
 
 impl ChannelsConfig {
+    /// Whether a provider runs for `channel`: email always (SMTP or the outbox), the others when
+    /// their section is present.
+    fn configured(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Email => true,
+            Channel::Telegram => self.telegram.is_some(),
+            Channel::Sms => self.sms.is_some(),
+            Channel::Push => self.push.is_some(),
+            Channel::Webhook => self.webhook.is_some(),
+        }
+    }
+
     /// Refuses provider settings their provider would refuse when it is built (a missing token,
     /// a webhook secret that is not `whsec_` and base64, …), with the provider's own checks, so
     /// that a start stops before it migrates or connects to anything. Key files are read only
@@ -816,7 +828,52 @@ impl Config {
                 self.scheduler.retention_days
             ));
         }
+        warnings.extend(self.unconfigured_channel_warnings());
         warnings
+    }
+
+    /// One warning per channel that a default chain or a routing rule in force names but no
+    /// provider is configured for: its sends fail over to the next channel of the chain, or
+    /// fail. Not refused: a chain may name a channel configured later.
+    fn unconfigured_channel_warnings(&self) -> Vec<String> {
+        let mut naming: HashMap<Channel, Vec<String>> = HashMap::new();
+        let mut name = |channel: Channel, by: String| {
+            if !self.channels.configured(channel) {
+                naming.entry(channel).or_default().push(by);
+            }
+        };
+        let mut chains: Vec<(Category, Vec<Channel>)> = self
+            .default_chains()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        chains.sort_by_key(|(category, _)| category.as_str());
+        for (category, channels) in chains {
+            for channel in channels {
+                name(
+                    channel,
+                    format!("routing.default_chains.{}", category.as_str()),
+                );
+            }
+        }
+        for rule in self.routing_rules().unwrap_or_default() {
+            for channel in rule.channels.into_iter().flatten() {
+                name(channel, format!("routing rule {:?}", rule.name));
+            }
+        }
+        Channel::ALL
+            .into_iter()
+            .filter_map(|channel| {
+                let by = naming.remove(&channel)?;
+                Some(format!(
+                    "{channel} is named by {}, but no provider is configured for it \
+                     ([channels.{channel}] is absent): attempts over it end unavailable (\"no \
+                     provider configured for {channel}\") and a notification goes on to the next \
+                     channel of its chain, or fails",
+                    by.join(", ")
+                ))
+            })
+            .collect()
     }
 
     /// Checks values that parse but cannot work.
@@ -1429,6 +1486,107 @@ mod tests {
             }
             jail.set_env("HERALD_SCHEDULER__RETENTION_DAYS", "0");
             assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_chain_naming_a_channel_without_a_provider_is_a_warning() {
+        figment::Jail::expect_with(|jail| {
+            // As the README's provider example did: security alerts routed to push, which has
+            // no section.
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [channels.sms]
+                account_sid = "AC1"
+                auth_token = "token"
+                from = "+15005550006"
+                [routing.default_chains]
+                transactional = ["sms", "email"]
+                security = ["sms", "email", "push"]
+                "#,
+            )?;
+            let warnings = || {
+                Config::load(Some(Path::new("herald.toml")))
+                    .map(|loaded| loaded.warnings)
+                    .map_err(|e| e.to_string())
+            };
+            let warned = warnings()?;
+            assert_eq!(warned.len(), 1, "{warned:?}");
+            for named in [
+                "push is named by routing.default_chains.security,",
+                "[channels.push] is absent",
+                "no provider configured for push",
+            ] {
+                assert!(warned[0].contains(named), "{named}: {warned:?}");
+            }
+            assert!(!warned[0].contains("sms"), "sms is configured: {warned:?}");
+
+            // A rule's own chain counts too, one warning per channel; a rule switched off does
+            // not count.
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [routing.default_chains]
+                security = ["push", "email"]
+                marketing = ["email", "push"]
+                [[routing.rules]]
+                name = "order_shipped"
+                event = "orders.status_changed"
+                when = { status = "shipped" }
+                template = "order_shipped"
+                category = "transactional"
+                channels = ["telegram", "push", "email"]
+                [[routing.rules]]
+                name = "login_alert"
+                event = "security.login_alert"
+                template = "security_alert"
+                category = "security"
+                channels = ["webhook"]
+                enabled = false
+                "#,
+            )?;
+            let warned = warnings()?;
+            assert_eq!(warned.len(), 2, "{warned:?}");
+            assert!(
+                warned[0].starts_with(
+                    "telegram is named by routing rule \"order_shipped\", but no provider"
+                ),
+                "{warned:?}"
+            );
+            assert!(
+                warned[1].starts_with(
+                    "push is named by routing.default_chains.marketing, \
+                     routing.default_chains.security, routing rule \"order_shipped\", but no \
+                     provider"
+                ),
+                "{warned:?}"
+            );
+
+            // Configured, they do not warn.
+            jail.set_env("HERALD_CHANNELS__TELEGRAM__BOT_TOKEN", "123:abc");
+            jail.set_env("HERALD_CHANNELS__PUSH__PROJECT_ID", "shop-app");
+            jail.set_env("HERALD_CHANNELS__PUSH__ACCESS_TOKEN", "ya29.token");
+            assert_eq!(warnings()?, Vec::<String>::new());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_readme_provider_example_loads_without_warnings() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split_once("A provider configuration, for example:\n\n```toml\n")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(example, _)| example)
+            .expect("the README's provider example");
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("herald.toml", example)?;
+            let loaded = Config::load(Some(Path::new("herald.toml"))).map_err(|e| e.to_string())?;
+            assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
+            assert_eq!(loaded.warnings, Vec::<String>::new());
+            assert!(loaded.config.channels.push.is_some(), "{example}");
             Ok(())
         });
     }
