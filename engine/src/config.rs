@@ -1028,6 +1028,21 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as `herald config` prints it: `routing.rules` lists the rules in force
+    /// ([`Config::routing_rules`], the built-in ones when none are configured), then those the
+    /// configuration switches off (`enabled = false`), so that the printout read as a
+    /// configuration routes as this one does; the database and NATS URLs lose their passwords
+    /// and tokens. Other secrets are never serialised.
+    pub fn shown(&self) -> Result<Config, ConfigError> {
+        let mut shown = self.clone();
+        let mut rules = self.routing_rules()?;
+        rules.extend(self.routing.rules.iter().filter(|r| !r.enabled).cloned());
+        shown.routing.rules = rules;
+        shown.database.url = crate::app::redact(&shown.database.url);
+        shown.nats.url = crate::app::redact_nats_urls(&shown.nats.url);
+        Ok(shown)
+    }
+
     /// The routing rules in force: the built-in ones with `routing.rules` applied, checked.
     pub fn routing_rules(&self) -> Result<Vec<herald_actors::rules::Rule>, ConfigError> {
         use herald_actors::rules;
@@ -1589,6 +1604,68 @@ mod tests {
             assert!(loaded.config.channels.push.is_some(), "{example}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn herald_config_shows_the_rules_in_force() {
+        let names = |config: &Config| -> Vec<String> {
+            let shown = config.shown().expect("valid");
+            shown.routing.rules.iter().map(|r| r.name.clone()).collect()
+        };
+        let mut config = Config::default();
+        let built_in: Vec<String> = herald_actors::rules::default_rules()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(
+            names(&config),
+            built_in,
+            "none configured: the built-in rules"
+        );
+        config.routing = toml::from_str(
+            r#"
+            [[rules]]
+            name = "order_shipped"
+            event = "orders.status_changed"
+            when = { status = "shipped" }
+            template = "order_shipped"
+            category = "transactional"
+            channels = ["sms", "email"]
+            [[rules]]
+            name = "marketing_campaign"
+            event = "marketing.campaign"
+            template = "marketing"
+            category = "marketing"
+            enabled = false
+            [[rules]]
+            name = "welcome"
+            event = "customers.created"
+            template = "welcome"
+            category = "transactional"
+            "#,
+        )
+        .expect("routing settings");
+        assert_eq!(
+            names(&config),
+            [
+                "order_placed",
+                "order_shipped",
+                "order_delivered",
+                "login_alert",
+                "welcome",
+                "marketing_campaign",
+            ]
+        );
+        let shown = config.shown().expect("valid");
+        assert_eq!(
+            shown.routing_rules().expect("valid"),
+            config.routing_rules().expect("valid"),
+            "the printout routes as the configuration does"
+        );
+        let text = toml::to_string_pretty(&shown).expect("serialises");
+        for shown in ["name = \"welcome\"", "enabled = false"] {
+            assert!(text.contains(shown), "{shown}: {text}");
+        }
     }
 }
 

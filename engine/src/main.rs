@@ -31,7 +31,8 @@ enum Command {
     Serve,
     /// Apply pending database migrations and exit.
     Migrate,
-    /// Print the effective configuration (secrets omitted) and exit.
+    /// Print the effective configuration (secrets omitted, the routing rules in force included)
+    /// and exit.
     Config,
     /// Measure end-to-end throughput and latency against instant sinks.
     Bench(herald_engine::bench::BenchArgs),
@@ -69,10 +70,7 @@ async fn main() -> anyhow::Result<()> {
             herald_engine::apikey::run(&db, command).await
         }
         Command::Config => {
-            let mut shown = config;
-            shown.database.url = app::redact(&shown.database.url);
-            shown.nats.url = app::redact_nats_urls(&shown.nats.url);
-            println!("{}", toml::to_string_pretty(&shown)?);
+            println!("{}", toml::to_string_pretty(&config.shown()?)?);
             Ok(())
         }
     }

@@ -100,6 +100,99 @@ async fn config_warns_of_unknown_keys_and_still_prints() {
     );
 }
 
+/// The `[[routing.rules]]` entries of `herald config`'s output, each as its text.
+fn printed_rules(stdout: &str) -> Vec<&str> {
+    stdout.split("[[routing.rules]]").skip(1).collect()
+}
+
+/// `herald config` prints the routing rules in force: the built-in ones when none are
+/// configured; a configured rule beside the built-in ones it leaves in force, and one switched off
+/// as switched off. A chain naming a channel without a provider is a warning, not a refusal.
+#[tokio::test]
+async fn config_prints_the_routing_rules_in_force() {
+    let output = run_herald(&["config"], &[]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "failed: {stderr}");
+    let stdout = String::from_utf8(output.stdout).expect("stdout is UTF-8");
+    let rules = printed_rules(&stdout);
+    let built_in = herald_actors::rules::default_rules();
+    assert_eq!(rules.len(), built_in.len(), "{stdout}");
+    for (printed, rule) in rules.iter().zip(&built_in) {
+        assert!(
+            printed.contains(&format!("name = \"{}\"", rule.name)),
+            "{}: {stdout}",
+            rule.name
+        );
+    }
+    assert!(
+        warnings(&stderr, "message").is_empty(),
+        "the defaults warn of nothing: {stderr}"
+    );
+
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let file = dir.path().join("herald.toml");
+    std::fs::write(
+        &file,
+        r#"
+        [routing.default_chains]
+        security = ["sms", "email", "push"]
+
+        [[routing.rules]]
+        name = "order_review"
+        event = "orders.status_changed"
+        when = { status = "delivered" }
+        template = "order_review"
+        category = "marketing"
+        channels = ["email"]
+
+        [[routing.rules]]
+        name = "marketing_campaign"
+        event = "marketing.campaign"
+        template = "marketing"
+        category = "marketing"
+        enabled = false
+        "#,
+    )
+    .expect("configuration file");
+    let file = file.to_str().expect("UTF-8 path");
+    let output = run_herald(&["config", "--config", file], &[]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "failed: {stderr}");
+    let stdout = String::from_utf8(output.stdout).expect("stdout is UTF-8");
+    let names: Vec<&str> = printed_rules(&stdout)
+        .iter()
+        .filter_map(|rule| rule.lines().find_map(|line| line.strip_prefix("name = ")))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "\"order_placed\"",
+            "\"order_shipped\"",
+            "\"order_delivered\"",
+            "\"login_alert\"",
+            "\"order_review\"",
+            "\"marketing_campaign\"",
+        ],
+        "{stdout}"
+    );
+    let switched_off = printed_rules(&stdout)
+        .into_iter()
+        .filter(|rule| rule.contains("enabled = false"))
+        .count();
+    assert_eq!(switched_off, 1, "{stdout}");
+    let warned = warnings(&stderr, "message");
+    let unconfigured: Vec<&String> = warned
+        .iter()
+        .filter(|warning| warning.contains("no provider is configured"))
+        .collect();
+    assert_eq!(unconfigured.len(), 2, "sms and push: {stderr}");
+    assert!(
+        unconfigured[0].starts_with("sms is named by routing.default_chains.security")
+            && unconfigured[1].starts_with("push is named by routing.default_chains.security"),
+        "{stderr}"
+    );
+}
+
 /// A provider setting its provider would refuse stops `herald config` and `serve` at once, named
 /// by its key: `serve` used to find it only after the migrations and the NATS connection.
 #[tokio::test]
