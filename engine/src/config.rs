@@ -1,7 +1,7 @@
 //! Configuration: defaults that run, overridden by a TOML file, overridden by `HERALD_*`
 //! environment variables (`__` separates levels: `HERALD_DATABASE__URL`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use figment::{
@@ -499,8 +499,9 @@ impl ChannelsConfig {
 #[serde(default)]
 pub struct RoutingConfig {
     /// Chain per category used when a request names no channels, e.g.
-    /// `transactional = ["telegram", "email", "sms"]`.
-    pub default_chains: HashMap<String, Vec<String>>,
+    /// `transactional = ["telegram", "email", "sms"]`. Ordered by category, so `herald config`
+    /// and the warnings name them in the same order every time.
+    pub default_chains: BTreeMap<String, Vec<String>>,
     /// Event routing rules (`[[routing.rules]]`): a rule named like a built-in one replaces it,
     /// `enabled = false` switches it off, other names are added. See `herald_actors::rules`.
     pub rules: Vec<herald_actors::rules::Rule>,

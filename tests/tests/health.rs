@@ -134,15 +134,7 @@ async fn channels_metrics_and_the_openapi_spec_are_served() {
     assert_eq!(docs.status(), StatusCode::OK);
     assert!(docs.text().await.unwrap_or_default().contains("swagger"));
 
-    let metrics = herald
-        .http()
-        .get(format!("{}/metrics", herald.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = herald.metrics_text().await;
     assert!(metrics.contains("herald_circuit_state"), "{metrics}");
     herald.shutdown().await.expect("shutdown");
 }

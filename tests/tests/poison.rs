@@ -143,15 +143,7 @@ async fn a_crashed_dispatcher_is_restarted_and_deliveries_continue() {
             .len(),
         20
     );
-    let metrics = herald
-        .http()
-        .get(format!("{}/metrics", herald.base()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = herald.metrics_text().await;
     assert!(metrics.contains("herald_actor_restarts_total{actor=\"dispatcher\"}"));
     herald.shutdown().await.expect("shutdown");
 }
