@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use herald_entities::repo::{self, batches::CustomerFilter};
 use herald_nats::{
-    Category, Channel, Content, SCHEMA_VERSION,
+    Category, Content, SCHEMA_VERSION,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
@@ -20,7 +20,7 @@ use crate::{
     auth::{ReadKey, SendKey},
     notifications::{
         self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, ValidRecipient,
-        dedup, message, validate_recipient,
+        message, validate_recipient,
     },
     validate,
 };
@@ -64,7 +64,8 @@ pub struct BulkRequest {
     pub filter: Option<CustomerFilterBody>,
     /// What it is about.
     pub category: ApiCategory,
-    /// Channels to try in order; the category's default chain when absent.
+    /// Channels to try in order; the category's default chain when absent. `400` when no
+    /// provider is configured for any of them (see `GET /api/v1/channels`).
     pub channels: Option<Vec<ApiChannel>>,
     /// The message; give either this or `template`.
     pub content: Option<MessageContent>,
@@ -143,18 +144,7 @@ impl BulkApi {
     ) -> Result<BulkResponse, ApiError> {
         let request = body.0;
         let category: Category = request.category.into();
-        let channels: Vec<Channel> = match request.channels {
-            Some(list) if list.is_empty() => {
-                return Err(ApiError::invalid("channels", "channels must not be empty"));
-            }
-            Some(list) => dedup(list.into_iter().map(Channel::from)),
-            None => self
-                .state
-                .default_chains
-                .get(&category)
-                .cloned()
-                .unwrap_or_else(|| vec![Channel::Email]),
-        };
+        let channels = notifications::chain(&self.state, category, request.channels)?;
         let content = message(request.content, request.template)?;
         let (target, total) = match (request.recipients, request.filter) {
             (Some(_), Some(_)) | (None, None) => {

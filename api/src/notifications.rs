@@ -150,7 +150,8 @@ pub struct SendRequest {
     pub recipient: Recipient,
     /// What it is about; decides the default channel chain.
     pub category: ApiCategory,
-    /// Channels to try in order; the category's default chain when absent.
+    /// Channels to try in order; the category's default chain when absent. `400` when no
+    /// provider is configured for any of them (see `GET /api/v1/channels`).
     pub channels: Option<Vec<ApiChannel>>,
     /// The message; give either this or `template`.
     pub content: Option<MessageContent>,
@@ -503,20 +504,7 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         key: recipient_key,
     } = validate_recipient(&request.recipient)?;
     let category: Category = request.category.into();
-    let channels: Vec<Channel> = match request.channels {
-        Some(list) if list.is_empty() => {
-            return Err(ApiError::invalid(
-                "channels",
-                "channels must not be empty; omit it for the category's default chain",
-            ));
-        }
-        Some(list) => dedup(list.into_iter().map(Channel::from)),
-        None => state
-            .default_chains
-            .get(&category)
-            .cloned()
-            .unwrap_or_else(|| vec![Channel::Email]),
-    };
+    let channels = chain(state, category, request.channels)?;
     let content = message(request.content, request.template)?;
     let now = Utc::now();
     let scheduled_at = match request.scheduled_at {
@@ -698,6 +686,49 @@ pub(crate) fn variables(field: &str, value: Option<Value>) -> Result<Map<String,
         ));
     }
     Ok(variables)
+}
+
+/// The channel chain of a send: the one the request names, or the category's default chain.
+/// `400` for an empty list, or one in which no channel has a provider configured: such a send
+/// could only fail.
+pub(crate) fn chain(
+    state: &AppState,
+    category: Category,
+    requested: Option<Vec<ApiChannel>>,
+) -> Result<Vec<Channel>, ApiError> {
+    let Some(list) = requested else {
+        return Ok(state
+            .default_chains
+            .get(&category)
+            .cloned()
+            .unwrap_or_else(|| vec![Channel::Email]));
+    };
+    if list.is_empty() {
+        return Err(ApiError::invalid(
+            "channels",
+            "channels must not be empty; omit it for the category's default chain",
+        ));
+    }
+    let channels = dedup(list.into_iter().map(Channel::from));
+    if !channels
+        .iter()
+        .any(|c| state.configured_channels.contains(c))
+    {
+        let mut configured: Vec<&str> = state
+            .configured_channels
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        configured.sort_unstable();
+        return Err(ApiError::invalid(
+            "channels",
+            format!(
+                "no provider is configured for any of these channels; configured: {}",
+                configured.join(", ")
+            ),
+        ));
+    }
+    Ok(channels)
 }
 
 pub(crate) fn view(

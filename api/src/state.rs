@@ -1,6 +1,6 @@
 //! What every endpoint shares.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use herald_nats::{Category, Channel, Publisher};
@@ -18,6 +18,9 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Channel chain used when a request names none, per category.
     pub default_chains: Arc<HashMap<Category, Vec<Channel>>>,
+    /// The channels a provider is configured for (email always): a request naming none of them
+    /// is refused.
+    pub configured_channels: Arc<HashSet<Channel>>,
     /// The engine's live state.
     pub engine: Arc<dyn crate::engine_view::EngineView>,
     /// Renders `/metrics`, when a recorder is installed.

@@ -24,7 +24,7 @@ use herald_api::AppState;
 use herald_entities::repo::{self, insert_queue::InsertQueue};
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
 use herald_migration::{Migrator, MigratorTrait};
-use herald_nats::{Publisher, StreamSettings};
+use herald_nats::{Channel, Publisher, StreamSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::listener::{Acceptor, Listener, TcpListener};
 use ractor::{Actor, ActorRef};
@@ -201,6 +201,12 @@ impl Herald {
                 stopped: engine.stopped.clone(),
             }),
             default_chains: Arc::new(config.default_chains()?),
+            configured_channels: Arc::new(
+                Channel::ALL
+                    .into_iter()
+                    .filter(|c| config.channels.configured(*c))
+                    .collect(),
+            ),
             metrics: Some(metrics),
             templates: Arc::new(crate::template_catalog::EngineTemplates {
                 settings: config.templates.settings(),

@@ -461,7 +461,7 @@ pub struct ChannelsConfig {
 impl ChannelsConfig {
     /// Whether a provider runs for `channel`: email always (SMTP or the outbox), the others when
     /// their section is present.
-    fn configured(&self, channel: Channel) -> bool {
+    pub fn configured(&self, channel: Channel) -> bool {
         match channel {
             Channel::Email => true,
             Channel::Telegram => self.telegram.is_some(),

@@ -540,6 +540,51 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
 }
 
 /// A world whose sends die after two rounds, with a circuit that cools down quickly.
+/// A send naming only channels no provider is configured for could only fail (every attempt
+/// `unavailable`): it is refused with the channels that are configured. A chain with one
+/// configured channel is accepted and fails over to it.
+#[tokio::test]
+async fn a_send_over_channels_without_a_provider_is_refused() {
+    let w = world().await;
+    let h = &w.herald;
+    let to = |channels: Value| {
+        json!({
+            "recipient": { "email": "ada@example.com", "phone": "+4915112345678" },
+            "category": "transactional",
+            "channels": channels,
+            "content": { "subject": "Hello", "text": "Hello there." }
+        })
+    };
+    let (status, refused) = h.send(&to(json!(["push", "sms"]))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "channels", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("configured: email"),
+        "{refused}"
+    );
+    let (status, refused) = h
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "ada@example.com" }],
+                "category": "marketing",
+                "channels": ["telegram"],
+                "content": { "text": "Winter sale" }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "channels", "{refused}");
+
+    let id = h.send_accepted(&to(json!(["sms", "email"]))).await;
+    let sent = h.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "email", "{sent}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 async fn dead_letter_world() -> World {
     world_with(|config| {
         config.dispatch.retry.max_deliveries = 2;
