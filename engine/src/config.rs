@@ -791,6 +791,24 @@ fn levels(path: &serde_ignored::Path<'_>) -> Vec<String> {
     levels
 }
 
+impl ConfigError {
+    /// The error, with the keys no setting reads appended to a refusal: a misspelt key is often
+    /// why a required setting is missing (`acount_sid` for `account_sid`), and a refused start
+    /// logs no warnings.
+    fn naming_unknown_keys(self, unknown: &[UnknownKey]) -> Self {
+        match self {
+            Self::Invalid(message) if !unknown.is_empty() => {
+                let keys: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+                Self::Invalid(format!(
+                    "{message} (keys no setting reads, misspelt perhaps: {})",
+                    keys.join(", ")
+                ))
+            }
+            other => other,
+        }
+    }
+}
+
 impl Config {
     /// Defaults, then the TOML file (if given), then `HERALD_*` variables; checked, with the keys
     /// no setting reads and the warnings.
@@ -804,11 +822,13 @@ impl Config {
         let figment = figment.merge(env);
         // Lossy: a number or a boolean setting reads the text the variables are kept as.
         let ConfigAndIgnored { config, ignored } = figment.extract_lossy().map_err(Box::new)?;
-        config.validate()?;
-        let unknown_keys = ignored
+        let unknown_keys: Vec<UnknownKey> = ignored
             .iter()
             .flat_map(|path| UnknownKey::under(&figment, &env_metadata, path))
             .collect();
+        config
+            .validate()
+            .map_err(|err| err.naming_unknown_keys(&unknown_keys))?;
         let warnings = config.warnings();
         Ok(LoadedConfig {
             config,
@@ -1366,6 +1386,34 @@ mod tests {
             .collect();
         keys.sort();
         keys
+    }
+
+    #[test]
+    fn a_refusal_names_the_keys_no_setting_reads() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [channels.sms]
+                acount_sid = "AC123"
+                auth_token = "secret"
+                from = "+15005550006"
+                "#,
+            )?;
+            let err = Config::load(Some(Path::new("herald.toml")))
+                .err()
+                .ok_or("a configuration without account_sid loaded")?
+                .to_string();
+            assert!(
+                err.contains("channels.sms.account_sid is required"),
+                "{err}"
+            );
+            assert!(
+                err.contains("channels.sms.acount_sid (file herald.toml)"),
+                "the misspelt key is named: {err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]
