@@ -1925,6 +1925,33 @@ mod limits_tests {
                     })
                 }),
             ),
+            (
+                "channels.telegram.base_url \"api.telegram.org\" is not an http(s) URL",
+                Box::new(|c| {
+                    c.channels.telegram = Some(TelegramConfig {
+                        base_url: "api.telegram.org".into(),
+                        ..telegram()
+                    })
+                }),
+            ),
+            (
+                "channels.sms.base_url \"ftp://api.twilio.com\" is not an http(s) URL",
+                Box::new(|c| {
+                    c.channels.sms = Some(SmsConfig {
+                        base_url: "ftp://api.twilio.com".into(),
+                        ..sms()
+                    })
+                }),
+            ),
+            (
+                "channels.push.base_url \"\" is not an http(s) URL",
+                Box::new(|c| {
+                    c.channels.push = Some(PushConfig {
+                        base_url: String::new(),
+                        ..push()
+                    })
+                }),
+            ),
         ];
         for (key, change) in cases {
             let err = refusal(change).unwrap_or_else(|| panic!("{key}: accepted"));

@@ -9,6 +9,21 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 
 use super::ProviderError;
 
+/// Why a provider's `base_url` cannot be used, if it cannot: it must be an `http` or `https` URL
+/// with a host. Checked when the configuration is loaded, so that a typo (`api.telegram.org`
+/// without its scheme) stops the start instead of failing every send.
+pub fn base_url_problem(url: &str) -> Option<String> {
+    match reqwest::Url::parse(url.trim()) {
+        Err(err) => Some(err.to_string()),
+        Ok(url) if !matches!(url.scheme(), "http" | "https") => Some(format!(
+            "the scheme {:?} is not http or https",
+            url.scheme()
+        )),
+        Ok(url) if url.host_str().is_none_or(str::is_empty) => Some("it names no host".into()),
+        Ok(_) => None,
+    }
+}
+
 /// The `User-Agent` every provider sends.
 const USER_AGENT: &str = concat!("herald/", env!("CARGO_PKG_VERSION"));
 
@@ -163,6 +178,22 @@ pub(crate) fn snippet(body: &[u8], max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_base_url_needs_an_http_scheme_and_a_host() {
+        assert_eq!(base_url_problem("https://api.telegram.org"), None);
+        assert_eq!(base_url_problem("http://127.0.0.1:8081/"), None);
+        for bad in [
+            "api.telegram.org",
+            "",
+            "ftp://api.twilio.com",
+            "https://",
+            "mailto:a@b.c",
+        ] {
+            assert!(base_url_problem(bad).is_some(), "{bad:?} accepted");
+        }
+    }
+
     use super::*;
     use chrono::TimeZone;
 

@@ -80,6 +80,14 @@ pub enum PushConfigError {
     /// A required setting is empty.
     #[error("channels.push.{0} is required")]
     Missing(&'static str),
+    /// `base_url` is not an `http(s)` URL with a host.
+    #[error("channels.push.base_url {url:?} is not an http(s) URL: {reason}")]
+    BaseUrl {
+        /// The configured value.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// No way of authenticating is configured, and the environment names no key file.
     #[error(
         "channels.push.service_account_file (or channels.push.metadata_server, or \
@@ -211,6 +219,12 @@ impl PushConfig {
     pub fn check(&self) -> Result<(), PushConfigError> {
         if self.project_id.trim().is_empty() {
             return Err(PushConfigError::Missing("project_id"));
+        }
+        if let Some(reason) = http::base_url_problem(&self.base_url) {
+            return Err(PushConfigError::BaseUrl {
+                url: self.base_url.clone(),
+                reason,
+            });
         }
         self.credential_setting().map(|_| ())
     }

@@ -67,7 +67,13 @@ impl SmsConfig {
                 return Err(SmsConfigError::Missing(setting));
             }
         }
-        Ok(())
+        match http::base_url_problem(&self.base_url) {
+            Some(reason) => Err(SmsConfigError::BaseUrl {
+                url: self.base_url.clone(),
+                reason,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -77,6 +83,14 @@ pub enum SmsConfigError {
     /// A required setting is empty.
     #[error("channels.sms.{0} is required")]
     Missing(&'static str),
+    /// `base_url` is not an `http(s)` URL with a host.
+    #[error("channels.sms.base_url {url:?} is not an http(s) URL: {reason}")]
+    BaseUrl {
+        /// The configured value.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The HTTP client could not be built.
     #[error("cannot build the SMS HTTP client: {0}")]
     Client(String),

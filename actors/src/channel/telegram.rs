@@ -58,10 +58,16 @@ impl TelegramConfig {
         self.checked_parse_mode().map(|_| ())
     }
 
-    /// The parse mode, after checking that the token is set.
+    /// The parse mode, after checking that the token is set and the base URL usable.
     fn checked_parse_mode(&self) -> Result<Option<ParseMode>, TelegramConfigError> {
         if self.bot_token.trim().is_empty() {
             return Err(TelegramConfigError::MissingToken);
+        }
+        if let Some(reason) = http::base_url_problem(&self.base_url) {
+            return Err(TelegramConfigError::BaseUrl {
+                url: self.base_url.clone(),
+                reason,
+            });
         }
         self.parse_mode.as_deref().map(ParseMode::parse).transpose()
     }
@@ -73,6 +79,14 @@ pub enum TelegramConfigError {
     /// `bot_token` is empty.
     #[error("channels.telegram.bot_token is required")]
     MissingToken,
+    /// `base_url` is not an `http(s)` URL with a host.
+    #[error("channels.telegram.base_url {url:?} is not an http(s) URL: {reason}")]
+    BaseUrl {
+        /// The configured value.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The HTTP client could not be built.
     #[error("cannot build the Telegram HTTP client: {0}")]
     Client(String),
