@@ -240,8 +240,15 @@ pub async fn deliver(
     };
     let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
         Ok(contacts) => contacts,
+        Err(UnknownCustomer(customer)) if !ctx.retry.is_last(copy.count) => {
+            wait_for_customer(&ctx, &command, &customer, copy.count, acker, permit);
+            return;
+        }
         Err(UnknownCustomer(customer)) => {
-            let reason = format!("unknown customer {customer:?} and no contacts given");
+            let reason = format!(
+                "unknown customer {customer:?} and no contacts given (given up at delivery {})",
+                copy.count
+            );
             dead(
                 &ctx,
                 &command,
@@ -448,6 +455,36 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
 
 /// A command for a customer id nobody stored, with no contacts of its own for its chain.
 struct UnknownCustomer(String);
+
+/// Holds a command whose customer does not exist (yet) back for the retry schedule's next delay,
+/// recorded `processing` with the reason: a customer may be registered a moment after the send
+/// that names it, as the Router waits for an event's. Its last delivery dead-letters it. Not a
+/// [`Gate::Defer`]: a long one would become `scheduled` and come back as a new message, whose
+/// deliveries count from one again, so it would wait for ever.
+fn wait_for_customer(
+    ctx: &DeliveryContext,
+    command: &SendCommand,
+    customer: &str,
+    delivered: u64,
+    acker: Acker,
+    permit: Lease,
+) {
+    let delay = ctx.retry.delay(delivered, None, rand::random());
+    let change = StatusChange {
+        reason: Some(format!(
+            "waiting for customer {customer:?} to exist (no contacts given); again in {} s",
+            delay.as_secs()
+        )),
+        ..StatusChange::to(command.notification_id, NotificationStatus::Processing)
+    };
+    write(
+        ctx,
+        vec![change],
+        vec![],
+        AfterWrite::Nak(acker, delay),
+        Some(permit),
+    );
+}
 
 /// The request's contacts over the stored customer's.
 fn resolve_contacts(

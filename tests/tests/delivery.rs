@@ -18,12 +18,17 @@ struct World {
 }
 
 async fn world() -> World {
+    world_with(|_| {}).await
+}
+
+async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     let nats = NatsServer::start().await.expect("nats-server starts");
     let smtp = SmtpSink::start().await.expect("smtp sink starts");
     let db = TestDatabase::from_env().await.expect("database");
     let mut config = test_config(&nats, &db, &smtp);
     // A send whose request stopped before publishing goes out 2 s later, not 30 s.
     config.scheduler.stale_claim_secs = 2;
+    tune(&mut config);
     let herald = TestHerald::start(config).await.expect("herald starts");
     World {
         nats,
@@ -466,5 +471,67 @@ async fn a_deleted_dispatch_consumer_is_bound_again() {
     w.herald.wait_status(&second, "sent").await;
     let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
     assert_eq!(mails[1].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+fn to_customer(customer_id: &str) -> Value {
+    json!({
+        "recipient": { "customer_id": customer_id },
+        "category": "account",
+        "channels": ["email"],
+        "content": { "subject": "Welcome", "text": "Welcome aboard." }
+    })
+}
+
+/// A send naming a customer registered a moment later (the sign-up service and the welcome
+/// sender race) went `dead` at its first delivery. It now waits on the retry schedule, recorded
+/// `processing` with the reason, and goes out once the customer exists.
+#[tokio::test]
+async fn a_send_to_a_customer_registered_a_moment_later_waits_for_them() {
+    // Room for many retries, so that the customer is created well inside the window.
+    let w = world_with(|config| config.dispatch.retry.max_deliveries = 50).await;
+    let id = w.herald.send_accepted(&to_customer("c-later")).await;
+    let path = format!("/api/v1/notifications/{id}");
+    let waiting = eventually("the send to wait for its customer", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&path).await;
+        let reason = json["status_reason"].as_str().unwrap_or_default();
+        (json["status"] == "processing" && reason.contains("waiting for customer \"c-later\""))
+            .then_some(json)
+    })
+    .await;
+    assert!(
+        waiting["attempts"].as_array().is_none_or(Vec::is_empty),
+        "{waiting}"
+    );
+
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-later", "name": "Ada", "email": "later@example.com", "locale": "en",
+                    "timezone": "Europe/Berlin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert!(sent["status_reason"].is_null(), "{sent}");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["later@example.com".to_string()]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A customer that never comes: dead-lettered at the retry policy's last delivery, with why.
+#[tokio::test]
+async fn a_send_to_a_customer_that_never_exists_dies_at_the_last_delivery() {
+    let w = world_with(|config| config.dispatch.retry.max_deliveries = 3).await;
+    let id = w.herald.send_accepted(&to_customer("c-never")).await;
+    let dead = w.herald.wait_status(&id, "dead").await;
+    let reason = dead["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("unknown customer \"c-never\" and no contacts given")
+            && reason.contains("given up at delivery 3"),
+        "{dead}"
+    );
+    assert_eq!(w.smtp.count(), 0);
     w.herald.shutdown().await.expect("clean shutdown");
 }
