@@ -197,11 +197,11 @@ pub async fn route(
             "oversized event: {} bytes (limit {MAX_EVENT_BYTES})",
             message.payload.len()
         );
-        return dead_letter_and_ack(&ctx, poison(reason), acker).await;
+        return unreadable(&ctx, poison(reason), acker).await;
     }
     let event = match DomainEvent::decode(&message.payload) {
         Ok(event) => event,
-        Err(err) => return dead_letter_and_ack(&ctx, poison(err.to_string()), acker).await,
+        Err(err) => return unreadable(&ctx, poison(err.to_string()), acker).await,
     };
     let data = event.data.to_json();
     let matched = rules::matching(&ctx.rules, event.event_type(), &data);
@@ -397,9 +397,12 @@ async fn dead_letter(ctx: &RouterContext, letter: Poison) -> bool {
     }
 }
 
-async fn dead_letter_and_ack(ctx: &RouterContext, letter: Poison, acker: Acker) {
+/// Dead-letters a message that is not a readable event (malformed, oversized, of an unknown
+/// version or type), counted as the dispatcher counts its unreadable commands.
+async fn unreadable(ctx: &RouterContext, letter: Poison, acker: Acker) {
     let delivered = letter.delivered;
     if dead_letter(ctx, letter).await {
+        metrics::counter!("herald_poison_messages_total", "consumer" => "router").increment(1);
         let _ = acker.ack().await;
     } else {
         nak(ctx, acker, delivered).await;

@@ -674,6 +674,15 @@ async fn malformed_events_are_dead_lettered_and_the_router_keeps_going() {
         reasons.iter().any(|r| r.contains("unknown event type")),
         "{reasons:?}"
     );
+    // Counted as unreadable, as the dispatcher's poison commands are (the recorder is shared by
+    // the tests of this process: at least these three).
+    let router = [("consumer", "router")];
+    assert!(
+        w.herald
+            .metric("herald_poison_messages_total", &router)
+            .await
+            >= 3.0
+    );
     w.router_idle().await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
