@@ -403,6 +403,15 @@ pub(crate) struct EntryFilter {
 }
 
 impl EntryFilter {
+    /// Entries of one `kind` (every kind when `None`) whose reason contains `reason`, if given.
+    pub(crate) fn of(kind: Option<DlqKind>, reason: Option<String>) -> Self {
+        Self {
+            kind,
+            reason,
+            ..Self::default()
+        }
+    }
+
     /// The filter, or 400 when it asks events for what only send commands have.
     fn checked(self) -> Result<Self, ApiError> {
         if self.kind == Some(DlqKind::Events) {

@@ -25,7 +25,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 const INJECTION: &str = "<script>alert('xss')</script><img src=x onerror=\"alert('img');document.body.dataset.pwned=1\">";
 
 struct World {
-    _nats: NatsServer,
+    nats: NatsServer,
     smtp: SmtpSink,
     db: TestDatabase,
     provider: MockServer,
@@ -51,7 +51,7 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
     tune(&mut config);
     let herald = TestHerald::start(config).await.expect("herald");
     World {
-        _nats: nats,
+        nats,
         smtp,
         db,
         provider,
@@ -387,6 +387,110 @@ fn artifacts() -> PathBuf {
     let dir = target.join("test-artifacts").join("dashboard");
     std::fs::create_dir_all(&dir).expect("artifact directory");
     dir
+}
+
+/// Publishes `payload` on the dead-letter stream with `reason`, as a consumer giving up does.
+async fn dead_letter(nats: &NatsServer, source: &str, reason: &str, payload: Vec<u8>) {
+    let js = async_nats::jetstream::new(nats.client().await.expect("nats client"));
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(herald_nats::subjects::HEADER_DLQ_REASON, reason);
+    js.publish_with_headers(
+        herald_nats::subjects::dlq_subject(source),
+        headers,
+        payload.into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+}
+
+/// The dead-letters page shows one kind of entry, or those whose reason contains a text, and its
+/// next page's link keeps the filter.
+#[tokio::test]
+async fn dead_letters_are_filtered_by_kind_and_reason() {
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let event = |id: uuid::Uuid, customer: &str| {
+        json!({"v": 1, "id": id, "type": "orders.created", "occurred_at": "2026-12-06T10:00:00Z",
+               "data": {"customer_id": customer, "order_number": "7001", "total_minor": 100,
+                        "currency": "EUR"}})
+        .to_string()
+        .into_bytes()
+    };
+    let (late, broken) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    dead_letter(
+        &w.nats,
+        "events",
+        "rule order_placed: unknown customer \"c-late\"",
+        event(late, "c-late"),
+    )
+    .await;
+    dead_letter(
+        &w.nats,
+        "events",
+        "rule order_placed: template order_note does not exist",
+        event(broken, "c-ok"),
+    )
+    .await;
+    let command = herald_nats::SendCommand {
+        v: herald_nats::SCHEMA_VERSION,
+        notification_id: uuid::Uuid::now_v7(),
+        customer_id: None,
+        contacts: herald_nats::Contacts {
+            email: Some("ada@example.com".into()),
+            ..Default::default()
+        },
+        category: herald_nats::Category::Transactional,
+        channels: vec![herald_nats::Channel::Email],
+        content: herald_nats::Content {
+            subject: None,
+            text: "Hello".into(),
+            html: None,
+            short: None,
+            template: None,
+        },
+        created_at: chrono::Utc::now(),
+    };
+    let notification = command.notification_id.to_string();
+    dead_letter(
+        &w.nats,
+        "cmd",
+        "gave up after 2 rounds: unknown customer",
+        command.encode().expect("encoded").to_vec(),
+    )
+    .await;
+    let (_, cookie, _) = login(&base, w.herald.admin_key()).await;
+    let cookie = cookie.expect("a session cookie");
+    let cookie = cookie.split(';').next().expect("name=value").to_string();
+    let page = |path: &'static str| {
+        let (base, cookie) = (base.clone(), cookie.clone());
+        async move {
+            let response = get_page(&base, path, Some(&cookie)).await;
+            (response.status(), response.text().await.unwrap_or_default())
+        }
+    };
+
+    let (status, all) = page("/dead-letters").await;
+    assert_eq!(status, StatusCode::OK);
+    for shown in [late.to_string(), broken.to_string(), notification.clone()] {
+        assert!(all.contains(&shown), "{shown} without a filter");
+    }
+    let (status, events) = page("/dead-letters?kind=events&reason=unknown+customer").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(events.contains(&late.to_string()), "{events}");
+    assert!(!events.contains(&broken.to_string()), "another reason");
+    assert!(!events.contains(&notification), "a command");
+    assert!(
+        events.contains(r#"<option value="events" selected>"#),
+        "the form shows the filter"
+    );
+    let (_, commands) = page("/dead-letters?kind=commands").await;
+    assert!(commands.contains(&notification), "{commands}");
+    assert!(!commands.contains(&late.to_string()), "an event");
+    let (status, _) = page("/dead-letters?kind=orders").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    w.herald.shutdown().await.expect("shutdown");
 }
 
 async fn screenshot(browser: &Client, name: &str, db: &TestDatabase) {
