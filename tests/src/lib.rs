@@ -66,6 +66,30 @@ pub async fn stored_status(
         .status
 }
 
+/// The send command of a transactional email of `text` to `to` for notification `id`, as the
+/// API publishes one.
+pub fn email_command(id: uuid::Uuid, to: &str, text: &str) -> herald_nats::SendCommand {
+    herald_nats::SendCommand {
+        v: herald_nats::SCHEMA_VERSION,
+        notification_id: id,
+        customer_id: None,
+        contacts: herald_nats::Contacts {
+            email: Some(to.into()),
+            ..Default::default()
+        },
+        category: herald_nats::Category::Transactional,
+        channels: vec![herald_nats::Channel::Email],
+        content: herald_nats::Content {
+            subject: None,
+            text: text.into(),
+            html: None,
+            short: None,
+            template: None,
+        },
+        created_at: chrono::Utc::now(),
+    }
+}
+
 /// A `queued` email notification for ada@example.com, as the API stores one, ready to insert.
 pub fn queued_notification(
     request_id: Option<String>,

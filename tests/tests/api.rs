@@ -727,25 +727,7 @@ async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
     for _ in 0..2 {
         dead_letter(&w.nats, "router", br#"{"v":1,"event":"x"}"#.to_vec()).await;
     }
-    let orphan = herald_nats::SendCommand {
-        v: herald_nats::SCHEMA_VERSION,
-        notification_id: uuid::Uuid::now_v7(),
-        customer_id: None,
-        contacts: herald_nats::Contacts {
-            email: Some("gone@example.com".into()),
-            ..Default::default()
-        },
-        category: herald_nats::Category::Transactional,
-        channels: vec![herald_nats::Channel::Email],
-        content: herald_nats::Content {
-            subject: None,
-            text: "gone".into(),
-            html: None,
-            short: None,
-            template: None,
-        },
-        created_at: chrono::Utc::now(),
-    };
+    let orphan = herald_tests::email_command(uuid::Uuid::now_v7(), "gone@example.com", "gone");
     dead_letter(
         &w.nats,
         "dispatch",

@@ -433,25 +433,7 @@ async fn dead_letters_are_filtered_by_kind_and_reason() {
         event(broken, "c-ok"),
     )
     .await;
-    let command = herald_nats::SendCommand {
-        v: herald_nats::SCHEMA_VERSION,
-        notification_id: uuid::Uuid::now_v7(),
-        customer_id: None,
-        contacts: herald_nats::Contacts {
-            email: Some("ada@example.com".into()),
-            ..Default::default()
-        },
-        category: herald_nats::Category::Transactional,
-        channels: vec![herald_nats::Channel::Email],
-        content: herald_nats::Content {
-            subject: None,
-            text: "Hello".into(),
-            html: None,
-            short: None,
-            template: None,
-        },
-        created_at: chrono::Utc::now(),
-    };
+    let command = herald_tests::email_command(uuid::Uuid::now_v7(), "ada@example.com", "Hello");
     let notification = command.notification_id.to_string();
     dead_letter(
         &w.nats,

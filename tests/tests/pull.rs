@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull, stream
 use futures::StreamExt;
 use herald_actors::pull::{Gate, Open, Pull, pull_loop};
 use herald_entities::{NotificationStatus, repo};
+use herald_nats::NatsError;
 use herald_nats::subjects::{self, partition_for};
-use herald_nats::{Category, Channel, Contacts, Content, NatsError, SCHEMA_VERSION, SendCommand};
 use herald_tests::{
     HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually, migrated, queued_notification,
     stored_status,
@@ -334,25 +334,7 @@ async fn an_instance_frozen_past_its_lease_delivers_the_waiting_command_once_it_
         .expect("notification stored");
 
     instance.freeze().expect("SIGSTOP");
-    let command = SendCommand {
-        v: SCHEMA_VERSION,
-        notification_id: id,
-        customer_id: None,
-        contacts: Contacts {
-            email: Some("ada@example.com".into()),
-            ..Default::default()
-        },
-        category: Category::Transactional,
-        channels: vec![Channel::Email],
-        content: Content {
-            subject: Some("Order shipped".into()),
-            text: "Your order shipped.".into(),
-            html: None,
-            short: None,
-            template: None,
-        },
-        created_at: chrono::Utc::now(),
-    };
+    let command = herald_tests::email_command(id, "ada@example.com", "Your order shipped.");
     js.publish(
         subjects::command_subject(partition),
         command.encode().expect("encoded"),
