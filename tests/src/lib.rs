@@ -66,6 +66,19 @@ pub async fn stored_status(
         .status
 }
 
+/// How many times JetStream had delivered the message an answer (ack, progress, NAK) is for, with
+/// its stream, read from the answer's subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or
+/// with a domain and account hash before the stream.
+pub fn delivered_of_ack(subject: &str) -> Option<(String, u64)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    let (stream, delivered) = match tokens.len() {
+        9 => (tokens[2], tokens[4]),
+        n if n >= 11 => (tokens[4], tokens[6]),
+        _ => return None,
+    };
+    Some((stream.to_string(), delivered.parse().ok()?))
+}
+
 /// The send command of a transactional email of `text` to `to` for notification `id`, as the
 /// API publishes one.
 pub fn email_command(id: uuid::Uuid, to: &str, text: &str) -> herald_nats::SendCommand {

@@ -88,6 +88,10 @@ fn everyone() -> Value {
     })
 }
 
+fn sms_path() -> wiremock::matchers::PathExactMatcher {
+    path("/2010-04-01/Accounts/AC1/Messages.json")
+}
+
 fn telegram_path() -> wiremock::matchers::PathExactMatcher {
     path("/bot42:TESTTOKEN/sendMessage")
 }
@@ -402,7 +406,7 @@ async fn a_permanent_error_moves_on_without_retrying_that_channel() {
         .mount_as_scoped(&w.provider)
         .await;
     Mock::given(method("POST"))
-        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .and(sms_path())
         .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
         .mount(&w.provider)
         .await;
@@ -575,19 +579,6 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
-/// How many times JetStream had delivered the command an ack, progress or NAK answers, read from
-/// its reply subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or with a domain and account
-/// hash before the stream.
-fn delivered_of_ack(subject: &str) -> Option<(String, u64)> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let (stream, delivered) = match tokens.len() {
-        9 => (tokens[2], tokens[4]),
-        n if n >= 11 => (tokens[4], tokens[6]),
-        _ => return None,
-    };
-    Some((stream.to_string(), delivered.parse().ok()?))
-}
-
 #[tokio::test]
 async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
     // Three channels of 1.2 s each outlast a 2 s ack_wait: only the delivery's progress
@@ -600,7 +591,7 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
         .mount(&w.provider)
         .await;
     Mock::given(method("POST"))
-        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .and(sms_path())
         .respond_with(ResponseTemplate::new(500).set_delay(slow))
         .mount(&w.provider)
         .await;
@@ -645,7 +636,8 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
         let Ok(Some(message)) = next else {
             panic!("no ack of the command within {E2E_TIMEOUT:?}; answers seen: {answers:?}");
         };
-        let Some((stream, delivered)) = delivered_of_ack(message.subject.as_str()) else {
+        let Some((stream, delivered)) = herald_tests::delivered_of_ack(message.subject.as_str())
+        else {
             continue;
         };
         if stream == "NOTIFY" {
@@ -677,14 +669,14 @@ async fn a_retry_round_does_not_call_a_channel_that_refused_for_good() {
         .await;
     // SMS is down for the first round only.
     Mock::given(method("POST"))
-        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .and(sms_path())
         .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&w.provider)
         .await;
     Mock::given(method("POST"))
-        .and(path("/2010-04-01/Accounts/AC1/Messages.json"))
+        .and(sms_path())
         .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
         .mount(&w.provider)
         .await;

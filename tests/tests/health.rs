@@ -163,28 +163,33 @@ async fn durations_are_exposed_as_prometheus_histograms() {
     let text = herald.metrics_text().await;
     assert!(!text.contains(" summary\n"), "no summaries: {text}");
     assert!(!text.contains("quantile="), "no summaries: {text}");
-    let bucket = |name: &str, label: &str| {
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}_bucket{{")))
-            .filter(|line| line.contains(label) && line.contains("le=\"+Inf\""))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
     assert!(
         text.contains("# TYPE herald_attempt_seconds histogram"),
         "{text}"
     );
     assert!(
-        bucket("herald_attempt_seconds", "channel=\"email\"") >= 1.0,
+        herald
+            .metric(
+                "herald_attempt_seconds_bucket",
+                &[("channel", "email"), ("le", "+Inf")]
+            )
+            .await
+            >= 1.0,
         "an email attempt in the +Inf bucket: {text}"
     );
     assert!(
         text.contains("# TYPE herald_api_send_stage_seconds histogram"),
         "{text}"
     );
-    for stage in ["stage=\"store\"", "stage=\"publish\""] {
+    for stage in ["store", "publish"] {
         assert!(
-            bucket("herald_api_send_stage_seconds", stage) >= 1.0,
+            herald
+                .metric(
+                    "herald_api_send_stage_seconds_bucket",
+                    &[("stage", stage), ("le", "+Inf")]
+                )
+                .await
+                >= 1.0,
             "a send's {stage} in the +Inf bucket: {text}"
         );
     }

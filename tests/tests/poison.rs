@@ -186,19 +186,6 @@ async fn nats_restarted_mid_run_loses_nothing() {
     herald.shutdown().await.expect("shutdown");
 }
 
-/// How many times JetStream had delivered the command an answer (ack, NAK) is for, with the stream,
-/// read from the answer's subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or with a domain
-/// and account hash before the stream.
-fn delivered_of_ack(subject: &str) -> Option<(String, u64)> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let (stream, delivered) = match tokens.len() {
-        9 => (tokens[2], tokens[4]),
-        n if n >= 11 => (tokens[4], tokens[6]),
-        _ => return None,
-    };
-    Some((stream.to_string(), delivered.parse().ok()?))
-}
-
 #[tokio::test]
 async fn a_command_of_a_newer_version_waits_for_an_upgraded_instance_then_dies() {
     const HOLDS: u64 = 4;
@@ -250,7 +237,7 @@ async fn a_command_of_a_newer_version_waits_for_an_upgraded_instance_then_dies()
         let Ok(Some(message)) = next else {
             panic!("the command was not acked within {E2E_TIMEOUT:?}; answers: {seen:?}");
         };
-        if let Some((stream, delivered)) = delivered_of_ack(message.subject.as_str())
+        if let Some((stream, delivered)) = herald_tests::delivered_of_ack(message.subject.as_str())
             && stream == "NOTIFY"
         {
             seen.push((delivered, String::from_utf8_lossy(&message.payload).into()));
