@@ -26,8 +26,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Channel, CommandDecodeError, Contacts, DeadLetterHeaders, Publisher, SCHEMA_VERSION,
-    SendCommand,
+    Channel, CommandDecodeError, Contacts, DeadLetterHeaders, MAX_COMMAND_BYTES, Publisher,
+    SCHEMA_VERSION, SendCommand,
 };
 use ractor::{ActorRef, rpc::CallResult};
 
@@ -56,9 +56,6 @@ pub const REFUSED_EARLIER: &str = "refused_earlier";
 
 /// When a notification whose status changed while it was being claimed is claimed again.
 const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);
-
-/// Largest command accepted: the API's limits (256 KiB text and HTML each) plus headroom.
-pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 
 /// What a delivery needs; shared by all delivery tasks.
 pub struct DeliveryContext {

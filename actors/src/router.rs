@@ -25,8 +25,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, Content, DeadLetterHeaders, DomainEvent, Publisher, StreamSettings,
-    TemplateRef,
+    Category, Channel, Contacts, Content, DeadLetterHeaders, DomainEvent, MAX_COMMAND_BYTES,
+    Publisher, SCHEMA_VERSION, SendCommand, StreamSettings, TemplateRef,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -38,7 +38,7 @@ use crate::retry::RetryPolicy;
 use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
 
-use herald_nats::events::MAX_EVENT_BYTES;
+use herald_nats::events::{MAX_EVENT_BYTES, router_request_id};
 /// The dead-letter source of events: `notify.dlq.events`.
 pub const DLQ_SOURCE: &str = "events";
 
@@ -269,7 +269,14 @@ async fn notify(
         .map_err(|e| retry(&e))?
         .ok_or_else(|| unknown_customer(ctx, customer_id, delivered))?;
     let content = render(ctx, &rule.template, event, &customer).await?;
-    let row = new_notification(ctx, event, rule, &customer, content);
+    let command = send_command(ctx, event, rule, &customer, content);
+    if let Err(len) = command.check_size() {
+        return Err(Failure::DeadLetter(format!(
+            "the notification rendered takes {len} bytes as a send command; the limit is \
+             {MAX_COMMAND_BYTES}"
+        )));
+    }
+    let row = new_notification(event, rule, command);
     match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
         Inserted::New(stored) | Inserted::Duplicate(stored) => {
             publish_if_queued(ctx, &stored).await
@@ -315,34 +322,49 @@ async fn render(
         })
 }
 
-/// The notification row for `rule` and `event`, addressed to `customer`.
-fn new_notification(
+/// The send command for `rule`'s notification of `event`, addressed to `customer`.
+fn send_command(
     ctx: &RouterContext,
     event: &DomainEvent,
     rule: &Rule,
     customer: &customer::Model,
     content: Content,
-) -> NewNotification {
+) -> SendCommand {
     let channels = rule
         .channels
         .clone()
         .or_else(|| ctx.default_chains.get(&rule.category).cloned())
         .unwrap_or_else(|| vec![Channel::Email]);
-    NewNotification {
-        id: rule.notification_id(event),
-        // The event and rule are the idempotency key, like a caller's request id.
-        request_id: Some(format!("event:{}:{}", event.id, rule.name)),
+    SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: rule.notification_id(event),
         customer_id: Some(customer.external_id.clone()),
-        recipient_key: customer.external_id.clone(),
+        contacts: Contacts::default(),
+        category: rule.category,
+        channels,
+        content,
+        created_at: Utc::now(),
+    }
+}
+
+/// The notification row of `command`, which `rule` made from `event`.
+fn new_notification(event: &DomainEvent, rule: &Rule, command: SendCommand) -> NewNotification {
+    let recipient_key = command.customer_id.clone().unwrap_or_default();
+    NewNotification {
+        id: command.notification_id,
+        // The event and rule are the idempotency key, like a caller's request id.
+        request_id: Some(router_request_id(event.id, &rule.name)),
+        customer_id: command.customer_id,
+        recipient_key,
         contacts: serde_json::json!({}),
-        category: rule.category.as_str().into(),
-        channels: serde_json::json!(channels),
-        content: serde_json::to_value(&content).unwrap_or_default(),
+        category: command.category.as_str().into(),
+        channels: serde_json::json!(command.channels),
+        content: serde_json::to_value(&command.content).unwrap_or_default(),
         status: NotificationStatus::Queued,
         scheduled_at: None,
         // A redelivered event publishes a command that never went out; no mark is needed.
         status_reason: None,
-        created_at: Utc::now(),
+        created_at: command.created_at,
     }
 }
 

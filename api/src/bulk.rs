@@ -8,7 +8,7 @@
 use chrono::{DateTime, Utc};
 use herald_entities::repo::{self, batches::CustomerFilter};
 use herald_nats::{
-    Category, Content, SCHEMA_VERSION,
+    Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
@@ -177,6 +177,7 @@ impl BulkApi {
             }
         };
         check_template(&self.state, &content, &target).await?;
+        check_command_size(category, &channels, &content, &target)?;
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -275,6 +276,51 @@ fn naming_recipient(err: ApiError, key: &str) -> ApiError {
         }
         other => other,
     }
+}
+
+/// Refuses content whose send command would be larger than a dispatcher takes for some
+/// recipient: the command without a recipient, plus the most a recipient adds to it (as JSON, an
+/// upper bound: their variables are counted beside the template's even where they replace them).
+fn check_command_size(
+    category: Category,
+    channels: &[Channel],
+    content: &Content,
+    target: &BatchTarget,
+) -> Result<(), ApiError> {
+    let most_added = match target {
+        BatchTarget::Recipients { recipients } => recipients
+            .iter()
+            .map(|r| serde_json::to_vec(r).map_or(0, |json| json.len()))
+            .max()
+            .unwrap_or(0),
+        // A stored customer adds only its id, each character escaped at worst.
+        BatchTarget::Filter { .. } => {
+            r#","customer_id":"""#.len() + 2 * validate::MAX_EXTERNAL_ID + 1
+        }
+    };
+    let without_recipient = SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: Uuid::nil(),
+        customer_id: None,
+        contacts: Contacts::default(),
+        category,
+        channels: channels.to_vec(),
+        content: content.clone(),
+        created_at: Utc::now(),
+    };
+    let len = without_recipient.encoded_len() + most_added;
+    if len > MAX_COMMAND_BYTES {
+        let field = notifications::message_field(content);
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "a recipient's notification may take {len} bytes as a send command (JSON, with \
+                 its quotes, backslashes and line breaks escaped); the limit is \
+                 {MAX_COMMAND_BYTES}: shorten the {field}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Validates listed recipients; repeated recipients (same key) are kept once. Their own

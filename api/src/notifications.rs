@@ -10,7 +10,10 @@ use herald_entities::{
         schedule::PUBLISH_PENDING,
     },
 };
-use herald_nats::{Category, Channel, Contacts, Content, SCHEMA_VERSION, SendCommand};
+use herald_nats::{
+    Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
+    events::ROUTER_REQUEST_ID_PREFIX,
+};
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
     param::{Header, Path},
@@ -496,6 +499,15 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
                 format!("request_id must be 1 to {MAX_REQUEST_ID} characters"),
             ));
         }
+        Some(id) if id.starts_with(ROUTER_REQUEST_ID_PREFIX) => {
+            return Err(ApiError::invalid(
+                "request_id",
+                format!(
+                    "request ids starting with {ROUTER_REQUEST_ID_PREFIX:?} are the Router's (one per \
+                     event and rule); choose another"
+                ),
+            ));
+        }
         other => other,
     };
     let ValidRecipient {
@@ -517,20 +529,47 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         Some(at) if at > now => Some(at),
         _ => None,
     };
+    let command = SendCommand {
+        v: SCHEMA_VERSION,
+        notification_id: Uuid::now_v7(),
+        customer_id,
+        contacts,
+        category,
+        channels,
+        content,
+        created_at: Utc::now(),
+    };
+    check_command_size(&command)?;
     Ok(ValidSend {
         scheduled_at,
-        command: SendCommand {
-            v: SCHEMA_VERSION,
-            notification_id: Uuid::now_v7(),
-            customer_id,
-            contacts,
-            category,
-            channels,
-            content,
-            created_at: Utc::now(),
-        },
+        command,
         request_id,
         recipient_key,
+    })
+}
+
+/// The request field that gave `content`: `template` or `content`.
+pub(crate) fn message_field(content: &Content) -> &'static str {
+    match content.template {
+        Some(_) => "template",
+        None => "content",
+    }
+}
+
+/// Refuses a notification whose send command would be larger than a dispatcher takes
+/// ([`MAX_COMMAND_BYTES`]): the fields' own limits count characters, while the command is JSON,
+/// in which every quote, backslash and line break takes two bytes or more.
+pub(crate) fn check_command_size(command: &SendCommand) -> Result<(), ApiError> {
+    command.check_size().map_err(|len| {
+        let field = message_field(&command.content);
+        ApiError::invalid(
+            field,
+            format!(
+                "the notification takes {len} bytes as a send command (JSON, with its quotes, \
+                 backslashes and line breaks escaped); the limit is {MAX_COMMAND_BYTES}: shorten \
+                 the {field}"
+            ),
+        )
     })
 }
 

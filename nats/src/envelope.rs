@@ -13,6 +13,11 @@ use crate::versioned::{self, Versioned, VersionedError};
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u16 = 1;
 
+/// Largest send command a dispatcher takes; a larger one is dead-lettered unread. Whoever makes a
+/// command (the API, the Router, a bulk fan-out) checks [`SendCommand::encoded_len`] against it
+/// before storing the notification, so nothing is stored that could never be sent.
+pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
+
 /// A delivery channel; a notification walks a chain of these until one carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
@@ -226,6 +231,20 @@ pub struct SendCommand {
     pub created_at: DateTime<Utc>,
 }
 
+/// Counts the bytes written to it.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Why a message could not be decoded; the reason goes into the dead letter's headers.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandDecodeError {
@@ -244,6 +263,24 @@ impl SendCommand {
     /// Encodes the command as JSON.
     pub fn encode(&self) -> Result<bytes::Bytes, serde_json::Error> {
         serde_json::to_vec(self).map(bytes::Bytes::from)
+    }
+
+    /// The length of [`SendCommand::encode`]'s output, counted without building it. JSON escapes
+    /// quotes, backslashes and control characters, so a text's command can be larger than the
+    /// text.
+    pub fn encoded_len(&self) -> usize {
+        let mut counter = ByteCounter(0);
+        // Serialising these types cannot fail (string keys only), and the counter never does.
+        let _ = serde_json::to_writer(&mut counter, self);
+        counter.0
+    }
+
+    /// Whether the command is at most [`MAX_COMMAND_BYTES`] long; otherwise its length.
+    pub fn check_size(&self) -> Result<(), usize> {
+        match self.encoded_len() {
+            len if len > MAX_COMMAND_BYTES => Err(len),
+            _ => Ok(()),
+        }
     }
 
     /// Decodes a command, telling a malformed message from an unknown version. A command is
@@ -316,6 +353,25 @@ mod tests {
         let cmd = command();
         let bytes = cmd.encode().unwrap();
         assert_eq!(SendCommand::decode(&bytes).unwrap(), cmd);
+    }
+
+    #[test]
+    fn encoded_len_is_the_encoding_s_length_escapes_included() {
+        let mut cmd = command();
+        cmd.content.text = "\"line\"\n\u{1}".repeat(1000);
+        assert_eq!(cmd.encoded_len(), cmd.encode().unwrap().len());
+        assert!(cmd.encoded_len() > cmd.content.text.len() + 1000);
+    }
+
+    #[test]
+    fn check_size_refuses_a_command_escaping_beyond_the_limit() {
+        let mut cmd = command();
+        cmd.content.text = "a".repeat(MAX_COMMAND_BYTES / 2);
+        assert_eq!(cmd.check_size(), Ok(()));
+        // The same number of characters, each escaped to two bytes.
+        cmd.content.text = "\n".repeat(MAX_COMMAND_BYTES / 2);
+        let len = cmd.check_size().expect_err("twice as long as JSON");
+        assert_eq!(len, cmd.encode().unwrap().len());
     }
 
     #[test]

@@ -334,6 +334,16 @@ pub enum EventDecodeError {
     },
 }
 
+/// How the request id of a notification the Router makes from an event begins; the API refuses
+/// callers' request ids that begin so ([`router_request_id`]).
+pub const ROUTER_REQUEST_ID_PREFIX: &str = "event:";
+
+/// The request id of the notification `rule` makes from the event `event_id`: the event and the
+/// rule are its idempotency key, like a caller's request id.
+pub fn router_request_id(event_id: Uuid, rule: &str) -> String {
+    format!("{ROUTER_REQUEST_ID_PREFIX}{event_id}:{rule}")
+}
+
 /// Largest event the Router routes; a larger one is dead-lettered unread. The orders API refuses
 /// an order whose event would be larger.
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;

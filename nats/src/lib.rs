@@ -21,8 +21,8 @@ mod versioned;
 pub use connect::{Connection, NatsAuth, NatsTls, connect};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use envelope::{
-    Category, Channel, CommandDecodeError, Contacts, Content, SCHEMA_VERSION, SendCommand,
-    StatusEvent, TemplateRef,
+    Category, Channel, CommandDecodeError, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
+    SendCommand, StatusEvent, TemplateRef,
 };
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};

@@ -585,6 +585,75 @@ async fn a_send_over_channels_without_a_provider_is_refused() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A text within its own limit that JSON escaping makes too large for a send command is refused,
+/// by single and bulk sends alike, before anything is stored: a dispatcher would dead-letter such
+/// a command unread and the notification would stay `queued`.
+#[tokio::test]
+async fn content_too_large_as_a_command_is_refused_and_nothing_is_stored() {
+    let w = world().await;
+    let h = &w.herald;
+    // Each field within its 256 KiB; as JSON, each line break and quote takes two bytes.
+    let content = json!({
+        "text": format!("{}x", "\n".repeat(200_000)),
+        "html": "\"".repeat(200_000),
+    });
+    let limit = format!("the limit is {}", herald_nats::MAX_COMMAND_BYTES);
+    let refused_for_size = |status: StatusCode, refused: &Value| {
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(refused["field"], "content", "{refused}");
+        let message = refused["message"].as_str().unwrap_or_default();
+        assert!(message.contains(&limit), "{refused}");
+    };
+    let (status, refused) = h
+        .send(&json!({
+            "recipient": { "email": "ada@example.com", "customer_id": "too-big" },
+            "category": "transactional",
+            "content": content,
+        }))
+        .await;
+    refused_for_size(status, &refused);
+    for target in [
+        json!({ "recipients": [{ "email": "ada@example.com", "customer_id": "too-big" }] }),
+        json!({ "filter": { "external_id_prefix": "too-big" } }),
+    ] {
+        let mut bulk = json!({ "category": "marketing", "content": content });
+        if let (Some(bulk), Some(target)) = (bulk.as_object_mut(), target.as_object()) {
+            bulk.extend(target.clone());
+        }
+        let (status, refused) = h.post("/api/v1/notifications/bulk", &bulk).await;
+        refused_for_size(status, &refused);
+    }
+    let (status, page) = h.get("/api/v1/notifications?customer_id=too-big").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"], json!([]), "nothing stored: {page}");
+
+    // The same text without the characters JSON escapes goes out.
+    let id = h
+        .send_accepted(&json!({
+            "recipient": { "email": "ada@example.com", "customer_id": "too-big" },
+            "category": "transactional",
+            "content": { "text": "x".repeat(200_000), "html": "y".repeat(200_000) },
+        }))
+        .await;
+    h.wait_status(&id, "sent").await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Request ids beginning `event:` are the Router's (event and rule): a caller's send may not take
+/// one, or the event's own notification would be taken for a repeat and never made.
+#[tokio::test]
+async fn a_request_id_of_the_router_s_shape_is_refused() {
+    let w = world().await;
+    let mut send = email("ada@example.com", None, "transactional");
+    send["request_id"] = json!(format!("event:{}:order_created", uuid::Uuid::now_v7()));
+    let (status, refused) = w.herald.send(&send).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "request_id", "{refused}");
+    send["request_id"] = json!("order-42:event:placed");
+    w.herald.send_accepted(&send).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 async fn dead_letter_world() -> World {
     world_with(|config| {
         config.dispatch.retry.max_deliveries = 2;

@@ -630,6 +630,63 @@ async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_rend
 }
 
 #[tokio::test]
+async fn an_event_whose_notification_renders_too_large_to_send_is_dead_lettered_unstored() {
+    let w = world_with(|config| {
+        config.routing.rules.push(Rule {
+            name: "order_placed".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_big".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "customer_id".into(),
+            enabled: true,
+        })
+    })
+    .await;
+    // Each part within the template limits (source and output); as JSON every quote and line
+    // break of the output takes two bytes, so the command would be about 960 KB.
+    let repeated = |text: &str| {
+        format!(
+            "{{% for i in range(4) %}}{}{{% endfor %}}",
+            text.repeat(60_000)
+        )
+    };
+    let (status, body) = w
+        .put(
+            "/api/v1/templates/order_big/locales/en",
+            &json!({
+                "description": "Too large to send",
+                "category": "transactional",
+                "subject": "Your order {{ order_number }}",
+                "text": repeated("\n"),
+                "html": repeated("\""),
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    w.customer("c-big", "big@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-big", "1003"),
+        &event_id.to_string(),
+    )
+    .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    assert!(
+        letters[0].0.contains("bytes as a send command"),
+        "the reason says why: {letters:?}"
+    );
+    let (status, page) = w
+        .herald
+        .get("/api/v1/notifications?customer_id=c-big")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"], json!([]), "nothing stored: {page}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn malformed_events_are_dead_lettered_and_the_router_keeps_going() {
     let w = world().await;
     w.customer("c-lin", "lin@example.com", "en").await;
