@@ -2,6 +2,7 @@
 //! kill it with SIGKILL or stop it with SIGTERM like an operator or the kernel would.
 
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -96,16 +97,36 @@ impl HeraldProcess {
 
     /// SIGTERM and wait for the exit; returns how long the exit took.
     pub async fn terminate(&mut self, limit: Duration) -> anyhow::Result<Duration> {
-        let pid = self.child.id().context("process already gone")?;
         let started = std::time::Instant::now();
-        kill(Pid::from_raw(pid as i32), Signal::SIGTERM)?;
-        let status = tokio::time::timeout(limit, self.child.wait())
-            .await
-            .with_context(|| format!("herald did not exit within {limit:?} of SIGTERM"))??;
+        self.sigterm()?;
+        let status = self.wait_exit(limit).await?;
         if !status.success() {
             bail!("herald exited with {status}; log: {}", self.log_tail());
         }
         Ok(started.elapsed())
+    }
+
+    /// SIGTERM, without waiting for the exit (see [`HeraldProcess::wait_exit`]).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Waits at most `limit` for the process to exit; returns its exit status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .with_context(|| {
+                format!(
+                    "herald did not exit within {limit:?}; log: {}",
+                    self.log_tail()
+                )
+            })?
+            .context("cannot wait for herald")
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// Starts the same configuration again (same port) after a kill or stop.

@@ -26,6 +26,7 @@ mod query_plans;
 mod races;
 mod reliability;
 mod schemathesis;
+mod serve;
 mod smtp;
 mod startup;
 mod status_writer;
