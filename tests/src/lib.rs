@@ -6,6 +6,7 @@
 //! - [`NatsServer`]: a `nats-server -js` child process on a free loopback port, with
 //!   its file store in a temporary directory; it can be killed and restarted on the same
 //!   port and store to test recovery.
+//! - [`NatsCluster`]: three such servers clustered, for replicated streams whose leaders change.
 //! - [`SmtpSink`]: a real SMTP server on `127.0.0.1:0` that keeps every accepted message
 //!   ([`ReceivedMail`]), with injectable rejections and outages.
 //! - [`TestDatabase`]: a fresh SQLite file or a fresh PostgreSQL database, chosen with
@@ -32,7 +33,7 @@ pub mod wait;
 pub use database::{DatabaseKind, PgServer, TestDatabase, migrated};
 pub use db_outage::{DatabaseOutage, TcpProxy, Upstream, WriteHold};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
-pub use nats_server::NatsServer;
+pub use nats_server::{NatsCluster, NatsServer};
 pub use process::HeraldProcess;
 pub use smtp_sink::{ReceivedMail, RejectStage, SmtpSink};
 pub use wait::{eventually, free_port};

@@ -153,6 +153,27 @@ impl NatsServer {
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
     }
 
+    /// Freezes the process (SIGSTOP): it holds its connections open and answers nothing, as a
+    /// node that hangs or is cut off would, until [`NatsServer::resume`].
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("nats-server is not running")?;
+        let pid = i32::try_from(pid).context("nats-server pid does not fit in i32")?;
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to nats-server"))
+    }
+
     /// Kills the process with SIGKILL, as a crash would, and waits until it has exited.
     /// Does nothing when the server is not running.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
@@ -303,6 +324,77 @@ impl NatsServer {
     /// The exit status when the process has exited.
     fn exit_status(&mut self) -> Option<ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+/// Three `nats-server -js` processes clustered on loopback ports: streams and consumers created
+/// with three replicas have a leader that can change (a stepdown, a lost node) while clients run.
+#[derive(Debug)]
+pub struct NatsCluster {
+    servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Nodes in the cluster.
+    pub const NODES: usize = 3;
+
+    /// Starts the three nodes and waits (at most 30 s) until JetStream answers on each, which
+    /// it does once the nodes have elected a meta leader.
+    pub async fn start() -> anyhow::Result<Self> {
+        let routes: Vec<u16> = (0..Self::NODES)
+            .map(|_| free_port())
+            .collect::<anyhow::Result<_>>()?;
+        let route_urls = routes
+            .iter()
+            .map(|port| format!("nats-route://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut servers = Vec::new();
+        for (node, port) in routes.iter().enumerate() {
+            let config = format!(
+                "server_name: n{node}\n\
+                 cluster {{\n  name: herald\n  listen: 127.0.0.1:{port}\n  routes: [{route_urls}]\n}}\n"
+            );
+            servers.push(
+                NatsServer::start_with_config(&config, &[])
+                    .await
+                    .with_context(|| format!("cluster node n{node}"))?,
+            );
+        }
+        let cluster = Self { servers };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for server in &cluster.servers {
+            let mut backoff = Duration::from_millis(50);
+            while let Err(error) = jetstream_answers(&server.url()).await {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "JetStream of the cluster node on port {} did not answer within 30 s: \
+                         {error:#}; log tail:\n{}",
+                        server.port(),
+                        server.log_tail(LOG_TAIL_LINES)
+                    );
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Connects a plain client to the first node.
+    pub async fn client(&self) -> anyhow::Result<async_nats::Client> {
+        self.node(0).client().await
+    }
+
+    /// The node `n` (0, 1 or 2; panics beyond).
+    pub fn node(&self, n: usize) -> &NatsServer {
+        &self.servers[n]
+    }
+
+    /// The node named `name` (`n0`, `n1`, `n2`: the names JetStream reports leaders by).
+    pub fn node_named(&self, name: &str) -> Option<&NatsServer> {
+        let n: usize = name.strip_prefix('n')?.parse().ok()?;
+        self.servers.get(n)
     }
 }
 

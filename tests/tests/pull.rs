@@ -1,8 +1,9 @@
 //! The pull loop that the Router and the Dispatcher run (`herald_actors::pull`), against a real
 //! nats-server: a loop held back by its gate (the Dispatcher's partition lease) or stopped hands
 //! its messages back to JetStream once, returns, and delivers them when let through, instead of
-//! NAKing them back into its own pull request thousands of times a second. The last test freezes a
-//! whole instance past its lease deadline.
+//! NAKing them back into its own pull request thousands of times a second. The last tests freeze a
+//! whole instance past its lease deadline, and change the leader of a dispatch consumer in a NATS
+//! cluster under a running instance.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,9 +16,10 @@ use herald_entities::{NotificationStatus, repo};
 use herald_nats::NatsError;
 use herald_nats::subjects::{self, partition_for};
 use herald_tests::{
-    HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually, migrated, queued_notification,
-    stored_status,
+    HeraldProcess, NatsCluster, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
+    migrated, queued_notification, stored_status, test_config,
 };
+use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -386,4 +388,117 @@ async fn an_instance_frozen_past_its_lease_delivers_the_waiting_command_once_it_
         info.delivered.consumer_sequence
     );
     assert_eq!(smtp.messages().len(), 1, "sent once");
+}
+
+/// The NATS node leading a dispatch consumer (and perhaps the commands stream and the lease
+/// bucket) hangs while the dispatcher waits on it: the other nodes elect new leaders, and the
+/// instance goes on delivering the partition's commands without a restart. (On nats-server 2.9
+/// the open pull request survives the change: the new leader answers it with idle heartbeats, so
+/// the loop's rebinding after two missed ones is not what this exercises.)
+#[tokio::test]
+async fn the_dispatcher_pulls_again_after_its_consumer_leader_hangs() {
+    let cluster = NatsCluster::start().await.expect("nats cluster");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    // Herald talks to node n0 only, which stays up; the consumer's leader is moved off it.
+    let mut config = test_config(cluster.node(0), &db, &smtp);
+    config.nats.replicas = NatsCluster::NODES;
+    let herald = TestHerald::start(config).await.expect("herald");
+    let send = json!({
+        "recipient": { "email": "ada@example.com" },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "subject": "Order shipped", "text": "Your order #1001 is on its way." }
+    });
+    let first = herald.send_accepted(&send).await;
+    herald.wait_status(&first, "sent").await;
+
+    let partition = partition_for("ada@example.com", PARTITIONS);
+    let consumer_name = subjects::dispatch_consumer(partition);
+    let client = cluster.client().await.expect("nats client");
+    let commands = jetstream::new(client.clone())
+        .get_stream(subjects::NOTIFY_STREAM)
+        .await
+        .expect("commands stream");
+    let leader_of = |commands: stream::Stream, name: String| async move {
+        let info = commands.consumer_info(&name).await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        Some((leader, info.num_waiting))
+    };
+    let stepdown = format!(
+        "$JS.API.CONSUMER.LEADER.STEPDOWN.{}.{consumer_name}",
+        subjects::NOTIFY_STREAM
+    );
+    let leader = eventually(
+        "the consumer led off n0 with the partition's pull request open",
+        WAIT,
+        || {
+            let (commands, name, client, stepdown) = (
+                commands.clone(),
+                consumer_name.clone(),
+                client.clone(),
+                stepdown.clone(),
+            );
+            async move {
+                let (leader, waiting) = leader_of(commands, name).await?;
+                if leader == "n0" {
+                    // A new leader is chosen at random among the others.
+                    let _ = client.request(stepdown, "".into()).await;
+                    return None;
+                }
+                (waiting > 0).then_some(leader)
+            }
+        },
+    )
+    .await;
+    let hung = cluster.node_named(&leader).expect("the leader is a node");
+    hung.freeze().expect("SIGSTOP");
+    let frozen = std::time::Instant::now();
+    // The commands stream and the lease bucket may have been led by the hung node too.
+    let js = jetstream::new(client.clone());
+    eventually(
+        "the other nodes to elect new leaders for the consumer, its stream and the leases",
+        Duration::from_secs(30),
+        || {
+            let (js, commands, name, hung) = (
+                js.clone(),
+                commands.clone(),
+                consumer_name.clone(),
+                leader.clone(),
+            );
+            async move {
+                let (consumer, _) = leader_of(commands, name).await?;
+                let mut leaders = vec![consumer];
+                for stream in [
+                    subjects::NOTIFY_STREAM.to_string(),
+                    format!("KV_{}", herald_nats::leases::LEASE_BUCKET),
+                ] {
+                    let info = js.get_stream(stream).await.ok()?.cached_info().clone();
+                    leaders.push(info.cluster?.leader?);
+                }
+                leaders.iter().all(|leader| *leader != hung).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let second = herald.send_accepted(&send).await;
+    // Two missed heartbeats (30 s), the loop's backoff, and a margin for a loaded machine.
+    eventually(
+        "the send after the leader hung to be sent",
+        Duration::from_secs(90),
+        || async {
+            let (_, body) = herald.get(&format!("/api/v1/notifications/{second}")).await;
+            (body["status"] == "sent").then_some(())
+        },
+    )
+    .await;
+    println!(
+        "sent {:.1?} after the consumer's leader hung",
+        frozen.elapsed()
+    );
+    let mails = smtp.wait_for_count(2, WAIT).await.expect("mails");
+    assert_eq!(mails.len(), 2, "each send once");
+    herald.shutdown().await.expect("clean shutdown");
+    hung.resume().expect("SIGCONT");
 }
