@@ -2,13 +2,13 @@
 //! delivery in flight and writes its status first.
 //!
 //! The other end, exiting with an error once the delivery engine stops on its own
-//! (`Herald::engine_stopped`), is tested in process only (`health::a_stopped_engine_…`): nothing
-//! outside the process makes the engine's supervisor give up (see the engine supervisor's docs:
-//! only a child whose restart fails, or the channel supervisor stopping, does; neither follows
-//! from a database, NATS or provider fault).
+//! (`Herald::engine_stopped`), is tested in process only
+//! (`health::a_stopped_engine_turns_readiness_503_and_is_noticed`): nothing outside the process
+//! makes the engine's supervisor give up. Only a child whose restart fails, or the channel
+//! supervisor stopping, does (see the engine supervisor's docs), and neither follows from a
+//! database, NATS or provider fault: the children ride those out rather than stop.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use herald_entities::NotificationStatus;
@@ -28,7 +28,7 @@ const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 struct HeldReceiver {
     addr: SocketAddr,
     received: watch::Receiver<usize>,
-    release: Arc<watch::Sender<bool>>,
+    release: watch::Sender<bool>,
 }
 
 impl HeldReceiver {
@@ -38,7 +38,7 @@ impl HeldReceiver {
             .expect("webhook receiver port");
         let addr = listener.local_addr().expect("webhook receiver address");
         let (count, received) = watch::channel(0);
-        let release = Arc::new(watch::Sender::new(false));
+        let release = watch::Sender::new(false);
         let released = release.clone();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
