@@ -1011,8 +1011,9 @@ async fn lost_streams_are_created_again_without_a_restart() {
     })
     .await
     .expect("id in answer");
-    // A pull loop told nothing of the deletion (its pull request just goes unanswered) notices
-    // after two missed idle heartbeats (15 s each), binds again and finds the new stream.
+    // nats-server 2.9 ends the open pull requests with "consumer deleted", and the loops bind
+    // again at once; a server that left them unanswered would be noticed after two missed idle
+    // heartbeats (15 s each), hence the longer bound.
     let recovery = Duration::from_secs(60);
     eventually("the send to be sent", recovery, || async {
         let (_, body) = w.herald.get(&format!("/api/v1/notifications/{id}")).await;
