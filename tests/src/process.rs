@@ -124,11 +124,6 @@ impl HeraldProcess {
             .context("cannot wait for herald")
     }
 
-    /// The exit status if the process has exited, without waiting.
-    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        Ok(self.child.try_wait()?)
-    }
-
     /// Starts the same configuration again (same port) after a kill or stop.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.child = spawn(&self.env, self.port, &self.log)?;
