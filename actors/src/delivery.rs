@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, message::Acker};
 use bytes::Bytes;
@@ -40,7 +40,7 @@ use crate::channel::{
     ChannelDirectory, ChannelMsg, OutboundMessage, ProviderError, SendOutcome, SendReport,
 };
 use crate::policy::Gate;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, Wait};
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 use crate::templates::variables;
@@ -132,10 +132,12 @@ pub async fn deliver(
         Delivery {
             count: 1,
             sequence: 0,
+            published: SystemTime::now(),
         },
         |i| Delivery {
             count: i.delivered.max(1) as u64,
             sequence: i.stream_sequence,
+            published: i.published.into(),
         },
     );
     let (message, acker) = message.split();
@@ -237,15 +239,21 @@ pub async fn deliver(
     };
     let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
         Ok(contacts) => contacts,
-        Err(UnknownCustomer(customer)) if !ctx.retry.is_last(copy.count) => {
-            wait_for_customer(&ctx, &command, &customer, copy.count, acker, permit);
-            return;
-        }
         Err(UnknownCustomer(customer)) => {
-            let reason = format!(
-                "unknown customer {customer:?} and no contacts given (given up at delivery {})",
-                copy.count
+            let waited = ctx.retry.wait(
+                copy.published,
+                SystemTime::now(),
+                copy.count,
+                rand::random(),
             );
+            let gave_up = match waited {
+                Wait::Again(delay) => {
+                    wait_for_customer(&ctx, &command, &customer, delay, acker, permit);
+                    return;
+                }
+                Wait::GiveUp(gave_up) => gave_up,
+            };
+            let reason = format!("unknown customer {customer:?} and no contacts given ({gave_up})");
             dead(
                 &ctx,
                 &command,
@@ -318,6 +326,8 @@ struct Delivery {
     /// The stream message's sequence. A replay from the DLQ publishes the command again as a new
     /// message, so the sequence tells one notification's generations apart (see [`dead`]).
     sequence: u64,
+    /// When JetStream stored the stream message: a wait for its customer is measured from it.
+    published: SystemTime,
 }
 
 /// The attempts recorded before a command was replayed from the dead-letter stream (its
@@ -453,24 +463,24 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
 /// A command for a customer id nobody stored, with no contacts of its own for its chain.
 struct UnknownCustomer(String);
 
-/// Holds a command whose customer does not exist (yet) back for the retry schedule's next delay,
-/// recorded `processing` with the reason: a customer may be registered a moment after the send
-/// that names it, as the Router waits for an event's. Its last delivery dead-letters it. Not a
-/// [`Gate::Defer`]: a long one would become `scheduled` and come back as a new message, whose
-/// deliveries count from one again, so it would wait for ever.
+/// Holds a command whose customer does not exist (yet) back for `delay` (the retry schedule's, see
+/// [`RetryPolicy::wait`]), recorded `processing` with the reason: a customer may be registered a
+/// moment after the send that names it, as the Router waits for an event's. Once the schedule's
+/// whole wait has passed since the command was published it is dead-lettered. Not a
+/// [`Gate::Defer`]: a long one would become `scheduled` and come back as a new message, published
+/// later, so it would wait for ever.
 fn wait_for_customer(
     ctx: &DeliveryContext,
     command: &SendCommand,
     customer: &str,
-    delivered: u64,
+    delay: Duration,
     acker: Acker,
     permit: Lease,
 ) {
-    let delay = ctx.retry.delay(delivered, None, rand::random());
     let change = StatusChange {
         reason: Some(format!(
-            "waiting for customer {customer:?} to exist (no contacts given); again in {} s",
-            delay.as_secs()
+            "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",
+            delay.as_secs_f64()
         )),
         ..StatusChange::to(command.notification_id, NotificationStatus::Processing)
     };

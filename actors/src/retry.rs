@@ -1,6 +1,9 @@
-//! The retry schedule: exponential backoff with full jitter, honouring a provider's Retry-After.
+//! The retry schedule: exponential backoff with full jitter, honouring a provider's Retry-After;
+//! and the wait, on that schedule, for something only time may bring (a customer not registered
+//! yet), measured from the message's publication.
 
-use std::time::Duration;
+use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,15 +44,92 @@ impl RetryPolicy {
     /// otherwise hold the command in JetStream for a day, a place of its consumer's
     /// `max_ack_pending` taken all along.
     pub fn delay(&self, delivered: u64, retry_after: Option<Duration>, jitter: f64) -> Duration {
-        let exponent = delivered.saturating_sub(1).min(32) as u32;
-        let ceiling = self
-            .base_delay_ms
-            .saturating_mul(1u64 << exponent)
-            .min(self.max_delay_ms);
+        let ceiling = self.ceiling_ms(delivered);
         let jitter = jitter.clamp(0.0, 1.0);
         let backoff = Duration::from_millis(ceiling / 2 + ((ceiling / 2) as f64 * jitter) as u64);
         let most = Duration::from_millis(self.max_delay_ms);
         retry_after.map_or(backoff, |floor| backoff.max(floor.min(most)))
+    }
+
+    /// The exponential ceiling of the delay after delivery number `delivered`, in milliseconds.
+    fn ceiling_ms(&self, delivered: u64) -> u64 {
+        let exponent = delivered.saturating_sub(1).min(32) as u32;
+        self.base_delay_ms
+            .saturating_mul(1u64 << exponent)
+            .min(self.max_delay_ms)
+    }
+
+    /// The whole length of the schedule: the sum of the ceilings of its delays between the first
+    /// delivery and the last allowed (62 s by default). The delays drawn add up to between half
+    /// of it and all of it.
+    pub fn total_wait(&self) -> Duration {
+        let delays = self.max_deliveries.max(1) - 1;
+        let mut total: u64 = 0;
+        for delivered in 1..=delays {
+            let ceiling = self.ceiling_ms(delivered);
+            if ceiling >= self.max_delay_ms || delivered > 32 {
+                // Every later delay has this ceiling too.
+                let rest = delays - delivered + 1;
+                total = total.saturating_add(ceiling.saturating_mul(rest));
+                break;
+            }
+            total = total.saturating_add(ceiling);
+        }
+        Duration::from_millis(total)
+    }
+
+    /// Whether delivery number `delivered` of a message published (stored by JetStream) at
+    /// `published` and held back for something only time may bring (a customer not registered
+    /// yet) is offered again, or given up at `now`. The wait is measured in time, not in
+    /// deliveries, so deliveries handed back for other reasons (a database outage, a rate-limit
+    /// deferral) do not shorten it: the message is given up once [`Self::total_wait`] has passed
+    /// since its publication, and offered again until then after the schedule's delay for
+    /// `delivered` (`jitter` as in [`Self::delay`]), cut to the time left.
+    pub fn wait(
+        &self,
+        published: SystemTime,
+        now: SystemTime,
+        delivered: u64,
+        jitter: f64,
+    ) -> Wait {
+        // A publication time ahead of this clock (clocks apart) counts as no wait yet.
+        let waited = now.duration_since(published).unwrap_or_default();
+        let allowed = self.total_wait();
+        match allowed.checked_sub(waited) {
+            Some(left) if !left.is_zero() => {
+                Wait::Again(self.delay(delivered, None, jitter).min(left))
+            }
+            _ => Wait::GiveUp(GaveUp { waited, allowed }),
+        }
+    }
+}
+
+/// What [`RetryPolicy::wait`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Offer the message again after this delay.
+    Again(Duration),
+    /// The schedule's whole wait has passed: give the message up.
+    GiveUp(GaveUp),
+}
+
+/// A wait given up, for the reason recorded: how long it lasted and how long the schedule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaveUp {
+    /// From the message's publication to the decision.
+    pub waited: Duration,
+    /// [`RetryPolicy::total_wait`].
+    pub allowed: Duration,
+}
+
+impl fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "given up after waiting {:.1} s since it was published; dispatch.retry waits {:.1} s",
+            self.waited.as_secs_f64(),
+            self.allowed.as_secs_f64()
+        )
     }
 }
 
@@ -98,6 +178,112 @@ mod tests {
         assert_eq!(
             p.delay(3, Some(Duration::from_millis(10)), 1.0),
             Duration::from_millis(4_000)
+        );
+    }
+
+    #[test]
+    fn the_whole_wait_is_the_sum_of_the_ceilings() {
+        // 1 + 2 + 4 s, then the last delivery.
+        assert_eq!(policy().total_wait(), Duration::from_secs(7));
+        assert_eq!(
+            RetryPolicy::default().total_wait(),
+            Duration::from_secs(62),
+            "2 + 4 + 8 + 16 + 32 s"
+        );
+        let capped = RetryPolicy {
+            max_deliveries: 8,
+            ..policy()
+        };
+        assert_eq!(
+            capped.total_wait(),
+            Duration::from_secs(1 + 2 + 4 + 8 + 10 + 10 + 10)
+        );
+        let once = RetryPolicy {
+            max_deliveries: 1,
+            ..policy()
+        };
+        assert_eq!(
+            once.total_wait(),
+            Duration::ZERO,
+            "no delay before the last delivery"
+        );
+        let endless = RetryPolicy {
+            max_deliveries: u64::MAX,
+            ..policy()
+        };
+        assert_eq!(
+            endless.total_wait(),
+            Duration::from_millis(u64::MAX),
+            "saturates rather than overflows"
+        );
+    }
+
+    #[test]
+    fn a_wait_is_measured_from_the_publication_not_in_deliveries() {
+        let p = policy();
+        let published = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let after = |secs: f64| published + Duration::from_secs_f64(secs);
+
+        assert_eq!(
+            p.wait(published, after(0.0), 1, 1.0),
+            Wait::Again(Duration::from_secs(1)),
+            "the schedule's first delay"
+        );
+        assert_eq!(
+            p.wait(published, after(3.0), 3, 1.0),
+            Wait::Again(Duration::from_secs(4)),
+            "the schedule's delay for the delivery, while it fits"
+        );
+        assert_eq!(
+            p.wait(published, after(1.0), 9, 1.0),
+            Wait::Again(Duration::from_secs(6)),
+            "deliveries handed back for other reasons do not end the wait, only cut its delay \
+             to the time left"
+        );
+        assert_eq!(
+            p.wait(published, after(6.5), 2, 0.0),
+            Wait::Again(Duration::from_millis(500)),
+            "the last delay ends with the wait"
+        );
+        assert_eq!(
+            p.wait(published, after(7.0), 2, 0.0),
+            Wait::GiveUp(GaveUp {
+                waited: Duration::from_secs(7),
+                allowed: Duration::from_secs(7),
+            }),
+            "given up once the whole wait has passed, whatever the delivery"
+        );
+        assert_eq!(
+            p.wait(published, after(30.0), 4, 0.5),
+            Wait::GiveUp(GaveUp {
+                waited: Duration::from_secs(30),
+                allowed: Duration::from_secs(7),
+            })
+        );
+        assert_eq!(
+            p.wait(published, published - Duration::from_secs(5), 1, 1.0),
+            Wait::Again(Duration::from_secs(1)),
+            "a publication ahead of this clock has not been waited for"
+        );
+        let once = RetryPolicy {
+            max_deliveries: 1,
+            ..policy()
+        };
+        assert!(
+            matches!(once.wait(published, published, 1, 0.0), Wait::GiveUp(_)),
+            "a schedule of one delivery does not wait"
+        );
+    }
+
+    #[test]
+    fn a_wait_given_up_says_how_long_it_lasted() {
+        let gave_up = GaveUp {
+            waited: Duration::from_millis(3_640),
+            allowed: Duration::from_millis(3_400),
+        };
+        assert_eq!(
+            gave_up.to_string(),
+            "given up after waiting 3.6 s since it was published; dispatch.retry waits 3.4 s"
         );
     }
 

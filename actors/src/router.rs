@@ -3,7 +3,8 @@
 //!
 //! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
-//! be created a moment after the event that names it, then dead letter) → render the template,
+//! be created a moment after the event that names it, then dead letter once the schedule's whole
+//! wait has passed since the event was published) → render the template,
 //! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
 //! → store the notification under an id derived from event id and rule (a second delivery of the
 //! event finds it) → publish its send command → ack. A database or NATS failure NAKs with backoff; nothing is
@@ -11,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acker};
 use bytes::Bytes;
@@ -34,7 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, Wait};
 use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
 
@@ -172,6 +173,17 @@ enum Failure {
     DeadLetter(String),
     /// May work later (database or NATS down): NAK with backoff.
     Retry(String),
+    /// May work once time has passed (the customer is not registered yet): NAK with this delay.
+    Wait(String, Duration),
+}
+
+/// Which copy of an event a routing works on, as JetStream tells it.
+#[derive(Debug, Clone, Copy)]
+struct Delivery {
+    /// JetStream's delivery count of the stream message (1 for the first).
+    count: u64,
+    /// When JetStream stored the stream message: a wait for its customer is measured from it.
+    published: SystemTime,
 }
 
 /// Routes one event message end to end; the permit is held until it is acked or NAKed.
@@ -180,10 +192,23 @@ pub async fn route(
     message: jetstream::Message,
     _permit: OwnedSemaphorePermit,
 ) {
-    let (delivered, sequence) = message
+    let (copy, sequence) = message
         .info()
-        .map(|i| (i.delivered.max(1) as u64, i.stream_sequence))
-        .unwrap_or((1, 0));
+        .map(|i| {
+            let copy = Delivery {
+                count: i.delivered.max(1) as u64,
+                published: i.published.into(),
+            };
+            (copy, i.stream_sequence)
+        })
+        .unwrap_or((
+            Delivery {
+                count: 1,
+                published: SystemTime::now(),
+            },
+            0,
+        ));
+    let delivered = copy.count;
     let (message, acker) = message.split();
     let poison = |reason: String| Poison {
         payload: message.payload.clone(),
@@ -211,7 +236,7 @@ pub async fn route(
         return;
     }
     for rule in matched {
-        match notify(&ctx, &event, &data, rule, delivered).await {
+        match notify(&ctx, &event, &data, rule, copy).await {
             Ok(()) => {
                 metrics::counter!("herald_events_total", "outcome" => "notified").increment(1);
             }
@@ -233,20 +258,26 @@ pub async fn route(
                 tracing::warn!(event = %event.id, rule = %rule.name, %reason, "cannot route yet; retrying");
                 return nak(&ctx, acker, delivered).await;
             }
+            Err(Failure::Wait(reason, delay)) => {
+                metrics::counter!("herald_events_total", "outcome" => "retried").increment(1);
+                tracing::info!(event = %event.id, rule = %rule.name, %reason, delay_ms = delay.as_millis() as u64, "cannot route yet; waiting");
+                let _ = acker.ack_with(AckKind::Nak(Some(delay))).await;
+                return;
+            }
         }
     }
     let _ = acker.ack().await;
 }
 
 /// Makes (or finds) the notification `rule` derives from `event` and publishes its command.
-/// `delivered` is the event message's delivery number: an unknown customer is waited for until the
-/// last delivery the retry policy allows.
+/// `copy` is the event message's delivery: an unknown customer is waited for until the retry
+/// schedule's whole wait has passed since it was published.
 async fn notify(
     ctx: &RouterContext,
     event: &DomainEvent,
     data: &serde_json::Value,
     rule: &Rule,
-    delivered: u64,
+    copy: Delivery,
 ) -> Result<(), Failure> {
     let retry = |e: &dyn std::fmt::Display| Failure::Retry(e.to_string());
     let id = rule.notification_id(event);
@@ -267,7 +298,7 @@ async fn notify(
     let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
         .await
         .map_err(|e| retry(&e))?
-        .ok_or_else(|| unknown_customer(ctx, customer_id, delivered))?;
+        .ok_or_else(|| unknown_customer(ctx, customer_id, copy))?;
     let content = render(ctx, &rule.template, event, &customer).await?;
     let command = send_command(ctx, event, rule, &customer, content);
     if let Err(len) = command.check_size() {
@@ -284,15 +315,21 @@ async fn notify(
     }
 }
 
-/// What an event for a customer Herald does not know gets: a retry (the producer may create the
-/// customer a moment after publishing the event), or a dead letter once the retry policy's
-/// deliveries are spent (replayable once the customer exists).
-fn unknown_customer(ctx: &RouterContext, customer_id: &str, delivered: u64) -> Failure {
+/// What an event for a customer Herald does not know gets: a wait on the retry schedule (the
+/// producer may create the customer a moment after publishing the event), or a dead letter once
+/// the schedule's whole wait has passed since the event was published (replayable once the
+/// customer exists). Deliveries handed back for other reasons (a database outage) do not shorten
+/// the wait.
+fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery) -> Failure {
     let reason = format!("unknown customer {customer_id:?}");
-    if ctx.retry.is_last(delivered) {
-        Failure::DeadLetter(format!("{reason} (given up at delivery {delivered})"))
-    } else {
-        Failure::Retry(reason)
+    match ctx.retry.wait(
+        copy.published,
+        SystemTime::now(),
+        copy.count,
+        rand::random(),
+    ) {
+        Wait::Again(delay) => Failure::Wait(reason, delay),
+        Wait::GiveUp(gave_up) => Failure::DeadLetter(format!("{reason} ({gave_up})")),
     }
 }
 

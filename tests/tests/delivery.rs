@@ -1,7 +1,7 @@
 //! The walking skeleton end to end: API → NATS → dispatcher → email over real SMTP → status and
 //! attempts in the database → JetStream ack; and the first failure paths.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use herald_tests::{
@@ -520,17 +520,34 @@ async fn a_send_to_a_customer_registered_a_moment_later_waits_for_them() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
-/// A customer that never comes: dead-lettered at the retry policy's last delivery, with why.
+/// A customer that never comes: dead-lettered, with why, once the retry schedule's whole wait has
+/// passed since the send was published (measured in time, not in deliveries).
 #[tokio::test]
-async fn a_send_to_a_customer_that_never_exists_dies_at_the_last_delivery() {
-    let w = world_with(|config| config.dispatch.retry.max_deliveries = 3).await;
+async fn a_send_to_a_customer_that_never_exists_dies_once_the_retry_schedule_has_passed() {
+    let mut retry = None;
+    let w = world_with(|config| {
+        config.dispatch.retry.max_deliveries = 3;
+        retry = Some(config.dispatch.retry);
+    })
+    .await;
+    let allowed = retry.expect("the test's retry policy").total_wait();
+    let sending = Instant::now();
     let id = w.herald.send_accepted(&to_customer("c-never")).await;
     let dead = w.herald.wait_status(&id, "dead").await;
+    let waited = sending.elapsed();
     let reason = dead["status_reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("unknown customer \"c-never\" and no contacts given")
-            && reason.contains("given up at delivery 3"),
+            && reason.contains("given up after waiting")
+            && reason.contains(&format!(
+                "dispatch.retry waits {:.1} s",
+                allowed.as_secs_f64()
+            )),
         "{dead}"
+    );
+    assert!(
+        waited >= allowed,
+        "dead only once the schedule's whole wait ({allowed:?}) has passed, not after {waited:?}"
     );
     assert_eq!(w.smtp.count(), 0);
     w.herald.shutdown().await.expect("clean shutdown");

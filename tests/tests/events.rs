@@ -1,9 +1,10 @@
 //! Domain events end to end: a real NATS client (or the orders API, through the outbox) publishes
 //! events; the router turns them into notifications that arrive at the SMTP sink; duplicates
-//! notify once; unknown customers (once their retries are spent) and malformed events go to the
-//! dead-letter stream with a reason and the router keeps going. Also the customers, orders and templates APIs.
+//! notify once; unknown customers (once the retry schedule's wait has passed) and malformed events
+//! go to the dead-letter stream with a reason and the router keeps going. Also the customers,
+//! orders and templates APIs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
@@ -355,16 +356,23 @@ async fn the_same_event_published_twice_sends_one_email() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Given up once the retry schedule's whole wait has passed since the event was published (not
+/// after a number of deliveries, which deliveries handed back for other reasons would use up),
+/// saying how long it waited.
 #[tokio::test]
 async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
-    let w = world().await;
+    let mut retry = None;
+    let w = world_with(|config| retry = Some(config.dispatch.retry)).await;
+    let allowed = retry.expect("the test's retry policy").total_wait();
     let event_id = Uuid::now_v7();
+    let publishing = Instant::now();
     w.publish_event(
         &order_created(event_id, "c-ghost", "4004"),
         &event_id.to_string(),
     )
     .await;
     let letters = wait_dead_letters(&w.nats, 1).await;
+    let waited = publishing.elapsed();
     let (reason, payload) = &letters[0];
     assert!(
         reason.contains("unknown customer") && reason.contains("c-ghost"),
@@ -372,8 +380,17 @@ async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
     );
     assert!(reason.contains("order_placed"), "names the rule: {reason}");
     assert!(
-        reason.contains("given up at delivery 6"),
-        "given up only when the retry policy's deliveries are spent: {reason}"
+        waited >= allowed,
+        "given up only once the retry schedule's whole wait ({allowed:?}) has passed, \
+         not after {waited:?}: {reason}"
+    );
+    assert!(
+        reason.contains("given up after waiting")
+            && reason.contains(&format!(
+                "dispatch.retry waits {:.1} s",
+                allowed.as_secs_f64()
+            )),
+        "says how long it waited, and how long the schedule waits: {reason}"
     );
     assert!(
         payload.contains(&event_id.to_string()),
