@@ -309,9 +309,14 @@ async fn notify(
     }
     let row = new_notification(event, rule, command);
     match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
-        Inserted::New(stored) | Inserted::Duplicate(stored) => {
+        Inserted::New(stored) => {
+            // Accepted once stored: a redelivery finds it above and only publishes its command.
+            metrics::counter!("herald_notifications_accepted_total", "source" => "event")
+                .increment(1);
             publish_if_queued(ctx, &stored).await
         }
+        // Stored by another instance routing the same event at the same time, which counted it.
+        Inserted::Duplicate(stored) => publish_if_queued(ctx, &stored).await,
     }
 }
 

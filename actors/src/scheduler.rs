@@ -311,9 +311,12 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
             rows.push(row_for(&command, &recipient.key, batch.id));
             commands.push((recipient.key, command));
         }
-        repo::batches::insert_notifications(&args.db, rows)
+        let new = repo::batches::insert_notifications(&args.db, rows)
             .await
             .map_err(|e| e.to_string())?;
+        // Counted when stored: the rows of a page redone (after a failed publish, or by another
+        // instance that took the batch) exist already and are not new.
+        metrics::counter!("herald_notifications_accepted_total", "source" => "bulk").increment(new);
         let (published, failed) = publish_all(&args.publisher, &commands).await;
         if !failed.is_empty() {
             // The page is redone on the next round; ids make that harmless.

@@ -315,6 +315,8 @@ impl NotificationsApi {
                 })))
             }
             Inserted::New(row) if scheduled => {
+                metrics::counter!("herald_notifications_accepted_total", "source" => "api")
+                    .increment(1);
                 metrics::counter!("herald_notifications_scheduled_total").increment(1);
                 Ok(SendResponse::Accepted(Json(Accepted {
                     id: row.id,
@@ -331,7 +333,10 @@ impl NotificationsApi {
                     ));
                 }
                 self.state.inserts.confirm_published(row.id);
-                metrics::counter!("herald_notifications_accepted_total").increment(1);
+                // Counted once accepted for sure: a send that could not be published was removed
+                // (not accepted), and a repeated request answers above without counting.
+                metrics::counter!("herald_notifications_accepted_total", "source" => "api")
+                    .increment(1);
                 Ok(SendResponse::Accepted(Json(Accepted {
                     id: row.id,
                     status: row.status.as_str().into(),

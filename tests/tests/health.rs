@@ -1,7 +1,10 @@
 //! Health, readiness, channel status, metrics and the published API description.
 
-use herald_tests::{NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config};
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+};
 use reqwest::StatusCode;
+use serde_json::json;
 use std::time::Duration;
 
 #[tokio::test]
@@ -200,5 +203,111 @@ async fn durations_are_exposed_as_prometheus_histograms() {
             >= 1.0,
         "{text}"
     );
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// The samples of `herald_notifications_accepted_total` from `source`.
+async fn accepted(herald: &TestHerald, source: &str) -> f64 {
+    herald
+        .metric("herald_notifications_accepted_total", &[("source", source)])
+        .await
+}
+
+/// Waits until `herald_notifications_accepted_total{source}` reaches `at_least`.
+async fn accepted_reaches(herald: &TestHerald, source: &str, at_least: f64) {
+    eventually(
+        &format!("herald_notifications_accepted_total{{source=\"{source}\"}} to reach {at_least}"),
+        E2E_TIMEOUT,
+        || async { (accepted(herald, source).await >= at_least).then_some(()) },
+    )
+    .await;
+}
+
+/// `herald_notifications_accepted_total` counted only sends to `POST /api/v1/notifications` that
+/// were to go out now. It counts every notification Herald accepts, by where it came from: a send
+/// through the API (a scheduled one too), a notification the Router made from a domain event, and
+/// each recipient of a bulk send once the fan-out stores it. Read as increases: the recorder is
+/// shared by every test of the process.
+#[tokio::test]
+async fn every_accepted_notification_counts_in_accepted_total_by_source() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let email = |to: &str| {
+        json!({
+            "recipient": { "email": to },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Hello", "text": "Hello there." }
+        })
+    };
+
+    let api = accepted(&herald, "api").await;
+    herald.send_accepted(&email("now@example.com")).await;
+    let mut later = email("later@example.com");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let (status, body) = herald.send(&later).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "scheduled", "{body}");
+    let now = accepted(&herald, "api").await;
+    assert!(
+        now >= api + 2.0,
+        "a send for now and a scheduled one counted when answered: {api} then {now}"
+    );
+
+    let (status, body) = herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-counted", "name": "Ada", "email": "ada@example.com",
+                    "locale": "en", "timezone": "Europe/Berlin"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let event = accepted(&herald, "event").await;
+    let event_id = uuid::Uuid::now_v7();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event_id.to_string().as_str());
+    let payload = json!({
+        "v": 1,
+        "id": event_id,
+        "type": "orders.created",
+        "occurred_at": "2026-11-22T10:00:00Z",
+        "data": {"customer_id": "c-counted", "order_number": "7001", "total_minor": 4200,
+                 "currency": "EUR",
+                 "items": [{"name": "Green tea", "quantity": 2, "unit_price_minor": 2100}]}
+    });
+    async_nats::jetstream::new(nats.client().await.expect("nats client"))
+        .publish_with_headers("events.orders.created", headers, payload.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored by JetStream");
+    accepted_reaches(&herald, "event", event + 1.0).await;
+
+    let bulk = accepted(&herald, "bulk").await;
+    let (status, body) = herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [
+                    { "email": "one@example.com" },
+                    { "email": "two@example.com" },
+                    { "email": "three@example.com" }
+                ],
+                "category": "transactional",
+                "channels": ["email"],
+                "content": { "subject": "News", "text": "For all three." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    accepted_reaches(&herald, "bulk", bulk + 3.0).await;
+    // The event's email and the bulk send's three went out: each counted source was delivered.
+    smtp.wait_for_count(5, E2E_TIMEOUT)
+        .await
+        .expect("the event's and the bulk send's emails, and the send for now");
     herald.shutdown().await.expect("shutdown");
 }

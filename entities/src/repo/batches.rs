@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, QuerySelect, Select, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func, OnConflict},
 };
 use uuid::Uuid;
@@ -95,25 +95,30 @@ pub async fn lease_next(
     Ok(None)
 }
 
-/// Stores notifications of a batch page; rows whose id exists already (a page redone after a
-/// restart) are left as they are.
+/// Stores notifications of a batch page, all or none; rows whose id exists already (a page redone
+/// after a restart, or by another instance) are left as they are. Returns how many rows were new.
 pub async fn insert_notifications(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     rows: Vec<notification::ActiveModel>,
-) -> Result<(), RepoError> {
+) -> Result<u64, RepoError> {
+    // One transaction: a page that fails half-way stores nothing, so whoever redoes it finds
+    // every row it inserts new, and the count of new rows counts each notification once.
+    let txn = db.begin().await?;
+    let mut inserted = 0;
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<notification::ActiveModel> = rows.by_ref().take(500).collect();
-        notification::Entity::insert_many(chunk)
+        inserted += notification::Entity::insert_many(chunk)
             .on_conflict(
                 OnConflict::column(notification::Column::Id)
                     .do_nothing()
                     .to_owned(),
             )
-            .exec_without_returning(db)
+            .exec_without_returning(&txn)
             .await?;
     }
-    Ok(())
+    txn.commit().await?;
+    Ok(inserted)
 }
 
 /// Records a finished page of the batch whose lease `held` the caller holds (the `lease_until` it
