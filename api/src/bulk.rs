@@ -3,15 +3,23 @@
 //! The API only validates and stores the batch (202 with its id); the Scheduler fans it out page
 //! by page, so a 100k-recipient batch neither blocks the request nor sits in memory. Each
 //! recipient's notification id is derived from the batch id and the recipient, so a fan-out
-//! redone after a restart sends nobody anything twice.
+//! redone after a restart sends nobody anything twice; and a request repeated with its
+//! `request_id` answers the batch stored first, so a retried request sends nothing twice either.
 
 use chrono::{DateTime, Utc};
-use herald_entities::repo::{self, batches::CustomerFilter};
+use herald_entities::repo::{
+    self,
+    batches::{Created, CustomerFilter, NewBatch},
+};
 use herald_nats::{
     Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
-use poem_openapi::{ApiResponse, Object, OpenApi, Tags, param::Path, payload::Json};
+use poem_openapi::{
+    ApiResponse, Object, OpenApi, Tags,
+    param::{Header, Path},
+    payload::Json,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -58,6 +66,10 @@ pub struct BulkRecipient {
 /// One message to many recipients: give `recipients` or `filter`, not both.
 #[derive(Debug, Clone, Object)]
 pub struct BulkRequest {
+    /// Your idempotency key: repeating a request with the same id answers the batch stored first
+    /// and sends nothing more. Bulk sends' request ids are their own: a single send's does not
+    /// answer a bulk send.
+    pub request_id: Option<String>,
     /// The recipients (at most 10 000; repeated ones get one notification).
     pub recipients: Option<Vec<BulkRecipient>>,
     /// Or: the stored customers matching this filter.
@@ -79,9 +91,9 @@ pub struct BulkRequest {
 pub struct BatchAccepted {
     /// The batch's id, for `GET /api/v1/batches/{id}`.
     pub batch_id: Uuid,
-    /// `pending`.
+    /// Its status now: `pending` when new; the current one for a repeated request.
     pub status: String,
-    /// Recipients in the batch (for a filter: those matching now).
+    /// Recipients in the batch (for a filter: those matching when it was accepted).
     pub total: i64,
 }
 
@@ -135,14 +147,20 @@ impl BulkApi {
     ///
     /// The message is literal `content` or a `template`, as for a single send. Answers 202 with a
     /// batch id at once; the notifications are created and queued in the background. Follow the
-    /// batch with `GET /api/v1/batches/{id}`.
+    /// batch with `GET /api/v1/batches/{id}`. A repeated `request_id` (or `Idempotency-Key`
+    /// header) answers 200 with the batch stored first and stores nothing new, also when the
+    /// repeats arrive at once; retry a request whose answer was lost with the same request id.
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
         &self,
         _auth: SendKey,
         body: Json<BulkRequest>,
+        /// Idempotency key; used when the body has no `request_id`.
+        #[oai(name = "Idempotency-Key")]
+        idempotency_key: Header<Option<String>>,
     ) -> Result<BulkResponse, ApiError> {
         let request = body.0;
+        let request_id = notifications::request_id(request.request_id.or(idempotency_key.0))?;
         let category: Category = request.category.into();
         let channels = notifications::chain(&self.state, category, request.channels)?;
         let content = message(request.content, request.template)?;
@@ -186,13 +204,19 @@ impl BulkApi {
             target,
         };
         let spec = serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?;
-        let batch = repo::batches::create(&self.state.db, Uuid::now_v7(), spec, total).await?;
-        metrics::counter!("herald_batches_accepted_total").increment(1);
-        Ok(BulkResponse::Accepted(Json(BatchAccepted {
-            batch_id: batch.id,
-            status: batch.status,
-            total: batch.total,
-        })))
+        let new = NewBatch {
+            id: Uuid::now_v7(),
+            request_id,
+            spec,
+            total,
+        };
+        match repo::batches::create(&self.state.db, new).await? {
+            Created::New(batch) => {
+                metrics::counter!("herald_batches_accepted_total").increment(1);
+                Ok(BulkResponse::Accepted(Json(accepted(batch))))
+            }
+            Created::Duplicate(batch) => Ok(BulkResponse::Repeated(Json(accepted(batch)))),
+        }
     }
 
     /// A batch's progress: fan-out and the notifications by status.
@@ -229,6 +253,18 @@ pub enum BulkResponse {
     /// Accepted: the batch is stored and will be fanned out.
     #[oai(status = 202)]
     Accepted(Json<BatchAccepted>),
+    /// A repeat of an earlier request id: the batch stored first, nothing new stored or sent.
+    #[oai(status = 200)]
+    Repeated(Json<BatchAccepted>),
+}
+
+/// The answer for a stored batch.
+fn accepted(batch: herald_entities::batch::Model) -> BatchAccepted {
+    BatchAccepted {
+        batch_id: batch.id,
+        status: batch.status,
+        total: batch.total,
+    }
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {

@@ -496,25 +496,27 @@ pub fn new_notification(
     }
 }
 
+/// Checks a request id (idempotency key) of a single or bulk send: 1 to [`MAX_REQUEST_ID`]
+/// characters, not all blank, not beginning as the Router's do.
+pub(crate) fn request_id(value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(id) if id.trim().is_empty() || id.len() > MAX_REQUEST_ID => Err(ApiError::invalid(
+            "request_id",
+            format!("request_id must be 1 to {MAX_REQUEST_ID} characters"),
+        )),
+        Some(id) if id.starts_with(ROUTER_REQUEST_ID_PREFIX) => Err(ApiError::invalid(
+            "request_id",
+            format!(
+                "request ids starting with {ROUTER_REQUEST_ID_PREFIX:?} are the Router's (one per \
+                 event and rule); choose another"
+            ),
+        )),
+        other => Ok(other),
+    }
+}
+
 fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiError> {
-    let request_id = match request.request_id {
-        Some(id) if id.trim().is_empty() || id.len() > MAX_REQUEST_ID => {
-            return Err(ApiError::invalid(
-                "request_id",
-                format!("request_id must be 1 to {MAX_REQUEST_ID} characters"),
-            ));
-        }
-        Some(id) if id.starts_with(ROUTER_REQUEST_ID_PREFIX) => {
-            return Err(ApiError::invalid(
-                "request_id",
-                format!(
-                    "request ids starting with {ROUTER_REQUEST_ID_PREFIX:?} are the Router's (one per \
-                     event and rule); choose another"
-                ),
-            ));
-        }
-        other => other,
-    };
+    let request_id = request_id(request.request_id)?;
     let ValidRecipient {
         customer_id,
         contacts,

@@ -9,6 +9,9 @@ pub struct Model {
     /// Id (UUIDv7); notification ids of the batch are derived from it.
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
+    /// The caller's idempotency key; unique: a repeat answers this batch.
+    #[sea_orm(unique)]
+    pub request_id: Option<String>,
     /// `pending`, `running`, `done` or `failed`.
     pub status: String,
     /// What to send and to whom (JSON: category, channels, content, recipients or filter).

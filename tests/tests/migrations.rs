@@ -145,3 +145,51 @@ async fn quiet_hours_time_zones_become_optional_and_back() {
         .await
         .expect("a night without a zone of its own");
 }
+
+/// `m20261206_001001` gives batches a unique request id: any number of batches go without one,
+/// and a repeated one is refused by the index itself, so a repeat stores nothing whoever asks.
+#[tokio::test]
+async fn batch_request_ids_are_unique_when_given() {
+    use herald_entities::repo::batches::{self, Created, NewBatch};
+    use sea_orm::ConnectionTrait;
+
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let new = |request_id: Option<&str>| NewBatch {
+        id: uuid::Uuid::now_v7(),
+        request_id: request_id.map(str::to_string),
+        spec: serde_json::json!({}),
+        total: 1,
+    };
+    for request_id in [None, None, Some("r-1")] {
+        let created = batches::create(&conn, new(request_id))
+            .await
+            .expect("stored");
+        assert!(
+            matches!(created, Created::New(_)),
+            "{request_id:?}: {created:?}"
+        );
+    }
+    match batches::create(&conn, new(Some("r-1")))
+        .await
+        .expect("read")
+    {
+        Created::Duplicate(first) => assert_eq!(first.request_id.as_deref(), Some("r-1")),
+        other => panic!("a repeat answers the first batch, not {other:?}"),
+    }
+    let raw = conn
+        .execute_unprepared(
+            "INSERT INTO batches (id, request_id, status, spec, total, published, created_at, \
+             updated_at) VALUES ('00000000-0000-7000-8000-000000000001', 'r-1', 'pending', '{}', \
+             1, 0, '2026-12-06T00:00:00Z', '2026-12-06T00:00:00Z')",
+        )
+        .await;
+    let refused = raw.expect_err("a repeated request id is refused");
+    assert!(
+        matches!(
+            refused.sql_err(),
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+        ),
+        "by the unique index: {refused}"
+    );
+}

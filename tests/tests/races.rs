@@ -141,7 +141,13 @@ async fn an_instance_that_lost_its_batch_lease_changes_nothing() {
     let database = TestDatabase::from_env().await.expect("test database");
     let db = migrated(database.url()).await.expect("database migrated");
     let id = Uuid::now_v7();
-    repo::batches::create(&db, id, serde_json::json!({}), 20)
+    let new = repo::batches::NewBatch {
+        id,
+        request_id: None,
+        spec: serde_json::json!({}),
+        total: 20,
+    };
+    repo::batches::create(&db, new)
         .await
         .expect("batch created");
 

@@ -821,6 +821,133 @@ async fn a_bulk_filter_by_id_prefix_takes_the_prefix_literally() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Batches stored, and notifications of bulk sends.
+async fn bulk_rows(herald: &TestHerald) -> (u64, u64) {
+    use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
+    let batches = herald_entities::batch::Entity::find()
+        .count(herald.db())
+        .await
+        .expect("batches counted");
+    let notifications = notification::Entity::find()
+        .filter(notification::Column::BatchId.is_not_null())
+        .count(herald.db())
+        .await
+        .expect("notifications counted");
+    (batches, notifications)
+}
+
+/// A bulk send retried with its request id (its answer lost, say) answers the batch stored first
+/// with 200, by the body's `request_id` or the `Idempotency-Key` header: one batch, and each
+/// recipient gets one mail.
+#[tokio::test]
+async fn a_repeated_bulk_request_answers_the_first_batch_and_sends_once() {
+    let w = world(|_| {}).await;
+    let body = json!({
+        "request_id": "terms-2026-12",
+        "recipients": [{ "email": "a@example.com" }, { "email": "b@example.com" }],
+        "category": "account",
+        "channels": ["email"],
+        "content": { "subject": "Terms updated", "text": "We updated our terms." }
+    });
+    let (status, first) = w.herald.post("/api/v1/notifications/bulk", &body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    let batch = first["batch_id"].as_str().expect("batch id").to_string();
+    let (status, again) = w.herald.post("/api/v1/notifications/bulk", &body).await;
+    assert_eq!(status, StatusCode::OK, "a repeat: {again}");
+    assert_eq!(again["batch_id"], batch.as_str(), "{again}");
+    assert_eq!(again["total"], 2, "{again}");
+
+    let mut by_header = body.clone();
+    by_header["request_id"] = Value::Null;
+    let response = w
+        .herald
+        .http()
+        .post(format!("{}/api/v1/notifications/bulk", w.herald.base()))
+        .header("Idempotency-Key", "terms-2026-12")
+        .json(&by_header)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), StatusCode::OK, "the header works too");
+    let by_header: Value = response.json().await.expect("json");
+    assert_eq!(by_header["batch_id"], batch.as_str(), "{by_header}");
+
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(json)
+    })
+    .await;
+    // Asked once the batch is done: any other batch would have been stored before the answers.
+    assert_eq!(
+        bulk_rows(&w.herald).await,
+        (1, 2),
+        "one batch, one notification each"
+    );
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["a@example.com", "b@example.com"], "one mail each");
+
+    let mut blank = body.clone();
+    blank["request_id"] = json!("  ");
+    let (status, error) = w.herald.post("/api/v1/notifications/bulk", &blank).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert_eq!(error["field"], "request_id", "{error}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Identical bulk requests arriving together store one batch: one is accepted (202), every
+/// other answers it (200).
+#[tokio::test]
+async fn concurrent_identical_bulk_requests_store_one_batch() {
+    const REQUESTS: usize = 4;
+    let w = world(|_| {}).await;
+    let body = json!({
+        "request_id": "winter-sale",
+        "recipients": [{ "email": "a@example.com" }, { "email": "b@example.com" }],
+        "category": "marketing",
+        "channels": ["email"],
+        "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+    });
+    let answers = futures::future::join_all(
+        (0..REQUESTS).map(|_| w.herald.post("/api/v1/notifications/bulk", &body)),
+    )
+    .await;
+    let accepted = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::ACCEPTED)
+        .count();
+    assert_eq!(accepted, 1, "one accepted: {answers:?}");
+    let repeated = answers
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::OK)
+        .count();
+    assert_eq!(
+        repeated,
+        REQUESTS - 1,
+        "the others answered it: {answers:?}"
+    );
+    let ids: HashSet<&str> = answers
+        .iter()
+        .filter_map(|(_, json)| json["batch_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 1, "one batch id: {answers:?}");
+    let batch = ids.into_iter().next().expect("a batch id").to_string();
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(json)
+    })
+    .await;
+    assert_eq!(
+        bulk_rows(&w.herald).await,
+        (1, 2),
+        "one batch, one notification each"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {

@@ -2,37 +2,78 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-    QueryOrder, QuerySelect, Select, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Select, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func, OnConflict},
 };
 use uuid::Uuid;
 
 use crate::{NotificationStatus, RepoError, batch, customer, notification};
 
-/// Stores a new batch as `pending`.
-pub async fn create(
-    db: &impl ConnectionTrait,
-    id: Uuid,
-    spec: serde_json::Value,
-    total: i64,
-) -> Result<batch::Model, RepoError> {
+/// A bulk send to store.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    /// Its id; the notification ids of the batch are derived from it.
+    pub id: Uuid,
+    /// The caller's idempotency key.
+    pub request_id: Option<String>,
+    /// What to send and to whom.
+    pub spec: serde_json::Value,
+    /// Recipients in the batch.
+    pub total: i64,
+}
+
+/// The outcome of storing a new batch.
+#[derive(Debug)]
+pub enum Created {
+    /// Stored as new, `pending`.
+    New(batch::Model),
+    /// A batch with the same request id exists already (nothing was stored); here it is.
+    Duplicate(batch::Model),
+}
+
+/// Stores a new batch as `pending`. A repeated request id is detected by the unique index (not
+/// by a check before inserting), so concurrent repeats resolve to one batch; the conflict is
+/// skipped (`ON CONFLICT (request_id) DO NOTHING`) and the batch stored first is read back.
+pub async fn create(db: &impl ConnectionTrait, new: NewBatch) -> Result<Created, RepoError> {
     let now = Utc::now();
-    Ok(batch::Entity::insert(batch::ActiveModel {
-        id: Set(id),
-        status: Set("pending".into()),
-        spec: Set(spec),
-        total: Set(total),
-        published: Set(0),
-        cursor: Set(None),
-        lease_until: Set(None),
-        error: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-    })
-    .exec_with_returning(db)
-    .await?)
+    let model = batch::Model {
+        id: new.id,
+        request_id: new.request_id,
+        status: "pending".into(),
+        spec: new.spec,
+        total: new.total,
+        published: 0,
+        cursor: None,
+        lease_until: None,
+        error: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let inserted = batch::Entity::insert(batch::ActiveModel::from(model.clone()))
+        .on_conflict(
+            OnConflict::column(batch::Column::RequestId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    if inserted == 1 {
+        return Ok(Created::New(model));
+    }
+    // Skipped: only a request id can conflict (the id is new), and it is there.
+    let existing = match &model.request_id {
+        Some(request_id) => {
+            batch::Entity::find()
+                .filter(batch::Column::RequestId.eq(request_id.as_str()))
+                .one(db)
+                .await?
+        }
+        None => None,
+    };
+    existing
+        .map(Created::Duplicate)
+        .ok_or_else(|| DbErr::RecordNotInserted.into())
 }
 
 /// The batch with this id.
