@@ -42,14 +42,18 @@ enum BulkTags {
     Bulk,
 }
 
-/// Customers to send to: every stored customer matching all the given conditions.
+/// Customers to send to: every stored customer matching all the given conditions. At least one
+/// condition, or `all_customers: true`: a filter without any is refused rather than taken to
+/// mean everyone, and so is a blank condition (`400` naming it).
 #[derive(Debug, Clone, Object)]
 pub struct CustomerFilterBody {
     /// Only customers whose locale is this language tag or one under it, in any case: `de`
     /// selects `de`, `de-DE` and `de-AT`; `de-DE` selects `de-DE` only.
     pub locale: Option<String>,
-    /// Only customers whose external id starts with this.
+    /// Only customers whose external id starts with this (case and every character count).
     pub external_id_prefix: Option<String>,
+    /// `true`: every stored customer, on purpose. Not with `locale` or `external_id_prefix`.
+    pub all_customers: Option<bool>,
 }
 
 /// One recipient of a bulk send.
@@ -177,13 +181,7 @@ impl BulkApi {
                 (BatchTarget::Recipients { recipients }, total)
             }
             (None, Some(filter)) => {
-                let locale = non_empty(filter.locale)
-                    .map(|tag| validate::locale("filter.locale", &tag))
-                    .transpose()?;
-                let filter = CustomerFilter {
-                    locale,
-                    external_id_prefix: non_empty(filter.external_id_prefix),
-                };
+                let filter = customer_filter(filter)?;
                 let total = repo::batches::count_customers(&self.state.db, &filter).await?;
                 (
                     BatchTarget::Filter {
@@ -267,10 +265,48 @@ fn accepted(batch: herald_entities::batch::Model) -> BatchAccepted {
     }
 }
 
-fn non_empty(value: Option<String>) -> Option<String> {
-    value
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
+/// Checks a filter: each condition given must say something (a blank one would be left out and
+/// widen the audience, up to every customer), and a filter without conditions must say
+/// `all_customers: true`, so that a client whose values came out empty mails nobody rather than
+/// everyone.
+fn customer_filter(body: CustomerFilterBody) -> Result<CustomerFilter, ApiError> {
+    let locale = body
+        .locale
+        .map(|tag| {
+            not_blank("filter.locale", &tag).and_then(|tag| validate::locale("filter.locale", tag))
+        })
+        .transpose()?;
+    let field = "filter.external_id_prefix";
+    let external_id_prefix = body
+        .external_id_prefix
+        .map(|prefix| not_blank(field, &prefix).and_then(|_| validate::external_id(field, &prefix)))
+        .transpose()?;
+    let conditions = locale.is_some() || external_id_prefix.is_some();
+    match (body.all_customers.unwrap_or(false), conditions) {
+        (true, true) => Err(ApiError::invalid(
+            "filter.all_customers",
+            "all_customers selects every customer; give it without locale or external_id_prefix",
+        )),
+        (false, false) => Err(ApiError::invalid(
+            "filter",
+            "give locale or external_id_prefix, or all_customers: true to send to every customer",
+        )),
+        _ => Ok(CustomerFilter {
+            locale,
+            external_id_prefix,
+        }),
+    }
+}
+
+/// `value` trimmed, or a 400 naming `field` when nothing is left.
+fn not_blank<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
+    match value.trim() {
+        "" => Err(ApiError::invalid(
+            field,
+            format!("{field} is blank; leave it out or give a value"),
+        )),
+        trimmed => Ok(trimmed),
+    }
 }
 
 /// Checks a batch's template as a single send's is checked: that it exists and, for a compiled

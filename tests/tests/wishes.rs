@@ -948,6 +948,75 @@ async fn concurrent_identical_bulk_requests_store_one_batch() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A blank filter condition (a client's variable that came out empty) is refused naming it, not
+/// left out to widen the audience; so is a filter with no condition, unless it says
+/// `all_customers: true`, which selects everyone.
+#[tokio::test]
+async fn a_blank_or_empty_bulk_filter_is_refused_and_everyone_must_be_asked_for() {
+    let w = world(|_| {}).await;
+    add_customers(
+        &w.herald,
+        vec![
+            customer_row("c-1", "de", None),
+            customer_row("c-2", "en", None),
+        ],
+    )
+    .await;
+    let bulk = |filter: Value| {
+        json!({
+            "filter": filter,
+            "category": "account",
+            "channels": ["email"],
+            "content": { "subject": "Terms updated", "text": "We updated our terms." }
+        })
+    };
+    for (filter, field) in [
+        (json!({ "locale": "" }), "filter.locale"),
+        (json!({ "locale": " " }), "filter.locale"),
+        (
+            json!({ "external_id_prefix": "  " }),
+            "filter.external_id_prefix",
+        ),
+        (
+            json!({ "locale": "de", "external_id_prefix": "" }),
+            "filter.external_id_prefix",
+        ),
+        (
+            json!({ "all_customers": true, "locale": "" }),
+            "filter.locale",
+        ),
+        (json!({}), "filter"),
+        (json!({ "all_customers": false }), "filter"),
+        (
+            json!({ "all_customers": true, "locale": "de" }),
+            "filter.all_customers",
+        ),
+    ] {
+        let (status, error) = w
+            .herald
+            .post("/api/v1/notifications/bulk", &bulk(filter.clone()))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{filter}: {error}");
+        assert_eq!(error["field"], field, "{filter}: {error}");
+    }
+    assert_eq!(bulk_rows(&w.herald).await, (0, 0), "nothing stored");
+
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &bulk(json!({ "all_customers": true })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], 2, "{accepted}");
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["c-1@example.com", "c-2@example.com"]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {
