@@ -1,10 +1,10 @@
 //! `/api/v1/providers/{provider}/callbacks`: delivery receipts from providers.
 //!
-//! A receipt moves a `sent` notification to `delivered` (or `failed` on a bounce or a late
-//! failure) under the usual transition rules, and publishes the transition on
-//! `notify.status.<status>`. A repeated receipt answers 200 with `applied: false` and publishes
-//! the event again (JetStream drops the duplicate), so a provider that retries after a failed
-//! publish still gets the event out.
+//! A receipt from the provider that sent a notification moves it from `sent` to `delivered` (or
+//! `failed` on a bounce or a late failure) under the usual transition rules, and publishes the
+//! transition on `notify.status.<status>`. A repeated receipt answers 200 with `applied: false`
+//! and publishes the event again (JetStream drops the duplicate), so a provider that retries
+//! after a failed publish still gets the event out.
 
 use chrono::{DateTime, Utc};
 use herald_entities::{
@@ -85,8 +85,19 @@ impl ReceiptsApi {
     /// Report a delivery receipt (scope `callbacks`).
     ///
     /// `delivered` moves a `sent` notification to `delivered`; `bounced` and `failed` move it to
-    /// `failed` with the error. 404: unknown provider or notification; 409: the notification is
-    /// not in a status the receipt applies to (e.g. still `processing`: retry later).
+    /// `failed` with the error. A repeat of an applied receipt answers 200 with `applied: false`.
+    ///
+    /// 404 `not_found`: unknown provider, or no notification with this `notification_id` or sent
+    /// by this provider as `provider_message_id`.
+    ///
+    /// 409 `conflict`, nothing changed:
+    /// - the notification is not sent yet (`queued`, `scheduled`, `processing`): repeat the
+    ///   receipt later;
+    /// - it was never sent (it ended `failed`, `skipped`, `cancelled` or `dead` without a
+    ///   provider accepting it);
+    /// - it was sent by another provider than `{provider}`;
+    /// - it is already `delivered` or `failed` otherwise (a bounce after a delivery, a delivery
+    ///   after a bounce).
     #[oai(path = "/providers/:provider/callbacks", method = "post")]
     async fn callback(
         &self,
@@ -145,14 +156,44 @@ impl ReceiptsApi {
                 format!("failed after acceptance ({provider})"),
             ),
         };
-        let outcome =
-            repo::apply(&self.state.db, id, status, &reason, error.as_deref(), at).await?;
+        let outcome = repo::apply(
+            &self.state.db,
+            id,
+            &provider,
+            status,
+            &reason,
+            error.as_deref(),
+            at,
+        )
+        .await?;
         let (row, applied) = match outcome {
             ReceiptOutcome::Applied(row) => (row, true),
             ReceiptOutcome::Unchanged(row) => (row, false),
+            ReceiptOutcome::NotYetSent(row) => {
+                return Err(ApiError::conflict(format!(
+                    "notification {id} is {}, not sent yet; repeat the receipt once it is sent",
+                    row.status.as_str()
+                )));
+            }
+            ReceiptOutcome::NeverSent(row) => {
+                return Err(ApiError::conflict(format!(
+                    "notification {id} was never sent (it is {}); no receipt applies to it",
+                    row.status.as_str()
+                )));
+            }
+            ReceiptOutcome::SentByOther(providers) => {
+                let by = match providers.as_slice() {
+                    [] => String::new(),
+                    providers => format!(" but by {}", providers.join(", ")),
+                };
+                return Err(ApiError::conflict(format!(
+                    "notification {id} was not sent by {provider}{by}; \
+                     a receipt applies only to a message its provider accepted"
+                )));
+            }
             ReceiptOutcome::NotAllowed(row) => {
                 return Err(ApiError::conflict(format!(
-                    "notification {id} is {}; this receipt does not apply to it",
+                    "notification {id} is already {}; this receipt does not apply to it",
                     row.status.as_str()
                 )));
             }

@@ -1,15 +1,18 @@
 //! The production API end to end: API keys (401 vs 403, CLI-created and revoked keys), history
-//! with filters and cursor pagination, stats, provider delivery receipts, and dead-letter listing
-//! and replay.
+//! with filters and cursor pagination, stats, provider delivery receipts (and which receipts are
+//! refused), and dead-letter listing and replay.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
+use herald_actors::channel::telegram::TelegramConfig;
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use wiremock::matchers::{body_partial_json, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 struct World {
     nats: NatsServer,
@@ -536,6 +539,154 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A world with a Telegram provider besides SMTP: a local fake of the Bot API that accepts every
+/// message, except to chat `BLOCKED_CHAT`, which it refuses for good.
+async fn world_with_telegram() -> (World, MockServer) {
+    let telegram = MockServer::start().await;
+    let send_message = || Mock::given(method("POST")).and(path("/bot42:TESTTOKEN/sendMessage"));
+    send_message()
+        .and(body_partial_json(json!({ "chat_id": BLOCKED_CHAT })))
+        .respond_with(ResponseTemplate::new(403).set_body_json(json!({
+            "ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"
+        })))
+        .with_priority(1)
+        .mount(&telegram)
+        .await;
+    send_message()
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"ok": true, "result": {"message_id": 9}})),
+        )
+        .mount(&telegram)
+        .await;
+    let base_url = telegram.uri();
+    let w = world_with(|config| {
+        config.channels.telegram = Some(TelegramConfig {
+            base_url,
+            bot_token: "42:TESTTOKEN".into(),
+            timeout_ms: 2_000,
+            ..TelegramConfig::default()
+        });
+    })
+    .await;
+    (w, telegram)
+}
+
+/// The chat the Telegram fake of [`world_with_telegram`] refuses.
+const BLOCKED_CHAT: &str = "666";
+
+fn telegram_message(chat: &str) -> Value {
+    json!({
+        "recipient": { "telegram_chat_id": chat },
+        "category": "transactional",
+        "channels": ["telegram"],
+        "content": { "text": "Your order #1001 is on its way." }
+    })
+}
+
+fn message_of(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_receipt_from_a_provider_that_did_not_send_the_notification_is_refused() {
+    let (w, _telegram) = world_with_telegram().await;
+    let h = &w.herald;
+    let key = new_key(h, "provider webhooks", "callbacks").await;
+    let email_id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    let telegram_id = h.send_accepted(&telegram_message("4242")).await;
+    h.wait_status(&email_id, "sent").await;
+    h.wait_status(&telegram_id, "sent").await;
+
+    // Telegram reporting a bounce of the email, SMTP a delivery of the Telegram message: 409,
+    // and neither notification changes.
+    let bounce = json!({ "notification_id": email_id, "event": "bounced", "error": "550 gone" });
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/telegram/callbacks",
+            Some(&key),
+            Some(&bounce),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict");
+    assert!(message_of(&body).contains("smtp"), "{body}");
+    let delivered = json!({ "notification_id": telegram_id, "event": "delivered" });
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/smtp/callbacks",
+            Some(&key),
+            Some(&delivered),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(message_of(&body).contains("telegram"), "{body}");
+    let (_, email_now) = h.get(&format!("/api/v1/notifications/{email_id}")).await;
+    assert_eq!(email_now["status"], "sent", "{email_now}");
+    assert!(email_now["error"].is_null(), "{email_now}");
+    let (_, telegram_now) = h.get(&format!("/api/v1/notifications/{telegram_id}")).await;
+    assert_eq!(telegram_now["status"], "sent", "{telegram_now}");
+
+    // From the provider that sent it, the same receipt applies.
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/smtp/callbacks",
+            Some(&key),
+            Some(&bounce),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["applied"], true);
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/telegram/callbacks",
+            Some(&key),
+            Some(&delivered),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "delivered");
+    assert_eq!(body["applied"], true);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_receipt_for_a_notification_that_was_never_sent_is_refused() {
+    let (w, _telegram) = world_with_telegram().await;
+    let h = &w.herald;
+    let key = new_key(h, "telegram webhook", "callbacks").await;
+    let callback = "/api/v1/providers/telegram/callbacks";
+    let id = h.send_accepted(&telegram_message(BLOCKED_CHAT)).await;
+    let failed = h.wait_status(&id, "failed").await;
+    assert_eq!(failed["attempts"][0]["provider"], "telegram", "{failed}");
+    assert_eq!(failed["attempts"][0]["status"], "rejected", "{failed}");
+    assert!(failed["sent_at"].is_null(), "{failed}");
+
+    for event in ["bounced", "failed", "delivered"] {
+        let receipt = json!({ "notification_id": id, "event": event, "error": "late bounce" });
+        let (status, body) = h
+            .request_with_key(Method::POST, callback, Some(&key), Some(&receipt))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{event}: {body}");
+        assert_eq!(body["code"], "conflict");
+        assert!(message_of(&body).contains("never sent"), "{event}: {body}");
+    }
+    let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(now["status"], "failed", "{now}");
+    assert_eq!(
+        now["error"], failed["error"],
+        "the receipt changed nothing: {now}"
+    );
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -8,15 +8,28 @@ use uuid::Uuid;
 
 use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 
+/// The attempt status of a message a provider accepted.
+const SENT: &str = "sent";
+
 /// What a receipt did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReceiptOutcome {
     /// The notification moved to the receipt's status; here it is now.
     Applied(notification::Model),
-    /// It already had that status (a repeated receipt); nothing changed.
+    /// It already had that status from an earlier receipt (a repeat); nothing changed.
     Unchanged(notification::Model),
-    /// Its status does not allow the move (e.g. still `processing`, or already `delivered` and
-    /// now reported bounced); nothing changed.
+    /// It is not sent yet (`queued`, `scheduled` or `processing`): the receipt may have arrived
+    /// before Herald recorded the send; nothing changed.
+    NotYetSent(notification::Model),
+    /// It ended (`failed`, `skipped`, `cancelled`, `dead`) without any provider accepting it, so
+    /// no receipt is about it; nothing changed.
+    NeverSent(notification::Model),
+    /// It was sent, but not by the receipt's provider: here are the providers that accepted it
+    /// (normally one); nothing changed.
+    SentByOther(Vec<String>),
+    /// It was sent by the receipt's provider, but its status does not allow the move (already
+    /// `delivered` and now reported bounced, or already `failed` and now reported delivered);
+    /// nothing changed.
     NotAllowed(notification::Model),
     /// No such notification.
     NotFound,
@@ -34,26 +47,56 @@ pub async fn find_by_provider_message_id(
         .column(delivery_attempt::Column::NotificationId)
         .filter(delivery_attempt::Column::Provider.eq(provider))
         .filter(delivery_attempt::Column::ProviderMessageId.eq(provider_message_id))
-        .filter(delivery_attempt::Column::Status.eq("sent"))
+        .filter(delivery_attempt::Column::Status.eq(SENT))
         .into_tuple::<Uuid>()
         .one(db)
         .await?)
 }
 
-/// Moves notification `id` to `status` (`delivered` or `failed`) if it is `sent`, in one
-/// conditional UPDATE, so concurrent or repeated receipts cannot move it backwards. A receipt is
-/// about a message a provider accepted, so it applies only once the notification is recorded
-/// `sent`: a bounce applied earlier would end a queued or scheduled notification `failed`
-/// unsent, or one whose `sent` is still on its way to the database `failed` without its
-/// channel and time.
+/// Moves notification `id` to `status` (`delivered` or `failed`) on a receipt from `provider`,
+/// if the notification is `sent` and `provider` is the one that accepted it.
+///
+/// A receipt is about a message a provider accepted, so it applies only to a notification
+/// recorded sent (`sent_at` set, which only the move to `sent` does), and only when it comes from
+/// the provider whose successful attempt is recorded: a bounce applied earlier would end a queued
+/// or scheduled notification `failed` unsent, or one whose `sent` is still on its way to the
+/// database `failed` without its channel and time; one from another provider is about some other
+/// message. An attempt is written in the transaction that records its notification's status, so
+/// a notification recorded sent has its successful attempt recorded.
+///
+/// The move itself is one conditional UPDATE (from `sent` only), so concurrent or repeated
+/// receipts cannot move it backwards.
 pub async fn apply(
     db: &impl ConnectionTrait,
     id: Uuid,
+    provider: &str,
     status: NotificationStatus,
     reason: &str,
     error: Option<&str>,
     at: DateTime<Utc>,
 ) -> Result<ReceiptOutcome, RepoError> {
+    let Some(before) = notification::Entity::find_by_id(id).one(db).await? else {
+        return Ok(ReceiptOutcome::NotFound);
+    };
+    if before.sent_at.is_none() {
+        return Ok(if before.status.is_final() {
+            ReceiptOutcome::NeverSent(before)
+        } else {
+            ReceiptOutcome::NotYetSent(before)
+        });
+    }
+    let providers: Vec<String> = delivery_attempt::Entity::find()
+        .select_only()
+        .column(delivery_attempt::Column::Provider)
+        .distinct()
+        .filter(delivery_attempt::Column::NotificationId.eq(id))
+        .filter(delivery_attempt::Column::Status.eq(SENT))
+        .into_tuple()
+        .all(db)
+        .await?;
+    if !providers.iter().any(|p| p == provider) {
+        return Ok(ReceiptOutcome::SentByOther(providers));
+    }
     let mut update = notification::Entity::update_many()
         .col_expr(notification::Column::Status, Expr::value(status))
         .col_expr(notification::Column::StatusReason, Expr::value(reason))
@@ -67,6 +110,8 @@ pub async fn apply(
     let Some(now) = notification::Entity::find_by_id(id).one(db).await? else {
         return Ok(ReceiptOutcome::NotFound);
     };
+    // Sent, a notification leaves `sent` only by a receipt: having the receipt's status, it had
+    // this receipt (or its like) before.
     Ok(if applied {
         ReceiptOutcome::Applied(now)
     } else if now.status == status {
