@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use herald_entities::{
     NotificationStatus, notification,
-    repo::receipts::{self as repo, ReceiptOutcome},
+    repo::receipts::{self as repo, MessageIdMatch, ReceiptOutcome},
 };
 use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use poem_openapi::{Enum, Object, OpenApi, Tags, param::Path, payload::Json};
@@ -40,12 +40,15 @@ pub enum ReceiptEvent {
 
 /// A delivery receipt. Name the notification by `notification_id` (Herald's id, which providers
 /// receive as the idempotency key / message id) or by `provider_message_id` (the provider's own
-/// id, as recorded on the successful attempt).
+/// id, as recorded on the successful attempt). `notification_id` wins when both are given; it is
+/// the reliable one, as a provider's ids need not be unique.
 #[derive(Debug, Clone, Object)]
 pub struct Receipt {
     /// Herald's notification id.
     pub notification_id: Option<Uuid>,
-    /// The provider's message id.
+    /// The provider's message id. If the provider returned it for several notifications (an SMTP
+    /// relay's reply text, a Telegram `message_id` is unique only per chat), the receipt is
+    /// refused with 409: give `notification_id` instead.
     #[oai(validator(min_length = 1, max_length = 500))]
     pub provider_message_id: Option<String>,
     /// What happened.
@@ -97,7 +100,9 @@ impl ReceiptsApi {
     ///   provider accepting it);
     /// - it was sent by another provider than `{provider}`;
     /// - it is already `delivered` or `failed` otherwise (a bounce after a delivery, a delivery
-    ///   after a bounce).
+    ///   after a bounce);
+    /// - `provider_message_id` is ambiguous: the provider returned it for several notifications
+    ///   (provider ids need not be unique); name the notification by `notification_id`.
     #[oai(path = "/providers/:provider/callbacks", method = "post")]
     async fn callback(
         &self,
@@ -125,13 +130,22 @@ impl ReceiptsApi {
             (Some(id), _) => id,
             (None, Some(message_id)) => {
                 plain_text("provider_message_id", message_id)?;
-                repo::find_by_provider_message_id(&self.state.db, &provider, message_id)
+                match repo::find_by_provider_message_id(&self.state.db, &provider, message_id)
                     .await?
-                    .ok_or_else(|| {
-                        ApiError::not_found(format!(
+                {
+                    MessageIdMatch::One(id) => id,
+                    MessageIdMatch::None => {
+                        return Err(ApiError::not_found(format!(
                             "no notification sent by {provider} as {message_id:?}"
-                        ))
-                    })?
+                        )));
+                    }
+                    MessageIdMatch::Several => {
+                        return Err(ApiError::conflict(format!(
+                            "{provider} sent several notifications as {message_id:?}; \
+                             name the notification by notification_id"
+                        )));
+                    }
+                }
             }
             (None, None) => {
                 return Err(ApiError::invalid(

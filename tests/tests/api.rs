@@ -543,7 +543,8 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
 }
 
 /// A world with a Telegram provider besides SMTP: a local fake of the Bot API that accepts every
-/// message, except to chat `BLOCKED_CHAT`, which it refuses for good.
+/// message as `message_id` 9 (Telegram's ids are unique only per chat), except to chat
+/// `BLOCKED_CHAT`, which it refuses for good.
 async fn world_with_telegram() -> (World, MockServer) {
     let telegram = MockServer::start().await;
     let send_message = || Mock::given(method("POST")).and(path("/bot42:TESTTOKEN/sendMessage"));
@@ -657,6 +658,47 @@ async fn a_receipt_from_a_provider_that_did_not_send_the_notification_is_refused
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "delivered");
     assert_eq!(body["applied"], true);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_provider_message_id_of_several_notifications_is_refused_as_ambiguous() {
+    let (w, _telegram) = world_with_telegram().await;
+    let h = &w.herald;
+    let key = new_key(h, "telegram webhook", "callbacks").await;
+    let callback = "/api/v1/providers/telegram/callbacks";
+    let first = h.send_accepted(&telegram_message("4242")).await;
+    let second = h.send_accepted(&telegram_message("4343")).await;
+    for id in [&first, &second] {
+        let sent = h.wait_status(id, "sent").await;
+        assert_eq!(sent["attempts"][0]["provider_message_id"], "9", "{sent}");
+    }
+
+    let bounce = json!({ "provider_message_id": "9", "event": "bounced", "error": "chat gone" });
+    let (status, body) = h
+        .request_with_key(Method::POST, callback, Some(&key), Some(&bounce))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict");
+    assert!(message_of(&body).contains("notification_id"), "{body}");
+    for id in [&first, &second] {
+        let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
+        assert_eq!(now["status"], "sent", "{now}");
+    }
+
+    // Named by Herald's id, the bounce applies to that notification alone; its repeat changes
+    // nothing.
+    let bounce = json!({ "notification_id": second, "event": "bounced", "error": "chat gone" });
+    for applied in [true, false] {
+        let (status, body) = h
+            .request_with_key(Method::POST, callback, Some(&key), Some(&bounce))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["status"], "failed");
+        assert_eq!(body["applied"], applied, "{body}");
+    }
+    let (_, untouched) = h.get(&format!("/api/v1/notifications/{first}")).await;
+    assert_eq!(untouched["status"], "sent", "{untouched}");
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -35,22 +35,48 @@ pub enum ReceiptOutcome {
     NotFound,
 }
 
-/// The notification a provider's message id belongs to: the one whose successful attempt on
-/// `provider` returned that id.
+/// The notification a provider's message id names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageIdMatch {
+    /// No successful attempt of the provider returned that id.
+    None,
+    /// The one notification whose successful attempt(s) of the provider returned that id.
+    One(Uuid),
+    /// Successful attempts of the provider for several notifications returned that id (provider
+    /// ids need not be unique: an SMTP relay's reply text, a Telegram `message_id` is unique only
+    /// per chat), so it does not say which one the receipt is about.
+    Several,
+}
+
+/// The notification whose successful attempt on `provider` returned `provider_message_id`, if
+/// exactly one did.
 pub async fn find_by_provider_message_id(
     db: &impl ConnectionTrait,
     provider: &str,
     provider_message_id: &str,
-) -> Result<Option<Uuid>, RepoError> {
-    Ok(delivery_attempt::Entity::find()
-        .select_only()
-        .column(delivery_attempt::Column::NotificationId)
-        .filter(delivery_attempt::Column::Provider.eq(provider))
-        .filter(delivery_attempt::Column::ProviderMessageId.eq(provider_message_id))
-        .filter(delivery_attempt::Column::Status.eq(SENT))
+) -> Result<MessageIdMatch, RepoError> {
+    let sent_as = || {
+        delivery_attempt::Entity::find()
+            .select_only()
+            .column(delivery_attempt::Column::NotificationId)
+            .filter(delivery_attempt::Column::ProviderMessageId.eq(provider_message_id))
+            .filter(delivery_attempt::Column::Provider.eq(provider))
+            .filter(delivery_attempt::Column::Status.eq(SENT))
+    };
+    // Two lookups that each stop at the first row, rather than a DISTINCT over every attempt
+    // with a reply text that a relay gives to all messages.
+    let Some(first) = sent_as().into_tuple::<Uuid>().one(db).await? else {
+        return Ok(MessageIdMatch::None);
+    };
+    let another = sent_as()
+        .filter(delivery_attempt::Column::NotificationId.ne(first))
         .into_tuple::<Uuid>()
         .one(db)
-        .await?)
+        .await?;
+    Ok(match another {
+        Some(_) => MessageIdMatch::Several,
+        None => MessageIdMatch::One(first),
+    })
 }
 
 /// Moves notification `id` to `status` (`delivered` or `failed`) on a receipt from `provider`,
