@@ -65,13 +65,22 @@ struct Engine {
     ownership: OwnershipView,
 }
 
-/// Installs process-wide things once: the rustls crypto provider (ring; see STACK.md) and the
-/// Prometheus recorder (with the histogram buckets of [`crate::prometheus::builder`]).
+/// Installs the process-wide rustls crypto provider (ring; see STACK.md), unless one is:
+/// reqwest and lettre are compiled without one.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install it meanwhile; either one does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// Installs process-wide things once: the rustls crypto provider ([`install_crypto_provider`])
+/// and the Prometheus recorder (with the histogram buckets of [`crate::prometheus::builder`]).
 pub fn process_init() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            install_crypto_provider();
             let recorder = crate::prometheus::builder()
                 .expect("the histogram bucket constants are not empty")
                 .build_recorder();

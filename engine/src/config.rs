@@ -472,10 +472,13 @@ impl ChannelsConfig {
     }
 
     /// Refuses provider settings their provider would refuse when it is built (a missing token,
-    /// a webhook secret that is not `whsec_` and base64, …), with the provider's own checks, so
-    /// that a start stops before it migrates or connects to anything. Key files are read only
-    /// when the providers are built.
+    /// a webhook secret that is not `whsec_` and base64, a service account key file that cannot
+    /// be read, an outbox folder that cannot be created, an HTTP client that cannot be built,
+    /// …), with the provider's own checks, which build it and drop it, so that `herald config`
+    /// refuses them and a start stops before it migrates or connects to anything.
     fn check(&self) -> Result<(), ConfigError> {
+        // The providers' HTTP clients and SMTP TLS settings are built with it.
+        crate::app::install_crypto_provider();
         let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(e.to_string());
         self.email.check().map_err(|e| invalid(&e))?;
         if let Some(telegram) = &self.telegram {
@@ -1637,6 +1640,37 @@ mod tests {
         });
     }
 
+    /// Writes a service account key file, with the key the push provider's tests sign with.
+    pub(super) fn write_service_account_key(path: &Path) {
+        let key = serde_json::json!({
+            "type": "service_account",
+            "client_email": "herald@shop-app.iam.gserviceaccount.com",
+            "private_key": include_str!("../../actors/src/channel/testdata/service_account_key.pem"),
+            "token_uri": "https://oauth2.googleapis.com/token",
+        });
+        std::fs::write(path, key.to_string()).expect("a key file");
+    }
+
+    #[test]
+    fn the_key_file_the_environment_names_for_push_is_checked_at_load() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_CHANNELS__PUSH__PROJECT_ID", "shop-app");
+            jail.set_env("GOOGLE_APPLICATION_CREDENTIALS", "missing-key.json");
+            let err = Config::load(None)
+                .err()
+                .ok_or("a key file that does not exist was accepted")?
+                .to_string();
+            assert!(
+                err.contains(
+                    "GOOGLE_APPLICATION_CREDENTIALS: cannot read service account key \
+                     missing-key.json"
+                ),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
     #[test]
     fn the_readme_provider_example_loads_without_warnings() {
         let readme = include_str!("../../README.md");
@@ -1645,8 +1679,13 @@ mod tests {
             .and_then(|(_, rest)| rest.split_once("```"))
             .map(|(example, _)| example)
             .expect("the README's provider example");
+        // The push key file is read at load: one in the jail stands for the example's.
+        let key_file = "/etc/herald/fcm-service-account.json";
+        assert!(example.contains(key_file), "{example}");
+        let example = example.replace(key_file, "fcm-service-account.json");
         figment::Jail::expect_with(|jail| {
-            jail.create_file("herald.toml", example)?;
+            jail.create_file("herald.toml", &example)?;
+            write_service_account_key(&jail.directory().join("fcm-service-account.json"));
             let loaded = Config::load(Some(Path::new("herald.toml"))).map_err(|e| e.to_string())?;
             assert!(loaded.unknown_keys.is_empty(), "{:?}", loaded.unknown_keys);
             assert_eq!(loaded.warnings, Vec::<String>::new());
@@ -1957,6 +1996,186 @@ mod limits_tests {
             let err = refusal(change).unwrap_or_else(|| panic!("{key}: accepted"));
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    /// A push section authenticating with the service account key file `file`.
+    fn push_with_key_file(file: &Path) -> PushConfig {
+        PushConfig {
+            service_account_file: Some(file.to_path_buf()),
+            access_token: String::new(),
+            ..push()
+        }
+    }
+
+    /// An email section with the outbox folder `dir` (no SMTP host).
+    fn outbox(dir: &Path) -> EmailConfig {
+        EmailConfig {
+            outbox_dir: dir.to_path_buf(),
+            ..EmailConfig::default()
+        }
+    }
+
+    /// An email section sending over SMTP to `host` with `security`.
+    fn smtp(host: &str, security: SmtpSecurity) -> EmailConfig {
+        EmailConfig {
+            smtp_host: Some(host.into()),
+            security,
+            ..EmailConfig::default()
+        }
+    }
+
+    #[test]
+    fn files_folders_and_hosts_their_provider_cannot_use_are_refused() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = |name: &str| dir.path().join(name);
+        let file = path("file");
+        std::fs::write(&file, "not a folder").expect("a file");
+        let not_json = path("not-json.json");
+        std::fs::write(&not_json, "project_id = \"shop-app\"").expect("a file");
+        let no_key = path("no-key.json");
+        std::fs::write(
+            &no_key,
+            r#"{"type": "service_account", "client_email": "a@b.c"}"#,
+        )
+        .expect("a file");
+        let user = path("user.json");
+        std::fs::write(&user, r#"{"type": "authorized_user", "client_id": "x"}"#).expect("a file");
+        let bad_pem = path("bad-pem.json");
+        let key = serde_json::json!({
+            "type": "service_account",
+            "client_email": "herald@shop-app.iam.gserviceaccount.com",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        });
+        std::fs::write(&bad_pem, key.to_string()).expect("a file");
+        let shown = |file: &Path| file.display().to_string();
+        let cases: Vec<(String, Change)> = vec![
+            (
+                format!(
+                    "channels.push.service_account_file: cannot read service account key {}",
+                    shown(&path("missing.json"))
+                ),
+                Box::new({
+                    let missing = path("missing.json");
+                    move |c| c.channels.push = Some(push_with_key_file(&missing))
+                }),
+            ),
+            (
+                format!(
+                    "channels.push.service_account_file: cannot read service account key {}",
+                    shown(dir.path())
+                ),
+                Box::new({
+                    let folder = dir.path().to_path_buf();
+                    move |c| c.channels.push = Some(push_with_key_file(&folder))
+                }),
+            ),
+            (
+                format!(
+                    "channels.push.service_account_file: {} is not a service account key",
+                    shown(&not_json)
+                ),
+                Box::new(move |c| c.channels.push = Some(push_with_key_file(&not_json))),
+            ),
+            (
+                "missing field `private_key`".into(),
+                Box::new(move |c| c.channels.push = Some(push_with_key_file(&no_key))),
+            ),
+            (
+                "its type is \"authorized_user\"".into(),
+                Box::new(move |c| c.channels.push = Some(push_with_key_file(&user))),
+            ),
+            (
+                format!(
+                    "channels.push.service_account_file: {} is not a service account key \
+                     (JSON with client_email, private_key, token_uri): private_key:",
+                    shown(&bad_pem)
+                ),
+                Box::new(move |c| c.channels.push = Some(push_with_key_file(&bad_pem))),
+            ),
+            (
+                format!(
+                    "channels.email.outbox_dir {:?} cannot be created (email is written there \
+                     while channels.email.smtp_host is not set): it is a file, not a folder",
+                    shown(&file)
+                ),
+                Box::new({
+                    let file = file.clone();
+                    move |c| c.channels.email = outbox(&file)
+                }),
+            ),
+            (
+                format!(
+                    "channels.email.outbox_dir {:?} cannot be created (email is written there \
+                     while channels.email.smtp_host is not set): {} is a file, not a folder",
+                    shown(&file.join("outbox/today")),
+                    shown(&file)
+                ),
+                Box::new({
+                    let under_a_file = file.join("outbox/today");
+                    move |c| c.channels.email = outbox(&under_a_file)
+                }),
+            ),
+            (
+                "channels.email.smtp_host \"mail.example.com:587\" is not a host name or IP \
+                 address (without a port; channels.email.smtp_port sets that) that TLS can \
+                 check the server's certificate against (channels.email.security is \
+                 \"starttls\")"
+                    .into(),
+                Box::new(|c| {
+                    c.channels.email = smtp("mail.example.com:587", SmtpSecurity::Starttls)
+                }),
+            ),
+            (
+                "channels.email.smtp_host \"mail example.com\" is not a host name".into(),
+                Box::new(|c| c.channels.email = smtp("mail example.com", SmtpSecurity::Tls)),
+            ),
+        ];
+        for (expected, change) in cases {
+            let err = refusal(change).unwrap_or_else(|| panic!("{expected}: accepted"));
+            assert!(err.contains(&expected), "{expected}: {err}");
+        }
+    }
+
+    #[test]
+    fn files_folders_and_hosts_their_provider_can_use_are_accepted() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let key = dir.path().join("key.json");
+        super::tests::write_service_account_key(&key);
+        assert_eq!(
+            refusal(|c| c.channels.push = Some(push_with_key_file(&key))),
+            None
+        );
+        for (host, security) in [
+            ("mail.example.com", SmtpSecurity::Starttls),
+            ("127.0.0.1", SmtpSecurity::Tls),
+            ("::1", SmtpSecurity::Starttls),
+            // Without TLS no certificate is checked against the name.
+            ("mail.example.com:587", SmtpSecurity::None),
+        ] {
+            assert_eq!(
+                refusal(|c| c.channels.email = smtp(host, security)),
+                None,
+                "{host}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_outbox_folder_is_checked_without_being_left_behind() {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let data = dir.path().join("data");
+        let folder = data.join("outbox");
+        assert_eq!(refusal(|c| c.channels.email = outbox(&folder)), None);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("the temporary folder")
+            .collect();
+        assert!(left.is_empty(), "the check left {left:?} behind");
+        std::fs::create_dir_all(&folder).expect("the outbox folder");
+        let sent = folder.join("sent.eml");
+        std::fs::write(&sent, "Subject: kept").expect("an email");
+        assert_eq!(refusal(|c| c.channels.email = outbox(&folder)), None);
+        assert!(sent.exists(), "an existing outbox is left as it is");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Email over SMTP (lettre), or into a local outbox folder as `.eml` files when no SMTP host is
 //! configured, so Herald runs on a laptop without a mail server.
 
-use std::path::PathBuf;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -16,6 +17,7 @@ use lettre::{
         extension::{ClientId, Extension},
     },
 };
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 use super::smtp_pool::{Encryption, SmtpPool, SmtpSendError, SmtpServer};
@@ -32,6 +34,17 @@ pub enum SmtpSecurity {
     Starttls,
     /// Implicit TLS (port 465).
     Tls,
+}
+
+impl SmtpSecurity {
+    /// The value as the configuration spells it.
+    fn setting(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Starttls => "starttls",
+            Self::Tls => "tls",
+        }
+    }
 }
 
 /// Email provider configuration.
@@ -106,11 +119,20 @@ impl std::fmt::Debug for EmailConfig {
 }
 
 impl EmailConfig {
-    /// Checks what can be checked without building the provider (the sender is a mailbox), so
-    /// that a start refuses it before it connects to anything: [`EmailProvider::new`] checks the
-    /// same.
+    /// Refuses what [`EmailProvider::new`] refuses (a sender that is not a mailbox, an SMTP host
+    /// TLS cannot name, an outbox folder that cannot be created), so that a start refuses them
+    /// before it connects to anything: it sets up the same SMTP transport and drops it, opening
+    /// no connection, or checks that the outbox folder is one or can be created, without
+    /// creating it ([`outbox_problem`]). Needs a process-wide rustls crypto provider installed.
     pub fn check(&self) -> Result<(), EmailConfigError> {
-        self.sender().map(|_| ())
+        self.sender()?;
+        match &self.smtp_host {
+            Some(host) => smtp_transport(host, self).map(drop),
+            None => match outbox_problem(&self.outbox_dir) {
+                Some(reason) => Err(outbox_error(&self.outbox_dir, reason)),
+                None => Ok(()),
+            },
+        }
     }
 
     /// The sender, parsed.
@@ -136,15 +158,31 @@ pub enum EmailConfigError {
         reason: String,
     },
     /// The SMTP transport could not be set up.
-    #[error("cannot set up SMTP transport to {host}: {reason}")]
+    #[error("channels.email.smtp_host {host:?}: cannot set up the SMTP transport: {reason}")]
     Transport {
         /// The configured host.
         host: String,
         /// lettre's reason.
         reason: String,
     },
+    /// With TLS, the host must be a name (or IP address) the server's certificate is checked
+    /// against; lettre refuses any other when it connects, so every send would fail.
+    #[error(
+        "channels.email.smtp_host {host:?} is not a host name or IP address (without a port; \
+         channels.email.smtp_port sets that) that TLS can check the server's certificate against \
+         (channels.email.security is \"{security}\")"
+    )]
+    TlsHost {
+        /// The configured host.
+        host: String,
+        /// The configured security, `starttls` or `tls`.
+        security: &'static str,
+    },
     /// The outbox folder could not be created.
-    #[error("cannot create outbox folder {dir}: {reason}")]
+    #[error(
+        "channels.email.outbox_dir {dir:?} cannot be created (email is written there while \
+         channels.email.smtp_host is not set): {reason}"
+    )]
     Outbox {
         /// The folder.
         dir: String,
@@ -172,11 +210,9 @@ impl EmailProvider {
         let transport = match &config.smtp_host {
             Some(host) => Transport::Smtp(smtp_transport(host, config)?),
             None => {
-                std::fs::create_dir_all(&config.outbox_dir).map_err(|e| {
-                    EmailConfigError::Outbox {
-                        dir: config.outbox_dir.display().to_string(),
-                        reason: e.to_string(),
-                    }
+                let dir = &config.outbox_dir;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    outbox_error(dir, outbox_problem(dir).unwrap_or_else(|| e.to_string()))
                 })?;
                 // Said at every start: a misspelt SMTP setting would otherwise turn every email
                 // into a file, recorded `sent`, without a word.
@@ -255,12 +291,72 @@ fn ascii_domain(mailbox: Mailbox) -> Result<Mailbox, lettre::address::AddressErr
     Ok(Mailbox::new(mailbox.name, email))
 }
 
+/// Why the outbox folder `dir` cannot be created, if it cannot, found without creating it: it,
+/// or the nearest folder above it that exists, must be a folder, and a folder must be possible to
+/// create in the latter (tried with one of a name of its own, removed at once, so that nothing is
+/// left behind and instances starting together do not meet).
+fn outbox_problem(dir: &Path) -> Option<String> {
+    for folder in dir.ancestors() {
+        // A relative path's last ancestor is the empty one: the working folder.
+        let at = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        match std::fs::metadata(at) {
+            Ok(found) if !found.is_dir() => {
+                return Some(if folder == dir {
+                    "it is a file, not a folder".into()
+                } else {
+                    format!("{} is a file, not a folder", at.display())
+                });
+            }
+            Ok(_) if folder == dir => return None,
+            Ok(_) => {
+                let probe = at.join(format!(".herald-check-{}", uuid::Uuid::new_v4().simple()));
+                return match std::fs::create_dir(&probe) {
+                    Ok(()) => {
+                        let _ = std::fs::remove_dir(&probe);
+                        None
+                    }
+                    Err(e) => Some(format!("cannot create a folder in {}: {e}", at.display())),
+                };
+            }
+            // Not there, or under a file: the folder above says which.
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                if std::fs::symlink_metadata(at).is_ok() {
+                    return Some(format!("{} is a link to nothing", at.display()));
+                }
+            }
+            Err(e) => return Some(format!("{}: {e}", at.display())),
+        }
+    }
+    None
+}
+
+/// The refusal of the outbox folder `dir`, for `reason`.
+fn outbox_error(dir: &Path, reason: String) -> EmailConfigError {
+    EmailConfigError::Outbox {
+        dir: dir.display().to_string(),
+        reason,
+    }
+}
+
 fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailConfigError> {
     let failed = |reason: String| EmailConfigError::Transport {
         host: host.to_string(),
         reason,
     };
-    let tls = || TlsParameters::new(host.to_string()).map_err(|e| failed(e.to_string()));
+    let tls = || {
+        // lettre checks the name only when it connects, and every send would fail on it.
+        if ServerName::try_from(host).is_err() {
+            return Err(EmailConfigError::TlsHost {
+                host: host.to_string(),
+                security: config.security.setting(),
+            });
+        }
+        TlsParameters::new(host.to_string()).map_err(|e| failed(e.to_string()))
+    };
     let (encryption, default_port) = match config.security {
         SmtpSecurity::None => (Encryption::None, 25),
         SmtpSecurity::Starttls => (Encryption::Starttls(tls()?), 587),

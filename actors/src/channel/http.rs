@@ -37,6 +37,14 @@ pub(crate) fn client_builder(timeout_ms: u64) -> reqwest::ClientBuilder {
         .timeout(Duration::from_millis(timeout_ms))
 }
 
+/// Builds a provider's client; the error gives the causes too (reqwest's own message is only
+/// "builder error"), such as "No CA certificates were loaded from the system" where the machine
+/// has no certificate bundle. Every HTTP provider's `new` builds its client with this, so the
+/// configuration check, which builds the providers, refuses what a start would.
+pub(crate) fn build_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+    builder.build().map_err(|e| describe(&e.without_url()))
+}
+
 /// A provider's reply, read whole.
 pub(crate) struct Reply {
     /// Its status.

@@ -106,13 +106,13 @@ pub enum PushConfigError {
         reason: url::ParseError,
     },
     /// The service account key cannot be used.
-    #[error(transparent)]
+    #[error("channels.push.service_account_file: {0}")]
     ServiceAccount(#[from] ServiceAccountError),
     /// The key file `GOOGLE_APPLICATION_CREDENTIALS` names cannot be used.
     #[error("{ADC_VARIABLE}: {0}")]
     FromEnvironment(ServiceAccountError),
     /// The HTTP client could not be built.
-    #[error("cannot build the push HTTP client: {0}")]
+    #[error("channels.push: cannot build the HTTP client: {0}")]
     Client(String),
 }
 
@@ -212,11 +212,19 @@ enum CredentialSetting<'a> {
 }
 
 impl PushConfig {
-    /// Checks what can be checked without building the provider (the project is set, at most
-    /// one way of authenticating is, the metadata server's address is a URL), so that a start
-    /// refuses them before it connects to anything: [`PushProvider::new`] checks the same. A key
-    /// file is read only by the provider.
+    /// Refuses what [`PushProvider::new`] refuses (a missing project, more than one way of
+    /// authenticating or none, a metadata server address that is not a URL, a service account
+    /// key file that cannot be read or is not a key, a client that cannot be built), by building
+    /// the provider and dropping it, so that a start refuses them before it connects to
+    /// anything. Reads the key file, as the provider does; fetches no token. Needs a
+    /// process-wide rustls crypto provider installed.
     pub fn check(&self) -> Result<(), PushConfigError> {
+        PushProvider::new(String::new(), self.clone()).map(drop)
+    }
+
+    /// Checks the settings themselves: the project is set, the base URL is usable, at most one
+    /// way of authenticating is set and the metadata server's address is a URL.
+    fn check_settings(&self) -> Result<(), PushConfigError> {
         if self.project_id.trim().is_empty() {
             return Err(PushConfigError::Missing("project_id"));
         }
@@ -299,10 +307,9 @@ fn credentials(
 impl PushProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: PushConfig) -> Result<Self, PushConfigError> {
-        config.check()?;
-        let client = http::client_builder(config.timeout_ms)
-            .build()
-            .map_err(|e| PushConfigError::Client(e.without_url().to_string()))?;
+        config.check_settings()?;
+        let client = http::build_client(http::client_builder(config.timeout_ms))
+            .map_err(PushConfigError::Client)?;
         let from_environment = std::env::var_os(ADC_VARIABLE).map(PathBuf::from);
         let credentials = credentials(&config, &client, from_environment)?;
         let send_url = format!(

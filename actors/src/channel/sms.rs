@@ -54,10 +54,17 @@ impl std::fmt::Debug for SmsConfig {
 }
 
 impl SmsConfig {
-    /// Checks what can be checked without building the provider (the account, token and sender
-    /// are set), so that a start refuses them before it connects to anything:
-    /// [`SmsProvider::new`] checks the same.
+    /// Refuses what [`SmsProvider::new`] refuses (a missing account, token or sender, a client
+    /// that cannot be built), by building the provider and dropping it, so that a start refuses
+    /// them before it connects to anything. Needs a process-wide rustls crypto provider
+    /// installed.
     pub fn check(&self) -> Result<(), SmsConfigError> {
+        SmsProvider::new(String::new(), self.clone()).map(drop)
+    }
+
+    /// Checks the settings themselves: the account, token and sender are set, the base URL is
+    /// usable.
+    fn check_settings(&self) -> Result<(), SmsConfigError> {
         for (setting, value) in [
             ("account_sid", &self.account_sid),
             ("auth_token", &self.auth_token),
@@ -92,7 +99,7 @@ pub enum SmsConfigError {
         reason: String,
     },
     /// The HTTP client could not be built.
-    #[error("cannot build the SMS HTTP client: {0}")]
+    #[error("channels.sms: cannot build the HTTP client: {0}")]
     Client(String),
 }
 
@@ -131,10 +138,9 @@ struct ApiError {
 impl SmsProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: SmsConfig) -> Result<Self, SmsConfigError> {
-        config.check()?;
-        let client = http::client_builder(config.timeout_ms)
-            .build()
-            .map_err(|e| SmsConfigError::Client(e.without_url().to_string()))?;
+        config.check_settings()?;
+        let client = http::build_client(http::client_builder(config.timeout_ms))
+            .map_err(SmsConfigError::Client)?;
         let messages_url = format!(
             "{}/2010-04-01/Accounts/{}/Messages.json",
             config.base_url.trim_end_matches('/'),

@@ -51,11 +51,12 @@ impl std::fmt::Debug for TelegramConfig {
 }
 
 impl TelegramConfig {
-    /// Checks what can be checked without building the provider (the token is set, the parse
-    /// mode is known), so that a start refuses them before it connects to anything:
-    /// [`TelegramProvider::new`] checks the same.
+    /// Refuses what [`TelegramProvider::new`] refuses (a missing token, an unknown parse mode, a
+    /// client that cannot be built), by building the provider and dropping it, so that a start
+    /// refuses them before it connects to anything. Needs a process-wide rustls crypto provider
+    /// installed.
     pub fn check(&self) -> Result<(), TelegramConfigError> {
-        self.checked_parse_mode().map(|_| ())
+        TelegramProvider::new(String::new(), self.clone()).map(drop)
     }
 
     /// The parse mode, after checking that the token is set and the base URL usable.
@@ -88,7 +89,7 @@ pub enum TelegramConfigError {
         reason: String,
     },
     /// The HTTP client could not be built.
-    #[error("cannot build the Telegram HTTP client: {0}")]
+    #[error("channels.telegram: cannot build the HTTP client: {0}")]
     Client(String),
     /// `parse_mode` is not one the Bot API knows.
     #[error("channels.telegram.parse_mode must be HTML, MarkdownV2 or Markdown, not {0:?}")]
@@ -196,9 +197,8 @@ impl TelegramProvider {
     /// Builds the provider. Needs a process-wide rustls crypto provider installed.
     pub fn new(name: String, config: TelegramConfig) -> Result<Self, TelegramConfigError> {
         let parse_mode = config.checked_parse_mode()?;
-        let client = http::client_builder(config.timeout_ms)
-            .build()
-            .map_err(|e| TelegramConfigError::Client(e.without_url().to_string()))?;
+        let client = http::build_client(http::client_builder(config.timeout_ms))
+            .map_err(TelegramConfigError::Client)?;
         let send_url = format!(
             "{}/bot{}/sendMessage",
             config.base_url.trim_end_matches('/'),

@@ -71,11 +71,11 @@ impl std::fmt::Debug for WebhookConfig {
 }
 
 impl WebhookConfig {
-    /// Checks what can be checked without building the provider (the secret), so that a start
-    /// refuses a bad one before it connects to anything: [`WebhookProvider::new`] checks the
-    /// same.
+    /// Refuses what [`WebhookProvider::new`] refuses (a bad secret, a client that cannot be
+    /// built), by building the provider and dropping it, so that a start refuses them before it
+    /// connects to anything. Needs a process-wide rustls crypto provider installed.
     pub fn check(&self) -> Result<(), WebhookConfigError> {
-        decode_secret(&self.secret).map(|_| ())
+        WebhookProvider::new(String::new(), self.clone()).map(drop)
     }
 }
 
@@ -92,7 +92,7 @@ pub enum WebhookConfigError {
     #[error("channels.webhook.secret key is {0} bytes; at least 24 are required")]
     SecretTooShort(usize),
     /// The HTTP client could not be built.
-    #[error("cannot build the webhook HTTP client: {0}")]
+    #[error("channels.webhook: cannot build the HTTP client: {0}")]
     Client(String),
 }
 
@@ -264,9 +264,7 @@ impl WebhookProvider {
         if !config.allow_private_targets {
             builder = builder.dns_resolver(PublicAddresses);
         }
-        let client = builder
-            .build()
-            .map_err(|e| WebhookConfigError::Client(e.without_url().to_string()))?;
+        let client = http::build_client(builder).map_err(WebhookConfigError::Client)?;
         Ok(Self {
             name,
             client,
