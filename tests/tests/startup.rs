@@ -193,36 +193,104 @@ async fn config_prints_the_routing_rules_in_force() {
     );
 }
 
+/// Asserts that `herald config` and `herald serve`, with the variables `env`, stop at once with a
+/// refusal holding `refusal`: neither opens the database in `dir` first.
+async fn assert_refused_at_once(dir: &std::path::Path, env: &[(&str, &str)], refusal: &str) {
+    let db_file = dir.join("herald.db");
+    let url = format!("sqlite://{}", db_file.display());
+    let mut env = env.to_vec();
+    env.extend([
+        ("HERALD_DATABASE__URL", url.as_str()),
+        // Nothing answers there: a start that went on would fail on it, not the refusal.
+        ("HERALD_NATS__URL", "nats://127.0.0.1:1"),
+        ("HERALD_HTTP__BIND", "127.0.0.1:0"),
+    ]);
+    for command in ["config", "serve"] {
+        let output = run_herald(&[command], &env).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command} accepted it: {stderr}");
+        assert!(stderr.contains(refusal), "{command}: {stderr}");
+        assert!(
+            !db_file.exists(),
+            "{command} opened the database first: {stderr}"
+        );
+    }
+}
+
 /// A provider setting its provider would refuse stops `herald config` and `serve` at once, named
 /// by its key: `serve` used to find it only after the migrations and the NATS connection.
 #[tokio::test]
 async fn a_provider_setting_the_provider_refuses_stops_the_start_at_once() {
     let dir = tempfile::tempdir().expect("temporary folder");
-    let db_file = dir.path().join("herald.db");
-    let url = format!("sqlite://{}", db_file.display());
-    let secret = ("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_abc");
-    for command in ["config", "serve"] {
-        let output = run_herald(
-            &[command],
+    assert_refused_at_once(
+        dir.path(),
+        &[("HERALD_CHANNELS__WEBHOOK__SECRET", "whsec_abc")],
+        "channels.webhook.secret is not valid base64 after \"whsec_\"",
+    )
+    .await;
+}
+
+/// What a provider finds only when it is built (a key file it cannot read, an outbox folder it
+/// cannot create, an SMTP host TLS cannot name, an HTTP client that cannot be built) stops
+/// `herald config` and `serve` at once too: `herald config` used to accept them, and `serve` to
+/// find them after the migrations.
+#[tokio::test]
+async fn what_a_provider_finds_when_it_is_built_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let missing_key = dir.path().join("missing-key.json");
+    let missing_key = missing_key.to_str().expect("a UTF-8 path");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "not a folder").expect("a file");
+    let file = file.to_str().expect("a UTF-8 path");
+    let missing_certificates = dir.path().join("missing-ca.pem");
+    let missing_certificates = missing_certificates.to_str().expect("a UTF-8 path");
+    let no_certificates = dir.path().join("no-certificates");
+    std::fs::create_dir(&no_certificates).expect("an empty folder");
+    let no_certificates = no_certificates.to_str().expect("a UTF-8 path");
+    let push = ("HERALD_CHANNELS__PUSH__PROJECT_ID", "shop-app");
+    let cases: [(&[(&str, &str)], String); 5] = [
+        (
             &[
-                secret,
-                ("HERALD_DATABASE__URL", &url),
-                // Nothing answers there: a start that went on would fail on it, not the secret.
-                ("HERALD_NATS__URL", "nats://127.0.0.1:1"),
-                ("HERALD_HTTP__BIND", "127.0.0.1:0"),
+                push,
+                ("HERALD_CHANNELS__PUSH__SERVICE_ACCOUNT_FILE", missing_key),
             ],
-        )
-        .await;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{command} accepted it: {stderr}");
-        assert!(
-            stderr.contains("channels.webhook.secret is not valid base64 after \"whsec_\""),
-            "{command}: {stderr}"
-        );
-        assert!(
-            !db_file.exists(),
-            "{command} opened the database first: {stderr}"
-        );
+            format!(
+                "channels.push.service_account_file: cannot read service account key \
+                 {missing_key}"
+            ),
+        ),
+        (
+            // No way of authenticating: an empty variable names no key file.
+            &[push, ("GOOGLE_APPLICATION_CREDENTIALS", "")],
+            "channels.push.service_account_file (or channels.push.metadata_server, or \
+             channels.push.access_token, or a key file named by GOOGLE_APPLICATION_CREDENTIALS) \
+             is required"
+                .into(),
+        ),
+        (
+            &[("HERALD_CHANNELS__EMAIL__OUTBOX_DIR", file)],
+            format!("channels.email.outbox_dir {file:?} cannot be created"),
+        ),
+        (
+            &[("HERALD_CHANNELS__EMAIL__SMTP_HOST", "mail.example.com:587")],
+            "channels.email.smtp_host \"mail.example.com:587\" is not a host name or IP address"
+                .into(),
+        ),
+        (
+            // The certificates the HTTP clients trust come from this file and folder alone,
+            // and there are none: reqwest refuses to build a client.
+            &[
+                ("HERALD_CHANNELS__TELEGRAM__BOT_TOKEN", "123:abc"),
+                ("SSL_CERT_FILE", missing_certificates),
+                ("SSL_CERT_DIR", no_certificates),
+            ],
+            "channels.telegram: cannot build the HTTP client: builder error: unexpected error: \
+             No CA certificates were loaded from the system"
+                .into(),
+        ),
+    ];
+    for (env, refusal) in cases {
+        assert_refused_at_once(dir.path(), env, &refusal).await;
     }
 }
 
