@@ -640,8 +640,13 @@ fn keep_as_text(dict: &mut Dict, path: &[&str], text: &str) {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Reading or parsing failed.
-    #[error(transparent)]
-    Load(#[from] Box<figment::Error>),
+    #[error("{error}{unknown_keys}")]
+    Load {
+        /// figment's error.
+        error: Box<figment::Error>,
+        /// The keys no setting reads, as [`unknown_keys_note`] names them (empty if none).
+        unknown_keys: String,
+    },
     /// A value is out of range or unknown.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -794,22 +799,68 @@ fn levels(path: &serde_ignored::Path<'_>) -> Vec<String> {
     levels
 }
 
+/// The keys no setting reads, as a refusal names them after its reason: a misspelt key is often
+/// why a required setting is missing (`acount_sid` for `account_sid`) or a value is of the wrong
+/// type, and a refused start logs no warnings. Empty when there are none.
+fn unknown_keys_note(unknown: &[UnknownKey]) -> String {
+    if unknown.is_empty() {
+        return String::new();
+    }
+    let keys: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+    format!(
+        " (keys no setting reads, misspelt perhaps: {})",
+        keys.join(", ")
+    )
+}
+
 impl ConfigError {
-    /// The error, with the keys no setting reads appended to a refusal: a misspelt key is often
-    /// why a required setting is missing (`acount_sid` for `account_sid`), and a refused start
-    /// logs no warnings.
+    /// The error, with the keys no setting reads appended to a refusal ([`unknown_keys_note`]).
     fn naming_unknown_keys(self, unknown: &[UnknownKey]) -> Self {
         match self {
-            Self::Invalid(message) if !unknown.is_empty() => {
-                let keys: Vec<String> = unknown.iter().map(ToString::to_string).collect();
-                Self::Invalid(format!(
-                    "{message} (keys no setting reads, misspelt perhaps: {})",
-                    keys.join(", ")
-                ))
-            }
+            Self::Invalid(message) => Self::Invalid(message + &unknown_keys_note(unknown)),
             other => other,
         }
     }
+}
+
+/// The most values [`ignored_despite`] takes out before it gives up.
+const MOST_UNREADABLE: usize = 16;
+
+/// The paths of the keys no setting reads, found although `error` stopped the reading of
+/// `figment`: the value it names is taken out and the rest read again, until it reads, so that a
+/// value of the wrong type is reported with the misspelt keys beside it. Keys under a value taken
+/// out are not found; none are when an error names no value that can be taken out (one in an
+/// array, such as a routing rule's).
+fn ignored_despite(figment: &Figment, error: &figment::Error) -> Vec<Vec<String>> {
+    let Ok(mut values) = figment.extract::<Dict>() else {
+        return Vec::new();
+    };
+    let mut path = error.path.clone();
+    for _ in 0..MOST_UNREADABLE {
+        if !take_out(&mut values, &path) {
+            break;
+        }
+        match Figment::from(Serialized::defaults(&values)).extract_lossy::<ConfigAndIgnored>() {
+            Ok(read) => return read.ignored,
+            Err(next) => path = next.path,
+        }
+    }
+    Vec::new()
+}
+
+/// Takes the value at `path` out of `dict`; whether there was one.
+fn take_out(dict: &mut Dict, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut dict = dict;
+    for key in parents {
+        match dict.get_mut(key) {
+            Some(Value::Dict(_, inner)) => dict = inner,
+            _ => return false,
+        }
+    }
+    dict.remove(last).is_some()
 }
 
 impl Config {
@@ -823,12 +874,24 @@ impl Config {
         let env = environment();
         let env_metadata = env.metadata();
         let figment = figment.merge(env);
+        let unknown = |ignored: &[Vec<String>]| -> Vec<UnknownKey> {
+            ignored
+                .iter()
+                .flat_map(|path| UnknownKey::under(&figment, &env_metadata, path))
+                .collect()
+        };
         // Lossy: a number or a boolean setting reads the text the variables are kept as.
-        let ConfigAndIgnored { config, ignored } = figment.extract_lossy().map_err(Box::new)?;
-        let unknown_keys: Vec<UnknownKey> = ignored
-            .iter()
-            .flat_map(|path| UnknownKey::under(&figment, &env_metadata, path))
-            .collect();
+        let ConfigAndIgnored { config, ignored } = match figment.extract_lossy() {
+            Ok(read) => read,
+            Err(error) => {
+                let unknown_keys = unknown_keys_note(&unknown(&ignored_despite(&figment, &error)));
+                return Err(ConfigError::Load {
+                    error: Box::new(error),
+                    unknown_keys,
+                });
+            }
+        };
+        let unknown_keys = unknown(&ignored);
         config
             .validate()
             .map_err(|err| err.naming_unknown_keys(&unknown_keys))?;
@@ -1415,6 +1478,51 @@ mod tests {
                 err.contains("channels.sms.acount_sid (file herald.toml)"),
                 "the misspelt key is named: {err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_configuration_that_does_not_read_still_names_the_keys_no_setting_reads() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [channels.email]
+                smtp_host = "mail.example.com"
+                smtp_port = "five hundred"
+                smtp_prot = 2525
+                [dispatch]
+                max_inflight = 64
+                "#,
+            )?;
+            jail.set_env("HERALD_NATS__PARTITIONS", "eight");
+            jail.set_env("HERALD_DISPATCHER__MAX_IN_FLIGHT", "16");
+            let err = Config::load(Some(Path::new("herald.toml")))
+                .err()
+                .ok_or("a port that is not a number was accepted")?
+                .to_string();
+            // figment names the first value it could not read; the second one, taken out in
+            // turn, hides no key either.
+            assert!(err.contains("channels.email.smtp_port"), "{err}");
+            for named in [
+                "channels.email.smtp_prot (file herald.toml)",
+                "dispatch.max_inflight (file herald.toml)",
+                "dispatcher.max_in_flight (environment variable HERALD_DISPATCHER__MAX_IN_FLIGHT)",
+            ] {
+                assert!(err.contains(named), "{named}: {err}");
+            }
+            Ok(())
+        });
+        // Without unknown keys, the error as figment gives it.
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("herald.toml", "[channels.email]\nsmtp_port = \"abc\"\n")?;
+            let err = Config::load(Some(Path::new("herald.toml")))
+                .err()
+                .ok_or("a port that is not a number was accepted")?
+                .to_string();
+            assert!(err.contains("smtp_port"), "{err}");
+            assert!(!err.contains("no setting reads"), "{err}");
             Ok(())
         });
     }
