@@ -156,6 +156,55 @@ async fn notification_json(herald: &TestHerald, id: &str) -> Value {
     herald.get(&format!("/api/v1/notifications/{id}")).await.1
 }
 
+/// Replacements of one customer's preferences at once each succeed, and the stored wishes are one
+/// request's whole (on PostgreSQL the second one's insert used to collide with the first's: 500).
+#[tokio::test]
+async fn concurrent_preference_replacements_all_succeed_and_one_wins_whole() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("ada", "en", None)]).await;
+    let bodies: Vec<Value> = (0..10)
+        .map(|i| {
+            json!({
+                "preferences": [
+                    { "category": "marketing", "enabled": i % 2 == 0 },
+                    { "category": "marketing", "channel": "email", "enabled": true }
+                ],
+                "quiet_hours": { "start": format!("22:{i:02}"), "end": "07:00", "timezone": "UTC" }
+            })
+        })
+        .collect();
+    let answers = futures::future::join_all(
+        bodies
+            .iter()
+            .map(|body| put_preferences(&w.herald, "ada", body)),
+    )
+    .await;
+    for (status, body) in &answers {
+        assert_eq!(*status, StatusCode::OK, "{body}");
+    }
+    let (_, read) = w.herald.get("/api/v1/customers/ada/preferences").await;
+    let start = read["quiet_hours"]["start"].as_str().unwrap_or_default();
+    let minute: usize = start
+        .strip_prefix("22:")
+        .and_then(|m| m.get(..2))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("one request's quiet hours: {read}"));
+    let marketing = read["preferences"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["channel"].is_null()))
+        .map(|p| p["enabled"].clone());
+    assert_eq!(
+        marketing,
+        Some(json!(minute % 2 == 0)),
+        "preferences and quiet hours of the same request: {read}"
+    );
+    assert_eq!(
+        read["preferences"].as_array().map(Vec::len),
+        Some(2),
+        "{read}"
+    );
+}
+
 #[tokio::test]
 async fn preferences_round_trip_and_security_cannot_be_opted_out_of() {
     let w = world(|_| {}).await;

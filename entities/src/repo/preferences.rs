@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use chrono::Utc;
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    TransactionTrait,
+    QuerySelect, TransactionTrait,
 };
 
-use crate::{RepoError, preference, quiet_hours};
+use crate::{RepoError, customer, preference, quiet_hours};
 
 /// One preference to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +78,11 @@ pub async fn load_many(
     Ok(wishes)
 }
 
-/// Replaces the customer's preferences and quiet hours with the given ones, atomically.
+/// Replaces the customer's preferences and quiet hours with the given ones, atomically. Two
+/// replacements at once take turns: each first locks the customer's row (`FOR UPDATE` on
+/// PostgreSQL, whose `READ COMMITTED` would otherwise let both delete the old rows and the second
+/// insert collide with the first's; SQLite runs one writer at a time anyway), so the last one
+/// wins whole.
 pub async fn replace(
     db: &DatabaseConnection,
     customer_id: &str,
@@ -87,6 +91,14 @@ pub async fn replace(
 ) -> Result<(), RepoError> {
     let now = Utc::now();
     let txn = db.begin().await?;
+    customer::Entity::find()
+        .select_only()
+        .column(customer::Column::ExternalId)
+        .filter(customer::Column::ExternalId.eq(customer_id))
+        .lock_exclusive()
+        .into_tuple::<String>()
+        .one(&txn)
+        .await?;
     preference::Entity::delete_many()
         .filter(preference::Column::CustomerId.eq(customer_id))
         .exec(&txn)
