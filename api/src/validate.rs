@@ -95,9 +95,12 @@ fn trimmed(value: &Option<String>) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Whether `s` has the shape of an email address (`local@domain.tld`, no spaces).
+/// Whether `s` is an email address the email provider can send to: a bare address
+/// (`local@domain.tld`, no spaces, no display name) that lettre, which the provider sends with,
+/// reads as one (so `a@@example.com` or `a..b@example.com` are refused here, not failed at
+/// delivery).
 pub fn looks_like_email(s: &str) -> bool {
-    match s.rsplit_once('@') {
+    let shaped = match s.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
                 && domain.contains('.')
@@ -106,7 +109,8 @@ pub fn looks_like_email(s: &str) -> bool {
                 && !s.chars().any(|c| c.is_whitespace() || c.is_control())
         }
         None => false,
-    }
+    };
+    shaped && s.parse::<lettre::Address>().is_ok()
 }
 
 /// Whether `s` is a phone number in E.164 form (`+` and 8 to 15 digits).
@@ -176,6 +180,10 @@ mod tests {
         assert!(!looks_like_email("ada@example"));
         assert!(!looks_like_email("@example.com"));
         assert!(!looks_like_email("a da@example.com"));
+        assert!(!looks_like_email("a@@example.com"));
+        assert!(!looks_like_email("a..b@example.com"));
+        assert!(!looks_like_email("a@b..com"));
+        assert!(looks_like_email("jürgen@bücher.de"));
         assert!(is_e164("+4915112345678"));
         assert!(!is_e164("015112345678"));
         assert!(!is_e164("+49 151 1234"));
