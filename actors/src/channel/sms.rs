@@ -128,6 +128,13 @@ struct CreatedMessage {
     sid: String,
 }
 
+/// Twilio error codes that come with a `4xx` for a problem of the sender, not of the recipient or
+/// the message: every SMS fails alike until it passes or is mended, so they are transient
+/// (retried, counted against the circuit, dead-lettered for a replay), not a recipient's failure
+/// for good. 21611: the From number's queue is full; 21212: the From number is invalid; 21606:
+/// the From number cannot send SMS; 21659: the From number is not one of the account's.
+const SENDER_PROBLEMS: [u32; 4] = [21611, 21212, 21606, 21659];
+
 /// Twilio's error body: `{"code":21211,"message":"…","more_info":"…","status":400}`.
 #[derive(Deserialize)]
 struct ApiError {
@@ -189,18 +196,26 @@ impl SmsProvider {
                 }
             };
         }
-        let reason = match serde_json::from_slice::<ApiError>(&bytes) {
+        match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(ApiError {
                 code: Some(code),
                 message,
-            }) => format!(
-                "SMS API error {code} (HTTP {}): {}",
-                status.as_u16(),
-                message.as_deref().unwrap_or("no message")
-            ),
-            _ => format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
-        };
-        Err(http::account_status_error(status, reason, retry_after))
+            }) => {
+                let reason = format!(
+                    "SMS API error {code} (HTTP {}): {}",
+                    status.as_u16(),
+                    message.as_deref().unwrap_or("no message")
+                );
+                Err(match SENDER_PROBLEMS.contains(&code) {
+                    true => http::failure(true, reason, retry_after),
+                    false => http::account_status_error(status, reason, retry_after),
+                })
+            }
+            _ => {
+                let reason = format!("HTTP {status}: {}", http::snippet(&bytes, 200));
+                Err(http::account_status_error(status, reason, retry_after))
+            }
+        }
     }
 }
 
@@ -340,6 +355,35 @@ mod tests {
                 if reason.contains("21211") && reason.contains("not a valid phone number")),
             "{error:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn problems_of_the_sender_number_are_transient() {
+        for (code, text) in [
+            (
+                21611,
+                "This 'From' number has exceeded the maximum number of queued messages",
+            ),
+            (21212, "The 'From' number +1555 is not a valid phone number"),
+            (
+                21606,
+                "The 'From' phone number provided is not a valid message-capable number",
+            ),
+            (21659, "The 'From' number is not a Twilio phone number"),
+        ] {
+            let (_server, provider) =
+                reply_with(ResponseTemplate::new(400).set_body_json(twilio_error(code, text, 400)))
+                    .await;
+            let error = provider
+                .send(&message(Some("+4915112345678")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, ProviderError::Transient { reason, .. }
+                    if reason.contains(&code.to_string())),
+                "every SMS fails alike, not this recipient's for good: {error:?}"
+            );
+        }
     }
 
     #[tokio::test]
