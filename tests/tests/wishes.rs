@@ -162,11 +162,11 @@ async fn notification_json(herald: &TestHerald, id: &str) -> Value {
 async fn concurrent_preference_replacements_all_succeed_and_one_wins_whole() {
     let w = world(|_| {}).await;
     add_customers(&w.herald, vec![customer_row("ada", "en", None)]).await;
-    let bodies: Vec<Value> = (0..10)
+    let bodies: Vec<Value> = (0..10_u32)
         .map(|i| {
             json!({
                 "preferences": [
-                    { "category": "marketing", "enabled": i % 2 == 0 },
+                    { "category": "marketing", "enabled": i.is_multiple_of(2) },
                     { "category": "marketing", "channel": "email", "enabled": true }
                 ],
                 "quiet_hours": { "start": format!("22:{i:02}"), "end": "07:00", "timezone": "UTC" }
@@ -195,7 +195,7 @@ async fn concurrent_preference_replacements_all_succeed_and_one_wins_whole() {
         .map(|p| p["enabled"].clone());
     assert_eq!(
         marketing,
-        Some(json!(minute % 2 == 0)),
+        Some(json!(minute.is_multiple_of(2))),
         "preferences and quiet hours of the same request: {read}"
     );
     assert_eq!(
