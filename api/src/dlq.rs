@@ -250,7 +250,7 @@ impl DlqApi {
         let start = body.after_seq.unwrap_or(0).saturating_add(1);
         let stream = open_stream(&self.state).await?;
         let (letters, next) = stream
-            .page(start, limit, MAX_SCAN, |l| filter.matches(l))
+            .page(start, limit, MAX_SCAN, |l| filter.matches(&l).then_some(l))
             .await
             .map_err(unavailable)?;
         let mut report = ReplayReport {
@@ -280,13 +280,15 @@ pub(crate) async fn list_page(
     filter: &EntryFilter,
 ) -> Result<DeadLetterPage, ApiError> {
     let start = after_seq.unwrap_or(0).saturating_add(1);
-    let (letters, next) = open_stream(state)
+    let (items, next) = open_stream(state)
         .await?
-        .page(start, limit, MAX_SCAN, |l| filter.matches(l))
+        .page(start, limit, MAX_SCAN, |l| {
+            filter.matches(&l).then(|| view(&l))
+        })
         .await
         .map_err(unavailable)?;
     Ok(DeadLetterPage {
-        items: letters.iter().map(view).collect(),
+        items,
         next_after_seq: next.map(|n| n.saturating_sub(1)),
     })
 }

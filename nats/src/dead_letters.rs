@@ -73,16 +73,17 @@ impl DeadLetters {
             .filter(|letter| letter.seq == seq))
     }
 
-    /// Up to `limit` dead letters from sequence `from` on that `keep` accepts, looking at no more
-    /// than `max_scan` entries. Returns them and the sequence to continue from, when more may
-    /// follow.
-    pub async fn page(
+    /// What `keep` makes of up to `limit` dead letters from sequence `from` on (those it makes
+    /// nothing of are passed over), looking at no more than `max_scan` entries. Returns them and
+    /// the sequence to continue from, when more may follow. Each entry is handed to `keep` as it
+    /// is read, so a page holds only what `keep` returns: a summary keeps no payloads in memory.
+    pub async fn page<T>(
         &self,
         from: u64,
         limit: usize,
         max_scan: usize,
-        keep: impl Fn(&DeadLetter) -> bool,
-    ) -> Result<(Vec<DeadLetter>, Option<u64>), NatsError> {
+        keep: impl Fn(DeadLetter) -> Option<T>,
+    ) -> Result<(Vec<T>, Option<u64>), NatsError> {
         let mut found = Vec::new();
         let mut next = from.max(1);
         for _ in 0..max_scan {
@@ -90,8 +91,8 @@ impl DeadLetters {
                 return Ok((found, None));
             };
             next = letter.seq + 1;
-            if keep(&letter) {
-                found.push(letter);
+            if let Some(kept) = keep(letter) {
+                found.push(kept);
                 if found.len() >= limit {
                     break;
                 }
