@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use chrono::Utc;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QuerySelect, TransactionTrait,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, EntityTrait,
+    QueryFilter, QuerySelect, TransactionTrait,
 };
 
 use crate::{RepoError, customer, preference, quiet_hours};
@@ -79,10 +79,11 @@ pub async fn load_many(
 }
 
 /// Replaces the customer's preferences and quiet hours with the given ones, atomically. Two
-/// replacements at once take turns: each first locks the customer's row (`FOR UPDATE` on
-/// PostgreSQL, whose `READ COMMITTED` would otherwise let both delete the old rows and the second
-/// insert collide with the first's; SQLite runs one writer at a time anyway), so the last one
-/// wins whole.
+/// replacements at once take turns, so the last one wins whole: on PostgreSQL each first locks
+/// the customer's row (`FOR UPDATE`; under `READ COMMITTED` both would otherwise delete the old
+/// rows and the second's insert collide with the first's). SQLite runs one writer at a time, and
+/// its transaction begins with the delete, a write, so it waits for its turn there (a read first
+/// would make the transaction fail when it then tries to write after another has).
 pub async fn replace(
     db: &DatabaseConnection,
     customer_id: &str,
@@ -91,14 +92,16 @@ pub async fn replace(
 ) -> Result<(), RepoError> {
     let now = Utc::now();
     let txn = db.begin().await?;
-    customer::Entity::find()
-        .select_only()
-        .column(customer::Column::ExternalId)
-        .filter(customer::Column::ExternalId.eq(customer_id))
-        .lock_exclusive()
-        .into_tuple::<String>()
-        .one(&txn)
-        .await?;
+    if txn.get_database_backend() == DbBackend::Postgres {
+        customer::Entity::find()
+            .select_only()
+            .column(customer::Column::ExternalId)
+            .filter(customer::Column::ExternalId.eq(customer_id))
+            .lock_exclusive()
+            .into_tuple::<String>()
+            .one(&txn)
+            .await?;
+    }
     preference::Entity::delete_many()
         .filter(preference::Column::CustomerId.eq(customer_id))
         .exec(&txn)
