@@ -364,6 +364,22 @@ async fn render(
         })
 }
 
+/// The channel chain of `rule`'s notifications: its own, else its category's default, else email;
+/// a channel named twice is walked once, at its first place, as the API's chains are.
+fn chain_of(rule: &Rule, default_chains: &HashMap<Category, Vec<Channel>>) -> Vec<Channel> {
+    let configured = rule
+        .channels
+        .as_ref()
+        .or_else(|| default_chains.get(&rule.category));
+    let mut chain: Vec<Channel> = Vec::new();
+    for &channel in configured.map_or(&[Channel::Email][..], Vec::as_slice) {
+        if !chain.contains(&channel) {
+            chain.push(channel);
+        }
+    }
+    chain
+}
+
 /// The send command for `rule`'s notification of `event`, addressed to `customer`.
 fn send_command(
     ctx: &RouterContext,
@@ -372,11 +388,7 @@ fn send_command(
     customer: &customer::Model,
     content: Content,
 ) -> SendCommand {
-    let channels = rule
-        .channels
-        .clone()
-        .or_else(|| ctx.default_chains.get(&rule.category).cloned())
-        .unwrap_or_else(|| vec![Channel::Email]);
+    let channels = chain_of(rule, &ctx.default_chains);
     SendCommand {
         v: SCHEMA_VERSION,
         notification_id: rule.notification_id(event),
@@ -476,4 +488,25 @@ async fn unreadable(ctx: &RouterContext, letter: Poison, acker: Acker) {
 async fn nak(ctx: &RouterContext, acker: Acker, delivered: u64) {
     let delay = ctx.retry.delay(delivered, None, rand::random());
     let _ = acker.ack_with(AckKind::Nak(Some(delay))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(channels: Option<Vec<Channel>>) -> Rule {
+        let mut rule = rules::default_rules().remove(0);
+        rule.channels = channels;
+        rule
+    }
+
+    #[test]
+    fn a_channel_named_twice_in_a_chain_is_walked_once() {
+        use Channel::{Email, Sms, Telegram};
+        let own = rule(Some(vec![Email, Sms, Email]));
+        assert_eq!(chain_of(&own, &HashMap::new()), [Email, Sms]);
+        let defaults = HashMap::from([(own.category, vec![Telegram, Email, Telegram])]);
+        assert_eq!(chain_of(&rule(None), &defaults), [Telegram, Email]);
+        assert_eq!(chain_of(&rule(None), &HashMap::new()), [Email]);
+    }
 }
