@@ -218,6 +218,27 @@ pub async fn deliver(
             return;
         }
     };
+    if ctx.retry.is_past_last(round.number) {
+        // The last round was walked and recorded, but its dead letter could not be published.
+        let reason = format!(
+            "gave up after {} rounds (dead-lettered on a later delivery)",
+            round.number - 1
+        );
+        let (payload, subject) = (message.payload, &message.subject);
+        dead(
+            &ctx,
+            &command,
+            payload,
+            subject,
+            acker,
+            copy,
+            reason,
+            vec![],
+            permit,
+        )
+        .await;
+        return;
+    }
     let recipient = match &command.customer_id {
         Some(customer_id) => ctx.recipients.get(customer_id.clone()).await,
         None => Ok(None),
@@ -614,6 +635,8 @@ struct Walk {
     dead_contacts: Vec<(Channel, String)>,
     /// Some channel failed in a way that may pass later (transient error, open circuit).
     retryable: bool,
+    /// Some provider was called (or may have been: a channel actor that did not answer).
+    called: bool,
     retry_after: Option<Duration>,
     last_error: Option<String>,
 }
@@ -660,6 +683,7 @@ async fn walk_chain(
         sent_on: None,
         dead_contacts: Vec::new(),
         retryable: false,
+        called: false,
         retry_after: None,
         last_error: None,
     };
@@ -715,11 +739,21 @@ async fn walk_chain(
             continue;
         }
         let report = ask_channel(&actor, command, contacts).await;
+        walk.called |= !matches!(
+            report.outcome,
+            SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted
+        );
         let (status, error) = match &report.outcome {
             SendOutcome::Accepted(_) => ("sent", None),
-            SendOutcome::CircuitOpen => {
+            SendOutcome::CircuitOpen { cool_down_left } => {
                 walk.retryable = true;
+                walk.retry_after = walk.retry_after.max(Some(*cool_down_left));
                 ("circuit_open", Some(format!("{channel} circuit open")))
+            }
+            SendOutcome::NotStarted => {
+                walk.retryable = true;
+                let error = format!("{channel} not started: its send queue was too long");
+                ("not_started", Some(error))
             }
             SendOutcome::Failed(err @ ProviderError::Transient { retry_after, .. }) => {
                 walk.retryable = true;
@@ -803,13 +837,13 @@ async fn ask_channel(
         outcome: SendOutcome::Failed(ProviderError::transient(why.to_string())),
         latency: Duration::ZERO,
     };
-    match actor
-        .call(
-            |port| ChannelMsg::Send(Box::new(outbound), port),
-            Some(CHANNEL_ANSWER_TIMEOUT),
-        )
-        .await
-    {
+    let answer_by = std::time::Instant::now() + CHANNEL_ANSWER_TIMEOUT;
+    let send = |reply| ChannelMsg::Send {
+        message: Box::new(outbound),
+        answer_by,
+        reply,
+    };
+    match actor.call(send, Some(CHANNEL_ANSWER_TIMEOUT)).await {
         Ok(CallResult::Success(report)) => report,
         Ok(CallResult::Timeout) => unanswered("channel actor did not answer in time"),
         Ok(CallResult::SenderError) | Err(_) => {
@@ -853,7 +887,9 @@ async fn finish(
         .last_error
         .clone()
         .unwrap_or_else(|| "empty channel chain".into());
-    if walk.retryable && !ctx.retry.is_last(round.number) {
+    if walk.retryable && !walk.called && !ctx.retry.counts_pass_without_calls(copy.count) {
+        wait_for_circuits(ctx, id, walk.retry_after, error, acker, round, permit);
+    } else if walk.retryable && !ctx.retry.is_last(round.number) {
         let delay = ctx
             .retry
             .delay(round.number, walk.retry_after, rand::random());
@@ -905,6 +941,39 @@ async fn finish(
     }
 }
 
+/// A pass that called no provider (every circuit open, or every send queue too long): retried
+/// without counting as a round, after the circuits' cool-down at least, and without attempts
+/// recorded (nothing was tried), so that a provider outage does not use up the retries. The
+/// retry policy's `max_deliveries_while_open` bounds how long this goes on.
+fn wait_for_circuits(
+    ctx: &DeliveryContext,
+    id: uuid::Uuid,
+    retry_after: Option<Duration>,
+    error: String,
+    acker: Acker,
+    round: Round,
+    permit: Lease,
+) {
+    let delay = ctx.retry.delay(round.number, retry_after, rand::random());
+    tracing::info!(%id, round = round.number, delay_ms = delay.as_millis() as u64, %error, "no provider could be called; waiting");
+    let change = StatusChange {
+        error: Some(error),
+        reason: Some(format!(
+            "no provider could be called (circuit open or send queue full); again in {} s, \
+             not counted as a retry",
+            delay.as_secs()
+        )),
+        ..StatusChange::to(id, NotificationStatus::Processing)
+    };
+    write(
+        ctx,
+        vec![change],
+        vec![],
+        AfterWrite::Nak(acker, delay),
+        Some(permit),
+    );
+}
+
 /// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached the
 /// command is NAKed instead, so it is neither lost nor acked without its dead letter.
 ///
@@ -947,9 +1016,18 @@ async fn dead(
         .await;
     if let Err(err) = published {
         tracing::warn!(%id, error = %err, "cannot dead-letter; retrying later");
+        // The attempts count with the rounds they end, so the next delivery finds the last round
+        // walked and only dead-letters, rather than call the providers all over again.
+        let change = StatusChange {
+            attempts: attempts.last().map(|a| a.attempt_no),
+            reason: Some(format!(
+                "{reason}; cannot dead-letter yet ({err}), again in 5 s"
+            )),
+            ..StatusChange::to(id, NotificationStatus::Processing)
+        };
         write(
             ctx,
-            vec![],
+            vec![change],
             attempts,
             AfterWrite::Nak(acker, Duration::from_secs(5)),
             Some(permit),

@@ -17,6 +17,12 @@ pub struct RetryPolicy {
     pub base_delay_ms: u64,
     /// Ceiling of the backoff, in milliseconds.
     pub max_delay_ms: u64,
+    /// Deliveries of a command (of any kind, first included) before which a pass over the chain
+    /// that called no provider (every channel's circuit open, or its send queue too long) does
+    /// not count toward `max_deliveries`: it waits for the circuit's cool-down instead, so a
+    /// provider outage does not use up the retries. From this delivery on such a pass counts
+    /// like any other, so a provider that never recovers still ends in the dead-letter stream.
+    pub max_deliveries_while_open: u64,
 }
 
 impl Default for RetryPolicy {
@@ -25,6 +31,7 @@ impl Default for RetryPolicy {
             max_deliveries: 6,
             base_delay_ms: 2_000,
             max_delay_ms: 300_000,
+            max_deliveries_while_open: 40,
         }
     }
 }
@@ -33,6 +40,18 @@ impl RetryPolicy {
     /// Whether delivery number `delivered` (1-based) was the last one allowed.
     pub fn is_last(&self, delivered: u64) -> bool {
         delivered >= self.max_deliveries.max(1)
+    }
+
+    /// Whether round number `round` (1-based) comes after the last one allowed: the last was
+    /// walked and recorded already, and only its dead letter is missing.
+    pub fn is_past_last(&self, round: u64) -> bool {
+        round > self.max_deliveries.max(1)
+    }
+
+    /// Whether a pass that called no provider, made at delivery number `delivered` (1-based),
+    /// counts toward `max_deliveries`.
+    pub fn counts_pass_without_calls(&self, delivered: u64) -> bool {
+        delivered >= self.max_deliveries_while_open
     }
 
     /// Delay before the next delivery after delivery number `delivered` failed.
@@ -142,6 +161,7 @@ mod tests {
             max_deliveries: 4,
             base_delay_ms: 1_000,
             max_delay_ms: 10_000,
+            max_deliveries_while_open: 10,
         }
     }
 
@@ -292,5 +312,13 @@ mod tests {
         let p = policy();
         assert!(!p.is_last(3));
         assert!(p.is_last(4) && p.is_last(5));
+        assert!(!p.is_past_last(4) && p.is_past_last(5));
+    }
+
+    #[test]
+    fn passes_without_calls_count_only_from_their_own_limit() {
+        let p = policy();
+        assert!(!p.counts_pass_without_calls(9));
+        assert!(p.counts_pass_without_calls(10) && p.counts_pass_without_calls(11));
     }
 }

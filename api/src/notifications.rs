@@ -196,7 +196,8 @@ pub struct AttemptView {
     pub channel: String,
     /// Provider.
     pub provider: String,
-    /// `sent`, `failed` (transient), `rejected` (permanent), `circuit_open`, `no_contact`,
+    /// `sent`, `failed` (transient), `rejected` (permanent), `circuit_open`, `not_started` (not
+    /// sent: its channel's send queue was too long to finish in time), `no_contact`,
     /// `unavailable` (no provider configured), `opted_out` (the customer opted out of the
     /// category on that channel), `refused_earlier` (not called: it refused the notification for
     /// good, `rejected` or `no_contact`, in an earlier round of its retries).

@@ -17,9 +17,9 @@ pub struct Model {
     pub channel: String,
     /// Provider name (configured instance of the channel).
     pub provider: String,
-    /// `sent`, `failed` (transient), `rejected` (permanent), `circuit_open`, `no_contact`,
-    /// `unavailable`, `opted_out`, `refused_earlier` (not called: it refused for good in an
-    /// earlier round).
+    /// `sent`, `failed` (transient), `rejected` (permanent), `circuit_open`, `not_started`,
+    /// `no_contact`, `unavailable`, `opted_out`, `refused_earlier` (not called: it refused for
+    /// good in an earlier round).
     pub status: String,
     /// What went wrong.
     pub error: Option<String>,

@@ -552,3 +552,76 @@ async fn a_send_to_a_customer_that_never_exists_dies_once_the_retry_schedule_has
     assert_eq!(w.smtp.count(), 0);
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// A pass that finds the only channel's circuit open calls no provider and does not use up a
+/// retry: it waits for the cool-down, and the probe after it delivers. With two deliveries
+/// allowed, the pass refused by the circuit used to be the last, and the send went dead.
+#[tokio::test]
+async fn a_pass_refused_by_an_open_circuit_does_not_use_up_the_retries() {
+    let w = world_with(|c| {
+        c.dispatch.retry.max_deliveries = 2;
+        c.dispatch.retry.base_delay_ms = 50;
+        c.dispatch.retry.max_delay_ms = 100;
+        c.channels.limits.circuit.failure_threshold = 1;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = 1_500;
+    })
+    .await;
+    w.smtp.set_reject_next(1, 451, "4.3.0 try again later");
+    let id = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    let statuses: Vec<&str> = sent["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["status"].as_str())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["failed", "sent"],
+        "a pass that called no provider records no attempt: {sent}"
+    );
+    assert_eq!(w.smtp.count(), 1);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A notification whose dead letter cannot be published is dead-lettered on a later delivery
+/// without walking its chain again: it called the providers once more every 5 s for as long as
+/// the dead-letter stream refused it.
+#[tokio::test]
+async fn a_failed_dead_letter_is_published_later_without_calling_the_providers_again() {
+    let w = world_with(|c| c.dispatch.retry.max_deliveries = 2).await;
+    w.smtp.set_reject_next(100, 451, "4.3.0 try again later");
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    js.delete_stream("NOTIFY_DLQ")
+        .await
+        .expect("dead-letter stream deleted");
+    let id = w
+        .herald
+        .send_accepted(&order_email("ada@example.com", None))
+        .await;
+    let path = format!("/api/v1/notifications/{id}");
+    eventually("the dead letter to be refused", E2E_TIMEOUT, || async {
+        let (_, body) = w.herald.get(&path).await;
+        body["status_reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("cannot dead-letter yet"))
+            .then_some(())
+    })
+    .await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "NOTIFY_DLQ".into(),
+        subjects: vec!["notify.dlq.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("dead-letter stream created again");
+    let dead = w.herald.wait_status(&id, "dead").await;
+    let attempts = dead["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "the chain was walked again: {dead}");
+    assert_eq!(stream_messages(&w.nats, "NOTIFY_DLQ").await, 1);
+    w.herald.shutdown().await.expect("clean shutdown");
+}

@@ -1,7 +1,11 @@
 //! `ChannelActor`: one per configured provider. Holds the circuit breaker, a concurrency limit and
 //! the send timeout. Sends run as tasks under a semaphore and report back, so the mailbox never
 //! waits on the network and an open circuit is answered at once. A send whose caller stopped
-//! waiting before a permit was free is dropped unsent: the caller has already moved on.
+//! waiting before a permit was free is dropped unsent: the caller has already moved on. A send
+//! that gets its permit too late to finish (its timeout included) before its caller stops
+//! waiting is not started either, and its caller is told so at once
+//! ([`SendOutcome::NotStarted`]): started, it could go out after the caller had taken it for
+//! failed and moved on, and the recipient would get the message twice.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -47,7 +51,13 @@ pub enum SendOutcome {
     /// The provider refused or failed.
     Failed(ProviderError),
     /// The circuit is open; nothing was sent.
-    CircuitOpen,
+    CircuitOpen {
+        /// How long until the circuit lets a probe through (zero while the probe is out).
+        cool_down_left: Duration,
+    },
+    /// The send waited for a concurrency permit until too little of its caller's time was left
+    /// for the provider's timeout; nothing was sent.
+    NotStarted,
 }
 
 /// A send's outcome with the provider's name and latency, for the attempt record.
@@ -89,8 +99,16 @@ pub struct ChannelSnapshot {
 /// Messages of a [`ChannelActor`].
 pub enum ChannelMsg {
     /// Send one message; the reply comes when the provider answers (or at once if refused). Not
-    /// sent if the reply port is closed by the time a concurrency permit is free.
-    Send(Box<OutboundMessage>, RpcReplyPort<SendReport>),
+    /// sent if the reply port is closed by the time a concurrency permit is free, nor if the
+    /// send's timeout would run past `answer_by` (answered [`SendOutcome::NotStarted`]).
+    Send {
+        /// What to send.
+        message: Box<OutboundMessage>,
+        /// When the caller stops waiting for the answer.
+        answer_by: Instant,
+        /// Where the answer goes.
+        reply: RpcReplyPort<SendReport>,
+    },
     /// A send task finished (internal).
     Finished {
         /// How the send was admitted.
@@ -179,7 +197,11 @@ impl Actor for ChannelActor {
         state: &mut ChannelState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ChannelMsg::Send(outbound, reply) => start_send(myself, state, *outbound, reply),
+            ChannelMsg::Send {
+                message,
+                answer_by,
+                reply,
+            } => start_send(myself, state, *message, (answer_by, reply)),
             ChannelMsg::Finished {
                 admission,
                 provider_failure,
@@ -238,7 +260,7 @@ fn start_send(
     myself: ActorRef<ChannelMsg>,
     state: &mut ChannelState,
     outbound: OutboundMessage,
-    reply: RpcReplyPort<SendReport>,
+    (answer_by, reply): (Instant, RpcReplyPort<SendReport>),
 ) {
     let admission = state.breaker.admit(Instant::now());
     if admission == Admission::Probe {
@@ -248,7 +270,9 @@ fn start_send(
         state.refused += 1;
         let _ = reply.send(SendReport {
             provider: state.provider.name().to_string(),
-            outcome: SendOutcome::CircuitOpen,
+            outcome: SendOutcome::CircuitOpen {
+                cool_down_left: state.breaker.cool_down_left(Instant::now()),
+            },
             latency: Duration::ZERO,
         });
         return;
@@ -264,6 +288,17 @@ fn start_send(
             // transient failure: it has failed over or will retry, so sending now would deliver
             // the message twice.
             let _ = myself.cast(ChannelMsg::Abandoned { admission });
+            return;
+        }
+        if Instant::now() + timeout > answer_by {
+            // Started now, the send could still be running when its caller gives up on it, and
+            // go out after the caller has failed over or scheduled a retry.
+            let _ = myself.cast(ChannelMsg::Abandoned { admission });
+            let _ = reply.send(SendReport {
+                provider: provider.name().to_string(),
+                outcome: SendOutcome::NotStarted,
+                latency: Duration::ZERO,
+            });
             return;
         }
         let started = Instant::now();
@@ -350,7 +385,22 @@ mod tests {
     use super::*;
     use crate::channel::provider::tests::outbound;
 
-    const WAIT: Duration = Duration::from_secs(10);
+    /// How long a test waits for an event; also how long a caller waits for a send's answer,
+    /// longer than the default channel timeout so that sends start.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// A send whose caller waits `wait` for the answer.
+    fn send_msg(
+        message: OutboundMessage,
+        wait: Duration,
+        reply: RpcReplyPort<SendReport>,
+    ) -> ChannelMsg {
+        ChannelMsg::Send {
+            message: Box::new(message),
+            answer_by: Instant::now() + wait,
+            reply,
+        }
+    }
 
     /// A provider that reports each send as it starts and answers once the test opens its gate.
     struct GatedProvider {
@@ -482,7 +532,7 @@ mod tests {
             let actor = actor.clone();
             async move {
                 actor
-                    .call(|port| ChannelMsg::Send(Box::new(first), port), Some(WAIT))
+                    .call(|port| send_msg(first, WAIT, port), Some(WAIT))
                     .await
             }
         });
@@ -493,7 +543,7 @@ mod tests {
         let second = outbound();
         let gave_up = actor
             .call(
-                |port| ChannelMsg::Send(Box::new(second), port),
+                |port| send_msg(second, WAIT, port),
                 Some(Duration::from_millis(100)),
             )
             .await
@@ -522,6 +572,76 @@ mod tests {
         actor.stop(None);
     }
 
+    #[tokio::test]
+    async fn a_send_that_could_outlast_its_caller_is_answered_unsent() {
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let settings = ChannelSettings {
+            concurrency: 1,
+            timeout_ms: 5_000,
+            ..ChannelSettings::default()
+        };
+        let actor = spawn(
+            GatedProvider {
+                started,
+                gate: gate.clone(),
+            },
+            settings,
+        )
+        .await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let answer = tokio::spawn({
+            let actor = actor.clone();
+            async move {
+                actor
+                    .call(|port| send_msg(first, WAIT, port), Some(WAIT))
+                    .await
+            }
+        });
+        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
+        assert_eq!(sending.expect("the first send starts"), Some(first_id));
+
+        // The second send's caller waits 2 s, less than the channel's 5 s timeout: once it has
+        // the permit its provider call could outlast its caller, so it must not start.
+        let short = Duration::from_secs(2);
+        let second = tokio::spawn({
+            let actor = actor.clone();
+            async move {
+                actor
+                    .call(|port| send_msg(outbound(), short, port), Some(short))
+                    .await
+            }
+        });
+        snapshot_when(&actor, "the second send to queue", |s| s.in_flight == 2).await;
+        gate.add_permits(1);
+        let second = tokio::time::timeout(WAIT, second)
+            .await
+            .expect("the second send is answered")
+            .expect("caller task")
+            .expect("actor alive");
+        assert!(
+            matches!(&second, CallResult::Success(r) if r.outcome == SendOutcome::NotStarted),
+            "{second:?}"
+        );
+        let first = tokio::time::timeout(WAIT, answer)
+            .await
+            .expect("the first send is answered")
+            .expect("caller task")
+            .expect("actor alive");
+        assert!(
+            matches!(&first, CallResult::Success(r) if matches!(r.outcome, SendOutcome::Accepted(_))),
+            "{first:?}"
+        );
+        let settled = snapshot_when(&actor, "both sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!((settled.sent, settled.failed), (1, 0), "{settled:?}");
+        assert!(
+            starts.try_recv().is_err(),
+            "the send that could outlast its caller reached the provider"
+        );
+        actor.stop(None);
+    }
+
     /// A circuit that opens at the first failure, cooling down for `cool_down_ms`.
     fn opening_at_once(cool_down_ms: u64) -> ChannelSettings {
         ChannelSettings {
@@ -537,10 +657,7 @@ mod tests {
     /// Sends one message through `actor` and returns the report.
     async fn send_one(actor: &ActorRef<ChannelMsg>, send: u64) -> SendReport {
         let answer = actor
-            .call(
-                |port| ChannelMsg::Send(Box::new(outbound()), port),
-                Some(WAIT),
-            )
+            .call(|port| send_msg(outbound(), WAIT, port), Some(WAIT))
             .await
             .expect("actor alive");
         match answer {

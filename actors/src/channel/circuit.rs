@@ -121,6 +121,15 @@ impl CircuitBreaker {
         }
     }
 
+    /// How long until an open circuit lets its probe through: zero unless it is open.
+    pub fn cool_down_left(&self, now: Instant) -> Duration {
+        match (self.state, self.opened_at) {
+            (CircuitState::Open, Some(at)) => Duration::from_millis(self.settings.cool_down_ms)
+                .saturating_sub(now.saturating_duration_since(at)),
+            _ => Duration::ZERO,
+        }
+    }
+
     /// Reports a send that succeeded (or failed in a way that is not the provider's fault).
     pub fn on_success(&mut self, admission: Admission) {
         if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
@@ -231,6 +240,22 @@ mod tests {
         cb.on_success(Admission::Probe);
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.admit(t0 + ms(5_002)), Admission::Allowed);
+    }
+
+    #[test]
+    fn the_cool_down_left_counts_down_while_open_only() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        assert_eq!(cb.cool_down_left(t0), Duration::ZERO, "closed");
+        cb.open(t0);
+        assert_eq!(cb.cool_down_left(t0 + ms(1_000)), ms(4_000));
+        assert_eq!(cb.cool_down_left(t0 + ms(6_000)), Duration::ZERO);
+        assert_eq!(cb.admit(t0 + ms(6_000)), Admission::Probe);
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(6_000)),
+            Duration::ZERO,
+            "half-open"
+        );
     }
 
     #[test]

@@ -68,8 +68,8 @@ pub struct NewAttempt {
     pub channel: String,
     /// Provider name.
     pub provider: String,
-    /// Outcome (`sent`, `failed`, `rejected`, `circuit_open`, `no_contact`, `unavailable`,
-    /// `opted_out`, `refused_earlier`).
+    /// Outcome (`sent`, `failed`, `rejected`, `circuit_open`, `not_started`, `no_contact`,
+    /// `unavailable`, `opted_out`, `refused_earlier`).
     pub status: String,
     /// Error text.
     pub error: Option<String>,
