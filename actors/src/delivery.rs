@@ -755,7 +755,10 @@ async fn walk_chain(
                 let error = format!("{channel} not started: its send queue was too long");
                 ("not_started", Some(error))
             }
-            SendOutcome::Failed(err @ ProviderError::Transient { retry_after, .. }) => {
+            SendOutcome::Failed(
+                err @ (ProviderError::Transient { retry_after, .. }
+                | ProviderError::Throttled { retry_after, .. }),
+            ) => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(*retry_after);
                 ("failed", Some(err.to_string()))

@@ -47,6 +47,17 @@ pub enum ProviderError {
         /// How long the provider asked us to wait (Retry-After, `retry_after`).
         retry_after: Option<Duration>,
     },
+    /// The provider limits the sends to this recipient (Telegram's flood control of a chat):
+    /// worth retrying later, after `retry_after`, like a transient error, but it says nothing of
+    /// the provider, so it does not count against its circuit (one busy chat must not stop the
+    /// sends to everyone).
+    #[error("throttled: {reason}")]
+    Throttled {
+        /// What happened.
+        reason: String,
+        /// How long the provider asked us to wait.
+        retry_after: Option<Duration>,
+    },
     /// Will not succeed on retry: bad address, rejected content, other 4xx.
     #[error("permanent: {reason}")]
     Permanent {

@@ -460,8 +460,16 @@ fn classify(
             dead: true,
         };
     }
-    let transient = matches!(fcm_code, "UNAVAILABLE" | "QUOTA_EXCEEDED" | "INTERNAL")
-        || http::is_transient_for_account(status);
+    if fcm_code == "QUOTA_EXCEEDED" {
+        // The device's (or the target's) message rate: a limit on this recipient, not a sign
+        // that FCM is down, so it must not open the circuit for every other device.
+        return Failure::new(ProviderError::Throttled {
+            reason,
+            retry_after,
+        });
+    }
+    let transient =
+        matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || http::is_transient_for_account(status);
     Failure::new(http::failure(transient, reason, retry_after))
 }
 
@@ -472,12 +480,13 @@ struct Combined {
 }
 
 /// Combines per-token outcomes (in token order): any success wins; else any transient failure
-/// (with the longest `retry_after` asked for); else a permanent failure naming the first dead
-/// token.
+/// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
+/// else a permanent failure naming the first dead token.
 fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combined {
     let mut first_sent = None;
     let mut dead = Vec::new();
-    let mut transient: Option<(String, Option<Duration>)> = None;
+    // The first reason, the longest wait, and whether every one was a throttle.
+    let mut transient: Option<(String, Option<Duration>, bool)> = None;
     let mut permanent: Option<String> = None;
     for (token, outcome) in tokens.iter().zip(outcomes) {
         match outcome {
@@ -488,14 +497,21 @@ fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combine
                 if failure.dead {
                     dead.push(token.clone());
                 }
+                let throttled = matches!(failure.error, ProviderError::Throttled { .. });
                 match failure.error {
                     ProviderError::Transient {
                         reason,
                         retry_after,
+                    }
+                    | ProviderError::Throttled {
+                        reason,
+                        retry_after,
                     } => {
                         transient = Some(match transient {
-                            None => (reason, retry_after),
-                            Some((first, longest)) => (first, longest.max(retry_after)),
+                            None => (reason, retry_after, throttled),
+                            Some((first, longest, all_throttled)) => {
+                                (first, longest.max(retry_after), all_throttled && throttled)
+                            }
                         });
                     }
                     ProviderError::Permanent { reason, .. } => {
@@ -520,7 +536,11 @@ fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combine
         (Some(name), _, _) => Ok(Receipt {
             provider_message_id: Some(name),
         }),
-        (None, Some((reason, retry_after)), _) => Err(ProviderError::Transient {
+        (None, Some((reason, retry_after, true)), _) => Err(ProviderError::Throttled {
+            reason: format!("{reason}{dead_note}"),
+            retry_after,
+        }),
+        (None, Some((reason, retry_after, false)), _) => Err(ProviderError::Transient {
             reason: format!("{reason}{dead_note}"),
             retry_after,
         }),
@@ -743,7 +763,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn quota_exceeded_is_transient_and_honours_retry_after() {
+    async fn quota_exceeded_throttles_the_device_and_honours_retry_after() {
         let server = MockServer::start().await;
         reply_for(
             &server,
@@ -762,9 +782,31 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+            matches!(&error, ProviderError::Throttled { reason, retry_after: Some(d) }
                 if *d == Duration::from_secs(42) && reason.contains("QUOTA_EXCEEDED")),
             "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_throttled_device_beside_an_fcm_failure_is_a_transient_failure() {
+        let server = MockServer::start().await;
+        let quota = fcm_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "QUOTA_EXCEEDED",
+            "Quota exceeded.",
+        );
+        reply_for(&server, "device-a", quota).await;
+        let down = fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", "try later");
+        reply_for(&server, "device-b", down).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a", "device-b"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { .. }),
+            "FCM's own failure counts against the circuit: {error:?}"
         );
     }
 

@@ -224,6 +224,13 @@ impl TelegramProvider {
                 reason: clean(reason),
                 retry_after,
             },
+            ProviderError::Throttled {
+                reason,
+                retry_after,
+            } => ProviderError::Throttled {
+                reason: clean(reason),
+                retry_after,
+            },
             ProviderError::Permanent {
                 reason,
                 dead_contact,
@@ -314,6 +321,14 @@ fn reply_error(
     );
     if let Some(chat) = parameters.and_then(|p| p.migrate_to_chat_id) {
         reason.push_str(&format!(" (group moved to chat {chat})"));
+    }
+    if code == StatusCode::TOO_MANY_REQUESTS {
+        // Flood control: Telegram limits the messages to each chat (about one a second), so a
+        // 429 speaks of this chat, not of the bot.
+        return ProviderError::Throttled {
+            reason,
+            retry_after,
+        };
     }
     http::account_status_error(code, reason, retry_after)
 }
@@ -488,7 +503,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn flood_control_is_transient_with_telegrams_retry_after() {
+    async fn flood_control_throttles_the_chat_with_telegrams_retry_after() {
         let (_server, provider) = reply_with(
             ResponseTemplate::new(429)
                 .insert_header("retry-after", "5")
@@ -503,15 +518,99 @@ mod tests {
         let error = provider.send(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         match error {
-            ProviderError::Transient {
+            ProviderError::Throttled {
                 reason,
                 retry_after,
             } => {
                 assert_eq!(retry_after, Some(Duration::from_secs(17)));
                 assert!(reason.contains("Too Many Requests"), "{reason}");
             }
-            other => panic!("expected transient, got {other:?}"),
+            other => panic!("expected throttled, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn one_flooded_chat_does_not_open_the_circuit_for_the_others() {
+        use crate::channel::circuit::CircuitSettings;
+        use crate::channel::{ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, SendOutcome};
+        use ractor::{Actor, rpc::CallResult};
+        use std::sync::Arc;
+        use wiremock::matchers::body_partial_json;
+
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_partial_json(serde_json::json!({"chat_id": "flooded"})))
+            .respond_with(ResponseTemplate::new(429).set_body_json(serde_json::json!({
+                "ok": false,
+                "error_code": 429,
+                "description": "Too Many Requests: retry after 1",
+                "parameters": {"retry_after": 1}
+            })))
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_partial_json(serde_json::json!({"chat_id": "quiet"})))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "ok": true,
+                "result": {"message_id": 7}
+            })))
+            .mount(&server)
+            .await;
+        let settings = ChannelSettings {
+            circuit: CircuitSettings {
+                failure_threshold: 2,
+                window_ms: 60_000,
+                cool_down_ms: 60_000,
+            },
+            ..ChannelSettings::default()
+        };
+        let args = ChannelArgs {
+            provider: Arc::new(provider(&server.uri(), 2_000)),
+            settings,
+            announcer: None,
+        };
+        let (actor, _) = Actor::spawn(None, ChannelActor, args)
+            .await
+            .expect("channel actor starts");
+        let wait = Duration::from_secs(30);
+        let send = |chat: &'static str| {
+            let actor = actor.clone();
+            async move {
+                let answer = actor
+                    .call(
+                        |reply| ChannelMsg::Send {
+                            message: Box::new(message(Some(chat))),
+                            answer_by: std::time::Instant::now() + wait,
+                            reply,
+                        },
+                        Some(wait),
+                    )
+                    .await
+                    .expect("actor alive");
+                match answer {
+                    CallResult::Success(report) => report.outcome,
+                    other => panic!("a send to {chat} was not answered: {other:?}"),
+                }
+            }
+        };
+        for n in 1..=5 {
+            let outcome = send("flooded").await;
+            assert!(
+                matches!(
+                    outcome,
+                    SendOutcome::Failed(ProviderError::Throttled { .. })
+                ),
+                "send {n} to the flooded chat: {outcome:?}"
+            );
+        }
+        let outcome = send("quiet").await;
+        assert!(
+            matches!(outcome, SendOutcome::Accepted(_)),
+            "the quiet chat: {outcome:?}"
+        );
+        actor.stop(None);
     }
 
     #[tokio::test]
