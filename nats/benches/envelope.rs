@@ -63,6 +63,7 @@ fn send_command(c: &mut Criterion) {
     let mut group = c.benchmark_group("send_command");
     group.throughput(Throughput::Bytes(bytes.len() as u64));
     group.bench_function("encode", |b| b.iter(|| black_box(&cmd).encode()));
+    group.bench_function("encoded_len", |b| b.iter(|| black_box(&cmd).encoded_len()));
     group.bench_function("decode", |b| {
         b.iter(|| SendCommand::decode(black_box(&bytes)))
     });

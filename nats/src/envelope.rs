@@ -275,12 +275,45 @@ impl SendCommand {
         counter.0
     }
 
-    /// Whether the command is at most [`MAX_COMMAND_BYTES`] long; otherwise its length.
+    /// Whether the command is at most [`MAX_COMMAND_BYTES`] long; otherwise its length. One
+    /// that could not reach the limit even with every byte of its texts escaped is not encoded
+    /// to find out.
     pub fn check_size(&self) -> Result<(), usize> {
+        if self
+            .most_encoded_len()
+            .is_some_and(|most| most <= MAX_COMMAND_BYTES)
+        {
+            return Ok(());
+        }
         match self.encoded_len() {
             len if len > MAX_COMMAND_BYTES => Err(len),
             _ => Ok(()),
         }
+    }
+
+    /// The most [`SendCommand::encoded_len`] can be, counted from the lengths of its texts
+    /// (JSON writes a byte as at most six, `\u00XX`) and a margin for its field names, ids and
+    /// times; `None` for a template's, whose variables are not counted here.
+    fn most_encoded_len(&self) -> Option<usize> {
+        if self.content.template.is_some() {
+            return None;
+        }
+        let (content, contacts) = (&self.content, &self.contacts);
+        let texts = [
+            content.subject.as_deref(),
+            Some(content.text.as_str()),
+            content.html.as_deref(),
+            content.short.as_deref(),
+            self.customer_id.as_deref(),
+            contacts.email.as_deref(),
+            contacts.phone.as_deref(),
+            contacts.telegram_chat_id.as_deref(),
+            contacts.webhook_url.as_deref(),
+        ];
+        let bytes: usize = texts.iter().flatten().map(|text| text.len()).sum::<usize>()
+            + contacts.push_tokens.iter().map(String::len).sum::<usize>();
+        let separators = 3 * contacts.push_tokens.len() + 12 * self.channels.len();
+        Some(6 * bytes + separators + 1024)
     }
 
     /// Decodes a command, telling a malformed message from an unknown version. A command is
@@ -361,6 +394,24 @@ mod tests {
         cmd.content.text = "\"line\"\n\u{1}".repeat(1000);
         assert_eq!(cmd.encoded_len(), cmd.encode().unwrap().len());
         assert!(cmd.encoded_len() > cmd.content.text.len() + 1000);
+    }
+
+    #[test]
+    fn the_most_a_command_can_take_is_at_least_what_it_takes() {
+        let mut cmd = command();
+        cmd.contacts.push_tokens = vec!["t\"".into(), "\u{7}".into()];
+        for text in ["", "plain", "\"\\\n\u{1}\u{1f}", "ünïcødé ✓"] {
+            cmd.content.text = text.repeat(100);
+            cmd.content.html = Some(text.into());
+            let most = cmd.most_encoded_len().expect("literal content");
+            assert!(most >= cmd.encoded_len(), "{most} < {}", cmd.encoded_len());
+        }
+        cmd.content.template = Some(TemplateRef {
+            code: "welcome".into(),
+            variables: Default::default(),
+            locale: None,
+        });
+        assert_eq!(cmd.most_encoded_len(), None, "variables are not counted");
     }
 
     #[test]

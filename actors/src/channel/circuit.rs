@@ -121,11 +121,17 @@ impl CircuitBreaker {
         }
     }
 
-    /// How long until an open circuit lets its probe through: zero unless it is open.
+    /// How long a send refused now should wait before it is tried again: while open, until the
+    /// circuit lets its probe through; while half-open, a whole cool-down (the probe is out, and
+    /// if it fails the circuit opens for that long: waiting less would only be refused again);
+    /// zero while closed.
     pub fn cool_down_left(&self, now: Instant) -> Duration {
+        let cool_down = Duration::from_millis(self.settings.cool_down_ms);
         match (self.state, self.opened_at) {
-            (CircuitState::Open, Some(at)) => Duration::from_millis(self.settings.cool_down_ms)
-                .saturating_sub(now.saturating_duration_since(at)),
+            (CircuitState::Open, Some(at)) => {
+                cool_down.saturating_sub(now.saturating_duration_since(at))
+            }
+            (CircuitState::HalfOpen, _) => cool_down,
             _ => Duration::ZERO,
         }
     }
@@ -243,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn the_cool_down_left_counts_down_while_open_only() {
+    fn the_cool_down_left_counts_down_while_open_and_is_whole_while_half_open() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         assert_eq!(cb.cool_down_left(t0), Duration::ZERO, "closed");
@@ -253,8 +259,8 @@ mod tests {
         assert_eq!(cb.admit(t0 + ms(6_000)), Admission::Probe);
         assert_eq!(
             cb.cool_down_left(t0 + ms(6_000)),
-            Duration::ZERO,
-            "half-open"
+            ms(5_000),
+            "half-open: a refused send waits a whole cool-down, not a spin"
         );
     }
 

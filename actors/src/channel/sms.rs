@@ -131,9 +131,10 @@ struct CreatedMessage {
 /// Twilio error codes that come with a `4xx` for a problem of the sender, not of the recipient or
 /// the message: every SMS fails alike until it passes or is mended, so they are transient
 /// (retried, counted against the circuit, dead-lettered for a replay), not a recipient's failure
-/// for good. 21611: the From number's queue is full; 21212: the From number is invalid; 21606:
-/// the From number cannot send SMS; 21659: the From number is not one of the account's.
-const SENDER_PROBLEMS: [u32; 4] = [21611, 21212, 21606, 21659];
+/// for good. 21611: the From number's queue is full; 21212: the From number is invalid; 21659:
+/// the From number is not one of the account's. (21606, a From number that cannot send to this
+/// destination, depends on the recipient's country: it stays the recipient's failure.)
+const SENDER_PROBLEMS: [u32; 3] = [21611, 21212, 21659];
 
 /// Twilio's error body: `{"code":21211,"message":"…","more_info":"…","status":400}`.
 #[derive(Deserialize)]
@@ -365,10 +366,6 @@ mod tests {
                 "This 'From' number has exceeded the maximum number of queued messages",
             ),
             (21212, "The 'From' number +1555 is not a valid phone number"),
-            (
-                21606,
-                "The 'From' phone number provided is not a valid message-capable number",
-            ),
             (21659, "The 'From' number is not a Twilio phone number"),
         ] {
             let (_server, provider) =
