@@ -644,7 +644,7 @@ pub enum ConfigError {
     Load {
         /// figment's error.
         error: Box<figment::Error>,
-        /// The keys no setting reads, as [`unknown_keys_note`] names them (empty if none).
+        /// The keys no setting reads, named in a note to append to the error (empty if none).
         unknown_keys: String,
     },
     /// A value is out of range or unknown.

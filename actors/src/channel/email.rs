@@ -123,7 +123,8 @@ impl EmailConfig {
     /// TLS cannot name, an outbox folder that cannot be created), so that a start refuses them
     /// before it connects to anything: it sets up the same SMTP transport and drops it, opening
     /// no connection, or checks that the outbox folder is one or can be created, without
-    /// creating it ([`outbox_problem`]). Needs a process-wide rustls crypto provider installed.
+    /// creating it (a folder of its own is made and removed at once in the nearest folder above
+    /// it that exists). Needs a process-wide rustls crypto provider installed.
     pub fn check(&self) -> Result<(), EmailConfigError> {
         self.sender()?;
         match &self.smtp_host {
