@@ -633,7 +633,8 @@ struct Walk {
     sent_on: Option<Channel>,
     /// Contacts a provider declared dead, to forget.
     dead_contacts: Vec<(Channel, String)>,
-    /// Some channel failed in a way that may pass later (transient error, open circuit).
+    /// Some channel failed in a way that may pass later (a transient error or a throttle, an
+    /// open circuit, a send queue too long to start).
     retryable: bool,
     /// Some provider was called (or may have been: a channel actor that did not answer).
     called: bool,
@@ -741,7 +742,7 @@ async fn walk_chain(
         let report = ask_channel(&actor, command, contacts).await;
         walk.called |= !matches!(
             report.outcome,
-            SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted
+            SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
         );
         let (status, error) = match &report.outcome {
             SendOutcome::Accepted(_) => ("sent", None),
@@ -750,8 +751,9 @@ async fn walk_chain(
                 walk.retry_after = walk.retry_after.max(Some(*cool_down_left));
                 ("circuit_open", Some(format!("{channel} circuit open")))
             }
-            SendOutcome::NotStarted => {
+            SendOutcome::NotStarted { retry_in } => {
                 walk.retryable = true;
+                walk.retry_after = walk.retry_after.max(Some(*retry_in));
                 let error = format!("{channel} not started: its send queue was too long");
                 ("not_started", Some(error))
             }

@@ -14,8 +14,10 @@ use crate::versioned::{self, Versioned, VersionedError};
 pub const SCHEMA_VERSION: u16 = 1;
 
 /// Largest send command a dispatcher takes; a larger one is dead-lettered unread. Whoever makes a
-/// command (the API, the Router, a bulk fan-out) checks [`SendCommand::encoded_len`] against it
-/// before storing the notification, so nothing is stored that could never be sent.
+/// command checks its size ([`SendCommand::check_size`]) before storing the notification, so
+/// nothing is stored that could never be sent: the API for a send, the Router for an event's
+/// notification, and the bulk API for every recipient of a batch when it accepts it (an upper
+/// bound: the fan-out builds commands no larger).
 pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 
 /// A delivery channel; a notification walks a chain of these until one carries it.

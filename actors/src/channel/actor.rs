@@ -4,7 +4,7 @@
 //! waiting before a permit was free is dropped unsent: the caller has already moved on. A send
 //! that gets its permit too late to finish (its timeout included) before its caller stops
 //! waiting is not started either, and its caller is told so at once
-//! ([`SendOutcome::NotStarted`]): started, it could go out after the caller had taken it for
+//! ([`SendOutcome::NotStarted`], with a wait for its retry): started, it could go out after the caller had taken it for
 //! failed and moved on, and the recipient would get the message twice.
 
 use std::panic::AssertUnwindSafe;
@@ -57,7 +57,11 @@ pub enum SendOutcome {
     },
     /// The send waited for a concurrency permit until too little of its caller's time was left
     /// for the provider's timeout; nothing was sent.
-    NotStarted,
+    NotStarted {
+        /// How long a retry should wait at least: the channel's send timeout, about how long the
+        /// sends ahead of it may still take (a quicker retry would queue behind them again).
+        retry_in: Duration,
+    },
 }
 
 /// A send's outcome with the provider's name and latency, for the attempt record.
@@ -296,7 +300,7 @@ fn start_send(
             let _ = myself.cast(ChannelMsg::Abandoned { admission });
             let _ = reply.send(SendReport {
                 provider: provider.name().to_string(),
-                outcome: SendOutcome::NotStarted,
+                outcome: SendOutcome::NotStarted { retry_in: timeout },
                 latency: Duration::ZERO,
             });
             return;
@@ -621,7 +625,8 @@ mod tests {
             .expect("caller task")
             .expect("actor alive");
         assert!(
-            matches!(&second, CallResult::Success(r) if r.outcome == SendOutcome::NotStarted),
+            matches!(&second, CallResult::Success(r)
+                if r.outcome == SendOutcome::NotStarted { retry_in: Duration::from_secs(5) }),
             "{second:?}"
         );
         let first = tokio::time::timeout(WAIT, answer)
