@@ -27,7 +27,7 @@ use herald_entities::{
 };
 use herald_nats::{
     Category, Channel, Contacts, Content, DeadLetterHeaders, DomainEvent, MAX_COMMAND_BYTES,
-    Publisher, SCHEMA_VERSION, SendCommand, StreamSettings, TemplateRef,
+    Publisher, SCHEMA_VERSION, SendCommand, StreamSettings, TemplateRef, distinct_channels,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -371,13 +371,12 @@ fn chain_of(rule: &Rule, default_chains: &HashMap<Category, Vec<Channel>>) -> Ve
         .channels
         .as_ref()
         .or_else(|| default_chains.get(&rule.category));
-    let mut chain: Vec<Channel> = Vec::new();
-    for &channel in configured.map_or(&[Channel::Email][..], Vec::as_slice) {
-        if !chain.contains(&channel) {
-            chain.push(channel);
-        }
-    }
-    chain
+    distinct_channels(
+        configured
+            .map_or(&[Channel::Email][..], Vec::as_slice)
+            .iter()
+            .copied(),
+    )
 }
 
 /// The send command for `rule`'s notification of `event`, addressed to `customer`.

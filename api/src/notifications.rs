@@ -12,7 +12,7 @@ use herald_entities::{
 };
 use herald_nats::{
     Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
-    events::ROUTER_REQUEST_ID_PREFIX,
+    distinct_channels, events::ROUTER_REQUEST_ID_PREFIX,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -581,16 +581,6 @@ pub(crate) fn check_command_size(command: &SendCommand) -> Result<(), ApiError> 
     })
 }
 
-pub(crate) fn dedup(channels: impl Iterator<Item = Channel>) -> Vec<Channel> {
-    let mut out: Vec<Channel> = Vec::new();
-    for channel in channels {
-        if !out.contains(&channel) {
-            out.push(channel);
-        }
-    }
-    out
-}
-
 /// A request's recipient, checked.
 #[derive(Debug)]
 pub(crate) struct ValidRecipient {
@@ -756,7 +746,7 @@ pub(crate) fn chain(
             "channels must not be empty; omit it for the category's default chain",
         ));
     }
-    let channels = dedup(list.into_iter().map(Channel::from));
+    let channels = distinct_channels(list.into_iter().map(Channel::from));
     if !channels
         .iter()
         .any(|c| state.configured_channels.contains(c))
@@ -900,7 +890,7 @@ mod tests {
 
     #[test]
     fn channel_chain_is_deduplicated_in_order() {
-        let chain = dedup([Channel::Telegram, Channel::Email, Channel::Telegram].into_iter());
+        let chain = distinct_channels([Channel::Telegram, Channel::Email, Channel::Telegram]);
         assert_eq!(chain, vec![Channel::Telegram, Channel::Email]);
     }
 }

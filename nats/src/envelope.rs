@@ -20,6 +20,18 @@ pub const SCHEMA_VERSION: u16 = 1;
 /// bound: the fan-out builds commands no larger).
 pub const MAX_COMMAND_BYTES: usize = 640 * 1024;
 
+/// A channel chain with each channel kept once, at its first place: a chain is walked in order, and
+/// a channel twice in it would be called twice in one round.
+pub fn distinct_channels(channels: impl IntoIterator<Item = Channel>) -> Vec<Channel> {
+    let mut chain: Vec<Channel> = Vec::new();
+    for channel in channels {
+        if !chain.contains(&channel) {
+            chain.push(channel);
+        }
+    }
+    chain
+}
+
 /// A delivery channel; a notification walks a chain of these until one carries it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]

@@ -22,7 +22,7 @@ pub use connect::{Connection, NatsAuth, NatsTls, connect};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use envelope::{
     Category, Channel, CommandDecodeError, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
-    SendCommand, StatusEvent, TemplateRef,
+    SendCommand, StatusEvent, TemplateRef, distinct_channels,
 };
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
