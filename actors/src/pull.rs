@@ -7,11 +7,13 @@
 //! consumer again and re-subscribe with a bounded backoff. A [`Gate`] can hold the loop back (the
 //! Dispatcher's is the partition's lease): it does not pull while the gate is closed.
 //!
-//! A stopped or held-back loop hands back what it had fetched, NAKed with a short delay: its pull
-//! stream keeps a pull request open on the server (and tops it up as messages are taken), so a
-//! message NAKed without delay would come straight back into the same stream. The hand-back is
-//! bounded in time, and dropping the stream afterwards ends its pull requests (the server drops
-//! requests nobody listens to any more), so JetStream offers the messages to the next puller.
+//! A stopped or held-back loop hands back what it had fetched, NAKed with a short delay so that
+//! JetStream offers the messages to the next puller soon instead of after the consumer's
+//! `ack_wait`. It drains its pull stream first ([`Stream::drain`], Herald's addition to
+//! async-nats, vendor/async-nats): the subscription is unsubscribed, which ends the stream's open
+//! pull requests on the server, and the messages the server sent before that, fenced by a PING,
+//! are still read and handed back. Merely dropping the stream would lose those on the wire to the
+//! client, and they would wait out `ack_wait`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,12 +30,13 @@ use tokio_util::sync::CancellationToken;
 /// cluster leaves the old request unanswered).
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// A hand-back ends once no message has arrived for this long...
-const RELEASE_QUIET: Duration = Duration::from_millis(50);
-/// ...or after this long in all, so messages that keep arriving cannot hold it.
-const RELEASE_LIMIT: Duration = Duration::from_millis(500);
-/// How long JetStream waits before offering a handed-back message again: longer than a hand-back
-/// lasts, so the message cannot come back into the stream it is handed back from.
+/// Longest a hand-back waits for the server to answer its drain (a round trip); past it the
+/// stream is dropped, and what was still on its way is offered again after `ack_wait`.
+const RELEASE_LIMIT: Duration = Duration::from_secs(1);
+/// How long JetStream waits before offering a handed-back message again. A message NAKed without
+/// delay can be offered straight back to the pull request it was handed back from, although that
+/// request's subscription is gone (seen with nats-server 2.9), and is then lost to the client
+/// until `ack_wait`.
 const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// First pause after a failure; it doubles up to [`MAX_BACKOFF`] and resets on a message.
@@ -210,12 +213,12 @@ where
             permit = pull.permits.clone().acquire_owned() => permit.ok(),
         };
         let Some(permit) = permit else {
-            release(messages, pull.what).await;
+            release(messages, None, pull.what).await;
             return Ended::Stopped;
         };
         let next = tokio::select! {
             _ = pull.stop.cancelled() => {
-                release(messages, pull.what).await;
+                release(messages, None, pull.what).await;
                 return Ended::Stopped;
             }
             next = messages.next() => next,
@@ -224,15 +227,13 @@ where
             Some(Ok(message)) if !pull.gate.is_open() => {
                 pull.gate.held_back();
                 drop(permit);
-                hand_back(&message).await;
-                release(messages, pull.what).await;
+                release(messages, Some(message), pull.what).await;
                 return Ended::HeldBack;
             }
             Some(Ok(message)) => {
                 backoff.reset();
                 if let Err(message) = hand_off(Box::new(message), permit) {
-                    hand_back(&message).await;
-                    release(messages, pull.what).await;
+                    release(messages, Some(*message), pull.what).await;
                     return Ended::Stopped;
                 }
             }
@@ -245,17 +246,27 @@ where
     }
 }
 
-/// Hands back the messages the client had already fetched for this subscription, so JetStream
-/// offers them again after [`HAND_BACK_DELAY`] instead of after `ack_wait`; then drops the
-/// subscription, which ends its pull requests. Takes at most [`RELEASE_LIMIT`].
-async fn release(mut messages: Stream, what: &'static str) {
-    let until = tokio::time::Instant::now() + RELEASE_LIMIT;
+/// Ends the subscription's pull requests and hands back `taken` (a message already taken from it)
+/// and every message the server had sent it, so JetStream offers them to the next puller at once
+/// instead of after `ack_wait`. Takes at most [`RELEASE_LIMIT`].
+async fn release(mut messages: Stream, taken: Option<jetstream::Message>, what: &'static str) {
+    // The drain's UNSUB goes out before the NAKs, so no handed-back message can be offered to
+    // this subscription again.
+    if let Err(err) = messages.drain().await {
+        tracing::debug!(error = %err, what, "cannot drain the pull subscription");
+    }
     let mut released = 0u32;
-    while let Ok(Ok(Some(Ok(message)))) =
-        tokio::time::timeout_at(until, tokio::time::timeout(RELEASE_QUIET, messages.next())).await
-    {
+    if let Some(message) = taken {
         hand_back(&message).await;
         released += 1;
+    }
+    let until = tokio::time::Instant::now() + RELEASE_LIMIT;
+    // Errors (a status the stream reports) do not end the drain; its end does.
+    while let Ok(Some(next)) = tokio::time::timeout_at(until, messages.next()).await {
+        if let Ok(message) = next {
+            hand_back(&message).await;
+            released += 1;
+        }
     }
     drop(messages);
     if released > 0 {
@@ -263,7 +274,7 @@ async fn release(mut messages: Stream, what: &'static str) {
     }
 }
 
-/// NAKs `message` with [`HAND_BACK_DELAY`]: not to be redelivered into the stream it came from.
+/// NAKs `message` with [`HAND_BACK_DELAY`].
 async fn hand_back(message: &jetstream::Message) {
     if let Err(err) = message.ack_with(AckKind::Nak(Some(HAND_BACK_DELAY))).await {
         tracing::debug!(error = %err, "cannot hand a message back; redelivered after ack_wait");

@@ -278,6 +278,58 @@ async fn a_stopped_loop_returns_and_hands_back_what_it_had_fetched() {
     assert_eq!(first.payload.as_ref(), b"message 0");
 }
 
+/// Loops stopped one after another while messages keep arriving (a partition handed over under
+/// load, a dispatcher restarted): each stopped loop ends its pull requests before it lets go of
+/// its subscription, and hands back what was on its way, so every message reaches the next loop
+/// well before its ack wait. A loop that merely dropped its subscription lost the messages the
+/// server was sending it at that moment until `ack_wait` (a minute here).
+#[tokio::test]
+async fn loops_stopped_while_messages_arrive_lose_none_to_the_ack_wait() {
+    const MESSAGES: usize = 400;
+    const LOOPS: usize = 8;
+    let nats = NatsServer::start().await.expect("nats");
+    let (js, consumer) = consumer(&nats).await;
+    let publishing = tokio::spawn({
+        let js = js.clone();
+        async move { publish(&js, MESSAGES).await }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for round in 0..LOOPS {
+        let stop = CancellationToken::new();
+        let (running, mut received) = start(&consumer, Open, MESSAGES, &stop);
+        // Each loop takes a few messages, then is stopped while the publisher goes on.
+        for _ in 0..MESSAGES / LOOPS / 2 {
+            let (message, _permit) = handed_on(&mut received, &format!("loop {round}")).await;
+            message.ack().await.expect("acked");
+            seen.insert(message.payload.clone());
+        }
+        stop.cancel();
+        ends(running, &format!("loop {round}")).await;
+        // What the loop had handed on before it returned is taken like any delivery.
+        while let Ok((message, _permit)) = received.try_recv() {
+            message.ack().await.expect("acked");
+            seen.insert(message.payload.clone());
+        }
+    }
+    publishing.await.expect("the publisher did not panic");
+    let stop = CancellationToken::new();
+    let (running, mut received) = start(&consumer, Open, MESSAGES, &stop);
+    while seen.len() < MESSAGES {
+        let next = tokio::time::timeout(WAIT, received.recv()).await;
+        let Ok(Some((message, _permit))) = next else {
+            panic!(
+                "{} of {MESSAGES} messages delivered within {WAIT:?} of the last stop: the rest \
+                 wait out the ack wait ({ACK_WAIT:?}), lost by a stopped loop",
+                seen.len()
+            );
+        };
+        message.ack().await.expect("acked");
+        seen.insert(message.payload.clone());
+    }
+    stop.cancel();
+    ends(running, "the last loop").await;
+}
+
 /// Lease time-to-live of the instance below: short, so its leases run out within the test.
 const LEASE_TTL_MS: u64 = 3_000;
 /// Command partitions (the default).
