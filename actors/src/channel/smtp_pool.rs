@@ -151,8 +151,8 @@ pub enum SmtpSendError {
 pub const MAX_GROUP: usize = 64;
 
 /// The most bytes of messages one write carries (beyond a single message): a group must fit well
-/// within `channels.email.timeout_ms` on a slow link, or its messages would time out as a whole,
-/// some of them already delivered.
+/// within `channels.email.timeout_ms` on a slow link, or the messages at its end would time out
+/// unanswered, their outcome unknown (retried, they may arrive twice).
 pub const MAX_GROUP_BYTES: usize = 1 << 20;
 
 /// A message waiting for a connection, and where its outcome goes.
@@ -183,7 +183,7 @@ pub struct SmtpPool {
 impl SmtpPool {
     /// A pool of at most `size` connections to `server`; none is opened before the first send.
     /// A group of messages sent over one connection is given up (and the connection closed)
-    /// after `group_timeout`.
+    /// after `group_timeout`, failing the messages the server had not answered by then.
     pub fn new(server: SmtpServer, size: usize, group_timeout: Duration) -> Result<Self, String> {
         let queue = Arc::<Mutex<Queue>>::default();
         let connector = Connector {
@@ -208,9 +208,11 @@ impl SmtpPool {
     /// took it first or the group is full, when it competes for a connection again) and sends
     /// them in one write where the server pipelines (see
     /// [`AsyncSmtpConnection::send_many`]): under load a round trip and a pair of system calls
-    /// carry many messages instead of one. The group runs in a task of its own, so a caller that
-    /// gives up does not cut the others' messages short; a caller that gives up while its
-    /// message still waits takes it out of the queue, and it is not sent.
+    /// carry many messages instead of one. Each caller is answered as soon as the reply to its
+    /// message is read; a group not done within its timeout fails only the messages still
+    /// unanswered. The group runs in a task of its own, so a caller that gives up does not cut
+    /// the others' messages short; a caller that gives up while its message still waits takes it
+    /// out of the queue, and it is not sent.
     pub async fn send(
         &self,
         envelope: &Envelope,
@@ -323,24 +325,35 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
     ))
 }
 
-/// Sends `group` over `checkout`'s connection, answers each message's caller, and gives the
-/// connection back if its session is still sound.
+/// Sends `group` over `checkout`'s connection, answers each message's caller as soon as the
+/// server's final reply to that message is read, and gives the connection back if its session is
+/// still sound.
+///
+/// Past `timeout` the connection is closed, and only the callers still unanswered get the
+/// "no reply" error (their reply senders are dropped): a message whose acceptance was read is
+/// never reported failed, and sent again by a retry, because the messages after it went
+/// unanswered. One still unanswered may have been delivered all the same (its reply late or
+/// lost), which no SMTP client can tell.
 async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Duration) {
     let connection = checkout.connection();
     metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
-    let messages: Vec<(&Envelope, &[u8])> = group
+    let (messages, mut replies): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .map(|waiting| ((waiting.envelope, waiting.email), Some(waiting.reply)))
+        .unzip();
+    let sending: Vec<(&Envelope, &[u8])> = messages
         .iter()
-        .map(|waiting| (&waiting.envelope, waiting.email.as_slice()))
+        .map(|(envelope, email)| (envelope, email.as_slice()))
         .collect();
-    // On timeout the callers' reply senders are dropped with the group, and the connection closed.
-    let Ok(results) = tokio::time::timeout(timeout, connection.send_many(&messages)).await else {
-        return;
+    let answer = |index: usize, result: Result<Response, smtp::Error>| {
+        if let Some(reply) = replies.get_mut(index).and_then(Option::take) {
+            let _ = reply.send(result.map_err(SmtpSendError::Smtp));
+        }
     };
-    let sound = !connection.has_broken();
-    for (waiting, result) in group.into_iter().zip(results) {
-        let _ = waiting.reply.send(result.map_err(SmtpSendError::Smtp));
-    }
-    if sound {
+    let finished = tokio::time::timeout(timeout, connection.send_many(&sending, answer))
+        .await
+        .is_ok();
+    if finished && !connection.has_broken() {
         checkout.release();
     }
 }

@@ -282,22 +282,28 @@ impl AsyncSmtpConnection {
         Ok(mail_options)
     }
 
-    /// Sends several messages, each with its own result in the order given. Where the server
-    /// offers PIPELINING and CHUNKING and every message has one recipient, all their
-    /// transactions (MAIL, RCPT, `BDAT <size> LAST` and the content, as [`Self::send`] writes
-    /// one) go out in one write and their replies are read in order: one round trip for them
-    /// all ([RFC 2920](https://tools.ietf.org/html/rfc2920) lets a group end with any command
-    /// but DATA, VRFY, EXPN, TURN, QUIT and NOOP). Otherwise they are sent one after the other.
+    /// Sends several messages, each with its own result, handed to `outcome` with the message's
+    /// index as soon as it is known: a message's result does not wait for the replies to the
+    /// messages after it, so a caller that gives up on the group (drops the future) has the
+    /// results of the messages answered until then. Each index is handed over once, in the order
+    /// given, unless the future is dropped first.
+    ///
+    /// Where the server offers PIPELINING and CHUNKING and every message has one recipient, all
+    /// their transactions (MAIL, RCPT, `BDAT <size> LAST` and the content, as [`Self::send`]
+    /// writes one) go out in one write and their replies are read in order: one round trip for
+    /// them all ([RFC 2920](https://tools.ietf.org/html/rfc2920) lets a group end with any
+    /// command but DATA, VRFY, EXPN, TURN, QUIT and NOOP). Otherwise they are sent one after the
+    /// other.
     ///
     /// A negative reply fails its own message only: the server reads a chunk even after refusing
     /// its transaction (RFC 3030 section 2), which leaves the next transaction in step. The
     /// connection is aborted after the group, as a single message's failure aborts it. A write
     /// or read that fails, or a reply that cannot be parsed, fails the message it was for and
     /// every later one, and aborts the connection.
-    pub async fn send_many(
-        &mut self,
-        messages: &[(&Envelope, &[u8])],
-    ) -> Vec<Result<Response, Error>> {
+    pub async fn send_many<F>(&mut self, messages: &[(&Envelope, &[u8])], mut outcome: F)
+    where
+        F: FnMut(usize, Result<Response, Error>),
+    {
         let grouped = messages.len() > 1
             && self.server_info().supports_feature(Extension::Pipelining)
             && self.server_info().supports_feature(Extension::Chunking)
@@ -305,17 +311,17 @@ impl AsyncSmtpConnection {
                 .iter()
                 .all(|(envelope, _)| envelope.to().len() == 1);
         if !grouped {
-            let mut results = Vec::with_capacity(messages.len());
-            for (envelope, email) in messages {
-                results.push(if self.panic {
+            for (index, (envelope, email)) in messages.iter().enumerate() {
+                let result = if self.panic {
                     Err(error::client(
                         "an earlier message's failure closed the connection",
                     ))
                 } else {
                     self.send(envelope, email).await
-                });
+                };
+                outcome(index, result);
             }
-            return results;
+            return;
         }
         let mut out = Vec::new();
         let written: Vec<Result<(), Error>> = messages
@@ -326,42 +332,29 @@ impl AsyncSmtpConnection {
                 Ok(())
             })
             .collect();
-        if let Err(err) = self.write(&out).await {
-            self.abort().await;
-            let reason = err.to_string();
-            return written
-                .into_iter()
-                .map(|written| written.and_then(|()| Err(error::network(reason.clone()))))
-                .collect();
-        }
-        let mut results = Vec::with_capacity(messages.len());
+        // Why the connection failed, once it did: every later message fails with it.
+        let mut broken = self.write(&out).await.err().map(|err| err.to_string());
         let mut refused = false;
-        for (written, (envelope, _)) in written.into_iter().zip(messages) {
-            if let Err(err) = written {
-                results.push(Err(err));
-                continue;
-            }
-            match self.read_transaction(envelope.to().len() + 2).await {
-                Ok(Ok(reply)) => results.push(Ok(reply)),
-                Ok(Err(refusal)) => {
-                    refused = true;
-                    results.push(Err(refusal));
-                }
-                Err(broken) => {
-                    self.abort().await;
-                    let reason = broken.to_string();
-                    results.push(Err(broken));
-                    while results.len() < messages.len() {
-                        results.push(Err(error::network(reason.clone())));
+        for (index, (written, (envelope, _))) in written.into_iter().zip(messages).enumerate() {
+            let result = match (written, &broken) {
+                (Err(err), _) => Err(err),
+                (Ok(()), Some(reason)) => Err(error::network(reason.clone())),
+                (Ok(()), None) => match self.read_transaction(envelope.to().len() + 2).await {
+                    Ok(replied) => {
+                        refused |= replied.is_err();
+                        replied
                     }
-                    return results;
-                }
-            }
+                    Err(err) => {
+                        broken = Some(err.to_string());
+                        Err(err)
+                    }
+                },
+            };
+            outcome(index, result);
         }
-        if refused {
+        if refused || broken.is_some() {
             self.abort().await;
         }
-        results
     }
 
     /// Reads the `replies` replies to a transaction [`chunk_commands`] wrote (MAIL, the RCPTs,
