@@ -6,7 +6,8 @@
 //! `CHUNKING` as Postfix does (fewer with [`SmtpSink::start_without_chunking`] and
 //! [`SmtpSink::start_without_pipelining`]), answers anything else with 502 and keeps the
 //! connection. Failures can be injected: rejected recipients or
-//! messages ([`SmtpSink::set_reject_next`]) and an outage ([`SmtpSink::set_pause`]).
+//! messages ([`SmtpSink::set_reject_next`]), an outage ([`SmtpSink::set_pause`]) and a relay
+//! that hangs ([`SmtpSink::set_stall_after`]).
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -123,6 +124,9 @@ struct Shared {
     /// The planned answers still to give, in order.
     planned: Mutex<VecDeque<Planned>>,
     paused: AtomicBool,
+    /// How many more messages are answered before the sink stops answering (see
+    /// [`SmtpSink::set_stall_after`]); `None`: no stall planned.
+    stall_after: Mutex<Option<usize>>,
     connections: AtomicU64,
     noops: AtomicU64,
     /// Commands read while the client had already sent the next one (see
@@ -163,6 +167,18 @@ impl Shared {
             messages.len()
         };
         self.count.send_replace(count);
+    }
+
+    /// Whether the sink has stopped answering (see [`SmtpSink::set_stall_after`]).
+    fn stalled(&self) -> bool {
+        *lock(&self.stall_after) == Some(0)
+    }
+
+    /// Counts an accepted message toward a planned stall.
+    fn answered_one(&self) {
+        if let Some(left) = lock(&self.stall_after).as_mut() {
+            *left = left.saturating_sub(1);
+        }
     }
 }
 
@@ -229,6 +245,7 @@ impl SmtpSink {
             count,
             planned: Mutex::new(VecDeque::new()),
             paused: AtomicBool::new(false),
+            stall_after: Mutex::new(None),
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
             pipelined: AtomicU64::new(0),
@@ -374,6 +391,14 @@ impl SmtpSink {
         planned.extend(std::iter::repeat_n(answer(Some(reply)), rejected));
     }
 
+    /// Simulates a relay that hangs: the next `n` messages are accepted as usual, and from then
+    /// on, until the sink is dropped, every session reads what it is sent and answers nothing
+    /// (new connections get no greeting). What a client wrote after the `n`-th message is not
+    /// stored.
+    pub fn set_stall_after(&self, n: usize) {
+        *lock(&self.shared.stall_after) = Some(n);
+    }
+
     /// Simulates an outage. `true` closes the listener (new connections are refused)
     /// and makes open connections answer their next command with 421 and close;
     /// `false` listens again on the same port. Returns once the change is in effect.
@@ -516,9 +541,15 @@ impl Session {
     }
 
     async fn run(mut self) -> anyhow::Result<()> {
+        if self.shared.stalled() {
+            return self.stall().await;
+        }
         self.reply(&format!("220 {SERVER_NAME} ESMTP ready"))
             .await?;
         loop {
+            if self.shared.stalled() {
+                return self.stall().await;
+            }
             let Some(line) = self.read_command_line().await? else {
                 return Ok(());
             };
@@ -544,6 +575,15 @@ impl Session {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads and drops whatever the client sends, answering nothing, until it closes the
+    /// connection.
+    async fn stall(&mut self) -> anyhow::Result<()> {
+        tokio::io::copy_buf(&mut self.reader, &mut tokio::io::sink())
+            .await
+            .context("reading while stalled")?;
+        Ok(())
     }
 
     /// Reads one command line without its line ending. `Ok(None)` on EOF,
@@ -829,7 +869,9 @@ impl Session {
         self.shared.store(ReceivedMail::new(from, to, data));
         let queue_id = self.shared.queue_ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id:08X}"))
-            .await
+            .await?;
+        self.shared.answered_one();
+        Ok(())
     }
 }
 

@@ -2,8 +2,9 @@
 //! without a NOOP before every message, never exceed the pool size, and a connection whose session
 //! failed or was cut short is not handed to the next message. Messages that wait for a connection
 //! go out together in one write, each with its own outcome (a 421 in the middle of a group fails
-//! the rest of it, a group never answered fails as a whole after the timeout), and one whose
-//! caller gave up while it waited is not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
+//! the rest of it, a group never answered fails as a whole after the timeout, a group answered in
+//! part fails only the messages still unanswered), and one whose caller gave up while it waited is
+//! not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
 //! PIPELINING, in two (pipelined DATA) to one offering PIPELINING alone, and one command at a
 //! time to others; configuration turns either extension off.
 
@@ -557,6 +558,37 @@ async fn a_group_the_server_never_answers_fails_every_message_after_the_timeout(
     );
     let _ = email.send(&message(10)).await;
     expect_a_second_connection(&mut seen).await;
+}
+
+#[tokio::test]
+async fn a_group_answered_in_part_fails_only_its_unanswered_messages_after_the_timeout() {
+    let sink = SmtpSink::start().await.expect("sink");
+    // The relay takes three messages, then hangs.
+    sink.set_stall_after(3);
+    let email = impatient_provider(sink.port(), 1_000);
+    // All ten wait while the one connection opens, and go out together over it.
+    let results = tokio::time::timeout(Duration::from_secs(10), send_at_once(&email, 10))
+        .await
+        .expect("the group's timeout answers every caller");
+    let accepted: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
+    let first_three: Vec<Option<String>> = (0..3).map(|i| Some(format!("Order #{i}"))).collect();
+    assert_eq!(accepted, first_three, "the relay took the first three");
+    assert!(sink.grouped_count() >= 1, "they went as a group");
+    for (i, result) in results.iter().enumerate() {
+        if i < 3 {
+            assert!(
+                result.is_ok(),
+                "message {i} was accepted but reported failed (a retry would send it twice): \
+                 {result:?}"
+            );
+        } else {
+            assert!(
+                matches!(result, Err(ProviderError::Transient { reason, .. })
+                    if reason.contains("no reply within")),
+                "message {i}, never answered, should fail transiently: {result:?}"
+            );
+        }
+    }
 }
 
 /// Waits for the second message's connection. With the first session reused, the second MAIL FROM
