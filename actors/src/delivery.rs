@@ -642,6 +642,14 @@ struct Walk {
     last_error: Option<String>,
 }
 
+impl Walk {
+    /// Notes contacts `channel`'s provider declared dead.
+    fn dead(&mut self, channel: Channel, contacts: &[String]) {
+        self.dead_contacts
+            .extend(contacts.iter().map(|contact| (channel, contact.clone())));
+    }
+}
+
 /// The channels of the chain a walk does not call.
 #[derive(Clone, Copy)]
 struct Skip<'a> {
@@ -745,7 +753,10 @@ async fn walk_chain(
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
         );
         let (status, error) = match &report.outcome {
-            SendOutcome::Accepted(_) => ("sent", None),
+            SendOutcome::Accepted(receipt) => {
+                walk.dead(channel, &receipt.dead_contacts);
+                ("sent", None)
+            }
             SendOutcome::CircuitOpen { cool_down_left } => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(Some(*cool_down_left));
@@ -768,14 +779,8 @@ async fn walk_chain(
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {
                 ("no_contact", Some(err.to_string()))
             }
-            SendOutcome::Failed(
-                err @ ProviderError::Permanent {
-                    dead_contact: dead, ..
-                },
-            ) => {
-                if let Some(contact) = dead {
-                    walk.dead_contacts.push((channel, contact.clone()));
-                }
+            SendOutcome::Failed(err @ ProviderError::Permanent { dead_contacts, .. }) => {
+                walk.dead(channel, dead_contacts);
                 ("rejected", Some(err.to_string()))
             }
         };

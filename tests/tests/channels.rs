@@ -13,7 +13,7 @@ use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
 use serde_json::{Value, json};
-use wiremock::matchers::{bearer_token, method, path, path_regex};
+use wiremock::matchers::{bearer_token, body_partial_json, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -424,6 +424,91 @@ async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     );
     assert_eq!(sent["attempts"][1]["provider_message_id"], "SM1");
     assert_eq!(blocked.received_requests().await.len(), 1);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Stores customer `id` with `contacts` through the API.
+async fn store_customer(w: &World, id: &str, contacts: Value) {
+    let mut body = contacts;
+    body["id"] = json!(id);
+    let (status, answer) = w.herald.post("/api/v1/customers", &body).await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
+}
+
+/// The stored customer `id`, as the API shows it.
+async fn stored_customer(w: &World, id: &str) -> Value {
+    let (status, customer) = w.herald.get(&format!("/api/v1/customers/{id}")).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{customer}");
+    customer
+}
+
+/// Every push token FCM declares dead is removed from the stored customer, also when another of
+/// its devices took the message; the good token stays and is the only one called next time.
+#[tokio::test]
+async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
+    let w = world(|_| {}).await;
+    let fcm = |token: &str, reply: ResponseTemplate| {
+        Mock::given(method("POST"))
+            .and(path("/v1/projects/shop/messages:send"))
+            .and(body_partial_json(json!({"message": {"token": token}})))
+            .respond_with(reply)
+    };
+    let unregistered = ResponseTemplate::new(404).set_body_json(json!({"error": {
+        "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                     "errorCode": "UNREGISTERED"}]
+    }}));
+    let invalid = ResponseTemplate::new(400).set_body_json(json!({"error": {
+        "code": 400, "status": "INVALID_ARGUMENT",
+        "message": "The registration token is not a valid FCM registration token",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                     "errorCode": "INVALID_ARGUMENT"}]
+    }}));
+    let uninstalled = fcm("dead-1", unregistered)
+        .mount_as_scoped(&w.provider)
+        .await;
+    let garbage = fcm("dead-2", invalid).mount_as_scoped(&w.provider).await;
+    let good = fcm(
+        "device-ok",
+        ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/1"})),
+    )
+    .mount_as_scoped(&w.provider)
+    .await;
+    store_customer(
+        &w,
+        "cy",
+        json!({"push_tokens": ["dead-1", "device-ok", "dead-2"]}),
+    )
+    .await;
+
+    for round in 1..=2 {
+        let id = w
+            .herald
+            .send_accepted(&notification(&["push"], json!({"customer_id": "cy"})))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(
+            sent["attempts"][0]["provider_message_id"], "projects/shop/messages/1",
+            "send {round}: {sent}"
+        );
+        let cy = stored_customer(&w, "cy").await;
+        assert_eq!(
+            cy["push_tokens"],
+            json!(["device-ok"]),
+            "send {round}: {cy}"
+        );
+    }
+    assert_eq!(
+        uninstalled.received_requests().await.len(),
+        1,
+        "dead-1 once"
+    );
+    assert_eq!(garbage.received_requests().await.len(), 1, "dead-2 once");
+    assert_eq!(
+        good.received_requests().await.len(),
+        2,
+        "the good device twice"
+    );
     w.herald.shutdown().await.expect("shutdown");
 }
 

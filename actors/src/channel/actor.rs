@@ -430,6 +430,7 @@ mod tests {
                 self.gate.acquire().await.expect("gate open").forget();
                 Ok(Receipt {
                     provider_message_id: None,
+                    dead_contacts: Vec::new(),
                 })
             })
         }

@@ -439,6 +439,7 @@ impl Provider for EmailProvider {
             };
             Ok(Receipt {
                 provider_message_id,
+                dead_contacts: Vec::new(),
             })
         })
     }

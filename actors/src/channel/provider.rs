@@ -30,6 +30,9 @@ pub struct OutboundMessage {
 pub struct Receipt {
     /// The provider's id for the message, when it returns one.
     pub provider_message_id: Option<String>,
+    /// Contacts the provider declared dead although the message went out (a recipient's other
+    /// push tokens), to be removed from the customer.
+    pub dead_contacts: Vec<String>,
 }
 
 /// Why a provider did not accept the message. The class decides what the dispatcher does next.
@@ -63,8 +66,9 @@ pub enum ProviderError {
     Permanent {
         /// What happened.
         reason: String,
-        /// A push token or address the provider declared dead, to be removed from the customer.
-        dead_contact: Option<String>,
+        /// Push tokens, chat ids or addresses the provider declared dead, to be removed from the
+        /// customer.
+        dead_contacts: Vec<String>,
     },
 }
 
@@ -81,7 +85,7 @@ impl ProviderError {
     pub fn permanent(reason: impl Into<String>) -> Self {
         Self::Permanent {
             reason: reason.into(),
-            dead_contact: None,
+            dead_contacts: Vec::new(),
         }
     }
 

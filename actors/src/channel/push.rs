@@ -4,7 +4,8 @@
 //! A recipient may have several devices. The send succeeds when at least one token is accepted
 //! (the receipt carries the first accepted message name). When every token fails, the "worst"
 //! outcome wins: a transient failure on any token makes the whole send transient so it is
-//! retried; otherwise the send is permanent and names the first token FCM declared dead.
+//! retried; otherwise the send is permanent. An accepted send and a permanent failure both name
+//! every token FCM declared dead, to be removed from the customer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -337,19 +338,7 @@ impl PushProvider {
                 .map(|token| self.send_one(&bearer, token, message)),
         )
         .await;
-        let outcome = combine(tokens, outcomes);
-        if let Ok(receipt) = &outcome.receipt
-            && !outcome.dead.is_empty()
-        {
-            // The receipt has no room for dead tokens; they are reported again on the next send.
-            tracing::warn!(
-                provider = %self.name,
-                message_id = ?receipt.provider_message_id,
-                dead_tokens = %abbreviate(&outcome.dead),
-                "push delivered, but FCM declared some device tokens dead"
-            );
-        }
-        outcome.receipt
+        combine(tokens, outcomes)
     }
 
     async fn send_one(
@@ -397,7 +386,7 @@ impl PushProvider {
                     )))
                 });
         }
-        Err(classify(status, &bytes, retry_after, token))
+        Err(classify(status, &bytes, retry_after))
     }
 }
 
@@ -414,12 +403,7 @@ impl Failure {
 }
 
 /// Classifies an FCM error reply for one token.
-fn classify(
-    status: StatusCode,
-    body: &[u8],
-    retry_after: Option<Duration>,
-    token: &str,
-) -> Failure {
+fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> Failure {
     let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(body) else {
         let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
         return Failure::new(http::account_status_error(status, reason, retry_after));
@@ -453,10 +437,7 @@ fn classify(
     };
     if dead {
         return Failure {
-            error: ProviderError::Permanent {
-                reason,
-                dead_contact: Some(token.to_string()),
-            },
+            error: ProviderError::permanent(reason),
             dead: true,
         };
     }
@@ -473,16 +454,14 @@ fn classify(
     Failure::new(http::failure(transient, reason, retry_after))
 }
 
-/// The result over all tokens, plus the tokens FCM declared dead.
-struct Combined {
-    receipt: Result<Receipt, ProviderError>,
-    dead: Vec<String>,
-}
-
 /// Combines per-token outcomes (in token order): any success wins; else any transient failure
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
-/// else a permanent failure naming the first dead token.
-fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combined {
+/// else a permanent failure. A success and a permanent failure carry every dead token; a
+/// transient failure only names them in its reason (its retry reports them).
+fn combine(
+    tokens: &[String],
+    outcomes: Vec<Result<String, Failure>>,
+) -> Result<Receipt, ProviderError> {
     let mut first_sent = None;
     let mut dead = Vec::new();
     // The first reason, the longest wait, and whether every one was a throttle.
@@ -532,9 +511,10 @@ fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combine
             abbreviate(&dead)
         )
     };
-    let receipt = match (first_sent, transient, permanent) {
+    match (first_sent, transient, permanent) {
         (Some(name), _, _) => Ok(Receipt {
             provider_message_id: Some(name),
+            dead_contacts: dead,
         }),
         (None, Some((reason, retry_after, true)), _) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),
@@ -549,10 +529,9 @@ fn combine(tokens: &[String], outcomes: Vec<Result<String, Failure>>) -> Combine
                 "{}{dead_note}",
                 reason.unwrap_or_else(|| "no token accepted".into())
             ),
-            dead_contact: dead.first().cloned(),
+            dead_contacts: dead,
         }),
-    };
-    Combined { receipt, dead }
+    }
 }
 
 /// Token prefixes for reasons and logs: enough to recognise a device, short enough to read.
@@ -722,8 +701,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Permanent { reason, dead_contact: Some(t) }
-                if t == "stale-device" && reason.contains("UNREGISTERED")),
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if dead_contacts == &["stale-device"] && reason.contains("UNREGISTERED")),
             "{error:?}"
         );
     }
@@ -746,17 +725,14 @@ mod tests {
         let provider = provider(&server.uri(), 2_000);
         let error = provider.send(&message(&["garbage"])).await.unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Permanent { dead_contact: Some(t), .. } if t == "garbage"),
+            matches!(&error, ProviderError::Permanent { dead_contacts, .. } if dead_contacts == &["garbage"]),
             "{error:?}"
         );
         let error = provider.send(&message(&["fine-device"])).await.unwrap_err();
         assert!(
             matches!(
                 &error,
-                ProviderError::Permanent {
-                    dead_contact: None,
-                    ..
-                }
+                ProviderError::Permanent { dead_contacts, .. } if dead_contacts.is_empty()
             ),
             "{error:?}"
         );
@@ -848,6 +824,46 @@ mod tests {
             receipt.provider_message_id.as_deref(),
             Some("projects/shop-app/messages/b")
         );
+        assert_eq!(receipt.dead_contacts, vec!["stale-device".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn an_accepted_send_names_every_dead_token() {
+        let server = MockServer::start().await;
+        reply_for(&server, "dead-1", unregistered()).await;
+        reply_for(&server, "device-b", sent("b")).await;
+        reply_for(&server, "dead-2", invalid_token()).await;
+        let receipt = provider(&server.uri(), 2_000)
+            .send(&message(&["dead-1", "device-b", "dead-2"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            receipt.provider_message_id.as_deref(),
+            Some("projects/shop-app/messages/b")
+        );
+        assert_eq!(
+            receipt.dead_contacts,
+            vec!["dead-1".to_string(), "dead-2".to_string()],
+            "the good device took the message; both dead ones are reported"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_send_to_only_dead_tokens_names_them_all() {
+        let server = MockServer::start().await;
+        for token in ["dead-1", "dead-2", "dead-3"] {
+            reply_for(&server, token, unregistered()).await;
+        }
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["dead-1", "dead-2", "dead-3"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if dead_contacts == &["dead-1", "dead-2", "dead-3"]
+                    && reason.contains("3 of 3 tokens dead")),
+            "{error:?}"
+        );
     }
 
     #[tokio::test]
@@ -885,7 +901,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn all_permanent_names_the_first_dead_token() {
+    async fn all_permanent_names_every_dead_token_and_only_those() {
         let server = MockServer::start().await;
         reply_for(
             &server,
@@ -900,8 +916,8 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Permanent { reason, dead_contact: Some(t) }
-                if t == "dead-1" && reason.contains("2 of 3 tokens dead")
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if dead_contacts == &["dead-1", "dead-2"] && reason.contains("2 of 3 tokens dead")
                     && reason.contains("SENDER_ID_MISMATCH")),
             "{error:?}"
         );

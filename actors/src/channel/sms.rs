@@ -186,6 +186,7 @@ impl SmsProvider {
             return match serde_json::from_slice::<CreatedMessage>(&bytes) {
                 Ok(created) => Ok(Receipt {
                     provider_message_id: Some(created.sid),
+                    dead_contacts: Vec::new(),
                 }),
                 // Accepted, but we cannot tell which message it became; sending again would
                 // duplicate it, so this is a success without an id.
@@ -193,6 +194,7 @@ impl SmsProvider {
                     tracing::warn!(provider = %self.name, %status, "SMS accepted without a sid in the reply");
                     Ok(Receipt {
                         provider_message_id: None,
+                        dead_contacts: Vec::new(),
                     })
                 }
             };
@@ -352,8 +354,8 @@ mod tests {
             .await;
         let error = provider.send(&message(Some("+1555"))).await.unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Permanent { reason, dead_contact: None }
-                if reason.contains("21211") && reason.contains("not a valid phone number")),
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if dead_contacts.is_empty() && reason.contains("21211") && reason.contains("not a valid phone number")),
             "{error:?}"
         );
     }

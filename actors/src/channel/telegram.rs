@@ -233,10 +233,10 @@ impl TelegramProvider {
             },
             ProviderError::Permanent {
                 reason,
-                dead_contact,
+                dead_contacts,
             } => ProviderError::Permanent {
                 reason: clean(reason),
-                dead_contact,
+                dead_contacts,
             },
             other => other,
         }
@@ -272,6 +272,7 @@ impl TelegramProvider {
                 ..
             }) if status.is_success() => Ok(Receipt {
                 provider_message_id: Some(sent.message_id.to_string()),
+                dead_contacts: Vec::new(),
             }),
             Some(reply) if !reply.ok => Err(reply_error(status, reply, header_retry_after)),
             _ if status.is_success() => Err(ProviderError::permanent(format!(

@@ -310,6 +310,7 @@ impl WebhookProvider {
         if status.is_success() {
             return Ok(Receipt {
                 provider_message_id: None,
+                dead_contacts: Vec::new(),
             });
         }
         // The receiver's body is not read: it is not ours to store, and could be anything.
@@ -336,7 +337,7 @@ fn classify(status: StatusCode, retry_after: Option<Duration>, url: &str) -> Pro
     if status == StatusCode::GONE {
         ProviderError::Permanent {
             reason,
-            dead_contact: Some(url.to_string()),
+            dead_contacts: vec![url.to_string()],
         }
     } else if status.is_redirection() {
         ProviderError::permanent(format!("{reason}; redirects are not followed"))
@@ -522,7 +523,7 @@ mod tests {
             error,
             ProviderError::Permanent {
                 reason: "webhook receiver answered HTTP 410 Gone".into(),
-                dead_contact: msg.contacts.webhook_url.clone(),
+                dead_contacts: msg.contacts.webhook_url.clone().into_iter().collect(),
             }
         );
     }
@@ -538,11 +539,8 @@ mod tests {
             let error = provider(2_000).send(&msg).await.unwrap_err();
             assert!(
                 matches!(
-                    error,
-                    ProviderError::Permanent {
-                        dead_contact: None,
-                        ..
-                    }
+                    &error,
+                    ProviderError::Permanent { dead_contacts, .. } if dead_contacts.is_empty()
                 ),
                 "{error:?}"
             );
@@ -591,10 +589,7 @@ mod tests {
         for url in ["not a url", "ftp://example.com/hook"] {
             assert!(matches!(
                 provider.send(&message(Some(url.into()))).await,
-                Err(ProviderError::Permanent {
-                    dead_contact: None,
-                    ..
-                })
+                Err(ProviderError::Permanent { dead_contacts, .. }) if dead_contacts.is_empty()
             ));
         }
     }
