@@ -612,6 +612,9 @@ async fn forget_dead_contacts(
     for (channel, contact) in dead {
         let result = match channel {
             Channel::Push => repo::customers::remove_push_token(db, customer_id, contact).await,
+            Channel::Telegram => {
+                repo::customers::clear_telegram_chat_id(db, customer_id, contact).await
+            }
             Channel::Webhook => repo::customers::clear_webhook_url(db, customer_id, contact).await,
             _ => Ok(false),
         };

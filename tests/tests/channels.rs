@@ -442,6 +442,70 @@ async fn stored_customer(w: &World, id: &str) -> Value {
     customer
 }
 
+/// A chat that blocked the bot is forgotten on the stored customer, so the next notification
+/// does not call Telegram for it. A dead chat given inline in the request is not stored: the
+/// customer's own chat id stays.
+#[tokio::test]
+async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
+    let w = world(|_| {}).await;
+    let blocked = Mock::given(method("POST"))
+        .and(telegram_path())
+        .and(body_partial_json(json!({"chat_id": "4242"})))
+        .respond_with(ResponseTemplate::new(403).set_body_json(json!({
+            "ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"
+        })))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let contacts = |chat: &str| json!({"email": "ada@example.com", "telegram_chat_id": chat});
+    store_customer(&w, "ada", contacts("4242")).await;
+    store_customer(&w, "bob", contacts("7777")).await;
+    let to = |recipient: Value| notification(&["telegram", "email"], recipient);
+    let rejected_then_mailed = vec![
+        ("telegram".to_string(), "rejected".to_string()),
+        ("email".to_string(), "sent".to_string()),
+    ];
+
+    let first = w
+        .herald
+        .send_accepted(&to(json!({"customer_id": "ada"})))
+        .await;
+    let sent = w.herald.wait_status(&first, "sent").await;
+    assert_eq!(statuses(&sent), rejected_then_mailed, "{sent}");
+    let ada = stored_customer(&w, "ada").await;
+    assert!(
+        ada["telegram_chat_id"].is_null(),
+        "chat id forgotten: {ada}"
+    );
+    assert_eq!(ada["email"], "ada@example.com", "{ada}");
+
+    let second = w
+        .herald
+        .send_accepted(&to(json!({"customer_id": "ada"})))
+        .await;
+    let sent = w.herald.wait_status(&second, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("telegram".to_string(), "no_contact".to_string()),
+            ("email".to_string(), "sent".to_string())
+        ],
+        "{sent}"
+    );
+    assert_eq!(
+        blocked.received_requests().await.len(),
+        1,
+        "the forgotten chat is not tried again"
+    );
+
+    let inline = json!({"customer_id": "bob", "telegram_chat_id": "4242"});
+    let third = w.herald.send_accepted(&to(inline)).await;
+    let sent = w.herald.wait_status(&third, "sent").await;
+    assert_eq!(statuses(&sent), rejected_then_mailed, "{sent}");
+    let bob = stored_customer(&w, "bob").await;
+    assert_eq!(bob["telegram_chat_id"], "7777", "{bob}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// Every push token FCM declares dead is removed from the stored customer, also when another of
 /// its devices took the message; the good token stays and is the only one called next time.
 #[tokio::test]

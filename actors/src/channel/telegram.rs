@@ -274,7 +274,9 @@ impl TelegramProvider {
                 provider_message_id: Some(sent.message_id.to_string()),
                 dead_contacts: Vec::new(),
             }),
-            Some(reply) if !reply.ok => Err(reply_error(status, reply, header_retry_after)),
+            Some(reply) if !reply.ok => {
+                Err(reply_error(status, reply, header_retry_after, chat_id))
+            }
             _ if status.is_success() => Err(ProviderError::permanent(format!(
                 "unexpected Bot API reply: {}",
                 http::snippet(&bytes, 200)
@@ -298,11 +300,13 @@ fn text_of(message: &OutboundMessage) -> String {
 }
 
 /// Classifies an `ok: false` reply: by `error_code` (the HTTP status when absent), with the
-/// `retry_after` Telegram gives on flood control taking precedence over the header.
+/// `retry_after` Telegram gives on flood control taking precedence over the header. A reply
+/// saying the chat is gone declares `chat_id` dead.
 fn reply_error(
     status: StatusCode,
     reply: BotReply,
     header_retry_after: Option<std::time::Duration>,
+    chat_id: &str,
 ) -> ProviderError {
     let code = reply
         .error_code
@@ -315,11 +319,8 @@ fn reply_error(
         .and_then(|p| p.retry_after)
         .map(std::time::Duration::from_secs)
         .or(header_retry_after);
-    let mut reason = format!(
-        "Telegram {}: {}",
-        code.as_u16(),
-        reply.description.as_deref().unwrap_or("no description")
-    );
+    let description = reply.description.as_deref().unwrap_or("no description");
+    let mut reason = format!("Telegram {}: {description}", code.as_u16());
     if let Some(chat) = parameters.and_then(|p| p.migrate_to_chat_id) {
         reason.push_str(&format!(" (group moved to chat {chat})"));
     }
@@ -331,7 +332,36 @@ fn reply_error(
             retry_after,
         };
     }
+    if chat_is_gone(code, description) {
+        return ProviderError::Permanent {
+            reason,
+            dead_contacts: vec![chat_id.to_string()],
+        };
+    }
     http::account_status_error(code, reason, retry_after)
+}
+
+/// What the Bot API says, with a 403, of a chat this bot cannot reach any more whatever it sends:
+/// the user blocked the bot or deleted their account, the bot was removed from the group,
+/// supergroup or channel, the group was deleted.
+const GONE_CHAT_403: [&str; 4] = [
+    "bot was blocked by the user",
+    "user is deactivated",
+    "bot was kicked from the",
+    "the group chat was deleted",
+];
+
+/// Whether an error reply says the chat is gone for this bot (`GONE_CHAT_403`, or a 400 "chat
+/// not found"), so its id is dead. Not so: a bot-wide refusal (401, a revoked token), which names
+/// no chat; a group upgraded to a supergroup, which lives on under a new id; a user who has not
+/// started the bot yet ("can't initiate conversation"), who still can.
+fn chat_is_gone(code: StatusCode, description: &str) -> bool {
+    let description = description.to_ascii_lowercase();
+    match code {
+        StatusCode::FORBIDDEN => GONE_CHAT_403.iter().any(|gone| description.contains(gone)),
+        StatusCode::BAD_REQUEST => description.contains("chat not found"),
+        _ => false,
+    }
 }
 
 impl Provider for TelegramProvider {
@@ -627,24 +657,53 @@ mod tests {
         );
     }
 
+    /// The error reply `status` with `description`, as the Bot API sends it.
+    fn bot_error(status: u16, description: &str) -> ResponseTemplate {
+        ResponseTemplate::new(status).set_body_json(serde_json::json!({
+            "ok": false,
+            "error_code": status,
+            "description": description,
+        }))
+    }
+
     #[tokio::test]
-    async fn blocked_bot_and_unknown_chat_are_permanent() {
+    async fn a_chat_that_is_gone_is_permanent_and_declares_the_chat_id_dead() {
         for (status, description) in [
             (403, "Forbidden: bot was blocked by the user"),
+            (403, "Forbidden: user is deactivated"),
+            (403, "Forbidden: bot was kicked from the supergroup chat"),
+            (403, "Forbidden: the group chat was deleted"),
             (400, "Bad Request: chat not found"),
         ] {
-            let (_server, provider) = reply_with(ResponseTemplate::new(status).set_body_json(
-                serde_json::json!({
-                    "ok": false,
-                    "error_code": status,
-                    "description": description,
-                }),
-            ))
-            .await;
+            let (_server, provider) = reply_with(bot_error(status, description)).await;
             let error = provider.send(&message(Some("42"))).await.unwrap_err();
             assert_no_token(&error);
             assert!(
-                matches!(&error, ProviderError::Permanent { reason, .. } if reason.contains(description)),
+                matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                    if reason.contains(description) && dead_contacts == &["42"]),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn other_refusals_are_permanent_but_keep_the_chat_id() {
+        for (status, description) in [
+            (400, "Bad Request: message text is empty"),
+            (
+                403,
+                "Forbidden: bot can't initiate conversation with a user",
+            ),
+            (
+                400,
+                "Bad Request: group chat was upgraded to a supergroup chat",
+            ),
+        ] {
+            let (_server, provider) = reply_with(bot_error(status, description)).await;
+            let error = provider.send(&message(Some("42"))).await.unwrap_err();
+            assert!(
+                matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                    if reason.contains(description) && dead_contacts.is_empty()),
                 "{error:?}"
             );
         }
@@ -652,10 +711,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_revoked_bot_token_is_transient() {
-        let (_server, provider) = reply_with(ResponseTemplate::new(401).set_body_json(
-            serde_json::json!({ "ok": false, "error_code": 401, "description": "Unauthorized" }),
-        ))
-        .await;
+        let (_server, provider) = reply_with(bot_error(401, "Unauthorized")).await;
         let error = provider.send(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         assert!(

@@ -84,20 +84,39 @@ pub async fn remove_push_token(
     Ok(false)
 }
 
-/// Forgets a webhook URL that answered 410 Gone.
+/// Forgets a webhook URL that answered 410 Gone. `false` when the customer is gone or its URL
+/// is another already.
 pub async fn clear_webhook_url(
     db: &impl ConnectionTrait,
     external_id: &str,
     url: &str,
 ) -> Result<bool, RepoError> {
+    clear_if_still(db, external_id, customer::Column::WebhookUrl, url).await
+}
+
+/// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, chat not
+/// found). `false` when the customer is gone or its chat id is another already.
+pub async fn clear_telegram_chat_id(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    chat_id: &str,
+) -> Result<bool, RepoError> {
+    clear_if_still(db, external_id, customer::Column::TelegramChatId, chat_id).await
+}
+
+/// Sets the customer's contact `column` to NULL if it still holds `dead`: a value written in the
+/// meantime (a `PUT /customers/{id}` with a new chat id) is kept.
+async fn clear_if_still(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    column: customer::Column,
+    dead: &str,
+) -> Result<bool, RepoError> {
     let result = customer::Entity::update_many()
-        .col_expr(
-            customer::Column::WebhookUrl,
-            Expr::value(Option::<String>::None),
-        )
+        .col_expr(column, Expr::value(Option::<String>::None))
         .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(customer::Column::ExternalId.eq(external_id))
-        .filter(customer::Column::WebhookUrl.eq(url))
+        .filter(column.eq(dead))
         .exec(db)
         .await?;
     Ok(result.rows_affected > 0)
