@@ -351,16 +351,17 @@ const GONE_CHAT_403: [&str; 4] = [
     "the group chat was deleted",
 ];
 
-/// Whether an error reply says the chat is gone for this bot (`GONE_CHAT_403`, or a 400 "chat
-/// not found"), so its id is dead. Not so: a bot-wide refusal (401, a revoked token), which names
-/// no chat; a group upgraded to a supergroup, which lives on under a new id; a user who has not
-/// started the bot yet ("can't initiate conversation"), who still can.
+/// Whether an error reply says the chat is gone for this bot (`GONE_CHAT_403`), so its id is
+/// dead. Not so: a bot-wide refusal (401, a revoked token), which names no chat; a group upgraded
+/// to a supergroup, which lives on under a new id; a user who has not started the bot yet ("can't
+/// initiate conversation"), who still can; and a 400 "chat not found", which every chat answers
+/// when the configured token is another bot's (a token swapped for a new bot's), so forgetting on
+/// it could clear every customer's chat id at once, where each is reachable again as soon as its
+/// user starts the new bot.
 fn chat_is_gone(code: StatusCode, description: &str) -> bool {
-    let description = description.to_ascii_lowercase();
-    match code {
-        StatusCode::FORBIDDEN => GONE_CHAT_403.iter().any(|gone| description.contains(gone)),
-        StatusCode::BAD_REQUEST => description.contains("chat not found"),
-        _ => false,
+    code == StatusCode::FORBIDDEN && {
+        let description = description.to_ascii_lowercase();
+        GONE_CHAT_403.iter().any(|gone| description.contains(gone))
     }
 }
 
@@ -673,7 +674,6 @@ mod tests {
             (403, "Forbidden: user is deactivated"),
             (403, "Forbidden: bot was kicked from the supergroup chat"),
             (403, "Forbidden: the group chat was deleted"),
-            (400, "Bad Request: chat not found"),
         ] {
             let (_server, provider) = reply_with(bot_error(status, description)).await;
             let error = provider.send(&message(Some("42"))).await.unwrap_err();
@@ -690,6 +690,7 @@ mod tests {
     async fn other_refusals_are_permanent_but_keep_the_chat_id() {
         for (status, description) in [
             (400, "Bad Request: message text is empty"),
+            (400, "Bad Request: chat not found"),
             (
                 403,
                 "Forbidden: bot can't initiate conversation with a user",
