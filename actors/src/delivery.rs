@@ -786,6 +786,9 @@ async fn walk_chain(
                 walk.dead(channel, dead_contacts);
                 ("rejected", Some(err.to_string()))
             }
+            SendOutcome::Failed(err @ ProviderError::Unsendable { .. }) => {
+                ("rejected", Some(err.to_string()))
+            }
         };
         metrics::counter!("herald_attempts_total", "channel" => channel.as_str(), "status" => status)
             .increment(1);

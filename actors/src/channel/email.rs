@@ -240,11 +240,11 @@ impl EmailProvider {
             .ok_or(ProviderError::MissingContact(Channel::Email))?;
         let to = recipient_mailbox(address)
             .and_then(ascii_domain)
-            .map_err(|e| ProviderError::permanent(format!("invalid email address: {e}")))?;
+            .map_err(|e| ProviderError::unsendable(format!("invalid email address: {e}")))?;
         // The envelope given, not derived: lettre would parse the From and To headers it has just
         // written back into addresses (about 1.5% of the engine's CPU in a bench run).
         let envelope = Envelope::new(Some(self.from.email.clone()), vec![to.email.clone()])
-            .map_err(|e| ProviderError::permanent(format!("invalid email envelope: {e}")))?;
+            .map_err(|e| ProviderError::unsendable(format!("invalid email envelope: {e}")))?;
         let builder = Message::builder()
             .envelope(envelope)
             .from(self.from.clone())
@@ -264,7 +264,7 @@ impl EmailProvider {
                     .body(text),
             ),
         };
-        built.map_err(|e| ProviderError::permanent(format!("cannot build email: {e}")))
+        built.map_err(|e| ProviderError::unsendable(format!("cannot build email: {e}")))
     }
 }
 
@@ -501,7 +501,7 @@ mod tests {
         );
         assert!(matches!(
             provider.send(&message(Some("not an address"), None)).await,
-            Err(ProviderError::Permanent { .. })
+            Err(ProviderError::Unsendable { .. })
         ));
     }
 

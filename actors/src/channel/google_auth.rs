@@ -241,7 +241,9 @@ impl TokenSource {
             exp: now + ASSERTION_LIFETIME_SECS,
         };
         let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key)
-            .map_err(|e| ProviderError::permanent(format!("cannot sign the token request: {e}")))?;
+            .map_err(|e| {
+                ProviderError::unsendable(format!("cannot sign the token request: {e}"))
+            })?;
         Ok(self.client.post(token_uri).form(&[
             ("grant_type", JWT_BEARER),
             ("assertion", assertion.as_str()),

@@ -71,14 +71,14 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, 
 
 /// Classifies an error from sending a request or reading its reply.
 ///
-/// The URL is stripped first: some providers (Telegram) carry credentials in it. Everything but a
-/// request that could not even be built is worth retrying: timeouts, refused connections, resets
+/// The URL is stripped first: some providers (Telegram) carry credentials in it. A request that
+/// could not even be built is unsendable (it never left); everything else is worth retrying: timeouts, refused connections, resets
 /// and truncated bodies are the provider's or the network's passing trouble.
 pub(crate) fn request_error(error: reqwest::Error) -> ProviderError {
     let error = error.without_url();
     let reason = describe(&error);
     if error.is_builder() {
-        ProviderError::permanent(reason)
+        ProviderError::unsendable(reason)
     } else if error.is_timeout() {
         ProviderError::transient(format!("timed out: {reason}"))
     } else {

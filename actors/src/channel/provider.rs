@@ -70,6 +70,15 @@ pub enum ProviderError {
         /// customer.
         dead_contacts: Vec<String>,
     },
+    /// Will not succeed on retry, found before anything reached the provider: an address that
+    /// does not parse, a request that cannot be built. Handled like [`Permanent`](Self::Permanent)
+    /// (and worded alike), but it says nothing of the provider either way: it neither counts
+    /// against its circuit nor, as a half-open probe's result, closes it.
+    #[error("permanent: {reason}")]
+    Unsendable {
+        /// What is wrong with the message.
+        reason: String,
+    },
 }
 
 impl ProviderError {
@@ -89,9 +98,33 @@ impl ProviderError {
         }
     }
 
+    /// A message that cannot be sent as it is, found before anything reached the provider.
+    pub fn unsendable(reason: impl Into<String>) -> Self {
+        Self::Unsendable {
+            reason: reason.into(),
+        }
+    }
+
     /// Whether this outcome is the provider's fault and counts as a failure for its circuit.
     pub fn counts_against_circuit(&self) -> bool {
         matches!(self, Self::Transient { .. })
+    }
+
+    /// Whether the send got as far as the provider (which answered, or failed to), so that its
+    /// outcome says something of the provider: not when the recipient had no contact for the
+    /// channel or the message could not be sent as it is.
+    pub fn reached_provider(&self) -> bool {
+        !matches!(self, Self::MissingContact(_) | Self::Unsendable { .. })
+    }
+
+    /// The wait the provider asked for, if it did (Retry-After, `retry_after`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Transient { retry_after, .. } | Self::Throttled { retry_after, .. } => {
+                *retry_after
+            }
+            Self::MissingContact(_) | Self::Permanent { .. } | Self::Unsendable { .. } => None,
+        }
     }
 }
 

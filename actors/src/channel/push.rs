@@ -456,8 +456,9 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
 
 /// Combines per-token outcomes (in token order): any success wins; else any transient failure
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
-/// else a permanent failure. A success and a permanent failure carry every dead token; a
-/// transient failure only names them in its reason (its retry reports them).
+/// else a permanent failure; unsendable only if no token's request could even be sent. A success
+/// and a permanent failure carry every dead token; a transient failure only names them in its
+/// reason (its retry reports them).
 fn combine(
     tokens: &[String],
     outcomes: Vec<Result<String, Failure>>,
@@ -467,6 +468,7 @@ fn combine(
     // The first reason, the longest wait, and whether every one was a throttle.
     let mut transient: Option<(String, Option<Duration>, bool)> = None;
     let mut permanent: Option<String> = None;
+    let mut unsendable: Option<String> = None;
     for (token, outcome) in tokens.iter().zip(outcomes) {
         match outcome {
             Ok(name) => {
@@ -496,6 +498,9 @@ fn combine(
                     ProviderError::Permanent { reason, .. } => {
                         permanent.get_or_insert(reason);
                     }
+                    ProviderError::Unsendable { reason } => {
+                        unsendable.get_or_insert(reason);
+                    }
                     ProviderError::MissingContact(_) => {}
                 }
             }
@@ -511,20 +516,21 @@ fn combine(
             abbreviate(&dead)
         )
     };
-    match (first_sent, transient, permanent) {
-        (Some(name), _, _) => Ok(Receipt {
+    match (first_sent, transient, permanent, unsendable) {
+        (Some(name), ..) => Ok(Receipt {
             provider_message_id: Some(name),
             dead_contacts: dead,
         }),
-        (None, Some((reason, retry_after, true)), _) => Err(ProviderError::Throttled {
+        (None, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),
             retry_after,
         }),
-        (None, Some((reason, retry_after, false)), _) => Err(ProviderError::Transient {
+        (None, Some((reason, retry_after, false)), ..) => Err(ProviderError::Transient {
             reason: format!("{reason}{dead_note}"),
             retry_after,
         }),
-        (None, None, reason) => Err(ProviderError::Permanent {
+        (None, None, None, Some(reason)) => Err(ProviderError::Unsendable { reason }),
+        (None, None, reason, _) => Err(ProviderError::Permanent {
             reason: format!(
                 "{}{dead_note}",
                 reason.unwrap_or_else(|| "no token accepted".into())
@@ -920,6 +926,25 @@ mod tests {
                 if dead_contacts == &["dead-1", "dead-2"] && reason.contains("2 of 3 tokens dead")
                     && reason.contains("SENDER_ID_MISMATCH")),
             "{error:?}"
+        );
+    }
+
+    #[test]
+    fn tokens_none_of_which_could_be_sent_are_unsendable_unless_fcm_answered_one() {
+        let tokens = vec!["device-a".to_string(), "device-b".to_string()];
+        let unsendable = || Err(Failure::new(ProviderError::unsendable("bad header")));
+        let combined = combine(&tokens, vec![unsendable(), unsendable()]);
+        assert_eq!(
+            combined.receipt,
+            Err(ProviderError::unsendable("bad header")),
+            "nothing reached FCM"
+        );
+        let refused = Err(Failure::new(ProviderError::permanent("FCM 403")));
+        let combined = combine(&tokens, vec![unsendable(), refused]);
+        assert!(
+            matches!(&combined.receipt, Err(ProviderError::Permanent { reason, .. }) if reason == "FCM 403"),
+            "FCM answered one: {:?}",
+            combined.receipt
         );
     }
 

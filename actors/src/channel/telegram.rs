@@ -238,7 +238,10 @@ impl TelegramProvider {
                 reason: clean(reason),
                 dead_contacts,
             },
-            other => other,
+            ProviderError::Unsendable { reason } => ProviderError::Unsendable {
+                reason: clean(reason),
+            },
+            ProviderError::MissingContact(channel) => ProviderError::MissingContact(channel),
         }
     }
 

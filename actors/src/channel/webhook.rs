@@ -228,7 +228,7 @@ async fn refuse_internal(url: &url::Url) -> Result<(), ProviderError> {
         None => false,
     };
     if internal {
-        return Err(ProviderError::permanent(format!(
+        return Err(ProviderError::unsendable(format!(
             "webhook URL host {} is an internal address; set channels.webhook.allow_private_targets to allow it",
             url.host_str().unwrap_or_default()
         )));
@@ -280,9 +280,9 @@ impl WebhookProvider {
             .as_deref()
             .ok_or(ProviderError::MissingContact(Channel::Webhook))?;
         let parsed = url::Url::parse(url)
-            .map_err(|e| ProviderError::permanent(format!("invalid webhook URL: {e}")))?;
+            .map_err(|e| ProviderError::unsendable(format!("invalid webhook URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(ProviderError::permanent(format!(
+            return Err(ProviderError::unsendable(format!(
                 "webhook URL scheme {:?} is not http or https",
                 parsed.scheme()
             )));
@@ -589,7 +589,7 @@ mod tests {
         for url in ["not a url", "ftp://example.com/hook"] {
             assert!(matches!(
                 provider.send(&message(Some(url.into()))).await,
-                Err(ProviderError::Permanent { dead_contacts, .. }) if dead_contacts.is_empty()
+                Err(ProviderError::Unsendable { .. })
             ));
         }
     }
@@ -652,7 +652,7 @@ mod tests {
             "http://[::1]/hooks".to_string(),
         ] {
             match guarded.deliver(&message(Some(url.clone()))).await {
-                Err(ProviderError::Permanent { reason, .. }) => {
+                Err(ProviderError::Unsendable { reason }) => {
                     assert!(reason.contains("internal address"), "{url}: {reason}")
                 }
                 other => panic!("{url}: expected a permanent refusal, got {other:?}"),
