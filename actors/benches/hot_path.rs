@@ -77,7 +77,7 @@ fn circuit_decision(c: &mut Criterion) {
     });
     group.bench_function("open_refuse", |b| {
         let mut circuit = CircuitBreaker::new(CircuitSettings::default());
-        circuit.open(now);
+        circuit.open(now, None);
         b.iter(|| circuit.admit(black_box(now)))
     });
     group.bench_function("closed_failure_in_window", |b| {
@@ -85,7 +85,7 @@ fn circuit_decision(c: &mut Criterion) {
             || CircuitBreaker::new(CircuitSettings::default()),
             |circuit| {
                 let admission = circuit.admit(now);
-                circuit.on_failure(admission, black_box(now));
+                circuit.on_failure(admission, black_box(now), None);
             },
             BatchSize::SmallInput,
         )

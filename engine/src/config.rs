@@ -1050,6 +1050,15 @@ impl Config {
             return invalid("dispatch.shutdown_grace_secs must be at least 1".into());
         }
         self.check_channel_timeouts()?;
+        let circuit = &self.channels.limits.circuit;
+        if circuit.max_cool_down_ms < circuit.cool_down_ms {
+            // The cap bounds a provider's Retry-After, not the cool-down itself.
+            return invalid(format!(
+                "channels.limits.circuit.max_cool_down_ms must be at least \
+                 channels.limits.circuit.cool_down_ms ({})",
+                circuit.cool_down_ms
+            ));
+        }
         self.channels.check()?;
         if self.scheduler.stale_claim_secs == 0
             || self.scheduler.stale_claim_secs >= self.nats.dedup_window_secs
@@ -2328,6 +2337,14 @@ mod limits_tests {
     }
 
     #[test]
+    fn a_circuit_cap_below_its_cool_down_is_refused() {
+        let err =
+            refusal(|c| c.channels.limits.circuit.max_cool_down_ms = 14_999).expect("refused");
+        assert!(err.contains("max_cool_down_ms"), "{err}");
+        assert!(err.contains("15000"), "{err}");
+    }
+
+    #[test]
     fn values_at_the_edges_are_accepted() {
         let accepted = refusal(|c| {
             c.status_writer.max_batch = 1;
@@ -2337,6 +2354,7 @@ mod limits_tests {
             c.dispatch.shutdown_grace_secs = 1;
             c.channels.limits.timeout_ms = 59_999;
             c.channels.email.timeout_ms = 59_999;
+            c.channels.limits.circuit.max_cool_down_ms = c.channels.limits.circuit.cool_down_ms;
             c.channels.telegram = Some(telegram());
             c.channels.sms = Some(sms());
             c.channels.push = Some(push());

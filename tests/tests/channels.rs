@@ -314,6 +314,101 @@ async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_pr
 }
 
 #[tokio::test]
+async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
+    const COOL_DOWN: Duration = Duration::from_millis(200);
+    let w = world(|c| {
+        c.channels.limits.circuit.failure_threshold = 2;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = COOL_DOWN.as_millis() as u64;
+        // The default ceiling, not the tests' 1 s: a retry may wait for the circuit.
+        c.dispatch.retry.max_delay_ms = 300_000;
+    })
+    .await;
+    // Twilio down, asking to come back in an hour (more than max_cool_down_ms: 5 minutes).
+    let outage = Mock::given(method("POST"))
+        .and(sms_path())
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "3600"))
+        .mount_as_scoped(&w.provider)
+        .await;
+    for _ in 0..2 {
+        let id = w
+            .herald
+            .send_accepted(&notification(&["sms", "email"], everyone()))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(
+            statuses(&sent)[0],
+            ("sms".to_string(), "failed".to_string())
+        );
+    }
+    assert_eq!(
+        outage.received_requests().await.len(),
+        2,
+        "the circuit opened"
+    );
+
+    // Many cool-downs pass (at least; a slow machine only makes it more), and every send finds
+    // the circuit still open: without the Retry-After the first after 200 ms would have probed.
+    let opened = std::time::Instant::now();
+    let mut sends = 0;
+    while sends < 3 || opened.elapsed() < COOL_DOWN * 10 {
+        let id = w
+            .herald
+            .send_accepted(&notification(&["sms", "email"], everyone()))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(
+            statuses(&sent),
+            vec![
+                ("sms".to_string(), "circuit_open".to_string()),
+                ("email".to_string(), "sent".to_string())
+            ],
+            "send {sends}, {:?} after the circuit opened",
+            opened.elapsed()
+        );
+        sends += 1;
+    }
+
+    // With no other channel, the notification's retry waits for the circuit's real remaining time
+    // (about 5 minutes, the cap), not the cool-down.
+    let id = w
+        .herald
+        .send_accepted(&notification(&["sms"], everyone()))
+        .await;
+    let path = format!("/api/v1/notifications/{id}");
+    let waiting_secs = eventually(
+        "the SMS-only notification to wait for the circuit",
+        E2E_TIMEOUT,
+        || async {
+            let (_, json) = w.herald.get(&path).await;
+            let reason = json["status_reason"].as_str()?.to_string();
+            let secs = reason.split("again in ").nth(1)?.split(' ').next()?;
+            secs.parse::<u64>().ok()
+        },
+    )
+    .await;
+    assert!(
+        waiting_secs >= 150,
+        "the retry waits for the provider's Retry-After (capped at 300 s), not the 200 ms \
+         cool-down: {waiting_secs} s"
+    );
+    assert_eq!(
+        outage.received_requests().await.len(),
+        2,
+        "no probe reached the provider before its Retry-After"
+    );
+    let (_, channels) = w.herald.get("/api/v1/channels").await;
+    let sms = channels
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == "sms"))
+        .cloned()
+        .expect("sms listed");
+    assert_eq!(sms["circuit"], "open", "{sms}");
+    assert_eq!(sms["times_opened"], 1, "{sms}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn retries_honour_retry_after_then_deliver() {
     let w = world(|_| {}).await;
     Mock::given(method("POST"))

@@ -52,7 +52,8 @@ pub enum SendOutcome {
     Failed(ProviderError),
     /// The circuit is open; nothing was sent.
     CircuitOpen {
-        /// How long until the circuit lets a probe through (zero while the probe is out).
+        /// How long until the circuit lets a probe through (past the provider's Retry-After when
+        /// that opened it); a whole cool-down while the probe is out.
         cool_down_left: Duration,
     },
     /// The send waited for a concurrency permit until too little of its caller's time was left
@@ -117,8 +118,8 @@ pub enum ChannelMsg {
     Finished {
         /// How the send was admitted.
         admission: Admission,
-        /// Whether the circuit should count it as a provider failure.
-        provider_failure: bool,
+        /// What it says of the provider, for the circuit.
+        verdict: Verdict,
         /// The error text, if it failed.
         error: Option<String>,
     },
@@ -135,9 +136,44 @@ pub enum ChannelMsg {
     PeerOpened {
         /// The provider it opened for.
         provider: String,
+        /// How long the other instance's circuit stays open, if it said (longer than its
+        /// cool-down when the provider asked for a longer wait).
+        open_for: Option<Duration>,
     },
     /// Panic on purpose, to exercise supervision (fault-injection in tests).
     Crash,
+}
+
+/// What a finished send says of its provider, for the circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The provider answered (accepted, or refused what no retry changes): it is up.
+    Answered,
+    /// The provider failed, asking for a wait or not (Retry-After): counted against the circuit.
+    Failed {
+        /// The wait the provider asked for.
+        retry_after: Option<Duration>,
+    },
+    /// The failure says nothing of the provider: found before anything reached it (no contact,
+    /// a message that cannot be sent as it is), or at one of many endpoints (webhooks).
+    Untested,
+}
+
+impl Verdict {
+    /// The verdict on a send's result from `provider`.
+    fn of(result: &Result<Receipt, ProviderError>, provider: &dyn Provider) -> Self {
+        match result {
+            Ok(_) => Self::Answered,
+            Err(err) if !err.reached_provider() => Self::Untested,
+            Err(err) if err.counts_against_circuit() => match provider.one_endpoint() {
+                true => Self::Failed {
+                    retry_after: err.retry_after(),
+                },
+                false => Self::Untested,
+            },
+            Err(_) => Self::Answered,
+        }
+    }
 }
 
 /// Arguments of a [`ChannelActor`]: its provider and limits.
@@ -208,7 +244,7 @@ impl Actor for ChannelActor {
             } => start_send(myself, state, *message, (answer_by, reply)),
             ChannelMsg::Finished {
                 admission,
-                provider_failure,
+                verdict,
                 error,
             } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
@@ -219,15 +255,7 @@ impl Actor for ChannelActor {
                         state.last_error = Some(text);
                     }
                 }
-                if provider_failure {
-                    let was = state.breaker.state();
-                    state.breaker.on_failure(admission, Instant::now());
-                    if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
-                        announce(state);
-                    }
-                } else {
-                    state.breaker.on_success(admission);
-                }
+                judge(state, admission, verdict);
                 record_circuit(state);
             }
             ChannelMsg::Abandoned { admission } => {
@@ -243,14 +271,14 @@ impl Actor for ChannelActor {
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
             }
-            ChannelMsg::PeerOpened { provider } => {
+            ChannelMsg::PeerOpened { provider, open_for } => {
                 if provider == state.provider.name()
                     && state.breaker.state() == CircuitState::Closed
                 {
-                    tracing::warn!(%provider, "another instance opened this circuit; opening ours");
+                    tracing::warn!(%provider, open_for_ms = open_for.map(|d| d.as_millis() as u64), "another instance opened this circuit; opening ours");
                     metrics::counter!("herald_circuit_peer_opens_total", "provider" => provider)
                         .increment(1);
-                    state.breaker.open(Instant::now());
+                    state.breaker.open(Instant::now(), open_for);
                     record_circuit(state);
                 }
             }
@@ -320,18 +348,18 @@ fn start_send(
             ))),
         };
         let latency = started.elapsed();
-        let (outcome, provider_failure, error) = match result {
-            Ok(receipt) => (SendOutcome::Accepted(receipt), false, None),
+        let verdict = Verdict::of(&result, provider.as_ref());
+        let (outcome, error) = match result {
+            Ok(receipt) => (SendOutcome::Accepted(receipt), None),
             Err(err) => {
-                let failure = err.counts_against_circuit() && provider.one_endpoint();
                 let text = err.to_string();
-                (SendOutcome::Failed(err), failure, Some(text))
+                (SendOutcome::Failed(err), Some(text))
             }
         };
         // Report to the actor first: the circuit must see the result before the caller acts on it.
         let _ = myself.cast(ChannelMsg::Finished {
             admission,
-            provider_failure,
+            verdict,
             error,
         });
         let _ = reply.send(SendReport {
@@ -342,10 +370,28 @@ fn start_send(
     });
 }
 
-/// Tells the other instances this circuit just opened (a hint; see [`super::announce`]).
-fn announce(state: &ChannelState) {
+/// Reports a finished send to the circuit, and announces the circuit if that opened it.
+fn judge(state: &mut ChannelState, admission: Admission, verdict: Verdict) {
+    match verdict {
+        Verdict::Answered => state.breaker.on_success(admission),
+        Verdict::Failed { retry_after } => {
+            let was = state.breaker.state();
+            let now = Instant::now();
+            state.breaker.on_failure(admission, now, retry_after);
+            if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
+                announce(state, state.breaker.cool_down_left(now));
+            }
+        }
+        // A probe that tested nothing leaves the next send to probe.
+        Verdict::Untested => state.breaker.on_abandoned(admission),
+    }
+}
+
+/// Tells the other instances this circuit just opened, for `open_for` (a hint; see
+/// [`super::announce`]).
+fn announce(state: &ChannelState, open_for: Duration) {
     if let Some(announcer) = &state.announcer {
-        announcer.opened(state.provider.channel(), state.provider.name());
+        announcer.opened(state.provider.channel(), state.provider.name(), open_for);
     }
 }
 
@@ -381,6 +427,8 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use futures::future::BoxFuture;
     use ractor::rpc::CallResult;
     use tokio::sync::mpsc;
@@ -478,6 +526,49 @@ mod tests {
         fn one_endpoint(&self) -> bool {
             false
         }
+    }
+
+    /// A provider whose n-th send (from 0) answers `script(n)`; it counts the sends it got.
+    struct Scripted {
+        calls: Arc<AtomicUsize>,
+        script: fn(usize) -> Result<Receipt, ProviderError>,
+    }
+
+    impl Scripted {
+        fn new(script: fn(usize) -> Result<Receipt, ProviderError>) -> (Self, Arc<AtomicUsize>) {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let provider = Self {
+                calls: calls.clone(),
+                script,
+            };
+            (provider, calls)
+        }
+    }
+
+    impl Provider for Scripted {
+        fn channel(&self) -> Channel {
+            Channel::Sms
+        }
+
+        fn name(&self) -> &str {
+            "scripted"
+        }
+
+        fn send<'a>(
+            &'a self,
+            _message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::ready((self.script)(n)))
+        }
+    }
+
+    /// A 503 asking for an hour's wait.
+    fn down_for_an_hour(_: usize) -> Result<Receipt, ProviderError> {
+        Err(ProviderError::Transient {
+            reason: "HTTP 503".into(),
+            retry_after: Some(Duration::from_secs(3_600)),
+        })
     }
 
     async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {
@@ -655,6 +746,7 @@ mod tests {
                 failure_threshold: 1,
                 window_ms: 60_000,
                 cool_down_ms,
+                ..CircuitSettings::default()
             },
             ..ChannelSettings::default()
         }
@@ -712,6 +804,119 @@ mod tests {
             assert_eq!(snapshot.failed, send, "{snapshot:?}");
             assert_eq!(snapshot.circuit, CircuitState::Open, "{snapshot:?}");
         }
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_provider_asking_for_a_longer_wait_is_not_probed_after_the_cool_down() {
+        // No cool-down at all: without the provider's Retry-After every later send would probe.
+        let (provider, calls) = Scripted::new(down_for_an_hour);
+        let actor = spawn(provider, opening_at_once(0)).await;
+        let first = send_one(&actor, 1).await;
+        assert!(
+            matches!(
+                first.outcome,
+                SendOutcome::Failed(ProviderError::Transient { .. })
+            ),
+            "{first:?}"
+        );
+        let cap = Duration::from_millis(CircuitSettings::default().max_cool_down_ms);
+        for send in 2..=4 {
+            let report = send_one(&actor, send).await;
+            match report.outcome {
+                SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                    cool_down_left > cap - Duration::from_secs(60) && cool_down_left <= cap,
+                    "send {send}: the real wait, up to the cap: {cool_down_left:?}"
+                ),
+                other => panic!("send {send} was not refused: {other:?}"),
+            }
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no probe reached the provider"
+        );
+        let snapshot = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(snapshot.circuit, CircuitState::Open, "{snapshot:?}");
+        assert_eq!(snapshot.refused, 3, "{snapshot:?}");
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_beyond_the_cap_waits_only_the_cap() {
+        let (provider, calls) = Scripted::new(down_for_an_hour);
+        let cap = Duration::from_millis(300);
+        let mut settings = opening_at_once(0);
+        settings.circuit.max_cool_down_ms = cap.as_millis() as u64;
+        let actor = spawn(provider, settings).await;
+        send_one(&actor, 1).await;
+        let deadline = Instant::now() + WAIT;
+        let mut send = 2;
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no probe within {WAIT:?}, with a cap of {cap:?}"
+            );
+            match send_one(&actor, send).await.outcome {
+                SendOutcome::CircuitOpen { cool_down_left } => {
+                    assert!(cool_down_left <= cap, "send {send}: {cool_down_left:?}");
+                    // Waits as long as the circuit says, as the dispatcher does.
+                    tokio::time::sleep(cool_down_left).await;
+                }
+                SendOutcome::Failed(_) => {}
+                other => panic!("send {send}: {other:?}"),
+            }
+            send += 1;
+        }
+        let snapshot = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            snapshot.times_opened, 2,
+            "the failed probe reopened it: {snapshot:?}"
+        );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_never_reached_the_provider_does_not_close_the_circuit() {
+        fn script(n: usize) -> Result<Receipt, ProviderError> {
+            match n {
+                0 => Err(ProviderError::transient("HTTP 503")),
+                1 => Err(ProviderError::unsendable("invalid address")),
+                2 => Err(ProviderError::MissingContact(Channel::Sms)),
+                _ => Ok(Receipt {
+                    provider_message_id: None,
+                }),
+            }
+        }
+        let (provider, calls) = Scripted::new(script);
+        let actor = spawn(provider, opening_at_once(0)).await;
+        for send in 1..=3 {
+            let report = send_one(&actor, send).await;
+            assert!(
+                matches!(report.outcome, SendOutcome::Failed(_)),
+                "{report:?}"
+            );
+            let snapshot = actor
+                .call(ChannelMsg::Snapshot, Some(WAIT))
+                .await
+                .expect("actor alive")
+                .expect("snapshot");
+            assert_eq!(
+                snapshot.circuit,
+                CircuitState::Open,
+                "send {send}: a local failure is no sign of a healthy provider: {snapshot:?}"
+            );
+        }
+        // The next send is the probe again, and a real answer closes the circuit.
+        let report = send_one(&actor, 4).await;
+        assert!(
+            matches!(report.outcome, SendOutcome::Accepted(_)),
+            "{report:?}"
+        );
+        let closed = snapshot_when(&actor, "the good probe to settle", |s| s.in_flight == 0).await;
+        assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
+        assert_eq!(closed.times_opened, 1, "{closed:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
         actor.stop(None);
     }
 }

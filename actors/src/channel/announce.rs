@@ -3,8 +3,12 @@
 //! Circuit state stays per instance, but when a provider's circuit opens on one instance it says
 //! so on `herald.circuit.<channel>` (core NATS: fire and forget, not persisted). The other
 //! instances open their circuit for that provider at once instead of each paying its own
-//! failure threshold against a provider that is down; each then probes on its own after the cool
-//! down. An announcement is only a hint: a lost one costs a few failed sends, nothing else.
+//! failure threshold against a provider that is down, and for as long as the announcing circuit
+//! stays open (longer than the cool-down when the provider asked for a longer wait with its
+//! Retry-After; within each instance's own cool-down and cap); each then probes on its own. An
+//! announcement is only a hint: a lost one costs a few failed sends, nothing else.
+
+use std::time::Duration;
 
 use async_nats::Client;
 use futures::StreamExt;
@@ -21,6 +25,10 @@ pub struct CircuitOpened {
     pub instance: String,
     /// The provider.
     pub provider: String,
+    /// How long the announcing instance's circuit stays open, in milliseconds. Absent from the
+    /// announcements of instances older than this field: the receiver then uses its cool-down.
+    #[serde(default)]
+    pub open_for_ms: Option<u64>,
 }
 
 /// Publishes this instance's circuit openings.
@@ -36,11 +44,12 @@ impl CircuitAnnouncer {
         Self { client, instance }
     }
 
-    /// Says that `provider`'s circuit (on `channel`) just opened here.
-    pub fn opened(&self, channel: Channel, provider: &str) {
+    /// Says that `provider`'s circuit (on `channel`) just opened here, for `open_for`.
+    pub fn opened(&self, channel: Channel, provider: &str, open_for: Duration) {
         let message = CircuitOpened {
             instance: self.instance.clone(),
             provider: provider.to_string(),
+            open_for_ms: Some(u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX)),
         };
         let Ok(payload) = serde_json::to_vec(&message) else {
             return;
@@ -96,6 +105,7 @@ pub async fn listen(
         if let Some(actor) = directory.get(channel) {
             let _ = actor.cast(ChannelMsg::PeerOpened {
                 provider: opened.provider,
+                open_for: opened.open_for_ms.map(Duration::from_millis),
             });
         }
     }
@@ -110,12 +120,24 @@ mod tests {
         let message = CircuitOpened {
             instance: "a-1".into(),
             provider: "telegram".into(),
+            open_for_ms: Some(120_000),
         };
         let json = serde_json::to_string(&message).expect("encodes");
-        assert_eq!(json, r#"{"instance":"a-1","provider":"telegram"}"#);
+        assert_eq!(
+            json,
+            r#"{"instance":"a-1","provider":"telegram","open_for_ms":120000}"#
+        );
         assert_eq!(
             serde_json::from_str::<CircuitOpened>(&json).expect("decodes"),
             message
         );
+    }
+
+    #[test]
+    fn announcements_of_older_instances_still_decode() {
+        let old = r#"{"instance":"a-1","provider":"telegram"}"#;
+        let decoded = serde_json::from_str::<CircuitOpened>(old).expect("decodes");
+        assert_eq!(decoded.open_for_ms, None);
+        assert_eq!(decoded.provider, "telegram");
     }
 }

@@ -4,6 +4,11 @@
 //! half-open probe is let through → closed on its success, open again on its failure. While open
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
 //! hammered and the dispatcher fails over without waiting for timeouts.
+//!
+//! A provider that says when to come back (an HTTP `Retry-After`, Telegram's `retry_after`) is
+//! taken at its word: a circuit opened by such a failure (or by such a failed probe) stays open
+//! until then if that is longer than the cool-down, though never longer than `max_cool_down`, so
+//! that a wrong or hostile header cannot park a provider for a day.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,6 +25,9 @@ pub struct CircuitSettings {
     pub window_ms: u64,
     /// How long the circuit stays open before a probe, in milliseconds.
     pub cool_down_ms: u64,
+    /// The longest the circuit stays open before a probe when the provider asked for a longer
+    /// wait than `cool_down_ms` (Retry-After), in milliseconds.
+    pub max_cool_down_ms: u64,
 }
 
 impl Default for CircuitSettings {
@@ -28,7 +36,23 @@ impl Default for CircuitSettings {
             failure_threshold: 5,
             window_ms: 30_000,
             cool_down_ms: 15_000,
+            max_cool_down_ms: 300_000,
         }
+    }
+}
+
+impl CircuitSettings {
+    /// How long a circuit opening now stays open, given the wait the provider asked for: the
+    /// cool-down, or the provider's wait if longer, up to `max_cool_down_ms` (a cap below the
+    /// cool-down is the cool-down).
+    pub fn open_for(&self, asked: Option<Duration>) -> Duration {
+        let cool_down = Duration::from_millis(self.cool_down_ms);
+        asked.map_or(cool_down, |asked| asked.min(self.longest()).max(cool_down))
+    }
+
+    /// The longest a circuit stays open.
+    fn longest(&self) -> Duration {
+        Duration::from_millis(self.max_cool_down_ms.max(self.cool_down_ms))
     }
 }
 
@@ -71,8 +95,12 @@ pub enum Admission {
 pub struct CircuitBreaker {
     settings: CircuitSettings,
     state: CircuitState,
-    recent_failures: VecDeque<Instant>,
-    opened_at: Option<Instant>,
+    /// The failures in the window: when each happened, and until when it asked us to wait
+    /// (Retry-After), if it did.
+    recent_failures: VecDeque<(Instant, Option<Instant>)>,
+    /// While open: when the probe may go out (`None`: never, for a cool-down longer than the
+    /// clock can count).
+    open_until: Option<Instant>,
     times_opened: u64,
 }
 
@@ -83,7 +111,7 @@ impl CircuitBreaker {
             settings,
             state: CircuitState::Closed,
             recent_failures: VecDeque::new(),
-            opened_at: None,
+            open_until: None,
             times_opened: 0,
         }
     }
@@ -108,51 +136,56 @@ impl CircuitBreaker {
         match self.state {
             CircuitState::Closed => Admission::Allowed,
             CircuitState::HalfOpen => Admission::Refused,
-            CircuitState::Open => {
-                let cool_down = Duration::from_millis(self.settings.cool_down_ms);
-                match self.opened_at {
-                    Some(at) if now.saturating_duration_since(at) >= cool_down => {
-                        self.state = CircuitState::HalfOpen;
-                        Admission::Probe
-                    }
-                    _ => Admission::Refused,
+            CircuitState::Open => match self.open_until {
+                Some(until) if now >= until => {
+                    self.state = CircuitState::HalfOpen;
+                    Admission::Probe
                 }
-            }
+                _ => Admission::Refused,
+            },
         }
     }
 
     /// How long a send refused now should wait before it is tried again: while open, until the
-    /// circuit lets its probe through; while half-open, a whole cool-down (the probe is out, and
-    /// if it fails the circuit opens for that long: waiting less would only be refused again);
-    /// zero while closed.
+    /// circuit lets its probe through (past a provider's longer Retry-After too); while
+    /// half-open, a whole cool-down (the probe is out, and if it fails the circuit opens for that
+    /// long at least: waiting less would only be refused again); zero while closed.
     pub fn cool_down_left(&self, now: Instant) -> Duration {
-        let cool_down = Duration::from_millis(self.settings.cool_down_ms);
-        match (self.state, self.opened_at) {
-            (CircuitState::Open, Some(at)) => {
-                cool_down.saturating_sub(now.saturating_duration_since(at))
-            }
-            (CircuitState::HalfOpen, _) => cool_down,
+        match (self.state, self.open_until) {
+            (CircuitState::Open, Some(until)) => until.saturating_duration_since(now),
+            (CircuitState::Open, None) => Duration::MAX,
+            (CircuitState::HalfOpen, _) => Duration::from_millis(self.settings.cool_down_ms),
             _ => Duration::ZERO,
         }
     }
 
-    /// Reports a send that succeeded (or failed in a way that is not the provider's fault).
+    /// Reports a send that succeeded (or failed in a way that is not the provider's fault, but
+    /// only after reaching it).
     pub fn on_success(&mut self, admission: Admission) {
         if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
             self.state = CircuitState::Closed;
             self.recent_failures.clear();
-            self.opened_at = None;
+            self.open_until = None;
         }
     }
 
-    /// Reports a send that failed through the provider's fault.
-    pub fn on_failure(&mut self, admission: Admission, now: Instant) {
+    /// Reports a send that failed through the provider's fault at `now`, with the wait the
+    /// provider asked for, if it did (Retry-After): a circuit that opens on it stays open that
+    /// long, if longer than the cool-down (up to `max_cool_down_ms`).
+    pub fn on_failure(
+        &mut self,
+        admission: Admission,
+        now: Instant,
+        retry_after: Option<Duration>,
+    ) {
         match (self.state, admission) {
-            (CircuitState::HalfOpen, Admission::Probe) => self.open(now),
+            (CircuitState::HalfOpen, Admission::Probe) => self.open(now, retry_after),
             (CircuitState::Closed, _) => {
                 let window = Duration::from_millis(self.settings.window_ms);
-                self.recent_failures.push_back(now);
-                while let Some(&oldest) = self.recent_failures.front() {
+                let asked =
+                    retry_after.and_then(|wait| now.checked_add(wait.min(self.settings.longest())));
+                self.recent_failures.push_back((now, asked));
+                while let Some(&(oldest, _)) = self.recent_failures.front() {
                     if now.saturating_duration_since(oldest) > window {
                         self.recent_failures.pop_front();
                     } else {
@@ -160,7 +193,13 @@ impl CircuitBreaker {
                     }
                 }
                 if self.recent_failures.len() >= self.settings.failure_threshold.max(1) as usize {
-                    self.open(now);
+                    // Any of the failures that open the circuit may have asked for a wait.
+                    let asked = self
+                        .recent_failures
+                        .iter()
+                        .filter_map(|&(_, until)| until)
+                        .max();
+                    self.open(now, asked.map(|until| until.saturating_duration_since(now)));
                 }
             }
             // Late results of sends admitted before the circuit opened change nothing.
@@ -169,21 +208,23 @@ impl CircuitBreaker {
     }
 
     /// Reports a send that was admitted but never reached the provider (its caller stopped
-    /// waiting): an abandoned probe tested nothing, so the circuit goes back to open with its
-    /// cool-down already over, and the next send is the probe.
+    /// waiting, or it failed before anything was sent): an abandoned probe tested nothing, so the
+    /// circuit goes back to open with its cool-down already over, and the next send is the probe.
     pub fn on_abandoned(&mut self, admission: Admission) {
         if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
             self.state = CircuitState::Open;
         }
     }
 
-    /// Opens the circuit now (also used when another instance reports the provider down).
-    pub fn open(&mut self, now: Instant) {
+    /// Opens the circuit now (also used when another instance reports the provider down), for the
+    /// cool-down or for `wait` (the provider's Retry-After, or how long another instance's
+    /// circuit stays open) if longer, up to `max_cool_down_ms`.
+    pub fn open(&mut self, now: Instant, wait: Option<Duration>) {
         if self.state != CircuitState::Open {
             self.times_opened += 1;
         }
         self.state = CircuitState::Open;
-        self.opened_at = Some(now);
+        self.open_until = now.checked_add(self.settings.open_for(wait));
         self.recent_failures.clear();
     }
 }
@@ -197,6 +238,7 @@ mod tests {
             failure_threshold: 3,
             window_ms: 1_000,
             cool_down_ms: 5_000,
+            max_cool_down_ms: 60_000,
         }
     }
 
@@ -210,10 +252,10 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..2 {
             assert_eq!(cb.admit(t0 + ms(i)), Admission::Allowed);
-            cb.on_failure(Admission::Allowed, t0 + ms(i));
+            cb.on_failure(Admission::Allowed, t0 + ms(i), None);
         }
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(Admission::Allowed, t0 + ms(10));
+        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(11)), Admission::Refused);
         assert_eq!(cb.times_opened(), 1);
@@ -223,9 +265,9 @@ mod tests {
     fn failures_outside_the_window_do_not_add_up() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, t0);
-        cb.on_failure(Admission::Allowed, t0 + ms(600));
-        cb.on_failure(Admission::Allowed, t0 + ms(1_500));
+        cb.on_failure(Admission::Allowed, t0, None);
+        cb.on_failure(Admission::Allowed, t0 + ms(600), None);
+        cb.on_failure(Admission::Allowed, t0 + ms(1_500), None);
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 2);
     }
@@ -234,7 +276,7 @@ mod tests {
     fn one_probe_after_cool_down_then_closed_on_success() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.open(t0);
+        cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(4_999)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
         assert_eq!(cb.state(), CircuitState::HalfOpen);
@@ -253,7 +295,7 @@ mod tests {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         assert_eq!(cb.cool_down_left(t0), Duration::ZERO, "closed");
-        cb.open(t0);
+        cb.open(t0, None);
         assert_eq!(cb.cool_down_left(t0 + ms(1_000)), ms(4_000));
         assert_eq!(cb.cool_down_left(t0 + ms(6_000)), Duration::ZERO);
         assert_eq!(cb.admit(t0 + ms(6_000)), Admission::Probe);
@@ -268,9 +310,9 @@ mod tests {
     fn failed_probe_reopens_for_another_cool_down() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.open(t0);
+        cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, t0 + ms(5_100));
+        cb.on_failure(Admission::Probe, t0 + ms(5_100), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(9_000)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(10_100)), Admission::Probe);
@@ -281,7 +323,7 @@ mod tests {
     fn an_abandoned_probe_lets_the_next_send_probe() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.open(t0);
+        cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
         cb.on_abandoned(Admission::Allowed);
         assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe");
@@ -299,11 +341,130 @@ mod tests {
     fn late_results_of_earlier_sends_do_not_close_or_reopen() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.open(t0);
+        cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
         cb.on_success(Admission::Allowed);
         assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe's result");
-        cb.on_failure(Admission::Allowed, t0 + ms(5_001));
+        cb.on_failure(Admission::Allowed, t0 + ms(5_001), None);
         assert_eq!(cb.state(), CircuitState::HalfOpen);
+    }
+
+    #[test]
+    fn a_longer_retry_after_keeps_the_circuit_open_until_it_passes() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.on_failure(Admission::Allowed, t0, None);
+        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, t0 + ms(20), Some(ms(20_000)));
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(1_020)),
+            ms(19_000),
+            "the dispatcher is told the real wait"
+        );
+        assert_eq!(
+            cb.admit(t0 + ms(5_020)),
+            Admission::Refused,
+            "no probe after the cool-down: the provider asked for 20 s"
+        );
+        assert_eq!(cb.admit(t0 + ms(20_019)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(20_020)), Admission::Probe);
+    }
+
+    #[test]
+    fn a_shorter_retry_after_still_waits_the_cool_down() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(CircuitSettings {
+            failure_threshold: 1,
+            ..settings()
+        });
+        cb.on_failure(Admission::Allowed, t0, Some(ms(1_000)));
+        assert_eq!(cb.cool_down_left(t0), ms(5_000));
+        assert_eq!(cb.admit(t0 + ms(4_999)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+    }
+
+    #[test]
+    fn an_earlier_failures_retry_after_holds_when_a_later_one_opens() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.on_failure(Admission::Allowed, t0, Some(ms(30_000)));
+        cb.on_failure(Admission::Allowed, t0 + ms(100), None);
+        cb.on_failure(Admission::Allowed, t0 + ms(200), None);
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(cb.cool_down_left(t0 + ms(200)), ms(29_800));
+        assert_eq!(cb.admit(t0 + ms(29_999)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(30_000)), Admission::Probe);
+    }
+
+    #[test]
+    fn a_retry_after_beyond_the_cap_waits_only_the_cap() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(CircuitSettings {
+            failure_threshold: 1,
+            ..settings()
+        });
+        cb.on_failure(Admission::Allowed, t0, Some(Duration::from_secs(86_400)));
+        assert_eq!(cb.cool_down_left(t0), ms(60_000), "max_cool_down_ms");
+        assert_eq!(cb.admit(t0 + ms(59_999)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(60_000)), Admission::Probe);
+
+        // Absurd waits do not overflow the clock either.
+        cb.on_failure(Admission::Probe, t0 + ms(60_000), Some(Duration::MAX));
+        assert_eq!(cb.cool_down_left(t0 + ms(60_000)), ms(60_000));
+    }
+
+    #[test]
+    fn a_cap_below_the_cool_down_is_the_cool_down() {
+        let settings = CircuitSettings {
+            max_cool_down_ms: 1_000,
+            ..settings()
+        };
+        assert_eq!(settings.open_for(None), ms(5_000));
+        assert_eq!(settings.open_for(Some(ms(30_000))), ms(5_000));
+    }
+
+    #[test]
+    fn a_failed_probe_with_retry_after_reopens_until_it_passes() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.open(t0, None);
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        cb.on_failure(Admission::Probe, t0 + ms(5_100), Some(ms(40_000)));
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(cb.cool_down_left(t0 + ms(10_100)), ms(35_000));
+        assert_eq!(
+            cb.admit(t0 + ms(10_100)),
+            Admission::Refused,
+            "a cool-down after the probe is not enough"
+        );
+        assert_eq!(cb.admit(t0 + ms(45_099)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(45_100)), Admission::Probe);
+        assert_eq!(cb.times_opened(), 2);
+    }
+
+    #[test]
+    fn a_peers_longer_open_period_is_taken_up_to_the_cap() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.open(t0, Some(ms(12_000)));
+        assert_eq!(cb.admit(t0 + ms(11_999)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(12_000)), Admission::Probe);
+    }
+
+    #[test]
+    fn a_retry_after_of_a_failure_out_of_the_window_does_not_count() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.on_failure(Admission::Allowed, t0, Some(ms(30_000)));
+        for i in 0..3 {
+            cb.on_failure(Admission::Allowed, t0 + ms(2_000 + i), None);
+        }
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(2_002)),
+            ms(5_000),
+            "the failure that asked for 30 s left the window before the circuit opened"
+        );
     }
 }

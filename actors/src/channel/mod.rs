@@ -18,7 +18,7 @@ pub mod webhook;
 
 pub use actor::{
     ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, SendOutcome,
-    SendReport,
+    SendReport, Verdict,
 };
 pub use provider::{OutboundMessage, Provider, ProviderError, Receipt};
 pub use supervisor::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};

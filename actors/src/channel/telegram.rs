@@ -598,6 +598,7 @@ mod tests {
                 failure_threshold: 2,
                 window_ms: 60_000,
                 cool_down_ms: 60_000,
+                ..CircuitSettings::default()
             },
             ..ChannelSettings::default()
         };
