@@ -885,6 +885,7 @@ mod tests {
                 2 => Err(ProviderError::MissingContact(Channel::Sms)),
                 _ => Ok(Receipt {
                     provider_message_id: None,
+                    dead_contacts: Vec::new(),
                 }),
             }
         }

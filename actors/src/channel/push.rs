@@ -933,18 +933,16 @@ mod tests {
     fn tokens_none_of_which_could_be_sent_are_unsendable_unless_fcm_answered_one() {
         let tokens = vec!["device-a".to_string(), "device-b".to_string()];
         let unsendable = || Err(Failure::new(ProviderError::unsendable("bad header")));
-        let combined = combine(&tokens, vec![unsendable(), unsendable()]);
         assert_eq!(
-            combined.receipt,
+            combine(&tokens, vec![unsendable(), unsendable()]),
             Err(ProviderError::unsendable("bad header")),
             "nothing reached FCM"
         );
         let refused = Err(Failure::new(ProviderError::permanent("FCM 403")));
         let combined = combine(&tokens, vec![unsendable(), refused]);
         assert!(
-            matches!(&combined.receipt, Err(ProviderError::Permanent { reason, .. }) if reason == "FCM 403"),
-            "FCM answered one: {:?}",
-            combined.receipt
+            matches!(&combined, Err(ProviderError::Permanent { reason, .. }) if reason == "FCM 403"),
+            "FCM answered one: {combined:?}"
         );
     }
 
