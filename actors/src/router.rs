@@ -407,6 +407,8 @@ fn new_notification(event: &DomainEvent, rule: &Rule, command: SendCommand) -> N
         id: command.notification_id,
         // The event and rule are the idempotency key, like a caller's request id.
         request_id: Some(router_request_id(event.id, &rule.name)),
+        // Only the API's requests have fingerprints: an event's key is its own.
+        request_fingerprint: None,
         customer_id: command.customer_id,
         recipient_key,
         contacts: serde_json::json!({}),

@@ -403,6 +403,7 @@ fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::Ac
     notification::ActiveModel {
         id: Set(command.notification_id),
         request_id: Set(None),
+        request_fingerprint: Set(None),
         customer_id: Set(command.customer_id.clone()),
         recipient_key: Set(key.to_string()),
         contacts: Set(serde_json::to_value(&command.contacts).unwrap_or_default()),

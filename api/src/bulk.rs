@@ -20,12 +20,14 @@ use poem_openapi::{
     param::{Header, Path},
     payload::Json,
 };
+use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
+    fingerprint,
     notifications::{
         self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, ValidRecipient,
         message, validate_recipient,
@@ -71,7 +73,9 @@ pub struct BulkRecipient {
 #[derive(Debug, Clone, Object)]
 pub struct BulkRequest {
     /// Your idempotency key: repeating a request with the same id answers the batch stored first
-    /// and sends nothing more. Bulk sends' request ids are their own: a single send's does not
+    /// and sends nothing more. The repeat must be the same request (key order, whitespace and
+    /// surrounding spaces aside): another request with a used id is refused with 422
+    /// `idempotency_key_reused`. Bulk sends' request ids are their own: a single send's does not
     /// answer a bulk send.
     pub request_id: Option<String>,
     /// The recipients (at most 10 000; repeated ones get one notification).
@@ -153,7 +157,9 @@ impl BulkApi {
     /// batch id at once; the notifications are created and queued in the background. Follow the
     /// batch with `GET /api/v1/batches/{id}`. A repeated `request_id` (or `Idempotency-Key`
     /// header) answers 200 with the batch stored first and stores nothing new, also when the
-    /// repeats arrive at once; retry a request whose answer was lost with the same request id.
+    /// repeats arrive at once; retry a request whose answer was lost with the same request id. A
+    /// request id used before for a different request (other recipients or filter, category,
+    /// channel list or message) answers 422 `idempotency_key_reused` and changes nothing.
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
         &self,
@@ -166,6 +172,7 @@ impl BulkApi {
         let request = body.0;
         let request_id = notifications::request_id(request.request_id.or(idempotency_key.0))?;
         let category: Category = request.category.into();
+        let channels_named = request.channels.is_some();
         let channels = notifications::chain(&self.state, category, request.channels)?;
         let content = message(request.content, request.template)?;
         let (target, total) = match (request.recipients, request.filter) {
@@ -194,6 +201,15 @@ impl BulkApi {
         };
         check_template(&self.state, &content, &target).await?;
         check_command_size(category, &channels, &content, &target)?;
+        let request_fingerprint = match request_id {
+            Some(_) => Some(fingerprint::of(&BulkMeaning {
+                category,
+                channels: channels_named.then_some(channels.as_slice()),
+                content: &content,
+                target: &target,
+            })?),
+            None => None,
+        };
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -205,6 +221,7 @@ impl BulkApi {
         let new = NewBatch {
             id: Uuid::now_v7(),
             request_id,
+            request_fingerprint: request_fingerprint.clone(),
             spec,
             total,
         };
@@ -213,7 +230,15 @@ impl BulkApi {
                 metrics::counter!("herald_batches_accepted_total").increment(1);
                 Ok(BulkResponse::Accepted(Json(accepted(batch))))
             }
-            Created::Duplicate(batch) => Ok(BulkResponse::Repeated(Json(accepted(batch)))),
+            Created::Duplicate(batch) => {
+                fingerprint::check_repeat(
+                    batch.request_id.as_deref().unwrap_or_default(),
+                    batch.request_fingerprint.as_deref(),
+                    request_fingerprint.as_deref(),
+                    "batch",
+                )?;
+                Ok(BulkResponse::Repeated(Json(accepted(batch))))
+            }
         }
     }
 
@@ -254,6 +279,18 @@ pub enum BulkResponse {
     /// A repeat of an earlier request id: the batch stored first, nothing new stored or sent.
     #[oai(status = 200)]
     Repeated(Json<BatchAccepted>),
+}
+
+/// What a bulk send's fingerprint covers: everything that decides what is sent to whom, as
+/// checked. The channels as named, not the category's default chain (configuration, which may
+/// change between a request and its repeat); a filter's conditions, not how many customers it
+/// selected.
+#[derive(Serialize)]
+struct BulkMeaning<'a> {
+    category: Category,
+    channels: Option<&'a [Channel]>,
+    content: &'a Content,
+    target: &'a BatchTarget,
 }
 
 /// The answer for a stored batch.

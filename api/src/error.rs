@@ -6,7 +6,8 @@ use poem_openapi::{ApiResponse, Object, payload::Json};
 /// The body of every error response.
 #[derive(Debug, Clone, Object, serde::Serialize)]
 pub struct ErrorBody {
-    /// Stable machine-readable code, e.g. `invalid_request`, `not_found`, `unavailable`.
+    /// Stable machine-readable code, e.g. `invalid_request`, `not_found`,
+    /// `idempotency_key_reused`, `unavailable`.
     pub code: String,
     /// What went wrong, for humans.
     pub message: String,
@@ -34,6 +35,12 @@ pub enum ApiError {
     /// The resource is not in a state that allows the operation (code `conflict`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// A send's `request_id` (or `Idempotency-Key`) was used before for a different request
+    /// (code `idempotency_key_reused`, field `request_id`): nothing was stored or sent, and the
+    /// earlier request's notification or batch is unchanged. A repeat must carry the same
+    /// request; a new request needs a new request id.
+    #[oai(status = 422)]
+    UnprocessableContent(Json<ErrorBody>),
     /// A dependency (NATS, database) is unavailable; nothing was accepted. Retry later with the
     /// same `request_id`.
     #[oai(status = 503)]
@@ -73,6 +80,23 @@ impl ApiError {
         Self::Conflict(Json(body("conflict", message)))
     }
 
+    /// 422: `request_id` was used before for a different request; `earlier` names what it stored
+    /// (`notification`, `batch`).
+    pub fn request_id_reused(request_id: &str, earlier: &str) -> Self {
+        Self::UnprocessableContent(Json(ErrorBody {
+            field: Some("request_id".into()),
+            ..body(
+                "idempotency_key_reused",
+                format!(
+                    "request_id {request_id:?} was used before for a different request, which \
+                     stored a {earlier}; a repeat must carry the same request (the {earlier} \
+                     stored first is unchanged and this request was not accepted): use a new \
+                     request_id for a new request"
+                ),
+            )
+        }))
+    }
+
     /// 503.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::Unavailable(Json(body("unavailable", message)))
@@ -86,6 +110,7 @@ impl ApiError {
             Self::Forbidden(body) => (StatusCode::FORBIDDEN, &body.0),
             Self::NotFound(body) => (StatusCode::NOT_FOUND, &body.0),
             Self::Conflict(body) => (StatusCode::CONFLICT, &body.0),
+            Self::UnprocessableContent(body) => (StatusCode::UNPROCESSABLE_ENTITY, &body.0),
             Self::Unavailable(body) => (StatusCode::SERVICE_UNAVAILABLE, &body.0),
             Self::Internal(body) => (StatusCode::INTERNAL_SERVER_ERROR, &body.0),
         }
@@ -148,11 +173,11 @@ pub async fn render_error(err: poem::Error) -> Response {
     let field = err
         .downcast_ref::<poem_openapi::error::ParseParamError>()
         .map(|e| e.name.to_string());
-    let json = serde_json::to_string(&ErrorBody {
+    let body = ErrorBody {
         field,
         ..body(code, message)
-    })
-    .unwrap_or_default();
+    };
+    let json = serde_json::to_string(&body).unwrap_or_default();
     Response::builder()
         .status(status)
         .content_type("application/json; charset=utf-8")

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod dlq;
 pub mod engine_view;
 pub mod error;
+pub mod fingerprint;
 pub mod health;
 pub mod history;
 pub mod notifications;

@@ -19,12 +19,14 @@ use poem_openapi::{
     param::{Header, Path},
     payload::Json,
 };
+use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
+    fingerprint,
     validate::{self, RawContacts},
 };
 // The property tests (`notifications_props.rs`) check these shape validators too.
@@ -147,7 +149,9 @@ pub struct TemplateUse {
 #[derive(Debug, Clone, Object)]
 pub struct SendRequest {
     /// Your idempotency key: repeating a request with the same id answers the first result and
-    /// sends nothing more.
+    /// sends nothing more. The repeat must be the same request (key order, whitespace and
+    /// surrounding spaces aside): another request with a used id is refused with 422
+    /// `idempotency_key_reused`.
     pub request_id: Option<String>,
     /// Who receives it.
     pub recipient: Recipient,
@@ -272,7 +276,9 @@ impl NotificationsApi {
     /// `queued`, its command is published again (JetStream drops it when the first publish
     /// arrived), so a retry completes a send whose first attempt stopped between storing and
     /// publishing; without a retry the Scheduler publishes such a command after
-    /// `scheduler.stale_claim_secs`. If NATS or the database is unavailable nothing is accepted
+    /// `scheduler.stale_claim_secs`. A request id used before for a different request (another
+    /// recipient, category, channel list, message or schedule) answers 422
+    /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable nothing is accepted
     /// (503): retry with the same request id.
     #[oai(path = "/notifications", method = "post")]
     async fn send(
@@ -292,6 +298,7 @@ impl NotificationsApi {
             crate::templates::check_send(&self.state, template).await?;
         }
         let new = accepted.row();
+        let request_fingerprint = new.request_fingerprint.clone();
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
         let storing = Instant::now();
@@ -299,6 +306,12 @@ impl NotificationsApi {
         record_stage("store", storing);
         match inserted? {
             Inserted::Duplicate(existing) => {
+                fingerprint::check_repeat(
+                    existing.request_id.as_deref().unwrap_or_default(),
+                    existing.request_fingerprint.as_deref(),
+                    request_fingerprint.as_deref(),
+                    "notification",
+                )?;
                 // Queued: the first request may still be publishing, or have failed to and be
                 // removing the row; publishing again and confirming it at once decides which.
                 if existing.status == NotificationStatus::Queued {
@@ -449,7 +462,23 @@ struct ValidSend {
     command: SendCommand,
     scheduled_at: Option<DateTime<Utc>>,
     request_id: Option<String>,
+    /// The request's fingerprint, made when it has a request id.
+    request_fingerprint: Option<String>,
     recipient_key: String,
+}
+
+/// What a single send's fingerprint covers: everything that decides what is sent to whom and
+/// when, as checked. The channels as named, not the category's default chain (configuration,
+/// which may change between a request and its repeat); the schedule as asked, not whether it is
+/// still in the future.
+#[derive(Serialize)]
+struct SendMeaning<'a> {
+    customer_id: Option<&'a str>,
+    contacts: &'a Contacts,
+    category: Category,
+    channels: Option<&'a [Channel]>,
+    content: &'a Content,
+    scheduled_at: Option<DateTime<Utc>>,
 }
 
 impl ValidSend {
@@ -459,6 +488,10 @@ impl ValidSend {
             self.recipient_key.clone(),
             self.request_id.clone(),
         );
+        let row = NewNotification {
+            request_fingerprint: self.request_fingerprint.clone(),
+            ..row
+        };
         match self.scheduled_at {
             Some(at) => NewNotification {
                 status: NotificationStatus::Scheduled,
@@ -484,6 +517,7 @@ pub fn new_notification(
     NewNotification {
         id: command.notification_id,
         request_id,
+        request_fingerprint: None,
         customer_id: command.customer_id.clone(),
         recipient_key,
         contacts: serde_json::to_value(&command.contacts).unwrap_or_default(),
@@ -524,6 +558,7 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         key: recipient_key,
     } = validate_recipient(&request.recipient)?;
     let category: Category = request.category.into();
+    let channels_named = request.channels.is_some();
     let channels = chain(state, category, request.channels)?;
     let content = message(request.content, request.template)?;
     let now = Utc::now();
@@ -548,10 +583,22 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         created_at: Utc::now(),
     };
     check_command_size(&command)?;
+    let request_fingerprint = match request_id {
+        Some(_) => Some(fingerprint::of(&SendMeaning {
+            customer_id: command.customer_id.as_deref(),
+            contacts: &command.contacts,
+            category,
+            channels: channels_named.then_some(command.channels.as_slice()),
+            content: &command.content,
+            scheduled_at: request.scheduled_at,
+        })?),
+        None => None,
+    };
     Ok(ValidSend {
         scheduled_at,
         command,
         request_id,
+        request_fingerprint,
         recipient_key,
     })
 }

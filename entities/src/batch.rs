@@ -12,6 +12,10 @@ pub struct Model {
     /// The caller's idempotency key; unique: a repeat answers this batch.
     #[sea_orm(unique)]
     pub request_id: Option<String>,
+    /// A digest of the request that stored it under `request_id` (see
+    /// `herald_api::fingerprint`), to tell a repeat from another request reusing the id; none for
+    /// batches stored before it was recorded, and for those without a request id.
+    pub request_fingerprint: Option<String>,
     /// `pending`, `running`, `done` or `failed`.
     pub status: String,
     /// What to send and to whom (JSON: category, channels, content, recipients or filter).

@@ -15,6 +15,11 @@ pub struct Model {
     /// The caller's idempotency key; unique.
     #[sea_orm(unique)]
     pub request_id: Option<String>,
+    /// A digest of the request that stored it under `request_id` (see
+    /// `herald_api::fingerprint`), to tell a repeat from another request reusing the id; none for
+    /// rows stored before it was recorded, and for those without a request id or not made by
+    /// the API.
+    pub request_fingerprint: Option<String>,
     /// The customer's external id, when addressed to a known customer.
     pub customer_id: Option<String>,
     /// The key commands are partitioned by (customer id, or the first inline contact).

@@ -111,6 +111,7 @@ pub fn queued_notification(
     herald_entities::repo::notifications::NewNotification {
         id: uuid::Uuid::now_v7(),
         request_id,
+        request_fingerprint: None,
         customer_id: None,
         recipient_key: "ada@example.com".into(),
         contacts: serde_json::json!({"email": "ada@example.com"}),

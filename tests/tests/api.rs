@@ -847,6 +847,252 @@ async fn a_request_id_of_the_router_s_shape_is_refused() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Notifications stored, and batches.
+async fn stored_rows(herald: &TestHerald) -> (u64, u64) {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let notifications = herald_entities::notification::Entity::find()
+        .count(herald.db())
+        .await
+        .expect("notifications counted");
+    let batches = herald_entities::batch::Entity::find()
+        .count(herald.db())
+        .await
+        .expect("batches counted");
+    (notifications, batches)
+}
+
+/// POSTs `body` as it is written (not re-serialised), with `Idempotency-Key: key`.
+async fn post_raw(herald: &TestHerald, path: &str, key: &str, body: &str) -> (StatusCode, Value) {
+    let response = herald
+        .http()
+        .post(format!("{}{path}", herald.base()))
+        .header("Idempotency-Key", key)
+        .header("Content-Type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `body` with the value at `pointer` replaced.
+fn changed(body: &Value, pointer: &str, value: Value) -> Value {
+    let mut changed = body.clone();
+    *changed
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer} in {body}")) = value;
+    changed
+}
+
+fn assert_reused(status: StatusCode, refused: &Value, request: &Value) {
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{request}: {refused}"
+    );
+    assert_eq!(refused["code"], "idempotency_key_reused", "{refused}");
+    assert_eq!(refused["field"], "request_id", "{refused}");
+}
+
+/// A request id stands for one request. The same request again, however its JSON is written
+/// (key order, spacing, spaces around a contact, the key in the header), answers the notification
+/// stored first; a different request under the id (another text, recipient, category, channel
+/// list or schedule) is refused with 422 `idempotency_key_reused`, and the first notification is
+/// left as it was and sent once.
+#[tokio::test]
+async fn a_request_id_reused_for_a_different_send_is_refused_and_the_first_is_kept() {
+    let w = world().await;
+    let h = &w.herald;
+    let first = json!({
+        "request_id": "invoice-77",
+        "recipient": { "email": "ada@example.com", "customer_id": "ada" },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "subject": "Invoice 77", "text": "Your invoice 77 is ready." }
+    });
+    let id = h.send_accepted(&first).await;
+
+    let rewritten = r#"{ "content": {"text": "Your invoice 77 is ready.",   "subject": "Invoice 77"},
+        "channels": [ "email" ], "category": "transactional",
+        "recipient": {"customer_id": "ada", "email": "  ada@example.com "} }"#;
+    let (status, again) = post_raw(h, "/api/v1/notifications", "invoice-77", rewritten).await;
+    assert_eq!(status, StatusCode::OK, "the same request: {again}");
+    assert_eq!(again["id"], id.as_str(), "{again}");
+
+    let mut scheduled = first.clone();
+    scheduled["scheduled_at"] =
+        json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let mut default_chain = first.clone();
+    default_chain["channels"] = Value::Null;
+    for other in [
+        changed(&first, "/content/text", json!("Your invoice 78 is ready.")),
+        changed(&first, "/recipient/email", json!("grace@example.com")),
+        changed(&first, "/category", json!("account")),
+        changed(&first, "/channels", json!(["email", "sms"])),
+        scheduled,
+        default_chain,
+    ] {
+        let (status, refused) = h.send(&other).await;
+        assert_reused(status, &refused, &other);
+    }
+    let other = changed(&first, "/content/subject", json!("Invoice 78"));
+    let mut without_id = other.clone();
+    without_id["request_id"] = Value::Null;
+    let (status, refused) = post_raw(
+        h,
+        "/api/v1/notifications",
+        "invoice-77",
+        &without_id.to_string(),
+    )
+    .await;
+    assert_reused(status, &refused, &other);
+
+    h.wait_status(&id, "sent").await;
+    let id = uuid::Uuid::parse_str(&id).expect("a uuid");
+    let stored = herald_entities::repo::notifications::find(h.db(), id)
+        .await
+        .expect("read")
+        .expect("the first notification");
+    assert_eq!(
+        stored.content["text"], "Your invoice 77 is ready.",
+        "{stored:?}"
+    );
+    assert_eq!(stored.recipient_key, "ada", "{stored:?}");
+    let fingerprint = stored.request_fingerprint.as_deref().unwrap_or_default();
+    assert!(fingerprint.starts_with("v1:"), "{stored:?}");
+    // A notification sent after the refusals: once it is out, the sink holds exactly two mails.
+    let fence = h
+        .send_accepted(&email("grace@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&fence, "sent").await;
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    let subjects: Vec<_> = mails.iter().filter_map(|m| m.subject.clone()).collect();
+    assert_eq!(subjects, ["Invoice 77", "Hello"], "{mails:?}");
+    assert_eq!(
+        stored_rows(h).await,
+        (2, 0),
+        "the refused requests stored nothing"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Requests under one request id arriving at once, half of them one request and half another,
+/// go through the insert queue together: one is stored (202), its copies answer it (202 or 200
+/// with its id), and every request of the other kind is refused (422). One notification, one mail.
+#[tokio::test]
+async fn concurrent_different_sends_under_one_request_id_store_one_and_refuse_the_rest() {
+    const EACH: usize = 4;
+    let w = world().await;
+    let h = &w.herald;
+    let send = |subject: &str| {
+        json!({
+            "request_id": "reminder-5",
+            "recipient": { "email": "ada@example.com" },
+            "category": "account",
+            "channels": ["email"],
+            "content": { "subject": subject, "text": "A reminder." }
+        })
+    };
+    let requests: Vec<Value> = (0..EACH)
+        .flat_map(|_| [send("Reminder A"), send("Reminder B")])
+        .collect();
+    let answers = futures::future::join_all(requests.iter().map(|body| h.send(body))).await;
+    let accepted: Vec<(&Value, &Value)> = requests
+        .iter()
+        .zip(&answers)
+        .filter(|(_, (status, _))| *status == StatusCode::ACCEPTED)
+        .map(|(request, (_, answer))| (request, answer))
+        .collect();
+    assert_eq!(accepted.len(), 1, "one stored: {answers:?}");
+    let (winner, stored) = accepted[0];
+    let id = stored["id"].as_str().expect("an id").to_string();
+    for (request, (status, answer)) in requests.iter().zip(&answers) {
+        if request == winner {
+            assert!(
+                *status == StatusCode::ACCEPTED || *status == StatusCode::OK,
+                "{status}: {answer}"
+            );
+            assert_eq!(answer["id"], id.as_str(), "{answer}");
+        } else {
+            assert_reused(*status, answer, request);
+        }
+    }
+    h.wait_status(&id, "sent").await;
+    assert_eq!(stored_rows(h).await, (1, 0), "one notification");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        winner["content"]["subject"].as_str(),
+        "{mails:?}"
+    );
+    assert_eq!(w.smtp.count(), 1, "one mail");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// The same for bulk sends: two different bulk requests under one request id at once store one
+/// batch and refuse the other (422); the stored one's repeat, however written, answers it (200),
+/// the other is refused again, and the batch sends what was stored first, once per recipient.
+#[tokio::test]
+async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
+    let w = world().await;
+    let h = &w.herald;
+    let bulk = |subject: &str| {
+        json!({
+            "request_id": "newsletter-12",
+            "recipients": [{ "email": "a@example.com" }, { "email": "b@example.com" }],
+            "category": "marketing",
+            "channels": ["email"],
+            "content": { "subject": subject, "text": "News." }
+        })
+    };
+    let (a, b) = (bulk("News A"), bulk("News B"));
+    let path = "/api/v1/notifications/bulk";
+    let (answer_a, answer_b) = tokio::join!(h.post(path, &a), h.post(path, &b));
+    let (winner, stored, loser, refused) = match (answer_a, answer_b) {
+        ((StatusCode::ACCEPTED, stored), refused) => (&a, stored, &b, refused),
+        (refused, (StatusCode::ACCEPTED, stored)) => (&b, stored, &a, refused),
+        answers => panic!("one of the two is accepted: {answers:?}"),
+    };
+    assert_reused(refused.0, &refused.1, loser);
+    let batch = stored["batch_id"].as_str().expect("batch id").to_string();
+
+    let subject = winner["content"]["subject"].as_str().expect("subject");
+    let rewritten = format!(
+        r#"{{"content": {{"text": "News.", "subject": "{subject}"}}, "channels": ["email"],
+            "category": "marketing",
+            "recipients": [{{"email": " a@example.com"}}, {{"email": "b@example.com "}}]}}"#
+    );
+    let (status, again) = post_raw(h, path, "newsletter-12", &rewritten).await;
+    assert_eq!(status, StatusCode::OK, "the same request: {again}");
+    assert_eq!(again["batch_id"], batch.as_str(), "{again}");
+    let fewer = changed(winner, "/recipients", json!([{ "email": "a@example.com" }]));
+    let mut filtered = winner.clone();
+    if let Some(fields) = filtered.as_object_mut() {
+        fields.remove("recipients");
+        fields.insert("filter".into(), json!({ "all_customers": true }));
+    }
+    for other in [loser.clone(), fewer, filtered] {
+        let (status, refused) = h.post(path, &other).await;
+        assert_reused(status, &refused, &other);
+    }
+
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = h.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(json)
+    })
+    .await;
+    assert_eq!(stored_rows(h).await, (2, 1), "one batch of two");
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert!(
+        mails.iter().all(|m| m.subject.as_deref() == Some(subject)),
+        "{mails:?}"
+    );
+    assert_eq!(w.smtp.count(), 2, "one mail each");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 async fn dead_letter_world() -> World {
     world_with(|config| {
         config.dispatch.retry.max_deliveries = 2;

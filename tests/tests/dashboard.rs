@@ -802,6 +802,7 @@ async fn notifications_are_counted_per_minute_and_status() {
         let row = notifications::NewNotification {
             id: uuid::Uuid::now_v7(),
             request_id: None,
+            request_fingerprint: None,
             customer_id: None,
             recipient_key: "ada@example.com".into(),
             contacts: json!({}),

@@ -152,6 +152,7 @@ fn queued_email(to: &str, subject: &str) -> herald_entities::repo::notifications
     herald_entities::repo::notifications::NewNotification {
         id: uuid::Uuid::now_v7(),
         request_id: None,
+        request_fingerprint: None,
         customer_id: None,
         recipient_key: to.into(),
         contacts: json!({ "email": to }),

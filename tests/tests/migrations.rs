@@ -158,6 +158,7 @@ async fn batch_request_ids_are_unique_when_given() {
     let new = |request_id: Option<&str>| NewBatch {
         id: uuid::Uuid::now_v7(),
         request_id: request_id.map(str::to_string),
+        request_fingerprint: None,
         spec: serde_json::json!({}),
         total: 1,
     };
@@ -191,5 +192,86 @@ async fn batch_request_ids_are_unique_when_given() {
             Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
         ),
         "by the unique index: {refused}"
+    );
+}
+
+/// `m20261206_001101` gives notifications and batches a nullable request fingerprint: rows
+/// without one are stored as before, a fingerprint is kept, and rolled back and migrated again
+/// the rows stay, without one (a request repeating theirs is taken for a repeat).
+#[tokio::test]
+async fn request_fingerprints_are_optional_and_roll_back() {
+    use herald_entities::repo::{
+        batches::{self, Created, NewBatch},
+        notifications::{self, Inserted},
+    };
+    use herald_migration::{Migrator, MigratorTrait};
+    use sea_orm::EntityTrait;
+
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let batch = |request_id: &str, fingerprint: Option<&str>| NewBatch {
+        id: uuid::Uuid::now_v7(),
+        request_id: Some(request_id.to_string()),
+        request_fingerprint: fingerprint.map(str::to_string),
+        spec: serde_json::json!({}),
+        total: 1,
+    };
+    let notification =
+        |request_id: &str, fingerprint: Option<&str>| notifications::NewNotification {
+            request_fingerprint: fingerprint.map(str::to_string),
+            ..herald_tests::queued_notification(Some(request_id.to_string()))
+        };
+    for (request_id, fingerprint) in [("r-1", Some("v1:abc")), ("r-2", None)] {
+        let created = batches::create(&conn, batch(request_id, fingerprint))
+            .await
+            .expect("batch stored");
+        let Created::New(stored) = created else {
+            panic!("{request_id}: a new batch, not {created:?}");
+        };
+        assert_eq!(stored.request_fingerprint.as_deref(), fingerprint);
+        notifications::insert(&conn, notification(request_id, fingerprint))
+            .await
+            .expect("notification stored");
+    }
+    let repeat = notifications::insert(&conn, notification("r-1", Some("v1:other")))
+        .await
+        .expect("read back");
+    let Inserted::Duplicate(first) = repeat else {
+        panic!("the stored row answers a repeated request id, not {repeat:?}");
+    };
+    assert_eq!(
+        first.request_fingerprint.as_deref(),
+        Some("v1:abc"),
+        "the first row's, unchanged"
+    );
+
+    // Back to before `m20261206_001101` (and whatever came after it).
+    let migrations = Migrator::migrations();
+    let position = migrations
+        .iter()
+        .position(|m| m.name() == "m20261206_001101_request_fingerprints")
+        .expect("the fingerprints migration");
+    let steps = u32::try_from(migrations.len() - position).expect("a few migrations");
+    Migrator::down(&conn, Some(steps))
+        .await
+        .expect("rolled back");
+    Migrator::up(&conn, None).await.expect("migrated again");
+    let rows = herald_entities::batch::Entity::find()
+        .all(&conn)
+        .await
+        .expect("batches read");
+    assert_eq!(rows.len(), 2, "every batch kept");
+    assert!(
+        rows.iter().all(|b| b.request_fingerprint.is_none()),
+        "{rows:?}"
+    );
+    let rows = herald_entities::notification::Entity::find()
+        .all(&conn)
+        .await
+        .expect("notifications read");
+    assert_eq!(rows.len(), 2, "every notification kept");
+    assert!(
+        rows.iter().all(|n| n.request_fingerprint.is_none()),
+        "{rows:?}"
     );
 }

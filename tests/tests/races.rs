@@ -144,6 +144,7 @@ async fn an_instance_that_lost_its_batch_lease_changes_nothing() {
     let new = repo::batches::NewBatch {
         id,
         request_id: None,
+        request_fingerprint: None,
         spec: serde_json::json!({}),
         total: 20,
     };

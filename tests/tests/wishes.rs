@@ -1088,6 +1088,7 @@ async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     notification::Entity::insert(notification::ActiveModel {
         id: Set(old),
         request_id: Set(None),
+        request_fingerprint: Set(None),
         customer_id: Set(None),
         recipient_key: Set("old@example.com".into()),
         contacts: Set(json!({ "email": "old@example.com" })),

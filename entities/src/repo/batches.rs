@@ -17,6 +17,8 @@ pub struct NewBatch {
     pub id: Uuid,
     /// The caller's idempotency key.
     pub request_id: Option<String>,
+    /// The digest of the request stored under `request_id`, compared when the id is used again.
+    pub request_fingerprint: Option<String>,
     /// What to send and to whom.
     pub spec: serde_json::Value,
     /// Recipients in the batch.
@@ -40,6 +42,7 @@ pub async fn create(db: &impl ConnectionTrait, new: NewBatch) -> Result<Created,
     let model = batch::Model {
         id: new.id,
         request_id: new.request_id,
+        request_fingerprint: new.request_fingerprint,
         status: "pending".into(),
         spec: new.spec,
         total: new.total,

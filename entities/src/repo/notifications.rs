@@ -22,6 +22,8 @@ pub struct NewNotification {
     pub id: Uuid,
     /// The caller's idempotency key.
     pub request_id: Option<String>,
+    /// The digest of the request stored under `request_id`, compared when the id is used again.
+    pub request_fingerprint: Option<String>,
     /// Known customer's external id.
     pub customer_id: Option<String>,
     /// Partitioning key.
@@ -208,6 +210,7 @@ fn stored(new: NewNotification) -> notification::Model {
     notification::Model {
         id: new.id,
         request_id: new.request_id.map(without_nul),
+        request_fingerprint: new.request_fingerprint,
         customer_id: new.customer_id.map(without_nul),
         recipient_key: without_nul(new.recipient_key),
         contacts: json_without_nul(new.contacts),
