@@ -72,10 +72,7 @@ fn nul_message(place: &str) -> String {
 }
 
 fn too_large(max: usize) -> Error {
-    Error::from_string(
-        format!("request body is larger than {max} bytes"),
-        StatusCode::PAYLOAD_TOO_LARGE,
-    )
+    crate::ApiError::payload_too_large(max).into()
 }
 
 fn nul_refused(place: &str) -> Error {

@@ -1,6 +1,6 @@
 //! One JSON error shape for every error the API returns, and its mapping to HTTP statuses.
 
-use poem::{Response, http::StatusCode};
+use poem::{IntoResponse, Response, http::StatusCode};
 use poem_openapi::{ApiResponse, Object, payload::Json};
 
 /// The body of every error response.
@@ -35,6 +35,13 @@ pub enum ApiError {
     /// The resource is not in a state that allows the operation (code `conflict`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
+    /// The request body is larger than 1 MiB (code `payload_too_large`); nothing was read.
+    #[oai(status = 413)]
+    PayloadTooLarge(Json<ErrorBody>),
+    /// The operation takes a JSON body and the request's `Content-Type` is missing or not
+    /// `application/json` (code `unsupported_media_type`).
+    #[oai(status = 415)]
+    UnsupportedMediaType(Json<ErrorBody>),
     /// A send's `request_id` (or `Idempotency-Key`) was used before for a different request
     /// (code `idempotency_key_reused`, field `request_id`): nothing was stored or sent, and the
     /// earlier request's notification or batch is unchanged. A repeat must carry the same
@@ -80,6 +87,14 @@ impl ApiError {
         Self::Conflict(Json(body("conflict", message)))
     }
 
+    /// 413, for a body larger than `max` bytes.
+    pub fn payload_too_large(max: usize) -> Self {
+        Self::PayloadTooLarge(Json(body(
+            "payload_too_large",
+            format!("request body is larger than {max} bytes"),
+        )))
+    }
+
     /// 422: `request_id` was used before for a different request; `earlier` names what it stored
     /// (`notification`, `batch`).
     pub fn request_id_reused(request_id: &str, earlier: &str) -> Self {
@@ -110,6 +125,8 @@ impl ApiError {
             Self::Forbidden(body) => (StatusCode::FORBIDDEN, &body.0),
             Self::NotFound(body) => (StatusCode::NOT_FOUND, &body.0),
             Self::Conflict(body) => (StatusCode::CONFLICT, &body.0),
+            Self::PayloadTooLarge(body) => (StatusCode::PAYLOAD_TOO_LARGE, &body.0),
+            Self::UnsupportedMediaType(body) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, &body.0),
             Self::UnprocessableContent(body) => (StatusCode::UNPROCESSABLE_ENTITY, &body.0),
             Self::Unavailable(body) => (StatusCode::SERVICE_UNAVAILABLE, &body.0),
             Self::Internal(body) => (StatusCode::INTERNAL_SERVER_ERROR, &body.0),
@@ -177,6 +194,11 @@ pub async fn render_error(err: poem::Error) -> Response {
         field,
         ..body(code, message)
     };
+    // Rendered by the variants that document them (poem-openapi refuses a body of another
+    // content type with 415).
+    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        return ApiError::UnsupportedMediaType(Json(body)).into_response();
+    }
     let json = serde_json::to_string(&body).unwrap_or_default();
     Response::builder()
         .status(status)

@@ -1093,6 +1093,60 @@ async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// The errors poem answers before an operation runs have the documented shape, and the spec
+/// declares those an operation can meet: 413 (body over 1 MiB) and 415 (a body that is not JSON)
+/// beside 422 (a reused request id). 405 (a method the path does not have) has no operation to be
+/// declared under; it has the shape all the same.
+#[tokio::test]
+async fn errors_before_an_operation_runs_are_declared_and_have_the_error_shape() {
+    let w = world().await;
+    let h = &w.herald;
+    let (status, spec) = h.get("/api/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    // The bulk send's: the single send's path is also history's (GET), and the spec lists the two
+    // under one key twice, of which a JSON reader keeps one.
+    let responses = &spec["paths"]["/api/v1/notifications/bulk"]["post"]["responses"];
+    for code in ["413", "415", "422"] {
+        let schema = &responses[code]["content"]["application/json; charset=utf-8"]["schema"];
+        assert_eq!(
+            schema["$ref"], "#/components/schemas/ErrorBody",
+            "declares {code}: {responses}"
+        );
+    }
+    let url = format!("{}/api/v1/notifications", h.base());
+    let cases = [
+        (
+            h.http()
+                .post(&url)
+                .header("Content-Type", "text/plain")
+                .body("hello"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            h.http()
+                .post(&url)
+                .header("Content-Type", "application/json")
+                .body(vec![b' '; herald_api::MAX_BODY_BYTES + 1]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            h.http().delete(&url),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let response = request.send().await.expect("answered");
+        assert_eq!(response.status(), status);
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["message"].is_string(), "{body}");
+    }
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 async fn dead_letter_world() -> World {
     world_with(|config| {
         config.dispatch.retry.max_deliveries = 2;
