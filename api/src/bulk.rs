@@ -276,7 +276,8 @@ pub enum BulkResponse {
     /// Accepted: the batch is stored and will be fanned out.
     #[oai(status = 202)]
     Accepted(Json<BatchAccepted>),
-    /// A repeat of an earlier request id: the batch stored first, nothing new stored or sent.
+    /// A repeat of an earlier request (its request id, the same request): the batch stored first,
+    /// nothing new stored or sent.
     #[oai(status = 200)]
     Repeated(Json<BatchAccepted>),
 }

@@ -9,8 +9,11 @@
 //! notification or batch (`request_fingerprint`) and compared when the request id comes again.
 //!
 //! Cost: one serialisation of the request's fields into the hash and one SHA-256 over them, for
-//! requests with a request id only: about the cost of encoding the send command once (the
-//! `herald-nats` `envelope` bench), a few microseconds for a typical send.
+//! requests with a request id only. For the `envelope` bench's command (336 bytes of JSON), timed
+//! apart in a release build on the 2-core development machine: 0.7–3 µs (noisy), of which
+//! serialising is 0.3–1 µs, against 616–664 µs of CPU per API request (`docs/performance.md`).
+//! Hashing while serialising measured the same as hashing a serialised buffer, and keeps a bulk
+//! send's 10,000 recipients out of a second buffer.
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};

@@ -184,7 +184,8 @@ pub enum SendResponse {
     /// Accepted: stored and queued for delivery.
     #[oai(status = 202)]
     Accepted(Json<Accepted>),
-    /// A repeat of an earlier request id: the original notification, nothing new sent.
+    /// A repeat of an earlier request (its request id, the same request): the original
+    /// notification, nothing new sent.
     #[oai(status = 200)]
     Repeated(Json<Accepted>),
 }
