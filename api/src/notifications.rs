@@ -16,7 +16,7 @@ use herald_nats::{
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
-    param::{Header, Path},
+    param::{Header, Path, Query},
     payload::Json,
 };
 use serde::Serialize;
@@ -27,6 +27,7 @@ use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
     fingerprint,
+    history::{self, ApiStatus, HistoryTags, ListQuery, NotificationPage},
     validate::{self, RawContacts},
 };
 // The property tests (`notifications_props.rs`) check these shape validators too.
@@ -267,7 +268,8 @@ impl NotificationsApi {
     }
 }
 
-#[OpenApi(prefix_path = "/api/v1", tag = "NotificationTags::Notifications")]
+// Operations tagged one by one: the history list is here (its path is the send's), under its own tag.
+#[OpenApi(prefix_path = "/api/v1")]
 impl NotificationsApi {
     /// Send a notification.
     ///
@@ -281,7 +283,11 @@ impl NotificationsApi {
     /// recipient, category, channel list, message or schedule) answers 422
     /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable nothing is accepted
     /// (503): retry with the same request id.
-    #[oai(path = "/notifications", method = "post")]
+    #[oai(
+        path = "/notifications",
+        method = "post",
+        tag = "NotificationTags::Notifications"
+    )]
     async fn send(
         &self,
         _auth: SendKey,
@@ -360,8 +366,56 @@ impl NotificationsApi {
         }
     }
 
+    /// List notifications, newest first, with filters and cursor pagination.
+    ///
+    /// Filters combine with AND. `channel` is the channel that carried the notification.
+    /// `created_from` is inclusive, `created_to` exclusive. Pass the answer's `next_cursor` as
+    /// `cursor` for the next page; the filters must stay the same. Every notification that exists
+    /// when paging starts is listed exactly once.
+    #[allow(clippy::too_many_arguments)]
+    #[oai(path = "/notifications", method = "get", tag = "HistoryTags::History")]
+    async fn list(
+        &self,
+        _auth: ReadKey,
+        /// Customer external id.
+        #[oai(validator(max_length = 200))]
+        customer_id: Query<Option<String>>,
+        /// Current status.
+        status: Query<Option<ApiStatus>>,
+        /// The channel that carried it.
+        channel: Query<Option<ApiChannel>>,
+        /// Category.
+        category: Query<Option<ApiCategory>>,
+        /// Accepted at or after (RFC 3339).
+        created_from: Query<Option<DateTime<Utc>>>,
+        /// Accepted before (RFC 3339).
+        created_to: Query<Option<DateTime<Utc>>>,
+        /// `next_cursor` of the previous page.
+        #[oai(validator(max_length = 64))]
+        cursor: Query<Option<String>>,
+        /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
+        limit: Query<Option<u32>>,
+    ) -> Result<Json<NotificationPage>, ApiError> {
+        let query = ListQuery {
+            customer_id: customer_id.0,
+            status: status.0,
+            channel: channel.0,
+            category: category.0,
+            created_from: created_from.0,
+            created_to: created_to.0,
+            cursor: cursor.0,
+            limit: limit.0,
+        };
+        history::list(&self.state, query).await.map(Json)
+    }
+
     /// Read a notification's status and every delivery attempt.
-    #[oai(path = "/notifications/:id", method = "get")]
+    #[oai(
+        path = "/notifications/:id",
+        method = "get",
+        tag = "NotificationTags::Notifications"
+    )]
     async fn get(
         &self,
         _auth: ReadKey,
@@ -378,7 +432,11 @@ impl NotificationsApi {
     /// held back by the recipient's quiet hours or rate limit stays `processing` while it waits,
     /// and cannot be cancelled, unless the hold is long enough for it to wait as `scheduled`
     /// (`dispatch.schedule_deferrals_after_secs`).
-    #[oai(path = "/notifications/:id/cancel", method = "post")]
+    #[oai(
+        path = "/notifications/:id/cancel",
+        method = "post",
+        tag = "NotificationTags::Notifications"
+    )]
     async fn cancel(
         &self,
         _auth: SendKey,

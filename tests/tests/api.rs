@@ -1096,23 +1096,39 @@ async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
 /// The errors poem answers before an operation runs have the documented shape, and the spec
 /// declares those an operation can meet: 413 (body over 1 MiB) and 415 (a body that is not JSON)
 /// beside 422 (a reused request id). 405 (a method the path does not have) has no operation to be
-/// declared under; it has the shape all the same.
+/// declared under; it has the shape all the same. Every operation of a path is under its one key.
 #[tokio::test]
 async fn errors_before_an_operation_runs_are_declared_and_have_the_error_shape() {
     let w = world().await;
     let h = &w.herald;
     let (status, spec) = h.get("/api/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
-    // The bulk send's: the single send's path is also history's (GET), and the spec lists the two
-    // under one key twice, of which a JSON reader keeps one.
-    let responses = &spec["paths"]["/api/v1/notifications/bulk"]["post"]["responses"];
-    for code in ["413", "415", "422"] {
-        let schema = &responses[code]["content"]["application/json; charset=utf-8"]["schema"];
-        assert_eq!(
-            schema["$ref"], "#/components/schemas/ErrorBody",
-            "declares {code}: {responses}"
-        );
+    for path in ["/api/v1/notifications", "/api/v1/notifications/bulk"] {
+        let responses = &spec["paths"][path]["post"]["responses"];
+        for code in ["413", "415", "422"] {
+            let schema = &responses[code]["content"]["application/json; charset=utf-8"]["schema"];
+            assert_eq!(
+                schema["$ref"], "#/components/schemas/ErrorBody",
+                "{path} declares {code}: {responses}"
+            );
+        }
     }
+    // The send and the history list share a path: the spec holds both under one key (listed
+    // twice, a JSON reader kept one of them).
+    let raw = h
+        .http()
+        .get(format!("{}/api/openapi.json", h.base()))
+        .send()
+        .await
+        .expect("spec")
+        .text()
+        .await
+        .expect("spec text");
+    assert_eq!(raw.matches(r#""/api/v1/notifications":"#).count(), 1);
+    let list = &spec["paths"]["/api/v1/notifications"]["get"];
+    assert_eq!(list["tags"], json!(["History"]), "{list}");
+    let send = &spec["paths"]["/api/v1/notifications"]["post"];
+    assert_eq!(send["tags"], json!(["Notifications"]), "{send}");
     let url = format!("{}/api/v1/notifications", h.base());
     let cases = [
         (
