@@ -268,7 +268,8 @@ impl NotificationsApi {
     }
 }
 
-// Operations tagged one by one: the history list is here (its path is the send's), under its own tag.
+// Tagged operation by operation: the history list is declared here, as its path is the send's
+// (see `history::list`), under its own tag.
 #[OpenApi(prefix_path = "/api/v1")]
 impl NotificationsApi {
     /// Send a notification.
@@ -281,8 +282,8 @@ impl NotificationsApi {
     /// publishing; without a retry the Scheduler publishes such a command after
     /// `scheduler.stale_claim_secs`. A request id used before for a different request (another
     /// recipient, category, channel list, message or schedule) answers 422
-    /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable nothing is accepted
-    /// (503): retry with the same request id.
+    /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable
+    /// nothing is accepted (503): retry with the same request id.
     #[oai(
         path = "/notifications",
         method = "post",

@@ -913,7 +913,8 @@ async fn a_request_id_reused_for_a_different_send_is_refused_and_the_first_is_ke
     });
     let id = h.send_accepted(&first).await;
 
-    let rewritten = r#"{ "content": {"text": "Your invoice 77 is ready.",   "subject": "Invoice 77"},
+    let rewritten = r#"{ "content": {"text": "Your invoice 77 is ready.",
+          "subject":    "Invoice 77"},
         "channels": [ "email" ], "category": "transactional",
         "recipient": {"customer_id": "ada", "email": "  ada@example.com "} }"#;
     let (status, again) = post_raw(h, "/api/v1/notifications", "invoice-77", rewritten).await;
