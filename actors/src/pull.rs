@@ -10,9 +10,9 @@
 //! A stopped or held-back loop hands back what it had fetched, NAKed with a short delay so that
 //! JetStream offers the messages to the next puller soon instead of after the consumer's
 //! `ack_wait`. It drains its pull stream first ([`Stream::drain`], Herald's addition to
-//! async-nats, vendor/async-nats): the subscription is unsubscribed, which ends the stream's open
-//! pull requests on the server, and the messages the server sent before that, fenced by a PING,
-//! are still read and handed back. Merely dropping the stream would lose those on the wire to the
+//! async-nats, vendor/async-nats): the subscription is unsubscribed, after which the server skips
+//! the stream's open pull requests (nobody listens to them), and the messages the server sent
+//! before that, fenced by a PING, are still read and handed back. Merely dropping the stream would lose those on the wire to the
 //! client, and they would wait out `ack_wait`.
 
 use std::future::Future;
@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 /// cluster leaves the old request unanswered).
 const IDLE_HEARTBEAT: Duration = Duration::from_secs(15);
 
-/// Longest a hand-back waits for the server to answer its drain (a round trip); past it the
-/// stream is dropped, and what was still on its way is offered again after `ack_wait`.
+/// Longest a hand-back takes (normally a round trip, for the drain's answer); past it the stream
+/// is dropped, and what was still on its way is offered again after `ack_wait`.
 const RELEASE_LIMIT: Duration = Duration::from_secs(1);
 /// How long JetStream waits before offering a handed-back message again. A message NAKed without
 /// delay can be offered straight back to the pull request it was handed back from, although that
@@ -247,26 +247,36 @@ where
 }
 
 /// Ends the subscription's pull requests and hands back `taken` (a message already taken from it)
-/// and every message the server had sent it, so JetStream offers them to the next puller at once
-/// instead of after `ack_wait`. Takes at most [`RELEASE_LIMIT`].
+/// and every message the server had sent it, so JetStream offers them to the next puller soon
+/// instead of after `ack_wait`. Takes at most [`RELEASE_LIMIT`], also while the client cannot
+/// reach the server (its command queue full); what is left then waits out `ack_wait`.
 async fn release(mut messages: Stream, taken: Option<jetstream::Message>, what: &'static str) {
-    // The drain's UNSUB goes out before the NAKs, so no handed-back message can be offered to
-    // this subscription again.
-    if let Err(err) = messages.drain().await {
-        tracing::debug!(error = %err, what, "cannot drain the pull subscription");
-    }
     let mut released = 0u32;
-    if let Some(message) = taken {
-        hand_back(&message).await;
-        released += 1;
-    }
-    let until = tokio::time::Instant::now() + RELEASE_LIMIT;
-    // Errors (a status the stream reports) do not end the drain; its end does.
-    while let Ok(Some(next)) = tokio::time::timeout_at(until, messages.next()).await {
-        if let Ok(message) = next {
+    let handing_back = async {
+        // The drain's UNSUB goes out before the NAKs.
+        if let Err(err) = messages.drain().await {
+            tracing::debug!(error = %err, what, "cannot drain the pull subscription");
+        }
+        if let Some(message) = taken {
             hand_back(&message).await;
             released += 1;
         }
+        // Errors (a status the stream reports) do not end the drain; its end does.
+        while let Some(next) = messages.next().await {
+            if let Ok(message) = next {
+                hand_back(&message).await;
+                released += 1;
+            }
+        }
+    };
+    if tokio::time::timeout(RELEASE_LIMIT, handing_back)
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            what,
+            "hand-back cut short; the rest is redelivered after ack_wait"
+        );
     }
     drop(messages);
     if released > 0 {

@@ -5,7 +5,8 @@
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
 //! hammered and the dispatcher fails over without waiting for timeouts.
 //!
-//! A provider that says when to come back (an HTTP `Retry-After`, Telegram's `retry_after`) is
+//! A provider that says when to come back (an HTTP `Retry-After` on a failure that counts against
+//! the circuit; a throttle of one recipient, such as Telegram's `retry_after`, does not count) is
 //! taken at its word: a circuit opened by such a failure (or by such a failed probe) stays open
 //! until then if that is longer than the cool-down, though never longer than `max_cool_down`, so
 //! that a wrong or hostile header cannot park a provider for a day.

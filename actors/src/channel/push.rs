@@ -458,7 +458,8 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
 /// else a permanent failure; unsendable only if no token's request could even be sent. A success
 /// and a permanent failure carry every dead token; a transient failure only names them in its
-/// reason (its retry reports them).
+/// reason, so they are forgotten once a later push to the customer succeeds or fails for good
+/// (not if this notification fails over to another channel).
 fn combine(
     tokens: &[String],
     outcomes: Vec<Result<String, Failure>>,

@@ -94,8 +94,8 @@ pub async fn clear_webhook_url(
     clear_if_still(db, external_id, customer::Column::WebhookUrl, url).await
 }
 
-/// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, chat not
-/// found). `false` when the customer is gone or its chat id is another already.
+/// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, bot
+/// removed from the group, group deleted). `false` when the customer is gone or its chat id is another already.
 pub async fn clear_telegram_chat_id(
     db: &impl ConnectionTrait,
     external_id: &str,

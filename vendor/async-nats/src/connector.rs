@@ -712,27 +712,40 @@ impl Connector {
             .easy_write_and_flush([ClientOp::Connect(connect_info), ClientOp::Ping].iter())
             .await?;
 
-        match connection.read_op().await? {
-            Some(ServerOp::Error(err)) => match err {
-                ServerError::AuthorizationViolation => {
-                    tracing::error!(error = %err, "authorization violation");
-                    Err(ConnectError::with_source(
-                        crate::ConnectErrorKind::AuthorizationViolation,
-                        err,
-                    ))
+        // Read up to that PONG: the connection handler counts PONGs against the PINGs it sent
+        // (to fence subscription drains), so this one must not reach it.
+        loop {
+            match connection.read_op().await? {
+                Some(ServerOp::Pong) => return Ok((*info, connection)),
+                Some(ServerOp::Ping) => {
+                    connection
+                        .easy_write_and_flush([ClientOp::Pong].iter())
+                        .await?;
                 }
-                err => {
-                    tracing::error!(error = %err, "server error during connection");
-                    Err(ConnectError::with_source(crate::ConnectErrorKind::Io, err))
+                Some(ServerOp::Error(err)) => {
+                    return Err(match err {
+                        ServerError::AuthorizationViolation => {
+                            tracing::error!(error = %err, "authorization violation");
+                            ConnectError::with_source(
+                                crate::ConnectErrorKind::AuthorizationViolation,
+                                err,
+                            )
+                        }
+                        err => {
+                            tracing::error!(error = %err, "server error during connection");
+                            ConnectError::with_source(crate::ConnectErrorKind::Io, err)
+                        }
+                    })
                 }
-            },
-            Some(_) => Ok((*info, connection)),
-            None => {
-                tracing::error!("connection closed unexpectedly");
-                Err(ConnectError::with_source(
-                    crate::ConnectErrorKind::Io,
-                    "broken pipe",
-                ))
+                // An INFO (a cluster change) or anything else before the PONG.
+                Some(_) => {}
+                None => {
+                    tracing::error!("connection closed unexpectedly");
+                    return Err(ConnectError::with_source(
+                        crate::ConnectErrorKind::Io,
+                        "broken pipe",
+                    ));
+                }
             }
         }
     }

@@ -722,7 +722,8 @@ impl ConnectionHandler {
             ServerOp::Pong => {
                 debug!("received PONG");
                 self.pending_pings = self.pending_pings.saturating_sub(1);
-                self.pongs_received += 1;
+                // A PONG beyond the PINGs sent answers none of the fences.
+                self.pongs_received = (self.pongs_received + 1).min(self.pings_sent);
             }
             ServerOp::Error(error) => {
                 debug!("received ERROR: {:?}", error);

@@ -935,9 +935,9 @@ impl Stream {
     }
 
     /// Stops pulling without losing what is on its way: no further pull requests are sent, the
-    /// subscription the server delivers to is unsubscribed (which ends the open pull requests on
-    /// the server), and the stream goes on yielding the messages the server sent before it
-    /// processed the unsubscribe, then ends. A message delivered to a pull request is otherwise
+    /// subscription the server delivers to is unsubscribed (the server then skips the stream's
+    /// open pull requests, as nobody listens to them), and the stream goes on yielding the
+    /// messages the server sent before it processed the unsubscribe, then ends. A message delivered to a pull request is otherwise
     /// lost to the client when the stream is dropped while it is on the wire, and the server
     /// offers it again only after the consumer's `ack_wait`.
     ///
@@ -945,6 +945,9 @@ impl Stream {
     /// message sent before the unsubscribe has been yielded by then.
     pub async fn drain(&mut self) -> Result<(), crate::UnsubscribeError> {
         self.task_handle.abort();
+        // Once the task has ended it can send no pull request after the UNSUB (an abort only
+        // takes effect when the task next yields).
+        let _ = (&mut self.task_handle).await;
         self.draining = true;
         self.subscriber.drain().await
     }
