@@ -35,7 +35,7 @@ pub enum ApiError {
     /// The resource is not in a state that allows the operation (code `conflict`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
-    /// The request body is larger than 1 MiB (code `payload_too_large`); nothing was read.
+    /// The request body is larger than 1 MiB (code `payload_too_large`); nothing was accepted.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
     /// The operation takes a JSON body and the request's `Content-Type` is missing or not
@@ -43,8 +43,8 @@ pub enum ApiError {
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
     /// A send's `request_id` (or `Idempotency-Key`) was used before for a different request
-    /// (code `idempotency_key_reused`, field `request_id`): nothing was stored or sent, and the
-    /// earlier request's notification or batch is unchanged. A repeat must carry the same
+    /// (code `idempotency_key_reused`, field `request_id`): nothing of this request was stored or
+    /// sent, and the earlier request's notification or batch is left as it is. A repeat must carry the same
     /// request; a new request needs a new request id.
     #[oai(status = 422)]
     UnprocessableContent(Json<ErrorBody>),

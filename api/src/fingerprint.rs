@@ -20,8 +20,11 @@ use sha2::{Digest, Sha256};
 
 use crate::ApiError;
 
-/// Names how fingerprints are made: a change to what they cover must change it, so that
-/// fingerprints stored before are not compared with ones made differently.
+/// Names how fingerprints are made: a change to what they cover (or to how the types they borrow
+/// serialise; the known-answer tests in `notifications` and `bulk` catch that) must change it,
+/// so that fingerprints stored before are not compared with ones made differently. Rows with a
+/// fingerprint of another version are then taken for repeats of any request under their id
+/// until their retention ends, as rows stored before fingerprints are.
 const VERSION: &str = "v1";
 
 /// The fingerprint of `request` (the fields that make its meaning): `v1:` and the hex SHA-256 of

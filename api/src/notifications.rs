@@ -150,9 +150,9 @@ pub struct TemplateUse {
 #[derive(Debug, Clone, Object)]
 pub struct SendRequest {
     /// Your idempotency key: repeating a request with the same id answers the first result and
-    /// sends nothing more. The repeat must be the same request (key order, whitespace and
-    /// surrounding spaces aside): another request with a used id is refused with 422
-    /// `idempotency_key_reused`.
+    /// sends nothing more. The repeat must be the same request (key order, whitespace between
+    /// fields and surrounding spaces of contacts and `customer_id` aside; spaces inside texts
+    /// count): another request with a used id is refused with 422 `idempotency_key_reused`.
     pub request_id: Option<String>,
     /// Who receives it.
     pub recipient: Recipient,
@@ -917,6 +917,39 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pins what a single send's fingerprint is made of (its fields and how the NATS types they
+    /// borrow serialise): a repeat across a deploy must keep its fingerprint. If this fails, the
+    /// fingerprint changed: bump `fingerprint::VERSION` (rows of the old one are then taken for
+    /// repeats), do not just update the expected value.
+    #[test]
+    fn a_send_fingerprint_is_stable() {
+        let contacts = Contacts {
+            email: Some("ada@example.com".into()),
+            push_tokens: vec!["device-1".into()],
+            ..Contacts::default()
+        };
+        let content = Content {
+            subject: Some("Order shipped".into()),
+            text: "Your order #1001 is on its way.".into(),
+            ..Content::default()
+        };
+        let scheduled_at = DateTime::parse_from_rfc3339("2026-12-06T10:00:00+01:00")
+            .expect("a time")
+            .with_timezone(&Utc);
+        let meaning = SendMeaning {
+            customer_id: Some("cust-1"),
+            contacts: &contacts,
+            category: Category::Transactional,
+            channels: Some(&[Channel::Email, Channel::Sms]),
+            content: &content,
+            scheduled_at: Some(scheduled_at),
+        };
+        assert_eq!(
+            fingerprint::of(&meaning).expect("a fingerprint"),
+            "v1:76e54e45a1b6fff5c30b8aff9c960d085f83ca3263d68c31b0a37a85372a9afc"
+        );
+    }
 
     #[test]
     fn recipient_needs_a_valid_contact_shape() {
