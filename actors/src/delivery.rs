@@ -620,6 +620,8 @@ async fn forget_dead_contacts(
         };
         match result {
             Ok(true) => {
+                metrics::counter!("herald_contacts_forgotten_total", "channel" => channel.as_str())
+                    .increment(1);
                 tracing::info!(customer_id, %channel, "forgot a contact the provider declared dead")
             }
             Ok(false) => {}

@@ -239,6 +239,9 @@ where
             }
             Some(Err(err)) => {
                 tracing::warn!(error = %err, what = pull.what, "pulling failed; binding again");
+                // What the subscription still holds goes back too (after a missed heartbeat the
+                // connection itself may be fine).
+                release(messages, None, pull.what).await;
                 return Ended::Failed;
             }
             None => return Ended::Finished,

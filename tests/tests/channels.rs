@@ -668,6 +668,11 @@ async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
         2,
         "the good device twice"
     );
+    let metrics = w.herald.metrics_text().await;
+    assert!(
+        metrics.contains("herald_contacts_forgotten_total{channel=\"push\"}"),
+        "the forgetting is counted: {metrics}"
+    );
     w.herald.shutdown().await.expect("shutdown");
 }
 
