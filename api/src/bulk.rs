@@ -202,15 +202,17 @@ impl BulkApi {
         };
         check_template(&self.state, &content, &target).await?;
         check_command_size(category, &channels, &content, &target)?;
-        let request_fingerprint = match request_id {
-            Some(_) => Some(fingerprint::of(&BulkMeaning {
-                category,
-                channels: channels_named.then_some(channels.as_slice()),
-                content: &content,
-                target: &target,
-            })?),
-            None => None,
-        };
+        let request_fingerprint = request_id
+            .as_ref()
+            .map(|_| {
+                fingerprint::of(&BulkMeaning {
+                    category,
+                    channels: channels_named.then_some(channels.as_slice()),
+                    content: &content,
+                    target: &target,
+                })
+            })
+            .transpose()?;
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,

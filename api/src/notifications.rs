@@ -543,14 +543,10 @@ struct SendMeaning<'a> {
 
 impl ValidSend {
     fn row(&self) -> NewNotification {
-        let row = new_notification(
-            &self.command,
-            self.recipient_key.clone(),
-            self.request_id.clone(),
-        );
         let row = NewNotification {
+            request_id: self.request_id.clone(),
             request_fingerprint: self.request_fingerprint.clone(),
-            ..row
+            ..new_notification(&self.command, self.recipient_key.clone())
         };
         match self.scheduled_at {
             Some(at) => NewNotification {
@@ -568,15 +564,12 @@ impl ValidSend {
     }
 }
 
-/// The row that records an accepted command as `queued`.
-pub fn new_notification(
-    command: &SendCommand,
-    recipient_key: String,
-    request_id: Option<String>,
-) -> NewNotification {
+/// The row that records an accepted command as `queued`, without a request id (a keyed request's
+/// row also needs its fingerprint: see [`crate::fingerprint`]).
+pub fn new_notification(command: &SendCommand, recipient_key: String) -> NewNotification {
     NewNotification {
         id: command.notification_id,
-        request_id,
+        request_id: None,
         request_fingerprint: None,
         customer_id: command.customer_id.clone(),
         recipient_key,
@@ -643,17 +636,19 @@ fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiErro
         created_at: Utc::now(),
     };
     check_command_size(&command)?;
-    let request_fingerprint = match request_id {
-        Some(_) => Some(fingerprint::of(&SendMeaning {
-            customer_id: command.customer_id.as_deref(),
-            contacts: &command.contacts,
-            category,
-            channels: channels_named.then_some(command.channels.as_slice()),
-            content: &command.content,
-            scheduled_at: request.scheduled_at,
-        })?),
-        None => None,
-    };
+    let request_fingerprint = request_id
+        .as_ref()
+        .map(|_| {
+            fingerprint::of(&SendMeaning {
+                customer_id: command.customer_id.as_deref(),
+                contacts: &command.contacts,
+                category,
+                channels: channels_named.then_some(command.channels.as_slice()),
+                content: &command.content,
+                scheduled_at: request.scheduled_at,
+            })
+        })
+        .transpose()?;
     Ok(ValidSend {
         scheduled_at,
         command,

@@ -270,7 +270,7 @@ async fn accept_chunk(
         .collect();
     let rows = commands
         .iter()
-        .map(|(key, c)| herald_api::notifications::new_notification(c, key.clone(), None))
+        .map(|(key, c)| herald_api::notifications::new_notification(c, key.clone()))
         .collect();
     let turn = gate.enter().await;
     repo::notifications::insert_many(db, rows).await?;
