@@ -165,11 +165,10 @@ impl Verdict {
         match result {
             Ok(_) => Self::Answered,
             Err(err) if !err.reached_provider() => Self::Untested,
-            Err(err) if err.counts_against_circuit() => match provider.one_endpoint() {
-                true => Self::Failed {
-                    retry_after: err.retry_after(),
-                },
-                false => Self::Untested,
+            // One of many endpoints failing says nothing of the provider (webhooks).
+            Err(err) if err.counts_against_circuit() && !provider.one_endpoint() => Self::Untested,
+            Err(err) if err.counts_against_circuit() => Self::Failed {
+                retry_after: err.retry_after(),
             },
             Err(_) => Self::Answered,
         }
@@ -606,14 +605,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_send_whose_caller_gave_up_while_queued_is_not_sent() {
+    /// A channel actor over a [`GatedProvider`], with a first send that has reached the provider
+    /// and waits at its gate.
+    struct FirstSendHeld {
+        actor: ActorRef<ChannelMsg>,
+        /// Lets held sends through.
+        gate: Arc<Semaphore>,
+        /// The ids of the sends that reached the provider (the first one already taken).
+        starts: mpsc::UnboundedReceiver<Uuid>,
+        /// The first send's answer, once it has one.
+        answer: tokio::task::JoinHandle<
+            Result<CallResult<SendReport>, ractor::MessagingErr<ChannelMsg>>,
+        >,
+    }
+
+    async fn first_send_held(settings: ChannelSettings) -> FirstSendHeld {
         let (started, mut starts) = mpsc::unbounded_channel();
         let gate = Arc::new(Semaphore::new(0));
-        let settings = ChannelSettings {
-            concurrency: 1,
-            ..ChannelSettings::default()
-        };
         let actor = spawn(
             GatedProvider {
                 started,
@@ -634,6 +642,26 @@ mod tests {
         });
         let sending = tokio::time::timeout(WAIT, starts.recv()).await;
         assert_eq!(sending.expect("the first send starts"), Some(first_id));
+        FirstSendHeld {
+            actor,
+            gate,
+            starts,
+            answer,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_whose_caller_gave_up_while_queued_is_not_sent() {
+        let FirstSendHeld {
+            actor,
+            gate,
+            mut starts,
+            answer,
+        } = first_send_held(ChannelSettings {
+            concurrency: 1,
+            ..ChannelSettings::default()
+        })
+        .await;
 
         // The second send queues behind the first for the only permit; its caller gives up.
         let second = outbound();
@@ -670,33 +698,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_send_that_could_outlast_its_caller_is_answered_unsent() {
-        let (started, mut starts) = mpsc::unbounded_channel();
-        let gate = Arc::new(Semaphore::new(0));
-        let settings = ChannelSettings {
+        let FirstSendHeld {
+            actor,
+            gate,
+            mut starts,
+            answer,
+        } = first_send_held(ChannelSettings {
             concurrency: 1,
             timeout_ms: 5_000,
             ..ChannelSettings::default()
-        };
-        let actor = spawn(
-            GatedProvider {
-                started,
-                gate: gate.clone(),
-            },
-            settings,
-        )
+        })
         .await;
-        let first = outbound();
-        let first_id = first.notification_id;
-        let answer = tokio::spawn({
-            let actor = actor.clone();
-            async move {
-                actor
-                    .call(|port| send_msg(first, WAIT, port), Some(WAIT))
-                    .await
-            }
-        });
-        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
-        assert_eq!(sending.expect("the first send starts"), Some(first_id));
 
         // The second send's caller waits 2 s, less than the channel's 5 s timeout: once it has
         // the permit its provider call could outlast its caller, so it must not start.
