@@ -126,58 +126,32 @@ pub async fn deliver(
     message: jetstream::Message,
     permit: DeliveryPermit,
 ) {
-    let permit = Lease::new(permit);
     let started = tokio::time::Instant::now();
-    let copy = message.info().map_or(
-        Delivery {
-            count: 1,
-            sequence: 0,
-            published: SystemTime::now(),
-        },
-        |i| Delivery {
-            count: i.delivered.max(1) as u64,
-            sequence: i.stream_sequence,
-            published: i.published.into(),
-        },
-    );
+    let copy = Delivery::of(&message);
     let (message, acker) = message.split();
-    if message.payload.len() > MAX_COMMAND_BYTES {
-        let reason = format!(
-            "oversized command: {} bytes (limit {MAX_COMMAND_BYTES})",
-            message.payload.len()
-        );
-        let msg_id = format!("poison:{}", copy.sequence);
-        dead_letter_poison(&ctx, &message, acker, copy.count, &reason, &msg_id).await;
-        return;
-    }
-    let mut command = match SendCommand::decode(&message.payload) {
+    let command = match read_command(&message.payload, copy, ctx.newer_version) {
         Ok(command) => command,
-        Err(CommandDecodeError::UnknownVersion(v))
-            if v > u64::from(SCHEMA_VERSION) && copy.count < ctx.newer_version.max_deliveries =>
-        {
+        Err(Unreadable::Newer { version, delay }) => {
             // Written by a newer build during a rolling upgrade: an upgraded instance may take
             // the partition and read it, so it is offered again rather than destroyed here.
             tracing::info!(
-                version = v,
+                version,
                 delivered = copy.count,
                 "command of a newer schema version; handed back for an upgraded instance"
             );
             metrics::counter!("herald_newer_version_commands_total").increment(1);
-            let _ = acker
-                .ack_with(jetstream::AckKind::Nak(Some(ctx.newer_version.delay)))
-                .await;
+            let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
             return;
         }
-        Err(err) => {
+        Err(Unreadable::Poison(reason)) => {
             // The stream sequence identifies the message, so distinct poison messages are not
             // taken for duplicates of each other by the DLQ's de-duplication.
             let msg_id = format!("poison:{}", copy.sequence);
-            dead_letter_poison(&ctx, &message, acker, copy.count, &err.to_string(), &msg_id).await;
+            dead_letter_poison(&ctx, &message, acker, copy.count, &reason, &msg_id).await;
             return;
         }
     };
-    let id = command.notification_id;
-    let Some(reservation) = ctx.in_flight.reserve(id) else {
+    let Some(reservation) = ctx.in_flight.reserve(command.notification_id) else {
         // Another copy of this command (a redelivery after a NATS restart) is being worked on
         // here; its outcome decides. Come back later in case it NAKs.
         let _ = acker
@@ -185,38 +159,122 @@ pub async fn deliver(
             .await;
         return;
     };
-    let permit = permit.with_reservation(reservation);
-    let replay_base = replay_base(&message);
-    let round = match ctx.claims.get(id).await {
-        Ok(Some(Claimed::Yours { attempts })) => {
-            Round::after(attempts, replay_base, command.channels.len())
+    let job = Job {
+        notification_id: command.notification_id,
+        replay_base: replay_base(&message),
+        payload: message.payload,
+        subject: message.subject,
+        acker,
+        copy,
+        permit: Lease::new(permit).with_reservation(reservation),
+    };
+    let settle = work(&ctx, command, &job, started).await;
+    job.settle(&ctx, settle).await;
+}
+
+/// Why a command message cannot be delivered by this build.
+enum Unreadable {
+    /// Written by a newer build: handed back for `delay`, for an upgraded instance.
+    Newer { version: u64, delay: Duration },
+    /// Not a command any build reads (the reason): dead-lettered as poison.
+    Poison(String),
+}
+
+/// Decodes a command message, within the size limit and this build's schema version (see
+/// [`NewerVersionHold`]).
+fn read_command(
+    payload: &[u8],
+    copy: Delivery,
+    newer: NewerVersionHold,
+) -> Result<SendCommand, Unreadable> {
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(Unreadable::Poison(format!(
+            "oversized command: {} bytes (limit {MAX_COMMAND_BYTES})",
+            payload.len()
+        )));
+    }
+    SendCommand::decode(payload).map_err(|err| match err {
+        CommandDecodeError::UnknownVersion(version)
+            if version > u64::from(SCHEMA_VERSION) && copy.count < newer.max_deliveries =>
+        {
+            Unreadable::Newer {
+                version,
+                delay: newer.delay,
+            }
         }
-        Ok(Some(Claimed::Final(_))) => {
-            // Cancelled, or a redelivery of a command whose outcome is written.
-            let _ = acker.ack().await;
-            return;
+        err => Unreadable::Poison(err.to_string()),
+    })
+}
+
+/// The command message a delivery works on, and what it takes to settle it.
+struct Job {
+    notification_id: uuid::Uuid,
+    /// See [`replay_base`].
+    replay_base: i32,
+    /// The command as stored, dead-lettered as it came.
+    payload: Bytes,
+    subject: async_nats::Subject,
+    acker: Acker,
+    copy: Delivery,
+    permit: Lease,
+}
+
+/// How a delivery ends for its command message.
+enum Settle {
+    /// Acknowledged: done, nothing to record.
+    Ack,
+    /// Handed back to JetStream, offered again after the delay (`None`: at once).
+    Nak(Option<Duration>),
+    /// Never to be delivered again.
+    Term,
+    /// Recorded by the StatusWriter, which then acks (`None`) or NAKs with the delay.
+    Record {
+        changes: Vec<StatusChange>,
+        attempts: Vec<NewAttempt>,
+        nak: Option<Duration>,
+    },
+    /// Copied to the dead-letter stream and recorded `dead` (see [`Job::dead`]).
+    Dead {
+        reason: String,
+        attempts: Vec<NewAttempt>,
+    },
+}
+
+impl Settle {
+    /// Records `changes` and `attempts`, then acks.
+    fn record(changes: Vec<StatusChange>, attempts: Vec<NewAttempt>) -> Self {
+        Settle::Record {
+            changes,
+            attempts,
+            nak: None,
         }
-        Ok(Some(Claimed::Moved(status))) => {
-            tracing::info!(%id, status = status.as_str(), "status changed while claiming; later");
-            let _ = acker
-                .ack_with(jetstream::AckKind::Nak(Some(CLAIM_AGAIN_IN)))
-                .await;
-            return;
+    }
+
+    /// Records `changes` and `attempts`, then NAKs with `delay`.
+    fn record_then_nak(
+        changes: Vec<StatusChange>,
+        attempts: Vec<NewAttempt>,
+        delay: Duration,
+    ) -> Self {
+        Settle::Record {
+            changes,
+            attempts,
+            nak: Some(delay),
         }
-        Ok(None) => {
-            // Never stored, or not accepted (the API answered 503 and removed it): sending would
-            // deliver something nobody was promised.
-            tracing::warn!(%id, "command for an unknown notification; dropped");
-            metrics::counter!("herald_unknown_commands_total").increment(1);
-            let _ = acker.ack_with(jetstream::AckKind::Term).await;
-            return;
-        }
-        Err(err) => {
-            tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
-            let delay = ctx.retry.delay(copy.count, None, rand::random());
-            let _ = acker.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
-            return;
-        }
+    }
+}
+
+/// Decides how a readable, reserved command ends: claim it, read its recipient, apply their
+/// wishes, render its template, walk its chain.
+async fn work(
+    ctx: &DeliveryContext,
+    mut command: SendCommand,
+    job: &Job,
+    started: tokio::time::Instant,
+) -> Settle {
+    let round = match claim(ctx, &command, job).await {
+        Ok(round) => round,
+        Err(settle) => return settle,
     };
     if ctx.retry.is_past_last(round.number) {
         // The last round was walked and recorded, but its dead letter could not be published.
@@ -224,21 +282,12 @@ pub async fn deliver(
             "gave up after {} rounds (dead-lettered on a later delivery)",
             round.number - 1
         );
-        let (payload, subject) = (message.payload, &message.subject);
-        dead(
-            &ctx,
-            &command,
-            payload,
-            subject,
-            acker,
-            copy,
+        return Settle::Dead {
             reason,
-            vec![],
-            permit,
-        )
-        .await;
-        return;
+            attempts: vec![],
+        };
     }
+    let id = command.notification_id;
     let recipient = match &command.customer_id {
         Some(customer_id) => ctx.recipients.get(customer_id.clone()).await,
         None => Ok(None),
@@ -247,77 +296,38 @@ pub async fn deliver(
         Ok(recipient) => recipient.unwrap_or_default(),
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot load the recipient; retrying later");
-            let delay = ctx.retry.delay(copy.count, None, rand::random());
-            write(
-                &ctx,
-                vec![],
-                vec![],
-                AfterWrite::Nak(acker, delay),
-                Some(permit),
-            );
-            return;
+            let delay = ctx.retry.delay(job.copy.count, None, rand::random());
+            return Settle::record_then_nak(vec![], vec![], delay);
         }
     };
     let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
         Ok(contacts) => contacts,
         Err(UnknownCustomer(customer)) => {
-            let waited = ctx.retry.wait(
-                copy.published,
-                SystemTime::now(),
-                copy.count,
-                rand::random(),
-            );
-            let gave_up = match waited {
-                Wait::Again(delay) => {
-                    wait_for_customer(&ctx, &command, &customer, delay, acker, permit);
-                    return;
-                }
-                Wait::GiveUp(gave_up) => gave_up,
-            };
-            let reason = format!("unknown customer {customer:?} and no contacts given ({gave_up})");
-            dead(
-                &ctx,
-                &command,
-                message.payload,
-                &message.subject,
-                acker,
-                copy,
-                reason,
-                vec![],
-                permit,
-            )
-            .await;
-            return;
+            return unknown_customer(&ctx.retry, id, &customer, job.copy);
         }
     };
-
     let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command).await {
         Gate::Go { opted_out } => opted_out,
-        gate => {
-            hold(&ctx, &command, gate, acker, round, permit);
-            return;
-        }
+        Gate::Skip { reason, opted_out } => return skipped(&command, reason, &opted_out, round),
+        Gate::Defer { delay, reason } => return deferred(ctx, id, delay, reason, round),
     };
-
-    if let Err(err) = render_template(&ctx, &mut command, recipient.customer.as_ref()).await {
-        template_failed(&ctx, id, err, acker, copy.count, permit);
-        return;
+    if let Err(err) = render_template(ctx, &mut command, recipient.customer.as_ref()).await {
+        return template_failed(&ctx.retry, id, err, job.copy.count);
     }
-    if !permit.partition_held() {
+    if !job.permit.partition_held() {
         // The partition's lease deadline passed while this delivery read the database or waited
         // for the rate limiter: another instance may own the partition by now, and its rate
         // limiter would not see this send. (The token spent here errs on the safe side.)
         metrics::counter!("herald_partition_lease_pauses_total").increment(1);
-        let _ = acker.ack_with(jetstream::AckKind::Nak(None)).await;
-        return;
+        return Settle::Nak(None);
     }
-    let refused = refused_earlier(&ctx, id, round, replay_base).await;
+    let refused = refused_earlier(ctx, id, round, job.replay_base).await;
     let skip = Skip {
         opted_out: &opted_out,
         refused: &refused,
     };
     let walk = with_progress(
-        &acker,
+        &job.acker,
         ctx.progress_every,
         started,
         walk_chain(&ctx.channels, &command, &contacts, round, skip),
@@ -326,17 +336,68 @@ pub async fn deliver(
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
     }
-    finish(
-        &ctx,
-        command,
-        walk,
-        message.payload,
-        &message.subject,
-        acker,
-        (copy, round),
-        permit,
-    )
-    .await;
+    finish(&ctx.retry, id, walk, job.copy, round)
+}
+
+/// Claims the notification (marks it `processing`): the round it is in, or how the command ends
+/// when it is not to be worked on.
+async fn claim(ctx: &DeliveryContext, command: &SendCommand, job: &Job) -> Result<Round, Settle> {
+    let id = command.notification_id;
+    match ctx.claims.get(id).await {
+        Ok(Some(Claimed::Yours { attempts })) => Ok(Round::after(
+            attempts,
+            job.replay_base,
+            command.channels.len(),
+        )),
+        // Cancelled, or a redelivery of a command whose outcome is written.
+        Ok(Some(Claimed::Final(_))) => Err(Settle::Ack),
+        Ok(Some(Claimed::Moved(status))) => {
+            tracing::info!(%id, status = status.as_str(), "status changed while claiming; later");
+            Err(Settle::Nak(Some(CLAIM_AGAIN_IN)))
+        }
+        Ok(None) => {
+            // Never stored, or not accepted (the API answered 503 and removed it): sending would
+            // deliver something nobody was promised.
+            tracing::warn!(%id, "command for an unknown notification; dropped");
+            metrics::counter!("herald_unknown_commands_total").increment(1);
+            Err(Settle::Term)
+        }
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
+            let delay = ctx.retry.delay(job.copy.count, None, rand::random());
+            Err(Settle::Nak(Some(delay)))
+        }
+    }
+}
+
+impl Job {
+    /// Ends the delivery as `settle` says.
+    async fn settle(self, ctx: &DeliveryContext, settle: Settle) {
+        let nak = |delay| jetstream::AckKind::Nak(delay);
+        match settle {
+            Settle::Ack => {
+                let _ = self.acker.ack().await;
+            }
+            Settle::Nak(delay) => {
+                let _ = self.acker.ack_with(nak(delay)).await;
+            }
+            Settle::Term => {
+                let _ = self.acker.ack_with(jetstream::AckKind::Term).await;
+            }
+            Settle::Record {
+                changes,
+                attempts,
+                nak,
+            } => {
+                let then = match nak {
+                    Some(delay) => AfterWrite::Nak(self.acker, delay),
+                    None => AfterWrite::Ack(self.acker),
+                };
+                write(ctx, changes, attempts, then, Some(self.permit));
+            }
+            Settle::Dead { reason, attempts } => self.dead(ctx, reason, attempts).await,
+        }
+    }
 }
 
 /// Which copy of a command a delivery works on, as JetStream tells it.
@@ -349,6 +410,24 @@ struct Delivery {
     sequence: u64,
     /// When JetStream stored the stream message: a wait for its customer is measured from it.
     published: SystemTime,
+}
+
+impl Delivery {
+    /// What JetStream tells of `message` (a first delivery, now, when it tells nothing).
+    fn of(message: &jetstream::Message) -> Self {
+        message.info().map_or(
+            Delivery {
+                count: 1,
+                sequence: 0,
+                published: SystemTime::now(),
+            },
+            |info| Delivery {
+                count: info.delivered.max(1) as u64,
+                sequence: info.stream_sequence,
+                published: info.published.into(),
+            },
+        )
+    }
 }
 
 /// The attempts recorded before a command was replayed from the dead-letter stream (its
@@ -392,67 +471,60 @@ impl Round {
     }
 }
 
-/// Records a notification the policy stopped (`skipped`) or held (NAK with delay, still
-/// `processing`), with the reason, so "why was this not sent?" has an answer.
-fn hold(
+/// Records a notification the policy stopped (`skipped`, with the channels the customer opted
+/// out of as attempts), with the reason, so "why was this not sent?" has an answer.
+fn skipped(command: &SendCommand, reason: String, opted_out: &[Channel], round: Round) -> Settle {
+    metrics::counter!("herald_notifications_skipped_total").increment(1);
+    let first_no = round.first_attempt_no;
+    let attempts: Vec<NewAttempt> = opted_out
+        .iter()
+        .enumerate()
+        .map(|(index, channel)| opted_out_attempt(command, *channel, first_no + index as u64 + 1))
+        .collect();
+    let change = StatusChange {
+        reason: Some(reason),
+        attempts: attempts.last().map(|a| a.attempt_no),
+        ..StatusChange::to(command.notification_id, NotificationStatus::Skipped)
+    };
+    Settle::record(vec![change], attempts)
+}
+
+/// Holds a notification the policy deferred (quiet hours, a rate limit) for `delay`, with the
+/// reason: NAKed with the delay, still `processing`, or, when the hold is long, `scheduled` and
+/// acked (see [`DeliveryContext::schedule_deferrals_after`]).
+fn deferred(
     ctx: &DeliveryContext,
-    command: &SendCommand,
-    gate: Gate,
-    acker: Acker,
+    id: uuid::Uuid,
+    delay: Duration,
+    reason: String,
     round: Round,
-    permit: Lease,
-) {
-    let id = command.notification_id;
-    match gate {
-        Gate::Go { .. } => {}
-        Gate::Skip { reason, opted_out } => {
-            metrics::counter!("herald_notifications_skipped_total").increment(1);
-            let first_no = round.first_attempt_no;
-            let attempts: Vec<NewAttempt> = opted_out
-                .iter()
-                .enumerate()
-                .map(|(index, channel)| {
-                    opted_out_attempt(command, *channel, first_no + index as u64 + 1)
-                })
-                .collect();
-            let change = StatusChange {
-                reason: Some(reason),
-                attempts: attempts.last().map(|a| a.attempt_no),
-                ..StatusChange::to(id, NotificationStatus::Skipped)
-            };
-            write(
-                ctx,
-                vec![change],
-                attempts,
-                AfterWrite::Ack(acker),
-                Some(permit),
-            );
-        }
-        Gate::Defer { delay, reason } => {
-            metrics::counter!("herald_notifications_deferred_total").increment(1);
-            tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
-            // A replayed command keeps its message: the Scheduler's republish of a scheduled
-            // notification would not carry its replay base, and its retries would be gone.
-            let long = delay >= ctx.schedule_deferrals_after && !round.replayed;
-            let (change, then) = match long.then(|| due_after(delay)).flatten() {
-                Some(due) => (
-                    StatusChange {
-                        scheduled_at: Some(due),
-                        ..StatusChange::to(id, NotificationStatus::Scheduled)
-                    },
-                    AfterWrite::Ack(acker),
-                ),
-                _ => (
-                    StatusChange::to(id, NotificationStatus::Processing),
-                    AfterWrite::Nak(acker, delay),
-                ),
-            };
-            let change = StatusChange {
-                reason: Some(reason),
-                ..change
-            };
-            write(ctx, vec![change], vec![], then, Some(permit));
-        }
+) -> Settle {
+    metrics::counter!("herald_notifications_deferred_total").increment(1);
+    tracing::debug!(%id, delay_ms = delay.as_millis() as u64, %reason, "held back");
+    // A replayed command keeps its message: the Scheduler's republish of a scheduled
+    // notification would not carry its replay base, and its retries would be gone.
+    let long = delay >= ctx.schedule_deferrals_after && !round.replayed;
+    let (change, nak) = match long.then(|| due_after(delay)).flatten() {
+        Some(due) => (
+            StatusChange {
+                scheduled_at: Some(due),
+                ..StatusChange::to(id, NotificationStatus::Scheduled)
+            },
+            None,
+        ),
+        _ => (
+            StatusChange::to(id, NotificationStatus::Processing),
+            Some(delay),
+        ),
+    };
+    let change = StatusChange {
+        reason: Some(reason),
+        ..change
+    };
+    Settle::Record {
+        changes: vec![change],
+        attempts: vec![],
+        nak,
     }
 }
 
@@ -484,34 +556,34 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
 /// A command for a customer id nobody stored, with no contacts of its own for its chain.
 struct UnknownCustomer(String);
 
-/// Holds a command whose customer does not exist (yet) back for `delay` (the retry schedule's, see
-/// [`RetryPolicy::wait`]), recorded `processing` with the reason: a customer may be registered a
-/// moment after the send that names it, as the Router waits for an event's. Once the schedule's
-/// whole wait has passed since the command was published it is dead-lettered. Not a
-/// [`Gate::Defer`]: a long one would become `scheduled` and come back as a new message, published
-/// later, so it would wait for ever.
-fn wait_for_customer(
-    ctx: &DeliveryContext,
-    command: &SendCommand,
-    customer: &str,
-    delay: Duration,
-    acker: Acker,
-    permit: Lease,
-) {
-    let change = StatusChange {
-        reason: Some(format!(
-            "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",
-            delay.as_secs_f64()
-        )),
-        ..StatusChange::to(command.notification_id, NotificationStatus::Processing)
-    };
-    write(
-        ctx,
-        vec![change],
-        vec![],
-        AfterWrite::Nak(acker, delay),
-        Some(permit),
-    );
+/// A command for a customer that does not exist (yet), with no contacts of its own: held back
+/// for the retry schedule's delay (see [`RetryPolicy::wait`]), recorded `processing` with the
+/// reason, since a customer may be registered a moment after the send that names it, as the
+/// Router waits for an event's; dead-lettered once the schedule's whole wait has passed since the
+/// command was published. Not a [`Gate::Defer`]: a long one would become `scheduled` and come back
+/// as a new message, published later, so it would wait for ever.
+fn unknown_customer(retry: &RetryPolicy, id: uuid::Uuid, customer: &str, copy: Delivery) -> Settle {
+    match retry.wait(
+        copy.published,
+        SystemTime::now(),
+        copy.count,
+        rand::random(),
+    ) {
+        Wait::Again(delay) => {
+            let change = StatusChange {
+                reason: Some(format!(
+                    "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",
+                    delay.as_secs_f64()
+                )),
+                ..StatusChange::to(id, NotificationStatus::Processing)
+            };
+            Settle::record_then_nak(vec![change], vec![], delay)
+        }
+        Wait::GiveUp(gave_up) => Settle::Dead {
+            reason: format!("unknown customer {customer:?} and no contacts given ({gave_up})"),
+            attempts: vec![],
+        },
+    }
 }
 
 /// The request's contacts over the stored customer's.
@@ -555,24 +627,15 @@ async fn render_template(
 /// A template that cannot render: `failed` with the reason (a retry would render the same), or a
 /// NAK with backoff when the template could not be read.
 fn template_failed(
-    ctx: &DeliveryContext,
+    retry: &RetryPolicy,
     id: uuid::Uuid,
     err: TemplateError,
-    acker: Acker,
     delivered: u64,
-    permit: Lease,
-) {
+) -> Settle {
     if err.is_transient() {
         tracing::warn!(%id, error = %err, "cannot read the template; retrying later");
-        let delay = ctx.retry.delay(delivered, None, rand::random());
-        write(
-            ctx,
-            vec![],
-            vec![],
-            AfterWrite::Nak(acker, delay),
-            Some(permit),
-        );
-        return;
+        let delay = retry.delay(delivered, None, rand::random());
+        return Settle::record_then_nak(vec![], vec![], delay);
     }
     tracing::info!(%id, error = %err, "template did not render; failed");
     metrics::counter!("herald_notifications_failed_total").increment(1);
@@ -582,13 +645,7 @@ fn template_failed(
         reason: Some(err.to_string()),
         ..StatusChange::to(id, NotificationStatus::Failed)
     };
-    write(
-        ctx,
-        vec![change],
-        vec![],
-        AfterWrite::Ack(acker),
-        Some(permit),
-    );
+    Settle::record(vec![change], vec![])
 }
 
 /// A stored customer's contacts in wire form.
@@ -870,19 +927,9 @@ async fn ask_channel(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    ctx: &DeliveryContext,
-    command: SendCommand,
-    walk: Walk,
-    payload: Bytes,
-    subject: &str,
-    acker: Acker,
-    delivery: (Delivery, Round),
-    permit: Lease,
-) {
-    let (copy, round) = delivery;
-    let id = command.notification_id;
+/// How a walk of the chain ends: `sent`; a NAK with backoff while rounds remain and some channel
+/// may take it later; `dead` after the last round; `failed` when every channel refused for good.
+fn finish(retry: &RetryPolicy, id: uuid::Uuid, walk: Walk, copy: Delivery, round: Round) -> Settle {
     let attempts_made = walk.attempts.last().map(|a| a.attempt_no);
     if let Some(channel) = walk.sent_on {
         metrics::counter!("herald_notifications_sent_total", "channel" => channel.as_str())
@@ -892,25 +939,16 @@ async fn finish(
             attempts: attempts_made,
             ..StatusChange::to(id, NotificationStatus::Sent)
         };
-        write(
-            ctx,
-            vec![change],
-            walk.attempts,
-            AfterWrite::Ack(acker),
-            Some(permit),
-        );
-        return;
+        return Settle::record(vec![change], walk.attempts);
     }
     let error = walk
         .last_error
         .clone()
         .unwrap_or_else(|| "empty channel chain".into());
-    if walk.retryable && !walk.called && !ctx.retry.counts_pass_without_calls(copy.count) {
-        wait_for_circuits(ctx, id, walk.retry_after, error, acker, round, permit);
-    } else if walk.retryable && !ctx.retry.is_last(round.number) {
-        let delay = ctx
-            .retry
-            .delay(round.number, walk.retry_after, rand::random());
+    if walk.retryable && !walk.called && !retry.counts_pass_without_calls(copy.count) {
+        wait_for_circuits(retry, id, walk.retry_after, error, round)
+    } else if walk.retryable && !retry.is_last(round.number) {
+        let delay = retry.delay(round.number, walk.retry_after, rand::random());
         tracing::info!(%id, round = round.number, delay_ms = delay.as_millis() as u64, %error, "no channel took it; retrying later");
         let change = StatusChange {
             error: Some(error),
@@ -918,27 +956,12 @@ async fn finish(
             reason: Some(format!("retrying in {} s", delay.as_secs())),
             ..StatusChange::to(id, NotificationStatus::Processing)
         };
-        write(
-            ctx,
-            vec![change],
-            walk.attempts,
-            AfterWrite::Nak(acker, delay),
-            Some(permit),
-        );
+        Settle::record_then_nak(vec![change], walk.attempts, delay)
     } else if walk.retryable {
-        let reason = format!("gave up after {} rounds: {error}", round.number);
-        dead(
-            ctx,
-            &command,
-            payload,
-            subject,
-            acker,
-            copy,
-            reason,
-            walk.attempts,
-            permit,
-        )
-        .await;
+        Settle::Dead {
+            reason: format!("gave up after {} rounds: {error}", round.number),
+            attempts: walk.attempts,
+        }
     } else {
         metrics::counter!("herald_notifications_failed_total").increment(1);
         let change = StatusChange {
@@ -949,13 +972,7 @@ async fn finish(
             ),
             ..StatusChange::to(id, NotificationStatus::Failed)
         };
-        write(
-            ctx,
-            vec![change],
-            walk.attempts,
-            AfterWrite::Ack(acker),
-            Some(permit),
-        );
+        Settle::record(vec![change], walk.attempts)
     }
 }
 
@@ -964,15 +981,13 @@ async fn finish(
 /// recorded (nothing was tried), so that a provider outage does not use up the retries. The
 /// retry policy's `max_deliveries_while_open` bounds how long this goes on.
 fn wait_for_circuits(
-    ctx: &DeliveryContext,
+    retry: &RetryPolicy,
     id: uuid::Uuid,
     retry_after: Option<Duration>,
     error: String,
-    acker: Acker,
     round: Round,
-    permit: Lease,
-) {
-    let delay = ctx.retry.delay(round.number, retry_after, rand::random());
+) -> Settle {
+    let delay = retry.delay(round.number, retry_after, rand::random());
     tracing::info!(%id, round = round.number, delay_ms = delay.as_millis() as u64, %error, "no provider could be called; waiting");
     let change = StatusChange {
         error: Some(error),
@@ -983,89 +998,68 @@ fn wait_for_circuits(
         )),
         ..StatusChange::to(id, NotificationStatus::Processing)
     };
-    write(
-        ctx,
-        vec![change],
-        vec![],
-        AfterWrite::Nak(acker, delay),
-        Some(permit),
-    );
+    Settle::record_then_nak(vec![change], vec![], delay)
 }
 
-/// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached the
-/// command is NAKed instead, so it is neither lost nor acked without its dead letter.
-///
-/// The dead letter's `Nats-Msg-Id` names the notification and the stream message that died: a
-/// redelivery of that message dead-letters it again as a duplicate JetStream drops, while a
-/// replayed command that dies again (a new message) gets a dead letter of its own even within
-/// the duplicate window, rather than being `dead` with nothing left to replay.
-#[allow(clippy::too_many_arguments)]
-async fn dead(
-    ctx: &DeliveryContext,
-    command: &SendCommand,
-    payload: Bytes,
-    subject: &str,
-    acker: Acker,
-    copy: Delivery,
-    reason: String,
-    attempts: Vec<NewAttempt>,
-    permit: Lease,
-) {
-    let id = command.notification_id;
-    let mut providers: Vec<String> = attempts
-        .iter()
-        .map(|a| a.provider.clone())
-        .filter(|p| p != "-")
-        .collect();
-    providers.dedup();
-    let published = ctx
-        .publisher
-        .publish_dead_letter(
-            &DeadLetterHeaders {
-                source: "cmd",
-                original_subject: subject,
-                deliveries: copy.count,
-                reason: &reason,
-                providers: &providers,
-            },
-            payload,
-            &format!("{id}:dead:{}", copy.sequence),
-        )
-        .await;
-    if let Err(err) = published {
-        tracing::warn!(%id, error = %err, "cannot dead-letter; retrying later");
-        // The attempts count with the rounds they end, so the next delivery finds the last round
-        // walked and only dead-letters, rather than call the providers all over again.
-        let change = StatusChange {
-            attempts: attempts.last().map(|a| a.attempt_no),
-            reason: Some(format!(
-                "{reason}; cannot dead-letter yet ({err}), again in 5 s"
-            )),
-            ..StatusChange::to(id, NotificationStatus::Processing)
+impl Job {
+    /// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached
+    /// the command is NAKed instead, so it is neither lost nor acked without its dead letter.
+    ///
+    /// The dead letter's `Nats-Msg-Id` names the notification and the stream message that died: a
+    /// redelivery of that message dead-letters it again as a duplicate JetStream drops, while a
+    /// replayed command that dies again (a new message) gets a dead letter of its own even within
+    /// the duplicate window, rather than being `dead` with nothing left to replay.
+    async fn dead(self, ctx: &DeliveryContext, reason: String, attempts: Vec<NewAttempt>) {
+        let id = self.notification_id;
+        let mut providers: Vec<String> = attempts
+            .iter()
+            .map(|a| a.provider.clone())
+            .filter(|p| p != "-")
+            .collect();
+        providers.dedup();
+        let published = ctx
+            .publisher
+            .publish_dead_letter(
+                &DeadLetterHeaders {
+                    source: "cmd",
+                    original_subject: &self.subject,
+                    deliveries: self.copy.count,
+                    reason: &reason,
+                    providers: &providers,
+                },
+                self.payload,
+                &format!("{id}:dead:{}", self.copy.sequence),
+            )
+            .await;
+        let attempts_made = attempts.last().map(|a| a.attempt_no);
+        let (change, then) = match published {
+            Err(err) => {
+                tracing::warn!(%id, error = %err, "cannot dead-letter; retrying later");
+                // The attempts count with the rounds they end, so the next delivery finds the
+                // last round walked and only dead-letters, rather than call the providers all
+                // over again.
+                let change = StatusChange {
+                    attempts: attempts_made,
+                    reason: Some(format!(
+                        "{reason}; cannot dead-letter yet ({err}), again in 5 s"
+                    )),
+                    ..StatusChange::to(id, NotificationStatus::Processing)
+                };
+                (change, AfterWrite::Nak(self.acker, Duration::from_secs(5)))
+            }
+            Ok(()) => {
+                metrics::counter!("herald_notifications_dead_total").increment(1);
+                let change = StatusChange {
+                    error: Some(reason.clone()),
+                    reason: Some(reason),
+                    attempts: attempts_made,
+                    ..StatusChange::to(id, NotificationStatus::Dead)
+                };
+                (change, AfterWrite::Ack(self.acker))
+            }
         };
-        write(
-            ctx,
-            vec![change],
-            attempts,
-            AfterWrite::Nak(acker, Duration::from_secs(5)),
-            Some(permit),
-        );
-        return;
+        write(ctx, vec![change], attempts, then, Some(self.permit));
     }
-    metrics::counter!("herald_notifications_dead_total").increment(1);
-    let change = StatusChange {
-        error: Some(reason.clone()),
-        reason: Some(reason),
-        attempts: attempts.last().map(|a| a.attempt_no),
-        ..StatusChange::to(id, NotificationStatus::Dead)
-    };
-    write(
-        ctx,
-        vec![change],
-        attempts,
-        AfterWrite::Ack(acker),
-        Some(permit),
-    );
 }
 
 /// A message that is not a command this build can read: to the DLQ with the reason, then acked so
@@ -1136,7 +1130,11 @@ mod tests {
 
     use chrono::Utc;
 
-    use super::{Round, due_after};
+    use herald_entities::NotificationStatus;
+    use herald_nats::Channel;
+
+    use super::{Delivery, Round, Settle, Walk, due_after, finish};
+    use crate::retry::RetryPolicy;
 
     #[test]
     fn rounds_count_recorded_attempts_not_deliveries() {
@@ -1186,6 +1184,126 @@ mod tests {
             Round::after(4, -5, 2).number,
             3,
             "a negative base counts as none"
+        );
+    }
+
+    /// A walk that ended with `attempts` attempts (attempt numbers from 1), retryable or not.
+    fn walk(attempts: usize, retryable: bool, called: bool) -> Walk {
+        let attempt = |no: usize| herald_entities::repo::status_batch::NewAttempt {
+            notification_id: uuid::Uuid::nil(),
+            attempt_no: no as i32,
+            channel: "email".into(),
+            provider: format!("smtp-{no}"),
+            status: "failed".into(),
+            error: Some("down".into()),
+            provider_message_id: None,
+            latency_ms: 1,
+            at: Utc::now(),
+        };
+        Walk {
+            attempts: (1..=attempts).map(attempt).collect(),
+            sent_on: None,
+            dead_contacts: vec![],
+            retryable,
+            called,
+            retry_after: None,
+            last_error: Some("down".into()),
+        }
+    }
+
+    fn copy(count: u64) -> Delivery {
+        Delivery {
+            count,
+            sequence: 7,
+            published: std::time::SystemTime::now(),
+        }
+    }
+
+    /// The status a settle records, and whether it NAKs.
+    fn recorded(settle: &Settle) -> (NotificationStatus, Option<i32>, bool) {
+        match settle {
+            Settle::Record {
+                changes,
+                nak,
+                attempts,
+            } => {
+                assert_eq!(changes.len(), 1, "one status change");
+                let attempt_no = attempts.last().map(|a| a.attempt_no);
+                assert_eq!(changes[0].attempts, attempt_no, "counts what it records");
+                (changes[0].status, attempt_no, nak.is_some())
+            }
+            _ => panic!("expected a record"),
+        }
+    }
+
+    #[test]
+    fn a_walk_ends_sent_retried_dead_or_failed_by_its_round_and_failures() {
+        let retry = RetryPolicy {
+            max_deliveries: 3,
+            ..RetryPolicy::default()
+        };
+        let id = uuid::Uuid::nil();
+        let mut sent = walk(2, true, true);
+        sent.sent_on = Some(Channel::Email);
+        assert_eq!(
+            recorded(&finish(&retry, id, sent, copy(1), Round::after(0, 0, 2))),
+            (NotificationStatus::Sent, Some(2), false)
+        );
+        let round = |number| Round {
+            number,
+            first_attempt_no: 0,
+            replayed: false,
+        };
+        assert_eq!(
+            recorded(&finish(&retry, id, walk(2, true, true), copy(1), round(2))),
+            (NotificationStatus::Processing, Some(2), true),
+            "a transient failure before the last round is retried with its attempts"
+        );
+        assert!(
+            matches!(
+                finish(&retry, id, walk(2, true, true), copy(9), round(3)),
+                Settle::Dead { reason, attempts }
+                    if reason.starts_with("gave up after 3 rounds: down") && attempts.len() == 2
+            ),
+            "the last round's transient failure is dead"
+        );
+        assert_eq!(
+            recorded(&finish(&retry, id, walk(2, false, true), copy(1), round(1))),
+            (NotificationStatus::Failed, Some(2), false),
+            "refused for good in the first round: failed, not retried"
+        );
+    }
+
+    #[test]
+    fn a_pass_that_called_no_provider_waits_without_counting_until_its_limit() {
+        let retry = RetryPolicy {
+            max_deliveries: 3,
+            max_deliveries_while_open: 10,
+            ..RetryPolicy::default()
+        };
+        let id = uuid::Uuid::nil();
+        let last_round = Round {
+            number: 3,
+            first_attempt_no: 4,
+            replayed: false,
+        };
+        assert_eq!(
+            recorded(&finish(
+                &retry,
+                id,
+                walk(0, true, false),
+                copy(9),
+                last_round
+            )),
+            (NotificationStatus::Processing, None, true),
+            "every circuit open in the last round: waits, nothing recorded"
+        );
+        assert!(
+            matches!(
+                finish(&retry, id, walk(0, true, false), copy(10), last_round),
+                Settle::Dead { .. }
+            ),
+            "from max_deliveries_while_open on, such a pass counts"
         );
     }
 }
