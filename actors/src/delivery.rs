@@ -233,14 +233,26 @@ enum Settle {
         attempts: Vec<NewAttempt>,
         nak: Option<Duration>,
     },
-    /// Copied to the dead-letter stream and recorded `dead` (see [`Job::dead`]).
+    /// Copied to the dead-letter stream, naming the `providers` the last round called, and
+    /// recorded `dead` with the `attempts` not recorded yet (see [`Job::dead`]).
     Dead {
         reason: String,
         attempts: Vec<NewAttempt>,
+        providers: Vec<String>,
     },
 }
 
 impl Settle {
+    /// Dead after a round whose `attempts` are recorded with it.
+    fn dead(reason: String, attempts: Vec<NewAttempt>) -> Self {
+        let providers = called_providers(attempts.iter().map(|a| a.provider.as_str()));
+        Settle::Dead {
+            reason,
+            attempts,
+            providers,
+        }
+    }
+
     /// Records `changes` and `attempts`, then acks.
     fn record(changes: Vec<StatusChange>, attempts: Vec<NewAttempt>) -> Self {
         Settle::Record {
@@ -276,18 +288,10 @@ async fn work(
         Ok(round) => round,
         Err(settle) => return settle,
     };
-    if ctx.retry.is_past_last(round.number) {
-        // The last round was walked and recorded, but its dead letter could not be published.
-        let reason = format!(
-            "gave up after {} rounds (dead-lettered on a later delivery)",
-            round.number - 1
-        );
-        return Settle::Dead {
-            reason,
-            attempts: vec![],
-        };
-    }
     let id = command.notification_id;
+    if ctx.retry.is_past_last(round.number) {
+        return dead_after_the_last_round(ctx, id, round, command.channels.len()).await;
+    }
     let recipient = match &command.customer_id {
         Some(customer_id) => ctx.recipients.get(customer_id.clone()).await,
         None => Ok(None),
@@ -370,6 +374,53 @@ async fn claim(ctx: &DeliveryContext, command: &SendCommand, job: &Job) -> Resul
     }
 }
 
+/// The providers named by attempts, in order, each once; `-` (no provider called) left out.
+fn called_providers<'a>(providers: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut called: Vec<String> = Vec::new();
+    for provider in providers.filter(|provider| *provider != "-") {
+        if !called.iter().any(|known| known == provider) {
+            called.push(provider.to_string());
+        }
+    }
+    called
+}
+
+/// The last round was walked and recorded, but its dead letter could not be published then (see
+/// [`Job::dead`]): it is published now, with the providers that round called and its last error,
+/// read back from its recorded attempts, as it would have been at once. If they cannot be read,
+/// it goes out without them rather than wait.
+async fn dead_after_the_last_round(
+    ctx: &DeliveryContext,
+    id: uuid::Uuid,
+    round: Round,
+    chain_len: usize,
+) -> Settle {
+    let last_round_after = round.first_attempt_no.saturating_sub(chain_len as u64);
+    let attempts = match repo::notifications::find_with_attempts(&ctx.db, id).await {
+        Ok(found) => found.map(|(_, attempts)| attempts).unwrap_or_default(),
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot read the last round's attempts");
+            vec![]
+        }
+    };
+    let last_round: Vec<_> = attempts
+        .iter()
+        .filter(|attempt| u64::try_from(attempt.attempt_no).unwrap_or(0) > last_round_after)
+        .collect();
+    let rounds = round.number - 1;
+    let reason = match last_round.iter().rev().find_map(|a| a.error.as_deref()) {
+        Some(error) => {
+            format!("gave up after {rounds} rounds: {error} (dead-lettered on a later delivery)")
+        }
+        None => format!("gave up after {rounds} rounds (dead-lettered on a later delivery)"),
+    };
+    Settle::Dead {
+        reason,
+        attempts: vec![],
+        providers: called_providers(last_round.iter().map(|a| a.provider.as_str())),
+    }
+}
+
 impl Job {
     /// Ends the delivery as `settle` says.
     async fn settle(self, ctx: &DeliveryContext, settle: Settle) {
@@ -395,7 +446,11 @@ impl Job {
                 };
                 write(ctx, changes, attempts, then, Some(self.permit));
             }
-            Settle::Dead { reason, attempts } => self.dead(ctx, reason, attempts).await,
+            Settle::Dead {
+                reason,
+                attempts,
+                providers,
+            } => self.dead(ctx, reason, attempts, &providers).await,
         }
     }
 }
@@ -579,10 +634,10 @@ fn unknown_customer(retry: &RetryPolicy, id: uuid::Uuid, customer: &str, copy: D
             };
             Settle::record_then_nak(vec![change], vec![], delay)
         }
-        Wait::GiveUp(gave_up) => Settle::Dead {
-            reason: format!("unknown customer {customer:?} and no contacts given ({gave_up})"),
-            attempts: vec![],
-        },
+        Wait::GiveUp(gave_up) => Settle::dead(
+            format!("unknown customer {customer:?} and no contacts given ({gave_up})"),
+            vec![],
+        ),
     }
 }
 
@@ -958,10 +1013,10 @@ fn finish(retry: &RetryPolicy, id: uuid::Uuid, walk: Walk, copy: Delivery, round
         };
         Settle::record_then_nak(vec![change], walk.attempts, delay)
     } else if walk.retryable {
-        Settle::Dead {
-            reason: format!("gave up after {} rounds: {error}", round.number),
-            attempts: walk.attempts,
-        }
+        Settle::dead(
+            format!("gave up after {} rounds: {error}", round.number),
+            walk.attempts,
+        )
     } else {
         metrics::counter!("herald_notifications_failed_total").increment(1);
         let change = StatusChange {
@@ -1009,14 +1064,14 @@ impl Job {
     /// redelivery of that message dead-letters it again as a duplicate JetStream drops, while a
     /// replayed command that dies again (a new message) gets a dead letter of its own even within
     /// the duplicate window, rather than being `dead` with nothing left to replay.
-    async fn dead(self, ctx: &DeliveryContext, reason: String, attempts: Vec<NewAttempt>) {
+    async fn dead(
+        self,
+        ctx: &DeliveryContext,
+        reason: String,
+        attempts: Vec<NewAttempt>,
+        providers: &[String],
+    ) {
         let id = self.notification_id;
-        let mut providers: Vec<String> = attempts
-            .iter()
-            .map(|a| a.provider.clone())
-            .filter(|p| p != "-")
-            .collect();
-        providers.dedup();
         let published = ctx
             .publisher
             .publish_dead_letter(
@@ -1025,7 +1080,7 @@ impl Job {
                     original_subject: &self.subject,
                     deliveries: self.copy.count,
                     reason: &reason,
-                    providers: &providers,
+                    providers,
                 },
                 self.payload,
                 &format!("{id}:dead:{}", self.copy.sequence),
@@ -1262,8 +1317,9 @@ mod tests {
         assert!(
             matches!(
                 finish(&retry, id, walk(2, true, true), copy(9), round(3)),
-                Settle::Dead { reason, attempts }
+                Settle::Dead { reason, attempts, providers }
                     if reason.starts_with("gave up after 3 rounds: down") && attempts.len() == 2
+                        && providers == ["smtp-1", "smtp-2"]
             ),
             "the last round's transient failure is dead"
         );

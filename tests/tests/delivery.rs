@@ -624,5 +624,14 @@ async fn a_failed_dead_letter_is_published_later_without_calling_the_providers_a
     let attempts = dead["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 2, "the chain was walked again: {dead}");
     assert_eq!(stream_messages(&w.nats, "NOTIFY_DLQ").await, 1);
+    // The late dead letter tells what the last round met, as one published at once would.
+    let (_, page) = w.herald.get("/api/v1/dlq").await;
+    let entry = &page["items"][0];
+    assert_eq!(entry["providers"], json!(["smtp"]), "{entry}");
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("gave up after 2 rounds") && reason.contains("451"),
+        "the reason names the rounds and the last error: {entry}"
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }
