@@ -66,12 +66,7 @@ pub async fn create(db: &impl ConnectionTrait, new: NewBatch) -> Result<Created,
     }
     // Skipped: only a request id can conflict (the id is new), and it is there.
     let existing = match &model.request_id {
-        Some(request_id) => {
-            batch::Entity::find()
-                .filter(batch::Column::RequestId.eq(request_id.as_str()))
-                .one(db)
-                .await?
-        }
+        Some(request_id) => find_by_request_id(db, request_id).await?,
         None => None,
     };
     existing
@@ -82,6 +77,17 @@ pub async fn create(db: &impl ConnectionTrait, new: NewBatch) -> Result<Created,
 /// The batch with this id.
 pub async fn find(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<batch::Model>, RepoError> {
     Ok(batch::Entity::find_by_id(id).one(db).await?)
+}
+
+/// The batch stored under this request id.
+pub async fn find_by_request_id(
+    db: &impl ConnectionTrait,
+    request_id: &str,
+) -> Result<Option<batch::Model>, RepoError> {
+    Ok(batch::Entity::find()
+        .filter(batch::Column::RequestId.eq(request_id))
+        .one(db)
+        .await?)
 }
 
 /// How many of the batch's notifications are in each status.

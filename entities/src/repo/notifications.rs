@@ -130,6 +130,17 @@ pub async fn insert_together(
         .collect())
 }
 
+/// The notification stored under this request id.
+pub async fn find_by_request_id(
+    db: &impl ConnectionTrait,
+    request_id: &str,
+) -> Result<Option<notification::Model>, RepoError> {
+    Ok(notification::Entity::find()
+        .filter(notification::Column::RequestId.eq(request_id))
+        .one(db)
+        .await?)
+}
+
 /// The stored notifications with these request ids, by request id.
 async fn find_many_by_request_id(
     db: &impl ConnectionTrait,
