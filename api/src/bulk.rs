@@ -73,11 +73,13 @@ pub struct BulkRecipient {
 #[derive(Debug, Clone, Object)]
 pub struct BulkRequest {
     /// Your idempotency key: repeating a request with the same id answers the batch stored first
-    /// and sends nothing more. The repeat must be the same request (key order, whitespace between
-    /// fields and surrounding spaces of contacts, customer ids and filter values aside; spaces
-    /// inside texts count): another request with a used id is refused with 422
-    /// `idempotency_key_reused`. Bulk sends' request ids are their own: a single send's does not
-    /// answer a bulk send.
+    /// and sends nothing more, also when what it was checked against has changed since (its
+    /// template deleted or its variables changed, its channels' providers removed). The repeat
+    /// must be the same request (key order, whitespace between fields and surrounding spaces of
+    /// contacts, customer ids and filter values aside; spaces inside texts count): another
+    /// request with a used id is refused with 422 `idempotency_key_reused`, whose `field` names
+    /// where the id came from (`request_id`, or `Idempotency-Key` for the header). Bulk sends'
+    /// request ids are their own: a single send's does not answer a bulk send.
     pub request_id: Option<String>,
     /// The recipients (at most 10 000; repeated ones get one notification).
     pub recipients: Option<Vec<BulkRecipient>>,
@@ -158,9 +160,10 @@ impl BulkApi {
     /// batch id at once; the notifications are created and queued in the background. Follow the
     /// batch with `GET /api/v1/batches/{id}`. A repeated `request_id` (or `Idempotency-Key`
     /// header) answers 200 with the batch stored first and stores nothing new, also when the
-    /// repeats arrive at once; retry a request whose answer was lost with the same request id. A
-    /// request id used before for a different request (other recipients or filter, category,
-    /// channel list or message) answers 422 `idempotency_key_reused` and changes nothing.
+    /// repeats arrive at once or the request would be refused now (its template deleted since,
+    /// say); retry a request whose answer was lost with the same request id. A request id used
+    /// before for a different request (other recipients or filter, category, channel list or
+    /// message) answers 422 `idempotency_key_reused` and changes nothing.
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
         &self,
@@ -171,10 +174,9 @@ impl BulkApi {
         idempotency_key: Header<Option<String>>,
     ) -> Result<BulkResponse, ApiError> {
         let request = body.0;
-        let request_id = notifications::request_id(request.request_id.or(idempotency_key.0))?;
+        let request_id = notifications::request_id(request.request_id, idempotency_key.0)?;
         let category: Category = request.category.into();
-        let channels_named = request.channels.is_some();
-        let channels = notifications::chain(&self.state, category, request.channels)?;
+        let named_channels = notifications::named_chain(request.channels)?;
         let content = message(request.content, request.template)?;
         let (target, total) = match (request.recipients, request.filter) {
             (Some(_), Some(_)) | (None, None) => {
@@ -200,19 +202,22 @@ impl BulkApi {
                 )
             }
         };
-        check_template(&self.state, &content, &target).await?;
-        check_command_size(category, &channels, &content, &target)?;
-        let request_fingerprint = request_id
-            .as_ref()
-            .map(|_| {
-                fingerprint::of(&BulkMeaning {
+        let key = request_id
+            .map(|id| {
+                let meaning = BulkMeaning {
                     category,
-                    channels: channels_named.then_some(channels.as_slice()),
+                    channels: named_channels.as_deref(),
                     content: &content,
                     target: &target,
-                })
+                };
+                fingerprint::Keyed::new(id, &meaning)
             })
             .transpose()?;
+        let checked = accept(&self.state, category, named_channels, &content, &target).await;
+        let channels = match checked {
+            Ok(channels) => channels,
+            Err(refusal) => return refused(&self.state, key, refusal).await,
+        };
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -223,25 +228,22 @@ impl BulkApi {
         let spec = serde_json::to_value(&spec).map_err(|e| ApiError::internal(&e))?;
         let new = NewBatch {
             id: Uuid::now_v7(),
-            request_id,
-            request_fingerprint: request_fingerprint.clone(),
+            request_id: key.as_ref().map(|key| key.request_id.value.clone()),
+            request_fingerprint: key.as_ref().map(|key| key.fingerprint.clone()),
             spec,
             total,
         };
-        match repo::batches::create(&self.state.db, new).await? {
-            Created::New(batch) => {
+        match (repo::batches::create(&self.state.db, new).await?, &key) {
+            (Created::New(batch), _) => {
                 metrics::counter!("herald_batches_accepted_total").increment(1);
                 Ok(BulkResponse::Accepted(Json(accepted(batch))))
             }
-            Created::Duplicate(batch) => {
-                fingerprint::check_repeat(
-                    batch.request_id.as_deref().unwrap_or_default(),
-                    batch.request_fingerprint.as_deref(),
-                    request_fingerprint.as_deref(),
-                    "batch",
-                )?;
-                Ok(BulkResponse::Repeated(Json(accepted(batch))))
-            }
+            (Created::Duplicate(batch), Some(key)) => repeated(key, batch),
+            // Only a request id is stored as a duplicate.
+            (Created::Duplicate(batch), None) => Err(ApiError::internal(&format!(
+                "batch {} was read back as a repeat of a bulk send without a request id",
+                batch.id
+            ))),
         }
     }
 
@@ -295,6 +297,50 @@ struct BulkMeaning<'a> {
     channels: Option<&'a [Channel]>,
     content: &'a Content,
     target: &'a BatchTarget,
+}
+
+/// Checks a bulk send against the state (a provider for one of its channels, its template) and
+/// the size of its commands: its channel chain.
+async fn accept(
+    state: &AppState,
+    category: Category,
+    named_channels: Option<Vec<Channel>>,
+    content: &Content,
+    target: &BatchTarget,
+) -> Result<Vec<Channel>, ApiError> {
+    let channels = notifications::chain(state, category, named_channels)?;
+    check_template(state, content, target).await?;
+    check_command_size(category, &channels, content, target)?;
+    Ok(channels)
+}
+
+/// Answers a keyed bulk send that a check against the state refused (`400`: its template is
+/// unknown now, say): if its request id stored a batch, the request may be the retry of one
+/// accepted before the state changed, and is answered as a repeat (`422` if it is another
+/// request); otherwise the refusal stands. Looked up only after a refusal: the repeat of an
+/// accepted request is found by its insert.
+async fn refused(
+    state: &AppState,
+    key: Option<fingerprint::Keyed>,
+    refusal: ApiError,
+) -> Result<BulkResponse, ApiError> {
+    let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
+        return Err(refusal);
+    };
+    match repo::batches::find_by_request_id(&state.db, &key.request_id.value).await? {
+        Some(batch) => repeated(&key, batch),
+        None => Err(refusal),
+    }
+}
+
+/// Answers a bulk send under the request id that stored `batch`: `200` with it if the send is
+/// its repeat, else `422`.
+fn repeated(
+    key: &fingerprint::Keyed,
+    batch: herald_entities::batch::Model,
+) -> Result<BulkResponse, ApiError> {
+    key.check_repeat(batch.request_fingerprint.as_deref(), "batch")?;
+    Ok(BulkResponse::Repeated(Json(accepted(batch))))
 }
 
 /// The answer for a stored batch.

@@ -43,9 +43,10 @@ pub enum ApiError {
     #[oai(status = 415)]
     UnsupportedMediaType(Json<ErrorBody>),
     /// A send's `request_id` (or `Idempotency-Key`) was used before for a different request
-    /// (code `idempotency_key_reused`, field `request_id`): nothing of this request was stored or
-    /// sent, and the earlier request's notification or batch is left as it is. A repeat must carry the same
-    /// request; a new request needs a new request id.
+    /// (code `idempotency_key_reused`; `field` names the one that carried it, `request_id` or
+    /// `Idempotency-Key`): nothing of this request was stored or sent, and the earlier request's
+    /// notification or batch is left as it is. A repeat must carry the same request; a new
+    /// request needs a new request id.
     #[oai(status = 422)]
     UnprocessableContent(Json<ErrorBody>),
     /// A dependency (NATS, database) is unavailable; nothing was accepted. Retry later with the
@@ -95,18 +96,19 @@ impl ApiError {
         )))
     }
 
-    /// 422: `request_id` was used before for a different request; `earlier` names what it stored
-    /// (`notification`, `batch`).
-    pub fn request_id_reused(request_id: &str, earlier: &str) -> Self {
+    /// 422: the request id `request_id`, given as `field` (`request_id` or `Idempotency-Key`), was
+    /// used before for a different request; `earlier` names what it stored (`notification`,
+    /// `batch`).
+    pub fn request_id_reused(field: &str, request_id: &str, earlier: &str) -> Self {
         Self::UnprocessableContent(Json(ErrorBody {
-            field: Some("request_id".into()),
+            field: Some(field.into()),
             ..body(
                 "idempotency_key_reused",
                 format!(
-                    "request_id {request_id:?} was used before for a different request, which \
+                    "{field} {request_id:?} was used before for a different request, which \
                      stored a {earlier}; a repeat must carry the same request (the {earlier} \
                      stored first is unchanged and this request was not accepted): use a new \
-                     request_id for a new request"
+                     {field} for a new request"
                 ),
             )
         }))

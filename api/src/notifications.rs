@@ -150,9 +150,12 @@ pub struct TemplateUse {
 #[derive(Debug, Clone, Object)]
 pub struct SendRequest {
     /// Your idempotency key: repeating a request with the same id answers the first result and
-    /// sends nothing more. The repeat must be the same request (key order, whitespace between
-    /// fields and surrounding spaces of contacts and `customer_id` aside; spaces inside texts
-    /// count): another request with a used id is refused with 422 `idempotency_key_reused`.
+    /// sends nothing more, also when what it was checked against has changed since (its
+    /// template deleted, its channels' providers removed). The repeat must be the same request
+    /// (key order, whitespace between fields and surrounding spaces of contacts and
+    /// `customer_id` aside; spaces inside texts count): another request with a used id is
+    /// refused with 422 `idempotency_key_reused`, whose `field` names where the id came from
+    /// (`request_id`, or `Idempotency-Key` for the header).
     pub request_id: Option<String>,
     /// Who receives it.
     pub recipient: Recipient,
@@ -280,8 +283,9 @@ impl NotificationsApi {
     /// `queued`, its command is published again (JetStream drops it when the first publish
     /// arrived), so a retry completes a send whose first attempt stopped between storing and
     /// publishing; without a retry the Scheduler publishes such a command after
-    /// `scheduler.stale_claim_secs`. A request id used before for a different request (another
-    /// recipient, category, channel list, message or schedule) answers 422
+    /// `scheduler.stale_claim_secs`. A repeat is answered so also when the request would be
+    /// refused now (its template deleted since, say). A request id used before for a different
+    /// request (another recipient, category, channel list, message or schedule) answers 422
     /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable
     /// nothing is accepted (503): retry with the same request id.
     #[oai(
@@ -298,45 +302,31 @@ impl NotificationsApi {
         idempotency_key: Header<Option<String>>,
     ) -> Result<SendResponse, ApiError> {
         let mut request = body.0;
-        if request.request_id.is_none() {
-            request.request_id = idempotency_key.0;
-        }
-        let accepted = validate(request, &self.state)?;
-        if let Some(template) = &accepted.command.content.template {
-            crate::templates::check_send(&self.state, template).await?;
-        }
-        let new = accepted.row();
-        let request_fingerprint = new.request_fingerprint.clone();
+        let request_id = request_id(request.request_id.take(), idempotency_key.0)?;
+        let checked = check(request)?;
+        let key = request_id
+            .map(|id| fingerprint::Keyed::new(id, &checked.meaning()))
+            .transpose()?;
+        let accepted = match accept(&self.state, checked).await {
+            Ok(accepted) => accepted,
+            Err(refusal) => return refused(&self.state, key, refusal).await,
+        };
+        let new = accepted.row(key.as_ref());
         let command = accepted.command;
         let scheduled = new.status == NotificationStatus::Scheduled;
         let storing = Instant::now();
         let inserted = self.state.inserts.insert(new).await;
         record_stage("store", storing);
-        match inserted? {
-            Inserted::Duplicate(existing) => {
-                fingerprint::check_repeat(
-                    existing.request_id.as_deref().unwrap_or_default(),
-                    existing.request_fingerprint.as_deref(),
-                    request_fingerprint.as_deref(),
-                    "notification",
-                )?;
-                // Queued: the first request may still be publishing, or have failed to and be
-                // removing the row; publishing again and confirming it at once decides which.
-                if existing.status == NotificationStatus::Queued {
-                    publish_again(&self.state, &existing).await?;
-                    if !repo::confirm_published_now(&self.state.db, existing.id).await? {
-                        return Err(ApiError::unavailable(
-                            "the first request with this request_id could not be published and \
-                             was withdrawn; nothing was accepted, retry",
-                        ));
-                    }
-                }
-                Ok(SendResponse::Repeated(Json(Accepted {
-                    id: existing.id,
-                    status: existing.status.as_str().into(),
-                })))
+        match (inserted?, &key) {
+            (Inserted::Duplicate(existing), Some(key)) => {
+                repeated(&self.state, key, existing).await
             }
-            Inserted::New(row) if scheduled => {
+            // Only a request id is stored as a duplicate.
+            (Inserted::Duplicate(existing), None) => Err(ApiError::internal(&format!(
+                "notification {} was read back as a repeat of a send without a request id",
+                existing.id
+            ))),
+            (Inserted::New(row), _) if scheduled => {
                 metrics::counter!("herald_notifications_accepted_total", "source" => "api")
                     .increment(1);
                 metrics::counter!("herald_notifications_scheduled_total").increment(1);
@@ -345,7 +335,7 @@ impl NotificationsApi {
                     status: row.status.as_str().into(),
                 })))
             }
-            Inserted::New(row) => {
+            (Inserted::New(row), _) => {
                 let published = publish(&self.state, &row.recipient_key, &command).await;
                 if let Err(err) = published {
                     tracing::warn!(id = %row.id, error = %err, "cannot publish; not accepted");
@@ -487,6 +477,50 @@ async fn publish_again(state: &AppState, row: &notification::Model) -> Result<()
         })
 }
 
+/// Answers a keyed send that a check against the state refused (`400`: its template is unknown
+/// now, say, or none of its channels has a provider any more): if its request id stored a
+/// notification, the request may be the retry of one accepted before the state changed, and is
+/// answered as a repeat (`422` if it is another request); otherwise the refusal stands. Looked up
+/// only after a refusal: the repeat of an accepted request is found by its insert.
+async fn refused(
+    state: &AppState,
+    key: Option<fingerprint::Keyed>,
+    refusal: ApiError,
+) -> Result<SendResponse, ApiError> {
+    let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
+        return Err(refusal);
+    };
+    match repo::find_by_request_id(&state.db, &key.request_id.value).await? {
+        Some(existing) => repeated(state, &key, existing).await,
+        None => Err(refusal),
+    }
+}
+
+/// Answers a send under the request id that stored `existing`: `200` with it if the send is its
+/// repeat, else `422`.
+async fn repeated(
+    state: &AppState,
+    key: &fingerprint::Keyed,
+    existing: notification::Model,
+) -> Result<SendResponse, ApiError> {
+    key.check_repeat(existing.request_fingerprint.as_deref(), "notification")?;
+    // Queued: the first request may still be publishing, or have failed to and be removing the
+    // row; publishing again and confirming it at once decides which.
+    if existing.status == NotificationStatus::Queued {
+        publish_again(state, &existing).await?;
+        if !repo::confirm_published_now(&state.db, existing.id).await? {
+            return Err(ApiError::unavailable(
+                "the first request with this request id could not be published and was \
+                 withdrawn; nothing was accepted, retry",
+            ));
+        }
+    }
+    Ok(SendResponse::Repeated(Json(Accepted {
+        id: existing.id,
+        status: existing.status.as_str().into(),
+    })))
+}
+
 /// A notification with its attempts; 404 when there is none. Shared by the API and the dashboard.
 pub(crate) async fn find_view(state: &AppState, id: Uuid) -> Result<NotificationView, ApiError> {
     match repo::find_with_attempts(&state.db, id).await? {
@@ -517,13 +551,39 @@ pub(crate) async fn cancel(
     }
 }
 
+/// A send request checked field by field, before what depends on the state (the providers
+/// configured, the templates stored): what its fingerprint is made of.
+struct CheckedSend {
+    customer_id: Option<String>,
+    contacts: Contacts,
+    recipient_key: String,
+    category: Category,
+    /// The channels the request names, in order and each once; the category's default chain
+    /// when absent.
+    named_channels: Option<Vec<Channel>>,
+    content: Content,
+    /// As asked, also when no longer in the future.
+    scheduled_at: Option<DateTime<Utc>>,
+}
+
+impl CheckedSend {
+    /// What the request's fingerprint covers.
+    fn meaning(&self) -> SendMeaning<'_> {
+        SendMeaning {
+            customer_id: self.customer_id.as_deref(),
+            contacts: &self.contacts,
+            category: self.category,
+            channels: self.named_channels.as_deref(),
+            content: &self.content,
+            scheduled_at: self.scheduled_at,
+        }
+    }
+}
+
 /// A validated request, ready to store and publish.
 struct ValidSend {
     command: SendCommand,
     scheduled_at: Option<DateTime<Utc>>,
-    request_id: Option<String>,
-    /// The request's fingerprint, made when it has a request id.
-    request_fingerprint: Option<String>,
     recipient_key: String,
 }
 
@@ -542,10 +602,11 @@ struct SendMeaning<'a> {
 }
 
 impl ValidSend {
-    fn row(&self) -> NewNotification {
+    /// The row to store, under `key`'s request id and fingerprint when the request has one.
+    fn row(&self, key: Option<&fingerprint::Keyed>) -> NewNotification {
         let row = NewNotification {
-            request_id: self.request_id.clone(),
-            request_fingerprint: self.request_fingerprint.clone(),
+            request_id: key.map(|key| key.request_id.value.clone()),
+            request_fingerprint: key.map(|key| key.fingerprint.clone()),
             ..new_notification(&self.command, self.recipient_key.clone())
         };
         match self.scheduled_at {
@@ -584,77 +645,99 @@ pub fn new_notification(command: &SendCommand, recipient_key: String) -> NewNoti
     }
 }
 
-/// Checks a request id (idempotency key) of a single or bulk send: 1 to [`MAX_REQUEST_ID`]
-/// characters, not all blank, not beginning as the Router's do.
-pub(crate) fn request_id(value: Option<String>) -> Result<Option<String>, ApiError> {
-    match value {
-        Some(id) if id.trim().is_empty() || id.len() > MAX_REQUEST_ID => Err(ApiError::invalid(
-            "request_id",
-            format!("request_id must be 1 to {MAX_REQUEST_ID} characters"),
-        )),
-        Some(id) if id.starts_with(ROUTER_REQUEST_ID_PREFIX) => Err(ApiError::invalid(
-            "request_id",
+/// The header a send's request id may come in instead of the body's `request_id`.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// A send's request id (idempotency key), checked, and the field that carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId {
+    /// The id.
+    pub value: String,
+    /// Where it came from: `request_id` (the body) or `Idempotency-Key` (the header), as errors
+    /// about it name it.
+    pub field: &'static str,
+}
+
+/// Checks the request id (idempotency key) of a single or bulk send, the body's `request_id` or
+/// else the `Idempotency-Key` header: 1 to [`MAX_REQUEST_ID`] characters, not all blank, not
+/// beginning as the Router's do. A refusal names the field that carried it.
+pub(crate) fn request_id(
+    body: Option<String>,
+    header: Option<String>,
+) -> Result<Option<RequestId>, ApiError> {
+    let (value, field) = match (body, header) {
+        (Some(value), _) => (value, "request_id"),
+        (None, Some(value)) => (value, IDEMPOTENCY_KEY),
+        (None, None) => return Ok(None),
+    };
+    if value.trim().is_empty() || value.len() > MAX_REQUEST_ID {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must be 1 to {MAX_REQUEST_ID} characters"),
+        ));
+    }
+    if value.starts_with(ROUTER_REQUEST_ID_PREFIX) {
+        return Err(ApiError::invalid(
+            field,
             format!(
                 "request ids starting with {ROUTER_REQUEST_ID_PREFIX:?} are the Router's (one per \
                  event and rule); choose another"
             ),
-        )),
-        other => Ok(other),
+        ));
     }
+    Ok(Some(RequestId { value, field }))
 }
 
-fn validate(request: SendRequest, state: &AppState) -> Result<ValidSend, ApiError> {
-    let request_id = request_id(request.request_id)?;
+/// Checks a send request's fields (the request id apart), without reading the state.
+fn check(request: SendRequest) -> Result<CheckedSend, ApiError> {
     let ValidRecipient {
         customer_id,
         contacts,
         key: recipient_key,
     } = validate_recipient(&request.recipient)?;
-    let category: Category = request.category.into();
-    let channels_named = request.channels.is_some();
-    let channels = chain(state, category, request.channels)?;
+    let named_channels = named_chain(request.channels)?;
     let content = message(request.content, request.template)?;
-    let now = Utc::now();
-    let scheduled_at = match request.scheduled_at {
-        Some(at) if at > now + chrono::Duration::days(MAX_SCHEDULE_DAYS) => {
-            return Err(ApiError::invalid(
-                "scheduled_at",
-                format!("scheduled_at must be within {MAX_SCHEDULE_DAYS} days"),
-            ));
-        }
-        Some(at) if at > now => Some(at),
-        _ => None,
-    };
+    if let Some(at) = request.scheduled_at
+        && at > Utc::now() + chrono::Duration::days(MAX_SCHEDULE_DAYS)
+    {
+        return Err(ApiError::invalid(
+            "scheduled_at",
+            format!("scheduled_at must be within {MAX_SCHEDULE_DAYS} days"),
+        ));
+    }
+    Ok(CheckedSend {
+        customer_id,
+        contacts,
+        recipient_key,
+        category: request.category.into(),
+        named_channels,
+        content,
+        scheduled_at: request.scheduled_at,
+    })
+}
+
+/// Checks a send against the state (a provider for one of its channels, its template) and makes
+/// its command.
+async fn accept(state: &AppState, checked: CheckedSend) -> Result<ValidSend, ApiError> {
+    let channels = chain(state, checked.category, checked.named_channels)?;
     let command = SendCommand {
         v: SCHEMA_VERSION,
         notification_id: Uuid::now_v7(),
-        customer_id,
-        contacts,
-        category,
+        customer_id: checked.customer_id,
+        contacts: checked.contacts,
+        category: checked.category,
         channels,
-        content,
+        content: checked.content,
         created_at: Utc::now(),
     };
     check_command_size(&command)?;
-    let request_fingerprint = request_id
-        .as_ref()
-        .map(|_| {
-            fingerprint::of(&SendMeaning {
-                customer_id: command.customer_id.as_deref(),
-                contacts: &command.contacts,
-                category,
-                channels: channels_named.then_some(command.channels.as_slice()),
-                content: &command.content,
-                scheduled_at: request.scheduled_at,
-            })
-        })
-        .transpose()?;
+    if let Some(template) = &command.content.template {
+        crate::templates::check_send(state, template).await?;
+    }
     Ok(ValidSend {
-        scheduled_at,
+        scheduled_at: checked.scheduled_at.filter(|at| *at > command.created_at),
         command,
-        request_id,
-        request_fingerprint,
-        recipient_key,
+        recipient_key: checked.recipient_key,
     })
 }
 
@@ -827,28 +910,35 @@ pub(crate) fn variables(field: &str, value: Option<Value>) -> Result<Map<String,
     Ok(variables)
 }
 
-/// The channel chain of a send: the one the request names, or the category's default chain.
-/// `400` for an empty list, or one in which no channel has a provider configured: such a send
-/// could only fail.
+/// The channels a send names, in order and each once; `None` when it names none (the
+/// category's default chain). `400` for an empty list.
+pub(crate) fn named_chain(
+    requested: Option<Vec<ApiChannel>>,
+) -> Result<Option<Vec<Channel>>, ApiError> {
+    match requested {
+        Some(list) if list.is_empty() => Err(ApiError::invalid(
+            "channels",
+            "channels must not be empty; omit it for the category's default chain",
+        )),
+        other => Ok(other.map(|list| distinct_channels(list.into_iter().map(Channel::from)))),
+    }
+}
+
+/// The channel chain of a send: the one the request names ([`named_chain`]), or the category's
+/// default chain. `400` for a named one in which no channel has a provider configured: such a
+/// send could only fail.
 pub(crate) fn chain(
     state: &AppState,
     category: Category,
-    requested: Option<Vec<ApiChannel>>,
+    named: Option<Vec<Channel>>,
 ) -> Result<Vec<Channel>, ApiError> {
-    let Some(list) = requested else {
+    let Some(channels) = named else {
         return Ok(state
             .default_chains
             .get(&category)
             .cloned()
             .unwrap_or_else(|| vec![Channel::Email]));
     };
-    if list.is_empty() {
-        return Err(ApiError::invalid(
-            "channels",
-            "channels must not be empty; omit it for the category's default chain",
-        ));
-    }
-    let channels = distinct_channels(list.into_iter().map(Channel::from));
     if !channels
         .iter()
         .any(|c| state.configured_channels.contains(c))
@@ -944,6 +1034,36 @@ mod tests {
             fingerprint::of(&meaning).expect("a fingerprint"),
             "v1:76e54e45a1b6fff5c30b8aff9c960d085f83ca3263d68c31b0a37a85372a9afc"
         );
+    }
+
+    #[test]
+    fn a_request_id_comes_from_the_body_else_the_header_and_its_refusal_names_which() {
+        let given = |body: Option<&str>, header: Option<&str>| {
+            request_id(body.map(str::to_string), header.map(str::to_string))
+        };
+        let from_body = given(Some("a-1"), Some("b-1")).expect("valid");
+        assert_eq!(
+            from_body.map(|id| (id.value, id.field)),
+            Some(("a-1".into(), "request_id"))
+        );
+        let from_header = given(None, Some("b-1")).expect("valid");
+        assert_eq!(
+            from_header.map(|id| (id.value, id.field)),
+            Some(("b-1".into(), "Idempotency-Key"))
+        );
+        assert_eq!(given(None, None).expect("none is valid"), None);
+        let long = "x".repeat(MAX_REQUEST_ID + 1);
+        for (body, header, field) in [
+            (Some(" "), None, "request_id"),
+            (None, Some(long.as_str()), "Idempotency-Key"),
+            (None, Some("event:1:rule"), "Idempotency-Key"),
+        ] {
+            let err = given(body, header).err();
+            assert!(
+                matches!(&err, Some(ApiError::BadRequest(body)) if body.0.field.as_deref() == Some(field)),
+                "{body:?} {header:?}: {err:?}"
+            );
+        }
     }
 
     #[test]

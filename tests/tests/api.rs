@@ -842,6 +842,11 @@ async fn a_request_id_of_the_router_s_shape_is_refused() {
     let (status, refused) = w.herald.send(&send).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
     assert_eq!(refused["field"], "request_id", "{refused}");
+    let key = format!("event:{}:order_created", uuid::Uuid::now_v7());
+    let in_header = email("ada@example.com", None, "transactional").to_string();
+    let (status, refused) = post_raw(&w.herald, "/api/v1/notifications", &key, &in_header).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "Idempotency-Key", "the header: {refused}");
     send["request_id"] = json!("order-42:event:placed");
     w.herald.send_accepted(&send).await;
     w.herald.shutdown().await.expect("shutdown");
@@ -886,13 +891,18 @@ fn changed(body: &Value, pointer: &str, value: Value) -> Value {
 }
 
 fn assert_reused(status: StatusCode, refused: &Value, request: &Value) {
+    assert_reused_as("request_id", status, refused, request);
+}
+
+/// A 422 `idempotency_key_reused` naming `field`, the one that carried the request id.
+fn assert_reused_as(field: &str, status: StatusCode, refused: &Value, request: &Value) {
     assert_eq!(
         status,
         StatusCode::UNPROCESSABLE_ENTITY,
         "{request}: {refused}"
     );
     assert_eq!(refused["code"], "idempotency_key_reused", "{refused}");
-    assert_eq!(refused["field"], "request_id", "{refused}");
+    assert_eq!(refused["field"], field, "{refused}");
 }
 
 /// A request id stands for one request. The same request again, however its JSON is written
@@ -947,7 +957,7 @@ async fn a_request_id_reused_for_a_different_send_is_refused_and_the_first_is_ke
         &without_id.to_string(),
     )
     .await;
-    assert_reused(status, &refused, &other);
+    assert_reused_as("Idempotency-Key", status, &refused, &other);
 
     h.wait_status(&id, "sent").await;
     let id = uuid::Uuid::parse_str(&id).expect("a uuid");
@@ -1077,6 +1087,11 @@ async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
         let (status, refused) = h.post(path, &other).await;
         assert_reused(status, &refused, &other);
     }
+    let mut loser_in_header = loser.clone();
+    loser_in_header["request_id"] = Value::Null;
+    let body = loser_in_header.to_string();
+    let (status, refused) = post_raw(h, path, "newsletter-12", &body).await;
+    assert_reused_as("Idempotency-Key", status, &refused, loser);
 
     eventually("the batch to be sent", E2E_TIMEOUT, || async {
         let (_, json) = h.get(&format!("/api/v1/batches/{batch}")).await;
@@ -1090,6 +1105,137 @@ async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
         mails.iter().all(|m| m.subject.as_deref() == Some(subject)),
         "{mails:?}"
     );
+    assert_eq!(w.smtp.count(), 2, "one mail each");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Stores the runtime template `code` (English) with the admin key.
+async fn put_template(herald: &TestHerald, code: &str) {
+    let template = json!({
+        "category": "account",
+        "subject": "Receipt for {{ name }}",
+        "text": "Thank you, {{ name }}.",
+    });
+    let (status, body) = herald
+        .request_with_key(
+            Method::PUT,
+            &format!("/api/v1/templates/{code}/locales/en"),
+            Some(herald.admin_key()),
+            Some(&template),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
+/// Deletes the runtime template `code` with the admin key.
+async fn delete_template(herald: &TestHerald, code: &str) {
+    let (status, body) = herald
+        .request_with_key(
+            Method::DELETE,
+            &format!("/api/v1/templates/{code}"),
+            Some(herald.admin_key()),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+}
+
+/// A retry whose first answer was lost gets the notification stored first also when the request
+/// would be refused now: its template was deleted after it was accepted. The key still stands for
+/// the one request (another request under it is refused with 422), a new key with the deleted
+/// template is refused as unknown, and nothing new is stored or sent.
+#[tokio::test]
+async fn a_send_retried_after_its_template_was_deleted_answers_the_first_notification() {
+    let w = world().await;
+    let h = &w.herald;
+    put_template(h, "receipt").await;
+    let first = json!({
+        "request_id": "receipt-9",
+        "recipient": { "email": "ada@example.com" },
+        "category": "account",
+        "channels": ["email"],
+        "template": { "code": "receipt", "variables": { "name": "Ada" } }
+    });
+    let id = h.send_accepted(&first).await;
+    h.wait_status(&id, "sent").await;
+    delete_template(h, "receipt").await;
+
+    let (status, again) = h.send(&first).await;
+    assert_eq!(status, StatusCode::OK, "the retry: {again}");
+    assert_eq!(again["id"], id.as_str(), "{again}");
+    assert_eq!(again["status"], "sent", "{again}");
+    let mut in_header = first.clone();
+    in_header["request_id"] = Value::Null;
+    let body = in_header.to_string();
+    let (status, again) = post_raw(h, "/api/v1/notifications", "receipt-9", &body).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the retry, keyed in the header: {again}"
+    );
+    assert_eq!(again["id"], id.as_str(), "{again}");
+
+    let other = changed(&first, "/template/variables/name", json!("Grace"));
+    let (status, refused) = h.send(&other).await;
+    assert_reused(status, &refused, &other);
+    let new_key = changed(&first, "/request_id", json!("receipt-10"));
+    let (status, refused) = h.send(&new_key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "template.code", "{refused}");
+
+    assert_eq!(stored_rows(h).await, (1, 0), "nothing new stored");
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(w.smtp.count(), 1, "one mail");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// The same for a bulk send: retried after its template was deleted, it answers the batch stored
+/// first (200) and sends nothing again; another request under its key is refused (422).
+#[tokio::test]
+async fn a_bulk_send_retried_after_its_template_was_deleted_answers_the_first_batch() {
+    let w = world().await;
+    let h = &w.herald;
+    put_template(h, "receipt").await;
+    let path = "/api/v1/notifications/bulk";
+    let first = json!({
+        "request_id": "receipts-3",
+        "recipients": [
+            { "email": "a@example.com", "variables": { "name": "A" } },
+            { "email": "b@example.com", "variables": { "name": "B" } }
+        ],
+        "category": "account",
+        "channels": ["email"],
+        "template": { "code": "receipt" }
+    });
+    let (status, stored) = h.post(path, &first).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{stored}");
+    let batch = stored["batch_id"].as_str().expect("batch id").to_string();
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = h.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["counts"] == json!([{ "status": "sent", "count": 2 }]))
+            .then_some(json)
+    })
+    .await;
+    delete_template(h, "receipt").await;
+
+    let (status, again) = h.post(path, &first).await;
+    assert_eq!(status, StatusCode::OK, "the retry: {again}");
+    assert_eq!(again["batch_id"], batch.as_str(), "{again}");
+    assert_eq!(again["total"], 2, "{again}");
+    let other = changed(&first, "/recipients/1/variables/name", json!("C"));
+    let (status, refused) = h.post(path, &other).await;
+    assert_reused(status, &refused, &other);
+    let new_key = changed(&first, "/request_id", json!("receipts-4"));
+    let (status, refused) = h.post(path, &new_key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "template.code", "{refused}");
+
+    assert_eq!(
+        stored_rows(h).await,
+        (2, 1),
+        "one batch of two, nothing new"
+    );
+    w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
     assert_eq!(w.smtp.count(), 2, "one mail each");
     w.herald.shutdown().await.expect("shutdown");
 }
