@@ -37,7 +37,8 @@ use sea_orm::DatabaseConnection;
 use crate::lease::{DeliveryPermit, InFlight, Lease};
 
 use crate::channel::{
-    ChannelDirectory, ChannelMsg, OutboundMessage, ProviderError, SendOutcome, SendReport,
+    ChannelDirectory, ChannelMsg, ContactMove, OutboundMessage, ProviderError, SendOutcome,
+    SendReport,
 };
 use crate::policy::Gate;
 use crate::retry::{RetryPolicy, Wait};
@@ -339,6 +340,7 @@ async fn work(
     .await;
     if let Some(customer_id) = &command.customer_id {
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
+        move_contacts(&ctx.db, customer_id, &walk.moved_contacts).await;
     }
     finish(&ctx.retry, id, walk, job.copy, round)
 }
@@ -744,12 +746,43 @@ async fn forget_dead_contacts(
     }
 }
 
+/// Changes stored contacts a provider said moved (a Telegram group upgraded to a supergroup) to
+/// where they moved, so later notifications go there at once. Failures are logged: the delivery
+/// outcome does not depend on this, and the next send learns the move again.
+async fn move_contacts(
+    db: &DatabaseConnection,
+    customer_id: &str,
+    moved: &[(Channel, ContactMove)],
+) {
+    for (channel, ContactMove { from, to }) in moved {
+        let result = match channel {
+            Channel::Telegram => {
+                repo::customers::move_telegram_chat_id(db, customer_id, from, to).await
+            }
+            _ => Ok(false),
+        };
+        match result {
+            Ok(true) => {
+                metrics::counter!("herald_contacts_moved_total", "channel" => channel.as_str())
+                    .increment(1);
+                tracing::info!(customer_id, %channel, "moved a contact to where the provider said it moved")
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(customer_id, %channel, error = %err, "cannot move a contact")
+            }
+        }
+    }
+}
+
 /// The result of walking the chain once.
 struct Walk {
     attempts: Vec<NewAttempt>,
     sent_on: Option<Channel>,
     /// Contacts a provider declared dead, to forget.
     dead_contacts: Vec<(Channel, String)>,
+    /// Contacts a provider said moved, to change.
+    moved_contacts: Vec<(Channel, ContactMove)>,
     /// Some channel failed in a way that may pass later (a transient error or a throttle, an
     /// open circuit, a send queue too long to start).
     retryable: bool,
@@ -764,6 +797,12 @@ impl Walk {
     fn dead(&mut self, channel: Channel, contacts: &[String]) {
         self.dead_contacts
             .extend(contacts.iter().map(|contact| (channel, contact.clone())));
+    }
+
+    /// Notes contacts `channel`'s provider said moved.
+    fn moved(&mut self, channel: Channel, moves: &[ContactMove]) {
+        self.moved_contacts
+            .extend(moves.iter().map(|moved| (channel, moved.clone())));
     }
 }
 
@@ -808,6 +847,7 @@ async fn walk_chain(
         attempts: Vec::new(),
         sent_on: None,
         dead_contacts: Vec::new(),
+        moved_contacts: Vec::new(),
         retryable: false,
         called: false,
         retry_after: None,
@@ -872,6 +912,7 @@ async fn walk_chain(
         let (status, error) = match &report.outcome {
             SendOutcome::Accepted(receipt) => {
                 walk.dead(channel, &receipt.dead_contacts);
+                walk.moved(channel, &receipt.moved_contacts);
                 ("sent", None)
             }
             SendOutcome::CircuitOpen { cool_down_left } => {

@@ -478,6 +478,7 @@ mod tests {
                 Ok(Receipt {
                     provider_message_id: None,
                     dead_contacts: Vec::new(),
+                    moved_contacts: Vec::new(),
                 })
             })
         }
@@ -898,6 +899,7 @@ mod tests {
                 _ => Ok(Receipt {
                     provider_message_id: None,
                     dead_contacts: Vec::new(),
+                    moved_contacts: Vec::new(),
                 }),
             }
         }

@@ -440,6 +440,7 @@ impl Provider for EmailProvider {
             Ok(Receipt {
                 provider_message_id,
                 dead_contacts: Vec::new(),
+                moved_contacts: Vec::new(),
             })
         })
     }

@@ -33,6 +33,18 @@ pub struct Receipt {
     /// Contacts the provider declared dead although the message went out (a recipient's other
     /// push tokens), to be removed from the customer.
     pub dead_contacts: Vec<String>,
+    /// Contacts the provider said live on under another address, which the message went to
+    /// (a Telegram group upgraded to a supergroup), to be changed on the customer.
+    pub moved_contacts: Vec<ContactMove>,
+}
+
+/// A contact that lives on under another address: the provider said so when sent to `from`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactMove {
+    /// The address the message was sent to, which no longer works.
+    pub from: String,
+    /// The address the provider gave instead, which took the message.
+    pub to: String,
 }
 
 /// Why a provider did not accept the message. The class decides what the dispatcher does next.
@@ -102,6 +114,38 @@ impl ProviderError {
     pub fn unsendable(reason: impl Into<String>) -> Self {
         Self::Unsendable {
             reason: reason.into(),
+        }
+    }
+
+    /// The same error with its reason passed through `change` (a recipient without a contact has
+    /// no reason and stays as it is).
+    pub fn map_reason(self, change: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Self::Transient {
+                reason,
+                retry_after,
+            } => Self::Transient {
+                reason: change(reason),
+                retry_after,
+            },
+            Self::Throttled {
+                reason,
+                retry_after,
+            } => Self::Throttled {
+                reason: change(reason),
+                retry_after,
+            },
+            Self::Permanent {
+                reason,
+                dead_contacts,
+            } => Self::Permanent {
+                reason: change(reason),
+                dead_contacts,
+            },
+            Self::Unsendable { reason } => Self::Unsendable {
+                reason: change(reason),
+            },
+            Self::MissingContact(channel) => Self::MissingContact(channel),
         }
     }
 

@@ -521,6 +521,7 @@ fn combine(
         (Some(name), ..) => Ok(Receipt {
             provider_message_id: Some(name),
             dead_contacts: dead,
+            moved_contacts: Vec::new(),
         }),
         (None, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),

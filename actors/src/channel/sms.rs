@@ -187,6 +187,7 @@ impl SmsProvider {
                 Ok(created) => Ok(Receipt {
                     provider_message_id: Some(created.sid),
                     dead_contacts: Vec::new(),
+                    moved_contacts: Vec::new(),
                 }),
                 // Accepted, but we cannot tell which message it became; sending again would
                 // duplicate it, so this is a success without an id.
@@ -195,6 +196,7 @@ impl SmsProvider {
                     Ok(Receipt {
                         provider_message_id: None,
                         dead_contacts: Vec::new(),
+                        moved_contacts: Vec::new(),
                     })
                 }
             };

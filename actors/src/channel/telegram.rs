@@ -276,6 +276,7 @@ impl TelegramProvider {
             }) if status.is_success() => Ok(Receipt {
                 provider_message_id: Some(sent.message_id.to_string()),
                 dead_contacts: Vec::new(),
+                moved_contacts: Vec::new(),
             }),
             Some(reply) if !reply.ok => {
                 Err(reply_error(status, reply, header_retry_after, chat_id))

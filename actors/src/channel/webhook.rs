@@ -311,6 +311,7 @@ impl WebhookProvider {
             return Ok(Receipt {
                 provider_message_id: None,
                 dead_contacts: Vec::new(),
+                moved_contacts: Vec::new(),
             });
         }
         // The receiver's body is not read: it is not ours to store, and could be anything.

@@ -91,7 +91,7 @@ pub async fn clear_webhook_url(
     external_id: &str,
     url: &str,
 ) -> Result<bool, RepoError> {
-    clear_if_still(db, external_id, customer::Column::WebhookUrl, url).await
+    set_if_still(db, external_id, customer::Column::WebhookUrl, url, None).await
 }
 
 /// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, bot
@@ -101,22 +101,49 @@ pub async fn clear_telegram_chat_id(
     external_id: &str,
     chat_id: &str,
 ) -> Result<bool, RepoError> {
-    clear_if_still(db, external_id, customer::Column::TelegramChatId, chat_id).await
+    set_if_still(
+        db,
+        external_id,
+        customer::Column::TelegramChatId,
+        chat_id,
+        None,
+    )
+    .await
 }
 
-/// Sets the customer's contact `column` to NULL if it still holds `dead`: a value written in the
-/// meantime (a `PUT /customers/{id}` with a new chat id) is kept.
-async fn clear_if_still(
+/// Changes a Telegram chat id from `from` to `to`, the id the Bot API gave for the chat when it
+/// moved (a group upgraded to a supergroup). `false` when the customer is gone or its chat id is
+/// another already.
+pub async fn move_telegram_chat_id(
+    db: &impl ConnectionTrait,
+    external_id: &str,
+    from: &str,
+    to: &str,
+) -> Result<bool, RepoError> {
+    set_if_still(
+        db,
+        external_id,
+        customer::Column::TelegramChatId,
+        from,
+        Some(to),
+    )
+    .await
+}
+
+/// Sets the customer's contact `column` to `value` (NULL for `None`) if it still holds `old`: a
+/// value written in the meantime (a `PUT /customers/{id}` with a new chat id) is kept.
+async fn set_if_still(
     db: &impl ConnectionTrait,
     external_id: &str,
     column: customer::Column,
-    dead: &str,
+    old: &str,
+    value: Option<&str>,
 ) -> Result<bool, RepoError> {
     let result = customer::Entity::update_many()
-        .col_expr(column, Expr::value(Option::<String>::None))
+        .col_expr(column, Expr::value(value.map(str::to_string)))
         .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(customer::Column::ExternalId.eq(external_id))
-        .filter(column.eq(dead))
+        .filter(column.eq(old))
         .exec(db)
         .await?;
     Ok(result.rows_affected > 0)
