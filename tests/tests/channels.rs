@@ -601,6 +601,70 @@ async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A group upgraded to a supergroup gets the message at its new chat id, which the stored
+/// customer then holds, so the next notification goes there at once. A moved chat given inline
+/// in the request is not stored: the customer's own chat id stays.
+#[tokio::test]
+async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
+    let w = world(|_| {}).await;
+    let upgraded = Mock::given(method("POST"))
+        .and(telegram_path())
+        .and(body_partial_json(json!({"chat_id": "-4242"})))
+        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+            "ok": false, "error_code": 400,
+            "description": "Bad Request: group chat was upgraded to a supergroup chat",
+            "parameters": {"migrate_to_chat_id": -1_004_242_i64}
+        })))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let supergroup = Mock::given(method("POST"))
+        .and(telegram_path())
+        .and(body_partial_json(json!({"chat_id": "-1004242"})))
+        .respond_with(telegram_ok())
+        .mount_as_scoped(&w.provider)
+        .await;
+    store_customer(&w, "ada", json!({"telegram_chat_id": "-4242"})).await;
+    store_customer(&w, "bob", json!({"telegram_chat_id": "7777"})).await;
+    let to = |recipient: Value| notification(&["telegram"], recipient);
+
+    for round in 1..=2 {
+        let id = w
+            .herald
+            .send_accepted(&to(json!({"customer_id": "ada"})))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(
+            statuses(&sent),
+            vec![("telegram".to_string(), "sent".to_string())],
+            "send {round}: {sent}"
+        );
+        assert_eq!(
+            sent["attempts"][0]["provider_message_id"], "9",
+            "send {round}: {sent}"
+        );
+        let ada = stored_customer(&w, "ada").await;
+        assert_eq!(ada["telegram_chat_id"], "-1004242", "send {round}: {ada}");
+    }
+    assert_eq!(
+        upgraded.received_requests().await.len(),
+        1,
+        "the old group id is tried once, then the new one straight away"
+    );
+    assert_eq!(supergroup.received_requests().await.len(), 2);
+
+    let inline = json!({"customer_id": "bob", "telegram_chat_id": "-4242"});
+    let third = w.herald.send_accepted(&to(inline)).await;
+    w.herald.wait_status(&third, "sent").await;
+    let bob = stored_customer(&w, "bob").await;
+    assert_eq!(bob["telegram_chat_id"], "7777", "{bob}");
+    let metrics = w.herald.metrics_text().await;
+    assert!(
+        metrics.contains("herald_contacts_moved_total{channel=\"telegram\"}"),
+        "the move is counted: {metrics}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// Every push token FCM declares dead is removed from the stored customer, also when another of
 /// its devices took the message; the good token stays and is the only one called next time.
 #[tokio::test]

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http;
-use super::{OutboundMessage, Provider, ProviderError, Receipt};
+use super::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt};
 
 /// Telegram provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
@@ -167,7 +167,7 @@ impl std::fmt::Debug for TelegramProvider {
 #[derive(Serialize)]
 struct SendMessage<'a> {
     chat_id: &'a str,
-    text: String,
+    text: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     parse_mode: Option<&'a str>,
 }
@@ -215,34 +215,7 @@ impl TelegramProvider {
 
     /// Removes the token from a reason, whatever put it there.
     fn scrub(&self, error: ProviderError) -> ProviderError {
-        let clean = |reason: String| reason.replace(&self.token, "<redacted>");
-        match error {
-            ProviderError::Transient {
-                reason,
-                retry_after,
-            } => ProviderError::Transient {
-                reason: clean(reason),
-                retry_after,
-            },
-            ProviderError::Throttled {
-                reason,
-                retry_after,
-            } => ProviderError::Throttled {
-                reason: clean(reason),
-                retry_after,
-            },
-            ProviderError::Permanent {
-                reason,
-                dead_contacts,
-            } => ProviderError::Permanent {
-                reason: clean(reason),
-                dead_contacts,
-            },
-            ProviderError::Unsendable { reason } => ProviderError::Unsendable {
-                reason: clean(reason),
-            },
-            ProviderError::MissingContact(channel) => ProviderError::MissingContact(channel),
-        }
+        error.map_reason(|reason| reason.replace(&self.token, "<redacted>"))
     }
 
     async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
@@ -253,12 +226,45 @@ impl TelegramProvider {
             .ok_or(ProviderError::MissingContact(Channel::Telegram))?;
         let text = text_of(message);
         let text = super::text::cut(&text, MAX_TEXT_UTF16, char::len_utf16);
+        let text = match self.parse_mode {
+            Some(mode) => mode.escape(&text),
+            None => text.into_owned(),
+        };
+        match self.send_message(chat_id, &text).await? {
+            Sent::Accepted { message_id } => Ok(receipt(message_id, Vec::new())),
+            Sent::Moved { to, .. } => self.follow_move(chat_id, to, &text).await,
+        }
+    }
+
+    /// Sends `text` once more, at once, to the chat `from` moved to, reporting the move when it
+    /// goes out. One hop only: a chat that moved again is refused as its reply says. A failure
+    /// is classified as usual, its reason telling of the move.
+    async fn follow_move(
+        &self,
+        from: &str,
+        to: String,
+        text: &str,
+    ) -> Result<Receipt, ProviderError> {
+        let refusal = match self.send_message(&to, text).await {
+            Ok(Sent::Accepted { message_id }) => {
+                let moved = ContactMove {
+                    from: from.to_string(),
+                    to,
+                };
+                return Ok(receipt(message_id, vec![moved]));
+            }
+            Ok(Sent::Moved { refusal, .. }) | Err(refusal) => refusal,
+        };
+        Err(refusal.map_reason(|reason| {
+            format!("{reason} (sent to chat {to}, where the group moved from chat {from})")
+        }))
+    }
+
+    /// One `sendMessage` of `text` to `chat_id`.
+    async fn send_message(&self, chat_id: &str, text: &str) -> Result<Sent, ProviderError> {
         let body = SendMessage {
             chat_id,
-            text: match self.parse_mode {
-                Some(mode) => mode.escape(&text),
-                None => text.into_owned(),
-            },
+            text,
             parse_mode: self.parse_mode.map(ParseMode::name),
         };
         let request = self.client.post(&self.send_url).json(&body);
@@ -273,14 +279,10 @@ impl TelegramProvider {
                 ok: true,
                 result: Some(sent),
                 ..
-            }) if status.is_success() => Ok(Receipt {
-                provider_message_id: Some(sent.message_id.to_string()),
-                dead_contacts: Vec::new(),
-                moved_contacts: Vec::new(),
+            }) if status.is_success() => Ok(Sent::Accepted {
+                message_id: sent.message_id,
             }),
-            Some(reply) if !reply.ok => {
-                Err(reply_error(status, reply, header_retry_after, chat_id))
-            }
+            Some(reply) if !reply.ok => refused(status, reply, header_retry_after, chat_id),
             _ if status.is_success() => Err(ProviderError::permanent(format!(
                 "unexpected Bot API reply: {}",
                 http::snippet(&bytes, 200)
@@ -291,6 +293,50 @@ impl TelegramProvider {
                 header_retry_after,
             )),
         }
+    }
+}
+
+/// What a `sendMessage` the Bot API answered came to, short of a refusal.
+enum Sent {
+    /// The message went out.
+    Accepted {
+        /// Telegram's id for it.
+        message_id: i64,
+    },
+    /// The chat lives on under another id (a group upgraded to a supergroup), given by the reply.
+    Moved {
+        /// The chat's new id.
+        to: String,
+        /// The reply as an error, for when the move is not followed.
+        refusal: ProviderError,
+    },
+}
+
+/// The receipt of a message that went out as `message_id`.
+fn receipt(message_id: i64, moved_contacts: Vec<ContactMove>) -> Receipt {
+    Receipt {
+        provider_message_id: Some(message_id.to_string()),
+        dead_contacts: Vec::new(),
+        moved_contacts,
+    }
+}
+
+/// An `ok: false` reply: a chat that moved when the reply gives its new id (`migrate_to_chat_id`),
+/// else an error (see [`reply_error`]).
+fn refused(
+    status: StatusCode,
+    reply: BotReply,
+    header_retry_after: Option<std::time::Duration>,
+    chat_id: &str,
+) -> Result<Sent, ProviderError> {
+    let moved_to = reply.parameters.as_ref().and_then(|p| p.migrate_to_chat_id);
+    let refusal = reply_error(status, reply, header_retry_after, chat_id);
+    match moved_to {
+        Some(to) => Ok(Sent::Moved {
+            to: to.to_string(),
+            refusal,
+        }),
+        None => Err(refusal),
     }
 }
 
@@ -357,7 +403,9 @@ const GONE_CHAT_403: [&str; 4] = [
 
 /// Whether an error reply says the chat is gone for this bot (`GONE_CHAT_403`), so its id is
 /// dead. Not so: a bot-wide refusal (401, a revoked token), which names no chat; a group upgraded
-/// to a supergroup, which lives on under a new id; a user who has not started the bot yet ("can't
+/// to a supergroup, which lives on under the new id its 400 reply gives (`migrate_to_chat_id`),
+/// where the message is sent once more and the customer's chat id moved (see
+/// [`TelegramProvider::follow_move`]); a user who has not started the bot yet ("can't
 /// initiate conversation"), who still can; and a 400 "chat not found", which every chat answers
 /// when the configured token is another bot's (a token swapped for a new bot's), so forgetting on
 /// it could clear every customer's chat id at once, where each is reachable again as soon as its
@@ -713,6 +761,106 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    /// Telegram's answer to a send to a group upgraded to a supergroup, whose id is now `to`.
+    fn migrated_to(to: i64) -> ResponseTemplate {
+        ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "ok": false,
+            "error_code": 400,
+            "description": "Bad Request: group chat was upgraded to a supergroup chat",
+            "parameters": {"migrate_to_chat_id": to}
+        }))
+    }
+
+    /// Answers sends to `chat` with `template`, expecting `times` of them.
+    async fn answer_chat(server: &MockServer, chat: &str, template: ResponseTemplate, times: u64) {
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_json(serde_json::json!({
+                "chat_id": chat,
+                "text": "Order shipped\n\nOrder #1001 shipped",
+            })))
+            .respond_with(template)
+            .expect(times)
+            .mount(server)
+            .await;
+    }
+
+    #[tokio::test]
+    async fn an_upgraded_group_gets_the_message_at_its_new_id_and_the_move_is_reported() {
+        let server = MockServer::start().await;
+        answer_chat(&server, "-4242", migrated_to(-1_004_242), 1).await;
+        let accepted = ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 778}}));
+        answer_chat(&server, "-1004242", accepted, 1).await;
+        let receipt = provider(&server.uri(), 2_000)
+            .send(&message(Some("-4242")))
+            .await
+            .expect("sent to the supergroup");
+        assert_eq!(receipt.provider_message_id.as_deref(), Some("778"));
+        assert_eq!(
+            receipt.moved_contacts,
+            vec![ContactMove {
+                from: "-4242".into(),
+                to: "-1004242".into()
+            }]
+        );
+        assert!(receipt.dead_contacts.is_empty(), "{receipt:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_send_to_the_new_chat_is_classified_as_usual_and_mentions_the_move() {
+        for (reply, transient, dead) in [
+            (bot_error(502, "Bad Gateway"), true, vec![]),
+            (
+                bot_error(403, "Forbidden: bot was kicked from the supergroup chat"),
+                false,
+                vec!["-1004242".to_string()],
+            ),
+        ] {
+            let server = MockServer::start().await;
+            answer_chat(&server, "-4242", migrated_to(-1_004_242), 1).await;
+            answer_chat(&server, "-1004242", reply, 1).await;
+            let error = provider(&server.uri(), 2_000)
+                .send(&message(Some("-4242")))
+                .await
+                .unwrap_err();
+            assert_no_token(&error);
+            let reason = error.to_string();
+            assert!(
+                reason.contains("from chat -4242") && reason.contains("chat -1004242"),
+                "the move is told: {reason}"
+            );
+            match (&error, transient) {
+                (ProviderError::Transient { .. }, true) => {}
+                (ProviderError::Permanent { dead_contacts, .. }, false) => {
+                    assert_eq!(dead_contacts, &dead, "{error:?}")
+                }
+                _ => panic!("misclassified: {error:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chat_that_moved_again_is_not_followed_a_second_time() {
+        let server = MockServer::start().await;
+        answer_chat(&server, "-4242", migrated_to(-1_004_242), 1).await;
+        answer_chat(&server, "-1004242", migrated_to(-1_009_999), 1).await;
+        let accepted = ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 1}}));
+        answer_chat(&server, "-1009999", accepted, 0).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(Some("-4242")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if reason.contains("upgraded to a supergroup")
+                    && reason.contains("-1009999")
+                    && dead_contacts.is_empty()),
+            "{error:?}"
+        );
     }
 
     #[tokio::test]
