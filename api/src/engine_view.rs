@@ -1,6 +1,7 @@
 //! What the API may know about the engine running beside it, without depending on the actors
 //! crate (the design's dependency direction): the engine implements [`EngineView`].
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use poem_openapi::Object;
 
@@ -19,6 +20,12 @@ pub struct ChannelView {
     pub recent_failures: u64,
     /// Times the circuit opened since start.
     pub times_opened: u64,
+    /// While the circuit is open: when it lets its next probe through (RFC 3339, UTC). That is
+    /// the cool-down's end, or later when the provider asked for a longer wait (Retry-After) or
+    /// another instance announced that its circuit for this provider stays open longer (up to
+    /// `channels.limits.circuit.max_cool_down_ms`). Once that is due, the time of the answer: the
+    /// next send is the probe. Absent while the circuit is closed or half-open.
+    pub probe_at: Option<DateTime<Utc>>,
     /// Sends in flight.
     pub in_flight: u64,
     /// Sends accepted by the provider since start.

@@ -53,6 +53,7 @@ fn view(s: ChannelSnapshot) -> ChannelView {
         circuit: s.circuit.as_str().into(),
         recent_failures: s.recent_failures as u64,
         times_opened: s.times_opened,
+        probe_at: s.probe_at,
         in_flight: s.in_flight as u64,
         sent: s.sent,
         failed: s.failed,

@@ -405,6 +405,14 @@ async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
         .expect("sms listed");
     assert_eq!(sms["circuit"], "open", "{sms}");
     assert_eq!(sms["times_opened"], 1, "{sms}");
+    let probe_at = sms["probe_at"]
+        .as_str()
+        .and_then(|at| at.parse::<DateTime<Utc>>().ok())
+        .unwrap_or_else(|| panic!("an open circuit says when it probes: {sms}"));
+    assert!(
+        probe_at > Utc::now() + chrono::TimeDelta::seconds(150),
+        "the probe waits for the Retry-After (capped at 300 s): {sms}"
+    );
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -11,6 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use herald_nats::Channel;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -89,6 +90,11 @@ pub struct ChannelSnapshot {
     pub recent_failures: usize,
     /// Times the circuit opened since start.
     pub times_opened: u64,
+    /// While the circuit is open: when it lets its next probe through (the cool-down's end, or
+    /// later when the provider asked for a longer wait or another instance announced one); once
+    /// that is due, the snapshot's own time (the next send is the probe). `None` while closed or
+    /// half-open.
+    pub probe_at: Option<DateTime<Utc>>,
     /// Sends in flight.
     pub in_flight: usize,
     /// Sends accepted since start.
@@ -416,12 +422,18 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
         circuit: state.breaker.state(),
         recent_failures: state.breaker.recent_failures(),
         times_opened: state.breaker.times_opened(),
+        probe_at: state.breaker.probe_in(Instant::now()).and_then(from_now),
         in_flight: state.in_flight,
         sent: state.sent,
         failed: state.failed,
         refused: state.refused,
         last_error: state.last_error.clone(),
     }
+}
+
+/// The wall-clock time `wait` from now, if the calendar reaches it.
+fn from_now(wait: Duration) -> Option<DateTime<Utc>> {
+    Utc::now().checked_add_signed(chrono::Duration::from_std(wait).ok()?)
 }
 
 #[cfg(test)]
@@ -852,6 +864,72 @@ mod tests {
         let snapshot = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
         assert_eq!(snapshot.circuit, CircuitState::Open, "{snapshot:?}");
         assert_eq!(snapshot.refused, 3, "{snapshot:?}");
+        actor.stop(None);
+    }
+
+    /// A circuit opening at the first failure with a one-second cool-down, which takes a
+    /// provider's (or another instance's) wait of up to two hours.
+    fn waiting_up_to_two_hours() -> ChannelSettings {
+        let mut settings = opening_at_once(1_000);
+        settings.circuit.max_cool_down_ms = 7_200_000;
+        settings
+    }
+
+    /// Asserts that `snapshot` shows an open circuit probing `wait` after some moment between
+    /// `before` and `after`.
+    fn assert_probes_after(
+        snapshot: &ChannelSnapshot,
+        wait: Duration,
+        (before, after): (DateTime<Utc>, DateTime<Utc>),
+    ) {
+        assert_eq!(snapshot.circuit, CircuitState::Open, "{snapshot:?}");
+        let wait = chrono::Duration::from_std(wait).expect("a short wait");
+        // The wall clock and the monotonic clock may drift apart a little.
+        let slack = chrono::Duration::milliseconds(500);
+        let probe_at = snapshot
+            .probe_at
+            .expect("an open circuit says when it probes");
+        assert!(
+            probe_at >= before + wait - slack && probe_at <= after + wait + slack,
+            "probe at {probe_at}, expected {wait} after a moment in {before}..{after}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_open_circuit_says_when_it_probes_past_the_providers_retry_after() {
+        let (provider, _calls) = Scripted::new(down_for_an_hour);
+        let actor = spawn(provider, waiting_up_to_two_hours()).await;
+        let closed = snapshot_when(&actor, "the actor to start", |_| true).await;
+        assert_eq!(closed.probe_at, None, "closed: {closed:?}");
+
+        let before = Utc::now();
+        send_one(&actor, 1).await;
+        let open = snapshot_when(&actor, "the send to settle", |s| s.in_flight == 0).await;
+        assert_probes_after(&open, Duration::from_secs(3_600), (before, Utc::now()));
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_circuit_opened_by_another_instance_probes_when_that_one_said() {
+        let (provider, calls) = Scripted::new(down_for_an_hour);
+        let actor = spawn(provider, waiting_up_to_two_hours()).await;
+        let before = Utc::now();
+        actor
+            .cast(ChannelMsg::PeerOpened {
+                provider: "scripted".into(),
+                open_for: Some(Duration::from_secs(3_600)),
+            })
+            .expect("actor alive");
+        let open = snapshot_when(&actor, "the circuit to open", |s| {
+            s.circuit == CircuitState::Open
+        })
+        .await;
+        assert_probes_after(&open, Duration::from_secs(3_600), (before, Utc::now()));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "the provider was not called"
+        );
         actor.stop(None);
     }
 

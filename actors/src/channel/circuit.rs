@@ -152,11 +152,22 @@ impl CircuitBreaker {
     /// half-open, a whole cool-down (the probe is out, and if it fails the circuit opens for that
     /// long at least: waiting less would only be refused again); zero while closed.
     pub fn cool_down_left(&self, now: Instant) -> Duration {
-        match (self.state, self.open_until) {
-            (CircuitState::Open, Some(until)) => until.saturating_duration_since(now),
-            (CircuitState::Open, None) => Duration::MAX,
-            (CircuitState::HalfOpen, _) => Duration::from_millis(self.settings.cool_down_ms),
-            _ => Duration::ZERO,
+        match self.state {
+            CircuitState::Open => self.probe_in(now).unwrap_or(Duration::MAX),
+            CircuitState::HalfOpen => Duration::from_millis(self.settings.cool_down_ms),
+            CircuitState::Closed => Duration::ZERO,
+        }
+    }
+
+    /// While open, how long from `now` until the circuit lets its probe through (zero once that
+    /// is due: the next send is the probe); `None` while closed or half-open, and for a wait
+    /// longer than the clock can count.
+    pub fn probe_in(&self, now: Instant) -> Option<Duration> {
+        match self.state {
+            CircuitState::Open => self
+                .open_until
+                .map(|until| until.saturating_duration_since(now)),
+            CircuitState::Closed | CircuitState::HalfOpen => None,
         }
     }
 
@@ -305,6 +316,33 @@ mod tests {
             ms(5_000),
             "half-open: a refused send waits a whole cool-down, not a spin"
         );
+    }
+
+    #[test]
+    fn the_probe_is_due_only_while_open() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        assert_eq!(cb.probe_in(t0), None, "closed");
+        cb.on_failure(Admission::Allowed, t0, None);
+        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, t0 + ms(20), Some(ms(20_000)));
+        assert_eq!(
+            cb.probe_in(t0 + ms(1_020)),
+            Some(ms(19_000)),
+            "the provider's longer wait, not the cool-down"
+        );
+        assert_eq!(
+            cb.probe_in(t0 + ms(30_000)),
+            Some(Duration::ZERO),
+            "due: the next send is the probe"
+        );
+        assert_eq!(cb.admit(t0 + ms(30_000)), Admission::Probe);
+        assert_eq!(cb.probe_in(t0 + ms(30_000)), None, "half-open");
+        cb.on_failure(Admission::Probe, t0 + ms(30_100), None);
+        assert_eq!(cb.probe_in(t0 + ms(30_100)), Some(ms(5_000)), "reopened");
+        assert_eq!(cb.admit(t0 + ms(35_100)), Admission::Probe);
+        cb.on_success(Admission::Probe);
+        assert_eq!(cb.probe_in(t0 + ms(35_100)), None, "closed again");
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! `/channels`: every provider of this instance — circuit state, in-flight sends, the error rate
-//! of its attempts over the last hour, and its last failure — and the command partitions this
-//! instance owns.
+//! `/channels`: every provider of this instance — circuit state (and when an open one probes),
+//! in-flight sends, the error rate of its attempts over the last hour, and its last failure — and
+//! the command partitions this instance owns.
 
 use chrono::{Duration, Utc};
 use herald_entities::repo::activity::{self, AttemptOutcome};
 use poem::{Response, web::Data};
 
-use super::{Dashboard, html, page_error, session::Session};
+use super::{Dashboard, html, page_error, session::Session, when};
 use crate::engine_view::{ChannelView, PartitionsView};
 
 /// The window the error rate is computed over.
@@ -19,6 +19,8 @@ pub(crate) struct ChannelRow {
     pub attempts: i64,
     /// Share of them that did not succeed, e.g. `25.0 %`; `–` without attempts.
     pub error_rate: String,
+    /// When an open circuit lets its next probe through, UTC; `–` while closed or half-open.
+    pub probe_at: String,
 }
 
 #[derive(askama::Template)]
@@ -74,6 +76,7 @@ fn row(view: ChannelView, outcomes: &[AttemptOutcome]) -> ChannelRow {
             (all + o.count, failed + bad)
         });
     ChannelRow {
+        probe_at: view.probe_at.map_or_else(|| "–".into(), when),
         view,
         attempts,
         error_rate: error_rate(attempts, failed),
@@ -101,29 +104,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_error_rate_counts_every_unsuccessful_outcome_of_that_provider() {
-        let view = ChannelView {
+    /// The telegram provider's view with its circuit `circuit`, probing at `probe_at`.
+    fn telegram(circuit: &str, probe_at: Option<chrono::DateTime<Utc>>) -> ChannelView {
+        ChannelView {
             channel: "telegram".into(),
             provider: "telegram".into(),
-            circuit: "closed".into(),
+            circuit: circuit.into(),
             recent_failures: 0,
             times_opened: 0,
+            probe_at,
             in_flight: 0,
             sent: 0,
             failed: 0,
             refused: 0,
             last_error: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_error_rate_counts_every_unsuccessful_outcome_of_that_provider() {
         let outcomes = [
             outcome("telegram", "sent", 3),
             outcome("telegram", "failed", 1),
             outcome("telegram", "circuit_open", 0),
             outcome("other", "failed", 9),
         ];
-        let row = row(view, &outcomes);
+        let row = row(telegram("closed", None), &outcomes);
         assert_eq!(row.attempts, 4);
         assert_eq!(row.error_rate, "25.0 %");
         assert_eq!(error_rate(0, 0), "–");
+        assert_eq!(row.probe_at, "–", "closed: no probe");
+    }
+
+    #[test]
+    fn an_open_circuit_shows_when_it_probes() {
+        let probe_at = "2026-12-06T17:05:09Z".parse().expect("a time");
+        let row = row(telegram("open", Some(probe_at)), &[]);
+        assert_eq!(row.probe_at, "2026-12-06 17:05:09");
     }
 }
