@@ -1,19 +1,30 @@
 //! Several Herald instances on one NATS and one database share the work: each command partition is
 //! leased to one instance at a time, when one dies the others take its partitions over, per-user
-//! rate limits hold across the cluster, and a rolling restart loses nothing.
+//! rate limits hold across the cluster, a rolling restart loses nothing, and a circuit that opens on
+//! one instance opens on the others for as long.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use herald_actors::channel::sms::SmsConfig;
 use herald_actors::partitions::{LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, OwnershipView};
 use herald_actors::slot::ActorSlot;
+use herald_engine::Config;
 use herald_entities::{NotificationStatus, notification};
 use herald_nats::{LeaseTable, LeaseView, NatsError, Retention, StreamSettings};
-use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
+use herald_tests::{
+    E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
+    test_config,
+};
 use ractor::Actor;
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
+use serde_json::{Value, json};
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
 
 fn env(nats: &NatsServer, db: &TestDatabase, smtp: &SmtpSink) -> Vec<(String, String)> {
     [
@@ -895,4 +906,154 @@ async fn a_changed_retention_applies_to_existing_streams_at_the_next_start() {
     let after = dlq_config().await;
     assert_eq!(after.max_age, Duration::ZERO, "kept whatever their age");
     assert_eq!(after.max_bytes, 1 << 30);
+}
+
+/// An instance named `instance` whose SMS provider is `twilio` (a local mock), with circuits that
+/// open at the first failure, cool down for a second and take a provider's wait of up to two
+/// hours.
+fn circuit_config(
+    (nats, db, smtp): (&NatsServer, &TestDatabase, &SmtpSink),
+    instance: &str,
+    twilio: &MockServer,
+) -> Config {
+    let mut config = test_config(nats, db, smtp);
+    config.cluster.instance = Some(instance.into());
+    config.cluster.lease_ttl_ms = LEASE_TTL_MS;
+    config.channels.sms = Some(SmsConfig {
+        base_url: twilio.uri(),
+        account_sid: "AC1".into(),
+        auth_token: "secret".into(),
+        from: "+15005550006".into(),
+        timeout_ms: 2_000,
+    });
+    let circuit = &mut config.channels.limits.circuit;
+    circuit.failure_threshold = 1;
+    circuit.window_ms = 60_000;
+    circuit.cool_down_ms = COOL_DOWN.as_millis() as u64;
+    circuit.max_cool_down_ms = 2 * 3_600_000;
+    config
+}
+
+/// The cool-down of [`circuit_config`].
+const COOL_DOWN: Duration = Duration::from_secs(1);
+
+/// The `sms` entry of `herald`'s `GET /api/v1/channels`.
+async fn sms_channel(herald: &TestHerald) -> Value {
+    let (status, channels) = herald.get("/api/v1/channels").await;
+    assert!(status.is_success(), "{status}: {channels}");
+    channels
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == "sms"))
+        .cloned()
+        .unwrap_or_else(|| panic!("sms listed: {channels}"))
+}
+
+/// Asserts that `channel`'s circuit is open and probes an hour after a moment between `from` and
+/// `to`.
+fn assert_probes_an_hour_after(channel: &Value, (from, to): (DateTime<Utc>, DateTime<Utc>)) {
+    const HOUR: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+    // The wall clock (probe_at) and the monotonic one (the circuit) may drift apart a little.
+    const SLACK: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+    assert_eq!(channel["circuit"], "open", "{channel}");
+    let probe_at: DateTime<Utc> = channel["probe_at"]
+        .as_str()
+        .and_then(|at| at.parse().ok())
+        .unwrap_or_else(|| panic!("an open circuit says when it probes: {channel}"));
+    assert!(
+        probe_at >= from + HOUR - SLACK && probe_at <= to + HOUR + SLACK,
+        "the circuit probes an hour after a moment in {from}..{to} (the Retry-After), well \
+         beyond its {COOL_DOWN:?} cool-down: {channel}"
+    );
+}
+
+/// An SMS (email as fallback) to reader number `reader`.
+fn order_shipped(reader: usize) -> Value {
+    json!({
+        "recipient": {"email": format!("reader-{reader}@example.com"), "phone": "+4915112345678"},
+        "category": "transactional",
+        "channels": ["sms", "email"],
+        "content": {
+            "subject": "Order shipped",
+            "text": "Your order #1001 is on its way.",
+            "short": "Order #1001 shipped"
+        }
+    })
+}
+
+/// Whether `herald` owns at least one command partition.
+async fn owns_a_partition(herald: &TestHerald) -> bool {
+    let (_, ready) = herald.get("/health/ready").await;
+    ready["partitions"]["owned"]
+        .as_array()
+        .is_some_and(|owned| !owned.is_empty())
+}
+
+/// Instance A's Twilio answers 503 asking for an hour (Retry-After: 3600) until A's circuit opens
+/// for that hour; A announces it with `open_for_ms`, and instance B, whose own Twilio never failed,
+/// opens its circuit for the hour too (not for its one-second cool-down), as B's channel list shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_circuit_held_open_by_retry_after_is_held_as_long_on_the_other_instance() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    // One Twilio per instance: B's answers every send, so only A's announcement can open B's
+    // circuit.
+    let down = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "3600"))
+        .mount(&down)
+        .await;
+    let up = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
+        .mount(&up)
+        .await;
+    let servers = (&nats, &db, &smtp);
+    // B first, and both at work, so that B listens for announcements before A's circuit opens.
+    let b = TestHerald::start(circuit_config(servers, "circuit-b", &up))
+        .await
+        .expect("instance b");
+    let a = TestHerald::start(circuit_config(servers, "circuit-a", &down))
+        .await
+        .expect("instance a");
+    eventually(
+        "both instances to own command partitions",
+        Duration::from_secs(60),
+        || async { (owns_a_partition(&a).await && owns_a_partition(&b).await).then_some(()) },
+    )
+    .await;
+
+    // A notification goes to the instance that owns its recipient's partition: send to one
+    // reader after another until one reaches A's Twilio, whose first failure opens A's circuit
+    // (the notification then fails over to email).
+    let before = Utc::now();
+    let readers = AtomicUsize::new(0);
+    let on_a = eventually("instance a's SMS circuit to open", E2E_TIMEOUT, || async {
+        let reader = readers.fetch_add(1, Ordering::Relaxed);
+        let id = a.send_accepted(&order_shipped(reader)).await;
+        a.wait_status(&id, "sent").await;
+        let sms = sms_channel(&a).await;
+        (sms["circuit"] == "open").then_some(sms)
+    })
+    .await;
+    assert_probes_an_hour_after(&on_a, (before, Utc::now()));
+
+    let on_b = eventually(
+        "instance b's SMS circuit to open on a's announcement",
+        E2E_TIMEOUT,
+        || async {
+            let sms = sms_channel(&b).await;
+            (sms["circuit"] == "open").then_some(sms)
+        },
+    )
+    .await;
+    assert_probes_an_hour_after(&on_b, (before, Utc::now()));
+    assert_eq!(
+        (on_b["failed"].as_u64(), on_b["recent_failures"].as_u64()),
+        (Some(0), Some(0)),
+        "b's own Twilio never failed: {on_b}"
+    );
+    assert_eq!(on_b["times_opened"], 1, "{on_b}");
+    a.shutdown().await.expect("a shuts down");
+    b.shutdown().await.expect("b shuts down");
 }
