@@ -18,7 +18,7 @@ use async_nats::jetstream::{self, message::Acker};
 use bytes::Bytes;
 use chrono::{DurationRound, Utc};
 use herald_entities::{
-    NotificationStatus, customer,
+    NotificationStatus, customer, delivery_attempt,
     repo::{
         self,
         notifications::Claimed,
@@ -54,6 +54,9 @@ pub const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// The status of the attempt recorded for a channel not called because it refused the
 /// notification for good (`rejected`, `no_contact`) in an earlier round.
 pub const REFUSED_EARLIER: &str = "refused_earlier";
+
+/// The status of the attempt recorded for a channel the customer opted out of.
+const OPTED_OUT: &str = "opted_out";
 
 /// When a notification whose status changed while it was being claimed is claimed again.
 const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);
@@ -120,8 +123,9 @@ impl Default for NewerVersionHold {
     }
 }
 
-/// Delivers one command message end to end. Never panics on message content; every path ends in a
-/// record handed to the StatusWriter (which acks or NAKs after writing) or a NAK.
+/// Delivers one command message end to end. Never panics on message content; every path ends as
+/// the delivery decides: acked, NAKed or terminated at once, or recorded by the StatusWriter (which
+/// acks or NAKs after writing), dead-lettered included.
 pub async fn deliver(
     ctx: Arc<DeliveryContext>,
     message: jetstream::Message,
@@ -160,7 +164,7 @@ pub async fn deliver(
             .await;
         return;
     };
-    let job = Job {
+    let message = CommandMessage {
         notification_id: command.notification_id,
         replay_base: replay_base(&message),
         payload: message.payload,
@@ -169,8 +173,8 @@ pub async fn deliver(
         copy,
         permit: Lease::new(permit).with_reservation(reservation),
     };
-    let settle = work(&ctx, command, &job, started).await;
-    job.settle(&ctx, settle).await;
+    let settle = work(&ctx, command, &message, started).await;
+    message.settle(&ctx, settle).await;
 }
 
 /// Why a command message cannot be delivered by this build.
@@ -208,7 +212,7 @@ fn read_command(
 }
 
 /// The command message a delivery works on, and what it takes to settle it.
-struct Job {
+struct CommandMessage {
     notification_id: uuid::Uuid,
     /// See [`replay_base`].
     replay_base: i32,
@@ -235,7 +239,7 @@ enum Settle {
         nak: Option<Duration>,
     },
     /// Copied to the dead-letter stream, naming the `providers` the last round called, and
-    /// recorded `dead` with the `attempts` not recorded yet (see [`Job::dead`]).
+    /// recorded `dead` with the `attempts` not recorded yet (see [`CommandMessage::dead_letter`]).
     Dead {
         reason: String,
         attempts: Vec<NewAttempt>,
@@ -282,10 +286,10 @@ impl Settle {
 async fn work(
     ctx: &DeliveryContext,
     mut command: SendCommand,
-    job: &Job,
+    message: &CommandMessage,
     started: tokio::time::Instant,
 ) -> Settle {
-    let round = match claim(ctx, &command, job).await {
+    let round = match claim(ctx, &command, message).await {
         Ok(round) => round,
         Err(settle) => return settle,
     };
@@ -301,14 +305,14 @@ async fn work(
         Ok(recipient) => recipient.unwrap_or_default(),
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot load the recipient; retrying later");
-            let delay = ctx.retry.delay(job.copy.count, None, rand::random());
+            let delay = ctx.retry.delay(message.copy.count, None, rand::random());
             return Settle::record_then_nak(vec![], vec![], delay);
         }
     };
     let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
         Ok(contacts) => contacts,
         Err(UnknownCustomer(customer)) => {
-            return unknown_customer(&ctx.retry, id, &customer, job.copy);
+            return unknown_customer(&ctx.retry, id, &customer, message.copy);
         }
     };
     let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command).await {
@@ -317,22 +321,22 @@ async fn work(
         Gate::Defer { delay, reason } => return deferred(ctx, id, delay, reason, round),
     };
     if let Err(err) = render_template(ctx, &mut command, recipient.customer.as_ref()).await {
-        return template_failed(&ctx.retry, id, err, job.copy.count);
+        return template_failed(&ctx.retry, id, err, message.copy.count);
     }
-    if !job.permit.partition_held() {
+    if !message.permit.partition_held() {
         // The partition's lease deadline passed while this delivery read the database or waited
         // for the rate limiter: another instance may own the partition by now, and its rate
         // limiter would not see this send. (The token spent here errs on the safe side.)
         metrics::counter!("herald_partition_lease_pauses_total").increment(1);
         return Settle::Nak(None);
     }
-    let refused = refused_earlier(ctx, id, round, job.replay_base).await;
+    let refused = refused_earlier(ctx, id, round, message.replay_base).await;
     let skip = Skip {
         opted_out: &opted_out,
         refused: &refused,
     };
     let walk = with_progress(
-        &job.acker,
+        &message.acker,
         ctx.progress_every,
         started,
         walk_chain(&ctx.channels, &command, &contacts, round, skip),
@@ -342,17 +346,21 @@ async fn work(
         forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
         move_contacts(&ctx.db, customer_id, &walk.moved_contacts).await;
     }
-    finish(&ctx.retry, id, walk, job.copy, round)
+    finish(&ctx.retry, id, walk, message.copy, round)
 }
 
 /// Claims the notification (marks it `processing`): the round it is in, or how the command ends
 /// when it is not to be worked on.
-async fn claim(ctx: &DeliveryContext, command: &SendCommand, job: &Job) -> Result<Round, Settle> {
+async fn claim(
+    ctx: &DeliveryContext,
+    command: &SendCommand,
+    message: &CommandMessage,
+) -> Result<Round, Settle> {
     let id = command.notification_id;
     match ctx.claims.get(id).await {
         Ok(Some(Claimed::Yours { attempts })) => Ok(Round::after(
             attempts,
-            job.replay_base,
+            message.replay_base,
             command.channels.len(),
         )),
         // Cancelled, or a redelivery of a command whose outcome is written.
@@ -370,7 +378,7 @@ async fn claim(ctx: &DeliveryContext, command: &SendCommand, job: &Job) -> Resul
         }
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
-            let delay = ctx.retry.delay(job.copy.count, None, rand::random());
+            let delay = ctx.retry.delay(message.copy.count, None, rand::random());
             Err(Settle::Nak(Some(delay)))
         }
     }
@@ -388,16 +396,15 @@ fn called_providers<'a>(providers: impl Iterator<Item = &'a str>) -> Vec<String>
 }
 
 /// The last round was walked and recorded, but its dead letter could not be published then (see
-/// [`Job::dead`]): it is published now, with the providers that round called and its last error,
-/// read back from its recorded attempts, as it would have been at once. If they cannot be read,
-/// it goes out without them rather than wait.
+/// [`CommandMessage::dead_letter`]): it is published now, with the providers that round called and
+/// its last error, read back from its recorded attempts ([`last_round`]), as it would have been
+/// at once. If they cannot be read, it goes out without them rather than wait.
 async fn dead_after_the_last_round(
     ctx: &DeliveryContext,
     id: uuid::Uuid,
     round: Round,
     chain_len: usize,
 ) -> Settle {
-    let last_round_after = round.first_attempt_no.saturating_sub(chain_len as u64);
     let attempts = match repo::notifications::find_with_attempts(&ctx.db, id).await {
         Ok(found) => found.map(|(_, attempts)| attempts).unwrap_or_default(),
         Err(err) => {
@@ -405,12 +412,9 @@ async fn dead_after_the_last_round(
             vec![]
         }
     };
-    let last_round: Vec<_> = attempts
-        .iter()
-        .filter(|attempt| u64::try_from(attempt.attempt_no).unwrap_or(0) > last_round_after)
-        .collect();
+    let (providers, error) = last_round(&attempts, round.first_attempt_no, chain_len);
     let rounds = round.number - 1;
-    let reason = match last_round.iter().rev().find_map(|a| a.error.as_deref()) {
+    let reason = match error {
         Some(error) => {
             format!("gave up after {rounds} rounds: {error} (dead-lettered on a later delivery)")
         }
@@ -419,20 +423,42 @@ async fn dead_after_the_last_round(
     Settle::Dead {
         reason,
         attempts: vec![],
-        providers: called_providers(last_round.iter().map(|a| a.provider.as_str())),
+        providers,
     }
 }
 
-impl Job {
+/// The providers the last round of a delivery called and its last error, from the `recorded`
+/// attempts of a chain of `chain_len` channels: the last `chain_len` of them, since every failed
+/// round records one attempt per channel (as [`Round::after`] counts). A channel the customer
+/// opted out of is not an error, as in [`walk_chain`].
+fn last_round(
+    attempts: &[delivery_attempt::Model],
+    recorded: u64,
+    chain_len: usize,
+) -> (Vec<String>, Option<&str>) {
+    let after = recorded.saturating_sub(chain_len as u64);
+    let last: Vec<_> = attempts
+        .iter()
+        .filter(|attempt| u64::try_from(attempt.attempt_no).unwrap_or(0) > after)
+        .collect();
+    let error = last
+        .iter()
+        .rev()
+        .filter(|attempt| attempt.status != OPTED_OUT)
+        .find_map(|attempt| attempt.error.as_deref());
+    let providers = called_providers(last.iter().map(|attempt| attempt.provider.as_str()));
+    (providers, error)
+}
+
+impl CommandMessage {
     /// Ends the delivery as `settle` says.
     async fn settle(self, ctx: &DeliveryContext, settle: Settle) {
-        let nak = |delay| jetstream::AckKind::Nak(delay);
         match settle {
             Settle::Ack => {
                 let _ = self.acker.ack().await;
             }
             Settle::Nak(delay) => {
-                let _ = self.acker.ack_with(nak(delay)).await;
+                let _ = self.acker.ack_with(jetstream::AckKind::Nak(delay)).await;
             }
             Settle::Term => {
                 let _ = self.acker.ack_with(jetstream::AckKind::Term).await;
@@ -452,7 +478,7 @@ impl Job {
                 reason,
                 attempts,
                 providers,
-            } => self.dead(ctx, reason, attempts, &providers).await,
+            } => self.dead_letter(ctx, reason, attempts, &providers).await,
         }
     }
 }
@@ -463,7 +489,7 @@ struct Delivery {
     /// JetStream's delivery count of the stream message (1 for the first).
     count: u64,
     /// The stream message's sequence. A replay from the DLQ publishes the command again as a new
-    /// message, so the sequence tells one notification's generations apart (see [`dead`]).
+    /// message, so the sequence tells one notification's generations apart (see [`CommandMessage::dead_letter`]).
     sequence: u64,
     /// When JetStream stored the stream message: a wait for its customer is measured from it.
     published: SystemTime,
@@ -599,7 +625,7 @@ fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -
         attempt_no: attempt_no.min(i32::MAX as u64) as i32,
         channel: channel.as_str().to_string(),
         provider: "-".into(),
-        status: "opted_out".into(),
+        status: OPTED_OUT.into(),
         error: Some(format!(
             "the customer opted out of {} on {channel}",
             command.category.as_str()
@@ -1097,7 +1123,7 @@ fn wait_for_circuits(
     Settle::record_then_nak(vec![change], vec![], delay)
 }
 
-impl Job {
+impl CommandMessage {
     /// Copies the command to the DLQ, then records `dead` and acks. If the DLQ cannot be reached
     /// the command is NAKed instead, so it is neither lost nor acked without its dead letter.
     ///
@@ -1105,7 +1131,7 @@ impl Job {
     /// redelivery of that message dead-letters it again as a duplicate JetStream drops, while a
     /// replayed command that dies again (a new message) gets a dead letter of its own even within
     /// the duplicate window, rather than being `dead` with nothing left to replay.
-    async fn dead(
+    async fn dead_letter(
         self,
         ctx: &DeliveryContext,
         reason: String,
@@ -1229,7 +1255,10 @@ mod tests {
     use herald_entities::NotificationStatus;
     use herald_nats::Channel;
 
-    use super::{Delivery, Round, Settle, Walk, due_after, finish};
+    use super::{
+        Delivery, NewerVersionHold, Round, Settle, Unreadable, Walk, due_after, finish, last_round,
+        read_command,
+    };
     use crate::retry::RetryPolicy;
 
     #[test]
@@ -1300,6 +1329,7 @@ mod tests {
             attempts: (1..=attempts).map(attempt).collect(),
             sent_on: None,
             dead_contacts: vec![],
+            moved_contacts: vec![],
             retryable,
             called,
             retry_after: None,
@@ -1402,5 +1432,70 @@ mod tests {
             ),
             "from max_deliveries_while_open on, such a pass counts"
         );
+    }
+
+    #[test]
+    fn the_last_round_names_its_providers_once_and_its_last_error_not_an_opt_out() {
+        let attempt = |no: i32, provider: &str, status: &str, error: Option<&str>| {
+            herald_entities::delivery_attempt::Model {
+                id: uuid::Uuid::nil(),
+                notification_id: uuid::Uuid::nil(),
+                attempt_no: no,
+                channel: "email".into(),
+                provider: provider.into(),
+                status: status.into(),
+                error: error.map(str::to_string),
+                provider_message_id: None,
+                latency_ms: 1,
+                created_at: Utc::now(),
+            }
+        };
+        let attempts = [
+            // Round 1 of a chain of three.
+            attempt(1, "twilio", "failed", Some("round one")),
+            attempt(2, "-", "opted_out", Some("opted out of email")),
+            attempt(3, "fcm", "failed", Some("round one too")),
+            // Round 2: the last.
+            attempt(4, "twilio", "failed", Some("503 from twilio")),
+            attempt(5, "fcm", "failed", Some("fcm down")),
+            attempt(6, "twilio", "failed", None),
+            attempt(7, "-", "opted_out", Some("opted out of push")),
+        ];
+        let (providers, error) = last_round(&attempts[..6], 6, 3);
+        assert_eq!(providers, ["twilio", "fcm"], "each once, in order");
+        assert_eq!(error, Some("fcm down"), "the last error the round met");
+        let (providers, error) = last_round(&attempts, 7, 4);
+        assert_eq!(providers, ["twilio", "fcm"]);
+        assert_eq!(error, Some("fcm down"), "an opt-out is no error");
+        assert_eq!(last_round(&[], 0, 3), (vec![], None));
+    }
+
+    #[test]
+    fn a_command_this_build_cannot_read_is_poison_unless_a_newer_build_may() {
+        let hold = NewerVersionHold {
+            delay: Duration::from_secs(30),
+            max_deliveries: 3,
+        };
+        let newer = br#"{"v":999}"#;
+        assert!(matches!(
+            read_command(newer, copy(2), hold),
+            Err(Unreadable::Newer { version: 999, delay }) if delay == hold.delay
+        ));
+        assert!(
+            matches!(
+                read_command(newer, copy(3), hold),
+                Err(Unreadable::Poison(_))
+            ),
+            "its last delivery is dead-lettered"
+        );
+        assert!(matches!(
+            read_command(b"not json", copy(1), hold),
+            Err(Unreadable::Poison(_))
+        ));
+        let oversized = vec![b' '; herald_nats::MAX_COMMAND_BYTES + 1];
+        assert!(matches!(
+            read_command(&oversized, copy(1), hold),
+            Err(Unreadable::Poison(reason)) if reason.starts_with("oversized command")
+        ));
     }
 }

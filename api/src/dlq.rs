@@ -68,7 +68,7 @@ pub struct DeadLetterView {
     pub category: Option<String>,
     /// Its channel chain.
     pub channels: Vec<String>,
-    /// Providers tried on its last delivery.
+    /// Providers called in its last round.
     pub providers: Vec<String>,
     /// Its customer.
     pub customer_id: Option<String>,
@@ -119,7 +119,7 @@ pub struct ReplayFilter {
     pub kind: Option<DlqKind>,
     /// Only commands whose chain includes this channel (not with `kind: events`).
     pub channel: Option<ApiChannel>,
-    /// Only commands whose last delivery tried this provider, e.g. `telegram`, `smtp` (not with
+    /// Only commands whose last round called this provider, e.g. `telegram`, `smtp` (not with
     /// `kind: events`).
     pub provider: Option<String>,
     /// Only entries whose reason contains this text, e.g. `unknown customer`.
@@ -188,7 +188,7 @@ impl DlqApi {
         limit: Query<Option<u32>>,
         /// Only commands whose chain includes this channel.
         channel: Query<Option<ApiChannel>>,
-        /// Only commands whose last delivery tried this provider (e.g. `telegram`, `smtp`).
+        /// Only commands whose last round called this provider (e.g. `telegram`, `smtp`).
         provider: Query<Option<String>>,
         /// Dead-lettered at or after (RFC 3339).
         from: Query<Option<DateTime<Utc>>>,

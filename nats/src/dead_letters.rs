@@ -23,7 +23,7 @@ pub struct DeadLetter {
     pub original_subject: Option<String>,
     /// How many times it had been delivered (`Herald-Deliveries`).
     pub deliveries: Option<u64>,
-    /// Providers tried on its last delivery (`Herald-Providers`).
+    /// Providers called in its last round (`Herald-Providers`).
     pub providers: Vec<String>,
     /// When it was dead-lettered.
     pub at: DateTime<Utc>,
