@@ -178,28 +178,22 @@ impl BulkApi {
         let category: Category = request.category.into();
         let named_channels = notifications::named_chain(request.channels)?;
         let content = message(request.content, request.template)?;
-        let (target, total) = match (request.recipients, request.filter) {
+        let target = match (request.recipients, request.filter) {
             (Some(_), Some(_)) | (None, None) => {
                 return Err(ApiError::invalid(
                     "recipients",
                     "give either recipients or filter",
                 ));
             }
-            (Some(list), None) => {
-                let recipients = listed(list, content.template.is_some())?;
-                let total = recipients.len() as i64;
-                (BatchTarget::Recipients { recipients }, total)
-            }
+            (Some(list), None) => BatchTarget::Recipients {
+                recipients: listed(list, content.template.is_some())?,
+            },
             (None, Some(filter)) => {
                 let filter = customer_filter(filter)?;
-                let total = repo::batches::count_customers(&self.state.db, &filter).await?;
-                (
-                    BatchTarget::Filter {
-                        locale: filter.locale,
-                        external_id_prefix: filter.external_id_prefix,
-                    },
-                    total,
-                )
+                BatchTarget::Filter {
+                    locale: filter.locale,
+                    external_id_prefix: filter.external_id_prefix,
+                }
             }
         };
         let key = request_id
@@ -218,6 +212,7 @@ impl BulkApi {
             Ok(channels) => channels,
             Err(refusal) => return refused(&self.state, key, refusal).await,
         };
+        let total = recipients_in(&self.state, &target).await?;
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -297,6 +292,23 @@ struct BulkMeaning<'a> {
     channels: Option<&'a [Channel]>,
     content: &'a Content,
     target: &'a BatchTarget,
+}
+
+/// How many recipients a bulk send has: those listed, or the customers its filter matches now.
+async fn recipients_in(state: &AppState, target: &BatchTarget) -> Result<i64, ApiError> {
+    match target {
+        BatchTarget::Recipients { recipients } => Ok(recipients.len() as i64),
+        BatchTarget::Filter {
+            locale,
+            external_id_prefix,
+        } => {
+            let filter = CustomerFilter {
+                locale: locale.clone(),
+                external_id_prefix: external_id_prefix.clone(),
+            };
+            Ok(repo::batches::count_customers(&state.db, &filter).await?)
+        }
+    }
 }
 
 /// Checks a bulk send against the state (a provider for one of its channels, its template) and

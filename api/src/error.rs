@@ -11,7 +11,7 @@ pub struct ErrorBody {
     pub code: String,
     /// What went wrong, for humans.
     pub message: String,
-    /// The request field at fault, when there is one.
+    /// The request field (or header, such as `Idempotency-Key`) at fault, when there is one.
     #[oai(skip_serializing_if_is_none)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
