@@ -422,7 +422,7 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
         circuit: state.breaker.state(),
         recent_failures: state.breaker.recent_failures(),
         times_opened: state.breaker.times_opened(),
-        probe_at: state.breaker.probe_in(Instant::now()).and_then(from_now),
+        probe_at: state.breaker.probe_in(Instant::now()).map(from_now),
         in_flight: state.in_flight,
         sent: state.sent,
         failed: state.failed,
@@ -431,9 +431,13 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
     }
 }
 
-/// The wall-clock time `wait` from now, if the calendar reaches it.
-fn from_now(wait: Duration) -> Option<DateTime<Utc>> {
-    Utc::now().checked_add_signed(chrono::Duration::from_std(wait).ok()?)
+/// The wall-clock time `wait` from now; the calendar's end when it does not reach that far (a
+/// cool-down configured beyond it), so an open circuit always says when it probes.
+fn from_now(wait: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(wait)
+        .ok()
+        .and_then(|wait| Utc::now().checked_add_signed(wait))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 //! The bot token is part of the URL, so it is kept out of every error and log line: reqwest errors
 //! lose their URL before they become reasons, and any reason is scrubbed of the token once more.
 
+use std::time::{Duration, Instant};
+
 use futures::future::BoxFuture;
 use herald_nats::Channel;
 use reqwest::StatusCode;
@@ -154,6 +156,8 @@ pub struct TelegramProvider {
     send_url: String,
     token: String,
     parse_mode: Option<ParseMode>,
+    /// `timeout_ms`: what one send may take, a followed move's second request included.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for TelegramProvider {
@@ -210,6 +214,7 @@ impl TelegramProvider {
             send_url,
             token: config.bot_token,
             parse_mode,
+            timeout: Duration::from_millis(config.timeout_ms),
         })
     }
 
@@ -230,22 +235,36 @@ impl TelegramProvider {
             Some(mode) => mode.escape(&text),
             None => text.into_owned(),
         };
-        match self.send_message(chat_id, &text).await? {
+        let started = Instant::now();
+        match self.send_message(chat_id, &text, self.timeout).await? {
             Sent::Accepted { message_id } => Ok(receipt(message_id, Vec::new())),
-            Sent::Moved { to, .. } => self.follow_move(chat_id, to, &text).await,
+            Sent::Moved { to, .. } => {
+                // Both requests within one send's time: a second request cut off by the channel's
+                // own timeout could reach the group while the send is reported failed.
+                let left = self.timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    return Err(ProviderError::transient(format!(
+                        "the group moved to chat {to}; no time left to send there"
+                    )));
+                }
+                self.follow_move(chat_id, to, &text, left).await
+            }
         }
     }
 
-    /// Sends `text` once more, at once, to the chat `from` moved to, reporting the move when it
-    /// goes out. One hop only: a chat that moved again is refused as its reply says. A failure
-    /// is classified as usual, its reason telling of the move.
+    /// Sends `text` once more, at once, within `timeout`, to the chat `from` moved to, reporting
+    /// the move when it goes out. One hop only: a chat that moved again is refused as its reply
+    /// says. A failure is classified as usual, its reason telling of the move; a new chat that is
+    /// gone for the bot (kicked from the supergroup) declares the old id dead too, since that is
+    /// the one the customer holds.
     async fn follow_move(
         &self,
         from: &str,
         to: String,
         text: &str,
+        timeout: Duration,
     ) -> Result<Receipt, ProviderError> {
-        let refusal = match self.send_message(&to, text).await {
+        let refusal = match self.send_message(&to, text, timeout).await {
             Ok(Sent::Accepted { message_id }) => {
                 let moved = ContactMove {
                     from: from.to_string(),
@@ -255,19 +274,41 @@ impl TelegramProvider {
             }
             Ok(Sent::Moved { refusal, .. }) | Err(refusal) => refusal,
         };
+        let refusal = match refusal {
+            ProviderError::Permanent {
+                reason,
+                mut dead_contacts,
+            } if dead_contacts.contains(&to) => {
+                dead_contacts.push(from.to_string());
+                ProviderError::Permanent {
+                    reason,
+                    dead_contacts,
+                }
+            }
+            other => other,
+        };
         Err(refusal.map_reason(|reason| {
             format!("{reason} (sent to chat {to}, where the group moved from chat {from})")
         }))
     }
 
-    /// One `sendMessage` of `text` to `chat_id`.
-    async fn send_message(&self, chat_id: &str, text: &str) -> Result<Sent, ProviderError> {
+    /// One `sendMessage` of `text` to `chat_id`, answered within `timeout`.
+    async fn send_message(
+        &self,
+        chat_id: &str,
+        text: &str,
+        timeout: Duration,
+    ) -> Result<Sent, ProviderError> {
         let body = SendMessage {
             chat_id,
             text,
             parse_mode: self.parse_mode.map(ParseMode::name),
         };
-        let request = self.client.post(&self.send_url).json(&body);
+        let request = self
+            .client
+            .post(&self.send_url)
+            .timeout(timeout)
+            .json(&body);
         let http::Reply {
             status,
             retry_after: header_retry_after,
@@ -321,15 +362,22 @@ fn receipt(message_id: i64, moved_contacts: Vec<ContactMove>) -> Receipt {
     }
 }
 
-/// An `ok: false` reply: a chat that moved when the reply gives its new id (`migrate_to_chat_id`),
+/// An `ok: false` reply: a chat that moved when its 400 gives the new id (`migrate_to_chat_id`),
 /// else an error (see [`reply_error`]).
 fn refused(
     status: StatusCode,
     reply: BotReply,
-    header_retry_after: Option<std::time::Duration>,
+    header_retry_after: Option<Duration>,
     chat_id: &str,
 ) -> Result<Sent, ProviderError> {
-    let moved_to = reply.parameters.as_ref().and_then(|p| p.migrate_to_chat_id);
+    let bad_request = reply
+        .error_code
+        .map_or(status == StatusCode::BAD_REQUEST, |code| code == 400);
+    let moved_to = reply
+        .parameters
+        .as_ref()
+        .and_then(|p| p.migrate_to_chat_id)
+        .filter(|to| bad_request && to.to_string() != chat_id);
     let refusal = reply_error(status, reply, header_retry_after, chat_id);
     match moved_to {
         Some(to) => Ok(Sent::Moved {
@@ -355,7 +403,7 @@ fn text_of(message: &OutboundMessage) -> String {
 fn reply_error(
     status: StatusCode,
     reply: BotReply,
-    header_retry_after: Option<std::time::Duration>,
+    header_retry_after: Option<Duration>,
     chat_id: &str,
 ) -> ProviderError {
     let code = reply
@@ -367,7 +415,7 @@ fn reply_error(
     let retry_after = parameters
         .as_ref()
         .and_then(|p| p.retry_after)
-        .map(std::time::Duration::from_secs)
+        .map(Duration::from_secs)
         .or(header_retry_after);
     let description = reply.description.as_deref().unwrap_or("no description");
     let mut reason = format!("Telegram {}: {description}", code.as_u16());
@@ -438,7 +486,6 @@ impl Provider for TelegramProvider {
 mod tests {
     use super::*;
     use crate::channel::provider::tests::outbound;
-    use std::time::Duration;
     use wiremock::matchers::{body_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -774,7 +821,12 @@ mod tests {
     }
 
     /// Answers sends to `chat` with `template`, expecting `times` of them.
-    async fn answer_chat(server: &MockServer, chat: &str, template: ResponseTemplate, times: u64) {
+    async fn answer_chat(
+        server: &MockServer,
+        chat: &str,
+        template: ResponseTemplate,
+        times: impl Into<wiremock::Times>,
+    ) {
         Mock::given(method("POST"))
             .and(path(SEND_PATH))
             .and(body_json(serde_json::json!({
@@ -816,7 +868,8 @@ mod tests {
             (
                 bot_error(403, "Forbidden: bot was kicked from the supergroup chat"),
                 false,
-                vec!["-1004242".to_string()],
+                // The customer holds the old id: it goes too.
+                vec!["-1004242".to_string(), "-4242".to_string()],
             ),
         ] {
             let server = MockServer::start().await;
@@ -840,6 +893,26 @@ mod tests {
                 _ => panic!("misclassified: {error:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_move_is_followed_only_within_the_time_of_one_send() {
+        let server = MockServer::start().await;
+        let slow_move = migrated_to(-1_004_242).set_delay(Duration::from_millis(900));
+        answer_chat(&server, "-4242", slow_move, 1).await;
+        let accepted = ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 5}}))
+            .set_delay(Duration::from_millis(500));
+        answer_chat(&server, "-1004242", accepted, 0..=1).await;
+        let error = provider(&server.uri(), 1_000)
+            .send(&message(Some("-4242")))
+            .await
+            .expect_err("the second request gets what is left of the send's 1 s, not 1 s more");
+        assert!(
+            matches!(error, ProviderError::Transient { .. }),
+            "{error:?}"
+        );
+        assert_no_token(&error);
     }
 
     #[tokio::test]
