@@ -958,6 +958,8 @@ async fn walk_chain(
             ) => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(*retry_after);
+                // Dead whether or not another channel takes the notification.
+                walk.dead(channel, err.dead_contacts());
                 ("failed", Some(err.to_string()))
             }
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {

@@ -748,6 +748,72 @@ async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A push that fails for now (one device's FCM answers 503) while another device's token is dead
+/// fails over to email, and the dead token is forgotten all the same: no later push would be sure
+/// to succeed or fail for good and forget it then. The device that only failed for now is kept.
+#[tokio::test]
+async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
+    let w = world(|_| {}).await;
+    let fcm = |token: &str, reply: ResponseTemplate| {
+        Mock::given(method("POST"))
+            .and(path("/v1/projects/shop/messages:send"))
+            .and(body_partial_json(json!({"message": {"token": token}})))
+            .respond_with(reply)
+    };
+    let unregistered = ResponseTemplate::new(404).set_body_json(json!({"error": {
+        "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                     "errorCode": "UNREGISTERED"}]
+    }}));
+    let unavailable = ResponseTemplate::new(503).set_body_json(json!({"error": {
+        "code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE",
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                     "errorCode": "UNAVAILABLE"}]
+    }}));
+    let dead = fcm("dead", unregistered).mount_as_scoped(&w.provider).await;
+    let flaky = fcm("flaky", unavailable).mount_as_scoped(&w.provider).await;
+    store_customer(
+        &w,
+        "cz",
+        json!({"email": "ada@example.com", "push_tokens": ["dead", "flaky"]}),
+    )
+    .await;
+
+    let id = w
+        .herald
+        .send_accepted(&notification(
+            &["push", "email"],
+            json!({"customer_id": "cz"}),
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(
+        statuses(&sent),
+        vec![
+            ("push".to_string(), "failed".to_string()),
+            ("email".to_string(), "sent".to_string())
+        ],
+        "{sent}"
+    );
+    let cz = stored_customer(&w, "cz").await;
+    assert_eq!(
+        cz["push_tokens"],
+        json!(["flaky"]),
+        "the dead token is forgotten, the flaky one kept: {cz}"
+    );
+    assert_eq!(dead.received_requests().await.len(), 1, "dead once");
+    assert_eq!(flaky.received_requests().await.len(), 1, "flaky once");
+    assert_eq!(
+        w.smtp
+            .wait_for_count(1, E2E_TIMEOUT)
+            .await
+            .expect("mail")
+            .len(),
+        1
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A throwaway key, also used by the provider's own tests.
 const SERVICE_ACCOUNT_KEY: &str =
     include_str!("../../actors/src/channel/testdata/service_account_key.pem");

@@ -581,10 +581,10 @@ mod tests {
 
     /// A 503 asking for an hour's wait.
     fn down_for_an_hour(_: usize) -> Result<Receipt, ProviderError> {
-        Err(ProviderError::Transient {
-            reason: "HTTP 503".into(),
-            retry_after: Some(Duration::from_secs(3_600)),
-        })
+        Err(ProviderError::transient_after(
+            "HTTP 503",
+            Some(Duration::from_secs(3_600)),
+        ))
     }
 
     async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {

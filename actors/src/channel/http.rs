@@ -143,10 +143,7 @@ pub(crate) fn failure(
     retry_after: Option<Duration>,
 ) -> ProviderError {
     if transient {
-        ProviderError::Transient {
-            reason,
-            retry_after,
-        }
+        ProviderError::transient_after(reason, retry_after)
     } else {
         ProviderError::permanent(reason)
     }

@@ -61,6 +61,9 @@ pub enum ProviderError {
         reason: String,
         /// How long the provider asked us to wait (Retry-After, `retry_after`).
         retry_after: Option<Duration>,
+        /// Contacts the provider declared dead on the way (a recipient's other push tokens), to
+        /// be removed from the customer whatever becomes of the message.
+        dead_contacts: Vec<String>,
     },
     /// The provider limits the sends to this recipient (Telegram's flood control of a chat):
     /// worth retrying later, after `retry_after`, like a transient error, but it says nothing of
@@ -72,6 +75,9 @@ pub enum ProviderError {
         reason: String,
         /// How long the provider asked us to wait.
         retry_after: Option<Duration>,
+        /// Contacts the provider declared dead on the way, as for
+        /// [`Transient`](Self::Transient).
+        dead_contacts: Vec<String>,
     },
     /// Will not succeed on retry: bad address, rejected content, other 4xx.
     #[error("permanent: {reason}")]
@@ -96,9 +102,25 @@ pub enum ProviderError {
 impl ProviderError {
     /// A transient error without a provider-given delay.
     pub fn transient(reason: impl Into<String>) -> Self {
+        Self::transient_after(reason, None)
+    }
+
+    /// A transient error, with the wait the provider asked for if it did, and no dead contact.
+    pub fn transient_after(reason: impl Into<String>, retry_after: Option<Duration>) -> Self {
         Self::Transient {
             reason: reason.into(),
-            retry_after: None,
+            retry_after,
+            dead_contacts: Vec::new(),
+        }
+    }
+
+    /// A throttle of this recipient, with the wait the provider asked for if it did, and no dead
+    /// contact.
+    pub fn throttled(reason: impl Into<String>, retry_after: Option<Duration>) -> Self {
+        Self::Throttled {
+            reason: reason.into(),
+            retry_after,
+            dead_contacts: Vec::new(),
         }
     }
 
@@ -124,16 +146,20 @@ impl ProviderError {
             Self::Transient {
                 reason,
                 retry_after,
+                dead_contacts,
             } => Self::Transient {
                 reason: change(reason),
                 retry_after,
+                dead_contacts,
             },
             Self::Throttled {
                 reason,
                 retry_after,
+                dead_contacts,
             } => Self::Throttled {
                 reason: change(reason),
                 retry_after,
+                dead_contacts,
             },
             Self::Permanent {
                 reason,
@@ -168,6 +194,18 @@ impl ProviderError {
                 *retry_after
             }
             Self::MissingContact(_) | Self::Permanent { .. } | Self::Unsendable { .. } => None,
+        }
+    }
+
+    /// Contacts the provider declared dead, to be removed from the customer: a failure may name
+    /// some whether or not it is retried (the dead push tokens of a recipient whose other device
+    /// failed for now).
+    pub fn dead_contacts(&self) -> &[String] {
+        match self {
+            Self::Transient { dead_contacts, .. }
+            | Self::Throttled { dead_contacts, .. }
+            | Self::Permanent { dead_contacts, .. } => dead_contacts,
+            Self::MissingContact(_) | Self::Unsendable { .. } => &[],
         }
     }
 }

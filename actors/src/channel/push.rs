@@ -4,8 +4,8 @@
 //! A recipient may have several devices. The send succeeds when at least one token is accepted
 //! (the receipt carries the first accepted message name). When every token fails, the "worst"
 //! outcome wins: a transient failure on any token makes the whole send transient so it is
-//! retried; otherwise the send is permanent. An accepted send and a permanent failure both name
-//! every token FCM declared dead, to be removed from the customer.
+//! retried; otherwise the send is permanent. Every outcome names every token FCM declared dead,
+//! to be removed from the customer.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -444,10 +444,7 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
     if fcm_code == "QUOTA_EXCEEDED" {
         // The device's (or the target's) message rate: a limit on this recipient, not a sign
         // that FCM is down, so it must not open the circuit for every other device.
-        return Failure::new(ProviderError::Throttled {
-            reason,
-            retry_after,
-        });
+        return Failure::new(ProviderError::throttled(reason, retry_after));
     }
     let transient =
         matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || http::is_transient_for_account(status);
@@ -456,10 +453,9 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
 
 /// Combines per-token outcomes (in token order): any success wins; else any transient failure
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
-/// else a permanent failure; unsendable only if no token's request could even be sent. A success
-/// and a permanent failure carry every dead token; a transient failure only names them in its
-/// reason, so they are forgotten once a later push to the customer succeeds or fails for good
-/// (not if this notification fails over to another channel).
+/// else a permanent failure; unsendable only if no token's request could even be sent. Whatever
+/// the outcome, it carries every token FCM declared dead (a failure also names them in its
+/// reason), so they are forgotten even when this notification fails over to another channel.
 fn combine(
     tokens: &[String],
     outcomes: Vec<Result<String, Failure>>,
@@ -484,10 +480,12 @@ fn combine(
                     ProviderError::Transient {
                         reason,
                         retry_after,
+                        ..
                     }
                     | ProviderError::Throttled {
                         reason,
                         retry_after,
+                        ..
                     } => {
                         transient = Some(match transient {
                             None => (reason, retry_after, throttled),
@@ -526,10 +524,12 @@ fn combine(
         (None, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),
             retry_after,
+            dead_contacts: dead,
         }),
         (None, Some((reason, retry_after, false)), ..) => Err(ProviderError::Transient {
             reason: format!("{reason}{dead_note}"),
             retry_after,
+            dead_contacts: dead,
         }),
         (None, None, None, Some(reason)) => Err(ProviderError::Unsendable { reason }),
         (None, None, reason, _) => Err(ProviderError::Permanent {
@@ -766,8 +766,9 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Throttled { reason, retry_after: Some(d) }
-                if *d == Duration::from_secs(42) && reason.contains("QUOTA_EXCEEDED")),
+            matches!(&error, ProviderError::Throttled { reason, retry_after: Some(d), dead_contacts }
+                if *d == Duration::from_secs(42) && reason.contains("QUOTA_EXCEEDED")
+                    && dead_contacts.is_empty()),
             "{error:?}"
         );
     }
@@ -795,6 +796,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_throttled_device_beside_a_dead_one_is_a_throttle_naming_the_dead_token() {
+        let server = MockServer::start().await;
+        let quota = fcm_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "QUOTA_EXCEEDED",
+            "Quota exceeded.",
+        );
+        reply_for(&server, "device-a", quota).await;
+        reply_for(&server, "dead-1", unregistered()).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a", "dead-1"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Throttled { dead_contacts, .. }
+                if dead_contacts == &["dead-1"]),
+            "{error:?}"
+        );
+        assert_eq!(error.dead_contacts(), ["dead-1"], "{error:?}");
+    }
+
+    #[tokio::test]
     async fn unavailable_is_transient() {
         let server = MockServer::start().await;
         reply_for(
@@ -813,7 +837,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("UNAVAILABLE")),
+            matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("UNAVAILABLE")),
             "{error:?}"
         );
     }
@@ -875,7 +899,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn all_failed_with_one_transient_is_transient_and_mentions_dead_tokens() {
+    async fn all_failed_with_one_transient_is_transient_and_names_the_dead_tokens() {
         let server = MockServer::start().await;
         reply_for(&server, "stale-device-with-a-long-token", unregistered()).await;
         reply_for(
@@ -901,9 +925,10 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d), dead_contacts }
                 if *d == Duration::from_secs(20)
-                    && reason.contains("1 of 3 tokens dead: stale-device…")),
+                    && reason.contains("1 of 3 tokens dead: stale-device…")
+                    && dead_contacts == &["stale-device-with-a-long-token"]),
             "{error:?}"
         );
     }

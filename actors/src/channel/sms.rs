@@ -416,7 +416,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d) }
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d), .. }
                 if *d == Duration::from_secs(30) && reason.contains("20429")),
             "{error:?}"
         );
@@ -431,7 +431,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: None }
+            matches!(&error, ProviderError::Transient { reason, retry_after: None, .. }
                 if reason.contains("503") && reason.contains("upstream unavailable")),
             "{error:?}"
         );

@@ -425,10 +425,7 @@ fn reply_error(
     if code == StatusCode::TOO_MANY_REQUESTS {
         // Flood control: Telegram limits the messages to each chat (about one a second), so a
         // 429 speaks of this chat, not of the bot.
-        return ProviderError::Throttled {
-            reason,
-            retry_after,
-        };
+        return ProviderError::throttled(reason, retry_after);
     }
     if chat_is_gone(code, description) {
         return ProviderError::Permanent {
@@ -652,6 +649,7 @@ mod tests {
             ProviderError::Throttled {
                 reason,
                 retry_after,
+                ..
             } => {
                 assert_eq!(retry_after, Some(Duration::from_secs(17)));
                 assert!(reason.contains("Too Many Requests"), "{reason}");
@@ -753,7 +751,7 @@ mod tests {
         let error = provider.send(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("502")),
+            matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("502")),
             "{error:?}"
         );
     }

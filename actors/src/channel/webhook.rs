@@ -564,7 +564,7 @@ mod tests {
         let (_server, msg) = reply_with(ResponseTemplate::new(500)).await;
         let error = provider(2_000).send(&msg).await.unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: None } if reason.contains("500")),
+            matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("500")),
             "{error:?}"
         );
     }
