@@ -935,6 +935,10 @@ async fn walk_chain(
             report.outcome,
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
         );
+        if let SendOutcome::Failed(err) = &report.outcome {
+            // Dead whether the notification is retried, fails over or fails.
+            walk.dead(channel, err.dead_contacts());
+        }
         let (status, error) = match &report.outcome {
             SendOutcome::Accepted(receipt) => {
                 walk.dead(channel, &receipt.dead_contacts);
@@ -958,20 +962,14 @@ async fn walk_chain(
             ) => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(*retry_after);
-                // Dead whether or not another channel takes the notification.
-                walk.dead(channel, err.dead_contacts());
                 ("failed", Some(err.to_string()))
             }
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {
                 ("no_contact", Some(err.to_string()))
             }
-            SendOutcome::Failed(err @ ProviderError::Permanent { dead_contacts, .. }) => {
-                walk.dead(channel, dead_contacts);
-                ("rejected", Some(err.to_string()))
-            }
-            SendOutcome::Failed(err @ ProviderError::Unsendable { .. }) => {
-                ("rejected", Some(err.to_string()))
-            }
+            SendOutcome::Failed(
+                err @ (ProviderError::Permanent { .. } | ProviderError::Unsendable { .. }),
+            ) => ("rejected", Some(err.to_string())),
         };
         metrics::counter!("herald_attempts_total", "channel" => channel.as_str(), "status" => status)
             .increment(1);
