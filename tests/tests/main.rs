@@ -11,6 +11,7 @@ mod bench;
 mod channels;
 mod claims;
 mod cluster;
+mod contacts;
 mod dashboard;
 mod delivery;
 mod events;

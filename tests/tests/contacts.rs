@@ -1,0 +1,195 @@
+//! The conditional contact updates the Delivery actor makes when a provider declares a customer's
+//! contact dead or moved, against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB`
+//! says): each changes the stored contact only while it still holds the value the failed send
+//! used, so a contact a `PUT /customers/{id}` wrote meanwhile is kept (`false`), and an unknown
+//! customer is no change (`false`).
+
+use herald_entities::customer;
+use herald_entities::repo::customers::{self, CustomerFields};
+use herald_tests::{TestDatabase, migrated};
+use sea_orm::DatabaseConnection;
+
+/// The customer every test works on.
+const ADA: &str = "ada";
+
+/// A customer with a contact on every channel the updates touch.
+fn contacts(telegram_chat_id: &str, webhook_url: &str, push_tokens: &[&str]) -> CustomerFields {
+    CustomerFields {
+        email: Some("ada@example.com".into()),
+        telegram_chat_id: Some(telegram_chat_id.into()),
+        webhook_url: Some(webhook_url.into()),
+        push_tokens: push_tokens.iter().map(|t| t.to_string()).collect(),
+        locale: "en".into(),
+        timezone: "UTC".into(),
+        ..Default::default()
+    }
+}
+
+/// A migrated database holding [`ADA`] with these contacts.
+async fn with_ada(database: &TestDatabase, fields: CustomerFields) -> DatabaseConnection {
+    let db = migrated(database.url()).await.expect("database migrated");
+    customers::create(&db, ADA, fields)
+        .await
+        .expect("customer stored")
+        .expect("a new customer");
+    db
+}
+
+/// What a `PUT /customers/{id}` does: replaces the customer's contacts.
+async fn put(db: &DatabaseConnection, fields: CustomerFields) -> customer::Model {
+    customers::update(db, ADA, fields)
+        .await
+        .expect("PUT written")
+        .expect("the customer exists")
+}
+
+async fn stored(db: &DatabaseConnection) -> customer::Model {
+    customers::find_by_external_id(db, ADA)
+        .await
+        .expect("read")
+        .expect("the customer exists")
+}
+
+#[tokio::test]
+async fn a_telegram_chat_id_is_cleared_only_while_the_customer_still_holds_it() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(
+        &database,
+        contacts("100", "https://hooks.example.com/a", &[]),
+    )
+    .await;
+    let changed = put(&db, contacts("200", "https://hooks.example.com/a", &[])).await;
+
+    let cleared = customers::clear_telegram_chat_id(&db, ADA, "100").await;
+    assert!(
+        !cleared.expect("ran"),
+        "the PUT changed the chat id meanwhile"
+    );
+    assert_eq!(
+        stored(&db).await,
+        changed,
+        "the chat id the PUT wrote is kept"
+    );
+
+    let cleared = customers::clear_telegram_chat_id(&db, ADA, "200").await;
+    assert!(
+        cleared.expect("ran"),
+        "the chat id is still the one to clear"
+    );
+    let after = stored(&db).await;
+    assert_eq!(after.telegram_chat_id, None);
+    assert_eq!(
+        after.webhook_url, changed.webhook_url,
+        "other contacts untouched"
+    );
+    assert!(after.updated_at > changed.updated_at, "{after:?}");
+
+    let unknown = customers::clear_telegram_chat_id(&db, "nobody", "200").await;
+    assert!(!unknown.expect("ran"), "no such customer");
+}
+
+#[tokio::test]
+async fn a_webhook_url_is_cleared_only_while_the_customer_still_holds_it() {
+    let (old, new) = (
+        "https://hooks.example.com/old",
+        "https://hooks.example.com/new",
+    );
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(&database, contacts("100", old, &[])).await;
+    let changed = put(&db, contacts("100", new, &[])).await;
+
+    let cleared = customers::clear_webhook_url(&db, ADA, old).await;
+    assert!(!cleared.expect("ran"), "the PUT changed the URL meanwhile");
+    assert_eq!(stored(&db).await, changed, "the URL the PUT wrote is kept");
+
+    let cleared = customers::clear_webhook_url(&db, ADA, new).await;
+    assert!(cleared.expect("ran"), "the URL is still the one to clear");
+    let after = stored(&db).await;
+    assert_eq!(after.webhook_url, None);
+    assert_eq!(
+        after.telegram_chat_id, changed.telegram_chat_id,
+        "other contacts untouched"
+    );
+    assert!(after.updated_at > changed.updated_at, "{after:?}");
+
+    let unknown = customers::clear_webhook_url(&db, "nobody", new).await;
+    assert!(!unknown.expect("ran"), "no such customer");
+}
+
+#[tokio::test]
+async fn a_telegram_chat_id_is_moved_only_while_the_customer_still_holds_the_old_one() {
+    let hook = "https://hooks.example.com/a";
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(&database, contacts("-100", hook, &[])).await;
+    let before = stored(&db).await;
+
+    let moved = customers::move_telegram_chat_id(&db, ADA, "-100", "-1001").await;
+    assert!(
+        moved.expect("ran"),
+        "the chat id is still the one that moved"
+    );
+    let after = stored(&db).await;
+    assert_eq!(after.telegram_chat_id.as_deref(), Some("-1001"));
+    assert_eq!(
+        after.webhook_url, before.webhook_url,
+        "other contacts untouched"
+    );
+    assert!(after.updated_at > before.updated_at, "{after:?}");
+
+    // Another send of the old id learns of the move late: the id stored meanwhile is kept.
+    let moved = customers::move_telegram_chat_id(&db, ADA, "-100", "-1002").await;
+    assert!(!moved.expect("ran"), "the chat id moved meanwhile");
+    assert_eq!(stored(&db).await, after, "the id moved to first is kept");
+
+    let changed = put(&db, contacts("300", hook, &[])).await;
+    let moved = customers::move_telegram_chat_id(&db, ADA, "-1001", "-1003").await;
+    assert!(
+        !moved.expect("ran"),
+        "the PUT changed the chat id meanwhile"
+    );
+    assert_eq!(
+        stored(&db).await,
+        changed,
+        "the chat id the PUT wrote is kept"
+    );
+
+    let unknown = customers::move_telegram_chat_id(&db, "nobody", "300", "-1003").await;
+    assert!(!unknown.expect("ran"), "no such customer");
+}
+
+#[tokio::test]
+async fn a_dead_push_token_is_removed_only_while_the_customer_still_holds_it() {
+    let hook = "https://hooks.example.com/a";
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(&database, contacts("100", hook, &["dead", "live"])).await;
+    let before = stored(&db).await;
+
+    let removed = customers::remove_push_token(&db, ADA, "dead").await;
+    assert!(removed.expect("ran"), "the token is still there to remove");
+    let after = stored(&db).await;
+    assert_eq!(customers::push_tokens(&after), ["live"]);
+    assert_eq!(
+        after.telegram_chat_id, before.telegram_chat_id,
+        "other contacts untouched"
+    );
+    assert!(after.updated_at > before.updated_at, "{after:?}");
+
+    let removed = customers::remove_push_token(&db, ADA, "dead").await;
+    assert!(!removed.expect("ran"), "the token is gone already");
+    assert_eq!(stored(&db).await, after, "nothing written");
+
+    let changed = put(&db, contacts("100", hook, &["other"])).await;
+    let removed = customers::remove_push_token(&db, ADA, "live").await;
+    assert!(
+        !removed.expect("ran"),
+        "the PUT replaced the tokens meanwhile"
+    );
+    assert_eq!(
+        stored(&db).await,
+        changed,
+        "the tokens the PUT wrote are kept"
+    );
+
+    let unknown = customers::remove_push_token(&db, "nobody", "other").await;
+    assert!(!unknown.expect("ran"), "no such customer");
+}
