@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
-    fingerprint,
+    idempotency,
     notifications::{
         self, ApiCategory, ApiChannel, MessageContent, Recipient, TemplateUse, ValidRecipient,
         message, validate_recipient,
@@ -174,7 +174,7 @@ impl BulkApi {
         idempotency_key: Header<Option<String>>,
     ) -> Result<BulkResponse, ApiError> {
         let request = body.0;
-        let request_id = notifications::request_id(request.request_id, idempotency_key.0)?;
+        let request_id = idempotency::request_id(request.request_id, idempotency_key.0)?;
         let category: Category = request.category.into();
         let named_channels = notifications::named_chain(request.channels)?;
         let content = message(request.content, request.template)?;
@@ -204,7 +204,7 @@ impl BulkApi {
                     content: &content,
                     target: &target,
                 };
-                fingerprint::Keyed::new(id, &meaning)
+                idempotency::Keyed::new(id, &meaning)
             })
             .transpose()?;
         let checked = accept(&self.state, category, named_channels, &content, &target).await;
@@ -333,7 +333,7 @@ async fn accept(
 /// accepted request is found by its insert.
 async fn refused(
     state: &AppState,
-    key: Option<fingerprint::Keyed>,
+    key: Option<idempotency::Keyed>,
     refusal: ApiError,
 ) -> Result<BulkResponse, ApiError> {
     let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
@@ -348,7 +348,7 @@ async fn refused(
 /// Answers a bulk send under the request id that stored `batch`: `200` with it if the send is
 /// its repeat, else `422`.
 fn repeated(
-    key: &fingerprint::Keyed,
+    key: &idempotency::Keyed,
     batch: herald_entities::batch::Model,
 ) -> Result<BulkResponse, ApiError> {
     key.check_repeat(batch.request_fingerprint.as_deref(), "batch")?;
@@ -552,6 +552,7 @@ fn renamed(err: ApiError, index: usize) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint;
 
     /// Pins what a bulk send's fingerprint is made of (see the single send's test of the same
     /// name): if this fails, bump `fingerprint::VERSION`, do not just update the expected values.

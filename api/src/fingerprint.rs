@@ -18,7 +18,7 @@
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::{ApiError, notifications::RequestId};
+use crate::ApiError;
 
 /// Names how fingerprints are made: a change to what they cover (or to how the types they borrow
 /// serialise; the known-answer tests in `notifications` and `bulk` catch that) must change it,
@@ -33,41 +33,6 @@ pub fn of(request: &impl Serialize) -> Result<String, ApiError> {
     let mut hasher = Sha256::new();
     serde_json::to_writer(&mut hasher, request).map_err(|e| ApiError::internal(&e))?;
     Ok(format!("{VERSION}:{}", hex::encode(hasher.finalize())))
-}
-
-/// A request with a request id: the id, checked, and its fingerprint, which a stored row's is
-/// compared with when the id comes again.
-pub struct Keyed {
-    /// The request id and the field that carried it.
-    pub request_id: RequestId,
-    /// The request's fingerprint ([`of`] its meaning).
-    pub fingerprint: String,
-}
-
-impl Keyed {
-    /// `request_id` with the fingerprint of `request` (the fields that make its meaning).
-    pub fn new(request_id: RequestId, request: &impl Serialize) -> Result<Self, ApiError> {
-        Ok(Self {
-            fingerprint: of(request)?,
-            request_id,
-        })
-    }
-
-    /// Refuses this request if it is not a repeat of the one that stored `earlier`
-    /// (`notification`, `batch`) with fingerprint `stored` under its request id: 422
-    /// `idempotency_key_reused`, naming the field that carried the id.
-    pub fn check_repeat(&self, stored: Option<&str>, earlier: &str) -> Result<(), ApiError> {
-        if is_repeat(stored, &self.fingerprint) {
-            return Ok(());
-        }
-        metrics::counter!("herald_api_request_id_reused_total", "stored" => earlier.to_string())
-            .increment(1);
-        Err(ApiError::request_id_reused(
-            self.request_id.field,
-            &self.request_id.value,
-            earlier,
-        ))
-    }
 }
 
 /// Whether a request with fingerprint `new` repeats the one stored with `stored`. A row stored
@@ -121,28 +86,5 @@ mod tests {
         assert!(!is_repeat(Some(&one), &two));
         assert!(is_repeat(None, &two), "stored before fingerprints");
         assert!(is_repeat(Some("v0:abc"), &two), "made another way");
-    }
-
-    #[test]
-    fn another_request_under_a_used_id_is_refused_naming_the_field_that_carried_it() {
-        let stored = of(&json!({ "text": "one" })).unwrap();
-        for field in ["request_id", "Idempotency-Key"] {
-            let request_id = RequestId {
-                value: "k-1".into(),
-                field,
-            };
-            let key = Keyed::new(request_id.clone(), &json!({ "text": "two" })).unwrap();
-            let refused = key.check_repeat(Some(&stored), "batch").unwrap_err();
-            let (status, body) = refused.status_and_body();
-            assert_eq!(status.as_u16(), 422, "{body:?}");
-            assert_eq!(body.code, "idempotency_key_reused", "{body:?}");
-            assert_eq!(body.field.as_deref(), Some(field), "{body:?}");
-            assert!(
-                body.message.starts_with(&format!("{field} \"k-1\"")),
-                "{body:?}"
-            );
-            let repeat = Keyed::new(request_id, &json!({ "text": "one" })).unwrap();
-            assert!(repeat.check_repeat(Some(&stored), "batch").is_ok());
-        }
     }
 }

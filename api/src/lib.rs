@@ -18,6 +18,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod health;
 pub mod history;
+pub mod idempotency;
 pub mod notifications;
 pub mod orders;
 pub mod preferences;

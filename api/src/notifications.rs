@@ -12,7 +12,7 @@ use herald_entities::{
 };
 use herald_nats::{
     Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
-    distinct_channels, events::ROUTER_REQUEST_ID_PREFIX,
+    distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -26,8 +26,8 @@ use uuid::Uuid;
 use crate::{
     ApiError, AppState,
     auth::{ReadKey, SendKey},
-    fingerprint,
     history::{self, ApiStatus, HistoryTags, ListQuery, NotificationPage},
+    idempotency,
     validate::{self, RawContacts},
 };
 // The property tests (`notifications_props.rs`) check these shape validators too.
@@ -38,8 +38,6 @@ use crate::validate::{is_e164, looks_like_email};
 const MAX_SUBJECT: usize = 998;
 /// Longest text or HTML body accepted.
 const MAX_BODY: usize = 256 * 1024;
-/// Longest request id accepted.
-const MAX_REQUEST_ID: usize = 200;
 /// Largest template variables object accepted, as JSON.
 const MAX_VARIABLES: usize = 64 * 1024;
 /// Furthest ahead a send may be scheduled, in days.
@@ -302,10 +300,10 @@ impl NotificationsApi {
         idempotency_key: Header<Option<String>>,
     ) -> Result<SendResponse, ApiError> {
         let mut request = body.0;
-        let request_id = request_id(request.request_id.take(), idempotency_key.0)?;
+        let request_id = idempotency::request_id(request.request_id.take(), idempotency_key.0)?;
         let checked = check(request)?;
         let key = request_id
-            .map(|id| fingerprint::Keyed::new(id, &checked.meaning()))
+            .map(|id| idempotency::Keyed::new(id, &checked.meaning()))
             .transpose()?;
         let accepted = match accept(&self.state, checked).await {
             Ok(accepted) => accepted,
@@ -484,7 +482,7 @@ async fn publish_again(state: &AppState, row: &notification::Model) -> Result<()
 /// only after a refusal: the repeat of an accepted request is found by its insert.
 async fn refused(
     state: &AppState,
-    key: Option<fingerprint::Keyed>,
+    key: Option<idempotency::Keyed>,
     refusal: ApiError,
 ) -> Result<SendResponse, ApiError> {
     let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
@@ -500,7 +498,7 @@ async fn refused(
 /// repeat, else `422`.
 async fn repeated(
     state: &AppState,
-    key: &fingerprint::Keyed,
+    key: &idempotency::Keyed,
     existing: notification::Model,
 ) -> Result<SendResponse, ApiError> {
     key.check_repeat(existing.request_fingerprint.as_deref(), "notification")?;
@@ -603,7 +601,7 @@ struct SendMeaning<'a> {
 
 impl ValidSend {
     /// The row to store, under `key`'s request id and fingerprint when the request has one.
-    fn row(&self, key: Option<&fingerprint::Keyed>) -> NewNotification {
+    fn row(&self, key: Option<&idempotency::Keyed>) -> NewNotification {
         let row = NewNotification {
             request_id: key.map(|key| key.request_id.value.clone()),
             request_fingerprint: key.map(|key| key.fingerprint.clone()),
@@ -643,49 +641,6 @@ pub fn new_notification(command: &SendCommand, recipient_key: String) -> NewNoti
         status_reason: None,
         created_at: command.created_at,
     }
-}
-
-/// The header a send's request id may come in instead of the body's `request_id`.
-const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-
-/// A send's request id (idempotency key), checked, and the field that carried it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId {
-    /// The id.
-    pub value: String,
-    /// Where it came from: `request_id` (the body) or `Idempotency-Key` (the header), as errors
-    /// about it name it.
-    pub field: &'static str,
-}
-
-/// Checks the request id (idempotency key) of a single or bulk send, the body's `request_id` or
-/// else the `Idempotency-Key` header: 1 to [`MAX_REQUEST_ID`] characters, not all blank, not
-/// beginning as the Router's do. A refusal names the field that carried it.
-pub(crate) fn request_id(
-    body: Option<String>,
-    header: Option<String>,
-) -> Result<Option<RequestId>, ApiError> {
-    let (value, field) = match (body, header) {
-        (Some(value), _) => (value, "request_id"),
-        (None, Some(value)) => (value, IDEMPOTENCY_KEY),
-        (None, None) => return Ok(None),
-    };
-    if value.trim().is_empty() || value.len() > MAX_REQUEST_ID {
-        return Err(ApiError::invalid(
-            field,
-            format!("{field} must be 1 to {MAX_REQUEST_ID} characters"),
-        ));
-    }
-    if value.starts_with(ROUTER_REQUEST_ID_PREFIX) {
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "request ids starting with {ROUTER_REQUEST_ID_PREFIX:?} are the Router's (one per \
-                 event and rule); choose another"
-            ),
-        ));
-    }
-    Ok(Some(RequestId { value, field }))
 }
 
 /// Checks a send request's fields (the request id apart), without reading the state.
@@ -1002,6 +957,7 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fingerprint;
 
     /// Pins what a single send's fingerprint is made of (its fields and how the NATS types they
     /// borrow serialise): a repeat across a deploy must keep its fingerprint. If this fails, the
@@ -1034,36 +990,6 @@ mod tests {
             fingerprint::of(&meaning).expect("a fingerprint"),
             "v1:76e54e45a1b6fff5c30b8aff9c960d085f83ca3263d68c31b0a37a85372a9afc"
         );
-    }
-
-    #[test]
-    fn a_request_id_comes_from_the_body_else_the_header_and_its_refusal_names_which() {
-        let given = |body: Option<&str>, header: Option<&str>| {
-            request_id(body.map(str::to_string), header.map(str::to_string))
-        };
-        let from_body = given(Some("a-1"), Some("b-1")).expect("valid");
-        assert_eq!(
-            from_body.map(|id| (id.value, id.field)),
-            Some(("a-1".into(), "request_id"))
-        );
-        let from_header = given(None, Some("b-1")).expect("valid");
-        assert_eq!(
-            from_header.map(|id| (id.value, id.field)),
-            Some(("b-1".into(), "Idempotency-Key"))
-        );
-        assert_eq!(given(None, None).expect("none is valid"), None);
-        let long = "x".repeat(MAX_REQUEST_ID + 1);
-        for (body, header, field) in [
-            (Some(" "), None, "request_id"),
-            (None, Some(long.as_str()), "Idempotency-Key"),
-            (None, Some("event:1:rule"), "Idempotency-Key"),
-        ] {
-            let err = given(body, header).err();
-            assert!(
-                matches!(&err, Some(ApiError::BadRequest(body)) if body.0.field.as_deref() == Some(field)),
-                "{body:?} {header:?}: {err:?}"
-            );
-        }
     }
 
     #[test]
