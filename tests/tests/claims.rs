@@ -9,17 +9,9 @@ use herald_entities::repo::{
     schedule::Cancel,
     status_batch::{self, StatusChange},
 };
-use herald_tests::{TestDatabase, queued_notification, stored_status};
+use herald_tests::{TestDatabase, migrated, queued_notification, stored_status};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
-
-async fn migrated(database: &TestDatabase) -> DatabaseConnection {
-    let mut config = herald_engine::Config::default();
-    config.database.url = database.url().to_owned();
-    herald_engine::app::migrate(&config)
-        .await
-        .expect("migrated")
-}
 
 async fn cancel(db: &DatabaseConnection, id: Uuid) -> Cancel {
     repo::schedule::cancel(db, id, "cancelled by the test")
@@ -31,7 +23,7 @@ async fn cancel(db: &DatabaseConnection, id: Uuid) -> Cancel {
 async fn a_claim_takes_what_may_go_out_and_never_undoes_a_cancel() {
     use NotificationStatus::{Cancelled, Processing, Scheduled, Sent};
     let database = TestDatabase::from_env().await.expect("database");
-    let db = migrated(&database).await;
+    let db = migrated(database.url()).await.expect("migrated");
     let mut scheduled = queued_notification(None);
     scheduled.status = Scheduled;
     let rows = vec![
@@ -91,7 +83,7 @@ async fn a_claim_takes_what_may_go_out_and_never_undoes_a_cancel() {
 async fn racing_cancels_and_a_claim_each_row_has_one_winner() {
     const ROWS: usize = 200;
     let database = TestDatabase::from_env().await.expect("database");
-    let db = migrated(&database).await;
+    let db = migrated(database.url()).await.expect("migrated");
     let rows: Vec<_> = (0..ROWS).map(|_| queued_notification(None)).collect();
     let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
     repo::notifications::insert_many(&db, rows)
