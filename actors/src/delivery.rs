@@ -164,7 +164,7 @@ pub async fn deliver(
             .await;
         return;
     };
-    let message = CommandMessage {
+    let command_message = CommandMessage {
         notification_id: command.notification_id,
         replay_base: replay_base(&message),
         payload: message.payload,
@@ -173,8 +173,8 @@ pub async fn deliver(
         copy,
         permit: Lease::new(permit).with_reservation(reservation),
     };
-    let settle = work(&ctx, command, &message, started).await;
-    message.settle(&ctx, settle).await;
+    let settle = work(&ctx, command, &command_message, started).await;
+    command_message.settle(&ctx, settle).await;
 }
 
 /// Why a command message cannot be delivered by this build.
@@ -935,13 +935,10 @@ async fn walk_chain(
             report.outcome,
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
         );
-        if let SendOutcome::Failed(err) = &report.outcome {
-            // Dead whether the notification is retried, fails over or fails.
-            walk.dead(channel, err.dead_contacts());
-        }
+        // Dead whether the notification is sent, retried, fails over or fails.
+        walk.dead(channel, report.outcome.dead_contacts());
         let (status, error) = match &report.outcome {
             SendOutcome::Accepted(receipt) => {
-                walk.dead(channel, &receipt.dead_contacts);
                 walk.moved(channel, &receipt.moved_contacts);
                 ("sent", None)
             }
@@ -1455,7 +1452,8 @@ mod tests {
             attempt(1, "twilio", "failed", Some("round one")),
             attempt(2, "-", "opted_out", Some("opted out of email")),
             attempt(3, "fcm", "failed", Some("round one too")),
-            // Round 2: the last.
+            // Round 2, the last (a fourth channel's attempt 7 only for the second call, as if the
+            // chain were four long).
             attempt(4, "twilio", "failed", Some("503 from twilio")),
             attempt(5, "fcm", "failed", Some("fcm down")),
             attempt(6, "twilio", "failed", None),

@@ -16,7 +16,7 @@ pub struct DeadLetterHeaders<'a> {
     pub deliveries: u64,
     /// Why it is dead.
     pub reason: &'a str,
-    /// Providers tried on the last delivery (commands only).
+    /// Providers called in the last round (commands only).
     pub providers: &'a [String],
 }
 

@@ -43,7 +43,7 @@ pub fn circuit_subject(provider: &str) -> String {
 pub const HEADER_DLQ_REASON: &str = "Herald-Dlq-Reason";
 /// Header naming the subject a dead letter was first published on.
 pub const HEADER_DLQ_ORIGINAL_SUBJECT: &str = "Herald-Original-Subject";
-/// Header naming the providers tried on the last delivery of a dead-lettered command,
+/// Header naming the providers called in the last round of a dead-lettered command,
 /// comma-separated.
 pub const HEADER_DLQ_PROVIDERS: &str = "Herald-Providers";
 /// Header carrying how many times the message had been delivered when it was dead-lettered.

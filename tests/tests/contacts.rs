@@ -190,6 +190,12 @@ async fn a_dead_push_token_is_removed_only_while_the_customer_still_holds_it() {
         "the tokens the PUT wrote are kept"
     );
 
+    // A PUT that kept the dead token among new ones: only the dead one goes.
+    put(&db, contacts("100", hook, &["dead", "new"])).await;
+    let removed = customers::remove_push_token(&db, ADA, "dead").await;
+    assert!(removed.expect("ran"), "the dead token is still stored");
+    assert_eq!(customers::push_tokens(&stored(&db).await), ["new"]);
+
     let unknown = customers::remove_push_token(&db, "nobody", "other").await;
     assert!(!unknown.expect("ran"), "no such customer");
 }

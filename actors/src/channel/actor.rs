@@ -66,6 +66,17 @@ pub enum SendOutcome {
     },
 }
 
+impl SendOutcome {
+    /// Contacts the provider declared dead on the way, whatever became of the message.
+    pub fn dead_contacts(&self) -> &[String] {
+        match self {
+            Self::Accepted(receipt) => &receipt.dead_contacts,
+            Self::Failed(error) => error.dead_contacts(),
+            Self::CircuitOpen { .. } | Self::NotStarted { .. } => &[],
+        }
+    }
+}
+
 /// A send's outcome with the provider's name and latency, for the attempt record.
 #[derive(Debug, Clone)]
 pub struct SendReport {
@@ -431,14 +442,18 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
     }
 }
 
-/// The wall-clock time `wait` from now; the calendar's end when it does not reach that far (a
-/// cool-down configured beyond it), so an open circuit always says when it probes.
+/// The wall-clock time `wait` from now, at most the last second of year 9999 (a cool-down
+/// configured beyond it), so an open circuit always says when it probes, in RFC 3339.
 fn from_now(wait: Duration) -> DateTime<Utc> {
+    let last = DateTime::<Utc>::from_timestamp(LAST_RFC3339_SECOND, 0).unwrap_or_default();
     chrono::Duration::from_std(wait)
         .ok()
         .and_then(|wait| Utc::now().checked_add_signed(wait))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .map_or(last, |at| at.min(last))
 }
+
+/// 9999-12-31T23:59:59Z: RFC 3339 has four-digit years.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
 
 #[cfg(test)]
 mod tests {
@@ -911,6 +926,18 @@ mod tests {
         let open = snapshot_when(&actor, "the send to settle", |s| s.in_flight == 0).await;
         assert_probes_after(&open, Duration::from_secs(3_600), (before, Utc::now()));
         actor.stop(None);
+    }
+
+    #[test]
+    fn a_probe_too_far_ahead_is_at_the_last_second_rfc_3339_can_write() {
+        let last = super::from_now(Duration::MAX);
+        assert_eq!(last.to_rfc3339(), "9999-12-31T23:59:59+00:00");
+        assert_eq!(
+            super::from_now(Duration::from_secs(400 * 365 * 86_400 * 100)),
+            last
+        );
+        let soon = super::from_now(Duration::from_secs(60));
+        assert!(soon > Utc::now() && soon < last, "{soon}");
     }
 
     #[tokio::test]

@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::http;
 use super::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt};
 
+/// The least time a send must have left to follow a group to its supergroup (or half its
+/// `timeout_ms`, when that is less).
+const MIN_TIME_TO_FOLLOW: Duration = Duration::from_secs(1);
+
 /// Telegram provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -26,7 +30,8 @@ pub struct TelegramConfig {
     /// `parse_mode` sent with every message (`HTML`, `MarkdownV2` or the legacy `Markdown`);
     /// plain text when unset. The text is escaped for it, so it shows as written.
     pub parse_mode: Option<String>,
-    /// Per-request timeout in milliseconds.
+    /// How long one send may take, in milliseconds: its request, and the second one when it
+    /// follows a group to the supergroup it became.
     pub timeout_ms: u64,
 }
 
@@ -239,12 +244,13 @@ impl TelegramProvider {
         match self.send_message(chat_id, &text, self.timeout).await? {
             Sent::Accepted { message_id } => Ok(receipt(message_id, Vec::new())),
             Sent::Moved { to, .. } => {
-                // Both requests within one send's time: a second request cut off by the channel's
-                // own timeout could reach the group while the send is reported failed.
+                // The whole send stays within `timeout_ms`, and the second request starts only
+                // with a fair share of it left: one cut off in flight may still reach the group,
+                // which the retry would then message again. Not started, it is simply retried.
                 let left = self.timeout.saturating_sub(started.elapsed());
-                if left.is_zero() {
+                if left < (self.timeout / 2).min(MIN_TIME_TO_FOLLOW) {
                     return Err(ProviderError::transient(format!(
-                        "the group moved to chat {to}; no time left to send there"
+                        "the group moved to chat {to}; too little time left to send there"
                     )));
                 }
                 self.follow_move(chat_id, to, &text, left).await
@@ -893,24 +899,71 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_move_is_followed_only_within_the_time_of_one_send() {
+    /// A send whose first request answered "moved" after `first_ms`, with the second request
+    /// answered after `second_ms`: what came of it, with a `timeout_ms` of `timeout_ms`.
+    async fn slow_move(
+        timeout_ms: u64,
+        first_ms: u64,
+        second_ms: u64,
+        second_requests: impl Into<wiremock::Times>,
+    ) -> Result<Receipt, ProviderError> {
         let server = MockServer::start().await;
-        let slow_move = migrated_to(-1_004_242).set_delay(Duration::from_millis(900));
-        answer_chat(&server, "-4242", slow_move, 1).await;
+        let moved = migrated_to(-1_004_242).set_delay(Duration::from_millis(first_ms));
+        answer_chat(&server, "-4242", moved, 1).await;
         let accepted = ResponseTemplate::new(200)
             .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 5}}))
-            .set_delay(Duration::from_millis(500));
-        answer_chat(&server, "-1004242", accepted, 0..=1).await;
-        let error = provider(&server.uri(), 1_000)
+            .set_delay(Duration::from_millis(second_ms));
+        answer_chat(&server, "-1004242", accepted, second_requests).await;
+        provider(&server.uri(), timeout_ms)
             .send(&message(Some("-4242")))
             .await
-            .expect_err("the second request gets what is left of the send's 1 s, not 1 s more");
+    }
+
+    #[tokio::test]
+    async fn a_move_is_followed_only_within_the_time_of_one_send() {
+        let error = slow_move(2_000, 600, 1_600, 0..=1)
+            .await
+            .expect_err("the second request gets what is left of the send's 2 s, not 2 s more");
         assert!(
             matches!(error, ProviderError::Transient { .. }),
             "{error:?}"
         );
         assert_no_token(&error);
+        let error = slow_move(1_000, 900, 0, 0)
+            .await
+            .expect_err("with under half of the send's 1 s left, no second request is made");
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("too little time")),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_400_naming_another_chat_is_followed() {
+        let moved_with = |status: u16, to: i64| {
+            ResponseTemplate::new(status).set_body_json(serde_json::json!({
+                "ok": false,
+                "error_code": status,
+                "description": "Bad Request: odd reply",
+                "parameters": {"migrate_to_chat_id": to}
+            }))
+        };
+        for (reply, what) in [
+            (moved_with(403, -1_004_242), "a 403"),
+            (moved_with(400, -4242), "a move to the same chat"),
+        ] {
+            let server = MockServer::start().await;
+            answer_chat(&server, "-4242", reply, 1).await;
+            answer_chat(&server, "-1004242", ResponseTemplate::new(200), 0).await;
+            let error = provider(&server.uri(), 2_000)
+                .send(&message(Some("-4242")))
+                .await
+                .expect_err(what);
+            assert!(
+                matches!(&error, ProviderError::Permanent { .. }),
+                "{what}: {error:?}"
+            );
+        }
     }
 
     #[tokio::test]
