@@ -673,28 +673,40 @@ async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// FCM's answer to a send to `token`.
+fn fcm(token: &str, reply: ResponseTemplate) -> Mock {
+    Mock::given(method("POST"))
+        .and(path("/v1/projects/shop/messages:send"))
+        .and(body_partial_json(json!({"message": {"token": token}})))
+        .respond_with(reply)
+}
+
+/// An FCM error reply, as FCM HTTP v1 words them.
+fn fcm_error(code: u16, status: &str, error_code: &str, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(code).set_body_json(json!({"error": {
+        "code": code, "message": message, "status": status,
+        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                     "errorCode": error_code}]
+    }}))
+}
+
 /// Every push token FCM declares dead is removed from the stored customer, also when another of
 /// its devices took the message; the good token stays and is the only one called next time.
 #[tokio::test]
 async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
     let w = world(|_| {}).await;
-    let fcm = |token: &str, reply: ResponseTemplate| {
-        Mock::given(method("POST"))
-            .and(path("/v1/projects/shop/messages:send"))
-            .and(body_partial_json(json!({"message": {"token": token}})))
-            .respond_with(reply)
-    };
-    let unregistered = ResponseTemplate::new(404).set_body_json(json!({"error": {
-        "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND",
-        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
-                     "errorCode": "UNREGISTERED"}]
-    }}));
-    let invalid = ResponseTemplate::new(400).set_body_json(json!({"error": {
-        "code": 400, "status": "INVALID_ARGUMENT",
-        "message": "The registration token is not a valid FCM registration token",
-        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
-                     "errorCode": "INVALID_ARGUMENT"}]
-    }}));
+    let unregistered = fcm_error(
+        404,
+        "NOT_FOUND",
+        "UNREGISTERED",
+        "Requested entity was not found.",
+    );
+    let invalid = fcm_error(
+        400,
+        "INVALID_ARGUMENT",
+        "INVALID_ARGUMENT",
+        "The registration token is not a valid FCM registration token",
+    );
     let uninstalled = fcm("dead-1", unregistered)
         .mount_as_scoped(&w.provider)
         .await;
@@ -754,22 +766,18 @@ async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
 #[tokio::test]
 async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
     let w = world(|_| {}).await;
-    let fcm = |token: &str, reply: ResponseTemplate| {
-        Mock::given(method("POST"))
-            .and(path("/v1/projects/shop/messages:send"))
-            .and(body_partial_json(json!({"message": {"token": token}})))
-            .respond_with(reply)
-    };
-    let unregistered = ResponseTemplate::new(404).set_body_json(json!({"error": {
-        "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND",
-        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
-                     "errorCode": "UNREGISTERED"}]
-    }}));
-    let unavailable = ResponseTemplate::new(503).set_body_json(json!({"error": {
-        "code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE",
-        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
-                     "errorCode": "UNAVAILABLE"}]
-    }}));
+    let unregistered = fcm_error(
+        404,
+        "NOT_FOUND",
+        "UNREGISTERED",
+        "Requested entity was not found.",
+    );
+    let unavailable = fcm_error(
+        503,
+        "UNAVAILABLE",
+        "UNAVAILABLE",
+        "The service is currently unavailable.",
+    );
     let dead = fcm("dead", unregistered).mount_as_scoped(&w.provider).await;
     let flaky = fcm("flaky", unavailable).mount_as_scoped(&w.provider).await;
     store_customer(
