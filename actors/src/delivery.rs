@@ -35,6 +35,7 @@ use crate::slot::ActorSlot;
 use sea_orm::DatabaseConnection;
 
 use crate::lease::{DeliveryPermit, InFlight, Lease};
+use crate::pull::Delivery;
 
 use crate::channel::{
     ChannelDirectory, ChannelMsg, ContactMove, OutboundMessage, ProviderError, SendOutcome,
@@ -480,36 +481,6 @@ impl CommandMessage {
                 providers,
             } => self.dead_letter(ctx, reason, attempts, &providers).await,
         }
-    }
-}
-
-/// Which copy of a command a delivery works on, as JetStream tells it.
-#[derive(Debug, Clone, Copy)]
-struct Delivery {
-    /// JetStream's delivery count of the stream message (1 for the first).
-    count: u64,
-    /// The stream message's sequence. A replay from the DLQ publishes the command again as a new
-    /// message, so the sequence tells one notification's generations apart (see [`CommandMessage::dead_letter`]).
-    sequence: u64,
-    /// When JetStream stored the stream message: a wait for its customer is measured from it.
-    published: SystemTime,
-}
-
-impl Delivery {
-    /// What JetStream tells of `message` (a first delivery, now, when it tells nothing).
-    fn of(message: &jetstream::Message) -> Self {
-        message.info().map_or(
-            Delivery {
-                count: 1,
-                sequence: 0,
-                published: SystemTime::now(),
-            },
-            |info| Delivery {
-                count: info.delivered.max(1) as u64,
-                sequence: info.stream_sequence,
-                published: info.published.into(),
-            },
-        )
     }
 }
 

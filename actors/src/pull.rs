@@ -318,3 +318,34 @@ impl Backoff {
         self.0 = FIRST_BACKOFF;
     }
 }
+
+/// Which copy of a stream message a consumer works on, as JetStream tells it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Delivery {
+    /// JetStream's delivery count of the stream message (1 for the first).
+    pub(crate) count: u64,
+    /// The stream message's sequence: it names the message in the ids of its dead letters, so a
+    /// redelivery's is a duplicate while a new message with the same content (a command replayed
+    /// from the DLQ) gets its own.
+    pub(crate) sequence: u64,
+    /// When JetStream stored the stream message: a wait for a customer is measured from it.
+    pub(crate) published: std::time::SystemTime,
+}
+
+impl Delivery {
+    /// What JetStream tells of `message` (a first delivery, now, when it tells nothing).
+    pub(crate) fn of(message: &jetstream::Message) -> Self {
+        message.info().map_or(
+            Delivery {
+                count: 1,
+                sequence: 0,
+                published: std::time::SystemTime::now(),
+            },
+            |info| Delivery {
+                count: info.delivered.max(1) as u64,
+                sequence: info.stream_sequence,
+                published: info.published.into(),
+            },
+        )
+    }
+}

@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::pull::Delivery;
 use crate::retry::{RetryPolicy, Wait};
 use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
@@ -177,37 +178,14 @@ enum Failure {
     Wait(String, Duration),
 }
 
-/// Which copy of an event a routing works on, as JetStream tells it.
-#[derive(Debug, Clone, Copy)]
-struct Delivery {
-    /// JetStream's delivery count of the stream message (1 for the first).
-    count: u64,
-    /// When JetStream stored the stream message: a wait for its customer is measured from it.
-    published: SystemTime,
-}
-
 /// Routes one event message end to end; the permit is held until it is acked or NAKed.
 pub async fn route(
     ctx: Arc<RouterContext>,
     message: jetstream::Message,
     _permit: OwnedSemaphorePermit,
 ) {
-    let (copy, sequence) = message
-        .info()
-        .map(|i| {
-            let copy = Delivery {
-                count: i.delivered.max(1) as u64,
-                published: i.published.into(),
-            };
-            (copy, i.stream_sequence)
-        })
-        .unwrap_or((
-            Delivery {
-                count: 1,
-                published: SystemTime::now(),
-            },
-            0,
-        ));
+    let copy = Delivery::of(&message);
+    let sequence = copy.sequence;
     let delivered = copy.count;
     let (message, acker) = message.split();
     let poison = |reason: String| Poison {
