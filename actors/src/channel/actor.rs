@@ -506,11 +506,7 @@ mod tests {
             Box::pin(async move {
                 let _ = self.started.send(message.notification_id);
                 self.gate.acquire().await.expect("gate open").forget();
-                Ok(Receipt {
-                    provider_message_id: None,
-                    dead_contacts: Vec::new(),
-                    moved_contacts: Vec::new(),
-                })
+                Ok(Receipt::new(None))
             })
         }
     }
@@ -1005,11 +1001,7 @@ mod tests {
                 0 => Err(ProviderError::transient("HTTP 503")),
                 1 => Err(ProviderError::unsendable("invalid address")),
                 2 => Err(ProviderError::MissingContact(Channel::Sms)),
-                _ => Ok(Receipt {
-                    provider_message_id: None,
-                    dead_contacts: Vec::new(),
-                    moved_contacts: Vec::new(),
-                }),
+                _ => Ok(Receipt::new(None)),
             }
         }
         let (provider, calls) = Scripted::new(script);

@@ -437,11 +437,7 @@ impl Provider for EmailProvider {
                     Some(id.to_string())
                 }
             };
-            Ok(Receipt {
-                provider_message_id,
-                dead_contacts: Vec::new(),
-                moved_contacts: Vec::new(),
-            })
+            Ok(Receipt::new(provider_message_id))
         })
     }
 }

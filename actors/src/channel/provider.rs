@@ -38,6 +38,17 @@ pub struct Receipt {
     pub moved_contacts: Vec<ContactMove>,
 }
 
+impl Receipt {
+    /// A message that went out as `provider_message_id`, with no contact found dead or moved.
+    pub fn new(provider_message_id: Option<String>) -> Self {
+        Self {
+            provider_message_id,
+            dead_contacts: Vec::new(),
+            moved_contacts: Vec::new(),
+        }
+    }
+}
+
 /// A contact that lives on under another address: the provider said so when sent to `from`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContactMove {

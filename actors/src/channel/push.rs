@@ -517,9 +517,8 @@ fn combine(
     };
     match (first_sent, transient, permanent, unsendable) {
         (Some(name), ..) => Ok(Receipt {
-            provider_message_id: Some(name),
             dead_contacts: dead,
-            moved_contacts: Vec::new(),
+            ..Receipt::new(Some(name))
         }),
         (None, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),

@@ -184,20 +184,12 @@ impl SmsProvider {
         } = http::exchange(request).await?;
         if status.is_success() {
             return match serde_json::from_slice::<CreatedMessage>(&bytes) {
-                Ok(created) => Ok(Receipt {
-                    provider_message_id: Some(created.sid),
-                    dead_contacts: Vec::new(),
-                    moved_contacts: Vec::new(),
-                }),
+                Ok(created) => Ok(Receipt::new(Some(created.sid))),
                 // Accepted, but we cannot tell which message it became; sending again would
                 // duplicate it, so this is a success without an id.
                 Err(_) => {
                     tracing::warn!(provider = %self.name, %status, "SMS accepted without a sid in the reply");
-                    Ok(Receipt {
-                        provider_message_id: None,
-                        dead_contacts: Vec::new(),
-                        moved_contacts: Vec::new(),
-                    })
+                    Ok(Receipt::new(None))
                 }
             };
         }

@@ -362,9 +362,8 @@ enum Sent {
 /// The receipt of a message that went out as `message_id`.
 fn receipt(message_id: i64, moved_contacts: Vec<ContactMove>) -> Receipt {
     Receipt {
-        provider_message_id: Some(message_id.to_string()),
-        dead_contacts: Vec::new(),
         moved_contacts,
+        ..Receipt::new(Some(message_id.to_string()))
     }
 }
 

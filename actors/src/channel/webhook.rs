@@ -308,11 +308,7 @@ impl WebhookProvider {
             .map_err(http::request_error)?;
         let status = response.status();
         if status.is_success() {
-            return Ok(Receipt {
-                provider_message_id: None,
-                dead_contacts: Vec::new(),
-                moved_contacts: Vec::new(),
-            });
+            return Ok(Receipt::new(None));
         }
         // The receiver's body is not read: it is not ours to store, and could be anything.
         Err(classify(status, http::retry_after(response.headers()), url))
