@@ -344,8 +344,7 @@ async fn work(
     )
     .await;
     if let Some(customer_id) = &command.customer_id {
-        forget_dead_contacts(&ctx.db, customer_id, &walk.dead_contacts).await;
-        move_contacts(&ctx.db, customer_id, &walk.moved_contacts).await;
+        update_contacts(&ctx.db, customer_id, &walk.contact_news).await;
     }
     finish(&ctx.retry, id, walk, message.copy, round)
 }
@@ -713,60 +712,56 @@ pub fn stored_contacts(customer: &customer::Model) -> Contacts {
     }
 }
 
-/// Removes contacts providers declared dead from the stored customer, so later notifications do
-/// not try them again. Failures are logged: the delivery outcome does not depend on this.
-async fn forget_dead_contacts(
-    db: &DatabaseConnection,
-    customer_id: &str,
-    dead: &[(Channel, String)],
-) {
-    for (channel, contact) in dead {
-        let result = match channel {
-            Channel::Push => repo::customers::remove_push_token(db, customer_id, contact).await,
-            Channel::Telegram => {
-                repo::customers::clear_telegram_chat_id(db, customer_id, contact).await
-            }
-            Channel::Webhook => repo::customers::clear_webhook_url(db, customer_id, contact).await,
-            _ => Ok(false),
-        };
-        match result {
-            Ok(true) => {
-                metrics::counter!("herald_contacts_forgotten_total", "channel" => channel.as_str())
-                    .increment(1);
-                tracing::info!(customer_id, %channel, "forgot a contact the provider declared dead")
-            }
-            Ok(false) => {}
-            Err(err) => {
-                tracing::warn!(customer_id, %channel, error = %err, "cannot forget a dead contact")
-            }
-        }
-    }
+/// What a provider said of a contact it was given, for the stored customer.
+enum ContactNews {
+    /// Gone for good (an unregistered push token, a chat that blocked the bot): forget it.
+    Dead(String),
+    /// Lives on under another address (a Telegram group upgraded to a supergroup): change it.
+    Moved(ContactMove),
 }
 
-/// Changes stored contacts a provider said moved (a Telegram group upgraded to a supergroup) to
-/// where they moved, so later notifications go there at once. Failures are logged: the delivery
-/// outcome does not depend on this, and the next send learns the move again.
-async fn move_contacts(
+/// Applies what providers said of the recipient's contacts to the stored customer (only where
+/// it still holds the contact they were given), so later notifications neither try dead ones
+/// again nor take a detour to moved ones. Failures are logged: the delivery outcome does not
+/// depend on this, and the next send learns the news again.
+async fn update_contacts(
     db: &DatabaseConnection,
     customer_id: &str,
-    moved: &[(Channel, ContactMove)],
+    news: &[(Channel, ContactNews)],
 ) {
-    for (channel, ContactMove { from, to }) in moved {
-        let result = match channel {
-            Channel::Telegram => {
-                repo::customers::move_telegram_chat_id(db, customer_id, from, to).await
-            }
-            _ => Ok(false),
+    use repo::customers;
+    for (channel, news) in news {
+        let (result, counter, done) = match (news, channel) {
+            (ContactNews::Dead(token), Channel::Push) => (
+                customers::remove_push_token(db, customer_id, token).await,
+                "herald_contacts_forgotten_total",
+                "forgot a contact the provider declared dead",
+            ),
+            (ContactNews::Dead(chat), Channel::Telegram) => (
+                customers::clear_telegram_chat_id(db, customer_id, chat).await,
+                "herald_contacts_forgotten_total",
+                "forgot a contact the provider declared dead",
+            ),
+            (ContactNews::Dead(url), Channel::Webhook) => (
+                customers::clear_webhook_url(db, customer_id, url).await,
+                "herald_contacts_forgotten_total",
+                "forgot a contact the provider declared dead",
+            ),
+            (ContactNews::Moved(ContactMove { from, to }), Channel::Telegram) => (
+                customers::move_telegram_chat_id(db, customer_id, from, to).await,
+                "herald_contacts_moved_total",
+                "moved a contact to where the provider said it moved",
+            ),
+            _ => continue,
         };
         match result {
             Ok(true) => {
-                metrics::counter!("herald_contacts_moved_total", "channel" => channel.as_str())
-                    .increment(1);
-                tracing::info!(customer_id, %channel, "moved a contact to where the provider said it moved")
+                metrics::counter!(counter, "channel" => channel.as_str()).increment(1);
+                tracing::info!(customer_id, %channel, "{done}");
             }
             Ok(false) => {}
             Err(err) => {
-                tracing::warn!(customer_id, %channel, error = %err, "cannot move a contact")
+                tracing::warn!(customer_id, %channel, error = %err, "cannot update a contact")
             }
         }
     }
@@ -776,10 +771,8 @@ async fn move_contacts(
 struct Walk {
     attempts: Vec<NewAttempt>,
     sent_on: Option<Channel>,
-    /// Contacts a provider declared dead, to forget.
-    dead_contacts: Vec<(Channel, String)>,
-    /// Contacts a provider said moved, to change.
-    moved_contacts: Vec<(Channel, ContactMove)>,
+    /// What providers said of the contacts they were given, for the stored customer.
+    contact_news: Vec<(Channel, ContactNews)>,
     /// Some channel failed in a way that may pass later (a transient error or a throttle, an
     /// open circuit, a send queue too long to start).
     retryable: bool,
@@ -792,14 +785,14 @@ struct Walk {
 impl Walk {
     /// Notes contacts `channel`'s provider declared dead.
     fn dead(&mut self, channel: Channel, contacts: &[String]) {
-        self.dead_contacts
-            .extend(contacts.iter().map(|contact| (channel, contact.clone())));
+        let dead = contacts.iter().cloned().map(ContactNews::Dead);
+        self.contact_news.extend(dead.map(|news| (channel, news)));
     }
 
     /// Notes contacts `channel`'s provider said moved.
     fn moved(&mut self, channel: Channel, moves: &[ContactMove]) {
-        self.moved_contacts
-            .extend(moves.iter().map(|moved| (channel, moved.clone())));
+        let moved = moves.iter().cloned().map(ContactNews::Moved);
+        self.contact_news.extend(moved.map(|news| (channel, news)));
     }
 }
 
@@ -843,8 +836,7 @@ async fn walk_chain(
     let mut walk = Walk {
         attempts: Vec::new(),
         sent_on: None,
-        dead_contacts: Vec::new(),
-        moved_contacts: Vec::new(),
+        contact_news: Vec::new(),
         retryable: false,
         called: false,
         retry_after: None,
@@ -1296,8 +1288,7 @@ mod tests {
         Walk {
             attempts: (1..=attempts).map(attempt).collect(),
             sent_on: None,
-            dead_contacts: vec![],
-            moved_contacts: vec![],
+            contact_news: vec![],
             retryable,
             called,
             retry_after: None,

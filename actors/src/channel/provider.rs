@@ -152,38 +152,15 @@ impl ProviderError {
 
     /// The same error with its reason passed through `change` (a recipient without a contact has
     /// no reason and stays as it is).
-    pub fn map_reason(self, change: impl FnOnce(String) -> String) -> Self {
-        match self {
-            Self::Transient {
-                reason,
-                retry_after,
-                dead_contacts,
-            } => Self::Transient {
-                reason: change(reason),
-                retry_after,
-                dead_contacts,
-            },
-            Self::Throttled {
-                reason,
-                retry_after,
-                dead_contacts,
-            } => Self::Throttled {
-                reason: change(reason),
-                retry_after,
-                dead_contacts,
-            },
-            Self::Permanent {
-                reason,
-                dead_contacts,
-            } => Self::Permanent {
-                reason: change(reason),
-                dead_contacts,
-            },
-            Self::Unsendable { reason } => Self::Unsendable {
-                reason: change(reason),
-            },
-            Self::MissingContact(channel) => Self::MissingContact(channel),
+    pub fn map_reason(mut self, change: impl FnOnce(String) -> String) -> Self {
+        match &mut self {
+            Self::Transient { reason, .. }
+            | Self::Throttled { reason, .. }
+            | Self::Permanent { reason, .. }
+            | Self::Unsendable { reason } => *reason = change(std::mem::take(reason)),
+            Self::MissingContact(_) => {}
         }
+        self
     }
 
     /// Whether this outcome is the provider's fault and counts as a failure for its circuit.

@@ -375,9 +375,7 @@ fn refused(
     header_retry_after: Option<Duration>,
     chat_id: &str,
 ) -> Result<Sent, ProviderError> {
-    let bad_request = reply
-        .error_code
-        .map_or(status == StatusCode::BAD_REQUEST, |code| code == 400);
+    let bad_request = error_status(status, &reply) == StatusCode::BAD_REQUEST;
     let moved_to = reply
         .parameters
         .as_ref()
@@ -402,6 +400,16 @@ fn text_of(message: &OutboundMessage) -> String {
     }
 }
 
+/// The status an `ok: false` reply stands for: its `error_code`, else (absent, or not an error
+/// status) the HTTP status.
+fn error_status(status: StatusCode, reply: &BotReply) -> StatusCode {
+    reply
+        .error_code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .filter(|code| code.is_client_error() || code.is_server_error())
+        .unwrap_or(status)
+}
+
 /// Classifies an `ok: false` reply: by `error_code` (the HTTP status when absent), with the
 /// `retry_after` Telegram gives on flood control taking precedence over the header. A reply
 /// saying the chat is gone declares `chat_id` dead.
@@ -411,11 +419,7 @@ fn reply_error(
     header_retry_after: Option<Duration>,
     chat_id: &str,
 ) -> ProviderError {
-    let code = reply
-        .error_code
-        .and_then(|code| StatusCode::from_u16(code).ok())
-        .filter(|code| code.is_client_error() || code.is_server_error())
-        .unwrap_or(status);
+    let code = error_status(status, &reply);
     let parameters = reply.parameters;
     let retry_after = parameters
         .as_ref()

@@ -135,10 +135,8 @@ pub async fn find_by_request_id(
     db: &impl ConnectionTrait,
     request_id: &str,
 ) -> Result<Option<notification::Model>, RepoError> {
-    Ok(notification::Entity::find()
-        .filter(notification::Column::RequestId.eq(request_id))
-        .one(db)
-        .await?)
+    let mut found = find_many_by_request_id(db, vec![request_id]).await?;
+    Ok(found.remove(request_id))
 }
 
 /// The stored notifications with these request ids, by request id.
