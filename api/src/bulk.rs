@@ -210,7 +210,12 @@ impl BulkApi {
         let checked = accept(&self.state, category, named_channels, &content, &target).await;
         let channels = match checked {
             Ok(channels) => channels,
-            Err(refusal) => return refused(&self.state, key, refusal).await,
+            Err(refusal) => {
+                let db = &self.state.db;
+                let find = async |id: &str| repo::batches::find_by_request_id(db, id).await;
+                let (key, batch) = idempotency::stored_before(key, refusal, find).await?;
+                return repeated(&key, batch);
+            }
         };
         let total = recipients_in(&self.state, &target).await?;
         let spec = BatchSpec {
@@ -228,17 +233,14 @@ impl BulkApi {
             spec,
             total,
         };
-        match (repo::batches::create(&self.state.db, new).await?, &key) {
-            (Created::New(batch), _) => {
+        match repo::batches::create(&self.state.db, new).await? {
+            Created::New(batch) => {
                 metrics::counter!("herald_batches_accepted_total").increment(1);
                 Ok(BulkResponse::Accepted(Json(accepted(batch))))
             }
-            (Created::Duplicate(batch), Some(key)) => repeated(key, batch),
-            // Only a request id is stored as a duplicate.
-            (Created::Duplicate(batch), None) => Err(ApiError::internal(&format!(
-                "batch {} was read back as a repeat of a bulk send without a request id",
-                batch.id
-            ))),
+            Created::Duplicate(batch) => {
+                repeated(idempotency::of_duplicate(key.as_ref(), batch.id)?, batch)
+            }
         }
     }
 
@@ -324,25 +326,6 @@ async fn accept(
     check_template(state, content, target).await?;
     check_command_size(category, &channels, content, target)?;
     Ok(channels)
-}
-
-/// Answers a keyed bulk send that a check against the state refused (`400`: its template is
-/// unknown now, say): if its request id stored a batch, the request may be the retry of one
-/// accepted before the state changed, and is answered as a repeat (`422` if it is another
-/// request); otherwise the refusal stands. Looked up only after a refusal: the repeat of an
-/// accepted request is found by its insert.
-async fn refused(
-    state: &AppState,
-    key: Option<idempotency::Keyed>,
-    refusal: ApiError,
-) -> Result<BulkResponse, ApiError> {
-    let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
-        return Err(refusal);
-    };
-    match repo::batches::find_by_request_id(&state.db, &key.request_id.value).await? {
-        Some(batch) => repeated(&key, batch),
-        None => Err(refusal),
-    }
 }
 
 /// Answers a bulk send under the request id that stored `batch`: `200` with it if the send is

@@ -1,6 +1,6 @@
 //! One JSON error shape for every error the API returns, and its mapping to HTTP statuses.
 
-use poem::{IntoResponse, Response, http::StatusCode};
+use poem::{Response, http::StatusCode};
 use poem_openapi::{ApiResponse, Object, payload::Json};
 
 /// The body of every error response.
@@ -196,11 +196,6 @@ pub async fn render_error(err: poem::Error) -> Response {
         field,
         ..body(code, message)
     };
-    // Rendered by the variants that document them (poem-openapi refuses a body of another
-    // content type with 415).
-    if status == StatusCode::UNSUPPORTED_MEDIA_TYPE {
-        return ApiError::UnsupportedMediaType(Json(body)).into_response();
-    }
     let json = serde_json::to_string(&body).unwrap_or_default();
     Response::builder()
         .status(status)

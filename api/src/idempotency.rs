@@ -6,6 +6,9 @@
 use herald_nats::events::ROUTER_REQUEST_ID_PREFIX;
 use serde::Serialize;
 
+use herald_entities::RepoError;
+use uuid::Uuid;
+
 use crate::{ApiError, fingerprint};
 
 /// Longest request id accepted.
@@ -87,6 +90,37 @@ impl Keyed {
             earlier,
         ))
     }
+}
+
+/// The row a keyed request that a check against the state refused (`400`: its template is
+/// unknown now, say, or none of its channels has a provider any more) is to be answered with: the
+/// one stored under its request id, read by `find`, as the request may be the retry of one
+/// accepted before the state changed (a repeat of it, or `422` if it is another request). The
+/// refusal stands for a request without a key, a refusal other than a `400`, or an id nothing was
+/// stored under. Looked up only after a refusal: the repeat of an accepted request is found by
+/// its insert.
+pub async fn stored_before<T>(
+    key: Option<Keyed>,
+    refusal: ApiError,
+    find: impl AsyncFnOnce(&str) -> Result<Option<T>, RepoError>,
+) -> Result<(Keyed, T), ApiError> {
+    let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
+        return Err(refusal);
+    };
+    match find(&key.request_id.value).await? {
+        Some(stored) => Ok((key, stored)),
+        None => Err(refusal),
+    }
+}
+
+/// The key of a request whose insert found the row `id` stored under its request id: only a
+/// request id makes a duplicate, so a request without one here is a bug (`500`).
+pub fn of_duplicate(key: Option<&Keyed>, id: Uuid) -> Result<&Keyed, ApiError> {
+    key.ok_or_else(|| {
+        ApiError::internal(&format!(
+            "{id} was read back as a repeat of a request without a request id"
+        ))
+    })
 }
 
 #[cfg(test)]

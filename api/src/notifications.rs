@@ -307,7 +307,12 @@ impl NotificationsApi {
             .transpose()?;
         let accepted = match accept(&self.state, checked).await {
             Ok(accepted) => accepted,
-            Err(refusal) => return refused(&self.state, key, refusal).await,
+            Err(refusal) => {
+                let db = &self.state.db;
+                let find = async |id: &str| repo::find_by_request_id(db, id).await;
+                let (key, existing) = idempotency::stored_before(key, refusal, find).await?;
+                return repeated(&self.state, &key, existing).await;
+            }
         };
         let new = accepted.row(key.as_ref());
         let command = accepted.command;
@@ -315,16 +320,12 @@ impl NotificationsApi {
         let storing = Instant::now();
         let inserted = self.state.inserts.insert(new).await;
         record_stage("store", storing);
-        match (inserted?, &key) {
-            (Inserted::Duplicate(existing), Some(key)) => {
+        match inserted? {
+            Inserted::Duplicate(existing) => {
+                let key = idempotency::of_duplicate(key.as_ref(), existing.id)?;
                 repeated(&self.state, key, existing).await
             }
-            // Only a request id is stored as a duplicate.
-            (Inserted::Duplicate(existing), None) => Err(ApiError::internal(&format!(
-                "notification {} was read back as a repeat of a send without a request id",
-                existing.id
-            ))),
-            (Inserted::New(row), _) if scheduled => {
+            Inserted::New(row) if scheduled => {
                 metrics::counter!("herald_notifications_accepted_total", "source" => "api")
                     .increment(1);
                 metrics::counter!("herald_notifications_scheduled_total").increment(1);
@@ -333,7 +334,7 @@ impl NotificationsApi {
                     status: row.status.as_str().into(),
                 })))
             }
-            (Inserted::New(row), _) => {
+            Inserted::New(row) => {
                 let published = publish(&self.state, &row.recipient_key, &command).await;
                 if let Err(err) = published {
                     tracing::warn!(id = %row.id, error = %err, "cannot publish; not accepted");
@@ -473,25 +474,6 @@ async fn publish_again(state: &AppState, row: &notification::Model) -> Result<()
             tracing::warn!(id = %row.id, error = %err, "cannot publish a repeated request");
             ApiError::unavailable("the message queue is unavailable; retry later")
         })
-}
-
-/// Answers a keyed send that a check against the state refused (`400`: its template is unknown
-/// now, say, or none of its channels has a provider any more): if its request id stored a
-/// notification, the request may be the retry of one accepted before the state changed, and is
-/// answered as a repeat (`422` if it is another request); otherwise the refusal stands. Looked up
-/// only after a refusal: the repeat of an accepted request is found by its insert.
-async fn refused(
-    state: &AppState,
-    key: Option<idempotency::Keyed>,
-    refusal: ApiError,
-) -> Result<SendResponse, ApiError> {
-    let Some(key) = key.filter(|_| matches!(refusal, ApiError::BadRequest(_))) else {
-        return Err(refusal);
-    };
-    match repo::find_by_request_id(&state.db, &key.request_id.value).await? {
-        Some(existing) => repeated(state, &key, existing).await,
-        None => Err(refusal),
-    }
 }
 
 /// Answers a send under the request id that stored `existing`: `200` with it if the send is its
