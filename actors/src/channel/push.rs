@@ -338,7 +338,7 @@ impl PushProvider {
                 .map(|token| self.send_one(&bearer, token, message)),
         )
         .await;
-        combine(tokens, outcomes)
+        combine(outcomes)
     }
 
     async fn send_one(
@@ -346,7 +346,7 @@ impl PushProvider {
         bearer: &str,
         token: &str,
         message: &OutboundMessage,
-    ) -> Result<String, Failure> {
+    ) -> Result<String, ProviderError> {
         let mut notification = serde_json::Map::new();
         if let Some(subject) = &message.content.subject {
             notification.insert("title".into(), json!(subject));
@@ -372,7 +372,7 @@ impl PushProvider {
             status,
             retry_after,
             bytes,
-        } = http::exchange(request).await.map_err(Failure::new)?;
+        } = http::exchange(request).await?;
         if status == StatusCode::UNAUTHORIZED {
             self.credentials.refused().await;
         }
@@ -380,33 +380,27 @@ impl PushProvider {
             return serde_json::from_slice::<SentMessage>(&bytes)
                 .map(|sent| sent.name)
                 .map_err(|_| {
-                    Failure::new(ProviderError::permanent(format!(
+                    ProviderError::permanent(format!(
                         "unexpected FCM reply: {}",
                         http::snippet(&bytes, 200)
-                    )))
+                    ))
                 });
         }
-        Err(classify(status, &bytes, retry_after))
+        Err(classify(token, status, &bytes, retry_after))
     }
 }
 
-/// One token's failure, with whether FCM declared that token dead.
-struct Failure {
-    error: ProviderError,
-    dead: bool,
-}
-
-impl Failure {
-    fn new(error: ProviderError) -> Self {
-        Self { error, dead: false }
-    }
-}
-
-/// Classifies an FCM error reply for one token.
-fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> Failure {
+/// Classifies an FCM error reply for `token`: permanent, naming the token dead, when FCM
+/// declared it so.
+fn classify(
+    token: &str,
+    status: StatusCode,
+    body: &[u8],
+    retry_after: Option<Duration>,
+) -> ProviderError {
     let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(body) else {
         let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
-        return Failure::new(http::account_status_error(status, reason, retry_after));
+        return http::account_status_error(status, reason, retry_after);
     };
     let fcm_code = error
         .details
@@ -436,19 +430,19 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
         _ => false,
     };
     if dead {
-        return Failure {
-            error: ProviderError::permanent(reason),
-            dead: true,
+        return ProviderError::Permanent {
+            reason,
+            dead_contacts: vec![token.to_string()],
         };
     }
     if fcm_code == "QUOTA_EXCEEDED" {
         // The device's (or the target's) message rate: a limit on this recipient, not a sign
         // that FCM is down, so it must not open the circuit for every other device.
-        return Failure::new(ProviderError::throttled(reason, retry_after));
+        return ProviderError::throttled(reason, retry_after);
     }
     let transient =
         matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || http::is_transient_for_account(status);
-    Failure::new(http::failure(transient, reason, retry_after))
+    http::failure(transient, reason, retry_after)
 }
 
 /// Combines per-token outcomes (in token order): any success wins; else any transient failure
@@ -456,27 +450,23 @@ fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> F
 /// else a permanent failure; unsendable only if no token's request could even be sent. Whatever
 /// the outcome, it carries every token FCM declared dead (a failure also names them in its
 /// reason), so they are forgotten even when this notification fails over to another channel.
-fn combine(
-    tokens: &[String],
-    outcomes: Vec<Result<String, Failure>>,
-) -> Result<Receipt, ProviderError> {
+fn combine(outcomes: Vec<Result<String, ProviderError>>) -> Result<Receipt, ProviderError> {
+    let tokens = outcomes.len();
     let mut first_sent = None;
     let mut dead = Vec::new();
     // The first reason, the longest wait, and whether every one was a throttle.
     let mut transient: Option<(String, Option<Duration>, bool)> = None;
     let mut permanent: Option<String> = None;
     let mut unsendable: Option<String> = None;
-    for (token, outcome) in tokens.iter().zip(outcomes) {
+    for outcome in outcomes {
         match outcome {
             Ok(name) => {
                 first_sent.get_or_insert(name);
             }
-            Err(failure) => {
-                if failure.dead {
-                    dead.push(token.clone());
-                }
-                let throttled = matches!(failure.error, ProviderError::Throttled { .. });
-                match failure.error {
+            Err(error) => {
+                dead.extend_from_slice(error.dead_contacts());
+                let throttled = matches!(error, ProviderError::Throttled { .. });
+                match error {
                     ProviderError::Transient {
                         reason,
                         retry_after,
@@ -511,7 +501,7 @@ fn combine(
         format!(
             "; {} of {} tokens dead: {}",
             dead.len(),
-            tokens.len(),
+            tokens,
             abbreviate(&dead)
         )
     };
@@ -957,15 +947,14 @@ mod tests {
 
     #[test]
     fn tokens_none_of_which_could_be_sent_are_unsendable_unless_fcm_answered_one() {
-        let tokens = vec!["device-a".to_string(), "device-b".to_string()];
-        let unsendable = || Err(Failure::new(ProviderError::unsendable("bad header")));
+        let unsendable = || Err(ProviderError::unsendable("bad header"));
         assert_eq!(
-            combine(&tokens, vec![unsendable(), unsendable()]),
+            combine(vec![unsendable(), unsendable()]),
             Err(ProviderError::unsendable("bad header")),
             "nothing reached FCM"
         );
-        let refused = Err(Failure::new(ProviderError::permanent("FCM 403")));
-        let combined = combine(&tokens, vec![unsendable(), refused]);
+        let refused = Err(ProviderError::permanent("FCM 403"));
+        let combined = combine(vec![unsendable(), refused]);
         assert!(
             matches!(&combined, Err(ProviderError::Permanent { reason, .. }) if reason == "FCM 403"),
             "FCM answered one: {combined:?}"
