@@ -5,10 +5,15 @@
 //! (a user JWT and its NKey seed, as `nsc` and Synadia Cloud hand out). TLS can be required, with
 //! a private certificate authority and a client certificate for mutual TLS.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr, connection::State};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::NatsError;
 
@@ -91,11 +96,13 @@ impl<'a> Connection<'a> {
 /// cannot be read, a seed that is not one) are refused here, at once, rather than retried, and so
 /// is a first connection whose login or TLS handshake fails (a certificate either side does not
 /// accept): retrying would not change the answer. A server that cannot be reached yet is tried
-/// again in the background; connection trouble afterwards (a login refused later included) is
-/// logged as it happens.
+/// again until it answers, which this waits for (logging every [`STILL_WAITING`]): the caller's
+/// first requests would otherwise time out. Connection trouble afterwards (a login refused later
+/// included) is logged as it happens.
 pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
-    match options(connection, &servers)
+    let connected = Arc::new(Notify::new());
+    match options(connection, &servers, connected.clone())
         .await?
         .connect(servers.clone())
         .await
@@ -104,27 +111,62 @@ pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, N
         Err(e) => match refusal(&e) {
             Some(refused) => return Err(refused),
             None => {
-                tracing::warn!(error = %e, "cannot reach NATS yet; trying again in the background")
+                tracing::warn!(error = %e, "cannot reach NATS yet; trying again until it answers")
             }
         },
     }
-    options(connection, &servers)
+    let client = options(connection, &servers, connected.clone())
         .await?
         .retry_on_initial_connect()
         .connect(servers)
         .await
-        .map_err(|e| NatsError::Connect(e.to_string()))
+        .map_err(|e| NatsError::Connect(e.to_string()))?;
+    until_connected(&client, &connected).await;
+    Ok(client)
 }
 
-/// The client's options for `connection`: name, reconnects, event log, authentication, TLS.
+/// How often [`connect`] logs that it still waits for a server that cannot be reached.
+pub const STILL_WAITING: Duration = Duration::from_secs(10);
+
+/// Returns once `client` has connected (`connected` is notified on each connection).
+async fn until_connected(client: &async_nats::Client, connected: &Notify) {
+    let started = Instant::now();
+    while client.connection_state() != State::Connected {
+        if tokio::time::timeout(STILL_WAITING, connected.notified())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                waited_secs = started.elapsed().as_secs(),
+                "still cannot reach NATS; waiting for it"
+            );
+        }
+    }
+    tracing::info!(
+        waited_ms = started.elapsed().as_millis() as u64,
+        "NATS answered"
+    );
+}
+
+/// The client's options for `connection`: name, reconnects, event log, authentication, TLS;
+/// `connected` is notified each time the client connects.
 async fn options(
     connection: Connection<'_>,
     servers: &[ServerAddr],
+    connected: Arc<Notify>,
 ) -> Result<ConnectOptions, NatsError> {
     let options = ConnectOptions::new()
         .name(connection.name)
         .max_reconnects(None)
-        .event_callback(|event| async move { log_event(&event) });
+        .event_callback(move |event| {
+            let connected = connected.clone();
+            async move {
+                if event == Event::Connected {
+                    connected.notify_one();
+                }
+                log_event(&event)
+            }
+        });
     let options = authenticate(options, connection.auth, servers).await?;
     secure(options, connection.tls)
 }

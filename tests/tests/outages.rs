@@ -575,3 +575,43 @@ async fn final_states(
     }
     finals
 }
+
+/// How long NATS stays away at the start: longer than the NATS client's request timeout (10 s),
+/// after which a start that did not wait for the server failed its first JetStream requests.
+const NATS_DOWN_AT_START: Duration = Duration::from_secs(13);
+
+/// A NATS server that cannot be reached when Herald starts is waited for, as README's
+/// *Operations* says, instead of failing the start once its first requests time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_down_at_the_start_is_waited_for() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let config = test_config(&nats, &db, &smtp);
+    nats.stop().await.expect("nats stopped");
+    let start = tokio::spawn(TestHerald::start(config));
+    // Not a synchronisation: the outage itself must outlast the client's request timeout.
+    tokio::time::sleep(NATS_DOWN_AT_START).await;
+    assert!(
+        !start.is_finished(),
+        "the start ended while NATS was away: {:?}",
+        start.await.map(|started| started.err())
+    );
+    nats.restart().await.expect("nats back");
+    let herald = tokio::time::timeout(E2E_TIMEOUT, start)
+        .await
+        .expect("herald started within the timeout once NATS answered")
+        .expect("the start task ran")
+        .expect("herald started");
+    let id = herald
+        .send_accepted(&json!({
+            "recipient": { "email": "late@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Hello", "text": "NATS came back." }
+        }))
+        .await;
+    herald.wait_status(&id, "sent").await;
+    assert_eq!(smtp.count(), 1, "one email went out");
+    herald.shutdown().await.expect("shutdown");
+}
