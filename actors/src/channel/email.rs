@@ -179,6 +179,12 @@ pub enum EmailConfigError {
         /// The configured security, `starttls` or `tls`.
         security: &'static str,
     },
+    /// Only one of `username` and `password` is set.
+    #[error(
+        "channels.email.username and channels.email.password go together: set both to log in, \
+         or neither"
+    )]
+    HalfCredentials,
     /// The outbox folder could not be created.
     #[error(
         "channels.email.outbox_dir {dir:?} cannot be created (email is written there while \
@@ -365,7 +371,10 @@ fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailCon
     };
     let credentials = match (&config.username, &config.password) {
         (Some(user), Some(password)) => Some(Credentials::new(user.clone(), password.clone())),
-        _ => None,
+        (None, None) => None,
+        // Without both, no login is tried, and a relay that wants one refuses every message
+        // with a permanent 5xx: an outage that would look like failing recipients.
+        _ => return Err(EmailConfigError::HalfCredentials),
     };
     let timeout = Duration::from_millis(config.timeout_ms);
     let server = SmtpServer {
@@ -530,5 +539,25 @@ mod tests {
             Err(EmailConfigError::From { .. })
         ));
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_user_name_without_a_password_or_the_reverse_is_refused() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let relay = |username: Option<&str>, password: Option<&str>| EmailConfig {
+            smtp_host: Some("smtp.example.com".into()),
+            username: username.map(Into::into),
+            password: password.map(Into::into),
+            ..EmailConfig::default()
+        };
+        for half in [relay(Some("herald"), None), relay(None, Some("hunter2"))] {
+            let err = half.check().expect_err("half the credentials");
+            assert!(matches!(err, EmailConfigError::HalfCredentials), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
+        relay(Some("herald"), Some("hunter2"))
+            .check()
+            .expect("both set");
+        relay(None, None).check().expect("neither set");
     }
 }
