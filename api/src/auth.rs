@@ -309,13 +309,11 @@ impl KeyVerifier {
             }
         }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() >= self.settings.cache_capacity {
-            let ttl = self.settings.cache_ttl;
-            cache.retain(|_, entry| entry.fetched.elapsed() < ttl);
-            if cache.len() >= self.settings.cache_capacity {
-                cache.clear();
-            }
-        }
+        make_room(
+            &mut cache,
+            self.settings.cache_capacity,
+            self.settings.cache_ttl,
+        );
         cache.insert(
             prefix.to_string(),
             CacheEntry {
@@ -324,6 +322,22 @@ impl KeyVerifier {
             },
         );
         Ok(key)
+    }
+}
+
+/// Frees a place in a full `cache`: drops expired entries, then the prefixes that name no key
+/// (a flood of made-up keys must not evict the real ones, whose next use would reach the
+/// database again), then, if it is still full, everything.
+fn make_room(cache: &mut HashMap<String, CacheEntry>, capacity: usize, ttl: Duration) {
+    if cache.len() < capacity {
+        return;
+    }
+    cache.retain(|_, entry| entry.fetched.elapsed() < ttl);
+    if cache.len() >= capacity {
+        cache.retain(|_, entry| entry.key.is_some());
+    }
+    if cache.len() >= capacity {
+        cache.clear();
     }
 }
 
@@ -433,6 +447,32 @@ pub async fn fill_when_disabled<E: Endpoint>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_cache_drops_unknown_prefixes_before_known_keys() {
+        let ttl = Duration::from_secs(10);
+        let entry = |known: bool| CacheEntry {
+            key: known.then(|| StoredKey {
+                id: Uuid::nil(),
+                name: "ci".into(),
+                secret_hash: String::new(),
+                scopes: vec![Scope::Send],
+            }),
+            fetched: Instant::now(),
+        };
+        let mut cache = HashMap::new();
+        cache.insert("known".to_string(), entry(true));
+        for n in 0..3 {
+            cache.insert(format!("made-up-{n}"), entry(false));
+        }
+        make_room(&mut cache, 4, ttl);
+        assert_eq!(cache.keys().collect::<Vec<_>>(), ["known"]);
+        make_room(&mut cache, 4, ttl);
+        assert_eq!(cache.len(), 1, "room already");
+        cache.insert("other".to_string(), entry(true));
+        make_room(&mut cache, 2, ttl);
+        assert!(cache.is_empty(), "all known and full: cleared");
+    }
 
     #[test]
     fn scopes_parse_and_admin_grants_everything() {
@@ -563,10 +603,20 @@ mod tests {
             .verify(&token)
             .await
             .expect("still cached: no database round trip");
-        // Unknown keys fill the bounded cache and push the entry out; then revocation shows.
+        // Unknown keys fill the bounded cache but do not push the known key out.
         for _ in 0..3 {
             let unknown = generate_key().expect("key").token;
             assert!(verifier.verify(&unknown).await.is_err());
+        }
+        assert!(verifier.cache.lock().expect("lock").len() <= 2);
+        verifier
+            .verify(&token)
+            .await
+            .expect("still cached after a flood of unknown keys");
+        // Known keys beyond the capacity do; then the revocation shows.
+        for _ in 0..2 {
+            let other = store(&verifier, "read").await;
+            verifier.verify(&other).await.expect("valid");
         }
         assert!(verifier.cache.lock().expect("lock").len() <= 2);
         assert!(matches!(
