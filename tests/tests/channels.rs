@@ -822,6 +822,111 @@ async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// FCM answers 401 `THIRD_PARTY_AUTH_ERROR` when the APNs credentials stored in Firebase are
+/// invalid (an expired certificate): every iPhone push fails over to the next channel at once,
+/// the iPhone's token is kept, Herald's own Google token is kept (fetched once), and the push
+/// circuit stays closed, so Android devices still get their pushes.
+#[tokio::test]
+async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_open() {
+    let keys = tempfile::tempdir().expect("dir");
+    let w = world(|config| {
+        authenticate_push_with_a_service_account(config, keys.path());
+        config.channels.limits.circuit.failure_threshold = 2;
+        config.channels.limits.circuit.window_ms = 60_000;
+    })
+    .await;
+    let token_endpoint = Mock::given(method("POST"))
+        .and(path("/token"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"access_token": "ya29.e2e", "expires_in": 3599})),
+        )
+        .mount_as_scoped(&w.provider)
+        .await;
+    let apns_expired = fcm_error(
+        401,
+        "UNAUTHENTICATED",
+        "THIRD_PARTY_AUTH_ERROR",
+        "Request is missing required authentication credential.",
+    );
+    let iphone = fcm("iphone", apns_expired)
+        .mount_as_scoped(&w.provider)
+        .await;
+    let android = fcm(
+        "android",
+        ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/a"})),
+    )
+    .mount_as_scoped(&w.provider)
+    .await;
+    store_customer(
+        &w,
+        "ios-user",
+        json!({"email": "ada@example.com", "push_tokens": ["iphone"]}),
+    )
+    .await;
+
+    for _ in 0..3 {
+        let id = w
+            .herald
+            .send_accepted(&notification(
+                &["push", "email"],
+                json!({"customer_id": "ios-user"}),
+            ))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(
+            statuses(&sent),
+            vec![
+                ("push".to_string(), "rejected".to_string()),
+                ("email".to_string(), "sent".to_string())
+            ],
+            "{sent}"
+        );
+        assert_eq!(sent["attempts"].as_array().map(Vec::len), Some(2), "{sent}");
+    }
+    assert_eq!(
+        iphone.received_requests().await.len(),
+        3,
+        "once each, no retry"
+    );
+    let android_push = w
+        .herald
+        .send_accepted(&notification(
+            &["push"],
+            json!({"push_tokens": ["android"]}),
+        ))
+        .await;
+    let pushed = w.herald.wait_status(&android_push, "sent").await;
+    assert_eq!(
+        statuses(&pushed),
+        vec![("push".to_string(), "sent".to_string())]
+    );
+    assert_eq!(android.received_requests().await.len(), 1);
+    let (_, channels) = w.herald.get("/api/v1/channels").await;
+    let push = channels
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == "push"))
+        .cloned()
+        .expect("push listed");
+    assert_eq!(push["circuit"], "closed", "{push}");
+    assert_eq!(
+        token_endpoint.received_requests().await.len(),
+        1,
+        "Herald's Google token was not refused, so not fetched again"
+    );
+    let customer = stored_customer(&w, "ios-user").await;
+    assert_eq!(customer["push_tokens"], json!(["iphone"]), "{customer}");
+    assert_eq!(
+        w.smtp
+            .wait_for_count(3, E2E_TIMEOUT)
+            .await
+            .expect("mail")
+            .len(),
+        3
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A throwaway key, also used by the provider's own tests.
 const SERVICE_ACCOUNT_KEY: &str =
     include_str!("../../actors/src/channel/testdata/service_account_key.pem");

@@ -23,6 +23,11 @@ use super::{OutboundMessage, Provider, ProviderError, Receipt};
 /// The OAuth scope FCM's send API needs.
 const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 
+/// FCM's error code for an APNs certificate or key, or a web push key, stored in Firebase that
+/// is invalid or missing: answered with 401 like a refused OAuth token, but it is about one
+/// platform's configuration, not Herald's token nor the device.
+const THIRD_PARTY_AUTH_ERROR: &str = "THIRD_PARTY_AUTH_ERROR";
+
 /// Push provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -178,6 +183,16 @@ struct ErrorBody {
     status: String,
     #[serde(default)]
     details: Vec<ErrorDetail>,
+}
+
+impl ErrorBody {
+    /// FCM's error code (an `FcmError` detail's `errorCode`), else the status.
+    fn fcm_code(&self) -> &str {
+        self.details
+            .iter()
+            .find_map(|d| d.error_code.as_deref())
+            .unwrap_or(self.status.as_str())
+    }
 }
 
 /// One entry of `details`: an `FcmError` carries `errorCode`, a `BadRequest` carries
@@ -373,7 +388,7 @@ impl PushProvider {
             retry_after,
             bytes,
         } = http::exchange(request).await?;
-        if status == StatusCode::UNAUTHORIZED {
+        if refuses_the_bearer(status, &bytes) {
             self.credentials.refused().await;
         }
         if status.is_success() {
@@ -390,6 +405,16 @@ impl PushProvider {
     }
 }
 
+/// Whether an error reply refuses Herald's own OAuth token, so that the next send fetches
+/// another: a 401, unless FCM puts it down to a platform's credentials
+/// ([`THIRD_PARTY_AUTH_ERROR`]), which a new token does not mend.
+fn refuses_the_bearer(status: StatusCode, body: &[u8]) -> bool {
+    status == StatusCode::UNAUTHORIZED
+        && serde_json::from_slice::<ErrorReply>(body).map_or(true, |reply| {
+            reply.error.fcm_code() != THIRD_PARTY_AUTH_ERROR
+        })
+}
+
 /// Classifies an FCM error reply for `token`: permanent, naming the token dead, when FCM
 /// declared it so.
 fn classify(
@@ -402,11 +427,7 @@ fn classify(
         let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
         return http::account_status_error(status, reason, retry_after);
     };
-    let fcm_code = error
-        .details
-        .iter()
-        .find_map(|d| d.error_code.as_deref())
-        .unwrap_or(error.status.as_str());
+    let fcm_code = error.fcm_code();
     let reason = format!(
         "FCM {} {fcm_code}: {}",
         status.as_u16(),
@@ -434,6 +455,16 @@ fn classify(
             reason,
             dead_contacts: vec![token.to_string()],
         };
+    }
+    if fcm_code == THIRD_PARTY_AUTH_ERROR {
+        // The APNs or web push credentials stored in Firebase: every device of that platform
+        // fails alike until they are fixed there, and no retry mends it. Permanent, without a
+        // dead token: the chain goes on at once, the device is kept, and as FCM answered, the
+        // circuit (which the other platforms' sends go through) is not counted against.
+        return ProviderError::permanent(format!(
+            "{reason} (the APNs or web push credentials in the Firebase project are invalid or \
+             missing)"
+        ));
     }
     if fcm_code == "QUOTA_EXCEEDED" {
         // The device's (or the target's) message rate: a limit on this recipient, not a sign
@@ -659,6 +690,32 @@ mod tests {
                 ],
             }
         }))
+    }
+
+    /// Google's answer to a bearer token it does not take (revoked, expired, another
+    /// project's): a 401 `UNAUTHENTICATED` with no FCM error code.
+    fn unauthenticated() -> ResponseTemplate {
+        ResponseTemplate::new(401).set_body_json(json!({
+            "error": {
+                "code": 401,
+                "message": "Request had invalid authentication credentials. Expected OAuth 2 \
+                            access token, login cookie or other valid authentication credential.",
+                "status": "UNAUTHENTICATED",
+            }
+        }))
+    }
+
+    /// FCM's answer when the APNs certificate or key, or the web push key, stored in Firebase
+    /// for the device's platform is invalid or missing: also a 401, with the server's generic
+    /// wording, told apart only by its error code.
+    fn third_party_auth_error() -> ResponseTemplate {
+        fcm_error(
+            401,
+            "UNAUTHENTICATED",
+            "THIRD_PARTY_AUTH_ERROR",
+            "Request is missing required authentication credential. Expected OAuth 2 access \
+             token, login cookie or other valid authentication credential.",
+        )
     }
 
     #[tokio::test]
@@ -1060,12 +1117,7 @@ mod tests {
         let fcm = with_service_account(&server, dir.path(), granted("ya29.revoked")).await;
         Mock::given(method("POST"))
             .and(path(SEND_PATH))
-            .respond_with(fcm_error(
-                401,
-                "UNAUTHENTICATED",
-                "THIRD_PARTY_AUTH_ERROR",
-                "Request had invalid authentication credentials.",
-            ))
+            .respond_with(unauthenticated())
             .mount(&server)
             .await;
         for _ in 0..2 {
@@ -1079,6 +1131,52 @@ mod tests {
             token_requests(&server).await,
             2,
             "the refused token was not used again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_platform_s_credentials_fcm_cannot_use_fail_that_device_for_good_and_keep_the_token()
+    {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let fcm = with_service_account(&server, dir.path(), granted("ya29.good")).await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_partial_json(json!({"message": {"token": "iphone"}})))
+            .respond_with(third_party_auth_error())
+            .expect(3)
+            .mount(&server)
+            .await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .and(body_partial_json(json!({"message": {"token": "android"}})))
+            .and(bearer_token("ya29.good"))
+            .respond_with(sent("a"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        for _ in 0..2 {
+            let refused = fcm.send(&message(&["iphone"])).await.unwrap_err();
+            assert!(
+                matches!(&refused, ProviderError::Permanent { reason, dead_contacts }
+                    if reason.contains("THIRD_PARTY_AUTH_ERROR") && dead_contacts.is_empty()),
+                "the platform's configuration, not the device: next channel at once, the token \
+                 kept: {refused:?}"
+            );
+            assert!(
+                !refused.counts_against_circuit(),
+                "FCM answered; the other platforms' sends go on: {refused:?}"
+            );
+        }
+        let receipt = fcm
+            .send(&message(&["iphone", "android"]))
+            .await
+            .expect("the Android device takes it");
+        assert!(receipt.dead_contacts.is_empty(), "{receipt:?}");
+        assert_eq!(
+            token_requests(&server).await,
+            1,
+            "Herald's own Google token was not refused, so not fetched again"
         );
     }
 
