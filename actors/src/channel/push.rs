@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::google_auth::{self, ServiceAccountError, TokenSource};
-use super::http;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
+use super::{http, text};
 
 /// The OAuth scope FCM's send API needs.
 const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -27,6 +27,15 @@ const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// is invalid or missing: answered with 401 like a refused OAuth token, but it is about one
 /// platform's configuration, not Herald's token nor the device.
 const THIRD_PARTY_AUTH_ERROR: &str = "THIRD_PARTY_AUTH_ERROR";
+
+/// What Herald lets a message's `notification` and `data` take, serialised (keys and values):
+/// FCM refuses a message over 4,096 bytes for good, and counts some of it in its own way (its
+/// wrapping of the notification per platform), so 512 bytes are left to spare.
+const PAYLOAD_BUDGET: usize = 4_096 - 512;
+
+/// The most a title takes of [`PAYLOAD_BUDGET`] (a phone shows a line of it), so that a long
+/// subject leaves the body its room.
+const TITLE_BUDGET: usize = 512;
 
 /// Push provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
@@ -347,10 +356,11 @@ impl PushProvider {
             return Err(ProviderError::MissingContact(Channel::Push));
         }
         let bearer = self.credentials.bearer().await?;
+        let payload = Payload::of(message);
         let outcomes = futures::future::join_all(
             tokens
                 .iter()
-                .map(|token| self.send_one(&bearer, token, message)),
+                .map(|token| self.send_one(&bearer, token, &payload)),
         )
         .await;
         combine(outcomes)
@@ -360,22 +370,13 @@ impl PushProvider {
         &self,
         bearer: &str,
         token: &str,
-        message: &OutboundMessage,
+        payload: &Payload,
     ) -> Result<String, ProviderError> {
-        let mut notification = serde_json::Map::new();
-        if let Some(subject) = &message.content.subject {
-            notification.insert("title".into(), json!(subject));
-        }
-        notification.insert("body".into(), json!(message.content.short_text()));
         let body = json!({
             "message": {
                 "token": token,
-                "notification": notification,
-                // FCM data values must be strings.
-                "data": {
-                    "notification_id": message.notification_id.to_string(),
-                    "category": message.category,
-                },
+                "notification": payload.notification,
+                "data": payload.data,
             }
         });
         let request = self
@@ -403,6 +404,51 @@ impl PushProvider {
         }
         Err(classify(token, status, &bytes, retry_after))
     }
+}
+
+/// What every device of a message is sent: the `notification` FCM shows and the `data` handed
+/// to the app.
+struct Payload {
+    notification: serde_json::Map<String, serde_json::Value>,
+    data: serde_json::Value,
+}
+
+impl Payload {
+    /// The subject as title and the short text (`content.short`, else `text`) as body, cut so
+    /// that the two with the data fit [`PAYLOAD_BUDGET`]: a message FCM refuses as too big
+    /// would never go by push.
+    fn of(message: &OutboundMessage) -> Self {
+        // FCM data values must be strings.
+        let data = json!({
+            "notification_id": message.notification_id.to_string(),
+            "category": message.category,
+        });
+        let mut notification = serde_json::Map::new();
+        if let Some(subject) = &message.content.subject {
+            let title = text::cut(subject, TITLE_BUDGET, json_bytes);
+            notification.insert("title".into(), json!(title));
+        }
+        notification.insert("body".into(), json!(""));
+        let used = serialised_len(&notification) + serialised_len(&data);
+        let room = PAYLOAD_BUDGET.saturating_sub(used);
+        let body = text::cut(message.content.short_text(), room, json_bytes);
+        notification.insert("body".into(), json!(body));
+        Self { notification, data }
+    }
+}
+
+/// The bytes `c` takes in a JSON string: escaped (`\"`, `\n`, `\u0001`) or UTF-8.
+fn json_bytes(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{08}' | '\u{0c}' => 2,
+        '\0'..='\u{1f}' => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// The length of `value` serialised as JSON.
+fn serialised_len(value: &impl Serialize) -> usize {
+    serde_json::to_vec(value).map_or(0, |bytes| bytes.len())
 }
 
 /// Whether an error reply refuses Herald's own OAuth token, so that the next send fetches
@@ -1177,6 +1223,68 @@ mod tests {
             token_requests(&server).await,
             1,
             "Herald's own Google token was not refused, so not fetched again"
+        );
+    }
+
+    /// The serialised size of `value`.
+    fn json_len(value: &serde_json::Value) -> usize {
+        serde_json::to_vec(value).expect("JSON").len()
+    }
+
+    #[tokio::test]
+    async fn a_long_text_is_cut_so_that_the_message_fits_fcm_s_limit() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(sent("long"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        // A real FCM token's length; quotes and line breaks take more room in JSON than in the
+        // text, and non-ASCII letters more than one byte.
+        let token = "d".repeat(163);
+        let mut long = message(&[token.as_str()]);
+        long.content.subject = Some("Ihre Bestellung \"Größe\" ".repeat(80));
+        long.content.text = "Zeile \"eins\"\nÜbermäßig lange Mail. ".repeat(400);
+        long.content.short = None;
+        provider(&server.uri(), 2_000)
+            .send(&long)
+            .await
+            .expect("sent, not refused");
+
+        let requests = server.received_requests().await.expect("recorded");
+        let request: serde_json::Value = serde_json::from_slice(&requests[0].body).expect("JSON");
+        let sent = &request["message"];
+        assert!(
+            requests[0].body.len() <= 4_096,
+            "the whole request, token included, is within FCM's 4,096 bytes: {}",
+            requests[0].body.len()
+        );
+        let payload = json_len(&sent["notification"]) + json_len(&sent["data"]);
+        assert!(
+            (3_000..=3_584).contains(&payload),
+            "notification and data fill FCM's limit less a margin of 512 bytes: {payload}"
+        );
+        let title = sent["notification"]["title"].as_str().expect("title");
+        let body = sent["notification"]["body"].as_str().expect("body");
+        for (cut, whole) in [
+            (title, long.content.subject.as_deref().unwrap_or_default()),
+            (body, long.content.text.as_str()),
+        ] {
+            let kept = cut.strip_suffix('…').expect("cut with an ellipsis");
+            assert!(
+                whole.starts_with(kept),
+                "{cut:?} is the beginning of the text"
+            );
+        }
+        assert!(
+            body.len() > 2 * title.len(),
+            "the body keeps most of the room"
+        );
+        assert_eq!(
+            sent["data"]["notification_id"],
+            long.notification_id.to_string(),
+            "the data fields go whole"
         );
     }
 
