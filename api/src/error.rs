@@ -20,7 +20,7 @@ pub struct ErrorBody {
 /// The errors of the API.
 #[derive(Debug, ApiResponse)]
 pub enum ApiError {
-    /// The request is invalid; `field` names the culprit.
+    /// The request is invalid; `field` names the culprit when there is one.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
     /// No valid API key: missing, malformed, unknown or revoked (code `unauthorized`).
@@ -144,11 +144,20 @@ impl ApiError {
 
 impl From<herald_entities::RepoError> for ApiError {
     /// 503 when the database is unavailable (unreachable, restarting, read-only, out of room:
-    /// the same request may succeed later), else 500.
+    /// the same request may succeed later); 400 `invalid_request` when it refused a text of the
+    /// request as one it cannot hold (a NUL character, or one outside its encoding), for a field
+    /// no check before the query caught; else 500.
     fn from(err: herald_entities::RepoError) -> Self {
         if err.is_outage() {
             tracing::warn!(error = %err, "database unavailable");
             Self::unavailable("database unavailable")
+        } else if err.is_unstorable_text() {
+            tracing::warn!(error = %err, "database refused a text of the request");
+            Self::BadRequest(Json(body(
+                "invalid_request",
+                "the request holds a character the database cannot store (a NUL character, or \
+                 one outside the database's encoding)",
+            )))
         } else {
             Self::internal(&err)
         }
@@ -205,12 +214,45 @@ pub async fn render_error(err: poem::Error) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    use std::{borrow::Cow, sync::Arc};
 
     use herald_entities::RepoError;
     use sea_orm::{DbErr, RuntimeErr, sqlx};
 
     use super::*;
+
+    /// A database's refusal with a SQLSTATE, as a driver reports one.
+    #[derive(Debug)]
+    struct Refusal(&'static str);
+
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused with SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Refusal {}
+
+    impl sqlx::error::DatabaseError for Refusal {
+        fn message(&self) -> &str {
+            "refused"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
 
     fn status_of(err: sqlx::Error) -> StatusCode {
         let err = RepoError::Db(DbErr::Query(RuntimeErr::SqlxError(Arc::new(err))));
@@ -231,6 +273,23 @@ mod tests {
         assert_eq!(
             status_of(sqlx::Error::RowNotFound),
             StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
+
+    #[test]
+    fn text_the_database_cannot_hold_is_a_bad_request_other_refusals_are_internal() {
+        let refused = |code| status_of(sqlx::Error::Database(Box::new(Refusal(code))));
+        assert_eq!(refused("22021"), StatusCode::BAD_REQUEST, "NUL in text");
+        assert_eq!(refused("22P05"), StatusCode::BAD_REQUEST, "untranslatable");
+        assert_eq!(
+            refused("42P01"),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no such table"
+        );
+        assert_eq!(
+            refused("57P01"),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down"
         );
     }
 }

@@ -40,6 +40,28 @@ pub enum RepoError {
     WriterStopped,
 }
 
+impl RepoError {
+    /// Whether the database refused a text of the query as one it cannot hold: PostgreSQL's
+    /// `character_not_in_repertoire` (SQLSTATE 22021: a NUL character, or bytes invalid in the
+    /// database's encoding) and `untranslatable_character` (22P05: a character its encoding lacks,
+    /// or `\u0000` in `jsonb`). The request that carried the text is at fault, not the database.
+    pub fn is_unstorable_text(&self) -> bool {
+        use sea_orm::{RuntimeErr, sqlx};
+        let RepoError::Db(
+            DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)),
+        ) = self
+        else {
+            return false;
+        };
+        match cause.as_ref() {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| matches!(code.as_ref(), "22021" | "22P05")),
+            _ => false,
+        }
+    }
+}
+
 /// `status = '<status>'`, with the name written into the SQL rather than bound.
 ///
 /// Partial indexes on `notifications` hold the rows of a few statuses (migration
