@@ -3,7 +3,8 @@
 //!   allowed: they are read up to the limit and refused beyond it);
 //! - NUL characters are refused in bodies (`\u0000` in JSON), paths and queries (`%00`).
 //!   No database stores them in text (PostgreSQL refuses them outright), so they could only come
-//!   back as a server error; refusing them here gives every endpoint one clear 400.
+//!   back as a server error; refusing them here gives every endpoint one clear 400, naming the
+//!   body field or query parameter that holds one.
 
 use poem::{Body, Endpoint, Error, Request, Result, http::StatusCode};
 
@@ -30,7 +31,10 @@ pub async fn limit_body<E: Endpoint>(next: E, mut req: Request, max: usize) -> R
             .await
             .map_err(|_| too_large(max))?;
         if has_json_nul(&bytes) {
-            return Err(nul_refused("the body"));
+            return Err(match nul_body_field(&bytes) {
+                Some(field) => crate::ApiError::invalid(&field, nul_message(&field)).into(),
+                None => nul_refused("the body"),
+            });
         }
         req.set_body(Body::from_bytes(bytes));
     }
@@ -50,6 +54,38 @@ fn has_json_nul(bytes: &[u8]) -> bool {
             backslashes % 2 == 1
         }
     })
+}
+
+/// The field of a JSON body that holds a NUL character, named as the endpoints name fields
+/// (`recipient.email`, `items[0].name`; for a NUL in a key, the object that has it); none when
+/// the body is not JSON or the NUL is in a key of the body itself.
+fn nul_body_field(bytes: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    nul_field(&value, "").filter(|field| !field.is_empty())
+}
+
+/// The path below `at` of the first string in `value` that holds a NUL.
+fn nul_field(value: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => text.contains('\0').then(|| at.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| nul_field(item, &format!("{at}[{index}]"))),
+        Value::Object(map) => map.iter().find_map(|(key, value)| {
+            if key.contains('\0') {
+                return Some(at.to_string());
+            }
+            let below = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            nul_field(value, &below)
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => None,
+    }
 }
 
 /// The first query parameter whose name or value holds an encoded NUL (`%00`).
@@ -81,7 +117,7 @@ fn nul_refused(place: &str) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use super::{has_json_nul, nul_query_field};
+    use super::{has_json_nul, nul_body_field, nul_query_field};
 
     #[test]
     fn the_query_parameter_holding_a_nul_is_named() {
@@ -107,5 +143,25 @@ mod tests {
         assert!(!has_json_nul(br#"{"name":"u0000"}"#));
         assert!(has_json_nul(b"{\"a\":\"\x00\"}"));
         assert!(!has_json_nul(br#"{"name":"plain"}"#));
+    }
+
+    #[test]
+    fn the_body_field_holding_a_nul_is_named_as_the_endpoints_name_fields() {
+        let field = |body: &str| nul_body_field(body.as_bytes());
+        assert_eq!(
+            field(r#"{"recipient":{"email":"a@example.com\u0000"}}"#).as_deref(),
+            Some("recipient.email")
+        );
+        assert_eq!(
+            field(r#"{"items":[{"name":"Tea"},{"name":"\u0000"}]}"#).as_deref(),
+            Some("items[1].name")
+        );
+        assert_eq!(
+            field(r#"{"template":{"variables":{"a\u0000":1}}}"#).as_deref(),
+            Some("template.variables"),
+            "a key: the object that has it"
+        );
+        assert_eq!(field(r#"{"a\u0000":1}"#), None, "a key of the body itself");
+        assert_eq!(field("{\"name\":\"\x00\"}"), None, "not JSON");
     }
 }
