@@ -210,6 +210,9 @@ fn fields(body: &UpdateCustomer) -> Result<CustomerFields, ApiError> {
             format!("name must be one line of at most {MAX_NAME} characters"),
         ));
     }
+    if let Some(name) = &name {
+        validate::plain_text("name", name)?;
+    }
     let locale = validate::locale("locale", body.locale.as_deref().unwrap_or(DEFAULT_LOCALE))?;
     let timezone = validate::timezone(
         "timezone",
@@ -282,5 +285,11 @@ mod tests {
         let mut bad = body();
         bad.email = Some("nope".into());
         assert_eq!(field(bad).as_deref(), Some("email"));
+        let mut bad = body();
+        bad.name = Some("Ada\tLovelace".into());
+        assert_eq!(field(bad).as_deref(), Some("name"));
+        let mut bad = body();
+        bad.telegram_chat_id = Some("42\u{7}".into());
+        assert_eq!(field(bad).as_deref(), Some("telegram_chat_id"));
     }
 }

@@ -16,6 +16,7 @@ use crate::{
     auth::ReadKey,
     cursor,
     notifications::{ApiCategory, ApiChannel},
+    validate::plain_text,
 };
 
 /// Page size when none is asked for.
@@ -288,17 +289,6 @@ impl HistoryApi {
     }
 }
 
-/// Refuses control characters (NUL among them, which PostgreSQL cannot store or compare).
-pub(crate) fn plain_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid(
-            field,
-            format!("{field} must not contain control characters"),
-        ));
-    }
-    Ok(())
-}
-
 fn stats(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -433,12 +423,5 @@ mod tests {
         );
         assert_eq!(s.latency.p50_ms, Some(20));
         assert_eq!(s.latency.sample_size, 3);
-    }
-
-    #[test]
-    fn control_characters_are_refused() {
-        assert!(plain_text("customer_id", "c-1").is_ok());
-        assert!(plain_text("customer_id", "c\0").is_err());
-        assert!(plain_text("customer_id", "a\nb").is_err());
     }
 }

@@ -28,8 +28,8 @@ pub struct RequestId {
 }
 
 /// Checks the request id (idempotency key) of a single or bulk send, the body's `request_id` or
-/// else the `Idempotency-Key` header: 1 to [`MAX_REQUEST_ID`] characters, not all blank, not
-/// beginning as the Router's do. A refusal names the field that carried it.
+/// else the `Idempotency-Key` header: 1 to [`MAX_REQUEST_ID`] characters, not all blank, without
+/// control characters, not beginning as the Router's do. A refusal names the field that carried it.
 pub(crate) fn request_id(
     body: Option<String>,
     header: Option<String>,
@@ -45,6 +45,7 @@ pub(crate) fn request_id(
             format!("{field} must be 1 to {MAX_REQUEST_ID} characters"),
         ));
     }
+    crate::validate::plain_text(field, &value)?;
     if value.starts_with(ROUTER_REQUEST_ID_PREFIX) {
         return Err(ApiError::invalid(
             field,
@@ -150,6 +151,8 @@ mod tests {
             (Some(" "), None, "request_id"),
             (None, Some(long.as_str()), "Idempotency-Key"),
             (None, Some("event:1:rule"), "Idempotency-Key"),
+            (Some("retry\0-1"), None, "request_id"),
+            (None, Some("retry\t1"), "Idempotency-Key"),
         ] {
             let err = given(body, header).err();
             assert!(

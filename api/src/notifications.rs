@@ -815,6 +815,7 @@ fn validate_template(template: TemplateUse) -> Result<Content, ApiError> {
             "code must be 1 to 200 characters",
         ));
     }
+    validate::plain_text("template.code", &template.code)?;
     let locale = template
         .locale
         .map(|l| validate::locale("template.locale", &l))

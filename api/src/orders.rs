@@ -329,6 +329,8 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no order {id:?}"))
 }
 
+/// A one-line plain text, trimmed (blank counts as absent): at most [`MAX_TEXT`] bytes, without
+/// control characters.
 fn text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> {
     let value = value
         .map(|v| v.trim().to_string())
@@ -341,6 +343,9 @@ fn text(field: &str, value: Option<String>) -> Result<Option<String>, ApiError> 
             field,
             format!("{field} must be one line of at most {MAX_TEXT} bytes"),
         ));
+    }
+    if let Some(value) = &value {
+        validate::plain_text(field, value)?;
     }
     Ok(value)
 }
@@ -479,6 +484,9 @@ mod tests {
         let mut bad = order();
         bad.order_number = "a/b".into();
         assert_eq!(field(validate_order(bad)).as_deref(), Some("order_number"));
+        let mut bad = order();
+        bad.items[0].name = "Tea\tbags".into();
+        assert_eq!(field(validate_order(bad)).as_deref(), Some("items[0].name"));
     }
 
     #[test]

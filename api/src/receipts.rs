@@ -15,7 +15,7 @@ use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use poem_openapi::{Enum, Object, OpenApi, Tags, param::Path, payload::Json};
 use uuid::Uuid;
 
-use crate::{ApiError, AppState, auth::CallbackKey, history::plain_text};
+use crate::{ApiError, AppState, auth::CallbackKey, validate::plain_text};
 
 /// Longest error text kept from a receipt.
 const MAX_ERROR: usize = 2_000;

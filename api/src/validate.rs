@@ -28,8 +28,8 @@ pub struct RawContacts<'a> {
     pub webhook_url: &'a Option<String>,
 }
 
-/// Trims and checks contacts; blank values count as absent. `prefix` is prepended to the field
-/// names in errors (`recipient.` gives `recipient.email`).
+/// Trims and checks contacts; blank values count as absent, and none may hold a control character.
+/// `prefix` is prepended to the field names in errors (`recipient.` gives `recipient.email`).
 pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError> {
     let field = |name: &str| format!("{prefix}{name}");
     let email = trimmed(raw.email);
@@ -56,6 +56,9 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
             format!("webhook_url must be an http(s) URL of at most {MAX_CONTACT} characters"),
         ));
     }
+    if let Some(url) = &webhook_url {
+        plain_text(&field("webhook_url"), url)?;
+    }
     let telegram_chat_id = trimmed(raw.telegram_chat_id);
     if telegram_chat_id
         .as_ref()
@@ -65,6 +68,9 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
             &field("telegram_chat_id"),
             format!("telegram_chat_id must be at most {MAX_CONTACT} characters"),
         ));
+    }
+    if let Some(id) = &telegram_chat_id {
+        plain_text(&field("telegram_chat_id"), id)?;
     }
     let push_tokens: Vec<String> = raw
         .push_tokens
@@ -77,6 +83,9 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
             &field("push_tokens"),
             format!("at most {MAX_PUSH_TOKENS} push tokens of at most {MAX_CONTACT} characters"),
         ));
+    }
+    for token in &push_tokens {
+        plain_text(&field("push_tokens"), token)?;
     }
     Ok(Contacts {
         email,
@@ -133,6 +142,18 @@ pub fn external_id(field: &str, value: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(value.to_string())
+}
+
+/// Refuses control characters (NUL among them, which PostgreSQL cannot store or compare) in a
+/// plain-text value: an id, a code, a name, a contact, a one-line text.
+pub fn plain_text(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// A BCP 47 language tag such as `en`, `de-DE` or `zh-Hant-TW` (shape only).
@@ -208,6 +229,14 @@ mod tests {
             field_of(contacts("recipient.", raw).unwrap_err()).as_deref(),
             Some("recipient.phone")
         );
+    }
+
+    #[test]
+    fn control_characters_are_refused() {
+        assert!(plain_text("customer_id", "c-1").is_ok());
+        assert!(plain_text("customer_id", "c\0").is_err());
+        assert!(plain_text("customer_id", "a\nb").is_err());
+        assert!(plain_text("name", "Ada\tLovelace").is_err());
     }
 
     #[test]

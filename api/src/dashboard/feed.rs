@@ -24,7 +24,7 @@ use super::{
     session::Session,
     when,
 };
-use crate::{ApiError, history::LATENCY_SAMPLE, history::plain_text};
+use crate::{ApiError, history::LATENCY_SAMPLE, validate::plain_text};
 
 /// Notifications listed.
 const FEED_SIZE: u64 = 100;
