@@ -12,6 +12,7 @@ mod channels;
 mod claims;
 mod cluster;
 mod contacts;
+mod control_characters;
 mod dashboard;
 mod delivery;
 mod events;
