@@ -66,12 +66,18 @@ pub fn format_time(at: DateTime<Utc>, timezone: &str) -> String {
 }
 
 /// Adds what a template may say about a stored `customer` — `customer_id` and, when known,
-/// `customer_name` — to `vars`, keeping any value `vars` already has.
+/// `customer_name` — to `vars`, keeping any value `vars` already has (a `null` is none).
 pub fn add_customer(vars: &mut Map<String, Value>, customer: &customer::Model) {
-    vars.entry("customer_id")
-        .or_insert_with(|| json!(customer.external_id));
+    fill(vars, "customer_id", &customer.external_id);
     if let Some(name) = &customer.name {
-        vars.entry("customer_name").or_insert_with(|| json!(name));
+        fill(vars, "customer_name", name);
+    }
+}
+
+/// Sets `name` to `value` unless `vars` has a value for it other than `null`.
+fn fill(vars: &mut Map<String, Value>, name: &str, value: &str) {
+    if vars.get(name).is_none_or(Value::is_null) {
+        vars.insert(name.to_string(), json!(value));
     }
 }
 
@@ -124,6 +130,36 @@ pub fn from_event(event: &DomainEvent, customer: &customer::Model) -> Map<String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_customer_fills_variables_that_are_absent_or_null_only() {
+        let now = Utc::now();
+        let customer = customer::Model {
+            id: uuid::Uuid::nil(),
+            external_id: "c-1".into(),
+            name: Some("Ada".into()),
+            email: None,
+            phone: None,
+            telegram_chat_id: None,
+            push_tokens: json!([]),
+            webhook_url: None,
+            locale: "en".into(),
+            timezone: "UTC".into(),
+            created_at: now,
+            updated_at: now,
+        };
+        let mut vars = Map::new();
+        vars.insert("customer_name".into(), Value::Null);
+        add_customer(&mut vars, &customer);
+        assert_eq!(vars["customer_name"], "Ada", "null is no value");
+        assert_eq!(vars["customer_id"], "c-1");
+        vars.insert("customer_name".into(), json!("Lady Lovelace"));
+        add_customer(&mut vars, &customer);
+        assert_eq!(
+            vars["customer_name"], "Lady Lovelace",
+            "a value given is kept"
+        );
+    }
 
     #[test]
     fn money_is_formatted_from_minor_units() {

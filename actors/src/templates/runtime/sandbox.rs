@@ -3,6 +3,7 @@
 //! instructions one render may execute, and a cap on the bytes each part may produce. HTML is
 //! escaped in the HTML part only.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 
@@ -204,12 +205,14 @@ impl Compiled {
         variables.into_iter().collect()
     }
 
-    /// Renders every part with `vars`; subject and short text are made single lines.
+    /// Renders every part with `vars`; subject and short text are made single lines. A `null`
+    /// value counts as absent (see [`without_nulls`]).
     pub fn render(&self, vars: &Map<String, Value>) -> Result<Content, SandboxError> {
         let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let vars = without_nulls(vars);
         let mut content = Content::default();
         for (part, env) in &self.parts {
-            let out = render_part(env, *part, vars, self.limits)?;
+            let out = render_part(env, *part, &vars, self.limits)?;
             match part {
                 Part::Subject => content.subject = Some(one_line(out)),
                 Part::Text => content.text = out,
@@ -218,6 +221,39 @@ impl Compiled {
             }
         }
         Ok(content)
+    }
+}
+
+/// `vars` without the `null` values of its objects, at any depth: a client that writes an empty
+/// optional field as `null` means it is absent, so `is defined`, `default` and the missing-variable
+/// error must see it as absent (minijinja would print it as `none`). Borrowed when there is none.
+fn without_nulls(vars: &Map<String, Value>) -> Cow<'_, Map<String, Value>> {
+    fn holds_null(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Array(items) => items.iter().any(holds_null),
+            Value::Object(fields) => fields.values().any(holds_null),
+            _ => false,
+        }
+    }
+    fn present(fields: &Map<String, Value>) -> Map<String, Value> {
+        fields
+            .iter()
+            .filter(|(_, value)| !value.is_null())
+            .map(|(name, value)| (name.clone(), stripped(value)))
+            .collect()
+    }
+    fn stripped(value: &Value) -> Value {
+        match value {
+            Value::Object(fields) => Value::Object(present(fields)),
+            Value::Array(items) => Value::Array(items.iter().map(stripped).collect()),
+            other => other.clone(),
+        }
+    }
+    if vars.values().any(holds_null) {
+        Cow::Owned(present(vars))
+    } else {
+        Cow::Borrowed(vars)
     }
 }
 
@@ -393,6 +429,24 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("`order_number`"), "{err}");
+    }
+
+    #[test]
+    fn a_null_value_counts_as_absent_at_any_depth() {
+        let render_text =
+            |source: &str, values: Value| render(&text(source), &vars(values), Limits::default());
+        let content = render_text(
+            "{% if coupon is defined %}{{ coupon }}{% else %}-{% endif %} {{ note | default('n/a') }} \
+             {% if order.coupon is defined %}{{ order.coupon }}{% endif %}{{ order.number }}",
+            json!({"coupon": null, "note": null, "order": {"coupon": null, "number": 7}}),
+        )
+        .unwrap();
+        assert_eq!(content.text, "- n/a 7");
+        let err = render_text("Hello {{ name }}", json!({"name": null})).unwrap_err();
+        assert!(
+            matches!(&err, SandboxError::MissingVariable { name, .. } if name == "name"),
+            "{err:?}"
+        );
     }
 
     #[test]
