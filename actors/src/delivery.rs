@@ -59,6 +59,11 @@ pub const REFUSED_EARLIER: &str = "refused_earlier";
 /// The status of the attempt recorded for a channel the customer opted out of.
 const OPTED_OUT: &str = "opted_out";
 
+/// How long an outcome waits for a status writer being restarted (a little more than its
+/// supervisor's longest restart delay) before it is dropped, its command left for redelivery.
+const WRITER_RESTART_WAIT: Duration =
+    Duration::from_secs(crate::engine_supervisor::RestartBackoff::MAX_DELAY.as_secs() + 1);
+
 /// When a notification whose status changed while it was being claimed is claimed again.
 const CLAIM_AGAIN_IN: Duration = Duration::from_secs(1);
 
@@ -472,7 +477,7 @@ impl CommandMessage {
                     Some(delay) => AfterWrite::Nak(self.acker, delay),
                     None => AfterWrite::Ack(self.acker),
                 };
-                write(ctx, changes, attempts, then, Some(self.permit));
+                write(ctx, changes, attempts, then, Some(self.permit)).await;
             }
             Settle::Dead {
                 reason,
@@ -1140,7 +1145,7 @@ impl CommandMessage {
                 (change, AfterWrite::Ack(self.acker))
             }
         };
-        write(ctx, vec![change], attempts, then, Some(self.permit));
+        write(ctx, vec![change], attempts, then, Some(self.permit)).await;
     }
 }
 
@@ -1183,7 +1188,7 @@ async fn dead_letter_poison(
     }
 }
 
-fn write(
+async fn write(
     ctx: &DeliveryContext,
     changes: Vec<StatusChange>,
     attempts: Vec<NewAttempt>,
@@ -1196,12 +1201,13 @@ fn write(
         then,
         permit,
     };
-    let sent = ctx
+    let message = StatusWriterMsg::Record(Box::new(record));
+    if !ctx
         .status_writer
-        .get()
-        .map(|writer| writer.cast(StatusWriterMsg::Record(Box::new(record))));
-    if !matches!(sent, Some(Ok(()))) {
-        // The writer is restarting; the message stays unacked and JetStream redelivers it.
+        .cast_within(message, WRITER_RESTART_WAIT)
+        .await
+    {
+        // The message stays unacked and JetStream redelivers it: sent again, if it was sent.
         tracing::warn!("status writer unavailable; message left for redelivery");
     }
 }
