@@ -50,20 +50,48 @@ fn limits() -> HashMap<Category, CategoryLimit> {
                 policy: OverLimit::Defer,
             },
         ),
+        (
+            Category::Account,
+            CategoryLimit {
+                capacity: 1,
+                per_secs: 1,
+                policy: OverLimit::Defer,
+            },
+        ),
     ])
 }
+
+/// The longest hold by default (`dispatch.schedule_deferrals_after_secs`).
+const HOLD: Duration = Duration::from_secs(300);
 
 async fn start(
     settings: RateLimiterSettings,
     clock: MonotonicClock,
 ) -> ActorRef<RateLimiterSupervisorMsg> {
-    start_with_history(settings, clock, None).await
+    start_reserving(settings, clock, HOLD).await
+}
+
+async fn start_reserving(
+    settings: RateLimiterSettings,
+    clock: MonotonicClock,
+    reserve_within: Duration,
+) -> ActorRef<RateLimiterSupervisorMsg> {
+    spawn_supervisor(settings, clock, None, reserve_within).await
 }
 
 async fn start_with_history(
     settings: RateLimiterSettings,
     clock: MonotonicClock,
     history: Option<Arc<dyn SendHistory>>,
+) -> ActorRef<RateLimiterSupervisorMsg> {
+    spawn_supervisor(settings, clock, history, HOLD).await
+}
+
+async fn spawn_supervisor(
+    settings: RateLimiterSettings,
+    clock: MonotonicClock,
+    history: Option<Arc<dyn SendHistory>>,
+    reserve_within: Duration,
 ) -> ActorRef<RateLimiterSupervisorMsg> {
     let (supervisor, _) = Actor::spawn(
         None,
@@ -73,6 +101,7 @@ async fn start_with_history(
             settings,
             clock,
             history,
+            reserve_within,
         },
     )
     .await
@@ -88,6 +117,22 @@ async fn verdict(
     let request = Acquire {
         category,
         notification_id: Uuid::now_v7(),
+    };
+    ask(supervisor, user, request, Duration::from_secs(2))
+        .await
+        .expect("an answer")
+}
+
+/// Asks about notification `id` (a notification asking again keeps its id).
+async fn verdict_of(
+    supervisor: &ActorRef<RateLimiterSupervisorMsg>,
+    user: &str,
+    category: Category,
+    notification_id: Uuid,
+) -> Verdict {
+    let request = Acquire {
+        category,
+        notification_id,
     };
     ask(supervisor, user, request, Duration::from_secs(2))
         .await
@@ -210,8 +255,9 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
         verdict(&supervisor, "ada", Category::Transactional).await,
         Verdict::Allow
     );
+    let deferred = Uuid::now_v7();
     assert_eq!(
-        verdict(&supervisor, "ada", Category::Transactional).await,
+        verdict_of(&supervisor, "ada", Category::Transactional, deferred).await,
         Verdict::Defer(Duration::from_secs(30)),
         "a token every 30 s"
     );
@@ -222,8 +268,9 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
     );
     time.advance(Duration::from_secs(30));
     assert_eq!(
-        verdict(&supervisor, "ada", Category::Transactional).await,
-        Verdict::Allow
+        verdict_of(&supervisor, "ada", Category::Transactional, deferred).await,
+        Verdict::Allow,
+        "back after the wait, the deferred notification goes"
     );
 
     // A notification allowed once is allowed again (a retry is the same send).
@@ -241,6 +288,171 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
         Some(Verdict::Allow),
         "the bucket is empty, but this notification already holds a token"
     );
+    supervisor.stop(None);
+}
+
+/// Deferred notifications each get a slot of their own, one token apart, in the order they asked:
+/// they come back one by one, not all together to fight over one token.
+#[tokio::test]
+async fn deferrals_get_slots_of_their_own_in_the_order_they_asked() {
+    let time = ManualClock::new();
+    let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    for _ in 0..2 {
+        assert_eq!(
+            verdict(&supervisor, "ada", Category::Transactional).await,
+            Verdict::Allow
+        );
+    }
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        match verdict(&supervisor, "ada", Category::Transactional).await {
+            Verdict::Defer(wait) => waits.push(wait.as_secs()),
+            other => panic!("over the limit with policy defer: {other:?}"),
+        }
+    }
+    assert_eq!(
+        waits,
+        vec![30, 60, 90, 120, 150],
+        "a token every 30 s: the n-th deferral waits for the n-th token"
+    );
+    supervisor.stop(None);
+}
+
+/// A deferred notification that comes back at its slot is allowed without taking another token:
+/// its token was reserved when it was deferred, and a newcomer waits behind every reservation.
+#[tokio::test]
+async fn a_notification_back_at_its_slot_goes_on_its_reserved_token() {
+    let time = ManualClock::new();
+    let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    for _ in 0..2 {
+        verdict(&supervisor, "ada", Category::Transactional).await;
+    }
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, first).await,
+        Verdict::Defer(Duration::from_secs(30))
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, second).await,
+        Verdict::Defer(Duration::from_secs(60))
+    );
+    time.advance(Duration::from_secs(10));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, first).await,
+        Verdict::Defer(Duration::from_secs(20)),
+        "back early (redelivered for another reason): the rest of its own wait, no new slot"
+    );
+    time.advance(Duration::from_secs(20));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, first).await,
+        Verdict::Allow,
+        "at its slot"
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, first).await,
+        Verdict::Allow,
+        "a retry of the same send is free"
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Transactional).await,
+        Verdict::Defer(Duration::from_secs(60)),
+        "the token refilled at 30 s was the first one's; a newcomer comes after the second"
+    );
+    time.advance(Duration::from_secs(30));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, second).await,
+        Verdict::Allow
+    );
+    supervisor.stop(None);
+}
+
+/// Slots are reserved only as far ahead as a deferral is held back in JetStream (the
+/// dispatcher's `schedule_deferrals_after`): a later one is answered with the time until a
+/// token is free, reserving nothing, so its notification waits as `scheduled` and asks again.
+#[tokio::test]
+async fn no_slot_is_reserved_beyond_the_longest_hold() {
+    let time = ManualClock::new();
+    let supervisor = start_reserving(
+        RateLimiterSettings::default(),
+        time.clock(),
+        Duration::from_secs(100),
+    )
+    .await;
+    for _ in 0..2 {
+        verdict(&supervisor, "ada", Category::Transactional).await;
+    }
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        match verdict(&supervisor, "ada", Category::Transactional).await {
+            Verdict::Defer(wait) => waits.push(wait.as_secs()),
+            other => panic!("over the limit with policy defer: {other:?}"),
+        }
+    }
+    assert_eq!(
+        waits,
+        vec![30, 60, 90, 120, 120],
+        "slots at 30, 60 and 90 s; past 100 s nothing more is reserved"
+    );
+    // Drop stays as it was: no debt, no reservation.
+    for _ in 0..3 {
+        verdict(&supervisor, "ada", Category::Marketing).await;
+    }
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop
+    );
+    supervisor.stop(None);
+}
+
+/// An actor holding a reservation does not stop when idle, even with full buckets, so the
+/// notification coming back still finds its slot; one never claimed (the notification went
+/// elsewhere) expires, and then the idle actor stops.
+#[tokio::test]
+async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
+    let time = ManualClock::new();
+    let settings = RateLimiterSettings {
+        idle_secs: 1,
+        ..RateLimiterSettings::default()
+    };
+    let supervisor = start(settings, time.clock()).await;
+    // Account: one a second.
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Account).await,
+        Verdict::Allow
+    );
+    let (back, never) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Account, back).await,
+        Verdict::Defer(Duration::from_secs(1))
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Account, never).await,
+        Verdict::Defer(Duration::from_secs(2))
+    );
+    // Every slot has passed and the bucket is full again, but neither reservation was claimed.
+    time.advance(Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(
+        users(&supervisor).await,
+        1,
+        "idle, but holding reservations"
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Account, back).await,
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Account).await,
+        Verdict::Allow,
+        "the returning notification took no token: the bucket's one is still there"
+    );
+    // The other one never comes back: its reservation expires and the idle actor stops.
+    time.advance(Duration::from_secs(600));
+    wait_until(
+        "the limiter to stop once its reservations expired",
+        || async { users(&supervisor).await == 0 },
+    )
+    .await;
     supervisor.stop(None);
 }
 

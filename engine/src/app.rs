@@ -446,6 +446,8 @@ async fn start_engine(
             history: Some(Arc::new(herald_actors::rate_limit::DbSendHistory::new(
                 db.clone(),
             ))),
+            // Slots are reserved as far ahead as a deferral is held back in JetStream.
+            reserve_within: Duration::from_secs(config.dispatch.schedule_deferrals_after_secs),
         },
         rate_limiter_slot: rate_limiter.clone(),
         scheduler: herald_actors::scheduler::SchedulerArgs {

@@ -1,6 +1,7 @@
 //! A token bucket: `capacity` tokens, refilled continuously at `capacity` per `period`. A send
-//! takes one token; with none left, the bucket says how long until one is free. Time is passed
-//! in, so tests drive the clock.
+//! takes one token; with none left, the bucket says how long until one is free, or reserves the
+//! next token to refill (going into debt), so that sends held back each get a slot of their own,
+//! one token apart, in the order they asked. Time is passed in, so tests drive the clock.
 
 use std::time::{Duration, Instant};
 
@@ -53,18 +54,39 @@ impl TokenBucket {
 
     /// Takes a token at `now`, or says how long until one is free (nothing is taken then).
     pub fn take(&mut self, spec: &BucketSpec, now: Instant) -> Result<(), Duration> {
+        self.reserve(spec, now, Duration::ZERO).map(|_| ())
+    }
+
+    /// Takes a token at `now` if one is free (`Ok(Duration::ZERO)`). Otherwise reserves the next
+    /// token to refill, after those reserved already, and answers how long until it exists, if
+    /// that is less than `within`: the bucket goes into debt, so the next reservation waits one
+    /// token longer. A token further away than `within` is not reserved: the bucket says how
+    /// long until one is free and takes nothing.
+    pub fn reserve(
+        &mut self,
+        spec: &BucketSpec,
+        now: Instant,
+        within: Duration,
+    ) -> Result<Duration, Duration> {
         self.refill(spec, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
         let missing = 1.0 - self.tokens;
         let wait = spec.per_token().as_secs_f64() * missing;
         // Rounded up to the millisecond, so waiting that long always finds the token.
-        Err(Duration::from_millis((wait * 1000.0).ceil() as u64))
+        let wait = Duration::from_millis((wait * 1000.0).ceil() as u64);
+        if wait < within {
+            self.tokens -= 1.0;
+            Ok(wait)
+        } else {
+            Err(wait)
+        }
     }
 
-    /// Tokens left at `now` (fractional while refilling).
+    /// Tokens left at `now` (fractional while refilling; below zero while in debt for reserved
+    /// tokens).
     pub fn tokens(&mut self, spec: &BucketSpec, now: Instant) -> f64 {
         self.refill(spec, now);
         self.tokens
@@ -139,5 +161,70 @@ mod tests {
         assert_eq!(bucket.take(&spec, t0), Ok(()));
         assert!(bucket.take(&spec, t0 - Duration::from_secs(50)).is_err());
         assert_eq!(bucket.take(&spec, t0 + Duration::from_secs(10)), Ok(()));
+    }
+
+    #[test]
+    fn deferrals_reserve_one_token_apart_in_order() {
+        let spec = BucketSpec {
+            capacity: 30,
+            period: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(300);
+        let mut bucket = TokenBucket::full(&spec, t0);
+        for _ in 0..30 {
+            assert_eq!(bucket.reserve(&spec, t0, hold), Ok(Duration::ZERO));
+        }
+        let waits: Vec<u64> = (0..5)
+            .map(|_| bucket.reserve(&spec, t0, hold).expect("reserved").as_secs())
+            .collect();
+        assert_eq!(
+            waits,
+            vec![2, 4, 6, 8, 10],
+            "a token every 2 s, each its own"
+        );
+        assert_eq!(
+            bucket.tokens(&spec, t0),
+            -5.0,
+            "in debt for the five reserved"
+        );
+        let later = t0 + Duration::from_secs(3);
+        assert_eq!(
+            bucket.reserve(&spec, later, hold),
+            Ok(Duration::from_secs(9)),
+            "a newcomer comes after every reservation: the sixth token is due at 12 s"
+        );
+        assert!(
+            bucket.take(&spec, t0 + Duration::from_secs(13)).is_err(),
+            "reserved tokens are not free for a send that does not wait"
+        );
+        assert_eq!(bucket.take(&spec, t0 + Duration::from_secs(14)), Ok(()));
+    }
+
+    #[test]
+    fn a_token_further_than_the_hold_is_not_reserved() {
+        let spec = BucketSpec {
+            capacity: 2,
+            period: Duration::from_secs(60),
+        };
+        let t0 = Instant::now();
+        let hold = Duration::from_secs(60);
+        let mut bucket = TokenBucket::full(&spec, t0);
+        bucket.take(&spec, t0).expect("first");
+        bucket.take(&spec, t0).expect("second");
+        assert_eq!(bucket.reserve(&spec, t0, hold), Ok(Duration::from_secs(30)));
+        for _ in 0..3 {
+            assert_eq!(
+                bucket.reserve(&spec, t0, hold),
+                Err(Duration::from_secs(60)),
+                "60 s away is not within the hold: nothing is taken"
+            );
+        }
+        assert_eq!(bucket.tokens(&spec, t0), -1.0);
+        assert_eq!(
+            bucket.take(&spec, t0 + Duration::from_secs(30)),
+            Err(Duration::from_secs(30)),
+            "the token refilled at 30 s is the reserved one"
+        );
     }
 }

@@ -3,8 +3,20 @@
 //! On start it reads the user's recent sends from the [`SendHistory`] (without blocking its
 //! supervisor; requests that arrive meanwhile wait for it), then answers each request at once from
 //! memory. A notification that was allowed once is allowed again without a token (a retry after a
-//! transient failure is the same send). When idle with every bucket full, it tells its supervisor,
-//! which stops it.
+//! transient failure is the same send).
+//!
+//! A notification deferred (policy `defer`) gets a slot of its own: the next token to refill,
+//! after those reserved already, is taken for it at once (the bucket goes into debt) and the
+//! verdict is the wait until that token exists. Held notifications thus come back one token
+//! apart, in the order they asked, and each is allowed on its reserved token when it does, rather
+//! than all coming back together to fight over one. A slot is reserved only if it is less than
+//! [`RateLimiterArgs::reserve_within`] away; a deferral further off reserves nothing (its
+//! notification waits as `scheduled` and asks again). A reservation never claimed (its
+//! notification went to another instance, or was given up) is forgotten
+//! [`RESERVATION_GRACE`] after its slot; the slot itself is wasted, which errs on the safe side.
+//!
+//! When idle with every bucket full and no reservation waiting, it tells its supervisor, which
+//! stops it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -16,10 +28,14 @@ use uuid::Uuid;
 
 use super::supervisor::RateLimiterSupervisorMsg;
 use super::{CategoryLimit, SendHistory, Verdict};
-use crate::policy::token_bucket::TokenBucket;
+use crate::policy::token_bucket::{BucketSpec, TokenBucket};
 
 /// Notifications remembered as allowed, per user.
 const REMEMBERED_GRANTS: usize = 16;
+
+/// How long after its slot a reservation waits to be claimed before it is forgotten: the held
+/// command comes back when its NAK delay (the slot) ends, later if its partition is busy.
+pub const RESERVATION_GRACE: Duration = Duration::from_secs(60);
 
 /// A request for a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,13 +78,20 @@ pub struct RateLimiterArgs {
     pub clock: MonotonicClock,
     /// Where the user's recent sends are read at start; `None` starts with full buckets.
     pub history: Option<Arc<dyn SendHistory>>,
+    /// A deferral is given a reserved slot only if the slot is less than this far away: the
+    /// longest hold a deferred command waits in JetStream (the dispatcher's
+    /// `schedule_deferrals_after`). Zero reserves nothing.
+    pub reserve_within: Duration,
 }
 
-/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category.
+/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, and per
+/// notification held with a reserved slot.
 pub struct RateLimiterState {
     args: RateLimiterArgs,
     buckets: Vec<(Category, TokenBucket)>,
     granted: VecDeque<Uuid>,
+    /// Deferred notifications by id, with when their reserved token exists.
+    reserved: HashMap<Uuid, Instant>,
     handled: u64,
     last_used: Instant,
     /// Requests that arrived before the history was read.
@@ -98,6 +121,7 @@ impl Actor for RateLimiterActor {
             args,
             buckets: Vec::new(),
             granted: VecDeque::new(),
+            reserved: HashMap::new(),
             handled: 0,
             last_used: now,
             waiting,
@@ -129,6 +153,7 @@ impl Actor for RateLimiterActor {
             }
             RateLimiterMsg::IdleCheck => {
                 let now = (state.args.clock)();
+                state.forget_expired_reservations(now);
                 if state.is_idle(now) {
                     let _ = state.args.supervisor.cast(RateLimiterSupervisorMsg::Idle {
                         user: state.args.user.clone(),
@@ -184,29 +209,29 @@ impl RateLimiterState {
         let Some(limit) = self.args.limits.get(&request.category).copied() else {
             return Verdict::Allow;
         };
-        if self.granted.contains(&request.notification_id) {
+        let id = request.notification_id;
+        if self.granted.contains(&id) {
             return Verdict::Allow;
         }
+        if let Some(slot) = self.reserved.get(&id).copied() {
+            return self.claim(id, slot, now);
+        }
         let spec = limit.spec();
-        let bucket = match self
-            .buckets
-            .iter_mut()
-            .find(|(c, _)| *c == request.category)
-        {
-            Some((_, bucket)) => bucket,
-            None => {
-                self.buckets
-                    .push((request.category, TokenBucket::full(&spec, now)));
-                &mut self.buckets.last_mut().expect("just pushed").1
-            }
+        let within = match limit.policy {
+            super::OverLimit::Defer => self.args.reserve_within,
+            super::OverLimit::Drop => Duration::ZERO,
         };
-        match bucket.take(&spec, now) {
-            Ok(()) => {
-                if self.granted.len() == REMEMBERED_GRANTS {
-                    self.granted.pop_front();
-                }
-                self.granted.push_back(request.notification_id);
+        match self
+            .bucket(request.category, &spec, now)
+            .reserve(&spec, now, within)
+        {
+            Ok(Duration::ZERO) => {
+                self.grant(id);
                 Verdict::Allow
+            }
+            Ok(wait) => {
+                self.reserved.insert(id, now + wait);
+                Verdict::Defer(wait)
             }
             Err(wait) => match limit.policy {
                 super::OverLimit::Defer => Verdict::Defer(wait),
@@ -215,8 +240,47 @@ impl RateLimiterState {
         }
     }
 
+    /// A deferred notification back for its reserved `slot`: allowed on its token once the slot
+    /// has come, else held for the rest of its wait (redelivered early for another reason).
+    fn claim(&mut self, id: Uuid, slot: Instant, now: Instant) -> Verdict {
+        let left = slot.saturating_duration_since(now);
+        if !left.is_zero() {
+            return Verdict::Defer(left);
+        }
+        self.reserved.remove(&id);
+        self.grant(id);
+        Verdict::Allow
+    }
+
+    /// Remembers that `id` holds a token, so that a retry of it takes none.
+    fn grant(&mut self, id: Uuid) {
+        if self.granted.len() == REMEMBERED_GRANTS {
+            self.granted.pop_front();
+        }
+        self.granted.push_back(id);
+    }
+
+    /// The category's bucket, full if it has none yet.
+    fn bucket(&mut self, category: Category, spec: &BucketSpec, now: Instant) -> &mut TokenBucket {
+        let index = match self.buckets.iter().position(|(c, _)| *c == category) {
+            Some(index) => index,
+            None => {
+                self.buckets.push((category, TokenBucket::full(spec, now)));
+                self.buckets.len() - 1
+            }
+        };
+        &mut self.buckets[index].1
+    }
+
+    /// Forgets the reservations whose notifications did not come back within
+    /// [`RESERVATION_GRACE`] of their slot.
+    fn forget_expired_reservations(&mut self, now: Instant) {
+        self.reserved
+            .retain(|_, slot| now.saturating_duration_since(*slot) < RESERVATION_GRACE);
+    }
+
     fn is_idle(&mut self, now: Instant) -> bool {
-        if self.waiting.is_some() {
+        if self.waiting.is_some() || !self.reserved.is_empty() {
             return false;
         }
         if now.saturating_duration_since(self.last_used) < self.args.idle_after {

@@ -1,12 +1,16 @@
 //! Per-user rate limiting: a [`supervisor::RateLimiterSupervisor`] owns one
 //! [`actor::RateLimiterActor`] per active user, each holding a token bucket per limited category.
 //!
-//! Actors are spawned on first use and stopped once idle with full buckets. A new actor starts from
-//! the user's [`SendHistory`]: every send of the last period of a category counts as a spent token
-//! (`capacity - sent`), which is never looser than the bucket the previous owner had. That keeps
-//! a limit across restarts, evictions (bounded registry: at `max_users` the least recently used
-//! actor is evicted, counted in `herald_rate_limiter_evictions_total`) and partition hand-overs
-//! between instances.
+//! Actors are spawned on first use and stopped once idle with full buckets and no reserved slot
+//! waiting to be claimed. A new actor starts from the user's [`SendHistory`]: every send of the
+//! last period of a category counts as a spent token (`capacity - sent`), which is never looser
+//! than the bucket the previous owner had. That keeps a limit across restarts, evictions (bounded
+//! registry: at `max_users` the least recently used actor is evicted, counted in
+//! `herald_rate_limiter_evictions_total`) and partition hand-overs between instances.
+//!
+//! Slots reserved for deferred notifications live only in their actor's memory: a new actor does
+//! not know them. The held notifications still come back spaced as their holds were set, and each
+//! then asks the new actor as a new one would (a token if free, else a slot of its own).
 
 pub mod actor;
 pub mod supervisor;
@@ -27,7 +31,8 @@ use crate::policy::token_bucket::BucketSpec;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OverLimit {
-    /// Hold it until a token is free (NAK with that delay).
+    /// Hold it until a token of its own is free: the next one to refill after those reserved
+    /// for the notifications held before it (NAK with that delay).
     Defer,
     /// Do not send it: status `skipped`, reason `rate_limited`.
     Drop,
@@ -122,7 +127,9 @@ impl Default for RateLimiterSettings {
 pub enum Verdict {
     /// Send now (a token was taken, or the category is not limited).
     Allow,
-    /// Over the limit, policy `defer`: a token is free after this long.
+    /// Over the limit, policy `defer`: the token reserved for the notification exists after this
+    /// long; or, when the wait is too long for a slot to be reserved, a token is free after this
+    /// long (see [`actor::RateLimiterArgs::reserve_within`]).
     Defer(Duration),
     /// Over the limit, policy `drop`.
     Drop,

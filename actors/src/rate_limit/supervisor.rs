@@ -62,6 +62,8 @@ pub struct RateLimiterSupervisorArgs {
     pub clock: MonotonicClock,
     /// Where starting user actors read recent sends; `None` starts them with full buckets.
     pub history: Option<Arc<dyn super::SendHistory>>,
+    /// How far ahead a deferral's slot may be reserved (see [`RateLimiterArgs::reserve_within`]).
+    pub reserve_within: Duration,
 }
 
 struct Entry {
@@ -269,6 +271,7 @@ impl RateLimiterSupervisorState {
             supervisor: myself.clone(),
             clock: self.args.clock.clone(),
             history: self.args.history.clone(),
+            reserve_within: self.args.reserve_within,
         };
         match Actor::spawn_linked(None, RateLimiterActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
