@@ -1,6 +1,6 @@
 //! Recipients' wishes and limits end to end: preferences (opt-outs, failover, all-out ⇒ skipped),
-//! quiet hours (deferred, then delivered; critical at once), per-user rate limits (drop and
-//! defer), scheduled sends across an engine restart, cancel, bulk fan-out to 10k customers
+//! quiet hours (deferred, then delivered; critical at once), per-user rate limits (drop, and
+//! defer with a slot of its own for each held notification, in order), scheduled sends across an engine restart, cancel, bulk fan-out to 10k customers
 //! exactly once, and retention.
 
 use std::collections::HashSet;
@@ -591,6 +591,91 @@ async fn over_the_limit_with_policy_defer_waits_for_a_token() {
         .wait_for_count(3, E2E_TIMEOUT)
         .await
         .expect("3 mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Deliveries of commands so far (first deliveries and redeliveries), over every dispatch
+/// consumer.
+async fn command_deliveries(w: &World) -> u64 {
+    use futures::TryStreamExt;
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    let stream = js.get_stream("NOTIFY").await.expect("stream");
+    let names: Vec<String> = stream.consumer_names().try_collect().await.expect("names");
+    let mut delivered = 0;
+    for name in names.iter().filter(|n| n.starts_with("herald-dispatch-")) {
+        let info = stream.consumer_info(name).await.expect("consumer info");
+        delivered += info.delivered.consumer_sequence;
+    }
+    delivered
+}
+
+/// Notifications held back by a rate limit each get a slot of their own, one token apart in the
+/// order they were held: they go out in that order, each on its second delivery, instead of all
+/// coming back together again and again for one token at a time.
+#[tokio::test]
+async fn notifications_held_by_a_rate_limit_go_out_in_order_each_held_once() {
+    const HELD: usize = 6;
+    let w = world(|config| {
+        config.rate_limits.0.insert(
+            "marketing".into(),
+            CategoryLimit {
+                capacity: 1,
+                per_secs: 3,
+                policy: OverLimit::Defer,
+            },
+        );
+    })
+    .await;
+    add_customers(&w.herald, vec![customer_row("pia", "en", None)]).await;
+    let message = |n: usize| {
+        json!({
+            "recipient": { "customer_id": "pia" },
+            "category": "marketing",
+            "channels": ["email"],
+            "content": { "subject": format!("Message {n}"), "text": "In order, please." }
+        })
+    };
+    let first = w.herald.send_accepted(&message(0)).await;
+    w.herald.wait_status(&first, "sent").await;
+    // Each send is held (the limiter has answered) before the next is made, so the order they
+    // are held in is the order they were sent.
+    let mut held = Vec::new();
+    for n in 1..=HELD {
+        let id = w.herald.send_accepted(&message(n)).await;
+        eventually(
+            "the send to be held by the rate limit",
+            E2E_TIMEOUT,
+            || async {
+                let json = notification_json(&w.herald, &id).await;
+                let reason = json["status_reason"].as_str().unwrap_or_default();
+                reason.starts_with("deferred: rate limited").then_some(())
+            },
+        )
+        .await;
+        held.push(id);
+    }
+    for id in &held {
+        w.herald.wait_status(id, "sent").await;
+    }
+    let mails = w
+        .smtp
+        .wait_for_count(HELD + 1, E2E_TIMEOUT)
+        .await
+        .expect("every mail");
+    let subjects: Vec<String> = mails
+        .iter()
+        .map(|m| m.subject.clone().unwrap_or_default())
+        .collect();
+    // The first went at once; each held one was delivered twice: held, then sent on its slot.
+    // (Coming back all together for one token at a time, they took 1 + 6 + 6 + 5 + … + 1 = 28.)
+    let deliveries = command_deliveries(&w).await;
+    assert!(
+        deliveries <= (1 + 2 * HELD) as u64,
+        "{deliveries} deliveries of {} commands",
+        HELD + 1
+    );
+    let expected: Vec<String> = (0..=HELD).map(|n| format!("Message {n}")).collect();
+    assert_eq!(subjects, expected, "sent in the order they were held");
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
