@@ -12,7 +12,7 @@
 //! than all coming back together to fight over one. A slot is reserved only if it is less than
 //! [`RateLimiterArgs::reserve_within`] away; a deferral further off reserves nothing (its
 //! notification waits as `scheduled` and asks again). A reservation never claimed (its
-//! notification went to another instance, or was given up) is forgotten
+//! notification went to another instance, or was given up) is forgotten at the first idle check
 //! [`RESERVATION_GRACE`] after its slot; the slot itself is wasted, which errs on the safe side.
 //!
 //! When idle with every bucket full and no reservation waiting, it tells its supervisor, which
