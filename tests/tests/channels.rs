@@ -88,19 +88,14 @@ fn everyone() -> Value {
     })
 }
 
-fn sms_path() -> wiremock::matchers::PathExactMatcher {
-    path("/2010-04-01/Accounts/AC1/Messages.json")
+/// Sends `body` and waits until it is sent; returns the notification.
+async fn send_until_sent(w: &World, body: &Value) -> Value {
+    let id = w.herald.send_accepted(body).await;
+    w.herald.wait_status(&id, "sent").await
 }
 
-fn telegram_path() -> wiremock::matchers::PathExactMatcher {
-    path("/bot42:TESTTOKEN/sendMessage")
-}
-
-fn telegram_ok() -> ResponseTemplate {
-    ResponseTemplate::new(200).set_body_json(json!({"ok": true, "result": {"message_id": 9}}))
-}
-
-fn statuses(notification: &Value) -> Vec<(String, String)> {
+/// The (channel, status) of each attempt of `notification`, in order.
+fn statuses(notification: &Value) -> Vec<(&str, &str)> {
     notification["attempts"]
         .as_array()
         .map(|attempts| {
@@ -108,13 +103,96 @@ fn statuses(notification: &Value) -> Vec<(String, String)> {
                 .iter()
                 .map(|a| {
                     (
-                        a["channel"].as_str().unwrap_or_default().to_string(),
-                        a["status"].as_str().unwrap_or_default().to_string(),
+                        a["channel"].as_str().unwrap_or_default(),
+                        a["status"].as_str().unwrap_or_default(),
                     )
                 })
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// How many mails the SMTP sink took, once it took at least `n`.
+async fn mails_received(w: &World, n: usize) -> usize {
+    w.smtp
+        .wait_for_count(n, E2E_TIMEOUT)
+        .await
+        .expect("mail")
+        .len()
+}
+
+/// Every request the provider fake received.
+async fn provider_requests(w: &World) -> Vec<wiremock::Request> {
+    w.provider.received_requests().await.unwrap_or_default()
+}
+
+/// What `GET /api/v1/channels` says of `channel`.
+async fn channel_state(w: &World, channel: &str) -> Value {
+    let (_, channels) = w.herald.get("/api/v1/channels").await;
+    channels
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == channel))
+        .cloned()
+        .unwrap_or_else(|| panic!("{channel} listed: {channels}"))
+}
+
+/// Circuits that open after two failures within a minute.
+fn open_circuits_after_two_failures(config: &mut Config) {
+    config.channels.limits.circuit.failure_threshold = 2;
+    config.channels.limits.circuit.window_ms = 60_000;
+}
+
+fn sms_path() -> wiremock::matchers::PathExactMatcher {
+    path("/2010-04-01/Accounts/AC1/Messages.json")
+}
+
+/// Twilio's answer to every SMS.
+fn sms(reply: ResponseTemplate) -> Mock {
+    Mock::given(method("POST"))
+        .and(sms_path())
+        .respond_with(reply)
+}
+
+/// Twilio accepting every SMS as message `sid`.
+fn sms_accepts(sid: &str) -> Mock {
+    sms(ResponseTemplate::new(201).set_body_json(json!({"sid": sid})))
+}
+
+fn telegram_path() -> wiremock::matchers::PathExactMatcher {
+    path("/bot42:TESTTOKEN/sendMessage")
+}
+
+/// Telegram's answer to every `sendMessage`.
+fn telegram(reply: ResponseTemplate) -> Mock {
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .respond_with(reply)
+}
+
+/// Telegram's answer to a `sendMessage` to `chat`.
+fn telegram_to(chat: &str, reply: ResponseTemplate) -> Mock {
+    Mock::given(method("POST"))
+        .and(telegram_path())
+        .and(body_partial_json(json!({"chat_id": chat})))
+        .respond_with(reply)
+}
+
+fn telegram_ok() -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({"ok": true, "result": {"message_id": 9}}))
+}
+
+/// A Bot API error reply, with the `parameters` (`retry_after`, `migrate_to_chat_id`) some carry.
+fn telegram_error(code: u16, description: &str, parameters: Option<Value>) -> ResponseTemplate {
+    let mut body = json!({"ok": false, "error_code": code, "description": description});
+    if let Some(parameters) = parameters {
+        body["parameters"] = parameters;
+    }
+    ResponseTemplate::new(code).set_body_json(body)
+}
+
+/// Telegram refusing for good: the user blocked the bot.
+fn telegram_blocked() -> ResponseTemplate {
+    telegram_error(403, "Forbidden: bot was blocked by the user", None)
 }
 
 /// The Standard Webhooks signature computed from the specification alone (RustCrypto HMAC and
@@ -135,27 +213,17 @@ fn independent_signature(id: &str, timestamp: i64, body: &str) -> String {
 #[tokio::test]
 async fn a_recipient_without_a_chat_id_fails_over_to_email_without_calling_telegram() {
     let w = world(|_| {}).await;
-    let id = w
-        .herald
-        .send_accepted(&notification(
-            &["telegram", "email"],
-            json!({"email": "ada@example.com"}),
-        ))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    let sent = send_until_sent(
+        &w,
+        &notification(&["telegram", "email"], json!({"email": "ada@example.com"})),
+    )
+    .await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("telegram".to_string(), "no_contact".to_string()),
-            ("email".to_string(), "sent".to_string())
-        ]
+        [("telegram", "no_contact"), ("email", "sent")]
     );
     assert!(
-        w.provider
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .is_empty(),
+        provider_requests(&w).await.is_empty(),
         "Telegram was not called"
     );
     w.herald.shutdown().await.expect("shutdown");
@@ -164,9 +232,7 @@ async fn a_recipient_without_a_chat_id_fails_over_to_email_without_calling_teleg
 #[tokio::test]
 async fn a_channel_actor_crashing_under_traffic_loses_no_notification() {
     let w = world(|_| {}).await;
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(telegram_ok().set_delay(Duration::from_millis(50)))
+    telegram(telegram_ok().set_delay(Duration::from_millis(50)))
         .mount(&w.provider)
         .await;
     let channels = w.herald.app().channels().clone();
@@ -188,12 +254,7 @@ async fn a_channel_actor_crashing_under_traffic_loses_no_notification() {
     for id in &ids {
         w.herald.wait_status(id, "sent").await;
     }
-    let requests = w
-        .provider
-        .received_requests()
-        .await
-        .unwrap_or_default()
-        .len();
+    let requests = provider_requests(&w).await.len();
     assert!(
         requests >= 40,
         "every notification reached Telegram ({requests} requests)"
@@ -206,24 +267,12 @@ async fn a_channel_actor_crashing_under_traffic_loses_no_notification() {
 #[tokio::test]
 async fn a_failing_telegram_fails_over_to_email() {
     let w = world(|_| {}).await;
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(500).set_body_string("internal error"))
+    telegram(ResponseTemplate::new(500).set_body_string("internal error"))
         .mount(&w.provider)
         .await;
-    let id = w
-        .herald
-        .send_accepted(&notification(&["telegram", "email"], everyone()))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    let sent = send_until_sent(&w, &notification(&["telegram", "email"], everyone())).await;
     assert_eq!(sent["final_channel"], "email");
-    assert_eq!(
-        statuses(&sent),
-        vec![
-            ("telegram".to_string(), "failed".to_string()),
-            ("email".to_string(), "sent".to_string())
-        ]
-    );
+    assert_eq!(statuses(&sent), [("telegram", "failed"), ("email", "sent")]);
     assert!(
         sent["attempts"][0]["error"]
             .as_str()
@@ -234,82 +283,48 @@ async fn a_failing_telegram_fails_over_to_email() {
         !sent.to_string().contains("TESTTOKEN"),
         "the bot token never leaks"
     );
-    assert_eq!(
-        w.smtp
-            .wait_for_count(1, E2E_TIMEOUT)
-            .await
-            .expect("mail")
-            .len(),
-        1
-    );
+    assert_eq!(mails_received(&w, 1).await, 1);
     w.herald.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test]
 async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_probe() {
     let w = world(|c| {
-        c.channels.limits.circuit.failure_threshold = 2;
-        c.channels.limits.circuit.window_ms = 60_000;
+        open_circuits_after_two_failures(c);
         c.channels.limits.circuit.cool_down_ms = 1_500;
     })
     .await;
-    let outage = Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(503))
+    let outage = telegram(ResponseTemplate::new(503))
         .mount_as_scoped(&w.provider)
         .await;
     let mut last = Value::Null;
     for _ in 0..5 {
-        let id = w
-            .herald
-            .send_accepted(&notification(&["telegram", "email"], everyone()))
-            .await;
-        last = w.herald.wait_status(&id, "sent").await;
+        last = send_until_sent(&w, &notification(&["telegram", "email"], everyone())).await;
     }
     assert_eq!(
         outage.received_requests().await.len(),
         2,
         "after two failures the open circuit keeps Telegram from being called"
     );
-    assert_eq!(
-        statuses(&last)[0],
-        ("telegram".to_string(), "circuit_open".to_string())
-    );
-    let (_, channels) = w.herald.get("/api/v1/channels").await;
-    let telegram = channels
-        .as_array()
-        .and_then(|list| list.iter().find(|c| c["channel"] == "telegram"))
-        .cloned()
-        .expect("telegram listed");
-    assert_eq!(telegram["circuit"], "open", "{telegram}");
-    assert!(telegram["refused"].as_u64() >= Some(3));
+    assert_eq!(statuses(&last)[0], ("telegram", "circuit_open"));
+    let state = channel_state(&w, "telegram").await;
+    assert_eq!(state["circuit"], "open", "{state}");
+    assert!(state["refused"].as_u64() >= Some(3));
 
     // Telegram recovers; after the cool-down one probe goes through and closes the circuit.
     drop(outage);
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(telegram_ok())
-        .mount(&w.provider)
-        .await;
+    telegram(telegram_ok()).mount(&w.provider).await;
     eventually(
         "the circuit to close after a good probe",
         Duration::from_secs(20),
         || async {
-            let id = w
-                .herald
-                .send_accepted(&notification(&["telegram", "email"], everyone()))
-                .await;
-            let sent = w.herald.wait_status(&id, "sent").await;
+            let sent = send_until_sent(&w, &notification(&["telegram", "email"], everyone())).await;
             (sent["final_channel"] == "telegram").then_some(())
         },
     )
     .await;
-    let (_, channels) = w.herald.get("/api/v1/channels").await;
-    let closed = channels.as_array().is_some_and(|list| {
-        list.iter()
-            .any(|c| c["channel"] == "telegram" && c["circuit"] == "closed")
-    });
-    assert!(closed, "{channels}");
+    let state = channel_state(&w, "telegram").await;
+    assert_eq!(state["circuit"], "closed", "{state}");
     w.herald.shutdown().await.expect("shutdown");
 }
 
@@ -317,29 +332,19 @@ async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_pr
 async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
     const COOL_DOWN: Duration = Duration::from_millis(200);
     let w = world(|c| {
-        c.channels.limits.circuit.failure_threshold = 2;
-        c.channels.limits.circuit.window_ms = 60_000;
+        open_circuits_after_two_failures(c);
         c.channels.limits.circuit.cool_down_ms = COOL_DOWN.as_millis() as u64;
         // The default ceiling, not the tests' 1 s: a retry may wait for the circuit.
         c.dispatch.retry.max_delay_ms = 300_000;
     })
     .await;
     // Twilio down, asking to come back in an hour (more than max_cool_down_ms: 5 minutes).
-    let outage = Mock::given(method("POST"))
-        .and(sms_path())
-        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "3600"))
+    let outage = sms(ResponseTemplate::new(503).insert_header("Retry-After", "3600"))
         .mount_as_scoped(&w.provider)
         .await;
     for _ in 0..2 {
-        let id = w
-            .herald
-            .send_accepted(&notification(&["sms", "email"], everyone()))
-            .await;
-        let sent = w.herald.wait_status(&id, "sent").await;
-        assert_eq!(
-            statuses(&sent)[0],
-            ("sms".to_string(), "failed".to_string())
-        );
+        let sent = send_until_sent(&w, &notification(&["sms", "email"], everyone())).await;
+        assert_eq!(statuses(&sent)[0], ("sms", "failed"));
     }
     assert_eq!(
         outage.received_requests().await.len(),
@@ -352,17 +357,10 @@ async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
     let opened = std::time::Instant::now();
     let mut sends = 0;
     while sends < 3 || opened.elapsed() < COOL_DOWN * 10 {
-        let id = w
-            .herald
-            .send_accepted(&notification(&["sms", "email"], everyone()))
-            .await;
-        let sent = w.herald.wait_status(&id, "sent").await;
+        let sent = send_until_sent(&w, &notification(&["sms", "email"], everyone())).await;
         assert_eq!(
             statuses(&sent),
-            vec![
-                ("sms".to_string(), "circuit_open".to_string()),
-                ("email".to_string(), "sent".to_string())
-            ],
+            [("sms", "circuit_open"), ("email", "sent")],
             "send {sends}, {:?} after the circuit opened",
             opened.elapsed()
         );
@@ -397,21 +395,16 @@ async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
         2,
         "no probe reached the provider before its Retry-After"
     );
-    let (_, channels) = w.herald.get("/api/v1/channels").await;
-    let sms = channels
-        .as_array()
-        .and_then(|list| list.iter().find(|c| c["channel"] == "sms"))
-        .cloned()
-        .expect("sms listed");
-    assert_eq!(sms["circuit"], "open", "{sms}");
-    assert_eq!(sms["times_opened"], 1, "{sms}");
-    let probe_at = sms["probe_at"]
+    let state = channel_state(&w, "sms").await;
+    assert_eq!(state["circuit"], "open", "{state}");
+    assert_eq!(state["times_opened"], 1, "{state}");
+    let probe_at = state["probe_at"]
         .as_str()
         .and_then(|at| at.parse::<DateTime<Utc>>().ok())
-        .unwrap_or_else(|| panic!("an open circuit says when it probes: {sms}"));
+        .unwrap_or_else(|| panic!("an open circuit says when it probes: {state}"));
     assert!(
         probe_at > Utc::now() + chrono::TimeDelta::seconds(150),
-        "the probe waits for the Retry-After (capped at 300 s): {sms}"
+        "the probe waits for the Retry-After (capped at 300 s): {state}"
     );
     w.herald.shutdown().await.expect("shutdown");
 }
@@ -419,31 +412,20 @@ async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
 #[tokio::test]
 async fn retries_honour_retry_after_then_deliver() {
     let w = world(|_| {}).await;
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(429).set_body_json(json!({
-            "ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1",
-            "parameters": {"retry_after": 1}
-        })))
-        .up_to_n_times(1)
-        .mount(&w.provider)
-        .await;
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(telegram_ok())
-        .mount(&w.provider)
-        .await;
-    let id = w
-        .herald
-        .send_accepted(&notification(&["telegram"], everyone()))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    // Telegram asks to wait a second, once.
+    telegram(telegram_error(
+        429,
+        "Too Many Requests: retry after 1",
+        Some(json!({"retry_after": 1})),
+    ))
+    .up_to_n_times(1)
+    .mount(&w.provider)
+    .await;
+    telegram(telegram_ok()).mount(&w.provider).await;
+    let sent = send_until_sent(&w, &notification(&["telegram"], everyone())).await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("telegram".to_string(), "failed".to_string()),
-            ("telegram".to_string(), "sent".to_string())
-        ]
+        [("telegram", "failed"), ("telegram", "sent")]
     );
     let at = |i: usize| {
         sent["attempts"][i]["at"]
@@ -463,9 +445,7 @@ async fn retries_honour_retry_after_then_deliver() {
 #[tokio::test]
 async fn exhausted_retries_end_dead_in_the_dlq() {
     let w = world(|c| c.dispatch.retry.max_deliveries = 3).await;
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(503))
+    telegram(ResponseTemplate::new(503))
         .mount(&w.provider)
         .await;
     let id = w
@@ -501,30 +481,12 @@ async fn exhausted_retries_end_dead_in_the_dlq() {
 #[tokio::test]
 async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     let w = world(|_| {}).await;
-    let blocked = Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(403).set_body_json(json!({
-            "ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"
-        })))
+    let blocked = telegram(telegram_blocked())
         .mount_as_scoped(&w.provider)
         .await;
-    Mock::given(method("POST"))
-        .and(sms_path())
-        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
-        .mount(&w.provider)
-        .await;
-    let id = w
-        .herald
-        .send_accepted(&notification(&["telegram", "sms"], everyone()))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
-    assert_eq!(
-        statuses(&sent),
-        vec![
-            ("telegram".to_string(), "rejected".to_string()),
-            ("sms".to_string(), "sent".to_string())
-        ]
-    );
+    sms_accepts("SM1").mount(&w.provider).await;
+    let sent = send_until_sent(&w, &notification(&["telegram", "sms"], everyone())).await;
+    assert_eq!(statuses(&sent), [("telegram", "rejected"), ("sms", "sent")]);
     assert_eq!(sent["attempts"][1]["provider_message_id"], "SM1");
     assert_eq!(blocked.received_requests().await.len(), 1);
     w.herald.shutdown().await.expect("shutdown");
@@ -551,28 +513,16 @@ async fn stored_customer(w: &World, id: &str) -> Value {
 #[tokio::test]
 async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
     let w = world(|_| {}).await;
-    let blocked = Mock::given(method("POST"))
-        .and(telegram_path())
-        .and(body_partial_json(json!({"chat_id": "4242"})))
-        .respond_with(ResponseTemplate::new(403).set_body_json(json!({
-            "ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"
-        })))
+    let blocked = telegram_to("4242", telegram_blocked())
         .mount_as_scoped(&w.provider)
         .await;
     let contacts = |chat: &str| json!({"email": "ada@example.com", "telegram_chat_id": chat});
     store_customer(&w, "ada", contacts("4242")).await;
     store_customer(&w, "bob", contacts("7777")).await;
     let to = |recipient: Value| notification(&["telegram", "email"], recipient);
-    let rejected_then_mailed = vec![
-        ("telegram".to_string(), "rejected".to_string()),
-        ("email".to_string(), "sent".to_string()),
-    ];
+    let rejected_then_mailed = [("telegram", "rejected"), ("email", "sent")];
 
-    let first = w
-        .herald
-        .send_accepted(&to(json!({"customer_id": "ada"})))
-        .await;
-    let sent = w.herald.wait_status(&first, "sent").await;
+    let sent = send_until_sent(&w, &to(json!({"customer_id": "ada"}))).await;
     assert_eq!(statuses(&sent), rejected_then_mailed, "{sent}");
     let ada = stored_customer(&w, "ada").await;
     assert!(
@@ -581,17 +531,10 @@ async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
     );
     assert_eq!(ada["email"], "ada@example.com", "{ada}");
 
-    let second = w
-        .herald
-        .send_accepted(&to(json!({"customer_id": "ada"})))
-        .await;
-    let sent = w.herald.wait_status(&second, "sent").await;
+    let sent = send_until_sent(&w, &to(json!({"customer_id": "ada"}))).await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("telegram".to_string(), "no_contact".to_string()),
-            ("email".to_string(), "sent".to_string())
-        ],
+        [("telegram", "no_contact"), ("email", "sent")],
         "{sent}"
     );
     assert_eq!(
@@ -601,8 +544,7 @@ async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
     );
 
     let inline = json!({"customer_id": "bob", "telegram_chat_id": "4242"});
-    let third = w.herald.send_accepted(&to(inline)).await;
-    let sent = w.herald.wait_status(&third, "sent").await;
+    let sent = send_until_sent(&w, &to(inline)).await;
     assert_eq!(statuses(&sent), rejected_then_mailed, "{sent}");
     let bob = stored_customer(&w, "bob").await;
     assert_eq!(bob["telegram_chat_id"], "7777", "{bob}");
@@ -615,20 +557,15 @@ async fn a_chat_that_blocked_the_bot_is_forgotten_on_the_customer() {
 #[tokio::test]
 async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
     let w = world(|_| {}).await;
-    let upgraded = Mock::given(method("POST"))
-        .and(telegram_path())
-        .and(body_partial_json(json!({"chat_id": "-4242"})))
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-            "ok": false, "error_code": 400,
-            "description": "Bad Request: group chat was upgraded to a supergroup chat",
-            "parameters": {"migrate_to_chat_id": -1_004_242_i64}
-        })))
+    let moved = telegram_error(
+        400,
+        "Bad Request: group chat was upgraded to a supergroup chat",
+        Some(json!({"migrate_to_chat_id": -1_004_242_i64})),
+    );
+    let upgraded = telegram_to("-4242", moved)
         .mount_as_scoped(&w.provider)
         .await;
-    let supergroup = Mock::given(method("POST"))
-        .and(telegram_path())
-        .and(body_partial_json(json!({"chat_id": "-1004242"})))
-        .respond_with(telegram_ok())
+    let supergroup = telegram_to("-1004242", telegram_ok())
         .mount_as_scoped(&w.provider)
         .await;
     store_customer(&w, "ada", json!({"telegram_chat_id": "-4242"})).await;
@@ -636,14 +573,10 @@ async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
     let to = |recipient: Value| notification(&["telegram"], recipient);
 
     for round in 1..=2 {
-        let id = w
-            .herald
-            .send_accepted(&to(json!({"customer_id": "ada"})))
-            .await;
-        let sent = w.herald.wait_status(&id, "sent").await;
+        let sent = send_until_sent(&w, &to(json!({"customer_id": "ada"}))).await;
         assert_eq!(
             statuses(&sent),
-            vec![("telegram".to_string(), "sent".to_string())],
+            [("telegram", "sent")],
             "send {round}: {sent}"
         );
         assert_eq!(
@@ -661,8 +594,7 @@ async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
     assert_eq!(supergroup.received_requests().await.len(), 2);
 
     let inline = json!({"customer_id": "bob", "telegram_chat_id": "-4242"});
-    let third = w.herald.send_accepted(&to(inline)).await;
-    w.herald.wait_status(&third, "sent").await;
+    send_until_sent(&w, &to(inline)).await;
     let bob = stored_customer(&w, "bob").await;
     assert_eq!(bob["telegram_chat_id"], "7777", "{bob}");
     let counted = w
@@ -673,12 +605,21 @@ async fn a_group_upgraded_to_a_supergroup_is_followed_to_its_new_chat_id() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+fn fcm_path() -> wiremock::matchers::PathExactMatcher {
+    path("/v1/projects/shop/messages:send")
+}
+
 /// FCM's answer to a send to `token`.
 fn fcm(token: &str, reply: ResponseTemplate) -> Mock {
     Mock::given(method("POST"))
-        .and(path("/v1/projects/shop/messages:send"))
+        .and(fcm_path())
         .and(body_partial_json(json!({"message": {"token": token}})))
         .respond_with(reply)
+}
+
+/// FCM accepting a message as `name`.
+fn fcm_accepted(name: &str) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({"name": name}))
 }
 
 /// An FCM error reply, as FCM HTTP v1 words them.
@@ -690,33 +631,34 @@ fn fcm_error(code: u16, status: &str, error_code: &str, message: &str) -> Respon
     }}))
 }
 
+/// FCM's answer for a token no app holds any more (uninstalled): dead for good.
+fn fcm_unregistered() -> ResponseTemplate {
+    fcm_error(
+        404,
+        "NOT_FOUND",
+        "UNREGISTERED",
+        "Requested entity was not found.",
+    )
+}
+
 /// Every push token FCM declares dead is removed from the stored customer, also when another of
 /// its devices took the message; the good token stays and is the only one called next time.
 #[tokio::test]
 async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
     let w = world(|_| {}).await;
-    let unregistered = fcm_error(
-        404,
-        "NOT_FOUND",
-        "UNREGISTERED",
-        "Requested entity was not found.",
-    );
     let invalid = fcm_error(
         400,
         "INVALID_ARGUMENT",
         "INVALID_ARGUMENT",
         "The registration token is not a valid FCM registration token",
     );
-    let uninstalled = fcm("dead-1", unregistered)
+    let uninstalled = fcm("dead-1", fcm_unregistered())
         .mount_as_scoped(&w.provider)
         .await;
     let garbage = fcm("dead-2", invalid).mount_as_scoped(&w.provider).await;
-    let good = fcm(
-        "device-ok",
-        ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/1"})),
-    )
-    .mount_as_scoped(&w.provider)
-    .await;
+    let good = fcm("device-ok", fcm_accepted("projects/shop/messages/1"))
+        .mount_as_scoped(&w.provider)
+        .await;
     store_customer(
         &w,
         "cy",
@@ -725,11 +667,8 @@ async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
     .await;
 
     for round in 1..=2 {
-        let id = w
-            .herald
-            .send_accepted(&notification(&["push"], json!({"customer_id": "cy"})))
-            .await;
-        let sent = w.herald.wait_status(&id, "sent").await;
+        let sent =
+            send_until_sent(&w, &notification(&["push"], json!({"customer_id": "cy"}))).await;
         assert_eq!(
             sent["attempts"][0]["provider_message_id"], "projects/shop/messages/1",
             "send {round}: {sent}"
@@ -766,19 +705,15 @@ async fn every_dead_push_token_is_removed_and_the_good_one_kept() {
 #[tokio::test]
 async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
     let w = world(|_| {}).await;
-    let unregistered = fcm_error(
-        404,
-        "NOT_FOUND",
-        "UNREGISTERED",
-        "Requested entity was not found.",
-    );
     let unavailable = fcm_error(
         503,
         "UNAVAILABLE",
         "UNAVAILABLE",
         "The service is currently unavailable.",
     );
-    let dead = fcm("dead", unregistered).mount_as_scoped(&w.provider).await;
+    let dead = fcm("dead", fcm_unregistered())
+        .mount_as_scoped(&w.provider)
+        .await;
     let flaky = fcm("flaky", unavailable).mount_as_scoped(&w.provider).await;
     store_customer(
         &w,
@@ -787,20 +722,14 @@ async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
     )
     .await;
 
-    let id = w
-        .herald
-        .send_accepted(&notification(
-            &["push", "email"],
-            json!({"customer_id": "cz"}),
-        ))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    let sent = send_until_sent(
+        &w,
+        &notification(&["push", "email"], json!({"customer_id": "cz"})),
+    )
+    .await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("push".to_string(), "failed".to_string()),
-            ("email".to_string(), "sent".to_string())
-        ],
+        [("push", "failed"), ("email", "sent")],
         "{sent}"
     );
     let cz = stored_customer(&w, "cz").await;
@@ -811,14 +740,7 @@ async fn a_dead_push_token_is_forgotten_when_the_push_fails_over_to_email() {
     );
     assert_eq!(dead.received_requests().await.len(), 1, "dead once");
     assert_eq!(flaky.received_requests().await.len(), 1, "flaky once");
-    assert_eq!(
-        w.smtp
-            .wait_for_count(1, E2E_TIMEOUT)
-            .await
-            .expect("mail")
-            .len(),
-        1
-    );
+    assert_eq!(mails_received(&w, 1).await, 1);
     w.herald.shutdown().await.expect("shutdown");
 }
 
@@ -831,18 +753,10 @@ async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_ope
     let keys = tempfile::tempdir().expect("dir");
     let w = world(|config| {
         authenticate_push_with_a_service_account(config, keys.path());
-        config.channels.limits.circuit.failure_threshold = 2;
-        config.channels.limits.circuit.window_ms = 60_000;
+        open_circuits_after_two_failures(config);
     })
     .await;
-    let token_endpoint = Mock::given(method("POST"))
-        .and(path("/token"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"access_token": "ya29.e2e", "expires_in": 3599})),
-        )
-        .mount_as_scoped(&w.provider)
-        .await;
+    let token_endpoint = google_token_endpoint().mount_as_scoped(&w.provider).await;
     let apns_expired = fcm_error(
         401,
         "UNAUTHENTICATED",
@@ -852,12 +766,9 @@ async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_ope
     let iphone = fcm("iphone", apns_expired)
         .mount_as_scoped(&w.provider)
         .await;
-    let android = fcm(
-        "android",
-        ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/a"})),
-    )
-    .mount_as_scoped(&w.provider)
-    .await;
+    let android = fcm("android", fcm_accepted("projects/shop/messages/a"))
+        .mount_as_scoped(&w.provider)
+        .await;
     store_customer(
         &w,
         "ios-user",
@@ -866,20 +777,14 @@ async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_ope
     .await;
 
     for _ in 0..3 {
-        let id = w
-            .herald
-            .send_accepted(&notification(
-                &["push", "email"],
-                json!({"customer_id": "ios-user"}),
-            ))
-            .await;
-        let sent = w.herald.wait_status(&id, "sent").await;
+        let sent = send_until_sent(
+            &w,
+            &notification(&["push", "email"], json!({"customer_id": "ios-user"})),
+        )
+        .await;
         assert_eq!(
             statuses(&sent),
-            vec![
-                ("push".to_string(), "rejected".to_string()),
-                ("email".to_string(), "sent".to_string())
-            ],
+            [("push", "rejected"), ("email", "sent")],
             "{sent}"
         );
         assert_eq!(sent["attempts"].as_array().map(Vec::len), Some(2), "{sent}");
@@ -889,25 +794,14 @@ async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_ope
         3,
         "once each, no retry"
     );
-    let android_push = w
-        .herald
-        .send_accepted(&notification(
-            &["push"],
-            json!({"push_tokens": ["android"]}),
-        ))
-        .await;
-    let pushed = w.herald.wait_status(&android_push, "sent").await;
-    assert_eq!(
-        statuses(&pushed),
-        vec![("push".to_string(), "sent".to_string())]
-    );
+    let pushed = send_until_sent(
+        &w,
+        &notification(&["push"], json!({"push_tokens": ["android"]})),
+    )
+    .await;
+    assert_eq!(statuses(&pushed), [("push", "sent")]);
     assert_eq!(android.received_requests().await.len(), 1);
-    let (_, channels) = w.herald.get("/api/v1/channels").await;
-    let push = channels
-        .as_array()
-        .and_then(|list| list.iter().find(|c| c["channel"] == "push"))
-        .cloned()
-        .expect("push listed");
+    let push = channel_state(&w, "push").await;
     assert_eq!(push["circuit"], "closed", "{push}");
     assert_eq!(
         token_endpoint.received_requests().await.len(),
@@ -916,14 +810,7 @@ async fn an_apns_credential_fcm_cannot_use_fails_over_at_once_and_keeps_push_ope
     );
     let customer = stored_customer(&w, "ios-user").await;
     assert_eq!(customer["push_tokens"], json!(["iphone"]), "{customer}");
-    assert_eq!(
-        w.smtp
-            .wait_for_count(3, E2E_TIMEOUT)
-            .await
-            .expect("mail")
-            .len(),
-        3
-    );
+    assert_eq!(mails_received(&w, 3).await, 3);
     w.herald.shutdown().await.expect("shutdown");
 }
 
@@ -947,32 +834,35 @@ fn authenticate_push_with_a_service_account(config: &mut Config, dir: &std::path
     push.access_token.clear();
 }
 
-#[tokio::test]
-async fn push_and_signed_webhooks_are_delivered() {
-    let keys = tempfile::tempdir().expect("dir");
-    let w = world(|config| authenticate_push_with_a_service_account(config, keys.path())).await;
+/// Google's token endpoint (at the provider fake's `/token`) granting an access token.
+fn google_token_endpoint() -> Mock {
     Mock::given(method("POST"))
         .and(path("/token"))
         .respond_with(
             ResponseTemplate::new(200)
                 .set_body_json(json!({"access_token": "ya29.e2e", "expires_in": 3599})),
         )
-        .expect(1)
-        .mount(&w.provider)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/v1/projects/shop/messages:send"))
-        .and(bearer_token("ya29.e2e"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"name": "projects/shop/messages/1"})),
-        )
-        .mount(&w.provider)
-        .await;
+}
+
+/// A webhook receiver at `/hooks/…` on the provider fake, answering 204.
+fn webhook_receiver() -> Mock {
     Mock::given(method("POST"))
         .and(path_regex("^/hooks/.*"))
         .respond_with(ResponseTemplate::new(204))
+}
+
+#[tokio::test]
+async fn push_and_signed_webhooks_are_delivered() {
+    let keys = tempfile::tempdir().expect("dir");
+    let w = world(|config| authenticate_push_with_a_service_account(config, keys.path())).await;
+    google_token_endpoint().expect(1).mount(&w.provider).await;
+    Mock::given(method("POST"))
+        .and(fcm_path())
+        .and(bearer_token("ya29.e2e"))
+        .respond_with(fcm_accepted("projects/shop/messages/1"))
         .mount(&w.provider)
         .await;
+    webhook_receiver().mount(&w.provider).await;
     let push = w
         .herald
         .send_accepted(&notification(&["push"], everyone()))
@@ -991,7 +881,7 @@ async fn push_and_signed_webhooks_are_delivered() {
     );
     w.herald.wait_status(&hook, "sent").await;
 
-    let requests = w.provider.received_requests().await.unwrap_or_default();
+    let requests = provider_requests(&w).await;
     let request = requests
         .iter()
         .find(|r| r.url.path().starts_with("/hooks/"))
@@ -1038,28 +928,15 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
         }
     })
     .await;
-    Mock::given(method("POST"))
-        .and(path_regex("^/hooks/.*"))
-        .respond_with(ResponseTemplate::new(204))
-        .mount(&w.provider)
-        .await;
-    let id = w
-        .herald
-        .send_accepted(&notification(
-            &["webhook", "email"],
-            json!({
-                "webhook_url": format!("{}/hooks/shop-1", w.provider.uri()),
-                "email": "ada@example.com"
-            }),
-        ))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    webhook_receiver().mount(&w.provider).await;
+    let recipient = json!({
+        "webhook_url": format!("{}/hooks/shop-1", w.provider.uri()),
+        "email": "ada@example.com"
+    });
+    let sent = send_until_sent(&w, &notification(&["webhook", "email"], recipient)).await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("webhook".to_string(), "rejected".to_string()),
-            ("email".to_string(), "sent".to_string())
-        ]
+        [("webhook", "rejected"), ("email", "sent")]
     );
     assert!(
         sent["attempts"][0]["error"]
@@ -1069,11 +946,7 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
         "{sent}"
     );
     assert!(
-        w.provider
-            .received_requests()
-            .await
-            .unwrap_or_default()
-            .is_empty(),
+        provider_requests(&w).await.is_empty(),
         "the internal address was not called"
     );
     w.herald.shutdown().await.expect("shutdown");
@@ -1085,23 +958,15 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
     // signals keep JetStream from offering the command again while its chain is walked.
     let w = world(|config| config.nats.ack_wait_secs = 2).await;
     let slow = Duration::from_millis(1_200);
-    Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(500).set_delay(slow))
+    telegram(ResponseTemplate::new(500).set_delay(slow))
         .mount(&w.provider)
         .await;
-    Mock::given(method("POST"))
-        .and(sms_path())
-        .respond_with(ResponseTemplate::new(500).set_delay(slow))
+    sms(ResponseTemplate::new(500).set_delay(slow))
         .mount(&w.provider)
         .await;
     let push = Mock::given(method("POST"))
-        .and(path("/v1/projects/shop/messages:send"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"name": "projects/shop/messages/1"}))
-                .set_delay(slow),
-        )
+        .and(fcm_path())
+        .respond_with(fcm_accepted("projects/shop/messages/1").set_delay(slow))
         .mount_as_scoped(&w.provider)
         .await;
     let client = w._nats.client().await.expect("nats client");
@@ -1111,18 +976,10 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
         .expect("subscribe to acks");
     client.flush().await.expect("flush");
 
-    let id = w
-        .herald
-        .send_accepted(&notification(&["telegram", "sms", "push"], everyone()))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    let sent = send_until_sent(&w, &notification(&["telegram", "sms", "push"], everyone())).await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("telegram".to_string(), "failed".to_string()),
-            ("sms".to_string(), "failed".to_string()),
-            ("push".to_string(), "sent".to_string())
-        ]
+        [("telegram", "failed"), ("sms", "failed"), ("push", "sent")]
     );
 
     // Every answer to the command until its ack, with the delivery it answers.
@@ -1160,38 +1017,24 @@ async fn a_slow_chain_keeps_its_command_from_being_redelivered() {
 #[tokio::test]
 async fn a_retry_round_does_not_call_a_channel_that_refused_for_good() {
     let w = world(|_| {}).await;
-    let unknown_chat = Mock::given(method("POST"))
-        .and(telegram_path())
-        .respond_with(ResponseTemplate::new(400).set_body_json(json!({
-            "ok": false, "error_code": 400, "description": "Bad Request: chat not found"
-        })))
+    let unknown_chat = telegram(telegram_error(400, "Bad Request: chat not found", None))
         .mount_as_scoped(&w.provider)
         .await;
     // SMS is down for the first round only.
-    Mock::given(method("POST"))
-        .and(sms_path())
-        .respond_with(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
+    sms(ResponseTemplate::new(503).set_body_string("upstream unavailable"))
         .up_to_n_times(1)
         .with_priority(1)
         .mount(&w.provider)
         .await;
-    Mock::given(method("POST"))
-        .and(sms_path())
-        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"sid": "SM1"})))
-        .mount(&w.provider)
-        .await;
-    let id = w
-        .herald
-        .send_accepted(&notification(&["telegram", "sms"], everyone()))
-        .await;
-    let sent = w.herald.wait_status(&id, "sent").await;
+    sms_accepts("SM1").mount(&w.provider).await;
+    let sent = send_until_sent(&w, &notification(&["telegram", "sms"], everyone())).await;
     assert_eq!(
         statuses(&sent),
-        vec![
-            ("telegram".to_string(), "rejected".to_string()),
-            ("sms".to_string(), "failed".to_string()),
-            ("telegram".to_string(), "refused_earlier".to_string()),
-            ("sms".to_string(), "sent".to_string())
+        [
+            ("telegram", "rejected"),
+            ("sms", "failed"),
+            ("telegram", "refused_earlier"),
+            ("sms", "sent")
         ],
         "{sent}"
     );
