@@ -5,10 +5,10 @@
 //! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
 //!    instances never both take one), publishes their commands rebuilt from the row, then clears
 //!    the claim mark; a failed publish gives the claim back. Claims left unconfirmed by an
-//!    instance that stopped mid-way, and API sends still marked as not yet published (their
-//!    request stopped between storing and publishing), are published again after
-//!    `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did go
-//!    out);
+//!    instance that stopped mid-way, and API sends and dead-letter replays still marked as not
+//!    yet published (their request stopped between storing and publishing), are published again
+//!    after `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did
+//!    go out; a replay's copy goes under its replay's id, with its attempt base);
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
 //!    left alone) and published, then the batch's cursor advances — a page redone after a restart
@@ -16,6 +16,7 @@
 //! 3. deletes final notifications older than `retention_days` (0 keeps everything), at most every
 //!    `retention_interval_secs`.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -24,6 +25,7 @@ use herald_entities::{
     repo::{
         self,
         batches::CustomerFilter,
+        dead_letters::PendingReplay,
         status_batch::{self, StatusChange},
     },
 };
@@ -216,7 +218,14 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     let mut commands = Vec::new();
     for row in &rows {
         match repo::notifications::send_command(row).map_err(|e| e.to_string()) {
-            Ok(command) => commands.push((row.recipient_key.clone(), command)),
+            Ok(command) => commands.push(Outgoing {
+                key: row.recipient_key.clone(),
+                command,
+                replay: PendingReplay::of(row).map(|pending| Replay {
+                    pending,
+                    attempts_before: row.attempts,
+                }),
+            }),
             Err(reason) => unreadable.push(StatusChange {
                 reason: Some(format!("scheduled notification unreadable: {reason}")),
                 error: Some(reason),
@@ -231,7 +240,7 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     }
     let (published, failed) = publish_all(&args.publisher, &commands).await;
     metrics::counter!("herald_scheduled_released_total").increment(published.len() as u64);
-    repo::schedule::confirm_published(&args.db, &published)
+    confirm(args, &commands, &published)
         .await
         .map_err(|e| e.to_string())?;
     if !failed.is_empty() {
@@ -246,23 +255,84 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A command to publish.
+struct Outgoing {
+    /// Its recipient's key (the partition).
+    key: String,
+    command: SendCommand,
+    /// Set when it is a dead-letter replay's command that its replay left unconfirmed.
+    replay: Option<Replay>,
+}
+
+/// How an unconfirmed replay's command goes out again: as its replay published it.
+struct Replay {
+    /// The replay, whose `Nats-Msg-Id` the command goes under: the notification's own id may
+    /// still be in the de-duplication window of its first command.
+    pending: PendingReplay,
+    /// The attempts recorded before the replay: its rounds count from there.
+    attempts_before: i32,
+}
+
+impl Outgoing {
+    /// A first publish of `command`.
+    fn new(key: String, command: SendCommand) -> Self {
+        Self {
+            key,
+            command,
+            replay: None,
+        }
+    }
+
+    async fn publish(&self, publisher: &Publisher) -> Result<(), herald_nats::NatsError> {
+        match &self.replay {
+            None => publisher.publish_command(&self.key, &self.command).await,
+            Some(replay) => {
+                let payload = self.command.encode()?;
+                let msg_id = replay.pending.msg_id(self.command.notification_id);
+                publisher
+                    .republish_command(&self.key, payload, &msg_id, replay.attempts_before)
+                    .await
+            }
+        }
+    }
+}
+
+/// Clears the marks of the `published` commands among `commands`: a replay's by its own mark, the
+/// others together.
+async fn confirm(
+    args: &SchedulerArgs,
+    commands: &[Outgoing],
+    published: &[Uuid],
+) -> Result<(), repo::RepoError> {
+    let published: HashSet<&Uuid> = published.iter().collect();
+    let mut first = Vec::with_capacity(published.len());
+    for outgoing in commands {
+        let id = outgoing.command.notification_id;
+        if !published.contains(&id) {
+            continue;
+        }
+        match &outgoing.replay {
+            Some(replay) => {
+                repo::dead_letters::confirm_replayed(&args.db, id, &replay.pending).await?
+            }
+            None => first.push(id),
+        }
+    }
+    repo::schedule::confirm_published(&args.db, &first).await
+}
+
 /// Publishes commands concurrently (acks pipelined); returns the ids published and those not.
-async fn publish_all(
-    publisher: &Publisher,
-    commands: &[(String, SendCommand)],
-) -> (Vec<Uuid>, Vec<Uuid>) {
-    let results = futures::future::join_all(
-        commands
-            .iter()
-            .map(|(key, command)| publisher.publish_command(key, command)),
-    )
-    .await;
+async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> (Vec<Uuid>, Vec<Uuid>) {
+    let results =
+        futures::future::join_all(commands.iter().map(|outgoing| outgoing.publish(publisher)))
+            .await;
     let mut published = Vec::new();
     let mut failed = Vec::new();
-    for ((_, command), result) in commands.iter().zip(results) {
+    for (outgoing, result) in commands.iter().zip(results) {
+        let id = outgoing.command.notification_id;
         match result {
-            Ok(()) => published.push(command.notification_id),
-            Err(_) => failed.push(command.notification_id),
+            Ok(()) => published.push(id),
+            Err(_) => failed.push(id),
         }
     }
     (published, failed)
@@ -309,7 +379,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
                 created_at,
             };
             rows.push(row_for(&command, &recipient.key, batch.id));
-            commands.push((recipient.key, command));
+            commands.push(Outgoing::new(recipient.key, command));
         }
         let new = repo::batches::insert_notifications(&args.db, rows)
             .await

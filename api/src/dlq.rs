@@ -1,11 +1,14 @@
 //! `/api/v1/dlq`: the dead-letter stream — list entries with their reasons, replay one, or replay
 //! every entry matching a filter.
 //!
-//! A replay puts the notification back to `queued` (the only way out of `dead`), republishes the
-//! original command on its partition under a new `Nats-Msg-Id` (`<id>:replay:<seq>`, so
-//! JetStream's de-duplication neither drops it nor lets a concurrent replay of the same entry
-//! through twice) and deletes the entry. If the publish fails the notification goes back to
-//! `dead` and the entry stays.
+//! A replay puts the notification back to `queued` (the only way out of `dead`) with a mark saying
+//! its command is not yet confirmed published, republishes the original command on its partition
+//! under a `Nats-Msg-Id` of this replay's own (`<id>:replay:<seq>:<token>`, so JetStream's
+//! de-duplication drops it neither as the original command nor as the copy of an earlier replay
+//! attempt; a concurrent replay of the same entry finds the notification no longer `dead`),
+//! clears the mark and deletes the entry. If the publish fails the notification goes back to
+//! `dead` and the entry stays. If the replay stops in between, the Scheduler publishes the
+//! command after `scheduler.stale_claim_secs` (see [`dead_letters::PendingReplay`]).
 //!
 //! An event the Router gave up on (an unknown customer, a missing template) is replayed by
 //! publishing it again on its subject, under `<event id>:replay:<seq>`, once the cause is mended:
@@ -13,7 +16,13 @@
 //! request id derive from the event), so nothing is sent twice.
 
 use chrono::{DateTime, Utc};
-use herald_entities::repo::{dead_letters, notifications};
+use herald_entities::{
+    notification,
+    repo::{
+        dead_letters::{self, PendingReplay},
+        notifications,
+    },
+};
 use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand};
 use poem_openapi::{
     Enum, Object, OpenApi, Tags,
@@ -328,29 +337,14 @@ async fn replay_letter(
     let Some(row) = notifications::find(&state.db, id).await? else {
         return Ok(Err(format!("notification {id} is not stored")));
     };
-    let reason = format!("replayed from dead letter {}", letter.seq);
-    if !dead_letters::requeue_dead(&state.db, id, &reason).await? {
+    let replay = PendingReplay::new(letter.seq);
+    if !dead_letters::requeue_dead(&state.db, id, &replay).await? {
         return Ok(Err(format!(
             "notification {id} is {}, not dead",
             row.status.as_str()
         )));
     }
-    let msg_id = format!("{id}:replay:{}", letter.seq);
-    if let Err(err) = state
-        .publisher
-        .republish_command(
-            &row.recipient_key,
-            letter.payload.clone(),
-            &msg_id,
-            row.attempts,
-        )
-        .await
-    {
-        tracing::warn!(%id, error = %err, "cannot republish a dead letter");
-        let back = row.status_reason.as_deref().unwrap_or("dead");
-        dead_letters::return_to_dead(&state.db, id, back).await?;
-        return Err(unavailable(err));
-    }
+    publish_replay(state, letter, &row, &replay).await?;
     if let Err(err) = stream.delete(letter.seq).await {
         // Replayed all the same; the stale entry's notification is no longer dead, so a
         // second replay of it is refused.
@@ -363,6 +357,42 @@ async fn replay_letter(
         event_id: None,
         status: "queued".into(),
     }))
+}
+
+/// Publishes the command of `row`, requeued for `replay`, and clears the replay's mark. When the
+/// publish fails, puts the notification back to `dead` (503), unless a dispatcher has claimed it
+/// meanwhile: the command was stored although its acknowledgement was lost.
+async fn publish_replay(
+    state: &AppState,
+    letter: &DeadLetter,
+    row: &notification::Model,
+    replay: &PendingReplay,
+) -> Result<(), ApiError> {
+    let id = row.id;
+    let published = state
+        .publisher
+        .republish_command(
+            &row.recipient_key,
+            letter.payload.clone(),
+            &replay.msg_id(id),
+            row.attempts,
+        )
+        .await;
+    if let Err(err) = published {
+        tracing::warn!(%id, error = %err, "cannot republish a dead letter");
+        let back = row.status_reason.as_deref().unwrap_or("dead");
+        // If this fails too, the notification keeps the replay's mark and the Scheduler
+        // publishes its command later.
+        if dead_letters::return_to_dead(&state.db, id, replay, back).await? {
+            return Err(unavailable(err));
+        }
+        tracing::info!(%id, "the replayed command arrived after all");
+    } else if let Err(err) = dead_letters::confirm_replayed(&state.db, id, replay).await {
+        // Replayed all the same: the Scheduler publishes the command again under the same
+        // `Nats-Msg-Id`, which JetStream drops as a duplicate, and clears the mark.
+        tracing::warn!(%id, error = %err, "cannot confirm a replayed command");
+    }
+    Ok(())
 }
 
 /// Publishes a dead-lettered event again on its subject, then deletes the entry.

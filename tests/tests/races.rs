@@ -92,9 +92,13 @@ async fn a_notification_replayed_while_retention_runs_is_kept() {
         .expect("second pool");
     let replay = replayer.begin().await.expect("replay begins");
     assert!(
-        repo::dead_letters::requeue_dead(&replay, dead_id, "replayed")
-            .await
-            .expect("requeued"),
+        repo::dead_letters::requeue_dead(
+            &replay,
+            dead_id,
+            &repo::dead_letters::PendingReplay::new(1)
+        )
+        .await
+        .expect("requeued"),
     );
     let purge = tokio::spawn({
         let db = db.clone();

@@ -378,7 +378,7 @@ pub async fn confirm_published_now(db: &impl ConnectionTrait, id: Uuid) -> Resul
     let updated = notification::Entity::update_many()
         .col_expr(
             notification::Column::StatusReason,
-            super::schedule::reason_without_publish_mark(),
+            super::schedule::reason_without_first_publish_mark(),
         )
         .filter(notification::Column::Id.eq(id))
         .exec(db)

@@ -22,19 +22,57 @@ pub const CLAIM_PREFIX: &str = "claimed by scheduler ";
 /// claim.
 pub const PUBLISH_PENDING: &str = "stored; command not yet confirmed published";
 
-/// `status_reason` marks a command that may not have been published: a Scheduler's claim, or an
-/// API send awaiting its confirmation.
+/// Prefix of the `status_reason` of a notification requeued by a dead-letter replay whose command
+/// is not yet confirmed published; followed by the replay's key, which names the command's
+/// `Nats-Msg-Id` (see [`super::dead_letters::PendingReplay`]). A replay that stops in between
+/// leaves the mark, and the Scheduler publishes the command after `stale_claim_secs` under that
+/// id, with the replay's attempt base.
+pub const REPLAY_PENDING_PREFIX: &str = "replay not yet confirmed published: ";
+
+/// The `status_reason` a replayed notification keeps once its command is confirmed published
+/// (until its delivery sets another).
+pub const REPLAYED: &str = "replayed from the dead-letter stream";
+
+/// `status_reason` marks a command that may not have been published: a Scheduler's claim, an API
+/// send awaiting its confirmation, or a dead-letter replay awaiting its own.
 fn unconfirmed() -> Condition {
+    first_publish_unconfirmed().add(replay_pending())
+}
+
+/// `status_reason` marks a notification's first command (published under the notification's id)
+/// that may not have been published: a Scheduler's claim, or an API send awaiting its
+/// confirmation.
+fn first_publish_unconfirmed() -> Condition {
     Condition::any()
         .add(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
         .add(notification::Column::StatusReason.eq(PUBLISH_PENDING))
 }
 
-/// `status_reason` without an unconfirmed-publish mark (for a dispatcher's `processing` change:
-/// the command evidently arrived); any other reason, such as a deferral's, is kept.
+/// `status_reason` marks a dead-letter replay whose command is not yet confirmed published.
+fn replay_pending() -> Condition {
+    Condition::all().add(notification::Column::StatusReason.starts_with(REPLAY_PENDING_PREFIX))
+}
+
+/// `status_reason` without an unconfirmed-publish mark, for a dispatcher's `processing` change
+/// (the command evidently arrived): a replay's mark becomes [`REPLAYED`], the other marks go; any
+/// other reason, such as a deferral's, is kept.
 pub(crate) fn reason_without_publish_mark() -> SimpleExpr {
     CaseStatement::new()
+        .case(replay_pending(), Expr::value(REPLAYED))
         .case(unconfirmed(), Expr::value(Option::<String>::None))
+        .finally(Expr::col(notification::Column::StatusReason))
+        .into()
+}
+
+/// `status_reason` without the mark of an unconfirmed first command, once that command is
+/// published again (a repeated API request). A replay's mark stays: the command under the
+/// notification's id says nothing of the replay's, which confirms itself.
+pub(crate) fn reason_without_first_publish_mark() -> SimpleExpr {
+    CaseStatement::new()
+        .case(
+            first_publish_unconfirmed(),
+            Expr::value(Option::<String>::None),
+        )
         .finally(Expr::col(notification::Column::StatusReason))
         .into()
 }
@@ -82,9 +120,11 @@ pub fn due(now: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
         .limit(limit)
 }
 
-/// Claims and API sends that were never confirmed published (the instance stopped between storing
-/// and publishing) and are older than `before`. Publishing them again is safe: `Nats-Msg-Id`
-/// de-duplication drops a command that did go out, and a processed one is no longer `queued`.
+/// Claims, API sends and dead-letter replays that were never confirmed published (the instance
+/// stopped between storing and publishing) and are older than `before`. Publishing them again is
+/// safe: `Nats-Msg-Id` de-duplication drops a command that did go out (a replay's under the id its
+/// replay published it with, see [`super::dead_letters::PendingReplay::of`]), and a processed one
+/// is no longer `queued` with its mark.
 pub async fn stale_claims(
     db: &impl ConnectionTrait,
     before: DateTime<Utc>,
@@ -102,8 +142,10 @@ pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> 
         .limit(limit)
 }
 
-/// Confirms that the commands of claimed notifications or API sends are published: clears the
-/// mark (unless a dispatcher has moved them on already).
+/// Confirms that the first commands of claimed notifications or API sends are published: clears
+/// the mark (unless a dispatcher has moved them on already). A replay's mark is left alone: it is
+/// confirmed by [`super::dead_letters::confirm_replayed`], as a late confirmation of the first
+/// command (the API's are gathered for a moment) says nothing of the replay's.
 ///
 /// On PostgreSQL, rows a concurrent transaction holds are skipped (`FOR UPDATE SKIP LOCKED`): that
 /// is a dispatcher's claim moving them to `processing`, or the StatusWriter moving them on, and
@@ -115,7 +157,7 @@ pub async fn confirm_published(db: &impl ConnectionTrait, ids: &[Uuid]) -> Resul
         let marked = Condition::all()
             .add(notification::Column::Id.is_in(chunk.to_vec()))
             .add(status_among(&[NotificationStatus::Queued]))
-            .add(unconfirmed());
+            .add(first_publish_unconfirmed());
         let rows = match db.get_database_backend() {
             DbBackend::Postgres => Condition::all().add(
                 notification::Column::Id.in_subquery(
