@@ -1543,3 +1543,119 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
     assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// A dead-letter world whose Scheduler publishes unconfirmed commands again after a second.
+async fn replay_world() -> World {
+    world_with(|config| {
+        config.dispatch.retry.max_deliveries = 2;
+        config.channels.limits.circuit.cool_down_ms = 200;
+        config.scheduler.stale_claim_secs = 1;
+    })
+    .await
+}
+
+/// A notification dead after its two rounds (the SMTP server paused), the provider back, and the
+/// sequence number of its dead letter.
+async fn dead_notification(w: &World) -> (String, u64) {
+    let h = &w.herald;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "dead").await;
+    let (_, page) = h.get("/api/v1/dlq").await;
+    assert_eq!(page["items"][0]["notification_id"], id.as_str(), "{page}");
+    let seq = page["items"][0]["seq"].as_u64().expect("a dead letter");
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+    (id, seq)
+}
+
+/// A replay that stopped after putting its notification back to `queued`, before publishing the
+/// command (the process died, or the database failed before the requeue could be undone), used to
+/// leave it `queued` for good: nothing marked it as unpublished, and its dead letter could not be
+/// replayed again (the notification was no longer `dead`). The Scheduler now publishes it, under
+/// the replay's own message id (the notification died within the duplicate window of its first
+/// command) and with the replay's attempt base (else its rounds would count as spent). The API's
+/// confirmation of the first command, gathered for half a second, lands after the requeue here;
+/// it must not take the replay's mark for its own.
+#[tokio::test]
+async fn a_replay_that_stopped_before_publishing_is_finished_by_the_scheduler() {
+    use herald_entities::repo::dead_letters::{PendingReplay, requeue_dead};
+    let w = replay_world().await;
+    let h = &w.herald;
+    let (id, seq) = dead_notification(&w).await;
+    let uuid: uuid::Uuid = id.parse().expect("a notification id");
+
+    // What the replay does before it publishes; then it stops.
+    let requeued = requeue_dead(h.db(), uuid, &PendingReplay::new(seq))
+        .await
+        .expect("requeued");
+    assert!(requeued, "the dead notification is requeued");
+
+    let sent = h.wait_status(&id, "sent").await;
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        3,
+        "a fresh round after the two that failed: {sent}"
+    );
+    assert_eq!(attempts[2]["status"], "sent", "{sent}");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A replay whose publish reported failure although JetStream stored the command (a lost
+/// acknowledgement) put the notification back to `dead`, so the dispatcher dropped the stored
+/// copy. Retried within the duplicate window, the replay published under the same message id
+/// (`<id>:replay:<seq>`): JetStream took it for that copy and dropped it, the replay answered
+/// `queued`, deleted the entry, and the notification stayed `queued` with no command. Every
+/// replay now publishes under an id of its own.
+#[tokio::test]
+async fn a_replay_retried_after_its_stored_copy_was_dropped_is_delivered() {
+    let w = replay_world().await;
+    let h = &w.herald;
+    let (id, seq) = dead_notification(&w).await;
+
+    // The first attempt's copy, stored under the id the replay of this entry used, and dropped
+    // by the dispatcher while the notification is `dead`.
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    let letter = herald_nats::DeadLetters::open(&js)
+        .await
+        .expect("dead-letter stream")
+        .get(seq)
+        .await
+        .expect("read")
+        .expect("the dead letter");
+    let subject = letter.original_subject.clone().expect("its subject");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{id}:replay:{seq}").as_str());
+    headers.insert(herald_nats::subjects::HEADER_REPLAY_BASE, "2");
+    js.publish_with_headers(subject, headers, letter.payload.clone())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    eventually("the stored copy to be taken", E2E_TIMEOUT, || async {
+        let mut stream = js
+            .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+            .await
+            .ok()?;
+        let info = stream.info().await.ok()?;
+        (info.state.messages == 0).then_some(())
+    })
+    .await;
+    let (_, dropped) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(dropped["status"], "dead", "the copy was dropped: {dropped}");
+
+    // The retry.
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    assert_eq!(replayed["status"], "queued", "{replayed}");
+    h.wait_status(&id, "sent").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("shutdown");
+}
