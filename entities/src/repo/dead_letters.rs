@@ -81,9 +81,8 @@ pub async fn requeue_dead(
     Ok(moved.rows_affected > 0)
 }
 
-/// Confirms that `replay`'s command is published: its mark becomes
-/// [`REPLAYED`](super::schedule::REPLAYED), unless a dispatcher has moved the notification on
-/// already (which cleared the mark itself).
+/// Confirms that `replay`'s command is published: its mark becomes [`REPLAYED`], unless a
+/// dispatcher has moved the notification on already (which cleared the mark itself).
 pub async fn confirm_replayed(
     db: &impl ConnectionTrait,
     id: Uuid,
