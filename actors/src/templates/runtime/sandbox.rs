@@ -3,12 +3,14 @@
 //! instructions one render may execute, and a cap on the bytes each part may produce. HTML is
 //! escaped in the HTML part only.
 
-use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 
 use herald_nats::Content;
-use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior};
+use minijinja::value::Rest;
+use minijinja::{
+    AutoEscape, Environment, ErrorKind, State, UndefinedBehavior, Value as JinjaValue,
+};
 use serde_json::{Map, Value};
 
 /// Longest source accepted for one part.
@@ -156,10 +158,12 @@ impl SandboxError {
     }
 }
 
-/// The sandboxed environment: no loader, strict undefined, fuel, HTML escaping for `html` only.
+/// The sandboxed environment: no loader, strict undefined, fuel, HTML escaping for `html` only,
+/// and a `null` value taken as absent ([`null_is_absent`]).
 fn environment(limits: Limits) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
+    null_is_absent(&mut env);
     env.set_fuel(Some(limits.fuel));
     env.set_auto_escape_callback(|name| {
         if name == Part::Html.as_str() {
@@ -169,6 +173,45 @@ fn environment(limits: Limits) -> Environment<'static> {
         }
     });
     env
+}
+
+/// A client that writes an empty optional field as `null` means it is absent, so `is defined` is
+/// false for a `null` (and `is undefined` true), `default` replaces it, and printing one is a
+/// missing variable (named as such) rather than the text `none`. A `null` stays a value otherwise:
+/// `{% if x %}` and `x is none` test it without the error strict undefined gives an absent one.
+fn null_is_absent(env: &mut Environment<'static>) {
+    env.add_test("defined", |value: &JinjaValue| !absent(value));
+    env.add_test("undefined", |value: &JinjaValue| absent(value));
+    env.add_filter("default", default_of_absent);
+    env.add_filter("d", default_of_absent);
+    env.set_formatter(|out, state, value| {
+        if value.is_none() {
+            return Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "a null value is not printed",
+            ));
+        }
+        minijinja::escape_formatter(out, state, value)
+    });
+}
+
+/// Undefined, or `null`.
+fn absent(value: &JinjaValue) -> bool {
+    value.is_undefined() || value.is_none()
+}
+
+/// minijinja's `default` filter, for which a `null` is absent too.
+fn default_of_absent(
+    state: &State,
+    value: &JinjaValue,
+    args: Rest<JinjaValue>,
+) -> Result<JinjaValue, minijinja::Error> {
+    let value = if value.is_none() {
+        &JinjaValue::UNDEFINED
+    } else {
+        value
+    };
+    minijinja::filters::default(state, value, args)
 }
 
 /// A locale variant's parts, compiled once and rendered many times. Each part has its own
@@ -205,14 +248,12 @@ impl Compiled {
         variables.into_iter().collect()
     }
 
-    /// Renders every part with `vars`; subject and short text are made single lines. A `null`
-    /// value counts as absent (see [`without_nulls`]).
+    /// Renders every part with `vars`; subject and short text are made single lines.
     pub fn render(&self, vars: &Map<String, Value>) -> Result<Content, SandboxError> {
         let one_line = |s: String| s.split_whitespace().collect::<Vec<_>>().join(" ");
-        let vars = without_nulls(vars);
         let mut content = Content::default();
         for (part, env) in &self.parts {
-            let out = render_part(env, *part, &vars, self.limits)?;
+            let out = render_part(env, *part, vars, self.limits)?;
             match part {
                 Part::Subject => content.subject = Some(one_line(out)),
                 Part::Text => content.text = out,
@@ -221,39 +262,6 @@ impl Compiled {
             }
         }
         Ok(content)
-    }
-}
-
-/// `vars` without the `null` values of its objects, at any depth: a client that writes an empty
-/// optional field as `null` means it is absent, so `is defined`, `default` and the missing-variable
-/// error must see it as absent (minijinja would print it as `none`). Borrowed when there is none.
-fn without_nulls(vars: &Map<String, Value>) -> Cow<'_, Map<String, Value>> {
-    fn holds_null(value: &Value) -> bool {
-        match value {
-            Value::Null => true,
-            Value::Array(items) => items.iter().any(holds_null),
-            Value::Object(fields) => fields.values().any(holds_null),
-            _ => false,
-        }
-    }
-    fn present(fields: &Map<String, Value>) -> Map<String, Value> {
-        fields
-            .iter()
-            .filter(|(_, value)| !value.is_null())
-            .map(|(name, value)| (name.clone(), stripped(value)))
-            .collect()
-    }
-    fn stripped(value: &Value) -> Value {
-        match value {
-            Value::Object(fields) => Value::Object(present(fields)),
-            Value::Array(items) => Value::Array(items.iter().map(stripped).collect()),
-            other => other.clone(),
-        }
-    }
-    if vars.values().any(holds_null) {
-        Cow::Owned(present(vars))
-    } else {
-        Cow::Borrowed(vars)
     }
 }
 
@@ -437,15 +445,31 @@ mod tests {
             |source: &str, values: Value| render(&text(source), &vars(values), Limits::default());
         let content = render_text(
             "{% if coupon is defined %}{{ coupon }}{% else %}-{% endif %} {{ note | default('n/a') }} \
-             {% if order.coupon is defined %}{{ order.coupon }}{% endif %}{{ order.number }}",
+             {{ note | d('none given') }} {% if order.coupon is defined %}{{ order.coupon }}{% endif %}\
+             {{ order.number }} {% if coupon %}yes{% else %}no{% endif %} \
+             {% if coupon is none %}null{% endif %} {% if note is undefined %}absent{% endif %}",
             json!({"coupon": null, "note": null, "order": {"coupon": null, "number": 7}}),
         )
         .unwrap();
-        assert_eq!(content.text, "- n/a 7");
+        assert_eq!(content.text, "- n/a none given 7 no null absent");
         let err = render_text("Hello {{ name }}", json!({"name": null})).unwrap_err();
         assert!(
             matches!(&err, SandboxError::MissingVariable { name, .. } if name == "name"),
             "{err:?}"
+        );
+        let html = render(
+            &Sources {
+                html: Some("<b>{{ name }}</b>"),
+                ..text("-")
+            },
+            &vars(json!({"name": "<Ada>"})),
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            html.html.as_deref(),
+            Some("<b>&lt;Ada&gt;</b>"),
+            "still escaped"
         );
     }
 
