@@ -7,7 +7,9 @@
 //! published twice never notifies twice.
 //!
 //! Herald ships [`default_rules`]; configuration (`[[routing.rules]]`) adds rules, replaces a
-//! default by using its name, or switches one off with `enabled = false`.
+//! default by using its name, or switches one off with `enabled = false`. Events are matched after
+//! they are read into their types, so a field the type lacks is never there: [`validate`] refuses
+//! a rule naming one, or a value its field never takes, which would never match.
 
 use std::collections::BTreeMap;
 
@@ -85,7 +87,12 @@ impl Rule {
 
 /// A field's value as text: strings as they are, other values as JSON.
 fn field_text(data: &Value, field: &str) -> Option<String> {
-    match data.get(field)? {
+    value_text(data.get(field)?)
+}
+
+/// A value as `when` compares it: strings as they are, other values as JSON, null as nothing.
+fn value_text(value: &Value) -> Option<String> {
+    match value {
         Value::String(s) => Some(s.clone()),
         Value::Null => None,
         other => Some(other.to_string()),
@@ -156,9 +163,20 @@ pub fn default_rules() -> Vec<Rule> {
     ]
 }
 
-/// The defaults with `overrides` applied: a rule named like a default replaces it, others are
-/// added; disabled rules are dropped.
-pub fn with_overrides(defaults: Vec<Rule>, overrides: &[Rule]) -> Vec<Rule> {
+/// The defaults with `overrides` (the configuration's `routing.rules`, in order) applied: a rule
+/// named like a default replaces it, others are added; disabled rules are dropped.
+///
+/// Refuses, naming the override by its place, a name configured twice (the earlier one would be
+/// ignored), `enabled = false` under a name no default has (it would switch nothing off, as with a
+/// misspelt name), and an enabled override that [`validate`] would refuse.
+pub fn with_overrides(defaults: Vec<Rule>, overrides: &[Rule]) -> Result<Vec<Rule>, RuleError> {
+    for (index, o) in overrides.iter().enumerate() {
+        check_override(&defaults, &overrides[..index], o).map_err(|reason| RuleError {
+            rule: o.name.clone(),
+            index: Some(index),
+            reason,
+        })?;
+    }
     let mut rules = defaults;
     for o in overrides {
         match rules.iter_mut().find(|r| r.name == o.name) {
@@ -167,51 +185,245 @@ pub fn with_overrides(defaults: Vec<Rule>, overrides: &[Rule]) -> Vec<Rule> {
         }
     }
     rules.retain(|r| r.enabled);
-    rules
+    Ok(rules)
+}
+
+/// What is wrong with the override `o`, configured after `earlier`.
+fn check_override(defaults: &[Rule], earlier: &[Rule], o: &Rule) -> Result<(), String> {
+    if let Some(first) = earlier.iter().position(|e| e.name == o.name) {
+        return Err(format!(
+            "the name is used twice (also routing.rules[{first}])"
+        ));
+    }
+    if o.enabled {
+        return check(o);
+    }
+    if defaults.iter().any(|d| d.name == o.name) {
+        return Ok(());
+    }
+    let names: Vec<&str> = defaults.iter().map(|d| d.name.as_str()).collect();
+    Err(format!(
+        "enabled = false switches off no built-in rule; built-in: {}",
+        names.join(", ")
+    ))
 }
 
 /// Why a rule set cannot work.
 #[derive(Debug, thiserror::Error)]
-#[error("routing rule {rule:?}: {reason}")]
+#[error("{}: {reason}", self.place())]
 pub struct RuleError {
-    /// The rule.
+    /// The rule's name.
     pub rule: String,
+    /// The rule's place in the configuration's `routing.rules` (from 0), when it is configured.
+    pub index: Option<usize>,
     /// What is wrong.
     pub reason: String,
 }
 
-/// Checks that names are unique and every rule names a known event type and a template. A template
-/// that is not compiled is taken for a runtime one, which may be created after the rules are
-/// loaded; until it is, the rule's events are dead-lettered.
-pub fn validate(rules: &[Rule]) -> Result<(), RuleError> {
-    for (i, r) in rules.iter().enumerate() {
-        let fail = |reason: String| {
-            Err(RuleError {
-                rule: r.name.clone(),
-                reason,
-            })
-        };
-        if r.name.trim().is_empty() {
-            return fail("the name is empty".into());
-        }
-        if rules[..i].iter().any(|other| other.name == r.name) {
-            return fail("the name is used twice".into());
-        }
-        if !events::EVENT_TYPES.contains(&r.event.as_str()) {
-            return fail(format!(
-                "unknown event {:?}; known: {}",
-                r.event,
-                events::EVENT_TYPES.join(", ")
-            ));
-        }
-        if r.template.trim().is_empty() {
-            return fail("the template is empty".into());
-        }
-        if r.channels.as_ref().is_some_and(Vec::is_empty) {
-            return fail("the channel chain is empty".into());
+impl RuleError {
+    /// Where the rule is: `routing.rules[1] ("shipped_sms")`, or `routing rule "order_placed"`.
+    fn place(&self) -> String {
+        match self.index {
+            Some(index) => format!("routing.rules[{index}] ({:?})", self.rule),
+            None => format!("routing rule {:?}", self.rule),
         }
     }
+}
+
+/// Checks that names are unique and every rule names a known event type and a template, matches
+/// only data fields the event type has, with values they can take, and names a recipient field
+/// holding a string. A template that is not compiled is taken for a runtime one, which may be
+/// created after the rules are loaded; until it is, the rule's events are dead-lettered.
+pub fn validate(rules: &[Rule]) -> Result<(), RuleError> {
+    for (i, r) in rules.iter().enumerate() {
+        let twice = rules[..i].iter().any(|other| other.name == r.name);
+        let checked = if twice {
+            Err("the name is used twice".into())
+        } else {
+            check(r)
+        };
+        checked.map_err(|reason| RuleError {
+            rule: r.name.clone(),
+            index: None,
+            reason,
+        })?;
+    }
     Ok(())
+}
+
+/// What is wrong with the rule `r` on its own.
+fn check(r: &Rule) -> Result<(), String> {
+    if r.name.trim().is_empty() {
+        return Err("the name is empty".into());
+    }
+    let Some(data) = DataSchema::of(&r.event) else {
+        return Err(format!(
+            "unknown event {:?}; known: {}",
+            r.event,
+            events::EVENT_TYPES.join(", ")
+        ));
+    };
+    if r.template.trim().is_empty() {
+        return Err("the template is empty".into());
+    }
+    if r.channels.as_ref().is_some_and(Vec::is_empty) {
+        return Err("the channel chain is empty".into());
+    }
+    for (key, want) in &r.when {
+        let field = data.field(key).map_err(|known| {
+            format!(
+                "when.{key}: unknown data field of {}; known: {known}",
+                r.event
+            )
+        })?;
+        check_when(key, want, &field)?;
+    }
+    let recipient = data.field(&r.recipient).map_err(|known| {
+        format!(
+            "recipient = {:?}: unknown data field of {}; known: {known}",
+            r.recipient, r.event
+        )
+    })?;
+    let types = json_types(&recipient);
+    if !types.is_empty() && !types.contains(&"string") {
+        return Err(format!(
+            "recipient = {:?}: the recipient field must hold a string (the customer's id); {} \
+             holds {}",
+            r.recipient,
+            r.recipient,
+            describe(&types, &recipient)
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a `when` value that the field `key`, described by `field`, never has as its text.
+fn check_when(key: &str, want: &str, field: &Value) -> Result<(), String> {
+    if let Some(allowed) = allowed_values(field) {
+        if allowed.iter().any(|a| a == want) {
+            return Ok(());
+        }
+        let quoted: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
+        return Err(format!(
+            "when.{key} = {want:?}: not a value of {key}; allowed: {}",
+            quoted.join(", ")
+        ));
+    }
+    let types = json_types(field);
+    if types.is_empty() || types.iter().any(|t| text_fits(t, field, want)) {
+        return Ok(());
+    }
+    Err(format!(
+        "when.{key} = {want:?} never matches: {key} holds {}",
+        describe(&types, field)
+    ))
+}
+
+/// The top-level fields of an event type's data, as its JSON Schema describes them
+/// ([`events::json_schemas`]): what `when` and `recipient` name (they look up no nested paths).
+struct DataSchema {
+    /// The envelope's schema, whose `$defs` the data's references point into.
+    envelope: Value,
+}
+
+impl DataSchema {
+    /// The schema of `event_type`'s data, if it is a known type.
+    fn of(event_type: &str) -> Option<Self> {
+        events::json_schemas()
+            .into_iter()
+            .find(|(t, _)| *t == event_type)
+            .map(|(_, envelope)| Self { envelope })
+    }
+
+    /// The schema of the data field `name`, its reference resolved; else the known field names.
+    fn field(&self, name: &str) -> Result<Value, String> {
+        let properties = &self.envelope["properties"]["data"]["properties"];
+        let Some(field) = properties.get(name) else {
+            let known: Vec<&str> = properties
+                .as_object()
+                .map(|o| o.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            return Err(known.join(", "));
+        };
+        let definition = field
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+            .and_then(|name| self.envelope["$defs"].get(name));
+        Ok(definition.unwrap_or(field).clone())
+    }
+}
+
+/// The values a field can take as `when` text, when its schema lists them (`const`, `enum`, or a
+/// `oneOf`/`anyOf` of `const`s, as for an enum with documented variants).
+fn allowed_values(field: &Value) -> Option<Vec<String>> {
+    if let Some(value) = field.get("const") {
+        return Some(value_text(value).into_iter().collect());
+    }
+    if let Some(values) = field.get("enum").and_then(Value::as_array) {
+        return Some(values.iter().filter_map(value_text).collect());
+    }
+    let variants = field
+        .get("oneOf")
+        .or_else(|| field.get("anyOf"))?
+        .as_array()?;
+    let consts: Option<Vec<&Value>> = variants.iter().map(|v| v.get("const")).collect();
+    Some(consts?.into_iter().filter_map(value_text).collect())
+}
+
+/// The JSON types a field's schema allows (`"string"`, `["string", "null"]`); none when it does
+/// not say, and then any value is taken.
+fn json_types(field: &Value) -> Vec<&str> {
+    match field.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether a value of JSON type `ty` (and the field's `format`) can have `want` as its text.
+fn text_fits(ty: &str, field: &Value, want: &str) -> bool {
+    match ty {
+        "string" if field.get("format").and_then(Value::as_str) == Some("date") => {
+            chrono::NaiveDate::parse_from_str(want, "%Y-%m-%d")
+                .is_ok_and(|date| date.to_string() == want)
+        }
+        "string" => true,
+        // A null field matches nothing.
+        "null" => false,
+        _ => serde_json::from_str::<Value>(want).is_ok_and(|value| {
+            value_text(&value).as_deref() == Some(want)
+                && match ty {
+                    "integer" => value.is_i64() || value.is_u64(),
+                    "number" => value.is_number(),
+                    "boolean" => value.is_boolean(),
+                    "array" => value.is_array(),
+                    "object" => value.is_object(),
+                    _ => false,
+                }
+        }),
+    }
+}
+
+/// The types `types` in words, for an error: `an integer, such as "100"`.
+fn describe(types: &[&str], field: &Value) -> String {
+    let words: Vec<&str> = types
+        .iter()
+        .filter(|t| **t != "null")
+        .map(|t| match *t {
+            "string" if field.get("format").and_then(Value::as_str) == Some("date") => {
+                "a date, such as \"2026-12-01\""
+            }
+            "string" => "a string",
+            "integer" => "an integer, such as \"100\"",
+            "number" => "a number, such as \"1.5\"",
+            "boolean" => "\"true\" or \"false\"",
+            "array" => "an array",
+            "object" => "an object",
+            _ => "a value",
+        })
+        .collect();
+    words.join(" or ")
 }
 
 /// The rules that apply to an event.
@@ -325,7 +537,7 @@ mod tests {
             category = "account"
             "#,
         );
-        let rules = with_overrides(default_rules(), &config);
+        let rules = with_overrides(default_rules(), &config).unwrap();
         validate(&rules).unwrap();
         let shipped = rules.iter().find(|r| r.name == "order_shipped").unwrap();
         assert_eq!(shipped.channels, Some(vec![Channel::Sms, Channel::Email]));
@@ -359,6 +571,181 @@ mod tests {
         let mut rules = default_rules();
         rules[1].template = "order_note".into();
         assert!(validate(&rules).is_ok());
+    }
+
+    /// The rules in force with the `[[rules]]` of `text` applied, or the refusal's text.
+    fn in_force(text: &str) -> Result<Vec<Rule>, String> {
+        with_overrides(default_rules(), &toml_rules(text))
+            .and_then(|merged| validate(&merged).map(|()| merged))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Asserts that `text` is refused with an error holding each of `parts`.
+    fn assert_refused(text: &str, parts: &[&str]) {
+        let err = in_force(text).expect_err("refused");
+        for part in parts {
+            assert!(err.contains(part), "{part:?} is not in: {err}");
+        }
+    }
+
+    #[test]
+    fn a_when_key_the_event_data_lacks_is_refused() {
+        // A typo, and a nested path: rules match top-level data fields only.
+        for (key, text) in [
+            ("stauts", r#"when = { stauts = "shipped" }"#),
+            ("items.name", r#"when = { "items.name" = "Green tea" }"#),
+        ] {
+            assert_refused(
+                &format!(
+                    r#"
+                    [[rules]]
+                    name = "order_welcome"
+                    event = "customers.created"
+                    template = "marketing"
+                    category = "account"
+
+                    [[rules]]
+                    name = "shipped_sms"
+                    event = "orders.status_changed"
+                    {text}
+                    template = "order_shipped"
+                    category = "transactional"
+                    "#
+                ),
+                &[
+                    "routing.rules[1] (\"shipped_sms\")",
+                    &format!("when.{key}: unknown data field of orders.status_changed"),
+                    "known: customer_id, delivery_estimate, order_number, reason, review_url, \
+                     status, tracking_number",
+                ],
+            );
+        }
+    }
+
+    #[test]
+    fn a_recipient_field_the_event_data_lacks_or_that_holds_no_id_is_refused() {
+        let rule = |recipient: &str| {
+            format!(
+                r#"
+                [[rules]]
+                name = "order_placed"
+                event = "orders.created"
+                template = "order_placed"
+                category = "transactional"
+                recipient = "{recipient}"
+                "#
+            )
+        };
+        assert_refused(
+            &rule("customer"),
+            &[
+                "routing.rules[0] (\"order_placed\")",
+                "recipient = \"customer\": unknown data field of orders.created; known: \
+                 currency, customer_id, items",
+            ],
+        );
+        assert_refused(
+            &rule("total_minor"),
+            &[
+                "routing.rules[0]",
+                "recipient = \"total_minor\": the recipient field must hold a string",
+                "total_minor holds an integer",
+            ],
+        );
+        assert!(in_force(&rule("customer_id")).is_ok());
+    }
+
+    #[test]
+    fn a_when_value_the_field_never_takes_is_refused() {
+        let rule = |event: &str, when: &str| {
+            format!(
+                r#"
+                [[rules]]
+                name = "watch"
+                event = "{event}"
+                when = {{ {when} }}
+                template = "order_placed"
+                category = "transactional"
+                "#
+            )
+        };
+        let status = events::ORDER_STATUS_CHANGED;
+        assert_refused(
+            &rule(status, r#"status = "Shipped""#),
+            &[
+                "routing.rules[0] (\"watch\")",
+                "when.status = \"Shipped\": not a value of status; allowed: \"paid\", \
+                 \"shipped\", \"delivered\", \"cancelled\"",
+            ],
+        );
+        assert_refused(
+            &rule(events::ORDER_CREATED, r#"total_minor = "12.50""#),
+            &["when.total_minor = \"12.50\" never matches: total_minor holds an integer"],
+        );
+        assert_refused(
+            &rule(events::ORDER_CREATED, r#"total_minor = "0100""#),
+            &["when.total_minor = \"0100\" never matches"],
+        );
+        assert_refused(
+            &rule(status, r#"delivery_estimate = "1 Dec""#),
+            &["when.delivery_estimate = \"1 Dec\" never matches: delivery_estimate holds a date"],
+        );
+        for fine in [
+            (status, r#"status = "cancelled""#),
+            (status, r#"delivery_estimate = "2026-12-01""#),
+            (status, r#"reason = "out of stock""#),
+            (events::ORDER_CREATED, r#"total_minor = "100""#),
+            (events::ORDER_CREATED, r#"total_minor = "-1""#),
+            (events::ORDER_CREATED, r#"items = "[]""#),
+        ] {
+            assert!(in_force(&rule(fine.0, fine.1)).is_ok(), "{fine:?}");
+        }
+    }
+
+    #[test]
+    fn switching_off_a_rule_that_is_not_built_in_is_refused() {
+        assert_refused(
+            r#"
+            [[rules]]
+            name = "marketing_campain"
+            event = "marketing.campaign"
+            template = "marketing"
+            category = "marketing"
+            enabled = false
+            "#,
+            &[
+                "routing.rules[0] (\"marketing_campain\")",
+                "enabled = false switches off no built-in rule; built-in: order_placed, \
+                 order_shipped, order_delivered, login_alert, marketing_campaign",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_name_configured_twice_is_refused() {
+        let welcome = r#"
+            [[rules]]
+            name = "welcome"
+            event = "customers.created"
+            template = "marketing"
+            category = "account"
+            "#;
+        assert_refused(
+            &format!("{welcome}{welcome}"),
+            &["routing.rules[1] (\"welcome\"): the name is used twice (also routing.rules[0])"],
+        );
+    }
+
+    #[test]
+    fn the_readme_rule_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split_once("A rule in the configuration:\n\n```toml\n")
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .map(|(example, _)| example.replace("[[routing.rules]]", "[[rules]]"))
+            .expect("the README's rule example");
+        let rules = in_force(&example).expect("valid");
+        assert_eq!(rules.len(), default_rules().len(), "it replaces one");
     }
 
     fn toml_rules(text: &str) -> Vec<Rule> {

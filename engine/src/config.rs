@@ -1133,8 +1133,10 @@ impl Config {
     /// The routing rules in force: the built-in ones with `routing.rules` applied, checked.
     pub fn routing_rules(&self) -> Result<Vec<herald_actors::rules::Rule>, ConfigError> {
         use herald_actors::rules;
-        let merged = rules::with_overrides(rules::default_rules(), &self.routing.rules);
-        rules::validate(&merged).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let invalid = |e: rules::RuleError| ConfigError::Invalid(e.to_string());
+        let merged =
+            rules::with_overrides(rules::default_rules(), &self.routing.rules).map_err(invalid)?;
+        rules::validate(&merged).map_err(invalid)?;
         Ok(merged)
     }
 
