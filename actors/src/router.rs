@@ -210,6 +210,8 @@ pub async fn route(
     let matched = rules::matching(&ctx.rules, event.event_type(), &data);
     if matched.is_empty() {
         metrics::counter!("herald_events_total", "outcome" => "unrouted").increment(1);
+        // Often normal (no rule for the type, or not for this status): not a warning.
+        tracing::debug!(event = %event.id, event_type = event.event_type(), "no rule routes the event; acked");
         let _ = acker.ack().await;
         return;
     }
