@@ -230,6 +230,30 @@ async fn a_provider_setting_the_provider_refuses_stops_the_start_at_once() {
     .await;
 }
 
+/// A routing rule that could never route anything, or an `enabled = false` that would switch
+/// nothing off, stops `herald config` and `serve` at once, naming the rule's place and what is
+/// allowed: both used to start, and the events went unrouted (or marketing kept going out).
+#[tokio::test]
+async fn a_rule_that_could_never_work_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let cases = [
+        (
+            r#"[{name = "shipped_sms", event = "orders.status_changed", when = {status = "Shipped"}, template = "order_shipped", category = "transactional"}]"#,
+            "routing.rules[0] (\"shipped_sms\"): when.status = \"Shipped\": not a value of \
+             status; allowed: \"paid\", \"shipped\", \"delivered\", \"cancelled\"",
+        ),
+        (
+            r#"[{name = "marketing_campain", event = "marketing.campaign", template = "marketing", category = "marketing", enabled = false}]"#,
+            "routing.rules[0] (\"marketing_campain\"): enabled = false switches off no built-in \
+             rule; built-in: order_placed, order_shipped, order_delivered, login_alert, \
+             marketing_campaign",
+        ),
+    ];
+    for (rules, refusal) in cases {
+        assert_refused_at_once(dir.path(), &[("HERALD_ROUTING__RULES", rules)], refusal).await;
+    }
+}
+
 /// What a provider finds only when it is built (a key file it cannot read, an outbox folder it
 /// cannot create, an SMTP host TLS cannot name, an HTTP client that cannot be built) stops
 /// `herald config` and `serve` at once too: `herald config` used to accept them, and `serve` to
