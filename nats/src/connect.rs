@@ -94,12 +94,29 @@ impl<'a> Connection<'a> {
 /// Connects with a client name and unlimited reconnects, so the engine rides out a restart of the
 /// server instead of failing. Settings that cannot work (two ways of authenticating, a file that
 /// cannot be read, a seed that is not one) are refused here, at once, rather than retried, and so
-/// is a first connection whose login or TLS handshake fails (a certificate either side does not
+/// is a connection whose login or TLS handshake fails (a certificate either side does not
 /// accept): retrying would not change the answer. A server that cannot be reached yet is tried
-/// again until it answers, which this waits for (logging every [`STILL_WAITING`]): the caller's
-/// first requests would otherwise time out. Connection trouble afterwards (a login refused later
-/// included) is logged as it happens.
+/// again until it answers, which this waits for (logging every [`STILL_WAITING`]; a server that
+/// then answers with a refusal fails it as above): the caller's first requests would otherwise
+/// time out. Connection trouble afterwards (a login refused later included) is logged as it
+/// happens.
 pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, NatsError> {
+    connect_waiting(connection, None).await
+}
+
+/// [`connect`], waiting at most `limit` for a server that cannot be reached (for a command that
+/// should fail rather than wait, such as `herald bench`).
+pub async fn connect_within(
+    connection: Connection<'_>,
+    limit: Duration,
+) -> Result<async_nats::Client, NatsError> {
+    connect_waiting(connection, Some(limit)).await
+}
+
+async fn connect_waiting(
+    connection: Connection<'_>,
+    limit: Option<Duration>,
+) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
     let connected = Arc::new(Notify::new());
     match options(connection, &servers, connected.clone())
@@ -118,34 +135,82 @@ pub async fn connect(connection: Connection<'_>) -> Result<async_nats::Client, N
     let client = options(connection, &servers, connected.clone())
         .await?
         .retry_on_initial_connect()
-        .connect(servers)
+        .connect(servers.clone())
         .await
         .map_err(|e| NatsError::Connect(e.to_string()))?;
-    until_connected(&client, &connected).await;
+    let waiting = Waiting {
+        connection,
+        servers: &servers,
+        started: Instant::now(),
+        limit,
+    };
+    waiting.until_connected(&client, &connected).await?;
     Ok(client)
 }
 
-/// How often [`connect`] logs that it still waits for a server that cannot be reached.
+/// How often [`connect`] logs that it still waits for a server that cannot be reached, and tries
+/// a connection of its own to learn whether one that answers refuses Herald.
 pub const STILL_WAITING: Duration = Duration::from_secs(10);
 
-/// Returns once `client` has connected (`connected` is notified on each connection).
-async fn until_connected(client: &async_nats::Client, connected: &Notify) {
-    let started = Instant::now();
-    while client.connection_state() != State::Connected {
-        if tokio::time::timeout(STILL_WAITING, connected.notified())
-            .await
-            .is_err()
-        {
+/// How often the wait looks at the client's state besides being told of a connection (the
+/// client tells before its state says so).
+const LOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// A wait for the first connection of a client that tries again in the background.
+struct Waiting<'a> {
+    connection: Connection<'a>,
+    servers: &'a [ServerAddr],
+    started: Instant,
+    limit: Option<Duration>,
+}
+
+impl Waiting<'_> {
+    /// Returns once `client` has connected (`connected` is notified on each connection); fails
+    /// when a server answers with a refusal, or after the limit.
+    async fn until_connected(
+        &self,
+        client: &async_nats::Client,
+        connected: &Notify,
+    ) -> Result<(), NatsError> {
+        let mut next_report = self.started + STILL_WAITING;
+        while client.connection_state() != State::Connected {
+            let _ = tokio::time::timeout(LOOK_EVERY, connected.notified()).await;
+            let waited = self.started.elapsed();
+            if let Some(limit) = self.limit.filter(|limit| waited >= *limit) {
+                return Err(NatsError::Connect(format!(
+                    "no NATS server answered within {} s",
+                    limit.as_secs()
+                )));
+            }
+            if Instant::now() < next_report {
+                continue;
+            }
+            next_report += STILL_WAITING;
+            self.refused().await?;
             tracing::warn!(
-                waited_secs = started.elapsed().as_secs(),
+                waited_secs = waited.as_secs(),
                 "still cannot reach NATS; waiting for it"
             );
         }
+        tracing::info!(
+            waited_ms = self.started.elapsed().as_millis() as u64,
+            "NATS answered"
+        );
+        Ok(())
     }
-    tracing::info!(
-        waited_ms = started.elapsed().as_millis() as u64,
-        "NATS answered"
-    );
+
+    /// Tries a connection of its own: the retrying client only logs a refusal, and would try
+    /// again forever.
+    async fn refused(&self) -> Result<(), NatsError> {
+        let probe = options(self.connection, self.servers, Arc::new(Notify::new()))
+            .await?
+            .connect(self.servers.to_vec())
+            .await;
+        match probe {
+            Err(e) => refusal(&e).map_or(Ok(()), Err),
+            Ok(_) => Ok(()),
+        }
+    }
 }
 
 /// The client's options for `connection`: name, reconnects, event log, authentication, TLS;

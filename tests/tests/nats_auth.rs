@@ -312,3 +312,58 @@ async fn a_credentials_file_logs_in_to_a_server_in_operator_mode() -> anyhow::Re
         .with_context(|| format!("credentials file; server log:\n{}", server.log_tail(20)))?;
     Ok(())
 }
+
+/// A server that cannot be reached at the start and then answers with a refusal fails the start
+/// (within one of the waits's reports), as one that refuses at once does, instead of being tried
+/// again forever; a wait with a limit ends at the limit.
+#[tokio::test]
+async fn a_server_that_refuses_once_it_answers_fails_the_waiting_start() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = r#"authorization { user: herald, password: right }"#;
+    let mut server = NatsServer::start_with_config(config, &[]).await?;
+    let url = server.url();
+    server.stop().await?;
+    let wrong = NatsAuth {
+        user: Some("herald".into()),
+        password: Some("wrong".into()),
+        ..NatsAuth::default()
+    };
+    let tls = NatsTls::default();
+    let limited = herald_nats::connect::connect_within(
+        Connection {
+            urls: &url,
+            name: "herald-test",
+            auth: &wrong,
+            tls: &tls,
+        },
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        matches!(&limited, Err(NatsError::Connect(m)) if m.contains("within 1 s")),
+        "{:?}",
+        limited.map(|_| "a client")
+    );
+    let waiting = {
+        let (url, wrong, tls) = (url.clone(), wrong.clone(), tls.clone());
+        tokio::spawn(async move {
+            herald_nats::connect(Connection {
+                urls: &url,
+                name: "herald-test",
+                auth: &wrong,
+                tls: &tls,
+            })
+            .await
+            .map(|_| "a client")
+        })
+    };
+    server.restart().await?;
+    let answer = tokio::time::timeout(herald_nats::connect::STILL_WAITING + LOGIN_TIMEOUT, waiting)
+        .await
+        .context("the waiting connect did not end")??;
+    assert!(
+        matches!(&answer, Err(NatsError::Connect(m)) if m.contains("the server refused Herald's login")),
+        "{answer:?}"
+    );
+    Ok(())
+}

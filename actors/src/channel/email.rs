@@ -369,8 +369,10 @@ fn smtp_transport(host: &str, config: &EmailConfig) -> Result<SmtpPool, EmailCon
         SmtpSecurity::Starttls => (Encryption::Starttls(tls()?), 587),
         SmtpSecurity::Tls => (Encryption::Implicit(tls()?), 465),
     };
-    let credentials = match (&config.username, &config.password) {
-        (Some(user), Some(password)) => Some(Credentials::new(user.clone(), password.clone())),
+    // An empty value, as an environment variable set to nothing gives, is none.
+    let given = |value: &Option<String>| value.clone().filter(|v| !v.is_empty());
+    let credentials = match (given(&config.username), given(&config.password)) {
+        (Some(user), Some(password)) => Some(Credentials::new(user, password)),
         (None, None) => None,
         // Without both, no login is tried, and a relay that wants one refuses every message
         // with a permanent 5xx: an outage that would look like failing recipients.
@@ -559,5 +561,8 @@ mod tests {
             .check()
             .expect("both set");
         relay(None, None).check().expect("neither set");
+        relay(None, Some(""))
+            .check()
+            .expect("an empty value is none");
     }
 }

@@ -249,7 +249,7 @@ async fn accept_via_nats_at_rate(
 
 /// A NATS connection of the load's own, publishing over `partitions` command partitions.
 async fn bench_publisher(nats: Connection<'_>, partitions: u32) -> anyhow::Result<Publisher> {
-    let client = herald_nats::connect(nats).await?;
+    let client = herald_nats::connect::connect_within(nats, super::NATS_PATIENCE).await?;
     Ok(Publisher::new(
         async_nats::jetstream::new(client),
         partitions,

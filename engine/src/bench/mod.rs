@@ -204,6 +204,10 @@ impl Percentiles {
     }
 }
 
+/// How long the bench's own NATS clients wait for a server that cannot be reached before the run
+/// fails (a mistyped `--nats-url` should not wait forever, as `herald serve` does).
+const NATS_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Runs the bench on an engine configured like `base` (the configuration file and `HERALD_*`
 /// variables, e.g. `HERALD_STATUS_WRITER__MAX_BATCH`), with the endpoints and sizing of
 /// `bench_config`, and prints its report.

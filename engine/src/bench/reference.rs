@@ -16,7 +16,7 @@ const ACK_WINDOW: usize = 1_000;
 /// Publishes `count` messages of `size` bytes with pipelined acks while a durable pull consumer
 /// consumes and acks them; returns messages per second over the whole exchange.
 pub async fn jetstream_rate(nats: Connection<'_>, count: u64, size: usize) -> anyhow::Result<f64> {
-    let client = herald_nats::connect(nats).await?;
+    let client = herald_nats::connect::connect_within(nats, super::NATS_PATIENCE).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream(STREAM).await;
     let stream = js
