@@ -12,13 +12,15 @@
 //! than all coming back together to fight over one. A slot is reserved only if it is less than
 //! [`RateLimiterArgs::reserve_within`] away; a deferral further off reserves nothing (its
 //! notification waits as `scheduled` and asks again). A reservation never claimed (its
-//! notification went to another instance, or was given up) is forgotten at the first idle check
-//! [`RESERVATION_GRACE`] after its slot; the slot itself is wasted, which errs on the safe side.
+//! notification went to another instance, or was given up) is forgotten [`RESERVATION_GRACE`]
+//! after its slot, at the next deferral or idle check; the slot itself is wasted, which errs on
+//! the safe side. An actor keeps at most [`reservation_cap`] reservations; with that many, a
+//! deferral reserves nothing, as one too far off does.
 //!
 //! When idle with every bucket full and no reservation waiting, it tells its supervisor, which
 //! stops it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,14 +86,18 @@ pub struct RateLimiterArgs {
     pub reserve_within: Duration,
 }
 
-/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, and per
-/// notification held with a reserved slot.
+/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, and 110 to 135
+/// per notification held with a reserved slot (at most [`reservation_cap`] of them).
 pub struct RateLimiterState {
     args: RateLimiterArgs,
     buckets: Vec<(Category, TokenBucket)>,
     granted: VecDeque<Uuid>,
     /// Deferred notifications by id, with when their reserved token exists.
     reserved: HashMap<Uuid, Instant>,
+    /// The same reservations by slot, earliest first, so expired ones are found at the front.
+    slots: BTreeSet<(Instant, Uuid)>,
+    /// The most reservations kept at once ([`reservation_cap`]).
+    max_reserved: usize,
     handled: u64,
     last_used: Instant,
     /// Requests that arrived before the history was read.
@@ -118,10 +124,12 @@ impl Actor for RateLimiterActor {
             Vec::new()
         });
         Ok(RateLimiterState {
+            max_reserved: reservation_cap(&args.limits, args.reserve_within),
             args,
             buckets: Vec::new(),
             granted: VecDeque::new(),
             reserved: HashMap::new(),
+            slots: BTreeSet::new(),
             handled: 0,
             last_used: now,
             waiting,
@@ -169,6 +177,28 @@ impl Actor for RateLimiterActor {
     }
 }
 
+/// The most reservations one actor keeps: for each `defer` category, the slots its bucket can
+/// promise at once (one per token to refill less than `reserve_within` ahead, the debt
+/// [`TokenBucket::reserve`] allows) plus one burst (`capacity`) of slots that have come and whose
+/// notifications are on their way back. Transactional at 30 per 60 s with a 300 s hold: 180.
+pub fn reservation_cap(
+    limits: &HashMap<Category, CategoryLimit>,
+    reserve_within: Duration,
+) -> usize {
+    limits
+        .values()
+        .filter(|limit| limit.policy == super::OverLimit::Defer)
+        .map(|limit| {
+            let spec = limit.spec();
+            let per_token = spec.per_token().as_nanos().max(1);
+            let ahead = reserve_within.as_nanos().div_ceil(per_token);
+            usize::try_from(ahead)
+                .unwrap_or(usize::MAX)
+                .saturating_add(spec.capacity as usize)
+        })
+        .fold(0, usize::saturating_add)
+}
+
 /// Reads the user's sends within each limited category's period, off the actor's loop.
 fn read_history(
     history: Arc<dyn SendHistory>,
@@ -213,13 +243,16 @@ impl RateLimiterState {
         if self.granted.contains(&id) {
             return Verdict::Allow;
         }
+        self.forget_expired_reservations(now);
         if let Some(slot) = self.reserved.get(&id).copied() {
             return self.claim(id, slot, now);
         }
         let spec = limit.spec();
         let within = match limit.policy {
-            super::OverLimit::Defer => self.args.reserve_within,
-            super::OverLimit::Drop => Duration::ZERO,
+            super::OverLimit::Defer if self.reserved.len() < self.max_reserved => {
+                self.args.reserve_within
+            }
+            super::OverLimit::Defer | super::OverLimit::Drop => Duration::ZERO,
         };
         match self
             .bucket(request.category, &spec, now)
@@ -230,7 +263,9 @@ impl RateLimiterState {
                 Verdict::Allow
             }
             Ok(wait) => {
-                self.reserved.insert(id, now + wait);
+                let slot = now + wait;
+                self.reserved.insert(id, slot);
+                self.slots.insert((slot, id));
                 Verdict::Defer(wait)
             }
             Err(wait) => match limit.policy {
@@ -248,6 +283,7 @@ impl RateLimiterState {
             return Verdict::Defer(left);
         }
         self.reserved.remove(&id);
+        self.slots.remove(&(slot, id));
         self.grant(id);
         Verdict::Allow
     }
@@ -273,10 +309,15 @@ impl RateLimiterState {
     }
 
     /// Forgets the reservations whose notifications did not come back within
-    /// [`RESERVATION_GRACE`] of their slot.
+    /// [`RESERVATION_GRACE`] of their slot: the earliest slots, so each is looked at once.
     fn forget_expired_reservations(&mut self, now: Instant) {
-        self.reserved
-            .retain(|_, slot| now.saturating_duration_since(*slot) < RESERVATION_GRACE);
+        while let Some(&(slot, id)) = self.slots.first() {
+            if now.saturating_duration_since(slot) < RESERVATION_GRACE {
+                break;
+            }
+            self.slots.pop_first();
+            self.reserved.remove(&id);
+        }
     }
 
     fn is_idle(&mut self, now: Instant) -> bool {
@@ -292,5 +333,23 @@ impl RateLimiterState {
                 .get(category)
                 .is_none_or(|limit| bucket.is_full(&limit.spec(), now))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::{default_limits, parse_limits};
+
+    #[test]
+    fn the_cap_is_the_slots_within_the_hold_plus_a_burst_per_deferring_category() {
+        let limits = parse_limits(&default_limits()).expect("default limits");
+        assert_eq!(
+            reservation_cap(&limits, Duration::from_secs(300)),
+            150 + 30,
+            "transactional: a token every 2 s for 300 s, plus 30; marketing drops"
+        );
+        assert_eq!(reservation_cap(&limits, Duration::from_secs(301)), 151 + 30);
+        assert_eq!(reservation_cap(&limits, Duration::ZERO), 30);
     }
 }

@@ -128,8 +128,9 @@ pub enum Verdict {
     /// Send now (a token was taken, or the category is not limited).
     Allow,
     /// Over the limit, policy `defer`: the token reserved for the notification exists after this
-    /// long; or, when the wait is too long for a slot to be reserved, a token is free after this
-    /// long (see [`actor::RateLimiterArgs::reserve_within`]).
+    /// long; or, when the wait is too long for a slot to be reserved (see
+    /// [`actor::RateLimiterArgs::reserve_within`]) or the actor keeps as many reservations as it
+    /// may ([`actor::reservation_cap`]), a token not promised is free after this long.
     Defer(Duration),
     /// Over the limit, policy `drop`.
     Drop,
