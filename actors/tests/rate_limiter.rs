@@ -109,18 +109,13 @@ async fn spawn_supervisor(
     supervisor
 }
 
+/// Asks about a new notification.
 async fn verdict(
     supervisor: &ActorRef<RateLimiterSupervisorMsg>,
     user: &str,
     category: Category,
 ) -> Verdict {
-    let request = Acquire {
-        category,
-        notification_id: Uuid::now_v7(),
-    };
-    ask(supervisor, user, request, Duration::from_secs(2))
-        .await
-        .expect("an answer")
+    verdict_of(supervisor, user, category, Uuid::now_v7()).await
 }
 
 /// Asks about notification `id` (a notification asking again keeps its id).
@@ -137,6 +132,39 @@ async fn verdict_of(
     ask(supervisor, user, request, Duration::from_secs(2))
         .await
         .expect("an answer")
+}
+
+/// Sends `n` new notifications of `user` in `category`; each must be allowed.
+async fn spend(
+    supervisor: &ActorRef<RateLimiterSupervisorMsg>,
+    user: &str,
+    category: Category,
+    n: usize,
+) {
+    for _ in 0..n {
+        assert_eq!(
+            verdict(supervisor, user, category).await,
+            Verdict::Allow,
+            "{user} has a {category:?} token left"
+        );
+    }
+}
+
+/// The waits of `n` new notifications of `user` in `category`, in seconds; each must be deferred.
+async fn deferral_waits(
+    supervisor: &ActorRef<RateLimiterSupervisorMsg>,
+    user: &str,
+    category: Category,
+    n: usize,
+) -> Vec<u64> {
+    let mut waits = Vec::new();
+    for _ in 0..n {
+        match verdict(supervisor, user, category).await {
+            Verdict::Defer(wait) => waits.push(wait.as_secs()),
+            other => panic!("over the limit with policy defer: {other:?}"),
+        }
+    }
+    waits
 }
 
 async fn users(supervisor: &ActorRef<RateLimiterSupervisorMsg>) -> usize {
@@ -232,12 +260,7 @@ async fn an_unreadable_history_gives_no_verdict_so_the_caller_holds_and_asks_aga
 async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
     let time = ManualClock::new();
     let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
-    for _ in 0..3 {
-        assert_eq!(
-            verdict(&supervisor, "ada", Category::Marketing).await,
-            Verdict::Allow
-        );
-    }
+    spend(&supervisor, "ada", Category::Marketing, 3).await;
     assert_eq!(
         verdict(&supervisor, "ada", Category::Marketing).await,
         Verdict::Drop
@@ -297,21 +320,9 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
 async fn deferrals_get_slots_of_their_own_in_the_order_they_asked() {
     let time = ManualClock::new();
     let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
-    for _ in 0..2 {
-        assert_eq!(
-            verdict(&supervisor, "ada", Category::Transactional).await,
-            Verdict::Allow
-        );
-    }
-    let mut waits = Vec::new();
-    for _ in 0..5 {
-        match verdict(&supervisor, "ada", Category::Transactional).await {
-            Verdict::Defer(wait) => waits.push(wait.as_secs()),
-            other => panic!("over the limit with policy defer: {other:?}"),
-        }
-    }
+    spend(&supervisor, "ada", Category::Transactional, 2).await;
     assert_eq!(
-        waits,
+        deferral_waits(&supervisor, "ada", Category::Transactional, 5).await,
         vec![30, 60, 90, 120, 150],
         "a token every 30 s: the n-th deferral waits for the n-th token"
     );
@@ -324,9 +335,7 @@ async fn deferrals_get_slots_of_their_own_in_the_order_they_asked() {
 async fn a_notification_back_at_its_slot_goes_on_its_reserved_token() {
     let time = ManualClock::new();
     let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
-    for _ in 0..2 {
-        verdict(&supervisor, "ada", Category::Transactional).await;
-    }
+    spend(&supervisor, "ada", Category::Transactional, 2).await;
     let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
     assert_eq!(
         verdict_of(&supervisor, "ada", Category::Transactional, first).await,
@@ -378,25 +387,14 @@ async fn no_slot_is_reserved_beyond_the_longest_hold() {
         Duration::from_secs(100),
     )
     .await;
-    for _ in 0..2 {
-        verdict(&supervisor, "ada", Category::Transactional).await;
-    }
-    let mut waits = Vec::new();
-    for _ in 0..5 {
-        match verdict(&supervisor, "ada", Category::Transactional).await {
-            Verdict::Defer(wait) => waits.push(wait.as_secs()),
-            other => panic!("over the limit with policy defer: {other:?}"),
-        }
-    }
+    spend(&supervisor, "ada", Category::Transactional, 2).await;
     assert_eq!(
-        waits,
+        deferral_waits(&supervisor, "ada", Category::Transactional, 5).await,
         vec![30, 60, 90, 120, 120],
         "slots at 30, 60 and 90 s; past 100 s nothing more is reserved"
     );
     // Drop stays as it was: no debt, no reservation.
-    for _ in 0..3 {
-        verdict(&supervisor, "ada", Category::Marketing).await;
-    }
+    spend(&supervisor, "ada", Category::Marketing, 3).await;
     assert_eq!(
         verdict(&supervisor, "ada", Category::Marketing).await,
         Verdict::Drop
@@ -416,10 +414,7 @@ async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
     };
     let supervisor = start(settings, time.clock()).await;
     // Account: one a second.
-    assert_eq!(
-        verdict(&supervisor, "ada", Category::Account).await,
-        Verdict::Allow
-    );
+    spend(&supervisor, "ada", Category::Account, 1).await;
     let (back, never) = (Uuid::now_v7(), Uuid::now_v7());
     assert_eq!(
         verdict_of(&supervisor, "ada", Category::Account, back).await,
@@ -431,12 +426,21 @@ async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
     );
     // Every slot has passed and the bucket is full again, but neither reservation was claimed.
     time.advance(Duration::from_secs(5));
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    assert_eq!(
-        users(&supervisor).await,
-        1,
-        "idle, but holding reservations"
-    );
+    // Two users in turn, each started after the clock moved, stop when idle: together they take
+    // more than one idle interval, so ada's limiter has had an idle check meanwhile.
+    for witness in ["bob", "cy"] {
+        spend(&supervisor, witness, Category::Account, 1).await;
+        time.advance(Duration::from_secs(5));
+        wait_until(&format!("{witness}'s idle limiter to stop"), || async {
+            users(&supervisor).await <= 1
+        })
+        .await;
+        assert_eq!(
+            users(&supervisor).await,
+            1,
+            "ada's limiter stays, idle with full buckets: it holds reservations"
+        );
+    }
     assert_eq!(
         verdict_of(&supervisor, "ada", Category::Account, back).await,
         Verdict::Allow
@@ -444,7 +448,8 @@ async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
     assert_eq!(
         verdict(&supervisor, "ada", Category::Account).await,
         Verdict::Allow,
-        "the returning notification took no token: the bucket's one is still there"
+        "the limiter that stayed is ada's, and the returning notification took no token: the \
+         bucket's one is still there"
     );
     // The other one never comes back: its reservation expires and the idle actor stops.
     time.advance(Duration::from_secs(600));
@@ -453,6 +458,44 @@ async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
         || async { users(&supervisor).await == 0 },
     )
     .await;
+    supervisor.stop(None);
+}
+
+/// Reservations are bounded per limiter: a slot not claimed within its grace is forgotten at the
+/// next deferral (no idle check needed), and with as many reservations as the limits can use
+/// (per `defer` category, the tokens within the hold plus one burst), a deferral reserves
+/// nothing and is told when the first unpromised token refills.
+#[tokio::test]
+async fn reservations_are_capped_and_expired_ones_forgotten_as_new_ones_come() {
+    let time = ManualClock::new();
+    let supervisor = start_reserving(
+        RateLimiterSettings::default(),
+        time.clock(),
+        Duration::from_secs(10),
+    )
+    .await;
+    // Cap: account (1 per s, defer) 10 + 1, transactional (2 per 60 s, defer) 1 + 2 = 14.
+    spend(&supervisor, "ada", Category::Account, 1).await;
+    assert_eq!(
+        deferral_waits(&supervisor, "ada", Category::Account, 10).await,
+        vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        "slots less than 10 s away are reserved, the tenth is not"
+    );
+    // The nine slots pass unclaimed (their notifications went elsewhere), within their grace.
+    time.advance(Duration::from_secs(9));
+    assert_eq!(
+        deferral_waits(&supervisor, "ada", Category::Account, 7).await,
+        vec![1, 2, 3, 4, 5, 6, 6],
+        "9 unclaimed + 5 new = 14 reserved: the sixth and seventh reserve nothing, both told 6 s"
+    );
+    // All 14 slots are more than a minute old: forgotten when the next deferral comes.
+    time.advance(Duration::from_secs(66));
+    spend(&supervisor, "ada", Category::Account, 1).await;
+    assert_eq!(
+        deferral_waits(&supervisor, "ada", Category::Account, 3).await,
+        vec![1, 2, 3],
+        "slots of their own again"
+    );
     supervisor.stop(None);
 }
 
