@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine_view;
 pub mod migration_lock;
 pub mod prometheus;
+pub mod send_cli;
 pub mod telemetry;
 pub mod template_catalog;
 

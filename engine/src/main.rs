@@ -1,6 +1,7 @@
 //! `herald`: the notification engine's command line.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -39,10 +40,13 @@ enum Command {
     /// Manage API keys (applies pending migrations first).
     #[command(subcommand)]
     Apikey(herald_engine::apikey::ApiKeyCommand),
+    /// Send one notification through a running Herald's API and print its answer; `--wait` for
+    /// the outcome (exit 0 sent, 1 error, 3 not sent, 4 still pending).
+    Send(Box<herald_engine::send_cli::SendArgs>),
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let mut loaded = Config::load(cli.config.as_deref()).context("cannot load configuration")?;
     if matches!(cli.command, Command::Bench(_)) {
@@ -55,25 +59,22 @@ async fn main() -> anyhow::Result<()> {
     let config = loaded.config;
     disable_transparent_huge_pages();
     match cli.command {
-        Command::Serve => serve(config).await,
+        Command::Send(args) => return herald_engine::send_cli::run(*args, &config).await,
+        Command::Serve => serve(config).await?,
         Command::Migrate => {
             app::migrate(&config).await?;
             tracing::info!(database = %app::redact(&config.database.url), "migrations applied");
-            Ok(())
         }
         Command::Bench(args) => {
             herald_engine::bench::run(args, config).await?;
-            Ok(())
         }
         Command::Apikey(command) => {
             let db = app::migrate(&config).await?;
-            herald_engine::apikey::run(&db, command).await
+            herald_engine::apikey::run(&db, command).await?;
         }
-        Command::Config => {
-            println!("{}", toml::to_string_pretty(&config.shown()?)?);
-            Ok(())
-        }
+        Command::Config => println!("{}", toml::to_string_pretty(&config.shown()?)?),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Transparent huge pages off for this process (and for the `nats-server` that `herald bench`
