@@ -28,6 +28,7 @@ mod query_plans;
 mod races;
 mod reliability;
 mod schemathesis;
+mod send_cli;
 mod serve;
 mod smtp;
 mod startup;

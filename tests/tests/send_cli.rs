@@ -1,0 +1,250 @@
+//! `herald send`, the binary run as an operator would, against a Herald serving on a free port:
+//! a send that goes out (exit 0, the notification with its attempts on stdout, the mail in the
+//! SMTP sink), one the API refuses (exit 1, its error on stderr, nothing on stdout), one that
+//! ends without a send (exit 3), and the API key never shown.
+
+use std::process::Output;
+
+use herald_tests::{
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, process::herald_bin, test_config,
+};
+use serde_json::Value;
+
+/// Herald and the servers it uses, kept alive for the test.
+struct World {
+    _nats: NatsServer,
+    smtp: SmtpSink,
+    _db: TestDatabase,
+    herald: TestHerald,
+}
+
+async fn world() -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald starts");
+    World {
+        _nats: nats,
+        smtp,
+        _db: db,
+        herald,
+    }
+}
+
+/// Runs `herald send <args>` with the variables `env` (no configuration file, no key in the
+/// environment unless `env` sets one), until it exits.
+async fn herald_send(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = tokio::process::Command::new(herald_bin().expect("the herald binary"));
+    command
+        .arg("send")
+        .args(args)
+        .env_remove("HERALD_CONFIG")
+        .env_remove("HERALD_API_KEY")
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .kill_on_drop(true);
+    tokio::time::timeout(E2E_TIMEOUT * 2, command.output())
+        .await
+        .expect("herald send finished within the timeout")
+        .expect("herald send started")
+}
+
+fn streams(output: &Output) -> (String, String) {
+    let stdout = String::from_utf8(output.stdout.clone()).expect("stdout is UTF-8");
+    let stderr = String::from_utf8(output.stderr.clone()).expect("stderr is UTF-8");
+    (stdout, stderr)
+}
+
+/// The one line of JSON `herald send` prints on stdout.
+fn printed_json(stdout: &str) -> Value {
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "stdout holds one line of JSON: {stdout:?}");
+    serde_json::from_str(lines[0]).expect("stdout is JSON")
+}
+
+fn assert_key_hidden(key: &str, output: &Output) {
+    let (stdout, stderr) = streams(output);
+    assert!(!stdout.contains(key), "the key is on stdout: {stdout}");
+    assert!(!stderr.contains(key), "the key is on stderr: {stderr}");
+}
+
+/// `--wait` prints the sent notification with its attempts and exits 0; the mail went out.
+#[tokio::test]
+async fn a_send_that_goes_out_prints_the_sent_notification_and_exits_0() {
+    let world = world().await;
+    let key = world.herald.admin_key();
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--key",
+            key,
+            "--email",
+            "ada@example.com",
+            "--subject",
+            "Hi",
+            "--text",
+            "Hello",
+            "--wait",
+            "30",
+        ],
+        &[],
+    )
+    .await;
+    let (stdout, stderr) = streams(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    let view = printed_json(&stdout);
+    assert_eq!(view["status"], "sent", "{view}");
+    let attempts = view["attempts"].as_array().expect("attempts");
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a["channel"] == "email" && a["status"] == "sent"),
+        "an email attempt was sent: {view}"
+    );
+    let mails = world
+        .smtp
+        .wait_for_count(1, E2E_TIMEOUT)
+        .await
+        .expect("the mail reached the sink");
+    assert_eq!(mails[0].to, ["ada@example.com"]);
+    assert_eq!(mails[0].subject.as_deref(), Some("Hi"));
+    assert_key_hidden(key, &output);
+
+    // Without `--wait`: the acceptance alone, for `id=$(herald send … | jq -r .id)`.
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--email",
+            "bob@example.com",
+            "--text",
+            "Hello",
+        ],
+        &[("HERALD_API_KEY", key)],
+    )
+    .await;
+    let (stdout, stderr) = streams(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    let accepted = printed_json(&stdout);
+    assert_eq!(accepted["status"], "queued", "{accepted}");
+    let id = accepted["id"].as_str().expect("an id");
+    world.herald.wait_status(id, "sent").await;
+    assert_key_hidden(key, &output);
+}
+
+/// A send the API refuses: exit 1, the API's status and error body on stderr, stdout empty.
+#[tokio::test]
+async fn a_refused_send_exits_1_with_the_api_error_on_stderr() {
+    let world = world().await;
+    let key = world.herald.admin_key();
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--key",
+            key,
+            "--text",
+            "Hello",
+            "--wait",
+        ],
+        &[],
+    )
+    .await;
+    let (stdout, stderr) = streams(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert!(
+        stderr.contains("400") && stderr.contains("\"code\":\"invalid_request\""),
+        "the API's status and error body on stderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("name a customer_id or give at least one contact"),
+        "the API's own message on stderr: {stderr}"
+    );
+    assert_key_hidden(key, &output);
+    assert_eq!(world.smtp.count(), 0, "nothing was sent");
+}
+
+/// A notification that ends without a send (the relay refuses the address for good) exits 3,
+/// the failed notification on stdout.
+#[tokio::test]
+async fn a_send_that_fails_exits_3_with_the_failed_notification() {
+    let world = world().await;
+    world.smtp.set_reject_next(1, 550, "5.1.1 no such user");
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--email",
+            "nobody@example.com",
+            "--channel",
+            "email",
+            "--text",
+            "Hello",
+            "--wait",
+            "30",
+        ],
+        &[("HERALD_API_KEY", world.herald.admin_key())],
+    )
+    .await;
+    let (stdout, stderr) = streams(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    let view = printed_json(&stdout);
+    assert_eq!(view["status"], "failed", "{view}");
+    assert!(stderr.contains("ended failed"), "{stderr}");
+}
+
+/// A wrong key is refused with 401 and shown nowhere, nor is the key of `HERALD_API_KEY` in
+/// `--help`.
+#[tokio::test]
+async fn the_api_key_is_never_printed() {
+    let world = world().await;
+    let wrong = "hk_0123456789abcdef_not-a-real-secret";
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--email",
+            "ada@example.com",
+            "--text",
+            "Hello",
+        ],
+        &[("HERALD_API_KEY", wrong)],
+    )
+    .await;
+    let (stdout, stderr) = streams(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    assert!(stderr.contains("401"), "the refusal on stderr: {stderr}");
+    assert_key_hidden(wrong, &output);
+
+    let help = herald_send(&["--help"], &[("HERALD_API_KEY", wrong)]).await;
+    let (stdout, _) = streams(&help);
+    assert!(
+        stdout.contains("HERALD_API_KEY"),
+        "the help names the variable: {stdout}"
+    );
+    assert_key_hidden(wrong, &help);
+}
