@@ -56,8 +56,9 @@ pub struct SendArgs {
     /// Recipient: URL for a signed webhook.
     #[arg(long)]
     pub webhook_url: Option<String>,
-    /// Category: transactional, security, account or marketing.
-    #[arg(long, default_value = "transactional")]
+    /// Category: transactional, security, account or marketing (required, as by the API: it
+    /// decides the customer's opt-outs and limits).
+    #[arg(long)]
     pub category: String,
     /// A channel to try (repeatable, in chain order): email, telegram, sms, push, webhook; the
     /// category's default chain when absent.
@@ -327,6 +328,8 @@ mod tests {
         let args = parse(&[
             "--email",
             "ada@example.com",
+            "--category",
+            "transactional",
             "--push-token",
             "t1",
             "--push-token",
@@ -384,18 +387,30 @@ mod tests {
 
     #[test]
     fn clap_refuses_only_malformed_shapes() {
-        assert!(parse(&["--var", "x"]).is_err(), "--var without a template");
+        let with_category = |args: &[&'static str]| {
+            let mut all = vec!["--category", "account"];
+            all.extend_from_slice(args);
+            parse(&all)
+        };
+        assert!(parse(&["--text", "x"]).is_err(), "no category");
         assert!(
-            parse(&["--template", "t", "--var", "x"]).is_err(),
+            with_category(&["--var", "x"]).is_err(),
+            "--var without a template"
+        );
+        assert!(
+            with_category(&["--template", "t", "--var", "x"]).is_err(),
             "--var without ="
         );
         assert!(
-            parse(&["--template", "t", "--text", "x"]).is_err(),
+            with_category(&["--template", "t", "--text", "x"]).is_err(),
             "template and content"
         );
-        let args = parse(&["--wait"]).expect("--wait alone");
+        let args = with_category(&["--wait"]).expect("--wait alone");
         assert_eq!(args.wait, Some(60));
-        assert_eq!(parse(&["--wait", "5"]).expect("--wait 5").wait, Some(5));
-        assert_eq!(parse(&[]).expect("no flags").wait, None);
+        assert_eq!(
+            with_category(&["--wait", "5"]).expect("--wait 5").wait,
+            Some(5)
+        );
+        assert_eq!(with_category(&[]).expect("no flags").wait, None);
     }
 }
