@@ -43,7 +43,8 @@ pub struct Rule {
     /// The data field holding the recipient's customer id.
     #[serde(default = "default_recipient")]
     pub recipient: String,
-    /// `false` switches the rule (usually a default one) off.
+    /// `false` switches the rule off: a built-in one of that name, or one of one's own kept in
+    /// the configuration.
     #[serde(default = "enabled")]
     pub enabled: bool,
 }
@@ -167,8 +168,9 @@ pub fn default_rules() -> Vec<Rule> {
 /// named like a default replaces it, others are added; disabled rules are dropped.
 ///
 /// Refuses, naming the override by its place, a name configured twice (the earlier one would be
-/// ignored), `enabled = false` under a name no default has (it would switch nothing off, as with a
-/// misspelt name), and an enabled override that [`validate`] would refuse.
+/// ignored), `enabled = false` under a name that is a default's misspelt (it would switch nothing
+/// off), and an enabled override that [`validate`] would refuse. A disabled rule of one's own is
+/// not checked: it may wait for a template not created yet.
 pub fn with_overrides(defaults: Vec<Rule>, overrides: &[Rule]) -> Result<Vec<Rule>, RuleError> {
     for (index, o) in overrides.iter().enumerate() {
         check_override(&defaults, &overrides[..index], o).map_err(|reason| RuleError {
@@ -201,11 +203,22 @@ fn check_override(defaults: &[Rule], earlier: &[Rule], o: &Rule) -> Result<(), S
     if defaults.iter().any(|d| d.name == o.name) {
         return Ok(());
     }
-    let names: Vec<&str> = defaults.iter().map(|d| d.name.as_str()).collect();
-    Err(format!(
-        "enabled = false switches off no built-in rule; built-in: {}",
-        names.join(", ")
-    ))
+    // A rule of one's own kept switched off is fine; one named almost like a built-in rule is a
+    // misspelt attempt to switch that one off, which would leave it on.
+    match defaults.iter().find(|d| looks_like(&d.name, &o.name)) {
+        Some(builtin) => Err(format!(
+            "enabled = false switches off no built-in rule; did you mean {:?}?",
+            builtin.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `name` is `builtin` misspelt: the same but for case, `-` for `_`, or at most two
+/// letters changed, added, removed or swapped.
+fn looks_like(builtin: &str, name: &str) -> bool {
+    let plain = |s: &str| s.to_lowercase().replace('-', "_");
+    strsim::damerau_levenshtein(&plain(builtin), &plain(name)) <= 2
 }
 
 /// Why a rule set cannot work.
@@ -703,22 +716,36 @@ mod tests {
     }
 
     #[test]
-    fn switching_off_a_rule_that_is_not_built_in_is_refused() {
-        assert_refused(
-            r#"
-            [[rules]]
-            name = "marketing_campain"
-            event = "marketing.campaign"
-            template = "marketing"
-            category = "marketing"
-            enabled = false
-            "#,
-            &[
-                "routing.rules[0] (\"marketing_campain\")",
-                "enabled = false switches off no built-in rule; built-in: order_placed, \
-                 order_shipped, order_delivered, login_alert, marketing_campaign",
-            ],
-        );
+    fn switching_off_a_misspelt_built_in_rule_is_refused_and_a_parked_rule_is_not() {
+        let disabled = |name: &str| {
+            format!(
+                r#"
+                [[rules]]
+                name = "{name}"
+                event = "marketing.campaign"
+                template = "marketing"
+                category = "marketing"
+                enabled = false
+                "#
+            )
+        };
+        for misspelt in [
+            "marketing_campain",
+            "Marketing-Campaign",
+            "marketnig_campaign",
+        ] {
+            assert_refused(
+                &disabled(misspelt),
+                &[
+                    &format!("routing.rules[0] ({misspelt:?})"),
+                    "enabled = false switches off no built-in rule; did you mean \
+                     \"marketing_campaign\"?",
+                ],
+            );
+        }
+        let in_force = in_force(&disabled("spring_sale")).expect("a rule of one's own, parked");
+        assert!(in_force.iter().all(|r| r.name != "spring_sale"));
+        assert!(in_force.iter().any(|r| r.name == "marketing_campaign"));
     }
 
     #[test]
