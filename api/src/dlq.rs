@@ -17,7 +17,7 @@
 
 use chrono::{DateTime, Utc};
 use herald_entities::{
-    notification,
+    NotificationStatus, notification,
     repo::{
         dead_letters::{self, PendingReplay},
         notifications,
@@ -344,7 +344,9 @@ async fn replay_letter(
             row.status.as_str()
         )));
     }
-    publish_replay(state, letter, &row, &replay).await?;
+    if let Err(why) = publish_replay(state, letter, &row, &replay).await? {
+        return Ok(Err(why));
+    }
     if let Err(err) = stream.delete(letter.seq).await {
         // Replayed all the same; the stale entry's notification is no longer dead, so a
         // second replay of it is refused.
@@ -361,13 +363,14 @@ async fn replay_letter(
 
 /// Publishes the command of `row`, requeued for `replay`, and clears the replay's mark. When the
 /// publish fails, puts the notification back to `dead` (503), unless a dispatcher has claimed it
-/// meanwhile: the command was stored although its acknowledgement was lost.
+/// meanwhile (the command was stored although its acknowledgement was lost) or it was cancelled
+/// meanwhile (`Ok(Err(why))`: nothing was replayed).
 async fn publish_replay(
     state: &AppState,
     letter: &DeadLetter,
     row: &notification::Model,
     replay: &PendingReplay,
-) -> Result<(), ApiError> {
+) -> Result<Result<(), String>, ApiError> {
     let id = row.id;
     let published = state
         .publisher
@@ -386,13 +389,21 @@ async fn publish_replay(
         if dead_letters::return_to_dead(&state.db, id, replay, back).await? {
             return Err(unavailable(err));
         }
+        let now = notifications::find(&state.db, id)
+            .await?
+            .map(|row| row.status);
+        if now == Some(NotificationStatus::Cancelled) {
+            return Ok(Err(format!(
+                "notification {id} was cancelled while it was being replayed"
+            )));
+        }
         tracing::info!(%id, "the replayed command arrived after all");
     } else if let Err(err) = dead_letters::confirm_replayed(&state.db, id, replay).await {
         // Replayed all the same: the Scheduler publishes the command again under the same
         // `Nats-Msg-Id`, which JetStream drops as a duplicate, and clears the mark.
         tracing::warn!(%id, error = %err, "cannot confirm a replayed command");
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Publishes a dead-lettered event again on its subject, then deletes the entry.

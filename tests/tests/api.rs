@@ -1310,12 +1310,14 @@ async fn errors_before_an_operation_runs_are_declared_and_have_the_error_shape()
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Settings under which a notification whose provider does not answer is dead after two rounds.
+fn dying_fast(config: &mut herald_engine::Config) {
+    config.dispatch.retry.max_deliveries = 2;
+    config.channels.limits.circuit.cool_down_ms = 200;
+}
+
 async fn dead_letter_world() -> World {
-    world_with(|config| {
-        config.dispatch.retry.max_deliveries = 2;
-        config.channels.limits.circuit.cool_down_ms = 200;
-    })
-    .await
+    world_with(dying_fast).await
 }
 
 #[tokio::test]
@@ -1547,8 +1549,7 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
 /// A dead-letter world whose Scheduler publishes unconfirmed commands again after a second.
 async fn replay_world() -> World {
     world_with(|config| {
-        config.dispatch.retry.max_deliveries = 2;
-        config.channels.limits.circuit.cool_down_ms = 200;
+        dying_fast(config);
         config.scheduler.stale_claim_secs = 1;
     })
     .await
@@ -1575,9 +1576,9 @@ async fn dead_notification(w: &World) -> (String, u64) {
 /// leave it `queued` for good: nothing marked it as unpublished, and its dead letter could not be
 /// replayed again (the notification was no longer `dead`). The Scheduler now publishes it, under
 /// the replay's own message id (the notification died within the duplicate window of its first
-/// command) and with the replay's attempt base (else its rounds would count as spent). The API's
-/// confirmation of the first command, gathered for half a second, lands after the requeue here;
-/// it must not take the replay's mark for its own.
+/// command) and with the replay's attempt base (else its rounds would count as spent). (That a
+/// late confirmation of the first command leaves the replay's mark is
+/// `races::a_late_first_publish_confirmation_leaves_a_replay_s_mark`.)
 #[tokio::test]
 async fn a_replay_that_stopped_before_publishing_is_finished_by_the_scheduler() {
     use herald_entities::repo::dead_letters::{PendingReplay, requeue_dead};

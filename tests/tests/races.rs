@@ -346,3 +346,47 @@ async fn concurrent_saves_of_a_template_each_get_a_version() {
         .expect("stored");
     assert_eq!((stored.version, stored.text.as_str()), (3, "second"));
 }
+
+/// The API's confirmation of a send's first publish, landing late (it comes in batches) after
+/// the notification died and was requeued by a replay, leaves the replay's mark: a replay that
+/// then stops is still found by the Scheduler's sweep. Two requeues of one letter publish under
+/// message ids of their own.
+#[tokio::test]
+async fn a_late_first_publish_confirmation_leaves_a_replay_s_mark() {
+    use repo::dead_letters::{PendingReplay, requeue_dead};
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let row = queued_notification(None);
+    let id = row.id;
+    repo::notifications::insert_many(&db, vec![row])
+        .await
+        .expect("stored");
+    repo::status_batch::apply(&db, &[StatusChange::to(id, NotificationStatus::Dead)], &[])
+        .await
+        .expect("dead");
+    let replay = PendingReplay::new(7);
+    assert_ne!(
+        replay.msg_id(id),
+        PendingReplay::new(7).msg_id(id),
+        "each requeue of a letter has a message id of its own"
+    );
+    assert!(requeue_dead(&db, id, &replay).await.expect("requeued"));
+    repo::schedule::confirm_published(&db, &[id])
+        .await
+        .expect("late confirmation");
+    let stored = repo::notifications::find(&db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status_reason, Some(replay.mark()), "the mark stays");
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let stale = repo::schedule::stale_claims(&db, later, 10)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        stale.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![id],
+        "the Scheduler's sweep finds the unfinished replay"
+    );
+    assert_eq!(PendingReplay::of(&stale[0]), Some(replay));
+}
