@@ -119,7 +119,7 @@ async fn connect_waiting(
 ) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
     let connected = Arc::new(Notify::new());
-    match options(connection, &servers, connected.clone())
+    match options(connection, &servers, Some(connected.clone()))
         .await?
         .connect(servers.clone())
         .await
@@ -132,7 +132,7 @@ async fn connect_waiting(
             }
         },
     }
-    let client = options(connection, &servers, connected.clone())
+    let client = options(connection, &servers, Some(connected.clone()))
         .await?
         .retry_on_initial_connect()
         .connect(servers.clone())
@@ -202,7 +202,7 @@ impl Waiting<'_> {
     /// Tries a connection of its own: the retrying client only logs a refusal, and would try
     /// again forever.
     async fn refused(&self) -> Result<(), NatsError> {
-        let probe = options(self.connection, self.servers, Arc::new(Notify::new()))
+        let probe = options(self.connection, self.servers, None)
             .await?
             .connect(self.servers.to_vec())
             .await;
@@ -213,17 +213,18 @@ impl Waiting<'_> {
     }
 }
 
-/// The client's options for `connection`: name, reconnects, event log, authentication, TLS;
-/// `connected` is notified each time the client connects.
+/// The client's options for `connection`: name, reconnects, authentication, TLS and, with
+/// `connected` (notified each time the client connects), the event log; a probe's go without.
 async fn options(
     connection: Connection<'_>,
     servers: &[ServerAddr],
-    connected: Arc<Notify>,
+    connected: Option<Arc<Notify>>,
 ) -> Result<ConnectOptions, NatsError> {
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .name(connection.name)
-        .max_reconnects(None)
-        .event_callback(move |event| {
+        .max_reconnects(None);
+    if let Some(connected) = connected {
+        options = options.event_callback(move |event| {
             let connected = connected.clone();
             async move {
                 if event == Event::Connected {
@@ -232,6 +233,7 @@ async fn options(
                 log_event(&event)
             }
         });
+    }
     let options = authenticate(options, connection.auth, servers).await?;
     secure(options, connection.tls)
 }

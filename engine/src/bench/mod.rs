@@ -245,6 +245,11 @@ pub async fn run(args: BenchArgs, base: Config) -> anyhow::Result<BenchReport> {
     config.validate()?;
     let nats = config.nats.clone();
     let nats_pid = own_nats.as_ref().and_then(BenchNats::pid);
+    if own_nats.is_none() {
+        // The engine waits for its server as long as it takes; the bench does not.
+        herald_nats::connect::connect_within(nats.connection("herald-bench-check"), NATS_PATIENCE)
+            .await?;
+    }
 
     let reference = if args.no_reference {
         None
