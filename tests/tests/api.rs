@@ -1176,17 +1176,30 @@ async fn a_send_retried_after_its_template_was_deleted_answers_the_first_notific
     assert_eq!(again["id"], id.as_str(), "{again}");
 
     let other = changed(&first, "/template/variables/name", json!("Grace"));
-    let (status, refused) = h.send(&other).await;
-    assert_reused(status, &refused, &other);
-    let new_key = changed(&first, "/request_id", json!("receipt-10"));
-    let (status, refused) = h.send(&new_key).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
-    assert_eq!(refused["field"], "template.code", "{refused}");
+    refused_unless_repeated(h, "/api/v1/notifications", &first, &other, "receipt-10").await;
 
     assert_eq!(stored_rows(h).await, (1, 0), "nothing new stored");
     w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
     assert_eq!(w.smtp.count(), 1, "one mail");
     w.herald.shutdown().await.expect("shutdown");
+}
+
+/// After its template was deleted, a keyed request `first` is answered only as a repeat: `other`
+/// under its key is refused as a reused key (422), and `first` under the new key `new_key` meets
+/// the template check (400).
+async fn refused_unless_repeated(
+    h: &TestHerald,
+    path: &str,
+    first: &Value,
+    other: &Value,
+    new_key: &str,
+) {
+    let (status, refused) = h.post(path, other).await;
+    assert_reused(status, &refused, other);
+    let new_key = changed(first, "/request_id", json!(new_key));
+    let (status, refused) = h.post(path, &new_key).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "template.code", "{refused}");
 }
 
 /// The same for a bulk send: retried after its template was deleted, it answers the batch stored
@@ -1223,12 +1236,7 @@ async fn a_bulk_send_retried_after_its_template_was_deleted_answers_the_first_ba
     assert_eq!(again["batch_id"], batch.as_str(), "{again}");
     assert_eq!(again["total"], 2, "{again}");
     let other = changed(&first, "/recipients/1/variables/name", json!("C"));
-    let (status, refused) = h.post(path, &other).await;
-    assert_reused(status, &refused, &other);
-    let new_key = changed(&first, "/request_id", json!("receipts-4"));
-    let (status, refused) = h.post(path, &new_key).await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
-    assert_eq!(refused["field"], "template.code", "{refused}");
+    refused_unless_repeated(h, path, &first, &other, "receipts-4").await;
 
     assert_eq!(
         stored_rows(h).await,

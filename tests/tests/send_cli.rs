@@ -57,6 +57,17 @@ fn streams(output: &Output) -> (String, String) {
     (stdout, stderr)
 }
 
+/// Asserts that `herald send` exited with `code`; its stdout and stderr.
+fn exited(output: &Output, code: i32) -> (String, String) {
+    let (stdout, stderr) = streams(output);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "stdout {stdout}, stderr {stderr}"
+    );
+    (stdout, stderr)
+}
+
 /// The one line of JSON `herald send` prints on stdout.
 fn printed_json(stdout: &str) -> Value {
     let lines: Vec<&str> = stdout.lines().collect();
@@ -95,12 +106,7 @@ async fn a_send_that_goes_out_prints_the_sent_notification_and_exits_0() {
         &[],
     )
     .await;
-    let (stdout, stderr) = streams(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stdout {stdout}, stderr {stderr}"
-    );
+    let (stdout, _) = exited(&output, 0);
     let view = printed_json(&stdout);
     assert_eq!(view["status"], "sent", "{view}");
     let attempts = view["attempts"].as_array().expect("attempts");
@@ -134,12 +140,7 @@ async fn a_send_that_goes_out_prints_the_sent_notification_and_exits_0() {
         &[("HERALD_API_KEY", key)],
     )
     .await;
-    let (stdout, stderr) = streams(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stdout {stdout}, stderr {stderr}"
-    );
+    let (stdout, _) = exited(&output, 0);
     let accepted = printed_json(&stdout);
     assert_eq!(accepted["status"], "queued", "{accepted}");
     let id = accepted["id"].as_str().expect("an id");
@@ -167,12 +168,7 @@ async fn a_refused_send_exits_1_with_the_api_error_on_stderr() {
         &[],
     )
     .await;
-    let (stdout, stderr) = streams(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "stdout {stdout}, stderr {stderr}"
-    );
+    let (stdout, stderr) = exited(&output, 1);
     assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
     assert!(
         stderr.contains("400") && stderr.contains("\"code\":\"invalid_request\""),
@@ -210,12 +206,7 @@ async fn a_send_that_fails_exits_3_with_the_failed_notification() {
         &[("HERALD_API_KEY", world.herald.admin_key())],
     )
     .await;
-    let (stdout, stderr) = streams(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(3),
-        "stdout {stdout}, stderr {stderr}"
-    );
+    let (stdout, stderr) = exited(&output, 3);
     let view = printed_json(&stdout);
     assert_eq!(view["status"], "failed", "{view}");
     assert!(stderr.contains("ended failed"), "{stderr}");
@@ -241,12 +232,7 @@ async fn the_api_key_is_never_printed() {
         &[("HERALD_API_KEY", wrong)],
     )
     .await;
-    let (stdout, stderr) = streams(&output);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "stdout {stdout}, stderr {stderr}"
-    );
+    let (_, stderr) = exited(&output, 1);
     assert!(stderr.contains("401"), "the refusal on stderr: {stderr}");
     assert_key_hidden(wrong, &output);
 

@@ -706,6 +706,16 @@ mod tests {
         }))
     }
 
+    /// FCM's answer when a device's (or the project's) message rate is exceeded.
+    fn quota_exceeded() -> ResponseTemplate {
+        fcm_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "QUOTA_EXCEEDED",
+            "Quota exceeded.",
+        )
+    }
+
     fn unregistered() -> ResponseTemplate {
         fcm_error(
             404,
@@ -844,13 +854,7 @@ mod tests {
         reply_for(
             &server,
             "device-a",
-            fcm_error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                "QUOTA_EXCEEDED",
-                "Quota exceeded.",
-            )
-            .insert_header("retry-after", "42"),
+            quota_exceeded().insert_header("retry-after", "42"),
         )
         .await;
         let error = provider(&server.uri(), 2_000)
@@ -868,13 +872,7 @@ mod tests {
     #[tokio::test]
     async fn a_throttled_device_beside_an_fcm_failure_is_a_transient_failure() {
         let server = MockServer::start().await;
-        let quota = fcm_error(
-            429,
-            "RESOURCE_EXHAUSTED",
-            "QUOTA_EXCEEDED",
-            "Quota exceeded.",
-        );
-        reply_for(&server, "device-a", quota).await;
+        reply_for(&server, "device-a", quota_exceeded()).await;
         let down = fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", "try later");
         reply_for(&server, "device-b", down).await;
         let error = provider(&server.uri(), 2_000)
@@ -890,13 +888,7 @@ mod tests {
     #[tokio::test]
     async fn a_throttled_device_beside_a_dead_one_is_a_throttle_naming_the_dead_token() {
         let server = MockServer::start().await;
-        let quota = fcm_error(
-            429,
-            "RESOURCE_EXHAUSTED",
-            "QUOTA_EXCEEDED",
-            "Quota exceeded.",
-        );
-        reply_for(&server, "device-a", quota).await;
+        reply_for(&server, "device-a", quota_exceeded()).await;
         reply_for(&server, "dead-1", unregistered()).await;
         let error = provider(&server.uri(), 2_000)
             .send(&message(&["device-a", "dead-1"]))
