@@ -35,6 +35,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::migration_lock::MigrationLock;
 
+/// How long a shutdown waits, at its end, for NATS to take what the client still buffers.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// A running Herald: HTTP server and engine.
 pub struct Herald {
     http_addr: SocketAddr,
@@ -346,7 +349,14 @@ impl Herald {
             .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
             .await
             .ok();
-        self.nats.flush().await.ok();
+        // Bounded: while NATS is unreachable the client is reconnecting and answers no flush.
+        match tokio::time::timeout(FINAL_FLUSH, self.nats.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "NATS connection not flushed"),
+            Err(_) => tracing::warn!(
+                "NATS connection not flushed within {FINAL_FLUSH:?} (server unreachable?); stopping anyway"
+            ),
+        }
         tracing::info!("herald stopped");
         Ok(())
     }

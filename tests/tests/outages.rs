@@ -615,3 +615,44 @@ async fn a_nats_server_down_at_the_start_is_waited_for() {
     assert_eq!(smtp.count(), 1, "one email went out");
     herald.shutdown().await.expect("shutdown");
 }
+
+/// `shutdown_grace_secs` of the shutdown-while-NATS-is-down test.
+const GRACE_WITH_NATS_DOWN: u64 = 2;
+/// Bound on that shutdown: the grace, the status writer's flush, the lease hand-back, the actors'
+/// stop and the final flush each wait a few seconds at most.
+const SHUTDOWN_WITH_NATS_DOWN: Duration = Duration::from_secs(30);
+
+/// A stop while NATS is unreachable ends within a bound, as README's *Operations* says, instead of
+/// waiting for ever on the client's last flush (the client answers none while it reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_nats_is_down_still_ends() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut config = test_config(&nats, &db, &smtp);
+    config.dispatch.shutdown_grace_secs = GRACE_WITH_NATS_DOWN;
+    let herald = TestHerald::start(config).await.expect("herald");
+    let id = herald
+        .send_accepted(&json!({
+            "recipient": { "email": "before@example.com" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Hello", "text": "Before NATS went away." }
+        }))
+        .await;
+    herald.wait_status(&id, "sent").await;
+    nats.stop().await.expect("nats stopped");
+    eventually("readiness to see NATS gone", E2E_TIMEOUT, || async {
+        let (status, _) = herald.get("/health/ready").await;
+        (status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    tokio::time::timeout(SHUTDOWN_WITH_NATS_DOWN, herald.shutdown())
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the stop did not end within {SHUTDOWN_WITH_NATS_DOWN:?} while NATS was down")
+        })
+        .expect("shutdown");
+    eprintln!("stopped in {:?} with NATS down", started.elapsed());
+}
