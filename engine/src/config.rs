@@ -566,12 +566,14 @@ const ENV_PREFIX: &str = "HERALD_";
 /// - `HERALD_WRITE_EVENT_SCHEMAS`: regenerates `docs/events/` (herald-nats' tests).
 /// - `HERALD_SESSION_SECRET`: the shell variable `docker-compose.yml` hands to its replicas as
 ///   `HERALD_DASHBOARD__SESSION_SECRET`.
+/// - `HERALD_API_KEY`: the key `herald send` calls the API with (`--api-key`).
 const NOT_CONFIGURATION: &[&str] = &[
     "HERALD_CONFIG",
     "HERALD_TEST_*",
     "HERALD_BIN",
     "HERALD_WRITE_EVENT_SCHEMAS",
     "HERALD_SESSION_SECRET",
+    "HERALD_API_KEY",
 ];
 
 /// Whether the variable `HERALD_{rest}` is configuration (see [`NOT_CONFIGURATION`]).
@@ -1082,10 +1084,38 @@ impl Config {
         if self.templates.default_locale.trim().is_empty() {
             return invalid("templates.default_locale must be a language tag such as en".into());
         }
+        self.check_log_level()?;
         self.rate_limits()?;
         self.routing_rules()?;
         self.dashboard.settings()?;
         self.default_chains().map(|_| ())
+    }
+
+    /// Refuses a `log.level` that would not log what its writer meant: one that does not parse,
+    /// or a bare word that is not a level (`warning`, `verbose`). The filter would read such a
+    /// word as a target at every level and switch off everything else, errors included.
+    fn check_log_level(&self) -> Result<(), ConfigError> {
+        let level = &self.log.level;
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(level) {
+            return Err(ConfigError::Invalid(format!(
+                "log.level {level:?} is not a filter: {err}"
+            )));
+        }
+        let not_a_level = level
+            .split(',')
+            .map(str::trim)
+            .filter(|directive| !directive.is_empty() && !directive.contains('='))
+            .find(|word| {
+                word.parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err()
+            });
+        match not_a_level {
+            Some(word) => Err(ConfigError::Invalid(format!(
+                "log.level: {word:?} is not a level (trace, debug, info, warn, error or off); \
+                 a target's level is written target=level"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a channel timeout of 0 (every send would time out) or not below the
@@ -1627,6 +1657,7 @@ mod tests {
                 "HERALD_BIN",
                 "HERALD_WRITE_EVENT_SCHEMAS",
                 "HERALD_SESSION_SECRET",
+                "HERALD_API_KEY",
             ] {
                 jail.set_env(excluded, "1");
             }
@@ -1918,6 +1949,28 @@ mod limits_tests {
     #[test]
     fn values_that_would_silently_stop_work_are_refused() {
         let cases: Vec<(&str, Change)> = vec![
+            ("log.level", Box::new(|c| c.log.level = "warning".into())),
+            (
+                "log.level",
+                Box::new(|c| c.log.level = "herald_api=debug,verbose".into()),
+            ),
+            (
+                "log.level",
+                Box::new(|c| c.log.level = "herald=loud".into()),
+            ),
+            (
+                "rate_limits.security",
+                Box::new(|c| {
+                    c.rate_limits.0.insert(
+                        "security".into(),
+                        CategoryLimit {
+                            capacity: 5,
+                            per_secs: 60,
+                            policy: herald_actors::rate_limit::OverLimit::Drop,
+                        },
+                    );
+                }),
+            ),
             (
                 "status_writer.max_batch",
                 Box::new(|c| c.status_writer.max_batch = 0),
@@ -2358,6 +2411,15 @@ mod limits_tests {
             c.channels.webhook = Some(webhook(WEBHOOK_SECRET));
             c.nats.retention.status.max_age_secs = 120;
             c.nats.retention.events.max_age_secs = 0;
+            c.log.level = "WARN,herald_actors=debug".into();
+            c.rate_limits.0.insert(
+                "security".into(),
+                CategoryLimit {
+                    capacity: 0,
+                    per_secs: 60,
+                    policy: herald_actors::rate_limit::OverLimit::Drop,
+                },
+            );
         });
         assert_eq!(accepted, None);
     }

@@ -82,7 +82,8 @@ pub fn default_limits() -> HashMap<String, CategoryLimit> {
     ])
 }
 
-/// Reads limits keyed by category name; a capacity of 0 means unlimited.
+/// Reads limits keyed by category name; a capacity of 0 means unlimited. A limit on a critical
+/// category (security), which is never limited, is refused rather than silently ignored.
 pub fn parse_limits(
     by_name: &HashMap<String, CategoryLimit>,
 ) -> Result<HashMap<Category, CategoryLimit>, String> {
@@ -92,6 +93,12 @@ pub fn parse_limits(
             .ok_or_else(|| format!("rate_limits: unknown category {name:?}"))?;
         if limit.per_secs == 0 {
             return Err(format!("rate_limits.{name}.per_secs must be at least 1"));
+        }
+        if limit.capacity > 0 && crate::policy::preferences::is_critical(category) {
+            return Err(format!(
+                "rate_limits.{name}: {name} notifications are never rate-limited (nor held by \
+                 quiet hours); remove this limit or set its capacity to 0"
+            ));
         }
         if limit.capacity > 0 {
             limits.insert(category, *limit);
