@@ -24,7 +24,7 @@ ensure_packages() {
 }
 
 # The oldest Rust the workspace builds with (Cargo.toml's rust-version).
-RUST_MIN_MINOR=90
+RUST_MIN_MINOR=94
 
 # Makes sure a Rust toolchain of at least 1.$RUST_MIN_MINOR with rustfmt and clippy is on PATH,
 # installing rustup if there is none (or updating rustup's when it is older).
