@@ -302,7 +302,8 @@ impl TemplatesApi {
         })
     }
 
-    /// Delete one locale variant of a runtime template (scope `admin`); 404 when there is none.
+    /// Delete one locale variant of a runtime template (scope `admin`); 409 for a compiled
+    /// template, 404 when there is none.
     #[oai(path = "/templates/:code/locales/:locale", method = "delete")]
     async fn delete_variant(
         &self,
@@ -310,6 +311,7 @@ impl TemplatesApi {
         code: Path<String>,
         locale: Path<String>,
     ) -> Result<Deleted, ApiError> {
+        self.refuse_compiled(&code.0)?;
         let locale = canonical_locale(&locale.0);
         match repo::delete(&self.state.db, &code.0, Some(&locale)).await? {
             0 => Err(ApiError::not_found(format!(
@@ -324,12 +326,7 @@ impl TemplatesApi {
     /// template, 404 when unknown. Notifications already accepted with it fail at delivery.
     #[oai(path = "/templates/:code", method = "delete")]
     async fn delete(&self, _auth: AdminKey, code: Path<String>) -> Result<Deleted, ApiError> {
-        if self.state.templates.is_compiled(&code.0) {
-            return Err(ApiError::conflict(format!(
-                "{:?} is a compiled template and cannot be deleted",
-                code.0
-            )));
-        }
+        self.refuse_compiled(&code.0)?;
         match repo::delete(&self.state.db, &code.0, None).await? {
             0 => Err(unknown(&code.0)),
             _ => Ok(Deleted::Deleted),
@@ -375,6 +372,16 @@ impl TemplatesApi {
 }
 
 impl TemplatesApi {
+    /// A compiled template (built into the binary) cannot be deleted: `409`.
+    fn refuse_compiled(&self, code: &str) -> Result<(), ApiError> {
+        if self.state.templates.is_compiled(code) {
+            return Err(ApiError::conflict(format!(
+                "{code:?} is a compiled template and cannot be deleted"
+            )));
+        }
+        Ok(())
+    }
+
     fn compiled_info(&self, code: &str) -> Option<TemplateInfo> {
         self.state
             .templates

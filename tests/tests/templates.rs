@@ -482,5 +482,14 @@ async fn preview_renders_runtime_templates_and_delete_removes_them() {
         .admin(Method::DELETE, "/api/v1/templates/order_placed", None)
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = w
+        .admin(
+            Method::DELETE,
+            "/api/v1/templates/order_placed/locales/en",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "conflict", "{body}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
