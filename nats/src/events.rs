@@ -58,12 +58,16 @@ pub struct OrderItem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OrderCreated {
     /// The customer's external id.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
     pub customer_id: String,
     /// The shop's order number, shown to the customer.
+    #[schemars(regex(pattern = r"\S"))]
     pub order_number: String,
     /// Order total in minor units (cents).
+    #[schemars(range(min = 0))]
     pub total_minor: i64,
     /// ISO 4217 currency code, e.g. `EUR`.
+    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
     pub currency: String,
     /// The order's lines.
     #[serde(default)]
@@ -98,10 +102,16 @@ impl OrderEventStatus {
 
 /// Data of `orders.status_changed`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(extend(
+    "if" = { "properties": { "status": { "const": "shipped" } } },
+    "then" = { "required": ["tracking_number"], "properties": { "tracking_number": { "type": "string", "pattern": "\\S" } } }
+))]
 pub struct OrderStatusChanged {
     /// The customer's external id.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
     pub customer_id: String,
     /// The shop's order number.
+    #[schemars(regex(pattern = r"\S"))]
     pub order_number: String,
     /// The new status.
     pub status: OrderEventStatus,
@@ -123,6 +133,7 @@ pub struct OrderStatusChanged {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CustomerCreated {
     /// The customer's external id.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
     pub customer_id: String,
     /// Display name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,8 +144,10 @@ pub struct CustomerCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LoginAlert {
     /// The customer's external id.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
     pub customer_id: String,
     /// The IP address the sign-in came from.
+    #[schemars(regex(pattern = r"\S"))]
     pub ip: String,
     /// Where that is, roughly (`Berlin, DE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,12 +161,15 @@ pub struct LoginAlert {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MarketingCampaign {
     /// The customer's external id.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
     pub customer_id: String,
     /// The campaign's id.
     pub campaign_id: String,
     /// Headline (email subject, push title).
+    #[schemars(regex(pattern = r"\S"))]
     pub headline: String,
     /// The message.
+    #[schemars(regex(pattern = r"\S"))]
     pub body: String,
     /// Where the call to action leads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
