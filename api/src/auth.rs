@@ -196,6 +196,8 @@ struct CacheEntry {
     /// `None`: no usable key with this prefix (unknown or revoked).
     key: Option<StoredKey>,
     fetched: Instant,
+    /// Whether the key's use was recorded (`last_used_at`) since it was fetched.
+    use_recorded: bool,
 }
 
 /// Verifies keys against the database, with a bounded in-memory cache.
@@ -252,6 +254,7 @@ impl KeyVerifier {
         if !constant_time_eq(hash_secret(secret).as_bytes(), key.secret_hash.as_bytes()) {
             return Err(unauthorized());
         }
+        self.record_use(prefix, key.id).await;
         Ok(Principal {
             key_id: key.id,
             name: key.name,
@@ -275,7 +278,26 @@ impl KeyVerifier {
             Some(hit) => hit,
             None => self.load(prefix).await?,
         };
-        Ok(stored.is_some_and(|key| key.id == key_id && grants(&key.scopes, needed)))
+        let granted = stored.is_some_and(|key| key.id == key_id && grants(&key.scopes, needed));
+        if granted {
+            self.record_use(prefix, key_id).await;
+        }
+        Ok(granted)
+    }
+
+    /// Records that the key with `prefix` authenticated (`last_used_at`): once per cache period
+    /// (cheap, and close enough for "last used"), and only once it proved itself, so a request
+    /// with a key's public prefix and a wrong secret does not make an unused key look used.
+    async fn record_use(&self, prefix: &str, key_id: Uuid) {
+        let first_since_fetch = {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            cache
+                .get_mut(prefix)
+                .is_some_and(|entry| !std::mem::replace(&mut entry.use_recorded, true))
+        };
+        if first_since_fetch && let Err(err) = api_keys::touch(&self.db, key_id, Utc::now()).await {
+            tracing::warn!(%key_id, error = %err, "cannot record API key use");
+        }
     }
 
     fn cached(&self, prefix: &str) -> Option<Option<StoredKey>> {
@@ -302,12 +324,6 @@ impl KeyVerifier {
                 }
             }
         });
-        if let Some(key) = &key {
-            // Once per cache period per key: cheap, and close enough for "last used".
-            if let Err(err) = api_keys::touch(&self.db, key.id, Utc::now()).await {
-                tracing::warn!(key_id = %key.id, error = %err, "cannot record API key use");
-            }
-        }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         make_room(
             &mut cache,
@@ -319,6 +335,7 @@ impl KeyVerifier {
             CacheEntry {
                 key: key.clone(),
                 fetched: Instant::now(),
+                use_recorded: false,
             },
         );
         Ok(key)
@@ -459,6 +476,7 @@ mod tests {
                 scopes: vec![Scope::Send],
             }),
             fetched: Instant::now(),
+            use_recorded: false,
         };
         let mut cache = HashMap::new();
         cache.insert("known".to_string(), entry(true));

@@ -117,6 +117,34 @@ async fn keys_are_required_and_scoped_401_vs_403() {
         .request_with_key(Method::GET, list, Some(&forged), None)
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A key's prefix is public: a wrong secret with it does not make an unused key look used.
+    let unused = new_key(h, "never used", "read").await;
+    let unused_prefix = unused.split('_').nth(1).expect("prefix").to_string();
+    let wrong_secret = format!("hk_{unused_prefix}_{}", "0".repeat(64));
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&wrong_secret), None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let last_used = async |prefix: &str| {
+        herald_entities::repo::api_keys::find_by_prefix(h.db(), prefix)
+            .await
+            .expect("key read")
+            .expect("key stored")
+            .last_used_at
+    };
+    assert_eq!(
+        last_used(&unused_prefix).await,
+        None,
+        "a forged use recorded"
+    );
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&unused), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        last_used(&unused_prefix).await.is_some(),
+        "a real use not recorded"
+    );
 
     // Revoked by the CLI's logic (by prefix): refused once the short cache period is over.
     let prefix = reader.split('_').nth(1).expect("prefix").to_string();
