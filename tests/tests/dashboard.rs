@@ -470,8 +470,34 @@ async fn dead_letters_are_filtered_by_kind_and_reason() {
     let (_, commands) = page("/dead-letters?kind=commands").await;
     assert!(commands.contains(&notification), "{commands}");
     assert!(!commands.contains(&late.to_string()), "an event");
-    let (status, _) = page("/dead-letters?kind=orders").await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Refusals are pages like the others: HTML, with the security headers.
+    for bad in [
+        "/dead-letters?kind=orders",
+        "/dead-letters?after=abc",
+        "/notifications/not-a-uuid",
+    ] {
+        let response = get_page(&base, bad, Some(&cookie)).await;
+        let status = response.status();
+        assert!(status.is_client_error(), "{bad}: {status}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            header("content-type").starts_with("text/html"),
+            "{bad}: {}",
+            header("content-type")
+        );
+        assert!(
+            header("content-security-policy").contains("frame-ancestors 'none'"),
+            "{bad}: no CSP"
+        );
+        assert_eq!(header("cache-control"), "no-store", "{bad}");
+    }
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -5,7 +5,7 @@
 //! letters with replay (`/dead-letters`) and scheduled sends with cancel (`/scheduled`).
 //!
 //! Operators log in by pasting an admin API key; the session lives in a signed, HttpOnly,
-//! SameSite=Strict cookie (`session`). Mutating actions are POST forms carrying the session's
+//! SameSite=Strict cookie (`herald_session`). Mutating actions are POST forms carrying the session's
 //! CSRF token. Every page reads without JavaScript; askama escapes all data, and a
 //! Content-Security-Policy forbids scripts as a second line of defence.
 
@@ -140,13 +140,34 @@ impl Dashboard {
     }
 }
 
-/// A page endpoint: cookies signed with the session key, security headers, the dashboard data.
+/// A page endpoint: cookies signed with the session key, errors as HTML pages, security headers
+/// (on error pages too: `SetHeader` adds them to successful answers only), the dashboard data.
 fn page(dashboard: &Dashboard, ep: poem::RouteMethod) -> impl Endpoint + use<> {
     ep.with(CookieJarManager::with_key(
         dashboard.settings.cookie_key.clone(),
     ))
+    .around(|ep, req| async move { Ok(errors_as_pages(ep.call(req).await)) })
     .with(security_headers())
     .data(dashboard.clone())
+}
+
+/// A page's answer, its error as an HTML page: the page's own (`page_error`), else one made from
+/// the error (a query string or path that did not parse, a method the route has not).
+fn errors_as_pages<R: IntoResponse>(answer: poem::Result<R>) -> Response {
+    match answer {
+        Ok(response) => response.into_response(),
+        Err(err) if err.is_from_response() => err.into_response(),
+        Err(err) => {
+            let status = err.status();
+            let message = if status.is_server_error() {
+                tracing::error!(error = %err, "dashboard page failed");
+                "internal error; see the server log".to_string()
+            } else {
+                err.to_string()
+            };
+            error_page(status, message)
+        }
+    }
 }
 
 fn security_headers() -> SetHeader {
@@ -201,16 +222,18 @@ struct ErrorPage {
 /// Turns an API error into an HTML error page with the same status.
 pub(crate) fn page_error(err: ApiError) -> poem::Error {
     let (status, body) = err.status_and_body();
+    poem::Error::from_response(error_page(status, body.message.clone()))
+}
+
+/// An HTML page saying what went wrong, with `status`.
+fn error_page(status: StatusCode, message: String) -> Response {
     let page = ErrorPage {
         signed_in: true,
         status: status.as_u16(),
         title: status.canonical_reason().unwrap_or("Error").to_string(),
-        message: body.message.clone(),
+        message,
     };
-    match render(&page, status) {
-        Ok(response) => poem::Error::from_response(response),
-        Err(err) => err,
-    }
+    render(&page, status).unwrap_or_else(|err| err.into_response())
 }
 
 /// A `303 See Other` to `location`, the answer to a successful form POST.
