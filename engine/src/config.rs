@@ -917,6 +917,18 @@ impl Config {
                 self.scheduler.retention_days
             ));
         }
+        let https = self.http.public_url.as_deref().is_some_and(|url| {
+            url.get(..8)
+                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+        });
+        if https && !self.dashboard.secure_cookie {
+            warnings.push(
+                "http.public_url is https but dashboard.secure_cookie is false: the dashboard's \
+                 session cookie (an admin credential) would also travel over plain http; set \
+                 dashboard.secure_cookie = true"
+                    .to_string(),
+            );
+        }
         warnings.extend(self.unconfigured_channel_warnings());
         warnings
     }
@@ -1693,6 +1705,22 @@ mod tests {
                 assert!(warned[0].contains(key), "{key}: {warned:?}");
             }
             jail.set_env("HERALD_SCHEDULER__RETENTION_DAYS", "0");
+            assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_https_public_url_without_a_secure_cookie_is_a_warning() {
+        figment::Jail::expect_with(|jail| {
+            let warnings = || Config::load(None).map(|loaded| loaded.warnings);
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "http://herald.example.com");
+            assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "HTTPS://herald.example.com");
+            let warned = warnings().map_err(|e| e.to_string())?;
+            assert_eq!(warned.len(), 1, "{warned:?}");
+            assert!(warned[0].contains("dashboard.secure_cookie"), "{warned:?}");
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
             assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
             Ok(())
         });
