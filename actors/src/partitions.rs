@@ -305,7 +305,12 @@ impl Actor for LeaseKeeper {
 impl LeaseKeeperState {
     async fn round(&mut self, myself: &ActorRef<LeaseKeeperMsg>) {
         let table = self.args.table.clone();
-        match table.heartbeat().await {
+        let mut heartbeat = table.heartbeat().await;
+        // The bucket may be gone, every lease with it: the rest of the round would fail too.
+        if heartbeat.is_err() && self.restore_bucket().await {
+            heartbeat = table.heartbeat().await;
+        }
+        match heartbeat {
             Ok(false) => {}
             Ok(true) => tracing::error!(
                 instance = table.instance(),
@@ -336,6 +341,32 @@ impl LeaseKeeperState {
             Err(err) => tracing::warn!(error = %err, "cannot read partition leases"),
         }
         self.assign();
+    }
+
+    /// Creates the lease bucket again if it is gone (see [`LeaseTable::restore`]), timed by the TTL
+    /// the instances follow; answers whether it did. The leases this keeper held went with the
+    /// bucket: they are dropped, and the round takes partitions afresh. An instance that finds
+    /// the bucket created again by another one loses its leases the same way, when renewing them.
+    async fn restore_bucket(&mut self) -> bool {
+        match self.args.table.restore(self.ttl).await {
+            Ok(true) => {
+                tracing::error!(
+                    bucket = herald_nats::leases::LEASE_BUCKET,
+                    "partition lease bucket missing: created it again (every lease it held is \
+                     lost; partitions are taken afresh)"
+                );
+                let held: Vec<u32> = self.held.keys().copied().collect();
+                for partition in held {
+                    self.drop_lease(partition);
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot check or create the partition lease bucket");
+                false
+            }
+        }
     }
 
     /// Renews every held lease, all at once; drops (locally) those lost or not renewed for too

@@ -2,12 +2,14 @@
 //!
 //! `GET /health` answers while the process serves HTTP (restart it if not). `GET /health/ready`
 //! answers 200 only when this instance can do its job: engine running, NATS connected, Herald's
-//! streams present, database reachable; it reports the command backlog and circuit states too,
-//! and answers 503 with the same body when a check fails (take the instance out of the load
-//! balancer, do not restart; a stopped engine makes `herald serve` exit by itself).
+//! streams and partition lease bucket present, database reachable; it reports the command backlog
+//! and circuit states too, and answers 503 with the same body when a check fails (take the
+//! instance out of the load balancer, do not restart; a stopped engine makes `herald serve` exit
+//! by itself).
 
 use std::time::Duration;
 
+use herald_nats::leases::LEASE_STREAM;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
 use sea_orm::ConnectionTrait;
 
@@ -55,7 +57,7 @@ pub struct Readiness {
     pub engine: Check,
     /// NATS connection.
     pub nats: Check,
-    /// Herald's JetStream streams.
+    /// Herald's JetStream streams, and the stream of its partition lease bucket.
     pub streams: Check,
     /// Database.
     pub database: Check,
@@ -103,8 +105,8 @@ impl HealthApi {
         })
     }
 
-    /// Readiness: engine running, NATS connected, streams present, database reachable; with
-    /// backlog and circuits.
+    /// Readiness: engine running, NATS connected, streams and lease bucket present, database
+    /// reachable; with backlog and circuits.
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
         let nats = if self.state.publisher.is_connected() {
@@ -171,7 +173,19 @@ impl HealthApi {
                 Err(err) => return (fail(&format!("{name}: {err}")), None),
             }
         }
-        (pass("EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS"), pending)
+        // Without the lease bucket no partition is consumed; the lease keepers create it again.
+        if let Err(err) = js.get_stream(LEASE_STREAM).await {
+            return (
+                fail(&format!("{LEASE_STREAM} (partition lease bucket): {err}")),
+                None,
+            );
+        }
+        (
+            pass(&format!(
+                "EVENTS, NOTIFY, NOTIFY_DLQ, NOTIFY_STATUS, {LEASE_STREAM}"
+            )),
+            pending,
+        )
     }
 }
 

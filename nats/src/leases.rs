@@ -44,6 +44,9 @@ use crate::NatsError;
 /// The key-value bucket holding partition leases and instance membership.
 pub const LEASE_BUCKET: &str = "herald_partitions";
 
+/// The JetStream stream behind [`LEASE_BUCKET`] (`KV_<bucket>`).
+pub const LEASE_STREAM: &str = "KV_herald_partitions";
+
 /// Key of a partition's lease.
 pub fn partition_key(partition: u32) -> String {
     format!("partition.{partition}")
@@ -128,7 +131,7 @@ impl LeaseTable {
         // The bucket's stream is created the way a key-value bucket's is, but through the stream
         // API: it updates the TTL when the configuration changes, and it works on servers whose
         // account-info answer this client cannot parse (nats-server 2.9).
-        let current = match js.get_stream(format!("KV_{LEASE_BUCKET}")).await {
+        let current = match js.get_stream(LEASE_STREAM).await {
             Ok(stream) => stream.cached_info().config.max_age,
             Err(e) if is_stream_not_found(&e) => Duration::ZERO,
             Err(e) => return Err(provision_error(e)),
@@ -218,6 +221,43 @@ impl LeaseTable {
             .await
             .map(|_| ())
             .map_err(provision_error)
+    }
+
+    /// Creates the bucket again, with TTL `ttl`, if it is gone: lost with the server's store (a
+    /// NATS without a persistent volume restarted, an R1 bucket's node is gone) or removed by
+    /// hand (`nats kv rm`). Every lease and membership record went with it. Answers whether it
+    /// was gone and this call created it (or another instance did, with the same configuration,
+    /// at the same moment).
+    ///
+    /// Called when a lease operation failed: the server says whether the bucket exists, which the
+    /// failed operation's error does not tell reliably (a write to a missing bucket fails with
+    /// "no responders", as one does while JetStream is unavailable). Several instances may find
+    /// it gone at once: the create is refused only for a bucket that exists with another
+    /// configuration (one created by an instance with another TTL), and that one is kept as it
+    /// is, its TTL followed like any other.
+    pub async fn restore(&self, ttl: Duration) -> Result<bool, NatsError> {
+        match self.js.get_stream(LEASE_STREAM).await {
+            Ok(_) => return Ok(false),
+            Err(e) if is_stream_not_found(&e) => {}
+            Err(e) => return Err(provision_error(e)),
+        }
+        match self
+            .js
+            .create_stream(bucket_stream(ttl, self.replicas))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::CreateStreamErrorKind::JetStream(err)
+                        if err.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(provision_error(e)),
+        }
     }
 
     /// Takes the partition if nobody holds it; `None` if somebody does.
@@ -406,7 +446,7 @@ impl LeaseTable {
 /// The stream behind the lease bucket: one value per key, entries aging out after `ttl`.
 fn bucket_stream(ttl: Duration, replicas: usize) -> jetstream::stream::Config {
     jetstream::stream::Config {
-        name: format!("KV_{LEASE_BUCKET}"),
+        name: LEASE_STREAM.to_string(),
         description: Some("Herald partition leases and instance membership".to_string()),
         subjects: vec![format!("$KV.{LEASE_BUCKET}.>")],
         max_messages_per_subject: 1,
@@ -448,6 +488,12 @@ fn lease_error(partition: u32, e: impl std::fmt::Display) -> NatsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_stream_is_the_buckets() {
+        assert_eq!(LEASE_STREAM, format!("KV_{LEASE_BUCKET}"));
+        assert_eq!(bucket_stream(Duration::from_secs(1), 1).name, LEASE_STREAM);
+    }
 
     #[test]
     fn a_shorter_ttl_is_approached_by_halvings() {

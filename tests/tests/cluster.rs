@@ -690,6 +690,40 @@ async fn the_lease_view_lists_live_leases_and_members_only() {
     );
 }
 
+/// A lost lease bucket is created again by whichever tables find it gone, several at once; one
+/// that exists is left as it is, whatever TTL it has, and its leases work as before.
+#[tokio::test]
+async fn a_lost_lease_bucket_is_restored_once_by_racing_tables() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(5);
+    let a = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("bucket");
+    let b = LeaseTable::open(&js, "b", ttl, 1, 8).await.expect("bucket");
+    a.try_acquire(0).await.expect("take").expect("0 is free");
+    assert!(!a.restore(ttl).await.expect("checked"), "the bucket exists");
+
+    js.delete_stream(herald_nats::leases::LEASE_STREAM)
+        .await
+        .expect("bucket deleted");
+    assert!(a.heartbeat().await.is_err(), "no bucket to write to");
+    let (by_a, by_b) = futures::join!(a.restore(ttl), b.restore(Duration::from_secs(7)));
+    let (by_a, by_b) = (by_a.expect("a restores"), by_b.expect("b restores"));
+    assert!(by_a || by_b, "one of them created it");
+
+    let view = a.view().await.expect("view");
+    assert!(view.owners.is_empty(), "the leases went with the bucket");
+    assert!(
+        [ttl, Duration::from_secs(7)].contains(&view.ttl),
+        "one table's TTL: {:?}",
+        view.ttl
+    );
+    b.try_acquire(0)
+        .await
+        .expect("take")
+        .expect("0 is free again");
+    assert!(a.try_acquire(0).await.expect("take").is_none(), "0 is b's");
+    assert!(!b.restore(ttl).await.expect("checked"), "left as it is");
+}
+
 /// Instances configured with different lease TTLs (a rolling change of it): an instance with a
 /// shorter TTL does not cut the bucket's at start, it lowers it a halving at a time, each after
 /// the last has stood for a whole TTL; a keeper configured with a longer one follows the bucket's,

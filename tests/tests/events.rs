@@ -1049,3 +1049,60 @@ async fn lost_streams_are_created_again_without_a_restart() {
     );
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// The partition lease bucket lost with the server's store (or removed with `nats kv rm`) is
+/// created again by the running instance, which takes its partitions again and delivers sends as
+/// before: its renewals failed, its leases ran out, and it delivered nothing more, for good, while
+/// readiness stayed `200`.
+#[tokio::test]
+async fn a_lost_lease_bucket_is_created_again_without_a_restart() {
+    const LEASE_TTL: Duration = Duration::from_secs(2);
+    let w = world_with(|config| config.cluster.lease_ttl_ms = LEASE_TTL.as_millis() as u64).await;
+    w.customer("c-ada", "ada@example.com", "en-GB").await;
+    let partitions = herald_engine::Config::default().nats.partitions;
+    let js = w.js().await;
+    js.delete_stream(herald_nats::leases::LEASE_STREAM)
+        .await
+        .expect("lease bucket deleted");
+    let deleted = Instant::now();
+
+    // Once the leases held before the loss are past their deadlines, a send is delivered only
+    // under leases taken in the bucket created again.
+    eventually(
+        "the lease bucket created again, every partition taken in it, and the leases from before \
+         its loss expired",
+        E2E_TIMEOUT,
+        || async {
+            let leases = js
+                .get_key_value(herald_nats::leases::LEASE_BUCKET)
+                .await
+                .ok()?;
+            for partition in 0..partitions {
+                let key = herald_nats::leases::partition_key(partition);
+                leases.get(&key).await.ok()??;
+            }
+            (deleted.elapsed() >= LEASE_TTL).then_some(())
+        },
+    )
+    .await;
+    let id = w
+        .herald
+        .send_accepted(&json!({
+            "recipient": { "customer_id": "c-ada" },
+            "category": "transactional",
+            "channels": ["email"],
+            "content": { "subject": "Still here", "text": "After the leases came back." }
+        }))
+        .await;
+    w.herald.wait_status(&id, "sent").await;
+
+    let (status, ready) = w.herald.get("/health/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert!(
+        ready["streams"]["detail"]
+            .as_str()
+            .is_some_and(|detail| detail.contains(herald_nats::leases::LEASE_STREAM)),
+        "readiness checks the lease bucket: {ready}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
