@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
     Checkpoints, NotificationStatus, WriteGate,
-    repo::status_batch::{self, NewAttempt, StatusChange},
+    repo::status_batch::{self, Applied, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
 use herald_nats::{Channel, Publisher, SCHEMA_VERSION, StatusEvent};
@@ -216,18 +216,23 @@ impl BatchWriter {
         Ok(Self { db, thread, gate })
     }
 
-    /// Applies `changes` and `attempts` in one transaction on the thread, in the gate's turn.
+    /// Applies `changes` and `attempts` in one transaction on the thread, in the gate's turn;
+    /// `again` when an earlier try's outcome is unknown ([`status_batch::apply_again`]).
     async fn apply(
         &self,
         changes: &Arc<[StatusChange]>,
         attempts: &Arc<[NewAttempt]>,
-    ) -> Result<(), herald_entities::RepoError> {
+        again: bool,
+    ) -> Result<Applied, herald_entities::RepoError> {
         let (db, changes, attempts) = (self.db.clone(), changes.clone(), attempts.clone());
         let gate = self.gate.clone();
         self.thread
             .run(async move {
                 let _turn = gate.enter().await;
-                status_batch::apply(&db, &changes, &attempts).await
+                match again {
+                    false => status_batch::apply(&db, &changes, &attempts).await,
+                    true => status_batch::apply_again(&db, &changes, &attempts).await,
+                }
             })
             .await
     }
@@ -308,20 +313,28 @@ impl Drop for WhenWritten {
     }
 }
 
-/// Writes a batch, then settles its messages. Rides out database outages; a record that fails on
+/// Writes a batch, then settles its messages and publishes the status events of the changes that
+/// moved their notification (not of those the transition rules refused: a second delivery's late
+/// failure after the first recorded `sent`). Rides out database outages; a record that fails on
 /// its own (not an outage) is isolated so it cannot block the others.
 async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<StatusRecord>) {
     let started = std::time::Instant::now();
     let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
     let attempts: Arc<[NewAttempt]> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
-    if let Err(err) = apply_riding_outages(writer, &changes, &attempts, &batch).await {
-        tracing::warn!(error = %err, "batch write failed; writing its records one by one");
-        write_one_by_one(args, writer, batch).await;
-        return;
-    }
+    let applied = match apply_riding_outages(writer, &changes, &attempts, &batch).await {
+        Ok(applied) => applied,
+        Err(err) => {
+            tracing::warn!(error = %err, "batch write failed; writing its records one by one");
+            write_one_by_one(args, writer, batch).await;
+            return;
+        }
+    };
     metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("herald_status_batch_records").record(batch.len() as f64);
-    let events: Vec<StatusEvent> = changes.iter().filter_map(status_event).collect();
+    let events: Vec<StatusEvent> = applied
+        .moved_changes(&changes)
+        .filter_map(status_event)
+        .collect();
     for record in batch {
         settle(record).await;
     }
@@ -330,16 +343,18 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
 
 /// Applies `changes` and `attempts` in one transaction. While the database is unavailable it
 /// retries with backoff and tells JetStream that the messages of `records` are still in progress;
-/// any other error is returned.
+/// any other error is returned. A retry may follow a commit that went through unconfirmed, so it
+/// counts the changes that commit made as moved ([`status_batch::apply_again`]).
 async fn apply_riding_outages(
     writer: &BatchWriter,
     changes: &Arc<[StatusChange]>,
     attempts: &Arc<[NewAttempt]>,
     records: &[StatusRecord],
-) -> Result<(), herald_entities::RepoError> {
+) -> Result<Applied, herald_entities::RepoError> {
     let mut delay = Duration::from_millis(100);
+    let mut again = false;
     loop {
-        match writer.apply(changes, attempts).await {
+        match writer.apply(changes, attempts, again).await {
             Err(err) if err.is_outage() => {
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", records.len());
                 metrics::counter!("herald_status_write_retries_total").increment(1);
@@ -348,6 +363,7 @@ async fn apply_riding_outages(
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+                again = true;
             }
             result => return result,
         }
@@ -360,9 +376,11 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
         let changes: Arc<[StatusChange]> = record.changes.as_slice().into();
         let attempts: Arc<[NewAttempt]> = record.attempts.as_slice().into();
         match apply_riding_outages(writer, &changes, &attempts, records).await {
-            Ok(()) => {
-                let events: Vec<StatusEvent> =
-                    record.changes.iter().filter_map(status_event).collect();
+            Ok(applied) => {
+                let events: Vec<StatusEvent> = applied
+                    .moved_changes(&record.changes)
+                    .filter_map(status_event)
+                    .collect();
                 settle(record).await;
                 publish_events(&args.publisher, events);
             }
@@ -429,7 +447,14 @@ fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
     tokio::spawn(async move {
         let results =
             futures::future::join_all(events.iter().map(|e| publisher.publish_status(e))).await;
-        let failed = results.iter().filter(|r| r.is_err()).count();
+        let mut failed = 0;
+        for (event, result) in events.iter().zip(&results) {
+            if result.is_err() {
+                failed += 1;
+                metrics::counter!("herald_status_events_unpublished_total", "status" => event.status.clone())
+                    .increment(1);
+            }
+        }
         if failed > 0 {
             tracing::warn!(failed, "could not publish status events");
         }

@@ -12,7 +12,7 @@ use herald_entities::{
 };
 use herald_nats::{
     Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
-    distinct_channels,
+    StatusEvent, distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -509,8 +509,9 @@ pub(crate) async fn find_view(state: &AppState, id: Uuid) -> Result<Notification
     }
 }
 
-/// Cancels a notification before it goes out, recording `reason`; shared by the API and the
-/// dashboard. 404: no such notification; 409: it is past cancelling.
+/// Cancels a notification before it goes out, recording `reason`, and publishes the transition
+/// on `notify.status.cancelled`; shared by the API and the dashboard. 404: no such notification;
+/// 409: it is past cancelling.
 pub(crate) async fn cancel(
     state: &AppState,
     id: Uuid,
@@ -518,8 +519,9 @@ pub(crate) async fn cancel(
 ) -> Result<NotificationView, ApiError> {
     use herald_entities::repo::schedule::{self, Cancel};
     match schedule::cancel(&state.db, id, reason).await? {
-        Cancel::Cancelled(_) => {
+        Cancel::Cancelled(row) => {
             metrics::counter!("herald_notifications_cancelled_total").increment(1);
+            publish_cancelled(state, &row).await;
             find_view(state, id).await
         }
         Cancel::NotFound => Err(ApiError::not_found(format!("no notification {id}"))),
@@ -528,6 +530,25 @@ pub(crate) async fn cancel(
              picked up can be cancelled",
             status.as_str()
         ))),
+    }
+}
+
+/// Publishes the cancel of `row` (now `cancelled`) for observers. The cancel stands whether or not
+/// its event gets out: a failure is logged and counted (`herald_status_events_unpublished_total`),
+/// not answered as an error, for a cancel repeated would only be refused (409).
+async fn publish_cancelled(state: &AppState, row: &notification::Model) {
+    let event = StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        status: NotificationStatus::Cancelled.as_str().into(),
+        channel: None,
+        error: None,
+        at: row.updated_at,
+    };
+    if let Err(err) = state.publisher.publish_status(&event).await {
+        tracing::warn!(id = %row.id, error = %err, "notification cancelled but its status event not published");
+        metrics::counter!("herald_status_events_unpublished_total", "status" => "cancelled")
+            .increment(1);
     }
 }
 

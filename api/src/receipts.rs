@@ -3,8 +3,9 @@
 //! A receipt from the provider that sent a notification moves it from `sent` to `delivered` (or
 //! `failed` on a bounce or a late failure) under the usual transition rules, and publishes the
 //! transition on `notify.status.<status>`. A repeated receipt answers 200 with `applied: false`
-//! and publishes the event again (JetStream drops the duplicate), so a provider that retries
-//! after a failed publish still gets the event out.
+//! and publishes the event again, dated when the notification moved, so that it is the same
+//! event: JetStream drops it as a duplicate if the first got out (within its de-duplication
+//! window), and a provider that retries after a failed publish still gets the event out.
 
 use chrono::{DateTime, Utc};
 use herald_entities::{
@@ -221,7 +222,7 @@ impl ReceiptsApi {
             "applied" => if applied { "true" } else { "false" }
         )
         .increment(1);
-        self.publish(&row, channel, at).await?;
+        self.publish(&row, channel).await?;
         Ok(Json(ReceiptResult {
             notification_id: row.id,
             status: row.status.as_str().into(),
@@ -231,11 +232,13 @@ impl ReceiptsApi {
 }
 
 impl ReceiptsApi {
+    /// Publishes the transition `row` records, dated when it was made (`updated_at`: a sent
+    /// notification changes only by a receipt, and a repeat does not change it), so that a repeat
+    /// publishes the same event under the same id.
     async fn publish(
         &self,
         row: &notification::Model,
         channel: Option<Channel>,
-        at: DateTime<Utc>,
     ) -> Result<(), ApiError> {
         let event = StatusEvent {
             v: SCHEMA_VERSION,
@@ -250,7 +253,7 @@ impl ReceiptsApi {
                 .error
                 .clone()
                 .filter(|_| row.status == NotificationStatus::Failed),
-            at,
+            at: row.updated_at,
         };
         self.state.publisher.publish_status(&event).await.map_err(|err| {
             tracing::warn!(id = %row.id, error = %err, "receipt recorded but its event not published");

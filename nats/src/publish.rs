@@ -93,10 +93,12 @@ impl Publisher {
             .await
     }
 
-    /// Publishes a status transition for observers. The id makes a repeated transition (after a
-    /// redelivery) a duplicate that JetStream drops.
+    /// Publishes a status transition for observers, with [`status_event_id`] as `Nats-Msg-Id`:
+    /// the same transition published again (a batch written again after an unconfirmed commit, a
+    /// repeated receipt) is a duplicate that JetStream drops within its window, while a new
+    /// transition to the same status (`dead` again after a dead-letter replay) is stored.
     pub async fn publish_status(&self, event: &StatusEvent) -> Result<(), NatsError> {
-        let id = format!("{}:{}", event.notification_id, event.status);
+        let id = status_event_id(event);
         let payload = Bytes::from(serde_json::to_vec(event)?);
         self.publish_with_id(
             subjects::status_subject(&event.status),
@@ -174,6 +176,19 @@ impl Publisher {
     }
 }
 
+/// A status event's `Nats-Msg-Id`: `{notification}:{status}:{when, in microseconds since the
+/// epoch}`. The time of the transition tells two transitions of a notification to the same status
+/// apart (it died, was replayed, died again), and is the same each time one transition is
+/// published.
+fn status_event_id(event: &StatusEvent) -> String {
+    format!(
+        "{}:{}:{}",
+        event.notification_id,
+        event.status,
+        event.at.timestamp_micros()
+    )
+}
+
 /// Header values are one line of visible ASCII; reasons and subjects from outside may not be.
 fn header_safe(value: &str) -> String {
     value
@@ -191,7 +206,35 @@ fn header_safe(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::header_safe;
+    use super::{header_safe, status_event_id};
+    use crate::{SCHEMA_VERSION, StatusEvent};
+
+    #[test]
+    fn a_status_event_id_tells_transitions_apart_not_publications() {
+        let at = chrono::DateTime::from_timestamp_micros(1_790_000_000_123_456).expect("instant");
+        let dead = |at| StatusEvent {
+            v: SCHEMA_VERSION,
+            notification_id: uuid::Uuid::nil(),
+            status: "dead".into(),
+            channel: None,
+            error: Some("timed out".into()),
+            at,
+        };
+        assert_eq!(
+            status_event_id(&dead(at)),
+            "00000000-0000-0000-0000-000000000000:dead:1790000000123456"
+        );
+        assert_eq!(
+            status_event_id(&dead(at)),
+            status_event_id(&dead(at)),
+            "one transition published twice"
+        );
+        assert_ne!(
+            status_event_id(&dead(at)),
+            status_event_id(&dead(at + chrono::Duration::seconds(30))),
+            "dead again after a replay"
+        );
+    }
 
     #[test]
     fn header_values_are_single_line_ascii() {

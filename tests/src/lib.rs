@@ -67,6 +67,46 @@ pub async fn stored_status(
         .status
 }
 
+/// The events on `notify.status.<status>` about notification `id` that `NOTIFY_STATUS` stores,
+/// oldest first (none while the stream does not exist).
+pub async fn status_events(
+    nats: &NatsServer,
+    status: &str,
+    id: uuid::Uuid,
+) -> Vec<serde_json::Value> {
+    let client = nats.client().await.expect("NATS client");
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream("NOTIFY_STATUS").await else {
+        return Vec::new();
+    };
+    let state = stream
+        .info()
+        .await
+        .expect("NOTIFY_STATUS info")
+        .state
+        .clone();
+    let subject = format!("notify.status.{status}");
+    let mut events = Vec::new();
+    if state.messages == 0 {
+        return events;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .expect("a status event (none is deleted)");
+        if message.subject.as_str() != subject {
+            continue;
+        }
+        let event: serde_json::Value =
+            serde_json::from_slice(&message.payload).expect("a status event is JSON");
+        if event["notification_id"] == id.to_string() {
+            events.push(event);
+        }
+    }
+    events
+}
+
 /// How many times JetStream had delivered the message an answer (ack, progress, NAK) is for, with
 /// its stream, read from the answer's subject: `$JS.ACK.<stream>.<consumer>.<delivered>.…`, or
 /// with a domain and account hash before the stream.

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use herald_actors::channel::telegram::TelegramConfig;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, status_events,
+    test_config,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -475,12 +476,21 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     assert_eq!(event["status"], "delivered");
     assert_eq!(event["channel"], "email");
 
-    // A repeat changes nothing; a bounce after delivery is refused.
+    // A repeat changes nothing, and its event, published again, is the same event (JetStream
+    // drops it as a duplicate: answered, the repeat was published); a bounce after delivery is
+    // refused.
     let (status, again) = h
         .request_with_key(Method::POST, callback, Some(&provider_key), Some(&receipt))
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again["applied"], false);
+    let uuid: uuid::Uuid = id.parse().expect("a notification id");
+    let delivered = status_events(&w.nats, "delivered", uuid).await;
+    assert_eq!(
+        delivered.len(),
+        1,
+        "one transition, one event: {delivered:?}"
+    );
     let bounce = json!({ "notification_id": id, "event": "bounced", "error": "550 mailbox gone" });
     let (status, body) = h
         .request_with_key(Method::POST, callback, Some(&provider_key), Some(&bounce))
@@ -1579,6 +1589,87 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
     h.wait_status(&id, "sent").await;
     let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
     assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A notification dead again after a replay, within the 2 min de-duplication window of
+/// `NOTIFY_STATUS`: its second `dead` event was dropped as a duplicate of the first (its
+/// `Nats-Msg-Id` was `<id>:dead`), so observers never heard of the second death. Each death is
+/// published.
+#[tokio::test]
+async fn a_notification_dead_again_after_a_replay_is_published_dead_again() {
+    let w = dead_letter_world().await;
+    let h = &w.herald;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    let uuid: uuid::Uuid = id.parse().expect("a notification id");
+    h.wait_status(&id, "dead").await;
+    eventually("the first dead event", E2E_TIMEOUT, || async {
+        (status_events(&w.nats, "dead", uuid).await.len() == 1).then_some(())
+    })
+    .await;
+    let (_, page) = h.get("/api/v1/dlq").await;
+    let seq = page["items"][0]["seq"].as_u64().expect("a dead letter");
+
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    eventually("the second death", E2E_TIMEOUT, || async {
+        let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
+        let attempts = now["attempts"].as_array().map_or(0, Vec::len);
+        (now["status"] == "dead" && attempts == 4).then_some(())
+    })
+    .await;
+    let events = eventually("the second dead event", E2E_TIMEOUT, || async {
+        let events = status_events(&w.nats, "dead", uuid).await;
+        (events.len() == 2).then_some(events)
+    })
+    .await;
+    assert_ne!(events[0]["at"], events[1]["at"], "{events:?}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A cancel (by the API here; the dashboard's is the same code) is a transition observers are
+/// told of like any other, on `notify.status.cancelled`; it used to be published nowhere.
+#[tokio::test]
+async fn a_cancel_is_published_on_notify_status_cancelled() {
+    let w = world().await;
+    let h = &w.herald;
+    let mut body = email("ada@example.com", None, "transactional");
+    body["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let id = h.send_accepted(&body).await;
+    let uuid: uuid::Uuid = id.parse().expect("a notification id");
+    let (status, cancelled) = h
+        .post(&format!("/api/v1/notifications/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let events = eventually("the cancelled event", E2E_TIMEOUT, || async {
+        let events = status_events(&w.nats, "cancelled", uuid).await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["status"], "cancelled");
+    let at: chrono::DateTime<chrono::Utc> = events[0]["at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("at");
+    let updated: chrono::DateTime<chrono::Utc> = cancelled["updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("updated_at");
+    assert_eq!(at, updated, "dated when it was cancelled");
+
+    // A cancel refused changes and publishes nothing more.
+    let (status, refused) = h
+        .post(&format!("/api/v1/notifications/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert_eq!(status_events(&w.nats, "cancelled", uuid).await.len(), 1);
     w.herald.shutdown().await.expect("shutdown");
 }
 

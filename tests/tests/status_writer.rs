@@ -1,8 +1,9 @@
 //! The StatusWriter against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says):
 //! a record that arrives alone is written by the next batch, one interval later, and a flush (as at
 //! shutdown) writes it at once. A provider's reply with a NUL byte in it is stored with U+FFFD in
-//! its place, a late failure never turns a `sent` notification `failed`, and a batch written
-//! again (its commit unconfirmed) records each attempt once.
+//! its place, a late failure never turns a `sent` notification `failed` (nor is it published), and
+//! a batch written again (its commit unconfirmed) records each attempt once and reports the
+//! changes its first commit made.
 
 use std::time::Duration;
 
@@ -14,8 +15,10 @@ use herald_entities::repo::{
     status_batch::{NewAttempt, StatusChange},
 };
 use herald_entities::{Checkpoints, NotificationStatus, WriteGate};
-use herald_nats::Publisher;
-use herald_tests::{NatsServer, TestDatabase, eventually, queued_notification, stored_status};
+use herald_nats::{Publisher, StreamSettings};
+use herald_tests::{
+    NatsServer, TestDatabase, eventually, queued_notification, status_events, stored_status,
+};
 use ractor::{Actor, ActorRef};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
@@ -24,12 +27,23 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn mark(id: Uuid) -> StatusWriterMsg {
+    record(StatusChange::to(id, NotificationStatus::Processing))
+}
+
+/// A record of `change` alone.
+fn record(change: StatusChange) -> StatusWriterMsg {
     StatusWriterMsg::Record(Box::new(StatusRecord {
-        changes: vec![StatusChange::to(id, NotificationStatus::Processing)],
+        changes: vec![change],
         attempts: vec![],
         then: AfterWrite::Nothing,
         permit: None,
     }))
+}
+
+/// Has `writer` write what it received, and waits until it is written.
+async fn flush(writer: &ActorRef<StatusWriterMsg>) {
+    let flushed = ractor::call_t!(writer, StatusWriterMsg::Flush, WAIT.as_millis() as u64);
+    flushed.expect("flushed");
 }
 
 async fn writer(
@@ -271,4 +285,116 @@ async fn a_batch_written_again_records_each_attempt_once() {
         2,
         "a distinct attempt is kept"
     );
+}
+
+/// Two deliveries of one notification at once (a command redelivered while its first delivery
+/// still ran): the first records `sent`; the second's late failure is refused by the database, yet
+/// its `failed` event used to be published all the same, so that observers saw `sent`, then
+/// `failed`, for a notification stored `sent`. Only the changes the database made are published.
+#[tokio::test]
+async fn a_change_the_database_refused_is_not_published() {
+    let (database, db, id) = one_queued_notification().await;
+    let other = queued_notification(None);
+    let other_id = other.id;
+    repo::notifications::insert(&db, other)
+        .await
+        .expect("stored");
+    let nats = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(nats.client().await.expect("NATS client"));
+    herald_nats::provision(&js, &StreamSettings::default())
+        .await
+        .expect("streams provisioned");
+    // Batches are written when flushed, never on their own.
+    let writer = writer(&database, &nats, 60_000).await;
+
+    writer
+        .cast(record(StatusChange {
+            final_channel: Some("email".into()),
+            ..StatusChange::to(id, NotificationStatus::Sent)
+        }))
+        .expect("sent");
+    flush(&writer).await;
+    eventually("the sent event", WAIT, || async {
+        (status_events(&nats, "sent", id).await.len() == 1).then_some(())
+    })
+    .await;
+
+    // The late failure, and in the same batch after it another notification's change: the batch's
+    // events are published in order by one task, so once the other's is stored, the failure's
+    // would be too.
+    writer
+        .cast(record(StatusChange {
+            error: Some("550 mailbox unavailable".into()),
+            reason: Some("every channel refused permanently".into()),
+            ..StatusChange::to(id, NotificationStatus::Failed)
+        }))
+        .expect("sent");
+    writer
+        .cast(record(StatusChange {
+            reason: Some("opted out".into()),
+            ..StatusChange::to(other_id, NotificationStatus::Skipped)
+        }))
+        .expect("sent");
+    flush(&writer).await;
+    eventually("the other notification's skipped event", WAIT, || async {
+        (status_events(&nats, "skipped", other_id).await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(stored_status(&db, id).await, NotificationStatus::Sent);
+    let failed = status_events(&nats, "failed", id).await;
+    assert!(
+        failed.is_empty(),
+        "the refused failure of a notification stored sent was published: {failed:?}"
+    );
+    writer.stop(None);
+}
+
+/// What a batch reports it changed: a change the transition rules refuse did not move its
+/// notification. Written again after its commit went through unconfirmed
+/// ([`repo::status_batch::apply_again`]), a batch reports the changes that commit made, so their
+/// events are published after all (under their first ids, which JetStream drops if they got out);
+/// not a like change of another batch.
+#[tokio::test]
+async fn a_batch_reports_the_changes_it_made_also_when_written_again() {
+    use repo::status_batch::{apply, apply_again};
+    let (_database, db, id) = one_queued_notification().await;
+    let sent = StatusChange {
+        final_channel: Some("email".into()),
+        ..StatusChange::to(id, NotificationStatus::Sent)
+    };
+    let batch = std::slice::from_ref(&sent);
+    let moved = |result: Result<repo::status_batch::Applied, _>| {
+        result.expect("the batch is written").moved(0)
+    };
+    assert!(moved(apply(&db, batch, &[]).await), "queued → sent");
+    assert!(
+        moved(apply_again(&db, batch, &[]).await),
+        "written again, the batch's own change counts"
+    );
+    assert!(
+        !moved(apply(&db, batch, &[]).await),
+        "applied anew, the same change is refused (sent → sent)"
+    );
+    let another_delivery = StatusChange {
+        at: sent.at + chrono::Duration::milliseconds(250),
+        ..sent.clone()
+    };
+    assert!(
+        !moved(apply_again(&db, &[another_delivery], &[]).await),
+        "another delivery's `sent` is not this batch's"
+    );
+    let late_failure = StatusChange {
+        error: Some("timed out".into()),
+        ..StatusChange::to(id, NotificationStatus::Failed)
+    };
+    assert!(!moved(
+        apply(&db, std::slice::from_ref(&late_failure), &[]).await
+    ));
+    assert!(!moved(apply_again(&db, &[late_failure], &[]).await));
+    let stored = repo::notifications::find(&db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(stored.status, NotificationStatus::Sent);
+    assert_eq!(stored.error, None);
 }

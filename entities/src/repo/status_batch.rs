@@ -1,11 +1,14 @@
 //! Batched status changes and attempt rows, written in one transaction by the StatusWriter.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use herald_nats::ids::derived_id;
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait,
-    sea_query::{Expr, ExprTrait, Func, OnConflict},
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryTrait, TransactionTrait,
+    sea_query::{Expr, ExprTrait, Func, OnConflict, Query},
 };
 use uuid::Uuid;
 
@@ -95,18 +98,73 @@ impl NewAttempt {
     }
 }
 
-/// Writes attempts and applies status changes in one transaction, in the order given. A NUL in
-/// their text (a provider's reply) is stored as U+FFFD, which PostgreSQL takes.
+/// Which changes of a batch moved their notification (see [`apply`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// `moved[i]`: whether the batch's `i`-th change moved its notification.
+    moved: Vec<bool>,
+}
+
+impl Applied {
+    /// Whether the batch's `index`-th change moved its notification.
+    pub fn moved(&self, index: usize) -> bool {
+        self.moved.get(index).copied().unwrap_or(false)
+    }
+
+    /// The changes among `changes` (the batch, as given to [`apply`]) that moved their
+    /// notification, in order.
+    pub fn moved_changes<'a>(
+        &'a self,
+        changes: &'a [StatusChange],
+    ) -> impl Iterator<Item = &'a StatusChange> + 'a {
+        changes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, change)| self.moved(i).then_some(change))
+    }
+}
+
+/// Writes attempts and applies status changes in one transaction, in the order given, and tells
+/// which changes moved their notification. A NUL in their text (a provider's reply) is stored as
+/// U+FFFD, which PostgreSQL takes.
+///
+/// A change the transition rules refuse ([`NotificationStatus::allowed_from`]: a late failure of
+/// a second delivery after the first recorded `sent`) changes nothing and did not move; nor did a
+/// `processing` change that a later change of the same notification in the batch replaces. Each
+/// UPDATE reports the rows it changed (`RETURNING id`), so this costs no statement more.
 ///
 /// Applying the same changes and attempts again changes nothing more: an attempt's id is derived
 /// from it ([`NewAttempt::id`]) and an attempt already stored is skipped, so a batch whose commit
 /// went through unconfirmed (the connection lost during `COMMIT`), written again, records each
-/// attempt once.
+/// attempt once. Write such a batch again with [`apply_again`], not this: here its changes would
+/// count as refused.
 pub async fn apply(
     db: &DatabaseConnection,
     changes: &[StatusChange],
     attempts: &[NewAttempt],
-) -> Result<(), RepoError> {
+) -> Result<Applied, RepoError> {
+    apply_batch(db, changes, attempts, false).await
+}
+
+/// [`apply`] for a batch written again because the outcome of the earlier write is unknown (an
+/// outage during it, maybe after its `COMMIT` went through): a change counts as moved also when
+/// its notification already holds exactly what this batch wrote (its status, stamped with this
+/// batch's time for it), so the status events of a commit that went through unconfirmed are
+/// published after all, under the same ids (JetStream drops those that were out already).
+pub async fn apply_again(
+    db: &DatabaseConnection,
+    changes: &[StatusChange],
+    attempts: &[NewAttempt],
+) -> Result<Applied, RepoError> {
+    apply_batch(db, changes, attempts, true).await
+}
+
+async fn apply_batch(
+    db: &DatabaseConnection,
+    changes: &[StatusChange],
+    attempts: &[NewAttempt],
+    again: bool,
+) -> Result<Applied, RepoError> {
     let txn = db.begin().await?;
     for chunk in attempts.chunks(INSERT_CHUNK) {
         let rows = chunk.iter().map(|a| delivery_attempt::ActiveModel {
@@ -130,13 +188,28 @@ pub async fn apply(
             .exec_without_returning(&txn)
             .await?;
     }
+    let mut applied = Applied {
+        moved: vec![false; changes.len()],
+    };
     for group in plan(changes) {
-        for chunk in group.ids.chunks(INSERT_CHUNK) {
-            group.shape.update(group.at, chunk).exec(&txn).await?;
+        for (ids, indexes) in group
+            .ids
+            .chunks(INSERT_CHUNK)
+            .zip(group.indexes.chunks(INSERT_CHUNK))
+        {
+            let mut update = group.shape.update_where(group.at, ids, again).into_query();
+            update.returning(Query::returning().column(notification::Column::Id));
+            let mut moved = HashSet::with_capacity(ids.len());
+            for row in txn.query_all(&update).await? {
+                moved.insert(row.try_get_by_index::<Uuid>(0)?);
+            }
+            for (id, &index) in ids.iter().zip(indexes) {
+                applied.moved[index] = moved.contains(id);
+            }
         }
     }
     txn.commit().await?;
-    Ok(())
+    Ok(applied)
 }
 
 /// The new values of a status change; changes with equal shapes share one UPDATE.
@@ -164,11 +237,32 @@ impl Shape {
 
     /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
     fn update(&self, at: DateTime<Utc>, ids: &[Uuid]) -> sea_orm::UpdateMany<notification::Entity> {
+        self.update_where(at, ids, false)
+    }
+
+    /// [`Shape::update`]; `again` (the batch written again, see [`apply_again`]) also takes the
+    /// rows that hold this very change already: `… OR (status = new status AND updated_at = at)`.
+    fn update_where(
+        &self,
+        at: DateTime<Utc>,
+        ids: &[Uuid],
+        again: bool,
+    ) -> sea_orm::UpdateMany<notification::Entity> {
+        let allowed = status_among(self.status.allowed_from());
         let mut update = notification::Entity::update_many()
             .col_expr(notification::Column::Status, Expr::value(self.status))
             .col_expr(notification::Column::UpdatedAt, Expr::value(at))
-            .filter(notification::Column::Id.is_in(ids.to_vec()))
-            .filter(status_among(self.status.allowed_from()));
+            .filter(notification::Column::Id.is_in(ids.to_vec()));
+        update = match again {
+            false => update.filter(allowed),
+            true => update.filter(
+                Condition::any().add(allowed).add(
+                    Condition::all()
+                        .add(status_among(&[self.status]))
+                        .add(notification::Column::UpdatedAt.eq(at)),
+                ),
+            ),
+        };
         match &self.reason {
             Some(reason) => {
                 update = update.col_expr(notification::Column::StatusReason, Expr::value(reason));
@@ -258,6 +352,8 @@ struct UpdateGroup {
     /// The latest change time in the group (all within [`TIME_WINDOW_MS`]).
     at: DateTime<Utc>,
     ids: Vec<Uuid>,
+    /// Where each of `ids`' change is in the batch.
+    indexes: Vec<usize>,
 }
 
 /// Turns a batch of changes into few UPDATEs without changing the outcome:
@@ -291,6 +387,7 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
             Some(&g) => {
                 groups[g].at = Ord::max(groups[g].at, change.at);
                 groups[g].ids.push(change.id);
+                groups[g].indexes.push(i);
             }
             None => {
                 index_of.insert(key.clone(), groups.len());
@@ -299,6 +396,7 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
                     shape: key.1,
                     at: change.at,
                     ids: vec![change.id],
+                    indexes: vec![i],
                 });
             }
         }
