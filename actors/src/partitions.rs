@@ -211,6 +211,9 @@ pub struct LeaseKeeperArgs {
     pub rate_limiter: ActorSlot<RateLimiterSupervisorMsg>,
     /// Where ownership is published for the API.
     pub ownership: OwnershipView,
+    /// Cancelled when the instance stops taking work (shutdown): from then on it takes no
+    /// partition, so one freed by another instance's leave goes to an instance that will pull it.
+    pub intake: tokio_util::sync::CancellationToken,
     /// Until when each held partition may be delivered (shared with the dispatcher).
     pub deadlines: LeaseDeadlines,
 }
@@ -333,7 +336,9 @@ impl LeaseKeeperState {
                     &held,
                     &self.leaving,
                 );
-                self.take(&plan.acquire).await;
+                if !self.args.intake.is_cancelled() {
+                    self.take(&plan.acquire).await;
+                }
                 for partition in plan.release {
                     self.start_drain(myself, partition);
                 }

@@ -503,6 +503,7 @@ async fn start_engine(
             dispatcher: dispatcher.clone(),
             rate_limiter: rate_limiter.clone(),
             ownership: ownership.clone(),
+            intake: intake.clone(),
             deadlines,
         },
         lease_keeper_slot: lease_keeper.clone(),

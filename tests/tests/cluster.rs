@@ -23,6 +23,7 @@ use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -724,6 +725,50 @@ async fn a_lost_lease_bucket_is_restored_once_by_racing_tables() {
     assert!(!b.restore(ttl).await.expect("checked"), "left as it is");
 }
 
+/// A stopping instance (its intake cancelled, still finishing deliveries) takes no partition,
+/// not even one another instance's leave has freed: it would hold it unpulled until its own leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_instance_takes_no_partition() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let table = LeaseTable::open(&js, "stopping", ttl, 1, 2)
+        .await
+        .expect("bucket");
+    let intake = CancellationToken::new();
+    intake.cancel();
+    let args = LeaseKeeperArgs {
+        table: table.clone(),
+        partitions: 2,
+        ttl,
+        dispatcher: ActorSlot::default(),
+        rate_limiter: ActorSlot::default(),
+        ownership: OwnershipView::default(),
+        intake,
+        deadlines: LeaseDeadlines::default(),
+    };
+    let (keeper, handle) = Actor::spawn(None, LeaseKeeper, args).await.expect("keeper");
+    eventually(
+        "the stopping instance's membership",
+        Duration::from_secs(10),
+        || async {
+            let view = table.view().await.ok()?;
+            view.members.iter().any(|m| m == "stopping").then_some(())
+        },
+    )
+    .await;
+    // Not a synchronisation: three more rounds (one every TTL/4) in which it must take nothing;
+    // a keeper taking work takes both free partitions in its first.
+    tokio::time::sleep(LeaseKeeper::round_interval(ttl) * 3).await;
+    let view = table.view().await.expect("view");
+    assert!(
+        view.owners.is_empty(),
+        "taken while stopping: {:?}",
+        view.owners
+    );
+    keeper.stop(None);
+    handle.await.expect("keeper stopped");
+}
+
 /// Instances configured with different lease TTLs (a rolling change of it): an instance with a
 /// shorter TTL does not cut the bucket's at start, it lowers it a halving at a time, each after
 /// the last has stood for a whole TTL; a keeper configured with a longer one follows the bucket's,
@@ -738,6 +783,7 @@ async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow(
         dispatcher: ActorSlot::default(),
         rate_limiter: ActorSlot::default(),
         ownership: OwnershipView::default(),
+        intake: CancellationToken::new(),
         deadlines: LeaseDeadlines::default(),
     };
     let longer = Duration::from_secs(8);
