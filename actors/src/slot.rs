@@ -126,7 +126,10 @@ mod tests {
             })
         };
         assert!(slot.cast_within(7, Duration::from_secs(10)).await);
-        assert_eq!(received.recv().await, Some(7), "the new actor got it");
+        let got = tokio::time::timeout(Duration::from_secs(10), received.recv())
+            .await
+            .expect("the new actor handled the cast within 10 s");
+        assert_eq!(got, Some(7), "the new actor got it");
         restarted.await.expect("restarted");
     }
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use herald_engine::{Config, Herald, config::SmtpSecurity};
+use herald_entities::NotificationStatus;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::{NatsServer, SmtpSink, TestDatabase, eventually};
+use crate::{NatsServer, SmtpSink, TestDatabase, eventually_showing};
 
 /// How long end-to-end waits last before failing.
 pub const E2E_TIMEOUT: Duration = Duration::from_secs(30);
@@ -221,14 +222,27 @@ impl TestHerald {
     }
 
     /// Waits until the notification reaches `status`; returns its JSON.
+    ///
+    /// # Panics
+    ///
+    /// At once when it reached another final status from which `status` cannot follow (only a
+    /// receipt moves `sent` on, to `delivered` or `failed`), and when [`E2E_TIMEOUT`] elapses;
+    /// both with the status, reason, error and attempts last seen.
     pub async fn wait_status(&self, id: &str, status: &str) -> Value {
         let path = format!("/api/v1/notifications/{id}");
-        eventually(
+        eventually_showing(
             &format!("notification {id} to become {status}"),
             E2E_TIMEOUT,
             || async {
-                let (_, json) = self.get(&path).await;
-                (json["status"] == status).then_some(json)
+                let (answer, json) = self.get(&path).await;
+                if json["status"] == status {
+                    return Ok(json);
+                }
+                let seen = format!("{answer} {}", outcome(&json));
+                if settled_elsewhere(&json, status) {
+                    panic!("notification {id} became final without becoming {status}: {seen}");
+                }
+                Err(seen)
             },
         )
         .await
@@ -241,4 +255,28 @@ impl TestHerald {
             None => Ok(()),
         }
     }
+}
+
+/// Whether the notification `json` has a final status other than `wanted` that `wanted` cannot
+/// follow: only a receipt moves `sent` on, to `delivered` or `failed`. (A DLQ replay moves `dead`
+/// back to `queued`, but before it answers: waits start after it.)
+fn settled_elsewhere(json: &Value, wanted: &str) -> bool {
+    let Ok(now) = serde_json::from_value::<NotificationStatus>(json["status"].clone()) else {
+        return false;
+    };
+    let by_receipt = now == NotificationStatus::Sent && matches!(wanted, "delivered" | "failed");
+    now.is_final() && now.as_str() != wanted && !by_receipt
+}
+
+/// The parts of a notification's JSON that say how it fared.
+fn outcome(json: &Value) -> Value {
+    if json.get("status").is_none() {
+        return json.clone();
+    }
+    serde_json::json!({
+        "status": json["status"],
+        "status_reason": json["status_reason"],
+        "error": json["error"],
+        "attempts": json["attempts"],
+    })
 }

@@ -13,7 +13,8 @@
 //!   `HERALD_TEST_DB=sqlite|postgres` so the same suite runs against both.
 //! - [`DatabaseOutage`]: takes that database away from Herald for a while (a [`TcpProxy`] cut for
 //!   PostgreSQL, a held write lock for SQLite).
-//! - [`eventually`]: the bounded wait for a state of an external system.
+//! - [`eventually`]: the bounded wait for a state of an external system ([`eventually_showing`]
+//!   also reports the last state seen).
 //!
 //! Waiting is always bounded and fails with a message saying what was awaited; nothing
 //! sleeps to synchronise.
@@ -36,7 +37,7 @@ pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::{NatsCluster, NatsServer};
 pub use process::HeraldProcess;
 pub use smtp_sink::{ReceivedMail, RejectStage, SmtpSink};
-pub use wait::{eventually, free_port};
+pub use wait::{eventually, eventually_showing, free_port};
 
 use std::sync::Once;
 

@@ -146,6 +146,41 @@ impl NatsServer {
             .with_context(|| format!("connecting to nats-server at {}", self.url()))
     }
 
+    /// Waits at most `within` until the work-queue stream `NOTIFY` holds no message: every send
+    /// command published so far was acknowledged, so every mail it caused, duplicates included,
+    /// has reached its provider. Tests count duplicates after this, not before: a command whose
+    /// ack was lost is redelivered only after `nats.ack_wait_secs`.
+    ///
+    /// # Panics
+    ///
+    /// When `within` elapses first, with the number of messages last seen.
+    pub async fn commands_drained(&self, within: Duration) {
+        let js = async_nats::jetstream::new(self.client().await.expect("a NATS client"));
+        crate::eventually_showing(
+            "every send command to be acknowledged (NOTIFY empty)",
+            within,
+            || {
+                let js = &js;
+                async move {
+                    let mut stream = js
+                        .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+                        .await
+                        .map_err(|e| format!("stream NOTIFY: {e}"))?;
+                    let messages = stream
+                        .info()
+                        .await
+                        .map_err(|e| format!("stream NOTIFY info: {e}"))?
+                        .state
+                        .messages;
+                    (messages == 0)
+                        .then_some(())
+                        .ok_or_else(|| format!("{messages} messages in NOTIFY"))
+                }
+            },
+        )
+        .await;
+    }
+
     /// Whether the server process is running (it was started and has not exited).
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -10,7 +10,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::{eventually, free_port};
+use crate::free_port;
 
 /// Path of the `herald` binary built beside the test executable (`target/<profile>/herald`);
 /// `HERALD_BIN` overrides it. `scripts/test.sh` builds it before the tests run.
@@ -50,7 +50,7 @@ impl HeraldProcess {
         herald_engine::app::process_init();
         let port = free_port()?;
         let child = spawn(&env, port, &log)?;
-        let process = Self {
+        let mut process = Self {
             child,
             env,
             port,
@@ -138,20 +138,52 @@ impl HeraldProcess {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    async fn wait_ready(&self) {
+    /// Waits at most [`READY_TIMEOUT`] until `/health/ready` answers 2xx.
+    ///
+    /// # Panics
+    ///
+    /// At once when the process exits meanwhile, with its exit status and the end of its log; on
+    /// the timeout, with the last answer (or connection error) and the end of its log.
+    async fn wait_ready(&mut self) {
         let url = format!("{}/health/ready", self.base());
         let client = reqwest::Client::new();
-        eventually(
-            &format!("herald on port {} to be ready", self.port),
-            Duration::from_secs(60),
-            || async {
-                let response = client.get(&url).send().await.ok()?;
-                response.status().is_success().then_some(())
-            },
-        )
-        .await;
+        let started = std::time::Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => panic!(
+                    "herald on port {} exited with {status} before it was ready; log:\n{}",
+                    self.port,
+                    self.log_tail()
+                ),
+                Err(err) => panic!("cannot check herald's process: {err}"),
+            }
+            let last = match tokio::time::timeout(READY_POLL_LIMIT, client.get(&url).send()).await {
+                Ok(Ok(response)) if response.status().is_success() => return,
+                Ok(Ok(response)) => format!("/health/ready answered {}", response.status()),
+                Ok(Err(err)) => format!("/health/ready: {err}"),
+                Err(_) => format!("/health/ready did not answer within {READY_POLL_LIMIT:?}"),
+            };
+            if started.elapsed() >= READY_TIMEOUT {
+                panic!(
+                    "timed out after {:.2?} waiting for herald on port {} to be ready; last seen: \
+                     {last}; log:\n{}",
+                    started.elapsed(),
+                    self.port,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(READY_POLL_PAUSE).await;
+        }
     }
 }
+
+/// How long a started `herald serve` may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one readiness request may take.
+const READY_POLL_LIMIT: Duration = Duration::from_secs(2);
+/// The pause between two readiness polls.
+const READY_POLL_PAUSE: Duration = Duration::from_millis(50);
 
 fn spawn(env: &[(String, String)], port: u16, log: &PathBuf) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()

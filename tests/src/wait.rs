@@ -21,21 +21,56 @@ const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// # Panics
 ///
 /// When `timeout` elapses first, with a message naming `what` and the time waited,
-/// so a failing test says what it was waiting for.
+/// so a failing test says what it was waiting for. [`eventually_showing`] also says
+/// what the last poll saw.
 pub async fn eventually<F, Fut, T>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    poll_until(what, timeout, || {
+        let polled = check();
+        async move { polled.await.ok_or(None) }
+    })
+    .await
+}
+
+/// Like [`eventually`], for a `check` that describes what it saw when the state is not reached
+/// yet: `Ok(value)` ends the wait, `Err(seen)` polls again.
+///
+/// # Panics
+///
+/// When `timeout` elapses first, with a message naming `what`, the time waited and the last
+/// `seen` (from the last poll that finished), so a failing test shows how far the system got.
+pub async fn eventually_showing<F, Fut, T>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    poll_until(what, timeout, || {
+        let polled = check();
+        async move { polled.await.map_err(Some) }
+    })
+    .await
+}
+
+/// The loop of [`eventually`] and [`eventually_showing`]: `Err(Some(seen))` is a poll that
+/// describes its state, `Err(None)` one that does not.
+async fn poll_until<F, Fut, T>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Option<String>>>,
+{
     let started = Instant::now();
     let deadline = started + timeout;
     let mut backoff = FIRST_BACKOFF;
     let mut polls = 0_u32;
+    let mut last_seen = None;
     loop {
         polls += 1;
         match tokio::time::timeout_at(deadline, check()).await {
-            Ok(Some(value)) => return value,
-            Ok(None) => {}
+            Ok(Ok(value)) => return value,
+            Ok(Err(seen)) => last_seen = seen.or(last_seen),
             Err(_) => break,
         }
         let now = Instant::now();
@@ -45,8 +80,9 @@ where
         tokio::time::sleep(backoff.min(deadline - now)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+    let seen = last_seen.map_or_else(String::new, |seen| format!("; last seen: {seen}"));
     panic!(
-        "timed out after {:.2?} (limit {timeout:?}, {polls} polls) waiting for {what}",
+        "timed out after {:.2?} (limit {timeout:?}, {polls} polls) waiting for {what}{seen}",
         started.elapsed()
     );
 }

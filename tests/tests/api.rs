@@ -1218,6 +1218,7 @@ async fn a_send_retried_after_its_template_was_deleted_answers_the_first_notific
 
     assert_eq!(stored_rows(h).await, (1, 0), "nothing new stored");
     w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 1, "one mail");
     w.herald.shutdown().await.expect("shutdown");
 }

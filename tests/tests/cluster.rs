@@ -16,7 +16,7 @@ use herald_entities::{NotificationStatus, notification};
 use herald_nats::{LeaseTable, LeaseView, NatsError, Retention, StreamSettings};
 use herald_tests::{
     E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
-    test_config,
+    eventually_showing, test_config,
 };
 use ractor::Actor;
 use sea_orm::{
@@ -83,7 +83,7 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
     let second_before_kill = sent_by(&second.base()).await;
     first.kill9().await.expect("kill the first instance");
 
-    eventually(
+    eventually_showing(
         "every notification to be sent",
         Duration::from_secs(240),
         || async {
@@ -92,7 +92,9 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
                 .count(&conn)
                 .await
                 .unwrap_or(0);
-            (sent == TOTAL).then_some(())
+            (sent == TOTAL)
+                .then_some(())
+                .ok_or_else(|| format!("{sent} of {TOTAL} sent"))
         },
     )
     .await;
@@ -102,11 +104,19 @@ async fn two_instances_share_the_work_and_survive_the_loss_of_one() {
         .filter_map(|m| m.message_id)
         .collect();
     assert_eq!(distinct.len() as u64, TOTAL, "none lost");
+    // Redeliveries of commands whose acks died with the first instance come after `ack_wait`.
+    nats.commands_drained(E2E_TIMEOUT).await;
     let second_total = sent_by(&second.base()).await;
+    let duplicates = smtp.count() - TOTAL as usize;
     println!(
         "second instance sent {second_before_kill} before the kill and {second_total} in all; \
-         {} duplicates",
-        smtp.count() as u64 - TOTAL
+         {duplicates} duplicates"
+    );
+    // README (Delivery guarantees, kill -9): only the killed instance's in-flight window can be
+    // sent twice.
+    assert!(
+        duplicates <= IN_FLIGHT,
+        "{duplicates} duplicates exceed the killed instance's in-flight window {IN_FLIGHT}"
     );
     assert!(second_before_kill > 0, "both instances took work");
     assert!(
@@ -225,6 +235,15 @@ async fn wait_for_split(instances: &[&HeraldProcess], within: Duration) -> Vec<B
         },
     )
     .await
+}
+
+/// `Ok` when every notification is final, else how many are `queued` and `processing`.
+async fn not_final(conn: &DatabaseConnection) -> Result<(), String> {
+    let queued = count_with(conn, NotificationStatus::Queued).await;
+    let processing = count_with(conn, NotificationStatus::Processing).await;
+    (queued + processing == 0)
+        .then_some(())
+        .ok_or_else(|| format!("{queued} queued, {processing} processing"))
 }
 
 /// Notifications not yet in a final state.
@@ -380,12 +399,14 @@ async fn three_instances_keep_per_user_limits_and_take_over_a_dead_ones_partitio
     herald_engine::bench::load::accept_via_nats(&conn, &nats.url(), TOTAL, CUSTOMERS)
         .await
         .expect("accepted");
-    eventually(
+    eventually_showing(
         "a third of the work to be done",
         Duration::from_secs(180),
         || async {
             let done = TOTAL - unfinished(&conn).await.min(TOTAL);
-            (done >= TOTAL / 3).then_some(())
+            (done >= TOTAL / 3)
+                .then_some(())
+                .ok_or_else(|| format!("{done} of {TOTAL} final"))
         },
     )
     .await;
@@ -405,10 +426,10 @@ async fn three_instances_keep_per_user_limits_and_take_over_a_dead_ones_partitio
         takeover.as_secs_f64()
     );
 
-    eventually(
+    eventually_showing(
         "every notification to reach a final state",
         Duration::from_secs(300),
-        || async { (unfinished(&conn).await == 0).then_some(()) },
+        || async { not_final(&conn).await },
     )
     .await;
     let sent = count_with(&conn, NotificationStatus::Sent).await;
@@ -513,10 +534,10 @@ async fn a_rolling_restart_of_three_instances_loses_nothing_and_keeps_limits() {
         wait_for_split(&refs, Duration::from_secs(60)).await;
     }
 
-    eventually(
+    eventually_showing(
         "every notification to reach a final state",
         Duration::from_secs(300),
-        || async { (unfinished(&conn).await == 0).then_some(()) },
+        || async { not_final(&conn).await },
     )
     .await;
     let sent = count_with(&conn, NotificationStatus::Sent).await;
@@ -532,9 +553,16 @@ async fn a_rolling_restart_of_three_instances_loses_nothing_and_keeps_limits() {
         sent,
         "every sent notification reached the sink"
     );
+    // A command whose ack was lost would be redelivered after `ack_wait`: count after the drain.
+    nats.commands_drained(E2E_TIMEOUT).await;
+    let duplicates = smtp.count() as u64 - sent;
     println!(
-        "rolling restart: sent {sent}, skipped {skipped}, {} duplicates at the sink",
-        smtp.count() as u64 - sent
+        "rolling restart: sent {sent}, skipped {skipped}, {duplicates} duplicates at the sink"
+    );
+    // README (Delivery guarantees, SIGTERM): a graceful stop sends nothing twice.
+    assert_eq!(
+        duplicates, 0,
+        "graceful stops sent {duplicates} mails twice"
     );
     assert_within_limits(recorded_sends(&conn).await, "recorded sends");
     assert_within_limits(arrivals(&smtp, origin), "arrivals at the sink");

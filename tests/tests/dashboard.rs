@@ -14,7 +14,8 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use herald_engine::Config;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, free_port, test_config,
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, eventually_showing,
+    free_port, test_config,
 };
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
@@ -329,18 +330,27 @@ async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() 
 /// A chromedriver child process, killed on drop.
 struct ChromeDriver {
     _child: tokio::process::Child,
+    /// Its standard error, read when it fails to start.
+    _log: tempfile::NamedTempFile,
     url: String,
 }
 
 impl ChromeDriver {
+    /// Starts chromedriver and waits until it is ready.
+    ///
+    /// # Panics
+    ///
+    /// When it cannot be started, exits before it is ready (with its exit status and standard
+    /// error), or is not ready within [`E2E_TIMEOUT`] (with the last answer).
     async fn start() -> ChromeDriver {
         let binary =
             std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "/usr/bin/chromedriver".into());
         let port = free_port().expect("free port");
-        let child = tokio::process::Command::new(&binary)
+        let log = tempfile::NamedTempFile::new().expect("a file for chromedriver's stderr");
+        let mut child = tokio::process::Command::new(&binary)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("chromedriver's stderr file"))
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| {
@@ -351,13 +361,28 @@ impl ChromeDriver {
             });
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
-        eventually("chromedriver to answer /status", E2E_TIMEOUT, || async {
-            let response = reqwest::get(&status).await.ok()?;
-            let body: Value = response.json().await.ok()?;
-            (body["value"]["ready"] == true).then_some(())
+        eventually_showing("chromedriver to answer /status", E2E_TIMEOUT, || {
+            let exited = child.try_wait();
+            let status = &status;
+            let (binary, log) = (&binary, &log);
+            async move {
+                if let Ok(Some(exit)) = exited {
+                    let stderr = std::fs::read_to_string(log.path()).unwrap_or_default();
+                    panic!("chromedriver ({binary}) exited with {exit}; stderr:\n{stderr}");
+                }
+                let response = reqwest::get(status).await.map_err(|e| e.to_string())?;
+                let body: Value = response.json().await.map_err(|e| e.to_string())?;
+                (body["value"]["ready"] == true)
+                    .then_some(())
+                    .ok_or_else(|| body.to_string())
+            }
         })
         .await;
-        ChromeDriver { _child: child, url }
+        ChromeDriver {
+            _child: child,
+            _log: log,
+            url,
+        }
     }
 
     async fn browser(&self) -> Client {

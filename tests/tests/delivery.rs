@@ -142,6 +142,7 @@ async fn a_repeated_request_id_answers_the_original_and_sends_once() {
     w.herald.wait_status(&other, "sent").await;
     let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
     assert_eq!(mails.len(), 2);
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 2, "the repeat sent nothing");
     w.herald.shutdown().await.expect("clean shutdown");
 }
@@ -241,11 +242,11 @@ async fn a_send_stored_but_never_published_goes_out_without_a_retry() {
 async fn a_send_whose_client_gave_up_mid_request_is_still_completed() {
     use herald_entities::notification;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
-    let w = world().await;
+    // No Scheduler sweep within the test: the request itself must publish the command.
+    let w = world_with(|config| config.scheduler.stale_claim_secs = 3_600).await;
     // The database holds the write up; the client gives up first and closes its connection. The
     // server still finishes the request once the database lets the write through: it stores the
-    // notification and publishes its command (measured: sent within about a second, before the
-    // Scheduler's 2 s stale time could have published it).
+    // notification and publishes its command (measured: sent within about a second).
     let hold = WriteHold::take(&w.db).await.expect("writes held up");
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))

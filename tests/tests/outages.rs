@@ -14,7 +14,7 @@ use herald_entities::{NotificationStatus, PING_WHEN_IDLE_FOR, notification};
 use herald_nats::SendCommand;
 use herald_tests::{
     DatabaseKind, DatabaseOutage, E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald,
-    eventually, test_config,
+    eventually, eventually_showing, test_config,
 };
 use reqwest::StatusCode;
 use sea_orm::{
@@ -113,11 +113,21 @@ async fn a_database_outage_holds_unwritten_work_and_recovers_without_loss() {
     );
     outage.end().await.expect("database outage ends");
 
-    eventually(
+    eventually_showing(
         &format!("all {DB_TOTAL} to be sent after the outage"),
         Duration::from_secs(180),
-        || async { (count_sent(&direct).await == DB_TOTAL).then_some(()) },
+        || async {
+            let sent = count_sent(&direct).await;
+            (sent == DB_TOTAL)
+                .then_some(())
+                .ok_or_else(|| format!("{sent} sent"))
+        },
     )
+    .await;
+    // Redeliveries (after `ack_wait`) of commands whose acks were lost come before the count.
+    eventually("every command to be acknowledged", E2E_TIMEOUT, || async {
+        (stream_messages(&js, herald_nats::subjects::NOTIFY_STREAM).await == 0).then_some(())
+    })
     .await;
     let duplicates = audit_mail(&direct, &smtp, DB_TOTAL as usize).await;
     println!(
@@ -131,10 +141,6 @@ async fn a_database_outage_holds_unwritten_work_and_recovers_without_loss() {
         duplicates <= DB_MAX_IN_FLIGHT,
         "{duplicates} duplicates exceed the in-flight bound {DB_MAX_IN_FLIGHT}"
     );
-    eventually("every command to be acknowledged", E2E_TIMEOUT, || async {
-        (stream_messages(&js, herald_nats::subjects::NOTIFY_STREAM).await == 0).then_some(())
-    })
-    .await;
     eventually("readiness to recover", E2E_TIMEOUT, || async {
         (herald.get("/health/ready").await.0 == StatusCode::OK).then_some(())
     })
@@ -442,12 +448,16 @@ async fn a_provider_down_for_a_minute_fails_over_and_comes_back() {
     };
     let (sent, timeline) = tokio::join!(traffic, scenario);
 
-    let finals = eventually(
+    let finals = eventually_showing(
         "every notification to reach a final status",
         E2E_TIMEOUT,
         || async {
             let finals = final_states(herald.db(), &sent).await;
-            (finals.len() == sent.len()).then_some(finals)
+            if finals.len() == sent.len() {
+                Ok(finals)
+            } else {
+                Err(format!("{} of {} final", finals.len(), sent.len()))
+            }
         },
     )
     .await;

@@ -5,7 +5,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, eventually_showing,
+    test_config,
 };
 use serde_json::json;
 
@@ -173,12 +174,20 @@ async fn nats_restarted_mid_run_loses_nothing() {
             .collect::<std::collections::HashSet<_>>()
             .len()
     };
-    eventually(
+    eventually_showing(
         "all 2,000 notifications delivered after NATS came back",
         Duration::from_secs(120),
-        || async { (distinct() == 2_000).then_some(()) },
+        || async {
+            let distinct = distinct();
+            (distinct == 2_000)
+                .then_some(())
+                .ok_or_else(|| format!("{distinct} distinct mails at the sink"))
+        },
     )
     .await;
+    // An ack lost while NATS was down has its command redelivered after `ack_wait` (30 s): count
+    // once every command was acknowledged.
+    nats.commands_drained(Duration::from_secs(120)).await;
     let duplicates = smtp.count() - 2_000;
     // A copy redelivered while this process still works on the original is refused (in-flight
     // claim), so a server restart does not make the engine send twice.

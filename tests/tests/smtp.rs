@@ -614,10 +614,14 @@ async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_
     };
     let abandoned = async {
         // Once the first holds the only connection, the second waits for it, and gives up.
-        seen.clone()
-            .wait_for(|s| s.commands.contains(&recipient(1)))
-            .await
-            .expect("server running");
+        let mut first_seen = seen.clone();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            first_seen.wait_for(|s| s.commands.contains(&recipient(1))),
+        )
+        .await
+        .expect("the first message's RCPT TO reached the server within 5 s")
+        .expect("server running");
         let gave_up =
             tokio::time::timeout(Duration::from_millis(50), email.send(&message(2))).await;
         assert!(

@@ -743,16 +743,33 @@ async fn a_scheduled_notification_is_delivered_after_an_engine_restart_and_cance
     let (status, _) = cancel(Uuid::now_v7().to_string()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    // The cancelled one never goes out, even once due: the scheduler only takes `scheduled`.
-    if let Some(scheduler) = w.herald.app().scheduler() {
-        let _ = scheduler
-            .call(
-                herald_actors::scheduler::SchedulerMsg::RunNow,
-                Some(Duration::from_secs(5)),
-            )
-            .await;
-    }
-    assert_eq!(w.smtp.count(), 1);
+    // A cancelled one never goes out, even once due: the scheduler only takes `scheduled`.
+    let mut soon = to_customer("olga", "transactional", &["email"]);
+    let soon_due = Utc::now() + ChronoDuration::seconds(3);
+    soon["scheduled_at"] = json!(soon_due.to_rfc3339());
+    let soon = w.herald.send_accepted(&soon).await;
+    let (status, view) = cancel(soon.clone()).await;
+    assert_eq!(status, StatusCode::OK, "cancelled before due: {view}");
+    // Waiting for a time of day, not for another part: nothing to poll.
+    let past_due = (soon_due - Utc::now() + ChronoDuration::milliseconds(500))
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(past_due).await;
+    let scheduler = w.herald.app().scheduler().expect("a scheduler");
+    let round = scheduler
+        .call(
+            herald_actors::scheduler::SchedulerMsg::RunNow,
+            Some(Duration::from_secs(5)),
+        )
+        .await;
+    assert!(
+        matches!(round, Ok(ractor::rpc::CallResult::Success(()))),
+        "a scheduler round ran after it was due: {round:?}"
+    );
+    w.nats.commands_drained(E2E_TIMEOUT).await;
+    assert_eq!(w.smtp.count(), 1, "only the uncancelled one went out");
+    let view = notification_json(&w.herald, &soon).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
