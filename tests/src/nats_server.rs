@@ -181,6 +181,57 @@ impl NatsServer {
         .await;
     }
 
+    /// Waits at most `within` until every consumer of `NOTIFY` has no command left to deliver and
+    /// none awaiting its ack: every command was settled, so every mail it caused, duplicates
+    /// included, has reached its provider. Unlike [`NatsServer::commands_drained`], this holds
+    /// after the server was killed: a killed server may keep messages in the stream that its
+    /// consumers had acknowledged (they are never delivered again).
+    ///
+    /// # Panics
+    ///
+    /// When `within` elapses first, with what each unsettled consumer last had.
+    pub async fn commands_settled(&self, within: Duration) {
+        let js = async_nats::jetstream::new(self.client().await.expect("a NATS client"));
+        crate::eventually_showing(
+            "every consumer of NOTIFY to settle its commands",
+            within,
+            || {
+                let js = &js;
+                async move {
+                    let stream = js
+                        .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+                        .await
+                        .map_err(|e| format!("stream NOTIFY: {e}"))?;
+                    let mut names = stream.consumer_names();
+                    let mut unsettled = Vec::new();
+                    let mut consumers = 0;
+                    while let Some(name) = futures::StreamExt::next(&mut names).await {
+                        let name = name.map_err(|e| format!("consumers of NOTIFY: {e}"))?;
+                        let info = stream
+                            .consumer_info(&name)
+                            .await
+                            .map_err(|e| format!("consumer {name}: {e}"))?;
+                        consumers += 1;
+                        if info.num_pending > 0 || info.num_ack_pending > 0 {
+                            unsettled.push(format!(
+                                "{name}: {} to deliver, {} awaiting ack",
+                                info.num_pending, info.num_ack_pending
+                            ));
+                        }
+                    }
+                    if consumers == 0 {
+                        return Err("no consumer on NOTIFY".into());
+                    }
+                    unsettled
+                        .is_empty()
+                        .then_some(())
+                        .ok_or_else(|| unsettled.join("; "))
+                }
+            },
+        )
+        .await;
+    }
+
     /// Whether the server process is running (it was started and has not exited).
     pub fn is_running(&mut self) -> bool {
         self.child

@@ -154,9 +154,10 @@ async fn nats_restarted_mid_run_loses_nothing() {
     let mut nats = NatsServer::start().await.expect("nats");
     let smtp = SmtpSink::start().await.expect("smtp");
     let db = TestDatabase::from_env().await.expect("db");
-    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
-        .await
-        .expect("herald");
+    let mut config = test_config(&nats, &db, &smtp);
+    // Commands whose acks the restart lost come back within seconds, before the count.
+    config.nats.ack_wait_secs = 3;
+    let herald = TestHerald::start(config).await.expect("herald");
     let conn = herald_entities::connect(db.url(), 2).await.expect("db");
     herald_engine::bench::load::accept_via_nats(&conn, &nats.url(), 2_000, 200)
         .await
@@ -185,9 +186,9 @@ async fn nats_restarted_mid_run_loses_nothing() {
         },
     )
     .await;
-    // An ack lost while NATS was down has its command redelivered after `ack_wait` (30 s): count
-    // once every command was acknowledged.
-    nats.commands_drained(Duration::from_secs(120)).await;
+    // An ack lost while NATS was down has its command redelivered after `ack_wait`: count once
+    // every consumer has settled every command.
+    nats.commands_settled(E2E_TIMEOUT).await;
     let duplicates = smtp.count() - 2_000;
     // A copy redelivered while this process still works on the original is refused (in-flight
     // claim), so a server restart does not make the engine send twice.
