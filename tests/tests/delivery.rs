@@ -396,6 +396,26 @@ async fn a_permanent_smtp_rejection_fails_without_retry() {
     assert_eq!(attempts.len(), 1, "{failed}");
     assert_eq!(attempts[0]["status"], "rejected");
     assert!(failed["error"].as_str().unwrap_or_default().contains("550"));
+
+    // The harness's wait for another status gives up at once, showing how the notification ended.
+    let started = Instant::now();
+    let waited = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        w.herald.wait_status(&id, "sent"),
+    ))
+    .await;
+    let message = waited
+        .err()
+        .and_then(|panic| panic.downcast::<String>().ok())
+        .expect("waiting for `sent` of a failed notification panics");
+    assert!(
+        message.contains("became final without becoming sent") && message.contains("550"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}",
+        started.elapsed()
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }
 

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use herald_tests::{
-    DatabaseKind, NatsServer, PgServer, RejectStage, SmtpSink, TestDatabase, eventually, free_port,
-    init_tracing,
+    DatabaseKind, HeraldProcess, NatsServer, PgServer, RejectStage, SmtpSink, TestDatabase,
+    eventually, eventually_showing, free_port, init_tracing,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
@@ -412,6 +412,53 @@ async fn eventually_panics_naming_what_it_waited_for() {
         || async { None::<()> },
     )
     .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "waiting for the fifth poll; last seen: poll 2")]
+async fn eventually_showing_panics_with_the_last_state_seen() {
+    let mut polls = 0;
+    eventually_showing("the fifth poll", Duration::from_secs(2), || {
+        polls += 1;
+        let seen = if polls <= 2 {
+            Err(format!("poll {polls}"))
+        } else {
+            // A poll still running at the deadline leaves the last state seen as it was.
+            return futures::future::Either::Left(std::future::pending());
+        };
+        futures::future::Either::Right(async move { seen })
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_herald_process_that_exits_while_starting_is_reported_at_once() {
+    let logs = tempfile::tempdir().expect("logs");
+    // No backtrace: the log's last lines are the error itself.
+    let env = [
+        ("HERALD_DISPATCH__MAX_IN_FLIGHT", "not a number"),
+        ("RUST_BACKTRACE", "0"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec();
+    let started = std::time::Instant::now();
+    let start = tokio::spawn(HeraldProcess::start(env, logs.path().join("herald.log")));
+    let panic = start
+        .await
+        .err()
+        .and_then(|err| err.try_into_panic().ok())
+        .and_then(|panic| panic.downcast::<String>().ok())
+        .expect("start panics");
+    assert!(panic.contains("exited with"), "{panic}");
+    assert!(
+        panic.contains("MAX_IN_FLIGHT") || panic.contains("max_in_flight"),
+        "{panic}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "reported after {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
