@@ -13,8 +13,11 @@
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
 //!    left alone) and published, then the batch's cursor advances — a page redone after a restart
 //!    duplicates nothing;
-//! 3. deletes final notifications older than `retention_days` (0 keeps everything), at most every
-//!    `retention_interval_secs`.
+//!
+//! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
+//! holds up due notifications): at most every `retention_interval_secs` it deletes the final
+//! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
+//! until none are left, resting between batches so that other writers get the database.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -87,7 +90,12 @@ pub enum SchedulerMsg {
     RoundDone,
     /// Run a round now and reply when it is done (tests, operations).
     RunNow(RpcReplyPort<()>),
+    /// A retention clean-up finished (internal).
+    PurgeDone,
 }
+
+/// Final notifications retention deletes per statement.
+pub const RETENTION_BATCH: u64 = 1_000;
 
 /// Arguments of the [`Scheduler`].
 #[derive(Clone)]
@@ -108,8 +116,10 @@ pub struct SchedulerState {
     running: bool,
     waiters: Vec<RpcReplyPort<()>>,
     last_retention: Option<Instant>,
+    /// A retention clean-up is running.
+    purging: bool,
     stop: CancellationToken,
-    /// Cancels a running round if the actor dies.
+    /// Cancels a running round or clean-up if the actor dies.
     _guard: DropGuard,
 }
 
@@ -133,6 +143,7 @@ impl Actor for Scheduler {
             running: false,
             waiters: Vec::new(),
             last_retention: None,
+            purging: false,
             _guard: stop.clone().drop_guard(),
             stop,
         })
@@ -145,11 +156,16 @@ impl Actor for Scheduler {
         state: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SchedulerMsg::Tick => start_round(&myself, state),
-            SchedulerMsg::RunNow(reply) => {
-                state.waiters.push(reply);
+            SchedulerMsg::Tick => {
+                start_purge(&myself, state);
                 start_round(&myself, state);
             }
+            SchedulerMsg::RunNow(reply) => {
+                state.waiters.push(reply);
+                start_purge(&myself, state);
+                start_round(&myself, state);
+            }
+            SchedulerMsg::PurgeDone => state.purging = false,
             SchedulerMsg::RoundDone => {
                 state.running = false;
                 for waiter in state.waiters.drain(..) {
@@ -168,35 +184,54 @@ fn start_round(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
         return;
     }
     state.running = true;
-    let settings = state.args.settings;
-    let retention = settings.retention_days > 0
-        && state
-            .last_retention
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(settings.retention_interval_secs));
-    if retention {
-        state.last_retention = Some(Instant::now());
-    }
     let args = state.args.clone();
     let stop = state.stop.clone();
     let myself = myself.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = round(&args, retention) => {}
+            _ = round(&args) => {}
         }
         let _ = myself.cast(SchedulerMsg::RoundDone);
     });
 }
 
-async fn round(args: &SchedulerArgs, retention: bool) {
+/// Starts a retention clean-up on a task of its own when one is due and none is running.
+fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
+    let settings = state.args.settings;
+    let due = settings.retention_days > 0
+        && !state.purging
+        && state
+            .last_retention
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(settings.retention_interval_secs));
+    if !due {
+        return;
+    }
+    state.purging = true;
+    state.last_retention = Some(Instant::now());
+    let args = state.args.clone();
+    let stop = state.stop.clone();
+    let myself = myself.clone();
+    tokio::spawn(async move {
+        let cutoff = (args.clock)() - chrono::Duration::days(i64::from(settings.retention_days));
+        match purge(&args.db, cutoff, RETENTION_BATCH, &stop).await {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(removed, %cutoff, "retention: removed old notifications");
+                metrics::counter!("herald_retention_removed_total").increment(removed);
+            }
+            Err(err) => tracing::warn!(error = %err, "scheduler: retention clean-up failed"),
+        }
+        let _ = myself.cast(SchedulerMsg::PurgeDone);
+    });
+}
+
+async fn round(args: &SchedulerArgs) {
     if let Err(err) = release_due(args).await {
         tracing::warn!(error = %err, "scheduler: releasing due notifications failed");
     }
     if let Err(err) = fan_out(args).await {
         tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
-    }
-    if retention && let Err(err) = purge(args).await {
-        tracing::warn!(error = %err, "scheduler: retention clean-up failed");
     }
 }
 
@@ -493,21 +528,36 @@ fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::Ac
     }
 }
 
-async fn purge(args: &SchedulerArgs) -> Result<(), String> {
-    let cutoff = (args.clock)() - chrono::Duration::days(i64::from(args.settings.retention_days));
+/// Deletes every final notification last changed before `cutoff`, with its attempts, `batch` at a
+/// time until fewer than `batch` were left, and returns how many went. Between two batches it
+/// rests as long as the last one took (at least [`PURGE_REST_MIN`], at most [`PURGE_REST_MAX`]):
+/// on SQLite each DELETE holds the only write lock, so other writers get it at least half the
+/// time. Stops after the current batch once `stop` is cancelled (the engine is stopping).
+pub async fn purge(
+    db: &DatabaseConnection,
+    cutoff: chrono::DateTime<Utc>,
+    batch: u64,
+    stop: &CancellationToken,
+) -> Result<u64, repo::RepoError> {
+    let batch = batch.max(1);
     let mut total = 0u64;
-    for _ in 0..100 {
-        let removed = repo::schedule::purge_before(&args.db, cutoff, 1_000)
-            .await
-            .map_err(|e| e.to_string())?;
+    while !stop.is_cancelled() {
+        let started = Instant::now();
+        let removed = repo::schedule::purge_before(db, cutoff, batch).await?;
         total += removed;
-        if removed < 1_000 {
+        if removed < batch {
             break;
         }
+        let rest = started.elapsed().clamp(PURGE_REST_MIN, PURGE_REST_MAX);
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(rest) => {}
+        }
     }
-    if total > 0 {
-        tracing::info!(removed = total, %cutoff, "retention: removed old notifications");
-        metrics::counter!("herald_retention_removed_total").increment(total);
-    }
-    Ok(())
+    Ok(total)
 }
+
+/// Shortest rest between two retention batches.
+pub const PURGE_REST_MIN: Duration = Duration::from_millis(10);
+/// Longest rest between two retention batches.
+pub const PURGE_REST_MAX: Duration = Duration::from_secs(1);

@@ -12,7 +12,8 @@ use herald_actors::rate_limit::{CategoryLimit, OverLimit};
 use herald_engine::Config;
 use herald_entities::{NotificationStatus, customer, notification};
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+    DatabaseKind, E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
+    test_config,
 };
 use reqwest::StatusCode;
 use sea_orm::{ActiveValue::Set, EntityTrait};
@@ -1185,8 +1186,27 @@ async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
         }))
         .await;
     w.herald.wait_status(&recent, "sent").await;
-    let old = Uuid::now_v7();
     let long_ago = Utc::now() - ChronoDuration::days(10);
+    // Old but not final: retention leaves them (the scheduled one is due in the future, so the
+    // Scheduler leaves it too; the others carry no publish mark to be republished).
+    let mut unfinished = Vec::new();
+    for status in [
+        NotificationStatus::Scheduled,
+        NotificationStatus::Queued,
+        NotificationStatus::Processing,
+    ] {
+        let mut row = herald_tests::queued_notification(None);
+        row.status = status;
+        row.created_at = long_ago;
+        if status == NotificationStatus::Scheduled {
+            row.scheduled_at = Some(Utc::now() + ChronoDuration::days(30));
+        }
+        unfinished.push((row.id, status));
+        herald_entities::repo::notifications::insert_many(w.herald.db(), vec![row])
+            .await
+            .expect("old unfinished row");
+    }
+    let old = Uuid::now_v7();
     notification::Entity::insert(notification::ActiveModel {
         id: Set(old),
         request_id: Set(None),
@@ -1225,6 +1245,150 @@ async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
         .get(&format!("/api/v1/notifications/{recent}"))
         .await;
     assert_eq!(status, StatusCode::OK, "recent ones stay");
+    for (id, status) in unfinished {
+        let row = notification::Entity::find_by_id(id)
+            .one(w.herald.db())
+            .await
+            .expect("read");
+        assert_eq!(
+            row.map(|row| row.status),
+            Some(status),
+            "an old {status:?} notification stays"
+        );
+    }
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// One retention run deletes every old final notification however many there are, batch after
+/// batch (it used to stop after 100 batches, so retention fell behind for ever above 100 batches
+/// an hour), and leaves the recent and the unfinished ones.
+#[tokio::test]
+async fn a_retention_run_removes_every_old_final_notification() {
+    const OLD: usize = 2_500;
+    const BATCH: u64 = 20;
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let long_ago = Utc::now() - ChronoDuration::days(10);
+    let row = |status: NotificationStatus, created_at| {
+        let mut row = herald_tests::queued_notification(None);
+        row.status = status;
+        row.created_at = created_at;
+        row
+    };
+    let mut rows: Vec<_> = (0..OLD)
+        .map(|_| row(NotificationStatus::Sent, long_ago))
+        .collect();
+    let kept: Vec<_> = [
+        row(NotificationStatus::Sent, Utc::now()),
+        row(NotificationStatus::Queued, long_ago),
+        row(NotificationStatus::Processing, long_ago),
+    ]
+    .into_iter()
+    .collect();
+    let kept_ids: HashSet<Uuid> = kept.iter().map(|row| row.id).collect();
+    rows.extend(kept);
+    herald_entities::repo::notifications::insert_many(&db, rows)
+        .await
+        .expect("rows stored");
+
+    let cutoff = Utc::now() - ChronoDuration::days(7);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let removed = herald_actors::scheduler::purge(&db, cutoff, BATCH, &stop)
+        .await
+        .expect("retention ran");
+    assert_eq!(removed, OLD as u64, "every old final notification went");
+    let left: HashSet<Uuid> = notification::Entity::find()
+        .all(&db)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(left, kept_ids, "the recent and the unfinished ones stay");
+}
+
+/// Retention runs beside the rounds: while a clean-up is held up (on PostgreSQL, by a lock on a
+/// row it must delete), a due scheduled notification still goes out. SQLite has one writer, so a
+/// held lock would hold up everything there.
+#[tokio::test]
+async fn due_notifications_go_out_while_retention_is_held_up() {
+    use herald_actors::scheduler::SchedulerMsg;
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+    let w = world(|config| {
+        config.scheduler.retention_days = 7;
+        config.scheduler.retention_interval_secs = 1;
+    })
+    .await;
+    if w.db.kind() != DatabaseKind::Postgres {
+        w.herald.shutdown().await.expect("clean shutdown");
+        return;
+    }
+    let mut old = herald_tests::queued_notification(None);
+    old.status = NotificationStatus::Sent;
+    old.created_at = Utc::now() - ChronoDuration::days(10);
+    let old_id = old.id;
+    herald_entities::repo::notifications::insert_many(w.herald.db(), vec![old])
+        .await
+        .expect("old row");
+    let holder = herald_entities::connect(w.db.url(), 1)
+        .await
+        .expect("connection");
+    let lock = holder.begin().await.expect("transaction");
+    lock.execute_unprepared(&format!(
+        "SELECT id FROM notifications WHERE id = '{old_id}' FOR UPDATE"
+    ))
+    .await
+    .expect("row locked");
+    eventually("a clean-up to wait for the lock", E2E_TIMEOUT, || async {
+        let waiting = w
+            .herald
+            .db()
+            .query_all_raw(Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM \"notifications\"%'",
+            ))
+            .await
+            .expect("activity read");
+        (!waiting.is_empty()).then_some(())
+    })
+    .await;
+
+    let mut due = herald_tests::queued_notification(None);
+    due.status = NotificationStatus::Scheduled;
+    due.scheduled_at = Some(Utc::now() - ChronoDuration::seconds(1));
+    let due_id = due.id;
+    herald_entities::repo::notifications::insert_many(w.herald.db(), vec![due])
+        .await
+        .expect("due row");
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    let ran = scheduler
+        .call(SchedulerMsg::RunNow, Some(Duration::from_secs(10)))
+        .await
+        .expect("scheduler asked");
+    assert!(
+        matches!(ran, ractor::rpc::CallResult::Success(())),
+        "a round ran while retention waits"
+    );
+    let row = notification::Entity::find_by_id(due_id)
+        .one(w.herald.db())
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_ne!(row.status, NotificationStatus::Scheduled, "released");
+
+    lock.rollback().await.expect("lock released");
+    eventually("the old one to be removed", E2E_TIMEOUT, || async {
+        notification::Entity::find_by_id(old_id)
+            .one(w.herald.db())
+            .await
+            .expect("read")
+            .is_none()
+            .then_some(())
+    })
+    .await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
