@@ -12,7 +12,8 @@
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
 //!    left alone) and published, then the batch's cursor advances — a page redone after a restart
-//!    duplicates nothing;
+//!    duplicates nothing. A page that fails (a publish, a read, an insert) gives the lease back, so
+//!    the next round redoes it rather than waiting for the lease to run out.
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -375,7 +376,6 @@ async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> (Vec<Uuid>
 
 async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
     let started = Instant::now();
-    let budget = Duration::from_millis(args.settings.bulk_round_ms);
     let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
     let now = (args.clock)();
     // The lease this instance holds: the batch is changed only while it is still the stored one.
@@ -396,8 +396,31 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
+    let fanned = pages(args, &spec, &mut batch, &mut held, started).await;
+    if fanned.is_err() {
+        // Give the lease back, so the page is redone on the next round (here or on another
+        // instance) rather than once the lease runs out; ids make redoing it harmless.
+        if let Err(err) = repo::batches::release(&args.db, batch.id, held).await {
+            tracing::warn!(batch = %batch.id, error = %err, "scheduler: bulk lease not given back");
+        }
+    }
+    fanned
+}
+
+/// Fans out `batch` page by page while this instance holds its lease `held` (renewed with every
+/// page), until it is done, the lease is lost, or the round's budget is spent. On an error the
+/// caller gives the lease back.
+async fn pages(
+    args: &SchedulerArgs,
+    spec: &BatchSpec,
+    batch: &mut herald_entities::batch::Model,
+    held: &mut chrono::DateTime<Utc>,
+    started: Instant,
+) -> Result<(), String> {
+    let budget = Duration::from_millis(args.settings.bulk_round_ms);
+    let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
     loop {
-        let (page, cursor) = next_page(args, &spec, batch.cursor.as_deref()).await?;
+        let (page, cursor) = next_page(args, spec, batch.cursor.as_deref()).await?;
         let done = (page.len() as u64) < args.settings.bulk_page_size.max(1);
         let created_at = Utc::now();
         let mut rows = Vec::with_capacity(page.len());
@@ -424,7 +447,6 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         metrics::counter!("herald_notifications_accepted_total", "source" => "bulk").increment(new);
         let (published, failed) = publish_all(&args.publisher, &commands).await;
         if !failed.is_empty() {
-            // The page is redone on the next round; ids make that harmless.
             return Err(format!(
                 "batch {}: {} commands not published",
                 batch.id,
@@ -436,7 +458,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         let cursor = cursor.unwrap_or_else(|| batch.cursor.clone().unwrap_or_default());
         let renewed = now + lease;
         let advanced =
-            repo::batches::advance(&args.db, batch.id, held, &cursor, count, done, renewed)
+            repo::batches::advance(&args.db, batch.id, *held, &cursor, count, done, renewed)
                 .await
                 .map_err(|e| e.to_string())?;
         if !advanced {
@@ -446,7 +468,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
             tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance");
             return Ok(());
         }
-        held = renewed;
+        *held = renewed;
         metrics::counter!("herald_bulk_published_total").increment(published.len() as u64);
         batch.published = count;
         batch.cursor = Some(cursor);
@@ -456,7 +478,7 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
         }
         if started.elapsed() >= budget {
             // Let the next round (here or on another instance) go on at once.
-            return repo::batches::release(&args.db, batch.id, held)
+            return repo::batches::release(&args.db, batch.id, *held)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string());

@@ -1169,6 +1169,59 @@ async fn a_blank_or_empty_bulk_filter_is_refused_and_everyone_must_be_asked_for(
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A bulk page whose publish fails gives its lease back: the batch goes on as soon as NATS is
+/// back, not once the lease (an hour here) has run out.
+#[tokio::test]
+async fn a_bulk_page_that_failed_to_publish_goes_on_without_waiting_for_its_lease() {
+    use herald_entities::repo::batches;
+    let w = world(|config| config.scheduler.bulk_lease_secs = 3_600).await;
+    // Publishes wait for JetStream's acknowledgement and fail when it does not come.
+    w.nats.freeze().expect("SIGSTOP");
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "a@example.com" }, { "email": "b@example.com" }],
+                "category": "account",
+                "channels": ["email"],
+                "content": { "subject": "Terms updated", "text": "We updated our terms." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let batch: Uuid = accepted["batch_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("batch id");
+    let db = w.herald.db();
+    let lease = || async move {
+        batches::find(db, batch)
+            .await
+            .expect("batch read")
+            .expect("batch stored")
+            .lease_until
+    };
+    let first = eventually("the batch to be leased", E2E_TIMEOUT, || async {
+        lease().await
+    })
+    .await;
+    eventually(
+        "the failed page to give its lease back",
+        E2E_TIMEOUT,
+        || async { (lease().await != Some(first)).then_some(()) },
+    )
+    .await;
+    w.nats.resume().expect("SIGCONT");
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["published"] == 2).then_some(())
+    })
+    .await;
+    w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {
