@@ -89,7 +89,8 @@ pub enum SchedulerMsg {
     Tick,
     /// A round finished (internal).
     RoundDone,
-    /// Run a round now and reply when it is done (tests, operations).
+    /// Run a round now and reply once a round that started after this request is done (tests,
+    /// operations): when a round is running, another follows it at once.
     RunNow(RpcReplyPort<()>),
     /// A retention clean-up finished (internal).
     PurgeDone,
@@ -115,7 +116,13 @@ pub struct SchedulerArgs {
 pub struct SchedulerState {
     args: SchedulerArgs,
     running: bool,
+    /// Answered when the running round is done: it started after their request.
     waiters: Vec<RpcReplyPort<()>>,
+    /// Asked while a round was running: answered after the next one.
+    next_waiters: Vec<RpcReplyPort<()>>,
+    /// A `Tick` is on its way. Only a round's end sends one, and only when none is on its way, so
+    /// one chain of ticks exists however many rounds `RunNow` adds.
+    tick_pending: bool,
     last_retention: Option<Instant>,
     /// A retention clean-up is running.
     purging: bool,
@@ -143,6 +150,8 @@ impl Actor for Scheduler {
             args,
             running: false,
             waiters: Vec::new(),
+            next_waiters: Vec::new(),
+            tick_pending: true,
             last_retention: None,
             purging: false,
             _guard: stop.clone().drop_guard(),
@@ -158,13 +167,19 @@ impl Actor for Scheduler {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SchedulerMsg::Tick => {
+                state.tick_pending = false;
                 start_purge(&myself, state);
                 start_round(&myself, state);
             }
             SchedulerMsg::RunNow(reply) => {
-                state.waiters.push(reply);
                 start_purge(&myself, state);
-                start_round(&myself, state);
+                if state.running {
+                    // The running round may have read the database before the caller's change.
+                    state.next_waiters.push(reply);
+                } else {
+                    state.waiters.push(reply);
+                    start_round(&myself, state);
+                }
             }
             SchedulerMsg::PurgeDone => state.purging = false,
             SchedulerMsg::RoundDone => {
@@ -172,8 +187,15 @@ impl Actor for Scheduler {
                 for waiter in state.waiters.drain(..) {
                     let _ = waiter.send(());
                 }
-                let interval = Duration::from_millis(state.args.settings.poll_interval_ms.max(10));
-                myself.send_after(interval, || SchedulerMsg::Tick);
+                if !state.next_waiters.is_empty() {
+                    state.waiters = std::mem::take(&mut state.next_waiters);
+                    start_round(&myself, state);
+                } else if !state.tick_pending {
+                    state.tick_pending = true;
+                    let interval =
+                        Duration::from_millis(state.args.settings.poll_interval_ms.max(10));
+                    myself.send_after(interval, || SchedulerMsg::Tick);
+                }
             }
         }
         Ok(())

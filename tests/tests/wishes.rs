@@ -1222,6 +1222,82 @@ async fn a_bulk_page_that_failed_to_publish_goes_on_without_waiting_for_its_leas
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// `RunNow` answers once a round that started after it is done: asked while a round is running
+/// (here held up publishing), it waits for the next round, which sees what changed meanwhile.
+#[tokio::test]
+async fn run_now_during_a_round_waits_for_a_round_that_starts_after_it() {
+    use herald_actors::scheduler::SchedulerMsg;
+    use herald_entities::repo::{notifications, schedule::CLAIM_PREFIX};
+    // No round but those asked for, after the first.
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    let due = |text: &str| {
+        let mut row = herald_tests::queued_notification(None);
+        row.status = NotificationStatus::Scheduled;
+        row.scheduled_at = Some(Utc::now() - ChronoDuration::seconds(1));
+        row.content = json!({ "text": text });
+        row
+    };
+    let db = w.herald.db();
+    let stored = move |id: Uuid| async move {
+        notification::Entity::find_by_id(id)
+            .one(db)
+            .await
+            .expect("read")
+            .expect("stored")
+    };
+    let first = due("first");
+    let first_id = first.id;
+    notifications::insert_many(w.herald.db(), vec![first])
+        .await
+        .expect("first stored");
+    // The round that takes the first one waits on its publish until NATS runs again.
+    w.nats.freeze().expect("SIGSTOP");
+    let running = tokio::spawn({
+        let scheduler = scheduler.clone();
+        async move {
+            scheduler
+                .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+                .await
+        }
+    });
+    eventually("a round to claim the first one", E2E_TIMEOUT, || async {
+        let row = stored(first_id).await;
+        row.status_reason
+            .is_some_and(|reason| reason.starts_with(CLAIM_PREFIX))
+            .then_some(())
+    })
+    .await;
+    let second = due("second");
+    let second_id = second.id;
+    notifications::insert_many(w.herald.db(), vec![second])
+        .await
+        .expect("second stored");
+    let (reply, answered) = ractor::concurrency::oneshot();
+    scheduler
+        .cast(SchedulerMsg::RunNow(reply.into()))
+        .expect("asked");
+    w.nats.resume().expect("SIGCONT");
+    tokio::time::timeout(E2E_TIMEOUT, answered)
+        .await
+        .expect("RunNow answered in time")
+        .expect("RunNow answered");
+    assert_ne!(
+        stored(second_id).await.status,
+        NotificationStatus::Scheduled,
+        "the round RunNow waited for saw the notification stored before it was asked"
+    );
+    let first_answer = running
+        .await
+        .expect("first RunNow task")
+        .expect("scheduler asked");
+    assert!(
+        matches!(first_answer, ractor::rpc::CallResult::Success(())),
+        "the first RunNow answered"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {
