@@ -215,6 +215,10 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let statuses = notifications::status_query(&ids).into_query();
     let what = "the claim's read of what it left";
     assert_planned_on(&txn, kind, &statuses, index, what).await;
+    let token = format!("{}{}", schedule::CLAIM_PREFIX, Uuid::now_v7());
+    let claimed = schedule::claimed(&ids, &token).into_query();
+    let what = "the scheduler's read-back of its claim";
+    assert_planned_on(&txn, kind, &claimed, index, what).await;
 
     let users = ["ada@example.com".to_string(), "bob@example.com".to_string()];
     let cutoffs = [

@@ -78,8 +78,9 @@ pub(crate) fn reason_without_first_publish_mark() -> SimpleExpr {
 }
 
 /// Claims up to `limit` scheduled notifications due at `now`: moves them `scheduled → queued`
-/// with a conditional UPDATE marked with a fresh token, then reads back the rows carrying the
-/// token. Two instances claiming at once each get only the rows their UPDATE moved.
+/// with a conditional UPDATE marked with a fresh token, then reads back, among the rows it tried,
+/// those carrying the token ([`claimed`]). Two instances claiming at once each get only the rows
+/// their UPDATE moved.
 pub async fn claim_due(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
@@ -97,15 +98,20 @@ pub async fn claim_due(
         )
         .col_expr(notification::Column::StatusReason, Expr::value(&token))
         .col_expr(notification::Column::UpdatedAt, Expr::value(now))
-        .filter(notification::Column::Id.is_in(due))
+        .filter(notification::Column::Id.is_in(due.iter().copied()))
         .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
         .exec(db)
         .await?;
-    Ok(notification::Entity::find()
+    Ok(claimed(&due, &token).all(db).await?)
+}
+
+/// The rows among `ids` that the claim marked `token` moved: [`claim_due`]'s read-back, found by
+/// primary key (`status_reason` has no index, and on PostgreSQL a bound status keeps a generic
+/// plan off the partial status indexes). Public so that tests can check how databases plan it.
+pub fn claimed(ids: &[Uuid], token: &str) -> Select<notification::Entity> {
+    notification::Entity::find()
+        .filter(notification::Column::Id.is_in(ids.iter().copied()))
         .filter(notification::Column::StatusReason.eq(token))
-        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
-        .all(db)
-        .await?)
 }
 
 /// The ids of up to `limit` scheduled notifications due at `now`, soonest first: the scan behind
