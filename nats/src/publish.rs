@@ -93,10 +93,11 @@ impl Publisher {
             .await
     }
 
-    /// Publishes a status transition for observers, with [`status_event_id`] as `Nats-Msg-Id`:
-    /// the same transition published again (a batch written again after an unconfirmed commit, a
-    /// repeated receipt) is a duplicate that JetStream drops within its window, while a new
-    /// transition to the same status (`dead` again after a dead-letter replay) is stored.
+    /// Publishes a status transition for observers, its `Nats-Msg-Id` the notification, the
+    /// status and the transition's time in µs: the same transition published again (a batch
+    /// written again after an unconfirmed commit, a repeated receipt) is a duplicate that
+    /// JetStream drops within its window, while a new transition to the same status (`dead` again
+    /// after a dead-letter replay) is stored.
     pub async fn publish_status(&self, event: &StatusEvent) -> Result<(), NatsError> {
         let id = status_event_id(event);
         let payload = Bytes::from(serde_json::to_vec(event)?);
