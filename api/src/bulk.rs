@@ -447,9 +447,10 @@ fn check_command_size(
             .map(|r| serde_json::to_vec(r).map_or(0, |json| json.len()))
             .max()
             .unwrap_or(0),
-        // A stored customer adds only its id, each character escaped at worst.
+        // A stored customer adds only its id: each character four bytes of UTF-8 at worst (an
+        // escaped quote or backslash takes two).
         BatchTarget::Filter { .. } => {
-            r#","customer_id":"""#.len() + 2 * validate::MAX_EXTERNAL_ID + 1
+            r#","customer_id":"""#.len() + 4 * validate::MAX_EXTERNAL_ID + 1
         }
     };
     let without_recipient = SendCommand {

@@ -133,7 +133,7 @@ pub fn is_e164(s: &str) -> bool {
 pub fn external_id(field: &str, value: &str) -> Result<String, ApiError> {
     let value = value.trim();
     if value.is_empty()
-        || value.len() > MAX_EXTERNAL_ID
+        || value.chars().count() > MAX_EXTERNAL_ID
         || value.chars().any(|c| c.is_control() || c == '/')
     {
         return Err(ApiError::invalid(
@@ -255,5 +255,8 @@ mod tests {
         assert_eq!(external_id("id", " c-1 ").unwrap(), "c-1");
         assert!(external_id("id", "a/b").is_err());
         assert!(external_id("id", &"x".repeat(201)).is_err());
+        // Characters, not bytes, as the event schemas count them.
+        assert!(external_id("id", &"é".repeat(200)).is_ok());
+        assert!(external_id("id", &"é".repeat(201)).is_err());
     }
 }

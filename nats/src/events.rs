@@ -243,7 +243,7 @@ impl EventData {
             Self::LoginAlert(d) => &d.customer_id,
             Self::MarketingCampaign(d) => &d.customer_id,
         };
-        if customer_id.trim().is_empty() || customer_id.len() > MAX_ID {
+        if customer_id.trim().is_empty() || customer_id.chars().count() > MAX_ID {
             return Err(format!("customer_id must be 1 to {MAX_ID} characters"));
         }
         match self {
@@ -585,6 +585,16 @@ mod tests {
         )
         .expect("unknown fields are ignored");
         assert_eq!(ok.event_type(), LOGIN_ALERT);
+        // The customer id's limit counts characters, as the schema's maxLength does.
+        let alert = |customer_id: String| {
+            with(
+                "security.login_alert",
+                &format!(r#"{{"customer_id": "{customer_id}", "ip": "192.0.2.1"}}"#),
+            )
+        };
+        assert!(DomainEvent::decode(alert("é".repeat(MAX_ID)).as_bytes()).is_ok());
+        let long = err(&alert("é".repeat(MAX_ID + 1))).to_string();
+        assert!(long.contains("customer_id"), "{long}");
     }
 
     /// The committed schema files are what this build generates. Regenerate them with
