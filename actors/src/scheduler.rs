@@ -209,14 +209,24 @@ fn start_round(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     state.running = true;
     let args = state.args.clone();
     let stop = state.stop.clone();
-    let myself = myself.clone();
+    let done = WhenDone(myself.clone(), || SchedulerMsg::RoundDone);
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = round(&args) => {}
         }
-        let _ = myself.cast(SchedulerMsg::RoundDone);
+        drop(done);
     });
+}
+
+/// Tells the scheduler a task of its ended when dropped: when it finished, and also when it
+/// panicked, so that one bad round or clean-up cannot stop every later one.
+struct WhenDone(ActorRef<SchedulerMsg>, fn() -> SchedulerMsg);
+
+impl Drop for WhenDone {
+    fn drop(&mut self) {
+        let _ = self.0.cast((self.1)());
+    }
 }
 
 /// Starts a retention clean-up on a task of its own when one is due and none is running.
@@ -234,7 +244,7 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     state.last_retention = Some(Instant::now());
     let args = state.args.clone();
     let stop = state.stop.clone();
-    let myself = myself.clone();
+    let done = WhenDone(myself.clone(), || SchedulerMsg::PurgeDone);
     tokio::spawn(async move {
         let cutoff = (args.clock)() - chrono::Duration::days(i64::from(settings.retention_days));
         match purge(&args.db, cutoff, RETENTION_BATCH, &stop).await {
@@ -245,7 +255,7 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
             }
             Err(err) => tracing::warn!(error = %err, "scheduler: retention clean-up failed"),
         }
-        let _ = myself.cast(SchedulerMsg::PurgeDone);
+        drop(done);
     });
 }
 
@@ -292,9 +302,10 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
         }
     }
     if !unreadable.is_empty() {
-        status_batch::apply(&args.db, &unreadable, &[])
+        let applied = status_batch::apply(&args.db, &unreadable, &[])
             .await
             .map_err(|e| e.to_string())?;
+        crate::status_writer::publish_changes(&args.publisher, applied.moved_changes(&unreadable));
     }
     let (published, failed) = publish_all(&args.publisher, &commands).await;
     metrics::counter!("herald_scheduled_released_total").increment(published.len() as u64);

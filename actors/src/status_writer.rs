@@ -331,14 +331,10 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
     };
     metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("herald_status_batch_records").record(batch.len() as f64);
-    let events: Vec<StatusEvent> = applied
-        .moved_changes(&changes)
-        .filter_map(status_event)
-        .collect();
     for record in batch {
         settle(record).await;
     }
-    publish_events(&args.publisher, events);
+    publish_changes(&args.publisher, applied.moved_changes(&changes));
 }
 
 /// Applies `changes` and `attempts` in one transaction. While the database is unavailable it
@@ -377,12 +373,9 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
         let attempts: Arc<[NewAttempt]> = record.attempts.as_slice().into();
         match apply_riding_outages(writer, &changes, &attempts, records).await {
             Ok(applied) => {
-                let events: Vec<StatusEvent> = applied
-                    .moved_changes(&record.changes)
-                    .filter_map(status_event)
-                    .collect();
+                let changes = record.changes.clone();
                 settle(record).await;
-                publish_events(&args.publisher, events);
+                publish_changes(&args.publisher, applied.moved_changes(&changes));
             }
             Err(herald_entities::RepoError::WriterStopped) => {
                 // Nothing was decided: unacknowledged, this record and the rest are redelivered.
@@ -421,6 +414,15 @@ async fn settle(record: StatusRecord) {
         tracing::warn!(error = %err, "could not acknowledge a written message");
     }
     drop(record.permit);
+}
+
+/// Publishes the status events of `changes` (those written: the ones that moved their
+/// notification) for observers, on a task of its own; a failed publish is logged and counted.
+pub(crate) fn publish_changes<'a>(
+    publisher: &Publisher,
+    changes: impl Iterator<Item = &'a StatusChange>,
+) {
+    publish_events(publisher, changes.filter_map(status_event).collect());
 }
 
 fn status_event(change: &StatusChange) -> Option<StatusEvent> {
