@@ -212,7 +212,9 @@ pub struct LeaseKeeperArgs {
     /// Where ownership is published for the API.
     pub ownership: OwnershipView,
     /// Cancelled when the instance stops taking work (shutdown): from then on it takes no
-    /// partition, so one freed by another instance's leave goes to an instance that will pull it.
+    /// partition, not even one freed by another instance's leave, which it would hold unpulled.
+    /// (It still counts as a member until it leaves, so the others' fair share does not grow
+    /// to take such a partition before then.)
     pub intake: tokio_util::sync::CancellationToken,
     /// Until when each held partition may be delivered (shared with the dispatcher).
     pub deadlines: LeaseDeadlines,

@@ -1104,8 +1104,9 @@ impl Config {
     }
 
     /// Refuses a `log.level` that would not log what its writer meant: one that does not parse,
-    /// or a bare word that is not a level (`warning`, `verbose`). The filter would read such a
-    /// word as a target at every level and switch off everything else, errors included.
+    /// or a plain word that is not a level (`warning`, `verbose`). The filter would read such a
+    /// word as a target at every level and switch off everything else, errors included. A bare
+    /// target path (`herald_actors`, `sqlx::query`) or span (`[send]`) is taken as written.
     fn check_log_level(&self) -> Result<(), ConfigError> {
         let level = &self.log.level;
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(level) {
@@ -1118,8 +1119,10 @@ impl Config {
             .map(str::trim)
             .filter(|directive| !directive.is_empty() && !directive.contains('='))
             .find(|word| {
-                word.parse::<tracing_subscriber::filter::LevelFilter>()
-                    .is_err()
+                word.chars().all(|c| c.is_ascii_alphabetic())
+                    && word
+                        .parse::<tracing_subscriber::filter::LevelFilter>()
+                        .is_err()
             });
         match not_a_level {
             Some(word) => Err(ConfigError::Invalid(format!(
@@ -2439,7 +2442,7 @@ mod limits_tests {
             c.channels.webhook = Some(webhook(WEBHOOK_SECRET));
             c.nats.retention.status.max_age_secs = 120;
             c.nats.retention.events.max_age_secs = 0;
-            c.log.level = "WARN,herald_actors=debug".into();
+            c.log.level = "WARN,herald_actors=debug,herald_api,sqlx::query".into();
             c.rate_limits.0.insert(
                 "security".into(),
                 CategoryLimit {
