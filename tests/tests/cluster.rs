@@ -753,6 +753,20 @@ async fn a_lost_lease_bucket_is_restored_once_by_racing_tables() {
     assert!(!b.restore(ttl).await.expect("checked"), "left as it is");
 }
 
+/// A lease keeper of two partitions with no dispatcher or rate limiter to steer.
+fn lone_keeper(table: &LeaseTable, ttl: Duration) -> LeaseKeeperArgs {
+    LeaseKeeperArgs {
+        table: table.clone(),
+        partitions: 2,
+        ttl,
+        dispatcher: ActorSlot::default(),
+        rate_limiter: ActorSlot::default(),
+        ownership: OwnershipView::default(),
+        intake: CancellationToken::new(),
+        deadlines: LeaseDeadlines::default(),
+    }
+}
+
 /// A stopping instance (its intake cancelled, still finishing deliveries) takes no partition,
 /// not even one another instance's leave has freed: it would hold it unpulled until its own leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,18 +776,8 @@ async fn a_stopping_instance_takes_no_partition() {
     let table = LeaseTable::open(&js, "stopping", ttl, 1, 2)
         .await
         .expect("bucket");
-    let intake = CancellationToken::new();
-    intake.cancel();
-    let args = LeaseKeeperArgs {
-        table: table.clone(),
-        partitions: 2,
-        ttl,
-        dispatcher: ActorSlot::default(),
-        rate_limiter: ActorSlot::default(),
-        ownership: OwnershipView::default(),
-        intake,
-        deadlines: LeaseDeadlines::default(),
-    };
+    let args = lone_keeper(&table, ttl);
+    args.intake.cancel();
     let (keeper, handle) = Actor::spawn(None, LeaseKeeper, args).await.expect("keeper");
     eventually(
         "the stopping instance's membership",
@@ -804,21 +808,11 @@ async fn a_stopping_instance_takes_no_partition() {
 #[tokio::test]
 async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow() {
     let (_nats, js) = private_jetstream().await;
-    let keeper = |table: &LeaseTable, ttl: Duration| LeaseKeeperArgs {
-        table: table.clone(),
-        partitions: 2,
-        ttl,
-        dispatcher: ActorSlot::default(),
-        rate_limiter: ActorSlot::default(),
-        ownership: OwnershipView::default(),
-        intake: CancellationToken::new(),
-        deadlines: LeaseDeadlines::default(),
-    };
     let longer = Duration::from_secs(8);
     let table = LeaseTable::open(&js, "a", longer, 1, 2)
         .await
         .expect("bucket");
-    let (a, a_handle) = Actor::spawn(None, LeaseKeeper, keeper(&table, longer))
+    let (a, a_handle) = Actor::spawn(None, LeaseKeeper, lone_keeper(&table, longer))
         .await
         .expect("keeper a");
     let owned_by_a =
@@ -842,7 +836,7 @@ async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow(
         "not lowered at start"
     );
     // b takes no partition: a holds both and, without a dispatcher, hands none back.
-    let (b, b_handle) = Actor::spawn(None, LeaseKeeper, keeper(&b_table, shorter))
+    let (b, b_handle) = Actor::spawn(None, LeaseKeeper, lone_keeper(&b_table, shorter))
         .await
         .expect("keeper b");
 
