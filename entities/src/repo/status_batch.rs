@@ -6,8 +6,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use herald_nats::ids::derived_id;
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryTrait, TransactionTrait,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    QueryFilter, QueryTrait, TransactionTrait,
     sea_query::{Expr, ExprTrait, Func, OnConflict, Query},
 };
 use uuid::Uuid;
@@ -130,8 +130,9 @@ impl Applied {
 ///
 /// A change the transition rules refuse ([`NotificationStatus::allowed_from`]: a late failure of
 /// a second delivery after the first recorded `sent`) changes nothing and did not move; nor did a
-/// `processing` change that a later change of the same notification in the batch replaces. Each
-/// UPDATE reports the rows it changed (`RETURNING id`), so this costs no statement more.
+/// `processing` change that a later change of the same notification in the batch replaces. An
+/// UPDATE that changed as many rows as it names moved them all, the usual case; one that changed
+/// fewer is undone to a savepoint and done again reporting its rows (`RETURNING id`).
 ///
 /// Applying the same changes and attempts again changes nothing more: an attempt's id is derived
 /// from it ([`NewAttempt::id`]) and an attempt already stored is skipped, so a batch whose commit
@@ -197,14 +198,9 @@ async fn apply_batch(
             .chunks(INSERT_CHUNK)
             .zip(group.indexes.chunks(INSERT_CHUNK))
         {
-            let mut update = group.shape.update_where(group.at, ids, again).into_query();
-            update.returning(Query::returning().column(notification::Column::Id));
-            let mut moved = HashSet::with_capacity(ids.len());
-            for row in txn.query_all(&update).await? {
-                moved.insert(row.try_get_by_index::<Uuid>(0)?);
-            }
+            let moved = group.shape.apply_to(&txn, group.at, ids, again).await?;
             for (id, &index) in ids.iter().zip(indexes) {
-                applied.moved[index] = moved.contains(id);
+                applied.moved[index] = moved.as_ref().is_none_or(|moved| moved.contains(id));
             }
         }
     }
@@ -233,6 +229,34 @@ impl Shape {
             attempts: change.attempts,
             scheduled_at: change.scheduled_at,
         }
+    }
+
+    /// Applies this shape to `ids` in `txn` ([`Shape::update_where`]) and answers which rows it
+    /// moved: `None` for all of them. An UPDATE that changed as many rows as it names moved them
+    /// all, the usual case; one that changed fewer is undone (to a savepoint) and done again
+    /// reporting its rows (`RETURNING id`, which measured 6% more CPU per notification in the
+    /// bench when every UPDATE did it).
+    async fn apply_to(
+        &self,
+        txn: &DatabaseTransaction,
+        at: DateTime<Utc>,
+        ids: &[Uuid],
+        again: bool,
+    ) -> Result<Option<HashSet<Uuid>>, RepoError> {
+        let first = txn.begin().await?;
+        let updated = self.update_where(at, ids, again).exec(&first).await?;
+        if updated.rows_affected == ids.len() as u64 {
+            first.commit().await?;
+            return Ok(None);
+        }
+        first.rollback().await?;
+        let mut update = self.update_where(at, ids, again).into_query();
+        update.returning(Query::returning().column(notification::Column::Id));
+        let mut moved = HashSet::with_capacity(ids.len());
+        for row in txn.query_all(&update).await? {
+            moved.insert(row.try_get_by_index::<Uuid>(0)?);
+        }
+        Ok(Some(moved))
     }
 
     /// `UPDATE notifications SET … WHERE id IN (ids) AND status IN (allowed_from)`.
