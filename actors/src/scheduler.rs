@@ -305,7 +305,8 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
         let applied = status_batch::apply(&args.db, &unreadable, &[])
             .await
             .map_err(|e| e.to_string())?;
-        crate::status_writer::publish_changes(&args.publisher, applied.moved_changes(&unreadable));
+        use crate::status_writer::{moved_events, publish_events};
+        publish_events(&args.publisher, moved_events(&applied, &unreadable));
     }
     let (published, failed) = publish_all(&args.publisher, &commands).await;
     metrics::counter!("herald_scheduled_released_total").increment(published.len() as u64);

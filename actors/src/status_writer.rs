@@ -331,10 +331,11 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
     };
     metrics::histogram!("herald_status_batch_seconds").record(started.elapsed().as_secs_f64());
     metrics::histogram!("herald_status_batch_records").record(batch.len() as f64);
+    let events = moved_events(&applied, &changes);
     for record in batch {
         settle(record).await;
     }
-    publish_changes(&args.publisher, applied.moved_changes(&changes));
+    publish_events(&args.publisher, events);
 }
 
 /// Applies `changes` and `attempts` in one transaction. While the database is unavailable it
@@ -373,9 +374,9 @@ async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: 
         let attempts: Arc<[NewAttempt]> = record.attempts.as_slice().into();
         match apply_riding_outages(writer, &changes, &attempts, records).await {
             Ok(applied) => {
-                let changes = record.changes.clone();
+                let events = moved_events(&applied, &record.changes);
                 settle(record).await;
-                publish_changes(&args.publisher, applied.moved_changes(&changes));
+                publish_events(&args.publisher, events);
             }
             Err(herald_entities::RepoError::WriterStopped) => {
                 // Nothing was decided: unacknowledged, this record and the rest are redelivered.
@@ -416,13 +417,12 @@ async fn settle(record: StatusRecord) {
     drop(record.permit);
 }
 
-/// Publishes the status events of `changes` (those written: the ones that moved their
-/// notification) for observers, on a task of its own; a failed publish is logged and counted.
-pub(crate) fn publish_changes<'a>(
-    publisher: &Publisher,
-    changes: impl Iterator<Item = &'a StatusChange>,
-) {
-    publish_events(publisher, changes.filter_map(status_event).collect());
+/// The status events of the changes among `changes` that moved their notification.
+pub(crate) fn moved_events(applied: &Applied, changes: &[StatusChange]) -> Vec<StatusEvent> {
+    applied
+        .moved_changes(changes)
+        .filter_map(status_event)
+        .collect()
 }
 
 fn status_event(change: &StatusChange) -> Option<StatusEvent> {
@@ -441,7 +441,9 @@ fn status_event(change: &StatusChange) -> Option<StatusEvent> {
     })
 }
 
-fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
+/// Publishes `events` for observers, on a task of its own; a failed publish is logged and
+/// counted.
+pub(crate) fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
     if events.is_empty() {
         return;
     }
