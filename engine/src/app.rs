@@ -23,7 +23,6 @@ use herald_actors::{
 use herald_api::AppState;
 use herald_entities::repo::{self, insert_queue::InsertQueue};
 use herald_entities::{Checkpointer, Checkpoints, WriteGate};
-use herald_migration::{Migrator, MigratorTrait};
 use herald_nats::{Channel, Publisher, StreamSettings};
 use metrics_exporter_prometheus::PrometheusHandle;
 use poem::listener::{Acceptor, Listener, TcpListener};
@@ -108,7 +107,7 @@ pub async fn migrate(config: &Config) -> anyhow::Result<DatabaseConnection> {
 /// was opened (two processes creating one SQLite file at once could find it locked), so that
 /// instances starting together apply each migration once; then gives the lock back.
 async fn apply_migrations(lock: MigrationLock, db: &DatabaseConnection) -> anyhow::Result<()> {
-    let applied = Migrator::up(lock.session().unwrap_or(db), None)
+    let applied = crate::migration_lock::apply_giving_way(lock.session().unwrap_or(db))
         .await
         .context("cannot apply migrations");
     lock.release().await;

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use herald_migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
 /// The advisory lock key ("heraldmg" in ASCII).
@@ -26,6 +27,41 @@ const ADVISORY_KEY: i64 = 0x6865_7261_6c64_6d67;
 /// `CREATE INDEX CONCURRENTLY` waits for every statement in progress to end, so the two waited for
 /// each other through the client, where no deadlock detector sees them (found by the test).
 const RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// How long, in all, [`apply_giving_way`] keeps trying migrations that gave up waiting for a
+/// table lock before start-up fails.
+const GIVE_WAY_FOR: Duration = Duration::from_secs(600);
+
+/// The longest pause between two such tries.
+const LONGEST_PAUSE: Duration = Duration::from_secs(30);
+
+/// Applies pending migrations on `db`. A migration that gave up waiting for a table lock on
+/// PostgreSQL (another transaction held the table; see `herald_migration`'s `lock_wait`: it waits
+/// 3 s at most, so that the queries queued behind it are not held up longer) rolled back whole;
+/// it is tried again after a pause, 1 s doubling to 30 s, for up to 10 minutes.
+pub async fn apply_giving_way(db: &DatabaseConnection) -> Result<(), sea_orm::DbErr> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match Migrator::up(db, None).await {
+            Err(err)
+                if herald_entities::outage::is_lock_timeout(&err)
+                    && started.elapsed() + pause < GIVE_WAY_FOR =>
+            {
+                tracing::warn!(
+                    error = %err,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "a migration gave up waiting for a table lock another transaction holds, so as \
+                     not to hold up the queries queued behind it; trying again"
+                );
+                metrics::counter!("herald_migration_lock_waits_total").increment(1);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_PAUSE);
+            }
+            applied => return applied,
+        }
+    }
+}
 
 /// A held migration lock; [`MigrationLock::release`] gives it back (dropping it does too, when
 /// the connection or file closes).

@@ -32,6 +32,17 @@ pub fn is_outage(err: &DbErr) -> bool {
     }
 }
 
+/// Whether `err` is PostgreSQL giving up waiting for a lock under `lock_timeout` (SQLSTATE
+/// `55P03`, lock_not_available): the statement did nothing and may be tried again.
+pub fn is_lock_timeout(err: &DbErr) -> bool {
+    match err {
+        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
+            matches!(&**cause, sea_orm::sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+        }
+        _ => false,
+    }
+}
+
 fn is_sqlx_outage(err: &sea_orm::sqlx::Error) -> bool {
     use sea_orm::sqlx::Error;
     match err {

@@ -2,10 +2,15 @@
 //!
 //! One migration per file (`DeriveMigrationName` names a migration after its file). Run them with
 //! `herald migrate`, or let `herald serve` run them at start-up.
+//!
+//! A migration that changes a live table in place on PostgreSQL calls
+//! `lock_wait::wait_briefly_for_locks` first, so that it gives way to the queries queued behind
+//! it; one that adds or drops an index on a large table does it concurrently (`concurrent_index`).
 
 pub use sea_orm_migration::prelude::*;
 
 mod concurrent_index;
+mod lock_wait;
 mod m20261122_000001_create_customers;
 mod m20261122_000002_create_notifications;
 mod m20261122_000003_create_delivery_attempts;

@@ -1,6 +1,8 @@
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::lock_wait::wait_briefly_for_locks;
+
 /// Quiet hours without a time zone of their own follow the customer's.
 ///
 /// `quiet_hours.timezone` was required, so quiet hours set without one stored the customer's
@@ -18,10 +20,12 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         set_timezone_required(manager, false).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         manager
             .get_connection()
             .execute_unprepared(

@@ -1,5 +1,7 @@
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::lock_wait::wait_briefly_for_locks;
+
 /// Bulk sends get an idempotency key: `batches.request_id`, unique.
 ///
 /// A bulk send retried after a lost answer was stored again as a new batch, and every recipient
@@ -20,6 +22,7 @@ const NAME: &str = "idx_batches_request_id";
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         manager
             .alter_table(
                 Table::alter()
@@ -41,6 +44,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         manager
             .drop_index(Index::drop().name(NAME).table(Batches::Table).to_owned())
             .await?;

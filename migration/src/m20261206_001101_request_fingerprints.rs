@@ -1,5 +1,7 @@
 use sea_orm_migration::{prelude::*, schema::*};
 
+use crate::lock_wait::wait_briefly_for_locks;
+
 /// Notifications and batches record a fingerprint of the request that stored them under a
 /// request id: `notifications.request_fingerprint` and `batches.request_fingerprint`, nullable.
 ///
@@ -19,6 +21,7 @@ pub struct Migration;
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         for table in [Tables::Notifications, Tables::Batches] {
             manager
                 .alter_table(
@@ -33,6 +36,7 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        wait_briefly_for_locks(manager).await?;
         for table in [Tables::Notifications, Tables::Batches] {
             manager
                 .alter_table(

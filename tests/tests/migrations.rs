@@ -275,3 +275,83 @@ async fn request_fingerprints_are_optional_and_roll_back() {
         "{rows:?}"
     );
 }
+
+/// On PostgreSQL a migration that changes a table in place (`m20261206_001101`'s `ALTER TABLE
+/// notifications`) waits at most a few seconds for the table: while it waits, every query on the
+/// table queues behind it, so a long transaction (a report) holding the table would otherwise hold
+/// up every API request and delivery for as long as it lasts. The migration gives way and is tried
+/// again, and is applied once the transaction has ended. SQLite takes no such table locks.
+#[tokio::test]
+async fn a_migration_waiting_for_a_table_does_not_hold_up_its_queries() {
+    use herald_migration::{Migrator, MigratorTrait};
+    use herald_tests::DatabaseKind;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+
+    let db = TestDatabase::from_env().await.expect("database");
+    if db.kind() != DatabaseKind::Postgres {
+        return;
+    }
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let migrations = Migrator::migrations();
+    let position = migrations
+        .iter()
+        .position(|m| m.name() == "m20261206_001101_request_fingerprints")
+        .expect("the fingerprints migration");
+    let steps = u32::try_from(migrations.len() - position).expect("a few migrations");
+    Migrator::down(&conn, Some(steps))
+        .await
+        .expect("rolled back");
+
+    // A long transaction that has read the table holds it (ACCESS SHARE) until it ends.
+    let report = conn.begin().await.expect("transaction");
+    report
+        .execute_unprepared("SELECT count(*) FROM notifications")
+        .await
+        .expect("read");
+    let mut config = herald_engine::Config::default();
+    config.database.url = db.url().to_string();
+    let migrating =
+        tokio::spawn(async move { herald_engine::app::migrate(&config).await.map(|_| ()) });
+    let observer = herald_entities::connect(db.url(), 1)
+        .await
+        .expect("observer");
+    herald_tests::eventually(
+        "the migration waiting for the table",
+        herald_tests::E2E_TIMEOUT,
+        || async {
+            let waiting = observer
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) AS n FROM pg_locks WHERE NOT granted \
+                 AND relation = 'notifications'::regclass AND mode = 'AccessExclusiveLock'",
+                ))
+                .await
+                .expect("pg_locks read")
+                .and_then(|row| row.try_get::<i64>("", "n").ok());
+            (waiting > Some(0)).then_some(())
+        },
+    )
+    .await;
+
+    // A query meanwhile (an API request, a delivery) gets through while the report still runs.
+    let query = observer.execute_unprepared("SELECT count(*) FROM notifications");
+    tokio::time::timeout(Duration::from_secs(15), query)
+        .await
+        .expect("a query on the table was held up behind the waiting migration")
+        .expect("read");
+    assert!(
+        !migrating.is_finished(),
+        "the migration cannot be applied while the report holds the table"
+    );
+
+    report.commit().await.expect("report ended");
+    tokio::time::timeout(Duration::from_secs(60), migrating)
+        .await
+        .expect("the migration was applied within 60 s of the report's end")
+        .expect("joined")
+        .expect("migrated");
+    observer
+        .execute_unprepared("SELECT request_fingerprint FROM notifications LIMIT 1")
+        .await
+        .expect("the migration's column exists");
+}
