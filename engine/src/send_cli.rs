@@ -26,6 +26,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const EXIT_NOT_SENT: u8 = 3;
 /// Exit code: `--wait` ran out before the notification reached a final status.
 pub const EXIT_TIMED_OUT: u8 = 4;
+/// Exit code: accepted, but `--wait` could not read its status (the key lacks the `read` scope,
+/// or Herald stayed unreachable until the wait ended). Sending again would send it twice.
+pub const EXIT_STATUS_UNKNOWN: u8 = 5;
 
 /// `herald send`: the flags mirror the API's send request (`docs/api.md`).
 #[derive(Debug, Args)]
@@ -100,7 +103,8 @@ pub struct SendArgs {
 
 /// Sends the notification `args` describes and prints the API's answer (or, with `--wait`, the
 /// notification's final state) as one line of JSON on stdout. An API refusal is an error
-/// (exit 1) carrying its status and body; see [`EXIT_NOT_SENT`] and [`EXIT_TIMED_OUT`].
+/// (exit 1) carrying its status and body; see [`EXIT_NOT_SENT`], [`EXIT_TIMED_OUT`] and
+/// [`EXIT_STATUS_UNKNOWN`].
 pub async fn run(args: SendArgs, config: &Config) -> anyhow::Result<ExitCode> {
     crate::app::install_crypto_provider();
     let base = match &args.url {
@@ -116,9 +120,15 @@ pub async fn run(args: SendArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let id = accepted["id"]
         .as_str()
         .context("the API's answer has no notification id")?;
-    let (view, status) = wait_final(&client, &base, id, Duration::from_secs(secs))
-        .await
-        .with_context(|| format!("notification {id} was accepted; cannot read its status"))?;
+    let (view, status) = match wait_final(&client, &base, id, Duration::from_secs(secs)).await {
+        Ok(read) => read,
+        Err(err) => {
+            // Accepted all the same: the acceptance on stdout, as without `--wait`.
+            println!("{accepted}");
+            eprintln!("notification {id} was accepted; cannot read its status: {err:#}");
+            return Ok(ExitCode::from(EXIT_STATUS_UNKNOWN));
+        }
+    };
     println!("{view}");
     let status_name = status.as_str();
     if status.is_sent() {
@@ -237,11 +247,35 @@ async fn post(client: &reqwest::Client, base: &str, body: &Value) -> anyhow::Res
     answer(response.with_context(|| format!("cannot reach Herald at {base}"))?).await
 }
 
+/// Why the notification could not be read.
+enum Unread {
+    /// Herald could not be reached, timed out, or answered 5xx or 429: worth asking again.
+    Passing(anyhow::Error),
+    /// Any other refusal (a key without the `read` scope, say): asking again changes nothing.
+    Refused(anyhow::Error),
+}
+
 /// `GET /api/v1/notifications/{id}`.
-async fn get(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {
+async fn get(client: &reqwest::Client, base: &str, id: &str) -> Result<Value, Unread> {
     let url = format!("{base}/api/v1/notifications/{id}");
-    let response = client.get(&url).send().await;
-    answer(response.with_context(|| format!("cannot reach Herald at {base}"))?).await
+    let response = match client.get(&url).send().await {
+        Ok(response) => response,
+        Err(err) => {
+            let err = anyhow::Error::new(err).context(format!("cannot reach Herald at {base}"));
+            return Err(Unread::Passing(err));
+        }
+    };
+    let status = response.status();
+    let passing = status.is_success()
+        || status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
+    answer(response).await.map_err(|err| {
+        if passing {
+            Unread::Passing(err)
+        } else {
+            Unread::Refused(err)
+        }
+    })
 }
 
 /// The JSON of a successful answer; any other is an error naming its status and body.
@@ -264,7 +298,9 @@ fn status_of(view: &Value) -> anyhow::Result<NotificationStatus> {
 }
 
 /// Reads the notification every [`POLL_INTERVAL`] until its status is final or `limit` has
-/// passed; the last view read and its status.
+/// passed; the last view read and its status. A read that failed for a passing reason (Herald
+/// restarting, a 503) is tried again until then; the error of the last one if none succeeded
+/// by the end, or of a refusal at once.
 async fn wait_final(
     client: &reqwest::Client,
     base: &str,
@@ -272,11 +308,24 @@ async fn wait_final(
     limit: Duration,
 ) -> anyhow::Result<(Value, NotificationStatus)> {
     let deadline = Instant::now() + limit;
+    // The last view read, or the last passing error while none was.
+    let mut last: anyhow::Result<(Value, NotificationStatus)> =
+        Err(anyhow::anyhow!("no status read before the wait ended"));
     loop {
-        let view = get(client, base, id).await?;
-        let status = status_of(&view)?;
-        if status.is_final() || Instant::now() >= deadline {
-            return Ok((view, status));
+        match get(client, base, id).await {
+            Ok(view) => {
+                let status = status_of(&view)?;
+                if status.is_final() {
+                    return Ok((view, status));
+                }
+                last = Ok((view, status));
+            }
+            Err(Unread::Refused(err)) => return Err(err),
+            Err(Unread::Passing(err)) if last.is_err() => last = Err(err),
+            Err(Unread::Passing(_)) => {}
+        }
+        if Instant::now() >= deadline {
+            return last;
         }
         tokio::time::sleep_until(deadline.min(Instant::now() + POLL_INTERVAL)).await;
     }

@@ -1,7 +1,8 @@
 //! `herald send`, the binary run as an operator would, against a Herald serving on a free port:
 //! a send that goes out (exit 0, the notification with its attempts on stdout, the mail in the
 //! SMTP sink), one the API refuses (exit 1, its error on stderr, nothing on stdout), one that
-//! ends without a send (exit 3), and the API key never shown.
+//! ends without a send (exit 3), one whose status cannot be read (exit 5), and the API key never
+//! shown.
 
 use std::process::Output;
 
@@ -210,6 +211,104 @@ async fn a_send_that_fails_exits_3_with_the_failed_notification() {
     let view = printed_json(&stdout);
     assert_eq!(view["status"], "failed", "{view}");
     assert!(stderr.contains("ended failed"), "{stderr}");
+}
+
+/// A key that may send but not read: the send is accepted and goes out, but `--wait` cannot read
+/// its status. Exit 5 (not 1, which says nothing was accepted: a script retrying on 1 would send
+/// it twice), the acceptance on stdout, the refusal on stderr.
+#[tokio::test]
+async fn an_accepted_send_whose_status_cannot_be_read_exits_5_with_the_acceptance() {
+    let world = world().await;
+    let key = herald_engine::apikey::create(world.herald.db(), "send-only", "send")
+        .await
+        .expect("key created")
+        .token;
+    let output = herald_send(
+        &[
+            "--url",
+            world.herald.base(),
+            "--email",
+            "ada@example.com",
+            "--category",
+            "transactional",
+            "--text",
+            "Hello",
+            "--wait",
+            "30",
+        ],
+        &[("HERALD_API_KEY", &key)],
+    )
+    .await;
+    let (stdout, stderr) = exited(&output, 5);
+    let accepted = printed_json(&stdout);
+    let id = accepted["id"].as_str().expect("the acceptance's id");
+    assert!(
+        stderr.contains("was accepted; cannot read its status") && stderr.contains("403"),
+        "{stderr}"
+    );
+    world.herald.wait_status(id, "sent").await;
+    assert_key_hidden(&key, &output);
+}
+
+/// `--wait` reads through a Herald that answers 503 for a while (restarting behind a proxy, its
+/// database briefly away): the notification's final status is printed and the exit is 0.
+#[tokio::test]
+async fn a_wait_reads_on_through_passing_errors() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let api = MockServer::start().await;
+    let id = "0193a6f4-0000-7000-8000-000000000001";
+    Mock::given(method("POST"))
+        .and(path("/api/v1/notifications"))
+        .respond_with(
+            ResponseTemplate::new(202)
+                .set_body_json(serde_json::json!({ "id": id, "status": "queued" })),
+        )
+        .mount(&api)
+        .await;
+    let unavailable = serde_json::json!({ "code": "unavailable", "message": "try again" });
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v1/notifications/{id}")))
+        .respond_with(ResponseTemplate::new(503).set_body_json(unavailable))
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&api)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v1/notifications/{id}")))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(serde_json::json!({ "id": id, "status": "sent", "attempts": [] })),
+        )
+        .mount(&api)
+        .await;
+    let output = herald_send(
+        &[
+            "--url",
+            &api.uri(),
+            "--email",
+            "ada@example.com",
+            "--category",
+            "transactional",
+            "--text",
+            "Hello",
+            "--wait",
+            "30",
+        ],
+        &[("HERALD_API_KEY", "hk_test_secret")],
+    )
+    .await;
+    let (stdout, _) = exited(&output, 0);
+    assert_eq!(printed_json(&stdout)["status"], "sent", "{stdout}");
+    let reads = api
+        .received_requests()
+        .await
+        .expect("requests recorded")
+        .iter()
+        .filter(|request| request.method == wiremock::http::Method::GET)
+        .count();
+    assert_eq!(reads, 4, "three refused reads, then the one that succeeded");
 }
 
 /// A wrong key is refused with 401 and shown nowhere, nor is the key of `HERALD_API_KEY` in
