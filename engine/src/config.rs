@@ -980,8 +980,12 @@ impl Config {
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.nats.partitions == 0 || self.nats.partitions > 1024 {
-            return invalid("nats.partitions must be 1..=1024".into());
+        if self.nats.partitions == 0 || self.nats.partitions > herald_nats::subjects::MAX_PARTITIONS
+        {
+            return invalid(format!(
+                "nats.partitions must be 1..={}",
+                herald_nats::subjects::MAX_PARTITIONS
+            ));
         }
         if self.cluster.lease_ttl_ms < 1_000 {
             return invalid("cluster.lease_ttl_ms must be at least 1000".into());

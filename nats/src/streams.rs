@@ -156,7 +156,9 @@ async fn create_streams(
 
 /// Refuses `partitions` when commands wait on partitions at or beyond it (`notify.cmd.<n>`,
 /// `n >= partitions`): the count was lowered while they waited, and no instance using it would
-/// ever deliver them.
+/// ever deliver them. Messages on subjects no deployment's partitions use (`notify.cmd.007`,
+/// `notify.cmd.99999`: published by hand or by another program, not by Herald) refuse nothing;
+/// they are logged as a warning, with how to remove them.
 pub async fn check_command_partitions(
     js: &jetstream::Context,
     partitions: u32,
@@ -170,7 +172,7 @@ pub async fn check_command_partitions(
         .get_stream_no_info(subjects::NOTIFY_STREAM)
         .await
         .map_err(|e| read_error(&e))?;
-    let waiting: BTreeMap<u32, usize> = stream
+    let (commands, strays): (Vec<_>, Vec<_>) = stream
         .info_with_subjects(subjects::COMMANDS_ALL)
         .await
         .map_err(|e| read_error(&e))?
@@ -178,8 +180,21 @@ pub async fn check_command_partitions(
         .await
         .map_err(|e| read_error(&e))?
         .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .partition(|(subject, _)| subjects::command_partition(subject).is_some());
+    for (subject, count) in strays {
+        tracing::warn!(
+            subject,
+            count,
+            "messages wait on a subject no Herald partition uses; nothing will deliver them \
+             (remove them with `nats stream purge {} --subject {subject}`)",
+            subjects::NOTIFY_STREAM
+        );
+    }
+    let waiting: BTreeMap<u32, usize> = commands
+        .into_iter()
         .filter_map(|(subject, count)| Some((subjects::command_partition(&subject)?, count)))
-        .filter(|&(partition, count)| partition >= partitions && count > 0)
+        .filter(|&(partition, _)| partition >= partitions)
         .collect();
     let (Some((&first, _)), Some((&last, _))) =
         (waiting.first_key_value(), waiting.last_key_value())

@@ -63,9 +63,16 @@ pub fn command_subject(partition: u32) -> String {
     format!("notify.cmd.{partition}")
 }
 
-/// The partition a command subject names (`notify.cmd.<partition>`), if it names one.
+/// The most send-command partitions a deployment may have (`nats.partitions`).
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The partition a command subject names (`notify.cmd.<partition>`), if it names one any
+/// deployment could have: written as Herald writes it (`notify.cmd.7`, not `notify.cmd.007`,
+/// which no consumer's filter matches) and below [`MAX_PARTITIONS`].
 pub fn command_partition(subject: &str) -> Option<u32> {
-    subject.strip_prefix("notify.cmd.")?.parse().ok()
+    let written = subject.strip_prefix("notify.cmd.")?;
+    let partition: u32 = written.parse().ok()?;
+    (partition < MAX_PARTITIONS && partition.to_string() == written).then_some(partition)
 }
 
 /// Subject a status transition is published on: `notify.status.<status>`.
@@ -130,6 +137,11 @@ mod tests {
         assert_eq!(command_partition("notify.cmd.3"), Some(3));
         assert_eq!(command_partition("notify.cmd.x"), None);
         assert_eq!(command_partition("notify.dlq.cmd"), None);
+        assert_eq!(command_partition("notify.cmd.1023"), Some(1023));
+        // Subjects no consumer's filter (`notify.cmd.<n>`) matches, or beyond any deployment.
+        assert_eq!(command_partition("notify.cmd.007"), None);
+        assert_eq!(command_partition("notify.cmd.+7"), None);
+        assert_eq!(command_partition("notify.cmd.1024"), None);
         assert_eq!(status_subject("sent"), "notify.status.sent");
         assert_eq!(dlq_subject("cmd"), "notify.dlq.cmd");
     }
