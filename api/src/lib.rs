@@ -9,6 +9,7 @@ pub mod auth;
 mod body_limit;
 pub mod bulk;
 pub mod channels;
+mod cross_origin;
 mod cursor;
 pub mod customers;
 pub mod dashboard;
@@ -75,8 +76,11 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
-    let route = Route::new().nest("/", dashboard::with_feed_at_root(service, pages.clone()));
-    dashboard::mount(route, pages)
+    let route = Route::new().nest(
+        "/",
+        dashboard::with_feed_at_root(service, pages.clone(), server_url),
+    );
+    dashboard::mount(route, pages, server_url)
         .nest("/api/docs", docs)
         .at("/api/openapi.json", spec)
         .at(

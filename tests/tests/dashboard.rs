@@ -80,8 +80,20 @@ fn raw_client() -> reqwest::Client {
 
 /// Logs in with `key` over plain HTTP; returns the status, the `Set-Cookie` header and the body.
 async fn login(base: &str, key: &str) -> (StatusCode, Option<String>, String) {
-    let response = raw_client()
-        .post(format!("{base}/login"))
+    login_with(base, key, &[]).await
+}
+
+/// Logs in as [`login`] does, with `headers` (a browser's fetch metadata and `Origin`).
+async fn login_with(
+    base: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Option<String>, String) {
+    let mut request = raw_client().post(format!("{base}/login"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
         .form(&[("api_key", key)])
         .send()
         .await
@@ -132,6 +144,88 @@ fn csrf_in(html: &str) -> String {
         .map(|i| i + "name=\"csrf\" value=\"".len())
         .unwrap_or_else(|| panic!("no CSRF field in the page: {html}"));
     html[start..].chars().take_while(|c| *c != '"').collect()
+}
+
+/// Login CSRF: another site's page must not make a browser post the attacker's admin key to
+/// `/login` and so log it into the attacker's session. A login, or any form, that the browser says
+/// comes from another site (`Sec-Fetch-Site`, else `Origin`) is refused as an HTML page, with no
+/// session cookie; the browser's same-origin login and a login without those headers still work.
+#[tokio::test]
+async fn forms_posted_from_another_site_are_refused_the_login_too() {
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let key = w.herald.admin_key();
+    let cross_site: [&[(&str, &str)]; 4] = [
+        &[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://evil.example"),
+        ],
+        &[
+            ("sec-fetch-site", "same-site"),
+            ("origin", "https://sub.evil.example"),
+        ],
+        &[("sec-fetch-site", "cross-site"), ("origin", &base)],
+        &[("origin", "https://evil.example")],
+    ];
+    for headers in cross_site {
+        let (status, cookie, body) = login_with(&base, key, headers).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {body}");
+        assert!(cookie.is_none(), "{headers:?}: no session: {cookie:?}");
+        assert!(body.contains("cross-origin request refused"), "{body}");
+    }
+    let refused = raw_client()
+        .post(format!("{base}/login"))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("api_key", key)])
+        .send()
+        .await
+        .expect("POST /login");
+    let headers = refused.headers();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or_default());
+    assert_eq!(
+        content_type,
+        Some("text/html; charset=utf-8"),
+        "an HTML error page"
+    );
+    assert!(
+        headers.contains_key(header::CONTENT_SECURITY_POLICY),
+        "{headers:?}"
+    );
+
+    let same_origin: [&[(&str, &str)]; 4] = [
+        &[("sec-fetch-site", "same-origin"), ("origin", &base)],
+        &[("sec-fetch-site", "none")],
+        &[("origin", &base)],
+        &[],
+    ];
+    for headers in same_origin {
+        let (status, cookie, body) = login_with(&base, key, headers).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{headers:?}: {body}");
+        assert!(cookie.is_some(), "{headers:?}: a session");
+    }
+
+    // A session's own form, with its CSRF token, posted from another site: refused too.
+    let (_, cookie, _) = login(&base, key).await;
+    let cookie = cookie.expect("a session cookie");
+    let cookie = cookie.split(';').next().expect("name=value").to_string();
+    let feed = get_page(&base, "/?refresh=off", Some(&cookie)).await;
+    let csrf = csrf_in(&feed.text().await.expect("feed page"));
+    let logout = raw_client()
+        .post(format!("{base}/logout"))
+        .header(header::COOKIE, &cookie)
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST /logout");
+    assert_eq!(logout.status(), StatusCode::FORBIDDEN);
+    assert!(
+        !logout.headers().contains_key(header::SET_COOKIE),
+        "the session stays"
+    );
+    w.herald.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test]

@@ -6,8 +6,9 @@
 //!
 //! Operators log in by pasting an admin API key; the session lives in a signed, HttpOnly,
 //! SameSite=Strict cookie (`herald_session`). Mutating actions are POST forms carrying the session's
-//! CSRF token. Every page reads without JavaScript; askama escapes all data, and a
-//! Content-Security-Policy forbids scripts as a second line of defence.
+//! CSRF token; before that, every POST (the login form's too) that a browser sends from another
+//! site's page is refused (see `cross_origin`). Every page reads without JavaScript; askama escapes
+//! all data, and a Content-Security-Policy forbids scripts as a second line of defence.
 
 mod channels;
 mod dead_letters;
@@ -29,7 +30,7 @@ use poem::{
     web::cookie::CookieKey,
 };
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, cross_origin::CrossOriginProtection};
 
 /// Path of the stylesheet.
 const CSS_PATH: &str = "/assets/dashboard.css";
@@ -85,18 +86,25 @@ pub fn cookie_key(secret: Option<&str>) -> Result<CookieKey, WeakSecret> {
 pub(crate) struct Dashboard {
     state: AppState,
     settings: Arc<DashboardSettings>,
+    /// Refuses forms another site's page makes a browser post (login included).
+    protection: CrossOriginProtection,
 }
 
 /// Serves the activity feed at `/` in front of `root`, the endpoint nested at `/` (the API).
 ///
 /// A route for `/` beside an endpoint nested at `/` is never chosen by poem's router (the nest's
 /// catch-all wins), so the feed is picked here by path instead.
-pub fn with_feed_at_root<E>(root: E, state: AppState) -> impl Endpoint<Output = Response> + use<E>
+/// `server_url` is Herald's public URL, an origin the pages' forms may be sent from.
+pub fn with_feed_at_root<E>(
+    root: E,
+    state: AppState,
+    server_url: &str,
+) -> impl Endpoint<Output = Response> + use<E>
 where
     E: IntoEndpoint,
     E::Endpoint: 'static,
 {
-    let feed = Arc::new(page(&Dashboard::new(state), get(feed::page)));
+    let feed = Arc::new(page(&Dashboard::new(state, server_url), get(feed::page)));
     root.into_endpoint().around(move |next, req| {
         let feed = feed.clone();
         async move {
@@ -109,9 +117,10 @@ where
     })
 }
 
-/// Adds the dashboard's pages other than `/` ([`with_feed_at_root`]) to `route`.
-pub fn mount(route: Route, state: AppState) -> Route {
-    let dashboard = Dashboard::new(state);
+/// Adds the dashboard's pages other than `/` ([`with_feed_at_root`]) to `route`; `server_url` is
+/// Herald's public URL, an origin the pages' forms may be sent from.
+pub fn mount(route: Route, state: AppState, server_url: &str) -> Route {
+    let dashboard = Dashboard::new(state, server_url);
     route
         .at(
             "/login",
@@ -134,21 +143,27 @@ pub fn mount(route: Route, state: AppState) -> Route {
 }
 
 impl Dashboard {
-    fn new(state: AppState) -> Self {
+    fn new(state: AppState, server_url: &str) -> Self {
         let settings = state.dashboard.clone();
-        Dashboard { state, settings }
+        Dashboard {
+            state,
+            settings,
+            protection: CrossOriginProtection::new(server_url, page_error),
+        }
     }
 }
 
-/// A page endpoint: cookies signed with the session key, errors as HTML pages, security headers
-/// (on error pages too: `SetHeader` adds them to successful answers only), the dashboard data.
+/// A page endpoint: cross-site forms refused, cookies signed with the session key, errors as HTML
+/// pages, security headers (on error pages too: `SetHeader` adds them to successful answers
+/// only), the dashboard data.
 fn page(dashboard: &Dashboard, ep: poem::RouteMethod) -> impl Endpoint + use<> {
-    ep.with(CookieJarManager::with_key(
-        dashboard.settings.cookie_key.clone(),
-    ))
-    .around(|ep, req| async move { Ok(errors_as_pages(ep.call(req).await)) })
-    .with(security_headers())
-    .data(dashboard.clone())
+    ep.with(dashboard.protection.clone())
+        .with(CookieJarManager::with_key(
+            dashboard.settings.cookie_key.clone(),
+        ))
+        .around(|ep, req| async move { Ok(errors_as_pages(ep.call(req).await)) })
+        .with(security_headers())
+        .data(dashboard.clone())
 }
 
 /// A page's answer, its error as an HTML page: the page's own (`page_error`), else one made from
