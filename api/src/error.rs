@@ -26,7 +26,10 @@ pub enum ApiError {
     /// No valid API key: missing, malformed, unknown or revoked (code `unauthorized`).
     #[oai(status = 401)]
     Unauthorized(Json<ErrorBody>),
-    /// The API key is valid but lacks the scope the operation needs (code `forbidden`).
+    /// The API key is valid but lacks the scope the operation needs; or, with authentication
+    /// disabled, a browser sent this POST, PUT, PATCH or DELETE from another site's page (its
+    /// `Sec-Fetch-Site` is neither `same-origin` nor `none`, or without one its `Origin` is not
+    /// this server's) (code `forbidden`).
     #[oai(status = 403)]
     Forbidden(Json<ErrorBody>),
     /// No such resource.

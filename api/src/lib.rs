@@ -28,9 +28,10 @@ pub mod state;
 pub mod templates;
 pub mod validate;
 
-use poem::{Endpoint, EndpointExt, Route, get};
+use poem::{Endpoint, EndpointExt, IntoEndpoint, Route, get};
 use poem_openapi::OpenApiService;
 
+use cross_origin::CrossOriginProtection;
 pub use error::{ApiError, ErrorBody};
 pub use state::AppState;
 
@@ -76,9 +77,16 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();
     let spec = service.spec_endpoint();
+    // Browsers send no bearer key by themselves, so with authentication on another site's page
+    // can make a browser send only requests that fail with 401; with it off, any request acts as
+    // admin, so the API refuses those a browser sends from another site.
+    let api = service.into_endpoint().with_if(
+        !auth_enabled,
+        CrossOriginProtection::new(server_url, Into::into),
+    );
     let route = Route::new().nest(
         "/",
-        dashboard::with_feed_at_root(service, pages.clone(), server_url),
+        dashboard::with_feed_at_root(api, pages.clone(), server_url),
     );
     dashboard::mount(route, pages, server_url)
         .nest("/api/docs", docs)

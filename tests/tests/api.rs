@@ -1788,3 +1788,105 @@ async fn a_replay_retried_after_its_stored_copy_was_dropped_is_delivered() {
     assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// A POST without a body (a browser sends one without a CORS preflight) and without a key, with
+/// `headers` (a browser's fetch metadata and `Origin`; none as curl sends it).
+async fn post_as_browser(
+    h: &TestHerald,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let mut request = h.anonymous().post(format!("{}{path}", h.base()));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// With `auth.enabled = false` every request acts as admin, so a page on another site could make
+/// the developer's browser cancel a send or replay a dead letter on a local Herald (a POST without
+/// a body needs no preflight). Such requests are refused by their fetch metadata or `Origin`;
+/// those of clients that are not browsers, and the browser's same-origin ones, still work.
+#[tokio::test]
+async fn with_auth_disabled_browsers_cannot_post_from_another_site() {
+    let w = world_with(|config| config.auth.enabled = false).await;
+    let h = &w.herald;
+    let mut body = email("ada@example.com", None, "transactional");
+    body["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let id = h.send_accepted(&body).await;
+    let cancel = format!("/api/v1/notifications/{id}/cancel");
+    let own_origin = h.base().to_string();
+    let cross_site: [&[(&str, &str)]; 4] = [
+        &[
+            ("sec-fetch-site", "cross-site"),
+            ("origin", "https://evil.example"),
+        ],
+        &[
+            ("sec-fetch-site", "same-site"),
+            ("origin", "http://localhost:3000"),
+        ],
+        &[("sec-fetch-site", "cross-site"), ("origin", &own_origin)],
+        &[("origin", "https://evil.example")],
+    ];
+    for headers in cross_site {
+        for path in [cancel.as_str(), "/api/v1/dlq/1/replay"] {
+            let (status, answer) = post_as_browser(h, path, headers).await;
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{path} {headers:?}: {answer}"
+            );
+            assert_eq!(answer["code"], "forbidden", "{answer}");
+            let message = answer["message"].as_str().unwrap_or_default();
+            assert!(message.contains("cross-origin request refused"), "{answer}");
+        }
+    }
+    let (_, notification) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(notification["status"], "scheduled", "nothing was cancelled");
+
+    // Without fetch metadata or Origin (curl, SDKs), or from Herald's own origin, requests pass:
+    // no dead letter 1 (404), the cancel done.
+    let (status, answer) = post_as_browser(h, "/api/v1/dlq/1/replay", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let same_origin = [
+        ("sec-fetch-site", "same-origin"),
+        ("origin", own_origin.as_str()),
+    ];
+    let (status, answer) = post_as_browser(h, "/api/v1/dlq/1/replay", &same_origin).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    let (status, answer) = post_as_browser(h, &cancel, &[("origin", &own_origin)]).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "cancelled", "{answer}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// With authentication on, the API does not look at where a request comes from: a browser sends
+/// no key by itself, so another site's page gets 401, and a browser app on another origin that
+/// holds a key (with CORS set up in front of Herald) is served.
+#[tokio::test]
+async fn with_auth_enabled_the_api_serves_other_origins_that_hold_a_key() {
+    let w = world().await;
+    let h = &w.herald;
+    let cross_site = [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "https://app.example"),
+    ];
+    let (status, answer) = post_as_browser(h, "/api/v1/dlq/1/replay", &cross_site).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no key: {answer}");
+    let mut request = h.http().post(format!("{}/api/v1/dlq/1/replay", h.base()));
+    for (name, value) in cross_site {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.expect("POST with a key");
+    assert_eq!(
+        response.status(),
+        StatusCode::NOT_FOUND,
+        "the key's request is served"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
