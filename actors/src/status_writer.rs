@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
-    Checkpoints, NotificationStatus, WriteGate,
+    Checkpoints, NotificationStatus, RepoError, WriteGate,
     repo::status_batch::{self, Applied, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
@@ -215,15 +215,28 @@ impl BatchWriter {
             .await?;
         Ok(Self { db, thread, gate })
     }
+}
 
-    /// Applies `changes` and `attempts` in one transaction on the thread, in the gate's turn;
-    /// `again` when an earlier try's outcome is unknown ([`status_batch::apply_again`]).
+/// Where the batches are written: the database, through a [`BatchWriter`] (a stand-in in tests).
+trait Store: Sync {
+    /// Applies `changes` and `attempts` in one transaction; `again` when an earlier try's outcome
+    /// is unknown ([`status_batch::apply_again`]).
+    fn apply(
+        &self,
+        changes: &Arc<[StatusChange]>,
+        attempts: &Arc<[NewAttempt]>,
+        again: bool,
+    ) -> impl Future<Output = Result<Applied, RepoError>> + Send;
+}
+
+impl Store for BatchWriter {
+    /// Runs the transaction on the thread, in the gate's turn.
     async fn apply(
         &self,
         changes: &Arc<[StatusChange]>,
         attempts: &Arc<[NewAttempt]>,
         again: bool,
-    ) -> Result<Applied, herald_entities::RepoError> {
+    ) -> Result<Applied, RepoError> {
         let (db, changes, attempts) = (self.db.clone(), changes.clone(), attempts.clone());
         let gate = self.gate.clone();
         self.thread
@@ -297,7 +310,8 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     let writer = state.writer.clone();
     let written = WhenWritten(myself.clone());
     tokio::spawn(async move {
-        write_batch(&args, &writer, batch).await;
+        let publish = |events| publish_events(&args.publisher, events);
+        write_batch(&writer, batch, &publish).await;
         drop(written);
     });
 }
@@ -313,19 +327,31 @@ impl Drop for WhenWritten {
     }
 }
 
-/// Writes a batch, then settles its messages and publishes the status events of the changes that
-/// moved their notification (not of those the transition rules refused: a second delivery's late
-/// failure after the first recorded `sent`). Rides out database outages; a record that fails on
-/// its own (not an outage) is isolated so it cannot block the others.
-async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<StatusRecord>) {
+/// Writes a batch, then settles its messages and has `publish` publish the status events of the
+/// changes that moved their notification (not of those the transition rules refused: a second
+/// delivery's late failure after the first recorded `sent`). Rides out database outages; a record
+/// that fails on its own (not an outage) is isolated so it cannot block the others.
+async fn write_batch(
+    store: &impl Store,
+    batch: Vec<StatusRecord>,
+    publish: &(impl Fn(Vec<StatusEvent>) + Sync),
+) {
     let started = std::time::Instant::now();
     let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
     let attempts: Arc<[NewAttempt]> = batch.iter().flat_map(|r| r.attempts.clone()).collect();
-    let applied = match apply_riding_outages(writer, &changes, &attempts, &batch).await {
+    let mut unknown = false;
+    let applied = match apply_riding_outages(store, &changes, &attempts, &batch, &mut unknown).await
+    {
         Ok(applied) => applied,
         Err(err) => {
-            tracing::warn!(error = %err, "batch write failed; writing its records one by one");
-            write_one_by_one(args, writer, batch).await;
+            tracing::warn!(error = %err, unknown, "batch write failed; writing its records one by one");
+            let written = match unknown {
+                // A try may have committed unseen: each record is written as that commit wrote it,
+                // so that the changes it made are recognised as moved.
+                true => status_batch::as_stamped(&changes),
+                false => changes.to_vec(),
+            };
+            write_one_by_one(store, batch, &written, unknown, publish).await;
             return;
         }
     };
@@ -335,23 +361,24 @@ async fn write_batch(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<S
     for record in batch {
         settle(record).await;
     }
-    publish_events(&args.publisher, events);
+    publish(events);
 }
 
 /// Applies `changes` and `attempts` in one transaction. While the database is unavailable it
 /// retries with backoff and tells JetStream that the messages of `records` are still in progress;
 /// any other error is returned. A retry may follow a commit that went through unconfirmed, so it
-/// counts the changes that commit made as moved ([`status_batch::apply_again`]).
+/// counts the changes that commit made as moved ([`status_batch::apply_again`]); `unknown` is set
+/// from the first outage on (a caller that sets it beforehand has every try count them).
 async fn apply_riding_outages(
-    writer: &BatchWriter,
+    store: &impl Store,
     changes: &Arc<[StatusChange]>,
     attempts: &Arc<[NewAttempt]>,
     records: &[StatusRecord],
-) -> Result<Applied, herald_entities::RepoError> {
+    unknown: &mut bool,
+) -> Result<Applied, RepoError> {
     let mut delay = Duration::from_millis(100);
-    let mut again = false;
     loop {
-        match writer.apply(changes, attempts, again).await {
+        match store.apply(changes, attempts, *unknown).await {
             Err(err) if err.is_outage() => {
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "database unavailable; holding {} records", records.len());
                 metrics::counter!("herald_status_write_retries_total").increment(1);
@@ -360,25 +387,39 @@ async fn apply_riding_outages(
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
-                again = true;
+                *unknown = true;
             }
             result => return result,
         }
     }
 }
 
-async fn write_one_by_one(args: &StatusWriterArgs, writer: &BatchWriter, batch: Vec<StatusRecord>) {
+/// Writes the records of a batch that failed as a whole one at a time: record by record, the
+/// changes of `written` (the batch's, in order, as [`write_batch`] wants them written), counting
+/// those an earlier try made as moved when that try's outcome is `unknown`. Each record's events
+/// are those of its own changes.
+async fn write_one_by_one(
+    store: &impl Store,
+    batch: Vec<StatusRecord>,
+    written: &[StatusChange],
+    unknown: bool,
+    publish: &(impl Fn(Vec<StatusEvent>) + Sync),
+) {
+    let mut rest = written;
     for record in batch {
+        let (own, after) = rest.split_at(record.changes.len().min(rest.len()));
+        rest = after;
         let records = std::slice::from_ref(&record);
-        let changes: Arc<[StatusChange]> = record.changes.as_slice().into();
+        let changes: Arc<[StatusChange]> = own.into();
         let attempts: Arc<[NewAttempt]> = record.attempts.as_slice().into();
-        match apply_riding_outages(writer, &changes, &attempts, records).await {
+        let mut again = unknown;
+        match apply_riding_outages(store, &changes, &attempts, records, &mut again).await {
             Ok(applied) => {
                 let events = moved_events(&applied, &record.changes);
                 settle(record).await;
-                publish_events(&args.publisher, events);
+                publish(events);
             }
-            Err(herald_entities::RepoError::WriterStopped) => {
+            Err(RepoError::WriterStopped) => {
                 // Nothing was decided: unacknowledged, this record and the rest are redelivered.
                 tracing::error!("the status writer's thread is gone; records left for redelivery");
                 return;
@@ -467,7 +508,120 @@ pub(crate) fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+
+    use chrono::{DateTime, Utc};
+    use sea_orm::{DbErr, RuntimeErr};
+    use uuid::Uuid;
+
     use super::*;
+
+    /// What the stand-in database does with a try.
+    enum Try {
+        /// Commits, but the reply is lost: an outage to the writer.
+        CommitUnseen,
+        /// Refuses the whole batch (not an outage).
+        Refuse,
+    }
+
+    /// A database of notification statuses that applies changes as [`status_batch::apply`] and
+    /// [`status_batch::apply_again`] promise: a change moves a row whose status allows it, and
+    /// again also one that holds exactly it (its status, stamped with its batch's time for it).
+    #[derive(Default)]
+    struct StandIn {
+        rows: Mutex<HashMap<Uuid, (NotificationStatus, DateTime<Utc>)>>,
+        /// How the next tries go; then every try commits and is seen.
+        tries: Mutex<VecDeque<Try>>,
+    }
+
+    impl StandIn {
+        fn commit(&self, changes: &[StatusChange], again: bool) -> Applied {
+            let mut rows = self.rows.lock().expect("rows");
+            let moved = status_batch::as_stamped(changes)
+                .into_iter()
+                .map(|change| {
+                    let row = rows.get(&change.id).copied();
+                    let allowed = row
+                        .is_some_and(|(status, _)| change.status.allowed_from().contains(&status));
+                    let moved = allowed || (again && row == Some((change.status, change.at)));
+                    if moved {
+                        rows.insert(change.id, (change.status, change.at));
+                    }
+                    moved
+                })
+                .collect::<Vec<bool>>();
+            Applied::from(moved)
+        }
+    }
+
+    impl Store for StandIn {
+        async fn apply(
+            &self,
+            changes: &Arc<[StatusChange]>,
+            _attempts: &Arc<[NewAttempt]>,
+            again: bool,
+        ) -> Result<Applied, RepoError> {
+            let next = self.tries.lock().expect("tries").pop_front();
+            match next {
+                Some(Try::CommitUnseen) => {
+                    self.commit(changes, again);
+                    Err(DbErr::Conn(RuntimeErr::Internal("connection reset".into())).into())
+                }
+                Some(Try::Refuse) => Err(DbErr::Custom("refused".into()).into()),
+                None => Ok(self.commit(changes, again)),
+            }
+        }
+    }
+
+    fn sent(id: Uuid, millis: i64) -> StatusRecord {
+        // On a 10 ms window's start: changes a few ms apart share an UPDATE.
+        let base = DateTime::from_timestamp_millis(1_790_000_000_000).expect("valid instant");
+        StatusRecord {
+            changes: vec![StatusChange {
+                at: base + chrono::Duration::milliseconds(millis),
+                final_channel: Some("email".into()),
+                ..StatusChange::to(id, NotificationStatus::Sent)
+            }],
+            attempts: vec![],
+            then: AfterWrite::Nothing,
+            permit: None,
+        }
+    }
+
+    /// A batch's commit went through unseen (the connection dropped), and the retry failed on its
+    /// own (not an outage): its records, written one by one, found their rows holding their
+    /// changes already, which the transition rules refuse (`sent → sent`), so the events of that
+    /// commit were never published. Written one by one as that commit wrote them, and counted as
+    /// it made them, they are.
+    #[tokio::test]
+    async fn a_batch_committed_unseen_then_written_one_by_one_publishes_its_events() {
+        let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+        let store = StandIn::default();
+        for id in [first, second] {
+            let queued = (NotificationStatus::Queued, Utc::now());
+            store.rows.lock().expect("rows").insert(id, queued);
+        }
+        store
+            .tries
+            .lock()
+            .expect("tries")
+            .extend([Try::CommitUnseen, Try::Refuse]);
+        let published = Mutex::new(Vec::new());
+        let publish = |events: Vec<StatusEvent>| published.lock().expect("events").extend(events);
+
+        write_batch(&store, vec![sent(first, 1), sent(second, 4)], &publish).await;
+
+        let published = published.into_inner().expect("events");
+        let mut events: Vec<(Uuid, &str)> = published
+            .iter()
+            .map(|event| (event.notification_id, event.status.as_str()))
+            .collect();
+        events.sort();
+        let mut expected = vec![(first, "sent"), (second, "sent")];
+        expected.sort();
+        assert_eq!(events, expected, "the events of the unseen commit");
+    }
 
     fn waiting(pending: usize, oldest_waited_ms: u64) -> Waiting {
         Waiting {

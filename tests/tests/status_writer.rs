@@ -398,3 +398,56 @@ async fn a_batch_reports_the_changes_it_made_also_when_written_again() {
     assert_eq!(stored.status, NotificationStatus::Sent);
     assert_eq!(stored.error, None);
 }
+
+/// A batch whose outcome is unknown, written again a record at a time (after the batch failed as
+/// a whole): a record's change is recognised as the batch's when given as the batch stamped it
+/// ([`repo::status_batch::as_stamped`]: two changes sharing an UPDATE both carry its time, the
+/// later one's), not at its own time. A notification changed twice in the batch (`processing`,
+/// then `sent`) reports its `sent`, the change that has an event (`processing` has none, and the
+/// batch skipped it).
+#[tokio::test]
+async fn changes_written_again_apart_are_recognised_as_the_batch_stamped_them() {
+    use repo::status_batch::{apply, apply_again, as_stamped};
+    let (_database, db, first) = one_queued_notification().await;
+    let second = queued_notification(None);
+    let second_id = second.id;
+    repo::notifications::insert(&db, second)
+        .await
+        .expect("stored");
+    // On a 10 ms window's start: changes a few milliseconds later share an UPDATE.
+    let window = chrono::Utc::now().timestamp_millis() / 10 * 10;
+    let now = chrono::DateTime::from_timestamp_millis(window).expect("valid instant");
+    let change = |id, status, millis| StatusChange {
+        at: now + chrono::Duration::milliseconds(millis),
+        final_channel: Some("email".into()),
+        ..StatusChange::to(id, status)
+    };
+    let batch = [
+        change(first, NotificationStatus::Processing, 0),
+        change(first, NotificationStatus::Sent, 1),
+        change(second_id, NotificationStatus::Sent, 2),
+    ];
+    let moved = |result: Result<repo::status_batch::Applied, _>, index| {
+        result.expect("written").moved(index)
+    };
+    let applied = apply(&db, &batch, &[]).await.expect("the batch is written");
+    assert!(applied.moved(1) && applied.moved(2), "{applied:?}");
+    let stamped = as_stamped(&batch);
+    assert_eq!(stamped[1].at, batch[2].at, "the two sent share an UPDATE");
+    assert!(
+        moved(apply_again(&db, &stamped[..2], &[]).await, 1),
+        "the first record's sent, as the batch stamped it"
+    );
+    assert!(
+        moved(apply_again(&db, &stamped[2..], &[]).await, 0),
+        "the second record's sent, as the batch stamped it"
+    );
+    assert!(
+        !moved(apply_again(&db, &batch[..2], &[]).await, 1),
+        "at its own time the first sent is not the batch's"
+    );
+    assert!(
+        moved(apply_again(&db, &stamped, &[]).await, 1),
+        "the whole batch again reports the sent of the notification it changed twice"
+    );
+}

@@ -124,6 +124,33 @@ impl Applied {
     }
 }
 
+impl From<Vec<bool>> for Applied {
+    /// `moved[i]`: whether the batch's `i`-th change moved its notification (for a stand-in of
+    /// the database).
+    fn from(moved: Vec<bool>) -> Self {
+        Self { moved }
+    }
+}
+
+/// `changes` as [`apply`] writes them: each with `at` set to the time its UPDATE stamps the row
+/// with (`updated_at`, and `sent_at` for `sent`), which is the latest time among the changes it
+/// shares that UPDATE with, so up to 10 ms later than its own. A `processing`
+/// change that a later one of the same notification replaces is not written and keeps its time.
+///
+/// Changes of a batch whose outcome is unknown, applied again apart from each other (a record at
+/// a time, after the batch as a whole failed), must be given as this: [`apply_again`] recognises
+/// a change the batch made by the time the batch stamped it with, which a change alone or among
+/// others would not be stamped with.
+pub fn as_stamped(changes: &[StatusChange]) -> Vec<StatusChange> {
+    let mut stamped = changes.to_vec();
+    for group in plan(changes) {
+        for index in group.indexes {
+            stamped[index].at = group.at;
+        }
+    }
+    stamped
+}
+
 /// Writes attempts and applies status changes in one transaction, in the order given, and tells
 /// which changes moved their notification. A NUL in their text (a provider's reply) is stored as
 /// U+FFFD, which PostgreSQL takes.
@@ -491,6 +518,33 @@ mod tests {
         assert_eq!(plan[0].at, changes[1].at);
         assert_eq!(plan[1].ids, vec![c]);
         assert_eq!(plan[1].at, changes[2].at);
+    }
+
+    #[test]
+    fn changes_sharing_an_update_are_stamped_with_its_time() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let changes = vec![
+            at(a, NotificationStatus::Processing, 0),
+            at(a, NotificationStatus::Sent, 1),
+            at(b, NotificationStatus::Sent, 4),
+            at(c, NotificationStatus::Sent, 2_000),
+        ];
+        let stamped = as_stamped(&changes);
+        let times: Vec<_> = stamped.iter().map(|change| change.at).collect();
+        assert_eq!(
+            times,
+            [changes[0].at, changes[2].at, changes[2].at, changes[3].at],
+            "a and b share an UPDATE stamped with b's time; the replaced processing keeps its own"
+        );
+        let unstamped: Vec<_> = stamped
+            .into_iter()
+            .zip(&changes)
+            .map(|(change, original)| StatusChange {
+                at: original.at,
+                ..change
+            })
+            .collect();
+        assert_eq!(unstamped, changes, "only the times change");
     }
 
     #[test]
