@@ -12,15 +12,20 @@
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
 //!    left alone) and published, then the batch's cursor advances — a page redone after a restart
-//!    duplicates nothing. A page that fails (a publish, a read, an insert) gives the lease back, so
-//!    the next round redoes it rather than waiting for the lease to run out.
+//!    duplicates nothing. A page that fails (a publish, a read, an insert) holds the batch back
+//!    for a backoff instead of the rest of the lease: its lease is cut to end 1 s later, doubled
+//!    with each failure of that batch in a row (kept by this instance, forgotten on a page that
+//!    goes through), at most the lease's length, so a page that keeps failing (NATS refusing, a
+//!    stream full) is tried ever less often rather than every round, and is redone soon after
+//!    the cause goes away.
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
 //! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
 //! until none are left, resting between batches so that other writers get the database.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -124,6 +129,8 @@ pub struct SchedulerState {
     /// one chain of ticks exists however many rounds `RunNow` adds.
     tick_pending: bool,
     last_retention: Option<Instant>,
+    /// Failed bulk pages in a row, per batch (shared with the round's task).
+    backoff: Arc<Mutex<BulkBackoff>>,
     /// A retention clean-up is running.
     purging: bool,
     stop: CancellationToken,
@@ -153,6 +160,7 @@ impl Actor for Scheduler {
             next_waiters: Vec::new(),
             tick_pending: true,
             last_retention: None,
+            backoff: Arc::default(),
             purging: false,
             _guard: stop.clone().drop_guard(),
             stop,
@@ -208,12 +216,13 @@ fn start_round(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     }
     state.running = true;
     let args = state.args.clone();
+    let backoff = state.backoff.clone();
     let stop = state.stop.clone();
     let done = WhenDone(myself.clone(), || SchedulerMsg::RoundDone);
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = round(&args) => {}
+            _ = round(&args, &backoff) => {}
         }
         drop(done);
     });
@@ -259,11 +268,11 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     });
 }
 
-async fn round(args: &SchedulerArgs) {
+async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) {
     if let Err(err) = release_due(args).await {
         tracing::warn!(error = %err, "scheduler: releasing due notifications failed");
     }
-    if let Err(err) = fan_out(args).await {
+    if let Err(err) = fan_out(args, backoff).await {
         tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
     }
 }
@@ -408,7 +417,36 @@ async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> (Vec<Uuid>
     (published, failed)
 }
 
-async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
+/// How long a bulk batch rests after its first failed page in a row; doubled with each further
+/// one.
+const BULK_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Failed pages in a row of the bulk batches this instance worked on.
+#[derive(Debug, Default)]
+struct BulkBackoff {
+    failures: HashMap<Uuid, u32>,
+}
+
+impl BulkBackoff {
+    /// Counts a failed page of `batch` and answers the failures in a row and how long the batch
+    /// rests: [`BULK_BACKOFF`], doubled with each failure in a row, at most `longest`.
+    fn failed(&mut self, batch: Uuid, longest: Duration) -> (u32, Duration) {
+        let failures = self.failures.entry(batch).or_insert(0);
+        *failures = failures.saturating_add(1);
+        let doublings = (*failures - 1).min(16);
+        let rest = BULK_BACKOFF.saturating_mul(1 << doublings).min(longest);
+        (*failures, rest)
+    }
+
+    /// Forgets the failures of `batch`: a page of it went through (or it is finished).
+    fn succeeded(&mut self, batch: Uuid) {
+        self.failures.remove(&batch);
+    }
+}
+
+/// Takes the next bulk batch whose lease is free and fans it out ([`pages`]). A failed page is
+/// logged here, and the batch is held back for the backoff of [`BulkBackoff`].
+async fn fan_out(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> Result<(), String> {
     let started = Instant::now();
     let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
     let now = (args.clock)();
@@ -430,20 +468,36 @@ async fn fan_out(args: &SchedulerArgs) -> Result<(), String> {
             return Err(reason);
         }
     };
+    let cursor = batch.cursor.clone();
     let fanned = pages(args, &spec, &mut batch, &mut held, started).await;
-    if fanned.is_err() {
-        // Give the lease back, so the page is redone on the next round (here or on another
-        // instance) rather than once the lease runs out; ids make redoing it harmless.
-        if let Err(err) = repo::batches::release(&args.db, batch.id, held).await {
-            tracing::warn!(batch = %batch.id, error = %err, "scheduler: bulk lease not given back");
+    let (failures, rest, error) = {
+        let mut backoff = backoff
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if fanned.is_ok() || batch.cursor != cursor {
+            backoff.succeeded(batch.id);
         }
+        let Err(error) = &fanned else {
+            return Ok(());
+        };
+        let (failures, rest) = backoff.failed(batch.id, lease.to_std().unwrap_or(BULK_BACKOFF));
+        (failures, rest, error)
+    };
+    metrics::counter!("herald_bulk_page_failures_total").increment(1);
+    tracing::warn!(batch = %batch.id, %error, failures, retry_in_ms = rest.as_millis() as u64, "scheduler: bulk page failed; the batch rests");
+    // Hold the batch back for the backoff, not the rest of the lease: the page is redone soon
+    // after the cause goes away (here or on another instance; ids make redoing it harmless), and
+    // not every round while it lasts.
+    let until = (args.clock)() + chrono::Duration::from_std(rest).unwrap_or(lease);
+    if let Err(err) = repo::batches::hold(&args.db, batch.id, held, until).await {
+        tracing::warn!(batch = %batch.id, error = %err, "scheduler: bulk lease not shortened");
     }
-    fanned
+    Ok(())
 }
 
 /// Fans out `batch` page by page while this instance holds its lease `held` (renewed with every
 /// page), until it is done, the lease is lost, or the round's budget is spent. On an error the
-/// caller gives the lease back.
+/// caller holds the batch back for a backoff.
 async fn pages(
     args: &SchedulerArgs,
     spec: &BatchSpec,
@@ -617,3 +671,41 @@ pub async fn purge(
 pub const PURGE_REST_MIN: Duration = Duration::from_millis(10);
 /// Longest rest between two retention batches.
 pub const PURGE_REST_MAX: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_batch_rests_twice_as_long_each_time_up_to_the_lease_until_a_page_goes_through() {
+        let mut backoff = BulkBackoff::default();
+        let (batch, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let lease = Duration::from_secs(60);
+        let rests: Vec<(u32, u64)> = (0..8)
+            .map(|_| backoff.failed(batch, lease))
+            .map(|(failures, rest)| (failures, rest.as_secs()))
+            .collect();
+        assert_eq!(
+            rests,
+            [
+                (1, 1),
+                (2, 2),
+                (3, 4),
+                (4, 8),
+                (5, 16),
+                (6, 32),
+                (7, 60),
+                (8, 60)
+            ]
+        );
+        assert_eq!(
+            backoff.failed(other, lease),
+            (1, BULK_BACKOFF),
+            "each batch its own"
+        );
+        backoff.succeeded(batch);
+        assert_eq!(backoff.failed(batch, lease), (1, BULK_BACKOFF), "reset");
+        let many = (0..100).map(|_| backoff.failed(batch, lease)).last();
+        assert_eq!(many, Some((101, lease)), "no overflow");
+    }
+}

@@ -1226,8 +1226,89 @@ async fn a_blank_or_empty_bulk_filter_is_refused_and_everyone_must_be_asked_for(
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
-/// A bulk page whose publish fails gives its lease back: the batch goes on as soon as NATS is
-/// back, not once the lease (an hour here) has run out.
+/// A bulk page that keeps failing (every publish refused at once: the command stream is full) is
+/// tried ever less often, 1 s, then 2 s, 4 s … after each failure, not every round (100 ms here),
+/// and the batch goes on once the stream takes commands again.
+#[tokio::test]
+async fn a_bulk_page_that_keeps_failing_is_tried_ever_less_often() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    use futures::StreamExt;
+    /// How long the retries are watched after the first try: a try at once, then 1 s and 2 s
+    /// later (and the next 4 s after that, beyond the window).
+    const WATCH: Duration = Duration::from_secs(6);
+    let w = world(|config| config.scheduler.bulk_lease_secs = 3_600).await;
+    let client = w.nats.client().await.expect("NATS client");
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+        .await
+        .expect("command stream");
+    let config = stream.info().await.expect("stream info").config.clone();
+    // A stream whose every message would exceed its bytes, and that discards new ones, refuses
+    // each publish at once ("maximum bytes exceeded").
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_bytes: 1,
+        discard: DiscardPolicy::New,
+        ..config.clone()
+    })
+    .await
+    .expect("stream full");
+    // Each try's publish, seen as it goes to the stream.
+    let mut tries = client.subscribe("notify.cmd.>").await.expect("subscribed");
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "a@example.com" }],
+                "category": "account",
+                "channels": ["email"],
+                "content": { "subject": "Terms updated", "text": "We updated our terms." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    tokio::time::timeout(E2E_TIMEOUT, tries.next())
+        .await
+        .expect("a first try in time")
+        .expect("subscribed");
+    let first = std::time::Instant::now();
+    let mut retries = Vec::new();
+    while let Ok(Some(_)) = tokio::time::timeout_at((first + WATCH).into(), tries.next()).await {
+        retries.push(first.elapsed());
+    }
+    assert!(
+        (1..=3).contains(&retries.len()),
+        "within {WATCH:?} after the first try, tries at {retries:?}: \
+         expected one after about 1 s and one after about 3 s"
+    );
+    let gaps: Vec<Duration> = std::iter::once(Duration::ZERO)
+        .chain(retries.iter().copied())
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .collect();
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(900)),
+        "tries at least a second apart: {retries:?} after the first"
+    );
+    assert!(
+        gaps.windows(2).all(|pair| pair[1] > pair[0]),
+        "each rest longer than the one before: {gaps:?}"
+    );
+    js.update_stream(config).await.expect("stream restored");
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+    eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done" && json["published"] == 1).then_some(())
+    })
+    .await;
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A bulk page whose publish fails gives up the rest of its lease (resting a second instead): the
+/// batch goes on as soon as NATS is back, not once the lease (an hour here) has run out.
 #[tokio::test]
 async fn a_bulk_page_that_failed_to_publish_goes_on_without_waiting_for_its_lease() {
     use herald_entities::repo::batches;

@@ -211,11 +211,30 @@ pub async fn release(
     id: Uuid,
     held: DateTime<Utc>,
 ) -> Result<bool, RepoError> {
+    set_lease(db, id, held, None).await
+}
+
+/// Holds the batch back: its lease `held` is shortened or lengthened to end at `until`, so that
+/// no round anywhere takes it before then (a page that failed rests before it is tried again).
+/// `false` when the lease was no longer `held` (see [`advance`]); the batch is left alone.
+pub async fn hold(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    held: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool, RepoError> {
+    set_lease(db, id, held, Some(until)).await
+}
+
+/// Sets the lease `held` of a batch still in progress to `until` (`None`: free).
+async fn set_lease(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    held: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+) -> Result<bool, RepoError> {
     let updated = batch::Entity::update_many()
-        .col_expr(
-            batch::Column::LeaseUntil,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
+        .col_expr(batch::Column::LeaseUntil, Expr::value(until))
         .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::Status.eq("running"))
         .filter(batch::Column::LeaseUntil.eq(held))
