@@ -476,10 +476,8 @@ async fn start_engine(
         status_writer_slot: status_writer.clone(),
         channels: providers(config)?
             .into_iter()
-            .map(|provider| ChannelArgs {
-                provider,
-                settings: config.channels.limits,
-                announcer: Some(announcer.clone()),
+            .map(|provider| {
+                ChannelArgs::new(provider, config.channels.limits, Some(announcer.clone()))
             })
             .collect(),
         directory: channels.clone(),

@@ -192,15 +192,39 @@ impl Verdict {
     }
 }
 
-/// Arguments of a [`ChannelActor`]: its provider and limits.
+/// Arguments of a [`ChannelActor`]: its provider, its limits and the concurrency permits.
+///
+/// Made once per provider and cloned for every start of its actor: the clones share the permits,
+/// so an actor restarted after a failure waits for the sends the failed one left running, and
+/// the provider never sees more than [`ChannelSettings::concurrency`] sends at once.
 #[derive(Clone)]
 pub struct ChannelArgs {
+    provider: Arc<dyn Provider>,
+    settings: ChannelSettings,
+    announcer: Option<CircuitAnnouncer>,
+    permits: Arc<Semaphore>,
+}
+
+impl ChannelArgs {
+    /// The arguments of the actor sending through `provider` within `settings`; `announcer` tells
+    /// the other instances when its circuit opens (`None` on a lone instance).
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        settings: ChannelSettings,
+        announcer: Option<CircuitAnnouncer>,
+    ) -> Self {
+        Self {
+            provider,
+            settings,
+            announcer,
+            permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+        }
+    }
+
     /// The provider it sends through.
-    pub provider: Arc<dyn Provider>,
-    /// Its limits.
-    pub settings: ChannelSettings,
-    /// Tells the other instances when this circuit opens; `None` on a lone instance.
-    pub announcer: Option<CircuitAnnouncer>,
+    pub fn provider(&self) -> &dyn Provider {
+        self.provider.as_ref()
+    }
 }
 
 /// State of a [`ChannelActor`].
@@ -235,7 +259,7 @@ impl Actor for ChannelActor {
             announcer: args.announcer,
             timeout: Duration::from_millis(args.settings.timeout_ms),
             breaker: CircuitBreaker::new(args.settings.circuit),
-            permits: Arc::new(Semaphore::new(args.settings.concurrency.max(1))),
+            permits: args.permits,
             in_flight: 0,
             sent: 0,
             failed: 0,
@@ -466,6 +490,7 @@ mod tests {
 
     use super::*;
     use crate::channel::provider::tests::outbound;
+    use crate::channel::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};
 
     /// How long a test waits for an event; also how long a caller waits for a send's answer,
     /// longer than the default channel timeout so that sends start.
@@ -598,13 +623,13 @@ mod tests {
         ))
     }
 
+    /// The arguments of a channel actor over `provider`, on a lone instance.
+    fn args(provider: impl Provider, settings: ChannelSettings) -> ChannelArgs {
+        ChannelArgs::new(Arc::new(provider), settings, None)
+    }
+
     async fn spawn(provider: impl Provider, settings: ChannelSettings) -> ActorRef<ChannelMsg> {
-        let args = ChannelArgs {
-            provider: Arc::new(provider),
-            settings,
-            announcer: None,
-        };
-        Actor::spawn(None, ChannelActor, args)
+        Actor::spawn(None, ChannelActor, args(provider, settings))
             .await
             .expect("channel actor starts")
             .0
@@ -777,6 +802,105 @@ mod tests {
             "the send that could outlast its caller reached the provider"
         );
         actor.stop(None);
+    }
+
+    /// Waits until the supervisor has replaced `crashed` as the directory's email actor.
+    async fn restarted(
+        directory: &ChannelDirectory,
+        crashed: &ActorRef<ChannelMsg>,
+    ) -> ActorRef<ChannelMsg> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(actor) = directory.get(Channel::Email)
+                && actor.get_id() != crashed.get_id()
+            {
+                return actor;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no restarted actor within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A send through `actor` whose caller waits [`WAIT`], answered in the returned task.
+    fn send_in_background(
+        actor: &ActorRef<ChannelMsg>,
+        message: OutboundMessage,
+    ) -> tokio::task::JoinHandle<Result<CallResult<SendReport>, ractor::MessagingErr<ChannelMsg>>>
+    {
+        let actor = actor.clone();
+        tokio::spawn(async move {
+            actor
+                .call(|port| send_msg(message, WAIT, port), Some(WAIT))
+                .await
+        })
+    }
+
+    #[tokio::test]
+    async fn a_restarted_actor_counts_the_sends_of_the_crashed_one_against_its_concurrency() {
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let provider = GatedProvider {
+            started,
+            gate: gate.clone(),
+        };
+        let settings = ChannelSettings {
+            concurrency: 1,
+            ..ChannelSettings::default()
+        };
+        let directory = ChannelDirectory::default();
+        let (supervisor, _) = Actor::spawn(
+            None,
+            ChannelSupervisor,
+            ChannelSupervisorArgs {
+                channels: vec![args(provider, settings)],
+                directory: directory.clone(),
+            },
+        )
+        .await
+        .expect("channel supervisor starts");
+        let crashed = directory.get(Channel::Email).expect("email actor");
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&crashed, first);
+        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
+        assert_eq!(sending.expect("the first send starts"), Some(first_id));
+
+        // The actor fails while its send still holds the only permit at the provider.
+        crashed.cast(ChannelMsg::Crash).expect("actor alive");
+        let actor = restarted(&directory, &crashed).await;
+        let second = outbound();
+        let second_id = second.notification_id;
+        let second_answer = send_in_background(&actor, second);
+        snapshot_when(&actor, "the second send to be taken", |s| s.in_flight == 1).await;
+        // Nothing to await here: the second send must not start at all while the first runs.
+        let early = tokio::time::timeout(Duration::from_millis(500), starts.recv()).await;
+        assert!(
+            early.is_err(),
+            "a second send reached the provider while the crashed actor's send held the only \
+             permit: {early:?}"
+        );
+
+        gate.add_permits(2);
+        for (send, answer) in [(1, first_answer), (2, second_answer)] {
+            let answered = tokio::time::timeout(WAIT, answer)
+                .await
+                .unwrap_or_else(|_| panic!("send {send} is answered"))
+                .expect("caller task")
+                .expect("actor alive");
+            assert!(
+                matches!(&answered, CallResult::Success(r) if matches!(r.outcome, SendOutcome::Accepted(_))),
+                "send {send}: {answered:?}"
+            );
+        }
+        assert_eq!(
+            starts.recv().await,
+            Some(second_id),
+            "the second send went out after the first"
+        );
+        supervisor.stop(None);
     }
 
     /// A circuit that opens at the first failure, cooling down for `cool_down_ms`.

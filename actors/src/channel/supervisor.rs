@@ -84,7 +84,7 @@ impl ChannelSupervisor {
         state: &mut ChannelSupervisorState,
         args: ChannelArgs,
     ) -> Result<(), ActorProcessingErr> {
-        let channel = args.provider.channel();
+        let channel = args.provider().channel();
         let (actor, _) = Actor::spawn_linked(None, ChannelActor, args.clone(), supervisor).await?;
         state.children.insert(actor.get_id(), args);
         state.directory.set(channel, actor);
@@ -126,7 +126,7 @@ impl Actor for ChannelSupervisor {
             _ => return Ok(()),
         };
         if let Some(args) = state.children.remove(&cell.get_id()) {
-            tracing::warn!(provider = args.provider.name(), %why, "channel actor stopped; restarting");
+            tracing::warn!(provider = args.provider().name(), %why, "channel actor stopped; restarting");
             metrics::counter!("herald_actor_restarts_total", "actor" => "channel").increment(1);
             Self::start_child(myself.get_cell(), state, args).await?;
         }

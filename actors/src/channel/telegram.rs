@@ -705,11 +705,7 @@ mod tests {
             },
             ..ChannelSettings::default()
         };
-        let args = ChannelArgs {
-            provider: Arc::new(provider(&server.uri(), 2_000)),
-            settings,
-            announcer: None,
-        };
+        let args = ChannelArgs::new(Arc::new(provider(&server.uri(), 2_000)), settings, None);
         let (actor, _) = Actor::spawn(None, ChannelActor, args)
             .await
             .expect("channel actor starts");
