@@ -7,6 +7,8 @@
 //! so a restarted dispatcher picks its partitions up again). A partition being handed to another
 //! instance is drained first ([`DispatcherMsg::Drain`]): its loop stops pulling, its buffered
 //! messages go back to JetStream, and the reply comes once its in-flight deliveries are written.
+//! The deliveries are tracked in [`PartitionDeliveries`], which outlives the actor: a drain
+//! after a restart still waits for the deliveries the failed dispatcher started.
 //!
 //! An in-flight semaphore bounds the work of all loops together: a permit is taken before a
 //! message is pulled and released only after its outcome is written and acked, so a slow provider
@@ -14,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -68,6 +70,59 @@ pub struct DispatcherArgs {
     /// divided by the partitions: a large buffer would let JetStream redeliver messages that
     /// merely waited here.
     pub pull_batch: usize,
+    /// The deliveries under way by partition, shared by every start of the dispatcher.
+    pub deliveries: PartitionDeliveries,
+}
+
+/// The deliveries under way of each partition, as one [`TaskTracker`] per pull loop.
+///
+/// Kept outside the dispatcher's state and shared by the clones of its [`DispatcherArgs`], so
+/// it outlives a dispatcher that fails: the deliveries such a dispatcher started run on, and a
+/// [`DispatcherMsg::Drain`] answered by its successor still waits for them.
+#[derive(Clone, Default)]
+pub struct PartitionDeliveries {
+    trackers: Arc<Mutex<BTreeMap<u32, Vec<TaskTracker>>>>,
+}
+
+impl PartitionDeliveries {
+    /// A tracker for a new pull loop of `partition`, kept until a drain takes it or it is
+    /// closed with no delivery left. Forgets such finished trackers of every partition.
+    fn track(&self, partition: u32) -> TaskTracker {
+        let tracker = TaskTracker::new();
+        let mut trackers = self.lock();
+        trackers.retain(|_, loops| {
+            loops.retain(|l| !(l.is_closed() && l.is_empty()));
+            !loops.is_empty()
+        });
+        trackers.entry(partition).or_default().push(tracker.clone());
+        tracker
+    }
+
+    /// Closes every tracker: those of a failed dispatcher's loops, which start no more
+    /// deliveries. Their deliveries still count until they end.
+    fn close_all(&self) {
+        let mut trackers = self.lock();
+        trackers.retain(|_, loops| {
+            loops.retain(|l| {
+                l.close();
+                !l.is_empty()
+            });
+            !loops.is_empty()
+        });
+    }
+
+    /// Closes and takes every tracker of `partition`, to wait for its deliveries.
+    fn take(&self, partition: u32) -> Vec<TaskTracker> {
+        let taken = self.lock().remove(&partition).unwrap_or_default();
+        for tracker in &taken {
+            tracker.close();
+        }
+        taken
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<u32, Vec<TaskTracker>>> {
+        self.trackers.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// One partition's pull loop.
@@ -171,6 +226,8 @@ impl Actor for Dispatcher {
         _myself: ActorRef<Self::Msg>,
         args: DispatcherArgs,
     ) -> Result<DispatcherState, ActorProcessingErr> {
+        // Trackers left are those of a failed predecessor, whose loops are gone.
+        args.deliveries.close_all();
         let stop_all = args.intake.child_token();
         Ok(DispatcherState {
             args,
@@ -232,7 +289,7 @@ impl DispatcherState {
             }
             tracing::info!(partition, "pulling partition");
             let stop = self.stop_all.child_token();
-            let deliveries = TaskTracker::new();
+            let deliveries = self.args.deliveries.track(partition);
             let pull = tokio::spawn(
                 pull_partition(
                     &self.args,
@@ -256,17 +313,15 @@ impl DispatcherState {
     }
 
     fn drain(&mut self, partition: u32, reply: RpcReplyPort<()>) {
-        let loops = self.loops.drain(partition);
+        let finished = drained(&mut self.loops, &self.args.deliveries, partition);
         metrics::gauge!("herald_partitions_pulled").set(self.loops.running.len() as f64);
-        if loops.is_empty() {
+        let Some(finished) = finished else {
             let _ = reply.send(());
             return;
-        }
+        };
         tracing::info!(partition, "draining partition");
         let timeout = self.args.drain_timeout;
         tokio::spawn(async move {
-            let finished =
-                futures::future::join_all(loops.into_iter().map(PartitionLoop::finished));
             if tokio::time::timeout(timeout, finished).await.is_err() {
                 tracing::warn!(
                     partition,
@@ -276,6 +331,25 @@ impl DispatcherState {
             let _ = reply.send(());
         });
     }
+}
+
+/// Stops pulling `partition` and returns what its drain waits for: its loops to return and every
+/// delivery of it to end, those started by a failed dispatcher included. `None` when nothing of
+/// the partition runs.
+fn drained(
+    loops: &mut PartitionLoops,
+    deliveries: &PartitionDeliveries,
+    partition: u32,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let loops = loops.drain(partition);
+    let trackers = deliveries.take(partition);
+    if loops.is_empty() && trackers.iter().all(TaskTracker::is_empty) {
+        return None;
+    }
+    Some(async move {
+        futures::future::join_all(loops.into_iter().map(PartitionLoop::finished)).await;
+        futures::future::join_all(trackers.iter().map(TaskTracker::wait)).await;
+    })
 }
 
 /// Pulls one partition's commands (see [`crate::pull`]) and casts each to the dispatcher with a
@@ -349,9 +423,18 @@ mod tests {
     }
 
     async fn assert_waits_for(loops: Vec<PartitionLoop>, delivery: impl FnOnce()) {
-        let mut finished = Box::pin(futures::future::join_all(
-            loops.into_iter().map(PartitionLoop::finished),
-        ));
+        let finished = futures::future::join_all(loops.into_iter().map(PartitionLoop::finished));
+        assert_drain_waits_for(
+            async move {
+                finished.await;
+            },
+            delivery,
+        )
+        .await;
+    }
+
+    async fn assert_drain_waits_for(finished: impl Future<Output = ()>, delivery: impl FnOnce()) {
+        let mut finished = Box::pin(finished);
         assert!(
             tokio::time::timeout(Duration::from_millis(100), &mut finished)
                 .await
@@ -392,6 +475,42 @@ mod tests {
         assert_eq!(draining.len(), 2);
         drop(second);
         assert_waits_for(draining, move || drop(first)).await;
+    }
+
+    #[tokio::test]
+    async fn a_drain_after_a_restart_waits_for_the_deliveries_of_the_failed_dispatcher() {
+        let deliveries = PartitionDeliveries::default();
+        let delivery = deliveries.track(5).token();
+        let _other = deliveries.track(6).token();
+        // The dispatcher fails: its loops go with its state, and its successor starts.
+        deliveries.close_all();
+        let mut loops = PartitionLoops::default();
+
+        let finished = drained(&mut loops, &deliveries, 5).expect("a delivery of 5 runs");
+        assert_drain_waits_for(finished, move || drop(delivery)).await;
+        assert!(
+            drained(&mut loops, &deliveries, 5).is_none(),
+            "nothing left of partition 5"
+        );
+        assert!(
+            drained(&mut loops, &deliveries, 6).is_some(),
+            "6 still runs"
+        );
+    }
+
+    #[tokio::test]
+    async fn finished_trackers_are_forgotten() {
+        let deliveries = PartitionDeliveries::default();
+        let delivery = deliveries.track(1).token();
+        deliveries.track(2);
+        deliveries.close_all();
+        assert_eq!(deliveries.lock().len(), 1, "kept while its delivery runs");
+        drop(delivery);
+        deliveries.track(3);
+        assert_eq!(
+            deliveries.lock().keys().copied().collect::<Vec<_>>(),
+            vec![3]
+        );
     }
 
     #[tokio::test]

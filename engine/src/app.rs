@@ -12,7 +12,7 @@ use herald_actors::{
         push::PushProvider, sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
     },
     delivery::DeliveryContext,
-    dispatcher::{DispatcherArgs, DispatcherMsg},
+    dispatcher::{DispatcherArgs, DispatcherMsg, PartitionDeliveries},
     engine_supervisor::{EngineArgs, EngineSupervisor},
     partitions::{LeaseDeadlines, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
     rules::Rule,
@@ -491,6 +491,7 @@ async fn start_engine(
             pull_batch: (config.dispatch.max_in_flight / config.nats.partitions.max(1) as usize)
                 .clamp(8, 200),
             leases: deadlines.clone(),
+            deliveries: PartitionDeliveries::default(),
         },
         dispatcher_slot: dispatcher.clone(),
         lease_keeper: LeaseKeeperArgs {

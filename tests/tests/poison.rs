@@ -149,6 +149,78 @@ async fn a_crashed_dispatcher_is_restarted_and_deliveries_continue() {
     herald.shutdown().await.expect("shutdown");
 }
 
+/// Sends under way at the email channel.
+async fn emails_in_flight(herald: &TestHerald) -> Option<usize> {
+    let email = herald.app().channels().get(herald_nats::Channel::Email)?;
+    match email
+        .call(
+            herald_actors::channel::ChannelMsg::Snapshot,
+            Some(E2E_TIMEOUT),
+        )
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(snapshot)) => Some(snapshot.in_flight),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_drain_after_a_dispatcher_restart_waits_for_the_deliveries_started_before_it() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut config = test_config(&nats, &db, &smtp);
+    // The held send ends at the email timeout, well within the drain timeout.
+    config.channels.email.timeout_ms = 3_000;
+    config.dispatch.shutdown_grace_secs = 30;
+    let partitions = config.nats.partitions;
+    let herald = TestHerald::start(config).await.expect("herald");
+    // The relay hangs, so the delivery waits at the provider until the email timeout.
+    smtp.set_stall_after(0);
+    let id = herald.send_accepted(&email("held@example.com")).await;
+    eventually("the email send to be under way", E2E_TIMEOUT, || async {
+        (emails_in_flight(&herald).await == Some(1)).then_some(())
+    })
+    .await;
+
+    let crashed = herald.app().dispatcher().expect("dispatcher");
+    crashed
+        .cast(herald_actors::dispatcher::DispatcherMsg::Crash)
+        .expect("cast");
+    let dispatcher = eventually("a new dispatcher", Duration::from_secs(10), || async {
+        herald
+            .app()
+            .dispatcher()
+            .filter(|d| d.get_id() != crashed.get_id())
+    })
+    .await;
+
+    // How the lease keeper hands partitions to another instance: the answer must wait for the
+    // delivery the failed dispatcher started, or the other instance could deliver it again.
+    let drains = (0..partitions).map(|partition| {
+        dispatcher.call(
+            move |reply| herald_actors::dispatcher::DispatcherMsg::Drain(partition, reply),
+            Some(E2E_TIMEOUT),
+        )
+    });
+    for (partition, drained) in futures::future::join_all(drains)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            matches!(drained, Ok(ractor::rpc::CallResult::Success(()))),
+            "the drain of partition {partition} was not answered"
+        );
+    }
+    let (_, json) = herald.get(&format!("/api/v1/notifications/{id}")).await;
+    assert!(
+        json["attempts"].as_array().is_some_and(|a| !a.is_empty()),
+        "the drains answered while the delivery started before the restart was under way: {json}"
+    );
+    herald.shutdown().await.expect("shutdown");
+}
+
 /// `nats.ack_wait_secs` of the NATS restart test.
 const ACK_WAIT: Duration = Duration::from_secs(3);
 
