@@ -123,6 +123,12 @@ impl LeaseDeadlines {
             .await;
     }
 
+    /// Whether `partition` has a deadline, passed or not: this instance has held its lease
+    /// since the rate limiter was told it took it.
+    fn announced(&self, partition: u32) -> bool {
+        self.0.borrow().contains_key(&partition)
+    }
+
     fn valid(deadlines: &BTreeMap<u32, Instant>, partition: u32) -> bool {
         deadlines
             .get(&partition)
@@ -193,6 +199,8 @@ pub enum LeaseKeeperMsg {
     /// Stop taking partitions, hand every lease back and leave the membership (graceful shutdown,
     /// after the dispatcher has stopped and in-flight work is written).
     Leave(RpcReplyPort<()>),
+    /// Panic on purpose, to exercise supervision (fault injection in tests).
+    Crash,
 }
 
 /// Arguments of the [`LeaseKeeper`].
@@ -290,6 +298,7 @@ impl Actor for LeaseKeeper {
                 state.leave().await;
                 let _ = reply.send(());
             }
+            LeaseKeeperMsg::Crash => panic!("fault injected into lease keeper"),
         }
         state.publish();
         Ok(())
@@ -462,7 +471,10 @@ impl LeaseKeeperState {
 
     /// Takes back leases this process wrote but this keeper does not know of (it was restarted
     /// after a panic); never one another process wrote under the same instance name. A lease is
-    /// adopted only by renewing it, so one that is about to age out is not pulled from.
+    /// adopted only by renewing it, so one that is about to age out is not pulled from. The
+    /// renewal names the lease's revision, so this process held it all along; the rate limiter
+    /// keeps its buckets of the partition unless the failed keeper took it without telling it
+    /// (the partition has no deadline yet).
     async fn adopt(&mut self, view: &LeaseView) {
         for &partition in &view.mine {
             if self.held.contains_key(&partition) {
@@ -482,7 +494,9 @@ impl LeaseKeeperState {
                 .await
             {
                 tracing::info!(partition, "adopted this instance's partition lease");
-                self.taken.insert(partition);
+                if !self.args.deadlines.announced(partition) {
+                    self.taken.insert(partition);
+                }
                 self.hold(partition, renewed, sent);
             }
         }
@@ -495,6 +509,9 @@ impl LeaseKeeperState {
                 Ok(Some(held)) => {
                     tracing::info!(partition, "took partition lease");
                     metrics::counter!("herald_partition_takeovers_total").increment(1);
+                    // A deadline left by a failed keeper is of a lease since lost: the
+                    // partition gets one once the rate limiter has been told.
+                    self.args.deadlines.remove(partition);
                     self.taken.insert(partition);
                     self.hold(partition, held, sent);
                 }

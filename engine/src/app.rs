@@ -285,6 +285,11 @@ impl Herald {
         self.engine.dispatcher.get()
     }
 
+    /// The live partition lease keeper (for fault injection).
+    pub fn lease_keeper(&self) -> Option<ActorRef<LeaseKeeperMsg>> {
+        self.engine.lease_keeper.get()
+    }
+
     /// The live rate limiter registry (for introspection and fault injection).
     pub fn rate_limiter(
         &self,

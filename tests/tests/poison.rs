@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use futures::StreamExt;
+use herald_actors::partitions::LeaseKeeperMsg;
+use herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg;
+use herald_actors::rate_limit::{CategoryLimit, OverLimit};
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, eventually_showing,
     test_config,
@@ -217,6 +220,62 @@ async fn a_drain_after_a_dispatcher_restart_waits_for_the_deliveries_started_bef
     assert!(
         json["attempts"].as_array().is_some_and(|a| !a.is_empty()),
         "the drains answered while the delivery started before the restart was under way: {json}"
+    );
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// User rate limiters alive.
+async fn rate_limited_users(herald: &TestHerald) -> usize {
+    let limiter = herald.app().rate_limiter().expect("rate limiter");
+    match limiter
+        .call(RateLimiterSupervisorMsg::Users, Some(E2E_TIMEOUT))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(users)) => users,
+        other => panic!("the rate limiter did not answer: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_lease_keeper_keeps_the_rate_limits_of_the_partitions_it_held() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut config = test_config(&nats, &db, &smtp);
+    // A bucket that stays short of full (and its actor alive) for the whole test.
+    config.rate_limits.0.insert(
+        "transactional".into(),
+        CategoryLimit {
+            capacity: 5,
+            per_secs: 3_600,
+            policy: OverLimit::Defer,
+        },
+    );
+    let herald = TestHerald::start(config).await.expect("herald");
+    let id = herald.send_accepted(&email("limited@example.com")).await;
+    herald.wait_status(&id, "sent").await;
+    assert_eq!(rate_limited_users(&herald).await, 1, "the user's limiter");
+
+    let crashed = herald.app().lease_keeper().expect("lease keeper");
+    crashed.cast(LeaseKeeperMsg::Crash).expect("cast");
+    let keeper = eventually("a new lease keeper", Duration::from_secs(10), || async {
+        herald
+            .app()
+            .lease_keeper()
+            .filter(|k| k.get_id() != crashed.get_id())
+    })
+    .await;
+    // Its first round, asked for as it started, adopts the leases it held all along (and tells
+    // the rate limiter of those it takes) before the leave is answered.
+    let left = keeper.call(LeaseKeeperMsg::Leave, Some(E2E_TIMEOUT)).await;
+    assert!(
+        matches!(left, Ok(ractor::rpc::CallResult::Success(()))),
+        "the new lease keeper did not answer"
+    );
+    assert_eq!(
+        rate_limited_users(&herald).await,
+        1,
+        "the rate limiter forgot the user of a partition this process held all along"
     );
     herald.shutdown().await.expect("shutdown");
 }
