@@ -3,6 +3,10 @@
 //! OutboxRelay, and restarts whichever fails, at once the first time and after a growing delay
 //! when it fails again soon ([`RestartBackoff`]). Messages a failed actor had in flight were not
 //! acked, so JetStream redelivers them; every restart is counted in `herald_actor_restarts_total`.
+//! A child is restarted with a clone of its arguments, so what they share outlives it: the
+//! dispatcher's [`crate::dispatcher::PartitionDeliveries`] (a drain after a restart waits for
+//! the deliveries started before it) and the lease deadlines (a restarted lease keeper tells the
+//! rate limiter only of the partitions it took without telling it).
 //!
 //! The supervisor itself fails when a child cannot be restarted (its `pre_start` fails) or when
 //! the ChannelSupervisor stops; its children stop with it, and `herald serve` exits with an error

@@ -1,5 +1,7 @@
 //! `ChannelSupervisor`: owns one [`ChannelActor`] per configured provider and restarts any that
-//! fails. Dispatchers find the current actor of a channel in the shared [`ChannelDirectory`].
+//! fails, with a clone of its [`ChannelArgs`]: the restarted actor shares the concurrency permits
+//! with the sends the failed one left running. Dispatchers find the current actor of a channel in
+//! the shared [`ChannelDirectory`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
