@@ -48,6 +48,7 @@ enum BulkTags {
 /// condition, or `all_customers: true`: a filter without any is refused rather than taken to
 /// mean everyone, and so is a blank condition (`400` naming it).
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct CustomerFilterBody {
     /// Only customers whose locale is this language tag or one under it, in any case: `de`
     /// selects `de`, `de-DE` and `de-AT`; `de-DE` selects `de-DE` only.
@@ -58,19 +59,26 @@ pub struct CustomerFilterBody {
     pub all_customers: Option<bool>,
 }
 
-/// One recipient of a bulk send.
+/// One recipient of a bulk send: a `Recipient`'s fields and `variables`, in one object.
+// An unknown field is refused, as in every request object. `deny_unknown_fields` cannot go with
+// `flatten`, so the check is `Recipient`'s own: the derived parser reads the fields in the order
+// declared here, each taking its key out of the object, and gives a flattened field what is left.
+// So `variables` comes first and `recipient` gets exactly the keys no other field took, which
+// `Recipient` refuses unless they are its own (pinned by the test
+// `a_recipient_takes_variables_and_refuses_an_unknown_field`).
 #[derive(Debug, Clone, Object)]
 pub struct BulkRecipient {
-    /// Who.
-    #[oai(flatten)]
-    pub recipient: Recipient,
     /// This recipient's template variables (a JSON object), over `template.variables`: a variable
     /// given in both takes this value. Only with `template`.
     pub variables: Option<Value>,
+    /// Who.
+    #[oai(flatten)]
+    pub recipient: Recipient,
 }
 
 /// One message to many recipients: give `recipients` or `filter`, not both.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct BulkRequest {
     /// Your idempotency key: repeating a request with the same id answers the batch stored first
     /// and sends nothing more, also when what it was checked against has changed since (its
@@ -537,6 +545,28 @@ fn renamed(err: ApiError, index: usize) -> ApiError {
 mod tests {
     use super::*;
     use crate::fingerprint;
+
+    #[test]
+    fn a_recipient_takes_variables_and_refuses_an_unknown_field() {
+        use poem_openapi::types::ParseFromJSON;
+        let parsed = BulkRecipient::parse_from_json(Some(serde_json::json!({
+            "email": "ada@example.com",
+            "variables": { "name": "Ada" }
+        })))
+        .expect("a recipient with variables");
+        assert_eq!(parsed.recipient.email.as_deref(), Some("ada@example.com"));
+        assert_eq!(parsed.variables, Some(serde_json::json!({ "name": "Ada" })));
+        let refused = BulkRecipient::parse_from_json(Some(serde_json::json!({
+            "email": "ada@example.com",
+            "customerId": "c-1"
+        })))
+        .expect_err("an unknown field");
+        assert!(
+            refused.message().contains("unknown field `customerId`"),
+            "{}",
+            refused.message()
+        );
+    }
 
     /// Pins what a bulk send's fingerprint is made of (see the single send's test of the same
     /// name): if this fails, bump `fingerprint::VERSION`, do not just update the expected values.

@@ -29,6 +29,7 @@ enum CustomerTags {
 
 /// A new customer.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct CreateCustomer {
     /// Your id for the customer (1 to 200 characters, no `/`); events and notifications name the
     /// customer by it.
@@ -54,6 +55,7 @@ pub struct CreateCustomer {
 
 /// A customer's record as a whole; `PUT` replaces the stored one (absent contacts are removed).
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct UpdateCustomer {
     /// Display name.
     pub name: Option<String>,

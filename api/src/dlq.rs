@@ -123,6 +123,7 @@ pub enum DlqKind {
 
 /// Which entries to replay; filters combine with AND.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ReplayFilter {
     /// `commands` (the default) or `events`: a filtered replay takes one kind.
     pub kind: Option<DlqKind>,

@@ -194,16 +194,23 @@ pub async fn render_error(err: poem::Error) -> Response {
         s if s.is_server_error() => "internal",
         _ => "error",
     };
+    let unknown = err
+        .downcast_ref::<poem_openapi::error::ParseRequestPayloadError>()
+        .and_then(|e| UnknownField::of(&e.reason));
     let message = if status.is_server_error() {
         tracing::error!(error = %err, "unhandled server error");
         "internal error; see the server log".to_string()
+    } else if let Some(unknown) = &unknown {
+        unknown.message()
     } else {
         err.to_string()
     };
-    // A parameter that failed to parse or validate is named, like the typed 400s do.
+    // A parameter that failed to parse or validate is named, like the typed 400s do, and so is a
+    // body field the API does not know.
     let field = err
         .downcast_ref::<poem_openapi::error::ParseParamError>()
-        .map(|e| e.name.to_string());
+        .map(|e| e.name.to_string())
+        .or_else(|| unknown.map(|unknown| unknown.field));
     let body = ErrorBody {
         field,
         ..body(code, message)
@@ -213,6 +220,48 @@ pub async fn render_error(err: poem::Error) -> Response {
         .status(status)
         .content_type("application/json; charset=utf-8")
         .body(json)
+}
+
+/// A body field no request object of the API has, as poem-openapi's parser reports it for an
+/// object with `deny_unknown_fields`: `failed to parse "Recipient": unknown field `customerId`.`,
+/// followed by `(occurred while parsing "SendRequest")` for each object around it.
+#[derive(Debug, PartialEq, Eq)]
+struct UnknownField {
+    /// The field's name, as the request spelt it.
+    field: String,
+    /// The object type that does not have it (`Recipient`), when the report names one.
+    object: Option<String>,
+}
+
+impl UnknownField {
+    /// The unknown field a payload parse error reports, if that is what it reports.
+    fn of(reason: &str) -> Option<Self> {
+        const MARK: &str = "unknown field `";
+        let (before, after) = reason.split_once(MARK)?;
+        let (field, _) = after.rsplit_once("`.")?;
+        let object = before
+            .rsplit_once("failed to parse \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(object, _)| object.to_string());
+        Some(Self {
+            field: field.to_string(),
+            object,
+        })
+    }
+
+    /// What the error body says.
+    fn message(&self) -> String {
+        let field = &self.field;
+        let within = self
+            .object
+            .as_ref()
+            .map(|object| format!(" in {object}"))
+            .unwrap_or_default();
+        format!(
+            "unknown field {field:?}{within}: the request takes only the fields the API \
+             documents (field names are snake_case); nothing was accepted"
+        )
+    }
 }
 
 #[cfg(test)]
@@ -255,6 +304,22 @@ mod tests {
         fn kind(&self) -> sqlx::error::ErrorKind {
             sqlx::error::ErrorKind::Other
         }
+    }
+
+    #[test]
+    fn an_unknown_field_is_read_from_the_parsers_report() {
+        let reason = "failed to parse \"Recipient\": unknown field `customerId`. (occurred while \
+                      parsing \"SendRequest\")";
+        let unknown = UnknownField::of(reason).expect("an unknown field");
+        assert_eq!(unknown.field, "customerId");
+        assert_eq!(unknown.object.as_deref(), Some("Recipient"));
+        assert!(unknown.message().starts_with("unknown field \"customerId\" in Recipient:"));
+        let odd = UnknownField::of("failed to parse \"X\": unknown field `a`.b`.").expect("odd");
+        assert_eq!(odd.field, "a`.b", "a name with a backquote is kept whole");
+        assert_eq!(
+            UnknownField::of("failed to parse \"X\": expected object, found string"),
+            None
+        );
     }
 
     fn status_of(err: sqlx::Error) -> StatusCode {

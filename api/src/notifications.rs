@@ -104,6 +104,7 @@ impl From<ApiCategory> for Category {
 
 /// Who receives the notification: a known customer, contacts, or both (contacts given here win).
 #[derive(Debug, Clone, Default, Object)]
+#[oai(deny_unknown_fields)]
 pub struct Recipient {
     /// The customer's external id (1 to 200 characters, no `/`; surrounding spaces are dropped).
     pub customer_id: Option<String>,
@@ -122,6 +123,7 @@ pub struct Recipient {
 
 /// The message to send.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct MessageContent {
     /// Subject (email) or title (push).
     pub subject: Option<String>,
@@ -135,6 +137,7 @@ pub struct MessageContent {
 
 /// A template to render at delivery instead of literal content.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct TemplateUse {
     /// The template's code (`GET /api/v1/templates` lists them).
     pub code: String,
@@ -146,6 +149,7 @@ pub struct TemplateUse {
 
 /// A request to send one notification.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct SendRequest {
     /// Your idempotency key: repeating a request with the same id answers the first result and
     /// sends nothing more, also when what it was checked against has changed since (its

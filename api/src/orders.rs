@@ -43,6 +43,7 @@ enum OrderTags {
 
 /// One line of an order.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct OrderLine {
     /// Product name.
     pub name: String,
@@ -54,6 +55,7 @@ pub struct OrderLine {
 
 /// A new order.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct CreateOrder {
     /// Your order number (1 to 200 characters, no `/`); unique.
     pub order_number: String,
@@ -104,6 +106,7 @@ impl ApiOrderStatus {
 
 /// A status change.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct ChangeOrderStatus {
     /// The new status.
     pub status: ApiOrderStatus,

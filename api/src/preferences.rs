@@ -34,6 +34,7 @@ enum PreferenceTags {
 
 /// Whether a category of notifications is wanted, on one channel or on all.
 #[derive(Debug, Clone, PartialEq, Eq, Object)]
+#[oai(deny_unknown_fields)]
 pub struct PreferenceEntry {
     /// The category.
     pub category: ApiCategory,
@@ -47,6 +48,7 @@ pub struct PreferenceEntry {
 /// A daily quiet window: no non-critical notification between `start` and `end` local time
 /// (deferred to `end`, not dropped).
 #[derive(Debug, Clone, PartialEq, Eq, Object)]
+#[oai(deny_unknown_fields)]
 pub struct QuietHoursBody {
     /// Local start, `HH:MM` or `HH:MM:SS`.
     pub start: String,
@@ -60,6 +62,7 @@ pub struct QuietHoursBody {
 
 /// A customer's wishes, as stored (`PUT` replaces them all).
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct PreferencesBody {
     /// Preference entries; one per (category, channel).
     #[oai(default)]

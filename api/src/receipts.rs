@@ -44,6 +44,7 @@ pub enum ReceiptEvent {
 /// id, as recorded on the successful attempt). `notification_id` wins when both are given; it is
 /// the reliable one, as a provider's ids need not be unique.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct Receipt {
     /// Herald's notification id.
     pub notification_id: Option<Uuid>,

@@ -79,6 +79,7 @@ pub struct RenderedTemplate {
 
 /// A preview request.
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct PreviewRequest {
     /// Language tag (`de-DE`); falls back to the language, then to the default locale.
     pub locale: Option<String>,
@@ -89,6 +90,7 @@ pub struct PreviewRequest {
 /// The sources of one locale variant of a runtime template (minijinja syntax:
 /// `{{ variable }}`, `{% if %}`, `{% for %}`, filters).
 #[derive(Debug, Clone, Object)]
+#[oai(deny_unknown_fields)]
 pub struct TemplateSource {
     /// What the template is for.
     #[oai(default)]

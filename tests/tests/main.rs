@@ -34,4 +34,5 @@ mod smtp;
 mod startup;
 mod status_writer;
 mod templates;
+mod unknown_fields;
 mod wishes;
