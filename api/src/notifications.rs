@@ -341,11 +341,7 @@ impl NotificationsApi {
             Inserted::New(row) => {
                 let published = publish(&self.state, &row.recipient_key, &command).await;
                 if let Err(err) = published {
-                    tracing::warn!(id = %row.id, error = %err, "cannot publish; not accepted");
-                    repo::delete_unpublished(&self.state.db, row.id).await?;
-                    return Err(ApiError::unavailable(
-                        "the message queue is unavailable; nothing was accepted, retry later",
-                    ));
+                    return publish_failed(&self.state, row.id, &err).await;
                 }
                 self.state.inserts.confirm_published(row.id);
                 // Counted once accepted for sure: a send that could not be published was removed
@@ -464,6 +460,40 @@ async fn publish(
         .await;
     record_stage("publish", publishing);
     published
+}
+
+/// Answers a send whose publish reported a failure: removes its notification and answers 503
+/// (nothing was accepted), unless the notification is no longer there to remove, unconfirmed and
+/// `queued`: a dispatcher claimed it (the command got out and only its acknowledgement was
+/// lost), a Scheduler claimed it to publish it, or a repeat of the request published it. Then it
+/// is going out, so the answer is 202 with it, as for any accepted send; a 503 would have the
+/// client send it again.
+async fn publish_failed(
+    state: &AppState,
+    id: Uuid,
+    err: &herald_nats::NatsError,
+) -> Result<SendResponse, ApiError> {
+    let unavailable =
+        || ApiError::unavailable("the message queue is unavailable; nothing was accepted, retry later");
+    if repo::delete_unpublished(&state.db, id).await? {
+        tracing::warn!(%id, error = %err, "cannot publish; not accepted");
+        return Err(unavailable());
+    }
+    let Some(row) = repo::find(&state.db, id).await? else {
+        tracing::warn!(%id, error = %err, "cannot publish, and the notification is gone");
+        return Err(unavailable());
+    };
+    tracing::warn!(
+        %id,
+        error = %err,
+        status = row.status.as_str(),
+        "publish reported a failure, but the notification was claimed or confirmed meanwhile: accepted"
+    );
+    metrics::counter!("herald_notifications_accepted_total", "source" => "api").increment(1);
+    Ok(SendResponse::Accepted(Json(Accepted {
+        id: row.id,
+        status: row.status.as_str().into(),
+    })))
 }
 
 /// Publishes a stored `queued` notification's command again: its first request may have stopped

@@ -1789,6 +1789,53 @@ async fn a_replay_retried_after_its_stored_copy_was_dropped_is_delivered() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A send whose publish failed although its command got out (the acknowledgement lost) and a
+/// dispatcher claimed the notification is accepted: the notification is sent, so answering 503
+/// ("nothing was accepted") would make the client send it twice. Here the claim is made while
+/// NATS is frozen, as a dispatcher that got the command would make it.
+#[tokio::test]
+async fn a_send_claimed_by_a_dispatcher_while_its_publish_failed_is_accepted() {
+    use herald_entities::repo::notifications;
+    let w = world().await;
+    let h = &w.herald;
+    let mut body = email("ada@example.com", None, "transactional");
+    body["request_id"] = json!("ack-lost-1");
+    w.nats.freeze().expect("SIGSTOP");
+    let sending = {
+        let http = h.http().clone();
+        let url = format!("{}/api/v1/notifications", h.base());
+        tokio::spawn(async move {
+            let response = http.post(url).json(&body).send().await.expect("answered");
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        })
+    };
+    let db = h.db();
+    let stored = eventually("the send to be stored", E2E_TIMEOUT, || async {
+        notifications::find_by_request_id(db, "ack-lost-1")
+            .await
+            .expect("read")
+    })
+    .await;
+    let claimed = notifications::claim(db, &[stored.id])
+        .await
+        .expect("claimed");
+    assert_eq!(
+        claimed.get(&stored.id),
+        Some(&notifications::Claimed::Yours { attempts: 0 })
+    );
+    let (status, answer) = sending.await.expect("the send ran");
+    w.nats.resume().expect("SIGCONT");
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["id"], stored.id.to_string(), "{answer}");
+    assert_eq!(answer["status"], "processing", "{answer}");
+    let kept = notifications::find_by_request_id(db, "ack-lost-1")
+        .await
+        .expect("read");
+    assert!(kept.is_some(), "the claimed notification stays");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A POST without a body (a browser sends one without a CORS preflight) and without a key, with
 /// `headers` (a browser's fetch metadata and `Origin`; none as curl sends it).
 async fn post_as_browser(

@@ -408,14 +408,20 @@ async fn a_failed_publish_removes_its_row_unless_a_repeat_confirmed_it_first() {
     insert_all(&queue, vec![repeated, abandoned]).await;
 
     assert!(confirm_published_now(&db, ids.0).await.expect("confirmed"));
-    delete_unpublished(&db, ids.0).await.expect("delete ran");
+    assert!(
+        !delete_unpublished(&db, ids.0).await.expect("delete ran"),
+        "a confirmed row is reported not deleted"
+    );
     assert_eq!(
         reason(&db, ids.0).await,
         None,
         "the confirmed row stays, unmarked"
     );
 
-    delete_unpublished(&db, ids.1).await.expect("deleted");
+    assert!(
+        delete_unpublished(&db, ids.1).await.expect("deleted"),
+        "the removal is reported"
+    );
     let gone = notification::Entity::find_by_id(ids.1)
         .one(&db)
         .await
@@ -428,4 +434,30 @@ async fn a_failed_publish_removes_its_row_unless_a_repeat_confirmed_it_first() {
         !confirm_published_now(&db, ids.1).await.expect("ran"),
         "a repeat learns that the row is gone"
     );
+}
+
+/// A send whose publish reported a failure although its command got out (the acknowledgement
+/// lost) finds its row claimed by a dispatcher: the row stays, and the removal reports that it
+/// removed nothing, so that the request is answered as accepted, not as "nothing was accepted".
+#[tokio::test]
+async fn a_failed_publish_does_not_remove_a_row_a_dispatcher_claimed() {
+    use herald_entities::repo::notifications::{claim, delete_unpublished};
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let queue = InsertQueue::start(db.clone(), WriteGate::for_url(database.url()));
+    let sent = marked();
+    let id = sent.id;
+    insert_all(&queue, vec![sent]).await;
+    claim(&db, &[id]).await.expect("claimed");
+
+    assert!(
+        !delete_unpublished(&db, id).await.expect("delete ran"),
+        "a claimed row is reported not deleted"
+    );
+    let kept = notification::Entity::find_by_id(id)
+        .one(&db)
+        .await
+        .expect("read")
+        .expect("the claimed row stays");
+    assert_eq!(kept.status, NotificationStatus::Processing);
 }

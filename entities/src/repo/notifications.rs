@@ -359,15 +359,20 @@ pub async fn find_with_attempts(
 /// the same request id is accepted afresh rather than answered with a notification that never went
 /// out. Only while it is `queued` with its [`PUBLISH_PENDING`] mark: a repeat of the request that
 /// published the command meanwhile has cleared the mark ([`confirm_published_now`]) and answered
-/// with this notification, which must then stay.
-pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
-    notification::Entity::delete_many()
+/// with this notification, which must then stay; so must one a dispatcher has claimed (its
+/// command got out although the publish reported a failure: the acknowledgement was lost) or a
+/// Scheduler has claimed to publish it.
+///
+/// `true` when it removed the notification; `false` when it was not there to remove in that
+/// state: it stays and is going out (or went), and the request must be answered as accepted.
+pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<bool, RepoError> {
+    let deleted = notification::Entity::delete_many()
         .filter(notification::Column::Id.eq(id))
         .filter(notification::Column::Status.eq(NotificationStatus::Queued))
         .filter(notification::Column::StatusReason.eq(PUBLISH_PENDING))
         .exec(db)
         .await?;
-    Ok(())
+    Ok(deleted.rows_affected > 0)
 }
 
 /// Clears notification `id`'s unconfirmed-publish mark at once, after a repeated request
