@@ -121,13 +121,7 @@ impl ReceiptsApi {
             return Err(ApiError::not_found(format!("no provider {provider:?}")));
         };
         let channel = Channel::parse(&channel.channel);
-        let error = match &receipt.error {
-            Some(error) => {
-                plain_text("error", error)?;
-                Some(error.chars().take(MAX_ERROR).collect::<String>())
-            }
-            None => None,
-        };
+        let error = receipt.error.as_deref().map(one_line);
         let id = match (receipt.notification_id, &receipt.provider_message_id) {
             (Some(id), _) => id,
             (None, Some(message_id)) => {
@@ -265,10 +259,36 @@ impl ReceiptsApi {
     }
 }
 
+/// A provider's error text as kept: its first [`MAX_ERROR`] characters, each control character
+/// (line breaks and tabs of a multi-line SMTP bounce, say) made a space. Refusing such a text
+/// would lose the receipt, as providers do not repeat one answered 4xx. (A NUL is refused before,
+/// with the whole body: see `body_limit`.)
+fn one_line(error: &str) -> String {
+    error
+        .chars()
+        .take(MAX_ERROR)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn event_name(event: ReceiptEvent) -> &'static str {
     match event {
         ReceiptEvent::Delivered => "delivered",
         ReceiptEvent::Bounced => "bounced",
         ReceiptEvent::Failed => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_ERROR, one_line};
+
+    #[test]
+    fn an_error_text_keeps_its_words_on_one_line() {
+        assert_eq!(
+            one_line("550-5.1.1 no such user\r\n550 5.1.1\tmailbox unavailable\u{85}."),
+            "550-5.1.1 no such user  550 5.1.1 mailbox unavailable ."
+        );
+        assert_eq!(one_line(&"é".repeat(MAX_ERROR + 1)).chars().count(), MAX_ERROR);
     }
 }

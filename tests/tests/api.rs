@@ -1836,6 +1836,33 @@ async fn a_send_claimed_by_a_dispatcher_while_its_publish_failed_is_accepted() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A bounce text over several lines (as SMTP bounces often are) or with tabs is kept, its control
+/// characters made spaces: refusing it with a 400 would lose the bounce, as providers do not
+/// repeat a receipt answered 4xx.
+#[tokio::test]
+async fn a_receipt_whose_error_has_line_breaks_and_tabs_is_applied() {
+    let w = world().await;
+    let h = &w.herald;
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "sent").await;
+    let bounce = json!({
+        "notification_id": id,
+        "event": "bounced",
+        "error": "550-5.1.1 The email account does not exist.\r\n550 5.1.1\tmailbox unavailable"
+    });
+    let (status, answer) = h.post("/api/v1/providers/smtp/callbacks", &bounce).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "failed", "{answer}");
+    let (_, failed) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(
+        failed["error"], "550-5.1.1 The email account does not exist.  550 5.1.1 mailbox unavailable",
+        "{failed}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A POST without a body (a browser sends one without a CORS preflight) and without a key, with
 /// `headers` (a browser's fetch metadata and `Origin`; none as curl sends it).
 async fn post_as_browser(
