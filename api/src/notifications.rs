@@ -281,11 +281,15 @@ impl NotificationsApi {
     ///
     /// Validates the request, stores the notification as `queued`, publishes its send command to
     /// NATS and answers 202 with its id. A repeated `request_id` (or `Idempotency-Key` header)
-    /// answers 200 with the original notification and sends nothing new; if the original is still
-    /// `queued`, its command is published again (JetStream drops it when the first publish
-    /// arrived), so a retry completes a send whose first attempt stopped between storing and
-    /// publishing; without a retry the Scheduler publishes such a command after
-    /// `scheduler.stale_claim_secs`. A repeat is answered so also when the request would be
+    /// answers 200 with the original notification and sends nothing new; if the original's
+    /// command is not yet confirmed published (it is `queued` and its first request is still
+    /// publishing, failed to, or stopped in between), it is published again (JetStream drops it
+    /// when the first publish arrived), so a retry completes a send whose first attempt stopped
+    /// between storing and publishing; without a retry the Scheduler publishes such a command
+    /// after `scheduler.stale_claim_secs`. Otherwise a repeat publishes nothing (and so is
+    /// answered also while NATS is unavailable). A send whose publish reports a failure although
+    /// its command got out (the acknowledgement lost) and a dispatcher claimed it is answered
+    /// 202: it is going out. A repeat is answered so also when the request would be
     /// refused now (its template deleted since, say). A request id used before for a different
     /// request (another recipient, category, channel list, message or schedule) answers 422
     /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable
@@ -518,9 +522,11 @@ async fn repeated(
     existing: notification::Model,
 ) -> Result<SendResponse, ApiError> {
     key.check_repeat(existing.request_fingerprint.as_deref(), "notification")?;
-    // Queued: the first request may still be publishing, or have failed to and be removing the
-    // row; publishing again and confirming it at once decides which.
-    if existing.status == NotificationStatus::Queued {
+    // Not yet confirmed published: the first request may still be publishing, or have failed to
+    // and be removing the row, or have stopped in between; publishing again and confirming it at
+    // once decides which. Once confirmed (or claimed), the command is out: nothing is published,
+    // so a repeat of a request accepted long ago is answered also while NATS is unavailable.
+    if awaits_first_publish(&existing) {
         publish_again(state, &existing).await?;
         if !repo::confirm_published_now(&state.db, existing.id).await? {
             return Err(ApiError::unavailable(
@@ -533,6 +539,12 @@ async fn repeated(
         id: existing.id,
         status: existing.status.as_str().into(),
     })))
+}
+
+/// Whether `row` is an API send still `queued` with its mark of a command not yet confirmed
+/// published ([`PUBLISH_PENDING`]).
+fn awaits_first_publish(row: &notification::Model) -> bool {
+    row.status == NotificationStatus::Queued && row.status_reason.as_deref() == Some(PUBLISH_PENDING)
 }
 
 /// A notification with its attempts; 404 when there is none. Shared by the API and the dashboard.

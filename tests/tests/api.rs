@@ -1789,6 +1789,33 @@ async fn a_replay_retried_after_its_stored_copy_was_dropped_is_delivered() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A bounce text over several lines (as SMTP bounces often are) or with tabs is kept, its control
+/// characters made spaces: refusing it with a 400 would lose the bounce, as providers do not
+/// repeat a receipt answered 4xx.
+#[tokio::test]
+async fn a_receipt_whose_error_has_line_breaks_and_tabs_is_applied() {
+    let w = world().await;
+    let h = &w.herald;
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "sent").await;
+    let bounce = json!({
+        "notification_id": id,
+        "event": "bounced",
+        "error": "550-5.1.1 The email account does not exist.\r\n550 5.1.1\tmailbox unavailable"
+    });
+    let (status, answer) = h.post("/api/v1/providers/smtp/callbacks", &bounce).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "failed", "{answer}");
+    let (_, failed) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(
+        failed["error"], "550-5.1.1 The email account does not exist.  550 5.1.1 mailbox unavailable",
+        "{failed}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A send whose publish failed although its command got out (the acknowledgement lost) and a
 /// dispatcher claimed the notification is accepted: the notification is sent, so answering 503
 /// ("nothing was accepted") would make the client send it twice. Here the claim is made while
@@ -1836,30 +1863,28 @@ async fn a_send_claimed_by_a_dispatcher_while_its_publish_failed_is_accepted() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
-/// A bounce text over several lines (as SMTP bounces often are) or with tabs is kept, its control
-/// characters made spaces: refusing it with a 400 would lose the bounce, as providers do not
-/// repeat a receipt answered 4xx.
+/// A repeated request for a `queued` notification whose command was confirmed published
+/// publishes nothing, so it is answered while NATS is unavailable; only a command not yet
+/// confirmed published is published again.
 #[tokio::test]
-async fn a_receipt_whose_error_has_line_breaks_and_tabs_is_applied() {
+async fn a_repeat_of_a_confirmed_send_publishes_nothing_and_is_answered_while_nats_is_down() {
+    use herald_entities::repo::notifications;
     let w = world().await;
     let h = &w.herald;
-    let id = h
-        .send_accepted(&email("ada@example.com", None, "transactional"))
-        .await;
-    h.wait_status(&id, "sent").await;
-    let bounce = json!({
-        "notification_id": id,
-        "event": "bounced",
-        "error": "550-5.1.1 The email account does not exist.\r\n550 5.1.1\tmailbox unavailable"
-    });
-    let (status, answer) = h.post("/api/v1/providers/smtp/callbacks", &bounce).await;
+    // Stored and confirmed published (no mark) long ago, not yet picked up.
+    let row = herald_tests::queued_notification(Some("confirmed-1".into()));
+    let id = row.id;
+    notifications::insert_many(h.db(), vec![row])
+        .await
+        .expect("stored");
+    w.nats.freeze().expect("SIGSTOP");
+    let mut repeat = email("ada@example.com", None, "transactional");
+    repeat["request_id"] = json!("confirmed-1");
+    let (status, answer) = h.send(&repeat).await;
+    w.nats.resume().expect("SIGCONT");
     assert_eq!(status, StatusCode::OK, "{answer}");
-    assert_eq!(answer["status"], "failed", "{answer}");
-    let (_, failed) = h.get(&format!("/api/v1/notifications/{id}")).await;
-    assert_eq!(
-        failed["error"], "550-5.1.1 The email account does not exist.  550 5.1.1 mailbox unavailable",
-        "{failed}"
-    );
+    assert_eq!(answer["id"], id.to_string(), "{answer}");
+    assert_eq!(answer["status"], "queued", "{answer}");
     w.herald.shutdown().await.expect("shutdown");
 }
 
