@@ -169,12 +169,14 @@ fn queued_email(to: &str, subject: &str) -> herald_entities::repo::notifications
 
 #[tokio::test]
 async fn a_retry_sends_a_notification_stored_but_never_published() {
-    use herald_entities::repo::notifications;
+    use herald_entities::repo::{notifications, schedule::PUBLISH_PENDING};
     let w = world().await;
     // A first request that stopped between storing its row and publishing its command (the
-    // process died, or the connection dropped mid-request).
+    // process died, or the connection dropped mid-request): its row keeps the mark of a command
+    // not yet confirmed published, which is what has a repeat publish the command.
     let stored = notifications::NewNotification {
         request_id: Some("order-2002-confirmation".into()),
+        status_reason: Some(PUBLISH_PENDING.into()),
         ..queued_email("hopper@example.com", "Your order #2002 is confirmed")
     };
     let id = stored.id.to_string();
