@@ -313,7 +313,11 @@ mod tests {
         let unknown = UnknownField::of(reason).expect("an unknown field");
         assert_eq!(unknown.field, "customerId");
         assert_eq!(unknown.object.as_deref(), Some("Recipient"));
-        assert!(unknown.message().starts_with("unknown field \"customerId\" in Recipient:"));
+        assert!(
+            unknown
+                .message()
+                .starts_with("unknown field \"customerId\" in Recipient:")
+        );
         let odd = UnknownField::of("failed to parse \"X\": unknown field `a`.b`.").expect("odd");
         assert_eq!(odd.field, "a`.b", "a name with a backquote is kept whole");
         assert_eq!(

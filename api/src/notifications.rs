@@ -477,8 +477,9 @@ async fn publish_failed(
     id: Uuid,
     err: &herald_nats::NatsError,
 ) -> Result<SendResponse, ApiError> {
-    let unavailable =
-        || ApiError::unavailable("the message queue is unavailable; nothing was accepted, retry later");
+    let unavailable = || {
+        ApiError::unavailable("the message queue is unavailable; nothing was accepted, retry later")
+    };
     if repo::delete_unpublished(&state.db, id).await? {
         tracing::warn!(%id, error = %err, "cannot publish; not accepted");
         return Err(unavailable());
@@ -544,7 +545,8 @@ async fn repeated(
 /// Whether `row` is an API send still `queued` with its mark of a command not yet confirmed
 /// published ([`PUBLISH_PENDING`]).
 fn awaits_first_publish(row: &notification::Model) -> bool {
-    row.status == NotificationStatus::Queued && row.status_reason.as_deref() == Some(PUBLISH_PENDING)
+    row.status == NotificationStatus::Queued
+        && row.status_reason.as_deref() == Some(PUBLISH_PENDING)
 }
 
 /// A notification with its attempts; 404 when there is none. Shared by the API and the dashboard.

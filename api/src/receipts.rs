@@ -289,6 +289,9 @@ mod tests {
             one_line("550-5.1.1 no such user\r\n550 5.1.1\tmailbox unavailable\u{85}."),
             "550-5.1.1 no such user  550 5.1.1 mailbox unavailable ."
         );
-        assert_eq!(one_line(&"é".repeat(MAX_ERROR + 1)).chars().count(), MAX_ERROR);
+        assert_eq!(
+            one_line(&"é".repeat(MAX_ERROR + 1)).chars().count(),
+            MAX_ERROR
+        );
     }
 }

@@ -1810,7 +1810,8 @@ async fn a_receipt_whose_error_has_line_breaks_and_tabs_is_applied() {
     assert_eq!(answer["status"], "failed", "{answer}");
     let (_, failed) = h.get(&format!("/api/v1/notifications/{id}")).await;
     assert_eq!(
-        failed["error"], "550-5.1.1 The email account does not exist.  550 5.1.1 mailbox unavailable",
+        failed["error"],
+        "550-5.1.1 The email account does not exist.  550 5.1.1 mailbox unavailable",
         "{failed}"
     );
     w.herald.shutdown().await.expect("shutdown");
@@ -1834,7 +1835,10 @@ async fn a_send_claimed_by_a_dispatcher_while_its_publish_failed_is_accepted() {
         tokio::spawn(async move {
             let response = http.post(url).json(&body).send().await.expect("answered");
             let status = response.status();
-            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
         })
     };
     let db = h.db();

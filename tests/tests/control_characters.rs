@@ -140,7 +140,9 @@ fn plain_text_cases(c: char) -> Vec<(Method, &'static str, Value, &'static str)>
         cases.push((Method::POST, "/api/v1/customers", body.clone(), field));
         // A replacement has no `id` (the path names the customer): that field would be refused.
         let mut replacement = body;
-        replacement.as_object_mut().map(|fields| fields.remove("id"));
+        replacement
+            .as_object_mut()
+            .map(|fields| fields.remove("id"));
         cases.push((Method::PUT, "/api/v1/customers/c-1", replacement, field));
     }
     cases.push((

@@ -184,7 +184,10 @@ async fn preferences_customers_orders_templates_and_receipts_refuse_unknown_fiel
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let (_, now) = h.get(wishes).await;
-    assert_eq!(now["preferences"], stored["preferences"], "unchanged: {now}");
+    assert_eq!(
+        now["preferences"], stored["preferences"],
+        "unchanged: {now}"
+    );
     assert_eq!(now["quiet_hours"]["start"], "22:00", "unchanged: {now}");
 
     let (status, answer) = put(
@@ -195,7 +198,10 @@ async fn preferences_customers_orders_templates_and_receipts_refuse_unknown_fiel
     .await;
     assert_unknown(status, &answer, "time_zone");
     let (_, customer) = h.get("/api/v1/customers/c-1").await;
-    assert_eq!(customer["timezone"], "Europe/Berlin", "unchanged: {customer}");
+    assert_eq!(
+        customer["timezone"], "Europe/Berlin",
+        "unchanged: {customer}"
+    );
 
     let (status, answer) = h
         .post(
