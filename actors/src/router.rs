@@ -1,14 +1,16 @@
 //! `Router`: turns domain events into notifications. Pulls `events.>` from the `herald-router`
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
-//! decode (malformed, unknown version or type ⇒ dead letter) → matching [`crate::rules`] →
+//! decode (malformed, unknown version or type, a control character in a text ⇒ dead letter) →
+//! matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
 //! be created a moment after the event that names it, then dead letter once the schedule's whole
 //! wait has passed since the event was published) → render the template,
 //! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
 //! → store the notification under an id derived from event id and rule (a second delivery of the
-//! event finds it) → publish its send command → ack. A database or NATS failure NAKs with backoff; nothing is
-//! acked before it is stored and published, and nothing is notified twice.
+//! event finds it) → publish its send command → ack. A database outage or NATS failure NAKs with
+//! backoff; any other database error dead-letters (it would fail every retry). Nothing is acked
+//! before it is stored and published, and nothing is notified twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acke
 use bytes::Bytes;
 use chrono::Utc;
 use herald_entities::{
-    NotificationStatus, customer, notification,
+    NotificationStatus, RepoError, customer, notification,
     repo::{
         self,
         insert_queue::InsertQueue,
@@ -172,7 +174,7 @@ impl Actor for Router {
 enum Failure {
     /// Will not work however often it is tried: dead-letter with this reason.
     DeadLetter(String),
-    /// May work later (database or NATS down): NAK with backoff.
+    /// May work later (database outage, NATS down): NAK with backoff.
     Retry(String),
     /// May work once time has passed (the customer is not registered yet): NAK with this delay.
     Wait(String, Duration),
@@ -259,13 +261,12 @@ async fn notify(
     rule: &Rule,
     copy: Delivery,
 ) -> Result<(), Failure> {
-    let retry = |e: &dyn std::fmt::Display| Failure::Retry(e.to_string());
     let id = rule.notification_id(event);
     // A redelivered or re-published event: the notification exists, only its command may be
     // missing (a crash between storing and publishing).
     if let Some(existing) = repo::notifications::find(&ctx.db, id)
         .await
-        .map_err(|e| retry(&e))?
+        .map_err(database)?
     {
         return publish_if_queued(ctx, &existing).await;
     }
@@ -277,7 +278,7 @@ async fn notify(
     })?;
     let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
         .await
-        .map_err(|e| retry(&e))?
+        .map_err(database)?
         .ok_or_else(|| unknown_customer(ctx, customer_id, copy))?;
     let content = render(ctx, &rule.template, event, &customer).await?;
     let command = send_command(ctx, event, rule, &customer, content);
@@ -288,7 +289,7 @@ async fn notify(
         )));
     }
     let row = new_notification(event, rule, command);
-    match ctx.inserts.insert(row).await.map_err(|e| retry(&e))? {
+    match ctx.inserts.insert(row).await.map_err(database)? {
         Inserted::New(stored) => {
             // Accepted once stored: a redelivery finds it above and only publishes its command.
             metrics::counter!("herald_notifications_accepted_total", "source" => "event")
@@ -297,6 +298,19 @@ async fn notify(
         }
         // Stored by another instance routing the same event at the same time, which counted it.
         Inserted::Duplicate(stored) => publish_if_queued(ctx, &stored).await,
+    }
+}
+
+/// What a database error means for the event: an outage (or the writer stopping with the
+/// process) passes, so the event is retried; any other refusal (a constraint, text the database
+/// cannot hold, a row it cannot read) would fail every retry, and the router's consumer has no
+/// delivery limit, so the event is dead-lettered with the error as its reason, replayable once the
+/// cause is mended.
+fn database(err: RepoError) -> Failure {
+    if err.is_outage() || matches!(err, RepoError::WriterStopped) {
+        Failure::Retry(err.to_string())
+    } else {
+        Failure::DeadLetter(err.to_string())
     }
 }
 

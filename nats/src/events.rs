@@ -236,6 +236,7 @@ impl EventData {
 
     /// Checks what the types cannot say.
     fn validate(&self) -> Result<(), String> {
+        plain_texts("", &self.to_json())?;
         let customer_id = match self {
             Self::OrderCreated(d) => &d.customer_id,
             Self::OrderStatusChanged(d) => &d.customer_id,
@@ -279,6 +280,44 @@ fn typed<T: DeserializeOwned>(event_type: &str, data: Value) -> Result<T, EventD
         event_type: event_type.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// Fields whose text may span lines: they may hold line breaks and tabs.
+const MULTI_LINE_FIELDS: [&str; 1] = ["body"];
+
+/// Refuses control characters in every text of `value` (the data as read into its type), as the
+/// API refuses them in plain text: a NUL, which PostgreSQL can neither store nor compare, and the
+/// others, which have no place in an id, a name or a line. Only [`MULTI_LINE_FIELDS`] may hold
+/// line breaks and tabs. The error names the field (`items[0].name`) below `at`.
+fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
+    match value {
+        Value::String(text) => {
+            let multi_line = MULTI_LINE_FIELDS.contains(&at);
+            match text
+                .chars()
+                .find(|&c| c.is_control() && !(multi_line && matches!(c, '\n' | '\r' | '\t')))
+            {
+                Some(c) => Err(format!(
+                    "{at} must not contain control characters (it holds U+{:04X})",
+                    u32::from(c)
+                )),
+                None => Ok(()),
+            }
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, item)| plain_texts(&format!("{at}[{i}]"), item)),
+        Value::Object(fields) => fields.iter().try_for_each(|(name, field)| {
+            let path = if at.is_empty() {
+                name.clone()
+            } else {
+                format!("{at}.{name}")
+            };
+            plain_texts(&path, field)
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), String> {
@@ -593,6 +632,36 @@ mod tests {
             )
         };
         assert!(DomainEvent::decode(alert("é".repeat(MAX_ID)).as_bytes()).is_ok());
+        let nul = err(&alert(r"c-1\u0000".into())).to_string();
+        assert!(
+            nul.contains("customer_id must not contain control characters (it holds U+0000)"),
+            "{nul}"
+        );
+        let item = err(&with(
+            "orders.created",
+            r#"{"customer_id": "c-1", "order_number": "1", "total_minor": 1, "currency": "EUR",
+                "items": [{"name": "Tea", "quantity": 1, "unit_price_minor": 1},
+                          {"name": "Tea\nparty", "quantity": 1, "unit_price_minor": 1}]}"#,
+        ))
+        .to_string();
+        assert!(
+            item.contains("items[1].name") && item.contains("U+000A"),
+            "{item}"
+        );
+        let campaign = |body: &str| {
+            with(
+                "marketing.campaign",
+                &format!(
+                    r#"{{"customer_id": "c-1", "campaign_id": "x", "headline": "Hi", "body": "{body}"}}"#
+                ),
+            )
+        };
+        assert!(
+            DomainEvent::decode(campaign(r"Line one\nLine\ttwo").as_bytes()).is_ok(),
+            "a body may span lines"
+        );
+        let bell = err(&campaign(r"Ring\u0007")).to_string();
+        assert!(bell.contains("body") && bell.contains("U+0007"), "{bell}");
         let long = err(&alert("é".repeat(MAX_ID + 1))).to_string();
         assert!(long.contains("customer_id"), "{long}");
     }

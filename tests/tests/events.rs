@@ -20,7 +20,7 @@ use uuid::Uuid;
 struct World {
     nats: NatsServer,
     smtp: SmtpSink,
-    _db: TestDatabase,
+    db: TestDatabase,
     herald: TestHerald,
 }
 
@@ -38,7 +38,7 @@ async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     World {
         nats,
         smtp,
-        _db: db,
+        db,
         herald,
     }
 }
@@ -758,6 +758,108 @@ async fn malformed_events_are_dead_lettered_and_the_router_keeps_going() {
             >= 3.0
     );
     w.router_idle().await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Control characters in an event's text: a NUL, which PostgreSQL can neither store nor compare
+/// (SQLSTATE 22021) while SQLite can, and others the API refuses in plain text. The event is
+/// dead-lettered at once with a reason naming the field, alike on both databases, rather than
+/// retried for ever (PostgreSQL) or waited for as an unknown customer (SQLite); the router goes on.
+#[tokio::test]
+async fn an_event_holding_a_control_character_is_dead_lettered_at_once_naming_the_field() {
+    let w = world().await;
+    w.customer("c-ctl", "ctl@example.com", "en").await;
+    let nul = Uuid::now_v7();
+    w.publish_event(&order_created(nul, "c-ctl\u{0}", "5006"), &nul.to_string())
+        .await;
+    let escape = Uuid::now_v7();
+    w.publish_event(
+        &order_created(escape, "c-ctl", "50\u{1b}07"),
+        &escape.to_string(),
+    )
+    .await;
+    let good = Uuid::now_v7();
+    w.publish_event(&order_created(good, "c-ctl", "5008"), &good.to_string())
+        .await;
+
+    let letters = wait_dead_letters(&w.nats, 2).await;
+    let reason_of = |id: Uuid| {
+        letters
+            .iter()
+            .find(|(_, payload)| payload.contains(&id.to_string()))
+            .map(|(reason, _)| reason.clone())
+            .unwrap_or_else(|| panic!("event {id} dead-lettered: {letters:?}"))
+    };
+    let reason = reason_of(nul);
+    assert!(
+        reason.contains("customer_id") && reason.contains("control character"),
+        "names the field and why: {reason}"
+    );
+    let reason = reason_of(escape);
+    assert!(
+        reason.contains("order_number") && reason.contains("control character"),
+        "names the field and why: {reason}"
+    );
+    w.router_idle().await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails.len(), 1, "only the good event notifies: {mails:?}");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 5008 is confirmed")
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Makes the database refuse to store a notification for `customer` with an error that is not an
+/// outage: a check constraint (PostgreSQL) or a trigger (SQLite).
+async fn refuse_notifications_for(db: &TestDatabase, customer: &str) {
+    use sea_orm::ConnectionTrait;
+    let conn = sea_orm::Database::connect(db.url()).await.expect("connect");
+    let sql = match db.kind() {
+        herald_tests::DatabaseKind::Postgres => format!(
+            "ALTER TABLE notifications ADD CONSTRAINT test_refused \
+             CHECK (recipient_key <> '{customer}') NOT VALID"
+        ),
+        herald_tests::DatabaseKind::Sqlite => format!(
+            "CREATE TRIGGER test_refused BEFORE INSERT ON notifications \
+             WHEN NEW.recipient_key = '{customer}' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        ),
+    };
+    conn.execute_unprepared(&sql)
+        .await
+        .expect("refusal installed");
+    conn.close().await.expect("close");
+}
+
+/// A database error that is not an outage (here a constraint the row breaks) will not go away by
+/// retrying: the event is dead-lettered with the error as its reason, not NAKed for ever (the
+/// router's consumer has no delivery limit), and the router goes on.
+#[tokio::test]
+async fn an_event_the_database_refuses_to_store_is_dead_lettered_not_retried_for_ever() {
+    let w = world().await;
+    w.customer("c-refused", "refused@example.com", "en").await;
+    w.customer("c-fine", "fine@example.com", "en").await;
+    refuse_notifications_for(&w.db, "c-refused").await;
+    let refused = Uuid::now_v7();
+    w.publish_event(
+        &order_created(refused, "c-refused", "5101"),
+        &refused.to_string(),
+    )
+    .await;
+    let fine = Uuid::now_v7();
+    w.publish_event(&order_created(fine, "c-fine", "5102"), &fine.to_string())
+        .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    let (reason, payload) = &letters[0];
+    assert!(payload.contains(&refused.to_string()), "{letters:?}");
+    assert!(
+        reason.contains("order_placed") && reason.contains("database error"),
+        "names the rule and the error: {reason}"
+    );
+    w.router_idle().await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["fine@example.com".to_string()]);
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
