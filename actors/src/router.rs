@@ -1,8 +1,8 @@
 //! `Router`: turns domain events into notifications. Pulls `events.>` from the `herald-router`
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
-//! decode (malformed, unknown version or type, a control character in a text ⇒ dead letter) →
-//! matching [`crate::rules`] →
+//! decode (malformed, unknown version or type, a control character in a text, a subject other
+//! than `events.<type>` ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
 //! be created a moment after the event that names it, then dead letter once the schedule's whole
 //! wait has passed since the event was published) → render the template,
@@ -208,6 +208,15 @@ pub async fn route(
         Ok(event) => event,
         Err(err) => return unreadable(&ctx, poison(err.to_string()), acker).await,
     };
+    if message.subject.as_str() != event.subject() {
+        let reason = format!(
+            "an event of type {} published on {}: its subject must be {}",
+            event.event_type(),
+            message.subject,
+            event.subject()
+        );
+        return unreadable(&ctx, poison(reason), acker).await;
+    }
     let data = event.data.to_json();
     let matched = rules::matching(&ctx.rules, event.event_type(), &data);
     if matched.is_empty() {

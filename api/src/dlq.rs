@@ -330,6 +330,14 @@ async fn replay_letter(
     let command = match SendCommand::decode(&letter.payload) {
         Ok(command) => command,
         Err(err) => match DomainEvent::decode(&letter.payload) {
+            Ok(event) if !on_its_subject(letter, &event) => {
+                return Ok(Err(format!(
+                    "the event of type {} was published on {}, not on {}: not replayable",
+                    event.event_type(),
+                    letter.original_subject.as_deref().unwrap_or_default(),
+                    event.subject()
+                )));
+            }
             Ok(event) => return replay_event(state, stream, letter, &event).await.map(Ok),
             Err(_) => return Ok(Err(format!("not a replayable send command: {err}"))),
         },
@@ -407,6 +415,16 @@ async fn publish_replay(
     Ok(Ok(()))
 }
 
+/// Whether the dead-lettered `event` was published on its own subject, `events.<type>` (or the
+/// letter does not say where): one published on another type's subject was dead-lettered for
+/// that, and replaying it on its own would route what its producer could not publish.
+fn on_its_subject(letter: &DeadLetter, event: &DomainEvent) -> bool {
+    letter
+        .original_subject
+        .as_deref()
+        .is_none_or(|subject| subject == event.subject())
+}
+
 /// Publishes a dead-lettered event again on its subject, then deletes the entry.
 async fn replay_event(
     state: &AppState,
@@ -477,7 +495,8 @@ impl EntryFilter {
             return false;
         }
         match (self.kind, self.channel) {
-            (Some(DlqKind::Events), _) => DomainEvent::decode(&letter.payload).is_ok(),
+            (Some(DlqKind::Events), _) => DomainEvent::decode(&letter.payload)
+                .is_ok_and(|event| on_its_subject(letter, &event)),
             (Some(DlqKind::Commands), _) | (None, Some(_)) => self.matches_command(letter),
             (None, None) => true,
         }
@@ -536,7 +555,10 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
         customer_id: command.as_ref().and_then(|c| c.customer_id.clone()),
         providers: letter.providers.clone(),
         event_id: event.as_ref().map(|e| e.id),
-        replayable: command.is_some() || event.is_some(),
+        replayable: command.is_some()
+            || event
+                .as_ref()
+                .is_some_and(|event| on_its_subject(letter, event)),
     }
 }
 

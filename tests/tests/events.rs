@@ -863,6 +863,49 @@ async fn an_event_the_database_refuses_to_store_is_dead_lettered_not_retried_for
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// The subject is the event's type: an event published on another type's subject (a producer
+/// allowed only `events.orders.>` sending a security alert) is dead-lettered with a reason naming
+/// both, not routed as the type its body claims.
+#[tokio::test]
+async fn an_event_published_on_another_type_s_subject_is_dead_lettered() {
+    let w = world().await;
+    w.customer("c-sub", "sub@example.com", "en").await;
+    let alert_id = Uuid::now_v7();
+    let alert = json!({"v": 1, "id": alert_id, "type": "security.login_alert",
+                       "occurred_at": "2026-11-22T10:00:00Z",
+                       "data": {"customer_id": "c-sub", "ip": "192.0.2.1"}});
+    w.publish(
+        "events.orders.created",
+        &alert_id.to_string(),
+        alert.to_string().into_bytes(),
+    )
+    .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    let (reason, payload) = &letters[0];
+    assert!(payload.contains(&alert_id.to_string()), "{letters:?}");
+    assert!(
+        reason.contains("events.orders.created") && reason.contains("security.login_alert"),
+        "names the subject and the type: {reason}"
+    );
+    // Nor may a replay route it on the subject its body names.
+    let (_, page) = w.herald.get("/api/v1/dlq").await;
+    let entry = page["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|e| e["event_id"] == alert_id.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("the dead letter is listed: {page}"));
+    assert_eq!(entry["replayable"], false, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (status, answer) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    w.router_idle().await;
+    assert_eq!(w.smtp.count(), 0, "nothing routed");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn an_order_stored_while_nats_is_down_is_published_by_the_outbox_relay() {
     let mut w = world().await;
