@@ -1,16 +1,29 @@
 //! `OutboxRelay`: publishes domain events that were stored in the outbox but not confirmed by
 //! NATS (the API's immediate publish failed, or the process died in between). Every tick it reads
 //! the oldest unpublished rows, publishes each with its event id as `Nats-Msg-Id` (so a row the
-//! API did publish is a duplicate JetStream drops) and marks it published; it stops at the first
-//! failure and tries again next tick. Published rows are removed after the retention time.
+//! API did publish is a duplicate JetStream drops) and marks it published. Published rows are
+//! removed after the retention time.
+//!
+//! A failure while NATS is unreachable (or the database cannot mark a row) ends the run: the next
+//! tick tries again from the oldest row. A row that fails while NATS is connected (larger than the
+//! server's `max_payload`, refused by the server) is held back and tried again later with a
+//! doubling delay (up to [`MAX_HOLD`]), so it never blocks the rows behind it; nothing is dropped,
+//! each failure is logged with the row's id and counted in `herald_outbox_relay_failures_total`,
+//! and `herald_outbox_held` says how many rows are held back.
 
+use std::collections::HashMap;
 use std::time::Duration;
+use std::time::Instant;
 
 use chrono::Utc;
 use herald_entities::{outbox_event, repo::outbox};
 use herald_nats::Publisher;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
+use uuid::Uuid;
+
+/// Longest a row that fails on its own is held back before it is tried again.
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
 /// Messages of the [`OutboxRelay`].
 pub enum OutboxRelayMsg {
@@ -56,57 +69,124 @@ pub struct OutboxRelayArgs {
 /// The relay.
 pub struct OutboxRelay;
 
+/// State of the [`OutboxRelay`].
+pub struct OutboxRelayState {
+    args: OutboxRelayArgs,
+    held: Held,
+}
+
 impl Actor for OutboxRelay {
     type Msg = OutboxRelayMsg;
-    type State = OutboxRelayArgs;
+    type State = OutboxRelayState;
     type Arguments = OutboxRelayArgs;
 
     async fn pre_start(
         &self,
         myself: ActorRef<OutboxRelayMsg>,
         args: OutboxRelayArgs,
-    ) -> Result<OutboxRelayArgs, ActorProcessingErr> {
+    ) -> Result<OutboxRelayState, ActorProcessingErr> {
         myself.send_after(args.settings.interval, || OutboxRelayMsg::Tick);
-        Ok(args)
+        Ok(OutboxRelayState {
+            args,
+            held: Held::default(),
+        })
     }
 
     async fn handle(
         &self,
         myself: ActorRef<OutboxRelayMsg>,
         message: OutboxRelayMsg,
-        state: &mut OutboxRelayArgs,
+        state: &mut OutboxRelayState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             OutboxRelayMsg::Tick => {
-                relay_pending(state).await;
-                remove_old(state).await;
+                relay_pending(&state.args, &mut state.held).await;
+                remove_old(&state.args).await;
                 // The next tick is scheduled after this run, so slow runs never pile up.
-                myself.send_after(state.settings.interval, || OutboxRelayMsg::Tick);
+                let interval = state.args.settings.interval;
+                myself.send_after(interval, || OutboxRelayMsg::Tick);
             }
         }
         Ok(())
     }
 }
 
-/// Publishes pending rows, oldest first; returns how many were published.
-pub async fn relay_pending(args: &OutboxRelayArgs) -> usize {
+/// Rows that failed on their own, held back until a later run: how often each failed in a row
+/// and when it may be tried again.
+#[derive(Debug, Default)]
+pub struct Held(HashMap<Uuid, (u32, Instant)>);
+
+impl Held {
+    /// Whether the row `id` is held back at `now`.
+    fn holds(&self, id: Uuid, now: Instant) -> bool {
+        self.0.get(&id).is_some_and(|&(_, until)| now < until)
+    }
+
+    /// Records a failure of `id` at `now`; returns how often it failed and how long it is held.
+    fn failed(&mut self, id: Uuid, now: Instant, interval: Duration) -> (u32, Duration) {
+        let failures = self.0.get(&id).map_or(0, |&(failures, _)| failures) + 1;
+        let hold = interval
+            .saturating_mul(1_u32 << failures.min(16))
+            .min(MAX_HOLD);
+        self.0.insert(id, (failures, now + hold));
+        (failures, hold)
+    }
+
+    /// Forgets `id` (it was published).
+    fn release(&mut self, id: Uuid) {
+        self.0.remove(&id);
+    }
+}
+
+/// Why one row was not relayed.
+enum RelayError {
+    /// NATS is unreachable or the database failed: the run ends.
+    Outage(String),
+    /// The row itself failed while NATS was connected: it is held back, the run goes on.
+    Row(String),
+}
+
+/// Publishes pending rows, oldest first, passing over those `held` back; returns how many were
+/// published.
+pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
     let before = Utc::now()
         - chrono::Duration::from_std(args.settings.grace).unwrap_or(chrono::Duration::zero());
-    let rows = match outbox::unpublished(&args.db, before, args.settings.batch).await {
+    // Held rows do not count against the batch, so they cannot crowd out the rows behind them.
+    let limit = args.settings.batch + held.0.len() as u64;
+    let rows = match outbox::unpublished(&args.db, before, limit).await {
         Ok(rows) => rows,
         Err(err) => {
             tracing::warn!(error = %err, "cannot read the outbox");
             return 0;
         }
     };
-    let mut published = 0;
-    for row in rows {
-        if let Err(err) = publish(args, &row).await {
-            tracing::warn!(id = %row.id, error = %err, "cannot relay an event; trying again later");
-            break;
-        }
-        published += 1;
+    if (rows.len() as u64) < limit {
+        // Every unpublished row was read: a held row not among them was published elsewhere.
+        held.0.retain(|id, _| rows.iter().any(|row| row.id == *id));
     }
+    let now = Instant::now();
+    let mut published = 0;
+    let due: Vec<&outbox_event::Model> =
+        rows.iter().filter(|row| !held.holds(row.id, now)).collect();
+    for row in due {
+        match publish(args, row).await {
+            Ok(()) => {
+                held.release(row.id);
+                published += 1;
+            }
+            Err(RelayError::Outage(err)) => {
+                tracing::warn!(id = %row.id, error = %err, "cannot relay an event; trying again later");
+                break;
+            }
+            Err(RelayError::Row(err)) => {
+                let (failures, hold) = held.failed(row.id, now, args.settings.interval);
+                metrics::counter!("herald_outbox_relay_failures_total").increment(1);
+                tracing::warn!(id = %row.id, subject = %row.subject, error = %err, failures,
+                    retry_in_secs = hold.as_secs(), "cannot relay an event; holding it back, relaying the others");
+            }
+        }
+    }
+    metrics::gauge!("herald_outbox_held").set(held.0.len() as f64);
     if published > 0 {
         tracing::info!(published, "relayed events from the outbox");
         metrics::counter!("herald_outbox_relayed_total").increment(published as u64);
@@ -114,15 +194,22 @@ pub async fn relay_pending(args: &OutboxRelayArgs) -> usize {
     published
 }
 
-async fn publish(args: &OutboxRelayArgs, row: &outbox_event::Model) -> Result<(), String> {
-    let payload = serde_json::to_vec(&row.payload).map_err(|e| e.to_string())?;
-    args.publisher
+async fn publish(args: &OutboxRelayArgs, row: &outbox_event::Model) -> Result<(), RelayError> {
+    let payload = serde_json::to_vec(&row.payload).map_err(|e| RelayError::Row(e.to_string()))?;
+    if let Err(err) = args
+        .publisher
         .publish_event(&row.subject, &row.id.to_string(), payload.into())
         .await
-        .map_err(|e| e.to_string())?;
+    {
+        return Err(if args.publisher.is_connected() {
+            RelayError::Row(err.to_string())
+        } else {
+            RelayError::Outage(err.to_string())
+        });
+    }
     outbox::mark_published(&args.db, row.id)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| RelayError::Outage(e.to_string()))
 }
 
 async fn remove_old(args: &OutboxRelayArgs) {
@@ -130,5 +217,26 @@ async fn remove_old(args: &OutboxRelayArgs) {
         - chrono::Duration::from_std(args.settings.retention).unwrap_or(chrono::Duration::zero());
     if let Err(err) = outbox::delete_published_before(&args.db, before).await {
         tracing::warn!(error = %err, "cannot clean the outbox");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_row_is_held_back_longer_each_time_up_to_the_maximum() {
+        let (mut held, id, now) = (Held::default(), Uuid::now_v7(), Instant::now());
+        let second = Duration::from_secs(1);
+        assert_eq!(held.failed(id, now, second), (1, 2 * second));
+        assert!(held.holds(id, now + second));
+        assert!(!held.holds(id, now + 2 * second));
+        assert_eq!(held.failed(id, now, second), (2, 4 * second));
+        for _ in 0..20 {
+            held.failed(id, now, second);
+        }
+        assert_eq!(held.failed(id, now, second).1, MAX_HOLD);
+        held.release(id);
+        assert!(!held.holds(id, now));
     }
 }

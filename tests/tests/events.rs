@@ -30,6 +30,10 @@ async fn world() -> World {
 
 async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     let nats = NatsServer::start().await.expect("nats-server starts");
+    world_on(nats, tune).await
+}
+
+async fn world_on(nats: NatsServer, tune: impl FnOnce(&mut herald_engine::Config)) -> World {
     let smtp = SmtpSink::start().await.expect("smtp sink starts");
     let db = TestDatabase::from_env().await.expect("database");
     let mut config = test_config(&nats, &db, &smtp);
@@ -936,6 +940,54 @@ async fn an_order_stored_while_nats_is_down_is_published_by_the_outbox_relay() {
             .unwrap_or_default()
             .contains("5.00 USD")
     );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// An outbox row NATS refuses while connected (an event larger than the server's `max_payload`)
+/// is held back and tried again later; the rows stored after it are relayed meanwhile, instead of
+/// waiting behind it for ever.
+#[tokio::test]
+async fn an_outbox_row_nats_refuses_does_not_hold_back_the_rows_after_it() {
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    let mut w = world_on(nats, |_| {}).await;
+    w.customer("c-huge", "huge@example.com", "en").await;
+    w.customer("c-small", "small@example.com", "en").await;
+    w.nats.kill().await.expect("kill nats");
+    // 100 items of 1,000 bytes: an event within Herald's limit, beyond this server's.
+    let items: Vec<Value> = (0..100)
+        .map(|i| {
+            json!({"name": format!("{i:03}{}", "x".repeat(997)), "quantity": 1,
+                        "unit_price_minor": 1})
+        })
+        .collect();
+    for (number, customer, items) in [("7001", "c-huge", items), ("7002", "c-small", vec![])] {
+        let (status, order) = w
+            .herald
+            .post(
+                "/api/v1/orders",
+                &json!({"order_number": number, "customer_id": customer, "total_minor": 100,
+                        "currency": "EUR", "items": items}),
+            )
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::CREATED,
+            "stored, event in the outbox: {order}"
+        );
+    }
+    w.nats.restart().await.expect("restart nats");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["small@example.com".to_string()]);
+    eventually("the refused row to be counted", E2E_TIMEOUT, || async {
+        let failures = w
+            .herald
+            .metric("herald_outbox_relay_failures_total", &[])
+            .await;
+        (failures >= 1.0).then_some(())
+    })
+    .await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
