@@ -110,7 +110,10 @@ impl Publisher {
         .await
     }
 
-    /// Copies a message to the dead-letter stream with its reason and origin in headers.
+    /// Copies a message to the dead-letter stream with its reason and origin in headers. A message
+    /// that with these headers would exceed the server's `max_payload` (the dead letter would be
+    /// refused, and the message handed back for ever) is left out: the dead letter has an empty
+    /// payload and its reason begins by saying so, with the message's size.
     pub async fn publish_dead_letter(
         &self,
         letter: &DeadLetterHeaders<'_>,
@@ -118,10 +121,6 @@ impl Publisher {
         msg_id: &str,
     ) -> Result<(), NatsError> {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            subjects::HEADER_DLQ_REASON,
-            header_safe(letter.reason).as_str(),
-        );
         if !letter.providers.is_empty() {
             headers.insert(
                 subjects::HEADER_DLQ_PROVIDERS,
@@ -136,6 +135,28 @@ impl Publisher {
             subjects::HEADER_DLQ_DELIVERIES,
             letter.deliveries.to_string().as_str(),
         );
+        // The reason is at most 512 characters; room for it, then for the message if it fits.
+        let room = self.js.client().max_payload().saturating_sub(
+            wire_len(&headers)
+                + HEADER_LINE
+                + subjects::HEADER_DLQ_REASON.len()
+                + 512
+                + HEADER_LINE
+                + AsRef::<str>::as_ref(&async_nats::header::NATS_MESSAGE_ID).len()
+                + msg_id.len(),
+        );
+        let (reason, payload) = if payload.len() <= room {
+            (header_safe(letter.reason), payload)
+        } else {
+            let left_out = format!(
+                "the message ({} bytes) is left out: with its headers it exceeds the server's \
+                 max_payload; {}",
+                payload.len(),
+                letter.reason
+            );
+            (header_safe(&left_out), Bytes::new())
+        };
+        headers.insert(subjects::HEADER_DLQ_REASON, reason.as_str());
         self.publish_with_id(
             subjects::dlq_subject(letter.source),
             msg_id,
@@ -188,6 +209,19 @@ fn status_event_id(event: &StatusEvent) -> String {
         event.status,
         event.at.timestamp_micros()
     )
+}
+
+/// Bytes a header line takes besides its name and value (`<name>: <value>\r\n`).
+const HEADER_LINE: usize = 4;
+
+/// Bytes `headers` take on the wire: `NATS/1.0\r\n`, a line per value, and a closing `\r\n`.
+fn wire_len(headers: &HeaderMap) -> usize {
+    headers.iter().fold(12, |len, (name, values)| {
+        len + values
+            .iter()
+            .map(|value| AsRef::<str>::as_ref(name).len() + value.as_str().len() + HEADER_LINE)
+            .sum::<usize>()
+    })
 }
 
 /// Header values are one line of visible ASCII; reasons and subjects from outside may not be.

@@ -991,6 +991,32 @@ async fn an_outbox_row_nats_refuses_does_not_hold_back_the_rows_after_it() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A message too large to be copied into a dead letter (with the dead letter's headers it would
+/// exceed the server's `max_payload`) is dead-lettered without its payload, the reason saying so,
+/// instead of being handed back for ever.
+#[tokio::test]
+async fn a_message_too_large_to_copy_is_dead_lettered_without_its_payload() {
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    let w = world_on(nats, |_| {}).await;
+    let mut payload = b"{not json ".to_vec();
+    payload.resize(65_400, b'x');
+    w.publish("events.orders.created", "too-large", payload)
+        .await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    let (reason, copy) = &letters[0];
+    assert!(
+        reason.contains("65400 bytes")
+            && reason.contains("left out")
+            && reason.contains("malformed event"),
+        "says what is left out and why the message is dead: {reason}"
+    );
+    assert!(copy.is_empty(), "no payload: {} bytes", copy.len());
+    w.router_idle().await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn customers_api_creates_reads_and_replaces() {
     let w = world().await;
