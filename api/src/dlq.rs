@@ -338,7 +338,12 @@ async fn replay_letter(
                     event.subject()
                 )));
             }
-            Ok(event) => return replay_event(state, stream, letter, &event).await.map(Ok),
+            Ok(event) => {
+                if let Some(why) = outlived_retention(letter.at, Utc::now(), state.retention) {
+                    return Ok(Err(why));
+                }
+                return replay_event(state, stream, letter, &event).await.map(Ok);
+            }
             Err(_) => return Ok(Err(format!("not a replayable send command: {err}"))),
         },
     };
@@ -423,6 +428,27 @@ fn on_its_subject(letter: &DeadLetter, event: &DomainEvent) -> bool {
         .original_subject
         .as_deref()
         .is_none_or(|subject| subject == event.subject())
+}
+
+/// Why an event dead-lettered `at` is not routed again at `now` when final notifications are kept
+/// for `retention`: the Router finds the notifications the event's other rules made by their ids
+/// so as to make each once, and those may have been removed by now; routing it again would send
+/// them a second time.
+fn outlived_retention(
+    at: DateTime<Utc>,
+    now: DateTime<Utc>,
+    retention: Option<chrono::Duration>,
+) -> Option<String> {
+    let kept = retention?;
+    (now - at >= kept).then(|| {
+        format!(
+            "the event was dead-lettered at {at}, {} days ago, and notifications are kept for {} \
+             days (scheduler.retention_days): those its other rules made may have been removed, \
+             and routing it again would send them twice; publish a new event instead",
+            (now - at).num_days(),
+            kept.num_days()
+        )
+    })
 }
 
 /// Publishes a dead-lettered event again on its subject, then deletes the entry.
@@ -630,5 +656,31 @@ mod filter_tests {
             ..EntryFilter::default()
         };
         assert!(commands.checked().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod retention_tests {
+    use super::*;
+
+    #[test]
+    fn an_event_dead_lettered_longer_ago_than_notifications_are_kept_is_not_routed_again() {
+        let now = Utc::now();
+        let week = Some(chrono::Duration::days(7));
+        let why = outlived_retention(now - chrono::Duration::days(10), now, week)
+            .expect("ten days ago, seven kept");
+        assert!(
+            why.contains("10 days ago") && why.contains("kept for 7 days"),
+            "{why}"
+        );
+        assert!(outlived_retention(now - chrono::Duration::days(7), now, week).is_some());
+        assert!(
+            outlived_retention(now - chrono::Duration::days(6), now, week).is_none(),
+            "its notifications are all still stored"
+        );
+        assert!(
+            outlived_retention(now - chrono::Duration::days(400), now, None).is_none(),
+            "notifications kept for ever"
+        );
     }
 }

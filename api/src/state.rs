@@ -31,4 +31,6 @@ pub struct AppState {
     pub templates: Arc<dyn crate::templates::TemplateCatalog>,
     /// The operator dashboard's settings.
     pub dashboard: Arc<crate::dashboard::DashboardSettings>,
+    /// How long final notifications are kept (`scheduler.retention_days`); `None` keeps them.
+    pub retention: Option<chrono::Duration>,
 }

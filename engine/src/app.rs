@@ -223,6 +223,8 @@ impl Herald {
                 settings: config.templates.settings(),
             }),
             dashboard: Arc::new(config.dashboard.settings()?),
+            retention: (config.scheduler.retention_days > 0)
+                .then(|| chrono::Duration::days(i64::from(config.scheduler.retention_days))),
         };
         let http_addr = acceptor
             .local_addr()
