@@ -4,10 +4,11 @@
 //! API did publish is a duplicate JetStream drops) and marks it published. Published rows are
 //! removed after the retention time.
 //!
-//! A failure while NATS is unreachable (or the database cannot mark a row) ends the run: the next
-//! tick tries again from the oldest row. A row that fails while NATS is connected (larger than the
-//! server's `max_payload`, refused by the server) is held back and tried again later with a
-//! doubling delay (up to [`MAX_HOLD`]), so it never blocks the rows behind it; nothing is dropped,
+//! A failed publish (NATS unreachable, no answer from JetStream in time) or a row the database
+//! cannot mark ends the run: the next tick tries again from the oldest row, so no row overtakes
+//! an older one. A row that can never be published as it is (larger than the server's
+//! `max_payload`) is held back and tried again later with a doubling delay (up to [`MAX_HOLD`]),
+//! so it never blocks the rows behind it; nothing is dropped,
 //! each failure is logged with the row's id and counted in `herald_outbox_relay_failures_total`,
 //! and `herald_outbox_held` says how many rows are held back.
 
@@ -140,9 +141,10 @@ impl Held {
 
 /// Why one row was not relayed.
 enum RelayError {
-    /// NATS is unreachable or the database failed: the run ends.
+    /// NATS or the database failed: the run ends, and the rows are relayed in order later.
     Outage(String),
-    /// The row itself failed while NATS was connected: it is held back, the run goes on.
+    /// The row itself cannot be published (larger than the server's `max_payload`, or not
+    /// JSON): it is held back, the run goes on.
     Row(String),
 }
 
@@ -196,17 +198,19 @@ pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
 
 async fn publish(args: &OutboxRelayArgs, row: &outbox_event::Model) -> Result<(), RelayError> {
     let payload = serde_json::to_vec(&row.payload).map_err(|e| RelayError::Row(e.to_string()))?;
-    if let Err(err) = args
-        .publisher
-        .publish_event(&row.subject, &row.id.to_string(), payload.into())
-        .await
-    {
-        return Err(if args.publisher.is_connected() {
-            RelayError::Row(err.to_string())
-        } else {
-            RelayError::Outage(err.to_string())
-        });
+    let id = row.id.to_string();
+    if args.publisher.event_exceeds_max_payload(payload.len(), &id) {
+        return Err(RelayError::Row(format!(
+            "the event ({} bytes) exceeds the server's max_payload",
+            payload.len()
+        )));
     }
+    // Any other failure (NATS unreachable, no JetStream answer in time, a stream refusing) is
+    // not the row's own: the run stops, so that the rows after it are not relayed before it.
+    args.publisher
+        .publish_event(&row.subject, &id, payload.into())
+        .await
+        .map_err(|err| RelayError::Outage(err.to_string()))?;
     outbox::mark_published(&args.db, row.id)
         .await
         .map_err(|e| RelayError::Outage(e.to_string()))

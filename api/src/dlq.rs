@@ -81,7 +81,8 @@ pub struct DeadLetterView {
     pub providers: Vec<String>,
     /// Its customer.
     pub customer_id: Option<String>,
-    /// Whether it can be replayed (a readable send command or domain event).
+    /// Whether it can be replayed: a readable send command, or a readable domain event published
+    /// on its type's subject and dead-lettered less than `scheduler.retention_days` ago.
     pub replayable: bool,
 }
 
@@ -293,7 +294,7 @@ pub(crate) async fn list_page(
     let (items, next) = open_stream(state)
         .await?
         .page(start, limit, MAX_SCAN, |l| {
-            filter.matches(&l).then(|| view(&l))
+            filter.matches(&l).then(|| view(&l, state.retention))
         })
         .await
         .map_err(unavailable)?;
@@ -554,7 +555,7 @@ impl EntryFilter {
     }
 }
 
-fn view(letter: &DeadLetter) -> DeadLetterView {
+fn view(letter: &DeadLetter, retention: Option<chrono::Duration>) -> DeadLetterView {
     let command = SendCommand::decode(&letter.payload).ok();
     let event = command
         .is_none()
@@ -582,9 +583,10 @@ fn view(letter: &DeadLetter) -> DeadLetterView {
         providers: letter.providers.clone(),
         event_id: event.as_ref().map(|e| e.id),
         replayable: command.is_some()
-            || event
-                .as_ref()
-                .is_some_and(|event| on_its_subject(letter, event)),
+            || event.as_ref().is_some_and(|event| {
+                on_its_subject(letter, event)
+                    && outlived_retention(letter.at, Utc::now(), retention).is_none()
+            }),
     }
 }
 

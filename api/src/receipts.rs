@@ -42,9 +42,10 @@ pub enum ReceiptEvent {
 /// A delivery receipt. Name the notification by `notification_id` (Herald's id, which providers
 /// receive as the idempotency key / message id) or by `provider_message_id` (the provider's own
 /// id, as recorded on the successful attempt). `notification_id` wins when both are given; it is
-/// the reliable one, as a provider's ids need not be unique.
+/// the reliable one, as a provider's ids need not be unique. Fields Herald does not know are
+/// ignored, unlike in every other request body: a provider's webhook may carry its own, and a
+/// receipt refused with a 4xx is not sent again, so its bounce would be lost.
 #[derive(Debug, Clone, Object)]
-#[oai(deny_unknown_fields)]
 pub struct Receipt {
     /// Herald's notification id.
     pub notification_id: Option<Uuid>,

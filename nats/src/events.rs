@@ -282,17 +282,28 @@ fn typed<T: DeserializeOwned>(event_type: &str, data: Value) -> Result<T, EventD
     })
 }
 
-/// Fields whose text may span lines: they may hold line breaks and tabs.
-const MULTI_LINE_FIELDS: [&str; 1] = ["body"];
+/// Fields that identify, match or link (a customer, an order, a code, an address): no control
+/// character at all, as the API refuses them in ids.
+const ONE_LINE_FIELDS: [&str; 8] = [
+    "customer_id",
+    "order_number",
+    "currency",
+    "tracking_number",
+    "ip",
+    "campaign_id",
+    "url",
+    "review_url",
+];
 
-/// Refuses control characters in every text of `value` (the data as read into its type), as the
-/// API refuses them in plain text: a NUL, which PostgreSQL can neither store nor compare, and the
-/// others, which have no place in an id, a name or a line. Only [`MULTI_LINE_FIELDS`] may hold
-/// line breaks and tabs. The error names the field (`items[0].name`) below `at`.
+/// Refuses control characters in the texts of `value` (the data as read into its type): a NUL,
+/// which PostgreSQL can neither store nor compare, and the others, which have no place in a text
+/// shown to a customer. The texts shown as they are (a name, a reason, a headline, a body) may
+/// hold line breaks and tabs, as producers' texts do (the templates make one line of a subject);
+/// [`ONE_LINE_FIELDS`] may not. The error names the field (`items[0].name`) below `at`.
 fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
     match value {
         Value::String(text) => {
-            let multi_line = MULTI_LINE_FIELDS.contains(&at);
+            let multi_line = !ONE_LINE_FIELDS.contains(&at);
             match text
                 .chars()
                 .find(|&c| c.is_control() && !(multi_line && matches!(c, '\n' | '\r' | '\t')))
@@ -637,16 +648,29 @@ mod tests {
             nul.contains("customer_id must not contain control characters (it holds U+0000)"),
             "{nul}"
         );
-        let item = err(&with(
-            "orders.created",
-            r#"{"customer_id": "c-1", "order_number": "1", "total_minor": 1, "currency": "EUR",
-                "items": [{"name": "Tea", "quantity": 1, "unit_price_minor": 1},
-                          {"name": "Tea\nparty", "quantity": 1, "unit_price_minor": 1}]}"#,
-        ))
-        .to_string();
+        let order = |number: &str, name: &str| {
+            with(
+                "orders.created",
+                &format!(
+                    r#"{{"customer_id": "c-1", "order_number": "{number}", "total_minor": 1,
+                        "currency": "EUR", "items": [{{"name": "Tea", "quantity": 1,
+                        "unit_price_minor": 1}}, {{"name": "{name}", "quantity": 1,
+                        "unit_price_minor": 1}}]}}"#
+                ),
+            )
+        };
+        if let Err(err) = DomainEvent::decode(order("1", r"Tea\tparty\nset").as_bytes()) {
+            panic!("a name shown as it is may hold tabs and line breaks: {err}");
+        }
+        let item = err(&order("1", r"Tea\u001bparty")).to_string();
         assert!(
-            item.contains("items[1].name") && item.contains("U+000A"),
+            item.contains("items[1].name") && item.contains("U+001B"),
             "{item}"
+        );
+        let number = err(&order(r"1\t2", "Tea")).to_string();
+        assert!(
+            number.contains("order_number") && number.contains("U+0009"),
+            "an id holds no tab: {number}"
         );
         let campaign = |body: &str| {
             with(
