@@ -479,6 +479,25 @@ async fn exhausted_retries_end_dead_in_the_dlq() {
 }
 
 #[tokio::test]
+async fn a_2xx_reply_with_a_garbled_body_is_sent_once_without_failing_over() {
+    let w = world(|_| {}).await;
+    // A proxy's page, or a body cut off: the provider took the message all the same.
+    let garbled = || ResponseTemplate::new(200).set_body_string("<html>upstream</html>");
+    let telegram_requests = telegram(garbled()).mount_as_scoped(&w.provider).await;
+    let fcm_requests = fcm("device-1", garbled())
+        .mount_as_scoped(&w.provider)
+        .await;
+    for channel in ["telegram", "push"] {
+        let sent = send_until_sent(&w, &notification(&[channel, "email"], everyone())).await;
+        assert_eq!(statuses(&sent), [(channel, "sent")], "{sent}");
+    }
+    assert_eq!(telegram_requests.received_requests().await.len(), 1);
+    assert_eq!(fcm_requests.received_requests().await.len(), 1);
+    assert_eq!(w.smtp.count(), 0, "no failover to email");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     let w = world(|_| {}).await;
     let blocked = telegram(telegram_blocked())

@@ -56,12 +56,22 @@ pub(crate) struct Reply {
 }
 
 /// Sends `request` and reads the whole reply; failing to do either is classified by
-/// [`request_error`].
+/// [`request_error`], except a 2xx whose body cannot be read (a reset or a timeout midway): the
+/// provider took the request, and a failure would send the message again, so it comes back with
+/// an empty body, which each provider takes for an acceptance without an id.
 pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, ProviderError> {
     let response = request.send().await.map_err(request_error)?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let bytes = response.bytes().await.map_err(request_error)?;
+    let bytes = match response.bytes().await {
+        Ok(bytes) => bytes,
+        Err(error) if status.is_success() => {
+            let error = describe(&error.without_url());
+            tracing::warn!(%status, %error, "a provider's 2xx reply lost its body; taken as accepted");
+            bytes::Bytes::new()
+        }
+        Err(error) => return Err(request_error(error)),
+    };
     Ok(Reply {
         status,
         retry_after,
@@ -240,6 +250,42 @@ mod tests {
                 ProviderError::Permanent { .. }
             ));
         }
+    }
+
+    /// A server that answers one request with `status_line` and the first 7 bytes of a 100-byte
+    /// body, then closes the connection: the body is cut off, as by a reset or a timeout.
+    async fn cut_off_reply(status_line: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut request = [0; 4096];
+            let _ = stream.read(&mut request).await;
+            let head = format!("{status_line}\r\nContent-Length: 100\r\n\r\n{{\"sid\":");
+            let _ = stream.write_all(head.as_bytes()).await;
+        });
+        format!("http://{address}/send")
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_is_cut_off_is_still_a_2xx() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = client_builder(2_000).build().expect("client");
+        let url = cut_off_reply("HTTP/1.1 201 Created").await;
+        match exchange(client.post(url)).await {
+            Ok(reply) => assert_eq!(reply.status, StatusCode::CREATED),
+            Err(error) => {
+                panic!("the provider took the request; a failure would send it again: {error}")
+            }
+        }
+        let url = cut_off_reply("HTTP/1.1 503 Service Unavailable").await;
+        let failed = exchange(client.post(url)).await;
+        assert!(matches!(failed, Err(ProviderError::Transient { .. })));
     }
 
     #[test]

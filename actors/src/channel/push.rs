@@ -371,7 +371,7 @@ impl PushProvider {
         bearer: &str,
         token: &str,
         payload: &Payload,
-    ) -> Result<String, ProviderError> {
+    ) -> Result<Option<String>, ProviderError> {
         let body = json!({
             "message": {
                 "token": token,
@@ -393,16 +393,22 @@ impl PushProvider {
             self.credentials.refused().await;
         }
         if status.is_success() {
-            return serde_json::from_slice::<SentMessage>(&bytes)
-                .map(|sent| sent.name)
-                .map_err(|_| {
-                    ProviderError::permanent(format!(
-                        "unexpected FCM reply: {}",
-                        http::snippet(&bytes, 200)
-                    ))
-                });
+            return Ok(self.sent_name(&bytes, status));
         }
         Err(classify(token, status, &bytes, retry_after))
+    }
+
+    /// FCM's name for the message in a 2xx reply `bytes`. Without one (a body that is no FCM
+    /// reply, or lost midway) the message went out all the same: sending it again would
+    /// duplicate it, so it is an acceptance without an id.
+    fn sent_name(&self, bytes: &[u8], status: StatusCode) -> Option<String> {
+        match serde_json::from_slice::<SentMessage>(bytes) {
+            Ok(sent) => Some(sent.name),
+            Err(_) => {
+                tracing::warn!(provider = %self.name, %status, "push accepted without a message name in the reply");
+                None
+            }
+        }
     }
 }
 
@@ -522,14 +528,16 @@ fn classify(
     http::failure(transient, reason, retry_after)
 }
 
-/// Combines per-token outcomes (in token order): any success wins; else any transient failure
+/// Combines per-token outcomes (in token order): any success wins, under the first message name
+/// FCM gave (none if no reply named one); else any transient failure
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
 /// else a permanent failure; unsendable only if no token's request could even be sent. Whatever
 /// the outcome, it carries every token FCM declared dead (a failure also names them in its
 /// reason), so they are forgotten even when this notification fails over to another channel.
-fn combine(outcomes: Vec<Result<String, ProviderError>>) -> Result<Receipt, ProviderError> {
+fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Receipt, ProviderError> {
     let tokens = outcomes.len();
-    let mut first_sent = None;
+    let mut sent = false;
+    let mut first_name = None;
     let mut dead = Vec::new();
     // The first reason, the longest wait, and whether every one was a throttle.
     let mut transient: Option<(String, Option<Duration>, bool)> = None;
@@ -538,7 +546,8 @@ fn combine(outcomes: Vec<Result<String, ProviderError>>) -> Result<Receipt, Prov
     for outcome in outcomes {
         match outcome {
             Ok(name) => {
-                first_sent.get_or_insert(name);
+                sent = true;
+                first_name = first_name.or(name);
             }
             Err(error) => {
                 dead.extend_from_slice(error.dead_contacts());
@@ -582,23 +591,23 @@ fn combine(outcomes: Vec<Result<String, ProviderError>>) -> Result<Receipt, Prov
             abbreviate(&dead)
         )
     };
-    match (first_sent, transient, permanent, unsendable) {
-        (Some(name), ..) => Ok(Receipt {
+    match (sent, transient, permanent, unsendable) {
+        (true, ..) => Ok(Receipt {
             dead_contacts: dead,
-            ..Receipt::new(Some(name))
+            ..Receipt::new(first_name)
         }),
-        (None, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
+        (false, Some((reason, retry_after, true)), ..) => Err(ProviderError::Throttled {
             reason: format!("{reason}{dead_note}"),
             retry_after,
             dead_contacts: dead,
         }),
-        (None, Some((reason, retry_after, false)), ..) => Err(ProviderError::Transient {
+        (false, Some((reason, retry_after, false)), ..) => Err(ProviderError::Transient {
             reason: format!("{reason}{dead_note}"),
             retry_after,
             dead_contacts: dead,
         }),
-        (None, None, None, Some(reason)) => Err(ProviderError::Unsendable { reason }),
-        (None, None, reason, _) => Err(ProviderError::Permanent {
+        (false, None, None, Some(reason)) => Err(ProviderError::Unsendable { reason }),
+        (false, None, reason, _) => Err(ProviderError::Permanent {
             reason: format!(
                 "{}{dead_note}",
                 reason.unwrap_or_else(|| "no token accepted".into())
@@ -772,6 +781,33 @@ mod tests {
             "Request is missing required authentication credential. Expected OAuth 2 access \
              token, login cookie or other valid authentication credential.",
         )
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_is_no_fcm_reply_is_sent_without_an_id() {
+        // FCM took the message: a failure would send it again, by retry or the next channel.
+        let server = MockServer::start().await;
+        let garbled = ResponseTemplate::new(200).set_body_string("<html>bad gateway</html>");
+        reply_for(&server, "device-1", garbled).await;
+        let provider = provider(&server.uri(), 2_000);
+        let outcome = provider.send(&message(&["device-1"])).await;
+        assert!(
+            matches!(&outcome, Ok(receipt) if receipt.provider_message_id.is_none()),
+            "{outcome:?}"
+        );
+        // With another device's id in its reply, the message gets that one.
+        let garbled = ResponseTemplate::new(200).set_body_string("");
+        reply_for(&server, "device-2", garbled).await;
+        reply_for(&server, "device-3", sent("m3")).await;
+        let receipt = provider
+            .send(&message(&["device-2", "device-3"]))
+            .await
+            .expect("sent");
+        assert_eq!(
+            receipt.provider_message_id.as_deref(),
+            Some("projects/shop-app/messages/m3")
+        );
+        server.verify().await;
     }
 
     #[tokio::test]

@@ -322,18 +322,10 @@ impl TelegramProvider {
         } = http::exchange(request).await?;
         let reply = serde_json::from_slice::<BotReply>(&bytes).ok();
         match reply {
-            Some(BotReply {
-                ok: true,
-                result: Some(sent),
-                ..
-            }) if status.is_success() => Ok(Sent::Accepted {
-                message_id: sent.message_id,
-            }),
             Some(reply) if !reply.ok => refused(status, reply, header_retry_after, chat_id),
-            _ if status.is_success() => Err(ProviderError::permanent(format!(
-                "unexpected Bot API reply: {}",
-                http::snippet(&bytes, 200)
-            ))),
+            reply if status.is_success() => Ok(Sent::Accepted {
+                message_id: self.sent_id(reply, status),
+            }),
             _ => Err(http::account_status_error(
                 status,
                 format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
@@ -341,14 +333,27 @@ impl TelegramProvider {
             )),
         }
     }
+
+    /// The message id in a 2xx `reply`. Without one (a body that is no Bot API reply, or lost
+    /// midway) the message went out all the same: sending it again would duplicate it, so it is
+    /// an acceptance without an id.
+    fn sent_id(&self, reply: Option<BotReply>, status: StatusCode) -> Option<i64> {
+        let id = reply
+            .and_then(|reply| reply.result)
+            .map(|sent| sent.message_id);
+        if id.is_none() {
+            tracing::warn!(provider = %self.name, %status, "Telegram message accepted without a message_id in the reply");
+        }
+        id
+    }
 }
 
 /// What a `sendMessage` the Bot API answered came to, short of a refusal.
 enum Sent {
     /// The message went out.
     Accepted {
-        /// Telegram's id for it.
-        message_id: i64,
+        /// Telegram's id for it, if its reply could be read.
+        message_id: Option<i64>,
     },
     /// The chat lives on under another id (a group upgraded to a supergroup), given by the reply.
     Moved {
@@ -360,10 +365,10 @@ enum Sent {
 }
 
 /// The receipt of a message that went out as `message_id`.
-fn receipt(message_id: i64, moved_contacts: Vec<ContactMove>) -> Receipt {
+fn receipt(message_id: Option<i64>, moved_contacts: Vec<ContactMove>) -> Receipt {
     Receipt {
         moved_contacts,
-        ..Receipt::new(Some(message_id.to_string()))
+        ..Receipt::new(message_id.map(|id| id.to_string()))
     }
 }
 
@@ -533,6 +538,21 @@ mod tests {
     fn assert_no_token(error: &ProviderError) {
         assert!(!error.to_string().contains("SECRET"), "{error}");
         assert!(!format!("{error:?}").contains("SECRET"), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_2xx_whose_body_is_no_bot_reply_is_sent_without_an_id() {
+        // Telegram took the message: a failure would send it again, by retry or the next channel.
+        for body in ["<html>bad gateway</html>", "", r#"{"ok": true}"#] {
+            let (server, provider) =
+                reply_with(ResponseTemplate::new(200).set_body_string(body)).await;
+            let sent = provider.send(&message(Some("42"))).await;
+            assert!(
+                matches!(&sent, Ok(receipt) if receipt.provider_message_id.is_none()),
+                "a 200 answered with {body:?}: {sent:?}"
+            );
+            server.verify().await;
+        }
     }
 
     #[tokio::test]
