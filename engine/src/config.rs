@@ -22,7 +22,7 @@ use herald_actors::{
     status_writer::StatusWriterSettings,
     templates::runtime::{Limits, RuntimeSettings},
 };
-use herald_nats::{Category, Channel, Connection, NatsAuth, NatsTls};
+use herald_nats::{Category, Channel, Connection, NatsAuth, NatsTls, distinct_channels};
 use serde::{Deserialize, Serialize};
 
 /// Herald's whole configuration.
@@ -1194,7 +1194,8 @@ impl Config {
         herald_actors::rate_limit::parse_limits(&self.rate_limits.0).map_err(ConfigError::Invalid)
     }
 
-    /// The default chains, parsed.
+    /// The default chains, parsed; a channel named twice in one is kept at its first place only,
+    /// so that every user of the chains walks it once.
     pub fn default_chains(&self) -> Result<HashMap<Category, Vec<Channel>>, ConfigError> {
         let mut chains = HashMap::new();
         for (category, names) in &self.routing.default_chains {
@@ -1219,7 +1220,7 @@ impl Config {
                     category.as_str()
                 )));
             }
-            chains.insert(category, channels);
+            chains.insert(category, distinct_channels(channels));
         }
         Ok(chains)
     }

@@ -498,6 +498,36 @@ async fn a_2xx_reply_with_a_garbled_body_is_sent_once_without_failing_over() {
 }
 
 #[tokio::test]
+async fn a_default_chain_naming_a_channel_twice_walks_it_once() {
+    let w = world(|config| {
+        let chain = ["sms", "email", "sms"].map(String::from).to_vec();
+        config
+            .routing
+            .default_chains
+            .insert("transactional".into(), chain);
+    })
+    .await;
+    let invalid_number = json!({"code": 21211, "message": "Invalid 'To' Phone Number"});
+    let refusing = sms(ResponseTemplate::new(400).set_body_json(invalid_number))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let body = json!({
+        "recipient": {"phone": "+4915112345678"},
+        "category": "transactional",
+        "content": {"subject": "Order shipped", "text": "Your order #1001 is on its way."}
+    });
+    let id = w.herald.send_accepted(&body).await;
+    let failed = w.herald.wait_status(&id, "failed").await;
+    assert_eq!(
+        statuses(&failed),
+        [("sms", "rejected"), ("email", "no_contact")],
+        "{failed}"
+    );
+    assert_eq!(refusing.received_requests().await.len(), 1, "one SMS");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     let w = world(|_| {}).await;
     let blocked = telegram(telegram_blocked())
