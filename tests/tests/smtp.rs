@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
+use herald_actors::channel::smtp_pool::IDLE_CHECK;
 use herald_actors::channel::{OutboundMessage, Provider, ProviderError};
 use herald_nats::{Contacts, Content};
 use herald_tests::{RejectStage, SmtpSink};
@@ -125,29 +126,121 @@ async fn late_first_greeting_server() -> u16 {
                 if late {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let _ = write.write_all(b"220 late ESMTP\r\n").await;
-                let mut in_data = false;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let reply: &[u8] = match (in_data, line.to_ascii_uppercase().as_str()) {
-                        (true, ".") => {
-                            in_data = false;
-                            b"250 queued\r\n"
-                        }
-                        (true, _) => continue,
-                        (false, "DATA") => {
-                            in_data = true;
-                            b"354 go ahead\r\n"
-                        }
-                        _ => b"250 ok\r\n",
-                    };
-                    let _ = write.write_all(reply).await;
-                }
+                serve_plainly(stream, true).await;
             });
         }
     });
     port
+}
+
+/// A plain SMTP server that accepts every message and never answers NOOP, as a connection looks
+/// that a NAT dropped while it sat idle; with the connections it accepted.
+async fn noop_swallowing_server() -> (u16, tokio::sync::watch::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (accepted, connections) = tokio::sync::watch::channel(0);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            accepted.send_modify(|n| *n += 1);
+            tokio::spawn(serve_plainly(stream, false));
+        }
+    });
+    (port, connections)
+}
+
+/// Greets, then answers one command at a time, taking every message; NOOP goes unanswered
+/// unless `answers_noop`.
+async fn serve_plainly(stream: tokio::net::TcpStream, answers_noop: bool) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let _ = write.write_all(b"220 plain ESMTP\r\n").await;
+    let mut in_data = false;
+    while let Ok(Some(line)) = lines.next_line().await {
+        let reply: &[u8] = match (in_data, line.to_ascii_uppercase().as_str()) {
+            (true, ".") => {
+                in_data = false;
+                b"250 queued\r\n"
+            }
+            (true, _) => continue,
+            (false, "DATA") => {
+                in_data = true;
+                b"354 go ahead\r\n"
+            }
+            (false, "NOOP") if !answers_noop => continue,
+            _ => b"250 ok\r\n",
+        };
+        let _ = write.write_all(reply).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_gone_silent_while_idle_is_replaced_instead_of_stalling_the_send() {
+    let (port, connections) = noop_swallowing_server().await;
+    let email = impatient_provider(port, 1_000);
+    email.send(&message(1)).await.expect("first sent");
+    // Idle long enough for the pool to check the connection before its next message (the pool
+    // keeps time with the real clock).
+    tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
+    let second = tokio::time::timeout(Duration::from_secs(5), email.send(&message(2)))
+        .await
+        .expect("the send stalled in the check of a connection that never answers");
+    assert!(
+        second.is_ok(),
+        "nothing was sent over the silent connection: {second:?}"
+    );
+    assert_eq!(
+        *connections.borrow(),
+        2,
+        "the second went over a fresh connection"
+    );
+}
+
+#[tokio::test]
+async fn connections_idle_as_long_as_one_gone_silent_are_not_each_waited_for() {
+    let (port, connections) = noop_swallowing_server().await;
+    let config = EmailConfig {
+        timeout_ms: 1_000,
+        ..config("127.0.0.1", port, 4)
+    };
+    let email = EmailProvider::new("smtp".into(), &config).expect("provider");
+    // The server takes one command at a time, so each connection carries one of these at once.
+    let results = send_at_once(&email, 4).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let opened = *connections.borrow();
+    assert!(opened >= 2, "the sends went over {opened} connection(s)");
+    tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    let sent = tokio::time::timeout(Duration::from_secs(10), email.send(&message(9)))
+        .await
+        .expect("the send was answered");
+    let took = started.elapsed();
+    assert!(sent.is_ok(), "{sent:?}");
+    // One check of 1 s gives the NAT away; one per connection would take at least 2 s.
+    assert!(
+        took < Duration::from_millis(1_900),
+        "{opened} silent connections took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_never_greets_fails_the_send_within_its_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        // Accepted and held open, never greeted.
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let email = impatient_provider(port, 500);
+    let refused = tokio::time::timeout(Duration::from_secs(5), email.send(&message(1)))
+        .await
+        .expect("the session's opening was not bounded by the timeout");
+    assert!(
+        matches!(&refused, Err(ProviderError::Transient { .. })),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

@@ -5,15 +5,17 @@
 //! than the two a pipelined message costs) and, under load, opens connections beyond its size
 //! that it closes after a single message: connect, EHLO, STARTTLS, AUTH and QUIT for one mail.
 //! This pool (deadpool over lettre's [`AsyncSmtpConnection`]) lets a send wait for a free
-//! connection instead, checks a connection with a NOOP only after it sat idle for [`IDLE_CHECK`],
-//! and never reuses one whose session failed or was cut short: a group of messages given up after
+//! connection instead, checks a connection with a NOOP only after it sat idle for [`IDLE_CHECK`]
+//! (one that does not answer within [`IDLE_CHECK_TIMEOUT`] is dropped, and so, without a check,
+//! are those idle as long for a while after; another is taken or opened, within the connect
+//! timeout like every session's opening), and never reuses one whose session failed or was cut short: a group of messages given up after
 //! its timeout leaves the session at an unknown step, where the next message's commands would be
 //! answered by the last one's replies. Messages that wait for a connection go out together over
 //! the next one free, in one write where the server pipelines ([`SmtpPool::send`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use lettre::address::Envelope;
@@ -29,6 +31,13 @@ use tokio::sync::oneshot::{self, error::RecvError};
 /// A pooled connection idle for this long is checked with a NOOP before it is used again: the
 /// server may have closed it meanwhile (servers end idle sessions after a few minutes).
 pub const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// The longest the NOOP check of an idle connection may take (less where the connect timeout
+/// is shorter). A NOOP is one round trip on an open session; a connection a NAT or firewall
+/// dropped silently while idle never answers it, and waiting longer would only stall the message
+/// until its own timeout, failing it though nothing was sent. Giving up on a live but slow
+/// connection costs a new one.
+pub const IDLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How a connection is secured.
 #[derive(Clone)]
@@ -51,7 +60,8 @@ pub struct SmtpServer {
     pub encryption: Encryption,
     /// AUTH credentials, if the server wants them.
     pub credentials: Option<Credentials>,
-    /// Longest a TCP connect may take.
+    /// Longest opening a session may take: the TCP connect, the greeting, EHLO, STARTTLS and
+    /// AUTH together.
     pub connect_timeout: Duration,
     /// The name this client gives in EHLO.
     pub hello: ClientId,
@@ -60,7 +70,21 @@ pub struct SmtpServer {
 }
 
 impl SmtpServer {
-    async fn connect(&self) -> Result<AsyncSmtpConnection, smtp::Error> {
+    /// Opens a session within [`SmtpServer::connect_timeout`]: a server that accepts the TCP
+    /// connection and then stays silent would otherwise hold the send until its own timeout.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, ConnectError> {
+        tokio::time::timeout(self.connect_timeout, self.open())
+            .await
+            .map_err(|_| ConnectError::TimedOut(self.connect_timeout))?
+            .map_err(ConnectError::Smtp)
+    }
+
+    /// How long the NOOP check of an idle connection may take.
+    fn check_timeout(&self) -> Duration {
+        self.connect_timeout.min(IDLE_CHECK_TIMEOUT)
+    }
+
+    async fn open(&self) -> Result<AsyncSmtpConnection, smtp::Error> {
         let implicit = match &self.encryption {
             Encryption::Implicit(tls) => Some(tls.clone()),
             Encryption::None | Encryption::Starttls(_) => None,
@@ -92,6 +116,40 @@ impl SmtpServer {
 struct Connector {
     server: SmtpServer,
     queue: Arc<Mutex<Queue>>,
+    /// The last connection found silent after sitting idle (see [`Silence`]).
+    silence: Mutex<Option<Silence>>,
+}
+
+/// A connection that did not answer its NOOP check: how long it had sat idle, and when it was
+/// found out. A NAT or firewall drops every connection idle past its limit, so for as long again
+/// a connection idle at least as long is taken for silent too and dropped without a check: a send
+/// after a quiet spell would otherwise wait out one check per pooled connection, all gone.
+#[derive(Clone, Copy)]
+struct Silence {
+    idle: Duration,
+    found: Instant,
+}
+
+impl Silence {
+    /// Whether a connection idle for `idle` now is presumed silent too.
+    fn covers(&self, idle: Duration) -> bool {
+        idle >= self.idle && self.found.elapsed() <= self.idle
+    }
+}
+
+impl Connector {
+    /// Whether a connection idle for `idle` is presumed silent after another one was.
+    fn presumed_silent(&self, idle: Duration) -> bool {
+        lock(&self.silence).is_some_and(|silence| silence.covers(idle))
+    }
+
+    /// Notes that a connection idle for `idle` did not answer its check.
+    fn found_silent(&self, idle: Duration) {
+        *lock(&self.silence) = Some(Silence {
+            idle,
+            found: Instant::now(),
+        });
+    }
 }
 
 /// Why the pool gave no connection.
@@ -100,6 +158,9 @@ enum ConnectError {
     /// Connecting failed, or the server refused the session.
     #[error(transparent)]
     Smtp(#[from] smtp::Error),
+    /// The session was not open within the connect timeout.
+    #[error("no SMTP session within {} ms", .0.as_millis())]
+    TimedOut(Duration),
     /// No message waits for a connection.
     #[error("no message waits for a connection")]
     Unneeded,
@@ -113,7 +174,7 @@ impl managed::Manager for Connector {
         if lock(&self.queue).waiting.is_empty() {
             return Err(ConnectError::Unneeded);
         }
-        Ok(self.server.connect().await?)
+        self.server.connect().await
     }
 
     async fn recycle(
@@ -124,10 +185,29 @@ impl managed::Manager for Connector {
         if connection.has_broken() {
             return Err(RecycleError::message("the SMTP session failed"));
         }
-        if metrics.last_used() >= IDLE_CHECK && !connection.test_connected().await {
-            return Err(RecycleError::message("closed by the server while idle"));
+        let idle = metrics.last_used();
+        if idle < IDLE_CHECK {
+            return Ok(());
         }
-        Ok(())
+        if self.presumed_silent(idle) {
+            return Err(RecycleError::message(
+                "idle as long as one that went silent",
+            ));
+        }
+        // A connection that does not answer in time is dropped like a closed one, and the pool
+        // hands out another or opens a new one: nothing was sent over it.
+        let check = self.server.check_timeout();
+        match tokio::time::timeout(check, connection.test_connected()).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(RecycleError::message("closed by the server while idle")),
+            Err(_) => {
+                self.found_silent(idle);
+                Err(RecycleError::message(format!(
+                    "no answer to NOOP within {} ms after sitting idle",
+                    check.as_millis()
+                )))
+            }
+        }
     }
 }
 
@@ -142,6 +222,10 @@ pub enum SmtpSendError {
     /// until that is fixed, so it is not this message's fault.
     #[error("cannot open an SMTP session: {0}")]
     Connect(smtp::Error),
+    /// The server did not open a session within the connect timeout (silent after accepting the
+    /// TCP connection, or slow to greet, to answer EHLO, STARTTLS or AUTH).
+    #[error("cannot open an SMTP session: no reply within {} ms", .0.as_millis())]
+    ConnectTimedOut(Duration),
     /// No connection could be had from the pool.
     #[error("SMTP connection pool: {0}")]
     Pool(String),
@@ -189,6 +273,7 @@ impl SmtpPool {
         let connector = Connector {
             server,
             queue: queue.clone(),
+            silence: Mutex::new(None),
         };
         Pool::builder(connector)
             .max_size(size.max(1))
@@ -235,6 +320,9 @@ impl SmtpPool {
                 Err(err) if queued.withdraw() => {
                     return Err(match err {
                         PoolError::Backend(ConnectError::Smtp(err)) => SmtpSendError::Connect(err),
+                        PoolError::Backend(ConnectError::TimedOut(wait)) => {
+                            SmtpSendError::ConnectTimedOut(wait)
+                        }
                         other => SmtpSendError::Pool(other.to_string()),
                     });
                 }
@@ -412,9 +500,10 @@ impl Drop for Queued<'_> {
     }
 }
 
-fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
-    // The queue is consistent between statements: a panic elsewhere cannot leave it half-changed.
-    queue
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // What these mutexes guard is consistent between statements: a panic elsewhere cannot leave
+    // it half-changed.
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
