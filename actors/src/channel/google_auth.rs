@@ -104,10 +104,30 @@ enum Grant {
 }
 
 /// The token endpoint's answer (the same shape from both grants).
-#[derive(Deserialize)]
 struct TokenReply {
     access_token: String,
     expires_in: u64,
+}
+
+/// Reads a token endpoint's 2xx reply. What is wrong with one that does not fit is said without
+/// quoting it: it may hold the access token, and the error ends up in attempts, the channels'
+/// state and logs.
+fn token_reply(body: &[u8]) -> Result<TokenReply, &'static str> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return Err("not a JSON object");
+    };
+    let access_token = fields
+        .get("access_token")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("no access_token string")?;
+    let expires_in = fields
+        .get("expires_in")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("no expires_in number of seconds")?;
+    Ok(TokenReply {
+        access_token: access_token.to_string(),
+        expires_in,
+    })
 }
 
 /// Access tokens for one service account and scope, fetched when needed and shared by every
@@ -218,13 +238,14 @@ impl TokenSource {
             retry_after,
             bytes,
         } = http::exchange(request).await?;
-        let reply = || format!("HTTP {status}: {}", http::snippet(&bytes, 200));
         if !status.is_success() {
-            let reason = format!("{endpoint}, {}", reply());
+            let reason = format!("{endpoint}, HTTP {status}: {}", http::snippet(&bytes, 200));
             return Err(http::status_error(status, reason, retry_after));
         }
-        serde_json::from_slice(&bytes).map_err(|_| {
-            ProviderError::transient(format!("unexpected OAuth token reply, {}", reply()))
+        token_reply(&bytes).map_err(|problem| {
+            ProviderError::transient(format!(
+                "unexpected OAuth token reply, HTTP {status}: {problem}"
+            ))
         })
     }
 
@@ -387,6 +408,25 @@ pub(crate) mod tests {
                 assert_eq!(retry_after, Some(Duration::from_secs(7)))
             }
             other => panic!("an unavailable endpoint is transient, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_reply_missing_a_field_names_it_and_never_quotes_the_token() {
+        let server = MockServer::start().await;
+        let without_expiry = ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "access_token": "ya29.secret-access-token",
+            "token_type": "Bearer",
+        }));
+        token_endpoint(&server, "/token", without_expiry).await;
+        let dir = tempfile::tempdir().expect("dir");
+        let tokens = source(&key_file(dir.path(), &format!("{}/token", server.uri())));
+        match tokens.token().await {
+            Err(ProviderError::Transient { reason, .. }) => {
+                assert!(!reason.contains("secret"), "the token leaks: {reason}");
+                assert!(reason.contains("expires_in"), "which field? {reason}");
+            }
+            other => panic!("an unreadable token reply is transient, got {other:?}"),
         }
     }
 
