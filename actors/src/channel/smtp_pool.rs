@@ -8,10 +8,11 @@
 //! connection instead, checks a connection with a NOOP only after it sat idle for [`IDLE_CHECK`]
 //! (one that does not answer within [`IDLE_CHECK_TIMEOUT`] is dropped, and so, without a check,
 //! are those idle as long for a while after; another is taken or opened, within the connect
-//! timeout like every session's opening), and never reuses one whose session failed or was cut short: a group of messages given up after
-//! its timeout leaves the session at an unknown step, where the next message's commands would be
-//! answered by the last one's replies. Messages that wait for a connection go out together over
-//! the next one free, in one write where the server pipelines ([`SmtpPool::send`]).
+//! timeout like every session's opening), and never reuses one whose session failed or was cut
+//! short: a group of messages given up after its timeout leaves the session at an unknown step,
+//! where the next message's commands would be answered by the last one's replies. Messages that
+//! wait for a connection go out together over the next one free, in one write where the server
+//! pipelines ([`SmtpPool::send`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
