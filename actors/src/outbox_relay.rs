@@ -126,9 +126,7 @@ impl Held {
     /// Records a failure of `id` at `now`; returns how often it failed and how long it is held.
     fn failed(&mut self, id: Uuid, now: Instant, interval: Duration) -> (u32, Duration) {
         let failures = self.0.get(&id).map_or(0, |&(failures, _)| failures) + 1;
-        let hold = interval
-            .saturating_mul(1_u32 << failures.min(16))
-            .min(MAX_HOLD);
+        let hold = crate::retry::doubling(interval.saturating_mul(2), failures, MAX_HOLD);
         self.0.insert(id, (failures, now + hold));
         (failures, hold)
     }

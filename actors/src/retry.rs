@@ -152,6 +152,13 @@ impl fmt::Display for GaveUp {
     }
 }
 
+/// The rest before the next try of work that failed `failures` times in a row (counted from 1):
+/// `first`, doubled for each failure after the first, at most `most`.
+pub(crate) fn doubling(first: Duration, failures: u32, most: Duration) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    first.saturating_mul(1 << doublings).min(most)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -433,9 +433,10 @@ impl BulkBackoff {
     fn failed(&mut self, batch: Uuid, longest: Duration) -> (u32, Duration) {
         let failures = self.failures.entry(batch).or_insert(0);
         *failures = failures.saturating_add(1);
-        let doublings = (*failures - 1).min(16);
-        let rest = BULK_BACKOFF.saturating_mul(1 << doublings).min(longest);
-        (*failures, rest)
+        (
+            *failures,
+            crate::retry::doubling(BULK_BACKOFF, *failures, longest),
+        )
     }
 
     /// Forgets the failures of `batch`: a page of it went through (or it is finished).

@@ -64,28 +64,13 @@ fn nul_body_field(bytes: &[u8]) -> Option<String> {
     nul_field(&value, "").filter(|field| !field.is_empty())
 }
 
-/// The path below `at` of the first string in `value` that holds a NUL.
+/// The path below `at` of the first string in `value` that holds a NUL (for a key, the object
+/// that has it).
 fn nul_field(value: &serde_json::Value, at: &str) -> Option<String> {
-    use serde_json::Value;
-    match value {
-        Value::String(text) => text.contains('\0').then(|| at.to_string()),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .find_map(|(index, item)| nul_field(item, &format!("{at}[{index}]"))),
-        Value::Object(map) => map.iter().find_map(|(key, value)| {
-            if key.contains('\0') {
-                return Some(at.to_string());
-            }
-            let below = if at.is_empty() {
-                key.clone()
-            } else {
-                format!("{at}.{key}")
-            };
-            nul_field(value, &below)
-        }),
-        Value::Null | Value::Bool(_) | Value::Number(_) => None,
-    }
+    herald_nats::json_strings::first_string(value, at, &mut |_, text| {
+        text.contains('\0').then_some(())
+    })
+    .map(|(path, ())| path)
 }
 
 /// The first query parameter whose name or value holds an encoded NUL (`%00`).

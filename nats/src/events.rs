@@ -301,33 +301,17 @@ const ONE_LINE_FIELDS: [&str; 8] = [
 /// hold line breaks and tabs, as producers' texts do (the templates make one line of a subject);
 /// [`ONE_LINE_FIELDS`] may not. The error names the field (`items[0].name`) below `at`.
 fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
-    match value {
-        Value::String(text) => {
-            let multi_line = !ONE_LINE_FIELDS.contains(&at);
-            match text
-                .chars()
-                .find(|&c| c.is_control() && !(multi_line && matches!(c, '\n' | '\r' | '\t')))
-            {
-                Some(c) => Err(format!(
-                    "{at} must not contain control characters (it holds U+{:04X})",
-                    u32::from(c)
-                )),
-                None => Ok(()),
-            }
-        }
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .try_for_each(|(i, item)| plain_texts(&format!("{at}[{i}]"), item)),
-        Value::Object(fields) => fields.iter().try_for_each(|(name, field)| {
-            let path = if at.is_empty() {
-                name.clone()
-            } else {
-                format!("{at}.{name}")
-            };
-            plain_texts(&path, field)
-        }),
-        _ => Ok(()),
+    let control = crate::json_strings::first_string(value, at, &mut |at, text| {
+        let multi_line = !ONE_LINE_FIELDS.contains(&at);
+        text.chars()
+            .find(|&c| c.is_control() && !(multi_line && matches!(c, '\n' | '\r' | '\t')))
+    });
+    match control {
+        Some((field, c)) => Err(format!(
+            "{field} must not contain control characters (it holds U+{:04X})",
+            u32::from(c)
+        )),
+        None => Ok(()),
     }
 }
 

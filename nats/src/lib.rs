@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod json_strings;
 pub mod leases;
 pub mod publish;
 pub mod streams;
