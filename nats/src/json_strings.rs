@@ -43,8 +43,7 @@ mod tests {
             "items": [{ "name": "Tea" }, { "name": "Cake" }],
             "odd key": 1
         });
-        let is =
-            |wanted: &'static str| move |_: &str, text: &str| (text == wanted).then_some(());
+        let is = |wanted: &'static str| move |_: &str, text: &str| (text == wanted).then_some(());
         let path = |found: Option<(String, ())>| found.map(|(path, ())| path);
         assert_eq!(
             path(first_string(&value, "", &mut is("Cake"))),
