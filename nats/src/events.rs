@@ -121,8 +121,9 @@ pub struct OrderStatusChanged {
     /// When the parcel should arrive (`shipped`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_estimate: Option<NaiveDate>,
-    /// Where the customer can review the order (`delivered`).
+    /// Where the customer can review the order (`delivered`): an http(s) URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
     pub review_url: Option<String>,
     /// Why it was cancelled (`cancelled`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,8 +172,9 @@ pub struct MarketingCampaign {
     /// The message.
     #[schemars(regex(pattern = r"\S"))]
     pub body: String,
-    /// Where the call to action leads.
+    /// Where the call to action leads: an http(s) URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
     pub url: Option<String>,
 }
 
@@ -263,12 +265,14 @@ impl EventData {
                 if d.status == OrderEventStatus::Shipped && tracking.trim().is_empty() {
                     return Err("a shipped order needs a tracking_number".into());
                 }
+                http_link("review_url", d.review_url.as_deref())?;
             }
             Self::CustomerCreated(_) => {}
             Self::LoginAlert(d) => non_empty("ip", &d.ip)?,
             Self::MarketingCampaign(d) => {
                 non_empty("headline", &d.headline)?;
                 non_empty("body", &d.body)?;
+                http_link("url", d.url.as_deref())?;
             }
         }
         Ok(())
@@ -312,6 +316,18 @@ fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
             u32::from(c)
         )),
         None => Ok(()),
+    }
+}
+
+/// Refuses a link that is not http(s): every template, compiled or an operator's own, may put it
+/// in an `href`, where a `javascript:` or `data:` URL would run or show what the producer did
+/// not mean.
+fn http_link(field: &str, url: Option<&str>) -> Result<(), String> {
+    match url {
+        Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+            Err(format!("{field} must be an http(s) URL"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -669,6 +685,18 @@ mod tests {
             "a body may span lines"
         );
         let bell = err(&campaign(r"Ring\u0007")).to_string();
+        let link = |url: &str| {
+            with(
+                "marketing.campaign",
+                &format!(
+                    r#"{{"customer_id": "c-1", "campaign_id": "x", "headline": "Hi", "body": "Hi",
+                        "url": "{url}"}}"#
+                ),
+            )
+        };
+        assert!(DomainEvent::decode(link("https://shop.example/sale").as_bytes()).is_ok());
+        let script = err(&link("javascript:alert(1)")).to_string();
+        assert!(script.contains("url must be an http(s) URL"), "{script}");
         assert!(bell.contains("body") && bell.contains("U+0007"), "{bell}");
         let long = err(&alert("é".repeat(MAX_ID + 1))).to_string();
         assert!(long.contains("customer_id"), "{long}");
