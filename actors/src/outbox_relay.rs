@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use herald_entities::{outbox_event, repo::outbox};
-use herald_nats::Publisher;
+use herald_nats::{NatsError, Publisher};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
@@ -196,19 +196,16 @@ pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
 
 async fn publish(args: &OutboxRelayArgs, row: &outbox_event::Model) -> Result<(), RelayError> {
     let payload = serde_json::to_vec(&row.payload).map_err(|e| RelayError::Row(e.to_string()))?;
-    let id = row.id.to_string();
-    if args.publisher.event_exceeds_max_payload(payload.len(), &id) {
-        return Err(RelayError::Row(format!(
-            "the event ({} bytes) exceeds the server's max_payload",
-            payload.len()
-        )));
-    }
-    // Any other failure (NATS unreachable, no JetStream answer in time, a stream refusing) is
-    // not the row's own: the run stops, so that the rows after it are not relayed before it.
+    // Only a message over the server's limit is the row's own failure; any other (NATS
+    // unreachable, no JetStream answer in time, a stream refusing) stops the run, so that the
+    // rows after it are not relayed before it.
     args.publisher
-        .publish_event(&row.subject, &id, payload.into())
+        .publish_event(&row.subject, &row.id.to_string(), payload.into())
         .await
-        .map_err(|err| RelayError::Outage(err.to_string()))?;
+        .map_err(|err| match err {
+            NatsError::TooLarge { .. } => RelayError::Row(err.to_string()),
+            _ => RelayError::Outage(err.to_string()),
+        })?;
     outbox::mark_published(&args.db, row.id)
         .await
         .map_err(|e| RelayError::Outage(e.to_string()))

@@ -345,11 +345,12 @@ async fn write_batch(
         Ok(applied) => applied,
         Err(err) => {
             tracing::warn!(error = %err, unknown, "batch write failed; writing its records one by one");
-            let written = match unknown {
-                // A try may have committed unseen: each record is written as that commit wrote it,
-                // so that the changes it made are recognised as moved.
-                true => status_batch::as_stamped(&changes),
-                false => changes.to_vec(),
+            // A try may have committed unseen: each record is written as that commit wrote it,
+            // so that the changes it made are recognised as moved.
+            let written = if unknown {
+                status_batch::as_stamped(&changes)
+            } else {
+                changes.to_vec()
             };
             write_one_by_one(store, batch, &written, unknown, publish).await;
             return;

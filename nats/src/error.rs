@@ -17,6 +17,15 @@ pub enum NatsError {
         /// The server's or client's reason.
         reason: String,
     },
+    /// A message larger, with its headers, than the server's `max_payload`: refused by the client
+    /// before it was sent, however often it is tried.
+    #[error("the message on {subject} exceeds the server's max_payload: {reason}")]
+    TooLarge {
+        /// The subject published to.
+        subject: String,
+        /// The client's reason, with the sizes.
+        reason: String,
+    },
     /// A publish was not acknowledged by JetStream.
     #[error("JetStream did not accept the message on {subject}: {reason}")]
     Publish {

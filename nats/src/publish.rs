@@ -166,18 +166,6 @@ impl Publisher {
         .await
     }
 
-    /// Whether an event of `len` bytes, published under `event_id` ([`Self::publish_event`]),
-    /// exceeds the server's `max_payload` with its header: the server refuses it however often it
-    /// is tried. `false` while no server's limit is known.
-    pub fn event_exceeds_max_payload(&self, len: usize, event_id: &str) -> bool {
-        let max = self.js.client().max_payload();
-        let header = wire_len(&HeaderMap::new())
-            + AsRef::<str>::as_ref(&async_nats::header::NATS_MESSAGE_ID).len()
-            + event_id.len()
-            + HEADER_LINE;
-        max > 0 && len + header > max
-    }
-
     /// Whether the client is connected to a server right now.
     pub fn is_connected(&self) -> bool {
         self.js.client().connection_state() == async_nats::connection::State::Connected
@@ -203,7 +191,13 @@ impl Publisher {
         self.js
             .publish_with_headers(subject.clone(), headers, payload)
             .await
-            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => NatsError::TooLarge {
+                    subject: subject.clone(),
+                    reason: e.to_string(),
+                },
+                _ => failed(e.to_string()),
+            })?
             .await
             .map_err(|e| failed(e.to_string()))?;
         Ok(())

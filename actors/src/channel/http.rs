@@ -181,6 +181,24 @@ pub(crate) fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Durat
     )
 }
 
+/// The provider's id for a message it accepted, read from its 2xx reply `bytes` as a `T` by
+/// `id`. Without one (a body that is no such reply, or lost midway) the message went out all the
+/// same: sending it again would duplicate it, so it is an acceptance without an id, logged.
+pub(crate) fn accepted_id<T: serde::de::DeserializeOwned>(
+    provider: &str,
+    status: StatusCode,
+    bytes: &[u8],
+    id: impl FnOnce(T) -> String,
+) -> Option<String> {
+    match serde_json::from_slice::<T>(bytes) {
+        Ok(reply) => Some(id(reply)),
+        Err(_) => {
+            tracing::warn!(provider, %status, "message accepted without an id in the provider's reply");
+            None
+        }
+    }
+}
+
 /// The first `max` characters of a reply body, for error reasons.
 pub(crate) fn snippet(body: &[u8], max: usize) -> String {
     let text = String::from_utf8_lossy(body);

@@ -393,22 +393,14 @@ impl PushProvider {
             self.credentials.refused().await;
         }
         if status.is_success() {
-            return Ok(self.sent_name(&bytes, status));
+            return Ok(http::accepted_id(
+                &self.name,
+                status,
+                &bytes,
+                |sent: SentMessage| sent.name,
+            ));
         }
         Err(classify(token, status, &bytes, retry_after))
-    }
-
-    /// FCM's name for the message in a 2xx reply `bytes`. Without one (a body that is no FCM
-    /// reply, or lost midway) the message went out all the same: sending it again would
-    /// duplicate it, so it is an acceptance without an id.
-    fn sent_name(&self, bytes: &[u8], status: StatusCode) -> Option<String> {
-        match serde_json::from_slice::<SentMessage>(bytes) {
-            Ok(sent) => Some(sent.name),
-            Err(_) => {
-                tracing::warn!(provider = %self.name, %status, "push accepted without a message name in the reply");
-                None
-            }
-        }
     }
 }
 

@@ -183,15 +183,8 @@ impl SmsProvider {
             bytes,
         } = http::exchange(request).await?;
         if status.is_success() {
-            return match serde_json::from_slice::<CreatedMessage>(&bytes) {
-                Ok(created) => Ok(Receipt::new(Some(created.sid))),
-                // Accepted, but we cannot tell which message it became; sending again would
-                // duplicate it, so this is a success without an id.
-                Err(_) => {
-                    tracing::warn!(provider = %self.name, %status, "SMS accepted without a sid in the reply");
-                    Ok(Receipt::new(None))
-                }
-            };
+            let sid = http::accepted_id(&self.name, status, &bytes, |m: CreatedMessage| m.sid);
+            return Ok(Receipt::new(sid));
         }
         match serde_json::from_slice::<ApiError>(&bytes) {
             Ok(ApiError {
