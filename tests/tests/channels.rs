@@ -2,6 +2,8 @@
 //! wire formats (wiremock), failover chains, the circuit breaker, retries with Retry-After, and
 //! dead letters.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -13,6 +15,8 @@ use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
 use wiremock::matchers::{bearer_token, body_partial_json, method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -494,6 +498,125 @@ async fn a_2xx_reply_with_a_garbled_body_is_sent_once_without_failing_over() {
     assert_eq!(telegram_requests.received_requests().await.len(), 1);
     assert_eq!(fcm_requests.received_requests().await.len(), 1);
     assert_eq!(w.smtp.count(), 0, "no failover to email");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A provider each of whose replies is cut off midway: `head` (a status line, and any headers),
+/// then 7 bytes of the 100-byte body it announces, and the connection closed, as by a reset or a
+/// timeout while the body is read. Answers any path, and counts the requests.
+struct CutOffReplies {
+    url: String,
+    requests: Arc<AtomicUsize>,
+}
+
+impl CutOffReplies {
+    async fn start(head: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    if read_request(&mut stream).await {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let reply = format!("{head}\r\nContent-Length: 100\r\n\r\n{{\"ok\":");
+                        let _ = stream.write_all(reply.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        Self { url, requests }
+    }
+
+    /// The requests answered so far.
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads a request's head and its `Content-Length` body, so that the connection closes cleanly
+/// after the reply (closed with the request unread, it could be reset before the client reads the
+/// reply's head); false if the connection ended first.
+async fn read_request(stream: &mut TcpStream) -> bool {
+    let mut seen = Vec::new();
+    let mut chunk = [0; 4096];
+    while let Ok(read @ 1..) = stream.read(&mut chunk).await {
+        seen.extend_from_slice(&chunk[..read]);
+        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+        let length = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if seen.len() >= end + 4 + length {
+            return true;
+        }
+    }
+    false
+}
+
+/// Points Telegram, SMS and push at `url`.
+fn providers_at(config: &mut Config, url: &str) {
+    if let Some(telegram) = config.channels.telegram.as_mut() {
+        telegram.base_url = url.into();
+    }
+    if let Some(sms) = config.channels.sms.as_mut() {
+        sms.base_url = url.into();
+    }
+    if let Some(push) = config.channels.push.as_mut() {
+        push.base_url = url.into();
+    }
+}
+
+/// A 2xx cut off before its body ends was taken by the provider (or the receiver): the message is
+/// sent, once, without an id, and does not fail over.
+#[tokio::test]
+async fn a_2xx_reply_cut_off_midway_is_sent_once_without_failing_over() {
+    let accepting = CutOffReplies::start("HTTP/1.1 200 OK").await;
+    let w = world(|config| providers_at(config, &accepting.url)).await;
+    let mut recipient = everyone();
+    recipient["webhook_url"] = json!(format!("{}/hooks/shop-1", accepting.url));
+    for (sent_before, channel) in ["telegram", "sms", "push", "webhook"].iter().enumerate() {
+        let sent = send_until_sent(&w, &notification(&[channel, "email"], recipient.clone())).await;
+        assert_eq!(statuses(&sent), [(*channel, "sent")], "{sent}");
+        assert_eq!(
+            accepting.requests(),
+            sent_before + 1,
+            "{channel} called once"
+        );
+    }
+    assert_eq!(w.smtp.count(), 0, "no failover to email");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// An error reply cut off before its body ends is judged by its status, as if its body said
+/// nothing: a 400 refuses the message for good on every channel, rather than count as passing
+/// trouble that is retried.
+#[tokio::test]
+async fn an_error_reply_cut_off_midway_is_judged_by_its_status() {
+    let refusing = CutOffReplies::start("HTTP/1.1 400 Bad Request").await;
+    let w = world(|config| providers_at(config, &refusing.url)).await;
+    let mut recipient = everyone();
+    recipient["webhook_url"] = json!(format!("{}/hooks/shop-1", refusing.url));
+    let chain = ["telegram", "sms", "push", "webhook", "email"];
+    let sent = send_until_sent(&w, &notification(&chain, recipient)).await;
+    assert_eq!(
+        statuses(&sent),
+        [
+            ("telegram", "rejected"),
+            ("sms", "rejected"),
+            ("push", "rejected"),
+            ("webhook", "rejected"),
+            ("email", "sent")
+        ],
+        "{sent}"
+    );
+    assert_eq!(refusing.requests(), 4, "each refused once");
     w.herald.shutdown().await.expect("shutdown");
 }
 

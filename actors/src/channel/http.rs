@@ -51,27 +51,26 @@ pub(crate) struct Reply {
     pub status: StatusCode,
     /// The wait its `Retry-After` header asks for, if any.
     pub retry_after: Option<Duration>,
-    /// Its body.
+    /// Its body; empty when it could not be read to the end.
     pub bytes: bytes::Bytes,
 }
 
-/// Sends `request` and reads the whole reply; failing to do either is classified by
-/// [`request_error`], except a 2xx whose body cannot be read (a reset or a timeout midway): the
-/// provider took the request, and a failure would send the message again, so it comes back with
-/// an empty body, which each provider takes for an acceptance without an id.
+/// Sends `request` and reads the whole reply; failing to send it or to get the reply's head is
+/// classified by [`request_error`]. A reply whose body cannot be read (a reset or a timeout
+/// midway) comes back with an empty body, as one that says nothing: its status decides. A 2xx is
+/// then an acceptance without an id (the provider took the request, and a failure would send the
+/// message again); an error status is classified as it would be with an empty body, so a 400 or
+/// 404 stays a refusal instead of being retried, and a 429 or 5xx stays transient with its
+/// `Retry-After`.
 pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, ProviderError> {
     let response = request.send().await.map_err(request_error)?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let bytes = match response.bytes().await {
-        Ok(bytes) => bytes,
-        Err(error) if status.is_success() => {
-            let error = describe(&error.without_url());
-            tracing::warn!(%status, %error, "a provider's 2xx reply lost its body; taken as accepted");
-            bytes::Bytes::new()
-        }
-        Err(error) => return Err(request_error(error)),
-    };
+    let bytes = response.bytes().await.unwrap_or_else(|error| {
+        let error = describe(&error.without_url());
+        tracing::warn!(%status, %error, "a provider's reply lost its body; judged by its status");
+        bytes::Bytes::new()
+    });
     Ok(Reply {
         status,
         retry_after,
@@ -79,11 +78,12 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, 
     })
 }
 
-/// Classifies an error from sending a request or reading its reply.
+/// Classifies an error from sending a request, before any reply came (a reply that did come is
+/// judged by its status: see [`exchange`]).
 ///
 /// The URL is stripped first: some providers (Telegram) carry credentials in it. A request that
-/// could not even be built is unsendable (it never left); everything else is worth retrying: timeouts, refused connections, resets
-/// and truncated bodies are the provider's or the network's passing trouble.
+/// could not even be built is unsendable (it never left); everything else is worth retrying:
+/// timeouts, refused connections and resets are the provider's or the network's passing trouble.
 pub(crate) fn request_error(error: reqwest::Error) -> ProviderError {
     let error = error.without_url();
     let reason = describe(&error);
@@ -210,7 +210,7 @@ pub(crate) fn snippet(body: &[u8], max: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
 
     #[test]
     fn a_base_url_needs_an_http_scheme_and_a_host() {
@@ -270,10 +270,11 @@ mod tests {
         }
     }
 
-    /// A server that answers one request with `status_line` and the first 7 bytes of a 100-byte
-    /// body, then closes the connection: the body is cut off, as by a reset or a timeout.
-    async fn cut_off_reply(status_line: &'static str) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A server that answers one request with `head` (a status line, and any headers) and the
+    /// first 7 bytes of a 100-byte body, then closes the connection: the body is cut off, as by a
+    /// reset or a timeout, whatever the path asked. Gives the server's base URL.
+    pub(crate) async fn cut_off_reply(head: &'static str) -> String {
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -282,28 +283,75 @@ mod tests {
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
-            let mut request = [0; 4096];
-            let _ = stream.read(&mut request).await;
-            let head = format!("{status_line}\r\nContent-Length: 100\r\n\r\n{{\"sid\":");
-            let _ = stream.write_all(head.as_bytes()).await;
+            read_request(&mut stream).await;
+            let reply = format!("{head}\r\nContent-Length: 100\r\n\r\n{{\"sid\":");
+            let _ = stream.write_all(reply.as_bytes()).await;
         });
-        format!("http://{address}/send")
+        format!("http://{address}")
+    }
+
+    /// Reads a request's head and its `Content-Length` body, so that the connection closes
+    /// cleanly after the reply (closing it with the request unread could reset it before the
+    /// client reads the reply's head).
+    async fn read_request(stream: &mut tokio::net::TcpStream) {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut chunk = [0; 4096];
+        while let Ok(read @ 1..) = stream.read(&mut chunk).await {
+            seen.extend_from_slice(&chunk[..read]);
+            let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if seen.len() >= end + 4 + length {
+                return;
+            }
+        }
+    }
+
+    fn client() -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        client_builder(2_000).build().expect("client")
     }
 
     #[tokio::test]
     async fn a_2xx_whose_body_is_cut_off_is_still_a_2xx() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = client_builder(2_000).build().expect("client");
         let url = cut_off_reply("HTTP/1.1 201 Created").await;
-        match exchange(client.post(url)).await {
+        match exchange(client().post(format!("{url}/send"))).await {
             Ok(reply) => assert_eq!(reply.status, StatusCode::CREATED),
             Err(error) => {
                 panic!("the provider took the request; a failure would send it again: {error}")
             }
         }
-        let url = cut_off_reply("HTTP/1.1 503 Service Unavailable").await;
-        let failed = exchange(client.post(url)).await;
-        assert!(matches!(failed, Err(ProviderError::Transient { .. })));
+    }
+
+    /// An error reply whose body is lost is judged by its status, as if its body said nothing:
+    /// a 400 is no passing trouble, and a 503 keeps its Retry-After.
+    #[tokio::test]
+    async fn an_error_reply_whose_body_is_cut_off_keeps_its_status() {
+        for (head, status, wait) in [
+            ("HTTP/1.1 400 Bad Request", StatusCode::BAD_REQUEST, None),
+            (
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30",
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(30)),
+            ),
+        ] {
+            let url = cut_off_reply(head).await;
+            match exchange(client().post(format!("{url}/send"))).await {
+                Ok(reply) => {
+                    assert_eq!(reply.status, status);
+                    assert_eq!(reply.retry_after, wait, "{status}");
+                    assert!(reply.bytes.is_empty(), "{status}: {:?}", reply.bytes);
+                }
+                Err(error) => panic!("{status} lost with its body: {error}"),
+            }
+        }
     }
 
     #[test]

@@ -565,6 +565,37 @@ mod tests {
         );
     }
 
+    /// The receiver's body is never read, so one cut off midway changes nothing: a 2xx is
+    /// delivered (a failure would fail over and send it twice), an error is judged by its status.
+    #[tokio::test]
+    async fn a_reply_whose_body_is_cut_off_is_judged_by_its_status() {
+        let provider = provider(2_000);
+        let delivered = http::tests::cut_off_reply("HTTP/1.1 200 OK").await;
+        let receipt = provider
+            .send(&message(Some(format!("{delivered}/hooks/herald"))))
+            .await;
+        assert_eq!(receipt.map(|r| r.provider_message_id), Ok(None));
+        let refused = http::tests::cut_off_reply("HTTP/1.1 400 Bad Request").await;
+        let error = provider
+            .send(&message(Some(format!("{refused}/hooks/herald"))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, .. } if reason.contains("400")),
+            "{error:?}"
+        );
+        let busy =
+            http::tests::cut_off_reply("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30").await;
+        let error = provider
+            .send(&message(Some(format!("{busy}/hooks/herald"))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, ProviderError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(30)),
+            "{error:?}"
+        );
+    }
+
     #[tokio::test]
     async fn timeouts_are_transient() {
         let (_server, msg) =
