@@ -1079,6 +1079,63 @@ async fn concurrent_different_sends_under_one_request_id_store_one_and_refuse_th
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Two sends under one request id race while the first one's publish fails: the second's insert
+/// is skipped for the first one's row, which the first withdraws (503, nothing accepted) before
+/// the second reads it back. The second used to answer 500 (the row it repeated not found); it is
+/// now stored and sent as if it had come after the withdrawal: 202 with its own notification, the
+/// only one under the request id. A trigger stands in for the first request's withdrawal, once,
+/// after the second's INSERT statement; PostgreSQL only, as SQLite has no statement triggers (the
+/// insert queue's test of the same race runs on both).
+#[tokio::test]
+async fn a_send_whose_repeated_row_is_withdrawn_before_its_read_back_is_stored_anew() {
+    use herald_entities::repo::{notifications, schedule::PUBLISH_PENDING};
+    use sea_orm::{ConnectionTrait, DbBackend};
+    let w = world().await;
+    let h = &w.herald;
+    let db = h.db();
+    if db.get_database_backend() != DbBackend::Postgres {
+        w.herald.shutdown().await.expect("shutdown");
+        return;
+    }
+    // The first request's row, stored and not yet confirmed published.
+    let first = notifications::NewNotification {
+        status_reason: Some(PUBLISH_PENDING.into()),
+        ..herald_tests::queued_notification(Some("raced-1".into()))
+    };
+    notifications::insert_many(db, vec![first.clone()])
+        .await
+        .expect("stored");
+    for sql in [
+        "CREATE TABLE test_armed (armed boolean)",
+        "INSERT INTO test_armed VALUES (true)",
+        "CREATE FUNCTION test_withdraw() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM test_armed) THEN DELETE FROM test_armed; \
+         DELETE FROM notifications WHERE request_id = 'raced-1'; END IF; RETURN NULL; END $$",
+        "CREATE TRIGGER test_withdraw AFTER INSERT ON notifications FOR EACH STATEMENT \
+         EXECUTE FUNCTION test_withdraw()",
+    ] {
+        db.execute_unprepared(sql)
+            .await
+            .expect("withdrawal installed");
+    }
+    let mut second = email("ada@example.com", None, "transactional");
+    second["request_id"] = json!("raced-1");
+    let (status, answer) = h.send(&second).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let id = answer["id"].as_str().expect("an id").to_string();
+    assert_ne!(id, first.id.to_string(), "not the withdrawn notification");
+    let stored = notifications::find_by_request_id(db, "raced-1")
+        .await
+        .expect("read")
+        .map(|row| row.id.to_string());
+    assert_eq!(stored.as_deref(), Some(id.as_str()), "the second's, alone");
+    h.wait_status(&id, "sent").await;
+    assert_eq!(stored_rows(h).await, (1, 0), "one notification");
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(w.smtp.count(), 1, "one mail");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// The same for bulk sends: two different bulk requests under one request id at once store one
 /// batch and refuse the other (422); the stored one's repeat, however written, answers it (200),
 /// the other is refused again, and the batch sends what was stored first, once per recipient.

@@ -1,6 +1,7 @@
 //! The group-commit writer of new notifications against the suite's database (SQLite or
 //! PostgreSQL, as `HERALD_TEST_DB` says): concurrent callers each get their own answer, a repeated
-//! request id resolves to one row even within one batch, a row that breaks a constraint fails
+//! request id resolves to one row even within one batch (and a repeat whose stored row was withdrawn
+//! before it read it back is stored anew), a row that breaks a constraint fails
 //! alone, a new row is answered as it reads back (times as the database keeps them), an
 //! unavailable database fails every waiting caller and stores nothing, a confirmed publish
 //! clears the API's "not yet published" mark and nothing else, and a row whose publish failed is
@@ -166,6 +167,73 @@ async fn rows_stored_together_answer_each_repeat_with_the_stored_row() {
         "a repeat under a new id names the stored row: {outcome:?}"
     );
     assert_eq!(stored(&db).await, 3, "earlier, routed and anonymous");
+}
+
+/// Two sends with one request id race while the first one's publish fails: the second's INSERT
+/// is skipped for the first one's row, which the first then withdraws before the second reads it
+/// back. The second is stored anew, as if it had come after the withdrawal (it used to fail:
+/// `RecordNotInserted`, answered 500). A trigger stands in for the first request's withdrawal,
+/// removing its row when another row of the same statement is stored: after the repeat was
+/// skipped (it comes first in the statement), before its read-back.
+#[tokio::test]
+async fn a_repeat_whose_stored_row_is_withdrawn_before_its_read_back_is_stored_anew() {
+    use sea_orm::ConnectionTrait;
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    let withdrawn = NewNotification {
+        request_id: Some("raced".into()),
+        ..marked()
+    };
+    insert_together(&db, vec![withdrawn.clone()])
+        .await
+        .expect("the first request's row stored");
+    let withdraw = match database.kind() {
+        DatabaseKind::Postgres => vec![
+            "CREATE FUNCTION test_withdraw() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN DELETE FROM notifications WHERE request_id = 'raced'; RETURN NULL; END $$",
+            "CREATE TRIGGER test_withdraw AFTER INSERT ON notifications FOR EACH ROW \
+             WHEN (NEW.request_id = 'other') EXECUTE FUNCTION test_withdraw()",
+        ],
+        DatabaseKind::Sqlite => vec![
+            "CREATE TRIGGER test_withdraw AFTER INSERT ON notifications \
+             WHEN NEW.request_id = 'other' \
+             BEGIN DELETE FROM notifications WHERE request_id = 'raced'; END",
+        ],
+    };
+    for sql in withdraw {
+        db.execute_unprepared(sql).await.expect("trigger installed");
+    }
+
+    let repeat = NewNotification {
+        request_id: Some("raced".into()),
+        ..marked()
+    };
+    let other = row(Some("other".into()));
+    let outcomes = insert_together(&db, vec![repeat.clone(), other])
+        .await
+        .expect("the statement ran");
+    let answered = match &outcomes[0] {
+        Ok(Inserted::New(model)) => model.id,
+        outcome => {
+            panic!("the repeat is stored anew once the row it repeated is gone: {outcome:?}")
+        }
+    };
+    assert_eq!(answered, repeat.id, "the repeat's own row");
+    assert!(
+        matches!(&outcomes[1], Ok(Inserted::New(_))),
+        "the other row: {:?}",
+        outcomes[1]
+    );
+    let under_id = herald_entities::repo::notifications::find_by_request_id(&db, "raced")
+        .await
+        .expect("read")
+        .map(|model| model.id);
+    assert_eq!(
+        under_id,
+        Some(repeat.id),
+        "one row under the request id: the repeat's, not the withdrawn one"
+    );
+    assert_eq!(stored(&db).await, 2, "the repeat and the other row");
 }
 
 #[tokio::test]

@@ -74,8 +74,11 @@ pub async fn insert(
 /// Stores `rows` as [`insert`] stores one, in one multi-row statement: each row's outcome, in the
 /// order given. A request id stored before, or repeated within `rows` (also under the same id, as
 /// a routed event handled twice at once), answers [`Inserted::Duplicate`] with the stored row,
-/// read back after the statement. An `Err` means nothing was stored; an `Err` for one row means
-/// that row was not stored: its repeat's stored row could not be read, or was deleted meanwhile.
+/// read back after the statement. A row skipped for a request id whose stored row is gone by that
+/// read-back (deleted in between: the API request that stored it withdrew it when its publish
+/// failed) is stored again, once, in a second statement: the request id is free, as for a request
+/// that came after the deletion. An `Err` means nothing was stored; an `Err` for one row means
+/// that row was not stored: its repeat's stored row could not be read, or was deleted again.
 /// One statement instead of one per row is what makes the API's group commit short (see
 /// [`super::insert_queue`]), and it runs on its own, not in a transaction: a statement is atomic
 /// by itself, and a BEGIN and a COMMIT would be two more round trips to the database inside the
@@ -86,10 +89,56 @@ pub async fn insert_together(
     db: &impl ConnectionTrait,
     rows: Vec<NewNotification>,
 ) -> Result<Vec<Result<Inserted, RepoError>>, RepoError> {
-    if rows.is_empty() {
+    let mut outcomes = Vec::with_capacity(rows.len());
+    let mut gone = Vec::new();
+    for outcome in insert_once(db, rows.into_iter().map(stored).collect()).await? {
+        match outcome {
+            Once::Answered(outcome) => outcomes.push(outcome),
+            Once::Gone(model) => {
+                gone.push((outcomes.len(), model));
+                outcomes.push(Err(DbErr::RecordNotInserted.into()));
+            }
+        }
+    }
+    if gone.is_empty() {
+        return Ok(outcomes);
+    }
+    let (at, models): (Vec<usize>, Vec<notification::Model>) = gone.into_iter().unzip();
+    match insert_once(db, models).await {
+        Ok(again) => {
+            for (at, outcome) in at.into_iter().zip(again) {
+                if let Once::Answered(outcome) = outcome {
+                    outcomes[at] = outcome;
+                }
+            }
+        }
+        Err(err) => {
+            for at in at {
+                outcomes[at] = Err(err.clone());
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// A row's outcome of one statement of [`insert_together`].
+enum Once {
+    /// Stored, or skipped and answered with the row stored under its request id (or the error
+    /// reading it).
+    Answered(Result<Inserted, RepoError>),
+    /// Skipped for its request id, whose stored row was gone by the read-back.
+    Gone(notification::Model),
+}
+
+/// Stores `models` in one statement, skipping repeated request ids, and reads back the rows stored
+/// under the request ids of those skipped: each row's outcome, in the order given.
+async fn insert_once(
+    db: &impl ConnectionTrait,
+    models: Vec<notification::Model>,
+) -> Result<Vec<Once>, RepoError> {
+    if models.is_empty() {
         return Ok(Vec::new());
     }
-    let models: Vec<notification::Model> = rows.into_iter().map(stored).collect();
     let mut inserted: HashSet<Uuid> = notification::Entity::insert_many(
         models
             .iter()
@@ -102,30 +151,27 @@ pub async fn insert_together(
     .collect();
     // A returned id answers the first row with it (a row under the same id again would have
     // broken the primary key); every other row was skipped for its request id.
-    let new: Vec<Result<notification::Model, Option<String>>> = models
+    let rows: Vec<(bool, notification::Model)> = models
         .into_iter()
-        .map(|model| {
-            if inserted.remove(&model.id) {
-                Ok(model)
-            } else {
-                Err(model.request_id)
-            }
-        })
+        .map(|model| (inserted.remove(&model.id), model))
         .collect();
-    let skipped: Vec<&str> = new
+    let skipped: Vec<&str> = rows
         .iter()
-        .filter_map(|new| new.as_ref().err()?.as_deref())
+        .filter(|(new, _)| !new)
+        .filter_map(|(_, model)| model.request_id.as_deref())
         .collect();
     let existing = find_many_by_request_id(db, skipped).await;
-    Ok(new
+    Ok(rows
         .into_iter()
-        .map(|new| match (new, &existing) {
-            (Ok(model), _) => Ok(Inserted::New(model)),
-            (Err(request_id), Ok(existing)) => request_id
-                .and_then(|request_id| existing.get(&request_id).cloned())
-                .map(Inserted::Duplicate)
-                .ok_or_else(|| DbErr::RecordNotInserted.into()),
-            (Err(_), Err(err)) => Err(err.clone()),
+        .map(|(new, model)| match (new, &existing) {
+            (true, _) => Once::Answered(Ok(Inserted::New(model))),
+            (false, Ok(existing)) => {
+                match model.request_id.as_ref().and_then(|id| existing.get(id)) {
+                    Some(stored) => Once::Answered(Ok(Inserted::Duplicate(stored.clone()))),
+                    None => Once::Gone(model),
+                }
+            }
+            (false, Err(err)) => Once::Answered(Err(err.clone())),
         })
         .collect())
 }
