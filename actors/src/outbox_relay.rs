@@ -8,11 +8,12 @@
 //! cannot mark ends the run: the next tick tries again from the oldest row, so no row overtakes
 //! an older one. A row that can never be published as it is (larger than the server's
 //! `max_payload`) is held back and tried again later with a doubling delay (up to [`MAX_HOLD`]),
-//! so it never blocks the rows behind it; nothing is dropped,
+//! so it never blocks the rows of other keys behind it; the later rows of its own ordering key
+//! (the same order) wait with it, as they must not overtake it; nothing is dropped,
 //! each failure is logged with the row's id and counted in `herald_outbox_relay_failures_total`,
 //! and `herald_outbox_held` says how many rows are held back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use std::time::Instant;
 
@@ -146,12 +147,13 @@ enum RelayError {
     Row(String),
 }
 
-/// Publishes pending rows, oldest first, passing over those `held` back; returns how many were
-/// published.
+/// Publishes pending rows, oldest first, passing over those `held` back and the later rows of
+/// their ordering keys; returns how many were published.
 pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
     let before = Utc::now()
         - chrono::Duration::from_std(args.settings.grace).unwrap_or(chrono::Duration::zero());
-    // Held rows do not count against the batch, so they cannot crowd out the rows behind them.
+    // Held rows do not count against the batch, so they cannot crowd out the rows behind them
+    // (the later rows of their keys do, but an order has at most four events).
     let limit = args.settings.batch + held.0.len() as u64;
     let rows = match outbox::unpublished(&args.db, before, limit).await {
         Ok(rows) => rows,
@@ -166,9 +168,17 @@ pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
     }
     let now = Instant::now();
     let mut published = 0;
-    let due: Vec<&outbox_event::Model> =
-        rows.iter().filter(|row| !held.holds(row.id, now)).collect();
-    for row in due {
+    // Keys of the rows held back in this run: their later rows wait behind them.
+    let mut waiting: HashSet<&str> = HashSet::new();
+    for row in &rows {
+        let key = row.ordering_key.as_deref();
+        if key.is_some_and(|key| waiting.contains(key)) {
+            continue;
+        }
+        if held.holds(row.id, now) {
+            waiting.extend(key);
+            continue;
+        }
         match publish(args, row).await {
             Ok(()) => {
                 held.release(row.id);
@@ -179,10 +189,11 @@ pub async fn relay_pending(args: &OutboxRelayArgs, held: &mut Held) -> usize {
                 break;
             }
             Err(RelayError::Row(err)) => {
+                waiting.extend(key);
                 let (failures, hold) = held.failed(row.id, now, args.settings.interval);
                 metrics::counter!("herald_outbox_relay_failures_total").increment(1);
                 tracing::warn!(id = %row.id, subject = %row.subject, error = %err, failures,
-                    retry_in_secs = hold.as_secs(), "cannot relay an event; holding it back, relaying the others");
+                    retry_in_secs = hold.as_secs(), "cannot relay an event; holding it back with the later events of its key, relaying the others");
             }
         }
     }

@@ -4,7 +4,9 @@
 //! `orders.status_changed`) in the outbox, in one transaction; the event is then published at once
 //! and marked published. If NATS is down the answer is still a success — the order is stored and
 //! the engine's outbox relay publishes the event once NATS is back. An event is never published
-//! for an order that was not stored.
+//! for an order that was not stored, nor ahead of an older event of the same order: while one of
+//! the order's events waits in the outbox, the next is left to the relay, which publishes them
+//! oldest first.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use herald_entities::{
@@ -200,9 +202,10 @@ impl OrdersApi {
             data.currency.clone(),
             serde_json::to_value(&data.items).map_err(|e| ApiError::internal(&e))?,
         );
-        match repo::create(&self.state.db, row, outbox_row(&event)).await? {
+        let key = ordering_key(&data.order_number);
+        match repo::create(&self.state.db, row, outbox_row(&event, &key)).await? {
             Created::New(row) => {
-                self.publish_now(&event).await;
+                self.publish_now(&event, &key).await;
                 Ok(CreatedOrder::Created(Json(view(row, Some(event.id)))))
             }
             Created::Duplicate(_) => Err(ApiError::conflict(format!(
@@ -263,23 +266,39 @@ impl OrdersApi {
             tracking_number: change.tracking_number,
             delivery_estimate: change.delivery_estimate,
         };
+        let key = ordering_key(&current.order_number);
         let Some(updated) =
-            repo::update_status(&self.state.db, &id.0, update, outbox_row(&event)).await?
+            repo::update_status(&self.state.db, &id.0, update, outbox_row(&event, &key)).await?
         else {
             return Err(ApiError::conflict(format!(
                 "order {:?} changed meanwhile; read it and try again",
                 id.0
             )));
         };
-        self.publish_now(&event).await;
+        self.publish_now(&event, &key).await;
         Ok(Json(view(updated, Some(event.id))))
     }
 }
 
 impl OrdersApi {
     /// Publishes a stored event and marks its outbox row; on failure the row stays unpublished
-    /// and the engine's outbox relay publishes it later.
-    async fn publish_now(&self, event: &DomainEvent) {
+    /// and the engine's outbox relay publishes it later. While another event of the order waits
+    /// in the outbox (its publish failed, or a concurrent request's is under way), this one is
+    /// not published but left to the relay, which publishes them oldest first: published now, it
+    /// would overtake the older one. The check follows the commit, and a row is marked only once
+    /// JetStream has stored it, so an older event seen published is in the stream already.
+    async fn publish_now(&self, event: &DomainEvent, key: &str) {
+        match outbox::others_waiting(&self.state.db, key, event.id).await {
+            Ok(false) => {}
+            Ok(true) => {
+                tracing::info!(id = %event.id, key, "another event of the order waits in the outbox; the outbox relay publishes them in order");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(id = %event.id, error = %err, "cannot tell whether another event of the order waits; the outbox relay will publish this one");
+                return;
+            }
+        }
         let published = match event.encode() {
             Ok(payload) => self
                 .state
@@ -319,13 +338,19 @@ fn within_event_limit(event: &DomainEvent) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn outbox_row(event: &DomainEvent) -> NewOutboxEvent {
+fn outbox_row(event: &DomainEvent, key: &str) -> NewOutboxEvent {
     NewOutboxEvent {
         id: event.id,
         subject: event.subject(),
         payload: event.to_json(),
         created_at: event.occurred_at,
+        ordering_key: key.to_string(),
     }
+}
+
+/// The outbox key of an order's events: they are published in the order they were written.
+fn ordering_key(order_number: &str) -> String {
+    format!("order:{order_number}")
 }
 
 fn not_found(id: &str) -> ApiError {

@@ -19,6 +19,9 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     /// When JetStream confirmed it; `None` while unpublished.
     pub published_at: Option<DateTimeUtc>,
+    /// Events with the same key are published in the order they were written (an order's
+    /// events: `order:<order number>`); `None` for a row written before keys existed.
+    pub ordering_key: Option<String>,
 }
 
 /// No relations are navigated from outbox events.

@@ -991,6 +991,143 @@ async fn an_outbox_row_nats_refuses_does_not_hold_back_the_rows_after_it() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// The statuses of order `number`'s `orders.status_changed` events in the `EVENTS` stream, in
+/// stream order (the order the router is handed them).
+async fn status_events(nats: &NatsServer, number: &str) -> Vec<String> {
+    let js = jetstream::new(nats.client().await.expect("client"));
+    let stream = js.get_stream("EVENTS").await.expect("events stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "events.orders.status_changed".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        let event: Value = serde_json::from_slice(&message.payload).expect("event JSON");
+        if event["data"]["order_number"] == number {
+            out.push(
+                event["data"]["status"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
+impl World {
+    /// Moves order `number` to `status` (`shipped` with a tracking number) and asserts 200.
+    async fn order_status(&self, number: &str, status: &str) {
+        let (code, order) = self
+            .put(
+                &format!("/api/v1/orders/{number}/status"),
+                &json!({"status": status, "tracking_number": "TRK-1"}),
+            )
+            .await;
+        assert_eq!(code, StatusCode::OK, "{status}: {order}");
+    }
+
+    /// Waits until Herald's NATS connection is back (readiness says so).
+    async fn nats_connected(&self) {
+        eventually("Herald to reconnect to NATS", E2E_TIMEOUT, || async {
+            let (_, ready) = self.herald.get("/health/ready").await;
+            (ready["nats"]["ok"] == true).then_some(())
+        })
+        .await;
+    }
+}
+
+/// An order's event is never published ahead of an older one still in the outbox: `paid`, stored
+/// while NATS is down, waits for the relay, and `shipped`, sent once NATS is back, is left to the
+/// relay behind it instead of overtaking it (the customer would hear "shipped" before "paid").
+#[tokio::test]
+async fn an_order_event_does_not_overtake_an_older_one_waiting_in_the_outbox() {
+    let mut w = world().await;
+    w.customer("c-seq", "seq@example.com", "en").await;
+    let (status, order) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "8008", "customer_id": "c-seq", "total_minor": 500,
+                    "currency": "EUR"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    w.nats.kill().await.expect("kill nats");
+    w.order_status("8008", "paid").await;
+    w.nats.restart().await.expect("restart nats");
+    w.nats_connected().await;
+    // Within the relay's grace for `paid`: published at once, `shipped` would come first.
+    w.order_status("8008", "shipped").await;
+    let statuses = eventually("both status events in the stream", E2E_TIMEOUT, || async {
+        let statuses = status_events(&w.nats, "8008").await;
+        (statuses.len() >= 2).then_some(statuses)
+    })
+    .await;
+    assert_eq!(statuses, ["paid", "shipped"], "in the order they happened");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A held-back outbox row (larger than the server's `max_payload`) holds back the later events of
+/// its order too, while other orders' events are relayed: the order's `paid` must not reach the
+/// router before its `orders.created`.
+#[tokio::test]
+async fn an_outbox_row_nats_refuses_holds_back_the_later_events_of_its_order() {
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    let mut w = world_on(nats, |_| {}).await;
+    w.customer("c-big", "big@example.com", "en").await;
+    w.customer("c-other", "other@example.com", "en").await;
+    // 100 items of 1,000 bytes: an event within Herald's limit, beyond this server's.
+    let items: Vec<Value> = (0..100)
+        .map(|i| {
+            json!({"name": format!("{i:03}{}", "x".repeat(997)), "quantity": 1,
+                        "unit_price_minor": 1})
+        })
+        .collect();
+    let (status, order) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "7101", "customer_id": "c-big", "total_minor": 100,
+                    "currency": "EUR", "items": items}),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "refused by NATS, kept: {order}"
+    );
+    w.nats.kill().await.expect("kill nats");
+    w.order_status("7101", "paid").await;
+    let (status, order) = w
+        .herald
+        .post(
+            "/api/v1/orders",
+            &json!({"order_number": "7102", "customer_id": "c-other", "total_minor": 100,
+                    "currency": "EUR"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{order}");
+    w.nats.restart().await.expect("restart nats");
+    // 7102's event is the newest row: once it is relayed, the relay has passed 7101's `paid`.
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["other@example.com".to_string()]);
+    assert_eq!(
+        status_events(&w.nats, "7101").await,
+        Vec::<String>::new(),
+        "7101's paid waits behind its refused orders.created"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// A message too large to be copied into a dead letter (with the dead letter's headers it would
 /// exceed the server's `max_payload`) is dead-lettered without its payload, the reason saying so,
 /// instead of being handed back for ever.

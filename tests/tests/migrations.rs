@@ -355,3 +355,54 @@ async fn a_migration_waiting_for_a_table_does_not_hold_up_its_queries() {
         .await
         .expect("the migration's column exists");
 }
+
+/// `m20261207_001201` gives outbox rows an ordering key: an order's event still unpublished at
+/// the upgrade gets its order's key from its payload (so an event of the order stored after the
+/// upgrade does not overtake it), a published one none, as nothing waits for it.
+#[tokio::test]
+async fn unpublished_order_events_get_their_ordering_key_on_upgrade() {
+    use herald_migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, EntityTrait};
+
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let migrations = Migrator::migrations();
+    let position = migrations
+        .iter()
+        .position(|m| m.name() == "m20261207_001201_outbox_ordering_key")
+        .expect("the ordering key migration");
+    let steps = u32::try_from(migrations.len() - position).expect("a few migrations");
+    Migrator::down(&conn, Some(steps))
+        .await
+        .expect("rolled back");
+    // SQLite keeps a UUID as 16 bytes.
+    let sqlite = conn.get_database_backend() == sea_orm::DbBackend::Sqlite;
+    let row = |n: u8, published: &str| {
+        let id = match sqlite {
+            true => format!("X'0000000000007000800000000000000{n}'"),
+            false => format!("'00000000-0000-7000-8000-00000000000{n}'"),
+        };
+        let payload = format!(
+            r#"{{"v": 1, "type": "orders.status_changed", "data": {{"order_number": "100{n}", "status": "paid"}}}}"#
+        );
+        format!(
+            "({id}, 'events.orders.status_changed', '{payload}', '2026-12-06T00:00:00Z', \
+             {published})"
+        )
+    };
+    conn.execute_unprepared(&format!(
+        "INSERT INTO outbox_events (id, subject, payload, created_at, published_at) VALUES {}, {}",
+        row(1, "NULL"),
+        row(2, "'2026-12-06T00:00:01Z'")
+    ))
+    .await
+    .expect("outbox rows stored");
+    Migrator::up(&conn, None).await.expect("migrated again");
+    let mut rows = herald_entities::outbox_event::Entity::find()
+        .all(&conn)
+        .await
+        .expect("outbox read");
+    rows.sort_by_key(|row| row.id);
+    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.ordering_key.as_deref()).collect();
+    assert_eq!(keys, [Some("order:1001"), None], "{rows:?}");
+}

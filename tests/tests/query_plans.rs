@@ -11,7 +11,9 @@
 
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
-use herald_entities::repo::{activity, batches, history, notifications, schedule, send_history};
+use herald_entities::repo::{
+    activity, batches, history, notifications, outbox, schedule, send_history,
+};
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
 use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder, SelectStatement};
 use sea_orm::{
@@ -250,6 +252,12 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let what = "the dashboard's provider outcomes";
     assert_planned_on(&txn, kind, &attempt_outcomes(), index, what).await;
     assert_planned_on(&txn, kind, &attempt_outcomes(), range, what).await;
+
+    // Made before every immediate publish of an order's event; the outbox keeps a day of rows.
+    let waiting = outbox::others_waiting_query("order:1001", Uuid::now_v7()).into_query();
+    let index = "idx_outbox_events_unpublished_key";
+    let what = "the orders API's check for an older event of the order";
+    assert_planned_on(&txn, kind, &waiting, index, what).await;
 
     let retention = schedule::purge_query(now - Duration::days(30), 1_000).into_query();
     let (index, range) = match kind {

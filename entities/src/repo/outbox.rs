@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, sea_query::Expr,
+    QuerySelect, Select, sea_query::Expr,
 };
 use uuid::Uuid;
 
@@ -20,6 +20,8 @@ pub struct NewOutboxEvent {
     pub payload: serde_json::Value,
     /// When it was written.
     pub created_at: DateTime<Utc>,
+    /// Events with the same key are published in the order they were written.
+    pub ordering_key: String,
 }
 
 /// Writes an event into the outbox; call it inside the transaction of the change it describes.
@@ -30,6 +32,7 @@ pub async fn insert(db: &impl ConnectionTrait, event: NewOutboxEvent) -> Result<
         payload: Set(event.payload),
         created_at: Set(event.created_at),
         published_at: Set(None),
+        ordering_key: Set(Some(event.ordering_key)),
     })
     .exec_without_returning(db)
     .await?;
@@ -45,6 +48,31 @@ pub async fn mark_published(db: &impl ConnectionTrait, id: Uuid) -> Result<(), R
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// Whether an unpublished event other than `id` has the key `ordering_key`: then `id` must wait
+/// for the relay, which publishes them oldest first, lest it overtake an older one.
+pub async fn others_waiting(
+    db: &impl ConnectionTrait,
+    ordering_key: &str,
+    id: Uuid,
+) -> Result<bool, RepoError> {
+    Ok(others_waiting_query(ordering_key, id)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// The query of [`others_waiting`], on the index of unpublished rows by key.
+pub fn others_waiting_query(ordering_key: &str, id: Uuid) -> Select<outbox_event::Entity> {
+    outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::Id)
+        .filter(outbox_event::Column::PublishedAt.is_null())
+        .filter(outbox_event::Column::OrderingKey.eq(ordering_key))
+        .filter(outbox_event::Column::Id.ne(id))
+        .limit(1)
 }
 
 /// Unpublished events written before `before`, oldest first, at most `limit`.
