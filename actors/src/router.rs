@@ -1,14 +1,15 @@
 //! `Router`: turns domain events into notifications. Pulls `events.>` from the `herald-router`
 //! durable consumer (bounded in flight, like the Dispatcher) and routes each event as a task:
 //!
-//! decode (malformed, unknown version or type, a control character in a text, a subject other
-//! than `events.<type>` ⇒ dead letter) → matching [`crate::rules`] →
+//! decode (malformed, unknown version or type, a control character in a text, a `/` in an id, a
+//! subject other than `events.<type>` ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
 //! be created a moment after the event that names it, then dead letter once the schedule's whole
 //! wait has passed since the event was published) → render the template,
 //! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
 //! → store the notification under an id derived from event id and rule (a second delivery of the
-//! event finds it) → publish its send command → ack. A database outage or NATS failure NAKs with
+//! event finds it) → publish its send command (one larger than the server's `max_payload` ⇒
+//! notification removed, dead letter) → ack. A database outage or NATS failure NAKs with
 //! backoff; any other database error dead-letters (it would fail every retry). Nothing is acked
 //! before it is stored and published, and nothing is notified twice.
 
@@ -29,7 +30,8 @@ use herald_entities::{
 };
 use herald_nats::{
     Category, Channel, Contacts, Content, DeadLetterHeaders, DomainEvent, MAX_COMMAND_BYTES,
-    Publisher, SCHEMA_VERSION, SendCommand, StreamSettings, TemplateRef, distinct_channels,
+    NatsError, Publisher, SCHEMA_VERSION, SendCommand, StreamSettings, TemplateRef,
+    distinct_channels,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
@@ -279,12 +281,7 @@ async fn notify(
     {
         return publish_if_queued(ctx, &existing).await;
     }
-    let customer_id = rule.recipient_in(data).ok_or_else(|| {
-        Failure::DeadLetter(format!(
-            "the event has no recipient field `{}`",
-            rule.recipient
-        ))
-    })?;
+    let customer_id = rule.recipient_in(data).map_err(Failure::DeadLetter)?;
     let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
         .await
         .map_err(database)?
@@ -435,10 +432,31 @@ async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Re
     }
     let command = repo::notifications::send_command(row)
         .map_err(|e| Failure::DeadLetter(format!("notification {}: {e}", row.id)))?;
-    ctx.publisher
+    match ctx
+        .publisher
         .publish_command(&row.recipient_key, &command)
         .await
-        .map_err(|e| Failure::Retry(e.to_string()))
+    {
+        Ok(()) => Ok(()),
+        Err(err @ NatsError::TooLarge { .. }) => Err(too_large(ctx, row, &err).await),
+        Err(err) => Err(Failure::Retry(err.to_string())),
+    }
+}
+
+/// What a command the NATS server refuses as larger than its `max_payload` gets (a server set
+/// below Herald's own limit, [`MAX_COMMAND_BYTES`]): it would be refused on every retry, and the
+/// router's consumer has no delivery limit, so the event is dead-lettered. The notification is
+/// removed first (no dispatcher has it: JetStream never got its command), so that a replay, once
+/// the server takes larger messages or the template makes smaller ones, renders it anew; the
+/// event's other notifications are found by their ids then and not sent again.
+async fn too_large(ctx: &RouterContext, row: &notification::Model, err: &NatsError) -> Failure {
+    if let Err(err) = repo::notifications::delete_unsent(&ctx.db, row.id).await {
+        return database(err);
+    }
+    Failure::DeadLetter(format!(
+        "{err} (Herald's own limit for a send command is {MAX_COMMAND_BYTES} bytes): raise the \
+         server's max_payload or make the template's output smaller, then replay"
+    ))
 }
 
 /// A message to dead-letter.

@@ -68,11 +68,17 @@ impl Rule {
                 .all(|(field, want)| field_text(data, field).as_deref() == Some(want.as_str()))
     }
 
-    /// The recipient's customer id in `data`, if the field is there and a string.
-    pub fn recipient_in<'a>(&self, data: &'a Value) -> Option<&'a str> {
-        data.get(&self.recipient)
+    /// The recipient's customer id in `data`; else why the event names none: the field is
+    /// missing or not a string, or holds what no customer's id can be (a `/`, see
+    /// [`events::external_id`]: the default field is checked when the event is read, another
+    /// field only here), which no wait for the customer would mend.
+    pub fn recipient_in<'a>(&self, data: &'a Value) -> Result<&'a str, String> {
+        let id = data
+            .get(&self.recipient)
             .and_then(Value::as_str)
-            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| format!("the event has no recipient field `{}`", self.recipient))?;
+        events::external_id(&self.recipient, id)?;
+        Ok(id)
     }
 
     /// The id of the notification this rule makes for `event`: the same every time, sorting
@@ -666,6 +672,31 @@ mod tests {
             ],
         );
         assert!(in_force(&rule("customer_id")).is_ok());
+    }
+
+    #[test]
+    fn a_recipient_no_customer_id_can_be_is_refused_naming_the_field() {
+        let mut campaign = rule(
+            "campaign",
+            events::MARKETING_CAMPAIGN,
+            &[],
+            "marketing",
+            Category::Marketing,
+        );
+        campaign.recipient = "campaign_id".into();
+        let data = |id: &str| json!({"customer_id": "c-1", "campaign_id": id});
+        assert_eq!(campaign.recipient_in(&data("c-2")), Ok("c-2"));
+        let slash = campaign.recipient_in(&data("spring/2026")).unwrap_err();
+        assert!(
+            slash.contains("campaign_id must not contain '/'"),
+            "{slash}"
+        );
+        assert!(campaign.recipient_in(&data(" ")).is_err());
+        let missing = campaign.recipient_in(&json!({})).unwrap_err();
+        assert!(
+            missing.contains("no recipient field `campaign_id`"),
+            "{missing}"
+        );
     }
 
     #[test]

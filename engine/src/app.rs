@@ -151,6 +151,11 @@ impl Herald {
         let nats = herald_nats::connect(config.nats.connection("herald"))
             .await
             .context("cannot connect to NATS")?;
+        if let Some(warning) =
+            herald_nats::connect::max_payload_warning(nats.server_info().max_payload)
+        {
+            tracing::warn!("{warning}");
+        }
         let js = async_nats::jetstream::new(nats.clone());
         let provisioned = herald_nats::provision(&js, &stream_settings(&config))
             .await

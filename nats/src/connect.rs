@@ -15,7 +15,7 @@ use async_nats::{ConnectOptions, Event, ServerAddr, connection::State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::NatsError;
+use crate::{MAX_COMMAND_BYTES, NatsError};
 
 /// How Herald authenticates to NATS (`[nats.auth]`); at most one way. Without any, the user and
 /// password (or token) of the first server URL that carries them are used
@@ -146,6 +146,21 @@ async fn connect_waiting(
     };
     waiting.until_connected(&client, &connected).await?;
     Ok(client)
+}
+
+/// What to warn of at start when the server takes messages smaller than Herald's largest send
+/// command, [`MAX_COMMAND_BYTES`] (`max_payload` from the server's `INFO`; operators lower it below
+/// nats-server's default of 1 MB): a command between the two sizes cannot be published, so the
+/// Router dead-letters the events that render one. `None` when every command fits.
+pub fn max_payload_warning(max_payload: usize) -> Option<String> {
+    (max_payload < MAX_COMMAND_BYTES).then(|| {
+        format!(
+            "the NATS server's max_payload is {max_payload} bytes, below Herald's limit for a \
+             send command ({MAX_COMMAND_BYTES} bytes): a notification whose command is larger \
+             than max_payload cannot be published (the Router dead-letters its event); raise \
+             max_payload to at least {MAX_COMMAND_BYTES}"
+        )
+    })
 }
 
 /// How often [`connect`] logs that it still waits for a server that cannot be reached, and tries
@@ -417,6 +432,21 @@ mod tests {
         let err = server_list("nats://n1:4222, http://user:s3cret@n2").unwrap_err();
         assert!(err.to_string().contains("entry 2"), "{err}");
         assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn a_max_payload_below_the_command_limit_is_warned_of_naming_both() {
+        let warning = max_payload_warning(65_536).expect("a warning");
+        assert!(
+            warning.contains("65536") && warning.contains(&MAX_COMMAND_BYTES.to_string()),
+            "{warning}"
+        );
+        assert_eq!(max_payload_warning(MAX_COMMAND_BYTES), None);
+        assert_eq!(
+            max_payload_warning(1024 * 1024),
+            None,
+            "nats-server's default"
+        );
     }
 
     #[test]

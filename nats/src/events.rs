@@ -40,8 +40,11 @@ pub const EVENT_TYPES: [&str; 5] = [
     MARKETING_CAMPAIGN,
 ];
 
-/// Longest customer id accepted (as in the API).
+/// Longest external id (customer id, order number) accepted, as in the API.
 const MAX_ID: usize = 200;
+
+/// An external id's pattern in the JSON Schemas: not blank, no `/` (see [`external_id`]).
+const EXTERNAL_ID_PATTERN: &str = r"^[^/]*[^/\s][^/]*$";
 
 /// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -58,10 +61,10 @@ pub struct OrderItem {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct OrderCreated {
     /// The customer's external id.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub customer_id: String,
     /// The shop's order number, shown to the customer.
-    #[schemars(regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub order_number: String,
     /// Order total in minor units (cents).
     #[schemars(range(min = 0))]
@@ -108,10 +111,10 @@ impl OrderEventStatus {
 ))]
 pub struct OrderStatusChanged {
     /// The customer's external id.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub customer_id: String,
     /// The shop's order number.
-    #[schemars(regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub order_number: String,
     /// The new status.
     pub status: OrderEventStatus,
@@ -134,7 +137,7 @@ pub struct OrderStatusChanged {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CustomerCreated {
     /// The customer's external id.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub customer_id: String,
     /// Display name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,7 +148,7 @@ pub struct CustomerCreated {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct LoginAlert {
     /// The customer's external id.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub customer_id: String,
     /// The IP address the sign-in came from.
     #[schemars(regex(pattern = r"\S"))]
@@ -162,7 +165,7 @@ pub struct LoginAlert {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MarketingCampaign {
     /// The customer's external id.
-    #[schemars(length(min = 1, max = 200), regex(pattern = r"\S"))]
+    #[schemars(length(min = 1, max = 200), regex(pattern = EXTERNAL_ID_PATTERN))]
     pub customer_id: String,
     /// The campaign's id.
     pub campaign_id: String,
@@ -246,12 +249,10 @@ impl EventData {
             Self::LoginAlert(d) => &d.customer_id,
             Self::MarketingCampaign(d) => &d.customer_id,
         };
-        if customer_id.trim().is_empty() || customer_id.chars().count() > MAX_ID {
-            return Err(format!("customer_id must be 1 to {MAX_ID} characters"));
-        }
+        external_id("customer_id", customer_id)?;
         match self {
             Self::OrderCreated(d) => {
-                non_empty("order_number", &d.order_number)?;
+                external_id("order_number", &d.order_number)?;
                 if d.total_minor < 0 {
                     return Err("total_minor must not be negative".into());
                 }
@@ -260,7 +261,7 @@ impl EventData {
                 }
             }
             Self::OrderStatusChanged(d) => {
-                non_empty("order_number", &d.order_number)?;
+                external_id("order_number", &d.order_number)?;
                 let tracking = d.tracking_number.as_deref().unwrap_or_default();
                 if d.status == OrderEventStatus::Shipped && tracking.trim().is_empty() {
                     return Err("a shipped order needs a tracking_number".into());
@@ -317,6 +318,22 @@ fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// Refuses an external id (a customer id, an order number) the API would refuse: blank, longer
+/// than 200 characters, or holding a `/` (the API puts ids in paths, `/customers/{id}`). No
+/// customer or order can have such an id, so an event naming one could never be routed. The
+/// error names `field`.
+pub fn external_id(field: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() || value.chars().count() > MAX_ID {
+        return Err(format!("{field} must be 1 to {MAX_ID} characters"));
+    }
+    if value.contains('/') {
+        return Err(format!(
+            "{field} must not contain '/' (the API refuses it in ids, so none can have it)"
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a link that is not http(s): every template, compiled or an operator's own, may put it
@@ -700,6 +717,41 @@ mod tests {
         assert!(bell.contains("body") && bell.contains("U+0007"), "{bell}");
         let long = err(&alert("é".repeat(MAX_ID + 1))).to_string();
         assert!(long.contains("customer_id"), "{long}");
+    }
+
+    /// Ids are refused as the API refuses them (`api::validate::external_id`): no customer or order
+    /// can have a `/` in its id, nor one longer than 200 characters.
+    #[test]
+    fn external_ids_follow_the_api_s_rule() {
+        let order = |customer_id: &str, order_number: &str| {
+            DomainEvent::decode(
+                DomainEvent::new(EventData::OrderCreated(OrderCreated {
+                    customer_id: customer_id.into(),
+                    order_number: order_number.into(),
+                    total_minor: 1,
+                    currency: "EUR".into(),
+                    items: Vec::new(),
+                }))
+                .encode()
+                .unwrap()
+                .as_ref(),
+            )
+        };
+        assert!(order("c-1", "A-1").is_ok());
+        let slash = order("shop/c-1", "A-1").unwrap_err().to_string();
+        assert!(
+            slash.contains("customer_id must not contain '/'"),
+            "{slash}"
+        );
+        let slash = order("c-1", "2026/17").unwrap_err().to_string();
+        assert!(
+            slash.contains("order_number must not contain '/'"),
+            "{slash}"
+        );
+        let long = order("c-1", &"9".repeat(MAX_ID + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(long.contains("order_number must be 1 to 200"), "{long}");
     }
 
     /// The committed schema files are what this build generates. Regenerate them with

@@ -707,6 +707,103 @@ async fn an_event_whose_notification_renders_too_large_to_send_is_dead_lettered_
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A NATS server whose `max_payload` is below Herald's limit for a send command refuses a command
+/// between the two on every try: the event is dead-lettered with a reason naming `max_payload`
+/// rather than retried for ever, the notification is not kept, and the event's other notification
+/// goes out once. Replayed once the template makes smaller output, the event sends the missing
+/// notification and not the other again.
+#[tokio::test]
+async fn an_event_whose_command_exceeds_the_server_s_max_payload_is_dead_lettered_then_replayed() {
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    // Beside the built-in `order_placed`, a rule naming a runtime template, read at every render.
+    let w = world_on(nats, |config| {
+        config.templates.cache_ttl_secs = 0;
+        config.routing.rules.push(Rule {
+            name: "order_note".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_note".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "customer_id".into(),
+            enabled: true,
+        })
+    })
+    .await;
+    let note = |text: String| {
+        json!({"description": "A note on a new order", "category": "transactional",
+               "subject": "Note on {{ order_number }}", "text": text})
+    };
+    let path = "/api/v1/templates/order_note/locales/en";
+    // About 80 KB of text: a command within Herald's limit, beyond this server's.
+    let large = format!(
+        "{{% for i in range(2) %}}{}{{% endfor %}}",
+        "x".repeat(40_000)
+    );
+    let (status, body) = w.put(path, &note(large)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    w.customer("c-note", "note@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-note", "1004"),
+        &event_id.to_string(),
+    )
+    .await;
+
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    let (reason, payload) = &letters[0];
+    assert!(payload.contains(&event_id.to_string()), "{letters:?}");
+    assert!(
+        reason.contains("order_note") && reason.contains("max_payload") && reason.contains("65536"),
+        "names the rule, the server's limit and its size: {reason}"
+    );
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 1004 is confirmed")
+    );
+    w.router_idle().await;
+    let (status, page) = w
+        .herald
+        .get("/api/v1/notifications?customer_id=c-note")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(
+        page["items"].as_array().map(Vec::len),
+        Some(1),
+        "only the order_placed notification is kept: {page}"
+    );
+
+    let (status, body) = w.put(path, &note("Thanks.".into())).await;
+    assert!(status.is_success(), "{body}");
+    let (_, page) = w.herald.get("/api/v1/dlq?kind=events").await;
+    let entry = page["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|e| e["event_id"] == event_id.to_string()))
+        .cloned()
+        .unwrap_or_else(|| panic!("the dead letter is listed: {page}"));
+    assert_eq!(entry["replayable"], true, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (status, replayed) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    let mails = w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    assert_eq!(mails[1].subject.as_deref(), Some("Note on 1004"));
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 2, "order_placed is not sent again");
+    assert_eq!(
+        event_dead_letters(&w.nats).await,
+        Vec::new(),
+        "the replayed entry is gone, and no new one came"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn malformed_events_are_dead_lettered_and_the_router_keeps_going() {
     let w = world().await;
@@ -811,6 +908,72 @@ async fn an_event_holding_a_control_character_is_dead_lettered_at_once_naming_th
         mails[0].subject.as_deref(),
         Some("Your order 5008 is confirmed")
     );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A `/` in a customer id or an order number, which the API refuses in ids: no customer or order
+/// can have it, so the event is dead-lettered at once with a reason naming the field, rather than
+/// waited for as an unknown customer until the retry schedule gives up; its dead letter is not
+/// replayable (the event cannot be mended), and the router goes on.
+#[tokio::test]
+async fn an_event_with_a_slash_in_an_id_is_dead_lettered_at_once_naming_the_field() {
+    let mut retry = None;
+    let w = world_with(|config| retry = Some(config.dispatch.retry)).await;
+    let allowed = retry.expect("the test's retry policy").total_wait();
+    w.customer("c-sl", "sl@example.com", "en").await;
+    let publishing = Instant::now();
+    let customer = Uuid::now_v7();
+    w.publish_event(
+        &order_created(customer, "shop/c-sl", "5201"),
+        &customer.to_string(),
+    )
+    .await;
+    let order = Uuid::now_v7();
+    w.publish_event(
+        &order_created(order, "c-sl", "2026/5202"),
+        &order.to_string(),
+    )
+    .await;
+    let good = Uuid::now_v7();
+    w.publish_event(&order_created(good, "c-sl", "5203"), &good.to_string())
+        .await;
+
+    let letters = wait_dead_letters(&w.nats, 2).await;
+    let waited = publishing.elapsed();
+    let reason_of = |id: Uuid| {
+        letters
+            .iter()
+            .find(|(_, payload)| payload.contains(&id.to_string()))
+            .map(|(reason, _)| reason.clone())
+            .unwrap_or_else(|| panic!("event {id} dead-lettered: {letters:?}"))
+    };
+    for (id, field) in [(customer, "customer_id"), (order, "order_number")] {
+        let reason = reason_of(id);
+        assert!(
+            reason.contains(&format!("{field} must not contain '/'")),
+            "names the field and why: {reason}"
+        );
+    }
+    assert!(
+        waited < allowed,
+        "dead-lettered at once, not after the retry schedule's wait ({allowed:?}): {waited:?}"
+    );
+    // Listed, but not among the events (`kind=events`), which are the readable ones.
+    let (_, page) = w.herald.get("/api/v1/dlq").await;
+    let items = page["items"].as_array().cloned().unwrap_or_default();
+    assert_eq!(items.len(), 2, "{page}");
+    assert!(
+        items.iter().all(|entry| entry["replayable"] == false),
+        "not replayable: {page}"
+    );
+    w.router_idle().await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 5203 is confirmed")
+    );
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 1, "only the good event notifies");
     w.herald.shutdown().await.expect("clean shutdown");
 }
 

@@ -421,6 +421,20 @@ pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<b
     Ok(deleted.rows_affected > 0)
 }
 
+/// Removes a notification the Router stored whose command the NATS server refuses as larger than
+/// its `max_payload`, so that a replay of the event renders it anew. Only while it is `queued`
+/// without a `status_reason`, as the Router stores it: no dispatcher has claimed it and nothing
+/// has marked it since. `true` when it removed the notification.
+pub async fn delete_unsent(db: &impl ConnectionTrait, id: Uuid) -> Result<bool, RepoError> {
+    let deleted = notification::Entity::delete_many()
+        .filter(notification::Column::Id.eq(id))
+        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
+        .filter(notification::Column::StatusReason.is_null())
+        .exec(db)
+        .await?;
+    Ok(deleted.rows_affected > 0)
+}
+
 /// Clears notification `id`'s unconfirmed-publish mark at once, after a repeated request
 /// published its command again. `false` when the notification is gone: the request that stored
 /// it removed it after its own publish failed ([`delete_unpublished`]), so the repeat must not
