@@ -1075,6 +1075,7 @@ async fn concurrent_different_sends_under_one_request_id_store_one_and_refuse_th
         winner["content"]["subject"].as_str(),
         "{mails:?}"
     );
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 1, "one mail");
     w.herald.shutdown().await.expect("shutdown");
 }
@@ -1200,6 +1201,7 @@ async fn a_bulk_request_id_reused_for_a_different_request_is_refused() {
         mails.iter().all(|m| m.subject.as_deref() == Some(subject)),
         "{mails:?}"
     );
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 2, "one mail each");
     w.herald.shutdown().await.expect("shutdown");
 }
@@ -1340,6 +1342,7 @@ async fn a_bulk_send_retried_after_its_template_was_deleted_answers_the_first_ba
         "one batch of two, nothing new"
     );
     w.smtp.wait_for_count(2, E2E_TIMEOUT).await.expect("mails");
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 2, "one mail each");
     w.herald.shutdown().await.expect("shutdown");
 }

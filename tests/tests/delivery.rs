@@ -236,8 +236,11 @@ async fn a_send_stored_but_never_published_goes_out_without_a_retry() {
         mails[0].subject.as_deref(),
         Some("Your order #2003 is confirmed")
     );
-    w.herald.shutdown().await.expect("clean shutdown");
+    // Counted while Herald runs, once no command is left: a second command the sweep published
+    // would be delivered by now (after a shutdown it would wait unseen in the stream).
+    w.nats.commands_drained(E2E_TIMEOUT).await;
     assert_eq!(w.smtp.count(), 1, "sent once");
+    w.herald.shutdown().await.expect("clean shutdown");
 }
 
 #[tokio::test]

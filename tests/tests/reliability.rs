@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use herald_entities::{NotificationStatus, notification, repo::schedule::PUBLISH_PENDING};
-use herald_tests::{HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
+use herald_tests::{E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, eventually};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
@@ -134,6 +134,8 @@ async fn kill_9_in_the_middle_of_20000_loses_nothing() {
         (count_sent(&conn).await == TOTAL).then_some(())
     })
     .await;
+    // Duplicates are counted once no command is left to redeliver.
+    nats.commands_drained(E2E_TIMEOUT).await;
     let outcome = audit(&conn, &smtp, TOTAL as usize).await;
     println!(
         "kill -9 at {at_kill} sent: {} delivered, {} duplicates (bound {})",
@@ -190,6 +192,9 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
         (count_sent(&conn).await == TOTAL).then_some(())
     })
     .await;
+    // A command the stop left unacked is redelivered after the restart, perhaps after every
+    // notification is sent: duplicates are counted once no command is left.
+    nats.commands_drained(E2E_TIMEOUT).await;
     let outcome = audit(&conn, &smtp, TOTAL as usize).await;
     assert_eq!(
         outcome.duplicates, 0,
@@ -296,6 +301,7 @@ async fn kill_9_under_api_load_leaves_nothing_stored_unsent() {
         || async { (count_sent(&conn).await == stored).then_some(()) },
     )
     .await;
+    nats.commands_drained(E2E_TIMEOUT).await;
     let outcome = audit(&conn, &smtp, stored as usize).await;
     println!(
         "kill -9 under API load: {accepted} answered 202, {stored} stored, {marked} marked \

@@ -958,8 +958,7 @@ async fn a_bulk_send_to_10k_customers_delivers_10k_emails_exactly_once() {
     assert_eq!(accepted["total"], CUSTOMERS);
     let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
 
-    let mails = w
-        .smtp
+    w.smtp
         .wait_for_count(CUSTOMERS, Duration::from_secs(240))
         .await
         .expect("every mail");
@@ -976,9 +975,10 @@ async fn a_bulk_send_to_10k_customers_delivers_10k_emails_exactly_once() {
     )
     .await;
     assert_eq!(progress["published"], CUSTOMERS);
-    // Nothing more arrives once every notification is final.
-    let mails_after = w.smtp.messages();
-    assert_eq!(mails_after.len(), CUSTOMERS, "exactly once");
+    // Nothing more arrives once every notification is final and no command is left to redeliver.
+    w.nats.commands_drained(E2E_TIMEOUT).await;
+    let mails = w.smtp.messages();
+    assert_eq!(mails.len(), CUSTOMERS, "exactly once");
     let ids: HashSet<_> = mails.iter().filter_map(|m| m.message_id.clone()).collect();
     assert_eq!(ids.len(), CUSTOMERS, "no duplicate Message-IDs");
     let recipients: HashSet<_> = mails.iter().flat_map(|m| m.to.clone()).collect();
