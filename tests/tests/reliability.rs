@@ -186,6 +186,13 @@ async fn sigterm_under_load_finishes_in_flight_work_and_loses_nothing() {
         .await
         .unwrap_or_else(|e| panic!("graceful stop: {e}\n{}", herald.log_tail()));
     println!("graceful stop under load took {took:?}");
+    // The work in flight was finished: every mail the sink took has its status written.
+    let (sent, mailed) = (count_sent(&conn).await, smtp.count() as u64);
+    assert!(mailed < TOTAL, "stopped mid-run ({mailed} mailed)");
+    assert_eq!(
+        sent, mailed,
+        "a graceful stop writes the status of every send it made before exiting"
+    );
 
     herald.restart().await.expect("restart");
     eventually("all to be sent", Duration::from_secs(180), || async {
