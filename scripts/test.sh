@@ -49,12 +49,28 @@ cargo build --workspace --locked --bins --tests
 # about one core of two), so they run with half again as many threads as there are cores: on the
 # 2-core machine 162 s → 130 s for the SQLite run, 1.5 cores busy.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-$(($(nproc) * 3 / 2))}
+# A hung test must fail the run with a message, not block it until CI's own limit (90 min) ends
+# it unexplained. Each suite takes ~2-3 min on the 2-core machine; 25 min each leaves room for
+# the build within those 90 min.
+suite_limit=${HERALD_TEST_SUITE_TIMEOUT:-1500}
+# Runs test suite $1 (the command after it) for at most $suite_limit seconds. `timeout` signals
+# its whole process group: cargo, the test binaries and the servers they started.
+bounded() {
+  local what=$1 status=0
+  shift
+  timeout --kill-after=30 "$suite_limit" "$@" || status=$?
+  case $status in
+    124 | 137) die "$what did not finish within $suite_limit s (a test hangs?); stopped" ;;
+  esac
+  return "$status"
+}
 log "tests (SQLite)"
 # `--tests`: every unit and integration test, not the doctests: the crates' docs hold no code
 # examples (their blocks are `text`), and rustdoc took ~30 s to find none. Drop the flag when
 # a doc example is added.
-HERALD_TEST_DB=sqlite cargo test --workspace --locked --tests
+HERALD_TEST_DB=sqlite bounded "the SQLite test run" cargo test --workspace --locked --tests
 log "end-to-end tests (PostgreSQL)"
 # Same package set as above, so nothing is rebuilt: every integration test, now on PostgreSQL.
-HERALD_TEST_DB=postgres cargo test --locked --workspace --test '*'
+HERALD_TEST_DB=postgres bounded "the PostgreSQL test run" \
+  cargo test --locked --workspace --test '*'
 log "all tests passed"

@@ -44,16 +44,29 @@ pub struct TestHerald {
     anonymous: reqwest::Client,
     admin_key: String,
     db: sea_orm::DatabaseConnection,
+    /// How long [`TestHerald::shutdown`] may take: the grace period and 30 s for the rest.
+    shutdown_limit: Duration,
 }
 
 impl TestHerald {
     /// Starts Herald with `config`.
+    ///
+    /// # Panics
+    ///
+    /// When it has not started within twice [`E2E_TIMEOUT`]: the engine waits for NATS and the
+    /// database as long as it takes, so a test would otherwise hang.
     pub async fn start(config: Config) -> anyhow::Result<TestHerald> {
         crate::init_tracing();
         herald_engine::app::process_init();
         let database_url = config.database.url.clone();
-        let herald = Herald::start(config)
+        let shutdown_limit =
+            Duration::from_secs(config.dispatch.shutdown_grace_secs) + Duration::from_secs(30);
+        let limit = 2 * E2E_TIMEOUT;
+        let herald = tokio::time::timeout(limit, Herald::start(config))
             .await
+            .unwrap_or_else(|_| {
+                panic!("herald did not start within {limit:?} (NATS or the database unreachable?)")
+            })
             .context("herald did not start")?;
         let base = format!("http://{}", herald.http_addr());
         // The database is migrated by now; an admin key goes on every request of `http`.
@@ -84,6 +97,7 @@ impl TestHerald {
             anonymous,
             admin_key,
             db,
+            shutdown_limit,
         })
     }
 
@@ -249,11 +263,18 @@ impl TestHerald {
     }
 
     /// Graceful shutdown.
+    ///
+    /// # Panics
+    ///
+    /// When it has not finished within the grace period and 30 s more.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        match self.herald.take() {
-            Some(herald) => herald.shutdown().await,
-            None => Ok(()),
-        }
+        let Some(herald) = self.herald.take() else {
+            return Ok(());
+        };
+        let limit = self.shutdown_limit;
+        tokio::time::timeout(limit, herald.shutdown())
+            .await
+            .unwrap_or_else(|_| panic!("herald did not shut down within {limit:?}"))
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use herald_actors::channel::sms::SmsConfig;
-use herald_actors::partitions::{LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, OwnershipView};
+use herald_actors::partitions::{
+    LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView,
+};
 use herald_actors::slot::ActorSlot;
 use herald_engine::Config;
 use herald_entities::{NotificationStatus, notification};
@@ -18,7 +20,8 @@ use herald_tests::{
     E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
     eventually_showing, test_config,
 };
-use ractor::Actor;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorRef};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
@@ -767,6 +770,15 @@ fn lone_keeper(table: &LeaseTable, ttl: Duration) -> LeaseKeeperArgs {
     }
 }
 
+/// Stops a lease keeper and waits for it to end, at most [`E2E_TIMEOUT`].
+async fn stop_keeper(keeper: ActorRef<LeaseKeeperMsg>, handle: JoinHandle<()>) {
+    keeper.stop(None);
+    tokio::time::timeout(E2E_TIMEOUT, handle)
+        .await
+        .unwrap_or_else(|_| panic!("the lease keeper did not stop within {E2E_TIMEOUT:?}"))
+        .expect("keeper stopped");
+}
+
 /// A stopping instance (its intake cancelled, still finishing deliveries) takes no partition,
 /// not even one another instance's leave has freed: it would hold it unpulled until its own leave.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,8 +809,7 @@ async fn a_stopping_instance_takes_no_partition() {
         "taken while stopping: {:?}",
         view.owners
     );
-    keeper.stop(None);
-    handle.await.expect("keeper stopped");
+    stop_keeper(keeper, handle).await;
 }
 
 /// Instances configured with different lease TTLs (a rolling change of it): an instance with a
@@ -890,8 +901,7 @@ async fn a_shorter_lease_ttl_is_reached_in_halvings_that_running_keepers_follow(
     )
     .await;
     for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
-        keeper.stop(None);
-        handle.await.expect("keeper stopped");
+        stop_keeper(keeper, handle).await;
     }
 }
 
