@@ -499,30 +499,62 @@ async fn reservations_are_capped_and_expired_ones_forgotten_as_new_ones_come() {
     supervisor.stop(None);
 }
 
+/// A limiter that panics is replaced by a fresh one: without a send history it starts with full
+/// buckets, so the marketing tokens ada spent before the crash are hers again (the actor that
+/// spent them would drop her next one).
 #[tokio::test]
 async fn a_panicked_limiter_is_restarted() {
     let time = ManualClock::new();
     let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    spend(&supervisor, "ada", Category::Marketing, 3).await;
     assert_eq!(
         verdict(&supervisor, "ada", Category::Marketing).await,
-        Verdict::Allow
+        Verdict::Drop,
+        "the bucket is empty before the crash"
     );
     supervisor
         .cast(RateLimiterSupervisorMsg::CrashUser("ada".into()))
-        .unwrap();
-    // The supervisor survives and the user gets a fresh actor that answers.
-    wait_until("the restarted limiter to answer", || async {
-        let request = Acquire {
-            category: Category::Marketing,
-            notification_id: Uuid::now_v7(),
-        };
-        ask(&supervisor, "ada", request, Duration::from_millis(500))
-            .await
-            .is_some()
-    })
-    .await;
+        .expect("crash cast");
+    // The supervisor survives and the user gets a fresh actor that answers; the first answer
+    // after the crash takes a token of the fresh bucket.
+    let first = wait_for_answer(&supervisor, "ada", Category::Marketing).await;
+    assert_eq!(
+        first,
+        Verdict::Allow,
+        "the first answer after the crash comes from a fresh bucket, not the emptied one"
+    );
+    spend(&supervisor, "ada", Category::Marketing, 2).await;
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop,
+        "a fresh bucket holds the configured 3 tokens, no more"
+    );
     assert_eq!(users(&supervisor).await, 1);
     supervisor.stop(None);
+}
+
+/// The first verdict on a new notification of `user` in `category` that comes at all (none
+/// while the user's actor is restarting), waiting at most 10 s.
+async fn wait_for_answer(
+    supervisor: &ActorRef<RateLimiterSupervisorMsg>,
+    user: &str,
+    category: Category,
+) -> Verdict {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let request = Acquire {
+            category,
+            notification_id: Uuid::now_v7(),
+        };
+        if let Some(verdict) = ask(supervisor, user, request, Duration::from_millis(500)).await {
+            return verdict;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {user}'s limiter to answer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]
