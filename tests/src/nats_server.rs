@@ -146,6 +146,29 @@ impl NatsServer {
             .with_context(|| format!("connecting to nats-server at {}", self.url()))
     }
 
+    /// How many messages stream `stream` holds on subjects matching `subject` (a filter, wildcards
+    /// allowed), from the stream's own state: unlike reading the messages with a consumer, a slow
+    /// stream cannot make this count short, so negative checks ("no dead letter") use it.
+    ///
+    /// # Panics
+    ///
+    /// When the stream does not exist or the server does not answer.
+    pub async fn subject_messages(&self, stream: &str, subject: &str) -> usize {
+        use futures::TryStreamExt as _;
+        let js = async_nats::jetstream::new(self.client().await.expect("a NATS client"));
+        let stream = js
+            .get_stream(stream)
+            .await
+            .unwrap_or_else(|e| panic!("stream {stream}: {e}"));
+        stream
+            .info_with_subjects(subject)
+            .await
+            .unwrap_or_else(|e| panic!("messages on {subject}: {e}"))
+            .try_fold(0, |total, (_, count)| async move { Ok(total + count) })
+            .await
+            .unwrap_or_else(|e| panic!("messages on {subject}: {e}"))
+    }
+
     /// Waits at most `within` until the work-queue stream `NOTIFY` holds no message: every send
     /// command published so far was acknowledged, so every mail it caused, duplicates included,
     /// has reached its provider. Tests count duplicates after this, not before: a command whose

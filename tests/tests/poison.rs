@@ -88,6 +88,13 @@ async fn poison_commands_go_to_the_dlq_with_reasons_and_the_consumer_keeps_going
         (letters.len() >= 5).then_some(letters)
     })
     .await;
+    // Read from the stream's state: the consumer that read the letters stops at 500 ms of
+    // silence, so a slow stream would hide a sixth.
+    assert_eq!(
+        nats.subject_messages("NOTIFY_DLQ", "notify.dlq.>").await,
+        5,
+        "only the poison commands were dead-lettered: {letters:?}"
+    );
     assert_eq!(letters.len(), 5, "{letters:?}");
     let reasons: Vec<&str> = letters.iter().map(|(_, r)| r.as_str()).collect();
     for needle in [
