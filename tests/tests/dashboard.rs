@@ -17,6 +17,8 @@ use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, eventually_showing,
     free_port, test_config,
 };
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -421,9 +423,13 @@ async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() 
     w.herald.shutdown().await.expect("shutdown");
 }
 
-/// A chromedriver child process, killed on drop.
+/// A chromedriver child process in a process group of its own, with the Chromium it starts:
+/// the whole group is killed on drop, so a test that panics leaves no browser behind (killing
+/// chromedriver alone orphaned Chromium).
 struct ChromeDriver {
     _child: tokio::process::Child,
+    /// The process group: chromedriver's pid.
+    group: Pid,
     /// Its standard error, read when it fails to start.
     _log: tempfile::NamedTempFile,
     url: String,
@@ -445,6 +451,7 @@ impl ChromeDriver {
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(log.reopen().expect("chromedriver's stderr file"))
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| {
@@ -453,6 +460,8 @@ impl ChromeDriver {
                      `chromium-driver` (scripts/test.sh does), or set CHROMEDRIVER"
                 )
             });
+        let pid = child.id().expect("a running chromedriver has a pid");
+        let group = Pid::from_raw(i32::try_from(pid).expect("a pid fits an i32"));
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         eventually_showing("chromedriver to answer /status", E2E_TIMEOUT, || {
@@ -474,6 +483,7 @@ impl ChromeDriver {
         .await;
         ChromeDriver {
             _child: child,
+            group,
             _log: log,
             url,
         }
@@ -495,6 +505,13 @@ impl ChromeDriver {
             .connect(&self.url)
             .await
             .expect("a headless Chromium session")
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        // Gone already is fine: the group was empty.
+        let _ = killpg(self.group, Signal::SIGKILL);
     }
 }
 
