@@ -23,9 +23,15 @@ use uuid::Uuid;
 
 /// Returns once a writer of the test waits for a lock another transaction holds. PostgreSQL shows
 /// it (a lock not granted in `pg_locks`); SQLite does not (a waiting writer sleeps in its busy
-/// handler), so there the writer is given half a second to reach the lock.
+/// handler), so there the writer is awaited until it holds a connection of `db`'s pool (the test
+/// holds none of it meanwhile), then given half a second more to reach the lock.
 async fn a_writer_waits_for_a_lock(database: &TestDatabase, db: &DatabaseConnection) {
     if database.kind() == DatabaseKind::Sqlite {
+        let pool = db.get_sqlite_connection_pool();
+        eventually("the writer to take a connection", E2E_TIMEOUT, || async {
+            (pool.size() as usize > pool.num_idle()).then_some(())
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         return;
     }
