@@ -4,7 +4,10 @@
 //! Every round (a quarter of the lease TTL) it refreshes its membership record, renews the leases it
 //! holds, reads the bucket, and moves towards its fair share, `ceil(partitions / live instances)`:
 //! it takes free partitions while under its share, and hands partitions back while over it
-//! (draining each first, so no delivery of a partition runs on two instances at once). Each held
+//! (draining each first, so no delivery of a partition runs on two instances at once). A drain
+//! the dispatcher did not answer (it failed, with the drain in its mailbox, and is being
+//! restarted) is asked again of its successor each round, which answers once the deliveries its
+//! predecessor started have finished; the lease is kept and renewed until then. Each held
 //! lease has a deadline, the TTL minus one round after its last write was sent
 //! ([`LeaseDeadlines`]): past it the dispatcher starts no delivery of the partition's commands
 //! until the lease is renewed, so an instance whose rounds run late stops taking the partition's
@@ -196,6 +199,9 @@ pub enum LeaseKeeperMsg {
     Round,
     /// A partition finished draining: hand its lease back.
     Drained(u32),
+    /// A partition's drain got no answer (the dispatcher stopped first): keep its lease and drain
+    /// it again next round.
+    DrainFailed(u32),
     /// Stop taking partitions, hand every lease back and leave the membership (graceful shutdown,
     /// after the dispatcher has stopped and in-flight work is written).
     Leave(RpcReplyPort<()>),
@@ -237,6 +243,8 @@ pub struct LeaseKeeperState {
     ttl_since: Instant,
     held: BTreeMap<u32, (Held, Instant)>,
     leaving: BTreeSet<u32>,
+    /// Partitions being handed back whose drain failed, to be asked again next round.
+    redrain: BTreeSet<u32>,
     /// Partitions taken this round, not yet announced to the rate limiter.
     taken: BTreeSet<u32>,
     left: bool,
@@ -269,6 +277,7 @@ impl Actor for LeaseKeeper {
             args,
             held: BTreeMap::new(),
             leaving: BTreeSet::new(),
+            redrain: BTreeSet::new(),
             taken: BTreeSet::new(),
             left: false,
         })
@@ -294,6 +303,7 @@ impl Actor for LeaseKeeper {
             }
             LeaseKeeperMsg::Round => {}
             LeaseKeeperMsg::Drained(partition) => state.hand_back(partition).await,
+            LeaseKeeperMsg::DrainFailed(partition) => state.drain_failed(partition),
             LeaseKeeperMsg::Leave(reply) => {
                 state.leave().await;
                 let _ = reply.send(());
@@ -355,6 +365,9 @@ impl LeaseKeeperState {
                 }
             }
             Err(err) => tracing::warn!(error = %err, "cannot read partition leases"),
+        }
+        for partition in std::mem::take(&mut self.redrain) {
+            self.drain(myself, partition);
         }
         self.assign();
     }
@@ -524,21 +537,56 @@ impl LeaseKeeperState {
         }
     }
 
+    /// Starts handing `partition` back: it is no longer pulled, and its lease goes back once the
+    /// dispatcher has drained it. Not while no dispatcher has started (nothing would drain it).
     fn start_drain(&mut self, myself: &ActorRef<LeaseKeeperMsg>, partition: u32) {
-        let Some(dispatcher) = self.args.dispatcher.get() else {
+        if self.args.dispatcher.get().is_none() {
             return;
-        };
+        }
         tracing::info!(partition, "handing partition back (rebalancing)");
         self.leaving.insert(partition);
+        self.drain(myself, partition);
+    }
+
+    /// Asks the current dispatcher to drain `partition`, and reports the outcome to the keeper.
+    /// A failed call (the dispatcher stopped before answering) is not a drain: the partition's
+    /// deliveries may still run, so the lease must stay here until a drain is answered.
+    fn drain(&mut self, myself: &ActorRef<LeaseKeeperMsg>, partition: u32) {
+        let Some(dispatcher) = self.args.dispatcher.get() else {
+            self.redrain.insert(partition);
+            return;
+        };
         let keeper = myself.clone();
         tokio::spawn(async move {
-            let _ = ractor::call!(dispatcher, DispatcherMsg::Drain, partition);
-            let _ = keeper.cast(LeaseKeeperMsg::Drained(partition));
+            let drained = ractor::call!(dispatcher, DispatcherMsg::Drain, partition).is_ok();
+            let _ = keeper.cast(if drained {
+                LeaseKeeperMsg::Drained(partition)
+            } else {
+                LeaseKeeperMsg::DrainFailed(partition)
+            });
         });
+    }
+
+    /// Keeps the lease of a partition whose drain got no answer, and has the next round ask the
+    /// dispatcher (restarted by then, see [`crate::engine_supervisor`]) again. Its successor
+    /// waits for the deliveries the failed one started ([`crate::dispatcher::PartitionDeliveries`]),
+    /// for at most its drain timeout. A dispatcher that is never restarted fails the engine
+    /// supervisor, which stops this keeper: it then hands every lease back as it stops.
+    fn drain_failed(&mut self, partition: u32) {
+        // Not when the lease was lost or handed back meanwhile (a leave).
+        if !self.leaving.contains(&partition) {
+            return;
+        }
+        tracing::warn!(
+            partition,
+            "partition drain not answered (dispatcher stopped); keeping the lease and draining again"
+        );
+        self.redrain.insert(partition);
     }
 
     async fn hand_back(&mut self, partition: u32) {
         self.leaving.remove(&partition);
+        self.redrain.remove(&partition);
         self.args.deadlines.remove(partition);
         if let Some((held, _)) = self.held.remove(&partition)
             && let Err(err) = self.args.table.release(held).await
@@ -552,6 +600,7 @@ impl LeaseKeeperState {
         self.args.deadlines.remove(partition);
         self.held.remove(&partition);
         self.leaving.remove(&partition);
+        self.redrain.remove(&partition);
     }
 
     /// How long after a lease write was sent this instance may still act on it: the TTL minus one
@@ -618,6 +667,7 @@ impl LeaseKeeperState {
             }
         }
         self.leaving.clear();
+        self.redrain.clear();
         if let Err(err) = self.args.table.leave().await {
             tracing::warn!(error = %err, "cannot remove membership record; it expires");
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use herald_actors::channel::sms::SmsConfig;
+use herald_actors::dispatcher::DispatcherMsg;
 use herald_actors::partitions::{
     LeaseDeadlines, LeaseKeeper, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView,
 };
@@ -21,7 +22,7 @@ use herald_tests::{
     eventually_showing, test_config,
 };
 use ractor::concurrency::JoinHandle;
-use ractor::{Actor, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::{
     ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect,
 };
@@ -814,6 +815,249 @@ async fn a_stopping_instance_takes_no_partition() {
         view.owners
     );
     stop_keeper(keeper, handle).await;
+}
+
+/// Stands in for the dispatcher: reports each drain it is asked for to the test; one that
+/// `dies` fails with the drain in hand (as a dispatcher failing, the drain still in its mailbox,
+/// drops the reply); otherwise it answers once `done` is cancelled (every delivery of the
+/// partition, those of a failed predecessor included, has finished).
+struct DispatcherStandIn;
+
+/// What a [`DispatcherStandIn`] is started with and holds.
+struct StandIn {
+    drains: tokio::sync::mpsc::UnboundedSender<u32>,
+    dies: bool,
+    done: CancellationToken,
+}
+
+impl Actor for DispatcherStandIn {
+    type Msg = DispatcherMsg;
+    type State = StandIn;
+    type Arguments = StandIn;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DispatcherMsg>,
+        args: StandIn,
+    ) -> Result<StandIn, ActorProcessingErr> {
+        Ok(args)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<DispatcherMsg>,
+        message: DispatcherMsg,
+        state: &mut StandIn,
+    ) -> Result<(), ActorProcessingErr> {
+        if let DispatcherMsg::Drain(partition, reply) = message {
+            let _ = state.drains.send(partition);
+            if state.dies {
+                return Err("dispatcher stand-in failed before answering a drain".into());
+            }
+            let done = state.done.clone();
+            tokio::spawn(async move {
+                done.cancelled().await;
+                let _ = reply.send(());
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Keeper "a", steering `dispatcher`, once it holds both partitions of the bucket, and keeper
+/// "b", a lone one, started then: a's share drops to one, so it drains one partition to hand it
+/// back. Answers a's table, the keepers and the partition being drained.
+async fn a_keeper_handing_a_partition_back(
+    js: &async_nats::jetstream::Context,
+    ttl: Duration,
+    dispatcher: ActorSlot<DispatcherMsg>,
+    drains: &mut tokio::sync::mpsc::UnboundedReceiver<u32>,
+) -> (
+    LeaseTable,
+    [(
+        ActorRef<LeaseKeeperMsg>,
+        ractor::concurrency::JoinHandle<()>,
+    ); 2],
+    u32,
+) {
+    let a_table = LeaseTable::open(js, "a", ttl, 1, 2).await.expect("bucket");
+    let a = Actor::spawn(
+        None,
+        LeaseKeeper,
+        LeaseKeeperArgs {
+            dispatcher,
+            ..lone_keeper(&a_table, ttl)
+        },
+    )
+    .await
+    .expect("keeper a");
+    eventually(
+        "a to take both partitions",
+        Duration::from_secs(10),
+        || async {
+            let view = a_table.view().await.ok()?;
+            (view.owners.len() == 2 && view.owners.values().all(|o| o == "a")).then_some(())
+        },
+    )
+    .await;
+    let b_table = LeaseTable::open(js, "b", ttl, 1, 2).await.expect("bucket");
+    let b = Actor::spawn(None, LeaseKeeper, lone_keeper(&b_table, ttl))
+        .await
+        .expect("keeper b");
+    let partition = tokio::time::timeout(Duration::from_secs(10), drains.recv())
+        .await
+        .expect("a drain asked for within 10 s of b joining")
+        .expect("a drain");
+    (a_table, [a, b], partition)
+}
+
+/// A dispatcher that failed before answering the drain of a partition being handed back (it is
+/// restarted by the engine supervisor) did not wait for the partition's deliveries, which run on:
+/// the lease keeper took the failed call for a finished drain and handed the lease back, and the
+/// next owner could send those notifications again. Now the keeper keeps the lease, renewed, and
+/// asks the restarted dispatcher, which answers once those deliveries have finished; only then is
+/// the lease handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_is_not_handed_back_when_its_drain_fails() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let (drains_tx, mut drains) = tokio::sync::mpsc::unbounded_channel();
+    let deliveries_done = CancellationToken::new();
+    let stand_in = |dies| StandIn {
+        drains: drains_tx.clone(),
+        dies,
+        done: deliveries_done.clone(),
+    };
+    let dispatcher = ActorSlot::default();
+    let (failing, failed) = Actor::spawn(None, DispatcherStandIn, stand_in(true))
+        .await
+        .expect("dispatcher");
+    dispatcher.set(failing);
+    let (table, keepers, partition) =
+        a_keeper_handing_a_partition_back(&js, ttl, dispatcher.clone(), &mut drains).await;
+
+    // The supervisor restarts the failed dispatcher.
+    failed.await.expect("the first dispatcher failed");
+    let (restarted, _) = Actor::spawn(None, DispatcherStandIn, stand_in(false))
+        .await
+        .expect("dispatcher");
+    dispatcher.set(restarted);
+
+    let still_held = |view: &LeaseView| {
+        assert_eq!(
+            view.owners.get(&partition).map(String::as_str),
+            Some("a"),
+            "partition {partition} handed over while its deliveries still ran (the failed drain \
+             was taken for a finished one): owners {:?}",
+            view.owners
+        );
+        view.revisions[&partition]
+    };
+    eventually_showing(
+        "the drain to be asked of the restarted dispatcher",
+        Duration::from_secs(10),
+        || {
+            // Taken before the view is read: a drain asked for is checked against the lease
+            // as it stands after it.
+            let asked = drains.try_recv().ok();
+            let (table, still_held) = (&table, &still_held);
+            async move {
+                let view = table.view().await.map_err(|e| e.to_string())?;
+                still_held(&view);
+                match asked {
+                    Some(asked) => {
+                        assert_eq!(asked, partition, "the partition being handed back");
+                        Ok(())
+                    }
+                    None => Err(format!("owners {:?}, no drain yet", view.owners)),
+                }
+            }
+        },
+    )
+    .await;
+    // While the deliveries run, the lease stays a's and is renewed (every TTL/4).
+    let revision = still_held(&table.view().await.expect("view"));
+    eventually_showing(
+        "a to renew the lease of the partition it drains",
+        Duration::from_secs(10),
+        || async {
+            let view = table.view().await.map_err(|e| e.to_string())?;
+            let now = still_held(&view);
+            (now >= revision + 2)
+                .then_some(())
+                .ok_or_else(|| format!("revision {now}, from {revision}"))
+        },
+    )
+    .await;
+
+    deliveries_done.cancel();
+    eventually_showing(
+        "b to take the partition once its deliveries have finished",
+        Duration::from_secs(10),
+        || async {
+            let view = table.view().await.map_err(|e| e.to_string())?;
+            (view.owners.get(&partition).map(String::as_str) == Some("b"))
+                .then_some(())
+                .ok_or_else(|| format!("owners {:?}", view.owners))
+        },
+    )
+    .await;
+    assert_eq!(
+        table
+            .view()
+            .await
+            .expect("view")
+            .owners
+            .get(&(1 - partition))
+            .map(String::as_str),
+        Some("a"),
+        "a keeps its share"
+    );
+    for (keeper, handle) in keepers {
+        stop_keeper(keeper, handle).await;
+    }
+}
+
+/// A dispatcher that fails on a drain and is never restarted (the engine supervisor fails and
+/// stops the keeper, or the instance shuts down) holds nothing up: the keeper leaves at once,
+/// handing every lease back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_whose_dispatcher_is_gone_still_leaves_at_once() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let (drains_tx, mut drains) = tokio::sync::mpsc::unbounded_channel();
+    let dispatcher = ActorSlot::default();
+    let (failing, failed) = Actor::spawn(
+        None,
+        DispatcherStandIn,
+        StandIn {
+            drains: drains_tx,
+            dies: true,
+            done: CancellationToken::new(),
+        },
+    )
+    .await
+    .expect("dispatcher");
+    dispatcher.set(failing);
+    let (table, [(a, a_handle), (b, b_handle)], _) =
+        a_keeper_handing_a_partition_back(&js, ttl, dispatcher, &mut drains).await;
+    failed.await.expect("the dispatcher failed");
+
+    let left = a
+        .call(LeaseKeeperMsg::Leave, Some(Duration::from_secs(5)))
+        .await;
+    assert!(
+        matches!(left, Ok(ractor::rpc::CallResult::Success(()))),
+        "the leave was not answered within 5 s: {left:?}"
+    );
+    let view = table.view().await.expect("view");
+    assert!(
+        view.owners.values().all(|o| o != "a") && !view.members.iter().any(|m| m == "a"),
+        "a left its leases and membership: {view:?}"
+    );
+    for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
+        stop_keeper(keeper, handle).await;
+    }
 }
 
 /// Instances configured with different lease TTLs (a rolling change of it): an instance with a
