@@ -262,6 +262,26 @@ impl LeaseTable {
 
     /// Takes the partition if nobody holds it; `None` if somebody does.
     pub async fn try_acquire(&self, partition: u32) -> Result<Option<Held>, NatsError> {
+        // A write expecting no earlier revision of the key first, as the client's create-if-absent
+        // does, but any other failure of it is the answer: the client's create then looks the
+        // key up, a direct get the server does not answer while the bucket is missing, and waits
+        // out the request timeout (10 s) where this write failed at once.
+        match self
+            .store
+            .update(partition_key(partition), self.owner_value(), 0)
+            .await
+        {
+            Ok(revision) => {
+                return Ok(Some(Held {
+                    partition,
+                    revision,
+                }));
+            }
+            // The key has a revision: held, or handed back (a delete marker, which the create
+            // writes over).
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+            Err(e) => return Err(lease_error(partition, e)),
+        }
         match self
             .store
             .create(partition_key(partition), self.owner_value())

@@ -738,6 +738,13 @@ async fn a_lost_lease_bucket_is_restored_once_by_racing_tables() {
         .await
         .expect("bucket deleted");
     assert!(a.heartbeat().await.is_err(), "no bucket to write to");
+    // Refused at once: the client's create-if-absent looked the key up after its write failed,
+    // a direct get the server does not answer for a missing stream, and so waited out the
+    // request timeout (10 s) before the keeper's round could go on.
+    let take = tokio::time::timeout(Duration::from_secs(2), a.try_acquire(1))
+        .await
+        .expect("a take in a missing bucket is refused within 2 s");
+    assert!(take.is_err(), "no bucket to take a lease in: {take:?}");
     let (by_a, by_b) = futures::join!(a.restore(ttl), b.restore(Duration::from_secs(7)));
     let (by_a, by_b) = (by_a.expect("a restores"), by_b.expect("b restores"));
     // Their configurations differ (the TTLs), so the server refuses the second create.
