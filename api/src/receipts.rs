@@ -52,6 +52,8 @@ pub struct Receipt {
     /// The provider's message id. If the provider returned it for several notifications (an SMTP
     /// relay's reply text, a Telegram `message_id` is unique only per chat), the receipt is
     /// refused with 409: give `notification_id` instead.
+    // As long as Herald stores a provider's id at most
+    // (`herald_entities::repo::status_batch::PROVIDER_MESSAGE_ID_MAX_CHARS`).
     #[oai(validator(min_length = 1, max_length = 500))]
     pub provider_message_id: Option<String>,
     /// What happened.

@@ -664,6 +664,27 @@ async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+#[tokio::test]
+async fn a_provider_message_id_too_long_to_index_is_stored_cut_and_the_notification_sent() {
+    let w = world(|_| {}).await;
+    // 4,000 characters that do not compress: PostgreSQL refuses a btree entry over 2,704 bytes,
+    // and delivery_attempts.provider_message_id is indexed for receipts.
+    let sid: String = (0..125)
+        .map(|_| uuid::Uuid::new_v4().simple().to_string())
+        .collect();
+    assert_eq!(sid.len(), 4_000);
+    sms_accepts(&sid).mount(&w.provider).await;
+    let sent = send_until_sent(&w, &notification(&["sms"], everyone())).await;
+    assert_eq!(statuses(&sent), [("sms", "sent")], "{sent}");
+    // Kept as long as a receipt may name it (500 characters), so receipts still find it.
+    assert_eq!(
+        sent["attempts"][0]["provider_message_id"].as_str(),
+        Some(&sid[..500]),
+        "{sent}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// Stores customer `id` with `contacts` through the API.
 async fn store_customer(w: &World, id: &str, contacts: Value) {
     let mut body = contacts;

@@ -18,6 +18,15 @@ use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 /// Rows per multi-row INSERT; well under SQLite's and PostgreSQL's bind-parameter limits.
 const INSERT_CHUNK: usize = 500;
 
+/// Longest provider message id stored, in characters: the longest a delivery receipt may name
+/// (the receipt API's `max_length`), so receipts find every id they can carry.
+///
+/// `delivery_attempts.provider_message_id` is indexed for receipts, and PostgreSQL refuses an
+/// index entry over 2,704 bytes (SQLSTATE 54000): a provider's reply with a longer id failed the
+/// attempt's row, and with it the status of a message that was sent. 500 characters are at most
+/// 2,000 bytes.
+pub const PROVIDER_MESSAGE_ID_MAX_CHARS: usize = 500;
+
 /// Changes of one shape share an UPDATE only if they happened within the same window of this
 /// many milliseconds, so a recorded time (`sent_at`, `updated_at`) is at most this much later
 /// than the change itself, however long the batch gathered.
@@ -203,7 +212,7 @@ async fn apply_batch(
             provider: Set(without_nul(a.provider.clone())),
             status: Set(without_nul(a.status.clone())),
             error: Set(a.error.clone().map(without_nul)),
-            provider_message_id: Set(a.provider_message_id.clone().map(without_nul)),
+            provider_message_id: Set(a.provider_message_id.clone().map(stored_message_id)),
             latency_ms: Set(a.latency_ms),
             created_at: Set(a.at),
         });
@@ -233,6 +242,15 @@ async fn apply_batch(
     }
     txn.commit().await?;
     Ok(applied)
+}
+
+/// A provider's message id as stored: without NUL, cut to [`PROVIDER_MESSAGE_ID_MAX_CHARS`]
+/// characters.
+fn stored_message_id(mut id: String) -> String {
+    if let Some((end, _)) = id.char_indices().nth(PROVIDER_MESSAGE_ID_MAX_CHARS) {
+        id.truncate(end);
+    }
+    without_nul(id)
 }
 
 /// The new values of a status change; changes with equal shapes share one UPDATE.
@@ -459,6 +477,21 @@ fn plan(changes: &[StatusChange]) -> Vec<UpdateGroup> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_provider_message_id_is_stored_cut_to_whole_characters() {
+        let max = PROVIDER_MESSAGE_ID_MAX_CHARS;
+        let short = "SM1".to_string();
+        assert_eq!(stored_message_id(short.clone()), short);
+        let exact = "a".repeat(max);
+        assert_eq!(stored_message_id(exact.clone()), exact);
+        // Two-byte characters: a cut by bytes would split one, or keep half as many.
+        let long = "é".repeat(max + 1);
+        let stored = stored_message_id(long);
+        assert_eq!(stored.chars().count(), max);
+        assert_eq!(stored, "é".repeat(max));
+        assert_eq!(stored_message_id("a\0b".into()), "a\u{FFFD}b");
+    }
 
     fn change(id: Uuid, status: NotificationStatus) -> StatusChange {
         at(id, status, 0)
