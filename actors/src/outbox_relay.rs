@@ -24,6 +24,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use sea_orm::DatabaseConnection;
 use uuid::Uuid;
 
+use crate::scheduler::{PURGE_REST_MAX, PURGE_REST_MIN};
+
 /// Longest a row that fails on its own is held back before it is tried again.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
@@ -222,11 +224,32 @@ async fn publish(args: &OutboxRelayArgs, row: &outbox_event::Model) -> Result<()
         .map_err(|e| RelayError::Outage(e.to_string()))
 }
 
+/// Published rows removed per DELETE of the clean-up.
+const CLEAN_BATCH: u64 = 1_000;
+
+/// Most DELETEs of the clean-up in one tick: after downtime a day of published rows is due at
+/// once, and they go over several ticks rather than keep the relay from relaying meanwhile.
+const CLEAN_ROUNDS: u32 = 10;
+
+/// Removes rows published longer than the retention time ago, [`CLEAN_BATCH`] per DELETE, up to
+/// [`CLEAN_ROUNDS`] of them. Between two it rests as long as the last one took (as retention
+/// does, see [`crate::scheduler::purge`]): on SQLite each DELETE holds the only write lock.
 async fn remove_old(args: &OutboxRelayArgs) {
     let before = Utc::now()
         - chrono::Duration::from_std(args.settings.retention).unwrap_or(chrono::Duration::zero());
-    if let Err(err) = outbox::delete_published_before(&args.db, before).await {
-        tracing::warn!(error = %err, "cannot clean the outbox");
+    for round in 1..=CLEAN_ROUNDS {
+        let started = Instant::now();
+        match outbox::delete_published_before(&args.db, before, CLEAN_BATCH).await {
+            Ok(removed) if removed == CLEAN_BATCH && round < CLEAN_ROUNDS => {
+                let rest = started.elapsed().clamp(PURGE_REST_MIN, PURGE_REST_MAX);
+                tokio::time::sleep(rest).await;
+            }
+            Ok(_) => return,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot clean the outbox");
+                return;
+            }
+        }
     }
 }
 

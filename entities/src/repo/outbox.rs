@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select, sea_query::Expr,
+    QuerySelect, Select,
+    sea_query::{Expr, Query},
 };
 use uuid::Uuid;
 
@@ -90,13 +91,24 @@ pub async fn unpublished(
         .await?)
 }
 
-/// Removes events published before `before` (retention); returns how many.
+/// Removes up to `limit` events published before `before` (retention); returns how many.
+///
+/// One bounded round: after downtime a day of published events is due at once, and one DELETE
+/// of them all would hold SQLite's only write lock for seconds. The caller repeats it while a
+/// round removes `limit`.
 pub async fn delete_published_before(
     db: &impl ConnectionTrait,
     before: DateTime<Utc>,
+    limit: u64,
 ) -> Result<u64, RepoError> {
+    let round = Query::select()
+        .column(outbox_event::Column::Id)
+        .from(outbox_event::Entity)
+        .and_where(outbox_event::Column::PublishedAt.lt(before))
+        .limit(limit)
+        .to_owned();
     let result = outbox_event::Entity::delete_many()
-        .filter(outbox_event::Column::PublishedAt.lt(before))
+        .filter(outbox_event::Column::Id.in_subquery(round))
         .exec(db)
         .await?;
     Ok(result.rows_affected)
