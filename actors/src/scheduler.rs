@@ -640,10 +640,10 @@ fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::Ac
 }
 
 /// Deletes every final notification last changed before `cutoff`, with its attempts, `batch` at a
-/// time until fewer than `batch` were left, and returns how many went. Between two batches it
-/// rests as long as the last one took (at least [`PURGE_REST_MIN`], at most [`PURGE_REST_MAX`]):
-/// on SQLite each DELETE holds the only write lock, so other writers get it at least half the
-/// time. Stops after the current batch once `stop` is cancelled (the engine is stopping).
+/// time until fewer than `batch` were left to choose, and returns how many went. Between two
+/// batches it rests as long as the last one took (at least [`PURGE_REST_MIN`], at most
+/// [`PURGE_REST_MAX`]): on SQLite each DELETE holds the only write lock, so other writers get it
+/// at least half the time. Stops after the current batch once `stop` is cancelled (the engine is stopping).
 pub async fn purge(
     db: &DatabaseConnection,
     cutoff: chrono::DateTime<Utc>,
@@ -654,9 +654,11 @@ pub async fn purge(
     let mut total = 0u64;
     while !stop.is_cancelled() {
         let started = Instant::now();
-        let removed = repo::schedule::purge_before(db, cutoff, batch).await?;
-        total += removed;
-        if removed < batch {
+        let purged = repo::schedule::purge_before(db, cutoff, batch).await?;
+        total += purged.removed;
+        // Fewer chosen than asked for: none are left. Fewer removed only says that some chosen
+        // changed meanwhile; more may be left behind them.
+        if purged.chosen < batch {
             break;
         }
         let rest = started.elapsed().clamp(PURGE_REST_MIN, PURGE_REST_MAX);

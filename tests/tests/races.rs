@@ -117,10 +117,15 @@ async fn a_notification_replayed_while_retention_runs_is_kept() {
     a_writer_waits_for_a_lock(&database, &db).await;
     assert!(!purge.is_finished(), "retention waits for the replay");
     replay.commit().await.expect("replay committed");
-    purge
+    let purged = purge
         .await
         .expect("retention ran")
         .expect("retention succeeded");
+    let expected = repo::schedule::Purged {
+        chosen: 2,
+        removed: 1,
+    };
+    assert_eq!(purged, expected, "both chosen, the replayed one kept");
 
     let replayed = repo::notifications::find(&db, dead_id)
         .await
@@ -140,6 +145,67 @@ async fn a_notification_replayed_while_retention_runs_is_kept() {
         .await
         .expect("attempts counted");
     assert_eq!(attempts, 0, "its attempts went with it");
+}
+
+/// A retention run whose batch held a notification replayed meanwhile went no further: it
+/// stopped when a batch removed fewer than it chose, taken for the last batch, and left the old
+/// notifications behind it for the next run. It now stops only when fewer are left to choose.
+#[tokio::test]
+async fn a_retention_run_goes_on_past_a_notification_replayed_meanwhile() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = migrated(database.url()).await.expect("database migrated");
+    // The dead one is the oldest and stored first, so the first batch of one chooses it (read
+    // on the index on `created_at`, or in the table's order).
+    let old = |status, days| herald_entities::repo::notifications::NewNotification {
+        status,
+        created_at: Utc::now() - chrono::Duration::days(days),
+        ..queued_notification(None)
+    };
+    let dead = old(NotificationStatus::Dead, 31);
+    let sent = old(NotificationStatus::Sent, 30);
+    let (dead_id, sent_id) = (dead.id, sent.id);
+    repo::notifications::insert_many(&db, vec![dead, sent])
+        .await
+        .expect("stored");
+
+    let replayer = herald_entities::connect(database.url(), 1)
+        .await
+        .expect("second pool");
+    let replay = replayer.begin().await.expect("replay begins");
+    let pending = repo::dead_letters::PendingReplay::new(1);
+    assert!(
+        repo::dead_letters::requeue_dead(&replay, dead_id, &pending)
+            .await
+            .expect("requeued"),
+    );
+    let purge = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let cutoff = Utc::now() - chrono::Duration::days(1);
+            let stop = tokio_util::sync::CancellationToken::new();
+            herald_actors::scheduler::purge(&db, cutoff, 1, &stop).await
+        }
+    });
+    a_writer_waits_for_a_lock(&database, &db).await;
+    replay.commit().await.expect("replay committed");
+    let removed = purge
+        .await
+        .expect("retention ran")
+        .expect("retention succeeded");
+
+    assert_eq!(removed, 1, "the old sent notification went");
+    assert!(
+        repo::notifications::find(&db, sent_id)
+            .await
+            .expect("read")
+            .is_none(),
+        "the old sent notification behind the replayed one is gone"
+    );
+    let replayed = repo::notifications::find(&db, dead_id)
+        .await
+        .expect("read")
+        .expect("the replayed notification is kept");
+    assert_eq!(replayed.status, NotificationStatus::Queued);
 }
 
 /// An instance whose page outlived its lease, while another took the batch over, changed the

@@ -276,16 +276,27 @@ pub fn purge_query(cutoff: DateTime<Utc>, limit: u64) -> Select<notification::En
         .limit(limit)
 }
 
+/// What one [`purge_before`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Notifications its read chose (at most its `limit`).
+    pub chosen: u64,
+    /// Notifications it deleted: those chosen that were still old and final.
+    pub removed: u64,
+}
+
 /// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts
 /// (`ON DELETE CASCADE`), and done batches older than `cutoff`. Returns how many notifications
-/// went. The DELETE repeats the conditions of the read that chose them, so a notification that
-/// moved meanwhile (a dead letter replayed to `queued`) is kept.
+/// it chose and how many went. The DELETE repeats the conditions of the read that chose them, so
+/// a notification that moved meanwhile (a dead letter replayed to `queued`) is kept: fewer
+/// removed than chosen does not mean that fewer are left.
 pub async fn purge_before(
     db: &impl ConnectionTrait,
     cutoff: DateTime<Utc>,
     limit: u64,
-) -> Result<u64, RepoError> {
+) -> Result<Purged, RepoError> {
     let ids: Vec<Uuid> = purge_query(cutoff, limit).into_tuple().all(db).await?;
+    let chosen = ids.len() as u64;
     let mut removed = 0;
     if !ids.is_empty() {
         removed = notification::Entity::delete_many()
@@ -300,5 +311,5 @@ pub async fn purge_before(
         .filter(batch::Column::UpdatedAt.lt(cutoff))
         .exec(db)
         .await?;
-    Ok(removed)
+    Ok(Purged { chosen, removed })
 }
