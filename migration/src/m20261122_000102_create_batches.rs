@@ -78,6 +78,13 @@ impl MigrationTrait for Migration {
             .drop_table(Table::drop().table(Batches::Table).to_owned())
             .await
     }
+
+    /// All of it or nothing, on SQLite too (which gets no transaction unasked): stopped after the
+    /// `ALTER TABLE`, the column stayed, the migration was not recorded, and every later run
+    /// failed on adding the column again.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
 }
 
 #[derive(DeriveIden)]

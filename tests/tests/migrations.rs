@@ -195,6 +195,55 @@ async fn batch_request_ids_are_unique_when_given() {
     );
 }
 
+/// `m20261122_000102` adds `notifications.batch_id`, then indexes it. On SQLite it ran in no
+/// transaction: a run that failed (or stopped) after the `ALTER TABLE` left the column without
+/// the migration recorded, and every later start failed on "duplicate column name". It now runs
+/// in one transaction, so the failed run leaves nothing and the next one applies it whole.
+/// PostgreSQL runs migrations in a transaction unasked.
+#[tokio::test]
+async fn a_failed_bulk_batches_migration_can_run_again() {
+    use herald_migration::{Migrator, MigratorTrait};
+    use sea_orm::ConnectionTrait;
+
+    let db = TestDatabase::from_env().await.expect("database");
+    if db.kind() != herald_tests::DatabaseKind::Sqlite {
+        eprintln!(
+            "skipped on {:?}: it runs migrations in a transaction unasked",
+            db.kind()
+        );
+        return;
+    }
+    let conn = herald_entities::connect(db.url(), 1)
+        .await
+        .expect("connected");
+    let position = Migrator::migrations()
+        .iter()
+        .position(|m| m.name() == "m20261122_000102_create_batches")
+        .expect("the bulk batches migration");
+    let before = u32::try_from(position).expect("a few migrations");
+    Migrator::up(&conn, Some(before))
+        .await
+        .expect("migrated up to it");
+    // Its last statement fails after the `ALTER TABLE`: a table has the name of its index, which
+    // SQLite refuses even with `IF NOT EXISTS`.
+    let obstacle = "idx_notifications_batch_status";
+    conn.execute_unprepared(&format!("CREATE TABLE {obstacle} (n INTEGER)"))
+        .await
+        .expect("obstacle created");
+    Migrator::up(&conn, Some(1))
+        .await
+        .expect_err("the index cannot be created");
+    conn.execute_unprepared(&format!("DROP TABLE {obstacle}"))
+        .await
+        .expect("obstacle dropped");
+    Migrator::up(&conn, None)
+        .await
+        .expect("the migration, run again, and every later one applied");
+    conn.execute_unprepared("SELECT batch_id FROM notifications")
+        .await
+        .expect("notifications.batch_id exists");
+}
+
 /// `m20261206_001101` gives notifications and batches a nullable request fingerprint: rows
 /// without one are stored as before, a fingerprint is kept, and rolled back and migrated again
 /// the rows stay, without one (a request repeating theirs is taken for a repeat).
