@@ -30,6 +30,7 @@ mod m20261206_000901_attempts_created_at_index;
 mod m20261206_001001_batches_request_id;
 mod m20261206_001101_request_fingerprints;
 mod m20261207_001201_outbox_ordering_key;
+mod m20261207_001301_history_filter_indexes;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -57,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_001001_batches_request_id::Migration),
             Box::new(m20261206_001101_request_fingerprints::Migration),
             Box::new(m20261207_001201_outbox_ordering_key::Migration),
+            Box::new(m20261207_001301_history_filter_indexes::Migration),
         ]
     }
 }

@@ -118,6 +118,24 @@ fn delivered_listing() -> SelectStatement {
     history::page(&filter, None, 50).into_query()
 }
 
+/// The first page of one category's notifications, of all customers.
+fn category_listing() -> SelectStatement {
+    let filter = history::HistoryFilter {
+        category: Some("marketing".into()),
+        ..Default::default()
+    };
+    history::page(&filter, None, 50).into_query()
+}
+
+/// A later page of the notifications one channel carried, of all customers.
+fn channel_listing() -> SelectStatement {
+    let filter = history::HistoryFilter {
+        channel: Some("sms".into()),
+        ..Default::default()
+    };
+    history::page(&filter, Some(Uuid::now_v7()), 50).into_query()
+}
+
 /// The dashboard's provider outcomes of the last hour (its `/channels` page).
 fn attempt_outcomes() -> SelectStatement {
     activity::attempt_outcomes_query(Utc::now() - Duration::hours(1)).into_query()
@@ -190,6 +208,11 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
 
     let index = "idx_notifications_delivered";
     assert_planned_on(&txn, kind, &delivered_listing(), index, "listing Delivered").await;
+
+    let index = "idx_notifications_category";
+    assert_planned_on(&txn, kind, &category_listing(), index, "listing a category").await;
+    let index = "idx_notifications_final_channel";
+    assert_planned_on(&txn, kind, &channel_listing(), index, "listing a channel").await;
 
     let filter = history::HistoryFilter {
         customer_id: Some("customer-1".into()),
@@ -297,6 +320,7 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
             ("idx_notifications_scheduled_due", "scheduled_at"),
             ("idx_notifications_recipient_sent_at", "sent_at"),
             ("idx_notifications_delivered", "id"),
+            ("idx_notifications_category", "category"),
         ] {
             db.execute_unprepared(&format!(
                 "CREATE INDEX {index} ON notifications ({column}); \
@@ -325,6 +349,12 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let new = "idx_notifications_delivered";
     let what = "listing Delivered, migrated again";
     assert_planned_afresh(url, kind, &delivered_listing(), new, what).await;
+    let new = "idx_notifications_category";
+    let what = "listing a category, migrated again";
+    assert_planned_afresh(url, kind, &category_listing(), new, what).await;
+    let new = "idx_notifications_final_channel";
+    let what = "listing a channel, migrated again";
+    assert_planned_afresh(url, kind, &channel_listing(), new, what).await;
     let new = "idx_delivery_attempts_created_at";
     let what = "the provider outcomes, migrated again";
     assert_planned_afresh(url, kind, &attempt_outcomes(), new, what).await;
