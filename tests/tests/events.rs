@@ -1158,6 +1158,63 @@ async fn an_outbox_row_nats_refuses_does_not_hold_back_the_rows_after_it() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Published outbox rows past their retention are removed a bounded round at a time: one DELETE
+/// of all of them (after downtime, a day of events) held SQLite's only write lock for seconds,
+/// refusing API writes and holding up the StatusWriter meanwhile. Rows not published, or published
+/// recently, stay.
+#[tokio::test]
+async fn old_published_outbox_rows_are_removed_in_bounded_rounds() {
+    use herald_entities::{outbox_event, repo::outbox};
+    use sea_orm::{ActiveValue::Set, EntityTrait};
+    const OLD: usize = 2_500;
+    const ROUND: u64 = 1_000;
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let now = chrono::Utc::now();
+    let long_ago = now - chrono::Duration::days(2);
+    let row = |published_at| outbox_event::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        subject: Set("events.orders.created".into()),
+        payload: Set(json!({})),
+        created_at: Set(long_ago),
+        published_at: Set(published_at),
+        ordering_key: Set(None),
+    };
+    let kept = [row(Some(now)), row(None)];
+    let kept_ids: std::collections::HashSet<Uuid> =
+        kept.iter().map(|row| *row.id.as_ref()).collect();
+    let rows: Vec<_> = (0..OLD).map(|_| row(Some(long_ago))).chain(kept).collect();
+    for chunk in rows.chunks(500) {
+        outbox_event::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(&db)
+            .await
+            .expect("rows stored");
+    }
+
+    let before = now - chrono::Duration::days(1);
+    let mut rounds = Vec::new();
+    while rounds.len() < 4 {
+        let removed = outbox::delete_published_before(&db, before, ROUND)
+            .await
+            .expect("a round removed");
+        rounds.push(removed);
+        if removed < ROUND {
+            break;
+        }
+    }
+    assert_eq!(rounds, [1_000, 1_000, 500], "rounds of at most {ROUND}");
+    let left: std::collections::HashSet<Uuid> = outbox_event::Entity::find()
+        .all(&db)
+        .await
+        .expect("rows read")
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(left, kept_ids, "the unpublished and the recent ones stay");
+}
+
 /// The statuses of order `number`'s `orders.status_changed` events in the `EVENTS` stream, in
 /// stream order (the order the router is handed them).
 async fn status_events(nats: &NatsServer, number: &str) -> Vec<String> {
@@ -1293,61 +1350,6 @@ async fn an_outbox_row_nats_refuses_holds_back_the_later_events_of_its_order() {
         "7101's paid waits behind its refused orders.created"
     );
     w.herald.shutdown().await.expect("clean shutdown");
-
-/// Published outbox rows past their retention are removed a bounded round at a time: one DELETE
-/// of all of them (after downtime, a day of events) held SQLite's only write lock for seconds,
-/// refusing API writes and holding up the StatusWriter meanwhile. Rows not published, or published
-/// recently, stay.
-#[tokio::test]
-async fn old_published_outbox_rows_are_removed_in_bounded_rounds() {
-    use herald_entities::{outbox_event, repo::outbox};
-    use sea_orm::{ActiveValue::Set, EntityTrait};
-    const OLD: usize = 2_500;
-    const ROUND: u64 = 1_000;
-    let database = TestDatabase::from_env().await.expect("database");
-    let db = herald_tests::migrated(database.url())
-        .await
-        .expect("migrated");
-    let now = chrono::Utc::now();
-    let long_ago = now - chrono::Duration::days(2);
-    let row = |published_at| outbox_event::ActiveModel {
-        id: Set(Uuid::now_v7()),
-        subject: Set("events.orders.created".into()),
-        payload: Set(json!({})),
-        created_at: Set(long_ago),
-        published_at: Set(published_at),
-    };
-    let kept = [row(Some(now)), row(None)];
-    let kept_ids: std::collections::HashSet<Uuid> =
-        kept.iter().map(|row| *row.id.as_ref()).collect();
-    let rows: Vec<_> = (0..OLD).map(|_| row(Some(long_ago))).chain(kept).collect();
-    for chunk in rows.chunks(500) {
-        outbox_event::Entity::insert_many(chunk.to_vec())
-            .exec_without_returning(&db)
-            .await
-            .expect("rows stored");
-    }
-
-    let before = now - chrono::Duration::days(1);
-    let mut rounds = Vec::new();
-    while rounds.len() < 4 {
-        let removed = outbox::delete_published_before(&db, before, ROUND)
-            .await
-            .expect("a round removed");
-        rounds.push(removed);
-        if removed < ROUND {
-            break;
-        }
-    }
-    assert_eq!(rounds, [1_000, 1_000, 500], "rounds of at most {ROUND}");
-    let left: std::collections::HashSet<Uuid> = outbox_event::Entity::find()
-        .all(&db)
-        .await
-        .expect("rows read")
-        .into_iter()
-        .map(|row| row.id)
-        .collect();
-    assert_eq!(left, kept_ids, "the unpublished and the recent ones stay");
 }
 
 /// A message too large to be copied into a dead letter (with the dead letter's headers it would
