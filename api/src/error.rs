@@ -99,6 +99,18 @@ impl ApiError {
         )))
     }
 
+    /// 413, for a send whose command the NATS server refuses as larger than its `max_payload`
+    /// (`reason` gives the sizes): however often it is tried, it is refused.
+    pub fn larger_than_nats_takes(reason: &str) -> Self {
+        Self::PayloadTooLarge(Json(body(
+            "payload_too_large",
+            format!(
+                "the notification is larger than the NATS server takes ({reason}); nothing was \
+                 accepted: send less, or raise the server's max_payload"
+            ),
+        )))
+    }
+
     /// 422: the request id `request_id`, given as `field` (`request_id` or `Idempotency-Key`), was
     /// used before for a different request; `earlier` names what it stored (`notification`,
     /// `batch`).

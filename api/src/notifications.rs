@@ -467,7 +467,8 @@ async fn publish(
 }
 
 /// Answers a send whose publish reported a failure: removes its notification and answers 503
-/// (nothing was accepted), unless the notification is no longer there to remove, unconfirmed and
+/// (nothing was accepted; 413 when the command is larger than the NATS server's `max_payload`,
+/// which no retry mends), unless the notification is no longer there to remove, unconfirmed and
 /// `queued`: a dispatcher claimed it (the command got out and only its acknowledgement was
 /// lost), a Scheduler claimed it to publish it, or a repeat of the request published it. Then it
 /// is going out, so the answer is 202 with it, as for any accepted send; a 503 would have the
@@ -482,7 +483,12 @@ async fn publish_failed(
     };
     if repo::delete_unpublished(&state.db, id).await? {
         tracing::warn!(%id, error = %err, "cannot publish; not accepted");
-        return Err(unavailable());
+        return Err(match err {
+            herald_nats::NatsError::TooLarge { reason, .. } => {
+                ApiError::larger_than_nats_takes(reason)
+            }
+            _ => unavailable(),
+        });
     }
     let Some(row) = repo::find(&state.db, id).await? else {
         tracing::warn!(%id, error = %err, "cannot publish, and the notification is gone");

@@ -870,6 +870,43 @@ async fn content_too_large_as_a_command_is_refused_and_nothing_is_stored() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A send whose command is within Herald's limit but larger than the NATS server's `max_payload`
+/// is refused with 413 naming `max_payload`, and nothing is stored: the server refuses it however
+/// often it is tried, so a 503 ("retry later") would have the client retry it for ever.
+#[tokio::test]
+async fn a_send_larger_than_the_nats_server_takes_is_refused_with_413() {
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald starts");
+    let mut send = email("ada@example.com", Some("c-large"), "transactional");
+    send["content"]["text"] = json!("x".repeat(80_000));
+    send["request_id"] = json!("large-1");
+    let (status, refused) = herald.send(&send).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
+    assert_eq!(refused["code"], "payload_too_large", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("max_payload") && message.contains("65536"),
+        "names the server's limit: {refused}"
+    );
+    let (status, page) = herald
+        .get("/api/v1/notifications?customer_id=c-large")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"], json!([]), "nothing stored: {page}");
+    // A send the server takes goes out as usual.
+    send["content"]["text"] = json!("x".repeat(1_000));
+    send["request_id"] = json!("large-2");
+    let id = herald.send_accepted(&send).await;
+    herald.wait_status(&id, "sent").await;
+    herald.shutdown().await.expect("shutdown");
+}
+
 /// Request ids beginning `event:` are the Router's (event and rule): a caller's send may not take
 /// one, or the event's own notification would be taken for a repeat and never made.
 #[tokio::test]
