@@ -4,7 +4,8 @@
 //! on the database or NATS):
 //! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
 //!    instances never both take one), publishes their commands rebuilt from the row, then clears
-//!    the claim mark; a failed publish gives the claim back. Claims left unconfirmed by an
+//!    the claim mark; a failed publish gives the claim back, but one NATS refuses as larger than
+//!    its `max_payload` fails the notification (no retry would publish it). Claims left unconfirmed by an
 //!    instance that stopped mid-way, and API sends and dead-letter replays still marked as not
 //!    yet published (their request stopped between storing and publishing), are published again
 //!    after `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did
@@ -291,7 +292,7 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     if rows.is_empty() {
         return Ok(());
     }
-    let mut unreadable = Vec::new();
+    let mut unpublishable = Vec::new();
     let mut commands = Vec::new();
     for row in &rows {
         match repo::notifications::send_command(row).map_err(|e| e.to_string()) {
@@ -303,34 +304,70 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
                     attempts_before: row.attempts,
                 }),
             }),
-            Err(reason) => unreadable.push(StatusChange {
-                reason: Some(format!("scheduled notification unreadable: {reason}")),
-                error: Some(reason),
-                ..StatusChange::to(row.id, NotificationStatus::Failed)
-            }),
+            Err(reason) => unpublishable.push(failure(
+                row.id,
+                format!("scheduled notification unreadable: {reason}"),
+                reason,
+            )),
         }
     }
-    if !unreadable.is_empty() {
-        let applied = status_batch::apply(&args.db, &unreadable, &[])
-            .await
-            .map_err(|e| e.to_string())?;
-        use crate::status_writer::{moved_events, publish_events};
-        publish_events(&args.publisher, moved_events(&applied, &unreadable));
-    }
-    let (published, failed) = publish_all(&args.publisher, &commands).await;
-    metrics::counter!("herald_scheduled_released_total").increment(published.len() as u64);
-    confirm(args, &commands, &published)
+    fail(args, &unpublishable).await?;
+    let published = publish_all(&args.publisher, &commands).await;
+    metrics::counter!("herald_scheduled_released_total").increment(published.done.len() as u64);
+    confirm(args, &commands, &published.done)
         .await
         .map_err(|e| e.to_string())?;
-    if !failed.is_empty() {
+    if !published.failed.is_empty() {
         tracing::warn!(
-            failed = failed.len(),
+            failed = published.failed.len(),
             "scheduler: could not publish; will retry"
         );
-        repo::schedule::unclaim(&args.db, &failed)
+        repo::schedule::unclaim(&args.db, &published.failed)
             .await
             .map_err(|e| e.to_string())?;
     }
+    fail_too_large(args, published.too_large).await
+}
+
+/// Fails the notifications whose commands NATS refused as larger than its `max_payload`.
+async fn fail_too_large(args: &SchedulerArgs, refused: Vec<(Uuid, String)>) -> Result<(), String> {
+    let changes: Vec<StatusChange> = refused
+        .into_iter()
+        .map(|(id, reason)| {
+            tracing::warn!(%id, %reason, "scheduler: command larger than NATS takes; failed");
+            failure(
+                id,
+                format!(
+                    "larger than the NATS server takes ({reason}): send less, or raise the \
+                     server's max_payload"
+                ),
+                reason,
+            )
+        })
+        .collect();
+    fail(args, &changes).await
+}
+
+/// The change of notification `id` to `failed`, with `reason` shown and `error` recorded.
+fn failure(id: Uuid, reason: String, error: String) -> StatusChange {
+    StatusChange {
+        reason: Some(reason),
+        error: Some(error),
+        ..StatusChange::to(id, NotificationStatus::Failed)
+    }
+}
+
+/// Fails the notifications no publish can send (unreadable, or larger than NATS takes), and
+/// publishes their status events.
+async fn fail(args: &SchedulerArgs, changes: &[StatusChange]) -> Result<(), String> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let applied = status_batch::apply(&args.db, changes, &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    use crate::status_writer::{moved_events, publish_events};
+    publish_events(&args.publisher, moved_events(&applied, changes));
     Ok(())
 }
 
@@ -400,21 +437,35 @@ async fn confirm(
     repo::schedule::confirm_published(&args.db, &first).await
 }
 
-/// Publishes commands concurrently (acks pipelined); returns the ids published and those not.
-async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> (Vec<Uuid>, Vec<Uuid>) {
+/// What became of a round's publishes.
+#[derive(Debug, Default)]
+struct Published {
+    /// Published.
+    done: Vec<Uuid>,
+    /// Not published, for now (NATS unavailable): tried again.
+    failed: Vec<Uuid>,
+    /// Refused as larger than the server's `max_payload`, with the client's reason: no retry
+    /// can publish them.
+    too_large: Vec<(Uuid, String)>,
+}
+
+/// Publishes commands concurrently (acks pipelined).
+async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> Published {
     let results =
         futures::future::join_all(commands.iter().map(|outgoing| outgoing.publish(publisher)))
             .await;
-    let mut published = Vec::new();
-    let mut failed = Vec::new();
+    let mut published = Published::default();
     for (outgoing, result) in commands.iter().zip(results) {
         let id = outgoing.command.notification_id;
         match result {
-            Ok(()) => published.push(id),
-            Err(_) => failed.push(id),
+            Ok(()) => published.done.push(id),
+            Err(herald_nats::NatsError::TooLarge { reason, .. }) => {
+                published.too_large.push((id, reason))
+            }
+            Err(_) => published.failed.push(id),
         }
     }
-    (published, failed)
+    published
 }
 
 /// How long a bulk batch rests after its first failed page in a row; doubled with each further
@@ -534,14 +585,17 @@ async fn pages(
         // Counted when stored: the rows of a page redone (after a failed publish, or by another
         // instance that took the batch) exist already and are not new.
         metrics::counter!("herald_notifications_accepted_total", "source" => "bulk").increment(new);
-        let (published, failed) = publish_all(&args.publisher, &commands).await;
-        if !failed.is_empty() {
+        let published = publish_all(&args.publisher, &commands).await;
+        if !published.failed.is_empty() {
             return Err(format!(
                 "batch {}: {} commands not published",
                 batch.id,
-                failed.len()
+                published.failed.len()
             ));
         }
+        // Not sent, ever: failed, and the batch goes on.
+        fail_too_large(args, published.too_large).await?;
+        let published = published.done;
         let count = batch.published + published.len() as i64;
         let now = (args.clock)();
         let cursor = cursor.unwrap_or_else(|| batch.cursor.clone().unwrap_or_default());

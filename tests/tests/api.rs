@@ -872,7 +872,8 @@ async fn content_too_large_as_a_command_is_refused_and_nothing_is_stored() {
 
 /// A send whose command is within Herald's limit but larger than the NATS server's `max_payload`
 /// is refused with 413 naming `max_payload`, and nothing is stored: the server refuses it however
-/// often it is tried, so a 503 ("retry later") would have the client retry it for ever.
+/// often it is tried, so a 503 ("retry later") would have the client retry it for ever. A
+/// scheduled one, and a bulk send's, accepted before they are published, fail when published.
 #[tokio::test]
 async fn a_send_larger_than_the_nats_server_takes_is_refused_with_413() {
     let nats = NatsServer::start_with_config("max_payload: 65536", &[])
@@ -904,6 +905,44 @@ async fn a_send_larger_than_the_nats_server_takes_is_refused_with_413() {
     send["request_id"] = json!("large-2");
     let id = herald.send_accepted(&send).await;
     herald.wait_status(&id, "sent").await;
+    // A scheduled one is published only when due: then it fails, naming the limit, instead of
+    // being tried again every round for ever.
+    send["content"]["text"] = json!("x".repeat(80_000));
+    send["request_id"] = json!("large-3");
+    send["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::seconds(1)).to_rfc3339());
+    let id = herald.send_accepted(&send).await;
+    let failed = herald.wait_status(&id, "failed").await;
+    let reason = failed["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("max_payload") && reason.contains("65536"),
+        "names the server's limit: {failed}"
+    );
+    // So does a bulk send's, page by page, and the batch finishes instead of resting for ever.
+    let (status, bulk) = herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "category": "marketing",
+                "channels": ["email"],
+                "recipients": [{ "email": "a@example.com" }, { "email": "b@example.com" }],
+                "content": { "subject": "Sale", "text": "x".repeat(80_000) },
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{bulk}");
+    let batch = bulk["batch_id"].as_str().expect("batch_id").to_string();
+    eventually(
+        "the batch to finish, its notifications failed",
+        E2E_TIMEOUT,
+        || async {
+            let (_, json) = herald.get(&format!("/api/v1/batches/{batch}")).await;
+            (json["status"] == "done"
+                && json["counts"] == json!([{ "status": "failed", "count": 2 }]))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(smtp.count(), 1, "only the send the server took went out");
     herald.shutdown().await.expect("shutdown");
 }
 
