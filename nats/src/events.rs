@@ -43,8 +43,9 @@ pub const EVENT_TYPES: [&str; 5] = [
 /// Longest customer id accepted, as in the API.
 const MAX_ID: usize = 200;
 
-/// An external id's pattern in the JSON Schemas: not blank, no `/` (see [`external_id`]).
-const EXTERNAL_ID_PATTERN: &str = r"^[^/]*[^/\s][^/]*$";
+/// An external id's pattern in the JSON Schemas: no `/`, and neither blank nor beginning or ending
+/// with white space (see [`external_id`]).
+const EXTERNAL_ID_PATTERN: &str = r"^[^/\s]([^/]*[^/\s])?$";
 
 /// One line of an order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -320,8 +321,9 @@ fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
     }
 }
 
-/// Refuses a customer id the API would refuse: blank, longer than 200 characters, or holding a
-/// `/` (the API puts ids in paths, `/customers/{id}`). No customer can have such an id, so an
+/// Refuses a customer id the API would refuse or could not have stored: blank, longer than 200
+/// characters, holding a `/` (the API puts ids in paths, `/customers/{id}`), or beginning or ending
+/// with white space (the API trims ids). No customer can have such an id, so an
 /// event naming one could never be routed. The error names `field`. (An order number in an
 /// event is only shown, so it is not held to the orders API's rule.)
 pub fn external_id(field: &str, value: &str) -> Result<(), String> {
@@ -331,6 +333,11 @@ pub fn external_id(field: &str, value: &str) -> Result<(), String> {
     if value.contains('/') {
         return Err(format!(
             "{field} must not contain '/' (the API refuses it in ids, so none can have it)"
+        ));
+    }
+    if value.trim() != value {
+        return Err(format!(
+            "{field} must not begin or end with white space (the API trims ids, so none has it)"
         ));
     }
     Ok(())
@@ -744,6 +751,16 @@ mod tests {
         assert!(
             slash.contains("customer_id must not contain '/'"),
             "{slash}"
+        );
+        let spaced = order(" c-1", "A-1").unwrap_err().to_string();
+        assert!(
+            spaced.contains("customer_id must not begin or end with white space"),
+            "{spaced}"
+        );
+        assert!(order("c-1\t", "A-1").is_err());
+        assert!(
+            order("c 1", "A-1").is_ok(),
+            "a space inside is the API's too"
         );
         let long = order(&"9".repeat(MAX_ID + 1), "A-1")
             .unwrap_err()
