@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use herald_actors::channel::telegram::TelegramConfig;
+use herald_entities::repo::notifications;
 use herald_entities::{NotificationStatus, PING_WHEN_IDLE_FOR, notification};
 use herald_nats::SendCommand;
 use herald_tests::{
@@ -156,6 +157,103 @@ async fn a_database_outage_holds_unwritten_work_and_recovers_without_loss() {
         .await;
     herald.wait_status(&id, "sent").await;
     herald.shutdown().await.expect("shutdown");
+}
+
+/// How long a send may take to be refused while the database is down. README's *Operations*: "a
+/// query waits at most 10 s for a pooled connection, so the API answers `503` rather than
+/// hanging". Twice that, as a check that the request does not hang, not a measure of speed.
+const SEND_REFUSED_WITHIN: Duration = Duration::from_secs(20);
+/// The request id of the send refused during the outage and repeated after it.
+const OUTAGE_REQUEST_ID: &str = "outage-retry-1";
+
+/// A send while the database is down is refused with `503 unavailable` within a bound instead of
+/// hanging, as README's *Operations* says, and nothing of it is stored or sent; the client's retry
+/// with the same request id once the database is back is accepted and mailed once. (PostgreSQL:
+/// unreachable behind a cut proxy, so the send waits out the pool's acquire timeout; SQLite:
+/// write-locked by another connection, so its insert waits out the busy timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_while_the_database_is_down_answers_503_and_its_retry_is_sent_once() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut outage = DatabaseOutage::new(&db).await.expect("outage control");
+    let mut config = test_config(&nats, &db, &smtp);
+    config.database.url = outage.url().to_string();
+    let herald = TestHerald::start(config).await.expect("herald");
+    // The test's own view of the database goes around the outage.
+    let direct = herald_entities::connect(db.url(), 2)
+        .await
+        .expect("direct db connection");
+    let send = json!({
+        "request_id": OUTAGE_REQUEST_ID,
+        "recipient": {"email": "retry@example.com"},
+        "category": "transactional",
+        "channels": ["email"],
+        "content": {"subject": "Retry", "text": "Sent once the database is back."}
+    });
+
+    outage.begin().await.expect("database outage begins");
+    // The outage's length is the condition under test, not a wait for an event: once it has lasted
+    // longer than that idle time, the pool checks its connections before use, finds them dead and
+    // has to open one, which is what a query waits for at most 10 s. (A send at once meets a dead
+    // pooled connection and fails in milliseconds.)
+    tokio::time::sleep(PING_WHEN_IDLE_FOR + Duration::from_millis(200)).await;
+    let sending = Instant::now();
+    let (status, refused) = tokio::time::timeout(
+        SEND_REFUSED_WITHIN,
+        send_unhurried(&herald, &send),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "POST /api/v1/notifications did not answer within {SEND_REFUSED_WITHIN:?} while \
+                 the database was down: the request hangs instead of answering 503"
+        )
+    });
+    let took = sending.elapsed();
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a send during the outage is refused: {refused}"
+    );
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    outage.end().await.expect("database outage ends");
+    eprintln!(
+        "a send during a database outage ({}) refused in {took:?}",
+        db.kind()
+    );
+
+    let stored = notifications::find_by_request_id(&direct, OUTAGE_REQUEST_ID)
+        .await
+        .expect("lookup by request id");
+    assert!(
+        stored.is_none(),
+        "the refused send stored nothing: {stored:?}"
+    );
+    assert_eq!(smtp.count(), 0, "the refused send mailed nothing");
+    eventually("readiness to recover", E2E_TIMEOUT, || async {
+        (herald.get("/health/ready").await.0 == StatusCode::OK).then_some(())
+    })
+    .await;
+    let id = herald.send_accepted(&send).await;
+    herald.wait_status(&id, "sent").await;
+    nats.commands_drained(E2E_TIMEOUT).await;
+    assert_eq!(smtp.count(), 1, "the retry was mailed once");
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// `POST /api/v1/notifications` with the admin key and no client timeout (the harness's client
+/// gives up after 10 s, no longer than a query may wait for the database): the caller bounds it.
+async fn send_unhurried(herald: &TestHerald, body: &Value) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/notifications", herald.base()))
+        .bearer_auth(herald.admin_key())
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("POST /api/v1/notifications failed: {err}"));
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// Every notification whose outcome is not written yet still has its command in `NOTIFY`: nothing
