@@ -254,7 +254,7 @@ impl KeyVerifier {
         if !constant_time_eq(hash_secret(secret).as_bytes(), key.secret_hash.as_bytes()) {
             return Err(unauthorized());
         }
-        self.record_use(prefix, key.id).await;
+        self.record_use(prefix, key.id);
         Ok(Principal {
             key_id: key.id,
             name: key.name,
@@ -280,24 +280,33 @@ impl KeyVerifier {
         };
         let granted = stored.is_some_and(|key| key.id == key_id && grants(&key.scopes, needed));
         if granted {
-            self.record_use(prefix, key_id).await;
+            self.record_use(prefix, key_id);
         }
         Ok(granted)
     }
 
     /// Records that the key with `prefix` authenticated (`last_used_at`): once per cache period
     /// (cheap, and close enough for "last used"), and only once it proved itself, so a request
-    /// with a key's public prefix and a wrong secret does not make an unused key look used.
-    async fn record_use(&self, prefix: &str, key_id: Uuid) {
+    /// with a key's public prefix and a wrong secret does not make an unused key look used. The
+    /// write runs beside the request, not in its way: while the database is slow or its write
+    /// lock is taken, a stamp nobody waits for would otherwise add its whole wait (up to the pool's
+    /// or the lock's timeout) to the request before the request's own queries wait theirs.
+    fn record_use(&self, prefix: &str, key_id: Uuid) {
         let first_since_fetch = {
             let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
             cache
                 .get_mut(prefix)
                 .is_some_and(|entry| !std::mem::replace(&mut entry.use_recorded, true))
         };
-        if first_since_fetch && let Err(err) = api_keys::touch(&self.db, key_id, Utc::now()).await {
-            tracing::warn!(%key_id, error = %err, "cannot record API key use");
+        if !first_since_fetch {
+            return;
         }
+        let db = self.db.clone();
+        tokio::spawn(async move {
+            if let Err(err) = api_keys::touch(&db, key_id, Utc::now()).await {
+                tracing::warn!(%key_id, error = %err, "cannot record API key use");
+            }
+        });
     }
 
     fn cached(&self, prefix: &str) -> Option<Option<StoredKey>> {

@@ -133,6 +133,20 @@ async fn keys_are_required_and_scoped_401_vs_403() {
             .expect("key stored")
             .last_used_at
     };
+    // A use is recorded beside the request, not before its answer: a real use of another key,
+    // made after the forged one, is awaited first, so a forged use would have had its turn too.
+    let witness = new_key(h, "witness", "read").await;
+    let witness_prefix = witness.split('_').nth(1).expect("prefix").to_string();
+    let (status, _) = h
+        .request_with_key(Method::GET, list, Some(&witness), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    eventually(
+        "the witness key's use to be recorded",
+        E2E_TIMEOUT,
+        || async { last_used(&witness_prefix).await },
+    )
+    .await;
     assert_eq!(
         last_used(&unused_prefix).await,
         None,
@@ -142,10 +156,10 @@ async fn keys_are_required_and_scoped_401_vs_403() {
         .request_with_key(Method::GET, list, Some(&unused), None)
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert!(
-        last_used(&unused_prefix).await.is_some(),
-        "a real use not recorded"
-    );
+    eventually("a real use to be recorded", E2E_TIMEOUT, || async {
+        last_used(&unused_prefix).await
+    })
+    .await;
 
     // Revoked by the CLI's logic (by prefix): refused once the short cache period is over.
     let prefix = reader.split('_').nth(1).expect("prefix").to_string();
