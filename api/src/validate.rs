@@ -5,8 +5,9 @@ use herald_nats::Contacts;
 
 use crate::ApiError;
 
-/// Longest external id (customer id, order number) accepted.
-pub const MAX_EXTERNAL_ID: usize = 200;
+/// Longest external id (customer id, order number) accepted: the events' limit, so that every id
+/// the API stores can be named by an event.
+pub use herald_nats::events::MAX_EXTERNAL_ID;
 /// Most push tokens per recipient.
 const MAX_PUSH_TOKENS: usize = 20;
 /// Longest push token, webhook URL or Telegram chat id. A recipient without a customer id is

@@ -40,8 +40,8 @@ pub const EVENT_TYPES: [&str; 5] = [
     MARKETING_CAMPAIGN,
 ];
 
-/// Longest customer id accepted, as in the API.
-const MAX_ID: usize = 200;
+/// Longest external id (a customer id, an order number) in characters, here and in the API.
+pub const MAX_EXTERNAL_ID: usize = 200;
 
 /// An external id's pattern in the JSON Schemas: no `/`, and neither blank nor beginning or ending
 /// with white space (see [`external_id`]).
@@ -327,8 +327,8 @@ fn plain_texts(at: &str, value: &Value) -> Result<(), String> {
 /// event naming one could never be routed. The error names `field`. (An order number in an
 /// event is only shown, so it is not held to the orders API's rule.)
 pub fn external_id(field: &str, value: &str) -> Result<(), String> {
-    if value.trim().is_empty() || value.chars().count() > MAX_ID {
-        return Err(format!("{field} must be 1 to {MAX_ID} characters"));
+    if value.trim().is_empty() || value.chars().count() > MAX_EXTERNAL_ID {
+        return Err(format!("{field} must be 1 to {MAX_EXTERNAL_ID} characters"));
     }
     if value.contains('/') {
         return Err(format!(
@@ -666,7 +666,7 @@ mod tests {
                 &format!(r#"{{"customer_id": "{customer_id}", "ip": "192.0.2.1"}}"#),
             )
         };
-        assert!(DomainEvent::decode(alert("é".repeat(MAX_ID)).as_bytes()).is_ok());
+        assert!(DomainEvent::decode(alert("é".repeat(MAX_EXTERNAL_ID)).as_bytes()).is_ok());
         let nul = err(&alert(r"c-1\u0000".into())).to_string();
         assert!(
             nul.contains("customer_id must not contain control characters (it holds U+0000)"),
@@ -722,7 +722,7 @@ mod tests {
         let script = err(&link("javascript:alert(1)")).to_string();
         assert!(script.contains("url must be an http(s) URL"), "{script}");
         assert!(bell.contains("body") && bell.contains("U+0007"), "{bell}");
-        let long = err(&alert("é".repeat(MAX_ID + 1))).to_string();
+        let long = err(&alert("é".repeat(MAX_EXTERNAL_ID + 1))).to_string();
         assert!(long.contains("customer_id"), "{long}");
     }
 
@@ -762,7 +762,7 @@ mod tests {
             order("c 1", "A-1").is_ok(),
             "a space inside is the API's too"
         );
-        let long = order(&"9".repeat(MAX_ID + 1), "A-1")
+        let long = order(&"9".repeat(MAX_EXTERNAL_ID + 1), "A-1")
             .unwrap_err()
             .to_string();
         assert!(long.contains("customer_id must be 1 to 200"), "{long}");

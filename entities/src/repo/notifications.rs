@@ -412,13 +412,7 @@ pub async fn find_with_attempts(
 /// `true` when it removed the notification; `false` when it was not there to remove in that
 /// state: it stays and is going out (or went), and the request must be answered as accepted.
 pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<bool, RepoError> {
-    let deleted = notification::Entity::delete_many()
-        .filter(notification::Column::Id.eq(id))
-        .filter(notification::Column::Status.eq(NotificationStatus::Queued))
-        .filter(notification::Column::StatusReason.eq(PUBLISH_PENDING))
-        .exec(db)
-        .await?;
-    Ok(deleted.rows_affected > 0)
+    delete_queued(db, id, Some(PUBLISH_PENDING)).await
 }
 
 /// Removes a notification the Router stored whose command the NATS server refuses as larger than
@@ -426,10 +420,21 @@ pub async fn delete_unpublished(db: &impl ConnectionTrait, id: Uuid) -> Result<b
 /// without a `status_reason`, as the Router stores it: no dispatcher has claimed it and nothing
 /// has marked it since. `true` when it removed the notification.
 pub async fn delete_unsent(db: &impl ConnectionTrait, id: Uuid) -> Result<bool, RepoError> {
+    delete_queued(db, id, None).await
+}
+
+/// Removes notification `id` while it is `queued` with `status_reason` (`None`: without one);
+/// `true` when it did.
+async fn delete_queued(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    status_reason: Option<&str>,
+) -> Result<bool, RepoError> {
+    let reason = notification::Column::StatusReason;
     let deleted = notification::Entity::delete_many()
         .filter(notification::Column::Id.eq(id))
         .filter(notification::Column::Status.eq(NotificationStatus::Queued))
-        .filter(notification::Column::StatusReason.is_null())
+        .filter(status_reason.map_or(reason.is_null(), |marked| reason.eq(marked)))
         .exec(db)
         .await?;
     Ok(deleted.rows_affected > 0)
