@@ -1298,6 +1298,69 @@ async fn an_order_event_does_not_overtake_an_older_one_waiting_in_the_outbox() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// The relay publishes an order's waiting events in the order they were written, also when the
+/// API host that wrote the later one has a clock behind the other's (several instances share one
+/// database): the later row is dated after the earlier one, not by the slower clock.
+#[tokio::test]
+async fn an_order_event_written_on_a_host_whose_clock_is_behind_is_relayed_after_the_earlier_one() {
+    use herald_entities::{
+        order::OrderStatus,
+        repo::{
+            orders,
+            outbox::{self, NewOutboxEvent},
+        },
+    };
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = herald_tests::migrated(database.url())
+        .await
+        .expect("migrated");
+    let now = chrono::Utc::now();
+    let event = |id, subject: &str, created_at| NewOutboxEvent {
+        id,
+        subject: subject.into(),
+        payload: json!({}),
+        created_at,
+        ordering_key: "order:9009".into(),
+    };
+    let created = Uuid::now_v7();
+    let row = orders::placed(
+        Uuid::now_v7(),
+        "9009".into(),
+        "c-clock".into(),
+        500,
+        "EUR".into(),
+        json!([]),
+    );
+    orders::create(&db, row, event(created, "events.orders.created", now))
+        .await
+        .expect("order stored");
+    let paid = Uuid::now_v7();
+    let behind = now - chrono::Duration::seconds(5);
+    let update = orders::StatusUpdate {
+        from: OrderStatus::Placed,
+        to: OrderStatus::Paid,
+        tracking_number: None,
+        delivery_estimate: None,
+    };
+    orders::update_status(
+        &db,
+        "9009",
+        update,
+        event(paid, "events.orders.paid", behind),
+    )
+    .await
+    .expect("status stored")
+    .expect("the order was placed");
+
+    let relayed: Vec<Uuid> = outbox::unpublished(&db, now + chrono::Duration::minutes(1), 10)
+        .await
+        .expect("outbox read")
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(relayed, [created, paid], "the order they were written in");
+}
+
 /// A held-back outbox row (larger than the server's `max_payload`) holds back the later events of
 /// its order too, while other orders' events are relayed: the order's `paid` must not reach the
 /// router before its `orders.created`.

@@ -281,6 +281,9 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     let index = "idx_outbox_events_unpublished_key";
     let what = "the orders API's check for an older event of the order";
     assert_planned_on(&txn, kind, &waiting, index, what).await;
+    let latest = outbox::waiting_dates_query("order:1001").into_query();
+    let what = "the outbox's date for an order's next event";
+    assert_planned_on(&txn, kind, &latest, index, what).await;
 
     let retention = schedule::purge_query(now - Duration::days(30), 1_000).into_query();
     let (index, range) = match kind {

@@ -1,6 +1,6 @@
 //! Queries on `outbox_events`.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
@@ -26,12 +26,27 @@ pub struct NewOutboxEvent {
 }
 
 /// Writes an event into the outbox; call it inside the transaction of the change it describes.
+///
+/// The relay publishes a key's rows oldest first, so the row is dated after every unpublished row
+/// of its key: the transaction's change (an order's status) already waits for any earlier one of
+/// the key to commit, but `created_at` comes from the writer's clock, and an API host whose clock
+/// is behind another's would date a later event before an earlier one.
 pub async fn insert(db: &impl ConnectionTrait, event: NewOutboxEvent) -> Result<(), RepoError> {
+    let latest = waiting_dates_query(&event.ordering_key)
+        .into_tuple::<DateTime<Utc>>()
+        .all(db)
+        .await?
+        .into_iter()
+        .max();
+    let created_at = match latest {
+        Some(latest) if latest >= event.created_at => latest + TimeDelta::microseconds(1),
+        _ => event.created_at,
+    };
     outbox_event::Entity::insert(outbox_event::ActiveModel {
         id: Set(event.id),
         subject: Set(event.subject),
         payload: Set(event.payload),
-        created_at: Set(event.created_at),
+        created_at: Set(created_at),
         published_at: Set(None),
         ordering_key: Set(Some(event.ordering_key)),
     })
@@ -74,6 +89,17 @@ pub fn others_waiting_query(ordering_key: &str, id: Uuid) -> Select<outbox_event
         .filter(outbox_event::Column::OrderingKey.eq(ordering_key))
         .filter(outbox_event::Column::Id.ne(id))
         .limit(1)
+}
+
+/// The query for the `created_at` of the unpublished events with the key `ordering_key` (a few
+/// at most: one order's events while NATS was down), on the index of unpublished rows by key. Not
+/// `MAX(created_at)`: for that SQLite walks every unpublished row by date instead.
+pub fn waiting_dates_query(ordering_key: &str) -> Select<outbox_event::Entity> {
+    outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::CreatedAt)
+        .filter(outbox_event::Column::PublishedAt.is_null())
+        .filter(outbox_event::Column::OrderingKey.eq(ordering_key))
 }
 
 /// Unpublished events written before `before`, oldest first, at most `limit`.
