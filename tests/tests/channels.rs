@@ -596,7 +596,7 @@ async fn a_2xx_reply_cut_off_midway_is_sent_once_without_failing_over() {
 
 /// An error reply cut off before its body ends is judged by its status, as if its body said
 /// nothing: a 400 refuses the message for good on every channel, rather than count as passing
-/// trouble that is retried.
+/// trouble that is retried. The attempts of the providers that read the body say it was lost.
 #[tokio::test]
 async fn an_error_reply_cut_off_midway_is_judged_by_its_status() {
     let refusing = CutOffReplies::start("HTTP/1.1 400 Bad Request").await;
@@ -617,6 +617,14 @@ async fn an_error_reply_cut_off_midway_is_judged_by_its_status() {
         "{sent}"
     );
     assert_eq!(refusing.requests(), 4, "each refused once");
+    for attempt in &sent["attempts"].as_array().expect("attempts")[..3] {
+        let error = attempt["error"].as_str().unwrap_or_default();
+        assert!(
+            error.ends_with("(the reply's body was lost midway)"),
+            "{}: {error:?}",
+            attempt["channel"]
+        );
+    }
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -237,9 +237,11 @@ impl TokenSource {
             status,
             retry_after,
             bytes,
+            body_lost,
         } = http::exchange(request).await?;
         if !status.is_success() {
-            let reason = format!("{endpoint}, HTTP {status}: {}", http::snippet(&bytes, 200));
+            let body = http::body_snippet(&bytes, body_lost, 200);
+            let reason = format!("{endpoint}, HTTP {status}: {body}");
             return Err(http::status_error(status, reason, retry_after));
         }
         token_reply(&bytes).map_err(|problem| {

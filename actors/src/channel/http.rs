@@ -53,28 +53,36 @@ pub(crate) struct Reply {
     pub retry_after: Option<Duration>,
     /// Its body; empty when it could not be read to the end.
     pub bytes: bytes::Bytes,
+    /// Whether its body could not be read to the end (a reset or a timeout midway), so that
+    /// `bytes` is empty whatever the provider said.
+    pub body_lost: bool,
 }
 
 /// Sends `request` and reads the whole reply; failing to send it or to get the reply's head is
 /// classified by [`request_error`]. A reply whose body cannot be read (a reset or a timeout
-/// midway) comes back with an empty body, as one that says nothing: its status decides. A 2xx is
-/// then an acceptance without an id (the provider took the request, and a failure would send the
-/// message again); an error status is classified as it would be with an empty body, so a 400 or
-/// 404 stays a refusal instead of being retried, and a 429 or 5xx stays transient with its
-/// `Retry-After`.
+/// midway) comes back with an empty body and [`Reply::body_lost`], as one that says nothing: its
+/// status decides. A 2xx is then an acceptance without an id (the provider took the request, and
+/// a failure would send the message again); an error status is classified as it would be with an
+/// empty body, so a 400 or 404 stays a refusal instead of being retried, and a 429 or 5xx stays
+/// transient with its `Retry-After` (a provider may know more of its statuses: Telegram's 429 is
+/// flood control of one chat, FCM's 404 a token no longer registered).
 pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, ProviderError> {
     let response = request.send().await.map_err(request_error)?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let bytes = response.bytes().await.unwrap_or_else(|error| {
-        let error = describe(&error.without_url());
-        tracing::warn!(%status, %error, "a provider's reply lost its body; judged by its status");
-        bytes::Bytes::new()
-    });
+    let (bytes, body_lost) = match response.bytes().await {
+        Ok(bytes) => (bytes, false),
+        Err(error) => {
+            let error = describe(&error.without_url());
+            tracing::warn!(%status, %error, "a provider's reply lost its body; judged by its status");
+            (bytes::Bytes::new(), true)
+        }
+    };
     Ok(Reply {
         status,
         retry_after,
         bytes,
+        body_lost,
     })
 }
 
@@ -196,6 +204,18 @@ pub(crate) fn accepted_id<T: serde::de::DeserializeOwned>(
             tracing::warn!(provider, %status, "message accepted without an id in the provider's reply");
             None
         }
+    }
+}
+
+/// What a reply's body said, for error reasons: its first `max` characters, or, when there are
+/// none, that its body was lost midway (`lost`, see [`Reply::body_lost`]) or empty, so that an
+/// attempt's recorded error does not trail off.
+pub(crate) fn body_snippet(body: &[u8], lost: bool, max: usize) -> String {
+    let text = snippet(body, max);
+    match (lost, text.is_empty()) {
+        (true, _) => "(the reply's body was lost midway)".into(),
+        (false, true) => "(the reply's body was empty)".into(),
+        (false, false) => text,
     }
 }
 
@@ -348,6 +368,7 @@ pub(crate) mod tests {
                     assert_eq!(reply.status, status);
                     assert_eq!(reply.retry_after, wait, "{status}");
                     assert!(reply.bytes.is_empty(), "{status}: {:?}", reply.bytes);
+                    assert!(reply.body_lost, "{status}");
                 }
                 Err(error) => panic!("{status} lost with its body: {error}"),
             }
@@ -358,5 +379,18 @@ pub(crate) mod tests {
     fn snippets_are_cut_on_character_boundaries() {
         assert_eq!(snippet(b"  short  ", 10), "short");
         assert_eq!(snippet("ééééé".as_bytes(), 3), "ééé…");
+    }
+
+    #[test]
+    fn a_body_snippet_says_when_there_is_no_body_to_show() {
+        assert_eq!(body_snippet(b" busy ", false, 10), "busy");
+        assert_eq!(
+            body_snippet(b"", true, 10),
+            "(the reply's body was lost midway)"
+        );
+        assert_eq!(
+            body_snippet(b"  ", false, 10),
+            "(the reply's body was empty)"
+        );
     }
 }

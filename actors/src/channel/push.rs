@@ -384,23 +384,19 @@ impl PushProvider {
             .post(&self.send_url)
             .bearer_auth(bearer)
             .json(&body);
-        let http::Reply {
-            status,
-            retry_after,
-            bytes,
-        } = http::exchange(request).await?;
-        if refuses_the_bearer(status, &bytes) {
+        let reply = http::exchange(request).await?;
+        if refuses_the_bearer(reply.status, &reply.bytes) {
             self.credentials.refused().await;
         }
-        if status.is_success() {
+        if reply.status.is_success() {
             return Ok(http::accepted_id(
                 &self.name,
-                status,
-                &bytes,
+                reply.status,
+                &reply.bytes,
                 |sent: SentMessage| sent.name,
             ));
         }
-        Err(classify(token, status, &bytes, retry_after))
+        Err(classify(token, &reply))
     }
 }
 
@@ -460,15 +456,15 @@ fn refuses_the_bearer(status: StatusCode, body: &[u8]) -> bool {
 }
 
 /// Classifies an FCM error reply for `token`: permanent, naming the token dead, when FCM
-/// declared it so.
-fn classify(
-    token: &str,
-    status: StatusCode,
-    body: &[u8],
-    retry_after: Option<Duration>,
-) -> ProviderError {
-    let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(body) else {
-        let reason = format!("FCM HTTP {status}: {}", http::snippet(body, 200));
+/// declared it so (see [`unregistered_without_body`] for a 404 whose body was lost).
+fn classify(token: &str, reply: &http::Reply) -> ProviderError {
+    let (status, retry_after) = (reply.status, reply.retry_after);
+    if let Some(dead) = unregistered_without_body(token, reply) {
+        return dead;
+    }
+    let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(&reply.bytes) else {
+        let body = http::body_snippet(&reply.bytes, reply.body_lost, 200);
+        let reason = format!("FCM HTTP {status}: {body}");
         return http::account_status_error(status, reason, retry_after);
     };
     let fcm_code = error.fcm_code();
@@ -518,6 +514,24 @@ fn classify(
     let transient =
         matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || http::is_transient_for_account(status);
     http::failure(transient, reason, retry_after)
+}
+
+/// A 404 from the send endpoint whose body was lost midway: taken for `UNREGISTERED`, the token
+/// dead, as with its body. FCM v1's error code reference
+/// (<https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode>) gives `UNREGISTERED` as
+/// the one error FCM answers with HTTP 404 ("App instance was unregistered from FCM. This usually
+/// means that the token used is no longer valid and a new one must be used"), and says to remove
+/// such a token. Only a body lost midway: a 404 whose body was read and is not FCM's (a proxy's
+/// page, an empty reply, a `NOT_FOUND` without FCM's code) may come of a wrong `base_url` or
+/// `project_id`, the same for every token, and keeps them all.
+fn unregistered_without_body(token: &str, reply: &http::Reply) -> Option<ProviderError> {
+    (reply.status == StatusCode::NOT_FOUND && reply.body_lost).then(|| ProviderError::Permanent {
+        reason: format!(
+            "FCM 404, taken for UNREGISTERED: {}",
+            http::body_snippet(&reply.bytes, true, 200)
+        ),
+        dead_contacts: vec![token.to_string()],
+    })
 }
 
 /// Combines per-token outcomes (in token order): any success wins, under the first message name
@@ -843,6 +857,47 @@ mod tests {
                 if dead_contacts == &["stale-device"] && reason.contains("UNREGISTERED")),
             "{error:?}"
         );
+    }
+
+    /// FCM answers 404 only for an unregistered token: one whose body is lost midway declares the
+    /// token dead as the whole reply would, and says the body was lost.
+    #[tokio::test]
+    async fn a_404_whose_body_is_lost_is_an_unregistered_token() {
+        let url = http::tests::cut_off_reply("HTTP/1.1 404 Not Found").await;
+        let error = provider(&url, 2_000)
+            .send(&message(&["stale-device"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if dead_contacts == &["stale-device"]
+                    && reason.contains("UNREGISTERED")
+                    && reason.contains("body was lost")),
+            "{error:?}"
+        );
+    }
+
+    /// A 404 whose body was read and is not FCM's (a wrong `base_url` or project, the same for
+    /// every token) keeps the token.
+    #[tokio::test]
+    async fn a_404_that_is_not_fcm_s_keeps_the_token() {
+        let server = MockServer::start().await;
+        reply_for(&server, "device-1", ResponseTemplate::new(404)).await;
+        let page = ResponseTemplate::new(404).set_body_string("<html>Not Found</html>");
+        reply_for(&server, "device-2", page).await;
+        let not_found = ResponseTemplate::new(404).set_body_json(json!({
+            "error": {"code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND"}
+        }));
+        reply_for(&server, "device-3", not_found).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-1", "device-2", "device-3"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { dead_contacts, .. } if dead_contacts.is_empty()),
+            "{error:?}"
+        );
+        server.verify().await;
     }
 
     #[tokio::test]

@@ -181,6 +181,7 @@ impl SmsProvider {
             status,
             retry_after,
             bytes,
+            body_lost,
         } = http::exchange(request).await?;
         if status.is_success() {
             let sid = http::accepted_id(&self.name, status, &bytes, |m: CreatedMessage| m.sid);
@@ -202,7 +203,10 @@ impl SmsProvider {
                 })
             }
             _ => {
-                let reason = format!("HTTP {status}: {}", http::snippet(&bytes, 200));
+                let reason = format!(
+                    "HTTP {status}: {}",
+                    http::body_snippet(&bytes, body_lost, 200)
+                );
                 Err(http::account_status_error(status, reason, retry_after))
             }
         }
@@ -420,6 +424,33 @@ mod tests {
                 if reason.contains("503") && reason.contains("upstream unavailable")),
             "{error:?}"
         );
+    }
+
+    /// An error reply whose body is lost midway is judged by its status, and its reason says the
+    /// body was lost rather than trailing off (a Twilio code in it cannot be recovered).
+    #[tokio::test]
+    async fn an_error_reply_whose_body_is_lost_says_so() {
+        for (head, transient) in [
+            ("HTTP/1.1 400 Bad Request", false),
+            ("HTTP/1.1 503 Service Unavailable", true),
+        ] {
+            let url = http::tests::cut_off_reply(head).await;
+            let error = provider(&url, 2_000)
+                .send(&message(Some("+14155552671")))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                matches!(error, ProviderError::Transient { .. }),
+                transient,
+                "{error:?}"
+            );
+            assert!(
+                error
+                    .to_string()
+                    .ends_with("(the reply's body was lost midway)"),
+                "{error}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -319,6 +319,7 @@ impl TelegramProvider {
             status,
             retry_after: header_retry_after,
             bytes,
+            body_lost,
         } = http::exchange(request).await?;
         let reply = serde_json::from_slice::<BotReply>(&bytes).ok();
         match reply {
@@ -326,9 +327,12 @@ impl TelegramProvider {
             reply if status.is_success() => Ok(Sent::Accepted {
                 message_id: self.sent_id(reply, status),
             }),
-            _ => Err(http::account_status_error(
+            _ => Err(code_error(
                 status,
-                format!("HTTP {status}: {}", http::snippet(&bytes, 200)),
+                format!(
+                    "HTTP {status}: {}",
+                    http::body_snippet(&bytes, body_lost, 200)
+                ),
                 header_retry_after,
             )),
         }
@@ -436,16 +440,23 @@ fn reply_error(
     if let Some(chat) = parameters.and_then(|p| p.migrate_to_chat_id) {
         reason.push_str(&format!(" (group moved to chat {chat})"));
     }
-    if code == StatusCode::TOO_MANY_REQUESTS {
-        // Flood control: Telegram limits the messages to each chat (about one a second), so a
-        // 429 speaks of this chat, not of the bot.
-        return ProviderError::throttled(reason, retry_after);
-    }
     if chat_is_gone(code, description) {
         return ProviderError::Permanent {
             reason,
             dead_contacts: vec![chat_id.to_string()],
         };
+    }
+    code_error(code, reason, retry_after)
+}
+
+/// Classifies a refusal with `code` that declares no chat gone: a 429 throttles the chat, whatever
+/// the reply's body (lost midway, or not the Bot API's JSON) and with whatever wait it gives (none
+/// leaves it to the retry schedule); otherwise as a request with the bot's token.
+fn code_error(code: StatusCode, reason: String, retry_after: Option<Duration>) -> ProviderError {
+    if code == StatusCode::TOO_MANY_REQUESTS {
+        // Flood control: Telegram limits the messages to each chat (about one a second), so a
+        // 429 speaks of this chat, not of the bot.
+        return ProviderError::throttled(reason, retry_after);
     }
     http::account_status_error(code, reason, retry_after)
 }
@@ -684,6 +695,42 @@ mod tests {
                 assert!(reason.contains("Too Many Requests"), "{reason}");
             }
             other => panic!("expected throttled, got {other:?}"),
+        }
+    }
+
+    /// A 429 is flood control whatever its body: one lost midway (or a proxy's page) throttles
+    /// the chat too, with the `Retry-After` header's wait if it gives one, and an operator reading
+    /// the attempt learns that the body was lost.
+    #[tokio::test]
+    async fn a_429_whose_body_is_lost_or_no_bot_reply_still_throttles_the_chat() {
+        let lost_with_wait =
+            http::tests::cut_off_reply("HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7").await;
+        let lost = http::tests::cut_off_reply("HTTP/1.1 429 Too Many Requests").await;
+        let page = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(429).set_body_string("<html>slow down</html>"))
+            .expect(1)
+            .mount(&page)
+            .await;
+        for (url, wait, said) in [
+            (
+                lost_with_wait,
+                Some(Duration::from_secs(7)),
+                "body was lost",
+            ),
+            (lost, None, "body was lost"),
+            (page.uri(), None, "slow down"),
+        ] {
+            let error = provider(&url, 2_000)
+                .send(&message(Some("42")))
+                .await
+                .unwrap_err();
+            assert_no_token(&error);
+            assert!(
+                matches!(&error, ProviderError::Throttled { reason, retry_after, .. }
+                    if *retry_after == wait && reason.contains("429") && reason.contains(said)),
+                "{said}: {error:?}"
+            );
         }
     }
 
