@@ -12,7 +12,8 @@ use herald_entities::repo::{
     batches::{Created, CustomerFilter, NewBatch},
 };
 use herald_nats::{
-    Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
+    Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
+    SendCommand,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
 use poem_openapi::{
@@ -171,7 +172,9 @@ impl BulkApi {
     /// repeats arrive at once or the request would be refused now (its template deleted since,
     /// say); retry a request whose answer was lost with the same request id. A request id used
     /// before for a different request (other recipients or filter, category, channel list or
-    /// message) answers 422 `idempotency_key_reused` and changes nothing.
+    /// message) answers 422 `idempotency_key_reused` and changes nothing. A message that could
+    /// make some recipient's send command larger than the NATS server's `max_payload` answers
+    /// 413 naming the sizes and stores nothing (a retry would be refused again).
     #[oai(path = "/notifications/bulk", method = "post")]
     async fn bulk(
         &self,
@@ -332,7 +335,8 @@ async fn accept(
 ) -> Result<Vec<Channel>, ApiError> {
     let channels = notifications::chain(state, category, named_channels)?;
     check_template(state, content, target).await?;
-    check_command_size(category, &channels, content, target)?;
+    let room = state.publisher.command_room();
+    check_command_size(category, &channels, content, target, &room)?;
     Ok(channels)
 }
 
@@ -441,13 +445,16 @@ fn naming_recipient(err: ApiError, key: &str) -> ApiError {
 }
 
 /// Refuses content whose send command would be larger than a dispatcher takes for some
-/// recipient: the command without a recipient, plus the most a recipient adds to it (as JSON, an
-/// upper bound: their variables are counted beside the template's even where they replace them).
+/// recipient (400): the command without a recipient, plus the most a recipient adds to it (as
+/// JSON, an upper bound: their variables are counted beside the template's even where they
+/// replace them). Within that, one larger with its headers than the NATS server's `max_payload`
+/// (`room`) is refused with 413: the fan-out's publish of it would be refused for ever.
 fn check_command_size(
     category: Category,
     channels: &[Channel],
     content: &Content,
     target: &BatchTarget,
+    room: &CommandRoom,
 ) -> Result<(), ApiError> {
     let most_added = match target {
         BatchTarget::Recipients { recipients } => recipients
@@ -483,7 +490,12 @@ fn check_command_size(
             ),
         ));
     }
-    Ok(())
+    match room.refusal(len) {
+        Some(reason) => Err(ApiError::larger_than_nats_takes(&format!(
+            "a recipient's notification may take {reason}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Validates listed recipients; repeated recipients (same key) are kept once. Their own

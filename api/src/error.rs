@@ -38,7 +38,10 @@ pub enum ApiError {
     /// The resource is not in a state that allows the operation (code `conflict`).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
-    /// The request body is larger than 1 MiB (code `payload_too_large`); nothing was accepted.
+    /// The request body is larger than 1 MiB; or a send's notification (immediate or scheduled,
+    /// or any recipient's of a bulk send) would be larger, as the send command Herald publishes,
+    /// than the NATS server's `max_payload` takes, which no retry mends: the message names
+    /// `max_payload` and the sizes (code `payload_too_large`). Nothing was accepted.
     #[oai(status = 413)]
     PayloadTooLarge(Json<ErrorBody>),
     /// The operation takes a JSON body and the request's `Content-Type` is missing or not
@@ -99,8 +102,8 @@ impl ApiError {
         )))
     }
 
-    /// 413, for a send whose command the NATS server refuses as larger than its `max_payload`
-    /// (`reason` gives the sizes): however often it is tried, it is refused.
+    /// 413, for a send whose command the NATS server refuses, or would refuse, as larger than its
+    /// `max_payload` (`reason` gives the sizes): however often it is tried, it is refused.
     pub fn larger_than_nats_takes(reason: &str) -> Self {
         Self::PayloadTooLarge(Json(body(
             "payload_too_large",

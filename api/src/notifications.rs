@@ -11,8 +11,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION, SendCommand,
-    StatusEvent, distinct_channels,
+    Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
+    SendCommand, StatusEvent, distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -292,8 +292,10 @@ impl NotificationsApi {
     /// 202: it is going out. A repeat is answered so also when the request would be
     /// refused now (its template deleted since, say). A request id used before for a different
     /// request (another recipient, category, channel list, message or schedule) answers 422
-    /// `idempotency_key_reused` and changes nothing. If NATS or the database is unavailable
-    /// nothing is accepted (503): retry with the same request id.
+    /// `idempotency_key_reused` and changes nothing. A notification whose send command would be
+    /// larger than the NATS server's `max_payload`, scheduled or not, answers 413 naming the
+    /// sizes and stores nothing (a retry would be refused again). If NATS or the database is
+    /// unavailable nothing is accepted (503): retry with the same request id.
     #[oai(
         path = "/notifications",
         method = "post",
@@ -742,7 +744,7 @@ async fn accept(state: &AppState, checked: CheckedSend) -> Result<ValidSend, Api
         content: checked.content,
         created_at: Utc::now(),
     };
-    check_command_size(&command)?;
+    check_command_size(&command, &state.publisher.command_room())?;
     if let Some(template) = &command.content.template {
         crate::templates::check_send(state, template).await?;
     }
@@ -762,20 +764,31 @@ pub(crate) fn message_field(content: &Content) -> &'static str {
 }
 
 /// Refuses a notification whose send command would be larger than a dispatcher takes
-/// ([`MAX_COMMAND_BYTES`]): the fields' own limits count characters, while the command is JSON,
-/// in which every quote, backslash and line break takes two bytes or more.
-pub(crate) fn check_command_size(command: &SendCommand) -> Result<(), ApiError> {
-    command.check_size().map_err(|len| {
-        let field = message_field(&command.content);
-        ApiError::invalid(
-            field,
-            format!(
-                "the notification takes {len} bytes as a send command (JSON, with its quotes, \
-                 backslashes and line breaks escaped); the limit is {MAX_COMMAND_BYTES}: shorten \
-                 the {field}"
-            ),
-        )
-    })
+/// ([`MAX_COMMAND_BYTES`], 400): the fields' own limits count characters, while the command is
+/// JSON, in which every quote, backslash and line break takes two bytes or more. Within that, one
+/// larger with its headers than the NATS server's `max_payload` (`room`) is refused with 413, also
+/// when scheduled: its publish would be refused however often it was tried.
+pub(crate) fn check_command_size(
+    command: &SendCommand,
+    room: &CommandRoom,
+) -> Result<(), ApiError> {
+    let limit = MAX_COMMAND_BYTES.min(room.max_command());
+    command
+        .check_len(limit)
+        .map_err(|len| match room.refusal(len) {
+            Some(reason) if len <= MAX_COMMAND_BYTES => ApiError::larger_than_nats_takes(&reason),
+            _ => {
+                let field = message_field(&command.content);
+                ApiError::invalid(
+                    field,
+                    format!(
+                        "the notification takes {len} bytes as a send command (JSON, with its \
+                     quotes, backslashes and line breaks escaped); the limit is \
+                     {MAX_COMMAND_BYTES}: shorten the {field}"
+                    ),
+                )
+            }
+        })
 }
 
 /// A request's recipient, checked.
@@ -1125,6 +1138,40 @@ mod tests {
         assert!(validate_content(content(None, "  ")).is_err());
         assert!(validate_content(content(Some("a\r\nBcc: x"), "hi")).is_err());
         assert!(validate_content(content(Some("Order shipped"), "hi")).is_ok());
+    }
+
+    #[test]
+    fn a_command_over_max_payload_is_413_and_over_herald_s_own_limit_400() {
+        let room = CommandRoom {
+            max_payload: 65_536,
+            headers: 63,
+        };
+        let command = |text: String| SendCommand {
+            v: SCHEMA_VERSION,
+            notification_id: Uuid::nil(),
+            customer_id: None,
+            contacts: Contacts::default(),
+            category: Category::Transactional,
+            channels: vec![Channel::Email],
+            content: Content {
+                text,
+                ..Content::default()
+            },
+            created_at: Utc::now(),
+        };
+        assert!(check_command_size(&command("x".repeat(1_000)), &room).is_ok());
+        let over_nats = check_command_size(&command("x".repeat(80_000)), &room).err();
+        assert!(
+            matches!(&over_nats, Some(ApiError::PayloadTooLarge(body))
+                if body.0.message.contains("max_payload of 65536")),
+            "{over_nats:?}"
+        );
+        let over_own = check_command_size(&command("\n".repeat(MAX_COMMAND_BYTES / 2)), &room);
+        assert!(
+            matches!(&over_own, Err(ApiError::BadRequest(body))
+                if body.0.field.as_deref() == Some("content")),
+            "Herald's own limit comes first: {over_own:?}"
+        );
     }
 
     #[test]

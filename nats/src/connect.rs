@@ -151,16 +151,16 @@ async fn connect_waiting(
 /// What to warn of at start when the server takes messages smaller than Herald's largest send
 /// command, [`MAX_COMMAND_BYTES`] (`max_payload` from the server's `INFO`; operators lower it below
 /// nats-server's default of 1 MB): a command between the two sizes cannot be published (an API
-/// send is refused, a scheduled or bulk one fails, the Router dead-letters the event that renders
-/// one). `None` when every command fits.
+/// send, scheduled or bulk too, is refused; one accepted before the limit was lowered fails; the
+/// Router dead-letters the event that renders one). `None` when every command fits.
 pub fn max_payload_warning(max_payload: usize) -> Option<String> {
     (max_payload < MAX_COMMAND_BYTES).then(|| {
         format!(
             "the NATS server's max_payload is {max_payload} bytes, below Herald's limit for a \
              send command ({MAX_COMMAND_BYTES} bytes): a notification whose command is larger \
-             than max_payload cannot be published (an API send is refused with 413, a \
-             scheduled or bulk one fails, the Router dead-letters its event); raise max_payload \
-             to at least {MAX_COMMAND_BYTES}"
+             than max_payload cannot be published (an API send, scheduled or bulk too, is \
+             refused with 413; one accepted before max_payload was lowered fails; the Router \
+             dead-letters its event); raise max_payload to at least {MAX_COMMAND_BYTES}"
         )
     })
 }

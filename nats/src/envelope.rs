@@ -289,18 +289,19 @@ impl SendCommand {
         counter.0
     }
 
-    /// Whether the command is at most [`MAX_COMMAND_BYTES`] long; otherwise its length. One
-    /// that could not reach the limit even with every byte of its texts escaped is not encoded
-    /// to find out.
+    /// Whether the command is at most [`MAX_COMMAND_BYTES`] long; otherwise its length.
     pub fn check_size(&self) -> Result<(), usize> {
-        if self
-            .most_encoded_len()
-            .is_some_and(|most| most <= MAX_COMMAND_BYTES)
-        {
+        self.check_len(MAX_COMMAND_BYTES)
+    }
+
+    /// Whether the command is at most `limit` bytes long; otherwise its length. One that could
+    /// not reach the limit even with every byte of its texts escaped is not encoded to find out.
+    pub fn check_len(&self, limit: usize) -> Result<(), usize> {
+        if self.most_encoded_len().is_some_and(|most| most <= limit) {
             return Ok(());
         }
         match self.encoded_len() {
-            len if len > MAX_COMMAND_BYTES => Err(len),
+            len if len > limit => Err(len),
             _ => Ok(()),
         }
     }

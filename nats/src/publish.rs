@@ -60,6 +60,15 @@ impl Publisher {
             .await
     }
 
+    /// What the server connected last takes of a send command as [`Publisher::publish_command`]
+    /// publishes it: its `max_payload`, and the headers the command goes with.
+    pub fn command_room(&self) -> CommandRoom {
+        CommandRoom {
+            max_payload: self.js.client().max_payload(),
+            headers: command_headers_len(),
+        }
+    }
+
     /// Publishes an existing command's bytes again on its recipient's partition (a replay from
     /// the dead-letter stream) under a new `Nats-Msg-Id`: the original id may still be in the
     /// de-duplication window, where JetStream would drop the replay silently. `attempts_before`
@@ -204,6 +213,45 @@ impl Publisher {
     }
 }
 
+/// How large a send command the NATS server takes: the client refuses a message whose payload
+/// and headers together exceed the server's `max_payload` (`TooLarge`), however often it is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandRoom {
+    /// The server's `max_payload`, in bytes (from its `INFO`; a reconnect reads it anew).
+    pub max_payload: usize,
+    /// The bytes a command's headers take on the wire (its `Nats-Msg-Id`).
+    pub headers: usize,
+}
+
+impl CommandRoom {
+    /// The longest send command, in bytes, that fits beside its headers.
+    pub fn max_command(&self) -> usize {
+        self.max_payload.saturating_sub(self.headers)
+    }
+
+    /// Why a send command of `len` bytes does not fit, with the sizes; `None` when it does.
+    pub fn refusal(&self, len: usize) -> Option<String> {
+        let total = len + self.headers;
+        (total > self.max_payload).then(|| {
+            format!(
+                "{len} bytes as a send command, {total} with its headers, above the server's \
+                 max_payload of {} bytes",
+                self.max_payload
+            )
+        })
+    }
+}
+
+/// Bytes the headers of a send command take on the wire: its `Nats-Msg-Id`, the notification id.
+fn command_headers_len() -> usize {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        uuid::Uuid::nil().to_string().as_str(),
+    );
+    wire_len(&headers)
+}
+
 /// A status event's `Nats-Msg-Id`: `{notification}:{status}:{when, in microseconds since the
 /// epoch}`. The time of the transition tells two transitions of a notification to the same status
 /// apart (it died, was replayed, died again), and is the same each time one transition is
@@ -247,7 +295,7 @@ fn header_safe(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{header_safe, status_event_id};
+    use super::{CommandRoom, command_headers_len, header_safe, status_event_id};
     use crate::{SCHEMA_VERSION, StatusEvent};
 
     #[test]
@@ -274,6 +322,29 @@ mod tests {
             status_event_id(&dead(at)),
             status_event_id(&dead(at + chrono::Duration::seconds(30))),
             "dead again after a replay"
+        );
+    }
+
+    #[test]
+    fn a_command_fits_when_it_and_its_message_id_header_are_within_max_payload() {
+        let wire = "NATS/1.0\r\nNats-Msg-Id: 00000000-0000-0000-0000-000000000000\r\n\r\n";
+        assert_eq!(
+            command_headers_len(),
+            wire.len(),
+            "as the client counts them"
+        );
+        let room = CommandRoom {
+            max_payload: 65_536,
+            headers: command_headers_len(),
+        };
+        assert_eq!(room.max_command(), 65_536 - wire.len());
+        assert_eq!(room.refusal(room.max_command()), None);
+        let refusal = room.refusal(room.max_command() + 1).expect("one byte over");
+        assert!(
+            refusal.contains(&(room.max_command() + 1).to_string())
+                && refusal.contains("65537")
+                && refusal.contains("max_payload of 65536"),
+            "{refusal}"
         );
     }
 
