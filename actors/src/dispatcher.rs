@@ -40,7 +40,8 @@ pub enum DispatcherMsg {
     /// Pull exactly these partitions: start loops for new ones, stop loops for the others.
     Assign(BTreeSet<u32>),
     /// Stop pulling this partition; reply once its in-flight deliveries have finished (or the
-    /// drain timeout passed), including those of a loop an earlier `Assign` already stopped.
+    /// drain timeout passed), including those of a loop an earlier `Assign` already stopped and
+    /// those an earlier drain of the partition still waits for.
     Drain(u32, RpcReplyPort<()>),
     /// The partitions being pulled.
     Pulling(RpcReplyPort<BTreeSet<u32>>),
@@ -85,8 +86,8 @@ pub struct PartitionDeliveries {
 }
 
 impl PartitionDeliveries {
-    /// A tracker for a new pull loop of `partition`, kept until a drain takes it or it is
-    /// closed with no delivery left. Forgets such finished trackers of every partition.
+    /// A tracker for a new pull loop of `partition`, kept until it is closed with no delivery
+    /// left. Forgets such finished trackers of every partition.
     fn track(&self, partition: u32) -> TaskTracker {
         let tracker = TaskTracker::new();
         let mut trackers = self.lock();
@@ -111,11 +112,21 @@ impl PartitionDeliveries {
         });
     }
 
-    /// Closes and takes every tracker of `partition`, to wait for its deliveries.
+    /// Closes every tracker of `partition` and answers them, to wait for its deliveries. Those
+    /// with deliveries left stay: a drain asked again (the lease keeper's call timed out while
+    /// the first still waits) waits for them too, instead of answering at once.
     fn take(&self, partition: u32) -> Vec<TaskTracker> {
-        let taken = self.lock().remove(&partition).unwrap_or_default();
-        for tracker in &taken {
+        let mut trackers = self.lock();
+        let Some(loops) = trackers.get_mut(&partition) else {
+            return Vec::new();
+        };
+        for tracker in loops.iter() {
             tracker.close();
+        }
+        let taken = loops.clone();
+        loops.retain(|l| !l.is_empty());
+        if loops.is_empty() {
+            trackers.remove(&partition);
         }
         taken
     }
@@ -495,6 +506,29 @@ mod tests {
         assert!(
             drained(&mut loops, &deliveries, 6).is_some(),
             "6 still runs"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_drain_asked_again_waits_for_the_deliveries_the_first_one_waits_for() {
+        let deliveries = PartitionDeliveries::default();
+        let mut loops = PartitionLoops::default();
+        let mut running = running_loop();
+        running.deliveries = deliveries.track(4);
+        let delivery = running.deliveries.token();
+        loops.running.insert(4, running);
+
+        let first = drained(&mut loops, &deliveries, 4).expect("a delivery of 4 runs");
+        // The lease keeper's call timed out (the dispatcher was stuck) and it asks again.
+        let again = drained(&mut loops, &deliveries, 4)
+            .expect("the drain asked again waits for the delivery the first one waits for");
+        let both = async move {
+            futures::future::join(first, again).await;
+        };
+        assert_drain_waits_for(both, move || drop(delivery)).await;
+        assert!(
+            drained(&mut loops, &deliveries, 4).is_none(),
+            "nothing left of partition 4"
         );
     }
 

@@ -6,8 +6,11 @@
 //! it takes free partitions while under its share, and hands partitions back while over it
 //! (draining each first, so no delivery of a partition runs on two instances at once). A drain
 //! the dispatcher did not answer (it failed, with the drain in its mailbox, and is being
-//! restarted) is asked again of its successor each round, which answers once the deliveries its
-//! predecessor started have finished; the lease is kept and renewed until then. Each held
+//! restarted, or it is stuck and let its drain timeout and one round more pass) is asked again
+//! each round, of its successor once there is one, which answers once the deliveries its
+//! predecessor started have finished; the lease is kept and renewed until then. An answer is
+//! taken only for the hand-back it was asked for: one coming after the partition was lost and
+//! taken again does not hand the new lease back. Each held
 //! lease has a deadline, the TTL minus one round after its last write was sent
 //! ([`LeaseDeadlines`]): past it the dispatcher starts no delivery of the partition's commands
 //! until the lease is renewed, so an instance whose rounds run late stops taking the partition's
@@ -20,6 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use herald_nats::{Held, LeaseTable, LeaseView, ttl_step};
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
@@ -197,17 +201,22 @@ impl crate::pull::Gate for PartitionLease {
 pub enum LeaseKeeperMsg {
     /// Run a round now (also sent by the keeper's own timer).
     Round,
-    /// A partition finished draining: hand its lease back.
-    Drained(u32),
-    /// A partition's drain got no answer (the dispatcher stopped first): keep its lease and drain
-    /// it again next round.
-    DrainFailed(u32),
+    /// A partition finished draining for the hand-back numbered as given: hand its lease back,
+    /// if that hand-back is still under way (the lease was not lost and taken again since).
+    Drained(u32, HandBack),
+    /// A partition's drain got no answer (the dispatcher stopped first, or did not answer within
+    /// its drain timeout and one round more): keep its lease and drain it again next round.
+    DrainFailed(u32, HandBack),
     /// Stop taking partitions, hand every lease back and leave the membership (graceful shutdown,
     /// after the dispatcher has stopped and in-flight work is written).
     Leave(RpcReplyPort<()>),
     /// Panic on purpose, to exercise supervision (fault injection in tests).
     Crash,
 }
+
+/// The number the keeper gives each hand-back of a partition it starts (counting up), so that
+/// the answer to a drain is taken only for the hold of the lease it was asked for.
+pub type HandBack = u64;
 
 /// Arguments of the [`LeaseKeeper`].
 #[derive(Clone)]
@@ -221,6 +230,9 @@ pub struct LeaseKeeperArgs {
     pub ttl: Duration,
     /// The dispatcher to steer.
     pub dispatcher: ActorSlot<DispatcherMsg>,
+    /// The dispatcher's drain timeout ([`crate::dispatcher::DispatcherArgs::drain_timeout`]): a
+    /// drain not answered within it and one round more counts as failed, and is asked again.
+    pub drain_timeout: Duration,
     /// The rate limiter registry, told about partitions taken so it drops stale buckets.
     pub rate_limiter: ActorSlot<RateLimiterSupervisorMsg>,
     /// Where ownership is published for the API.
@@ -242,7 +254,10 @@ pub struct LeaseKeeperState {
     /// Since when the bucket's TTL has been `ttl`, as far as this keeper knows.
     ttl_since: Instant,
     held: BTreeMap<u32, (Held, Instant)>,
-    leaving: BTreeSet<u32>,
+    /// Partitions being handed back, each with the number of its hand-back.
+    leaving: BTreeMap<u32, HandBack>,
+    /// The number of the next hand-back.
+    next_hand_back: HandBack,
     /// Partitions being handed back whose drain failed, to be asked again next round.
     redrain: BTreeSet<u32>,
     /// Partitions taken this round, not yet announced to the rate limiter.
@@ -276,7 +291,8 @@ impl Actor for LeaseKeeper {
             ttl_since: Instant::now(),
             args,
             held: BTreeMap::new(),
-            leaving: BTreeSet::new(),
+            leaving: BTreeMap::new(),
+            next_hand_back: 0,
             redrain: BTreeSet::new(),
             taken: BTreeSet::new(),
             left: false,
@@ -302,8 +318,12 @@ impl Actor for LeaseKeeper {
                     .record(started.elapsed().as_secs_f64());
             }
             LeaseKeeperMsg::Round => {}
-            LeaseKeeperMsg::Drained(partition) => state.hand_back(partition).await,
-            LeaseKeeperMsg::DrainFailed(partition) => state.drain_failed(partition),
+            LeaseKeeperMsg::Drained(partition, hand_back) => {
+                state.hand_back(partition, hand_back).await;
+            }
+            LeaseKeeperMsg::DrainFailed(partition, hand_back) => {
+                state.drain_failed(partition, hand_back);
+            }
             LeaseKeeperMsg::Leave(reply) => {
                 state.leave().await;
                 let _ = reply.send(());
@@ -350,12 +370,13 @@ impl LeaseKeeperState {
                 self.lower_ttl().await;
                 self.adopt(&view).await;
                 let held: BTreeSet<u32> = self.held.keys().copied().collect();
+                let leaving: BTreeSet<u32> = self.leaving.keys().copied().collect();
                 let plan = plan(
                     table.instance(),
                     self.args.partitions,
                     &view,
                     &held,
-                    &self.leaving,
+                    &leaving,
                 );
                 if !self.args.intake.is_cancelled() {
                     self.take(&plan.acquire).await;
@@ -544,47 +565,82 @@ impl LeaseKeeperState {
             return;
         }
         tracing::info!(partition, "handing partition back (rebalancing)");
-        self.leaving.insert(partition);
+        self.leaving.insert(partition, self.next_hand_back);
+        self.next_hand_back += 1;
         self.drain(myself, partition);
     }
 
-    /// Asks the current dispatcher to drain `partition`, and reports the outcome to the keeper.
-    /// A failed call (the dispatcher stopped before answering) is not a drain: the partition's
+    /// Asks the current dispatcher to drain `partition`, and reports the outcome to the keeper,
+    /// numbered with the partition's hand-back. A failed call (the dispatcher stopped before
+    /// answering, or did not answer within [`Self::drain_bound`]) is not a drain: the partition's
     /// deliveries may still run, so the lease must stay here until a drain is answered.
     fn drain(&mut self, myself: &ActorRef<LeaseKeeperMsg>, partition: u32) {
+        let Some(&hand_back) = self.leaving.get(&partition) else {
+            return;
+        };
         let Some(dispatcher) = self.args.dispatcher.get() else {
             self.redrain.insert(partition);
             return;
         };
         let keeper = myself.clone();
+        let bound = self.drain_bound();
         tokio::spawn(async move {
-            let drained = ractor::call!(dispatcher, DispatcherMsg::Drain, partition).is_ok();
-            let _ = keeper.cast(if drained {
-                LeaseKeeperMsg::Drained(partition)
+            let answer = dispatcher
+                .call(|reply| DispatcherMsg::Drain(partition, reply), Some(bound))
+                .await;
+            let _ = keeper.cast(if matches!(answer, Ok(CallResult::Success(()))) {
+                LeaseKeeperMsg::Drained(partition, hand_back)
             } else {
-                LeaseKeeperMsg::DrainFailed(partition)
+                LeaseKeeperMsg::DrainFailed(partition, hand_back)
             });
         });
     }
 
+    /// How long a drain is waited for: the dispatcher's drain timeout, within which a running
+    /// dispatcher answers, and one round more for its mailbox. A dispatcher that is alive but
+    /// stuck does not hold the hand-back up for ever: the drain is asked again next round.
+    fn drain_bound(&self) -> Duration {
+        self.args.drain_timeout + LeaseKeeper::round_interval(self.ttl)
+    }
+
     /// Keeps the lease of a partition whose drain got no answer, and has the next round ask the
-    /// dispatcher (restarted by then, see [`crate::engine_supervisor`]) again. Its successor
-    /// waits for the deliveries the failed one started ([`crate::dispatcher::PartitionDeliveries`]),
-    /// for at most its drain timeout. A dispatcher that is never restarted fails the engine
-    /// supervisor, which stops this keeper: it then hands every lease back as it stops.
-    fn drain_failed(&mut self, partition: u32) {
-        // Not when the lease was lost or handed back meanwhile (a leave).
-        if !self.leaving.contains(&partition) {
+    /// dispatcher (restarted by then, see [`crate::engine_supervisor`], or the same one when it
+    /// is stuck) again. Its successor waits for the deliveries the failed one started
+    /// ([`crate::dispatcher::PartitionDeliveries`]), and a dispatcher asked again waits for
+    /// those its earlier drain waits for, each for at most its drain timeout. A dispatcher that
+    /// is never restarted fails the engine supervisor, which stops this keeper: it then hands
+    /// every lease back as it stops.
+    fn drain_failed(&mut self, partition: u32, hand_back: HandBack) {
+        // Not when the lease was lost or handed back meanwhile (a leave), even if it was taken
+        // and is being handed back again since.
+        if !self.is_handing_back(partition, hand_back) {
             return;
         }
         tracing::warn!(
             partition,
-            "partition drain not answered (dispatcher stopped); keeping the lease and draining again"
+            "partition drain not answered (dispatcher stopped or stuck); keeping the lease and \
+             draining again"
         );
+        metrics::counter!("herald_partition_drain_failures_total").increment(1);
         self.redrain.insert(partition);
     }
 
-    async fn hand_back(&mut self, partition: u32) {
+    /// Whether `partition` is being handed back in the hand-back numbered `hand_back`.
+    fn is_handing_back(&self, partition: u32, hand_back: HandBack) -> bool {
+        self.leaving.get(&partition) == Some(&hand_back)
+    }
+
+    /// Hands the lease of a drained partition back, unless the drain was of an earlier hold of
+    /// it: the lease was lost (and the drain's partition dropped) and taken again since, and the
+    /// deliveries of the new hold have not been drained.
+    async fn hand_back(&mut self, partition: u32, hand_back: HandBack) {
+        if !self.is_handing_back(partition, hand_back) {
+            tracing::debug!(
+                partition,
+                "drain answered for an earlier hand-back of the partition; ignored"
+            );
+            return;
+        }
         self.leaving.remove(&partition);
         self.redrain.remove(&partition);
         self.args.deadlines.remove(partition);
@@ -651,7 +707,7 @@ impl LeaseKeeperState {
             let pull = self
                 .held
                 .keys()
-                .filter(|p| !self.leaving.contains(p))
+                .filter(|p| !self.leaving.contains_key(p))
                 .copied()
                 .collect();
             let _ = dispatcher.cast(DispatcherMsg::Assign(pull));

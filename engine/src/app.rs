@@ -456,6 +456,7 @@ async fn start_engine(
         publisher: publisher.clone(),
         settings: Default::default(),
     };
+    let drain_timeout = Duration::from_secs(config.dispatch.shutdown_grace_secs);
     let args = EngineArgs {
         router,
         router_slot: ActorSlot::default(),
@@ -499,7 +500,7 @@ async fn start_engine(
             context,
             in_flight: in_flight.clone(),
             intake: intake.clone(),
-            drain_timeout: Duration::from_secs(config.dispatch.shutdown_grace_secs),
+            drain_timeout,
             pull_batch: (config.dispatch.max_in_flight / config.nats.partitions.max(1) as usize)
                 .clamp(8, 200),
             leases: deadlines.clone(),
@@ -511,6 +512,7 @@ async fn start_engine(
             partitions: config.nats.partitions,
             ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             dispatcher: dispatcher.clone(),
+            drain_timeout,
             rate_limiter: rate_limiter.clone(),
             ownership: ownership.clone(),
             intake: intake.clone(),

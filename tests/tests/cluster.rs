@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use herald_actors::channel::sms::SmsConfig;
 use herald_actors::dispatcher::DispatcherMsg;
 use herald_actors::partitions::{
@@ -775,6 +776,7 @@ fn lone_keeper(table: &LeaseTable, ttl: Duration) -> LeaseKeeperArgs {
         partitions: 2,
         ttl,
         dispatcher: ActorSlot::default(),
+        drain_timeout: Duration::from_secs(Config::default().dispatch.shutdown_grace_secs),
         rate_limiter: ActorSlot::default(),
         ownership: OwnershipView::default(),
         intake: CancellationToken::new(),
@@ -871,33 +873,27 @@ impl Actor for DispatcherStandIn {
     }
 }
 
-/// Keeper "a", steering `dispatcher`, once it holds both partitions of the bucket, and keeper
-/// "b", a lone one, started then: a's share drops to one, so it drains one partition to hand it
-/// back. Answers a's table, the keepers and the partition being drained.
-async fn a_keeper_handing_a_partition_back(
+/// Keeper "a", with the arguments `a_args` makes of a lone keeper's (the dispatcher to steer),
+/// once it holds both partitions of the bucket, and keeper "b", a lone one, started then: a's
+/// share drops to one, so it drains one partition to hand it back. Answers a's table, the keepers
+/// and the drain, as the dispatcher reported it on `drains`.
+async fn a_keeper_handing_a_partition_back<D>(
     js: &async_nats::jetstream::Context,
     ttl: Duration,
-    dispatcher: ActorSlot<DispatcherMsg>,
-    drains: &mut tokio::sync::mpsc::UnboundedReceiver<u32>,
+    a_args: impl FnOnce(LeaseKeeperArgs) -> LeaseKeeperArgs,
+    drains: &mut tokio::sync::mpsc::UnboundedReceiver<D>,
 ) -> (
     LeaseTable,
     [(
         ActorRef<LeaseKeeperMsg>,
         ractor::concurrency::JoinHandle<()>,
     ); 2],
-    u32,
+    D,
 ) {
     let a_table = LeaseTable::open(js, "a", ttl, 1, 2).await.expect("bucket");
-    let a = Actor::spawn(
-        None,
-        LeaseKeeper,
-        LeaseKeeperArgs {
-            dispatcher,
-            ..lone_keeper(&a_table, ttl)
-        },
-    )
-    .await
-    .expect("keeper a");
+    let a = Actor::spawn(None, LeaseKeeper, a_args(lone_keeper(&a_table, ttl)))
+        .await
+        .expect("keeper a");
     eventually(
         "a to take both partitions",
         Duration::from_secs(10),
@@ -911,11 +907,11 @@ async fn a_keeper_handing_a_partition_back(
     let b = Actor::spawn(None, LeaseKeeper, lone_keeper(&b_table, ttl))
         .await
         .expect("keeper b");
-    let partition = tokio::time::timeout(Duration::from_secs(10), drains.recv())
+    let drain = tokio::time::timeout(Duration::from_secs(10), drains.recv())
         .await
         .expect("a drain asked for within 10 s of b joining")
         .expect("a drain");
-    (a_table, [a, b], partition)
+    (a_table, [a, b], drain)
 }
 
 /// A dispatcher that failed before answering the drain of a partition being handed back (it is
@@ -940,8 +936,12 @@ async fn a_partition_is_not_handed_back_when_its_drain_fails() {
         .await
         .expect("dispatcher");
     dispatcher.set(failing);
+    let steering = |args: LeaseKeeperArgs| LeaseKeeperArgs {
+        dispatcher: dispatcher.clone(),
+        ..args
+    };
     let (table, keepers, partition) =
-        a_keeper_handing_a_partition_back(&js, ttl, dispatcher.clone(), &mut drains).await;
+        a_keeper_handing_a_partition_back(&js, ttl, steering, &mut drains).await;
 
     // The supervisor restarts the failed dispatcher.
     failed.await.expect("the first dispatcher failed");
@@ -1046,8 +1046,9 @@ async fn a_keeper_whose_dispatcher_is_gone_still_leaves_at_once() {
     .await
     .expect("dispatcher");
     dispatcher.set(failing);
+    let steering = |args: LeaseKeeperArgs| LeaseKeeperArgs { dispatcher, ..args };
     let (table, [(a, a_handle), (b, b_handle)], _) =
-        a_keeper_handing_a_partition_back(&js, ttl, dispatcher, &mut drains).await;
+        a_keeper_handing_a_partition_back(&js, ttl, steering, &mut drains).await;
     failed.await.expect("the dispatcher failed");
 
     let left = a
@@ -1065,6 +1066,234 @@ async fn a_keeper_whose_dispatcher_is_gone_still_leaves_at_once() {
     for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
         stop_keeper(keeper, handle).await;
     }
+}
+
+/// A drain as a [`ForwardingDispatcher`] hands it to the test: the partition and the reply port.
+type Drain = (u32, ractor::RpcReplyPort<()>);
+
+/// Stands in for the dispatcher: hands each drain it is asked for, with its reply port, to the
+/// test, which answers it when it chooses, or never (a dispatcher that is stuck).
+struct ForwardingDispatcher;
+
+impl Actor for ForwardingDispatcher {
+    type Msg = DispatcherMsg;
+    type State = tokio::sync::mpsc::UnboundedSender<Drain>;
+    type Arguments = tokio::sync::mpsc::UnboundedSender<Drain>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DispatcherMsg>,
+        drains: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(drains)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<DispatcherMsg>,
+        message: DispatcherMsg,
+        drains: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let DispatcherMsg::Drain(partition, reply) = message {
+            let _ = drains.send((partition, reply));
+        }
+        Ok(())
+    }
+}
+
+/// A [`ForwardingDispatcher`] in a slot, and the drains it is asked for.
+async fn forwarding_dispatcher() -> (
+    ActorSlot<DispatcherMsg>,
+    tokio::sync::mpsc::UnboundedReceiver<Drain>,
+) {
+    let (drains_tx, drains) = tokio::sync::mpsc::unbounded_channel();
+    let (forwarding, _) = Actor::spawn(None, ForwardingDispatcher, drains_tx)
+        .await
+        .expect("dispatcher");
+    let dispatcher = ActorSlot::default();
+    dispatcher.set(forwarding);
+    (dispatcher, drains)
+}
+
+/// `herald_partition_drain_failures_total` as this process's recorder has it (installed by the
+/// first call); tests running beside the caller may add to it too.
+fn drain_failures() -> f64 {
+    herald_engine::app::process_init()
+        .render()
+        .lines()
+        .find_map(|line| line.strip_prefix("herald_partition_drain_failures_total "))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A dispatcher that is alive but never answers a drain (stuck) held the hand-back up for good:
+/// the lease keeper's call had no bound of its own, so the partition stayed a's, unpulled, and
+/// was never asked for again. Now a drain not answered within the drain timeout and one round
+/// more counts as failed (`herald_partition_drain_failures_total`): the lease is kept and
+/// renewed, and the drain asked again; once one is answered, the partition goes to b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_the_dispatcher_never_answers_is_asked_again_and_the_lease_kept() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let drain_timeout = Duration::from_secs(1);
+    let failures = drain_failures();
+    let (dispatcher, mut drains) = forwarding_dispatcher().await;
+    let stuck = |args: LeaseKeeperArgs| LeaseKeeperArgs {
+        dispatcher,
+        drain_timeout,
+        ..args
+    };
+    let (table, keepers, (partition, _unanswered)) =
+        a_keeper_handing_a_partition_back(&js, ttl, stuck, &mut drains).await;
+
+    let still_held = |view: &LeaseView| {
+        assert_eq!(
+            view.owners.get(&partition).map(String::as_str),
+            Some("a"),
+            "partition {partition} handed over while its drain was never answered: owners {:?}",
+            view.owners
+        );
+        view.revisions[&partition]
+    };
+    let revision = still_held(&table.view().await.expect("view"));
+    // The call times out after the drain timeout and one round (1.5 s); the next round asks again.
+    let mut unanswered = Vec::new();
+    eventually_showing(
+        "a to ask for the unanswered drain again",
+        Duration::from_secs(10),
+        || {
+            let asked = drains.try_recv().ok();
+            let (table, still_held) = (&table, &still_held);
+            let asked = asked.map(|(asked, reply)| {
+                assert_eq!(asked, partition, "the partition being handed back");
+                unanswered.push(reply);
+            });
+            async move {
+                let view = table.view().await.map_err(|e| e.to_string())?;
+                still_held(&view);
+                asked.ok_or_else(|| format!("owners {:?}, asked once", view.owners))
+            }
+        },
+    )
+    .await;
+    assert!(
+        drain_failures() > failures,
+        "the unanswered drain is counted in herald_partition_drain_failures_total"
+    );
+    eventually_showing(
+        "a to renew the lease of the partition it cannot drain",
+        Duration::from_secs(10),
+        || async {
+            let view = table.view().await.map_err(|e| e.to_string())?;
+            let now = still_held(&view);
+            (now >= revision + 2)
+                .then_some(())
+                .ok_or_else(|| format!("revision {now}, from {revision}"))
+        },
+    )
+    .await;
+
+    // The dispatcher answers again: the next drain asked for hands the partition over.
+    tokio::spawn(async move {
+        while let Some((_, reply)) = drains.recv().await {
+            let _ = reply.send(());
+        }
+    });
+    eventually_showing(
+        "b to take the partition once a drain is answered",
+        Duration::from_secs(10),
+        || async {
+            let view = table.view().await.map_err(|e| e.to_string())?;
+            (view.owners.get(&partition).map(String::as_str) == Some("b"))
+                .then_some(())
+                .ok_or_else(|| format!("owners {:?}", view.owners))
+        },
+    )
+    .await;
+    for (keeper, handle) in keepers {
+        stop_keeper(keeper, handle).await;
+    }
+}
+
+/// The answer to a drain was taken for the partition, whatever hold of its lease it was asked
+/// for: a partition whose lease was lost while it was being drained (and dropped), then taken
+/// again, had its new lease handed back by the late answer of the old drain, with nothing of the
+/// new hold drained. Now the answer is ignored, and the lease of the new hold stays a's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_late_answer_of_a_drain_does_not_hand_back_a_lease_taken_again_since() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let (dispatcher, mut drains) = forwarding_dispatcher().await;
+    let ownership = OwnershipView::default();
+    let owns = |partition| {
+        let owned = ownership.read().expect("ownership").owned.clone();
+        owned.contains(&partition).then_some(()).ok_or(owned)
+    };
+    let watched = |args: LeaseKeeperArgs| LeaseKeeperArgs {
+        dispatcher,
+        ownership: ownership.clone(),
+        // The old drain's call still waits when it is answered.
+        drain_timeout: E2E_TIMEOUT,
+        ..args
+    };
+    let (_, [(a, a_handle), (b, b_handle)], (partition, old_drain)) =
+        a_keeper_handing_a_partition_back(&js, ttl, watched, &mut drains).await;
+    // b leaves, so a's share is both partitions again, and the one it drains is not taken by b.
+    stop_keeper(b, b_handle).await;
+
+    // The lease is lost while its drain is under way: another writer takes the key.
+    let bucket = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("bucket");
+    let key = herald_nats::leases::partition_key(partition);
+    bucket.put(&key, "c/intruder".into()).await.expect("put");
+    eventually_showing(
+        "a to drop the lease it lost",
+        Duration::from_secs(10),
+        || async {
+            match owns(partition) {
+                Ok(()) => Err(format!("a still owns {partition}")),
+                Err(_) => Ok(()),
+            }
+        },
+    )
+    .await;
+    // Freed, it is taken again by a: a new hold, which nobody drains.
+    bucket.delete(&key).await.expect("delete");
+    eventually_showing(
+        "a to take the partition again",
+        Duration::from_secs(10),
+        || async { owns(partition).map_err(|owned| format!("a owns {owned:?}")) },
+    )
+    .await;
+
+    let mut changes = bucket.watch(&key).await.expect("watch");
+    // The old drain is answered now.
+    old_drain
+        .send(())
+        .expect("the old drain's call still waits");
+    // Two renewals of the new lease after the answer, with nothing handed back meanwhile.
+    let mut renewals = 0;
+    while renewals < 2 {
+        let change = tokio::time::timeout(Duration::from_secs(10), changes.next())
+            .await
+            .expect("a renewal of the lease within 10 s")
+            .expect("watch open")
+            .expect("entry");
+        assert_eq!(
+            change.operation,
+            async_nats::jetstream::kv::Operation::Put,
+            "the lease of partition {partition}, taken again, was handed back by the answer of \
+             the drain of its earlier hold"
+        );
+        renewals += 1;
+    }
+    assert!(
+        drains.try_recv().is_err(),
+        "nothing of the new hold is being handed back"
+    );
+    stop_keeper(a, a_handle).await;
 }
 
 /// Instances configured with different lease TTLs (a rolling change of it): an instance with a
