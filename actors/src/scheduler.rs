@@ -18,7 +18,9 @@
 //!    with each failure of that batch in a row (kept by this instance, forgotten on a page that
 //!    goes through), at most the lease's length, so a page that keeps failing (NATS refusing, a
 //!    stream full) is tried ever less often rather than every round, and is redone soon after
-//!    the cause goes away.
+//!    the cause goes away. Meanwhile the batch, still `running`, shows the failures in a row and
+//!    the last one as its `error`, cleared by the next page that goes through. A filter's pages
+//!    hold the customers created by the time the batch was accepted.
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -444,6 +446,8 @@ struct Published {
     done: Vec<Uuid>,
     /// Not published, for now (NATS unavailable): tried again.
     failed: Vec<Uuid>,
+    /// Why the first of `failed` was not published.
+    failed_reason: Option<String>,
     /// Refused as larger than the server's `max_payload`, with the client's reason: no retry
     /// can publish them.
     too_large: Vec<(Uuid, String)>,
@@ -462,7 +466,12 @@ async fn publish_all(publisher: &Publisher, commands: &[Outgoing]) -> Published 
             Err(herald_nats::NatsError::TooLarge { reason, .. }) => {
                 published.too_large.push((id, reason))
             }
-            Err(_) => published.failed.push(id),
+            Err(err) => {
+                published.failed.push(id);
+                published
+                    .failed_reason
+                    .get_or_insert_with(|| err.to_string());
+            }
         }
     }
     published
@@ -541,10 +550,18 @@ async fn fan_out(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> Result<(
     // after the cause goes away (here or on another instance; ids make redoing it harmless), and
     // not every round while it lasts.
     let until = (args.clock)() + chrono::Duration::from_std(rest).unwrap_or(lease);
-    if let Err(err) = repo::batches::hold(&args.db, batch.id, held, until).await {
+    // Shown on the batch, which stays `running`, until a page goes through.
+    let shown = failing(failures, error);
+    if let Err(err) = repo::batches::hold(&args.db, batch.id, held, until, &shown).await {
         tracing::warn!(batch = %batch.id, error = %err, "scheduler: bulk lease not shortened");
     }
     Ok(())
+}
+
+/// What a batch whose pages fail shows as its `error`: the failures in a row and the last one.
+fn failing(failures: u32, error: &str) -> String {
+    let pages = if failures == 1 { "page" } else { "pages" };
+    format!("{failures} failed {pages} in a row; the last: {error}")
 }
 
 /// Fans out `batch` page by page while this instance holds its lease `held` (renewed with every
@@ -560,7 +577,8 @@ async fn pages(
     let budget = Duration::from_millis(args.settings.bulk_round_ms);
     let lease = chrono::Duration::seconds(args.settings.bulk_lease_secs.max(5) as i64);
     loop {
-        let (page, cursor) = next_page(args, spec, batch.cursor.as_deref()).await?;
+        let (page, cursor) =
+            next_page(args, spec, batch.created_at, batch.cursor.as_deref()).await?;
         let done = (page.len() as u64) < args.settings.bulk_page_size.max(1);
         let created_at = Utc::now();
         let mut rows = Vec::with_capacity(page.len());
@@ -588,9 +606,10 @@ async fn pages(
         let published = publish_all(&args.publisher, &commands).await;
         if !published.failed.is_empty() {
             return Err(format!(
-                "batch {}: {} commands not published",
+                "batch {}: {} commands not published: {}",
                 batch.id,
-                published.failed.len()
+                published.failed.len(),
+                published.failed_reason.unwrap_or_default()
             ));
         }
         // Not sent, ever: failed, and the batch goes on.
@@ -629,10 +648,12 @@ async fn pages(
     }
 }
 
-/// The recipients after `cursor`, and the cursor after them (`None` for an empty page).
+/// The recipients after `cursor`, and the cursor after them (`None` for an empty page). A filter
+/// selects the customers created by `accepted_at`, when the batch was accepted (and counted).
 async fn next_page(
     args: &SchedulerArgs,
     spec: &BatchSpec,
+    accepted_at: chrono::DateTime<Utc>,
     cursor: Option<&str>,
 ) -> Result<(Vec<BatchRecipient>, Option<String>), String> {
     let size = args.settings.bulk_page_size.max(1);
@@ -650,6 +671,7 @@ async fn next_page(
             let filter = CustomerFilter {
                 locale: locale.clone(),
                 external_id_prefix: external_id_prefix.clone(),
+                created_by: Some(accepted_at),
             };
             let customers = repo::batches::customers_page(&args.db, &filter, cursor, size)
                 .await

@@ -6,7 +6,7 @@
 //! redone after a restart sends nobody anything twice; and a request repeated with its
 //! `request_id` answers the batch stored first, so a retried request sends nothing twice either.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use herald_entities::repo::{
     self,
     batches::{Created, CustomerFilter, NewBatch},
@@ -90,7 +90,11 @@ pub struct BulkRequest {
     /// where the id came from (`request_id`, or `Idempotency-Key` for the header). Bulk sends'
     /// request ids are their own: a single send's does not answer a bulk send.
     pub request_id: Option<String>,
-    /// The recipients (at most 10 000; repeated ones get one notification).
+    /// The recipients (at most 10 000). Each gets one notification, by its key: its
+    /// `customer_id`, else its first contact (`email`, `phone`, `telegram_chat_id`, a push token,
+    /// `webhook_url`). A recipient repeated exactly (the same customer id, contacts and
+    /// `variables`) gets one; two with one key that differ otherwise are refused with `400`,
+    /// `field` naming the second (`recipients[3]`) and the message both.
     pub recipients: Option<Vec<BulkRecipient>>,
     /// Or: the stored customers matching this filter.
     pub filter: Option<CustomerFilterBody>,
@@ -113,7 +117,8 @@ pub struct BatchAccepted {
     pub batch_id: Uuid,
     /// Its status now: `pending` when new; the current one for a repeated request.
     pub status: String,
-    /// Recipients in the batch (for a filter: those matching when it was accepted).
+    /// Recipients in the batch (for a filter: the customers matching when it was accepted; those
+    /// created later are not sent to).
     pub total: i64,
 }
 
@@ -141,7 +146,9 @@ pub struct BatchView {
     pub published: i64,
     /// The notifications by status.
     pub counts: Vec<BatchStatusCount>,
-    /// Why the batch failed.
+    /// Why the batch failed, when `failed`. While it is `running`: how many of its pages failed in
+    /// a row and why the last one did (`2 failed pages in a row; the last: …`); each is tried again
+    /// after a rest, and the first that goes through clears this. Absent otherwise.
     pub error: Option<String>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
@@ -228,7 +235,10 @@ impl BulkApi {
                 return repeated(&key, batch);
             }
         };
-        let total = recipients_in(&self.state, &target).await?;
+        // Whole microseconds, as both databases store it: the customers counted are exactly
+        // those the fan-out selects by the stored time.
+        let accepted_at = Utc::now().trunc_subsecs(6);
+        let total = recipients_in(&self.state, &target, accepted_at).await?;
         let spec = BatchSpec {
             v: SCHEMA_VERSION,
             category,
@@ -243,6 +253,7 @@ impl BulkApi {
             request_fingerprint: key.as_ref().map(|key| key.fingerprint.clone()),
             spec,
             total,
+            accepted_at,
         };
         match repo::batches::create(&self.state.db, new).await? {
             Created::New(batch) => {
@@ -307,8 +318,13 @@ struct BulkMeaning<'a> {
     target: &'a BatchTarget,
 }
 
-/// How many recipients a bulk send has: those listed, or the customers its filter matches now.
-async fn recipients_in(state: &AppState, target: &BatchTarget) -> Result<i64, ApiError> {
+/// How many recipients a bulk send has: those listed, or the customers its filter matches among
+/// those created by `accepted_at`.
+async fn recipients_in(
+    state: &AppState,
+    target: &BatchTarget,
+    accepted_at: DateTime<Utc>,
+) -> Result<i64, ApiError> {
     match target {
         BatchTarget::Recipients { recipients } => Ok(recipients.len() as i64),
         BatchTarget::Filter {
@@ -318,6 +334,7 @@ async fn recipients_in(state: &AppState, target: &BatchTarget) -> Result<i64, Ap
             let filter = CustomerFilter {
                 locale: locale.clone(),
                 external_id_prefix: external_id_prefix.clone(),
+                created_by: Some(accepted_at),
             };
             Ok(repo::batches::count_customers(&state.db, &filter).await?)
         }
@@ -388,6 +405,7 @@ fn customer_filter(body: CustomerFilterBody) -> Result<CustomerFilter, ApiError>
         _ => Ok(CustomerFilter {
             locale,
             external_id_prefix,
+            created_by: None,
         }),
     }
 }
@@ -498,8 +516,11 @@ fn check_command_size(
     }
 }
 
-/// Validates listed recipients; repeated recipients (same key) are kept once. Their own
-/// variables need a template (`templated`).
+/// Validates listed recipients. Their own variables need a template (`templated`). A batch sends
+/// one notification per recipient key (its id is derived from the key), so two recipients with
+/// one key are one recipient: kept once when they are the same (customer id, contacts and
+/// variables, as checked), refused when they differ ([`same_key`]), since keeping either would
+/// drop the other's contacts or variables unseen.
 fn listed(list: Vec<BulkRecipient>, templated: bool) -> Result<Vec<BatchRecipient>, ApiError> {
     if list.is_empty() || list.len() > MAX_LISTED {
         return Err(ApiError::invalid(
@@ -507,8 +528,10 @@ fn listed(list: Vec<BulkRecipient>, templated: bool) -> Result<Vec<BatchRecipien
             format!("give 1 to {MAX_LISTED} recipients, or a filter"),
         ));
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut recipients = Vec::with_capacity(list.len());
+    // Each key's first place in the request, and its place in `recipients`.
+    let mut seen: std::collections::HashMap<String, (usize, usize)> =
+        std::collections::HashMap::new();
+    let mut recipients: Vec<BatchRecipient> = Vec::with_capacity(list.len());
     for (
         index,
         BulkRecipient {
@@ -527,16 +550,38 @@ fn listed(list: Vec<BulkRecipient>, templated: bool) -> Result<Vec<BatchRecipien
             return Err(ApiError::invalid(&field, "variables need a template"));
         }
         let variables = notifications::variables(&field, variables)?;
-        if seen.insert(key.clone()) {
-            recipients.push(BatchRecipient {
-                key,
-                customer_id,
-                contacts,
-                variables,
-            });
+        let recipient = BatchRecipient {
+            key,
+            customer_id,
+            contacts,
+            variables,
+        };
+        match seen.get(&recipient.key) {
+            Some(&(first, at)) if recipients[at] != recipient => {
+                return Err(same_key(first, index, &recipient.key));
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(recipient.key.clone(), (index, recipients.len()));
+                recipients.push(recipient);
+            }
         }
     }
     Ok(recipients)
+}
+
+/// The refusal of `recipients[second]`, which has the key of `recipients[first]` but other
+/// contacts or variables.
+fn same_key(first: usize, second: usize, key: &str) -> ApiError {
+    ApiError::invalid(
+        &format!("recipients[{second}]"),
+        format!(
+            "recipients[{first}] and recipients[{second}] are one recipient (both `{key}`: the \
+             customer_id, else the first contact of email, phone, telegram_chat_id, push_tokens, \
+             webhook_url) with different contacts or variables, and a recipient gets one \
+             notification; merge them, or send them separately"
+        ),
+    )
 }
 
 /// Points a recipient error at its place in the list (`recipient.email` → `recipients[3].email`).
@@ -578,6 +623,74 @@ mod tests {
             "{}",
             refused.message()
         );
+    }
+
+    /// The listed recipients of `json` (an array of recipient objects).
+    fn listed_from(
+        json: serde_json::Value,
+        templated: bool,
+    ) -> Result<Vec<BatchRecipient>, ApiError> {
+        use poem_openapi::types::ParseFromJSON;
+        let list = Vec::<BulkRecipient>::parse_from_json(Some(json)).expect("recipients");
+        listed(list, templated)
+    }
+
+    /// The `field` and `message` of a 400.
+    fn refusal(err: ApiError) -> (String, String) {
+        match err {
+            ApiError::BadRequest(body) => (body.0.field.unwrap_or_default(), body.0.message),
+            other => panic!("a 400, not {other:?}"),
+        }
+    }
+
+    /// Two listed recipients with one key (the customer id, else the first contact) would be one
+    /// notification: the second's other contacts or variables would be dropped unseen, so they
+    /// are refused, naming both; one repeated exactly is kept once.
+    #[test]
+    fn listed_recipients_with_one_key_are_refused_unless_they_are_the_same() {
+        let refused = [
+            (
+                serde_json::json!([
+                    { "email": "a@example.com", "phone": "+15550001" },
+                    { "email": "b@example.com" },
+                    { "email": "a@example.com", "phone": "+15550002" }
+                ]),
+                "recipients[2]",
+                "recipients[0] and recipients[2]",
+            ),
+            (
+                serde_json::json!([
+                    { "customer_id": "c-1", "variables": { "name": "Ada" } },
+                    { "customer_id": "c-1", "variables": { "name": "Bob" } }
+                ]),
+                "recipients[1]",
+                "recipients[0] and recipients[1]",
+            ),
+            (
+                serde_json::json!([
+                    { "customer_id": "a@example.com" },
+                    { "email": "a@example.com" }
+                ]),
+                "recipients[1]",
+                "recipients[0] and recipients[1]",
+            ),
+        ];
+        for (json, field, names) in refused {
+            let (got, message) = refusal(listed_from(json.clone(), true).expect_err("refused"));
+            assert_eq!(got, field, "{json}: {message}");
+            assert!(message.contains(names), "{json}: {message}");
+        }
+        let same = listed_from(
+            serde_json::json!([
+                { "email": "a@example.com", "phone": "+15550001", "variables": { "n": 1 } },
+                { "email": "b@example.com" },
+                { "email": " a@example.com ", "phone": "+15550001", "variables": { "n": 1 } }
+            ]),
+            true,
+        )
+        .expect("a recipient repeated exactly");
+        let keys: Vec<&str> = same.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["a@example.com", "b@example.com"]);
     }
 
     /// Pins what a bulk send's fingerprint is made of (see the single send's test of the same

@@ -28,9 +28,10 @@ pub struct Model {
     pub cursor: Option<String>,
     /// An instance working on the batch holds it until then; others leave it alone.
     pub lease_until: Option<DateTimeUtc>,
-    /// Why the batch failed.
+    /// Why the batch failed (`failed`); while it is `running`, why its last page failed and how
+    /// many failed in a row, until a page goes through (text, unbounded).
     pub error: Option<String>,
-    /// When it was accepted.
+    /// When it was accepted; a filter selects the customers created by then.
     pub created_at: DateTimeUtc,
     /// When it last changed.
     pub updated_at: DateTimeUtc,

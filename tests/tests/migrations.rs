@@ -161,6 +161,7 @@ async fn batch_request_ids_are_unique_when_given() {
         request_fingerprint: None,
         spec: serde_json::json!({}),
         total: 1,
+        accepted_at: chrono::Utc::now(),
     };
     for request_id in [None, None, Some("r-1")] {
         let created = batches::create(&conn, new(request_id))
@@ -264,6 +265,7 @@ async fn request_fingerprints_are_optional_and_roll_back() {
         request_fingerprint: fingerprint.map(str::to_string),
         spec: serde_json::json!({}),
         total: 1,
+        accepted_at: chrono::Utc::now(),
     };
     let notification =
         |request_id: &str, fingerprint: Option<&str>| notifications::NewNotification {

@@ -266,6 +266,21 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     )
     .await;
 
+    // A filter bulk send's page walks the customers by external id from its cursor; the
+    // conditions (creation time included) only sort out the rows it meets.
+    let filter = batches::CustomerFilter {
+        locale: Some("de".into()),
+        external_id_prefix: None,
+        created_by: Some(now),
+    };
+    let page = batches::customers_page_query(&filter, Some("c-1"), 500).into_query();
+    let index = match kind {
+        DatabaseKind::Sqlite => "sqlite_autoindex_customers_2 (external_id>?)",
+        DatabaseKind::Postgres => "customers_external_id_key",
+    };
+    let what = "a filter bulk send's page of customers";
+    assert_planned_on(&txn, kind, &page, index, what).await;
+
     // Searched by time, not read whole: PostgreSQL without sequential scans would rather walk
     // a whole index than the table.
     let (index, range) = match kind {

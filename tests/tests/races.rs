@@ -223,6 +223,7 @@ async fn an_instance_that_lost_its_batch_lease_changes_nothing() {
         request_fingerprint: None,
         spec: serde_json::json!({}),
         total: 20,
+        accepted_at: Utc::now(),
     };
     repo::batches::create(&db, new)
         .await

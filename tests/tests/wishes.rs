@@ -1309,6 +1309,124 @@ async fn a_bulk_page_that_keeps_failing_is_tried_ever_less_often() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A bulk batch whose pages keep failing (the command stream full) says so while it stays
+/// `running`: its `error` gives the failures in a row and the last one's reason, and is cleared
+/// once a page goes through.
+#[tokio::test]
+async fn a_bulk_batch_whose_pages_keep_failing_shows_the_last_error_until_one_goes_through() {
+    use async_nats::jetstream::stream::DiscardPolicy;
+    let w = world(|config| config.scheduler.bulk_lease_secs = 3_600).await;
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("NATS client"));
+    let mut stream = js
+        .get_stream(herald_nats::subjects::NOTIFY_STREAM)
+        .await
+        .expect("command stream");
+    let config = stream.info().await.expect("stream info").config.clone();
+    // Refuses each publish at once (see `a_bulk_page_that_keeps_failing_is_tried_ever_less_often`).
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_bytes: 1,
+        discard: DiscardPolicy::New,
+        ..config.clone()
+    })
+    .await
+    .expect("stream full");
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "a@example.com" }],
+                "category": "account",
+                "channels": ["email"],
+                "content": { "subject": "Terms updated", "text": "We updated our terms." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+    // The second failure comes about a second after the first.
+    let failing = eventually("the batch to show its failures", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        json["error"]
+            .as_str()
+            .is_some_and(|error| error.starts_with("2 failed pages in a row"))
+            .then_some(json)
+    })
+    .await;
+    assert_eq!(failing["status"], "running", "{failing}");
+    assert_eq!(failing["published"], 0, "{failing}");
+    let error = failing["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not published") && error.contains("maximum bytes"),
+        "the last failure and its reason: {error}"
+    );
+    js.update_stream(config).await.expect("stream restored");
+    let done = eventually("the batch to be sent", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done").then_some(json)
+    })
+    .await;
+    assert_eq!(done["published"], 1, "{done}");
+    assert!(done.get("error").is_none(), "the error cleared: {done}");
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A filter bulk send goes to the customers matching when it was accepted (its `total`), not to
+/// one created after: the fan-out, here only after that customer is stored, leaves it out.
+#[tokio::test]
+async fn a_bulk_filter_leaves_out_customers_created_after_it_was_accepted() {
+    use herald_actors::scheduler::SchedulerMsg;
+    // No round but those asked for, after the first.
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    // The first round is over: none runs until asked.
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    add_customers(&w.herald, vec![customer_row("c-before", "de", None)]).await;
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "filter": { "locale": "de" },
+                "category": "marketing",
+                "channels": ["email"],
+                "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    assert_eq!(accepted["total"], 1, "{accepted}");
+    let batch = accepted["batch_id"].as_str().expect("batch id").to_string();
+    add_customers(&w.herald, vec![customer_row("c-after", "de", None)]).await;
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    let done = eventually("the batch to be fanned out", E2E_TIMEOUT, || async {
+        let (_, json) = w.herald.get(&format!("/api/v1/batches/{batch}")).await;
+        (json["status"] == "done").then_some(json)
+    })
+    .await;
+    assert_eq!(
+        done["published"], 1,
+        "only the customer there when accepted: {done}"
+    );
+    w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    w.nats.commands_drained(E2E_TIMEOUT).await;
+    let to: Vec<String> = w
+        .smtp
+        .messages()
+        .iter()
+        .flat_map(|m| m.to.clone())
+        .collect();
+    assert_eq!(to, ["c-before@example.com"]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// A bulk page whose publish fails gives up the rest of its lease (resting a second instead): the
 /// batch goes on as soon as NATS is back, not once the lease (an hour here) has run out.
 #[tokio::test]

@@ -23,6 +23,9 @@ pub struct NewBatch {
     pub spec: serde_json::Value,
     /// Recipients in the batch.
     pub total: i64,
+    /// When it was accepted: its `created_at`, and for a filter the latest creation time of the
+    /// customers it selects (those counted in `total`).
+    pub accepted_at: DateTime<Utc>,
 }
 
 /// The outcome of storing a new batch.
@@ -38,7 +41,7 @@ pub enum Created {
 /// by a check before inserting), so concurrent repeats resolve to one batch; the conflict is
 /// skipped (`ON CONFLICT (request_id) DO NOTHING`) and the batch stored first is read back.
 pub async fn create(db: &impl ConnectionTrait, new: NewBatch) -> Result<Created, RepoError> {
-    let now = Utc::now();
+    let now = new.accepted_at;
     let model = batch::Model {
         id: new.id,
         request_id: new.request_id,
@@ -174,8 +177,9 @@ pub async fn insert_notifications(
 /// Records a finished page of the batch whose lease `held` the caller holds (the `lease_until` it
 /// set, by [`lease_next`] or its last [`advance`]): the new cursor, the running count, the lease
 /// renewed until `lease_until`, which is the holder's token from then on, and `done` when it was
-/// the last page. `false` when the lease is no longer `held`: it ran out and another instance
-/// took the batch, which goes on from the cursor it read; the caller must stop.
+/// the last page, and the `error` of pages that failed before cleared. `false` when the lease is
+/// no longer `held`: it ran out and another instance took the batch, which goes on from the cursor
+/// it read; the caller must stop.
 pub async fn advance(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -196,6 +200,7 @@ pub async fn advance(
             batch::Column::LeaseUntil,
             Expr::value((!done).then_some(lease_until)),
         )
+        .col_expr(batch::Column::Error, Expr::value(Option::<String>::None))
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::LeaseUntil.eq(held))
@@ -214,16 +219,24 @@ pub async fn release(
     set_lease(db, id, held, None).await
 }
 
-/// Holds the batch back: its lease `held` is shortened or lengthened to end at `until`, so that
-/// no round anywhere takes it before then (a page that failed rests before it is tried again).
-/// `false` when the lease was no longer `held` (see [`advance`]); the batch is left alone.
+/// Holds the batch back after a failed page: its lease `held` is shortened or lengthened to end
+/// at `until`, so that no round anywhere takes it before then (the page rests before it is tried
+/// again), and `error` says why, for the batch's view while it stays `running` ([`advance`]
+/// clears it). `false` when the lease was no longer `held` (see [`advance`]); the batch is left
+/// alone.
 pub async fn hold(
     db: &impl ConnectionTrait,
     id: Uuid,
     held: DateTime<Utc>,
     until: DateTime<Utc>,
+    error: &str,
 ) -> Result<bool, RepoError> {
-    set_lease(db, id, held, Some(until)).await
+    let updated = lease_update(id, held, Some(until))
+        .col_expr(batch::Column::Error, Expr::value(error))
+        .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected > 0)
 }
 
 /// Sets the lease `held` of a batch still in progress to `until` (`None`: free).
@@ -233,14 +246,21 @@ async fn set_lease(
     held: DateTime<Utc>,
     until: Option<DateTime<Utc>>,
 ) -> Result<bool, RepoError> {
-    let updated = batch::Entity::update_many()
+    let updated = lease_update(id, held, until).exec(db).await?;
+    Ok(updated.rows_affected > 0)
+}
+
+/// The UPDATE setting the lease `held` of a batch still in progress to `until`.
+fn lease_update(
+    id: Uuid,
+    held: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+) -> sea_orm::UpdateMany<batch::Entity> {
+    batch::Entity::update_many()
         .col_expr(batch::Column::LeaseUntil, Expr::value(until))
         .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::Status.eq("running"))
         .filter(batch::Column::LeaseUntil.eq(held))
-        .exec(db)
-        .await?;
-    Ok(updated.rows_affected > 0)
 }
 
 /// Marks the batch whose lease `held` the caller holds failed, with the reason. `false` when the
@@ -274,6 +294,9 @@ pub struct CustomerFilter {
     pub locale: Option<String>,
     /// Only customers whose external id starts with this.
     pub external_id_prefix: Option<String>,
+    /// Only customers created at or before this: when the batch was accepted, so that its
+    /// fan-out reaches those counted in its `total`, not customers created since.
+    pub created_by: Option<DateTime<Utc>>,
 }
 
 impl CustomerFilter {
@@ -290,6 +313,9 @@ impl CustomerFilter {
         }
         if let Some(prefix) = &self.external_id_prefix {
             condition = condition.add(begins_with(Expr::col(customer::Column::ExternalId), prefix));
+        }
+        if let Some(created_by) = self.created_by {
+            condition = condition.add(customer::Column::CreatedAt.lte(created_by));
         }
         condition
     }
@@ -323,13 +349,20 @@ pub async fn customers_page(
     after: Option<&str>,
     limit: u64,
 ) -> Result<Vec<customer::Model>, RepoError> {
+    Ok(customers_page_query(filter, after, limit).all(db).await?)
+}
+
+/// The query behind [`customers_page`] (public so that tests can check how databases plan it).
+pub fn customers_page_query(
+    filter: &CustomerFilter,
+    after: Option<&str>,
+    limit: u64,
+) -> Select<customer::Entity> {
     let mut query = customer::Entity::find().filter(filter.condition());
     if let Some(after) = after {
         query = query.filter(customer::Column::ExternalId.gt(after));
     }
-    Ok(query
+    query
         .order_by_asc(customer::Column::ExternalId)
         .limit(limit)
-        .all(db)
-        .await?)
 }
