@@ -69,6 +69,19 @@ jetstream_on() {
   [[ $info == *'"jetstream":true'* ]]
 }
 
+# The `url` of the `[nats]` section of `herald config`'s output ($1).
+nats_url_of() {
+  awk '/^\[/ { section = $0 } section == "[nats]" && $1 == "url" && !found { gsub(/"/, "", $3); print $3; found = 1 }' <<<"$1"
+}
+
+# The port of NATS URL $1 when it names this machine (nats://127.0.0.1:PORT or
+# nats://localhost:PORT, with or without a login, which `herald config` shows as `***@`); fails for
+# any other.
+local_nats_port() {
+  [[ $1 =~ ^nats://([^@/]*@)?(127\.0\.0\.1|localhost):([0-9]+)$ ]] || return 1
+  printf '%s\n' "${BASH_REMATCH[3]}"
+}
+
 # Starts nats-server with JetStream on 127.0.0.1:$1 with its store under $2, unless one with
 # JetStream answers there.
 ensure_nats() {

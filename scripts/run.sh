@@ -11,15 +11,18 @@ log "building herald (release)"
 cargo build --release --locked --bin herald
 herald="${CARGO_TARGET_DIR:-target}/release/herald"
 config_args=()
-[ -f herald.toml ] && config_args=(--config herald.toml)
+if [ -f herald.toml ]; then
+  config_args=(--config herald.toml)
+  log "using herald.toml (give other herald commands --config herald.toml too)"
+fi
 # The NATS URL in force as herald reads it (herald.toml, HERALD_CONFIG, HERALD_NATS__URL, default).
 if ! shown=$("$herald" "${config_args[@]}" config 2>/dev/null); then
   "$herald" "${config_args[@]}" config >/dev/null || true # prints why
   die "the configuration cannot be used"
 fi
-nats_url=$(awk '/^\[/ { section = $0 } section == "[nats]" && $1 == "url" && !found { gsub(/"/, "", $3); print $3; found = 1 }' <<<"$shown")
-if [[ $nats_url =~ ^nats://(127\.0\.0\.1|localhost):([0-9]+)$ ]]; then
-  ensure_nats "${BASH_REMATCH[2]}" "$PWD/data/nats"
+nats_url=$(nats_url_of "$shown")
+if port=$(local_nats_port "$nats_url"); then
+  ensure_nats "$port" "$PWD/data/nats"
 else
   log "using NATS at $nats_url"
 fi

@@ -617,7 +617,7 @@ async fn warn_of_missing_templates(db: &DatabaseConnection, rules: &[Rule]) {
 /// The configured providers: email always (SMTP or the outbox), the others when configured.
 fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
     let channels = &config.channels;
-    let email_name = if channels.email.smtp_host.is_some() {
+    let email_name = if channels.email.relay_host().is_some() {
         "smtp"
     } else {
         "outbox"
@@ -733,7 +733,22 @@ fn userinfo(url: &str) -> Option<(usize, usize)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{redact, redact_nats_urls};
+    use super::{providers, redact, redact_nats_urls};
+    use herald_actors::channel::email::SmtpSecurity;
+
+    /// An SMTP host set to nothing with `security = "none"` (which has no host name to check)
+    /// is the outbox, named so in attempts, not an "smtp" provider failing every send.
+    #[test]
+    fn a_blank_smtp_host_is_the_outbox_provider() {
+        super::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let mut config = crate::Config::default();
+        config.channels.email.smtp_host = Some(String::new());
+        config.channels.email.security = SmtpSecurity::None;
+        config.channels.email.outbox_dir = dir.path().to_path_buf();
+        let providers = providers(&config).expect("the providers");
+        assert_eq!(providers[0].name(), "outbox");
+    }
 
     #[test]
     fn nats_passwords_and_tokens_are_redacted() {

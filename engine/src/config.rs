@@ -998,6 +998,11 @@ impl Config {
         {
             return invalid("cluster.instance may hold only letters, digits, '-' and '_'".into());
         }
+        if self.database.max_connections == 0 {
+            // Every query would wait for a connection the pool may never open, and fail after
+            // its acquire timeout with "pool timed out", naming no setting.
+            return invalid("database.max_connections must be at least 1".into());
+        }
         if self.dispatch.max_in_flight == 0 {
             return invalid("dispatch.max_in_flight must be at least 1".into());
         }
@@ -2006,6 +2011,10 @@ mod limits_tests {
                         },
                     );
                 }),
+            ),
+            (
+                "database.max_connections must be at least 1",
+                Box::new(|c| c.database.max_connections = 0),
             ),
             (
                 "status_writer.max_batch",

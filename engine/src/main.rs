@@ -115,7 +115,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
-    herald.shutdown().await
+    tokio::select! {
+        result = herald.shutdown() => result,
+        () = shutdown_signal() => {
+            // The handler installed for the first signal keeps the default action (exit) from
+            // the second: without this, Ctrl-C would do nothing until the grace period ends.
+            // Exited here, not returned from: dropping the runtime would wait for its tasks.
+            tracing::warn!(
+                "a second signal during the shutdown: exiting at once; deliveries in flight are \
+                 abandoned, and their commands redelivered (sent again if they went out)"
+            );
+            std::process::exit(1)
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -14,6 +14,7 @@ use herald_entities::NotificationStatus;
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::{Map, Value, json};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::Config;
 
@@ -89,7 +90,9 @@ pub struct SendArgs {
     /// Locale to render the template in.
     #[arg(long, requires = "template")]
     pub locale: Option<String>,
-    /// Idempotency key: repeating it sends nothing new and answers the first notification.
+    /// Idempotency key: repeating it sends nothing new and answers the first notification. A
+    /// new UUID when absent, printed on stderr if the send fails, for a retry that cannot send
+    /// twice.
     #[arg(long)]
     pub request_id: Option<String>,
     /// Send at this time (RFC 3339) instead of now.
@@ -112,7 +115,14 @@ pub async fn run(args: SendArgs, config: &Config) -> anyhow::Result<ExitCode> {
         None => url_from_bind(&config.http.bind)?,
     };
     let client = client(&args.key)?;
-    let accepted = post(&client, &base, &request_body(&args)).await?;
+    let request_id = request_id(&args);
+    let accepted = match post(&client, &base, &request_body(&args, &request_id)).await {
+        Ok(accepted) => accepted,
+        Err(err) => {
+            eprintln!("{}", retry_hint(&request_id));
+            return Err(err);
+        }
+    };
     let Some(secs) = args.wait else {
         println!("{accepted}");
         return Ok(ExitCode::SUCCESS);
@@ -171,8 +181,27 @@ pub fn parse_var(raw: &str) -> Result<(String, Value), String> {
     Ok((name.to_string(), value))
 }
 
-/// The JSON body of `POST /api/v1/notifications`: only the fields given, for the API to check.
-pub fn request_body(args: &SendArgs) -> Value {
+/// The send's request id: `--request-id`, else a new UUID. Always one: without it, a retry of a
+/// send whose answer was lost (a timeout, a reset connection, a 503 after the request was
+/// stored) would send it twice.
+pub fn request_id(args: &SendArgs) -> String {
+    args.request_id
+        .clone()
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// What a failed send says on stderr: its request id, for a retry that sends it at most once
+/// (Herald may have accepted it although no answer came, and a repeat answers that one).
+pub fn retry_hint(request_id: &str) -> String {
+    format!(
+        "retry with --request-id {request_id}: Herald sends one notification per request id, \
+         also if this attempt was accepted although its answer was lost"
+    )
+}
+
+/// The JSON body of `POST /api/v1/notifications` with the request id `request_id`: only the
+/// fields given, for the API to check.
+pub fn request_body(args: &SendArgs, request_id: &str) -> Value {
     let mut body = Map::new();
     body.insert("recipient".into(), recipient(args));
     body.insert("category".into(), json!(args.category));
@@ -192,7 +221,7 @@ pub fn request_body(args: &SendArgs) -> Value {
     } else if let Some(content) = content(args) {
         body.insert("content".into(), content);
     }
-    insert_some(&mut body, "request_id", &args.request_id);
+    body.insert("request_id".into(), json!(request_id));
     insert_some(&mut body, "scheduled_at", &args.scheduled_at);
     Value::Object(body)
 }
@@ -395,8 +424,9 @@ mod tests {
             "r-1",
         ])
         .expect("valid flags");
+        assert_eq!(request_id(&args), "r-1");
         assert_eq!(
-            request_body(&args),
+            request_body(&args, "r-1"),
             json!({
                 "recipient": {"email": "ada@example.com", "push_tokens": ["t1", "t2"]},
                 "category": "transactional",
@@ -425,13 +455,23 @@ mod tests {
         ])
         .expect("valid flags");
         assert_eq!(
-            request_body(&args),
+            request_body(&args, "r-2"),
             json!({
                 "recipient": {"customer_id": "c-1"},
                 "category": "account",
                 "template": {"code": "welcome", "variables": {"name": "Ada", "n": 2}, "locale": "de"},
+                "request_id": "r-2",
             })
         );
+    }
+
+    #[test]
+    fn a_send_without_a_request_id_gets_a_new_uuid() {
+        let args =
+            parse(&["--email", "ada@example.com", "--category", "account"]).expect("valid flags");
+        let (first, second) = (request_id(&args), request_id(&args));
+        assert!(Uuid::parse_str(&first).is_ok(), "a UUID: {first}");
+        assert_ne!(first, second, "a new one for each send");
     }
 
     #[test]

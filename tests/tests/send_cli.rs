@@ -343,3 +343,85 @@ async fn the_api_key_is_never_printed() {
     );
     assert_key_hidden(wrong, &help);
 }
+
+/// A send that is not answered as accepted (here a 503, as while the database is away; a timeout
+/// or a reset connection may follow an accepted one) exits 1 naming the request id it went with,
+/// a new UUID when `--request-id` is absent; the retry it suggests repeats that id, which Herald
+/// answers with the first notification if that one was stored, instead of sending it twice.
+#[tokio::test]
+async fn a_failed_send_names_its_request_id_for_a_retry_that_cannot_send_twice() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let api = MockServer::start().await;
+    let unavailable = serde_json::json!({
+        "code": "unavailable",
+        "message": "the database is unavailable; retry with the same request id",
+    });
+    Mock::given(method("POST"))
+        .and(path("/api/v1/notifications"))
+        .respond_with(ResponseTemplate::new(503).set_body_json(unavailable))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&api)
+        .await;
+    let id = "0193a6f4-0000-7000-8000-000000000002";
+    Mock::given(method("POST"))
+        .and(path("/api/v1/notifications"))
+        .respond_with(
+            ResponseTemplate::new(202)
+                .set_body_json(serde_json::json!({ "id": id, "status": "queued" })),
+        )
+        .mount(&api)
+        .await;
+    let uri = api.uri();
+    let mut args = vec![
+        "--url",
+        &uri,
+        "--email",
+        "ada@example.com",
+        "--category",
+        "transactional",
+        "--text",
+        "Hello",
+    ];
+    let env = [("HERALD_API_KEY", "hk_test_secret")];
+    let sent_request_ids = async || -> Vec<Option<String>> {
+        api.received_requests()
+            .await
+            .expect("requests recorded")
+            .iter()
+            .map(|request| {
+                let body: Value = serde_json::from_slice(&request.body).expect("a JSON body");
+                body["request_id"].as_str().map(str::to_string)
+            })
+            .collect()
+    };
+
+    let (stdout, stderr) = exited(&herald_send(&args, &env).await, 1);
+    assert!(stdout.is_empty(), "nothing on stdout: {stdout}");
+    assert!(
+        stderr.contains("503"),
+        "the API's answer on stderr: {stderr}"
+    );
+    let sent = sent_request_ids().await;
+    let request_id = sent[0]
+        .clone()
+        .unwrap_or_else(|| panic!("the send carries a request id: {sent:?}"));
+    assert!(
+        uuid::Uuid::parse_str(&request_id).is_ok(),
+        "a new UUID: {request_id}"
+    );
+    let retry = format!("retry with --request-id {request_id}");
+    assert!(stderr.contains(&retry), "{retry:?} on stderr: {stderr}");
+
+    // The retry it suggests, answered.
+    args.extend(["--request-id", &request_id]);
+    let (stdout, _) = exited(&herald_send(&args, &env).await, 0);
+    assert_eq!(printed_json(&stdout)["id"], id, "{stdout}");
+    assert_eq!(
+        sent_request_ids().await,
+        [Some(request_id.clone()), Some(request_id)],
+        "the retry repeats the request id"
+    );
+}

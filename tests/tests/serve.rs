@@ -151,20 +151,30 @@ async fn refuses_connections(base: &str) -> bool {
     TcpStream::connect(addr).await.is_err()
 }
 
-/// SIGTERM while a delivery is in flight: HTTP stops at once, the delivery finishes, its status is
-/// written and its command acked, and then the process exits with status 0.
-#[tokio::test]
-async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
+/// A `herald serve` with one webhook delivery held in flight, and what it runs on.
+struct Held {
+    nats: NatsServer,
+    _smtp: SmtpSink,
+    _db: TestDatabase,
+    _logs: tempfile::TempDir,
+    receiver: HeldReceiver,
+    herald: HeraldProcess,
+    conn: sea_orm::DatabaseConnection,
+    /// The notification being delivered.
+    id: uuid::Uuid,
+}
+
+/// Starts `herald serve` and sends a notification whose webhook delivery the receiver holds.
+async fn held_delivery() -> Held {
     herald_tests::init_tracing();
     let nats = NatsServer::start().await.expect("nats");
     let smtp = SmtpSink::start().await.expect("smtp");
     let db = TestDatabase::from_env().await.expect("db");
     let receiver = HeldReceiver::start().await;
     let logs = tempfile::tempdir().expect("log dir");
-    let mut herald =
-        HeraldProcess::start(serve_env(&nats, &db, &smtp), logs.path().join("herald.log"))
-            .await
-            .expect("herald starts");
+    let herald = HeraldProcess::start(serve_env(&nats, &db, &smtp), logs.path().join("herald.log"))
+        .await
+        .expect("herald starts");
     let conn = herald_entities::connect(db.url(), 2).await.expect("db");
     let key = herald_engine::apikey::create(&conn, "shutdown test", "send,read")
         .await
@@ -196,6 +206,32 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
         .and_then(|id| id.parse().ok())
         .unwrap_or_else(|| panic!("no id in {body}"));
     receiver.wait_for(1).await;
+    Held {
+        nats,
+        _smtp: smtp,
+        _db: db,
+        _logs: logs,
+        receiver,
+        herald,
+        conn,
+        id,
+    }
+}
+
+/// SIGTERM while a delivery is in flight: HTTP stops at once, the delivery finishes, its status is
+/// written and its command acked, and then the process exits with status 0.
+#[tokio::test]
+async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
+    let held = held_delivery().await;
+    // The servers and the log folder stay in `held` until the end.
+    let Held {
+        nats,
+        receiver,
+        mut herald,
+        conn,
+        id,
+        ..
+    } = held;
 
     herald.sigterm().expect("SIGTERM");
     eventually(
@@ -241,4 +277,33 @@ async fn sigterm_finishes_the_delivery_in_flight_and_exits_0() {
     )
     .await;
     assert_eq!(receiver.count(), 1, "delivered once");
+}
+
+/// A second SIGTERM (or Ctrl-C) during the shutdown exits at once, with an error and a log line
+/// saying so, instead of waiting out the delivery in flight: the signal handler installed for the
+/// first one used to swallow it.
+#[tokio::test]
+async fn a_second_sigterm_during_the_shutdown_exits_at_once() {
+    let mut held = held_delivery().await;
+    let herald = &mut held.herald;
+    herald.sigterm().expect("SIGTERM");
+    eventually(
+        "herald to stop listening after SIGTERM",
+        Duration::from_secs(10),
+        || async { refuses_connections(&herald.base()).await.then_some(()) },
+    )
+    .await;
+    herald.sigterm().expect("a second SIGTERM");
+    // The delivery is held for ever and the grace period is 20 s: only the second signal ends it.
+    let status = herald
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("herald exits at once on a second SIGTERM");
+    assert!(!status.success(), "exited with {status}: not a clean stop");
+    let log = herald.log_tail();
+    assert!(
+        log.contains("a second signal during the shutdown"),
+        "the log says why: {log}"
+    );
+    assert_eq!(held.receiver.count(), 1, "the delivery was still held");
 }

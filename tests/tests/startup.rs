@@ -317,6 +317,83 @@ async fn what_a_provider_finds_when_it_is_built_stops_the_start_at_once() {
     }
 }
 
+/// An SMTP host set to nothing (compose's `${SMTP_HOST:-}`) is no SMTP host: email goes to the
+/// outbox, as with the variable absent. It used to stop every command as `smtp_host "" is not a
+/// host name`.
+#[tokio::test]
+async fn an_empty_smtp_host_is_unset() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let outbox = dir.path().join("outbox");
+    let outbox = outbox.to_str().expect("a UTF-8 path");
+    for security in ["starttls", "tls", "none"] {
+        let output = run_herald(
+            &["config"],
+            &[
+                ("HERALD_CHANNELS__EMAIL__SMTP_HOST", ""),
+                ("HERALD_CHANNELS__EMAIL__SECURITY", security),
+                ("HERALD_CHANNELS__EMAIL__OUTBOX_DIR", outbox),
+            ],
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{security}: refused: {stderr}");
+    }
+}
+
+/// `database.max_connections = 0` stops every command at once, named: each used to wait for a
+/// connection the pool could never open and fail after 10 s with "pool timed out".
+#[tokio::test]
+async fn a_pool_of_no_connections_stops_the_start_at_once() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    assert_refused_at_once(
+        dir.path(),
+        &[("HERALD_DATABASE__MAX_CONNECTIONS", "0")],
+        "database.max_connections must be at least 1",
+    )
+    .await;
+}
+
+/// The local NATS port `scripts/run.sh` finds in `herald config`'s output with `nats.url`
+/// set to `url` (its `nats_url_of` and `local_nats_port`), or none for a remote URL.
+async fn run_sh_local_nats_port(url: &str) -> Option<String> {
+    let output = run_herald(&["config"], &[("HERALD_NATS__URL", url)]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{url}: failed: {stderr}");
+    let shown = String::from_utf8(output.stdout).expect("stdout is UTF-8");
+    let common = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/common.sh");
+    let found = tokio::process::Command::new("bash")
+        .args(["-c", r#". "$1" && local_nats_port "$(nats_url_of "$2")""#])
+        .args(["run.sh", common, &shown])
+        .output()
+        .await
+        .expect("bash runs");
+    let port = String::from_utf8(found.stdout).expect("stdout is UTF-8");
+    found.status.success().then(|| port.trim().to_string())
+}
+
+/// `scripts/run.sh` starts a local nats-server on the port of a local `nats.url`, read from
+/// `herald config`, also when the URL logs in: `herald config` shows its login as `***`, which
+/// the script's pattern refused, so no server was started and Herald waited for one for ever.
+#[tokio::test]
+async fn run_sh_finds_the_local_nats_port_behind_a_login() {
+    for (url, port) in [
+        ("nats://127.0.0.1:4333", "4333"),
+        ("nats://herald:s3cret@127.0.0.1:4334", "4334"),
+        ("nats://t0ken@localhost:4335", "4335"),
+    ] {
+        assert_eq!(
+            run_sh_local_nats_port(url).await.as_deref(),
+            Some(port),
+            "{url}"
+        );
+    }
+    assert_eq!(
+        run_sh_local_nats_port("nats://herald:s3cret@10.0.0.1:4222").await,
+        None,
+        "a remote NATS is not started here"
+    );
+}
+
 /// A listen address in use stops the start before anything is provisioned or leased in NATS, so
 /// that the failed process takes no partition from the running ones.
 #[tokio::test]

@@ -51,7 +51,8 @@ impl SmtpSecurity {
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct EmailConfig {
-    /// SMTP host; when unset, mail is written to `outbox_dir` instead.
+    /// SMTP host; when unset or blank, mail is written to `outbox_dir` instead (see
+    /// [`EmailConfig::relay_host`]).
     pub smtp_host: Option<String>,
     /// SMTP port; defaults by `security` (25, 587, 465).
     pub smtp_port: Option<u16>,
@@ -127,13 +128,22 @@ impl EmailConfig {
     /// it that exists). Needs a process-wide rustls crypto provider installed.
     pub fn check(&self) -> Result<(), EmailConfigError> {
         self.sender()?;
-        match &self.smtp_host {
+        match self.relay_host() {
             Some(host) => smtp_transport(host, self).map(drop),
             None => match outbox_problem(&self.outbox_dir) {
                 Some(reason) => Err(outbox_error(&self.outbox_dir, reason)),
                 None => Ok(()),
             },
         }
+    }
+
+    /// The SMTP host mail is sent to, if any: a blank `smtp_host` (an environment variable set
+    /// to nothing, as compose's `${SMTP_HOST:-}` gives) is none, as for `username` and
+    /// `password`, and email goes to the outbox.
+    pub fn relay_host(&self) -> Option<&str> {
+        self.smtp_host
+            .as_deref()
+            .filter(|host| !host.trim().is_empty())
     }
 
     /// The sender, parsed.
@@ -214,7 +224,7 @@ impl EmailProvider {
     /// Builds the provider; SMTP connections are opened lazily on the first send.
     pub fn new(name: String, config: &EmailConfig) -> Result<Self, EmailConfigError> {
         let from = config.sender()?;
-        let transport = match &config.smtp_host {
+        let transport = match config.relay_host() {
             Some(host) => Transport::Smtp(smtp_transport(host, config)?),
             None => {
                 let dir = &config.outbox_dir;
@@ -564,5 +574,36 @@ mod tests {
         relay(None, Some(""))
             .check()
             .expect("an empty value is none");
+    }
+
+    /// An SMTP host set to nothing (an environment variable set empty) is none, as the user name
+    /// and password are: the outbox, whatever the security.
+    #[tokio::test]
+    async fn a_blank_smtp_host_is_the_outbox() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        for (host, security) in [
+            ("", SmtpSecurity::None),
+            ("", SmtpSecurity::Starttls),
+            (" ", SmtpSecurity::Tls),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = EmailConfig {
+                smtp_host: Some(host.into()),
+                security,
+                outbox_dir: dir.path().to_path_buf(),
+                ..EmailConfig::default()
+            };
+            config.check().expect("a blank host is none");
+            let provider = EmailProvider::new("outbox".into(), &config).expect("the outbox");
+            let receipt = provider
+                .send(&message(Some("ada@example.com"), None))
+                .await
+                .unwrap_or_else(|e| panic!("{host:?} {security:?}: not written: {e:?}"));
+            let id = receipt.provider_message_id.expect("the file's id");
+            assert!(
+                dir.path().join(format!("{id}.eml")).exists(),
+                "{security:?}"
+            );
+        }
     }
 }
