@@ -118,10 +118,11 @@ pub async fn run(args: SendArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let request_id = request_id(&args);
     let accepted = match post(&client, &base, &request_body(&args, &request_id)).await {
         Ok(accepted) => accepted,
-        Err(err) => {
+        Err(Failed::Passing(err)) => {
             eprintln!("{}", retry_hint(&request_id));
             return Err(err);
         }
+        Err(Failed::Refused(err)) => return Err(err),
     };
     let Some(secs) = args.wait else {
         println!("{accepted}");
@@ -190,7 +191,7 @@ pub fn request_id(args: &SendArgs) -> String {
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
 
-/// What a failed send says on stderr: its request id, for a retry that sends it at most once
+/// What a send that failed in passing (no answer, 5xx, 429) says on stderr: its request id, for a retry that sends it at most once
 /// (Herald may have accepted it although no answer came, and a repeat answers that one).
 pub fn retry_hint(request_id: &str) -> String {
     format!(
@@ -270,28 +271,34 @@ fn client(key: &str) -> anyhow::Result<reqwest::Client> {
 }
 
 /// `POST /api/v1/notifications`; the answer's JSON on 200 or 202.
-async fn post(client: &reqwest::Client, base: &str, body: &Value) -> anyhow::Result<Value> {
+async fn post(client: &reqwest::Client, base: &str, body: &Value) -> Result<Value, Failed> {
     let url = format!("{base}/api/v1/notifications");
-    let response = client.post(&url).json(body).send().await;
-    answer(response.with_context(|| format!("cannot reach Herald at {base}"))?).await
+    exchange(client.post(&url).json(body), base).await
 }
 
-/// Why the notification could not be read.
-enum Unread {
-    /// Herald could not be reached, timed out, or answered 5xx or 429: worth asking again.
+/// Why a request to Herald failed.
+enum Failed {
+    /// Herald could not be reached, timed out, or answered 5xx or 429 (or a success that could
+    /// not be read): worth asking again.
     Passing(anyhow::Error),
-    /// Any other refusal (a key without the `read` scope, say): asking again changes nothing.
+    /// Any other refusal (a key without the `read` scope, a request Herald finds invalid):
+    /// asking again changes nothing.
     Refused(anyhow::Error),
 }
 
 /// `GET /api/v1/notifications/{id}`.
-async fn get(client: &reqwest::Client, base: &str, id: &str) -> Result<Value, Unread> {
+async fn get(client: &reqwest::Client, base: &str, id: &str) -> Result<Value, Failed> {
     let url = format!("{base}/api/v1/notifications/{id}");
-    let response = match client.get(&url).send().await {
+    exchange(client.get(&url), base).await
+}
+
+/// Sends `request` to Herald at `base` and reads its answer's JSON.
+async fn exchange(request: reqwest::RequestBuilder, base: &str) -> Result<Value, Failed> {
+    let response = match request.send().await {
         Ok(response) => response,
         Err(err) => {
             let err = anyhow::Error::new(err).context(format!("cannot reach Herald at {base}"));
-            return Err(Unread::Passing(err));
+            return Err(Failed::Passing(err));
         }
     };
     let status = response.status();
@@ -300,9 +307,9 @@ async fn get(client: &reqwest::Client, base: &str, id: &str) -> Result<Value, Un
         || status == reqwest::StatusCode::TOO_MANY_REQUESTS;
     answer(response).await.map_err(|err| {
         if passing {
-            Unread::Passing(err)
+            Failed::Passing(err)
         } else {
-            Unread::Refused(err)
+            Failed::Refused(err)
         }
     })
 }
@@ -349,9 +356,9 @@ async fn wait_final(
                 }
                 last = Ok((view, status));
             }
-            Err(Unread::Refused(err)) => return Err(err),
-            Err(Unread::Passing(err)) if last.is_err() => last = Err(err),
-            Err(Unread::Passing(_)) => {}
+            Err(Failed::Refused(err)) => return Err(err),
+            Err(Failed::Passing(err)) if last.is_err() => last = Err(err),
+            Err(Failed::Passing(_)) => {}
         }
         if Instant::now() >= deadline {
             return last;

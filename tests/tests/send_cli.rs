@@ -425,3 +425,44 @@ async fn a_failed_send_names_its_request_id_for_a_retry_that_cannot_send_twice()
         "the retry repeats the request id"
     );
 }
+
+/// A send Herald refuses (invalid, or a reused request id) is not worth repeating: no retry hint.
+#[tokio::test]
+async fn a_refused_send_suggests_no_retry() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let api = MockServer::start().await;
+    let reused = serde_json::json!({
+        "code": "idempotency_key_reused",
+        "message": "the request id was used for a different request",
+    });
+    Mock::given(method("POST"))
+        .and(path("/api/v1/notifications"))
+        .respond_with(ResponseTemplate::new(422).set_body_json(reused))
+        .mount(&api)
+        .await;
+    let uri = api.uri();
+    let args = [
+        "--url",
+        &uri,
+        "--email",
+        "ada@example.com",
+        "--category",
+        "transactional",
+        "--text",
+        "Hello",
+    ];
+    let (_, stderr) = exited(
+        &herald_send(&args, &[("HERALD_API_KEY", "hk_test_secret")]).await,
+        1,
+    );
+    assert!(
+        stderr.contains("idempotency_key_reused"),
+        "the API's answer on stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("retry with --request-id"),
+        "no retry suggested for a refusal: {stderr}"
+    );
+}
