@@ -1,7 +1,8 @@
 //! `Scheduler`: turns stored intentions into commands, so they survive restarts.
 //!
 //! Each round (every `poll_interval_ms`, one at a time, run as a task so the mailbox never waits
-//! on the database or NATS):
+//! on the database or NATS) does two things side by side, so that a bulk send never holds up due
+//! notifications:
 //! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
 //!    instances never both take one), publishes their commands rebuilt from the row, then clears
 //!    the claim mark; a failed publish gives the claim back, but one NATS refuses as larger than
@@ -9,18 +10,24 @@
 //!    instance that stopped mid-way, and API sends and dead-letter replays still marked as not
 //!    yet published (their request stopped between storing and publishing), are published again
 //!    after `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did
-//!    go out; a replay's copy goes under its replay's id, with its attempt base);
+//!    go out; a replay's copy goes under its replay's id, with its attempt base). While a claim
+//!    comes back full (`claim_limit`) and all of it went out, the next chunk is claimed at once,
+//!    for at most `bulk_round_ms`, and the next round then starts at once: many notifications due
+//!    in the same second do not wait `poll_interval_ms` per `claim_limit`. A failure ends the
+//!    round as usual, so a database or NATS outage is not retried in a tight loop;
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
-//!    left alone) and published, then the batch's cursor advances — a page redone after a restart
-//!    duplicates nothing. A page that fails (a publish, a read, an insert) holds the batch back
-//!    for a backoff instead of the rest of the lease: its lease is cut to end 1 s later, doubled
-//!    with each failure of that batch in a row (kept by this instance, forgotten on a page that
-//!    goes through), at most the lease's length, so a page that keeps failing (NATS refusing, a
-//!    stream full) is tried ever less often rather than every round, and is redone soon after
-//!    the cause goes away. Meanwhile the batch, still `running`, shows the failures in a row and
-//!    the last one as its `error`, cleared by the next page that goes through. A filter's pages
-//!    hold the customers created by the time the batch was accepted.
+//!    left alone) and published, then the batch's cursor advances (the lease is renewed after the
+//!    insert and again with the advance, so storing a page and publishing it need each fit within
+//!    the lease, not both together) — a page redone after a restart duplicates nothing. A page
+//!    that fails (a publish, a read, an insert) holds the batch back for a backoff instead of the
+//!    rest of the lease: its lease is cut to end 1 s later, doubled with each failure of that
+//!    batch in a row (kept by this instance, forgotten on a page that goes through), at most the
+//!    lease's length, so a page that keeps failing (NATS refusing, a stream full) is tried ever
+//!    less often rather than every round, and is redone soon after the cause goes away.
+//!    Meanwhile the batch, still `running`, shows the failures in a row and the last one as its
+//!    `error`, cleared by the next page that goes through. A filter's pages hold the customers
+//!    created by the time the batch was accepted.
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -59,14 +66,16 @@ use crate::policy::Clock;
 pub struct SchedulerSettings {
     /// Pause between rounds, in milliseconds.
     pub poll_interval_ms: u64,
-    /// Scheduled notifications claimed per round at most.
+    /// Scheduled notifications claimed at once at most; while a claim comes back full, the next
+    /// follows at once.
     pub claim_limit: u64,
     /// Seconds after which an unconfirmed claim or API send is published again; below
     /// `nats.dedup_window_secs`, so that the copy of a command that did go out is dropped.
     pub stale_claim_secs: u64,
     /// Recipients per bulk page.
     pub bulk_page_size: u64,
-    /// Longest a round spends on bulk pages, in milliseconds (then the next round goes on).
+    /// Longest a round spends on bulk pages, or on claiming due notifications chunk after chunk,
+    /// in milliseconds (then the next round goes on).
     pub bulk_round_ms: u64,
     /// Seconds a bulk lease lasts; renewed with every page.
     pub bulk_lease_secs: u64,
@@ -95,8 +104,12 @@ impl Default for SchedulerSettings {
 pub enum SchedulerMsg {
     /// Time for a round (internal).
     Tick,
-    /// A round finished (internal).
-    RoundDone,
+    /// A round finished (internal); `more` when it left due notifications behind (its last claim
+    /// was full), so the next round starts at once instead of after `poll_interval_ms`.
+    RoundDone {
+        /// Due notifications are left: start the next round at once.
+        more: bool,
+    },
     /// Run a round now and reply once a round that started after this request is done (tests,
     /// operations): when a round is running, another follows it at once.
     RunNow(RpcReplyPort<()>),
@@ -193,13 +206,16 @@ impl Actor for Scheduler {
                 }
             }
             SchedulerMsg::PurgeDone => state.purging = false,
-            SchedulerMsg::RoundDone => {
+            SchedulerMsg::RoundDone { more } => {
                 state.running = false;
                 for waiter in state.waiters.drain(..) {
                     let _ = waiter.send(());
                 }
                 if !state.next_waiters.is_empty() {
                     state.waiters = std::mem::take(&mut state.next_waiters);
+                    start_round(&myself, state);
+                } else if more {
+                    // Its end sends the tick if none is on its way.
                     start_round(&myself, state);
                 } else if !state.tick_pending {
                     state.tick_pending = true;
@@ -221,23 +237,29 @@ fn start_round(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let args = state.args.clone();
     let backoff = state.backoff.clone();
     let stop = state.stop.clone();
-    let done = WhenDone(myself.clone(), || SchedulerMsg::RoundDone);
+    let mut done = WhenDone(
+        myself.clone(),
+        Some(SchedulerMsg::RoundDone { more: false }),
+    );
     tokio::spawn(async move {
         tokio::select! {
             _ = stop.cancelled() => {}
-            _ = round(&args, &backoff) => {}
+            more = round(&args, &backoff) => done.1 = Some(SchedulerMsg::RoundDone { more }),
         }
         drop(done);
     });
 }
 
-/// Tells the scheduler a task of its ended when dropped: when it finished, and also when it
-/// panicked, so that one bad round or clean-up cannot stop every later one.
-struct WhenDone(ActorRef<SchedulerMsg>, fn() -> SchedulerMsg);
+/// Tells the scheduler a task of its ended when dropped (with the message it holds then): when it
+/// finished, and also when it panicked, so that one bad round or clean-up cannot stop every later
+/// one.
+struct WhenDone(ActorRef<SchedulerMsg>, Option<SchedulerMsg>);
 
 impl Drop for WhenDone {
     fn drop(&mut self) {
-        let _ = self.0.cast((self.1)());
+        if let Some(message) = self.1.take() {
+            let _ = self.0.cast(message);
+        }
     }
 }
 
@@ -256,7 +278,7 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     state.last_retention = Some(Instant::now());
     let args = state.args.clone();
     let stop = state.stop.clone();
-    let done = WhenDone(myself.clone(), || SchedulerMsg::PurgeDone);
+    let done = WhenDone(myself.clone(), Some(SchedulerMsg::PurgeDone));
     tokio::spawn(async move {
         let cutoff = (args.clock)() - chrono::Duration::days(i64::from(settings.retention_days));
         match purge(&args.db, cutoff, RETENTION_BATCH, &stop).await {
@@ -271,28 +293,54 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     });
 }
 
-async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) {
-    if let Err(err) = release_due(args).await {
-        tracing::warn!(error = %err, "scheduler: releasing due notifications failed");
-    }
-    if let Err(err) = fan_out(args, backoff).await {
-        tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
+/// A round: releases due notifications and fans out bulk sends side by side, so a long bulk page
+/// never holds up due notifications. Answers whether due notifications are left (see
+/// [`release_all_due`]).
+async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> bool {
+    let bulk = async {
+        if let Err(err) = fan_out(args, backoff).await {
+            tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
+        }
+    };
+    tokio::join!(release_all_due(args), bulk).0
+}
+
+/// Releases due notifications `claim_limit` at a time while each claim comes back full and all
+/// of it went out, for at most `bulk_round_ms`: 100k notifications due in the same second go out
+/// without waiting `poll_interval_ms` between chunks. Answers whether more are left when the time
+/// is up; a failure (the database, NATS) ends it with `false`, so the next round waits its turn.
+async fn release_all_due(args: &SchedulerArgs) -> bool {
+    let started = Instant::now();
+    let budget = Duration::from_millis(args.settings.bulk_round_ms);
+    loop {
+        match release_due(args).await {
+            Ok(true) if started.elapsed() < budget => tokio::task::yield_now().await,
+            Ok(more) => return more,
+            Err(err) => {
+                tracing::warn!(error = %err, "scheduler: releasing due notifications failed");
+                return false;
+            }
+        }
     }
 }
 
-async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
+/// Releases up to `claim_limit` due notifications, and as many stale claims. Answers whether more
+/// may be left and the next chunk may go at once: a claim came back full, and every command was
+/// published (one NATS did not take is tried again after `poll_interval_ms`, not at once).
+async fn release_due(args: &SchedulerArgs) -> Result<bool, String> {
     let now = (args.clock)();
-    let mut rows = repo::schedule::claim_due(&args.db, now, args.settings.claim_limit)
+    let limit = args.settings.claim_limit;
+    let mut rows = repo::schedule::claim_due(&args.db, now, limit)
         .await
         .map_err(|e| e.to_string())?;
     let stale_before = now - chrono::Duration::seconds(args.settings.stale_claim_secs as i64);
-    rows.extend(
-        repo::schedule::stale_claims(&args.db, stale_before, args.settings.claim_limit)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let stale = repo::schedule::stale_claims(&args.db, stale_before, limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    let full = rows.len() as u64 >= limit.max(1) || stale.len() as u64 >= limit.max(1);
+    rows.extend(stale);
     if rows.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let mut unpublishable = Vec::new();
     let mut commands = Vec::new();
@@ -319,7 +367,8 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
     confirm(args, &commands, &published.done)
         .await
         .map_err(|e| e.to_string())?;
-    if !published.failed.is_empty() {
+    let all_out = published.failed.is_empty();
+    if !all_out {
         tracing::warn!(
             failed = published.failed.len(),
             "scheduler: could not publish; will retry"
@@ -328,7 +377,8 @@ async fn release_due(args: &SchedulerArgs) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
     }
-    fail_too_large(args, published.too_large).await
+    fail_too_large(args, published.too_large).await?;
+    Ok(full && all_out)
 }
 
 /// Fails the notifications whose commands NATS refused as larger than its `max_payload`.
@@ -564,9 +614,9 @@ fn failing(failures: u32, error: &str) -> String {
     format!("{failures} failed {pages} in a row; the last: {error}")
 }
 
-/// Fans out `batch` page by page while this instance holds its lease `held` (renewed with every
-/// page), until it is done, the lease is lost, or the round's budget is spent. On an error the
-/// caller holds the batch back for a backoff.
+/// Fans out `batch` page by page while this instance holds its lease `held` (renewed after each
+/// page's insert and again once it is published), until it is done, the lease is lost, or the
+/// round's budget is spent. On an error the caller holds the batch back for a backoff.
 async fn pages(
     args: &SchedulerArgs,
     spec: &BatchSpec,
@@ -603,6 +653,18 @@ async fn pages(
         // Counted when stored: the rows of a page redone (after a failed publish, or by another
         // instance that took the batch) exist already and are not new.
         metrics::counter!("herald_notifications_accepted_total", "source" => "bulk").increment(new);
+        // Renewed before the publishes too, not only once the page is done: a page whose insert
+        // and publishes together outlast the lease would otherwise be taken over and redone by
+        // another instance, round after round, and never advance.
+        let renewed = (args.clock)() + lease;
+        if !repo::batches::renew(&args.db, batch.id, *held, renewed)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance");
+            return Ok(());
+        }
+        *held = renewed;
         let published = publish_all(&args.publisher, &commands).await;
         if !published.failed.is_empty() {
             return Err(format!(

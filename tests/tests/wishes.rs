@@ -1556,6 +1556,61 @@ async fn run_now_during_a_round_waits_for_a_round_that_starts_after_it() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Due notifications beyond `claim_limit` (many quiet-hours deferrals ending in the same second)
+/// go out chunk after chunk in one go, not one chunk per `poll_interval_ms` (an hour here: no round
+/// but the one asked for follows the first).
+#[tokio::test]
+async fn due_notifications_beyond_the_claim_limit_go_out_without_waiting_for_the_next_poll() {
+    use herald_actors::scheduler::SchedulerMsg;
+    use herald_entities::repo::notifications;
+    const CLAIM_LIMIT: u64 = 2;
+    const DUE: usize = 7;
+    let w = world(|config| {
+        config.scheduler.poll_interval_ms = 3_600_000;
+        config.scheduler.claim_limit = CLAIM_LIMIT;
+    })
+    .await;
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    let due_at = Utc::now() - ChronoDuration::seconds(1);
+    let rows: Vec<_> = (0..DUE)
+        .map(|n| {
+            let mut row = herald_tests::queued_notification(None);
+            row.status = NotificationStatus::Scheduled;
+            row.scheduled_at = Some(due_at);
+            row.content = json!({ "text": format!("reminder {n}") });
+            row
+        })
+        .collect();
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    notifications::insert_many(w.herald.db(), rows)
+        .await
+        .expect("due notifications stored");
+    let answer = scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("scheduler asked");
+    assert!(
+        matches!(answer, ractor::rpc::CallResult::Success(())),
+        "RunNow answered"
+    );
+    let left = notification::Entity::find()
+        .filter(notification::Column::Id.is_in(ids))
+        .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
+        .all(w.herald.db())
+        .await
+        .expect("read")
+        .len();
+    assert_eq!(
+        left, 0,
+        "{DUE} due with claim_limit {CLAIM_LIMIT}: one round released them all, chunk after chunk"
+    );
+    w.smtp
+        .wait_for_count(DUE, E2E_TIMEOUT)
+        .await
+        .expect("mails");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn retention_removes_old_final_notifications_and_keeps_recent_ones() {
     let w = world(|config| {

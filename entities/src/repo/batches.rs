@@ -219,6 +219,18 @@ pub async fn release(
     set_lease(db, id, held, None).await
 }
 
+/// Renews the lease `held` of a batch still in progress to end at `until`, mid-page (its
+/// notifications stored, their publishes to come). `false` when the lease was no longer `held`
+/// (see [`advance`]); the batch is left alone.
+pub async fn renew(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    held: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool, RepoError> {
+    set_lease(db, id, held, Some(until)).await
+}
+
 /// Holds the batch back after a failed page: its lease `held` is shortened or lengthened to end
 /// at `until`, so that no round anywhere takes it before then (the page rests before it is tried
 /// again), and `error` says why, for the batch's view while it stays `running` ([`advance`]
