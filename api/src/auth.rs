@@ -392,9 +392,10 @@ async fn check_admin(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
 
 /// An API key with the `send` scope (or `admin`): `Authorization: Bearer hk_<prefix>_<secret>`.
 /// Keys are created with `herald apikey create --name N --scopes send,read,callbacks,admin`.
-/// Scopes: `send` sends notifications; `read` reads notifications, history, stats, channels and
-/// dead letters; `callbacks` posts provider delivery receipts; `admin` does all of that and
-/// replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
+/// preferences and quiet hours, orders, which publish events); `read` reads notifications,
+/// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
+/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
 /// operation's scope.
 #[derive(SecurityScheme)]
 #[oai(
@@ -407,9 +408,10 @@ pub struct SendKey(pub Principal);
 
 /// An API key with the `read` scope (or `admin`): `Authorization: Bearer hk_<prefix>_<secret>`.
 /// Keys are created with `herald apikey create --name N --scopes send,read,callbacks,admin`.
-/// Scopes: `send` sends notifications; `read` reads notifications, history, stats, channels and
-/// dead letters; `callbacks` posts provider delivery receipts; `admin` does all of that and
-/// replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
+/// preferences and quiet hours, orders, which publish events); `read` reads notifications,
+/// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
+/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
 /// operation's scope.
 #[derive(SecurityScheme)]
 #[oai(
@@ -422,9 +424,10 @@ pub struct ReadKey(pub Principal);
 
 /// An API key with the `callbacks` scope (or `admin`): `Authorization: Bearer hk_<prefix>_<secret>`.
 /// Keys are created with `herald apikey create --name N --scopes send,read,callbacks,admin`.
-/// Scopes: `send` sends notifications; `read` reads notifications, history, stats, channels and
-/// dead letters; `callbacks` posts provider delivery receipts; `admin` does all of that and
-/// replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
+/// preferences and quiet hours, orders, which publish events); `read` reads notifications,
+/// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
+/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
 /// operation's scope.
 #[derive(SecurityScheme)]
 #[oai(
@@ -437,9 +440,10 @@ pub struct CallbackKey(pub Principal);
 
 /// An API key with the `admin` scope: `Authorization: Bearer hk_<prefix>_<secret>`.
 /// Keys are created with `herald apikey create --name N --scopes send,read,callbacks,admin`.
-/// Scopes: `send` sends notifications; `read` reads notifications, history, stats, channels and
-/// dead letters; `callbacks` posts provider delivery receipts; `admin` does all of that and
-/// replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
+/// preferences and quiet hours, orders, which publish events); `read` reads notifications,
+/// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
+/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
 /// operation's scope.
 #[derive(SecurityScheme)]
 #[oai(

@@ -100,7 +100,7 @@ impl PreferencesApi {
 
 #[OpenApi(prefix_path = "/api/v1", tag = "PreferenceTags::Preferences")]
 impl PreferencesApi {
-    /// Read a customer's preferences and quiet hours.
+    /// Read a customer's preferences and quiet hours (scope `read`).
     #[oai(path = "/customers/:id/preferences", method = "get")]
     async fn get(
         &self,
@@ -113,7 +113,8 @@ impl PreferencesApi {
 
     /// Replace a customer's preferences and quiet hours.
     ///
-    /// Opting out of `security` (critical) is refused with 400 naming the entry's field.
+    /// Opting out of `security` (critical) is refused with 400 naming the entry's field (scope
+    /// `send`).
     #[oai(path = "/customers/:id/preferences", method = "put")]
     async fn put(
         &self,
