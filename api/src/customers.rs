@@ -14,8 +14,6 @@ use crate::{
     validate::{self, RawContacts},
 };
 
-/// Locale when none is given.
-const DEFAULT_LOCALE: &str = "en";
 /// Time zone when none is given.
 const DEFAULT_TIMEZONE: &str = "UTC";
 /// Longest display name.
@@ -47,7 +45,8 @@ pub struct CreateCustomer {
     pub push_tokens: Vec<String>,
     /// URL for signed webhooks.
     pub webhook_url: Option<String>,
-    /// Language tag for templates (`en`, `de-DE`); `en` when absent.
+    /// Language tag for templates (`en`, `de-DE`); `templates.default_locale` (`en` unless
+    /// configured) when absent.
     pub locale: Option<String>,
     /// IANA time zone for quiet hours (`Europe/Berlin`); `UTC` when absent.
     pub timezone: Option<String>,
@@ -70,7 +69,7 @@ pub struct UpdateCustomer {
     pub push_tokens: Vec<String>,
     /// URL for signed webhooks.
     pub webhook_url: Option<String>,
-    /// Language tag; `en` when absent.
+    /// Language tag; `templates.default_locale` (`en` unless configured) when absent.
     pub locale: Option<String>,
     /// IANA time zone; `UTC` when absent.
     pub timezone: Option<String>,
@@ -138,16 +137,20 @@ impl CustomersApi {
     ) -> Result<CreatedCustomer, ApiError> {
         let body = body.0;
         let id = validate::external_id("id", &body.id)?;
-        let fields = fields(&UpdateCustomer {
-            name: body.name,
-            email: body.email,
-            phone: body.phone,
-            telegram_chat_id: body.telegram_chat_id,
-            push_tokens: body.push_tokens,
-            webhook_url: body.webhook_url,
-            locale: body.locale,
-            timezone: body.timezone,
-        })?;
+        let default_locale = self.state.templates.default_locale();
+        let fields = fields(
+            &UpdateCustomer {
+                name: body.name,
+                email: body.email,
+                phone: body.phone,
+                telegram_chat_id: body.telegram_chat_id,
+                push_tokens: body.push_tokens,
+                webhook_url: body.webhook_url,
+                locale: body.locale,
+                timezone: body.timezone,
+            },
+            default_locale,
+        )?;
         match repo::create(&self.state.db, &id, fields).await? {
             Some(row) => Ok(CreatedCustomer::Created(Json(view(row)))),
             None => Err(ApiError::conflict(format!(
@@ -173,7 +176,7 @@ impl CustomersApi {
         id: Path<String>,
         body: Json<UpdateCustomer>,
     ) -> Result<Json<CustomerView>, ApiError> {
-        let fields = fields(&body.0)?;
+        let fields = fields(&body.0, self.state.templates.default_locale())?;
         match repo::update(&self.state.db, &id.0, fields).await? {
             Some(row) => Ok(Json(view(row))),
             None => Err(not_found(&id.0)),
@@ -185,8 +188,9 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("no customer {id:?}"))
 }
 
-/// Checks a request's fields and fills the defaults.
-fn fields(body: &UpdateCustomer) -> Result<CustomerFields, ApiError> {
+/// Checks a request's fields and fills the defaults: `default_locale` (the configured
+/// `templates.default_locale`) for an absent locale.
+fn fields(body: &UpdateCustomer, default_locale: &str) -> Result<CustomerFields, ApiError> {
     let contacts = validate::contacts(
         "",
         RawContacts {
@@ -215,7 +219,7 @@ fn fields(body: &UpdateCustomer) -> Result<CustomerFields, ApiError> {
     if let Some(name) = &name {
         validate::plain_text("name", name)?;
     }
-    let locale = validate::locale("locale", body.locale.as_deref().unwrap_or(DEFAULT_LOCALE))?;
+    let locale = validate::locale("locale", body.locale.as_deref().unwrap_or(default_locale))?;
     let timezone = validate::timezone(
         "timezone",
         body.timezone.as_deref().unwrap_or(DEFAULT_TIMEZONE),
@@ -267,14 +271,16 @@ mod tests {
 
     #[test]
     fn defaults_and_trimming() {
-        let f = fields(&body()).unwrap();
+        let f = fields(&body(), "en").unwrap();
         assert_eq!(f.name.as_deref(), Some("Ada"));
         assert_eq!((f.locale.as_str(), f.timezone.as_str()), ("en", "UTC"));
+        let f = fields(&body(), "de-AT").unwrap();
+        assert_eq!(f.locale, "de-AT", "the configured default locale");
     }
 
     #[test]
     fn bad_time_zone_and_locale_name_their_field() {
-        let field = |b: UpdateCustomer| match fields(&b) {
+        let field = |b: UpdateCustomer| match fields(&b, "en") {
             Err(ApiError::BadRequest(e)) => e.0.field,
             _ => None,
         };

@@ -95,7 +95,8 @@ impl Default for ClusterConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct TemplatesConfig {
-    /// Locale a template falls back to when it has no variant for the recipient's.
+    /// Locale a template falls back to when it has no variant for the recipient's, and the one
+    /// stored for a customer given none.
     pub default_locale: String,
     /// Seconds an instance reuses the variants it read for a template code (0: read every time);
     /// an edit reaches every instance within this time.

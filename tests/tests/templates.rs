@@ -493,3 +493,29 @@ async fn preview_renders_runtime_templates_and_delete_removes_them() {
     assert_eq!(body["code"], "conflict", "{body}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// A customer stored without a locale gets the configured `templates.default_locale`, created
+/// or replaced, so a shop whose default is German renders its customers' templates in German.
+#[tokio::test]
+async fn a_customer_without_a_locale_gets_the_configured_default_locale() {
+    let w = world_with(|config| config.templates.default_locale = "de".into()).await;
+    let (status, created) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-default", "email": "default@example.com"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["locale"], "de", "created: {created}");
+    let (status, replaced) = w
+        .admin(
+            Method::PUT,
+            "/api/v1/customers/c-default",
+            Some(&json!({"email": "default@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replaced}");
+    assert_eq!(replaced["locale"], "de", "replaced: {replaced}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
