@@ -340,7 +340,9 @@ async fn replay_letter(
                 )));
             }
             Ok(event) => {
-                if let Some(why) = outlived_retention(letter.at, Utc::now(), state.retention) {
+                if let Some(why) =
+                    outlived_retention(routed_since(letter, &event), Utc::now(), state.retention)
+                {
                     return Ok(Err(why));
                 }
                 return replay_event(state, stream, letter, &event).await.map(Ok);
@@ -431,10 +433,18 @@ fn on_its_subject(letter: &DeadLetter, event: &DomainEvent) -> bool {
         .is_none_or(|subject| subject == event.subject())
 }
 
-/// Why an event dead-lettered `at` is not routed again at `now` when final notifications are kept
-/// for `retention`: the Router finds the notifications the event's other rules made by their ids
-/// so as to make each once, and those may have been removed by now; routing it again would send
-/// them a second time.
+/// The earliest its notifications may have been made: when the event occurred, if before it was
+/// dead-lettered. The Router makes the notifications of an event's other rules when it first
+/// routes it, which can be long before the dead letter (it waits out its retry schedule for an
+/// unknown customer first).
+fn routed_since(letter: &DeadLetter, event: &DomainEvent) -> DateTime<Utc> {
+    letter.at.min(event.occurred_at)
+}
+
+/// Why an event whose notifications may date from `at` ([`routed_since`]) is not routed again at
+/// `now` when final notifications are kept for `retention`: the Router finds the notifications the
+/// event's other rules made by their ids so as to make each once, and those may have been removed
+/// by now; routing it again would send them a second time.
 fn outlived_retention(
     at: DateTime<Utc>,
     now: DateTime<Utc>,
@@ -443,9 +453,10 @@ fn outlived_retention(
     let kept = retention?;
     (now - at >= kept).then(|| {
         format!(
-            "the event was dead-lettered at {at}, {} days ago, and notifications are kept for {} \
-             days (scheduler.retention_days): those its other rules made may have been removed, \
-             and routing it again would send them twice; publish a new event instead",
+            "the event's notifications may date from {at}, {} days ago (when it occurred or was \
+             dead-lettered), and notifications are kept for {} days (scheduler.retention_days): \
+             those its other rules made may have been removed, and routing it again would send \
+             them twice; publish a new event instead",
             (now - at).num_days(),
             kept.num_days()
         )
@@ -585,7 +596,8 @@ fn view(letter: &DeadLetter, retention: Option<chrono::Duration>) -> DeadLetterV
         replayable: command.is_some()
             || event.as_ref().is_some_and(|event| {
                 on_its_subject(letter, event)
-                    && outlived_retention(letter.at, Utc::now(), retention).is_none()
+                    && outlived_retention(routed_since(letter, event), Utc::now(), retention)
+                        .is_none()
             }),
     }
 }
@@ -683,6 +695,46 @@ mod retention_tests {
         assert!(
             outlived_retention(now - chrono::Duration::days(400), now, None).is_none(),
             "notifications kept for ever"
+        );
+    }
+
+    /// The Router made the notifications of an event's other rules when it first routed it, which
+    /// can be long before its dead letter: their age counts from the event's `occurred_at` when
+    /// that is earlier.
+    #[test]
+    fn an_event_that_occurred_before_it_was_dead_lettered_counts_from_then() {
+        let now = Utc::now();
+        let letter = |at| DeadLetter {
+            seq: 1,
+            subject: "dlq.events".into(),
+            reason: Some("unknown customer".into()),
+            original_subject: Some("events.customers.created".into()),
+            deliveries: Some(1),
+            providers: Vec::new(),
+            at,
+            payload: Default::default(),
+        };
+        let event_at = |occurred_at| DomainEvent {
+            occurred_at,
+            ..DomainEvent::new(herald_nats::EventData::CustomerCreated(
+                herald_nats::events::CustomerCreated {
+                    customer_id: "c-1".into(),
+                    name: None,
+                },
+            ))
+        };
+        let event = event_at(now - chrono::Duration::days(8));
+        let week = Some(chrono::Duration::days(7));
+        let dead_lettered_yesterday = letter(now - chrono::Duration::days(1));
+        assert!(
+            outlived_retention(routed_since(&dead_lettered_yesterday, &event), now, week).is_some(),
+            "occurred eight days ago, seven kept"
+        );
+        let future = event_at(now + chrono::Duration::days(30));
+        assert_eq!(
+            routed_since(&dead_lettered_yesterday, &future),
+            dead_lettered_yesterday.at,
+            "an occurred_at after the dead letter counts for nothing"
         );
     }
 }
