@@ -58,8 +58,8 @@ pub struct Receipt {
     pub provider_message_id: Option<String>,
     /// What happened.
     pub event: ReceiptEvent,
-    /// When it happened, by the provider's clock (a time ahead of Herald's counts as now); now
-    /// when absent.
+    /// When it happened, by the provider's clock (a time ahead of Herald's counts as now, one
+    /// before the notification was sent as that time); now when absent.
     pub timestamp: Option<DateTime<Utc>>,
     /// The provider's error or bounce reason.
     pub error: Option<String>,
@@ -119,11 +119,9 @@ impl ReceiptsApi {
     ) -> Result<Json<ReceiptResult>, ApiError> {
         let provider = provider.0;
         let receipt = body.0;
-        let known = self.state.engine.channels().await;
-        let Some(channel) = known.iter().find(|c| c.provider == provider) else {
+        let Some(&channel) = self.state.providers.get(&provider) else {
             return Err(ApiError::not_found(format!("no provider {provider:?}")));
         };
-        let channel = Channel::parse(&channel.channel);
         let error = receipt.error.as_deref().map(one_line);
         let id = match (receipt.notification_id, &receipt.provider_message_id) {
             (Some(id), _) => id,
@@ -154,7 +152,7 @@ impl ReceiptsApi {
             }
         };
         // A provider's clock ahead of ours must not date the change in the future (retention
-        // counts from it).
+        // counts from it); `repo::apply` dates it no earlier than the send.
         let at = receipt
             .timestamp
             .map_or_else(Utc::now, |at| at.min(Utc::now()));
@@ -220,7 +218,7 @@ impl ReceiptsApi {
             "applied" => if applied { "true" } else { "false" }
         )
         .increment(1);
-        self.publish(&row, channel).await?;
+        self.publish(&row, Some(channel)).await?;
         Ok(Json(ReceiptResult {
             notification_id: row.id,
             status: row.status.as_str().into(),

@@ -21,6 +21,9 @@ pub struct AppState {
     /// The channels a provider is configured for (email always): a request naming none of them
     /// is refused.
     pub configured_channels: Arc<HashSet<Channel>>,
+    /// The configured providers by name, with their channel: a delivery receipt's provider is
+    /// checked here, not by asking the channel actors (one that does not answer would lose it).
+    pub providers: Arc<HashMap<String, Channel>>,
     /// The engine's live state.
     pub engine: Arc<dyn crate::engine_view::EngineView>,
     /// Renders `/metrics`, when a recorder is installed.

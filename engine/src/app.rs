@@ -1,6 +1,7 @@
 //! Wiring: connects the database and NATS, provisions streams, starts the actor tree and the HTTP
 //! server, and shuts them down in the order that loses nothing.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -60,6 +61,8 @@ struct Engine {
     status_writer: ActorSlot<StatusWriterMsg>,
     dispatcher: ActorSlot<DispatcherMsg>,
     channels: ChannelDirectory,
+    /// The configured providers by name, with their channel.
+    providers: Arc<HashMap<String, Channel>>,
     grace: Duration,
     rate_limiter: ActorSlot<herald_actors::rate_limit::supervisor::RateLimiterSupervisorMsg>,
     scheduler: ActorSlot<herald_actors::scheduler::SchedulerMsg>,
@@ -216,6 +219,7 @@ impl Herald {
                 ownership: engine.ownership.clone(),
                 stopped: engine.stopped.clone(),
             }),
+            providers: engine.providers.clone(),
             default_chains: Arc::new(config.default_chains()?),
             configured_channels: Arc::new(
                 Channel::ALL
@@ -410,6 +414,13 @@ async fn start_engine(
     let ownership = OwnershipView::default();
     let deadlines = LeaseDeadlines::default();
     let rate_limits = Arc::new(config.rate_limits()?);
+    let providers = providers(config)?;
+    let provider_names: Arc<HashMap<String, Channel>> = Arc::new(
+        providers
+            .iter()
+            .map(|p| (p.name().to_string(), p.channel()))
+            .collect(),
+    );
     // One cache of runtime templates for the router and the dispatcher.
     let templates = Arc::new(RuntimeTemplates::new(
         db.clone(),
@@ -487,7 +498,7 @@ async fn start_engine(
             settings: config.status_writer,
         },
         status_writer_slot: status_writer.clone(),
-        channels: providers(config)?
+        channels: providers
             .into_iter()
             .map(|provider| {
                 ChannelArgs::new(provider, config.channels.limits, Some(announcer.clone()))
@@ -550,6 +561,7 @@ async fn start_engine(
         status_writer,
         dispatcher,
         channels,
+        providers: provider_names,
         grace: Duration::from_secs(config.dispatch.shutdown_grace_secs),
     })
 }

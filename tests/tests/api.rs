@@ -594,6 +594,114 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A receipt's provider was looked up by asking every channel actor for a snapshot: one that did
+/// not answer (stopped, restarting after a panic, busy) was left out, and its provider's receipts
+/// were refused 404 — which providers do not send again, so the bounce was lost. The provider is
+/// now checked against the configured ones, without asking any actor.
+#[tokio::test]
+async fn a_receipt_is_taken_while_its_channel_actor_cannot_answer() {
+    let w = world().await;
+    let h = &w.herald;
+    let key = new_key(h, "smtp provider webhook", "callbacks").await;
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    h.wait_status(&id, "sent").await;
+
+    // The engine's root supervisor fails, taking the channel actors with it; the API goes on.
+    let email = h
+        .app()
+        .channels()
+        .get(herald_nats::Channel::Email)
+        .expect("the email actor");
+    let mut root = email.get_cell();
+    while let Some(supervisor) = root.try_get_supervisor() {
+        root = supervisor;
+    }
+    root.kill();
+    tokio::time::timeout(Duration::from_secs(10), h.app().engine_stopped())
+        .await
+        .expect("the engine stops within 10 s");
+    eventually("the email actor to stop", E2E_TIMEOUT, || async {
+        (email.get_status() == ractor::ActorStatus::Stopped).then_some(())
+    })
+    .await;
+
+    let bounce = json!({ "notification_id": id, "event": "bounced", "error": "550 mailbox gone" });
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/smtp/callbacks",
+            Some(&key),
+            Some(&bounce),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["applied"], true);
+    // A provider that is not configured is still unknown.
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/telegram/callbacks",
+            Some(&key),
+            Some(&bounce),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Only a receipt dated in the future was clamped: one dated before the send (a provider's zero
+/// time, a replayed webhook, a clock behind) dated the change before `sent_at`, so retention,
+/// which counts from `updated_at`, purged the row at its next run, and the status event came
+/// before the `sent` one. A receipt's time is now at least when the notification was sent.
+#[tokio::test]
+async fn a_receipt_dated_before_the_send_is_dated_at_the_send() {
+    let w = world().await;
+    let h = &w.herald;
+    let key = new_key(h, "smtp provider webhook", "callbacks").await;
+    let id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    let sent = h.wait_status(&id, "sent").await;
+    let time = |row: &Value, field: &str| -> chrono::DateTime<chrono::Utc> {
+        row[field]
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{field} in {row}"))
+    };
+    let sent_at = time(&sent, "sent_at");
+
+    let receipt =
+        json!({ "notification_id": id, "event": "delivered", "timestamp": "1970-01-01T00:00:00Z" });
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/smtp/callbacks",
+            Some(&key),
+            Some(&receipt),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], true);
+    let (_, now) = h.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(now["status"], "delivered", "{now}");
+    assert!(
+        time(&now, "updated_at") >= sent_at,
+        "a receipt is not dated before the send: {now}"
+    );
+    let uuid: uuid::Uuid = id.parse().expect("a notification id");
+    let delivered = status_events(&w.nats, "delivered", uuid).await;
+    let at: Vec<chrono::DateTime<chrono::Utc>> =
+        delivered.iter().map(|event| time(event, "at")).collect();
+    assert!(
+        !at.is_empty() && at.iter().all(|at| *at >= sent_at),
+        "the delivered event is not dated before the send: {delivered:?}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A world with a Telegram provider besides SMTP: a local fake of the Bot API that accepts every
 /// message as `message_id` 9 (Telegram's ids are unique only per chat), except to chat
 /// `BLOCKED_CHAT`, which it refuses for good.

@@ -92,6 +92,10 @@ pub async fn find_by_provider_message_id(
 ///
 /// The move itself is one conditional UPDATE (from `sent` only), so concurrent or repeated
 /// receipts cannot move it backwards.
+///
+/// The change is dated `at`, but no earlier than the send (`sent_at`, or `updated_at` while still
+/// `sent`): a provider's zero time, a replayed webhook or a clock behind would date it before
+/// `sent_at`, and retention, which counts from `updated_at`, would purge the row at its next run.
 pub async fn apply(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -123,6 +127,7 @@ pub async fn apply(
     if !providers.iter().any(|p| p == provider) {
         return Ok(ReceiptOutcome::SentByOther(providers));
     }
+    let at = sent_floor(&before).map_or(at, |floor| at.max(floor));
     let mut update = notification::Entity::update_many()
         .col_expr(notification::Column::Status, Expr::value(status))
         .col_expr(notification::Column::StatusReason, Expr::value(reason))
@@ -145,4 +150,11 @@ pub async fn apply(
     } else {
         ReceiptOutcome::NotAllowed(now)
     })
+}
+
+/// The earliest time a receipt may date a change of `row`: when it was sent (its `updated_at`
+/// while still `sent`, which the move to `sent` set).
+fn sent_floor(row: &notification::Model) -> Option<DateTime<Utc>> {
+    let updated = (row.status == NotificationStatus::Sent).then_some(row.updated_at);
+    row.sent_at.max(updated)
 }
