@@ -17,8 +17,8 @@
 //!    round as usual, so a database or NATS outage is not retried in a tight loop;
 //! 2. fans out bulk sends page by page under a lease (`batches.lease_until`): a page's
 //!    notifications get ids derived from the batch and recipient, are inserted (existing ids are
-//!    left alone) and published, then the batch's cursor advances (the lease is renewed after the
-//!    insert and again with the advance, so storing a page and publishing it need each fit within
+//!    left alone) and published, then the batch's cursor advances (the lease is renewed at the end
+//!    of the insert's transaction and again with the advance, so storing a page and publishing it need each fit within
 //!    the lease, not both together) — a page redone after a restart duplicates nothing. A page
 //!    that fails (a publish, a read, an insert) holds the batch back for a backoff instead of the
 //!    rest of the lease: its lease is cut to end 1 s later, doubled with each failure of that
@@ -27,7 +27,10 @@
 //!    less often rather than every round, and is redone soon after the cause goes away.
 //!    Meanwhile the batch, still `running`, shows the failures in a row and the last one as its
 //!    `error`, cleared by the next page that goes through. A filter's pages hold the customers
-//!    created by the time the batch was accepted.
+//!    created by the time the batch was accepted. A cancelled batch (`POST
+//!    /api/v1/batches/{id}/cancel`) is no longer leased, and a page in flight when the cancel
+//!    lands stores nothing (its lease renewal, in the insert's transaction, fails) or, stored
+//!    before, has its notifications cancelled and cannot advance the batch.
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -647,24 +650,23 @@ async fn pages(
             rows.push(row_for(&command, &recipient.key, batch.id));
             commands.push(Outgoing::new(recipient.key, command));
         }
-        let new = repo::batches::insert_notifications(&args.db, rows)
-            .await
-            .map_err(|e| e.to_string())?;
+        // Renewed with the insert, before the publishes too, not only once the page is done: a
+        // page whose insert and publishes together outlast the lease would otherwise be taken
+        // over and redone by another instance, round after round, and never advance. In the
+        // insert's transaction, so that a batch cancelled meanwhile gets no page stored.
+        let renewal = || (args.clock)() + lease;
+        let Some((new, renewed)) =
+            repo::batches::insert_page(&args.db, batch.id, *held, renewal, rows)
+                .await
+                .map_err(|e| e.to_string())?
+        else {
+            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance, or the batch was cancelled");
+            return Ok(());
+        };
+        *held = renewed;
         // Counted when stored: the rows of a page redone (after a failed publish, or by another
         // instance that took the batch) exist already and are not new.
         metrics::counter!("herald_notifications_accepted_total", "source" => "bulk").increment(new);
-        // Renewed before the publishes too, not only once the page is done: a page whose insert
-        // and publishes together outlast the lease would otherwise be taken over and redone by
-        // another instance, round after round, and never advance.
-        let renewed = (args.clock)() + lease;
-        if !repo::batches::renew(&args.db, batch.id, *held, renewed)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance");
-            return Ok(());
-        }
-        *held = renewed;
         let published = publish_all(&args.publisher, &commands).await;
         if !published.failed.is_empty() {
             return Err(format!(
@@ -688,8 +690,9 @@ async fn pages(
         if !advanced {
             // The page outlived the lease and another instance took the batch: it goes on from
             // the cursor it read (this page's notifications are stored and published under the
-            // same ids, so redoing it is harmless).
-            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance");
+            // same ids, so redoing it is harmless). Or the batch was cancelled: the cancel
+            // cancelled this page's notifications, and a dispatcher drops their commands.
+            tracing::warn!(batch = %batch.id, "bulk batch lease lost to another instance, or the batch was cancelled");
             return Ok(());
         }
         *held = renewed;

@@ -137,8 +137,9 @@ pub struct BatchStatusCount {
 pub struct BatchView {
     /// Id.
     pub id: Uuid,
-    /// `pending`, `running` (fanning out), `done` (every notification created and queued) or
-    /// `failed`.
+    /// `pending`, `running` (fanning out), `done` (every notification created and queued),
+    /// `failed`, or `cancelled` (by `POST /api/v1/batches/{id}/cancel`: its fan-out stopped and
+    /// its notifications not yet picked up cancelled).
     pub status: String,
     /// Recipients in the batch.
     pub total: i64,
@@ -154,6 +155,8 @@ pub struct BatchView {
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+    /// In the answer to a cancel only: how many of its notifications that cancel cancelled.
+    pub cancelled: Option<u64>,
 }
 
 /// Bulk endpoints.
@@ -272,26 +275,76 @@ impl BulkApi {
         let Some(batch) = repo::batches::find(&self.state.db, id.0).await? else {
             return Err(ApiError::not_found(format!("no batch {}", id.0)));
         };
-        let mut counts: Vec<BatchStatusCount> = repo::batches::status_counts(&self.state.db, id.0)
-            .await?
-            .into_iter()
-            .map(|(status, count)| BatchStatusCount {
-                status: status.as_str().to_string(),
-                count,
-            })
-            .collect();
-        counts.sort_by(|a, b| a.status.cmp(&b.status));
-        Ok(Json(BatchView {
-            id: batch.id,
-            status: batch.status,
-            total: batch.total,
-            published: batch.published,
-            counts,
-            error: batch.error,
-            created_at: batch.created_at,
-            updated_at: batch.updated_at,
-        }))
+        batch_view(&self.state, batch, None).await.map(Json)
     }
+
+    /// Cancel a bulk send.
+    ///
+    /// A `pending` or `running` batch becomes `cancelled`: its fan-out stops (no further
+    /// notifications are created), and its notifications not yet gone out (`scheduled`, or
+    /// `queued` and not yet picked up by a dispatcher: as `POST /api/v1/notifications/{id}/cancel`
+    /// decides) are cancelled. A `done` batch (every notification created and queued, not
+    /// necessarily sent) is cancelled the same way while some of its notifications are still
+    /// cancellable; once none is, it answers 409. Answers the batch with `cancelled`: how many
+    /// notifications this request cancelled. Those already picked up go out. Unlike a single
+    /// cancel, a batch cancel publishes no status events for the notifications it cancels (a
+    /// batch may hold any number of them); read them with `GET /api/v1/batches/{id}` or
+    /// `GET /api/v1/notifications/{id}`. 409 naming the status for a `failed` or `cancelled`
+    /// batch, 404 for an unknown one.
+    #[oai(path = "/batches/:id/cancel", method = "post")]
+    async fn cancel(&self, _auth: SendKey, id: Path<Uuid>) -> Result<Json<BatchView>, ApiError> {
+        use repo::batches::BatchCancel;
+        let id = id.0;
+        match repo::batches::cancel(&self.state.db, id, "batch cancelled by API request").await? {
+            BatchCancel::Cancelled {
+                batch,
+                notifications,
+            } => {
+                metrics::counter!("herald_batches_cancelled_total").increment(1);
+                metrics::counter!("herald_notifications_cancelled_total").increment(notifications);
+                let view = batch_view(&self.state, *batch, Some(notifications)).await?;
+                Ok(Json(view))
+            }
+            BatchCancel::NotFound => Err(ApiError::not_found(format!("no batch {id}"))),
+            BatchCancel::NotCancellable(status) => Err(ApiError::conflict(format!(
+                "batch {id} is {status}{}; only pending and running batches, and done ones with \
+                 notifications not yet picked up, can be cancelled",
+                if status == "done" {
+                    " and none of its notifications is still cancellable"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
+}
+
+/// The view of `batch`: its progress with its notifications counted by status.
+async fn batch_view(
+    state: &AppState,
+    batch: herald_entities::batch::Model,
+    cancelled: Option<u64>,
+) -> Result<BatchView, ApiError> {
+    let mut counts: Vec<BatchStatusCount> = repo::batches::status_counts(&state.db, batch.id)
+        .await?
+        .into_iter()
+        .map(|(status, count)| BatchStatusCount {
+            status: status.as_str().to_string(),
+            count,
+        })
+        .collect();
+    counts.sort_by(|a, b| a.status.cmp(&b.status));
+    Ok(BatchView {
+        id: batch.id,
+        status: batch.status,
+        total: batch.total,
+        published: batch.published,
+        counts,
+        error: batch.error,
+        created_at: batch.created_at,
+        updated_at: batch.updated_at,
+        cancelled,
+    })
 }
 
 /// Responses of `POST /api/v1/notifications/bulk`.

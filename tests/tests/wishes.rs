@@ -2031,3 +2031,219 @@ async fn a_cancel_while_the_provider_is_called_is_refused_and_the_message_goes_o
     assert_eq!(calls.len(), 1, "sent once");
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// Stores notifications of `batch` in the given statuses (a `scheduled` one due in an hour),
+/// as its fan-out and dispatchers would have left them.
+async fn batch_notifications(
+    db: &sea_orm::DatabaseConnection,
+    batch: Uuid,
+    statuses: &[NotificationStatus],
+) {
+    use herald_entities::repo::notifications;
+    let rows: Vec<_> = statuses
+        .iter()
+        .enumerate()
+        .map(|(n, status)| notifications::NewNotification {
+            recipient_key: format!("held-{n}@example.com"),
+            status: *status,
+            scheduled_at: (*status == NotificationStatus::Scheduled)
+                .then(|| Utc::now() + ChronoDuration::hours(1)),
+            ..herald_tests::queued_notification(None)
+        })
+        .collect();
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    notifications::insert_many(db, rows)
+        .await
+        .expect("notifications stored");
+    notification::Entity::update_many()
+        .col_expr(notification::Column::BatchId, Expr::value(batch))
+        .filter(notification::Column::Id.is_in(ids))
+        .exec(db)
+        .await
+        .expect("notifications of the batch");
+}
+
+/// A marketer who sent a campaign to the wrong audience cancels it while it fans out: the batch
+/// becomes `cancelled`, its fan-out creates nothing more (not even a page in flight when the
+/// cancel landed), and its notifications not yet picked up are cancelled; nothing is sent. A
+/// second cancel answers 409 naming the status, an unknown batch 404.
+#[tokio::test]
+async fn a_running_bulk_send_is_cancelled_with_its_notifications_not_yet_picked_up() {
+    use herald_actors::scheduler::SchedulerMsg;
+    use herald_entities::{batch, repo::batches};
+    use sea_orm::PaginatorTrait;
+    // No round but those asked for, after the first.
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [
+                    { "email": "a@example.com" },
+                    { "email": "b@example.com" },
+                    { "email": "c@example.com" },
+                    { "email": "d@example.com" }
+                ],
+                "category": "marketing",
+                "channels": ["email"],
+                "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let id: Uuid = accepted["batch_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("batch id");
+    let db = w.herald.db();
+    // Running, a page in flight holding its lease: three of its notifications stored, one
+    // waiting as scheduled (quiet hours), one queued, one picked up and sent already.
+    let held = Utc::now() + ChronoDuration::hours(1);
+    batch::Entity::update_many()
+        .col_expr(batch::Column::Status, Expr::value("running"))
+        .col_expr(batch::Column::LeaseUntil, Expr::value(held))
+        .col_expr(batch::Column::Cursor, Expr::value("3"))
+        .col_expr(batch::Column::Published, Expr::value(3))
+        .filter(batch::Column::Id.eq(id))
+        .exec(db)
+        .await
+        .expect("batch running");
+    use NotificationStatus::{Queued, Scheduled, Sent};
+    batch_notifications(db, id, &[Scheduled, Queued, Sent]).await;
+
+    let (status, cancelled) = w
+        .herald
+        .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["cancelled"], 2, "{cancelled}");
+    assert_eq!(
+        cancelled["counts"],
+        json!([{ "status": "cancelled", "count": 2 }, { "status": "sent", "count": 1 }]),
+        "{cancelled}"
+    );
+
+    // The page in flight stores nothing more and cannot move the batch on.
+    let later = || held + ChronoDuration::minutes(1);
+    assert_eq!(
+        batches::insert_page(db, id, held, later, vec![])
+            .await
+            .expect("page"),
+        None,
+        "a page of a cancelled batch is not stored"
+    );
+    assert!(
+        !batches::advance(db, id, held, "4", 4, true, later())
+            .await
+            .expect("advance"),
+        "a cancelled batch does not advance"
+    );
+    // And no round takes it up again.
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    let (_, view) = w.herald.get(&format!("/api/v1/batches/{id}")).await;
+    assert_eq!(view["status"], "cancelled", "{view}");
+    assert_eq!(view["published"], 3, "no further page: {view}");
+    assert!(view.get("cancelled").is_none(), "{view}");
+    let of_batch = notification::Entity::find()
+        .filter(notification::Column::BatchId.eq(id))
+        .count(db)
+        .await
+        .expect("count");
+    assert_eq!(of_batch, 3, "no notification created after the cancel");
+    w.nats.commands_drained(E2E_TIMEOUT).await;
+    assert!(w.smtp.messages().is_empty(), "nothing sent");
+
+    let (status, again) = w
+        .herald
+        .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert!(
+        again["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is cancelled")),
+        "{again}"
+    );
+    let unknown = Uuid::now_v7();
+    let (status, missing) = w
+        .herald
+        .post(&format!("/api/v1/batches/{unknown}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{missing}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A `done` batch has all its notifications created and queued, not sent: a cancel still
+/// cancels those not yet picked up (here one held back to the morning by quiet hours), and the
+/// batch becomes `cancelled`. A done batch with none left to cancel answers 409 naming `done`.
+#[tokio::test]
+async fn a_done_bulk_send_is_cancelled_while_some_of_its_notifications_wait() {
+    use herald_entities::batch;
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let db = w.herald.db();
+    let mut ids = Vec::new();
+    for held in [true, false] {
+        let (status, accepted) = w
+            .herald
+            .post(
+                "/api/v1/notifications/bulk",
+                &json!({
+                    "recipients": [{ "email": "a@example.com" }],
+                    "category": "marketing",
+                    "channels": ["email"],
+                    "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+                }),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+        let id: Uuid = accepted["batch_id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("batch id");
+        batch::Entity::update_many()
+            .col_expr(batch::Column::Status, Expr::value("done"))
+            .col_expr(batch::Column::Published, Expr::value(1))
+            .filter(batch::Column::Id.eq(id))
+            .exec(db)
+            .await
+            .expect("batch done");
+        let status = if held {
+            NotificationStatus::Scheduled
+        } else {
+            NotificationStatus::Sent
+        };
+        batch_notifications(db, id, &[status]).await;
+        ids.push(id);
+    }
+    let (status, cancelled) = w
+        .herald
+        .post(&format!("/api/v1/batches/{}/cancel", ids[0]), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["cancelled"], 1, "{cancelled}");
+    let (status, refused) = w
+        .herald
+        .post(&format!("/api/v1/batches/{}/cancel", ids[1]), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is done")),
+        "{refused}"
+    );
+    let (_, view) = w.herald.get(&format!("/api/v1/batches/{}", ids[1])).await;
+    assert_eq!(view["status"], "done", "left as it was: {view}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}

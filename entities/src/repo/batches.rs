@@ -134,10 +134,12 @@ pub async fn lease_next(
         .all(db)
         .await?;
     for candidate in candidates {
+        // The status again: a batch cancelled since it was read stays cancelled.
         let taken = batch::Entity::update_many()
             .col_expr(batch::Column::LeaseUntil, Expr::value(until))
             .col_expr(batch::Column::Status, Expr::value("running"))
             .filter(batch::Column::Id.eq(candidate.id))
+            .filter(batch::Column::Status.is_in(["pending", "running"]))
             .filter(free())
             .exec(db)
             .await?;
@@ -148,12 +150,25 @@ pub async fn lease_next(
     Ok(None)
 }
 
-/// Stores notifications of a batch page, all or none; rows whose id exists already (a page redone
-/// after a restart, or by another instance) are left as they are. Returns how many rows were new.
-pub async fn insert_notifications(
+/// Stores notifications of a page of the batch `id` whose lease `held` the caller holds, all or
+/// none, and then renews the lease to end at `until()` (read once the rows are written: the
+/// holder's token from then on); rows whose id exists already (a page redone after a restart, or
+/// by another instance) are left as they are. Returns how many rows were new and the renewed
+/// lease, or `None` when the lease is no longer `held` (it ran out and
+/// another instance took the batch, or the batch was cancelled): then nothing is stored, and the
+/// caller must stop.
+///
+/// The renewal is in the insert's transaction, so a cancel ([`cancel`]) either comes first and
+/// the page stores nothing, or comes after and finds the page's notifications to cancel: on
+/// PostgreSQL the two UPDATEs of the batch row wait for each other, and the cancel's UPDATE of
+/// the notifications reads them once the page is committed.
+pub async fn insert_page(
     db: &DatabaseConnection,
+    id: Uuid,
+    held: DateTime<Utc>,
+    until: impl FnOnce() -> DateTime<Utc>,
     rows: Vec<notification::ActiveModel>,
-) -> Result<u64, RepoError> {
+) -> Result<Option<(u64, DateTime<Utc>)>, RepoError> {
     // One transaction: a page that fails half-way stores nothing, so whoever redoes it finds
     // every row it inserts new, and the count of new rows counts each notification once.
     let txn = db.begin().await?;
@@ -170,8 +185,13 @@ pub async fn insert_notifications(
             .exec_without_returning(&txn)
             .await?;
     }
+    let until = until();
+    if !renew(&txn, id, held, until).await? {
+        txn.rollback().await?;
+        return Ok(None);
+    }
     txn.commit().await?;
-    Ok(inserted)
+    Ok(Some((inserted, until)))
 }
 
 /// Records a finished page of the batch whose lease `held` the caller holds (the `lease_until` it
@@ -203,6 +223,7 @@ pub async fn advance(
         .col_expr(batch::Column::Error, Expr::value(Option::<String>::None))
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))
+        .filter(batch::Column::Status.eq("running"))
         .filter(batch::Column::LeaseUntil.eq(held))
         .exec(db)
         .await?;
@@ -293,6 +314,84 @@ pub async fn fail(
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::LeaseUntil.eq(held))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected > 0)
+}
+
+/// The result of cancelling a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchCancel {
+    /// Cancelled now: the batch as it is (`cancelled`), and how many of its notifications were
+    /// cancelled with it.
+    Cancelled {
+        /// The batch, now `cancelled`.
+        batch: Box<batch::Model>,
+        /// Its notifications cancelled by this request.
+        notifications: u64,
+    },
+    /// No such batch.
+    NotFound,
+    /// Already `failed` or `cancelled`, or `done` with none of its notifications left to cancel:
+    /// its status.
+    NotCancellable(String),
+}
+
+/// Cancels batch `id`: a `pending` or `running` one stops its fan-out (it becomes `cancelled` and
+/// its lease is dropped, so no round takes it and a page in flight stores nothing more, see
+/// [`insert_page`], or changes it, see [`advance`]); a `done` one (every notification created
+/// and queued) becomes `cancelled` only when some of its notifications were still cancellable.
+/// Either way its notifications still cancellable (`scheduled`, or `queued` and not yet picked
+/// up: [`super::schedule::cancel_batch`]) are cancelled with `reason`, all in one transaction.
+pub async fn cancel(
+    db: &DatabaseConnection,
+    id: Uuid,
+    reason: &str,
+) -> Result<BatchCancel, RepoError> {
+    let txn = db.begin().await?;
+    let stopped = set_cancelled(&txn, id, &["pending", "running"]).await?;
+    if !stopped {
+        match find(&txn, id).await? {
+            None => return Ok(BatchCancel::NotFound),
+            Some(batch) if batch.status != "done" => {
+                return Ok(BatchCancel::NotCancellable(batch.status));
+            }
+            Some(_) => {}
+        }
+    }
+    let notifications = super::schedule::cancel_batch(&txn, id, reason).await?;
+    if !stopped && (notifications == 0 || !set_cancelled(&txn, id, &["done"]).await?) {
+        txn.rollback().await?;
+        let status = find(db, id)
+            .await?
+            .map_or_else(|| "done".into(), |b| b.status);
+        return Ok(BatchCancel::NotCancellable(status));
+    }
+    let batch = find(&txn, id)
+        .await?
+        .ok_or(DbErr::RecordNotFound(id.to_string()))?;
+    txn.commit().await?;
+    Ok(BatchCancel::Cancelled {
+        batch: Box::new(batch),
+        notifications,
+    })
+}
+
+/// Marks batch `id` `cancelled` and frees its lease, if its status is one of `from`.
+async fn set_cancelled(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    from: &[&str],
+) -> Result<bool, RepoError> {
+    let updated = batch::Entity::update_many()
+        .col_expr(batch::Column::Status, Expr::value("cancelled"))
+        .col_expr(
+            batch::Column::LeaseUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(batch::Column::Id.eq(id))
+        .filter(batch::Column::Status.is_in(from.iter().copied()))
         .exec(db)
         .await?;
     Ok(updated.rows_affected > 0)

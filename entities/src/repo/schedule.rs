@@ -229,18 +229,7 @@ pub async fn cancel(
     id: Uuid,
     reason: &str,
 ) -> Result<Cancel, RepoError> {
-    let moved = notification::Entity::update_many()
-        .col_expr(
-            notification::Column::Status,
-            Expr::value(NotificationStatus::Cancelled),
-        )
-        .col_expr(notification::Column::StatusReason, Expr::value(reason))
-        .col_expr(notification::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(notification::Column::Id.eq(id))
-        .filter(
-            notification::Column::Status
-                .is_in(NotificationStatus::Cancelled.allowed_from().to_vec()),
-        )
+    let moved = cancel_where(reason, notification::Column::Id.eq(id))
         .exec(db)
         .await?;
     match notification::Entity::find_by_id(id).one(db).await? {
@@ -248,6 +237,41 @@ pub async fn cancel(
         Some(row) if moved.rows_affected > 0 => Ok(Cancel::Cancelled(Box::new(row))),
         Some(row) => Ok(Cancel::NotCancellable(row.status)),
     }
+}
+
+/// Cancels every notification of batch `batch_id` that is still cancellable (as [`cancel`]
+/// decides: `scheduled`, or `queued` and not yet picked up), recording `reason`, in one
+/// conditional UPDATE. Returns how many it cancelled.
+pub async fn cancel_batch(
+    db: &impl ConnectionTrait,
+    batch_id: Uuid,
+    reason: &str,
+) -> Result<u64, RepoError> {
+    let moved = cancel_where(reason, notification::Column::BatchId.eq(batch_id))
+        .exec(db)
+        .await?;
+    Ok(moved.rows_affected)
+}
+
+/// The UPDATE cancelling the notifications `which` selects among those still cancellable: those
+/// whose status may become `cancelled` (`scheduled`, `queued`; a dispatcher that picked one up
+/// made it `processing`).
+fn cancel_where(
+    reason: &str,
+    which: impl sea_orm::sea_query::IntoCondition,
+) -> sea_orm::UpdateMany<notification::Entity> {
+    notification::Entity::update_many()
+        .col_expr(
+            notification::Column::Status,
+            Expr::value(NotificationStatus::Cancelled),
+        )
+        .col_expr(notification::Column::StatusReason, Expr::value(reason))
+        .col_expr(notification::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(which)
+        .filter(
+            notification::Column::Status
+                .is_in(NotificationStatus::Cancelled.allowed_from().to_vec()),
+        )
 }
 
 /// Final notifications last changed before `cutoff`, as [`purge_before`] reads and deletes them.
@@ -286,7 +310,7 @@ pub struct Purged {
 }
 
 /// Deletes up to `limit` final notifications last changed before `cutoff`, with their attempts
-/// (`ON DELETE CASCADE`), and done batches older than `cutoff`. Returns how many notifications
+/// (`ON DELETE CASCADE`), and finished batches (done, failed, cancelled) older than `cutoff`. Returns how many notifications
 /// it chose and how many went. The DELETE repeats the conditions of the read that chose them, so
 /// a notification that moved meanwhile (a dead letter replayed to `queued`) is kept: fewer
 /// removed than chosen does not mean that fewer are left.
@@ -307,7 +331,7 @@ pub async fn purge_before(
             .rows_affected;
     }
     batch::Entity::delete_many()
-        .filter(batch::Column::Status.is_in(["done", "failed"]))
+        .filter(batch::Column::Status.is_in(["done", "failed", "cancelled"]))
         .filter(batch::Column::UpdatedAt.lt(cutoff))
         .exec(db)
         .await?;
