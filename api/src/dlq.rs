@@ -186,6 +186,7 @@ impl DlqApi {
 #[OpenApi(prefix_path = "/api/v1", tag = "DlqTags::DeadLetters")]
 impl DlqApi {
     /// List dead letters, oldest first, with the reason each was given up (scope `read`).
+    /// 400: `channel` or `provider` with `kind: events`, or `to` not after `from`.
     // One parameter per documented query field, as poem-openapi declares them.
     #[allow(clippy::too_many_arguments)]
     #[oai(path = "/dlq", method = "get")]
@@ -240,7 +241,7 @@ impl DlqApi {
     /// One kind per call: send commands (the default), or with `kind: events` the events the
     /// Router gave up on; entries of the other kind are passed over. Entries that cannot be
     /// replayed now are reported as skipped and stay; `next_after_seq` continues past them.
-    /// 400: `channel` or `provider` with `kind: events`.
+    /// 400: `channel` or `provider` with `kind: events`, or `to` not after `from`.
     #[oai(path = "/dlq/replay", method = "post")]
     async fn replay_matching(
         &self,
@@ -512,8 +513,14 @@ impl EntryFilter {
         }
     }
 
-    /// The filter, or 400 when it asks events for what only send commands have.
+    /// The filter, or 400 when it asks events for what only send commands have, or for a time
+    /// range that holds nothing (which would scan up to [`MAX_SCAN`] entries to find none).
     fn checked(self) -> Result<Self, ApiError> {
+        if let (Some(from), Some(to)) = (self.from, self.to)
+            && from >= to
+        {
+            return Err(ApiError::invalid("to", "to must be after from"));
+        }
         if self.kind == Some(DlqKind::Events) {
             let only_commands = "filters send commands only; events have no channels or providers";
             if self.channel.is_some() {

@@ -9,18 +9,22 @@
 
 use std::time::Duration;
 
+use futures::future::join_all;
 use herald_nats::leases::LEASE_STREAM;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
 use sea_orm::ConnectionTrait;
+use tokio::time::{Instant, timeout_at};
 
 use crate::{
     AppState,
     engine_view::{ChannelView, PartitionsView},
 };
 
-/// How long readiness waits for the database: an unreachable server can otherwise hold a request
-/// for the pool's whole acquire timeout, longer than a probe waits.
-const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long readiness waits for all its checks together; they run at the same time, and one that
+/// has not answered by then (a database holding the request for the pool's whole acquire timeout,
+/// a JetStream without quorum letting each request run into the client's 5 s timeout) is reported
+/// as failed by name, so a probe gets the `503` body rather than timing out itself.
+pub const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Tags)]
 enum HealthTags {
@@ -67,7 +71,8 @@ pub struct Readiness {
     /// The command partitions this instance consumes.
     pub partitions: PartitionsView,
     /// Providers and their circuits (an open circuit does not make an instance unready: failover
-    /// carries the traffic).
+    /// carries the traffic); empty when the providers have not all answered within the readiness
+    /// bound.
     pub channels: Vec<ChannelView>,
 }
 
@@ -109,13 +114,17 @@ impl HealthApi {
     /// reachable; with backlog and circuits.
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
+        let deadline = Instant::now() + READINESS_TIMEOUT;
         let nats = if self.state.publisher.is_connected() {
             pass("connected")
         } else {
             fail("not connected")
         };
-        let (streams, pending_commands) = self.streams().await;
-        let database = self.database().await;
+        let ((streams, pending_commands), database, channels) = tokio::join!(
+            self.streams(deadline),
+            self.database(deadline),
+            self.channels(deadline),
+        );
         let engine = if self.state.engine.running() {
             pass("running")
         } else {
@@ -130,7 +139,7 @@ impl HealthApi {
             database,
             pending_commands,
             partitions: self.state.engine.partitions(),
-            channels: self.state.engine.channels().await,
+            channels,
         };
         if ready {
             ReadyResponse::Ready(Json(body))
@@ -141,44 +150,59 @@ impl HealthApi {
 }
 
 impl HealthApi {
-    async fn database(&self) -> Check {
-        let answer = tokio::time::timeout(
-            DATABASE_CHECK_TIMEOUT,
-            self.state.db.execute_unprepared("SELECT 1"),
-        )
-        .await;
-        match answer {
+    async fn database(&self, deadline: Instant) -> Check {
+        match timeout_at(deadline, self.state.db.execute_unprepared("SELECT 1")).await {
             Ok(Ok(_)) => pass("reachable"),
             Ok(Err(err)) => fail(&err.to_string()),
-            Err(_) => fail(&format!(
-                "no answer within {} s",
-                DATABASE_CHECK_TIMEOUT.as_secs()
-            )),
+            Err(_) => fail(&no_answer()),
         }
     }
 
-    async fn streams(&self) -> (Check, Option<u64>) {
+    /// The providers' circuits; none when they have not all answered by `deadline`.
+    async fn channels(&self, deadline: Instant) -> Vec<ChannelView> {
+        timeout_at(deadline, self.state.engine.channels())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Herald's streams and the lease bucket's, asked for at the same time; the first that is
+    /// missing or has not answered by `deadline` is named.
+    async fn streams(&self, deadline: Instant) -> (Check, Option<u64>) {
         if !self.state.publisher.is_connected() {
             return (fail("NATS not connected"), None);
         }
         let js = self.state.publisher.jetstream();
+        let names = herald_nats::subjects::ALL_STREAMS
+            .iter()
+            .copied()
+            .chain([LEASE_STREAM]);
+        let answers = join_all(names.map(|name| async move {
+            let answer = match timeout_at(deadline, js.get_stream(name)).await {
+                Ok(Ok(stream)) => Ok(stream.cached_info().state.messages),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(_) => Err(no_answer()),
+            };
+            (name, answer)
+        }))
+        .await;
         let mut pending = None;
-        for name in herald_nats::subjects::ALL_STREAMS {
-            match js.get_stream(name).await {
+        for (name, answer) in answers {
+            match answer {
                 // `get_stream` already read the stream's info: the backlog comes with it.
-                Ok(stream) if name == herald_nats::subjects::NOTIFY_STREAM => {
-                    pending = Some(stream.cached_info().state.messages);
+                Ok(messages) if name == herald_nats::subjects::NOTIFY_STREAM => {
+                    pending = Some(messages);
                 }
                 Ok(_) => {}
+                // Without the lease bucket no partition is consumed; the lease keepers create it
+                // again.
+                Err(err) if name == LEASE_STREAM => {
+                    return (
+                        fail(&format!("{name} (partition lease bucket): {err}")),
+                        None,
+                    );
+                }
                 Err(err) => return (fail(&format!("{name}: {err}")), None),
             }
-        }
-        // Without the lease bucket no partition is consumed; the lease keepers create it again.
-        if let Err(err) = js.get_stream(LEASE_STREAM).await {
-            return (
-                fail(&format!("{LEASE_STREAM} (partition lease bucket): {err}")),
-                None,
-            );
         }
         (
             pass(&format!(
@@ -187,6 +211,11 @@ impl HealthApi {
             pending,
         )
     }
+}
+
+/// The detail of a check that did not answer within [`READINESS_TIMEOUT`].
+fn no_answer() -> String {
+    format!("no answer within {} s", READINESS_TIMEOUT.as_secs())
 }
 
 /// Sets `herald_queue_pending_commands` (commands in the `NOTIFY` work queue not yet completed)

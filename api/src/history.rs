@@ -273,6 +273,7 @@ impl HistoryApi {
         /// End (exclusive, RFC 3339); default: now.
         to: Query<Option<DateTime<Utc>>>,
     ) -> Result<Json<Stats>, ApiError> {
+        let to_given = to.0.is_some();
         let to = to.0.unwrap_or_else(Utc::now);
         let from = match from.0 {
             Some(from) => from,
@@ -281,7 +282,12 @@ impl HistoryApi {
                 .ok_or_else(|| ApiError::invalid("to", "to is out of range"))?,
         };
         if from > to {
-            return Err(ApiError::invalid("to", "to must not be before from"));
+            // Name the parameter the caller sent: with `to` left out, it is `from` that is wrong.
+            return Err(if to_given {
+                ApiError::invalid("to", "to must not be before from")
+            } else {
+                ApiError::invalid("from", "from must not be after to, which defaults to now")
+            });
         }
         let counts = repo::counts(&self.state.db, from, to).await?;
         let latencies = repo::latency_sample(&self.state.db, from, to, LATENCY_SAMPLE).await?;

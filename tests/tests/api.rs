@@ -442,6 +442,46 @@ async fn stats_match_what_was_sent() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A range that selects nothing is refused naming the field the caller sent: `from` alone in the
+/// future was refused as "to must not be before from", `to` having been left to default to now;
+/// and a dead-letter list or replay over an empty range scanned up to 10 000 entries, one NATS
+/// request each, to return nothing.
+#[tokio::test]
+async fn empty_time_ranges_are_refused_naming_the_field_sent() {
+    let w = world().await;
+    let h = &w.herald;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (status, body) = h
+        .get(&format!("/api/v1/notifications/stats?from={tomorrow}"))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "from", "{body}");
+    assert_eq!(
+        body["message"], "from must not be after to, which defaults to now",
+        "{body}"
+    );
+
+    let day = "2026-01-01T00:00:00Z";
+    for query in [
+        format!("from={day}&to={day}"),
+        format!("from={day}&to=2025-12-31T00:00:00Z"),
+    ] {
+        let (status, body) = h.get(&format!("/api/v1/dlq?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert_eq!(body["code"], "invalid_request", "{body}");
+        assert_eq!(body["field"], "to", "{body}");
+        assert_eq!(body["message"], "to must be after from", "{body}");
+    }
+    let (status, body) = h
+        .post("/api/v1/dlq/replay", &json!({ "from": day, "to": day }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "to", "{body}");
+    assert_eq!(body["message"], "to must be after from", "{body}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 async fn last_status_event(nats: &NatsServer, status: &str) -> Option<Value> {
     let client = nats.client().await.ok()?;
     let js = async_nats::jetstream::new(client);

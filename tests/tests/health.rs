@@ -1,5 +1,6 @@
 //! Health, readiness, channel status, metrics and the published API description.
 
+use herald_api::health::READINESS_TIMEOUT;
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
@@ -87,6 +88,43 @@ async fn a_stopped_engine_turns_readiness_503_and_is_noticed() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(not_ready["engine"]["ok"], false, "{not_ready}");
     assert_eq!(not_ready["nats"]["ok"], true, "{not_ready}");
+    herald.shutdown().await.expect("shutdown");
+}
+
+/// Readiness asked JetStream for each stream one after another, each request allowed the client's
+/// 5 s: with NATS connected but JetStream not answering (a cluster without quorum) a probe timed out
+/// before the `503` came. The checks now run together under one bound, and a check that has not
+/// answered by then is reported as failed, by name.
+#[tokio::test]
+async fn readiness_answers_503_naming_a_jetstream_that_does_not_answer() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let (status, ready) = herald.get("/health/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    // The connection stays up (no ping goes unanswered this soon) while nothing answers.
+    nats.freeze().expect("SIGSTOP");
+    // Twice the bound: the request waits for nothing else, the old one waited 5 s at least.
+    let limit = READINESS_TIMEOUT * 2;
+    let answer = tokio::time::timeout(limit, herald.get("/health/ready")).await;
+    nats.resume().expect("SIGCONT");
+    let (status, not_ready) = answer.unwrap_or_else(|_| {
+        panic!("/health/ready did not answer within {limit:?} while JetStream was silent")
+    });
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{not_ready}");
+    assert_eq!(not_ready["status"], "not_ready", "{not_ready}");
+    assert_eq!(not_ready["nats"]["ok"], true, "{not_ready}");
+    assert_eq!(not_ready["streams"]["ok"], false, "{not_ready}");
+    assert_eq!(
+        not_ready["streams"]["detail"],
+        format!("EVENTS: no answer within {} s", READINESS_TIMEOUT.as_secs()),
+        "{not_ready}"
+    );
+    assert_eq!(not_ready["database"]["ok"], true, "{not_ready}");
     herald.shutdown().await.expect("shutdown");
 }
 
