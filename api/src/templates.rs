@@ -172,6 +172,13 @@ pub enum PreviewError {
     UnknownTemplate,
     /// A required variable is absent.
     MissingVariable(String),
+    /// A variable has a wrong type or value.
+    InvalidVariable {
+        /// The variable (`order_number`, `items[0].quantity`).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A variable has a wrong type or value, or the engine failed; the message says which.
     Invalid(String),
 }
@@ -337,8 +344,8 @@ impl TemplatesApi {
 
     /// Render a template with the given variables (scope `read`).
     ///
-    /// 400 with `field` = `variables.<name>` when a variable is missing; 404 for an unknown
-    /// template.
+    /// 400 with `field` = `variables.<name>` when a variable is missing or of a wrong type or
+    /// value; 404 for an unknown template.
     #[oai(path = "/templates/:code/preview", method = "post")]
     async fn preview(
         &self,
@@ -368,6 +375,9 @@ impl TemplatesApi {
                 &format!("variables.{name}"),
                 format!("missing variable `{name}`"),
             )),
+            Err(PreviewError::InvalidVariable { name, reason }) => {
+                Err(ApiError::invalid(&format!("variables.{name}"), reason))
+            }
             Err(PreviewError::Invalid(reason)) => Err(ApiError::invalid("variables", reason)),
         }
     }
@@ -414,6 +424,10 @@ pub async fn check_send(state: &AppState, template: &TemplateRef) -> Result<(), 
         Err(PreviewError::MissingVariable(name)) => Err(ApiError::invalid(
             &format!("template.variables.{name}"),
             format!("template {code:?} needs variable `{name}`"),
+        )),
+        Err(PreviewError::InvalidVariable { name, reason }) => Err(ApiError::invalid(
+            &format!("template.variables.{name}"),
+            reason,
         )),
         Err(PreviewError::Invalid(reason)) => Err(ApiError::invalid("template.variables", reason)),
         Err(PreviewError::UnknownTemplate) => Err(ApiError::invalid(

@@ -52,14 +52,19 @@ impl TemplateCatalog for EngineTemplates {
         locale: &str,
         variables: &Map<String, Value>,
     ) -> Result<RenderedTemplate, PreviewError> {
-        match templates::render(code, locale, variables) {
-            Ok((content, used)) => Ok(rendered(code, used, content)),
-            Err(RenderError::UnknownTemplate(_)) => Err(PreviewError::UnknownTemplate),
-            Err(RenderError::MissingVariable { name, .. }) => {
-                Err(PreviewError::MissingVariable(name.into()))
-            }
-            Err(other) => Err(PreviewError::Invalid(other.to_string())),
-        }
+        let error = match templates::render(code, locale, variables) {
+            Ok((content, used)) => return Ok(rendered(code, used, content)),
+            Err(error) => error,
+        };
+        let reason = error.to_string();
+        Err(match error {
+            RenderError::UnknownTemplate(_) => PreviewError::UnknownTemplate,
+            RenderError::MissingVariable { name, .. } => PreviewError::MissingVariable(name.into()),
+            RenderError::InvalidVariable {
+                name: Some(name), ..
+            } => PreviewError::InvalidVariable { name, reason },
+            _ => PreviewError::Invalid(reason),
+        })
     }
 
     fn compile(&self, source: &TemplateSource) -> Result<Vec<String>, SourceError> {

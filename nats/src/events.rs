@@ -281,8 +281,9 @@ impl EventData {
     }
 }
 
+/// Reads `data` into its type; the error names the field it is about (`items[2].quantity: ...`).
 fn typed<T: DeserializeOwned>(event_type: &str, data: Value) -> Result<T, EventDecodeError> {
-    serde_json::from_value(data).map_err(|e| EventDecodeError::InvalidData {
+    serde_path_to_error::deserialize(data).map_err(|e| EventDecodeError::InvalidData {
         event_type: event_type.to_string(),
         reason: e.to_string(),
     })
@@ -597,6 +598,36 @@ mod tests {
         assert_eq!(json["type"], "orders.status_changed");
         assert_eq!(json["data"]["status"], "shipped");
         assert_eq!(json["data"]["delivery_estimate"], "2026-12-01");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let decode = |data: &str| {
+            let payload = format!(
+                r#"{{"v": 1, "id": "{}", "type": "orders.created", "occurred_at": "2026-01-01T00:00:00Z", "data": {data}}}"#,
+                Uuid::now_v7()
+            );
+            DomainEvent::decode(payload.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        let total = decode(
+            r#"{"customer_id": "c-1", "order_number": "1", "total_minor": "4200", "currency": "EUR"}"#,
+        );
+        assert_eq!(
+            total,
+            r#"invalid data for orders.created: total_minor: invalid type: string "4200", expected i64"#
+        );
+        let quantity = decode(
+            r#"{"customer_id": "c-1", "order_number": "1", "total_minor": 1, "currency": "EUR",
+                "items": [{"name": "a", "quantity": 1, "unit_price_minor": 1},
+                          {"name": "b", "quantity": 1, "unit_price_minor": 1},
+                          {"name": "c", "quantity": -2, "unit_price_minor": 1}]}"#,
+        );
+        assert!(
+            quantity.starts_with("invalid data for orders.created: items[2].quantity: "),
+            "{quantity}"
+        );
     }
 
     #[test]

@@ -204,6 +204,13 @@ async fn a_send_can_name_a_compiled_template_too() {
     let (status, body) = w.herald.send(&send(json!({"total": "42.00 EUR"}))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["field"], "template.variables.order_number", "{body}");
+    // A variable of the wrong type is named too.
+    let (status, body) = w
+        .herald
+        .send(&send(json!({"order_number": 1001, "total": "42.00 EUR"})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["field"], "template.variables.order_number", "{body}");
 
     let id = w
         .herald

@@ -21,6 +21,7 @@ pub mod variables;
 use herald_nats::Content;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use serde_path_to_error::Segment;
 
 /// One variable a template takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +109,8 @@ pub enum RenderError {
     InvalidVariable {
         /// The template.
         template: &'static str,
+        /// The variable at fault (`order_number`, `items[0].quantity`), when one is.
+        name: Option<String>,
         /// What is wrong (names the variable).
         reason: String,
     },
@@ -149,14 +152,20 @@ pub fn render(
         .render(locale, vars)
 }
 
-/// Reads a template's typed variables from the map (required ones were checked already).
+/// Reads a template's typed variables from the map (required ones were checked already); the
+/// error names the variable at fault.
 fn typed<T: DeserializeOwned>(
     template: &'static str,
     vars: &Map<String, Value>,
 ) -> Result<T, RenderError> {
-    serde_json::from_value(Value::Object(vars.clone())).map_err(|e| RenderError::InvalidVariable {
-        template,
-        reason: e.to_string(),
+    serde_path_to_error::deserialize(Value::Object(vars.clone())).map_err(|e| {
+        let known = |s: &Segment| !matches!(s, Segment::Unknown);
+        let name = e.path().iter().any(known).then(|| e.path().to_string());
+        RenderError::InvalidVariable {
+            template,
+            name,
+            reason: e.to_string(),
+        }
     })
 }
 
@@ -166,6 +175,7 @@ fn check_link(template: &'static str, name: &str, url: Option<&String>) -> Resul
         Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
             Err(RenderError::InvalidVariable {
                 template,
+                name: Some(name.to_string()),
                 reason: format!("`{name}` must be an http(s) URL"),
             })
         }

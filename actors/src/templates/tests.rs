@@ -126,11 +126,36 @@ fn html_is_escaped_and_text_is_not() {
 }
 
 #[test]
+fn a_campaign_body_keeps_its_paragraphs_and_line_breaks_in_html() {
+    let mut vars = sample("marketing");
+    vars.insert(
+        "body".into(),
+        json!("Big <sale>\nthis week\n\nTea & cake\r\n\r\n\nSee you"),
+    );
+    let (content, _) = render("marketing", "en", &vars).unwrap();
+    let html = content.html.unwrap();
+    assert!(
+        html.contains("<p>Big &#60;sale&#62;<br/>this week</p><p>Tea &#38; cake</p><p>See you</p>"),
+        "{html}"
+    );
+    assert!(content.text.contains("Big <sale>\nthis week\n\nTea & cake"));
+}
+
+#[test]
 fn values_of_the_wrong_type_and_bad_links_are_errors() {
     let mut vars = sample("order_placed");
     vars.insert("total".into(), json!(42));
     let err = render("order_placed", "en", &vars).unwrap_err();
     assert!(matches!(err, RenderError::InvalidVariable { .. }), "{err}");
+    // The error names the variable, for the reason and for the API's `field`.
+    let mut vars = sample("order_placed");
+    vars.insert("order_number".into(), json!(1001));
+    let err = render("order_placed", "en", &vars).unwrap_err();
+    assert!(err.to_string().contains("order_number"), "{err}");
+    assert!(
+        matches!(&err, RenderError::InvalidVariable { name: Some(name), .. } if name == "order_number"),
+        "{err:?}"
+    );
     let mut vars = sample("marketing");
     vars.insert("url".into(), json!("javascript:alert(1)"));
     let err = render("marketing", "en", &vars).unwrap_err().to_string();

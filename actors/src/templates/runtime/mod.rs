@@ -151,12 +151,13 @@ impl RuntimeTemplates {
             .or(recipient_locale)
             .unwrap_or(&self.settings.default_locale);
         let code = &reference.code;
-        if super::find(code).is_some() {
-            return super::render(code, locale, &reference.variables)
+        if let Some(compiled) = super::find(code) {
+            return compiled
+                .render(locale, &reference.variables)
                 .map(|(content, _)| content)
                 .map_err(|e| TemplateError::Render {
                     code: code.clone(),
-                    locale: locale.to_string(),
+                    locale: compiled.resolve_locale(locale).to_string(),
                     reason: e.to_string(),
                 });
         }
@@ -244,6 +245,22 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_compiled_template_error_names_the_locale_it_rendered() {
+        // A compiled template never reads the database.
+        let templates = RuntimeTemplates::new(DatabaseConnection::default(), Default::default());
+        let reference = TemplateRef {
+            code: "order_delivered".into(),
+            variables: json!({"order_number": 1001}).as_object().cloned().unwrap(),
+            locale: Some("de-DE".into()),
+        };
+        let err = templates.render(&reference, None).await.unwrap_err();
+        assert!(
+            matches!(&err, TemplateError::Render { locale, .. } if locale == "en"),
+            "{err}"
+        );
     }
 
     #[test]
