@@ -71,8 +71,7 @@ pub struct Readiness {
     /// The command partitions this instance consumes.
     pub partitions: PartitionsView,
     /// Providers and their circuits (an open circuit does not make an instance unready: failover
-    /// carries the traffic); empty when the providers have not all answered within the readiness
-    /// bound.
+    /// carries the traffic): those whose channel actor answered in time.
     pub channels: Vec<ChannelView>,
 }
 
@@ -158,7 +157,8 @@ impl HealthApi {
         }
     }
 
-    /// The providers' circuits; none when they have not all answered by `deadline`.
+    /// The providers' circuits: those whose actor answered (each is given less than the
+    /// readiness bound; none if even that runs out by `deadline`).
     async fn channels(&self, deadline: Instant) -> Vec<ChannelView> {
         timeout_at(deadline, self.state.engine.channels())
             .await

@@ -7,8 +7,10 @@ use herald_actors::channel::{ChannelDirectory, ChannelSnapshot};
 use herald_actors::partitions::OwnershipView;
 use herald_api::engine_view::{ChannelView, EngineView, PartitionsView};
 
-/// How long the API waits for a channel actor's snapshot.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the API waits for a channel actor's snapshot (all are asked together): below the
+/// readiness probe's bound (`herald_api::health::READINESS_TIMEOUT`), so that one actor that does
+/// not answer leaves out only its own channel there.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Reads the live actors of this instance.
 pub struct LiveEngine {

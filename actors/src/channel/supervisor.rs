@@ -41,18 +41,22 @@ impl ChannelDirectory {
         channels
     }
 
-    /// Snapshots of every channel actor that answers within `timeout`.
+    /// Snapshots of every channel actor that answers within `timeout`, in channel order. They
+    /// are asked together: one actor that does not answer (busy, restarting) costs the whole
+    /// call `timeout` once and leaves out only its own snapshot, not the others' after it.
     pub async fn snapshots(&self, timeout: Duration) -> Vec<ChannelSnapshot> {
-        let mut out = Vec::new();
-        for channel in self.channels() {
-            if let Some(actor) = self.get(channel)
-                && let Ok(ractor::rpc::CallResult::Success(snapshot)) =
-                    actor.call(ChannelMsg::Snapshot, Some(timeout)).await
-            {
-                out.push(snapshot);
-            }
-        }
-        out
+        let asked = self.channels().into_iter().filter_map(|channel| {
+            let actor = self.get(channel)?;
+            Some(async move { actor.call(ChannelMsg::Snapshot, Some(timeout)).await })
+        });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .filter_map(|answer| match answer {
+                Ok(ractor::rpc::CallResult::Success(snapshot)) => Some(snapshot),
+                _ => None,
+            })
+            .collect()
     }
 
     fn set(&self, channel: Channel, actor: ActorRef<ChannelMsg>) {
@@ -133,5 +137,127 @@ impl Actor for ChannelSupervisor {
             Self::start_child(myself.get_cell(), state, args).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::channel::circuit::CircuitState;
+
+    /// A stand-in channel actor: answers a snapshot only once `answer_after` is notified (none:
+    /// at once), or never when `silent`, and notifies `asked` when a snapshot is asked of it.
+    struct StandIn;
+
+    struct StandInArgs {
+        channel: Channel,
+        silent: bool,
+        asked: Arc<Notify>,
+        answer_after: Option<Arc<Notify>>,
+    }
+
+    impl Actor for StandIn {
+        type Msg = ChannelMsg;
+        type State = StandInArgs;
+        type Arguments = StandInArgs;
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<ChannelMsg>,
+            args: StandInArgs,
+        ) -> Result<StandInArgs, ActorProcessingErr> {
+            Ok(args)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<ChannelMsg>,
+            message: ChannelMsg,
+            state: &mut StandInArgs,
+        ) -> Result<(), ActorProcessingErr> {
+            let ChannelMsg::Snapshot(reply) = message else {
+                return Ok(());
+            };
+            state.asked.notify_one();
+            if state.silent {
+                // Never answered: the port is kept until the actor stops.
+                std::mem::forget(reply);
+                return Ok(());
+            }
+            let channel = state.channel;
+            let answer_after = state.answer_after.clone();
+            tokio::spawn(async move {
+                if let Some(signal) = answer_after {
+                    signal.notified().await;
+                }
+                let _ = reply.send(snapshot(channel));
+            });
+            Ok(())
+        }
+    }
+
+    fn snapshot(channel: Channel) -> ChannelSnapshot {
+        ChannelSnapshot {
+            channel,
+            provider: channel.as_str().into(),
+            circuit: CircuitState::Closed,
+            recent_failures: 0,
+            times_opened: 0,
+            probe_at: None,
+            in_flight: 0,
+            sent: 0,
+            failed: 0,
+            refused: 0,
+            last_error: None,
+        }
+    }
+
+    /// The actors are asked together: email answers only once sms, after it in channel order and
+    /// silent, has been asked; asked one after another, email's call would run out first.
+    #[tokio::test]
+    async fn a_silent_channel_actor_leaves_out_only_its_own_snapshot() {
+        let sms_asked = Arc::new(Notify::new());
+        let (email, _) = Actor::spawn(
+            None,
+            StandIn,
+            StandInArgs {
+                channel: Channel::Email,
+                silent: false,
+                asked: Arc::new(Notify::new()),
+                answer_after: Some(sms_asked.clone()),
+            },
+        )
+        .await
+        .expect("email stand-in");
+        let (sms, _) = Actor::spawn(
+            None,
+            StandIn,
+            StandInArgs {
+                channel: Channel::Sms,
+                silent: true,
+                asked: sms_asked,
+                answer_after: None,
+            },
+        )
+        .await
+        .expect("sms stand-in");
+        let directory = ChannelDirectory::default();
+        directory.set(Channel::Email, email.clone());
+        directory.set(Channel::Sms, sms.clone());
+        assert_eq!(directory.channels(), [Channel::Email, Channel::Sms]);
+
+        let snapshots = directory.snapshots(Duration::from_secs(2)).await;
+        let answered: Vec<Channel> = snapshots.iter().map(|s| s.channel).collect();
+        assert_eq!(
+            answered,
+            [Channel::Email],
+            "the silent one left out, only it"
+        );
+        email.stop(None);
+        sms.stop(None);
     }
 }
