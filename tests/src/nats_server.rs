@@ -395,9 +395,12 @@ impl NatsServer {
         }
     }
 
-    /// Polls until a client can connect and query the JetStream account (or, for a server with a
-    /// configuration file, until the log written since `log_start` says it is ready), the process
-    /// exits, or [`READY_TIMEOUT`] passes. The error is a short reason.
+    /// Polls until the log written since `log_start` says the server is ready and (but for a
+    /// server with a configuration file, which may refuse plain clients) a client can connect and
+    /// query the JetStream account, the process exits, or [`READY_TIMEOUT`] passes. The error is a
+    /// short reason. The log comes first: a port taken between [`free_port`] and this process's
+    /// bind is another test's server, which would answer for a process about to exit with
+    /// "address already in use".
     async fn wait_ready(&mut self, log_start: u64) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut backoff = Duration::from_millis(10);
@@ -406,11 +409,10 @@ impl NatsServer {
             if let Some(status) = self.exit_status() {
                 return Err(format!("the process exited with {status}"));
             }
-            if self.config.is_some() {
-                if log_since(&self.log_path(), log_start).contains("Server is ready") {
-                    return Ok(());
-                }
+            if !log_since(&self.log_path(), log_start).contains("Server is ready") {
                 last_failure = "the log does not say \"Server is ready\" yet".into();
+            } else if self.config.is_some() {
+                return Ok(());
             } else {
                 match tokio::time::timeout_at(deadline, jetstream_answers(&self.url())).await {
                     Ok(Ok(())) => return Ok(()),
