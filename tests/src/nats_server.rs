@@ -14,6 +14,23 @@ use tokio::time::Instant;
 
 use crate::wait::free_port;
 
+/// Longest [`NatsServer::freeze`] waits for every thread of the process to stop.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state …`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
 /// Environment variable naming the `nats-server` binary to run.
 pub const NATS_SERVER_BIN_ENV: &str = "NATS_SERVER_BIN";
 /// Where Debian's `nats-server` package installs the binary.
@@ -262,9 +279,19 @@ impl NatsServer {
     }
 
     /// Freezes the process (SIGSTOP): it holds its connections open and answers nothing, as a
-    /// node that hangs or is cut off would, until [`NatsServer::resume`].
+    /// node that hangs or is cut off would, until [`NatsServer::resume`]. Returns once every
+    /// thread of it is stopped (`kill` only queues the stop), at most [`FREEZE_TIMEOUT`] later.
     pub fn freeze(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
+        self.signal(Signal::SIGSTOP)?;
+        let pid = self.pid()?;
+        let deadline = std::time::Instant::now() + FREEZE_TIMEOUT;
+        while !all_threads_stopped(pid) {
+            if std::time::Instant::now() >= deadline {
+                bail!("nats-server {pid} not stopped within {FREEZE_TIMEOUT:?} of SIGSTOP");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Lets a frozen process run again (SIGCONT).
@@ -273,13 +300,17 @@ impl NatsServer {
     }
 
     fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to nats-server"))
+    }
+
+    fn pid(&self) -> anyhow::Result<i32> {
         let pid = self
             .child
             .as_ref()
             .and_then(Child::id)
             .context("nats-server is not running")?;
-        let pid = i32::try_from(pid).context("nats-server pid does not fit in i32")?;
-        kill(Pid::from_raw(pid), signal).with_context(|| format!("sending {signal} to nats-server"))
+        i32::try_from(pid).context("nats-server pid does not fit in i32")
     }
 
     /// Kills the process with SIGKILL, as a crash would, and waits until it has exited.
