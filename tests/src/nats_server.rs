@@ -280,7 +280,7 @@ impl NatsServer {
 
     /// Freezes the process (SIGSTOP): it holds its connections open and answers nothing, as a
     /// node that hangs or is cut off would, until [`NatsServer::resume`]. Returns once every
-    /// thread of it is stopped (`kill` only queues the stop), at most [`FREEZE_TIMEOUT`] later.
+    /// thread of it is stopped (`kill` only queues the stop), at most 5 s later.
     pub fn freeze(&self) -> anyhow::Result<()> {
         self.signal(Signal::SIGSTOP)?;
         let pid = self.pid()?;
