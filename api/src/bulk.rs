@@ -12,8 +12,7 @@ use herald_entities::repo::{
     batches::{Created, CustomerFilter, NewBatch},
 };
 use herald_nats::{
-    Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
-    SendCommand,
+    Category, Channel, CommandRoom, Contacts, Content, SCHEMA_VERSION, SendCommand,
     batch::{BatchRecipient, BatchSpec, BatchTarget},
 };
 use poem_openapi::{
@@ -549,24 +548,12 @@ fn check_command_size(
         content: content.clone(),
         created_at: Utc::now(),
     };
-    let len = without_recipient.encoded_len() + most_added;
-    if len > MAX_COMMAND_BYTES {
-        let field = notifications::message_field(content);
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "a recipient's notification may take {len} bytes as a send command (JSON, with \
-                 its quotes, backslashes and line breaks escaped); the limit is \
-                 {MAX_COMMAND_BYTES}: shorten the {field}"
-            ),
-        ));
-    }
-    match room.refusal(len) {
-        Some(reason) => Err(ApiError::larger_than_nats_takes(&format!(
-            "a recipient's notification may take {reason}"
-        ))),
-        None => Ok(()),
-    }
+    notifications::refuse_command_len(
+        without_recipient.encoded_len() + most_added,
+        content,
+        room,
+        "a recipient's notification may take",
+    )
 }
 
 /// Validates listed recipients. Their own variables need a template (`templated`). A batch sends

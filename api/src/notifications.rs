@@ -772,23 +772,38 @@ pub(crate) fn check_command_size(
     command: &SendCommand,
     room: &CommandRoom,
 ) -> Result<(), ApiError> {
+    // Encoded only when its texts could, escaped, take more than the lower limit.
     let limit = MAX_COMMAND_BYTES.min(room.max_command());
     command
         .check_len(limit)
-        .map_err(|len| match room.refusal(len) {
-            Some(reason) if len <= MAX_COMMAND_BYTES => ApiError::larger_than_nats_takes(&reason),
-            _ => {
-                let field = message_field(&command.content);
-                ApiError::invalid(
-                    field,
-                    format!(
-                        "the notification takes {len} bytes as a send command (JSON, with its \
-                     quotes, backslashes and line breaks escaped); the limit is \
-                     {MAX_COMMAND_BYTES}: shorten the {field}"
-                    ),
-                )
-            }
-        })
+        .or_else(|len| refuse_command_len(len, &command.content, room, "the notification takes"))
+}
+
+/// Refuses a send command of `len` bytes with `content`, described as `subject` ("the
+/// notification takes", "a recipient's notification may take"): over [`MAX_COMMAND_BYTES`] with
+/// 400 naming the content's field, else over the NATS server's `max_payload` (`room`) with 413.
+pub(crate) fn refuse_command_len(
+    len: usize,
+    content: &Content,
+    room: &CommandRoom,
+    subject: &str,
+) -> Result<(), ApiError> {
+    if len > MAX_COMMAND_BYTES {
+        let field = message_field(content);
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "{subject} {len} bytes as a send command (JSON, with its quotes, backslashes and \
+                 line breaks escaped); the limit is {MAX_COMMAND_BYTES}: shorten the {field}"
+            ),
+        ));
+    }
+    match room.refusal(len) {
+        Some(reason) => Err(ApiError::larger_than_nats_takes(&format!(
+            "{subject} {reason}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// A request's recipient, checked.
