@@ -33,10 +33,10 @@ fn template_render(c: &mut Criterion) {
     let vars = order_placed_vars();
     let mut group = c.benchmark_group("template_render");
     group.bench_function("order_placed_en", |b| {
-        b.iter(|| templates::render("order_placed", black_box("en"), black_box(&vars)))
+        b.iter(|| templates::render("order_placed", black_box("en"), "en", black_box(&vars)))
     });
     group.bench_function("order_placed_de_DE_fallback", |b| {
-        b.iter(|| templates::render("order_placed", black_box("de-DE"), black_box(&vars)))
+        b.iter(|| templates::render("order_placed", black_box("de-DE"), "en", black_box(&vars)))
     });
     group.finish();
 }

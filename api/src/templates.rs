@@ -198,7 +198,7 @@ pub trait TemplateCatalog: Send + Sync + 'static {
     fn list(&self) -> Vec<TemplateInfo>;
     /// Whether a compiled template has this code.
     fn is_compiled(&self, code: &str) -> bool;
-    /// Renders compiled template `code` in the best locale for `locale`.
+    /// Renders compiled template `code` in the best locale for `locale` (empty: the default).
     fn preview(
         &self,
         code: &str,
@@ -214,7 +214,7 @@ pub trait TemplateCatalog: Send + Sync + 'static {
         locale: &str,
         variables: &Map<String, Value>,
     ) -> Result<RenderedTemplate, PreviewError>;
-    /// The locale runtime templates fall back to.
+    /// The locale templates fall back to (`templates.default_locale`).
     fn default_locale(&self) -> &str;
 }
 
@@ -360,12 +360,11 @@ impl TemplatesApi {
             ));
         };
         let templates = &self.state.templates;
+        let locale = body.0.locale.as_deref().unwrap_or_default();
         let rendered = if templates.is_compiled(&code.0) {
-            let locale = body.0.locale.as_deref().unwrap_or("en");
             templates.preview(&code.0, locale, &variables)
         } else {
             let variants = repo::variants(&self.state.db, &code.0).await?;
-            let locale = body.0.locale.as_deref().unwrap_or_default();
             templates.preview_runtime(&variants, locale, &variables)
         };
         match rendered {

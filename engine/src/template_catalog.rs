@@ -52,7 +52,8 @@ impl TemplateCatalog for EngineTemplates {
         locale: &str,
         variables: &Map<String, Value>,
     ) -> Result<RenderedTemplate, PreviewError> {
-        let error = match templates::render(code, locale, variables) {
+        let error = match templates::render(code, locale, &self.settings.default_locale, variables)
+        {
             Ok((content, used)) => return Ok(rendered(code, used, content)),
             Err(error) => error,
         };

@@ -7,7 +7,8 @@
 //! naming it — never an empty string in a sent message. HTML output is escaped by askama; text
 //! output is not (it is not HTML).
 //!
-//! Locales fall back from the most specific to the template's default: `de-DE` → `de` → `en`.
+//! Locales fall back from the most specific to the configured default (`templates.default_locale`),
+//! then to the template's first: `de-DE` → `de` → default → `en`.
 //!
 //! Templates created at run time through the API live in the database and render in a sandbox:
 //! see [`runtime`].
@@ -49,29 +50,23 @@ pub struct TemplateDef {
 
 impl TemplateDef {
     /// The best locale this template has for `requested`: the whole tag, then its language, then
-    /// the template's default.
-    pub fn resolve_locale(&self, requested: &str) -> &'static str {
-        let requested = requested.trim().to_ascii_lowercase();
-        let language = requested.split(['-', '_']).next().unwrap_or_default();
-        [requested.as_str(), language]
-            .into_iter()
-            .find_map(|want| {
-                self.locales
-                    .iter()
-                    .find(|have| have.eq_ignore_ascii_case(want))
-            })
-            .copied()
-            .unwrap_or(self.locales[0])
+    /// `default` (the configured `templates.default_locale`) and its language, then the
+    /// template's own first locale (see [`runtime::locale::pick`]).
+    pub fn resolve_locale(&self, requested: &str, default: &str) -> &'static str {
+        let at = runtime::locale::pick(self.locales, requested, default).unwrap_or(0);
+        self.locales[at]
     }
 
-    /// Renders in the best locale for `locale`; returns the content and the locale used.
+    /// Renders in the best locale for `locale` (falling back to `default`, see
+    /// [`TemplateDef::resolve_locale`]); returns the content and the locale used.
     pub fn render(
         &self,
         locale: &str,
+        default: &str,
         vars: &Map<String, Value>,
     ) -> Result<(Content, &'static str), RenderError> {
         self.check_required(vars)?;
-        let locale = self.resolve_locale(locale);
+        let locale = self.resolve_locale(locale, default);
         Ok(((self.render)(locale, vars)?, locale))
     }
 
@@ -141,15 +136,16 @@ pub fn find(code: &str) -> Option<&'static TemplateDef> {
     catalog().iter().find(|t| t.code == code)
 }
 
-/// Renders template `code` in the best locale for `locale`.
+/// Renders template `code` in the best locale for `locale`, else for `default`.
 pub fn render(
     code: &str,
     locale: &str,
+    default: &str,
     vars: &Map<String, Value>,
 ) -> Result<(Content, &'static str), RenderError> {
     find(code)
         .ok_or_else(|| RenderError::UnknownTemplate(code.to_string()))?
-        .render(locale, vars)
+        .render(locale, default, vars)
 }
 
 /// Reads a template's typed variables from the map (required ones were checked already); the

@@ -43,7 +43,7 @@ fn sample(code: &str) -> Map<String, Value> {
 fn every_template_renders_all_four_parts_in_every_locale() {
     for def in catalog() {
         for locale in def.locales {
-            let (content, used) = def.render(locale, &sample(def.code)).unwrap();
+            let (content, used) = def.render(locale, "en", &sample(def.code)).unwrap();
             assert_eq!(used, *locale);
             let subject = content.subject.clone().unwrap();
             let html = content.html.clone().unwrap();
@@ -74,7 +74,7 @@ fn every_required_variable_is_named_when_missing() {
         for variable in def.variables.iter().filter(|v| v.required) {
             let mut vars = sample(def.code);
             vars.remove(variable.name);
-            match def.render("en", &vars) {
+            match def.render("en", "en", &vars) {
                 Err(RenderError::MissingVariable { template, name }) => {
                     assert_eq!((template, name), (def.code, variable.name));
                 }
@@ -86,7 +86,7 @@ fn every_required_variable_is_named_when_missing() {
             vars.insert(variable.name.into(), Value::Null);
             assert!(
                 matches!(
-                    def.render("en", &vars),
+                    def.render("en", "en", &vars),
                     Err(RenderError::MissingVariable { .. })
                 ),
                 "null counts as missing"
@@ -99,7 +99,7 @@ fn every_required_variable_is_named_when_missing() {
 fn the_message_names_the_missing_variable() {
     let mut vars = sample("order_shipped");
     vars.remove("tracking_number");
-    let err = render("order_shipped", "en", &vars)
+    let err = render("order_shipped", "en", "en", &vars)
         .unwrap_err()
         .to_string();
     assert_eq!(
@@ -115,7 +115,7 @@ fn html_is_escaped_and_text_is_not() {
         "customer_name".into(),
         json!("<script>alert('x')</script> & Co"),
     );
-    let (content, _) = render("order_placed", "en", &vars).unwrap();
+    let (content, _) = render("order_placed", "en", "en", &vars).unwrap();
     let html = content.html.unwrap();
     assert!(!html.contains("<script>"), "{html}");
     assert!(
@@ -132,7 +132,7 @@ fn a_campaign_body_keeps_its_paragraphs_and_line_breaks_in_html() {
         "body".into(),
         json!("Big <sale>\nthis week\n\nTea & cake\r\n\r\n\nSee you"),
     );
-    let (content, _) = render("marketing", "en", &vars).unwrap();
+    let (content, _) = render("marketing", "en", "en", &vars).unwrap();
     let html = content.html.unwrap();
     assert!(
         html.contains("<p>Big &#60;sale&#62;<br/>this week</p><p>Tea &#38; cake</p><p>See you</p>"),
@@ -145,12 +145,12 @@ fn a_campaign_body_keeps_its_paragraphs_and_line_breaks_in_html() {
 fn values_of_the_wrong_type_and_bad_links_are_errors() {
     let mut vars = sample("order_placed");
     vars.insert("total".into(), json!(42));
-    let err = render("order_placed", "en", &vars).unwrap_err();
+    let err = render("order_placed", "en", "en", &vars).unwrap_err();
     assert!(matches!(err, RenderError::InvalidVariable { .. }), "{err}");
     // The error names the variable, for the reason and for the API's `field`.
     let mut vars = sample("order_placed");
     vars.insert("order_number".into(), json!(1001));
-    let err = render("order_placed", "en", &vars).unwrap_err();
+    let err = render("order_placed", "en", "en", &vars).unwrap_err();
     assert!(err.to_string().contains("order_number"), "{err}");
     assert!(
         matches!(&err, RenderError::InvalidVariable { name: Some(name), .. } if name == "order_number"),
@@ -158,22 +158,39 @@ fn values_of_the_wrong_type_and_bad_links_are_errors() {
     );
     let mut vars = sample("marketing");
     vars.insert("url".into(), json!("javascript:alert(1)"));
-    let err = render("marketing", "en", &vars).unwrap_err().to_string();
+    let err = render("marketing", "en", "en", &vars)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`url`"), "{err}");
 }
 
 #[test]
 fn locales_fall_back_from_region_to_language_to_default() {
     let shipped = find("order_shipped").unwrap();
-    assert_eq!(shipped.resolve_locale("de-DE"), "de");
-    assert_eq!(shipped.resolve_locale("DE_at"), "de");
-    assert_eq!(shipped.resolve_locale("de"), "de");
-    assert_eq!(shipped.resolve_locale("fr-FR"), "en");
-    assert_eq!(shipped.resolve_locale(""), "en");
+    assert_eq!(shipped.resolve_locale("de-DE", "en"), "de");
+    assert_eq!(shipped.resolve_locale("DE_at", "en"), "de");
+    assert_eq!(shipped.resolve_locale("de", "en"), "de");
+    assert_eq!(shipped.resolve_locale("fr-FR", "en"), "en");
+    assert_eq!(shipped.resolve_locale("", "en"), "en");
     let delivered = find("order_delivered").unwrap();
-    assert_eq!(delivered.resolve_locale("de-DE"), "en", "no German variant");
+    assert_eq!(
+        delivered.resolve_locale("de-DE", "en"),
+        "en",
+        "no German variant"
+    );
+    assert_eq!(
+        shipped.resolve_locale("fr-FR", "de-AT"),
+        "de",
+        "a locale the template lacks falls back to the configured default"
+    );
+    assert_eq!(shipped.resolve_locale("", "de"), "de");
+    assert_eq!(
+        delivered.resolve_locale("fr", "de"),
+        "en",
+        "no default variant"
+    );
 
-    let (german, used) = render("order_shipped", "de-DE", &sample("order_shipped")).unwrap();
+    let (german, used) = render("order_shipped", "de-DE", "en", &sample("order_shipped")).unwrap();
     assert_eq!(used, "de");
     assert!(german.subject.unwrap().contains("versandt"));
     assert!(
@@ -181,7 +198,7 @@ fn locales_fall_back_from_region_to_language_to_default() {
         "{}",
         german.text
     );
-    let (english, _) = render("order_shipped", "fr", &sample("order_shipped")).unwrap();
+    let (english, _) = render("order_shipped", "fr", "en", &sample("order_shipped")).unwrap();
     assert!(
         english.text.contains("Tracking number: 1Z999AA1"),
         "{}",
@@ -194,7 +211,7 @@ fn optional_variables_leave_no_trace_when_absent() {
     let mut vars = sample("order_shipped");
     vars.remove("delivery_estimate");
     vars.remove("customer_name");
-    let (content, _) = render("order_shipped", "en", &vars).unwrap();
+    let (content, _) = render("order_shipped", "en", "en", &vars).unwrap();
     assert!(content.text.starts_with("Hello,"), "{}", content.text);
     assert!(
         !content.text.contains("Expected delivery"),
@@ -206,6 +223,6 @@ fn optional_variables_leave_no_trace_when_absent() {
 
 #[test]
 fn unknown_templates_are_named() {
-    let err = render("order_refunded", "en", &Map::new()).unwrap_err();
+    let err = render("order_refunded", "en", "en", &Map::new()).unwrap_err();
     assert!(matches!(err, RenderError::UnknownTemplate(code) if code == "order_refunded"));
 }

@@ -153,11 +153,13 @@ impl RuntimeTemplates {
         let code = &reference.code;
         if let Some(compiled) = super::find(code) {
             return compiled
-                .render(locale, &reference.variables)
+                .render(locale, &self.settings.default_locale, &reference.variables)
                 .map(|(content, _)| content)
                 .map_err(|e| TemplateError::Render {
                     code: code.clone(),
-                    locale: compiled.resolve_locale(locale).to_string(),
+                    locale: compiled
+                        .resolve_locale(locale, &self.settings.default_locale)
+                        .to_string(),
                     reason: e.to_string(),
                 });
         }
