@@ -217,9 +217,10 @@ impl PartitionLoops {
 pub struct DispatcherState {
     args: DispatcherArgs,
     loops: PartitionLoops,
-    /// Cancels every pull loop when the state is dropped, which also happens when the actor panics
-    /// (ractor runs no `post_stop` then): a loop must not outlive its dispatcher and keep pulling
-    /// messages nobody will handle.
+    /// Cancels every pull loop when the state is dropped, as it is when the actor panics or is
+    /// killed with the engine supervisor (ractor runs no `post_stop` then, and nothing stops the
+    /// dispatcher otherwise): a loop must not outlive its dispatcher and keep pulling messages
+    /// nobody will handle.
     stop_all: CancellationToken,
     _stop_all: DropGuard,
 }
@@ -269,21 +270,6 @@ impl Actor for Dispatcher {
             }
             DispatcherMsg::Crash => panic!("fault injected into dispatcher"),
         }
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut DispatcherState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.stop_all.cancel();
-        // Give the loops a moment to return what they hold.
-        let pulls = std::mem::take(&mut state.loops.running)
-            .into_values()
-            .map(|partition| partition.pull);
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), futures::future::join_all(pulls)).await;
         Ok(())
     }
 }

@@ -9,7 +9,9 @@
 //! rate limiter only of the partitions it took without telling it).
 //!
 //! The supervisor itself fails when a child cannot be restarted (its `pre_start` fails) or when
-//! the ChannelSupervisor stops; its children stop with it, and `herald serve` exits with an error
+//! the ChannelSupervisor stops; its children are killed with it (ractor runs no `post_stop` for
+//! them, so the partition leases expire after their TTL rather than being handed back while
+//! deliveries of this process may still run), and `herald serve` exits with an error
 //! (the engine's end is watched, see `Herald::engine_stopped`) for the process supervisor to
 //! restart it.
 

@@ -333,17 +333,6 @@ impl Actor for LeaseKeeper {
         state.publish();
         Ok(())
     }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut LeaseKeeperState,
-    ) -> Result<(), ActorProcessingErr> {
-        if !state.left {
-            state.leave().await;
-        }
-        Ok(())
-    }
 }
 
 impl LeaseKeeperState {
@@ -608,8 +597,9 @@ impl LeaseKeeperState {
     /// is stuck) again. Its successor waits for the deliveries the failed one started
     /// ([`crate::dispatcher::PartitionDeliveries`]), and a dispatcher asked again waits for
     /// those its earlier drain waits for, each for at most its drain timeout. A dispatcher that
-    /// is never restarted fails the engine supervisor, which stops this keeper: it then hands
-    /// every lease back as it stops.
+    /// is never restarted fails the engine supervisor, which kills this keeper with it (ractor
+    /// runs no `post_stop` for killed children): its leases expire after their TTL, so no other
+    /// instance takes a partition while this process's deliveries may still run.
     fn drain_failed(&mut self, partition: u32, hand_back: HandBack) {
         // Not when the lease was lost or handed back meanwhile (a leave), even if it was taken
         // and is being handed back again since.

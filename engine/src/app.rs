@@ -314,18 +314,19 @@ impl Herald {
     }
 
     /// Stops in the order that loses nothing: HTTP stops taking requests and finishes the ones in
-    /// progress; the dispatcher stops pulling; in-flight deliveries get the grace period to finish
+    /// progress while the dispatcher stops pulling (what is published meanwhile waits in
+    /// JetStream); in-flight deliveries get the grace period, counted from the signal, to finish
     /// (those that do not are redelivered by JetStream, never acked unwritten); the status writer
     /// flushes; the actors stop; NATS flushes.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.engine.grace;
         self.http_stop.cancel();
+        self.engine.intake.cancel();
         match self.http_task.await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(error = %err, "HTTP server stopped with an error"),
             Err(err) => tracing::warn!(error = %err, "HTTP server task failed"),
         }
-        self.engine.intake.cancel();
         let permits = u32::try_from(self.engine.max_in_flight).unwrap_or(u32::MAX);
         match tokio::time::timeout_at(deadline, self.engine.in_flight.acquire_many(permits)).await {
             Ok(_) => tracing::info!("in-flight deliveries finished"),
