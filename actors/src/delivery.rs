@@ -47,10 +47,18 @@ use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 use crate::templates::variables;
 
-/// How long the dispatcher waits for a channel actor's answer. Every channel timeout
-/// (`channels.limits.timeout_ms`, each provider's `timeout_ms`) must stay below it: a send still
-/// running then is abandoned as failed while it may yet go out, and is sent again.
+/// How long a send may take, from the dispatcher's asking its channel actor (its wait for a
+/// concurrency permit included) to the answer: a send that gets its permit too late to finish
+/// within its timeout by then is not started ([`SendOutcome::NotStarted`]). Every channel
+/// timeout (`channels.limits.timeout_ms`, each provider's `timeout_ms`) must stay below it, or
+/// no send would start.
 pub const CHANNEL_ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How much longer than [`CHANNEL_ANSWER_TIMEOUT`] the dispatcher waits for the answer: a send
+/// that started ends (its timeout included) before the deadline, so an answer missing even after
+/// this is one of a send that never got its concurrency permit, and never will (it finds its
+/// caller gone and is dropped unsent).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 /// The status of the attempt recorded for a channel not called because it refused the
 /// notification for good (`rejected`, `no_contact`) in an earlier round.
@@ -345,7 +353,14 @@ async fn work(
         &message.acker,
         ctx.progress_every,
         started,
-        walk_chain(&ctx.channels, &command, &contacts, round, skip),
+        walk_chain(
+            &ctx.channels,
+            &command,
+            &contacts,
+            round,
+            skip,
+            CHANNEL_ANSWER_TIMEOUT,
+        ),
     )
     .await;
     if let Some(customer_id) = &command.customer_id {
@@ -781,7 +796,8 @@ struct Walk {
     /// Some channel failed in a way that may pass later (a transient error or a throttle, an
     /// open circuit, a send queue too long to start).
     retryable: bool,
-    /// Some provider was called (or may have been: a channel actor that did not answer).
+    /// Some provider was called (or may have been: a channel actor that stopped before it
+    /// answered).
     called: bool,
     retry_after: Option<Duration>,
     last_error: Option<String>,
@@ -837,6 +853,7 @@ async fn walk_chain(
     contacts: &Contacts,
     round: Round,
     skip: Skip<'_>,
+    answer_within: Duration,
 ) -> Walk {
     let mut walk = Walk {
         attempts: Vec::new(),
@@ -898,7 +915,7 @@ async fn walk_chain(
             walk.last_error = Some(error);
             continue;
         }
-        let report = ask_channel(&actor, command, contacts).await;
+        let report = ask_channel(&actor, command, contacts, answer_within).await;
         walk.called |= !matches!(
             report.outcome,
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
@@ -987,6 +1004,7 @@ async fn ask_channel(
     actor: &ActorRef<ChannelMsg>,
     command: &SendCommand,
     contacts: &Contacts,
+    answer_within: Duration,
 ) -> SendReport {
     let outbound = OutboundMessage {
         notification_id: command.notification_id,
@@ -994,23 +1012,35 @@ async fn ask_channel(
         content: command.content.clone(),
         category: command.category.as_str(),
     };
-    let unanswered = |why: &str| SendReport {
-        provider: "-".into(),
-        outcome: SendOutcome::Failed(ProviderError::transient(why.to_string())),
-        latency: Duration::ZERO,
-    };
-    let answer_by = std::time::Instant::now() + CHANNEL_ANSWER_TIMEOUT;
+    let answer_by = std::time::Instant::now() + answer_within;
     let send = |reply| ChannelMsg::Send {
         message: Box::new(outbound),
         answer_by,
         reply,
     };
-    match actor.call(send, Some(CHANNEL_ANSWER_TIMEOUT)).await {
+    match actor.call(send, Some(answer_within + ANSWER_GRACE)).await {
         Ok(CallResult::Success(report)) => report,
-        Ok(CallResult::Timeout) => unanswered("channel actor did not answer in time"),
-        Ok(CallResult::SenderError) | Err(_) => {
-            unanswered("channel actor stopped before answering")
-        }
+        // The actor is alive (a stopped one refuses or drops the request: the arms below) and
+        // answers a started send by `answer_by`: this send is still queued for a concurrency
+        // permit, and once it has one it finds this caller gone and is dropped. Nothing was sent,
+        // and the queue it waited in was at least this long.
+        Ok(CallResult::Timeout) => SendReport {
+            provider: "-".into(),
+            outcome: SendOutcome::NotStarted {
+                retry_in: answer_within,
+            },
+            latency: Duration::ZERO,
+        },
+        // The actor stopped (or failed, to be restarted by its supervisor), or the request was
+        // dropped unanswered: a fault, not a queue, counted as a failed call so that it uses up
+        // retries like one.
+        Ok(CallResult::SenderError) | Err(_) => SendReport {
+            provider: "-".into(),
+            outcome: SendOutcome::Failed(ProviderError::transient(
+                "channel actor stopped before answering",
+            )),
+            latency: Duration::ZERO,
+        },
     }
 }
 
@@ -1222,8 +1252,8 @@ mod tests {
     use herald_nats::Channel;
 
     use super::{
-        Delivery, NewerVersionHold, Round, Settle, Unreadable, Walk, due_after, finish, last_round,
-        read_command,
+        Delivery, NewerVersionHold, Round, Settle, Skip, Unreadable, Walk, due_after, finish,
+        last_round, read_command, walk_chain,
     };
     use crate::retry::RetryPolicy;
 
@@ -1396,6 +1426,215 @@ mod tests {
                 Settle::Dead { .. }
             ),
             "from max_deliveries_while_open on, such a pass counts"
+        );
+    }
+
+    /// How long a test waits for an event; also how long a walk that must not give up waits
+    /// for a channel's answer.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    /// An email provider that reports each send as it starts and answers once the test opens
+    /// its gate.
+    struct Gated {
+        started: tokio::sync::mpsc::UnboundedSender<uuid::Uuid>,
+        gate: std::sync::Arc<tokio::sync::Semaphore>,
+    }
+
+    impl crate::channel::Provider for Gated {
+        fn channel(&self) -> Channel {
+            Channel::Email
+        }
+
+        fn name(&self) -> &str {
+            "gated"
+        }
+
+        fn send<'a>(
+            &'a self,
+            message: &'a crate::channel::OutboundMessage,
+        ) -> futures::future::BoxFuture<
+            'a,
+            Result<crate::channel::Receipt, crate::channel::ProviderError>,
+        > {
+            Box::pin(async move {
+                let _ = self.started.send(message.notification_id);
+                self.gate.acquire().await.expect("gate open").forget();
+                Ok(crate::channel::Receipt::new(None))
+            })
+        }
+    }
+
+    /// The arguments of a channel actor over a [`Gated`] provider with one concurrency permit;
+    /// the ids of the sends that reach it, and the gate that lets them through.
+    fn gated() -> (
+        crate::channel::ChannelArgs,
+        tokio::sync::mpsc::UnboundedReceiver<uuid::Uuid>,
+        std::sync::Arc<tokio::sync::Semaphore>,
+    ) {
+        let (started, starts) = tokio::sync::mpsc::unbounded_channel();
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let provider = Gated {
+            started,
+            gate: gate.clone(),
+        };
+        let settings = crate::channel::ChannelSettings {
+            concurrency: 1,
+            ..Default::default()
+        };
+        let args = crate::channel::ChannelArgs::new(std::sync::Arc::new(provider), settings, None);
+        (args, starts, gate)
+    }
+
+    /// A command for `ada@example.com` over email alone.
+    fn email_command() -> herald_nats::SendCommand {
+        herald_nats::SendCommand {
+            v: herald_nats::SCHEMA_VERSION,
+            notification_id: uuid::Uuid::now_v7(),
+            customer_id: None,
+            contacts: herald_nats::Contacts {
+                email: Some("ada@example.com".into()),
+                ..Default::default()
+            },
+            category: herald_nats::Category::Transactional,
+            channels: vec![Channel::Email],
+            content: herald_nats::Content {
+                subject: Some("Order shipped".into()),
+                text: "Your order #1001 is on its way.".into(),
+                ..Default::default()
+            },
+            created_at: Utc::now(),
+        }
+    }
+
+    /// The first round's walk of `command`'s chain, each channel's answer awaited `answer_within`.
+    async fn walk_first_round(
+        channels: &crate::channel::ChannelDirectory,
+        command: &herald_nats::SendCommand,
+        answer_within: Duration,
+    ) -> Walk {
+        let refused = std::collections::HashSet::new();
+        let skip = Skip {
+            opted_out: &[],
+            refused: &refused,
+        };
+        let round = Round::after(0, 0, command.channels.len());
+        walk_chain(
+            channels,
+            command,
+            &command.contacts,
+            round,
+            skip,
+            answer_within,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_send_still_queued_when_the_dispatcher_stops_waiting_is_not_started_and_uses_no_retry()
+     {
+        use ractor::Actor;
+
+        let (args, mut starts, gate) = gated();
+        let directory = crate::channel::ChannelDirectory::default();
+        let (supervisor, _) = Actor::spawn(
+            None,
+            crate::channel::ChannelSupervisor,
+            crate::channel::ChannelSupervisorArgs {
+                channels: vec![args],
+                directory: directory.clone(),
+            },
+        )
+        .await
+        .expect("channel supervisor starts");
+
+        // A first notification takes the channel's only permit and holds it at the provider.
+        let first = email_command();
+        let first_walk = tokio::spawn({
+            let (directory, first) = (directory.clone(), first.clone());
+            async move { walk_first_round(&directory, &first, WAIT).await }
+        });
+        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
+        assert_eq!(
+            sending.expect("the first send starts"),
+            Some(first.notification_id)
+        );
+
+        // A second one queues for the permit until the dispatcher stops waiting for its answer.
+        let second = email_command();
+        let walk = walk_first_round(&directory, &second, Duration::from_millis(200)).await;
+        let statuses: Vec<&str> = walk.attempts.iter().map(|a| a.status.as_str()).collect();
+        assert_eq!(statuses, ["not_started"], "{:?}", walk.attempts);
+        assert!(
+            !walk.called,
+            "a send that never got its permit called no provider"
+        );
+        assert!(walk.retryable);
+        assert!(
+            walk.retry_after >= Some(Duration::from_millis(200)),
+            "not retried sooner than the queue it waited in: {:?}",
+            walk.retry_after
+        );
+        // Such a pass uses up no retry, even when it is the last round the policy allows.
+        let retry = RetryPolicy {
+            max_deliveries: 1,
+            ..RetryPolicy::default()
+        };
+        let round = Round::after(0, 0, 1);
+        assert_eq!(
+            recorded(&finish(
+                &retry,
+                second.notification_id,
+                walk,
+                copy(1),
+                round
+            )),
+            (NotificationStatus::Processing, None, true),
+            "waits for the queue, nothing recorded, not dead"
+        );
+
+        // Nothing of the second send went out: once the first is through, the permit passes
+        // the abandoned send by and goes to a third.
+        gate.add_permits(2);
+        let first_walk = tokio::time::timeout(WAIT, first_walk)
+            .await
+            .expect("the first walk ends")
+            .expect("walk task");
+        assert_eq!(first_walk.sent_on, Some(Channel::Email));
+        let third = email_command();
+        let third_walk = walk_first_round(&directory, &third, WAIT).await;
+        assert_eq!(third_walk.sent_on, Some(Channel::Email));
+        let sends: Vec<uuid::Uuid> = std::iter::from_fn(|| starts.try_recv().ok()).collect();
+        assert_eq!(
+            sends,
+            [third.notification_id],
+            "only the third send reached the provider after the first"
+        );
+        supervisor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_channel_actor_that_stopped_is_a_failed_attempt_that_counts() {
+        use ractor::Actor;
+
+        let (args, _starts, _gate) = gated();
+        let (actor, handle) = Actor::spawn(None, crate::channel::ChannelActor, args)
+            .await
+            .expect("channel actor starts");
+        actor.stop(None);
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .expect("the channel actor stops")
+            .expect("actor task");
+        let directory = crate::channel::ChannelDirectory::default();
+        directory.set(Channel::Email, actor);
+
+        let walk = walk_first_round(&directory, &email_command(), WAIT).await;
+        let statuses: Vec<&str> = walk.attempts.iter().map(|a| a.status.as_str()).collect();
+        assert_eq!(statuses, ["failed"], "{:?}", walk.attempts);
+        assert!(walk.retryable && walk.called, "counted as a round");
+        assert_eq!(
+            walk.last_error.as_deref(),
+            Some("transient: channel actor stopped before answering")
         );
     }
 

@@ -59,7 +59,9 @@ impl ChannelDirectory {
             .collect()
     }
 
-    fn set(&self, channel: Channel, actor: ActorRef<ChannelMsg>) {
+    /// Publishes `actor` as the one serving `channel` (the supervisor's, and tests' standing in
+    /// for it).
+    pub(crate) fn set(&self, channel: Channel, actor: ActorRef<ChannelMsg>) {
         self.inner
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
