@@ -1094,7 +1094,9 @@ fn finish(retry: &RetryPolicy, id: uuid::Uuid, walk: Walk, copy: Delivery, round
 }
 
 /// A pass that called no provider (every circuit open, or every send queue too long): retried
-/// without counting as a round, after the circuits' cool-down at least, and without attempts
+/// without counting as a round, after the circuits' cool-down at least (with jitter past it, see
+/// [`RetryPolicy::delay`], so that the notifications waiting for one circuit do not all come back
+/// at the instant it lets one probe through), and without attempts
 /// recorded (nothing was tried), so that a provider outage does not use up the retries. The
 /// retry policy's `max_deliveries_while_open` bounds how long this goes on.
 fn wait_for_circuits(
@@ -1635,6 +1637,45 @@ mod tests {
         assert_eq!(
             walk.last_error.as_deref(),
             Some("transient: channel actor stopped before answering")
+        );
+    }
+
+    #[test]
+    fn notifications_waiting_on_the_same_open_circuit_come_back_spread_out() {
+        let retry = RetryPolicy::default();
+        let cool_down_left = Duration::from_secs(15);
+        let delays: Vec<Duration> = (0..50)
+            .map(|_| {
+                let mut waiting = walk(0, true, false);
+                waiting.retry_after = Some(cool_down_left);
+                match finish(
+                    &retry,
+                    uuid::Uuid::nil(),
+                    waiting,
+                    copy(1),
+                    Round::after(0, 0, 1),
+                ) {
+                    Settle::Record {
+                        nak: Some(delay),
+                        attempts,
+                        ..
+                    } if attempts.is_empty() => delay,
+                    _ => panic!("expected a wait that records no attempt"),
+                }
+            })
+            .collect();
+        // The first round's schedule ceiling is base_delay_ms, 2 s.
+        let latest = cool_down_left + Duration::from_secs(2);
+        assert!(
+            delays.iter().all(|d| *d >= cool_down_left && *d <= latest),
+            "not within [{cool_down_left:?}, {latest:?}]: {delays:?}"
+        );
+        let mut distinct = delays.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert!(
+            distinct.len() > 1,
+            "50 notifications come back at the same instant: {delays:?}"
         );
     }
 

@@ -1,6 +1,6 @@
-//! The retry schedule: exponential backoff with full jitter, honouring a provider's Retry-After;
-//! and the wait, on that schedule, for something only time may bring (a customer not registered
-//! yet), measured from the message's publication.
+//! The retry schedule: exponential backoff with jitter, honouring a provider's Retry-After (or an
+//! open circuit's cool-down) with jitter past it; and the wait, on that schedule, for something
+//! only time may bring (a customer not registered yet), measured from the message's publication.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
@@ -58,16 +58,31 @@ impl RetryPolicy {
     ///
     /// The exponential ceiling is `base · 2^(delivered-1)` capped at `max_delay`; the delay is drawn
     /// from the upper half of it (`jitter` in `[0, 1)` picks where), so retries of many
-    /// notifications spread out without ever coming back sooner than half the schedule. A
-    /// provider's `retry_after` is a floor up to `max_delay`: a receiver asking for a day would
-    /// otherwise hold the command in JetStream for a day, a place of its consumer's
-    /// `max_ack_pending` taken all along.
+    /// notifications spread out without ever coming back sooner than half the schedule.
+    ///
+    /// `retry_after` (a provider's Retry-After, an open circuit's cool-down left) is a floor up to
+    /// `max_delay`: a receiver asking for a day would otherwise hold the command in JetStream for
+    /// a day, a place of its consumer's `max_ack_pending` taken all along. The delay is drawn past
+    /// the floor too, from `[floor, floor + spread]` with `spread` the smallest of the floor, the
+    /// ceiling and the room left under `max_delay` (`jitter` picks where, as for the backoff), if
+    /// that ends later than the backoff drawn: the notifications that waited for the same circuit
+    /// or the same provider's time then come back spread out rather than all at its end (a
+    /// floor at `max_delay` leaves no room).
     pub fn delay(&self, delivered: u64, retry_after: Option<Duration>, jitter: f64) -> Duration {
         let ceiling = self.ceiling_ms(delivered);
-        let jitter = jitter.clamp(0.0, 1.0);
-        let backoff = Duration::from_millis(ceiling / 2 + ((ceiling / 2) as f64 * jitter) as u64);
+        // `as` casts saturate, and a NaN jitter counts as 0.
+        let share = |ms: u64| (ms as f64 * jitter.clamp(0.0, 1.0)) as u64;
+        let backoff = Duration::from_millis(ceiling / 2 + share(ceiling / 2));
+        let Some(floor) = retry_after else {
+            return backoff;
+        };
         let most = Duration::from_millis(self.max_delay_ms);
-        retry_after.map_or(backoff, |floor| backoff.max(floor.min(most)))
+        let floor = floor.min(most);
+        let spread = floor
+            .min(Duration::from_millis(ceiling))
+            .min(most.saturating_sub(floor));
+        let past_floor = Duration::from_millis(share(spread.as_millis() as u64));
+        backoff.max(floor + past_floor)
     }
 
     /// The exponential ceiling of the delay after delivery number `delivered`, in milliseconds.
@@ -205,6 +220,70 @@ mod tests {
         assert_eq!(
             p.delay(3, Some(Duration::from_millis(10)), 1.0),
             Duration::from_millis(4_000)
+        );
+    }
+
+    #[test]
+    fn waits_on_the_same_floor_are_spread_past_it_not_ended_together() {
+        let p = policy();
+        let floor = Duration::from_secs(4);
+        // After delivery 1 the schedule's ceiling is 1 s: the floor, then up to 1 s more.
+        let draws: Vec<Duration> = (0..=1_000)
+            .map(|i| p.delay(1, Some(floor), f64::from(i) / 1_000.0))
+            .collect();
+        let spread = Duration::from_secs(1);
+        for (i, delay) in draws.iter().enumerate() {
+            assert!(
+                *delay >= floor && *delay <= floor + spread,
+                "draw {i}: {delay:?} outside [{floor:?}, {:?}]",
+                floor + spread
+            );
+        }
+        assert_eq!(
+            draws[0], floor,
+            "the floor is honoured exactly at its least"
+        );
+        assert_eq!(draws[1_000], floor + spread);
+        let mut distinct = draws.clone();
+        distinct.dedup();
+        assert!(
+            distinct.len() > 900,
+            "{} distinct delays of 1001 draws",
+            distinct.len()
+        );
+
+        // The spread grows with the schedule, up to the floor itself.
+        assert_eq!(p.delay(3, Some(floor), 1.0), Duration::from_secs(8));
+        assert_eq!(
+            p.delay(3, Some(Duration::from_secs(3)), 0.25),
+            Duration::from_millis(3_750),
+            "a 3 s floor spread over 3 s, above the 2.5 s backoff drawn"
+        );
+        assert_eq!(
+            p.delay(5, Some(floor), 0.5),
+            Duration::from_millis(7_500),
+            "a backoff drawn above the spread floor is the delay"
+        );
+        // Never past max_delay: the spread shrinks to the room left under it.
+        assert_eq!(
+            p.delay(4, Some(Duration::from_secs(9)), 1.0),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            p.delay(4, Some(Duration::from_secs(9)), 0.5),
+            Duration::from_millis(9_500)
+        );
+        for jitter in [0.0, 0.5, 1.0] {
+            assert_eq!(
+                p.delay(1, Some(Duration::from_secs(86_400)), jitter),
+                Duration::from_secs(10),
+                "a floor at max_delay leaves no room"
+            );
+        }
+        assert_eq!(
+            p.delay(1, Some(floor), f64::NAN),
+            floor,
+            "a jitter that is no number counts as none"
         );
     }
 
