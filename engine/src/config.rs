@@ -1103,8 +1103,12 @@ impl Config {
                 "templates.fuel and templates.max_output_bytes must be positive".into(),
             );
         }
-        if self.templates.default_locale.trim().is_empty() {
-            return invalid("templates.default_locale must be a language tag such as en".into());
+        // The API stores it for customers created without a locale, checked as theirs are.
+        if herald_api::validate::locale("locale", &self.templates.default_locale).is_err() {
+            return invalid(format!(
+                "templates.default_locale = {:?} must be a language tag such as en or de-DE",
+                self.templates.default_locale
+            ));
         }
         self.check_log_level()?;
         self.rate_limits()?;
@@ -1478,6 +1482,14 @@ mod tests {
             jail.set_env("HERALD_TEMPLATES__FUEL", "0");
             let err = Config::load(None).unwrap_err().to_string();
             assert!(err.contains("templates.fuel"), "{err}");
+            jail.set_env("HERALD_TEMPLATES__FUEL", "1000");
+            // Customers created without a locale get this one, checked as a customer's is: a
+            // tag the API refuses would make every such request a 400 about a field not sent.
+            for tag in ["de_DE", "", "english"] {
+                jail.set_env("HERALD_TEMPLATES__DEFAULT_LOCALE", tag);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains("templates.default_locale"), "{tag:?}: {err}");
+            }
             Ok(())
         });
     }
