@@ -13,7 +13,7 @@ use herald_engine::Config;
 use herald_entities::{NotificationStatus, customer, notification};
 use herald_tests::{
     DatabaseKind, E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
-    test_config,
+    eventually_showing, test_config,
 };
 use reqwest::StatusCode;
 use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
@@ -371,11 +371,12 @@ async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
 async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
     let w = world(|_| {}).await;
     add_customers(&w.herald, vec![customer_row("mia", "en", None)]).await;
-    // A window that started an hour ago and ends in 3 s on Kolkata's clock (UTC+5:30, no
-    // daylight saving time), while the customer still lives in UTC.
+    // A window that started an hour ago and ends in 10 s on Kolkata's clock (UTC+5:30, no
+    // daylight saving time), while the customer still lives in UTC. Long enough for the deferral
+    // to be seen before the window ends, even on a slow, busy machine.
     let zone = chrono::FixedOffset::east_opt(5 * 3_600 + 1_800).expect("UTC+5:30");
     let now = Utc::now();
-    let end = now + ChronoDuration::seconds(3);
+    let end = now + ChronoDuration::seconds(10);
     let local = |at: chrono::DateTime<Utc>| at.with_timezone(&zone).format("%H:%M:%S").to_string();
     let (status, body) = put_preferences(
         &w.herald,
@@ -405,6 +406,22 @@ async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
         .herald
         .send_accepted(&to_customer("mia", "transactional", &["email"]))
         .await;
+    // Held until the end of the night in Kolkata, to the second (the window's end has no
+    // fractions): a send that ignored the new zone would never record a deferral, whatever the
+    // time it took.
+    let until = format!(
+        "deferred: quiet hours until {}",
+        end.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    eventually_showing("the deferral to be recorded", E2E_TIMEOUT, || async {
+        let json = notification_json(&w.herald, &held).await;
+        if json["status_reason"] == until.as_str() {
+            Ok(())
+        } else {
+            Err(format!("expected {until:?}, got {json}"))
+        }
+    })
+    .await;
     let sent = w.herald.wait_status(&held, "sent").await;
     let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
         .expect("time");
