@@ -14,8 +14,8 @@ use std::time::Duration;
 use fantoccini::{Client, ClientBuilder, Locator};
 use herald_engine::Config;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, eventually_showing,
-    free_port, test_config,
+    DatabaseKind, E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
+    eventually_showing, free_port, test_config,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -996,6 +996,96 @@ async fn notifications_are_counted_per_minute_and_status() {
             (59, NotificationStatus::Queued, 1),
         ],
         "the window is [start, start + 60 min), one bucket per minute"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Stores `content` and `contacts` (JSON texts) into notification `id` as they are, past the
+/// application's encoder.
+async fn store_raw_json(
+    db: &TestDatabase,
+    herald: &TestHerald,
+    id: &str,
+    content: &str,
+    contacts: &str,
+) {
+    use sea_orm::{ConnectionTrait, Statement};
+    let id = uuid::Uuid::parse_str(id).expect("notification id");
+    let sql = match db.kind() {
+        DatabaseKind::Sqlite => "UPDATE notifications SET content = ?, contacts = ? WHERE id = ?",
+        DatabaseKind::Postgres => {
+            "UPDATE notifications SET content = CAST($1 AS json), contacts = CAST($2 AS json) \
+             WHERE id = $3"
+        }
+    };
+    let db = herald.db();
+    let done = db
+        .execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            [content.into(), contacts.into(), id.into()],
+        ))
+        .await
+        .expect("row updated");
+    assert_eq!(done.rows_affected(), 1, "notification {id} updated");
+}
+
+/// The feed and the scheduled list read only the columns they show: `content` (text and HTML,
+/// up to 256 KiB each) and `contacts` stay in the database, the subject read out of `content`
+/// there. Structurally: rows whose `content` and `contacts` the application cannot decode
+/// (a number JSON allows but no `f64` holds) are still listed, with their subject; a page
+/// loading whole rows answers 500.
+#[tokio::test]
+async fn the_feed_and_the_scheduled_list_read_only_the_columns_they_show() {
+    use herald_entities::notification;
+    use sea_orm::EntityTrait;
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let (_, cookie, _) = login(&base, w.herald.admin_key()).await;
+    let cookie = cookie.expect("a session cookie");
+    let cookie = cookie.split(';').next().expect("name=value").to_string();
+
+    let sent = w
+        .herald
+        .send_accepted(&email("probe@example.com", "Probe subject"))
+        .await;
+    w.herald.wait_status(&sent, "sent").await;
+    let mut later = email("later@example.com", "Later subject");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled = w.herald.send_accepted(&later).await;
+    w.herald.wait_status(&scheduled, "scheduled").await;
+    for (id, subject, to) in [
+        (&sent, "Probe subject", "probe@example.com"),
+        (&scheduled, "Later subject", "later@example.com"),
+    ] {
+        let content = format!(r#"{{"subject":"{subject}","text":"Hello","size":1e999}}"#);
+        let contacts = format!(r#"{{"email":"{to}","size":1e999}}"#);
+        store_raw_json(&w.db, &w.herald, id, &content, &contacts).await;
+        let id = uuid::Uuid::parse_str(id).expect("id");
+        let whole = notification::Entity::find_by_id(id)
+            .one(w.herald.db())
+            .await;
+        assert!(
+            whole.is_err(),
+            "the probe must be a row the application cannot load whole: {whole:?}"
+        );
+    }
+
+    let feed = get_page(&base, "/?refresh=off", Some(&cookie)).await;
+    assert_eq!(feed.status(), StatusCode::OK, "the feed loaded whole rows");
+    let feed = feed.text().await.expect("feed");
+    assert!(feed.contains(&sent), "the sent one is listed: {feed}");
+    assert!(feed.contains("Probe subject"), "with its subject: {feed}");
+    let list = get_page(&base, "/scheduled", Some(&cookie)).await;
+    assert_eq!(list.status(), StatusCode::OK, "the list loaded whole rows");
+    let list = list.text().await.expect("scheduled");
+    assert!(
+        list.contains(&scheduled),
+        "the scheduled one is listed: {list}"
+    );
+    assert!(
+        list.contains("later@example.com"),
+        "with its recipient: {list}"
     );
     w.herald.shutdown().await.expect("shutdown");
 }

@@ -135,13 +135,21 @@ pub(crate) async fn page(
 
 /// The template stored content names (`order_placed, locale de`), if it names one: a send with
 /// a template is stored so and rendered at each delivery, its variables in the payload.
-pub(crate) fn template_of(content: &Value) -> Option<String> {
+fn template_of(content: &Value) -> Option<String> {
     let template = content.get("template")?;
     let code = template.get("code")?.as_str()?;
-    Some(match template.get("locale").and_then(Value::as_str) {
+    Some(template_label(
+        code,
+        template.get("locale").and_then(Value::as_str),
+    ))
+}
+
+/// `template order_placed, locale de` (or without the locale when none is named).
+pub(crate) fn template_label(code: &str, locale: Option<&str>) -> String {
+    match locale {
         Some(locale) => format!("template {code}, locale {locale}"),
         None => format!("template {code}"),
-    })
+    }
 }
 
 /// The failover story in one line: each attempt's channel with ✓ or ✗, in order.

@@ -4,10 +4,10 @@
 
 use chrono::{Duration, Utc};
 use herald_entities::{
-    NotificationStatus, notification,
+    NotificationStatus,
     repo::{
         activity,
-        history::{self, HistoryFilter},
+        history::{self, FeedLine, HistoryFilter},
     },
 };
 use herald_nats::{Category, Channel};
@@ -87,7 +87,7 @@ pub(crate) async fn page(
 ) -> poem::Result<Response> {
     let filter = filter(&query).map_err(page_error)?;
     let db = &dashboard.state.db;
-    let rows = history::list(db, &filter, None, FEED_SIZE)
+    let rows = history::feed(db, &filter, FEED_SIZE)
         .await
         .map_err(|e| page_error(e.into()))?;
     let window = Window::ending(Utc::now(), PLOT_MINUTES);
@@ -195,15 +195,14 @@ fn urlencode(value: &str) -> String {
         .collect()
 }
 
-fn row(n: notification::Model) -> FeedRow {
+fn row(n: FeedLine) -> FeedRow {
     let subject = n
-        .content
-        .get("subject")
-        .and_then(|s| s.as_str())
-        .or_else(|| n.content.get("text").and_then(|s| s.as_str()))
+        .subject
         .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .or_else(|| super::detail::template_of(&n.content))
+        .or_else(|| {
+            n.template_code
+                .map(|code| super::detail::template_label(&code, n.template_locale.as_deref()))
+        })
         .unwrap_or_default();
     FeedRow {
         id: n.id.to_string(),
@@ -215,7 +214,7 @@ fn row(n: notification::Model) -> FeedRow {
                 .join(" → ")
         }),
         category: n.category,
-        customer: n.customer_id.unwrap_or_else(|| n.recipient_key.clone()),
+        customer: n.customer_id.unwrap_or(n.recipient_key),
         subject: subject.chars().take(80).collect(),
         reason: n
             .status_reason

@@ -7,9 +7,11 @@
 
 use chrono::{DateTime, Duration, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Select,
     sea_query::{Alias, CaseStatement, Expr, ExprTrait},
 };
+use uuid::Uuid;
 
 use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
 
@@ -101,19 +103,53 @@ pub async fn latencies(
         .collect())
 }
 
+/// A notification waiting for its time, as the dashboard lists it: the short columns only
+/// (`content` and `contacts`, up to megabytes a row, stay in the database).
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct ScheduledLine {
+    /// The notification's id.
+    pub id: Uuid,
+    /// When it is due.
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Category name.
+    pub category: String,
+    /// The customer's external id, when addressed to a known customer.
+    pub customer_id: Option<String>,
+    /// The key commands are partitioned by (customer id, or the first inline contact).
+    pub recipient_key: String,
+    /// Channel chain (JSON array of channel names).
+    pub channels: serde_json::Value,
+}
+
 /// Up to `limit` notifications waiting for their time, soonest due first.
 pub async fn scheduled(
     db: &impl ConnectionTrait,
     limit: u64,
-) -> Result<Vec<notification::Model>, RepoError> {
+) -> Result<Vec<ScheduledLine>, RepoError> {
+    Ok(scheduled_query(limit)
+        .into_model::<ScheduledLine>()
+        .all(db)
+        .await?)
+}
+
+/// The query behind [`scheduled`]: the columns of a [`ScheduledLine`], found in
+/// `idx_notifications_scheduled_due`.
+pub fn scheduled_query(limit: u64) -> Select<notification::Entity> {
     use notification::Column;
-    Ok(notification::Entity::find()
+    notification::Entity::find()
         .filter(super::status_is(NotificationStatus::Scheduled))
         .order_by_asc(Column::ScheduledAt)
         .order_by_asc(Column::Id)
         .limit(limit)
-        .all(db)
-        .await?)
+        .select_only()
+        .columns([
+            Column::Id,
+            Column::ScheduledAt,
+            Column::Category,
+            Column::CustomerId,
+            Column::RecipientKey,
+            Column::Channels,
+        ])
 }
 
 /// Delivery attempts of one provider with one outcome.

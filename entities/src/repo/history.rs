@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, Select,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -74,6 +75,89 @@ pub fn page(
         query = query.filter(notification::Column::Id.lt(after));
     }
     query.order_by_desc(notification::Column::Id).limit(limit)
+}
+
+/// How many characters of a notification's subject (or text) the feed shows.
+pub const FEED_SUBJECT_CHARS: u32 = 80;
+
+/// One notification as the dashboard's feed lists it: the short columns only, and the start of
+/// its subject read out of `content` by the database. `content` (text and HTML, each up to
+/// 256 KiB) and `contacts` never leave the database for the feed.
+#[derive(Debug, Clone, PartialEq, FromQueryResult)]
+pub struct FeedLine {
+    /// The notification's id.
+    pub id: Uuid,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// Current status.
+    pub status: NotificationStatus,
+    /// The channel that carried it.
+    pub final_channel: Option<String>,
+    /// Channel chain (JSON array of channel names).
+    pub channels: serde_json::Value,
+    /// Category name.
+    pub category: String,
+    /// The customer's external id, when addressed to a known customer.
+    pub customer_id: Option<String>,
+    /// The key commands are partitioned by (customer id, or the first inline contact).
+    pub recipient_key: String,
+    /// Why it is in its status.
+    pub status_reason: Option<String>,
+    /// The first [`FEED_SUBJECT_CHARS`] characters of the subject, else of the text; `None`
+    /// when neither is given (a templated send).
+    pub subject: Option<String>,
+    /// The code of the template named instead of content.
+    pub template_code: Option<String>,
+    /// The template's locale, when named.
+    pub template_locale: Option<String>,
+}
+
+/// Up to `limit` notifications matching `filter`, newest first, as the dashboard's feed lists
+/// them.
+pub async fn feed(
+    db: &impl ConnectionTrait,
+    filter: &HistoryFilter,
+    limit: u64,
+) -> Result<Vec<FeedLine>, RepoError> {
+    Ok(feed_page(filter, limit)
+        .into_model::<FeedLine>()
+        .all(db)
+        .await?)
+}
+
+/// The query behind [`feed`]: [`page`]'s, reading only the columns of a [`FeedLine`].
+///
+/// The subject comes from `content ->> 'subject'` (else `'text'`), cut to
+/// [`FEED_SUBJECT_CHARS`] characters by `substr`: SQLite (3.38 and later) and PostgreSQL both
+/// read JSON with `->`/`->>` and count `substr` in characters.
+pub fn feed_page(filter: &HistoryFilter, limit: u64) -> Select<notification::Entity> {
+    use notification::Column;
+    let query = page(filter, None, limit);
+    let subject = format!(
+        "substr(coalesce(content ->> 'subject', content ->> 'text'), 1, {FEED_SUBJECT_CHARS})"
+    );
+    query
+        .select_only()
+        .columns([
+            Column::Id,
+            Column::CreatedAt,
+            Column::Status,
+            Column::FinalChannel,
+            Column::Channels,
+            Column::Category,
+            Column::CustomerId,
+            Column::RecipientKey,
+            Column::StatusReason,
+        ])
+        .column_as(Expr::cust(subject), "subject")
+        .column_as(
+            Expr::cust("(content -> 'template') ->> 'code'"),
+            "template_code",
+        )
+        .column_as(
+            Expr::cust("(content -> 'template') ->> 'locale'"),
+            "template_locale",
+        )
 }
 
 /// Counts of notifications created in a time range.
