@@ -1089,3 +1089,66 @@ async fn the_feed_and_the_scheduled_list_read_only_the_columns_they_show() {
     );
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// The feed's customer filter matches what its customer column shows: the customer id, else
+/// the notification's first inline contact.
+#[tokio::test]
+async fn the_feed_filters_on_the_customer_column_as_shown() {
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let (_, cookie, _) = login(&base, w.herald.admin_key()).await;
+    let cookie = cookie.expect("a session cookie");
+    let cookie = cookie.split(';').next().expect("name=value").to_string();
+    let (status, created) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({ "id": "mia", "email": "mia@example.com" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+
+    let inline = w
+        .herald
+        .send_accepted(&email("inline@example.com", "Inline"))
+        .await;
+    let other = w
+        .herald
+        .send_accepted(&email("other@example.com", "Other"))
+        .await;
+    let mut to_mia = email("ignored@example.com", "To Mia");
+    to_mia["recipient"] = json!({ "customer_id": "mia" });
+    let customer = w.herald.send_accepted(&to_mia).await;
+    for id in [&inline, &other, &customer] {
+        w.herald.wait_status(id, "sent").await;
+    }
+
+    let page = |filter: &'static str| {
+        let (base, cookie) = (base.clone(), cookie.clone());
+        async move {
+            let path = format!("/?refresh=off&customer={filter}");
+            let response = get_page(&base, &path, Some(&cookie)).await;
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            response.text().await.expect("feed")
+        }
+    };
+    let by_contact = page("inline%40example.com").await;
+    assert!(
+        by_contact.contains(&inline),
+        "a notification shown as inline@example.com is found by it: {by_contact}"
+    );
+    assert!(
+        !by_contact.contains(&other) && !by_contact.contains(&customer),
+        "only it: {by_contact}"
+    );
+    let by_customer = page("mia").await;
+    assert!(
+        by_customer.contains(&customer),
+        "a customer's notification is found by the customer id: {by_customer}"
+    );
+    assert!(
+        !by_customer.contains(&inline) && !by_customer.contains(&other),
+        "only it: {by_customer}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}

@@ -85,9 +85,9 @@ pub(crate) async fn page(
     Data(dashboard): Data<&Dashboard>,
     Query(query): Query<FeedQuery>,
 ) -> poem::Result<Response> {
-    let filter = filter(&query).map_err(page_error)?;
+    let (filter, customer) = filter(&query).map_err(page_error)?;
     let db = &dashboard.state.db;
-    let rows = history::feed(db, &filter, FEED_SIZE)
+    let rows = history::feed(db, &filter, customer.as_deref(), FEED_SIZE)
         .await
         .map_err(|e| page_error(e.into()))?;
     let window = Window::ending(Utc::now(), PLOT_MINUTES);
@@ -117,8 +117,10 @@ pub(crate) async fn page(
     })
 }
 
-/// The history filter the query asks for; 400 naming a value that is not one.
-fn filter(query: &FeedQuery) -> Result<HistoryFilter, ApiError> {
+/// The history filter the query asks for, and the customer column's value asked for (a
+/// customer id or an inline contact, as the feed shows them); 400 naming a value that is not
+/// one.
+fn filter(query: &FeedQuery) -> Result<(HistoryFilter, Option<String>), ApiError> {
     let status = match given(&query.status) {
         Some(name) => Some(
             NotificationStatus::iter()
@@ -145,17 +147,17 @@ fn filter(query: &FeedQuery) -> Result<HistoryFilter, ApiError> {
         ),
         None => None,
     };
-    let customer_id = given(&query.customer).map(str::to_string);
-    if let Some(customer) = &customer_id {
+    let customer = given(&query.customer).map(str::to_string);
+    if let Some(customer) = &customer {
         plain_text("customer", customer)?;
     }
-    Ok(HistoryFilter {
-        customer_id,
+    let filter = HistoryFilter {
         status,
         channel,
         category,
         ..HistoryFilter::default()
-    })
+    };
+    Ok((filter, customer))
 }
 
 /// The trimmed value, `None` when empty.
@@ -196,6 +198,7 @@ fn urlencode(value: &str) -> String {
 }
 
 fn row(n: FeedLine) -> FeedRow {
+    let customer = n.shown_as().to_string();
     let subject = n
         .subject
         .filter(|s| !s.is_empty())
@@ -214,7 +217,7 @@ fn row(n: FeedLine) -> FeedRow {
                 .join(" → ")
         }),
         category: n.category,
-        customer: n.customer_id.unwrap_or(n.recipient_key),
+        customer,
         subject: subject.chars().take(80).collect(),
         reason: n
             .status_reason
@@ -237,11 +240,15 @@ mod tests {
             customer: "cust-1".into(),
             ..FeedQuery::default()
         };
-        let filter = filter(&query).expect("valid");
+        let (filter, customer) = filter(&query).expect("valid");
         assert_eq!(filter.status, Some(NotificationStatus::Dead));
         assert_eq!(filter.channel.as_deref(), Some("telegram"));
         assert_eq!(filter.category, None);
-        assert_eq!(filter.customer_id.as_deref(), Some("cust-1"));
+        assert_eq!(
+            filter.customer_id, None,
+            "matched as shown, not as a customer id"
+        );
+        assert_eq!(customer.as_deref(), Some("cust-1"));
         let bad = FeedQuery {
             status: "lost".into(),
             ..FeedQuery::default()

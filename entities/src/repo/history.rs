@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     QuerySelect, Select,
     sea_query::{Expr, ExprTrait},
 };
@@ -112,14 +112,23 @@ pub struct FeedLine {
     pub template_locale: Option<String>,
 }
 
-/// Up to `limit` notifications matching `filter`, newest first, as the dashboard's feed lists
-/// them.
+impl FeedLine {
+    /// Who the feed shows it was for: the customer id, else the recipient key (its first inline
+    /// contact). The value [`feed_page`]'s `shown_as` matches.
+    pub fn shown_as(&self) -> &str {
+        self.customer_id.as_deref().unwrap_or(&self.recipient_key)
+    }
+}
+
+/// Up to `limit` notifications matching `filter` and, when given, shown as `shown_as` (see
+/// [`FeedLine::shown_as`]), newest first, as the dashboard's feed lists them.
 pub async fn feed(
     db: &impl ConnectionTrait,
     filter: &HistoryFilter,
+    shown_as: Option<&str>,
     limit: u64,
 ) -> Result<Vec<FeedLine>, RepoError> {
-    Ok(feed_page(filter, limit)
+    Ok(feed_page(filter, shown_as, limit)
         .into_model::<FeedLine>()
         .all(db)
         .await?)
@@ -129,10 +138,27 @@ pub async fn feed(
 ///
 /// The subject comes from `content ->> 'subject'` (else `'text'`), cut to
 /// [`FEED_SUBJECT_CHARS`] characters by `substr`: SQLite (3.38 and later) and PostgreSQL both
-/// read JSON with `->`/`->>` and count `substr` in characters.
-pub fn feed_page(filter: &HistoryFilter, limit: u64) -> Select<notification::Entity> {
+/// read JSON with `->`/`->>` and count `substr` in characters. A customer id or an inline contact
+/// in `shown_as` matches `customer_id = ? OR (customer_id IS NULL AND recipient_key = ?)`, what
+/// the feed's customer column shows; rows addressed by an inline contact have no index of that
+/// key for every status, so such a filter walks the notifications newest first until the page
+/// is full.
+pub fn feed_page(
+    filter: &HistoryFilter,
+    shown_as: Option<&str>,
+    limit: u64,
+) -> Select<notification::Entity> {
     use notification::Column;
-    let query = page(filter, None, limit);
+    let mut query = page(filter, None, limit);
+    if let Some(shown) = shown_as {
+        query = query.filter(
+            Condition::any().add(Column::CustomerId.eq(shown)).add(
+                Condition::all()
+                    .add(Column::CustomerId.is_null())
+                    .add(Column::RecipientKey.eq(shown)),
+            ),
+        );
+    }
     let subject = format!(
         "substr(coalesce(content ->> 'subject', content ->> 'text'), 1, {FEED_SUBJECT_CHARS})"
     );
