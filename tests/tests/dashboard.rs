@@ -1152,3 +1152,70 @@ async fn the_feed_filters_on_the_customer_column_as_shown() {
     );
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// Every minute of the last hour gets its latency points, however many sends later minutes
+/// had: 10,001 sends stored, one 50 minutes ago (7,777 ms from accept to sent) and 10,000 a
+/// minute ago; the latency table shows the first one's minute.
+#[tokio::test]
+async fn every_minute_of_the_hour_gets_its_latency() {
+    use herald_entities::{NotificationStatus, notification};
+    use sea_orm::{EntityTrait, IntoActiveModel, TransactionTrait};
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let (_, cookie, _) = login(&base, w.herald.admin_key()).await;
+    let cookie = cookie.expect("a session cookie");
+    let cookie = cookie.split(';').next().expect("name=value").to_string();
+
+    let now = chrono::Utc::now();
+    let row = |created_at: chrono::DateTime<chrono::Utc>, latency_ms: i64| notification::Model {
+        // Time-ordered ids, as Herald's: the early one is the smallest.
+        id: uuid::Uuid::now_v7(),
+        request_id: None,
+        request_fingerprint: None,
+        customer_id: None,
+        recipient_key: "load@example.com".into(),
+        contacts: json!({ "email": "load@example.com" }),
+        category: "transactional".into(),
+        channels: json!(["email"]),
+        content: json!({ "subject": "Load", "text": "Hello" }),
+        status: NotificationStatus::Sent,
+        status_reason: None,
+        scheduled_at: None,
+        final_channel: Some("email".into()),
+        attempts: 1,
+        error: None,
+        created_at,
+        updated_at: created_at,
+        sent_at: Some(created_at + chrono::Duration::milliseconds(latency_ms)),
+        batch_id: None,
+    };
+    let early = row(now - chrono::Duration::minutes(50), 7_777);
+    let busy = now - chrono::Duration::minutes(1);
+    let rows: Vec<_> = std::iter::once(early)
+        .chain((0..10_000).map(|_| row(busy, 120)))
+        .map(IntoActiveModel::into_active_model)
+        .collect();
+    let txn = w.herald.db().begin().await.expect("transaction");
+    for chunk in rows.chunks(1_000) {
+        notification::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(&txn)
+            .await
+            .expect("rows stored");
+    }
+    txn.commit().await.expect("stored");
+
+    let feed = get_page(&base, "/?refresh=off", Some(&cookie)).await;
+    assert_eq!(feed.status(), StatusCode::OK);
+    let feed = feed.text().await.expect("feed");
+    assert!(
+        feed.contains("<td>7777</td><td>7777</td>"),
+        "the minute 50 minutes ago has its p50 and p95: {}",
+        &feed[feed.find("The numbers per minute").unwrap_or(0)
+            ..feed.find("Latest notifications").unwrap_or(feed.len())]
+    );
+    assert!(
+        feed.contains("<td>120</td><td>120</td>"),
+        "and the busy minute its own"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}

@@ -2,7 +2,7 @@
 //! seconds (a `<meta http-equiv="refresh">`, so no JavaScript), under throughput and latency plots
 //! of the last hour.
 
-use chrono::{Duration, Utc};
+use chrono::Utc;
 use herald_entities::{
     NotificationStatus,
     repo::{
@@ -24,12 +24,14 @@ use super::{
     session::Session,
     when,
 };
-use crate::{ApiError, history::LATENCY_SAMPLE, validate::plain_text};
+use crate::{ApiError, validate::plain_text};
 
 /// Notifications listed.
 const FEED_SIZE: u64 = 100;
 /// Minutes plotted.
 const PLOT_MINUTES: u32 = 60;
+/// Sends per minute whose latencies make the minute's percentiles (the latest accepted in it).
+const LATENCY_PER_MINUTE: u64 = 200;
 
 /// The feed's query: filters (empty means any) and the auto-refresh switch.
 #[derive(Debug, Default, Deserialize)]
@@ -91,13 +93,13 @@ pub(crate) async fn page(
         .await
         .map_err(|e| page_error(e.into()))?;
     let window = Window::ending(Utc::now(), PLOT_MINUTES);
-    let end = window.start + Duration::minutes(i64::from(PLOT_MINUTES));
     let counts = activity::per_minute(db, window.start, PLOT_MINUTES)
         .await
         .map_err(|e| page_error(e.into()))?;
-    let latencies = activity::latencies(db, window.start, end, LATENCY_SAMPLE)
-        .await
-        .map_err(|e| page_error(e.into()))?;
+    let latencies =
+        activity::latencies_per_minute(db, window.start, PLOT_MINUTES, LATENCY_PER_MINUTE)
+            .await
+            .map_err(|e| page_error(e.into()))?;
     let per_minute = plots::grouped(&window, &counts);
     let percentiles = plots::percentiles(&window, &latencies);
     let refresh_on = query.refresh != "off";

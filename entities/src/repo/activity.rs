@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
     QuerySelect, Select,
-    sea_query::{Alias, CaseStatement, Expr, ExprTrait},
+    sea_query::{Alias, CaseStatement, Expr, ExprTrait, Order, Query, SelectStatement, UnionType},
 };
 use uuid::Uuid;
 
@@ -119,6 +119,75 @@ pub struct ScheduledLine {
     pub recipient_key: String,
     /// Channel chain (JSON array of channel names).
     pub channels: serde_json::Value,
+}
+
+/// When a notification was created and when a provider accepted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, FromQueryResult)]
+struct Latency {
+    created_at: DateTime<Utc>,
+    sent_at: DateTime<Utc>,
+}
+
+/// When each of up to `per_minute` notifications created in each of the `minutes` minutes from
+/// `from` that a provider accepted was created, and its accept-to-sent latency in milliseconds:
+/// the latest created in each minute. Every minute gets its sample however busy the others
+/// were, and the rows read stay bounded (`minutes × per_minute`) however busy they all were.
+/// `minutes` is capped at [`MAX_MINUTES`].
+pub async fn latencies_per_minute(
+    db: &impl ConnectionTrait,
+    from: DateTime<Utc>,
+    minutes: u32,
+    per_minute: u64,
+) -> Result<Vec<(DateTime<Utc>, i64)>, RepoError> {
+    let query = latencies_per_minute_query(from, minutes, per_minute);
+    let rows = Latency::find_by_statement(db.get_database_backend().build(&query))
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |Latency {
+                 created_at,
+                 sent_at,
+             }| {
+                let ms = (sent_at - created_at).num_milliseconds();
+                (created_at, Ord::max(ms, 0))
+            },
+        )
+        .collect())
+}
+
+/// The query behind [`latencies_per_minute`]: one `SELECT … ORDER BY created_at DESC LIMIT n`
+/// per minute (each a range of `idx_notifications_created_at`, read from its end), joined by
+/// `UNION ALL`. Each is wrapped in a subquery, as SQLite takes no `LIMIT` on a compound
+/// statement's parts.
+pub fn latencies_per_minute_query(
+    from: DateTime<Utc>,
+    minutes: u32,
+    per_minute: u64,
+) -> SelectStatement {
+    use notification::Column;
+    let minutes = minutes.clamp(1, MAX_MINUTES);
+    let minute = |index: u32| {
+        let start = from + Duration::minutes(i64::from(index));
+        let sends = Query::select()
+            .columns([Column::CreatedAt, Column::SentAt])
+            .from(notification::Entity)
+            .and_where(Expr::col(Column::CreatedAt).gte(start))
+            .and_where(Expr::col(Column::CreatedAt).lt(start + Duration::minutes(1)))
+            .and_where(Expr::col(Column::SentAt).is_not_null())
+            .order_by(Column::CreatedAt, Order::Desc)
+            .limit(per_minute)
+            .to_owned();
+        Query::select()
+            .columns([Column::CreatedAt, Column::SentAt])
+            .from_subquery(sends, Alias::new(format!("minute_{index}")))
+            .to_owned()
+    };
+    (1..minutes).fold(minute(0), |mut all, index| {
+        all.union(UnionType::All, minute(index));
+        all
+    })
 }
 
 /// Up to `limit` notifications waiting for their time, soonest due first.
