@@ -105,11 +105,17 @@ impl ApiError {
     /// 413, for a send whose command the NATS server refuses, or would refuse, as larger than its
     /// `max_payload` (`reason` gives the sizes): however often it is tried, it is refused.
     pub fn larger_than_nats_takes(reason: &str) -> Self {
+        Self::too_large_for_nats("the notification", reason)
+    }
+
+    /// 413, for `what` (`the notification`, `the order's event`) that the NATS server would refuse
+    /// as larger than its `max_payload` (`reason` gives the sizes).
+    pub fn too_large_for_nats(what: &str, reason: &str) -> Self {
         Self::PayloadTooLarge(Json(body(
             "payload_too_large",
             format!(
-                "the notification is larger than the NATS server takes ({reason}); nothing was \
-                 accepted: send less, or raise the server's max_payload"
+                "{what} is larger than the NATS server takes ({reason}); nothing was accepted: \
+                 send less, or raise the server's max_payload"
             ),
         )))
     }

@@ -18,7 +18,7 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    DomainEvent, EventData,
+    CommandRoom, DomainEvent, EventData,
     events::{
         self, MAX_EVENT_BYTES, OrderCreated, OrderEventStatus, OrderItem, OrderStatusChanged,
     },
@@ -193,7 +193,7 @@ impl OrdersApi {
             ));
         }
         let event = DomainEvent::new(EventData::OrderCreated(data.clone()));
-        within_event_limit(&event)?;
+        within_event_limit(&event, &self.state.publisher.command_room())?;
         let row = repo::placed(
             Uuid::now_v7(),
             data.order_number.clone(),
@@ -260,6 +260,7 @@ impl OrdersApi {
             review_url: change.review_url,
             reason: change.reason,
         }));
+        within_event_limit(&event, &self.state.publisher.command_room())?;
         let update = StatusUpdate {
             from: current.status,
             to: next,
@@ -323,8 +324,10 @@ impl OrdersApi {
 }
 
 /// 400 for an order whose event the Router would refuse as too large (many long item names):
-/// stored and published, it would notify nobody.
-fn within_event_limit(event: &DomainEvent) -> Result<(), ApiError> {
+/// stored and published, it would notify nobody. 413 for one within that limit that the NATS
+/// server (`room`) would refuse: stored, it would wait in the outbox for ever, and hold up every
+/// later event of its order behind it.
+fn within_event_limit(event: &DomainEvent, room: &CommandRoom) -> Result<(), ApiError> {
     let size = event.encode().map_err(|e| ApiError::internal(&e))?.len();
     if size > MAX_EVENT_BYTES {
         return Err(ApiError::invalid(
@@ -335,7 +338,10 @@ fn within_event_limit(event: &DomainEvent) -> Result<(), ApiError> {
             ),
         ));
     }
-    Ok(())
+    match room.refusal_as(size, "an event") {
+        Some(reason) => Err(ApiError::too_large_for_nats("the order's event", &reason)),
+        None => Ok(()),
+    }
 }
 
 fn outbox_row(event: &DomainEvent, key: &str) -> NewOutboxEvent {

@@ -213,8 +213,9 @@ impl Publisher {
     }
 }
 
-/// How large a send command the NATS server takes: the client refuses a message whose payload
-/// and headers together exceed the server's `max_payload` (`TooLarge`), however often it is tried.
+/// How large a send command (or a domain event: its `Nats-Msg-Id` is a UUID too) the NATS server
+/// takes: the client refuses a message whose payload and headers together exceed the server's
+/// `max_payload` (`TooLarge`), however often it is tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandRoom {
     /// The server's `max_payload`, in bytes (from its `INFO`; a reconnect reads it anew).
@@ -231,11 +232,17 @@ impl CommandRoom {
 
     /// Why a send command of `len` bytes does not fit, with the sizes; `None` when it does.
     pub fn refusal(&self, len: usize) -> Option<String> {
+        self.refusal_as(len, "a send command")
+    }
+
+    /// Why `what` (`a send command`, `an event`) of `len` bytes does not fit, with the sizes;
+    /// `None` when it does.
+    pub fn refusal_as(&self, len: usize, what: &str) -> Option<String> {
         let total = len + self.headers;
         (total > self.max_payload).then(|| {
             format!(
-                "{len} bytes as a send command, {total} with its headers, above the server's \
-                 max_payload of {} bytes",
+                "{len} bytes as {what}, {total} with its headers, above the server's max_payload \
+                 of {} bytes",
                 self.max_payload
             )
         })

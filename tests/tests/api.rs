@@ -1208,6 +1208,62 @@ async fn a_request_id_of_the_router_s_shape_is_refused() {
 }
 
 /// Notifications stored, and batches.
+/// An order whose event is within the Router's limit but larger than the NATS server's
+/// `max_payload` is refused with 413 and nothing is stored: stored, its event would wait in the
+/// outbox for ever (the server refuses it however often it is published) and hold up every later
+/// event of the order behind it, while the API answered 201.
+#[tokio::test]
+async fn an_order_whose_event_the_nats_server_would_refuse_is_refused_with_413() {
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let nats = NatsServer::start_with_config("max_payload: 65536", &[])
+        .await
+        .expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald starts");
+    let (status, customer) = herald
+        .post(
+            "/api/v1/customers",
+            &json!({ "id": "c-1", "email": "ada@example.com" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{customer}");
+    let order = |number: &str, items: usize| {
+        let item = json!({ "name": "t".repeat(1_000), "quantity": 1, "unit_price_minor": 100 });
+        json!({ "order_number": number, "customer_id": "c-1", "total_minor": 100 * items,
+                "currency": "EUR", "items": vec![item; items] })
+    };
+    let (status, refused) = herald.post("/api/v1/orders", &order("A-1", 100)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{refused}");
+    assert_eq!(refused["code"], "payload_too_large", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the order's event") && message.contains("max_payload of 65536"),
+        "{refused}"
+    );
+    let (status, _) = herald.get("/api/v1/orders/A-1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the order was not stored");
+    let waiting = herald_entities::outbox_event::Entity::find()
+        .count(herald.db())
+        .await
+        .expect("outbox counted");
+    assert_eq!(waiting, 0, "no event waits in the outbox");
+    // One the server takes is stored, and its event published.
+    let (status, created) = herald.post("/api/v1/orders", &order("A-2", 10)).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    // Published before the answer (nothing else of the order waits).
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let unpublished = herald_entities::outbox_event::Entity::find()
+        .filter(herald_entities::outbox_event::Column::PublishedAt.is_null())
+        .count(herald.db())
+        .await
+        .expect("outbox counted");
+    assert_eq!(unpublished, 0, "the order's event was published");
+    herald.shutdown().await.expect("shutdown");
+}
+
 async fn stored_rows(herald: &TestHerald) -> (u64, u64) {
     use sea_orm::{EntityTrait, PaginatorTrait};
     let notifications = herald_entities::notification::Entity::find()
