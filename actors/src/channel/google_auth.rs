@@ -195,8 +195,14 @@ impl TokenSource {
     }
 
     /// A valid access token: the cached one, or a new one from the token endpoint. A refused
-    /// exchange is a [`ProviderError`] like a refused send: transient when the endpoint is
-    /// unavailable, permanent when it rejects the account.
+    /// exchange is a transient [`ProviderError`], with the endpoint's `Retry-After`, whatever
+    /// its status: an endpoint that is unavailable, and one that refuses the account (a key
+    /// deleted or rotated away, a service account deleted or disabled, an assertion outside its
+    /// time window because the clock is off, no account attached to the machine), both fail
+    /// every send alike until they are mended, which no message can do; so, as with a provider's
+    /// 401, the failure counts against the circuit and the message is retried, then
+    /// dead-lettered (and can be replayed), rather than ending `failed` as if its device were
+    /// wrong.
     pub async fn token(&self) -> Result<String, ProviderError> {
         let mut cached = self.cached.lock().await;
         if let Some((token, until)) = cached.as_ref()
@@ -242,7 +248,7 @@ impl TokenSource {
         if !status.is_success() {
             let body = http::body_snippet(&bytes, body_lost, 200);
             let reason = format!("{endpoint}, HTTP {status}: {body}");
-            return Err(http::status_error(status, reason, retry_after));
+            return Err(ProviderError::transient_after(reason, retry_after));
         }
         token_reply(&bytes).map_err(|problem| {
             ProviderError::transient(format!(
@@ -383,24 +389,51 @@ pub(crate) mod tests {
         assert_eq!(requests.len(), 2, "60 s left is inside the refresh margin");
     }
 
+    /// A token endpoint refusing the account (a key deleted or rotated away, a service account
+    /// deleted or disabled, a clock too far off for the assertion) refuses every send alike
+    /// until the credentials are fixed: transient, as a provider's 401 is, so that it counts
+    /// against the circuit and the messages are retried, then dead-lettered for replay, instead
+    /// of each ending `failed` as if its device were wrong.
     #[tokio::test]
-    async fn a_rejected_account_is_permanent_an_unavailable_endpoint_transient() {
+    async fn a_refused_account_is_transient_like_an_unavailable_endpoint() {
         let server = MockServer::start().await;
-        let rejected = ResponseTemplate::new(400).set_body_json(serde_json::json!({
+        let bad_signature = ResponseTemplate::new(400).set_body_json(serde_json::json!({
             "error": "invalid_grant",
             "error_description": "Invalid JWT Signature.",
         }));
-        token_endpoint(&server, "/rejects", rejected).await;
+        token_endpoint(&server, "/bad-signature", bad_signature).await;
+        let clock_skew = ResponseTemplate::new(400).set_body_json(serde_json::json!({
+            "error": "invalid_grant",
+            "error_description": "Invalid JWT: Token must be a short-lived token (60 minutes) \
+                                  and in a reasonable timeframe.",
+        }));
+        token_endpoint(&server, "/clock-skew", clock_skew).await;
+        let deleted = ResponseTemplate::new(401).set_body_json(serde_json::json!({
+            "error": "invalid_client",
+            "error_description": "The OAuth client was not found.",
+        }));
+        token_endpoint(&server, "/deleted", deleted).await;
+        let dir = tempfile::tempdir().expect("dir");
+        for (at, code, said) in [
+            ("/bad-signature", "400", "invalid_grant"),
+            ("/clock-skew", "400", "reasonable timeframe"),
+            ("/deleted", "401", "invalid_client"),
+        ] {
+            let refusing = source(&key_file(dir.path(), &format!("{}{at}", server.uri())));
+            match refusing.token().await {
+                Err(ProviderError::Transient { reason, .. }) => {
+                    assert!(reason.contains(code), "{at}: {reason}");
+                    assert!(reason.contains(said), "{at}: {reason}");
+                    assert!(reason.contains("refused the service account"), "{reason}");
+                }
+                other => panic!(
+                    "{at}: a refused account fails the channel, not the message: \
+                                 {other:?}"
+                ),
+            }
+        }
         let down = ResponseTemplate::new(503).insert_header("Retry-After", "7");
         token_endpoint(&server, "/unavailable", down).await;
-        let dir = tempfile::tempdir().expect("dir");
-        let rejecting = source(&key_file(dir.path(), &format!("{}/rejects", server.uri())));
-        match rejecting.token().await {
-            Err(ProviderError::Permanent { reason, .. }) => {
-                assert!(reason.contains("invalid_grant"), "{reason}")
-            }
-            other => panic!("a rejected account is permanent, got {other:?}"),
-        }
         let unavailable = source(&key_file(
             dir.path(),
             &format!("{}/unavailable", server.uri()),
@@ -485,8 +518,10 @@ pub(crate) mod tests {
         );
     }
 
+    /// No service account attached to the machine fails every send alike until one is: as a
+    /// refused key, transient.
     #[tokio::test]
-    async fn a_machine_without_an_attached_account_is_permanent() {
+    async fn a_machine_without_an_attached_account_is_transient() {
         let server = MockServer::start().await;
         let absent = ResponseTemplate::new(404).set_body_string(
             "The service account was not found, or it is not attached to this instance.",
@@ -498,11 +533,14 @@ pub(crate) mod tests {
             .await;
         let tokens = metadata_source(&server);
         match tokens.token().await {
-            Err(ProviderError::Permanent { reason, .. }) => {
+            Err(ProviderError::Transient { reason, .. }) => {
                 assert!(reason.contains("metadata server"), "{reason}");
                 assert!(reason.contains("404"), "{reason}");
             }
-            other => panic!("no attached account is permanent, got {other:?}"),
+            other => panic!(
+                "no attached account fails every send alike until one is attached: transient, \
+                 got {other:?}"
+            ),
         }
     }
 

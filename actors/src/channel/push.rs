@@ -1376,6 +1376,30 @@ mod tests {
         }
     }
 
+    /// A key Google no longer takes (deleted or rotated away) refuses every send alike: the send
+    /// is transient, counted against the circuit, and retried once the key is replaced.
+    #[tokio::test]
+    async fn a_service_account_the_token_endpoint_refuses_makes_the_send_transient() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let refused = ResponseTemplate::new(400).set_body_json(json!({
+            "error": "invalid_grant",
+            "error_description": "Invalid JWT Signature.",
+        }));
+        let fcm = with_service_account(&server, dir.path(), refused).await;
+        match fcm.send(&message(&["device-a"])).await {
+            Err(ProviderError::Transient {
+                reason,
+                dead_contacts,
+                ..
+            }) => {
+                assert!(reason.contains("invalid_grant"), "{reason}");
+                assert!(dead_contacts.is_empty(), "{dead_contacts:?}");
+            }
+            other => panic!("a refused service account is transient, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn the_metadata_server_s_token_authorises_the_sends() {
         let server = MockServer::start().await;
