@@ -28,6 +28,11 @@ const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 /// platform's configuration, not Herald's token nor the device.
 const THIRD_PARTY_AUTH_ERROR: &str = "THIRD_PARTY_AUTH_ERROR";
 
+/// FCM's error code for a token registered with another sender (another Firebase project), with
+/// HTTP 403: the one 403 that speaks of the token rather than of Herald's project (see
+/// [`is_transient_for_fcm`]).
+const SENDER_ID_MISMATCH: &str = "SENDER_ID_MISMATCH";
+
 /// What Herald lets a message's `notification` and `data` take, serialised (keys and values):
 /// FCM refuses a message over 4,096 bytes for good, and counts some of it in its own way (its
 /// wrapping of the notification per platform), so 512 bytes are left to spare.
@@ -465,7 +470,7 @@ fn classify(token: &str, reply: &http::Reply) -> ProviderError {
     let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(&reply.bytes) else {
         let body = http::body_snippet(&reply.bytes, reply.body_lost, 200);
         let reason = format!("FCM HTTP {status}: {body}");
-        return http::account_status_error(status, reason, retry_after);
+        return http::failure(is_transient_for_fcm(status), reason, retry_after);
     };
     let fcm_code = error.fcm_code();
     let reason = format!(
@@ -511,9 +516,26 @@ fn classify(token: &str, reply: &http::Reply) -> ProviderError {
         // that FCM is down, so it must not open the circuit for every other device.
         return ProviderError::throttled(reason, retry_after);
     }
-    let transient =
-        matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || http::is_transient_for_account(status);
+    if fcm_code == SENDER_ID_MISMATCH {
+        // The token belongs to another sender: this device, not the project. Permanent, and the
+        // token is kept (it is not dead: the app that holds it may be moved to this project).
+        return ProviderError::permanent(reason);
+    }
+    let transient = matches!(fcm_code, "UNAVAILABLE" | "INTERNAL") || is_transient_for_fcm(status);
     http::failure(transient, reason, retry_after)
+}
+
+/// Whether a failed status from FCM is worth retrying: as for any request made with the account's
+/// credentials ([`http::is_transient_for_account`]: 401, 408, 429, 5xx), and a 403. FCM answers
+/// 403 `PERMISSION_DENIED` when it refuses Herald's project rather than the device: the Firebase
+/// Cloud Messaging API disabled in the project, a service account without the
+/// `cloudmessaging.messages.create` permission, a `project_id` the account has no access to.
+/// Every send fails alike until that is fixed, so, as a 401, it counts against the circuit and the
+/// message is retried, then dead-lettered (and can be replayed), instead of ending `failed`. FCM's
+/// one 403 about a token, [`SENDER_ID_MISMATCH`], is told apart by its error code before this; a
+/// 403 whose body was lost midway, which cannot be told apart, is taken for the project's.
+fn is_transient_for_fcm(status: StatusCode) -> bool {
+    http::is_transient_for_account(status) || status == StatusCode::FORBIDDEN
 }
 
 /// A 404 from the send endpoint whose body was lost midway: taken for `UNREGISTERED`, the token
@@ -895,6 +917,91 @@ mod tests {
             .unwrap_err();
         assert!(
             matches!(&error, ProviderError::Permanent { dead_contacts, .. } if dead_contacts.is_empty()),
+            "{error:?}"
+        );
+        server.verify().await;
+    }
+
+    /// A 403 refuses the project (the FCM API disabled, a service account without the
+    /// `cloudmessaging.messages.create` permission, another project's id): every send fails alike
+    /// until that is fixed, so it is transient and counts against the circuit, whatever its body
+    /// (FCM's, another, or lost midway). Only `SENDER_ID_MISMATCH` speaks of the token (one
+    /// registered with another sender): permanent for that device, and the token is kept.
+    #[tokio::test]
+    async fn a_403_refusing_the_project_is_transient_but_a_sender_id_mismatch_is_the_token_s() {
+        let server = MockServer::start().await;
+        let no_permission = ResponseTemplate::new(403).set_body_json(json!({
+            "error": {
+                "code": 403,
+                "message": "Permission 'cloudmessaging.messages.create' denied on resource \
+                            '//cloudresourcemanager.googleapis.com/projects/shop-app' (or it may \
+                            not exist).",
+                "status": "PERMISSION_DENIED",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "IAM_PERMISSION_DENIED",
+                    "domain": "cloudmessaging.googleapis.com",
+                }],
+            }
+        }));
+        let api_disabled = ResponseTemplate::new(403).set_body_json(json!({
+            "error": {
+                "code": 403,
+                "message": "Firebase Cloud Messaging API has not been used in project 1234 \
+                            before or it is disabled.",
+                "status": "PERMISSION_DENIED",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "SERVICE_DISABLED",
+                    "domain": "googleapis.com",
+                }],
+            }
+        }));
+        let page = ResponseTemplate::new(403).set_body_string("<html>Forbidden</html>");
+        for (token, reply, said) in [
+            ("device-1", no_permission, "cloudmessaging.messages.create"),
+            ("device-2", api_disabled, "has not been used"),
+            ("device-3", page, "Forbidden"),
+        ] {
+            reply_for(&server, token, reply).await;
+            let error = provider(&server.uri(), 2_000)
+                .send(&message(&[token]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, ProviderError::Transient { reason, dead_contacts, .. }
+                    if reason.contains("403") && reason.contains(said) && dead_contacts.is_empty()),
+                "{token}: the project is refused, not the device: {error:?}"
+            );
+        }
+        let url = http::tests::cut_off_reply("HTTP/1.1 403 Forbidden").await;
+        let error = provider(&url, 2_000)
+            .send(&message(&["device-4"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, dead_contacts, .. }
+                if reason.contains("403") && dead_contacts.is_empty()),
+            "a 403 whose body was lost is taken for the project's: {error:?}"
+        );
+        reply_for(
+            &server,
+            "other-sender",
+            fcm_error(
+                403,
+                "PERMISSION_DENIED",
+                "SENDER_ID_MISMATCH",
+                "SenderId mismatch",
+            ),
+        )
+        .await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["other-sender"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                if reason.contains("SENDER_ID_MISMATCH") && dead_contacts.is_empty()),
             "{error:?}"
         );
         server.verify().await;
