@@ -451,12 +451,25 @@ fn reply_error(
 
 /// Classifies a refusal with `code` that declares no chat gone: a 429 throttles the chat, whatever
 /// the reply's body (lost midway, or not the Bot API's JSON) and with whatever wait it gives (none
-/// leaves it to the retry schedule); otherwise as a request with the bot's token.
+/// leaves it to the retry schedule); a 404 refuses the bot's path (see below); otherwise as a
+/// request with the bot's token.
+///
+/// The Bot API answers 404 "Not Found" to a path it does not know, and the path holds the token
+/// (`/bot{token}/sendMessage`): a malformed or mistyped token, or a `base_url` that is not the
+/// Bot API, never a chat (a chat that does not exist is a 400). Every send fails alike until the
+/// configuration is fixed, so, as a 401, it is transient: it counts against the circuit and the
+/// message is retried, then dead-lettered (and can be replayed), instead of ending `failed`.
 fn code_error(code: StatusCode, reason: String, retry_after: Option<Duration>) -> ProviderError {
     if code == StatusCode::TOO_MANY_REQUESTS {
         // Flood control: Telegram limits the messages to each chat (about one a second), so a
         // 429 speaks of this chat, not of the bot.
         return ProviderError::throttled(reason, retry_after);
+    }
+    if code == StatusCode::NOT_FOUND {
+        return ProviderError::transient_after(
+            format!("{reason} (the Bot API knows no such path: check the bot token and base_url)"),
+            retry_after,
+        );
     }
     http::account_status_error(code, reason, retry_after)
 }
@@ -1061,6 +1074,38 @@ mod tests {
         assert!(
             matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("401")),
             "the account is refused, not the message: {error:?}"
+        );
+    }
+
+    /// The Bot API answers 404 "Not Found" to a path it does not know: a malformed or revoked
+    /// token (it is part of the path), or a `base_url` that is not the Bot API. Every send fails
+    /// alike until the configuration is fixed, so it is transient, as a 401 is, whatever its body
+    /// (the Bot API's, another server's page, or lost midway), and no chat is declared dead.
+    #[tokio::test]
+    async fn a_404_for_the_bot_s_path_is_transient() {
+        let (_server, bot_api) = reply_with(bot_error(404, "Not Found")).await;
+        let error = bot_api.send(&message(Some("42"))).await.unwrap_err();
+        assert_no_token(&error);
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, dead_contacts, .. }
+                if reason.contains("404") && reason.contains("bot token") && dead_contacts.is_empty()),
+            "the bot's path is refused, not the chat: {error:?}"
+        );
+        let (_page, other) =
+            reply_with(ResponseTemplate::new(404).set_body_string("<html>Not Found</html>")).await;
+        let error = other.send(&message(Some("42"))).await.unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("404")),
+            "another server's 404: {error:?}"
+        );
+        let lost = http::tests::cut_off_reply("HTTP/1.1 404 Not Found").await;
+        let error = provider(&lost, 2_000)
+            .send(&message(Some("42")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("404")),
+            "a 404 whose body was lost: {error:?}"
         );
     }
 
