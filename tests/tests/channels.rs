@@ -12,7 +12,8 @@ use herald_actors::channel::{
 };
 use herald_engine::Config;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
+    E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
+    stored_status, test_config,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1151,6 +1152,121 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
         "the internal address was not called"
     );
     w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Webhooks never go through a proxy, whatever Herald's environment says: reqwest follows
+/// `HTTP_PROXY`, `HTTPS_PROXY` and `ALL_PROXY` by default, and a proxy resolves the receiver's name
+/// itself, past the resolver that keeps webhooks off internal addresses (or fails every webhook
+/// when the proxy's own name resolves to one). Herald runs as a process here, as those variables
+/// are the process's: they name a proxy that counts the connections it gets and answers none.
+#[tokio::test]
+async fn webhooks_do_not_go_through_the_environment_s_proxy() {
+    herald_tests::init_tracing();
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let receiver = MockServer::start().await;
+    webhook_receiver().mount(&receiver).await;
+    let proxy = TcpListener::bind("127.0.0.1:0").await.expect("proxy port");
+    let proxy_url = format!("http://{}", proxy.local_addr().expect("proxy address"));
+    let proxied = Arc::new(AtomicUsize::new(0));
+    let counted = proxied.clone();
+    tokio::spawn(async move {
+        while let Ok((_connection, _)) = proxy.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut env: Vec<(String, String)> = [
+        ("HERALD_NATS__URL", nats.url()),
+        ("HERALD_DATABASE__URL", db.url().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SMTP_HOST", smtp.host().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SMTP_PORT", smtp.port().to_string()),
+        ("HERALD_CHANNELS__EMAIL__SECURITY", "none".to_string()),
+        (
+            "HERALD_CHANNELS__WEBHOOK__SECRET",
+            WEBHOOK_SECRET.to_string(),
+        ),
+        // The receiver is on the loopback interface.
+        (
+            "HERALD_CHANNELS__WEBHOOK__ALLOW_PRIVATE_TARGETS",
+            "true".to_string(),
+        ),
+        // Whatever the test's own environment excludes from proxying.
+        ("NO_PROXY", String::new()),
+        ("no_proxy", String::new()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value))
+    .collect();
+    for name in [
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        env.push((name.to_string(), proxy_url.clone()));
+    }
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut herald = HeraldProcess::start(env, logs.path().join("herald.log"))
+        .await
+        .expect("herald starts");
+    let conn = herald_entities::connect(db.url(), 2).await.expect("db");
+    let key = herald_engine::apikey::create(&conn, "proxy test", "send,read")
+        .await
+        .expect("API key")
+        .token;
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .post(format!("{}/api/v1/notifications", herald.base()))
+        .bearer_auth(&key)
+        .json(&notification(
+            &["webhook"],
+            json!({"webhook_url": format!("{}/hooks/shop-1", receiver.uri())}),
+        ))
+        .send()
+        .await
+        .expect("send request");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: Value = response.json().await.expect("JSON answer");
+    let id: uuid::Uuid = body["id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {body}"));
+
+    let (via_proxy, received) = eventually(
+        "the webhook to reach its receiver or the proxy",
+        E2E_TIMEOUT,
+        || async {
+            let via_proxy = proxied.load(Ordering::SeqCst);
+            let received = receiver.received_requests().await.unwrap_or_default().len();
+            (via_proxy > 0 || received > 0).then_some((via_proxy, received))
+        },
+    )
+    .await;
+    assert_eq!(
+        via_proxy,
+        0,
+        "the webhook went to the proxy HTTP_PROXY names; log:\n{}",
+        herald.log_tail()
+    );
+    assert_eq!(received, 1, "the receiver got the webhook");
+    eventually("the notification to be sent", E2E_TIMEOUT, || async {
+        (stored_status(&conn, id).await == herald_entities::NotificationStatus::Sent).then_some(())
+    })
+    .await;
+    assert_eq!(
+        proxied.load(Ordering::SeqCst),
+        0,
+        "nothing went to the proxy"
+    );
+    herald
+        .terminate(Duration::from_secs(30))
+        .await
+        .expect("herald exits");
 }
 
 #[tokio::test]

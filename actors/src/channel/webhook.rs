@@ -12,6 +12,12 @@
 //! resolver drops internal addresses at connect time too, so a name that changes its answer in
 //! between (DNS rebinding) cannot reach them. `allow_private_targets` lifts this for deployments
 //! (and tests) that deliver inside their own network.
+//!
+//! Webhooks never go through a proxy: `HTTP_PROXY`, `HTTPS_PROXY` and `ALL_PROXY` in Herald's
+//! environment (which reqwest follows by default, and the other providers still do) are ignored
+//! here. A proxy resolves the receiver's name itself, past the resolver above, so it would reach
+//! internal addresses the check refuses (or, with a proxy of the internal network, every webhook
+//! would fail as one to an internal address).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -258,9 +264,11 @@ impl WebhookProvider {
     pub fn new(name: String, config: WebhookConfig) -> Result<Self, WebhookConfigError> {
         let key = decode_secret(&config.secret)?;
         // A redirected POST turns into a GET on most redirects and would reach a URL the customer
-        // did not register: redirects are failures, as in other webhook senders.
-        let mut builder =
-            http::client_builder(config.timeout_ms).redirect(reqwest::redirect::Policy::none());
+        // did not register: redirects are failures, as in other webhook senders. No proxy from
+        // the environment: it would resolve the receiver's name past `PublicAddresses`.
+        let mut builder = http::client_builder(config.timeout_ms)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy();
         if !config.allow_private_targets {
             builder = builder.dns_resolver(PublicAddresses);
         }
