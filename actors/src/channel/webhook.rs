@@ -20,7 +20,7 @@
 //! would fail as one to an internal address).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -50,7 +50,8 @@ pub struct WebhookConfig {
     /// Not serialised: `herald config` omits it.
     #[serde(skip_serializing)]
     pub secret: String,
-    /// Per-request timeout in milliseconds.
+    /// What one send may take, in milliseconds: resolving its URL's host for the internal-address
+    /// check, then the request in what is left.
     pub timeout_ms: u64,
     /// Whether webhooks may go to internal addresses (loopback, private, link-local).
     pub allow_private_targets: bool,
@@ -219,18 +220,42 @@ impl reqwest::dns::Resolve for PublicAddresses {
 }
 
 /// Fails permanently when `url`'s host is an internal address or a name that resolves only to
-/// internal addresses. A name that cannot be resolved now is left to the request (and its retries).
-async fn refuse_internal(url: &url::Url) -> Result<(), ProviderError> {
+/// internal addresses. A name that cannot be resolved now is left to the request (and its retries);
+/// one whose resolving takes longer than `timeout` (a DNS server that drops the queries) fails
+/// transiently, saying so, rather than holding the send without end.
+async fn refuse_internal(url: &url::Url, timeout: Duration) -> Result<(), ProviderError> {
+    refuse_internal_with(url, timeout, |host| async move {
+        let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+        Ok(addrs.map(|addr| addr.ip()).collect())
+    })
+    .await
+}
+
+/// [`refuse_internal`], resolving a host name with `lookup`.
+async fn refuse_internal_with<F, Fut>(
+    url: &url::Url,
+    timeout: Duration,
+    lookup: F,
+) -> Result<(), ProviderError>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: Future<Output = std::io::Result<Vec<IpAddr>>>,
+{
     let internal = match url.host() {
         Some(url::Host::Ipv4(ip)) => is_internal(IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => is_internal(IpAddr::V6(ip)),
-        Some(url::Host::Domain(host)) => match tokio::net::lookup_host((host, 0)).await {
-            Ok(addrs) => {
-                let ips: Vec<IpAddr> = addrs.map(|addr| addr.ip()).collect();
-                !ips.is_empty() && ips.into_iter().all(is_internal)
+        Some(url::Host::Domain(host)) => {
+            match tokio::time::timeout(timeout, lookup(host.to_string())).await {
+                Err(_) => {
+                    return Err(ProviderError::transient(format!(
+                        "resolving the webhook URL host {host} timed out after {} ms",
+                        timeout.as_millis()
+                    )));
+                }
+                Ok(Ok(ips)) => !ips.is_empty() && ips.into_iter().all(is_internal),
+                Ok(Err(_)) => false,
             }
-            Err(_) => false,
-        },
+        }
         None => false,
     };
     if internal {
@@ -248,6 +273,8 @@ pub struct WebhookProvider {
     client: reqwest::Client,
     key: Vec<u8>,
     allow_private_targets: bool,
+    /// `timeout_ms`: what one send may take, the check of its URL's host included.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for WebhookProvider {
@@ -278,6 +305,7 @@ impl WebhookProvider {
             client,
             key,
             allow_private_targets: config.allow_private_targets,
+            timeout: Duration::from_millis(config.timeout_ms),
         })
     }
 
@@ -295,9 +323,12 @@ impl WebhookProvider {
                 parsed.scheme()
             )));
         }
+        let started = Instant::now();
         if !self.allow_private_targets {
-            refuse_internal(&parsed).await?;
+            refuse_internal(&parsed, self.timeout).await?;
         }
+        // The whole send stays within `timeout_ms`: the request has what the check left.
+        let left = self.timeout.saturating_sub(started.elapsed());
         let now = Utc::now();
         let id = message.notification_id.to_string();
         let body = payload(message, now);
@@ -306,6 +337,7 @@ impl WebhookProvider {
         let response = self
             .client
             .post(parsed)
+            .timeout(left)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())
@@ -694,6 +726,37 @@ mod tests {
                 other => panic!("{url}: expected a permanent refusal, got {other:?}"),
             }
         }
+    }
+
+    /// A resolver that does not answer (a DNS server that drops the queries) cuts the check of
+    /// the URL's host off at the send's timeout, with an error saying so, instead of holding the
+    /// send until the channel gives up on it. Transient: the name may resolve on a retry.
+    #[tokio::test]
+    async fn a_host_lookup_that_does_not_answer_fails_at_the_timeout() {
+        let url = url::Url::parse("https://hooks.example.com/herald").expect("URL");
+        let timeout = Duration::from_millis(200);
+        let silent = |_host: String| std::future::pending::<std::io::Result<Vec<IpAddr>>>();
+        let checked = tokio::time::timeout(
+            Duration::from_secs(10),
+            refuse_internal_with(&url, timeout, silent),
+        )
+        .await
+        .expect("the check of the host returns within its timeout; it waited 10 s");
+        match checked {
+            Err(ProviderError::Transient { reason, .. }) => {
+                assert!(reason.contains("hooks.example.com"), "{reason}");
+                assert!(reason.contains("timed out after 200 ms"), "{reason}");
+            }
+            other => panic!("a lookup that does not answer is transient, got {other:?}"),
+        }
+        // A lookup that answers within the timeout decides as before.
+        let internal = |_host: String| async { Ok(vec![IpAddr::from([10, 0, 0, 7])]) };
+        assert!(matches!(
+            refuse_internal_with(&url, timeout, internal).await,
+            Err(ProviderError::Unsendable { .. })
+        ));
+        let public = |_host: String| async { Ok(vec![IpAddr::from([93, 184, 216, 34])]) };
+        assert_eq!(refuse_internal_with(&url, timeout, public).await, Ok(()));
     }
 
     #[tokio::test]
