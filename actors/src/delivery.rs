@@ -329,7 +329,11 @@ async fn work(
             return unknown_customer(&ctx.retry, id, &customer, message.copy);
         }
     };
-    let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command).await {
+    // A round of it was walked (since it was queued or replayed): the gate let it through then.
+    let passed_before = round.number > 1;
+    let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command, passed_before)
+        .await
+    {
         Gate::Go { opted_out } => opted_out,
         Gate::Skip { reason, opted_out } => return skipped(&command, reason, &opted_out, round),
         Gate::Defer { delay, reason } => return deferred(ctx, id, delay, reason, round),

@@ -128,6 +128,7 @@ async fn verdict_of(
     let request = Acquire {
         category,
         notification_id,
+        allowed_before: false,
     };
     ask(supervisor, user, request, Duration::from_secs(2))
         .await
@@ -244,6 +245,7 @@ async fn an_unreadable_history_gives_no_verdict_so_the_caller_holds_and_asks_aga
     let request = Acquire {
         category: Category::Marketing,
         notification_id: Uuid::now_v7(),
+        allowed_before: false,
     };
     assert_eq!(
         ask(&supervisor, "ada", request, Duration::from_millis(500)).await,
@@ -300,6 +302,7 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
     let request = Acquire {
         category: Category::Marketing,
         notification_id: Uuid::now_v7(),
+        allowed_before: false,
     };
     assert_eq!(
         ask(&supervisor, "grace", request, Duration::from_secs(2)).await,
@@ -310,6 +313,165 @@ async fn over_the_limit_marketing_drops_and_transactional_defers_per_user() {
         ask(&supervisor, "grace", request, Duration::from_secs(2)).await,
         Some(Verdict::Allow),
         "the bucket is empty, but this notification already holds a token"
+    );
+    supervisor.stop(None);
+}
+
+/// A notification allowed once, whose round then failed for now, is allowed again on its retry
+/// without another token, however many sends of other categories the user was allowed meanwhile
+/// (before, only the user's last 16 grants of any category were remembered: a marketing retry
+/// behind 17 other sends was dropped as over the limit, a transactional one was held).
+#[tokio::test]
+async fn a_retry_after_many_other_sends_is_allowed_without_another_token() {
+    let time = ManualClock::new();
+    let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    let marketing = Uuid::now_v7();
+    let transactional = Uuid::now_v7();
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Marketing, marketing).await,
+        Verdict::Allow
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, transactional).await,
+        Verdict::Allow
+    );
+    spend(&supervisor, "ada", Category::Marketing, 2).await;
+    spend(&supervisor, "ada", Category::Transactional, 1).await;
+    // 17 other sends while the two wait for their retries (account: 1 a second).
+    for _ in 0..17 {
+        spend(&supervisor, "ada", Category::Account, 1).await;
+        time.advance(Duration::from_secs(1));
+    }
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Marketing, marketing).await,
+        Verdict::Allow,
+        "the marketing retry holds its token (policy drop, bucket empty)"
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, transactional).await,
+        Verdict::Allow,
+        "the transactional retry holds its token (policy defer, bucket empty)"
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop,
+        "the retry took no token: still 3 a day"
+    );
+    assert!(
+        matches!(
+            verdict(&supervisor, "ada", Category::Transactional).await,
+            Verdict::Defer(_)
+        ),
+        "still 2 a minute"
+    );
+    supervisor.stop(None);
+}
+
+/// A retry that a limiter allowed before, coming to a limiter that did not grant it (this one
+/// started after a restart or a partition hand-over, from a history that counts sends only, so
+/// not this notification), is allowed on a token charged now, in debt when none is free: never
+/// dropped nor held again, and the limit still counts it.
+#[tokio::test]
+async fn a_retry_allowed_by_an_earlier_limiter_is_charged_once_and_never_refused() {
+    let time = ManualClock::new();
+    let history = RecordedSends(Some(HashMap::from([
+        (Category::Marketing, 3),
+        (Category::Transactional, 2),
+    ])));
+    let supervisor = start_with_history(
+        RateLimiterSettings::default(),
+        time.clock(),
+        Some(Arc::new(history)),
+    )
+    .await;
+    let retry = |category, notification_id| Acquire {
+        category,
+        notification_id,
+        allowed_before: true,
+    };
+    let marketing = retry(Category::Marketing, Uuid::now_v7());
+    let transactional = retry(Category::Transactional, Uuid::now_v7());
+    for request in [marketing, transactional] {
+        assert_eq!(
+            ask(&supervisor, "ada", request, Duration::from_secs(2)).await,
+            Some(Verdict::Allow),
+            "{:?}: allowed before, the bucket empty",
+            request.category
+        );
+    }
+    for request in [marketing, transactional] {
+        assert_eq!(
+            ask(&supervisor, "ada", request, Duration::from_secs(2)).await,
+            Some(Verdict::Allow),
+            "{:?}: asked again, on the token charged",
+            request.category
+        );
+    }
+    let held = Uuid::now_v7();
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, held).await,
+        Verdict::Defer(Duration::from_secs(60)),
+        "a token every 30 s; the retry's debt is paid first"
+    );
+    assert_eq!(
+        ask(
+            &supervisor,
+            "ada",
+            retry(Category::Transactional, held),
+            Duration::from_secs(2)
+        )
+        .await,
+        Some(Verdict::Allow),
+        "held here, allowed meanwhile elsewhere: back early, on its reserved token"
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Transactional).await,
+        Verdict::Defer(Duration::from_secs(90)),
+        "the early one took no token beyond the one reserved for it"
+    );
+    time.advance(Duration::from_secs(8 * 3600));
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Drop,
+        "a token every 8 h: the first one pays the retry's debt"
+    );
+    time.advance(Duration::from_secs(8 * 3600));
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Marketing).await,
+        Verdict::Allow
+    );
+    supervisor.stop(None);
+}
+
+/// The grants a category remembers are bounded (twice its capacity): the oldest is forgotten, and
+/// a retry of it is then known as one only by its recorded round, and charged a token.
+#[tokio::test]
+async fn a_category_forgets_its_oldest_grant_beyond_twice_its_capacity() {
+    let time = ManualClock::new();
+    let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    let first = Uuid::now_v7();
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Account, first).await,
+        Verdict::Allow
+    );
+    for _ in 0..2 {
+        time.advance(Duration::from_secs(1));
+        spend(&supervisor, "ada", Category::Account, 1).await;
+    }
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Account, first).await,
+        Verdict::Defer(Duration::from_secs(1)),
+        "1 a second, 2 remembered: the first grant is forgotten, so it asks as a new one"
+    );
+    let retry = Acquire {
+        category: Category::Account,
+        notification_id: Uuid::now_v7(),
+        allowed_before: true,
+    };
+    assert_eq!(
+        ask(&supervisor, "ada", retry, Duration::from_secs(2)).await,
+        Some(Verdict::Allow),
+        "a retry whose round was recorded goes all the same"
     );
     supervisor.stop(None);
 }
@@ -545,6 +707,7 @@ async fn wait_for_answer(
         let request = Acquire {
             category,
             notification_id: Uuid::now_v7(),
+            allowed_before: false,
         };
         if let Some(verdict) = ask(supervisor, user, request, Duration::from_millis(500)).await {
             return verdict;

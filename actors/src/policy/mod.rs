@@ -68,7 +68,17 @@ pub enum Gate {
 
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
 /// by quiet hours does not spend a token), given what is stored about the recipient.
-pub async fn gate(ctx: &PolicyContext, recipient: &Recipient, command: &SendCommand) -> Gate {
+///
+/// `passed_before`: a round of the notification's chain was walked since it was queued (or
+/// replayed), so the gate let it through then, rate limit included. The rate limiter then allows
+/// it again without asking for a new token, even after the limiter that allowed it is gone
+/// ([`Acquire::allowed_before`]).
+pub async fn gate(
+    ctx: &PolicyContext,
+    recipient: &Recipient,
+    command: &SendCommand,
+    passed_before: bool,
+) -> Gate {
     let wishes = &recipient.wishes;
     let critical = is_critical(command.category);
     let opted_out = PreferenceSet::from_rows(&wishes.preferences)
@@ -123,6 +133,7 @@ pub async fn gate(ctx: &PolicyContext, recipient: &Recipient, command: &SendComm
     let request = Acquire {
         category: command.category,
         notification_id: command.notification_id,
+        allowed_before: passed_before,
     };
     let verdict = match ctx.rate_limiter.get() {
         Some(limiter) => supervisor::ask(&limiter, &user, request, ctx.ask_timeout).await,

@@ -85,6 +85,14 @@ impl TokenBucket {
         }
     }
 
+    /// Takes a token at `now` whether one is free or not, going into debt if none is: for a send
+    /// that must go (one a bucket that no longer exists allowed), so later sends wait for the
+    /// debt to refill rather than this one being refused.
+    pub fn charge(&mut self, spec: &BucketSpec, now: Instant) {
+        self.refill(spec, now);
+        self.tokens -= 1.0;
+    }
+
     /// Tokens left at `now` (fractional while refilling; below zero while in debt for reserved
     /// tokens).
     pub fn tokens(&mut self, spec: &BucketSpec, now: Instant) -> f64 {

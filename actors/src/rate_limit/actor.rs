@@ -3,7 +3,14 @@
 //! On start it reads the user's recent sends from the [`SendHistory`] (without blocking its
 //! supervisor; requests that arrive meanwhile wait for it), then answers each request at once from
 //! memory. A notification that was allowed once is allowed again without a token (a retry after a
-//! transient failure is the same send).
+//! transient failure is the same send): each category remembers the notifications it granted,
+//! twice its capacity ([`remembered_grants`]), so a retry is recognised however many sends of
+//! other categories came in between. A retry the actor
+//! does not remember granting ([`Acquire::allowed_before`]: a round of it was walked, so a
+//! limiter allowed it) was allowed by an earlier limiter of the user (before a restart, a
+//! partition hand-over, an eviction or an idle stop), whose token the history this one started
+//! from does not count (it counts sends), or by this one longer ago than it remembers: it is
+//! allowed, never dropped nor held again, and charged a token, in debt if none is free.
 //!
 //! A notification deferred (policy `defer`) gets a slot of its own: the next token to refill,
 //! after those reserved already, is taken for it at once (the bucket goes into debt) and the
@@ -32,8 +39,8 @@ use super::supervisor::RateLimiterSupervisorMsg;
 use super::{CategoryLimit, SendHistory, Verdict};
 use crate::policy::token_bucket::{BucketSpec, TokenBucket};
 
-/// Notifications remembered as allowed, per user.
-const REMEMBERED_GRANTS: usize = 16;
+/// The most notifications one category of a user remembers as allowed, whatever its capacity.
+pub const MAX_REMEMBERED_GRANTS: usize = 1_024;
 
 /// How long after its slot a reservation waits to be claimed before it is forgotten: the held
 /// command comes back when its NAK delay (the slot) ends, later if its partition is busy.
@@ -46,6 +53,11 @@ pub struct Acquire {
     pub category: Category,
     /// The notification.
     pub notification_id: Uuid,
+    /// Whether the notification passed the rate limit before: a round of its channel chain was
+    /// walked since it was queued (or replayed from the dead-letter stream), so this is a retry
+    /// of a send a limiter allowed. It is allowed again, on the token it holds if this actor
+    /// granted it, else on a token charged now (in debt if none is free); never refused.
+    pub allowed_before: bool,
 }
 
 /// Messages of the [`RateLimiterActor`].
@@ -86,12 +98,12 @@ pub struct RateLimiterArgs {
     pub reserve_within: Duration,
 }
 
-/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, and 110 to 135
-/// per notification held with a reserved slot (at most [`reservation_cap`] of them).
+/// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, 16 per notification
+/// it remembers as allowed (at most [`remembered_grants`] a category), and 110 to 135 per
+/// notification held with a reserved slot (at most [`reservation_cap`] of them).
 pub struct RateLimiterState {
     args: RateLimiterArgs,
-    buckets: Vec<(Category, TokenBucket)>,
-    granted: VecDeque<Uuid>,
+    buckets: Vec<Limited>,
     /// Deferred notifications by id, with when their reserved token exists.
     reserved: HashMap<Uuid, Instant>,
     /// The same reservations by slot, earliest first, so expired ones are found at the front.
@@ -125,9 +137,8 @@ impl Actor for RateLimiterActor {
         });
         Ok(RateLimiterState {
             max_reserved: reservation_cap(&args.limits, args.reserve_within),
+            buckets: Vec::with_capacity(args.limits.len()),
             args,
-            buckets: Vec::new(),
-            granted: VecDeque::new(),
             reserved: HashMap::new(),
             slots: BTreeSet::new(),
             handled: 0,
@@ -199,6 +210,44 @@ pub fn reservation_cap(
         .fold(0, usize::saturating_add)
 }
 
+/// The most notifications a category remembers as allowed: twice its capacity, what its bucket
+/// grants in a period of full use (a burst, then a period's refill), so a retry is recognised
+/// unless that many sends of its category were allowed after it; at most
+/// [`MAX_REMEMBERED_GRANTS`]. Marketing at 3 a day: 6; transactional at 30 a minute: 60.
+pub fn remembered_grants(spec: &BucketSpec) -> usize {
+    usize::try_from(spec.capacity)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .clamp(2, MAX_REMEMBERED_GRANTS)
+}
+
+/// One limited category of a user: its bucket, and the notifications it granted a token to.
+struct Limited {
+    category: Category,
+    bucket: TokenBucket,
+    /// Latest last; at most [`remembered_grants`].
+    granted: VecDeque<Uuid>,
+}
+
+impl Limited {
+    fn new(category: Category, bucket: TokenBucket) -> Self {
+        Self {
+            category,
+            bucket,
+            granted: VecDeque::new(),
+        }
+    }
+
+    /// Remembers that `id` holds a token, so that a retry of it takes none; the oldest grant is
+    /// forgotten when [`remembered_grants`] are kept.
+    fn grant(&mut self, spec: &BucketSpec, id: Uuid) {
+        if self.granted.len() >= remembered_grants(spec) {
+            self.granted.pop_front();
+        }
+        self.granted.push_back(id);
+    }
+}
+
 /// Reads the user's sends within each limited category's period, off the actor's loop.
 fn read_history(
     history: Arc<dyn SendHistory>,
@@ -227,7 +276,7 @@ impl RateLimiterState {
             .iter()
             .map(|(category, limit)| {
                 let spent = sent.get(category).copied().unwrap_or(0);
-                (*category, TokenBucket::spent(&limit.spec(), now, spent))
+                Limited::new(*category, TokenBucket::spent(&limit.spec(), now, spent))
             })
             .collect();
         for (request, reply) in self.waiting.take().unwrap_or_default() {
@@ -240,26 +289,36 @@ impl RateLimiterState {
             return Verdict::Allow;
         };
         let id = request.notification_id;
-        if self.granted.contains(&id) {
+        let spec = limit.spec();
+        if self
+            .limited(request.category, &spec, now)
+            .granted
+            .contains(&id)
+        {
             return Verdict::Allow;
         }
         self.forget_expired_reservations(now);
         if let Some(slot) = self.reserved.get(&id).copied() {
-            return self.claim(id, slot, now);
+            return self.claim(request, &spec, slot, now);
         }
-        let spec = limit.spec();
+        if request.allowed_before {
+            // Allowed by an earlier limiter, whose token this one's history does not count, or
+            // by this one longer ago than it remembers: charged once here, never refused.
+            let limited = self.limited(request.category, &spec, now);
+            limited.bucket.charge(&spec, now);
+            limited.grant(&spec, id);
+            return Verdict::Allow;
+        }
         let within = match limit.policy {
             super::OverLimit::Defer if self.reserved.len() < self.max_reserved => {
                 self.args.reserve_within
             }
             super::OverLimit::Defer | super::OverLimit::Drop => Duration::ZERO,
         };
-        match self
-            .bucket(request.category, &spec, now)
-            .reserve(&spec, now, within)
-        {
+        let limited = self.limited(request.category, &spec, now);
+        match limited.bucket.reserve(&spec, now, within) {
             Ok(Duration::ZERO) => {
-                self.grant(id);
+                limited.grant(&spec, id);
                 Verdict::Allow
             }
             Ok(wait) => {
@@ -276,36 +335,38 @@ impl RateLimiterState {
     }
 
     /// A deferred notification back for its reserved `slot`: allowed on its token once the slot
-    /// has come, else held for the rest of its wait (redelivered early for another reason).
-    fn claim(&mut self, id: Uuid, slot: Instant, now: Instant) -> Verdict {
+    /// has come, else held for the rest of its wait (redelivered early for another reason) unless
+    /// it was allowed meanwhile (by another limiter, while this one's partition was elsewhere): its
+    /// reserved token is then its own at once.
+    fn claim(
+        &mut self,
+        request: Acquire,
+        spec: &BucketSpec,
+        slot: Instant,
+        now: Instant,
+    ) -> Verdict {
+        let id = request.notification_id;
         let left = slot.saturating_duration_since(now);
-        if !left.is_zero() {
+        if !left.is_zero() && !request.allowed_before {
             return Verdict::Defer(left);
         }
         self.reserved.remove(&id);
         self.slots.remove(&(slot, id));
-        self.grant(id);
+        self.limited(request.category, spec, now).grant(spec, id);
         Verdict::Allow
     }
 
-    /// Remembers that `id` holds a token, so that a retry of it takes none.
-    fn grant(&mut self, id: Uuid) {
-        if self.granted.len() == REMEMBERED_GRANTS {
-            self.granted.pop_front();
-        }
-        self.granted.push_back(id);
-    }
-
-    /// The category's bucket, full if it has none yet.
-    fn bucket(&mut self, category: Category, spec: &BucketSpec, now: Instant) -> &mut TokenBucket {
-        let index = match self.buckets.iter().position(|(c, _)| *c == category) {
+    /// The category's bucket and grants, a full bucket if it has none yet.
+    fn limited(&mut self, category: Category, spec: &BucketSpec, now: Instant) -> &mut Limited {
+        let index = match self.buckets.iter().position(|l| l.category == category) {
             Some(index) => index,
             None => {
-                self.buckets.push((category, TokenBucket::full(spec, now)));
+                self.buckets
+                    .push(Limited::new(category, TokenBucket::full(spec, now)));
                 self.buckets.len() - 1
             }
         };
-        &mut self.buckets[index].1
+        &mut self.buckets[index]
     }
 
     /// Forgets the reservations whose notifications did not come back within
@@ -328,10 +389,10 @@ impl RateLimiterState {
             return false;
         }
         let limits = self.args.limits.clone();
-        self.buckets.iter_mut().all(|(category, bucket)| {
+        self.buckets.iter_mut().all(|limited| {
             limits
-                .get(category)
-                .is_none_or(|limit| bucket.is_full(&limit.spec(), now))
+                .get(&limited.category)
+                .is_none_or(|limit| limited.bucket.is_full(&limit.spec(), now))
         })
     }
 }
@@ -351,5 +412,19 @@ mod tests {
         );
         assert_eq!(reservation_cap(&limits, Duration::from_secs(301)), 151 + 30);
         assert_eq!(reservation_cap(&limits, Duration::ZERO), 30);
+    }
+
+    #[test]
+    fn a_category_remembers_twice_its_capacity_in_grants_within_bounds() {
+        let limits = parse_limits(&default_limits()).expect("default limits");
+        let remembered = |category| remembered_grants(&limits[&category].spec());
+        assert_eq!(remembered(Category::Marketing), 6);
+        assert_eq!(remembered(Category::Transactional), 60);
+        let spec = |capacity| BucketSpec {
+            capacity,
+            period: Duration::from_secs(1),
+        };
+        assert_eq!(remembered_grants(&spec(1)), 2);
+        assert_eq!(remembered_grants(&spec(100_000)), MAX_REMEMBERED_GRANTS);
     }
 }

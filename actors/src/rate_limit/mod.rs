@@ -10,7 +10,9 @@
 //!
 //! Slots reserved for deferred notifications live only in their actor's memory: a new actor does
 //! not know them. The held notifications still come back spaced as their holds were set, and each
-//! then asks the new actor as a new one would (a token if free, else a slot of its own).
+//! then asks the new actor as a new one would (a token if free, else a slot of its own). A
+//! notification allowed before (a round of it was recorded) is never refused by the new actor:
+//! it is charged a token there, in debt if none is free, as the history counts sends only.
 
 pub mod actor;
 pub mod supervisor;
