@@ -562,6 +562,74 @@ async fn the_fourth_marketing_message_is_dropped_while_transactional_ones_pass()
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A marketing notification allowed within the limit whose first round fails for now is sent on
+/// its retry, although its customer was allowed 19 other sends meanwhile and the marketing bucket
+/// is empty: the retry is the same send and takes no second token. Before, the rate limiter
+/// remembered only the user's last 16 grants of any category, so the retry asked as a new
+/// notification and was skipped `rate_limited`.
+#[tokio::test]
+async fn a_retry_behind_many_other_sends_goes_out_on_the_token_it_was_allowed() {
+    let w = world(|config| {
+        // The first retry comes 5 to 10 s after the failed round: time for the other sends.
+        config.dispatch.retry.base_delay_ms = 10_000;
+        config.dispatch.retry.max_delay_ms = 10_000;
+    })
+    .await;
+    let flaky = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&flaky)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .mount(&flaky)
+        .await;
+    add_customers(
+        &w.herald,
+        vec![customer_row("mia", "en", Some(flaky.uri()))],
+    )
+    .await;
+    let retried = w
+        .herald
+        .send_accepted(&to_customer("mia", "marketing", &["webhook"]))
+        .await;
+    eventually("the first round to fail for now", E2E_TIMEOUT, || async {
+        let json = notification_json(&w.herald, &retried).await;
+        (json["attempts"].as_array().map_or(0, Vec::len) == 1).then_some(())
+    })
+    .await;
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        others.push(
+            w.herald
+                .send_accepted(&to_customer("mia", "marketing", &["email"]))
+                .await,
+        );
+    }
+    for _ in 0..17 {
+        others.push(
+            w.herald
+                .send_accepted(&to_customer("mia", "transactional", &["email"]))
+                .await,
+        );
+    }
+    for id in &others {
+        w.herald.wait_status(id, "sent").await;
+    }
+    let json = notification_json(&w.herald, &retried).await;
+    assert_eq!(
+        json["attempts"].as_array().map_or(0, Vec::len),
+        1,
+        "the test needs the 19 other sends allowed before the retry: {json}"
+    );
+    let sent = w.herald.wait_status(&retried, "sent").await;
+    assert_eq!(sent["attempts"].as_array().map_or(0, Vec::len), 2, "{sent}");
+    assert_eq!(flaky.received_requests().await.map_or(0, |r| r.len()), 2);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn over_the_limit_with_policy_defer_waits_for_a_token() {
     let w = world(|config| {
