@@ -71,7 +71,8 @@ fn circuit_decision(c: &mut Criterion) {
         let mut circuit = CircuitBreaker::new(CircuitSettings::default());
         b.iter(|| {
             let admission = circuit.admit(black_box(now));
-            circuit.on_success(admission);
+            let period = circuit.period();
+            circuit.on_success(admission, period);
             admission
         })
     });
@@ -85,7 +86,8 @@ fn circuit_decision(c: &mut Criterion) {
             || CircuitBreaker::new(CircuitSettings::default()),
             |circuit| {
                 let admission = circuit.admit(now);
-                circuit.on_failure(admission, black_box(now), None);
+                let period = circuit.period();
+                circuit.on_failure(admission, period, black_box(now), None);
             },
             BatchSize::SmallInput,
         )

@@ -333,6 +333,65 @@ async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_pr
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A provider that hangs: the sends queued for its only concurrency slot when its circuit opens
+/// never reach it and fail over to email at once, instead of each going out to the hanging
+/// provider and waiting out the send timeout. They used to: the circuit was asked only when a send
+/// arrived, not when it got its slot.
+#[tokio::test]
+async fn sends_queued_for_a_hanging_provider_fail_over_at_once_when_its_circuit_opens() {
+    const TIMEOUT: Duration = Duration::from_millis(1_500);
+    const NOTIFICATIONS: usize = 6;
+    let w = world(|c| {
+        c.channels.limits.concurrency = 1;
+        c.channels.limits.timeout_ms = TIMEOUT.as_millis() as u64;
+        c.channels.limits.circuit.failure_threshold = 1;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = 600_000;
+    })
+    .await;
+    // Telegram takes the request and does not answer within any send's timeout.
+    telegram(telegram_ok().set_delay(Duration::from_secs(30)))
+        .mount(&w.provider)
+        .await;
+    let started = std::time::Instant::now();
+    let ids = futures::future::join_all((0..NOTIFICATIONS).map(|_| {
+        w.herald
+            .send_accepted_owned(notification(&["telegram", "email"], everyone()))
+    }))
+    .await;
+    let mut sent = Vec::new();
+    for id in &ids {
+        sent.push(w.herald.wait_status(id, "sent").await);
+    }
+    let took = started.elapsed();
+
+    let requests = provider_requests(&w).await;
+    assert_eq!(
+        requests.len(),
+        1,
+        "only the send that opened the circuit reached Telegram, not the ones queued behind it"
+    );
+    let mut refused = 0;
+    for notification in &sent {
+        assert_eq!(notification["final_channel"], "email", "{notification}");
+        match statuses(notification).as_slice() {
+            [("telegram", "failed"), ("email", "sent")] => {}
+            [("telegram", "circuit_open"), ("email", "sent")] => refused += 1,
+            other => panic!("unexpected attempts {other:?}: {notification}"),
+        }
+    }
+    assert_eq!(refused, NOTIFICATIONS - 1, "{sent:?}");
+    // Each send that went out to the hanging provider took a whole timeout.
+    assert!(
+        took < TIMEOUT * 3,
+        "the notifications took {took:?} to fail over, with a {TIMEOUT:?} send timeout"
+    );
+    let state = channel_state(&w, "telegram").await;
+    assert_eq!(state["circuit"], "open", "{state}");
+    assert_eq!(state["times_opened"], 1, "{state}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
     const COOL_DOWN: Duration = Duration::from_millis(200);

@@ -6,6 +6,15 @@
 //! waiting is not started either, and its caller is told so at once
 //! ([`SendOutcome::NotStarted`], with a wait for its retry): started, it could go out after the caller had taken it for
 //! failed and moved on, and the recipient would get the message twice.
+//!
+//! A send is admitted by the circuit when it arrives, but may then wait for its permit. If the
+//! circuit opens or closes meanwhile (a new [period](CircuitBreaker::period)), the send is admitted
+//! again as the circuit now stands, at once, permit or not: refused ([`SendOutcome::CircuitOpen`],
+//! nothing sent) while it is open, the probe once its cool-down is over. So a provider that hangs
+//! does not get the sends queued for it before its circuit opened, and their callers fail over
+//! without waiting for them. A send's permit goes back only once the actor has judged its result,
+//! so the next send finds the circuit as that result left it; and the results of sends admitted
+//! before the circuit last opened or closed do not count in its new period.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -14,9 +23,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use herald_nats::Channel;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::announce::CircuitAnnouncer;
 use super::circuit::{Admission, CircuitBreaker, CircuitSettings, CircuitState};
@@ -135,16 +145,33 @@ pub enum ChannelMsg {
     Finished {
         /// How the send was admitted.
         admission: Admission,
+        /// The circuit's period it was admitted in.
+        period: u64,
         /// What it says of the provider, for the circuit.
         verdict: Verdict,
         /// The error text, if it failed.
         error: Option<String>,
+        /// The send's concurrency permit, given back once the circuit has judged the result
+        /// (`None` if the permits were closed, which they never are).
+        permit: Option<OwnedSemaphorePermit>,
     },
     /// A send task gave up before sending, as its caller no longer waited for the answer
     /// (internal).
     Abandoned {
         /// How the send was admitted.
         admission: Admission,
+        /// The circuit's period it was admitted in.
+        period: u64,
+    },
+    /// A send task not yet sent finds the circuit's period over: admit it again as the circuit
+    /// now stands (internal).
+    Readmit {
+        /// How the send was admitted.
+        admission: Admission,
+        /// The circuit's period it was admitted in.
+        period: u64,
+        /// Where the new admission goes.
+        reply: RpcReplyPort<Readmission>,
     },
     /// Report the current state.
     Snapshot(RpcReplyPort<ChannelSnapshot>),
@@ -159,6 +186,24 @@ pub enum ChannelMsg {
     },
     /// Panic on purpose, to exercise supervision (fault-injection in tests).
     Crash,
+}
+
+/// The circuit's answer to a send admitted in a period that has ended before it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readmission {
+    /// Send it, admitted anew.
+    Go {
+        /// How it is admitted now (the probe, if the circuit's cool-down is over).
+        admission: Admission,
+        /// The circuit's current period.
+        period: u64,
+    },
+    /// The circuit is open (or its probe is out): answer [`SendOutcome::CircuitOpen`], unsent.
+    /// The send no longer counts in flight.
+    Refused {
+        /// As in [`SendOutcome::CircuitOpen`].
+        cool_down_left: Duration,
+    },
 }
 
 /// What a finished send says of its provider, for the circuit.
@@ -233,6 +278,8 @@ pub struct ChannelState {
     announcer: Option<CircuitAnnouncer>,
     timeout: Duration,
     breaker: CircuitBreaker,
+    /// The circuit's period, for the send tasks waiting for a permit.
+    periods: watch::Sender<u64>,
     permits: Arc<Semaphore>,
     in_flight: usize,
     sent: u64,
@@ -254,11 +301,13 @@ impl Actor for ChannelActor {
         _myself: ActorRef<Self::Msg>,
         args: ChannelArgs,
     ) -> Result<ChannelState, ActorProcessingErr> {
+        let breaker = CircuitBreaker::new(args.settings.circuit);
         let state = ChannelState {
             provider: args.provider,
             announcer: args.announcer,
             timeout: Duration::from_millis(args.settings.timeout_ms),
-            breaker: CircuitBreaker::new(args.settings.circuit),
+            periods: watch::Sender::new(breaker.period()),
+            breaker,
             permits: args.permits,
             in_flight: 0,
             sent: 0,
@@ -284,8 +333,10 @@ impl Actor for ChannelActor {
             } => start_send(myself, state, *message, (answer_by, reply)),
             ChannelMsg::Finished {
                 admission,
+                period,
                 verdict,
                 error,
+                permit,
             } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
                 match error {
@@ -295,18 +346,36 @@ impl Actor for ChannelActor {
                         state.last_error = Some(text);
                     }
                 }
-                judge(state, admission, verdict);
+                judge(state, admission, period, verdict);
                 record_circuit(state);
+                // Only now may the next send waiting for a permit have it: it finds the circuit
+                // as this result left it (open, say, and is refused instead of sent).
+                drop(permit);
             }
-            ChannelMsg::Abandoned { admission } => {
+            ChannelMsg::Abandoned { admission, period } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
                 metrics::counter!(
                     "herald_channel_sends_abandoned_total",
                     "provider" => state.provider.name().to_string()
                 )
                 .increment(1);
-                state.breaker.on_abandoned(admission);
+                state.breaker.on_abandoned(admission, period);
                 record_circuit(state);
+            }
+            ChannelMsg::Readmit {
+                admission,
+                period,
+                reply,
+            } => {
+                let answer = readmit(state, admission, period);
+                if reply.send(answer).is_err()
+                    && let Readmission::Go { admission, period } = answer
+                {
+                    // The send's task is gone: nothing of it goes out.
+                    state.in_flight = state.in_flight.saturating_sub(1);
+                    state.breaker.on_abandoned(admission, period);
+                    record_circuit(state);
+                }
             }
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
@@ -339,11 +408,10 @@ fn start_send(
         record_circuit(state);
     }
     if admission == Admission::Refused {
-        state.refused += 1;
         let _ = reply.send(SendReport {
             provider: state.provider.name().to_string(),
             outcome: SendOutcome::CircuitOpen {
-                cool_down_left: state.breaker.cool_down_left(Instant::now()),
+                cool_down_left: refuse(state),
             },
             latency: Duration::ZERO,
         });
@@ -353,19 +421,38 @@ fn start_send(
     let provider = state.provider.clone();
     let permits = state.permits.clone();
     let timeout = state.timeout;
+    let periods = state.periods.subscribe();
+    let period = state.breaker.period();
     tokio::spawn(async move {
-        let _permit = permits.acquire_owned().await;
+        let admitted = admitted_with_permit(&myself, permits, periods, (admission, period));
+        let (admission, period, permit) = match admitted.await {
+            Admitted::Go {
+                admission,
+                period,
+                permit,
+            } => (admission, period, permit),
+            Admitted::Refused { cool_down_left } => {
+                // The circuit opened while this send waited for a permit: nothing was sent, and
+                // the caller fails over at once, as if it had found the circuit open.
+                let _ = reply.send(SendReport {
+                    provider: provider.name().to_string(),
+                    outcome: SendOutcome::CircuitOpen { cool_down_left },
+                    latency: Duration::ZERO,
+                });
+                return;
+            }
+        };
         if reply.is_closed() {
             // The caller stopped waiting while this send queued for a permit, and took it for a
             // transient failure: it has failed over or will retry, so sending now would deliver
             // the message twice.
-            let _ = myself.cast(ChannelMsg::Abandoned { admission });
+            let _ = myself.cast(ChannelMsg::Abandoned { admission, period });
             return;
         }
         if Instant::now() + timeout > answer_by {
             // Started now, the send could still be running when its caller gives up on it, and
             // go out after the caller has failed over or scheduled a retry.
-            let _ = myself.cast(ChannelMsg::Abandoned { admission });
+            let _ = myself.cast(ChannelMsg::Abandoned { admission, period });
             let _ = reply.send(SendReport {
                 provider: provider.name().to_string(),
                 outcome: SendOutcome::NotStarted { retry_in: timeout },
@@ -396,11 +483,15 @@ fn start_send(
                 (SendOutcome::Failed(err), Some(text))
             }
         };
-        // Report to the actor first: the circuit must see the result before the caller acts on it.
+        // Report to the actor first: the circuit must see the result before the caller acts on
+        // it. The permit goes with it, back once the circuit has seen the result (or with the
+        // message, if the actor is gone).
         let _ = myself.cast(ChannelMsg::Finished {
             admission,
+            period,
             verdict,
             error,
+            permit,
         });
         let _ = reply.send(SendReport {
             provider: provider.name().to_string(),
@@ -410,20 +501,130 @@ fn start_send(
     });
 }
 
+/// What became of a send while it waited for its permit.
+enum Admitted {
+    /// It has its permit and may go out, admitted so in that period of the circuit.
+    Go {
+        admission: Admission,
+        period: u64,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    /// The circuit refused it when asked again; it no longer counts in flight.
+    Refused { cool_down_left: Duration },
+}
+
+/// Waits for a send's concurrency permit; whenever the circuit's period ends before the send has
+/// gone out (with the permit or still waiting for it), asks the actor to admit the send again, as
+/// the circuit now stands. A send whose actor is gone keeps its admission.
+async fn admitted_with_permit(
+    myself: &ActorRef<ChannelMsg>,
+    permits: Arc<Semaphore>,
+    periods: watch::Receiver<u64>,
+    (mut admission, mut period): (Admission, u64),
+) -> Admitted {
+    let mut periods = Some(periods);
+    let mut acquire = std::pin::pin!(permits.acquire_owned());
+    let mut permit = None;
+    loop {
+        if let Some(watch) = &periods
+            && *watch.borrow() != period
+        {
+            let asked = myself
+                .call(
+                    |reply| ChannelMsg::Readmit {
+                        admission,
+                        period,
+                        reply,
+                    },
+                    None,
+                )
+                .await;
+            match asked {
+                Ok(CallResult::Success(Readmission::Go {
+                    admission: now,
+                    period: current,
+                })) => {
+                    admission = now;
+                    period = current;
+                }
+                Ok(CallResult::Success(Readmission::Refused { cool_down_left })) => {
+                    return Admitted::Refused { cool_down_left };
+                }
+                // The actor is gone (a restarted one has a circuit of its own): nobody to ask.
+                Ok(_) | Err(_) => periods = None,
+            }
+            continue;
+        }
+        if let Some(permit) = permit.take() {
+            return Admitted::Go {
+                admission,
+                period,
+                permit,
+            };
+        }
+        tokio::select! {
+            acquired = &mut acquire => permit = Some(acquired.ok()),
+            () = period_over(periods.as_mut(), period) => {}
+        }
+    }
+}
+
+/// Returns once the circuit's period is no longer `period`; never once its actor is gone.
+async fn period_over(periods: Option<&mut watch::Receiver<u64>>, period: u64) {
+    if let Some(periods) = periods
+        && periods.wait_for(|now| *now != period).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Admits again a send admitted as `admission` in `period`, if that period is over.
+fn readmit(state: &mut ChannelState, admission: Admission, period: u64) -> Readmission {
+    if period == state.breaker.period() {
+        return Readmission::Go { admission, period };
+    }
+    match state.breaker.admit(Instant::now()) {
+        Admission::Refused => {
+            state.in_flight = state.in_flight.saturating_sub(1);
+            Readmission::Refused {
+                cool_down_left: refuse(state),
+            }
+        }
+        admission => {
+            if admission == Admission::Probe {
+                record_circuit(state);
+            }
+            Readmission::Go {
+                admission,
+                period: state.breaker.period(),
+            }
+        }
+    }
+}
+
+/// Counts a send refused by the open circuit; returns how long until it lets a probe through.
+fn refuse(state: &mut ChannelState) -> Duration {
+    state.refused += 1;
+    state.breaker.cool_down_left(Instant::now())
+}
+
 /// Reports a finished send to the circuit, and announces the circuit if that opened it.
-fn judge(state: &mut ChannelState, admission: Admission, verdict: Verdict) {
+fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: Verdict) {
     match verdict {
-        Verdict::Answered => state.breaker.on_success(admission),
+        Verdict::Answered => state.breaker.on_success(admission, period),
         Verdict::Failed { retry_after } => {
             let was = state.breaker.state();
             let now = Instant::now();
-            state.breaker.on_failure(admission, now, retry_after);
+            state
+                .breaker
+                .on_failure(admission, period, now, retry_after);
             if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
                 announce(state, state.breaker.cool_down_left(now));
             }
         }
         // A probe that tested nothing leaves the next send to probe.
-        Verdict::Untested => state.breaker.on_abandoned(admission),
+        Verdict::Untested => state.breaker.on_abandoned(admission, period),
     }
 }
 
@@ -435,8 +636,15 @@ fn announce(state: &ChannelState, open_for: Duration) {
     }
 }
 
-/// Publishes the circuit state as `herald_circuit_state` (0 closed, 1 half-open, 2 open).
+/// Publishes the circuit state as `herald_circuit_state` (0 closed, 1 half-open, 2 open), and its
+/// period to the sends waiting for a permit.
 fn record_circuit(state: &ChannelState) {
+    let period = state.breaker.period();
+    state.periods.send_if_modified(|published| {
+        let changed = *published != period;
+        *published = period;
+        changed
+    });
     let value = match state.breaker.state() {
         CircuitState::Closed => 0.0,
         CircuitState::HalfOpen => 1.0,
@@ -534,6 +742,93 @@ mod tests {
                 Ok(Receipt::new(None))
             })
         }
+    }
+
+    /// A provider whose sends each wait for the test's answer; it tells the test of each send as
+    /// it arrives.
+    struct HeldProvider {
+        held: mpsc::UnboundedSender<HeldSend>,
+    }
+
+    /// A send that reached a [`HeldProvider`] and waits for its answer.
+    struct HeldSend {
+        id: Uuid,
+        answer: tokio::sync::oneshot::Sender<Result<Receipt, ProviderError>>,
+    }
+
+    impl HeldSend {
+        /// Answers the send with `result`.
+        fn answer(self, result: Result<Receipt, ProviderError>) {
+            self.answer.send(result).expect("the held send still waits");
+        }
+    }
+
+    impl Provider for HeldProvider {
+        fn channel(&self) -> Channel {
+            Channel::Sms
+        }
+
+        fn name(&self) -> &str {
+            "held"
+        }
+
+        fn send<'a>(
+            &'a self,
+            message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            Box::pin(async move {
+                let (answer, answered) = tokio::sync::oneshot::channel();
+                let _ = self.held.send(HeldSend {
+                    id: message.notification_id,
+                    answer,
+                });
+                match answered.await {
+                    Ok(result) => result,
+                    // The test dropped it unanswered: the provider hangs.
+                    Err(_) => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    /// A channel actor over a [`HeldProvider`], and the sends that reach it.
+    async fn spawn_held(
+        settings: ChannelSettings,
+    ) -> (ActorRef<ChannelMsg>, mpsc::UnboundedReceiver<HeldSend>) {
+        let (held, sends) = mpsc::unbounded_channel();
+        (spawn(HeldProvider { held }, settings).await, sends)
+    }
+
+    /// The next send to reach a [`HeldProvider`], which must be `id`'s.
+    async fn next_held(sends: &mut mpsc::UnboundedReceiver<HeldSend>, id: Uuid) -> HeldSend {
+        let send = tokio::time::timeout(WAIT, sends.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no send reached the provider within {WAIT:?}"))
+            .expect("the provider is alive");
+        assert_eq!(send.id, id, "another send reached the provider first");
+        send
+    }
+
+    /// The answer to a send made with [`send_in_background`].
+    async fn answer_of(
+        send: tokio::task::JoinHandle<
+            Result<CallResult<SendReport>, ractor::MessagingErr<ChannelMsg>>,
+        >,
+        what: &str,
+    ) -> SendReport {
+        let answer = tokio::time::timeout(WAIT, send)
+            .await
+            .unwrap_or_else(|_| panic!("{what} was not answered within {WAIT:?}"))
+            .expect("caller task")
+            .expect("actor alive");
+        match answer {
+            CallResult::Success(report) => report,
+            other => panic!("{what} was not answered: {other:?}"),
+        }
+    }
+
+    fn http_503() -> Result<Receipt, ProviderError> {
+        Err(ProviderError::transient("HTTP 503"))
     }
 
     /// A provider with a bug: every send panics.
@@ -1157,6 +1452,162 @@ mod tests {
         assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
         assert_eq!(closed.times_opened, 1, "{closed:?}");
         assert_eq!(calls.load(Ordering::SeqCst), 4);
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn sends_queued_when_the_circuit_opens_are_refused_without_reaching_the_provider() {
+        // Two sends at the provider, three queued behind them; the circuit opens at the first
+        // failure. A timeout long enough that the queued sends cannot have been refused by it.
+        let settings = ChannelSettings {
+            concurrency: 2,
+            timeout_ms: 5_000,
+            ..opening_at_once(600_000)
+        };
+        let (actor, mut sends) = spawn_held(settings).await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&actor, first);
+        let first_held = next_held(&mut sends, first_id).await;
+        let second = outbound();
+        let second_id = second.notification_id;
+        let _second_answer = send_in_background(&actor, second);
+        let second_held = next_held(&mut sends, second_id).await;
+        let queued: Vec<_> = (0..3)
+            .map(|_| send_in_background(&actor, outbound()))
+            .collect();
+        snapshot_when(&actor, "three sends to queue for a permit", |s| {
+            s.in_flight == 5
+        })
+        .await;
+
+        // The first send fails and opens the circuit; the second still hangs at the provider.
+        first_held.answer(http_503());
+        let first = answer_of(first_answer, "the first send").await;
+        assert!(matches!(first.outcome, SendOutcome::Failed(_)), "{first:?}");
+        let started = Instant::now();
+        for (n, send) in queued.into_iter().enumerate() {
+            let report = answer_of(send, &format!("queued send {n}")).await;
+            match report.outcome {
+                SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                    cool_down_left > Duration::from_secs(60),
+                    "queued send {n}: {cool_down_left:?}"
+                ),
+                other => panic!(
+                    "queued send {n} was not refused by the open circuit after {:?}: {other:?}",
+                    started.elapsed()
+                ),
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(settings.timeout_ms),
+            "the queued sends waited {:?} for their refusal",
+            started.elapsed()
+        );
+        if let Ok(reached) = sends.try_recv() {
+            panic!(
+                "a send queued when the circuit opened reached the provider: {}",
+                reached.id
+            );
+        }
+        let open = snapshot_when(&actor, "the refusals to settle", |s| s.in_flight == 1).await;
+        assert_eq!(open.circuit, CircuitState::Open, "{open:?}");
+        assert_eq!((open.refused, open.times_opened), (3, 1), "{open:?}");
+
+        // The second send's late failure changes nothing.
+        second_held.answer(http_503());
+        let settled =
+            snapshot_when(&actor, "the second send to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.circuit, CircuitState::Open, "{settled:?}");
+        assert_eq!(settled.times_opened, 1, "{settled:?}");
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_send_queued_when_the_circuit_opens_is_the_probe_once_the_cool_down_is_over() {
+        // No cool-down: the queued send, let out once the first fails, is the half-open probe,
+        // and its success closes the circuit.
+        let (actor, mut sends) = spawn_held(ChannelSettings {
+            concurrency: 1,
+            ..opening_at_once(0)
+        })
+        .await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&actor, first);
+        let first_held = next_held(&mut sends, first_id).await;
+        let queued = outbound();
+        let queued_id = queued.notification_id;
+        let queued_answer = send_in_background(&actor, queued);
+        snapshot_when(&actor, "the second send to queue", |s| s.in_flight == 2).await;
+
+        first_held.answer(http_503());
+        answer_of(first_answer, "the first send").await;
+        let probe = next_held(&mut sends, queued_id).await;
+        let half_open =
+            snapshot_when(&actor, "the first send to settle", |s| s.in_flight == 1).await;
+        assert_eq!(
+            half_open.circuit,
+            CircuitState::HalfOpen,
+            "the queued send went out as the probe: {half_open:?}"
+        );
+        probe.answer(Ok(Receipt::new(None)));
+        let report = answer_of(queued_answer, "the probe").await;
+        assert!(
+            matches!(report.outcome, SendOutcome::Accepted(_)),
+            "{report:?}"
+        );
+        let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
+        assert_eq!(closed.times_opened, 1, "{closed:?}");
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_failure_of_a_send_from_before_the_circuit_opened_does_not_reopen_it_after_a_good_probe()
+     {
+        let (actor, mut sends) = spawn_held(ChannelSettings {
+            concurrency: 2,
+            ..opening_at_once(0)
+        })
+        .await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&actor, first);
+        let first_held = next_held(&mut sends, first_id).await;
+        let stale = outbound();
+        let stale_id = stale.notification_id;
+        let stale_answer = send_in_background(&actor, stale);
+        let stale_held = next_held(&mut sends, stale_id).await;
+
+        // The first send opens the circuit; the next send, after the (empty) cool-down, is the
+        // probe, and closes it.
+        first_held.answer(http_503());
+        answer_of(first_answer, "the first send").await;
+        let probe = outbound();
+        let probe_id = probe.notification_id;
+        let probe_answer = send_in_background(&actor, probe);
+        next_held(&mut sends, probe_id)
+            .await
+            .answer(Ok(Receipt::new(None)));
+        answer_of(probe_answer, "the probe").await;
+        let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 1).await;
+        assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
+
+        // The send that went out before the circuit opened fails only now: it says nothing of the
+        // provider since the probe, so it does not count toward the new window.
+        stale_held.answer(http_503());
+        answer_of(stale_answer, "the stale send").await;
+        let settled = snapshot_when(&actor, "the stale send to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            (
+                settled.circuit,
+                settled.times_opened,
+                settled.recent_failures
+            ),
+            (CircuitState::Closed, 1, 0),
+            "{settled:?}"
+        );
         actor.stop(None);
     }
 }

@@ -10,6 +10,12 @@
 //! taken at its word: a circuit opened by such a failure (or by such a failed probe) stays open
 //! until then if that is longer than the cool-down, though never longer than `max_cool_down`, so
 //! that a wrong or hostile header cannot park a provider for a day.
+//!
+//! Every opening and every closing starts a new *period* ([`CircuitBreaker::period`]). A send is
+//! admitted in a period, and its result counts only in that period: a send admitted before the
+//! circuit opened (or before a probe closed it) that reports afterwards says nothing of the
+//! provider since, and does not count toward the new window. The caller also asks again
+//! ([`CircuitBreaker::admit`]) for a send whose period ended before it went out.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -103,6 +109,8 @@ pub struct CircuitBreaker {
     /// clock can count).
     open_until: Option<Instant>,
     times_opened: u64,
+    /// Counts the openings and closings.
+    period: u64,
 }
 
 impl CircuitBreaker {
@@ -114,6 +122,7 @@ impl CircuitBreaker {
             recent_failures: VecDeque::new(),
             open_until: None,
             times_opened: 0,
+            period: 0,
         }
     }
 
@@ -125,6 +134,13 @@ impl CircuitBreaker {
     /// How many times the circuit has opened since start.
     pub fn times_opened(&self) -> u64 {
         self.times_opened
+    }
+
+    /// The current period: it changes whenever the circuit opens or closes (not when the probe
+    /// goes out, nor when an abandoned probe hands over to the next send). A send is admitted in
+    /// the period current at its admission, and reports its result with it.
+    pub fn period(&self) -> u64 {
+        self.period
     }
 
     /// Failures counted in the current window.
@@ -171,25 +187,36 @@ impl CircuitBreaker {
         }
     }
 
-    /// Reports a send that succeeded (or failed in a way that is not the provider's fault, but
-    /// only after reaching it).
-    pub fn on_success(&mut self, admission: Admission) {
-        if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
+    /// Reports a send admitted as `admission` in `period` that succeeded (or failed in a way that
+    /// is not the provider's fault, but only after reaching it).
+    pub fn on_success(&mut self, admission: Admission, period: u64) {
+        if admission == Admission::Probe
+            && period == self.period
+            && self.state == CircuitState::HalfOpen
+        {
             self.state = CircuitState::Closed;
             self.recent_failures.clear();
             self.open_until = None;
+            self.period += 1;
         }
     }
 
-    /// Reports a send that failed through the provider's fault at `now`, with the wait the
-    /// provider asked for, if it did (Retry-After): a circuit that opens on it stays open that
-    /// long, if longer than the cool-down (up to `max_cool_down_ms`).
+    /// Reports a send admitted as `admission` in `period` that failed through the provider's
+    /// fault at `now`, with the wait the provider asked for, if it did (Retry-After): a circuit
+    /// that opens on it stays open that long, if longer than the cool-down (up to
+    /// `max_cool_down_ms`). The failure of a send admitted in an earlier period changes nothing.
     pub fn on_failure(
         &mut self,
         admission: Admission,
+        period: u64,
         now: Instant,
         retry_after: Option<Duration>,
     ) {
+        if period != self.period {
+            // Admitted before the circuit last opened or closed: its failure is old news, already
+            // judged by the opening or overruled by the probe that closed the circuit.
+            return;
+        }
         match (self.state, admission) {
             (CircuitState::HalfOpen, Admission::Probe) => self.open(now, retry_after),
             (CircuitState::Closed, _) => {
@@ -214,16 +241,21 @@ impl CircuitBreaker {
                     self.open(now, asked.map(|until| until.saturating_duration_since(now)));
                 }
             }
-            // Late results of sends admitted before the circuit opened change nothing.
+            // Nothing else is reported in the current period: an ordinary send's period ended
+            // when the circuit opened.
             _ => {}
         }
     }
 
-    /// Reports a send that was admitted but never reached the provider (its caller stopped
-    /// waiting, or it failed before anything was sent): an abandoned probe tested nothing, so the
-    /// circuit goes back to open with its cool-down already over, and the next send is the probe.
-    pub fn on_abandoned(&mut self, admission: Admission) {
-        if admission == Admission::Probe && self.state == CircuitState::HalfOpen {
+    /// Reports a send admitted as `admission` in `period` that never reached the provider (its
+    /// caller stopped waiting, or it failed before anything was sent): an abandoned probe tested
+    /// nothing, so the circuit goes back to open with its cool-down already over, and the next
+    /// send is the probe.
+    pub fn on_abandoned(&mut self, admission: Admission, period: u64) {
+        if admission == Admission::Probe
+            && period == self.period
+            && self.state == CircuitState::HalfOpen
+        {
             self.state = CircuitState::Open;
         }
     }
@@ -238,6 +270,7 @@ impl CircuitBreaker {
         self.state = CircuitState::Open;
         self.open_until = now.checked_add(self.settings.open_for(wait));
         self.recent_failures.clear();
+        self.period += 1;
     }
 }
 
@@ -264,10 +297,10 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..2 {
             assert_eq!(cb.admit(t0 + ms(i)), Admission::Allowed);
-            cb.on_failure(Admission::Allowed, t0 + ms(i), None);
+            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(i), None);
         }
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(11)), Admission::Refused);
         assert_eq!(cb.times_opened(), 1);
@@ -277,9 +310,9 @@ mod tests {
     fn failures_outside_the_window_do_not_add_up() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, t0, None);
-        cb.on_failure(Admission::Allowed, t0 + ms(600), None);
-        cb.on_failure(Admission::Allowed, t0 + ms(1_500), None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(600), None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(1_500), None);
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 2);
     }
@@ -297,7 +330,7 @@ mod tests {
             Admission::Refused,
             "only one probe"
         );
-        cb.on_success(Admission::Probe);
+        cb.on_success(Admission::Probe, cb.period());
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.admit(t0 + ms(5_002)), Admission::Allowed);
     }
@@ -323,9 +356,14 @@ mod tests {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         assert_eq!(cb.probe_in(t0), None, "closed");
-        cb.on_failure(Admission::Allowed, t0, None);
-        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
-        cb.on_failure(Admission::Allowed, t0 + ms(20), Some(ms(20_000)));
+        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            t0 + ms(20),
+            Some(ms(20_000)),
+        );
         assert_eq!(
             cb.probe_in(t0 + ms(1_020)),
             Some(ms(19_000)),
@@ -338,10 +376,10 @@ mod tests {
         );
         assert_eq!(cb.admit(t0 + ms(30_000)), Admission::Probe);
         assert_eq!(cb.probe_in(t0 + ms(30_000)), None, "half-open");
-        cb.on_failure(Admission::Probe, t0 + ms(30_100), None);
+        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(30_100), None);
         assert_eq!(cb.probe_in(t0 + ms(30_100)), Some(ms(5_000)), "reopened");
         assert_eq!(cb.admit(t0 + ms(35_100)), Admission::Probe);
-        cb.on_success(Admission::Probe);
+        cb.on_success(Admission::Probe, cb.period());
         assert_eq!(cb.probe_in(t0 + ms(35_100)), None, "closed again");
     }
 
@@ -351,7 +389,7 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, t0 + ms(5_100), None);
+        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(5_100), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(9_000)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(10_100)), Admission::Probe);
@@ -364,9 +402,9 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_abandoned(Admission::Allowed);
+        cb.on_abandoned(Admission::Allowed, cb.period());
         assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe");
-        cb.on_abandoned(Admission::Probe);
+        cb.on_abandoned(Admission::Probe, cb.period());
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(
             cb.admit(t0 + ms(5_001)),
@@ -380,21 +418,86 @@ mod tests {
     fn late_results_of_earlier_sends_do_not_close_or_reopen() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
+        let closed = cb.period();
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_success(Admission::Allowed);
+        cb.on_success(Admission::Allowed, closed);
         assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe's result");
-        cb.on_failure(Admission::Allowed, t0 + ms(5_001), None);
+        cb.on_failure(Admission::Allowed, closed, t0 + ms(5_001), None);
         assert_eq!(cb.state(), CircuitState::HalfOpen);
+    }
+
+    #[test]
+    fn failures_of_sends_admitted_before_the_circuit_last_opened_or_closed_do_not_count() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let first = cb.period();
+        assert_eq!(cb.admit(t0), Admission::Allowed);
+        cb.open(t0, None);
+        let open = cb.period();
+        assert_ne!(open, first, "opening starts a period");
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        assert_eq!(cb.period(), open, "the probe is of the period it tests");
+        cb.on_success(Admission::Probe, open);
+        assert_eq!(cb.state(), CircuitState::Closed);
+        let closed = cb.period();
+        assert_ne!(closed, open, "closing starts a period");
+
+        // Sends admitted before the circuit opened fail only now, after the good probe.
+        for i in 0..3 {
+            cb.on_failure(Admission::Allowed, first, t0 + ms(5_001 + i), None);
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Closed,
+            "stale failures reopened it"
+        );
+        assert_eq!(cb.recent_failures(), 0);
+
+        // Sends admitted since do.
+        for i in 0..3 {
+            assert_eq!(cb.admit(t0 + ms(5_010 + i)), Admission::Allowed);
+            cb.on_failure(Admission::Allowed, closed, t0 + ms(5_010 + i), None);
+        }
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(cb.times_opened(), 2);
+    }
+
+    #[test]
+    fn a_probe_of_an_earlier_period_neither_closes_nor_reopens() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.open(t0, None);
+        let open = cb.period();
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        cb.on_failure(Admission::Probe, open, t0 + ms(5_001), None);
+        assert_eq!(cb.admit(t0 + ms(10_001)), Admission::Probe);
+        let reopened = cb.period();
+        assert_ne!(reopened, open);
+        cb.on_success(Admission::Probe, open);
+        assert_eq!(
+            cb.state(),
+            CircuitState::HalfOpen,
+            "the first probe's result again"
+        );
+        cb.on_abandoned(Admission::Probe, open);
+        assert_eq!(cb.state(), CircuitState::HalfOpen);
+        cb.on_success(Admission::Probe, reopened);
+        assert_eq!(cb.state(), CircuitState::Closed);
     }
 
     #[test]
     fn a_longer_retry_after_keeps_the_circuit_open_until_it_passes() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, t0, None);
-        cb.on_failure(Admission::Allowed, t0 + ms(10), None);
-        cb.on_failure(Admission::Allowed, t0 + ms(20), Some(ms(20_000)));
+        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            t0 + ms(20),
+            Some(ms(20_000)),
+        );
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(
             cb.cool_down_left(t0 + ms(1_020)),
@@ -417,7 +520,7 @@ mod tests {
             failure_threshold: 1,
             ..settings()
         });
-        cb.on_failure(Admission::Allowed, t0, Some(ms(1_000)));
+        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(1_000)));
         assert_eq!(cb.cool_down_left(t0), ms(5_000));
         assert_eq!(cb.admit(t0 + ms(4_999)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
@@ -427,9 +530,9 @@ mod tests {
     fn an_earlier_failures_retry_after_holds_when_a_later_one_opens() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, t0, Some(ms(30_000)));
-        cb.on_failure(Admission::Allowed, t0 + ms(100), None);
-        cb.on_failure(Admission::Allowed, t0 + ms(200), None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(30_000)));
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(100), None);
+        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(200), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.cool_down_left(t0 + ms(200)), ms(29_800));
         assert_eq!(cb.admit(t0 + ms(29_999)), Admission::Refused);
@@ -443,13 +546,23 @@ mod tests {
             failure_threshold: 1,
             ..settings()
         });
-        cb.on_failure(Admission::Allowed, t0, Some(Duration::from_secs(86_400)));
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            t0,
+            Some(Duration::from_secs(86_400)),
+        );
         assert_eq!(cb.cool_down_left(t0), ms(60_000), "max_cool_down_ms");
         assert_eq!(cb.admit(t0 + ms(59_999)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(60_000)), Admission::Probe);
 
         // Absurd waits do not overflow the clock either.
-        cb.on_failure(Admission::Probe, t0 + ms(60_000), Some(Duration::MAX));
+        cb.on_failure(
+            Admission::Probe,
+            cb.period(),
+            t0 + ms(60_000),
+            Some(Duration::MAX),
+        );
         assert_eq!(cb.cool_down_left(t0 + ms(60_000)), ms(60_000));
     }
 
@@ -469,7 +582,12 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, t0 + ms(5_100), Some(ms(40_000)));
+        cb.on_failure(
+            Admission::Probe,
+            cb.period(),
+            t0 + ms(5_100),
+            Some(ms(40_000)),
+        );
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.cool_down_left(t0 + ms(10_100)), ms(35_000));
         assert_eq!(
@@ -495,9 +613,9 @@ mod tests {
     fn a_retry_after_of_a_failure_out_of_the_window_does_not_count() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, t0, Some(ms(30_000)));
+        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(30_000)));
         for i in 0..3 {
-            cb.on_failure(Admission::Allowed, t0 + ms(2_000 + i), None);
+            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(2_000 + i), None);
         }
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(
