@@ -31,6 +31,7 @@ mod m20261206_001001_batches_request_id;
 mod m20261206_001101_request_fingerprints;
 mod m20261207_001201_outbox_ordering_key;
 mod m20261207_001301_history_filter_indexes;
+mod m20261207_001401_queued_marked_index;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -59,6 +60,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_001101_request_fingerprints::Migration),
             Box::new(m20261207_001201_outbox_ordering_key::Migration),
             Box::new(m20261207_001301_history_filter_indexes::Migration),
+            Box::new(m20261207_001401_queued_marked_index::Migration),
         ]
     }
 }

@@ -2,9 +2,9 @@
 //! indexes, against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migrations
-//! `m20261203_000501`, `m20261204_000601` and `m20261204_000701`), so a query is served by one only if the database
-//! can tell that its rows all satisfy the index's condition, with the values bound as the
-//! application binds them. On PostgreSQL the plans are generic ones, made without the bound
+//! `m20261203_000501`, `m20261204_000601`, `m20261204_000701` and `m20261207_001401`), so a query
+//! is served by one only if the database can tell that its rows all satisfy the index's
+//! condition, with the values bound as the application binds them. On PostgreSQL the plans are generic ones, made without the bound
 //! values, as a prepared statement may switch to after five runs; and since PostgreSQL prefers to
 //! read an empty table whole, sequential scans are off: the plan still reads the table whole when
 //! no index can serve. The migrations are also rolled back and applied again.
@@ -102,6 +102,11 @@ fn due_scan() -> SelectStatement {
     schedule::due(Utc::now(), 100).into_query()
 }
 
+/// The scheduler's sweep for claims, API sends and replays never confirmed published.
+fn stale_sweep() -> SelectStatement {
+    schedule::stale(Utc::now() - Duration::seconds(30), 100).into_query()
+}
+
 /// A starting rate limiter's read of its user's recent sends.
 fn histories() -> SelectStatement {
     let users = ["ada@example.com".to_string()];
@@ -179,9 +184,8 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     )
     .await;
 
-    let stale = schedule::stale(now - Duration::seconds(30), 100).into_query();
-    let index = "idx_notifications_queued_updated";
-    assert_planned_on(&txn, kind, &stale, index, "the stale-claim sweep").await;
+    let index = "idx_notifications_queued_marked";
+    assert_planned_on(&txn, kind, &stale_sweep(), index, "the stale-claim sweep").await;
 
     for status in [
         NotificationStatus::Processing,
@@ -339,6 +343,7 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
             ("idx_notifications_recipient_sent_at", "sent_at"),
             ("idx_notifications_delivered", "id"),
             ("idx_notifications_category", "category"),
+            ("idx_notifications_queued_marked", "updated_at"),
         ] {
             db.execute_unprepared(&format!(
                 "CREATE INDEX {index} ON notifications ({column}); \
@@ -373,6 +378,9 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let new = "idx_notifications_final_channel";
     let what = "listing a channel, migrated again";
     assert_planned_afresh(url, kind, &channel_listing(), new, what).await;
+    let new = "idx_notifications_queued_marked";
+    let what = "the stale-claim sweep, migrated again";
+    assert_planned_afresh(url, kind, &stale_sweep(), new, what).await;
     let new = "idx_delivery_attempts_created_at";
     let what = "the provider outcomes, migrated again";
     assert_planned_afresh(url, kind, &attempt_outcomes(), new, what).await;

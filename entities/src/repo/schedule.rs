@@ -140,9 +140,16 @@ pub async fn stale_claims(
 }
 
 /// The query behind [`stale_claims`] (public so that tests can check how databases plan it).
+///
+/// Every mark is a `status_reason`, so `status_reason IS NOT NULL` changes nothing it finds; it
+/// is written out so that both databases serve the query from `idx_notifications_queued_marked`
+/// (queued rows with a reason), which leaves out the queued rows without one: a bulk send's
+/// fan-out, the router's notifications, API sends whose command is confirmed published. Without
+/// it, a backlog of those older than `before` was read whole on every poll.
 pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
     notification::Entity::find()
         .filter(super::status_is(NotificationStatus::Queued))
+        .filter(notification::Column::StatusReason.is_not_null())
         .filter(unconfirmed())
         .filter(notification::Column::UpdatedAt.lt(before))
         .limit(limit)
