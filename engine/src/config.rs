@@ -68,6 +68,13 @@ const MIN_STREAM_BYTES: u64 = 1 << 20;
 /// Seconds in a day: `scheduler.retention_days` against stream ages in seconds.
 const SECS_PER_DAY: u64 = 24 * 3600;
 
+/// The most notifications a Scheduler may claim at once (`scheduler.claim_limit`). A claim's
+/// UPDATE binds one SQL parameter per notification (and four more), its read-back one per
+/// notification: SQLite refuses a statement with more than 32,766 parameters, PostgreSQL more
+/// than 65,535, and every claim would fail, each poll, with the error only logged. Far below
+/// both, as a claim's commands are published in one round.
+const MAX_CLAIM_LIMIT: u64 = 10_000;
+
 /// Cluster settings: how instances share the command partitions.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -1068,6 +1075,14 @@ impl Config {
             // No scheduled notification would ever be claimed.
             return invalid("scheduler.claim_limit must be at least 1".into());
         }
+        if self.scheduler.claim_limit > MAX_CLAIM_LIMIT {
+            return invalid(format!(
+                "scheduler.claim_limit ({}) must be at most {MAX_CLAIM_LIMIT}: a claim binds one \
+                 SQL parameter per notification, and a statement with more than the database \
+                 takes (32,766 on SQLite, 65,535 on PostgreSQL) fails at every poll",
+                self.scheduler.claim_limit
+            ));
+        }
         if self.dispatch.shutdown_grace_secs == 0 {
             // Sends in progress would be abandoned at every shutdown and partition hand-over,
             // and sent again by the instance that takes the partition.
@@ -2046,6 +2061,16 @@ mod limits_tests {
                 Box::new(|c| c.scheduler.claim_limit = 0),
             ),
             (
+                // One SQL parameter per notification claimed: SQLite refuses a statement with
+                // more than 32,766 and every claim would fail (only logged).
+                "scheduler.claim_limit (10001) must be at most 10000",
+                Box::new(|c| c.scheduler.claim_limit = 10_001),
+            ),
+            (
+                "scheduler.claim_limit",
+                Box::new(|c| c.scheduler.claim_limit = 40_000),
+            ),
+            (
                 "dispatch.shutdown_grace_secs",
                 Box::new(|c| c.dispatch.shutdown_grace_secs = 0),
             ),
@@ -2480,5 +2505,7 @@ mod limits_tests {
             );
         });
         assert_eq!(accepted, None);
+        let largest_claim = refusal(|c| c.scheduler.claim_limit = 10_000);
+        assert_eq!(largest_claim, None, "the largest claim limit");
     }
 }
