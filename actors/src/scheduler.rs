@@ -6,11 +6,19 @@
 //! 1. claims due `scheduled` notifications (`scheduled → queued` by conditional UPDATE, so two
 //!    instances never both take one), publishes their commands rebuilt from the row, then clears
 //!    the claim mark; a failed publish gives the claim back, but one NATS refuses as larger than
-//!    its `max_payload` fails the notification (no retry would publish it). Claims left unconfirmed by an
+//!    its `max_payload` fails the notification (no retry would publish it). A claim's command goes
+//!    under a `Nats-Msg-Id` of its own, `<id>:claim:<token>` ([`release_msg_id`]), not the
+//!    notification's id: a deferred notification's first command went under that, and may still
+//!    be in the stream's de-duplication window (set longer by another instance, say), where
+//!    JetStream would drop the release and the notification would stay `queued` unsent. Should
+//!    JetStream still take a new claim's command for a duplicate, the claim is given back, to be
+//!    claimed anew under another token. Claims left unconfirmed by an
 //!    instance that stopped mid-way, and API sends and dead-letter replays still marked as not
 //!    yet published (their request stopped between storing and publishing), are published again
-//!    after `stale_claim_secs` (`Nats-Msg-Id` de-duplication drops the copy if the first one did
-//!    go out; a replay's copy goes under its replay's id, with its attempt base). While a claim
+//!    after `stale_claim_secs` under the id they were first published with (`Nats-Msg-Id`
+//!    de-duplication drops the copy if the first one did go out, and past the window a
+//!    dispatcher's claim drops a command whose notification has moved on; a replay's copy goes
+//!    under its replay's id, with its attempt base). While a claim
 //!    comes back full (`claim_limit`) and all of it went out, the next chunk is claimed at once,
 //!    for at most `bulk_round_ms`, and the next round then starts at once: many notifications due
 //!    in the same second do not wait `poll_interval_ms` per `claim_limit`. A failure ends the
@@ -52,8 +60,9 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Contacts, Publisher, SCHEMA_VERSION, SendCommand,
+    Contacts, Publisher, SCHEMA_VERSION, SendCommand, Stored,
     batch::{BatchRecipient, BatchSpec, BatchTarget, batch_notification_id},
+    release_msg_id,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sea_orm::{ActiveValue::Set, DatabaseConnection};
@@ -341,21 +350,20 @@ async fn release_due(args: &SchedulerArgs) -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     let full = rows.len() as u64 >= limit.max(1) || stale.len() as u64 >= limit.max(1);
+    // Claimed now, then claimed (or stored, or requeued) by earlier rounds and left unconfirmed.
+    let claimed_now = rows.len();
     rows.extend(stale);
     if rows.is_empty() {
         return Ok(false);
     }
     let mut unpublishable = Vec::new();
     let mut commands = Vec::new();
-    for row in &rows {
+    for (index, row) in rows.iter().enumerate() {
         match repo::notifications::send_command(row).map_err(|e| e.to_string()) {
             Ok(command) => commands.push(Outgoing {
                 key: row.recipient_key.clone(),
                 command,
-                replay: PendingReplay::of(row).map(|pending| Replay {
-                    pending,
-                    attempts_before: row.attempts,
-                }),
+                release: Release::of(row, index < claimed_now),
             }),
             Err(reason) => unpublishable.push(failure(
                 row.id,
@@ -374,6 +382,7 @@ async fn release_due(args: &SchedulerArgs) -> Result<bool, String> {
     if !all_out {
         tracing::warn!(
             failed = published.failed.len(),
+            first_reason = published.failed_reason.as_deref().unwrap_or_default(),
             "scheduler: could not publish; will retry"
         );
         repo::schedule::unclaim(&args.db, &published.failed)
@@ -431,8 +440,53 @@ struct Outgoing {
     /// Its recipient's key (the partition).
     key: String,
     command: SendCommand,
-    /// Set when it is a dead-letter replay's command that its replay left unconfirmed.
-    replay: Option<Replay>,
+    /// Which publish of the command this is, and so its `Nats-Msg-Id`.
+    release: Release,
+}
+
+/// Which publish of a command an [`Outgoing`] is: what its `Nats-Msg-Id` is, and whether
+/// JetStream may have stored that id before.
+enum Release {
+    /// The notification's first command, under the notification's id: a bulk page's, or an API
+    /// send's left unconfirmed (a copy that did go out is a duplicate JetStream drops).
+    First,
+    /// A Scheduler's claim of a notification come due (scheduled, or deferred): under
+    /// [`release_msg_id`] with the claim's token, never the notification's id, which its first
+    /// command (an API send's, before a deferral) may still hold in the de-duplication window.
+    Claim {
+        /// The claim's token, from its mark.
+        token: String,
+        /// Claimed in this round, so never published before: JetStream taking it for a duplicate
+        /// would drop it unseen, and it is given back to be claimed anew (under a new token). A
+        /// stale claim's copy is published again under the same id so that it is dropped if
+        /// the first one went out.
+        fresh: bool,
+    },
+    /// A dead-letter replay's command, left unconfirmed: as its replay published it.
+    Replay(Replay),
+}
+
+impl Release {
+    /// The publish `row`'s command is, read from its mark; `fresh` when this round claimed it.
+    fn of(row: &notification::Model, fresh: bool) -> Self {
+        if let Some(pending) = PendingReplay::of(row) {
+            return Release::Replay(Replay {
+                pending,
+                attempts_before: row.attempts,
+            });
+        }
+        match row
+            .status_reason
+            .as_deref()
+            .and_then(|reason| reason.strip_prefix(repo::schedule::CLAIM_PREFIX))
+        {
+            Some(token) => Release::Claim {
+                token: token.to_string(),
+                fresh,
+            },
+            None => Release::First,
+        }
+    }
 }
 
 /// How an unconfirmed replay's command goes out again: as its replay published it.
@@ -450,21 +504,46 @@ impl Outgoing {
         Self {
             key,
             command,
-            replay: None,
+            release: Release::First,
         }
     }
 
     async fn publish(&self, publisher: &Publisher) -> Result<(), herald_nats::NatsError> {
-        match &self.replay {
-            None => publisher.publish_command(&self.key, &self.command).await,
-            Some(replay) => {
+        let id = self.command.notification_id;
+        match &self.release {
+            Release::First => publisher.publish_command(&self.key, &self.command).await,
+            Release::Claim { token, fresh } => {
+                let msg_id = release_msg_id(id, token);
+                let stored = publisher
+                    .publish_command_as(&self.key, &self.command, &msg_id)
+                    .await?;
+                claim_published(*fresh, stored, msg_id).inspect_err(|_| {
+                    tracing::warn!(%id, "scheduler: JetStream dropped a new release as a duplicate; given back");
+                })
+            }
+            Release::Replay(replay) => {
                 let payload = self.command.encode()?;
-                let msg_id = replay.pending.msg_id(self.command.notification_id);
+                let msg_id = replay.pending.msg_id(id);
                 publisher
                     .republish_command(&self.key, payload, &msg_id, replay.attempts_before)
                     .await
             }
         }
+    }
+}
+
+/// Whether a claim's command under `msg_id` is out, from what JetStream did with it: stored, or
+/// a duplicate of a stale claim's (its first publish got out). A new claim's taken for a
+/// duplicate was dropped, and confirming the claim would leave the notification `queued` with no
+/// command: that is an error, so that the claim is given back.
+fn claim_published(
+    fresh: bool,
+    stored: Stored,
+    msg_id: String,
+) -> Result<(), herald_nats::NatsError> {
+    match (fresh, stored) {
+        (true, Stored::Duplicate) => Err(herald_nats::NatsError::Duplicate { msg_id }),
+        _ => Ok(()),
     }
 }
 
@@ -482,11 +561,11 @@ async fn confirm(
         if !published.contains(&id) {
             continue;
         }
-        match &outgoing.replay {
-            Some(replay) => {
+        match &outgoing.release {
+            Release::Replay(replay) => {
                 repo::dead_letters::confirm_replayed(&args.db, id, &replay.pending).await?
             }
-            None => first.push(id),
+            Release::First | Release::Claim { .. } => first.push(id),
         }
     }
     repo::schedule::confirm_published(&args.db, &first).await
@@ -819,6 +898,87 @@ pub const PURGE_REST_MAX: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(status: NotificationStatus, reason: Option<String>) -> notification::Model {
+        let now = Utc::now();
+        notification::Model {
+            id: Uuid::now_v7(),
+            request_id: None,
+            request_fingerprint: None,
+            customer_id: None,
+            recipient_key: "ada".into(),
+            contacts: serde_json::json!({}),
+            category: "transactional".into(),
+            channels: serde_json::json!(["email"]),
+            content: serde_json::json!({ "text": "Hello." }),
+            status,
+            status_reason: reason,
+            scheduled_at: None,
+            final_channel: None,
+            attempts: 2,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            sent_at: None,
+            batch_id: None,
+        }
+    }
+
+    #[test]
+    fn a_claim_goes_under_its_token_and_other_marks_under_their_first_id() {
+        let token = Uuid::new_v4().to_string();
+        let claimed = row(
+            NotificationStatus::Queued,
+            Some(format!("{}{token}", repo::schedule::CLAIM_PREFIX)),
+        );
+        for fresh in [true, false] {
+            match Release::of(&claimed, fresh) {
+                Release::Claim {
+                    token: read,
+                    fresh: read_fresh,
+                } => {
+                    assert_eq!((read.as_str(), read_fresh), (token.as_str(), fresh));
+                    // The stale sweep reads the same mark: the same id as the claim's first publish.
+                    assert_eq!(
+                        release_msg_id(claimed.id, &read),
+                        format!("{}:claim:{token}", claimed.id)
+                    );
+                }
+                _ => panic!("a claim's mark is a claim"),
+            }
+        }
+        let api = row(
+            NotificationStatus::Queued,
+            Some(repo::schedule::PUBLISH_PENDING.into()),
+        );
+        assert!(matches!(Release::of(&api, false), Release::First));
+        let pending = PendingReplay::new(7);
+        let replayed = row(NotificationStatus::Queued, Some(pending.mark()));
+        match Release::of(&replayed, false) {
+            Release::Replay(replay) => {
+                assert_eq!(replay.pending, pending);
+                assert_eq!(replay.attempts_before, 2);
+            }
+            _ => panic!("a replay's mark is a replay"),
+        }
+    }
+
+    #[test]
+    fn only_a_new_claim_taken_for_a_duplicate_is_not_published() {
+        let msg_id = || "id:claim:token".to_string();
+        match claim_published(true, Stored::Duplicate, msg_id()) {
+            Err(herald_nats::NatsError::Duplicate { msg_id }) => {
+                assert_eq!(msg_id, "id:claim:token")
+            }
+            other => panic!("a new claim dropped as a duplicate: {other:?}"),
+        }
+        assert!(claim_published(true, Stored::New, msg_id()).is_ok());
+        assert!(
+            claim_published(false, Stored::Duplicate, msg_id()).is_ok(),
+            "a stale claim's copy of a command that got out"
+        );
+        assert!(claim_published(false, Stored::New, msg_id()).is_ok());
+    }
 
     #[test]
     fn a_failing_batch_rests_twice_as_long_each_time_up_to_the_lease_until_a_page_goes_through() {

@@ -9,7 +9,8 @@ use crate::NotificationStatus;
 #[sea_orm(table_name = "notifications")]
 pub struct Model {
     /// Id, time-ordered (UUIDv7, or a UUIDv8 from `herald_nats::ids` for notifications made
-    /// from events and bulk sends); also `Nats-Msg-Id` and the provider idempotency key.
+    /// from events and bulk sends); also the `Nats-Msg-Id` of its first command and the provider
+    /// idempotency key.
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: Uuid,
     /// The caller's idempotency key; unique.

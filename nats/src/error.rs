@@ -34,6 +34,17 @@ pub enum NatsError {
         /// The server's or client's reason.
         reason: String,
     },
+    /// JetStream acknowledged a message as a duplicate of one stored under the same
+    /// `Nats-Msg-Id` within the stream's de-duplication window, and dropped it; answered only where
+    /// the id was meant to be new, so that the drop would lose the message.
+    #[error(
+        "JetStream dropped the message as a duplicate: Nats-Msg-Id {msg_id} was stored before \
+         within the stream's de-duplication window"
+    )]
+    Duplicate {
+        /// The message id JetStream had seen.
+        msg_id: String,
+    },
     /// A stream or message could not be read or removed.
     #[error("cannot read JetStream {what}: {reason}")]
     Read {

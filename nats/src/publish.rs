@@ -47,21 +47,40 @@ impl Publisher {
     }
 
     /// Publishes a send command on its recipient's partition, with the notification id as
-    /// `Nats-Msg-Id`, and waits until JetStream has stored it.
+    /// `Nats-Msg-Id`, and waits until JetStream has stored it. The notification's first command
+    /// (an API send, an event's, a bulk page's) goes this way: the same command published again
+    /// (a repeated request, a redelivered event, a page redone) is a duplicate JetStream drops
+    /// within its window, which is no loss, so this answers `Ok` for it too.
     pub async fn publish_command(
         &self,
         recipient_key: &str,
         command: &SendCommand,
     ) -> Result<(), NatsError> {
+        let id = command.notification_id.to_string();
+        self.publish_command_as(recipient_key, command, &id)
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes a send command on its recipient's partition under `msg_id` (the Scheduler's
+    /// release of a notification come due goes under [`release_msg_id`], not the notification's
+    /// id: its first command may still be in the de-duplication window), waits until JetStream has
+    /// stored it, and answers whether JetStream took it for a duplicate and dropped it.
+    pub async fn publish_command_as(
+        &self,
+        recipient_key: &str,
+        command: &SendCommand,
+        msg_id: &str,
+    ) -> Result<Stored, NatsError> {
         let subject =
             subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
-        let id = command.notification_id.to_string();
-        self.publish_with_id(subject, &id, HeaderMap::new(), command.encode()?)
+        self.publish_with_id(subject, msg_id, HeaderMap::new(), command.encode()?)
             .await
     }
 
-    /// What the server connected last takes of a send command as [`Publisher::publish_command`]
-    /// publishes it: its `max_payload`, and the headers the command goes with.
+    /// What the server connected last takes of a send command as the Publisher publishes it
+    /// ([`Publisher::publish_command`], [`Publisher::publish_command_as`] with a
+    /// [`release_msg_id`]): its `max_payload`, and the headers the command goes with.
     pub fn command_room(&self) -> CommandRoom {
         CommandRoom {
             max_payload: self.js.client().max_payload(),
@@ -87,6 +106,7 @@ impl Publisher {
         headers.insert(subjects::HEADER_REPLAY_BASE, attempts_before.to_string());
         self.publish_with_id(subject, msg_id, headers, payload)
             .await
+            .map(|_| ())
     }
 
     /// Publishes a domain event's bytes on `subject` with the event id as `Nats-Msg-Id`, and waits
@@ -100,6 +120,7 @@ impl Publisher {
     ) -> Result<(), NatsError> {
         self.publish_with_id(subject.to_string(), event_id, HeaderMap::new(), payload)
             .await
+            .map(|_| ())
     }
 
     /// Publishes a status transition for observers, its `Nats-Msg-Id` the notification, the
@@ -117,6 +138,7 @@ impl Publisher {
             payload,
         )
         .await
+        .map(|_| ())
     }
 
     /// Copies a message to the dead-letter stream with its reason and origin in headers. A message
@@ -173,6 +195,7 @@ impl Publisher {
             payload,
         )
         .await
+        .map(|_| ())
     }
 
     /// Whether the client is connected to a server right now.
@@ -180,13 +203,15 @@ impl Publisher {
         self.js.client().connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Publishes `payload` under `msg_id` and waits for JetStream's acknowledgement, which says
+    /// whether it was stored or dropped as a duplicate.
     async fn publish_with_id(
         &self,
         subject: String,
         msg_id: &str,
         mut headers: HeaderMap,
         payload: Bytes,
-    ) -> Result<(), NatsError> {
+    ) -> Result<Stored, NatsError> {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
         let failed = |reason: String| NatsError::Publish {
             subject: subject.clone(),
@@ -208,19 +233,46 @@ impl Publisher {
                 _ => failed(e.to_string()),
             })?
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        Ok(())
+            .map_err(|e| failed(e.to_string()))
+            .map(|ack| match ack.duplicate {
+                true => Stored::Duplicate,
+                false => Stored::New,
+            })
     }
 }
 
-/// How large a send command (or a domain event: its `Nats-Msg-Id` is a UUID too) the NATS server
-/// takes: the client refuses a message whose payload and headers together exceed the server's
-/// `max_payload` (`TooLarge`), however often it is tried.
+/// What JetStream did with a message it acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored now.
+    New,
+    /// Dropped: a message with the same `Nats-Msg-Id` was stored within the stream's
+    /// de-duplication window (`PubAck.duplicate`). No loss when that message is this one published
+    /// before; a loss when the id was meant to be new.
+    Duplicate,
+}
+
+/// The `Nats-Msg-Id` of the command a Scheduler publishes for notification `id` under its claim
+/// `claim` (the token of the claim's mark): `<id>:claim:<claim>`. Each claim, so each time a
+/// scheduled or deferred notification comes due, has an id of its own, never the notification's:
+/// its first command, published under that, may still be in the stream's de-duplication window
+/// (a window set longer by another instance, a hold shorter than it), where JetStream would drop
+/// the release. The same claim published again (its instance stopped before confirming it, and
+/// the stale sweep publishes it) has the same id, and that copy is dropped.
+pub fn release_msg_id(id: uuid::Uuid, claim: &str) -> String {
+    format!("{id}:claim:{claim}")
+}
+
+/// How large a send command the NATS server takes (and a domain event: its `Nats-Msg-Id`, the
+/// event id, is shorter than a command's, so an event within it fits too): the client refuses a
+/// message whose payload and headers together exceed the server's `max_payload` (`TooLarge`),
+/// however often it is tried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommandRoom {
     /// The server's `max_payload`, in bytes (from its `INFO`; a reconnect reads it anew).
     pub max_payload: usize,
-    /// The bytes a command's headers take on the wire (its `Nats-Msg-Id`).
+    /// The bytes a command's headers take on the wire at most (its `Nats-Msg-Id`, as long as a
+    /// Scheduler's release's).
     pub headers: usize,
 }
 
@@ -249,12 +301,15 @@ impl CommandRoom {
     }
 }
 
-/// Bytes the headers of a send command take on the wire: its `Nats-Msg-Id`, the notification id.
+/// Bytes the headers of a send command take on the wire at most, first published or released by
+/// the Scheduler: its `Nats-Msg-Id`, a release's ([`release_msg_id`], a claim's token being a
+/// UUID), which is longer than the notification id. A command accepted as fitting fits when due.
 fn command_headers_len() -> usize {
     let mut headers = HeaderMap::new();
+    let nil = uuid::Uuid::nil();
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
-        uuid::Uuid::nil().to_string().as_str(),
+        release_msg_id(nil, &nil.to_string()).as_str(),
     );
     wire_len(&headers)
 }
@@ -302,7 +357,7 @@ fn header_safe(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{CommandRoom, command_headers_len, header_safe, status_event_id};
+    use super::{CommandRoom, command_headers_len, header_safe, release_msg_id, status_event_id};
     use crate::{SCHEMA_VERSION, StatusEvent};
 
     #[test]
@@ -333,8 +388,9 @@ mod tests {
     }
 
     #[test]
-    fn a_command_fits_when_it_and_its_message_id_header_are_within_max_payload() {
-        let wire = "NATS/1.0\r\nNats-Msg-Id: 00000000-0000-0000-0000-000000000000\r\n\r\n";
+    fn a_command_fits_when_it_and_a_release_message_id_header_are_within_max_payload() {
+        let wire = "NATS/1.0\r\nNats-Msg-Id: 00000000-0000-0000-0000-000000000000:claim:\
+                    00000000-0000-0000-0000-000000000000\r\n\r\n";
         assert_eq!(
             command_headers_len(),
             wire.len(),
@@ -352,6 +408,28 @@ mod tests {
                 && refusal.contains("65537")
                 && refusal.contains("max_payload of 65536"),
             "{refusal}"
+        );
+    }
+
+    #[test]
+    fn a_release_has_an_id_of_its_own_the_same_for_one_claim() {
+        let id = uuid::Uuid::now_v7();
+        let (claim, next) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let release = release_msg_id(id, &claim);
+        assert_eq!(release, format!("{id}:claim:{claim}"));
+        assert_ne!(release, id.to_string(), "not the first command's id");
+        assert_eq!(
+            release,
+            release_msg_id(id, &claim),
+            "one claim published again"
+        );
+        assert_ne!(
+            release,
+            release_msg_id(id, &next),
+            "the next time it comes due"
         );
     }
 

@@ -516,6 +516,121 @@ async fn a_long_deferral_waits_as_a_scheduled_notification_not_in_jetstream() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A deferred notification comes due while its first command (published by the API under the
+/// notification's id) is still inside the `NOTIFY` stream's de-duplication window: another
+/// instance with a longer `nats.dedup_window_secs` started last and set the stream's window (config
+/// drift during a rollout). The Scheduler's release goes out under a message id of its own, so
+/// JetStream stores it and the notification is sent; under the notification's id it was dropped
+/// as a duplicate, confirmed nonetheless, and the notification stayed `queued` for ever.
+#[tokio::test]
+async fn a_deferral_due_within_the_streams_dedup_window_of_its_first_command_is_sent() {
+    // This instance's window is small enough for a hold of seconds to be scheduled.
+    let w = world(|config| {
+        config.nats.dedup_window_secs = 2;
+        config.scheduler.stale_claim_secs = 1;
+        config.dispatch.schedule_deferrals_after_secs = 3;
+    })
+    .await;
+    // Another instance, started after this one, provisioned NOTIFY with a 2-minute window.
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
+    let mut notify = js.get_stream("NOTIFY").await.expect("NOTIFY");
+    let mut widened = notify.info().await.expect("NOTIFY info").config.clone();
+    widened.duplicate_window = Duration::from_secs(120);
+    js.update_stream(&widened).await.expect("window widened");
+    add_customers(&w.herald, vec![customer_row("pia", "en", None)]).await;
+    let end = quiet_for(&w.herald, "pia", ChronoDuration::seconds(5)).await;
+    let held = w
+        .herald
+        .send_accepted(&to_customer("pia", "transactional", &["email"]))
+        .await;
+    let scheduled = w.herald.wait_status(&held, "scheduled").await;
+    assert!(
+        scheduled["status_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("deferred: quiet hours until"),
+        "{scheduled}"
+    );
+    // Due seconds after the first command, well inside the stream's 2 minutes.
+    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, window ended {end}"
+    );
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["pia@example.com".to_string()]);
+    assert_eq!(
+        notify
+            .info()
+            .await
+            .expect("NOTIFY info")
+            .config
+            .duplicate_window,
+        Duration::from_secs(120),
+        "the stream kept the other instance's window throughout"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// What the Scheduler relies on, against a real JetStream: a command published again under the
+/// notification's id within the window is answered as a duplicate (`PubAck.duplicate`), a
+/// release under its claim's id is stored beside the first command, the same claim published
+/// again is a duplicate (the stale sweep's copy after a crash), and the next claim is new.
+#[tokio::test]
+async fn the_publisher_tells_a_duplicate_from_a_stored_command() {
+    use herald_nats::{Stored, release_msg_id};
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let js = async_nats::jetstream::new(nats.client().await.expect("nats client"));
+    herald_nats::provision(&js, &herald_nats::StreamSettings::default())
+        .await
+        .expect("streams provisioned");
+    let publisher = herald_nats::Publisher::new(js.clone(), 4);
+    let id = Uuid::now_v7();
+    let command = herald_tests::email_command(id, "ada@example.com", "Hello.");
+    let publish = |msg_id: String| {
+        let (publisher, command) = (publisher.clone(), command.clone());
+        async move {
+            publisher
+                .publish_command_as("ada", &command, &msg_id)
+                .await
+                .expect("acknowledged")
+        }
+    };
+    publisher
+        .publish_command("ada", &command)
+        .await
+        .expect("the first command");
+    assert_eq!(
+        publish(id.to_string()).await,
+        Stored::Duplicate,
+        "the first command again"
+    );
+    let (claim, next) = (Uuid::new_v4().to_string(), Uuid::new_v4().to_string());
+    assert_eq!(
+        publish(release_msg_id(id, &claim)).await,
+        Stored::New,
+        "a release within the window of the first command"
+    );
+    assert_eq!(
+        publish(release_msg_id(id, &claim)).await,
+        Stored::Duplicate,
+        "the same claim published again"
+    );
+    assert_eq!(
+        publish(release_msg_id(id, &next)).await,
+        Stored::New,
+        "the next claim"
+    );
+    let mut notify = js.get_stream("NOTIFY").await.expect("NOTIFY");
+    assert_eq!(
+        notify.info().await.expect("NOTIFY info").state.messages,
+        3,
+        "stored: the first command and two releases"
+    );
+}
+
 #[tokio::test]
 async fn the_fourth_marketing_message_is_dropped_while_transactional_ones_pass() {
     let w = world(|_| {}).await;
