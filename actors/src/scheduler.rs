@@ -78,7 +78,8 @@ use crate::policy::Clock;
 pub struct SchedulerSettings {
     /// Pause between rounds, in milliseconds.
     pub poll_interval_ms: u64,
-    /// Scheduled notifications claimed at once at most; while a claim comes back full, the next
+    /// Scheduled notifications claimed at once at most (the configuration allows 1 to 10,000: a
+    /// claim binds a SQL parameter per notification); while a claim comes back full, the next
     /// follows at once.
     pub claim_limit: u64,
     /// Seconds after which an unconfirmed claim or API send is published again; below
