@@ -36,7 +36,7 @@ pub use db_outage::{DatabaseOutage, TcpProxy, Upstream, WriteHold};
 pub use herald::{E2E_TIMEOUT, TestHerald, test_config};
 pub use nats_server::{NatsCluster, NatsServer};
 pub use process::HeraldProcess;
-pub use smtp_sink::{ReceivedMail, RejectStage, SmtpSink};
+pub use smtp_sink::{HangUp, ReceivedMail, RejectStage, SmtpSink};
 pub use wait::{eventually, eventually_showing, free_port};
 
 use std::sync::Once;

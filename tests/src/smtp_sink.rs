@@ -6,8 +6,9 @@
 //! `CHUNKING` as Postfix does (fewer with [`SmtpSink::start_without_chunking`] and
 //! [`SmtpSink::start_without_pipelining`]), answers anything else with 502 and keeps the
 //! connection. Failures can be injected: rejected recipients or
-//! messages ([`SmtpSink::set_reject_next`]), an outage ([`SmtpSink::set_pause`]) and a relay
-//! that hangs ([`SmtpSink::set_stall_after`]).
+//! messages ([`SmtpSink::set_reject_next`]), an outage ([`SmtpSink::set_pause`]), a relay
+//! that hangs ([`SmtpSink::set_stall_after`]) and one that restarts, ending its sessions
+//! ([`SmtpSink::set_hang_up_after`]).
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -107,6 +108,17 @@ pub enum RejectStage {
     Data,
 }
 
+/// How a session the sink hangs up on ends (see [`SmtpSink::set_hang_up_after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HangUp {
+    /// The connection is closed at once, without a word, as a relay's process that restarts
+    /// ends it.
+    Silently,
+    /// The client's next command is answered `421` and the connection closed, as a relay
+    /// shutting down says (RFC 5321 section 3.8).
+    With421,
+}
+
 /// A planned answer to a command at `stage`: the injected reply (`code text`), or `None` for
 /// the usual one.
 #[derive(Debug, Clone)]
@@ -127,6 +139,9 @@ struct Shared {
     /// How many more messages are answered before the sink stops answering (see
     /// [`SmtpSink::set_stall_after`]); `None`: no stall planned.
     stall_after: Mutex<Option<usize>>,
+    /// How many more messages are answered before the session that answers the last of them
+    /// hangs up, and how (see [`SmtpSink::set_hang_up_after`]).
+    hang_up_after: Mutex<Option<(usize, HangUp)>>,
     connections: AtomicU64,
     noops: AtomicU64,
     /// Commands read while the client had already sent the next one (see
@@ -174,10 +189,20 @@ impl Shared {
         *lock(&self.stall_after) == Some(0)
     }
 
-    /// Counts an accepted message toward a planned stall.
-    fn answered_one(&self) {
+    /// Counts an accepted message toward a planned stall and a planned hang-up; returns how the
+    /// session that answered it hangs up, if this was the last message before it does.
+    fn answered_one(&self) -> Option<HangUp> {
         if let Some(left) = lock(&self.stall_after).as_mut() {
             *left = left.saturating_sub(1);
+        }
+        let mut hang_up = lock(&self.hang_up_after);
+        match hang_up.as_mut() {
+            Some((left, _)) if *left > 1 => {
+                *left -= 1;
+                None
+            }
+            Some(_) => hang_up.take().map(|(_, how)| how),
+            None => None,
         }
     }
 }
@@ -246,6 +271,7 @@ impl SmtpSink {
             planned: Mutex::new(VecDeque::new()),
             paused: AtomicBool::new(false),
             stall_after: Mutex::new(None),
+            hang_up_after: Mutex::new(None),
             connections: AtomicU64::new(0),
             noops: AtomicU64::new(0),
             pipelined: AtomicU64::new(0),
@@ -399,6 +425,19 @@ impl SmtpSink {
         *lock(&self.shared.stall_after) = Some(n);
     }
 
+    /// Simulates a relay that restarts while a client keeps its connection open between
+    /// messages: the next `n` messages (`n` at least 1) are accepted as usual, and the session
+    /// that accepted the `n`-th then hangs up as `how` says, after its reply to that message;
+    /// the sink keeps accepting new connections. Replaces any hang-up still planned.
+    ///
+    /// # Panics
+    ///
+    /// When `n` is 0.
+    pub fn set_hang_up_after(&self, n: usize, how: HangUp) {
+        assert!(n > 0, "messages are counted from 1");
+        *lock(&self.shared.hang_up_after) = Some((n, how));
+    }
+
     /// Simulates an outage. `true` closes the listener (new connections are refused)
     /// and makes open connections answer their next command with 421 and close;
     /// `false` listens again on the same port. Returns once the change is in effect.
@@ -510,6 +549,8 @@ struct Session {
     transaction: Transaction,
     /// A 421 was answered: the session ends.
     closing: bool,
+    /// The session hangs up, as planned with [`SmtpSink::set_hang_up_after`].
+    hang_up: Option<HangUp>,
 }
 
 /// The command that carried a message's content.
@@ -537,6 +578,7 @@ impl Session {
             greeted: false,
             transaction: Transaction::default(),
             closing: false,
+            hang_up: None,
         }
     }
 
@@ -550,10 +592,13 @@ impl Session {
             if self.shared.stalled() {
                 return self.stall().await;
             }
+            if self.hang_up == Some(HangUp::Silently) {
+                return Ok(());
+            }
             let Some(line) = self.read_command_line().await? else {
                 return Ok(());
             };
-            if self.shared.paused.load(Ordering::SeqCst) {
+            if self.shared.paused.load(Ordering::SeqCst) || self.hang_up == Some(HangUp::With421) {
                 self.reply("421 4.3.2 Service not available, closing transmission channel")
                     .await?;
                 return Ok(());
@@ -870,7 +915,9 @@ impl Session {
         let queue_id = self.shared.queue_ids.fetch_add(1, Ordering::Relaxed) + 1;
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id:08X}"))
             .await?;
-        self.shared.answered_one();
+        if let Some(how) = self.shared.answered_one() {
+            self.hang_up = Some(how);
+        }
         Ok(())
     }
 }

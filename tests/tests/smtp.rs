@@ -6,7 +6,9 @@
 //! part fails only the messages still unanswered), and one whose caller gave up while it waited is
 //! not sent. A message goes in one round trip (BDAT) to a server offering CHUNKING and
 //! PIPELINING, in two (pipelined DATA) to one offering PIPELINING alone, and one command at a
-//! time to others; configuration turns either extension off.
+//! time to others; configuration turns either extension off. A pooled connection the relay hung
+//! up on since its last message gets its message or group sent again over a fresh one, none
+//! failing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,7 @@ use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::smtp_pool::IDLE_CHECK;
 use herald_actors::channel::{OutboundMessage, Provider, ProviderError};
 use herald_nats::{Contacts, Content};
-use herald_tests::{RejectStage, SmtpSink};
+use herald_tests::{HangUp, RejectStage, SmtpSink};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -367,6 +369,58 @@ async fn a_421_within_a_group_fails_the_rest_transiently_and_a_retry_sends_each_
     subjects.dedup();
     assert_eq!(subjects.len(), 10, "each of the ten arrived exactly once");
     assert_eq!(sink.count(), 10);
+}
+
+/// The relay restarted, or shut its sessions down with a 421, after a pooled connection's last
+/// message and within [`IDLE_CHECK`], so the connection is reused without a NOOP and its next write
+/// fails before any reply. Nothing of that write was accepted: the message goes again, once, over
+/// a fresh connection, and does not fail (a failure would count against the email circuit, and
+/// one routine restart would pause email).
+#[tokio::test]
+async fn a_message_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fresh_one() {
+    for how in [HangUp::Silently, HangUp::With421] {
+        let sink = SmtpSink::start().await.expect("sink");
+        let email = provider(sink.host(), sink.port(), 1);
+        sink.set_hang_up_after(1, how);
+        email.send(&message(0)).await.expect("first sent");
+        let next = email.send(&message(1)).await;
+        assert!(next.is_ok(), "{how:?}: {next:?}");
+        assert_eq!(sink.count(), 2, "{how:?}: both delivered");
+        assert_eq!(
+            sink.connection_count(),
+            2,
+            "{how:?}: the second on a fresh one"
+        );
+    }
+}
+
+/// As [`a_message_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fresh_one`], for a
+/// group: ten messages wait while the one connection carries an eleventh alone, whose session
+/// then hangs up; they go together over that connection next, fail before any reply, and go
+/// again together over a fresh one, none failing.
+#[tokio::test]
+async fn a_group_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fresh_one() {
+    for how in [HangUp::Silently, HangUp::With421] {
+        let sink = SmtpSink::start().await.expect("sink");
+        let email = provider(sink.host(), sink.port(), 1);
+        email.send(&message(0)).await.expect("first sent");
+        sink.set_hang_up_after(1, how);
+        let (alone, group) =
+            futures::future::join(email.send(&message(100)), send_at_once(&email, 10)).await;
+        assert!(alone.is_ok(), "{how:?}: {alone:?}");
+        assert!(group.iter().all(Result::is_ok), "{how:?}: {group:?}");
+        assert_eq!(sink.count(), 12, "{how:?}: each delivered");
+        assert_eq!(
+            sink.connection_count(),
+            2,
+            "{how:?}: the group went again on one fresh connection"
+        );
+        assert!(
+            sink.grouped_count() >= 5,
+            "{how:?}: {} messages had the next one behind them in the same write",
+            sink.grouped_count()
+        );
+    }
 }
 
 #[tokio::test]

@@ -12,7 +12,9 @@
 //! short: a group of messages given up after its timeout leaves the session at an unknown step,
 //! where the next message's commands would be answered by the last one's replies. Messages that
 //! wait for a connection go out together over the next one free, in one write where the server
-//! pipelines ([`SmtpPool::send`]).
+//! pipelines ([`SmtpPool::send`]). A connection taken again from the pool that the server closed
+//! meanwhile (a relay restart) fails before any reply; its messages, none of them accepted, go
+//! again once over a fresh connection instead of failing.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use lettre::transport::smtp::{
     authentication::{Credentials, DEFAULT_MECHANISMS},
     client::{AsyncSmtpConnection, TlsParameters},
     extension::{ClientId, Extension},
-    response::Response,
+    response::{Code, Response},
 };
 use tokio::sync::oneshot::{self, error::RecvError};
 
@@ -230,6 +232,10 @@ pub enum SmtpSendError {
     /// No connection could be had from the pool.
     #[error("SMTP connection pool: {0}")]
     Pool(String),
+    /// The server had closed a pooled connection before answering a group of messages, and no
+    /// new session could be opened to send them again: why (the same for each message).
+    #[error("{0}")]
+    Reopen(String),
 }
 
 /// The most messages one connection carries in one write (see [`SmtpPool::send`]).
@@ -395,15 +401,67 @@ fn sends_groups_in_one_write(connection: &AsyncSmtpConnection) -> bool {
 }
 
 /// Sends one message over `checkout`'s connection and gives the connection back if the server
-/// accepted it; on any error, a timeout or the caller giving up, the connection is closed.
+/// accepted it; on any error, a timeout or the caller giving up, the connection is closed. A
+/// connection taken again from the pool that the server hung up on meanwhile (see
+/// [`hung_up_unanswered`]) is replaced by a fresh one, and the message goes again over it, once,
+/// within the same timeout.
 async fn send_alone(mut checkout: Checkout, message: Waiting, timeout: Duration) -> Outcome {
     metrics::histogram!("herald_smtp_group_messages").record(1.0);
-    let connection = checkout.connection();
-    let sent = tokio::time::timeout(timeout, connection.send(&message.envelope, &message.email))
+    let sent = tokio::time::timeout(timeout, send_or_resend(&mut checkout, &message))
         .await
         .map_err(|_| gave_up(timeout))??;
     checkout.release();
     Ok(sent)
+}
+
+/// Sends `message` over `checkout`'s connection, and once more over a fresh one if the server had
+/// hung up on it while it sat in the pool (see [`hung_up_unanswered`]).
+async fn send_or_resend(checkout: &mut Checkout, message: &Waiting) -> Outcome {
+    let reused = checkout.reused();
+    let connection = checkout.connection();
+    let before = connection.replies_read();
+    match connection.send(&message.envelope, &message.email).await {
+        Err(err) if reused && hung_up_unanswered(connection, before, err.status()) => {
+            tracing::debug!(
+                error = %err,
+                "SMTP connection closed by the server while pooled; sending again over a new one"
+            );
+            checkout.reconnect().await?;
+            let connection = checkout.connection();
+            Ok(connection.send(&message.envelope, &message.email).await?)
+        }
+        sent => Ok(sent?),
+    }
+}
+
+/// Whether a send over a connection taken again from the pool failed before the server answered
+/// any of its commands: nothing was read since `before` replies (the connection reset, or at its
+/// end), or only a `421` (closing the connection) where the first MAIL's reply was due. A server
+/// that restarted, or ended its idle sessions, since the connection's last message leaves it
+/// looking open in the pool (within [`IDLE_CHECK`] it goes out without a NOOP), and its next
+/// write fails so. Nothing of that write was accepted: its messages can go again, unlike those
+/// of a connection that failed after a reply, whose outcome is unknown.
+///
+/// `refused` is the code of the send's refusal, if it was refused: the one reply read, if one was.
+fn hung_up_unanswered(
+    connection: &AsyncSmtpConnection,
+    before: u64,
+    refused: Option<Code>,
+) -> bool {
+    match connection.replies_read().saturating_sub(before) {
+        0 => true,
+        1 => refused.map(u16::from) == Some(421),
+        _ => false,
+    }
+}
+
+/// Whether `result` tells that the server answered its message's commands (its final reply, or
+/// a refusal other than a `421`, which may be a hang-up's only word): the connection was alive.
+fn proves_answered(result: &Result<Response, smtp::Error>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(err) => err.status().is_some_and(|code| u16::from(code) != 421),
+    }
 }
 
 /// The error of a message whose send (alone or in a group) took longer than `timeout`.
@@ -423,27 +481,106 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 /// never reported failed, and sent again by a retry, because the messages after it went
 /// unanswered. One still unanswered may have been delivered all the same (its reply late or
 /// lost), which no SMTP client can tell.
+///
+/// A connection taken again from the pool that the server hung up on meanwhile (see
+/// [`hung_up_unanswered`]) is replaced by a fresh one, and the group goes again over it, once,
+/// within the same timeout: its failures are held back until a reply shows the connection alive.
 async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Duration) {
-    let connection = checkout.connection();
     metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
-    let (messages, mut replies): (Vec<_>, Vec<_>) = group
+    let reused = checkout.reused();
+    let (messages, replies): (Vec<_>, Vec<_>) = group
         .into_iter()
         .map(|waiting| ((waiting.envelope, waiting.email), Some(waiting.reply)))
         .unzip();
-    let sending: Vec<(&Envelope, &[u8])> = messages
-        .iter()
-        .map(|(envelope, email)| (envelope, email.as_slice()))
-        .collect();
-    let answer = |index: usize, result: Result<Response, smtp::Error>| {
-        if let Some(reply) = replies.get_mut(index).and_then(Option::take) {
-            let _ = reply.send(result.map_err(SmtpSendError::Smtp));
-        }
+    let mut answers = Answers {
+        replies,
+        held: Vec::new(),
+        holding: reused,
     };
-    let finished = tokio::time::timeout(timeout, connection.send_many(&sending, answer))
-        .await
-        .is_ok();
-    if finished && !connection.has_broken() {
+    let send = async {
+        let sending: Vec<(&Envelope, &[u8])> = messages
+            .iter()
+            .map(|(envelope, email)| (envelope, email.as_slice()))
+            .collect();
+        let connection = checkout.connection();
+        let before = connection.replies_read();
+        connection
+            .send_many(&sending, |index, result| answers.give(index, result))
+            .await;
+        // Each failure is held while holding, the one reply read among them, if any.
+        let refused = answers
+            .held
+            .iter()
+            .find_map(|(_, result)| result.as_ref().err().and_then(smtp::Error::status));
+        let hung_up = answers.holding
+            && !answers.held.is_empty()
+            && hung_up_unanswered(connection, before, refused);
+        if !hung_up {
+            answers.flush();
+            return;
+        }
+        tracing::debug!(
+            messages = answers.held.len(),
+            "SMTP connection closed by the server while pooled; sending again over a new one"
+        );
+        let again: Vec<usize> = answers.held.drain(..).map(|(index, _)| index).collect();
+        answers.holding = false;
+        if let Err(err) = checkout.reconnect().await {
+            let reason = err.to_string();
+            for &index in &again {
+                answers.answer(index, Err(SmtpSendError::Reopen(reason.clone())));
+            }
+            return;
+        }
+        let sending: Vec<(&Envelope, &[u8])> = again.iter().map(|&index| sending[index]).collect();
+        checkout
+            .connection()
+            .send_many(&sending, |at, result| answers.give(again[at], result))
+            .await;
+    };
+    let finished = tokio::time::timeout(timeout, send).await.is_ok();
+    // Held failures are real ones once the time is up.
+    answers.flush();
+    if finished && !checkout.connection().has_broken() {
         checkout.release();
+    }
+}
+
+/// The callers of a group's messages, answered as their outcomes come in.
+struct Answers {
+    /// Each message's caller, until answered.
+    replies: Vec<Option<oneshot::Sender<Outcome>>>,
+    /// Failures not passed on yet, with their message's index (see [`Answers::holding`]).
+    held: Vec<(usize, Result<Response, smtp::Error>)>,
+    /// Whether failures are held back: over a connection taken again from the pool, until an
+    /// outcome shows the server answered (see [`proves_answered`]).
+    holding: bool,
+}
+
+impl Answers {
+    /// Takes the outcome of message `index`: held back, or passed on with those held before it.
+    fn give(&mut self, index: usize, result: Result<Response, smtp::Error>) {
+        if self.holding && !proves_answered(&result) {
+            self.held.push((index, result));
+            return;
+        }
+        self.flush();
+        self.answer(index, result.map_err(SmtpSendError::Smtp));
+    }
+
+    /// Passes on the failures held back, and holds back no more.
+    fn flush(&mut self) {
+        self.holding = false;
+        for (index, result) in std::mem::take(&mut self.held) {
+            self.answer(index, result.map_err(SmtpSendError::Smtp));
+        }
+    }
+
+    /// Answers message `index`'s caller, unless it was answered already.
+    fn answer(&mut self, index: usize, outcome: Outcome) {
+        if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
+            let _ = reply.send(outcome);
+        }
     }
 }
 
@@ -520,6 +657,37 @@ impl Checkout {
         self.0
             .as_deref_mut()
             .expect("a checkout holds its connection until it is released")
+    }
+
+    /// Whether the connection was taken from the pool before, rather than opened for this
+    /// checkout.
+    fn reused(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|object| Object::metrics(object).recycle_count > 0)
+    }
+
+    /// Replaces the connection with a new one, opened as the pool opens one (within the connect
+    /// timeout); the old one, failed, is dropped. The checkout keeps its room in the pool.
+    async fn reconnect(&mut self) -> Result<(), SmtpSendError> {
+        let object = self
+            .0
+            .as_mut()
+            .expect("a checkout holds its connection until it is released");
+        let pool = Object::pool(object)
+            .ok_or_else(|| SmtpSendError::Pool("the pool was closed".into()))?;
+        let fresh = pool
+            .manager()
+            .server
+            .connect()
+            .await
+            .map_err(|err| match err {
+                ConnectError::Smtp(err) => SmtpSendError::Connect(err),
+                ConnectError::TimedOut(wait) => SmtpSendError::ConnectTimedOut(wait),
+                other @ ConnectError::Unneeded => SmtpSendError::Pool(other.to_string()),
+            })?;
+        **object = fresh;
+        Ok(())
     }
 
     fn release(mut self) {

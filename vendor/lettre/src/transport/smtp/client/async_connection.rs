@@ -45,6 +45,9 @@ pub struct AsyncSmtpConnection {
     panic: bool,
     /// Information about the server
     server_info: ServerInfo,
+    /// How many replies were read, positive or negative, the greeting included (Herald's
+    /// addition, see [`AsyncSmtpConnection::replies_read`]).
+    replies: u64,
 }
 
 impl AsyncSmtpConnection {
@@ -146,6 +149,7 @@ impl AsyncSmtpConnection {
             stream,
             panic: false,
             server_info: ServerInfo::default(),
+            replies: 0,
         };
         // TODO log
         let _response = conn.read_response().await?;
@@ -382,6 +386,14 @@ impl AsyncSmtpConnection {
         self.panic
     }
 
+    /// How many replies this connection has read so far, positive or negative, the greeting
+    /// included (Herald's addition). Unchanged over a send that failed tells that the server
+    /// answered none of its commands: a connection the server had closed while it sat in a pool
+    /// fails its next write's first read, and nothing of that write was accepted.
+    pub fn replies_read(&self) -> u64 {
+        self.replies
+    }
+
     pub fn can_starttls(&self) -> bool {
         !self.is_encrypted() && self.server_info.supports_feature(Extension::StartTls)
     }
@@ -562,6 +574,7 @@ impl AsyncSmtpConnection {
             tracing::debug!("<< {}", escape_crlf(&buffer));
             match parse_response(&buffer) {
                 Ok((_remaining, response)) => {
+                    self.replies += 1;
                     return if response.is_positive() {
                         Ok(response)
                     } else {
