@@ -550,23 +550,24 @@ async fn with_pipelining_off_a_server_offering_it_gets_one_command_at_a_time() {
 #[tokio::test]
 async fn a_pipelined_refusal_is_reported_by_its_own_reply_not_the_one_after_it() {
     let sink = SmtpSink::start_without_chunking().await.expect("sink");
-    a_greylisted_recipient_is_a_transient_failure(&sink, 0).await;
+    a_greylisted_recipient_is_throttled(&sink, 0).await;
 }
 
 #[tokio::test]
 async fn a_refusal_before_a_chunk_is_reported_by_its_own_reply_not_the_chunks() {
     let sink = SmtpSink::start().await.expect("sink");
-    a_greylisted_recipient_is_a_transient_failure(&sink, 1).await;
+    a_greylisted_recipient_is_throttled(&sink, 1).await;
 }
 
 /// The recipient is greylisted (451, try later); the DATA or BDAT pipelined behind it is then
 /// refused for want of recipients (554), which must not turn the temporary refusal into a
-/// permanent one. `chunked` of the two messages come in BDAT chunks (the next one, or none).
-async fn a_greylisted_recipient_is_a_transient_failure(sink: &SmtpSink, chunked: u64) {
+/// permanent one (nor the recipient's state into a failure of the relay: throttled).
+/// `chunked` of the two messages come in BDAT chunks (the next one, or none).
+async fn a_greylisted_recipient_is_throttled(sink: &SmtpSink, chunked: u64) {
     let refused =
         refuse_one_then_send_the_next(sink, RejectStage::Rcpt, 451, "4.7.1 greylisted").await;
     assert!(
-        matches!(&refused, Err(ProviderError::Transient { .. })),
+        matches!(&refused, Err(ProviderError::Throttled { reason, .. }) if reason.contains("greylisted")),
         "{refused:?}"
     );
     assert_eq!(
@@ -574,6 +575,57 @@ async fn a_greylisted_recipient_is_a_transient_failure(sink: &SmtpSink, chunked:
         chunked,
         "messages that came in chunks"
     );
+}
+
+/// Starts a sink offering PIPELINING and CHUNKING (`0`), PIPELINING alone (`1`) or neither, so
+/// that a message takes each of the client's paths (BDAT, pipelined DATA, one command at a time).
+async fn sink_for_path(path: usize) -> SmtpSink {
+    match path {
+        0 => SmtpSink::start().await,
+        1 => SmtpSink::start_without_chunking().await,
+        _ => SmtpSink::start_without_pipelining().await,
+    }
+    .expect("sink")
+}
+
+/// A 4xx to RCPT is about that recipient (an address the relay could not verify yet, a full
+/// mailbox): throttled, retried later without counting against the email circuit, on every path a
+/// message takes. A 421 closes the session whatever it answers, and a 4xx to the message is about
+/// the server: both stay transient, and count.
+#[tokio::test]
+async fn a_4xx_to_rcpt_is_throttled_and_a_421_or_a_4xx_to_the_message_is_transient() {
+    let cases = [
+        (
+            RejectStage::Rcpt,
+            450,
+            "4.1.1 <x>: Recipient address rejected: unverified address",
+            true,
+        ),
+        (RejectStage::Rcpt, 452, "4.2.2 Mailbox full", true),
+        (RejectStage::Rcpt, 421, "4.3.2 shutting down", false),
+        (
+            RejectStage::Data,
+            451,
+            "4.3.0 queue file write error",
+            false,
+        ),
+    ];
+    for (stage, code, text, throttled) in cases {
+        for path in 0..3 {
+            let sink = sink_for_path(path).await;
+            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
+            let what = format!("{code} to {stage:?} on path {path}: {refused:?}");
+            match refused {
+                Err(ProviderError::Throttled { reason, .. }) if throttled => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                Err(ProviderError::Transient { reason, .. }) if !throttled => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                _ => panic!("{what}"),
+            }
+        }
+    }
 }
 
 #[tokio::test]

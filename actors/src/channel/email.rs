@@ -12,6 +12,7 @@ use lettre::{
     address::Envelope,
     message::{Mailbox, MultiPart, SinglePart, header::ContentType},
     transport::smtp::{
+        TransactionStep,
         authentication::Credentials,
         client::TlsParameters,
         extension::{ClientId, Extension},
@@ -412,12 +413,33 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
     .collect()
 }
 
+/// What a failed send means for the message and the provider:
+///
+/// - a `421` (the server closes the session, RFC 5321 section 3.8), whatever it answered:
+///   transient, the server's state;
+/// - a 4xx to `RCPT TO`: throttled, about that one recipient (greylisting `451`, Postfix's
+///   `reject_unverified_recipient` `450`, a full mailbox `452`/`4.2.2`), retried later without
+///   counting against the circuit: one recipient's state must not stop email for everyone;
+/// - a 4xx to `MAIL FROM`, `DATA` or `BDAT`: transient;
+/// - a 5xx to `RCPT TO`, `DATA` or `BDAT`: permanent, this recipient or message is refused;
+/// - a non-ASCII local part for a server without SMTPUTF8: permanent;
+/// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
+///   transient.
 fn classify(error: SmtpSendError) -> ProviderError {
-    match error {
-        SmtpSendError::Smtp(error) if error.is_permanent() || needs_smtputf8(&error) => {
-            ProviderError::permanent(error.to_string())
+    let SmtpSendError::Smtp(error) = error else {
+        return ProviderError::transient(error.to_string());
+    };
+    if needs_smtputf8(&error) {
+        return ProviderError::permanent(error.to_string());
+    }
+    let code = error.status().map(u16::from);
+    match (code, error.step()) {
+        (Some(421), _) | (None, _) => ProviderError::transient(error.to_string()),
+        (Some(400..=499), Some(TransactionStep::Rcpt)) => {
+            ProviderError::throttled(error.to_string(), None)
         }
-        other => ProviderError::transient(other.to_string()),
+        _ if error.is_permanent() => ProviderError::permanent(error.to_string()),
+        _ => ProviderError::transient(error.to_string()),
     }
 }
 

@@ -17,6 +17,20 @@ pub struct Error {
 struct Inner {
     kind: Kind,
     source: Option<BoxError>,
+    /// The transaction's command a negative reply answered, where known (Herald's addition).
+    step: Option<TransactionStep>,
+}
+
+/// The command of a mail transaction that a negative reply answered (Herald's addition): a
+/// refused sender, recipient or message call for different handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionStep {
+    /// `MAIL FROM`: the sender was refused.
+    Mail,
+    /// `RCPT TO`: a recipient was refused.
+    Rcpt,
+    /// `DATA`, the content after it, or `BDAT`: the message was refused.
+    Data,
 }
 
 impl Error {
@@ -28,6 +42,7 @@ impl Error {
             inner: Box::new(Inner {
                 kind,
                 source: source.map(Into::into),
+                step: None,
             }),
         }
     }
@@ -82,6 +97,22 @@ impl Error {
         matches!(self.inner.kind, Kind::TransportShutdown)
     }
 
+    /// The command of the mail transaction this negative reply answered, where the client knows
+    /// it (Herald's addition): `None` for other errors, and for replies outside a transaction
+    /// (the greeting, EHLO, STARTTLS, AUTH).
+    pub fn step(&self) -> Option<TransactionStep> {
+        self.inner.step
+    }
+
+    /// The same error, marked as the reply to `step` if it is a negative reply and not marked
+    /// yet.
+    pub(crate) fn at(mut self, step: TransactionStep) -> Self {
+        if self.status().is_some() && self.inner.step.is_none() {
+            self.inner.step = Some(step);
+        }
+        self
+    }
+
     /// Returns the status code, if the error was generated from a response.
     pub fn status(&self) -> Option<Code> {
         match self.inner.kind {
@@ -125,6 +156,9 @@ impl fmt::Debug for Error {
         let mut builder = f.debug_struct("lettre::transport::smtp::Error");
 
         builder.field("kind", &self.inner.kind);
+        if let Some(step) = &self.inner.step {
+            builder.field("step", step);
+        }
 
         if let Some(source) = &self.inner.source {
             builder.field("source", source);

@@ -17,7 +17,7 @@ use crate::{
         authentication::{Credentials, Mechanism},
         commands::{Auth, Data, Ehlo, Mail, Noop, Quit, Rcpt, Starttls},
         error,
-        error::Error,
+        error::{Error, TransactionStep},
         extension::{ClientId, Extension, MailBodyParameter, MailParameter, ServerInfo},
         response::{Response, parse_response},
     },
@@ -177,23 +177,36 @@ impl AsyncSmtpConnection {
 
         try_smtp!(
             self.command(Mail::new(envelope.from().cloned(), mail_options))
-                .await,
+                .await
+                .map_err(|err| err.at(TransactionStep::Mail)),
             self
         );
 
         // Recipient
         for to_address in envelope.to() {
             try_smtp!(
-                self.command(Rcpt::new(to_address.clone(), vec![])).await,
+                self.command(Rcpt::new(to_address.clone(), vec![]))
+                    .await
+                    .map_err(|err| err.at(TransactionStep::Rcpt)),
                 self
             );
         }
 
         // Data
-        try_smtp!(self.command(Data).await, self);
+        try_smtp!(
+            self.command(Data)
+                .await
+                .map_err(|err| err.at(TransactionStep::Data)),
+            self
+        );
 
         // Message content
-        let result = try_smtp!(self.message(email).await, self);
+        let result = try_smtp!(
+            self.message(email)
+                .await
+                .map_err(|err| err.at(TransactionStep::Data)),
+            self
+        );
         Ok(result)
     }
 
@@ -215,11 +228,22 @@ impl AsyncSmtpConnection {
         try_smtp!(self.write(commands.as_bytes()).await, self);
 
         // MAIL, the RCPTs, then DATA.
-        for _ in 0..envelope.to().len() + 2 {
-            try_smtp!(self.read_response().await, self);
+        let replies = envelope.to().len() + 2;
+        for index in 0..replies {
+            try_smtp!(
+                self.read_response()
+                    .await
+                    .map_err(|err| err.at(transaction_step(index, replies))),
+                self
+            );
         }
 
-        let result = try_smtp!(self.message(email).await, self);
+        let result = try_smtp!(
+            self.message(email)
+                .await
+                .map_err(|err| err.at(TransactionStep::Data)),
+            self
+        );
         Ok(result)
     }
 
@@ -367,11 +391,11 @@ impl AsyncSmtpConnection {
     /// a `421` closes the connection after saying why).
     async fn read_transaction(&mut self, replies: usize) -> Result<Result<Response, Error>, Error> {
         let (mut last, mut refusal) = (None, None);
-        for _ in 0..replies {
+        for index in 0..replies {
             match self.read_response().await {
                 Ok(reply) => last = Some(reply),
                 Err(err) if err.is_transient() || err.is_permanent() => {
-                    refusal.get_or_insert(err);
+                    refusal.get_or_insert(err.at(transaction_step(index, replies)));
                 }
                 Err(err) => return Err(refusal.unwrap_or(err)),
             }
@@ -650,6 +674,16 @@ fn chunk_commands(
     out.extend_from_slice(commands.as_bytes());
     out.extend_from_slice(email);
     out.extend_from_slice(line_end);
+}
+
+/// The command the `index`-th of a transaction's `replies` replies answers: MAIL first, DATA or
+/// BDAT last, an RCPT between.
+fn transaction_step(index: usize, replies: usize) -> TransactionStep {
+    match index {
+        0 => TransactionStep::Mail,
+        last if last + 1 == replies => TransactionStep::Data,
+        _ => TransactionStep::Rcpt,
+    }
 }
 
 /// MAIL and one RCPT per recipient, as one string for a pipelined write.
