@@ -101,6 +101,9 @@ impl ReceivedMail {
 /// Where an injected rejection is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectStage {
+    /// The reply to `MAIL FROM`: the sender is refused (e.g. 530 authentication required, 553
+    /// sender address not owned by the user).
+    Mail,
     /// The reply to `RCPT TO`: the recipient is refused (e.g. 451 greylisting, 550 no such user).
     Rcpt,
     /// The final reply after the message content (`CRLF.CRLF`, the last BDAT chunk): the
@@ -762,6 +765,9 @@ impl Session {
                         .await;
                 }
             }
+        }
+        if let Some(reply) = self.shared.take_rejection(RejectStage::Mail) {
+            return self.reply(&reply).await;
         }
         self.transaction.from = Some(address);
         self.reply("250 2.1.0 Ok").await

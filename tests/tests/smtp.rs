@@ -628,6 +628,59 @@ async fn a_4xx_to_rcpt_is_throttled_and_a_421_or_a_4xx_to_the_message_is_transie
     }
 }
 
+/// A 5xx to MAIL FROM refuses the account or its sender address (530 authentication required,
+/// 550/553 sender not verified or not owned), not the message: every message fails alike until
+/// someone fixes it, so it is transient, counting against the email circuit, rather than failing
+/// each message for good. A 552 to MAIL (the message's size) stays permanent, as do 5xx replies to
+/// RCPT and to the message; on every path a message takes.
+#[tokio::test]
+async fn a_5xx_to_mail_from_is_transient_and_a_5xx_to_rcpt_or_the_message_permanent() {
+    let cases = [
+        (
+            RejectStage::Mail,
+            530,
+            "5.7.0 Authentication required",
+            true,
+        ),
+        (
+            RejectStage::Mail,
+            553,
+            "5.7.1 <herald@localhost>: Sender address rejected: not owned by user",
+            true,
+        ),
+        (
+            RejectStage::Mail,
+            550,
+            "5.1.0 <herald@localhost>: Sender address rejected: undeliverable address",
+            true,
+        ),
+        (
+            RejectStage::Mail,
+            552,
+            "5.3.4 Message size exceeds fixed limit",
+            false,
+        ),
+        (RejectStage::Rcpt, 550, "5.1.1 no such user", false),
+        (RejectStage::Data, 554, "5.7.1 spam", false),
+    ];
+    for (stage, code, text, transient) in cases {
+        for path in 0..3 {
+            let sink = sink_for_path(path).await;
+            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
+            let what = format!("{code} to {stage:?} on path {path}: {refused:?}");
+            match refused {
+                Err(ProviderError::Transient { reason, .. }) if transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                Err(ProviderError::Permanent { reason, .. }) if !transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                _ => panic!("{what}"),
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_refused_chunk_is_a_permanent_failure_and_the_next_message_goes_through() {
     let sink = SmtpSink::start().await.expect("sink");

@@ -421,6 +421,11 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   `reject_unverified_recipient` `450`, a full mailbox `452`/`4.2.2`), retried later without
 ///   counting against the circuit: one recipient's state must not stop email for everyone;
 /// - a 4xx to `MAIL FROM`, `DATA` or `BDAT`: transient;
+/// - a 5xx to `MAIL FROM` refuses the account or its sender address (`530` authentication
+///   required, `550`/`553`/`554` sender not verified or not owned), not the message: transient,
+///   counting against the circuit, as an HTTP provider's `401` is, rather than failing every
+///   message for good until someone fixes it; but a `552` or `5.3.4` (`5.2.3`), the message's
+///   size, is permanent;
 /// - a 5xx to `RCPT TO`, `DATA` or `BDAT`: permanent, this recipient or message is refused;
 /// - a non-ASCII local part for a server without SMTPUTF8: permanent;
 /// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
@@ -438,9 +443,23 @@ fn classify(error: SmtpSendError) -> ProviderError {
         (Some(400..=499), Some(TransactionStep::Rcpt)) => {
             ProviderError::throttled(error.to_string(), None)
         }
+        (Some(500..=599), Some(TransactionStep::Mail)) if !too_big(&error) => {
+            ProviderError::transient(error.to_string())
+        }
         _ if error.is_permanent() => ProviderError::permanent(error.to_string()),
         _ => ProviderError::transient(error.to_string()),
     }
+}
+
+/// Whether a refusal is for the message's size: `552` (RFC 5321: exceeded storage allocation, as
+/// servers answer a `SIZE` over their limit) or an enhanced status `5.3.4` or `5.2.3` (RFC 3463:
+/// message too big for the system, longer than the administrative limit).
+fn too_big(error: &lettre::transport::smtp::Error) -> bool {
+    let enhanced = std::error::Error::source(error)
+        .map(|text| text.to_string())
+        .and_then(|text| text.split_whitespace().next().map(str::to_string));
+    error.status().map(u16::from) == Some(552)
+        || matches!(enhanced.as_deref(), Some("5.3.4" | "5.2.3"))
 }
 
 /// Whether lettre refused the envelope itself: a non-ASCII local part (`josé@…`) for a server
