@@ -235,6 +235,63 @@ async fn connections_idle_as_long_as_one_gone_silent_are_not_each_waited_for() {
     );
 }
 
+/// A plain SMTP server (one command at a time) that takes every message, answers its first
+/// message's content [`IDLE_CHECK`] and a little late, and counts the NOOPs it answers.
+async fn slow_first_message_server() -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let noops = Arc::new(AtomicUsize::new(0));
+    let counted = noops.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((stream, _)) = listener.accept().await {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let _ = write.write_all(b"220 slow ESMTP\r\n").await;
+            let mut in_data = false;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let command = line.to_ascii_uppercase();
+                let reply: &[u8] = match (in_data, command.as_str()) {
+                    (true, ".") => {
+                        in_data = false;
+                        if std::mem::take(&mut first) {
+                            tokio::time::sleep(IDLE_CHECK + Duration::from_millis(300)).await;
+                        }
+                        b"250 queued\r\n"
+                    }
+                    (true, _) => continue,
+                    (false, "DATA") => {
+                        in_data = true;
+                        b"354 go ahead\r\n"
+                    }
+                    (false, "NOOP") => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        b"250 ok\r\n"
+                    }
+                    _ => b"250 ok\r\n",
+                };
+                let _ = write.write_all(reply).await;
+            }
+        }
+    });
+    (port, noops)
+}
+
+/// A connection's idle time counts from when it came back to the pool, not from when it was
+/// taken: one that carried a slow message and goes out again at once is not checked with a NOOP.
+#[tokio::test]
+async fn a_connection_back_from_a_slow_message_is_reused_at_once_without_a_noop() {
+    let (port, noops) = slow_first_message_server().await;
+    let email = provider("127.0.0.1", port, 1);
+    email.send(&message(1)).await.expect("first sent");
+    email.send(&message(2)).await.expect("second sent");
+    assert_eq!(
+        noops.load(Ordering::SeqCst),
+        0,
+        "the connection had not sat idle at all"
+    );
+}
+
 #[tokio::test]
 async fn a_server_that_never_greets_fails_the_send_within_its_timeout() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -31,8 +31,9 @@ use lettre::transport::smtp::{
 };
 use tokio::sync::oneshot::{self, error::RecvError};
 
-/// A pooled connection idle for this long is checked with a NOOP before it is used again: the
-/// server may have closed it meanwhile (servers end idle sessions after a few minutes).
+/// A pooled connection idle for this long (since it came back to the pool) is checked with a NOOP
+/// before it is used again: the server may have closed it meanwhile (servers end idle sessions
+/// after a few minutes).
 pub const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// The longest the NOOP check of an idle connection may take (less where the connect timeout
@@ -155,6 +156,14 @@ impl Connector {
     }
 }
 
+/// A connection in the pool, with when it last came back to it.
+struct Pooled {
+    connection: AsyncSmtpConnection,
+    /// When the connection was last given back (or opened): its idle time counts from here, not
+    /// from when it was last taken, which a long send would add to.
+    returned: Instant,
+}
+
 /// Why the pool gave no connection.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
@@ -170,25 +179,26 @@ enum ConnectError {
 }
 
 impl managed::Manager for Connector {
-    type Type = AsyncSmtpConnection;
+    type Type = Pooled;
     type Error = ConnectError;
 
-    async fn create(&self) -> Result<AsyncSmtpConnection, ConnectError> {
+    async fn create(&self) -> Result<Pooled, ConnectError> {
         if lock(&self.queue).waiting.is_empty() {
             return Err(ConnectError::Unneeded);
         }
-        self.server.connect().await
+        let connection = self.server.connect().await?;
+        Ok(Pooled {
+            connection,
+            returned: Instant::now(),
+        })
     }
 
-    async fn recycle(
-        &self,
-        connection: &mut AsyncSmtpConnection,
-        metrics: &Metrics,
-    ) -> RecycleResult<ConnectError> {
+    async fn recycle(&self, pooled: &mut Pooled, _: &Metrics) -> RecycleResult<ConnectError> {
+        let connection = &mut pooled.connection;
         if connection.has_broken() {
             return Err(RecycleError::message("the SMTP session failed"));
         }
-        let idle = metrics.last_used();
+        let idle = pooled.returned.elapsed();
         if idle < IDLE_CHECK {
             return Ok(());
         }
@@ -350,7 +360,7 @@ impl SmtpPool {
     /// as a cancellable part of its call (its outcome is returned), or a group in a task of its
     /// own (`None`; the caller's message may be in it, or still wait if the group was full).
     async fn lead(&self, object: Object<Connector>, queued: &Queued<'_>) -> Option<Outcome> {
-        let limit = if sends_groups_in_one_write(&object) {
+        let limit = if sends_groups_in_one_write(&object.connection) {
             MAX_GROUP
         } else {
             1
@@ -654,9 +664,11 @@ struct Checkout(Option<Object<Connector>>);
 impl Checkout {
     /// The connection, held from the checkout until it is released or dropped.
     fn connection(&mut self) -> &mut AsyncSmtpConnection {
-        self.0
+        &mut self
+            .0
             .as_deref_mut()
             .expect("a checkout holds its connection until it is released")
+            .connection
     }
 
     /// Whether the connection was taken from the pool before, rather than opened for this
@@ -686,13 +698,17 @@ impl Checkout {
                 ConnectError::TimedOut(wait) => SmtpSendError::ConnectTimedOut(wait),
                 other @ ConnectError::Unneeded => SmtpSendError::Pool(other.to_string()),
             })?;
-        **object = fresh;
+        object.connection = fresh;
         Ok(())
     }
 
+    /// Gives the connection back to the pool, noting when (its idle time counts from now).
     fn release(mut self) {
-        // Dropping the object hands it back to the pool.
-        drop(self.0.take());
+        if let Some(mut object) = self.0.take() {
+            object.returned = Instant::now();
+            // Dropping the object hands it back to the pool.
+            drop(object);
+        }
     }
 }
 
