@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use herald_tests::{
-    E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, WriteHold, eventually, test_config,
+    E2E_TIMEOUT, NatsServer, RejectStage, SmtpSink, TestDatabase, TestHerald, WriteHold,
+    eventually, test_config,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -367,7 +368,8 @@ async fn with_nats_down_nothing_is_accepted_and_a_retry_later_works() {
 #[tokio::test]
 async fn a_transient_smtp_failure_is_retried_with_backoff_then_sent() {
     let w = world().await;
-    w.smtp.set_reject_next(1, 451, "4.3.0 try again later");
+    w.smtp
+        .set_reject_next_at(RejectStage::Data, 1, 451, "4.3.0 try again later");
     let id = w
         .herald
         .send_accepted(&order_email("ada@example.com", None))
@@ -594,7 +596,8 @@ async fn a_pass_refused_by_an_open_circuit_does_not_use_up_the_retries() {
         c.channels.limits.circuit.cool_down_ms = 1_500;
     })
     .await;
-    w.smtp.set_reject_next(1, 451, "4.3.0 try again later");
+    w.smtp
+        .set_reject_next_at(RejectStage::Data, 1, 451, "4.3.0 try again later");
     let id = w
         .herald
         .send_accepted(&order_email("ada@example.com", None))
@@ -621,7 +624,8 @@ async fn a_pass_refused_by_an_open_circuit_does_not_use_up_the_retries() {
 #[tokio::test]
 async fn a_failed_dead_letter_is_published_later_without_calling_the_providers_again() {
     let w = world_with(|c| c.dispatch.retry.max_deliveries = 2).await;
-    w.smtp.set_reject_next(100, 451, "4.3.0 try again later");
+    w.smtp
+        .set_reject_next_at(RejectStage::Data, 100, 451, "4.3.0 try again later");
     let js = async_nats::jetstream::new(w.nats.client().await.expect("nats client"));
     js.delete_stream("NOTIFY_DLQ")
         .await
