@@ -336,6 +336,11 @@ async fn an_international_domain_goes_in_ascii_and_a_local_part_needing_smtputf8
         matches!(&refused, Err(ProviderError::Permanent { reason, .. }) if reason.contains("SMTPUTF8")),
         "no retry makes this server take it: {refused:?}"
     );
+    // lettre refused it before writing a word: not a hang-up of the pooled connection, which
+    // stays in use rather than being replaced by a new one for a resend refused alike.
+    assert_eq!(sink.connection_count(), 1, "the pooled connection was kept");
+    email.send(&to("ada@example.com")).await.expect("sent");
+    assert_eq!(sink.connection_count(), 1, "and used again");
 }
 
 #[tokio::test]
@@ -647,8 +652,9 @@ async fn sink_for_path(path: usize) -> SmtpSink {
 
 /// A 4xx to RCPT is about that recipient (an address the relay could not verify yet, a full
 /// mailbox): throttled, retried later without counting against the email circuit, on every path a
-/// message takes. A 421 closes the session whatever it answers, and a 4xx to the message is about
-/// the server: both stay transient, and count.
+/// message takes; unless its enhanced code names the relay's own state (4.3.x, 4.4.x). A 421
+/// closes the session whatever it answers, and a 4xx to the message is about the server: both
+/// stay transient, and count.
 #[tokio::test]
 async fn a_4xx_to_rcpt_is_throttled_and_a_421_or_a_4xx_to_the_message_is_transient() {
     let cases = [
@@ -660,6 +666,25 @@ async fn a_4xx_to_rcpt_is_throttled_and_a_421_or_a_4xx_to_the_message_is_transie
         ),
         (RejectStage::Rcpt, 452, "4.2.2 Mailbox full", true),
         (RejectStage::Rcpt, 421, "4.3.2 shutting down", false),
+        // The relay's own state, which every recipient meets alike: it counts.
+        (
+            RejectStage::Rcpt,
+            451,
+            "4.3.0 Temporary lookup failure",
+            false,
+        ),
+        (
+            RejectStage::Rcpt,
+            452,
+            "4.3.1 Insufficient system storage",
+            false,
+        ),
+        (
+            RejectStage::Rcpt,
+            451,
+            "4.4.3 Directory server failure",
+            false,
+        ),
         (
             RejectStage::Data,
             451,

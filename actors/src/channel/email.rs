@@ -419,7 +419,10 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   transient, the server's state;
 /// - a 4xx to `RCPT TO`: throttled, about that one recipient (greylisting `451`, Postfix's
 ///   `reject_unverified_recipient` `450`, a full mailbox `452`/`4.2.2`), retried later without
-///   counting against the circuit: one recipient's state must not stop email for everyone;
+///   counting against the circuit: one recipient's state must not stop email for everyone; but
+///   one whose enhanced code names the relay's own state (`4.3.x` mail system, `4.4.x` network
+///   or routing: `451 4.3.0` temporary lookup failure, `452 4.3.1` insufficient storage), which
+///   every recipient meets alike, is transient;
 /// - a 4xx to `MAIL FROM`, `DATA` or `BDAT`: transient;
 /// - a 5xx to `MAIL FROM` refuses the account or its sender address (`530` authentication
 ///   required, `550`/`553`/`554` sender not verified or not owned), not the message: transient,
@@ -440,7 +443,7 @@ fn classify(error: SmtpSendError) -> ProviderError {
     let code = error.status().map(u16::from);
     match (code, error.step()) {
         (Some(421), _) | (None, _) => ProviderError::transient(error.to_string()),
-        (Some(400..=499), Some(TransactionStep::Rcpt)) => {
+        (Some(400..=499), Some(TransactionStep::Rcpt)) if !relay_state(&error) => {
             ProviderError::throttled(error.to_string(), None)
         }
         (Some(500..=599), Some(TransactionStep::Mail)) if !too_big(&error) => {
@@ -455,11 +458,24 @@ fn classify(error: SmtpSendError) -> ProviderError {
 /// servers answer a `SIZE` over their limit) or an enhanced status `5.3.4` or `5.2.3` (RFC 3463:
 /// message too big for the system, longer than the administrative limit).
 fn too_big(error: &lettre::transport::smtp::Error) -> bool {
-    let enhanced = std::error::Error::source(error)
-        .map(|text| text.to_string())
-        .and_then(|text| text.split_whitespace().next().map(str::to_string));
     error.status().map(u16::from) == Some(552)
-        || matches!(enhanced.as_deref(), Some("5.3.4" | "5.2.3"))
+        || matches!(enhanced_code(error).as_deref(), Some("5.3.4" | "5.2.3"))
+}
+
+/// Whether a refusal's enhanced status code (RFC 3463) names the relay's own state rather than
+/// the recipient's: `x.3.x` (mail system) or `x.4.x` (network and routing).
+fn relay_state(error: &lettre::transport::smtp::Error) -> bool {
+    enhanced_code(error).is_some_and(|code| {
+        let mut parts = code.split('.').skip(1);
+        matches!(parts.next(), Some("3" | "4"))
+    })
+}
+
+/// The enhanced status code (`4.2.2`) a refusal's text begins with, if it has one.
+fn enhanced_code(error: &lettre::transport::smtp::Error) -> Option<String> {
+    std::error::Error::source(error)
+        .map(|text| text.to_string())
+        .and_then(|text| text.split_whitespace().next().map(str::to_string))
 }
 
 /// Whether lettre refused the envelope itself: a non-ASCII local part (`josé@…`) for a server

@@ -411,27 +411,40 @@ fn sends_groups_in_one_write(connection: &AsyncSmtpConnection) -> bool {
 }
 
 /// Sends one message over `checkout`'s connection and gives the connection back if the server
-/// accepted it; on any error, a timeout or the caller giving up, the connection is closed. A
+/// accepted it, or lettre refused it before writing anything; on any other error, a timeout or
+/// the caller giving up, the connection is closed. A
 /// connection taken again from the pool that the server hung up on meanwhile (see
 /// [`hung_up_unanswered`]) is replaced by a fresh one, and the message goes again over it, once,
 /// within the same timeout.
 async fn send_alone(mut checkout: Checkout, message: Waiting, timeout: Duration) -> Outcome {
     metrics::histogram!("herald_smtp_group_messages").record(1.0);
-    let sent = tokio::time::timeout(timeout, send_or_resend(&mut checkout, &message))
+    let outcome = tokio::time::timeout(timeout, send_or_resend(&mut checkout, &message))
         .await
-        .map_err(|_| gave_up(timeout))??;
-    checkout.release();
-    Ok(sent)
+        .map_err(|_| gave_up(timeout))?;
+    let untouched = match &outcome {
+        Ok(_) => true,
+        Err(SmtpSendError::Smtp(err)) => err.is_client(),
+        Err(_) => false,
+    };
+    if untouched {
+        checkout.release();
+    }
+    outcome
 }
 
 /// Sends `message` over `checkout`'s connection, and once more over a fresh one if the server had
-/// hung up on it while it sat in the pool (see [`hung_up_unanswered`]).
+/// hung up on it while it sat in the pool (see [`hung_up_unanswered`]); not when lettre refused
+/// it before writing anything (a client error), which a fresh connection would refuse alike.
 async fn send_or_resend(checkout: &mut Checkout, message: &Waiting) -> Outcome {
     let reused = checkout.reused();
     let connection = checkout.connection();
     let before = connection.replies_read();
     match connection.send(&message.envelope, &message.email).await {
-        Err(err) if reused && hung_up_unanswered(connection, before, err.status()) => {
+        Err(err)
+            if reused
+                && !err.is_client()
+                && hung_up_unanswered(connection, before, err.status()) =>
+        {
             tracing::debug!(
                 error = %err,
                 "SMTP connection closed by the server while pooled; sending again over a new one"
@@ -568,8 +581,17 @@ struct Answers {
 }
 
 impl Answers {
-    /// Takes the outcome of message `index`: held back, or passed on with those held before it.
+    /// Takes the outcome of message `index`: held back, or passed on with those held before it. A
+    /// refusal of lettre's own, before anything of the message was written (a local part needing
+    /// SMTPUTF8 the server lacks), is passed on at once: no hang-up explains it, and it tells
+    /// nothing of the connection.
     fn give(&mut self, index: usize, result: Result<Response, smtp::Error>) {
+        if let Err(err) = &result
+            && err.is_client()
+        {
+            self.answer(index, result.map_err(SmtpSendError::Smtp));
+            return;
+        }
         if self.holding && !proves_answered(&result) {
             self.held.push((index, result));
             return;
