@@ -393,8 +393,8 @@ async fn recipients_in(
     }
 }
 
-/// Checks a bulk send against the state (a provider for one of its channels, its template) and
-/// the size of its commands: its channel chain.
+/// Checks a bulk send against the state (a provider for one of its channels, listed recipients'
+/// webhook URLs, its template) and the size of its commands: its channel chain.
 async fn accept(
     state: &AppState,
     category: Category,
@@ -402,6 +402,15 @@ async fn accept(
     content: &Content,
     target: &BatchTarget,
 ) -> Result<Vec<Channel>, ApiError> {
+    if let BatchTarget::Recipients { recipients } = target {
+        for (index, recipient) in recipients.iter().enumerate() {
+            validate::webhook_target(
+                &format!("recipients[{index}].webhook_url"),
+                &recipient.contacts,
+                state.allow_private_webhook_targets,
+            )?;
+        }
+    }
     let channels = notifications::chain(state, category, named_channels)?;
     check_template(state, content, target).await?;
     let room = state.publisher.command_room();

@@ -43,7 +43,8 @@ pub struct CreateCustomer {
     /// Push device tokens.
     #[oai(default)]
     pub push_tokens: Vec<String>,
-    /// URL for signed webhooks.
+    /// URL for signed webhooks (http or https with a host, at most 2,048 characters; not an
+    /// internal IP address unless `channels.webhook.allow_private_targets`).
     pub webhook_url: Option<String>,
     /// Language tag for templates (`en`, `de-DE`); `templates.default_locale` (`en` unless
     /// configured) when absent.
@@ -67,7 +68,8 @@ pub struct UpdateCustomer {
     /// Push device tokens.
     #[oai(default)]
     pub push_tokens: Vec<String>,
-    /// URL for signed webhooks.
+    /// URL for signed webhooks (http or https with a host, at most 2,048 characters; not an
+    /// internal IP address unless `channels.webhook.allow_private_targets`).
     pub webhook_url: Option<String>,
     /// Language tag; `templates.default_locale` (`en` unless configured) when absent.
     pub locale: Option<String>,
@@ -150,6 +152,7 @@ impl CustomersApi {
                 timezone: body.timezone,
             },
             default_locale,
+            self.state.allow_private_webhook_targets,
         )?;
         match repo::create(&self.state.db, &id, fields).await? {
             Some(row) => Ok(CreatedCustomer::Created(Json(view(row)))),
@@ -176,7 +179,11 @@ impl CustomersApi {
         id: Path<String>,
         body: Json<UpdateCustomer>,
     ) -> Result<Json<CustomerView>, ApiError> {
-        let fields = fields(&body.0, self.state.templates.default_locale())?;
+        let fields = fields(
+            &body.0,
+            self.state.templates.default_locale(),
+            self.state.allow_private_webhook_targets,
+        )?;
         match repo::update(&self.state.db, &id.0, fields).await? {
             Some(row) => Ok(Json(view(row))),
             None => Err(not_found(&id.0)),
@@ -189,8 +196,13 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// Checks a request's fields and fills the defaults: `default_locale` (the configured
-/// `templates.default_locale`) for an absent locale.
-fn fields(body: &UpdateCustomer, default_locale: &str) -> Result<CustomerFields, ApiError> {
+/// `templates.default_locale`) for an absent locale. A webhook URL naming an internal address is
+/// refused unless `allow_private_webhooks` ([`validate::webhook_target`]).
+fn fields(
+    body: &UpdateCustomer,
+    default_locale: &str,
+    allow_private_webhooks: bool,
+) -> Result<CustomerFields, ApiError> {
     let contacts = validate::contacts(
         "",
         RawContacts {
@@ -201,6 +213,7 @@ fn fields(body: &UpdateCustomer, default_locale: &str) -> Result<CustomerFields,
             webhook_url: &body.webhook_url,
         },
     )?;
+    validate::webhook_target("webhook_url", &contacts, allow_private_webhooks)?;
     let name = body
         .name
         .as_deref()
@@ -271,16 +284,16 @@ mod tests {
 
     #[test]
     fn defaults_and_trimming() {
-        let f = fields(&body(), "en").unwrap();
+        let f = fields(&body(), "en", false).unwrap();
         assert_eq!(f.name.as_deref(), Some("Ada"));
         assert_eq!((f.locale.as_str(), f.timezone.as_str()), ("en", "UTC"));
-        let f = fields(&body(), "de-AT").unwrap();
+        let f = fields(&body(), "de-AT", false).unwrap();
         assert_eq!(f.locale, "de-AT", "the configured default locale");
     }
 
     #[test]
     fn bad_time_zone_and_locale_name_their_field() {
-        let field = |b: UpdateCustomer| match fields(&b, "en") {
+        let field = |b: UpdateCustomer| match fields(&b, "en", false) {
             Err(ApiError::BadRequest(e)) => e.0.field,
             _ => None,
         };

@@ -117,7 +117,8 @@ pub struct Recipient {
     /// Push device tokens (at most 20, each at most 2,048 characters).
     #[oai(default)]
     pub push_tokens: Vec<String>,
-    /// URL for signed webhooks (http or https, at most 2,048 characters).
+    /// URL for signed webhooks (http or https with a host, at most 2,048 characters; not an
+    /// internal IP address unless `channels.webhook.allow_private_targets`).
     pub webhook_url: Option<String>,
 }
 
@@ -733,6 +734,11 @@ fn check(request: SendRequest) -> Result<CheckedSend, ApiError> {
 /// Checks a send against the state (a provider for one of its channels, its template) and makes
 /// its command.
 async fn accept(state: &AppState, checked: CheckedSend) -> Result<ValidSend, ApiError> {
+    validate::webhook_target(
+        "recipient.webhook_url",
+        &checked.contacts,
+        state.allow_private_webhook_targets,
+    )?;
     let channels = chain(state, checked.category, checked.named_channels)?;
     let command = SendCommand {
         v: SCHEMA_VERSION,

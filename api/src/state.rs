@@ -24,6 +24,10 @@ pub struct AppState {
     /// The configured providers by name, with their channel: a delivery receipt's provider is
     /// checked here, not by asking the channel actors (one that does not answer would lose it).
     pub providers: Arc<HashMap<String, Channel>>,
+    /// Whether webhook URLs may name internal addresses (the webhook provider's
+    /// `allow_private_targets`; `false` without a webhook provider): when not, the API refuses
+    /// them, as the provider would refuse to send to them.
+    pub allow_private_webhook_targets: bool,
     /// The engine's live state.
     pub engine: Arc<dyn crate::engine_view::EngineView>,
     /// Renders `/metrics`, when a recorder is installed.

@@ -49,16 +49,9 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
         ));
     }
     let webhook_url = trimmed(raw.webhook_url);
-    if let Some(url) = &webhook_url
-        && (url.len() > MAX_CONTACT || !(url.starts_with("https://") || url.starts_with("http://")))
-    {
-        return Err(ApiError::invalid(
-            &field("webhook_url"),
-            format!("webhook_url must be an http(s) URL of at most {MAX_CONTACT} characters"),
-        ));
-    }
     if let Some(url) = &webhook_url {
         plain_text(&field("webhook_url"), url)?;
+        webhook_url_shape(&field("webhook_url"), url)?;
     }
     let telegram_chat_id = trimmed(raw.telegram_chat_id);
     if telegram_chat_id
@@ -95,6 +88,70 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
         push_tokens,
         webhook_url,
     })
+}
+
+/// Refuses a webhook URL the webhook provider could never send to: longer than
+/// [`MAX_CONTACT`] bytes, not parsed by the URL parser the provider uses, not `http`/`https`, or
+/// without a host. Whether the host is internal is [`webhook_target`]'s question.
+fn webhook_url_shape(field: &str, url: &str) -> Result<(), ApiError> {
+    let refuse = |why: String| {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "webhook_url must be an http(s) URL with a host, of at most {MAX_CONTACT} \
+                 characters: {why}"
+            ),
+        ))
+    };
+    if url.len() > MAX_CONTACT {
+        return refuse(format!("it is {} characters long", url.len()));
+    }
+    let parsed = match url::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(e) => return refuse(e.to_string()),
+    };
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return refuse(format!("the scheme is {:?}", parsed.scheme()));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return refuse("it has no host".into());
+    }
+    Ok(())
+}
+
+/// Refuses a webhook URL (in `contacts`, already shaped by [`contacts`]) whose host is an internal
+/// IP address (as [`herald_nats::net::is_internal`] decides, the webhook provider's test), unless
+/// `allow_private` (the webhook provider's `allow_private_targets`): the
+/// provider would refuse to send to it. A host name (`localhost` too) is not resolved here: the
+/// provider refuses one that resolves only to internal addresses when it sends.
+pub fn webhook_target(
+    field: &str,
+    contacts: &Contacts,
+    allow_private: bool,
+) -> Result<(), ApiError> {
+    let Some(url) = contacts.webhook_url.as_deref() else {
+        return Ok(());
+    };
+    if allow_private {
+        return Ok(());
+    }
+    let internal = match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
+        Some(url::Host::Ipv4(ip)) => herald_nats::net::is_internal(ip.into()),
+        Some(url::Host::Ipv6(ip)) => herald_nats::net::is_internal(ip.into()),
+        Some(url::Host::Domain(_)) | None => false,
+    };
+    if internal {
+        return Err(ApiError::invalid(
+            field,
+            "webhook_url names an internal address (loopback, private, link-local or the like), \
+             which the webhook provider refuses to send to; set \
+             channels.webhook.allow_private_targets to allow it",
+        ));
+    }
+    Ok(())
 }
 
 fn trimmed(value: &Option<String>) -> Option<String> {

@@ -220,6 +220,11 @@ impl Herald {
                 stopped: engine.stopped.clone(),
             }),
             providers: engine.providers.clone(),
+            allow_private_webhook_targets: config
+                .channels
+                .webhook
+                .as_ref()
+                .is_some_and(|w| w.allow_private_targets),
             default_chains: Arc::new(config.default_chains()?),
             configured_channels: Arc::new(
                 Channel::ALL

@@ -14,6 +14,7 @@ pub mod events;
 pub mod ids;
 pub mod json_strings;
 pub mod leases;
+pub mod net;
 pub mod publish;
 pub mod streams;
 pub mod subjects;

@@ -1190,8 +1190,21 @@ async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
     })
     .await;
     webhook_receiver().mount(&w.provider).await;
-    let recipient = json!({
+    // An internal IP address is refused by the API at once.
+    let literal = json!({
         "webhook_url": format!("{}/hooks/shop-1", w.provider.uri()),
+        "email": "ada@example.com"
+    });
+    let (status, refused) = w
+        .herald
+        .send(&notification(&["webhook", "email"], literal))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "recipient.webhook_url", "{refused}");
+    // A host name is resolved only when sending: the provider refuses one that is internal.
+    let port = w.provider.address().port();
+    let recipient = json!({
+        "webhook_url": format!("http://localhost:{port}/hooks/shop-1"),
         "email": "ada@example.com"
     });
     let sent = send_until_sent(&w, &notification(&["webhook", "email"], recipient)).await;

@@ -7,6 +7,7 @@
 //! dashboard::`.
 
 mod api;
+mod api_writes;
 mod bench;
 mod channels;
 mod claims;

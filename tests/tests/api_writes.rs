@@ -1,0 +1,111 @@
+//! Sends and customers the API must refuse up front because they could only fail at delivery,
+//! and request ids measured as documented.
+
+use herald_actors::channel::webhook::WebhookConfig;
+use herald_tests::{NatsServer, SmtpSink, TestDatabase, TestHerald, test_config};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A Herald on a fresh NATS server, SMTP sink and database, kept alive together.
+struct World {
+    _nats: NatsServer,
+    _smtp: SmtpSink,
+    _db: TestDatabase,
+    herald: TestHerald,
+}
+
+async fn world_with(tune: impl FnOnce(&mut herald_engine::Config)) -> World {
+    let nats = NatsServer::start().await.expect("nats-server starts");
+    let smtp = SmtpSink::start().await.expect("smtp sink starts");
+    let db = TestDatabase::from_env().await.expect("database");
+    let mut config = test_config(&nats, &db, &smtp);
+    tune(&mut config);
+    let herald = TestHerald::start(config).await.expect("herald starts");
+    World {
+        _nats: nats,
+        _smtp: smtp,
+        _db: db,
+        herald,
+    }
+}
+
+/// A transactional send to `recipient` over `channels` (the default chain when `None`).
+fn send_to(recipient: Value, channels: Option<Value>) -> Value {
+    let mut send = json!({
+        "recipient": recipient,
+        "category": "transactional",
+        "content": { "subject": "Hello", "text": "Hello there." }
+    });
+    if let Some(channels) = channels {
+        send["channels"] = channels;
+    }
+    send
+}
+
+fn with_webhook(url: &str) -> Value {
+    send_to(
+        json!({ "email": "ada@example.com", "webhook_url": url }),
+        Some(json!(["email"])),
+    )
+}
+
+/// Webhook URLs that cannot be parsed, have no host, another scheme, or name an internal IP
+/// address are refused naming the field, by sends and by customers alike; a public one is taken.
+/// (A host name is not resolved by the API: the provider refuses an internal one when sending,
+/// see `channels::a_webhook_to_an_internal_address_is_refused_unless_allowed`.)
+#[tokio::test]
+async fn webhook_urls_that_could_never_be_delivered_to_are_refused() {
+    let w = world_with(|_| {}).await;
+    let h = &w.herald;
+    for url in [
+        "https://",
+        "https://exa mple.com/h",
+        "http://[::1",
+        "ftp://example.com/h",
+        "http://169.254.169.254/x",
+        "http://127.0.0.1:8080/h",
+        "http://[::1]/h",
+        "http://10.0.0.7/h",
+    ] {
+        let (status, refused) = h.send(&with_webhook(url)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {refused}");
+        assert_eq!(
+            refused["field"], "recipient.webhook_url",
+            "{url}: {refused}"
+        );
+        let customer = json!({ "id": "c-hook", "email": "ada@example.com", "webhook_url": url });
+        let (status, refused) = h.post("/api/v1/customers", &customer).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {refused}");
+        assert_eq!(refused["field"], "webhook_url", "{url}: {refused}");
+    }
+    h.send_accepted(&with_webhook("https://hooks.example.com/h"))
+        .await;
+    let (status, answer) = h
+        .post(
+            "/api/v1/customers",
+            &json!({ "id": "c-hook", "webhook_url": "https://hooks.example.com/h" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// With `channels.webhook.allow_private_targets` the webhook provider sends to internal
+/// addresses, so the API takes them.
+#[tokio::test]
+async fn internal_webhook_urls_are_taken_when_private_targets_are_allowed() {
+    let w = world_with(|c| {
+        c.channels.webhook = Some(WebhookConfig {
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            allow_private_targets: true,
+            ..WebhookConfig::default()
+        });
+    })
+    .await;
+    w.herald
+        .send_accepted(&with_webhook("http://127.0.0.1:9/h"))
+        .await;
+    let (status, refused) = w.herald.send(&with_webhook("https://")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "still a URL: {refused}");
+    w.herald.shutdown().await.expect("shutdown");
+}
