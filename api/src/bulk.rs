@@ -394,7 +394,7 @@ async fn recipients_in(
 }
 
 /// Checks a bulk send against the state (a provider for one of its channels, listed recipients'
-/// webhook URLs, its template) and the size of its commands: its channel chain.
+/// webhook URLs and contacts, its template) and the size of its commands: its channel chain.
 async fn accept(
     state: &AppState,
     category: Category,
@@ -402,6 +402,7 @@ async fn accept(
     content: &Content,
     target: &BatchTarget,
 ) -> Result<Vec<Channel>, ApiError> {
+    let channels = notifications::chain(state, category, named_channels)?;
     if let BatchTarget::Recipients { recipients } = target {
         for (index, recipient) in recipients.iter().enumerate() {
             validate::webhook_target(
@@ -409,9 +410,15 @@ async fn accept(
                 &recipient.contacts,
                 state.allow_private_webhook_targets,
             )?;
+            notifications::reachable(
+                state,
+                &format!("recipients[{index}]"),
+                recipient.customer_id.as_deref(),
+                &recipient.contacts,
+                &channels,
+            )?;
         }
     }
-    let channels = notifications::chain(state, category, named_channels)?;
     check_template(state, content, target).await?;
     let room = state.publisher.command_room();
     check_command_size(category, &channels, content, target, &room)?;

@@ -740,6 +740,13 @@ async fn accept(state: &AppState, checked: CheckedSend) -> Result<ValidSend, Api
         state.allow_private_webhook_targets,
     )?;
     let channels = chain(state, checked.category, checked.named_channels)?;
+    reachable(
+        state,
+        "recipient",
+        checked.customer_id.as_deref(),
+        &checked.contacts,
+        &channels,
+    )?;
     let command = SendCommand {
         v: SCHEMA_VERSION,
         notification_id: Uuid::now_v7(),
@@ -972,39 +979,106 @@ pub(crate) fn named_chain(
 }
 
 /// The channel chain of a send: the one the request names ([`named_chain`]), or the category's
-/// default chain. `400` for a named one in which no channel has a provider configured: such a
-/// send could only fail.
+/// default chain. `400` (field `channels`) when no channel of it has a provider configured, a
+/// named chain and a default one alike: such a send could only fail.
 pub(crate) fn chain(
     state: &AppState,
     category: Category,
     named: Option<Vec<Channel>>,
 ) -> Result<Vec<Channel>, ApiError> {
-    let Some(channels) = named else {
-        return Ok(state
-            .default_chains
-            .get(&category)
-            .cloned()
-            .unwrap_or_else(|| vec![Channel::Email]));
+    let (channels, which) = match named {
+        Some(channels) => (channels, "these channels".to_string()),
+        None => (
+            state
+                .default_chains
+                .get(&category)
+                .cloned()
+                .unwrap_or_else(|| vec![Channel::Email]),
+            format!(
+                "the {} default chain (routing.default_chains.{}; name channels to use others)",
+                category.as_str(),
+                category.as_str()
+            ),
+        ),
     };
     if !channels
         .iter()
         .any(|c| state.configured_channels.contains(c))
     {
-        let mut configured: Vec<&str> = state
-            .configured_channels
-            .iter()
-            .map(|c| c.as_str())
-            .collect();
-        configured.sort_unstable();
         return Err(ApiError::invalid(
             "channels",
             format!(
-                "no provider is configured for any of these channels; configured: {}",
-                configured.join(", ")
+                "no provider is configured for any channel of {which}: {}; configured: {}",
+                names(&channels),
+                configured(state).join(", ")
             ),
         ));
     }
     Ok(channels)
+}
+
+/// The configured channels, sorted by name.
+fn configured(state: &AppState) -> Vec<&'static str> {
+    let mut configured: Vec<&str> = state
+        .configured_channels
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    configured.sort_unstable();
+    configured
+}
+
+fn names(channels: &[Channel]) -> String {
+    channels
+        .iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Refuses (`400` naming `field`, the recipient) a send without a customer id whose contacts reach
+/// no channel of `channels` that has a provider: each attempt would find no contact or no
+/// provider, and the send could only fail. With a customer id the stored customer's contacts are
+/// read at delivery, so nothing is refused here.
+pub(crate) fn reachable(
+    state: &AppState,
+    field: &str,
+    customer_id: Option<&str>,
+    contacts: &Contacts,
+    channels: &[Channel],
+) -> Result<(), ApiError> {
+    if customer_id.is_some() {
+        return Ok(());
+    }
+    let usable: Vec<Channel> = channels
+        .iter()
+        .copied()
+        .filter(|c| state.configured_channels.contains(c))
+        .collect();
+    if usable.iter().any(|c| contacts.reaches(*c)) {
+        return Ok(());
+    }
+    let needed: Vec<&str> = usable.iter().map(|c| contact_name(*c)).collect();
+    Err(ApiError::invalid(
+        field,
+        format!(
+            "the recipient's contacts reach none of the channels with a provider in the chain \
+             ({}): give {}, or a customer_id",
+            names(&usable),
+            needed.join(" or ")
+        ),
+    ))
+}
+
+/// The contact a channel sends to, as a recipient names it.
+fn contact_name(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Email => "email",
+        Channel::Sms => "phone",
+        Channel::Telegram => "telegram_chat_id",
+        Channel::Push => "push_tokens",
+        Channel::Webhook => "webhook_url",
+    }
 }
 
 pub(crate) fn view(

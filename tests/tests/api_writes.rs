@@ -109,3 +109,74 @@ async fn internal_webhook_urls_are_taken_when_private_targets_are_allowed() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "still a URL: {refused}");
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// A send without a customer id whose contacts reach no configured channel of its chain is
+/// refused naming the recipient; with a customer id the stored contacts count, so it is taken.
+#[tokio::test]
+async fn a_send_whose_contacts_reach_no_configured_channel_is_refused() {
+    let w = world_with(|_| {}).await;
+    let h = &w.herald;
+    let phone_only = json!({ "phone": "+4915112345678" });
+    for channels in [Some(json!(["sms", "email"])), None] {
+        let (status, refused) = h.send(&send_to(phone_only.clone(), channels.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{channels:?}: {refused}");
+        assert_eq!(refused["field"], "recipient", "{channels:?}: {refused}");
+        let message = refused["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("email"),
+            "names what is missing: {refused}"
+        );
+    }
+    h.send_accepted(&send_to(
+        json!({ "customer_id": "c-1", "phone": "+4915112345678" }),
+        Some(json!(["email"])),
+    ))
+    .await;
+    h.send_accepted(&send_to(
+        json!({ "email": "ada@example.com", "phone": "+4915112345678" }),
+        Some(json!(["sms", "email"])),
+    ))
+    .await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A send that names no channels, in a category whose default chain has no configured provider,
+/// is refused like one naming that chain; so is such a bulk send.
+#[tokio::test]
+async fn a_default_chain_without_a_provider_is_refused() {
+    let w = world_with(|c| {
+        c.routing
+            .default_chains
+            .insert("marketing".into(), vec!["sms".into()]);
+    })
+    .await;
+    let h = &w.herald;
+    let mut send = send_to(
+        json!({ "email": "ada@example.com", "phone": "+4915112345678" }),
+        None,
+    );
+    send["category"] = json!("marketing");
+    let (status, refused) = h.send(&send).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "channels", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("sms") && message.contains("configured: email"),
+        "{refused}"
+    );
+    let (status, refused) = h
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "ada@example.com" }],
+                "category": "marketing",
+                "content": { "text": "Winter sale" }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "channels", "{refused}");
+    send["channels"] = json!(["email"]);
+    h.send_accepted(&send).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
