@@ -39,7 +39,7 @@ pub(crate) fn request_id(
         (None, Some(value)) => (value, IDEMPOTENCY_KEY),
         (None, None) => return Ok(None),
     };
-    if value.trim().is_empty() || value.len() > MAX_REQUEST_ID {
+    if value.trim().is_empty() || value.chars().count() > MAX_REQUEST_ID {
         return Err(ApiError::invalid(
             field,
             format!("{field} must be 1 to {MAX_REQUEST_ID} characters"),

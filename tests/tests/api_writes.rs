@@ -180,3 +180,25 @@ async fn a_default_chain_without_a_provider_is_refused() {
     h.send_accepted(&send).await;
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// A request id is measured in characters, as documented: 200 two-byte characters are taken,
+/// 201 are not.
+#[tokio::test]
+async fn a_request_id_is_measured_in_characters() {
+    let w = world_with(|_| {}).await;
+    let h = &w.herald;
+    let mut send = send_to(
+        json!({ "email": "ada@example.com" }),
+        Some(json!(["email"])),
+    );
+    send["request_id"] = json!("é".repeat(200));
+    let first = h.send_accepted(&send).await;
+    let (status, repeated) = h.send(&send).await;
+    assert_eq!(status, StatusCode::OK, "the repeat: {repeated}");
+    assert_eq!(repeated["id"], first.as_str(), "{repeated}");
+    send["request_id"] = json!("é".repeat(201));
+    let (status, refused) = h.send(&send).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(refused["field"], "request_id", "{refused}");
+    w.herald.shutdown().await.expect("shutdown");
+}
