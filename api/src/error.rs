@@ -55,8 +55,10 @@ pub enum ApiError {
     /// request needs a new request id.
     #[oai(status = 422)]
     UnprocessableContent(Json<ErrorBody>),
-    /// A dependency (NATS, database) is unavailable; nothing was accepted. Retry later with the
-    /// same `request_id`.
+    /// A dependency (NATS, database) is unavailable (code `unavailable`). Usually nothing was
+    /// accepted; but a send whose publish failed while the database could not withdraw its stored
+    /// notification either may still be sent (the Scheduler publishes it later; the message says
+    /// so). Retry later, and only with the same `request_id`.
     #[oai(status = 503)]
     Unavailable(Json<ErrorBody>),
     /// An unexpected error; details are in the server log.

@@ -296,7 +296,10 @@ impl NotificationsApi {
     /// `idempotency_key_reused` and changes nothing. A notification whose send command would be
     /// larger than the NATS server's `max_payload`, scheduled or not, answers 413 naming the
     /// sizes and stores nothing (a retry would be refused again). If NATS or the database is
-    /// unavailable nothing is accepted (503): retry with the same request id.
+    /// unavailable the answer is 503: usually nothing was accepted, but when the publish fails
+    /// and the database cannot withdraw the stored notification either, it stays `queued` and the
+    /// Scheduler publishes it after `scheduler.stale_claim_secs` (the message says it may still
+    /// be sent). Either way, retry only with the same request id.
     #[oai(
         path = "/notifications",
         method = "post",
@@ -469,9 +472,16 @@ async fn publish(
     published
 }
 
+/// The 503 message when a send's publish failed and its notification could not be withdrawn
+/// either (the database unavailable too).
+const MAY_STILL_BE_SENT: &str = "the message queue and the database are unavailable; the \
+     notification was stored and could not be withdrawn, so it may still be sent; retry only \
+     with the same request_id";
+
 /// Answers a send whose publish reported a failure: removes its notification and answers 503
 /// (nothing was accepted; 413 when the command is larger than the NATS server's `max_payload`,
-/// which no retry mends), unless the notification is no longer there to remove, unconfirmed and
+/// which no retry mends; a 503 saying it may still be sent when the database cannot remove it
+/// either: it stays `queued` and the Scheduler publishes it), unless the notification is no longer there to remove, unconfirmed and
 /// `queued`: a dispatcher claimed it (the command got out and only its acknowledgement was
 /// lost), a Scheduler claimed it to publish it, or a repeat of the request published it. Then it
 /// is going out, so the answer is 202 with it, as for any accepted send; a 503 would have the
@@ -484,7 +494,20 @@ async fn publish_failed(
     let unavailable = || {
         ApiError::unavailable("the message queue is unavailable; nothing was accepted, retry later")
     };
-    if repo::delete_unpublished(&state.db, id).await? {
+    // Without the database the notification can be neither withdrawn nor read: it stays `queued`
+    // and the Scheduler publishes it after `scheduler.stale_claim_secs`, so the answer must not
+    // say that nothing was accepted.
+    let undecided = |db: herald_entities::RepoError| {
+        if !db.is_outage() {
+            return ApiError::from(db);
+        }
+        tracing::warn!(%id, error = %err, db_error = %db, "cannot publish, nor withdraw the notification");
+        ApiError::unavailable(MAY_STILL_BE_SENT)
+    };
+    if repo::delete_unpublished(&state.db, id)
+        .await
+        .map_err(undecided)?
+    {
         tracing::warn!(%id, error = %err, "cannot publish; not accepted");
         return Err(match err {
             herald_nats::NatsError::TooLarge { reason, .. } => {
@@ -493,7 +516,7 @@ async fn publish_failed(
             _ => unavailable(),
         });
     }
-    let Some(row) = repo::find(&state.db, id).await? else {
+    let Some(row) = repo::find(&state.db, id).await.map_err(undecided)? else {
         tracing::warn!(%id, error = %err, "cannot publish, and the notification is gone");
         return Err(unavailable());
     };
