@@ -39,9 +39,9 @@ fn unconfirmed() -> Condition {
     first_publish_unconfirmed().add(replay_pending())
 }
 
-/// `status_reason` marks a notification's first command (published under the notification's id)
-/// that may not have been published: a Scheduler's claim, or an API send awaiting its
-/// confirmation.
+/// `status_reason` marks a command that may not have been published: a Scheduler's claim
+/// (published under the claim's own `Nats-Msg-Id`, see `herald_nats::publish::release_msg_id`),
+/// or an API send awaiting its confirmation (published under the notification's id).
 fn first_publish_unconfirmed() -> Condition {
     Condition::any()
         .add(notification::Column::StatusReason.starts_with(CLAIM_PREFIX))
