@@ -305,6 +305,11 @@ impl CommandRoom {
 /// the Scheduler: its `Nats-Msg-Id`, a release's ([`release_msg_id`], a claim's token being a
 /// UUID), which is longer than the notification id. A command accepted as fitting fits when due.
 fn command_headers_len() -> usize {
+    *COMMAND_HEADERS_LEN
+}
+
+/// [`command_headers_len`], counted once: the API asks for it with every send.
+static COMMAND_HEADERS_LEN: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
     let mut headers = HeaderMap::new();
     let nil = uuid::Uuid::nil();
     headers.insert(
@@ -312,7 +317,7 @@ fn command_headers_len() -> usize {
         release_msg_id(nil, &nil.to_string()).as_str(),
     );
     wire_len(&headers)
-}
+});
 
 /// A status event's `Nats-Msg-Id`: `{notification}:{status}:{when, in microseconds since the
 /// epoch}`. The time of the transition tells two transitions of a notification to the same status
