@@ -718,6 +718,53 @@ async fn a_default_chain_naming_a_channel_twice_walks_it_once() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Twilio refusing the account (here a suspended one, 403 with its error 20403) fails every SMS
+/// alike: each notification fails over to email, and the refusals count against the SMS circuit,
+/// which opens and stops calling Twilio. They were taken for the recipients' failures for good:
+/// `rejected`, never counted, and Twilio called for every notification.
+#[tokio::test]
+async fn a_twilio_refusal_of_the_account_opens_the_sms_circuit() {
+    let w = world(open_circuits_after_two_failures).await;
+    let suspended = json!({
+        "code": 20403,
+        "message": "403 Forbidden",
+        "more_info": "https://www.twilio.com/docs/errors/20403",
+        "status": 403
+    });
+    let refusing = sms(ResponseTemplate::new(403).set_body_json(suspended))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        sent.push(send_until_sent(&w, &notification(&["sms", "email"], everyone())).await);
+    }
+    for notification in &sent[..2] {
+        assert_eq!(
+            statuses(notification),
+            [("sms", "failed"), ("email", "sent")],
+            "the account's refusal is transient: {notification}"
+        );
+        let error = notification["attempts"][0]["error"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(error.contains("20403"), "{error:?}");
+    }
+    assert_eq!(
+        statuses(&sent[2]),
+        [("sms", "circuit_open"), ("email", "sent")],
+        "{}",
+        sent[2]
+    );
+    assert_eq!(
+        refusing.received_requests().await.len(),
+        2,
+        "after two refusals the open circuit keeps Twilio from being called"
+    );
+    let state = channel_state(&w, "sms").await;
+    assert_eq!(state["circuit"], "open", "{state}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_permanent_error_moves_on_without_retrying_that_channel() {
     let w = world(|_| {}).await;

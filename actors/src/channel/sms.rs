@@ -128,13 +128,27 @@ struct CreatedMessage {
     sid: String,
 }
 
-/// Twilio error codes that come with a `4xx` for a problem of the sender, not of the recipient or
-/// the message: every SMS fails alike until it passes or is mended, so they are transient
-/// (retried, counted against the circuit, dead-lettered for a replay), not a recipient's failure
-/// for good. 21611: the From number's queue is full; 21212: the From number is invalid; 21659:
-/// the From number is not one of the account's. (21606, a From number that cannot send to this
-/// destination, depends on the recipient's country: it stays the recipient's failure.)
-const SENDER_PROBLEMS: [u32; 3] = [21611, 21212, 21659];
+/// Twilio error codes that refuse the account or its sender, not this message or this recipient:
+/// every SMS fails alike until someone mends the account (credentials, funds, the From number),
+/// so they are transient (retried, counted against the circuit so that it opens, dead-lettered
+/// for a replay), not a recipient's failure for good. Decided by the code whatever HTTP status
+/// comes with it. 10001 and 20005: the account is not active (out of funds, suspended, a trial
+/// not activated); 20003: permission denied (wrong or revoked credentials, test credentials for
+/// the live account, a suspended or closed account); 20008: test credentials; 20403: the account
+/// may not use the API (suspended or closed); 21611: the From number's queue is full; 21212: the
+/// From number is invalid; 21660: the From number is not the account's; 21661: the From number
+/// cannot send SMS.
+const ACCOUNT_PROBLEMS: [u32; 9] = [
+    10001, 20003, 20005, 20008, 20403, 21611, 21212, 21660, 21661,
+];
+
+/// Twilio error codes for a From number that cannot send this message: 21606 (not a
+/// message-capable Twilio number for this destination or account), 21659 (not a Twilio number,
+/// or a short code's country mismatch). From a phone number (`+…`) every SMS fails alike: they
+/// are the account's, as [`ACCOUNT_PROBLEMS`]. From a short code or an alphanumeric sender id
+/// they also mean the destination's country cannot be reached from it: that recipient's failure,
+/// permanent.
+const FROM_PROBLEMS: [u32; 2] = [21606, 21659];
 
 /// Twilio's error body: `{"code":21211,"message":"…","more_info":"…","status":400}`.
 #[derive(Deserialize)]
@@ -197,20 +211,29 @@ impl SmsProvider {
                     status.as_u16(),
                     message.as_deref().unwrap_or("no message")
                 );
-                Err(match SENDER_PROBLEMS.contains(&code) {
-                    true => http::failure(true, reason, retry_after),
-                    false => http::account_status_error(status, reason, retry_after),
-                })
+                let transient = ACCOUNT_PROBLEMS.contains(&code)
+                    || (FROM_PROBLEMS.contains(&code) && self.from.starts_with('+'))
+                    || account_refused(status);
+                Err(http::failure(transient, reason, retry_after))
             }
             _ => {
                 let reason = format!(
                     "HTTP {status}: {}",
                     http::body_snippet(&bytes, body_lost, 200)
                 );
-                Err(http::account_status_error(status, reason, retry_after))
+                Err(http::failure(account_refused(status), reason, retry_after))
             }
         }
     }
+}
+
+/// Whether a failed status is transient for the SMS API: [`http::is_transient_for_account`]
+/// (a 401, a 408, 429 or 5xx), and a 403. Twilio answers 403 Forbidden for a request it does not
+/// authorise (an account suspended or closed, test credentials, wrong credentials), not for a
+/// message or a recipient, which it refuses with a 400: every SMS fails alike until the account
+/// is mended.
+fn account_refused(status: reqwest::StatusCode) -> bool {
+    http::is_transient_for_account(status) || status == reqwest::StatusCode::FORBIDDEN
 }
 
 impl Provider for SmsProvider {
@@ -390,6 +413,118 @@ mod tests {
             matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("20003")),
             "the account is refused, not the message: {error:?}"
         );
+    }
+
+    /// The error of one SMS, from `from`, answered with `status` and Twilio's error `code`.
+    async fn refused_with(from: &str, status: u16, code: u32, text: &str) -> ProviderError {
+        let (_server, mut provider) = reply_with(
+            ResponseTemplate::new(status).set_body_json(twilio_error(code, text, status)),
+        )
+        .await;
+        provider.from = from.into();
+        provider
+            .send(&message(Some("+4915112345678")))
+            .await
+            .unwrap_err()
+    }
+
+    /// Twilio's refusals of the account (its credentials, its standing, its From number) fail every
+    /// SMS alike: transient, so that the circuit opens and the messages are retried, then
+    /// dead-lettered for a replay, rather than each ending failed as if its number were wrong.
+    #[tokio::test]
+    async fn refusals_of_the_account_are_transient_whatever_the_status() {
+        for (status, code, text) in [
+            (403, 20003, "Permission Denied"),
+            (
+                403,
+                20008,
+                "Resource not accessible with Test Account Credentials",
+            ),
+            (403, 20403, "403 Forbidden"),
+            (401, 20005, "Account not active"),
+            (400, 20005, "Account not active"),
+            (400, 10001, "Account is not active"),
+            (
+                400,
+                21606,
+                "The 'From' phone number provided is not a valid message-capable Twilio phone number for this destination/account",
+            ),
+            (
+                400,
+                21660,
+                "Mismatch between the 'From' number and the account",
+            ),
+            (400, 21661, "'From' number is not SMS-capable"),
+        ] {
+            let error = refused_with("+15005550006", status, code, text).await;
+            assert!(
+                matches!(&error, ProviderError::Transient { reason, .. }
+                    if reason.contains(&code.to_string()) && reason.contains(text)),
+                "HTTP {status}, Twilio {code}: the account is refused, not the message: {error:?}"
+            );
+        }
+    }
+
+    /// A 403 whose body is not Twilio's (a proxy's page) refuses the request all the same.
+    #[tokio::test]
+    async fn a_forbidden_reply_without_a_twilio_code_is_transient() {
+        let (_server, provider) =
+            reply_with(ResponseTemplate::new(403).set_body_string("Forbidden")).await;
+        let error = provider
+            .send(&message(Some("+4915112345678")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::Transient { reason, .. }
+                if reason.contains("403") && reason.contains("Forbidden")),
+            "{error:?}"
+        );
+    }
+
+    /// What Twilio refuses for this recipient or this message stays that recipient's failure:
+    /// permanent, on to the next channel, not counted against the circuit.
+    #[tokio::test]
+    async fn refusals_of_the_recipient_stay_permanent() {
+        for (from, code, text) in [
+            (
+                "+15005550006",
+                21211,
+                "The 'To' number is not a valid phone number",
+            ),
+            (
+                "+15005550006",
+                21610,
+                "Attempt to send to unsubscribed recipient",
+            ),
+            (
+                "+15005550006",
+                21614,
+                "'To' number is not a valid mobile number",
+            ),
+            // From a short code, 21606 and 21659 may mean the destination's country.
+            (
+                "12345",
+                21606,
+                "The 'From' phone number provided is not a valid message-capable Twilio phone number for this destination/account",
+            ),
+            (
+                "12345",
+                21659,
+                "'From' is not a Twilio phone number or Short Code country mismatch",
+            ),
+            (
+                "Herald",
+                21659,
+                "'From' is not a Twilio phone number or Short Code country mismatch",
+            ),
+        ] {
+            let error = refused_with(from, 400, code, text).await;
+            assert!(
+                matches!(&error, ProviderError::Permanent { reason, dead_contacts }
+                    if dead_contacts.is_empty() && reason.contains(&code.to_string())),
+                "From {from}, Twilio {code}: this recipient's failure: {error:?}"
+            );
+        }
     }
 
     #[tokio::test]
