@@ -385,3 +385,74 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let what = "the provider outcomes, migrated again";
     assert_planned_afresh(url, kind, &attempt_outcomes(), new, what).await;
 }
+
+/// The dashboard's feed, of all customers or of one: `customer` is what its customer column
+/// shows (a customer id, else the first inline contact).
+fn feed(customer: Option<&str>) -> SelectStatement {
+    history::feed_page(&history::HistoryFilter::default(), customer, 100).into_query()
+}
+
+/// The dashboard's pages reload themselves every few seconds: their queries read the rows they
+/// show from an index, in its order, not the whole table sorted.
+#[tokio::test]
+async fn the_dashboards_refreshing_queries_use_their_indexes() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let kind = database.kind();
+    migrated(database.url()).await.expect("database migrated");
+    let (_db, txn) = planning(database.url(), kind).await;
+    let now = Utc::now();
+
+    // `/scheduled`: the notifications waiting for their time, soonest due first.
+    let scheduled = activity::scheduled_query(51).into_query();
+    let index = "idx_notifications_scheduled_due";
+    let what = "the dashboard's scheduled notifications";
+    assert_planned_on(&txn, kind, &scheduled, index, what).await;
+
+    // `/`'s latency plot: one range of the creation-time index per minute, read from its end.
+    let minutes = 3;
+    let latencies = activity::latencies_per_minute_query(now - Duration::minutes(3), minutes, 200);
+    let latency_plan = plan(&txn, kind, &latencies).await;
+    let wanted: &[&str] = match kind {
+        DatabaseKind::Sqlite => {
+            &["USING INDEX idx_notifications_created_at (created_at>? AND created_at<?)"]
+        }
+        DatabaseKind::Postgres => &[
+            "Index Scan Backward using idx_notifications_created_at",
+            "Index Cond: ((created_at >= ",
+        ],
+    };
+    for wanted in wanted {
+        assert_eq!(
+            latency_plan.matches(wanted).count(),
+            minutes as usize,
+            "each minute of the latency plot is not a range of idx_notifications_created_at \
+             ({wanted:?}):\n{latency_plan}"
+        );
+    }
+    assert!(
+        !latency_plan.contains("TEMP B-TREE") && !latency_plan.contains("Sort"),
+        "a minute of the latency plot is sorted, not read in the index's order:\n{latency_plan}"
+    );
+
+    // `/`'s feed: the newest notifications, walked newest first on the primary key until the
+    // page is full (a filter by status, channel or category has its own index, checked above).
+    // The customer filter is checked on each row of that walk, as `history::feed_page` says: no
+    // index holds the inline contacts of rows of every status, so the feed of one with fewer
+    // than a page of notifications reads the whole table.
+    let pkey = match kind {
+        DatabaseKind::Sqlite => "SCAN notifications USING INDEX sqlite_autoindex_notifications_1",
+        DatabaseKind::Postgres => "Index Scan Backward using notifications_pkey",
+    };
+    for (customer, what) in [
+        (None, "the feed"),
+        (Some("customer-1"), "the feed of one customer"),
+    ] {
+        let feed_plan = plan(&txn, kind, &feed(customer)).await;
+        assert!(
+            feed_plan.contains(pkey)
+                && !feed_plan.contains("TEMP B-TREE")
+                && !feed_plan.contains("Sort"),
+            "{what} is not walked newest first on the primary key:\n{feed_plan}"
+        );
+    }
+}
