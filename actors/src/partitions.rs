@@ -16,13 +16,15 @@
 //! until the lease is renewed, so an instance whose rounds run late stops taking the partition's
 //! work before the server can let the lease expire (a delivery checks again right before it tries
 //! the channels; one already past that still finishes). A lease it could not renew by then is
-//! also dropped locally. See [`herald_nats::leases`] for the bucket.
+//! also dropped locally. A round whose heartbeat finds another partition count recorded than this
+//! instance's drops every lease and pulls nothing until the counts agree
+//! ([`herald_nats::Heartbeat::other_partitions`]). See [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use herald_nats::{Held, LeaseTable, LeaseView, ttl_step};
+use herald_nats::{Heartbeat, Held, LeaseTable, LeaseView, ttl_step};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
@@ -90,6 +92,9 @@ pub struct Ownership {
     pub total: u32,
     /// Partitions held (including any being handed back).
     pub owned: Vec<u32>,
+    /// The partition count the deployment records, when it is not `total`: this instance
+    /// consumes no partition until they agree (see [`Heartbeat::other_partitions`]).
+    pub recorded_total: Option<u32>,
 }
 
 /// Shared, always-current copy of this instance's [`Ownership`].
@@ -262,6 +267,9 @@ pub struct LeaseKeeperState {
     redrain: BTreeSet<u32>,
     /// Partitions taken this round, not yet announced to the rate limiter.
     taken: BTreeSet<u32>,
+    /// The partition count the deployment records, when the last heartbeat found another than
+    /// this instance's: it holds and pulls no partition meanwhile.
+    other_partitions: Option<u32>,
     left: bool,
 }
 
@@ -295,6 +303,7 @@ impl Actor for LeaseKeeper {
             next_hand_back: 0,
             redrain: BTreeSet::new(),
             taken: BTreeSet::new(),
+            other_partitions: None,
             left: false,
         })
     }
@@ -344,12 +353,32 @@ impl LeaseKeeperState {
             heartbeat = table.heartbeat().await;
         }
         match heartbeat {
-            Ok(false) => {}
-            Ok(true) => tracing::error!(
-                instance = table.instance(),
-                "another live process runs under this instance name: cluster.instance must be \
-                 unique per process; each delivers only the partitions it took itself"
-            ),
+            Ok(Heartbeat {
+                other_partitions: Some(recorded),
+                ..
+            }) => {
+                self.stand_aside(recorded);
+                self.assign();
+                return;
+            }
+            Ok(Heartbeat { shared_name, .. }) => {
+                if let Some(recorded) = self.other_partitions.take() {
+                    tracing::warn!(
+                        partitions = self.args.partitions,
+                        recorded,
+                        "the deployment's partition count is this instance's again; taking \
+                         partitions"
+                    );
+                }
+                if shared_name {
+                    tracing::error!(
+                        instance = table.instance(),
+                        "another live process runs under this instance name: cluster.instance \
+                         must be unique per process; each delivers only the partitions it took \
+                         itself"
+                    );
+                }
+            }
             Err(err) => tracing::warn!(error = %err, "cannot refresh membership"),
         }
         self.renew_all().await;
@@ -380,6 +409,30 @@ impl LeaseKeeperState {
             self.drain(myself, partition);
         }
         self.assign();
+    }
+
+    /// Stops consuming partitions because the deployment records another partition count than
+    /// this instance's (`recorded`): another instance started with it while the record was
+    /// missing, and the two counts put one user's commands on two partitions. Every lease is
+    /// dropped here at once (its deadline with it, so no more of its commands are delivered) and
+    /// left to age out, as the membership record does (the heartbeat no longer refreshes it), so
+    /// the instances of the recorded count take every partition over after the TTL. Logged each
+    /// round, and shown by readiness, until the counts agree.
+    fn stand_aside(&mut self, recorded: u32) {
+        tracing::error!(
+            partitions = self.args.partitions,
+            recorded,
+            "nats.partitions = {} but the deployment records {recorded} (an instance with that \
+             count started while the record was missing): this instance consumes no partition; \
+             start every instance with one count",
+            self.args.partitions
+        );
+        self.other_partitions = Some(recorded);
+        let held: Vec<u32> = self.held.keys().copied().collect();
+        for partition in held {
+            self.drop_lease(partition);
+        }
+        self.taken.clear();
     }
 
     /// Creates the lease bucket again if it is gone (see [`LeaseTable::restore`]), timed by the TTL
@@ -729,6 +782,7 @@ impl LeaseKeeperState {
         ownership.instance = self.args.table.instance().to_string();
         ownership.total = self.args.partitions;
         ownership.owned = self.held.keys().copied().collect();
+        ownership.recorded_total = self.other_partitions;
         metrics::gauge!("herald_partitions_owned").set(ownership.owned.len() as f64);
     }
 }

@@ -19,6 +19,13 @@
 //! Instances also keep a `member.<instance>` key fresh, so that each can compute its fair share of
 //! the partitions (`ceil(partitions / members)`).
 //!
+//! The partition count the instances use is recorded in [`PARTITIONS_KEY`]: an instance with
+//! another count is refused at start ([`LeaseTable::open`]). The record can be missing while
+//! instances run (all of them cut off from NATS for longer than the TTL, the bucket lost with
+//! NATS's store), and an instance started then records its own count. So every heartbeat checks
+//! the record too, and never overwrites another count: an instance that finds one gives up its
+//! partitions and its membership until the counts agree again ([`Heartbeat::other_partitions`]).
+//!
 //! Every value names the instance and a token drawn by the process that wrote it
 //! (`<instance>/<token>`). An instance adopts only the leases its own process wrote (its lease
 //! keeper was restarted after a panic), never one written under its name by another process: two
@@ -58,7 +65,8 @@ pub fn member_key(instance: &str) -> String {
 }
 
 /// Key holding the number of command partitions the running instances use; written when an
-/// instance joins and with every heartbeat, so it ages out only when every instance has stopped.
+/// instance joins and refreshed with every heartbeat of an instance using that count (never
+/// overwritten with another), so it ages out only when every such instance has stopped.
 pub const PARTITIONS_KEY: &str = "deployment.partitions";
 
 /// The next TTL on the way from the bucket's `current` to a `wanted` shorter one: at most half as
@@ -98,6 +106,19 @@ pub struct Held {
     pub revision: u64,
 }
 
+/// What a [`LeaseTable::heartbeat`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Another live process wrote this instance's membership record since this one's last
+    /// heartbeat: two processes run under one instance name.
+    pub shared_name: bool,
+    /// The partition count the deployment records, when it is not this instance's: another
+    /// instance started with it while the record was missing (every instance cut off from NATS
+    /// for longer than the TTL, the bucket lost with NATS's store). This instance wrote nothing:
+    /// it must consume no partition until the counts agree again.
+    pub other_partitions: Option<u32>,
+}
+
 /// Handle on the lease bucket for one instance.
 #[derive(Clone)]
 pub struct LeaseTable {
@@ -108,6 +129,8 @@ pub struct LeaseTable {
     token: String,
     /// Revision of this process's last write of its membership record (0: none yet).
     member_revision: Arc<AtomicU64>,
+    /// Revision of this process's last write of the partition count record (0: none yet).
+    count_revision: Arc<AtomicU64>,
     partitions: u32,
     replicas: usize,
     /// The TTL the bucket had once this instance opened it.
@@ -150,6 +173,7 @@ impl LeaseTable {
             instance: instance.to_string(),
             token: uuid::Uuid::new_v4().simple().to_string(),
             member_revision: Arc::new(AtomicU64::new(0)),
+            count_revision: Arc::new(AtomicU64::new(0)),
             partitions,
             replicas,
             opened_ttl,
@@ -170,7 +194,10 @@ impl LeaseTable {
             .create(PARTITIONS_KEY, self.partitions_value())
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(revision) => {
+                self.count_revision.store(revision, Ordering::Relaxed);
+                return Ok(());
+            }
             Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(NatsError::Publish {
@@ -186,8 +213,7 @@ impl LeaseTable {
             .map_err(|e| read_error(&e))?;
         // Aged out since (every instance stopped), or not a number (written by hand): no
         // running instance stands against this count, and this instance's heartbeat rewrites it.
-        let Some(live) = recorded.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u32>().ok())
-        else {
+        let Some(live) = recorded.and_then(|v| parse_count(&v)) else {
             return Ok(());
         };
         if live == self.partitions {
@@ -329,57 +355,149 @@ impl LeaseTable {
             })
     }
 
-    /// Refreshes this instance's membership record and the partition count it uses. Answers
-    /// `true` when another live process wrote the membership record since this one's last
-    /// heartbeat: two processes run under one instance name.
-    pub async fn heartbeat(&self) -> Result<bool, NatsError> {
+    /// Checks the partition count the deployment records against this instance's, and, when they
+    /// agree, refreshes the record and this instance's membership record (see [`Heartbeat`]).
+    ///
+    /// The count is never overwritten: it is created where none is (aged out, or lost with the
+    /// bucket), and refreshed with an update naming the revision just read. An instance that finds
+    /// another count recorded writes nothing, not even its membership, which ages out: it must
+    /// stop consuming partitions (another instance started with that count while the record was
+    /// missing, and one user's commands would otherwise go to two partitions with two owners).
+    pub async fn heartbeat(&self) -> Result<Heartbeat, NatsError> {
+        if let Some(recorded) = self.refresh_partition_count().await? {
+            return Ok(Heartbeat {
+                shared_name: false,
+                other_partitions: Some(recorded),
+            });
+        }
+        Ok(Heartbeat {
+            shared_name: self.refresh_membership().await?,
+            other_partitions: None,
+        })
+    }
+
+    /// Creates or refreshes the partition count record when it is this instance's; answers the
+    /// recorded count when it is another.
+    async fn refresh_partition_count(&self) -> Result<Option<u32>, NatsError> {
+        let publish_error = |e: &dyn std::fmt::Display| NatsError::Publish {
+            subject: PARTITIONS_KEY.to_string(),
+            reason: e.to_string(),
+        };
+        let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
+            what: format!("key {PARTITIONS_KEY} of bucket {LEASE_BUCKET}"),
+            reason: e.to_string(),
+        };
+        // First a write naming the revision this process last wrote: it refreshes the record when
+        // nobody wrote it since (a lone instance: one request), and, as a write, fails at once
+        // when the bucket is gone, where a read waits out the request timeout.
+        let last = self.count_revision.load(Ordering::Relaxed);
+        match self
+            .store
+            .update(PARTITIONS_KEY, self.partitions_value(), last)
+            .await
+        {
+            Ok(revision) => {
+                self.count_revision.store(revision, Ordering::Relaxed);
+                return Ok(None);
+            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {}
+            Err(e) => return Err(publish_error(&e)),
+        }
+        // Written since (by another instance, with this count or not), aged out, or lost with
+        // the bucket. Two tries: the record may change between the read and the write (another
+        // instance refreshed it, or created it where none was); the second read sees the change.
+        for _ in 0..2 {
+            let entry = self
+                .store
+                .entry(PARTITIONS_KEY)
+                .await
+                .map_err(|e| read_error(&e))?
+                .filter(|entry| entry.operation == kv::Operation::Put);
+            let written = match entry {
+                Some(entry) => {
+                    match parse_count(&entry.value) {
+                        Some(recorded) if recorded != self.partitions => {
+                            return Ok(Some(recorded));
+                        }
+                        // This count, or not a number (written by hand): refreshed, or replaced
+                        // as an instance that starts now would.
+                        _ => {}
+                    }
+                    self.store
+                        .update(PARTITIONS_KEY, self.partitions_value(), entry.revision)
+                        .await
+                        .map_err(|e| {
+                            (e.kind() != UpdateErrorKind::WrongLastRevision)
+                                .then(|| publish_error(&e))
+                        })
+                }
+                // Absent (aged out, lost with the bucket) or deleted: this instance records its
+                // count, as one that starts now would.
+                None => self
+                    .store
+                    .create(PARTITIONS_KEY, self.partitions_value())
+                    .await
+                    .map_err(|e| {
+                        (e.kind() != CreateErrorKind::AlreadyExists).then(|| publish_error(&e))
+                    }),
+            };
+            match written {
+                Ok(revision) => {
+                    self.count_revision.store(revision, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                Err(Some(err)) => return Err(err),
+                // Changed since the read: read it again.
+                Err(None) => {}
+            }
+        }
+        // Changed under both tries: other instances refresh it at the same moment. Read once
+        // more; a record of this count is as good as this instance's write.
+        let recorded = self
+            .store
+            .get(PARTITIONS_KEY)
+            .await
+            .map_err(|e| read_error(&e))?
+            .and_then(|value| parse_count(&value));
+        Ok(recorded.filter(|&recorded| recorded != self.partitions))
+    }
+
+    /// Refreshes this instance's membership record. Answers `true` when another live process
+    /// wrote it since this one's last heartbeat: two processes run under one instance name.
+    async fn refresh_membership(&self) -> Result<bool, NatsError> {
         let publish_error = |key: &str, e: &dyn std::fmt::Display| NatsError::Publish {
             subject: key.to_string(),
             reason: e.to_string(),
         };
-        let member = async {
-            let key = member_key(&self.instance);
-            let last = self.member_revision.load(Ordering::Relaxed);
-            let mut shared = false;
-            if last != 0 {
-                match self.store.update(&key, self.owner_value(), last).await {
-                    Ok(revision) => {
-                        self.member_revision.store(revision, Ordering::Relaxed);
-                        return Ok(false);
-                    }
-                    // Written since (or aged out, when this process stalled past the TTL).
-                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                        let entry = self
-                            .store
-                            .entry(&key)
-                            .await
-                            .map_err(|e| publish_error(&key, &e))?;
-                        shared = entry.is_some_and(|entry| {
-                            entry.operation == kv::Operation::Put
-                                && entry.value != self.owner_value()
-                        });
-                    }
-                    Err(e) => return Err(publish_error(&key, &e)),
+        let key = member_key(&self.instance);
+        let last = self.member_revision.load(Ordering::Relaxed);
+        let mut shared = false;
+        if last != 0 {
+            match self.store.update(&key, self.owner_value(), last).await {
+                Ok(revision) => {
+                    self.member_revision.store(revision, Ordering::Relaxed);
+                    return Ok(false);
                 }
+                // Written since (or aged out, when this process stalled past the TTL).
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    let entry = self
+                        .store
+                        .entry(&key)
+                        .await
+                        .map_err(|e| publish_error(&key, &e))?;
+                    shared = entry.is_some_and(|entry| {
+                        entry.operation == kv::Operation::Put && entry.value != self.owner_value()
+                    });
+                }
+                Err(e) => return Err(publish_error(&key, &e)),
             }
-            let revision = self
-                .store
-                .put(key.as_str(), self.owner_value())
-                .await
-                .map_err(|e| publish_error(&key, &e))?;
-            self.member_revision.store(revision, Ordering::Relaxed);
-            Ok(shared)
-        };
-        let count = async {
-            self.store
-                .put(PARTITIONS_KEY, self.partitions_value())
-                .await
-                .map(|_| ())
-                .map_err(|e| publish_error(PARTITIONS_KEY, &e))
-        };
-        let (member, count) = futures::join!(member, count);
-        let shared = member?;
-        count?;
+        }
+        let revision = self
+            .store
+            .put(key.as_str(), self.owner_value())
+            .await
+            .map_err(|e| publish_error(&key, &e))?;
+        self.member_revision.store(revision, Ordering::Relaxed);
         Ok(shared)
     }
 
@@ -479,6 +597,11 @@ fn bucket_stream(ttl: Duration, replicas: usize) -> jetstream::stream::Config {
         discard: jetstream::stream::DiscardPolicy::New,
         ..Default::default()
     }
+}
+
+/// The partition count in a [`PARTITIONS_KEY`] value; `None` when it is not a number.
+fn parse_count(value: &[u8]) -> Option<u32> {
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The bucket could not be created, read or changed.

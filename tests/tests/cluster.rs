@@ -1430,6 +1430,140 @@ async fn an_instance_with_another_partition_count_is_refused_while_others_run() 
     }
 }
 
+/// The record of the deployment's partition count can be missing while instances run (all cut off
+/// from NATS for longer than the TTL, or the bucket lost with NATS's store), and an instance with
+/// another count started then is accepted. The running ones checked the count only when they
+/// started and wrote theirs back over the newcomer's with every heartbeat: both ran, each
+/// spreading commands by its own count (one user's commands on two partitions with two owners,
+/// partitions 8–15 pulled by the newcomer only), and the record flipped between the two.
+///
+/// Now the record is never overwritten with another count, and an instance whose heartbeat finds
+/// another one stands aside: it drops every lease at once (delivers none of their commands), lets
+/// them and its membership age out, says why, and shows the conflict to readiness; the instance
+/// whose count the deployment records runs on and takes every partition over. Here the running
+/// instance (8) finds the newcomer's count (16) recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_instance_stands_aside_for_the_partition_count_recorded_without_it() {
+    let (_nats, js) = private_jetstream().await;
+    let ttl = Duration::from_secs(2);
+    let a_table = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("bucket");
+    let a_args = LeaseKeeperArgs {
+        partitions: 8,
+        ..lone_keeper(&a_table, ttl)
+    };
+    let (a_deadlines, a_ownership) = (a_args.deadlines.clone(), a_args.ownership.clone());
+    let (a, a_handle) = Actor::spawn(None, LeaseKeeper, a_args)
+        .await
+        .expect("keeper a");
+    eventually(
+        "a to take all 8 partitions",
+        Duration::from_secs(10),
+        || async {
+            let view = a_table.view().await.ok()?;
+            (view.owners.len() == 8 && (0..8).all(|p| a_deadlines.holds(p))).then_some(())
+        },
+    )
+    .await;
+
+    // The window: the record is missing (here overwritten, as the newcomer's create does where
+    // none is, so that a's next round cannot write 8 first), and "b" starts with 16.
+    let kv = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("the lease bucket");
+    let recorded = || async {
+        kv.get(herald_nats::leases::PARTITIONS_KEY)
+            .await
+            .expect("read the record")
+            .map(|value| String::from_utf8_lossy(&value).into_owned())
+    };
+    let b_table = eventually(
+        "b to start with 16 partitions while the record says 16",
+        Duration::from_secs(10),
+        || async {
+            kv.put(herald_nats::leases::PARTITIONS_KEY, "16".into())
+                .await
+                .expect("record 16");
+            LeaseTable::open(&js, "b", ttl, 1, 16).await.ok()
+        },
+    )
+    .await;
+    let b_args = LeaseKeeperArgs {
+        partitions: 16,
+        ..lone_keeper(&b_table, ttl)
+    };
+    let b_ownership = b_args.ownership.clone();
+    let (b, b_handle) = Actor::spawn(None, LeaseKeeper, b_args)
+        .await
+        .expect("keeper b");
+
+    // a's next round (every TTL/4) finds 16 recorded: it delivers none of its partitions'
+    // commands from then on, and says why.
+    eventually_showing(
+        "a to stand aside for the recorded count",
+        Duration::from_secs(5),
+        || async {
+            let delivering: Vec<u32> = (0..8).filter(|&p| a_deadlines.holds(p)).collect();
+            let owned = a_ownership.read().expect("ownership").owned.clone();
+            let record = recorded().await;
+            (delivering.is_empty() && owned.is_empty())
+                .then_some(())
+                .ok_or_else(|| {
+                    format!(
+                        "a still delivers partitions {delivering:?} and holds {owned:?}; \
+                         record {record:?}"
+                    )
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        a_ownership.read().expect("ownership").recorded_total,
+        Some(16),
+        "a shows the conflict (readiness turns 503 on it)"
+    );
+    let heartbeat = a_table.heartbeat().await.expect("heartbeat");
+    assert_eq!(
+        heartbeat.other_partitions,
+        Some(16),
+        "a's heartbeat finds the other count"
+    );
+    // b runs on: once a's leases and membership have aged out (the TTL), it takes all 16.
+    eventually_showing(
+        "b to take every partition over",
+        Duration::from_secs(15),
+        || async {
+            let view = a_table.view().await.map_err(|e| e.to_string())?;
+            let all_b = view.owners.len() == 16 && view.owners.values().all(|o| o == "b");
+            (all_b && view.members == ["b"])
+                .then_some(())
+                .ok_or_else(|| format!("owners {:?}, members {:?}", view.owners, view.members))
+        },
+    )
+    .await;
+    assert_eq!(
+        recorded().await.as_deref(),
+        Some("16"),
+        "the recorded count is never overwritten with another"
+    );
+    assert!(
+        (0..8).all(|p| !a_deadlines.holds(p)),
+        "a delivers nothing meanwhile"
+    );
+    assert_eq!(
+        b_ownership.read().expect("ownership").recorded_total,
+        None,
+        "b's count is the recorded one"
+    );
+    assert_eq!(
+        a_ownership.read().expect("ownership").recorded_total,
+        Some(16)
+    );
+    for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
+        stop_keeper(keeper, handle).await;
+    }
+}
+
 /// Lowering the partition count while commands wait on the partitions it drops would leave them
 /// undelivered: the count is refused until they are delivered.
 #[tokio::test]
