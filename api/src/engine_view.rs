@@ -40,13 +40,19 @@ pub struct ChannelView {
 
 /// Which command partitions this instance consumes (it holds their leases).
 #[derive(Debug, Clone, Default, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
 pub struct PartitionsView {
     /// This instance's name in the lease bucket.
     pub instance: String,
-    /// Command partitions in all.
+    /// Command partitions in all (this instance's `nats.partitions`).
     pub total: u32,
     /// Partitions whose lease this instance holds, ascending.
     pub owned: Vec<u32>,
+    /// Present when the deployment records another partition count than `total` (an instance
+    /// with that count started while the record was missing): says which; this instance consumes
+    /// no partition and is not ready until the counts agree.
+    pub conflict: Option<String>,
 }
 
 /// Read access to the engine's live state.

@@ -2,7 +2,8 @@
 //!
 //! `GET /health` answers while the process serves HTTP (restart it if not). `GET /health/ready`
 //! answers 200 only when this instance can do its job: engine running, NATS connected, Herald's
-//! streams and partition lease bucket present, database reachable; it reports the command backlog
+//! streams and partition lease bucket present, database reachable, partition count the
+//! deployment's (`partitions.conflict` absent); it reports the command backlog
 //! and circuit states too, and answers 503 with the same body when a check fails (take the
 //! instance out of the load balancer, do not restart; a stopped engine makes `herald serve` exit
 //! by itself).
@@ -68,7 +69,8 @@ pub struct Readiness {
     /// Send commands in `NOTIFY` not yet completed (waiting or in flight, all instances), when
     /// known.
     pub pending_commands: Option<u64>,
-    /// The command partitions this instance consumes.
+    /// The command partitions this instance consumes; not ready when it has a `conflict` (its
+    /// partition count is not the deployment's).
     pub partitions: PartitionsView,
     /// Providers and their circuits (an open circuit does not make an instance unready: failover
     /// carries the traffic): those whose channel actor answered in time.
@@ -110,7 +112,7 @@ impl HealthApi {
     }
 
     /// Readiness: engine running, NATS connected, streams and lease bucket present, database
-    /// reachable; with backlog and circuits.
+    /// reachable, partition count the deployment's; with backlog and circuits.
     #[oai(path = "/health/ready", method = "get")]
     async fn ready(&self) -> ReadyResponse {
         let deadline = Instant::now() + READINESS_TIMEOUT;
@@ -129,7 +131,11 @@ impl HealthApi {
         } else {
             fail("stopped")
         };
-        let ready = engine.ok && nats.ok && streams.ok && database.ok;
+        let partitions = self.state.engine.partitions();
+        // Consuming no partition, it would take requests for commands it spreads by another
+        // count than the deployment's.
+        let ready =
+            engine.ok && nats.ok && streams.ok && database.ok && partitions.conflict.is_none();
         let body = Readiness {
             status: if ready { "ready" } else { "not_ready" }.into(),
             engine,
@@ -137,7 +143,7 @@ impl HealthApi {
             streams,
             database,
             pending_commands,
-            partitions: self.state.engine.partitions(),
+            partitions,
             channels,
         };
         if ready {

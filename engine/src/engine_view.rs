@@ -44,6 +44,13 @@ impl EngineView for LiveEngine {
             instance: ownership.instance.clone(),
             total: ownership.total,
             owned: ownership.owned.clone(),
+            conflict: ownership.recorded_total.map(|recorded| {
+                format!(
+                    "nats.partitions = {} but the deployment records {recorded}: this instance \
+                     consumes no partition; start every instance with one count",
+                    ownership.total
+                )
+            }),
         }
     }
 }

@@ -349,3 +349,73 @@ async fn every_accepted_notification_counts_in_accepted_total_by_source() {
         .expect("the event's and the bulk send's emails, and the send for now");
     herald.shutdown().await.expect("shutdown");
 }
+
+/// An instance whose `nats.partitions` is not the count the deployment records (another instance
+/// recorded its own while the record was missing) consumes no partition: readiness says so with
+/// `503` and `partitions.conflict`, so it is taken out of rotation (its API spreads commands by
+/// its own count), and is ready again once the counts agree. The running instance used to write
+/// its own count back over the recorded one with every heartbeat and stay ready.
+#[tokio::test]
+async fn readiness_fails_while_another_partition_count_is_recorded() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let mut config = test_config(&nats, &db, &smtp);
+    config.cluster.lease_ttl_ms = 2_000;
+    config.nats.partitions = 8;
+    let herald = TestHerald::start(config).await.expect("herald");
+    eventually(
+        "the instance to own its partitions",
+        E2E_TIMEOUT,
+        || async {
+            let (status, ready) = herald.get("/health/ready").await;
+            (status == StatusCode::OK && ready["partitions"]["owned"].as_array()?.len() == 8)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Another instance started with 16 while the record was missing, and recorded 16.
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let kv = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("the lease bucket");
+    let key = herald_nats::leases::PARTITIONS_KEY;
+    kv.put(key, "16".into()).await.expect("record 16");
+    let not_ready = eventually(
+        "readiness to report the partition count conflict",
+        Duration::from_secs(10),
+        || async {
+            let (status, ready) = herald.get("/health/ready").await;
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some(ready)
+        },
+    )
+    .await;
+    assert_eq!(not_ready["status"], "not_ready");
+    let conflict = not_ready["partitions"]["conflict"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the conflict is named: {not_ready}"));
+    assert!(
+        conflict.contains("nats.partitions = 8 but the deployment records 16"),
+        "{conflict}"
+    );
+    assert_eq!(not_ready["partitions"]["owned"], json!([]), "{not_ready}");
+    assert_eq!(
+        kv.get(key).await.expect("read").as_deref(),
+        Some(&b"16"[..]),
+        "the recorded count is not overwritten"
+    );
+
+    // The counts agree again: it takes its partitions again and is ready.
+    kv.put(key, "8".into()).await.expect("record 8");
+    eventually("readiness to recover", Duration::from_secs(15), || async {
+        let (status, ready) = herald.get("/health/ready").await;
+        (status == StatusCode::OK
+            && ready["partitions"].get("conflict").is_none()
+            && ready["partitions"]["owned"].as_array()?.len() == 8)
+            .then_some(())
+    })
+    .await;
+    herald.shutdown().await.expect("shutdown");
+}
