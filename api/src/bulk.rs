@@ -405,12 +405,7 @@ async fn accept(
     let channels = notifications::chain(state, category, named_channels)?;
     if let BatchTarget::Recipients { recipients } = target {
         for (index, recipient) in recipients.iter().enumerate() {
-            validate::webhook_target(
-                &format!("recipients[{index}].webhook_url"),
-                &recipient.contacts,
-                state.allow_private_webhook_targets,
-            )?;
-            notifications::reachable(
+            notifications::deliverable(
                 state,
                 &format!("recipients[{index}]"),
                 recipient.customer_id.as_deref(),

@@ -757,13 +757,8 @@ fn check(request: SendRequest) -> Result<CheckedSend, ApiError> {
 /// Checks a send against the state (a provider for one of its channels, its template) and makes
 /// its command.
 async fn accept(state: &AppState, checked: CheckedSend) -> Result<ValidSend, ApiError> {
-    validate::webhook_target(
-        "recipient.webhook_url",
-        &checked.contacts,
-        state.allow_private_webhook_targets,
-    )?;
     let channels = chain(state, checked.category, checked.named_channels)?;
-    reachable(
+    deliverable(
         state,
         "recipient",
         checked.customer_id.as_deref(),
@@ -1059,11 +1054,29 @@ fn names(channels: &[Channel]) -> String {
         .join(", ")
 }
 
+/// Refuses (`400`) a recipient (named `field`: `recipient`, `recipients[i]`) its sends could never
+/// reach: a webhook URL the webhook provider refuses ([`validate::webhook_target`]), or, without
+/// a customer id, contacts that reach no channel of `channels` with a provider ([`reachable`]).
+pub(crate) fn deliverable(
+    state: &AppState,
+    field: &str,
+    customer_id: Option<&str>,
+    contacts: &Contacts,
+    channels: &[Channel],
+) -> Result<(), ApiError> {
+    validate::webhook_target(
+        &format!("{field}.webhook_url"),
+        contacts,
+        state.allow_private_webhook_targets,
+    )?;
+    reachable(state, field, customer_id, contacts, channels)
+}
+
 /// Refuses (`400` naming `field`, the recipient) a send without a customer id whose contacts reach
 /// no channel of `channels` that has a provider: each attempt would find no contact or no
 /// provider, and the send could only fail. With a customer id the stored customer's contacts are
 /// read at delivery, so nothing is refused here.
-pub(crate) fn reachable(
+fn reachable(
     state: &AppState,
     field: &str,
     customer_id: Option<&str>,
