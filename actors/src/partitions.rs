@@ -18,13 +18,14 @@
 //! the channels; one already past that still finishes). A lease it could not renew by then is
 //! also dropped locally. A round whose heartbeat finds another partition count recorded than this
 //! instance's drops every lease and pulls nothing until the counts agree
-//! ([`herald_nats::Heartbeat::other_partitions`]). See [`herald_nats::leases`] for the bucket.
+//! ([`herald_nats::Heartbeat::other_partitions`]), and has the instance's send commands spread by
+//! the recorded count meanwhile ([`CommandPartitions`]). See [`herald_nats::leases`] for the bucket.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use herald_nats::{Heartbeat, Held, LeaseTable, LeaseView, ttl_step};
+use herald_nats::{CommandPartitions, Heartbeat, Held, LeaseTable, LeaseView, ttl_step};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
@@ -228,8 +229,11 @@ pub type HandBack = u64;
 pub struct LeaseKeeperArgs {
     /// The lease bucket, bound as this instance.
     pub table: LeaseTable,
-    /// Command partitions in all.
-    pub partitions: u32,
+    /// Command partitions in all: this instance's count ([`CommandPartitions::configured`]), and
+    /// the count its send commands are spread by, which the keeper has follow the deployment's
+    /// recorded count while it stands aside ([`CommandPartitions::follow`]) and restores when the
+    /// counts agree. Shared with the instance's [`herald_nats::Publisher`].
+    pub partitions: CommandPartitions,
     /// Lease TTL from the configuration. The keeper follows the bucket's (another instance may
     /// have set a different one), and lowers a longer one to this a step at a time.
     pub ttl: Duration,
@@ -362,9 +366,12 @@ impl LeaseKeeperState {
                 return;
             }
             Ok(Heartbeat { shared_name, .. }) => {
+                // Also after a restart of this keeper, whose predecessor may have left the
+                // publisher following another count.
+                self.args.partitions.restore();
                 if let Some(recorded) = self.other_partitions.take() {
                     tracing::warn!(
-                        partitions = self.args.partitions,
+                        partitions = self.args.partitions.configured(),
                         recorded,
                         "the deployment's partition count is this instance's again; taking \
                          partitions"
@@ -391,7 +398,7 @@ impl LeaseKeeperState {
                 let leaving: BTreeSet<u32> = self.leaving.keys().copied().collect();
                 let plan = plan(
                     table.instance(),
-                    self.args.partitions,
+                    self.args.partitions.configured(),
                     &view,
                     &held,
                     &leaving,
@@ -416,16 +423,24 @@ impl LeaseKeeperState {
     /// missing, and the two counts put one user's commands on two partitions. Every lease is
     /// dropped here at once (its deadline with it, so no more of its commands are delivered) and
     /// left to age out, as the membership record does (the heartbeat no longer refreshes it), so
-    /// the instances of the recorded count take every partition over after the TTL. Logged each
-    /// round, and shown by readiness, until the counts agree.
+    /// the instances of the recorded count take every partition over after the TTL. The send
+    /// commands this instance still publishes (its API, Router, Scheduler, dead-letter replays)
+    /// are spread by the recorded count meanwhile, onto the partitions those instances consume,
+    /// each user's on the one their own commands for the user go to. Logged each round, and shown
+    /// by readiness and `herald_partitions_conflict`, until the counts agree.
     fn stand_aside(&mut self, recorded: u32) {
+        let configured = self.args.partitions.configured();
+        let spread = if self.args.partitions.follow(recorded) {
+            format!("its send commands go by the recorded count, {recorded}")
+        } else {
+            format!(
+                "{recorded} is no valid count, so its send commands still go by {configured} and                  wait until the record ages out"
+            )
+        };
         tracing::error!(
-            partitions = self.args.partitions,
+            partitions = configured,
             recorded,
-            "nats.partitions = {} but the deployment records {recorded} (an instance with that \
-             count started while the record was missing): this instance consumes no partition; \
-             start every instance with one count",
-            self.args.partitions
+            "nats.partitions = {configured} but the deployment records {recorded} (an instance              with that count started while the record was missing): this instance consumes no              partition, and {spread}; start every instance with one count"
         );
         self.other_partitions = Some(recorded);
         let held: Vec<u32> = self.held.keys().copied().collect();
@@ -739,7 +754,7 @@ impl LeaseKeeperState {
             if let Some(limiter) = self.args.rate_limiter.get() {
                 let _ = limiter.cast(RateLimiterSupervisorMsg::ForgetPartitions {
                     partitions: taken.clone(),
-                    total: self.args.partitions,
+                    total: self.args.partitions.configured(),
                 });
             }
             for partition in taken {
@@ -780,10 +795,12 @@ impl LeaseKeeperState {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         ownership.instance = self.args.table.instance().to_string();
-        ownership.total = self.args.partitions;
+        ownership.total = self.args.partitions.configured();
         ownership.owned = self.held.keys().copied().collect();
         ownership.recorded_total = self.other_partitions;
         metrics::gauge!("herald_partitions_owned").set(ownership.owned.len() as f64);
+        metrics::gauge!("herald_partitions_conflict")
+            .set(f64::from(u8::from(self.other_partitions.is_some())));
     }
 }
 

@@ -468,6 +468,7 @@ async fn start_engine(
     )
     .await?;
     let publisher_js = publisher.jetstream().clone();
+    let command_partitions = publisher.command_partitions().clone();
     let outbox_relay = herald_actors::outbox_relay::OutboxRelayArgs {
         db: db.clone(),
         publisher: publisher.clone(),
@@ -526,7 +527,7 @@ async fn start_engine(
         dispatcher_slot: dispatcher.clone(),
         lease_keeper: LeaseKeeperArgs {
             table: leases,
-            partitions: config.nats.partitions,
+            partitions: command_partitions,
             ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
             dispatcher: dispatcher.clone(),
             drain_timeout,

@@ -29,7 +29,9 @@ pub use envelope::{
 pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
 pub use leases::{Heartbeat, Held, LeaseTable, LeaseView, ttl_step};
-pub use publish::{CommandRoom, DeadLetterHeaders, Publisher, Stored, release_msg_id};
+pub use publish::{
+    CommandPartitions, CommandRoom, DeadLetterHeaders, Publisher, Stored, release_msg_id,
+};
 pub use streams::{
     Provisioned, Retention, StreamSettings, check_command_partitions, dispatch_consumer, provision,
     router_consumer,

@@ -1,5 +1,8 @@
 //! Publishing with JetStream acknowledgement and `Nats-Msg-Id` de-duplication.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
 
@@ -20,19 +23,76 @@ pub struct DeadLetterHeaders<'a> {
     pub providers: &'a [String],
 }
 
+/// The partition count send commands are spread by, shared by every clone: this instance's
+/// `nats.partitions`, or, while the deployment records another (the instance stands aside, see
+/// [`crate::Heartbeat::other_partitions`]), the recorded one, so that a command this instance
+/// publishes goes where the instances of the recorded count consume it, on the partition their
+/// own commands for the same recipient go to. Cheap to clone and to read.
+#[derive(Debug, Clone)]
+pub struct CommandPartitions {
+    configured: u32,
+    current: Arc<AtomicU32>,
+}
+
+impl CommandPartitions {
+    /// Spreads by `configured` (at least 1) until told to follow another count.
+    pub fn new(configured: u32) -> Self {
+        let configured = configured.max(1);
+        Self {
+            configured,
+            current: Arc::new(AtomicU32::new(configured)),
+        }
+    }
+
+    /// The count commands are spread by now.
+    pub fn current(&self) -> u32 {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// This instance's own count (`nats.partitions`).
+    pub fn configured(&self) -> u32 {
+        self.configured
+    }
+
+    /// Spreads by `recorded`, the count the deployment records, from now on; answers whether it
+    /// does. A count no Herald instance can run with (0, above [`subjects::MAX_PARTITIONS`]:
+    /// written by hand) is not followed: nothing would consume the partitions it names, while
+    /// commands on this instance's own wait for it to take its partitions again (the record,
+    /// refreshed by nobody, ages out).
+    pub fn follow(&self, recorded: u32) -> bool {
+        let valid = (1..=subjects::MAX_PARTITIONS).contains(&recorded);
+        self.current.store(
+            if valid { recorded } else { self.configured },
+            Ordering::Relaxed,
+        );
+        valid
+    }
+
+    /// Spreads by this instance's own count again (the counts agree).
+    pub fn restore(&self) {
+        self.current.store(self.configured, Ordering::Relaxed);
+    }
+
+    /// The subject of the send commands for `recipient_key`, by the current count.
+    fn command_subject(&self, recipient_key: &str) -> String {
+        subjects::command_subject(subjects::partition_for(recipient_key, self.current()))
+    }
+}
+
 /// Publishes Herald's messages on JetStream. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
     js: jetstream::Context,
-    partitions: u32,
+    partitions: CommandPartitions,
 }
 
 impl Publisher {
-    /// A publisher over `js` that spreads send commands over `partitions` subjects.
+    /// A publisher over `js` that spreads send commands over `partitions` subjects (or the
+    /// count [`Publisher::command_partitions`] is told to follow).
     pub fn new(js: jetstream::Context, partitions: u32) -> Self {
         Self {
             js,
-            partitions: partitions.max(1),
+            partitions: CommandPartitions::new(partitions),
         }
     }
 
@@ -41,12 +101,15 @@ impl Publisher {
         &self.js
     }
 
-    /// Number of command partitions.
-    pub fn partitions(&self) -> u32 {
-        self.partitions
+    /// The partition count send commands are spread by, shared with every clone of this
+    /// publisher: the lease keeper has it follow the deployment's recorded count while that
+    /// differs from this instance's.
+    pub fn command_partitions(&self) -> &CommandPartitions {
+        &self.partitions
     }
 
-    /// Publishes a send command on its recipient's partition, with the notification id as
+    /// Publishes a send command on its recipient's partition (by [`CommandPartitions::current`]),
+    /// with the notification id as
     /// `Nats-Msg-Id`, and waits until JetStream has stored it. The notification's first command
     /// (an API send, an event's, a bulk page's) goes this way: the same command published again
     /// (a repeated request, a redelivered event, a page redone) is a duplicate JetStream drops
@@ -72,8 +135,7 @@ impl Publisher {
         command: &SendCommand,
         msg_id: &str,
     ) -> Result<Stored, NatsError> {
-        let subject =
-            subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
+        let subject = self.partitions.command_subject(recipient_key);
         self.publish_with_id(subject, msg_id, HeaderMap::new(), command.encode()?)
             .await
     }
@@ -100,8 +162,7 @@ impl Publisher {
         msg_id: &str,
         attempts_before: i32,
     ) -> Result<(), NatsError> {
-        let subject =
-            subjects::command_subject(subjects::partition_for(recipient_key, self.partitions));
+        let subject = self.partitions.command_subject(recipient_key);
         let mut headers = HeaderMap::new();
         headers.insert(subjects::HEADER_REPLAY_BASE, attempts_before.to_string());
         self.publish_with_id(subject, msg_id, headers, payload)
@@ -362,7 +423,10 @@ fn header_safe(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{CommandRoom, command_headers_len, header_safe, release_msg_id, status_event_id};
+    use super::{
+        CommandPartitions, CommandRoom, command_headers_len, header_safe, release_msg_id,
+        status_event_id,
+    };
     use crate::{SCHEMA_VERSION, StatusEvent};
 
     #[test]
@@ -436,6 +500,35 @@ mod tests {
             release_msg_id(id, &next),
             "the next time it comes due"
         );
+    }
+
+    #[test]
+    fn command_partitions_follow_a_valid_recorded_count_until_restored() {
+        let partitions = CommandPartitions::new(16);
+        let shared = partitions.clone();
+        let key = (0..)
+            .map(|n| format!("customer-{n}"))
+            .find(|key| crate::subjects::partition_for(key, 16) >= 8)
+            .expect("a key beyond 8 partitions");
+        assert_eq!(
+            partitions.command_subject(&key),
+            crate::subjects::command_subject(crate::subjects::partition_for(&key, 16))
+        );
+        assert!(shared.follow(8), "followed by every clone");
+        assert_eq!((partitions.current(), partitions.configured()), (8, 16));
+        assert_eq!(
+            partitions.command_subject(&key),
+            crate::subjects::command_subject(crate::subjects::partition_for(&key, 8)),
+            "the recorded count's partition for the key"
+        );
+        for invalid in [0, crate::subjects::MAX_PARTITIONS + 1] {
+            assert!(!shared.follow(invalid), "{invalid} is no count to follow");
+            assert_eq!(partitions.current(), 16);
+        }
+        shared.follow(8);
+        shared.restore();
+        assert_eq!(partitions.current(), 16);
+        assert_eq!(CommandPartitions::new(0).current(), 1);
     }
 
     #[test]
