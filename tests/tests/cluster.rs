@@ -17,7 +17,7 @@ use herald_actors::partitions::{
 use herald_actors::slot::ActorSlot;
 use herald_engine::Config;
 use herald_entities::{NotificationStatus, notification};
-use herald_nats::{LeaseTable, LeaseView, NatsError, Retention, StreamSettings};
+use herald_nats::{CommandPartitions, LeaseTable, LeaseView, NatsError, Retention, StreamSettings};
 use herald_tests::{
     E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
     eventually_showing, test_config,
@@ -773,7 +773,7 @@ async fn a_lost_lease_bucket_is_restored_once_by_racing_tables() {
 fn lone_keeper(table: &LeaseTable, ttl: Duration) -> LeaseKeeperArgs {
     LeaseKeeperArgs {
         table: table.clone(),
-        partitions: 2,
+        partitions: CommandPartitions::new(2),
         ttl,
         dispatcher: ActorSlot::default(),
         drain_timeout: Duration::from_secs(Config::default().dispatch.shutdown_grace_secs),
@@ -1448,10 +1448,14 @@ async fn a_running_instance_stands_aside_for_the_partition_count_recorded_withou
     let ttl = Duration::from_secs(2);
     let a_table = LeaseTable::open(&js, "a", ttl, 1, 8).await.expect("bucket");
     let a_args = LeaseKeeperArgs {
-        partitions: 8,
+        partitions: CommandPartitions::new(8),
         ..lone_keeper(&a_table, ttl)
     };
-    let (a_deadlines, a_ownership) = (a_args.deadlines.clone(), a_args.ownership.clone());
+    let (a_deadlines, a_ownership, a_spread) = (
+        a_args.deadlines.clone(),
+        a_args.ownership.clone(),
+        a_args.partitions.clone(),
+    );
     let (a, a_handle) = Actor::spawn(None, LeaseKeeper, a_args)
         .await
         .expect("keeper a");
@@ -1489,7 +1493,7 @@ async fn a_running_instance_stands_aside_for_the_partition_count_recorded_withou
     )
     .await;
     let b_args = LeaseKeeperArgs {
-        partitions: 16,
+        partitions: CommandPartitions::new(16),
         ..lone_keeper(&b_table, ttl)
     };
     let b_ownership = b_args.ownership.clone();
@@ -1521,6 +1525,11 @@ async fn a_running_instance_stands_aside_for_the_partition_count_recorded_withou
         a_ownership.read().expect("ownership").recorded_total,
         Some(16),
         "a shows the conflict (readiness turns 503 on it)"
+    );
+    assert_eq!(
+        (a_spread.current(), a_spread.configured()),
+        (16, 8),
+        "a's send commands go by the recorded count meanwhile"
     );
     let heartbeat = a_table.heartbeat().await.expect("heartbeat");
     assert_eq!(
@@ -1562,6 +1571,143 @@ async fn a_running_instance_stands_aside_for_the_partition_count_recorded_withou
     for (keeper, handle) in [(a, a_handle), (b, b_handle)] {
         stop_keeper(keeper, handle).await;
     }
+}
+
+/// An instance standing aside for the recorded partition count still takes sends through its API
+/// (and its Router, Scheduler and dead-letter replays publish commands): they go by the recorded
+/// count, onto the partitions the instances of that count consume, each user's onto the one their
+/// own commands for the user go to. Here "a" runs with 16 partitions, 8 gets recorded (an
+/// instance started with 8 while the record was missing), and "b" runs with 8. A send to a
+/// recipient whose partition is 8 or above by 16 used to be published there by "a", where nobody
+/// consumed it ("b" pulls 0 to 7, "a" nothing): it stayed queued until the counts agreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_taken_by_an_instance_standing_aside_is_delivered_by_the_recorded_count() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let config = |instance: &str, partitions: u32| {
+        let mut config = test_config(&nats, &db, &smtp);
+        config.cluster.instance = Some(instance.into());
+        config.cluster.lease_ttl_ms = 2_000;
+        config.nats.partitions = partitions;
+        config
+    };
+    let a = TestHerald::start(config("aside-a", 16))
+        .await
+        .expect("instance a");
+    eventually("a to own its 16 partitions", E2E_TIMEOUT, || async {
+        let (_, ready) = a.get("/health/ready").await;
+        (ready["partitions"]["owned"].as_array()?.len() == 16).then_some(())
+    })
+    .await;
+
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let kv = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("the lease bucket");
+    kv.put(herald_nats::leases::PARTITIONS_KEY, "8".into())
+        .await
+        .expect("record 8");
+    eventually(
+        "a to stand aside for the recorded count",
+        Duration::from_secs(10),
+        || async {
+            let (_, ready) = a.get("/health/ready").await;
+            ready["partitions"]["conflict"].as_str().map(|_| ())
+        },
+    )
+    .await;
+    let b = TestHerald::start(config("aside-b", 8))
+        .await
+        .expect("instance b, with the recorded count");
+
+    // A recipient a would have put beyond the recorded count's partitions.
+    let email = (0..)
+        .map(|n| format!("aside-{n}@example.com"))
+        .find(|email| herald_nats::subjects::partition_for(email, 16) >= 8)
+        .expect("a recipient on a partition from 8 up");
+    let id = a
+        .send_accepted(&json!({
+            "recipient": {"email": email},
+            "category": "transactional",
+            "channels": ["email"],
+            "content": {"subject": "Order shipped", "text": "On its way."}
+        }))
+        .await;
+    b.wait_status(&id, "sent").await;
+    smtp.wait_for_count(1, E2E_TIMEOUT)
+        .await
+        .expect("at the sink");
+    let (_, ready) = a.get("/health/ready").await;
+    assert_eq!(
+        ready["partitions"]["owned"],
+        json!([]),
+        "a delivered nothing meanwhile: {ready}"
+    );
+    a.shutdown().await.expect("a shuts down");
+    b.shutdown().await.expect("b shuts down");
+}
+
+/// The value of gauge `name` on the instance at `base`, if it is exported.
+async fn gauge(base: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|line| line.split([' ', '{']).next() == Some(name))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// `herald_partitions_conflict` is 1 while the instance stands aside for another recorded
+/// partition count, and 0 before and once the counts agree again (a process of its own: the
+/// in-process instances of other tests share one recorder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_conflict_is_a_gauge() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let logs = tempfile::tempdir().expect("logs");
+    let mut instance = HeraldProcess::start(env(&nats, &db, &smtp), logs.path().join("a.log"))
+        .await
+        .expect("instance");
+    let base = instance.base();
+    let conflict_becomes = |value: f64, within: Duration| {
+        let base = base.clone();
+        async move {
+            eventually_showing(
+                &format!("herald_partitions_conflict to be {value}"),
+                within,
+                || async {
+                    let seen = gauge(&base, "herald_partitions_conflict").await;
+                    (seen == Some(value))
+                        .then_some(())
+                        .ok_or_else(|| format!("{seen:?}"))
+                },
+            )
+            .await
+        }
+    };
+    conflict_becomes(0.0, E2E_TIMEOUT).await;
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let kv = js
+        .get_key_value(herald_nats::leases::LEASE_BUCKET)
+        .await
+        .expect("the lease bucket");
+    let key = herald_nats::leases::PARTITIONS_KEY;
+    kv.put(key, "16".into()).await.expect("record 16");
+    conflict_becomes(1.0, Duration::from_secs(10)).await;
+    kv.put(key, PARTITIONS.to_string().into())
+        .await
+        .expect("record the instance's count");
+    conflict_becomes(0.0, Duration::from_secs(10)).await;
+    instance
+        .terminate(Duration::from_secs(20))
+        .await
+        .expect("clean exit");
 }
 
 /// Lowering the partition count while commands wait on the partitions it drops would leave them

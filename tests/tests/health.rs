@@ -352,8 +352,8 @@ async fn every_accepted_notification_counts_in_accepted_total_by_source() {
 
 /// An instance whose `nats.partitions` is not the count the deployment records (another instance
 /// recorded its own while the record was missing) consumes no partition: readiness says so with
-/// `503` and `partitions.conflict`, so it is taken out of rotation (its API spreads commands by
-/// its own count), and is ready again once the counts agree. The running instance used to write
+/// `503` and `partitions.conflict`, so it is taken out of rotation (its send commands go by the
+/// recorded count meanwhile), and is ready again once the counts agree. The running instance used to write
 /// its own count back over the recorded one with every heartbeat and stay ready.
 #[tokio::test]
 async fn readiness_fails_while_another_partition_count_is_recorded() {
