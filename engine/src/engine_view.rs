@@ -47,7 +47,8 @@ impl EngineView for LiveEngine {
             conflict: ownership.recorded_total.map(|recorded| {
                 format!(
                     "nats.partitions = {} but the deployment records {recorded}: this instance \
-                     consumes no partition; start every instance with one count",
+                     consumes no partition and publishes its sends by the recorded count; start \
+                     every instance with one count",
                     ownership.total
                 )
             }),
