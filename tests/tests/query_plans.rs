@@ -2,7 +2,7 @@
 //! indexes, against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migrations
-//! `m20261203_000501`, `m20261204_000601`, `m20261204_000701` and `m20261207_001401`), so a query
+//! `m20261203_000501`, `m20261204_000601`, `m20261204_000701`, `m20261207_001401` and `m20261207_001501`), so a query
 //! is served by one only if the database can tell that its rows all satisfy the index's
 //! condition, with the values bound as the application binds them. On PostgreSQL the plans are generic ones, made without the bound
 //! values, as a prepared statement may switch to after five runs; and since PostgreSQL prefers to
@@ -123,6 +123,20 @@ fn delivered_listing() -> SelectStatement {
     history::page(&filter, None, 50).into_query()
 }
 
+/// The first page of queued notifications, of all customers.
+fn queued_listing() -> SelectStatement {
+    let filter = history::HistoryFilter {
+        status: Some(NotificationStatus::Queued),
+        ..Default::default()
+    };
+    history::page(&filter, None, 50).into_query()
+}
+
+/// The dashboard's `/scheduled` page.
+fn scheduled_page() -> SelectStatement {
+    activity::scheduled_query(51).into_query()
+}
+
 /// The first page of one category's notifications, of all customers.
 fn category_listing() -> SelectStatement {
     let filter = history::HistoryFilter {
@@ -179,13 +193,21 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         &txn,
         kind,
         &due,
-        "idx_notifications_scheduled_due",
+        "idx_notifications_scheduled_at_id",
         "the due scan",
     )
     .await;
 
-    let index = "idx_notifications_queued_marked";
-    assert_planned_on(&txn, kind, &stale_sweep(), index, "the stale-claim sweep").await;
+    // Oldest first, in the marked index's order: `idx_notifications_queued` (every queued row)
+    // would serve its conditions too, and read a backlog of unmarked rows whole.
+    let sweep_plan = plan(&txn, kind, &stale_sweep()).await;
+    assert!(
+        sweep_plan.contains("idx_notifications_queued_marked")
+            && !sweep_plan.contains("TEMP B-TREE")
+            && !sweep_plan.contains("Sort"),
+        "the stale-claim sweep is not read in the order of idx_notifications_queued_marked:\n\
+         {sweep_plan}"
+    );
 
     for status in [
         NotificationStatus::Processing,
@@ -212,6 +234,8 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
 
     let index = "idx_notifications_delivered";
     assert_planned_on(&txn, kind, &delivered_listing(), index, "listing Delivered").await;
+    let index = "idx_notifications_queued";
+    assert_planned_on(&txn, kind, &queued_listing(), index, "listing Queued").await;
 
     let index = "idx_notifications_category";
     assert_planned_on(&txn, kind, &category_listing(), index, "listing a category").await;
@@ -344,6 +368,9 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
             ("idx_notifications_delivered", "id"),
             ("idx_notifications_category", "category"),
             ("idx_notifications_queued_marked", "updated_at"),
+            ("idx_notifications_inline_recipient", "recipient_key"),
+            ("idx_notifications_scheduled_at_id", "scheduled_at"),
+            ("idx_notifications_queued", "id"),
         ] {
             db.execute_unprepared(&format!(
                 "CREATE INDEX {index} ON notifications ({column}); \
@@ -364,8 +391,16 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     herald_migration::Migrator::up(&db, None)
         .await
         .expect("migrated forward again");
-    let new = "idx_notifications_scheduled_due";
+    let new = "idx_notifications_scheduled_at_id";
     assert_planned_afresh(url, kind, &due_scan(), new, "the due scan, migrated again").await;
+    let what = "the dashboard's scheduled notifications, migrated again";
+    assert_planned_afresh(url, kind, &scheduled_page(), new, what).await;
+    let new = "idx_notifications_queued";
+    let what = "listing Queued, migrated again";
+    assert_planned_afresh(url, kind, &queued_listing(), new, what).await;
+    let new = "idx_notifications_inline_recipient";
+    let what = "the feed of one customer, migrated again";
+    assert_planned_afresh(url, kind, &feed(Some("ada@example.com")), new, what).await;
     let new = "idx_notifications_recipient_sent_at";
     let what = "the send histories, migrated again";
     assert_planned_afresh(url, kind, &histories(), new, what).await;
@@ -389,7 +424,7 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
 /// The dashboard's feed, of all customers or of one: `customer` is what its customer column
 /// shows (a customer id, else the first inline contact).
 fn feed(customer: Option<&str>) -> SelectStatement {
-    history::feed_page(&history::HistoryFilter::default(), customer, 100).into_query()
+    history::feed_page(&history::HistoryFilter::default(), customer, 100)
 }
 
 /// The dashboard's pages reload themselves every few seconds: their queries read the rows they
@@ -402,11 +437,17 @@ async fn the_dashboards_refreshing_queries_use_their_indexes() {
     let (_db, txn) = planning(database.url(), kind).await;
     let now = Utc::now();
 
-    // `/scheduled`: the notifications waiting for their time, soonest due first.
-    let scheduled = activity::scheduled_query(51).into_query();
-    let index = "idx_notifications_scheduled_due";
-    let what = "the dashboard's scheduled notifications";
-    assert_planned_on(&txn, kind, &scheduled, index, what).await;
+    // `/scheduled`: the notifications waiting for their time, soonest due first, read in the
+    // index's order (`scheduled_at, id`): a bulk send scheduled for one moment is not sorted whole
+    // before the page is taken.
+    let scheduled_plan = plan(&txn, kind, &scheduled_page()).await;
+    assert!(
+        scheduled_plan.contains("idx_notifications_scheduled_at_id")
+            && !scheduled_plan.contains("TEMP B-TREE")
+            && !scheduled_plan.contains("Sort"),
+        "the dashboard's scheduled notifications are not read in the order of \
+         idx_notifications_scheduled_at_id:\n{scheduled_plan}"
+    );
 
     // `/`'s latency plot: one range of the creation-time index per minute, read from its end.
     let minutes = 3;
@@ -436,23 +477,51 @@ async fn the_dashboards_refreshing_queries_use_their_indexes() {
 
     // `/`'s feed: the newest notifications, walked newest first on the primary key until the
     // page is full (a filter by status, channel or category has its own index, checked above).
-    // The customer filter is checked on each row of that walk, as `history::feed_page` says: no
-    // index holds the inline contacts of rows of every status, so the feed of one with fewer
-    // than a page of notifications reads the whole table.
     let pkey = match kind {
         DatabaseKind::Sqlite => "SCAN notifications USING INDEX sqlite_autoindex_notifications_1",
         DatabaseKind::Postgres => "Index Scan Backward using notifications_pkey",
     };
-    for (customer, what) in [
-        (None, "the feed"),
-        (Some("customer-1"), "the feed of one customer"),
-    ] {
-        let feed_plan = plan(&txn, kind, &feed(customer)).await;
-        assert!(
-            feed_plan.contains(pkey)
-                && !feed_plan.contains("TEMP B-TREE")
-                && !feed_plan.contains("Sort"),
-            "{what} is not walked newest first on the primary key:\n{feed_plan}"
-        );
-    }
+    let feed_plan = plan(&txn, kind, &feed(None)).await;
+    assert!(
+        feed_plan.contains(pkey)
+            && !feed_plan.contains("TEMP B-TREE")
+            && !feed_plan.contains("Sort"),
+        "the feed is not walked newest first on the primary key:\n{feed_plan}"
+    );
+
+    // The feed filtered by `queued` (rows on their way, few when all is well).
+    let filter = history::HistoryFilter {
+        status: Some(NotificationStatus::Queued),
+        ..Default::default()
+    };
+    let queued = history::feed_page(&filter, None, 100);
+    let what = "the feed of queued notifications";
+    assert_planned_on(&txn, kind, &queued, "idx_notifications_queued", what).await;
+
+    // The feed of one customer (or inline contact): a page of each half of the customer column
+    // from its index, merged, as `history::feed_page` says; the table is not walked until the
+    // page is full (the whole table for one with fewer than a page of notifications).
+    let one_plan = plan(&txn, kind, &feed(Some("customer-1"))).await;
+    let (halves, walks): (&[&str], &[&str]) = match kind {
+        DatabaseKind::Sqlite => (
+            &[
+                "SEARCH notifications USING INDEX idx_notifications_customer_id (customer_id=?)",
+                "SEARCH notifications USING INDEX idx_notifications_inline_recipient (recipient_key=?)",
+            ],
+            &["SCAN notifications"],
+        ),
+        DatabaseKind::Postgres => (
+            &[
+                "idx_notifications_customer_id",
+                "idx_notifications_inline_recipient",
+            ],
+            &["notifications_pkey", "Seq Scan"],
+        ),
+    };
+    assert!(
+        halves.iter().all(|half| one_plan.contains(half))
+            && !walks.iter().any(|walk| one_plan.contains(walk)),
+        "the feed of one customer is not read from idx_notifications_customer_id and \
+         idx_notifications_inline_recipient:\n{one_plan}"
+    );
 }

@@ -201,8 +201,9 @@ pub async fn scheduled(
         .await?)
 }
 
-/// The query behind [`scheduled`]: the columns of a [`ScheduledLine`], found in
-/// `idx_notifications_scheduled_due`.
+/// The query behind [`scheduled`]: the columns of a [`ScheduledLine`], read from
+/// `idx_notifications_scheduled_at_id` in its order (`scheduled_at, id`), so that the page is
+/// taken without sorting the rows due at the same moment.
 pub fn scheduled_query(limit: u64) -> Select<notification::Entity> {
     use notification::Column;
     notification::Entity::find()

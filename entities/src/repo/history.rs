@@ -4,8 +4,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, Select,
-    sea_query::{Expr, ExprTrait},
+    QuerySelect, QueryTrait, Select,
+    sea_query::{Alias, Asterisk, Expr, ExprTrait, Order, Query, SelectStatement, UnionType},
 };
 use uuid::Uuid;
 
@@ -128,37 +128,55 @@ pub async fn feed(
     shown_as: Option<&str>,
     limit: u64,
 ) -> Result<Vec<FeedLine>, RepoError> {
-    Ok(feed_page(filter, shown_as, limit)
-        .into_model::<FeedLine>()
-        .all(db)
-        .await?)
+    let query = feed_page(filter, shown_as, limit);
+    Ok(
+        FeedLine::find_by_statement(db.get_database_backend().build(&query))
+            .all(db)
+            .await?,
+    )
 }
 
 /// The query behind [`feed`]: [`page`]'s, reading only the columns of a [`FeedLine`].
 ///
 /// The subject comes from `content ->> 'subject'` (else `'text'`), cut to
 /// [`FEED_SUBJECT_CHARS`] characters by `substr`: SQLite (3.38 and later) and PostgreSQL both
-/// read JSON with `->`/`->>` and count `substr` in characters. A customer id or an inline contact
-/// in `shown_as` matches `customer_id = ? OR (customer_id IS NULL AND recipient_key = ?)`, what
-/// the feed's customer column shows; rows addressed by an inline contact have no index of that
-/// key for every status, so such a filter walks the notifications newest first until the page
-/// is full.
-pub fn feed_page(
-    filter: &HistoryFilter,
-    shown_as: Option<&str>,
-    limit: u64,
-) -> Select<notification::Entity> {
+/// read JSON with `->`/`->>` and count `substr` in characters.
+///
+/// A customer id or an inline contact in `shown_as` asks for what the feed's customer column
+/// shows: `customer_id = ?`, or `customer_id IS NULL AND recipient_key = ?`. Each half is a page
+/// of its own, newest first from its index (`idx_notifications_customer_id`,
+/// `idx_notifications_inline_recipient`), and the two pages are merged by `UNION ALL` into the
+/// newest `limit`; each half is wrapped in a subquery, as SQLite takes no `LIMIT` on a compound
+/// statement's parts. One condition joining the halves by `OR` would be read from both indexes
+/// too, but every row of the customer sorted before the page is taken.
+pub fn feed_page(filter: &HistoryFilter, shown_as: Option<&str>, limit: u64) -> SelectStatement {
     use notification::Column;
-    let mut query = page(filter, None, limit);
-    if let Some(shown) = shown_as {
-        query = query.filter(
-            Condition::any().add(Column::CustomerId.eq(shown)).add(
-                Condition::all()
-                    .add(Column::CustomerId.is_null())
-                    .add(Column::RecipientKey.eq(shown)),
-            ),
-        );
-    }
+    let Some(shown) = shown_as else {
+        return feed_columns(page(filter, None, limit)).into_query();
+    };
+    let half = |name: &str, condition: Condition| {
+        let rows = feed_columns(page(filter, None, limit).filter(condition)).into_query();
+        Query::select()
+            .column(Asterisk)
+            .from_subquery(rows, Alias::new(name))
+            .to_owned()
+    };
+    let by_contact = Condition::all()
+        .add(Column::CustomerId.is_null())
+        .add(Column::RecipientKey.eq(shown));
+    half(
+        "by_customer",
+        Condition::all().add(Column::CustomerId.eq(shown)),
+    )
+    .union(UnionType::All, half("by_contact", by_contact))
+    .order_by(Column::Id, Order::Desc)
+    .limit(limit)
+    .to_owned()
+}
+
+/// `query` reading only the columns of a [`FeedLine`].
+fn feed_columns(query: Select<notification::Entity>) -> Select<notification::Entity> {
+    use notification::Column;
     let subject = format!(
         "substr(coalesce(content ->> 'subject', content ->> 'text'), 1, {FEED_SUBJECT_CHARS})"
     );

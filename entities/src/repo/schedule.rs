@@ -145,13 +145,17 @@ pub async fn stale_claims(
 /// is written out so that both databases serve the query from `idx_notifications_queued_marked`
 /// (queued rows with a reason), which leaves out the queued rows without one: a bulk send's
 /// fan-out, the router's notifications, API sends whose command is confirmed published. Without
-/// it, a backlog of those older than `before` was read whole on every poll.
+/// it, a backlog of those older than `before` was read whole on every poll. The oldest come
+/// first, in that index's order: `idx_notifications_queued` (every queued row, by id) would
+/// serve the conditions too, and PostgreSQL found the two alike on a small table; only the
+/// marked index gives this order without a sort.
 pub fn stale(before: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
     notification::Entity::find()
         .filter(super::status_is(NotificationStatus::Queued))
         .filter(notification::Column::StatusReason.is_not_null())
         .filter(unconfirmed())
         .filter(notification::Column::UpdatedAt.lt(before))
+        .order_by_asc(notification::Column::UpdatedAt)
         .limit(limit)
 }
 
