@@ -1098,7 +1098,8 @@ fn finish(retry: &RetryPolicy, id: uuid::Uuid, walk: Walk, copy: Delivery, round
 }
 
 /// A pass that called no provider (every circuit open, or every send queue too long): retried
-/// without counting as a round, after the circuits' cool-down at least (with jitter past it, see
+/// without counting as a round, after the circuits' cool-down at least (while a circuit's probe is
+/// out, until the probe's result is due; with jitter past it, see
 /// [`RetryPolicy::delay`], so that the notifications waiting for one circuit do not all come back
 /// at the instant it lets one probe through), and without attempts
 /// recorded (nothing was tried), so that a provider outage does not use up the retries. The

@@ -392,6 +392,79 @@ async fn sends_queued_for_a_hanging_provider_fail_over_at_once_when_its_circuit_
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A notification that finds its only channel's circuit half-open (the probe is out) is retried
+/// once the probe's result is due, within the send timeout, not a whole cool-down later: when the
+/// probe succeeds, it goes out seconds after. It used to wait the whole cool-down, with a
+/// healthy provider.
+#[tokio::test]
+async fn a_notification_refused_while_the_probe_is_out_is_sent_soon_after_the_probe_succeeds() {
+    const COOL_DOWN: Duration = Duration::from_secs(15);
+    const TIMEOUT: Duration = Duration::from_secs(4);
+    const PROBE_TAKES: Duration = Duration::from_secs(3);
+    let w = world(|c| {
+        c.channels.limits.timeout_ms = TIMEOUT.as_millis() as u64;
+        c.channels.limits.circuit.failure_threshold = 1;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = COOL_DOWN.as_millis() as u64;
+        if let Some(telegram) = &mut c.channels.telegram {
+            telegram.timeout_ms = TIMEOUT.as_millis() as u64;
+        }
+        // The default ceiling, not the tests' 1 s: a retry may wait for the circuit.
+        c.dispatch.retry.max_delay_ms = 300_000;
+    })
+    .await;
+    let telegram_only = || notification(&["telegram"], everyone());
+
+    // The first notification's failure opens the circuit; it comes back after the cool-down
+    // as the probe, which Telegram, recovered, takes a while to answer (only that one).
+    let outage = telegram(ResponseTemplate::new(503))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let first = w.herald.send_accepted(&telegram_only()).await;
+    eventually("the Telegram circuit to open", E2E_TIMEOUT, || async {
+        (channel_state(&w, "telegram").await["circuit"] == "open").then_some(())
+    })
+    .await;
+    drop(outage);
+    telegram(telegram_ok().set_delay(PROBE_TAKES))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&w.provider)
+        .await;
+    telegram(telegram_ok()).mount(&w.provider).await;
+    let half_open = eventually(
+        "the probe to go out after the cool-down",
+        COOL_DOWN + E2E_TIMEOUT,
+        || async {
+            let state = channel_state(&w, "telegram").await;
+            (state["circuit"] == "half_open").then_some(state)
+        },
+    )
+    .await;
+
+    // A second notification arrives while the probe is out, and is refused.
+    let accepted = std::time::Instant::now();
+    let second = w.herald.send_accepted(&telegram_only()).await;
+    let sent = w.herald.wait_status(&second, "sent").await;
+    let took = accepted.elapsed();
+    let state = channel_state(&w, "telegram").await;
+    assert!(
+        state["refused"].as_u64() > half_open["refused"].as_u64(),
+        "the second notification found the probe out (it came {PROBE_TAKES:?} before the \
+         probe's answer): {state} after {half_open}"
+    );
+    assert_eq!(sent["final_channel"], "telegram", "{sent}");
+    assert!(
+        took < COOL_DOWN - Duration::from_secs(5),
+        "refused while the probe was out, it was sent {took:?} after it was accepted: about the \
+         {TIMEOUT:?} send timeout was expected, not the {COOL_DOWN:?} cool-down"
+    );
+    w.herald.wait_status(&first, "sent").await;
+    assert_eq!(state["circuit"], "closed", "{state}");
+    assert_eq!(state["times_opened"], 1, "{state}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn an_open_circuit_is_not_probed_before_the_providers_retry_after() {
     const COOL_DOWN: Duration = Duration::from_millis(200);

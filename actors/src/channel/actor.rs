@@ -64,7 +64,8 @@ pub enum SendOutcome {
     /// The circuit is open; nothing was sent.
     CircuitOpen {
         /// How long until the circuit lets a probe through (past the provider's Retry-After when
-        /// that opened it); a whole cool-down while the probe is out.
+        /// that opened it); while the probe is out, until its result is due (the rest of the
+        /// channel's send timeout, at most the cool-down).
         cool_down_left: Duration,
     },
     /// The send waited for a concurrency permit until too little of its caller's time was left
@@ -301,11 +302,12 @@ impl Actor for ChannelActor {
         _myself: ActorRef<Self::Msg>,
         args: ChannelArgs,
     ) -> Result<ChannelState, ActorProcessingErr> {
-        let breaker = CircuitBreaker::new(args.settings.circuit);
+        let timeout = Duration::from_millis(args.settings.timeout_ms);
+        let breaker = CircuitBreaker::new(args.settings.circuit).with_probe_timeout(timeout);
         let state = ChannelState {
             provider: args.provider,
             announcer: args.announcer,
-            timeout: Duration::from_millis(args.settings.timeout_ms),
+            timeout,
             periods: watch::Sender::new(breaker.period()),
             breaker,
             permits: args.permits,
@@ -1608,6 +1610,65 @@ mod tests {
             (CircuitState::Closed, 1, 0),
             "{settled:?}"
         );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_send_refused_while_the_probe_is_out_waits_for_the_probe_not_a_cool_down() {
+        // The cool-down is longer than the send timeout: a send refused while the probe is out
+        // is told to come back once the probe's result is due, not after another cool-down.
+        let cool_down = Duration::from_secs(4);
+        let timeout = Duration::from_secs(2);
+        let (actor, mut sends) = spawn_held(ChannelSettings {
+            timeout_ms: timeout.as_millis() as u64,
+            ..opening_at_once(cool_down.as_millis() as u64)
+        })
+        .await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&actor, first);
+        next_held(&mut sends, first_id).await.answer(http_503());
+        answer_of(first_answer, "the first send").await;
+
+        // Waits as long as the open circuit says, as the dispatcher does; then the next send is
+        // the probe, and the provider holds it.
+        let (probe_held, probe_answer) = loop {
+            let send = outbound();
+            let id = send.notification_id;
+            let mut answer = send_in_background(&actor, send);
+            tokio::select! {
+                held = next_held(&mut sends, id) => break (held, answer),
+                report = &mut answer => match report.expect("caller task").expect("actor alive") {
+                    CallResult::Success(SendReport {
+                        outcome: SendOutcome::CircuitOpen { cool_down_left },
+                        ..
+                    }) => {
+                        assert!(cool_down_left <= cool_down, "{cool_down_left:?}");
+                        tokio::time::sleep(cool_down_left).await;
+                    }
+                    other => panic!("a send to the open circuit: {other:?}"),
+                },
+            }
+        };
+        let refused = send_one(&actor, 2).await;
+        match refused.outcome {
+            SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                cool_down_left <= timeout,
+                "refused while the probe is out: told to wait {cool_down_left:?}, longer than \
+                 the probe's {timeout:?} timeout (the cool-down is {cool_down:?})"
+            ),
+            other => panic!("not refused while the probe is out: {other:?}"),
+        }
+
+        // The probe succeeds and closes the circuit.
+        probe_held.answer(Ok(Receipt::new(None)));
+        let probe = answer_of(probe_answer, "the probe").await;
+        assert!(
+            matches!(probe.outcome, SendOutcome::Accepted(_)),
+            "{probe:?}"
+        );
+        let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
         actor.stop(None);
     }
 }

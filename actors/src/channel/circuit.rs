@@ -3,7 +3,10 @@
 //! Closed → open after `failure_threshold` failures within `window` → after `cool_down` one
 //! half-open probe is let through → closed on its success, open again on its failure. While open
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
-//! hammered and the dispatcher fails over without waiting for timeouts.
+//! hammered and the dispatcher fails over without waiting for timeouts. A send refused while open
+//! is told to wait for the rest of the cool-down; one refused while the probe is out, only until
+//! the probe's result is due (the rest of its send timeout, at most the cool-down), so that it is
+//! not held back a whole cool-down after a probe that closes the circuit a moment later.
 //!
 //! A provider that says when to come back (an HTTP `Retry-After` on a failure that counts against
 //! the circuit; a throttle of one recipient, such as Telegram's `retry_after`, does not count) is
@@ -111,6 +114,10 @@ pub struct CircuitBreaker {
     times_opened: u64,
     /// Counts the openings and closings.
     period: u64,
+    /// How long the probe may take before its result is due: the channel's send timeout.
+    probe_timeout: Duration,
+    /// While half-open: when the probe was let through.
+    probe_since: Option<Instant>,
 }
 
 impl CircuitBreaker {
@@ -123,7 +130,17 @@ impl CircuitBreaker {
             open_until: None,
             times_opened: 0,
             period: 0,
+            probe_timeout: Duration::from_millis(settings.cool_down_ms),
+            probe_since: None,
         }
+    }
+
+    /// The same circuit, whose probe has `timeout` to answer (the channel's send timeout); unless
+    /// told, a probe is given a cool-down. Sends refused while the probe is out wait no longer
+    /// than what is left of it ([`Self::cool_down_left`]).
+    pub fn with_probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
     }
 
     /// The current state.
@@ -156,6 +173,7 @@ impl CircuitBreaker {
             CircuitState::Open => match self.open_until {
                 Some(until) if now >= until => {
                     self.state = CircuitState::HalfOpen;
+                    self.probe_since = Some(now);
                     Admission::Probe
                 }
                 _ => Admission::Refused,
@@ -165,14 +183,30 @@ impl CircuitBreaker {
 
     /// How long a send refused now should wait before it is tried again: while open, until the
     /// circuit lets its probe through (past a provider's longer Retry-After too); while
-    /// half-open, a whole cool-down (the probe is out, and if it fails the circuit opens for that
-    /// long at least: waiting less would only be refused again); zero while closed.
+    /// half-open, until the probe's result is due ([`Self::probe_result_in`]): a probe that
+    /// succeeds closes the circuit, and the sends it held back go out soon after rather than a
+    /// whole cool-down later; zero while closed.
     pub fn cool_down_left(&self, now: Instant) -> Duration {
         match self.state {
             CircuitState::Open => self.probe_in(now).unwrap_or(Duration::MAX),
-            CircuitState::HalfOpen => Duration::from_millis(self.settings.cool_down_ms),
+            CircuitState::HalfOpen => self.probe_result_in(now),
             CircuitState::Closed => Duration::ZERO,
         }
+    }
+
+    /// While half-open, how long from `now` until the probe's result is due: the rest of its
+    /// timeout since it was let through, or a whole timeout again once that has passed (it
+    /// waited for a concurrency permit, and may have only just gone out). Never more than the
+    /// cool-down, the longest a send refused while half-open ever waited: a probe that fails
+    /// opens the circuit for that long at least, and a send that comes back sooner is told so.
+    fn probe_result_in(&self, now: Instant) -> Duration {
+        let left = self
+            .probe_since
+            .and_then(|since| since.checked_add(self.probe_timeout))
+            .map(|due| due.saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+            .unwrap_or(self.probe_timeout);
+        left.min(Duration::from_millis(self.settings.cool_down_ms))
     }
 
     /// While open, how long from `now` until the circuit lets its probe through (zero once that
@@ -336,9 +370,9 @@ mod tests {
     }
 
     #[test]
-    fn the_cool_down_left_counts_down_while_open_and_is_whole_while_half_open() {
+    fn the_cool_down_left_counts_down_while_open_and_is_the_probes_time_left_while_half_open() {
         let t0 = Instant::now();
-        let mut cb = CircuitBreaker::new(settings());
+        let mut cb = CircuitBreaker::new(settings()).with_probe_timeout(ms(2_000));
         assert_eq!(cb.cool_down_left(t0), Duration::ZERO, "closed");
         cb.open(t0, None);
         assert_eq!(cb.cool_down_left(t0 + ms(1_000)), ms(4_000));
@@ -346,8 +380,42 @@ mod tests {
         assert_eq!(cb.admit(t0 + ms(6_000)), Admission::Probe);
         assert_eq!(
             cb.cool_down_left(t0 + ms(6_000)),
+            ms(2_000),
+            "half-open: a refused send waits for the probe's timeout, not a whole cool-down"
+        );
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(7_500)),
+            ms(500),
+            "the rest of the probe's timeout"
+        );
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(8_000)),
+            ms(2_000),
+            "a probe late (queued for a permit) may only just have gone out: not a spin"
+        );
+        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(8_100), None);
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(8_100)),
             ms(5_000),
-            "half-open: a refused send waits a whole cool-down, not a spin"
+            "reopened: the whole cool-down again"
+        );
+    }
+
+    #[test]
+    fn a_refused_send_never_waits_longer_than_the_cool_down_while_half_open() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings()).with_probe_timeout(ms(30_000));
+        cb.open(t0, None);
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        assert_eq!(cb.cool_down_left(t0 + ms(5_000)), ms(5_000));
+        assert_eq!(cb.cool_down_left(t0 + ms(31_000)), ms(4_000));
+        let mut untold = CircuitBreaker::new(settings());
+        untold.open(t0, None);
+        assert_eq!(untold.admit(t0 + ms(5_000)), Admission::Probe);
+        assert_eq!(
+            untold.cool_down_left(t0 + ms(6_000)),
+            ms(4_000),
+            "a probe's timeout untold is a cool-down"
         );
     }
 
