@@ -15,6 +15,10 @@
 //! without waiting for them. A send's permit goes back only once the actor has judged its result,
 //! so the next send finds the circuit as that result left it; and the results of sends admitted
 //! before the circuit last opened or closed do not count in its new period.
+//!
+//! A send still waiting for its permit when its actor fails (or stops) is not started either, and
+//! its caller is told so at once ([`SendOutcome::NotStarted`]): the circuit that admitted it went
+//! with the actor, and the restarted actor's circuit knows nothing of it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -443,6 +447,22 @@ fn start_send(
                 });
                 return;
             }
+            Admitted::Orphaned => {
+                // The actor failed while this send waited for a permit: no circuit judges it any
+                // more (a restarted actor has one of its own), so it does not go out, and its
+                // caller retries or fails over at once rather than after the queue.
+                metrics::counter!(
+                    "herald_channel_sends_abandoned_total",
+                    "provider" => provider.name().to_string()
+                )
+                .increment(1);
+                let _ = reply.send(SendReport {
+                    provider: provider.name().to_string(),
+                    outcome: SendOutcome::NotStarted { retry_in: timeout },
+                    latency: Duration::ZERO,
+                });
+                return;
+            }
         };
         if reply.is_closed() {
             // The caller stopped waiting while this send queued for a permit, and took it for a
@@ -513,24 +533,25 @@ enum Admitted {
     },
     /// The circuit refused it when asked again; it no longer counts in flight.
     Refused { cool_down_left: Duration },
+    /// Its actor is gone (failed, to be restarted with a circuit of its own, or stopped) before
+    /// the send had its permit: it was admitted by a circuit that no longer exists.
+    Orphaned,
 }
 
 /// Waits for a send's concurrency permit; whenever the circuit's period ends before the send has
 /// gone out (with the permit or still waiting for it), asks the actor to admit the send again, as
-/// the circuit now stands. A send whose actor is gone keeps its admission.
+/// the circuit now stands. A send whose actor is gone before it has its permit is
+/// [`Admitted::Orphaned`]; one that has it already goes out.
 async fn admitted_with_permit(
     myself: &ActorRef<ChannelMsg>,
     permits: Arc<Semaphore>,
-    periods: watch::Receiver<u64>,
+    mut periods: watch::Receiver<u64>,
     (mut admission, mut period): (Admission, u64),
 ) -> Admitted {
-    let mut periods = Some(periods);
     let mut acquire = std::pin::pin!(permits.acquire_owned());
     let mut permit = None;
     loop {
-        if let Some(watch) = &periods
-            && *watch.borrow() != period
-        {
+        if *periods.borrow() != period {
             let asked = myself
                 .call(
                     |reply| ChannelMsg::Readmit {
@@ -553,7 +574,7 @@ async fn admitted_with_permit(
                     return Admitted::Refused { cool_down_left };
                 }
                 // The actor is gone (a restarted one has a circuit of its own): nobody to ask.
-                Ok(_) | Err(_) => periods = None,
+                Ok(_) | Err(_) => return Admitted::Orphaned,
             }
             continue;
         }
@@ -566,19 +587,22 @@ async fn admitted_with_permit(
         }
         tokio::select! {
             acquired = &mut acquire => permit = Some(acquired.ok()),
-            () = period_over(periods.as_mut(), period) => {}
+            over = period_over(&mut periods, period) => {
+                if over.is_err() {
+                    return Admitted::Orphaned;
+                }
+            }
         }
     }
 }
 
-/// Returns once the circuit's period is no longer `period`; never once its actor is gone.
-async fn period_over(periods: Option<&mut watch::Receiver<u64>>, period: u64) {
-    if let Some(periods) = periods
-        && periods.wait_for(|now| *now != period).await.is_ok()
-    {
-        return;
-    }
-    std::future::pending().await
+/// Returns once the circuit's period is no longer `period`, or with an error once its actor is
+/// gone (the actor's state, which publishes the periods, went with it).
+async fn period_over(
+    periods: &mut watch::Receiver<u64>,
+    period: u64,
+) -> Result<(), watch::error::RecvError> {
+    periods.wait_for(|now| *now != period).await.map(|_| ())
 }
 
 /// Admits again a send admitted as `admission` in `period`, if that period is over.
@@ -1196,6 +1220,78 @@ mod tests {
             starts.recv().await,
             Some(second_id),
             "the second send went out after the first"
+        );
+        supervisor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_send_queued_in_an_actor_that_crashed_is_answered_unsent_at_once() {
+        let (started, mut starts) = mpsc::unbounded_channel();
+        let gate = Arc::new(Semaphore::new(0));
+        let provider = GatedProvider {
+            started,
+            gate: gate.clone(),
+        };
+        // A timeout the held first send cannot reach before the test opens the gate.
+        let settings = ChannelSettings {
+            concurrency: 1,
+            timeout_ms: 20_000,
+            ..ChannelSettings::default()
+        };
+        let directory = ChannelDirectory::default();
+        let (supervisor, _) = Actor::spawn(
+            None,
+            ChannelSupervisor,
+            ChannelSupervisorArgs {
+                channels: vec![args(provider, settings)],
+                directory: directory.clone(),
+            },
+        )
+        .await
+        .expect("channel supervisor starts");
+        let crashed = directory.get(Channel::Email).expect("email actor");
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&crashed, first);
+        let sending = tokio::time::timeout(WAIT, starts.recv()).await;
+        assert_eq!(sending.expect("the first send starts"), Some(first_id));
+        let queued_answer = send_in_background(&crashed, outbound());
+        snapshot_when(&crashed, "the second send to queue", |s| s.in_flight == 2).await;
+
+        // The actor fails while the first send holds the only permit at the provider, which
+        // stays held: the queued send must not wait for it.
+        crashed.cast(ChannelMsg::Crash).expect("actor alive");
+        let queued = answer_of(queued_answer, "the send queued in the crashed actor").await;
+        assert_eq!(
+            queued.outcome,
+            SendOutcome::NotStarted {
+                retry_in: Duration::from_secs(20)
+            },
+            "{queued:?}"
+        );
+        assert_eq!(queued.provider, "gated");
+
+        // It never goes out: once the first send is through, the permit goes to a send through
+        // the restarted actor.
+        let actor = restarted(&directory, &crashed).await;
+        gate.add_permits(2);
+        let first = answer_of(first_answer, "the first send").await;
+        assert!(
+            matches!(first.outcome, SendOutcome::Accepted(_)),
+            "{first:?}"
+        );
+        let third = outbound();
+        let third_id = third.notification_id;
+        let third = answer_of(send_in_background(&actor, third), "the third send").await;
+        assert!(
+            matches!(third.outcome, SendOutcome::Accepted(_)),
+            "{third:?}"
+        );
+        let reached: Vec<Uuid> = std::iter::from_fn(|| starts.try_recv().ok()).collect();
+        assert_eq!(
+            reached,
+            [third_id],
+            "only the send through the restarted actor reached the provider after the first"
         );
         supervisor.stop(None);
     }
