@@ -905,7 +905,7 @@ async fn walk_chain(
             walk.last_error = Some(error);
             continue;
         }
-        let Some(actor) = channels.get(channel) else {
+        let Some((actor, provider)) = channels.serving(channel) else {
             let error = format!("no provider configured for {channel}");
             walk.attempts
                 .push(attempt("-", "unavailable", Some(error.clone()), None));
@@ -919,7 +919,7 @@ async fn walk_chain(
             walk.last_error = Some(error);
             continue;
         }
-        let report = ask_channel(&actor, command, contacts, answer_within).await;
+        let report = ask_channel((&actor, &provider), command, contacts, answer_within).await;
         walk.called |= !matches!(
             report.outcome,
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
@@ -1004,8 +1004,10 @@ async fn with_progress<F: Future>(
     }
 }
 
+/// Asks `actor` to send the command through its provider, named `provider`: the provider the
+/// report names when the actor does not answer (the provider was not called, or may have been).
 async fn ask_channel(
-    actor: &ActorRef<ChannelMsg>,
+    (actor, provider): (&ActorRef<ChannelMsg>, &str),
     command: &SendCommand,
     contacts: &Contacts,
     answer_within: Duration,
@@ -1029,7 +1031,7 @@ async fn ask_channel(
         // permit, and once it has one it finds this caller gone and is dropped. Nothing was sent,
         // and the queue it waited in was at least this long.
         Ok(CallResult::Timeout) => SendReport {
-            provider: "-".into(),
+            provider: provider.to_string(),
             outcome: SendOutcome::NotStarted {
                 retry_in: answer_within,
             },
@@ -1039,7 +1041,7 @@ async fn ask_channel(
         // dropped unanswered: a fault, not a queue, counted as a failed call so that it uses up
         // retries like one.
         Ok(CallResult::SenderError) | Err(_) => SendReport {
-            provider: "-".into(),
+            provider: provider.to_string(),
             outcome: SendOutcome::Failed(ProviderError::transient(
                 "channel actor stopped before answering",
             )),
@@ -1571,6 +1573,10 @@ mod tests {
         let walk = walk_first_round(&directory, &second, Duration::from_millis(200)).await;
         let statuses: Vec<&str> = walk.attempts.iter().map(|a| a.status.as_str()).collect();
         assert_eq!(statuses, ["not_started"], "{:?}", walk.attempts);
+        assert_eq!(
+            walk.attempts[0].provider, "gated",
+            "the channel's provider, though its actor did not answer"
+        );
         assert!(
             !walk.called,
             "a send that never got its permit called no provider"
@@ -1633,11 +1639,15 @@ mod tests {
             .expect("the channel actor stops")
             .expect("actor task");
         let directory = crate::channel::ChannelDirectory::default();
-        directory.set(Channel::Email, actor);
+        directory.set(Channel::Email, "gated", actor);
 
         let walk = walk_first_round(&directory, &email_command(), WAIT).await;
         let statuses: Vec<&str> = walk.attempts.iter().map(|a| a.status.as_str()).collect();
         assert_eq!(statuses, ["failed"], "{:?}", walk.attempts);
+        assert_eq!(
+            walk.attempts[0].provider, "gated",
+            "the provider that may have been called"
+        );
         assert!(walk.retryable && walk.called, "counted as a round");
         assert_eq!(
             walk.last_error.as_deref(),

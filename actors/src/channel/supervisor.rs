@@ -12,20 +12,34 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 
 use super::actor::{ChannelActor, ChannelArgs, ChannelMsg, ChannelSnapshot};
 
-/// The live channel actors, by channel. Updated by the supervisor when it restarts one.
+/// The live channel actors, by channel, with the name of the provider each sends through.
+/// Updated by the supervisor when it restarts one.
 #[derive(Clone, Default)]
 pub struct ChannelDirectory {
-    inner: Arc<RwLock<HashMap<Channel, ActorRef<ChannelMsg>>>>,
+    inner: Arc<RwLock<HashMap<Channel, Serving>>>,
+}
+
+/// The actor serving a channel, and its provider's name.
+#[derive(Clone)]
+struct Serving {
+    actor: ActorRef<ChannelMsg>,
+    provider: Arc<str>,
 }
 
 impl ChannelDirectory {
     /// The actor currently serving `channel`, if the channel is configured.
     pub fn get(&self, channel: Channel) -> Option<ActorRef<ChannelMsg>> {
+        self.serving(channel).map(|(actor, _)| actor)
+    }
+
+    /// The actor currently serving `channel` and the name of the provider it sends through, if
+    /// the channel is configured: the provider an attempt names when the actor did not answer.
+    pub fn serving(&self, channel: Channel) -> Option<(ActorRef<ChannelMsg>, Arc<str>)> {
         self.inner
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(&channel)
-            .cloned()
+            .map(|serving| (serving.actor.clone(), serving.provider.clone()))
     }
 
     /// The configured channels.
@@ -59,13 +73,17 @@ impl ChannelDirectory {
             .collect()
     }
 
-    /// Publishes `actor` as the one serving `channel` (the supervisor's, and tests' standing in
-    /// for it).
-    pub(crate) fn set(&self, channel: Channel, actor: ActorRef<ChannelMsg>) {
+    /// Publishes `actor`, sending through the provider named `provider`, as the one serving
+    /// `channel` (the supervisor's, and tests' standing in for it).
+    pub(crate) fn set(&self, channel: Channel, provider: &str, actor: ActorRef<ChannelMsg>) {
+        let serving = Serving {
+            actor,
+            provider: provider.into(),
+        };
         self.inner
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(channel, actor);
+            .insert(channel, serving);
     }
 }
 
@@ -92,10 +110,10 @@ impl ChannelSupervisor {
         state: &mut ChannelSupervisorState,
         args: ChannelArgs,
     ) -> Result<(), ActorProcessingErr> {
-        let channel = args.provider().channel();
+        let (channel, provider) = (args.provider().channel(), args.provider().name().to_owned());
         let (actor, _) = Actor::spawn_linked(None, ChannelActor, args.clone(), supervisor).await?;
         state.children.insert(actor.get_id(), args);
-        state.directory.set(channel, actor);
+        state.directory.set(channel, &provider, actor);
         Ok(())
     }
 }
@@ -248,8 +266,8 @@ mod tests {
         .await
         .expect("sms stand-in");
         let directory = ChannelDirectory::default();
-        directory.set(Channel::Email, email.clone());
-        directory.set(Channel::Sms, sms.clone());
+        directory.set(Channel::Email, "email", email.clone());
+        directory.set(Channel::Sms, "sms", sms.clone());
         assert_eq!(directory.channels(), [Channel::Email, Channel::Sms]);
 
         let snapshots = directory.snapshots(Duration::from_secs(2)).await;
