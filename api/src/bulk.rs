@@ -284,31 +284,41 @@ impl BulkApi {
     /// `queued` and not yet picked up by a dispatcher: as `POST /api/v1/notifications/{id}/cancel`
     /// decides) are cancelled. A `done` batch (every notification created and queued, not
     /// necessarily sent) is cancelled the same way while some of its notifications are still
-    /// cancellable; once none is, it answers 409. Answers the batch with `cancelled`: how many
-    /// notifications this request cancelled. Those already picked up go out. Unlike a single
-    /// cancel, a batch cancel publishes no status events for the notifications it cancels (a
-    /// batch may hold any number of them); read them with `GET /api/v1/batches/{id}` or
-    /// `GET /api/v1/notifications/{id}`. 409 naming the status for a `failed` or `cancelled`
-    /// batch, 404 for an unknown one.
+    /// cancellable; once none is, it answers 409. So is a `cancelled` one, whose earlier cancel
+    /// may have stopped half-way. Answers the batch with `cancelled`: how many notifications this
+    /// request cancelled. Those already picked up go out. As for a single cancel, each cancelled
+    /// notification's transition is published on `notify.status.cancelled`; the answer does not
+    /// wait for those events. The notifications are cancelled 1,000 at a time, each group in a
+    /// transaction of its own, so that sends and deliveries go on meanwhile. 409 naming the status
+    /// for a `failed` batch, or a `done` or `cancelled` one with nothing left to cancel; 404 for
+    /// an unknown one.
     #[oai(path = "/batches/:id/cancel", method = "post")]
     async fn cancel(&self, _auth: SendKey, id: Path<Uuid>) -> Result<Json<BatchView>, ApiError> {
         use repo::batches::BatchCancel;
         let id = id.0;
-        match repo::batches::cancel(&self.state.db, id, "batch cancelled by API request").await? {
+        let events = notifications::publish_cancelled_chunks(&self.state, id);
+        let committed = |chunk: repo::schedule::CancelledChunk| {
+            metrics::counter!("herald_notifications_cancelled_total")
+                .increment(chunk.ids.len() as u64);
+            // The task ends only once this sender is dropped: it is there to take the chunk.
+            let _ = events.send(chunk);
+        };
+        let gate = self.state.inserts.gate();
+        let reason = "batch cancelled by API request";
+        match repo::batches::cancel(&self.state.db, gate, id, reason, committed).await? {
             BatchCancel::Cancelled {
                 batch,
                 notifications,
             } => {
                 metrics::counter!("herald_batches_cancelled_total").increment(1);
-                metrics::counter!("herald_notifications_cancelled_total").increment(notifications);
                 let view = batch_view(&self.state, *batch, Some(notifications)).await?;
                 Ok(Json(view))
             }
             BatchCancel::NotFound => Err(ApiError::not_found(format!("no batch {id}"))),
             BatchCancel::NotCancellable(status) => Err(ApiError::conflict(format!(
-                "batch {id} is {status}{}; only pending and running batches, and done ones with \
-                 notifications not yet picked up, can be cancelled",
-                if status == "done" {
+                "batch {id} is {status}{}; only pending and running batches, and done or \
+                 cancelled ones with notifications not yet picked up, can be cancelled",
+                if status == "done" || status == "cancelled" {
                     " and none of its notifications is still cancellable"
                 } else {
                     ""

@@ -2233,12 +2233,12 @@ async fn a_cancel_while_the_provider_is_called_is_refused_and_the_message_goes_o
 }
 
 /// Stores notifications of `batch` in the given statuses (a `scheduled` one due in an hour),
-/// as its fan-out and dispatchers would have left them.
+/// as its fan-out and dispatchers would have left them; answers their ids, in order.
 async fn batch_notifications(
     db: &sea_orm::DatabaseConnection,
     batch: Uuid,
     statuses: &[NotificationStatus],
-) {
+) -> Vec<Uuid> {
     use herald_entities::repo::notifications;
     let rows: Vec<_> = statuses
         .iter()
@@ -2257,10 +2257,11 @@ async fn batch_notifications(
         .expect("notifications stored");
     notification::Entity::update_many()
         .col_expr(notification::Column::BatchId, Expr::value(batch))
-        .filter(notification::Column::Id.is_in(ids))
+        .filter(notification::Column::Id.is_in(ids.clone()))
         .exec(db)
         .await
         .expect("notifications of the batch");
+    ids
 }
 
 /// A marketer who sent a campaign to the wrong audience cancels it while it fans out: the batch
@@ -2445,5 +2446,171 @@ async fn a_done_bulk_send_is_cancelled_while_some_of_its_notifications_wait() {
     );
     let (_, view) = w.herald.get(&format!("/api/v1/batches/{}", ids[1])).await;
     assert_eq!(view["status"], "done", "left as it was: {view}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A bulk send accepted for `email`, left `done` as if its fan-out had finished (the Scheduler's
+/// rounds come only when asked, after the first): its id.
+async fn done_batch(w: &World) -> Uuid {
+    use herald_actors::scheduler::SchedulerMsg;
+    use herald_entities::batch;
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    let (status, accepted) = w
+        .herald
+        .post(
+            "/api/v1/notifications/bulk",
+            &json!({
+                "recipients": [{ "email": "a@example.com" }],
+                "category": "marketing",
+                "channels": ["email"],
+                "content": { "subject": "Winter sale", "text": "Everything 20% off." }
+            }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let id: Uuid = accepted["batch_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("batch id");
+    batch::Entity::update_many()
+        .col_expr(batch::Column::Status, Expr::value("done"))
+        .col_expr(batch::Column::Published, Expr::value(1))
+        .filter(batch::Column::Id.eq(id))
+        .exec(w.herald.db())
+        .await
+        .expect("batch done");
+    id
+}
+
+/// The events on `notify.status.cancelled`, as (notification id, `at`), once there are `n` (or
+/// more); panics with what it found when there are fewer after [`E2E_TIMEOUT`].
+async fn cancelled_events(nats: &NatsServer, n: usize) -> Vec<(Uuid, String)> {
+    use async_nats::jetstream;
+    use futures::StreamExt;
+    let js = jetstream::new(nats.client().await.expect("client"));
+    let stream = js.get_stream("NOTIFY_STATUS").await.expect("status stream");
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "notify.status.cancelled".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + E2E_TIMEOUT;
+    while events.len() < n {
+        let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, messages.next()).await else {
+            panic!(
+                "{} cancelled status events of {n} after {E2E_TIMEOUT:?}",
+                events.len()
+            );
+        };
+        let event: Value = serde_json::from_slice(&message.payload).expect("a status event");
+        let id = event["notification_id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("notification id");
+        events.push((id, event["at"].as_str().expect("at").to_string()));
+    }
+    events
+}
+
+/// Observers learn of a batch cancel as of a single one: each notification it cancels has its
+/// `cancelled` status event, stamped with the time stored for it, and one it leaves (sent already)
+/// has none. (It published none before.)
+#[tokio::test]
+async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_cancels() {
+    use NotificationStatus::{Queued, Scheduled, Sent};
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let id = done_batch(&w).await;
+    let db = w.herald.db();
+    let ids = batch_notifications(db, id, &[Scheduled, Queued, Sent]).await;
+
+    let (status, cancelled) = w
+        .herald
+        .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["cancelled"], 2, "{cancelled}");
+
+    let events = cancelled_events(&w.nats, 2).await;
+    let mut announced: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    announced.sort();
+    let mut expected = ids[..2].to_vec();
+    expected.sort();
+    assert_eq!(
+        announced, expected,
+        "one event for each cancelled notification"
+    );
+    for (notification, at) in &events {
+        let (_, view) = w
+            .herald
+            .get(&format!("/api/v1/notifications/{notification}"))
+            .await;
+        assert_eq!(view["status"], "cancelled", "{view}");
+        let stored: chrono::DateTime<Utc> =
+            serde_json::from_value(view["updated_at"].clone()).expect("updated_at");
+        let announced: chrono::DateTime<Utc> = at.parse().expect("event time");
+        assert_eq!(
+            announced, stored,
+            "the event carries the stored time: {view}"
+        );
+    }
+    assert!(
+        herald_tests::status_events(&w.nats, "cancelled", ids[2])
+            .await
+            .is_empty(),
+        "no event for the notification sent already"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A batch of 5,000 waiting notifications is cancelled 1,000 at a time, each group in a
+/// transaction of its own (its notifications share the time it stored, which their events
+/// carry: five times), while a single send made at the same moment is stored and goes out.
+/// Every one of the 5,000 has its event. (One UPDATE did them all before, with no events.)
+#[tokio::test]
+async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let id = done_batch(&w).await;
+    let statuses = vec![NotificationStatus::Scheduled; 5_000];
+    let ids = batch_notifications(w.herald.db(), id, &statuses).await;
+
+    let cancel = async {
+        w.herald
+            .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+            .await
+    };
+    let send = async {
+        let sent = w
+            .herald
+            .send_accepted(&json!({
+                "recipient": { "email": "meanwhile@example.com" },
+                "category": "transactional",
+                "channels": ["email"],
+                "content": { "subject": "Receipt", "text": "Thanks for your order." }
+            }))
+            .await;
+        w.herald.wait_status(&sent, "sent").await
+    };
+    let ((status, cancelled), sent) = tokio::join!(cancel, send);
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["cancelled"], 5_000, "{cancelled}");
+    assert_eq!(sent["status"], "sent", "{sent}");
+
+    let events = cancelled_events(&w.nats, 5_000).await;
+    let announced: HashSet<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(announced, ids.into_iter().collect(), "an event for each");
+    let transactions: HashSet<&str> = events.iter().map(|(_, at)| at.as_str()).collect();
+    assert_eq!(
+        transactions.len(),
+        5,
+        "cancelled in five transactions of 1,000: {transactions:?}"
+    );
     w.herald.shutdown().await.expect("clean shutdown");
 }

@@ -8,7 +8,8 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::{NotificationStatus, RepoError, batch, customer, notification};
+use super::schedule::{CANCEL_CHUNK, CancelledChunk, cancel_batch_chunk};
+use crate::{NotificationStatus, RepoError, WriteGate, batch, customer, notification};
 
 /// A bulk send to store.
 #[derive(Debug, Clone)]
@@ -332,7 +333,7 @@ pub enum BatchCancel {
     },
     /// No such batch.
     NotFound,
-    /// Already `failed` or `cancelled`, or `done` with none of its notifications left to cancel:
+    /// Already `failed`, or `done` or `cancelled` with none of its notifications left to cancel:
     /// its status.
     NotCancellable(String),
 }
@@ -340,41 +341,76 @@ pub enum BatchCancel {
 /// Cancels batch `id`: a `pending` or `running` one stops its fan-out (it becomes `cancelled` and
 /// its lease is dropped, so no round takes it and a page in flight stores nothing more, see
 /// [`insert_page`], or changes it, see [`advance`]); a `done` one (every notification created
-/// and queued) becomes `cancelled` only when some of its notifications were still cancellable.
-/// Either way its notifications still cancellable (`scheduled`, or `queued` and not yet picked
-/// up: [`super::schedule::cancel_batch`]) are cancelled with `reason`, all in one transaction.
+/// and queued), or a `cancelled` one whose cancel stopped half-way, becomes (or stays)
+/// `cancelled` only when some of its notifications were still cancellable. Either way its
+/// notifications still cancellable (`scheduled`, or `queued` and not yet picked up) are
+/// cancelled with `reason`.
+///
+/// They are cancelled [`CANCEL_CHUNK`](super::schedule::CANCEL_CHUNK) at a time, each chunk a
+/// transaction of its own taken in a turn of `gate`, so that a batch of any size never holds the
+/// database (SQLite's single writer) for long: the batch's own change goes in the first one, and
+/// `committed` is handed each chunk as soon as it is committed, even when a later one fails. A
+/// notification a dispatcher picks up between two chunks is `processing` and goes out.
 pub async fn cancel(
     db: &DatabaseConnection,
+    gate: &WriteGate,
     id: Uuid,
     reason: &str,
+    mut committed: impl FnMut(CancelledChunk),
 ) -> Result<BatchCancel, RepoError> {
-    let txn = db.begin().await?;
-    let stopped = set_cancelled(&txn, id, &["pending", "running"]).await?;
-    if !stopped {
-        match find(&txn, id).await? {
-            None => return Ok(BatchCancel::NotFound),
-            Some(batch) if batch.status != "done" => {
-                return Ok(BatchCancel::NotCancellable(batch.status));
-            }
-            Some(_) => {}
-        }
+    let first = match cancel_first_chunk(db, gate, id, reason).await? {
+        Ok(first) => first,
+        Err(refused) => return Ok(refused),
+    };
+    let mut notifications = 0;
+    let mut chunk = first;
+    while !chunk.ids.is_empty() {
+        notifications += chunk.ids.len() as u64;
+        committed(chunk);
+        let _turn = gate.enter().await;
+        chunk = cancel_batch_chunk(db, id, reason, CANCEL_CHUNK).await?;
     }
-    let notifications = super::schedule::cancel_batch(&txn, id, reason).await?;
-    if !stopped && (notifications == 0 || !set_cancelled(&txn, id, &["done"]).await?) {
-        txn.rollback().await?;
-        let status = find(db, id)
-            .await?
-            .map_or_else(|| "done".into(), |b| b.status);
-        return Ok(BatchCancel::NotCancellable(status));
-    }
-    let batch = find(&txn, id)
+    let batch = find(db, id)
         .await?
         .ok_or(DbErr::RecordNotFound(id.to_string()))?;
-    txn.commit().await?;
     Ok(BatchCancel::Cancelled {
         batch: Box::new(batch),
         notifications,
     })
+}
+
+/// The first transaction of [`cancel`]: the batch's change and its first chunk of notifications,
+/// or why the batch is not cancelled (nothing changed).
+async fn cancel_first_chunk(
+    db: &DatabaseConnection,
+    gate: &WriteGate,
+    id: Uuid,
+    reason: &str,
+) -> Result<Result<CancelledChunk, BatchCancel>, RepoError> {
+    let _turn = gate.enter().await;
+    let txn = db.begin().await?;
+    let stopped = set_cancelled(&txn, id, &["pending", "running"]).await?;
+    if !stopped {
+        match find(&txn, id).await? {
+            None => return Ok(Err(BatchCancel::NotFound)),
+            Some(batch) if !["done", "cancelled"].contains(&batch.status.as_str()) => {
+                return Ok(Err(BatchCancel::NotCancellable(batch.status)));
+            }
+            Some(_) => {}
+        }
+    }
+    let first = cancel_batch_chunk(&txn, id, reason, CANCEL_CHUNK).await?;
+    if !stopped
+        && (first.ids.is_empty() || !set_cancelled(&txn, id, &["done", "cancelled"]).await?)
+    {
+        txn.rollback().await?;
+        let status = find(db, id)
+            .await?
+            .map_or_else(|| "done".into(), |b| b.status);
+        return Ok(Err(BatchCancel::NotCancellable(status)));
+    }
+    txn.commit().await?;
+    Ok(Ok(first))
 }
 
 /// Marks batch `id` `cancelled` and frees its lease, if its status is one of `from`.

@@ -73,6 +73,7 @@ enum Job {
 #[derive(Debug, Clone)]
 pub struct InsertQueue {
     sender: mpsc::Sender<Job>,
+    gate: WriteGate,
 }
 
 impl InsertQueue {
@@ -80,8 +81,14 @@ impl InsertQueue {
     /// the other writers of `gate`.
     pub fn start(db: DatabaseConnection, gate: WriteGate) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(write_batches(db, gate, receiver));
-        Self { sender }
+        tokio::spawn(write_batches(db, gate.clone(), receiver));
+        Self { sender, gate }
+    }
+
+    /// The turns its transactions take: for other writers of the API that should take turns with
+    /// them (a batch cancel's chunks).
+    pub fn gate(&self) -> &WriteGate {
+        &self.gate
     }
 
     /// Stores `row` as [`insert`] does, sharing a statement with the rows of concurrent callers.

@@ -1,11 +1,11 @@
 //! The Scheduler's queries: claiming due scheduled notifications, republishing commands that were
 //! never confirmed published, cancelling, and retention.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Select,
-    sea_query::{CaseStatement, Expr, LockBehavior, LockType, Query, SimpleExpr},
+    QuerySelect, QueryTrait, Select,
+    sea_query::{CaseStatement, Expr, LockBehavior, LockType, Query, SimpleExpr, UpdateStatement},
 };
 use uuid::Uuid;
 
@@ -240,7 +240,7 @@ pub async fn cancel(
     id: Uuid,
     reason: &str,
 ) -> Result<Cancel, RepoError> {
-    let moved = cancel_where(reason, notification::Column::Id.eq(id))
+    let moved = cancel_where(reason, Utc::now(), notification::Column::Id.eq(id))
         .exec(db)
         .await?;
     match notification::Entity::find_by_id(id).one(db).await? {
@@ -250,25 +250,84 @@ pub async fn cancel(
     }
 }
 
-/// Cancels every notification of batch `batch_id` that is still cancellable (as [`cancel`]
-/// decides: `scheduled`, or `queued` and not yet picked up), recording `reason`, in one
-/// conditional UPDATE. Returns how many it cancelled.
-pub async fn cancel_batch(
+/// How many notifications of a batch one statement of [`cancel_batch_chunk`] cancels at most: a
+/// transaction short enough that the other writers (on SQLite the StatusWriter, the API's inserts,
+/// the Scheduler's claims) get their turns between two of them.
+pub const CANCEL_CHUNK: u64 = 1_000;
+
+/// Notifications one statement cancelled, with the time it recorded for them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CancelledChunk {
+    /// The notifications it moved to `cancelled`.
+    pub ids: Vec<Uuid>,
+    /// Their `updated_at`: when they were cancelled, in whole microseconds as both databases
+    /// store it.
+    pub at: DateTime<Utc>,
+}
+
+/// Cancels up to `limit` notifications of batch `batch_id` that are still cancellable (as
+/// [`cancel`] decides: `scheduled`, or `queued` and not yet picked up), recording `reason`, in one
+/// statement ([`cancel_chunk_query`]) that answers the ids it moved. A notification a dispatcher
+/// picked up before the statement ran is `processing` and stays as it is. An empty answer means
+/// none of the batch's notifications was still cancellable.
+pub async fn cancel_batch_chunk(
     db: &impl ConnectionTrait,
     batch_id: Uuid,
     reason: &str,
-) -> Result<u64, RepoError> {
-    let moved = cancel_where(reason, notification::Column::BatchId.eq(batch_id))
-        .exec(db)
-        .await?;
-    Ok(moved.rows_affected)
+    limit: u64,
+) -> Result<CancelledChunk, RepoError> {
+    let at = Utc::now().trunc_subsecs(6);
+    let mut ids = Vec::new();
+    for row in db
+        .query_all(&cancel_chunk_query(batch_id, reason, at, limit))
+        .await?
+    {
+        ids.push(row.try_get_by_index::<Uuid>(0)?);
+    }
+    Ok(CancelledChunk { ids, at })
+}
+
+/// [`cancel_batch_chunk`]'s statement: `UPDATE notifications SET status = 'cancelled' … WHERE id
+/// IN (SELECT id FROM notifications WHERE batch_id = ? AND status IN ('scheduled', 'queued')
+/// LIMIT ?) AND status IN ('scheduled', 'queued') RETURNING id`. The inner read finds the rows in
+/// the `(batch_id, status)` index; the outer condition is checked again on each row as it is
+/// changed (PostgreSQL re-reads a row another transaction changed meanwhile). Public so that tests
+/// can check how databases plan it.
+pub fn cancel_chunk_query(
+    batch_id: Uuid,
+    reason: &str,
+    at: DateTime<Utc>,
+    limit: u64,
+) -> UpdateStatement {
+    let chosen = Query::select()
+        .column(notification::Column::Id)
+        .from(notification::Entity)
+        .cond_where(
+            Condition::all()
+                .add(notification::Column::BatchId.eq(batch_id))
+                .add(cancellable()),
+        )
+        .limit(limit)
+        .to_owned();
+    let mut update =
+        cancel_where(reason, at, notification::Column::Id.in_subquery(chosen)).into_query();
+    update.returning(Query::returning().column(notification::Column::Id));
+    update
+}
+
+/// The statuses a notification may be cancelled from (`scheduled`, `queued`; a dispatcher that
+/// picked one up made it `processing`).
+fn cancellable() -> Condition {
+    Condition::all().add(
+        notification::Column::Status.is_in(NotificationStatus::Cancelled.allowed_from().to_vec()),
+    )
 }
 
 /// The UPDATE cancelling the notifications `which` selects among those still cancellable: those
-/// whose status may become `cancelled` (`scheduled`, `queued`; a dispatcher that picked one up
-/// made it `processing`).
+/// whose status may become `cancelled` ([`cancellable`]), stamping them `at`.
 fn cancel_where(
     reason: &str,
+    at: DateTime<Utc>,
     which: impl sea_orm::sea_query::IntoCondition,
 ) -> sea_orm::UpdateMany<notification::Entity> {
     notification::Entity::update_many()
@@ -277,12 +336,9 @@ fn cancel_where(
             Expr::value(NotificationStatus::Cancelled),
         )
         .col_expr(notification::Column::StatusReason, Expr::value(reason))
-        .col_expr(notification::Column::UpdatedAt, Expr::value(Utc::now()))
+        .col_expr(notification::Column::UpdatedAt, Expr::value(at))
         .filter(which)
-        .filter(
-            notification::Column::Status
-                .is_in(NotificationStatus::Cancelled.allowed_from().to_vec()),
-        )
+        .filter(cancellable())
 }
 
 /// Final notifications last changed before `cutoff`, as [`purge_before`] reads and deletes them.
