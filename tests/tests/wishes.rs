@@ -16,7 +16,9 @@ use herald_tests::{
     eventually_showing, test_config,
 };
 use reqwest::StatusCode;
-use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr,
+};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use wiremock::{Mock, MockServer, ResponseTemplate, matchers::method};
@@ -2573,7 +2575,8 @@ async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_canc
 /// A batch of 5,000 waiting notifications is cancelled 1,000 at a time, each group in a
 /// transaction of its own (its notifications share the time it stored, which their events
 /// carry: five times), while a single send made at the same moment is stored and goes out.
-/// Every one of the 5,000 has its event. (One UPDATE did them all before, with no events.)
+/// Every one of the 5,000 has its event. (One UPDATE did them all before, one time stored, and
+/// no events.)
 #[tokio::test]
 async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
     let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
@@ -2603,14 +2606,32 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
     assert_eq!(cancelled["cancelled"], 5_000, "{cancelled}");
     assert_eq!(sent["status"], "sent", "{sent}");
 
-    let events = cancelled_events(&w.nats, 5_000).await;
-    let announced: HashSet<Uuid> = events.iter().map(|(id, _)| *id).collect();
-    assert_eq!(announced, ids.into_iter().collect(), "an event for each");
-    let transactions: HashSet<&str> = events.iter().map(|(_, at)| at.as_str()).collect();
+    let stamped: Vec<chrono::DateTime<Utc>> = notification::Entity::find()
+        .select_only()
+        .column(notification::Column::UpdatedAt)
+        .filter(notification::Column::BatchId.eq(id))
+        .filter(notification::Column::Status.eq(NotificationStatus::Cancelled))
+        .into_tuple()
+        .all(w.herald.db())
+        .await
+        .expect("cancelled notifications");
+    assert_eq!(stamped.len(), 5_000, "all cancelled");
+    let transactions: HashSet<_> = stamped.into_iter().collect();
     assert_eq!(
         transactions.len(),
         5,
         "cancelled in five transactions of 1,000: {transactions:?}"
+    );
+    let events = cancelled_events(&w.nats, 5_000).await;
+    let announced: HashSet<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(announced, ids.into_iter().collect(), "an event for each");
+    let times: HashSet<chrono::DateTime<Utc>> = events
+        .iter()
+        .map(|(_, at)| at.parse().expect("event time"))
+        .collect();
+    assert_eq!(
+        times, transactions,
+        "each event carries its transaction's time"
     );
     w.herald.shutdown().await.expect("clean shutdown");
 }
