@@ -293,6 +293,10 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
         "a bulk send's progress",
     )
     .await;
+    let reason = "batch cancelled by API request";
+    let cancel = schedule::cancel_chunk_query(Uuid::now_v7(), reason, now, 1_000);
+    let what = "a batch cancel's choice of its next chunk";
+    assert_planned_on(&txn, kind, &cancel, index, what).await;
 
     // A filter bulk send's page walks the customers by external id from its cursor; the
     // conditions (creation time included) only sort out the rows it meets.
