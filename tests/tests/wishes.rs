@@ -2524,7 +2524,8 @@ async fn cancelled_events(nats: &NatsServer, n: usize) -> Vec<(Uuid, String)> {
 
 /// Observers learn of a batch cancel as of a single one: each notification it cancels has its
 /// `cancelled` status event, stamped with the time stored for it, and one it leaves (sent already)
-/// has none. (It published none before.)
+/// has none. (It published none before.) A cancelled batch with notifications still waiting is
+/// cancelled again; once none is, it answers 409.
 #[tokio::test]
 async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_cancels() {
     use NotificationStatus::{Queued, Scheduled, Sent};
@@ -2568,6 +2569,29 @@ async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_canc
             .await
             .is_empty(),
         "no event for the notification sent already"
+    );
+
+    // A cancel that stopped half-way (the database failed after its first transaction) leaves a
+    // `cancelled` batch with notifications still waiting: the same request again cancels them.
+    let left = batch_notifications(db, id, &[Scheduled]).await;
+    let (status, again) = w
+        .herald
+        .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["cancelled"], 1, "{again}");
+    let events = cancelled_events(&w.nats, 3).await;
+    assert_eq!(events[2].0, left[0], "the rest announced too");
+    let (status, refused) = w
+        .herald
+        .post(&format!("/api/v1/batches/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("is cancelled")),
+        "{refused}"
     );
     w.herald.shutdown().await.expect("clean shutdown");
 }
