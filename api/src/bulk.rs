@@ -300,7 +300,7 @@ impl BulkApi {
         let committed = |chunk: repo::schedule::CancelledChunk| {
             metrics::counter!("herald_notifications_cancelled_total")
                 .increment(chunk.ids.len() as u64);
-            // The task ends only once this sender is dropped: it is there to take the chunk.
+            // The task keeps its receiver until this sender is dropped: the send cannot fail.
             let _ = events.send(chunk);
         };
         let gate = self.state.inserts.gate();
