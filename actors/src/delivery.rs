@@ -1461,6 +1461,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             message: &'a crate::channel::OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> futures::future::BoxFuture<
             'a,
             Result<crate::channel::Receipt, crate::channel::ProviderError>,

@@ -16,12 +16,31 @@ use std::time::Duration;
 
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::smtp_pool::IDLE_CHECK;
-use herald_actors::channel::{OutboundMessage, Provider, ProviderError};
+use futures::future::BoxFuture;
+use herald_actors::channel::{OutboundMessage, Provider, ProviderError, Receipt};
 use herald_nats::{Contacts, Content};
 use herald_tests::{HangUp, RejectStage, SmtpSink};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use uuid::Uuid;
+
+/// [`Provider::send`] with time to spare: the deadline of the tests that do not test it.
+trait SendNow {
+    /// Sends `message` with a deadline a minute away.
+    fn send_now<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
+}
+
+impl SendNow for EmailProvider {
+    fn send_now<'a>(
+        &'a self,
+        message: &'a OutboundMessage,
+    ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+        self.send(message, tokio::time::Instant::now() + Duration::from_secs(60))
+    }
+}
 
 fn provider(host: &str, port: u16, pool_size: u32) -> EmailProvider {
     EmailProvider::new("smtp".into(), &config(host, port, pool_size)).expect("provider")
@@ -60,7 +79,7 @@ async fn one_connection_carries_many_messages_without_a_noop_before_each() {
     let sink = SmtpSink::start().await.expect("sink");
     let email = provider(sink.host(), sink.port(), 4);
     for i in 0..20 {
-        email.send(&message(i)).await.expect("sent");
+        email.send_now(&message(i)).await.expect("sent");
     }
     assert_eq!(sink.count(), 20);
     assert_eq!(sink.connection_count(), 1, "one connection, reused");
@@ -71,8 +90,8 @@ async fn one_connection_carries_many_messages_without_a_noop_before_each() {
 async fn send_at_once(
     email: &EmailProvider,
     count: usize,
-) -> Vec<Result<herald_actors::channel::Receipt, ProviderError>> {
-    let sends = (0..count).map(|i| async move { email.send(&message(i)).await });
+) -> Vec<Result<Receipt, ProviderError>> {
+    let sends = (0..count).map(|i| async move { email.send_now(&message(i)).await });
     futures::future::join_all(sends).await
 }
 
@@ -190,11 +209,11 @@ async fn serve_plainly(stream: tokio::net::TcpStream, swallowed_noops: Option<Ar
 async fn a_connection_gone_silent_while_idle_is_replaced_instead_of_stalling_the_send() {
     let (port, connections, _) = noop_swallowing_server().await;
     let email = impatient_provider(port, 1_000);
-    email.send(&message(1)).await.expect("first sent");
+    email.send_now(&message(1)).await.expect("first sent");
     // Idle long enough for the pool to check the connection before its next message (the pool
     // keeps time with the real clock).
     tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
-    let second = tokio::time::timeout(Duration::from_secs(5), email.send(&message(2)))
+    let second = tokio::time::timeout(Duration::from_secs(5), email.send_now(&message(2)))
         .await
         .expect("the send stalled in the check of a connection that never answers");
     assert!(
@@ -222,7 +241,7 @@ async fn connections_idle_as_long_as_one_gone_silent_are_not_each_waited_for() {
     let opened = *connections.borrow();
     assert!(opened >= 2, "the sends went over {opened} connection(s)");
     tokio::time::sleep(IDLE_CHECK + Duration::from_millis(100)).await;
-    let sent = tokio::time::timeout(Duration::from_secs(10), email.send(&message(9)))
+    let sent = tokio::time::timeout(Duration::from_secs(10), email.send_now(&message(9)))
         .await
         .expect("the send was answered");
     assert!(sent.is_ok(), "{sent:?}");
@@ -283,8 +302,8 @@ async fn slow_first_message_server() -> (u16, Arc<AtomicUsize>) {
 async fn a_connection_back_from_a_slow_message_is_reused_at_once_without_a_noop() {
     let (port, noops) = slow_first_message_server().await;
     let email = provider("127.0.0.1", port, 1);
-    email.send(&message(1)).await.expect("first sent");
-    email.send(&message(2)).await.expect("second sent");
+    email.send_now(&message(1)).await.expect("first sent");
+    email.send_now(&message(2)).await.expect("second sent");
     assert_eq!(
         noops.load(Ordering::SeqCst),
         0,
@@ -304,7 +323,7 @@ async fn a_server_that_never_greets_fails_the_send_within_its_timeout() {
         }
     });
     let email = impatient_provider(port, 500);
-    let refused = tokio::time::timeout(Duration::from_secs(5), email.send(&message(1)))
+    let refused = tokio::time::timeout(Duration::from_secs(5), email.send_now(&message(1)))
         .await
         .expect("the session's opening was not bounded by the timeout");
     assert!(
@@ -325,13 +344,13 @@ async fn an_international_domain_goes_in_ascii_and_a_local_part_needing_smtputf8
         },
         ..message(1)
     };
-    email.send(&to("ada@bücher.de")).await.expect("sent");
+    email.send_now(&to("ada@bücher.de")).await.expect("sent");
     let mails = sink
         .wait_for_count(1, Duration::from_secs(10))
         .await
         .expect("mail");
     assert_eq!(mails[0].to, vec!["ada@xn--bcher-kva.de".to_string()]);
-    let refused = email.send(&to("josé@example.com")).await;
+    let refused = email.send_now(&to("josé@example.com")).await;
     assert!(
         matches!(&refused, Err(ProviderError::Permanent { reason, .. }) if reason.contains("SMTPUTF8")),
         "no retry makes this server take it: {refused:?}"
@@ -339,7 +358,7 @@ async fn an_international_domain_goes_in_ascii_and_a_local_part_needing_smtputf8
     // lettre refused it before writing a word: not a hang-up of the pooled connection, which
     // stays in use rather than being replaced by a new one for a resend refused alike.
     assert_eq!(sink.connection_count(), 1, "the pooled connection was kept");
-    email.send(&to("ada@example.com")).await.expect("sent");
+    email.send_now(&to("ada@example.com")).await.expect("sent");
     assert_eq!(sink.connection_count(), 1, "and used again");
 }
 
@@ -355,7 +374,7 @@ async fn a_server_refusing_the_session_fails_the_message_transiently() {
         }
     });
     let email = provider("127.0.0.1", port, 1);
-    let refused = tokio::time::timeout(Duration::from_secs(10), email.send(&message(1)))
+    let refused = tokio::time::timeout(Duration::from_secs(10), email.send_now(&message(1)))
         .await
         .expect("answered");
     assert!(
@@ -390,7 +409,7 @@ async fn a_refusal_within_a_group_fails_its_own_message_only() {
     );
     assert_eq!(sink.count(), 9, "the other nine were delivered");
     assert!(sink.grouped_count() >= 5, "they went as a group");
-    email.send(&message(10)).await.expect("next sent");
+    email.send_now(&message(10)).await.expect("next sent");
     assert_eq!(
         sink.connection_count(),
         2,
@@ -420,7 +439,7 @@ async fn a_421_within_a_group_fails_the_rest_transiently_and_a_retry_sends_each_
     assert_eq!(sink.count(), 10 - failed.len(), "the others were delivered");
     assert!(sink.count() >= 4, "the four before the 421 were delivered");
     for &i in &failed {
-        email.send(&message(i)).await.expect("retry sent");
+        email.send_now(&message(i)).await.expect("retry sent");
     }
     let mut subjects: Vec<String> = sink
         .messages()
@@ -444,8 +463,8 @@ async fn a_message_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fres
         let sink = SmtpSink::start().await.expect("sink");
         let email = provider(sink.host(), sink.port(), 1);
         sink.set_hang_up_after(1, how);
-        email.send(&message(0)).await.expect("first sent");
-        let next = email.send(&message(1)).await;
+        email.send_now(&message(0)).await.expect("first sent");
+        let next = email.send_now(&message(1)).await;
         assert!(next.is_ok(), "{how:?}: {next:?}");
         assert_eq!(sink.count(), 2, "{how:?}: both delivered");
         assert_eq!(
@@ -465,10 +484,10 @@ async fn a_group_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fresh_
     for how in [HangUp::Silently, HangUp::With421] {
         let sink = SmtpSink::start().await.expect("sink");
         let email = provider(sink.host(), sink.port(), 1);
-        email.send(&message(0)).await.expect("first sent");
+        email.send_now(&message(0)).await.expect("first sent");
         sink.set_hang_up_after(1, how);
         let (alone, group) =
-            futures::future::join(email.send(&message(100)), send_at_once(&email, 10)).await;
+            futures::future::join(email.send_now(&message(100)), send_at_once(&email, 10)).await;
         assert!(alone.is_ok(), "{how:?}: {alone:?}");
         assert!(group.iter().all(Result::is_ok), "{how:?}: {group:?}");
         assert_eq!(sink.count(), 12, "{how:?}: each delivered");
@@ -489,14 +508,14 @@ async fn a_group_on_a_pooled_connection_the_relay_hung_up_goes_again_on_a_fresh_
 async fn after_a_refused_message_the_next_goes_through_on_a_fresh_session() {
     let sink = SmtpSink::start().await.expect("sink");
     let email = provider(sink.host(), sink.port(), 1);
-    email.send(&message(0)).await.expect("first sent");
+    email.send_now(&message(0)).await.expect("first sent");
     sink.set_reject_next(1, 550, "5.1.1 no such user");
-    let refused = email.send(&message(1)).await;
+    let refused = email.send_now(&message(1)).await;
     assert!(
         matches!(refused, Err(ProviderError::Permanent { .. })),
         "{refused:?}"
     );
-    email.send(&message(2)).await.expect("next sent");
+    email.send_now(&message(2)).await.expect("next sent");
     let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
     assert_eq!(
         subjects,
@@ -521,9 +540,9 @@ async fn a_server_offering_chunking_gets_each_message_in_one_bdat_chunk_as_writt
     // Lines that DATA would have to dot-stuff: BDAT carries them as they are.
     let mut dotted = message(0);
     dotted.content.text = ".leading dot\r\n.\r\nafter a lone dot".to_string();
-    email.send(&dotted).await.expect("sent");
+    email.send_now(&dotted).await.expect("sent");
     for i in 1..5 {
-        email.send(&message(i)).await.expect("sent");
+        email.send_now(&message(i)).await.expect("sent");
     }
     let received = sink.messages();
     assert_eq!(received.len(), 5);
@@ -580,7 +599,7 @@ async fn send_five_configured(sink: &SmtpSink, configure: impl FnOnce(&mut Email
     configure(&mut config);
     let email = EmailProvider::new("smtp".into(), &config).expect("provider");
     for i in 0..5 {
-        email.send(&message(i)).await.expect("sent");
+        email.send_now(&message(i)).await.expect("sent");
     }
     assert_eq!(sink.count(), 5);
 }
@@ -784,8 +803,8 @@ async fn refuse_one_then_send_the_next(
 ) -> Result<herald_actors::channel::Receipt, ProviderError> {
     let email = provider(sink.host(), sink.port(), 1);
     sink.set_reject_next_at(stage, 1, code, text);
-    let refused = email.send(&message(0)).await;
-    email.send(&message(1)).await.expect("next sent");
+    let refused = email.send_now(&message(0)).await;
+    email.send_now(&message(1)).await.expect("next sent");
     let subjects: Vec<Option<String>> = sink.messages().into_iter().map(|m| m.subject).collect();
     assert_eq!(subjects, vec![Some("Order #1".to_string())]);
     assert_eq!(
@@ -853,7 +872,7 @@ async fn a_send_cut_short_by_its_caller_does_not_leave_its_connection_to_the_nex
     let email = provider("127.0.0.1", port, 1);
     for attempt in 1..=2 {
         let outbound = message(attempt);
-        let cut = tokio::time::timeout(Duration::from_millis(300), email.send(&outbound)).await;
+        let cut = tokio::time::timeout(Duration::from_millis(300), email.send_now(&outbound)).await;
         assert!(cut.is_err(), "attempt {attempt} should have stalled");
     }
     expect_a_second_connection(&mut seen).await;
@@ -865,7 +884,7 @@ async fn a_send_the_server_never_answers_fails_after_the_timeout_and_its_connect
     let email = impatient_provider(port, 300);
     for attempt in 1..=2 {
         let outbound = message(attempt);
-        let cut = tokio::time::timeout(Duration::from_secs(5), email.send(&outbound))
+        let cut = tokio::time::timeout(Duration::from_secs(5), email.send_now(&outbound))
             .await
             .expect("the send's own timeout answers");
         assert!(
@@ -901,7 +920,7 @@ async fn a_group_the_server_never_answers_fails_every_message_after_the_timeout(
         (1, 10),
         "all ten written unanswered over one connection, as one group"
     );
-    let _ = email.send(&message(10)).await;
+    let _ = email.send_now(&message(10)).await;
     expect_a_second_connection(&mut seen).await;
 }
 
@@ -955,7 +974,7 @@ async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_
     let email = impatient_provider(port, 1_000);
     let recipient = |i: usize| format!("RCPT TO:<customer-{i}@example.com>");
     let first = async {
-        let _ = email.send(&message(1)).await;
+        let _ = email.send_now(&message(1)).await;
     };
     let abandoned = async {
         // Once the first holds the only connection, the second waits for it, and gives up.
@@ -968,14 +987,14 @@ async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_
         .expect("the first message's RCPT TO reached the server within 5 s")
         .expect("server running");
         let gave_up =
-            tokio::time::timeout(Duration::from_millis(50), email.send(&message(2))).await;
+            tokio::time::timeout(Duration::from_millis(50), email.send_now(&message(2))).await;
         assert!(
             gave_up.is_err(),
             "the second should still have been waiting"
         );
     };
     tokio::join!(first, abandoned);
-    let _ = email.send(&message(3)).await;
+    let _ = email.send_now(&message(3)).await;
     let seen = tokio::time::timeout(
         Duration::from_secs(5),
         seen.wait_for(|s| s.commands.contains(&recipient(3))),

@@ -42,7 +42,9 @@ use super::{OutboundMessage, Provider, ProviderError, Receipt};
 pub struct ChannelSettings {
     /// Sends in flight at once.
     pub concurrency: usize,
-    /// Per-send timeout in milliseconds (on top of the provider's own).
+    /// The most one send may take, in milliseconds: the provider gets it as the send's deadline,
+    /// and every step of the send (a token fetched, a name resolved, a second request) comes out
+    /// of it; the provider's own `timeout_ms` bounds each of its requests within it.
     pub timeout_ms: u64,
     /// Circuit breaker settings.
     pub circuit: CircuitSettings,
@@ -483,8 +485,12 @@ fn start_send(
             return;
         }
         let started = Instant::now();
-        let sending = AssertUnwindSafe(provider.send(&outbound)).catch_unwind();
-        let result = match tokio::time::timeout(timeout, sending).await {
+        // The provider gets the same deadline as this timer, so a send of several steps fails
+        // with the step that ran out of time (the inner timer, polled first, wins a tie); this
+        // timer is the bound of a provider that does not keep to it.
+        let deadline = tokio::time::Instant::from_std(started) + timeout;
+        let sending = AssertUnwindSafe(provider.send(&outbound, deadline)).catch_unwind();
+        let result = match tokio::time::timeout_at(deadline, sending).await {
             Ok(Ok(result)) => result,
             // A provider bug: answered and reported like any provider failure, so the circuit
             // counts it and in_flight (or a half-open probe) is not left waiting for ever.
@@ -761,6 +767,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
             Box::pin(async move {
                 let _ = self.started.send(message.notification_id);
@@ -801,6 +808,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
             Box::pin(async move {
                 let (answer, answered) = tokio::sync::oneshot::channel();
@@ -872,6 +880,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             _message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
             Box::pin(async { panic!("provider bug") })
         }
@@ -892,6 +901,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             _message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
             Box::pin(async { Err(ProviderError::transient("HTTP 503")) })
         }
@@ -930,6 +940,7 @@ mod tests {
         fn send<'a>(
             &'a self,
             _message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
         ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(std::future::ready((self.script)(n)))

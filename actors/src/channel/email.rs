@@ -496,13 +496,14 @@ impl Provider for EmailProvider {
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        deadline: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
         Box::pin(async move {
             let email = self.build(message)?;
             let provider_message_id = match &self.transport {
                 Transport::Smtp(smtp) => {
                     let reply = smtp
-                        .send(email.envelope(), email.formatted())
+                        .send(email.envelope(), email.formatted(), deadline)
                         .await
                         .map_err(classify)?;
                     reply.message().next().map(str::to_string)
@@ -523,6 +524,7 @@ impl Provider for EmailProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::provider::tests::SendNow;
     use herald_nats::{Contacts, Content};
     use uuid::Uuid;
 
@@ -557,7 +559,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let provider = outbox_provider(dir.path());
         let msg = message(Some("ada@example.com"), Some("<p>Thanks</p>"));
-        let receipt = provider.send(&msg).await.unwrap();
+        let receipt = provider.send_now(&msg).await.unwrap();
         let id = receipt.provider_message_id.unwrap();
         let eml = std::fs::read_to_string(dir.path().join(format!("{id}.eml"))).unwrap();
         assert!(eml.contains("To: ada@example.com"), "{eml}");
@@ -571,11 +573,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let provider = outbox_provider(dir.path());
         assert_eq!(
-            provider.send(&message(None, None)).await,
+            provider.send_now(&message(None, None)).await,
             Err(ProviderError::MissingContact(Channel::Email))
         );
         assert!(matches!(
-            provider.send(&message(Some("not an address"), None)).await,
+            provider.send_now(&message(Some("not an address"), None)).await,
             Err(ProviderError::Unsendable { .. })
         ));
     }
@@ -653,7 +655,7 @@ mod tests {
             config.check().expect("a blank host is none");
             let provider = EmailProvider::new("outbox".into(), &config).expect("the outbox");
             let receipt = provider
-                .send(&message(Some("ada@example.com"), None))
+                .send_now(&message(Some("ada@example.com"), None))
                 .await
                 .unwrap_or_else(|e| panic!("{host:?} {security:?}: not written: {e:?}"));
             let id = receipt.provider_message_id.expect("the file's id");

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 use herald_nats::{Channel, Contacts, Content};
 use uuid::Uuid;
 
@@ -206,10 +207,16 @@ pub trait Provider: Send + Sync + 'static {
     /// The provider's configured name (e.g. `smtp`, `telegram`), recorded on every attempt.
     fn name(&self) -> &str;
 
-    /// Sends one message. Implementations do not retry; they classify the outcome.
+    /// Sends one message, answering by `deadline` (the send's start plus
+    /// `channels.limits.timeout_ms`, after which the [`ChannelActor`](super::ChannelActor) drops
+    /// the future and reports a timeout). A send of more than one step (a token fetched first, a
+    /// name resolved first, a second request) spends only what is left of the time to `deadline`
+    /// on each, and fails with a reason naming the step that ran it out. Implementations do not
+    /// retry; they classify the outcome.
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
 
     /// Whether a failed send says something about the provider as a whole, and so counts
@@ -221,9 +228,32 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// The time left until `deadline`; zero once it has passed.
+pub(crate) fn time_left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// [`Provider::send`] with time to spare: the deadline of provider tests that do not test it.
+    pub(crate) trait SendNow {
+        /// Sends `message` with a deadline a minute away.
+        fn send_now<'a>(
+            &'a self,
+            message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>>;
+    }
+
+    impl<P: Provider> SendNow for P {
+        fn send_now<'a>(
+            &'a self,
+            message: &'a OutboundMessage,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            self.send(message, Instant::now() + Duration::from_secs(60))
+        }
+    }
 
     /// A message with every contact set, for provider tests.
     pub(crate) fn outbound() -> OutboundMessage {

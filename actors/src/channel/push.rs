@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use futures::future::BoxFuture;
 use herald_nats::Channel;
 use reqwest::StatusCode;
@@ -355,18 +357,38 @@ impl PushProvider {
         })
     }
 
-    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+    /// Sends `message` to every device by `deadline`: the Google OAuth token, when one must be
+    /// fetched (or another send's fetch waited for), comes out of the same time as the requests
+    /// to FCM.
+    async fn deliver(
+        &self,
+        message: &OutboundMessage,
+        deadline: Instant,
+    ) -> Result<Receipt, ProviderError> {
         let tokens = &message.contacts.push_tokens;
         if tokens.is_empty() {
             return Err(ProviderError::MissingContact(Channel::Push));
         }
-        let bearer = self.credentials.bearer().await?;
+        let asked = Instant::now();
+        let bearer = tokio::time::timeout_at(deadline, self.credentials.bearer())
+            .await
+            .map_err(|_| {
+                ProviderError::transient(format!(
+                    "no Google OAuth token within the send's timeout (waited {} ms for it); \
+                     nothing was sent to FCM",
+                    asked.elapsed().as_millis()
+                ))
+            })??;
+        let token_took = asked.elapsed();
         let payload = Payload::of(message);
-        let outcomes = futures::future::join_all(
-            tokens
-                .iter()
-                .map(|token| self.send_one(&bearer, token, &payload)),
-        )
+        let outcomes = futures::future::join_all(tokens.iter().map(|token| {
+            let sent = self.send_one(&bearer, token, &payload);
+            async move {
+                tokio::time::timeout_at(deadline, sent)
+                    .await
+                    .unwrap_or_else(|_| Err(out_of_time(token_took)))
+            }
+        }))
         .await;
         combine(outcomes)
     }
@@ -403,6 +425,15 @@ impl PushProvider {
         }
         Err(classify(token, &reply))
     }
+}
+
+/// The failure of a device's request to FCM that was not answered by the send's deadline, after
+/// `token_took` getting the Google OAuth token. FCM may have taken the message all the same.
+fn out_of_time(token_took: Duration) -> ProviderError {
+    ProviderError::transient(format!(
+        "no FCM reply within the send's timeout (the Google OAuth token took {} ms of it)",
+        token_took.as_millis()
+    ))
 }
 
 /// What every device of a message is sent: the `notification` FCM shows and the `data` handed
@@ -669,14 +700,16 @@ impl Provider for PushProvider {
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
-        Box::pin(self.deliver(message))
+        Box::pin(self.deliver(message, deadline))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::provider::tests::SendNow;
     use crate::channel::google_auth;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{bearer_token, body_partial_json, header, method, path};
@@ -818,7 +851,7 @@ mod tests {
         let garbled = ResponseTemplate::new(200).set_body_string("<html>bad gateway</html>");
         reply_for(&server, "device-1", garbled).await;
         let provider = provider(&server.uri(), 2_000);
-        let outcome = provider.send(&message(&["device-1"])).await;
+        let outcome = provider.send_now(&message(&["device-1"])).await;
         assert!(
             matches!(&outcome, Ok(receipt) if receipt.provider_message_id.is_none()),
             "{outcome:?}"
@@ -828,7 +861,7 @@ mod tests {
         reply_for(&server, "device-2", garbled).await;
         reply_for(&server, "device-3", sent("m3")).await;
         let receipt = provider
-            .send(&message(&["device-2", "device-3"]))
+            .send_now(&message(&["device-2", "device-3"]))
             .await
             .expect("sent");
         assert_eq!(
@@ -859,7 +892,7 @@ mod tests {
             .expect(1)
             .mount(&server)
             .await;
-        let receipt = provider(&server.uri(), 2_000).send(&msg).await.unwrap();
+        let receipt = provider(&server.uri(), 2_000).send_now(&msg).await.unwrap();
         assert_eq!(
             receipt.provider_message_id.as_deref(),
             Some("projects/shop-app/messages/0:1500415314455276%31bd1c96f9fd7ecd")
@@ -871,7 +904,7 @@ mod tests {
         let server = MockServer::start().await;
         reply_for(&server, "stale-device", unregistered()).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["stale-device"]))
+            .send_now(&message(&["stale-device"]))
             .await
             .unwrap_err();
         assert!(
@@ -887,7 +920,7 @@ mod tests {
     async fn a_404_whose_body_is_lost_is_an_unregistered_token() {
         let url = http::tests::cut_off_reply("HTTP/1.1 404 Not Found").await;
         let error = provider(&url, 2_000)
-            .send(&message(&["stale-device"]))
+            .send_now(&message(&["stale-device"]))
             .await
             .unwrap_err();
         assert!(
@@ -912,7 +945,7 @@ mod tests {
         }));
         reply_for(&server, "device-3", not_found).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-1", "device-2", "device-3"]))
+            .send_now(&message(&["device-1", "device-2", "device-3"]))
             .await
             .unwrap_err();
         assert!(
@@ -965,7 +998,7 @@ mod tests {
         ] {
             reply_for(&server, token, reply).await;
             let error = provider(&server.uri(), 2_000)
-                .send(&message(&[token]))
+                .send_now(&message(&[token]))
                 .await
                 .unwrap_err();
             assert!(
@@ -976,7 +1009,7 @@ mod tests {
         }
         let url = http::tests::cut_off_reply("HTTP/1.1 403 Forbidden").await;
         let error = provider(&url, 2_000)
-            .send(&message(&["device-4"]))
+            .send_now(&message(&["device-4"]))
             .await
             .unwrap_err();
         assert!(
@@ -996,7 +1029,7 @@ mod tests {
         )
         .await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["other-sender"]))
+            .send_now(&message(&["other-sender"]))
             .await
             .unwrap_err();
         assert!(
@@ -1023,12 +1056,12 @@ mod tests {
         )
         .await;
         let provider = provider(&server.uri(), 2_000);
-        let error = provider.send(&message(&["garbage"])).await.unwrap_err();
+        let error = provider.send_now(&message(&["garbage"])).await.unwrap_err();
         assert!(
             matches!(&error, ProviderError::Permanent { dead_contacts, .. } if dead_contacts == &["garbage"]),
             "{error:?}"
         );
-        let error = provider.send(&message(&["fine-device"])).await.unwrap_err();
+        let error = provider.send_now(&message(&["fine-device"])).await.unwrap_err();
         assert!(
             matches!(
                 &error,
@@ -1048,7 +1081,7 @@ mod tests {
         )
         .await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a"]))
+            .send_now(&message(&["device-a"]))
             .await
             .unwrap_err();
         assert!(
@@ -1066,7 +1099,7 @@ mod tests {
         let down = fcm_error(503, "UNAVAILABLE", "UNAVAILABLE", "try later");
         reply_for(&server, "device-b", down).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a", "device-b"]))
+            .send_now(&message(&["device-a", "device-b"]))
             .await
             .unwrap_err();
         assert!(
@@ -1081,7 +1114,7 @@ mod tests {
         reply_for(&server, "device-a", quota_exceeded()).await;
         reply_for(&server, "dead-1", unregistered()).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a", "dead-1"]))
+            .send_now(&message(&["device-a", "dead-1"]))
             .await
             .unwrap_err();
         assert!(
@@ -1107,7 +1140,7 @@ mod tests {
         )
         .await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a"]))
+            .send_now(&message(&["device-a"]))
             .await
             .unwrap_err();
         assert!(
@@ -1123,7 +1156,7 @@ mod tests {
         reply_for(&server, "device-b", sent("b")).await;
         reply_for(&server, "device-c", sent("c")).await;
         let receipt = provider(&server.uri(), 2_000)
-            .send(&message(&["stale-device", "device-b", "device-c"]))
+            .send_now(&message(&["stale-device", "device-b", "device-c"]))
             .await
             .unwrap();
         assert_eq!(
@@ -1140,7 +1173,7 @@ mod tests {
         reply_for(&server, "device-b", sent("b")).await;
         reply_for(&server, "dead-2", invalid_token()).await;
         let receipt = provider(&server.uri(), 2_000)
-            .send(&message(&["dead-1", "device-b", "dead-2"]))
+            .send_now(&message(&["dead-1", "device-b", "dead-2"]))
             .await
             .unwrap();
         assert_eq!(
@@ -1161,7 +1194,7 @@ mod tests {
             reply_for(&server, token, unregistered()).await;
         }
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["dead-1", "dead-2", "dead-3"]))
+            .send_now(&message(&["dead-1", "dead-2", "dead-3"]))
             .await
             .unwrap_err();
         assert!(
@@ -1191,7 +1224,7 @@ mod tests {
         )
         .await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&[
+            .send_now(&message(&[
                 "stale-device-with-a-long-token",
                 "device-b",
                 "device-c",
@@ -1219,7 +1252,7 @@ mod tests {
         reply_for(&server, "dead-1", unregistered()).await;
         reply_for(&server, "dead-2", invalid_token()).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a", "dead-1", "dead-2"]))
+            .send_now(&message(&["device-a", "dead-1", "dead-2"]))
             .await
             .unwrap_err();
         assert!(
@@ -1256,7 +1289,7 @@ mod tests {
         )
         .await;
         let error = provider(&server.uri(), 100)
-            .send(&message(&["device-a"]))
+            .send_now(&message(&["device-a"]))
             .await
             .unwrap_err();
         assert!(
@@ -1269,7 +1302,7 @@ mod tests {
     async fn no_tokens_is_a_missing_contact() {
         let server = MockServer::start().await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&[]))
+            .send_now(&message(&[]))
             .await
             .unwrap_err();
         assert_eq!(error, ProviderError::MissingContact(Channel::Push));
@@ -1331,10 +1364,10 @@ mod tests {
             .expect(3)
             .mount(&server)
             .await;
-        fcm.send(&message(&["device-a", "device-b"]))
+        fcm.send_now(&message(&["device-a", "device-b"]))
             .await
             .expect("sent");
-        fcm.send(&message(&["device-c"])).await.expect("sent");
+        fcm.send_now(&message(&["device-c"])).await.expect("sent");
         assert_eq!(token_requests(&server).await, 1, "one token for every send");
     }
 
@@ -1349,7 +1382,7 @@ mod tests {
             .mount(&server)
             .await;
         for _ in 0..2 {
-            let refused = fcm.send(&message(&["device-a"])).await;
+            let refused = fcm.send_now(&message(&["device-a"])).await;
             assert!(
                 matches!(refused, Err(ProviderError::Transient { .. })),
                 "a refused token fails the account, not the message: {refused:?}"
@@ -1384,7 +1417,7 @@ mod tests {
             .mount(&server)
             .await;
         for _ in 0..2 {
-            let refused = fcm.send(&message(&["iphone"])).await.unwrap_err();
+            let refused = fcm.send_now(&message(&["iphone"])).await.unwrap_err();
             assert!(
                 matches!(&refused, ProviderError::Permanent { reason, dead_contacts }
                     if reason.contains("THIRD_PARTY_AUTH_ERROR") && dead_contacts.is_empty()),
@@ -1397,7 +1430,7 @@ mod tests {
             );
         }
         let receipt = fcm
-            .send(&message(&["iphone", "android"]))
+            .send_now(&message(&["iphone", "android"]))
             .await
             .expect("the Android device takes it");
         assert!(receipt.dead_contacts.is_empty(), "{receipt:?}");
@@ -1430,7 +1463,7 @@ mod tests {
         long.content.text = "Zeile \"eins\"\nÜbermäßig lange Mail. ".repeat(400);
         long.content.short = None;
         provider(&server.uri(), 2_000)
-            .send(&long)
+            .send_now(&long)
             .await
             .expect("sent, not refused");
 
@@ -1475,7 +1508,7 @@ mod tests {
         let server = MockServer::start().await;
         let dir = tempfile::tempdir().expect("dir");
         let fcm = with_service_account(&server, dir.path(), ResponseTemplate::new(503)).await;
-        match fcm.send(&message(&["device-a"])).await {
+        match fcm.send_now(&message(&["device-a"])).await {
             Err(ProviderError::Transient { reason, .. }) => {
                 assert!(reason.contains("OAuth token endpoint"), "{reason}")
             }
@@ -1494,7 +1527,7 @@ mod tests {
             "error_description": "Invalid JWT Signature.",
         }));
         let fcm = with_service_account(&server, dir.path(), refused).await;
-        match fcm.send(&message(&["device-a"])).await {
+        match fcm.send_now(&message(&["device-a"])).await {
             Err(ProviderError::Transient {
                 reason,
                 dead_contacts,
@@ -1529,8 +1562,8 @@ mod tests {
             ..PushConfig::default()
         };
         let fcm = fcm_at(&server.uri(), config);
-        fcm.send(&message(&["device-a"])).await.expect("sent");
-        fcm.send(&message(&["device-b"])).await.expect("sent");
+        fcm.send_now(&message(&["device-a"])).await.expect("sent");
+        fcm.send_now(&message(&["device-b"])).await.expect("sent");
     }
 
     #[test]

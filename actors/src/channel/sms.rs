@@ -248,6 +248,7 @@ impl Provider for SmsProvider {
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        _deadline: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
         Box::pin(self.deliver(message))
     }
@@ -256,6 +257,7 @@ impl Provider for SmsProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::provider::tests::SendNow;
     use crate::channel::provider::tests::outbound;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -323,7 +325,7 @@ mod tests {
             .mount(&server)
             .await;
         let receipt = provider(&server.uri(), 2_000)
-            .send(&message(Some("+14155552671")))
+            .send_now(&message(Some("+14155552671")))
             .await
             .unwrap();
         assert_eq!(
@@ -347,7 +349,7 @@ mod tests {
                 .await;
         let mut msg = message(Some("+4915112345678"));
         msg.content.short = Some("é".repeat(2_000));
-        provider.send(&msg).await.expect("sent");
+        provider.send_now(&msg).await.expect("sent");
         let requests = server.received_requests().await.expect("recorded");
         let body = url::form_urlencoded::parse(&requests[0].body)
             .find(|(key, _)| key == "Body")
@@ -366,7 +368,7 @@ mod tests {
                 400,
             )))
             .await;
-        let error = provider.send(&message(Some("+1555"))).await.unwrap_err();
+        let error = provider.send_now(&message(Some("+1555"))).await.unwrap_err();
         assert!(
             matches!(&error, ProviderError::Permanent { reason, dead_contacts }
                 if dead_contacts.is_empty() && reason.contains("21211") && reason.contains("not a valid phone number")),
@@ -388,7 +390,7 @@ mod tests {
                 reply_with(ResponseTemplate::new(400).set_body_json(twilio_error(code, text, 400)))
                     .await;
             let error = provider
-                .send(&message(Some("+4915112345678")))
+                .send_now(&message(Some("+4915112345678")))
                 .await
                 .unwrap_err();
             assert!(
@@ -406,7 +408,7 @@ mod tests {
         )
         .await;
         let error = provider
-            .send(&message(Some("+4915112345678")))
+            .send_now(&message(Some("+4915112345678")))
             .await
             .unwrap_err();
         assert!(
@@ -423,7 +425,7 @@ mod tests {
         .await;
         provider.from = from.into();
         provider
-            .send(&message(Some("+4915112345678")))
+            .send_now(&message(Some("+4915112345678")))
             .await
             .unwrap_err()
     }
@@ -471,7 +473,7 @@ mod tests {
         let (_server, provider) =
             reply_with(ResponseTemplate::new(403).set_body_string("Forbidden")).await;
         let error = provider
-            .send(&message(Some("+4915112345678")))
+            .send_now(&message(Some("+4915112345678")))
             .await
             .unwrap_err();
         assert!(
@@ -536,7 +538,7 @@ mod tests {
         )
         .await;
         let error = provider
-            .send(&message(Some("+14155552671")))
+            .send_now(&message(Some("+14155552671")))
             .await
             .unwrap_err();
         assert!(
@@ -551,7 +553,7 @@ mod tests {
         let (_server, provider) =
             reply_with(ResponseTemplate::new(503).set_body_string("upstream unavailable")).await;
         let error = provider
-            .send(&message(Some("+14155552671")))
+            .send_now(&message(Some("+14155552671")))
             .await
             .unwrap_err();
         assert!(
@@ -571,7 +573,7 @@ mod tests {
         ] {
             let url = http::tests::cut_off_reply(head).await;
             let error = provider(&url, 2_000)
-                .send(&message(Some("+14155552671")))
+                .send_now(&message(Some("+14155552671")))
                 .await
                 .unwrap_err();
             assert_eq!(
@@ -596,7 +598,7 @@ mod tests {
             .mount(&server)
             .await;
         let error = provider(&server.uri(), 100)
-            .send(&message(Some("+14155552671")))
+            .send_now(&message(Some("+14155552671")))
             .await
             .unwrap_err();
         assert!(
@@ -609,7 +611,7 @@ mod tests {
     async fn missing_phone_is_a_missing_contact() {
         let server = MockServer::start().await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(None))
+            .send_now(&message(None))
             .await
             .unwrap_err();
         assert_eq!(error, ProviderError::MissingContact(Channel::Sms));

@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Object, Pool, PoolError, RecycleError, RecycleResult};
 use lettre::address::Envelope;
@@ -30,6 +30,9 @@ use lettre::transport::smtp::{
     response::{Code, Response},
 };
 use tokio::sync::oneshot::{self, error::RecvError};
+use tokio::time::Instant;
+
+use super::provider::time_left;
 
 /// A pooled connection idle for this long (since it came back to the pool) is checked with a NOOP
 /// before it is used again: the server may have closed it meanwhile (servers end idle sessions
@@ -242,6 +245,27 @@ pub enum SmtpSendError {
     /// No connection could be had from the pool.
     #[error("SMTP connection pool: {0}")]
     Pool(String),
+    /// The message's send timeout ran out while it waited for a connection; nothing was sent.
+    #[error("no SMTP connection was free within the send's timeout; the message was not sent")]
+    NoConnectionInTime,
+    /// When a connection was free for the message, too little was left of its send timeout for
+    /// the server's reply; nothing was sent.
+    #[error(
+        "not sent: {} ms of the send's timeout were left when an SMTP connection was free, \
+         less than the {} ms a message needs",
+        .left.as_millis(),
+        .room.as_millis()
+    )]
+    TooLate {
+        /// What was left of the send's timeout.
+        left: Duration,
+        /// What a message needs at least (see [`MIN_ROOM`]).
+        room: Duration,
+    },
+    /// The message was written, but the server's reply had not come by the send's deadline: it
+    /// may have been delivered all the same.
+    #[error("no SMTP reply within the send's timeout; the message may have been delivered")]
+    Unanswered,
     /// The server had closed a pooled connection before answering a group of messages, and no
     /// new session could be opened to send them again: why (the same for each message).
     #[error("{0}")]
@@ -256,12 +280,33 @@ pub const MAX_GROUP: usize = 64;
 /// unanswered, their outcome unknown (retried, they may arrive twice).
 pub const MAX_GROUP_BYTES: usize = 1 << 20;
 
+/// The least a message's send timeout must still have when a connection is free for it, for
+/// it to be written (or written again, over a fresh connection); less where
+/// `channels.email.timeout_ms` is short (half of it). A message written with less could be
+/// delivered after its caller was told it timed out, and sent again by the retry.
+pub const MIN_ROOM: Duration = Duration::from_secs(1);
+
 /// A message waiting for a connection, and where its outcome goes.
 struct Waiting {
     id: u64,
     envelope: Envelope,
     email: Vec<u8>,
+    /// When its caller stops waiting for the outcome.
+    deadline: Instant,
     reply: oneshot::Sender<Outcome>,
+}
+
+impl Waiting {
+    /// Whether the message may still be written: its caller waits, with at least `room` left.
+    fn has_room(&self, room: Duration) -> bool {
+        !self.reply.is_closed() && Instant::now() + room <= self.deadline
+    }
+
+    /// Answers the caller of a message that is not written for lack of time.
+    fn refuse_late(self, room: Duration) {
+        let left = time_left(self.deadline);
+        let _ = self.reply.send(Err(SmtpSendError::TooLate { left, room }));
+    }
 }
 
 /// What became of a message: the server's final reply, or why it was not sent.
@@ -279,6 +324,8 @@ pub struct SmtpPool {
     pool: Pool<Connector>,
     queue: Arc<Mutex<Queue>>,
     group_timeout: Duration,
+    /// What a message's send timeout must still have for it to be written (see [`MIN_ROOM`]).
+    room: Duration,
 }
 
 impl SmtpPool {
@@ -299,11 +346,16 @@ impl SmtpPool {
                 pool,
                 queue,
                 group_timeout,
+                room: MIN_ROOM.min(group_timeout / 2),
             })
             .map_err(|e| e.to_string())
     }
 
-    /// Sends one message and returns the server's final reply.
+    /// Sends one message and returns the server's final reply, by `deadline`: a message still
+    /// waiting for a connection then is not sent ([`SmtpSendError::NoConnectionInTime`]), one
+    /// written and not answered fails as [`SmtpSendError::Unanswered`]. A message is written only
+    /// while its deadline is at least [`MIN_ROOM`] away ([`SmtpSendError::TooLate`] otherwise),
+    /// alone or in a group, and a group goes on no longer than its messages' latest deadline.
     ///
     /// The message waits in a queue for a connection. Whoever gets one next takes up to
     /// [`MAX_GROUP`] of the oldest waiting messages with it (its own among them unless another
@@ -319,18 +371,33 @@ impl SmtpPool {
         &self,
         envelope: &Envelope,
         email: Vec<u8>,
+        deadline: Instant,
     ) -> Result<Response, SmtpSendError> {
         let (reply, mut outcome) = oneshot::channel();
-        let queued = Queued::push(&self.queue, envelope.clone(), email, reply);
+        let queued = Queued::push(&self.queue, envelope.clone(), email, deadline, reply);
+        match tokio::time::timeout_at(deadline, self.deliver(&queued, &mut outcome)).await {
+            Ok(outcome) => outcome,
+            Err(_) if queued.withdraw() => Err(SmtpSendError::NoConnectionInTime),
+            Err(_) => Err(SmtpSendError::Unanswered),
+        }
+    }
+
+    /// [`send`](Self::send) without its deadline: the message `queued`, its outcome to come
+    /// from `outcome`.
+    async fn deliver(
+        &self,
+        queued: &Queued<'_>,
+        outcome: &mut oneshot::Receiver<Outcome>,
+    ) -> Outcome {
         // Compete for a connection until one takes the message, this caller's or another's.
         while queued.is_waiting() {
             let connection = tokio::select! {
-                answered = &mut outcome => return self.answer(answered),
+                answered = &mut *outcome => return self.answer(answered, queued.deadline),
                 connection = self.pool.get() => connection,
             };
             match connection {
                 Ok(object) => {
-                    if let Some(sent) = self.lead(object, &queued).await {
+                    if let Some(sent) = self.lead(object, queued).await {
                         return sent;
                     }
                 }
@@ -347,13 +414,20 @@ impl SmtpPool {
                 Err(_) => {}
             }
         }
-        self.answer(outcome.await)
+        let answered = outcome.await;
+        self.answer(answered, queued.deadline)
     }
 
     /// A caller's outcome from the group that took its message; none means the group was given
-    /// up after its timeout.
-    fn answer(&self, answered: Result<Outcome, RecvError>) -> Outcome {
-        answered.unwrap_or_else(|_| Err(gave_up(self.group_timeout)))
+    /// up: after its timeout, or once the last of its messages' deadlines had passed.
+    fn answer(&self, answered: Result<Outcome, RecvError>, deadline: Instant) -> Outcome {
+        answered.unwrap_or_else(|_| {
+            Err(if Instant::now() >= deadline {
+                SmtpSendError::Unanswered
+            } else {
+                gave_up(self.group_timeout)
+            })
+        })
     }
 
     /// Sends the oldest waiting messages over `object`: the caller's own message alone, here,
@@ -369,37 +443,46 @@ impl SmtpPool {
         match group.len() {
             1 if group[0].id == queued.id => {
                 let alone = group.remove(0);
-                Some(send_alone(Checkout(Some(object)), alone, self.group_timeout).await)
+                let limits = Limits {
+                    timeout: self.group_timeout,
+                    room: self.room,
+                };
+                Some(send_alone(Checkout(Some(object)), alone, limits).await)
             }
             0 => None,
             _ => {
-                tokio::spawn(send_group(
-                    Checkout(Some(object)),
-                    group,
-                    self.group_timeout,
-                ));
+                let limits = Limits {
+                    timeout: self.group_timeout,
+                    room: self.room,
+                };
+                tokio::spawn(send_group(Checkout(Some(object)), group, limits));
                 None
             }
         }
     }
 
     /// Takes up to `limit` of the oldest waiting messages, and no more than [`MAX_GROUP_BYTES`]
-    /// of them unless the first alone is larger.
+    /// of them unless the first alone is larger. A message on the way whose deadline leaves too
+    /// little room (see [`MIN_ROOM`]) is taken out and refused, unsent.
     fn take(&self, limit: usize) -> Vec<Waiting> {
         let mut queue = lock(&self.queue);
+        let mut group = Vec::new();
         let mut bytes = 0;
-        let n = queue
-            .waiting
-            .iter()
-            .take(limit)
-            .take_while(|waiting| {
-                bytes += waiting.email.len();
-                bytes <= MAX_GROUP_BYTES
-            })
-            .count()
-            .max(1)
-            .min(queue.waiting.len());
-        queue.waiting.drain(..n).collect()
+        while group.len() < limit
+            && let Some(next) = queue.waiting.pop_front()
+        {
+            if !next.has_room(self.room) {
+                next.refuse_late(self.room);
+                continue;
+            }
+            if !group.is_empty() && bytes + next.email.len() > MAX_GROUP_BYTES {
+                queue.waiting.push_front(next);
+                break;
+            }
+            bytes += next.email.len();
+            group.push(next);
+        }
+        group
     }
 }
 
@@ -410,17 +493,29 @@ fn sends_groups_in_one_write(connection: &AsyncSmtpConnection) -> bool {
     server.supports_feature(Extension::Pipelining) && server.supports_feature(Extension::Chunking)
 }
 
+/// The time bounds of a write of messages over one connection.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// How long the write may take (`channels.email.timeout_ms`).
+    timeout: Duration,
+    /// What a message's deadline must leave for it to be written (again).
+    room: Duration,
+}
+
 /// Sends one message over `checkout`'s connection and gives the connection back if the server
 /// accepted it, or lettre refused it before writing anything; on any other error, a timeout or
 /// the caller giving up, the connection is closed. A
 /// connection taken again from the pool that the server hung up on meanwhile (see
 /// [`hung_up_unanswered`]) is replaced by a fresh one, and the message goes again over it, once,
-/// within the same timeout.
-async fn send_alone(mut checkout: Checkout, message: Waiting, timeout: Duration) -> Outcome {
+/// within the same timeout, if its deadline leaves room for it.
+async fn send_alone(mut checkout: Checkout, message: Waiting, limits: Limits) -> Outcome {
     metrics::histogram!("herald_smtp_group_messages").record(1.0);
-    let outcome = tokio::time::timeout(timeout, send_or_resend(&mut checkout, &message))
-        .await
-        .map_err(|_| gave_up(timeout))?;
+    let outcome = tokio::time::timeout(
+        limits.timeout,
+        send_or_resend(&mut checkout, &message, limits.room),
+    )
+    .await
+    .map_err(|_| gave_up(limits.timeout))?;
     let untouched = match &outcome {
         Ok(_) => true,
         Err(SmtpSendError::Smtp(err)) => err.is_client(),
@@ -435,7 +530,7 @@ async fn send_alone(mut checkout: Checkout, message: Waiting, timeout: Duration)
 /// Sends `message` over `checkout`'s connection, and once more over a fresh one if the server had
 /// hung up on it while it sat in the pool (see [`hung_up_unanswered`]); not when lettre refused
 /// it before writing anything (a client error), which a fresh connection would refuse alike.
-async fn send_or_resend(checkout: &mut Checkout, message: &Waiting) -> Outcome {
+async fn send_or_resend(checkout: &mut Checkout, message: &Waiting, room: Duration) -> Outcome {
     let reused = checkout.reused();
     let connection = checkout.connection();
     let before = connection.replies_read();
@@ -445,6 +540,10 @@ async fn send_or_resend(checkout: &mut Checkout, message: &Waiting) -> Outcome {
                 && !err.is_client()
                 && hung_up_unanswered(connection, before, err.status()) =>
         {
+            if !message.has_room(room) {
+                let left = time_left(message.deadline);
+                return Err(SmtpSendError::TooLate { left, room });
+            }
             tracing::debug!(
                 error = %err,
                 "SMTP connection closed by the server while pooled; sending again over a new one"
@@ -499,7 +598,8 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 /// server's final reply to that message is read, and gives the connection back if its session is
 /// still sound.
 ///
-/// Past `timeout` the connection is closed, and only the callers still unanswered get the
+/// Past `limits.timeout`, or the latest of its messages' deadlines (when every caller has stopped
+/// waiting), the connection is closed, and only the callers still unanswered get the
 /// "no reply" error (their reply senders are dropped): a message whose acceptance was read is
 /// never reported failed, and sent again by a retry, because the messages after it went
 /// unanswered. One still unanswered may have been delivered all the same (its reply late or
@@ -507,14 +607,22 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 ///
 /// A connection taken again from the pool that the server hung up on meanwhile (see
 /// [`hung_up_unanswered`]) is replaced by a fresh one, and the group goes again over it, once,
-/// within the same timeout: its failures are held back until a reply shows the connection alive.
-async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Duration) {
+/// within the same timeout, each message only if its deadline leaves room for it: its failures
+/// are held back until a reply shows the connection alive.
+async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits) {
     metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
     let reused = checkout.reused();
-    let (messages, replies): (Vec<_>, Vec<_>) = group
-        .into_iter()
-        .map(|waiting| ((waiting.envelope, waiting.email), Some(waiting.reply)))
-        .unzip();
+    let started = Instant::now();
+    let last_deadline = group.iter().map(|waiting| waiting.deadline).max();
+    let by = last_deadline.map_or(started, |last| last.min(started + limits.timeout));
+    let mut messages = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    let mut deadlines = Vec::with_capacity(group.len());
+    for waiting in group {
+        messages.push((waiting.envelope, waiting.email));
+        deadlines.push(waiting.deadline);
+        replies.push(Some(waiting.reply));
+    }
     let mut answers = Answers {
         replies,
         held: Vec::new(),
@@ -546,8 +654,20 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Durati
             messages = answers.held.len(),
             "SMTP connection closed by the server while pooled; sending again over a new one"
         );
-        let again: Vec<usize> = answers.held.drain(..).map(|(index, _)| index).collect();
+        let held: Vec<usize> = answers.held.drain(..).map(|(index, _)| index).collect();
         answers.holding = false;
+        let soonest = Instant::now() + limits.room;
+        let (again, late): (Vec<usize>, Vec<usize>) = held
+            .into_iter()
+            .partition(|&index| answers.waits(index) && soonest <= deadlines[index]);
+        for index in late {
+            let left = time_left(deadlines[index]);
+            let room = limits.room;
+            answers.answer(index, Err(SmtpSendError::TooLate { left, room }));
+        }
+        if again.is_empty() {
+            return;
+        }
         if let Err(err) = checkout.reconnect().await {
             let reason = err.to_string();
             for &index in &again {
@@ -561,7 +681,7 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, timeout: Durati
             .send_many(&sending, |at, result| answers.give(again[at], result))
             .await;
     };
-    let finished = tokio::time::timeout(timeout, send).await.is_ok();
+    let finished = tokio::time::timeout_at(by, send).await.is_ok();
     // Held failures are real ones once the time is up.
     answers.flush();
     if finished && !checkout.connection().has_broken() {
@@ -608,6 +728,14 @@ impl Answers {
         }
     }
 
+    /// Whether message `index`'s caller still waits for its outcome.
+    fn waits(&self, index: usize) -> bool {
+        self.replies
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|reply| !reply.is_closed())
+    }
+
     /// Answers message `index`'s caller, unless it was answered already.
     fn answer(&mut self, index: usize, outcome: Outcome) {
         if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
@@ -621,6 +749,7 @@ impl Answers {
 struct Queued<'a> {
     queue: &'a Mutex<Queue>,
     id: u64,
+    deadline: Instant,
 }
 
 impl<'a> Queued<'a> {
@@ -628,6 +757,7 @@ impl<'a> Queued<'a> {
         queue: &'a Mutex<Queue>,
         envelope: Envelope,
         email: Vec<u8>,
+        deadline: Instant,
         reply: oneshot::Sender<Outcome>,
     ) -> Self {
         let mut locked = lock(queue);
@@ -637,9 +767,14 @@ impl<'a> Queued<'a> {
             id,
             envelope,
             email,
+            deadline,
             reply,
         });
-        Self { queue, id }
+        Self {
+            queue,
+            id,
+            deadline,
+        }
     }
 
     /// Whether the message still waits for a connection.

@@ -11,6 +11,7 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::http;
+use super::provider::time_left;
 use super::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt};
 
 /// The least time a send must have left to follow a group to its supergroup (or half its
@@ -228,7 +229,12 @@ impl TelegramProvider {
         error.map_reason(|reason| reason.replace(&self.token, "<redacted>"))
     }
 
-    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+    /// Sends `message` by `deadline`, and within `timeout_ms`, a followed move included.
+    async fn deliver(
+        &self,
+        message: &OutboundMessage,
+        deadline: tokio::time::Instant,
+    ) -> Result<Receipt, ProviderError> {
         let chat_id = message
             .contacts
             .telegram_chat_id
@@ -244,10 +250,14 @@ impl TelegramProvider {
         match self.send_message(chat_id, &text, self.timeout).await? {
             Sent::Accepted { message_id } => Ok(receipt(message_id, Vec::new())),
             Sent::Moved { to, .. } => {
-                // The whole send stays within `timeout_ms`, and the second request starts only
-                // with a fair share of it left: one cut off in flight may still reach the group,
-                // which the retry would then message again. Not started, it is simply retried.
-                let left = self.timeout.saturating_sub(started.elapsed());
+                // The whole send stays within `timeout_ms` and the send's deadline, and the
+                // second request starts only with a fair share of that left: one cut off in
+                // flight may still reach the group, which the retry would then message again.
+                // Not started, it is simply retried.
+                let left = self
+                    .timeout
+                    .saturating_sub(started.elapsed())
+                    .min(time_left(deadline));
                 if left < (self.timeout / 2).min(MIN_TIME_TO_FOLLOW) {
                     return Err(ProviderError::transient(format!(
                         "the group moved to chat {to}; too little time left to send there"
@@ -512,14 +522,16 @@ impl Provider for TelegramProvider {
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        deadline: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
-        Box::pin(async move { self.deliver(message).await.map_err(|e| self.scrub(e)) })
+        Box::pin(async move { self.deliver(message, deadline).await.map_err(|e| self.scrub(e)) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::provider::tests::SendNow;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{body_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -570,7 +582,7 @@ mod tests {
         for body in ["<html>bad gateway</html>", "", r#"{"ok": true}"#] {
             let (server, provider) =
                 reply_with(ResponseTemplate::new(200).set_body_string(body)).await;
-            let sent = provider.send(&message(Some("42"))).await;
+            let sent = provider.send_now(&message(Some("42"))).await;
             assert!(
                 matches!(&sent, Ok(receipt) if receipt.provider_message_id.is_none()),
                 "a 200 answered with {body:?}: {sent:?}"
@@ -597,7 +609,7 @@ mod tests {
             .mount(&server)
             .await;
         let receipt = provider(&server.uri(), 2_000)
-            .send(&message(Some("42")))
+            .send_now(&message(Some("42")))
             .await
             .unwrap();
         assert_eq!(receipt.provider_message_id.as_deref(), Some("777"));
@@ -634,7 +646,7 @@ mod tests {
         let mut msg = message(Some("@shop_news"));
         msg.content.subject = None;
         msg.content.short = None;
-        assert!(provider.send(&msg).await.is_ok());
+        assert!(provider.send_now(&msg).await.is_ok());
     }
 
     #[test]
@@ -673,7 +685,7 @@ mod tests {
         let mut msg = message(Some("42"));
         msg.content.subject = Some("Smith & Sons".into());
         msg.content.short = Some("x".repeat(5_000));
-        provider.send(&msg).await.expect("sent");
+        provider.send_now(&msg).await.expect("sent");
         let requests = server.received_requests().await.expect("recorded");
         let body: serde_json::Value = serde_json::from_slice(&requests[0].body).expect("json");
         let text = body["text"].as_str().expect("text");
@@ -696,7 +708,7 @@ mod tests {
                 })),
         )
         .await;
-        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        let error = provider.send_now(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         match error {
             ProviderError::Throttled {
@@ -735,7 +747,7 @@ mod tests {
             (page.uri(), None, "slow down"),
         ] {
             let error = provider(&url, 2_000)
-                .send(&message(Some("42")))
+                .send_now(&message(Some("42")))
                 .await
                 .unwrap_err();
             assert_no_token(&error);
@@ -833,7 +845,7 @@ mod tests {
         let (_server, provider) =
             reply_with(ResponseTemplate::new(502).set_body_string("<html>Bad Gateway</html>"))
                 .await;
-        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        let error = provider.send_now(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         assert!(
             matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("502")),
@@ -859,7 +871,7 @@ mod tests {
             (403, "Forbidden: the group chat was deleted"),
         ] {
             let (_server, provider) = reply_with(bot_error(status, description)).await;
-            let error = provider.send(&message(Some("42"))).await.unwrap_err();
+            let error = provider.send_now(&message(Some("42"))).await.unwrap_err();
             assert_no_token(&error);
             assert!(
                 matches!(&error, ProviderError::Permanent { reason, dead_contacts }
@@ -884,7 +896,7 @@ mod tests {
             ),
         ] {
             let (_server, provider) = reply_with(bot_error(status, description)).await;
-            let error = provider.send(&message(Some("42"))).await.unwrap_err();
+            let error = provider.send_now(&message(Some("42"))).await.unwrap_err();
             assert!(
                 matches!(&error, ProviderError::Permanent { reason, dead_contacts }
                     if reason.contains(description) && dead_contacts.is_empty()),
@@ -930,7 +942,7 @@ mod tests {
             .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 778}}));
         answer_chat(&server, "-1004242", accepted, 1).await;
         let receipt = provider(&server.uri(), 2_000)
-            .send(&message(Some("-4242")))
+            .send_now(&message(Some("-4242")))
             .await
             .expect("sent to the supergroup");
         assert_eq!(receipt.provider_message_id.as_deref(), Some("778"));
@@ -959,7 +971,7 @@ mod tests {
             answer_chat(&server, "-4242", migrated_to(-1_004_242), 1).await;
             answer_chat(&server, "-1004242", reply, 1).await;
             let error = provider(&server.uri(), 2_000)
-                .send(&message(Some("-4242")))
+                .send_now(&message(Some("-4242")))
                 .await
                 .unwrap_err();
             assert_no_token(&error);
@@ -994,7 +1006,7 @@ mod tests {
             .set_delay(Duration::from_millis(second_ms));
         answer_chat(&server, "-1004242", accepted, second_requests).await;
         provider(&server.uri(), timeout_ms)
-            .send(&message(Some("-4242")))
+            .send_now(&message(Some("-4242")))
             .await
     }
 
@@ -1035,7 +1047,7 @@ mod tests {
             answer_chat(&server, "-4242", reply, 1).await;
             answer_chat(&server, "-1004242", ResponseTemplate::new(200), 0).await;
             let error = provider(&server.uri(), 2_000)
-                .send(&message(Some("-4242")))
+                .send_now(&message(Some("-4242")))
                 .await
                 .expect_err(what);
             assert!(
@@ -1054,7 +1066,7 @@ mod tests {
             .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 1}}));
         answer_chat(&server, "-1009999", accepted, 0).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(Some("-4242")))
+            .send_now(&message(Some("-4242")))
             .await
             .unwrap_err();
         assert!(
@@ -1069,7 +1081,7 @@ mod tests {
     #[tokio::test]
     async fn a_revoked_bot_token_is_transient() {
         let (_server, provider) = reply_with(bot_error(401, "Unauthorized")).await;
-        let error = provider.send(&message(Some("42"))).await.unwrap_err();
+        let error = provider.send_now(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         assert!(
             matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("401")),
@@ -1084,7 +1096,7 @@ mod tests {
     #[tokio::test]
     async fn a_404_for_the_bot_s_path_is_transient() {
         let (_server, bot_api) = reply_with(bot_error(404, "Not Found")).await;
-        let error = bot_api.send(&message(Some("42"))).await.unwrap_err();
+        let error = bot_api.send_now(&message(Some("42"))).await.unwrap_err();
         assert_no_token(&error);
         assert!(
             matches!(&error, ProviderError::Transient { reason, dead_contacts, .. }
@@ -1093,14 +1105,14 @@ mod tests {
         );
         let (_page, other) =
             reply_with(ResponseTemplate::new(404).set_body_string("<html>Not Found</html>")).await;
-        let error = other.send(&message(Some("42"))).await.unwrap_err();
+        let error = other.send_now(&message(Some("42"))).await.unwrap_err();
         assert!(
             matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("404")),
             "another server's 404: {error:?}"
         );
         let lost = http::tests::cut_off_reply("HTTP/1.1 404 Not Found").await;
         let error = provider(&lost, 2_000)
-            .send(&message(Some("42")))
+            .send_now(&message(Some("42")))
             .await
             .unwrap_err();
         assert!(
@@ -1117,7 +1129,7 @@ mod tests {
             .mount(&server)
             .await;
         let error = provider(&server.uri(), 100)
-            .send(&message(Some("42")))
+            .send_now(&message(Some("42")))
             .await
             .unwrap_err();
         assert_no_token(&error);
@@ -1134,7 +1146,7 @@ mod tests {
         let uri = format!("http://{}", listener.local_addr().unwrap());
         drop(listener);
         let error = provider(&uri, 2_000)
-            .send(&message(Some("42")))
+            .send_now(&message(Some("42")))
             .await
             .unwrap_err();
         assert_no_token(&error);
@@ -1148,7 +1160,7 @@ mod tests {
     async fn missing_chat_id_is_a_missing_contact() {
         let server = MockServer::start().await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(None))
+            .send_now(&message(None))
             .await
             .unwrap_err();
         assert_eq!(error, ProviderError::MissingContact(Channel::Telegram));

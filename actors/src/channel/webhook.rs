@@ -20,7 +20,7 @@
 //! would fail as one to an internal address).
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -34,8 +34,10 @@ use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use tokio::time::Instant;
 
 use super::http;
+use super::provider::time_left;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -179,10 +181,10 @@ impl reqwest::dns::Resolve for PublicAddresses {
 
 /// Fails permanently when `url`'s host is an internal address or a name that resolves only to
 /// internal addresses. A name that cannot be resolved now is left to the request (and its retries);
-/// one whose resolving takes longer than `timeout` (a DNS server that drops the queries) fails
-/// transiently, saying so, rather than holding the send without end.
-async fn refuse_internal(url: &url::Url, timeout: Duration) -> Result<(), ProviderError> {
-    refuse_internal_with(url, timeout, |host| async move {
+/// one not resolved by `by` (a DNS server that drops the queries) fails transiently, saying so,
+/// rather than holding the send until it is cut off.
+async fn refuse_internal(url: &url::Url, by: Instant) -> Result<(), ProviderError> {
+    refuse_internal_with(url, by, |host| async move {
         let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
         Ok(addrs.map(|addr| addr.ip()).collect())
     })
@@ -192,7 +194,7 @@ async fn refuse_internal(url: &url::Url, timeout: Duration) -> Result<(), Provid
 /// [`refuse_internal`], resolving a host name with `lookup`.
 async fn refuse_internal_with<F, Fut>(
     url: &url::Url,
-    timeout: Duration,
+    by: Instant,
     lookup: F,
 ) -> Result<(), ProviderError>
 where
@@ -203,11 +205,12 @@ where
         Some(url::Host::Ipv4(ip)) => is_internal(IpAddr::V4(ip)),
         Some(url::Host::Ipv6(ip)) => is_internal(IpAddr::V6(ip)),
         Some(url::Host::Domain(host)) => {
-            match tokio::time::timeout(timeout, lookup(host.to_string())).await {
+            let asked = Instant::now();
+            match tokio::time::timeout_at(by, lookup(host.to_string())).await {
                 Err(_) => {
                     return Err(ProviderError::transient(format!(
                         "resolving the webhook URL host {host} timed out after {} ms",
-                        timeout.as_millis()
+                        asked.elapsed().as_millis()
                     )));
                 }
                 Ok(Ok(ips)) => !ips.is_empty() && ips.into_iter().all(is_internal),
@@ -267,7 +270,13 @@ impl WebhookProvider {
         })
     }
 
-    async fn deliver(&self, message: &OutboundMessage) -> Result<Receipt, ProviderError> {
+    /// Sends `message` by `deadline`, and within `timeout_ms`, the check of its URL's host
+    /// included.
+    async fn deliver(
+        &self,
+        message: &OutboundMessage,
+        deadline: Instant,
+    ) -> Result<Receipt, ProviderError> {
         let url = message
             .contacts
             .webhook_url
@@ -281,12 +290,13 @@ impl WebhookProvider {
                 parsed.scheme()
             )));
         }
-        let started = Instant::now();
+        // The whole send stays within `timeout_ms` and the send's deadline: the request has what
+        // the check left.
+        let by = deadline.min(Instant::now() + self.timeout);
         if !self.allow_private_targets {
-            refuse_internal(&parsed, self.timeout).await?;
+            refuse_internal(&parsed, by).await?;
         }
-        // The whole send stays within `timeout_ms`: the request has what the check left.
-        let left = self.timeout.saturating_sub(started.elapsed());
+        let left = time_left(by);
         let now = Utc::now();
         let id = message.notification_id.to_string();
         let body = payload(message, now);
@@ -358,14 +368,16 @@ impl Provider for WebhookProvider {
     fn send<'a>(
         &'a self,
         message: &'a OutboundMessage,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
-        Box::pin(self.deliver(message))
+        Box::pin(self.deliver(message, deadline))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::provider::tests::SendNow;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{header, header_exists, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -476,7 +488,7 @@ mod tests {
             .mount(&server)
             .await;
         let before = Utc::now().timestamp();
-        let receipt = provider(2_000).send(&msg).await.unwrap();
+        let receipt = provider(2_000).send_now(&msg).await.unwrap();
         let after = Utc::now().timestamp();
         assert_eq!(receipt.provider_message_id, None);
 
@@ -513,7 +525,7 @@ mod tests {
     #[tokio::test]
     async fn gone_is_permanent_and_declares_the_url_dead() {
         let (_server, msg) = reply_with(ResponseTemplate::new(410)).await;
-        let error = provider(2_000).send(&msg).await.unwrap_err();
+        let error = provider(2_000).send_now(&msg).await.unwrap_err();
         assert_eq!(
             error,
             ProviderError::Permanent {
@@ -531,7 +543,7 @@ mod tests {
             ResponseTemplate::new(302).insert_header("location", "http://127.0.0.1:9/elsewhere"),
         ] {
             let (_server, msg) = reply_with(template).await;
-            let error = provider(2_000).send(&msg).await.unwrap_err();
+            let error = provider(2_000).send_now(&msg).await.unwrap_err();
             assert!(
                 matches!(
                     &error,
@@ -546,7 +558,7 @@ mod tests {
     async fn throttling_is_transient_and_honours_retry_after() {
         let (_server, msg) =
             reply_with(ResponseTemplate::new(429).insert_header("retry-after", "90")).await;
-        let error = provider(2_000).send(&msg).await.unwrap_err();
+        let error = provider(2_000).send_now(&msg).await.unwrap_err();
         assert!(
             matches!(error, ProviderError::Transient { retry_after: Some(d), .. } if d == Duration::from_secs(90)),
             "{error:?}"
@@ -556,7 +568,7 @@ mod tests {
     #[tokio::test]
     async fn server_errors_are_transient() {
         let (_server, msg) = reply_with(ResponseTemplate::new(500)).await;
-        let error = provider(2_000).send(&msg).await.unwrap_err();
+        let error = provider(2_000).send_now(&msg).await.unwrap_err();
         assert!(
             matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("500")),
             "{error:?}"
@@ -570,12 +582,12 @@ mod tests {
         let provider = provider(2_000);
         let delivered = http::tests::cut_off_reply("HTTP/1.1 200 OK").await;
         let receipt = provider
-            .send(&message(Some(format!("{delivered}/hooks/herald"))))
+            .send_now(&message(Some(format!("{delivered}/hooks/herald"))))
             .await;
         assert_eq!(receipt.map(|r| r.provider_message_id), Ok(None));
         let refused = http::tests::cut_off_reply("HTTP/1.1 400 Bad Request").await;
         let error = provider
-            .send(&message(Some(format!("{refused}/hooks/herald"))))
+            .send_now(&message(Some(format!("{refused}/hooks/herald"))))
             .await
             .unwrap_err();
         assert!(
@@ -585,7 +597,7 @@ mod tests {
         let busy =
             http::tests::cut_off_reply("HTTP/1.1 503 Service Unavailable\r\nRetry-After: 30").await;
         let error = provider
-            .send(&message(Some(format!("{busy}/hooks/herald"))))
+            .send_now(&message(Some(format!("{busy}/hooks/herald"))))
             .await
             .unwrap_err();
         assert!(
@@ -598,7 +610,7 @@ mod tests {
     async fn timeouts_are_transient() {
         let (_server, msg) =
             reply_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5))).await;
-        let error = provider(100).send(&msg).await.unwrap_err();
+        let error = provider(100).send_now(&msg).await.unwrap_err();
         assert!(
             matches!(&error, ProviderError::Transient { reason, .. } if reason.contains("timed out")),
             "{error:?}"
@@ -609,12 +621,12 @@ mod tests {
     async fn missing_and_malformed_urls_are_classified() {
         let provider = provider(2_000);
         assert_eq!(
-            provider.send(&message(None)).await,
+            provider.send_now(&message(None)).await,
             Err(ProviderError::MissingContact(Channel::Webhook))
         );
         for url in ["not a url", "ftp://example.com/hook"] {
             assert!(matches!(
-                provider.send(&message(Some(url.into()))).await,
+                provider.send_now(&message(Some(url.into()))).await,
                 Err(ProviderError::Unsendable { .. })
             ));
         }
@@ -677,7 +689,7 @@ mod tests {
             "http://169.254.169.254/latest/meta-data/".to_string(),
             "http://[::1]/hooks".to_string(),
         ] {
-            match guarded.deliver(&message(Some(url.clone()))).await {
+            match guarded.send_now(&message(Some(url.clone()))).await {
                 Err(ProviderError::Unsendable { reason }) => {
                     assert!(reason.contains("internal address"), "{url}: {reason}")
                 }
@@ -692,34 +704,34 @@ mod tests {
     #[tokio::test]
     async fn a_host_lookup_that_does_not_answer_fails_at_the_timeout() {
         let url = url::Url::parse("https://hooks.example.com/herald").expect("URL");
-        let timeout = Duration::from_millis(200);
+        let by = Instant::now() + Duration::from_millis(200);
         let silent = |_host: String| std::future::pending::<std::io::Result<Vec<IpAddr>>>();
         let checked = tokio::time::timeout(
             Duration::from_secs(10),
-            refuse_internal_with(&url, timeout, silent),
+            refuse_internal_with(&url, by, silent),
         )
         .await
         .expect("the check of the host returns within its timeout; it waited 10 s");
         match checked {
             Err(ProviderError::Transient { reason, .. }) => {
                 assert!(reason.contains("hooks.example.com"), "{reason}");
-                assert!(reason.contains("timed out after 200 ms"), "{reason}");
+                assert!(reason.contains("timed out after 2"), "{reason}");
             }
             other => panic!("a lookup that does not answer is transient, got {other:?}"),
         }
         // A lookup that answers within the timeout decides as before.
         let internal = |_host: String| async { Ok(vec![IpAddr::from([10, 0, 0, 7])]) };
         assert!(matches!(
-            refuse_internal_with(&url, timeout, internal).await,
+            refuse_internal_with(&url, Instant::now() + Duration::from_secs(1), internal).await,
             Err(ProviderError::Unsendable { .. })
         ));
         let public = |_host: String| async { Ok(vec![IpAddr::from([93, 184, 216, 34])]) };
-        assert_eq!(refuse_internal_with(&url, timeout, public).await, Ok(()));
+        assert_eq!(refuse_internal_with(&url, Instant::now() + Duration::from_secs(1), public).await, Ok(()));
     }
 
     #[tokio::test]
     async fn allowed_private_targets_are_delivered() {
         let (_server, msg) = reply_with(ResponseTemplate::new(204)).await;
-        assert!(provider(1_000).deliver(&msg).await.is_ok());
+        assert!(provider(1_000).send_now(&msg).await.is_ok());
     }
 }
