@@ -1646,4 +1646,100 @@ mod tests {
             "{err}"
         );
     }
+
+    /// One send of `message` through a [`ChannelActor`](crate::channel::ChannelActor) whose
+    /// `channels.limits.timeout_ms` is `timeout_ms`: its outcome, and how long it took.
+    async fn send_through_the_channel(
+        fcm: PushProvider,
+        timeout_ms: u64,
+        message: OutboundMessage,
+    ) -> (crate::channel::SendOutcome, Duration) {
+        use crate::channel::{ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings};
+        use ractor::{Actor, rpc::CallResult};
+
+        let settings = ChannelSettings {
+            timeout_ms,
+            ..ChannelSettings::default()
+        };
+        let args = ChannelArgs::new(std::sync::Arc::new(fcm), settings, None);
+        let (actor, _) = Actor::spawn(None, ChannelActor, args)
+            .await
+            .expect("channel actor starts");
+        let wait = Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        let answer = actor
+            .call(
+                |reply| ChannelMsg::Send {
+                    message: Box::new(message),
+                    answer_by: started + wait,
+                    reply,
+                },
+                Some(wait),
+            )
+            .await
+            .expect("actor alive");
+        let took = started.elapsed();
+        actor.stop(None);
+        match answer {
+            CallResult::Success(report) => (report.outcome, took),
+            other => panic!("the send was not answered: {other:?}"),
+        }
+    }
+
+    /// A token endpoint slower than the send's timeout (`channels.limits.timeout_ms`, shorter
+    /// than the provider's own per-request `timeout_ms`) fails the send at that timeout, saying
+    /// that the token did not come, rather than as a send that hung.
+    #[tokio::test]
+    async fn a_token_fetch_longer_than_the_send_s_timeout_fails_it_saying_so() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let slow = granted("ya29.late").set_delay(Duration::from_secs(3));
+        let fcm = with_service_account(&server, dir.path(), slow).await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(sent("1"))
+            .expect(0)
+            .mount(&server)
+            .await;
+        let (outcome, took) = send_through_the_channel(fcm, 500, message(&["device-a"])).await;
+        match outcome {
+            crate::channel::SendOutcome::Failed(ProviderError::Transient { reason, .. }) => {
+                assert!(
+                    reason.contains("no Google OAuth token within the send's timeout"),
+                    "{reason}"
+                );
+                assert!(reason.contains("nothing was sent to FCM"), "{reason}");
+            }
+            other => panic!("a token that does not come in time is transient: {other:?}"),
+        }
+        assert!(took < Duration::from_millis(1_500), "took {took:?}");
+    }
+
+    /// The token and the request to FCM share the send's timeout: a request that gets only what
+    /// the token fetch left, and is not answered in it, fails the send at the timeout, saying
+    /// how much of it the token took.
+    #[tokio::test]
+    async fn the_token_fetch_and_the_fcm_request_share_the_send_s_timeout() {
+        let server = MockServer::start().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let slowish = granted("ya29.slowish").set_delay(Duration::from_millis(400));
+        let fcm = with_service_account(&server, dir.path(), slowish).await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(sent("1").set_delay(Duration::from_secs(3)))
+            .mount(&server)
+            .await;
+        let (outcome, took) = send_through_the_channel(fcm, 800, message(&["device-a"])).await;
+        match outcome {
+            crate::channel::SendOutcome::Failed(ProviderError::Transient { reason, .. }) => {
+                assert!(
+                    reason.contains("no FCM reply within the send's timeout"),
+                    "{reason}"
+                );
+                assert!(reason.contains("the Google OAuth token took "), "{reason}");
+            }
+            other => panic!("an FCM reply that does not come in time is transient: {other:?}"),
+        }
+        assert!(took < Duration::from_millis(1_800), "took {took:?}");
+    }
 }
