@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::smtp_pool::IDLE_CHECK;
-use futures::future::BoxFuture;
 use herald_actors::channel::{OutboundMessage, Provider, ProviderError, Receipt};
 use herald_nats::{Contacts, Content};
 use herald_tests::{HangUp, RejectStage, SmtpSink};
@@ -38,7 +38,10 @@ impl SendNow for EmailProvider {
         &'a self,
         message: &'a OutboundMessage,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
-        self.send(message, tokio::time::Instant::now() + Duration::from_secs(60))
+        self.send(
+            message,
+            tokio::time::Instant::now() + Duration::from_secs(60),
+        )
     }
 }
 
@@ -87,10 +90,7 @@ async fn one_connection_carries_many_messages_without_a_noop_before_each() {
 }
 
 /// Sends `count` messages at once through one provider and returns their outcomes in order.
-async fn send_at_once(
-    email: &EmailProvider,
-    count: usize,
-) -> Vec<Result<Receipt, ProviderError>> {
+async fn send_at_once(email: &EmailProvider, count: usize) -> Vec<Result<Receipt, ProviderError>> {
     let sends = (0..count).map(|i| async move { email.send_now(&message(i)).await });
     futures::future::join_all(sends).await
 }
@@ -1008,4 +1008,124 @@ async fn a_message_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_
         "the abandoned message was sent: {:?}",
         seen.commands
     );
+}
+
+/// Sends `message` by `deadline` as the channel actor does: the send's future is dropped at the
+/// deadline, failing it as a timeout.
+async fn send_by(
+    email: &EmailProvider,
+    message: &OutboundMessage,
+    deadline: tokio::time::Instant,
+) -> Result<Receipt, ProviderError> {
+    tokio::time::timeout_at(deadline, email.send(message, deadline))
+        .await
+        .unwrap_or_else(|_| Err(ProviderError::transient("cut off by its caller's deadline")))
+}
+
+/// An SMTP server without PIPELINING that answers the end of every message's data only after
+/// `delay` (a relay slow to queue mail), every other command at once; counts the messages whose
+/// data it received, before it answers them.
+async fn slow_to_accept_server(delay: Duration) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 slow ESMTP\r\n").await;
+                let mut in_data = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let reply: &[u8] = if in_data {
+                        if line != "." {
+                            continue;
+                        }
+                        in_data = false;
+                        count.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(delay).await;
+                        b"250 queued\r\n"
+                    } else {
+                        match line.get(..4).map(str::to_ascii_uppercase).as_deref() {
+                            Some("EHLO") => b"250 slow\r\n",
+                            Some("DATA") => {
+                                in_data = true;
+                                b"354 go on\r\n"
+                            }
+                            Some("QUIT") => b"221 bye\r\n",
+                            _ => b"250 ok\r\n",
+                        }
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, received)
+}
+
+/// A message that gets the connection only when its deadline is too near for the server's reply
+/// is not written: it fails as not sent, and the relay never sees it, rather than being cut off
+/// by its deadline after the relay got it (when its retry would deliver it twice).
+#[tokio::test]
+async fn a_message_whose_deadline_is_too_near_when_a_connection_frees_is_not_sent() {
+    let (port, received) = slow_to_accept_server(Duration::from_millis(600)).await;
+    // One connection; the first message holds it for 600 ms.
+    let email = provider("127.0.0.1", port, 1);
+    let now = tokio::time::Instant::now();
+    let first = message(1);
+    let second = message(2);
+    let (first, second) = futures::future::join(
+        send_by(&email, &first, now + Duration::from_secs(10)),
+        send_by(&email, &second, now + Duration::from_millis(1_000)),
+    )
+    .await;
+    first.expect("the first message is accepted");
+    match second {
+        Err(ProviderError::Transient { reason, .. }) => {
+            assert!(reason.contains("not sent"), "{reason}")
+        }
+        other => panic!("the second message should fail as not sent: {other:?}"),
+    }
+    // A message written would have been counted before its reply was due.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        1,
+        "the relay got only the first message"
+    );
+}
+
+/// A group whose callers' deadlines have all passed is given up then, not at the group's own
+/// (longer) `timeout_ms`: its connection is closed, and the next message does not wait for it.
+#[tokio::test]
+async fn a_group_is_given_up_once_its_messages_deadlines_have_passed() {
+    let (port, mut seen) = stalling_server(PIPELINING_AND_CHUNKING).await;
+    let email = impatient_provider(port, 20_000);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1_500);
+    let messages: Vec<OutboundMessage> = (0..5).map(message).collect();
+    let results = futures::future::join_all(
+        messages
+            .iter()
+            .map(|outbound| send_by(&email, outbound, deadline)),
+    )
+    .await;
+    assert!(
+        results
+            .iter()
+            .all(|result| matches!(result, Err(ProviderError::Transient { .. }))),
+        "{results:?}"
+    );
+    let next = message(5);
+    let _ = send_by(
+        &email,
+        &next,
+        tokio::time::Instant::now() + Duration::from_secs(3),
+    )
+    .await;
+    expect_a_second_connection(&mut seen).await;
 }

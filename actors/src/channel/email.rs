@@ -577,7 +577,9 @@ mod tests {
             Err(ProviderError::MissingContact(Channel::Email))
         );
         assert!(matches!(
-            provider.send_now(&message(Some("not an address"), None)).await,
+            provider
+                .send_now(&message(Some("not an address"), None))
+                .await,
             Err(ProviderError::Unsendable { .. })
         ));
     }

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::time::Instant;
 use herald_nats::{Channel, Contacts, Content};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// What a provider is asked to deliver.

@@ -709,8 +709,8 @@ impl Provider for PushProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::provider::tests::SendNow;
     use crate::channel::google_auth;
+    use crate::channel::provider::tests::SendNow;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{bearer_token, body_partial_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -1061,7 +1061,10 @@ mod tests {
             matches!(&error, ProviderError::Permanent { dead_contacts, .. } if dead_contacts == &["garbage"]),
             "{error:?}"
         );
-        let error = provider.send_now(&message(&["fine-device"])).await.unwrap_err();
+        let error = provider
+            .send_now(&message(&["fine-device"]))
+            .await
+            .unwrap_err();
         assert!(
             matches!(
                 &error,

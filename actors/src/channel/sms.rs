@@ -368,7 +368,10 @@ mod tests {
                 400,
             )))
             .await;
-        let error = provider.send_now(&message(Some("+1555"))).await.unwrap_err();
+        let error = provider
+            .send_now(&message(Some("+1555")))
+            .await
+            .unwrap_err();
         assert!(
             matches!(&error, ProviderError::Permanent { reason, dead_contacts }
                 if dead_contacts.is_empty() && reason.contains("21211") && reason.contains("not a valid phone number")),

@@ -524,7 +524,11 @@ impl Provider for TelegramProvider {
         message: &'a OutboundMessage,
         deadline: tokio::time::Instant,
     ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
-        Box::pin(async move { self.deliver(message, deadline).await.map_err(|e| self.scrub(e)) })
+        Box::pin(async move {
+            self.deliver(message, deadline)
+                .await
+                .map_err(|e| self.scrub(e))
+        })
     }
 }
 

@@ -726,7 +726,10 @@ mod tests {
             Err(ProviderError::Unsendable { .. })
         ));
         let public = |_host: String| async { Ok(vec![IpAddr::from([93, 184, 216, 34])]) };
-        assert_eq!(refuse_internal_with(&url, Instant::now() + Duration::from_secs(1), public).await, Ok(()));
+        assert_eq!(
+            refuse_internal_with(&url, Instant::now() + Duration::from_secs(1), public).await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
