@@ -1033,6 +1033,35 @@ mod tests {
         );
     }
 
+    /// The send's own deadline (`channels.limits.timeout_ms`, here shorter than the provider's
+    /// `timeout_ms`) bounds a followed move too: with too little of it left after the first
+    /// request, the second is not made, rather than being cut off by the deadline in flight
+    /// (when it may reach the group, and the retry message it again).
+    #[tokio::test]
+    async fn a_move_is_followed_only_within_the_send_s_deadline() {
+        let server = MockServer::start().await;
+        let moved = migrated_to(-1_004_242).set_delay(Duration::from_millis(700));
+        answer_chat(&server, "-4242", moved, 1).await;
+        let accepted = ResponseTemplate::new(200)
+            .set_body_json(serde_json::json!({"ok": true, "result": {"message_id": 5}}))
+            .set_delay(Duration::from_millis(500));
+        answer_chat(&server, "-1004242", accepted, 0).await;
+        let telegram = provider(&server.uri(), 10_000);
+        let message = message(Some("-4242"));
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1_000);
+        // Cut at the deadline, as the channel actor cuts a send.
+        let sent = tokio::time::timeout_at(deadline, telegram.send(&message, deadline)).await;
+        match sent {
+            Ok(Err(ProviderError::Transient { reason, .. })) => {
+                assert!(reason.contains("too little time"), "{reason}")
+            }
+            other => panic!("no second request with 300 ms left: {other:?}"),
+        }
+        // Let a second request, had one been made, reach the server before it is verified.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.verify().await;
+    }
+
     #[tokio::test]
     async fn only_a_400_naming_another_chat_is_followed() {
         let moved_with = |status: u16, to: i64| {
