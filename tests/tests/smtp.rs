@@ -8,7 +8,8 @@
 //! PIPELINING, in two (pipelined DATA) to one offering PIPELINING alone, and one command at a
 //! time to others; configuration turns either extension off. A pooled connection the relay hung
 //! up on since its last message gets its message or group sent again over a fresh one, none
-//! failing.
+//! failing. A message is written only while its send's deadline leaves room for the reply, and a
+//! group is given up once every one of its messages' deadlines has passed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

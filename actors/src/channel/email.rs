@@ -70,7 +70,7 @@ pub struct EmailConfig {
     /// Folder for `.eml` files when no SMTP host is set.
     pub outbox_dir: PathBuf,
     /// Longest an SMTP connect may take, and a group of messages sent over one connection (see
-    /// `pool_size`), in milliseconds.
+    /// `pool_size`), in milliseconds; each send is bounded by its deadline as well.
     pub timeout_ms: u64,
     /// Most SMTP connections open at once. Messages that find them all busy wait, and go out
     /// together over the next one free: up to 64 in one write where the server offers

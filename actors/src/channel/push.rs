@@ -66,7 +66,8 @@ pub struct PushConfig {
     /// Not serialised: `herald config` omits it.
     #[serde(skip_serializing)]
     pub access_token: String,
-    /// Per-request timeout in milliseconds.
+    /// Per-request timeout in milliseconds (the token endpoint's and each device's request to
+    /// FCM); a send's token fetch and requests together keep to the send's deadline.
     pub timeout_ms: u64,
 }
 

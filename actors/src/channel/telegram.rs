@@ -32,7 +32,7 @@ pub struct TelegramConfig {
     /// plain text when unset. The text is escaped for it, so it shows as written.
     pub parse_mode: Option<String>,
     /// How long one send may take, in milliseconds: its request, and the second one when it
-    /// follows a group to the supergroup it became.
+    /// follows a group to the supergroup it became (within the send's deadline too).
     pub timeout_ms: u64,
 }
 
