@@ -628,6 +628,8 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
         held: Vec::new(),
         holding: reused,
     };
+    // Whether the connection was found hung up and left so, none of its messages going again.
+    let mut left_hung_up = false;
     let send = async {
         let sending: Vec<(&Envelope, &[u8])> = messages
             .iter()
@@ -666,6 +668,7 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
             answers.answer(index, Err(SmtpSendError::TooLate { left, room }));
         }
         if again.is_empty() {
+            left_hung_up = true;
             return;
         }
         if let Err(err) = checkout.reconnect().await {
@@ -684,7 +687,7 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
     let finished = tokio::time::timeout_at(by, send).await.is_ok();
     // Held failures are real ones once the time is up.
     answers.flush();
-    if finished && !checkout.connection().has_broken() {
+    if finished && !left_hung_up && !checkout.connection().has_broken() {
         checkout.release();
     }
 }
