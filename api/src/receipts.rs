@@ -22,7 +22,7 @@ use crate::{ApiError, AppState, auth::CallbackKey, validate::plain_text};
 const MAX_ERROR: usize = 2_000;
 
 #[derive(Tags)]
-enum ReceiptTags {
+pub(crate) enum ReceiptTags {
     /// Delivery receipts from providers.
     Receipts,
 }
@@ -127,22 +127,7 @@ impl ReceiptsApi {
             (Some(id), _) => id,
             (None, Some(message_id)) => {
                 plain_text("provider_message_id", message_id)?;
-                match repo::find_by_provider_message_id(&self.state.db, &provider, message_id)
-                    .await?
-                {
-                    MessageIdMatch::One(id) => id,
-                    MessageIdMatch::None => {
-                        return Err(ApiError::not_found(format!(
-                            "no notification sent by {provider} as {message_id:?}"
-                        )));
-                    }
-                    MessageIdMatch::Several => {
-                        return Err(ApiError::conflict(format!(
-                            "{provider} sent several notifications as {message_id:?}; \
-                             name the notification by notification_id"
-                        )));
-                    }
-                }
+                sent_as(&self.state, &provider, message_id).await?
             }
             (None, None) => {
                 return Err(ApiError::invalid(
@@ -156,115 +141,161 @@ impl ReceiptsApi {
         let at = receipt
             .timestamp
             .map_or_else(Utc::now, |at| at.min(Utc::now()));
-        let (status, reason) = match receipt.event {
-            ReceiptEvent::Delivered => (
-                NotificationStatus::Delivered,
-                format!("delivery confirmed by {provider}"),
-            ),
-            ReceiptEvent::Bounced => (NotificationStatus::Failed, format!("bounced ({provider})")),
-            ReceiptEvent::Failed => (
-                NotificationStatus::Failed,
-                format!("failed after acceptance ({provider})"),
-            ),
-        };
-        let outcome = repo::apply(
-            &self.state.db,
-            id,
-            &provider,
-            status,
-            &reason,
-            error.as_deref(),
+        let outcome = Outcome {
+            event: receipt.event,
             at,
-        )
-        .await?;
-        let (row, applied) = match outcome {
-            ReceiptOutcome::Applied(row) => (row, true),
-            ReceiptOutcome::Unchanged(row) => (row, false),
-            ReceiptOutcome::NotYetSent(row) => {
-                return Err(ApiError::conflict(format!(
-                    "notification {id} is {}, not sent yet; repeat the receipt once it is sent",
-                    row.status.as_str()
-                )));
-            }
-            ReceiptOutcome::NeverSent(row) => {
-                return Err(ApiError::conflict(format!(
-                    "notification {id} was never sent (it is {}); no receipt applies to it",
-                    row.status.as_str()
-                )));
-            }
-            ReceiptOutcome::SentByOther(providers) => {
-                let by = match providers.as_slice() {
-                    [] => String::new(),
-                    providers => format!(" but by {}", providers.join(", ")),
-                };
-                return Err(ApiError::conflict(format!(
-                    "notification {id} was not sent by {provider}{by}; \
-                     a receipt applies only to a message its provider accepted"
-                )));
-            }
-            ReceiptOutcome::NotAllowed(row) => {
-                return Err(ApiError::conflict(format!(
-                    "notification {id} is already {}; this receipt does not apply to it",
-                    row.status.as_str()
-                )));
-            }
-            ReceiptOutcome::NotFound => {
-                return Err(ApiError::not_found(format!("no notification {id}")));
-            }
+            error: error.as_deref(),
         };
-        metrics::counter!(
-            "herald_receipts_total",
-            "event" => event_name(receipt.event),
-            "applied" => if applied { "true" } else { "false" }
-        )
-        .increment(1);
-        self.publish(&row, Some(channel)).await?;
-        Ok(Json(ReceiptResult {
-            notification_id: row.id,
-            status: row.status.as_str().into(),
-            applied,
-        }))
+        apply(&self.state, &provider, channel, id, outcome)
+            .await
+            .map(Json)
     }
 }
 
-impl ReceiptsApi {
-    /// Publishes the transition `row` records, dated when it was made (`updated_at`: a sent
-    /// notification changes only by a receipt, and a repeat does not change it), so that a repeat
-    /// publishes the same event under the same id.
-    async fn publish(
-        &self,
-        row: &notification::Model,
-        channel: Option<Channel>,
-    ) -> Result<(), ApiError> {
-        let event = StatusEvent {
-            v: SCHEMA_VERSION,
-            notification_id: row.id,
-            status: row.status.as_str().into(),
-            channel: row
-                .final_channel
-                .as_deref()
-                .and_then(Channel::parse)
-                .or(channel),
-            error: row
-                .error
-                .clone()
-                .filter(|_| row.status == NotificationStatus::Failed),
-            at: row.updated_at,
-        };
-        self.state.publisher.publish_status(&event).await.map_err(|err| {
-            tracing::warn!(id = %row.id, error = %err, "receipt recorded but its event not published");
-            ApiError::unavailable(
-                "the receipt is recorded but its status event could not be published; repeat it",
-            )
-        })
+/// The notification `provider` sent as `message_id`: 404 when none, 409 when several.
+pub(crate) async fn sent_as(
+    state: &AppState,
+    provider: &str,
+    message_id: &str,
+) -> Result<Uuid, ApiError> {
+    match repo::find_by_provider_message_id(&state.db, provider, message_id).await? {
+        MessageIdMatch::One(id) => Ok(id),
+        MessageIdMatch::None => Err(ApiError::not_found(format!(
+            "no notification sent by {provider} as {message_id:?}"
+        ))),
+        MessageIdMatch::Several => Err(ApiError::conflict(format!(
+            "{provider} sent several notifications as {message_id:?}; \
+             name the notification by notification_id"
+        ))),
     }
+}
+
+/// What a receipt reports of a notification.
+pub(crate) struct Outcome<'a> {
+    /// What happened.
+    pub event: ReceiptEvent,
+    /// When, no later than now.
+    pub at: DateTime<Utc>,
+    /// The provider's error, as kept (see [`one_line`]).
+    pub error: Option<&'a str>,
+}
+
+/// Applies a receipt from `provider` (of `channel`) to notification `id` under the transition
+/// rules, and publishes the transition (again, for a repeat): the answer of every receipt
+/// endpoint.
+pub(crate) async fn apply(
+    state: &AppState,
+    provider: &str,
+    channel: Channel,
+    id: Uuid,
+    outcome: Outcome<'_>,
+) -> Result<ReceiptResult, ApiError> {
+    let (status, reason) = match outcome.event {
+        ReceiptEvent::Delivered => (
+            NotificationStatus::Delivered,
+            format!("delivery confirmed by {provider}"),
+        ),
+        ReceiptEvent::Bounced => (NotificationStatus::Failed, format!("bounced ({provider})")),
+        ReceiptEvent::Failed => (
+            NotificationStatus::Failed,
+            format!("failed after acceptance ({provider})"),
+        ),
+    };
+    let applied = repo::apply(
+        &state.db,
+        id,
+        provider,
+        status,
+        &reason,
+        outcome.error,
+        outcome.at,
+    )
+    .await?;
+    let (row, applied) = match applied {
+        ReceiptOutcome::Applied(row) => (row, true),
+        ReceiptOutcome::Unchanged(row) => (row, false),
+        ReceiptOutcome::NotYetSent(row) => {
+            return Err(ApiError::conflict(format!(
+                "notification {id} is {}, not sent yet; repeat the receipt once it is sent",
+                row.status.as_str()
+            )));
+        }
+        ReceiptOutcome::NeverSent(row) => {
+            return Err(ApiError::conflict(format!(
+                "notification {id} was never sent (it is {}); no receipt applies to it",
+                row.status.as_str()
+            )));
+        }
+        ReceiptOutcome::SentByOther(providers) => {
+            let by = match providers.as_slice() {
+                [] => String::new(),
+                providers => format!(" but by {}", providers.join(", ")),
+            };
+            return Err(ApiError::conflict(format!(
+                "notification {id} was not sent by {provider}{by}; \
+                 a receipt applies only to a message its provider accepted"
+            )));
+        }
+        ReceiptOutcome::NotAllowed(row) => {
+            return Err(ApiError::conflict(format!(
+                "notification {id} is already {}; this receipt does not apply to it",
+                row.status.as_str()
+            )));
+        }
+        ReceiptOutcome::NotFound => {
+            return Err(ApiError::not_found(format!("no notification {id}")));
+        }
+    };
+    metrics::counter!(
+        "herald_receipts_total",
+        "event" => event_name(outcome.event),
+        "applied" => if applied { "true" } else { "false" }
+    )
+    .increment(1);
+    publish(state, &row, Some(channel)).await?;
+    Ok(ReceiptResult {
+        notification_id: row.id,
+        status: row.status.as_str().into(),
+        applied,
+    })
+}
+
+/// Publishes the transition `row` records, dated when it was made (`updated_at`: a sent
+/// notification changes only by a receipt, and a repeat does not change it), so that a repeat
+/// publishes the same event under the same id.
+async fn publish(
+    state: &AppState,
+    row: &notification::Model,
+    channel: Option<Channel>,
+) -> Result<(), ApiError> {
+    let event = StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        status: row.status.as_str().into(),
+        channel: row
+            .final_channel
+            .as_deref()
+            .and_then(Channel::parse)
+            .or(channel),
+        error: row
+            .error
+            .clone()
+            .filter(|_| row.status == NotificationStatus::Failed),
+        at: row.updated_at,
+    };
+    state.publisher.publish_status(&event).await.map_err(|err| {
+        tracing::warn!(id = %row.id, error = %err, "receipt recorded but its event not published");
+        ApiError::unavailable(
+            "the receipt is recorded but its status event could not be published; repeat it",
+        )
+    })
 }
 
 /// A provider's error text as kept: its first [`MAX_ERROR`] characters, each control character
 /// (line breaks and tabs of a multi-line SMTP bounce, say) made a space. Refusing such a text
 /// would lose the receipt, as providers do not repeat one answered 4xx. (A NUL is refused before,
 /// with the whole body: see `body_limit`.)
-fn one_line(error: &str) -> String {
+pub(crate) fn one_line(error: &str) -> String {
     error
         .chars()
         .take(MAX_ERROR)
