@@ -26,6 +26,7 @@ pub mod preferences;
 pub mod receipts;
 pub mod state;
 pub mod templates;
+pub mod twilio;
 pub mod validate;
 
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Route, get};
@@ -51,6 +52,7 @@ pub fn openapi_service(
             channels::ChannelsApi::new(state.clone()),
             history::HistoryApi::new(state.clone()),
             receipts::ReceiptsApi::new(state.clone()),
+            twilio::TwilioApi::new(state.clone()),
             dlq::DlqApi::new(state.clone()),
             customers::CustomersApi::new(state.clone()),
             orders::OrdersApi::new(state.clone()),

@@ -38,6 +38,9 @@ pub struct AppState {
     pub templates: Arc<dyn crate::templates::TemplateCatalog>,
     /// The operator dashboard's settings.
     pub dashboard: Arc<crate::dashboard::DashboardSettings>,
+    /// Checks Twilio's status callbacks (`channels.sms.status_callback_url` and the auth token);
+    /// `None` when they are off.
+    pub twilio_status: Option<Arc<crate::twilio::StatusCallbacks>>,
     /// How long final notifications are kept (`scheduler.retention_days`); `None` keeps them.
     pub retention: Option<chrono::Duration>,
 }

@@ -237,6 +237,13 @@ impl Herald {
                 settings: config.templates.settings(),
             }),
             dashboard: Arc::new(config.dashboard.settings()?),
+            twilio_status: config.channels.sms.as_ref().and_then(|sms| {
+                let url = sms.status_callback_url.clone()?;
+                Some(Arc::new(herald_api::twilio::StatusCallbacks::new(
+                    url,
+                    sms.auth_token.clone(),
+                )))
+            }),
             retention: (config.scheduler.retention_days > 0)
                 .then(|| chrono::Duration::days(i64::from(config.scheduler.retention_days))),
         };

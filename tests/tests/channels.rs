@@ -50,6 +50,7 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
         auth_token: "secret".into(),
         from: "+15005550006".into(),
         timeout_ms: 2_000,
+        ..SmsConfig::default()
     });
     config.channels.push = Some(PushConfig {
         base_url: provider.uri(),
@@ -869,6 +870,171 @@ async fn a_provider_message_id_too_long_to_index_is_stored_cut_and_the_notificat
         sent["attempts"][0]["provider_message_id"].as_str(),
         Some(&sid[..500]),
         "{sent}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Where Herald asks Twilio to post status callbacks: its public address behind a proxy, not the
+/// address the test reaches it at, as Twilio signs the URL it was given.
+const STATUS_CALLBACK: &str = "https://herald.example.com/api/v1/providers/twilio/status";
+
+/// The form of Twilio's status callback for message `sid`, as Twilio sends it.
+fn twilio_status_form(sid: &str, status: &str, error_code: Option<&str>) -> Vec<(String, String)> {
+    let mut form: Vec<(String, String)> = [
+        ("SmsSid", sid),
+        ("SmsStatus", status),
+        ("MessageStatus", status),
+        ("To", "+4915112345678"),
+        ("MessageSid", sid),
+        ("AccountSid", "AC1"),
+        ("From", "+15005550006"),
+        ("ApiVersion", "2010-04-01"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_string(), value.to_string()))
+    .collect();
+    if let Some(code) = error_code {
+        form.insert(0, ("ErrorCode".into(), code.into()));
+    }
+    form
+}
+
+/// Posts a Twilio status callback with `signature` in `X-Twilio-Signature`, as Twilio does (no
+/// API key); returns the status and the JSON body.
+async fn post_twilio_status(
+    w: &World,
+    form: &[(String, String)],
+    signature: &str,
+) -> (reqwest::StatusCode, Value) {
+    let response = w
+        .herald
+        .anonymous()
+        .post(format!(
+            "{}/api/v1/providers/twilio/status",
+            w.herald.base()
+        ))
+        .header("X-Twilio-Signature", signature)
+        .form(form)
+        .send()
+        .await
+        .expect("status callback posted");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The stored status of notification `id`, as the API shows it.
+async fn status_of(w: &World, id: &str) -> String {
+    let (_, notification) = w.herald.get(&format!("/api/v1/notifications/{id}")).await;
+    notification["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Twilio's status callbacks end to end: each SMS names `channels.sms.status_callback_url` as its
+/// `StatusCallback`; a callback signed with the auth token over that URL moves the notification on
+/// (`delivered`, or `failed` with Twilio's error code for `undelivered`), one that is not is
+/// refused with 403 and changes nothing, and a status that is no outcome (`sent`) is acknowledged.
+/// The signatures were computed apart from Herald (Python's `hmac`, SHA-1, over the URL and the
+/// parameters sorted by name, with the auth token `secret`).
+#[tokio::test]
+async fn twilio_status_callbacks_signed_over_the_configured_url_move_the_notification() {
+    let w = world(|config| {
+        if let Some(sms) = config.channels.sms.as_mut() {
+            sms.status_callback_url = Some(STATUS_CALLBACK.into());
+        }
+    })
+    .await;
+    let accepted = sms_accepts("SMe2e").mount_as_scoped(&w.provider).await;
+    let sent = send_until_sent(&w, &notification(&["sms"], everyone())).await;
+    let id = sent["id"].as_str().expect("id").to_string();
+    let requests = accepted.received_requests().await;
+    let body = String::from_utf8_lossy(&requests[0].body);
+    let form = reqwest::Url::parse(&format!("http://form/?{body}")).expect("form");
+    let callback = form
+        .query_pairs()
+        .find(|(name, _)| name == "StatusCallback");
+    assert_eq!(
+        callback.map(|(_, url)| url.into_owned()).as_deref(),
+        Some(STATUS_CALLBACK),
+        "{body}"
+    );
+    drop(accepted);
+
+    let delivered = twilio_status_form("SMe2e", "delivered", None);
+    let forged = "UiddZBNRMN2XXiVQYQmM1z8DupI="; // signed with another token
+    for signature in [forged, "", "FnfGO7ltu8FwRicv7g0wgjPrflU=x"] {
+        let (status, body) = post_twilio_status(&w, &delivered, signature).await;
+        assert_eq!(
+            status,
+            reqwest::StatusCode::FORBIDDEN,
+            "{signature:?}: {body}"
+        );
+        assert_eq!(body["code"], "forbidden", "{body}");
+    }
+    let mut tampered = delivered.clone();
+    tampered[3].1 = "+4915100000000".into();
+    let (status, body) = post_twilio_status(&w, &tampered, "FnfGO7ltu8FwRicv7g0wgjPrflU=").await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::FORBIDDEN,
+        "a changed parameter: {body}"
+    );
+    assert_eq!(status_of(&w, &id).await, "sent");
+
+    let sent_callback = twilio_status_form("SMe2e", "sent", None);
+    let (status, body) =
+        post_twilio_status(&w, &sent_callback, "EHfsjgiLPyT3D1tAtMz2xa1kJAc=").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["receipt"], Value::Null, "{body}");
+    assert_eq!(status_of(&w, &id).await, "sent");
+
+    for applied in [true, false] {
+        let (status, body) =
+            post_twilio_status(&w, &delivered, "FnfGO7ltu8FwRicv7g0wgjPrflU=").await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        assert_eq!(body["receipt"]["notification_id"], id.as_str(), "{body}");
+        assert_eq!(body["receipt"]["status"], "delivered", "{body}");
+        assert_eq!(body["receipt"]["applied"], applied, "{body}");
+    }
+    assert_eq!(status_of(&w, &id).await, "delivered");
+
+    sms_accepts("SMe2f").mount(&w.provider).await;
+    let second = send_until_sent(&w, &notification(&["sms"], everyone())).await;
+    let second = second["id"].as_str().expect("id");
+    let undelivered = twilio_status_form("SMe2f", "undelivered", Some("30003"));
+    let (status, body) = post_twilio_status(&w, &undelivered, "fStJKzndm6JBg1fmK5ZNvFpcYko=").await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["receipt"]["status"], "failed", "{body}");
+    let (_, failed) = w
+        .herald
+        .get(&format!("/api/v1/notifications/{second}"))
+        .await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("Twilio error 30003")),
+        "{failed}"
+    );
+
+    // The OpenAPI document describes the form and the signature header.
+    let (_, spec) = w.herald.get("/api/openapi.json").await;
+    let operation = &spec["paths"]["/api/v1/providers/twilio/status"]["post"];
+    let form = &operation["requestBody"]["content"]["application/x-www-form-urlencoded"];
+    assert_eq!(
+        form["schema"]["$ref"], "#/components/schemas/TwilioStatusCallback",
+        "{operation}"
+    );
+    let schema = &spec["components"]["schemas"]["TwilioStatusCallback"];
+    assert_eq!(
+        schema["required"],
+        json!(["MessageSid", "MessageStatus"]),
+        "{schema}"
+    );
+    assert_eq!(
+        operation["parameters"][0]["name"], "X-Twilio-Signature",
+        "{operation}"
     );
     w.herald.shutdown().await.expect("shutdown");
 }

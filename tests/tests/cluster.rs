@@ -1804,6 +1804,7 @@ fn circuit_config(
         auth_token: "secret".into(),
         from: "+15005550006".into(),
         timeout_ms: 2_000,
+        ..SmsConfig::default()
     });
     let circuit = &mut config.channels.limits.circuit;
     circuit.failure_threshold = 1;

@@ -1,5 +1,7 @@
 //! SMS through a Twilio-compatible API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json`
-//! with a form body and HTTP basic auth.
+//! with a form body and HTTP basic auth. With `status_callback_url` set, each message asks Twilio
+//! to report its delivery there (`StatusCallback`): Herald's `POST
+//! /api/v1/providers/twilio/status`, which checks Twilio's signature against that same URL.
 
 use futures::future::BoxFuture;
 use herald_nats::Channel;
@@ -27,6 +29,10 @@ pub struct SmsConfig {
     pub from: String,
     /// Per-request timeout in milliseconds.
     pub timeout_ms: u64,
+    /// The URL Twilio posts each message's status changes to (`StatusCallback`): Herald's
+    /// `/api/v1/providers/twilio/status` as Twilio reaches it. Twilio signs its callbacks over
+    /// this exact URL, and Herald checks the signature against it. None: no status callbacks.
+    pub status_callback_url: Option<String>,
 }
 
 impl Default for SmsConfig {
@@ -37,6 +43,7 @@ impl Default for SmsConfig {
             auth_token: String::new(),
             from: String::new(),
             timeout_ms: 10_000,
+            status_callback_url: None,
         }
     }
 }
@@ -49,6 +56,7 @@ impl std::fmt::Debug for SmsConfig {
             .field("auth_token", &"<redacted>")
             .field("from", &self.from)
             .field("timeout_ms", &self.timeout_ms)
+            .field("status_callback_url", &self.status_callback_url)
             .finish()
     }
 }
@@ -62,8 +70,8 @@ impl SmsConfig {
         SmsProvider::new(String::new(), self.clone()).map(drop)
     }
 
-    /// Checks the settings themselves: the account, token and sender are set, the base URL is
-    /// usable.
+    /// Checks the settings themselves: the account, token and sender are set, the base URL and
+    /// the status callback URL are usable.
     fn check_settings(&self) -> Result<(), SmsConfigError> {
         for (setting, value) in [
             ("account_sid", &self.account_sid),
@@ -74,13 +82,19 @@ impl SmsConfig {
                 return Err(SmsConfigError::Missing(setting));
             }
         }
-        match http::base_url_problem(&self.base_url) {
-            Some(reason) => Err(SmsConfigError::BaseUrl {
-                url: self.base_url.clone(),
-                reason,
-            }),
-            None => Ok(()),
+        let callback = self.status_callback_url.as_ref();
+        let urls = std::iter::once(("base_url", &self.base_url))
+            .chain(callback.map(|url| ("status_callback_url", url)));
+        for (setting, url) in urls {
+            if let Some(reason) = http::base_url_problem(url) {
+                return Err(SmsConfigError::Url {
+                    setting,
+                    url: url.clone(),
+                    reason,
+                });
+            }
         }
+        Ok(())
     }
 }
 
@@ -90,9 +104,11 @@ pub enum SmsConfigError {
     /// A required setting is empty.
     #[error("channels.sms.{0} is required")]
     Missing(&'static str),
-    /// `base_url` is not an `http(s)` URL with a host.
-    #[error("channels.sms.base_url {url:?} is not an http(s) URL: {reason}")]
-    BaseUrl {
+    /// `base_url` or `status_callback_url` is not an `http(s)` URL with a host.
+    #[error("channels.sms.{setting} {url:?} is not an http(s) URL: {reason}")]
+    Url {
+        /// The setting.
+        setting: &'static str,
         /// The configured value.
         url: String,
         /// What is wrong with it.
@@ -111,6 +127,7 @@ pub struct SmsProvider {
     account_sid: String,
     auth_token: String,
     from: String,
+    status_callback_url: Option<String>,
 }
 
 impl std::fmt::Debug for SmsProvider {
@@ -175,6 +192,7 @@ impl SmsProvider {
             account_sid: config.account_sid,
             auth_token: config.auth_token,
             from: config.from,
+            status_callback_url: config.status_callback_url,
         })
     }
 
@@ -185,7 +203,10 @@ impl SmsProvider {
             .as_deref()
             .ok_or(ProviderError::MissingContact(Channel::Sms))?;
         let body = text::cut(message.content.short_text(), MAX_BODY_CHARS, |_| 1);
-        let form = [("To", to), ("From", self.from.as_str()), ("Body", &body)];
+        let mut form = vec![("To", to), ("From", self.from.as_str()), ("Body", &body)];
+        if let Some(url) = &self.status_callback_url {
+            form.push(("StatusCallback", url));
+        }
         let request = self
             .client
             .post(&self.messages_url)
@@ -277,6 +298,7 @@ mod tests {
                 auth_token: "s3cret-auth-token".into(),
                 from: "+15005550006".into(),
                 timeout_ms,
+                status_callback_url: None,
             },
         )
         .unwrap()
@@ -340,6 +362,44 @@ mod tests {
         assert_eq!(form["From"], "+15005550006");
         assert_eq!(form["Body"], "Order #1001 shipped");
         assert_eq!(form.len(), 3);
+    }
+
+    /// With `status_callback_url` set, every message asks Twilio to report its status there.
+    #[tokio::test]
+    async fn a_configured_status_callback_goes_with_each_message() {
+        let (server, mut provider) =
+            reply_with(ResponseTemplate::new(201).set_body_json(serde_json::json!({"sid": "SM1"})))
+                .await;
+        let url = "https://herald.example.com/api/v1/providers/twilio/status";
+        provider.status_callback_url = Some(url.into());
+        provider
+            .send(&message(Some("+14155552671")))
+            .await
+            .expect("sent");
+        let requests = server.received_requests().await.expect("recorded");
+        let form: HashMap<String, String> = url::form_urlencoded::parse(&requests[0].body)
+            .into_owned()
+            .collect();
+        assert_eq!(form["StatusCallback"], url);
+        assert_eq!(form.len(), 4, "{form:?}");
+    }
+
+    #[test]
+    fn a_status_callback_url_must_be_an_http_url() {
+        let config = SmsConfig {
+            account_sid: SID.into(),
+            auth_token: "s3cret-auth-token".into(),
+            from: "+15005550006".into(),
+            status_callback_url: Some("/api/v1/providers/twilio/status".into()),
+            ..SmsConfig::default()
+        };
+        let error = config.check_settings().unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("channels.sms.status_callback_url \"/api/v1/providers/twilio/status\" is not an http(s) URL"),
+            "{error}"
+        );
     }
 
     #[tokio::test]
