@@ -373,7 +373,7 @@ mod tests {
         let url = "https://herald.example.com/api/v1/providers/twilio/status";
         provider.status_callback_url = Some(url.into());
         provider
-            .send(&message(Some("+14155552671")))
+            .send_now(&message(Some("+14155552671")))
             .await
             .expect("sent");
         let requests = server.received_requests().await.expect("recorded");
