@@ -944,7 +944,8 @@ async fn walk_chain(
             }
             SendOutcome::Failed(
                 err @ (ProviderError::Transient { retry_after, .. }
-                | ProviderError::Throttled { retry_after, .. }),
+                | ProviderError::Throttled { retry_after, .. }
+                | ProviderError::AccountThrottled { retry_after, .. }),
             ) => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(*retry_after);

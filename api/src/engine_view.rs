@@ -16,6 +16,11 @@ pub struct ChannelView {
     pub provider: String,
     /// Circuit state: `closed`, `open`, `half_open`.
     pub circuit: String,
+    /// Whether the circuit is open because the provider throttles the whole account (a bot's
+    /// global message rate, a project's quota, an account's API concurrency): every send is held
+    /// until `probe_at`, the wait the provider asked for, without calling it. Not a failure:
+    /// `times_opened` does not count it.
+    pub throttled: bool,
     /// Failures counted in the current circuit window.
     pub recent_failures: u64,
     /// Times the circuit opened since start.

@@ -61,6 +61,7 @@ fn view(s: ChannelSnapshot) -> ChannelView {
         channel: s.channel.as_str().into(),
         provider: s.provider,
         circuit: s.circuit.as_str().into(),
+        throttled: s.throttled,
         recent_failures: s.recent_failures as u64,
         times_opened: s.times_opened,
         probe_at: s.probe_at,

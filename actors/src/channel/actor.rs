@@ -19,6 +19,11 @@
 //! A send still waiting for its permit when its actor fails (or stops) is not started either, and
 //! its caller is told so at once ([`SendOutcome::NotStarted`]): the circuit that admitted it went
 //! with the actor, and the restarted actor's circuit knows nothing of it.
+//!
+//! A provider that throttles the whole account
+//! ([`ProviderError::AccountThrottled`]) holds the circuit open for the wait it asked for
+//! ([`CircuitBreaker::on_throttle`]): the sends queued for a permit are refused as when it opens,
+//! and so is every send until the wait has passed, without calling the provider.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -114,6 +119,9 @@ pub struct ChannelSnapshot {
     pub provider: String,
     /// Circuit state.
     pub circuit: CircuitState,
+    /// Whether the circuit is open because the provider throttles the whole account (until
+    /// `probe_at`), rather than because it failed.
+    pub throttled: bool,
     /// Failures counted in the current circuit window.
     pub recent_failures: usize,
     /// Times the circuit opened since start.
@@ -223,6 +231,12 @@ pub enum Verdict {
         /// The wait the provider asked for.
         retry_after: Option<Duration>,
     },
+    /// The provider throttles the whole account, asking for a wait or not: every send is held
+    /// until then, though the provider is up (not counted as a failure).
+    Throttled {
+        /// The wait the provider asked for.
+        retry_after: Option<Duration>,
+    },
     /// The failure says nothing of the provider: found before anything reached it (no contact,
     /// a message that cannot be sent as it is), or at one of many endpoints (webhooks).
     Untested,
@@ -237,6 +251,9 @@ impl Verdict {
             // One of many endpoints failing says nothing of the provider (webhooks).
             Err(err) if err.counts_against_circuit() && !provider.one_endpoint() => Self::Untested,
             Err(err) if err.counts_against_circuit() => Self::Failed {
+                retry_after: err.retry_after(),
+            },
+            Err(err) if err.throttles_account() && provider.one_endpoint() => Self::Throttled {
                 retry_after: err.retry_after(),
             },
             Err(_) => Self::Answered,
@@ -655,6 +672,17 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
                 announce(state, state.breaker.cool_down_left(now));
             }
         }
+        Verdict::Throttled { retry_after } => {
+            state
+                .breaker
+                .on_throttle(admission, period, Instant::now(), retry_after);
+            if state.breaker.throttled() && state.breaker.period() != period {
+                let provider = state.provider.name().to_string();
+                tracing::warn!(%provider, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "the provider throttles the whole account; holding every send until its wait has passed");
+                metrics::counter!("herald_channel_throttles_total", "provider" => provider)
+                    .increment(1);
+            }
+        }
         // A probe that tested nothing leaves the next send to probe.
         Verdict::Untested => state.breaker.on_abandoned(admission, period),
     }
@@ -695,6 +723,7 @@ fn snapshot(state: &ChannelState) -> ChannelSnapshot {
         channel: state.provider.channel(),
         provider: state.provider.name().to_string(),
         circuit: state.breaker.state(),
+        throttled: state.breaker.throttled(),
         recent_failures: state.breaker.recent_failures(),
         times_opened: state.breaker.times_opened(),
         probe_at: state.breaker.probe_in(Instant::now()).map(from_now),
@@ -1776,6 +1805,141 @@ mod tests {
         );
         let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
         assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
+        actor.stop(None);
+    }
+
+    /// The provider's refusal of a send for the whole account's rate, asking for `wait`.
+    fn account_throttled(wait: Duration) -> Result<Receipt, ProviderError> {
+        Err(ProviderError::account_throttled(
+            "429 Too Many Requests",
+            Some(wait),
+        ))
+    }
+
+    #[tokio::test]
+    async fn an_account_throttle_holds_every_send_for_the_providers_wait_without_a_failure() {
+        // A circuit that would open only after many failures and then cool down for ten
+        // minutes: the hold is the provider's minute, and no failure is counted.
+        let settings = ChannelSettings {
+            concurrency: 2,
+            timeout_ms: 5_000,
+            circuit: CircuitSettings {
+                failure_threshold: 100,
+                window_ms: 60_000,
+                cool_down_ms: 600_000,
+                max_cool_down_ms: 900_000,
+            },
+        };
+        let wait = Duration::from_secs(60);
+        let (actor, mut sends) = spawn_held(settings).await;
+        let first = outbound();
+        let first_id = first.notification_id;
+        let first_answer = send_in_background(&actor, first);
+        let first_held = next_held(&mut sends, first_id).await;
+        let second = outbound();
+        let second_id = second.notification_id;
+        let _second_answer = send_in_background(&actor, second);
+        let second_held = next_held(&mut sends, second_id).await;
+        let queued: Vec<_> = (0..3)
+            .map(|_| send_in_background(&actor, outbound()))
+            .collect();
+        snapshot_when(&actor, "three sends to queue for a permit", |s| {
+            s.in_flight == 5
+        })
+        .await;
+
+        first_held.answer(account_throttled(wait));
+        let first = answer_of(first_answer, "the first send").await;
+        assert!(
+            matches!(
+                first.outcome,
+                SendOutcome::Failed(ProviderError::AccountThrottled { .. })
+            ),
+            "{first:?}"
+        );
+        let refused_within = |report: SendReport, what: &str| match report.outcome {
+            SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                cool_down_left <= wait && cool_down_left > wait - Duration::from_secs(10),
+                "{what}: the provider's wait, not the cool-down: {cool_down_left:?}"
+            ),
+            other => panic!("{what} was not held: {other:?}"),
+        };
+        for (n, send) in queued.into_iter().enumerate() {
+            let what = format!("queued send {n}");
+            refused_within(answer_of(send, &what).await, &what);
+        }
+        for send in 1..=3 {
+            refused_within(send_one(&actor, send).await, &format!("later send {send}"));
+        }
+        if let Ok(reached) = sends.try_recv() {
+            panic!("a held send reached the provider: {}", reached.id);
+        }
+        let held = snapshot_when(&actor, "the refusals to settle", |s| s.in_flight == 1).await;
+        assert_eq!(
+            (
+                held.circuit,
+                held.throttled,
+                held.times_opened,
+                held.refused
+            ),
+            (CircuitState::Open, true, 0, 6),
+            "{held:?}"
+        );
+        assert_probes_after(
+            &held,
+            wait,
+            (Utc::now() - chrono::Duration::seconds(10), Utc::now()),
+        );
+
+        // The second send's late throttle changes nothing.
+        second_held.answer(account_throttled(Duration::from_secs(1)));
+        let settled =
+            snapshot_when(&actor, "the second send to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            (settled.circuit, settled.throttled, settled.recent_failures),
+            (CircuitState::Open, true, 0),
+            "{settled:?}"
+        );
+        assert!(
+            settled.probe_at > Some(Utc::now() + chrono::Duration::seconds(40)),
+            "{settled:?}"
+        );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn once_an_account_throttle_has_passed_the_next_send_probes_and_closes_the_circuit() {
+        fn script(n: usize) -> Result<Receipt, ProviderError> {
+            match n {
+                0 => account_throttled(Duration::from_millis(200)),
+                _ => Ok(Receipt::new(None)),
+            }
+        }
+        let (provider, calls) = Scripted::new(script);
+        let actor = spawn(provider, opening_at_once(600_000)).await;
+        send_one(&actor, 1).await;
+        let report = send_one(&actor, 2).await;
+        let SendOutcome::CircuitOpen { cool_down_left } = report.outcome else {
+            panic!("send 2 was not held: {report:?}");
+        };
+        assert!(
+            cool_down_left <= Duration::from_millis(200),
+            "{cool_down_left:?}"
+        );
+        // Waits as long as the channel says, as the dispatcher does.
+        tokio::time::sleep(cool_down_left).await;
+        let probe = send_one(&actor, 3).await;
+        assert!(
+            matches!(probe.outcome, SendOutcome::Accepted(_)),
+            "{probe:?}"
+        );
+        let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            (closed.circuit, closed.throttled, closed.times_opened),
+            (CircuitState::Closed, false, 0),
+            "{closed:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
         actor.stop(None);
     }
 }

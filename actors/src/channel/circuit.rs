@@ -14,7 +14,14 @@
 //! until then if that is longer than the cool-down, though never longer than `max_cool_down`, so
 //! that a wrong or hostile header cannot park a provider for a day.
 //!
-//! Every opening and every closing starts a new *period* ([`CircuitBreaker::period`]). A send is
+//! A provider that throttles the whole account (a bot's global message rate, a project's quota:
+//! [`ProviderError::AccountThrottled`](super::ProviderError::AccountThrottled)) is up, but would
+//! refuse every send until its wait passes: the circuit is *held* open
+//! ([`CircuitBreaker::on_throttle`]) for exactly that wait (the cool-down if it gave none; never
+//! longer than `max_cool_down_ms`), without counting a failure, and then lets one probe through as
+//! after any opening.
+//!
+//! Every opening (a hold too) and every closing starts a new *period* ([`CircuitBreaker::period`]). A send is
 //! admitted in a period, and its result counts only in that period: a send admitted before the
 //! circuit opened (or before a probe closed it) that reports afterwards says nothing of the
 //! provider since, and does not count toward the new window. The caller also asks again
@@ -112,6 +119,9 @@ pub struct CircuitBreaker {
     /// clock can count).
     open_until: Option<Instant>,
     times_opened: u64,
+    /// Whether the circuit was last opened by a throttle of the whole account rather than by
+    /// failures (or another instance).
+    held: bool,
     /// Counts the openings and closings.
     period: u64,
     /// How long the probe may take before its result is due: the channel's send timeout.
@@ -129,6 +139,7 @@ impl CircuitBreaker {
             recent_failures: VecDeque::new(),
             open_until: None,
             times_opened: 0,
+            held: false,
             period: 0,
             probe_timeout: Duration::from_millis(settings.cool_down_ms),
             probe_since: None,
@@ -148,7 +159,13 @@ impl CircuitBreaker {
         self.state
     }
 
-    /// How many times the circuit has opened since start.
+    /// Whether the circuit is open because the provider throttles the whole account (held by
+    /// [`on_throttle`](Self::on_throttle)), not because it failed.
+    pub fn throttled(&self) -> bool {
+        self.held && self.state == CircuitState::Open
+    }
+
+    /// How many times the circuit has opened since start (held open by a throttle not counted).
     pub fn times_opened(&self) -> u64 {
         self.times_opened
     }
@@ -229,6 +246,7 @@ impl CircuitBreaker {
             && self.state == CircuitState::HalfOpen
         {
             self.state = CircuitState::Closed;
+            self.held = false;
             self.recent_failures.clear();
             self.open_until = None;
             self.period += 1;
@@ -281,6 +299,38 @@ impl CircuitBreaker {
         }
     }
 
+    /// Reports a send admitted as `admission` in `period` that the provider refused because the
+    /// whole account is over its rate limit, asking for `wait` if it did. Not a failure: the
+    /// window's count is not added to. But every send would be refused alike, so a closed circuit
+    /// (or a half-open one, for its probe) is held open until `wait` has passed, the cool-down if
+    /// the provider gave none, never longer than `max_cool_down_ms`; then one probe goes out, as
+    /// after any opening. The throttle of a send admitted in an earlier period changes nothing:
+    /// the circuit has opened or closed since.
+    pub fn on_throttle(
+        &mut self,
+        admission: Admission,
+        period: u64,
+        now: Instant,
+        wait: Option<Duration>,
+    ) {
+        if period != self.period {
+            return;
+        }
+        match (self.state, admission) {
+            (CircuitState::Closed, _) | (CircuitState::HalfOpen, Admission::Probe) => {
+                let held = wait.map_or(Duration::from_millis(self.settings.cool_down_ms), |wait| {
+                    wait.min(self.settings.longest())
+                });
+                self.state = CircuitState::Open;
+                self.held = true;
+                self.open_until = now.checked_add(held);
+                self.recent_failures.clear();
+                self.period += 1;
+            }
+            _ => {}
+        }
+    }
+
     /// Reports a send admitted as `admission` in `period` that never reached the provider (its
     /// caller stopped waiting, or it failed before anything was sent): an abandoned probe tested
     /// nothing, so the circuit goes back to open with its cool-down already over, and the next
@@ -302,6 +352,7 @@ impl CircuitBreaker {
             self.times_opened += 1;
         }
         self.state = CircuitState::Open;
+        self.held = false;
         self.open_until = now.checked_add(self.settings.open_for(wait));
         self.recent_failures.clear();
         self.period += 1;
@@ -675,6 +726,86 @@ mod tests {
         cb.open(t0, Some(ms(12_000)));
         assert_eq!(cb.admit(t0 + ms(11_999)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(12_000)), Admission::Probe);
+    }
+
+    #[test]
+    fn an_account_throttle_holds_the_circuit_for_the_providers_wait_without_a_failure() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
+        cb.on_throttle(
+            Admission::Allowed,
+            cb.period(),
+            t0 + ms(10),
+            Some(ms(2_000)),
+        );
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert!(cb.throttled());
+        assert_eq!(cb.times_opened(), 0, "not a failure");
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(10)),
+            ms(2_000),
+            "the provider's wait, though shorter than the cool-down"
+        );
+        assert_eq!(cb.admit(t0 + ms(2_009)), Admission::Refused);
+        assert_eq!(cb.admit(t0 + ms(2_010)), Admission::Probe);
+        assert!(!cb.throttled(), "half-open");
+        cb.on_success(Admission::Probe, cb.period());
+        assert_eq!(cb.state(), CircuitState::Closed);
+        assert_eq!(cb.recent_failures(), 0);
+        for i in 0..2 {
+            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(2_020 + i), None);
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Closed,
+            "the failure before the throttle does not add to the new window"
+        );
+    }
+
+    #[test]
+    fn an_account_throttle_without_a_wait_holds_for_the_cool_down_and_at_most_the_cap() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        cb.on_throttle(Admission::Allowed, cb.period(), t0, None);
+        assert_eq!(cb.cool_down_left(t0), ms(5_000));
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        cb.on_throttle(
+            Admission::Probe,
+            cb.period(),
+            t0 + ms(5_000),
+            Some(Duration::MAX),
+        );
+        assert!(cb.throttled(), "a throttled probe holds it again");
+        assert_eq!(cb.cool_down_left(t0 + ms(5_000)), ms(60_000), "the cap");
+        assert_eq!(cb.times_opened(), 0);
+
+        // A failed probe after the hold opens the circuit as a failure does.
+        assert_eq!(cb.admit(t0 + ms(65_000)), Admission::Probe);
+        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(65_000), None);
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert!(!cb.throttled());
+        assert_eq!(cb.times_opened(), 1);
+    }
+
+    #[test]
+    fn a_throttle_of_an_earlier_period_or_while_open_changes_nothing() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let closed = cb.period();
+        cb.open(t0, None);
+        cb.on_throttle(Admission::Allowed, closed, t0 + ms(1), Some(ms(60_000)));
+        cb.on_throttle(
+            Admission::Allowed,
+            cb.period(),
+            t0 + ms(1),
+            Some(ms(60_000)),
+        );
+        assert!(!cb.throttled());
+        assert_eq!(cb.cool_down_left(t0), ms(5_000));
+        assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
+        cb.on_throttle(Admission::Allowed, cb.period(), t0 + ms(5_001), None);
+        assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub enum ProviderError {
     /// (does not count against the circuit).
     #[error("recipient has no {0} contact")]
     MissingContact(Channel),
-    /// Worth retrying later: timeouts, connection errors, 5xx, 429.
+    /// Worth retrying later: timeouts, connection errors, 5xx, a 429 of no known scope.
     #[error("transient: {reason}")]
     Transient {
         /// What happened.
@@ -83,6 +83,22 @@ pub enum ProviderError {
     /// sends to everyone).
     #[error("throttled: {reason}")]
     Throttled {
+        /// What happened.
+        reason: String,
+        /// How long the provider asked us to wait.
+        retry_after: Option<Duration>,
+        /// Contacts the provider declared dead on the way, as for
+        /// [`Transient`](Self::Transient).
+        dead_contacts: Vec<String>,
+    },
+    /// The provider limits the sends of the whole account (a bot's global message rate, a
+    /// project's sender quota, an account's API concurrency): worth retrying later like a
+    /// throttle of one recipient, but every other send would be refused alike until `retry_after`
+    /// passes, so the channel holds all its sends until then (refused at once, as while its
+    /// circuit is open, without calling the provider). Not a sign the provider is down: it does
+    /// not count toward the circuit's failure threshold.
+    #[error("account throttled: {reason}")]
+    AccountThrottled {
         /// What happened.
         reason: String,
         /// How long the provider asked us to wait.
@@ -136,6 +152,16 @@ impl ProviderError {
         }
     }
 
+    /// A throttle of the whole account, with the wait the provider asked for if it did, and no
+    /// dead contact.
+    pub fn account_throttled(reason: impl Into<String>, retry_after: Option<Duration>) -> Self {
+        Self::AccountThrottled {
+            reason: reason.into(),
+            retry_after,
+            dead_contacts: Vec::new(),
+        }
+    }
+
     /// A permanent error without a dead contact.
     pub fn permanent(reason: impl Into<String>) -> Self {
         Self::Permanent {
@@ -157,6 +183,7 @@ impl ProviderError {
         match &mut self {
             Self::Transient { reason, .. }
             | Self::Throttled { reason, .. }
+            | Self::AccountThrottled { reason, .. }
             | Self::Permanent { reason, .. }
             | Self::Unsendable { reason } => *reason = change(std::mem::take(reason)),
             Self::MissingContact(_) => {}
@@ -169,6 +196,12 @@ impl ProviderError {
         matches!(self, Self::Transient { .. })
     }
 
+    /// Whether the provider refused this send because the whole account is over its rate limit,
+    /// so that every send of the channel waits (see [`AccountThrottled`](Self::AccountThrottled)).
+    pub fn throttles_account(&self) -> bool {
+        matches!(self, Self::AccountThrottled { .. })
+    }
+
     /// Whether the send got as far as the provider (which answered, or failed to), so that its
     /// outcome says something of the provider: not when the recipient had no contact for the
     /// channel or the message could not be sent as it is.
@@ -179,9 +212,9 @@ impl ProviderError {
     /// The wait the provider asked for, if it did (Retry-After, `retry_after`).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Transient { retry_after, .. } | Self::Throttled { retry_after, .. } => {
-                *retry_after
-            }
+            Self::Transient { retry_after, .. }
+            | Self::Throttled { retry_after, .. }
+            | Self::AccountThrottled { retry_after, .. } => *retry_after,
             Self::MissingContact(_) | Self::Permanent { .. } | Self::Unsendable { .. } => None,
         }
     }
@@ -193,6 +226,7 @@ impl ProviderError {
         match self {
             Self::Transient { dead_contacts, .. }
             | Self::Throttled { dead_contacts, .. }
+            | Self::AccountThrottled { dead_contacts, .. }
             | Self::Permanent { dead_contacts, .. } => dead_contacts,
             Self::MissingContact(_) | Self::Unsendable { .. } => &[],
         }

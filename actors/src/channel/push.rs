@@ -35,6 +35,11 @@ const THIRD_PARTY_AUTH_ERROR: &str = "THIRD_PARTY_AUTH_ERROR";
 /// [`is_transient_for_fcm`]).
 const SENDER_ID_MISMATCH: &str = "SENDER_ID_MISMATCH";
 
+/// How long the whole project's sends are held after FCM refuses one for the project's quota
+/// without a `Retry-After`: FCM refills its per-project quota "in the following minute", and its
+/// error code reference asks for a first retry no sooner than a minute after a `QUOTA_EXCEEDED`.
+const PROJECT_QUOTA_WAIT: Duration = Duration::from_secs(60);
+
 /// What Herald lets a message's `notification` and `data` take, serialised (keys and values):
 /// FCM refuses a message over 4,096 bytes for good, and counts some of it in its own way (its
 /// wrapping of the notification per platform), so 512 bytes are left to spare.
@@ -213,13 +218,55 @@ impl ErrorBody {
 }
 
 /// One entry of `details`: an `FcmError` carries `errorCode`, a `BadRequest` carries
-/// `fieldViolations`.
+/// `fieldViolations`, a `google.rpc.QuotaFailure` carries `violations`, a `google.rpc.ErrorInfo`
+/// carries `reason`.
 #[derive(Deserialize)]
 struct ErrorDetail {
     #[serde(rename = "errorCode")]
     error_code: Option<String>,
     #[serde(rename = "fieldViolations", default)]
     field_violations: Vec<FieldViolation>,
+    #[serde(default)]
+    violations: Vec<QuotaViolation>,
+    reason: Option<String>,
+}
+
+/// One quota a `google.rpc.QuotaFailure` says was exceeded: what it limits (`subject`, such as
+/// `project:…`) and which quota (`quotaId` such as `SendsPerMinutePerProject`, `quotaMetric`).
+#[derive(Deserialize)]
+struct QuotaViolation {
+    #[serde(default)]
+    subject: String,
+    #[serde(rename = "quotaId", default)]
+    quota_id: String,
+    #[serde(rename = "quotaMetric", default)]
+    quota_metric: String,
+}
+
+impl QuotaViolation {
+    /// Whether the quota is the whole project's, not one device's or topic's.
+    fn is_the_projects(&self) -> bool {
+        [&self.subject, &self.quota_id, &self.quota_metric]
+            .iter()
+            .any(|text| text.to_ascii_lowercase().contains("project"))
+    }
+}
+
+impl ErrorBody {
+    /// Whether a 429 refuses the whole project (its sending quota) rather than one device or
+    /// topic: a `google.rpc.QuotaFailure` naming the project's quota, or the
+    /// `google.rpc.ErrorInfo` reason `RATE_LIMIT_EXCEEDED` Google's API front answers when a
+    /// project's request quota is out ("Quota exceeded for quota metric 'Send requests' ... for
+    /// consumer 'project_number:…'"), which comes without FCM's own error code.
+    fn refuses_the_project(&self) -> bool {
+        self.details.iter().any(|detail| {
+            detail.reason.as_deref() == Some("RATE_LIMIT_EXCEEDED")
+                || detail
+                    .violations
+                    .iter()
+                    .any(QuotaViolation::is_the_projects)
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -543,6 +590,14 @@ fn classify(token: &str, reply: &http::Reply) -> ProviderError {
              missing)"
         ));
     }
+    if status == StatusCode::TOO_MANY_REQUESTS && error.refuses_the_project() {
+        // The project's sending quota: every device is refused alike until it refills, so every
+        // push waits (not a sign that FCM is down either).
+        return ProviderError::account_throttled(
+            format!("{reason} (the project's quota)"),
+            Some(retry_after.unwrap_or(PROJECT_QUOTA_WAIT)),
+        );
+    }
     if fcm_code == "QUOTA_EXCEEDED" {
         // The device's (or the target's) message rate: a limit on this recipient, not a sign
         // that FCM is down, so it must not open the circuit for every other device.
@@ -589,7 +644,8 @@ fn unregistered_without_body(token: &str, reply: &http::Reply) -> Option<Provide
 }
 
 /// Combines per-token outcomes (in token order): any success wins, under the first message name
-/// FCM gave (none if no reply named one); else any transient failure
+/// FCM gave (none if no reply named one); else a throttle of the whole project (with the longest
+/// wait asked for), which holds every push; else any transient failure
 /// (with the longest `retry_after` asked for), a throttle only if every such failure was one;
 /// else a permanent failure; unsendable only if no token's request could even be sent. Whatever
 /// the outcome, it carries every token FCM declared dead (a failure also names them in its
@@ -601,6 +657,8 @@ fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Recei
     let mut dead = Vec::new();
     // The first reason, the longest wait, and whether every one was a throttle.
     let mut transient: Option<(String, Option<Duration>, bool)> = None;
+    // A throttle of the whole project, which holds every push whatever the other tokens said.
+    let mut project: Option<(String, Option<Duration>)> = None;
     let mut permanent: Option<String> = None;
     let mut unsendable: Option<String> = None;
     for outcome in outcomes {
@@ -630,6 +688,16 @@ fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Recei
                             }
                         });
                     }
+                    ProviderError::AccountThrottled {
+                        reason,
+                        retry_after,
+                        ..
+                    } => {
+                        project = Some(match project {
+                            None => (reason, retry_after),
+                            Some((first, longest)) => (first, longest.max(retry_after)),
+                        });
+                    }
                     ProviderError::Permanent { reason, .. } => {
                         permanent.get_or_insert(reason);
                     }
@@ -651,6 +719,13 @@ fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Recei
             abbreviate(&dead)
         )
     };
+    if let (false, Some((reason, retry_after))) = (sent, project) {
+        return Err(ProviderError::AccountThrottled {
+            reason: format!("{reason}{dead_note}"),
+            retry_after,
+            dead_contacts: dead,
+        });
+    }
     match (sent, transient, permanent, unsendable) {
         (true, ..) => Ok(Receipt {
             dead_contacts: dead,
@@ -1071,6 +1146,96 @@ mod tests {
                 &error,
                 ProviderError::Permanent { dead_contacts, .. } if dead_contacts.is_empty()
             ),
+            "{error:?}"
+        );
+    }
+
+    /// Google's answer when the project's send quota is out, as its API front words it: no FCM
+    /// error code, a `google.rpc.ErrorInfo` with reason `RATE_LIMIT_EXCEEDED`.
+    fn project_rate_limit_exceeded() -> ResponseTemplate {
+        ResponseTemplate::new(429).set_body_json(json!({
+            "error": {
+                "code": 429,
+                "message": "Quota exceeded for quota metric 'Send requests' and limit 'Send \
+                            requests per minute' of service 'fcm.googleapis.com' for consumer \
+                            'project_number:123'.",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [{
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "RATE_LIMIT_EXCEEDED",
+                    "domain": "googleapis.com",
+                    "metadata": {
+                        "consumer": "projects/123",
+                        "quota_limit": "SendsPerMinutePerProject",
+                        "quota_unit": "1/min/{project}",
+                        "service": "fcm.googleapis.com",
+                    },
+                }],
+            }
+        }))
+    }
+
+    /// FCM's `QUOTA_EXCEEDED` with a `google.rpc.QuotaFailure` naming the project's quota.
+    fn project_quota_exceeded() -> ResponseTemplate {
+        ResponseTemplate::new(429).set_body_json(json!({
+            "error": {
+                "code": 429,
+                "message": "Quota exceeded.",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                        "errorCode": "QUOTA_EXCEEDED",
+                    },
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [{
+                            "subject": "project:123",
+                            "quotaId": "SendsPerMinutePerProject",
+                            "quotaMetric": "fcm.googleapis.com/send_requests",
+                        }],
+                    },
+                ],
+            }
+        }))
+    }
+
+    #[tokio::test]
+    async fn the_project_s_quota_throttles_the_account_with_retry_after_or_a_minute() {
+        for (reply, wait) in [
+            (project_rate_limit_exceeded(), Duration::from_secs(60)),
+            (
+                project_quota_exceeded().insert_header("retry-after", "30"),
+                Duration::from_secs(30),
+            ),
+        ] {
+            let server = MockServer::start().await;
+            reply_for(&server, "device-a", reply).await;
+            let error = provider(&server.uri(), 2_000)
+                .send(&message(&["device-a"]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, ProviderError::AccountThrottled { reason, retry_after: Some(d), .. }
+                    if *d == wait && reason.contains("the project's quota")),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_project_s_quota_beside_another_device_s_failure_throttles_the_account() {
+        let server = MockServer::start().await;
+        reply_for(&server, "device-a", quota_exceeded()).await;
+        reply_for(&server, "device-b", project_rate_limit_exceeded()).await;
+        reply_for(&server, "dead-1", unregistered()).await;
+        let error = provider(&server.uri(), 2_000)
+            .send(&message(&["device-a", "device-b", "dead-1"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::AccountThrottled { dead_contacts, .. }
+                if dead_contacts == &["dead-1"]),
             "{error:?}"
         );
     }

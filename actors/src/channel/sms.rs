@@ -222,7 +222,19 @@ impl SmsProvider {
             let sid = http::accepted_id(&self.name, status, &bytes, |m: CreatedMessage| m.sid);
             return Ok(Receipt::new(sid));
         }
-        match serde_json::from_slice::<ApiError>(&bytes) {
+        let (reason, transient) = self.refusal(status, &bytes, body_lost);
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // Twilio's 429 (error 20429) refuses the account's concurrent API requests, whatever
+            // the recipient: every SMS waits out its Retry-After.
+            return Err(ProviderError::account_throttled(reason, retry_after));
+        }
+        Err(http::failure(transient, reason, retry_after))
+    }
+
+    /// The reason of a refusal with `status` and `body`, and whether it is transient: a refusal
+    /// of the account or its sender, or a status [`account_refused`] retries.
+    fn refusal(&self, status: reqwest::StatusCode, body: &[u8], body_lost: bool) -> (String, bool) {
+        match serde_json::from_slice::<ApiError>(body) {
             Ok(ApiError {
                 code: Some(code),
                 message,
@@ -235,14 +247,14 @@ impl SmsProvider {
                 let transient = ACCOUNT_PROBLEMS.contains(&code)
                     || (FROM_PROBLEMS.contains(&code) && self.from.starts_with('+'))
                     || account_refused(status);
-                Err(http::failure(transient, reason, retry_after))
+                (reason, transient)
             }
             _ => {
                 let reason = format!(
                     "HTTP {status}: {}",
-                    http::body_snippet(&bytes, body_lost, 200)
+                    http::body_snippet(body, body_lost, 200)
                 );
-                Err(http::failure(account_refused(status), reason, retry_after))
+                (reason, account_refused(status))
             }
         }
     }
@@ -592,23 +604,35 @@ mod tests {
         }
     }
 
+    /// Twilio's 429 (20429) refuses the account's concurrent requests, whatever the recipient,
+    /// and so does one whose body is not Twilio's.
     #[tokio::test]
-    async fn too_many_requests_is_transient_and_honours_retry_after() {
-        let (_server, provider) = reply_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "30")
-                .set_body_json(twilio_error(20429, "Too Many Requests", 429)),
-        )
-        .await;
-        let error = provider
-            .send_now(&message(Some("+14155552671")))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d), .. }
-                if *d == Duration::from_secs(30) && reason.contains("20429")),
-            "{error:?}"
-        );
+    async fn too_many_requests_throttles_the_account_and_honours_retry_after() {
+        for (reply, wait, said) in [
+            (
+                ResponseTemplate::new(429)
+                    .insert_header("retry-after", "30")
+                    .set_body_json(twilio_error(20429, "Too Many Requests", 429)),
+                Some(Duration::from_secs(30)),
+                "20429",
+            ),
+            (
+                ResponseTemplate::new(429).set_body_string("slow down"),
+                None,
+                "slow down",
+            ),
+        ] {
+            let (_server, provider) = reply_with(reply).await;
+            let error = provider
+                .send_now(&message(Some("+14155552671")))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, ProviderError::AccountThrottled { reason, retry_after, .. }
+                    if *retry_after == wait && reason.contains(said)),
+                "{error:?}"
+            );
+        }
     }
 
     #[tokio::test]

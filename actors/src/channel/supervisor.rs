@@ -225,6 +225,7 @@ mod tests {
             channel,
             provider: channel.as_str().into(),
             circuit: CircuitState::Closed,
+            throttled: false,
             recent_failures: 0,
             times_opened: 0,
             probe_at: None,

@@ -2,7 +2,17 @@
 //!
 //! The bot token is part of the URL, so it is kept out of every error and log line: reqwest errors
 //! lose their URL before they become reasons, and any reason is scrubbed of the token once more.
+//!
+//! The Bot API answers 429 "Too Many Requests: retry after N" both to one chat's flood control
+//! (about one message a second to a chat, twenty a minute to a group) and to the bot's own limit
+//! (about thirty messages a second in all), with nothing in the reply to tell them apart. A 429
+//! throttles its chat; 429s for [`ACCOUNT_WIDE_CHATS`] distinct chats within
+//! [`ACCOUNT_WIDE_WINDOW`] are taken for the bot's limit, and the last of them throttles the whole
+//! bot ([`ProviderError::AccountThrottled`]): the channel then holds every send until its
+//! `retry_after` has passed.
 
+use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -17,6 +27,15 @@ use super::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt};
 /// The least time a send must have left to follow a group to its supergroup (or half its
 /// `timeout_ms`, when that is less).
 const MIN_TIME_TO_FOLLOW: Duration = Duration::from_secs(1);
+
+/// Distinct chats whose 429s within [`ACCOUNT_WIDE_WINDOW`] are taken for the bot's own limit
+/// rather than each chat's flood control.
+const ACCOUNT_WIDE_CHATS: usize = 3;
+
+/// The window in which 429s for [`ACCOUNT_WIDE_CHATS`] distinct chats are taken for the bot's own
+/// limit. A campaign sends one message to each of many chats, far below any chat's flood control:
+/// several of them refused within a couple of seconds speak of the bot.
+const ACCOUNT_WIDE_WINDOW: Duration = Duration::from_secs(2);
 
 /// Telegram provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
@@ -164,6 +183,36 @@ pub struct TelegramProvider {
     parse_mode: Option<ParseMode>,
     /// `timeout_ms`: what one send may take, a followed move's second request included.
     timeout: Duration,
+    /// The chats refused with a 429 lately, to tell the bot's limit from a chat's.
+    floods: Mutex<FloodWatch>,
+}
+
+/// The chats refused with a 429 within the last [`ACCOUNT_WIDE_WINDOW`], oldest first, each once.
+#[derive(Debug, Default)]
+struct FloodWatch {
+    recent: VecDeque<(Instant, String)>,
+}
+
+impl FloodWatch {
+    /// Records a 429 for `chat` at `now`; whether that makes [`ACCOUNT_WIDE_CHATS`] distinct
+    /// chats within the window, the bot's own limit. The chats are then forgotten: after the
+    /// channel's hold it takes as many again.
+    fn account_wide(&mut self, chat: &str, now: Instant) -> bool {
+        while let Some((at, _)) = self.recent.front() {
+            if now.saturating_duration_since(*at) > ACCOUNT_WIDE_WINDOW {
+                self.recent.pop_front();
+            } else {
+                break;
+            }
+        }
+        self.recent.retain(|(_, seen)| seen != chat);
+        self.recent.push_back((now, chat.to_string()));
+        if self.recent.len() < ACCOUNT_WIDE_CHATS {
+            return false;
+        }
+        self.recent.clear();
+        true
+    }
 }
 
 impl std::fmt::Debug for TelegramProvider {
@@ -221,6 +270,7 @@ impl TelegramProvider {
             token: config.bot_token,
             parse_mode,
             timeout: Duration::from_millis(config.timeout_ms),
+            floods: Mutex::default(),
         })
     }
 
@@ -332,7 +382,7 @@ impl TelegramProvider {
             body_lost,
         } = http::exchange(request).await?;
         let reply = serde_json::from_slice::<BotReply>(&bytes).ok();
-        match reply {
+        let sent = match reply {
             Some(reply) if !reply.ok => refused(status, reply, header_retry_after, chat_id),
             reply if status.is_success() => Ok(Sent::Accepted {
                 message_id: self.sent_id(reply, status),
@@ -345,6 +395,37 @@ impl TelegramProvider {
                 ),
                 header_retry_after,
             )),
+        };
+        sent.map_err(|refusal| self.scoped(refusal, chat_id))
+    }
+
+    /// A throttle of `chat_id` made a throttle of the whole bot when it is the
+    /// [`ACCOUNT_WIDE_CHATS`]th distinct chat refused with a 429 within [`ACCOUNT_WIDE_WINDOW`];
+    /// any other refusal as it is.
+    fn scoped(&self, refusal: ProviderError, chat_id: &str) -> ProviderError {
+        let ProviderError::Throttled {
+            reason,
+            retry_after,
+            dead_contacts,
+        } = refusal
+        else {
+            return refusal;
+        };
+        let mut floods = self.floods.lock().unwrap_or_else(|p| p.into_inner());
+        if !floods.account_wide(chat_id, Instant::now()) {
+            return ProviderError::Throttled {
+                reason,
+                retry_after,
+                dead_contacts,
+            };
+        }
+        ProviderError::AccountThrottled {
+            reason: format!(
+                "{reason} (the bot's own limit: {ACCOUNT_WIDE_CHATS} chats refused within {} s)",
+                ACCOUNT_WIDE_WINDOW.as_secs()
+            ),
+            retry_after,
+            dead_contacts,
         }
     }
 
@@ -472,7 +553,7 @@ fn reply_error(
 fn code_error(code: StatusCode, reason: String, retry_after: Option<Duration>) -> ProviderError {
     if code == StatusCode::TOO_MANY_REQUESTS {
         // Flood control: Telegram limits the messages to each chat (about one a second), so a
-        // 429 speaks of this chat, not of the bot.
+        // 429 speaks of this chat, unless several chats' do (`TelegramProvider::scoped`).
         return ProviderError::throttled(reason, retry_after);
     }
     if code == StatusCode::NOT_FOUND {
@@ -840,6 +921,113 @@ mod tests {
         assert!(
             matches!(outcome, SendOutcome::Accepted(_)),
             "the quiet chat: {outcome:?}"
+        );
+        actor.stop(None);
+    }
+
+    #[test]
+    fn refusals_of_three_chats_within_two_seconds_are_the_bot_s_limit() {
+        let t0 = Instant::now();
+        let mut floods = FloodWatch::default();
+        assert!(!floods.account_wide("a", t0));
+        assert!(
+            !floods.account_wide("a", t0 + Duration::from_millis(100)),
+            "the same chat"
+        );
+        assert!(!floods.account_wide("b", t0 + Duration::from_millis(200)));
+        assert!(floods.account_wide("c", t0 + Duration::from_millis(300)));
+        assert!(
+            !floods.account_wide("d", t0 + Duration::from_millis(400)),
+            "forgotten"
+        );
+        assert!(!floods.account_wide("e", t0 + Duration::from_millis(500)));
+        assert!(
+            !floods.account_wide("f", t0 + Duration::from_millis(2_401)),
+            "d left the window"
+        );
+        assert!(floods.account_wide("g", t0 + Duration::from_millis(2_402)));
+    }
+
+    #[tokio::test]
+    async fn refusals_of_several_chats_hold_every_send_until_telegram_s_retry_after() {
+        use crate::channel::{ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, SendOutcome};
+        use ractor::{Actor, rpc::CallResult};
+        use std::sync::Arc;
+
+        // The bot's own limit: Telegram refuses every chat alike, asking to wait a minute.
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path(SEND_PATH))
+            .respond_with(ResponseTemplate::new(429).set_body_json(serde_json::json!({
+                "ok": false,
+                "error_code": 429,
+                "description": "Too Many Requests: retry after 60",
+                "parameters": {"retry_after": 60}
+            })))
+            .mount(&server)
+            .await;
+        let args = ChannelArgs::new(
+            Arc::new(provider(&server.uri(), 2_000)),
+            ChannelSettings::default(),
+            None,
+        );
+        let (actor, _) = Actor::spawn(None, ChannelActor, args)
+            .await
+            .expect("channel actor starts");
+        let wait = Duration::from_secs(30);
+        let send = |chat: &'static str| {
+            let actor = actor.clone();
+            async move {
+                let answer = actor
+                    .call(
+                        |reply| ChannelMsg::Send {
+                            message: Box::new(message(Some(chat))),
+                            answer_by: std::time::Instant::now() + wait,
+                            reply,
+                        },
+                        Some(wait),
+                    )
+                    .await
+                    .expect("actor alive");
+                match answer {
+                    CallResult::Success(report) => report.outcome,
+                    other => panic!("a send to {chat} was not answered: {other:?}"),
+                }
+            }
+        };
+        for chat in ["one", "two"] {
+            let outcome = send(chat).await;
+            assert!(
+                matches!(
+                    outcome,
+                    SendOutcome::Failed(ProviderError::Throttled { .. })
+                ),
+                "{chat}: one chat's 429 throttles that chat only: {outcome:?}"
+            );
+        }
+        let outcome = send("three").await;
+        assert!(
+            matches!(
+                &outcome,
+                SendOutcome::Failed(ProviderError::AccountThrottled { retry_after, .. })
+                    if *retry_after == Some(Duration::from_secs(60))
+            ),
+            "the third chat's 429 throttles the bot: {outcome:?}"
+        );
+        for chat in ["four", "five", "one"] {
+            match send(chat).await {
+                SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                    cool_down_left > Duration::from_secs(50),
+                    "{chat}: held for Telegram's retry_after: {cool_down_left:?}"
+                ),
+                other => panic!("a send to {chat} reached Telegram: {other:?}"),
+            }
+        }
+        let requests = server.received_requests().await.unwrap_or_default();
+        assert_eq!(
+            requests.len(),
+            3,
+            "Telegram was not called while the bot was held"
         );
         actor.stop(None);
     }

@@ -110,6 +110,7 @@ mod tests {
             channel: "telegram".into(),
             provider: "telegram".into(),
             circuit: circuit.into(),
+            throttled: false,
             recent_failures: 0,
             times_opened: 0,
             probe_at,
