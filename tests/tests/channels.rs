@@ -1727,3 +1727,248 @@ async fn a_retry_round_does_not_call_a_channel_that_refused_for_good() {
     );
     w.herald.shutdown().await.expect("shutdown");
 }
+
+/// The default retry ceiling, not the tests' 1 s: a retry may wait for a held channel.
+fn retries_wait_up_to_five_minutes(config: &mut Config) {
+    config.dispatch.retry.max_delay_ms = 300_000;
+}
+
+/// Asserts that `channel`'s circuit is held open by the provider's throttle of the account, with
+/// no failure counted, until about `wait` from now (at least 20 s less).
+async fn assert_held(w: &World, channel: &str, wait: i64) {
+    let state = channel_state(w, channel).await;
+    assert_eq!(
+        (
+            &state["circuit"],
+            &state["throttled"],
+            &state["times_opened"]
+        ),
+        (&json!("open"), &json!(true), &json!(0)),
+        "{state}"
+    );
+    let probe_at = state["probe_at"]
+        .as_str()
+        .and_then(|at| at.parse::<DateTime<Utc>>().ok())
+        .unwrap_or_else(|| panic!("a held circuit says when it probes: {state}"));
+    assert!(
+        probe_at > Utc::now() + chrono::TimeDelta::seconds(wait - 20)
+            && probe_at <= Utc::now() + chrono::TimeDelta::seconds(wait),
+        "held for the provider's {wait} s: {state}"
+    );
+}
+
+/// How long, by its status reason, a notification with no other channel waits for a held one.
+async fn waiting_secs(w: &World, channel: &str) -> u64 {
+    let id = w
+        .herald
+        .send_accepted(&notification(&[channel], everyone()))
+        .await;
+    let path = format!("/api/v1/notifications/{id}");
+    eventually(
+        "the notification to wait for the held channel",
+        E2E_TIMEOUT,
+        || async {
+            let (_, json) = w.herald.get(&path).await;
+            let reason = json["status_reason"].as_str()?.to_string();
+            let secs = reason.split("again in ").nth(1)?.split(' ').next()?;
+            secs.parse::<u64>().ok()
+        },
+    )
+    .await
+}
+
+/// A recipient reached on Telegram at `chat`, and by email.
+fn at_chat(chat: &str) -> Value {
+    json!({"email": "ada@example.com", "telegram_chat_id": chat})
+}
+
+/// Telegram's flood control of one chat throttles that chat only: the others are still sent to.
+#[tokio::test]
+async fn one_chat_s_flood_control_holds_no_other_chat() {
+    let w = world(open_circuits_after_two_failures).await;
+    let flood = telegram_error(
+        429,
+        "Too Many Requests: retry after 60",
+        Some(json!({"retry_after": 60})),
+    );
+    telegram_to("busy", flood).mount(&w.provider).await;
+    telegram_to("quiet", telegram_ok()).mount(&w.provider).await;
+    for _ in 0..4 {
+        let sent =
+            send_until_sent(&w, &notification(&["telegram", "email"], at_chat("busy"))).await;
+        assert_eq!(
+            statuses(&sent),
+            [("telegram", "failed"), ("email", "sent")],
+            "{sent}"
+        );
+    }
+    let sent = send_until_sent(&w, &notification(&["telegram", "email"], at_chat("quiet"))).await;
+    assert_eq!(statuses(&sent), [("telegram", "sent")], "{sent}");
+    let state = channel_state(&w, "telegram").await;
+    assert_eq!(
+        (&state["circuit"], &state["throttled"]),
+        (&json!("closed"), &json!(false)),
+        "{state}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Telegram answers the bot's own limit (about 30 messages a second) with the same 429 as one
+/// chat's flood control: 429s for three chats within two seconds are taken for it, and the bot
+/// is not called again before its `retry_after`; notifications fail over to email meanwhile.
+#[tokio::test]
+async fn telegram_s_429s_for_several_chats_hold_the_bot_until_its_retry_after() {
+    let w = world(retries_wait_up_to_five_minutes).await;
+    let limit = telegram(telegram_error(
+        429,
+        "Too Many Requests: retry after 60",
+        Some(json!({"retry_after": 60})),
+    ))
+    .mount_as_scoped(&w.provider)
+    .await;
+    for chat in ["1001", "1002", "1003"] {
+        let sent = send_until_sent(&w, &notification(&["telegram", "email"], at_chat(chat))).await;
+        assert_eq!(
+            statuses(&sent),
+            [("telegram", "failed"), ("email", "sent")],
+            "chat {chat}: {sent}"
+        );
+    }
+    for chat in ["1004", "1005", "1001"] {
+        let sent = send_until_sent(&w, &notification(&["telegram", "email"], at_chat(chat))).await;
+        assert_eq!(
+            statuses(&sent),
+            [("telegram", "circuit_open"), ("email", "sent")],
+            "chat {chat}, after the bot's limit: {sent}"
+        );
+    }
+    let waiting = waiting_secs(&w, "telegram").await;
+    assert!(
+        waiting >= 40,
+        "a Telegram-only notification waits for the retry_after: {waiting} s"
+    );
+    assert_eq!(
+        limit.received_requests().await.len(),
+        3,
+        "Telegram was not called while the bot was held"
+    );
+    assert_held(&w, "telegram", 60).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Twilio's 429 (20429) is the account's: every SMS waits out its Retry-After without calling
+/// Twilio, at the first one, and it is not counted as a failure of the provider.
+#[tokio::test]
+async fn a_twilio_429_holds_every_sms_until_its_retry_after() {
+    let w = world(retries_wait_up_to_five_minutes).await;
+    let too_many = json!({
+        "code": 20429,
+        "message": "Too Many Requests",
+        "more_info": "https://www.twilio.com/docs/errors/20429",
+        "status": 429
+    });
+    let limit = sms(ResponseTemplate::new(429)
+        .insert_header("Retry-After", "60")
+        .set_body_json(too_many))
+    .mount_as_scoped(&w.provider)
+    .await;
+    let sent = send_until_sent(&w, &notification(&["sms", "email"], everyone())).await;
+    assert_eq!(
+        statuses(&sent),
+        [("sms", "failed"), ("email", "sent")],
+        "{sent}"
+    );
+    for n in 0..3 {
+        let sent = send_until_sent(&w, &notification(&["sms", "email"], everyone())).await;
+        assert_eq!(
+            statuses(&sent),
+            [("sms", "circuit_open"), ("email", "sent")],
+            "send {n} after the 429: {sent}"
+        );
+    }
+    let waiting = waiting_secs(&w, "sms").await;
+    assert!(
+        waiting >= 40,
+        "an SMS-only notification waits for the Retry-After: {waiting} s"
+    );
+    assert_eq!(
+        limit.received_requests().await.len(),
+        1,
+        "Twilio was not called while the account was held"
+    );
+    assert_held(&w, "sms", 60).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// FCM's `QUOTA_EXCEEDED` for one device throttles that device only; a 429 for the project's
+/// quota (Google's `RATE_LIMIT_EXCEEDED`, without FCM's own code) holds every push for a minute.
+#[tokio::test]
+async fn fcm_s_project_quota_holds_every_push_but_a_device_s_quota_only_that_device() {
+    let w = world(open_circuits_after_two_failures).await;
+    let device_quota = fcm_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "QUOTA_EXCEEDED",
+        "Quota exceeded.",
+    )
+    .insert_header("Retry-After", "60");
+    fcm("busy-device", device_quota).mount(&w.provider).await;
+    let phone = fcm("phone", fcm_accepted("projects/shop/messages/1"))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let push_to = |token: &str| {
+        notification(
+            &["push", "email"],
+            json!({"email": "ada@example.com", "push_tokens": [token]}),
+        )
+    };
+    for _ in 0..3 {
+        let sent = send_until_sent(&w, &push_to("busy-device")).await;
+        assert_eq!(
+            statuses(&sent),
+            [("push", "failed"), ("email", "sent")],
+            "{sent}"
+        );
+    }
+    let sent = send_until_sent(&w, &push_to("phone")).await;
+    assert_eq!(
+        statuses(&sent),
+        [("push", "sent")],
+        "a device's quota is its own: {sent}"
+    );
+
+    let project_quota = ResponseTemplate::new(429).set_body_json(json!({"error": {
+        "code": 429,
+        "message": "Quota exceeded for quota metric 'Send requests' and limit 'Send requests per \
+                    minute' of service 'fcm.googleapis.com' for consumer 'project_number:123'.",
+        "status": "RESOURCE_EXHAUSTED",
+        "details": [{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "RATE_LIMIT_EXCEEDED",
+            "domain": "googleapis.com",
+            "metadata": {"quota_limit": "SendsPerMinutePerProject", "quota_unit": "1/min/{project}"}
+        }]
+    }}));
+    fcm("tablet", project_quota).mount(&w.provider).await;
+    let sent = send_until_sent(&w, &push_to("tablet")).await;
+    assert_eq!(
+        statuses(&sent),
+        [("push", "failed"), ("email", "sent")],
+        "{sent}"
+    );
+    for n in 0..3 {
+        let sent = send_until_sent(&w, &push_to("phone")).await;
+        assert_eq!(
+            statuses(&sent),
+            [("push", "circuit_open"), ("email", "sent")],
+            "send {n} after the project's quota ran out: {sent}"
+        );
+    }
+    assert_eq!(
+        phone.received_requests().await.len(),
+        1,
+        "FCM was not called while the project was held"
+    );
+    assert_held(&w, "push", 60).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
