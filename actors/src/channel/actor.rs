@@ -673,10 +673,11 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
             }
         }
         Verdict::Throttled { retry_after } => {
+            let before = state.breaker.period();
             state
                 .breaker
                 .on_throttle(admission, period, Instant::now(), retry_after);
-            if state.breaker.throttled() && state.breaker.period() != period {
+            if state.breaker.period() != before {
                 let provider = state.provider.name().to_string();
                 tracing::warn!(%provider, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "the provider throttles the whole account; holding every send until its wait has passed");
                 metrics::counter!("herald_channel_throttles_total", "provider" => provider)
