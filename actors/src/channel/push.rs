@@ -1212,7 +1212,7 @@ mod tests {
             let server = MockServer::start().await;
             reply_for(&server, "device-a", reply).await;
             let error = provider(&server.uri(), 2_000)
-                .send(&message(&["device-a"]))
+                .send_now(&message(&["device-a"]))
                 .await
                 .unwrap_err();
             assert!(
@@ -1230,7 +1230,7 @@ mod tests {
         reply_for(&server, "device-b", project_rate_limit_exceeded()).await;
         reply_for(&server, "dead-1", unregistered()).await;
         let error = provider(&server.uri(), 2_000)
-            .send(&message(&["device-a", "device-b", "dead-1"]))
+            .send_now(&message(&["device-a", "device-b", "dead-1"]))
             .await
             .unwrap_err();
         assert!(
