@@ -423,11 +423,12 @@ fn new_notification(event: &DomainEvent, rule: &Rule, command: SendCommand) -> N
     }
 }
 
-/// Publishes the stored notification's command unless it is already past `queued` (then a
-/// dispatcher has it). JetStream's `Nats-Msg-Id` de-duplication and the dispatcher's claim (which
-/// drops a command whose notification is final) make a second publish harmless.
+/// Publishes the stored notification's command while it is as the Router stored it
+/// ([`awaits_first_command`]); otherwise something else has its command in hand. JetStream's
+/// `Nats-Msg-Id` de-duplication and the dispatcher's claim (which drops a command whose
+/// notification is final) make a second publish of the Router's own command harmless.
 async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Result<(), Failure> {
-    if row.status != NotificationStatus::Queued {
+    if !awaits_first_command(row) {
         return Ok(());
     }
     let command = repo::notifications::send_command(row)
@@ -441,6 +442,19 @@ async fn publish_if_queued(ctx: &RouterContext, row: &notification::Model) -> Re
         Err(err @ NatsError::TooLarge { .. }) => Err(too_large(ctx, row, &err).await),
         Err(err) => Err(Failure::Retry(err.to_string())),
     }
+}
+
+/// Whether `row` is as the Router stored it, `queued` with no `status_reason` and never
+/// scheduled, so that its first command may not have been published (the Router stopped between
+/// storing and publishing). Any other `queued` notification has a command in hand elsewhere: a
+/// dead-letter replay's (marked until confirmed, then "replayed …"; published with the replay's
+/// attempt base, which a copy under the notification's own id would lack, so that copy would find
+/// the replay's rounds spent and give the notification up unsent), or the Scheduler's release of
+/// a deferred notification (`scheduled_at` set; its claim mark is cleared once confirmed).
+fn awaits_first_command(row: &notification::Model) -> bool {
+    row.status == NotificationStatus::Queued
+        && row.status_reason.is_none()
+        && row.scheduled_at.is_none()
 }
 
 /// What a command the NATS server refuses as larger than its `max_payload` gets (a server set
@@ -530,5 +544,54 @@ mod tests {
         let defaults = HashMap::from([(own.category, vec![Telegram, Email, Telegram])]);
         assert_eq!(chain_of(&rule(None), &defaults), [Telegram, Email]);
         assert_eq!(chain_of(&rule(None), &HashMap::new()), [Email]);
+    }
+
+    /// A notification as the Router stores it, with `status` and `status_reason`.
+    fn stored(status: NotificationStatus, reason: Option<&str>) -> notification::Model {
+        let now = Utc::now();
+        notification::Model {
+            id: uuid::Uuid::now_v7(),
+            request_id: None,
+            request_fingerprint: None,
+            customer_id: Some("c-1".into()),
+            recipient_key: "c-1".into(),
+            contacts: serde_json::json!({}),
+            category: "transactional".into(),
+            channels: serde_json::json!(["email"]),
+            content: serde_json::json!({}),
+            status,
+            status_reason: reason.map(Into::into),
+            scheduled_at: None,
+            final_channel: None,
+            attempts: 0,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            sent_at: None,
+            batch_id: None,
+        }
+    }
+
+    /// Only a notification as the Router stored it gets its command published again by a
+    /// re-routed event; one a replay or the Scheduler requeued has its command published by them.
+    #[test]
+    fn only_a_notification_as_the_router_stored_it_awaits_its_first_command() {
+        use NotificationStatus::{Processing, Queued};
+        use herald_entities::repo::{dead_letters::PendingReplay, schedule};
+        assert!(awaits_first_command(&stored(Queued, None)));
+        assert!(!awaits_first_command(&stored(Processing, None)));
+        let replay = PendingReplay::new(7).mark();
+        for reason in [replay.as_str(), schedule::REPLAYED, schedule::CLAIM_PREFIX] {
+            assert!(
+                !awaits_first_command(&stored(Queued, Some(reason))),
+                "{reason}"
+            );
+        }
+        // Deferred, then released by the Scheduler, whose claim mark was cleared once confirmed.
+        let released = notification::Model {
+            scheduled_at: Some(Utc::now()),
+            ..stored(Queued, None)
+        };
+        assert!(!awaits_first_command(&released));
     }
 }

@@ -590,6 +590,90 @@ async fn a_filtered_replay_of_events_routes_those_given_up_for_unknown_customers
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// An event whose `order_placed` notification died (SMTP down) and whose other rule dead-lettered
+/// it (its runtime template missing). The operator replays the command, then the event. Routed
+/// again while the replay has the notification `queued`, the Router published the notification's
+/// command once more, without the replay's attempt base: that copy counted the rounds before the
+/// replay as spent, and the notification was given up at once, no provider called. The Router now
+/// leaves a notification it did not leave `queued` itself to whoever requeued it.
+#[tokio::test]
+async fn an_event_replayed_while_its_notification_is_replayed_leaves_the_replay_its_rounds() {
+    use herald_entities::repo::dead_letters::{PendingReplay, requeue_dead};
+    let w = world_with(|config| {
+        // Dead after two rounds; a command's id is forgotten by JetStream after 2 s, so the
+        // Router's copy is not dropped as a duplicate of the first command.
+        config.dispatch.retry.max_deliveries = 2;
+        config.channels.limits.circuit.cool_down_ms = 200;
+        config.nats.dedup_window_secs = 2;
+        // The Scheduler finishes an unconfirmed replay after 3 s: well after the event's replay.
+        config.scheduler.stale_claim_secs = 3;
+        config.routing.rules.push(Rule {
+            name: "order_note".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_note".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "customer_id".into(),
+            enabled: true,
+        })
+    })
+    .await;
+    let h = &w.herald;
+    w.customer("c-ada", "ada@example.com", "en").await;
+    w.smtp.set_pause(true).await.expect("smtp paused");
+    let event_id = Uuid::now_v7();
+    let event = order_created(event_id, "c-ada", "6001");
+    w.publish_event(&event, &event_id.to_string()).await;
+    let decoded = herald_nats::DomainEvent::decode(event.to_string().as_bytes()).expect("event");
+    let placed = herald_actors::rules::default_rules().remove(0);
+    assert_eq!(placed.name, "order_placed");
+    let uuid = placed.notification_id(&decoded);
+    let id = uuid.to_string();
+    let dead = h.wait_status(&id, "dead").await;
+    assert_eq!(dead["attempts"].as_array().map(Vec::len), Some(2), "{dead}");
+    wait_dead_letters(&w.nats, 1).await;
+    let (_, commands) = h.get("/api/v1/dlq?kind=commands").await;
+    let command_seq = commands["items"][0]["seq"].as_u64().expect("a command");
+    assert_eq!(commands["items"][0]["notification_id"], id, "{commands}");
+    let (_, events) = h.get("/api/v1/dlq?kind=events").await;
+    let event_seq = events["items"][0]["seq"].as_u64().expect("an event");
+    w.smtp.set_pause(false).await.expect("smtp resumed");
+
+    // The command's replay has requeued the notification; its command is on its way (here it
+    // never got out, and the Scheduler publishes it once the replay is stale).
+    let requeued = requeue_dead(h.db(), uuid, &PendingReplay::new(command_seq))
+        .await
+        .expect("requeued");
+    assert!(requeued, "the dead notification is requeued");
+    // Past the duplicate window of the notification's first command (a wait for time itself).
+    let created: chrono::DateTime<chrono::Utc> = dead["created_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("created_at");
+    let window_ends = created + chrono::Duration::milliseconds(2_500);
+    if let Ok(left) = (window_ends - chrono::Utc::now()).to_std() {
+        tokio::time::sleep(left).await;
+    }
+    let (status, replayed) = h
+        .post(&format!("/api/v1/dlq/{event_seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    assert_eq!(replayed["status"], "republished", "{replayed}");
+    w.router_idle().await;
+
+    let sent = h.wait_status(&id, "sent").await;
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(
+        attempts.len(),
+        3,
+        "a round after the two that failed: {sent}"
+    );
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, vec!["ada@example.com".to_string()]);
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_renders_it() {
     // The built-in `order_placed` rule replaced by one naming a runtime template. The template
