@@ -9,10 +9,13 @@
 //! Herald ships [`default_rules`]; configuration (`[[routing.rules]]`) adds rules, replaces a
 //! default by using its name, or switches one off with `enabled = false`. Events are matched after
 //! they are read into their types, so a field the type lacks is never there: [`validate`] refuses
-//! a rule naming one, or a value its field never takes, which would never match.
+//! a rule naming one, or a value its field never takes, which would never match, and a rule whose
+//! compiled template requires a variable its events do not always supply, which would
+//! dead-letter them.
 
 use std::collections::BTreeMap;
 
+use crate::templates::{TemplateDef, variables};
 use herald_nats::{Category, Channel, DomainEvent, events};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -250,9 +253,11 @@ impl RuleError {
 }
 
 /// Checks that names are unique and every rule names a known event type and a template, matches
-/// only data fields the event type has, with values they can take, and names a recipient field
-/// holding a string. A template that is not compiled is taken for a runtime one, which may be
-/// created after the rules are loaded; until it is, the rule's events are dead-lettered.
+/// only data fields the event type has, with values they can take, names a recipient field
+/// holding a string, and, when its template is compiled, that every variable the template
+/// requires is supplied by each event the rule matches. A template that is not compiled is taken
+/// for a runtime one, which may be created after the rules are loaded; until it is, the rule's
+/// events are dead-lettered.
 pub fn validate(rules: &[Rule]) -> Result<(), RuleError> {
     for (i, r) in rules.iter().enumerate() {
         let twice = rules[..i].iter().any(|other| other.name == r.name);
@@ -313,7 +318,39 @@ fn check(r: &Rule) -> Result<(), String> {
             describe(&types, &recipient)
         ));
     }
-    Ok(())
+    match crate::templates::find(&r.template) {
+        Some(template) => check_variables(r, template),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a rule whose compiled `template` requires a variable that not every event the rule
+/// matches supplies ([`variables::supplied`]): each of those events would be dead-lettered for
+/// the missing variable. (A runtime template is not checked: it may be created or changed after
+/// the rules are loaded.)
+fn check_variables(r: &Rule, template: &TemplateDef) -> Result<(), String> {
+    let supplied = variables::supplied(&r.event, &r.when).unwrap_or_default();
+    let Some(missing) = template
+        .variables
+        .iter()
+        .find(|v| v.required && !supplied.contains(&v.name))
+    else {
+        return Ok(());
+    };
+    Err(format!(
+        "the built-in template {:?} requires the variable `{}`, which not every {} event{} \
+         supplies (each supplies {}): those without it would be dead-lettered; name another \
+         template, or a runtime one",
+        template.code,
+        missing.name,
+        r.event,
+        if r.when.is_empty() {
+            ""
+        } else {
+            " matching `when`"
+        },
+        supplied.join(", ")
+    ))
 }
 
 /// Refuses a `when` value that the field `key`, described by `field`, never has as its text.
@@ -552,7 +589,7 @@ mod tests {
             [[rules]]
             name = "welcome"
             event = "customers.created"
-            template = "marketing"
+            template = "welcome"
             category = "account"
             "#,
         );
@@ -620,7 +657,7 @@ mod tests {
                     [[rules]]
                     name = "order_welcome"
                     event = "customers.created"
-                    template = "marketing"
+                    template = "welcome"
                     category = "account"
 
                     [[rules]]
@@ -708,7 +745,7 @@ mod tests {
                 name = "watch"
                 event = "{event}"
                 when = {{ {when} }}
-                template = "order_placed"
+                template = "order_watch"
                 category = "transactional"
                 "#
             )
@@ -780,12 +817,69 @@ mod tests {
     }
 
     #[test]
+    fn a_built_in_template_needing_a_variable_the_events_lack_is_refused() {
+        let rule = |event: &str, when: &str, template: &str| {
+            format!(
+                r#"
+                [[rules]]
+                name = "order_placed"
+                event = "orders.created"
+                template = "order_placed"
+                category = "transactional"
+
+                [[rules]]
+                name = "mistaken"
+                event = "{event}"
+                when = {{ {when} }}
+                template = "{template}"
+                category = "transactional"
+                "#
+            )
+        };
+        let changed = events::ORDER_STATUS_CHANGED;
+        assert_refused(
+            &rule(events::CUSTOMER_CREATED, "", "marketing"),
+            &[
+                "routing.rules[1] (\"mistaken\")",
+                "the built-in template \"marketing\" requires the variable `headline`, which \
+                 not every customers.created event supplies (each supplies customer_id, \
+                 event_id, occurred_at)",
+            ],
+        );
+        assert_refused(
+            &rule(changed, r#"status = "cancelled""#, "order_shipped"),
+            &[
+                "routing.rules[1] (\"mistaken\")",
+                "\"order_shipped\" requires the variable `tracking_number`, which not every \
+                 orders.status_changed event matching `when` supplies",
+            ],
+        );
+        assert_refused(
+            &rule(changed, "", "order_placed"),
+            &["\"order_placed\" requires the variable `total`"],
+        );
+        // A shipped order always has its tracking number; a runtime template is not checked.
+        for fine in [
+            (changed, r#"status = "shipped""#, "order_shipped"),
+            (changed, r#"status = "cancelled""#, "order_delivered"),
+            (events::CUSTOMER_CREATED, "", "welcome"),
+        ] {
+            assert!(in_force(&rule(fine.0, fine.1, fine.2)).is_ok(), "{fine:?}");
+        }
+        // Built-in rules are checked as much as configured ones.
+        let mut rules = default_rules();
+        rules[4].event = events::CUSTOMER_CREATED.into();
+        let err = validate(&rules).unwrap_err().to_string();
+        assert!(err.contains("routing rule \"marketing_campaign\""), "{err}");
+    }
+
+    #[test]
     fn a_name_configured_twice_is_refused() {
         let welcome = r#"
             [[rules]]
             name = "welcome"
             event = "customers.created"
-            template = "marketing"
+            template = "welcome"
             category = "account"
             "#;
         assert_refused(

@@ -1447,6 +1447,51 @@ mod tests {
         });
     }
 
+    /// A rule whose built-in template needs a variable its events lack would dead-letter every
+    /// one of them: the configuration is refused, naming the rule, the template and the variable.
+    #[test]
+    fn a_rule_whose_built_in_template_needs_what_its_events_lack_is_refused() {
+        figment::Jail::expect_with(|jail| {
+            for (rule, variable) in [
+                (
+                    r#"name = "welcome"
+                    event = "customers.created"
+                    template = "marketing"
+                    category = "marketing""#,
+                    "headline",
+                ),
+                (
+                    r#"name = "order_cancelled"
+                    event = "orders.status_changed"
+                    when = { status = "cancelled" }
+                    template = "order_shipped"
+                    category = "transactional""#,
+                    "tracking_number",
+                ),
+            ] {
+                jail.create_file("herald.toml", &format!("[[routing.rules]]\n{rule}\n"))?;
+                let err = Config::load(Some(Path::new("herald.toml")))
+                    .unwrap_err()
+                    .to_string();
+                for part in ["routing.rules[0]", "built-in template", variable] {
+                    assert!(err.contains(part), "{part:?} is not in: {err}");
+                }
+            }
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [[routing.rules]]
+                name = "welcome"
+                event = "customers.created"
+                template = "welcome"
+                category = "account"
+                "#,
+            )?;
+            Config::load(Some(Path::new("herald.toml"))).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+    }
+
     #[test]
     fn a_stale_claim_must_be_republished_within_the_dedup_window() {
         figment::Jail::expect_with(|jail| {

@@ -2,9 +2,11 @@
 //! customer's id and name (which every template sent to a stored customer gets, see
 //! [`add_customer`]). Money is formatted from minor units; times in the customer's time zone.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use herald_entities::customer;
-use herald_nats::{DomainEvent, EventData};
+use herald_nats::{DomainEvent, EventData, events};
 use serde_json::{Map, Value, json};
 
 /// Currencies whose minor unit is not a hundredth (ISO 4217 exponents other than 2).
@@ -127,9 +129,141 @@ pub fn from_event(event: &DomainEvent, customer: &customer::Model) -> Map<String
     vars
 }
 
+/// The variables [`from_event`] sets for every event of `event_type` whose data a rule's `when`
+/// (data field → value) matches, whatever the customer: `customer_id`, `event_id`,
+/// `occurred_at`, those from the data fields every event of the type has, and those from
+/// optional fields the `when` pins (a pinned field is there and not null, as null matches
+/// nothing), or that the pinned values require (a `shipped` order has a tracking number: the
+/// event is refused without one). Not `customer_name`: a customer may have no name. `None` for an
+/// unknown event type.
+pub fn supplied(event_type: &str, when: &BTreeMap<String, String>) -> Option<Vec<&'static str>> {
+    let (always, optional): (&[&'static str], &[&'static str]) = match event_type {
+        events::ORDER_CREATED => (&["order_number", "total", "items"], &[]),
+        events::ORDER_STATUS_CHANGED => (
+            &["order_number", "status"],
+            &[
+                "tracking_number",
+                "delivery_estimate",
+                "review_url",
+                "reason",
+            ],
+        ),
+        events::CUSTOMER_CREATED => (&[], &["name"]),
+        events::LOGIN_ALERT => (&["ip"], &["location", "device"]),
+        events::MARKETING_CAMPAIGN => (&["campaign_id", "headline", "body"], &["url"]),
+        _ => return None,
+    };
+    let shipped = event_type == events::ORDER_STATUS_CHANGED
+        && when.get("status").is_some_and(|status| status == "shipped");
+    let mut names = vec!["customer_id", "event_id", "occurred_at"];
+    names.extend_from_slice(always);
+    names.extend(
+        optional
+            .iter()
+            .copied()
+            .filter(|name| when.contains_key(*name) || (shipped && *name == "tracking_number")),
+    );
+    Some(names)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_nats::events::{
+        CustomerCreated, LoginAlert, MarketingCampaign, OrderCreated, OrderEventStatus,
+        OrderStatusChanged,
+    };
+
+    fn nameless_customer() -> customer::Model {
+        let now = Utc::now();
+        customer::Model {
+            id: uuid::Uuid::nil(),
+            external_id: "c-1".into(),
+            name: None,
+            email: None,
+            phone: None,
+            telegram_chat_id: None,
+            push_tokens: json!([]),
+            webhook_url: None,
+            locale: "en".into(),
+            timezone: "UTC".into(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    fn status_changed(status: OrderEventStatus, tracking: Option<&str>) -> EventData {
+        EventData::OrderStatusChanged(OrderStatusChanged {
+            customer_id: "c-1".into(),
+            order_number: "1001".into(),
+            status,
+            tracking_number: tracking.map(Into::into),
+            delivery_estimate: None,
+            review_url: None,
+            reason: None,
+        })
+    }
+
+    /// The barest event of each type (no optional field) gets exactly the variables [`supplied`]
+    /// promises without a `when`; a shipped order's, those it promises for `status = "shipped"`.
+    #[test]
+    fn supplied_lists_what_the_barest_event_of_each_type_gets() {
+        let barest = [
+            EventData::OrderCreated(OrderCreated {
+                customer_id: "c-1".into(),
+                order_number: "1001".into(),
+                total_minor: 0,
+                currency: "EUR".into(),
+                items: vec![],
+            }),
+            status_changed(OrderEventStatus::Paid, None),
+            EventData::CustomerCreated(CustomerCreated {
+                customer_id: "c-1".into(),
+                name: None,
+            }),
+            EventData::LoginAlert(LoginAlert {
+                customer_id: "c-1".into(),
+                ip: "192.0.2.1".into(),
+                location: None,
+                device: None,
+            }),
+            EventData::MarketingCampaign(MarketingCampaign {
+                customer_id: "c-1".into(),
+                campaign_id: "spring".into(),
+                headline: "Spring".into(),
+                body: "Sale".into(),
+                url: None,
+            }),
+        ];
+        let names = |data: EventData| {
+            let vars = from_event(&DomainEvent::new(data), &nameless_customer());
+            let mut names: Vec<String> = vars.keys().cloned().collect();
+            names.sort();
+            names
+        };
+        let promised = |event_type: &str, when: &[(&str, &str)]| {
+            let when = when
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let mut names: Vec<String> = supplied(event_type, &when)
+                .expect("a known type")
+                .into_iter()
+                .map(String::from)
+                .collect();
+            names.sort();
+            names
+        };
+        for data in barest {
+            let event_type = data.event_type();
+            assert_eq!(names(data), promised(event_type, &[]), "{event_type}");
+        }
+        let shipped = status_changed(OrderEventStatus::Shipped, Some("1Z999"));
+        let changed = events::ORDER_STATUS_CHANGED;
+        assert_eq!(names(shipped), promised(changed, &[("status", "shipped")]));
+        assert!(promised(changed, &[("reason", "out of stock")]).contains(&"reason".into()));
+        assert_eq!(supplied("orders.exploded", &BTreeMap::new()), None);
+    }
 
     #[test]
     fn the_stored_customer_fills_variables_that_are_absent_or_null_only() {
