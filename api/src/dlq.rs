@@ -260,27 +260,55 @@ impl DlqApi {
         }
         .checked()?;
         let start = body.after_seq.unwrap_or(0).saturating_add(1);
-        let stream = open_stream(&self.state).await?;
-        let (letters, next) = stream
-            .page(start, limit, MAX_SCAN, |l| filter.matches(&l).then_some(l))
+        replay_scan(&self.state, &filter, start, limit)
             .await
-            .map_err(unavailable)?;
-        let mut report = ReplayReport {
-            replayed: Vec::new(),
-            skipped: Vec::new(),
-            next_after_seq: next.map(|n| n.saturating_sub(1)),
-        };
-        for letter in &letters {
-            match replay_letter(&self.state, &stream, letter).await? {
-                Ok(replayed) => report.replayed.push(replayed),
-                Err(reason) => report.skipped.push(ReplaySkipped {
-                    seq: letter.seq,
-                    reason,
-                }),
-            }
-        }
-        Ok(Json(report))
+            .map(Json)
     }
+}
+
+/// Replays, oldest first, up to `limit` dead letters from sequence `start` on that `filter`
+/// matches, looking at no more than [`MAX_SCAN`] entries. Each is replayed as it is read, so no
+/// more than one payload is held at a time (a command may take 640 KiB). Entries dead-lettered
+/// after the call began are not looked at: one replayed here that fails again at once (an event
+/// whose template is still missing) is left for the next call, not replayed over and over.
+async fn replay_scan(
+    state: &AppState,
+    filter: &EntryFilter,
+    start: u64,
+    limit: usize,
+) -> Result<ReplayReport, ApiError> {
+    let stream = open_stream(state).await?;
+    let last = stream.last_seq().await.map_err(unavailable)?;
+    let mut report = ReplayReport {
+        replayed: Vec::new(),
+        skipped: Vec::new(),
+        next_after_seq: None,
+    };
+    let mut next = start.max(1);
+    let mut matched = 0;
+    for _ in 0..MAX_SCAN {
+        let read = stream.next_from(next).await.map_err(unavailable)?;
+        let Some(letter) = read.filter(|letter| letter.seq <= last) else {
+            return Ok(report);
+        };
+        next = letter.seq + 1;
+        if !filter.matches(&letter) {
+            continue;
+        }
+        match replay_letter(state, &stream, &letter).await? {
+            Ok(replayed) => report.replayed.push(replayed),
+            Err(reason) => report.skipped.push(ReplaySkipped {
+                seq: letter.seq,
+                reason,
+            }),
+        }
+        matched += 1;
+        if matched >= limit {
+            break;
+        }
+    }
+    report.next_after_seq = Some(next.saturating_sub(1));
+    Ok(report)
 }
 
 /// A page of dead letters matching `filter`, oldest first, after sequence `after_seq`; shared by

@@ -101,6 +101,17 @@ impl DeadLetters {
         Ok((found, Some(next)))
     }
 
+    /// The sequence number of the last message stored so far (0 when none ever was): an entry
+    /// dead-lettered later has a higher one.
+    pub async fn last_seq(&self) -> Result<u64, NatsError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| read_error("info", e))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// Removes the dead letter with sequence `seq`; `false` when it was not there.
     pub async fn delete(&self, seq: u64) -> Result<bool, NatsError> {
         match self.stream.delete_message(seq).await {
