@@ -13,6 +13,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use herald_entities::{repo, template};
 use herald_nats::{Content, TemplateRef};
 use sea_orm::DatabaseConnection;
@@ -45,7 +47,7 @@ impl Default for RuntimeSettings {
 }
 
 /// Why a notification's template could not be rendered.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TemplateError {
     /// The database could not be read; worth retrying.
     #[error("cannot read template {code:?}: {reason}")]
@@ -110,16 +112,24 @@ struct CompiledVariant {
     compiled: Result<Compiled, SandboxError>,
 }
 
+/// The compiled variants of a code.
+type Variants = Arc<Vec<CompiledVariant>>;
+
+/// A read of a code's variants under way, awaited by every caller that wants them meanwhile.
+type Load = Shared<BoxFuture<'static, Result<Variants, TemplateError>>>;
+
 /// The runtime templates as the dispatcher sees them: read from the database, cached briefly.
 pub struct RuntimeTemplates {
     db: DatabaseConnection,
     settings: RuntimeSettings,
     cache: Mutex<HashMap<String, Cached>>,
+    /// The reads under way, by code (locked before `cache` when both are).
+    loading: Mutex<HashMap<String, Load>>,
 }
 
 struct Cached {
     read_at: Instant,
-    variants: Arc<Vec<CompiledVariant>>,
+    variants: Variants,
 }
 
 impl RuntimeTemplates {
@@ -129,6 +139,7 @@ impl RuntimeTemplates {
             db,
             settings,
             cache: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
         }
     }
 
@@ -183,41 +194,78 @@ impl RuntimeTemplates {
     /// The compiled variants of `code`, from the cache while fresh. A code without variants is not
     /// cached, so a template created after a miss (say, for a routing rule whose events were
     /// dead-lettered meanwhile) is found at once.
-    async fn variants(&self, code: &str) -> Result<Arc<Vec<CompiledVariant>>, TemplateError> {
+    ///
+    /// Reads are single-flight per code: callers that miss while a read of the code is under way
+    /// wait for its answer instead of each reading and compiling the variants (when a popular
+    /// template's entry expires, every concurrent sender of it misses at once).
+    async fn variants(&self, code: &str) -> Result<Variants, TemplateError> {
         let ttl = self.settings.cache_ttl;
         if let Some(hit) = lock(&self.cache).get(code)
             && hit.read_at.elapsed() < ttl
         {
             return Ok(hit.variants.clone());
         }
-        let rows = repo::templates::variants(&self.db, code)
-            .await
-            .map_err(|e| TemplateError::Unavailable {
-                code: code.to_string(),
-                reason: e.to_string(),
+        let load = lock(&self.loading)
+            .entry(code.to_string())
+            .or_insert_with(|| self.load(code))
+            .clone();
+        let loaded = load.clone().await;
+        self.finish(code, &load, &loaded);
+        loaded
+    }
+
+    /// A shared read of `code`'s variants from the database, compiled.
+    fn load(&self, code: &str) -> Load {
+        let (db, limits, code) = (self.db.clone(), self.settings.limits, code.to_string());
+        async move {
+            let rows = repo::templates::variants(&db, &code).await.map_err(|e| {
+                TemplateError::Unavailable {
+                    code: code.clone(),
+                    reason: e.to_string(),
+                }
             })?;
-        let variants: Arc<Vec<CompiledVariant>> = Arc::new(
-            rows.iter()
-                .map(|row| CompiledVariant {
-                    locale: row.locale.clone(),
-                    compiled: Compiled::new(&sources_of(row), self.settings.limits),
-                })
-                .collect(),
-        );
-        if !ttl.is_zero() && !variants.is_empty() {
-            let mut cache = lock(&self.cache);
-            if cache.len() >= CACHE_CAPACITY {
-                cache.retain(|_, c| c.read_at.elapsed() < ttl);
-            }
-            cache.insert(
-                code.to_string(),
-                Cached {
-                    read_at: Instant::now(),
-                    variants: variants.clone(),
-                },
-            );
+            Ok(Arc::new(
+                rows.iter()
+                    .map(|row| CompiledVariant {
+                        locale: row.locale.clone(),
+                        compiled: Compiled::new(&sources_of(row), limits),
+                    })
+                    .collect(),
+            ))
         }
-        Ok(variants)
+        .boxed()
+        .shared()
+    }
+
+    /// Ends the read `load` of `code`, answered `loaded`: the first of its callers to get here
+    /// removes it and caches what it read (unless caching is off, or the code has no variants).
+    fn finish(&self, code: &str, load: &Load, loaded: &Result<Variants, TemplateError>) {
+        let mut loading = lock(&self.loading);
+        if !loading
+            .get(code)
+            .is_some_and(|current| current.ptr_eq(load))
+        {
+            return;
+        }
+        loading.remove(code);
+        let ttl = self.settings.cache_ttl;
+        let Ok(variants) = loaded else {
+            return;
+        };
+        if ttl.is_zero() || variants.is_empty() {
+            return;
+        }
+        let mut cache = lock(&self.cache);
+        if cache.len() >= CACHE_CAPACITY {
+            cache.retain(|_, c| c.read_at.elapsed() < ttl);
+        }
+        cache.insert(
+            code.to_string(),
+            Cached {
+                read_at: Instant::now(),
+                variants: variants.clone(),
+            },
+        );
     }
 }
 
@@ -247,6 +295,47 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
         }
+    }
+
+    /// A one-connection in-memory SQLite database holding `variants`.
+    async fn database_with(variants: Vec<template::Model>) -> DatabaseConnection {
+        use sea_orm::{ActiveModelTrait, ConnectOptions, ConnectionTrait, Database, Schema};
+        let mut options = ConnectOptions::new("sqlite::memory:");
+        options.max_connections(1).min_connections(1);
+        let db = Database::connect(options).await.expect("in-memory SQLite");
+        let schema = Schema::new(db.get_database_backend());
+        db.execute(&schema.create_table_from_entity(template::Entity))
+            .await
+            .expect("templates table");
+        for variant in variants {
+            template::ActiveModel::from(variant)
+                .insert(&db)
+                .await
+                .expect("variant stored");
+        }
+        db
+    }
+
+    /// Callers that miss the same code together (an entry expired under load) share one read of
+    /// it: each used to read and compile every variant itself.
+    #[tokio::test]
+    async fn concurrent_misses_of_a_code_share_one_read() {
+        let db = database_with(vec![variant("en", "Hello {{ name }}")]).await;
+        // Nothing is cached: every miss that does not join a read under way reads anew.
+        let settings = RuntimeSettings {
+            cache_ttl: Duration::ZERO,
+            ..RuntimeSettings::default()
+        };
+        let templates = RuntimeTemplates::new(db, settings);
+        let reads = futures::future::join_all((0..8).map(|_| templates.variants("welcome"))).await;
+        let first = reads[0].as_ref().expect("read");
+        assert_eq!(first.len(), 1);
+        for read in &reads {
+            assert!(Arc::ptr_eq(read.as_ref().expect("read"), first), "one read");
+        }
+        assert!(lock(&templates.loading).is_empty(), "the read is over");
+        let later = templates.variants("welcome").await.expect("read");
+        assert!(!Arc::ptr_eq(&later, first), "a later miss reads again");
     }
 
     #[tokio::test]
