@@ -23,7 +23,7 @@ use herald_entities::{
         notifications,
     },
 };
-use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand};
+use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand, events::MAX_EVENT_BYTES};
 use poem_openapi::{
     Enum, Object, OpenApi, Tags,
     param::{Path, Query},
@@ -82,7 +82,9 @@ pub struct DeadLetterView {
     /// Its customer.
     pub customer_id: Option<String>,
     /// Whether it can be replayed: a readable send command, or a readable domain event published
-    /// on its type's subject and dead-lettered less than `scheduler.retention_days` ago.
+    /// on its type's subject, no larger than the Router routes (256 KiB), and recent enough that
+    /// a copy published now leaves the `EVENTS` stream (`nats.retention.events.max_age_secs`)
+    /// before the notifications it made may be deleted (`scheduler.retention_days`).
     pub replayable: bool,
 }
 
@@ -231,7 +233,9 @@ impl DlqApi {
     /// original command is published again, and the entry is deleted. An event the Router gave
     /// up on is published again on its subject, to be routed anew (mend the cause first: create
     /// the customer or the template). 404: no such entry; 409: neither a readable send command
-    /// nor a readable event, or its notification is no longer `dead`.
+    /// nor a readable event, an event that cannot be replayed (published on another type's
+    /// subject, larger than the Router routes, or too old for the retention of its
+    /// notifications), or its notification is no longer `dead`.
     #[oai(path = "/dlq/:seq/replay", method = "post")]
     async fn replay(&self, _auth: AdminKey, seq: Path<u64>) -> Result<Json<Replayed>, ApiError> {
         replay_one(&self.state, seq.0).await.map(Json)
@@ -323,7 +327,7 @@ pub(crate) async fn list_page(
     let (items, next) = open_stream(state)
         .await?
         .page(start, limit, MAX_SCAN, |l| {
-            filter.matches(&l).then(|| view(&l, state.retention))
+            filter.matches(&l).then(|| view(&l, Kept::of(state)))
         })
         .await
         .map_err(unavailable)?;
@@ -360,18 +364,8 @@ async fn replay_letter(
     let command = match SendCommand::decode(&letter.payload) {
         Ok(command) => command,
         Err(err) => match DomainEvent::decode(&letter.payload) {
-            Ok(event) if !on_its_subject(letter, &event) => {
-                return Ok(Err(format!(
-                    "the event of type {} was published on {}, not on {}: not replayable",
-                    event.event_type(),
-                    letter.original_subject.as_deref().unwrap_or_default(),
-                    event.subject()
-                )));
-            }
             Ok(event) => {
-                if let Some(why) =
-                    outlived_retention(routed_since(letter, &event), Utc::now(), state.retention)
-                {
+                if let Some(why) = unreplayable_event(letter, &event, Kept::of(state), Utc::now()) {
                     return Ok(Err(why));
                 }
                 return replay_event(state, stream, letter, &event).await.map(Ok);
@@ -462,6 +456,52 @@ fn on_its_subject(letter: &DeadLetter, event: &DomainEvent) -> bool {
         .is_none_or(|subject| subject == event.subject())
 }
 
+/// How long what an event's replay depends on is kept; `None` keeps it for ever.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    /// Final notifications (`scheduler.retention_days`).
+    notifications: Option<chrono::Duration>,
+    /// Events in the `EVENTS` stream (`nats.retention.events.max_age_secs`).
+    events: Option<chrono::Duration>,
+}
+
+impl Kept {
+    fn of(state: &AppState) -> Self {
+        Self {
+            notifications: state.retention,
+            events: state.events_max_age,
+        }
+    }
+}
+
+/// Why the dead-lettered `event` is not replayed at `now`, if it is not: published on another
+/// type's subject, larger than the Router routes (it would be dead-lettered again), or too old
+/// ([`outlived_retention`]).
+fn unreplayable_event(
+    letter: &DeadLetter,
+    event: &DomainEvent,
+    kept: Kept,
+    now: DateTime<Utc>,
+) -> Option<String> {
+    if !on_its_subject(letter, event) {
+        return Some(format!(
+            "the event of type {} was published on {}, not on {}: not replayable",
+            event.event_type(),
+            letter.original_subject.as_deref().unwrap_or_default(),
+            event.subject()
+        ));
+    }
+    if letter.payload.len() > MAX_EVENT_BYTES {
+        return Some(format!(
+            "the event is {} bytes, larger than the Router routes ({MAX_EVENT_BYTES} bytes): \
+             replayed, it would be dead-lettered again; not replayable, publish a smaller event \
+             instead",
+            letter.payload.len()
+        ));
+    }
+    outlived_retention(routed_since(letter, event), now, kept)
+}
+
 /// The earliest its notifications may have been made: when the event occurred, if before it was
 /// dead-lettered. The Router makes the notifications of an event's other rules when it first
 /// routes it, which can be long before the dead letter (it waits out its retry schedule for an
@@ -471,25 +511,60 @@ fn routed_since(letter: &DeadLetter, event: &DomainEvent) -> DateTime<Utc> {
 }
 
 /// Why an event whose notifications may date from `at` ([`routed_since`]) is not routed again at
-/// `now` when final notifications are kept for `retention`: the Router finds the notifications the
-/// event's other rules made by their ids so as to make each once, and those may have been removed
-/// by now; routing it again would send them a second time.
-fn outlived_retention(
-    at: DateTime<Utc>,
-    now: DateTime<Utc>,
-    retention: Option<chrono::Duration>,
-) -> Option<String> {
-    let kept = retention?;
-    (now - at >= kept).then(|| {
-        format!(
-            "the event's notifications may date from {at}, {} days ago (when it occurred or was \
-             dead-lettered), and notifications are kept for {} days (scheduler.retention_days): \
-             those its other rules made may have been removed, and routing it again would send \
-             them twice; publish a new event instead",
-            (now - at).num_days(),
-            kept.num_days()
-        )
-    })
+/// `now`: the Router finds the notifications the event's other rules made by their ids so as to
+/// make each once, and those may be deleted from `at` + `kept.notifications`. A copy published now
+/// stays in the `EVENTS` stream until `now` + `kept.events`; a Router consumer recreated before then
+/// (it reads the stream from its start) would route it again, after they were deleted, and send
+/// them a second time. So the copy must be gone first: `now - at + kept.events` below
+/// `kept.notifications`. With events kept for ever only the notifications' age counts: the event's
+/// first copy stays in the stream as long (the warning at start says so).
+fn outlived_retention(at: DateTime<Utc>, now: DateTime<Utc>, kept: Kept) -> Option<String> {
+    let notifications = kept.notifications?;
+    let events = kept.events.unwrap_or_default();
+    let needed = (now - at).checked_add(&events);
+    if needed.is_some_and(|needed| needed < notifications) {
+        return None;
+    }
+    let mut why = format!(
+        "the event's notifications may date from {} ({} ago, when it occurred or was \
+         dead-lettered) and are kept {} (scheduler.retention_days), so they may be deleted from {}",
+        instant(at),
+        span(now - at),
+        span(notifications),
+        at.checked_add_signed(notifications)
+            .map_or_else(|| "never".into(), instant),
+    );
+    if kept.events.is_some() {
+        why.push_str(&format!(
+            "; a copy published now stays in the EVENTS stream {} \
+             (nats.retention.events.max_age_secs = {}), until {}",
+            span(events),
+            events.num_seconds(),
+            now.checked_add_signed(events)
+                .map_or_else(|| "for ever".into(), instant),
+        ));
+    }
+    why.push_str(
+        ": routed again after they were deleted (a recreated Router consumer reads the stream \
+         from its start), it would send them twice; publish a new event instead",
+    );
+    Some(why)
+}
+
+/// A time in an explanation, to the second.
+fn instant(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A length of time in an explanation: days, hours and minutes.
+fn span(length: chrono::Duration) -> String {
+    let minutes = length.num_minutes();
+    format!(
+        "{} d {} h {} min",
+        minutes / (24 * 60),
+        minutes % (24 * 60) / 60,
+        minutes % 60
+    )
 }
 
 /// Publishes a dead-lettered event again on its subject, then deletes the entry.
@@ -601,7 +676,7 @@ impl EntryFilter {
     }
 }
 
-fn view(letter: &DeadLetter, retention: Option<chrono::Duration>) -> DeadLetterView {
+fn view(letter: &DeadLetter, kept: Kept) -> DeadLetterView {
     let command = SendCommand::decode(&letter.payload).ok();
     let event = command
         .is_none()
@@ -629,11 +704,9 @@ fn view(letter: &DeadLetter, retention: Option<chrono::Duration>) -> DeadLetterV
         providers: letter.providers.clone(),
         event_id: event.as_ref().map(|e| e.id),
         replayable: command.is_some()
-            || event.as_ref().is_some_and(|event| {
-                on_its_subject(letter, event)
-                    && outlived_retention(routed_since(letter, event), Utc::now(), retention)
-                        .is_none()
-            }),
+            || event
+                .as_ref()
+                .is_some_and(|event| unreplayable_event(letter, event, kept, Utc::now()).is_none()),
     }
 }
 
@@ -712,24 +785,71 @@ mod filter_tests {
 mod retention_tests {
     use super::*;
 
+    /// Notifications kept `notifications` days, events `events` days (`None`: for ever).
+    fn kept(notifications: Option<i64>, events: Option<i64>) -> Kept {
+        Kept {
+            notifications: notifications.map(chrono::Duration::days),
+            events: events.map(chrono::Duration::days),
+        }
+    }
+
     #[test]
     fn an_event_dead_lettered_longer_ago_than_notifications_are_kept_is_not_routed_again() {
         let now = Utc::now();
-        let week = Some(chrono::Duration::days(7));
+        let week = kept(Some(7), None);
         let why = outlived_retention(now - chrono::Duration::days(10), now, week)
             .expect("ten days ago, seven kept");
         assert!(
-            why.contains("10 days ago") && why.contains("kept for 7 days"),
+            why.contains("10 d 0 h 0 min ago") && why.contains("are kept 7 d 0 h 0 min"),
             "{why}"
         );
         assert!(outlived_retention(now - chrono::Duration::days(7), now, week).is_some());
         assert!(
             outlived_retention(now - chrono::Duration::days(6), now, week).is_none(),
-            "its notifications are all still stored"
+            "its notifications are all still stored, and the event's first copy stays as long"
         );
         assert!(
-            outlived_retention(now - chrono::Duration::days(400), now, None).is_none(),
+            outlived_retention(now - chrono::Duration::days(400), now, kept(None, Some(7)))
+                .is_none(),
             "notifications kept for ever"
+        );
+    }
+
+    /// A copy replayed now stays in `EVENTS` for the stream's age limit: it must be gone before
+    /// the notifications the event made may be deleted.
+    #[test]
+    fn a_replayed_event_must_leave_the_stream_before_its_notifications_are_deleted() {
+        let now = Utc::now();
+        let kept = kept(Some(14), Some(7));
+        let why = outlived_retention(now - chrono::Duration::days(7), now, kept)
+            .expect("seven days ago, a copy kept seven more, notifications fourteen");
+        assert!(
+            why.contains("7 d 0 h 0 min ago")
+                && why.contains("are kept 14 d 0 h 0 min")
+                && why.contains("max_age_secs = 604800")
+                && why.contains(&instant(now + chrono::Duration::days(7))),
+            "names the numbers: {why}"
+        );
+        assert!(
+            outlived_retention(
+                now - chrono::Duration::days(7) + chrono::Duration::minutes(1),
+                now,
+                kept
+            )
+            .is_none(),
+            "gone a minute before its notifications may be deleted"
+        );
+        assert!(
+            outlived_retention(
+                now,
+                now,
+                super::Kept {
+                    notifications: Some(chrono::Duration::days(7)),
+                    events: Some(chrono::Duration::MAX),
+                }
+            )
+            .is_some(),
+            "an age limit too large to add is refused, not overflowed"
         );
     }
 
@@ -759,7 +879,7 @@ mod retention_tests {
             ))
         };
         let event = event_at(now - chrono::Duration::days(8));
-        let week = Some(chrono::Duration::days(7));
+        let week = kept(Some(7), None);
         let dead_lettered_yesterday = letter(now - chrono::Duration::days(1));
         assert!(
             outlived_retention(routed_since(&dead_lettered_yesterday, &event), now, week).is_some(),

@@ -43,4 +43,7 @@ pub struct AppState {
     pub twilio_status: Option<Arc<crate::twilio::StatusCallbacks>>,
     /// How long final notifications are kept (`scheduler.retention_days`); `None` keeps them.
     pub retention: Option<chrono::Duration>,
+    /// How long the `EVENTS` stream keeps an event (`nats.retention.events.max_age_secs`); `None`
+    /// keeps it whatever its age.
+    pub events_max_age: Option<chrono::Duration>,
 }

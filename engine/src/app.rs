@@ -246,6 +246,10 @@ impl Herald {
             }),
             retention: (config.scheduler.retention_days > 0)
                 .then(|| chrono::Duration::days(i64::from(config.scheduler.retention_days))),
+            events_max_age: (config.nats.retention.events.max_age_secs > 0).then(|| {
+                let max_age = config.nats.retention.events.limits().max_age;
+                chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX)
+            }),
         };
         let http_addr = acceptor
             .local_addr()

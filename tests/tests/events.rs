@@ -1161,6 +1161,119 @@ async fn an_event_published_on_another_type_s_subject_is_dead_lettered() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// The dead letter of event `id` on the first page of `GET /api/v1/dlq`.
+async fn listed_event(herald: &TestHerald, id: Uuid) -> Value {
+    eventually(
+        &format!("event {id}'s dead letter listed"),
+        E2E_TIMEOUT,
+        || async {
+            herald.get("/api/v1/dlq").await.1["items"]
+                .as_array()
+                .and_then(|items| items.iter().find(|e| e["event_id"] == id.to_string()))
+                .cloned()
+        },
+    )
+    .await
+}
+
+/// A readable event larger than the Router routes is dead-lettered as oversized; replaying it
+/// would only dead-letter it again, so it is listed as not replayable and its replay is refused
+/// (409) with the reason, the entry staying.
+#[tokio::test]
+async fn an_oversized_event_is_not_replayable() {
+    let w = world().await;
+    w.customer("c-big", "big@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    let mut event = order_created(event_id, "c-big", "5301");
+    event["data"]["items"][0]["name"] = json!("x".repeat(herald_nats::events::MAX_EVENT_BYTES));
+    w.publish_event(&event, &event_id.to_string()).await;
+    let letters = wait_dead_letters(&w.nats, 1).await;
+    assert!(letters[0].0.starts_with("oversized event"), "{letters:?}");
+    let entry = listed_event(&w.herald, event_id).await;
+    assert_eq!(entry["replayable"], false, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (status, answer) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("larger than the Router routes"),
+        "{message}"
+    );
+    assert_eq!(
+        listed_event(&w.herald, event_id).await["seq"],
+        seq,
+        "the entry stays"
+    );
+    w.router_idle().await;
+    assert_eq!(w.smtp.count(), 0, "nothing routed");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// Notifications kept a day, events 23 hours: a copy of an event that occurred two hours ago,
+/// replayed now, would stay in `EVENTS` for an hour after the notifications it made may be
+/// deleted, and a Router consumer recreated then would send them again. So it is listed as not
+/// replayable and its replay is refused (409) naming the numbers; one that occurred half an hour
+/// ago is replayed.
+#[tokio::test]
+async fn an_event_whose_replayed_copy_would_outlive_its_notifications_is_not_replayed() {
+    let w = world_with(|config| {
+        config.scheduler.retention_days = 1;
+        config.nats.retention.events.max_age_secs = 23 * 3_600;
+        // Given up at the first delivery, to keep the test short.
+        config.dispatch.retry.max_deliveries = 1;
+    })
+    .await;
+    let occurred = |ago: chrono::Duration, number: &str| {
+        let id = Uuid::now_v7();
+        let mut event = order_created(id, "c-old", number);
+        event["occurred_at"] = json!((chrono::Utc::now() - ago).to_rfc3339());
+        (id, event)
+    };
+    let (old_id, old) = occurred(chrono::Duration::hours(2), "5401");
+    let (new_id, new) = occurred(chrono::Duration::minutes(30), "5402");
+    w.publish_event(&old, &old_id.to_string()).await;
+    w.publish_event(&new, &new_id.to_string()).await;
+    wait_dead_letters(&w.nats, 2).await;
+    w.customer("c-old", "old@example.com", "en").await;
+
+    let entry = listed_event(&w.herald, old_id).await;
+    assert_eq!(entry["replayable"], false, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (status, answer) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("are kept 1 d 0 h 0 min")
+            && message.contains("max_age_secs = 82800")
+            && message.contains("2 h"),
+        "names the numbers: {message}"
+    );
+
+    let entry = listed_event(&w.herald, new_id).await;
+    assert_eq!(entry["replayable"], true, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+    let (status, replayed) = w
+        .herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(
+        mails[0].subject.as_deref(),
+        Some("Your order 5402 is confirmed")
+    );
+    w.router_idle().await;
+    w.commands_drained().await;
+    assert_eq!(w.smtp.count(), 1, "the old event was not routed");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn an_order_stored_while_nats_is_down_is_published_by_the_outbox_relay() {
     let mut w = world().await;
