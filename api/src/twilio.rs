@@ -103,7 +103,7 @@ struct StatusCallbackSchema {
 }
 
 /// Every parameter of a callback's form, in the order sent: the signature covers them all,
-/// those Herald does not read too. Documented as [`StatusCallbackSchema`].
+/// those Herald does not read too. Documented as `StatusCallbackSchema`.
 pub struct StatusForm(Vec<(String, String)>);
 
 impl StatusForm {

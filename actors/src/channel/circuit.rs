@@ -200,7 +200,7 @@ impl CircuitBreaker {
 
     /// How long a send refused now should wait before it is tried again: while open, until the
     /// circuit lets its probe through (past a provider's longer Retry-After too); while
-    /// half-open, until the probe's result is due ([`Self::probe_result_in`]): a probe that
+    /// half-open, until the probe's result is due (the rest of its send timeout): a probe that
     /// succeeds closes the circuit, and the sends it held back go out soon after rather than a
     /// whole cool-down later; zero while closed.
     pub fn cool_down_left(&self, now: Instant) -> Duration {

@@ -6,8 +6,8 @@
 //! The Bot API answers 429 "Too Many Requests: retry after N" both to one chat's flood control
 //! (about one message a second to a chat, twenty a minute to a group) and to the bot's own limit
 //! (about thirty messages a second in all), with nothing in the reply to tell them apart. A 429
-//! throttles its chat; 429s for [`ACCOUNT_WIDE_CHATS`] distinct chats within
-//! [`ACCOUNT_WIDE_WINDOW`] are taken for the bot's limit, and the last of them throttles the whole
+//! throttles its chat; 429s for 3 distinct chats within 2 s (`ACCOUNT_WIDE_CHATS`,
+//! `ACCOUNT_WIDE_WINDOW`) are taken for the bot's limit, and the last of them throttles the whole
 //! bot ([`ProviderError::AccountThrottled`]): the channel then holds every send until its
 //! `retry_after` has passed.
 

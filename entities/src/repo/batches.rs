@@ -346,7 +346,7 @@ pub enum BatchCancel {
 /// notifications still cancellable (`scheduled`, or `queued` and not yet picked up) are
 /// cancelled with `reason`.
 ///
-/// They are cancelled [`CANCEL_CHUNK`](super::schedule::CANCEL_CHUNK) at a time, each chunk a
+/// They are cancelled [`CANCEL_CHUNK`] at a time, each chunk a
 /// transaction of its own taken in a turn of `gate`, so that a batch of any size never holds the
 /// database (SQLite's single writer) for long: the batch's own change goes in the first one, and
 /// `committed` is handed each chunk as soon as it is committed, even when a later one fails. A
