@@ -23,7 +23,9 @@ use herald_entities::{
         notifications,
     },
 };
-use herald_nats::{DeadLetter, DeadLetters, DomainEvent, SendCommand, events::MAX_EVENT_BYTES};
+use herald_nats::{
+    DeadLetter, DeadLetters, DomainEvent, MAX_COMMAND_BYTES, SendCommand, events::MAX_EVENT_BYTES,
+};
 use poem_openapi::{
     Enum, Object, OpenApi, Tags,
     param::{Path, Query},
@@ -81,7 +83,8 @@ pub struct DeadLetterView {
     pub providers: Vec<String>,
     /// Its customer.
     pub customer_id: Option<String>,
-    /// Whether it can be replayed: a readable send command, or a readable domain event published
+    /// Whether it can be replayed: a readable send command no larger than a dispatcher takes
+    /// (640 KiB), or a readable domain event published
     /// on its type's subject, no larger than the Router routes (256 KiB), and recent enough that
     /// a copy published now leaves the `EVENTS` stream (`nats.retention.events.max_age_secs`)
     /// before the notifications it made may be deleted (`scheduler.retention_days`).
@@ -233,9 +236,10 @@ impl DlqApi {
     /// original command is published again, and the entry is deleted. An event the Router gave
     /// up on is published again on its subject, to be routed anew (mend the cause first: create
     /// the customer or the template). 404: no such entry; 409: neither a readable send command
-    /// nor a readable event, an event that cannot be replayed (published on another type's
-    /// subject, larger than the Router routes, or too old for the retention of its
-    /// notifications), or its notification is no longer `dead`.
+    /// nor a readable event, a send command larger than a dispatcher takes (640 KiB), an event
+    /// that cannot be replayed (published on another type's subject, larger than the Router
+    /// routes, or too old for the retention of its notifications), or its notification is no
+    /// longer `dead`.
     #[oai(path = "/dlq/:seq/replay", method = "post")]
     async fn replay(&self, _auth: AdminKey, seq: Path<u64>) -> Result<Json<Replayed>, ApiError> {
         replay_one(&self.state, seq.0).await.map(Json)
@@ -373,6 +377,9 @@ async fn replay_letter(
             Err(_) => return Ok(Err(format!("not a replayable send command: {err}"))),
         },
     };
+    if let Some(why) = unreplayable_command(letter) {
+        return Ok(Err(why));
+    }
     let id = command.notification_id;
     let Some(row) = notifications::find(&state.db, id).await? else {
         return Ok(Err(format!("notification {id} is not stored")));
@@ -444,6 +451,21 @@ async fn publish_replay(
         tracing::warn!(%id, error = %err, "cannot confirm a replayed command");
     }
     Ok(Ok(()))
+}
+
+/// Why the dead-lettered send command is not replayed, if it is not: larger than a dispatcher
+/// takes ([`MAX_COMMAND_BYTES`], a constant of the build, not a setting). A dispatcher
+/// dead-letters such a command as poison at once and leaves its notification as it was (`queued`,
+/// never `dead`); replayed, the same bytes would only be dead-lettered again.
+fn unreplayable_command(letter: &DeadLetter) -> Option<String> {
+    (letter.payload.len() > MAX_COMMAND_BYTES).then(|| {
+        format!(
+            "the send command is {} bytes, larger than a dispatcher takes ({MAX_COMMAND_BYTES} \
+             bytes): replayed, it would be dead-lettered again; not replayable, send a smaller \
+             notification instead",
+            letter.payload.len()
+        )
+    })
 }
 
 /// Whether the dead-lettered `event` was published on its own subject, `events.<type>` (or the
@@ -703,7 +725,7 @@ fn view(letter: &DeadLetter, kept: Kept) -> DeadLetterView {
         customer_id: command.as_ref().and_then(|c| c.customer_id.clone()),
         providers: letter.providers.clone(),
         event_id: event.as_ref().map(|e| e.id),
-        replayable: command.is_some()
+        replayable: (command.is_some() && unreplayable_command(letter).is_none())
             || event
                 .as_ref()
                 .is_some_and(|event| unreplayable_event(letter, event, kept, Utc::now()).is_none()),

@@ -445,3 +445,89 @@ async fn a_command_of_a_newer_version_waits_for_an_upgraded_instance_then_dies()
     assert_eq!(smtp.count(), 0, "nothing was sent");
     herald.shutdown().await.expect("shutdown");
 }
+
+/// A readable send command larger than a dispatcher takes (`MAX_COMMAND_BYTES`, a constant of the
+/// build, not a setting) is dead-lettered as poison at once and its notification stays `queued`,
+/// never `dead`; replayed, the same bytes would only be dead-lettered again. So its entry is
+/// listed as not replayable, its replay is refused (409) with the reason, a filtered replay skips
+/// it with the reason, and the entry stays.
+#[tokio::test]
+async fn an_oversized_command_is_not_replayable() {
+    let nats = NatsServer::start().await.expect("nats");
+    let smtp = SmtpSink::start().await.expect("smtp");
+    let db = TestDatabase::from_env().await.expect("db");
+    let herald = TestHerald::start(test_config(&nats, &db, &smtp))
+        .await
+        .expect("herald");
+    let stored = herald_tests::queued_notification(None);
+    let id = stored.id;
+    herald_entities::repo::notifications::insert(herald.db(), stored)
+        .await
+        .expect("stored");
+    // Readable, but for its size.
+    let command = json!({
+        "v": herald_nats::SCHEMA_VERSION,
+        "notification_id": id,
+        "contacts": { "email": "ada@example.com" },
+        "category": "transactional",
+        "channels": ["email"],
+        "content": { "text": "x".repeat(herald_nats::MAX_COMMAND_BYTES) },
+        "created_at": chrono::Utc::now(),
+    });
+    let js = async_nats::jetstream::new(nats.client().await.expect("client"));
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.to_string().as_str());
+    js.publish_with_headers("notify.cmd.3", headers, command.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+
+    let listed = || async {
+        herald.get("/api/v1/dlq").await.1["items"]
+            .as_array()
+            .and_then(|items| {
+                items
+                    .iter()
+                    .find(|e| e["notification_id"] == id.to_string())
+            })
+            .cloned()
+    };
+    let entry = eventually("the command's dead letter listed", E2E_TIMEOUT, listed).await;
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("oversized command"), "{entry}");
+    assert_eq!(entry["replayable"], false, "{entry}");
+    let seq = entry["seq"].as_u64().expect("seq");
+
+    let (status, answer) = herald
+        .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
+        .await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{answer}");
+    let message = answer["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("larger than a dispatcher takes"),
+        "{message}"
+    );
+    let (status, report) = herald.post("/api/v1/dlq/replay", &json!({})).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{report}");
+    assert_eq!(report["replayed"], json!([]), "{report}");
+    assert_eq!(report["skipped"][0]["seq"], seq, "{report}");
+    let skipped = report["skipped"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        skipped.contains("larger than a dispatcher takes"),
+        "{report}"
+    );
+
+    let (_, notification) = herald.get(&format!("/api/v1/notifications/{id}")).await;
+    assert_eq!(
+        notification["status"], "queued",
+        "never dead: {notification}"
+    );
+    assert_eq!(
+        listed().await.map(|e| e["seq"].clone()),
+        Some(json!(seq)),
+        "the entry stays"
+    );
+    assert_eq!(smtp.count(), 0, "nothing sent");
+    herald.shutdown().await.expect("shutdown");
+}
