@@ -926,6 +926,7 @@ impl Config {
                 self.scheduler.retention_days
             ));
         }
+        warnings.extend(self.replay_window_warning());
         let https = self.http.public_url.as_deref().is_some_and(|url| {
             url.get(..8)
                 .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
@@ -940,6 +941,34 @@ impl Config {
         }
         warnings.extend(self.unconfigured_channel_warnings());
         warnings
+    }
+
+    /// A warning when notifications are kept less than a day longer than events: a dead-lettered
+    /// event is replayed only while a copy published now would leave the `EVENTS` stream before
+    /// the notifications it made may be deleted, that is within `retention_days` less
+    /// `max_age_secs` of when it occurred or was dead-lettered (none at all when they are equal).
+    fn replay_window_warning(&self) -> Option<String> {
+        let kept_secs = u64::from(self.scheduler.retention_days).saturating_mul(SECS_PER_DAY);
+        let events_secs = self.nats.retention.events.max_age_secs;
+        if kept_secs == 0 || events_secs == 0 {
+            return None;
+        }
+        let window = kept_secs.saturating_sub(events_secs);
+        (window < SECS_PER_DAY).then(|| {
+            format!(
+                "scheduler.retention_days ({} days) leaves {window} s beyond \
+                 nats.retention.events.max_age_secs ({events_secs} s) to replay a dead-lettered \
+                 event: one that occurred or was dead-lettered longer ago is refused as not \
+                 replayable{}; raise scheduler.retention_days or lower \
+                 nats.retention.events.max_age_secs for at least a day",
+                self.scheduler.retention_days,
+                if window == 0 {
+                    " (none can be replayed)"
+                } else {
+                    ""
+                },
+            )
+        })
     }
 
     /// One warning per channel that a default chain or a routing rule in force names but no
@@ -2493,6 +2522,33 @@ mod limits_tests {
         let mut config = Config::default();
         forever(&mut config);
         assert_eq!(config.warnings().len(), 1);
+    }
+
+    #[test]
+    fn retention_leaving_less_than_a_day_to_replay_an_event_is_a_warning() {
+        let warned = |days: u32, events_secs: u64| {
+            let mut config = Config::default();
+            config.scheduler.retention_days = days;
+            config.nats.retention.events.max_age_secs = events_secs;
+            assert_eq!(config.validate().err().map(|e| e.to_string()), None);
+            config.warnings()
+        };
+        // The least retention allowed: equal to the events' age.
+        let equal = warned(7, 7 * 86_400);
+        assert_eq!(equal.len(), 1, "{equal:?}");
+        for named in [
+            "scheduler.retention_days (7 days) leaves 0 s",
+            "nats.retention.events.max_age_secs (604800 s)",
+            "(none can be replayed)",
+        ] {
+            assert!(equal[0].contains(named), "{named}: {equal:?}");
+        }
+        let hour = warned(1, 23 * 3_600);
+        assert_eq!(hour.len(), 1, "{hour:?}");
+        assert!(hour[0].contains("leaves 3600 s"), "{hour:?}");
+        assert!(!hour[0].contains("none can be replayed"), "{hour:?}");
+        assert_eq!(warned(8, 7 * 86_400), Vec::<String>::new(), "a day left");
+        assert_eq!(warned(0, 7 * 86_400), Vec::<String>::new(), "kept for ever");
     }
 
     #[test]
