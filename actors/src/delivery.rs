@@ -1190,7 +1190,9 @@ impl CommandMessage {
 }
 
 /// A message that is not a command this build can read: to the DLQ with the reason, then acked so
-/// it never blocks the stream.
+/// it never blocks the stream. Its notification, when the message names one (see
+/// [`poisoned_notification`]), is recorded `dead` with the reason before the ack, so that it does
+/// not stay `queued` for ever with nothing left to deliver it.
 async fn dead_letter_poison(
     ctx: &DeliveryContext,
     message: &async_nats::Message,
@@ -1215,9 +1217,20 @@ async fn dead_letter_poison(
             msg_id,
         )
         .await;
-    let settled = match published {
-        Ok(()) => acker.ack().await,
-        Err(_) => {
+    let settled = match (published, poisoned_notification(message)) {
+        (Ok(()), Some(id)) => {
+            metrics::counter!("herald_notifications_dead_total").increment(1);
+            let reason = format!("poison command: {reason}");
+            let change = StatusChange {
+                error: Some(reason.clone()),
+                reason: Some(reason),
+                ..StatusChange::to(id, NotificationStatus::Dead)
+            };
+            write(ctx, vec![change], vec![], AfterWrite::Ack(acker), None).await;
+            return;
+        }
+        (Ok(()), None) => acker.ack().await,
+        (Err(_), _) => {
             acker
                 .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(5))))
                 .await
@@ -1226,6 +1239,19 @@ async fn dead_letter_poison(
     if let Err(err) = settled {
         tracing::warn!(error = %err, "cannot settle poison message");
     }
+}
+
+/// The notification a command message stands for, read from its `Nats-Msg-Id` (the notification
+/// id, alone or before `:claim:…` or `:replay:…`, as Herald publishes commands), for a message
+/// whose payload cannot be read. `None` for a message published otherwise.
+fn poisoned_notification(message: &async_nats::Message) -> Option<uuid::Uuid> {
+    let msg_id = message
+        .headers
+        .as_ref()?
+        .get(async_nats::header::NATS_MESSAGE_ID)?
+        .as_str();
+    let id = msg_id.split_once(':').map_or(msg_id, |(id, _)| id);
+    uuid::Uuid::parse_str(id).ok()
 }
 
 async fn write(

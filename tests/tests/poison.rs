@@ -442,13 +442,19 @@ async fn a_command_of_a_newer_version_waits_for_an_upgraded_instance_then_dies()
         header("Herald-Dlq-Reason")
     );
     assert_eq!(header("Herald-Deliveries"), HOLDS.to_string());
+    let dead = herald.wait_status(&id.to_string(), "dead").await;
+    let reason = dead["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!("poison command: unknown schema version {newer}")),
+        "the notification is dead with the poison's reason, not left queued: {dead}"
+    );
     assert_eq!(smtp.count(), 0, "nothing was sent");
     herald.shutdown().await.expect("shutdown");
 }
 
 /// A readable send command larger than a dispatcher takes (`MAX_COMMAND_BYTES`, a constant of the
-/// build, not a setting) is dead-lettered as poison at once and its notification stays `queued`,
-/// never `dead`; replayed, the same bytes would only be dead-lettered again. So its entry is
+/// build, not a setting) is dead-lettered as poison at once and its notification recorded `dead`
+/// with the reason; replayed, the same bytes would only be dead-lettered again. So its entry is
 /// listed as not replayable, its replay is refused (409) with the reason, a filtered replay skips
 /// it with the reason, and the entry stays.
 #[tokio::test]
@@ -518,10 +524,11 @@ async fn an_oversized_command_is_not_replayable() {
         "{report}"
     );
 
-    let (_, notification) = herald.get(&format!("/api/v1/notifications/{id}")).await;
-    assert_eq!(
-        notification["status"], "queued",
-        "never dead: {notification}"
+    let dead = herald.wait_status(&id.to_string(), "dead").await;
+    let reason = dead["status_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("poison command: oversized command"),
+        "the notification is dead with the poison's reason, not left queued: {dead}"
     );
     assert_eq!(
         listed().await.map(|e| e["seq"].clone()),
