@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod batch;
 pub mod checkpoint;
 pub mod customer;
+pub mod dashboard_logout;
 pub mod delivery_attempt;
 pub mod notification;
 pub mod order;

@@ -33,6 +33,7 @@ mod m20261207_001201_outbox_ordering_key;
 mod m20261207_001301_history_filter_indexes;
 mod m20261207_001401_queued_marked_index;
 mod m20261207_001501_listing_indexes;
+mod m20261207_001601_dashboard_logouts;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -63,6 +64,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001301_history_filter_indexes::Migration),
             Box::new(m20261207_001401_queued_marked_index::Migration),
             Box::new(m20261207_001501_listing_indexes::Migration),
+            Box::new(m20261207_001601_dashboard_logouts::Migration),
         ]
     }
 }

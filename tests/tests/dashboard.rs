@@ -423,6 +423,88 @@ async fn pages_need_a_session_from_an_admin_key_and_forms_need_its_csrf_token() 
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// The `name=value` part of a session's `Set-Cookie`.
+fn session_cookie(set_cookie: Option<String>) -> String {
+    set_cookie
+        .expect("a session cookie")
+        .split(';')
+        .next()
+        .expect("name=value")
+        .to_string()
+}
+
+/// Logging out ends the session in Herald, not only in the browser: a copy of its cookie taken
+/// before the logout opens no page and posts no form after it. Another session of the same key
+/// goes on, and logging in again works.
+#[tokio::test]
+async fn logging_out_ends_the_session_for_every_copy_of_its_cookie() {
+    let w = world(|_| {}).await;
+    let base = w.herald.base().to_string();
+    let key = w.herald.admin_key();
+    let (_, set_cookie, _) = login(&base, key).await;
+    let copied = session_cookie(set_cookie);
+    let (_, set_cookie, _) = login(&base, key).await;
+    let other = session_cookie(set_cookie);
+    let feed = get_page(&base, "/?refresh=off", Some(&copied)).await;
+    assert_eq!(feed.status(), StatusCode::OK);
+    let csrf = csrf_in(&feed.text().await.expect("feed page"));
+
+    let logout = raw_client()
+        .post(format!("{base}/logout"))
+        .header(header::COOKIE, &copied)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .expect("POST /logout");
+    assert_eq!(logout.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&logout), "/login");
+    assert!(
+        logout.headers().contains_key(header::SET_COOKIE),
+        "the browser is told to delete its cookie"
+    );
+
+    for path in ["/?refresh=off", "/channels", "/dead-letters", "/scheduled"] {
+        let response = get_page(&base, path, Some(&copied)).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::SEE_OTHER,
+            "{path}: a copy of a logged-out session's cookie opens nothing"
+        );
+        assert_eq!(location(&response), "/login", "{path}");
+    }
+    let mut later = email("ada@example.com", "Later");
+    later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    let scheduled = w.herald.send_accepted(&later).await;
+    assert_eq!(
+        post_form(
+            &base,
+            &format!("/scheduled/{scheduled}/cancel"),
+            &copied,
+            &[("csrf", &csrf)]
+        )
+        .await,
+        StatusCode::SEE_OTHER,
+        "sent to the login page"
+    );
+    let (_, still) = w
+        .herald
+        .get(&format!("/api/v1/notifications/{scheduled}"))
+        .await;
+    assert_eq!(still["status"], "scheduled", "the form changed nothing");
+
+    let response = get_page(&base, "/?refresh=off", Some(&other)).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "the other session goes on"
+    );
+    let (_, set_cookie, _) = login(&base, key).await;
+    let again = session_cookie(set_cookie);
+    let response = get_page(&base, "/?refresh=off", Some(&again)).await;
+    assert_eq!(response.status(), StatusCode::OK, "a new login works");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A chromedriver child process in a process group of its own, with the Chromium it starts:
 /// the whole group is killed on drop, so a test that panics leaves no browser behind (killing
 /// chromedriver alone orphaned Chromium).

@@ -1,11 +1,14 @@
 //! Dashboard sessions: log in with an admin API key, a signed cookie, CSRF tokens, log out.
 //!
-//! The cookie holds the key's id and lookup prefix (never its secret), the expiry and a random
-//! CSRF token, signed with the dashboard's key so it cannot be forged or altered. Every request
-//! checks the expiry and that the key is still unrevoked and admin, so revoking the key ends its
-//! sessions (within the key cache period).
+//! The cookie holds a random session id, the key's id and lookup prefix (never its secret), the
+//! expiry and a random CSRF token, signed with the dashboard's key so it cannot be forged or
+//! altered. Every request checks the expiry, that the key is still unrevoked and admin, so
+//! revoking the key ends its sessions (within the key cache period), and that the session was not
+//! logged out: a logout records the session id in the database (`dashboard_logouts`), so a copy
+//! of the cookie stops working too, on every instance sharing the database, at once.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use herald_entities::repo::dashboard_logouts;
 use poem::{
     FromRequest, Request, RequestBody, Response,
     web::{
@@ -27,10 +30,15 @@ use crate::{
 const COOKIE: &str = "herald_session";
 /// Random bytes of a CSRF token.
 const CSRF_BYTES: usize = 32;
+/// How long a logout is remembered after its cookie expired: the clocks of instances sharing the
+/// database may differ, and a cookie is refused as expired by the clock of the instance it reaches.
+const LOGOUT_KEPT_AFTER_EXPIRY: chrono::Duration = chrono::Duration::hours(1);
 
 /// What the signed cookie carries.
 #[derive(Debug, Serialize, Deserialize)]
 struct SessionCookie {
+    /// The session's random id, recorded at logout.
+    session_id: Uuid,
     /// The API key logged in with.
     key_id: Uuid,
     /// Its lookup prefix (empty when authentication is disabled).
@@ -46,6 +54,10 @@ struct SessionCookie {
 /// A logged-in operator; taking it as a handler parameter makes the page require a session
 /// (without one the browser is sent to the login page).
 pub(crate) struct Session {
+    /// The session's id.
+    id: Uuid,
+    /// When its cookie expires.
+    expires: DateTime<Utc>,
     /// The API key's name.
     pub name: String,
     /// The CSRF token forms must carry.
@@ -87,9 +99,10 @@ impl<'a> FromRequest<'a> for Session {
         let Ok(data) = cookie.value::<SessionCookie>() else {
             return Err(to_login());
         };
-        if data.expires <= Utc::now().timestamp() {
+        let Some(expires) = DateTime::from_timestamp(data.expires, 0).filter(|at| *at > Utc::now())
+        else {
             return Err(to_login());
-        }
+        };
         let usable = dashboard
             .state
             .auth
@@ -99,7 +112,15 @@ impl<'a> FromRequest<'a> for Session {
         if !usable {
             return Err(to_login());
         }
+        let logged_out = dashboard_logouts::is_logged_out(&dashboard.state.db, data.session_id)
+            .await
+            .map_err(|err| page_error(err.into()))?;
+        if logged_out {
+            return Err(to_login());
+        }
         Ok(Session {
+            id: data.session_id,
+            expires,
             name: data.name,
             csrf: data.csrf,
         })
@@ -157,6 +178,7 @@ pub(crate) async fn login(
     let ttl =
         chrono::Duration::from_std(settings.session_ttl).unwrap_or(chrono::Duration::hours(12));
     let data = SessionCookie {
+        session_id: Uuid::new_v4(),
         key_id: principal.key_id,
         prefix: split_token(token)
             .map(|(prefix, _)| prefix.to_string())
@@ -176,14 +198,25 @@ pub(crate) async fn login(
     Ok(see_other("/"))
 }
 
-/// `POST /logout`: ends the session.
+/// `POST /logout`: ends the session, for every copy of its cookie (see the module's
+/// documentation), and deletes the cookie in the browser.
 #[poem::handler]
-pub(crate) fn logout(
+pub(crate) async fn logout(
+    Data(dashboard): Data<&Dashboard>,
     session: Session,
     jar: &CookieJar,
     Form(form): Form<CsrfForm>,
 ) -> poem::Result<Response> {
     session.check_csrf(&form)?;
+    dashboard_logouts::record(
+        &dashboard.state.db,
+        session.id,
+        session.expires,
+        Utc::now() - LOGOUT_KEPT_AFTER_EXPIRY,
+    )
+    .await
+    .map_err(|err| page_error(err.into()))?;
+    tracing::info!(session_id = %session.id, "dashboard logout");
     let mut removal = Cookie::named(COOKIE);
     removal.set_path("/");
     removal.make_removal();
@@ -210,6 +243,8 @@ mod tests {
         assert_eq!(a.len(), CSRF_BYTES * 2);
         assert_ne!(a, b);
         let session = Session {
+            id: Uuid::new_v4(),
+            expires: Utc::now(),
             name: "ops".into(),
             csrf: a.clone(),
         };

@@ -4,6 +4,7 @@ pub mod activity;
 pub mod api_keys;
 pub mod batches;
 pub mod customers;
+pub mod dashboard_logouts;
 pub mod dead_letters;
 pub mod history;
 pub mod insert_queue;
