@@ -158,6 +158,8 @@ pub struct Principal {
     pub name: String,
     /// Its scopes.
     pub scopes: Vec<Scope>,
+    /// The one provider it posts delivery receipts for; `None`: every provider.
+    pub provider: Option<String>,
 }
 
 /// Authentication settings.
@@ -190,6 +192,7 @@ struct StoredKey {
     name: String,
     secret_hash: String,
     scopes: Vec<Scope>,
+    provider: Option<String>,
 }
 
 struct CacheEntry {
@@ -242,6 +245,7 @@ impl KeyVerifier {
                 key_id: Uuid::nil(),
                 name: "auth disabled".into(),
                 scopes: vec![Scope::Admin],
+                provider: None,
             });
         }
         let unauthorized = || ApiError::unauthorized("unknown or revoked API key");
@@ -259,6 +263,7 @@ impl KeyVerifier {
             key_id: key.id,
             name: key.name,
             scopes: key.scopes,
+            provider: key.provider,
         })
     }
 
@@ -326,6 +331,7 @@ impl KeyVerifier {
                     name: r.name,
                     secret_hash: r.secret_hash,
                     scopes,
+                    provider: r.provider,
                 }),
                 Err(reason) => {
                     tracing::warn!(key_id = %r.id, %reason, "API key with unreadable scopes; refused");
@@ -395,8 +401,8 @@ async fn check_admin(req: &Request, bearer: Bearer) -> poem::Result<Principal> {
 /// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
 /// preferences and quiet hours, orders, which publish events); `read` reads notifications,
 /// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
-/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
-/// operation's scope.
+/// every provider or, created with `--provider P`, for `P` only; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// operation's scope, or a receipt for another provider than a bound `callbacks` key's.
 #[derive(SecurityScheme)]
 #[oai(
     rename = "ApiKey",
@@ -411,8 +417,8 @@ pub struct SendKey(pub Principal);
 /// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
 /// preferences and quiet hours, orders, which publish events); `read` reads notifications,
 /// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
-/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
-/// operation's scope.
+/// every provider or, created with `--provider P`, for `P` only; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// operation's scope, or a receipt for another provider than a bound `callbacks` key's.
 #[derive(SecurityScheme)]
 #[oai(
     rename = "ApiKey",
@@ -427,8 +433,8 @@ pub struct ReadKey(pub Principal);
 /// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
 /// preferences and quiet hours, orders, which publish events); `read` reads notifications,
 /// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
-/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
-/// operation's scope.
+/// every provider or, created with `--provider P`, for `P` only; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// operation's scope, or a receipt for another provider than a bound `callbacks` key's.
 #[derive(SecurityScheme)]
 #[oai(
     rename = "ApiKey",
@@ -443,8 +449,8 @@ pub struct CallbackKey(pub Principal);
 /// Scopes: `send` sends notifications and writes what they go to (customers and their contacts,
 /// preferences and quiet hours, orders, which publish events); `read` reads notifications,
 /// history, stats, channels and dead letters; `callbacks` posts provider delivery receipts, for
-/// any provider; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
-/// operation's scope.
+/// every provider or, created with `--provider P`, for `P` only; `admin` does all of that and replays dead letters. 401 means a missing, unknown or revoked key; 403 a key without the
+/// operation's scope, or a receipt for another provider than a bound `callbacks` key's.
 #[derive(SecurityScheme)]
 #[oai(
     rename = "ApiKey",
@@ -487,6 +493,7 @@ mod tests {
                 name: "ci".into(),
                 secret_hash: String::new(),
                 scopes: vec![Scope::Send],
+                provider: None,
             }),
             fetched: Instant::now(),
             use_recorded: false,
@@ -573,6 +580,7 @@ mod tests {
                 prefix: key.prefix,
                 secret_hash: key.secret_hash,
                 scopes: scopes.into(),
+                provider: None,
             },
         )
         .await

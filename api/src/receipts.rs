@@ -16,7 +16,11 @@ use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use poem_openapi::{Enum, Object, OpenApi, Tags, param::Path, payload::Json};
 use uuid::Uuid;
 
-use crate::{ApiError, AppState, auth::CallbackKey, validate::plain_text};
+use crate::{
+    ApiError, AppState,
+    auth::{CallbackKey, Principal},
+    validate::plain_text,
+};
 
 /// Longest error text kept from a receipt.
 const MAX_ERROR: usize = 2_000;
@@ -95,6 +99,9 @@ impl ReceiptsApi {
     /// `delivered` moves a `sent` notification to `delivered`; `bounced` and `failed` move it to
     /// `failed` with the error. A repeat of an applied receipt answers 200 with `applied: false`.
     ///
+    /// 403 `forbidden`: the key is bound to another provider (`herald apikey create --scopes
+    /// callbacks --provider P` posts receipts for `P` only); the message names the key's provider.
+    ///
     /// 404 `not_found`: unknown provider, or no notification with this `notification_id` or sent
     /// by this provider as `provider_message_id`.
     ///
@@ -111,13 +118,14 @@ impl ReceiptsApi {
     #[oai(path = "/providers/:provider/callbacks", method = "post")]
     async fn callback(
         &self,
-        _auth: CallbackKey,
+        auth: CallbackKey,
         /// The provider's name, as configured (see `GET /api/v1/channels`).
         #[oai(validator(min_length = 1, max_length = 64))]
         provider: Path<String>,
         body: Json<Receipt>,
     ) -> Result<Json<ReceiptResult>, ApiError> {
         let provider = provider.0;
+        check_bound(&auth.0, &provider)?;
         let receipt = body.0;
         let Some(&channel) = self.state.providers.get(&provider) else {
             return Err(ApiError::not_found(format!("no provider {provider:?}")));
@@ -149,6 +157,17 @@ impl ReceiptsApi {
         apply(&self.state, &provider, channel, id, outcome)
             .await
             .map(Json)
+    }
+}
+
+/// Refuses (403) a receipt for `provider` posted with a key bound to another provider; a key
+/// without a binding posts for every provider.
+fn check_bound(key: &Principal, provider: &str) -> Result<(), ApiError> {
+    match &key.provider {
+        Some(bound) if bound != provider => Err(ApiError::forbidden(format!(
+            "this API key posts receipts for provider {bound:?} only, not for {provider:?}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -313,7 +332,31 @@ fn event_name(event: ReceiptEvent) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::{MAX_ERROR, one_line};
+    use super::{MAX_ERROR, check_bound, one_line};
+    use crate::{
+        ApiError,
+        auth::{Principal, Scope},
+    };
+
+    #[test]
+    fn a_bound_key_posts_receipts_for_its_provider_only() {
+        let key = |provider: Option<&str>| Principal {
+            key_id: uuid::Uuid::nil(),
+            name: "webhook".into(),
+            scopes: vec![Scope::Callbacks],
+            provider: provider.map(str::to_string),
+        };
+        assert!(check_bound(&key(None), "smtp").is_ok());
+        assert!(check_bound(&key(Some("smtp")), "smtp").is_ok());
+        match check_bound(&key(Some("smtp")), "telegram") {
+            Err(ApiError::Forbidden(body)) => {
+                let message = &body.0.message;
+                assert!(message.contains("\"smtp\""), "{message}");
+                assert!(message.contains("\"telegram\""), "{message}");
+            }
+            other => panic!("expected 403, got {other:?}"),
+        }
+    }
 
     #[test]
     fn an_error_text_keeps_its_words_on_one_line() {

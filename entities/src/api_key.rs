@@ -24,6 +24,8 @@ pub struct Model {
     pub revoked_at: Option<DateTimeUtc>,
     /// When it was last seen authenticating (updated at most once per cache period).
     pub last_used_at: Option<DateTimeUtc>,
+    /// The one provider a `callbacks` key posts receipts for; `None`: every provider.
+    pub provider: Option<String>,
 }
 
 /// No relations.

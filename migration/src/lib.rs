@@ -34,6 +34,7 @@ mod m20261207_001301_history_filter_indexes;
 mod m20261207_001401_queued_marked_index;
 mod m20261207_001501_listing_indexes;
 mod m20261207_001601_dashboard_logouts;
+mod m20261207_001701_api_key_provider;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -65,6 +66,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001401_queued_marked_index::Migration),
             Box::new(m20261207_001501_listing_indexes::Migration),
             Box::new(m20261207_001601_dashboard_logouts::Migration),
+            Box::new(m20261207_001701_api_key_provider::Migration),
         ]
     }
 }

@@ -879,6 +879,88 @@ async fn a_receipt_from_a_provider_that_did_not_send_the_notification_is_refused
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A `callbacks` key bound to a provider (`herald apikey create --scopes callbacks --provider P`)
+/// posts that provider's receipts only: one for another provider is refused with 403 naming the
+/// key's provider and changes nothing. A key without a binding posts for every provider.
+#[tokio::test]
+async fn a_callbacks_key_bound_to_a_provider_posts_only_that_providers_receipts() {
+    let (w, _telegram) = world_with_telegram().await;
+    let h = &w.herald;
+    let smtp_key = herald_engine::apikey::create_with_provider(
+        h.db(),
+        "smtp webhook",
+        "callbacks",
+        Some("smtp"),
+    )
+    .await
+    .expect("key bound to smtp")
+    .token;
+    let email_id = h
+        .send_accepted(&email("ada@example.com", None, "transactional"))
+        .await;
+    let telegram_id = h.send_accepted(&telegram_message("4242")).await;
+    h.wait_status(&email_id, "sent").await;
+    h.wait_status(&telegram_id, "sent").await;
+
+    // SMTP's key marking the Telegram message delivered, or posting for a provider Herald does
+    // not have: 403 naming the key's provider; nothing changes.
+    let delivered = json!({ "notification_id": telegram_id, "event": "delivered" });
+    for provider in ["telegram", "pigeon"] {
+        let (status, body) = h
+            .request_with_key(
+                Method::POST,
+                &format!("/api/v1/providers/{provider}/callbacks"),
+                Some(&smtp_key),
+                Some(&delivered),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{provider}: {body}");
+        assert_eq!(body["code"], "forbidden", "{body}");
+        assert!(message_of(&body).contains("\"smtp\""), "{body}");
+    }
+    let (_, telegram_now) = h.get(&format!("/api/v1/notifications/{telegram_id}")).await;
+    assert_eq!(telegram_now["status"], "sent", "{telegram_now}");
+
+    // Its own provider's receipt applies.
+    let bounce = json!({ "notification_id": email_id, "event": "bounced", "error": "550 gone" });
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/smtp/callbacks",
+            Some(&smtp_key),
+            Some(&bounce),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "failed");
+
+    // A key without a binding still posts for every provider.
+    let any = new_key(h, "provider webhooks", "callbacks").await;
+    let (status, body) = h
+        .request_with_key(
+            Method::POST,
+            "/api/v1/providers/telegram/callbacks",
+            Some(&any),
+            Some(&delivered),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "delivered");
+
+    // Only a callbacks-only key is bound, and only to a provider Herald knows.
+    for (scopes, provider) in [
+        ("send,callbacks", "smtp"),
+        ("admin", "smtp"),
+        ("callbacks", "pigeon"),
+    ] {
+        let refused =
+            herald_engine::apikey::create_with_provider(h.db(), "bad", scopes, Some(provider))
+                .await;
+        assert!(refused.is_err(), "{scopes} for {provider}");
+    }
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_provider_message_id_of_several_notifications_is_refused_as_ambiguous() {
     let (w, _telegram) = world_with_telegram().await;

@@ -20,6 +20,8 @@ pub struct NewApiKey {
     pub secret_hash: String,
     /// Comma-separated scopes.
     pub scopes: String,
+    /// The one provider it posts receipts for; `None`: every provider.
+    pub provider: Option<String>,
 }
 
 /// Stores a new key and returns its row.
@@ -36,6 +38,7 @@ pub async fn insert(
         created_at: Set(Utc::now()),
         revoked_at: Set(None),
         last_used_at: Set(None),
+        provider: Set(new.provider),
     };
     Ok(api_key::Entity::insert(row).exec_with_returning(db).await?)
 }
