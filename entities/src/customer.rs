@@ -24,6 +24,9 @@ pub struct Model {
     pub push_tokens: Json,
     /// Webhook URL.
     pub webhook_url: Option<String>,
+    /// The customer's own `whsec_…` secret that signs webhooks to `webhook_url` instead of
+    /// `channels.webhook.secret`. Write-only through the API: never shown or logged.
+    pub webhook_secret: Option<String>,
     /// Preferred locale, e.g. `en`, `de-DE`.
     pub locale: String,
     /// IANA time zone, e.g. `Europe/Berlin`.

@@ -35,6 +35,7 @@ mod m20261207_001401_queued_marked_index;
 mod m20261207_001501_listing_indexes;
 mod m20261207_001601_dashboard_logouts;
 mod m20261207_001701_api_key_provider;
+mod m20261207_001801_customer_webhook_secret;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -67,6 +68,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001501_listing_indexes::Migration),
             Box::new(m20261207_001601_dashboard_logouts::Migration),
             Box::new(m20261207_001701_api_key_provider::Migration),
+            Box::new(m20261207_001801_customer_webhook_secret::Migration),
         ]
     }
 }

@@ -164,10 +164,53 @@ pub struct CustomerFields {
     pub push_tokens: Vec<String>,
     /// Webhook URL.
     pub webhook_url: Option<String>,
+    /// What becomes of the customer's own webhook signing secret.
+    pub webhook_secret: WebhookSecretChange,
     /// Locale, e.g. `de-DE`.
     pub locale: String,
     /// IANA time zone.
     pub timezone: String,
+}
+
+/// What a write does to a customer's own webhook signing secret, which reads never return (so a
+/// client that reads a customer and writes it back cannot send the secret along).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum WebhookSecretChange {
+    /// Keeps the stored secret while the webhook URL stays the same, and drops it with another
+    /// URL: a secret belongs to its endpoint. A new customer gets none.
+    #[default]
+    Keep,
+    /// Removes it: the global `channels.webhook.secret` signs again.
+    Remove,
+    /// Replaces it by this `whsec_…` secret (checked by the caller).
+    Set(String),
+}
+
+impl std::fmt::Debug for WebhookSecretChange {
+    /// Never shows the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "Keep",
+            Self::Remove => "Remove",
+            Self::Set(_) => "Set(<redacted>)",
+        })
+    }
+}
+
+impl WebhookSecretChange {
+    /// The secret to store, given the stored row's URL and secret and the new URL.
+    fn apply(
+        self,
+        stored_url: Option<&str>,
+        stored: Option<String>,
+        new_url: Option<&str>,
+    ) -> Option<String> {
+        match self {
+            Self::Keep if stored_url == new_url => stored,
+            Self::Keep | Self::Remove => None,
+            Self::Set(secret) => Some(secret),
+        }
+    }
 }
 
 /// A new customer row with a fresh id, created and updated at `now`.
@@ -184,6 +227,7 @@ pub fn new_row(
         phone: Set(fields.phone),
         telegram_chat_id: Set(fields.telegram_chat_id),
         push_tokens: Set(serde_json::json!(fields.push_tokens)),
+        webhook_secret: Set(fields.webhook_secret.apply(None, None, None)),
         webhook_url: Set(fields.webhook_url),
         locale: Set(fields.locale),
         timezone: Set(fields.timezone),
@@ -217,7 +261,13 @@ pub async fn update(
     let Some(found) = find_by_external_id(db, external_id).await? else {
         return Ok(None);
     };
+    let secret = fields.webhook_secret.apply(
+        found.webhook_url.as_deref(),
+        found.webhook_secret.clone(),
+        fields.webhook_url.as_deref(),
+    );
     let mut row: customer::ActiveModel = found.into();
+    row.webhook_secret = Set(secret);
     row.name = Set(fields.name);
     row.email = Set(fields.email);
     row.phone = Set(fields.phone);
