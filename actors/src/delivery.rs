@@ -39,7 +39,7 @@ use crate::pull::Delivery;
 
 use crate::channel::{
     ChannelDirectory, ChannelMsg, ContactMove, OutboundMessage, ProviderError, SendOutcome,
-    SendReport,
+    SendReport, WebhookSecret,
 };
 use crate::policy::Gate;
 use crate::retry::{RetryPolicy, Wait};
@@ -323,8 +323,8 @@ async fn work(
             return Settle::record_then_nak(vec![], vec![], delay);
         }
     };
-    let contacts = match resolve_contacts(&command, recipient.customer.as_ref()) {
-        Ok(contacts) => contacts,
+    let destination = match resolve_contacts(&command, recipient.customer.as_ref()) {
+        Ok(contacts) => Destination::new(contacts, recipient.customer.as_ref()),
         Err(UnknownCustomer(customer)) => {
             return unknown_customer(&ctx.retry, id, &customer, message.copy);
         }
@@ -360,7 +360,7 @@ async fn work(
         walk_chain(
             &ctx.channels,
             &command,
-            &contacts,
+            &destination,
             round,
             skip,
             CHANNEL_ANSWER_TIMEOUT,
@@ -684,6 +684,30 @@ fn resolve_contacts(
     }
 }
 
+/// Where a send goes: the contacts, and the stored customer's own webhook signing secret.
+#[derive(Debug, Clone, Default)]
+struct Destination {
+    /// The request's contacts over the stored customer's.
+    contacts: Contacts,
+    /// The customer's own secret, only for its stored webhook URL: a URL the send named instead
+    /// is not the endpoint the secret was registered for, and gets the global secret.
+    webhook_secret: Option<WebhookSecret>,
+}
+
+impl Destination {
+    /// `contacts` (already merged), with `customer`'s webhook secret if they reach its webhook URL.
+    fn new(contacts: Contacts, customer: Option<&customer::Model>) -> Self {
+        let webhook_secret = customer
+            .filter(|c| c.webhook_url.is_some() && c.webhook_url == contacts.webhook_url)
+            .and_then(|c| c.webhook_secret.clone())
+            .map(WebhookSecret::new);
+        Self {
+            contacts,
+            webhook_secret,
+        }
+    }
+}
+
 /// Replaces the command's template reference, if it has one, by the rendered content: in the
 /// stored customer's locale, with their id and name among the variables unless the send gave them.
 async fn render_template(
@@ -854,7 +878,7 @@ async fn refused_earlier(
 async fn walk_chain(
     channels: &ChannelDirectory,
     command: &SendCommand,
-    contacts: &Contacts,
+    destination: &Destination,
     round: Round,
     skip: Skip<'_>,
     answer_within: Duration,
@@ -912,14 +936,14 @@ async fn walk_chain(
             walk.last_error = Some(error);
             continue;
         };
-        if !contacts.reaches(channel) {
+        if !destination.contacts.reaches(channel) {
             let error = ProviderError::MissingContact(channel).to_string();
             walk.attempts
                 .push(attempt("-", "no_contact", Some(error.clone()), None));
             walk.last_error = Some(error);
             continue;
         }
-        let report = ask_channel((&actor, &provider), command, contacts, answer_within).await;
+        let report = ask_channel((&actor, &provider), command, destination, answer_within).await;
         walk.called |= !matches!(
             report.outcome,
             SendOutcome::CircuitOpen { .. } | SendOutcome::NotStarted { .. }
@@ -1010,14 +1034,15 @@ async fn with_progress<F: Future>(
 async fn ask_channel(
     (actor, provider): (&ActorRef<ChannelMsg>, &str),
     command: &SendCommand,
-    contacts: &Contacts,
+    destination: &Destination,
     answer_within: Duration,
 ) -> SendReport {
     let outbound = OutboundMessage {
         notification_id: command.notification_id,
-        contacts: contacts.clone(),
+        contacts: destination.contacts.clone(),
         content: command.content.clone(),
         category: command.category.as_str(),
+        webhook_secret: destination.webhook_secret.clone(),
     };
     let answer_by = std::time::Instant::now() + answer_within;
     let send = |reply| ChannelMsg::Send {
@@ -1558,7 +1583,7 @@ mod tests {
         walk_chain(
             channels,
             command,
-            &command.contacts,
+            &Destination::new(command.contacts.clone(), None),
             round,
             skip,
             answer_within,

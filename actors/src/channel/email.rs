@@ -543,6 +543,7 @@ mod tests {
                 template: None,
             },
             category: "transactional",
+            webhook_secret: None,
         }
     }
 

@@ -20,5 +20,5 @@ pub use actor::{
     ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, Readmission,
     SendOutcome, SendReport, Verdict,
 };
-pub use provider::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt};
+pub use provider::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt, WebhookSecret};
 pub use supervisor::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};

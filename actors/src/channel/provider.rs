@@ -24,6 +24,31 @@ pub struct OutboundMessage {
     pub content: Content,
     /// Category name, for providers that label messages.
     pub category: &'static str,
+    /// The stored customer's own webhook signing secret, when it has one and the send goes to
+    /// its stored webhook URL; the webhook provider signs with it instead of its own.
+    pub webhook_secret: Option<WebhookSecret>,
+}
+
+/// A customer's own `whsec_…` webhook signing secret; its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSecret(String);
+
+impl WebhookSecret {
+    /// Wraps a stored secret.
+    pub fn new(secret: String) -> Self {
+        Self(secret)
+    }
+
+    /// The secret itself, to derive the signing key from.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(<redacted>)")
+    }
 }
 
 /// A provider accepted the message.
@@ -308,6 +333,7 @@ pub(crate) mod tests {
                 template: None,
             },
             category: "transactional",
+            webhook_secret: None,
         }
     }
 }

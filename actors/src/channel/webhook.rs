@@ -19,6 +19,7 @@
 //! internal addresses the check refuses (or, with a proxy of the internal network, every webhook
 //! would fail as one to an internal address).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -301,7 +302,7 @@ impl WebhookProvider {
         let id = message.notification_id.to_string();
         let body = payload(message, now);
         let timestamp = now.timestamp();
-        let signature = sign(&self.key, &id, timestamp, &body);
+        let signature = sign(&self.key_for(message)?, &id, timestamp, &body);
         let response = self
             .client
             .post(parsed)
@@ -320,6 +321,20 @@ impl WebhookProvider {
         }
         // The receiver's body is not read: it is not ours to store, and could be anything.
         Err(classify(status, http::retry_after(response.headers()), url))
+    }
+}
+
+impl WebhookProvider {
+    /// The key that signs `message`: its customer's own secret, else the provider's. A stored
+    /// secret that does not decode (the API checks it as `channels.webhook.secret` is checked) is
+    /// refused for good rather than replaced by the global key the receiver does not expect.
+    fn key_for<'a>(&'a self, message: &OutboundMessage) -> Result<Cow<'a, [u8]>, ProviderError> {
+        match &message.webhook_secret {
+            None => Ok(Cow::Borrowed(&self.key)),
+            Some(secret) => decode_secret(secret.expose()).map(Cow::Owned).map_err(|_| {
+                ProviderError::unsendable("the customer's webhook_secret is malformed")
+            }),
+        }
     }
 }
 
