@@ -46,6 +46,10 @@ pub struct CreateCustomer {
     /// URL for signed webhooks (http or https with a host, at most 2,048 characters; not an
     /// internal IP address unless `channels.webhook.allow_private_targets`).
     pub webhook_url: Option<String>,
+    /// Your own secret for signing this customer's webhooks (`whsec_` followed by the base64 of
+    /// a key of at least 24 bytes), used instead of `channels.webhook.secret` for webhooks to the
+    /// stored `webhook_url`. Write-only: responses say `webhook_secret_set` instead.
+    pub webhook_secret: Option<String>,
     /// Language tag for templates (`en`, `de-DE`); `templates.default_locale` (`en` unless
     /// configured) when absent.
     pub locale: Option<String>,
@@ -71,6 +75,12 @@ pub struct UpdateCustomer {
     /// URL for signed webhooks (http or https with a host, at most 2,048 characters; not an
     /// internal IP address unless `channels.webhook.allow_private_targets`).
     pub webhook_url: Option<String>,
+    /// Your own secret for signing this customer's webhooks (`whsec_` followed by the base64 of
+    /// a key of at least 24 bytes), used instead of `channels.webhook.secret` for webhooks to the
+    /// stored `webhook_url`. Write-only: responses say `webhook_secret_set` instead.
+    /// Absent keeps the stored secret while `webhook_url` stays the same (a new URL drops it);
+    /// `""` removes it.
+    pub webhook_secret: Option<String>,
     /// Language tag; `templates.default_locale` (`en` unless configured) when absent.
     pub locale: Option<String>,
     /// IANA time zone; `UTC` when absent.
@@ -96,6 +106,9 @@ pub struct CustomerView {
     pub push_tokens: Vec<String>,
     /// Webhook URL.
     pub webhook_url: Option<String>,
+    /// Whether the customer has a webhook signing secret of its own (the secret itself is never
+    /// returned).
+    pub webhook_secret_set: bool,
     /// Language tag.
     pub locale: String,
     /// IANA time zone.
@@ -148,6 +161,7 @@ impl CustomersApi {
                 telegram_chat_id: body.telegram_chat_id,
                 push_tokens: body.push_tokens,
                 webhook_url: body.webhook_url,
+                webhook_secret: body.webhook_secret,
                 locale: body.locale,
                 timezone: body.timezone,
             },
@@ -214,6 +228,7 @@ fn fields(
         },
     )?;
     validate::webhook_target("webhook_url", &contacts, allow_private_webhooks)?;
+    let webhook_secret = validate::webhook_secret("webhook_secret", &body.webhook_secret)?;
     let name = body
         .name
         .as_deref()
@@ -244,6 +259,7 @@ fn fields(
         telegram_chat_id: contacts.telegram_chat_id,
         push_tokens: contacts.push_tokens,
         webhook_url: contacts.webhook_url,
+        webhook_secret,
         locale,
         timezone,
     })
@@ -258,6 +274,7 @@ fn view(row: customer::Model) -> CustomerView {
         phone: row.phone,
         telegram_chat_id: row.telegram_chat_id,
         webhook_url: row.webhook_url,
+        webhook_secret_set: row.webhook_secret.is_some(),
         locale: row.locale,
         timezone: row.timezone,
         created_at: row.created_at,
@@ -277,6 +294,7 @@ mod tests {
             telegram_chat_id: None,
             push_tokens: vec![],
             webhook_url: None,
+            webhook_secret: None,
             locale: None,
             timezone: None,
         }

@@ -1,6 +1,7 @@
 //! Field checks shared by the endpoints: contacts (email, phone, Telegram, push tokens, webhook
 //! URL), external ids, locales and time zones. Each failure is a 400 naming the field.
 
+use herald_entities::repo::customers::WebhookSecretChange;
 use herald_nats::Contacts;
 
 use crate::ApiError;
@@ -88,6 +89,44 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
         push_tokens,
         webhook_url,
     })
+}
+
+/// Shortest webhook signing key, in bytes: the webhook provider's rule for
+/// `channels.webhook.secret`.
+const MIN_WEBHOOK_KEY: usize = 24;
+
+/// Checks a customer's own webhook signing secret as the webhook provider checks
+/// `channels.webhook.secret`: `whsec_` followed by the base64 of a key of at least 24 bytes. An
+/// absent one keeps the stored secret ([`WebhookSecretChange::Keep`]), a blank one removes it.
+/// The message never repeats the value.
+pub fn webhook_secret(field: &str, raw: &Option<String>) -> Result<WebhookSecretChange, ApiError> {
+    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    let Some(raw) = raw else {
+        return Ok(WebhookSecretChange::Keep);
+    };
+    let secret = raw.trim();
+    if secret.is_empty() {
+        return Ok(WebhookSecretChange::Remove);
+    }
+    let key = secret
+        .strip_prefix("whsec_")
+        .map(|encoded| STANDARD.decode(encoded));
+    match key {
+        Some(Ok(key)) if key.len() >= MIN_WEBHOOK_KEY => {
+            Ok(WebhookSecretChange::Set(secret.to_string()))
+        }
+        Some(Ok(key)) => Err(ApiError::invalid(
+            field,
+            format!(
+                "{field} key is {} bytes; at least {MIN_WEBHOOK_KEY} are required",
+                key.len()
+            ),
+        )),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be \"whsec_\" followed by a base64 key"),
+        )),
+    }
 }
 
 /// Refuses a webhook URL the webhook provider could never send to: longer than
