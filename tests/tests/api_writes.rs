@@ -90,6 +90,60 @@ async fn webhook_urls_that_could_never_be_delivered_to_are_refused() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A customer's own webhook secret is checked as `channels.webhook.secret` is (refused naming
+/// the field, without repeating it), never returned (`webhook_secret_set` says whether there is
+/// one), kept by a `PUT` without it while the webhook URL stays, dropped with a new URL, and
+/// removed by `""`.
+#[tokio::test]
+async fn a_customers_webhook_secret_is_checked_and_never_shown() {
+    let w = world_with(|_| {}).await;
+    let h = &w.herald;
+    let secret = "whsec_c2hvcC1hIGtlZXBzIGl0cyBvd24gMzItYnl0ZSBrZXk=";
+    let url = "https://hooks.example.com/a";
+    for bad in [
+        "c2hvcC1hIGtlZXBzIGl0cyBvd24gMzItYnl0ZSBrZXk=",
+        "whsec_not base64!",
+        "whsec_dG9vIHNob3J0IGtleQ==",
+    ] {
+        let customer = json!({ "id": "c-sec", "webhook_url": url, "webhook_secret": bad });
+        let (status, refused) = h.post("/api/v1/customers", &customer).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {refused}");
+        assert_eq!(refused["field"], "webhook_secret", "{bad}: {refused}");
+        assert!(!refused.to_string().contains(bad), "{refused}");
+    }
+    let customer = json!({ "id": "c-sec", "webhook_url": url, "webhook_secret": secret });
+    let (status, created) = h.post("/api/v1/customers", &customer).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let shown = |customer: &Value| {
+        assert!(customer.get("webhook_secret").is_none(), "{customer}");
+        customer["webhook_secret_set"].clone()
+    };
+    assert_eq!(shown(&created), true);
+    let (_, read) = h.get("/api/v1/customers/c-sec").await;
+    assert_eq!(shown(&read), true);
+
+    let put = |body: Value| async move {
+        let response = h
+            .http()
+            .put(format!("{}/api/v1/customers/c-sec", h.base()))
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json::<Value>().await.expect("JSON answer")
+    };
+    let kept = put(json!({ "webhook_url": url, "email": "ada@example.com" })).await;
+    assert_eq!(shown(&kept), true, "the same URL keeps the secret");
+    let moved = put(json!({ "webhook_url": "https://hooks.example.com/b" })).await;
+    assert_eq!(shown(&moved), false, "another URL drops it");
+    let set = put(json!({ "webhook_url": url, "webhook_secret": secret })).await;
+    assert_eq!(shown(&set), true);
+    let removed = put(json!({ "webhook_url": url, "webhook_secret": "" })).await;
+    assert_eq!(shown(&removed), false, "\"\" removes it");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// With `channels.webhook.allow_private_targets` the webhook provider sends to internal
 /// addresses, so the API takes them.
 #[tokio::test]

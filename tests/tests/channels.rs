@@ -1467,6 +1467,113 @@ async fn push_and_signed_webhooks_are_delivered() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// A customer's own webhook secret, as `whsec_` + base64 of a 32-byte key.
+const OWN_WEBHOOK_SECRET: &str = "whsec_c2hvcC1hIGtlZXBzIGl0cyBvd24gMzItYnl0ZSBrZXk=";
+
+/// The webhook the provider fake received at `path`, with its id, timestamp, body and signature.
+async fn received_webhook(w: &World, path: &str) -> (String, i64, String, String) {
+    let requests = provider_requests(w).await;
+    let request = requests
+        .iter()
+        .find(|r| r.url.path() == path)
+        .unwrap_or_else(|| panic!("no webhook at {path}"));
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let timestamp = header("webhook-timestamp").parse().expect("timestamp");
+    let body = String::from_utf8(request.body.clone()).expect("utf-8 body");
+    (
+        header("webhook-id"),
+        timestamp,
+        body,
+        header("webhook-signature"),
+    )
+}
+
+/// Whether `secret` verifies the webhook received at `path`.
+async fn verifies_with(w: &World, path: &str, secret: &str) -> bool {
+    let (id, timestamp, body, signature) = received_webhook(w, path).await;
+    let key = webhook::decode_secret(secret).expect("secret");
+    webhook::verify(&key, &id, timestamp, body.as_bytes(), &signature)
+}
+
+/// A customer with a webhook secret of its own gets webhooks signed with it, which the global
+/// secret does not verify: a receiver holding the global secret cannot forge them. A customer
+/// without one gets the global secret's, and so does a send that names another URL than the one
+/// the secret was stored for. The API never shows the secret.
+#[tokio::test]
+async fn a_customers_own_webhook_secret_signs_its_webhooks() {
+    let w = world(|_| {}).await;
+    webhook_receiver().mount(&w.provider).await;
+    let hooks = format!("{}/hooks", w.provider.uri());
+    store_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": format!("{hooks}/shop-a"), "webhook_secret": OWN_WEBHOOK_SECRET}),
+    )
+    .await;
+    store_customer(
+        &w,
+        "shop-b",
+        json!({"webhook_url": format!("{hooks}/shop-b")}),
+    )
+    .await;
+    let a = stored_customer(&w, "shop-a").await;
+    assert_eq!(a["webhook_secret_set"], true, "{a}");
+    assert!(a.get("webhook_secret").is_none(), "{a}");
+    assert!(
+        !a.to_string()
+            .contains(OWN_WEBHOOK_SECRET.trim_start_matches("whsec_"))
+    );
+    assert_eq!(
+        stored_customer(&w, "shop-b").await["webhook_secret_set"],
+        false
+    );
+
+    for (customer, recipient) in [
+        ("shop-a", json!({"customer_id": "shop-a"})),
+        ("shop-b", json!({"customer_id": "shop-b"})),
+        (
+            "shop-a elsewhere",
+            json!({"customer_id": "shop-a", "webhook_url": format!("{hooks}/elsewhere")}),
+        ),
+    ] {
+        let id = w
+            .herald
+            .send_accepted(&notification(&["webhook"], recipient))
+            .await;
+        let sent = w.herald.wait_status(&id, "sent").await;
+        assert_eq!(statuses(&sent), [("webhook", "sent")], "{customer}: {sent}");
+    }
+
+    assert!(
+        verifies_with(&w, "/hooks/shop-a", OWN_WEBHOOK_SECRET).await,
+        "shop-a's own secret verifies its webhook"
+    );
+    assert!(
+        !verifies_with(&w, "/hooks/shop-a", WEBHOOK_SECRET).await,
+        "the global secret does not verify shop-a's webhook"
+    );
+    assert!(
+        verifies_with(&w, "/hooks/shop-b", WEBHOOK_SECRET).await,
+        "a customer without a secret of its own gets the global secret's signature"
+    );
+    assert!(
+        verifies_with(&w, "/hooks/elsewhere", WEBHOOK_SECRET).await,
+        "a URL given in the send is signed with the global secret"
+    );
+    assert!(
+        !verifies_with(&w, "/hooks/elsewhere", OWN_WEBHOOK_SECRET).await,
+        "the customer's secret signs only for its stored URL"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test]
 async fn a_webhook_to_an_internal_address_is_refused_unless_allowed() {
     let w = world(|c| {

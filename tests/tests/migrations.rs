@@ -81,6 +81,7 @@ async fn quiet_hours_time_zones_become_optional_and_back() {
         telegram_chat_id: Set(None),
         push_tokens: Set(serde_json::json!([])),
         webhook_url: Set(None),
+        webhook_secret: Set(None),
         locale: Set("en".into()),
         timezone: Set("Asia/Tokyo".into()),
         created_at: Set(now),

@@ -75,6 +75,7 @@ fn message(i: usize) -> OutboundMessage {
             template: None,
         },
         category: "transactional",
+        webhook_secret: None,
     }
 }
 

@@ -89,6 +89,7 @@ fn customer_row(external_id: &str, locale: &str, webhook: Option<String>) -> cus
         telegram_chat_id: Set(None),
         push_tokens: Set(json!([])),
         webhook_url: Set(webhook),
+        webhook_secret: Set(None),
         locale: Set(locale.to_string()),
         timezone: Set("UTC".into()),
         created_at: Set(now),
