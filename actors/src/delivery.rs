@@ -1313,8 +1313,8 @@ mod tests {
     use herald_nats::Channel;
 
     use super::{
-        Delivery, NewerVersionHold, Round, Settle, Skip, Unreadable, Walk, due_after, finish,
-        last_round, read_command, walk_chain,
+        Delivery, Destination, NewerVersionHold, Round, Settle, Skip, Unreadable, Walk, due_after,
+        finish, last_round, read_command, walk_chain,
     };
     use crate::retry::RetryPolicy;
 
