@@ -25,8 +25,8 @@ enum CustomerTags {
     Customers,
 }
 
-/// A new customer.
-#[derive(Debug, Clone, Object)]
+/// A new customer. No `Debug`: it may hold a webhook secret.
+#[derive(Clone, Object)]
 #[oai(deny_unknown_fields)]
 pub struct CreateCustomer {
     /// Your id for the customer (1 to 200 characters, no `/`); events and notifications name the
@@ -57,8 +57,9 @@ pub struct CreateCustomer {
     pub timezone: Option<String>,
 }
 
-/// A customer's record as a whole; `PUT` replaces the stored one (absent contacts are removed).
-#[derive(Debug, Clone, Object)]
+/// A customer's record as a whole; `PUT` replaces the stored one (absent contacts are removed,
+/// an absent `webhook_secret` is kept as its doc says). No `Debug`: it may hold a webhook secret.
+#[derive(Clone, Object)]
 #[oai(deny_unknown_fields)]
 pub struct UpdateCustomer {
     /// Display name.

@@ -2,8 +2,8 @@
 
 use sea_orm::entity::prelude::*;
 
-/// A recipient.
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+/// A recipient. Its `Debug` leaves the webhook secret out.
+#[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "customers")]
 pub struct Model {
     /// Herald's id.
@@ -35,6 +35,26 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     /// When the row was last changed.
     pub updated_at: DateTimeUtc,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("id", &self.id)
+            .field("external_id", &self.external_id)
+            .field("name", &self.name)
+            .field("email", &self.email)
+            .field("phone", &self.phone)
+            .field("telegram_chat_id", &self.telegram_chat_id)
+            .field("push_tokens", &self.push_tokens)
+            .field("webhook_url", &self.webhook_url)
+            .field("webhook_secret_set", &self.webhook_secret.is_some())
+            .field("locale", &self.locale)
+            .field("timezone", &self.timezone)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
 }
 
 /// No relations are navigated from customers.
