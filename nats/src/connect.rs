@@ -119,7 +119,7 @@ async fn connect_waiting(
 ) -> Result<async_nats::Client, NatsError> {
     let servers = server_list(connection.urls)?;
     let connected = Arc::new(Notify::new());
-    match options(connection, &servers, Some(connected.clone()))
+    match options(connection, Some(connected.clone()))
         .await?
         .connect(servers.clone())
         .await
@@ -132,7 +132,7 @@ async fn connect_waiting(
             }
         },
     }
-    let client = options(connection, &servers, Some(connected.clone()))
+    let client = options(connection, Some(connected.clone()))
         .await?
         .retry_on_initial_connect()
         .connect(servers.clone())
@@ -219,7 +219,7 @@ impl Waiting<'_> {
     /// Tries a connection of its own: the retrying client only logs a refusal, and would try
     /// again forever.
     async fn refused(&self) -> Result<(), NatsError> {
-        let probe = options(self.connection, self.servers, None)
+        let probe = options(self.connection, None)
             .await?
             .connect(self.servers.to_vec())
             .await;
@@ -234,7 +234,6 @@ impl Waiting<'_> {
 /// `connected` (notified each time the client connects), the event log; a probe's go without.
 async fn options(
     connection: Connection<'_>,
-    servers: &[ServerAddr],
     connected: Option<Arc<Notify>>,
 ) -> Result<ConnectOptions, NatsError> {
     let mut options = ConnectOptions::new()
@@ -251,7 +250,7 @@ async fn options(
             }
         });
     }
-    let options = authenticate(options, connection.auth, servers).await?;
+    let options = authenticate(options, connection.auth, connection.urls).await?;
     secure(options, connection.tls)
 }
 
@@ -281,8 +280,33 @@ fn tls_failure(error: &async_nats::ConnectError) -> Option<&async_nats::rustls::
     io.get_ref()?.downcast_ref::<async_nats::rustls::Error>()
 }
 
-/// `"nats://a:4222, nats://b:4222"` → the two servers; an entry that is not a NATS URL is refused.
+/// `"nats://a:4222, nats://b:4222"` → the two servers, as handed to the client library: without
+/// the user information (`user:password@`, `token@`) a URL may carry, which the library would
+/// print in its debug log at every connection attempt ([`authenticate`] reads the credentials
+/// from the URLs themselves). An entry that is not a NATS URL is refused.
 fn server_list(urls: &str) -> Result<Vec<ServerAddr>, NatsError> {
+    parse_urls(urls)?
+        .into_iter()
+        .map(without_userinfo)
+        .collect()
+}
+
+/// `server` without its user and password.
+fn without_userinfo(server: ServerAddr) -> Result<ServerAddr, NatsError> {
+    let mut url = server.into_inner();
+    // Only URLs that cannot be a base (`mailto:`) refuse these; a NATS URL always has a host.
+    let stripped = url.set_username("").is_ok() && url.set_password(None).is_ok();
+    if !stripped {
+        return Err(NatsError::Config(
+            "nats.url: an entry has no host to connect to".into(),
+        ));
+    }
+    ServerAddr::from_url(url)
+        .map_err(|e| NatsError::Config(format!("nats.url: an entry is not a NATS URL: {e}")))
+}
+
+/// The entries of `nats.url`, each with the credentials it carries.
+fn parse_urls(urls: &str) -> Result<Vec<ServerAddr>, NatsError> {
     // The error names the entry, not its text: a URL may carry a password.
     urls.split(',')
         .map(str::trim)
@@ -296,11 +320,12 @@ fn server_list(urls: &str) -> Result<Vec<ServerAddr>, NatsError> {
         .collect()
 }
 
-/// Applies the one configured way of authenticating, or the first URL's credentials.
+/// Applies the one configured way of authenticating, or the credentials of the first of `urls`
+/// that carries them.
 async fn authenticate(
     options: ConnectOptions,
     auth: &NatsAuth,
-    servers: &[ServerAddr],
+    urls: &str,
 ) -> Result<ConnectOptions, NatsError> {
     let configured: Vec<&str> = [
         (auth.user.is_some() || auth.password.is_some()).then_some("user/password"),
@@ -347,7 +372,7 @@ async fn authenticate(
                 file.display()
             ))
         }),
-        _ => Ok(from_url(options, servers)),
+        _ => Ok(from_url(options, &parse_urls(urls)?)),
     }
 }
 
@@ -436,6 +461,26 @@ mod tests {
         assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
+    /// The client library logs each server's address at debug level at every connection attempt:
+    /// the addresses it is given carried the URL's password.
+    #[test]
+    fn the_servers_handed_to_the_client_carry_no_credentials() {
+        let urls = "nats://herald:s3cret@n1:4222, tls://t0ken@n2:4222, nats://n3:4222";
+        let list = server_list(urls).expect("valid");
+        for server in &list {
+            assert_eq!(server.username(), None, "{server:?}");
+            assert_eq!(server.password(), None, "{server:?}");
+            let shown = format!("{server:?}");
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("t0ken"),
+                "{shown}"
+            );
+        }
+        let hosts: Vec<(&str, u16)> = list.iter().map(|s| (s.host(), s.port())).collect();
+        assert_eq!(hosts, [("n1", 4222), ("n2", 4222), ("n3", 4222)]);
+        assert!(list[1].tls_required(), "the scheme stays");
+    }
+
     #[test]
     fn a_max_payload_below_the_command_limit_is_warned_of_naming_both() {
         let warning = max_payload_warning(65_536).expect("a warning");
@@ -465,7 +510,7 @@ mod tests {
             nkey_seed_file: Some("seed.nk".into()),
             ..NatsAuth::default()
         };
-        let err = authenticate(ConnectOptions::new(), &auth, &[])
+        let err = authenticate(ConnectOptions::new(), &auth, "")
             .await
             .expect_err("refused");
         assert_eq!(
@@ -476,7 +521,7 @@ mod tests {
             user: Some("herald".into()),
             ..NatsAuth::default()
         };
-        let err = authenticate(ConnectOptions::new(), &half, &[])
+        let err = authenticate(ConnectOptions::new(), &half, "")
             .await
             .expect_err("refused");
         assert!(err.to_string().contains("go together"), "{err}");
