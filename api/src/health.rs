@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use futures::future::join_all;
 use herald_nats::leases::LEASE_STREAM;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
@@ -73,8 +75,59 @@ pub struct Readiness {
     /// partition count is not the deployment's).
     pub partitions: PartitionsView,
     /// Providers and their circuits (an open circuit does not make an instance unready: failover
-    /// carries the traffic): those whose channel actor answered in time.
-    pub channels: Vec<ChannelView>,
+    /// carries the traffic): those whose channel actor answered in time. Without the last
+    /// failure's text, which can name a recipient: `GET /api/v1/channels` (a key with `read`)
+    /// has it.
+    pub channels: Vec<ChannelCircuit>,
+}
+
+/// One provider's circuit and counters, as readiness shows them to anyone who asks: a
+/// [`ChannelView`] without `last_error` (a provider's error text can name a recipient's address or
+/// number).
+#[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
+pub struct ChannelCircuit {
+    /// Channel name (`email`, `telegram`, ...).
+    pub channel: String,
+    /// Provider name.
+    pub provider: String,
+    /// Circuit state: `closed`, `open`, `half_open`.
+    pub circuit: String,
+    /// Whether the circuit is open because the provider throttles the whole account.
+    pub throttled: bool,
+    /// Failures counted in the current circuit window.
+    pub recent_failures: u64,
+    /// Times the circuit opened since start.
+    pub times_opened: u64,
+    /// While the circuit is open: when it lets its next probe through (RFC 3339, UTC).
+    pub probe_at: Option<DateTime<Utc>>,
+    /// Sends in flight.
+    pub in_flight: u64,
+    /// Sends accepted by the provider since start.
+    pub sent: u64,
+    /// Sends failed since start.
+    pub failed: u64,
+    /// Sends refused by the open circuit since start.
+    pub refused: u64,
+}
+
+impl From<ChannelView> for ChannelCircuit {
+    fn from(view: ChannelView) -> Self {
+        Self {
+            channel: view.channel,
+            provider: view.provider,
+            circuit: view.circuit,
+            throttled: view.throttled,
+            recent_failures: view.recent_failures,
+            times_opened: view.times_opened,
+            probe_at: view.probe_at,
+            in_flight: view.in_flight,
+            sent: view.sent,
+            failed: view.failed,
+            refused: view.refused,
+        }
+    }
 }
 
 /// Responses of the readiness check.
@@ -165,10 +218,13 @@ impl HealthApi {
 
     /// The providers' circuits: those whose actor answered (each is given less than the
     /// readiness bound; none if even that runs out by `deadline`).
-    async fn channels(&self, deadline: Instant) -> Vec<ChannelView> {
+    async fn channels(&self, deadline: Instant) -> Vec<ChannelCircuit> {
         timeout_at(deadline, self.state.engine.channels())
             .await
             .unwrap_or_default()
+            .into_iter()
+            .map(ChannelCircuit::from)
+            .collect()
     }
 
     /// Herald's streams and the lease bucket's, asked for at the same time; the first that is

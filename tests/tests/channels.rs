@@ -792,6 +792,45 @@ async fn a_default_chain_naming_a_channel_twice_walks_it_once() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Readiness needs no key, and it showed each provider's last error: Twilio's text naming the
+/// number it refused (an SMTP reply names the address the same way), to anyone who asked. It now
+/// shows circuits and counters only; `GET /api/v1/channels` (a key with `read`) keeps the error.
+#[tokio::test]
+async fn readiness_does_not_show_a_provider_error_naming_a_recipient() {
+    let w = world(|_| {}).await;
+    let number = "+15551230042";
+    let invalid_number = json!({
+        "code": 21211,
+        "message": format!("The 'To' number {number} is not a valid phone number.")
+    });
+    let _refusing = sms(ResponseTemplate::new(400).set_body_json(invalid_number))
+        .mount_as_scoped(&w.provider)
+        .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["sms"], json!({"phone": number})))
+        .await;
+    w.herald.wait_status(&id, "failed").await;
+    let last_error = channel_state(&w, "sms").await["last_error"].clone();
+    assert!(
+        last_error.as_str().is_some_and(|e| e.contains(number)),
+        "the channels API keeps the error: {last_error}"
+    );
+
+    let (_, ready) = w.herald.get("/health/ready").await;
+    let sms = ready["channels"]
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["channel"] == "sms"))
+        .cloned()
+        .unwrap_or_else(|| panic!("sms listed: {ready}"));
+    assert_eq!(sms["failed"], 1, "{ready}");
+    assert!(
+        !ready.to_string().contains(number),
+        "readiness shows the recipient's number: {ready}"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// Twilio refusing the account (here a suspended one, 403 with its error 20403) fails every SMS
 /// alike: each notification fails over to email, and the refusals count against the SMS circuit,
 /// which opens and stops calling Twilio. They were taken for the recipients' failures for good:
