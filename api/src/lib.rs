@@ -19,6 +19,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod health;
 pub mod history;
+mod host_check;
 pub mod idempotency;
 pub mod notifications;
 pub mod orders;
@@ -75,6 +76,7 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let publisher = state.publisher.clone();
     let auth = state.auth.clone();
     let auth_enabled = auth.enabled();
+    let allowed_hosts = (!auth_enabled).then(|| host_check::AllowedHosts::new(server_url));
     let pages = state.clone();
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();
@@ -109,6 +111,17 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
         )
         .around(|next, req| body_limit::limit_body(next, req, MAX_BODY_BYTES))
         .around(move |next, req| auth::fill_when_disabled(next, req, auth_enabled))
+        // Any request acting as admin, a page of another site rebinding its name to this machine
+        // must not reach Herald: requests are served only for loopback names or Herald's own.
+        .around(move |next, req| {
+            let allowed = allowed_hosts.clone();
+            async move {
+                match &allowed {
+                    Some(allowed) => host_check::refuse_other_hosts(next, req, allowed).await,
+                    None => next.call(req).await,
+                }
+            }
+        })
         .data(auth)
         .catch_all_error(error::render_error)
 }

@@ -2501,6 +2501,53 @@ async fn with_auth_disabled_browsers_cannot_post_from_another_site() {
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// With `auth.enabled = false`, a page on evil.example whose name is made to resolve to 127.0.0.1
+/// (DNS rebinding) is same-origin to the browser, so no cross-origin check stops it, and every
+/// request acts as admin: it could read and drive a local Herald. Requests naming a `Host` that is
+/// neither a loopback name nor Herald's own are refused; probes and scrapes still pass.
+#[tokio::test]
+async fn with_auth_disabled_requests_for_another_host_are_refused() {
+    let w = world_with(|config| config.auth.enabled = false).await;
+    let h = &w.herald;
+    let get_with_host = |path: &'static str, host: String| async move {
+        let response = h
+            .http()
+            .get(format!("{}{path}", h.base()))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = response.status();
+        (
+            status,
+            response.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    let port = h.base().rsplit(':').next().unwrap_or_default().to_string();
+    for host in [
+        "evil.example:8080".to_string(),
+        format!("evil.example:{port}"),
+    ] {
+        let (status, answer) = get_with_host("/api/v1/channels", host.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{host}: {answer}");
+        assert_eq!(answer["code"], "forbidden", "{answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains("evil.example"), "{answer}");
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "127.1.2.3".to_string(),
+    ] {
+        let (status, answer) = get_with_host("/api/v1/channels", host.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{host}: {answer}");
+    }
+    let (status, answer) = get_with_host("/health/ready", "evil.example:8080".into()).await;
+    assert_eq!(status, StatusCode::OK, "readiness needs no key: {answer}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// With authentication on, the API does not look at where a request comes from: a browser sends
 /// no key by itself, so another site's page gets 401, and a browser app on another origin that
 /// holds a key (with CORS set up in front of Herald) is served.
