@@ -236,7 +236,11 @@ impl Herald {
             templates: Arc::new(crate::template_catalog::EngineTemplates {
                 settings: config.templates.settings(),
             }),
-            dashboard: Arc::new(config.dashboard.settings()?),
+            dashboard: Arc::new(
+                config
+                    .dashboard
+                    .settings(config.http.public_url.as_deref())?,
+            ),
             twilio_status: config.channels.sms.as_ref().and_then(|sms| {
                 let url = sms.status_callback_url.clone()?;
                 Some(Arc::new(herald_api::twilio::StatusCallbacks::new(

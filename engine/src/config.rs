@@ -228,8 +228,10 @@ impl AuthConfig {
 pub struct DashboardConfig {
     /// Hours a dashboard login lasts.
     pub session_ttl_hours: u64,
-    /// Mark the session cookie `Secure`: set it when the dashboard is served over HTTPS.
-    pub secure_cookie: bool,
+    /// Mark the session cookie `Secure` (sent over HTTPS only). Unset, it is marked when
+    /// `http.public_url` is `https`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure_cookie: Option<bool>,
     /// Secret (at least 32 bytes) the session cookie is signed with. Give every instance the same
     /// one so sessions survive restarts and work behind a load balancer; unset, a random one is
     /// made at start. `herald config` omits it.
@@ -243,7 +245,7 @@ impl Default for DashboardConfig {
     fn default() -> Self {
         Self {
             session_ttl_hours: 12,
-            secure_cookie: false,
+            secure_cookie: None,
             session_secret: None,
             refresh_secs: 10,
         }
@@ -251,17 +253,27 @@ impl Default for DashboardConfig {
 }
 
 impl DashboardConfig {
-    /// The API's view of these settings; refuses a session secret shorter than 32 bytes.
-    pub fn settings(&self) -> Result<herald_api::dashboard::DashboardSettings, ConfigError> {
+    /// The API's view of these settings for a Herald reached at `public_url`
+    /// (`http.public_url`); refuses a session secret shorter than 32 bytes.
+    pub fn settings(
+        &self,
+        public_url: Option<&str>,
+    ) -> Result<herald_api::dashboard::DashboardSettings, ConfigError> {
         let cookie_key = herald_api::dashboard::cookie_key(self.session_secret.as_deref())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(herald_api::dashboard::DashboardSettings {
             session_ttl: std::time::Duration::from_secs(self.session_ttl_hours.max(1) * 3600),
-            secure_cookie: self.secure_cookie,
+            secure_cookie: self.secure_cookie.unwrap_or_else(|| is_https(public_url)),
             cookie_key,
             refresh_secs: self.refresh_secs.max(1),
         })
     }
+}
+
+/// Whether `url` (`http.public_url`) is an `https` one.
+fn is_https(url: Option<&str>) -> bool {
+    url.and_then(|url| url.get(..8))
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
 }
 
 /// HTTP façade settings.
@@ -927,15 +939,12 @@ impl Config {
             ));
         }
         warnings.extend(self.replay_window_warning());
-        let https = self.http.public_url.as_deref().is_some_and(|url| {
-            url.get(..8)
-                .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
-        });
-        if https && !self.dashboard.secure_cookie {
+        if is_https(self.http.public_url.as_deref()) && self.dashboard.secure_cookie == Some(false)
+        {
             warnings.push(
                 "http.public_url is https but dashboard.secure_cookie is false: the dashboard's \
                  session cookie (an admin credential) would also travel over plain http; set \
-                 dashboard.secure_cookie = true"
+                 dashboard.secure_cookie = true or leave it unset"
                     .to_string(),
             );
         }
@@ -1151,7 +1160,7 @@ impl Config {
         self.check_log_level()?;
         self.rate_limits()?;
         self.routing_rules()?;
-        self.dashboard.settings()?;
+        self.dashboard.settings(self.http.public_url.as_deref())?;
         self.default_chains().map(|_| ())
     }
 
@@ -1584,7 +1593,7 @@ mod tests {
             jail.set_env("HERALD_DASHBOARD__SESSION_SECRET", "x".repeat(32));
             jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
             let config = Config::load(None).expect("loads").config;
-            let settings = config.dashboard.settings().expect("valid");
+            let settings = config.dashboard.settings(None).expect("valid");
             assert!(settings.secure_cookie);
             assert_eq!(
                 settings.session_ttl,
@@ -1817,13 +1826,47 @@ mod tests {
         });
     }
 
+    /// The session cookie (an admin credential) of a dashboard served over HTTPS went over plain
+    /// http too unless `dashboard.secure_cookie` was set: it is now marked `Secure` by default
+    /// when `http.public_url` is https; an explicit setting still wins.
     #[test]
-    fn an_https_public_url_without_a_secure_cookie_is_a_warning() {
+    fn an_https_public_url_marks_the_session_cookie_secure_by_default() {
+        figment::Jail::expect_with(|jail| {
+            let secure = || -> Result<bool, String> {
+                let config = Config::load(None).map_err(|e| e.to_string())?.config;
+                let settings = config
+                    .dashboard
+                    .settings(config.http.public_url.as_deref())
+                    .map_err(|e| e.to_string())?;
+                Ok(settings.secure_cookie)
+            };
+            assert!(!secure()?, "no public URL");
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "http://herald.example.com");
+            assert!(!secure()?, "http");
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "HTTPS://herald.example.com");
+            assert!(secure()?, "https");
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "false");
+            assert!(!secure()?, "explicitly off");
+            jail.set_env("HERALD_HTTP__PUBLIC_URL", "http://herald.example.com");
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "true");
+            assert!(secure()?, "explicitly on");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_https_public_url_with_a_cookie_explicitly_not_secure_is_a_warning() {
         figment::Jail::expect_with(|jail| {
             let warnings = || Config::load(None).map(|loaded| loaded.warnings);
             jail.set_env("HERALD_HTTP__PUBLIC_URL", "http://herald.example.com");
             assert_eq!(warnings().map_err(|e| e.to_string())?, Vec::<String>::new());
             jail.set_env("HERALD_HTTP__PUBLIC_URL", "HTTPS://herald.example.com");
+            assert_eq!(
+                warnings().map_err(|e| e.to_string())?,
+                Vec::<String>::new(),
+                "secure by default"
+            );
+            jail.set_env("HERALD_DASHBOARD__SECURE_COOKIE", "false");
             let warned = warnings().map_err(|e| e.to_string())?;
             assert_eq!(warned.len(), 1, "{warned:?}");
             assert!(warned[0].contains("dashboard.secure_cookie"), "{warned:?}");
