@@ -111,8 +111,9 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
         )
         .around(|next, req| body_limit::limit_body(next, req, MAX_BODY_BYTES))
         .around(move |next, req| auth::fill_when_disabled(next, req, auth_enabled))
-        // Any request acting as admin, a page of another site rebinding its name to this machine
-        // must not reach Herald: requests are served only for loopback names or Herald's own.
+        // With authentication off every request acts as admin: a page of another site whose name
+        // rebinds to this machine must not reach Herald, so only loopback hosts and Herald's own
+        // are served.
         .around(move |next, req| {
             let allowed = allowed_hosts.clone();
             async move {
