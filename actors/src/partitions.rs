@@ -434,13 +434,16 @@ impl LeaseKeeperState {
             format!("its send commands go by the recorded count, {recorded}")
         } else {
             format!(
-                "{recorded} is no valid count, so its send commands still go by {configured} and                  wait until the record ages out"
+                "{recorded} is no valid count, so its send commands still go by {configured} and \
+                 wait until the record ages out"
             )
         };
         tracing::error!(
             partitions = configured,
             recorded,
-            "nats.partitions = {configured} but the deployment records {recorded} (an instance              with that count started while the record was missing): this instance consumes no              partition, and {spread}; start every instance with one count"
+            "nats.partitions = {configured} but the deployment records {recorded} (an instance \
+             with that count started while the record was missing): this instance consumes no \
+             partition, and {spread}; start every instance with one count"
         );
         self.other_partitions = Some(recorded);
         let held: Vec<u32> = self.held.keys().copied().collect();

@@ -36,6 +36,11 @@ impl MigrationTrait for Migration {
             )
             .await
     }
+
+    /// `SET LOCAL lock_timeout` holds only within a transaction.
+    fn use_transaction(&self) -> Option<bool> {
+        Some(true)
+    }
 }
 
 #[derive(DeriveIden)]

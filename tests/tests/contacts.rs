@@ -5,7 +5,7 @@
 //! customer is no change (`false`).
 
 use herald_entities::customer;
-use herald_entities::repo::customers::{self, CustomerFields};
+use herald_entities::repo::customers::{self, CustomerFields, WebhookSecretChange};
 use herald_tests::{TestDatabase, migrated};
 use sea_orm::DatabaseConnection;
 
@@ -96,7 +96,16 @@ async fn a_webhook_url_is_cleared_only_while_the_customer_still_holds_it() {
     );
     let database = TestDatabase::from_env().await.expect("test database");
     let db = with_ada(&database, contacts("100", old, &[])).await;
-    let changed = put(&db, contacts("100", new, &[])).await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let changed = put(
+        &db,
+        CustomerFields {
+            webhook_secret: WebhookSecretChange::Set(secret.into()),
+            ..contacts("100", new, &[])
+        },
+    )
+    .await;
+    assert_eq!(changed.webhook_secret.as_deref(), Some(secret));
 
     let cleared = customers::clear_webhook_url(&db, ADA, old).await;
     assert!(!cleared.expect("ran"), "the PUT changed the URL meanwhile");
@@ -106,6 +115,10 @@ async fn a_webhook_url_is_cleared_only_while_the_customer_still_holds_it() {
     assert!(cleared.expect("ran"), "the URL is still the one to clear");
     let after = stored(&db).await;
     assert_eq!(after.webhook_url, None);
+    assert_eq!(
+        after.webhook_secret, None,
+        "the URL's own signing secret goes with it"
+    );
     assert_eq!(
         after.telegram_chat_id, changed.telegram_chat_id,
         "other contacts untouched"

@@ -679,7 +679,12 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
                 .on_throttle(admission, period, Instant::now(), retry_after);
             if state.breaker.period() != before {
                 let provider = state.provider.name().to_string();
-                tracing::warn!(%provider, retry_after_ms = retry_after.map(|d| d.as_millis() as u64), "the provider throttles the whole account; holding every send until its wait has passed");
+                tracing::warn!(
+                    %provider,
+                    retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                    "the provider throttles the whole account; holding every send until its \
+                     wait has passed"
+                );
                 metrics::counter!("herald_channel_throttles_total", "provider" => provider)
                     .increment(1);
             }

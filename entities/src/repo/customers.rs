@@ -84,14 +84,23 @@ pub async fn remove_push_token(
     Ok(false)
 }
 
-/// Forgets a webhook URL that answered 410 Gone. `false` when the customer is gone or its URL
-/// is another already.
+/// Forgets a webhook URL that answered 410 Gone, and the signing secret that belonged to it (a
+/// secret belongs to its endpoint: a new URL starts without one). `false` when the customer is
+/// gone or its URL is another already.
 pub async fn clear_webhook_url(
     db: &impl ConnectionTrait,
     external_id: &str,
     url: &str,
 ) -> Result<bool, RepoError> {
-    set_if_still(db, external_id, customer::Column::WebhookUrl, url, None).await
+    let result = customer::Entity::update_many()
+        .col_expr(customer::Column::WebhookUrl, Expr::value(None::<String>))
+        .col_expr(customer::Column::WebhookSecret, Expr::value(None::<String>))
+        .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(customer::Column::ExternalId.eq(external_id))
+        .filter(customer::Column::WebhookUrl.eq(url))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
 }
 
 /// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, bot
