@@ -24,18 +24,19 @@ const OPEN_PATHS: [&str; 3] = ["/health", "/health/ready", "/metrics"];
 /// The hosts requests may name besides loopback ones.
 #[derive(Debug, Clone)]
 pub(crate) struct AllowedHosts {
-    /// The host of Herald's own URL, lowercase, without brackets.
-    own: Option<String>,
+    /// The hosts of Herald's own URLs, lowercase, without brackets.
+    own: Vec<String>,
 }
 
 impl AllowedHosts {
-    /// The hosts of a Herald reached at `server_url`.
-    pub(crate) fn new(server_url: &str) -> Self {
+    /// The hosts of a Herald reached at `urls`: its server URL, and the URL Twilio posts its
+    /// status callbacks to if they are on (a tunnel's name in development, say).
+    pub(crate) fn new<'a>(urls: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
-            own: server_url
-                .parse::<Uri>()
-                .ok()
-                .and_then(|uri| uri.host().map(normalise)),
+            own: urls
+                .into_iter()
+                .filter_map(|url| url.parse::<Uri>().ok()?.host().map(normalise))
+                .collect(),
         }
     }
 
@@ -68,7 +69,7 @@ impl AllowedHosts {
         let host = normalise(host);
         host == "localhost"
             || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-            || self.own.as_deref() == Some(host.as_str())
+            || self.own.contains(&host)
     }
 }
 
@@ -107,7 +108,7 @@ mod tests {
         if let Some(host) = host {
             req = req.header(header::HOST, host);
         }
-        AllowedHosts::new(server_url).check(&req.finish())
+        AllowedHosts::new([server_url]).check(&req.finish())
     }
 
     #[test]
@@ -147,6 +148,28 @@ mod tests {
         assert!(verdict(public, "/api/v1/channels", Some("herald.example.com:443")).is_ok());
         assert!(verdict("http://10.0.0.5:8080", "/", Some("10.0.0.5:8080")).is_ok());
         assert!(verdict("http://[fd00::5]:8080", "/", Some("[FD00::5]:8080")).is_ok());
+    }
+
+    /// Twilio posts status callbacks to the URL it was given, a tunnel's name in development:
+    /// its host is Herald's own too.
+    #[test]
+    fn the_twilio_status_callback_url_s_host_passes() {
+        let twilio = "https://abc.ngrok.io/api/v1/providers/twilio/status";
+        let allowed = AllowedHosts::new(["http://127.0.0.1:8080", twilio]);
+        let request = |host: &str| {
+            Request::builder()
+                .uri_str("/api/v1/providers/twilio/status")
+                .header(header::HOST, host)
+                .finish()
+        };
+        assert!(allowed.check(&request("abc.ngrok.io")).is_ok());
+        assert!(allowed.check(&request("evil.example")).is_err());
+        assert!(
+            AllowedHosts::new(["http://127.0.0.1:8080"])
+                .check(&request("abc.ngrok.io"))
+                .is_err(),
+            "not without the callbacks"
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub mod templates;
 pub mod twilio;
 pub mod validate;
 
+use std::sync::Arc;
+
 use poem::{Endpoint, EndpointExt, IntoEndpoint, Route, get};
 use poem_openapi::OpenApiService;
 
@@ -76,7 +78,15 @@ pub fn app(state: AppState, server_url: &str) -> impl Endpoint + use<> {
     let publisher = state.publisher.clone();
     let auth = state.auth.clone();
     let auth_enabled = auth.enabled();
-    let allowed_hosts = (!auth_enabled).then(|| host_check::AllowedHosts::new(server_url));
+    let allowed_hosts = (!auth_enabled).then(|| {
+        let twilio = state
+            .twilio_status
+            .as_ref()
+            .map(|callbacks| callbacks.url());
+        Arc::new(host_check::AllowedHosts::new(
+            std::iter::once(server_url).chain(twilio),
+        ))
+    });
     let pages = state.clone();
     let service = openapi_service(state, server_url);
     let docs = service.swagger_ui();

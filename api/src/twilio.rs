@@ -58,6 +58,11 @@ impl StatusCallbacks {
     pub fn new(url: String, auth_token: String) -> Self {
         Self { url, auth_token }
     }
+
+    /// The URL Twilio posts the callbacks to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
 }
 
 /// Whether `signature` (an `X-Twilio-Signature`) is Twilio's signature, keyed by `auth_token`, of
