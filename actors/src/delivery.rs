@@ -38,8 +38,8 @@ use crate::lease::{DeliveryPermit, InFlight, Lease};
 use crate::pull::Delivery;
 
 use crate::channel::{
-    ChannelDirectory, ChannelMsg, ContactMove, OutboundMessage, ProviderError, SendOutcome,
-    SendReport, WebhookSecret,
+    ChannelDirectory, ChannelMsg, ContactMove, NotStartedCause, OutboundMessage, ProviderError,
+    SendOutcome, SendReport, WebhookSecret,
 };
 use crate::policy::Gate;
 use crate::retry::{RetryPolicy, Wait};
@@ -960,11 +960,14 @@ async fn walk_chain(
                 walk.retry_after = walk.retry_after.max(Some(*cool_down_left));
                 ("circuit_open", Some(format!("{channel} circuit open")))
             }
-            SendOutcome::NotStarted { retry_in } => {
+            SendOutcome::NotStarted { retry_in, cause } => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(Some(*retry_in));
-                let error = format!("{channel} not started: its send queue was too long");
-                ("not_started", Some(error))
+                let why = match cause {
+                    NotStartedCause::QueueTooLong => "its send queue was too long",
+                    NotStartedCause::ActorFailed => "its channel actor failed while it waited",
+                };
+                ("not_started", Some(format!("{channel} not started: {why}")))
             }
             SendOutcome::Failed(
                 err @ (ProviderError::Transient { retry_after, .. }
@@ -1060,6 +1063,7 @@ async fn ask_channel(
             provider: provider.to_string(),
             outcome: SendOutcome::NotStarted {
                 retry_in: answer_within,
+                cause: NotStartedCause::QueueTooLong,
             },
             latency: Duration::ZERO,
         },

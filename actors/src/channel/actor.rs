@@ -79,13 +79,26 @@ pub enum SendOutcome {
         /// channel's send timeout, at most the cool-down).
         cool_down_left: Duration,
     },
-    /// The send waited for a concurrency permit until too little of its caller's time was left
-    /// for the provider's timeout; nothing was sent.
+    /// The send never got a concurrency permit to start with; nothing was sent.
     NotStarted {
-        /// How long a retry should wait at least: the channel's send timeout, about how long the
-        /// sends ahead of it may still take (a quicker retry would queue behind them again).
+        /// How long a retry should wait at least: after a queue too long, the channel's send
+        /// timeout, about how long the sends ahead of it may still take (a quicker retry would
+        /// queue behind them again); after the actor failed, nothing (its restart is at once).
         retry_in: Duration,
+        /// Why.
+        cause: NotStartedCause,
     },
+}
+
+/// Why a send was not started ([`SendOutcome::NotStarted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStartedCause {
+    /// It waited for a concurrency permit until too little of its caller's time was left for the
+    /// provider's timeout.
+    QueueTooLong,
+    /// Its channel actor failed while it waited for a permit: the circuit that admitted it went
+    /// with the actor.
+    ActorFailed,
 }
 
 impl SendOutcome {
@@ -477,7 +490,10 @@ fn start_send(
                 .increment(1);
                 let _ = reply.send(SendReport {
                     provider: provider.name().to_string(),
-                    outcome: SendOutcome::NotStarted { retry_in: timeout },
+                    outcome: SendOutcome::NotStarted {
+                        retry_in: Duration::ZERO,
+                        cause: NotStartedCause::ActorFailed,
+                    },
                     latency: Duration::ZERO,
                 });
                 return;
@@ -496,7 +512,10 @@ fn start_send(
             let _ = myself.cast(ChannelMsg::Abandoned { admission, period });
             let _ = reply.send(SendReport {
                 provider: provider.name().to_string(),
-                outcome: SendOutcome::NotStarted { retry_in: timeout },
+                outcome: SendOutcome::NotStarted {
+                    retry_in: timeout,
+                    cause: NotStartedCause::QueueTooLong,
+                },
                 latency: Duration::ZERO,
             });
             return;
@@ -1150,7 +1169,7 @@ mod tests {
             .expect("actor alive");
         assert!(
             matches!(&second, CallResult::Success(r)
-                if r.outcome == SendOutcome::NotStarted { retry_in: Duration::from_secs(5) }),
+                if r.outcome == SendOutcome::NotStarted { retry_in: Duration::from_secs(5), cause: NotStartedCause::QueueTooLong }),
             "{second:?}"
         );
         let first = tokio::time::timeout(WAIT, answer)
@@ -1311,7 +1330,8 @@ mod tests {
         assert_eq!(
             queued.outcome,
             SendOutcome::NotStarted {
-                retry_in: Duration::from_secs(20)
+                retry_in: Duration::ZERO,
+                cause: NotStartedCause::ActorFailed,
             },
             "{queued:?}"
         );

@@ -17,8 +17,8 @@ mod text;
 pub mod webhook;
 
 pub use actor::{
-    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, Readmission,
-    SendOutcome, SendReport, Verdict,
+    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, NotStartedCause,
+    Readmission, SendOutcome, SendReport, Verdict,
 };
 pub use provider::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt, WebhookSecret};
 pub use supervisor::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};
