@@ -91,16 +91,13 @@ pub fn contacts(prefix: &str, raw: RawContacts<'_>) -> Result<Contacts, ApiError
     })
 }
 
-/// Shortest webhook signing key, in bytes: the webhook provider's rule for
-/// `channels.webhook.secret`.
-const MIN_WEBHOOK_KEY: usize = 24;
-
 /// Checks a customer's own webhook signing secret as the webhook provider checks
-/// `channels.webhook.secret`: `whsec_` followed by the base64 of a key of at least 24 bytes. An
-/// absent one keeps the stored secret ([`WebhookSecretChange::Keep`]), a blank one removes it.
-/// The message never repeats the value.
+/// `channels.webhook.secret` ([`herald_nats::webhook_secret`]): `whsec_` followed by the base64
+/// of a key of at least 24 bytes. An absent one keeps the stored secret
+/// ([`WebhookSecretChange::Keep`]), a blank one removes it. The message never repeats the value
+/// (nor the base64 decoder's account of it).
 pub fn webhook_secret(field: &str, raw: &Option<String>) -> Result<WebhookSecretChange, ApiError> {
-    use base64::{Engine as _, engine::general_purpose::STANDARD};
+    use herald_nats::webhook_secret::{self, SecretError};
     let Some(raw) = raw else {
         return Ok(WebhookSecretChange::Keep);
     };
@@ -108,21 +105,16 @@ pub fn webhook_secret(field: &str, raw: &Option<String>) -> Result<WebhookSecret
     if secret.is_empty() {
         return Ok(WebhookSecretChange::Remove);
     }
-    let key = secret
-        .strip_prefix("whsec_")
-        .map(|encoded| STANDARD.decode(encoded));
-    match key {
-        Some(Ok(key)) if key.len() >= MIN_WEBHOOK_KEY => {
-            Ok(WebhookSecretChange::Set(secret.to_string()))
-        }
-        Some(Ok(key)) => Err(ApiError::invalid(
+    match webhook_secret::decode(secret) {
+        Ok(_) => Ok(WebhookSecretChange::Set(secret.to_string())),
+        Err(SecretError::TooShort(len)) => Err(ApiError::invalid(
             field,
             format!(
-                "{field} key is {} bytes; at least {MIN_WEBHOOK_KEY} are required",
-                key.len()
+                "{field} key is {len} bytes; at least {} are required",
+                webhook_secret::MIN_KEY_BYTES
             ),
         )),
-        _ => Err(ApiError::invalid(
+        Err(SecretError::Prefix | SecretError::Encoding(_)) => Err(ApiError::invalid(
             field,
             format!("{field} must be \"whsec_\" followed by a base64 key"),
         )),

@@ -19,6 +19,7 @@ pub mod publish;
 pub mod streams;
 pub mod subjects;
 mod versioned;
+pub mod webhook_secret;
 
 pub use connect::{Connection, NatsAuth, NatsTls, connect};
 pub use dead_letters::{DeadLetter, DeadLetters};

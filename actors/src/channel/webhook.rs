@@ -37,16 +37,13 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::time::Instant;
 
+use herald_nats::webhook_secret::{self, SecretError};
+
 use super::http;
 use super::provider::time_left;
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 type HmacSha256 = Hmac<Sha256>;
-
-/// The prefix of a Standard Webhooks secret.
-const SECRET_PREFIX: &str = "whsec_";
-/// Shortest key accepted: the Standard Webhooks specification asks for 24 to 64 bytes.
-const MIN_KEY_BYTES: usize = 24;
 
 /// Webhook provider configuration.
 #[derive(Clone, Deserialize, Serialize)]
@@ -95,33 +92,17 @@ impl WebhookConfig {
 /// Why a webhook provider could not be built from its configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookConfigError {
-    /// The secret does not start with `whsec_`.
-    #[error("channels.webhook.secret must start with \"whsec_\" followed by a base64 key")]
-    SecretPrefix,
-    /// The part after `whsec_` is not base64.
-    #[error("channels.webhook.secret is not valid base64 after \"whsec_\": {0}")]
-    SecretEncoding(String),
-    /// The key is too short to be safe.
-    #[error("channels.webhook.secret key is {0} bytes; at least 24 are required")]
-    SecretTooShort(usize),
+    /// The secret is not a Standard Webhooks signing secret.
+    #[error("channels.webhook.secret {0}")]
+    Secret(#[from] SecretError),
     /// The HTTP client could not be built.
     #[error("channels.webhook: cannot build the HTTP client: {0}")]
     Client(String),
 }
 
-/// Decodes a `whsec_…` secret into the HMAC key.
+/// Decodes a `whsec_…` secret into the HMAC key (see [`herald_nats::webhook_secret`]).
 pub fn decode_secret(secret: &str) -> Result<Vec<u8>, WebhookConfigError> {
-    let encoded = secret
-        .trim()
-        .strip_prefix(SECRET_PREFIX)
-        .ok_or(WebhookConfigError::SecretPrefix)?;
-    let key = BASE64
-        .decode(encoded)
-        .map_err(|e| WebhookConfigError::SecretEncoding(e.to_string()))?;
-    if key.len() < MIN_KEY_BYTES {
-        return Err(WebhookConfigError::SecretTooShort(key.len()));
-    }
-    Ok(key)
+    Ok(webhook_secret::decode(secret)?)
 }
 
 fn mac(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> HmacSha256 {
@@ -467,18 +448,21 @@ mod tests {
                 },
             )
         };
-        assert!(matches!(build(""), Err(WebhookConfigError::SecretPrefix)));
+        assert!(matches!(
+            build(""),
+            Err(WebhookConfigError::Secret(SecretError::Prefix))
+        ));
         assert!(matches!(
             build("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
-            Err(WebhookConfigError::SecretPrefix)
+            Err(WebhookConfigError::Secret(SecretError::Prefix))
         ));
         assert!(matches!(
             build("whsec_not*base64"),
-            Err(WebhookConfigError::SecretEncoding(_))
+            Err(WebhookConfigError::Secret(SecretError::Encoding(_)))
         ));
         assert!(matches!(
             build("whsec_c2hvcnQ="),
-            Err(WebhookConfigError::SecretTooShort(5))
+            Err(WebhookConfigError::Secret(SecretError::TooShort(5)))
         ));
         let config = WebhookConfig {
             secret: SECRET.into(),
