@@ -33,8 +33,8 @@ use sha1::Sha1;
 use crate::receipts::{self, Outcome, ReceiptEvent, ReceiptResult, ReceiptTags};
 use crate::{ApiError, AppState, validate::plain_text};
 
-/// The SMS provider's name (see `engine::app`), which recorded the attempts.
-const PROVIDER: &str = "twilio";
+/// The SMS provider's name, which recorded the attempts.
+const PROVIDER: &str = herald_nats::providers::TWILIO;
 
 /// What checks Twilio's status callbacks: the URL they are posted to and the auth token that
 /// signs them.

@@ -40,9 +40,8 @@ pub struct CreatedKey {
     pub row: api_key::Model,
 }
 
-/// The providers' names, as the engine names them (`app::providers`) and receipts name them in
-/// their path: what a `callbacks` key can be bound to.
-const PROVIDERS: [&str; 6] = ["smtp", "outbox", "telegram", "twilio", "fcm", "webhook"];
+/// The providers' names: what a `callbacks` key can be bound to.
+const PROVIDERS: [&str; 6] = herald_nats::providers::ALL;
 
 /// Creates a key named `name` with the comma-separated `scopes`, for every provider.
 pub async fn create(

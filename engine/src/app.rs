@@ -650,11 +650,12 @@ async fn warn_of_missing_templates(db: &DatabaseConnection, rules: &[Rule]) {
 
 /// The configured providers: email always (SMTP or the outbox), the others when configured.
 fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
+    use herald_nats::providers as names;
     let channels = &config.channels;
     let email_name = if channels.email.relay_host().is_some() {
-        "smtp"
+        names::SMTP
     } else {
-        "outbox"
+        names::OUTBOX
     };
     let mut providers: Vec<Arc<dyn Provider>> = vec![Arc::new(EmailProvider::new(
         email_name.into(),
@@ -662,19 +663,25 @@ fn providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
     )?)];
     if let Some(telegram) = &channels.telegram {
         providers.push(Arc::new(TelegramProvider::new(
-            "telegram".into(),
+            names::TELEGRAM.into(),
             telegram.clone(),
         )?));
     }
     if let Some(sms) = &channels.sms {
-        providers.push(Arc::new(SmsProvider::new("twilio".into(), sms.clone())?));
+        providers.push(Arc::new(SmsProvider::new(
+            names::TWILIO.into(),
+            sms.clone(),
+        )?));
     }
     if let Some(push) = &channels.push {
-        providers.push(Arc::new(PushProvider::new("fcm".into(), push.clone())?));
+        providers.push(Arc::new(PushProvider::new(
+            names::FCM.into(),
+            push.clone(),
+        )?));
     }
     if let Some(webhook) = &channels.webhook {
         providers.push(Arc::new(WebhookProvider::new(
-            "webhook".into(),
+            names::WEBHOOK.into(),
             webhook.clone(),
         )?));
     }

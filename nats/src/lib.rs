@@ -15,6 +15,7 @@ pub mod ids;
 pub mod json_strings;
 pub mod leases;
 pub mod net;
+pub mod providers;
 pub mod publish;
 pub mod streams;
 pub mod subjects;
