@@ -5,11 +5,12 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use poem_openapi::Object;
 
-/// One provider's live state.
+/// One provider's circuit and counters: what anyone may see of it (readiness shows this much
+/// without a key).
 #[derive(Debug, Clone, Object)]
 // Absent values are left out, as the spec (no `nullable`) says.
 #[oai(skip_serializing_if_is_none)]
-pub struct ChannelView {
+pub struct ChannelCircuit {
     /// Channel name (`email`, `telegram`, ...).
     pub channel: String,
     /// Provider name.
@@ -39,6 +40,17 @@ pub struct ChannelView {
     pub failed: u64,
     /// Sends refused by the open circuit since start.
     pub refused: u64,
+}
+
+/// One provider's live state: its circuit and counters, and its last failure (which can name a
+/// recipient's address or number, so only keyed readers see it).
+#[derive(Debug, Clone, Object)]
+// Absent values are left out, as the spec (no `nullable`) says.
+#[oai(skip_serializing_if_is_none)]
+pub struct ChannelView {
+    /// The circuit and counters.
+    #[oai(flatten)]
+    pub state: ChannelCircuit,
     /// The last failure.
     pub last_error: Option<String>,
 }

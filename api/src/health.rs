@@ -10,8 +10,6 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-
 use futures::future::join_all;
 use herald_nats::leases::LEASE_STREAM;
 use poem_openapi::{ApiResponse, Object, OpenApi, Tags, payload::Json};
@@ -20,7 +18,7 @@ use tokio::time::{Instant, timeout_at};
 
 use crate::{
     AppState,
-    engine_view::{ChannelView, PartitionsView},
+    engine_view::{ChannelCircuit, PartitionsView},
 };
 
 /// How long readiness waits for all its checks together; they run at the same time, and one that
@@ -79,55 +77,6 @@ pub struct Readiness {
     /// failure's text, which can name a recipient: `GET /api/v1/channels` (a key with `read`)
     /// has it.
     pub channels: Vec<ChannelCircuit>,
-}
-
-/// One provider's circuit and counters, as readiness shows them to anyone who asks: a
-/// [`ChannelView`] without `last_error` (a provider's error text can name a recipient's address or
-/// number).
-#[derive(Debug, Clone, Object)]
-// Absent values are left out, as the spec (no `nullable`) says.
-#[oai(skip_serializing_if_is_none)]
-pub struct ChannelCircuit {
-    /// Channel name (`email`, `telegram`, ...).
-    pub channel: String,
-    /// Provider name.
-    pub provider: String,
-    /// Circuit state: `closed`, `open`, `half_open`.
-    pub circuit: String,
-    /// Whether the circuit is open because the provider throttles the whole account.
-    pub throttled: bool,
-    /// Failures counted in the current circuit window.
-    pub recent_failures: u64,
-    /// Times the circuit opened since start.
-    pub times_opened: u64,
-    /// While the circuit is open: when it lets its next probe through (RFC 3339, UTC).
-    pub probe_at: Option<DateTime<Utc>>,
-    /// Sends in flight.
-    pub in_flight: u64,
-    /// Sends accepted by the provider since start.
-    pub sent: u64,
-    /// Sends failed since start.
-    pub failed: u64,
-    /// Sends refused by the open circuit since start.
-    pub refused: u64,
-}
-
-impl From<ChannelView> for ChannelCircuit {
-    fn from(view: ChannelView) -> Self {
-        Self {
-            channel: view.channel,
-            provider: view.provider,
-            circuit: view.circuit,
-            throttled: view.throttled,
-            recent_failures: view.recent_failures,
-            times_opened: view.times_opened,
-            probe_at: view.probe_at,
-            in_flight: view.in_flight,
-            sent: view.sent,
-            failed: view.failed,
-            refused: view.refused,
-        }
-    }
 }
 
 /// Responses of the readiness check.
@@ -223,7 +172,7 @@ impl HealthApi {
             .await
             .unwrap_or_default()
             .into_iter()
-            .map(ChannelCircuit::from)
+            .map(|view| view.state)
             .collect()
     }
 

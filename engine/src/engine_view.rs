@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use herald_actors::channel::{ChannelDirectory, ChannelSnapshot};
 use herald_actors::partitions::OwnershipView;
-use herald_api::engine_view::{ChannelView, EngineView, PartitionsView};
+use herald_api::engine_view::{ChannelCircuit, ChannelView, EngineView, PartitionsView};
 
 /// How long the API waits for a channel actor's snapshot (all are asked together): below the
 /// readiness probe's bound (`herald_api::health::READINESS_TIMEOUT`), so that one actor that does
@@ -58,17 +58,19 @@ impl EngineView for LiveEngine {
 
 fn view(s: ChannelSnapshot) -> ChannelView {
     ChannelView {
-        channel: s.channel.as_str().into(),
-        provider: s.provider,
-        circuit: s.circuit.as_str().into(),
-        throttled: s.throttled,
-        recent_failures: s.recent_failures as u64,
-        times_opened: s.times_opened,
-        probe_at: s.probe_at,
-        in_flight: s.in_flight as u64,
-        sent: s.sent,
-        failed: s.failed,
-        refused: s.refused,
+        state: ChannelCircuit {
+            channel: s.channel.as_str().into(),
+            provider: s.provider,
+            circuit: s.circuit.as_str().into(),
+            throttled: s.throttled,
+            recent_failures: s.recent_failures as u64,
+            times_opened: s.times_opened,
+            probe_at: s.probe_at,
+            in_flight: s.in_flight as u64,
+            sent: s.sent,
+            failed: s.failed,
+            refused: s.refused,
+        },
         last_error: s.last_error,
     }
 }

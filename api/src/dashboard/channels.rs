@@ -70,13 +70,13 @@ pub(crate) async fn page(
 fn row(view: ChannelView, outcomes: &[AttemptOutcome]) -> ChannelRow {
     let (attempts, failed) = outcomes
         .iter()
-        .filter(|o| o.channel == view.channel && o.provider == view.provider)
+        .filter(|o| o.channel == view.state.channel && o.provider == view.state.provider)
         .fold((0, 0), |(all, failed), o| {
             let bad = if o.status == "sent" { 0 } else { o.count };
             (all + o.count, failed + bad)
         });
     ChannelRow {
-        probe_at: view.probe_at.map_or_else(|| "–".into(), when),
+        probe_at: view.state.probe_at.map_or_else(|| "–".into(), when),
         view,
         attempts,
         error_rate: error_rate(attempts, failed),
@@ -94,6 +94,7 @@ fn error_rate(attempts: i64, failed: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine_view::ChannelCircuit;
 
     fn outcome(provider: &str, status: &str, count: i64) -> AttemptOutcome {
         AttemptOutcome {
@@ -107,17 +108,19 @@ mod tests {
     /// The telegram provider's view with its circuit `circuit`, probing at `probe_at`.
     fn telegram(circuit: &str, probe_at: Option<chrono::DateTime<Utc>>) -> ChannelView {
         ChannelView {
-            channel: "telegram".into(),
-            provider: "telegram".into(),
-            circuit: circuit.into(),
-            throttled: false,
-            recent_failures: 0,
-            times_opened: 0,
-            probe_at,
-            in_flight: 0,
-            sent: 0,
-            failed: 0,
-            refused: 0,
+            state: ChannelCircuit {
+                channel: "telegram".into(),
+                provider: "telegram".into(),
+                circuit: circuit.into(),
+                throttled: false,
+                recent_failures: 0,
+                times_opened: 0,
+                probe_at,
+                in_flight: 0,
+                sent: 0,
+                failed: 0,
+                refused: 0,
+            },
             last_error: None,
         }
     }
