@@ -1270,17 +1270,14 @@ async fn dead_letter_poison(
     }
 }
 
-/// The notification a command message stands for, read from its `Nats-Msg-Id` (the notification
-/// id, alone or before `:claim:…` or `:replay:…`, as Herald publishes commands), for a message
-/// whose payload cannot be read. `None` for a message published otherwise.
+/// The notification a command message stands for, read from its `Nats-Msg-Id`
+/// ([`herald_nats::notification_of_msg_id`]), for a message whose payload cannot be read.
 fn poisoned_notification(message: &async_nats::Message) -> Option<uuid::Uuid> {
     let msg_id = message
         .headers
         .as_ref()?
-        .get(async_nats::header::NATS_MESSAGE_ID)?
-        .as_str();
-    let id = msg_id.split_once(':').map_or(msg_id, |(id, _)| id);
-    uuid::Uuid::parse_str(id).ok()
+        .get(async_nats::header::NATS_MESSAGE_ID)?;
+    herald_nats::notification_of_msg_id(msg_id.as_str())
 }
 
 async fn write(

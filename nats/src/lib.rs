@@ -32,7 +32,8 @@ pub use error::NatsError;
 pub use events::{DomainEvent, EventData, EventDecodeError};
 pub use leases::{Heartbeat, Held, LeaseTable, LeaseView, ttl_step};
 pub use publish::{
-    CommandPartitions, CommandRoom, DeadLetterHeaders, Publisher, Stored, release_msg_id,
+    CommandPartitions, CommandRoom, DeadLetterHeaders, Publisher, Stored, notification_of_msg_id,
+    release_msg_id,
 };
 pub use streams::{
     Provisioned, Retention, StreamSettings, check_command_partitions, dispatch_consumer, provision,

@@ -324,6 +324,14 @@ pub fn release_msg_id(id: uuid::Uuid, claim: &str) -> String {
     format!("{id}:claim:{claim}")
 }
 
+/// The notification a send command's `Nats-Msg-Id` names, as Herald publishes commands: the
+/// notification id alone (its first command), before `:claim:…` ([`release_msg_id`]) or before
+/// `:replay:…` (a dead-letter replay). `None` for an id published otherwise.
+pub fn notification_of_msg_id(msg_id: &str) -> Option<uuid::Uuid> {
+    let id = msg_id.split_once(':').map_or(msg_id, |(id, _)| id);
+    uuid::Uuid::parse_str(id).ok()
+}
+
 /// How large a send command the NATS server takes (and a domain event: its `Nats-Msg-Id`, the
 /// event id, is shorter than a command's, so an event within it fits too): the client refuses a
 /// message whose payload and headers together exceed the server's `max_payload` (`TooLarge`),
@@ -424,8 +432,8 @@ fn header_safe(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{
-        CommandPartitions, CommandRoom, command_headers_len, header_safe, release_msg_id,
-        status_event_id,
+        CommandPartitions, CommandRoom, command_headers_len, header_safe, notification_of_msg_id,
+        release_msg_id, status_event_id,
     };
     use crate::{SCHEMA_VERSION, StatusEvent};
 
@@ -489,6 +497,13 @@ mod tests {
         );
         let release = release_msg_id(id, &claim);
         assert_eq!(release, format!("{id}:claim:{claim}"));
+        assert_eq!(notification_of_msg_id(&release), Some(id));
+        assert_eq!(notification_of_msg_id(&id.to_string()), Some(id));
+        assert_eq!(
+            notification_of_msg_id(&format!("{id}:replay:7:t")),
+            Some(id)
+        );
+        assert_eq!(notification_of_msg_id("poison:12"), None);
         assert_ne!(release, id.to_string(), "not the first command's id");
         assert_eq!(
             release,
