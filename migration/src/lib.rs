@@ -36,6 +36,7 @@ mod m20261207_001501_listing_indexes;
 mod m20261207_001601_dashboard_logouts;
 mod m20261207_001701_api_key_provider;
 mod m20261207_001801_customer_webhook_secret;
+mod m20261207_001901_scheduled_listing_index;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -69,6 +70,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001601_dashboard_logouts::Migration),
             Box::new(m20261207_001701_api_key_provider::Migration),
             Box::new(m20261207_001801_customer_webhook_secret::Migration),
+            Box::new(m20261207_001901_scheduled_listing_index::Migration),
         ]
     }
 }

@@ -10,9 +10,10 @@ prepare="SET plan_cache_mode = force_generic_plan;
 PREPARE feed_or(text) AS SELECT $cols FROM notifications WHERE customer_id = \$1 OR (customer_id IS NULL AND recipient_key = \$1) ORDER BY id DESC LIMIT 100;
 PREPARE feed_union(text) AS SELECT * FROM (SELECT $cols FROM notifications WHERE customer_id = \$1 ORDER BY id DESC LIMIT 100) AS by_customer UNION ALL (SELECT * FROM (SELECT $cols FROM notifications WHERE customer_id IS NULL AND recipient_key = \$1 ORDER BY id DESC LIMIT 100) AS by_contact) ORDER BY id DESC LIMIT 100;
 PREPARE sched AS SELECT id, scheduled_at, category, customer_id, recipient_key, channels FROM notifications WHERE status = 'scheduled' ORDER BY scheduled_at ASC, id ASC LIMIT 51;
-PREPARE queued AS SELECT * FROM notifications WHERE status = 'queued' ORDER BY id DESC LIMIT 50;"
+PREPARE queued AS SELECT * FROM notifications WHERE status = 'queued' ORDER BY id DESC LIMIT 50;
+PREPARE scheduled AS SELECT * FROM notifications WHERE status = 'scheduled' ORDER BY id DESC LIMIT 51;"
 run() { (echo "$prepare"; cat) | psql -h /var/run/postgresql -U root -d "$db" -tA 2>&1; }
-for q in "$feed('customer-19999')" "$feed('user4@example.com')" "$feed('customer-2')" sched queued; do
+for q in "$feed('customer-19999')" "$feed('user4@example.com')" "$feed('customer-2')" sched queued scheduled; do
   t=$(for r in 1 2 3 4 5; do echo "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE $q;"; done | run |
     sed -n 's/Execution Time: //p' | sort -n | head -1)
   p=$(echo "EXPLAIN (COSTS OFF) EXECUTE $q;" | run | grep -E "Scan|Sort|Append" |

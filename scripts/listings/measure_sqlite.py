@@ -18,6 +18,8 @@ QUERIES = {
     "/scheduled page (51)": ("SELECT id, scheduled_at, category, customer_id, recipient_key, channels FROM "
                              "notifications WHERE status = 'scheduled' ORDER BY scheduled_at, id LIMIT 51", ()),
     "queued listing (50)": ("SELECT * FROM notifications WHERE status = 'queued' ORDER BY id DESC LIMIT 50", ()),
+    "scheduled listing (51)": ("SELECT * FROM notifications WHERE status = 'scheduled' ORDER BY id DESC LIMIT 51",
+                               ()),
 }
 db = sqlite3.connect(sys.argv[1])
 feed = NEW_FEED if sys.argv[2] == "new" else OLD_FEED

@@ -2,9 +2,10 @@
 //! indexes, against the suite's database (SQLite or PostgreSQL, as `HERALD_TEST_DB` says).
 //!
 //! Status changes keep most rows out of the partial indexes on `notifications` (migrations
-//! `m20261203_000501`, `m20261204_000601`, `m20261204_000701`, `m20261207_001401` and `m20261207_001501`), so a query
-//! is served by one only if the database can tell that its rows all satisfy the index's
-//! condition, with the values bound as the application binds them. On PostgreSQL the plans are generic ones, made without the bound
+//! `m20261203_000501`, `m20261204_000601`, `m20261204_000701`, `m20261207_001401`,
+//! `m20261207_001501` and `m20261207_001901`), so a query is served by one only if the database
+//! can tell that its rows all satisfy the index's condition, with the values bound as the
+//! application binds them. On PostgreSQL the plans are generic ones, made without the bound
 //! values, as a prepared statement may switch to after five runs; and since PostgreSQL prefers to
 //! read an empty table whole, sequential scans are off: the plan still reads the table whole when
 //! no index can serve. The migrations are also rolled back and applied again.
@@ -132,6 +133,34 @@ fn queued_listing() -> SelectStatement {
     history::page(&filter, None, 50).into_query()
 }
 
+/// A page of scheduled notifications, of all customers, newest first: the first, or the one after
+/// `after`.
+fn scheduled_listing(after: Option<Uuid>) -> SelectStatement {
+    let filter = history::HistoryFilter {
+        status: Some(NotificationStatus::Scheduled),
+        ..Default::default()
+    };
+    history::page(&filter, after, 50).into_query()
+}
+
+/// Asserts that `query`, a listing of scheduled notifications newest first, is read from
+/// `idx_notifications_scheduled_id` in its order: not from the index of the scheduled rows in the
+/// order they are due, sorted, nor by a walk of the table.
+async fn assert_scheduled_listed_in_order(
+    txn: &DatabaseTransaction,
+    kind: DatabaseKind,
+    query: &SelectStatement,
+    what: &str,
+) {
+    let plan = plan(txn, kind, query).await;
+    assert!(
+        plan.contains("idx_notifications_scheduled_id")
+            && !plan.contains("TEMP B-TREE")
+            && !plan.contains("Sort"),
+        "{what} is not read in the order of idx_notifications_scheduled_id:\n{plan}"
+    );
+}
+
 /// The dashboard's `/scheduled` page.
 fn scheduled_page() -> SelectStatement {
     activity::scheduled_query(51).into_query()
@@ -236,6 +265,11 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     assert_planned_on(&txn, kind, &delivered_listing(), index, "listing Delivered").await;
     let index = "idx_notifications_queued";
     assert_planned_on(&txn, kind, &queued_listing(), index, "listing Queued").await;
+    let what = "listing Scheduled";
+    assert_scheduled_listed_in_order(&txn, kind, &scheduled_listing(None), what).await;
+    let what = "a later page of Scheduled";
+    let later = scheduled_listing(Some(Uuid::now_v7()));
+    assert_scheduled_listed_in_order(&txn, kind, &later, what).await;
 
     let index = "idx_notifications_category";
     assert_planned_on(&txn, kind, &category_listing(), index, "listing a category").await;
@@ -375,6 +409,7 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
             ("idx_notifications_inline_recipient", "recipient_key"),
             ("idx_notifications_scheduled_at_id", "scheduled_at"),
             ("idx_notifications_queued", "id"),
+            ("idx_notifications_scheduled_id", "id"),
         ] {
             db.execute_unprepared(&format!(
                 "CREATE INDEX {index} ON notifications ({column}); \
@@ -402,6 +437,10 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let new = "idx_notifications_queued";
     let what = "listing Queued, migrated again";
     assert_planned_afresh(url, kind, &queued_listing(), new, what).await;
+    let (_db, txn) = planning(url, kind).await;
+    let what = "listing Scheduled, migrated again";
+    assert_scheduled_listed_in_order(&txn, kind, &scheduled_listing(None), what).await;
+    txn.rollback().await.expect("planning transaction ended");
     let new = "idx_notifications_inline_recipient";
     let what = "the feed of one customer, migrated again";
     assert_planned_afresh(url, kind, &feed(Some("ada@example.com")), new, what).await;
@@ -501,6 +540,15 @@ async fn the_dashboards_refreshing_queries_use_their_indexes() {
     let queued = history::feed_page(&filter, None, 100);
     let what = "the feed of queued notifications";
     assert_planned_on(&txn, kind, &queued, "idx_notifications_queued", what).await;
+
+    // And by `scheduled` (rows waiting for their time, newest first as the feed is).
+    let filter = history::HistoryFilter {
+        status: Some(NotificationStatus::Scheduled),
+        ..Default::default()
+    };
+    let scheduled = history::feed_page(&filter, None, 100);
+    let what = "the feed of scheduled notifications";
+    assert_scheduled_listed_in_order(&txn, kind, &scheduled, what).await;
 
     // The feed of one customer (or inline contact): a page of each half of the customer column
     // from its index, merged, as `history::feed_page` says; the table is not walked until the
