@@ -36,8 +36,9 @@ const THIRD_PARTY_AUTH_ERROR: &str = "THIRD_PARTY_AUTH_ERROR";
 const SENDER_ID_MISMATCH: &str = "SENDER_ID_MISMATCH";
 
 /// How long the whole project's sends are held after FCM refuses one for the project's quota
-/// without a `Retry-After`: FCM refills its per-project quota "in the following minute", and its
-/// error code reference asks for a first retry no sooner than a minute after a `QUOTA_EXCEEDED`.
+/// without a `Retry-After` or a `google.rpc.RetryInfo`: FCM refills its per-project quota "in the
+/// following minute", and its error code reference asks for a first retry no sooner than a minute
+/// after a `QUOTA_EXCEEDED`.
 const PROJECT_QUOTA_WAIT: Duration = Duration::from_secs(60);
 
 /// What Herald lets a message's `notification` and `data` take, serialised (keys and values):
@@ -215,11 +216,19 @@ impl ErrorBody {
             .find_map(|d| d.error_code.as_deref())
             .unwrap_or(self.status.as_str())
     }
+
+    /// The wait a `google.rpc.RetryInfo` detail asks for (its `retryDelay`), if one does in the
+    /// form [`parse_retry_delay`] reads.
+    fn retry_delay(&self) -> Option<Duration> {
+        self.details
+            .iter()
+            .find_map(|d| d.retry_delay.as_ref()?.as_str().and_then(parse_retry_delay))
+    }
 }
 
 /// One entry of `details`: an `FcmError` carries `errorCode`, a `BadRequest` carries
 /// `fieldViolations`, a `google.rpc.QuotaFailure` carries `violations`, a `google.rpc.ErrorInfo`
-/// carries `reason`.
+/// carries `reason`, a `google.rpc.RetryInfo` carries `retryDelay`.
 #[derive(Deserialize)]
 struct ErrorDetail {
     #[serde(rename = "errorCode")]
@@ -229,6 +238,36 @@ struct ErrorDetail {
     #[serde(default)]
     violations: Vec<QuotaViolation>,
     reason: Option<String>,
+    /// Kept as any JSON value: one in another form than the expected string is ignored, rather
+    /// than failing the reading of the whole reply (and with it its error code).
+    #[serde(rename = "retryDelay")]
+    retry_delay: Option<serde_json::Value>,
+}
+
+/// Reads a `google.rpc.RetryInfo`'s `retryDelay`, a `google.protobuf.Duration` in protobuf's JSON
+/// form: decimal seconds, with at most nine digits after the point, and the suffix `s` (`"30s"`,
+/// `"1.5s"`, `"0.000000001s"`). A negative or malformed value, or one past `u64` seconds, is
+/// `None`. Read only where no `Retry-After` is given; the wait is then bounded as a
+/// `Retry-After` is (the circuit's `max_cool_down_ms`, the retry's `max_delay_ms`).
+fn parse_retry_delay(text: &str) -> Option<Duration> {
+    let number = text.strip_suffix('s')?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty())
+        || !digits(whole)
+        || !digits(fraction)
+        || fraction.len() > 9
+    {
+        return None;
+    }
+    let seconds = if whole.is_empty() {
+        0
+    } else {
+        whole.parse::<u64>().ok()?
+    };
+    // Nanoseconds: the fraction's digits padded to nine.
+    let nanos = format!("{fraction:0<9}").parse::<u32>().ok()?;
+    Some(Duration::new(seconds, nanos))
 }
 
 /// One quota a `google.rpc.QuotaFailure` says was exceeded: what it limits (`subject`, such as
@@ -551,6 +590,9 @@ fn classify(token: &str, reply: &http::Reply) -> ProviderError {
         let reason = format!("FCM HTTP {status}: {body}");
         return http::failure(is_transient_for_fcm(status), reason, retry_after);
     };
+    // Google's APIs may give their wait in the body only, as a `google.rpc.RetryInfo`; a
+    // `Retry-After` header, read for every provider, comes first.
+    let retry_after = retry_after.or_else(|| error.retry_delay());
     let fcm_code = error.fcm_code();
     let reason = format!(
         "FCM {} {fcm_code}: {}",
@@ -839,7 +881,17 @@ mod tests {
     }
 
     fn fcm_error(http: u16, status: &str, error_code: &str, message: &str) -> ResponseTemplate {
-        ResponseTemplate::new(http).set_body_json(json!({
+        ResponseTemplate::new(http).set_body_json(fcm_error_body(http, status, error_code, message))
+    }
+
+    /// The body of an FCM error reply with an `FcmError` detail.
+    fn fcm_error_body(
+        http: u16,
+        status: &str,
+        error_code: &str,
+        message: &str,
+    ) -> serde_json::Value {
+        json!({
             "error": {
                 "code": http,
                 "message": message,
@@ -849,7 +901,7 @@ mod tests {
                     "errorCode": error_code,
                 }],
             }
-        }))
+        })
     }
 
     /// FCM's answer when a device's (or the project's) message rate is exceeded.
@@ -1153,7 +1205,12 @@ mod tests {
     /// Google's answer when the project's send quota is out, as its API front words it: no FCM
     /// error code, a `google.rpc.ErrorInfo` with reason `RATE_LIMIT_EXCEEDED`.
     fn project_rate_limit_exceeded() -> ResponseTemplate {
-        ResponseTemplate::new(429).set_body_json(json!({
+        ResponseTemplate::new(429).set_body_json(project_rate_limit_exceeded_body())
+    }
+
+    /// The body of [`project_rate_limit_exceeded`].
+    fn project_rate_limit_exceeded_body() -> serde_json::Value {
+        json!({
             "error": {
                 "code": 429,
                 "message": "Quota exceeded for quota metric 'Send requests' and limit 'Send \
@@ -1172,7 +1229,7 @@ mod tests {
                     },
                 }],
             }
-        }))
+        })
     }
 
     /// FCM's `QUOTA_EXCEEDED` with a `google.rpc.QuotaFailure` naming the project's quota.
@@ -1316,6 +1373,133 @@ mod tests {
             matches!(&error, ProviderError::Transient { reason, retry_after: None, .. } if reason.contains("UNAVAILABLE")),
             "{error:?}"
         );
+    }
+
+    /// `reply` with a `google.rpc.RetryInfo` detail asking for `delay` (in protobuf's JSON form of
+    /// a duration, a string) added to its `details`.
+    fn with_retry_info(mut reply: serde_json::Value, delay: serde_json::Value) -> ResponseTemplate {
+        reply["error"]["details"]
+            .as_array_mut()
+            .expect("details")
+            .push(json!({
+                "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": delay,
+            }));
+        ResponseTemplate::new(reply["error"]["code"].as_u64().expect("code") as u16)
+            .set_body_json(reply)
+    }
+
+    /// A 429 or 503 without `Retry-After` waits as long as its `google.rpc.RetryInfo` asks, for
+    /// the project's quota, a device's and FCM's own trouble alike.
+    #[tokio::test]
+    async fn retry_info_is_the_wait_when_retry_after_is_absent() {
+        let project = project_rate_limit_exceeded_body();
+        let device = fcm_error_body(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "QUOTA_EXCEEDED",
+            "Quota exceeded.",
+        );
+        let down = fcm_error_body(503, "UNAVAILABLE", "UNAVAILABLE", "Try again later.");
+        let cases = [
+            (project, "30s", "AccountThrottled", Duration::from_secs(30)),
+            (device, "1.5s", "Throttled", Duration::from_millis(1_500)),
+            (down, "12.000001s", "Transient", Duration::new(12, 1_000)),
+        ];
+        for (body, delay, class, wait) in cases {
+            let server = MockServer::start().await;
+            reply_for(&server, "device-a", with_retry_info(body, json!(delay))).await;
+            let error = provider(&server.uri(), 2_000)
+                .send_now(&message(&["device-a"]))
+                .await
+                .unwrap_err();
+            let as_asked = match &error {
+                ProviderError::AccountThrottled { .. } => class == "AccountThrottled",
+                ProviderError::Throttled { .. } => class == "Throttled",
+                ProviderError::Transient { .. } => class == "Transient",
+                _ => false,
+            };
+            assert!(
+                as_asked && error.retry_after() == Some(wait),
+                "retryDelay {delay:?}: wanted {class} waiting {wait:?}, got {error:?}"
+            );
+        }
+    }
+
+    /// A `Retry-After` beside a `google.rpc.RetryInfo` is the wait: the header is what every
+    /// provider's reply is read for.
+    #[tokio::test]
+    async fn retry_after_wins_over_retry_info() {
+        let server = MockServer::start().await;
+        let body = fcm_error_body(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "QUOTA_EXCEEDED",
+            "Quota exceeded.",
+        );
+        let reply = with_retry_info(body, json!("30s")).insert_header("retry-after", "7");
+        reply_for(&server, "device-a", reply).await;
+        let error = provider(&server.uri(), 2_000)
+            .send_now(&message(&["device-a"]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.retry_after(),
+            Some(Duration::from_secs(7)),
+            "{error:?}"
+        );
+    }
+
+    /// A `retryDelay` in another form than protobuf's JSON string is no wait, and the reply is
+    /// classified as without it.
+    #[tokio::test]
+    async fn a_retry_delay_in_another_form_is_ignored() {
+        let server = MockServer::start().await;
+        let odd = json!({"seconds": 30});
+        let reply = with_retry_info(project_rate_limit_exceeded_body(), odd);
+        reply_for(&server, "device-a", reply).await;
+        let error = provider(&server.uri(), 2_000)
+            .send_now(&message(&["device-a"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ProviderError::AccountThrottled { retry_after: Some(d), .. }
+                if *d == PROJECT_QUOTA_WAIT),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn retry_delays_are_read_in_protobuf_s_json_form() {
+        for (text, wait) in [
+            ("30s", Duration::from_secs(30)),
+            ("1.5s", Duration::from_millis(1_500)),
+            ("0.000000001s", Duration::from_nanos(1)),
+            ("3.000001s", Duration::new(3, 1_000)),
+            ("0s", Duration::ZERO),
+            (".5s", Duration::from_millis(500)),
+            ("2.s", Duration::from_secs(2)),
+        ] {
+            assert_eq!(parse_retry_delay(text), Some(wait), "{text:?}");
+        }
+        for text in [
+            "30",
+            "-1s",
+            "-0.5s",
+            "1.5.2s",
+            "",
+            "s",
+            ".s",
+            "1.0000000001s",
+            "1,5s",
+            "+1s",
+            " 1s",
+            "1 s",
+            "1e3s",
+            "99999999999999999999s",
+        ] {
+            assert_eq!(parse_retry_delay(text), None, "{text:?}");
+        }
     }
 
     #[tokio::test]
