@@ -966,6 +966,9 @@ async fn walk_chain(
                 let why = match cause {
                     NotStartedCause::QueueTooLong => "its send queue was too long",
                     NotStartedCause::ActorFailed => "its channel actor failed while it waited",
+                    NotStartedCause::HeldForProbe => {
+                        "it waited for its circuit's probe until too late to start"
+                    }
                 };
                 ("not_started", Some(format!("{channel} not started: {why}")))
             }

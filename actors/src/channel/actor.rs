@@ -20,6 +20,13 @@
 //! its caller is told so at once ([`SendOutcome::NotStarted`]): the circuit that admitted it went
 //! with the actor, and the restarted actor's circuit knows nothing of it.
 //!
+//! A send that arrives while the circuit's half-open probe is out is held for the probe's result
+//! (see [`super::hold`]), up to as many as the provider has concurrency permits: a probe that
+//! succeeds closes the circuit and the held sends go out at once, in the order they arrived; one
+//! that fails (or is throttled) opens it again and they are refused with its new wait; one that
+//! tested nothing lets the first of them out as the next probe. Sends beyond the hold are refused
+//! as when the circuit is open, told to come back once the probe's result is due.
+//!
 //! A provider that throttles the whole account
 //! ([`ProviderError::AccountThrottled`]) holds the circuit open for the wait it asked for
 //! ([`CircuitBreaker::on_throttle`]): the sends queued for a permit are refused as when it opens,
@@ -39,6 +46,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::announce::CircuitAnnouncer;
 use super::circuit::{Admission, CircuitBreaker, CircuitSettings, CircuitState};
+use super::hold::{HeldSend, Hold};
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
 /// Limits of one channel actor.
@@ -79,11 +87,13 @@ pub enum SendOutcome {
         /// channel's send timeout, at most the cool-down).
         cool_down_left: Duration,
     },
-    /// The send never got a concurrency permit to start with; nothing was sent.
+    /// The send never got a concurrency permit to start with (or was held for the circuit's
+    /// probe until too late); nothing was sent.
     NotStarted {
         /// How long a retry should wait at least: after a queue too long, the channel's send
         /// timeout, about how long the sends ahead of it may still take (a quicker retry would
-        /// queue behind them again); after the actor failed, nothing (its restart is at once).
+        /// queue behind them again); after the actor failed, nothing (its restart is at once);
+        /// after it was held for the circuit's probe, until the probe's result is due.
         retry_in: Duration,
         /// Why.
         cause: NotStartedCause,
@@ -96,9 +106,13 @@ pub enum NotStartedCause {
     /// It waited for a concurrency permit until too little of its caller's time was left for the
     /// provider's timeout.
     QueueTooLong,
-    /// Its channel actor failed while it waited for a permit: the circuit that admitted it went
-    /// with the actor.
+    /// Its channel actor failed while it waited for a permit (or for the result of its circuit's
+    /// probe): the circuit that admitted it went with the actor.
     ActorFailed,
+    /// It arrived while its circuit's half-open probe was out and was held for the probe's
+    /// result, which did not come before too little of its caller's time was left for the
+    /// provider's timeout.
+    HeldForProbe,
 }
 
 impl SendOutcome {
@@ -144,7 +158,8 @@ pub struct ChannelSnapshot {
     /// that is due, the snapshot's own time (the next send is the probe). `None` while closed or
     /// half-open.
     pub probe_at: Option<DateTime<Utc>>,
-    /// Sends in flight.
+    /// Sends taken and not answered yet: at the provider, waiting for a concurrency permit, or
+    /// held while the circuit's probe is out.
     pub in_flight: usize,
     /// Sends accepted since start.
     pub sent: u64,
@@ -158,9 +173,10 @@ pub struct ChannelSnapshot {
 
 /// Messages of a [`ChannelActor`].
 pub enum ChannelMsg {
-    /// Send one message; the reply comes when the provider answers (or at once if refused). Not
-    /// sent if the reply port is closed by the time a concurrency permit is free, nor if the
-    /// send's timeout would run past `answer_by` (answered [`SendOutcome::NotStarted`]).
+    /// Send one message; the reply comes when the provider answers (or at once if refused; while
+    /// the circuit's probe is out, once the probe's result decides it). Not sent if the reply
+    /// port is closed by the time a concurrency permit is free, nor if the send's timeout would
+    /// run past `answer_by` (answered [`SendOutcome::NotStarted`]).
     Send {
         /// What to send.
         message: Box<OutboundMessage>,
@@ -200,6 +216,12 @@ pub enum ChannelMsg {
         period: u64,
         /// Where the new admission goes.
         reply: RpcReplyPort<Readmission>,
+    },
+    /// The send held as `held` while the probe is out has come to its last moment to start
+    /// (internal).
+    HoldOver {
+        /// The held send's id in the hold.
+        held: u64,
     },
     /// Report the current state.
     Snapshot(RpcReplyPort<ChannelSnapshot>),
@@ -315,6 +337,8 @@ pub struct ChannelState {
     announcer: Option<CircuitAnnouncer>,
     timeout: Duration,
     breaker: CircuitBreaker,
+    /// The sends held while the probe is out.
+    hold: Hold,
     /// The circuit's period, for the send tasks waiting for a permit.
     periods: watch::Sender<u64>,
     permits: Arc<Semaphore>,
@@ -340,7 +364,9 @@ impl Actor for ChannelActor {
     ) -> Result<ChannelState, ActorProcessingErr> {
         let timeout = Duration::from_millis(args.settings.timeout_ms);
         let breaker = CircuitBreaker::new(args.settings.circuit).with_probe_timeout(timeout);
+        let hold = Hold::new(args.provider.name().to_string(), args.settings.concurrency);
         let state = ChannelState {
+            hold,
             provider: args.provider,
             announcer: args.announcer,
             timeout,
@@ -368,7 +394,7 @@ impl Actor for ChannelActor {
                 message,
                 answer_by,
                 reply,
-            } => start_send(myself, state, *message, (answer_by, reply)),
+            } => start_send(myself.clone(), state, *message, (answer_by, reply)),
             ChannelMsg::Finished {
                 admission,
                 period,
@@ -429,8 +455,16 @@ impl Actor for ChannelActor {
                     record_circuit(state);
                 }
             }
+            ChannelMsg::HoldOver { held } => {
+                if let Some(send) = state.hold.take(held) {
+                    held_too_long(state, send);
+                }
+            }
             ChannelMsg::Crash => panic!("fault injected into channel actor"),
         }
+        // Whatever changed the circuit (a probe's result, an abandoned probe), the sends held for
+        // the probe are decided as soon as it is no longer out.
+        release_held(&myself, state);
         Ok(())
     }
 }
@@ -446,13 +480,25 @@ fn start_send(
         record_circuit(state);
     }
     if admission == Admission::Refused {
-        let _ = reply.send(SendReport {
-            provider: state.provider.name().to_string(),
-            outcome: SendOutcome::CircuitOpen {
-                cool_down_left: refuse(state),
-            },
-            latency: Duration::ZERO,
-        });
+        match last_start_if_held(state, answer_by) {
+            Some(last_start) => {
+                let send = HeldSend {
+                    message: outbound,
+                    answer_by,
+                    reply,
+                };
+                hold(&myself, state, send, last_start);
+            }
+            None => {
+                let _ = reply.send(SendReport {
+                    provider: state.provider.name().to_string(),
+                    outcome: SendOutcome::CircuitOpen {
+                        cool_down_left: refuse(state),
+                    },
+                    latency: Duration::ZERO,
+                });
+            }
+        }
         return;
     }
     state.in_flight += 1;
@@ -563,6 +609,86 @@ fn start_send(
             latency,
         });
     });
+}
+
+/// The last moment a send refused now, whose caller waits until `answer_by`, may start if it is
+/// held for the probe's result instead: `None` (refused) unless the probe is out, the hold has
+/// room, and the send still has time to start later and finish within its timeout.
+fn last_start_if_held(state: &ChannelState, answer_by: Instant) -> Option<Instant> {
+    if state.breaker.state() != CircuitState::HalfOpen || state.hold.is_full() {
+        return None;
+    }
+    answer_by
+        .checked_sub(state.timeout)
+        .filter(|&last_start| last_start > Instant::now())
+}
+
+/// Holds `send` for the probe's result; it is answered unsent at `last_start` if still held then.
+fn hold(
+    myself: &ActorRef<ChannelMsg>,
+    state: &mut ChannelState,
+    send: HeldSend,
+    last_start: Instant,
+) {
+    state.in_flight += 1;
+    metrics::counter!(
+        "herald_channel_sends_held_total",
+        "provider" => state.provider.name().to_string()
+    )
+    .increment(1);
+    let wait = last_start.saturating_duration_since(Instant::now());
+    state.hold.push(send, |held| {
+        myself
+            .send_after(wait, move || ChannelMsg::HoldOver { held })
+            .abort_handle()
+    });
+}
+
+/// Answers a send held until its last moment to start, the probe still out: not started, to come
+/// back once the probe's result is due.
+fn held_too_long(state: &mut ChannelState, send: HeldSend) {
+    state.in_flight = state.in_flight.saturating_sub(1);
+    metrics::counter!(
+        "herald_channel_sends_abandoned_total",
+        "provider" => state.provider.name().to_string()
+    )
+    .increment(1);
+    let _ = send.reply.send(SendReport {
+        provider: state.provider.name().to_string(),
+        outcome: SendOutcome::NotStarted {
+            retry_in: state.breaker.cool_down_left(Instant::now()),
+            cause: NotStartedCause::HeldForProbe,
+        },
+        latency: Duration::ZERO,
+    });
+}
+
+/// Decides the held sends once the probe is no longer out, in the order they arrived, each
+/// admitted as the circuit now stands: sent if the probe closed it, refused with its new wait if
+/// the probe opened it again; if the probe tested nothing (the circuit open, its cool-down over),
+/// the first is the next probe and the others stay held for its result. A held send whose caller
+/// has stopped waiting is dropped unsent: it could go out after its caller moved on.
+fn release_held(myself: &ActorRef<ChannelMsg>, state: &mut ChannelState) {
+    while state.breaker.state() != CircuitState::HalfOpen {
+        let Some(send) = state.hold.pop_front() else {
+            return;
+        };
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if send.reply.is_closed() {
+            metrics::counter!(
+                "herald_channel_sends_abandoned_total",
+                "provider" => state.provider.name().to_string()
+            )
+            .increment(1);
+            continue;
+        }
+        start_send(
+            myself.clone(),
+            state,
+            send.message,
+            (send.answer_by, send.reply),
+        );
+    }
 }
 
 /// What became of a send while it waited for its permit.
@@ -1775,17 +1901,20 @@ mod tests {
         actor.stop(None);
     }
 
-    #[tokio::test]
-    async fn a_send_refused_while_the_probe_is_out_waits_for_the_probe_not_a_cool_down() {
-        // The cool-down is longer than the send timeout: a send refused while the probe is out
-        // is told to come back once the probe's result is due, not after another cool-down.
-        let cool_down = Duration::from_secs(4);
-        let timeout = Duration::from_secs(2);
-        let (actor, mut sends) = spawn_held(ChannelSettings {
-            timeout_ms: timeout.as_millis() as u64,
-            ..opening_at_once(cool_down.as_millis() as u64)
-        })
-        .await;
+    /// A channel actor over a [`HeldProvider`] whose circuit a first send's 503 opened, with the
+    /// half-open probe out at the provider: the probe's send, and the answer it will get.
+    struct ProbeOut {
+        actor: ActorRef<ChannelMsg>,
+        sends: mpsc::UnboundedReceiver<HeldSend>,
+        probe: HeldSend,
+        probe_answer: tokio::task::JoinHandle<
+            Result<CallResult<SendReport>, ractor::MessagingErr<ChannelMsg>>,
+        >,
+    }
+
+    async fn probe_out(settings: ChannelSettings) -> ProbeOut {
+        let cool_down = Duration::from_millis(settings.circuit.cool_down_ms);
+        let (actor, mut sends) = spawn_held(settings).await;
         let first = outbound();
         let first_id = first.notification_id;
         let first_answer = send_in_background(&actor, first);
@@ -1794,12 +1923,16 @@ mod tests {
 
         // Waits as long as the open circuit says, as the dispatcher does; then the next send is
         // the probe, and the provider holds it.
-        let (probe_held, probe_answer) = loop {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            assert!(Instant::now() < deadline, "no probe within {WAIT:?}");
             let send = outbound();
             let id = send.notification_id;
             let mut answer = send_in_background(&actor, send);
             tokio::select! {
-                held = next_held(&mut sends, id) => break (held, answer),
+                probe = next_held(&mut sends, id) => {
+                    return ProbeOut { actor, sends, probe, probe_answer: answer };
+                }
                 report = &mut answer => match report.expect("caller task").expect("actor alive") {
                     CallResult::Success(SendReport {
                         outcome: SendOutcome::CircuitOpen { cool_down_left },
@@ -1811,7 +1944,196 @@ mod tests {
                     other => panic!("a send to the open circuit: {other:?}"),
                 },
             }
-        };
+        }
+    }
+
+    /// A send's answer, in the background: it must not come while the probe is out. Returns once
+    /// the actor counts `in_flight` sends (the probe and those it holds).
+    async fn held_while_the_probe_is_out(
+        actor: &ActorRef<ChannelMsg>,
+        answers: &mut [tokio::task::JoinHandle<
+            Result<CallResult<SendReport>, ractor::MessagingErr<ChannelMsg>>,
+        >],
+        in_flight: usize,
+    ) {
+        let answered = futures::future::select_all(answers.iter_mut());
+        tokio::select! {
+            (report, n, _) = answered => panic!(
+                "send {n} was answered while the probe was out, not held for its result: \
+                 {report:?}"
+            ),
+            _ = snapshot_when(actor, "the sends to be held", |s| s.in_flight == in_flight) => {}
+        }
+    }
+
+    /// Settings whose probe may take 20 s (the send timeout, less than the callers' [`WAIT`]) to
+    /// answer; the circuit opens at the first failure and cools down for half a second.
+    fn slow_probe() -> ChannelSettings {
+        ChannelSettings {
+            timeout_ms: 20_000,
+            ..opening_at_once(500)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_send_arriving_while_the_probe_is_out_goes_out_as_soon_as_the_probe_succeeds() {
+        // Refused, the send would be told to come back once the probe's result is due (the rest
+        // of its timeout, at most the cool-down), or fail over to the next channel, though the probe
+        // succeeds a moment later.
+        let ProbeOut {
+            actor,
+            mut sends,
+            probe,
+            probe_answer,
+        } = probe_out(slow_probe()).await;
+        let before = snapshot_when(&actor, "the probe to be out", |_| true).await;
+        let held = outbound();
+        let held_id = held.notification_id;
+        let mut held_answer = [send_in_background(&actor, held)];
+        held_while_the_probe_is_out(&actor, &mut held_answer, 2).await;
+
+        probe.answer(Ok(Receipt::new(None)));
+        let probe = answer_of(probe_answer, "the probe").await;
+        assert!(
+            matches!(probe.outcome, SendOutcome::Accepted(_)),
+            "{probe:?}"
+        );
+        // The held send goes out now, not after the probe's timeout or a retry.
+        next_held(&mut sends, held_id)
+            .await
+            .answer(Ok(Receipt::new(None)));
+        let [held_answer] = held_answer;
+        let held = answer_of(held_answer, "the held send").await;
+        assert!(matches!(held.outcome, SendOutcome::Accepted(_)), "{held:?}");
+        let closed = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            (
+                closed.circuit,
+                closed.sent,
+                closed.refused,
+                closed.times_opened
+            ),
+            (CircuitState::Closed, 2, before.refused, 1),
+            "{closed:?}"
+        );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn sends_held_while_the_probe_is_out_are_refused_when_it_fails() {
+        let ProbeOut {
+            actor,
+            mut sends,
+            probe,
+            probe_answer,
+        } = probe_out(slow_probe()).await;
+        let before = snapshot_when(&actor, "the probe to be out", |_| true).await;
+        let mut held: Vec<_> = (0..2)
+            .map(|_| send_in_background(&actor, outbound()))
+            .collect();
+        held_while_the_probe_is_out(&actor, &mut held, 3).await;
+
+        // The probe fails, asking for a minute: the circuit opens again for that long, and the
+        // held sends are refused with that wait, without reaching the provider.
+        let wait = Duration::from_secs(60);
+        probe.answer(Err(ProviderError::transient_after("HTTP 503", Some(wait))));
+        let probe = answer_of(probe_answer, "the probe").await;
+        assert!(matches!(probe.outcome, SendOutcome::Failed(_)), "{probe:?}");
+        for (n, answer) in held.into_iter().enumerate() {
+            let report = answer_of(answer, &format!("held send {n}")).await;
+            match report.outcome {
+                SendOutcome::CircuitOpen { cool_down_left } => assert!(
+                    cool_down_left <= wait && cool_down_left > wait - Duration::from_secs(10),
+                    "held send {n}: the new open period's wait: {cool_down_left:?}"
+                ),
+                other => panic!("held send {n} was not refused: {other:?}"),
+            }
+        }
+        if let Ok(reached) = sends.try_recv() {
+            panic!("a held send reached the provider: {}", reached.id);
+        }
+        let open = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(
+            (open.circuit, open.refused, open.times_opened),
+            (CircuitState::Open, before.refused + 2, 2),
+            "{open:?}"
+        );
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_send_held_until_too_late_to_start_is_answered_unsent() {
+        let settings = slow_probe();
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let ProbeOut {
+            actor,
+            mut sends,
+            probe,
+            probe_answer,
+        } = probe_out(settings).await;
+        // Its caller waits the send's timeout and a second more: held any longer than that
+        // second, it could no longer finish in time.
+        let late = outbound();
+        let answer = tokio::spawn({
+            let actor = actor.clone();
+            async move {
+                actor
+                    .call(
+                        |port| send_msg(late, timeout + Duration::from_secs(1), port),
+                        Some(WAIT),
+                    )
+                    .await
+            }
+        });
+        let mut answer = [answer];
+        held_while_the_probe_is_out(&actor, &mut answer, 2).await;
+        let [answer] = answer;
+        let report = answer_of(answer, "the held send").await;
+        match report.outcome {
+            SendOutcome::NotStarted { retry_in, cause } => {
+                assert_eq!(cause, NotStartedCause::HeldForProbe, "{report:?}");
+                assert!(retry_in <= timeout, "{report:?}");
+            }
+            other => panic!("not answered as not started: {other:?}"),
+        }
+        let waiting = snapshot_when(&actor, "the held send to settle", |s| s.in_flight == 1).await;
+        assert_eq!(waiting.circuit, CircuitState::HalfOpen, "{waiting:?}");
+
+        // It never goes out, not even once the probe has closed the circuit.
+        probe.answer(Ok(Receipt::new(None)));
+        answer_of(probe_answer, "the probe").await;
+        snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        if let Ok(reached) = sends.try_recv() {
+            panic!(
+                "the send held too long reached the provider: {}",
+                reached.id
+            );
+        }
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_send_beyond_what_the_probe_holds_is_refused_until_the_probes_result_is_due() {
+        // One permit: the probe holds one send. The cool-down is longer than the send timeout: a
+        // send refused beyond it is told to come back once the probe's result is due, not after
+        // another cool-down.
+        let cool_down = Duration::from_secs(4);
+        let timeout = Duration::from_secs(2);
+        let ProbeOut {
+            actor,
+            mut sends,
+            probe,
+            probe_answer,
+        } = probe_out(ChannelSettings {
+            concurrency: 1,
+            timeout_ms: timeout.as_millis() as u64,
+            ..opening_at_once(cool_down.as_millis() as u64)
+        })
+        .await;
+        let held = outbound();
+        let held_id = held.notification_id;
+        let mut held_answer = [send_in_background(&actor, held)];
+        held_while_the_probe_is_out(&actor, &mut held_answer, 2).await;
         let refused = send_one(&actor, 2).await;
         match refused.outcome {
             SendOutcome::CircuitOpen { cool_down_left } => assert!(
@@ -1822,14 +2144,20 @@ mod tests {
             other => panic!("not refused while the probe is out: {other:?}"),
         }
 
-        // The probe succeeds and closes the circuit.
-        probe_held.answer(Ok(Receipt::new(None)));
+        // The probe succeeds and closes the circuit; the held send goes out.
+        probe.answer(Ok(Receipt::new(None)));
         let probe = answer_of(probe_answer, "the probe").await;
         assert!(
             matches!(probe.outcome, SendOutcome::Accepted(_)),
             "{probe:?}"
         );
-        let closed = snapshot_when(&actor, "the probe to settle", |s| s.in_flight == 0).await;
+        next_held(&mut sends, held_id)
+            .await
+            .answer(Ok(Receipt::new(None)));
+        let [held_answer] = held_answer;
+        let held = answer_of(held_answer, "the held send").await;
+        assert!(matches!(held.outcome, SendOutcome::Accepted(_)), "{held:?}");
+        let closed = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
         assert_eq!(closed.circuit, CircuitState::Closed, "{closed:?}");
         actor.stop(None);
     }

@@ -6,6 +6,7 @@ pub mod announce;
 pub mod circuit;
 pub mod email;
 pub mod google_auth;
+mod hold;
 mod http;
 pub mod provider;
 pub mod push;
