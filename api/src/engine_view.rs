@@ -32,7 +32,8 @@ pub struct ChannelCircuit {
     /// `channels.limits.circuit.max_cool_down_ms`). Once that is due, the time of the answer: the
     /// next send is the probe. Absent while the circuit is closed or half-open.
     pub probe_at: Option<DateTime<Utc>>,
-    /// Sends in flight.
+    /// Sends taken and not answered yet: at the provider, waiting for a concurrency slot, or held
+    /// while the circuit's probe is out.
     pub in_flight: u64,
     /// Sends accepted by the provider since start.
     pub sent: u64,

@@ -21,7 +21,7 @@
 //! with the actor, and the restarted actor's circuit knows nothing of it.
 //!
 //! A send that arrives while the circuit's half-open probe is out is held for the probe's result
-//! (see [`super::hold`]), up to as many as the provider has concurrency permits: a probe that
+//! (the channel's `hold` module), up to as many as the provider has concurrency permits: a probe that
 //! succeeds closes the circuit and the held sends go out at once, in the order they arrived; one
 //! that fails (or is throttled) opens it again and they are refused with its new wait; one that
 //! tested nothing lets the first of them out as the next probe. Sends beyond the hold are refused

@@ -3,10 +3,12 @@
 //! Closed → open after `failure_threshold` failures within `window` → after `cool_down` one
 //! half-open probe is let through → closed on its success, open again on its failure. While open
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
-//! hammered and the dispatcher fails over without waiting for timeouts. A send refused while open
-//! is told to wait for the rest of the cool-down; one refused while the probe is out, only until
-//! the probe's result is due (the rest of its send timeout, at most the cool-down), so that it is
-//! not held back a whole cool-down after a probe that closes the circuit a moment later.
+//! hammered and the dispatcher fails over without waiting for timeouts. (The channel actor holds
+//! some of the sends refused while the probe is out for its result instead, see
+//! [`super::actor`].) A send refused while open is told to wait for the rest of the cool-down; one
+//! refused while the probe is out, only until the probe's result is due (the rest of its send
+//! timeout, at most the cool-down), so that it is not held back a whole cool-down after a probe
+//! that closes the circuit a moment later.
 //!
 //! A provider that says when to come back (an HTTP `Retry-After` on a failure that counts against
 //! the circuit; a throttle of one recipient, such as Telegram's `retry_after`, does not count) is
@@ -81,7 +83,8 @@ pub enum CircuitState {
     Closed,
     /// Sends are refused until the cool-down ends.
     Open,
-    /// One probe is out; other sends are refused until it reports.
+    /// One probe is out; other sends are refused (or held by the channel actor) until it
+    /// reports.
     HalfOpen,
 }
 
