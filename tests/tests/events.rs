@@ -405,6 +405,70 @@ async fn an_event_for_an_unknown_customer_is_dead_lettered_with_a_reason() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Each event waiting for a customer Herald does not know holds one of the router consumer's
+/// `nats.max_ack_pending` slots. A flood of them (a producer publishing for customers it never
+/// creates) does not take them all: an event starts waiting only while fewer than half are taken,
+/// and is dead-lettered at once otherwise, saying why, so events for known customers are still
+/// routed (on the old code they waited until the flood's waits ran out). Nothing is lost: each
+/// event of the flood is dead-lettered (replayable) or notified once its customer exists.
+#[tokio::test]
+async fn a_flood_of_events_for_an_unknown_customer_does_not_stall_events_for_known_ones() {
+    const SLOTS: i64 = 8;
+    const FLOOD: usize = 3 * SLOTS as usize;
+    let w = world_with(|config| {
+        config.nats.max_ack_pending = SLOTS;
+        // A wait far longer than the test (hours), delivered again every second at most.
+        config.dispatch.retry.max_deliveries = 10_000;
+    })
+    .await;
+    for n in 0..FLOOD {
+        let event_id = Uuid::now_v7();
+        w.publish_event(
+            &order_created(event_id, "c-flood", &format!("7{n:03}")),
+            &event_id.to_string(),
+        )
+        .await;
+    }
+    w.customer("c-known", "known@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-known", "8000"),
+        &event_id.to_string(),
+    )
+    .await;
+    let mails = w
+        .smtp
+        .wait_for_count(1, E2E_TIMEOUT)
+        .await
+        .expect("the known customer's mail, while the flood's events wait");
+    assert_eq!(mails[0].to, vec!["known@example.com".to_string()]);
+
+    // Once the customer exists the events still waiting are routed; the others were dead-lettered.
+    w.customer("c-flood", "flood@example.com", "en").await;
+    w.router_idle().await;
+    w.commands_drained().await;
+    let letters = event_dead_letters(&w.nats).await;
+    let notified = w.smtp.count() - 1;
+    assert_eq!(
+        letters.len() + notified,
+        FLOOD,
+        "each event of the flood is notified ({notified}) or dead-lettered ({})",
+        letters.len()
+    );
+    assert!(
+        notified <= SLOTS as usize / 2,
+        "at most half the slots held waiting events: {notified} waited"
+    );
+    for (reason, _) in &letters {
+        assert!(
+            reason.contains("unknown customer \"c-flood\"")
+                && reason.contains(&format!("of the router's {SLOTS} pending slots")),
+            "says why it was not waited for: {reason}"
+        );
+    }
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// A customer created a moment after the event that names it (the producer wrote the order before
 /// registering its customer): the event is retried rather than dead-lettered at once, and the
 /// customer gets the email once it exists.
