@@ -5,7 +5,8 @@
 //! subject other than `events.<type>` ⇒ dead letter) → matching [`crate::rules`] →
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
 //! be created a moment after the event that names it, then dead letter once the schedule's whole
-//! wait has passed since the event was published) → render the template,
+//! wait has passed since the event was published; dead letter at once when waiting events hold
+//! their share of the consumer's pending slots, [`waiting`]) → render the template,
 //! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
 //! → store the notification under an id derived from event id and rule (a second delivery of the
 //! event finds it) → publish its send command (one larger than the server's `max_payload` ⇒
@@ -45,6 +46,11 @@ use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
 
 use herald_nats::events::{MAX_EVENT_BYTES, router_request_id};
+
+pub mod waiting;
+
+use waiting::WaitingRoom;
+
 /// The dead-letter source of events: `notify.dlq.events`.
 pub const DLQ_SOURCE: &str = "events";
 
@@ -72,6 +78,8 @@ pub struct RouterContext {
     pub default_chains: HashMap<Category, Vec<Channel>>,
     /// Backoff when the database or NATS fails, and how long an unknown customer is waited for.
     pub retry: RetryPolicy,
+    /// How many events may wait for unknown customers at once.
+    pub waiting: WaitingRoom,
 }
 
 /// Arguments of the [`Router`].
@@ -282,10 +290,12 @@ async fn notify(
         return publish_if_queued(ctx, &existing).await;
     }
     let customer_id = rule.recipient_in(data).map_err(Failure::DeadLetter)?;
-    let customer = repo::customers::find_by_external_id(&ctx.db, customer_id)
+    let Some(customer) = repo::customers::find_by_external_id(&ctx.db, customer_id)
         .await
         .map_err(database)?
-        .ok_or_else(|| unknown_customer(ctx, customer_id, copy))?;
+    else {
+        return Err(unknown_customer(ctx, customer_id, copy).await);
+    };
     let content = render(ctx, &rule.template, event, &customer).await?;
     let command = send_command(ctx, event, rule, &customer, content);
     if let Err(len) = command.check_size() {
@@ -324,17 +334,25 @@ fn database(err: RepoError) -> Failure {
 /// producer may create the customer a moment after publishing the event), or a dead letter once
 /// the schedule's whole wait has passed since the event was published (replayable once the
 /// customer exists). Deliveries handed back for other reasons (a database outage) do not shorten
-/// the wait.
-fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery) -> Failure {
+/// the wait. A waiting event holds a pending slot of the router's consumer, so it is dead-lettered
+/// at once, saying why, when waiting events hold their share of them ([`waiting`]).
+async fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery) -> Failure {
     let reason = format!("unknown customer {customer_id:?}");
-    match ctx.retry.wait(
+    let delay = match ctx.retry.wait(
         copy.published,
         SystemTime::now(),
         copy.count,
         rand::random(),
     ) {
-        Wait::Again(delay) => Failure::Wait(reason, delay),
-        Wait::GiveUp(gave_up) => Failure::DeadLetter(format!("{reason} ({gave_up})")),
+        Wait::Again(delay) => delay,
+        Wait::GiveUp(gave_up) => return Failure::DeadLetter(format!("{reason} ({gave_up})")),
+    };
+    match ctx.waiting.admit(copy.count > 1).await {
+        Ok(()) => Failure::Wait(reason, delay),
+        Err(full) => {
+            metrics::counter!("herald_events_wait_refused_total").increment(1);
+            Failure::DeadLetter(format!("{reason} ({full})"))
+        }
     }
 }
 

@@ -612,6 +612,7 @@ async fn router_args(
         templates,
         default_chains: config.default_chains()?,
         retry: config.dispatch.retry,
+        waiting: herald_actors::router::waiting::WaitingRoom::new(publisher.jetstream().clone()),
     };
     Ok(herald_actors::router::RouterArgs {
         consumer,

@@ -36,6 +36,6 @@ pub use publish::{
     release_msg_id,
 };
 pub use streams::{
-    Provisioned, Retention, StreamSettings, check_command_partitions, dispatch_consumer, provision,
-    router_consumer,
+    PendingSlots, Provisioned, Retention, StreamSettings, check_command_partitions,
+    dispatch_consumer, provision, router_consumer, router_pending_slots,
 };

@@ -227,6 +227,38 @@ pub async fn router_consumer(
     .await
 }
 
+/// The pending slots of the router's consumer at one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingSlots {
+    /// Events delivered and not acknowledged yet (`num_ack_pending`): being routed, or handed
+    /// back to wait for a later delivery.
+    pub taken: u64,
+    /// The consumer's `max_ack_pending`; `None` when it has no limit.
+    pub limit: Option<u64>,
+}
+
+/// Reads how many of the `herald-router` consumer's pending slots are taken (one consumer info
+/// request; the consumer's own figures, across every instance that pulls from it).
+pub async fn router_pending_slots(js: &jetstream::Context) -> Result<PendingSlots, NatsError> {
+    let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
+        what: format!("consumer {}", subjects::ROUTER_CONSUMER),
+        reason: e.to_string(),
+    };
+    let info = js
+        .get_stream_no_info(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| read_error(&e))?
+        .consumer_info(subjects::ROUTER_CONSUMER)
+        .await
+        .map_err(|e| read_error(&e))?;
+    Ok(PendingSlots {
+        taken: info.num_ack_pending as u64,
+        limit: u64::try_from(info.config.max_ack_pending)
+            .ok()
+            .filter(|&limit| limit > 0),
+    })
+}
+
 /// Creates or binds the durable consumer of one command partition (`herald-dispatch-<n>` on
 /// `notify.cmd.<n>`). Partition filters do not overlap, as a work-queue stream requires.
 pub async fn dispatch_consumer(
