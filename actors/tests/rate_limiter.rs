@@ -537,11 +537,13 @@ async fn a_notification_back_at_its_slot_goes_on_its_reserved_token() {
     supervisor.stop(None);
 }
 
-/// Slots are reserved only as far ahead as a deferral is held back in JetStream (the
-/// dispatcher's `schedule_deferrals_after`): a later one is answered with the time until a
-/// token is free, reserving nothing, so its notification waits as `scheduled` and asks again.
+/// A deferral further off than the longest hold in JetStream (the dispatcher's
+/// `schedule_deferrals_after`) still reserves its slot: its notification waits as `scheduled`
+/// and, back at its slot, goes on the token kept for it, before a notification that asked after
+/// it with a shorter wait. (Before, it reserved nothing: the later one took its token, and it was
+/// held again behind it, possibly again and again under steady overload.)
 #[tokio::test]
-async fn no_slot_is_reserved_beyond_the_longest_hold() {
+async fn a_deferral_parked_beyond_the_hold_keeps_its_place() {
     let time = ManualClock::new();
     let supervisor = start_reserving(
         RateLimiterSettings::default(),
@@ -551,9 +553,37 @@ async fn no_slot_is_reserved_beyond_the_longest_hold() {
     .await;
     spend(&supervisor, "ada", Category::Transactional, 2).await;
     assert_eq!(
-        deferral_waits(&supervisor, "ada", Category::Transactional, 5).await,
-        vec![30, 60, 90, 120, 120],
-        "slots at 30, 60 and 90 s; past 100 s nothing more is reserved"
+        deferral_waits(&supervisor, "ada", Category::Transactional, 3).await,
+        vec![30, 60, 90],
+        "held in JetStream for slots of their own"
+    );
+    let (parked, later) = (Uuid::now_v7(), Uuid::now_v7());
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, parked).await,
+        Verdict::Defer(Duration::from_secs(120)),
+        "120 s is beyond the 100 s hold: parked as `scheduled`"
+    );
+    time.advance(Duration::from_secs(30));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, later).await,
+        Verdict::Defer(Duration::from_secs(120)),
+        "asked after the parked one: the slot after its (150 s), not the parked one's (120 s)"
+    );
+    time.advance(Duration::from_secs(90));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, parked).await,
+        Verdict::Allow,
+        "the parked notification, back at its slot, goes on the token kept for it"
+    );
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, later).await,
+        Verdict::Defer(Duration::from_secs(30)),
+        "the later one waits for its own slot"
+    );
+    time.advance(Duration::from_secs(30));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, later).await,
+        Verdict::Allow
     );
     // Drop stays as it was: no debt, no reservation.
     spend(&supervisor, "ada", Category::Marketing, 3).await;
@@ -626,7 +656,8 @@ async fn a_limiter_keeps_its_reservations_until_claimed_or_expired() {
 /// Reservations are bounded per limiter: a slot not claimed within its grace is forgotten at the
 /// next deferral (no idle check needed), and with as many reservations as the limits can use
 /// (per `defer` category, the tokens within the hold plus one burst), a deferral reserves
-/// nothing and is told when the first unpromised token refills.
+/// nothing and is told when the first unpromised token refills. Below that, a slot is reserved
+/// however far off.
 #[tokio::test]
 async fn reservations_are_capped_and_expired_ones_forgotten_as_new_ones_come() {
     let time = ManualClock::new();
@@ -641,14 +672,14 @@ async fn reservations_are_capped_and_expired_ones_forgotten_as_new_ones_come() {
     assert_eq!(
         deferral_waits(&supervisor, "ada", Category::Account, 10).await,
         vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
-        "slots less than 10 s away are reserved, the tenth is not"
+        "each reserved, the tenth too though 10 s away (parked beyond the hold)"
     );
-    // The nine slots pass unclaimed (their notifications went elsewhere), within their grace.
+    // Nine slots pass unclaimed (their notifications went elsewhere), within their grace.
     time.advance(Duration::from_secs(9));
     assert_eq!(
         deferral_waits(&supervisor, "ada", Category::Account, 7).await,
-        vec![1, 2, 3, 4, 5, 6, 6],
-        "9 unclaimed + 5 new = 14 reserved: the sixth and seventh reserve nothing, both told 6 s"
+        vec![2, 3, 4, 5, 6, 6, 6],
+        "10 unclaimed + 4 new = 14 reserved: the fifth to seventh reserve nothing, all told 6 s"
     );
     // All 14 slots are more than a minute old: forgotten when the next deferral comes.
     time.advance(Duration::from_secs(66));

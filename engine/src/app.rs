@@ -501,7 +501,8 @@ async fn start_engine(
             history: Some(Arc::new(herald_actors::rate_limit::DbSendHistory::new(
                 db.clone(),
             ))),
-            // Slots are reserved as far ahead as a deferral is held back in JetStream.
+            // Reservations kept per user: the slots within the longest hold in JetStream,
+            // plus a burst per `defer` category (a slot beyond the hold is reserved too).
             reserve_within: Duration::from_secs(config.dispatch.schedule_deferrals_after_secs),
         },
         rate_limiter_slot: rate_limiter.clone(),

@@ -16,13 +16,18 @@
 //! after those reserved already, is taken for it at once (the bucket goes into debt) and the
 //! verdict is the wait until that token exists. Held notifications thus come back one token
 //! apart, in the order they asked, and each is allowed on its reserved token when it does, rather
-//! than all coming back together to fight over one. A slot is reserved only if it is less than
-//! [`RateLimiterArgs::reserve_within`] away; a deferral further off reserves nothing (its
-//! notification waits as `scheduled` and asks again). A reservation never claimed (its
-//! notification went to another instance, or was given up) is forgotten [`RESERVATION_GRACE`]
-//! after its slot, at the next deferral or idle check; the slot itself is wasted, which errs on
-//! the safe side. An actor keeps at most [`reservation_cap`] reservations; with that many, a
-//! deferral reserves nothing, as one too far off does.
+//! than all coming back together to fight over one. The slot is reserved however far off it is:
+//! a notification held longer than the dispatcher holds commands in JetStream waits as
+//! `scheduled` until its slot and then claims it as one held in JetStream does, so a later
+//! deferral with a shorter wait never takes its token. A reservation never claimed (its
+//! notification went to another instance, was cancelled while `scheduled`, or was given up) is
+//! forgotten [`RESERVATION_GRACE`] after its slot, at the next deferral or idle check; the slot
+//! itself is wasted, which errs on the safe side. An actor keeps at most [`reservation_cap`]
+//! reservations; with that many, a deferral reserves nothing and is told when the first token
+//! not promised refills, and then asks again as a new one. Reservations live in this actor's
+//! memory only: a limiter that replaces it (after a restart, a panic, an eviction or a partition
+//! hand-over) starts without them, and the held notifications, back at their slots, ask it as
+//! new ones.
 //!
 //! When idle with every bucket full and no reservation waiting, it tells its supervisor, which
 //! stops it.
@@ -92,9 +97,11 @@ pub struct RateLimiterArgs {
     pub clock: MonotonicClock,
     /// Where the user's recent sends are read at start; `None` starts with full buckets.
     pub history: Option<Arc<dyn SendHistory>>,
-    /// A deferral is given a reserved slot only if the slot is less than this far away: the
+    /// Sizes the most reservations the actor keeps ([`reservation_cap`]): per `defer`
+    /// category, the tokens refilling within this span plus one burst. The engine passes the
     /// longest hold a deferred command waits in JetStream (the dispatcher's
-    /// `schedule_deferrals_after`). Zero reserves nothing.
+    /// `schedule_deferrals_after`). A slot is reserved however far off it is while the actor
+    /// keeps fewer.
     pub reserve_within: Duration,
 }
 
@@ -188,10 +195,11 @@ impl Actor for RateLimiterActor {
     }
 }
 
-/// The most reservations one actor keeps: for each `defer` category, the slots its bucket can
-/// promise at once (one per token to refill less than `reserve_within` ahead, the debt
-/// [`TokenBucket::reserve`] allows) plus one burst (`capacity`) of slots that have come and whose
-/// notifications are on their way back. Transactional at 30 per 60 s with a 300 s hold: 180.
+/// The most reservations one actor keeps: for each `defer` category, one per token to refill
+/// less than `reserve_within` ahead plus one burst (`capacity`), for slots that have come and
+/// whose notifications are on their way back. Transactional at 30 per 60 s with a 300 s hold:
+/// 180, so a backlog of up to 180 held notifications of one user keeps its order, their slots up
+/// to about 360 s ahead (held in JetStream, or `scheduled` beyond 300 s).
 pub fn reservation_cap(
     limits: &HashMap<Category, CategoryLimit>,
     reserve_within: Duration,
@@ -309,10 +317,10 @@ impl RateLimiterState {
             limited.grant(&spec, id);
             return Verdict::Allow;
         }
+        // A slot is reserved however far off, while the cap allows: a notification parked as
+        // `scheduled` keeps its place as one held in JetStream does.
         let within = match limit.policy {
-            super::OverLimit::Defer if self.reserved.len() < self.max_reserved => {
-                self.args.reserve_within
-            }
+            super::OverLimit::Defer if self.reserved.len() < self.max_reserved => Duration::MAX,
             super::OverLimit::Defer | super::OverLimit::Drop => Duration::ZERO,
         };
         let limited = self.limited(request.category, &spec, now);

@@ -8,8 +8,8 @@
 //! registry: at `max_users` the least recently used actor is evicted, counted in
 //! `herald_rate_limiter_evictions_total`) and partition hand-overs between instances.
 //!
-//! Slots reserved for deferred notifications live only in their actor's memory: a new actor does
-//! not know them. The held notifications still come back spaced as their holds were set, and each
+//! Slots reserved for deferred notifications (held in JetStream, or parked as `scheduled` when the
+//! hold is long) live only in their actor's memory: a new actor does not know them. The held notifications still come back spaced as their holds were set, and each
 //! then asks the new actor as a new one would (a token if free, else a slot of its own). A
 //! notification allowed before (a round of it was recorded) is never refused by the new actor:
 //! it is charged a token there, in debt if none is free, as the history counts sends only.
@@ -137,9 +137,9 @@ pub enum Verdict {
     /// Send now (a token was taken, or the category is not limited).
     Allow,
     /// Over the limit, policy `defer`: the token reserved for the notification exists after this
-    /// long; or, when the wait is too long for a slot to be reserved (see
-    /// [`actor::RateLimiterArgs::reserve_within`]) or the actor keeps as many reservations as it
-    /// may ([`actor::reservation_cap`]), a token not promised is free after this long.
+    /// long (however long: a notification parked as `scheduled` claims it when it comes back);
+    /// or, when the actor keeps as many reservations as it may ([`actor::reservation_cap`]), a
+    /// token not promised is free after this long.
     Defer(Duration),
     /// Over the limit, policy `drop`.
     Drop,

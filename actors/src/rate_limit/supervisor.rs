@@ -62,7 +62,7 @@ pub struct RateLimiterSupervisorArgs {
     pub clock: MonotonicClock,
     /// Where starting user actors read recent sends; `None` starts them with full buckets.
     pub history: Option<Arc<dyn super::SendHistory>>,
-    /// How far ahead a deferral's slot may be reserved (see [`RateLimiterArgs::reserve_within`]).
+    /// Sizes the reservations each user's actor keeps (see [`RateLimiterArgs::reserve_within`]).
     pub reserve_within: Duration,
 }
 
