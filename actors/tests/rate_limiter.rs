@@ -692,35 +692,48 @@ async fn reservations_are_capped_and_expired_ones_forgotten_as_new_ones_come() {
     supervisor.stop(None);
 }
 
-/// A limiter that panics is replaced by a fresh one: without a send history it starts with full
-/// buckets, so the marketing tokens ada spent before the crash are hers again (the actor that
-/// spent them would drop her next one).
+/// A limiter that panics is replaced by one that takes over its buckets and reservations: sends it
+/// allowed that are not recorded yet (still with their providers), which the send history does
+/// not count, still count, and a deferred notification keeps its slot. (Before, the replacement
+/// started from the history alone: the 3 marketing tokens ada had spent were hers again.)
 #[tokio::test]
-async fn a_panicked_limiter_is_restarted() {
+async fn a_panicked_limiter_is_replaced_by_one_that_keeps_its_buckets() {
     let time = ManualClock::new();
-    let supervisor = start(RateLimiterSettings::default(), time.clock()).await;
+    // The sends allowed are on their way: none is recorded yet.
+    let history: Arc<dyn SendHistory> = Arc::new(RecordedSends(Some(HashMap::new())));
+    let supervisor =
+        start_with_history(RateLimiterSettings::default(), time.clock(), Some(history)).await;
     spend(&supervisor, "ada", Category::Marketing, 3).await;
     assert_eq!(
         verdict(&supervisor, "ada", Category::Marketing).await,
         Verdict::Drop,
         "the bucket is empty before the crash"
     );
+    spend(&supervisor, "ada", Category::Transactional, 2).await;
+    let held = Uuid::now_v7();
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, held).await,
+        Verdict::Defer(Duration::from_secs(30))
+    );
     supervisor
         .cast(RateLimiterSupervisorMsg::CrashUser("ada".into()))
         .expect("crash cast");
-    // The supervisor survives and the user gets a fresh actor that answers; the first answer
-    // after the crash takes a token of the fresh bucket.
-    let first = wait_for_answer(&supervisor, "ada", Category::Marketing).await;
+    // The supervisor survives and the user gets a new actor that answers.
     assert_eq!(
-        first,
-        Verdict::Allow,
-        "the first answer after the crash comes from a fresh bucket, not the emptied one"
-    );
-    spend(&supervisor, "ada", Category::Marketing, 2).await;
-    assert_eq!(
-        verdict(&supervisor, "ada", Category::Marketing).await,
+        wait_for_answer(&supervisor, "ada", Category::Marketing).await,
         Verdict::Drop,
-        "a fresh bucket holds the configured 3 tokens, no more"
+        "the replacement does not allow more than the limit: the 3 unrecorded sends still count"
+    );
+    assert_eq!(
+        verdict(&supervisor, "ada", Category::Transactional).await,
+        Verdict::Defer(Duration::from_secs(60)),
+        "a newcomer waits behind the slot reserved before the crash"
+    );
+    time.advance(Duration::from_secs(30));
+    assert_eq!(
+        verdict_of(&supervisor, "ada", Category::Transactional, held).await,
+        Verdict::Allow,
+        "the held notification claims the slot reserved before the crash"
     );
     assert_eq!(users(&supervisor).await, 1);
     supervisor.stop(None);

@@ -25,15 +25,21 @@
 //! itself is wasted, which errs on the safe side. An actor keeps at most [`reservation_cap`]
 //! reservations; with that many, a deferral reserves nothing and is told when the first token
 //! not promised refills, and then asks again as a new one. Reservations live in this actor's
-//! memory only: a limiter that replaces it (after a restart, a panic, an eviction or a partition
-//! hand-over) starts without them, and the held notifications, back at their slots, ask it as
-//! new ones.
+//! ledger only: a limiter that replaces it for another reason than a panic (a restart, an
+//! eviction, an idle stop or a partition hand-over) starts without them, and the held
+//! notifications, back at their slots, ask it as new ones.
+//!
+//! Its buckets and reservations are kept in a [`Ledger`] the supervisor holds too: an actor that
+//! replaces one that panicked takes it over instead of reading the history again, so sends
+//! allowed but not recorded yet still count and held notifications keep their slots. Unless the
+//! panic came while the ledger was being changed (it may be half-changed, and what made the actor
+//! panic may be in it): the replacement then starts a new one from the history.
 //!
 //! When idle with every bucket full and no reservation waiting, it tells its supervisor, which
 //! stops it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use herald_nats::Category;
@@ -103,6 +109,8 @@ pub struct RateLimiterArgs {
     /// `schedule_deferrals_after`). A slot is reserved however far off it is while the actor
     /// keeps fewer.
     pub reserve_within: Duration,
+    /// The user's ledger: a new one, or the one of the actor this one replaces after a panic.
+    pub ledger: SharedLedger,
 }
 
 /// State of the [`RateLimiterActor`]: a few dozen bytes per limited category, 16 per notification
@@ -110,11 +118,8 @@ pub struct RateLimiterArgs {
 /// notification held with a reserved slot (at most [`reservation_cap`] of them).
 pub struct RateLimiterState {
     args: RateLimiterArgs,
-    buckets: Vec<Limited>,
-    /// Deferred notifications by id, with when their reserved token exists.
-    reserved: HashMap<Uuid, Instant>,
-    /// The same reservations by slot, earliest first, so expired ones are found at the front.
-    slots: BTreeSet<(Instant, Uuid)>,
+    /// The buckets and reservations, shared with the supervisor (see [`Ledger`]).
+    ledger: SharedLedger,
     /// The most reservations kept at once ([`reservation_cap`]).
     max_reserved: usize,
     handled: u64,
@@ -122,6 +127,29 @@ pub struct RateLimiterState {
     /// Requests that arrived before the history was read.
     waiting: Option<Vec<(Acquire, RpcReplyPort<Verdict>)>>,
 }
+
+/// What a user's limiter knows: its buckets (with the notifications each granted a token) and the
+/// slots reserved for held notifications. The supervisor keeps it beside the actor and hands it
+/// to the actor that replaces one that panicked, so the replacement neither forgets sends allowed
+/// but not recorded yet (still with their providers: the send history counts only sends
+/// recorded) nor the places of the notifications held; unless the panic came while the ledger
+/// was locked (poisoned: maybe half-changed). A replacement for another reason (an eviction, an
+/// idle stop, a partition hand-over, a restart), or after such a panic, starts a new ledger from
+/// the send history.
+#[derive(Default)]
+pub struct Ledger {
+    /// Whether the buckets hold the user's history (read, or none to read): an actor taking the
+    /// ledger over does not read it again.
+    seeded: bool,
+    buckets: Vec<Limited>,
+    /// Deferred notifications by id, with when their reserved token exists.
+    reserved: HashMap<Uuid, Instant>,
+    /// The same reservations by slot, earliest first, so expired ones are found at the front.
+    slots: BTreeSet<(Instant, Uuid)>,
+}
+
+/// A [`Ledger`] shared by a user's actor and the supervisor.
+pub type SharedLedger = Arc<Mutex<Ledger>>;
 
 /// One user's rate limiter.
 pub struct RateLimiterActor;
@@ -138,16 +166,24 @@ impl Actor for RateLimiterActor {
     ) -> Result<RateLimiterState, ActorProcessingErr> {
         myself.send_after(args.idle_after, || RateLimiterMsg::IdleCheck);
         let now = (args.clock)();
-        let waiting = args.history.clone().map(|history| {
-            read_history(history, args.user.clone(), &args.limits, myself.clone());
-            Vec::new()
-        });
+        let ledger = args.ledger.clone();
+        if ledger.is_poisoned() {
+            *lock(&ledger) = Ledger::default();
+            ledger.clear_poison();
+        }
+        let waiting = {
+            let mut taken_over = lock(&ledger);
+            let history = args.history.clone().filter(|_| !taken_over.seeded);
+            taken_over.seeded |= history.is_none();
+            history.map(|history| {
+                read_history(history, args.user.clone(), &args.limits, myself.clone());
+                Vec::new()
+            })
+        };
         Ok(RateLimiterState {
             max_reserved: reservation_cap(&args.limits, args.reserve_within),
-            buckets: Vec::with_capacity(args.limits.len()),
+            ledger,
             args,
-            reserved: HashMap::new(),
-            slots: BTreeSet::new(),
             handled: 0,
             last_used: now,
             waiting,
@@ -179,7 +215,7 @@ impl Actor for RateLimiterActor {
             }
             RateLimiterMsg::IdleCheck => {
                 let now = (state.args.clock)();
-                state.forget_expired_reservations(now);
+                lock(&state.ledger).forget_expired_reservations(now);
                 if state.is_idle(now) {
                     let _ = state.args.supervisor.cast(RateLimiterSupervisorMsg::Idle {
                         user: state.args.user.clone(),
@@ -278,7 +314,8 @@ impl RateLimiterState {
     /// that waited.
     fn seed(&mut self, sent: &HashMap<Category, u32>) {
         let now = (self.args.clock)();
-        self.buckets = self
+        let mut ledger = lock(&self.ledger);
+        ledger.buckets = self
             .args
             .limits
             .iter()
@@ -287,13 +324,43 @@ impl RateLimiterState {
                 Limited::new(*category, TokenBucket::spent(&limit.spec(), now, spent))
             })
             .collect();
+        ledger.seeded = true;
         for (request, reply) in self.waiting.take().unwrap_or_default() {
-            let _ = reply.send(self.decide(request, now));
+            let _ = reply.send(ledger.decide(&self.args.limits, self.max_reserved, request, now));
         }
     }
 
     fn decide(&mut self, request: Acquire, now: Instant) -> Verdict {
-        let Some(limit) = self.args.limits.get(&request.category).copied() else {
+        lock(&self.ledger).decide(&self.args.limits, self.max_reserved, request, now)
+    }
+
+    fn is_idle(&mut self, now: Instant) -> bool {
+        if self.waiting.is_some() {
+            return false;
+        }
+        if now.saturating_duration_since(self.last_used) < self.args.idle_after {
+            return false;
+        }
+        lock(&self.ledger).is_settled(&self.args.limits, now)
+    }
+}
+
+/// The ledger (a panic while it was held ends the actor, whose replacement starts a new one).
+fn lock(ledger: &Mutex<Ledger>) -> MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Ledger {
+    /// The verdict on `request` at `now`, with the user's `limits` and at most `max_reserved`
+    /// reservations.
+    fn decide(
+        &mut self,
+        limits: &HashMap<Category, CategoryLimit>,
+        max_reserved: usize,
+        request: Acquire,
+        now: Instant,
+    ) -> Verdict {
+        let Some(limit) = limits.get(&request.category).copied() else {
             return Verdict::Allow;
         };
         let id = request.notification_id;
@@ -320,7 +387,7 @@ impl RateLimiterState {
         // A slot is reserved however far off, while the cap allows: a notification parked as
         // `scheduled` keeps its place as one held in JetStream does.
         let within = match limit.policy {
-            super::OverLimit::Defer if self.reserved.len() < self.max_reserved => Duration::MAX,
+            super::OverLimit::Defer if self.reserved.len() < max_reserved => Duration::MAX,
             super::OverLimit::Defer | super::OverLimit::Drop => Duration::ZERO,
         };
         let limited = self.limited(request.category, &spec, now);
@@ -389,19 +456,14 @@ impl RateLimiterState {
         }
     }
 
-    fn is_idle(&mut self, now: Instant) -> bool {
-        if self.waiting.is_some() || !self.reserved.is_empty() {
-            return false;
-        }
-        if now.saturating_duration_since(self.last_used) < self.args.idle_after {
-            return false;
-        }
-        let limits = self.args.limits.clone();
-        self.buckets.iter_mut().all(|limited| {
-            limits
-                .get(&limited.category)
-                .is_none_or(|limit| limited.bucket.is_full(&limit.spec(), now))
-        })
+    /// Whether the ledger holds nothing a new one would not: every bucket full, no reservation.
+    fn is_settled(&mut self, limits: &HashMap<Category, CategoryLimit>, now: Instant) -> bool {
+        self.reserved.is_empty()
+            && self.buckets.iter_mut().all(|limited| {
+                limits
+                    .get(&limited.category)
+                    .is_none_or(|limit| limited.bucket.is_full(&limit.spec(), now))
+            })
     }
 }
 

@@ -3,13 +3,17 @@
 //!
 //! Actors are spawned on first use and stopped once idle with full buckets and no reserved slot
 //! waiting to be claimed. A new actor starts from the user's [`SendHistory`]: every send of the
-//! last period of a category counts as a spent token (`capacity - sent`), which is never looser
-//! than the bucket the previous owner had. That keeps a limit across restarts, evictions (bounded
-//! registry: at `max_users` the least recently used actor is evicted, counted in
-//! `herald_rate_limiter_evictions_total`) and partition hand-overs between instances.
+//! last period of a category counts as a spent token (`capacity - sent`). That keeps a limit
+//! across restarts, evictions (bounded registry: at `max_users` the least recently used actor is
+//! evicted, counted in `herald_rate_limiter_evictions_total`) and partition hand-overs between
+//! instances, save for sends the previous owner allowed that are not recorded yet (still with
+//! their providers), which the history does not count: a user can get that many more in the
+//! period. An actor that replaces one that panicked takes over its ledger instead (see
+//! [`actor::Ledger`]), so nothing is lost there.
 //!
 //! Slots reserved for deferred notifications (held in JetStream, or parked as `scheduled` when the
-//! hold is long) live only in their actor's memory: a new actor does not know them. The held notifications still come back spaced as their holds were set, and each
+//! hold is long) live only in their actor's ledger: an actor started from the history does not
+//! know them. The held notifications still come back spaced as their holds were set, and each
 //! then asks the new actor as a new one would (a token if free, else a slot of its own). A
 //! notification allowed before (a round of it was recorded) is never refused by the new actor:
 //! it is charged a token there, in debt if none is free, as the history counts sends only.

@@ -2,7 +2,10 @@
 //! request to the user's actor (spawning it on first use) with the caller's reply port, so the
 //! answer goes straight back and the supervisor never waits on a child. It stops idle actors,
 //! evicts the least recently used one when the registry is full, and restarts an actor that
-//! panicked (with fresh, full buckets).
+//! panicked: the replacement takes over its [`Ledger`](super::actor::Ledger) (buckets and reservations), which the
+//! supervisor keeps beside it, so sends it allowed that are not recorded yet still count. An
+//! actor started for another reason (first use, or after an eviction, an idle stop or a
+//! partition hand-over) reads the user's send history instead, which counts recorded sends only.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -13,7 +16,9 @@ use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
 };
 
-use super::actor::{Acquire, MonotonicClock, RateLimiterActor, RateLimiterArgs, RateLimiterMsg};
+use super::actor::{
+    Acquire, MonotonicClock, RateLimiterActor, RateLimiterArgs, RateLimiterMsg, SharedLedger,
+};
 use super::{CategoryLimit, RateLimiterSettings, Verdict};
 
 /// Messages of the [`RateLimiterSupervisor`].
@@ -68,6 +73,8 @@ pub struct RateLimiterSupervisorArgs {
 
 struct Entry {
     actor: ActorRef<RateLimiterMsg>,
+    /// The actor's ledger, handed to its replacement if it panics.
+    ledger: SharedLedger,
     forwarded: u64,
     last_use: u64,
 }
@@ -180,7 +187,11 @@ impl Actor for RateLimiterSupervisor {
                     tracing::warn!(%user, error = %err, "rate limiter failed; restarting it");
                     metrics::counter!("herald_actor_restarts_total", "actor" => "rate_limiter")
                         .increment(1);
-                    match state.spawn(&myself, &user).await {
+                    let ledger = state.users.get(&user).map(|e| e.ledger.clone());
+                    match state
+                        .spawn(&myself, &user, ledger.unwrap_or_default())
+                        .await
+                    {
                         Some(actor) => {
                             if let Some(entry) = state.users.get_mut(&user) {
                                 entry.actor = actor;
@@ -231,7 +242,8 @@ impl RateLimiterSupervisorState {
                     metrics::counter!("herald_rate_limiter_evictions_total").increment(1);
                     self.remove(&oldest, "evicted: registry full");
                 }
-                let Some(actor) = self.spawn(myself, &user).await else {
+                let ledger = SharedLedger::default();
+                let Some(actor) = self.spawn(myself, &user, ledger.clone()).await else {
                     // The reply port is dropped: the caller treats that as "unavailable".
                     return;
                 };
@@ -239,6 +251,7 @@ impl RateLimiterSupervisorState {
                     user.clone(),
                     Entry {
                         actor: actor.clone(),
+                        ledger,
                         forwarded: 0,
                         last_use: uses,
                     },
@@ -263,6 +276,7 @@ impl RateLimiterSupervisorState {
         &mut self,
         myself: &ActorRef<RateLimiterSupervisorMsg>,
         user: &str,
+        ledger: SharedLedger,
     ) -> Option<ActorRef<RateLimiterMsg>> {
         let args = RateLimiterArgs {
             user: user.to_string(),
@@ -272,6 +286,7 @@ impl RateLimiterSupervisorState {
             clock: self.args.clock.clone(),
             history: self.args.history.clone(),
             reserve_within: self.args.reserve_within,
+            ledger,
         };
         match Actor::spawn_linked(None, RateLimiterActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
