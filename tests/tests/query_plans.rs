@@ -337,7 +337,13 @@ async fn lookups_that_must_not_scan_notifications_use_their_indexes() {
     )
     .await;
     let reason = "batch cancelled by API request";
-    let cancel = schedule::cancel_chunk_query(Uuid::now_v7(), reason, now, 1_000);
+    let cancel = schedule::cancel_chunk_query(
+        txn.get_database_backend(),
+        Uuid::now_v7(),
+        reason,
+        now,
+        1_000,
+    );
     let what = "a batch cancel's choice of its next chunk";
     assert_planned_on(&txn, kind, &cancel, index, what).await;
 

@@ -2660,3 +2660,95 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
     );
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// On PostgreSQL a batch cancel does not wait for a row another transaction holds while it holds
+/// others: its chunk passes over the rows a dispatcher's claim (one statement locking many rows in
+/// its own order) holds, so neither can wait for the other. Here a claim holds one notification
+/// of the batch and another transaction a second one, leaving it `queued`: the rest are cancelled
+/// (and committed) while both wait; once they commit, the claimed one goes out and the other is
+/// cancelled too. The claim then also asks for the cancelled ones, as one of several rows, and
+/// finds them final. (The chunk's UPDATE waited for the held row before, holding the others'
+/// locks: a claim asking for one of those deadlocked with it.)
+#[tokio::test]
+async fn a_bulk_cancel_passes_over_rows_a_claim_holds() {
+    use NotificationStatus::{Cancelled, Processing, Queued};
+    use herald_entities::repo::{batches, notifications};
+    use sea_orm::{PaginatorTrait, TransactionTrait};
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    if w.db.kind() != DatabaseKind::Postgres {
+        eprintln!("skipped on {:?}: it has no row locks", w.db.kind());
+        w.herald.shutdown().await.expect("clean shutdown");
+        return;
+    }
+    let id = done_batch(&w).await;
+    // A pool of the test's own, so that the engine's is not taken up by the held transactions.
+    let db = &herald_entities::connect(w.db.url(), 4).await.expect("db");
+    let ids = batch_notifications(db, id, &[Queued; 4]).await;
+    let (claimed, held) = (ids[2], ids[3]);
+    let claim = db.begin().await.expect("claim's transaction");
+    let mine = notifications::claim(&claim, &[claimed])
+        .await
+        .expect("claimed");
+    assert_eq!(
+        mine.get(&claimed),
+        Some(&notifications::Claimed::Yours { attempts: 0 })
+    );
+    let other = db.begin().await.expect("other transaction");
+    notification::Entity::update_many()
+        .col_expr(notification::Column::StatusReason, Expr::value("held"))
+        .filter(notification::Column::Id.eq(held))
+        .exec(&other)
+        .await
+        .expect("held");
+
+    let gate = w.herald.app().write_gate();
+    let cancelling = {
+        let db = w.herald.db().clone();
+        tokio::spawn(async move {
+            let mut announced = Vec::new();
+            let reason = "batch cancelled by API request";
+            let cancelled =
+                batches::cancel(&db, &gate, id, reason, |chunk| announced.extend(chunk.ids))
+                    .await
+                    .expect("cancelled");
+            (cancelled, announced)
+        })
+    };
+    eventually(
+        "the notifications not held cancelled while two are held",
+        E2E_TIMEOUT,
+        || async {
+            let cancelled = notification::Entity::find()
+                .filter(notification::Column::Id.is_in(ids[..2].to_vec()))
+                .filter(notification::Column::Status.eq(Cancelled))
+                .count(db)
+                .await
+                .expect("count");
+            (cancelled == 2).then_some(())
+        },
+    )
+    .await;
+    let mine = notifications::claim(&claim, &[claimed, ids[0], ids[1]])
+        .await
+        .expect("claimed again");
+    assert_eq!(
+        mine.get(&ids[0]),
+        Some(&notifications::Claimed::Final(Cancelled)),
+        "{mine:?}"
+    );
+    claim.commit().await.expect("claim committed");
+    other.commit().await.expect("other committed");
+
+    let (cancelled, mut announced) = cancelling.await.expect("the cancel ran");
+    let batches::BatchCancel::Cancelled { notifications, .. } = cancelled else {
+        panic!("not cancelled: {cancelled:?}");
+    };
+    assert_eq!(notifications, 3, "all but the claimed one");
+    announced.sort();
+    let mut expected = vec![ids[0], ids[1], held];
+    expected.sort();
+    assert_eq!(announced, expected, "each handed on once committed");
+    assert_eq!(herald_tests::stored_status(db, claimed).await, Processing);
+    assert_eq!(herald_tests::stored_status(db, held).await, Cancelled);
+    w.herald.shutdown().await.expect("clean shutdown");
+}

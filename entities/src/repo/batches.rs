@@ -8,7 +8,9 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::schedule::{CANCEL_CHUNK, CancelledChunk, cancel_batch_chunk};
+use super::schedule::{
+    CANCEL_CHUNK, CancelledChunk, batch_has_cancellable, cancel_batch_chunk, cancel_batch_leftovers,
+};
 use crate::{NotificationStatus, RepoError, WriteGate, batch, customer, notification};
 
 /// A bulk send to store.
@@ -350,7 +352,10 @@ pub enum BatchCancel {
 /// transaction of its own taken in a turn of `gate`, so that a batch of any size never holds the
 /// database (SQLite's single writer) for long: the batch's own change goes in the first one, and
 /// `committed` is handed each chunk as soon as it is committed, even when a later one fails. A
-/// notification a dispatcher picks up between two chunks is `processing` and goes out.
+/// notification a dispatcher picks up between two chunks is `processing` and goes out. On
+/// PostgreSQL a chunk passes over the rows other transactions hold ([`cancel_batch_chunk`]);
+/// once the chunks find none left, those still cancellable are cancelled one at a time
+/// ([`cancel_batch_leftovers`], handed to `committed` as a last chunk).
 pub async fn cancel(
     db: &DatabaseConnection,
     gate: &WriteGate,
@@ -369,6 +374,11 @@ pub async fn cancel(
         committed(chunk);
         let _turn = gate.enter().await;
         chunk = cancel_batch_chunk(db, id, reason, CANCEL_CHUNK).await?;
+    }
+    let leftovers = cancel_batch_leftovers(db, gate, id, reason).await?;
+    if !leftovers.ids.is_empty() {
+        notifications += leftovers.ids.len() as u64;
+        committed(leftovers);
     }
     let batch = find(db, id)
         .await?
@@ -400,14 +410,17 @@ async fn cancel_first_chunk(
         }
     }
     let first = cancel_batch_chunk(&txn, id, reason, CANCEL_CHUNK).await?;
-    if !stopped
-        && (first.ids.is_empty() || !set_cancelled(&txn, id, &["done", "cancelled"]).await?)
-    {
-        txn.rollback().await?;
-        let status = find(db, id)
-            .await?
-            .map_or_else(|| "done".into(), |b| b.status);
-        return Ok(Err(BatchCancel::NotCancellable(status)));
+    if !stopped {
+        // An empty first chunk may have passed over rows other transactions hold (PostgreSQL):
+        // the batch is cancellable while some are left, for the leftovers to cancel.
+        let left = !first.ids.is_empty() || batch_has_cancellable(&txn, id).await?;
+        if !left || !set_cancelled(&txn, id, &["done", "cancelled"]).await? {
+            txn.rollback().await?;
+            let status = find(db, id)
+                .await?
+                .map_or_else(|| "done".into(), |b| b.status);
+            return Ok(Err(BatchCancel::NotCancellable(status)));
+        }
     }
     txn.commit().await?;
     Ok(Ok(first))

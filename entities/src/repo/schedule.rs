@@ -10,7 +10,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::status_batch::status_among;
-use crate::{NotificationStatus, RepoError, batch, notification};
+use crate::{NotificationStatus, RepoError, WriteGate, batch, notification};
 
 /// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
 /// published; followed by the claim's token.
@@ -268,8 +268,10 @@ pub struct CancelledChunk {
 /// Cancels up to `limit` notifications of batch `batch_id` that are still cancellable (as
 /// [`cancel`] decides: `scheduled`, or `queued` and not yet picked up), recording `reason`, in one
 /// statement ([`cancel_chunk_query`]) that answers the ids it moved. A notification a dispatcher
-/// picked up before the statement ran is `processing` and stays as it is. An empty answer means
-/// none of the batch's notifications was still cancellable.
+/// picked up before the statement ran is `processing` and stays as it is. On PostgreSQL the
+/// statement passes over rows another transaction holds (see [`cancel_chunk_query`]): an empty
+/// answer means none of the batch's notifications was still cancellable, or those left were held
+/// at that moment ([`cancel_batch_leftovers`] waits for them).
 pub async fn cancel_batch_chunk(
     db: &impl ConnectionTrait,
     batch_id: Uuid,
@@ -277,11 +279,9 @@ pub async fn cancel_batch_chunk(
     limit: u64,
 ) -> Result<CancelledChunk, RepoError> {
     let at = Utc::now().trunc_subsecs(6);
+    let query = cancel_chunk_query(db.get_database_backend(), batch_id, reason, at, limit);
     let mut ids = Vec::new();
-    for row in db
-        .query_all(&cancel_chunk_query(batch_id, reason, at, limit))
-        .await?
-    {
+    for row in db.query_all(&query).await? {
         ids.push(row.try_get_by_index::<Uuid>(0)?);
     }
     Ok(CancelledChunk { ids, at })
@@ -289,17 +289,27 @@ pub async fn cancel_batch_chunk(
 
 /// [`cancel_batch_chunk`]'s statement: `UPDATE notifications SET status = 'cancelled' … WHERE id
 /// IN (SELECT id FROM notifications WHERE batch_id = ? AND status IN ('scheduled', 'queued')
-/// LIMIT ?) AND status IN ('scheduled', 'queued') RETURNING id`. The inner read finds the rows in
-/// the `(batch_id, status)` index; the outer condition is checked again on each row as it is
-/// changed (PostgreSQL re-reads a row another transaction changed meanwhile). Public so that tests
-/// can check how databases plan it.
+/// LIMIT ? [FOR UPDATE SKIP LOCKED]) AND status IN ('scheduled', 'queued') RETURNING id`. The
+/// inner read finds the rows in the `(batch_id, status)` index; the outer condition is checked
+/// again on each row as it is changed (PostgreSQL re-reads a row another transaction changed
+/// meanwhile). Public so that tests can check how databases plan it.
+///
+/// On PostgreSQL the inner read locks the rows it chooses and passes over those another
+/// transaction holds (`FOR UPDATE SKIP LOCKED`), so the statement never waits for a row lock.
+/// Waiting could deadlock: it would lock the batch's rows one after another in the index's order
+/// while a dispatcher's claim ([`super::notifications::claim`]) or the StatusWriter, each one
+/// statement changing many rows, locks some of the same rows in its own order; each would end up
+/// holding a row the other waits for. A row passed over is most often being claimed (becoming
+/// `processing`, past cancelling); the others are cancelled by a later chunk or by
+/// [`cancel_batch_leftovers`]. SQLite has one writer and no row locks.
 pub fn cancel_chunk_query(
+    backend: DbBackend,
     batch_id: Uuid,
     reason: &str,
     at: DateTime<Utc>,
     limit: u64,
 ) -> UpdateStatement {
-    let chosen = Query::select()
+    let mut chosen = Query::select()
         .column(notification::Column::Id)
         .from(notification::Entity)
         .cond_where(
@@ -309,10 +319,63 @@ pub fn cancel_chunk_query(
         )
         .limit(limit)
         .to_owned();
+    if backend == DbBackend::Postgres {
+        chosen.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
     let mut update =
         cancel_where(reason, at, notification::Column::Id.in_subquery(chosen)).into_query();
     update.returning(Query::returning().column(notification::Column::Id));
     update
+}
+
+/// Whether some notification of batch `batch_id` is still cancellable (a plain read: it takes no
+/// lock and waits for none).
+pub async fn batch_has_cancellable(
+    db: &impl ConnectionTrait,
+    batch_id: Uuid,
+) -> Result<bool, RepoError> {
+    Ok(batch_cancellable_ids(batch_id)
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?
+        .is_some())
+}
+
+/// The ids of the notifications of batch `batch_id` still cancellable.
+fn batch_cancellable_ids(batch_id: Uuid) -> Select<notification::Entity> {
+    notification::Entity::find()
+        .select_only()
+        .column(notification::Column::Id)
+        .filter(notification::Column::BatchId.eq(batch_id))
+        .filter(cancellable())
+}
+
+/// Cancels, one at a time, the notifications of batch `batch_id` still cancellable once its
+/// chunks ([`cancel_batch_chunk`]) find none: on PostgreSQL those the chunks passed over because
+/// another transaction held them. Each statement changes one row, waiting for its lock if need
+/// be, and holds no other: it cannot take part in a deadlock. A row whose holder made it
+/// `processing` meanwhile is left as it is. On SQLite there is normally none left; each statement
+/// is taken in a turn of `gate`.
+pub async fn cancel_batch_leftovers(
+    db: &impl ConnectionTrait,
+    gate: &WriteGate,
+    batch_id: Uuid,
+    reason: &str,
+) -> Result<CancelledChunk, RepoError> {
+    let left: Vec<Uuid> = batch_cancellable_ids(batch_id).into_tuple().all(db).await?;
+    let at = Utc::now().trunc_subsecs(6);
+    let mut ids = Vec::new();
+    for id in left {
+        let _turn = gate.enter().await;
+        let moved = cancel_where(reason, at, notification::Column::Id.eq(id))
+            .exec(db)
+            .await?;
+        if moved.rows_affected > 0 {
+            ids.push(id);
+        }
+    }
+    Ok(CancelledChunk { ids, at })
 }
 
 /// The statuses a notification may be cancelled from (`scheduled`, `queued`; a dispatcher that
