@@ -483,27 +483,16 @@ fn status_event(change: &StatusChange) -> Option<StatusEvent> {
     })
 }
 
-/// Publishes `events` for observers, on a task of its own; a failed publish is logged and
-/// counted.
+/// Publishes `events` for observers, on a task of its own so that the next batch does not wait
+/// for their acknowledgements; a failed publish is logged and counted
+/// ([`Publisher::publish_statuses`]).
 pub(crate) fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
     if events.is_empty() {
         return;
     }
     let publisher = publisher.clone();
     tokio::spawn(async move {
-        let results =
-            futures::future::join_all(events.iter().map(|e| publisher.publish_status(e))).await;
-        let mut failed = 0;
-        for (event, result) in events.iter().zip(&results) {
-            if result.is_err() {
-                failed += 1;
-                metrics::counter!("herald_status_events_unpublished_total", "status" => event.status.clone())
-                    .increment(1);
-            }
-        }
-        if failed > 0 {
-            tracing::warn!(failed, "could not publish status events");
-        }
+        publisher.publish_statuses(&events).await;
     });
 }
 

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_nats::{HeaderMap, jetstream};
 use bytes::Bytes;
+use futures::future::join_all;
 
 use crate::{NatsError, SendCommand, StatusEvent, subjects};
 
@@ -200,6 +201,34 @@ impl Publisher {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Publishes `events` ([`Self::publish_status`]) all at once: each awaits its own
+    /// acknowledgement, none waits for another's. An event not published is counted in
+    /// `herald_status_events_unpublished_total` (by status) and the failures are logged in one
+    /// line naming their notifications (in the caller's span, which says whose events they are).
+    /// The transitions stand either way; answers how many events were not published.
+    pub async fn publish_statuses(&self, events: &[StatusEvent]) -> usize {
+        let results = join_all(events.iter().map(|event| self.publish_status(event))).await;
+        let mut unpublished = Vec::new();
+        let mut last_error = None;
+        for (event, result) in events.iter().zip(results) {
+            if let Err(err) = result {
+                metrics::counter!("herald_status_events_unpublished_total", "status" => event.status.clone())
+                    .increment(1);
+                unpublished.push(event.notification_id);
+                last_error = Some(err);
+            }
+        }
+        if let Some(error) = last_error {
+            tracing::warn!(
+                count = unpublished.len(),
+                ids = ?unpublished,
+                %error,
+                "status events not published"
+            );
+        }
+        unpublished.len()
     }
 
     /// Copies a message to the dead-letter stream with its reason and origin in headers. A message
