@@ -287,25 +287,28 @@ impl BulkApi {
     /// cancellable; once none is, it answers 409. So is a `cancelled` one, whose earlier cancel
     /// may have stopped half-way. Answers the batch with `cancelled`: how many notifications this
     /// request cancelled. Those already picked up go out. As for a single cancel, each cancelled
-    /// notification's transition is published on `notify.status.cancelled`; the answer does not
-    /// wait for those events. The notifications are cancelled 1,000 at a time, each group in a
-    /// transaction of its own, so that sends and deliveries go on meanwhile. 409 naming the status
+    /// notification's transition is published on `notify.status.cancelled`; the answer comes once
+    /// those events are published, so that an instance stopped right after it has published them.
+    /// The notifications are cancelled 1,000 at a time, each group in a transaction of its own, so
+    /// that sends and deliveries go on meanwhile. 409 naming the status
     /// for a `failed` batch, or a `done` or `cancelled` one with nothing left to cancel; 404 for
     /// an unknown one.
     #[oai(path = "/batches/:id/cancel", method = "post")]
     async fn cancel(&self, _auth: SendKey, id: Path<Uuid>) -> Result<Json<BatchView>, ApiError> {
         use repo::batches::BatchCancel;
         let id = id.0;
-        let events = notifications::publish_cancelled_chunks(&self.state, id);
+        let events = notifications::CancelledEvents::start(&self.state, id);
         let committed = |chunk: repo::schedule::CancelledChunk| {
             metrics::counter!("herald_notifications_cancelled_total")
                 .increment(chunk.ids.len() as u64);
-            // The task keeps its receiver until this sender is dropped: the send cannot fail.
-            let _ = events.send(chunk);
+            events.publish(chunk);
         };
         let gate = self.state.inserts.gate();
         let reason = "batch cancelled by API request";
-        match repo::batches::cancel(&self.state.db, gate, id, reason, committed).await? {
+        let cancelled = repo::batches::cancel(&self.state.db, gate, id, reason, committed).await;
+        // Also when a later chunk failed: the chunks committed before it are cancelled.
+        events.published().await;
+        match cancelled? {
             BatchCancel::Cancelled {
                 batch,
                 notifications,

@@ -3,7 +3,6 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
 use herald_entities::{
     NotificationStatus, delivery_attempt, notification,
     repo::{
@@ -12,8 +11,8 @@ use herald_entities::{
     },
 };
 use herald_nats::{
-    Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, Publisher,
-    SCHEMA_VERSION, SendCommand, StatusEvent, distinct_channels,
+    Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
+    SendCommand, StatusEvent, distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -23,6 +22,7 @@ use poem_openapi::{
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -616,15 +616,15 @@ pub(crate) async fn cancel(
 }
 
 /// Publishes the cancel of `row` (now `cancelled`) for observers. The cancel stands whether or not
-/// its event gets out: a failure is logged and counted (`herald_status_events_unpublished_total`),
-/// not answered as an error, for a cancel repeated would only be refused (409).
+/// its event gets out: a failure is logged and counted
+/// ([`herald_nats::Publisher::publish_statuses`]), not answered as an error, for a cancel
+/// repeated would only be refused (409).
 async fn publish_cancelled(state: &AppState, row: &notification::Model) {
     let event = cancelled_event(row.id, row.updated_at);
-    if let Err(err) = state.publisher.publish_status(&event).await {
-        tracing::warn!(id = %row.id, error = %err, "notification cancelled but its status event not published");
-        metrics::counter!("herald_status_events_unpublished_total", "status" => "cancelled")
-            .increment(1);
-    }
+    state
+        .publisher
+        .publish_statuses(std::slice::from_ref(&event))
+        .await;
 }
 
 /// The status event of notification `id` cancelled at `at`.
@@ -643,56 +643,53 @@ fn cancelled_event(id: Uuid, at: DateTime<Utc>) -> StatusEvent {
 /// acknowledgement; the next ones do not wait for it).
 const CANCEL_EVENTS_IN_FLIGHT: usize = 256;
 
-/// Publishes the cancel of the notifications of batch `batch` for observers, chunk by chunk as the
-/// cancel commits them ([`herald_entities::repo::batches::cancel`]), on a task of its own: the
-/// cancel neither waits for the events nor holds a transaction open while they go out. The task
-/// ends once the returned sender is dropped and every chunk sent on it is published. As for a
-/// single cancel, a failure is counted (`herald_status_events_unpublished_total`) and logged, each
-/// log line naming the batch and the notifications whose events were not published.
-pub(crate) fn publish_cancelled_chunks(
-    state: &AppState,
-    batch: Uuid,
-) -> mpsc::UnboundedSender<CancelledChunk> {
-    let (sender, mut chunks) = mpsc::unbounded_channel::<CancelledChunk>();
-    let publisher = state.publisher.clone();
-    tokio::spawn(async move {
-        while let Some(chunk) = chunks.recv().await {
-            for ids in chunk.ids.chunks(CANCEL_EVENTS_IN_FLIGHT) {
-                publish_cancelled_window(&publisher, batch, ids, chunk.at).await;
-            }
-        }
-    });
-    sender
+/// The publishing of a batch cancel's status events, chunk by chunk as the cancel commits them
+/// ([`herald_entities::repo::batches::cancel`]), on a task of its own: the cancel does not hold a
+/// transaction open while they go out, and the next chunk is cancelled while the last one's
+/// events are published.
+pub(crate) struct CancelledEvents {
+    chunks: mpsc::UnboundedSender<CancelledChunk>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// Publishes the cancelled events of `ids` (cancelled at `at`, of batch `batch`) all at once, and
-/// records those not published.
-async fn publish_cancelled_window(
-    publisher: &Publisher,
-    batch: Uuid,
-    ids: &[Uuid],
-    at: DateTime<Utc>,
-) {
-    let events: Vec<StatusEvent> = ids.iter().map(|id| cancelled_event(*id, at)).collect();
-    let results = join_all(events.iter().map(|event| publisher.publish_status(event))).await;
-    let mut unpublished = Vec::new();
-    let mut last_error = None;
-    for (id, result) in ids.iter().zip(results) {
-        if let Err(err) = result {
-            unpublished.push(*id);
-            last_error = Some(err);
-        }
-    }
-    if let Some(err) = last_error {
-        metrics::counter!("herald_status_events_unpublished_total", "status" => "cancelled")
-            .increment(unpublished.len() as u64);
-        tracing::warn!(
-            %batch,
-            count = unpublished.len(),
-            ids = ?unpublished,
-            error = %err,
-            "notifications of a batch cancelled but their status events not published"
+impl CancelledEvents {
+    /// Starts the task for batch `batch`. As for a single cancel, a failure is counted and logged
+    /// ([`herald_nats::Publisher::publish_statuses`]), in a span naming the batch.
+    pub(crate) fn start(state: &AppState, batch: Uuid) -> Self {
+        let (chunks, mut committed) = mpsc::unbounded_channel::<CancelledChunk>();
+        let publisher = state.publisher.clone();
+        let task = tokio::spawn(
+            async move {
+                while let Some(chunk) = committed.recv().await {
+                    for ids in chunk.ids.chunks(CANCEL_EVENTS_IN_FLIGHT) {
+                        let events: Vec<StatusEvent> = ids
+                            .iter()
+                            .map(|id| cancelled_event(*id, chunk.at))
+                            .collect();
+                        publisher.publish_statuses(&events).await;
+                    }
+                }
+            }
+            .instrument(tracing::warn_span!("batch_cancel_events", %batch)),
         );
+        Self { chunks, task }
+    }
+
+    /// Hands over a chunk the cancel committed.
+    pub(crate) fn publish(&self, chunk: CancelledChunk) {
+        // The task keeps its receiver until `published` drops this sender: the send cannot fail.
+        let _ = self.chunks.send(chunk);
+    }
+
+    /// Resolves once every chunk handed over has had its events published (or counted as not
+    /// published). A request that awaits this before answering is one a graceful shutdown waits
+    /// for, so the events are out before the process exits; if the request itself is dropped
+    /// (its client went away), the task still finishes on its own.
+    pub(crate) async fn published(self) {
+        drop(self.chunks);
+        if let Err(err) = self.task.await {
+            tracing::warn!(error = %err, "publishing a batch cancel's status events failed");
+        }
     }
 }
 

@@ -2661,6 +2661,74 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A batch cancel answers only once its notifications' `cancelled` events are published, so that
+/// an instance stopped right after the answer (a graceful shutdown waits for the requests in
+/// progress, not for tasks they leave behind) has published them all. NATS is frozen while the
+/// cancel commits its chunks; the stream is asked for its count the moment the answer is in, on a
+/// connection made beforehand. (The answer came at once before, the events following on a task
+/// of their own that a process exiting after the answer cut short.)
+#[tokio::test]
+async fn a_bulk_cancel_answers_once_its_events_are_published() {
+    use futures::TryStreamExt;
+    use sea_orm::PaginatorTrait;
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let id = done_batch(&w).await;
+    let n = 3_000;
+    let statuses = vec![NotificationStatus::Scheduled; n];
+    let ids = batch_notifications(w.herald.db(), id, &statuses).await;
+    let js = async_nats::jetstream::new(w.nats.client().await.expect("client"));
+    let stream = js.get_stream("NOTIFY_STATUS").await.expect("status stream");
+
+    w.nats.freeze().expect("SIGSTOP");
+    let cancelling = {
+        let http = w.herald.http().clone();
+        let url = format!("{}/api/v1/batches/{id}/cancel", w.herald.base());
+        tokio::spawn(async move {
+            let response = http.post(url).json(&json!({})).send().await;
+            let answer = response.expect("answered");
+            (
+                answer.status(),
+                answer.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        })
+    };
+    let db = w.herald.db();
+    eventually(
+        "the batch's notifications cancelled",
+        E2E_TIMEOUT,
+        || async {
+            let left = notification::Entity::find()
+                .filter(notification::Column::Id.is_in(ids.clone()))
+                .filter(notification::Column::Status.ne(NotificationStatus::Cancelled))
+                .count(db)
+                .await
+                .expect("count");
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    let counted = tokio::spawn(async move {
+        let answer = cancelling.await.expect("the cancel ran");
+        let published = stream
+            .info_with_subjects("notify.status.cancelled")
+            .await
+            .expect("messages by subject")
+            .try_fold(0, |total, (_, count)| async move { Ok(total + count) })
+            .await
+            .expect("messages by subject");
+        (answer, published)
+    });
+    w.nats.resume().expect("SIGCONT");
+    let ((status, cancelled), published) = counted.await.expect("counted");
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["cancelled"], n, "{cancelled}");
+    assert_eq!(
+        published, n,
+        "every cancelled notification's event published by the time the cancel answers"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// On PostgreSQL a batch cancel does not wait for a row another transaction holds while it holds
 /// others: its chunk passes over the rows a dispatcher's claim (one statement locking many rows in
 /// its own order) holds, so neither can wait for the other. Here a claim holds one notification
