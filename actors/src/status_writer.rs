@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
-    Checkpoints, NotificationStatus, RepoError, WriteGate,
+    Checkpoints, NotificationStatus, RepoError, WriteGate, notification,
     repo::status_batch::{self, Applied, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
@@ -459,12 +459,31 @@ async fn settle(record: StatusRecord) {
     drop(record.permit);
 }
 
-/// The status events of the changes among `changes` that moved their notification.
+/// The status events of the changes among `changes` that moved their notification, then those of
+/// the receipts held for them that the write applied.
 pub(crate) fn moved_events(applied: &Applied, changes: &[StatusChange]) -> Vec<StatusEvent> {
     applied
         .moved_changes(changes)
         .filter_map(status_event)
+        .chain(applied.receipts().iter().map(receipt_event))
         .collect()
+}
+
+/// The event of a held receipt's move of `row` from `sent`, as the receipt API publishes it for
+/// a receipt that comes after the send is recorded (and again for a repeat of this one): dated
+/// when the notification moved, so that it is the same event.
+fn receipt_event(row: &notification::Model) -> StatusEvent {
+    StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        status: row.status.as_str().to_string(),
+        channel: row.final_channel.as_deref().and_then(Channel::parse),
+        error: row
+            .error
+            .clone()
+            .filter(|_| row.status == NotificationStatus::Failed),
+        at: row.updated_at,
+    }
 }
 
 fn status_event(change: &StatusChange) -> Option<StatusEvent> {

@@ -6,6 +6,12 @@
 //! and publishes the event again, dated when the notification moved, so that it is the same
 //! event: JetStream drops it as a duplicate if the first got out (within its de-duplication
 //! window), and a provider that retries after a failed publish still gets the event out.
+//!
+//! A receipt can beat Herald's record of the send (the StatusWriter writes `sent` a few
+//! milliseconds after the provider answered), and providers do not repeat one refused with a
+//! 4xx: a receipt for a notification still `queued` or `processing` is held, answered 202, and
+//! applied when the send is recorded, its event published then (see
+//! `herald_entities::repo::receipts::apply`).
 
 use chrono::{DateTime, Utc};
 use herald_entities::{
@@ -13,7 +19,7 @@ use herald_entities::{
     repo::receipts::{self as repo, MessageIdMatch, ReceiptOutcome},
 };
 use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
-use poem_openapi::{Enum, Object, OpenApi, Tags, param::Path, payload::Json};
+use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags, param::Path, payload::Json};
 use uuid::Uuid;
 
 use crate::{
@@ -46,7 +52,9 @@ pub enum ReceiptEvent {
 /// A delivery receipt. Name the notification by `notification_id` (Herald's id, which providers
 /// receive as the idempotency key / message id) or by `provider_message_id` (the provider's own
 /// id, as recorded on the successful attempt). `notification_id` wins when both are given; it is
-/// the reliable one, as a provider's ids need not be unique. Fields Herald does not know are
+/// the reliable one, as a provider's ids need not be unique, and a provider's id is stored only
+/// with the record of the send: only a receipt naming `notification_id` is held when it comes
+/// before that record. Fields Herald does not know are
 /// ignored, unlike in every other request body: a provider's webhook may carry its own, and a
 /// receipt refused with a 4xx is not sent again, so its bounce would be lost.
 #[derive(Debug, Clone, Object)]
@@ -76,8 +84,33 @@ pub struct ReceiptResult {
     pub notification_id: Uuid,
     /// Its status now.
     pub status: String,
-    /// Whether this receipt changed it (`false` for a repeat).
+    /// Whether this receipt changed it (`false` for a repeat, and for a held receipt).
     pub applied: bool,
+    /// Whether the receipt is held (answered 202): it came while the notification's send was
+    /// under way or not yet recorded (`queued`, `processing`), and is applied, under the same
+    /// rules, once Herald records the send.
+    pub held: bool,
+}
+
+/// The answer to a receipt.
+#[derive(ApiResponse)]
+pub enum ReceiptResponse {
+    /// Applied, or a repeat of an applied receipt (`applied: false`).
+    #[oai(status = 200)]
+    Done(Json<ReceiptResult>),
+    /// Held until Herald records the notification's send, then applied (`held: true`); a
+    /// repeat is answered so again.
+    #[oai(status = 202)]
+    Held(Json<ReceiptResult>),
+}
+
+impl From<ReceiptResult> for ReceiptResponse {
+    fn from(result: ReceiptResult) -> Self {
+        match result.held {
+            true => Self::Held(Json(result)),
+            false => Self::Done(Json(result)),
+        }
+    }
 }
 
 /// Receipt endpoints.
@@ -99,6 +132,11 @@ impl ReceiptsApi {
     /// `delivered` moves a `sent` notification to `delivered`; `bounced` and `failed` move it to
     /// `failed` with the error. A repeat of an applied receipt answers 200 with `applied: false`.
     ///
+    /// 202: the notification is `queued` or `processing` (its send is under way, or done and not
+    /// yet recorded: a fast provider's receipt can beat Herald's record of the send). The
+    /// receipt is kept and applied, under the same rules, when the send is recorded; the answer
+    /// has `held: true` and the notification's status now. A repeat answers 202 again.
+    ///
     /// 403 `forbidden`: the key is bound to another provider (`herald apikey create --scopes
     /// callbacks --provider P` posts receipts for `P` only); the message names the key's provider.
     ///
@@ -106,8 +144,8 @@ impl ReceiptsApi {
     /// by this provider as `provider_message_id`.
     ///
     /// 409 `conflict`, nothing changed:
-    /// - the notification is not sent yet (`queued`, `scheduled`, `processing`): repeat the
-    ///   receipt later;
+    /// - the notification is `scheduled` (not sent, no send under way);
+    /// - another receipt (the other outcome, or another provider's) is held for it already;
     /// - it was never sent (it ended `failed`, `skipped`, `cancelled` or `dead` without a
     ///   provider accepting it);
     /// - it was sent by another provider than `{provider}`;
@@ -123,7 +161,7 @@ impl ReceiptsApi {
         #[oai(validator(min_length = 1, max_length = 64))]
         provider: Path<String>,
         body: Json<Receipt>,
-    ) -> Result<Json<ReceiptResult>, ApiError> {
+    ) -> Result<ReceiptResponse, ApiError> {
         let provider = provider.0;
         check_bound(&auth.0, &provider)?;
         let receipt = body.0;
@@ -156,7 +194,7 @@ impl ReceiptsApi {
         };
         apply(&self.state, &provider, channel, id, outcome)
             .await
-            .map(Json)
+            .map(ReceiptResponse::from)
     }
 }
 
@@ -179,8 +217,11 @@ pub(crate) async fn sent_as(
 ) -> Result<Uuid, ApiError> {
     match repo::find_by_provider_message_id(&state.db, provider, message_id).await? {
         MessageIdMatch::One(id) => Ok(id),
+        // A provider's id is stored with the record of the send: a receipt that may come before
+        // it should name the notification, which is then held.
         MessageIdMatch::None => Err(ApiError::not_found(format!(
-            "no notification sent by {provider} as {message_id:?}"
+            "no notification recorded sent by {provider} as {message_id:?}; \
+             a receipt that may come before Herald records the send should name notification_id"
         ))),
         MessageIdMatch::Several => Err(ApiError::conflict(format!(
             "{provider} sent several notifications as {message_id:?}; \
@@ -200,8 +241,8 @@ pub(crate) struct Outcome<'a> {
 }
 
 /// Applies a receipt from `provider` (of `channel`) to notification `id` under the transition
-/// rules, and publishes the transition (again, for a repeat): the answer of every receipt
-/// endpoint.
+/// rules, and publishes the transition (again, for a repeat), or holds it until the send is
+/// recorded: the answer of every receipt endpoint.
 pub(crate) async fn apply(
     state: &AppState,
     provider: &str,
@@ -220,22 +261,36 @@ pub(crate) async fn apply(
             format!("failed after acceptance ({provider})"),
         ),
     };
-    let applied = repo::apply(
-        &state.db,
-        id,
+    let receipt = repo::Receipt {
         provider,
         status,
-        &reason,
-        outcome.error,
-        outcome.at,
-    )
-    .await?;
-    let (row, applied) = match applied {
+        reason: &reason,
+        error: outcome.error,
+        at: outcome.at,
+    };
+    let (row, applied) = match repo::apply(&state.db, id, &receipt).await? {
         ReceiptOutcome::Applied(row) => (row, true),
         ReceiptOutcome::Unchanged(row) => (row, false),
+        ReceiptOutcome::Held(row) => {
+            count(outcome.event, "held");
+            return Ok(ReceiptResult {
+                notification_id: row.id,
+                status: row.status.as_str().into(),
+                applied: false,
+                held: true,
+            });
+        }
+        ReceiptOutcome::HeldOther(held) => {
+            return Err(ApiError::conflict(format!(
+                "notification {id} is not recorded sent yet, and a receipt from {} moving it to \
+                 {} is held for it already; this receipt does not apply to it",
+                held.provider,
+                held.status.as_str()
+            )));
+        }
         ReceiptOutcome::NotYetSent(row) => {
             return Err(ApiError::conflict(format!(
-                "notification {id} is {}, not sent yet; repeat the receipt once it is sent",
+                "notification {id} is {}, not sent yet; no receipt applies to it",
                 row.status.as_str()
             )));
         }
@@ -265,18 +320,24 @@ pub(crate) async fn apply(
             return Err(ApiError::not_found(format!("no notification {id}")));
         }
     };
-    metrics::counter!(
-        "herald_receipts_total",
-        "event" => event_name(outcome.event),
-        "applied" => if applied { "true" } else { "false" }
-    )
-    .increment(1);
+    count(outcome.event, if applied { "true" } else { "false" });
     publish(state, &row, Some(channel)).await?;
     Ok(ReceiptResult {
         notification_id: row.id,
         status: row.status.as_str().into(),
         applied,
+        held: false,
     })
+}
+
+/// Counts a receipt taken: `applied` is `true`, `false` (a repeat) or `held`.
+fn count(event: ReceiptEvent, applied: &'static str) {
+    metrics::counter!(
+        "herald_receipts_total",
+        "event" => event_name(event),
+        "applied" => applied
+    )
+    .increment(1);
 }
 
 /// Publishes the transition `row` records, dated when it was made (`updated_at`: a sent

@@ -11,24 +11,32 @@
 //!
 //! `delivered` is a `delivered` receipt, `undelivered` and `failed` a `failed` one with Twilio's
 //! error code; every other status (`queued`, `sending`, `sent`, …) is acknowledged and ignored.
-//! A receipt names the message by `MessageSid`, the id Twilio returned for it, and applies as a
-//! receipt on `/api/v1/providers/twilio/callbacks` naming it by `provider_message_id` does (see
-//! [`crate::receipts`]): the same transition rules, status event, repeats and refusals.
+//! Herald gives Twilio each message's callback URL with the notification's id in its query
+//! (`?notification_id=…`, see [`herald_nats::providers::twilio_status_callback_url`]), which
+//! Twilio's signature covers: a receipt names the notification by it, and applies as a receipt
+//! on `/api/v1/providers/twilio/callbacks` naming it by `notification_id` does (see
+//! [`crate::receipts`]): the same transition rules, status event, repeats, holds and refusals.
+//! That is what lets a callback that beats Herald's record of the send be held rather than
+//! refused: `MessageSid`, the id Twilio returned, is stored only with that record. A callback
+//! without it (for a message sent before Herald named the notification there) names the message
+//! by `MessageSid`, as `provider_message_id`.
 
 use std::borrow::Cow;
 
 use base64::{Engine as _, engine::general_purpose::STANDARD};
 use chrono::Utc;
+use herald_nats::providers::twilio_status_callback_url;
 use hmac::{Hmac, Mac};
 use poem_openapi::{
-    Object, OpenApi,
-    param::Header,
+    ApiResponse, Object, OpenApi,
+    param::{Header, Query},
     payload::{Form, Json},
     registry::{MetaSchemaRef, Registry},
     types::Type,
 };
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use sha1::Sha1;
+use uuid::Uuid;
 
 use crate::receipts::{self, Outcome, ReceiptEvent, ReceiptResult, ReceiptTags};
 use crate::{ApiError, AppState, validate::plain_text};
@@ -185,6 +193,17 @@ pub struct StatusCallbackResult {
     pub receipt: Option<ReceiptResult>,
 }
 
+/// The answer to a status callback.
+#[derive(ApiResponse)]
+pub enum StatusCallbackResponse {
+    /// Applied, a repeat, or a status Herald does not record.
+    #[oai(status = 200)]
+    Done(Json<StatusCallbackResult>),
+    /// The receipt is held until Herald records the send, then applied (`held: true`).
+    #[oai(status = 202)]
+    Held(Json<StatusCallbackResult>),
+}
+
 /// The receipt a Twilio message status makes, with its error text; `None` for a status that is
 /// not an outcome.
 fn receipt_of(status: &str, error_code: Option<&str>) -> Option<(ReceiptEvent, Option<String>)> {
@@ -224,22 +243,28 @@ impl TwilioApi {
     ///
     /// `delivered` moves a `sent` notification to `delivered`; `undelivered` and `failed` move
     /// it to `failed` with Twilio's error code; any other status answers 200 without a receipt.
-    /// A receipt applies as one on `/api/v1/providers/twilio/callbacks` naming `MessageSid` as
-    /// `provider_message_id`: a repeat answers 200 with `applied: false`, the same 404 and 409
-    /// refusals apply, nothing changed.
+    /// A receipt applies as one on `/api/v1/providers/twilio/callbacks` naming the notification
+    /// by `notification_id` does, given in the query of the URL Herald gave Twilio (or, without
+    /// it, naming `MessageSid` as `provider_message_id`): a repeat answers 200 with `applied:
+    /// false`; one for a notification whose send is under way or not yet recorded is held and
+    /// answered 202 (applied when the send is recorded); the same 404 and 409 refusals apply,
+    /// nothing changed.
     ///
     /// 403 `forbidden`: the signature is missing or does not sign the request.
     ///
     /// 404 `not_found`: no SMS provider is configured, status callbacks are off (no
-    /// `channels.sms.status_callback_url`), or no notification was sent as `MessageSid`.
+    /// `channels.sms.status_callback_url`), no notification `notification_id`, or (without it)
+    /// none was sent as `MessageSid`.
     #[oai(path = "/providers/twilio/status", method = "post")]
     async fn status(
         &self,
         /// Twilio's signature of the request.
         #[oai(name = "X-Twilio-Signature")]
         signature: Header<Option<String>>,
+        /// The notification, as Herald named it in the callback URL it gave Twilio.
+        notification_id: Query<Option<Uuid>>,
         body: Form<StatusForm>,
-    ) -> Result<Json<StatusCallbackResult>, ApiError> {
+    ) -> Result<StatusCallbackResponse, ApiError> {
         let Some(&channel) = self.state.providers.get(PROVIDER) else {
             return Err(ApiError::not_found("no SMS provider is configured"));
         };
@@ -249,9 +274,14 @@ impl TwilioApi {
             ));
         };
         let form = body.0;
-        let genuine = signature.0.as_deref().is_some_and(|signature| {
-            signed(&callbacks.auth_token, &callbacks.url, &form.0, signature)
-        });
+        let url = match notification_id.0 {
+            Some(id) => Cow::Owned(twilio_status_callback_url(&callbacks.url, id)),
+            None => Cow::Borrowed(callbacks.url.as_str()),
+        };
+        let genuine = signature
+            .0
+            .as_deref()
+            .is_some_and(|signature| signed(&callbacks.auth_token, &url, &form.0, signature));
         if !genuine {
             return Err(ApiError::forbidden(
                 "X-Twilio-Signature does not sign this request with the auth token for \
@@ -262,18 +292,28 @@ impl TwilioApi {
         plain_text("MessageSid", message_sid)?;
         let status = form.required("MessageStatus")?;
         let Some((event, error)) = receipt_of(status, form.get("ErrorCode")) else {
-            return Ok(Json(StatusCallbackResult { receipt: None }));
+            return Ok(StatusCallbackResponse::Done(Json(StatusCallbackResult {
+                receipt: None,
+            })));
         };
-        let id = receipts::sent_as(&self.state, PROVIDER, message_sid).await?;
+        let id = match notification_id.0 {
+            Some(id) => id,
+            None => receipts::sent_as(&self.state, PROVIDER, message_sid).await?,
+        };
         let outcome = Outcome {
             event,
             at: Utc::now(),
             error: error.as_deref(),
         };
         let receipt = receipts::apply(&self.state, PROVIDER, channel, id, outcome).await?;
-        Ok(Json(StatusCallbackResult {
+        let held = receipt.held;
+        let result = Json(StatusCallbackResult {
             receipt: Some(receipt),
-        }))
+        });
+        Ok(match held {
+            true => StatusCallbackResponse::Held(result),
+            false => StatusCallbackResponse::Done(result),
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod customer;
 pub mod dashboard_logout;
 pub mod delivery_attempt;
+pub mod held_receipt;
 pub mod notification;
 pub mod order;
 pub mod outage;

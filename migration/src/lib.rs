@@ -37,6 +37,7 @@ mod m20261207_001601_dashboard_logouts;
 mod m20261207_001701_api_key_provider;
 mod m20261207_001801_customer_webhook_secret;
 mod m20261207_001901_scheduled_listing_index;
+mod m20261207_002001_held_receipts;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -71,6 +72,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001701_api_key_provider::Migration),
             Box::new(m20261207_001801_customer_webhook_secret::Migration),
             Box::new(m20261207_001901_scheduled_listing_index::Migration),
+            Box::new(m20261207_002001_held_receipts::Migration),
         ]
     }
 }

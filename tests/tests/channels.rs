@@ -13,7 +13,7 @@ use herald_actors::channel::{
 use herald_engine::Config;
 use herald_tests::{
     E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
-    stored_status, test_config,
+    status_events, stored_status, test_config,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1003,11 +1003,13 @@ async fn twilio_status_callbacks_signed_over_the_configured_url_move_the_notific
         .query_pairs()
         .find(|(name, _)| name == "StatusCallback");
     assert_eq!(
-        callback.map(|(_, url)| url.into_owned()).as_deref(),
-        Some(STATUS_CALLBACK),
-        "{body}"
+        callback.map(|(_, url)| url.into_owned()),
+        Some(format!("{STATUS_CALLBACK}?notification_id={id}")),
+        "the configured URL, naming the notification: {body}"
     );
     drop(accepted);
+    // The callbacks below are posted to the configured URL without the notification's id, as
+    // for a message sent before Herald named it there: they name the message by `MessageSid`.
 
     let delivered = twilio_status_form("SMe2e", "delivered", None);
     let forged = "UiddZBNRMN2XXiVQYQmM1z8DupI="; // signed with another token
@@ -1084,6 +1086,262 @@ async fn twilio_status_callbacks_signed_over_the_configured_url_move_the_notific
         operation["parameters"][0]["name"], "X-Twilio-Signature",
         "{operation}"
     );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A Twilio stand-in that takes each message and holds its answer until the test releases it
+/// with the SID to answer (201): meanwhile Herald's send is under way, and cannot be recorded.
+struct HeldSms {
+    url: String,
+    messages: tokio::sync::mpsc::Receiver<HeldMessage>,
+}
+
+/// A message [`HeldSms`] took: its form, and the release of its answer (the SID to give).
+struct HeldMessage {
+    form: Vec<(String, String)>,
+    release: tokio::sync::oneshot::Sender<String>,
+}
+
+impl HeldSms {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (taken, messages) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_held(stream, taken.clone()));
+            }
+        });
+        Self { url, messages }
+    }
+
+    /// The next message Herald sent, once it has arrived.
+    async fn next(&mut self) -> HeldMessage {
+        tokio::time::timeout(E2E_TIMEOUT, self.messages.recv())
+            .await
+            .expect("Herald sends the SMS within the timeout")
+            .expect("the stand-in runs")
+    }
+}
+
+/// Reads one request, hands its form to the test and answers it with the SID the test releases
+/// it with; closes the connection.
+async fn serve_held(stream: TcpStream, taken: tokio::sync::mpsc::Sender<HeldMessage>) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("a Content-Length");
+        }
+    }
+    let mut body = vec![0; length];
+    reader
+        .read_exact(&mut body)
+        .await
+        .expect("the request body");
+    let form = url_form(&String::from_utf8_lossy(&body));
+    let (release, released) = tokio::sync::oneshot::channel();
+    if taken.send(HeldMessage { form, release }).await.is_err() {
+        return;
+    }
+    let Ok(sid) = released.await else {
+        return;
+    };
+    let reply = json!({ "sid": sid }).to_string();
+    let response = format!(
+        "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{reply}",
+        reply.len()
+    );
+    let _ = reader.get_mut().write_all(response.as_bytes()).await;
+}
+
+/// The pairs of a form-encoded body.
+fn url_form(body: &str) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://form/?{body}"))
+        .expect("form")
+        .query_pairs()
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
+        .collect()
+}
+
+/// Twilio's signature (base64 HMAC-SHA1 keyed by the auth token) of `form` posted to `url`: the
+/// URL, then each parameter sorted by name, name then value. (The algorithm is checked against
+/// signatures computed apart from Herald in
+/// `twilio_status_callbacks_signed_over_the_configured_url_move_the_notification`.)
+fn twilio_signature(auth_token: &str, url: &str, form: &[(String, String)]) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let mut mac =
+        hmac::Hmac::<sha1::Sha1>::new_from_slice(auth_token.as_bytes()).expect("any key length");
+    mac.update(url.as_bytes());
+    let mut sorted: Vec<&(String, String)> = form.iter().collect();
+    sorted.sort();
+    for (name, value) in sorted {
+        mac.update(name.as_bytes());
+        mac.update(value.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// A provider's receipt can beat Herald's record of the send: the provider answered, but the
+/// StatusWriter writes `sent` a few milliseconds later (longer under load). Such a receipt was
+/// refused 409 (by `notification_id`; by Twilio's `MessageSid`, not stored yet, 404), which
+/// providers do not repeat, so the notification stayed `sent` for ever. Here the provider's
+/// answer is held while the receipts come, which makes the race certain: they are now held
+/// (202) and applied once the send is recorded, with their status events. Twilio's callback
+/// names the notification in the URL Herald gave it, which Twilio signs.
+#[tokio::test]
+async fn receipts_that_come_before_the_send_is_recorded_are_applied_once_it_is() {
+    let mut twilio = HeldSms::start().await;
+    let url = twilio.url.clone();
+    let w = world(|config| {
+        if let Some(sms) = config.channels.sms.as_mut() {
+            sms.base_url = url;
+            // The answer waits for the test, however slow the machine.
+            sms.timeout_ms = 60_000;
+            sms.status_callback_url = Some(STATUS_CALLBACK.into());
+        }
+    })
+    .await;
+    let not_sent_yet = |status: &str| ["queued", "processing"].contains(&status);
+
+    // A JSON receipt naming the notification, while Twilio holds its answer.
+    let first = w
+        .herald
+        .send_accepted(&notification(&["sms"], everyone()))
+        .await;
+    let message = twilio.next().await;
+    let callbacks = "/api/v1/providers/twilio/callbacks";
+    let herald = &w.herald;
+    let post = |body: Value| async move {
+        herald
+            .request_with_key(
+                reqwest::Method::POST,
+                callbacks,
+                Some(herald.admin_key()),
+                Some(&body),
+            )
+            .await
+    };
+    let delivered = json!({ "notification_id": first, "event": "delivered" });
+    for _ in 0..2 {
+        let (status, body) = post(delivered.clone()).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["held"], true, "{body}");
+        assert_eq!(body["applied"], false, "{body}");
+        assert!(
+            not_sent_yet(body["status"].as_str().unwrap_or("")),
+            "{body}"
+        );
+    }
+    // The other outcome conflicts with the held one, as with an applied one.
+    let bounce = json!({ "notification_id": first, "event": "bounced", "error": "550 gone" });
+    let (status, body) = post(bounce).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert!(not_sent_yet(&status_of(&w, &first).await));
+    message.release.send("SMheld1".into()).expect("released");
+    let done = w.herald.wait_status(&first, "delivered").await;
+    assert_eq!(done["final_channel"], "sms", "{done}");
+    assert!(done["sent_at"].is_string(), "{done}");
+    let uuid: uuid::Uuid = first.parse().expect("an id");
+    let events = eventually("the delivered event", E2E_TIMEOUT, || async {
+        let events = status_events(&w._nats, "delivered", uuid).await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["channel"], "sms", "{events:?}");
+    // Once applied, the receipt again is a repeat.
+    let (status, body) = post(delivered).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], false, "{body}");
+    assert_eq!(body["held"], false, "{body}");
+    assert_eq!(body["status"], "delivered", "{body}");
+
+    // Twilio's own callback, while it holds its answer: the callback URL Herald gave it names
+    // the notification.
+    let second = w
+        .herald
+        .send_accepted(&notification(&["sms"], everyone()))
+        .await;
+    let message = twilio.next().await;
+    let callback_url = message
+        .form
+        .iter()
+        .find(|(name, _)| name == "StatusCallback")
+        .map(|(_, url)| url.clone())
+        .expect("a StatusCallback");
+    assert_eq!(
+        callback_url,
+        format!("{STATUS_CALLBACK}?notification_id={second}")
+    );
+    let undelivered = twilio_status_form("SMheld2", "undelivered", Some("30007"));
+    let signature = twilio_signature("secret", &callback_url, &undelivered);
+    let response = w
+        .herald
+        .anonymous()
+        .post(format!(
+            "{}/api/v1/providers/twilio/status?notification_id={second}",
+            w.herald.base()
+        ))
+        .header("X-Twilio-Signature", signature)
+        .form(&undelivered)
+        .send()
+        .await
+        .expect("status callback posted");
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["receipt"]["held"], true, "{body}");
+    assert!(not_sent_yet(&status_of(&w, &second).await));
+    message.release.send("SMheld2".into()).expect("released");
+    let failed = w.herald.wait_status(&second, "failed").await;
+    assert_eq!(failed["final_channel"], "sms", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("Twilio error 30007")),
+        "{failed}"
+    );
+    let uuid: uuid::Uuid = second.parse().expect("an id");
+    eventually("the failed event", E2E_TIMEOUT, || async {
+        let events = status_events(&w._nats, "failed", uuid).await;
+        (!events.is_empty()).then_some(())
+    })
+    .await;
+
+    // A callback naming a notification Herald does not have is still refused 404.
+    let stranger = uuid::Uuid::now_v7();
+    let url = format!("{STATUS_CALLBACK}?notification_id={stranger}");
+    let delivered = twilio_status_form("SMnone", "delivered", None);
+    let response = w
+        .herald
+        .anonymous()
+        .post(format!(
+            "{}/api/v1/providers/twilio/status?notification_id={stranger}",
+            w.herald.base()
+        ))
+        .header(
+            "X-Twilio-Signature",
+            twilio_signature("secret", &url, &delivered),
+        )
+        .form(&delivered)
+        .send()
+        .await
+        .expect("status callback posted");
+    assert_eq!(response.status(), reqwest::StatusCode::NOT_FOUND);
     w.herald.shutdown().await.expect("shutdown");
 }
 

@@ -1,6 +1,7 @@
 //! SMS through a Twilio-compatible API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json`
 //! with a form body and HTTP basic auth. With `status_callback_url` set, each message asks Twilio
-//! to report its delivery there (`StatusCallback`): Herald's `POST
+//! to report its delivery there (`StatusCallback`, with the notification's id added to the
+//! query: see [`herald_nats::providers::twilio_status_callback_url`]): Herald's `POST
 //! /api/v1/providers/twilio/status`, which checks Twilio's signature against that same URL.
 
 use futures::future::BoxFuture;
@@ -203,8 +204,11 @@ impl SmsProvider {
             .as_deref()
             .ok_or(ProviderError::MissingContact(Channel::Sms))?;
         let body = text::cut(message.content.short_text(), MAX_BODY_CHARS, |_| 1);
+        let callback = self.status_callback_url.as_deref().map(|url| {
+            herald_nats::providers::twilio_status_callback_url(url, message.notification_id)
+        });
         let mut form = vec![("To", to), ("From", self.from.as_str()), ("Body", &body)];
-        if let Some(url) = &self.status_callback_url {
+        if let Some(url) = &callback {
             form.push(("StatusCallback", url));
         }
         let request = self
@@ -376,7 +380,8 @@ mod tests {
         assert_eq!(form.len(), 3);
     }
 
-    /// With `status_callback_url` set, every message asks Twilio to report its status there.
+    /// With `status_callback_url` set, every message asks Twilio to report its status there,
+    /// naming its notification.
     #[tokio::test]
     async fn a_configured_status_callback_goes_with_each_message() {
         let (server, mut provider) =
@@ -384,15 +389,17 @@ mod tests {
                 .await;
         let url = "https://herald.example.com/api/v1/providers/twilio/status";
         provider.status_callback_url = Some(url.into());
-        provider
-            .send_now(&message(Some("+14155552671")))
-            .await
-            .expect("sent");
+        let sms = message(Some("+14155552671"));
+        provider.send_now(&sms).await.expect("sent");
         let requests = server.received_requests().await.expect("recorded");
         let form: HashMap<String, String> = url::form_urlencoded::parse(&requests[0].body)
             .into_owned()
             .collect();
-        assert_eq!(form["StatusCallback"], url);
+        assert_eq!(
+            form["StatusCallback"],
+            format!("{url}?notification_id={}", sms.notification_id),
+            "the callback names the notification, as it may come before the send is recorded"
+        );
         assert_eq!(form.len(), 4, "{form:?}");
     }
 

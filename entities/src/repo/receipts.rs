@@ -1,12 +1,20 @@
-//! Provider delivery receipts: `sent → delivered`, or `failed` on a bounce.
+//! Provider delivery receipts: `sent → delivered`, or `failed` on a bounce; held while the send
+//! may be under way, and applied when it is recorded.
 
 use chrono::{DateTime, Utc};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
+    QueryFilter, QuerySelect, TransactionTrait,
+    sea_query::{Expr, OnConflict},
 };
 use uuid::Uuid;
 
-use crate::{NotificationStatus, RepoError, delivery_attempt, notification};
+use super::{status_batch::status_among, without_nul};
+use crate::{NotificationStatus, RepoError, delivery_attempt, held_receipt, notification};
+
+/// Notifications per lookup of held receipts; well under the bind-parameter limits.
+const HELD_CHUNK: usize = 500;
 
 /// The attempt status of a message a provider accepted.
 const SENT: &str = "sent";
@@ -18,9 +26,15 @@ pub enum ReceiptOutcome {
     Applied(notification::Model),
     /// It already had that status from an earlier receipt (a repeat); nothing changed.
     Unchanged(notification::Model),
-    /// It is not sent yet (`queued`, `scheduled` or `processing`): the receipt may have arrived
-    /// before Herald recorded the send; nothing changed.
+    /// It is not sent yet, and no send of it is under way (`scheduled`): nothing changed.
     NotYetSent(notification::Model),
+    /// Its send may be under way or done but not yet recorded (`queued`, `processing`): the
+    /// receipt is held and applied, under the same rules, when the send is recorded (see
+    /// [`apply`]); here is the notification as it stands. A repeat is held again (once).
+    Held(notification::Model),
+    /// Its send may be under way, and another receipt (another status, or from another
+    /// provider) is held for it already: here it is; nothing changed.
+    HeldOther(held_receipt::Model),
     /// It ended (`failed`, `skipped`, `cancelled`, `dead`) without any provider accepting it, so
     /// no receipt is about it; nothing changed.
     NeverSent(notification::Model),
@@ -79,8 +93,30 @@ pub async fn find_by_provider_message_id(
     })
 }
 
-/// Moves notification `id` to `status` (`delivered` or `failed`) on a receipt from `provider`,
-/// if the notification is `sent` and `provider` is the one that accepted it.
+/// A receipt to apply: what a provider reported of a notification.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Receipt<'a> {
+    /// The provider that reported it.
+    pub provider: &'a str,
+    /// The status it moves the notification to: `delivered`, or `failed` on a bounce.
+    pub status: NotificationStatus,
+    /// Why, in words.
+    pub reason: &'a str,
+    /// The provider's error, as kept.
+    pub error: Option<&'a str>,
+    /// When it happened, by the provider's clock (no later than now).
+    pub at: DateTime<Utc>,
+}
+
+/// The statuses of a notification whose send may be under way, or done but not yet recorded:
+/// a receipt for one is held ([`ReceiptOutcome::Held`]). `queued` too, as the StatusWriter may
+/// write the move to `processing` in the same batch as the one to `sent`.
+const SEND_UNDER_WAY: [NotificationStatus; 2] =
+    [NotificationStatus::Queued, NotificationStatus::Processing];
+
+/// Applies `receipt` to notification `id`: moves it to the receipt's status if it is `sent` and
+/// the receipt's provider is the one that accepted it, or holds the receipt while its send may be
+/// under way.
 ///
 /// A receipt is about a message a provider accepted, so it applies only to a notification
 /// recorded sent (`sent_at` set, which only the move to `sent` does), and only when it comes from
@@ -90,6 +126,15 @@ pub async fn find_by_provider_message_id(
 /// message. An attempt is written in the transaction that records its notification's status, so
 /// a notification recorded sent has its successful attempt recorded.
 ///
+/// But a fast provider's receipt can beat the record of the send (the StatusWriter writes `sent`
+/// a few milliseconds after the provider answered, longer under load), and providers do not send
+/// again a receipt refused with a 4xx. So a receipt for a notification still `queued` or
+/// `processing` is kept in `held_receipts` ([`ReceiptOutcome::Held`]) and applied, under these
+/// same rules, in the transaction that records the send ([`apply_held`]). The hold takes the
+/// notification's row first (a no-op UPDATE, conditional on its status), so a concurrent move to
+/// `sent` on another instance either waits for the hold and then finds it, or went first, and the
+/// receipt is then applied here as to any sent notification.
+///
 /// The move itself is one conditional UPDATE (from `sent` only), so concurrent or repeated
 /// receipts cannot move it backwards.
 ///
@@ -97,17 +142,23 @@ pub async fn find_by_provider_message_id(
 /// `sent`): a provider's zero time, a replayed webhook or a clock behind would date it before
 /// `sent_at`, and retention, which counts from `updated_at`, would purge the row at its next run.
 pub async fn apply(
-    db: &impl ConnectionTrait,
+    db: &DatabaseConnection,
     id: Uuid,
-    provider: &str,
-    status: NotificationStatus,
-    reason: &str,
-    error: Option<&str>,
-    at: DateTime<Utc>,
+    receipt: &Receipt<'_>,
 ) -> Result<ReceiptOutcome, RepoError> {
-    let Some(before) = notification::Entity::find_by_id(id).one(db).await? else {
+    let Some(mut before) = notification::Entity::find_by_id(id).one(db).await? else {
         return Ok(ReceiptOutcome::NotFound);
     };
+    if before.sent_at.is_none() {
+        if let Some(outcome) = hold(db, &before, receipt).await? {
+            return Ok(outcome);
+        }
+        // It moved meanwhile (recorded sent, or ended): decided on as it is now.
+        let Some(now) = notification::Entity::find_by_id(id).one(db).await? else {
+            return Ok(ReceiptOutcome::NotFound);
+        };
+        before = now;
+    }
     if before.sent_at.is_none() {
         return Ok(if before.status.is_final() {
             ReceiptOutcome::NeverSent(before)
@@ -115,6 +166,71 @@ pub async fn apply(
             ReceiptOutcome::NotYetSent(before)
         });
     }
+    apply_to_sent(db, before, receipt).await
+}
+
+/// Holds `receipt` for `row`, a notification not recorded sent, if its send may be under way
+/// ([`SEND_UNDER_WAY`]): `None` when it is not (any more), and nothing was held.
+async fn hold(
+    db: &DatabaseConnection,
+    row: &notification::Model,
+    receipt: &Receipt<'_>,
+) -> Result<Option<ReceiptOutcome>, RepoError> {
+    if !SEND_UNDER_WAY.contains(&row.status) {
+        return Ok(None);
+    }
+    let txn = db.begin().await?;
+    // Takes the row until the commit, if the send is still under way: the move to `sent` (an
+    // UPDATE of this row) waits for it, and then finds the held receipt.
+    let taken = notification::Entity::update_many()
+        .col_expr(
+            notification::Column::UpdatedAt,
+            Expr::col(notification::Column::UpdatedAt).into(),
+        )
+        .filter(notification::Column::Id.eq(row.id))
+        .filter(status_among(&SEND_UNDER_WAY))
+        .filter(notification::Column::SentAt.is_null())
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if taken == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    held_receipt::Entity::insert(held_receipt::ActiveModel {
+        notification_id: Set(row.id),
+        provider: Set(without_nul(receipt.provider.to_string())),
+        status: Set(receipt.status),
+        reason: Set(without_nul(receipt.reason.to_string())),
+        error: Set(receipt.error.map(|error| without_nul(error.to_string()))),
+        at: Set(receipt.at),
+        received_at: Set(Utc::now()),
+    })
+    .on_conflict(
+        OnConflict::column(held_receipt::Column::NotificationId)
+            .do_nothing()
+            .to_owned(),
+    )
+    .exec_without_returning(&txn)
+    .await?;
+    let held = held_receipt::Entity::find_by_id(row.id).one(&txn).await?;
+    txn.commit().await?;
+    Ok(held.map(|held| {
+        if held.provider == receipt.provider && held.status == receipt.status {
+            ReceiptOutcome::Held(row.clone())
+        } else {
+            ReceiptOutcome::HeldOther(held)
+        }
+    }))
+}
+
+/// Applies `receipt` to `before`, a notification recorded sent.
+async fn apply_to_sent(
+    db: &impl ConnectionTrait,
+    before: notification::Model,
+    receipt: &Receipt<'_>,
+) -> Result<ReceiptOutcome, RepoError> {
+    let id = before.id;
     let providers: Vec<String> = delivery_attempt::Entity::find()
         .select_only()
         .column(delivery_attempt::Column::Provider)
@@ -124,17 +240,20 @@ pub async fn apply(
         .into_tuple()
         .all(db)
         .await?;
-    if !providers.iter().any(|p| p == provider) {
+    if !providers.iter().any(|p| p == receipt.provider) {
         return Ok(ReceiptOutcome::SentByOther(providers));
     }
-    let at = sent_floor(&before).map_or(at, |floor| at.max(floor));
+    let at = sent_floor(&before).map_or(receipt.at, |floor| receipt.at.max(floor));
     let mut update = notification::Entity::update_many()
-        .col_expr(notification::Column::Status, Expr::value(status))
-        .col_expr(notification::Column::StatusReason, Expr::value(reason))
+        .col_expr(notification::Column::Status, Expr::value(receipt.status))
+        .col_expr(
+            notification::Column::StatusReason,
+            Expr::value(receipt.reason),
+        )
         .col_expr(notification::Column::UpdatedAt, Expr::value(at))
         .filter(notification::Column::Id.eq(id))
         .filter(notification::Column::Status.eq(NotificationStatus::Sent));
-    if let Some(error) = error {
+    if let Some(error) = receipt.error {
         update = update.col_expr(notification::Column::Error, Expr::value(error));
     }
     let applied = update.exec(db).await?.rows_affected > 0;
@@ -145,11 +264,62 @@ pub async fn apply(
     // this receipt (or its like) before.
     Ok(if applied {
         ReceiptOutcome::Applied(now)
-    } else if now.status == status {
+    } else if now.status == receipt.status {
         ReceiptOutcome::Unchanged(now)
     } else {
         ReceiptOutcome::NotAllowed(now)
     })
+}
+
+/// Applies the receipts held for `sent`, notifications just moved to `sent` in `txn` (see
+/// [`apply`]), under the usual rules, and deletes them: the notifications they moved, as they are
+/// now. A held receipt that does not apply (another provider accepted the message) is dropped,
+/// and logged.
+pub(crate) async fn apply_held(
+    txn: &DatabaseTransaction,
+    sent: &[Uuid],
+) -> Result<Vec<notification::Model>, RepoError> {
+    let mut moved = Vec::new();
+    for ids in sent.chunks(HELD_CHUNK) {
+        let held = held_receipt::Entity::find()
+            .filter(held_receipt::Column::NotificationId.is_in(ids.iter().copied()))
+            .all(txn)
+            .await?;
+        if held.is_empty() {
+            continue;
+        }
+        held_receipt::Entity::delete_many()
+            .filter(
+                held_receipt::Column::NotificationId.is_in(held.iter().map(|h| h.notification_id)),
+            )
+            .exec(txn)
+            .await?;
+        for held in held {
+            let Some(row) = notification::Entity::find_by_id(held.notification_id)
+                .one(txn)
+                .await?
+            else {
+                continue;
+            };
+            let receipt = Receipt {
+                provider: &held.provider,
+                status: held.status,
+                reason: &held.reason,
+                error: held.error.as_deref(),
+                at: held.at,
+            };
+            match apply_to_sent(txn, row, &receipt).await? {
+                ReceiptOutcome::Applied(row) => moved.push(row),
+                outcome => tracing::warn!(
+                    id = %held.notification_id,
+                    provider = %held.provider,
+                    ?outcome,
+                    "a receipt held until the send was recorded does not apply to it"
+                ),
+            }
+        }
+    }
+    Ok(moved)
 }
 
 /// The earliest time a receipt may date a change of `row`: when it was sent (its `updated_at`

@@ -107,11 +107,14 @@ impl NewAttempt {
     }
 }
 
-/// Which changes of a batch moved their notification (see [`apply`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which changes of a batch moved their notification (see [`apply`]), and the receipts held for
+/// the notifications it recorded sent that it applied.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
     /// `moved[i]`: whether the batch's `i`-th change moved its notification.
     moved: Vec<bool>,
+    /// The notifications a held receipt moved on from `sent`, as they are now.
+    receipts: Vec<notification::Model>,
 }
 
 impl Applied {
@@ -131,13 +134,22 @@ impl Applied {
             .enumerate()
             .filter_map(|(i, change)| self.moved(i).then_some(change))
     }
+
+    /// The notifications that a receipt held until their send was recorded moved on from `sent`
+    /// (to `delivered` or `failed`) in the batch's transaction, as they are now.
+    pub fn receipts(&self) -> &[notification::Model] {
+        &self.receipts
+    }
 }
 
 impl From<Vec<bool>> for Applied {
     /// `moved[i]`: whether the batch's `i`-th change moved its notification (for a stand-in of
     /// the database).
     fn from(moved: Vec<bool>) -> Self {
-        Self { moved }
+        Self {
+            moved,
+            receipts: Vec::new(),
+        }
     }
 }
 
@@ -161,7 +173,9 @@ pub fn as_stamped(changes: &[StatusChange]) -> Vec<StatusChange> {
 }
 
 /// Writes attempts and applies status changes in one transaction, in the order given, and tells
-/// which changes moved their notification. A NUL in their text (a provider's reply) is stored as
+/// which changes moved their notification. Receipts held for a notification it records `sent`
+/// (a provider's receipt that beat this record) are applied in the same transaction
+/// ([`Applied::receipts`]). A NUL in their text (a provider's reply) is stored as
 /// U+FFFD, which PostgreSQL takes.
 ///
 /// A change the transition rules refuse ([`NotificationStatus::allowed_from`]: a late failure of
@@ -225,9 +239,7 @@ async fn apply_batch(
             .exec_without_returning(&txn)
             .await?;
     }
-    let mut applied = Applied {
-        moved: vec![false; changes.len()],
-    };
+    let mut applied = Applied::from(vec![false; changes.len()]);
     for group in plan(changes) {
         for (ids, indexes) in group
             .ids
@@ -240,6 +252,12 @@ async fn apply_batch(
             }
         }
     }
+    let sent: Vec<Uuid> = applied
+        .moved_changes(changes)
+        .filter(|change| change.status == NotificationStatus::Sent)
+        .map(|change| change.id)
+        .collect();
+    applied.receipts = super::receipts::apply_held(&txn, &sent).await?;
     txn.commit().await?;
     Ok(applied)
 }
