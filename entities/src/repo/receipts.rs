@@ -130,10 +130,10 @@ const SEND_UNDER_WAY: [NotificationStatus; 2] =
 /// a few milliseconds after the provider answered, longer under load), and providers do not send
 /// again a receipt refused with a 4xx. So a receipt for a notification still `queued` or
 /// `processing` is kept in `held_receipts` ([`ReceiptOutcome::Held`]) and applied, under these
-/// same rules, in the transaction that records the send ([`apply_held`]). The hold takes the
-/// notification's row first (a no-op UPDATE, conditional on its status), so a concurrent move to
-/// `sent` on another instance either waits for the hold and then finds it, or went first, and the
-/// receipt is then applied here as to any sent notification.
+/// same rules, in the transaction that records the send ([`super::status_batch::apply`]). The
+/// hold takes the notification's row first (a no-op UPDATE, conditional on its status), so a
+/// concurrent move to `sent` on another instance either waits for the hold and then finds it, or
+/// went first, and the receipt is then applied here as to any sent notification.
 ///
 /// The move itself is one conditional UPDATE (from `sent` only), so concurrent or repeated
 /// receipts cannot move it backwards.
@@ -185,7 +185,7 @@ async fn hold(
     let taken = notification::Entity::update_many()
         .col_expr(
             notification::Column::UpdatedAt,
-            Expr::col(notification::Column::UpdatedAt).into(),
+            Expr::col(notification::Column::UpdatedAt),
         )
         .filter(notification::Column::Id.eq(row.id))
         .filter(status_among(&SEND_UNDER_WAY))
