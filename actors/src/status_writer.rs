@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{AckKind, message::Acker};
 use herald_entities::{
-    Checkpoints, NotificationStatus, RepoError, WriteGate, notification,
+    Checkpoints, NotificationStatus, RepoError, WriteGate,
+    repo::receipts,
     repo::status_batch::{self, Applied, NewAttempt, StatusChange},
     repo::writer_thread::WriterThread,
 };
@@ -465,25 +466,13 @@ pub(crate) fn moved_events(applied: &Applied, changes: &[StatusChange]) -> Vec<S
     applied
         .moved_changes(changes)
         .filter_map(status_event)
-        .chain(applied.receipts().iter().map(receipt_event))
+        .chain(
+            applied
+                .receipts()
+                .iter()
+                .map(|row| receipts::receipt_event(row, None)),
+        )
         .collect()
-}
-
-/// The event of a held receipt's move of `row` from `sent`, as the receipt API publishes it for
-/// a receipt that comes after the send is recorded (and again for a repeat of this one): dated
-/// when the notification moved, so that it is the same event.
-fn receipt_event(row: &notification::Model) -> StatusEvent {
-    StatusEvent {
-        v: SCHEMA_VERSION,
-        notification_id: row.id,
-        status: row.status.as_str().to_string(),
-        channel: row.final_channel.as_deref().and_then(Channel::parse),
-        error: row
-            .error
-            .clone()
-            .filter(|_| row.status == NotificationStatus::Failed),
-        at: row.updated_at,
-    }
 }
 
 fn status_event(change: &StatusChange) -> Option<StatusEvent> {

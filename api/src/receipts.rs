@@ -18,7 +18,7 @@ use herald_entities::{
     NotificationStatus, notification,
     repo::receipts::{self as repo, MessageIdMatch, ReceiptOutcome},
 };
-use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
+use herald_nats::Channel;
 use poem_openapi::{ApiResponse, Enum, Object, OpenApi, Tags, param::Path, payload::Json};
 use uuid::Uuid;
 
@@ -348,21 +348,7 @@ async fn publish(
     row: &notification::Model,
     channel: Option<Channel>,
 ) -> Result<(), ApiError> {
-    let event = StatusEvent {
-        v: SCHEMA_VERSION,
-        notification_id: row.id,
-        status: row.status.as_str().into(),
-        channel: row
-            .final_channel
-            .as_deref()
-            .and_then(Channel::parse)
-            .or(channel),
-        error: row
-            .error
-            .clone()
-            .filter(|_| row.status == NotificationStatus::Failed),
-        at: row.updated_at,
-    };
+    let event = repo::receipt_event(row, channel);
     state.publisher.publish_status(&event).await.map_err(|err| {
         tracing::warn!(id = %row.id, error = %err, "receipt recorded but its event not published");
         ApiError::unavailable(

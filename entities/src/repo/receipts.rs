@@ -2,6 +2,7 @@
 //! may be under way, and applied when it is recorded.
 
 use chrono::{DateTime, Utc};
+use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
@@ -18,6 +19,28 @@ const HELD_CHUNK: usize = 500;
 
 /// The attempt status of a message a provider accepted.
 const SENT: &str = "sent";
+
+/// The status event of a receipt's move of `row` (now `delivered` or `failed`): dated when the
+/// notification moved, so that a repeated receipt publishes the same event, whether it was applied
+/// on arrival or held and applied when the send was recorded. `channel` is the receipt's own, for a
+/// row that names none.
+pub fn receipt_event(row: &notification::Model, channel: Option<Channel>) -> StatusEvent {
+    StatusEvent {
+        v: SCHEMA_VERSION,
+        notification_id: row.id,
+        status: row.status.as_str().to_string(),
+        channel: row
+            .final_channel
+            .as_deref()
+            .and_then(Channel::parse)
+            .or(channel),
+        error: row
+            .error
+            .clone()
+            .filter(|_| row.status == NotificationStatus::Failed),
+        at: row.updated_at,
+    }
+}
 
 /// What a receipt did.
 #[derive(Debug, Clone, PartialEq)]
