@@ -2,7 +2,7 @@
 //! non-critical notification. Windows may cross midnight (22:00–08:00); times are read in the
 //! customer's IANA time zone, so a window keeps its wall-clock hours across DST changes.
 
-use chrono::{DateTime, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono::{DateTime, Duration, LocalResult, NaiveDate, NaiveTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 /// Why quiet hours could not be read.
@@ -75,12 +75,17 @@ impl QuietHours {
                 .into_iter()
                 .map(|at| at.with_timezone(&Utc))
                 .find(|at| *at > now),
-            LocalResult::None => (1..=24 * 60)
-                .map(|minutes| wall + Duration::minutes(minutes))
-                .find_map(|later| self.tz.from_local_datetime(&later).earliest())
-                // The first minute that exists after the gap is the moment the clock jumped.
-                .map(|at| at.with_timezone(&Utc))
-                .filter(|at| *at > now),
+            LocalResult::None => {
+                // Clocks jump on the minute: counted from the minute `end` falls in, the first
+                // minute that exists after the gap is the moment the clock jumped, whatever
+                // seconds `end` has.
+                let minute = wall.with_second(0)?;
+                (1..=24 * 60)
+                    .map(|minutes| minute + Duration::minutes(minutes))
+                    .find_map(|later| self.tz.from_local_datetime(&later).earliest())
+                    .map(|at| at.with_timezone(&Utc))
+                    .filter(|at| *at > now)
+            }
         }
     }
 }
@@ -175,6 +180,17 @@ mod tests {
             q.ends_after(utc("2026-10-25T01:10:00Z")),
             Some(utc("2026-10-25T01:30:00Z")),
             "second pass through 02:10: the second 02:30"
+        );
+    }
+
+    #[test]
+    fn an_end_with_seconds_in_the_gap_is_the_jump_itself() {
+        // 02:30:30 does not exist on 29 March 2026 in Berlin: the window ends when the clock
+        // jumps (03:00 CEST = 01:00:00 UTC), not 30 seconds after it.
+        let q = berlin("01:00", "02:30:30");
+        assert_eq!(
+            q.ends_after(utc("2026-03-29T00:30:00Z")),
+            Some(utc("2026-03-29T01:00:00Z"))
         );
     }
 
