@@ -75,6 +75,21 @@ const SECS_PER_DAY: u64 = 24 * 3600;
 /// both, as a claim's commands are published in one round.
 const MAX_CLAIM_LIMIT: u64 = 10_000;
 
+/// The shortest `dispatch.schedule_deferrals_after_secs`: above the hold a delivery takes when
+/// the rate limiter did not answer ([`herald_actors::policy::UNANSWERED_LIMITER_HOLD`]), so that
+/// the dispatcher's short holds (that one, and the 50 ms at least of quiet hours or a rate limit
+/// about to end) stay NAKs in JetStream instead of each becoming a `scheduled` row, written,
+/// polled for and published again by the Scheduler.
+const MIN_SCHEDULE_DEFERRALS_AFTER_SECS: u64 =
+    herald_actors::policy::UNANSWERED_LIMITER_HOLD.as_secs() + 1;
+
+/// The longest `dispatch.schedule_deferrals_after_secs` (an hour). A shorter deferral waits in
+/// JetStream as its command, NAKed with the delay and holding a place of its partition
+/// consumer's `nats.max_ack_pending` until it is redelivered (the consumer has no limit of its
+/// own on that delay): a night's quiet hours of a campaign held so would stop the partition,
+/// critical sends included. The rate limiter also reserves a slot per token refilling within it.
+const MAX_SCHEDULE_DEFERRALS_AFTER_SECS: u64 = 3_600;
+
 /// Cluster settings: how instances share the command partitions.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -436,7 +451,9 @@ pub struct DispatchConfig {
     /// `scheduled` notification instead of a command held back in JetStream. Any length works with
     /// any `nats.dedup_window_secs`: the command published again when due goes under a
     /// `Nats-Msg-Id` of its own claim, not the notification's id, so it is never taken for the
-    /// first command's duplicate.
+    /// first command's duplicate. 2 to 3600: above the dispatcher's own one-second holds, and
+    /// short enough that a command held in JetStream does not keep its place of
+    /// `nats.max_ack_pending` for hours.
     pub schedule_deferrals_after_secs: u64,
     /// A command of a schema version newer than this build's (a rolling upgrade) is handed back
     /// to JetStream this many milliseconds at a time, for an upgraded instance to take.
@@ -1120,6 +1137,17 @@ impl Config {
                  SQL parameter per notification, and a statement with more than the database \
                  takes (32,766 on SQLite, 65,535 on PostgreSQL) fails at every poll",
                 self.scheduler.claim_limit
+            ));
+        }
+        let deferrals_after = self.dispatch.schedule_deferrals_after_secs;
+        let allowed = MIN_SCHEDULE_DEFERRALS_AFTER_SECS..=MAX_SCHEDULE_DEFERRALS_AFTER_SECS;
+        if !allowed.contains(&deferrals_after) {
+            return invalid(format!(
+                "dispatch.schedule_deferrals_after_secs ({deferrals_after}) must be \
+                 {MIN_SCHEDULE_DEFERRALS_AFTER_SECS}..={MAX_SCHEDULE_DEFERRALS_AFTER_SECS}: a \
+                 shorter one makes the dispatcher's own holds of a second `scheduled` rows, a \
+                 longer one keeps commands held in JetStream that long, each taking a place of \
+                 nats.max_ack_pending"
             ));
         }
         if self.dispatch.shutdown_grace_secs == 0 {
@@ -2598,6 +2626,26 @@ mod limits_tests {
     fn channel_timeouts_name_the_dispatchers_bound() {
         let err = refusal(|c| c.channels.limits.timeout_ms = 60_000).expect("refused");
         assert!(err.contains("60000"), "{err}");
+    }
+
+    #[test]
+    fn schedule_deferrals_after_secs_is_bounded() {
+        // 0 or 1 would make the dispatcher's own short holds (the 1 s one when the rate limiter
+        // did not answer) `scheduled` rows; a night would hold commands in JetStream all night.
+        for secs in [0, 1, 3_601, 28_800] {
+            let err = refusal(|c| c.dispatch.schedule_deferrals_after_secs = secs)
+                .unwrap_or_else(|| panic!("{secs} accepted"));
+            assert!(
+                err.contains(&format!(
+                    "dispatch.schedule_deferrals_after_secs ({secs}) must be 2..=3600"
+                )),
+                "{err}"
+            );
+        }
+        for secs in [2, 300, 3_600] {
+            let accepted = refusal(|c| c.dispatch.schedule_deferrals_after_secs = secs);
+            assert_eq!(accepted, None, "{secs}");
+        }
     }
 
     #[test]

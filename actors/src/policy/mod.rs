@@ -21,6 +21,10 @@ use crate::slot::ActorSlot;
 use preferences::{PreferenceSet, is_critical};
 use quiet_hours::QuietHours;
 
+/// How long [`gate`] holds a notification back when the rate limiter did not answer in time.
+/// Its other holds last until quiet hours or a rate limit end, 50 ms at least.
+pub const UNANSWERED_LIMITER_HOLD: Duration = Duration::from_secs(1);
+
 /// The wall clock; injectable so tests can stand anywhere in time.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
@@ -168,7 +172,7 @@ pub async fn gate(
             }
         }
         None => Gate::Defer {
-            delay: Duration::from_secs(1),
+            delay: UNANSWERED_LIMITER_HOLD,
             reason: "deferred: the rate limiter did not answer in time".into(),
         },
     }
