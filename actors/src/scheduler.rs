@@ -338,24 +338,26 @@ async fn release_all_due(args: &SchedulerArgs) -> bool {
 }
 
 /// Releases up to `claim_limit` due notifications, and as many stale claims. Answers whether more
-/// may be left and the next chunk may go at once: a claim came back full, and every command was
-/// published (one NATS did not take is tried again after `poll_interval_ms`, not at once).
+/// may be left and the next chunk may go at once: a claim came back full (or found as many due,
+/// some taken first by another instance's claim), and every command was published (one NATS did not take is tried again after `poll_interval_ms`, not at once).
 async fn release_due(args: &SchedulerArgs) -> Result<bool, String> {
     let now = (args.clock)();
     let limit = args.settings.claim_limit;
-    let mut rows = repo::schedule::claim_due(&args.db, now, limit)
+    let claim = repo::schedule::claim_due(&args.db, now, limit)
         .await
         .map_err(|e| e.to_string())?;
+    let mut rows = claim.rows;
     let stale_before = now - chrono::Duration::seconds(args.settings.stale_claim_secs as i64);
     let stale = repo::schedule::stale_claims(&args.db, stale_before, limit)
         .await
         .map_err(|e| e.to_string())?;
-    let full = rows.len() as u64 >= limit.max(1) || stale.len() as u64 >= limit.max(1);
+    let full = claim.full || stale.len() as u64 >= limit.max(1);
     // Claimed now, then claimed (or stored, or requeued) by earlier rounds and left unconfirmed.
     let claimed_now = rows.len();
     rows.extend(stale);
     if rows.is_empty() {
-        return Ok(false);
+        // Another instance's claim may have taken every row this one found.
+        return Ok(full);
     }
     let mut unpublishable = Vec::new();
     let mut commands = Vec::new();

@@ -9,8 +9,11 @@ use herald_entities::repo::{
     schedule::Cancel,
     status_batch::{self, StatusChange},
 };
-use herald_tests::{TestDatabase, migrated, queued_notification, stored_status};
-use sea_orm::DatabaseConnection;
+use std::collections::BTreeSet;
+
+use chrono::Utc;
+use herald_tests::{DatabaseKind, TestDatabase, migrated, queued_notification, stored_status};
+use sea_orm::{DatabaseConnection, TransactionTrait};
 use uuid::Uuid;
 
 async fn cancel(db: &DatabaseConnection, id: Uuid) -> Cancel {
@@ -138,4 +141,89 @@ async fn race_cancels_and_a_claim(db: &DatabaseConnection, rows: usize) -> (usiz
         }
     }
     winners
+}
+
+/// Stores `count` scheduled notifications due a minute ago.
+async fn due_notifications(db: &DatabaseConnection, count: usize) -> Vec<Uuid> {
+    let rows: Vec<_> = (0..count)
+        .map(|_| {
+            let mut row = queued_notification(None);
+            row.status = NotificationStatus::Scheduled;
+            row.scheduled_at = Some(Utc::now() - chrono::Duration::minutes(1));
+            row
+        })
+        .collect();
+    let ids = rows.iter().map(|row| row.id).collect();
+    repo::notifications::insert_many(db, rows)
+        .await
+        .expect("stored");
+    ids
+}
+
+/// The ids a Scheduler's claim of due notifications took.
+fn claimed_ids(claim: repo::schedule::DueClaim) -> BTreeSet<Uuid> {
+    claim.rows.into_iter().map(|row| row.id).collect()
+}
+
+/// Two Schedulers claiming the same due notifications at once each take rows of their own: on
+/// PostgreSQL the second claim, made while the first one's transaction still holds its rows,
+/// skips them and takes the next ones instead of waiting for them and claiming none (which
+/// released a burst of due notifications at one instance's pace). SQLite has a single writer:
+/// its claims take turns, and the second takes the rows the first left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_due_claims_take_disjoint_rows() {
+    let database = TestDatabase::from_env().await.expect("database");
+    let db = migrated(database.url()).await.expect("migrated");
+    let due: BTreeSet<Uuid> = due_notifications(&db, 4).await.into_iter().collect();
+    let now = Utc::now();
+
+    let (first, second) = match database.kind() {
+        DatabaseKind::Postgres => {
+            let txn = db.begin().await.expect("transaction");
+            let first = repo::schedule::claim_due(&txn, now, 2)
+                .await
+                .expect("first claim");
+            let mut second = {
+                let db = db.clone();
+                tokio::spawn(async move { repo::schedule::claim_due(&db, now, 2).await })
+            };
+            // The second claim must not wait for the first one's rows; one that does is let go
+            // (the first committed) after a bound, to show what it then claims.
+            let bound = std::time::Duration::from_secs(10);
+            let second = match tokio::time::timeout(bound, &mut second).await {
+                Ok(done) => {
+                    txn.commit().await.expect("first claim committed");
+                    done
+                }
+                Err(_) => {
+                    txn.commit().await.expect("first claim committed");
+                    second.await
+                }
+            };
+            (first, second.expect("joined").expect("second claim"))
+        }
+        DatabaseKind::Sqlite => {
+            let first = repo::schedule::claim_due(&db, now, 2)
+                .await
+                .expect("first claim");
+            let second = repo::schedule::claim_due(&db, now, 2)
+                .await
+                .expect("second claim");
+            (first, second)
+        }
+    };
+    let (first, second) = (claimed_ids(first), claimed_ids(second));
+    assert_eq!(first.len(), 2, "the first claim took {first:?} of {due:?}");
+    assert_eq!(
+        second.len(),
+        2,
+        "the second claim, made while the first held its rows, took {second:?} of {due:?} \
+         (the first took {first:?})"
+    );
+    assert!(first.is_disjoint(&second), "{first:?} and {second:?}");
+    assert!(first.union(&second).all(|id| due.contains(id)));
+    let rest = repo::schedule::claim_due(&db, Utc::now(), 2)
+        .await
+        .expect("third claim");
+    assert_eq!(claimed_ids(rest), BTreeSet::new(), "all four were claimed");
 }

@@ -4,8 +4,11 @@
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Select,
-    sea_query::{CaseStatement, Expr, LockBehavior, LockType, Query, SimpleExpr, UpdateStatement},
+    QuerySelect, QueryTrait, Select, UpdateMany,
+    sea_query::{
+        CaseStatement, Expr, ExprTrait, LockBehavior, LockType, PgFunc, Query, SimpleExpr,
+        UpdateStatement,
+    },
 };
 use uuid::Uuid;
 
@@ -77,32 +80,79 @@ pub(crate) fn reason_without_first_publish_mark() -> SimpleExpr {
         .into()
 }
 
-/// Claims up to `limit` scheduled notifications due at `now`: moves them `scheduled → queued`
-/// with a conditional UPDATE marked with a fresh token, then reads back, among the rows it tried,
-/// those carrying the token ([`claimed`]). Two instances claiming at once each get only the rows
-/// their UPDATE moved.
+/// What a Scheduler's claim of due notifications took.
+#[derive(Debug)]
+pub struct DueClaim {
+    /// The notifications claimed: `queued` now, marked with the claim's token.
+    pub rows: Vec<notification::Model>,
+    /// The claim found `limit` due notifications: more may be due, whether it took them all or
+    /// another instance's claim took some of them first.
+    pub full: bool,
+}
+
+/// Claims up to `limit` scheduled notifications due at `now`, soonest first: moves them
+/// `scheduled → queued`, marked with a fresh token. Two instances claiming at once each get only
+/// the rows their own UPDATE moved.
+///
+/// On PostgreSQL one UPDATE takes the due rows no other transaction holds (`FOR UPDATE SKIP
+/// LOCKED`) and returns them: instances claiming together take rows of their own, so a burst of
+/// due notifications (quiet hours ending) goes out at the pace of all of them. Reading the due ids
+/// first had every instance read the same ones; all but one then waited for the winner's rows,
+/// moved none, and took their rounds for done until their next poll. SQLite has one writer: the
+/// due ids are read, then moved while still `scheduled`, and read back by the token
+/// ([`claimed`]); a claim whose rows another instance's claim moved first still counts as
+/// [`DueClaim::full`] when it found `limit`, so that its Scheduler goes on at once.
 pub async fn claim_due(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u64,
-) -> Result<Vec<notification::Model>, RepoError> {
+) -> Result<DueClaim, RepoError> {
+    let token = format!("{CLAIM_PREFIX}{}", Uuid::new_v4());
+    if db.get_database_backend() == DbBackend::Postgres {
+        let unlocked = due(now, limit)
+            .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+            .into_query();
+        // `= ANY(ARRAY(…))`, not `IN (…)`: the scan runs once, before the UPDATE. As a semi-join
+        // it may run again for each row updated, find the rows it locked already updated, skip
+        // them and lock the next ones: a claim of 2 took 4.
+        let once = PgFunc::any(Expr::cust_with_expr(
+            "ARRAY $1",
+            Expr::SubQuery(None, Box::new(unlocked.into())),
+        ));
+        let rows = mark_claimed(now, &token)
+            .filter(ExprTrait::eq(Expr::col(notification::Column::Id), once))
+            .exec_with_returning(db)
+            .await?;
+        let full = rows.len() as u64 >= Ord::max(limit, 1);
+        return Ok(DueClaim { rows, full });
+    }
     let due: Vec<Uuid> = due(now, limit).into_tuple().all(db).await?;
     if due.is_empty() {
-        return Ok(Vec::new());
+        return Ok(DueClaim {
+            rows: Vec::new(),
+            full: false,
+        });
     }
-    let token = format!("{CLAIM_PREFIX}{}", Uuid::new_v4());
+    mark_claimed(now, &token)
+        .filter(notification::Column::Id.is_in(due.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(DueClaim {
+        rows: claimed(&due, &token).all(db).await?,
+        full: due.len() as u64 >= Ord::max(limit, 1),
+    })
+}
+
+/// A claim's move of the `scheduled` rows it is narrowed to: `queued`, marked `token`.
+fn mark_claimed(now: DateTime<Utc>, token: &str) -> UpdateMany<notification::Entity> {
     notification::Entity::update_many()
         .col_expr(
             notification::Column::Status,
             Expr::value(NotificationStatus::Queued),
         )
-        .col_expr(notification::Column::StatusReason, Expr::value(&token))
+        .col_expr(notification::Column::StatusReason, Expr::value(token))
         .col_expr(notification::Column::UpdatedAt, Expr::value(now))
-        .filter(notification::Column::Id.is_in(due.iter().copied()))
         .filter(notification::Column::Status.eq(NotificationStatus::Scheduled))
-        .exec(db)
-        .await?;
-    Ok(claimed(&due, &token).all(db).await?)
 }
 
 /// The rows among `ids` that the claim marked `token` moved: [`claim_due`]'s read-back, found by
@@ -115,7 +165,8 @@ pub fn claimed(ids: &[Uuid], token: &str) -> Select<notification::Entity> {
 }
 
 /// The ids of up to `limit` scheduled notifications due at `now`, soonest first: the scan behind
-/// [`claim_due`] (public so that tests can check how databases plan it).
+/// [`claim_due`] (on PostgreSQL with its rows locked, skipping those others hold); public so that
+/// tests can check how databases plan it.
 pub fn due(now: DateTime<Utc>, limit: u64) -> Select<notification::Entity> {
     notification::Entity::find()
         .select_only()
