@@ -2818,5 +2818,181 @@ async fn a_bulk_cancel_passes_over_rows_a_claim_holds() {
     assert_eq!(announced, expected, "each handed on once committed");
     assert_eq!(herald_tests::stored_status(db, claimed).await, Processing);
     assert_eq!(herald_tests::stored_status(db, held).await, Cancelled);
+}
+
+/// A send to `contacts` (no customer id) of `category` over `channels`.
+fn to_contacts(contacts: Value, category: &str, channels: &[&str]) -> Value {
+    json!({
+        "recipient": contacts,
+        "category": category,
+        "channels": channels,
+        "content": { "subject": format!("A {category} message"), "text": "Hello from the shop." }
+    })
+}
+
+/// A customer who opted out of marketing is not reached by a marketing send that names only
+/// their email address (before, the send went out: only sends naming the customer id read the
+/// customer's preferences), whatever the case the address is written in.
+#[tokio::test]
+async fn a_send_to_a_customers_email_honours_their_opt_out() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("ada", "en", None)]).await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "ada",
+        &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    for email in ["ada@example.com", "Ada@Example.COM"] {
+        let id = w
+            .herald
+            .send_accepted(&to_contacts(
+                json!({ "email": email }),
+                "marketing",
+                &["email"],
+            ))
+            .await;
+        let done = eventually("the send to be sent or skipped", E2E_TIMEOUT, || async {
+            let json = notification_json(&w.herald, &id).await;
+            matches!(json["status"].as_str(), Some("sent" | "skipped")).then_some(json)
+        })
+        .await;
+        assert_eq!(done["status"], "skipped", "to {email}: {done}");
+        let reason = done["status_reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with("opted_out"), "{done}");
+        assert_eq!(done["attempts"][0]["status"], "opted_out", "{done}");
+    }
+    assert!(
+        w.smtp.messages().is_empty(),
+        "nothing was mailed to the customer who opted out"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A customer who opted out of a channel is not reached on it by a send that names their
+/// contact: the channel is recorded `opted_out` and the chain moves on, as for a send naming the
+/// customer.
+#[tokio::test]
+async fn a_channel_opted_out_by_the_contacts_customer_moves_a_contact_send_on() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("grace", "en", None)]).await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "grace",
+        &json!({ "preferences": [
+            { "category": "transactional", "channel": "email", "enabled": false }
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let hook = format!("{}/hooks/grace", w.hooks.uri());
+    let id = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "grace@example.com", "webhook_url": hook }),
+            "transactional",
+            &["email", "webhook"],
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(sent["final_channel"], "webhook", "{sent}");
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts[0]["channel"], "email", "{sent}");
+    assert_eq!(attempts[0]["status"], "opted_out", "{sent}");
+    assert!(w.smtp.messages().is_empty(), "no mail to grace");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// The quiet hours of the one customer holding a send's contact hold the send until they end.
+#[tokio::test]
+async fn quiet_hours_of_the_contacts_only_customer_defer_a_contact_send() {
+    let w = world(|_| {}).await;
+    add_customers(&w.herald, vec![customer_row("linus", "en", None)]).await;
+    // Long enough for the deferral to be seen before the window ends on a slow, busy machine.
+    let end = quiet_for(&w.herald, "linus", ChronoDuration::seconds(10)).await;
+
+    let held = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "linus@example.com" }),
+            "transactional",
+            &["email"],
+        ))
+        .await;
+    let seen = eventually("a deferral or the send", E2E_TIMEOUT, || async {
+        let json = notification_json(&w.herald, &held).await;
+        let deferred = json["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferred: quiet hours until"));
+        (deferred || json["status"] == "sent").then_some(json)
+    })
+    .await;
+    assert_eq!(seen["status"], "processing", "held, not sent: {seen}");
+
+    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, window ended {end}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A contact no customer holds is sent to as before. One several customers hold is kept from a
+/// channel any of them opted out of, and is not held when more than one of them set quiet hours
+/// (whose night would it be?).
+#[tokio::test]
+async fn contacts_of_no_customer_go_out_and_shared_ones_follow_every_holders_opt_outs() {
+    let w = world(|_| {}).await;
+    let shared = |id: &str| {
+        let mut row = customer_row(id, "en", None);
+        row.email = Set(Some("family@example.com".into()));
+        row
+    };
+    add_customers(&w.herald, vec![shared("sam"), shared("sue")]).await;
+    quiet_for(&w.herald, "sam", ChronoDuration::hours(1)).await;
+    quiet_for(&w.herald, "sue", ChronoDuration::hours(2)).await;
+
+    let stranger = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "stranger@example.com" }),
+            "marketing",
+            &["email"],
+        ))
+        .await;
+    w.herald.wait_status(&stranger, "sent").await;
+    let family = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "family@example.com" }),
+            "transactional",
+            &["email"],
+        ))
+        .await;
+    let sent = w.herald.wait_status(&family, "sent").await;
+    assert!(sent["status_reason"].is_null(), "{sent}");
+
+    let (status, body) = put_preferences(
+        &w.herald,
+        "sue",
+        &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let family = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "family@example.com" }),
+            "marketing",
+            &["email"],
+        ))
+        .await;
+    let skipped = w.herald.wait_status(&family, "skipped").await;
+    assert_eq!(skipped["attempts"][0]["status"], "opted_out", "{skipped}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
