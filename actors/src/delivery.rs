@@ -21,6 +21,7 @@ use herald_entities::{
     NotificationStatus, customer, delivery_attempt,
     repo::{
         self,
+        customers::ContactSet,
         notifications::Claimed,
         status_batch::{NewAttempt, StatusChange},
     },
@@ -41,6 +42,7 @@ use crate::channel::{
     ChannelDirectory, ChannelMsg, ContactMove, NotStartedCause, OutboundMessage, ProviderError,
     SendOutcome, SendReport, WebhookSecret,
 };
+use crate::lookup::Recipient;
 use crate::policy::Gate;
 use crate::retry::{RetryPolicy, Wait};
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
@@ -83,6 +85,9 @@ pub struct DeliveryContext {
     pub claims: crate::lookup::ClaimLookup,
     /// Batched reads of recipients (contacts, locale, preferences, quiet hours).
     pub recipients: crate::lookup::RecipientLookup,
+    /// Batched reads of the customers holding the contacts of sends that name no customer, whose
+    /// opt-outs and quiet hours those sends follow.
+    pub contact_holders: crate::lookup::ContactHolderLookup,
     /// Publisher (dead letters).
     pub publisher: Publisher,
     /// Live channel actors.
@@ -331,9 +336,15 @@ async fn work(
     };
     // A round of it was walked (since it was queued or replayed): the gate let it through then.
     let passed_before = round.number > 1;
-    let opted_out = match crate::policy::gate(&ctx.policy, &recipient, &command, passed_before)
-        .await
-    {
+    let gate = match gate(ctx, &recipient, &command, passed_before).await {
+        Ok(gate) => gate,
+        Err(err) => {
+            tracing::warn!(%id, error = %err, "cannot read whose contacts these are; retrying later");
+            let delay = ctx.retry.delay(message.copy.count, None, rand::random());
+            return Settle::record_then_nak(vec![], vec![], delay);
+        }
+    };
+    let opted_out = match gate {
         Gate::Go { opted_out } => opted_out,
         Gate::Skip { reason, opted_out } => return skipped(&command, reason, &opted_out, round),
         Gate::Defer { delay, reason } => return deferred(ctx, id, delay, reason, round),
@@ -681,6 +692,47 @@ fn resolve_contacts(
             Ok(command.contacts.clone())
         }
         None => Err(UnknownCustomer(customer_id.clone())),
+    }
+}
+
+/// The policy's gate for `command`: by its customer's wishes, or for a send that names no
+/// customer by those of the customers holding its contacts on the channels of its chain (none
+/// read when it has no such contacts); `Err` when these cannot be read.
+async fn gate(
+    ctx: &DeliveryContext,
+    recipient: &Recipient,
+    command: &SendCommand,
+    passed_before: bool,
+) -> Result<Gate, String> {
+    if command.customer_id.is_some() {
+        return Ok(crate::policy::gate(&ctx.policy, recipient, command, passed_before).await);
+    }
+    let set = chain_contacts(command);
+    let holders = if set.is_empty() {
+        Vec::new()
+    } else {
+        ctx.contact_holders.get(set).await?.unwrap_or_default()
+    };
+    Ok(crate::policy::gate_contacts(&ctx.policy, &holders, command, passed_before).await)
+}
+
+/// The contacts `command` goes to on the channels of its chain that reach a customer's stored
+/// contacts (email, SMS, Telegram, push).
+fn chain_contacts(command: &SendCommand) -> ContactSet {
+    let on = |channel: Channel| command.channels.contains(&channel);
+    let contacts = &command.contacts;
+    ContactSet {
+        email: contacts.email.clone().filter(|_| on(Channel::Email)),
+        phone: contacts.phone.clone().filter(|_| on(Channel::Sms)),
+        telegram_chat_id: contacts
+            .telegram_chat_id
+            .clone()
+            .filter(|_| on(Channel::Telegram)),
+        push_tokens: if on(Channel::Push) {
+            contacts.push_tokens.clone()
+        } else {
+            Vec::new()
+        },
     }
 }
 

@@ -11,8 +11,14 @@ use std::panic::AssertUnwindSafe;
 use futures::FutureExt;
 use herald_entities::{
     WriteGate, customer,
-    repo::{self, notifications::Claimed, preferences::Wishes},
+    repo::{
+        self,
+        customers::{ContactSet, Held},
+        notifications::Claimed,
+        preferences::Wishes,
+    },
 };
+use herald_nats::Channel;
 use sea_orm::DatabaseConnection;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -181,6 +187,82 @@ pub fn recipients(db: DatabaseConnection) -> RecipientLookup {
                 .collect())
         }
     })
+}
+
+/// A customer with stored wishes who holds contacts of a send that names no customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactHolder {
+    /// The customer and their wishes.
+    pub recipient: Recipient,
+    /// Which of the send's contacts they hold.
+    pub held: Held,
+}
+
+impl ContactHolder {
+    /// Whether they hold the send's contact on `channel`.
+    pub fn holds(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Email => self.held.email,
+            Channel::Sms => self.held.phone,
+            Channel::Telegram => self.held.telegram_chat_id,
+            Channel::Push => self.held.push_token,
+            // Webhook URLs are endpoints, not a person's address: not looked up.
+            Channel::Webhook => false,
+        }
+    }
+}
+
+/// The customers with stored wishes holding a send's contacts, by the send's [`ContactSet`]
+/// (an absent answer: none).
+pub type ContactHolderLookup = BatchLookup<ContactSet, Vec<ContactHolder>>;
+
+/// Starts a [`ContactHolderLookup`] on `db`: per batch, one query finds the customers with
+/// stored wishes holding any of the batch's contacts; their wishes are read only when there are
+/// some.
+pub fn contact_holders(db: DatabaseConnection) -> ContactHolderLookup {
+    BatchLookup::spawn(move |sets: Vec<ContactSet>| {
+        let db = db.clone();
+        async move {
+            let customers = repo::customers::with_wishes_holding(&db, &sets)
+                .await
+                .map_err(|e| e.to_string())?;
+            if customers.is_empty() {
+                return Ok(HashMap::new());
+            }
+            let ids: Vec<String> = customers.iter().map(|c| c.external_id.clone()).collect();
+            let mut wishes = repo::preferences::load_many(&db, &ids)
+                .await
+                .map_err(|e| e.to_string())?;
+            let found: Vec<Recipient> = customers
+                .into_iter()
+                .map(|customer| Recipient {
+                    wishes: wishes.remove(&customer.external_id).unwrap_or_default(),
+                    customer: Some(customer),
+                })
+                .collect();
+            Ok(sets
+                .into_iter()
+                .map(|set| {
+                    let holders = holders_of(&set, &found);
+                    (set, holders)
+                })
+                .collect())
+        }
+    })
+}
+
+/// The recipients of `found` holding contacts of `set`.
+fn holders_of(set: &ContactSet, found: &[Recipient]) -> Vec<ContactHolder> {
+    found
+        .iter()
+        .filter_map(|recipient| {
+            let held = set.held_by(recipient.customer.as_ref()?);
+            held.any().then(|| ContactHolder {
+                recipient: recipient.clone(),
+                held,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

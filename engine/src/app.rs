@@ -450,6 +450,7 @@ async fn start_engine(
     let context = Arc::new(DeliveryContext {
         claims,
         recipients: herald_actors::lookup::recipients(db.clone()),
+        contact_holders: herald_actors::lookup::contact_holders(db.clone()),
         in_flight: herald_actors::lease::InFlight::default(),
         db: db.clone(),
         publisher: publisher.clone(),

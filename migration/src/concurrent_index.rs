@@ -55,6 +55,30 @@ pub(crate) async fn create(
         .await
 }
 
+/// Like [`create`], for an index sea-query cannot write for both databases (on an expression,
+/// or of another type): `definition` follows `ON table`, e.g. `(lower(email))` or
+/// `USING gin (...)`.
+pub(crate) async fn create_sql(
+    manager: &SchemaManager<'_>,
+    table: impl IntoTableRef + Iden + Clone,
+    name: &str,
+    definition: &str,
+) -> Result<(), DbErr> {
+    drop_invalid(manager, table.clone(), &[name]).await?;
+    let concurrently = match manager.get_database_backend() {
+        sea_orm::DbBackend::Postgres => "CONCURRENTLY ",
+        _ => "",
+    };
+    let table = table.to_string();
+    manager
+        .get_connection()
+        .execute_unprepared(&format!(
+            r#"CREATE INDEX {concurrently}IF NOT EXISTS "{name}" ON "{table}" {definition}"#
+        ))
+        .await
+        .map(|_| ())
+}
+
 /// `DROP INDEX IF EXISTS name`, concurrently on PostgreSQL.
 pub(crate) fn drop_index(name: &str, table: impl IntoTableRef) -> IndexDropStatement {
     Index::drop()

@@ -38,6 +38,7 @@ mod m20261207_001701_api_key_provider;
 mod m20261207_001801_customer_webhook_secret;
 mod m20261207_001901_scheduled_listing_index;
 mod m20261207_002001_held_receipts;
+mod m20261207_002101_customer_contact_indexes;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -73,6 +74,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_001801_customer_webhook_secret::Migration),
             Box::new(m20261207_001901_scheduled_listing_index::Migration),
             Box::new(m20261207_002001_held_receipts::Migration),
+            Box::new(m20261207_002101_customer_contact_indexes::Migration),
         ]
     }
 }

@@ -13,12 +13,12 @@
 use chrono::{Duration, Utc};
 use herald_entities::NotificationStatus;
 use herald_entities::repo::{
-    activity, batches, history, notifications, outbox, schedule, send_history,
+    activity, batches, customers, history, notifications, outbox, schedule, send_history,
 };
 use herald_tests::{DatabaseKind, TestDatabase, migrated};
 use sea_orm::sea_query::{PostgresQueryBuilder, QueryBuilder, SelectStatement};
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, QueryTrait, Statement,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, QueryTrait, Statement,
     StatementBuilder, TransactionTrait,
 };
 use uuid::Uuid;
@@ -440,6 +440,13 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
         )
         .await
         .expect("an invalid index left behind");
+        db.execute_unprepared(
+            "CREATE INDEX idx_customers_email_lower ON customers (email); \
+             UPDATE pg_index SET indisvalid = false \
+             WHERE indexrelid = 'idx_customers_email_lower'::regclass",
+        )
+        .await
+        .expect("an invalid index left behind");
     }
 
     herald_migration::Migrator::up(&db, None)
@@ -477,6 +484,9 @@ async fn the_partial_indexes_migrations_roll_back_and_forward() {
     let new = "idx_delivery_attempts_created_at";
     let what = "the provider outcomes, migrated again";
     assert_planned_afresh(url, kind, &attempt_outcomes(), new, what).await;
+    let new = "idx_customers_email_lower";
+    let what = "the lookup of whose contacts a send names, migrated again";
+    assert_planned_afresh(url, kind, &contact_lookup(kind), new, what).await;
 }
 
 /// The dashboard's feed, of all customers or of one: `customer` is what its customer column
@@ -591,4 +601,65 @@ async fn the_dashboards_refreshing_queries_use_their_indexes() {
         "the feed of one customer is not read from idx_notifications_customer_id and \
          idx_notifications_inline_recipient:\n{one_plan}"
     );
+}
+
+/// The lookup of the customers holding two sends' contacts (one with a contact of each kind).
+fn contact_lookup(kind: DatabaseKind) -> SelectStatement {
+    let backend = match kind {
+        DatabaseKind::Sqlite => DbBackend::Sqlite,
+        DatabaseKind::Postgres => DbBackend::Postgres,
+    };
+    let sets = [
+        customers::ContactSet {
+            email: Some("Ada@Example.com".into()),
+            phone: Some("+4915112345678".into()),
+            telegram_chat_id: Some("4711".into()),
+            push_tokens: vec!["token-1".into(), "token-2".into()],
+        },
+        customers::ContactSet {
+            email: Some("grace@example.com".into()),
+            ..Default::default()
+        },
+    ];
+    customers::with_wishes_holding_query(backend, &sets)
+        .expect("contacts to look up")
+        .into_query()
+}
+
+/// A send that names only contacts looks up, at every delivery, the customers holding them
+/// (whose opt-outs it follows): each contact is found on its index (push tokens on PostgreSQL
+/// only; SQLite looks for them among the customers with stored wishes, by external id), and
+/// `customers` is not read whole.
+#[tokio::test]
+async fn the_lookup_of_whose_contacts_a_send_names_uses_the_contact_indexes() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let kind = database.kind();
+    migrated(database.url()).await.expect("database migrated");
+    let (_db, txn) = planning(database.url(), kind).await;
+    let lookup_plan = plan(&txn, kind, &contact_lookup(kind)).await;
+    let (indexes, walk): (&[&str], &str) = match kind {
+        DatabaseKind::Sqlite => (
+            &[
+                "idx_customers_email_lower",
+                "idx_customers_phone (phone=?)",
+                "idx_customers_telegram_chat_id (telegram_chat_id=?)",
+                "(external_id=?)",
+            ],
+            "SCAN customers",
+        ),
+        DatabaseKind::Postgres => (
+            &[
+                "idx_customers_email_lower",
+                "idx_customers_phone",
+                "idx_customers_telegram_chat_id",
+                "idx_customers_push_tokens",
+            ],
+            "Seq Scan on customers",
+        ),
+    };
+    assert!(
+        indexes.iter().all(|index| lookup_plan.contains(index)) && !lookup_plan.contains(walk),
+        "the customers holding a send's contacts are not found on the contact indexes:\n{lookup_plan}"
+    );
+    txn.rollback().await.expect("planning transaction ended");
 }

@@ -2996,3 +2996,71 @@ async fn contacts_of_no_customer_go_out_and_shared_ones_follow_every_holders_opt
     assert_eq!(skipped["attempts"][0]["status"], "opted_out", "{skipped}");
     w.herald.shutdown().await.expect("clean shutdown");
 }
+
+/// The dispatcher finds the customers holding a send's contacts by each kind of contact (an
+/// email address whatever its case, a phone number, a Telegram chat id, one of the push tokens),
+/// only those with stored wishes, each with their own.
+#[tokio::test]
+async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes() {
+    use herald_entities::repo::{customers::ContactSet, preferences};
+    let db = TestDatabase::from_env().await.expect("database");
+    let conn = herald_tests::migrated(db.url()).await.expect("migrated");
+    let mut ada = customer_row("ada", "en", None);
+    ada.email = Set(Some("Ada@Example.com".into()));
+    ada.phone = Set(Some("+4915112345678".into()));
+    ada.telegram_chat_id = Set(Some("4711".into()));
+    ada.push_tokens = Set(json!(["token-a1", "token-a2"]));
+    // Holds ada's phone, but has no wishes: not found.
+    let mut bob = customer_row("bob", "en", None);
+    bob.phone = Set(Some("+4915112345678".into()));
+    let cyd = customer_row("cyd", "en", None);
+    customer::Entity::insert_many([ada, bob, cyd])
+        .exec_without_returning(&conn)
+        .await
+        .expect("customers stored");
+    let opt_out = vec![preferences::NewPreference {
+        category: "marketing".into(),
+        channel: "*".into(),
+        enabled: false,
+    }];
+    for id in ["ada", "cyd"] {
+        preferences::replace(&conn, id, opt_out.clone(), None)
+            .await
+            .expect("wishes stored");
+    }
+
+    let lookup = herald_actors::lookup::contact_holders(conn.clone());
+    let set = |f: fn(&mut ContactSet)| {
+        let mut set = ContactSet::default();
+        f(&mut set);
+        set
+    };
+    let asked = [
+        set(|s| s.email = Some("ada@example.COM".into())),
+        set(|s| s.phone = Some("+4915112345678".into())),
+        set(|s| s.telegram_chat_id = Some("4711".into())),
+        set(|s| s.push_tokens = vec!["token-x".into(), "token-a2".into()]),
+        set(|s| s.email = Some("nobody@example.com".into())),
+    ];
+    let answers = futures::future::join_all(asked.iter().map(|set| lookup.get(set.clone()))).await;
+    let found: Vec<Vec<String>> = answers
+        .into_iter()
+        .map(|answer| {
+            answer
+                .expect("read")
+                .unwrap_or_default()
+                .into_iter()
+                .map(|holder| {
+                    assert_eq!(holder.recipient.wishes.preferences.len(), 1);
+                    holder.recipient.customer.expect("customer").external_id
+                })
+                .collect()
+        })
+        .collect();
+    let ada = vec!["ada".to_string()];
+    assert_eq!(
+        found,
+        [ada.clone(), ada.clone(), ada.clone(), ada, vec![]],
+        "found by email, phone, chat id and push token; nobody for an unknown address"
+    );
+}

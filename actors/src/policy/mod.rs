@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use herald_nats::{Category, Channel, SendCommand};
 
-use crate::lookup::Recipient;
+use crate::lookup::{ContactHolder, Recipient};
 use crate::rate_limit::{CategoryLimit, Verdict, actor::Acquire, supervisor};
 use crate::slot::ActorSlot;
 use preferences::{PreferenceSet, is_critical};
@@ -83,10 +83,53 @@ pub async fn gate(
     command: &SendCommand,
     passed_before: bool,
 ) -> Gate {
-    let wishes = &recipient.wishes;
-    let critical = is_critical(command.category);
-    let opted_out = PreferenceSet::from_rows(&wishes.preferences)
+    let opted_out = PreferenceSet::from_rows(&recipient.wishes.preferences)
         .opted_out(command.category, &command.channels);
+    decide(ctx, opted_out, Some(recipient), command, passed_before).await
+}
+
+/// [`gate`] for a send that names no customer, only contacts: given the customers with stored
+/// wishes who hold those contacts. A channel is opted out of when any customer holding the
+/// send's contact on it opted out of it; quiet hours are applied when exactly one of the
+/// customers set them (with several, whose night it is cannot be told, and none are).
+pub async fn gate_contacts(
+    ctx: &PolicyContext,
+    holders: &[ContactHolder],
+    command: &SendCommand,
+    passed_before: bool,
+) -> Gate {
+    let opted_out = command
+        .channels
+        .iter()
+        .copied()
+        .filter(|&channel| {
+            holders.iter().any(|holder| {
+                holder.holds(channel)
+                    && !PreferenceSet::from_rows(&holder.recipient.wishes.preferences)
+                        .allows(command.category, channel)
+            })
+        })
+        .collect();
+    let mut quiet = holders
+        .iter()
+        .filter(|holder| holder.recipient.wishes.quiet_hours.is_some());
+    let quiet = match (quiet.next(), quiet.next()) {
+        (Some(only), None) => Some(&only.recipient),
+        _ => None,
+    };
+    decide(ctx, opted_out, quiet, command, passed_before).await
+}
+
+/// The gate once the channels opted out of are known: all of the chain ⇒ skipped; then the
+/// quiet hours of `quiet` (the recipient whose night it is, if any); then the rate limit.
+async fn decide(
+    ctx: &PolicyContext,
+    opted_out: Vec<Channel>,
+    quiet: Option<&Recipient>,
+    command: &SendCommand,
+    passed_before: bool,
+) -> Gate {
+    let critical = is_critical(command.category);
     if !command.channels.is_empty() && opted_out.len() == command.channels.len() {
         let names: Vec<&str> = opted_out.iter().map(|c| c.as_str()).collect();
         return Gate::Skip {
@@ -98,31 +141,11 @@ pub async fn gate(
             opted_out,
         };
     }
-    if !critical && let Some(quiet) = &wishes.quiet_hours {
-        // Quiet hours without a zone of their own follow the customer's, as it is now.
-        let timezone = quiet
-            .timezone
-            .as_deref()
-            .or(recipient.customer.as_ref().map(|c| c.timezone.as_str()))
-            .unwrap_or("UTC");
-        match QuietHours::parse(&quiet.starts, &quiet.ends, timezone) {
-            Ok(window) => {
-                let now = (ctx.clock)();
-                if let Some(end) = window.ends_after(now) {
-                    let delay = (end - now).to_std().unwrap_or_default();
-                    return Gate::Defer {
-                        delay: delay.max(Duration::from_millis(50)),
-                        reason: format!(
-                            "deferred: quiet hours until {}",
-                            end.to_rfc3339_opts(SecondsFormat::Secs, true)
-                        ),
-                    };
-                }
-            }
-            Err(err) => {
-                tracing::warn!(customer = ?command.customer_id, error = %err, "unreadable quiet hours ignored")
-            }
-        }
+    if !critical
+        && let Some(recipient) = quiet
+        && let Some(deferral) = quiet_hours_gate(ctx, recipient, command)
+    {
+        return deferral;
     }
     if critical || !ctx.limits.contains_key(&command.category) {
         return Gate::Go { opted_out };
@@ -175,5 +198,39 @@ pub async fn gate(
             delay: UNANSWERED_LIMITER_HOLD,
             reason: "deferred: the rate limiter did not answer in time".into(),
         },
+    }
+}
+
+/// A deferral while `recipient`'s quiet hours are on, `None` outside them (or without any).
+fn quiet_hours_gate(
+    ctx: &PolicyContext,
+    recipient: &Recipient,
+    command: &SendCommand,
+) -> Option<Gate> {
+    let quiet = recipient.wishes.quiet_hours.as_ref()?;
+    // Quiet hours without a zone of their own follow the customer's, as it is now.
+    let timezone = quiet
+        .timezone
+        .as_deref()
+        .or(recipient.customer.as_ref().map(|c| c.timezone.as_str()))
+        .unwrap_or("UTC");
+    match QuietHours::parse(&quiet.starts, &quiet.ends, timezone) {
+        Ok(window) => {
+            let now = (ctx.clock)();
+            let end = window.ends_after(now)?;
+            let delay = (end - now).to_std().unwrap_or_default();
+            Some(Gate::Defer {
+                delay: delay.max(Duration::from_millis(50)),
+                reason: format!(
+                    "deferred: quiet hours until {}",
+                    end.to_rfc3339_opts(SecondsFormat::Secs, true)
+                ),
+            })
+        }
+        Err(err) => {
+            let customer = quiet.customer_id.as_str();
+            tracing::warn!(customer, notification = %command.notification_id, error = %err, "unreadable quiet hours ignored");
+            None
+        }
     }
 }

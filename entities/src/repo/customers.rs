@@ -1,13 +1,15 @@
 //! Queries on `customers`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter,
-    SqlErr, sea_query::Expr,
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr,
+    sea_query::{BinOper, Expr, ExprTrait, Func, Query, SimpleExpr},
 };
 
-use crate::{RepoError, customer};
+use crate::{RepoError, customer, preference, quiet_hours};
 
 /// The customer with this external id, if any.
 pub async fn find_by_external_id(
@@ -32,6 +34,198 @@ pub async fn find_many_by_external_id(
         .into_iter()
         .map(|customer| (customer.external_id.clone(), customer))
         .collect())
+}
+
+/// The contacts a send that names no customer goes to on the channels that reach stored
+/// customers (email, SMS, Telegram, push): what [`with_wishes_holding`] looks customers up by.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ContactSet {
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number.
+    pub phone: Option<String>,
+    /// Telegram chat id.
+    pub telegram_chat_id: Option<String>,
+    /// Push device tokens.
+    pub push_tokens: Vec<String>,
+}
+
+/// Which contacts of a [`ContactSet`] a customer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    /// The email address.
+    pub email: bool,
+    /// The phone number.
+    pub phone: bool,
+    /// The Telegram chat id.
+    pub telegram_chat_id: bool,
+    /// One of the push tokens at least.
+    pub push_token: bool,
+}
+
+impl Held {
+    /// Whether the customer holds any of them.
+    pub fn any(self) -> bool {
+        self.email || self.phone || self.telegram_chat_id || self.push_token
+    }
+}
+
+impl ContactSet {
+    /// Whether it holds no contact.
+    pub fn is_empty(&self) -> bool {
+        self.email.is_none()
+            && self.phone.is_none()
+            && self.telegram_chat_id.is_none()
+            && self.push_tokens.is_empty()
+    }
+
+    /// Which of these contacts `customer` holds: the email address regardless of case (one
+    /// mailbox, however a producer capitalised it), the others exactly.
+    pub fn held_by(&self, customer: &customer::Model) -> Held {
+        let same =
+            |mine: &Option<String>, theirs: &Option<String>| mine.is_some() && mine == theirs;
+        let email = match (&self.email, &customer.email) {
+            (Some(mine), Some(theirs)) => mine.to_lowercase() == theirs.to_lowercase(),
+            _ => false,
+        };
+        let push_token = !self.push_tokens.is_empty() && {
+            let theirs = push_tokens(customer);
+            self.push_tokens.iter().any(|token| theirs.contains(token))
+        };
+        Held {
+            email,
+            phone: same(&self.phone, &customer.phone),
+            telegram_chat_id: same(&self.telegram_chat_id, &customer.telegram_chat_id),
+            push_token,
+        }
+    }
+}
+
+/// The customers holding any contact of `sets` who have stored wishes (preferences or quiet
+/// hours): those whose opt-outs and quiet hours a send to the contacts must follow. One query,
+/// on the contact indexes of `m20261207_001901` (emails compared as `lower(email)`); none when
+/// `sets` hold no contact.
+///
+/// On SQLite a push token is looked for among the customers with stored wishes only (SQLite
+/// cannot index the tokens inside the JSON list): a walk of those, not of every customer.
+pub async fn with_wishes_holding(
+    db: &impl ConnectionTrait,
+    sets: &[ContactSet],
+) -> Result<Vec<customer::Model>, RepoError> {
+    let Some(holding) = holding_any(db.get_database_backend(), sets) else {
+        return Ok(Vec::new());
+    };
+    Ok(customer::Entity::find()
+        .filter(holding)
+        .filter(has_wishes())
+        .all(db)
+        .await?)
+}
+
+/// The query of [`with_wishes_holding`] (for the query-plan tests); `None` without contacts.
+pub fn with_wishes_holding_query(
+    backend: DbBackend,
+    sets: &[ContactSet],
+) -> Option<sea_orm::Select<customer::Entity>> {
+    let holding = holding_any(backend, sets)?;
+    Some(
+        customer::Entity::find()
+            .filter(holding)
+            .filter(has_wishes()),
+    )
+}
+
+/// Customers holding any contact of `sets`; `None` when they hold none.
+fn holding_any(backend: DbBackend, sets: &[ContactSet]) -> Option<Condition> {
+    let distinct = |pick: fn(&ContactSet) -> Option<&String>| -> BTreeSet<&str> {
+        sets.iter().filter_map(pick).map(String::as_str).collect()
+    };
+    let emails = distinct(|set| set.email.as_ref());
+    let phones = distinct(|set| set.phone.as_ref());
+    let chats = distinct(|set| set.telegram_chat_id.as_ref());
+    let tokens: BTreeSet<&str> = sets
+        .iter()
+        .flat_map(|set| set.push_tokens.iter().map(String::as_str))
+        .collect();
+    let mut any = Condition::any();
+    if !emails.is_empty() {
+        let lower = |value: &str| Func::lower(Expr::val(value.to_string()));
+        any = any.add(
+            Expr::expr(Func::lower(Expr::col(customer::Column::Email)))
+                .is_in(emails.iter().map(|email| lower(email))),
+        );
+    }
+    if !phones.is_empty() {
+        any = any.add(customer::Column::Phone.is_in(phones));
+    }
+    if !chats.is_empty() {
+        any = any.add(customer::Column::TelegramChatId.is_in(chats));
+    }
+    if !tokens.is_empty() {
+        any = any.add(holding_push_token(backend, &tokens));
+    }
+    (!any.is_empty()).then_some(any)
+}
+
+/// Customers whose push tokens include one of `tokens`: on PostgreSQL by the GIN index of the
+/// tokens as `jsonb`; on SQLite among the customers with stored wishes (see
+/// [`with_wishes_holding`]).
+fn holding_push_token(backend: DbBackend, tokens: &BTreeSet<&str>) -> Condition {
+    let tokens_column = (customer::Entity, customer::Column::PushTokens);
+    if backend == DbBackend::Postgres {
+        return tokens.iter().fold(Condition::any(), |any, token| {
+            let one = serde_json::json!([token]).to_string();
+            any.add(
+                Expr::col(tokens_column)
+                    .cast_as("jsonb")
+                    .binary(BinOper::Custom("@>"), Expr::val(one).cast_as("jsonb")),
+            )
+        });
+    }
+    let with_wishes = Query::select()
+        .column(preference::Column::CustomerId)
+        .from(preference::Entity)
+        .union(
+            sea_orm::sea_query::UnionType::Distinct,
+            Query::select()
+                .column(quiet_hours::Column::CustomerId)
+                .from(quiet_hours::Entity)
+                .to_owned(),
+        )
+        .to_owned();
+    let marks: Vec<String> = (1..=tokens.len()).map(|n| format!("${n}")).collect();
+    let in_list: SimpleExpr = Expr::cust_with_values(
+        format!(
+            r#"EXISTS (SELECT 1 FROM json_each("customers"."push_tokens") WHERE value IN ({}))"#,
+            marks.join(", ")
+        ),
+        tokens.iter().map(|token| token.to_string()),
+    );
+    Condition::all()
+        .add(customer::Column::ExternalId.in_subquery(with_wishes))
+        .add(in_list)
+}
+
+/// Customers with a preference row or quiet hours.
+fn has_wishes() -> Condition {
+    let external_id = (customer::Entity, customer::Column::ExternalId);
+    let preference = Query::select()
+        .expr(Expr::val(1))
+        .from(preference::Entity)
+        .and_where(
+            Expr::col((preference::Entity, preference::Column::CustomerId)).equals(external_id),
+        )
+        .to_owned();
+    let quiet = Query::select()
+        .expr(Expr::val(1))
+        .from(quiet_hours::Entity)
+        .and_where(
+            Expr::col((quiet_hours::Entity, quiet_hours::Column::CustomerId)).equals(external_id),
+        )
+        .to_owned();
+    Condition::any()
+        .add(Expr::exists(preference))
+        .add(Expr::exists(quiet))
 }
 
 /// Times [`remove_push_token`] reads the customer again after another write changed it first.
@@ -292,4 +486,58 @@ pub async fn update(
 /// A stored customer's push tokens (an unreadable column reads as none).
 pub fn push_tokens(customer: &customer::Model) -> Vec<String> {
     serde_json::from_value(customer.push_tokens.clone()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn customer(email: &str, tokens: &[&str]) -> customer::Model {
+        let now = chrono::Utc::now();
+        customer::Model {
+            id: uuid::Uuid::now_v7(),
+            external_id: "ada".into(),
+            name: None,
+            email: Some(email.into()),
+            phone: Some("+4915112345678".into()),
+            telegram_chat_id: Some("4711".into()),
+            push_tokens: serde_json::json!(tokens),
+            webhook_url: None,
+            webhook_secret: None,
+            locale: "en".into(),
+            timezone: "UTC".into(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn an_email_is_held_whatever_its_case_and_other_contacts_exactly() {
+        let ada = customer("Ada@Example.com", &["t1", "t2"]);
+        let set = ContactSet {
+            email: Some("ada@EXAMPLE.com".into()),
+            phone: Some("+4915112345679".into()),
+            telegram_chat_id: Some("4711".into()),
+            push_tokens: vec!["t0".into(), "t2".into()],
+        };
+        let held = set.held_by(&ada);
+        assert_eq!(
+            held,
+            Held {
+                email: true,
+                phone: false,
+                telegram_chat_id: true,
+                push_token: true,
+            }
+        );
+        assert!(held.any());
+        let other = ContactSet {
+            email: Some("grace@example.com".into()),
+            push_tokens: vec!["T1".into()],
+            ..Default::default()
+        };
+        assert!(!other.held_by(&ada).any(), "tokens compare exactly");
+        assert!(ContactSet::default().is_empty());
+        assert!(!ContactSet::default().held_by(&ada).any());
+    }
 }
