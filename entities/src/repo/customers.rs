@@ -103,7 +103,7 @@ impl ContactSet {
 
 /// The customers holding any contact of `sets` who have stored wishes (preferences or quiet
 /// hours): those whose opt-outs and quiet hours a send to the contacts must follow. One query,
-/// on the contact indexes of `m20261207_001901` (emails compared as `lower(email)`); none when
+/// on the contact indexes of `m20261207_002101` (emails compared as `lower(email)`); none when
 /// `sets` hold no contact.
 ///
 /// On SQLite a push token is looked for among the customers with stored wishes only (SQLite
