@@ -3064,3 +3064,31 @@ async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes
         "found by email, phone, chat id and push token; nobody for an unknown address"
     );
 }
+
+/// A chunk of a batch cancel moves at most its limit, on PostgreSQL too, where its read of the
+/// rows passes over those other transactions hold (`FOR UPDATE SKIP LOCKED`): as `id IN (…)` such
+/// a read may run again for each row the UPDATE changes and choose more rows than its limit.
+#[tokio::test]
+async fn a_bulk_cancel_chunk_moves_at_most_its_limit() {
+    use herald_entities::repo::schedule;
+    use sea_orm::PaginatorTrait;
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let id = done_batch(&w).await;
+    let db = w.herald.db();
+    let ids = batch_notifications(db, id, &[NotificationStatus::Scheduled; 6]).await;
+    let chunk = schedule::cancel_batch_chunk(db, id, "batch cancelled", 2)
+        .await
+        .expect("a chunk cancelled");
+    let cancelled = notification::Entity::find()
+        .filter(notification::Column::Id.is_in(ids.clone()))
+        .filter(notification::Column::Status.eq(NotificationStatus::Cancelled))
+        .count(db)
+        .await
+        .expect("count");
+    assert_eq!(
+        (chunk.ids.len(), cancelled),
+        (2, 2),
+        "a chunk of 2 of a batch of 6 (ids answered, rows cancelled)"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}

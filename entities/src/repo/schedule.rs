@@ -6,8 +6,8 @@ use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, QueryTrait, Select, UpdateMany,
     sea_query::{
-        CaseStatement, Expr, ExprTrait, LockBehavior, LockType, PgFunc, Query, SimpleExpr,
-        UpdateStatement,
+        CaseStatement, Expr, ExprTrait, LockBehavior, LockType, PgFunc, Query, SelectStatement,
+        SimpleExpr, UpdateStatement,
     },
 };
 use uuid::Uuid;
@@ -112,15 +112,8 @@ pub async fn claim_due(
         let unlocked = due(now, limit)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
             .into_query();
-        // `= ANY(ARRAY(…))`, not `IN (…)`: the scan runs once, before the UPDATE. As a semi-join
-        // it may run again for each row updated, find the rows it locked already updated, skip
-        // them and lock the next ones: a claim of 2 took 4.
-        let once = PgFunc::any(Expr::cust_with_expr(
-            "ARRAY $1",
-            Expr::SubQuery(None, Box::new(unlocked.into())),
-        ));
         let rows = mark_claimed(now, &token)
-            .filter(ExprTrait::eq(Expr::col(notification::Column::Id), once))
+            .filter(id_among_once(unlocked))
             .exec_with_returning(db)
             .await?;
         let full = rows.len() as u64 >= Ord::max(limit, 1);
@@ -340,7 +333,8 @@ pub async fn cancel_batch_chunk(
 
 /// [`cancel_batch_chunk`]'s statement: `UPDATE notifications SET status = 'cancelled' … WHERE id
 /// IN (SELECT id FROM notifications WHERE batch_id = ? AND status IN ('scheduled', 'queued')
-/// LIMIT ? [FOR UPDATE SKIP LOCKED]) AND status IN ('scheduled', 'queued') RETURNING id`. The
+/// LIMIT ?) AND status IN ('scheduled', 'queued') RETURNING id` (on PostgreSQL `id =
+/// ANY(ARRAY(SELECT … LIMIT ? FOR UPDATE SKIP LOCKED))`, read once: see `id_among_once`). The
 /// inner read finds the rows in the `(batch_id, status)` index; the outer condition is checked
 /// again on each row as it is changed (PostgreSQL re-reads a row another transaction changed
 /// meanwhile). Public so that tests can check how databases plan it.
@@ -373,10 +367,26 @@ pub fn cancel_chunk_query(
     if backend == DbBackend::Postgres {
         chosen.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
     }
-    let mut update =
-        cancel_where(reason, at, notification::Column::Id.in_subquery(chosen)).into_query();
+    let which = if backend == DbBackend::Postgres {
+        id_among_once(chosen)
+    } else {
+        notification::Column::Id.in_subquery(chosen)
+    };
+    let mut update = cancel_where(reason, at, which).into_query();
     update.returning(Query::returning().column(notification::Column::Id));
     update
+}
+
+/// `id = ANY(ARRAY(chosen))`, for PostgreSQL: the `LIMIT … FOR UPDATE SKIP LOCKED` read `chosen`
+/// runs once, before the UPDATE it picks rows for. As `id IN (chosen)`, a semi-join, it may run
+/// again for each row updated, find the rows it locked already updated, pass over them and lock
+/// the next ones: a claim of 2 took 4.
+fn id_among_once(chosen: SelectStatement) -> SimpleExpr {
+    let once = PgFunc::any(Expr::cust_with_expr(
+        "ARRAY $1",
+        Expr::SubQuery(None, Box::new(chosen.into())),
+    ));
+    ExprTrait::eq(Expr::col(notification::Column::Id), once)
 }
 
 /// Whether some notification of batch `batch_id` is still cancellable (a plain read: it takes no
