@@ -339,7 +339,8 @@ async fn release_all_due(args: &SchedulerArgs) -> bool {
 
 /// Releases up to `claim_limit` due notifications, and as many stale claims. Answers whether more
 /// may be left and the next chunk may go at once: a claim came back full (or found as many due,
-/// some taken first by another instance's claim), and every command was published (one NATS did not take is tried again after `poll_interval_ms`, not at once).
+/// some taken first by another instance's claim), and every command was published (one NATS did
+/// not take is tried again after `poll_interval_ms`, not at once).
 async fn release_due(args: &SchedulerArgs) -> Result<bool, String> {
     let now = (args.clock)();
     let limit = args.settings.claim_limit;

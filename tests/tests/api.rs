@@ -596,7 +596,8 @@ async fn a_receipt_moves_sent_to_delivered_and_publishes_the_event() {
     assert_eq!(event["notification_id"], other.as_str());
     assert_eq!(event["error"], "550 mailbox gone");
 
-    // A receipt is about a sent message: one for a notification not sent yet is refused.
+    // A receipt is about a sent message: one for a notification waiting for its time
+    // (`scheduled`, no send under way) is refused; one whose send may be under way is held.
     let mut later = email("cy@example.com", None, "transactional");
     later["scheduled_at"] = json!((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
     let scheduled = h.send_accepted(&later).await;

@@ -90,8 +90,8 @@ pub struct DueClaim {
     pub full: bool,
 }
 
-/// Claims up to `limit` scheduled notifications due at `now`, soonest first: moves them
-/// `scheduled → queued`, marked with a fresh token. Two instances claiming at once each get only
+/// Claims up to `limit` scheduled notifications due at `now`, the soonest due: moves them
+/// `scheduled → queued`, marked with a fresh token (the rows come back in no particular order). Two instances claiming at once each get only
 /// the rows their own UPDATE moved.
 ///
 /// On PostgreSQL one UPDATE takes the due rows no other transaction holds (`FOR UPDATE SKIP
