@@ -582,6 +582,80 @@ async fn a_send_to_a_customer_that_never_exists_dies_once_the_retry_schedule_has
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A flood of sends naming a customer Herald does not know, with no contacts (a producer that
+/// never registers them, or a customer deleted after the sends were accepted): each waiting
+/// command held one of its partition consumer's `max_ack_pending` slots for the whole retry
+/// schedule (hours here), so once the flood took them all, the partition delivered nothing and a
+/// send to a known customer behind it waited for hours. Now a command starts waiting only while
+/// fewer than half the slots are taken; the others go `dead` at once, saying why.
+#[tokio::test]
+async fn a_flood_of_sends_for_an_unknown_customer_does_not_stall_sends_for_known_ones() {
+    const SLOTS: i64 = 8;
+    const FLOOD: usize = 3 * SLOTS as usize;
+    let w = world_with(|config| {
+        // Every send on the one partition, so on one consumer's slots.
+        config.nats.partitions = 1;
+        config.nats.max_ack_pending = SLOTS;
+        // A wait far longer than the test (hours).
+        config.dispatch.retry.max_deliveries = 10_000;
+    })
+    .await;
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        flood.push(w.herald.send_accepted(&to_customer("c-flood")).await);
+    }
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-known", "name": "Ada", "email": "known@example.com", "locale": "en"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let known = w.herald.send_accepted(&to_customer("c-known")).await;
+    w.herald.wait_status(&known, "sent").await;
+    let mails = w
+        .smtp
+        .wait_for_count(1, E2E_TIMEOUT)
+        .await
+        .expect("the known customer's mail, while the flood's sends wait");
+    assert_eq!(mails[0].to, vec!["known@example.com".to_string()]);
+
+    // Once the customer exists the sends still waiting go out; the others went dead, saying why.
+    let (status, body) = w
+        .herald
+        .post(
+            "/api/v1/customers",
+            &json!({"id": "c-flood", "name": "Flo", "email": "flood@example.com", "locale": "en"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let mut sent = 0;
+    for id in &flood {
+        let path = format!("/api/v1/notifications/{id}");
+        let settled = eventually("each send of the flood to settle", E2E_TIMEOUT, || async {
+            let (_, json) = w.herald.get(&path).await;
+            (json["status"] == "sent" || json["status"] == "dead").then_some(json)
+        })
+        .await;
+        if settled["status"] == "sent" {
+            sent += 1;
+            continue;
+        }
+        let reason = settled["status_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("unknown customer \"c-flood\" and no contacts given")
+                && reason.contains(&format!("of partition 0's {SLOTS} pending slots")),
+            "says why it was not waited for: {settled}"
+        );
+    }
+    assert!(
+        sent <= SLOTS as usize / 2,
+        "at most half the slots held waiting sends: {sent} waited"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// A pass that finds the only channel's circuit open calls no provider and does not use up a
 /// retry: it waits for the cool-down, and the probe after it delivers. With two deliveries
 /// allowed, the pass refused by the circuit used to be the last, and the send went dead.
