@@ -48,6 +48,7 @@ use crate::retry::{RetryPolicy, Wait};
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 use crate::templates::variables;
+use crate::waiting::{Waiters, WaitingRoom};
 
 /// How long a send may take, from the dispatcher's asking its channel actor (its wait for a
 /// concurrency permit included) to the answer: a send that gets its permit too late to finish
@@ -96,6 +97,8 @@ pub struct DeliveryContext {
     pub status_writer: ActorSlot<StatusWriterMsg>,
     /// Retry schedule.
     pub retry: RetryPolicy,
+    /// How many commands may wait for unknown customers at once, on each partition.
+    pub waiting: WaitingRoom,
     /// A deferral at least this long (quiet hours, a rate limit) waits as a `scheduled`
     /// notification, its command acknowledged, rather than as a command held back in JetStream:
     /// a held-back command counts against its consumer's `max_ack_pending` until it is
@@ -331,7 +334,7 @@ async fn work(
     let destination = match resolve_contacts(&command, recipient.customer.as_ref()) {
         Ok(contacts) => Destination::new(contacts, recipient.customer.as_ref()),
         Err(UnknownCustomer(customer)) => {
-            return unknown_customer(&ctx.retry, id, &customer, message.copy);
+            return unknown_customer(ctx, id, &customer, message).await;
         }
     };
     // A round of it was walked (since it was queued or replayed): the gate let it through then.
@@ -649,29 +652,43 @@ struct UnknownCustomer(String);
 /// reason, since a customer may be registered a moment after the send that names it, as the
 /// Router waits for an event's; dead-lettered once the schedule's whole wait has passed since the
 /// command was published. Not a [`Gate::Defer`]: a long one would become `scheduled` and come back
-/// as a new message, published later, so it would wait for ever.
-fn unknown_customer(retry: &RetryPolicy, id: uuid::Uuid, customer: &str, copy: Delivery) -> Settle {
-    match retry.wait(
+/// as a new message, published later, so it would wait for ever. A waiting command holds a
+/// pending slot of its partition's consumer, so it is dead-lettered at once, saying why, when
+/// waiting commands hold their share of them ([`crate::waiting`]).
+async fn unknown_customer(
+    ctx: &DeliveryContext,
+    id: uuid::Uuid,
+    customer: &str,
+    message: &CommandMessage,
+) -> Settle {
+    let copy = message.copy;
+    let unknown = format!("unknown customer {customer:?} and no contacts given");
+    let delay = match ctx.retry.wait(
         copy.published,
         SystemTime::now(),
         copy.count,
         rand::random(),
     ) {
-        Wait::Again(delay) => {
-            let change = StatusChange {
-                reason: Some(format!(
-                    "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",
-                    delay.as_secs_f64()
-                )),
-                ..StatusChange::to(id, NotificationStatus::Processing)
-            };
-            Settle::record_then_nak(vec![change], vec![], delay)
-        }
-        Wait::GiveUp(gave_up) => Settle::dead(
-            format!("unknown customer {customer:?} and no contacts given ({gave_up})"),
-            vec![],
-        ),
+        Wait::Again(delay) => delay,
+        Wait::GiveUp(gave_up) => return Settle::dead(format!("{unknown} ({gave_up})"), vec![]),
+    };
+    if let Some(partition) = herald_nats::subjects::command_partition(&message.subject)
+        && let Err(full) = ctx
+            .waiting
+            .admit(Waiters::Commands { partition }, copy.count > 1)
+            .await
+    {
+        metrics::counter!("herald_commands_wait_refused_total").increment(1);
+        return Settle::dead(format!("{unknown} ({full})"), vec![]);
     }
+    let change = StatusChange {
+        reason: Some(format!(
+            "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",
+            delay.as_secs_f64()
+        )),
+        ..StatusChange::to(id, NotificationStatus::Processing)
+    };
+    Settle::record_then_nak(vec![change], vec![], delay)
 }
 
 /// The request's contacts over the stored customer's.

@@ -32,3 +32,4 @@ pub mod scheduler;
 pub mod slot;
 pub mod status_writer;
 pub mod templates;
+pub mod waiting;

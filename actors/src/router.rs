@@ -6,7 +6,7 @@
 //! for each rule: load the customer (unknown ⇒ retried on the retry schedule, as a customer may
 //! be created a moment after the event that names it, then dead letter once the schedule's whole
 //! wait has passed since the event was published; dead letter at once when waiting events hold
-//! their share of the consumer's pending slots, [`waiting`]) → render the template,
+//! their share of the consumer's pending slots, [`crate::waiting`]) → render the template,
 //! compiled or runtime, in the customer's locale (unknown template or render error ⇒ dead letter)
 //! → store the notification under an id derived from event id and rule (a second delivery of the
 //! event finds it) → publish its send command (one larger than the server's `max_payload` ⇒
@@ -47,9 +47,7 @@ use crate::templates::{runtime::RuntimeTemplates, variables};
 
 use herald_nats::events::{MAX_EVENT_BYTES, router_request_id};
 
-pub mod waiting;
-
-use waiting::WaitingRoom;
+use crate::waiting::{Waiters, WaitingRoom};
 
 /// The dead-letter source of events: `notify.dlq.events`.
 pub const DLQ_SOURCE: &str = "events";
@@ -335,7 +333,7 @@ fn database(err: RepoError) -> Failure {
 /// the schedule's whole wait has passed since the event was published (replayable once the
 /// customer exists). Deliveries handed back for other reasons (a database outage) do not shorten
 /// the wait. A waiting event holds a pending slot of the router's consumer, so it is dead-lettered
-/// at once, saying why, when waiting events hold their share of them ([`waiting`]).
+/// at once, saying why, when waiting events hold their share of them ([`crate::waiting`]).
 async fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery) -> Failure {
     let reason = format!("unknown customer {customer_id:?}");
     let delay = match ctx.retry.wait(
@@ -347,7 +345,7 @@ async fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery
         Wait::Again(delay) => delay,
         Wait::GiveUp(gave_up) => return Failure::DeadLetter(format!("{reason} ({gave_up})")),
     };
-    match ctx.waiting.admit(copy.count > 1).await {
+    match ctx.waiting.admit(Waiters::Events, copy.count > 1).await {
         Ok(()) => Failure::Wait(reason, delay),
         Err(full) => {
             metrics::counter!("herald_events_wait_refused_total").increment(1);

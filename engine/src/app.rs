@@ -457,6 +457,7 @@ async fn start_engine(
         channels: channels.clone(),
         status_writer: status_writer.clone(),
         retry: config.dispatch.retry,
+        waiting: herald_actors::waiting::WaitingRoom::new(publisher.jetstream().clone()),
         schedule_deferrals_after: Duration::from_secs(
             config.dispatch.schedule_deferrals_after_secs,
         ),
@@ -614,7 +615,7 @@ async fn router_args(
         templates,
         default_chains: config.default_chains()?,
         retry: config.dispatch.retry,
-        waiting: herald_actors::router::waiting::WaitingRoom::new(publisher.jetstream().clone()),
+        waiting: herald_actors::waiting::WaitingRoom::new(publisher.jetstream().clone()),
     };
     Ok(herald_actors::router::RouterArgs {
         consumer,

@@ -37,5 +37,5 @@ pub use publish::{
 };
 pub use streams::{
     PendingSlots, Provisioned, Retention, StreamSettings, check_command_partitions,
-    dispatch_consumer, provision, router_consumer, router_pending_slots,
+    dispatch_consumer, pending_slots, provision, router_consumer,
 };

@@ -227,28 +227,33 @@ pub async fn router_consumer(
     .await
 }
 
-/// The pending slots of the router's consumer at one reading.
+/// The pending slots of a durable consumer at one reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingSlots {
-    /// Events delivered and not acknowledged yet (`num_ack_pending`): being routed, or handed
+    /// Messages delivered and not acknowledged yet (`num_ack_pending`): being worked on, or handed
     /// back to wait for a later delivery.
     pub taken: u64,
     /// The consumer's `max_ack_pending`; `None` when it has no limit.
     pub limit: Option<u64>,
 }
 
-/// Reads how many of the `herald-router` consumer's pending slots are taken (one consumer info
-/// request; the consumer's own figures, across every instance that pulls from it).
-pub async fn router_pending_slots(js: &jetstream::Context) -> Result<PendingSlots, NatsError> {
+/// Reads how many of the pending slots of the durable consumer `consumer` of `stream` are taken
+/// (one consumer info request; the consumer's own figures, across every instance that pulls from
+/// it).
+pub async fn pending_slots(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Result<PendingSlots, NatsError> {
     let read_error = |e: &dyn std::fmt::Display| NatsError::Read {
-        what: format!("consumer {}", subjects::ROUTER_CONSUMER),
+        what: format!("consumer {consumer}"),
         reason: e.to_string(),
     };
     let info = js
-        .get_stream_no_info(subjects::EVENTS_STREAM)
+        .get_stream_no_info(stream)
         .await
         .map_err(|e| read_error(&e))?
-        .consumer_info(subjects::ROUTER_CONSUMER)
+        .consumer_info(consumer)
         .await
         .map_err(|e| read_error(&e))?;
     Ok(PendingSlots {
