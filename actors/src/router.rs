@@ -12,7 +12,9 @@
 //! event finds it) → publish its send command (one larger than the server's `max_payload` ⇒
 //! notification removed, dead letter) → ack. A database outage or NATS failure NAKs with
 //! backoff; any other database error dead-letters (it would fail every retry). Nothing is acked
-//! before it is stored and published, and nothing is notified twice.
+//! before it is stored and published, and nothing is notified twice. The rules' dead letters are
+//! published only when no rule hands the event back, just before it is acked, so a rule's failure
+//! is dead-lettered once however long another rule of the event waits or retries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -234,23 +236,26 @@ pub async fn route(
         let _ = acker.ack().await;
         return;
     }
+    // The rules' dead letters go out once every rule is done with the event: were one published
+    // while a later rule hands the event back (a wait for its customer, an outage), each
+    // redelivery would publish it again, kept as a new entry once the de-duplication window had
+    // passed (the waits and backoffs can outlast it).
+    let mut dead = Vec::new();
     for rule in matched {
         match notify(&ctx, &event, &data, rule, copy).await {
             Ok(()) => {
                 metrics::counter!("herald_events_total", "outcome" => "notified").increment(1);
             }
             Err(Failure::DeadLetter(reason)) => {
-                // The stream message's sequence in the id: a redelivery of this message is a
-                // duplicate the DLQ drops, while the same event replayed (a new message) that
-                // fails again gets an entry of its own even within the de-duplication window.
-                let letter = Poison {
+                // The stream message's sequence in the id: a redelivery of this message (a dead
+                // letter not confirmed, an ack lost) is a duplicate the DLQ drops, while the same
+                // event replayed (a new message) that fails again gets an entry of its own even
+                // within the de-duplication window.
+                dead.push(Poison {
                     reason: format!("rule {}: {reason}", rule.name),
                     msg_id: format!("{}:{}:dead:{sequence}", event.id, rule.name),
                     ..poison(String::new())
-                };
-                if !dead_letter(&ctx, letter).await {
-                    return nak(&ctx, acker, delivered).await;
-                }
+                });
             }
             Err(Failure::Retry(reason)) => {
                 metrics::counter!("herald_events_total", "outcome" => "retried").increment(1);
@@ -263,6 +268,11 @@ pub async fn route(
                 let _ = acker.ack_with(AckKind::Nak(Some(delay))).await;
                 return;
             }
+        }
+    }
+    for letter in dead {
+        if !dead_letter(&ctx, letter).await {
+            return nak(&ctx, acker, delivered).await;
         }
     }
     let _ = acker.ack().await;

@@ -801,6 +801,85 @@ async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_rend
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// An event two rules match: the first dead-letters it (its runtime template does not exist), the
+/// second waits for its customer, created a while later. Each redelivery of the waiting event
+/// dead-lettered the first rule again, and once JetStream had forgotten the first dead letter's id
+/// (its de-duplication window, 2 s here, passed while the event waited) the copy was kept: the
+/// dead-letter stream held several replayable entries for one failure. A rule's dead letter now
+/// goes out once the event is done with, so there is one.
+#[tokio::test]
+async fn an_event_waiting_for_one_rule_s_customer_dead_letters_another_rule_once() {
+    let w = world_with(|config| {
+        config.nats.dedup_window_secs = 2;
+        // Room for many retries, so that the event waits well past the window.
+        config.dispatch.retry.max_deliveries = 1_000;
+        // First: `order_placed` naming a runtime template that does not exist.
+        config.routing.rules.push(Rule {
+            name: "order_placed".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_note".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "customer_id".into(),
+            enabled: true,
+        });
+        // Second: a copy of the order for another customer, named by another field.
+        config.routing.rules.push(Rule {
+            name: "order_copy".into(),
+            event: "orders.created".into(),
+            when: Default::default(),
+            template: "order_placed".into(),
+            category: Category::Transactional,
+            channels: Some(vec![Channel::Email]),
+            recipient: "order_number".into(),
+            enabled: true,
+        });
+    })
+    .await;
+    w.customer("c-ada", "ada@example.com", "en").await;
+    let event_id = Uuid::now_v7();
+    w.publish_event(
+        &order_created(event_id, "c-ada", "c-later"),
+        &event_id.to_string(),
+    )
+    .await;
+    // Eight deliveries: at least 2.7 s of the test's backoff (100 + 200 + 400 + 4 × 500 ms) have
+    // passed since the first, past the dead letters' de-duplication window.
+    let js = w.js().await;
+    eventually(
+        "the router to retry the event 8 times",
+        E2E_TIMEOUT,
+        || async {
+            let stream = js.get_stream("EVENTS").await.ok()?;
+            let mut consumer: jetstream::consumer::PullConsumer =
+                stream.get_consumer("herald-router").await.ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.delivered.consumer_sequence >= 8).then_some(())
+        },
+    )
+    .await;
+
+    w.customer("c-later", "later@example.com", "en").await;
+    let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
+    assert_eq!(mails[0].to, ["later@example.com"]);
+    w.router_idle().await;
+    let letters = event_dead_letters(&w.nats).await;
+    let placed: Vec<_> = letters
+        .iter()
+        .filter(|(reason, _)| reason.starts_with("rule order_placed:"))
+        .collect();
+    assert_eq!(
+        placed.len(),
+        1,
+        "one dead letter for the rule that failed: {letters:?}"
+    );
+    assert!(placed[0].0.contains("order_note"), "{letters:?}");
+    assert!(placed[0].1.contains(&event_id.to_string()), "{letters:?}");
+    assert_eq!(letters.len(), 1, "none for the rule routed: {letters:?}");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn an_event_whose_notification_renders_too_large_to_send_is_dead_lettered_unstored() {
     let w = world_with(|config| {
