@@ -9,6 +9,10 @@
 //! write. If the database is unreachable the flush retries with backoff and tells JetStream the
 //! messages are still in progress, so they are neither redelivered (and resent) nor acked;
 //! in-flight permits stay held, which pauses the consumer until the database is back.
+//!
+//! A batch's status events are published on a task of their own, so that the next batch never
+//! waits for NATS; a [`StatusWriterMsg::Flush`] (shutdown) answers once they are out too, within
+//! [`PUBLISH_WAIT`], so that a stopping process does not drop events whose statuses it committed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,9 +79,13 @@ pub enum StatusWriterMsg {
     Tick,
     /// A flush finished (internal).
     Written,
-    /// Reply once everything received so far is written (shutdown).
+    /// Reply once everything received so far is written and its status events are published, or
+    /// after [`PUBLISH_WAIT`] those still unpublished are logged and counted (shutdown).
     Flush(RpcReplyPort<()>),
 }
+
+/// Longest a flush waits for the status events still being published once everything is written.
+pub const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 /// Connections in the StatusWriter's own pool: one transaction at a time, and one spare.
 const WRITER_CONNECTIONS: u32 = 2;
@@ -109,6 +117,8 @@ pub struct StatusWriterState {
     oldest_pending: Option<Instant>,
     tick_scheduled: bool,
     waiters: Vec<RpcReplyPort<()>>,
+    /// The status events being published.
+    publishing: Publishing,
 }
 
 /// The batching writer.
@@ -134,6 +144,7 @@ impl Actor for StatusWriter {
             oldest_pending: None,
             tick_scheduled: false,
             waiters: Vec::new(),
+            publishing: Publishing::default(),
         })
     }
 
@@ -177,10 +188,8 @@ impl Actor for StatusWriter {
                 start_flush(&myself, state);
             }
         }
-        if !state.flushing && state.pending.is_empty() {
-            for waiter in state.waiters.drain(..) {
-                let _ = waiter.send(());
-            }
+        if !state.flushing && state.pending.is_empty() && !state.waiters.is_empty() {
+            answer_when_published(std::mem::take(&mut state.waiters), &state.publishing);
         }
         Ok(())
     }
@@ -310,8 +319,9 @@ fn start_flush(myself: &ActorRef<StatusWriterMsg>, state: &mut StatusWriterState
     let args = state.args.clone();
     let writer = state.writer.clone();
     let written = WhenWritten(myself.clone());
+    let publishing = state.publishing.clone();
     tokio::spawn(async move {
-        let publish = |events| publish_events(&args.publisher, events);
+        let publish = |events| publishing.publish(&args.publisher, events);
         write_batch(&writer, batch, &publish).await;
         drop(written);
     });
@@ -495,12 +505,64 @@ fn status_event(change: &StatusChange) -> Option<StatusEvent> {
 /// for their acknowledgements; a failed publish is logged and counted
 /// ([`Publisher::publish_statuses`]).
 pub(crate) fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
-    if events.is_empty() {
-        return;
+    Publishing::default().publish(publisher, events);
+}
+
+/// The status events being published, counted so that a flush can wait for them.
+#[derive(Clone, Default)]
+struct Publishing(Arc<tokio::sync::watch::Sender<usize>>);
+
+/// Takes its events off the count when their publishing task ends (or panics).
+struct Published(Arc<tokio::sync::watch::Sender<usize>>, usize);
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= self.1);
     }
-    let publisher = publisher.clone();
+}
+
+impl Publishing {
+    /// Publishes `events` as [`publish_events`] does, counting them until their task ends.
+    fn publish(&self, publisher: &Publisher, events: Vec<StatusEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.0.send_modify(|count| *count += events.len());
+        let published = Published(self.0.clone(), events.len());
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            publisher.publish_statuses(&events).await;
+            drop(published);
+        });
+    }
+
+    /// Waits until no event is being published, for `within` at most; answers how many still are.
+    async fn settled(&self, within: Duration) -> usize {
+        let mut count = self.0.subscribe();
+        let settled = tokio::time::timeout(within, count.wait_for(|&count| count == 0))
+            .await
+            .is_ok();
+        if settled { 0 } else { *count.borrow() }
+    }
+}
+
+/// Answers `waiters` once the events being published are out, or after [`PUBLISH_WAIT`], logging
+/// and counting (`herald_status_events_left_unpublished_total`) those that are not: a stopping
+/// process drops them.
+fn answer_when_published(waiters: Vec<RpcReplyPort<()>>, publishing: &Publishing) {
+    let publishing = publishing.clone();
     tokio::spawn(async move {
-        publisher.publish_statuses(&events).await;
+        let left = publishing.settled(PUBLISH_WAIT).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "status events still unpublished after {PUBLISH_WAIT:?}; a stop drops them"
+            );
+            metrics::counter!("herald_status_events_left_unpublished_total").increment(left as u64);
+        }
+        for waiter in waiters {
+            let _ = waiter.send(());
+        }
     });
 }
 

@@ -18,7 +18,7 @@ use herald_actors::{
     partitions::{LeaseDeadlines, LeaseKeeperArgs, LeaseKeeperMsg, OwnershipView},
     rules::Rule,
     slot::ActorSlot,
-    status_writer::{StatusWriterArgs, StatusWriterMsg},
+    status_writer::{PUBLISH_WAIT, StatusWriterArgs, StatusWriterMsg},
     templates::runtime::RuntimeTemplates,
 };
 use herald_api::AppState;
@@ -337,7 +337,8 @@ impl Herald {
     /// progress while the dispatcher stops pulling (what is published meanwhile waits in
     /// JetStream); in-flight deliveries get the grace period, counted from the signal, to finish
     /// (those that do not are redelivered by JetStream, never acked unwritten); the status writer
-    /// flushes; the actors stop; NATS flushes.
+    /// flushes and publishes the status events of what it wrote (for
+    /// [`herald_actors::status_writer::PUBLISH_WAIT`] at most); the actors stop; NATS flushes.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.engine.grace;
         self.http_stop.cancel();
@@ -360,7 +361,8 @@ impl Herald {
             let flushed = writer
                 .call(
                     StatusWriterMsg::Flush,
-                    Some(left.max(Duration::from_secs(1))),
+                    // The flush waits for the status events to be published, within its own bound.
+                    Some(left.max(Duration::from_secs(1)) + PUBLISH_WAIT),
                 )
                 .await;
             if !matches!(flushed, Ok(ractor::rpc::CallResult::Success(()))) {

@@ -451,3 +451,52 @@ async fn changes_written_again_apart_are_recognised_as_the_batch_stamped_them() 
         "the whole batch again reports the sent of the notification it changed twice"
     );
 }
+
+/// A flush (as at shutdown) answers once the status events of what it wrote are published, not
+/// as soon as they are written: it used to answer at once, and the process, stopping, exited with
+/// the publishes in flight, so that observers never saw the `sent` of a notification stored
+/// `sent`. Here NATS is frozen while the batch is written: the flush waits until it is back and
+/// the event is stored.
+#[tokio::test]
+async fn a_flush_answers_once_the_events_of_what_it_wrote_are_published() {
+    let (database, db, id) = one_queued_notification().await;
+    let nats = NatsServer::start().await.expect("nats-server");
+    let js = async_nats::jetstream::new(nats.client().await.expect("NATS client"));
+    herald_nats::provision(&js, &StreamSettings::default())
+        .await
+        .expect("streams provisioned");
+    // Batches are written when flushed, never on their own.
+    let writer = writer(&database, &nats, 60_000).await;
+
+    nats.freeze().expect("SIGSTOP");
+    writer
+        .cast(record(StatusChange {
+            final_channel: Some("email".into()),
+            ..StatusChange::to(id, NotificationStatus::Sent)
+        }))
+        .expect("sent");
+    let mut flushing = {
+        let writer = writer.clone();
+        tokio::spawn(async move { flush(&writer).await })
+    };
+    eventually("the sent status written", WAIT, || async {
+        (stored_status(&db, id).await == NotificationStatus::Sent).then_some(())
+    })
+    .await;
+    // Written, but its event cannot be published while NATS is frozen: the flush must not answer.
+    let answered_early = tokio::time::timeout(Duration::from_secs(1), &mut flushing)
+        .await
+        .is_ok();
+    nats.resume().expect("SIGCONT");
+    assert!(
+        !answered_early,
+        "the flush answered while the sent event was not published"
+    );
+    flushing.await.expect("the flush ran");
+    assert_eq!(
+        status_events(&nats, "sent", id).await.len(),
+        1,
+        "the sent event is stored by the time the flush answers"
+    );
+    writer.stop(None);
+}
