@@ -43,7 +43,7 @@ use crate::channel::{
     SendOutcome, SendReport, WebhookSecret,
 };
 use crate::lookup::Recipient;
-use crate::policy::Gate;
+use crate::policy::{Gate, OptOut};
 use crate::retry::{RetryPolicy, Wait};
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
@@ -564,13 +564,13 @@ impl Round {
 
 /// Records a notification the policy stopped (`skipped`, with the channels the customer opted
 /// out of as attempts), with the reason, so "why was this not sent?" has an answer.
-fn skipped(command: &SendCommand, reason: String, opted_out: &[Channel], round: Round) -> Settle {
+fn skipped(command: &SendCommand, reason: String, opted_out: &[OptOut], round: Round) -> Settle {
     metrics::counter!("herald_notifications_skipped_total").increment(1);
     let first_no = round.first_attempt_no;
     let attempts: Vec<NewAttempt> = opted_out
         .iter()
         .enumerate()
-        .map(|(index, channel)| opted_out_attempt(command, *channel, first_no + index as u64 + 1))
+        .map(|(index, opt_out)| opted_out_attempt(command, opt_out, first_no + index as u64 + 1))
         .collect();
     let change = StatusChange {
         reason: Some(reason),
@@ -626,18 +626,15 @@ fn due_after(delay: Duration) -> Option<chrono::DateTime<Utc>> {
     end.duration_round_up(chrono::TimeDelta::seconds(1)).ok()
 }
 
-/// The attempt recorded for a channel skipped because the customer opted out of it.
-fn opted_out_attempt(command: &SendCommand, channel: Channel, attempt_no: u64) -> NewAttempt {
+/// The attempt recorded for a channel skipped because it was opted out of.
+fn opted_out_attempt(command: &SendCommand, opt_out: &OptOut, attempt_no: u64) -> NewAttempt {
     NewAttempt {
         notification_id: command.notification_id,
         attempt_no: attempt_no.min(i32::MAX as u64) as i32,
-        channel: channel.as_str().to_string(),
+        channel: opt_out.channel.as_str().to_string(),
         provider: "-".into(),
         status: OPTED_OUT.into(),
-        error: Some(format!(
-            "the customer opted out of {} on {channel}",
-            command.category.as_str()
-        )),
+        error: Some(opt_out.words(command.category)),
         provider_message_id: None,
         latency_ms: 0,
         at: Utc::now(),
@@ -917,8 +914,8 @@ impl Walk {
 /// The channels of the chain a walk does not call.
 #[derive(Clone, Copy)]
 struct Skip<'a> {
-    /// The customer opted out of the notification's category on these.
-    opted_out: &'a [Channel],
+    /// The notification's category is opted out of on these.
+    opted_out: &'a [OptOut],
     /// These refused the notification for good in an earlier round (by channel name).
     refused: &'a HashSet<String>,
 }
@@ -981,10 +978,10 @@ async fn walk_chain(
                     at: Utc::now(),
                 }
             };
-        if skip.opted_out.contains(&channel) {
+        if let Some(opt_out) = skip.opted_out.iter().find(|o| o.channel == channel) {
             walk.attempts.push(opted_out_attempt(
                 command,
-                channel,
+                opt_out,
                 u64::from(attempt_no as u32),
             ));
             continue;

@@ -2906,6 +2906,48 @@ async fn a_channel_opted_out_by_the_contacts_customer_moves_a_contact_send_on() 
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A contact send's opt-out record says who opted out as far as the send can tell: the customer
+/// holding the address when only one does, a customer holding it when several do (one of them
+/// opted out), never which one. It used to say "the customer opted out" in both cases.
+#[tokio::test]
+async fn a_contact_sends_opt_out_says_whether_one_of_several_holders_opted_out() {
+    let w = world(|_| {}).await;
+    let mut other = customer_row("grace-work", "en", None);
+    other.email = Set(Some("grace@example.com".into()));
+    add_customers(&w.herald, vec![customer_row("grace", "en", None), other]).await;
+    let wishes = [("grace", false), ("grace-work", true)];
+    for (customer, enabled) in wishes {
+        let (status, body) = put_preferences(
+            &w.herald,
+            customer,
+            &json!({ "preferences": [
+                { "category": "transactional", "channel": "email", "enabled": enabled }
+            ]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    let hook = format!("{}/hooks/grace", w.hooks.uri());
+    let id = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "grace@example.com", "webhook_url": hook }),
+            "transactional",
+            &["email", "webhook"],
+        ))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    let attempts = sent["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts[0]["status"], "opted_out", "{sent}");
+    assert_eq!(
+        attempts[0]["error"],
+        "a customer holding this email address opted out of transactional on email",
+        "{sent}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// The quiet hours of the one customer holding a send's contact hold the send until they end.
 #[tokio::test]
 async fn quiet_hours_of_the_contacts_only_customer_defer_a_contact_send() {

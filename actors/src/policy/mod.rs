@@ -50,15 +50,15 @@ pub struct PolicyContext {
 pub enum Gate {
     /// Walk the chain, skipping the channels opted out of.
     Go {
-        /// Channels of the chain the customer opted out of.
-        opted_out: Vec<Channel>,
+        /// Channels of the chain opted out of.
+        opted_out: Vec<OptOut>,
     },
     /// Do not send: status `skipped` with the reason.
     Skip {
         /// Why, in words (starts with `opted_out` or `rate_limited`).
         reason: String,
         /// Channels opted out of (recorded as attempts).
-        opted_out: Vec<Channel>,
+        opted_out: Vec<OptOut>,
     },
     /// Not now: held back this long, the notification `processing` (its command NAKed with the
     /// delay) or, for a long hold, `scheduled` until it ends; with the reason.
@@ -68,6 +68,83 @@ pub enum Gate {
         /// Why, in words (starts with `deferred:`).
         reason: String,
     },
+}
+
+/// A channel of the chain opted out of, and by whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptOut {
+    /// The channel.
+    pub channel: Channel,
+    /// Who opted out of it.
+    pub by: OptedOutBy,
+}
+
+/// Who opted out of a channel, as the reasons say it. A send naming only contacts belongs to none
+/// of the customers holding them, so its record never names one: that would tell whoever reads
+/// the notification (any sender, with a bare address) which customer holds the address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptedOutBy {
+    /// The customer the send names.
+    TheCustomer,
+    /// The only customer holding the send's contact on the channel.
+    TheHolder,
+    /// One of the several customers holding the send's contact on the channel.
+    AHolder,
+}
+
+impl OptOut {
+    /// Who opted out, in words: "the customer", "the customer holding this email address",
+    /// "a customer holding this phone number".
+    pub fn who(&self) -> String {
+        let contact = contact_kind(self.channel);
+        match self.by {
+            OptedOutBy::TheCustomer => "the customer".into(),
+            OptedOutBy::TheHolder => format!("the customer holding this {contact}"),
+            OptedOutBy::AHolder => format!("a customer holding this {contact}"),
+        }
+    }
+
+    /// The opt-out in words, as its attempt records it: "… opted out of `category` on `channel`".
+    pub fn words(&self, category: Category) -> String {
+        format!(
+            "{} opted out of {} on {}",
+            self.who(),
+            category.as_str(),
+            self.channel
+        )
+    }
+}
+
+/// What a send's contact on `channel` is, in words.
+fn contact_kind(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Email => "email address",
+        Channel::Sms => "phone number",
+        Channel::Telegram => "Telegram chat",
+        Channel::Push => "push token",
+        Channel::Webhook => "webhook URL",
+    }
+}
+
+/// Why a send opted out of on every channel of its chain is skipped.
+fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
+    let names: Vec<&str> = opted_out.iter().map(|o| o.channel.as_str()).collect();
+    if opted_out.iter().all(|o| o.by == OptedOutBy::TheCustomer) {
+        return format!(
+            "opted_out: the customer opted out of {} on every channel of the chain ({})",
+            category.as_str(),
+            names.join(", ")
+        );
+    }
+    let whose: Vec<String> = opted_out
+        .iter()
+        .map(|o| format!("{} by {}", o.channel, o.who()))
+        .collect();
+    format!(
+        "opted_out: {} is opted out of on every channel of the chain: {}",
+        category.as_str(),
+        whose.join(", ")
+    )
 }
 
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
@@ -84,7 +161,13 @@ pub async fn gate(
     passed_before: bool,
 ) -> Gate {
     let opted_out = PreferenceSet::from_rows(&recipient.wishes.preferences)
-        .opted_out(command.category, &command.channels);
+        .opted_out(command.category, &command.channels)
+        .into_iter()
+        .map(|channel| OptOut {
+            channel,
+            by: OptedOutBy::TheCustomer,
+        })
+        .collect();
     decide(ctx, opted_out, Some(recipient), command, passed_before).await
 }
 
@@ -98,18 +181,7 @@ pub async fn gate_contacts(
     command: &SendCommand,
     passed_before: bool,
 ) -> Gate {
-    let opted_out = command
-        .channels
-        .iter()
-        .copied()
-        .filter(|&channel| {
-            holders.iter().any(|holder| {
-                holder.holds(channel)
-                    && !PreferenceSet::from_rows(&holder.recipient.wishes.preferences)
-                        .allows(command.category, channel)
-            })
-        })
-        .collect();
+    let opted_out = contact_opt_outs(holders, command);
     let mut quiet = holders
         .iter()
         .filter(|holder| holder.recipient.wishes.quiet_hours.is_some());
@@ -120,24 +192,42 @@ pub async fn gate_contacts(
     decide(ctx, opted_out, quiet, command, passed_before).await
 }
 
+/// The channels of `command`'s chain that a customer holding its contact there opted out of: by
+/// [`OptedOutBy::TheHolder`] when that customer is the only one holding it, else by
+/// [`OptedOutBy::AHolder`].
+fn contact_opt_outs(holders: &[ContactHolder], command: &SendCommand) -> Vec<OptOut> {
+    command
+        .channels
+        .iter()
+        .filter_map(|&channel| {
+            let holding: Vec<&ContactHolder> =
+                holders.iter().filter(|h| h.holds(channel)).collect();
+            let opted_out = holding.iter().any(|holder| {
+                !PreferenceSet::from_rows(&holder.recipient.wishes.preferences)
+                    .allows(command.category, channel)
+            });
+            let by = match holding.len() {
+                1 => OptedOutBy::TheHolder,
+                _ => OptedOutBy::AHolder,
+            };
+            opted_out.then_some(OptOut { channel, by })
+        })
+        .collect()
+}
+
 /// The gate once the channels opted out of are known: all of the chain ⇒ skipped; then the
 /// quiet hours of `quiet` (the recipient whose night it is, if any); then the rate limit.
 async fn decide(
     ctx: &PolicyContext,
-    opted_out: Vec<Channel>,
+    opted_out: Vec<OptOut>,
     quiet: Option<&Recipient>,
     command: &SendCommand,
     passed_before: bool,
 ) -> Gate {
     let critical = is_critical(command.category);
     if !command.channels.is_empty() && opted_out.len() == command.channels.len() {
-        let names: Vec<&str> = opted_out.iter().map(|c| c.as_str()).collect();
         return Gate::Skip {
-            reason: format!(
-                "opted_out: the customer opted out of {} on every channel of the chain ({})",
-                command.category.as_str(),
-                names.join(", ")
-            ),
+            reason: opted_out_everywhere(command.category, &opted_out),
             opted_out,
         };
     }
@@ -232,5 +322,134 @@ fn quiet_hours_gate(
             tracing::warn!(customer, notification = %command.notification_id, error = %err, "unreadable quiet hours ignored");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use herald_entities::{preference, repo::customers::Held, repo::preferences::Wishes};
+    use herald_nats::{Contacts, Content, SCHEMA_VERSION};
+
+    use super::*;
+
+    /// A marketing send to an email address and a phone number, naming no customer.
+    fn contact_send() -> SendCommand {
+        SendCommand {
+            v: SCHEMA_VERSION,
+            notification_id: uuid::Uuid::now_v7(),
+            customer_id: None,
+            contacts: Contacts {
+                email: Some("ada@example.com".into()),
+                phone: Some("+15550100".into()),
+                ..Default::default()
+            },
+            category: Category::Marketing,
+            channels: vec![Channel::Email, Channel::Sms],
+            content: Content {
+                text: "Spring sale".into(),
+                ..Default::default()
+            },
+            created_at: Utc::now(),
+        }
+    }
+
+    /// A customer holding `held`, opted out of marketing everywhere if `opted_out`.
+    fn holder(id: &str, held: Held, opted_out: bool) -> ContactHolder {
+        let preferences = opted_out
+            .then(|| preference::Model {
+                customer_id: id.into(),
+                category: "marketing".into(),
+                channel: preference::ALL_CHANNELS.into(),
+                enabled: false,
+                updated_at: Utc::now(),
+            })
+            .into_iter()
+            .collect();
+        ContactHolder {
+            recipient: Recipient {
+                customer: None,
+                wishes: Wishes {
+                    preferences,
+                    quiet_hours: None,
+                },
+            },
+            held,
+        }
+    }
+
+    const EMAIL: Held = Held {
+        email: true,
+        phone: false,
+        telegram_chat_id: false,
+        push_token: false,
+    };
+    const PHONE: Held = Held {
+        email: false,
+        phone: true,
+        ..EMAIL
+    };
+
+    /// The reasons of a send naming only contacts said "the customer opted out" even when several
+    /// customers held the contact; they now say whether one holds it or one of several, and never
+    /// which customer (the record is no customer's own).
+    #[test]
+    fn a_contact_send_says_whether_the_only_holder_or_one_of_several_opted_out() {
+        let command = contact_send();
+        // Two customers hold the email address, one opted out; only one holds the phone number.
+        let holders = [
+            holder("cus_opted_out", EMAIL, true),
+            holder("cus_other", EMAIL, false),
+            holder("cus_phone", PHONE, true),
+        ];
+        let opted_out = contact_opt_outs(&holders, &command);
+        assert_eq!(
+            opted_out,
+            [
+                OptOut {
+                    channel: Channel::Email,
+                    by: OptedOutBy::AHolder
+                },
+                OptOut {
+                    channel: Channel::Sms,
+                    by: OptedOutBy::TheHolder
+                },
+            ]
+        );
+        assert_eq!(
+            opted_out[0].words(command.category),
+            "a customer holding this email address opted out of marketing on email"
+        );
+        assert_eq!(
+            opted_out[1].words(command.category),
+            "the customer holding this phone number opted out of marketing on sms"
+        );
+        let reason = opted_out_everywhere(command.category, &opted_out);
+        assert_eq!(
+            reason,
+            "opted_out: marketing is opted out of on every channel of the chain: email by a \
+             customer holding this email address, sms by the customer holding this phone number"
+        );
+        assert!(
+            !reason.contains("cus_"),
+            "no customer is named in another's record: {reason}"
+        );
+    }
+
+    /// A send naming its customer keeps its words.
+    #[test]
+    fn a_customer_send_says_the_customer_opted_out() {
+        let opted_out = [Channel::Email, Channel::Sms].map(|channel| OptOut {
+            channel,
+            by: OptedOutBy::TheCustomer,
+        });
+        assert_eq!(
+            opted_out[0].words(Category::Marketing),
+            "the customer opted out of marketing on email"
+        );
+        assert_eq!(
+            opted_out_everywhere(Category::Marketing, &opted_out),
+            "opted_out: the customer opted out of marketing on every channel of the chain \
+             (email, sms)"
+        );
     }
 }
