@@ -80,6 +80,10 @@ impl CommandPartitions {
     }
 }
 
+/// How many notifications a warning about status events not published names (it counts them
+/// all).
+const LOGGED_IDS: usize = 20;
+
 /// Publishes Herald's messages on JetStream. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -206,7 +210,8 @@ impl Publisher {
     /// Publishes `events` ([`Self::publish_status`]) all at once: each awaits its own
     /// acknowledgement, none waits for another's. An event not published is counted in
     /// `herald_status_events_unpublished_total` (by status) and the failures are logged in one
-    /// line naming their notifications (in the caller's span, which says whose events they are).
+    /// line naming the notifications of the first 20 (in the caller's span, which says
+    /// whose events they are): in a NATS outage a batch of thousands fails whole.
     /// The transitions stand either way; answers how many events were not published.
     pub async fn publish_statuses(&self, events: &[StatusEvent]) -> usize {
         let results = join_all(events.iter().map(|event| self.publish_status(event))).await;
@@ -221,11 +226,13 @@ impl Publisher {
             }
         }
         if let Some(error) = last_error {
+            let named = &unpublished[..unpublished.len().min(LOGGED_IDS)];
             tracing::warn!(
                 count = unpublished.len(),
-                ids = ?unpublished,
+                ids = ?named,
                 %error,
-                "status events not published"
+                "status events not published (the ids of the first {} of them)",
+                named.len()
             );
         }
         unpublished.len()
