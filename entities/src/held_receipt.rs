@@ -9,10 +9,11 @@ use crate::NotificationStatus;
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "held_receipts")]
 pub struct Model {
-    /// The notification it is about; one held receipt per notification.
+    /// The notification it is about; one held receipt per notification and provider.
     #[sea_orm(primary_key, auto_increment = false)]
     pub notification_id: Uuid,
     /// The provider that reported it; it applies only if that provider accepted the message.
+    #[sea_orm(primary_key, auto_increment = false)]
     pub provider: String,
     /// The status it moves the notification to: `delivered` or `failed`.
     pub status: NotificationStatus,

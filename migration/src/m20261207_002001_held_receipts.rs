@@ -1,7 +1,8 @@
 use sea_orm_migration::{prelude::*, schema::*};
 
 /// Receipts that arrived before their notification was recorded sent: `held_receipts`, at most
-/// one per notification, kept until the move to `sent` is written and then applied in that same
+/// one per notification and provider (failover can bring receipts from two providers that both
+/// took the message), kept until the move to `sent` is written and then applied in that same
 /// transaction (see `herald_entities::repo::receipts`).
 ///
 /// A provider's callback can beat the record of the send: the provider answered, the channel
@@ -19,13 +20,18 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(HeldReceipts::Table)
                     .if_not_exists()
-                    .col(pk_uuid(HeldReceipts::NotificationId))
+                    .col(uuid(HeldReceipts::NotificationId))
                     .col(string(HeldReceipts::Provider))
                     .col(string_len(HeldReceipts::Status, 16))
                     .col(text(HeldReceipts::Reason))
                     .col(text_null(HeldReceipts::Error))
                     .col(timestamp_with_time_zone(HeldReceipts::At))
                     .col(timestamp_with_time_zone(HeldReceipts::ReceivedAt))
+                    .primary_key(
+                        Index::create()
+                            .col(HeldReceipts::NotificationId)
+                            .col(HeldReceipts::Provider),
+                    )
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_held_receipts_notification")

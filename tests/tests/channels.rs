@@ -1345,6 +1345,65 @@ async fn receipts_that_come_before_the_send_is_recorded_are_applied_once_it_is()
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// Failover can leave two providers' receipts for one notification: the relay timed out but
+/// took the message (its `delivered` receipt comes), and the chain moved on to Twilio, which sent
+/// it too. Both receipts can beat the record of the send. Only one receipt was held per
+/// notification, so Twilio's got 409 (which Twilio does not retry), and when the send was
+/// recorded (by Twilio) the relay's was dropped: the notification stayed `sent` for ever. Each
+/// provider's receipt is now held, and the one from the provider that sent it applies.
+#[tokio::test]
+async fn held_receipts_of_two_providers_apply_the_one_that_sent_it() {
+    let mut twilio = HeldSms::start().await;
+    let url = twilio.url.clone();
+    let w = world(|config| {
+        if let Some(sms) = config.channels.sms.as_mut() {
+            sms.base_url = url;
+            sms.timeout_ms = 60_000;
+        }
+    })
+    .await;
+    let id = w
+        .herald
+        .send_accepted(&notification(&["sms"], everyone()))
+        .await;
+    let message = twilio.next().await;
+    let herald = &w.herald;
+    let post = |provider: &'static str, body: Value| async move {
+        herald
+            .request_with_key(
+                reqwest::Method::POST,
+                &format!("/api/v1/providers/{provider}/callbacks"),
+                Some(herald.admin_key()),
+                Some(&body),
+            )
+            .await
+    };
+    let delivered = json!({ "notification_id": id, "event": "delivered" });
+    for provider in ["smtp", "twilio"] {
+        let (status, body) = post(provider, delivered.clone()).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{provider}: {body}");
+        assert_eq!(body["held"], true, "{provider}: {body}");
+    }
+    // A second receipt from the same provider with another outcome still conflicts.
+    let bounce = json!({ "notification_id": id, "event": "bounced", "error": "550 gone" });
+    let (status, body) = post("twilio", bounce).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    message.release.send("SMtwo".into()).expect("released");
+    let done = w.herald.wait_status(&id, "delivered").await;
+    assert_eq!(done["final_channel"], "sms", "{done}");
+    let uuid: uuid::Uuid = id.parse().expect("an id");
+    let events = eventually("the delivered event", E2E_TIMEOUT, || async {
+        let events = status_events(&w._nats, "delivered", uuid).await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    // The relay's receipt was not applied: it did not send the message.
+    let (status, body) = post("smtp", delivered).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// Stores customer `id` with `contacts` through the API.
 async fn store_customer(w: &World, id: &str, contacts: Value) {
     let mut body = contacts;

@@ -55,8 +55,9 @@ pub enum ReceiptOutcome {
     /// receipt is held and applied, under the same rules, when the send is recorded (see
     /// [`apply`]); here is the notification as it stands. A repeat is held again (once).
     Held(notification::Model),
-    /// Its send may be under way, and another receipt (another status, or from another
-    /// provider) is held for it already: here it is; nothing changed.
+    /// Its send may be under way, and a receipt from the same provider with another status is
+    /// held for it already: here it is; nothing changed. (Receipts from several providers are
+    /// held side by side: failover may have handed the message to more than one.)
     HeldOther(held_receipt::Model),
     /// It ended (`failed`, `skipped`, `cancelled`, `dead`) without any provider accepting it, so
     /// no receipt is about it; nothing changed.
@@ -220,9 +221,10 @@ async fn hold(
         txn.rollback().await?;
         return Ok(None);
     }
+    let provider = without_nul(receipt.provider.to_string());
     held_receipt::Entity::insert(held_receipt::ActiveModel {
         notification_id: Set(row.id),
-        provider: Set(without_nul(receipt.provider.to_string())),
+        provider: Set(provider.clone()),
         status: Set(receipt.status),
         reason: Set(without_nul(receipt.reason.to_string())),
         error: Set(receipt.error.map(|error| without_nul(error.to_string()))),
@@ -230,16 +232,21 @@ async fn hold(
         received_at: Set(Utc::now()),
     })
     .on_conflict(
-        OnConflict::column(held_receipt::Column::NotificationId)
-            .do_nothing()
-            .to_owned(),
+        OnConflict::columns([
+            held_receipt::Column::NotificationId,
+            held_receipt::Column::Provider,
+        ])
+        .do_nothing()
+        .to_owned(),
     )
     .exec_without_returning(&txn)
     .await?;
-    let held = held_receipt::Entity::find_by_id(row.id).one(&txn).await?;
+    let held = held_receipt::Entity::find_by_id((row.id, provider))
+        .one(&txn)
+        .await?;
     txn.commit().await?;
     Ok(held.map(|held| {
-        if held.provider == receipt.provider && held.status == receipt.status {
+        if held.status == receipt.status {
             ReceiptOutcome::Held(row.clone())
         } else {
             ReceiptOutcome::HeldOther(held)
@@ -296,8 +303,9 @@ async fn apply_to_sent(
 
 /// Applies the receipts held for `sent`, notifications just moved to `sent` in `txn` (see
 /// [`apply`]), under the usual rules, and deletes them: the notifications they moved, as they are
-/// now. A held receipt that does not apply (another provider accepted the message) is dropped,
-/// and logged.
+/// now. Of the receipts held for one notification (one per provider), the one from the provider
+/// whose attempt is recorded `sent` applies; the others (another provider accepted the message)
+/// are dropped, and logged.
 pub(crate) async fn apply_held(
     txn: &DatabaseTransaction,
     sent: &[Uuid],
