@@ -500,3 +500,88 @@ async fn a_flush_answers_once_the_events_of_what_it_wrote_are_published() {
     );
     writer.stop(None);
 }
+
+/// Stores a held receipt from `provider` moving notification `id` to `status` (any text, as a
+/// row of another version could hold), as the receipt API holds one that beats the send.
+async fn hold_receipt(db: &DatabaseConnection, id: Uuid, provider: &str, status: &str) {
+    use sea_orm::{ConnectionTrait as _, sea_query::Query};
+    let now = chrono::Utc::now();
+    let insert = Query::insert()
+        .into_table("held_receipts")
+        .columns([
+            "notification_id",
+            "provider",
+            "status",
+            "reason",
+            "error",
+            "at",
+            "received_at",
+        ])
+        .values_panic([
+            id.into(),
+            provider.into(),
+            status.into(),
+            "delivery confirmed".into(),
+            Option::<String>::None.into(),
+            now.into(),
+            now.into(),
+        ])
+        .to_owned();
+    db.execute(&insert).await.expect("held receipt stored");
+}
+
+/// The `sent` record of notification `id` by `provider`, and its successful attempt.
+fn sent_by(id: Uuid, provider: &str) -> (StatusChange, NewAttempt) {
+    let change = StatusChange {
+        final_channel: Some("email".into()),
+        attempts: Some(1),
+        ..StatusChange::to(id, NotificationStatus::Sent)
+    };
+    let attempt = NewAttempt {
+        notification_id: id,
+        attempt_no: 1,
+        channel: "email".into(),
+        provider: provider.into(),
+        status: "sent".into(),
+        error: None,
+        provider_message_id: None,
+        latency_ms: 5,
+        at: change.at,
+    };
+    (change, attempt)
+}
+
+/// A receipt held until the send is recorded is applied in the transaction that records it: one
+/// that could not be applied (here one naming a status no notification has) failed the whole
+/// batch, row by row too, and the `sent` was never written (the notification stayed
+/// `processing`). It is now dropped, with a warning, and the batch, and the other held receipts
+/// in it, are written.
+#[tokio::test]
+async fn a_held_receipt_that_cannot_be_applied_does_not_cost_the_send() {
+    let (_database, db, broken) = one_queued_notification().await;
+    let good = queued_notification(None);
+    let good_id = good.id;
+    repo::notifications::insert(&db, good)
+        .await
+        .expect("stored");
+    hold_receipt(&db, broken, "smtp", "bogus").await;
+    hold_receipt(&db, good_id, "smtp", "delivered").await;
+
+    let (broken_sent, broken_attempt) = sent_by(broken, "smtp");
+    let (good_sent, good_attempt) = sent_by(good_id, "smtp");
+    let applied = repo::status_batch::apply(
+        &db,
+        &[broken_sent, good_sent],
+        &[broken_attempt, good_attempt],
+    )
+    .await
+    .expect("the batch is written");
+
+    assert_eq!(stored_status(&db, broken).await, NotificationStatus::Sent);
+    assert_eq!(
+        stored_status(&db, good_id).await,
+        NotificationStatus::Delivered
+    );
+    let moved: Vec<Uuid> = applied.receipts().iter().map(|row| row.id).collect();
+    assert_eq!(moved, vec![good_id]);
+}

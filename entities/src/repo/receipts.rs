@@ -6,7 +6,7 @@ use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    QueryFilter, QuerySelect, TransactionTrait,
+    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, TransactionTrait,
     sea_query::{Expr, OnConflict},
 };
 use uuid::Uuid;
@@ -306,51 +306,112 @@ async fn apply_to_sent(
 /// now. Of the receipts held for one notification (one per provider), the one from the provider
 /// whose attempt is recorded `sent` applies; the others (another provider accepted the message)
 /// are dropped, and logged.
+///
+/// A held receipt that cannot be applied (unreadable, or refused by the database) never costs
+/// the batch its `sent`: each is applied under a savepoint, and one that fails other than by an
+/// outage is undone, dropped, logged and counted (`herald_held_receipts_dropped_total`). An
+/// outage fails the batch, as any of its statements would.
+///
+/// Nearly always nothing is held: one read of at most one row says so, and nothing else is done.
+/// Otherwise each chunk of `sent` takes its held receipts with one `DELETE … RETURNING`.
 pub(crate) async fn apply_held(
     txn: &DatabaseTransaction,
     sent: &[Uuid],
 ) -> Result<Vec<notification::Model>, RepoError> {
     let mut moved = Vec::new();
+    if sent.is_empty() || !any_held(txn).await? {
+        return Ok(moved);
+    }
     for ids in sent.chunks(HELD_CHUNK) {
-        let held = held_receipt::Entity::find()
+        let mut take = held_receipt::Entity::delete_many()
             .filter(held_receipt::Column::NotificationId.is_in(ids.iter().copied()))
-            .all(txn)
-            .await?;
-        if held.is_empty() {
-            continue;
-        }
-        held_receipt::Entity::delete_many()
-            .filter(
-                held_receipt::Column::NotificationId.is_in(held.iter().map(|h| h.notification_id)),
-            )
-            .exec(txn)
-            .await?;
-        for held in held {
-            let Some(row) = notification::Entity::find_by_id(held.notification_id)
-                .one(txn)
-                .await?
-            else {
-                continue;
-            };
-            let receipt = Receipt {
-                provider: &held.provider,
-                status: held.status,
-                reason: &held.reason,
-                error: held.error.as_deref(),
-                at: held.at,
-            };
-            match apply_to_sent(txn, row, &receipt).await? {
-                ReceiptOutcome::Applied(row) => moved.push(row),
-                outcome => tracing::warn!(
-                    id = %held.notification_id,
-                    provider = %held.provider,
-                    ?outcome,
-                    "a receipt held until the send was recorded does not apply to it"
-                ),
+            .into_query();
+        take.returning_all();
+        for row in txn.query_all(&take).await? {
+            match held_receipt::Model::from_query_result(&row, "") {
+                Ok(held) => moved.extend(apply_one_held(txn, &held).await?),
+                Err(error) => dropped(&error.into(), None),
             }
         }
     }
     Ok(moved)
+}
+
+/// Whether any receipt is held at all.
+async fn any_held(db: &impl ConnectionTrait) -> Result<bool, RepoError> {
+    let one = held_receipt::Entity::find()
+        .select_only()
+        .column(held_receipt::Column::NotificationId)
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
+/// Applies `held`, already taken from `held_receipts`, under a savepoint of `txn`: the
+/// notification it moved, as it is now. One that does not apply, or fails other than by an
+/// outage, is dropped (logged); an outage is an error.
+async fn apply_one_held(
+    txn: &DatabaseTransaction,
+    held: &held_receipt::Model,
+) -> Result<Option<notification::Model>, RepoError> {
+    let savepoint = txn.begin().await?;
+    let outcome = match apply_held_receipt(&savepoint, held).await {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_outage() => return Err(error),
+        Err(error) => {
+            savepoint.rollback().await?;
+            dropped(&error, Some(held));
+            return Ok(None);
+        }
+    };
+    savepoint.commit().await?;
+    Ok(match outcome {
+        ReceiptOutcome::Applied(row) => Some(row),
+        outcome => {
+            tracing::warn!(
+                id = %held.notification_id,
+                provider = %held.provider,
+                ?outcome,
+                "a receipt held until the send was recorded does not apply to it"
+            );
+            None
+        }
+    })
+}
+
+/// Applies `held` to its notification in `txn`.
+async fn apply_held_receipt(
+    txn: &DatabaseTransaction,
+    held: &held_receipt::Model,
+) -> Result<ReceiptOutcome, RepoError> {
+    let Some(row) = notification::Entity::find_by_id(held.notification_id)
+        .one(txn)
+        .await?
+    else {
+        return Ok(ReceiptOutcome::NotFound);
+    };
+    let receipt = Receipt {
+        provider: &held.provider,
+        status: held.status,
+        reason: &held.reason,
+        error: held.error.as_deref(),
+        at: held.at,
+    };
+    apply_to_sent(txn, row, &receipt).await
+}
+
+/// Logs and counts a held receipt dropped because it could not be applied (`held`, if it could
+/// be read).
+fn dropped(error: &RepoError, held: Option<&held_receipt::Model>) {
+    metrics::counter!("herald_held_receipts_dropped_total").increment(1);
+    tracing::error!(
+        id = ?held.map(|held| held.notification_id),
+        provider = ?held.map(|held| &held.provider),
+        %error,
+        "a receipt held until the send was recorded could not be applied; dropped"
+    );
 }
 
 /// The earliest time a receipt may date a change of `row`: when it was sent (its `updated_at`
