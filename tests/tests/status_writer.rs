@@ -585,3 +585,29 @@ async fn a_held_receipt_that_cannot_be_applied_does_not_cost_the_send() {
     let moved: Vec<Uuid> = applied.receipts().iter().map(|row| row.id).collect();
     assert_eq!(moved, vec![good_id]);
 }
+
+/// A batch written again after an unconfirmed commit that had applied a held receipt: the
+/// notification is `delivered` and the held receipt gone, so the retry recognised neither the
+/// `sent` (no longer the status) nor the receipt, and published neither event. The `sent` now
+/// counts as moved when the row was sent at this batch's time, and the receipt's move is
+/// reported again (its event has the same id, so JetStream drops a copy that was out already).
+#[tokio::test]
+async fn a_batch_written_again_reports_the_held_receipt_its_first_commit_applied() {
+    let (_database, db, id) = one_queued_notification().await;
+    hold_receipt(&db, id, "smtp", "delivered").await;
+    let (sent, attempt) = sent_by(id, "smtp");
+    let changes = [sent];
+    let attempts = [attempt];
+    let first = repo::status_batch::apply(&db, &changes, &attempts)
+        .await
+        .expect("the batch is written");
+    assert!(first.moved(0));
+    assert_eq!(first.receipts().len(), 1);
+
+    let again = repo::status_batch::apply_again(&db, &changes, &attempts)
+        .await
+        .expect("the batch is written again");
+    assert!(again.moved(0), "the sent counts as made by this batch");
+    assert_eq!(again.receipts(), first.receipts());
+    assert_eq!(stored_status(&db, id).await, NotificationStatus::Delivered);
+}

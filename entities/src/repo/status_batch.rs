@@ -201,7 +201,10 @@ pub async fn apply(
 /// outage during it, maybe after its `COMMIT` went through): a change counts as moved also when
 /// its notification already holds exactly what this batch wrote (its status, stamped with this
 /// batch's time for it), so the status events of a commit that went through unconfirmed are
-/// published after all, under the same ids (JetStream drops those that were out already).
+/// published after all, under the same ids (JetStream drops those that were out already). A `sent`
+/// whose held receipt that commit applied (the notification now `delivered` or `failed`, sent at
+/// this batch's time) counts as moved, and the receipt's move is reported again
+/// ([`Applied::receipts`]).
 pub async fn apply_again(
     db: &DatabaseConnection,
     changes: &[StatusChange],
@@ -240,6 +243,7 @@ async fn apply_batch(
             .await?;
     }
     let mut applied = Applied::from(vec![false; changes.len()]);
+    let mut sent_already = Vec::new();
     for group in plan(changes) {
         for (ids, indexes) in group
             .ids
@@ -249,6 +253,10 @@ async fn apply_batch(
             let moved = group.shape.apply_to(&txn, group.at, ids, again).await?;
             for (id, &index) in ids.iter().zip(indexes) {
                 applied.moved[index] = moved.as_ref().is_none_or(|moved| moved.contains(id));
+                if again && !applied.moved[index] && group.shape.status == NotificationStatus::Sent
+                {
+                    sent_already.push((group.at, *id, index));
+                }
             }
         }
     }
@@ -258,8 +266,33 @@ async fn apply_batch(
         .map(|change| change.id)
         .collect();
     applied.receipts = super::receipts::apply_held(&txn, &sent).await?;
+    for (at, id, index) in sent_already {
+        if let Some(row) = moved_on_by_held_receipt(&txn, at, id).await? {
+            applied.moved[index] = true;
+            applied.receipts.push(row);
+        }
+    }
     txn.commit().await?;
     Ok(applied)
+}
+
+/// For a batch written again ([`apply_again`]): notification `id` as it is now, if this batch's
+/// `sent` (at `at`) went through in the earlier, unconfirmed commit and a held receipt it applied
+/// there moved it on (to `delivered` or `failed`); the status no longer shows the `sent`, and the
+/// held receipt is gone. Rare (a lost `COMMIT`), so a read per such change.
+async fn moved_on_by_held_receipt(
+    txn: &DatabaseTransaction,
+    at: DateTime<Utc>,
+    id: Uuid,
+) -> Result<Option<notification::Model>, RepoError> {
+    Ok(notification::Entity::find_by_id(id)
+        .filter(notification::Column::SentAt.eq(at))
+        .filter(status_among(&[
+            NotificationStatus::Delivered,
+            NotificationStatus::Failed,
+        ]))
+        .one(txn)
+        .await?)
 }
 
 /// A provider's message id as stored: without NUL, cut to [`PROVIDER_MESSAGE_ID_MAX_CHARS`]
