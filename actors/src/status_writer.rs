@@ -345,7 +345,7 @@ impl Drop for WhenWritten {
 async fn write_batch(
     store: &impl Store,
     batch: Vec<StatusRecord>,
-    publish: &(impl Fn(Vec<StatusEvent>) + Sync),
+    publish: &(impl Fn(WriteEvents) + Sync),
 ) {
     let started = std::time::Instant::now();
     let changes: Arc<[StatusChange]> = batch.iter().flat_map(|r| r.changes.clone()).collect();
@@ -415,7 +415,7 @@ async fn write_one_by_one(
     batch: Vec<StatusRecord>,
     written: &[StatusChange],
     unknown: bool,
-    publish: &(impl Fn(Vec<StatusEvent>) + Sync),
+    publish: &(impl Fn(WriteEvents) + Sync),
 ) {
     let mut rest = written;
     for record in batch {
@@ -470,19 +470,46 @@ async fn settle(record: StatusRecord) {
     drop(record.permit);
 }
 
-/// The status events of the changes among `changes` that moved their notification, then those of
+/// The status events of a write, in the order they are published.
+#[derive(Debug, Default)]
+pub(crate) struct WriteEvents {
+    /// Those of the changes that moved their notification.
+    moved: Vec<StatusEvent>,
+    /// Those of the receipts held for them that the write applied: published once the others are
+    /// acknowledged, for a receipt's move is dated no earlier than the send's, often at the same
+    /// microsecond, and an observer reading the stream in order must see `sent` before
+    /// `delivered`.
+    receipts: Vec<StatusEvent>,
+}
+
+impl WriteEvents {
+    fn len(&self) -> usize {
+        self.moved.len() + self.receipts.len()
+    }
+
+    /// All of them, in the order they are published.
+    #[cfg(test)]
+    fn into_vec(self) -> Vec<StatusEvent> {
+        let mut all = self.moved;
+        all.extend(self.receipts);
+        all
+    }
+}
+
+/// The status events of the changes among `changes` that moved their notification, and those of
 /// the receipts held for them that the write applied.
-pub(crate) fn moved_events(applied: &Applied, changes: &[StatusChange]) -> Vec<StatusEvent> {
-    applied
-        .moved_changes(changes)
-        .filter_map(status_event)
-        .chain(
-            applied
-                .receipts()
-                .iter()
-                .map(|row| receipts::receipt_event(row, None)),
-        )
-        .collect()
+pub(crate) fn moved_events(applied: &Applied, changes: &[StatusChange]) -> WriteEvents {
+    WriteEvents {
+        moved: applied
+            .moved_changes(changes)
+            .filter_map(status_event)
+            .collect(),
+        receipts: applied
+            .receipts()
+            .iter()
+            .map(|row| receipts::receipt_event(row, None))
+            .collect(),
+    }
 }
 
 fn status_event(change: &StatusChange) -> Option<StatusEvent> {
@@ -504,7 +531,7 @@ fn status_event(change: &StatusChange) -> Option<StatusEvent> {
 /// Publishes `events` for observers, on a task of its own so that the next batch does not wait
 /// for their acknowledgements; a failed publish is logged and counted
 /// ([`Publisher::publish_statuses`]).
-pub(crate) fn publish_events(publisher: &Publisher, events: Vec<StatusEvent>) {
+pub(crate) fn publish_events(publisher: &Publisher, events: WriteEvents) {
     Publishing::default().publish(publisher, events);
 }
 
@@ -523,15 +550,17 @@ impl Drop for Published {
 
 impl Publishing {
     /// Publishes `events` as [`publish_events`] does, counting them until their task ends.
-    fn publish(&self, publisher: &Publisher, events: Vec<StatusEvent>) {
-        if events.is_empty() {
+    fn publish(&self, publisher: &Publisher, events: WriteEvents) {
+        let count = events.len();
+        if count == 0 {
             return;
         }
-        self.0.send_modify(|count| *count += events.len());
-        let published = Published(self.0.clone(), events.len());
+        self.0.send_modify(|publishing| *publishing += count);
+        let published = Published(self.0.clone(), count);
         let publisher = publisher.clone();
         tokio::spawn(async move {
-            publisher.publish_statuses(&events).await;
+            publisher.publish_statuses(&events.moved).await;
+            publisher.publish_statuses(&events.receipts).await;
             drop(published);
         });
     }
@@ -668,7 +697,8 @@ mod tests {
             .expect("tries")
             .extend([Try::CommitUnseen, Try::Refuse]);
         let published = Mutex::new(Vec::new());
-        let publish = |events: Vec<StatusEvent>| published.lock().expect("events").extend(events);
+        let publish =
+            |events: WriteEvents| published.lock().expect("events").extend(events.into_vec());
 
         write_batch(&store, vec![sent(first, 1), sent(second, 4)], &publish).await;
 

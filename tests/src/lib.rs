@@ -75,6 +75,21 @@ pub async fn status_events(
     status: &str,
     id: uuid::Uuid,
 ) -> Vec<serde_json::Value> {
+    let subject = format!("notify.status.{status}");
+    all_status_events(nats, id)
+        .await
+        .into_iter()
+        .filter(|(on, _)| *on == subject)
+        .map(|(_, event)| event)
+        .collect()
+}
+
+/// Every event about notification `id` that `NOTIFY_STATUS` stores, with its subject, in the
+/// stream's order (none while the stream does not exist).
+pub async fn all_status_events(
+    nats: &NatsServer,
+    id: uuid::Uuid,
+) -> Vec<(String, serde_json::Value)> {
     let client = nats.client().await.expect("NATS client");
     let js = async_nats::jetstream::new(client);
     let Ok(mut stream) = js.get_stream("NOTIFY_STATUS").await else {
@@ -86,7 +101,6 @@ pub async fn status_events(
         .expect("NOTIFY_STATUS info")
         .state
         .clone();
-    let subject = format!("notify.status.{status}");
     let mut events = Vec::new();
     if state.messages == 0 {
         return events;
@@ -96,13 +110,10 @@ pub async fn status_events(
             .get_raw_message(sequence)
             .await
             .expect("a status event (none is deleted)");
-        if message.subject.as_str() != subject {
-            continue;
-        }
         let event: serde_json::Value =
             serde_json::from_slice(&message.payload).expect("a status event is JSON");
         if event["notification_id"] == id.to_string() {
-            events.push(event);
+            events.push((message.subject.to_string(), event));
         }
     }
     events

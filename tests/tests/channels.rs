@@ -1263,6 +1263,18 @@ async fn receipts_that_come_before_the_send_is_recorded_are_applied_once_it_is()
     .await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["channel"], "sms", "{events:?}");
+    // The held receipt's move is dated as the send's (or just after): its event follows the
+    // send's in the stream, so that an observer reading it in order ends at `delivered`.
+    let order: Vec<String> = herald_tests::all_status_events(&w._nats, uuid)
+        .await
+        .into_iter()
+        .map(|(subject, _)| subject)
+        .collect();
+    assert_eq!(
+        order,
+        ["notify.status.sent", "notify.status.delivered"],
+        "the events of the send and its held receipt, in the stream's order"
+    );
     // Once applied, the receipt again is a repeat.
     let (status, body) = post(delivered).await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
