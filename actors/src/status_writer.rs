@@ -532,7 +532,21 @@ fn status_event(change: &StatusChange) -> Option<StatusEvent> {
 /// for their acknowledgements; a failed publish is logged and counted
 /// ([`Publisher::publish_statuses`]).
 pub(crate) fn publish_events(publisher: &Publisher, events: WriteEvents) {
-    Publishing::default().publish(publisher, events);
+    publish_then(publisher, events, ());
+}
+
+/// Publishes `events` on a task of its own (the receipts' after the others are acknowledged),
+/// dropping `done` when the task ends.
+fn publish_then(publisher: &Publisher, events: WriteEvents, done: impl Send + 'static) {
+    if events.len() == 0 {
+        return;
+    }
+    let publisher = publisher.clone();
+    tokio::spawn(async move {
+        publisher.publish_statuses(&events.moved).await;
+        publisher.publish_statuses(&events.receipts).await;
+        drop(done);
+    });
 }
 
 /// The status events being published, counted so that a flush can wait for them.
@@ -556,13 +570,7 @@ impl Publishing {
             return;
         }
         self.0.send_modify(|publishing| *publishing += count);
-        let published = Published(self.0.clone(), count);
-        let publisher = publisher.clone();
-        tokio::spawn(async move {
-            publisher.publish_statuses(&events.moved).await;
-            publisher.publish_statuses(&events.receipts).await;
-            drop(published);
-        });
+        publish_then(publisher, events, Published(self.0.clone(), count));
     }
 
     /// Waits until no event is being published, for `within` at most; answers how many still are.

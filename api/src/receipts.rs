@@ -268,18 +268,10 @@ pub(crate) async fn apply(
         error: outcome.error,
         at: outcome.at,
     };
-    let (row, applied) = match repo::apply(&state.db, id, &receipt).await? {
-        ReceiptOutcome::Applied(row) => (row, true),
-        ReceiptOutcome::Unchanged(row) => (row, false),
-        ReceiptOutcome::Held(row) => {
-            count(outcome.event, "held");
-            return Ok(ReceiptResult {
-                notification_id: row.id,
-                status: row.status.as_str().into(),
-                applied: false,
-                held: true,
-            });
-        }
+    let (row, applied, held) = match repo::apply(&state.db, id, &receipt).await? {
+        ReceiptOutcome::Applied(row) => (row, true, false),
+        ReceiptOutcome::Unchanged(row) => (row, false, false),
+        ReceiptOutcome::Held(row) => (row, false, true),
         ReceiptOutcome::HeldOther(held) => {
             return Err(ApiError::conflict(format!(
                 "notification {id} is not recorded sent yet, and a receipt from {} moving it to \
@@ -320,13 +312,20 @@ pub(crate) async fn apply(
             return Err(ApiError::not_found(format!("no notification {id}")));
         }
     };
-    count(outcome.event, if applied { "true" } else { "false" });
-    publish(state, &row, Some(channel)).await?;
+    let taken = match (held, applied) {
+        (true, _) => "held",
+        (false, true) => "true",
+        (false, false) => "false",
+    };
+    count(outcome.event, taken);
+    if !held {
+        publish(state, &row, Some(channel)).await?;
+    }
     Ok(ReceiptResult {
         notification_id: row.id,
         status: row.status.as_str().into(),
         applied,
-        held: false,
+        held,
     })
 }
 

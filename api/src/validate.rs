@@ -107,13 +107,9 @@ pub fn webhook_secret(field: &str, raw: &Option<String>) -> Result<WebhookSecret
     }
     match webhook_secret::decode(secret) {
         Ok(_) => Ok(WebhookSecretChange::Set(secret.to_string())),
-        Err(SecretError::TooShort(len)) => Err(ApiError::invalid(
-            field,
-            format!(
-                "{field} key is {len} bytes; at least {} are required",
-                webhook_secret::MIN_KEY_BYTES
-            ),
-        )),
+        Err(err @ SecretError::TooShort(_)) => {
+            Err(ApiError::invalid(field, format!("{field} {err}")))
+        }
         Err(SecretError::Prefix | SecretError::Encoding(_)) => Err(ApiError::invalid(
             field,
             format!("{field} must be \"whsec_\" followed by a base64 key"),

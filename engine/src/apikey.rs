@@ -40,8 +40,8 @@ pub struct CreatedKey {
     pub row: api_key::Model,
 }
 
-/// The providers' names: what a `callbacks` key can be bound to.
-const PROVIDERS: [&str; 6] = herald_nats::providers::ALL;
+// The providers' names: what a `callbacks` key can be bound to.
+use herald_nats::providers::ALL as PROVIDERS;
 
 /// Creates a key named `name` with the comma-separated `scopes`, for every provider.
 pub async fn create(

@@ -91,17 +91,32 @@ impl World {
             .await;
     }
 
-    /// Waits until the router has acknowledged every event published so far.
-    async fn router_idle(&self) {
+    /// Waits until the router's consumer `is` what its info says, for `what`.
+    async fn router_consumer(&self, what: &str, is: impl Fn(&jetstream::consumer::Info) -> bool) {
         let js = self.js().await;
-        eventually("the router to ack every event", E2E_TIMEOUT, || async {
+        eventually(what, E2E_TIMEOUT, || async {
             let stream = js.get_stream("EVENTS").await.ok()?;
             let mut consumer: jetstream::consumer::PullConsumer =
                 stream.get_consumer("herald-router").await.ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            is(consumer.info().await.ok()?).then_some(())
         })
         .await;
+    }
+
+    /// Waits until the router has acknowledged every event published so far.
+    async fn router_idle(&self) {
+        self.router_consumer("the router to ack every event", |info| {
+            info.num_pending == 0 && info.num_ack_pending == 0
+        })
+        .await;
+    }
+
+    /// Waits until the router's consumer has delivered `n` messages (first deliveries and
+    /// redeliveries alike).
+    async fn router_delivered(&self, n: u64) {
+        let what = format!("the router to have delivered {n} times");
+        self.router_consumer(&what, |info| info.delivered.consumer_sequence >= n)
+            .await;
     }
 
     /// Waits until every send command was acknowledged by the dispatcher.
@@ -483,15 +498,7 @@ async fn an_event_for_a_customer_created_a_moment_later_is_notified_without_a_de
     )
     .await;
     // Delivered a second time: the first delivery was handed back, not dead-lettered and acked.
-    let js = w.js().await;
-    eventually("the router to retry the event", E2E_TIMEOUT, || async {
-        let stream = js.get_stream("EVENTS").await.ok()?;
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("herald-router").await.ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.delivered.consumer_sequence >= 2).then_some(())
-    })
-    .await;
+    w.router_delivered(2).await;
 
     w.customer("c-soon", "soon@example.com", "en").await;
     let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
@@ -846,19 +853,7 @@ async fn an_event_waiting_for_one_rule_s_customer_dead_letters_another_rule_once
     .await;
     // Eight deliveries: at least 2.7 s of the test's backoff (100 + 200 + 400 + 4 × 500 ms) have
     // passed since the first, past the dead letters' de-duplication window.
-    let js = w.js().await;
-    eventually(
-        "the router to retry the event 8 times",
-        E2E_TIMEOUT,
-        || async {
-            let stream = js.get_stream("EVENTS").await.ok()?;
-            let mut consumer: jetstream::consumer::PullConsumer =
-                stream.get_consumer("herald-router").await.ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.delivered.consumer_sequence >= 8).then_some(())
-        },
-    )
-    .await;
+    w.router_delivered(8).await;
 
     w.customer("c-later", "later@example.com", "en").await;
     let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");

@@ -2661,6 +2661,17 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// How many of the notifications `ids` are `cancelled`.
+async fn cancelled_among(db: &sea_orm::DatabaseConnection, ids: &[Uuid]) -> u64 {
+    use sea_orm::PaginatorTrait;
+    notification::Entity::find()
+        .filter(notification::Column::Id.is_in(ids.to_vec()))
+        .filter(notification::Column::Status.eq(NotificationStatus::Cancelled))
+        .count(db)
+        .await
+        .expect("count")
+}
+
 /// A batch cancel answers only once its notifications' `cancelled` events are published, so that
 /// an instance stopped right after the answer (a graceful shutdown waits for the requests in
 /// progress, not for tasks they leave behind) has published them all. NATS is frozen while the
@@ -2670,7 +2681,6 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
 #[tokio::test]
 async fn a_bulk_cancel_answers_once_its_events_are_published() {
     use futures::TryStreamExt;
-    use sea_orm::PaginatorTrait;
     let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
     let id = done_batch(&w).await;
     let n = 3_000;
@@ -2696,15 +2706,7 @@ async fn a_bulk_cancel_answers_once_its_events_are_published() {
     eventually(
         "the batch's notifications cancelled",
         E2E_TIMEOUT,
-        || async {
-            let left = notification::Entity::find()
-                .filter(notification::Column::Id.is_in(ids.clone()))
-                .filter(notification::Column::Status.ne(NotificationStatus::Cancelled))
-                .count(db)
-                .await
-                .expect("count");
-            (left == 0).then_some(())
-        },
+        || async { (cancelled_among(db, &ids).await == n as u64).then_some(()) },
     )
     .await;
     let counted = tokio::spawn(async move {
@@ -2741,7 +2743,7 @@ async fn a_bulk_cancel_answers_once_its_events_are_published() {
 async fn a_bulk_cancel_passes_over_rows_a_claim_holds() {
     use NotificationStatus::{Cancelled, Processing, Queued};
     use herald_entities::repo::{batches, notifications};
-    use sea_orm::{PaginatorTrait, TransactionTrait};
+    use sea_orm::TransactionTrait;
     let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
     if w.db.kind() != DatabaseKind::Postgres {
         eprintln!("skipped on {:?}: it has no row locks", w.db.kind());
@@ -2785,15 +2787,7 @@ async fn a_bulk_cancel_passes_over_rows_a_claim_holds() {
     eventually(
         "the notifications not held cancelled while two are held",
         E2E_TIMEOUT,
-        || async {
-            let cancelled = notification::Entity::find()
-                .filter(notification::Column::Id.is_in(ids[..2].to_vec()))
-                .filter(notification::Column::Status.eq(Cancelled))
-                .count(db)
-                .await
-                .expect("count");
-            (cancelled == 2).then_some(())
-        },
+        || async { (cancelled_among(db, &ids[..2]).await == 2).then_some(()) },
     )
     .await;
     let mine = notifications::claim(&claim, &[claimed, ids[0], ids[1]])
@@ -3113,7 +3107,6 @@ async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes
 #[tokio::test]
 async fn a_bulk_cancel_chunk_moves_at_most_its_limit() {
     use herald_entities::repo::schedule;
-    use sea_orm::PaginatorTrait;
     let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
     let id = done_batch(&w).await;
     let db = w.herald.db();
@@ -3121,12 +3114,7 @@ async fn a_bulk_cancel_chunk_moves_at_most_its_limit() {
     let chunk = schedule::cancel_batch_chunk(db, id, "batch cancelled", 2)
         .await
         .expect("a chunk cancelled");
-    let cancelled = notification::Entity::find()
-        .filter(notification::Column::Id.is_in(ids.clone()))
-        .filter(notification::Column::Status.eq(NotificationStatus::Cancelled))
-        .count(db)
-        .await
-        .expect("count");
+    let cancelled = cancelled_among(db, &ids).await;
     assert_eq!(
         (chunk.ids.len(), cancelled),
         (2, 2),

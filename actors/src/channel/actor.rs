@@ -418,11 +418,7 @@ impl Actor for ChannelActor {
             }
             ChannelMsg::Abandoned { admission, period } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
-                metrics::counter!(
-                    "herald_channel_sends_abandoned_total",
-                    "provider" => state.provider.name().to_string()
-                )
-                .increment(1);
+                count_abandoned(state.provider.name());
                 state.breaker.on_abandoned(admission, period);
                 record_circuit(state);
             }
@@ -529,19 +525,12 @@ fn start_send(
                 // The actor failed while this send waited for a permit: no circuit judges it any
                 // more (a restarted actor has one of its own), so it does not go out, and its
                 // caller retries or fails over at once rather than after the queue.
-                metrics::counter!(
-                    "herald_channel_sends_abandoned_total",
-                    "provider" => provider.name().to_string()
-                )
-                .increment(1);
-                let _ = reply.send(SendReport {
-                    provider: provider.name().to_string(),
-                    outcome: SendOutcome::NotStarted {
-                        retry_in: Duration::ZERO,
-                        cause: NotStartedCause::ActorFailed,
-                    },
-                    latency: Duration::ZERO,
-                });
+                answer_not_started(
+                    reply,
+                    provider.name(),
+                    Duration::ZERO,
+                    NotStartedCause::ActorFailed,
+                );
                 return;
             }
         };
@@ -648,17 +637,33 @@ fn hold(
 /// back once the probe's result is due.
 fn held_too_long(state: &mut ChannelState, send: HeldSend) {
     state.in_flight = state.in_flight.saturating_sub(1);
-    metrics::counter!(
-        "herald_channel_sends_abandoned_total",
-        "provider" => state.provider.name().to_string()
-    )
-    .increment(1);
-    let _ = send.reply.send(SendReport {
-        provider: state.provider.name().to_string(),
-        outcome: SendOutcome::NotStarted {
-            retry_in: state.breaker.cool_down_left(Instant::now()),
-            cause: NotStartedCause::HeldForProbe,
-        },
+    answer_not_started(
+        send.reply,
+        state.provider.name(),
+        state.breaker.cool_down_left(Instant::now()),
+        NotStartedCause::HeldForProbe,
+    );
+}
+
+/// Counts a send of `provider` that its actor gave up without a result
+/// (`herald_channel_sends_abandoned_total`).
+fn count_abandoned(provider: &str) {
+    metrics::counter!("herald_channel_sends_abandoned_total", "provider" => provider.to_string())
+        .increment(1);
+}
+
+/// Answers a send of `provider` that was never started, counting it abandoned: its caller may try
+/// again after `retry_in`, or fail over.
+pub(super) fn answer_not_started(
+    reply: RpcReplyPort<SendReport>,
+    provider: &str,
+    retry_in: Duration,
+    cause: NotStartedCause,
+) {
+    count_abandoned(provider);
+    let _ = reply.send(SendReport {
+        provider: provider.to_string(),
+        outcome: SendOutcome::NotStarted { retry_in, cause },
         latency: Duration::ZERO,
     });
 }
@@ -675,11 +680,7 @@ fn release_held(myself: &ActorRef<ChannelMsg>, state: &mut ChannelState) {
         };
         state.in_flight = state.in_flight.saturating_sub(1);
         if send.reply.is_closed() {
-            metrics::counter!(
-                "herald_channel_sends_abandoned_total",
-                "provider" => state.provider.name().to_string()
-            )
-            .increment(1);
+            count_abandoned(state.provider.name());
             continue;
         }
         start_send(

@@ -18,7 +18,7 @@ use ractor::RpcReplyPort;
 use tokio::task::AbortHandle;
 
 use super::OutboundMessage;
-use super::actor::{NotStartedCause, SendOutcome, SendReport};
+use super::actor::{NotStartedCause, SendReport, answer_not_started};
 
 /// A send held while the probe is out.
 pub(super) struct HeldSend {
@@ -95,19 +95,12 @@ impl Drop for Hold {
     fn drop(&mut self) {
         for entry in self.entries.drain(..) {
             entry.timer.abort();
-            metrics::counter!(
-                "herald_channel_sends_abandoned_total",
-                "provider" => self.provider.clone()
-            )
-            .increment(1);
-            let _ = entry.send.reply.send(SendReport {
-                provider: self.provider.clone(),
-                outcome: SendOutcome::NotStarted {
-                    retry_in: Duration::ZERO,
-                    cause: NotStartedCause::ActorFailed,
-                },
-                latency: Duration::ZERO,
-            });
+            answer_not_started(
+                entry.send.reply,
+                &self.provider,
+                Duration::ZERO,
+                NotStartedCause::ActorFailed,
+            );
         }
     }
 }

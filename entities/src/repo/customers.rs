@@ -112,14 +112,10 @@ pub async fn with_wishes_holding(
     db: &impl ConnectionTrait,
     sets: &[ContactSet],
 ) -> Result<Vec<customer::Model>, RepoError> {
-    let Some(holding) = holding_any(db.get_database_backend(), sets) else {
+    let Some(query) = with_wishes_holding_query(db.get_database_backend(), sets) else {
         return Ok(Vec::new());
     };
-    Ok(customer::Entity::find()
-        .filter(holding)
-        .filter(has_wishes())
-        .all(db)
-        .await?)
+    Ok(query.all(db).await?)
 }
 
 /// The query of [`with_wishes_holding`] (for the query-plan tests); `None` without contacts.

@@ -364,10 +364,8 @@ pub fn cancel_chunk_query(
         )
         .limit(limit)
         .to_owned();
-    if backend == DbBackend::Postgres {
-        chosen.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-    }
     let which = if backend == DbBackend::Postgres {
+        chosen.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         id_among_once(chosen)
     } else {
         notification::Column::Id.in_subquery(chosen)
