@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, message::Acker};
 use bytes::Bytes;
@@ -44,7 +44,7 @@ use crate::channel::{
 };
 use crate::lookup::Recipient;
 use crate::policy::{Gate, OptOut};
-use crate::retry::{RetryPolicy, Wait};
+use crate::retry::RetryPolicy;
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
 use crate::templates::variables;
@@ -658,26 +658,17 @@ async fn unknown_customer(
     customer: &str,
     message: &CommandMessage,
 ) -> Settle {
-    let copy = message.copy;
     let unknown = format!("unknown customer {customer:?} and no contacts given");
-    let delay = match ctx.retry.wait(
-        copy.published,
-        SystemTime::now(),
-        copy.count,
-        rand::random(),
-    ) {
-        Wait::Again(delay) => delay,
-        Wait::GiveUp(gave_up) => return Settle::dead(format!("{unknown} ({gave_up})"), vec![]),
-    };
-    if let Some(partition) = herald_nats::subjects::command_partition(&message.subject)
-        && let Err(full) = ctx
-            .waiting
-            .admit(Waiters::Commands { partition }, copy.count > 1)
-            .await
+    let waiters = herald_nats::subjects::command_partition(&message.subject)
+        .map(|partition| Waiters::Commands { partition });
+    let delay = match ctx
+        .waiting
+        .may_wait(&ctx.retry, waiters, message.copy)
+        .await
     {
-        metrics::counter!("herald_commands_wait_refused_total").increment(1);
-        return Settle::dead(format!("{unknown} ({full})"), vec![]);
-    }
+        Ok(delay) => delay,
+        Err(refused) => return Settle::dead(format!("{unknown} ({refused})"), vec![]),
+    };
     let change = StatusChange {
         reason: Some(format!(
             "waiting for customer {customer:?} to exist (no contacts given); again in {:.1} s",

@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::Acker};
 use bytes::Bytes;
@@ -43,7 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::pull::Delivery;
-use crate::retry::{RetryPolicy, Wait};
+use crate::retry::RetryPolicy;
 use crate::rules::{self, Rule};
 use crate::templates::{runtime::RuntimeTemplates, variables};
 
@@ -346,21 +346,13 @@ fn database(err: RepoError) -> Failure {
 /// at once, saying why, when waiting events hold their share of them ([`crate::waiting`]).
 async fn unknown_customer(ctx: &RouterContext, customer_id: &str, copy: Delivery) -> Failure {
     let reason = format!("unknown customer {customer_id:?}");
-    let delay = match ctx.retry.wait(
-        copy.published,
-        SystemTime::now(),
-        copy.count,
-        rand::random(),
-    ) {
-        Wait::Again(delay) => delay,
-        Wait::GiveUp(gave_up) => return Failure::DeadLetter(format!("{reason} ({gave_up})")),
-    };
-    match ctx.waiting.admit(Waiters::Events, copy.count > 1).await {
-        Ok(()) => Failure::Wait(reason, delay),
-        Err(full) => {
-            metrics::counter!("herald_events_wait_refused_total").increment(1);
-            Failure::DeadLetter(format!("{reason} ({full})"))
-        }
+    match ctx
+        .waiting
+        .may_wait(&ctx.retry, Some(Waiters::Events), copy)
+        .await
+    {
+        Ok(delay) => Failure::Wait(reason, delay),
+        Err(refused) => Failure::DeadLetter(format!("{reason} ({refused})")),
     }
 }
 

@@ -13,11 +13,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
+use futures::future::{BoxFuture, FutureExt};
 use herald_nats::{PendingSlots, subjects};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::pull::Delivery;
+use crate::retry::{GaveUp, RetryPolicy, Wait};
 
 /// How long a reading of a consumer's slots is used before it is read again.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -48,12 +53,24 @@ impl Waiters {
             ),
         }
     }
+
+    /// Counts a message of these waiters refused a wait because their slots were taken.
+    fn count_refused(self) {
+        let name = match self {
+            Self::Events => "herald_events_wait_refused_total",
+            Self::Commands { .. } => "herald_commands_wait_refused_total",
+        };
+        metrics::counter!(name).increment(1);
+    }
 }
+
+/// Reads a consumer's slots: `None` when it cannot be read.
+type ReadSlots = Box<dyn Fn(Waiters) -> BoxFuture<'static, Option<PendingSlots>> + Send + Sync>;
 
 /// Decides whether a message for an unknown customer may wait, each consumer by its own slots
 /// (shared by all the tasks working on messages).
 pub struct WaitingRoom {
-    js: jetstream::Context,
+    read: ReadSlots,
     /// The last reading of each consumer asked about.
     readings: std::sync::Mutex<HashMap<Waiters, Arc<Mutex<Option<Reading>>>>>,
 }
@@ -70,20 +87,63 @@ struct Reading {
 impl WaitingRoom {
     /// Reads the consumers through `js`.
     pub fn new(js: jetstream::Context) -> Self {
+        Self::reading_with(Box::new(move |waiters| {
+            let js = js.clone();
+            async move { read(&js, waiters).await }.boxed()
+        }))
+    }
+
+    /// Reads the consumers' slots with `read`.
+    fn reading_with(read: ReadSlots) -> Self {
         Self {
-            js,
+            read,
             readings: std::sync::Mutex::default(),
         }
     }
 
+    /// Whether the message `copy` of `waiters`, for a customer Herald does not know, waits for it
+    /// on `retry`'s schedule ([`RetryPolicy::wait`]): `Ok` with the delay before it is offered
+    /// again, or `Err` with why it is dead-lettered instead (the schedule's whole wait has passed,
+    /// or waiting messages hold their share of the consumer's slots, counted in the waiters'
+    /// `herald_*_wait_refused_total`). `waiters` is `None` for a message of a consumer whose slots
+    /// are not known (a command whose subject names no partition): its waits are not limited.
+    pub(crate) async fn may_wait(
+        &self,
+        retry: &RetryPolicy,
+        waiters: Option<Waiters>,
+        copy: Delivery,
+    ) -> Result<Duration, Refused> {
+        let delay = match retry.wait(
+            copy.published,
+            SystemTime::now(),
+            copy.count,
+            rand::random(),
+        ) {
+            Wait::Again(delay) => delay,
+            Wait::GiveUp(gave_up) => return Err(Refused::GaveUp(gave_up)),
+        };
+        let Some(waiters) = waiters else {
+            return Ok(delay);
+        };
+        if let Err(full) = self.admit(waiters, copy.count > 1).await {
+            waiters.count_refused();
+            return Err(Refused::Full(full));
+        }
+        Ok(delay)
+    }
+
     /// Whether a message of `waiters` may wait for its customer: a first wait (`going_on` false)
     /// or a wait going on (a message delivered again). `Err` says why not.
-    pub(crate) async fn admit(&self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
+    async fn admit(&self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
         let reading = self.reading_of(waiters);
         let mut reading = reading.lock().await;
         let stale = reading.as_ref().is_none_or(|r| r.at.elapsed() >= REFRESH);
         if stale {
-            *reading = Some(self.read(waiters).await);
+            *reading = Some(Reading {
+                slots: (self.read)(waiters).await,
+                at: Instant::now(),
+                started: 0,
+            });
         }
         let Some(reading) = reading.as_mut() else {
             return Ok(());
@@ -110,20 +170,35 @@ impl WaitingRoom {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         readings.entry(waiters).or_default().clone()
     }
+}
 
-    async fn read(&self, waiters: Waiters) -> Reading {
-        let (stream, consumer) = waiters.consumer();
-        let slots = match herald_nats::pending_slots(&self.js, stream, &consumer).await {
-            Ok(slots) => Some(slots),
-            Err(err) => {
-                tracing::warn!(%consumer, error = %err, "cannot read the consumer's pending slots; waits for unknown customers are not limited until it can");
-                None
-            }
-        };
-        Reading {
-            at: Instant::now(),
-            slots,
-            started: 0,
+/// Reads the slots of `waiters`' consumer through `js`; `None`, with a warning, when it cannot.
+async fn read(js: &jetstream::Context, waiters: Waiters) -> Option<PendingSlots> {
+    let (stream, consumer) = waiters.consumer();
+    match herald_nats::pending_slots(js, stream, &consumer).await {
+        Ok(slots) => Some(slots),
+        Err(err) => {
+            tracing::warn!(%consumer, error = %err, "cannot read the consumer's pending slots; waits for unknown customers are not limited until it can");
+            None
+        }
+    }
+}
+
+/// Why a message for an unknown customer does not wait (any longer) for it: its dead letter's
+/// reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The retry schedule's whole wait has passed since it was published.
+    GaveUp(GaveUp),
+    /// Waiting messages hold their share of its consumer's slots.
+    Full(Full),
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::GaveUp(gave_up) => gave_up.fmt(f),
+            Self::Full(full) => full.fmt(f),
         }
     }
 }
