@@ -71,17 +71,38 @@ type ReadSlots = Box<dyn Fn(Waiters) -> BoxFuture<'static, Option<PendingSlots>>
 /// (shared by all the tasks working on messages).
 pub struct WaitingRoom {
     read: ReadSlots,
-    /// The last reading of each consumer asked about.
-    readings: std::sync::Mutex<HashMap<Waiters, Arc<Mutex<Option<Reading>>>>>,
+    /// Each consumer asked about.
+    consumers: std::sync::Mutex<HashMap<Waiters, Arc<Consumer>>>,
 }
 
-/// The last reading of a consumer's slots.
+/// What the room knows of one consumer's slots.
+#[derive(Default)]
+struct Consumer {
+    /// Held by the one task reading the slots again. The others decide on the last reading
+    /// meanwhile, so a consumer-info request NATS is slow to answer (or never answers, until it
+    /// times out) holds up no message but the one that asked; only the first reading, with
+    /// nothing to go on before it, is waited for.
+    refresher: Mutex<()>,
+    counts: std::sync::Mutex<Counts>,
+}
+
+/// The last reading of a consumer's slots and the waits started since.
+#[derive(Default)]
+struct Counts {
+    /// `None` until the slots are first read.
+    reading: Option<Reading>,
+    /// Waits this instance started on the consumer, in all.
+    started: u64,
+}
+
+/// A reading of a consumer's slots.
 struct Reading {
     at: Instant,
     /// `None` when the consumer could not be read: waits are not limited until it can.
     slots: Option<PendingSlots>,
-    /// Waits this instance started since.
-    started: u64,
+    /// [`Counts::started`] when the reading was asked for: the waits started since (during the
+    /// request too, which its answer may not count) are counted on top of it.
+    started_before: u64,
 }
 
 impl WaitingRoom {
@@ -97,7 +118,7 @@ impl WaitingRoom {
     fn reading_with(read: ReadSlots) -> Self {
         Self {
             read,
-            readings: std::sync::Mutex::default(),
+            consumers: std::sync::Mutex::default(),
         }
     }
 
@@ -135,40 +156,87 @@ impl WaitingRoom {
     /// Whether a message of `waiters` may wait for its customer: a first wait (`going_on` false)
     /// or a wait going on (a message delivered again). `Err` says why not.
     async fn admit(&self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
-        let reading = self.reading_of(waiters);
-        let mut reading = reading.lock().await;
-        let stale = reading.as_ref().is_none_or(|r| r.at.elapsed() >= REFRESH);
-        if stale {
-            *reading = Some(Reading {
-                slots: (self.read)(waiters).await,
-                at: Instant::now(),
-                started: 0,
-            });
+        let consumer = self.consumer(waiters);
+        consumer.refresh(|| (self.read)(waiters)).await;
+        consumer.counts().admit(waiters, going_on)
+    }
+
+    /// What the room knows of `waiters`' consumer, made empty the first time it is asked about.
+    fn consumer(&self, waiters: Waiters) -> Arc<Consumer> {
+        let mut consumers = self
+            .consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        consumers.entry(waiters).or_default().clone()
+    }
+}
+
+impl Consumer {
+    /// Reads the slots again with `read` when the last reading is [`REFRESH`] old, unless another
+    /// task is reading them already: the last reading is used meanwhile.
+    async fn refresh(&self, read: impl FnOnce() -> BoxFuture<'static, Option<PendingSlots>>) {
+        if !self.counts().is_stale() {
+            return;
         }
-        let Some(reading) = reading.as_mut() else {
-            return Ok(());
+        let _refreshing = match self.refresher.try_lock() {
+            Ok(refreshing) => refreshing,
+            Err(_) if self.counts().reading.is_some() => return,
+            Err(_) => self.refresher.lock().await,
         };
-        let Some(slots) = reading.slots else {
-            return Ok(());
+        let started_before = {
+            let counts = self.counts();
+            if !counts.is_stale() {
+                // Read by the task this one waited for.
+                return;
+            }
+            counts.started
         };
-        let counted = PendingSlots {
-            taken: slots.taken + reading.started,
-            ..slots
-        };
-        admit(counted, waiters, going_on)?;
+        let slots = read().await;
+        self.counts().reading = Some(Reading {
+            at: Instant::now(),
+            slots,
+            started_before,
+        });
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Counts {
+    /// Whether the slots are to be read (again).
+    fn is_stale(&self) -> bool {
+        self.reading
+            .as_ref()
+            .is_none_or(|reading| reading.at.elapsed() >= REFRESH)
+    }
+
+    /// Whether a wait fits in the slots last read, with the waits started since counted on top;
+    /// a first wait admitted is counted.
+    fn admit(&mut self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
+        if let Some(slots) = self.counted() {
+            admit(slots, waiters, going_on)?;
+        }
         if !going_on {
-            reading.started += 1;
+            self.started += 1;
         }
         Ok(())
     }
 
-    /// The reading of `waiters`' consumer, made empty the first time it is asked about.
-    fn reading_of(&self, waiters: Waiters) -> Arc<Mutex<Option<Reading>>> {
-        let mut readings = self
-            .readings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        readings.entry(waiters).or_default().clone()
+    /// The slots last read, with the waits started since taken too; `None` when they are not
+    /// known (not read yet, or unreadable).
+    fn counted(&self) -> Option<PendingSlots> {
+        let reading = self.reading.as_ref()?;
+        let slots = reading.slots?;
+        Some(PendingSlots {
+            taken: slots
+                .taken
+                .saturating_add(self.started - reading.started_before),
+            ..slots
+        })
     }
 }
 
@@ -268,6 +336,89 @@ mod tests {
 
     fn slots(taken: u64, limit: Option<u64>) -> PendingSlots {
         PendingSlots { taken, limit }
+    }
+
+    /// A room that finds `taken` of `limit` slots taken on every consumer.
+    fn room_reading(taken: u64, limit: u64) -> WaitingRoom {
+        WaitingRoom::reading_with(Box::new(move |_| {
+            async move { Some(slots(taken, Some(limit))) }.boxed()
+        }))
+    }
+
+    /// A schedule that waits far longer than any test.
+    fn long_wait() -> RetryPolicy {
+        RetryPolicy {
+            max_deliveries: 1_000,
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// Delivery `count` of stream message `sequence`, just published.
+    fn delivery(sequence: u64, count: u64) -> Delivery {
+        Delivery {
+            count,
+            sequence,
+            published: SystemTime::now(),
+        }
+    }
+
+    /// While a consumer's slots are read again (NATS slow to answer, or not answering until the
+    /// request times out), the other messages of that consumer are decided on the last reading
+    /// instead of waiting behind the read; the waits they start count on top of the new reading.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reading_holds_up_no_other_message() {
+        let asked = Arc::new(tokio::sync::Notify::new());
+        let answer = Arc::new(tokio::sync::Notify::new());
+        let readings = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let room = Arc::new(WaitingRoom::reading_with(Box::new({
+            let (asked, answer) = (asked.clone(), answer.clone());
+            move |_| {
+                let (asked, answer) = (asked.clone(), answer.clone());
+                let first = readings.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        return Some(slots(0, Some(8)));
+                    }
+                    asked.notify_one();
+                    answer.notified().await;
+                    Some(slots(5, Some(8)))
+                }
+                .boxed()
+            }
+        })));
+        let events = Some(Waiters::Events);
+        room.may_wait(&long_wait(), events, delivery(1, 1))
+            .await
+            .expect("a first wait, on the first reading: 0 of 8 slots taken");
+
+        tokio::time::advance(REFRESH).await;
+        let refresher = tokio::spawn({
+            let room = room.clone();
+            async move { room.may_wait(&long_wait(), events, delivery(2, 1)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), asked.notified())
+            .await
+            .expect("the stale reading is read again");
+        let decided = tokio::time::timeout(
+            Duration::from_secs(5),
+            room.may_wait(&long_wait(), events, delivery(3, 1)),
+        )
+        .await
+        .expect("decided on the last reading while the slots are read again, not behind the read");
+        decided.expect("1 wait started on a reading of 0 taken: below half");
+
+        answer.notify_one();
+        let refused = tokio::time::timeout(Duration::from_secs(5), refresher)
+            .await
+            .expect("the reading answered")
+            .expect("no panic")
+            .expect_err("5 taken, and the wait started during the read");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("not waited for: 6 of the router's 8 pending slots"),
+            "{refused}"
+        );
     }
 
     #[test]
