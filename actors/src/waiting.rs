@@ -9,7 +9,16 @@
 //!
 //! The slots taken are the consumer's own figure, shared by every instance, read at most once a
 //! second per consumer; the waits this instance started since are counted on top of it.
-
+//!
+//! A wait goes on only for a message this room handed back to wait, coming back (a later
+//! delivery of the same stream message) within its delay and a minute. JetStream cannot tell
+//! more: a NAK carries no header, and a delivery's count and publication time are the same for
+//! a message handed back to wait and for one handed back for another reason (a database outage,
+//! NAKed on the same schedule; an ack lost; its process stopped), which may meet the unknown
+//! customer for the first time and so starts its wait, counted as started. A wait going on that
+//! comes back to another instance (the router's consumer is shared; a partition's lease moved),
+//! after a restart, or later than that is taken for a new one there: held to the stricter half,
+//! never a new wait let in under three quarters.
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -26,6 +35,10 @@ use crate::retry::{GaveUp, RetryPolicy, Wait};
 
 /// How long a reading of a consumer's slots is used before it is read again.
 const REFRESH: Duration = Duration::from_secs(1);
+
+/// How late after its delay a message handed back to wait may come back and go on waiting (it
+/// may come back late when its consumer is busy).
+const LATE: Duration = Duration::from_secs(60);
 
 /// The consumer whose messages wait for their customer, and what those messages are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,6 +106,9 @@ struct Counts {
     reading: Option<Reading>,
     /// Waits this instance started on the consumer, in all.
     started: u64,
+    /// The stream sequences of the messages handed back to wait, each with when it is expected
+    /// back at the latest.
+    waiting: HashMap<u64, Instant>,
 }
 
 /// A reading of a consumer's slots.
@@ -146,19 +162,19 @@ impl WaitingRoom {
         let Some(waiters) = waiters else {
             return Ok(delay);
         };
-        if let Err(full) = self.admit(waiters, copy.count > 1).await {
+        if let Err(full) = self.admit(waiters, copy, delay).await {
             waiters.count_refused();
             return Err(Refused::Full(full));
         }
         Ok(delay)
     }
 
-    /// Whether a message of `waiters` may wait for its customer: a first wait (`going_on` false)
-    /// or a wait going on (a message delivered again). `Err` says why not.
-    async fn admit(&self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
+    /// Whether the message `copy` of `waiters` may wait `delay` for its customer. `Err` says why
+    /// not.
+    async fn admit(&self, waiters: Waiters, copy: Delivery, delay: Duration) -> Result<(), Full> {
         let consumer = self.consumer(waiters);
         consumer.refresh(|| (self.read)(waiters)).await;
-        consumer.counts().admit(waiters, going_on)
+        consumer.counts().admit(waiters, copy, delay)
     }
 
     /// What the room knows of `waiters`' consumer, made empty the first time it is asked about.
@@ -192,11 +208,14 @@ impl Consumer {
             counts.started
         };
         let slots = read().await;
-        self.counts().reading = Some(Reading {
-            at: Instant::now(),
+        let mut counts = self.counts();
+        let now = Instant::now();
+        counts.reading = Some(Reading {
+            at: now,
             slots,
             started_before,
         });
+        counts.waiting.retain(|_, back_by| *back_by > now);
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -214,16 +233,33 @@ impl Counts {
             .is_none_or(|reading| reading.at.elapsed() >= REFRESH)
     }
 
-    /// Whether a wait fits in the slots last read, with the waits started since counted on top;
-    /// a first wait admitted is counted.
-    fn admit(&mut self, waiters: Waiters, going_on: bool) -> Result<(), Full> {
+    /// Whether the wait of `copy` for `delay`, a first one or one going on, fits in the slots
+    /// last read, with the waits started since counted on top; a first wait admitted is counted,
+    /// and every wait admitted is remembered until it is expected back.
+    fn admit(&mut self, waiters: Waiters, copy: Delivery, delay: Duration) -> Result<(), Full> {
+        let now = Instant::now();
+        let going_on = self.goes_on(copy, now);
         if let Some(slots) = self.counted() {
             admit(slots, waiters, going_on)?;
         }
         if !going_on {
             self.started += 1;
         }
+        // A delay past the clock's range (no schedule anyone sets) is not remembered: its wait
+        // counts as a new one when it comes back.
+        let back_by = now.checked_add(delay.saturating_add(LATE)).unwrap_or(now);
+        self.waiting.insert(copy.sequence, back_by);
         Ok(())
+    }
+
+    /// Whether `copy` is a wait going on: a later delivery of a message handed back to wait, back
+    /// when expected (see the module's documentation).
+    fn goes_on(&self, copy: Delivery, now: Instant) -> bool {
+        copy.count > 1
+            && self
+                .waiting
+                .get(&copy.sequence)
+                .is_some_and(|&back_by| back_by > now)
     }
 
     /// The slots last read, with the waits started since taken too; `None` when they are not
@@ -417,6 +453,68 @@ mod tests {
             refused
                 .to_string()
                 .starts_with("not waited for: 6 of the router's 8 pending slots"),
+            "{refused}"
+        );
+    }
+
+    /// A message delivered again for another reason than a wait (NAKed during a database outage,
+    /// its ack lost, its process restarted) that meets an unknown customer starts a wait: held to
+    /// half the slots and counted as started. Only a message this room handed back to wait goes
+    /// on waiting under three quarters.
+    #[tokio::test]
+    async fn a_message_delivered_again_for_another_reason_starts_its_wait() {
+        let room = room_reading(2, 8);
+        let events = Some(Waiters::Events);
+        room.may_wait(&long_wait(), events, delivery(5, 2))
+            .await
+            .expect("a first wait at delivery 2: 2 of 8 taken");
+        room.may_wait(&long_wait(), events, delivery(6, 1))
+            .await
+            .expect("a first wait: 2 taken + 1 started");
+        let refused = room
+            .may_wait(&long_wait(), events, delivery(7, 3))
+            .await
+            .expect_err("a first wait at delivery 3, with half the slots taken");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("not waited for: 4 of the router's 8 pending slots"),
+            "both waits counted, the one delivered again too: {refused}"
+        );
+        room.may_wait(&long_wait(), events, delivery(5, 3))
+            .await
+            .expect("a wait going on, below three quarters");
+        room.may_wait(&long_wait(), events, delivery(6, 2))
+            .await
+            .expect("a wait going on, below three quarters");
+    }
+
+    /// A message handed back to wait that comes back a minute later than its delay (its consumer
+    /// busy) or not at all (routed elsewhere) is forgotten: a later delivery starts a wait again,
+    /// counted as started.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_back_later_than_expected_starts_again() {
+        let room = room_reading(3, 8);
+        let events = Some(Waiters::Events);
+        room.may_wait(&long_wait(), events, delivery(1, 1))
+            .await
+            .expect("a first wait: 3 of 8 taken");
+        let delay = room
+            .may_wait(&long_wait(), events, delivery(1, 2))
+            .await
+            .expect("the wait going on: 3 taken + 1 started");
+        tokio::time::advance(delay + LATE).await;
+        room.may_wait(&long_wait(), events, delivery(1, 3))
+            .await
+            .expect("a first wait again, on a new reading: 3 taken");
+        let refused = room
+            .may_wait(&long_wait(), events, delivery(2, 1))
+            .await
+            .expect_err("the wait started again is counted");
+        assert!(
+            refused
+                .to_string()
+                .starts_with("not waited for: 4 of the router's 8 pending slots"),
             "{refused}"
         );
     }
