@@ -19,6 +19,7 @@
 //! comes back to another instance (the router's consumer is shared; a partition's lease moved),
 //! after a restart, or later than that is taken for a new one there: held to the stricter half,
 //! never a new wait let in under three quarters.
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
