@@ -43,7 +43,9 @@
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
 //! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
-//! until none are left, resting between batches so that other writers get the database.
+//! until none are left, resting between batches so that other writers get the database. Each
+//! clean-up (also with `retention_days` 0) first removes the held receipts that no send will apply
+//! ([`repo::receipts::drop_stranded`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -276,11 +278,12 @@ impl Drop for WhenDone {
     }
 }
 
-/// Starts a retention clean-up on a task of its own when one is due and none is running.
+/// Starts a clean-up on a task of its own when one is due and none is running: every
+/// `retention_interval_secs`, retention ([`purge`]) when `retention_days` is set, else only the
+/// removal of stranded held receipts ([`repo::receipts::drop_stranded`]).
 fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let settings = state.args.settings;
-    let due = settings.retention_days > 0
-        && !state.purging
+    let due = !state.purging
         && state
             .last_retention
             .is_none_or(|at| at.elapsed() >= Duration::from_secs(settings.retention_interval_secs));
@@ -293,6 +296,13 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let stop = state.stop.clone();
     let done = WhenDone(myself.clone(), Some(SchedulerMsg::PurgeDone));
     tokio::spawn(async move {
+        if settings.retention_days == 0 {
+            if let Err(err) = repo::receipts::drop_stranded(&args.db).await {
+                tracing::warn!(error = %err, "scheduler: clean-up of held receipts failed");
+            }
+            drop(done);
+            return;
+        }
         let cutoff = (args.clock)() - chrono::Duration::days(i64::from(settings.retention_days));
         match purge(&args.db, cutoff, RETENTION_BATCH, &stop).await {
             Ok(0) => {}
@@ -868,12 +878,15 @@ fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::Ac
 /// batches it rests as long as the last one took (at least [`PURGE_REST_MIN`], at most
 /// [`PURGE_REST_MAX`]): on SQLite each DELETE holds the only write lock, so other writers get it
 /// at least half the time. Stops after the current batch once `stop` is cancelled (the engine is stopping).
+///
+/// First it removes the held receipts no send will apply ([`repo::receipts::drop_stranded`]).
 pub async fn purge(
     db: &DatabaseConnection,
     cutoff: chrono::DateTime<Utc>,
     batch: u64,
     stop: &CancellationToken,
 ) -> Result<u64, repo::RepoError> {
+    repo::receipts::drop_stranded(db).await?;
     let batch = batch.max(1);
     let mut total = 0u64;
     while !stop.is_cancelled() {

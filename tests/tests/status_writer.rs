@@ -611,3 +611,178 @@ async fn a_batch_written_again_reports_the_held_receipt_its_first_commit_applied
     assert_eq!(again.receipts(), first.receipts());
     assert_eq!(stored_status(&db, id).await, NotificationStatus::Delivered);
 }
+
+/// How many receipts are held for notification `id`.
+async fn held_for(db: &DatabaseConnection, id: Uuid) -> u64 {
+    use herald_entities::held_receipt;
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, PaginatorTrait as _, QueryFilter as _};
+    held_receipt::Entity::find()
+        .filter(held_receipt::Column::NotificationId.eq(id))
+        .count(db)
+        .await
+        .expect("held receipts counted")
+}
+
+/// `n` queued notifications of bulk send `batch` (any id: nothing ties it to a row), each with a
+/// receipt held for it.
+async fn queued_with_held_receipts(db: &DatabaseConnection, n: usize, batch: Uuid) -> Vec<Uuid> {
+    use herald_entities::notification;
+    use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _, sea_query::Expr};
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        let row = queued_notification(None);
+        ids.push(row.id);
+        repo::notifications::insert(db, row).await.expect("stored");
+        hold_receipt(db, ids[ids.len() - 1], "smtp", "delivered").await;
+    }
+    notification::Entity::update_many()
+        .col_expr(notification::Column::BatchId, Expr::value(batch))
+        .filter(notification::Column::Id.is_in(ids.clone()))
+        .exec(db)
+        .await
+        .expect("batch set");
+    ids
+}
+
+/// A receipt held for a notification that then ends without being sent (`failed`, `dead`,
+/// `skipped` by the StatusWriter, `cancelled` by a cancel or a bulk cancel's chunk and leftovers)
+/// stayed in `held_receipts` for ever, so that the one-row check of every batch with a `sent`
+/// found something held, and each such batch paid the lookups of held receipts. It is now
+/// dropped in the transaction that ends the notification; one held for a notification still under
+/// way stays.
+#[tokio::test]
+async fn a_held_receipt_of_a_notification_that_ends_unsent_is_dropped() {
+    use repo::schedule;
+    let (database, db, waiting) = one_queued_notification().await;
+    let batch = Uuid::now_v7();
+    let ids = queued_with_held_receipts(&db, 7, batch).await;
+    hold_receipt(&db, waiting, "smtp", "delivered").await;
+    let [failed, dead, skipped, cancelled, ..] = ids[..] else {
+        unreachable!("7 notifications")
+    };
+
+    let ended = [
+        StatusChange::to(failed, NotificationStatus::Failed),
+        StatusChange::to(dead, NotificationStatus::Dead),
+        StatusChange::to(skipped, NotificationStatus::Skipped),
+    ];
+    let applied = repo::status_batch::apply(&db, &ended, &[])
+        .await
+        .expect("the batch is written");
+    assert!((0..3).all(|i| applied.moved(i)), "{applied:?}");
+    let outcome = schedule::cancel(&db, cancelled, "cancelled by the test")
+        .await
+        .expect("cancel ran");
+    assert!(
+        matches!(outcome, schedule::Cancel::Cancelled(_)),
+        "{outcome:?}"
+    );
+    let chunk = schedule::cancel_batch_chunk(&db, batch, "batch cancelled", 2)
+        .await
+        .expect("a chunk cancelled");
+    let gate = WriteGate::for_url(database.url());
+    let leftovers = schedule::cancel_batch_leftovers(&db, &gate, batch, "batch cancelled")
+        .await
+        .expect("leftovers cancelled");
+    assert_eq!(
+        (chunk.ids.len(), leftovers.ids.len()),
+        (2, 1),
+        "the chunk cancels 2 of the batch's 3 still queued, the leftovers the last"
+    );
+
+    let mut lingering = Vec::new();
+    for (id, how) in ids.iter().zip([
+        "failed",
+        "dead",
+        "skipped",
+        "cancelled",
+        "bulk chunk",
+        "bulk chunk",
+        "bulk leftover",
+    ]) {
+        if held_for(&db, *id).await > 0 {
+            lingering.push(how);
+        }
+    }
+    assert!(
+        lingering.is_empty(),
+        "receipts still held for the notifications ended so: {lingering:?}"
+    );
+    assert_eq!(
+        held_for(&db, waiting).await,
+        1,
+        "the receipt held for a notification still queued stays"
+    );
+}
+
+/// A held receipt that no send will apply, left behind by an earlier version (its notification
+/// `cancelled`, or `sent` without it), stayed for ever: retention deleted it only with its
+/// notification, and never while retention was off. The clean-up now removes it first, and keeps
+/// the one held for a notification that may still be sent.
+#[tokio::test]
+async fn the_clean_up_removes_held_receipts_that_no_send_will_apply() {
+    use repo::schedule;
+    let (_database, db, waiting) = one_queued_notification().await;
+    let rows = [queued_notification(None), queued_notification(None)];
+    let [cancelled, sent] = [rows[0].id, rows[1].id];
+    for row in rows {
+        repo::notifications::insert(&db, row).await.expect("stored");
+    }
+    schedule::cancel(&db, cancelled, "cancelled by the test")
+        .await
+        .expect("cancelled");
+    let (sent_change, attempt) = sent_by(sent, "smtp");
+    repo::status_batch::apply(&db, &[sent_change], &[attempt])
+        .await
+        .expect("sent");
+    // As an earlier version left them.
+    for id in [waiting, cancelled, sent] {
+        hold_receipt(&db, id, "smtp", "delivered").await;
+    }
+
+    // Retention a day back: it deletes no notification, these being new.
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(1);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let removed = herald_actors::scheduler::purge(&db, cutoff, 10, &stop)
+        .await
+        .expect("the clean-up ran");
+    assert_eq!(removed, 0, "no notification is old enough to go");
+
+    assert_eq!(
+        held_for(&db, cancelled).await,
+        0,
+        "held for a cancelled one"
+    );
+    assert_eq!(held_for(&db, sent).await, 0, "held for a sent one");
+    assert_eq!(held_for(&db, waiting).await, 1, "held for a queued one");
+    assert_eq!(stored_status(&db, sent).await, NotificationStatus::Sent);
+}
+
+/// A held receipt applied when the send is recorded reports the notification as the database
+/// holds it (the row is no longer read back after the move: the move is applied to the row read
+/// before it), a bounce with its error too.
+#[tokio::test]
+async fn a_held_receipt_applied_reports_the_notification_as_stored() {
+    use sea_orm::{ConnectionTrait as _, sea_query::Query};
+    let (_database, db, id) = one_queued_notification().await;
+    hold_receipt(&db, id, "smtp", "failed").await;
+    let with_error = Query::update()
+        .table("held_receipts")
+        .value("error", "550 5.1.1 mailbox unknown")
+        .value("reason", "bounced (smtp)")
+        .to_owned();
+    db.execute(&with_error).await.expect("held receipt changed");
+    let (sent, attempt) = sent_by(id, "smtp");
+    let applied = repo::status_batch::apply(&db, &[sent], &[attempt])
+        .await
+        .expect("the batch is written");
+
+    let stored = repo::notifications::find(&db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(applied.receipts(), std::slice::from_ref(&stored));
+    assert_eq!(stored.status, NotificationStatus::Failed);
+    assert_eq!(stored.error.as_deref(), Some("550 5.1.1 mailbox unknown"));
+    assert_eq!(held_for(&db, id).await, 0, "the applied receipt is gone");
+}

@@ -12,7 +12,10 @@
 //! notification being `dead` again by then) is not taken for that copy's duplicate.
 
 use chrono::Utc;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, sea_query::Expr};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionSession, TransactionTrait,
+    sea_query::Expr,
+};
 use uuid::Uuid;
 
 use super::schedule::{REPLAY_PENDING_PREFIX, REPLAYED};
@@ -99,13 +102,15 @@ pub async fn confirm_replayed(
 /// does not wait as `queued` for a command that does not exist; its `status_reason` becomes
 /// `reason`. `false` when the notification no longer awaits `replay` (a dispatcher claimed it:
 /// the command was stored after all, or the Scheduler published it again): then there is nothing
-/// to undo.
+/// to undo. A receipt held for it meanwhile is dropped in the same transaction (see
+/// `receipts::drop_held_of_unsent`).
 pub async fn return_to_dead(
-    db: &impl ConnectionTrait,
+    db: &(impl ConnectionTrait + TransactionTrait),
     id: Uuid,
     replay: &PendingReplay,
     reason: &str,
 ) -> Result<bool, RepoError> {
+    let txn = db.begin().await?;
     let moved = awaiting(id, replay)
         .col_expr(
             notification::Column::Status,
@@ -113,9 +118,15 @@ pub async fn return_to_dead(
         )
         .col_expr(notification::Column::StatusReason, Expr::value(reason))
         .col_expr(notification::Column::UpdatedAt, Expr::value(Utc::now()))
-        .exec(db)
-        .await?;
-    Ok(moved.rows_affected > 0)
+        .exec(&txn)
+        .await?
+        .rows_affected
+        > 0;
+    if moved {
+        super::receipts::drop_held_of_unsent(&txn, &[id]).await?;
+    }
+    txn.commit().await?;
+    Ok(moved)
 }
 
 /// An UPDATE of notification `id` while it is `queued` with `replay`'s mark.

@@ -7,7 +7,7 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
     FromQueryResult, QueryFilter, QuerySelect, QueryTrait, TransactionTrait,
-    sea_query::{Expr, OnConflict},
+    sea_query::{Expr, OnConflict, Query},
 };
 use uuid::Uuid;
 
@@ -261,6 +261,28 @@ async fn apply_to_sent(
     receipt: &Receipt<'_>,
 ) -> Result<ReceiptOutcome, RepoError> {
     let id = before.id;
+    match move_sent(db, &before, receipt).await? {
+        Move::SentByOther(providers) => Ok(ReceiptOutcome::SentByOther(providers)),
+        Move::Done { applied, .. } => outcome_as_now(db, id, receipt, applied).await,
+    }
+}
+
+/// What [`move_sent`] did.
+enum Move {
+    /// Nothing: the message was sent by these providers, not the receipt's.
+    SentByOther(Vec<String>),
+    /// Its UPDATE ran: `applied` when it moved the notification, dated `at`.
+    Done { applied: bool, at: DateTime<Utc> },
+}
+
+/// The move of `before`, a notification recorded sent, to `receipt`'s status: one conditional
+/// UPDATE (from `sent` only), if the receipt's provider is one that accepted the message.
+async fn move_sent(
+    db: &impl ConnectionTrait,
+    before: &notification::Model,
+    receipt: &Receipt<'_>,
+) -> Result<Move, RepoError> {
+    let id = before.id;
     let providers: Vec<String> = delivery_attempt::Entity::find()
         .select_only()
         .column(delivery_attempt::Column::Provider)
@@ -271,9 +293,9 @@ async fn apply_to_sent(
         .all(db)
         .await?;
     if !providers.iter().any(|p| p == receipt.provider) {
-        return Ok(ReceiptOutcome::SentByOther(providers));
+        return Ok(Move::SentByOther(providers));
     }
-    let at = sent_floor(&before).map_or(receipt.at, |floor| receipt.at.max(floor));
+    let at = sent_floor(before).map_or(receipt.at, |floor| receipt.at.max(floor));
     let mut update = notification::Entity::update_many()
         .col_expr(notification::Column::Status, Expr::value(receipt.status))
         .col_expr(
@@ -287,6 +309,17 @@ async fn apply_to_sent(
         update = update.col_expr(notification::Column::Error, Expr::value(error));
     }
     let applied = update.exec(db).await?.rows_affected > 0;
+    Ok(Move::Done { applied, at })
+}
+
+/// The outcome of a move of notification `id` by `receipt` that `applied` or not, with the
+/// notification as it is now.
+async fn outcome_as_now(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    receipt: &Receipt<'_>,
+    applied: bool,
+) -> Result<ReceiptOutcome, RepoError> {
     let Some(now) = notification::Entity::find_by_id(id).one(db).await? else {
         return Ok(ReceiptOutcome::NotFound);
     };
@@ -382,6 +415,10 @@ async fn apply_one_held(
 }
 
 /// Applies `held` to its notification in `txn`.
+///
+/// The notification is read once: moved, it is `row` with the receipt's changes, which are
+/// stored as they are (the held receipt's values, and a time read from the database, were read
+/// back from it already); only a move that did not apply reads it again, as it is now.
 async fn apply_held_receipt(
     txn: &DatabaseTransaction,
     held: &held_receipt::Model,
@@ -399,19 +436,156 @@ async fn apply_held_receipt(
         error: held.error.as_deref(),
         at: held.at,
     };
-    apply_to_sent(txn, row, &receipt).await
+    match move_sent(txn, &row, &receipt).await? {
+        Move::SentByOther(providers) => Ok(ReceiptOutcome::SentByOther(providers)),
+        Move::Done { applied: true, at } => Ok(ReceiptOutcome::Applied(moved(row, held, at))),
+        Move::Done { applied: false, .. } => outcome_as_now(txn, row.id, &receipt, false).await,
+    }
+}
+
+/// `row` as `held` moved it, at `at`: what reading it again would give.
+fn moved(
+    row: notification::Model,
+    held: &held_receipt::Model,
+    at: DateTime<Utc>,
+) -> notification::Model {
+    notification::Model {
+        status: held.status,
+        status_reason: Some(held.reason.clone()),
+        error: held.error.clone().or(row.error.clone()),
+        updated_at: at,
+        ..row
+    }
+}
+
+/// Why a held receipt was dropped unapplied: the `reason` label of
+/// `herald_held_receipts_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DropReason {
+    /// It could not be applied when the send was recorded (unreadable, or refused by the
+    /// database).
+    Error,
+    /// Its notification ended without being sent (`failed`, `skipped`, `cancelled`, `dead`).
+    Unsent,
+    /// The clean-up found it stranded: its notification is gone, or final ([`drop_stranded`]).
+    Stranded,
+}
+
+impl DropReason {
+    /// The label value.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Unsent => "unsent",
+            Self::Stranded => "stranded",
+        }
+    }
+}
+
+/// Counts a held receipt dropped unapplied, for `reason`.
+fn count_dropped(reason: DropReason) {
+    metrics::counter!("herald_held_receipts_dropped_total", "reason" => reason.as_str())
+        .increment(1);
 }
 
 /// Logs and counts a held receipt dropped because it could not be applied (`held`, if it could
 /// be read).
 fn dropped(error: &RepoError, held: Option<&held_receipt::Model>) {
-    metrics::counter!("herald_held_receipts_dropped_total").increment(1);
+    count_dropped(DropReason::Error);
     tracing::error!(
         id = ?held.map(|held| held.notification_id),
         provider = ?held.map(|held| &held.provider),
         %error,
         "a receipt held until the send was recorded could not be applied; dropped"
     );
+}
+
+/// Deletes the receipts held for `ended`, notifications that `txn` just moved to a final status
+/// other than `sent` (`failed`, `skipped`, `cancelled`, `dead`): no send of theirs will be
+/// recorded to apply them. Each is logged and counted (`herald_held_receipts_dropped_total`,
+/// `reason="unsent"`). Run in the transaction of the move: a hold either committed before the move
+/// (which waits for the row it took) and is deleted here, or comes after it and finds the
+/// notification no longer under way, and holds nothing.
+///
+/// Nearly always nothing is held: one read of at most one row says so, and nothing else is done.
+/// Otherwise each chunk of `ended` takes its held receipts with one `DELETE … RETURNING`.
+pub(crate) async fn drop_held_of_unsent(
+    txn: &impl ConnectionTrait,
+    ended: &[Uuid],
+) -> Result<(), RepoError> {
+    if ended.is_empty() || !any_held(txn).await? {
+        return Ok(());
+    }
+    for ids in ended.chunks(HELD_CHUNK) {
+        let take = held_receipt::Entity::delete_many()
+            .filter(held_receipt::Column::NotificationId.is_in(ids.iter().copied()));
+        delete_logged(txn, take, DropReason::Unsent).await?;
+    }
+    Ok(())
+}
+
+/// The statuses of a notification that may still be sent: a receipt held for it may apply.
+const NOT_ENDED: [NotificationStatus; 3] = [
+    NotificationStatus::Queued,
+    NotificationStatus::Scheduled,
+    NotificationStatus::Processing,
+];
+
+/// Deletes the held receipts that no send will apply: those whose notification is gone, or
+/// final (`sent` or later, or ended unsent), each logged and counted
+/// (`herald_held_receipts_dropped_total`, `reason="stranded"`). Answers how many went.
+///
+/// The moves that end a notification drop its held receipts themselves (`apply_held`,
+/// `drop_held_of_unsent`); this removes those that something else left behind (an earlier
+/// version, a row changed by hand), so that none lingers for ever and keeps the cheap check of
+/// `apply_held` from saying that nothing is held. A receipt held for a notification that may
+/// still be sent (`queued`, `scheduled`, `processing`) is kept. Run by the retention clean-up.
+pub async fn drop_stranded(db: &impl ConnectionTrait) -> Result<u64, RepoError> {
+    use sea_orm::sea_query::ExprTrait;
+    if !any_held(db).await? {
+        return Ok(0);
+    }
+    let may_apply = Query::select()
+        .expr(Expr::val(1))
+        .from(notification::Entity)
+        .and_where(
+            Expr::col((notification::Entity, notification::Column::Id))
+                .equals((held_receipt::Entity, held_receipt::Column::NotificationId)),
+        )
+        .and_where(
+            Expr::col((notification::Entity, notification::Column::Status))
+                .is_in(NOT_ENDED.iter().map(|status| status.as_str())),
+        )
+        .to_owned();
+    let take = held_receipt::Entity::delete_many().filter(Expr::exists(may_apply).not());
+    delete_logged(db, take, DropReason::Stranded).await
+}
+
+/// Runs `take`, a DELETE of held receipts, logging and counting each it deleted as dropped for
+/// `reason`; answers how many.
+async fn delete_logged(
+    db: &impl ConnectionTrait,
+    take: sea_orm::DeleteMany<held_receipt::Entity>,
+    reason: DropReason,
+) -> Result<u64, RepoError> {
+    let mut take = take.into_query();
+    take.returning(Query::returning().columns([
+        held_receipt::Column::NotificationId,
+        held_receipt::Column::Provider,
+    ]));
+    let rows = db.query_all(&take).await?;
+    for row in &rows {
+        let id = row.try_get_by_index::<Uuid>(0)?;
+        let provider = row.try_get_by_index::<String>(1)?;
+        count_dropped(reason);
+        tracing::warn!(
+            %id,
+            %provider,
+            reason = reason.as_str(),
+            "a receipt held until the send was recorded will never apply; dropped"
+        );
+    }
+    Ok(rows.len() as u64)
 }
 
 /// The earliest time a receipt may date a change of `row`: when it was sent (its `updated_at`

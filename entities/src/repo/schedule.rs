@@ -4,7 +4,7 @@
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Select, UpdateMany,
+    QuerySelect, QueryTrait, Select, TransactionSession, TransactionTrait, UpdateMany,
     sea_query::{
         CaseStatement, Expr, ExprTrait, LockBehavior, LockType, PgFunc, Query, SelectStatement,
         SimpleExpr, UpdateStatement,
@@ -12,7 +12,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::status_batch::status_among;
+use super::{receipts::drop_held_of_unsent, status_batch::status_among};
 use crate::{NotificationStatus, RepoError, WriteGate, batch, notification};
 
 /// Prefix of the `status_reason` of a notification claimed by a Scheduler and not yet confirmed
@@ -278,18 +278,27 @@ pub enum Cancel {
     NotCancellable(NotificationStatus),
 }
 
-/// Cancels a notification that is `scheduled`, or `queued` and not yet picked up by a dispatcher.
+/// Cancels a notification that is `scheduled`, or `queued` and not yet picked up by a dispatcher,
+/// and drops, in the same transaction, the receipts held for it (see
+/// `receipts::drop_held_of_unsent`).
 pub async fn cancel(
-    db: &impl ConnectionTrait,
+    db: &(impl ConnectionTrait + TransactionTrait),
     id: Uuid,
     reason: &str,
 ) -> Result<Cancel, RepoError> {
+    let txn = db.begin().await?;
     let moved = cancel_where(reason, Utc::now(), notification::Column::Id.eq(id))
-        .exec(db)
-        .await?;
+        .exec(&txn)
+        .await?
+        .rows_affected
+        > 0;
+    if moved {
+        drop_held_of_unsent(&txn, &[id]).await?;
+    }
+    txn.commit().await?;
     match notification::Entity::find_by_id(id).one(db).await? {
         None => Ok(Cancel::NotFound),
-        Some(row) if moved.rows_affected > 0 => Ok(Cancel::Cancelled(Box::new(row))),
+        Some(row) if moved => Ok(Cancel::Cancelled(Box::new(row))),
         Some(row) => Ok(Cancel::NotCancellable(row.status)),
     }
 }
@@ -315,19 +324,23 @@ pub struct CancelledChunk {
 /// picked up before the statement ran is `processing` and stays as it is. On PostgreSQL the
 /// statement passes over rows another transaction holds (see [`cancel_chunk_query`]): an empty
 /// answer means none of the batch's notifications was still cancellable, or those left were held
-/// at that moment ([`cancel_batch_leftovers`] waits for them).
+/// at that moment ([`cancel_batch_leftovers`] waits for them). The receipts held for the
+/// notifications it cancels are dropped in the same transaction (a savepoint, when `db` is one).
 pub async fn cancel_batch_chunk(
-    db: &impl ConnectionTrait,
+    db: &(impl ConnectionTrait + TransactionTrait),
     batch_id: Uuid,
     reason: &str,
     limit: u64,
 ) -> Result<CancelledChunk, RepoError> {
     let at = Utc::now().trunc_subsecs(6);
     let query = cancel_chunk_query(db.get_database_backend(), batch_id, reason, at, limit);
+    let txn = db.begin().await?;
     let mut ids = Vec::new();
-    for row in db.query_all(&query).await? {
+    for row in txn.query_all(&query).await? {
         ids.push(row.try_get_by_index::<Uuid>(0)?);
     }
+    drop_held_of_unsent(&txn, &ids).await?;
+    txn.commit().await?;
     Ok(CancelledChunk { ids, at })
 }
 
@@ -415,9 +428,10 @@ fn batch_cancellable_ids(batch_id: Uuid) -> Select<notification::Entity> {
 /// another transaction held them. Each statement changes one row, waiting for its lock if need
 /// be, and holds no other: it cannot take part in a deadlock. A row whose holder made it
 /// `processing` meanwhile is left as it is. On SQLite there is normally none left; each statement
-/// is taken in a turn of `gate`.
+/// is taken in a turn of `gate`, in a transaction that also drops the receipts held for the
+/// notification it cancels.
 pub async fn cancel_batch_leftovers(
-    db: &impl ConnectionTrait,
+    db: &(impl ConnectionTrait + TransactionTrait),
     gate: &WriteGate,
     batch_id: Uuid,
     reason: &str,
@@ -427,12 +441,15 @@ pub async fn cancel_batch_leftovers(
     let mut ids = Vec::new();
     for id in left {
         let _turn = gate.enter().await;
+        let txn = db.begin().await?;
         let moved = cancel_where(reason, at, notification::Column::Id.eq(id))
-            .exec(db)
+            .exec(&txn)
             .await?;
         if moved.rows_affected > 0 {
+            drop_held_of_unsent(&txn, &[id]).await?;
             ids.push(id);
         }
+        txn.commit().await?;
     }
     Ok(CancelledChunk { ids, at })
 }

@@ -175,7 +175,8 @@ pub fn as_stamped(changes: &[StatusChange]) -> Vec<StatusChange> {
 /// Writes attempts and applies status changes in one transaction, in the order given, and tells
 /// which changes moved their notification. Receipts held for a notification it records `sent`
 /// (a provider's receipt that beat this record) are applied in the same transaction
-/// ([`Applied::receipts`]). A NUL in their text (a provider's reply) is stored as
+/// ([`Applied::receipts`]); those held for one it ends otherwise (`failed`, `skipped`, `dead`,
+/// `cancelled`) are dropped, as no send of it will be recorded to apply them. A NUL in their text (a provider's reply) is stored as
 /// U+FFFD, which PostgreSQL takes.
 ///
 /// A change the transition rules refuse ([`NotificationStatus::allowed_from`]: a late failure of
@@ -266,6 +267,12 @@ async fn apply_batch(
         .map(|change| change.id)
         .collect();
     applied.receipts = super::receipts::apply_held(&txn, &sent).await?;
+    let ended: Vec<Uuid> = applied
+        .moved_changes(changes)
+        .filter(|change| change.status.is_final() && !change.status.is_sent())
+        .map(|change| change.id)
+        .collect();
+    super::receipts::drop_held_of_unsent(&txn, &ended).await?;
     for (at, id, index) in sent_already {
         if let Some(row) = moved_on_by_held_receipt(&txn, at, id).await? {
             applied.moved[index] = true;
