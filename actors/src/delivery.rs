@@ -42,8 +42,8 @@ use crate::channel::{
     ChannelDirectory, ChannelMsg, ContactMove, NotStartedCause, OutboundMessage, ProviderError,
     SendOutcome, SendReport, WebhookSecret,
 };
-use crate::lookup::Recipient;
-use crate::policy::{Gate, OptOut};
+use crate::lookup::{ContactHolder, Recipient};
+use crate::policy::{Gate, OptOut, preferences::is_critical};
 use crate::retry::RetryPolicy;
 use crate::status_writer::{AfterWrite, StatusRecord, StatusWriterMsg};
 use crate::templates::runtime::{RuntimeTemplates, TemplateError};
@@ -700,29 +700,42 @@ fn resolve_contacts(
     }
 }
 
-/// The policy's gate for `command`: by its customer's wishes, or for a send that names no
-/// customer by those of the customers holding its contacts on the channels of its chain (none
-/// read when it has no such contacts); `Err` when these cannot be read.
+/// The policy's gate for `command`: by its customer's wishes, and by those of the customers
+/// holding the contacts it gives beyond that customer's own (for a send that names no customer,
+/// all of its contacts) on the channels of its chain; `Err` when these cannot be read.
 async fn gate(
     ctx: &DeliveryContext,
     recipient: &Recipient,
     command: &SendCommand,
     passed_before: bool,
 ) -> Result<Gate, String> {
-    if command.customer_id.is_some() {
-        return Ok(crate::policy::gate(&ctx.policy, recipient, command, passed_before).await);
-    }
-    let set = chain_contacts(command);
-    let holders = if set.is_empty() {
-        Vec::new()
-    } else {
-        ctx.contact_holders.get(set).await?.unwrap_or_default()
+    let others = match &recipient.customer {
+        Some(customer) => chain_contacts(command).not_held_by(customer),
+        None => chain_contacts(command),
     };
-    Ok(crate::policy::gate_contacts(&ctx.policy, &holders, command, passed_before).await)
+    let holders = contact_holders(ctx, others, command).await?;
+    let policy = &ctx.policy;
+    Ok(match command.customer_id {
+        Some(_) => crate::policy::gate(policy, recipient, &holders, command, passed_before).await,
+        None => crate::policy::gate_contacts(policy, &holders, command, passed_before).await,
+    })
 }
 
-/// The contacts `command` goes to on the channels of its chain that reach a customer's stored
-/// contacts (email, SMS, Telegram, push).
+/// The customers with stored wishes holding the contacts of `set`. None are read when it holds
+/// none, nor for a critical category, which no opt-out or quiet hours hold back.
+async fn contact_holders(
+    ctx: &DeliveryContext,
+    set: ContactSet,
+    command: &SendCommand,
+) -> Result<Vec<ContactHolder>, String> {
+    if set.is_empty() || is_critical(command.category) {
+        return Ok(Vec::new());
+    }
+    Ok(ctx.contact_holders.get(set).await?.unwrap_or_default())
+}
+
+/// The contacts `command` itself gives (not those of its stored customer) on the channels of its
+/// chain.
 fn chain_contacts(command: &SendCommand) -> ContactSet {
     let on = |channel: Channel| command.channels.contains(&channel);
     let contacts = &command.contacts;
@@ -738,6 +751,10 @@ fn chain_contacts(command: &SendCommand) -> ContactSet {
         } else {
             Vec::new()
         },
+        webhook_url: contacts
+            .webhook_url
+            .clone()
+            .filter(|_| on(Channel::Webhook)),
     }
 }
 

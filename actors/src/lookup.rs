@@ -206,8 +206,7 @@ impl ContactHolder {
             Channel::Sms => self.held.phone,
             Channel::Telegram => self.held.telegram_chat_id,
             Channel::Push => self.held.push_token,
-            // Webhook URLs are endpoints, not a person's address: not looked up.
-            Channel::Webhook => false,
+            Channel::Webhook => self.held.webhook_url,
         }
     }
 }

@@ -212,3 +212,59 @@ async fn a_dead_push_token_is_removed_only_while_the_customer_still_holds_it() {
     let unknown = customers::remove_push_token(&db, "nobody", "other").await;
     assert!(!unknown.expect("ran"), "no such customer");
 }
+
+/// The customers with stored wishes holding `token`, by external id.
+async fn holding_token(db: &DatabaseConnection, token: &str) -> Vec<String> {
+    let set = customers::ContactSet {
+        push_tokens: vec![token.into()],
+        ..Default::default()
+    };
+    customers::with_wishes_holding(db, &[set])
+        .await
+        .expect("holders read")
+        .into_iter()
+        .map(|customer| customer.external_id)
+        .collect()
+}
+
+/// The lookup of whose push token a send names finds the customer by the tokens they hold now:
+/// as stored, as a `PUT` replaced them and as a dead one was removed (on SQLite the tokens are
+/// found in `customer_push_tokens`, which triggers keep).
+#[tokio::test]
+async fn a_push_token_is_found_on_the_customer_holding_it_now() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(
+        &database,
+        contacts("100", "https://hooks.example.com/a", &["t1"]),
+    )
+    .await;
+    let opt_out = vec![herald_entities::repo::preferences::NewPreference {
+        category: "marketing".into(),
+        channel: "*".into(),
+        enabled: false,
+    }];
+    herald_entities::repo::preferences::replace(&db, ADA, opt_out, None)
+        .await
+        .expect("wishes stored");
+    assert_eq!(holding_token(&db, "t1").await, [ADA], "as stored");
+
+    put(
+        &db,
+        contacts("100", "https://hooks.example.com/a", &["t2", "t3"]),
+    )
+    .await;
+    assert!(holding_token(&db, "t1").await.is_empty(), "replaced");
+    assert_eq!(holding_token(&db, "t3").await, [ADA], "as the PUT wrote");
+
+    assert!(
+        customers::remove_push_token(&db, ADA, "t3")
+            .await
+            .expect("removed")
+    );
+    assert!(holding_token(&db, "t3").await.is_empty(), "removed as dead");
+    assert_eq!(
+        holding_token(&db, "t2").await,
+        [ADA],
+        "the other token kept"
+    );
+}

@@ -3034,7 +3034,8 @@ async fn contacts_of_no_customer_go_out_and_shared_ones_follow_every_holders_opt
 }
 
 /// The dispatcher finds the customers holding a send's contacts by each kind of contact (an
-/// email address whatever its case, a phone number, a Telegram chat id, one of the push tokens),
+/// email address whatever its case, a phone number, a Telegram chat id, one of the push tokens,
+/// a webhook URL),
 /// only those with stored wishes, each with their own.
 #[tokio::test]
 async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes() {
@@ -3046,6 +3047,7 @@ async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes
     ada.phone = Set(Some("+4915112345678".into()));
     ada.telegram_chat_id = Set(Some("4711".into()));
     ada.push_tokens = Set(json!(["token-a1", "token-a2"]));
+    ada.webhook_url = Set(Some("https://hooks.example.com/ada".into()));
     // Holds ada's phone, but has no wishes: not found.
     let mut bob = customer_row("bob", "en", None);
     bob.phone = Set(Some("+4915112345678".into()));
@@ -3076,6 +3078,7 @@ async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes
         set(|s| s.phone = Some("+4915112345678".into())),
         set(|s| s.telegram_chat_id = Some("4711".into())),
         set(|s| s.push_tokens = vec!["token-x".into(), "token-a2".into()]),
+        set(|s| s.webhook_url = Some("https://hooks.example.com/ada".into())),
         set(|s| s.email = Some("nobody@example.com".into())),
     ];
     let answers = futures::future::join_all(asked.iter().map(|set| lookup.get(set.clone()))).await;
@@ -3096,9 +3099,202 @@ async fn the_customers_holding_contacts_are_found_by_each_kind_with_their_wishes
     let ada = vec!["ada".to_string()];
     assert_eq!(
         found,
-        [ada.clone(), ada.clone(), ada.clone(), ada, vec![]],
-        "found by email, phone, chat id and push token; nobody for an unknown address"
+        [
+            ada.clone(),
+            ada.clone(),
+            ada.clone(),
+            ada.clone(),
+            ada,
+            vec![]
+        ],
+        "found by email, phone, chat id, push token and webhook URL; nobody for an unknown address"
     );
+}
+
+/// Waits until `id` is sent or skipped (or another final status) and returns it.
+async fn settled(herald: &TestHerald, id: &str) -> Value {
+    eventually("the send to be sent or skipped", E2E_TIMEOUT, || async {
+        let json = notification_json(herald, id).await;
+        matches!(
+            json["status"].as_str(),
+            Some("sent" | "skipped" | "failed" | "dead")
+        )
+        .then_some(json)
+    })
+    .await
+}
+
+/// Requests the mock webhook receiver got on `path`.
+async fn hooks_on(hooks: &MockServer, path: &str) -> usize {
+    hooks
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|request| request.url.path() == path)
+        .count()
+}
+
+/// A customer who opted out of webhooks is not reached by a send naming only their stored
+/// webhook URL, as written (before, webhook URLs were not matched to customers and it went out);
+/// the same URL with a trailing slash is another endpoint, no customer's, and goes out.
+#[tokio::test]
+async fn a_send_to_a_customers_webhook_url_honours_their_opt_out() {
+    let w = world(|_| {}).await;
+    let hook = format!("{}/hooks/grace", w.hooks.uri());
+    add_customers(
+        &w.herald,
+        vec![customer_row("grace", "en", Some(hook.clone()))],
+    )
+    .await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "grace",
+        &json!({ "preferences": [
+            { "category": "marketing", "channel": "webhook", "enabled": false }
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let id = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "webhook_url": hook }),
+            "marketing",
+            &["webhook"],
+        ))
+        .await;
+    let done = settled(&w.herald, &id).await;
+    assert_eq!(done["status"], "skipped", "{done}");
+    assert_eq!(done["attempts"][0]["status"], "opted_out", "{done}");
+    assert_eq!(
+        done["attempts"][0]["error"],
+        "the customer holding this webhook URL opted out of marketing on webhook",
+        "{done}"
+    );
+    assert_eq!(
+        hooks_on(&w.hooks, "/hooks/grace").await,
+        0,
+        "nothing posted to grace"
+    );
+
+    let other = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "webhook_url": format!("{hook}/") }),
+            "marketing",
+            &["webhook"],
+        ))
+        .await;
+    w.herald.wait_status(&other, "sent").await;
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A send naming a customer and, inline, a contact another customer holds follows that holder's
+/// opt-outs on the contact's channel too (before, only the named customer's wishes were read,
+/// whatever contacts the send gave); the named customer's own contacts are theirs alone.
+#[tokio::test]
+async fn a_send_naming_a_customer_and_another_customers_contact_follows_that_holders_opt_out() {
+    let w = world(|_| {}).await;
+    add_customers(
+        &w.herald,
+        vec![
+            customer_row("ada", "en", None),
+            customer_row("grace", "en", None),
+        ],
+    )
+    .await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "grace",
+        &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let send = |email: &str| {
+        to_contacts(
+            json!({ "customer_id": "ada", "email": email }),
+            "marketing",
+            &["email"],
+        )
+    };
+    let to_grace = w.herald.send_accepted(&send("Grace@example.com")).await;
+    let done = settled(&w.herald, &to_grace).await;
+    assert_eq!(done["status"], "skipped", "{done}");
+    assert_eq!(
+        done["attempts"][0]["error"],
+        "the customer holding this email address opted out of marketing on email",
+        "{done}"
+    );
+    let to_ada = w.herald.send_accepted(&send("ADA@example.com")).await;
+    w.herald.wait_status(&to_ada, "sent").await;
+    let mailed: Vec<String> = w
+        .smtp
+        .messages()
+        .iter()
+        .flat_map(|m| m.to.clone())
+        .collect();
+    assert_eq!(mailed, ["ADA@example.com"], "nothing mailed to grace");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// An email address's non-ASCII letters compare exactly on both databases: `É` is not `é` (before,
+/// PostgreSQL's `lower` folded them while SQLite's did not, so the same send was skipped on one
+/// and sent on the other); its ASCII letters still compare regardless of case.
+#[tokio::test]
+async fn an_emails_non_ascii_letters_compare_exactly_on_both_databases() {
+    let w = world(|_| {}).await;
+    let mut emile = customer_row("emile", "en", None);
+    emile.email = Set(Some("Émile@Example.com".into()));
+    add_customers(&w.herald, vec![emile]).await;
+    let (status, body) = put_preferences(
+        &w.herald,
+        "emile",
+        &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let send = |email: &str| to_contacts(json!({ "email": email }), "marketing", &["email"]);
+    let same = w.herald.send_accepted(&send("Émile@example.COM")).await;
+    let done = settled(&w.herald, &same).await;
+    assert_eq!(done["status"], "skipped", "ASCII letters fold: {done}");
+    // Not opted out, it reaches the mail provider (whether the sink takes a non-ASCII address
+    // is beside the point).
+    let other = w.herald.send_accepted(&send("émile@example.com")).await;
+    let done = settled(&w.herald, &other).await;
+    assert_ne!(done["status"], "skipped", "É is not é: {done}");
+    assert_eq!(
+        done["attempts"][0]["provider"], "smtp",
+        "É is not é: {done}"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A critical send (`security`) to bare contacts goes out without reading whose contacts they are:
+/// no opt-out or quiet hours could hold it. Here that read would fail (its table is gone); before,
+/// the send waited for it, retried for ever.
+#[tokio::test]
+async fn a_critical_send_to_bare_contacts_does_not_read_whose_they_are() {
+    use sea_orm::ConnectionTrait;
+    let w = world(|_| {}).await;
+    w.herald
+        .db()
+        .execute_unprepared("DROP TABLE quiet_hours")
+        .await
+        .expect("quiet_hours dropped");
+    let id = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "email": "linus@example.com" }),
+            "security",
+            &["email"],
+        ))
+        .await;
+    w.herald.wait_status(&id, "sent").await;
+    w.herald.shutdown().await.expect("clean shutdown");
 }
 
 /// A chunk of a batch cancel moves at most its limit, on PostgreSQL too, where its read of the

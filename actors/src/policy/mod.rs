@@ -148,7 +148,11 @@ fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
 }
 
 /// Applies preferences, quiet hours and the rate limit, in that order (so a notification held
-/// by quiet hours does not spend a token), given what is stored about the recipient.
+/// by quiet hours does not spend a token), given what is stored about the recipient and about
+/// the customers with stored wishes holding the contacts the send gives beyond the recipient's
+/// own (`holders`): a channel is opted out of when the recipient opted out of it or, as in
+/// [`gate_contacts`], a customer holding the send's other contact there did. Quiet hours are the
+/// recipient's alone.
 ///
 /// `passed_before`: a round of the notification's chain was walked since it was queued (or
 /// replayed), so the gate let it through then, rate limit included. The rate limiter then allows
@@ -157,18 +161,36 @@ fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
 pub async fn gate(
     ctx: &PolicyContext,
     recipient: &Recipient,
+    holders: &[ContactHolder],
     command: &SendCommand,
     passed_before: bool,
 ) -> Gate {
-    let opted_out = PreferenceSet::from_rows(&recipient.wishes.preferences)
-        .opted_out(command.category, &command.channels)
-        .into_iter()
-        .map(|channel| OptOut {
-            channel,
-            by: OptedOutBy::TheCustomer,
-        })
-        .collect();
+    let opted_out = customer_opt_outs(recipient, holders, command);
     decide(ctx, opted_out, Some(recipient), command, passed_before).await
+}
+
+/// The channels of `command`'s chain opted out of, in chain order: by the customer it names
+/// ([`OptedOutBy::TheCustomer`]), else by a customer holding its other contact there
+/// ([`contact_opt_outs`]).
+fn customer_opt_outs(
+    recipient: &Recipient,
+    holders: &[ContactHolder],
+    command: &SendCommand,
+) -> Vec<OptOut> {
+    let own = PreferenceSet::from_rows(&recipient.wishes.preferences)
+        .opted_out(command.category, &command.channels);
+    let theirs = contact_opt_outs(holders, command);
+    command
+        .channels
+        .iter()
+        .filter_map(|&channel| {
+            let by_the_customer = own.contains(&channel).then_some(OptOut {
+                channel,
+                by: OptedOutBy::TheCustomer,
+            });
+            by_the_customer.or_else(|| theirs.iter().find(|o| o.channel == channel).copied())
+        })
+        .collect()
 }
 
 /// [`gate`] for a send that names no customer, only contacts: given the customers with stored
@@ -382,6 +404,7 @@ mod tests {
         phone: false,
         telegram_chat_id: false,
         push_token: false,
+        webhook_url: false,
     };
     const PHONE: Held = Held {
         email: false,
@@ -450,6 +473,44 @@ mod tests {
             opted_out_everywhere(Category::Marketing, &opted_out),
             "opted_out: the customer opted out of marketing on every channel of the chain \
              (email, sms)"
+        );
+    }
+
+    /// A send naming a customer and giving another customer's contact is kept from the channels
+    /// either opted out of: the named customer's own opt-out is said as theirs.
+    #[test]
+    fn a_customer_send_follows_the_holders_of_its_other_contacts_too() {
+        let mut command = contact_send();
+        command.customer_id = Some("cus_named".into());
+        let named = holder("cus_named", Held::default(), true).recipient;
+        let email_only = Recipient {
+            wishes: Wishes {
+                preferences: vec![preference::Model {
+                    channel: "email".into(),
+                    ..named.wishes.preferences[0].clone()
+                }],
+                quiet_hours: None,
+            },
+            ..named
+        };
+        let holders = [holder("cus_phone", PHONE, true)];
+        assert_eq!(
+            customer_opt_outs(&email_only, &holders, &command),
+            [
+                OptOut {
+                    channel: Channel::Email,
+                    by: OptedOutBy::TheCustomer
+                },
+                OptOut {
+                    channel: Channel::Sms,
+                    by: OptedOutBy::TheHolder
+                },
+            ]
+        );
+        assert_eq!(
+            customer_opt_outs(&Recipient::default(), &[], &command),
+            [],
+            "nobody opted out"
         );
     }
 }

@@ -6,7 +6,7 @@ use sea_orm::{
     ActiveModelTrait,
     ActiveValue::Set,
     ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, SqlErr,
-    sea_query::{BinOper, Expr, ExprTrait, Func, Query, SimpleExpr},
+    sea_query::{Alias, BinOper, Expr, ExprTrait, Func, Query, SimpleExpr},
 };
 
 use crate::{RepoError, customer, preference, quiet_hours};
@@ -36,8 +36,9 @@ pub async fn find_many_by_external_id(
         .collect())
 }
 
-/// The contacts a send that names no customer goes to on the channels that reach stored
-/// customers (email, SMS, Telegram, push): what [`with_wishes_holding`] looks customers up by.
+/// The contacts a send goes to on the channels that reach stored customers (email, SMS,
+/// Telegram, push, webhook), beyond those of the customer it names, if any: what
+/// [`with_wishes_holding`] looks customers up by.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ContactSet {
     /// Email address.
@@ -48,6 +49,8 @@ pub struct ContactSet {
     pub telegram_chat_id: Option<String>,
     /// Push device tokens.
     pub push_tokens: Vec<String>,
+    /// Webhook URL.
+    pub webhook_url: Option<String>,
 }
 
 /// Which contacts of a [`ContactSet`] a customer holds.
@@ -61,13 +64,23 @@ pub struct Held {
     pub telegram_chat_id: bool,
     /// One of the push tokens at least.
     pub push_token: bool,
+    /// The webhook URL.
+    pub webhook_url: bool,
 }
 
 impl Held {
     /// Whether the customer holds any of them.
     pub fn any(self) -> bool {
-        self.email || self.phone || self.telegram_chat_id || self.push_token
+        self.email || self.phone || self.telegram_chat_id || self.push_token || self.webhook_url
     }
+}
+
+/// An email address as it is compared: ASCII letters lowercased, every other character as it
+/// is, as both databases compare it (`lower(email)` on SQLite, which folds ASCII only, and
+/// `lower(email COLLATE "C")` on PostgreSQL, likewise): `Ada@Example.COM` is `ada@example.com`,
+/// `Émile@example.com` is not `émile@example.com`.
+pub fn folded_email(email: &str) -> String {
+    email.to_ascii_lowercase()
 }
 
 impl ContactSet {
@@ -77,15 +90,17 @@ impl ContactSet {
             && self.phone.is_none()
             && self.telegram_chat_id.is_none()
             && self.push_tokens.is_empty()
+            && self.webhook_url.is_none()
     }
 
-    /// Which of these contacts `customer` holds: the email address regardless of case (one
-    /// mailbox, however a producer capitalised it), the others exactly.
+    /// Which of these contacts `customer` holds: the email address regardless of the case of
+    /// its ASCII letters (one mailbox, however a producer capitalised it; see [`folded_email`]),
+    /// the others exactly (a webhook URL as written, character for character).
     pub fn held_by(&self, customer: &customer::Model) -> Held {
         let same =
             |mine: &Option<String>, theirs: &Option<String>| mine.is_some() && mine == theirs;
         let email = match (&self.email, &customer.email) {
-            (Some(mine), Some(theirs)) => mine.to_lowercase() == theirs.to_lowercase(),
+            (Some(mine), Some(theirs)) => mine.eq_ignore_ascii_case(theirs),
             _ => false,
         };
         let push_token = !self.push_tokens.is_empty() && {
@@ -97,17 +112,35 @@ impl ContactSet {
             phone: same(&self.phone, &customer.phone),
             telegram_chat_id: same(&self.telegram_chat_id, &customer.telegram_chat_id),
             push_token,
+            webhook_url: same(&self.webhook_url, &customer.webhook_url),
         }
+    }
+
+    /// These contacts without those `customer` holds (see [`ContactSet::held_by`]): the ones a
+    /// send naming `customer` gives beyond the customer's own.
+    pub fn not_held_by(mut self, customer: &customer::Model) -> ContactSet {
+        let held = self.held_by(customer);
+        let drop = |contact: &mut Option<String>, held: bool| {
+            if held {
+                *contact = None;
+            }
+        };
+        drop(&mut self.email, held.email);
+        drop(&mut self.phone, held.phone);
+        drop(&mut self.telegram_chat_id, held.telegram_chat_id);
+        drop(&mut self.webhook_url, held.webhook_url);
+        if held.push_token {
+            let theirs = push_tokens(customer);
+            self.push_tokens.retain(|token| !theirs.contains(token));
+        }
+        self
     }
 }
 
 /// The customers holding any contact of `sets` who have stored wishes (preferences or quiet
 /// hours): those whose opt-outs and quiet hours a send to the contacts must follow. One query,
-/// on the contact indexes of `m20261207_002101` (emails compared as `lower(email)`); none when
-/// `sets` hold no contact.
-///
-/// On SQLite a push token is looked for among the customers with stored wishes only (SQLite
-/// cannot index the tokens inside the JSON list): a walk of those, not of every customer.
+/// on the contact indexes of `m20261207_002101` and `m20261207_003090` (emails compared as
+/// [`folded_email`] says); none when `sets` hold no contact.
 pub async fn with_wishes_holding(
     db: &impl ConnectionTrait,
     sets: &[ContactSet],
@@ -136,20 +169,21 @@ fn holding_any(backend: DbBackend, sets: &[ContactSet]) -> Option<Condition> {
     let distinct = |pick: fn(&ContactSet) -> Option<&String>| -> BTreeSet<&str> {
         sets.iter().filter_map(pick).map(String::as_str).collect()
     };
-    let emails = distinct(|set| set.email.as_ref());
+    let emails: BTreeSet<String> = sets
+        .iter()
+        .filter_map(|set| set.email.as_deref())
+        .map(folded_email)
+        .collect();
     let phones = distinct(|set| set.phone.as_ref());
     let chats = distinct(|set| set.telegram_chat_id.as_ref());
+    let hooks = distinct(|set| set.webhook_url.as_ref());
     let tokens: BTreeSet<&str> = sets
         .iter()
         .flat_map(|set| set.push_tokens.iter().map(String::as_str))
         .collect();
     let mut any = Condition::any();
     if !emails.is_empty() {
-        let lower = |value: &str| Func::lower(Expr::val(value.to_string()));
-        any = any.add(
-            Expr::expr(Func::lower(Expr::col(customer::Column::Email)))
-                .is_in(emails.iter().map(|email| lower(email))),
-        );
+        any = any.add(Expr::expr(folded_email_column(backend)).is_in(emails));
     }
     if !phones.is_empty() {
         any = any.add(customer::Column::Phone.is_in(phones));
@@ -157,15 +191,28 @@ fn holding_any(backend: DbBackend, sets: &[ContactSet]) -> Option<Condition> {
     if !chats.is_empty() {
         any = any.add(customer::Column::TelegramChatId.is_in(chats));
     }
+    if !hooks.is_empty() {
+        any = any.add(customer::Column::WebhookUrl.is_in(hooks));
+    }
     if !tokens.is_empty() {
         any = any.add(holding_push_token(backend, &tokens));
     }
     (!any.is_empty()).then_some(any)
 }
 
+/// The stored email address folded as [`folded_email`] folds it, as the email index of each
+/// database holds it: `lower(email)` on SQLite (whose `lower` folds ASCII only),
+/// `lower(email COLLATE "C")` on PostgreSQL (whose `lower` under the `C` collation does).
+fn folded_email_column(backend: DbBackend) -> SimpleExpr {
+    match backend {
+        DbBackend::Postgres => Expr::cust(r#"lower("customers"."email" COLLATE "C")"#),
+        _ => Func::lower(Expr::col(customer::Column::Email)).into(),
+    }
+}
+
 /// Customers whose push tokens include one of `tokens`: on PostgreSQL by the GIN index of the
-/// tokens as `jsonb`; on SQLite among the customers with stored wishes (see
-/// [`with_wishes_holding`]).
+/// tokens as `jsonb`; on SQLite, which cannot index the values inside a JSON list, by the index
+/// of `customer_push_tokens`, the tokens one a row, kept by triggers (`m20261207_003090`).
 fn holding_push_token(backend: DbBackend, tokens: &BTreeSet<&str>) -> Condition {
     let tokens_column = (customer::Entity, customer::Column::PushTokens);
     if backend == DbBackend::Postgres {
@@ -178,28 +225,12 @@ fn holding_push_token(backend: DbBackend, tokens: &BTreeSet<&str>) -> Condition 
             )
         });
     }
-    let with_wishes = Query::select()
-        .column(preference::Column::CustomerId)
-        .from(preference::Entity)
-        .union(
-            sea_orm::sea_query::UnionType::Distinct,
-            Query::select()
-                .column(quiet_hours::Column::CustomerId)
-                .from(quiet_hours::Entity)
-                .to_owned(),
-        )
+    let holding = Query::select()
+        .column(Alias::new("customer_id"))
+        .from(Alias::new("customer_push_tokens"))
+        .and_where(Expr::col(Alias::new("token")).is_in(tokens.iter().copied()))
         .to_owned();
-    let marks: Vec<String> = (1..=tokens.len()).map(|n| format!("${n}")).collect();
-    let in_list: SimpleExpr = Expr::cust_with_values(
-        format!(
-            r#"EXISTS (SELECT 1 FROM json_each("customers"."push_tokens") WHERE value IN ({}))"#,
-            marks.join(", ")
-        ),
-        tokens.iter().map(|token| token.to_string()),
-    );
-    Condition::all()
-        .add(customer::Column::ExternalId.in_subquery(with_wishes))
-        .add(in_list)
+    Condition::all().add(Expr::col((customer::Entity, customer::Column::Id)).in_subquery(holding))
 }
 
 /// Customers with a preference row or quiet hours.
@@ -498,7 +529,7 @@ mod tests {
             phone: Some("+4915112345678".into()),
             telegram_chat_id: Some("4711".into()),
             push_tokens: serde_json::json!(tokens),
-            webhook_url: None,
+            webhook_url: Some("https://hooks.example.com/ada".into()),
             webhook_secret: None,
             locale: "en".into(),
             timezone: "UTC".into(),
@@ -515,6 +546,7 @@ mod tests {
             phone: Some("+4915112345679".into()),
             telegram_chat_id: Some("4711".into()),
             push_tokens: vec!["t0".into(), "t2".into()],
+            webhook_url: Some("https://hooks.example.com/ada".into()),
         };
         let held = set.held_by(&ada);
         assert_eq!(
@@ -524,6 +556,7 @@ mod tests {
                 phone: false,
                 telegram_chat_id: true,
                 push_token: true,
+                webhook_url: true,
             }
         );
         assert!(held.any());
@@ -535,5 +568,75 @@ mod tests {
         assert!(!other.held_by(&ada).any(), "tokens compare exactly");
         assert!(ContactSet::default().is_empty());
         assert!(!ContactSet::default().held_by(&ada).any());
+    }
+
+    /// Only ASCII letters are folded, as SQLite's `lower` and PostgreSQL's under `COLLATE "C"`
+    /// fold them: `É` and `é` are other letters (before, `to_lowercase` folded them in Rust and
+    /// on PostgreSQL, but not on SQLite).
+    #[test]
+    fn an_emails_non_ascii_letters_compare_exactly() {
+        let emile = customer("Émile@Example.com", &[]);
+        let held = |email: &str| {
+            ContactSet {
+                email: Some(email.into()),
+                ..Default::default()
+            }
+            .held_by(&emile)
+            .email
+        };
+        assert!(held("Émile@example.COM"), "ASCII letters fold");
+        assert!(!held("émile@example.com"), "É is not é");
+        assert_eq!(folded_email("ÉMILE@Example.COM"), "Émile@example.com");
+    }
+
+    /// A webhook URL is held when it is the stored one character for character: another case,
+    /// a trailing slash or a query make another endpoint.
+    #[test]
+    fn a_webhook_url_is_held_exactly() {
+        let ada = customer("ada@example.com", &[]);
+        let held = |url: &str| {
+            ContactSet {
+                webhook_url: Some(url.into()),
+                ..Default::default()
+            }
+            .held_by(&ada)
+            .webhook_url
+        };
+        assert!(held("https://hooks.example.com/ada"));
+        for other in [
+            "https://hooks.example.com/ada/",
+            "https://hooks.example.com/Ada",
+            "https://hooks.example.com/ada?x=1",
+        ] {
+            assert!(!held(other), "{other}");
+        }
+    }
+
+    /// What a send gives beyond the named customer's own contacts: the contacts they do not hold.
+    #[test]
+    fn the_contacts_not_held_by_a_customer_are_the_others() {
+        let ada = customer("Ada@Example.com", &["t1", "t2"]);
+        let set = ContactSet {
+            email: Some("ada@example.com".into()),
+            phone: Some("+4915100000000".into()),
+            telegram_chat_id: Some("4711".into()),
+            push_tokens: vec!["t1".into(), "t9".into()],
+            webhook_url: Some("https://hooks.example.com/grace".into()),
+        };
+        assert_eq!(
+            set.clone().not_held_by(&ada),
+            ContactSet {
+                phone: Some("+4915100000000".into()),
+                push_tokens: vec!["t9".into()],
+                webhook_url: Some("https://hooks.example.com/grace".into()),
+                ..Default::default()
+            }
+        );
+        let own = ContactSet {
+            email: Some("ADA@example.com".into()),
+            push_tokens: vec!["t2".into()],
+            ..Default::default()
+        };
+        assert!(own.not_held_by(&ada).is_empty());
     }
 }
