@@ -27,6 +27,12 @@ pub struct Model {
     /// The customer's own `whsec_…` secret that signs webhooks to `webhook_url` instead of
     /// `channels.webhook.secret`. Write-only through the API: never shown or logged.
     pub webhook_secret: Option<String>,
+    /// The secret `webhook_secret` replaced for the same `webhook_url`, which signs alongside it
+    /// for `channels.webhook.rotation_grace_secs` after `webhook_secret_replaced_at`, so that the
+    /// receiver can switch secrets without refusing a webhook. Never shown or logged either.
+    pub previous_webhook_secret: Option<String>,
+    /// When `previous_webhook_secret` was replaced (set with it, null without it).
+    pub webhook_secret_replaced_at: Option<DateTimeUtc>,
     /// Preferred locale, e.g. `en`, `de-DE`.
     pub locale: String,
     /// IANA time zone, e.g. `Europe/Berlin`.
@@ -49,6 +55,14 @@ impl std::fmt::Debug for Model {
             .field("push_tokens", &self.push_tokens)
             .field("webhook_url", &self.webhook_url)
             .field("webhook_secret_set", &self.webhook_secret.is_some())
+            .field(
+                "previous_webhook_secret_set",
+                &self.previous_webhook_secret.is_some(),
+            )
+            .field(
+                "webhook_secret_replaced_at",
+                &self.webhook_secret_replaced_at,
+            )
             .field("locale", &self.locale)
             .field("timezone", &self.timezone)
             .field("created_at", &self.created_at)

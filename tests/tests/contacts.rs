@@ -268,3 +268,93 @@ async fn a_push_token_is_found_on_the_customer_holding_it_now() {
         "the other token kept"
     );
 }
+
+/// A secret replaced for the same webhook URL is kept with the time of its replacement, to sign
+/// alongside the new one during the rotation grace; only the last one replaced is kept. Setting
+/// the same secret again changes nothing. Another URL, `""` and a URL that answered 410 Gone
+/// drop both secrets: a secret belongs to its endpoint.
+#[tokio::test]
+async fn a_replaced_webhook_secret_is_kept_for_its_url_only() {
+    let (a, b) = ("https://hooks.example.com/a", "https://hooks.example.com/b");
+    let database = TestDatabase::from_env().await.expect("test database");
+    let db = with_ada(&database, contacts("100", a, &[])).await;
+    let set = |url: &str, secret: &str| CustomerFields {
+        webhook_secret: WebhookSecretChange::Set(secret.into()),
+        ..contacts("100", url, &[])
+    };
+    let secrets = |row: &customer::Model| {
+        (
+            row.webhook_secret.clone(),
+            row.previous_webhook_secret.clone(),
+            row.webhook_secret_replaced_at.is_some(),
+        )
+    };
+    let some = |s: &str| Some(s.to_string());
+
+    let first = put(&db, set(a, "whsec_one")).await;
+    assert_eq!(secrets(&first), (some("whsec_one"), None, false));
+    let before = chrono::Utc::now();
+    let rotated = put(&db, set(a, "whsec_two")).await;
+    let after = chrono::Utc::now();
+    assert_eq!(
+        secrets(&rotated),
+        (some("whsec_two"), some("whsec_one"), true)
+    );
+    let replaced_at = rotated.webhook_secret_replaced_at.expect("dated");
+    assert!(
+        (before..=after).contains(&replaced_at),
+        "{replaced_at} within {before}..{after}"
+    );
+    let kept = put(&db, contacts("100", a, &[])).await;
+    assert_eq!(
+        (secrets(&kept), kept.webhook_secret_replaced_at),
+        (secrets(&rotated), Some(replaced_at)),
+        "a PUT without a secret keeps both"
+    );
+    let again = put(&db, set(a, "whsec_two")).await;
+    assert_eq!(
+        (secrets(&again), again.webhook_secret_replaced_at),
+        (secrets(&rotated), Some(replaced_at)),
+        "the same secret again is no rotation"
+    );
+    let third = put(&db, set(a, "whsec_three")).await;
+    assert_eq!(
+        secrets(&third),
+        (some("whsec_three"), some("whsec_two"), true),
+        "only the last secret replaced is kept"
+    );
+
+    let moved = put(&db, contacts("100", b, &[])).await;
+    assert_eq!(
+        secrets(&moved),
+        (None, None, false),
+        "another URL drops both"
+    );
+    put(&db, set(b, "whsec_one")).await;
+    let moved_with_secret = put(&db, set(a, "whsec_two")).await;
+    assert_eq!(
+        secrets(&moved_with_secret),
+        (some("whsec_two"), None, false),
+        "a secret for another URL replaces none"
+    );
+    put(&db, set(a, "whsec_three")).await;
+    let removed = put(
+        &db,
+        CustomerFields {
+            webhook_secret: WebhookSecretChange::Remove,
+            ..contacts("100", a, &[])
+        },
+    )
+    .await;
+    assert_eq!(secrets(&removed), (None, None, false), "\"\" drops both");
+
+    put(&db, set(a, "whsec_one")).await;
+    put(&db, set(a, "whsec_two")).await;
+    let gone = customers::clear_webhook_url(&db, ADA, a).await;
+    assert!(gone.expect("ran"), "the URL is the one to clear");
+    assert_eq!(
+        secrets(&stored(&db).await),
+        (None, None, false),
+        "a URL that is gone takes both its secrets"
+    );
+}

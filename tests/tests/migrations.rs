@@ -82,6 +82,8 @@ async fn quiet_hours_time_zones_become_optional_and_back() {
         push_tokens: Set(serde_json::json!([])),
         webhook_url: Set(None),
         webhook_secret: Set(None),
+        previous_webhook_secret: Set(None),
+        webhook_secret_replaced_at: Set(None),
         locale: Set("en".into()),
         timezone: Set("Asia/Tokyo".into()),
         created_at: Set(now),

@@ -51,6 +51,7 @@ fn config(
         timeout_ms: 2_000,
         // The receivers are local mock servers.
         allow_private_targets: true,
+        ..WebhookConfig::default()
     });
     config.scheduler.poll_interval_ms = 100;
     tune(&mut config);
@@ -90,6 +91,8 @@ fn customer_row(external_id: &str, locale: &str, webhook: Option<String>) -> cus
         push_tokens: Set(json!([])),
         webhook_url: Set(webhook),
         webhook_secret: Set(None),
+        previous_webhook_secret: Set(None),
+        webhook_secret_replaced_at: Set(None),
         locale: Set(locale.to_string()),
         timezone: Set("UTC".into()),
         created_at: Set(now),

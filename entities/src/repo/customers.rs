@@ -305,7 +305,7 @@ pub async fn remove_push_token(
     Ok(false)
 }
 
-/// Forgets a webhook URL that answered 410 Gone, and the signing secret that belonged to it (a
+/// Forgets a webhook URL that answered 410 Gone, and the signing secrets that belonged to it (a
 /// secret belongs to its endpoint: a new URL starts without one). `false` when the customer is
 /// gone or its URL is another already.
 pub async fn clear_webhook_url(
@@ -316,6 +316,14 @@ pub async fn clear_webhook_url(
     let result = customer::Entity::update_many()
         .col_expr(customer::Column::WebhookUrl, Expr::value(None::<String>))
         .col_expr(customer::Column::WebhookSecret, Expr::value(None::<String>))
+        .col_expr(
+            customer::Column::PreviousWebhookSecret,
+            Expr::value(None::<String>),
+        )
+        .col_expr(
+            customer::Column::WebhookSecretReplacedAt,
+            Expr::value(None::<chrono::DateTime<chrono::Utc>>),
+        )
         .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
         .filter(customer::Column::ExternalId.eq(external_id))
         .filter(customer::Column::WebhookUrl.eq(url))
@@ -406,13 +414,16 @@ pub struct CustomerFields {
 /// client that reads a customer and writes it back cannot send the secret along).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub enum WebhookSecretChange {
-    /// Keeps the stored secret while the webhook URL stays the same, and drops it with another
-    /// URL: a secret belongs to its endpoint. A new customer gets none.
+    /// Keeps the stored secrets (the one a rotation replaced included) while the webhook URL
+    /// stays the same, and drops them with another URL: a secret belongs to its endpoint. A new
+    /// customer gets none.
     #[default]
     Keep,
-    /// Removes it: the global `channels.webhook.secret` signs again.
+    /// Removes them: the global `channels.webhook.secret` signs again.
     Remove,
-    /// Replaces it by this `whsec_…` secret (checked by the caller).
+    /// Replaces the secret by this `whsec_…` one (checked by the caller). For the same webhook
+    /// URL, the secret it replaces signs alongside it for a while (see
+    /// [`customer::Model::previous_webhook_secret`]); with another URL it is dropped.
     Set(String),
 }
 
@@ -427,18 +438,58 @@ impl std::fmt::Debug for WebhookSecretChange {
     }
 }
 
+/// A customer's webhook signing secrets as a write leaves them.
+#[derive(Default, PartialEq, Eq)]
+struct WebhookSecrets {
+    /// The secret that signs.
+    current: Option<String>,
+    /// The secret `current` replaced, and when.
+    previous: Option<(String, chrono::DateTime<chrono::Utc>)>,
+}
+
+impl WebhookSecrets {
+    /// What `stored` holds.
+    fn of(stored: &customer::Model) -> Self {
+        Self {
+            current: stored.webhook_secret.clone(),
+            previous: stored
+                .previous_webhook_secret
+                .clone()
+                .zip(stored.webhook_secret_replaced_at),
+        }
+    }
+
+    /// Writes them to `row`.
+    fn set(self, row: &mut customer::ActiveModel) {
+        let (previous, replaced_at) = self.previous.unzip();
+        row.webhook_secret = Set(self.current);
+        row.previous_webhook_secret = Set(previous);
+        row.webhook_secret_replaced_at = Set(replaced_at);
+    }
+}
+
 impl WebhookSecretChange {
-    /// The secret to store, given the stored row's URL and secret and the new URL.
+    /// The secrets to store at `now`, given the stored row (none for a new customer) and the new
+    /// URL. Only a secret kept for its own URL survives, as the current or the previous one.
     fn apply(
         self,
-        stored_url: Option<&str>,
-        stored: Option<String>,
+        stored: Option<&customer::Model>,
         new_url: Option<&str>,
-    ) -> Option<String> {
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> WebhookSecrets {
+        let kept = stored
+            .filter(|stored| stored.webhook_url.as_deref() == new_url)
+            .map(WebhookSecrets::of)
+            .unwrap_or_default();
         match self {
-            Self::Keep if stored_url == new_url => stored,
-            Self::Keep | Self::Remove => None,
-            Self::Set(secret) => Some(secret),
+            Self::Keep => kept,
+            Self::Remove => WebhookSecrets::default(),
+            // The same secret again changes nothing.
+            Self::Set(secret) if kept.current.as_ref() == Some(&secret) => kept,
+            Self::Set(secret) => WebhookSecrets {
+                previous: kept.current.map(|replaced| (replaced, now)),
+                current: Some(secret),
+            },
         }
     }
 }
@@ -449,7 +500,7 @@ pub fn new_row(
     fields: CustomerFields,
     now: chrono::DateTime<chrono::Utc>,
 ) -> customer::ActiveModel {
-    customer::ActiveModel {
+    let mut row = customer::ActiveModel {
         id: Set(uuid::Uuid::now_v7()),
         external_id: Set(external_id.to_string()),
         name: Set(fields.name),
@@ -457,13 +508,15 @@ pub fn new_row(
         phone: Set(fields.phone),
         telegram_chat_id: Set(fields.telegram_chat_id),
         push_tokens: Set(serde_json::json!(fields.push_tokens)),
-        webhook_secret: Set(fields.webhook_secret.apply(None, None, None)),
         webhook_url: Set(fields.webhook_url),
         locale: Set(fields.locale),
         timezone: Set(fields.timezone),
         created_at: Set(now),
         updated_at: Set(now),
-    }
+        ..Default::default()
+    };
+    fields.webhook_secret.apply(None, None, now).set(&mut row);
+    row
 }
 
 /// Stores a new customer. `Ok(None)` when a customer with this external id exists already (the
@@ -491,13 +544,12 @@ pub async fn update(
     let Some(found) = find_by_external_id(db, external_id).await? else {
         return Ok(None);
     };
-    let secret = fields.webhook_secret.apply(
-        found.webhook_url.as_deref(),
-        found.webhook_secret.clone(),
-        fields.webhook_url.as_deref(),
-    );
+    let now = chrono::Utc::now();
+    let secrets = fields
+        .webhook_secret
+        .apply(Some(&found), fields.webhook_url.as_deref(), now);
     let mut row: customer::ActiveModel = found.into();
-    row.webhook_secret = Set(secret);
+    secrets.set(&mut row);
     row.name = Set(fields.name);
     row.email = Set(fields.email);
     row.phone = Set(fields.phone);
@@ -506,7 +558,7 @@ pub async fn update(
     row.webhook_url = Set(fields.webhook_url);
     row.locale = Set(fields.locale);
     row.timezone = Set(fields.timezone);
-    row.updated_at = Set(chrono::Utc::now());
+    row.updated_at = Set(now);
     Ok(Some(row.update(db).await?))
 }
 
@@ -531,6 +583,8 @@ mod tests {
             push_tokens: serde_json::json!(tokens),
             webhook_url: Some("https://hooks.example.com/ada".into()),
             webhook_secret: None,
+            previous_webhook_secret: None,
+            webhook_secret_replaced_at: None,
             locale: "en".into(),
             timezone: "UTC".into(),
             created_at: now,
