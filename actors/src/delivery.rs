@@ -769,12 +769,24 @@ struct Destination {
 }
 
 impl Destination {
-    /// `contacts` (already merged), with `customer`'s webhook secret if they reach its webhook URL.
+    /// `contacts` (already merged), with `customer`'s webhook secret, and the one it replaced, if
+    /// they reach its webhook URL.
     fn new(contacts: Contacts, customer: Option<&customer::Model>) -> Self {
         let webhook_secret = customer
             .filter(|c| c.webhook_url.is_some() && c.webhook_url == contacts.webhook_url)
-            .and_then(|c| c.webhook_secret.clone())
-            .map(WebhookSecret::new);
+            .and_then(|c| {
+                let secret = WebhookSecret::new(c.webhook_secret.clone()?);
+                Some(
+                    match c
+                        .previous_webhook_secret
+                        .clone()
+                        .zip(c.webhook_secret_replaced_at)
+                    {
+                        Some((previous, replaced_at)) => secret.replacing(previous, replaced_at),
+                        None => secret,
+                    },
+                )
+            });
         Self {
             contacts,
             webhook_secret,

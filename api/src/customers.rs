@@ -80,7 +80,8 @@ pub struct UpdateCustomer {
     /// a key of at least 24 bytes), used instead of `channels.webhook.secret` for webhooks to the
     /// stored `webhook_url`. Write-only: responses say `webhook_secret_set` instead.
     /// Absent keeps the stored secret while `webhook_url` stays the same (a new URL drops it);
-    /// `""` removes it.
+    /// `""` removes it. A new secret for the same `webhook_url` rotates: the replaced one signs
+    /// alongside it for `channels.webhook.rotation_grace_secs`.
     pub webhook_secret: Option<String>,
     /// Language tag; `templates.default_locale` (`en` unless configured) when absent.
     pub locale: Option<String>,

@@ -1452,14 +1452,35 @@ mod tests {
                 "whsec_s3cretS3cretS3cretS3cretS3cretS3",
             );
             jail.set_env("HERALD_CHANNELS__WEBHOOK__TIMEOUT_MS", "4000");
+            jail.set_env(
+                "HERALD_CHANNELS__WEBHOOK__PREVIOUS_SECRETS",
+                r#"["whsec_olds3cretOldS3cretOldS3cretOldS3", "whsec_0lds3cret0lds3cret0ldS3cret0ldS3"]"#,
+            );
+            jail.set_env("HERALD_CHANNELS__WEBHOOK__ROTATION_GRACE_SECS", "3600");
             let config = Config::load(None).map_err(|e| e.to_string())?.config;
+            let webhook = config.channels.webhook.as_ref().expect("webhook section");
+            assert_eq!(
+                webhook.previous_secrets,
+                [
+                    "whsec_olds3cretOldS3cretOldS3cretOldS3",
+                    "whsec_0lds3cret0lds3cret0ldS3cret0ldS3"
+                ]
+            );
             let shown = toml::to_string_pretty(&config).map_err(|e| e.to_string())?;
             for section in ["email", "telegram", "sms", "push", "webhook"] {
                 assert!(shown.contains(&format!("[channels.{section}]")), "{shown}");
             }
-            for setting in ["AC123", "Shop", "shop-app", "timeout_ms = 4000", "starttls"] {
+            for setting in [
+                "AC123",
+                "Shop",
+                "shop-app",
+                "timeout_ms = 4000",
+                "starttls",
+                "rotation_grace_secs = 3600",
+            ] {
                 assert!(shown.contains(setting), "{setting}: {shown}");
             }
+            assert!(!shown.contains("previous_secrets"), "{shown}");
             assert!(!shown.contains("s3cret"), "{shown}");
             Ok(())
         });
@@ -2291,6 +2312,15 @@ mod limits_tests {
             (
                 "channels.webhook.secret key is 5 bytes",
                 Box::new(|c| c.channels.webhook = Some(webhook("whsec_c2hvcnQ="))),
+            ),
+            (
+                "channels.webhook.previous_secrets[1] must start with \"whsec_\"",
+                Box::new(|c| {
+                    c.channels.webhook = Some(WebhookConfig {
+                        previous_secrets: vec![WEBHOOK_SECRET.into(), "MfKQ9r8G".into()],
+                        ..webhook(WEBHOOK_SECRET)
+                    })
+                }),
             ),
             (
                 "channels.email.from",

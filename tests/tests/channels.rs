@@ -26,7 +26,7 @@ const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 struct World {
     _nats: NatsServer,
     smtp: SmtpSink,
-    _db: TestDatabase,
+    db: TestDatabase,
     provider: MockServer,
     herald: TestHerald,
 }
@@ -64,13 +64,14 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
         timeout_ms: 2_000,
         // The receivers are local mock servers.
         allow_private_targets: true,
+        ..WebhookConfig::default()
     });
     tune(&mut config);
     let herald = TestHerald::start(config).await.expect("herald");
     World {
         _nats: nats,
         smtp,
-        _db: db,
+        db,
         provider,
         herald,
     }
@@ -1947,6 +1948,180 @@ async fn a_customers_own_webhook_secret_signs_its_webhooks() {
     assert!(
         !verifies_with(&w, "/hooks/elsewhere", OWN_WEBHOOK_SECRET).await,
         "the customer's secret signs only for its stored URL"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// Another customer secret and another global one, to rotate to and from.
+const NEW_WEBHOOK_SECRET: &str = "whsec_c2hvcC1hIHJvdGF0ZXMgdG8gdGhpcyBuZXcga2V5";
+const OLD_WEBHOOK_SECRET: &str = "whsec_YSBnbG9iYWwgc2VjcmV0IHNpbmNlIHJlcGxhY2Vk";
+
+/// The signatures of the webhook sent for notification `id`, each checked on its own: for each,
+/// which of `secrets` verify it.
+async fn signed_by<'a>(w: &World, id: &str, secrets: &[&'a str]) -> Vec<Vec<&'a str>> {
+    let requests = provider_requests(w).await;
+    let request = requests
+        .iter()
+        .find(|r| r.headers.get("webhook-id").and_then(|v| v.to_str().ok()) == Some(id))
+        .unwrap_or_else(|| panic!("no webhook for {id}"));
+    let header = |name: &str| {
+        request
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let timestamp: i64 = header("webhook-timestamp").parse().expect("timestamp");
+    header("webhook-signature")
+        .split(' ')
+        .map(|signature| {
+            secrets
+                .iter()
+                .copied()
+                .filter(|secret| {
+                    let key = webhook::decode_secret(secret).expect("secret");
+                    webhook::verify(&key, id, timestamp, &request.body, signature)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Sends a webhook to `recipient` and waits until it is sent; returns the notification id.
+async fn send_webhook(w: &World, recipient: Value) -> String {
+    let id = w
+        .herald
+        .send_accepted(&notification(&["webhook"], recipient))
+        .await;
+    let sent = w.herald.wait_status(&id, "sent").await;
+    assert_eq!(statuses(&sent), [("webhook", "sent")], "{sent}");
+    id
+}
+
+/// `PUT /api/v1/customers/{id}` with `body`, answered 200.
+async fn put_customer(w: &World, id: &str, body: Value) {
+    let response = w
+        .herald
+        .http()
+        .put(format!("{}/api/v1/customers/{id}", w.herald.base()))
+        .json(&body)
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+}
+
+/// Dates the replacement of customer `id`'s webhook secret `age` back, as if made that long ago.
+async fn age_secret_replacement(w: &World, id: &str, age: chrono::TimeDelta) {
+    use herald_entities::customer;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
+    let db = sea_orm::Database::connect(w.db.url())
+        .await
+        .expect("database");
+    let aged = customer::Entity::update_many()
+        .col_expr(
+            customer::Column::WebhookSecretReplacedAt,
+            Expr::value(Utc::now() - age),
+        )
+        .filter(customer::Column::ExternalId.eq(id))
+        .exec(&db)
+        .await
+        .expect("replacement dated back");
+    assert_eq!(aged.rows_affected, 1, "customer {id} stored");
+}
+
+/// Replacing a customer's secret for the same URL keeps the replaced one signing alongside the
+/// new one (`webhook-signature: v1,<new> v1,<old>`), so that a receiver verifies with either
+/// while it switches; once `channels.webhook.rotation_grace_secs` have passed since the
+/// replacement, the new one signs alone. Removing the secret drops both: the global secret signs.
+#[tokio::test]
+async fn a_replaced_customer_secret_signs_alongside_the_new_one_during_its_grace() {
+    let w = world(|_| {}).await;
+    webhook_receiver().mount(&w.provider).await;
+    let url = format!("{}/hooks/shop-a", w.provider.uri());
+    let secrets = [NEW_WEBHOOK_SECRET, OWN_WEBHOOK_SECRET, WEBHOOK_SECRET];
+    store_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": url, "webhook_secret": OWN_WEBHOOK_SECRET}),
+    )
+    .await;
+    put_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": url, "webhook_secret": NEW_WEBHOOK_SECRET}),
+    )
+    .await;
+
+    let rotating = send_webhook(&w, json!({"customer_id": "shop-a"})).await;
+    assert_eq!(
+        signed_by(&w, &rotating, &secrets).await,
+        [vec![NEW_WEBHOOK_SECRET], vec![OWN_WEBHOOK_SECRET]],
+        "the new secret's signature, then the replaced one's"
+    );
+
+    // The default grace is a day: a replacement older than that no longer signs.
+    age_secret_replacement(&w, "shop-a", chrono::TimeDelta::hours(25)).await;
+    let rotated = send_webhook(&w, json!({"customer_id": "shop-a"})).await;
+    assert_eq!(
+        signed_by(&w, &rotated, &secrets).await,
+        [vec![NEW_WEBHOOK_SECRET]],
+        "after the grace, the new secret signs alone"
+    );
+
+    put_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": url, "webhook_secret": OWN_WEBHOOK_SECRET}),
+    )
+    .await;
+    put_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": url, "webhook_secret": ""}),
+    )
+    .await;
+    let removed = send_webhook(&w, json!({"customer_id": "shop-a"})).await;
+    assert_eq!(
+        signed_by(&w, &removed, &secrets).await,
+        [vec![WEBHOOK_SECRET]],
+        "\"\" removes the secret and the one it replaced"
+    );
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// `channels.webhook.previous_secrets` sign alongside `channels.webhook.secret`, in that order,
+/// whatever the webhook's age; a customer's own secret signs without them.
+#[tokio::test]
+async fn previous_global_secrets_sign_alongside_the_current_one() {
+    let w = world(|c| {
+        if let Some(webhook) = c.channels.webhook.as_mut() {
+            webhook.previous_secrets = vec![OLD_WEBHOOK_SECRET.into()];
+        }
+    })
+    .await;
+    webhook_receiver().mount(&w.provider).await;
+    let hooks = format!("{}/hooks", w.provider.uri());
+    store_customer(
+        &w,
+        "shop-a",
+        json!({"webhook_url": format!("{hooks}/shop-a"), "webhook_secret": OWN_WEBHOOK_SECRET}),
+    )
+    .await;
+    let secrets = [WEBHOOK_SECRET, OLD_WEBHOOK_SECRET, OWN_WEBHOOK_SECRET];
+
+    let global = send_webhook(&w, json!({"webhook_url": format!("{hooks}/anyone")})).await;
+    assert_eq!(
+        signed_by(&w, &global, &secrets).await,
+        [vec![WEBHOOK_SECRET], vec![OLD_WEBHOOK_SECRET]],
+        "the current global secret's signature, then the previous one's"
+    );
+    let own = send_webhook(&w, json!({"customer_id": "shop-a"})).await;
+    assert_eq!(
+        signed_by(&w, &own, &secrets).await,
+        [vec![OWN_WEBHOOK_SECRET]],
+        "a customer's own secret signs alone"
     );
     w.herald.shutdown().await.expect("shutdown");
 }

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use herald_nats::{Channel, Contacts, Content};
 use tokio::time::Instant;
@@ -29,25 +30,52 @@ pub struct OutboundMessage {
     pub webhook_secret: Option<WebhookSecret>,
 }
 
-/// A customer's own `whsec_…` webhook signing secret; its `Debug` never shows it.
+/// A customer's own `whsec_…` webhook signing secret, with the one it replaced while that may
+/// still sign; its `Debug` never shows either.
 #[derive(Clone, PartialEq, Eq)]
-pub struct WebhookSecret(String);
+pub struct WebhookSecret {
+    current: String,
+    previous: Option<(String, DateTime<Utc>)>,
+}
 
 impl WebhookSecret {
     /// Wraps a stored secret.
     pub fn new(secret: String) -> Self {
-        Self(secret)
+        Self {
+            current: secret,
+            previous: None,
+        }
+    }
+
+    /// Adds the secret this one replaced at `replaced_at`, which signs alongside it during the
+    /// webhook provider's rotation grace.
+    pub fn replacing(mut self, previous: String, replaced_at: DateTime<Utc>) -> Self {
+        self.previous = Some((previous, replaced_at));
+        self
     }
 
     /// The secret itself, to derive the signing key from.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.current
+    }
+
+    /// The secret this one replaced, and when.
+    pub fn expose_previous(&self) -> Option<(&str, DateTime<Utc>)> {
+        self.previous
+            .as_ref()
+            .map(|(secret, replaced_at)| (secret.as_str(), *replaced_at))
     }
 }
 
 impl std::fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("WebhookSecret(<redacted>)")
+        f.debug_struct("WebhookSecret")
+            .field("secret", &"<redacted>")
+            .field(
+                "replaced_at",
+                &self.previous.as_ref().map(|(_, replaced_at)| replaced_at),
+            )
+            .finish()
     }
 }
 

@@ -6,6 +6,12 @@
 //! (`v1,` + base64 of HMAC-SHA256 over `{id}.{timestamp}.{body}`). Receivers verify with any
 //! Standard Webhooks library, or with [`verify`].
 //!
+//! While a secret is being rotated, the header lists one signature per secret, space-separated,
+//! the current secret's first (Standard Webhooks allows several for this): the global
+//! `previous_secrets` alongside `secret`, and a customer's replaced `webhook_secret` alongside its
+//! new one for `rotation_grace_secs` after the replacement. A receiver holding either secret
+//! verifies the webhook, so it can switch secrets without refusing any.
+//!
 //! A `webhook_url` comes from API callers, so by default Herald refuses to POST to internal
 //! addresses (loopback, private, link-local such as cloud metadata endpoints, unique-local): an
 //! IP-literal or a host that resolves only to such addresses fails permanently, and the client's
@@ -58,6 +64,12 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
     /// Whether webhooks may go to internal addresses (loopback, private, link-local).
     pub allow_private_targets: bool,
+    /// Secrets `secret` replaced, each checked as `secret` is, that sign alongside it while
+    /// receivers move to the new one. Not serialised either.
+    #[serde(skip_serializing)]
+    pub previous_secrets: Vec<String>,
+    /// How long, in seconds, a customer's replaced `webhook_secret` signs alongside the new one.
+    pub rotation_grace_secs: u64,
 }
 
 impl Default for WebhookConfig {
@@ -66,6 +78,8 @@ impl Default for WebhookConfig {
             secret: String::new(),
             timeout_ms: 10_000,
             allow_private_targets: false,
+            previous_secrets: Vec::new(),
+            rotation_grace_secs: 86_400,
         }
     }
 }
@@ -76,6 +90,11 @@ impl std::fmt::Debug for WebhookConfig {
             .field("secret", &"<redacted>")
             .field("timeout_ms", &self.timeout_ms)
             .field("allow_private_targets", &self.allow_private_targets)
+            .field(
+                "previous_secrets",
+                &format_args!("<{} redacted>", self.previous_secrets.len()),
+            )
+            .field("rotation_grace_secs", &self.rotation_grace_secs)
             .finish()
     }
 }
@@ -95,6 +114,14 @@ pub enum WebhookConfigError {
     /// The secret is not a Standard Webhooks signing secret.
     #[error("channels.webhook.secret {0}")]
     Secret(#[from] SecretError),
+    /// One of the previous secrets (by its place in the list, from 0) is not one.
+    #[error("channels.webhook.previous_secrets[{index}] {error}")]
+    PreviousSecret {
+        /// Its place in the list.
+        index: usize,
+        /// What is wrong with it.
+        error: SecretError,
+    },
     /// The HTTP client could not be built.
     #[error("channels.webhook: cannot build the HTTP client: {0}")]
     Client(String),
@@ -214,7 +241,11 @@ where
 pub struct WebhookProvider {
     name: String,
     client: reqwest::Client,
-    key: Vec<u8>,
+    /// `secret`'s key, then those of `previous_secrets`: what signs a webhook without a
+    /// customer's own secret.
+    keys: Vec<Vec<u8>>,
+    /// `rotation_grace_secs`.
+    rotation_grace: chrono::TimeDelta,
     allow_private_targets: bool,
     /// `timeout_ms`: what one send may take, the check of its URL's host included.
     timeout: Duration,
@@ -232,7 +263,12 @@ impl WebhookProvider {
     /// Builds the provider; fails on a missing or malformed secret. Needs a process-wide rustls
     /// crypto provider installed.
     pub fn new(name: String, config: WebhookConfig) -> Result<Self, WebhookConfigError> {
-        let key = decode_secret(&config.secret)?;
+        let mut keys = vec![decode_secret(&config.secret)?];
+        for (index, secret) in config.previous_secrets.iter().enumerate() {
+            let key = webhook_secret::decode(secret)
+                .map_err(|error| WebhookConfigError::PreviousSecret { index, error })?;
+            keys.push(key);
+        }
         // A redirected POST turns into a GET on most redirects and would reach a URL the customer
         // did not register: redirects are failures, as in other webhook senders. No proxy from
         // the environment: it would resolve the receiver's name past `PublicAddresses`.
@@ -246,7 +282,8 @@ impl WebhookProvider {
         Ok(Self {
             name,
             client,
-            key,
+            keys,
+            rotation_grace: grace(config.rotation_grace_secs),
             allow_private_targets: config.allow_private_targets,
             timeout: Duration::from_millis(config.timeout_ms),
         })
@@ -283,7 +320,12 @@ impl WebhookProvider {
         let id = message.notification_id.to_string();
         let body = payload(message, now);
         let timestamp = now.timestamp();
-        let signature = sign(&self.key_for(message)?, &id, timestamp, &body);
+        let signature = self
+            .keys_for(message, now)?
+            .iter()
+            .map(|key| sign(key, &id, timestamp, &body))
+            .collect::<Vec<_>>()
+            .join(" ");
         let response = self
             .client
             .post(parsed)
@@ -306,17 +348,36 @@ impl WebhookProvider {
 }
 
 impl WebhookProvider {
-    /// The key that signs `message`: its customer's own secret, else the provider's. A stored
-    /// secret that does not decode (the API checks it as `channels.webhook.secret` is checked) is
+    /// The keys that sign `message` at `now`, the current one first: its customer's own secret
+    /// and the one that secret replaced while in its grace, else the provider's. A stored secret
+    /// that does not decode (the API checks it as `channels.webhook.secret` is checked) is
     /// refused for good rather than replaced by the global key the receiver does not expect.
-    fn key_for<'a>(&'a self, message: &OutboundMessage) -> Result<Cow<'a, [u8]>, ProviderError> {
-        match &message.webhook_secret {
-            None => Ok(Cow::Borrowed(&self.key)),
-            Some(secret) => decode_secret(secret.expose()).map(Cow::Owned).map_err(|_| {
-                ProviderError::unsendable("the customer's webhook_secret is malformed")
-            }),
+    fn keys_for<'a>(
+        &'a self,
+        message: &OutboundMessage,
+        now: DateTime<Utc>,
+    ) -> Result<Cow<'a, [Vec<u8>]>, ProviderError> {
+        let Some(secret) = &message.webhook_secret else {
+            return Ok(Cow::Borrowed(&self.keys));
+        };
+        let malformed = |_| ProviderError::unsendable("the customer's webhook_secret is malformed");
+        let mut keys = vec![decode_secret(secret.expose()).map_err(malformed)?];
+        if let Some((previous, replaced_at)) = secret.expose_previous()
+            && now - replaced_at < self.rotation_grace
+        {
+            keys.push(decode_secret(previous).map_err(malformed)?);
         }
+        Ok(Cow::Owned(keys))
     }
+}
+
+/// `secs` as a [`chrono::TimeDelta`]; one beyond its range (some 292 million years) is its
+/// largest.
+fn grace(secs: u64) -> chrono::TimeDelta {
+    i64::try_from(secs)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .unwrap_or(chrono::TimeDelta::MAX)
 }
 
 /// The JSON body: `{"type": "notification.<category>", "timestamp", "data": {...}}`.
@@ -373,6 +434,7 @@ impl Provider for WebhookProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::WebhookSecret;
     use crate::channel::provider::tests::SendNow;
     use crate::channel::provider::tests::outbound;
     use wiremock::matchers::{header, header_exists, method, path};
@@ -380,6 +442,9 @@ mod tests {
 
     /// The Standard Webhooks example secret (a 24-byte key).
     const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    /// Two more, to rotate between.
+    const OTHER_SECRET: &str = "whsec_c2hvcC1hIHJvdGF0ZXMgdG8gdGhpcyBuZXcga2V5";
+    const THIRD_SECRET: &str = "whsec_YSBnbG9iYWwgc2VjcmV0IHNpbmNlIHJlcGxhY2Vk";
 
     fn provider(timeout_ms: u64) -> WebhookProvider {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -390,6 +455,7 @@ mod tests {
                 timeout_ms,
                 // The receivers here are local mock servers.
                 allow_private_targets: true,
+                ..WebhookConfig::default()
             },
         )
         .unwrap()
@@ -444,7 +510,7 @@ mod tests {
                 WebhookConfig {
                     secret: secret.into(),
                     timeout_ms: 1_000,
-                    allow_private_targets: false,
+                    ..WebhookConfig::default()
                 },
             )
         };
@@ -464,11 +530,136 @@ mod tests {
             build("whsec_c2hvcnQ="),
             Err(WebhookConfigError::Secret(SecretError::TooShort(5)))
         ));
+        let previous = |previous: &[&str]| {
+            WebhookProvider::new(
+                "webhook".into(),
+                WebhookConfig {
+                    secret: SECRET.into(),
+                    previous_secrets: previous.iter().map(|s| s.to_string()).collect(),
+                    ..WebhookConfig::default()
+                },
+            )
+        };
+        let error = previous(&[OTHER_SECRET, "whsec_c2hvcnQ="]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WebhookConfigError::PreviousSecret {
+                    index: 1,
+                    error: SecretError::TooShort(5)
+                }
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "channels.webhook.previous_secrets[1] key is 5 bytes; at least 24 are required"
+        );
+        assert!(matches!(
+            previous(&[""]),
+            Err(WebhookConfigError::PreviousSecret {
+                index: 0,
+                error: SecretError::Prefix
+            })
+        ));
+        assert!(previous(&[OTHER_SECRET]).is_ok());
         let config = WebhookConfig {
             secret: SECRET.into(),
+            previous_secrets: vec![OTHER_SECRET.into()],
             ..WebhookConfig::default()
         };
-        assert!(!format!("{config:?}").contains("MfKQ"));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("MfKQ") && !shown.contains("c2hvcC1h"),
+            "{shown}"
+        );
+    }
+
+    /// The signatures in a `webhook-signature` header, and for each the secrets among `secrets`
+    /// that verify it alone.
+    fn signed_by<'a>(
+        signatures: &str,
+        id: &str,
+        timestamp: i64,
+        body: &[u8],
+        secrets: &[&'a str],
+    ) -> Vec<Vec<&'a str>> {
+        signatures
+            .split(' ')
+            .map(|signature| {
+                secrets
+                    .iter()
+                    .copied()
+                    .filter(|secret| {
+                        let key = decode_secret(secret).unwrap();
+                        verify(&key, id, timestamp, body, signature)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn previous_secrets_sign_after_the_current_one() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let provider = WebhookProvider::new(
+            "webhook".into(),
+            WebhookConfig {
+                secret: SECRET.into(),
+                previous_secrets: vec![OTHER_SECRET.into()],
+                allow_private_targets: true,
+                ..WebhookConfig::default()
+            },
+        )
+        .unwrap();
+        let (server, msg) = reply_with(ResponseTemplate::new(204)).await;
+        provider.send_now(&msg).await.unwrap();
+        let requests = server.received_requests().await.unwrap();
+        let get = |name: &str| requests[0].headers.get(name).unwrap().to_str().unwrap();
+        let signed = signed_by(
+            get("webhook-signature"),
+            get("webhook-id"),
+            get("webhook-timestamp").parse().unwrap(),
+            &requests[0].body,
+            &[SECRET, OTHER_SECRET],
+        );
+        assert_eq!(signed, [vec![SECRET], vec![OTHER_SECRET]]);
+    }
+
+    /// A customer's replaced secret signs after its new one until `rotation_grace_secs` have
+    /// passed since the replacement (a replacement dated ahead of the clock, by another
+    /// replica's, is within it); then the new one signs alone.
+    #[test]
+    fn a_customers_replaced_secret_signs_during_the_grace_only() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let provider = WebhookProvider::new(
+            "webhook".into(),
+            WebhookConfig {
+                secret: SECRET.into(),
+                previous_secrets: vec![SECRET.into()],
+                rotation_grace_secs: 60,
+                ..WebhookConfig::default()
+            },
+        )
+        .unwrap();
+        let replaced_at = Utc::now();
+        let mut msg = message(None);
+        msg.webhook_secret = Some(
+            WebhookSecret::new(OTHER_SECRET.into()).replacing(THIRD_SECRET.into(), replaced_at),
+        );
+        let keys = |seconds_later: i64| {
+            let now = replaced_at + chrono::TimeDelta::seconds(seconds_later);
+            provider.keys_for(&msg, now).unwrap().into_owned()
+        };
+        let (other, third) = (
+            decode_secret(OTHER_SECRET).unwrap(),
+            decode_secret(THIRD_SECRET).unwrap(),
+        );
+        assert_eq!(keys(-5), [other.clone(), third.clone()]);
+        assert_eq!(keys(59), [other.clone(), third]);
+        assert_eq!(keys(60), std::slice::from_ref(&other));
+        assert_eq!(keys(86_400), [other]);
+        assert_eq!(grace(u64::MAX), chrono::TimeDelta::MAX);
     }
 
     #[tokio::test]
