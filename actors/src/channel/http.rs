@@ -45,21 +45,45 @@ pub(crate) fn build_client(builder: reqwest::ClientBuilder) -> Result<reqwest::C
     builder.build().map_err(|e| describe(&e.without_url()))
 }
 
-/// A provider's reply, read whole.
+/// The most of a provider's reply body that is read: the replies Herald reads (a message's id,
+/// an error's description, an OAuth token) are well under 8 KiB. A longer body is no reply of the
+/// provider's API (a proxy's error page, a misconfigured `base_url`), and reading it whole would
+/// let one reply take as much memory as it likes.
+pub(crate) const MAX_REPLY_BODY: usize = 64 * 1024;
+
+/// A provider's reply, read whole (up to [`MAX_REPLY_BODY`]).
 pub(crate) struct Reply {
     /// Its status.
     pub status: StatusCode,
     /// The wait its `Retry-After` header asks for, if any.
     pub retry_after: Option<Duration>,
-    /// Its body; empty when it could not be read to the end.
+    /// Its body; empty when it could not be read to the end, its first [`MAX_REPLY_BODY`] bytes
+    /// when it is longer.
     pub bytes: bytes::Bytes,
     /// Whether its body could not be read to the end (a reset or a timeout midway), so that
     /// `bytes` is empty whatever the provider said.
     pub body_lost: bool,
 }
 
+/// Reads `response`'s body chunk by chunk, and no more than [`MAX_REPLY_BODY`] bytes of it: a
+/// longer body is cut there (`true` with it), the rest left unread (the connection is closed).
+async fn read_body(mut response: reqwest::Response) -> reqwest::Result<(bytes::Bytes, bool)> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_REPLY_BODY - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body.freeze(), true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), false))
+}
+
 /// Sends `request` and reads the whole reply; failing to send it or to get the reply's head is
-/// classified by [`request_error`]. A reply whose body cannot be read (a reset or a timeout
+/// classified by [`request_error`]. A body longer than [`MAX_REPLY_BODY`] is read no further: its
+/// first bytes are no complete reply of the provider's, and are judged as a body that is not the
+/// provider's (a proxy's page) is. A reply whose body cannot be read (a reset or a timeout
 /// midway) comes back with an empty body and [`Reply::body_lost`], as one that says nothing: its
 /// status decides. A 2xx is then an acceptance without an id (the provider took the request, and
 /// a failure would send the message again); an error status is classified as it would be with an
@@ -70,8 +94,18 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> Result<Reply, 
     let response = request.send().await.map_err(request_error)?;
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let (bytes, body_lost) = match response.bytes().await {
-        Ok(bytes) => (bytes, false),
+    let (bytes, body_lost) = match read_body(response).await {
+        Ok((bytes, cut)) => {
+            if cut {
+                tracing::warn!(
+                    %status,
+                    limit = MAX_REPLY_BODY,
+                    "a provider's reply body is longer than Herald reads; read no further, it is \
+                     taken for no reply of the provider's"
+                );
+            }
+            (bytes, false)
+        }
         Err(error) => {
             let error = describe(&error.without_url());
             tracing::warn!(%status, %error, "a provider's reply lost its body; judged by its status");
@@ -372,6 +406,74 @@ pub(crate) mod tests {
                 }
                 Err(error) => panic!("{status} lost with its body: {error}"),
             }
+        }
+    }
+
+    /// A server that answers one request with `head` and a body of `length` bytes, with a
+    /// `Content-Length` or, without one, ended by closing the connection. Gives its base URL.
+    async fn long_reply(head: &'static str, length: usize, with_length: bool) -> String {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            read_request(&mut stream).await;
+            let framing = if with_length {
+                format!("Content-Length: {length}")
+            } else {
+                "Connection: close".to_string()
+            };
+            let reply = format!("{head}\r\n{framing}\r\n\r\n");
+            let _ = stream.write_all(reply.as_bytes()).await;
+            // The client may stop reading, and close, before the end.
+            let _ = stream.write_all(&vec![b'x'; length]).await;
+            let _ = stream.shutdown().await;
+        });
+        format!("http://{address}")
+    }
+
+    /// A reply body longer than [`MAX_REPLY_BODY`] is read no further: its first bytes come back,
+    /// no reply of the provider's (no id is read from a 2xx, an error is judged as one whose body
+    /// is a proxy's page); one of the limit's length is read whole.
+    #[tokio::test]
+    async fn a_reply_body_is_read_up_to_the_limit_and_no_further() {
+        #[derive(serde::Deserialize)]
+        struct Sent {
+            id: String,
+        }
+        for with_length in [true, false] {
+            for (head, status) in [
+                ("HTTP/1.1 200 OK", StatusCode::OK),
+                ("HTTP/1.1 502 Bad Gateway", StatusCode::BAD_GATEWAY),
+            ] {
+                let url = long_reply(head, 1 << 20, with_length).await;
+                let what = format!("{status}, Content-Length given: {with_length}");
+                match exchange(client().post(format!("{url}/send"))).await {
+                    Ok(reply) => {
+                        assert_eq!(reply.status, status, "{what}");
+                        assert_eq!(
+                            reply.bytes.len(),
+                            MAX_REPLY_BODY,
+                            "{what}: the body's bytes read, of its 1 MiB"
+                        );
+                        assert!(!reply.body_lost, "{what}");
+                        let id =
+                            accepted_id("test", reply.status, &reply.bytes, |sent: Sent| sent.id);
+                        assert_eq!(id, None, "{what}");
+                    }
+                    Err(error) => panic!("{what}: {error}"),
+                }
+            }
+            let url = long_reply("HTTP/1.1 200 OK", MAX_REPLY_BODY, with_length).await;
+            let reply = exchange(client().post(format!("{url}/send")))
+                .await
+                .expect("a reply");
+            assert!(!reply.body_lost, "Content-Length given: {with_length}");
+            assert_eq!(reply.bytes.len(), MAX_REPLY_BODY);
         }
     }
 
