@@ -1131,3 +1131,125 @@ async fn a_group_is_given_up_once_its_messages_deadlines_have_passed() {
     .await;
     expect_a_second_connection(&mut seen).await;
 }
+
+/// How a [`chunking_server`] answers a message's chunk (its final reply).
+#[derive(Debug, Clone, Copy)]
+enum FinalReply {
+    /// At once, with these bytes.
+    Now(&'static [u8]),
+    /// `250 queued`, after this long, unless the client hangs up first.
+    Late(Duration),
+}
+
+/// What became of a message's final reply at a [`chunking_server`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Written to a client still connected.
+    Written,
+    /// Not written: the client had hung up.
+    ClientGone,
+}
+
+/// An SMTP server offering PIPELINING and CHUNKING that takes every message (`BDAT <size> LAST`
+/// and the chunk) and answers the `i`-th message's chunk (counted from 0, over all connections)
+/// as `answer(i)` says, every other command `250 ok`; reports each message's [`Fate`] in order.
+async fn chunking_server(
+    answer: fn(usize) -> FinalReply,
+) -> (u16, tokio::sync::watch::Receiver<Vec<Fate>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (fates, watch) = tokio::sync::watch::channel(Vec::new());
+    let fates = Arc::new(fates);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_chunks(stream, answer, fates.clone()));
+        }
+    });
+    (port, watch)
+}
+
+/// A [`chunking_server`]'s session.
+async fn serve_chunks(
+    stream: tokio::net::TcpStream,
+    answer: fn(usize) -> FinalReply,
+    fates: Arc<tokio::sync::watch::Sender<Vec<Fate>>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let _ = write.write_all(b"220 chunks ESMTP\r\n").await;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if !matches!(read.read_line(&mut line).await, Ok(1..)) {
+            return;
+        }
+        let command = line.trim_end().to_ascii_uppercase();
+        let size = command
+            .strip_prefix("BDAT ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|size| size.parse::<usize>().ok());
+        let reply: &[u8] = match (command.get(..4), size) {
+            (_, Some(size)) => {
+                let mut chunk = vec![0; size];
+                if read.read_exact(&mut chunk).await.is_err() {
+                    return;
+                }
+                let index = fates.borrow().len();
+                let (reply, fate): (&[u8], Fate) = match answer(index) {
+                    FinalReply::Now(reply) => (reply, Fate::Written),
+                    FinalReply::Late(delay) if hangs_up_within(&mut read, delay).await => {
+                        (b"", Fate::ClientGone)
+                    }
+                    FinalReply::Late(_) => (b"250 queued\r\n", Fate::Written),
+                };
+                fates.send_modify(|fates| fates.push(fate));
+                reply
+            }
+            (Some("EHLO"), _) => b"250-chunks\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+            (Some("QUIT"), _) => b"221 bye\r\n",
+            _ => b"250 ok\r\n",
+        };
+        if write.write_all(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether the client hangs up within `delay`.
+async fn hangs_up_within(
+    read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    delay: Duration,
+) -> bool {
+    let waited = tokio::time::sleep(delay);
+    tokio::pin!(waited);
+    tokio::select! {
+        () = &mut waited => false,
+        buffered = read.fill_buf() => match buffered {
+            Ok([]) | Err(_) => true,
+            // More commands: they wait their turn.
+            Ok(_) => {
+                waited.await;
+                false
+            }
+        },
+    }
+}
+
+/// A reply code without text (`250`, RFC 5321: the text is optional) is a reply: a message so
+/// accepted is sent, not failed (and sent again), nor are the messages behind it in its group.
+#[tokio::test]
+async fn a_reply_code_without_text_accepts_the_message() {
+    let (port, fates) = chunking_server(|_| FinalReply::Now(b"250\r\n")).await;
+    let email = provider("127.0.0.1", port, 1);
+    // All five wait while the one connection opens, and go out together over it.
+    let results = send_at_once(&email, 5).await;
+    assert!(
+        results.iter().all(|result| result
+            .as_ref()
+            .is_ok_and(|receipt| receipt.provider_message_id.is_none())),
+        "{results:?}"
+    );
+    assert_eq!(fates.borrow().len(), 5, "each message went once");
+}
+

@@ -506,7 +506,12 @@ impl Provider for EmailProvider {
                         .send(email.envelope(), email.formatted(), deadline)
                         .await
                         .map_err(classify)?;
-                    reply.message().next().map(str::to_string)
+                    // A bare `250` (the text is optional) names no message.
+                    reply
+                        .message()
+                        .next()
+                        .filter(|id| !id.is_empty())
+                        .map(str::to_string)
                 }
                 Transport::Outbox(outbox) => {
                     let id = outbox

@@ -11,7 +11,7 @@ use nom::{
     IResult, Parser,
     branch::alt,
     bytes::streaming::{tag, take_until},
-    combinator::{complete, map},
+    combinator::{complete, map, peek},
     multi::many0,
     sequence::preceded,
 };
@@ -305,8 +305,16 @@ pub(crate) fn parse_response(i: &str) -> IResult<&str, Response> {
         tag("\r\n"),
     ))
     .parse(i)?;
-    let (i, (last_code, last_line)) =
-        (parse_code, preceded(tag(" "), take_until("\r\n"))).parse(i)?;
+    // The last line's text is optional (RFC 5321 section 4.2: `Reply-code [ SP textstring ]
+    // CRLF`): a bare `250\r\n` is a complete reply, read as one with an empty text.
+    let (i, (last_code, last_line)) = (
+        parse_code,
+        alt((
+            preceded(tag(" "), take_until("\r\n")),
+            map(peek(tag("\r\n")), |_| ""),
+        )),
+    )
+        .parse(i)?;
     let (i, _) = complete(tag("\r\n")).parse(i)?;
 
     // Check that all codes are equal.
@@ -392,6 +400,27 @@ mod test {
             response.message_joined(),
             "4.7.1 first line 4.7.1 second line"
         );
+    }
+
+    #[test]
+    fn test_reply_code_without_text() {
+        // RFC 5321 makes the text optional; some servers answer a bare code.
+        for raw in ["250\r\n", "250-first\r\n250\r\n"] {
+            let response: Response = raw.parse().unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            assert_eq!(u16::from(response.code()), 250, "{raw:?}");
+            assert!(response.is_positive(), "{raw:?}");
+        }
+        let refused: Response = "550\r\n".parse().unwrap();
+        assert_eq!(u16::from(refused.code()), 550);
+        // Not yet complete: more must be read, whatever follows the code.
+        for partial in ["250", "25", "250\r"] {
+            assert!(
+                matches!(parse_response(partial), Err(nom::Err::Incomplete(_))),
+                "{partial:?}: {:?}",
+                parse_response(partial)
+            );
+        }
+        assert!("250x\r\n".parse::<Response>().is_err());
     }
 
     #[test]
