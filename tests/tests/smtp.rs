@@ -1290,3 +1290,90 @@ async fn a_reply_code_without_text_accepts_the_message() {
     assert_eq!(fates.borrow().len(), 5, "each message went once");
 }
 
+/// A 5xx to RCPT or to the message that refuses the sender or the account, as its enhanced code
+/// (RFC 3463) or a known phrase says (relay access denied, the sender domain's DMARC, SPF or DKIM,
+/// an unverified sender identity, a paused account), fails every message alike until someone
+/// fixes it: transient, counting against the circuit, as a 5xx to MAIL FROM. A bad or full
+/// mailbox, and content refused, stay permanent; on every path a message takes.
+#[tokio::test]
+async fn a_5xx_refusing_the_sender_or_the_account_is_transient_at_any_step() {
+    let cases = [
+        (
+            RejectStage::Rcpt,
+            554,
+            "5.7.1 <customer-0@example.com>: Relay access denied",
+            true,
+        ),
+        (RejectStage::Rcpt, 550, "Relay access denied", true),
+        (
+            RejectStage::Data,
+            554,
+            "Message rejected: Email address is not verified. The following identities failed \
+             the check in region EU-WEST-1: herald@localhost",
+            true,
+        ),
+        (
+            RejectStage::Data,
+            554,
+            "Sending paused for this account. For more information, see the console.",
+            true,
+        ),
+        (
+            RejectStage::Data,
+            550,
+            "5.7.26 Unauthenticated email from localhost is not accepted due to domain's DMARC \
+             policy",
+            true,
+        ),
+        (
+            RejectStage::Data,
+            550,
+            "5.7.1 Email rejected per DMARC policy for localhost",
+            true,
+        ),
+        (
+            RejectStage::Rcpt,
+            550,
+            "5.7.23 SPF validation failed for localhost",
+            true,
+        ),
+        (
+            RejectStage::Rcpt,
+            553,
+            "5.1.8 <herald@localhost>: Sender address rejected: Domain not found",
+            true,
+        ),
+        // The recipient's or the message's own.
+        (
+            RejectStage::Rcpt,
+            550,
+            "5.1.1 <x>: Recipient address rejected",
+            false,
+        ),
+        (RejectStage::Rcpt, 550, "5.2.1 mailbox disabled", false),
+        (RejectStage::Rcpt, 552, "5.2.2 mailbox full", false),
+        (
+            RejectStage::Data,
+            554,
+            "5.7.1 message content rejected as spam",
+            false,
+        ),
+        (RejectStage::Data, 550, "no such user here", false),
+    ];
+    for (stage, code, text, transient) in cases {
+        for path in 0..3 {
+            let sink = sink_for_path(path).await;
+            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
+            let what = format!("{code} {text} to {stage:?} on path {path}: {refused:?}");
+            match refused {
+                Err(ProviderError::Transient { reason, .. }) if transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                Err(ProviderError::Permanent { reason, .. }) if !transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                _ => panic!("{what}"),
+            }
+        }
+    }
+}

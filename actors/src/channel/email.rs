@@ -429,7 +429,12 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   counting against the circuit, as an HTTP provider's `401` is, rather than failing every
 ///   message for good until someone fixes it; but a `552` or `5.3.4` (`5.2.3`), the message's
 ///   size, is permanent;
-/// - a 5xx to `RCPT TO`, `DATA` or `BDAT`: permanent, this recipient or message is refused;
+/// - a 5xx to `RCPT TO`, `DATA` or `BDAT` that says it refuses the sender or the account (see
+///   [`refuses_sender`]: relay access denied, the sender domain's DMARC, SPF or DKIM, an
+///   unverified sender identity, a paused account): transient and counting, as at `MAIL FROM`;
+/// - any other 5xx to `RCPT TO`, `DATA` or `BDAT`: permanent, this recipient or message is
+///   refused (`5.1.1` no such mailbox, `5.1.x` bad address, `5.2.1` disabled, `5.2.2` full,
+///   `5.7.1` content refused after the data);
 /// - a non-ASCII local part for a server without SMTPUTF8: permanent;
 /// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
 ///   transient.
@@ -449,6 +454,9 @@ fn classify(error: SmtpSendError) -> ProviderError {
         (Some(500..=599), Some(TransactionStep::Mail)) if !too_big(&error) => {
             ProviderError::transient(error.to_string())
         }
+        (Some(500..=599), Some(step)) if refuses_sender(step, &error) => {
+            ProviderError::transient(error.to_string())
+        }
         _ if error.is_permanent() => ProviderError::permanent(error.to_string()),
         _ => ProviderError::transient(error.to_string()),
     }
@@ -459,23 +467,109 @@ fn classify(error: SmtpSendError) -> ProviderError {
 /// message too big for the system, longer than the administrative limit).
 fn too_big(error: &lettre::transport::smtp::Error) -> bool {
     error.status().map(u16::from) == Some(552)
-        || matches!(enhanced_code(error).as_deref(), Some("5.3.4" | "5.2.3"))
+        || matches!(
+            EnhancedCode::of(error),
+            Some(
+                EnhancedCode {
+                    class: 5,
+                    subject: 3,
+                    detail: 4
+                } | EnhancedCode {
+                    class: 5,
+                    subject: 2,
+                    detail: 3
+                }
+            )
+        )
 }
 
 /// Whether a refusal's enhanced status code (RFC 3463) names the relay's own state rather than
 /// the recipient's: `x.3.x` (mail system) or `x.4.x` (network and routing).
 fn relay_state(error: &lettre::transport::smtp::Error) -> bool {
-    enhanced_code(error).is_some_and(|code| {
-        let mut parts = code.split('.').skip(1);
-        matches!(parts.next(), Some("3" | "4"))
-    })
+    EnhancedCode::of(error).is_some_and(|code| matches!(code.subject, 3 | 4))
 }
 
-/// The enhanced status code (`4.2.2`) a refusal's text begins with, if it has one.
-fn enhanced_code(error: &lettre::transport::smtp::Error) -> Option<String> {
+/// Whether a 5xx to `step` (`RCPT TO` or the message) refuses the sender or the account rather
+/// than this recipient or message, so that every message would be refused alike until someone
+/// fixes the account or the sender domain. Only where the reply says so:
+///
+/// | reply | at | meaning |
+/// |---|---|---|
+/// | `x.1.7`, `x.1.8` | any | the sender's address, or its domain, is bad (RFC 3463) |
+/// | `x.7.1` | `RCPT TO` | delivery not authorized: relay access denied, the sender refused |
+/// | `x.7.8` | any | the account's credentials are invalid (RFC 4954) |
+/// | `x.7.20` to `x.7.27` | any | the sender's DKIM, SPF, reverse DNS or MX fail (RFC 7372) |
+/// | `x.7.x` naming DMARC, SPF or DKIM | any | the sender domain's authentication policy |
+/// | no enhanced code: `Relay access denied`, `relaying denied`, `unable to relay` | `RCPT TO` | as `x.7.1` |
+/// | no enhanced code: `address is not verified`, `sending paused` | any | Amazon SES: unverified identity, account paused |
+///
+/// Everything else stays the recipient's or the message's: a bad or full mailbox (`5.1.1`,
+/// `5.1.x`, `5.2.1`, `5.2.2`), and a `5.7.1` (or other `5.7.x`) to the message, which is as
+/// often its content refused as spam.
+fn refuses_sender(step: TransactionStep, error: &lettre::transport::smtp::Error) -> bool {
+    let text = refusal_text(error).to_ascii_lowercase();
+    let names = |words: &[&str]| words.iter().any(|word| text.contains(word));
+    let at_rcpt = step == TransactionStep::Rcpt;
+    match EnhancedCode::of(error) {
+        Some(EnhancedCode {
+            subject: 1,
+            detail: 7 | 8,
+            ..
+        }) => true,
+        Some(EnhancedCode {
+            subject: 7, detail, ..
+        }) => {
+            (at_rcpt && detail == 1)
+                || matches!(detail, 8 | 20..=27)
+                || names(&["dmarc", "spf", "dkim"])
+        }
+        Some(_) => false,
+        None => {
+            (at_rcpt && names(&["relay access denied", "relaying denied", "unable to relay"]))
+                || names(&["address is not verified", "sending paused"])
+        }
+    }
+}
+
+/// An enhanced status code (RFC 3463): `class.subject.detail`, as `5.7.1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EnhancedCode {
+    class: u16,
+    subject: u16,
+    detail: u16,
+}
+
+impl EnhancedCode {
+    /// The enhanced status code a refusal's text begins with, if it has one.
+    fn of(error: &lettre::transport::smtp::Error) -> Option<Self> {
+        Self::parse(refusal_text(error).split_whitespace().next()?)
+    }
+
+    /// `word` read as an enhanced status code: a class digit, then a subject and a detail of one
+    /// to three digits each.
+    fn parse(word: &str) -> Option<Self> {
+        let mut parts = word.split('.');
+        let mut number = |most: usize| {
+            parts
+                .next()
+                .filter(|part| (1..=most).contains(&part.len()))
+                .filter(|part| part.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|part| part.parse().ok())
+        };
+        let code = Self {
+            class: number(1)?,
+            subject: number(3)?,
+            detail: number(3)?,
+        };
+        parts.next().is_none().then_some(code)
+    }
+}
+
+/// The text of a refusal (the server's reply without its code), empty if it has none.
+fn refusal_text(error: &lettre::transport::smtp::Error) -> String {
     std::error::Error::source(error)
-        .map(|text| text.to_string())
-        .and_then(|text| text.split_whitespace().next().map(str::to_string))
+        .map(ToString::to_string)
+        .unwrap_or_default()
 }
 
 /// Whether lettre refused the envelope itself: a non-ASCII local part (`josé@…`) for a server
@@ -641,6 +735,23 @@ mod tests {
         relay(None, Some(""))
             .check()
             .expect("an empty value is none");
+    }
+
+    #[test]
+    fn an_enhanced_status_code_is_three_numbers() {
+        let code = |class, subject, detail| EnhancedCode {
+            class,
+            subject,
+            detail,
+        };
+        assert_eq!(EnhancedCode::parse("5.7.1"), Some(code(5, 7, 1)));
+        assert_eq!(EnhancedCode::parse("5.7.509"), Some(code(5, 7, 509)));
+        assert_eq!(EnhancedCode::parse("4.2.2"), Some(code(4, 2, 2)));
+        for not_one in [
+            "", "5.7", "5.7.1.2", "5.7.1234", "55.7.1", "5..1", "5.x.1", "Relay",
+        ] {
+            assert_eq!(EnhancedCode::parse(not_one), None, "{not_one:?}");
+        }
     }
 
     /// An SMTP host set to nothing (an environment variable set empty) is none, as the user name
