@@ -358,7 +358,7 @@ impl SmtpPool {
     /// alone or in a group, and a group goes on no longer than its messages' earliest deadline:
     /// a message written is answered by the reply the pool read for it, or, if none was read by
     /// then, as [`SmtpSendError::Unanswered`]; a reply is never read after its caller stopped
-    /// waiting (see [`send_group`]).
+    /// waiting (see `send_group`).
     ///
     /// The message waits in a queue for a connection. Whoever gets one next takes up to
     /// [`MAX_GROUP`] of the oldest waiting messages with it (its own among them unless another
