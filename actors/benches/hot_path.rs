@@ -8,10 +8,11 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use herald_actors::channel::circuit::{CircuitBreaker, CircuitSettings};
+use herald_actors::channel::circuit::{CircuitBreaker, CircuitSettings, FailureSource};
 use herald_actors::policy::token_bucket::{BucketSpec, TokenBucket};
 use herald_actors::templates;
 use serde_json::{Map, Value, json};
+use uuid::Uuid;
 
 fn order_placed_vars() -> Map<String, Value> {
     let vars = json!({
@@ -72,7 +73,7 @@ fn circuit_decision(c: &mut Criterion) {
         b.iter(|| {
             let admission = circuit.admit(black_box(now));
             let period = circuit.period();
-            circuit.on_success(admission, period);
+            circuit.on_success(admission, period, now);
             admission
         })
     });
@@ -87,7 +88,13 @@ fn circuit_decision(c: &mut Criterion) {
             |circuit| {
                 let admission = circuit.admit(now);
                 let period = circuit.period();
-                circuit.on_failure(admission, period, black_box(now), None);
+                circuit.on_failure(
+                    admission,
+                    period,
+                    FailureSource::Notification(Uuid::now_v7()),
+                    black_box(now),
+                    None,
+                );
             },
             BatchSize::SmallInput,
         )

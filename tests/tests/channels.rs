@@ -335,6 +335,48 @@ async fn the_circuit_opens_stops_calling_the_provider_and_closes_after_a_good_pr
     w.herald.shutdown().await.expect("shutdown");
 }
 
+/// One notification that Telegram keeps failing (a 502 for its one chat) is retried to its last
+/// round without opening the circuit for everyone: its failures count once. They used to count
+/// once per round, so its own retries opened the circuit (and would have announced it to every
+/// instance), and every other chat's notification was refused for the cool-down.
+#[tokio::test]
+async fn one_notifications_retries_do_not_open_the_circuit() {
+    const THRESHOLD: u32 = 3;
+    let w = world(|c| {
+        c.channels.limits.circuit.failure_threshold = THRESHOLD;
+        c.channels.limits.circuit.window_ms = 60_000;
+        c.channels.limits.circuit.cool_down_ms = 600_000;
+        c.dispatch.retry.max_deliveries = u64::from(THRESHOLD) + 2;
+    })
+    .await;
+    let broken = telegram_to("broken", telegram_error(502, "Bad Gateway", None))
+        .mount_as_scoped(&w.provider)
+        .await;
+    telegram(telegram_ok()).mount(&w.provider).await;
+    let mut recipient = everyone();
+    recipient["telegram_chat_id"] = json!("broken");
+    let id = w
+        .herald
+        .send_accepted(&notification(&["telegram"], recipient))
+        .await;
+    let dead = w.herald.wait_status(&id, "dead").await;
+    assert_eq!(
+        statuses(&dead),
+        vec![("telegram", "failed"); THRESHOLD as usize + 2],
+        "every round reached Telegram: {dead}"
+    );
+    assert_eq!(
+        broken.received_requests().await.len(),
+        THRESHOLD as usize + 2
+    );
+    let state = channel_state(&w, "telegram").await;
+    assert_eq!(state["circuit"], "closed", "{state}");
+    assert_eq!(state["times_opened"], 0, "{state}");
+    let other = send_until_sent(&w, &notification(&["telegram", "email"], everyone())).await;
+    assert_eq!(statuses(&other), [("telegram", "sent")], "{other}");
+    w.herald.shutdown().await.expect("shutdown");
+}
+
 /// A provider that hangs: the sends queued for its only concurrency slot when its circuit opens
 /// never reach it and fail over to email at once, instead of each going out to the hanging
 /// provider and waiting out the send timeout. They used to: the circuit was asked only when a send

@@ -16,11 +16,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use herald_actors::channel::circuit::{CircuitSettings, CircuitState};
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::smtp_pool::IDLE_CHECK;
-use herald_actors::channel::{OutboundMessage, Provider, ProviderError, Receipt};
+use herald_actors::channel::{
+    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, OutboundMessage, Provider,
+    ProviderError, Receipt, SendOutcome,
+};
 use herald_nats::{Contacts, Content};
 use herald_tests::{HangUp, RejectStage, SmtpSink};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -924,6 +930,86 @@ async fn a_group_the_server_never_answers_fails_every_message_after_the_timeout(
     );
     let _ = email.send_now(&message(10)).await;
     expect_a_second_connection(&mut seen).await;
+}
+
+/// Sends `message` through the channel actor `actor`, and returns what became of it.
+async fn send_through(actor: &ActorRef<ChannelMsg>, message: OutboundMessage) -> SendOutcome {
+    let wait = Duration::from_secs(30);
+    let answer = actor
+        .call(
+            |reply| ChannelMsg::Send {
+                message: Box::new(message),
+                answer_by: std::time::Instant::now() + wait,
+                reply,
+            },
+            Some(wait),
+        )
+        .await
+        .expect("actor alive");
+    match answer {
+        CallResult::Success(report) => report.outcome,
+        other => panic!("a send was not answered: {other:?}"),
+    }
+}
+
+/// The messages of a group the server never answers fail in one event of their connection,
+/// which counts once against the email circuit: one connection that hangs does not open it (and
+/// announce it to every instance) while the others may be fine. They used to count once each, and
+/// the first group opened it. A server whose every connection hangs still opens it, one
+/// connection after another.
+#[tokio::test]
+async fn a_group_the_server_never_answers_counts_once_against_the_circuit() {
+    const THRESHOLD: u32 = 4;
+    let (port, _seen) = stalling_server(PIPELINING_AND_CHUNKING).await;
+    let settings = ChannelSettings {
+        circuit: CircuitSettings {
+            failure_threshold: THRESHOLD,
+            window_ms: 60_000,
+            cool_down_ms: 600_000,
+            ..CircuitSettings::default()
+        },
+        ..ChannelSettings::default()
+    };
+    let email = Arc::new(impatient_provider(port, 300));
+    let (actor, _) = Actor::spawn(None, ChannelActor, ChannelArgs::new(email, settings, None))
+        .await
+        .expect("channel actor starts");
+    // All ten wait while the one connection opens, and go out together over it.
+    let outcomes =
+        futures::future::join_all((0..10).map(|i| send_through(&actor, message(i)))).await;
+    assert!(
+        outcomes.iter().all(|outcome| matches!(
+            outcome,
+            SendOutcome::Failed(ProviderError::Transient { .. })
+        )),
+        "{outcomes:?}"
+    );
+    let snapshot = |actor: &ActorRef<ChannelMsg>| {
+        let actor = actor.clone();
+        async move {
+            actor
+                .call(ChannelMsg::Snapshot, Some(Duration::from_secs(30)))
+                .await
+                .expect("actor alive")
+                .expect("snapshot")
+        }
+    };
+    let after_the_group = snapshot(&actor).await;
+    assert_eq!(
+        after_the_group.circuit,
+        CircuitState::Closed,
+        "one hung connection opened the circuit: {after_the_group:?}"
+    );
+    // The server hangs on every connection: each message, alone on a new one, is an event of
+    // its own, and they open the circuit.
+    let mut sent_alone = 0;
+    while snapshot(&actor).await.circuit == CircuitState::Closed {
+        assert!(sent_alone < THRESHOLD, "{:?}", snapshot(&actor).await);
+        send_through(&actor, message(10)).await;
+        sent_alone += 1;
+    }
+    assert_eq!(sent_alone, THRESHOLD - 1, "{:?}", snapshot(&actor).await);
+    actor.stop(None);
 }
 
 #[tokio::test]

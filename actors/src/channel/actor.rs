@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::announce::CircuitAnnouncer;
-use super::circuit::{Admission, CircuitBreaker, CircuitSettings, CircuitState};
+use super::circuit::{Admission, CircuitBreaker, CircuitSettings, CircuitState, FailureSource};
 use super::hold::{HeldSend, Hold};
 use super::{OutboundMessage, Provider, ProviderError, Receipt};
 
@@ -261,10 +261,13 @@ pub enum Readmission {
 pub enum Verdict {
     /// The provider answered (accepted, or refused what no retry changes): it is up.
     Answered,
-    /// The provider failed, asking for a wait or not (Retry-After): counted against the circuit.
+    /// The provider failed, asking for a wait or not (Retry-After): counted against the circuit,
+    /// once per source (the notification, or the connection event that failed it).
     Failed {
         /// The wait the provider asked for.
         retry_after: Option<Duration>,
+        /// What the failure is counted as.
+        source: FailureSource,
     },
     /// The provider throttles the whole account, asking for a wait or not: every send is held
     /// until then, though the provider is up (not counted as a failure).
@@ -278,8 +281,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// The verdict on a send's result from `provider`.
-    fn of(result: &Result<Receipt, ProviderError>, provider: &dyn Provider) -> Self {
+    /// The verdict on the result of a send of `notification` from `provider`.
+    fn of(
+        result: &Result<Receipt, ProviderError>,
+        provider: &dyn Provider,
+        notification: uuid::Uuid,
+    ) -> Self {
         match result {
             Ok(_) => Self::Answered,
             Err(err) if !err.reached_provider() => Self::Untested,
@@ -287,6 +294,10 @@ impl Verdict {
             Err(err) if err.counts_against_circuit() && !provider.one_endpoint() => Self::Untested,
             Err(err) if err.counts_against_circuit() => Self::Failed {
                 retry_after: err.retry_after(),
+                source: err.incident().map_or(
+                    FailureSource::Notification(notification),
+                    FailureSource::Incident,
+                ),
             },
             Err(err) if err.throttles_account() && provider.one_endpoint() => Self::Throttled {
                 retry_after: err.retry_after(),
@@ -574,7 +585,7 @@ fn start_send(
             ))),
         };
         let latency = started.elapsed();
-        let verdict = Verdict::of(&result, provider.as_ref());
+        let verdict = Verdict::of(&result, provider.as_ref(), outbound.notification_id);
         let (outcome, error) = match result {
             Ok(receipt) => (SendOutcome::Accepted(receipt), None),
             Err(err) => {
@@ -807,13 +818,16 @@ fn refuse(state: &mut ChannelState) -> Duration {
 /// Reports a finished send to the circuit, and announces the circuit if that opened it.
 fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: Verdict) {
     match verdict {
-        Verdict::Answered => state.breaker.on_success(admission, period),
-        Verdict::Failed { retry_after } => {
+        Verdict::Answered => state.breaker.on_success(admission, period, Instant::now()),
+        Verdict::Failed {
+            retry_after,
+            source,
+        } => {
             let was = state.breaker.state();
             let now = Instant::now();
             state
                 .breaker
-                .on_failure(admission, period, now, retry_after);
+                .on_failure(admission, period, source, now, retry_after);
             if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
                 announce(state, state.breaker.cool_down_left(now));
             }
@@ -1533,6 +1547,123 @@ mod tests {
         actor.stop(None);
     }
 
+    /// A circuit that opens after three failures within a minute, and stays open.
+    fn opening_after_three() -> ChannelSettings {
+        ChannelSettings {
+            circuit: CircuitSettings {
+                failure_threshold: 3,
+                window_ms: 60_000,
+                cool_down_ms: 600_000,
+                ..CircuitSettings::default()
+            },
+            ..ChannelSettings::default()
+        }
+    }
+
+    /// Sends `message` through `actor` and returns the report.
+    async fn send_this(actor: &ActorRef<ChannelMsg>, message: OutboundMessage) -> SendReport {
+        let answer = actor
+            .call(|port| send_msg(message, WAIT, port), Some(WAIT))
+            .await
+            .expect("actor alive");
+        match answer {
+            CallResult::Success(report) => report,
+            other => panic!("a send was not answered: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_notifications_retries_count_once_against_the_circuit() {
+        let (provider, calls) = Scripted::new(|_| http_503());
+        let actor = spawn(provider, opening_after_three()).await;
+        let retried = outbound();
+        for round in 1..=6 {
+            let report = send_this(&actor, retried.clone()).await;
+            assert!(
+                matches!(report.outcome, SendOutcome::Failed(_)),
+                "round {round} of one notification: {report:?}"
+            );
+        }
+        let settled = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.circuit, CircuitState::Closed, "{settled:?}");
+        assert_eq!(settled.recent_failures, 1, "{settled:?}");
+        for other in 1..=2 {
+            send_one(&actor, other).await;
+        }
+        let opened = snapshot_when(&actor, "the circuit to open", |s| s.in_flight == 0).await;
+        assert_eq!(
+            opened.circuit,
+            CircuitState::Open,
+            "three notifications failing: {opened:?}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 8);
+        actor.stop(None);
+    }
+
+    #[tokio::test]
+    async fn a_few_failing_messages_among_many_sent_do_not_open_the_circuit() {
+        // One message in four fails: the others show the provider up.
+        let (provider, _) = Scripted::new(|n| {
+            if n % 4 == 3 {
+                http_503()
+            } else {
+                Ok(Receipt::new(None))
+            }
+        });
+        let actor = spawn(provider, opening_after_three()).await;
+        for send in 1..=40 {
+            let report = send_one(&actor, send).await;
+            assert!(
+                !matches!(report.outcome, SendOutcome::CircuitOpen { .. }),
+                "send {send}: {report:?}"
+            );
+        }
+        let settled = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.circuit, CircuitState::Closed, "{settled:?}");
+        assert_eq!(settled.recent_failures, 10, "{settled:?}");
+        actor.stop(None);
+    }
+
+    /// A provider whose every send fails in one connection event, as the messages of one SMTP
+    /// connection that hung do.
+    struct OneConnectionEvent(crate::channel::Incident);
+
+    impl Provider for OneConnectionEvent {
+        fn channel(&self) -> Channel {
+            Channel::Email
+        }
+
+        fn name(&self) -> &str {
+            "one-connection"
+        }
+
+        fn send<'a>(
+            &'a self,
+            _message: &'a OutboundMessage,
+            _deadline: tokio::time::Instant,
+        ) -> BoxFuture<'a, Result<Receipt, ProviderError>> {
+            let failed = ProviderError::transient("connection reset").in_incident(self.0);
+            Box::pin(std::future::ready(Err(failed)))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_failures_of_one_connection_event_count_once_against_the_circuit() {
+        let incident = crate::channel::Incident::new();
+        let actor = spawn(OneConnectionEvent(incident), opening_after_three()).await;
+        for send in 1..=10 {
+            let report = send_one(&actor, send).await;
+            assert!(
+                matches!(&report.outcome, SendOutcome::Failed(error) if error.incident() == Some(incident)),
+                "send {send}: {report:?}"
+            );
+        }
+        let settled = snapshot_when(&actor, "the sends to settle", |s| s.in_flight == 0).await;
+        assert_eq!(settled.circuit, CircuitState::Closed, "{settled:?}");
+        assert_eq!(settled.recent_failures, 1, "{settled:?}");
+        actor.stop(None);
+    }
+
     #[tokio::test]
     async fn a_panicking_provider_counts_as_a_failure_and_probes_go_on() {
         let actor = spawn(PanickingProvider, opening_at_once(0)).await;
@@ -2183,6 +2314,7 @@ mod tests {
                 window_ms: 60_000,
                 cool_down_ms: 600_000,
                 max_cool_down_ms: 900_000,
+                ..CircuitSettings::default()
             },
         };
         let wait = Duration::from_secs(60);

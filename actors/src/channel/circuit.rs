@@ -1,7 +1,16 @@
 //! The circuit breaker of one provider: pure state, driven by the caller's clock.
 //!
 //! Closed → open after `failure_threshold` failures within `window` → after `cool_down` one
-//! half-open probe is let through → closed on its success, open again on its failure. While open
+//! half-open probe is let through → closed on its success, open again on its failure.
+//!
+//! A failure is counted by its [source](FailureSource): the notification that failed, or the one
+//! event of a connection that failed many sends at once ([`Incident`]). Each source counts once
+//! in the window, its latest failure replacing an earlier one, so that one notification's own
+//! retries (a content scanner's `451` for that message, a `5xx` for one chat) or one connection
+//! that hung under a group of messages do not open the circuit for everyone. And the failures
+//! must be at least `failure_percent` of the window's outcomes (the distinct failures and the
+//! sends the provider answered): at a high send rate, a small share of failing messages is not
+//! an outage. While open
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
 //! hammered and the dispatcher fails over without waiting for timeouts. (The channel actor holds
 //! some of the sends refused while the probe is out for its result instead, see
@@ -29,19 +38,27 @@
 //! provider since, and does not count toward the new window. The caller also asks again
 //! ([`CircuitBreaker::admit`]) for a send whose period ended before it went out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Incident;
 
 /// When a circuit opens and how long it stays open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct CircuitSettings {
-    /// Failures within `window_ms` that open the circuit.
+    /// Failures within `window_ms` that open the circuit, each notification (or connection
+    /// event) counted once however often it failed.
     pub failure_threshold: u32,
     /// Window over which failures are counted, in milliseconds.
     pub window_ms: u64,
+    /// The least share, in percent, the window's failures must be of its outcomes (those
+    /// failures and the sends the provider answered) for them to open the circuit; 0 counts the
+    /// failures alone, 100 or more opens only when nothing in the window succeeded.
+    pub failure_percent: u32,
     /// How long the circuit stays open before a probe, in milliseconds.
     pub cool_down_ms: u64,
     /// The longest the circuit stays open before a probe when the provider asked for a longer
@@ -54,6 +71,7 @@ impl Default for CircuitSettings {
         Self {
             failure_threshold: 5,
             window_ms: 30_000,
+            failure_percent: 50,
             cool_down_ms: 15_000,
             max_cool_down_ms: 300_000,
         }
@@ -115,9 +133,8 @@ pub enum Admission {
 pub struct CircuitBreaker {
     settings: CircuitSettings,
     state: CircuitState,
-    /// The failures in the window: when each happened, and until when it asked us to wait
-    /// (Retry-After), if it did.
-    recent_failures: VecDeque<(Instant, Option<Instant>)>,
+    /// The outcomes in the window.
+    window: Window,
     /// While open: when the probe may go out (`None`: never, for a cool-down longer than the
     /// clock can count).
     open_until: Option<Instant>,
@@ -139,7 +156,7 @@ impl CircuitBreaker {
         Self {
             settings,
             state: CircuitState::Closed,
-            recent_failures: VecDeque::new(),
+            window: Window::default(),
             open_until: None,
             times_opened: 0,
             held: false,
@@ -180,9 +197,9 @@ impl CircuitBreaker {
         self.period
     }
 
-    /// Failures counted in the current window.
+    /// Failures counted in the current window (each notification or connection event once).
     pub fn recent_failures(&self) -> usize {
-        self.recent_failures.len()
+        self.window.failures()
     }
 
     /// Asks whether a send may go out now.
@@ -241,29 +258,41 @@ impl CircuitBreaker {
         }
     }
 
-    /// Reports a send admitted as `admission` in `period` that succeeded (or failed in a way that
-    /// is not the provider's fault, but only after reaching it).
-    pub fn on_success(&mut self, admission: Admission, period: u64) {
-        if admission == Admission::Probe
-            && period == self.period
-            && self.state == CircuitState::HalfOpen
-        {
-            self.state = CircuitState::Closed;
-            self.held = false;
-            self.recent_failures.clear();
-            self.open_until = None;
-            self.period += 1;
+    /// Reports a send admitted as `admission` in `period` that succeeded at `now` (or failed in a
+    /// way that is not the provider's fault, but only after reaching it). While closed, it counts
+    /// among the window's outcomes, against which the failures' share is judged.
+    pub fn on_success(&mut self, admission: Admission, period: u64, now: Instant) {
+        if period != self.period {
+            return;
+        }
+        match (self.state, admission) {
+            (CircuitState::HalfOpen, Admission::Probe) => {
+                self.state = CircuitState::Closed;
+                self.held = false;
+                self.window.clear();
+                self.open_until = None;
+                self.period += 1;
+            }
+            (CircuitState::Closed, _) => self.window.answered(now, self.window_length()),
+            _ => {}
         }
     }
 
+    /// The window's length.
+    fn window_length(&self) -> Duration {
+        Duration::from_millis(self.settings.window_ms)
+    }
+
     /// Reports a send admitted as `admission` in `period` that failed through the provider's
-    /// fault at `now`, with the wait the provider asked for, if it did (Retry-After): a circuit
-    /// that opens on it stays open that long, if longer than the cool-down (up to
-    /// `max_cool_down_ms`). The failure of a send admitted in an earlier period changes nothing.
+    /// fault (the failure of `source`) at `now`, with the wait the provider asked for, if it did
+    /// (Retry-After): a circuit that opens on it stays open that long, if longer than the
+    /// cool-down (up to `max_cool_down_ms`). A failure of a source already in the window replaces
+    /// it there. The failure of a send admitted in an earlier period changes nothing.
     pub fn on_failure(
         &mut self,
         admission: Admission,
         period: u64,
+        source: FailureSource,
         now: Instant,
         retry_after: Option<Duration>,
     ) {
@@ -275,24 +304,14 @@ impl CircuitBreaker {
         match (self.state, admission) {
             (CircuitState::HalfOpen, Admission::Probe) => self.open(now, retry_after),
             (CircuitState::Closed, _) => {
-                let window = Duration::from_millis(self.settings.window_ms);
                 let asked =
                     retry_after.and_then(|wait| now.checked_add(wait.min(self.settings.longest())));
-                self.recent_failures.push_back((now, asked));
-                while let Some(&(oldest, _)) = self.recent_failures.front() {
-                    if now.saturating_duration_since(oldest) > window {
-                        self.recent_failures.pop_front();
-                    } else {
-                        break;
-                    }
-                }
-                if self.recent_failures.len() >= self.settings.failure_threshold.max(1) as usize {
+                self.window.failed(source, now, asked, self.window_length());
+                if self.window.failures() >= self.settings.failure_threshold.max(1) as usize
+                    && self.window.failure_percent() >= self.settings.failure_percent.min(100)
+                {
                     // Any of the failures that open the circuit may have asked for a wait.
-                    let asked = self
-                        .recent_failures
-                        .iter()
-                        .filter_map(|&(_, until)| until)
-                        .max();
+                    let asked = self.window.longest_wait();
                     self.open(now, asked.map(|until| until.saturating_duration_since(now)));
                 }
             }
@@ -327,7 +346,7 @@ impl CircuitBreaker {
                 self.state = CircuitState::Open;
                 self.held = true;
                 self.open_until = now.checked_add(held);
-                self.recent_failures.clear();
+                self.window.clear();
                 self.period += 1;
             }
             _ => {}
@@ -357,8 +376,134 @@ impl CircuitBreaker {
         self.state = CircuitState::Open;
         self.held = false;
         self.open_until = now.checked_add(self.settings.open_for(wait));
-        self.recent_failures.clear();
+        self.window.clear();
         self.period += 1;
+    }
+}
+
+/// What a failure counted against a circuit is counted as: each source once in the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureSource {
+    /// The notification whose send failed: its retries are the same failure again.
+    Notification(Uuid),
+    /// One event of a connection that failed every send it carried.
+    Incident(Incident),
+}
+
+/// One failure in the window.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    /// When it happened.
+    at: Instant,
+    /// Until when it asked us to wait (Retry-After), if it did.
+    asked: Option<Instant>,
+    source: FailureSource,
+    /// Its number, to tell it from an earlier failure of its source that it replaced.
+    seq: u64,
+}
+
+/// The outcomes of a closed circuit's window: the failures, the latest of each source, and how
+/// many sends the provider answered, counted in slices of a thirty-second of the window.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    /// The failures in the order they happened, the replaced ones among them.
+    failures: VecDeque<Failure>,
+    /// Each source's latest failure in `failures`, by its number.
+    latest: HashMap<FailureSource, u64>,
+    next_seq: u64,
+    /// How many sends were answered in each slice, by the slice's start.
+    answered: VecDeque<(Instant, u64)>,
+    /// Their sum.
+    answered_total: u64,
+}
+
+/// The slices of a window the answered sends are counted in.
+const SLICES: u32 = 32;
+
+impl Window {
+    /// The distinct failures in the window.
+    fn failures(&self) -> usize {
+        self.latest.len()
+    }
+
+    /// The failures' share of the window's outcomes, in percent.
+    fn failure_percent(&self) -> u32 {
+        let failures = self.failures() as u64;
+        let outcomes = failures + self.answered_total;
+        u32::try_from(failures * 100 / outcomes.max(1)).unwrap_or(100)
+    }
+
+    /// The longest wait any failure in the window asked for, until when.
+    fn longest_wait(&self) -> Option<Instant> {
+        self.live().filter_map(|failure| failure.asked).max()
+    }
+
+    /// The failures in the window, each source's latest.
+    fn live(&self) -> impl Iterator<Item = &Failure> {
+        self.failures
+            .iter()
+            .filter(|failure| self.latest.get(&failure.source) == Some(&failure.seq))
+    }
+
+    /// Counts a failure of `source` at `now` (replacing an earlier one of it) in a window `length`
+    /// long.
+    fn failed(
+        &mut self,
+        source: FailureSource,
+        now: Instant,
+        asked: Option<Instant>,
+        length: Duration,
+    ) {
+        self.forget_before(now, length);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.latest.insert(source, seq);
+        self.failures.push_back(Failure {
+            at: now,
+            asked,
+            source,
+            seq,
+        });
+    }
+
+    /// Counts a send answered at `now` in a window `length` long.
+    fn answered(&mut self, now: Instant, length: Duration) {
+        self.forget_before(now, length);
+        self.answered_total += 1;
+        let slice = (length / SLICES).max(Duration::from_millis(1));
+        match self.answered.back_mut() {
+            Some((start, count)) if now.saturating_duration_since(*start) < slice => *count += 1,
+            _ => self.answered.push_back((now, 1)),
+        }
+    }
+
+    /// Drops what happened more than `length` before `now`.
+    fn forget_before(&mut self, now: Instant, length: Duration) {
+        let old = |at: Instant| now.saturating_duration_since(at) > length;
+        while let Some(oldest) = self.failures.front().copied() {
+            if !old(oldest.at) {
+                break;
+            }
+            self.failures.pop_front();
+            if self.latest.get(&oldest.source) == Some(&oldest.seq) {
+                self.latest.remove(&oldest.source);
+            }
+        }
+        while let Some(&(start, count)) = self.answered.front() {
+            if !old(start) {
+                break;
+            }
+            self.answered.pop_front();
+            self.answered_total -= count;
+        }
+    }
+
+    /// Forgets everything.
+    fn clear(&mut self) {
+        self.failures.clear();
+        self.latest.clear();
+        self.answered.clear();
+        self.answered_total = 0;
     }
 }
 
@@ -370,6 +515,7 @@ mod tests {
         CircuitSettings {
             failure_threshold: 3,
             window_ms: 1_000,
+            failure_percent: 50,
             cool_down_ms: 5_000,
             max_cool_down_ms: 60_000,
         }
@@ -379,28 +525,202 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// The source of a failure of a notification of its own.
+    fn fresh() -> FailureSource {
+        FailureSource::Notification(Uuid::now_v7())
+    }
+
     #[test]
     fn opens_after_threshold_failures_within_window() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..2 {
             assert_eq!(cb.admit(t0 + ms(i)), Admission::Allowed);
-            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(i), None);
+            cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(i), None);
         }
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(11)), Admission::Refused);
         assert_eq!(cb.times_opened(), 1);
     }
 
     #[test]
+    fn one_notifications_retries_count_as_one_failure() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let retried = fresh();
+        for round in 0..6 {
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                retried,
+                t0 + ms(round * 100),
+                None,
+            );
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Closed,
+            "one notification's retries opened the circuit"
+        );
+        assert_eq!(cb.recent_failures(), 1);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(600), None);
+        assert_eq!(cb.state(), CircuitState::Closed);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(700), None);
+        assert_eq!(
+            cb.state(),
+            CircuitState::Open,
+            "three notifications failing do open it"
+        );
+    }
+
+    #[test]
+    fn a_repeated_failure_replaces_its_earlier_one_in_the_window() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let retried = fresh();
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            retried,
+            t0,
+            Some(ms(30_000)),
+        );
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(100), None);
+        cb.on_failure(Admission::Allowed, cb.period(), retried, t0 + ms(900), None);
+        assert_eq!(cb.recent_failures(), 2);
+        // The first failure of `retried` has left the window; its latest has not.
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0 + ms(1_050),
+            None,
+        );
+        assert_eq!(cb.state(), CircuitState::Open);
+        assert_eq!(
+            cb.cool_down_left(t0 + ms(1_050)),
+            ms(5_000),
+            "the wait asked by the replaced failure went with it"
+        );
+    }
+
+    #[test]
+    fn the_sends_of_one_connection_event_count_as_one_failure() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let hung = FailureSource::Incident(Incident::new());
+        for i in 0..64 {
+            cb.on_failure(Admission::Allowed, cb.period(), hung, t0 + ms(i), None);
+        }
+        assert_eq!(cb.state(), CircuitState::Closed);
+        assert_eq!(cb.recent_failures(), 1);
+        for i in 0..2 {
+            let other = FailureSource::Incident(Incident::new());
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                other,
+                t0 + ms(100 + i),
+                None,
+            );
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Open,
+            "three connections failing do open it"
+        );
+    }
+
+    #[test]
+    fn failures_open_only_as_a_large_enough_share_of_the_windows_outcomes() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        for i in 0..4 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
+        }
+        for i in 0..3 {
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(10 + i),
+                None,
+            );
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Closed,
+            "3 failures of 7 outcomes are under half"
+        );
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(20), None);
+        assert_eq!(cb.state(), CircuitState::Open, "4 of 8 are half");
+
+        // The successes leave the window too.
+        let mut cb = CircuitBreaker::new(settings());
+        for i in 0..100 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
+        }
+        for i in 0..3 {
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(500 + i),
+                None,
+            );
+        }
+        assert_eq!(cb.state(), CircuitState::Closed);
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0 + ms(1_200),
+            None,
+        );
+        assert_eq!(
+            cb.state(),
+            CircuitState::Open,
+            "the successes were over a second ago"
+        );
+    }
+
+    #[test]
+    fn a_failure_percent_of_zero_counts_the_failures_alone() {
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(CircuitSettings {
+            failure_percent: 0,
+            ..settings()
+        });
+        for i in 0..1_000 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i / 10));
+        }
+        for i in 0..3 {
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(100 + i),
+                None,
+            );
+        }
+        assert_eq!(cb.state(), CircuitState::Open);
+    }
+
+    #[test]
     fn failures_outside_the_window_do_not_add_up() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(600), None);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(1_500), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(600), None);
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0 + ms(1_500),
+            None,
+        );
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 2);
     }
@@ -418,7 +738,7 @@ mod tests {
             Admission::Refused,
             "only one probe"
         );
-        cb.on_success(Admission::Probe, cb.period());
+        cb.on_success(Admission::Probe, cb.period(), t0);
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.admit(t0 + ms(5_002)), Admission::Allowed);
     }
@@ -447,7 +767,7 @@ mod tests {
             ms(2_000),
             "a probe late (queued for a permit) may only just have gone out: not a spin"
         );
-        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(8_100), None);
+        cb.on_failure(Admission::Probe, cb.period(), fresh(), t0 + ms(8_100), None);
         assert_eq!(
             cb.cool_down_left(t0 + ms(8_100)),
             ms(5_000),
@@ -478,11 +798,12 @@ mod tests {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         assert_eq!(cb.probe_in(t0), None, "closed");
-        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
         cb.on_failure(
             Admission::Allowed,
             cb.period(),
+            fresh(),
             t0 + ms(20),
             Some(ms(20_000)),
         );
@@ -498,10 +819,16 @@ mod tests {
         );
         assert_eq!(cb.admit(t0 + ms(30_000)), Admission::Probe);
         assert_eq!(cb.probe_in(t0 + ms(30_000)), None, "half-open");
-        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(30_100), None);
+        cb.on_failure(
+            Admission::Probe,
+            cb.period(),
+            fresh(),
+            t0 + ms(30_100),
+            None,
+        );
         assert_eq!(cb.probe_in(t0 + ms(30_100)), Some(ms(5_000)), "reopened");
         assert_eq!(cb.admit(t0 + ms(35_100)), Admission::Probe);
-        cb.on_success(Admission::Probe, cb.period());
+        cb.on_success(Admission::Probe, cb.period(), t0);
         assert_eq!(cb.probe_in(t0 + ms(35_100)), None, "closed again");
     }
 
@@ -511,7 +838,7 @@ mod tests {
         let mut cb = CircuitBreaker::new(settings());
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(5_100), None);
+        cb.on_failure(Admission::Probe, cb.period(), fresh(), t0 + ms(5_100), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(9_000)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(10_100)), Admission::Probe);
@@ -543,9 +870,9 @@ mod tests {
         let closed = cb.period();
         cb.open(t0, None);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_success(Admission::Allowed, closed);
+        cb.on_success(Admission::Allowed, closed, t0);
         assert_eq!(cb.state(), CircuitState::HalfOpen, "not the probe's result");
-        cb.on_failure(Admission::Allowed, closed, t0 + ms(5_001), None);
+        cb.on_failure(Admission::Allowed, closed, fresh(), t0 + ms(5_001), None);
         assert_eq!(cb.state(), CircuitState::HalfOpen);
     }
 
@@ -560,14 +887,14 @@ mod tests {
         assert_ne!(open, first, "opening starts a period");
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
         assert_eq!(cb.period(), open, "the probe is of the period it tests");
-        cb.on_success(Admission::Probe, open);
+        cb.on_success(Admission::Probe, open, t0);
         assert_eq!(cb.state(), CircuitState::Closed);
         let closed = cb.period();
         assert_ne!(closed, open, "closing starts a period");
 
         // Sends admitted before the circuit opened fail only now, after the good probe.
         for i in 0..3 {
-            cb.on_failure(Admission::Allowed, first, t0 + ms(5_001 + i), None);
+            cb.on_failure(Admission::Allowed, first, fresh(), t0 + ms(5_001 + i), None);
         }
         assert_eq!(
             cb.state(),
@@ -579,7 +906,13 @@ mod tests {
         // Sends admitted since do.
         for i in 0..3 {
             assert_eq!(cb.admit(t0 + ms(5_010 + i)), Admission::Allowed);
-            cb.on_failure(Admission::Allowed, closed, t0 + ms(5_010 + i), None);
+            cb.on_failure(
+                Admission::Allowed,
+                closed,
+                fresh(),
+                t0 + ms(5_010 + i),
+                None,
+            );
         }
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.times_opened(), 2);
@@ -592,11 +925,11 @@ mod tests {
         cb.open(t0, None);
         let open = cb.period();
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, open, t0 + ms(5_001), None);
+        cb.on_failure(Admission::Probe, open, fresh(), t0 + ms(5_001), None);
         assert_eq!(cb.admit(t0 + ms(10_001)), Admission::Probe);
         let reopened = cb.period();
         assert_ne!(reopened, open);
-        cb.on_success(Admission::Probe, open);
+        cb.on_success(Admission::Probe, open, t0);
         assert_eq!(
             cb.state(),
             CircuitState::HalfOpen,
@@ -604,7 +937,7 @@ mod tests {
         );
         cb.on_abandoned(Admission::Probe, open);
         assert_eq!(cb.state(), CircuitState::HalfOpen);
-        cb.on_success(Admission::Probe, reopened);
+        cb.on_success(Admission::Probe, reopened, t0);
         assert_eq!(cb.state(), CircuitState::Closed);
     }
 
@@ -612,11 +945,12 @@ mod tests {
     fn a_longer_retry_after_keeps_the_circuit_open_until_it_passes() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(10), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
         cb.on_failure(
             Admission::Allowed,
             cb.period(),
+            fresh(),
             t0 + ms(20),
             Some(ms(20_000)),
         );
@@ -642,7 +976,13 @@ mod tests {
             failure_threshold: 1,
             ..settings()
         });
-        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(1_000)));
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0,
+            Some(ms(1_000)),
+        );
         assert_eq!(cb.cool_down_left(t0), ms(5_000));
         assert_eq!(cb.admit(t0 + ms(4_999)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(5_000)), Admission::Probe);
@@ -652,9 +992,15 @@ mod tests {
     fn an_earlier_failures_retry_after_holds_when_a_later_one_opens() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(30_000)));
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(100), None);
-        cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(200), None);
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0,
+            Some(ms(30_000)),
+        );
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(100), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(200), None);
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.cool_down_left(t0 + ms(200)), ms(29_800));
         assert_eq!(cb.admit(t0 + ms(29_999)), Admission::Refused);
@@ -671,6 +1017,7 @@ mod tests {
         cb.on_failure(
             Admission::Allowed,
             cb.period(),
+            fresh(),
             t0,
             Some(Duration::from_secs(86_400)),
         );
@@ -682,6 +1029,7 @@ mod tests {
         cb.on_failure(
             Admission::Probe,
             cb.period(),
+            fresh(),
             t0 + ms(60_000),
             Some(Duration::MAX),
         );
@@ -707,6 +1055,7 @@ mod tests {
         cb.on_failure(
             Admission::Probe,
             cb.period(),
+            fresh(),
             t0 + ms(5_100),
             Some(ms(40_000)),
         );
@@ -735,7 +1084,7 @@ mod tests {
     fn an_account_throttle_holds_the_circuit_for_the_providers_wait_without_a_failure() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), t0, None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
         cb.on_throttle(
             Admission::Allowed,
             cb.period(),
@@ -753,11 +1102,17 @@ mod tests {
         assert_eq!(cb.admit(t0 + ms(2_009)), Admission::Refused);
         assert_eq!(cb.admit(t0 + ms(2_010)), Admission::Probe);
         assert!(!cb.throttled(), "half-open");
-        cb.on_success(Admission::Probe, cb.period());
+        cb.on_success(Admission::Probe, cb.period(), t0);
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 0);
         for i in 0..2 {
-            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(2_020 + i), None);
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(2_020 + i),
+                None,
+            );
         }
         assert_eq!(
             cb.state(),
@@ -785,7 +1140,13 @@ mod tests {
 
         // A failed probe after the hold opens the circuit as a failure does.
         assert_eq!(cb.admit(t0 + ms(65_000)), Admission::Probe);
-        cb.on_failure(Admission::Probe, cb.period(), t0 + ms(65_000), None);
+        cb.on_failure(
+            Admission::Probe,
+            cb.period(),
+            fresh(),
+            t0 + ms(65_000),
+            None,
+        );
         assert_eq!(cb.state(), CircuitState::Open);
         assert!(!cb.throttled());
         assert_eq!(cb.times_opened(), 1);
@@ -815,9 +1176,21 @@ mod tests {
     fn a_retry_after_of_a_failure_out_of_the_window_does_not_count() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), t0, Some(ms(30_000)));
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0,
+            Some(ms(30_000)),
+        );
         for i in 0..3 {
-            cb.on_failure(Admission::Allowed, cb.period(), t0 + ms(2_000 + i), None);
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(2_000 + i),
+                None,
+            );
         }
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(

@@ -438,7 +438,14 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 /// - a non-ASCII local part for a server without SMTPUTF8: permanent;
 /// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
 ///   transient.
+///
+/// A failure of the connection that carried a group of messages rather than of the message (see
+/// [`SmtpSendError::Group`]) is classified as its error, as part of the connection's
+/// [`Incident`](super::Incident): the circuit counts it once for the whole group.
 fn classify(error: SmtpSendError) -> ProviderError {
+    if let SmtpSendError::Group { error, incident } = error {
+        return classify(*error).in_incident(incident);
+    }
     let SmtpSendError::Smtp(error) = error else {
         return ProviderError::transient(error.to_string());
     };

@@ -21,5 +21,7 @@ pub use actor::{
     ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, ChannelSnapshot, NotStartedCause,
     Readmission, SendOutcome, SendReport, Verdict,
 };
-pub use provider::{ContactMove, OutboundMessage, Provider, ProviderError, Receipt, WebhookSecret};
+pub use provider::{
+    ContactMove, Incident, OutboundMessage, Provider, ProviderError, Receipt, WebhookSecret,
+};
 pub use supervisor::{ChannelDirectory, ChannelSupervisor, ChannelSupervisorArgs};

@@ -5,6 +5,7 @@
 //! [`ChannelActor`](super::ChannelActor) around it owns timeouts, concurrency and the circuit
 //! breaker. Adding a provider is one file implementing [`Provider`] plus its configuration.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,6 +13,26 @@ use futures::future::BoxFuture;
 use herald_nats::{Channel, Contacts, Content};
 use tokio::time::Instant;
 use uuid::Uuid;
+
+/// One event of a connection that failed every send it carried at once (an SMTP connection that
+/// hung or was reset under a group of messages): the failures it caused share it, so that the
+/// circuit counts the event once, however many sends it failed. Unique within the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Incident(u64);
+
+impl Incident {
+    /// A new incident, unlike any other.
+    pub fn new() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for Incident {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// What a provider is asked to deliver.
 #[derive(Debug, Clone)]
@@ -129,6 +150,10 @@ pub enum ProviderError {
         /// Contacts the provider declared dead on the way (a recipient's other push tokens), to
         /// be removed from the customer whatever becomes of the message.
         dead_contacts: Vec<String>,
+        /// The one event of a connection this failure shares with the other sends it carried (an
+        /// SMTP connection that hung or reset under a group of messages), if it was one: the
+        /// circuit counts such an event once, not once per message.
+        incident: Option<Incident>,
     },
     /// The provider limits the sends to this recipient (Telegram's flood control of a chat):
     /// worth retrying later, after `retry_after`, like a transient error, but it says nothing of
@@ -192,6 +217,28 @@ impl ProviderError {
             reason: reason.into(),
             retry_after,
             dead_contacts: Vec::new(),
+            incident: None,
+        }
+    }
+
+    /// The same error as part of `incident`, if it is transient (the only kind counted against a
+    /// circuit): one event of a connection that failed every send it carried.
+    pub fn in_incident(mut self, incident: Incident) -> Self {
+        if let Self::Transient {
+            incident: shared, ..
+        } = &mut self
+        {
+            *shared = Some(incident);
+        }
+        self
+    }
+
+    /// The connection event this failure is part of, if it is one (see
+    /// [`in_incident`](Self::in_incident)).
+    pub fn incident(&self) -> Option<Incident> {
+        match self {
+            Self::Transient { incident, .. } => *incident,
+            _ => None,
         }
     }
 

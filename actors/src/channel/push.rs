@@ -782,6 +782,7 @@ fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Recei
             reason: format!("{reason}{dead_note}"),
             retry_after,
             dead_contacts: dead,
+            incident: None,
         }),
         (false, None, None, Some(reason)) => Err(ProviderError::Unsendable { reason }),
         (false, None, reason, _) => Err(ProviderError::Permanent {
@@ -1585,7 +1586,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d), dead_contacts }
+            matches!(&error, ProviderError::Transient { reason, retry_after: Some(d), dead_contacts, .. }
                 if *d == Duration::from_secs(20)
                     && reason.contains("1 of 3 tokens dead: stale-device…")
                     && dead_contacts == &["stale-device-with-a-long-token"]),

@@ -32,7 +32,7 @@ use lettre::transport::smtp::{
 use tokio::sync::oneshot::{self, error::RecvError};
 use tokio::time::Instant;
 
-use super::provider::time_left;
+use super::provider::{Incident, time_left};
 
 /// A pooled connection idle for this long (since it came back to the pool) is checked with a NOOP
 /// before it is used again: the server may have closed it meanwhile (servers end idle sessions
@@ -270,6 +270,32 @@ pub enum SmtpSendError {
     /// new session could be opened to send them again: why (the same for each message).
     #[error("{0}")]
     Reopen(String),
+    /// `error`, met by the connection that carried a group of messages (it hung past the group's
+    /// timeout, was reset, or could not be reopened) and so by every message of the group still
+    /// unanswered: one `incident`, counted once against the circuit.
+    #[error("{error}")]
+    Group {
+        /// What the connection met.
+        error: Box<SmtpSendError>,
+        /// The connection's event, the same for each message it failed.
+        incident: Incident,
+    },
+}
+
+impl SmtpSendError {
+    /// Whether this failure of a message in a group is its connection's, not the message's own:
+    /// a connection that failed before the server answered (reset, closed, a `421`), was given up
+    /// after the group's timeout or left unanswered at the group's first deadline, or could not
+    /// be reopened.
+    fn of_the_connection(&self) -> bool {
+        match self {
+            Self::Smtp(err) => {
+                !err.is_client() && err.status().is_none_or(|code| u16::from(code) == 421)
+            }
+            Self::Reopen(_) | Self::Pool(_) | Self::Unanswered => true,
+            _ => false,
+        }
+    }
 }
 
 /// The most messages one connection carries in one write (see [`SmtpPool::send`]).
@@ -634,6 +660,7 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
         replies,
         held: Vec::new(),
         holding: reused,
+        incident: Incident::new(),
     };
     // Whether the connection was found hung up and left so, none of its messages going again.
     let mut left_hung_up = false;
@@ -729,6 +756,9 @@ struct Answers {
     /// Whether failures are held back: over a connection taken again from the pool, until an
     /// outcome shows the server answered (see [`proves_answered`]).
     holding: bool,
+    /// The event of the connection, shared by the failures that are its own rather than their
+    /// message's (see [`SmtpSendError::Group`]).
+    incident: Incident,
 }
 
 impl Answers {
@@ -767,17 +797,28 @@ impl Answers {
             .is_some_and(|reply| !reply.is_closed())
     }
 
-    /// Answers every caller not answered yet with `error()`.
+    /// Answers every caller not answered yet with `error()`, as part of the connection's event.
     fn answer_rest(&mut self, error: impl Fn() -> SmtpSendError) {
-        for reply in self.replies.iter_mut().filter_map(Option::take) {
-            let _ = reply.send(Err(error()));
+        for index in 0..self.replies.len() {
+            self.answer(index, Err(error()));
         }
     }
 
-    /// Answers message `index`'s caller, unless it was answered already.
+    /// Answers message `index`'s caller, unless it was answered already; a failure of the
+    /// connection's rather than the message's as part of the connection's event.
     fn answer(&mut self, index: usize, outcome: Outcome) {
         if let Some(reply) = self.replies.get_mut(index).and_then(Option::take) {
-            let _ = reply.send(outcome);
+            let incident = self.incident;
+            let _ = reply.send(outcome.map_err(|error| {
+                if error.of_the_connection() {
+                    SmtpSendError::Group {
+                        error: Box::new(error),
+                        incident,
+                    }
+                } else {
+                    error
+                }
+            }));
         }
     }
 }
