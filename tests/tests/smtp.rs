@@ -1322,43 +1322,6 @@ async fn hangs_up_within(
     }
 }
 
-/// A group's messages share the earliest of their deadlines: the group reads no reply after it.
-/// Otherwise the relay's acceptance of a message, come after its caller was told the send timed
-/// out (and was to retry it, sending it twice), would still be read, and lost.
-#[tokio::test]
-async fn a_group_reads_no_reply_after_a_caller_stopped_waiting_for_it() {
-    // The second message is accepted 2 s after its chunk came, after its caller's 1.5 s.
-    let (port, mut fates) = chunking_server(|index| match index {
-        1 => FinalReply::Late(Duration::from_secs(2)),
-        _ => FinalReply::Now(b"250 queued\r\n"),
-    })
-    .await;
-    let email = provider("127.0.0.1", port, 1);
-    let now = tokio::time::Instant::now();
-    let (patient, hurried) = (message(1), message(2));
-    // Both wait while the one connection opens, and go out together over it, in this order.
-    let (patient, hurried) = futures::future::join(
-        send_by(&email, &patient, now + Duration::from_secs(10)),
-        send_by(&email, &hurried, now + Duration::from_millis(1_500)),
-    )
-    .await;
-    patient.expect("the first message is accepted at once");
-    let fates = tokio::time::timeout(
-        Duration::from_secs(5),
-        fates.wait_for(|fates| fates.len() == 2),
-    )
-    .await
-    .expect("both messages reached the server within 5 s")
-    .expect("server running")
-    .clone();
-    assert!(
-        fates[1] == Fate::ClientGone && matches!(hurried, Err(ProviderError::Transient { .. })),
-        "the second message's acceptance was {:?} after its caller got {hurried:?}: a reply read \
-         after its caller stopped waiting is an acceptance lost, the message sent again",
-        fates[1]
-    );
-}
-
 /// A reply code without text (`250`, RFC 5321: the text is optional) is a reply: a message so
 /// accepted is sent, not failed (and sent again), nor are the messages behind it in its group.
 #[tokio::test]

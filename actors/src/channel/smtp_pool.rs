@@ -285,14 +285,13 @@ pub enum SmtpSendError {
 impl SmtpSendError {
     /// Whether this failure of a message in a group is its connection's, not the message's own:
     /// a connection that failed before the server answered (reset, closed, a `421`), was given up
-    /// after the group's timeout or left unanswered at the group's first deadline, or could not
-    /// be reopened.
+    /// after the group's timeout, or could not be reopened.
     fn of_the_connection(&self) -> bool {
         match self {
             Self::Smtp(err) => {
                 !err.is_client() && err.status().is_none_or(|code| u16::from(code) == 421)
             }
-            Self::Reopen(_) | Self::Pool(_) | Self::Unanswered => true,
+            Self::Reopen(_) | Self::Pool(_) => true,
             _ => false,
         }
     }
@@ -381,10 +380,7 @@ impl SmtpPool {
     /// waiting for a connection then is not sent ([`SmtpSendError::NoConnectionInTime`]), one
     /// written and not answered fails as [`SmtpSendError::Unanswered`]. A message is written only
     /// while its deadline is at least [`MIN_ROOM`] away ([`SmtpSendError::TooLate`] otherwise),
-    /// alone or in a group, and a group goes on no longer than its messages' earliest deadline:
-    /// a message written is answered by the reply the pool read for it, or, if none was read by
-    /// then, as [`SmtpSendError::Unanswered`]; a reply is never read after its caller stopped
-    /// waiting (see `send_group`).
+    /// alone or in a group, and a group goes on no longer than its messages' latest deadline.
     ///
     /// The message waits in a queue for a connection. Whoever gets one next takes up to
     /// [`MAX_GROUP`] of the oldest waiting messages with it (its own among them unless another
@@ -447,8 +443,8 @@ impl SmtpPool {
         self.answer(answered, queued.deadline)
     }
 
-    /// A caller's outcome from the group that took its message; none means the group's task
-    /// ended without answering it (it panicked, or the runtime shut down).
+    /// A caller's outcome from the group that took its message; none means the group was given
+    /// up: after its timeout, or once the last of its messages' deadlines had passed.
     fn answer(&self, answered: Result<Outcome, RecvError>, deadline: Instant) -> Outcome {
         answered.unwrap_or_else(|_| {
             Err(if Instant::now() >= deadline {
@@ -627,15 +623,12 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 /// server's final reply to that message is read, and gives the connection back if its session is
 /// still sound.
 ///
-/// The group's messages share one deadline, the earliest of theirs: past it, or past
-/// `limits.timeout`, the group reads no more, the connection is closed, and only the callers
-/// still unanswered fail ([`SmtpSendError::Unanswered`], or the "no reply" error after the
-/// timeout). So every reply the group reads reaches a caller still waiting for it: the server
-/// answers in order, and a group that read on to a later deadline would take in the acceptance
-/// of a message whose caller had already been told it timed out, and would retry it (sending it
-/// twice). A message whose acceptance was read is never reported failed either, because the
-/// messages after it went unanswered. One still unanswered when the group stops may have been
-/// delivered all the same (its reply late or lost), which no SMTP client can tell.
+/// Past `limits.timeout`, or the latest of its messages' deadlines (when every caller has stopped
+/// waiting), the connection is closed, and only the callers still unanswered get the
+/// "no reply" error (their reply senders are dropped): a message whose acceptance was read is
+/// never reported failed, and sent again by a retry, because the messages after it went
+/// unanswered. One still unanswered may have been delivered all the same (its reply late or
+/// lost), which no SMTP client can tell.
 ///
 /// A connection taken again from the pool that the server hung up on meanwhile (see
 /// [`hung_up_unanswered`]) is replaced by a fresh one, and the group goes again over it, once,
@@ -645,9 +638,8 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
     metrics::histogram!("herald_smtp_group_messages").record(group.len() as f64);
     let reused = checkout.reused();
     let started = Instant::now();
-    let timeout_at = started + limits.timeout;
-    let first_deadline = group.iter().map(|waiting| waiting.deadline).min();
-    let by = first_deadline.map_or(started, |first| first.min(timeout_at));
+    let last_deadline = group.iter().map(|waiting| waiting.deadline).max();
+    let by = last_deadline.map_or(started, |last| last.min(started + limits.timeout));
     let mut messages = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     let mut deadlines = Vec::with_capacity(group.len());
@@ -718,32 +710,14 @@ async fn send_group(mut checkout: Checkout, group: Vec<Waiting>, limits: Limits)
             .send_many(&sending, |at, result| answers.give(again[at], result))
             .await;
     };
-    let finished = until(by, send).await.is_some();
+    let finished = tokio::time::timeout_at(by, send).await.is_ok();
     // Held failures are real ones once the time is up.
     answers.flush();
     if !finished {
-        answers.answer_rest(|| {
-            if by < timeout_at {
-                SmtpSendError::Unanswered
-            } else {
-                gave_up(limits.timeout)
-            }
-        });
+        answers.give_up(limits.timeout);
     }
     if finished && !left_hung_up && !checkout.connection().has_broken() {
         checkout.release();
-    }
-}
-
-/// Runs `work` until `by`, and no further: once `by` has passed, nothing more of it runs (it is
-/// dropped), even where it could go on at once (a reply already in the socket's buffer).
-/// `tokio::time::timeout_at` polls its future first, and would let a group read a reply after the
-/// caller it was for, whose timer fired at the same instant, stopped waiting.
-async fn until<F: Future>(by: Instant, work: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        () = tokio::time::sleep_until(by) => None,
-        done = work => Some(done),
     }
 }
 
@@ -797,10 +771,10 @@ impl Answers {
             .is_some_and(|reply| !reply.is_closed())
     }
 
-    /// Answers every caller not answered yet with `error()`, as part of the connection's event.
-    fn answer_rest(&mut self, error: impl Fn() -> SmtpSendError) {
+    /// Answers every caller still unanswered once the group was given up after `timeout`.
+    fn give_up(&mut self, timeout: Duration) {
         for index in 0..self.replies.len() {
-            self.answer(index, Err(error()));
+            self.answer(index, Err(gave_up(timeout)));
         }
     }
 
