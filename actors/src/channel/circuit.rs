@@ -7,10 +7,14 @@
 //! event of a connection that failed many sends at once ([`Incident`]). Each source counts once
 //! in the window, its latest failure replacing an earlier one, so that one notification's own
 //! retries (a content scanner's `451` for that message, a `5xx` for one chat) or one connection
-//! that hung under a group of messages do not open the circuit for everyone. And the failures
-//! must be at least `failure_percent` of the window's outcomes (the distinct failures and the
-//! sends the provider answered): at a high send rate, a small share of failing messages is not
-//! an outage. While open
+//! that hung under a group of messages do not open the circuit for everyone. And then either
+//! `failure_threshold` of them came in with no send answered since the first of them (a provider
+//! that stopped answering, however many sends it answered before: those stay in the window while
+//! the failures of a provider that hangs come in only as each send times out), or they are at
+//! least `failure_percent` of the window's outcomes (the sends they failed, an incident weighing
+//! as many as it failed, and the sends the provider answered): at a high send rate, a small share
+//! of failing messages is not an outage, while a relay that resets one connection of many
+//! messages in two is. While open
 //! (or while the probe is out) sends are refused at once, so a provider that is down is not
 //! hammered and the dispatcher fails over without waiting for timeouts. (The channel actor holds
 //! some of the sends refused while the probe is out for its result instead, see
@@ -51,13 +55,15 @@ use super::Incident;
 #[serde(default)]
 pub struct CircuitSettings {
     /// Failures within `window_ms` that open the circuit, each notification (or connection
-    /// event) counted once however often it failed.
+    /// event) counted once however often it failed: this many with no send answered since the
+    /// first of them, or this many that are `failure_percent` of the window's outcomes.
     pub failure_threshold: u32,
     /// Window over which failures are counted, in milliseconds.
     pub window_ms: u64,
-    /// The least share, in percent, the window's failures must be of its outcomes (those
-    /// failures and the sends the provider answered) for them to open the circuit; 0 counts the
-    /// failures alone, 100 or more opens only when nothing in the window succeeded.
+    /// The least share, in percent, the window's failures must be of its outcomes (the sends
+    /// they failed, a connection event weighing as many as it failed, and the sends the provider
+    /// answered) for them to open the circuit among answered sends; 0 counts the failures alone,
+    /// 100 or more opens on the share only when nothing in the window was answered.
     pub failure_percent: u32,
     /// How long the circuit stays open before a probe, in milliseconds.
     pub cool_down_ms: u64,
@@ -307,9 +313,7 @@ impl CircuitBreaker {
                 let asked =
                     retry_after.and_then(|wait| now.checked_add(wait.min(self.settings.longest())));
                 self.window.failed(source, now, asked, self.window_length());
-                if self.window.failures() >= self.settings.failure_threshold.max(1) as usize
-                    && self.window.failure_percent() >= self.settings.failure_percent.min(100)
-                {
+                if self.window.opens(&self.settings) {
                     // Any of the failures that open the circuit may have asked for a wait.
                     let asked = self.window.longest_wait();
                     self.open(now, asked.map(|until| until.saturating_duration_since(now)));
@@ -402,15 +406,29 @@ struct Failure {
     seq: u64,
 }
 
+/// A source's latest failure in the window.
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    /// Its number in the window's `failures`.
+    seq: u64,
+    /// The sends the source failed in the window: a notification's one, an incident's each.
+    sends: u64,
+}
+
 /// The outcomes of a closed circuit's window: the failures, the latest of each source, and how
 /// many sends the provider answered, counted in slices of a thirty-second of the window.
 #[derive(Debug, Clone, Default)]
 struct Window {
     /// The failures in the order they happened, the replaced ones among them.
     failures: VecDeque<Failure>,
-    /// Each source's latest failure in `failures`, by its number.
-    latest: HashMap<FailureSource, u64>,
+    /// Each source's latest failure in `failures`.
+    latest: HashMap<FailureSource, Latest>,
     next_seq: u64,
+    /// The sends the sources in `latest` failed, their sum: the failures' weight in the share.
+    failed_sends: u64,
+    /// The number of the first failure after the last answered send: the failures numbered from
+    /// it on came in with nothing answered since.
+    unanswered_from: u64,
     /// How many sends were answered in each slice, by the slice's start.
     answered: VecDeque<(Instant, u64)>,
     /// Their sum.
@@ -426,11 +444,40 @@ impl Window {
         self.latest.len()
     }
 
-    /// The failures' share of the window's outcomes, in percent.
+    /// Whether the window's failures open the circuit: at least `failure_threshold` of them, and
+    /// either that many with no send answered since the first of them (a provider that stopped
+    /// answering, however much it answered before), or a share of the outcomes of at least
+    /// `failure_percent` (failures among answered sends).
+    fn opens(&self, settings: &CircuitSettings) -> bool {
+        let threshold = settings.failure_threshold.max(1) as usize;
+        self.failures() >= threshold
+            && (self.unanswered_failures(threshold) >= threshold
+                || self.failure_percent() >= settings.failure_percent.min(100))
+    }
+
+    /// The distinct failures in the window with no send answered since, counted up to `enough`.
+    fn unanswered_failures(&self, enough: usize) -> usize {
+        self.failures
+            .iter()
+            .rev()
+            .take_while(|failure| failure.seq >= self.unanswered_from)
+            .filter(|failure| self.is_latest(failure))
+            .take(enough)
+            .count()
+    }
+
+    /// The failures' share of the window's outcomes, in percent: the sends they failed (an
+    /// incident weighs as many as it failed) among those and the answered ones.
     fn failure_percent(&self) -> u32 {
-        let failures = self.failures() as u64;
-        let outcomes = failures + self.answered_total;
-        u32::try_from(failures * 100 / outcomes.max(1)).unwrap_or(100)
+        let outcomes = self.failed_sends + self.answered_total;
+        u32::try_from(self.failed_sends * 100 / outcomes.max(1)).unwrap_or(100)
+    }
+
+    /// Whether `failure` is its source's latest (not replaced).
+    fn is_latest(&self, failure: &Failure) -> bool {
+        self.latest
+            .get(&failure.source)
+            .is_some_and(|latest| latest.seq == failure.seq)
     }
 
     /// The longest wait any failure in the window asked for, until when.
@@ -442,11 +489,11 @@ impl Window {
     fn live(&self) -> impl Iterator<Item = &Failure> {
         self.failures
             .iter()
-            .filter(|failure| self.latest.get(&failure.source) == Some(&failure.seq))
+            .filter(|failure| self.is_latest(failure))
     }
 
     /// Counts a failure of `source` at `now` (replacing an earlier one of it) in a window `length`
-    /// long.
+    /// long: one more send failed by an incident, still the one of a notification retried.
     fn failed(
         &mut self,
         source: FailureSource,
@@ -457,7 +504,13 @@ impl Window {
         self.forget_before(now, length);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.latest.insert(source, seq);
+        let before = self.latest.get(&source).map_or(0, |latest| latest.sends);
+        let sends = match source {
+            FailureSource::Incident(_) => before + 1,
+            FailureSource::Notification(_) => 1,
+        };
+        self.failed_sends += sends - before;
+        self.latest.insert(source, Latest { seq, sends });
         self.failures.push_back(Failure {
             at: now,
             asked,
@@ -469,6 +522,7 @@ impl Window {
     /// Counts a send answered at `now` in a window `length` long.
     fn answered(&mut self, now: Instant, length: Duration) {
         self.forget_before(now, length);
+        self.unanswered_from = self.next_seq;
         self.answered_total += 1;
         let slice = (length / SLICES).max(Duration::from_millis(1));
         match self.answered.back_mut() {
@@ -485,8 +539,10 @@ impl Window {
                 break;
             }
             self.failures.pop_front();
-            if self.latest.get(&oldest.source) == Some(&oldest.seq) {
-                self.latest.remove(&oldest.source);
+            if self.is_latest(&oldest)
+                && let Some(latest) = self.latest.remove(&oldest.source)
+            {
+                self.failed_sends -= latest.sends;
             }
         }
         while let Some(&(start, count)) = self.answered.front() {
@@ -502,6 +558,7 @@ impl Window {
     fn clear(&mut self) {
         self.failures.clear();
         self.latest.clear();
+        self.failed_sends = 0;
         self.answered.clear();
         self.answered_total = 0;
     }
@@ -635,17 +692,17 @@ mod tests {
 
     #[test]
     fn failures_open_only_as_a_large_enough_share_of_the_windows_outcomes() {
+        // Mixed results: a send is answered between failures, and only the share decides.
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        for i in 0..4 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
-        }
+        cb.on_success(Admission::Allowed, cb.period(), t0);
         for i in 0..3 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(10 * i + 1));
             cb.on_failure(
                 Admission::Allowed,
                 cb.period(),
                 fresh(),
-                t0 + ms(10 + i),
+                t0 + ms(10 * i + 5),
                 None,
             );
         }
@@ -654,7 +711,7 @@ mod tests {
             CircuitState::Closed,
             "3 failures of 7 outcomes are under half"
         );
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(20), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(40), None);
         assert_eq!(cb.state(), CircuitState::Open, "4 of 8 are half");
 
         // The successes leave the window too.
@@ -667,9 +724,10 @@ mod tests {
                 Admission::Allowed,
                 cb.period(),
                 fresh(),
-                t0 + ms(500 + i),
+                t0 + ms(500 + 2 * i),
                 None,
             );
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(501 + 2 * i));
         }
         assert_eq!(cb.state(), CircuitState::Closed);
         cb.on_failure(
@@ -682,7 +740,89 @@ mod tests {
         assert_eq!(
             cb.state(),
             CircuitState::Open,
-            "the successes were over a second ago"
+            "the successes before the failures were over a second ago: 4 failures of 7 outcomes"
+        );
+    }
+
+    #[test]
+    fn failures_with_no_answered_send_since_open_however_many_succeeded_before() {
+        // The defaults: 50 sends a second answered for 20 s, then the provider hangs, and its
+        // sends fail only after their 10 s timeout, while the earlier successes are still in the
+        // window.
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(CircuitSettings::default());
+        for i in 0..1_000 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i * 20));
+        }
+        for i in 0..4 {
+            cb.on_failure(
+                Admission::Allowed,
+                cb.period(),
+                fresh(),
+                t0 + ms(30_000 + i * 20),
+                None,
+            );
+        }
+        assert_eq!(cb.state(), CircuitState::Closed, "4 failures of 5 needed");
+        cb.on_failure(
+            Admission::Allowed,
+            cb.period(),
+            fresh(),
+            t0 + ms(30_080),
+            None,
+        );
+        assert_eq!(
+            cb.state(),
+            CircuitState::Open,
+            "5 failures with nothing answered since the first of them"
+        );
+
+        // A send answered among the failures starts the count again.
+        let mut cb = CircuitBreaker::new(settings());
+        for i in 0..100 {
+            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
+        }
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(200), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(201), None);
+        cb.on_success(Admission::Allowed, cb.period(), t0 + ms(202));
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(203), None);
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(204), None);
+        assert_eq!(
+            cb.state(),
+            CircuitState::Closed,
+            "2 failures since the last answered send, 4 of 105 outcomes"
+        );
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(205), None);
+        assert_eq!(cb.state(), CircuitState::Open, "3 since the last answered");
+    }
+
+    #[test]
+    fn an_incident_weighs_in_the_share_by_the_sends_it_failed() {
+        // Groups of 64 messages, one connection each: the server resets two connections in three.
+        let t0 = Instant::now();
+        let mut cb = CircuitBreaker::new(settings());
+        let mut at = 0;
+        for round in 0..2 {
+            for _ in 0..64 {
+                cb.on_success(Admission::Allowed, cb.period(), t0 + ms(at));
+                at += 1;
+            }
+            for _ in 0..2 {
+                let reset = FailureSource::Incident(Incident::new());
+                for _ in 0..64 {
+                    cb.on_failure(Admission::Allowed, cb.period(), reset, t0 + ms(at), None);
+                    at += 1;
+                }
+            }
+            if round == 0 {
+                assert_eq!(cb.recent_failures(), 2, "each incident once");
+                assert_eq!(cb.state(), CircuitState::Closed, "2 incidents of 3 needed");
+            }
+        }
+        assert_eq!(
+            cb.state(),
+            CircuitState::Open,
+            "4 incidents failing 256 sends against 128 answered"
         );
     }
 
