@@ -772,22 +772,7 @@ async fn a_5xx_to_mail_from_is_transient_and_a_5xx_to_rcpt_or_the_message_perman
         (RejectStage::Rcpt, 550, "5.1.1 no such user", false),
         (RejectStage::Data, 554, "5.7.1 spam", false),
     ];
-    for (stage, code, text, transient) in cases {
-        for path in 0..3 {
-            let sink = sink_for_path(path).await;
-            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
-            let what = format!("{code} to {stage:?} on path {path}: {refused:?}");
-            match refused {
-                Err(ProviderError::Transient { reason, .. }) if transient => {
-                    assert!(reason.contains(text), "{what}");
-                }
-                Err(ProviderError::Permanent { reason, .. }) if !transient => {
-                    assert!(reason.contains(text), "{what}");
-                }
-                _ => panic!("{what}"),
-            }
-        }
-    }
+    refuse_each_on_every_path(&cases).await;
 }
 
 #[tokio::test]
@@ -799,6 +784,28 @@ async fn a_refused_chunk_is_a_permanent_failure_and_the_next_message_goes_throug
         "{refused:?}"
     );
     assert_eq!(sink.chunked_count(), 1, "the next message came in a chunk");
+}
+
+/// Refuses one message with each case's `(stage, code, text)` on every path a message takes
+/// ([`sink_for_path`]), and checks that the failure is transient when the case says so, permanent
+/// otherwise, with the server's text in its reason.
+async fn refuse_each_on_every_path(cases: &[(RejectStage, u16, &str, bool)]) {
+    for &(stage, code, text, transient) in cases {
+        for path in 0..3 {
+            let sink = sink_for_path(path).await;
+            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
+            let what = format!("{code} {text} to {stage:?} on path {path}: {refused:?}");
+            match refused {
+                Err(ProviderError::Transient { reason, .. }) if transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                Err(ProviderError::Permanent { reason, .. }) if !transient => {
+                    assert!(reason.contains(text), "{what}");
+                }
+                _ => panic!("{what}"),
+            }
+        }
+    }
 }
 
 /// Makes the sink refuse a message at `stage`, then sends another, which must arrive alone and on
@@ -1311,7 +1318,9 @@ async fn a_reply_code_without_text_accepts_the_message() {
 /// (RFC 3463) or a known phrase says (relay access denied, the sender domain's DMARC, SPF or DKIM,
 /// an unverified sender identity, a paused account), fails every message alike until someone
 /// fixes it: transient, counting against the circuit, as a 5xx to MAIL FROM. A bad or full
-/// mailbox, and content refused, stay permanent; on every path a message takes.
+/// mailbox, a `5.7.1` refusing the recipient (not relaying nor the sender), an unverified
+/// recipient, content refused, and `spf` inside a domain name stay permanent; on every path a
+/// message takes.
 #[tokio::test]
 async fn a_5xx_refusing_the_sender_or_the_account_is_transient_at_any_step() {
     let cases = [
@@ -1322,6 +1331,18 @@ async fn a_5xx_refusing_the_sender_or_the_account_is_transient_at_any_step() {
             true,
         ),
         (RejectStage::Rcpt, 550, "Relay access denied", true),
+        (
+            RejectStage::Rcpt,
+            550,
+            "5.7.1 <customer-0@example.com>: relay not permitted",
+            true,
+        ),
+        (
+            RejectStage::Rcpt,
+            554,
+            "5.7.1 <herald@localhost>: Sender address rejected: Access denied",
+            true,
+        ),
         (
             RejectStage::Data,
             554,
@@ -1367,6 +1388,31 @@ async fn a_5xx_refusing_the_sender_or_the_account_is_transient_at_any_step() {
             "5.1.1 <x>: Recipient address rejected",
             false,
         ),
+        (
+            RejectStage::Rcpt,
+            554,
+            "5.7.1 <customer-0@example.com>: Recipient address rejected: Access denied",
+            false,
+        ),
+        (
+            RejectStage::Rcpt,
+            550,
+            "5.7.1 Client does not have permissions to send as this sender: not authorized",
+            false,
+        ),
+        (
+            RejectStage::Data,
+            554,
+            "5.7.1 content refused: links to spfoo.com",
+            false,
+        ),
+        (
+            RejectStage::Data,
+            554,
+            "Message rejected: Email address is not verified. The following identities failed \
+             the check in region EU-WEST-1: customer-0@example.com",
+            false,
+        ),
         (RejectStage::Rcpt, 550, "5.2.1 mailbox disabled", false),
         (RejectStage::Rcpt, 552, "5.2.2 mailbox full", false),
         (
@@ -1377,20 +1423,5 @@ async fn a_5xx_refusing_the_sender_or_the_account_is_transient_at_any_step() {
         ),
         (RejectStage::Data, 550, "no such user here", false),
     ];
-    for (stage, code, text, transient) in cases {
-        for path in 0..3 {
-            let sink = sink_for_path(path).await;
-            let refused = refuse_one_then_send_the_next(&sink, stage, code, text).await;
-            let what = format!("{code} {text} to {stage:?} on path {path}: {refused:?}");
-            match refused {
-                Err(ProviderError::Transient { reason, .. }) if transient => {
-                    assert!(reason.contains(text), "{what}");
-                }
-                Err(ProviderError::Permanent { reason, .. }) if !transient => {
-                    assert!(reason.contains(text), "{what}");
-                }
-                _ => panic!("{what}"),
-            }
-        }
-    }
+    refuse_each_on_every_path(&cases).await;
 }

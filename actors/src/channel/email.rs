@@ -442,9 +442,9 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 /// A failure of the connection that carried a group of messages rather than of the message (see
 /// [`SmtpSendError::Group`]) is classified as its error, as part of the connection's
 /// [`Incident`](super::Incident): the circuit counts it once for the whole group.
-fn classify(error: SmtpSendError) -> ProviderError {
+fn classify(error: SmtpSendError, recipients: &[Address]) -> ProviderError {
     if let SmtpSendError::Group { error, incident } = error {
-        return classify(*error).in_incident(incident);
+        return classify(*error, recipients).in_incident(incident);
     }
     let SmtpSendError::Smtp(error) = error else {
         return ProviderError::transient(error.to_string());
@@ -461,7 +461,7 @@ fn classify(error: SmtpSendError) -> ProviderError {
         (Some(500..=599), Some(TransactionStep::Mail)) if !too_big(&error) => {
             ProviderError::transient(error.to_string())
         }
-        (Some(500..=599), Some(step)) if refuses_sender(step, &error) => {
+        (Some(500..=599), Some(step)) if refuses_sender(step, &error, recipients) => {
             ProviderError::transient(error.to_string())
         }
         _ if error.is_permanent() => ProviderError::permanent(error.to_string()),
@@ -496,6 +496,15 @@ fn relay_state(error: &lettre::transport::smtp::Error) -> bool {
     EnhancedCode::of(error).is_some_and(|code| matches!(code.subject, 3 | 4))
 }
 
+/// Phrases with which servers refuse to relay for the sender (Postfix `Relay access denied`,
+/// Exim `relay not permitted`, Sendmail `Relaying denied`, `unable to relay`).
+const RELAYING: &[&str] = &[
+    "relay access denied",
+    "relaying denied",
+    "unable to relay",
+    "relay not permitted",
+];
+
 /// Whether a 5xx to `step` (`RCPT TO` or the message) refuses the sender or the account rather
 /// than this recipient or message, so that every message would be refused alike until someone
 /// fixes the account or the sender domain. Only where the reply says so:
@@ -503,19 +512,25 @@ fn relay_state(error: &lettre::transport::smtp::Error) -> bool {
 /// | reply | at | meaning |
 /// |---|---|---|
 /// | `x.1.7`, `x.1.8` | any | the sender's address, or its domain, is bad (RFC 3463) |
-/// | `x.7.1` | `RCPT TO` | delivery not authorized: relay access denied, the sender refused |
+/// | `x.7.1` naming relaying or `Sender address rejected` | `RCPT TO` | relay access denied, the sender refused |
 /// | `x.7.8` | any | the account's credentials are invalid (RFC 4954) |
 /// | `x.7.20` to `x.7.27` | any | the sender's DKIM, SPF, reverse DNS or MX fail (RFC 7372) |
-/// | `x.7.x` naming DMARC, SPF or DKIM | any | the sender domain's authentication policy |
-/// | no enhanced code: `Relay access denied`, `relaying denied`, `unable to relay` | `RCPT TO` | as `x.7.1` |
-/// | no enhanced code: `address is not verified`, `sending paused` | any | Amazon SES: unverified identity, account paused |
+/// | `x.7.x` naming the word DMARC, SPF or DKIM | any | the sender domain's authentication policy |
+/// | no enhanced code, naming relaying ([`RELAYING`]) | `RCPT TO` | as `x.7.1` |
+/// | no enhanced code: `address is not verified` not naming a recipient, `sending paused` | any | Amazon SES: unverified sender identity, account paused |
 ///
 /// Everything else stays the recipient's or the message's: a bad or full mailbox (`5.1.1`,
-/// `5.1.x`, `5.2.1`, `5.2.2`), and a `5.7.1` (or other `5.7.x`) to the message, which is as
-/// often its content refused as spam.
-fn refuses_sender(step: TransactionStep, error: &lettre::transport::smtp::Error) -> bool {
+/// `5.1.x`, `5.2.1`, `5.2.2`), a `5.7.1` to `RCPT TO` that refuses the recipient (Postfix
+/// `Recipient address rejected: Access denied`, Exchange `not authorized`), SES naming an
+/// unverified recipient (its sandbox), and a `5.7.1` (or other `5.7.x`) to the message, which is
+/// as often its content refused as spam.
+fn refuses_sender(
+    step: TransactionStep,
+    error: &lettre::transport::smtp::Error,
+    recipients: &[Address],
+) -> bool {
     let text = refusal_text(error).to_ascii_lowercase();
-    let names = |words: &[&str]| words.iter().any(|word| text.contains(word));
+    let names = |phrases: &[&str]| phrases.iter().any(|phrase| text.contains(phrase));
     let at_rcpt = step == TransactionStep::Rcpt;
     match EnhancedCode::of(error) {
         Some(EnhancedCode {
@@ -526,16 +541,30 @@ fn refuses_sender(step: TransactionStep, error: &lettre::transport::smtp::Error)
         Some(EnhancedCode {
             subject: 7, detail, ..
         }) => {
-            (at_rcpt && detail == 1)
+            (at_rcpt
+                && detail == 1
+                && !names(&["recipient address rejected"])
+                && (names(RELAYING) || names(&["sender address rejected"])))
                 || matches!(detail, 8 | 20..=27)
-                || names(&["dmarc", "spf", "dkim"])
+                || names_word(&text, &["dmarc", "spf", "dkim"])
         }
         Some(_) => false,
         None => {
-            (at_rcpt && names(&["relay access denied", "relaying denied", "unable to relay"]))
-                || names(&["address is not verified", "sending paused"])
+            (at_rcpt && names(RELAYING))
+                || names(&["sending paused"])
+                || (names(&["address is not verified"])
+                    && !recipients
+                        .iter()
+                        .any(|to| text.contains(&to.to_string().to_ascii_lowercase())))
         }
     }
+}
+
+/// Whether `text` has one of `words` as a whole word (`spf` in `SPF check failed`, not in
+/// `<x@spfoo.com>`).
+fn names_word(text: &str, words: &[&str]) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|word| words.contains(&word))
 }
 
 /// An enhanced status code (RFC 3463): `class.subject.detail`, as `5.7.1`.
@@ -603,10 +632,11 @@ impl Provider for EmailProvider {
             let email = self.build(message)?;
             let provider_message_id = match &self.transport {
                 Transport::Smtp(smtp) => {
+                    let envelope = email.envelope();
                     let reply = smtp
-                        .send(email.envelope(), email.formatted(), deadline)
+                        .send(envelope, email.formatted(), deadline)
                         .await
-                        .map_err(classify)?;
+                        .map_err(|error| classify(error, envelope.to()))?;
                     // A bare `250` (the text is optional) names no message.
                     reply
                         .message()
