@@ -1486,6 +1486,62 @@ mod tests {
         });
     }
 
+    /// `previous_secrets` is read from one text as well as from a list (an environment variable
+    /// without brackets, a TOML string), split on commas and whitespace; a value it refuses is
+    /// not named in the error, which would print the secret.
+    #[test]
+    fn previous_webhook_secrets_come_from_one_text_and_are_not_shown_when_refused() {
+        const OLD: &str = "whsec_olds3cretOldS3cretOldS3cretOldS3";
+        const OLDER: &str = "whsec_0lds3cret0lds3cret0ldS3cret0ldS3";
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_CHANNELS__WEBHOOK__SECRET", OLDER);
+            jail.set_env("HERALD_CHANNELS__WEBHOOK__PREVIOUS_SECRETS", OLD);
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
+            let webhook = config.channels.webhook.as_ref().expect("webhook section");
+            assert_eq!(webhook.previous_secrets, [OLD]);
+            jail.set_env(
+                "HERALD_CHANNELS__WEBHOOK__PREVIOUS_SECRETS",
+                format!("{OLD}, {OLDER}\n"),
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?.config;
+            let webhook = config.channels.webhook.as_ref().expect("webhook section");
+            assert_eq!(webhook.previous_secrets, [OLD, OLDER]);
+            jail.clear_env();
+            for value in [
+                format!("\"{OLD} {OLDER}\""),
+                format!("[\"{OLD}\", \"{OLDER}\"]"),
+            ] {
+                jail.create_file(
+                    "herald.toml",
+                    &format!(
+                        "[channels.webhook]\nsecret = \"{OLD}\"\nprevious_secrets = {value}\n"
+                    ),
+                )?;
+                let config = Config::load(Some(Path::new("herald.toml")))
+                    .map_err(|e| e.to_string())?
+                    .config;
+                let webhook = config.channels.webhook.as_ref().expect("webhook section");
+                assert_eq!(webhook.previous_secrets, [OLD, OLDER], "{value}");
+            }
+            for value in [
+                format!("{{ old = \"{OLD}\" }}"),
+                format!("[\"{OLDER}\", {{ old = \"{OLD}\" }}]"),
+            ] {
+                jail.create_file(
+                    "herald.toml",
+                    &format!("[channels.webhook]\nprevious_secrets = {value}\n"),
+                )?;
+                let err = Config::load(Some(Path::new("herald.toml")))
+                    .err()
+                    .map(|e| e.to_string())
+                    .expect("refused");
+                assert!(err.contains("previous_secrets"), "{err}");
+                assert!(!err.contains("s3cret"), "{err}");
+            }
+            Ok(())
+        });
+    }
+
     #[test]
     fn stream_retention_comes_from_the_environment_and_is_checked() {
         figment::Jail::expect_with(|jail| {

@@ -65,11 +65,61 @@ pub struct WebhookConfig {
     /// Whether webhooks may go to internal addresses (loopback, private, link-local).
     pub allow_private_targets: bool,
     /// Secrets `secret` replaced, each checked as `secret` is, that sign alongside it while
-    /// receivers move to the new one. Not serialised either.
-    #[serde(skip_serializing)]
+    /// receivers move to the new one. Not serialised either. Read from a list or from one text
+    /// holding them separated by commas or whitespace ([`one_or_many_secrets`]).
+    #[serde(skip_serializing, deserialize_with = "one_or_many_secrets")]
     pub previous_secrets: Vec<String>,
     /// How long, in seconds, a customer's replaced `webhook_secret` signs alongside the new one.
     pub rotation_grace_secs: u64,
+}
+
+/// Reads `previous_secrets` from a list of texts or from one text, split on commas and
+/// whitespace (as `HERALD_CHANNELS__WEBHOOK__PREVIOUS_SECRETS=whsec_…` gives it, without
+/// brackets). What it refuses is named by its kind only, never by its value: a secret must not
+/// reach an error message, and so the logs.
+fn one_or_many_secrets<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    deserializer.deserialize_any(SecretsVisitor)
+}
+
+/// The [`serde::de::Visitor`] of [`one_or_many_secrets`].
+struct SecretsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SecretsVisitor {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of secrets, or one text of secrets separated by commas or spaces")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|secret| !secret.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut secrets = Vec::new();
+        while let Some(SecretText(secret)) = seq.next_element()? {
+            secrets.push(secret);
+        }
+        Ok(secrets)
+    }
+}
+
+/// One secret in a `previous_secrets` list: a text, refused without naming what was found.
+struct SecretText(String);
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)
+            .map(SecretText)
+            .map_err(|_| serde::de::Error::custom("each previous secret must be a text"))
+    }
 }
 
 impl Default for WebhookConfig {
