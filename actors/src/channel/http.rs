@@ -67,17 +67,31 @@ pub(crate) struct Reply {
 
 /// Reads `response`'s body chunk by chunk, and no more than [`MAX_REPLY_BODY`] bytes of it: a
 /// longer body is cut there (`true` with it), the rest left unread (the connection is closed).
+/// A body that comes in one chunk, as most replies do, is kept as it came, without a copy.
 async fn read_body(mut response: reqwest::Response) -> reqwest::Result<(bytes::Bytes, bool)> {
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await? {
+    let first = match response.chunk().await? {
+        None => return Ok((bytes::Bytes::new(), false)),
+        Some(first) if first.len() > MAX_REPLY_BODY => {
+            return Ok((first.slice(..MAX_REPLY_BODY), true));
+        }
+        Some(first) => first,
+    };
+    let Some(mut chunk) = response.chunk().await? else {
+        return Ok((first, false));
+    };
+    let mut body = bytes::BytesMut::from(first.as_ref());
+    loop {
         let room = MAX_REPLY_BODY - body.len();
         if chunk.len() > room {
             body.extend_from_slice(&chunk[..room]);
             return Ok((body.freeze(), true));
         }
         body.extend_from_slice(&chunk);
+        match response.chunk().await? {
+            Some(next) => chunk = next,
+            None => return Ok((body.freeze(), false)),
+        }
     }
-    Ok((body.freeze(), false))
 }
 
 /// Sends `request` and reads the whole reply; failing to send it or to get the reply's head is
@@ -328,6 +342,12 @@ pub(crate) mod tests {
     /// first 7 bytes of a 100-byte body, then closes the connection: the body is cut off, as by a
     /// reset or a timeout, whatever the path asked. Gives the server's base URL.
     pub(crate) async fn cut_off_reply(head: &'static str) -> String {
+        serve_once(format!("{head}\r\nContent-Length: 100\r\n\r\n{{\"sid\":").into_bytes()).await
+    }
+
+    /// A server that reads one request ([`read_request`]), answers it with `reply` and closes the
+    /// connection (the client may stop reading, and close, before the end). Gives its base URL.
+    async fn serve_once(reply: Vec<u8>) -> String {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -338,8 +358,8 @@ pub(crate) mod tests {
                 return;
             };
             read_request(&mut stream).await;
-            let reply = format!("{head}\r\nContent-Length: 100\r\n\r\n{{\"sid\":");
-            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
         });
         format!("http://{address}")
     }
@@ -412,28 +432,14 @@ pub(crate) mod tests {
     /// A server that answers one request with `head` and a body of `length` bytes, with a
     /// `Content-Length` or, without one, ended by closing the connection. Gives its base URL.
     async fn long_reply(head: &'static str, length: usize, with_length: bool) -> String {
-        use tokio::io::AsyncWriteExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let address = listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            read_request(&mut stream).await;
-            let framing = if with_length {
-                format!("Content-Length: {length}")
-            } else {
-                "Connection: close".to_string()
-            };
-            let reply = format!("{head}\r\n{framing}\r\n\r\n");
-            let _ = stream.write_all(reply.as_bytes()).await;
-            // The client may stop reading, and close, before the end.
-            let _ = stream.write_all(&vec![b'x'; length]).await;
-            let _ = stream.shutdown().await;
-        });
-        format!("http://{address}")
+        let framing = if with_length {
+            format!("Content-Length: {length}")
+        } else {
+            "Connection: close".to_string()
+        };
+        let mut reply = format!("{head}\r\n{framing}\r\n\r\n").into_bytes();
+        reply.resize(reply.len() + length, b'x');
+        serve_once(reply).await
     }
 
     /// A reply body longer than [`MAX_REPLY_BODY`] is read no further: its first bytes come back,
