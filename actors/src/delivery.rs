@@ -709,11 +709,16 @@ async fn gate(
     command: &SendCommand,
     passed_before: bool,
 ) -> Result<Gate, String> {
-    let others = match &recipient.customer {
-        Some(customer) => chain_contacts(command).not_held_by(customer),
-        None => chain_contacts(command),
+    let holders = if is_critical(command.category) {
+        // No opt-out or quiet hours hold a critical category back: no one's wishes are read.
+        Vec::new()
+    } else {
+        let others = match &recipient.customer {
+            Some(customer) => chain_contacts(command).not_held_by(customer),
+            None => chain_contacts(command),
+        };
+        contact_holders(ctx, others).await?
     };
-    let holders = contact_holders(ctx, others, command).await?;
     let policy = &ctx.policy;
     Ok(match command.customer_id {
         Some(_) => crate::policy::gate(policy, recipient, &holders, command, passed_before).await,
@@ -722,13 +727,12 @@ async fn gate(
 }
 
 /// The customers with stored wishes holding the contacts of `set`. None are read when it holds
-/// none, nor for a critical category, which no opt-out or quiet hours hold back.
+/// none.
 async fn contact_holders(
     ctx: &DeliveryContext,
     set: ContactSet,
-    command: &SendCommand,
 ) -> Result<Vec<ContactHolder>, String> {
-    if set.is_empty() || is_critical(command.category) {
+    if set.is_empty() {
         return Ok(Vec::new());
     }
     Ok(ctx.contact_holders.get(set).await?.unwrap_or_default())
@@ -774,19 +778,7 @@ impl Destination {
     fn new(contacts: Contacts, customer: Option<&customer::Model>) -> Self {
         let webhook_secret = customer
             .filter(|c| c.webhook_url.is_some() && c.webhook_url == contacts.webhook_url)
-            .and_then(|c| {
-                let secret = WebhookSecret::new(c.webhook_secret.clone()?);
-                Some(
-                    match c
-                        .previous_webhook_secret
-                        .clone()
-                        .zip(c.webhook_secret_replaced_at)
-                    {
-                        Some((previous, replaced_at)) => secret.replacing(previous, replaced_at),
-                        None => secret,
-                    },
-                )
-            });
+            .and_then(WebhookSecret::of_customer);
         Self {
             contacts,
             webhook_secret,

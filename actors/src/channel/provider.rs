@@ -75,6 +75,22 @@ impl WebhookSecret {
         self
     }
 
+    /// `customer`'s own secret, with the one it replaced and when, if it has one.
+    pub fn of_customer(customer: &herald_entities::customer::Model) -> Option<Self> {
+        let secret = Self::new(customer.webhook_secret.clone()?);
+        Some(
+            match (
+                &customer.previous_webhook_secret,
+                customer.webhook_secret_replaced_at,
+            ) {
+                (Some(previous), Some(replaced_at)) => {
+                    secret.replacing(previous.clone(), replaced_at)
+                }
+                _ => secret,
+            },
+        )
+    }
+
     /// The secret itself, to derive the signing key from.
     pub fn expose(&self) -> &str {
         &self.current

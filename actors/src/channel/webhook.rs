@@ -370,12 +370,13 @@ impl WebhookProvider {
         let id = message.notification_id.to_string();
         let body = payload(message, now);
         let timestamp = now.timestamp();
-        let signature = self
-            .keys_for(message, now)?
-            .iter()
-            .map(|key| sign(key, &id, timestamp, &body))
-            .collect::<Vec<_>>()
-            .join(" ");
+        let mut signature = String::new();
+        for key in self.keys_for(message, now)?.iter() {
+            if !signature.is_empty() {
+                signature.push(' ');
+            }
+            signature.push_str(&sign(key, &id, timestamp, &body));
+        }
         let response = self
             .client
             .post(parsed)
