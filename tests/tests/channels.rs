@@ -26,7 +26,7 @@ const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 struct World {
     _nats: NatsServer,
     smtp: SmtpSink,
-    db: TestDatabase,
+    _db: TestDatabase,
     provider: MockServer,
     herald: TestHerald,
 }
@@ -71,7 +71,7 @@ async fn world(tune: impl FnOnce(&mut Config)) -> World {
     World {
         _nats: nats,
         smtp,
-        db,
+        _db: db,
         provider,
         herald,
     }
@@ -2043,31 +2043,29 @@ async fn send_webhook(w: &World, recipient: Value) -> String {
 
 /// `PUT /api/v1/customers/{id}` with `body`, answered 200.
 async fn put_customer(w: &World, id: &str, body: Value) {
-    let response = w
-        .herald
-        .http()
-        .put(format!("{}/api/v1/customers/{id}", w.herald.base()))
-        .json(&body)
-        .send()
-        .await
-        .expect("PUT");
-    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let herald = &w.herald;
+    let (status, answer) = herald
+        .request_with_key(
+            reqwest::Method::PUT,
+            &format!("/api/v1/customers/{id}"),
+            Some(herald.admin_key()),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{answer}");
 }
 
 /// Dates the replacement of customer `id`'s webhook secret `age` back, as if made that long ago.
 async fn age_secret_replacement(w: &World, id: &str, age: chrono::TimeDelta) {
     use herald_entities::customer;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
-    let db = sea_orm::Database::connect(w.db.url())
-        .await
-        .expect("database");
     let aged = customer::Entity::update_many()
         .col_expr(
             customer::Column::WebhookSecretReplacedAt,
             Expr::value(Utc::now() - age),
         )
         .filter(customer::Column::ExternalId.eq(id))
-        .exec(&db)
+        .exec(w.herald.db())
         .await
         .expect("replacement dated back");
     assert_eq!(aged.rows_affected, 1, "customer {id} stored");
