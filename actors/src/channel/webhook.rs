@@ -66,7 +66,7 @@ pub struct WebhookConfig {
     pub allow_private_targets: bool,
     /// Secrets `secret` replaced, each checked as `secret` is, that sign alongside it while
     /// receivers move to the new one. Not serialised either. Read from a list or from one text
-    /// holding them separated by commas or whitespace ([`one_or_many_secrets`]).
+    /// holding them separated by commas or whitespace.
     #[serde(skip_serializing, deserialize_with = "one_or_many_secrets")]
     pub previous_secrets: Vec<String>,
     /// How long, in seconds, a customer's replaced `webhook_secret` signs alongside the new one.
