@@ -45,7 +45,8 @@
 //! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
 //! until none are left, resting between batches so that other writers get the database. Each
 //! clean-up (also with `retention_days` 0) first removes the held receipts that no send will apply
-//! ([`repo::receipts::drop_stranded`]).
+//! ([`repo::receipts::drop_stranded`]); a failure of that removal is logged and retention runs all
+//! the same.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -279,8 +280,10 @@ impl Drop for WhenDone {
 }
 
 /// Starts a clean-up on a task of its own when one is due and none is running: every
-/// `retention_interval_secs`, retention ([`purge`]) when `retention_days` is set, else only the
-/// removal of stranded held receipts ([`repo::receipts::drop_stranded`]).
+/// `retention_interval_secs`, the removal of stranded held receipts
+/// ([`repo::receipts::drop_stranded`]), then retention ([`purge`]) when `retention_days` is set.
+/// A failed removal is logged and counted (`herald_held_receipts_sweep_failures_total`) and
+/// costs retention nothing.
 fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let settings = state.args.settings;
     let due = !state.purging
@@ -296,24 +299,28 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let stop = state.stop.clone();
     let done = WhenDone(myself.clone(), Some(SchedulerMsg::PurgeDone));
     tokio::spawn(async move {
-        if settings.retention_days == 0 {
-            if let Err(err) = repo::receipts::drop_stranded(&args.db).await {
-                tracing::warn!(error = %err, "scheduler: clean-up of held receipts failed");
-            }
-            drop(done);
-            return;
+        if let Err(err) = repo::receipts::drop_stranded(&args.db).await {
+            tracing::warn!(error = %err, "scheduler: clean-up of held receipts failed");
+            metrics::counter!("herald_held_receipts_sweep_failures_total").increment(1);
         }
-        let cutoff = (args.clock)() - chrono::Duration::days(i64::from(settings.retention_days));
-        match purge(&args.db, cutoff, RETENTION_BATCH, &stop).await {
-            Ok(0) => {}
-            Ok(removed) => {
-                tracing::info!(removed, %cutoff, "retention: removed old notifications");
-                metrics::counter!("herald_retention_removed_total").increment(removed);
-            }
-            Err(err) => tracing::warn!(error = %err, "scheduler: retention clean-up failed"),
+        if settings.retention_days > 0 {
+            retain(&args, settings.retention_days, &stop).await;
         }
         drop(done);
     });
+}
+
+/// Deletes the final notifications older than `days` ([`purge`]), logging and counting what went.
+async fn retain(args: &SchedulerArgs, days: u32, stop: &CancellationToken) {
+    let cutoff = (args.clock)() - chrono::Duration::days(i64::from(days));
+    match purge(&args.db, cutoff, RETENTION_BATCH, stop).await {
+        Ok(0) => {}
+        Ok(removed) => {
+            tracing::info!(removed, %cutoff, "retention: removed old notifications");
+            metrics::counter!("herald_retention_removed_total").increment(removed);
+        }
+        Err(err) => tracing::warn!(error = %err, "scheduler: retention clean-up failed"),
+    }
 }
 
 /// A round: releases due notifications and fans out bulk sends side by side, so a long bulk page
@@ -878,15 +885,12 @@ fn row_for(command: &SendCommand, key: &str, batch_id: Uuid) -> notification::Ac
 /// batches it rests as long as the last one took (at least [`PURGE_REST_MIN`], at most
 /// [`PURGE_REST_MAX`]): on SQLite each DELETE holds the only write lock, so other writers get it
 /// at least half the time. Stops after the current batch once `stop` is cancelled (the engine is stopping).
-///
-/// First it removes the held receipts no send will apply ([`repo::receipts::drop_stranded`]).
 pub async fn purge(
     db: &DatabaseConnection,
     cutoff: chrono::DateTime<Utc>,
     batch: u64,
     stop: &CancellationToken,
 ) -> Result<u64, repo::RepoError> {
-    repo::receipts::drop_stranded(db).await?;
     let batch = batch.max(1);
     let mut total = 0u64;
     while !stop.is_cancelled() {

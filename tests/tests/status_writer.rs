@@ -717,8 +717,8 @@ async fn a_held_receipt_of_a_notification_that_ends_unsent_is_dropped() {
 
 /// A held receipt that no send will apply, left behind by an earlier version (its notification
 /// `cancelled`, or `sent` without it), stayed for ever: retention deleted it only with its
-/// notification, and never while retention was off. The clean-up now removes it first, and keeps
-/// the one held for a notification that may still be sent.
+/// notification, and never while retention was off. The clean-up now removes it, and keeps the one
+/// held for a notification that may still be sent.
 #[tokio::test]
 async fn the_clean_up_removes_held_receipts_that_no_send_will_apply() {
     use repo::schedule;
@@ -740,13 +740,13 @@ async fn the_clean_up_removes_held_receipts_that_no_send_will_apply() {
         hold_receipt(&db, id, "smtp", "delivered").await;
     }
 
-    // Retention a day back: it deletes no notification, these being new.
-    let cutoff = chrono::Utc::now() - chrono::Duration::days(1);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let removed = herald_actors::scheduler::purge(&db, cutoff, 10, &stop)
+    let removed = repo::receipts::drop_stranded(&db)
         .await
         .expect("the clean-up ran");
-    assert_eq!(removed, 0, "no notification is old enough to go");
+    assert_eq!(
+        removed, 2,
+        "the receipts held for the cancelled and the sent one"
+    );
 
     assert_eq!(
         held_for(&db, cancelled).await,

@@ -1957,6 +1957,63 @@ async fn a_retention_run_removes_every_old_final_notification() {
     assert_eq!(left, kept_ids, "the recent and the unfinished ones stay");
 }
 
+/// With retention off (`retention_days` 0), the clean-up still runs every
+/// `retention_interval_secs` and removes a held receipt that no send will apply (its notification
+/// cancelled), keeping every notification.
+#[tokio::test]
+async fn the_clean_up_removes_stranded_held_receipts_with_retention_off() {
+    use herald_entities::held_receipt;
+    use sea_orm::PaginatorTrait;
+    let w = world(|config| {
+        config.scheduler.retention_days = 0;
+        config.scheduler.retention_interval_secs = 1;
+    })
+    .await;
+    let mut row = herald_tests::queued_notification(None);
+    row.status = NotificationStatus::Cancelled;
+    row.created_at = Utc::now() - ChronoDuration::days(400);
+    let id = row.id;
+    herald_entities::repo::notifications::insert_many(w.herald.db(), vec![row])
+        .await
+        .expect("cancelled row");
+    let now = Utc::now();
+    held_receipt::Entity::insert(held_receipt::ActiveModel {
+        notification_id: Set(id),
+        provider: Set("smtp".into()),
+        status: Set(NotificationStatus::Delivered),
+        reason: Set("delivery confirmed".into()),
+        error: Set(None),
+        at: Set(now),
+        received_at: Set(now),
+    })
+    .exec_without_returning(w.herald.db())
+    .await
+    .expect("held receipt stored");
+
+    eventually(
+        "the clean-up to remove the stranded held receipt",
+        E2E_TIMEOUT,
+        || async {
+            let held = held_receipt::Entity::find()
+                .filter(held_receipt::Column::NotificationId.eq(id))
+                .count(w.herald.db())
+                .await
+                .expect("held receipts read");
+            (held == 0).then_some(())
+        },
+    )
+    .await;
+    let kept = notification::Entity::find_by_id(id)
+        .one(w.herald.db())
+        .await
+        .expect("read");
+    assert!(
+        kept.is_some(),
+        "retention off: the old cancelled notification stays"
+    );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// Retention runs beside the rounds: while a clean-up is held up (on PostgreSQL, by a lock on a
 /// row it must delete), a due scheduled notification still goes out. SQLite has one writer, so a
 /// held lock would hold up everything there.
