@@ -74,6 +74,10 @@ impl NotificationStatus {
         )
     }
 
+    /// The statuses that are not final ([`Self::is_final`]): the notification may still be sent.
+    pub const NOT_FINAL: [NotificationStatus; 3] =
+        [Self::Queued, Self::Scheduled, Self::Processing];
+
     /// The statuses a notification may move to `self` from. Writes are conditional on these, so a
     /// late or repeated update (after a redelivery) never moves a notification backwards.
     pub fn allowed_from(self) -> &'static [NotificationStatus] {
@@ -96,6 +100,18 @@ impl NotificationStatus {
 
 #[cfg(test)]
 mod tests {
+    use sea_orm::Iterable as _;
+
+    use super::NotificationStatus;
+
+    #[test]
+    fn not_final_is_every_status_that_is_not_final() {
+        let not_final: Vec<_> = NotificationStatus::iter()
+            .filter(|status| !status.is_final())
+            .collect();
+        assert_eq!(not_final, NotificationStatus::NOT_FINAL);
+    }
+
     use super::NotificationStatus::*;
 
     #[test]

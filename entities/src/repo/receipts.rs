@@ -6,7 +6,7 @@ use herald_nats::{Channel, SCHEMA_VERSION, StatusEvent};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, EntityTrait,
-    FromQueryResult, QueryFilter, QuerySelect, QueryTrait, TransactionTrait,
+    FromQueryResult, QueryFilter, QueryResult, QuerySelect, QueryTrait, TransactionTrait,
     sea_query::{Expr, OnConflict, Query},
 };
 use uuid::Uuid;
@@ -345,33 +345,25 @@ async fn outcome_as_now(
 /// outage is undone, dropped, logged and counted (`herald_held_receipts_dropped_total`). An
 /// outage fails the batch, as any of its statements would.
 ///
-/// Nearly always nothing is held: one read of at most one row says so, and nothing else is done.
-/// Otherwise each chunk of `sent` takes its held receipts with one `DELETE … RETURNING`.
+/// Run only when something is held ([`any_held`]): each chunk of `sent` takes its held receipts
+/// with one `DELETE … RETURNING` ([`take_held`]).
 pub(crate) async fn apply_held(
     txn: &DatabaseTransaction,
     sent: &[Uuid],
 ) -> Result<Vec<notification::Model>, RepoError> {
     let mut moved = Vec::new();
-    if sent.is_empty() || !any_held(txn).await? {
-        return Ok(moved);
-    }
-    for ids in sent.chunks(HELD_CHUNK) {
-        let mut take = held_receipt::Entity::delete_many()
-            .filter(held_receipt::Column::NotificationId.is_in(ids.iter().copied()))
-            .into_query();
-        take.returning_all();
-        for row in txn.query_all(&take).await? {
-            match held_receipt::Model::from_query_result(&row, "") {
-                Ok(held) => moved.extend(apply_one_held(txn, &held).await?),
-                Err(error) => dropped(&error.into(), None),
-            }
+    for row in take_held(txn, sent).await? {
+        match held_receipt::Model::from_query_result(&row, "") {
+            Ok(held) => moved.extend(apply_one_held(txn, &held).await?),
+            Err(error) => dropped(&error.into(), None),
         }
     }
     Ok(moved)
 }
 
-/// Whether any receipt is held at all.
-async fn any_held(db: &impl ConnectionTrait) -> Result<bool, RepoError> {
+/// Whether any receipt is held at all: one read of at most one row. Nearly always none is, and a
+/// batch that reads this once skips every other statement about held receipts.
+pub(crate) async fn any_held(db: &impl ConnectionTrait) -> Result<bool, RepoError> {
     let one = held_receipt::Entity::find()
         .select_only()
         .column(held_receipt::Column::NotificationId)
@@ -380,6 +372,28 @@ async fn any_held(db: &impl ConnectionTrait) -> Result<bool, RepoError> {
         .one(db)
         .await?;
     Ok(one.is_some())
+}
+
+/// Deletes the receipts held for `ids`, one `DELETE … RETURNING` per chunk of them, and answers
+/// the rows deleted.
+async fn take_held(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Vec<QueryResult>, RepoError> {
+    let mut rows = Vec::new();
+    for chunk in ids.chunks(HELD_CHUNK) {
+        let take = held_receipt::Entity::delete_many()
+            .filter(held_receipt::Column::NotificationId.is_in(chunk.iter().copied()));
+        rows.extend(delete_returning(db, take).await?);
+    }
+    Ok(rows)
+}
+
+/// Runs `take`, a DELETE of held receipts, and answers the rows it deleted, whole.
+async fn delete_returning(
+    db: &impl ConnectionTrait,
+    take: sea_orm::DeleteMany<held_receipt::Entity>,
+) -> Result<Vec<QueryResult>, RepoError> {
+    let mut take = take.into_query();
+    take.returning_all();
+    Ok(db.query_all(&take).await?)
 }
 
 /// Applies `held`, already taken from `held_receipts`, under a savepoint of `txn`: the
@@ -467,7 +481,7 @@ enum DropReason {
     Error,
     /// Its notification ended without being sent (`failed`, `skipped`, `cancelled`, `dead`).
     Unsent,
-    /// The clean-up found it stranded: its notification is gone, or final ([`drop_stranded`]).
+    /// The clean-up found it stranded: its notification final ([`drop_stranded`]).
     Stranded,
 }
 
@@ -507,8 +521,8 @@ fn dropped(error: &RepoError, held: Option<&held_receipt::Model>) {
 /// (which waits for the row it took) and is deleted here, or comes after it and finds the
 /// notification no longer under way, and holds nothing.
 ///
-/// Nearly always nothing is held: one read of at most one row says so, and nothing else is done.
-/// Otherwise each chunk of `ended` takes its held receipts with one `DELETE … RETURNING`.
+/// Nearly always nothing is held: one read of at most one row says so ([`any_held`]), and nothing
+/// else is done. A batch that has read it already calls [`drop_held_of_ended`].
 pub(crate) async fn drop_held_of_unsent(
     txn: &impl ConnectionTrait,
     ended: &[Uuid],
@@ -516,29 +530,27 @@ pub(crate) async fn drop_held_of_unsent(
     if ended.is_empty() || !any_held(txn).await? {
         return Ok(());
     }
-    for ids in ended.chunks(HELD_CHUNK) {
-        let take = held_receipt::Entity::delete_many()
-            .filter(held_receipt::Column::NotificationId.is_in(ids.iter().copied()));
-        delete_logged(txn, take, DropReason::Unsent).await?;
-    }
+    drop_held_of_ended(txn, ended).await
+}
+
+/// [`drop_held_of_unsent`] without its check that anything is held: each chunk of `ended` takes
+/// its held receipts with one `DELETE … RETURNING` ([`take_held`]).
+pub(crate) async fn drop_held_of_ended(
+    txn: &impl ConnectionTrait,
+    ended: &[Uuid],
+) -> Result<(), RepoError> {
+    log_dropped(&take_held(txn, ended).await?, DropReason::Unsent);
     Ok(())
 }
 
-/// The statuses of a notification that may still be sent: a receipt held for it may apply.
-const NOT_ENDED: [NotificationStatus; 3] = [
-    NotificationStatus::Queued,
-    NotificationStatus::Scheduled,
-    NotificationStatus::Processing,
-];
-
-/// Deletes the held receipts that no send will apply: those whose notification is gone, or
+/// Deletes the held receipts that no send will apply: those whose notification is
 /// final (`sent` or later, or ended unsent), each logged and counted
 /// (`herald_held_receipts_dropped_total`, `reason="stranded"`). Answers how many went.
 ///
 /// The moves that end a notification drop its held receipts themselves (`apply_held`,
 /// `drop_held_of_unsent`); this removes those that something else left behind (an earlier
-/// version, a row changed by hand), so that none lingers for ever and keeps the cheap check of
-/// `apply_held` from saying that nothing is held. A receipt held for a notification that may
+/// version, a row changed by hand), so that none lingers for ever and keeps the cheap check
+/// ([`any_held`]) from saying that nothing is held. A receipt held for a notification that may
 /// still be sent (`queued`, `scheduled`, `processing`) is kept. Run by the retention clean-up.
 pub async fn drop_stranded(db: &impl ConnectionTrait) -> Result<u64, RepoError> {
     use sea_orm::sea_query::ExprTrait;
@@ -554,38 +566,33 @@ pub async fn drop_stranded(db: &impl ConnectionTrait) -> Result<u64, RepoError> 
         )
         .and_where(
             Expr::col((notification::Entity, notification::Column::Status))
-                .is_in(NOT_ENDED.iter().map(|status| status.as_str())),
+                .is_in(NotificationStatus::NOT_FINAL.map(|status| status.as_str())),
         )
         .to_owned();
     let take = held_receipt::Entity::delete_many().filter(Expr::exists(may_apply).not());
-    delete_logged(db, take, DropReason::Stranded).await
+    Ok(log_dropped(
+        &delete_returning(db, take).await?,
+        DropReason::Stranded,
+    ))
 }
 
-/// Runs `take`, a DELETE of held receipts, logging and counting each it deleted as dropped for
-/// `reason`; answers how many.
-async fn delete_logged(
-    db: &impl ConnectionTrait,
-    take: sea_orm::DeleteMany<held_receipt::Entity>,
-    reason: DropReason,
-) -> Result<u64, RepoError> {
-    let mut take = take.into_query();
-    take.returning(Query::returning().columns([
-        held_receipt::Column::NotificationId,
-        held_receipt::Column::Provider,
-    ]));
-    let rows = db.query_all(&take).await?;
-    for row in &rows {
-        let id = row.try_get_by_index::<Uuid>(0)?;
-        let provider = row.try_get_by_index::<String>(1)?;
+/// Logs and counts each of `rows`, held receipts just deleted, as dropped for `reason`; answers
+/// how many. Reading a row is best-effort: one that does not read is logged without its
+/// notification or provider, and counted all the same, so that an odd row never costs the
+/// statement that deleted it (a batch its `sent`).
+fn log_dropped(rows: &[QueryResult], reason: DropReason) -> u64 {
+    for row in rows {
+        let id = row.try_get::<Uuid>("", "notification_id").ok();
+        let provider = row.try_get::<String>("", "provider").ok();
         count_dropped(reason);
         tracing::warn!(
-            %id,
-            %provider,
+            ?id,
+            ?provider,
             reason = reason.as_str(),
             "a receipt held until the send was recorded will never apply; dropped"
         );
     }
-    Ok(rows.len() as u64)
+    rows.len() as u64
 }
 
 /// The earliest time a receipt may date a change of `row`: when it was sent (its `updated_at`

@@ -176,8 +176,8 @@ pub fn as_stamped(changes: &[StatusChange]) -> Vec<StatusChange> {
 /// which changes moved their notification. Receipts held for a notification it records `sent`
 /// (a provider's receipt that beat this record) are applied in the same transaction
 /// ([`Applied::receipts`]); those held for one it ends otherwise (`failed`, `skipped`, `dead`,
-/// `cancelled`) are dropped, as no send of it will be recorded to apply them. A NUL in their text (a provider's reply) is stored as
-/// U+FFFD, which PostgreSQL takes.
+/// `cancelled`) are dropped, as no send of it will be recorded to apply them. A NUL in the text of
+/// an attempt (a provider's reply) is stored as U+FFFD, which PostgreSQL takes.
 ///
 /// A change the transition rules refuse ([`NotificationStatus::allowed_from`]: a late failure of
 /// a second delivery after the first recorded `sent`) changes nothing and did not move; nor did a
@@ -266,13 +266,16 @@ async fn apply_batch(
         .filter(|change| change.status == NotificationStatus::Sent)
         .map(|change| change.id)
         .collect();
-    applied.receipts = super::receipts::apply_held(&txn, &sent).await?;
     let ended: Vec<Uuid> = applied
         .moved_changes(changes)
         .filter(|change| change.status.is_final() && !change.status.is_sent())
         .map(|change| change.id)
         .collect();
-    super::receipts::drop_held_of_unsent(&txn, &ended).await?;
+    // One read for both: nearly always nothing is held.
+    if !(sent.is_empty() && ended.is_empty()) && super::receipts::any_held(&txn).await? {
+        applied.receipts = super::receipts::apply_held(&txn, &sent).await?;
+        super::receipts::drop_held_of_ended(&txn, &ended).await?;
+    }
     for (at, id, index) in sent_already {
         if let Some(row) = moved_on_by_held_receipt(&txn, at, id).await? {
             applied.moved[index] = true;
