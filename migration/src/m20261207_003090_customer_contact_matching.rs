@@ -7,7 +7,8 @@ use crate::concurrent_index;
 /// in `herald-entities`) finds each kind of contact on an index, on both databases, and compares
 /// email addresses alike on both:
 ///
-/// - `idx_customers_webhook_url`: webhook URLs are matched too (exactly, as written).
+/// - `idx_customers_webhook_url`: webhook URLs are matched too (exactly, as written); a hash
+///   index on PostgreSQL, which takes a URL of any length.
 /// - `idx_customers_email_folded` (PostgreSQL only) on `lower(email COLLATE "C")`, replacing
 ///   `idx_customers_email_lower` there: under the `C` collation `lower` folds ASCII letters only,
 ///   as SQLite's `lower` does (where `idx_customers_email_lower` stays), so an address with
@@ -50,10 +51,14 @@ fn insert_tokens_of(row: &str, from: &str) -> String {
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let webhook = Index::create().col(Customers::WebhookUrl).to_owned();
-        concurrent_index::create(manager, Customers::Table, WEBHOOK_URL, webhook).await?;
         match manager.get_database_backend() {
             DbBackend::Postgres => {
+                // A hash index: equality is all the lookup asks, and it takes a URL of any
+                // length (a btree refuses a key over about 2,700 bytes, and one such stored URL
+                // would leave the concurrent build an invalid index).
+                let webhook = r#"USING hash ("webhook_url")"#;
+                concurrent_index::create_sql(manager, Customers::Table, WEBHOOK_URL, webhook)
+                    .await?;
                 let folded = r#"(lower(email COLLATE "C"))"#;
                 concurrent_index::create_sql(manager, Customers::Table, EMAIL_FOLDED, folded)
                     .await?;
@@ -61,7 +66,11 @@ impl MigrationTrait for Migration {
                     .drop_index(concurrent_index::drop_index(EMAIL_LOWER, Customers::Table))
                     .await?;
             }
-            _ => push_token_rows(manager).await?,
+            _ => {
+                let webhook = Index::create().col(Customers::WebhookUrl).to_owned();
+                concurrent_index::create(manager, Customers::Table, WEBHOOK_URL, webhook).await?;
+                push_token_rows(manager).await?
+            }
         }
         Ok(())
     }
