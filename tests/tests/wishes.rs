@@ -3253,25 +3253,31 @@ async fn a_send_to_a_customers_webhook_url_honours_their_opt_out() {
 
 /// A send naming a customer and, inline, a contact another customer holds follows that holder's
 /// opt-outs on the contact's channel too (before, only the named customer's wishes were read,
-/// whatever contacts the send gave); the named customer's own contacts are theirs alone.
+/// whatever contacts the send gave); the named customer's own contacts are theirs alone, even
+/// when another customer who opted out holds the same address.
 #[tokio::test]
 async fn a_send_naming_a_customer_and_another_customers_contact_follows_that_holders_opt_out() {
     let w = world(|_| {}).await;
+    let mut bob = customer_row("bob", "en", None);
+    bob.email = Set(Some("ada@example.com".into()));
     add_customers(
         &w.herald,
         vec![
             customer_row("ada", "en", None),
             customer_row("grace", "en", None),
+            bob,
         ],
     )
     .await;
-    let (status, body) = put_preferences(
-        &w.herald,
-        "grace",
-        &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    for opted_out in ["grace", "bob"] {
+        let (status, body) = put_preferences(
+            &w.herald,
+            opted_out,
+            &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
 
     let send = |email: &str| {
         to_contacts(
