@@ -8,7 +8,9 @@ use sea_orm_migration::{prelude::*, schema::*};
 /// A provider's callback can beat the record of the send: the provider answered, the channel
 /// actor reported success, but the StatusWriter writes `sent` a few milliseconds later (longer
 /// under load). Such a receipt was refused 409, which providers do not send again, so the
-/// notification stayed `sent` for ever. The row goes with its notification (retention).
+/// notification stayed `sent` for ever. The row goes when its receipt is applied, when its
+/// notification ends unsent, when the Scheduler's clean-up finds it stranded, or with its
+/// notification (retention; the foreign key cascades).
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 

@@ -205,7 +205,10 @@ fn holding_any(backend: DbBackend, sets: &[ContactSet]) -> Option<Condition> {
 /// `lower(email COLLATE "C")` on PostgreSQL (whose `lower` under the `C` collation does).
 fn folded_email_column(backend: DbBackend) -> SimpleExpr {
     match backend {
-        DbBackend::Postgres => Expr::cust(r#"lower("customers"."email" COLLATE "C")"#),
+        DbBackend::Postgres => Expr::cust_with_expr(
+            r#"lower($1 COLLATE "C")"#,
+            Expr::col((customer::Entity, customer::Column::Email)),
+        ),
         _ => Func::lower(Expr::col(customer::Column::Email)).into(),
     }
 }

@@ -325,7 +325,8 @@ pub struct CancelledChunk {
 /// statement passes over rows another transaction holds (see [`cancel_chunk_query`]): an empty
 /// answer means none of the batch's notifications was still cancellable, or those left were held
 /// at that moment ([`cancel_batch_leftovers`] waits for them). The receipts held for the
-/// notifications it cancels are dropped in the same transaction (a savepoint, when `db` is one).
+/// notifications it cancels are dropped in the same transaction (a savepoint, when `db` is a
+/// transaction).
 pub async fn cancel_batch_chunk(
     db: &(impl ConnectionTrait + TransactionTrait),
     batch_id: Uuid,
@@ -425,11 +426,11 @@ fn batch_cancellable_ids(batch_id: Uuid) -> Select<notification::Entity> {
 
 /// Cancels, one at a time, the notifications of batch `batch_id` still cancellable once its
 /// chunks ([`cancel_batch_chunk`]) find none: on PostgreSQL those the chunks passed over because
-/// another transaction held them. Each statement changes one row, waiting for its lock if need
-/// be, and holds no other: it cannot take part in a deadlock. A row whose holder made it
-/// `processing` meanwhile is left as it is. On SQLite there is normally none left; each statement
-/// is taken in a turn of `gate`, in a transaction that also drops the receipts held for the
-/// notification it cancels.
+/// another transaction held them. Each cancel is a transaction of its own that changes one
+/// notification, waiting for its lock if need be, then deletes the receipts held for it: it locks
+/// the notification before its receipts, as holding a receipt does, so it cannot take part in a
+/// deadlock. A row whose holder made it `processing` meanwhile is left as it is. On SQLite there
+/// is normally none left; each cancel is taken in a turn of `gate`.
 pub async fn cancel_batch_leftovers(
     db: &(impl ConnectionTrait + TransactionTrait),
     gate: &WriteGate,
