@@ -550,7 +550,7 @@ pub(crate) async fn drop_held_of_ended(
 /// The moves that end a notification drop its held receipts themselves (`apply_held`,
 /// `drop_held_of_unsent`); this removes those that something else left behind (an earlier
 /// version, a row changed by hand), so that none lingers for ever and keeps the cheap check
-/// ([`any_held`]) from saying that nothing is held. A receipt held for a notification that may
+/// (`any_held`) from saying that nothing is held. A receipt held for a notification that may
 /// still be sent (`queued`, `scheduled`, `processing`) is kept. Run by the retention clean-up.
 pub async fn drop_stranded(db: &impl ConnectionTrait) -> Result<u64, RepoError> {
     use sea_orm::sea_query::ExprTrait;
