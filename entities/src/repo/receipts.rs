@@ -190,7 +190,7 @@ pub async fn apply(
             ReceiptOutcome::NotYetSent(before)
         });
     }
-    apply_to_sent(db, before, receipt).await
+    move_sent(db, &before, receipt).await
 }
 
 /// Holds `receipt` for `row`, a notification not recorded sent, if its send may be under way
@@ -254,34 +254,14 @@ async fn hold(
     }))
 }
 
-/// Applies `receipt` to `before`, a notification recorded sent.
-async fn apply_to_sent(
-    db: &impl ConnectionTrait,
-    before: notification::Model,
-    receipt: &Receipt<'_>,
-) -> Result<ReceiptOutcome, RepoError> {
-    let id = before.id;
-    match move_sent(db, &before, receipt).await? {
-        Move::SentByOther(providers) => Ok(ReceiptOutcome::SentByOther(providers)),
-        Move::Done { applied, .. } => outcome_as_now(db, id, receipt, applied).await,
-    }
-}
-
-/// What [`move_sent`] did.
-enum Move {
-    /// Nothing: the message was sent by these providers, not the receipt's.
-    SentByOther(Vec<String>),
-    /// Its UPDATE ran: `applied` when it moved the notification, dated `at`.
-    Done { applied: bool, at: DateTime<Utc> },
-}
-
 /// The move of `before`, a notification recorded sent, to `receipt`'s status: one conditional
-/// UPDATE (from `sent` only), if the receipt's provider is one that accepted the message.
+/// UPDATE (from `sent` only) that answers the row it moved, if the receipt's provider is one that
+/// accepted the message. Only a move that did not apply reads the notification again.
 async fn move_sent(
     db: &impl ConnectionTrait,
     before: &notification::Model,
     receipt: &Receipt<'_>,
-) -> Result<Move, RepoError> {
+) -> Result<ReceiptOutcome, RepoError> {
     let id = before.id;
     let providers: Vec<String> = delivery_attempt::Entity::find()
         .select_only()
@@ -293,7 +273,7 @@ async fn move_sent(
         .all(db)
         .await?;
     if !providers.iter().any(|p| p == receipt.provider) {
-        return Ok(Move::SentByOther(providers));
+        return Ok(ReceiptOutcome::SentByOther(providers));
     }
     let at = sent_floor(before).map_or(receipt.at, |floor| receipt.at.max(floor));
     let mut update = notification::Entity::update_many()
@@ -308,26 +288,25 @@ async fn move_sent(
     if let Some(error) = receipt.error {
         update = update.col_expr(notification::Column::Error, Expr::value(error));
     }
-    let applied = update.exec(db).await?.rows_affected > 0;
-    Ok(Move::Done { applied, at })
+    match update.exec_with_returning(db).await?.pop() {
+        Some(now) => Ok(ReceiptOutcome::Applied(now)),
+        None => outcome_as_now(db, id, receipt).await,
+    }
 }
 
-/// The outcome of a move of notification `id` by `receipt` that `applied` or not, with the
-/// notification as it is now.
+/// The outcome of a move of notification `id` by `receipt` that did not apply (it was no longer
+/// `sent`), with the notification as it is now.
 async fn outcome_as_now(
     db: &impl ConnectionTrait,
     id: Uuid,
     receipt: &Receipt<'_>,
-    applied: bool,
 ) -> Result<ReceiptOutcome, RepoError> {
     let Some(now) = notification::Entity::find_by_id(id).one(db).await? else {
         return Ok(ReceiptOutcome::NotFound);
     };
     // Sent, a notification leaves `sent` only by a receipt: having the receipt's status, it had
     // this receipt (or its like) before.
-    Ok(if applied {
-        ReceiptOutcome::Applied(now)
-    } else if now.status == receipt.status {
+    Ok(if now.status == receipt.status {
         ReceiptOutcome::Unchanged(now)
     } else {
         ReceiptOutcome::NotAllowed(now)
@@ -429,10 +408,6 @@ async fn apply_one_held(
 }
 
 /// Applies `held` to its notification in `txn`.
-///
-/// The notification is read once: moved, it is `row` with the receipt's changes, which are
-/// stored as they are (the held receipt's values, and a time read from the database, were read
-/// back from it already); only a move that did not apply reads it again, as it is now.
 async fn apply_held_receipt(
     txn: &DatabaseTransaction,
     held: &held_receipt::Model,
@@ -450,26 +425,7 @@ async fn apply_held_receipt(
         error: held.error.as_deref(),
         at: held.at,
     };
-    match move_sent(txn, &row, &receipt).await? {
-        Move::SentByOther(providers) => Ok(ReceiptOutcome::SentByOther(providers)),
-        Move::Done { applied: true, at } => Ok(ReceiptOutcome::Applied(moved(row, held, at))),
-        Move::Done { applied: false, .. } => outcome_as_now(txn, row.id, &receipt, false).await,
-    }
-}
-
-/// `row` as `held` moved it, at `at`: what reading it again would give.
-fn moved(
-    row: notification::Model,
-    held: &held_receipt::Model,
-    at: DateTime<Utc>,
-) -> notification::Model {
-    notification::Model {
-        status: held.status,
-        status_reason: Some(held.reason.clone()),
-        error: held.error.clone().or(row.error.clone()),
-        updated_at: at,
-        ..row
-    }
+    move_sent(txn, &row, &receipt).await
 }
 
 /// Why a held receipt was dropped unapplied: the `reason` label of
