@@ -430,7 +430,7 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   message for good until someone fixes it; but a `552` or `5.3.4` (`5.2.3`), the message's
 ///   size, is permanent;
 /// - a 5xx to `RCPT TO`, `DATA` or `BDAT` that says it refuses the sender or the account (see
-///   [`refuses_sender`]: relay access denied, the sender domain's DMARC, SPF or DKIM, an
+///   [`Refusal::refuses_sender`]: relay access denied, the sender domain's DMARC, SPF or DKIM, an
 ///   unverified sender identity, a paused account): transient and counting, as at `MAIL FROM`;
 /// - any other 5xx to `RCPT TO`, `DATA` or `BDAT`: permanent, this recipient or message is
 ///   refused (`5.1.1` no such mailbox, `5.1.x` bad address, `5.2.1` disabled, `5.2.2` full,
@@ -452,48 +452,21 @@ fn classify(error: SmtpSendError, recipients: &[Address]) -> ProviderError {
     if needs_smtputf8(&error) {
         return ProviderError::permanent(error.to_string());
     }
-    let code = error.status().map(u16::from);
-    match (code, error.step()) {
+    let refusal = Refusal::of(&error);
+    match (refusal.code, error.step()) {
         (Some(421), _) | (None, _) => ProviderError::transient(error.to_string()),
-        (Some(400..=499), Some(TransactionStep::Rcpt)) if !relay_state(&error) => {
+        (Some(400..=499), Some(TransactionStep::Rcpt)) if !refusal.names_relay_state() => {
             ProviderError::throttled(error.to_string(), None)
         }
-        (Some(500..=599), Some(TransactionStep::Mail)) if !too_big(&error) => {
+        (Some(500..=599), Some(TransactionStep::Mail)) if !refusal.is_too_big() => {
             ProviderError::transient(error.to_string())
         }
-        (Some(500..=599), Some(step)) if refuses_sender(step, &error, recipients) => {
+        (Some(500..=599), Some(step)) if refusal.refuses_sender(step, recipients) => {
             ProviderError::transient(error.to_string())
         }
         _ if error.is_permanent() => ProviderError::permanent(error.to_string()),
         _ => ProviderError::transient(error.to_string()),
     }
-}
-
-/// Whether a refusal is for the message's size: `552` (RFC 5321: exceeded storage allocation, as
-/// servers answer a `SIZE` over their limit) or an enhanced status `5.3.4` or `5.2.3` (RFC 3463:
-/// message too big for the system, longer than the administrative limit).
-fn too_big(error: &lettre::transport::smtp::Error) -> bool {
-    error.status().map(u16::from) == Some(552)
-        || matches!(
-            EnhancedCode::of(error),
-            Some(
-                EnhancedCode {
-                    class: 5,
-                    subject: 3,
-                    detail: 4
-                } | EnhancedCode {
-                    class: 5,
-                    subject: 2,
-                    detail: 3
-                }
-            )
-        )
-}
-
-/// Whether a refusal's enhanced status code (RFC 3463) names the relay's own state rather than
-/// the recipient's: `x.3.x` (mail system) or `x.4.x` (network and routing).
-fn relay_state(error: &lettre::transport::smtp::Error) -> bool {
-    EnhancedCode::of(error).is_some_and(|code| matches!(code.subject, 3 | 4))
 }
 
 /// Phrases with which servers refuse to relay for the sender (Postfix `Relay access denied`,
@@ -505,57 +478,110 @@ const RELAYING: &[&str] = &[
     "relay not permitted",
 ];
 
-/// Whether a 5xx to `step` (`RCPT TO` or the message) refuses the sender or the account rather
-/// than this recipient or message, so that every message would be refused alike until someone
-/// fixes the account or the sender domain. Only where the reply says so:
-///
-/// | reply | at | meaning |
-/// |---|---|---|
-/// | `x.1.7`, `x.1.8` | any | the sender's address, or its domain, is bad (RFC 3463) |
-/// | `x.7.1` naming relaying or `Sender address rejected` | `RCPT TO` | relay access denied, the sender refused |
-/// | `x.7.8` | any | the account's credentials are invalid (RFC 4954) |
-/// | `x.7.20` to `x.7.27` | any | the sender's DKIM, SPF, reverse DNS or MX fail (RFC 7372) |
-/// | `x.7.x` naming the word DMARC, SPF or DKIM | any | the sender domain's authentication policy |
-/// | no enhanced code, naming relaying ([`RELAYING`]) | `RCPT TO` | as `x.7.1` |
-/// | no enhanced code: `address is not verified` not naming a recipient, `sending paused` | any | Amazon SES: unverified sender identity, account paused |
-///
-/// Everything else stays the recipient's or the message's: a bad or full mailbox (`5.1.1`,
-/// `5.1.x`, `5.2.1`, `5.2.2`), a `5.7.1` to `RCPT TO` that refuses the recipient (Postfix
-/// `Recipient address rejected: Access denied`, Exchange `not authorized`), SES naming an
-/// unverified recipient (its sandbox), and a `5.7.1` (or other `5.7.x`) to the message, which is
-/// as often its content refused as spam.
-fn refuses_sender(
-    step: TransactionStep,
-    error: &lettre::transport::smtp::Error,
-    recipients: &[Address],
-) -> bool {
-    let text = refusal_text(error).to_ascii_lowercase();
-    let names = |phrases: &[&str]| phrases.iter().any(|phrase| text.contains(phrase));
-    let at_rcpt = step == TransactionStep::Rcpt;
-    match EnhancedCode::of(error) {
-        Some(EnhancedCode {
-            subject: 1,
-            detail: 7 | 8,
-            ..
-        }) => true,
-        Some(EnhancedCode {
-            subject: 7, detail, ..
-        }) => {
-            (at_rcpt
-                && detail == 1
-                && !names(&["recipient address rejected"])
-                && (names(RELAYING) || names(&["sender address rejected"])))
-                || matches!(detail, 8 | 20..=27)
-                || names_word(&text, &["dmarc", "spf", "dkim"])
+/// A server's refusal, read once for [`classify`]'s questions about it.
+struct Refusal {
+    /// The reply code, if the server answered.
+    code: Option<u16>,
+    /// The enhanced status code (RFC 3463) its text begins with, if it has one.
+    enhanced: Option<EnhancedCode>,
+    /// Its text (the reply without its code) in lower case, empty if it has none.
+    text: String,
+}
+
+impl Refusal {
+    /// Reads `error`.
+    fn of(error: &lettre::transport::smtp::Error) -> Self {
+        let text = std::error::Error::source(error)
+            .map(ToString::to_string)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        Self {
+            code: error.status().map(u16::from),
+            enhanced: text.split_whitespace().next().and_then(EnhancedCode::parse),
+            text,
         }
-        Some(_) => false,
-        None => {
-            (at_rcpt && names(RELAYING))
-                || names(&["sending paused"])
-                || (names(&["address is not verified"])
-                    && !recipients
-                        .iter()
-                        .any(|to| text.contains(&to.to_string().to_ascii_lowercase())))
+    }
+
+    /// Whether the text names one of `phrases` (lower case).
+    fn names(&self, phrases: &[&str]) -> bool {
+        phrases.iter().any(|phrase| self.text.contains(phrase))
+    }
+
+    /// Whether it is for the message's size: `552` (RFC 5321: exceeded storage allocation, as
+    /// servers answer a `SIZE` over their limit) or an enhanced status `5.3.4` or `5.2.3`
+    /// (RFC 3463: message too big for the system, longer than the administrative limit).
+    fn is_too_big(&self) -> bool {
+        self.code == Some(552)
+            || matches!(
+                self.enhanced,
+                Some(
+                    EnhancedCode {
+                        class: 5,
+                        subject: 3,
+                        detail: 4
+                    } | EnhancedCode {
+                        class: 5,
+                        subject: 2,
+                        detail: 3
+                    }
+                )
+            )
+    }
+
+    /// Whether its enhanced status code (RFC 3463) names the relay's own state rather than the
+    /// recipient's: `x.3.x` (mail system) or `x.4.x` (network and routing).
+    fn names_relay_state(&self) -> bool {
+        self.enhanced
+            .is_some_and(|code| matches!(code.subject, 3 | 4))
+    }
+
+    /// Whether a 5xx to `step` (`RCPT TO` or the message) refuses the sender or the account rather
+    /// than this recipient or message, so that every message would be refused alike until someone
+    /// fixes the account or the sender domain. Only where the reply says so:
+    ///
+    /// | reply | at | meaning |
+    /// |---|---|---|
+    /// | `x.1.7`, `x.1.8` | any | the sender's address, or its domain, is bad (RFC 3463) |
+    /// | `x.7.1` naming relaying or `Sender address rejected` | `RCPT TO` | relay access denied, the sender refused |
+    /// | `x.7.8` | any | the account's credentials are invalid (RFC 4954) |
+    /// | `x.7.20` to `x.7.27` | any | the sender's DKIM, SPF, reverse DNS or MX fail (RFC 7372) |
+    /// | `x.7.x` naming the word DMARC, SPF or DKIM | any | the sender domain's authentication policy |
+    /// | no enhanced code, naming relaying ([`RELAYING`]) | `RCPT TO` | as `x.7.1` |
+    /// | no enhanced code: `address is not verified` not naming a recipient, `sending paused` | any | Amazon SES: unverified sender identity, account paused |
+    ///
+    /// Everything else stays the recipient's or the message's: a bad or full mailbox (`5.1.1`,
+    /// `5.1.x`, `5.2.1`, `5.2.2`), a `5.7.1` to `RCPT TO` that refuses the recipient (Postfix
+    /// `Recipient address rejected: Access denied`, Exchange `not authorized`), SES naming an
+    /// unverified recipient (its sandbox), and a `5.7.1` (or other `5.7.x`) to the message, which
+    /// is as often its content refused as spam.
+    fn refuses_sender(&self, step: TransactionStep, recipients: &[Address]) -> bool {
+        let names = |phrases: &[&str]| self.names(phrases);
+        let at_rcpt = step == TransactionStep::Rcpt;
+        match self.enhanced {
+            Some(EnhancedCode {
+                subject: 1,
+                detail: 7 | 8,
+                ..
+            }) => true,
+            Some(EnhancedCode {
+                subject: 7, detail, ..
+            }) => {
+                (at_rcpt
+                    && detail == 1
+                    && !names(&["recipient address rejected"])
+                    && (names(RELAYING) || names(&["sender address rejected"])))
+                    || matches!(detail, 8 | 20..=27)
+                    || names_word(&self.text, &["dmarc", "spf", "dkim"])
+            }
+            Some(_) => false,
+            None => {
+                (at_rcpt && names(RELAYING))
+                    || names(&["sending paused"])
+                    || (names(&["address is not verified"])
+                        && !recipients
+                            .iter()
+                            .any(|to| self.text.contains(&to.to_string().to_ascii_lowercase())))
+            }
         }
     }
 }
@@ -576,11 +602,6 @@ struct EnhancedCode {
 }
 
 impl EnhancedCode {
-    /// The enhanced status code a refusal's text begins with, if it has one.
-    fn of(error: &lettre::transport::smtp::Error) -> Option<Self> {
-        Self::parse(refusal_text(error).split_whitespace().next()?)
-    }
-
     /// `word` read as an enhanced status code: a class digit, then a subject and a detail of one
     /// to three digits each.
     fn parse(word: &str) -> Option<Self> {
@@ -599,13 +620,6 @@ impl EnhancedCode {
         };
         parts.next().is_none().then_some(code)
     }
-}
-
-/// The text of a refusal (the server's reply without its code), empty if it has none.
-fn refusal_text(error: &lettre::transport::smtp::Error) -> String {
-    std::error::Error::source(error)
-        .map(ToString::to_string)
-        .unwrap_or_default()
 }
 
 /// Whether lettre refused the envelope itself: a non-ASCII local part (`josé@…`) for a server
