@@ -136,6 +136,13 @@ async fn put_preferences(herald: &TestHerald, id: &str, body: &Value) -> (Status
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// PUTs `body` as `id`'s preferences, asserts they were stored and answers them as stored.
+async fn set_preferences(herald: &TestHerald, id: &str, body: &Value) -> Value {
+    let (status, stored) = put_preferences(herald, id, body).await;
+    assert_eq!(status, StatusCode::OK, "preferences of {id}: {stored}");
+    stored
+}
+
 /// Gives `customer` quiet hours that started an hour ago and end `for_` from now (UTC wall
 /// clock, to the second); returns when they end.
 async fn quiet_for(
@@ -145,7 +152,7 @@ async fn quiet_for(
 ) -> chrono::DateTime<Utc> {
     let now = Utc::now();
     let end = now + for_;
-    let (status, body) = put_preferences(
+    set_preferences(
         herald,
         customer,
         &json!({ "quiet_hours": {
@@ -155,7 +162,6 @@ async fn quiet_for(
         }}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     end
 }
 
@@ -267,7 +273,7 @@ async fn an_opted_out_channel_is_skipped_and_all_out_is_skipped_with_the_reason(
     let w = world(|_| {}).await;
     let hook = format!("{}/hooks/grace", w.hooks.uri());
     add_customers(&w.herald, vec![customer_row("grace", "en", Some(hook))]).await;
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "grace",
         &json!({ "preferences": [
@@ -277,7 +283,6 @@ async fn an_opted_out_channel_is_skipped_and_all_out_is_skipped_with_the_reason(
         ]}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     // Webhook opted out: the chain moves on to email.
     let id = w
@@ -384,7 +389,7 @@ async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
     let now = Utc::now();
     let end = now + ChronoDuration::seconds(10);
     let local = |at: chrono::DateTime<Utc>| at.with_timezone(&zone).format("%H:%M:%S").to_string();
-    let (status, body) = put_preferences(
+    let body = set_preferences(
         &w.herald,
         "mia",
         &json!({ "quiet_hours": {
@@ -393,7 +398,6 @@ async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
         }}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert!(
         body["quiet_hours"].get("timezone").is_none(),
         "no zone of their own is stored: {body}"
@@ -2891,13 +2895,12 @@ fn to_contacts(contacts: Value, category: &str, channels: &[&str]) -> Value {
 async fn a_send_to_a_customers_email_honours_their_opt_out() {
     let w = world(|_| {}).await;
     add_customers(&w.herald, vec![customer_row("ada", "en", None)]).await;
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "ada",
         &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     for email in ["ada@example.com", "Ada@Example.COM"] {
         let id = w
@@ -2932,7 +2935,7 @@ async fn a_send_to_a_customers_email_honours_their_opt_out() {
 async fn a_channel_opted_out_by_the_contacts_customer_moves_a_contact_send_on() {
     let w = world(|_| {}).await;
     add_customers(&w.herald, vec![customer_row("grace", "en", None)]).await;
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "grace",
         &json!({ "preferences": [
@@ -2940,7 +2943,6 @@ async fn a_channel_opted_out_by_the_contacts_customer_moves_a_contact_send_on() 
         ]}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     let hook = format!("{}/hooks/grace", w.hooks.uri());
     let id = w
@@ -2971,7 +2973,7 @@ async fn a_contact_sends_opt_out_says_whether_one_of_several_holders_opted_out()
     add_customers(&w.herald, vec![customer_row("grace", "en", None), other]).await;
     let wishes = [("grace", false), ("grace-work", true)];
     for (customer, enabled) in wishes {
-        let (status, body) = put_preferences(
+        set_preferences(
             &w.herald,
             customer,
             &json!({ "preferences": [
@@ -2979,7 +2981,6 @@ async fn a_contact_sends_opt_out_says_whether_one_of_several_holders_opted_out()
             ]}),
         )
         .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
     }
 
     let hook = format!("{}/hooks/grace", w.hooks.uri());
@@ -3073,13 +3074,12 @@ async fn contacts_of_no_customer_go_out_and_shared_ones_follow_every_holders_opt
     let sent = w.herald.wait_status(&family, "sent").await;
     assert!(sent["status_reason"].is_null(), "{sent}");
 
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "sue",
         &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     let family = w
         .herald
         .send_accepted(&to_contacts(
@@ -3207,7 +3207,7 @@ async fn a_send_to_a_customers_webhook_url_honours_their_opt_out() {
         vec![customer_row("grace", "en", Some(hook.clone()))],
     )
     .await;
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "grace",
         &json!({ "preferences": [
@@ -3215,7 +3215,6 @@ async fn a_send_to_a_customers_webhook_url_honours_their_opt_out() {
         ]}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     let id = w
         .herald
@@ -3270,13 +3269,12 @@ async fn a_send_naming_a_customer_and_another_customers_contact_follows_that_hol
     )
     .await;
     for opted_out in ["grace", "bob"] {
-        let (status, body) = put_preferences(
+        set_preferences(
             &w.herald,
             opted_out,
             &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
         )
         .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
     }
 
     let send = |email: &str| {
@@ -3315,13 +3313,12 @@ async fn an_emails_non_ascii_letters_compare_exactly_on_both_databases() {
     let mut emile = customer_row("emile", "en", None);
     emile.email = Set(Some("Émile@Example.com".into()));
     add_customers(&w.herald, vec![emile]).await;
-    let (status, body) = put_preferences(
+    set_preferences(
         &w.herald,
         "emile",
         &json!({ "preferences": [{ "category": "marketing", "enabled": false }] }),
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     let send = |email: &str| to_contacts(json!({ "email": email }), "marketing", &["email"]);
     let same = w.herald.send_accepted(&send("Émile@example.COM")).await;

@@ -587,16 +587,26 @@ mod tests {
         FailureSource::Notification(Uuid::now_v7())
     }
 
+    /// A send admitted now and answered at `at`.
+    fn succeed(cb: &mut CircuitBreaker, at: Instant) {
+        cb.on_success(Admission::Allowed, cb.period(), at);
+    }
+
+    /// A send admitted now that failed on its own (no Retry-After) at `at`.
+    fn fail(cb: &mut CircuitBreaker, at: Instant) {
+        cb.on_failure(Admission::Allowed, cb.period(), fresh(), at, None);
+    }
+
     #[test]
     fn opens_after_threshold_failures_within_window() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..2 {
             assert_eq!(cb.admit(t0 + ms(i)), Admission::Allowed);
-            cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(i), None);
+            fail(&mut cb, t0 + ms(i));
         }
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
+        fail(&mut cb, t0 + ms(10));
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.admit(t0 + ms(11)), Admission::Refused);
         assert_eq!(cb.times_opened(), 1);
@@ -622,9 +632,9 @@ mod tests {
             "one notification's retries opened the circuit"
         );
         assert_eq!(cb.recent_failures(), 1);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(600), None);
+        fail(&mut cb, t0 + ms(600));
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(700), None);
+        fail(&mut cb, t0 + ms(700));
         assert_eq!(
             cb.state(),
             CircuitState::Open,
@@ -644,17 +654,11 @@ mod tests {
             t0,
             Some(ms(30_000)),
         );
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(100), None);
+        fail(&mut cb, t0 + ms(100));
         cb.on_failure(Admission::Allowed, cb.period(), retried, t0 + ms(900), None);
         assert_eq!(cb.recent_failures(), 2);
         // The first failure of `retried` has left the window; its latest has not.
-        cb.on_failure(
-            Admission::Allowed,
-            cb.period(),
-            fresh(),
-            t0 + ms(1_050),
-            None,
-        );
+        fail(&mut cb, t0 + ms(1_050));
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(
             cb.cool_down_left(t0 + ms(1_050)),
@@ -695,48 +699,30 @@ mod tests {
         // Mixed results: a send is answered between failures, and only the share decides.
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_success(Admission::Allowed, cb.period(), t0);
+        succeed(&mut cb, t0);
         for i in 0..3 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(10 * i + 1));
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(10 * i + 5),
-                None,
-            );
+            succeed(&mut cb, t0 + ms(10 * i + 1));
+            fail(&mut cb, t0 + ms(10 * i + 5));
         }
         assert_eq!(
             cb.state(),
             CircuitState::Closed,
             "3 failures of 7 outcomes are under half"
         );
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(40), None);
+        fail(&mut cb, t0 + ms(40));
         assert_eq!(cb.state(), CircuitState::Open, "4 of 8 are half");
 
         // The successes leave the window too.
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..100 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
+            succeed(&mut cb, t0 + ms(i));
         }
         for i in 0..3 {
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(500 + 2 * i),
-                None,
-            );
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(501 + 2 * i));
+            fail(&mut cb, t0 + ms(500 + 2 * i));
+            succeed(&mut cb, t0 + ms(501 + 2 * i));
         }
         assert_eq!(cb.state(), CircuitState::Closed);
-        cb.on_failure(
-            Admission::Allowed,
-            cb.period(),
-            fresh(),
-            t0 + ms(1_200),
-            None,
-        );
+        fail(&mut cb, t0 + ms(1_200));
         assert_eq!(
             cb.state(),
             CircuitState::Open,
@@ -752,25 +738,13 @@ mod tests {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(CircuitSettings::default());
         for i in 0..1_000 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i * 20));
+            succeed(&mut cb, t0 + ms(i * 20));
         }
         for i in 0..4 {
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(30_000 + i * 20),
-                None,
-            );
+            fail(&mut cb, t0 + ms(30_000 + i * 20));
         }
         assert_eq!(cb.state(), CircuitState::Closed, "4 failures of 5 needed");
-        cb.on_failure(
-            Admission::Allowed,
-            cb.period(),
-            fresh(),
-            t0 + ms(30_080),
-            None,
-        );
+        fail(&mut cb, t0 + ms(30_080));
         assert_eq!(
             cb.state(),
             CircuitState::Open,
@@ -780,19 +754,19 @@ mod tests {
         // A send answered among the failures starts the count again.
         let mut cb = CircuitBreaker::new(settings());
         for i in 0..100 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i));
+            succeed(&mut cb, t0 + ms(i));
         }
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(200), None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(201), None);
-        cb.on_success(Admission::Allowed, cb.period(), t0 + ms(202));
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(203), None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(204), None);
+        fail(&mut cb, t0 + ms(200));
+        fail(&mut cb, t0 + ms(201));
+        succeed(&mut cb, t0 + ms(202));
+        fail(&mut cb, t0 + ms(203));
+        fail(&mut cb, t0 + ms(204));
         assert_eq!(
             cb.state(),
             CircuitState::Closed,
             "2 failures since the last answered send, 4 of 105 outcomes"
         );
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(205), None);
+        fail(&mut cb, t0 + ms(205));
         assert_eq!(cb.state(), CircuitState::Open, "3 since the last answered");
     }
 
@@ -804,7 +778,7 @@ mod tests {
         let mut at = 0;
         for round in 0..2 {
             for _ in 0..64 {
-                cb.on_success(Admission::Allowed, cb.period(), t0 + ms(at));
+                succeed(&mut cb, t0 + ms(at));
                 at += 1;
             }
             for _ in 0..2 {
@@ -834,16 +808,10 @@ mod tests {
             ..settings()
         });
         for i in 0..1_000 {
-            cb.on_success(Admission::Allowed, cb.period(), t0 + ms(i / 10));
+            succeed(&mut cb, t0 + ms(i / 10));
         }
         for i in 0..3 {
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(100 + i),
-                None,
-            );
+            fail(&mut cb, t0 + ms(100 + i));
         }
         assert_eq!(cb.state(), CircuitState::Open);
     }
@@ -852,15 +820,9 @@ mod tests {
     fn failures_outside_the_window_do_not_add_up() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(600), None);
-        cb.on_failure(
-            Admission::Allowed,
-            cb.period(),
-            fresh(),
-            t0 + ms(1_500),
-            None,
-        );
+        fail(&mut cb, t0);
+        fail(&mut cb, t0 + ms(600));
+        fail(&mut cb, t0 + ms(1_500));
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 2);
     }
@@ -938,8 +900,8 @@ mod tests {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
         assert_eq!(cb.probe_in(t0), None, "closed");
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
+        fail(&mut cb, t0);
+        fail(&mut cb, t0 + ms(10));
         cb.on_failure(
             Admission::Allowed,
             cb.period(),
@@ -1085,8 +1047,8 @@ mod tests {
     fn a_longer_retry_after_keeps_the_circuit_open_until_it_passes() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(10), None);
+        fail(&mut cb, t0);
+        fail(&mut cb, t0 + ms(10));
         cb.on_failure(
             Admission::Allowed,
             cb.period(),
@@ -1139,8 +1101,8 @@ mod tests {
             t0,
             Some(ms(30_000)),
         );
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(100), None);
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0 + ms(200), None);
+        fail(&mut cb, t0 + ms(100));
+        fail(&mut cb, t0 + ms(200));
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(cb.cool_down_left(t0 + ms(200)), ms(29_800));
         assert_eq!(cb.admit(t0 + ms(29_999)), Admission::Refused);
@@ -1224,7 +1186,7 @@ mod tests {
     fn an_account_throttle_holds_the_circuit_for_the_providers_wait_without_a_failure() {
         let t0 = Instant::now();
         let mut cb = CircuitBreaker::new(settings());
-        cb.on_failure(Admission::Allowed, cb.period(), fresh(), t0, None);
+        fail(&mut cb, t0);
         cb.on_throttle(
             Admission::Allowed,
             cb.period(),
@@ -1246,13 +1208,7 @@ mod tests {
         assert_eq!(cb.state(), CircuitState::Closed);
         assert_eq!(cb.recent_failures(), 0);
         for i in 0..2 {
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(2_020 + i),
-                None,
-            );
+            fail(&mut cb, t0 + ms(2_020 + i));
         }
         assert_eq!(
             cb.state(),
@@ -1324,13 +1280,7 @@ mod tests {
             Some(ms(30_000)),
         );
         for i in 0..3 {
-            cb.on_failure(
-                Admission::Allowed,
-                cb.period(),
-                fresh(),
-                t0 + ms(2_000 + i),
-                None,
-            );
+            fail(&mut cb, t0 + ms(2_000 + i));
         }
         assert_eq!(cb.state(), CircuitState::Open);
         assert_eq!(
