@@ -55,7 +55,7 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct WebhookConfig {
-    /// Signing secret: `whsec_` followed by the base64 of a 24–64 byte key.
+    /// Signing secret: `whsec_` followed by the base64 of a key of at least 24 bytes.
     /// Not serialised: `herald config` omits it.
     #[serde(skip_serializing)]
     pub secret: String,
