@@ -45,10 +45,13 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --lib --bins
 # (criterion, fantoccini), so most of the tree would be compiled a second time for the tests.
 log "building the herald binary and the tests"
 cargo build --workspace --locked --bins --tests
-# The end-to-end tests mostly wait on servers and clocks (with two test threads the process used
-# about one core of two), so they run with half again as many threads as there are cores: on the
-# 2-core machine 162 s → 130 s for the SQLite run, 1.5 cores busy.
-export RUST_TEST_THREADS=${RUST_TEST_THREADS:-$(($(nproc) * 3 / 2))}
+# The end-to-end tests mostly wait on servers and clocks, so they run with twice as many threads
+# as there are cores. On the 2-core machine (2026-12-07), three threads kept about one core busy
+# (the SQLite suite's tests add up to ~15 min of waiting; run alone in processes of their own
+# they took 4 min 40 s); six took the SQLite suite to 3 min 47 s at 1.6 cores busy but the
+# PostgreSQL one only from 6 min 57 s to 6 min 3 s, with the load average at 23: four leaves
+# headroom for the tests' timing on a slower day.
+export RUST_TEST_THREADS=${RUST_TEST_THREADS:-$(($(nproc) * 2))}
 # A hung test must fail the run with a message, not block it until CI's own limit (90 min) ends
 # it unexplained. Each suite takes ~2-3 min on the 2-core machine; 25 min each leaves room for
 # the build within those 90 min.
