@@ -217,9 +217,13 @@ impl TokenSource {
         Ok(reply.access_token)
     }
 
-    /// Forgets the cached token (the API refused it), so the next request fetches another.
-    pub async fn forget(&self) {
-        *self.cached.lock().await = None;
+    /// Forgets `refused`, a token the API refused, so the next request fetches another; a newer
+    /// token cached since (the refusal answered a send made with an older one) is kept.
+    pub async fn forget(&self, refused: &str) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|(token, _)| token == refused) {
+            *cached = None;
+        }
     }
 
     async fn exchange(&self) -> Result<TokenReply, ProviderError> {
@@ -371,7 +375,16 @@ pub(crate) mod tests {
         let lifetime = claims["exp"].as_i64().expect("exp") - claims["iat"].as_i64().expect("iat");
         assert_eq!(lifetime, ASSERTION_LIFETIME_SECS);
 
-        tokens.forget().await;
+        tokens.forget("ya29.older").await;
+        assert_eq!(tokens.token().await.expect("token"), "ya29.fresh");
+        let requests = server.received_requests().await.expect("recorded");
+        assert_eq!(
+            requests.len(),
+            1,
+            "a refusal of an older token keeps the one fetched since"
+        );
+
+        tokens.forget("ya29.fresh").await;
         tokens.token().await.expect("token");
         let requests = server.received_requests().await.expect("recorded");
         assert_eq!(requests.len(), 2, "a forgotten token is fetched again");

@@ -169,10 +169,10 @@ impl Credentials {
         }
     }
 
-    /// FCM refused the token (revoked, or expired early): the next send fetches another.
-    async fn refused(&self) {
+    /// FCM refused `bearer` (revoked, or expired early): the next send fetches another.
+    async fn refused(&self, bearer: &str) {
         if let Credentials::Fetched(source) = self {
-            source.forget().await;
+            source.forget(bearer).await;
         }
     }
 }
@@ -500,7 +500,7 @@ impl PushProvider {
             .json(&body);
         let reply = http::exchange(request).await?;
         if refuses_the_bearer(reply.status, &reply.bytes) {
-            self.credentials.refused().await;
+            self.credentials.refused(bearer).await;
         }
         if reply.status.is_success() {
             return Ok(http::accepted_id(
