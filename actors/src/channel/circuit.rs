@@ -587,12 +587,13 @@ mod tests {
         FailureSource::Notification(Uuid::now_v7())
     }
 
-    /// A send admitted now and answered at `at`.
+    /// A send admitted (`Allowed`) in the current period and answered at `at`.
     fn succeed(cb: &mut CircuitBreaker, at: Instant) {
         cb.on_success(Admission::Allowed, cb.period(), at);
     }
 
-    /// A send admitted now that failed on its own (no Retry-After) at `at`.
+    /// A send admitted (`Allowed`) in the current period that failed on its own (no Retry-After)
+    /// at `at`.
     fn fail(cb: &mut CircuitBreaker, at: Instant) {
         cb.on_failure(Admission::Allowed, cb.period(), fresh(), at, None);
     }
