@@ -46,15 +46,16 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --lib --bins
 log "building the herald binary and the tests"
 cargo build --workspace --locked --bins --tests
 # The end-to-end tests mostly wait on servers and clocks, so they run with twice as many threads
-# as there are cores. On the 2-core machine (2026-12-07), three threads kept about one core busy
-# (the SQLite suite's tests add up to ~15 min of waiting; run alone in processes of their own
-# they took 4 min 40 s); six took the SQLite suite to 3 min 47 s at 1.6 cores busy but the
-# PostgreSQL one only from 6 min 57 s to 6 min 3 s, with the load average at 23: four leaves
-# headroom for the tests' timing on a slower day.
+# as there are cores. On the 2-core machine (2026-12-07): with three threads, each test in a
+# process of its own (cargo-nextest), the SQLite suite's tests added up to ~14 min and took
+# 4 min 40 s at about one core busy; `cargo test` with six threads took it 3 min 47 s at 1.6
+# cores busy, and the PostgreSQL suite 6 min 3 s against 6 min 57 s with three, with the load
+# average at 23. Four (not timed on its own) leaves the tests' timing more headroom on a slower
+# day than six.
 export RUST_TEST_THREADS=${RUST_TEST_THREADS:-$(($(nproc) * 2))}
 # A hung test must fail the run with a message, not block it until CI's own limit (90 min) ends
-# it unexplained. Each suite takes ~2-3 min on the 2-core machine; 25 min each leaves room for
-# the build within those 90 min.
+# it unexplained. The suites take about 4 (SQLite) and 6-7 min (PostgreSQL) on the 2-core machine;
+# 25 min each leaves room for the build within those 90 min.
 suite_limit=${HERALD_TEST_SUITE_TIMEOUT:-1500}
 # Runs test suite $1 (the command after it) for at most $suite_limit seconds. `timeout` signals
 # its whole process group: cargo, the test binaries and the servers they started.
