@@ -45,8 +45,9 @@
 //! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
 //! until none are left, resting between batches so that other writers get the database. Each
 //! clean-up (also with `retention_days` 0) first removes the held receipts that no send will apply
-//! ([`repo::receipts::drop_stranded`]); a failure of that removal is logged and retention runs all
-//! the same.
+//! ([`repo::receipts::drop_stranded`]) and forgets the webhook secrets replaced longer than
+//! `channels.webhook.rotation_grace_secs` ago; a failure of either is logged and retention runs
+//! all the same.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -147,6 +148,10 @@ pub struct SchedulerArgs {
     pub settings: SchedulerSettings,
     /// Wall clock (what is due).
     pub clock: Clock,
+    /// Seconds a replaced webhook secret signs beside its successor
+    /// (`channels.webhook.rotation_grace_secs`): each clean-up forgets the ones replaced longer
+    /// ago.
+    pub webhook_rotation_grace_secs: u64,
 }
 
 /// State of the [`Scheduler`].
@@ -281,9 +286,10 @@ impl Drop for WhenDone {
 
 /// Starts a clean-up on a task of its own when one is due and none is running: every
 /// `retention_interval_secs`, the removal of stranded held receipts
-/// ([`repo::receipts::drop_stranded`]), then retention ([`purge`]) when `retention_days` is set.
-/// A failed removal is logged and counted (`herald_held_receipts_sweep_failures_total`) and
-/// costs retention nothing.
+/// ([`repo::receipts::drop_stranded`]) and of the webhook secrets whose rotation grace is over
+/// ([`forget_replaced_secrets`]), then retention ([`purge`]) when `retention_days` is set.
+/// A failed removal is logged (a failed removal of held receipts also counted,
+/// `herald_held_receipts_sweep_failures_total`) and costs the rest nothing.
 fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
     let settings = state.args.settings;
     let due = !state.purging
@@ -303,11 +309,33 @@ fn start_purge(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
             tracing::warn!(error = %err, "scheduler: clean-up of held receipts failed");
             metrics::counter!("herald_held_receipts_sweep_failures_total").increment(1);
         }
+        forget_replaced_secrets(&args).await;
         if settings.retention_days > 0 {
             retain(&args, settings.retention_days, &stop).await;
         }
         drop(done);
     });
+}
+
+/// Forgets the webhook secrets replaced longer than `webhook_rotation_grace_secs` ago
+/// ([`repo::customers::forget_replaced_webhook_secrets`]): they sign nothing any more. A failure
+/// is logged; the next clean-up tries again.
+async fn forget_replaced_secrets(args: &SchedulerArgs) {
+    let grace = crate::channel::webhook::rotation_grace(args.webhook_rotation_grace_secs);
+    // A grace too long to subtract from now keeps every replaced secret.
+    let Some(cutoff) = (args.clock)().checked_sub_signed(grace) else {
+        return;
+    };
+    match repo::customers::forget_replaced_webhook_secrets(&args.db, cutoff).await {
+        Ok(0) => {}
+        Ok(forgotten) => tracing::info!(
+            forgotten,
+            "scheduler: forgot the webhook secrets replaced longer than their rotation grace ago"
+        ),
+        Err(err) => {
+            tracing::warn!(error = %err, "scheduler: clean-up of replaced webhook secrets failed");
+        }
+    }
 }
 
 /// Deletes the final notifications older than `days` ([`purge`]), logging and counting what went.

@@ -9,8 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use herald_actors::{
     channel::{
-        ChannelArgs, ChannelDirectory, Provider, announce::CircuitAnnouncer, email::EmailProvider,
-        push::PushProvider, sms::SmsProvider, telegram::TelegramProvider, webhook::WebhookProvider,
+        ChannelArgs, ChannelDirectory, Provider,
+        announce::CircuitAnnouncer,
+        email::EmailProvider,
+        push::PushProvider,
+        sms::SmsProvider,
+        telegram::TelegramProvider,
+        webhook::{WebhookConfig, WebhookProvider},
     },
     delivery::DeliveryContext,
     dispatcher::{DispatcherArgs, DispatcherMsg, PartitionDeliveries},
@@ -515,6 +520,14 @@ async fn start_engine(
             publisher: publisher.clone(),
             settings: config.scheduler,
             clock: herald_actors::policy::system_clock(),
+            // Without a webhook channel no secret signs; stored ones are forgotten as by default.
+            webhook_rotation_grace_secs: config
+                .channels
+                .webhook
+                .as_ref()
+                .map_or(WebhookConfig::default().rotation_grace_secs, |webhook| {
+                    webhook.rotation_grace_secs
+                }),
         },
         scheduler_slot: scheduler.clone(),
         status_writer: StatusWriterArgs {

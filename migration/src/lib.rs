@@ -41,6 +41,7 @@ mod m20261207_002001_held_receipts;
 mod m20261207_002101_customer_contact_indexes;
 mod m20261207_003090_customer_contact_matching;
 mod m20261207_003091_customer_previous_webhook_secret;
+mod m20261207_003101_replaced_webhook_secret_index;
 
 /// All of Herald's migrations, in order.
 pub struct Migrator;
@@ -79,6 +80,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_002101_customer_contact_indexes::Migration),
             Box::new(m20261207_003090_customer_contact_matching::Migration),
             Box::new(m20261207_003091_customer_previous_webhook_secret::Migration),
+            Box::new(m20261207_003101_replaced_webhook_secret_index::Migration),
         ]
     }
 }

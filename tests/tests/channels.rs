@@ -13,7 +13,7 @@ use herald_actors::channel::{
 use herald_engine::Config;
 use herald_tests::{
     E2E_TIMEOUT, HeraldProcess, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually,
-    status_events, stored_status, test_config,
+    eventually_showing, status_events, stored_status, test_config,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -2669,5 +2669,77 @@ async fn fcm_s_project_quota_holds_every_push_but_a_device_s_quota_only_that_dev
         "FCM was not called while the project was held"
     );
     assert_held(&w, "push", 60).await;
+    w.herald.shutdown().await.expect("shutdown");
+}
+
+/// A replaced customer secret signs nothing once its rotation grace is over, and the clean-up
+/// (every `scheduler.retention_interval_secs`) then forgets it; one still within its grace is
+/// kept. Replaced secrets used to be kept for good.
+#[tokio::test]
+async fn the_clean_up_forgets_a_replaced_secret_once_its_grace_is_over() {
+    use herald_entities::repo::customers::find_by_external_id;
+    let w = world(|config| {
+        config.scheduler.retention_interval_secs = 1;
+        if let Some(webhook) = config.channels.webhook.as_mut() {
+            webhook.rotation_grace_secs = 3_600;
+        }
+    })
+    .await;
+    for id in ["shop-old", "shop-new"] {
+        let url = format!("{}/hooks/{id}", w.provider.uri());
+        store_customer(
+            &w,
+            id,
+            json!({"webhook_url": url, "webhook_secret": OWN_WEBHOOK_SECRET}),
+        )
+        .await;
+        put_customer(
+            &w,
+            id,
+            json!({"webhook_url": url, "webhook_secret": NEW_WEBHOOK_SECRET}),
+        )
+        .await;
+    }
+    // Past the configured grace of an hour, well within the default day.
+    age_secret_replacement(&w, "shop-old", chrono::TimeDelta::hours(2)).await;
+
+    let db = w.herald.db();
+    let stored = |id: &'static str| async move {
+        find_by_external_id(db, id)
+            .await
+            .expect("customer read")
+            .expect("customer stored")
+    };
+    let old = eventually_showing(
+        "the clean-up to forget shop-old's replaced secret",
+        E2E_TIMEOUT,
+        || async {
+            let old = stored("shop-old").await;
+            match old.previous_webhook_secret {
+                None => Ok(old),
+                Some(_) => Err(format!(
+                    "still kept, replaced at {:?}",
+                    old.webhook_secret_replaced_at
+                )),
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        old.webhook_secret_replaced_at, None,
+        "forgotten with its date"
+    );
+    assert_eq!(
+        old.webhook_secret.as_deref(),
+        Some(NEW_WEBHOOK_SECRET),
+        "the secret that signs stays"
+    );
+    let new = stored("shop-new").await;
+    assert_eq!(
+        new.previous_webhook_secret.as_deref(),
+        Some(OWN_WEBHOOK_SECRET),
+        "a secret replaced within its grace still signs, and is kept"
+    );
+    assert!(new.webhook_secret_replaced_at.is_some());
     w.herald.shutdown().await.expect("shutdown");
 }

@@ -674,3 +674,24 @@ async fn the_lookup_of_whose_contacts_a_send_names_uses_the_contact_indexes() {
     );
     txn.rollback().await.expect("planning transaction ended");
 }
+
+/// The clean-up's forgetting of webhook secrets replaced over their rotation grace ago finds them
+/// on `idx_customers_webhook_secret_replaced_at` (`m20261207_003101`), not by reading every
+/// customer.
+#[tokio::test]
+async fn the_clean_up_finds_replaced_webhook_secrets_on_their_index() {
+    let database = TestDatabase::from_env().await.expect("test database");
+    let kind = database.kind();
+    migrated(database.url()).await.expect("database migrated");
+    let (_db, txn) = planning(database.url(), kind).await;
+    let forget = customers::forget_replaced_webhook_secrets_query(Utc::now()).into_query();
+    assert_planned_on(
+        &txn,
+        kind,
+        &forget,
+        "idx_customers_webhook_secret_replaced_at",
+        "the clean-up's forgetting of replaced webhook secrets",
+    )
+    .await;
+    txn.rollback().await.expect("planning transaction ended");
+}

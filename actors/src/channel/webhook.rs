@@ -333,7 +333,7 @@ impl WebhookProvider {
             name,
             client,
             keys,
-            rotation_grace: grace(config.rotation_grace_secs),
+            rotation_grace: rotation_grace(config.rotation_grace_secs),
             allow_private_targets: config.allow_private_targets,
             timeout: Duration::from_millis(config.timeout_ms),
         })
@@ -422,9 +422,10 @@ impl WebhookProvider {
     }
 }
 
-/// `secs` as a [`chrono::TimeDelta`]; one beyond its range (some 292 million years) is its
-/// largest.
-fn grace(secs: u64) -> chrono::TimeDelta {
+/// `rotation_grace_secs` as a [`chrono::TimeDelta`]; one beyond its range (some 292 million
+/// years) is its largest. The webhook provider and the clean-up that forgets replaced secrets
+/// (see [`crate::scheduler`]) both read the grace so.
+pub fn rotation_grace(secs: u64) -> chrono::TimeDelta {
     i64::try_from(secs)
         .ok()
         .and_then(chrono::TimeDelta::try_seconds)
@@ -710,7 +711,7 @@ mod tests {
         assert_eq!(keys(59), [other.clone(), third]);
         assert_eq!(keys(60), std::slice::from_ref(&other));
         assert_eq!(keys(86_400), [other]);
-        assert_eq!(grace(u64::MAX), chrono::TimeDelta::MAX);
+        assert_eq!(rotation_grace(u64::MAX), chrono::TimeDelta::MAX);
     }
 
     #[tokio::test]

@@ -316,9 +316,44 @@ pub async fn clear_webhook_url(
     external_id: &str,
     url: &str,
 ) -> Result<bool, RepoError> {
-    let result = customer::Entity::update_many()
+    let result = without_replaced_secret(customer::Entity::update_many())
         .col_expr(customer::Column::WebhookUrl, Expr::value(None::<String>))
         .col_expr(customer::Column::WebhookSecret, Expr::value(None::<String>))
+        .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
+        .filter(customer::Column::ExternalId.eq(external_id))
+        .filter(customer::Column::WebhookUrl.eq(url))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
+/// Forgets the webhook secrets replaced before `cutoff`, whose rotation grace is over: they sign
+/// nothing any more, and a secret that signs nothing is better not kept. Answers how many
+/// customers had one. Housekeeping, not a change of the customer: `updated_at` stays.
+pub async fn forget_replaced_webhook_secrets(
+    db: &impl ConnectionTrait,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, RepoError> {
+    let result = forget_replaced_webhook_secrets_query(cutoff)
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
+/// The UPDATE of [`forget_replaced_webhook_secrets`], planned on the partial index of
+/// replacements (`m20261207_003101`).
+pub fn forget_replaced_webhook_secrets_query(
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> sea_orm::UpdateMany<customer::Entity> {
+    without_replaced_secret(customer::Entity::update_many())
+        .filter(customer::Column::WebhookSecretReplacedAt.lt(cutoff))
+}
+
+/// `update` clearing the replaced webhook secret and the time of its replacement.
+fn without_replaced_secret(
+    update: sea_orm::UpdateMany<customer::Entity>,
+) -> sea_orm::UpdateMany<customer::Entity> {
+    update
         .col_expr(
             customer::Column::PreviousWebhookSecret,
             Expr::value(None::<String>),
@@ -327,12 +362,6 @@ pub async fn clear_webhook_url(
             customer::Column::WebhookSecretReplacedAt,
             Expr::value(None::<chrono::DateTime<chrono::Utc>>),
         )
-        .col_expr(customer::Column::UpdatedAt, Expr::value(chrono::Utc::now()))
-        .filter(customer::Column::ExternalId.eq(external_id))
-        .filter(customer::Column::WebhookUrl.eq(url))
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected > 0)
 }
 
 /// Forgets a Telegram chat id the Bot API declared gone (bot blocked, user deactivated, bot
