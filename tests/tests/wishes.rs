@@ -2037,9 +2037,11 @@ async fn due_notifications_go_out_while_retention_is_held_up() {
         w.herald.shutdown().await.expect("clean shutdown");
         return;
     }
+    // Old enough for retention only some seconds after it is stored: a clean-up (one a second)
+    // that ran between the insert and the lock would have deleted it, and none would wait.
     let mut old = herald_tests::queued_notification(None);
     old.status = NotificationStatus::Sent;
-    old.created_at = Utc::now() - ChronoDuration::days(10);
+    old.created_at = Utc::now() - ChronoDuration::days(7) + ChronoDuration::seconds(5);
     let old_id = old.id;
     herald_entities::repo::notifications::insert_many(w.herald.db(), vec![old])
         .await
@@ -2048,11 +2050,18 @@ async fn due_notifications_go_out_while_retention_is_held_up() {
         .await
         .expect("connection");
     let lock = holder.begin().await.expect("transaction");
-    lock.execute_unprepared(&format!(
-        "SELECT id FROM notifications WHERE id = '{old_id}' FOR UPDATE"
-    ))
-    .await
-    .expect("row locked");
+    let locked = lock
+        .query_all_raw(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            format!("SELECT id FROM notifications WHERE id = '{old_id}' FOR UPDATE"),
+        ))
+        .await
+        .expect("row locked");
+    assert_eq!(
+        locked.len(),
+        1,
+        "the row was locked before it was old enough to remove"
+    );
     eventually("a clean-up to wait for the lock", E2E_TIMEOUT, || async {
         let waiting = w
             .herald
