@@ -86,13 +86,13 @@ impl NotificationStatus {
             Queued => &[],
             // A long deferral (quiet hours, a rate limit) waits as a scheduled notification.
             Scheduled => &[Processing],
-            Processing => &[Queued, Scheduled, Processing],
-            Sent => &[Queued, Scheduled, Processing],
+            Processing => &Self::NOT_FINAL,
+            Sent => &Self::NOT_FINAL,
             Delivered => &[Sent],
             // Not from `sent`: a dispatcher's failure on a redelivered command would undo a
             // delivery. A receipt's bounce moves `sent` to `failed` by its own UPDATE
             // (`repo::receipts::apply`).
-            Failed | Skipped | Dead => &[Queued, Scheduled, Processing],
+            Failed | Skipped | Dead => &Self::NOT_FINAL,
             Cancelled => &[Queued, Scheduled],
         }
     }

@@ -179,6 +179,20 @@ impl TestHerald {
         (status, json)
     }
 
+    /// PUTs a JSON body to a path; returns the status and the JSON body.
+    pub async fn put(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PUT {path} failed: {e}"));
+        let status = response.status();
+        let json = response.json().await.unwrap_or(Value::Null);
+        (status, json)
+    }
+
     /// GETs a path; returns the status and the JSON body.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         let response = self

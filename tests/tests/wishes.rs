@@ -122,18 +122,9 @@ fn to_customer(id: &str, category: &str, channels: &[&str]) -> Value {
 }
 
 async fn put_preferences(herald: &TestHerald, id: &str, body: &Value) -> (StatusCode, Value) {
-    let response = herald
-        .http()
-        .put(format!(
-            "{}/api/v1/customers/{id}/preferences",
-            herald.base()
-        ))
-        .json(body)
-        .send()
+    herald
+        .put(&format!("/api/v1/customers/{id}/preferences"), body)
         .await
-        .expect("PUT preferences");
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 /// PUTs `body` as `id`'s preferences, asserts they were stored and answers them as stored.

@@ -817,14 +817,14 @@ fn refuse(state: &mut ChannelState) -> Duration {
 
 /// Reports a finished send to the circuit, and announces the circuit if that opened it.
 fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: Verdict) {
+    let now = Instant::now();
     match verdict {
-        Verdict::Answered => state.breaker.on_success(admission, period, Instant::now()),
+        Verdict::Answered => state.breaker.on_success(admission, period, now),
         Verdict::Failed {
             retry_after,
             source,
         } => {
             let was = state.breaker.state();
-            let now = Instant::now();
             state
                 .breaker
                 .on_failure(admission, period, source, now, retry_after);

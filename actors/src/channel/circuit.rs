@@ -429,10 +429,9 @@ struct Window {
     /// The number of the first failure after the last answered send: the failures numbered from
     /// it on came in with nothing answered since.
     unanswered_from: u64,
-    /// How many sends were answered in each slice, by the slice's start.
+    /// How many sends were answered in each slice, by the slice's start (at most [`SLICES`] + 1
+    /// slices, summed only when a failure asks for the share).
     answered: VecDeque<(Instant, u64)>,
-    /// Their sum.
-    answered_total: u64,
 }
 
 /// The slices of a window the answered sends are counted in.
@@ -469,7 +468,8 @@ impl Window {
     /// The failures' share of the window's outcomes, in percent: the sends they failed (an
     /// incident weighs as many as it failed) among those and the answered ones.
     fn failure_percent(&self) -> u32 {
-        let outcomes = self.failed_sends + self.answered_total;
+        let answered: u64 = self.answered.iter().map(|&(_, count)| count).sum();
+        let outcomes = self.failed_sends + answered;
         u32::try_from(self.failed_sends * 100 / outcomes.max(1)).unwrap_or(100)
     }
 
@@ -480,16 +480,13 @@ impl Window {
             .is_some_and(|latest| latest.seq == failure.seq)
     }
 
-    /// The longest wait any failure in the window asked for, until when.
+    /// The longest wait any failure in the window (each source's latest) asked for, until when.
     fn longest_wait(&self) -> Option<Instant> {
-        self.live().filter_map(|failure| failure.asked).max()
-    }
-
-    /// The failures in the window, each source's latest.
-    fn live(&self) -> impl Iterator<Item = &Failure> {
         self.failures
             .iter()
             .filter(|failure| self.is_latest(failure))
+            .filter_map(|failure| failure.asked)
+            .max()
     }
 
     /// Counts a failure of `source` at `now` (replacing an earlier one of it) in a window `length`
@@ -523,7 +520,6 @@ impl Window {
     fn answered(&mut self, now: Instant, length: Duration) {
         self.forget_before(now, length);
         self.unanswered_from = self.next_seq;
-        self.answered_total += 1;
         let slice = (length / SLICES).max(Duration::from_millis(1));
         match self.answered.back_mut() {
             Some((start, count)) if now.saturating_duration_since(*start) < slice => *count += 1,
@@ -545,12 +541,11 @@ impl Window {
                 self.failed_sends -= latest.sends;
             }
         }
-        while let Some(&(start, count)) = self.answered.front() {
+        while let Some(&(start, _)) = self.answered.front() {
             if !old(start) {
                 break;
             }
             self.answered.pop_front();
-            self.answered_total -= count;
         }
     }
 
@@ -560,7 +555,6 @@ impl Window {
         self.latest.clear();
         self.failed_sends = 0;
         self.answered.clear();
-        self.answered_total = 0;
     }
 }
 

@@ -288,9 +288,7 @@ impl SmtpSendError {
     /// after the group's timeout, or could not be reopened.
     fn of_the_connection(&self) -> bool {
         match self {
-            Self::Smtp(err) => {
-                !err.is_client() && err.status().is_none_or(|code| u16::from(code) == 421)
-            }
+            Self::Smtp(err) => !err.is_client() && !server_answered(err),
             Self::Reopen(_) | Self::Pool(_) => true,
             _ => false,
         }
@@ -443,8 +441,8 @@ impl SmtpPool {
         self.answer(answered, queued.deadline)
     }
 
-    /// A caller's outcome from the group that took its message; none means the group was given
-    /// up: after its timeout, or once the last of its messages' deadlines had passed.
+    /// A caller's outcome from the group that took its message; none (the group's task ended
+    /// without answering it: it panicked or was dropped) is taken as a group given up.
     fn answer(&self, answered: Result<Outcome, RecvError>, deadline: Instant) -> Outcome {
         answered.unwrap_or_else(|_| {
             Err(if Instant::now() >= deadline {
@@ -607,8 +605,14 @@ fn hung_up_unanswered(
 fn proves_answered(result: &Result<Response, smtp::Error>) -> bool {
     match result {
         Ok(_) => true,
-        Err(err) => err.status().is_some_and(|code| u16::from(code) != 421),
+        Err(err) => server_answered(err),
     }
+}
+
+/// Whether `err` is the server's answer: a reply other than a `421`, which may be a hang-up's
+/// only word.
+fn server_answered(err: &smtp::Error) -> bool {
+    err.status().is_some_and(|code| u16::from(code) != 421)
 }
 
 /// The error of a message whose send (alone or in a group) took longer than `timeout`.
@@ -625,7 +629,7 @@ fn gave_up(timeout: Duration) -> SmtpSendError {
 ///
 /// Past `limits.timeout`, or the latest of its messages' deadlines (when every caller has stopped
 /// waiting), the connection is closed, and only the callers still unanswered get the
-/// "no reply" error (their reply senders are dropped): a message whose acceptance was read is
+/// "no reply" error, as one incident of the connection (`Answers::give_up`): a message whose acceptance was read is
 /// never reported failed, and sent again by a retry, because the messages after it went
 /// unanswered. One still unanswered may have been delivered all the same (its reply late or
 /// lost), which no SMTP client can tell.

@@ -119,6 +119,9 @@ impl ContactSet {
     /// These contacts without those `customer` holds (see [`ContactSet::held_by`]): the ones a
     /// send naming `customer` gives beyond the customer's own.
     pub fn not_held_by(mut self, customer: &customer::Model) -> ContactSet {
+        // Taken out first, so that `held_by` does not read the customer's push tokens: they are
+        // read once, below.
+        let tokens = std::mem::take(&mut self.push_tokens);
         let held = self.held_by(customer);
         let drop = |contact: &mut Option<String>, held: bool| {
             if held {
@@ -129,9 +132,12 @@ impl ContactSet {
         drop(&mut self.phone, held.phone);
         drop(&mut self.telegram_chat_id, held.telegram_chat_id);
         drop(&mut self.webhook_url, held.webhook_url);
-        if held.push_token {
+        if !tokens.is_empty() {
             let theirs = push_tokens(customer);
-            self.push_tokens.retain(|token| !theirs.contains(token));
+            self.push_tokens = tokens
+                .into_iter()
+                .filter(|token| !theirs.contains(token))
+                .collect();
         }
         self
     }

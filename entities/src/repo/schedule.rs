@@ -286,16 +286,7 @@ pub async fn cancel(
     id: Uuid,
     reason: &str,
 ) -> Result<Cancel, RepoError> {
-    let txn = db.begin().await?;
-    let moved = cancel_where(reason, Utc::now(), notification::Column::Id.eq(id))
-        .exec(&txn)
-        .await?
-        .rows_affected
-        > 0;
-    if moved {
-        drop_held_of_unsent(&txn, &[id]).await?;
-    }
-    txn.commit().await?;
+    let moved = cancel_one(db, id, reason, Utc::now()).await?;
     match notification::Entity::find_by_id(id).one(db).await? {
         None => Ok(Cancel::NotFound),
         Some(row) if moved => Ok(Cancel::Cancelled(Box::new(row))),
@@ -442,17 +433,32 @@ pub async fn cancel_batch_leftovers(
     let mut ids = Vec::new();
     for id in left {
         let _turn = gate.enter().await;
-        let txn = db.begin().await?;
-        let moved = cancel_where(reason, at, notification::Column::Id.eq(id))
-            .exec(&txn)
-            .await?;
-        if moved.rows_affected > 0 {
-            drop_held_of_unsent(&txn, &[id]).await?;
+        if cancel_one(db, id, reason, at).await? {
             ids.push(id);
         }
-        txn.commit().await?;
     }
     Ok(CancelledChunk { ids, at })
+}
+
+/// Cancels notification `id` at `at` if it is cancellable and drops, in the same transaction, the
+/// receipts held for it: whether it was cancelled.
+async fn cancel_one(
+    db: &impl TransactionTrait,
+    id: Uuid,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, RepoError> {
+    let txn = db.begin().await?;
+    let moved = cancel_where(reason, at, notification::Column::Id.eq(id))
+        .exec(&txn)
+        .await?
+        .rows_affected
+        > 0;
+    if moved {
+        drop_held_of_unsent(&txn, &[id]).await?;
+    }
+    txn.commit().await?;
+    Ok(moved)
 }
 
 /// The statuses a notification may be cancelled from (`scheduled`, `queued`; a dispatcher that
