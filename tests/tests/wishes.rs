@@ -3002,6 +3002,28 @@ async fn a_contact_sends_opt_out_says_whether_one_of_several_holders_opted_out()
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Asserts that notification `id` is held back by quiet hours (seen `processing` with that reason)
+/// and then sent no earlier than `end`, when they end (to the second).
+async fn held_by_quiet_hours_until(herald: &TestHerald, id: &str, end: chrono::DateTime<Utc>) {
+    let seen = eventually("a deferral or the send", E2E_TIMEOUT, || async {
+        let json = notification_json(herald, id).await;
+        let deferred = json["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("deferred: quiet hours until"));
+        (deferred || json["status"] == "sent").then_some(json)
+    })
+    .await;
+    assert_eq!(seen["status"], "processing", "held, not sent: {seen}");
+
+    let sent = herald.wait_status(id, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, the quiet hours ended {end}"
+    );
+}
+
 /// The quiet hours of the one customer holding a send's contact hold the send until they end.
 #[tokio::test]
 async fn quiet_hours_of_the_contacts_only_customer_defer_a_contact_send() {
@@ -3018,23 +3040,7 @@ async fn quiet_hours_of_the_contacts_only_customer_defer_a_contact_send() {
             &["email"],
         ))
         .await;
-    let seen = eventually("a deferral or the send", E2E_TIMEOUT, || async {
-        let json = notification_json(&w.herald, &held).await;
-        let deferred = json["status_reason"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("deferred: quiet hours until"));
-        (deferred || json["status"] == "sent").then_some(json)
-    })
-    .await;
-    assert_eq!(seen["status"], "processing", "held, not sent: {seen}");
-
-    let sent = w.herald.wait_status(&held, "sent").await;
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, window ended {end}"
-    );
+    held_by_quiet_hours_until(&w.herald, &held, end).await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
@@ -3300,6 +3306,35 @@ async fn a_send_naming_a_customer_and_another_customers_contact_follows_that_hol
         .flat_map(|m| m.to.clone())
         .collect();
     assert_eq!(mailed, ["ADA@example.com"], "nothing mailed to grace");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A send naming a customer and giving another customer's contact inline waits for that
+/// holder's quiet hours to end (before, only the named customer's quiet hours applied, and the
+/// holder was reached at night).
+#[tokio::test]
+async fn a_send_naming_a_customer_and_another_customers_contact_waits_for_that_holders_night() {
+    let w = world(|_| {}).await;
+    add_customers(
+        &w.herald,
+        vec![
+            customer_row("ada", "en", None),
+            customer_row("grace", "en", None),
+        ],
+    )
+    .await;
+    // Long enough for the deferral to be seen before the window ends on a slow, busy machine.
+    let end = quiet_for(&w.herald, "grace", ChronoDuration::seconds(10)).await;
+
+    let held = w
+        .herald
+        .send_accepted(&to_contacts(
+            json!({ "customer_id": "ada", "email": "grace@example.com" }),
+            "transactional",
+            &["email"],
+        ))
+        .await;
+    held_by_quiet_hours_until(&w.herald, &held, end).await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 

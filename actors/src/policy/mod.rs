@@ -152,7 +152,8 @@ fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
 /// the customers with stored wishes holding the contacts the send gives beyond the recipient's
 /// own (`holders`): a channel is opted out of when the recipient opted out of it or, as in
 /// [`gate_contacts`], a customer holding the send's other contact there did. Quiet hours are the
-/// recipient's alone.
+/// recipient's and, as in [`gate_contacts`], those of the one holder who set any: the send waits
+/// until every night it would reach is over.
 ///
 /// `passed_before`: a round of the notification's chain was walked since it was queued (or
 /// replayed), so the gate let it through then, rate limit included. The rate limiter then allows
@@ -166,7 +167,10 @@ pub async fn gate(
     passed_before: bool,
 ) -> Gate {
     let opted_out = customer_opt_outs(recipient, holders, command);
-    decide(ctx, opted_out, Some(recipient), command, passed_before).await
+    let quiet: Vec<&Recipient> = std::iter::once(recipient)
+        .chain(quiet_holder(holders))
+        .collect();
+    decide(ctx, opted_out, &quiet, command, passed_before).await
 }
 
 /// The channels of `command`'s chain opted out of, in chain order: by the customer it names
@@ -204,14 +208,20 @@ pub async fn gate_contacts(
     passed_before: bool,
 ) -> Gate {
     let opted_out = contact_opt_outs(holders, command);
+    let quiet: Vec<&Recipient> = quiet_holder(holders).into_iter().collect();
+    decide(ctx, opted_out, &quiet, command, passed_before).await
+}
+
+/// The one customer among `holders` who set quiet hours, if exactly one did: with several (an
+/// address a family shares), whose night it is cannot be told, and none are applied.
+fn quiet_holder(holders: &[ContactHolder]) -> Option<&Recipient> {
     let mut quiet = holders
         .iter()
         .filter(|holder| holder.recipient.wishes.quiet_hours.is_some());
-    let quiet = match (quiet.next(), quiet.next()) {
+    match (quiet.next(), quiet.next()) {
         (Some(only), None) => Some(&only.recipient),
         _ => None,
-    };
-    decide(ctx, opted_out, quiet, command, passed_before).await
+    }
 }
 
 /// The channels of `command`'s chain that a customer holding its contact there opted out of: by
@@ -238,11 +248,12 @@ fn contact_opt_outs(holders: &[ContactHolder], command: &SendCommand) -> Vec<Opt
 }
 
 /// The gate once the channels opted out of are known: all of the chain ⇒ skipped; then the
-/// quiet hours of `quiet` (the recipient whose night it is, if any); then the rate limit.
+/// quiet hours of `quiet` (those whose night it may be, [`quiet_hours_gate`]); then the rate
+/// limit.
 async fn decide(
     ctx: &PolicyContext,
     opted_out: Vec<OptOut>,
-    quiet: Option<&Recipient>,
+    quiet: &[&Recipient],
     command: &SendCommand,
     passed_before: bool,
 ) -> Gate {
@@ -253,10 +264,7 @@ async fn decide(
             opted_out,
         };
     }
-    if !critical
-        && let Some(recipient) = quiet
-        && let Some(deferral) = quiet_hours_gate(ctx, recipient, command)
-    {
+    if !critical && let Some(deferral) = quiet_hours_gate((ctx.clock)(), quiet, command) {
         return deferral;
     }
     if critical || !ctx.limits.contains_key(&command.category) {
@@ -313,12 +321,33 @@ async fn decide(
     }
 }
 
-/// A deferral while `recipient`'s quiet hours are on, `None` outside them (or without any).
+/// A deferral until the latest end of the quiet hours of `quiet` that are on at `now`, `None`
+/// when none are (or none are set).
 fn quiet_hours_gate(
-    ctx: &PolicyContext,
-    recipient: &Recipient,
+    now: DateTime<Utc>,
+    quiet: &[&Recipient],
     command: &SendCommand,
 ) -> Option<Gate> {
+    let end = quiet
+        .iter()
+        .filter_map(|recipient| quiet_until(now, recipient, command))
+        .max()?;
+    let delay = (end - now).to_std().unwrap_or_default();
+    Some(Gate::Defer {
+        delay: delay.max(Duration::from_millis(50)),
+        reason: format!(
+            "deferred: quiet hours until {}",
+            end.to_rfc3339_opts(SecondsFormat::Secs, true)
+        ),
+    })
+}
+
+/// When `recipient`'s quiet hours on at `now` end, `None` outside them (or without any).
+fn quiet_until(
+    now: DateTime<Utc>,
+    recipient: &Recipient,
+    command: &SendCommand,
+) -> Option<DateTime<Utc>> {
     let quiet = recipient.wishes.quiet_hours.as_ref()?;
     // Quiet hours without a zone of their own follow the customer's, as it is now.
     let timezone = quiet
@@ -327,18 +356,7 @@ fn quiet_hours_gate(
         .or(recipient.customer.as_ref().map(|c| c.timezone.as_str()))
         .unwrap_or("UTC");
     match QuietHours::parse(&quiet.starts, &quiet.ends, timezone) {
-        Ok(window) => {
-            let now = (ctx.clock)();
-            let end = window.ends_after(now)?;
-            let delay = (end - now).to_std().unwrap_or_default();
-            Some(Gate::Defer {
-                delay: delay.max(Duration::from_millis(50)),
-                reason: format!(
-                    "deferred: quiet hours until {}",
-                    end.to_rfc3339_opts(SecondsFormat::Secs, true)
-                ),
-            })
-        }
+        Ok(window) => window.ends_after(now),
         Err(err) => {
             let customer = quiet.customer_id.as_str();
             tracing::warn!(customer, notification = %command.notification_id, error = %err, "unreadable quiet hours ignored");
@@ -396,6 +414,23 @@ mod tests {
                 },
             },
             held,
+        }
+    }
+
+    /// `id`'s wishes: quiet hours from `starts` to `ends`, UTC.
+    fn quiet(id: &str, starts: &str, ends: &str) -> Recipient {
+        Recipient {
+            customer: None,
+            wishes: Wishes {
+                preferences: Vec::new(),
+                quiet_hours: Some(herald_entities::quiet_hours::Model {
+                    customer_id: id.into(),
+                    starts: starts.into(),
+                    ends: ends.into(),
+                    timezone: Some("UTC".into()),
+                    updated_at: Utc::now(),
+                }),
+            },
         }
     }
 
@@ -512,5 +547,56 @@ mod tests {
             [],
             "nobody opted out"
         );
+    }
+
+    /// A send naming a customer and giving another customer's contact inline waits for that
+    /// holder's night to end too (before, only the named customer's quiet hours held it, so the
+    /// holder's phone got a marketing SMS at night), and for the later of two nights on at once.
+    #[test]
+    fn a_customer_send_waits_for_the_night_of_the_holder_of_its_other_contact() {
+        let mut command = contact_send();
+        command.customer_id = Some("cus_named".into());
+        let now = "2026-12-07T02:00:00Z"
+            .parse::<DateTime<Utc>>()
+            .expect("time");
+        let named = Recipient::default();
+        let mut phone = holder("cus_phone", PHONE, false);
+        phone.recipient = quiet("cus_phone", "22:00", "07:00");
+        let holders = [phone];
+
+        let quiet_ones: Vec<&Recipient> = std::iter::once(&named)
+            .chain(quiet_holder(&holders))
+            .collect();
+        let until = |gate: Option<Gate>| match gate {
+            Some(Gate::Defer { delay, reason }) => (delay, reason),
+            other => panic!("not deferred: {other:?}"),
+        };
+        let (delay, reason) = until(quiet_hours_gate(now, &quiet_ones, &command));
+        assert_eq!(reason, "deferred: quiet hours until 2026-12-07T07:00:00Z");
+        assert_eq!(delay, Duration::from_secs(5 * 3600));
+
+        let named = quiet("cus_named", "01:00", "03:00");
+        let both = [&named, &holders[0].recipient];
+        let (_, reason) = until(quiet_hours_gate(now, &both, &command));
+        assert_eq!(
+            reason, "deferred: quiet hours until 2026-12-07T07:00:00Z",
+            "the later end"
+        );
+        let day = "2026-12-07T12:00:00Z"
+            .parse::<DateTime<Utc>>()
+            .expect("time");
+        assert_eq!(
+            quiet_hours_gate(day, &both, &command),
+            None,
+            "neither is on"
+        );
+
+        // Two holders who set quiet hours: whose night it is cannot be told, as for a send naming
+        // contacts only.
+        let mut email = holder("cus_email", EMAIL, false);
+        email.recipient = quiet("cus_email", "00:00", "23:00");
+        let two = [holders[0].clone(), email];
+        assert!(quiet_holder(&two).is_none());
+        assert!(quiet_holder(&two[..1]).is_some());
     }
 }
