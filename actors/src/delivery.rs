@@ -1044,6 +1044,9 @@ async fn walk_chain(
                 let why = match cause {
                     NotStartedCause::QueueTooLong => "its send queue was too long",
                     NotStartedCause::ActorFailed => "its channel actor failed while it waited",
+                    NotStartedCause::NoConnection => {
+                        "no connection to its provider was free in time"
+                    }
                     NotStartedCause::HeldForProbe => {
                         "it waited for its circuit's probe until too late to start"
                     }
@@ -1057,6 +1060,12 @@ async fn walk_chain(
             ) => {
                 walk.retryable = true;
                 walk.retry_after = walk.retry_after.max(*retry_after);
+                ("failed", Some(err.to_string()))
+            }
+            // Its channel actor answers it `NotStarted`; were it to come as a failure, it would
+            // be retried like one.
+            SendOutcome::Failed(err @ ProviderError::NoConnection { .. }) => {
+                walk.retryable = true;
                 ("failed", Some(err.to_string()))
             }
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {

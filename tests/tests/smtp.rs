@@ -20,8 +20,8 @@ use herald_actors::channel::circuit::{CircuitSettings, CircuitState};
 use herald_actors::channel::email::{EmailConfig, EmailProvider, SmtpSecurity};
 use herald_actors::channel::smtp_pool::IDLE_CHECK;
 use herald_actors::channel::{
-    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, OutboundMessage, Provider,
-    ProviderError, Receipt, SendOutcome,
+    ChannelActor, ChannelArgs, ChannelMsg, ChannelSettings, NotStartedCause, OutboundMessage,
+    Provider, ProviderError, Receipt, SendOutcome,
 };
 use herald_nats::{Contacts, Content};
 use herald_tests::{HangUp, RejectStage, SmtpSink};
@@ -1197,7 +1197,7 @@ async fn a_message_whose_deadline_is_too_near_when_a_connection_frees_is_not_sen
     .await;
     first.expect("the first message is accepted");
     match second {
-        Err(ProviderError::Transient { reason, .. }) => {
+        Err(ProviderError::NoConnection { reason }) => {
             assert!(reason.contains("not sent"), "{reason}")
         }
         other => panic!("the second message should fail as not sent: {other:?}"),
@@ -1209,6 +1209,67 @@ async fn a_message_whose_deadline_is_too_near_when_a_connection_frees_is_not_sen
         1,
         "the relay got only the first message"
     );
+}
+
+/// Messages that waited for the one connection of a slow relay until their sends' timeouts were
+/// nearly out are not sent, and answered `NotStarted`: the relay answered every message it was
+/// given, so they do not count against the email circuit (they used to count as transient
+/// failures, and five of them after one accepted message opened it, failing email over on every
+/// instance while the relay was fine).
+#[tokio::test]
+async fn messages_that_got_no_connection_in_time_do_not_open_the_circuit() {
+    let (port, received) = slow_to_accept_server(Duration::from_millis(800)).await;
+    let settings = ChannelSettings {
+        timeout_ms: 1_500,
+        circuit: CircuitSettings {
+            failure_threshold: 3,
+            window_ms: 60_000,
+            cool_down_ms: 600_000,
+            ..CircuitSettings::default()
+        },
+        ..ChannelSettings::default()
+    };
+    let email = Arc::new(provider("127.0.0.1", port, 1));
+    let (actor, _) = Actor::spawn(None, ChannelActor, ChannelArgs::new(email, settings, None))
+        .await
+        .expect("channel actor starts");
+    // One connection, without pipelining: the first message holds it for 800 ms, and the other
+    // five then have 700 ms of their 1.5 s left, less than the 1 s a message needs.
+    let outcomes =
+        futures::future::join_all((0..6).map(|i| send_through(&actor, message(i)))).await;
+    let accepted = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, SendOutcome::Accepted(_)))
+        .count();
+    let not_started: Vec<&SendOutcome> = outcomes
+        .iter()
+        .filter(|outcome| {
+            matches!(
+                outcome,
+                SendOutcome::NotStarted {
+                    cause: NotStartedCause::NoConnection,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert!(
+        accepted >= 1 && accepted + not_started.len() == 6 && not_started.len() >= 3,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        accepted,
+        "the relay got only the accepted messages"
+    );
+    let snapshot = actor
+        .call(ChannelMsg::Snapshot, Some(Duration::from_secs(30)))
+        .await
+        .expect("actor alive")
+        .expect("snapshot");
+    assert_eq!(snapshot.circuit, CircuitState::Closed, "{snapshot:?}");
+    assert_eq!(snapshot.recent_failures, 0, "{snapshot:?}");
+    actor.stop(None);
 }
 
 /// A group whose callers' deadlines have all passed is given up then, not at the group's own

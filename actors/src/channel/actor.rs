@@ -88,11 +88,12 @@ pub enum SendOutcome {
         cool_down_left: Duration,
     },
     /// The send never got a concurrency permit to start with (or was held for the circuit's
-    /// probe until too late); nothing was sent.
+    /// probe until too late, or got no connection to the provider in time); nothing was sent.
     NotStarted {
         /// How long a retry should wait at least: after a queue too long, the channel's send
         /// timeout, about how long the sends ahead of it may still take (a quicker retry would
-        /// queue behind them again); after the actor failed, nothing (its restart is at once);
+        /// queue behind them again), and so after no connection was free in time; after the
+        /// actor failed, nothing (its restart is at once);
         /// after it was held for the circuit's probe, until the probe's result is due.
         retry_in: Duration,
         /// Why.
@@ -109,6 +110,9 @@ pub enum NotStartedCause {
     /// Its channel actor failed while it waited for a permit (or for the result of its circuit's
     /// probe): the circuit that admitted it went with the actor.
     ActorFailed,
+    /// It had its permit, but then waited for a connection to the provider (the SMTP pool's)
+    /// until too little of its timeout was left ([`ProviderError::NoConnection`]).
+    NoConnection,
     /// It arrived while its circuit's half-open probe was out and was held for the probe's
     /// result, which did not come before too little of its caller's time was left for the
     /// provider's timeout.
@@ -588,6 +592,16 @@ fn start_send(
         let verdict = Verdict::of(&result, provider.as_ref(), outbound.notification_id);
         let (outcome, error) = match result {
             Ok(receipt) => (SendOutcome::Accepted(receipt), None),
+            // Nothing reached the provider: answered like a send that never got its permit, with
+            // the same wait (the sends ahead of it may take as long again).
+            Err(ProviderError::NoConnection { reason }) => {
+                count_abandoned(provider.name());
+                let outcome = SendOutcome::NotStarted {
+                    retry_in: timeout,
+                    cause: NotStartedCause::NoConnection,
+                };
+                (outcome, Some(reason))
+            }
             Err(err) => {
                 let text = err.to_string();
                 (SendOutcome::Failed(err), Some(text))

@@ -436,6 +436,9 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   refused (`5.1.1` no such mailbox, `5.1.x` bad address, `5.2.1` disabled, `5.2.2` full,
 ///   `5.7.1` content refused after the data);
 /// - a non-ASCII local part for a server without SMTPUTF8: permanent;
+/// - a message that waited for a connection until too little of its send's timeout was left
+///   ([`SmtpSendError::NoConnectionInTime`], [`SmtpSendError::TooLate`]): not sent, and not the
+///   relay's fault ([`ProviderError::NoConnection`]);
 /// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
 ///   transient.
 ///
@@ -446,8 +449,14 @@ fn classify(error: SmtpSendError, recipients: &[Address]) -> ProviderError {
     if let SmtpSendError::Group { error, incident } = error {
         return classify(*error, recipients).in_incident(incident);
     }
-    let SmtpSendError::Smtp(error) = error else {
-        return ProviderError::transient(error.to_string());
+    let error = match error {
+        SmtpSendError::Smtp(error) => error,
+        SmtpSendError::NoConnectionInTime | SmtpSendError::TooLate { .. } => {
+            return ProviderError::NoConnection {
+                reason: error.to_string(),
+            };
+        }
+        other => return ProviderError::transient(other.to_string()),
     };
     if needs_smtputf8(&error) {
         return ProviderError::permanent(error.to_string());

@@ -201,6 +201,17 @@ pub enum ProviderError {
         /// [`Transient`](Self::Transient).
         dead_contacts: Vec<String>,
     },
+    /// Not sent: the send waited for a connection to the provider (the SMTP pool's) until too
+    /// little of its timeout was left, so nothing reached the provider. Worth retrying later, but
+    /// it says nothing of the provider, whose connections were all busy with other sends (which
+    /// answer for it, failures included): it neither counts against the circuit nor, as a
+    /// half-open probe's result, closes it. The channel actor answers it as
+    /// [`SendOutcome::NotStarted`](super::SendOutcome::NotStarted).
+    #[error("{reason}")]
+    NoConnection {
+        /// What happened.
+        reason: String,
+    },
     /// Will not succeed on retry: bad address, rejected content, other 4xx.
     #[error("permanent: {reason}")]
     Permanent {
@@ -301,6 +312,7 @@ impl ProviderError {
             | Self::Throttled { reason, .. }
             | Self::AccountThrottled { reason, .. }
             | Self::Permanent { reason, .. }
+            | Self::NoConnection { reason }
             | Self::Unsendable { reason } => *reason = change(std::mem::take(reason)),
             Self::MissingContact(_) => {}
         }
@@ -320,9 +332,13 @@ impl ProviderError {
 
     /// Whether the send got as far as the provider (which answered, or failed to), so that its
     /// outcome says something of the provider: not when the recipient had no contact for the
-    /// channel or the message could not be sent as it is.
+    /// channel, no connection to the provider was free in time, or the message could not be sent
+    /// as it is.
     pub fn reached_provider(&self) -> bool {
-        !matches!(self, Self::MissingContact(_) | Self::Unsendable { .. })
+        !matches!(
+            self,
+            Self::MissingContact(_) | Self::NoConnection { .. } | Self::Unsendable { .. }
+        )
     }
 
     /// The wait the provider asked for, if it did (Retry-After, `retry_after`).
@@ -331,7 +347,10 @@ impl ProviderError {
             Self::Transient { retry_after, .. }
             | Self::Throttled { retry_after, .. }
             | Self::AccountThrottled { retry_after, .. } => *retry_after,
-            Self::MissingContact(_) | Self::Permanent { .. } | Self::Unsendable { .. } => None,
+            Self::MissingContact(_)
+            | Self::Permanent { .. }
+            | Self::NoConnection { .. }
+            | Self::Unsendable { .. } => None,
         }
     }
 
@@ -344,7 +363,7 @@ impl ProviderError {
             | Self::Throttled { dead_contacts, .. }
             | Self::AccountThrottled { dead_contacts, .. }
             | Self::Permanent { dead_contacts, .. } => dead_contacts,
-            Self::MissingContact(_) | Self::Unsendable { .. } => &[],
+            Self::MissingContact(_) | Self::NoConnection { .. } | Self::Unsendable { .. } => &[],
         }
     }
 }

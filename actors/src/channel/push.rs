@@ -746,7 +746,8 @@ fn combine(outcomes: Vec<Result<Option<String>, ProviderError>>) -> Result<Recei
                     ProviderError::Unsendable { reason } => {
                         unsendable.get_or_insert(reason);
                     }
-                    ProviderError::MissingContact(_) => {}
+                    // Neither comes from a token's send (an HTTP request of its own).
+                    ProviderError::MissingContact(_) | ProviderError::NoConnection { .. } => {}
                 }
             }
         }
