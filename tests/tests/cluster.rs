@@ -1873,15 +1873,42 @@ async fn owns_a_partition(herald: &TestHerald) -> bool {
 /// opens its circuit for the hour too (not for its one-second cool-down), as B's channel list shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_circuit_held_open_by_retry_after_is_held_as_long_on_the_other_instance() {
+    let down = ResponseTemplate::new(503).insert_header("Retry-After", "3600");
+    let on_b = held_an_hour_on_the_other_instance(down).await;
+    assert_eq!(on_b["throttled"], false, "{on_b}");
+    assert_eq!(on_b["times_opened"], 1, "{on_b}");
+}
+
+/// Instance A's Twilio refuses the account's requests (429, error 20429) for an hour: A holds its
+/// SMS channel for that hour and says so, and instance B holds its own as long, as a throttle
+/// (not counted as an opening), rather than calling Twilio until it is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_of_the_whole_account_holds_the_other_instance_as_long() {
+    let throttled = ResponseTemplate::new(429)
+        .insert_header("Retry-After", "3600")
+        .set_body_json(
+            json!({"code": 20429, "message": "Too Many Requests", "status": 429,
+                              "more_info": "https://www.twilio.com/docs/errors/20429"}),
+        );
+    let on_b = held_an_hour_on_the_other_instance(throttled).await;
+    assert_eq!(on_b["throttled"], true, "{on_b}");
+    assert_eq!(on_b["times_opened"], 0, "{on_b}");
+}
+
+/// Starts instances A and B, A's Twilio answering every send `down` (asking for an hour), B's
+/// accepting every one; sends until A's SMS circuit is open for the hour, then waits for B's to
+/// open on A's announcement for the hour too, its own Twilio never having failed. Answers B's
+/// SMS channel as its channel list shows it then.
+async fn held_an_hour_on_the_other_instance(down: ResponseTemplate) -> Value {
     let nats = NatsServer::start().await.expect("nats");
     let smtp = SmtpSink::start().await.expect("smtp");
     let db = TestDatabase::from_env().await.expect("db");
     // One Twilio per instance: B's answers every send, so only A's announcement can open B's
     // circuit.
-    let down = MockServer::start().await;
+    let twilio_a = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(503).insert_header("Retry-After", "3600"))
-        .mount(&down)
+        .respond_with(down)
+        .mount(&twilio_a)
         .await;
     let up = MockServer::start().await;
     Mock::given(method("POST"))
@@ -1893,7 +1920,7 @@ async fn a_circuit_held_open_by_retry_after_is_held_as_long_on_the_other_instanc
     let b = TestHerald::start(circuit_config(servers, "circuit-b", &up))
         .await
         .expect("instance b");
-    let a = TestHerald::start(circuit_config(servers, "circuit-a", &down))
+    let a = TestHerald::start(circuit_config(servers, "circuit-a", &twilio_a))
         .await
         .expect("instance a");
     eventually(
@@ -1904,8 +1931,8 @@ async fn a_circuit_held_open_by_retry_after_is_held_as_long_on_the_other_instanc
     .await;
 
     // A notification goes to the instance that owns its recipient's partition: send to one
-    // reader after another until one reaches A's Twilio, whose first failure opens A's circuit
-    // (the notification then fails over to email).
+    // reader after another until one reaches A's Twilio, whose first answer opens (or holds)
+    // A's circuit (the notification then fails over to email).
     let before = Utc::now();
     let readers = AtomicUsize::new(0);
     let on_a = eventually("instance a's SMS circuit to open", E2E_TIMEOUT, || async {
@@ -1928,12 +1955,13 @@ async fn a_circuit_held_open_by_retry_after_is_held_as_long_on_the_other_instanc
     )
     .await;
     assert_probes_an_hour_after(&on_b, (before, Utc::now()));
+    assert_eq!(on_b["throttled"], on_a["throttled"], "a: {on_a}, b: {on_b}");
     assert_eq!(
         (on_b["failed"].as_u64(), on_b["recent_failures"].as_u64()),
         (Some(0), Some(0)),
         "b's own Twilio never failed: {on_b}"
     );
-    assert_eq!(on_b["times_opened"], 1, "{on_b}");
     a.shutdown().await.expect("a shuts down");
     b.shutdown().await.expect("b shuts down");
+    on_b
 }

@@ -229,14 +229,16 @@ pub enum ChannelMsg {
     },
     /// Report the current state.
     Snapshot(RpcReplyPort<ChannelSnapshot>),
-    /// Another instance's circuit for this channel opened: open ours too if it names our provider
-    /// and ours is closed.
+    /// Another instance's circuit for this channel opened (or is held open by a throttle of the
+    /// whole account): open (or hold) ours too if it names our provider and ours is closed.
     PeerOpened {
         /// The provider it opened for.
         provider: String,
         /// How long the other instance's circuit stays open, if it said (longer than its
-        /// cool-down when the provider asked for a longer wait).
+        /// cool-down when the provider asked for a longer wait; a throttle's wait).
         open_for: Option<Duration>,
+        /// Whether it is held open because the provider throttles the whole account.
+        throttled: bool,
     },
     /// Panic on purpose, to exercise supervision (fault-injection in tests).
     Crash,
@@ -455,14 +457,24 @@ impl Actor for ChannelActor {
             ChannelMsg::Snapshot(reply) => {
                 let _ = reply.send(snapshot(state));
             }
-            ChannelMsg::PeerOpened { provider, open_for } => {
+            ChannelMsg::PeerOpened {
+                provider,
+                open_for,
+                throttled,
+            } => {
                 if provider == state.provider.name()
                     && state.breaker.state() == CircuitState::Closed
                 {
-                    tracing::warn!(%provider, open_for_ms = open_for.map(|d| d.as_millis() as u64), "another instance opened this circuit; opening ours");
+                    let open_for_ms = open_for.map(|d| d.as_millis() as u64);
+                    if throttled {
+                        tracing::warn!(%provider, open_for_ms, "another instance is throttled for the whole account; holding every send here too");
+                        state.breaker.hold(Instant::now(), open_for);
+                    } else {
+                        tracing::warn!(%provider, open_for_ms, "another instance opened this circuit; opening ours");
+                        state.breaker.open(Instant::now(), open_for);
+                    }
                     metrics::counter!("herald_circuit_peer_opens_total", "provider" => provider)
                         .increment(1);
-                    state.breaker.open(Instant::now(), open_for);
                     record_circuit(state);
                 }
             }
@@ -850,8 +862,12 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
             let before = state.breaker.period();
             state
                 .breaker
-                .on_throttle(admission, period, Instant::now(), retry_after);
+                .on_throttle(admission, period, now, retry_after);
             if state.breaker.period() != before {
+                if let Some(announcer) = &state.announcer {
+                    let held_for = state.breaker.cool_down_left(now);
+                    announcer.held(state.provider.channel(), state.provider.name(), held_for);
+                }
                 let provider = state.provider.name().to_string();
                 tracing::warn!(
                     %provider,
@@ -1793,6 +1809,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_circuit_opened_by_another_instance_probes_when_that_one_said() {
+        let open = opened_by_a_peer_for_an_hour(false).await;
+        assert!(!open.throttled, "{open:?}");
+        assert_eq!(open.times_opened, 1, "{open:?}");
+    }
+
+    /// Another instance's throttle of the whole account holds this circuit for the wait too (the
+    /// account is the same), as a throttle: not counted as an opening.
+    #[tokio::test]
+    async fn a_throttle_announced_by_another_instance_holds_the_circuit_as_long() {
+        let held = opened_by_a_peer_for_an_hour(true).await;
+        assert!(held.throttled, "{held:?}");
+        assert_eq!(held.times_opened, 0, "{held:?}");
+    }
+
+    /// Casts another instance's announcement (of a throttle if `throttled`) that its circuit is
+    /// open for an hour; asserts that this one opens for the hour without calling its provider,
+    /// and answers its snapshot then.
+    async fn opened_by_a_peer_for_an_hour(throttled: bool) -> ChannelSnapshot {
         let (provider, calls) = Scripted::new(down_for_an_hour);
         let actor = spawn(provider, waiting_up_to_two_hours()).await;
         let before = Utc::now();
@@ -1800,6 +1834,7 @@ mod tests {
             .cast(ChannelMsg::PeerOpened {
                 provider: "scripted".into(),
                 open_for: Some(Duration::from_secs(3_600)),
+                throttled,
             })
             .expect("actor alive");
         let open = snapshot_when(&actor, "the circuit to open", |s| {
@@ -1813,6 +1848,7 @@ mod tests {
             "the provider was not called"
         );
         actor.stop(None);
+        open
     }
 
     #[tokio::test]

@@ -5,8 +5,11 @@
 //! instances open their circuit for that provider at once instead of each paying its own
 //! failure threshold against a provider that is down, and for as long as the announcing circuit
 //! stays open (longer than the cool-down when the provider asked for a longer wait with its
-//! Retry-After; within each instance's own cool-down and cap); each then probes on its own. An
-//! announcement is only a hint: a lost one costs a few failed sends, nothing else.
+//! Retry-After; within each instance's own cool-down and cap); each then probes on its own. A
+//! circuit held open because the provider throttles the whole account (the instances share the
+//! account) is announced alike, as held: the others hold theirs for the same wait, without
+//! counting it as an opening, rather than each calling the provider until it is refused too. An
+//! announcement is only a hint: a lost one costs a few failed (or throttled) sends, nothing else.
 
 use std::time::Duration;
 
@@ -29,6 +32,11 @@ pub struct CircuitOpened {
     /// announcements of instances older than this field: the receiver then uses its cool-down.
     #[serde(default)]
     pub open_for_ms: Option<u64>,
+    /// Whether it is held open because the provider throttles the whole account, rather than
+    /// opened by failures. Absent (false) from the announcements of older instances, and from
+    /// those of failures.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub throttled: bool,
 }
 
 /// Publishes this instance's circuit openings.
@@ -46,10 +54,21 @@ impl CircuitAnnouncer {
 
     /// Says that `provider`'s circuit (on `channel`) just opened here, for `open_for`.
     pub fn opened(&self, channel: Channel, provider: &str, open_for: Duration) {
+        self.announce(channel, provider, open_for, false);
+    }
+
+    /// Says that `provider`'s circuit (on `channel`) is held open here for `held_for` because
+    /// the provider throttles the whole account.
+    pub fn held(&self, channel: Channel, provider: &str, held_for: Duration) {
+        self.announce(channel, provider, held_for, true);
+    }
+
+    fn announce(&self, channel: Channel, provider: &str, open_for: Duration, throttled: bool) {
         let message = CircuitOpened {
             instance: self.instance.clone(),
             provider: provider.to_string(),
             open_for_ms: Some(u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX)),
+            throttled,
         };
         let Ok(payload) = serde_json::to_vec(&message) else {
             return;
@@ -106,6 +125,7 @@ pub async fn listen(
             let _ = actor.cast(ChannelMsg::PeerOpened {
                 provider: opened.provider,
                 open_for: opened.open_for_ms.map(Duration::from_millis),
+                throttled: opened.throttled,
             });
         }
     }
@@ -121,6 +141,7 @@ mod tests {
             instance: "a-1".into(),
             provider: "telegram".into(),
             open_for_ms: Some(120_000),
+            throttled: false,
         };
         let json = serde_json::to_string(&message).expect("encodes");
         assert_eq!(
@@ -131,6 +152,19 @@ mod tests {
             serde_json::from_str::<CircuitOpened>(&json).expect("decodes"),
             message
         );
+        let held = CircuitOpened {
+            throttled: true,
+            ..message
+        };
+        let json = serde_json::to_string(&held).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"instance":"a-1","provider":"telegram","open_for_ms":120000,"throttled":true}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<CircuitOpened>(&json).expect("decodes"),
+            held
+        );
     }
 
     #[test]
@@ -138,6 +172,7 @@ mod tests {
         let old = r#"{"instance":"a-1","provider":"telegram"}"#;
         let decoded = serde_json::from_str::<CircuitOpened>(old).expect("decodes");
         assert_eq!(decoded.open_for_ms, None);
+        assert!(!decoded.throttled);
         assert_eq!(decoded.provider, "telegram");
     }
 }

@@ -344,17 +344,25 @@ impl CircuitBreaker {
         }
         match (self.state, admission) {
             (CircuitState::Closed, _) | (CircuitState::HalfOpen, Admission::Probe) => {
-                let held = wait.map_or(Duration::from_millis(self.settings.cool_down_ms), |wait| {
-                    wait.min(self.settings.longest())
-                });
-                self.state = CircuitState::Open;
-                self.held = true;
-                self.open_until = now.checked_add(held);
-                self.window.clear();
-                self.period += 1;
+                self.hold(now, wait);
             }
             _ => {}
         }
+    }
+
+    /// Holds the circuit open from `now` for `wait` (the cool-down if `None`, never longer than
+    /// `max_cool_down_ms`) because the provider throttles the whole account: as
+    /// [`on_throttle`](Self::on_throttle) does, or on another instance's word that it was
+    /// throttled (the account is the same).
+    pub fn hold(&mut self, now: Instant, wait: Option<Duration>) {
+        let held = wait.map_or(Duration::from_millis(self.settings.cool_down_ms), |wait| {
+            wait.min(self.settings.longest())
+        });
+        self.state = CircuitState::Open;
+        self.held = true;
+        self.open_until = now.checked_add(held);
+        self.window.clear();
+        self.period += 1;
     }
 
     /// Reports a send admitted as `admission` in `period` that never reached the provider (its
