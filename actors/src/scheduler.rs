@@ -40,6 +40,11 @@
 //!    lands stores nothing (its lease renewal, in the insert's transaction, fails) or, stored
 //!    before, has its notifications cancelled and cannot advance the batch.
 //!
+//! Before both, a round finishes the batch cancels that stopped half-way (an instance stopped
+//! while it cancelled: a request cut short by a shutdown's grace), at least
+//! [`CANCEL_LEFT_FOR`] after they began ([`finish_cancels`]), so that the rest of a cancelled
+//! campaign does not go out; none of such a batch is released first.
+//!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
 //! notifications older than `retention_days` (0 keeps everything), [`RETENTION_BATCH`] at a time
@@ -55,16 +60,16 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use herald_entities::{
-    NotificationStatus, notification,
+    NotificationStatus, WriteGate, notification,
     repo::{
         self,
-        batches::CustomerFilter,
+        batches::{BatchCancel, CustomerFilter},
         dead_letters::PendingReplay,
         status_batch::{self, StatusChange},
     },
 };
 use herald_nats::{
-    Contacts, Publisher, SCHEMA_VERSION, SendCommand, Stored,
+    CancelledEvents, Contacts, Publisher, SCHEMA_VERSION, SendCommand, Stored,
     batch::{BatchRecipient, BatchSpec, BatchTarget, batch_notification_id},
     release_msg_id,
 };
@@ -355,12 +360,61 @@ async fn retain(args: &SchedulerArgs, days: u32, stop: &CancellationToken) {
 /// never holds up due notifications. Answers whether due notifications are left (see
 /// [`release_all_due`]).
 async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> bool {
+    finish_cancels(args).await;
     let bulk = async {
         if let Err(err) = fan_out(args, backoff).await {
             tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
         }
     };
     tokio::join!(release_all_due(args), bulk).0
+}
+
+/// How long after a batch's cancel began a round takes it for one that stopped half-way, if
+/// notifications of the batch are still cancellable: longer than a shutdown's grace for the
+/// requests in progress (10 s), so that a cancel still under way is normally left to finish.
+pub const CANCEL_LEFT_FOR: Duration = Duration::from_secs(15);
+
+/// How many batch cancels that stopped half-way a round finishes at most.
+const CANCELS_PER_ROUND: u64 = 4;
+
+/// Finishes the cancels of batches that stopped half-way ([`repo::batches::unfinished_cancels`]),
+/// as `POST /api/v1/batches/{id}/cancel` does them (chunk by chunk, with the request's reason and
+/// `cancelled` events), each logged. A failure is logged and leaves the batch to the next round.
+async fn finish_cancels(args: &SchedulerArgs) {
+    let before = (args.clock)() - chrono::Duration::from_std(CANCEL_LEFT_FOR).unwrap_or_default();
+    let batches = match repo::batches::unfinished_cancels(&args.db, before, CANCELS_PER_ROUND).await
+    {
+        Ok(batches) => batches,
+        Err(err) => {
+            tracing::warn!(error = %err, "scheduler: looking for unfinished batch cancels failed");
+            return;
+        }
+    };
+    for batch in batches {
+        let events = CancelledEvents::start(&args.publisher, batch);
+        let committed = |chunk: repo::schedule::CancelledChunk| {
+            metrics::counter!("herald_notifications_cancelled_total")
+                .increment(chunk.ids.len() as u64);
+            events.publish(chunk.ids, chunk.at);
+        };
+        // The Scheduler's writes meet the engine's other writers at SQLite's lock (an open gate).
+        let gate = WriteGate::default();
+        let reason = repo::batches::CANCELLED_BY_REQUEST;
+        let finished = repo::batches::cancel(&args.db, &gate, batch, reason, committed).await;
+        events.published().await;
+        match finished {
+            Ok(BatchCancel::Cancelled { notifications, .. }) => tracing::warn!(
+                %batch,
+                notifications,
+                "finished a batch cancel that had stopped half-way"
+            ),
+            // Another cancel finished it meanwhile.
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(%batch, error = %err, "scheduler: finishing a batch cancel failed")
+            }
+        }
+    }
 }
 
 /// Releases due notifications `claim_limit` at a time while each claim comes back full and all

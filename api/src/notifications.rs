@@ -7,12 +7,12 @@ use herald_entities::{
     NotificationStatus, delivery_attempt, notification,
     repo::{
         notifications::{self as repo, Inserted, NewNotification},
-        schedule::{CancelledChunk, PUBLISH_PENDING},
+        schedule::PUBLISH_PENDING,
     },
 };
 use herald_nats::{
     Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
-    SendCommand, StatusEvent, distinct_channels,
+    SendCommand, cancelled_event, distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,
@@ -21,8 +21,6 @@ use poem_openapi::{
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
-use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -625,72 +623,6 @@ async fn publish_cancelled(state: &AppState, row: &notification::Model) {
         .publisher
         .publish_statuses(std::slice::from_ref(&event))
         .await;
-}
-
-/// The status event of notification `id` cancelled at `at`.
-fn cancelled_event(id: Uuid, at: DateTime<Utc>) -> StatusEvent {
-    StatusEvent {
-        v: SCHEMA_VERSION,
-        notification_id: id,
-        status: NotificationStatus::Cancelled.as_str().into(),
-        channel: None,
-        error: None,
-        at,
-    }
-}
-
-/// How many status events of a batch cancel are published at once (each awaits its
-/// acknowledgement; the next ones do not wait for it).
-const CANCEL_EVENTS_IN_FLIGHT: usize = 256;
-
-/// The publishing of a batch cancel's status events, chunk by chunk as the cancel commits them
-/// ([`herald_entities::repo::batches::cancel`]), on a task of its own: the cancel does not hold a
-/// transaction open while they go out, and the next chunk is cancelled while the last one's
-/// events are published.
-pub(crate) struct CancelledEvents {
-    chunks: mpsc::UnboundedSender<CancelledChunk>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl CancelledEvents {
-    /// Starts the task for batch `batch`. As for a single cancel, a failure is counted and logged
-    /// ([`herald_nats::Publisher::publish_statuses`]), in a span naming the batch.
-    pub(crate) fn start(state: &AppState, batch: Uuid) -> Self {
-        let (chunks, mut committed) = mpsc::unbounded_channel::<CancelledChunk>();
-        let publisher = state.publisher.clone();
-        let task = tokio::spawn(
-            async move {
-                while let Some(chunk) = committed.recv().await {
-                    for ids in chunk.ids.chunks(CANCEL_EVENTS_IN_FLIGHT) {
-                        let events: Vec<StatusEvent> = ids
-                            .iter()
-                            .map(|id| cancelled_event(*id, chunk.at))
-                            .collect();
-                        publisher.publish_statuses(&events).await;
-                    }
-                }
-            }
-            .instrument(tracing::warn_span!("batch_cancel_events", %batch)),
-        );
-        Self { chunks, task }
-    }
-
-    /// Hands over a chunk the cancel committed.
-    pub(crate) fn publish(&self, chunk: CancelledChunk) {
-        // The task keeps its receiver until `published` drops this sender: the send cannot fail.
-        let _ = self.chunks.send(chunk);
-    }
-
-    /// Resolves once every chunk handed over has had its events published (or counted as not
-    /// published). A request that awaits this before answering is one a graceful shutdown waits
-    /// for, so the events are out before the process exits; if the request itself is dropped
-    /// (its client went away), the task still finishes on its own.
-    pub(crate) async fn published(self) {
-        drop(self.chunks);
-        if let Err(err) = self.task.await {
-            tracing::warn!(error = %err, "publishing a batch cancel's status events failed");
-        }
-    }
 }
 
 /// A send request checked field by field, before what depends on the state (the providers

@@ -2660,6 +2660,59 @@ async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_canc
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// A batch cancel that stopped half-way (its instance stopped: the request was cut short by the
+/// shutdown's grace) is finished by the Scheduler's next round once it began
+/// [`CANCEL_LEFT_FOR`](herald_actors::scheduler::CANCEL_LEFT_FOR) ago, with the request's reason
+/// and an event for each notification; one that began just now is left to finish on its own.
+/// (Before, only the same request made again finished it, and meanwhile the rest of the
+/// cancelled campaign went out.)
+#[tokio::test]
+async fn the_scheduler_finishes_a_batch_cancel_that_stopped_half_way() {
+    use herald_actors::scheduler::{CANCEL_LEFT_FOR, SchedulerMsg};
+    use herald_entities::batch;
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let db = w.herald.db();
+    let (stopped, recent) = (done_batch(&w).await, done_batch(&w).await);
+    let began = Utc::now() - ChronoDuration::from_std(CANCEL_LEFT_FOR).expect("short");
+    for (id, at) in [(stopped, began), (recent, Utc::now())] {
+        batch::Entity::update_many()
+            .col_expr(batch::Column::Status, Expr::value("cancelled"))
+            .col_expr(batch::Column::UpdatedAt, Expr::value(at))
+            .filter(batch::Column::Id.eq(id))
+            .exec(db)
+            .await
+            .expect("a cancel begun");
+    }
+    let n = 1_500;
+    let left = batch_notifications(db, stopped, &vec![NotificationStatus::Scheduled; n]).await;
+    let kept = batch_notifications(db, recent, &[NotificationStatus::Queued]).await;
+
+    let scheduler = w.herald.app().scheduler().expect("scheduler running");
+    scheduler
+        .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
+        .await
+        .expect("a round run");
+    assert_eq!(
+        cancelled_among(db, &left).await,
+        n as u64,
+        "the rest cancelled"
+    );
+    assert_eq!(
+        cancelled_among(db, &kept).await,
+        0,
+        "a cancel begun just now is left to finish on its own"
+    );
+    let view = notification_json(&w.herald, &left[0].to_string()).await;
+    assert_eq!(
+        view["status_reason"], "batch cancelled by API request",
+        "{view}"
+    );
+    let events = cancelled_events(&w.nats, n).await;
+    let announced: HashSet<Uuid> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(announced, left.into_iter().collect(), "an event for each");
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
 /// A batch of 5,000 waiting notifications is cancelled 1,000 at a time, each group in a
 /// transaction of its own (its notifications share the time it stored, which their events
 /// carry: five times), while a single send made at the same moment is stored and goes out.
@@ -2721,6 +2774,59 @@ async fn a_large_bulk_cancel_goes_in_chunks_while_a_single_send_goes_out() {
         times, transactions,
         "each event carries its transaction's time"
     );
+    w.herald.shutdown().await.expect("clean shutdown");
+}
+
+/// A batch cancel whose client goes away before the answer still cancels every notification of
+/// the batch (before, the request was dropped with the connection, and the cancel stopped after
+/// the chunks committed by then: the rest of the campaign went out). The client is cut off once
+/// the first chunk is committed, while most of the batch is still to do.
+#[tokio::test]
+async fn a_bulk_cancel_goes_on_after_its_client_went_away() {
+    use sea_orm::PaginatorTrait;
+    let w = world(|config| config.scheduler.poll_interval_ms = 3_600_000).await;
+    let id = done_batch(&w).await;
+    let n = 20_000;
+    let statuses = vec![NotificationStatus::Scheduled; n];
+    batch_notifications(w.herald.db(), id, &statuses).await;
+    let db = w.herald.db();
+    let cancelled = || async {
+        notification::Entity::find()
+            .filter(notification::Column::BatchId.eq(id))
+            .filter(notification::Column::Status.eq(NotificationStatus::Cancelled))
+            .count(db)
+            .await
+            .expect("count")
+    };
+
+    let request = w
+        .herald
+        .http()
+        .post(format!("{}/api/v1/batches/{id}/cancel", w.herald.base()))
+        .json(&json!({}))
+        .send();
+    let client = tokio::spawn(request);
+    eventually("the cancel's first chunk", E2E_TIMEOUT, || async {
+        (cancelled().await > 0).then_some(())
+    })
+    .await;
+    client.abort();
+    let aborted = client.await;
+    let at_the_cut = cancelled().await;
+    assert!(
+        aborted.as_ref().is_err_and(|e| e.is_cancelled()),
+        "the client went away before the answer: {aborted:?}"
+    );
+    assert!(
+        at_the_cut < n as u64,
+        "the cancel was done when its client went away; this tests nothing"
+    );
+    eventually(
+        "every notification of the batch cancelled",
+        E2E_TIMEOUT,
+        || async { (cancelled().await == n as u64).then_some(()) },
+    )
+    .await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 

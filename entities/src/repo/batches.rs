@@ -340,6 +340,54 @@ pub enum BatchCancel {
     NotCancellable(String),
 }
 
+/// The reason a batch cancel records on the notifications it cancels: asked for by
+/// `POST /api/v1/batches/{id}/cancel` (and, for one cut off half-way, finished by the Scheduler
+/// with the same words, see [`unfinished_cancels`]).
+pub const CANCELLED_BY_REQUEST: &str = "batch cancelled by API request";
+
+/// Up to `limit` batches whose cancel stopped half-way: `cancelled` at `before` or earlier
+/// (`updated_at`; so that a cancel still under way is left to finish on its own), and with a
+/// notification still cancellable (`scheduled`, or `queued` and not yet picked up). Their instance
+/// stopped while it cancelled (a request cut short by a shutdown's grace): the rest of the batch
+/// would go out unless another cancel finishes it.
+pub async fn unfinished_cancels(
+    db: &impl ConnectionTrait,
+    before: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<Uuid>, RepoError> {
+    Ok(unfinished_cancels_query(before, limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// [`unfinished_cancels`]' read: the batches by status, each looked for among the notifications
+/// on their `(batch_id, status)` index. Public so that tests can check how databases plan it.
+pub fn unfinished_cancels_query(before: DateTime<Utc>, limit: u64) -> Select<batch::Entity> {
+    let cancellable = NotificationStatus::Cancelled
+        .allowed_from()
+        .iter()
+        .map(|status| status.as_str());
+    let left = sea_orm::sea_query::Query::select()
+        .expr(Expr::val(1))
+        .from(notification::Entity)
+        .and_where(
+            Expr::col((notification::Entity, notification::Column::BatchId))
+                .equals((batch::Entity, batch::Column::Id)),
+        )
+        .and_where(
+            Expr::col((notification::Entity, notification::Column::Status)).is_in(cancellable),
+        )
+        .to_owned();
+    batch::Entity::find()
+        .select_only()
+        .column(batch::Column::Id)
+        .filter(batch::Column::Status.eq("cancelled"))
+        .filter(batch::Column::UpdatedAt.lte(before))
+        .filter(Expr::exists(left))
+        .limit(limit)
+}
+
 /// Cancels batch `id`: a `pending` or `running` one stops its fan-out (it becomes `cancelled` and
 /// its lease is dropped, so no round takes it and a page in flight stores nothing more, see
 /// [`insert_page`], or changes it, see [`advance`]); a `done` one (every notification created
