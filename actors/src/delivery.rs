@@ -250,8 +250,8 @@ struct CommandMessage {
 enum Settle {
     /// Acknowledged: done, nothing to record.
     Ack,
-    /// Handed back to JetStream, offered again after the delay (`None`: at once).
-    Nak(Option<Duration>),
+    /// Handed back to JetStream, offered again after the delay.
+    Nak(Duration),
     /// Never to be delivered again.
     Term,
     /// Recorded by the StatusWriter, which then acks (`None`) or NAKs with the delay.
@@ -358,9 +358,12 @@ async fn work(
     if !message.permit.partition_held() {
         // The partition's lease deadline passed while this delivery read the database or waited
         // for the rate limiter: another instance may own the partition by now, and its rate
-        // limiter would not see this send. (The token spent here errs on the safe side.)
+        // limiter would not see this send. (The token spent here errs on the safe side.) Handed
+        // back with the pull loop's delay: this instance may have stopped consuming the
+        // partition, and a NAK without one can be offered straight back to its gone pull request,
+        // to wait out `ack_wait` there.
         metrics::counter!("herald_partition_lease_pauses_total").increment(1);
-        return Settle::Nak(None);
+        return Settle::Nak(crate::pull::HAND_BACK_DELAY);
     }
     let refused = refused_earlier(ctx, id, round, message.replay_base).await;
     let skip = Skip {
@@ -405,7 +408,7 @@ async fn claim(
         Ok(Some(Claimed::Final(_))) => Err(Settle::Ack),
         Ok(Some(Claimed::Moved(status))) => {
             tracing::info!(%id, status = status.as_str(), "status changed while claiming; later");
-            Err(Settle::Nak(Some(CLAIM_AGAIN_IN)))
+            Err(Settle::Nak(CLAIM_AGAIN_IN))
         }
         Ok(None) => {
             // Never stored, or not accepted (the API answered 503 and removed it): sending would
@@ -417,7 +420,7 @@ async fn claim(
         Err(err) => {
             tracing::warn!(%id, error = %err, "cannot claim the notification; retrying later");
             let delay = ctx.retry.delay(message.copy.count, None, rand::random());
-            Err(Settle::Nak(Some(delay)))
+            Err(Settle::Nak(delay))
         }
     }
 }
@@ -496,7 +499,10 @@ impl CommandMessage {
                 let _ = self.acker.ack().await;
             }
             Settle::Nak(delay) => {
-                let _ = self.acker.ack_with(jetstream::AckKind::Nak(delay)).await;
+                let _ = self
+                    .acker
+                    .ack_with(jetstream::AckKind::Nak(Some(delay)))
+                    .await;
             }
             Settle::Term => {
                 let _ = self.acker.ack_with(jetstream::AckKind::Term).await;

@@ -37,7 +37,7 @@ const RELEASE_LIMIT: Duration = Duration::from_secs(1);
 /// delay can be offered straight back to the pull request it was handed back from, although that
 /// request's subscription is gone (seen with nats-server 2.9), and is then lost to the client
 /// until `ack_wait`.
-const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// First pause after a failure; it doubles up to [`MAX_BACKOFF`] and resets on a message.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
