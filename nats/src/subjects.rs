@@ -25,18 +25,26 @@ pub const STATUS_ALL: &str = "notify.status.>";
 pub const ROUTER_CONSUMER: &str = "herald-router";
 /// The single dispatch consumer of releases before partition leases; removed at provisioning.
 pub const LEGACY_DISPATCH_CONSUMER: &str = "herald-dispatch";
-/// Subject on which an instance announces that a provider's circuit opened:
-/// `herald.circuit.<provider>` (core NATS, not persisted).
-pub const CIRCUIT_ALL: &str = "herald.circuit.*";
+/// Subjects on which instances announce that a provider's circuit opened
+/// (`herald.circuit.<channel>`, [`circuit_subject`]) or is held open by a throttle of the whole
+/// account (`herald.circuit.<channel>.held`, [`circuit_held_subject`]); core NATS, not persisted.
+pub const CIRCUIT_ALL: &str = "herald.circuit.>";
 
 /// Durable consumer of one command partition on [`NOTIFY_STREAM`]: `herald-dispatch-<n>`.
 pub fn dispatch_consumer(partition: u32) -> String {
     format!("herald-dispatch-{partition}")
 }
 
-/// Subject of a circuit announcement for one provider.
-pub fn circuit_subject(provider: &str) -> String {
-    format!("herald.circuit.{provider}")
+/// Subject of the announcement that a circuit of `channel` opened.
+pub fn circuit_subject(channel: &str) -> String {
+    format!("herald.circuit.{channel}")
+}
+
+/// Subject of the announcement that a circuit of `channel` is held open by a throttle of the
+/// whole account. Instances older than it listen on `herald.circuit.*` and do not hear it: they
+/// would take it for an opening, held at least their cool-down.
+pub fn circuit_held_subject(channel: &str) -> String {
+    format!("herald.circuit.{channel}.held")
 }
 
 /// Header naming why a message was dead-lettered.

@@ -110,8 +110,8 @@ pub enum NotStartedCause {
     /// Its channel actor failed while it waited for a permit (or for the result of its circuit's
     /// probe): the circuit that admitted it went with the actor.
     ActorFailed,
-    /// It had its permit, but then waited for a connection to the provider (the SMTP pool's)
-    /// until too little of its timeout was left ([`ProviderError::NoConnection`]).
+    /// It had its permit, but a connection to the provider (the SMTP pool's) came free only when
+    /// too little of its timeout was left ([`ProviderError::NoConnection`]).
     NoConnection,
     /// It arrived while its circuit's half-open probe was out and was held for the probe's
     /// result, which did not come before too little of its caller's time was left for the
@@ -197,8 +197,8 @@ pub enum ChannelMsg {
         period: u64,
         /// What it says of the provider, for the circuit.
         verdict: Verdict,
-        /// The error text, if it failed.
-        error: Option<String>,
+        /// How it ended, for the counts.
+        end: SendEnd,
         /// The send's concurrency permit, given back once the circuit has judged the result
         /// (`None` if the permits were closed, which they never are).
         permit: Option<OwnedSemaphorePermit>,
@@ -242,6 +242,18 @@ pub enum ChannelMsg {
     },
     /// Panic on purpose, to exercise supervision (fault-injection in tests).
     Crash,
+}
+
+/// How a started send ended, for the actor's counts ([`ChannelSnapshot`]).
+#[derive(Debug)]
+pub enum SendEnd {
+    /// The provider accepted it.
+    Sent,
+    /// It failed, with the error's text.
+    Failed(String),
+    /// Nothing reached the provider ([`ProviderError::NoConnection`]): counted abandoned, as a
+    /// send that never got its permit.
+    NotSent,
 }
 
 /// The circuit's answer to a send admitted in a period that has ended before it was sent.
@@ -416,16 +428,17 @@ impl Actor for ChannelActor {
                 admission,
                 period,
                 verdict,
-                error,
+                end,
                 permit,
             } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
-                match error {
-                    None => state.sent += 1,
-                    Some(text) => {
+                match end {
+                    SendEnd::Sent => state.sent += 1,
+                    SendEnd::Failed(text) => {
                         state.failed += 1;
                         state.last_error = Some(text);
                     }
+                    SendEnd::NotSent => count_abandoned(state.provider.name()),
                 }
                 judge(state, admission, period, verdict);
                 record_circuit(state);
@@ -602,21 +615,21 @@ fn start_send(
         };
         let latency = started.elapsed();
         let verdict = Verdict::of(&result, provider.as_ref(), outbound.notification_id);
-        let (outcome, error) = match result {
-            Ok(receipt) => (SendOutcome::Accepted(receipt), None),
+        let (outcome, end) = match result {
+            Ok(receipt) => (SendOutcome::Accepted(receipt), SendEnd::Sent),
             // Nothing reached the provider: answered like a send that never got its permit, with
             // the same wait (the sends ahead of it may take as long again).
             Err(ProviderError::NoConnection { reason }) => {
-                count_abandoned(provider.name());
+                tracing::debug!(provider = provider.name(), %reason, "send not started");
                 let outcome = SendOutcome::NotStarted {
                     retry_in: timeout,
                     cause: NotStartedCause::NoConnection,
                 };
-                (outcome, Some(reason))
+                (outcome, SendEnd::NotSent)
             }
             Err(err) => {
                 let text = err.to_string();
-                (SendOutcome::Failed(err), Some(text))
+                (SendOutcome::Failed(err), SendEnd::Failed(text))
             }
         };
         // Report to the actor first: the circuit must see the result before the caller acts on
@@ -626,7 +639,7 @@ fn start_send(
             admission,
             period,
             verdict,
-            error,
+            end,
             permit,
         });
         let _ = reply.send(SendReport {
@@ -855,7 +868,7 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
                 .breaker
                 .on_failure(admission, period, source, now, retry_after);
             if was == CircuitState::Closed && state.breaker.state() == CircuitState::Open {
-                announce(state, state.breaker.cool_down_left(now));
+                announce(state, now);
             }
         }
         Verdict::Throttled { retry_after } => {
@@ -864,10 +877,7 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
                 .breaker
                 .on_throttle(admission, period, now, retry_after);
             if state.breaker.period() != before {
-                if let Some(announcer) = &state.announcer {
-                    let held_for = state.breaker.cool_down_left(now);
-                    announcer.held(state.provider.channel(), state.provider.name(), held_for);
-                }
+                announce(state, now);
                 let provider = state.provider.name().to_string();
                 tracing::warn!(
                     %provider,
@@ -884,11 +894,18 @@ fn judge(state: &mut ChannelState, admission: Admission, period: u64, verdict: V
     }
 }
 
-/// Tells the other instances this circuit just opened, for `open_for` (a hint; see
-/// [`super::announce`]).
-fn announce(state: &ChannelState, open_for: Duration) {
-    if let Some(announcer) = &state.announcer {
-        announcer.opened(state.provider.channel(), state.provider.name(), open_for);
+/// Tells the other instances this circuit just opened (or is held open by a throttle of the
+/// whole account), for as long as it stays open from `now` (a hint; see [`super::announce`]).
+fn announce(state: &ChannelState, now: Instant) {
+    let Some(announcer) = &state.announcer else {
+        return;
+    };
+    let (channel, provider) = (state.provider.channel(), state.provider.name());
+    let open_for = state.breaker.cool_down_left(now);
+    if state.breaker.throttled() {
+        announcer.held(channel, provider, open_for);
+    } else {
+        announcer.opened(channel, provider, open_for);
     }
 }
 

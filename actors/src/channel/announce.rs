@@ -7,8 +7,9 @@
 //! stays open (longer than the cool-down when the provider asked for a longer wait with its
 //! Retry-After; within each instance's own cool-down and cap); each then probes on its own. A
 //! circuit held open because the provider throttles the whole account (the instances share the
-//! account) is announced alike, as held: the others hold theirs for the same wait, without
-//! counting it as an opening, rather than each calling the provider until it is refused too. An
+//! account) is announced alike, as held, on `herald.circuit.<channel>.held` (which older
+//! instances do not listen to): the others hold theirs for the same wait, without counting it as
+//! an opening, rather than each calling the provider until it is refused too. An
 //! announcement is only a hint: a lost one costs a few failed (or throttled) sends, nothing else.
 
 use std::time::Duration;
@@ -33,8 +34,8 @@ pub struct CircuitOpened {
     #[serde(default)]
     pub open_for_ms: Option<u64>,
     /// Whether it is held open because the provider throttles the whole account, rather than
-    /// opened by failures. Absent (false) from the announcements of older instances, and from
-    /// those of failures.
+    /// opened by failures (announced on the `.held` subject). Absent (false) from the
+    /// announcements of openings.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub throttled: bool,
 }
@@ -74,7 +75,11 @@ impl CircuitAnnouncer {
             return;
         };
         let client = self.client.clone();
-        let subject = subjects::circuit_subject(channel.as_str());
+        let subject = if throttled {
+            subjects::circuit_held_subject(channel.as_str())
+        } else {
+            subjects::circuit_subject(channel.as_str())
+        };
         tokio::spawn(async move {
             if let Err(err) = client.publish(subject, payload.into()).await {
                 tracing::debug!(error = %err, "cannot announce an open circuit");
@@ -105,11 +110,12 @@ pub async fn listen(
                 None => return,
             },
         };
+        // `herald.circuit.<channel>`, or `herald.circuit.<channel>.held`.
         let Some(channel) = message
             .subject
             .as_str()
-            .rsplit('.')
-            .next()
+            .split('.')
+            .nth(2)
             .and_then(Channel::parse)
         else {
             continue;

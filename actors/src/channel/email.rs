@@ -436,9 +436,11 @@ fn ignored_extensions(config: &EmailConfig) -> Vec<Extension> {
 ///   refused (`5.1.1` no such mailbox, `5.1.x` bad address, `5.2.1` disabled, `5.2.2` full,
 ///   `5.7.1` content refused after the data);
 /// - a non-ASCII local part for a server without SMTPUTF8: permanent;
-/// - a message that waited for a connection until too little of its send's timeout was left
-///   ([`SmtpSendError::NoConnectionInTime`], [`SmtpSendError::TooLate`]): not sent, and not the
-///   relay's fault ([`ProviderError::NoConnection`]);
+/// - a message that got a connection only when too little of its send's timeout was left
+///   ([`SmtpSendError::TooLate`]): not sent, and not the relay's fault, which answered the
+///   messages ahead of it ([`ProviderError::NoConnection`]). One whose timeout ran out while it
+///   waited ([`SmtpSendError::NoConnectionInTime`]) is transient: it may have waited for its own
+///   connection to a relay that does not answer;
 /// - anything else (no session, a connection that failed, a reply that was not SMTP, a timeout):
 ///   transient.
 ///
@@ -451,7 +453,7 @@ fn classify(error: SmtpSendError, recipients: &[Address]) -> ProviderError {
     }
     let error = match error {
         SmtpSendError::Smtp(error) => error,
-        SmtpSendError::NoConnectionInTime | SmtpSendError::TooLate { .. } => {
+        SmtpSendError::TooLate { .. } => {
             return ProviderError::NoConnection {
                 reason: error.to_string(),
             };

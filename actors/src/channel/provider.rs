@@ -201,9 +201,9 @@ pub enum ProviderError {
         /// [`Transient`](Self::Transient).
         dead_contacts: Vec<String>,
     },
-    /// Not sent: the send waited for a connection to the provider (the SMTP pool's) until too
-    /// little of its timeout was left, so nothing reached the provider. Worth retrying later, but
-    /// it says nothing of the provider, whose connections were all busy with other sends (which
+    /// Not sent: a connection to the provider (the SMTP pool's) came free for the send only when
+    /// too little of its timeout was left, so nothing reached the provider. Worth retrying later,
+    /// but it says nothing of the provider, whose connections were busy with other sends (which
     /// answer for it, failures included): it neither counts against the circuit nor, as a
     /// half-open probe's result, closes it. The channel actor answers it as
     /// [`SendOutcome::NotStarted`](super::SendOutcome::NotStarted).
