@@ -152,8 +152,9 @@ fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
 /// the customers with stored wishes holding the contacts the send gives beyond the recipient's
 /// own (`holders`): a channel is opted out of when the recipient opted out of it or, as in
 /// [`gate_contacts`], a customer holding the send's other contact there did. Quiet hours are the
-/// recipient's and, as in [`gate_contacts`], those of the one holder who set any: the send waits
-/// until every night it would reach is over.
+/// recipient's and, as in [`gate_contacts`], those of the holders of its other contacts on the
+/// channels not opted out ([`quiet_ones`]): the send waits until the latest of those nights on
+/// now is over.
 ///
 /// `passed_before`: a round of the notification's chain was walked since it was queued (or
 /// replayed), so the gate let it through then, rate limit included. The rate limiter then allows
@@ -167,9 +168,7 @@ pub async fn gate(
     passed_before: bool,
 ) -> Gate {
     let opted_out = customer_opt_outs(recipient, holders, command);
-    let quiet: Vec<&Recipient> = std::iter::once(recipient)
-        .chain(quiet_holder(holders))
-        .collect();
+    let quiet = quiet_ones(Some(recipient), holders, command, &opted_out);
     decide(ctx, opted_out, &quiet, command, passed_before).await
 }
 
@@ -199,8 +198,9 @@ fn customer_opt_outs(
 
 /// [`gate`] for a send that names no customer, only contacts: given the customers with stored
 /// wishes who hold those contacts. A channel is opted out of when any customer holding the
-/// send's contact on it opted out of it; quiet hours are applied when exactly one of the
-/// customers set them (with several, whose night it is cannot be told, and none are).
+/// send's contact on it opted out of it. Quiet hours are those of the holders of its contacts on
+/// the channels not opted out ([`quiet_ones`]: per contact, when exactly one of its holders set
+/// them); the send waits until the latest of those nights on now is over.
 pub async fn gate_contacts(
     ctx: &PolicyContext,
     holders: &[ContactHolder],
@@ -208,20 +208,34 @@ pub async fn gate_contacts(
     passed_before: bool,
 ) -> Gate {
     let opted_out = contact_opt_outs(holders, command);
-    let quiet: Vec<&Recipient> = quiet_holder(holders).into_iter().collect();
+    let quiet = quiet_ones(None, holders, command, &opted_out);
     decide(ctx, opted_out, &quiet, command, passed_before).await
 }
 
-/// The one customer among `holders` who set quiet hours, if exactly one did: with several (an
-/// address a family shares), whose night it is cannot be told, and none are applied.
-fn quiet_holder(holders: &[ContactHolder]) -> Option<&Recipient> {
-    let mut quiet = holders
+/// Those whose night it may be where `command` goes: the customer it names (`recipient`), and,
+/// for each channel of its chain not `opted_out`, the one customer among those holding its
+/// contact there who set quiet hours, if exactly one did (with several, as for an address a
+/// family shares, whose night it is cannot be told, and none is taken).
+fn quiet_ones<'a>(
+    recipient: Option<&'a Recipient>,
+    holders: &'a [ContactHolder],
+    command: &SendCommand,
+    opted_out: &[OptOut],
+) -> Vec<&'a Recipient> {
+    let reached = command
+        .channels
         .iter()
-        .filter(|holder| holder.recipient.wishes.quiet_hours.is_some());
-    match (quiet.next(), quiet.next()) {
-        (Some(only), None) => Some(&only.recipient),
-        _ => None,
-    }
+        .filter(|&&channel| !opted_out.iter().any(|o| o.channel == channel));
+    let holders = reached.filter_map(|&channel| {
+        let mut quiet = holders
+            .iter()
+            .filter(|h| h.holds(channel) && h.recipient.wishes.quiet_hours.is_some());
+        match (quiet.next(), quiet.next()) {
+            (Some(only), None) => Some(&only.recipient),
+            _ => None,
+        }
+    });
+    recipient.into_iter().chain(holders).collect()
 }
 
 /// The channels of `command`'s chain that a customer holding its contact there opted out of: by
@@ -551,7 +565,9 @@ mod tests {
 
     /// A send naming a customer and giving another customer's contact inline waits for that
     /// holder's night to end too (before, only the named customer's quiet hours held it, so the
-    /// holder's phone got a marketing SMS at night), and for the later of two nights on at once.
+    /// holder's phone got a marketing SMS at night), and for the later of two nights on at once;
+    /// not for the night of a holder on a channel opted out of, nor of a contact several
+    /// customers hold who set quiet hours.
     #[test]
     fn a_customer_send_waits_for_the_night_of_the_holder_of_its_other_contact() {
         let mut command = contact_send();
@@ -559,24 +575,24 @@ mod tests {
         let now = "2026-12-07T02:00:00Z"
             .parse::<DateTime<Utc>>()
             .expect("time");
-        let named = Recipient::default();
-        let mut phone = holder("cus_phone", PHONE, false);
-        phone.recipient = quiet("cus_phone", "22:00", "07:00");
-        let holders = [phone];
-
-        let quiet_ones: Vec<&Recipient> = std::iter::once(&named)
-            .chain(quiet_holder(&holders))
-            .collect();
+        let quiet_holder = |id: &str, held: Held, starts: &str, ends: &str| ContactHolder {
+            recipient: quiet(id, starts, ends),
+            held,
+        };
         let until = |gate: Option<Gate>| match gate {
             Some(Gate::Defer { delay, reason }) => (delay, reason),
             other => panic!("not deferred: {other:?}"),
         };
-        let (delay, reason) = until(quiet_hours_gate(now, &quiet_ones, &command));
+        let phone = [quiet_holder("cus_phone", PHONE, "22:00", "07:00")];
+
+        let named = Recipient::default();
+        let quiet_now = quiet_ones(Some(&named), &phone, &command, &[]);
+        let (delay, reason) = until(quiet_hours_gate(now, &quiet_now, &command));
         assert_eq!(reason, "deferred: quiet hours until 2026-12-07T07:00:00Z");
         assert_eq!(delay, Duration::from_secs(5 * 3600));
 
         let named = quiet("cus_named", "01:00", "03:00");
-        let both = [&named, &holders[0].recipient];
+        let both = quiet_ones(Some(&named), &phone, &command, &[]);
         let (_, reason) = until(quiet_hours_gate(now, &both, &command));
         assert_eq!(
             reason, "deferred: quiet hours until 2026-12-07T07:00:00Z",
@@ -591,12 +607,26 @@ mod tests {
             "neither is on"
         );
 
-        // Two holders who set quiet hours: whose night it is cannot be told, as for a send naming
-        // contacts only.
-        let mut email = holder("cus_email", EMAIL, false);
-        email.recipient = quiet("cus_email", "00:00", "23:00");
-        let two = [holders[0].clone(), email];
-        assert!(quiet_holder(&two).is_none());
-        assert!(quiet_holder(&two[..1]).is_some());
+        let sms_opted_out = [OptOut {
+            channel: Channel::Sms,
+            by: OptedOutBy::TheCustomer,
+        }];
+        let (_, reason) = until(quiet_hours_gate(
+            now,
+            &quiet_ones(Some(&named), &phone, &command, &sms_opted_out),
+            &command,
+        ));
+        assert_eq!(
+            reason, "deferred: quiet hours until 2026-12-07T03:00:00Z",
+            "the phone is not reached: its holder's night does not hold the send"
+        );
+
+        // The email address two customers hold who both set quiet hours: whose night it is
+        // cannot be told; the phone's only holder still counts.
+        let mut holders = phone.to_vec();
+        holders.push(quiet_holder("cus_a", EMAIL, "00:00", "23:00"));
+        holders.push(quiet_holder("cus_b", EMAIL, "00:00", "23:00"));
+        let taken = quiet_ones(None, &holders, &command, &[]);
+        assert_eq!(taken, [&holders[0].recipient]);
     }
 }
