@@ -40,10 +40,9 @@
 //!    lands stores nothing (its lease renewal, in the insert's transaction, fails) or, stored
 //!    before, has its notifications cancelled and cannot advance the batch.
 //!
-//! Before both, a round finishes the batch cancels that stopped half-way (an instance stopped
-//! while it cancelled: a request cut short by a shutdown's grace), at least
-//! [`CANCEL_LEFT_FOR`] after they began ([`finish_cancels`]), so that the rest of a cancelled
-//! campaign does not go out; none of such a batch is released first.
+//! Beside both, a round finishes the batch cancels that stopped half-way, their lease lapsed (an
+//! instance stopped while it cancelled: a request cut short by a shutdown's grace, a crash), so
+//! that the rest of a cancelled campaign does not go out ([`finish_cancels`]).
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -64,12 +63,13 @@ use herald_entities::{
     repo::{
         self,
         batches::{BatchCancel, CustomerFilter},
+        cancel_events::cancel_batch_announced,
         dead_letters::PendingReplay,
         status_batch::{self, StatusChange},
     },
 };
 use herald_nats::{
-    CancelledEvents, Contacts, Publisher, SCHEMA_VERSION, SendCommand, Stored,
+    Contacts, Publisher, SCHEMA_VERSION, SendCommand, Stored,
     batch::{BatchRecipient, BatchSpec, BatchTarget, batch_notification_id},
     release_msg_id,
 };
@@ -153,6 +153,9 @@ pub struct SchedulerArgs {
     pub settings: SchedulerSettings,
     /// Wall clock (what is due).
     pub clock: Clock,
+    /// The engine's turns for batch writes on SQLite, which finishing a batch cancel takes as the
+    /// API's cancel does ([`WriteGate`]).
+    pub write_gate: WriteGate,
     /// Seconds a replaced webhook secret signs beside its successor
     /// (`channels.webhook.rotation_grace_secs`): each clean-up forgets the ones replaced longer
     /// ago.
@@ -360,30 +363,25 @@ async fn retain(args: &SchedulerArgs, days: u32, stop: &CancellationToken) {
 /// never holds up due notifications. Answers whether due notifications are left (see
 /// [`release_all_due`]).
 async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> bool {
-    finish_cancels(args).await;
     let bulk = async {
         if let Err(err) = fan_out(args, backoff).await {
             tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
         }
     };
-    tokio::join!(release_all_due(args), bulk).0
+    tokio::join!(release_all_due(args), bulk, finish_cancels(args)).0
 }
-
-/// How long after a batch's cancel began a round takes it for one that stopped half-way, if
-/// notifications of the batch are still cancellable: longer than a shutdown's grace for the
-/// requests in progress (10 s), so that a cancel still under way is normally left to finish.
-pub const CANCEL_LEFT_FOR: Duration = Duration::from_secs(15);
 
 /// How many batch cancels that stopped half-way a round finishes at most.
 const CANCELS_PER_ROUND: u64 = 4;
 
-/// Finishes the cancels of batches that stopped half-way ([`repo::batches::unfinished_cancels`]),
-/// as `POST /api/v1/batches/{id}/cancel` does them (chunk by chunk, with the request's reason and
-/// `cancelled` events), each logged. A failure is logged and leaves the batch to the next round.
+/// Finishes the cancels of batches that stopped half-way, their lease lapsed
+/// ([`repo::batches::unfinished_cancels`]): each taken first ([`repo::batches::take_cancel`], so
+/// that one instance does it), then cancelled as `POST /api/v1/batches/{id}/cancel` does (chunk
+/// by chunk, with the request's reason and `cancelled` events), and logged. A failure is logged
+/// and leaves the batch to a later round, once the lease lapses again.
 async fn finish_cancels(args: &SchedulerArgs) {
-    let before = (args.clock)() - chrono::Duration::from_std(CANCEL_LEFT_FOR).unwrap_or_default();
-    let batches = match repo::batches::unfinished_cancels(&args.db, before, CANCELS_PER_ROUND).await
-    {
+    let now = (args.clock)();
+    let batches = match repo::batches::unfinished_cancels(&args.db, now, CANCELS_PER_ROUND).await {
         Ok(batches) => batches,
         Err(err) => {
             tracing::warn!(error = %err, "scheduler: looking for unfinished batch cancels failed");
@@ -391,30 +389,34 @@ async fn finish_cancels(args: &SchedulerArgs) {
         }
     };
     for batch in batches {
-        let events = CancelledEvents::start(&args.publisher, batch);
-        let committed = |chunk: repo::schedule::CancelledChunk| {
-            metrics::counter!("herald_notifications_cancelled_total")
-                .increment(chunk.ids.len() as u64);
-            events.publish(chunk.ids, chunk.at);
-        };
-        // The Scheduler's writes meet the engine's other writers at SQLite's lock (an open gate).
-        let gate = WriteGate::default();
-        let reason = repo::batches::CANCELLED_BY_REQUEST;
-        let finished = repo::batches::cancel(&args.db, &gate, batch, reason, committed).await;
-        events.published().await;
-        match finished {
-            Ok(BatchCancel::Cancelled { notifications, .. }) => tracing::warn!(
-                %batch,
-                notifications,
-                "finished a batch cancel that had stopped half-way"
-            ),
-            // Another cancel finished it meanwhile.
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(%batch, error = %err, "scheduler: finishing a batch cancel failed")
-            }
+        if let Err(err) = finish_cancel(args, batch, now).await {
+            tracing::warn!(%batch, error = %err, "scheduler: finishing a batch cancel failed");
         }
     }
+}
+
+/// Takes the cancel of `batch` that stopped half-way and finishes it, unless another instance
+/// took it first.
+async fn finish_cancel(
+    args: &SchedulerArgs,
+    batch: Uuid,
+    now: chrono::DateTime<Utc>,
+) -> Result<(), herald_entities::RepoError> {
+    if !repo::batches::take_cancel(&args.db, batch, now).await? {
+        return Ok(());
+    }
+    let reason = repo::batches::CANCELLED_BY_REQUEST;
+    let (db, gate, publisher) = (&args.db, &args.write_gate, &args.publisher);
+    if let BatchCancel::Cancelled { notifications, .. } =
+        cancel_batch_announced(db, gate, publisher, batch, reason).await?
+    {
+        tracing::warn!(
+            %batch,
+            notifications,
+            "finished a batch cancel that had stopped half-way"
+        );
+    }
+    Ok(())
 }
 
 /// Releases due notifications `claim_limit` at a time while each claim comes back full and all

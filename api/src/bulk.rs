@@ -10,6 +10,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use herald_entities::repo::{
     self,
     batches::{Created, CustomerFilter, NewBatch},
+    cancel_events::cancel_batch_announced,
 };
 use herald_nats::{
     Category, Channel, CommandRoom, Contacts, Content, SCHEMA_VERSION, SendCommand,
@@ -285,9 +286,10 @@ impl BulkApi {
     /// decides) are cancelled. A `done` batch (every notification created and queued, not
     /// necessarily sent) is cancelled the same way while some of its notifications are still
     /// cancellable; once none is, it answers 409. So is a `cancelled` one, whose earlier cancel
-    /// may have stopped half-way (its instance stopped, say). A client that goes away before the
-    /// answer does not stop the cancel. Answers the batch with `cancelled`: how many notifications this
-    /// request cancelled. Those already picked up go out. As for a single cancel, each cancelled
+    /// may have stopped half-way (its instance stopped, say; the Scheduler also finishes such a
+    /// cancel once its 15 s lease lapses). A client that goes away before the answer does not stop
+    /// the cancel. Answers the batch with `cancelled`: how many notifications this request
+    /// cancelled. Those already picked up go out. As for a single cancel, each cancelled
     /// notification's transition is published on `notify.status.cancelled`; the answer comes once
     /// those events are published, so that an instance stopped right after it has published them.
     /// The notifications are cancelled 1,000 at a time, each group in a transaction of its own, so
@@ -298,18 +300,10 @@ impl BulkApi {
     async fn cancel(&self, _auth: SendKey, id: Path<Uuid>) -> Result<Json<BatchView>, ApiError> {
         use repo::batches::BatchCancel;
         let id = id.0;
-        let events = herald_nats::CancelledEvents::start(&self.state.publisher, id);
-        let committed = |chunk: repo::schedule::CancelledChunk| {
-            metrics::counter!("herald_notifications_cancelled_total")
-                .increment(chunk.ids.len() as u64);
-            events.publish(chunk.ids, chunk.at);
-        };
-        let gate = self.state.inserts.gate();
+        let state = &self.state;
+        let (db, gate, publisher) = (&state.db, state.inserts.gate(), &state.publisher);
         let reason = repo::batches::CANCELLED_BY_REQUEST;
-        let cancelled = repo::batches::cancel(&self.state.db, gate, id, reason, committed).await;
-        // Also when a later chunk failed: the chunks committed before it are cancelled.
-        events.published().await;
-        match cancelled? {
+        match cancel_batch_announced(db, gate, publisher, id, reason).await? {
             BatchCancel::Cancelled {
                 batch,
                 notifications,

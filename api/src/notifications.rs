@@ -6,13 +6,14 @@ use chrono::{DateTime, Utc};
 use herald_entities::{
     NotificationStatus, delivery_attempt, notification,
     repo::{
+        cancel_events::cancelled_event,
         notifications::{self as repo, Inserted, NewNotification},
         schedule::PUBLISH_PENDING,
     },
 };
 use herald_nats::{
     Category, Channel, CommandRoom, Contacts, Content, MAX_COMMAND_BYTES, SCHEMA_VERSION,
-    SendCommand, cancelled_event, distinct_channels,
+    SendCommand, distinct_channels,
 };
 use poem_openapi::{
     ApiResponse, Enum, Object, OpenApi, Tags,

@@ -520,6 +520,7 @@ async fn start_engine(
             publisher: publisher.clone(),
             settings: config.scheduler,
             clock: herald_actors::policy::system_clock(),
+            write_gate: gate.clone(),
             // Without a webhook channel no secret signs; stored ones are forgotten as by default.
             webhook_rotation_grace_secs: config
                 .channels

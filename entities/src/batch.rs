@@ -26,7 +26,9 @@ pub struct Model {
     pub published: i64,
     /// Where the fan-out stands: the last customer external id (filter) or list index done.
     pub cursor: Option<String>,
-    /// An instance working on the batch holds it until then; others leave it alone.
+    /// An instance working on the batch holds it until then; others leave it alone: while
+    /// `pending` or `running`, the fan-out's lease; while `cancelled`, its cancel's, cleared once
+    /// the cancel is done (see [`crate::repo::batches::cancel`]).
     pub lease_until: Option<DateTimeUtc>,
     /// Why the batch failed (`failed`); while it is `running`, why its last page failed and how
     /// many failed in a row, until a page goes through (text, unbounded).

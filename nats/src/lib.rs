@@ -6,7 +6,6 @@
 //! [`publish`] publishes them with `Nats-Msg-Id` so JetStream de-duplicates repeats.
 
 pub mod batch;
-pub mod cancelled;
 pub mod connect;
 pub mod dead_letters;
 pub mod envelope;
@@ -23,7 +22,6 @@ pub mod subjects;
 mod versioned;
 pub mod webhook_secret;
 
-pub use cancelled::{CancelledEvents, cancelled_event};
 pub use connect::{Connection, NatsAuth, NatsTls, connect};
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use envelope::{

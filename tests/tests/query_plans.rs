@@ -693,22 +693,3 @@ async fn the_clean_up_finds_replaced_webhook_secrets_on_their_index() {
     )
     .await;
 }
-
-/// The Scheduler's look for batch cancels that stopped half-way, every round, finds a cancelled
-/// batch's notifications still waiting on `idx_notifications_bulk_status`, not by reading the
-/// notifications.
-#[tokio::test]
-async fn the_look_for_unfinished_batch_cancels_uses_the_bulk_index() {
-    let database = TestDatabase::from_env().await.expect("test database");
-    let kind = database.kind();
-    migrated(database.url()).await.expect("database migrated");
-    let look = batches::unfinished_cancels_query(Utc::now(), 4).into_query();
-    assert_planned_afresh(
-        database.url(),
-        kind,
-        &look,
-        "idx_notifications_bulk_status",
-        "the look for unfinished batch cancels",
-    )
-    .await;
-}

@@ -341,55 +341,78 @@ pub enum BatchCancel {
 }
 
 /// The reason a batch cancel records on the notifications it cancels: asked for by
-/// `POST /api/v1/batches/{id}/cancel` (and, for one cut off half-way, finished by the Scheduler
-/// with the same words, see [`unfinished_cancels`]).
+/// `POST /api/v1/batches/{id}/cancel` (and, for one that stopped half-way, finished by the
+/// Scheduler with the same words, see [`unfinished_cancels`]).
 pub const CANCELLED_BY_REQUEST: &str = "batch cancelled by API request";
 
-/// Up to `limit` batches whose cancel stopped half-way: `cancelled` at `before` or earlier
-/// (`updated_at`; so that a cancel still under way is left to finish on its own), and with a
-/// notification still cancellable (`scheduled`, or `queued` and not yet picked up). Their instance
-/// stopped while it cancelled (a request cut short by a shutdown's grace): the rest of the batch
-/// would go out unless another cancel finishes it.
+/// How long a batch cancel's lease lasts (`lease_until` of a `cancelled` batch): renewed with each
+/// of its transactions, and cleared when it is done; one that lapsed is a cancel that stopped
+/// half-way.
+pub const CANCEL_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Up to `limit` batches whose cancel stopped half-way: `cancelled`, their cancel's lease lapsed
+/// by `now` (its instance stopped, or the database failed, between two of its transactions).
+/// Cancels of instances older than the lease leave none, and are not found.
 pub async fn unfinished_cancels(
     db: &impl ConnectionTrait,
-    before: DateTime<Utc>,
+    now: DateTime<Utc>,
     limit: u64,
 ) -> Result<Vec<Uuid>, RepoError> {
-    Ok(unfinished_cancels_query(before, limit)
+    Ok(batch::Entity::find()
+        .select_only()
+        .column(batch::Column::Id)
+        .filter(batch::Column::Status.eq("cancelled"))
+        .filter(batch::Column::LeaseUntil.lt(now))
+        .limit(limit)
         .into_tuple()
         .all(db)
         .await?)
 }
 
-/// [`unfinished_cancels`]' read: the batches by status, each looked for among the notifications
-/// on their `(batch_id, status)` index. Public so that tests can check how databases plan it.
-pub fn unfinished_cancels_query(before: DateTime<Utc>, limit: u64) -> Select<batch::Entity> {
-    let cancellable = NotificationStatus::Cancelled
-        .allowed_from()
-        .iter()
-        .map(|status| status.as_str());
-    let left = sea_orm::sea_query::Query::select()
-        .expr(Expr::val(1))
-        .from(notification::Entity)
-        .and_where(
-            Expr::col((notification::Entity, notification::Column::BatchId))
-                .equals((batch::Entity, batch::Column::Id)),
-        )
-        .and_where(
-            Expr::col((notification::Entity, notification::Column::Status)).is_in(cancellable),
-        )
-        .to_owned();
-    batch::Entity::find()
-        .select_only()
-        .column(batch::Column::Id)
+/// Takes the lapsed lease of the cancel of batch `id` (see [`unfinished_cancels`]) at `now`, for
+/// [`CANCEL_LEASE`]: whether this caller got it (another instance may have been first).
+pub async fn take_cancel(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool, RepoError> {
+    let taken = cancel_lease(id, Some(now + cancel_lease_span()))
+        .filter(batch::Column::LeaseUntil.lt(now))
+        .exec(db)
+        .await?;
+    Ok(taken.rows_affected == 1)
+}
+
+/// [`CANCEL_LEASE`] as a time span.
+fn cancel_lease_span() -> chrono::Duration {
+    chrono::Duration::from_std(CANCEL_LEASE).unwrap_or_else(|_| chrono::Duration::seconds(15))
+}
+
+/// The UPDATE setting the lease of the cancel of batch `id`, while it is `cancelled`, to `until`
+/// (`None`: the cancel is done).
+fn cancel_lease(id: Uuid, until: Option<DateTime<Utc>>) -> sea_orm::UpdateMany<batch::Entity> {
+    batch::Entity::update_many()
+        .col_expr(batch::Column::LeaseUntil, Expr::value(until))
+        .filter(batch::Column::Id.eq(id))
         .filter(batch::Column::Status.eq("cancelled"))
-        .filter(batch::Column::UpdatedAt.lte(before))
-        .filter(Expr::exists(left))
-        .limit(limit)
+}
+
+/// Renews the lease of the cancel of batch `id` for [`CANCEL_LEASE`] from now.
+async fn renew_cancel(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
+    cancel_lease(id, Some(Utc::now() + cancel_lease_span()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Clears the lease of the cancel of batch `id`: it is done.
+async fn end_cancel(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
+    cancel_lease(id, None).exec(db).await?;
+    Ok(())
 }
 
 /// Cancels batch `id`: a `pending` or `running` one stops its fan-out (it becomes `cancelled` and
-/// its lease is dropped, so no round takes it and a page in flight stores nothing more, see
+/// its fan-out's lease gives way to the cancel's, so no round takes it and a page in flight stores nothing more, see
 /// [`insert_page`], or changes it, see [`advance`]); a `done` one (every notification created
 /// and queued), or a `cancelled` one whose cancel stopped half-way, becomes (or stays)
 /// `cancelled` only when some of its notifications were still cancellable. Either way its
@@ -404,6 +427,10 @@ pub fn unfinished_cancels_query(before: DateTime<Utc>, limit: u64) -> Select<bat
 /// PostgreSQL a chunk passes over the rows other transactions hold ([`cancel_batch_chunk`]);
 /// once the chunks find none left, those still cancellable are cancelled one at a time
 /// ([`cancel_batch_leftovers`], handed to `committed` as a last chunk).
+///
+/// While it runs, the batch holds the cancel's lease ([`CANCEL_LEASE`], renewed with each
+/// transaction and cleared at the end): a cancel that stops half-way (its process stopped, the
+/// database failed) leaves it to lapse, and the Scheduler finishes it ([`unfinished_cancels`]).
 pub async fn cancel(
     db: &DatabaseConnection,
     gate: &WriteGate,
@@ -421,13 +448,16 @@ pub async fn cancel(
         notifications += chunk.ids.len() as u64;
         committed(chunk);
         let _turn = gate.enter().await;
+        renew_cancel(db, id).await?;
         chunk = cancel_batch_chunk(db, id, reason, CANCEL_CHUNK).await?;
     }
+    renew_cancel(db, id).await?;
     let leftovers = cancel_batch_leftovers(db, gate, id, reason).await?;
     if !leftovers.ids.is_empty() {
         notifications += leftovers.ids.len() as u64;
         committed(leftovers);
     }
+    end_cancel(db, id).await?;
     let batch = find(db, id)
         .await?
         .ok_or(DbErr::RecordNotFound(id.to_string()))?;
@@ -467,6 +497,10 @@ async fn cancel_first_chunk(
             let status = find(db, id)
                 .await?
                 .map_or_else(|| "done".into(), |b| b.status);
+            if status == "cancelled" {
+                // Nothing left: whatever cancel of it stopped half-way has nothing to finish.
+                end_cancel(db, id).await?;
+            }
             return Ok(Err(BatchCancel::NotCancellable(status)));
         }
     }
@@ -474,7 +508,8 @@ async fn cancel_first_chunk(
     Ok(Ok(first))
 }
 
-/// Marks batch `id` `cancelled` and frees its lease, if its status is one of `from`.
+/// Marks batch `id` `cancelled`, if its status is one of `from`, its lease (the fan-out's, if
+/// it had one) now the cancel's ([`CANCEL_LEASE`]).
 async fn set_cancelled(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -484,7 +519,7 @@ async fn set_cancelled(
         .col_expr(batch::Column::Status, Expr::value("cancelled"))
         .col_expr(
             batch::Column::LeaseUntil,
-            Expr::value(Option::<DateTime<Utc>>::None),
+            Expr::value(Some(Utc::now() + cancel_lease_span())),
         )
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))

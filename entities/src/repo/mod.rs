@@ -3,6 +3,7 @@
 pub mod activity;
 pub mod api_keys;
 pub mod batches;
+pub mod cancel_events;
 pub mod customers;
 pub mod dashboard_logouts;
 pub mod dead_letters;
