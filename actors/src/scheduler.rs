@@ -42,7 +42,7 @@
 //!
 //! Beside both, a round finishes the batch cancels that stopped half-way, their lease lapsed (an
 //! instance stopped while it cancelled: a request cut short by a shutdown's grace, a crash), so
-//! that the rest of a cancelled campaign does not go out ([`finish_cancels`]).
+//! that the rest of a cancelled campaign does not go out (`finish_cancels`).
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final

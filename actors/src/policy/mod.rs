@@ -153,7 +153,7 @@ fn opted_out_everywhere(category: Category, opted_out: &[OptOut]) -> String {
 /// own (`holders`): a channel is opted out of when the recipient opted out of it or, as in
 /// [`gate_contacts`], a customer holding the send's other contact there did. Quiet hours are the
 /// recipient's and, as in [`gate_contacts`], those of the holders of its other contacts on the
-/// channels not opted out ([`quiet_ones`]): the send waits until the latest of those nights on
+/// channels not opted out (`quiet_ones`): the send waits until the latest of those nights on
 /// now is over.
 ///
 /// `passed_before`: a round of the notification's chain was walked since it was queued (or
@@ -199,7 +199,7 @@ fn customer_opt_outs(
 /// [`gate`] for a send that names no customer, only contacts: given the customers with stored
 /// wishes who hold those contacts. A channel is opted out of when any customer holding the
 /// send's contact on it opted out of it. Quiet hours are those of the holders of its contacts on
-/// the channels not opted out ([`quiet_ones`]: per contact, when exactly one of its holders set
+/// the channels not opted out (`quiet_ones`: per contact, when exactly one of its holders set
 /// them); the send waits until the latest of those nights on now is over.
 pub async fn gate_contacts(
     ctx: &PolicyContext,
