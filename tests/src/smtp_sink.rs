@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Largest message the sink accepts, advertised with `SIZE`.
@@ -210,14 +210,6 @@ impl Shared {
     }
 }
 
-/// Requests from the handle to the accept loop.
-enum Control {
-    /// Close the listener; acknowledged once it is closed.
-    Pause(oneshot::Sender<()>),
-    /// Accept again on this listener.
-    Resume(TcpListener, oneshot::Sender<()>),
-}
-
 /// An SMTP server on `127.0.0.1` (random port) that stores what it receives.
 ///
 /// Connections are served concurrently. Dropping the sink closes the listener and
@@ -226,7 +218,6 @@ enum Control {
 pub struct SmtpSink {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    control: mpsc::Sender<Control>,
     accept_task: JoinHandle<()>,
 }
 
@@ -283,12 +274,10 @@ impl SmtpSink {
             queue_ids: AtomicU64::new(0),
             offers,
         });
-        let (control, control_rx) = mpsc::channel(4);
-        let accept_task = tokio::spawn(accept_loop(listener, control_rx, Arc::clone(&shared)));
+        let accept_task = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
         Ok(Self {
             addr,
             shared,
-            control,
             accept_task,
         })
     }
@@ -441,28 +430,12 @@ impl SmtpSink {
         *lock(&self.shared.hang_up_after) = Some((n, how));
     }
 
-    /// Simulates an outage. `true` closes the listener (new connections are refused)
-    /// and makes open connections answer their next command with 421 and close;
-    /// `false` listens again on the same port. Returns once the change is in effect.
-    pub async fn set_pause(&self, paused: bool) -> anyhow::Result<()> {
-        let (ack, acked) = oneshot::channel();
-        let control = if paused {
-            self.shared.paused.store(true, Ordering::SeqCst);
-            Control::Pause(ack)
-        } else {
-            let listener = TcpListener::bind(self.addr)
-                .await
-                .with_context(|| format!("binding the SMTP sink again on {}", self.addr))?;
-            self.shared.paused.store(false, Ordering::SeqCst);
-            Control::Resume(listener, ack)
-        };
-        self.control
-            .send(control)
-            .await
-            .map_err(|_| anyhow!("the SMTP sink accept loop has stopped"))?;
-        acked
-            .await
-            .map_err(|_| anyhow!("the SMTP sink accept loop has stopped"))
+    /// Simulates an outage. `true` resets every new connection at once (as a refused one: no
+    /// greeting) and makes open connections answer their next command with 421 and close;
+    /// `false` serves again. The port stays this sink's throughout: it used to be released while
+    /// paused, and another test's server could bind it and take this one's mail.
+    pub fn set_pause(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::SeqCst);
     }
 }
 
@@ -478,17 +451,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Accepts connections and obeys pause/resume requests until the sink is dropped.
-async fn accept_loop(
-    listener: TcpListener,
-    mut control: mpsc::Receiver<Control>,
-    shared: Arc<Shared>,
-) {
-    let mut listener = Some(listener);
+/// Accepts connections until the sink is dropped; while paused, resets each at once.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = accept(listener.as_ref()) => match accepted {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) if shared.paused.load(Ordering::SeqCst) => {
+                    // Closed with a reset, not a goodbye: the client finds no server there.
+                    let _ = stream.set_zero_linger();
+                }
                 Ok((stream, _)) => {
                     shared.connections.fetch_add(1, Ordering::Relaxed);
                     sessions.spawn(serve(stream, Arc::clone(&shared)));
@@ -502,26 +474,7 @@ async fn accept_loop(
                     tracing::error!(%error, "SMTP sink session panicked");
                 }
             }
-            request = control.recv() => match request {
-                Some(Control::Pause(ack)) => {
-                    listener = None;
-                    let _ = ack.send(());
-                }
-                Some(Control::Resume(new_listener, ack)) => {
-                    listener = Some(new_listener);
-                    let _ = ack.send(());
-                }
-                None => return,
-            },
         }
-    }
-}
-
-/// Accepts on the listener, or never completes while there is none (paused).
-async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
     }
 }
 

@@ -1905,7 +1905,7 @@ async fn dead_letter_world() -> World {
 async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     let w = dead_letter_world().await;
     let h = &w.herald;
-    w.smtp.set_pause(true).await.expect("smtp paused");
+    w.smtp.set_pause(true);
     let first = h
         .send_accepted(&email("ada@example.com", None, "transactional"))
         .await;
@@ -1970,7 +1970,7 @@ async fn dead_letters_are_listed_with_reasons_and_replays_deliver_them() {
     assert_ne!(rest["items"][0]["seq"], paged["items"][0]["seq"]);
 
     // Provider back: replaying one entry delivers it, and the entry is gone.
-    w.smtp.set_pause(false).await.expect("smtp resumed");
+    w.smtp.set_pause(false);
     let (status, replayed) = h
         .post(&format!("/api/v1/dlq/{seq}/replay"), &json!({}))
         .await;
@@ -2042,12 +2042,12 @@ async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
         orphan.encode().expect("encoded").to_vec(),
     )
     .await;
-    w.smtp.set_pause(true).await.expect("smtp paused");
+    w.smtp.set_pause(true);
     let dead = h
         .send_accepted(&email("ada@example.com", None, "transactional"))
         .await;
     h.wait_status(&dead, "dead").await;
-    w.smtp.set_pause(false).await.expect("smtp resumed");
+    w.smtp.set_pause(false);
 
     let (status, first) = h.post("/api/v1/dlq/replay", &json!({ "limit": 1 })).await;
     assert_eq!(status, StatusCode::OK, "{first}");
@@ -2082,7 +2082,7 @@ async fn a_filtered_replay_goes_past_entries_it_cannot_replay() {
 async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
     let w = dead_letter_world().await;
     let h = &w.herald;
-    w.smtp.set_pause(true).await.expect("smtp paused");
+    w.smtp.set_pause(true);
     let id = h
         .send_accepted(&email("ada@example.com", None, "transactional"))
         .await;
@@ -2116,7 +2116,7 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
     let second_seq = items[0]["seq"].as_u64().expect("seq");
     assert_ne!(second_seq, first_seq, "{page}");
 
-    w.smtp.set_pause(false).await.expect("smtp resumed");
+    w.smtp.set_pause(false);
     let (status, replayed) = h
         .post(&format!("/api/v1/dlq/{second_seq}/replay"), &json!({}))
         .await;
@@ -2135,7 +2135,7 @@ async fn a_replayed_notification_that_dies_again_is_dead_lettered_again() {
 async fn a_notification_dead_again_after_a_replay_is_published_dead_again() {
     let w = dead_letter_world().await;
     let h = &w.herald;
-    w.smtp.set_pause(true).await.expect("smtp paused");
+    w.smtp.set_pause(true);
     let id = h
         .send_accepted(&email("ada@example.com", None, "transactional"))
         .await;
@@ -2221,7 +2221,7 @@ async fn replay_world() -> World {
 /// sequence number of its dead letter.
 async fn dead_notification(w: &World) -> (String, u64) {
     let h = &w.herald;
-    w.smtp.set_pause(true).await.expect("smtp paused");
+    w.smtp.set_pause(true);
     let id = h
         .send_accepted(&email("ada@example.com", None, "transactional"))
         .await;
@@ -2229,7 +2229,7 @@ async fn dead_notification(w: &World) -> (String, u64) {
     let (_, page) = h.get("/api/v1/dlq").await;
     assert_eq!(page["items"][0]["notification_id"], id.as_str(), "{page}");
     let seq = page["items"][0]["seq"].as_u64().expect("a dead letter");
-    w.smtp.set_pause(false).await.expect("smtp resumed");
+    w.smtp.set_pause(false);
     (id, seq)
 }
 

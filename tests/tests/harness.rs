@@ -7,7 +7,7 @@ use herald_tests::{
     DatabaseKind, HeraldProcess, NatsServer, PgServer, RejectStage, SmtpSink, TestDatabase,
     eventually, eventually_showing, free_port, init_tracing,
 };
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -285,22 +285,30 @@ async fn smtp_sink_pause_refuses_and_resume_accepts() {
     let mut open = RawSmtp::connect(&sink).await;
     open.expect("EHLO client.test", "250").await;
 
-    sink.set_pause(true).await.expect("pause");
+    sink.set_pause(true);
     let accepted_before = sink.connection_count();
-    // The sink no longer listens. A connect may still succeed: another test may have bound the
-    // freed port meanwhile (the cluster tests bind many), or a connect to a port nobody listens
-    // on may meet itself. So what counts is that the sink accepted nothing; the NOOP's round
-    // trip below gives a sink that did accept the time to count it.
-    let stray = TcpStream::connect((sink.host(), sink.port())).await;
+    // A paused sink keeps its port (so that no other test's server takes it and this one's mail)
+    // but resets each new connection at once: no greeting is ever read from it.
+    let mut stray = TcpStream::connect((sink.host(), sink.port()))
+        .await
+        .expect("the port is still the sink's");
+    let mut greeting = Vec::new();
+    let read = tokio::time::timeout(WAIT, stray.read_to_end(&mut greeting))
+        .await
+        .expect("the paused sink closes the connection at once");
+    assert!(
+        greeting.is_empty(),
+        "a paused sink greeted: {read:?} {:?}",
+        String::from_utf8_lossy(&greeting)
+    );
     open.expect("NOOP", "421").await;
     assert_eq!(
         sink.connection_count(),
         accepted_before,
-        "a paused sink accepts connections (connect: {stray:?})"
+        "a paused sink served a connection"
     );
-    drop(stray);
 
-    sink.set_pause(false).await.expect("resume");
+    sink.set_pause(false);
     let mut again = RawSmtp::connect(&sink).await;
     again.expect("EHLO client.test", "250").await;
 }

@@ -412,10 +412,10 @@ async fn end_cancel(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError
 }
 
 /// Cancels batch `id`: a `pending` or `running` one stops its fan-out (it becomes `cancelled` and
-/// its fan-out's lease gives way to the cancel's, so no round takes it and a page in flight stores nothing more, see
-/// [`insert_page`], or changes it, see [`advance`]); a `done` one (every notification created
-/// and queued), or a `cancelled` one whose cancel stopped half-way, becomes (or stays)
-/// `cancelled` only when some of its notifications were still cancellable. Either way its
+/// its fan-out's lease gives way to the cancel's, so no round takes it and a page in flight
+/// stores nothing more, see [`insert_page`], or changes it, see [`advance`]); a `done` one (every
+/// notification created and queued), or a `cancelled` one whose cancel stopped half-way, becomes
+/// (or stays) `cancelled` only when some of its notifications were still cancellable. Either way its
 /// notifications still cancellable (`scheduled`, or `queued` and not yet picked up) are
 /// cancelled with `reason`.
 ///
