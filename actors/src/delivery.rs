@@ -1059,19 +1059,16 @@ async fn walk_chain(
                 };
                 ("not_started", Some(format!("{channel} not started: {why}")))
             }
+            // A `NoConnection` is answered `NotStarted` by its channel actor; were it to come as
+            // a failure, it would be retried like one.
             SendOutcome::Failed(
-                err @ (ProviderError::Transient { retry_after, .. }
-                | ProviderError::Throttled { retry_after, .. }
-                | ProviderError::AccountThrottled { retry_after, .. }),
+                err @ (ProviderError::Transient { .. }
+                | ProviderError::Throttled { .. }
+                | ProviderError::AccountThrottled { .. }
+                | ProviderError::NoConnection { .. }),
             ) => {
                 walk.retryable = true;
-                walk.retry_after = walk.retry_after.max(*retry_after);
-                ("failed", Some(err.to_string()))
-            }
-            // Its channel actor answers it `NotStarted`; were it to come as a failure, it would
-            // be retried like one.
-            SendOutcome::Failed(err @ ProviderError::NoConnection { .. }) => {
-                walk.retryable = true;
+                walk.retry_after = walk.retry_after.max(err.retry_after());
                 ("failed", Some(err.to_string()))
             }
             SendOutcome::Failed(err @ ProviderError::MissingContact(_)) => {

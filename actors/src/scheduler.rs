@@ -40,9 +40,10 @@
 //!    lands stores nothing (its lease renewal, in the insert's transaction, fails) or, stored
 //!    before, has its notifications cancelled and cannot advance the batch.
 //!
-//! Beside both, a round finishes the batch cancels that stopped half-way, their lease lapsed (an
-//! instance stopped while it cancelled: a request cut short by a shutdown's grace, a crash), so
-//! that the rest of a cancelled campaign does not go out (`finish_cancels`).
+//! Beside the rounds, on a task of its own (one at a time, so that it never holds up due
+//! notifications), the Scheduler finishes the batch cancels that stopped half-way, their lease
+//! lapsed (an instance stopped while it cancelled: a request cut short by a shutdown's grace, a
+//! crash), so that the rest of a cancelled campaign does not go out (`finish_cancels`).
 //!
 //! Retention runs beside the rounds, on a task of its own (one at a time, so a long clean-up never
 //! holds up due notifications): at most every `retention_interval_secs` it deletes the final
@@ -137,6 +138,8 @@ pub enum SchedulerMsg {
     RunNow(RpcReplyPort<()>),
     /// A retention clean-up finished (internal).
     PurgeDone,
+    /// A look for batch cancels that stopped half-way finished (internal).
+    CancelsDone,
 }
 
 /// Final notifications retention deletes per statement.
@@ -178,6 +181,10 @@ pub struct SchedulerState {
     backoff: Arc<Mutex<BulkBackoff>>,
     /// A retention clean-up is running.
     purging: bool,
+    /// Batch cancels that stopped half-way are being finished ([`start_finishing_cancels`]).
+    finishing_cancels: bool,
+    /// Asked for while that ran: once more when it is done (it may have looked too early).
+    finish_cancels_again: bool,
     stop: CancellationToken,
     /// Cancels a running round or clean-up if the actor dies.
     _guard: DropGuard,
@@ -207,6 +214,8 @@ impl Actor for Scheduler {
             last_retention: None,
             backoff: Arc::default(),
             purging: false,
+            finishing_cancels: false,
+            finish_cancels_again: false,
             _guard: stop.clone().drop_guard(),
             stop,
         })
@@ -222,10 +231,12 @@ impl Actor for Scheduler {
             SchedulerMsg::Tick => {
                 state.tick_pending = false;
                 start_purge(&myself, state);
+                start_finishing_cancels(&myself, state);
                 start_round(&myself, state);
             }
             SchedulerMsg::RunNow(reply) => {
                 start_purge(&myself, state);
+                start_finishing_cancels(&myself, state);
                 if state.running {
                     // The running round may have read the database before the caller's change.
                     state.next_waiters.push(reply);
@@ -235,6 +246,12 @@ impl Actor for Scheduler {
                 }
             }
             SchedulerMsg::PurgeDone => state.purging = false,
+            SchedulerMsg::CancelsDone => {
+                state.finishing_cancels = false;
+                if std::mem::take(&mut state.finish_cancels_again) {
+                    start_finishing_cancels(&myself, state);
+                }
+            }
             SchedulerMsg::RoundDone { more } => {
                 state.running = false;
                 for waiter in state.waiters.drain(..) {
@@ -290,6 +307,22 @@ impl Drop for WhenDone {
             let _ = self.0.cast(message);
         }
     }
+}
+
+/// Starts finishing the batch cancels that stopped half-way ([`finish_cancels`]) on a task of
+/// its own, every tick beside the round; while that task runs, once more after it.
+fn start_finishing_cancels(myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
+    if state.finishing_cancels {
+        state.finish_cancels_again = true;
+        return;
+    }
+    state.finishing_cancels = true;
+    let args = state.args.clone();
+    let done = WhenDone(myself.clone(), Some(SchedulerMsg::CancelsDone));
+    tokio::spawn(async move {
+        finish_cancels(&args).await;
+        drop(done);
+    });
 }
 
 /// Starts a clean-up on a task of its own when one is due and none is running: every
@@ -368,7 +401,7 @@ async fn round(args: &SchedulerArgs, backoff: &Mutex<BulkBackoff>) -> bool {
             tracing::warn!(error = %err, "scheduler: bulk fan-out failed");
         }
     };
-    tokio::join!(release_all_due(args), bulk, finish_cancels(args)).0
+    tokio::join!(release_all_due(args), bulk).0
 }
 
 /// How many batch cancels that stopped half-way a round finishes at most.
@@ -389,7 +422,7 @@ async fn finish_cancels(args: &SchedulerArgs) {
         }
     };
     for batch in batches {
-        if let Err(err) = finish_cancel(args, batch, now).await {
+        if let Err(err) = finish_cancel(args, batch).await {
             tracing::warn!(%batch, error = %err, "scheduler: finishing a batch cancel failed");
         }
     }
@@ -400,15 +433,14 @@ async fn finish_cancels(args: &SchedulerArgs) {
 async fn finish_cancel(
     args: &SchedulerArgs,
     batch: Uuid,
-    now: chrono::DateTime<Utc>,
 ) -> Result<(), herald_entities::RepoError> {
-    if !repo::batches::take_cancel(&args.db, batch, now).await? {
+    // The clock read again: the batch before this one may have taken a while.
+    if !repo::batches::take_cancel(&args.db, batch, (args.clock)()).await? {
         return Ok(());
     }
-    let reason = repo::batches::CANCELLED_BY_REQUEST;
     let (db, gate, publisher) = (&args.db, &args.write_gate, &args.publisher);
     if let BatchCancel::Cancelled { notifications, .. } =
-        cancel_batch_announced(db, gate, publisher, batch, reason).await?
+        cancel_batch_announced(db, gate, publisher, batch).await?
     {
         tracing::warn!(
             %batch,

@@ -301,9 +301,7 @@ impl BulkApi {
         use repo::batches::BatchCancel;
         let id = id.0;
         let state = &self.state;
-        let (db, gate, publisher) = (&state.db, state.inserts.gate(), &state.publisher);
-        let reason = repo::batches::CANCELLED_BY_REQUEST;
-        match cancel_batch_announced(db, gate, publisher, id, reason).await? {
+        match cancel_batch_announced(&state.db, state.inserts.gate(), &state.publisher, id).await? {
             BatchCancel::Cancelled {
                 batch,
                 notifications,

@@ -167,43 +167,23 @@ impl TestHerald {
 
     /// POSTs JSON to a path; returns the status and the JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .send()
+        let key = Some(self.admin_key.as_str());
+        self.request_with_key(reqwest::Method::POST, path, key, Some(body))
             .await
-            .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
-        let status = response.status();
-        let json = response.json().await.unwrap_or(Value::Null);
-        (status, json)
     }
 
     /// PUTs a JSON body to a path; returns the status and the JSON body.
     pub async fn put(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .put(format!("{}{path}", self.base))
-            .json(body)
-            .send()
+        let key = Some(self.admin_key.as_str());
+        self.request_with_key(reqwest::Method::PUT, path, key, Some(body))
             .await
-            .unwrap_or_else(|e| panic!("PUT {path} failed: {e}"));
-        let status = response.status();
-        let json = response.json().await.unwrap_or(Value::Null);
-        (status, json)
     }
 
     /// GETs a path; returns the status and the JSON body.
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
+        let key = Some(self.admin_key.as_str());
+        self.request_with_key(reqwest::Method::GET, path, key, None)
             .await
-            .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
-        let status = response.status();
-        let json = response.json().await.unwrap_or(Value::Null);
-        (status, json)
     }
 
     /// The text of `GET /metrics` (Prometheus exposition format).

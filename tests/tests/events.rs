@@ -13,7 +13,7 @@ use herald_nats::{Category, Channel};
 use herald_tests::{
     E2E_TIMEOUT, NatsServer, SmtpSink, TestDatabase, TestHerald, eventually, test_config,
 };
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -59,12 +59,6 @@ impl World {
             )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
-    }
-
-    async fn put(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        self.herald
-            .request_with_key(Method::PUT, path, Some(self.herald.admin_key()), Some(body))
-            .await
     }
 
     async fn js(&self) -> jetstream::Context {
@@ -290,6 +284,7 @@ async fn orders_through_the_api_notify_placed_then_shipped_in_the_customer_local
     );
 
     let (status, shipped) = w
+        .herald
         .put(
             "/api/v1/orders/A-2002/status",
             &json!({"status": "shipped", "tracking_number": "1Z999AA10123456784",
@@ -319,6 +314,7 @@ async fn orders_through_the_api_notify_placed_then_shipped_in_the_customer_local
     assert_eq!(stored["tracking_number"], "1Z999AA10123456784");
     // Delivered twice is a conflict the second time, and sends nothing.
     let (status, _) = w
+        .herald
         .put(
             "/api/v1/orders/A-2002/status",
             &json!({"status": "delivered"}),
@@ -326,6 +322,7 @@ async fn orders_through_the_api_notify_placed_then_shipped_in_the_customer_local
         .await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = w
+        .herald
         .put(
             "/api/v1/orders/A-2002/status",
             &json!({"status": "delivered"}),
@@ -776,6 +773,7 @@ async fn a_rule_naming_a_runtime_template_dead_letters_until_it_exists_then_rend
 
     for (locale, greeting) in [("en", "Thanks"), ("de", "Danke")] {
         let (status, body) = w
+            .herald
             .put(
                 &format!("/api/v1/templates/order_note/locales/{locale}"),
                 &json!({
@@ -899,6 +897,7 @@ async fn an_event_whose_notification_renders_too_large_to_send_is_dead_lettered_
         )
     };
     let (status, body) = w
+        .herald
         .put(
             "/api/v1/templates/order_big/locales/en",
             &json!({
@@ -967,7 +966,7 @@ async fn an_event_whose_command_exceeds_the_server_s_max_payload_is_dead_lettere
         "{{% for i in range(2) %}}{}{{% endfor %}}",
         "x".repeat(40_000)
     );
-    let (status, body) = w.put(path, &note(large)).await;
+    let (status, body) = w.herald.put(path, &note(large)).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     w.customer("c-note", "note@example.com", "en").await;
     let event_id = Uuid::now_v7();
@@ -1001,7 +1000,7 @@ async fn an_event_whose_command_exceeds_the_server_s_max_payload_is_dead_lettere
         "only the order_placed notification is kept: {page}"
     );
 
-    let (status, body) = w.put(path, &note("Thanks.".into())).await;
+    let (status, body) = w.herald.put(path, &note("Thanks.".into())).await;
     assert!(status.is_success(), "{body}");
     let (_, page) = w.herald.get("/api/v1/dlq?kind=events").await;
     let entry = page["items"]
@@ -1592,6 +1591,7 @@ impl World {
     /// Moves order `number` to `status` (`shipped` with a tracking number) and asserts 200.
     async fn order_status(&self, number: &str, status: &str) {
         let (code, order) = self
+            .herald
             .put(
                 &format!("/api/v1/orders/{number}/status"),
                 &json!({"status": status, "tracking_number": "TRK-1"}),
@@ -1804,6 +1804,7 @@ async fn customers_api_creates_reads_and_replaces() {
     assert_eq!(got["timezone"], "Europe/Berlin");
 
     let (status, body) = w
+        .herald
         .put(
             "/api/v1/customers/c-1",
             &json!({"timezone": "Mars/Olympus"}),
@@ -1812,12 +1813,14 @@ async fn customers_api_creates_reads_and_replaces() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "timezone");
     let (status, body) = w
+        .herald
         .put("/api/v1/customers/c-1", &json!({"phone": "0151 123"}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "phone");
 
     let (status, updated) = w
+        .herald
         .put(
             "/api/v1/customers/c-1",
             &json!({"name": "Uno", "phone": "+4915112345678", "telegram_chat_id": "42",
@@ -1876,6 +1879,7 @@ async fn orders_api_refuses_unknown_customers_and_bad_transitions() {
     assert_eq!(status, StatusCode::NOT_FOUND, "nothing stored");
 
     let (status, body) = w
+        .herald
         .put("/api/v1/orders/7/status", &json!({"status": "delivered"}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
@@ -1887,11 +1891,13 @@ async fn orders_api_refuses_unknown_customers_and_bad_transitions() {
         "{body}"
     );
     let (status, body) = w
+        .herald
         .put("/api/v1/orders/7/status", &json!({"status": "shipped"}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(body["field"], "tracking_number");
     let (status, _) = w
+        .herald
         .put("/api/v1/orders/nope/status", &json!({"status": "paid"}))
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);

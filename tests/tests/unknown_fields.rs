@@ -6,7 +6,7 @@
 
 use herald_entities::{batch, notification};
 use herald_tests::{NatsServer, SmtpSink, TestDatabase, TestHerald, test_config};
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use sea_orm::{EntityTrait, PaginatorTrait};
 use serde_json::{Value, json};
 
@@ -49,12 +49,6 @@ async fn notifications(herald: &TestHerald) -> u64 {
         .count(herald.db())
         .await
         .expect("notifications counted")
-}
-
-async fn put(herald: &TestHerald, path: &str, body: &Value) -> (StatusCode, Value) {
-    herald
-        .request_with_key(Method::PUT, path, Some(herald.admin_key()), Some(body))
-        .await
 }
 
 /// `customerId` for `customer_id` would send without the customer's opt-outs and quiet hours.
@@ -161,27 +155,27 @@ async fn preferences_customers_orders_and_templates_refuse_unknown_fields_receip
         "preferences": [{ "category": "marketing", "enabled": false }],
         "quiet_hours": { "start": "22:00", "end": "07:00" }
     });
-    let (status, answer) = put(h, wishes, &stored).await;
+    let (status, answer) = h.put(wishes, &stored).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let (status, answer) = put(
-        h,
-        wishes,
-        &json!({
-            "preferences": [{ "category": "marketing", "enabled": false }],
-            "quietHours": { "start": "23:00", "end": "06:00" }
-        }),
-    )
-    .await;
+    let (status, answer) = h
+        .put(
+            wishes,
+            &json!({
+                "preferences": [{ "category": "marketing", "enabled": false }],
+                "quietHours": { "start": "23:00", "end": "06:00" }
+            }),
+        )
+        .await;
     assert_unknown(status, &answer, "quietHours");
-    let (status, answer) = put(
-        h,
-        wishes,
-        &json!({
-            "preferences": [{ "category": "marketing", "channel": "email", "enabeld": true }],
-            "quiet_hours": { "start": "22:00", "end": "07:00", "tz": "UTC" }
-        }),
-    )
-    .await;
+    let (status, answer) = h
+        .put(
+            wishes,
+            &json!({
+                "preferences": [{ "category": "marketing", "channel": "email", "enabeld": true }],
+                "quiet_hours": { "start": "22:00", "end": "07:00", "tz": "UTC" }
+            }),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let (_, now) = h.get(wishes).await;
     assert_eq!(
@@ -190,12 +184,12 @@ async fn preferences_customers_orders_and_templates_refuse_unknown_fields_receip
     );
     assert_eq!(now["quiet_hours"]["start"], "22:00", "unchanged: {now}");
 
-    let (status, answer) = put(
-        h,
-        "/api/v1/customers/c-1",
-        &json!({ "email": "ada@example.com", "time_zone": "UTC" }),
-    )
-    .await;
+    let (status, answer) = h
+        .put(
+            "/api/v1/customers/c-1",
+            &json!({ "email": "ada@example.com", "time_zone": "UTC" }),
+        )
+        .await;
     assert_unknown(status, &answer, "time_zone");
     let (_, customer) = h.get("/api/v1/customers/c-1").await;
     assert_eq!(
@@ -217,12 +211,12 @@ async fn preferences_customers_orders_and_templates_refuse_unknown_fields_receip
     let (status, _) = h.get("/api/v1/orders/o-1").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "no order was stored");
 
-    let (status, answer) = put(
-        h,
-        "/api/v1/templates/promo/locales/en",
-        &json!({ "text": "Hi", "body": "Hi" }),
-    )
-    .await;
+    let (status, answer) = h
+        .put(
+            "/api/v1/templates/promo/locales/en",
+            &json!({ "text": "Hi", "body": "Hi" }),
+        )
+        .await;
     assert_unknown(status, &answer, "body");
     let (status, _) = h.get("/api/v1/templates/promo").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "no template was stored");

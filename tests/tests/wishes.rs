@@ -348,16 +348,10 @@ async fn quiet_hours_defer_until_the_window_ends_while_critical_goes_at_once() {
         "the security alert did not wait for the window"
     );
 
-    let sent = w.herald.wait_status(&held, "sent").await;
+    let sent = sent_not_before(&w.herald, &held, end, "window ended").await;
     assert!(
         sent["status_reason"].is_null(),
         "the deferral's reason is history once sent: {sent}"
-    );
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, window ended {end}"
     );
     w.smtp
         .wait_for_count(2, E2E_TIMEOUT)
@@ -422,13 +416,13 @@ async fn quiet_hours_without_a_zone_follow_the_customer_when_they_move() {
         }
     })
     .await;
-    let sent = w.herald.wait_status(&held, "sent").await;
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, before the night in the customer's new zone ended at {end}"
-    );
+    sent_not_before(
+        &w.herald,
+        &held,
+        end,
+        "before the night in the customer's new zone ended at",
+    )
+    .await;
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
@@ -504,13 +498,7 @@ async fn a_long_deferral_waits_as_a_scheduled_notification_not_in_jetstream() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "cancelled", "{body}");
 
-    let sent = w.herald.wait_status(&held, "sent").await;
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, window ended {end}"
-    );
+    sent_not_before(&w.herald, &held, end, "window ended").await;
     let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
     assert_eq!(mails[0].to, vec!["nina@example.com".to_string()]);
     w.herald.shutdown().await.expect("clean shutdown");
@@ -552,13 +540,7 @@ async fn a_deferral_due_within_the_streams_dedup_window_of_its_first_command_is_
         "{scheduled}"
     );
     // Due seconds after the first command, well inside the stream's 2 minutes.
-    let sent = w.herald.wait_status(&held, "sent").await;
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, window ended {end}"
-    );
+    sent_not_before(&w.herald, &held, end, "window ended").await;
     let mails = w.smtp.wait_for_count(1, E2E_TIMEOUT).await.expect("mail");
     assert_eq!(mails[0].to, vec!["pia@example.com".to_string()]);
     assert_eq!(
@@ -2661,11 +2643,11 @@ async fn a_bulk_cancel_publishes_a_cancelled_event_for_each_notification_it_canc
 }
 
 /// A batch cancel that stopped half-way (its instance stopped: the request was cut short by the
-/// shutdown's grace, or a crash) leaves its lease to lapse; the Scheduler's next round takes it
-/// and cancels the rest, with the request's reason and an event for each notification, and the
-/// lease is cleared. A cancel still under way (its lease live) and one done (no lease: the
-/// notification of the batch waiting now was picked up before the cancel, and goes out) are left
-/// alone. (Before, only the same request made again finished it, and meanwhile the rest of the
+/// shutdown's grace, or a crash) leaves its lease to lapse; beside its next round, on a task of
+/// its own, the Scheduler takes it and cancels the rest, with the request's reason and an event
+/// for each notification, and the lease is cleared. A cancel still under way (its lease live) and
+/// one done (no lease: the notification of the batch waiting now was picked up before the
+/// cancel, and goes out) are left alone. (Before, only the same request made again finished it, and meanwhile the rest of the
 /// cancelled campaign went out.)
 #[tokio::test]
 async fn the_scheduler_finishes_a_batch_cancel_that_stopped_half_way() {
@@ -2688,7 +2670,9 @@ async fn the_scheduler_finishes_a_batch_cancel_that_stopped_half_way() {
     .concat();
     let hour = ChronoDuration::hours(1);
     let cancel_lease = |id: Uuid| async move {
-        let batch = batch::Entity::find_by_id(id).one(db).await.expect("read");
+        let batch = herald_entities::repo::batches::find(db, id)
+            .await
+            .expect("read");
         batch.expect("batch").lease_until
     };
     for (id, lease) in [
@@ -2710,6 +2694,11 @@ async fn the_scheduler_finishes_a_batch_cancel_that_stopped_half_way() {
         .call(SchedulerMsg::RunNow, Some(E2E_TIMEOUT))
         .await
         .expect("a round run");
+    // Finished beside the round, on a task of its own: done once its lease is cleared.
+    eventually("the stopped cancel finished", E2E_TIMEOUT, || async {
+        cancel_lease(stopped).await.is_none().then_some(())
+    })
+    .await;
     assert_eq!(
         cancelled_among(db, &left).await,
         n as u64,
@@ -2806,8 +2795,8 @@ async fn a_bulk_cancel_goes_on_after_its_client_went_away() {
     let id = done_batch(&w).await;
     let n = 20_000;
     let statuses = vec![NotificationStatus::Scheduled; n];
-    let ids = batch_notifications(w.herald.db(), id, &statuses).await;
     let db = w.herald.db();
+    let ids = batch_notifications(db, id, &statuses).await;
 
     let address = w.herald.base().trim_start_matches("http://").to_string();
     let mut client = tokio::net::TcpStream::connect(&address)
@@ -3120,6 +3109,24 @@ async fn a_contact_sends_opt_out_says_whether_one_of_several_holders_opted_out()
     w.herald.shutdown().await.expect("clean shutdown");
 }
 
+/// Waits for notification `id` to be `sent`, asserts it was sent no earlier than `end` (to the
+/// second: "sent at …, `what` `end`" otherwise) and answers it.
+async fn sent_not_before(
+    herald: &TestHerald,
+    id: &str,
+    end: chrono::DateTime<Utc>,
+    what: &str,
+) -> Value {
+    let sent = herald.wait_status(id, "sent").await;
+    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
+        .expect("time");
+    assert!(
+        sent_at >= end - ChronoDuration::milliseconds(999),
+        "sent at {sent_at}, {what} {end}"
+    );
+    sent
+}
+
 /// Asserts that notification `id` is held back by quiet hours (seen `processing` with that reason)
 /// and then sent no earlier than `end`, when they end (to the second).
 async fn held_by_quiet_hours_until(herald: &TestHerald, id: &str, end: chrono::DateTime<Utc>) {
@@ -3133,13 +3140,7 @@ async fn held_by_quiet_hours_until(herald: &TestHerald, id: &str, end: chrono::D
     .await;
     assert_eq!(seen["status"], "processing", "held, not sent: {seen}");
 
-    let sent = herald.wait_status(id, "sent").await;
-    let sent_at = chrono::DateTime::parse_from_rfc3339(sent["sent_at"].as_str().expect("sent_at"))
-        .expect("time");
-    assert!(
-        sent_at >= end - ChronoDuration::milliseconds(999),
-        "sent at {sent_at}, the quiet hours ended {end}"
-    );
+    sent_not_before(herald, id, end, "the quiet hours ended").await;
 }
 
 /// The quiet hours of the one customer holding a send's contact hold the send until they end.

@@ -358,11 +358,7 @@ impl CircuitBreaker {
         let held = wait.map_or(Duration::from_millis(self.settings.cool_down_ms), |wait| {
             wait.min(self.settings.longest())
         });
-        self.state = CircuitState::Open;
-        self.held = true;
-        self.open_until = now.checked_add(held);
-        self.window.clear();
-        self.period += 1;
+        self.open_as(now, held, true);
     }
 
     /// Reports a send admitted as `admission` in `period` that never reached the provider (its
@@ -385,9 +381,15 @@ impl CircuitBreaker {
         if self.state != CircuitState::Open {
             self.times_opened += 1;
         }
+        self.open_as(now, self.settings.open_for(wait), false);
+    }
+
+    /// Opens the circuit from `now` for `open_for` (`held`: by a throttle of the whole account),
+    /// in a new period with an empty window.
+    fn open_as(&mut self, now: Instant, open_for: Duration, held: bool) {
         self.state = CircuitState::Open;
-        self.held = false;
-        self.open_until = now.checked_add(self.settings.open_for(wait));
+        self.held = held;
+        self.open_until = now.checked_add(open_for);
         self.window.clear();
         self.period += 1;
     }

@@ -235,7 +235,15 @@ fn quiet_ones<'a>(
             _ => None,
         }
     });
-    recipient.into_iter().chain(holders).collect()
+    // Only those who set quiet hours, each once: most sends then allocate nothing.
+    let mut quiet: Vec<&Recipient> = Vec::new();
+    let with_quiet_hours = recipient.filter(|r| r.wishes.quiet_hours.is_some());
+    for one in with_quiet_hours.into_iter().chain(holders) {
+        if !quiet.iter().any(|taken| std::ptr::eq(*taken, one)) {
+            quiet.push(one);
+        }
+    }
+    quiet
 }
 
 /// The channels of `command`'s chain that a customer holding its contact there opted out of: by
@@ -278,7 +286,10 @@ async fn decide(
             opted_out,
         };
     }
-    if !critical && let Some(deferral) = quiet_hours_gate((ctx.clock)(), quiet, command) {
+    if !critical
+        && !quiet.is_empty()
+        && let Some(deferral) = quiet_hours_gate((ctx.clock)(), quiet, command)
+    {
         return deferral;
     }
     if critical || !ctx.limits.contains_key(&command.category) {

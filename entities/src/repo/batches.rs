@@ -348,7 +348,7 @@ pub const CANCELLED_BY_REQUEST: &str = "batch cancelled by API request";
 /// How long a batch cancel's lease lasts (`lease_until` of a `cancelled` batch): renewed with each
 /// of its transactions, and cleared when it is done; one that lapsed is a cancel that stopped
 /// half-way.
-pub const CANCEL_LEASE: std::time::Duration = std::time::Duration::from_secs(15);
+const CANCEL_LEASE: chrono::TimeDelta = chrono::TimeDelta::seconds(15);
 
 /// Up to `limit` batches whose cancel stopped half-way: `cancelled`, their cancel's lease lapsed
 /// by `now` (its instance stopped, or the database failed, between two of its transactions).
@@ -370,22 +370,17 @@ pub async fn unfinished_cancels(
 }
 
 /// Takes the lapsed lease of the cancel of batch `id` (see [`unfinished_cancels`]) at `now`, for
-/// [`CANCEL_LEASE`]: whether this caller got it (another instance may have been first).
+/// its 15 s lease: whether this caller got it (another instance may have been first).
 pub async fn take_cancel(
     db: &impl ConnectionTrait,
     id: Uuid,
     now: DateTime<Utc>,
 ) -> Result<bool, RepoError> {
-    let taken = cancel_lease(id, Some(now + cancel_lease_span()))
+    let taken = cancel_lease(id, Some(now + CANCEL_LEASE))
         .filter(batch::Column::LeaseUntil.lt(now))
         .exec(db)
         .await?;
     Ok(taken.rows_affected == 1)
-}
-
-/// [`CANCEL_LEASE`] as a time span.
-fn cancel_lease_span() -> chrono::Duration {
-    chrono::Duration::from_std(CANCEL_LEASE).unwrap_or_else(|_| chrono::Duration::seconds(15))
 }
 
 /// The UPDATE setting the lease of the cancel of batch `id`, while it is `cancelled`, to `until`
@@ -399,7 +394,7 @@ fn cancel_lease(id: Uuid, until: Option<DateTime<Utc>>) -> sea_orm::UpdateMany<b
 
 /// Renews the lease of the cancel of batch `id` for [`CANCEL_LEASE`] from now.
 async fn renew_cancel(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError> {
-    cancel_lease(id, Some(Utc::now() + cancel_lease_span()))
+    cancel_lease(id, Some(Utc::now() + CANCEL_LEASE))
         .exec(db)
         .await?;
     Ok(())
@@ -428,7 +423,7 @@ async fn end_cancel(db: &impl ConnectionTrait, id: Uuid) -> Result<(), RepoError
 /// once the chunks find none left, those still cancellable are cancelled one at a time
 /// ([`cancel_batch_leftovers`], handed to `committed` as a last chunk).
 ///
-/// While it runs, the batch holds the cancel's lease ([`CANCEL_LEASE`], renewed with each
+/// While it runs, the batch holds the cancel's lease (15 s, renewed with each
 /// transaction and cleared at the end): a cancel that stops half-way (its process stopped, the
 /// database failed) leaves it to lapse, and the Scheduler finishes it ([`unfinished_cancels`]).
 pub async fn cancel(
@@ -448,15 +443,17 @@ pub async fn cancel(
         notifications += chunk.ids.len() as u64;
         committed(chunk);
         let _turn = gate.enter().await;
-        renew_cancel(db, id).await?;
-        chunk = cancel_batch_chunk(db, id, reason, CANCEL_CHUNK).await?;
+        let txn = db.begin().await?;
+        renew_cancel(&txn, id).await?;
+        chunk = cancel_batch_chunk(&txn, id, reason, CANCEL_CHUNK).await?;
+        txn.commit().await?;
     }
-    renew_cancel(db, id).await?;
     let leftovers = cancel_batch_leftovers(db, gate, id, reason).await?;
     if !leftovers.ids.is_empty() {
         notifications += leftovers.ids.len() as u64;
         committed(leftovers);
     }
+    let _turn = gate.enter().await;
     end_cancel(db, id).await?;
     let batch = find(db, id)
         .await?
@@ -519,7 +516,7 @@ async fn set_cancelled(
         .col_expr(batch::Column::Status, Expr::value("cancelled"))
         .col_expr(
             batch::Column::LeaseUntil,
-            Expr::value(Some(Utc::now() + cancel_lease_span())),
+            Expr::value(Some(Utc::now() + CANCEL_LEASE)),
         )
         .col_expr(batch::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(batch::Column::Id.eq(id))

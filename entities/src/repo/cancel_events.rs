@@ -31,7 +31,8 @@ pub fn cancelled_event(id: Uuid, at: DateTime<Utc>) -> StatusEvent {
     }
 }
 
-/// Cancels batch `id` ([`batches::cancel`], recording `reason`), counting the notifications it
+/// Cancels batch `id` ([`batches::cancel`], recording
+/// [`CANCELLED_BY_REQUEST`](batches::CANCELLED_BY_REQUEST)), counting the notifications it
 /// cancels (`herald_notifications_cancelled_total`) and publishing each one's `cancelled` event.
 /// Answers once the events of every chunk committed are published (or counted as not
 /// published, [`Publisher::publish_statuses`], logged in a span naming the batch), also when a
@@ -41,13 +42,13 @@ pub async fn cancel_batch_announced(
     gate: &WriteGate,
     publisher: &Publisher,
     id: Uuid,
-    reason: &str,
 ) -> Result<BatchCancel, RepoError> {
     let events = CancelledEvents::start(publisher, id);
     let committed = |chunk: CancelledChunk| {
         metrics::counter!("herald_notifications_cancelled_total").increment(chunk.ids.len() as u64);
         events.publish(chunk);
     };
+    let reason = batches::CANCELLED_BY_REQUEST;
     let cancelled = batches::cancel(db, gate, id, reason, committed).await;
     events.published().await;
     cancelled
